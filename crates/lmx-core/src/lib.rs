@@ -1,0 +1,11 @@
+//! lmx-core: the one facade through which lmx touches tensors.
+//!
+//! Models, layers and loops import `Tensor`, `Device`, `DType` and every op from here, never
+//! from candle directly, so that device policy and op implementations (fused kernels for
+//! inference, differentiable compositions for training) live in one place.
+
+pub mod device;
+pub mod ops;
+
+pub use candle_core::{DType, Device, Error, IndexOp, Module, Result, Shape, Tensor, Var, D};
+pub use device::{parse_device, parse_dtype, DeviceError};

@@ -1,0 +1,166 @@
+//! The tensor ops lmx models are built from.
+//!
+//! Each op has two implementations behind one name: a fused candle kernel used for inference,
+//! and a composition of differentiable candle primitives used whenever an input is tracked by
+//! the gradient tape (fine-tuning). The fused kernels have no backward pass, so the choice is
+//! made per call from `Tensor::track_op`, and both paths are tested against each other.
+
+use candle_core::{DType, Device, Result, Tensor, D};
+
+/// True when any input is recorded on the gradient tape, so the op must be differentiable.
+fn on_tape(xs: &[&Tensor]) -> bool {
+    xs.iter().any(|x| x.track_op())
+}
+
+/// Root-mean-square normalisation over the last dimension, as Hugging Face's `LlamaRMSNorm`:
+/// statistics in f32, the normalised value cast back to the input dtype, then scaled by `weight`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    if !on_tape(&[x, weight]) && x.dtype() == weight.dtype() && x.is_contiguous() {
+        return candle_nn::ops::rms_norm(x, weight, eps);
+    }
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = x.broadcast_div(&(mean_sq + eps as f64)?.sqrt()?)?;
+    normed.to_dtype(dtype)?.broadcast_mul(weight)
+}
+
+/// Rotary position embedding in the "rotate half" layout of Hugging Face models.
+/// `x`: (b, n_heads, seq, head_dim); `cos`, `sin`: (seq, head_dim / 2).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if !on_tape(&[x, cos, sin]) {
+        let x = x.contiguous()?;
+        return candle_nn::rotary_emb::rope(&x, &cos.contiguous()?, &sin.contiguous()?);
+    }
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(0)?.unsqueeze(0)?;
+    let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(0)?.unsqueeze(0)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if !on_tape(&[x]) && x.is_contiguous() {
+        return candle_nn::ops::softmax_last_dim(x);
+    }
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// SiLU (x * sigmoid(x)); candle's op is differentiable.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    x.silu()
+}
+
+/// `x @ weight^T (+ bias)` for a weight stored as (out_features, in_features).
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let y = match x.dims() {
+        [b, t, k] if x.is_contiguous() => {
+            // One 2-D matmul over all rows is faster than a batched broadcast.
+            x.reshape((b * t, *k))?.matmul(&weight.t()?)?.reshape((*b, *t, ()))?
+        }
+        _ => x.broadcast_matmul(&weight.t()?)?,
+    };
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// The additive causal mask for `seq_len` new queries after `offset` cached positions:
+/// shape (seq_len, offset + seq_len), 0 where attention is allowed and -inf elsewhere.
+pub fn causal_mask(seq_len: usize, offset: usize, device: &Device) -> Result<Tensor> {
+    let total = offset + seq_len;
+    let mask: Vec<f32> = (0..seq_len)
+        .flat_map(|i| (0..total).map(move |j| if j > i + offset { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (seq_len, total), device)
+}
+
+/// Scaled dot-product attention with grouped-query heads.
+///
+/// `q`: (b, n_heads, q_len, head_dim); `k`, `v`: (b, n_kv_heads, kv_len, head_dim);
+/// `mask`: additive f32 (q_len, kv_len) or None. The scores and softmax are computed in f32,
+/// as transformers' eager attention does, then cast back to the input dtype.
+/// Query heads that share a key/value head are folded into the query-length axis, so keys
+/// and values are never copied per head.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let (b, n_heads, q_len, head_dim) = q.dims4()?;
+    let n_kv_heads = k.dim(1)?;
+    let n_rep = n_heads / n_kv_heads;
+    let dtype = q.dtype();
+    // (b, n_kv_heads, n_rep * q_len, head_dim)
+    let q = q.reshape((b, n_kv_heads, n_rep * q_len, head_dim))?;
+    let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+    let scores = match mask {
+        Some(m) => {
+            let m = if n_rep > 1 { m.repeat((n_rep, 1))? } else { m.clone() };
+            scores.broadcast_add(&m)?
+        }
+        None => scores,
+    };
+    let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
+    probs.matmul(v)?.reshape((b, n_heads, q_len, head_dim))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).and_then(|d| d.abs()).and_then(|d| d.flatten_all()).and_then(|d| d.max(0));
+        d.and_then(|d| d.to_scalar::<f32>()).unwrap_or(f32::INFINITY)
+    }
+
+    /// The fused (inference) and composed (training) paths of every op agree.
+    #[test]
+    fn fused_and_differentiable_paths_agree() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev)?;
+        let w = Tensor::randn(0f32, 1.0, 8, &dev)?;
+        let cos = Tensor::randn(0f32, 1.0, (5, 4), &dev)?;
+        let sin = Tensor::randn(0f32, 1.0, (5, 4), &dev)?;
+        let xv = Var::from_tensor(&x)?;
+        let xt = xv.as_tensor();
+        assert!(max_abs_diff(&rms_norm(&x, &w, 1e-5)?, &rms_norm(xt, &w, 1e-5)?) < 1e-5);
+        assert!(max_abs_diff(&rope(&x, &cos, &sin)?, &rope(xt, &cos, &sin)?) < 1e-5);
+        assert!(max_abs_diff(&softmax_last_dim(&x)?, &softmax_last_dim(xt)?) < 1e-6);
+        // The composed path really is on the tape.
+        let grads = rms_norm(xt, &w, 1e-5)?.sum_all()?.backward()?;
+        assert!(grads.get(xt).is_some());
+        Ok(())
+    }
+
+    /// Grouped-query attention equals attention with keys and values repeated per head.
+    #[test]
+    fn gqa_matches_repeated_heads() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (1, 4, 3, 8), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &dev)?;
+        let mask = causal_mask(3, 2, &dev)?;
+        let got = attention(&q, &k, &v, Some(&mask), 0.3)?;
+        // Reference: repeat each kv head twice (head h uses kv head h / 2).
+        let rep = |t: &Tensor| -> Result<Tensor> {
+            Tensor::cat(&[t.narrow(1, 0, 1)?, t.narrow(1, 0, 1)?, t.narrow(1, 1, 1)?, t.narrow(1, 1, 1)?], 1)
+        };
+        let (k4, v4) = (rep(&k)?, rep(&v)?);
+        let s = (q.matmul(&k4.t()?)? * 0.3)?.broadcast_add(&mask)?;
+        let want = softmax_last_dim(&s)?.matmul(&v4)?;
+        assert!(max_abs_diff(&got, &want) < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn causal_mask_shape_and_values() -> Result<()> {
+        let m = causal_mask(2, 1, &Device::Cpu)?.to_vec2::<f32>()?;
+        assert_eq!(m[0], vec![0.0, 0.0, f32::NEG_INFINITY]);
+        assert_eq!(m[1], vec![0.0, 0.0, 0.0]);
+        Ok(())
+    }
+}

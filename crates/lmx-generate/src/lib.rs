@@ -1,0 +1,1 @@
+//! lmx-generate

@@ -1,0 +1,306 @@
+//! GGUF files (llama.cpp): metadata turned into a Hugging Face `config.json`, tensors renamed
+//! to Hugging Face keys (q/k rows un-permuted for the Llama family) and dequantized, and the
+//! tokenizer and chat template rebuilt from the `tokenizer.ggml.*` metadata.
+//!
+//! The result is the same in-memory model folder a safetensors checkpoint gives, so model
+//! files never see GGUF names, and `lmx convert --gguf` only has to write it out.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value as GValue};
+use lmx_core::{Device, Tensor};
+use serde_json::{json, Map, Value};
+
+use crate::error::{IoError, Result};
+
+/// A GGUF file rebuilt as the parts of a Hugging Face model folder.
+pub struct GgufModel {
+    /// `config.json`.
+    pub config: Value,
+    /// Tensors under Hugging Face names, dequantized to f32.
+    pub tensors: HashMap<String, Tensor>,
+    /// `tokenizer.json`.
+    pub tokenizer: Value,
+    /// `tokenizer_config.json` (special tokens, chat template).
+    pub tokenizer_config: Value,
+    /// `generation_config.json` (BOS/EOS ids).
+    pub generation_config: Value,
+}
+
+/// Architectures whose GGUF conversion permutes the q/k projection rows.
+const PERMUTED_QK: &[&str] = &["llama", "mistral"];
+
+/// Per-block tensor names: GGUF suffix -> Hugging Face suffix under `model.layers.N.`.
+const BLOCK_NAMES: &[(&str, &str)] = &[
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
+/// The Hugging Face key of a GGUF tensor name, or None for names lmx does not map.
+pub fn hf_name(gguf_name: &str) -> Option<String> {
+    match gguf_name {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = gguf_name.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (base, kind) = rest.rsplit_once('.')?;
+    let hf = BLOCK_NAMES.iter().find(|(g, _)| *g == base)?.1;
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// Undoes llama.cpp's q/k permutation: GGUF rows are `hf.reshape(n, 2, r, ..).swapaxes(1, 2)`.
+fn unpermute(t: &Tensor, n_heads: usize) -> lmx_core::Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let rows = dims[0];
+    let half = rows / n_heads / 2;
+    let rest: usize = dims[1..].iter().product();
+    t.reshape((n_heads, half, 2, rest))?.transpose(1, 2)?.contiguous()?.reshape(dims)
+}
+
+fn gguf_err(path: &Path, msg: impl std::fmt::Display) -> IoError {
+    IoError::Gguf { path: path.to_path_buf(), msg: msg.to_string() }
+}
+
+/// Reads and converts a GGUF file.
+pub fn load(path: &Path) -> Result<GgufModel> {
+    let file = File::open(path).map_err(|e| IoError::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| IoError::io(path, e))?.len();
+    let mut reader = BufReader::new(file);
+    let content = Content::read(&mut reader)
+        .map_err(|e| gguf_err(path, format!("not a valid GGUF file ({e}); the file may be truncated: download it again")))?;
+    // Check every tensor fits in the file before reading any, so a truncated download fails
+    // with one clear message instead of midway.
+    for (name, info) in &content.tensor_infos {
+        let bytes = info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+        let end = content.tensor_data_offset + info.offset + bytes as u64;
+        if end > file_len {
+            return Err(gguf_err(path, format!(
+                "truncated: tensor `{name}` ends at byte {end} but the file has {file_len} bytes; download it again"
+            )));
+        }
+    }
+    let meta = Meta { content: &content, path };
+    let arch = meta.str("general.architecture")?;
+    let arch_key = |k: &str| format!("{arch}.{k}");
+    let n_heads = meta.uint(&arch_key("attention.head_count"))?;
+    let n_kv_heads = meta.uint_opt(&arch_key("attention.head_count_kv")).unwrap_or(n_heads);
+
+    let mut tensors = HashMap::new();
+    let mut rope_freqs = None;
+    for name in content.tensor_infos.keys() {
+        let q = content.tensor(&mut reader, name, &Device::Cpu).map_err(|e| gguf_err(path, format!("tensor `{name}`: {e}")))?;
+        let t = q.dequantize(&Device::Cpu).map_err(|e| gguf_err(path, format!("tensor `{name}`: {e}")))?;
+        if name == "rope_freqs.weight" {
+            rope_freqs = Some(t);
+            continue;
+        }
+        let hf = hf_name(name).ok_or_else(|| gguf_err(path, format!("tensor `{name}` has no Hugging Face equivalent that lmx knows (architecture `{arch}`)")))?;
+        let t = if PERMUTED_QK.contains(&arch.as_str()) && hf.contains("self_attn.q_proj") {
+            unpermute(&t, n_heads)?
+        } else if PERMUTED_QK.contains(&arch.as_str()) && hf.contains("self_attn.k_proj") {
+            unpermute(&t, n_kv_heads)?
+        } else {
+            t
+        };
+        tensors.insert(hf, t);
+    }
+    let embed_rows = tensors.get("model.embed_tokens.weight").map(|t| t.dims()[0]);
+
+    let (tokenizer, tokenizer_config, bos, eos) = tokenizer_from_meta(&meta)?;
+    let mut eos_ids: Vec<u32> = eos.into_iter().collect();
+    if let Some(eot) = meta.uint_opt("tokenizer.ggml.eot_token_id") {
+        if !eos_ids.contains(&(eot as u32)) {
+            eos_ids.push(eot as u32);
+        }
+    }
+
+    let mut config = Map::new();
+    config.insert("model_type".into(), arch.clone().into());
+    config.insert("hidden_size".into(), meta.uint(&arch_key("embedding_length"))?.into());
+    config.insert("intermediate_size".into(), meta.uint(&arch_key("feed_forward_length"))?.into());
+    config.insert("num_hidden_layers".into(), meta.uint(&arch_key("block_count"))?.into());
+    config.insert("num_attention_heads".into(), n_heads.into());
+    config.insert("num_key_value_heads".into(), n_kv_heads.into());
+    config.insert("rms_norm_eps".into(), meta.float_opt(&arch_key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5).into());
+    config.insert("rope_theta".into(), meta.float_opt(&arch_key("rope.freq_base")).unwrap_or(10_000.0).into());
+    config.insert("max_position_embeddings".into(), meta.uint_opt(&arch_key("context_length")).unwrap_or(2048).into());
+    if let Some(head_dim) = meta.uint_opt(&arch_key("attention.key_length")) {
+        config.insert("head_dim".into(), head_dim.into());
+    }
+    let vocab = meta.uint_opt(&arch_key("vocab_size")).or(embed_rows).unwrap_or(0);
+    config.insert("vocab_size".into(), vocab.into());
+    config.insert("tie_word_embeddings".into(), (!tensors.contains_key("lm_head.weight")).into());
+    if let Some(bos) = bos {
+        config.insert("bos_token_id".into(), bos.into());
+    }
+    config.insert("eos_token_id".into(), json!(eos_ids));
+    config.insert("torch_dtype".into(), "float32".into());
+    if let Some(freqs) = rope_freqs {
+        // llama.cpp stores Llama 3's rope scaling as per-frequency divisors; the largest is the
+        // scaling factor, and low/high/original are the values every Llama 3.x model uses.
+        let factor = freqs.max(0)?.to_scalar::<f32>()?;
+        config.insert("rope_scaling".into(), json!({
+            "rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192
+        }));
+    }
+    let generation_config = json!({"bos_token_id": bos, "eos_token_id": eos_ids});
+    Ok(GgufModel { config: Value::Object(config), tensors, tokenizer, tokenizer_config, generation_config })
+}
+
+struct Meta<'a> {
+    content: &'a Content,
+    path: &'a Path,
+}
+
+impl Meta<'_> {
+    fn get(&self, key: &str) -> Result<&GValue> {
+        self.content.metadata.get(key).ok_or_else(|| gguf_err(self.path, format!("metadata key `{key}` is missing")))
+    }
+    fn str(&self, key: &str) -> Result<String> {
+        self.get(key)?.to_string().cloned().map_err(|e| gguf_err(self.path, format!("`{key}`: {e}")))
+    }
+    fn uint(&self, key: &str) -> Result<usize> {
+        self.uint_opt(key).ok_or_else(|| gguf_err(self.path, format!("metadata key `{key}` is missing or not an integer")))
+    }
+    fn uint_opt(&self, key: &str) -> Option<usize> {
+        let v = self.content.metadata.get(key)?;
+        v.to_u32().map(|x| x as usize).or_else(|_| v.to_u64().map(|x| x as usize)).or_else(|_| v.to_i32().map(|x| x as usize)).ok()
+    }
+    fn float_opt(&self, key: &str) -> Option<f64> {
+        let v = self.content.metadata.get(key)?;
+        v.to_f32().map(f64::from).or_else(|_| v.to_f64()).ok()
+    }
+    fn bool_opt(&self, key: &str) -> Option<bool> {
+        self.content.metadata.get(key)?.to_bool().ok()
+    }
+    fn strings(&self, key: &str) -> Result<Vec<String>> {
+        let list = self.get(key)?.to_vec().map_err(|e| gguf_err(self.path, format!("`{key}`: {e}")))?;
+        list.iter().map(|v| v.to_string().cloned().map_err(|e| gguf_err(self.path, format!("`{key}`: {e}")))).collect()
+    }
+    fn ints(&self, key: &str) -> Vec<i64> {
+        let Some(GValue::Array(list)) = self.content.metadata.get(key) else { return Vec::new() };
+        list.iter().filter_map(|v| v.to_i32().map(i64::from).or_else(|_| v.to_u32().map(i64::from)).ok()).collect()
+    }
+}
+
+/// GPT-2 style pre-tokenizer regexes of the llama.cpp `tokenizer.ggml.pre` types lmx knows.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+fn split_then_bytelevel(pattern: &str) -> Value {
+    json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
+        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}
+    ]})
+}
+
+/// Rebuilds `tokenizer.json` and `tokenizer_config.json` from GGUF metadata.
+/// Returns (tokenizer.json, tokenizer_config.json, bos id, eos id).
+fn tokenizer_from_meta(meta: &Meta) -> Result<(Value, Value, Option<usize>, Option<u32>)> {
+    let model = meta.str("tokenizer.ggml.model")?;
+    if model != "gpt2" {
+        return Err(gguf_err(meta.path, format!(
+            "tokenizer model `{model}` is not supported yet (lmx rebuilds byte-level BPE `gpt2` tokenizers from GGUF); use the Hugging Face folder of this model instead"
+        )));
+    }
+    let tokens = meta.strings("tokenizer.ggml.tokens")?;
+    let types = meta.ints("tokenizer.ggml.token_type");
+    let merges = meta.strings("tokenizer.ggml.merges")?;
+    let pre = meta.str("tokenizer.ggml.pre").unwrap_or_else(|_| "default".into());
+    let pre_tokenizer = match pre.as_str() {
+        "llama-bpe" | "llama3" | "smaug-bpe" => split_then_bytelevel(LLAMA3_SPLIT),
+        "qwen2" | "deepseek-r1-qwen" => split_then_bytelevel(QWEN2_SPLIT),
+        "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}
+        ]}),
+        _ => json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}),
+    };
+    let vocab: Map<String, Value> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+    // Token types: 3 = control (special), 4 = user-defined (added, not special).
+    let added: Vec<Value> = tokens
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| {
+            let ty = types.get(i).copied().unwrap_or(1);
+            (ty == 3 || ty == 4).then(|| json!({
+                "id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                "normalized": ty == 4, "special": ty == 3
+            }))
+        })
+        .collect();
+    let bos = meta.uint_opt("tokenizer.ggml.bos_token_id");
+    let eos = meta.uint_opt("tokenizer.ggml.eos_token_id").map(|x| x as u32);
+    let add_bos = meta.bool_opt("tokenizer.ggml.add_bos_token").unwrap_or(false);
+    let token_str = |id: Option<usize>| id.and_then(|i| tokens.get(i)).cloned();
+    let post_processor = match (add_bos, token_str(bos)) {
+        (true, Some(bos_tok)) => json!({"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bos_tok, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": bos_tok, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": bos_tok, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {bos_tok.clone(): {"id": bos_tok, "ids": [bos], "tokens": [bos_tok]}}}),
+        _ => json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true}),
+    };
+    let tokenizer = json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": added, "normalizer": null,
+        "pre_tokenizer": pre_tokenizer, "post_processor": post_processor,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges}
+    });
+    let mut tokenizer_config = json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": add_bos,
+        "bos_token": token_str(bos),
+        "eos_token": token_str(eos.map(|e| e as usize)),
+        "model_max_length": meta.uint_opt(&format!("{}.context_length", meta.str("general.architecture")?)).unwrap_or(2048),
+    });
+    if let Ok(t) = meta.str("tokenizer.chat_template") {
+        tokenizer_config["chat_template"] = t.into();
+    }
+    Ok((tokenizer, tokenizer_config, bos, eos))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_to_hugging_face() {
+        assert_eq!(hf_name("blk.3.attn_q.weight").as_deref(), Some("model.layers.3.self_attn.q_proj.weight"));
+        assert_eq!(hf_name("blk.0.attn_k.bias").as_deref(), Some("model.layers.0.self_attn.k_proj.bias"));
+        assert_eq!(hf_name("blk.11.ffn_down.weight").as_deref(), Some("model.layers.11.mlp.down_proj.weight"));
+        assert_eq!(hf_name("output.weight").as_deref(), Some("lm_head.weight"));
+        assert_eq!(hf_name("blk.1.unknown.weight"), None);
+    }
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() -> lmx_core::Result<()> {
+        // llama.cpp: gguf = hf.reshape(n, 2, r, c).swapaxes(1, 2).reshape(rows, c)
+        let (n, r, c) = (3usize, 2usize, 5usize);
+        let hf = Tensor::arange(0f32, (n * 2 * r * c) as f32, &Device::Cpu)?.reshape((n * 2 * r, c))?;
+        let gguf = hf.reshape((n, 2, r, c))?.transpose(1, 2)?.contiguous()?.reshape((n * 2 * r, c))?;
+        let back = unpermute(&gguf, n)?;
+        assert_eq!(back.to_vec2::<f32>()?, hf.to_vec2::<f32>()?);
+        Ok(())
+    }
+}

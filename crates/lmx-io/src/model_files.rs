@@ -1,0 +1,193 @@
+//! Resolving `--model` (a folder, a `.gguf` file or a hub id) and reading everything a model
+//! needs besides its math: config, weights, tokenizer, chat template and stop tokens.
+
+use std::path::{Path, PathBuf};
+
+use lmx_core::{DType, Device};
+use serde_json::Value;
+
+use crate::chat_template::ChatTemplate;
+use crate::config::{chat_template_source, read_json, read_json_opt, special_token, token_ids};
+use crate::error::{IoError, Result};
+use crate::tokenizer::Tokenizer;
+use crate::weights::Weights;
+use crate::{gguf, hub};
+
+/// Where a model comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A Hugging Face model folder (config.json + safetensors + tokenizer files).
+    Folder(PathBuf),
+    /// A llama.cpp GGUF file.
+    Gguf(PathBuf),
+}
+
+impl ModelSource {
+    /// Interprets a `--model` argument: an existing folder or `.gguf` file, else an `org/name`
+    /// id looked up in the local Hugging Face cache.
+    pub fn resolve(arg: &str) -> Result<Self> {
+        let path = Path::new(arg);
+        if path.is_dir() {
+            return Ok(ModelSource::Folder(path.to_path_buf()));
+        }
+        if path.is_file() {
+            return match path.extension().and_then(|e| e.to_str()) {
+                Some("gguf") => Ok(ModelSource::Gguf(path.to_path_buf())),
+                _ => Err(IoError::NotFound {
+                    path: path.to_path_buf(),
+                    hint: ": --model takes a model folder, a .gguf file or a Hugging Face id (org/name); lmx never loads pickle (.bin/.pt) files".into(),
+                }),
+            };
+        }
+        if hub::looks_like_repo_id(arg) {
+            return hub::cached_snapshot(&hub::cache_dir(), arg).map(ModelSource::Folder);
+        }
+        Err(IoError::NotFound {
+            path: path.to_path_buf(),
+            hint: ": --model takes a model folder, a .gguf file or a Hugging Face id (org/name)".into(),
+        })
+    }
+
+    /// The path behind this source.
+    pub fn path(&self) -> &Path {
+        match self {
+            ModelSource::Folder(p) | ModelSource::Gguf(p) => p,
+        }
+    }
+}
+
+/// Everything read from a model source.
+pub struct ModelFiles {
+    /// Where it came from.
+    pub source: ModelSource,
+    /// `config.json`.
+    pub config: Value,
+    /// The checkpoint's tensors.
+    pub weights: Weights,
+    /// The tokenizer.
+    pub tokenizer: Tokenizer,
+    /// `tokenizer_config.json` (or its GGUF equivalent).
+    pub tokenizer_config: Value,
+    /// `generation_config.json`, if any.
+    pub generation_config: Option<Value>,
+    /// The chat template source, if the model has one.
+    pub chat_template: Option<String>,
+}
+
+impl ModelFiles {
+    /// Reads `source`. `dtype` overrides the checkpoint's dtype (`torch_dtype` in config.json;
+    /// float32 for GGUF files, whose tensors are dequantized).
+    pub fn load(source: ModelSource, dtype: Option<DType>, device: &Device) -> Result<Self> {
+        match &source {
+            ModelSource::Folder(dir) => Self::load_folder(dir.clone(), source.clone(), dtype, device),
+            ModelSource::Gguf(path) => {
+                let g = gguf::load(path)?;
+                let tokenizer = Tokenizer::from_json(&g.tokenizer)?;
+                let weights = Weights::from_tensors(g.tensors, dtype.unwrap_or(DType::F32), device, &path.display().to_string());
+                let chat_template = chat_template_source(&g.tokenizer_config, false);
+                Ok(Self {
+                    source: source.clone(),
+                    config: g.config,
+                    weights,
+                    tokenizer,
+                    tokenizer_config: g.tokenizer_config,
+                    generation_config: Some(g.generation_config),
+                    chat_template,
+                })
+            }
+        }
+    }
+
+    fn load_folder(dir: PathBuf, source: ModelSource, dtype: Option<DType>, device: &Device) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        if !config_path.exists() {
+            return Err(IoError::NotFound {
+                path: config_path,
+                hint: ": not a model folder (expected config.json, *.safetensors and tokenizer.json)".into(),
+            });
+        }
+        let config = read_json(&config_path)?;
+        let weights = Weights::from_safetensors(&safetensors_files(&dir)?, dtype.unwrap_or(config_dtype(&config)), device)?;
+        let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+        let tokenizer_config = read_json_opt(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
+        let generation_config = read_json_opt(&dir.join("generation_config.json"))?;
+        let jinja = dir.join("chat_template.jinja");
+        let chat_template = if jinja.exists() {
+            Some(std::fs::read_to_string(&jinja).map_err(|e| IoError::io(&jinja, e))?)
+        } else {
+            chat_template_source(&tokenizer_config, false)
+        };
+        Ok(Self { source, config, weights, tokenizer, tokenizer_config, generation_config, chat_template })
+    }
+
+    /// Every id that ends generation: config.json, generation_config.json and the tokenizer's
+    /// `eos_token`, deduplicated.
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        let mut ids = token_ids(&self.config, "eos_token_id");
+        if let Some(g) = &self.generation_config {
+            ids.extend(token_ids(g, "eos_token_id"));
+        }
+        if let Some(id) = special_token(&self.tokenizer_config, "eos_token").and_then(|t| self.tokenizer.token_to_id(&t)) {
+            ids.push(id);
+        }
+        let mut seen = std::collections::HashSet::new();
+        ids.retain(|id| seen.insert(*id));
+        ids
+    }
+
+    /// The compiled chat template, if the model has one.
+    pub fn compile_chat_template(&self) -> Result<Option<ChatTemplate>> {
+        let Some(src) = &self.chat_template else { return Ok(None) };
+        let bos = special_token(&self.tokenizer_config, "bos_token").unwrap_or_default();
+        let eos = special_token(&self.tokenizer_config, "eos_token").unwrap_or_default();
+        ChatTemplate::new(src, &bos, &eos).map(Some)
+    }
+
+    /// The `model_type` from config.json.
+    pub fn model_type(&self) -> Result<String> {
+        self.config.get("model_type").and_then(Value::as_str).map(str::to_string).ok_or_else(|| IoError::Json {
+            path: self.source.path().join("config.json"),
+            msg: "config.json has no `model_type`".into(),
+        })
+    }
+}
+
+/// The dtype config.json declares (`torch_dtype`, or `dtype` in newer transformers); f32 if none.
+fn config_dtype(config: &Value) -> DType {
+    let name = config.get("torch_dtype").or_else(|| config.get("dtype")).and_then(Value::as_str).unwrap_or("float32");
+    lmx_core::parse_dtype(name).unwrap_or(DType::F32)
+}
+
+/// The safetensors files of a folder: those listed by `model.safetensors.index.json`, else
+/// `model.safetensors`, else every `*.safetensors` file.
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let json = read_json(&index)?;
+        let map = json.get("weight_map").and_then(Value::as_object).ok_or_else(|| IoError::Json {
+            path: index.clone(),
+            msg: "no `weight_map` object".into(),
+        })?;
+        let mut files: Vec<PathBuf> = map.values().filter_map(Value::as_str).map(|f| dir.join(f)).collect();
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| IoError::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(IoError::NotFound {
+            path: dir.join("model.safetensors"),
+            hint: ": the folder has no safetensors weights (lmx loads safetensors and GGUF, never pickle .bin files)".into(),
+        });
+    }
+    Ok(files)
+}

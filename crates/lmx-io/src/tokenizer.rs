@@ -1,0 +1,112 @@
+//! The Hugging Face tokenizer (the `tokenizers` crate, from `tokenizer.json`) and a streaming
+//! decoder whose text deltas never split a multi-byte UTF-8 character.
+
+use std::path::Path;
+
+use crate::error::{IoError, Result};
+
+/// A loaded tokenizer.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            return Err(IoError::NotFound {
+                path: path.to_path_buf(),
+                hint: ": the model folder needs a tokenizer.json (Hugging Face fast-tokenizer format)".into(),
+            });
+        }
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| IoError::Tokenizer(format!("{}: {e}", path.display())))?;
+        Ok(Self { inner })
+    }
+
+    /// Builds a tokenizer from a `tokenizer.json` value (as rebuilt from GGUF metadata).
+    pub fn from_json(json: &serde_json::Value) -> Result<Self> {
+        let inner: tokenizers::Tokenizer = serde_json::from_value(json.clone())
+            .map_err(|e| IoError::Tokenizer(format!("invalid tokenizer description: {e}")))?;
+        Ok(Self { inner })
+    }
+
+    /// Token ids of `text`. `add_special_tokens` applies the tokenizer's post-processor (a BOS
+    /// token for Llama 3, nothing for SmolLM2); chat-template output is encoded without it,
+    /// since the template already wrote the special tokens.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| IoError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids`, special tokens included unless `skip_special_tokens`.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special_tokens).map_err(|e| IoError::Tokenizer(e.to_string()))
+    }
+
+    /// The id of a token string (special tokens included), if the vocabulary has it.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Vocabulary size, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Saves `tokenizer.json`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        self.inner.save(path, false).map_err(|e| IoError::Tokenizer(format!("{}: {e}", path.display())))
+    }
+
+    /// A streaming decoder over this tokenizer.
+    pub fn stream_decoder(&self) -> StreamDecoder<'_> {
+        StreamDecoder { tokenizer: self, ids: Vec::new(), prefix_offset: 0, read_offset: 0 }
+    }
+}
+
+/// Turns a growing token sequence into text deltas.
+///
+/// Byte-level BPE tokens can end in the middle of a UTF-8 character, and SentencePiece
+/// tokenizers change the leading space depending on context, so a delta is computed by decoding
+/// a small window of recent tokens twice (with and without the new ones) and is held back while
+/// it ends in an incomplete character (U+FFFD), the approach of Hugging Face's TGI.
+pub struct StreamDecoder<'a> {
+    tokenizer: &'a Tokenizer,
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl StreamDecoder<'_> {
+    /// Adds one token; returns the new text it completes, if any.
+    pub fn push(&mut self, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let before = self.tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], false)?;
+        let after = self.tokenizer.decode(&self.ids[self.prefix_offset..], false)?;
+        if after.len() <= before.len() || after.ends_with('\u{FFFD}') {
+            return Ok(None);
+        }
+        let delta = match after.get(before.len()..) {
+            Some(d) if after.starts_with(&before) => d.to_string(),
+            // The window re-tokenized differently; emit what is new after the common prefix.
+            _ => after.chars().skip(before.chars().count()).collect(),
+        };
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.ids.len();
+        Ok(Some(delta))
+    }
+
+    /// Text still held back (an incomplete character at the very end), flushed as is.
+    pub fn finish(&mut self) -> Result<Option<String>> {
+        if self.read_offset == self.ids.len() {
+            return Ok(None);
+        }
+        let before = self.tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], false)?;
+        let after = self.tokenizer.decode(&self.ids[self.prefix_offset..], false)?;
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.ids.len();
+        Ok(after.get(before.len()..).map(str::to_string).filter(|s| !s.is_empty()))
+    }
+}

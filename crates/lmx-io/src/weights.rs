@@ -1,0 +1,214 @@
+//! A strict tensor store: models ask for tensors by checkpoint key and shape; whatever the
+//! checkpoint holds that no layer asked for is an error at the end of loading.
+//!
+//! Safetensors files are memory-mapped and each tensor is read from the map once, into the
+//! model's dtype. GGUF tensors arrive already renamed and dequantized (see [`crate::gguf`]).
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::safetensors::MmapedSafetensors;
+use lmx_core::{DType, Device, Shape, Tensor};
+
+use crate::error::{IoError, Result};
+
+enum Source {
+    /// One memory-mapped safetensors file per shard.
+    Safetensors(Vec<(PathBuf, MmapedSafetensors)>),
+    /// Tensors already in memory (a GGUF file after renaming and dequantization).
+    Memory(HashMap<String, Tensor>),
+}
+
+struct Inner {
+    source: Source,
+    /// Which shard holds each key (for safetensors); shape of every key.
+    index: HashMap<String, (usize, Vec<usize>)>,
+    used: Mutex<BTreeSet<String>>,
+    dtype: DType,
+    device: Device,
+    /// A short description of where the tensors come from, for error messages.
+    name: String,
+}
+
+/// The tensors of one checkpoint, shared by every layer while a model is built.
+#[derive(Clone)]
+pub struct Weights {
+    inner: Arc<Inner>,
+}
+
+/// A view of [`Weights`] under a key prefix (`model.layers.3.self_attn`).
+#[derive(Clone)]
+pub struct WeightsPath {
+    weights: Weights,
+    prefix: String,
+}
+
+impl Weights {
+    /// Memory-maps safetensors shards. Tensors are converted to `dtype` on `device` as they
+    /// are read.
+    pub fn from_safetensors(paths: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut index = HashMap::new();
+        for (i, path) in paths.iter().enumerate() {
+            if !path.exists() {
+                return Err(IoError::NotFound { path: path.clone(), hint: String::new() });
+            }
+            // SAFETY: the file is mapped read-only; lmx never writes to a checkpoint it is
+            // reading, and a concurrent writer outside lmx is the user's responsibility (the same
+            // contract as every mmap-based loader: candle, safetensors, MLX).
+            let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| IoError::Safetensors {
+                path: path.clone(),
+                msg: e.to_string(),
+            })?;
+            for (name, view) in st.tensors() {
+                index.insert(name, (i, view.shape().to_vec()));
+            }
+            files.push((path.clone(), st));
+        }
+        let name = match paths {
+            [one] => one.display().to_string(),
+            _ => format!("{} safetensors shards in {}", paths.len(), parent_of(paths)),
+        };
+        Ok(Self::new(Source::Safetensors(files), index, dtype, device, name))
+    }
+
+    /// Wraps tensors already in memory (renamed GGUF tensors, or tensors built by a test).
+    pub fn from_tensors(tensors: HashMap<String, Tensor>, dtype: DType, device: &Device, name: &str) -> Self {
+        let index = tensors.iter().map(|(k, t)| (k.clone(), (0, t.dims().to_vec()))).collect();
+        Self::new(Source::Memory(tensors), index, dtype, device, name.to_string())
+    }
+
+    fn new(source: Source, index: HashMap<String, (usize, Vec<usize>)>, dtype: DType, device: &Device, name: String) -> Self {
+        let inner = Inner { source, index, used: Mutex::new(BTreeSet::new()), dtype, device: device.clone(), name };
+        Self { inner: Arc::new(inner) }
+    }
+
+    /// The root view (no prefix).
+    pub fn root(&self) -> WeightsPath {
+        WeightsPath { weights: self.clone(), prefix: String::new() }
+    }
+
+    /// Every key in the checkpoint, sorted.
+    pub fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self.inner.index.keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
+    /// The dtype tensors are converted to.
+    pub fn dtype(&self) -> DType {
+        self.inner.dtype
+    }
+
+    /// Checks that every checkpoint tensor was used, except keys for which `ignored` is true
+    /// (e.g. `rotary_emb.inv_freq` buffers that some exporters save).
+    pub fn finish(&self, ignored: impl Fn(&str) -> bool) -> Result<()> {
+        let used = self.inner.used.lock().map_err(|_| IoError::Tokenizer("poisoned lock".into()))?;
+        let mut unused: Vec<&String> =
+            self.inner.index.keys().filter(|k| !used.contains(*k) && !ignored(k)).collect();
+        unused.sort();
+        match unused.first() {
+            None => Ok(()),
+            Some(first) => Err(IoError::UnusedTensors {
+                count: unused.len(),
+                first: (*first).clone(),
+                source_name: self.inner.name.clone(),
+            }),
+        }
+    }
+
+    fn load(&self, key: &str) -> Result<Tensor> {
+        let inner = &self.inner;
+        let Some((shard, _)) = inner.index.get(key) else {
+            return Err(IoError::MissingTensor { key: key.to_string(), source_name: inner.name.clone() });
+        };
+        let tensor = match &inner.source {
+            Source::Safetensors(files) => {
+                let (path, st) = &files[*shard];
+                st.load(key, &Device::Cpu).map_err(|e| IoError::Safetensors { path: path.clone(), msg: e.to_string() })?
+            }
+            Source::Memory(map) => map[key].clone(),
+        };
+        if let Ok(mut used) = inner.used.lock() {
+            used.insert(key.to_string());
+        }
+        Ok(tensor.to_dtype(inner.dtype)?.to_device(&inner.device)?)
+    }
+}
+
+fn parent_of(paths: &[PathBuf]) -> String {
+    paths.first().and_then(|p| p.parent()).map(Path::display).map(|d| d.to_string()).unwrap_or_default()
+}
+
+impl WeightsPath {
+    /// The view one level down: `vb.pp("self_attn")`.
+    pub fn pp(&self, segment: impl std::fmt::Display) -> WeightsPath {
+        let prefix = if self.prefix.is_empty() { segment.to_string() } else { format!("{}.{segment}", self.prefix) };
+        WeightsPath { weights: self.weights.clone(), prefix }
+    }
+
+    /// The full checkpoint key of `name` under this prefix.
+    pub fn key(&self, name: &str) -> String {
+        if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) }
+    }
+
+    /// True when the checkpoint holds `name` under this prefix.
+    pub fn contains(&self, name: &str) -> bool {
+        self.weights.inner.index.contains_key(&self.key(name))
+    }
+
+    /// Reads tensor `name`, checking it has exactly `shape`.
+    pub fn get(&self, shape: impl Into<Shape>, name: &str) -> Result<Tensor> {
+        let key = self.key(name);
+        let expected: Shape = shape.into();
+        if let Some((_, found)) = self.weights.inner.index.get(&key) {
+            if found.as_slice() != expected.dims() {
+                return Err(IoError::ShapeMismatch {
+                    key,
+                    expected: expected.dims().to_vec(),
+                    found: found.clone(),
+                    source_name: self.weights.inner.name.clone(),
+                });
+            }
+        }
+        self.weights.load(&key)
+    }
+
+    /// The dtype tensors are converted to.
+    pub fn dtype(&self) -> DType {
+        self.weights.inner.dtype
+    }
+
+    /// The device tensors are placed on.
+    pub fn device(&self) -> &Device {
+        &self.weights.inner.device
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> Weights {
+        let mut m = HashMap::new();
+        m.insert("a.b.weight".to_string(), Tensor::zeros((2, 3), DType::F32, &Device::Cpu).expect("zeros"));
+        m.insert("a.extra".to_string(), Tensor::zeros(4, DType::F32, &Device::Cpu).expect("zeros"));
+        Weights::from_tensors(m, DType::BF16, &Device::Cpu, "test")
+    }
+
+    #[test]
+    fn strict_loading_names_keys_and_shapes() {
+        let w = store();
+        let b = w.root().pp("a").pp("b");
+        let t = b.get((2, 3), "weight").expect("present");
+        assert_eq!(t.dtype(), DType::BF16);
+        let err = b.get((3, 2), "weight").expect_err("wrong shape").to_string();
+        assert!(err.contains("a.b.weight") && err.contains("[2, 3]") && err.contains("[3, 2]"), "{err}");
+        let err = b.get(3, "bias").expect_err("missing").to_string();
+        assert!(err.contains("a.b.bias"), "{err}");
+        let err = w.finish(|_| false).expect_err("unused").to_string();
+        assert!(err.contains("a.extra"), "{err}");
+        assert!(w.finish(|k| k == "a.extra").is_ok());
+    }
+}
