@@ -73,10 +73,15 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 
 /// The additive causal mask for `seq_len` new queries after `offset` cached positions:
 /// shape (seq_len, offset + seq_len), 0 where attention is allowed and -inf elsewhere.
-pub fn causal_mask(seq_len: usize, offset: usize, device: &Device) -> Result<Tensor> {
+/// With a sliding `window`, a query also ignores keys `window` or more positions behind it.
+pub fn causal_mask(seq_len: usize, offset: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
     let total = offset + seq_len;
+    let window = window.unwrap_or(usize::MAX);
     let mask: Vec<f32> = (0..seq_len)
-        .flat_map(|i| (0..total).map(move |j| if j > i + offset { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            let pos = i + offset;
+            (0..total).map(move |j| if j > pos || pos - j >= window { f32::NEG_INFINITY } else { 0.0 })
+        })
         .collect();
     Tensor::from_vec(mask, (seq_len, total), device)
 }
@@ -143,7 +148,7 @@ mod tests {
         let q = Tensor::randn(0f32, 1.0, (1, 4, 3, 8), &dev)?;
         let k = Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &dev)?;
         let v = Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &dev)?;
-        let mask = causal_mask(3, 2, &dev)?;
+        let mask = causal_mask(3, 2, None, &dev)?;
         let got = attention(&q, &k, &v, Some(&mask), 0.3)?;
         // Reference: repeat each kv head twice (head h uses kv head h / 2).
         let rep = |t: &Tensor| -> Result<Tensor> {
@@ -158,9 +163,13 @@ mod tests {
 
     #[test]
     fn causal_mask_shape_and_values() -> Result<()> {
-        let m = causal_mask(2, 1, &Device::Cpu)?.to_vec2::<f32>()?;
+        let m = causal_mask(2, 1, None, &Device::Cpu)?.to_vec2::<f32>()?;
         assert_eq!(m[0], vec![0.0, 0.0, f32::NEG_INFINITY]);
         assert_eq!(m[1], vec![0.0, 0.0, 0.0]);
+        let inf = f32::NEG_INFINITY;
+        let m = causal_mask(2, 2, Some(2), &Device::Cpu)?.to_vec2::<f32>()?;
+        assert_eq!(m[0], vec![inf, 0.0, 0.0, inf]);
+        assert_eq!(m[1], vec![inf, inf, 0.0, 0.0]);
         Ok(())
     }
 }

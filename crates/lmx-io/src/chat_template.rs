@@ -164,7 +164,7 @@ mod tests {
         let tools = serde_json::json!([{"type": "function", "function": {"name": "f"}}]);
         let extra = serde_json::json!({"enable_thinking": false});
         let out = t.render::<Message>(&[], false, Some(&tools), Some(&extra)).expect("renders");
-        assert_eq!(out, "1 tools think=false");
+        assert_eq!(out, "1 tools think=False");
     }
 
     #[test]

@@ -1,1 +1,43 @@
-//! lmx-models
+//! lmx-models: one file per Hugging Face `model_type`, the [`CausalLm`] trait they implement,
+//! and the registry that builds the right one from config.json.
+
+pub mod llama;
+pub mod mistral;
+pub mod qwen2;
+pub mod qwen3;
+pub mod registry;
+
+pub use registry::{load_model, ModelError, SUPPORTED_MODEL_TYPES};
+
+use lmx_core::{Result, Tensor};
+use lmx_nn::KvCache;
+
+/// Which positions a forward pass returns logits for. candle is eager, so computing the
+/// vocabulary projection only for the last position during generation must be explicit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last position: (b, 1, vocab).
+    Last,
+    /// Every position: (b, seq_len, vocab).
+    All,
+}
+
+/// A decoder-only language model.
+pub trait CausalLm: Send + Sync {
+    /// Runs `input_ids` (b, seq_len) after the `cache.offset()` positions already cached,
+    /// appends their keys and values to `cache`, and returns f32 logits.
+    fn forward(&self, input_ids: &Tensor, cache: &mut KvCache, logits: Logits) -> Result<Tensor>;
+
+    /// An empty cache sized for this model.
+    fn new_cache(&self) -> KvCache;
+
+    /// Vocabulary size (logits width).
+    fn vocab_size(&self) -> usize;
+
+    /// The longest context the model was trained for (`max_position_embeddings`).
+    fn max_position_embeddings(&self) -> usize;
+}
+
+/// Shared by the model files' tests: the smoke checks every architecture must pass.
+#[cfg(test)]
+pub(crate) mod testing;

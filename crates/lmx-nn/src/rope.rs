@@ -1,0 +1,135 @@
+//! Rotary position embeddings: the inverse frequencies (plain, linear-scaled, or Llama 3's
+//! frequency-dependent scaling), and cos/sin for the positions of one forward pass.
+
+use lmx_core::{DType, Device, Result, Tensor};
+use serde::Deserialize;
+
+/// `rope_scaling` from config.json (transformers v4, MLX LM), or `rope_parameters`
+/// (transformers v5, which also moves `rope_theta` inside it).
+#[derive(Debug, Clone, Deserialize)]
+pub struct RopeScaling {
+    /// `rope_type` (older configs call it `type`): `default`, `linear` or `llama3`.
+    #[serde(alias = "type", default = "default_type")]
+    pub rope_type: String,
+    /// The base (transformers v5 `rope_parameters` only).
+    pub rope_theta: Option<f64>,
+    /// Scaling factor.
+    #[serde(default = "one")]
+    pub factor: f64,
+    /// Llama 3: wavelengths above original/low_freq_factor are fully scaled.
+    pub low_freq_factor: Option<f64>,
+    /// Llama 3: wavelengths below original/high_freq_factor are not scaled.
+    pub high_freq_factor: Option<f64>,
+    /// Llama 3: the context length the model was trained with before scaling.
+    pub original_max_position_embeddings: Option<f64>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn default_type() -> String {
+    "default".into()
+}
+
+/// Rotary embedding for one model: inverse frequencies of half the head dimension.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    inv_freq: Tensor,
+    dtype: DType,
+}
+
+impl Rope {
+    /// The rotary embedding a config.json describes, in either spelling: `rope_theta` +
+    /// `rope_scaling` (transformers v4, MLX LM) or `rope_parameters` (transformers v5).
+    /// `default_theta` applies when neither names a base.
+    pub fn from_config(
+        rope_theta: Option<f64>,
+        rope_scaling: Option<&RopeScaling>,
+        rope_parameters: Option<&RopeScaling>,
+        default_theta: f64,
+        head_dim: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let scaling = rope_scaling.or(rope_parameters);
+        let theta = rope_theta.or(rope_parameters.and_then(|p| p.rope_theta)).unwrap_or(default_theta);
+        Self::new(theta, head_dim, scaling, dtype, device)
+    }
+
+    /// Inverse frequencies as transformers computes them for `rope_theta`, `head_dim` and the
+    /// optional scaling. An unknown `rope_type` is an error naming it.
+    pub fn new(theta: f64, head_dim: usize, scaling: Option<&RopeScaling>, dtype: DType, device: &Device) -> Result<Self> {
+        let mut inv: Vec<f64> = (0..head_dim / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)).collect();
+        match scaling.map(|s| s.rope_type.as_str()) {
+            None | Some("default") => {}
+            Some("linear") => {
+                let f = scaling.map_or(1.0, |s| s.factor);
+                inv.iter_mut().for_each(|x| *x /= f);
+            }
+            Some("llama3") => {
+                let s = scaling.ok_or_else(|| lmx_core::Error::Msg("llama3 rope scaling without parameters".into()))?;
+                let low = s.low_freq_factor.unwrap_or(1.0);
+                let high = s.high_freq_factor.unwrap_or(4.0);
+                let orig = s.original_max_position_embeddings.unwrap_or(8192.0);
+                let (low_wavelen, high_wavelen) = (orig / low, orig / high);
+                for x in inv.iter_mut() {
+                    let wavelen = 2.0 * std::f64::consts::PI / *x;
+                    if wavelen > low_wavelen {
+                        *x /= s.factor;
+                    } else if wavelen >= high_wavelen {
+                        let smooth = (orig / wavelen - low) / (high - low);
+                        *x = (1.0 - smooth) * *x / s.factor + smooth * *x;
+                    }
+                }
+            }
+            Some(other) => {
+                return Err(lmx_core::Error::Msg(format!(
+                    "rope_scaling type `{other}` is not supported (supported: default, linear, llama3)"
+                )))
+            }
+        }
+        let inv: Vec<f32> = inv.into_iter().map(|x| x as f32).collect();
+        let n = inv.len();
+        Ok(Self { inv_freq: Tensor::from_vec(inv, (1, n), device)?, dtype })
+    }
+
+    /// cos and sin, each (seq_len, head_dim / 2), for positions `offset..offset + seq_len`,
+    /// computed in f32 and cast to the model dtype as transformers does.
+    pub fn cos_sin(&self, offset: usize, seq_len: usize) -> Result<(Tensor, Tensor)> {
+        let pos = Tensor::arange(offset as u32, (offset + seq_len) as u32, self.inv_freq.device())?
+            .to_dtype(DType::F32)?
+            .reshape((seq_len, 1))?;
+        let freqs = pos.broadcast_mul(&self.inv_freq)?;
+        Ok((freqs.cos()?.to_dtype(self.dtype)?, freqs.sin()?.to_dtype(self.dtype)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama3_scaling_matches_transformers_formula() -> Result<()> {
+        // Llama 3.1 8B: theta 500000, head_dim 128, factor 8, low 1, high 4, original 8192.
+        let s = RopeScaling { rope_type: "llama3".into(), rope_theta: None, factor: 8.0, low_freq_factor: Some(1.0), high_freq_factor: Some(4.0), original_max_position_embeddings: Some(8192.0) };
+        let rope = Rope::new(500_000.0, 128, Some(&s), DType::F32, &Device::Cpu)?;
+        let inv = rope.inv_freq.flatten_all()?.to_vec1::<f32>()?;
+        // High frequencies are untouched, the lowest are divided by the factor.
+        assert_eq!(inv[0], 1.0);
+        let plain_last = 1.0 / 500_000f64.powf(126.0 / 128.0);
+        assert!((inv[63] as f64 - plain_last / 8.0).abs() < 1e-12);
+        Ok(())
+    }
+
+    #[test]
+    fn cos_sin_at_offset() -> Result<()> {
+        let rope = Rope::new(10_000.0, 4, None, DType::F32, &Device::Cpu)?;
+        let (cos, sin) = rope.cos_sin(3, 2)?;
+        let cos = cos.to_vec2::<f32>()?;
+        let sin = sin.to_vec2::<f32>()?;
+        assert!((cos[0][0] - 3f32.cos()).abs() < 1e-6 && (sin[1][0] - 4f32.sin()).abs() < 1e-6);
+        assert!((cos[1][1] - (4.0f32 / 100.0).cos()).abs() < 1e-6);
+        Ok(())
+    }
+}
