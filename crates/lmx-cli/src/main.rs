@@ -1,1 +1,43 @@
-fn main() {}
+//! The `lmx` binary: parses flags (named as in MLX LM) and calls the library. Errors are
+//! printed as one chain on stderr with a non-zero exit code; nothing here panics on bad input.
+
+mod cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Run, convert and chat with large language models on your own machine.
+#[derive(Parser)]
+#[command(name = "lmx", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt (mlx_lm.generate).
+    Generate(cmd::generate::Args),
+    /// Chat in a terminal, keeping the KV cache across turns (mlx_lm.chat).
+    Chat(cmd::chat::Args),
+    /// Convert a GGUF file to a Hugging Face/MLX model folder, or cast a folder's dtype (mlx_lm.convert).
+    Convert(cmd::convert::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => cmd::generate::run(args),
+        Command::Chat(args) => cmd::chat::run(args),
+        Command::Convert(args) => cmd::convert::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
+            eprintln!("error: {}", chain.join(": "));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,14 @@
-//! lmx-generate
+//! lmx-generate: turning a model and a prompt into tokens.
+//!
+//! [`stream_generate`] yields one [`GenerationResponse`] per token with its text delta, as
+//! MLX LM's `stream_generate` does; [`generate`] collects them. A [`PromptCache`] made once
+//! and passed to every call keeps the keys and values of tokens already processed, so a
+//! multi-turn chat prefills only what is new.
+
+pub mod generate;
+pub mod prompt_cache;
+pub mod sampler;
+
+pub use generate::{generate, peak_memory_bytes, stream_generate, FinishReason, GenerateError, GenerateParams, GenerationResponse, TokenStream};
+pub use prompt_cache::PromptCache;
+pub use sampler::{Sampler, SamplerParams};

@@ -118,6 +118,11 @@ impl Weights {
         }
     }
 
+    /// Reads tensor `key` whatever its shape (for conversion, which copies every tensor).
+    pub fn tensor(&self, key: &str) -> Result<Tensor> {
+        self.load(key)
+    }
+
     fn load(&self, key: &str) -> Result<Tensor> {
         let inner = &self.inner;
         let Some((shard, _)) = inner.index.get(key) else {

@@ -36,6 +36,9 @@ pub trait CausalLm: Send + Sync {
 
     /// The longest context the model was trained for (`max_position_embeddings`).
     fn max_position_embeddings(&self) -> usize;
+
+    /// The device the weights live on (inputs go there).
+    fn device(&self) -> &lmx_core::Device;
 }
 
 /// Shared by the model files' tests: the smoke checks every architecture must pass.

@@ -200,6 +200,10 @@ impl CausalLm for Model {
     fn max_position_embeddings(&self) -> usize {
         self.cfg.max_position_embeddings
     }
+
+    fn device(&self) -> &lmx_core::Device {
+        self.model.embed_tokens.weight().device()
+    }
 }
 
 #[cfg(test)]

@@ -1,1 +1,88 @@
-//! lmx
+//! lmx: run large language models locally, from Rust, the way MLX LM does from Python.
+//!
+//! ```no_run
+//! let (model, tokenizer) = lmx::load("models/SmolLM2-135M-Instruct.Q4_1.gguf")?;
+//! let prompt = tokenizer.chat_prompt(&[lmx::Message::new("user", "What is the capital of France?")], None)?;
+//! let mut cache = lmx::PromptCache::new(&*model);
+//! for response in lmx::stream_generate(&model, &tokenizer, &prompt, &mut cache, lmx::GenerateParams::default()) {
+//!     print!("{}", response?.text);
+//! }
+//! # Ok::<(), lmx::Error>(())
+//! ```
+//!
+//! The prompt cache is made once and passed to every call: each call gives the whole token
+//! sequence, and only what is not already cached is prefilled (multi-turn chat).
+
+mod load;
+
+pub use load::{load, load_with, LoadOptions, Model, TokenizerWrapper};
+pub use lmx_core::{DType, Device};
+pub use lmx_generate::{FinishReason, GenerateParams, GenerationResponse, PromptCache, SamplerParams, TokenStream};
+pub use lmx_io::{Message, ModelSource};
+/// Writing model folders (GGUF to safetensors, dtype casts).
+pub mod convert {
+    pub use lmx_convert::*;
+}
+pub use lmx_models::{CausalLm, Logits, SUPPORTED_MODEL_TYPES};
+
+/// Lower layers, for callers who need them (custom loops, conversion).
+pub mod core {
+    pub use lmx_core::*;
+}
+/// Checkpoint and tokenizer I/O.
+pub mod io {
+    pub use lmx_io::*;
+}
+
+/// Everything the lmx library can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading model files.
+    #[error(transparent)]
+    Io(#[from] lmx_io::IoError),
+    /// Building the model.
+    #[error(transparent)]
+    Model(#[from] lmx_models::ModelError),
+    /// Generating.
+    #[error(transparent)]
+    Generate(#[from] lmx_generate::GenerateError),
+    /// Choosing a device or dtype.
+    #[error(transparent)]
+    Device(#[from] lmx_core::DeviceError),
+    /// A tensor operation.
+    #[error(transparent)]
+    Tensor(#[from] lmx_core::Error),
+    /// Converting a model.
+    #[error(transparent)]
+    Convert(#[from] lmx_convert::ConvertError),
+}
+
+/// Result alias for the lmx library.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Streams a generation for `prompt` (token ids; see [`TokenizerWrapper::chat_prompt`]),
+/// stopping on the model's EOS tokens as well as any in `params.eos_token_ids`.
+pub fn stream_generate<'a>(
+    model: &'a Model,
+    tokenizer: &'a TokenizerWrapper,
+    prompt: &[u32],
+    cache: &'a mut PromptCache,
+    mut params: GenerateParams,
+) -> TokenStream<'a> {
+    for id in tokenizer.eos_token_ids() {
+        if !params.eos_token_ids.contains(id) {
+            params.eos_token_ids.push(*id);
+        }
+    }
+    lmx_generate::stream_generate(&**model, tokenizer, prompt, cache, params)
+}
+
+/// Generates and returns the whole text (a fresh cache; see [`stream_generate`] to reuse one).
+pub fn generate(model: &Model, tokenizer: &TokenizerWrapper, prompt: &[u32], params: GenerateParams) -> Result<String> {
+    let mut cache = PromptCache::new(&**model);
+    let mut text = String::new();
+    for r in stream_generate(model, tokenizer, prompt, &mut cache, params) {
+        text.push_str(&r?.text);
+    }
+    Ok(text)
+}

@@ -1,0 +1,92 @@
+//! `lmx chat`: an interactive chat (`mlx_lm.chat`). The whole conversation is rendered with
+//! the chat template each turn and the prompt cache keeps the common prefix, so a turn
+//! prefills only its new tokens. `q` quits, `r` resets, `h` shows help. Works from piped stdin.
+
+use std::io::{BufRead, IsTerminal, Write};
+
+use lmx::{GenerateParams, Message, PromptCache};
+
+use super::{sampler, ModelArgs};
+
+/// Flags of `lmx chat`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temp: f32,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Most tokens per reply.
+    #[arg(long, short = 'm', default_value_t = 256)]
+    pub max_tokens: usize,
+    /// System prompt.
+    #[arg(long)]
+    pub system_prompt: Option<String>,
+    /// Print how many tokens each turn prefilled and reused, to stderr.
+    #[arg(long)]
+    pub verbose: bool,
+}
+
+const HELP: &str = "The command list:\n- 'q' to exit\n- 'r' to reset the chat\n- 'h' to display these commands";
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let (model, tokenizer) = args.model.load()?;
+    anyhow::ensure!(tokenizer.has_chat_template(), "model `{}` has no chat template, so it cannot chat; use `lmx generate --ignore-chat-template`", args.model.model);
+    let interactive = std::io::stdin().is_terminal();
+    eprintln!("[INFO] Starting chat session with {}.\n{HELP}", args.model.model);
+    let fresh = || args.system_prompt.iter().map(|s| Message::new("system", s.clone())).collect::<Vec<_>>();
+    let mut messages = fresh();
+    let mut cache = PromptCache::new(&*model);
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    let mut out = std::io::stdout();
+    loop {
+        if interactive {
+            eprint!(">> ");
+        }
+        let Some(line) = lines.next() else { break };
+        let query = line?;
+        match query.trim() {
+            "q" => break,
+            "r" => {
+                messages = fresh();
+                cache.reset();
+                continue;
+            }
+            "h" => {
+                eprintln!("{HELP}");
+                continue;
+            }
+            "" => continue,
+            _ => {}
+        }
+        messages.push(Message::new("user", query));
+        let prompt = tokenizer.chat_prompt(&messages, None)?;
+        let params = GenerateParams {
+            max_tokens: args.max_tokens,
+            sampler: sampler(args.temp, args.top_p, 0, 0.0, Some(args.seed), None),
+            ..Default::default()
+        };
+        let mut reply = String::new();
+        let mut last = None;
+        for r in lmx::stream_generate(&model, &tokenizer, &prompt, &mut cache, params) {
+            let r = r?;
+            out.write_all(r.text.as_bytes())?;
+            out.flush()?;
+            reply.push_str(&r.text);
+            last = Some(r);
+        }
+        writeln!(out)?;
+        if let (true, Some(r)) = (args.verbose, last) {
+            eprintln!("[turn: {} prompt tokens, {} reused from the cache, {} prefilled; {} generated]", r.prompt_tokens, r.cached_tokens, r.prompt_tokens - r.cached_tokens, r.generation_tokens);
+        }
+        messages.push(Message::new("assistant", reply));
+    }
+    Ok(())
+}

@@ -1,0 +1,53 @@
+//! One module per subcommand, plus the flags they share.
+
+pub mod chat;
+pub mod convert;
+pub mod generate;
+
+use anyhow::Context;
+use clap::Args as ClapArgs;
+
+/// The default model: SmolLM2-135M-Instruct (see README for how to fetch it).
+pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Flags for choosing and loading a model.
+#[derive(ClapArgs, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model folder, .gguf file, or Hugging Face id (org/name) in the local HF cache.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// Device: cpu or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype (float32, float16, bfloat16); default: the checkpoint's.
+    #[arg(long)]
+    pub dtype: Option<String>,
+}
+
+impl ModelArgs {
+    /// Loads the model and tokenizer these flags name.
+    pub fn load(&self) -> anyhow::Result<(lmx::Model, lmx::TokenizerWrapper)> {
+        let device = lmx::core::parse_device(&self.device)?;
+        let dtype = self.dtype.as_deref().map(lmx::core::parse_dtype).transpose()?;
+        let options = lmx::LoadOptions { dtype, device };
+        lmx::load_with(&self.model, &options).with_context(|| format!("loading model `{}`", self.model))
+    }
+}
+
+/// Sampling flags shared by generate and chat.
+pub fn sampler(temp: f32, top_p: f32, top_k: usize, min_p: f32, seed: Option<u64>, repetition_penalty: Option<f32>) -> lmx::SamplerParams {
+    lmx::SamplerParams { temp, top_p, top_k, min_p, seed, repetition_penalty, ..Default::default() }
+}
+
+/// The chat template variables of `--chat-template-config` (a JSON object).
+pub fn template_config(arg: Option<&str>) -> anyhow::Result<Option<serde_json::Value>> {
+    let Some(text) = arg else { return Ok(None) };
+    let value: serde_json::Value = serde_json::from_str(text).context("--chat-template-config must be a JSON object, e.g. '{\"enable_thinking\": false}'")?;
+    anyhow::ensure!(value.is_object(), "--chat-template-config must be a JSON object, e.g. '{{\"enable_thinking\": false}}'");
+    Ok(Some(value))
+}
+
+/// Human-readable gigabytes, as MLX LM prints peak memory.
+pub fn gb(bytes: u64) -> String {
+    format!("{:.3} GB", bytes as f64 / 1e9)
+}

@@ -1,0 +1,48 @@
+//! The prompt cache: a model's keys and values plus the exact tokens they belong to.
+//!
+//! Each generation call gives the whole token sequence (for a chat, the full conversation as
+//! the template renders it); the cache keeps the longest common prefix and only the rest is
+//! prefilled. Multi-turn chat therefore processes just the new turn, and an edited history
+//! recomputes from the first changed token.
+
+use lmx_models::CausalLm;
+use lmx_nn::KvCache;
+
+/// Keys/values of processed tokens, reusable across generation calls.
+pub struct PromptCache {
+    pub(crate) kv: KvCache,
+    pub(crate) tokens: Vec<u32>,
+}
+
+impl PromptCache {
+    /// An empty cache for `model`.
+    pub fn new(model: &dyn CausalLm) -> Self {
+        Self { kv: model.new_cache(), tokens: Vec::new() }
+    }
+
+    /// The tokens whose keys and values are cached.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Empties the cache (a chat's `r`).
+    pub fn reset(&mut self) {
+        self.kv.reset();
+        self.tokens.clear();
+    }
+
+    /// Bytes held by the key/value buffers.
+    pub fn nbytes(&self) -> usize {
+        self.kv.nbytes()
+    }
+
+    /// Keeps the longest prefix shared with `prompt`, but never all of it (the last prompt
+    /// token must run to produce logits). Returns how many tokens are reused.
+    pub(crate) fn reuse_prefix(&mut self, prompt: &[u32]) -> usize {
+        let common = self.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        let keep = common.min(prompt.len().saturating_sub(1));
+        self.kv.truncate(keep);
+        self.tokens.truncate(keep);
+        keep
+    }
+}
