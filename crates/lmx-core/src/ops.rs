@@ -14,8 +14,10 @@ fn on_tape(xs: &[&Tensor]) -> bool {
 
 /// Root-mean-square normalisation over the last dimension, as Hugging Face's `LlamaRMSNorm`:
 /// statistics in f32, the normalised value cast back to the input dtype, then scaled by `weight`.
+/// candle's fused kernel is used for f32 only: for bf16 it accumulates in bf16, which
+/// derails SmolLM2 (whose residual stream has large outliers) after a few tokens.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
-    if !on_tape(&[x, weight]) && x.dtype() == weight.dtype() && x.is_contiguous() {
+    if !on_tape(&[x, weight]) && x.dtype() == DType::F32 && weight.dtype() == DType::F32 && x.is_contiguous() {
         return candle_nn::ops::rms_norm(x, weight, eps);
     }
     let dtype = x.dtype();

@@ -1,0 +1,120 @@
+//! Bad input gets one clear error line naming what is wrong, and a non-zero exit.
+
+use std::collections::HashMap;
+
+use crate::{assert_clear_error, lmx, path_str, temp_dir, tiny_model};
+use lmx::io::Weights;
+
+fn generate(model: &str) -> std::process::Output {
+    lmx(&["generate", "--model", model, "-p", "a b", "-m", "2"])
+}
+
+/// Rewrites the tiny model's weights through `edit`.
+fn edit_weights(dir: &std::path::Path, edit: impl FnOnce(&mut HashMap<String, lmx::core::Tensor>)) {
+    let path = dir.join("model.safetensors");
+    let w = Weights::from_safetensors(&[path.clone()], lmx::DType::F32, &lmx::Device::Cpu).expect("read");
+    let mut map: HashMap<String, lmx::core::Tensor> = w.keys().into_iter().map(|k| { let t = w.tensor(&k).expect("tensor"); (k, t) }).collect();
+    drop(w);
+    edit(&mut map);
+    lmx::io::safetensors_io::save_safetensors(&map, &path).expect("write");
+}
+
+#[test]
+fn tiny_model_runs() {
+    let dir = tiny_model("ok");
+    let out = generate(&path_str(&dir));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn missing_folder() {
+    let out = generate("/nonexistent/model-dir");
+    assert_clear_error(&out, &["/nonexistent/model-dir", "not found"]);
+}
+
+#[test]
+fn folder_without_config() {
+    let dir = temp_dir("noconfig");
+    assert_clear_error(&generate(&path_str(&dir)), &["config.json", "not a model folder"]);
+}
+
+#[test]
+fn unknown_model_type() {
+    let dir = tiny_model("badtype");
+    let cfg = std::fs::read_to_string(dir.join("config.json")).expect("read").replace("\"llama\"", "\"gpt_fancy\"");
+    std::fs::write(dir.join("config.json"), cfg).expect("write");
+    assert_clear_error(&generate(&path_str(&dir)), &["gpt_fancy", "llama, mistral, qwen2, qwen3"]);
+}
+
+#[test]
+fn missing_tensor() {
+    let dir = tiny_model("missing");
+    edit_weights(&dir, |m| {
+        m.remove("model.layers.1.mlp.up_proj.weight");
+    });
+    assert_clear_error(&generate(&path_str(&dir)), &["model.layers.1.mlp.up_proj.weight", "missing"]);
+}
+
+#[test]
+fn wrong_shape_tensor() {
+    let dir = tiny_model("shape");
+    edit_weights(&dir, |m| {
+        let t = m["model.layers.0.self_attn.q_proj.weight"].t().and_then(|t| t.contiguous()).expect("t");
+        m.insert("model.layers.0.self_attn.q_proj.weight".into(), t);
+    });
+    // Rectangular q_proj: (64, 64) is square for this config, so use k_proj (32, 64).
+    edit_weights(&dir, |m| {
+        let t = m["model.layers.0.self_attn.k_proj.weight"].t().and_then(|t| t.contiguous()).expect("t");
+        m.insert("model.layers.0.self_attn.k_proj.weight".into(), t);
+    });
+    assert_clear_error(&generate(&path_str(&dir)), &["model.layers.0.self_attn.k_proj.weight", "[64, 32]", "[32, 64]"]);
+}
+
+#[test]
+fn unused_tensor() {
+    let dir = tiny_model("unused");
+    edit_weights(&dir, |m| {
+        let t = m["model.norm.weight"].clone();
+        m.insert("model.extra_norm.weight".into(), t);
+    });
+    assert_clear_error(&generate(&path_str(&dir)), &["model.extra_norm.weight", "not used"]);
+}
+
+#[test]
+fn truncated_safetensors() {
+    let dir = tiny_model("truncsafe");
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).expect("read");
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).expect("write");
+    assert_clear_error(&generate(&path_str(&dir)), &["model.safetensors", "truncated"]);
+}
+
+#[test]
+fn truncated_gguf() {
+    let dir = temp_dir("truncgguf");
+    let path = dir.join("half.gguf");
+    let bytes = std::fs::read(crate::default_model()).expect("read");
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).expect("write");
+    assert_clear_error(&generate(&path_str(&path)), &["half.gguf", "truncated"]);
+}
+
+#[test]
+fn prompt_longer_than_context() {
+    let dir = tiny_model("long");
+    let prompt = vec!["a"; 300].join(" ");
+    let out = lmx(&["generate", "--model", &path_str(&dir), "-p", &prompt]);
+    assert_clear_error(&out, &["300 tokens", "256"]);
+}
+
+#[test]
+fn bad_flags_and_values() {
+    let dir = tiny_model("flags");
+    let out = lmx(&["generate", "--model", &path_str(&dir), "--device", "tpu"]);
+    assert_clear_error(&out, &["tpu", "cpu"]);
+    let out = lmx(&["generate", "--model", &path_str(&dir), "--chat-template-config", "{oops"]);
+    assert_clear_error(&out, &["--chat-template-config"]);
+    let out = lmx(&["generate", "--model", &path_str(&dir), "--extra-eos-token", "<nope>"]);
+    assert_clear_error(&out, &["<nope>"]);
+    let out = lmx(&["generate", "--model", "weights.bin"]);
+    assert_clear_error(&out, &["weights.bin"]);
+}
