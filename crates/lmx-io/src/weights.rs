@@ -131,7 +131,11 @@ impl Weights {
         let tensor = match &inner.source {
             Source::Safetensors(files) => {
                 let (path, st) = &files[*shard];
-                st.load(key, &Device::Cpu).map_err(|e| IoError::Safetensors { path: path.clone(), msg: e.to_string() })?
+                let err = |e: candle_core::Error| IoError::Safetensors { path: path.clone(), msg: e.to_string() };
+                let view = st.get(key).map_err(err)?;
+                let tensor = candle_core::safetensors::Load::load(&view, &Device::Cpu).map_err(err)?;
+                release_pages(view.data());
+                tensor
             }
             Source::Memory(map) => map[key].clone(),
         };
@@ -139,6 +143,22 @@ impl Weights {
             used.insert(key.to_string());
         }
         Ok(tensor.to_dtype(inner.dtype)?.to_device(&inner.device)?)
+    }
+}
+
+/// Tells the kernel the mapped pages of `bytes` are no longer needed. Each tensor is read from
+/// the map exactly once (into its compute buffer), so without this the file pages would stay
+/// resident next to the copy and loading would peak at twice the weights.
+fn release_pages(bytes: &[u8]) {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
+    let start = (bytes.as_ptr() as usize).div_ceil(page) * page;
+    let end = (bytes.as_ptr() as usize + bytes.len()) / page * page;
+    if end > start {
+        // SAFETY: [start, end) lies inside a read-only, private file mapping that lmx never
+        // writes; MADV_DONTNEED only drops the resident copies, and any later read faults the
+        // same bytes back in from the file, so no live reference can observe a change.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
     }
 }
 
