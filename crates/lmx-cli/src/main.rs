@@ -21,6 +21,8 @@ enum Command {
     Generate(cmd::generate::Args),
     /// Chat in a terminal, keeping the KV cache across turns (mlx_lm.chat).
     Chat(cmd::chat::Args),
+    /// Measure prompt and generation throughput on random tokens (mlx_lm.benchmark).
+    Benchmark(cmd::benchmark::Args),
     /// Convert a GGUF file to a Hugging Face/MLX model folder, or cast a folder's dtype (mlx_lm.convert).
     Convert(cmd::convert::Args),
 }
@@ -31,6 +33,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Chat(args) => cmd::chat::run(args),
         Command::Convert(args) => cmd::convert::run(args),
+        Command::Benchmark(args) => cmd::benchmark::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -59,8 +59,18 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 }
 
 /// `x @ weight^T (+ bias)` for a weight stored as (out_features, in_features).
+/// A single row on the CPU (one decoded token) goes through lmx's matrix-vector kernel, which
+/// reads the weights once at memory bandwidth; everything else through candle's matmul.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let one_row = x.elem_count() == x.dim(D::Minus1)?;
+    let fast = one_row
+        && x.device().is_cpu()
+        && !on_tape(&[x, weight])
+        && x.dtype() == weight.dtype()
+        && matches!(x.dtype(), DType::F32 | DType::BF16)
+        && weight.is_contiguous();
     let y = match x.dims() {
+        _ if fast => x.contiguous()?.apply_op2_no_bwd(weight, &crate::cpu::MatVec)?,
         [b, t, k] if x.is_contiguous() => {
             // One 2-D matmul over all rows is faster than a batched broadcast.
             x.reshape((b * t, *k))?.matmul(&weight.t()?)?.reshape((*b, *t, ()))?

@@ -1,5 +1,6 @@
 //! One module per subcommand, plus the flags they share.
 
+pub mod benchmark;
 pub mod chat;
 pub mod convert;
 pub mod generate;

@@ -1,0 +1,224 @@
+//! CPU kernels for decoding: matrix-vector products that stream the weights once at memory
+//! bandwidth. One token's forward is a chain of `y = W x` with W (out, in) row-major, so each
+//! output is a contiguous dot product; rows are split across threads. AVX2+FMA is chosen at
+//! run time, with a scalar path the tests compare it against.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape};
+use half::bf16;
+use rayon::prelude::*;
+
+/// Rows per parallel task: large enough to amortize scheduling, small enough to balance.
+const ROWS_PER_TASK: usize = 64;
+
+/// `x @ w^T` for a single row of activations, as a candle op (no backward: used only when
+/// nothing is on the gradient tape). `x`: (.., k) with one row in all; `w`: (n, k), same dtype.
+pub struct MatVec;
+
+fn contiguous<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let (start, end) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("matvec needs contiguous inputs".into()))?;
+    Ok(&s.as_slice::<T>()?[start..end])
+}
+
+impl CustomOp2 for MatVec {
+    fn name(&self) -> &'static str {
+        "lmx-matvec"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, k) = wl.shape().dims2()?;
+        let mut out_dims = xl.dims().to_vec();
+        if out_dims.last() != Some(&k) || xl.shape().elem_count() != k {
+            candle_core::bail!("matvec: x {:?} is not one row of {k} for weight {:?}", xl.dims(), wl.dims());
+        }
+        if let Some(last) = out_dims.last_mut() {
+            *last = n;
+        }
+        let mut y = vec![0f32; n];
+        let storage = match ws.dtype() {
+            DType::F32 => {
+                let (x, w) = (contiguous::<f32>(xs, xl)?, contiguous::<f32>(ws, wl)?);
+                par_rows(&mut y, k, |row, out| dot_f32(&w[row * k..(row + 1) * k], x, out));
+                CpuStorage::F32(y)
+            }
+            DType::BF16 => {
+                let x: Vec<f32> = contiguous::<bf16>(xs, xl)?.iter().map(|v| v.to_f32()).collect();
+                let w = contiguous::<bf16>(ws, wl)?;
+                par_rows(&mut y, k, |row, out| dot_bf16(&w[row * k..(row + 1) * k], &x, out));
+                CpuStorage::BF16(y.into_iter().map(bf16::from_f32).collect())
+            }
+            other => candle_core::bail!("matvec: dtype {other:?} is not supported"),
+        };
+        Ok((storage, Shape::from(out_dims)))
+    }
+}
+
+fn par_rows(y: &mut [f32], _k: usize, f: impl Fn(usize, &mut f32) + Sync) {
+    y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(chunk, ys)| {
+        for (i, out) in ys.iter_mut().enumerate() {
+            f(chunk * ROWS_PER_TASK + i, out);
+        }
+    });
+}
+
+fn dot_f32(w: &[f32], x: &[f32], out: &mut f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        *out = unsafe { x86::dot_f32(w, x) };
+        return;
+    }
+    *out = scalar::dot_f32(w, x);
+}
+
+fn dot_bf16(w: &[bf16], x: &[f32], out: &mut f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        *out = unsafe { x86::dot_bf16(w, x) };
+        return;
+    }
+    *out = scalar::dot_bf16(w, x);
+}
+
+/// Portable reference kernels.
+pub mod scalar {
+    use half::bf16;
+
+    /// Dot product of an f32 weight row and x.
+    pub fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
+        let mut acc = [0f32; 8];
+        let chunks = w.len() / 8 * 8;
+        for (wc, xc) in w[..chunks].chunks_exact(8).zip(x[..chunks].chunks_exact(8)) {
+            for i in 0..8 {
+                acc[i] += wc[i] * xc[i];
+            }
+        }
+        let tail: f32 = w[chunks..].iter().zip(&x[chunks..]).map(|(a, b)| a * b).sum();
+        acc.iter().sum::<f32>() + tail
+    }
+
+    /// Dot product of a bf16 weight row and f32 x, accumulated in f32.
+    pub fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
+        w.iter().zip(x).map(|(a, b)| a.to_f32() * b).sum()
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use half::bf16;
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `w` and `x` have the same length.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
+        let n = w.len().min(x.len());
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        // SAFETY: every load reads 8 floats at i + 8j < n.
+        unsafe {
+            while i + 32 <= n {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(i + 8 * j)), _mm256_loadu_ps(xp.add(i + 8 * j)), *a);
+                }
+                i += 32;
+            }
+            while i + 8 <= n {
+                acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(i)), _mm256_loadu_ps(xp.add(i)), acc[0]);
+                i += 8;
+            }
+        }
+        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        hsum(sum) + w[i..n].iter().zip(&x[i..n]).map(|(a, b)| a * b).sum::<f32>()
+    }
+
+    /// 8 bf16 values widened to f32 (bf16 is the top half of an f32).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load_bf16(p: *const bf16) -> __m256 {
+        // SAFETY: the caller guarantees 8 readable bf16 values at p.
+        let raw = unsafe { _mm_loadu_si128(p as *const __m128i) };
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `w` and `x` have the same length.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
+        let n = w.len().min(x.len());
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        // SAFETY: every load reads 8 elements at i + 8j < n.
+        unsafe {
+            while i + 32 <= n {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(load_bf16(wp.add(i + 8 * j)), _mm256_loadu_ps(xp.add(i + 8 * j)), *a);
+                }
+                i += 32;
+            }
+            while i + 8 <= n {
+                acc[0] = _mm256_fmadd_ps(load_bf16(wp.add(i)), _mm256_loadu_ps(xp.add(i)), acc[0]);
+                i += 8;
+            }
+        }
+        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        hsum(sum) + w[i..n].iter().zip(&x[i..n]).map(|(a, b)| a.to_f32() * b).sum::<f32>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    /// The dispatched (SIMD where available) kernels equal the scalar ones on random data,
+    /// including lengths that leave a tail.
+    #[test]
+    fn simd_matches_scalar() -> Result<()> {
+        for k in [1usize, 7, 8, 33, 576, 1539] {
+            let w = Tensor::randn(0f32, 1.0, k, &Device::Cpu)?.to_vec1::<f32>()?;
+            let x = Tensor::randn(0f32, 1.0, k, &Device::Cpu)?.to_vec1::<f32>()?;
+            let mut got = 0.0;
+            dot_f32(&w, &x, &mut got);
+            let want = scalar::dot_f32(&w, &x);
+            assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "f32 k={k}: {got} vs {want}");
+            let wb: Vec<bf16> = w.iter().map(|v| bf16::from_f32(*v)).collect();
+            dot_bf16(&wb, &x, &mut got);
+            let want = scalar::dot_bf16(&wb, &x);
+            assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "bf16 k={k}: {got} vs {want}");
+        }
+        Ok(())
+    }
+
+    /// The op equals candle's matmul.
+    #[test]
+    fn matvec_op_matches_matmul() -> Result<()> {
+        let x = Tensor::randn(0f32, 1.0, (1, 1, 300), &Device::Cpu)?;
+        let w = Tensor::randn(0f32, 1.0, (130, 300), &Device::Cpu)?;
+        let want = x.broadcast_matmul(&w.t()?)?;
+        let got = x.apply_op2_no_bwd(&w, &MatVec)?;
+        assert_eq!(got.dims(), &[1, 1, 130]);
+        let d = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-3, "f32 diff {d}");
+        let (xb, wb) = (x.to_dtype(DType::BF16)?, w.to_dtype(DType::BF16)?);
+        let want = xb.to_dtype(DType::F32)?.broadcast_matmul(&wb.to_dtype(DType::F32)?.t()?)?;
+        let got = xb.apply_op2_no_bwd(&wb, &MatVec)?.to_dtype(DType::F32)?;
+        let d = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 0.25, "bf16 diff {d} (bf16 output rounding)");
+        Ok(())
+    }
+}
