@@ -27,6 +27,18 @@ enum Command {
     Convert(cmd::convert::Args),
 }
 
+/// glibc returns large freed blocks to the kernel, so every prefill's multi-megabyte
+/// activations come back as fresh pages the kernel must zero (15% of prefill time). Keeping
+/// them in the heap for reuse costs no extra peak memory.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 512 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 fn main() -> ExitCode {
     // candle asks for the thread count on every matmul and, unless RAYON_NUM_THREADS is set,
     // answers by parsing /proc/cpuinfo (4% of decode time). Fix it once, before any thread
@@ -35,6 +47,7 @@ fn main() -> ExitCode {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
+    tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => cmd::generate::run(args),
