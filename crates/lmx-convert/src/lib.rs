@@ -73,8 +73,14 @@ pub fn read(source: &ModelSource, dtype: Option<DType>) -> Result<Folder, Conver
     Ok(Folder { config, tensors, tokenizer: files.tokenizer, tokenizer_config, generation_config: files.generation_config })
 }
 
-/// Writes `folder` to `out` (which must not exist) through a temporary folder.
+/// Writes `folder` to `out` (which must not exist) through a temporary folder, in shards of
+/// about 5 GB.
 pub fn write(folder: &Folder, out: &Path) -> Result<(), ConvertError> {
+    write_sharded(folder, out, MAX_SHARD_BYTES)
+}
+
+/// [`write`] with an explicit shard size.
+pub fn write_sharded(folder: &Folder, out: &Path, max_shard_bytes: usize) -> Result<(), ConvertError> {
     if out.exists() {
         return Err(ConvertError::OutputExists(out.to_path_buf()));
     }
@@ -84,7 +90,7 @@ pub fn write(folder: &Folder, out: &Path) -> Result<(), ConvertError> {
         std::fs::remove_dir_all(&tmp).map_err(|e| IoError::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| IoError::io(&tmp, e))?;
-    write_weights(&folder.tensors, &tmp)?;
+    write_weights(&folder.tensors, &tmp, max_shard_bytes)?;
     write_json(&tmp.join("config.json"), &folder.config)?;
     folder.tokenizer.save(&tmp.join("tokenizer.json"))?;
     if !folder.tokenizer_config.is_null() {
@@ -97,15 +103,15 @@ pub fn write(folder: &Folder, out: &Path) -> Result<(), ConvertError> {
     Ok(())
 }
 
-/// Writes `model.safetensors`, or shards of at most [`MAX_SHARD_BYTES`] with
+/// Writes `model.safetensors`, or shards of at most `max_shard_bytes` with
 /// `model.safetensors.index.json`.
-fn write_weights(tensors: &HashMap<String, Tensor>, dir: &Path) -> Result<(), ConvertError> {
+fn write_weights(tensors: &HashMap<String, Tensor>, dir: &Path, max_shard_bytes: usize) -> Result<(), ConvertError> {
     let sorted: BTreeMap<&String, &Tensor> = tensors.iter().collect();
     let mut shards: Vec<HashMap<String, Tensor>> = vec![HashMap::new()];
     let mut size = 0;
     for (k, t) in sorted {
         let bytes = t.elem_count() * t.dtype().size_in_bytes();
-        if size + bytes > MAX_SHARD_BYTES && size > 0 {
+        if size + bytes > max_shard_bytes && size > 0 {
             shards.push(HashMap::new());
             size = 0;
         }

@@ -5,6 +5,7 @@
 //! inference, differentiable compositions for training) live in one place.
 
 pub mod cpu;
+pub mod cpu_fused;
 pub mod device;
 pub mod ops;
 

@@ -14,11 +14,16 @@ fn on_tape(xs: &[&Tensor]) -> bool {
 
 /// Root-mean-square normalisation over the last dimension, as Hugging Face's `LlamaRMSNorm`:
 /// statistics in f32, the normalised value cast back to the input dtype, then scaled by `weight`.
-/// candle's fused kernel is used for f32 only: for bf16 it accumulates in bf16, which
-/// derails SmolLM2 (whose residual stream has large outliers) after a few tokens.
+/// On the CPU lmx's fused kernel does this in one pass with Hugging Face's two roundings;
+/// elsewhere candle's fused kernel is used for f32 and the composition for other dtypes.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
-    if !on_tape(&[x, weight]) && x.dtype() == DType::F32 && weight.dtype() == DType::F32 && x.is_contiguous() {
-        return candle_nn::ops::rms_norm(x, weight, eps);
+    if !on_tape(&[x, weight]) && x.dtype() == weight.dtype() {
+        if x.device().is_cpu() {
+            return x.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &crate::cpu_fused::RmsNorm { eps });
+        }
+        if x.dtype() == DType::F32 && x.is_contiguous() {
+            return candle_nn::ops::rms_norm(x, weight, eps);
+        }
     }
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
@@ -56,6 +61,14 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// SiLU (x * sigmoid(x)); candle's op is differentiable.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
     x.silu()
+}
+
+/// `silu(gate) * up`, the gated product of SwiGLU feed-forward blocks (one fused pass on the CPU).
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if !on_tape(&[gate, up]) && gate.device().is_cpu() && gate.dtype() == up.dtype() && gate.dims() == up.dims() {
+        return gate.contiguous()?.apply_op2_no_bwd(&up.contiguous()?, &crate::cpu_fused::SiluMul);
+    }
+    gate.silu()? * up
 }
 
 /// `x @ weight^T (+ bias)` for a weight stored as (out_features, in_features).
@@ -107,6 +120,10 @@ pub fn causal_mask(seq_len: usize, offset: usize, window: Option<usize>, device:
 /// and values are never copied per head.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
     let (b, n_heads, q_len, head_dim) = q.dims4()?;
+    if q_len == 1 && mask.is_none() && q.device().is_cpu() && !on_tape(&[q, k, v]) && q.dtype() == k.dtype() && k.dtype() == v.dtype() {
+        let op = crate::cpu_fused::DecodeAttention { scale: scale as f32 };
+        return q.contiguous()?.apply_op3_no_bwd(k, v, &op);
+    }
     let n_kv_heads = k.dim(1)?;
     let n_rep = n_heads / n_kv_heads;
     let dtype = q.dtype();
@@ -147,9 +164,47 @@ mod tests {
         assert!(max_abs_diff(&rms_norm(&x, &w, 1e-5)?, &rms_norm(xt, &w, 1e-5)?) < 1e-5);
         assert!(max_abs_diff(&rope(&x, &cos, &sin)?, &rope(xt, &cos, &sin)?) < 1e-5);
         assert!(max_abs_diff(&softmax_last_dim(&x)?, &softmax_last_dim(xt)?) < 1e-6);
+        let up = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev)?;
+        assert!(max_abs_diff(&silu_mul(&x, &up)?, &silu_mul(xt, &up)?) < 1e-5);
+        // bf16: the fused CPU norm rounds exactly as the composed (Hugging Face) formula.
+        let (xb, wb) = (x.to_dtype(DType::BF16)?, w.to_dtype(DType::BF16)?);
+        let fused = rms_norm(&xb, &wb, 1e-5)?.to_dtype(DType::F32)?;
+        let xbv = Var::from_tensor(&xb)?;
+        let composed = rms_norm(xbv.as_tensor(), &wb, 1e-5)?.to_dtype(DType::F32)?;
+        assert!(max_abs_diff(&fused, &composed) <= 1e-2, "bf16 rms_norm {}", max_abs_diff(&fused, &composed));
         // The composed path really is on the tape.
         let grads = rms_norm(xt, &w, 1e-5)?.sum_all()?.backward()?;
         assert!(grads.get(xt).is_some());
+        Ok(())
+    }
+
+    /// Attention and linear layers pass gradients to their inputs and weights on the tape
+    /// (the training path avoids the fused kernels, which have no backward), and the tape
+    /// gradient of a linear layer matches the analytic one.
+    #[test]
+    fn attention_and_linear_are_differentiable() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 1, 8), &dev)?)?;
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (6, 8), &dev)?)?;
+        // One row: the case that uses the matrix-vector kernel off the tape.
+        let y = linear(x.as_tensor(), w.as_tensor(), None)?;
+        let grads = y.sum_all()?.backward()?;
+        // d(sum(x W^T))/dx = sum of W's rows.
+        let want = w.as_tensor().sum(0)?;
+        let got = grads.get(x.as_tensor()).expect("dx").flatten_all()?;
+        assert!(max_abs_diff(&got, &want) < 1e-5);
+        assert!(grads.get(w.as_tensor()).is_some());
+
+        let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 4, 3, 8), &dev)?)?;
+        let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &dev)?)?;
+        let v = Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &dev)?;
+        let mask = causal_mask(3, 0, None, &dev)?;
+        let out = attention(q.as_tensor(), k.as_tensor(), &v, Some(&mask), 0.35)?;
+        let grads = out.sqr()?.sum_all()?.backward()?;
+        for (name, t) in [("q", q.as_tensor()), ("k", k.as_tensor())] {
+            let g = grads.get(t).expect("grad").abs()?.sum_all()?.to_scalar::<f32>()?;
+            assert!(g.is_finite() && g > 0.0, "no gradient reaches {name}");
+        }
         Ok(())
     }
 
@@ -170,6 +225,23 @@ mod tests {
         let s = (q.matmul(&k4.t()?)? * 0.3)?.broadcast_add(&mask)?;
         let want = softmax_last_dim(&s)?.matmul(&v4)?;
         assert!(max_abs_diff(&got, &want) < 1e-5);
+        Ok(())
+    }
+
+    /// The fused single-query attention equals the general path, with keys and values read
+    /// through strided cache views.
+    #[test]
+    fn decode_attention_matches_general_attention() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (2, 6, 1, 16), &dev)?;
+        // A (2, 2, 32, 16) buffer of which 19 positions are filled: a non-contiguous view.
+        let kbuf = Tensor::randn(0f32, 1.0, (2, 2, 32, 16), &dev)?;
+        let vbuf = Tensor::randn(0f32, 1.0, (2, 2, 32, 16), &dev)?;
+        let (k, v) = (kbuf.narrow(2, 0, 19)?, vbuf.narrow(2, 0, 19)?);
+        let fused = attention(&q, &k, &v, None, 0.25)?;
+        let qv = Var::from_tensor(&q)?;
+        let general = attention(qv.as_tensor(), &k.contiguous()?, &v.contiguous()?, None, 0.25)?;
+        assert!(max_abs_diff(&fused, &general) < 1e-5, "{}", max_abs_diff(&fused, &general));
         Ok(())
     }
 

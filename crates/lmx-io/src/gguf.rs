@@ -293,6 +293,81 @@ mod tests {
         assert_eq!(hf_name("blk.1.unknown.weight"), None);
     }
 
+    /// Writes a GGUF the way llama.cpp's converter does (GGUF names, q/k rows permuted, weights
+    /// quantized) and checks lmx reads back the original Hugging Face tensors, for every
+    /// quantization family: 8-bit, legacy 4-bit, and k-quants.
+    #[test]
+    fn quantized_gguf_round_trips_to_hugging_face_tensors() {
+        use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+        let (hidden, inter, n_heads, n_kv, vocab) = (256usize, 512usize, 4usize, 2usize, 64usize);
+        let head_dim = hidden / n_heads;
+        let dev = Device::Cpu;
+        let rand = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev).expect("randn");
+        // llama.cpp: gguf = hf.reshape(n, 2, r, c).swapaxes(1, 2)
+        let permute = |t: &Tensor, n: usize| -> Tensor {
+            let (rows, cols) = t.dims2().expect("2-D");
+            t.reshape((n, 2, rows / n / 2, cols)).and_then(|x| x.transpose(1, 2)).and_then(|x| x.contiguous()).and_then(|x| x.reshape((rows, cols))).expect("permute")
+        };
+        for (dtype, tol) in [(GgmlDType::Q8_0, 0.01f32), (GgmlDType::Q4_0, 0.12), (GgmlDType::Q4_1, 0.15), (GgmlDType::Q4K, 0.15), (GgmlDType::Q6K, 0.03), (GgmlDType::F16, 0.001)] {
+            let hf: Vec<(&str, &str, Tensor)> = vec![
+                ("token_embd.weight", "model.embed_tokens.weight", rand(&[vocab, hidden])),
+                ("output_norm.weight", "model.norm.weight", rand(&[hidden])),
+                ("blk.0.attn_norm.weight", "model.layers.0.input_layernorm.weight", rand(&[hidden])),
+                ("blk.0.ffn_norm.weight", "model.layers.0.post_attention_layernorm.weight", rand(&[hidden])),
+                ("blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj.weight", rand(&[hidden, hidden])),
+                ("blk.0.attn_k.weight", "model.layers.0.self_attn.k_proj.weight", rand(&[n_kv * head_dim, hidden])),
+                ("blk.0.attn_v.weight", "model.layers.0.self_attn.v_proj.weight", rand(&[n_kv * head_dim, hidden])),
+                ("blk.0.attn_output.weight", "model.layers.0.self_attn.o_proj.weight", rand(&[hidden, hidden])),
+                ("blk.0.ffn_gate.weight", "model.layers.0.mlp.gate_proj.weight", rand(&[inter, hidden])),
+                ("blk.0.ffn_up.weight", "model.layers.0.mlp.up_proj.weight", rand(&[inter, hidden])),
+                ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight", rand(&[hidden, inter])),
+            ];
+            let qtensors: Vec<(&str, QTensor)> = hf
+                .iter()
+                .map(|(g, _, t)| {
+                    let t = match *g {
+                        "blk.0.attn_q.weight" => permute(t, n_heads),
+                        "blk.0.attn_k.weight" => permute(t, n_kv),
+                        _ => t.clone(),
+                    };
+                    let q = if t.rank() == 1 { GgmlDType::F32 } else { dtype };
+                    (*g, QTensor::quantize(&t, q).expect("quantize"))
+                })
+                .collect();
+            let s = |x: &str| gguf_file::Value::String(x.into());
+            let u = gguf_file::Value::U32;
+            let tokens: Vec<gguf_file::Value> = (0..vocab).map(|i| s(&format!("t{i}"))).collect();
+            let metadata = vec![
+                ("general.architecture", s("llama")),
+                ("llama.block_count", u(1)),
+                ("llama.context_length", u(128)),
+                ("llama.embedding_length", u(hidden as u32)),
+                ("llama.feed_forward_length", u(inter as u32)),
+                ("llama.attention.head_count", u(n_heads as u32)),
+                ("llama.attention.head_count_kv", u(n_kv as u32)),
+                ("tokenizer.ggml.model", s("gpt2")),
+                ("tokenizer.ggml.tokens", gguf_file::Value::Array(tokens)),
+                ("tokenizer.ggml.merges", gguf_file::Value::Array(vec![])),
+                ("tokenizer.ggml.eos_token_id", u(0)),
+            ];
+            let path = std::env::temp_dir().join(format!("lmx-gguf-{dtype:?}-{}.gguf", std::process::id()));
+            let mut f = std::fs::File::create(&path).expect("create");
+            let meta_refs: Vec<(&str, &gguf_file::Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+            let tensor_refs: Vec<(&str, &QTensor)> = qtensors.iter().map(|(k, v)| (*k, v)).collect();
+            gguf_file::write(&mut f, &meta_refs, &tensor_refs).expect("write gguf");
+            drop(f);
+            let model = load(&path).expect("lmx reads the GGUF");
+            let _ = std::fs::remove_file(&path);
+            assert_eq!(model.config["tie_word_embeddings"], true);
+            assert_eq!(model.config["num_key_value_heads"], n_kv);
+            for (g, h, want) in &hf {
+                let got = &model.tensors[*h];
+                let err = (got - want).and_then(|d| d.sqr()).and_then(|d| d.mean_all()).and_then(|d| d.to_scalar::<f32>()).expect("err").sqrt();
+                assert!(err < tol, "{dtype:?} {g} -> {h}: rms error {err} (tolerance {tol})");
+            }
+        }
+    }
+
     #[test]
     fn unpermute_inverts_llama_cpp_permute() -> lmx_core::Result<()> {
         // llama.cpp: gguf = hf.reshape(n, 2, r, c).swapaxes(1, 2).reshape(rows, c)

@@ -5,7 +5,7 @@
 
 use lmx_core::{ops, DType, Module, Result, Tensor};
 use lmx_io::WeightsPath;
-use lmx_nn::{Bias, Embedding, KvCache, Linear, RmsNorm, Rope, RopeScaling};
+use lmx_nn::{Bias, Embedding, KvCache, Linear, Mlp, RmsNorm, Rope, RopeScaling};
 use serde::Deserialize;
 
 use crate::registry::ModelError;
@@ -91,28 +91,6 @@ impl Attention {
     }
 }
 
-struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
-}
-
-impl Mlp {
-    fn new(cfg: &Config, vb: &WeightsPath) -> lmx_io::Result<Self> {
-        let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, bias(cfg.mlp_bias));
-        Ok(Self {
-            gate_proj: Linear::new(&vb.pp("gate_proj"), h, i, b)?,
-            up_proj: Linear::new(&vb.pp("up_proj"), h, i, b)?,
-            down_proj: Linear::new(&vb.pp("down_proj"), i, h, b)?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = ops::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
-    }
-}
-
 struct DecoderLayer {
     self_attn: Attention,
     mlp: Mlp,
@@ -124,7 +102,7 @@ impl DecoderLayer {
     fn new(cfg: &Config, vb: &WeightsPath) -> lmx_io::Result<Self> {
         Ok(Self {
             self_attn: Attention::new(cfg, &vb.pp("self_attn"))?,
-            mlp: Mlp::new(cfg, &vb.pp("mlp"))?,
+            mlp: Mlp::new(&vb.pp("mlp"), cfg.hidden_size, cfg.intermediate_size, bias(cfg.mlp_bias))?,
             input_layernorm: RmsNorm::new(&vb.pp("input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
             post_attention_layernorm: RmsNorm::new(&vb.pp("post_attention_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
         })

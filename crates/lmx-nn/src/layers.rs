@@ -1,4 +1,4 @@
-//! Linear, Embedding and RmsNorm.
+//! Linear, Mlp, Embedding and RmsNorm.
 
 use lmx_core::{ops, Module, Result, Tensor};
 use lmx_io::WeightsPath;
@@ -44,6 +44,33 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::linear(x, &self.weight, self.bias.as_ref())
+    }
+}
+
+/// The gated SiLU feed-forward block (SwiGLU) of the Llama family:
+/// `down_proj(silu(gate_proj(x)) * up_proj(x))`.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    /// Reads `gate_proj`, `up_proj` and `down_proj` under `vb`.
+    pub fn new(vb: &WeightsPath, hidden_size: usize, intermediate_size: usize, bias: Bias) -> lmx_io::Result<Self> {
+        Ok(Self {
+            gate_proj: Linear::new(&vb.pp("gate_proj"), hidden_size, intermediate_size, bias)?,
+            up_proj: Linear::new(&vb.pp("up_proj"), hidden_size, intermediate_size, bias)?,
+            down_proj: Linear::new(&vb.pp("down_proj"), intermediate_size, hidden_size, bias)?,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = ops::silu_mul(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&h)
     }
 }
 

@@ -10,5 +10,5 @@ pub mod layers;
 pub mod rope;
 
 pub use kv_cache::KvCache;
-pub use layers::{Bias, Embedding, Linear, RmsNorm};
+pub use layers::{Bias, Embedding, Linear, Mlp, RmsNorm};
 pub use rope::{Rope, RopeScaling};

@@ -3,6 +3,7 @@
 
 mod errors;
 mod generate;
+mod loading;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

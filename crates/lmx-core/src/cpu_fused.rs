@@ -1,0 +1,194 @@
+//! Fused CPU kernels for the per-layer glue of a decode step: RMS norm, SiLU-gated product and
+//! single-query attention. Each replaces a chain of 5-10 small candle ops (each with its own
+//! allocation and thread dispatch), which on a small model cost as much as streaming the
+//! weights. Inference only: `ops` routes inputs on the gradient tape to the differentiable
+//! compositions instead.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// Element types the fused kernels run on: widened to f32 for arithmetic.
+trait Elem: Copy + Send + Sync + candle_core::WithDType {
+    fn f32(self) -> f32;
+    fn of(v: f32) -> Self;
+}
+
+impl Elem for f32 {
+    fn f32(self) -> f32 {
+        self
+    }
+    fn of(v: f32) -> Self {
+        v
+    }
+}
+
+impl Elem for bf16 {
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+    fn of(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+impl Elem for f16 {
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+    fn of(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+
+fn slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let (start, end) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("fused op needs contiguous inputs".into()))?;
+    Ok(&s.as_slice::<T>()?[start..end])
+}
+
+/// Dispatches a kernel generic over [`Elem`] on the storage dtype.
+macro_rules! by_dtype {
+    ($dtype:expr, $f:ident ( $($arg:expr),* )) => {
+        match $dtype {
+            DType::F32 => CpuStorage::F32($f::<f32>($($arg),*)?),
+            DType::BF16 => CpuStorage::BF16($f::<bf16>($($arg),*)?),
+            DType::F16 => CpuStorage::F16($f::<f16>($($arg),*)?),
+            other => candle_core::bail!("fused op: dtype {other:?} is not supported"),
+        }
+    };
+}
+
+/// RMS norm with Hugging Face's rounding: statistics in f32, the normalised value rounded to
+/// the input dtype, then multiplied by the weight and rounded again.
+pub struct RmsNorm {
+    /// Added to the mean square.
+    pub eps: f32,
+}
+
+fn rms_norm_rows<T: Elem>(xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, eps: f32) -> Result<Vec<T>> {
+    let (x, w) = (slice::<T>(xs, xl)?, slice::<T>(ws, wl)?);
+    let d = w.len();
+    let mut out = vec![T::of(0.0); x.len()];
+    let row = |(xr, or): (&[T], &mut [T])| {
+        // The mean square is accumulated in f64: a sequential f32 sum drifts by ~1e-5 relative
+        // on rows with large outliers (SmolLM2 has activations near 25000), enough to move
+        // bf16 outputs by an ulp that the model then amplifies. torch's vectorized sum does not.
+        let ss: f64 = xr.iter().map(|v| f64::from(v.f32()) * f64::from(v.f32())).sum();
+        let variance = (ss / d as f64) as f32;
+        let r = 1.0 / (variance + eps).sqrt();
+        for ((o, xv), wv) in or.iter_mut().zip(xr).zip(w) {
+            *o = T::of(T::of(xv.f32() * r).f32() * wv.f32());
+        }
+    };
+    if x.len() / d > 1 {
+        x.par_chunks(d).zip(out.par_chunks_mut(d)).for_each(row);
+    } else {
+        x.chunks(d).zip(out.chunks_mut(d)).for_each(row);
+    }
+    Ok(out)
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "lmx-rms-norm"
+    }
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        if xl.dims().last() != Some(&wl.shape().elem_count()) || xs.dtype() != ws.dtype() {
+            candle_core::bail!("rms_norm: x {:?} {:?} and weight {:?} {:?} disagree", xl.dims(), xs.dtype(), wl.dims(), ws.dtype());
+        }
+        Ok((by_dtype!(xs.dtype(), rms_norm_rows(xs, xl, ws, wl, self.eps)), xl.shape().clone()))
+    }
+}
+
+/// `silu(gate) * up`, elementwise, computed in f32 with one rounding.
+pub struct SiluMul;
+
+fn silu_mul_elems<T: Elem>(gs: &CpuStorage, gl: &Layout, us: &CpuStorage, ul: &Layout) -> Result<Vec<T>> {
+    let (g, u) = (slice::<T>(gs, gl)?, slice::<T>(us, ul)?);
+    Ok(g.iter().zip(u).map(|(g, u)| {
+        let g = g.f32();
+        T::of(g / (1.0 + (-g).exp()) * u.f32())
+    }).collect())
+}
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "lmx-silu-mul"
+    }
+    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, us: &CpuStorage, ul: &Layout) -> Result<(CpuStorage, Shape)> {
+        if gl.dims() != ul.dims() || gs.dtype() != us.dtype() {
+            candle_core::bail!("silu_mul: gate {:?} and up {:?} disagree", gl.dims(), ul.dims());
+        }
+        Ok((by_dtype!(gs.dtype(), silu_mul_elems(gs, gl, us, ul)), gl.shape().clone()))
+    }
+}
+
+/// Attention of one query position per sequence over all cached keys and values (a decode
+/// step), with grouped-query heads. `q`: (b, n_heads, 1, head_dim) contiguous; `k`, `v`:
+/// (b, n_kv_heads, kv_len, head_dim) with a contiguous last dimension (views of the cache).
+/// Scores, softmax and the weighted sum run in f32; the output is rounded once.
+pub struct DecodeAttention {
+    /// Multiplies the scores (1 / sqrt(head_dim)).
+    pub scale: f32,
+}
+
+fn strided<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<(&'a [T], [usize; 3], usize)> {
+    let st = l.stride();
+    if st.len() != 4 || st[3] != 1 {
+        candle_core::bail!("decode attention: keys/values need a contiguous last dimension, got strides {st:?}");
+    }
+    Ok((s.as_slice::<T>()?, [st[0], st[1], st[2]], l.start_offset()))
+}
+
+fn decode_attention<T: Elem>(qs: &CpuStorage, ql: &Layout, ks: &CpuStorage, kl: &Layout, vs: &CpuStorage, vl: &Layout, scale: f32) -> Result<Vec<T>> {
+    let q = slice::<T>(qs, ql)?;
+    let (&[b, n_heads, _, d], &[_, n_kv, kv_len, _]) = (ql.dims(), kl.dims()) else {
+        candle_core::bail!("decode attention: q {:?} / k {:?} must be 4-D", ql.dims(), kl.dims());
+    };
+    let n_rep = n_heads / n_kv;
+    let (k, ks_, k0) = strided::<T>(ks, kl)?;
+    let (v, vs_, v0) = strided::<T>(vs, vl)?;
+    let mut out = vec![T::of(0.0); b * n_heads * d];
+    out.par_chunks_mut(d).enumerate().for_each(|(bh, o)| {
+        let (bi, h) = (bh / n_heads, bh % n_heads);
+        let kv = h / n_rep;
+        let qv: Vec<f32> = q[bh * d..(bh + 1) * d].iter().map(|x| x.f32()).collect();
+        let mut scores: Vec<f32> = (0..kv_len)
+            .map(|t| {
+                let base = k0 + bi * ks_[0] + kv * ks_[1] + t * ks_[2];
+                k[base..base + d].iter().zip(&qv).map(|(a, b)| a.f32() * b).sum::<f32>() * scale
+            })
+            .collect();
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut total = 0.0;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            total += *s;
+        }
+        let mut acc = vec![0f32; d];
+        for (t, p) in scores.iter().enumerate() {
+            let base = v0 + bi * vs_[0] + kv * vs_[1] + t * vs_[2];
+            let p = p / total;
+            for (a, x) in acc.iter_mut().zip(&v[base..base + d]) {
+                *a += p * x.f32();
+            }
+        }
+        for (o, a) in o.iter_mut().zip(acc) {
+            *o = T::of(a);
+        }
+    });
+    Ok(out)
+}
+
+impl CustomOp3 for DecodeAttention {
+    fn name(&self) -> &'static str {
+        "lmx-decode-attention"
+    }
+    fn cpu_fwd(&self, qs: &CpuStorage, ql: &Layout, ks: &CpuStorage, kl: &Layout, vs: &CpuStorage, vl: &Layout) -> Result<(CpuStorage, Shape)> {
+        if ql.dims().len() != 4 || ql.dims()[2] != 1 || kl.dims() != vl.dims() {
+            candle_core::bail!("decode attention: q {:?}, k {:?}, v {:?}", ql.dims(), kl.dims(), vl.dims());
+        }
+        Ok((by_dtype!(qs.dtype(), decode_attention(qs, ql, ks, kl, vs, vl, self.scale)), ql.shape().clone()))
+    }
+}
