@@ -11,6 +11,9 @@ use clap::Args as ClapArgs;
 /// The default model: SmolLM2-135M-Instruct (see README for how to fetch it).
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
+/// The default model's Hugging Face id, used when the file above is absent.
+pub const DEFAULT_HUB_ID: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
+
 /// Flags for choosing and loading a model.
 #[derive(ClapArgs, Debug, Clone)]
 pub struct ModelArgs {
@@ -31,7 +34,19 @@ impl ModelArgs {
         let device = lmx::core::parse_device(&self.device)?;
         let dtype = self.dtype.as_deref().map(lmx::core::parse_dtype).transpose()?;
         let options = lmx::LoadOptions { dtype, device };
-        lmx::load_with(&self.model, &options).with_context(|| format!("loading model `{}`", self.model))
+        let model = if self.model == DEFAULT_MODEL && !std::path::Path::new(DEFAULT_MODEL).exists() {
+            // Outside the checkout, fall back to the same model in the Hugging Face cache.
+            let cached = lmx::io::hub::cached_snapshot(&lmx::io::hub::cache_dir(), DEFAULT_HUB_ID).ok();
+            let Some(dir) = cached else {
+                anyhow::bail!(
+                    "the default model ({DEFAULT_MODEL}) is not here and {DEFAULT_HUB_ID} is not in the Hugging Face cache: run scripts/fetch-default-model.sh in the lmx checkout (or `huggingface-cli download {DEFAULT_HUB_ID}`), or pass --model"
+                );
+            };
+            dir.to_string_lossy().to_string()
+        } else {
+            self.model.clone()
+        };
+        lmx::load_with(&model, &options).with_context(|| format!("loading model `{model}`"))
     }
 }
 
