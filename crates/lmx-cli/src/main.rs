@@ -23,7 +23,7 @@ enum Command {
     Chat(cmd::chat::Args),
     /// Measure prompt and generation throughput on random tokens (mlx_lm.benchmark).
     Benchmark(cmd::benchmark::Args),
-    /// Convert a GGUF file to a Hugging Face/MLX model folder, or cast a folder's dtype (mlx_lm.convert).
+    /// Convert GGUF to a model folder, cast dtypes, quantize or dequantize (mlx_lm.convert).
     Convert(cmd::convert::Args),
 }
 

@@ -4,6 +4,8 @@
 //! end, so an interrupted run never leaves a folder that looks complete, and an existing
 //! output folder is never overwritten.
 
+pub mod quantize;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -21,6 +23,9 @@ pub enum ConvertError {
     /// The output folder exists already.
     #[error("cannot save to {0}: it already exists; delete it or choose another --mlx-path")]
     OutputExists(PathBuf),
+    /// An option or input that cannot be converted.
+    #[error("{0}")]
+    Invalid(String),
     /// Reading or writing files.
     #[error(transparent)]
     Io(#[from] IoError),

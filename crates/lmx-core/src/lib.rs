@@ -8,6 +8,7 @@ pub mod cpu;
 pub mod cpu_fused;
 pub mod device;
 pub mod ops;
+pub mod quant;
 
 pub use candle_core::{DType, Device, Error, IndexOp, Module, Result, Shape, Tensor, Var, D};
 pub use device::{parse_device, parse_dtype, DeviceError};

@@ -107,7 +107,10 @@ impl ModelFiles {
             });
         }
         let config = read_json(&config_path)?;
-        let weights = Weights::from_safetensors(&safetensors_files(&dir)?, dtype.unwrap_or(config_dtype(&config)), device)?;
+        let quantization = crate::quant_config::QuantConfig::from_config(&config)
+            .map_err(|msg| IoError::Json { path: config_path.clone(), msg })?;
+        let weights = Weights::from_safetensors(&safetensors_files(&dir)?, dtype.unwrap_or(config_dtype(&config)), device)?
+            .with_quantization(quantization);
         let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
         let tokenizer_config = read_json_opt(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
         let generation_config = read_json_opt(&dir.join("generation_config.json"))?;

@@ -12,6 +12,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use lmx_core::{DType, Device, Shape, Tensor};
 
 use crate::error::{IoError, Result};
+use crate::quant_config::{QuantConfig, QuantSpec};
 
 enum Source {
     /// One memory-mapped safetensors file per shard.
@@ -27,6 +28,8 @@ struct Inner {
     used: Mutex<BTreeSet<String>>,
     dtype: DType,
     device: Device,
+    /// The quantization block of config.json, if the model is quantized.
+    quantization: Option<QuantConfig>,
     /// A short description of where the tensors come from, for error messages.
     name: String,
 }
@@ -80,8 +83,17 @@ impl Weights {
     }
 
     fn new(source: Source, index: HashMap<String, (usize, Vec<usize>)>, dtype: DType, device: &Device, name: String) -> Self {
-        let inner = Inner { source, index, used: Mutex::new(BTreeSet::new()), dtype, device: device.clone(), name };
+        let inner = Inner { source, index, used: Mutex::new(BTreeSet::new()), dtype, device: device.clone(), quantization: None, name };
         Self { inner: Arc::new(inner) }
+    }
+
+    /// Attaches config.json's quantization block (MLX format); layers then read packed
+    /// weights where the checkpoint has them.
+    pub fn with_quantization(mut self, quantization: Option<QuantConfig>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.quantization = quantization;
+        }
+        self
     }
 
     /// The root view (no prefix).
@@ -142,7 +154,9 @@ impl Weights {
         if let Ok(mut used) = inner.used.lock() {
             used.insert(key.to_string());
         }
-        Ok(tensor.to_dtype(inner.dtype)?.to_device(&inner.device)?)
+        // Floating tensors take the model dtype; integer ones (packed quantized weights) stay.
+        let tensor = if tensor.dtype().is_float() { tensor.to_dtype(inner.dtype)? } else { tensor };
+        Ok(tensor.to_device(&inner.device)?)
     }
 }
 
@@ -203,6 +217,20 @@ impl WeightsPath {
     /// The dtype tensors are converted to.
     pub fn dtype(&self) -> DType {
         self.weights.inner.dtype
+    }
+
+    /// How the module at this prefix is quantized (bits, group size), or None when it is a
+    /// plain float module. A mode other than `affine` is an error naming the module.
+    pub fn quantization(&self) -> Result<Option<QuantSpec>> {
+        let Some(q) = &self.weights.inner.quantization else { return Ok(None) };
+        match q.for_module(&self.prefix, self.contains("scales")) {
+            None => Ok(None),
+            Some((spec, "affine")) => Ok(Some(spec)),
+            Some((_, mode)) => Err(IoError::Json {
+                path: PathBuf::from("config.json"),
+                msg: format!("layer `{}` uses quantization mode `{mode}`; lmx supports `affine` only", self.prefix),
+            }),
+        }
     }
 
     /// The device tensors are placed on.

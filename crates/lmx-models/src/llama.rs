@@ -150,7 +150,7 @@ impl Model {
             vb.device(),
         )?;
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::from_weights(embed_tokens.weight().clone(), None)
+            embed_tokens.as_linear()
         } else {
             Linear::new(&vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size, Bias::No)?
         };
@@ -189,7 +189,7 @@ impl CausalLm for Model {
     }
 
     fn device(&self) -> &lmx_core::Device {
-        self.model.embed_tokens.weight().device()
+        self.model.embed_tokens.device()
     }
 }
 

@@ -1,7 +1,10 @@
 //! Linear, Mlp, Embedding and RmsNorm.
 
+use std::sync::Arc;
+
+use lmx_core::quant::QuantizedMatrix;
 use lmx_core::{ops, Module, Result, Tensor};
-use lmx_io::WeightsPath;
+use lmx_io::{QuantSpec, WeightsPath};
 
 /// Whether a linear layer has a bias vector (`f(.., Bias::Yes)` reads better than `true`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -12,17 +15,43 @@ pub enum Bias {
     No,
 }
 
-/// `y = x W^T + b` with W stored as (out_features, in_features), as in Hugging Face checkpoints.
+/// The weight of a linear layer: a plain float matrix, or MLX's affine quantized format.
+#[derive(Debug, Clone)]
+enum Weight {
+    Dense(Tensor),
+    Quantized(Arc<QuantizedMatrix>),
+}
+
+/// `y = x W^T + b` with W stored as (out_features, in_features), as in Hugging Face checkpoints,
+/// or packed in MLX's quantized format (`weight` u32, `scales`, `biases`) when the checkpoint
+/// and config.json say so. Model files never see the difference.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
 }
 
+/// Reads a quantized matrix (rows x cols) under `vb`, naming the layer in any error.
+fn read_quantized(vb: &WeightsPath, spec: QuantSpec, rows: usize, cols: usize) -> lmx_io::Result<QuantizedMatrix> {
+    let layer_err = |msg: String| lmx_io::IoError::Json { path: "config.json".into(), msg: format!("layer `{}`: {msg}", vb.key("weight").trim_end_matches(".weight")) };
+    if cols % spec.group_size != 0 || (cols * spec.bits) % 32 != 0 {
+        return Err(layer_err(format!("{cols} input features are not divisible by the group size {}", spec.group_size)));
+    }
+    let packed = vb.get((rows, cols * spec.bits / 32), "weight")?;
+    let groups = (rows, cols / spec.group_size);
+    let scales = vb.get(groups, "scales")?;
+    let biases = vb.get(groups, "biases")?;
+    QuantizedMatrix::from_tensors(&packed, &scales, &biases, spec.bits, spec.group_size).map_err(|e| layer_err(e.to_string()))
+}
+
 impl Linear {
-    /// Reads `weight` (and `bias`) under `vb`.
+    /// Reads `weight` (and `bias`) under `vb`; quantized when the checkpoint holds `scales`
+    /// for this module and config.json has a quantization block.
     pub fn new(vb: &WeightsPath, in_features: usize, out_features: usize, bias: Bias) -> lmx_io::Result<Self> {
-        let weight = vb.get((out_features, in_features), "weight")?;
+        let weight = match vb.quantization()? {
+            Some(spec) => Weight::Quantized(Arc::new(read_quantized(vb, spec, out_features, in_features)?)),
+            None => Weight::Dense(vb.get((out_features, in_features), "weight")?),
+        };
         let bias = match bias {
             Bias::Yes => Some(vb.get(out_features, "bias")?),
             Bias::No => None,
@@ -30,20 +59,32 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
-    /// A linear layer from existing tensors (tied embeddings, tests).
+    /// A dense linear layer from existing tensors (tests, fused weights).
     pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self { weight: Weight::Dense(weight), bias }
     }
 
-    /// The (out, in) weight.
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// The (out, in) weight, dequantized if it is stored quantized.
+    pub fn weight(&self) -> Result<Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => Ok(w.clone()),
+            Weight::Quantized(q) => q.dequantize(),
+        }
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::linear(x, &self.weight, self.bias.as_ref())
+        match &self.weight {
+            Weight::Dense(w) => ops::linear(x, w, self.bias.as_ref()),
+            Weight::Quantized(q) => {
+                let y = q.matmul(x)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+        }
     }
 }
 
@@ -74,21 +115,34 @@ impl Module for Mlp {
     }
 }
 
-/// Token embeddings: (vocab_size, hidden_size).
+/// Token embeddings: (vocab_size, hidden_size), plain or quantized.
 #[derive(Debug, Clone)]
 pub struct Embedding {
-    weight: Tensor,
+    weight: Weight,
+    hidden_size: usize,
 }
 
 impl Embedding {
-    /// Reads `weight` under `vb`.
+    /// Reads `weight` under `vb` (with `scales`/`biases` when quantized).
     pub fn new(vb: &WeightsPath, vocab_size: usize, hidden_size: usize) -> lmx_io::Result<Self> {
-        Ok(Self { weight: vb.get((vocab_size, hidden_size), "weight")? })
+        let weight = match vb.quantization()? {
+            Some(spec) => Weight::Quantized(Arc::new(read_quantized(vb, spec, vocab_size, hidden_size)?)),
+            None => Weight::Dense(vb.get((vocab_size, hidden_size), "weight")?),
+        };
+        Ok(Self { weight, hidden_size })
     }
 
-    /// The embedding matrix (shared with `lm_head` when embeddings are tied).
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// The output projection that shares this matrix (tied `lm_head`), quantized or not.
+    pub fn as_linear(&self) -> Linear {
+        Linear { weight: self.weight.clone(), bias: None }
+    }
+
+    /// The device of the embedding matrix.
+    pub fn device(&self) -> &lmx_core::Device {
+        match &self.weight {
+            Weight::Dense(w) => w.device(),
+            Weight::Quantized(_) => &lmx_core::Device::Cpu,
+        }
     }
 }
 
@@ -96,8 +150,11 @@ impl Module for Embedding {
     /// (b, l) token ids -> (b, l, hidden_size).
     fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, l) = input_ids.dims2()?;
-        let flat = self.weight.index_select(&input_ids.flatten_all()?, 0)?;
-        flat.reshape((b, l, ()))
+        let flat = match &self.weight {
+            Weight::Dense(w) => w.index_select(&input_ids.flatten_all()?, 0)?,
+            Weight::Quantized(q) => q.dequantize_rows(&input_ids.flatten_all()?.to_vec1::<u32>()?)?,
+        };
+        flat.reshape((b, l, self.hidden_size))
     }
 }
 

@@ -21,13 +21,35 @@ pub struct Args {
     /// Output dtype: float32, float16 or bfloat16 (default: float32 for GGUF, else the checkpoint's).
     #[arg(long)]
     pub dtype: Option<String>,
-    /// Quantize (not available yet).
-    #[arg(short = 'q', long)]
+    /// Quantize to MLX's affine format.
+    #[arg(short = 'q', long, conflicts_with = "dequantize")]
     pub quantize: bool,
+    /// Bits per weight: 2, 3, 4, 5, 6 or 8 (default 4).
+    #[arg(long)]
+    pub q_bits: Option<usize>,
+    /// Elements per scale/bias group: 32, 64 or 128 (default 64).
+    #[arg(long)]
+    pub q_group_size: Option<usize>,
+    /// Quantization mode (only `affine` so far).
+    #[arg(long, default_value = "affine")]
+    pub q_mode: String,
+    /// Mixed-precision recipe: mixed_2_6, mixed_3_4, mixed_3_6 or mixed_4_6.
+    #[arg(long)]
+    pub quant_predicate: Option<String>,
+    /// Per-layer bits from a rules file: lines of `PATTERN BITS [GROUP_SIZE]` or `PATTERN skip`
+    /// (`*` matches anything; the first match wins), e.g. `model.embed_tokens 6`.
+    #[arg(long)]
+    pub quant_rules: Option<PathBuf>,
+    /// Dequantize a quantized model.
+    #[arg(short = 'd', long)]
+    pub dequantize: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    anyhow::ensure!(!args.quantize, "-q/--quantize is not implemented in this lmx yet; convert without it");
+    let quantizing = args.quantize || args.quant_predicate.is_some() || args.quant_rules.is_some();
+    anyhow::ensure!(args.q_mode == "affine", "--q-mode `{}` is not supported yet; lmx quantizes in MLX's `affine` mode", args.q_mode);
+    anyhow::ensure!(quantizing || (args.q_bits.is_none() && args.q_group_size.is_none()), "--q-bits and --q-group-size need -q");
+    anyhow::ensure!(!(quantizing && args.dequantize), "-q and --dequantize exclude each other");
     let source = match (&args.gguf, &args.hf_path) {
         (Some(g), _) => ModelSource::Gguf(g.clone()),
         (None, Some(p)) => ModelSource::resolve(p)?,
@@ -36,9 +58,37 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let dtype = args.dtype.as_deref().map(lmx::core::parse_dtype).transpose()?;
     let t = std::time::Instant::now();
     eprintln!("[INFO] Loading {}", source.path().display());
-    let folder = lmx::convert::read(&source, dtype).with_context(|| format!("reading {}", source.path().display()))?;
+    let mut folder = lmx::convert::read(&source, dtype).with_context(|| format!("reading {}", source.path().display()))?;
+    if quantizing {
+        let rules = match &args.quant_rules {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).with_context(|| format!("reading --quant-rules {}", p.display()))?;
+                lmx::convert::quantize::parse_rules(&text, p)?
+            }
+            None => Vec::new(),
+        };
+        let opts = lmx::convert::quantize::QuantizeOptions {
+            bits: args.q_bits.unwrap_or(4),
+            group_size: args.q_group_size.unwrap_or(64),
+            recipe: args.quant_predicate.as_deref().map(lmx::convert::quantize::MixedRecipe::parse).transpose()?,
+            rules,
+        };
+        eprintln!("[INFO] Quantizing");
+        let bpw = lmx::convert::quantize::quantize(&mut folder, &opts)?;
+        eprintln!("[INFO] Quantized model with {bpw:.3} bits per weight.");
+    }
+    if args.dequantize {
+        eprintln!("[INFO] Dequantizing");
+        let dtype = dtype.unwrap_or_else(|| folder_dtype(&folder));
+        lmx::convert::quantize::dequantize(&mut folder, dtype)?;
+    }
     eprintln!("[INFO] Saving {} tensors to {}", folder.tensors.len(), args.mlx_path.display());
     lmx::convert::write(&folder, &args.mlx_path)?;
     eprintln!("[INFO] Done in {:.1}s", t.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The float dtype a folder's config declares.
+fn folder_dtype(folder: &lmx::convert::Folder) -> lmx::DType {
+    folder.config.get("torch_dtype").and_then(|v| v.as_str()).and_then(|n| lmx::core::parse_dtype(n).ok()).unwrap_or(lmx::DType::F32)
 }

@@ -1,0 +1,280 @@
+//! Quantizing and dequantizing model folders in MLX's affine format, with MLX LM's choices of
+//! which layers to quantize: every linear and embedding matrix whose input dimension the group
+//! size divides; mixed-precision recipes (`mixed_2_6` ... `mixed_4_6`); and lmx's rules files.
+
+use std::path::Path;
+
+use lmx_core::quant::{check_spec, QuantizedMatrix};
+use lmx_core::{DType, Tensor};
+use serde_json::{json, Map, Value};
+
+use crate::{ConvertError, Folder};
+
+/// MLX LM's `--quant-predicate` recipes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MixedRecipe {
+    /// 2 bits, 6 for sensitive layers.
+    Mixed2_6,
+    /// 3 bits, 4 for sensitive layers.
+    Mixed3_4,
+    /// 3 bits, 6 for sensitive layers.
+    Mixed3_6,
+    /// 4 bits, 6 for sensitive layers.
+    Mixed4_6,
+}
+
+impl MixedRecipe {
+    /// Parses `mixed_2_6` etc.
+    pub fn parse(name: &str) -> Result<Self, ConvertError> {
+        Ok(match name {
+            "mixed_2_6" => Self::Mixed2_6,
+            "mixed_3_4" => Self::Mixed3_4,
+            "mixed_3_6" => Self::Mixed3_6,
+            "mixed_4_6" => Self::Mixed4_6,
+            _ => return Err(ConvertError::Invalid(format!("--quant-predicate `{name}` is not a recipe; use mixed_2_6, mixed_3_4, mixed_3_6 or mixed_4_6"))),
+        })
+    }
+
+    fn bits(self) -> (usize, usize) {
+        match self {
+            Self::Mixed2_6 => (2, 6),
+            Self::Mixed3_4 => (3, 4),
+            Self::Mixed3_6 => (3, 6),
+            Self::Mixed4_6 => (4, 6),
+        }
+    }
+}
+
+/// One line of a rules file: modules whose path matches `pattern` get `bits`/`group_size`, or
+/// stay unquantized (`bits` None).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// A module path with `*` matching any run of characters (`model.layers.*.mlp.down_proj`).
+    pub pattern: String,
+    /// Bits, or None for `skip`.
+    pub bits: Option<usize>,
+    /// Group size (the default when omitted).
+    pub group_size: Option<usize>,
+}
+
+/// Parses a rules file: one `PATTERN BITS [GROUP_SIZE]` or `PATTERN skip` per line, `#`
+/// comments; the first matching line wins; modules no line matches use the defaults.
+pub fn parse_rules(text: &str, path: &Path) -> Result<Vec<Rule>, ConvertError> {
+    let mut rules = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let bad = |msg: &str| ConvertError::Invalid(format!("{}:{}: {msg} (expected `PATTERN BITS [GROUP_SIZE]` or `PATTERN skip`)", path.display(), i + 1));
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        let rule = match parts.as_slice() {
+            [p, "skip"] => Rule { pattern: p.to_string(), bits: None, group_size: None },
+            [p, b] | [p, b, _] => {
+                let bits = b.parse().map_err(|_| bad(&format!("`{b}` is not a number of bits")))?;
+                let group_size = match parts.get(2) {
+                    Some(g) => Some(g.parse().map_err(|_| bad(&format!("`{g}` is not a group size")))?),
+                    None => None,
+                };
+                check_spec(bits, group_size.unwrap_or(64)).map_err(|e| bad(&e))?;
+                Rule { pattern: p.to_string(), bits: Some(bits), group_size }
+            }
+            _ => return Err(bad("wrong number of fields")),
+        };
+        rules.push(rule);
+    }
+    Ok(rules)
+}
+
+/// `*`-glob match over a whole module path.
+fn glob(pattern: &str, text: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == text;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !text.starts_with(first) || !text[first.len()..].ends_with(last) || text.len() < first.len() + last.len() {
+        return false;
+    }
+    let mut rest = &text[first.len()..text.len() - last.len()];
+    for mid in &parts[1..parts.len() - 1] {
+        match rest.find(mid) {
+            Some(i) => rest = &rest[i + mid.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// What to quantize and how.
+#[derive(Debug, Clone)]
+pub struct QuantizeOptions {
+    /// Default bits (`--q-bits`, 4).
+    pub bits: usize,
+    /// Default group size (`--q-group-size`, 64).
+    pub group_size: usize,
+    /// A mixed-precision recipe (`--quant-predicate`).
+    pub recipe: Option<MixedRecipe>,
+    /// Per-module rules (`--quant-rules`), applied before the recipe.
+    pub rules: Vec<Rule>,
+}
+
+impl Default for QuantizeOptions {
+    fn default() -> Self {
+        Self { bits: 4, group_size: 64, recipe: None, rules: Vec::new() }
+    }
+}
+
+/// Quantizes every eligible matrix of `folder` in place, writes the `quantization` and
+/// `quantization_config` blocks, and returns the bits per weight.
+pub fn quantize(folder: &mut Folder, opts: &QuantizeOptions) -> Result<f64, ConvertError> {
+    check_spec(opts.bits, opts.group_size).map_err(ConvertError::Invalid)?;
+    if folder.config.get("quantization").is_some() {
+        return Err(ConvertError::Invalid("the model is already quantized; dequantize it first (--dequantize) or start from the float model".into()));
+    }
+    let mut modules: Vec<String> = folder
+        .tensors
+        .iter()
+        .filter(|(k, t)| k.ends_with(".weight") && t.rank() == 2 && t.dtype().is_float())
+        .map(|(k, _)| k.trim_end_matches(".weight").to_string())
+        .collect();
+    modules.sort();
+    let n_layers = modules.iter().filter_map(|m| layer_index(m)).max().map_or(0, |m| m + 1);
+    let mut block = Map::new();
+    block.insert("group_size".into(), opts.group_size.into());
+    block.insert("bits".into(), opts.bits.into());
+    block.insert("mode".into(), "affine".into());
+    for module in modules {
+        let key = format!("{module}.weight");
+        let w = &folder.tensors[&key];
+        // MLX LM skips matrices whose rows the default group size does not divide.
+        if w.dim(1)? % opts.group_size != 0 {
+            continue;
+        }
+        let rule = opts.rules.iter().find(|r| glob(&r.pattern, &module));
+        let (bits, group_size, explicit) = match (rule, opts.recipe) {
+            (Some(Rule { bits: None, .. }), _) => continue,
+            (Some(r), _) => (r.bits.unwrap_or(opts.bits), r.group_size.unwrap_or(opts.group_size), true),
+            (None, Some(recipe)) => (mixed_bits(recipe, &module, n_layers), opts.group_size, true),
+            (None, None) => (opts.bits, opts.group_size, false),
+        };
+        if w.dim(1)? % group_size != 0 {
+            return Err(ConvertError::Invalid(format!("layer `{module}`: a row of {} elements is not divisible by the group size {group_size}", w.dim(1)?)));
+        }
+        let q = QuantizedMatrix::quantize(w, bits, group_size).map_err(|e| ConvertError::Invalid(format!("layer `{module}`: {e}")))?;
+        let (packed, scales, biases) = q.to_tensors()?;
+        folder.tensors.insert(key, packed);
+        folder.tensors.insert(format!("{module}.scales"), scales);
+        folder.tensors.insert(format!("{module}.biases"), biases);
+        if explicit {
+            block.insert(module, json!({"group_size": group_size, "bits": bits, "mode": "affine"}));
+        }
+    }
+    folder.config["quantization"] = Value::Object(block.clone());
+    folder.config["quantization_config"] = Value::Object(block);
+    Ok(bits_per_weight(folder))
+}
+
+/// The layer index in a module path (`model.layers.7.mlp` -> 7).
+fn layer_index(module: &str) -> Option<usize> {
+    let mut parts = module.split('.');
+    while let Some(p) = parts.next() {
+        if p == "layers" {
+            return parts.next()?.parse().ok();
+        }
+    }
+    None
+}
+
+/// MLX LM's `mixed_quant_predicate_builder`: v_proj and down_proj of the first and last
+/// eighth of the layers and of every third layer between get more bits, as does lm_head.
+fn mixed_bits(recipe: MixedRecipe, module: &str, n_layers: usize) -> usize {
+    let (low, high) = recipe.bits();
+    let index = layer_index(module).unwrap_or(0) as i64;
+    let l = n_layers as i64;
+    let more = index < l / 8 || index >= 7 * l / 8 || (index - l / 8).rem_euclid(3) == 2;
+    let sensitive = module.contains("v_proj") || module.contains("v_a_proj") || module.contains("v_b_proj") || module.contains("down_proj");
+    if (sensitive && more) || module.contains("lm_head") {
+        high
+    } else {
+        low
+    }
+}
+
+/// Stored bits over parameters, as MLX LM prints it.
+fn bits_per_weight(folder: &Folder) -> f64 {
+    let bits = folder.config["quantization"].clone();
+    let mut bytes = 0usize;
+    let mut params = 0usize;
+    for (k, t) in &folder.tensors {
+        let n = t.elem_count();
+        bytes += n * t.dtype().size_in_bytes();
+        params += match (t.dtype(), k.strip_suffix(".weight")) {
+            (DType::U32, Some(module)) => {
+                let b = bits.get(module).and_then(|m| m.get("bits")).or_else(|| bits.get("bits")).and_then(Value::as_u64).unwrap_or(4) as usize;
+                n * 32 / b
+            }
+            _ if k.ends_with(".scales") || k.ends_with(".biases") => 0,
+            _ => n,
+        };
+    }
+    bytes as f64 * 8.0 / params.max(1) as f64
+}
+
+/// Replaces every quantized matrix by its dequantized form in `dtype` and removes the
+/// quantization blocks (`--dequantize`).
+pub fn dequantize(folder: &mut Folder, dtype: DType) -> Result<(), ConvertError> {
+    let q = lmx_io::QuantConfig::from_config(&folder.config).map_err(ConvertError::Invalid)?;
+    let Some(q) = q else { return Err(ConvertError::Invalid("the model is not quantized; nothing to dequantize".into())) };
+    let modules: Vec<String> = folder.tensors.keys().filter_map(|k| k.strip_suffix(".scales")).map(str::to_string).collect();
+    for module in modules {
+        let Some((spec, _)) = q.for_module(&module, true) else { continue };
+        let get = |s: &str| folder.tensors.get(&format!("{module}.{s}")).cloned().ok_or_else(|| ConvertError::Invalid(format!("layer `{module}`: `{module}.{s}` is missing")));
+        let (packed, scales, biases) = (get("weight")?, get("scales")?, get("biases")?);
+        let m = QuantizedMatrix::from_tensors(&packed, &scales, &biases, spec.bits, spec.group_size)
+            .map_err(|e| ConvertError::Invalid(format!("layer `{module}`: {e}")))?;
+        let w: Tensor = m.dequantize()?.to_dtype(dtype)?;
+        folder.tensors.insert(format!("{module}.weight"), w);
+        folder.tensors.remove(&format!("{module}.scales"));
+        folder.tensors.remove(&format!("{module}.biases"));
+    }
+    if let Value::Object(c) = &mut folder.config {
+        c.remove("quantization");
+        c.remove("quantization_config");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob("model.layers.*.mlp.down_proj", "model.layers.12.mlp.down_proj"));
+        assert!(!glob("model.layers.*.mlp.down_proj", "model.layers.12.mlp.up_proj"));
+        assert!(glob("*", "lm_head"));
+        assert!(glob("lm_head", "lm_head") && !glob("lm_head", "lm_head2"));
+        assert!(glob("*embed*", "model.embed_tokens"));
+    }
+
+    #[test]
+    fn rules_files_parse_and_name_bad_lines() {
+        let rules = parse_rules("# comment\nmodel.embed_tokens 6\nlm_head 8 32\n*.o_proj skip\n", Path::new("r.txt")).expect("parses");
+        assert_eq!(rules.len(), 3);
+        assert_eq!(rules[1], Rule { pattern: "lm_head".into(), bits: Some(8), group_size: Some(32) });
+        assert_eq!(rules[2].bits, None);
+        let err = parse_rules("ok 4\nbad 7\n", Path::new("r.txt")).expect_err("7 bits").to_string();
+        assert!(err.contains("r.txt:2") && err.contains("7-bit"), "{err}");
+    }
+
+    #[test]
+    fn mixed_recipe_matches_mlx_lm() {
+        // 30 layers (SmolLM2): more bits for i < 3, i >= 26, and (i - 3) % 3 == 2.
+        let more: Vec<usize> = (0..30).filter(|i| mixed_bits(MixedRecipe::Mixed3_6, &format!("model.layers.{i}.mlp.down_proj"), 30) == 6).collect();
+        assert_eq!(more, vec![0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]);
+        assert_eq!(mixed_bits(MixedRecipe::Mixed3_6, "model.layers.0.self_attn.q_proj", 30), 3);
+        assert_eq!(mixed_bits(MixedRecipe::Mixed3_6, "model.embed_tokens", 30), 3);
+        assert_eq!(mixed_bits(MixedRecipe::Mixed2_6, "lm_head", 30), 6);
+    }
+}

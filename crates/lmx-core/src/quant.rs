@@ -1,0 +1,547 @@
+//! MLX's affine quantization, byte for byte: the quantizer of `mlx/backend/cpu/quantized.cpp`
+//! (float32 statistics, round-half-to-even, the scale snapped so 0.0 is exact, possibly
+//! negative scales), the LSB-first bitstream packing, and CPU kernels that multiply by the
+//! packed weights without ever materializing the whole dequantized matrix.
+//!
+//! A quantized (rows, cols) matrix is `packed` (rows, cols * bits / 32) u32, and `scales`,
+//! `biases` (rows, cols / group_size) in the model dtype; `w = scale * q + bias`.
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// Bit widths MLX's affine mode supports.
+pub const SUPPORTED_BITS: &[usize] = &[2, 3, 4, 5, 6, 8];
+/// Group sizes MLX's affine mode supports.
+pub const SUPPORTED_GROUP_SIZES: &[usize] = &[32, 64, 128];
+
+/// Per-group scales or biases, kept in the checkpoint's dtype.
+#[derive(Debug, Clone)]
+pub enum GroupParams {
+    /// float32.
+    F32(Vec<f32>),
+    /// bfloat16.
+    Bf16(Vec<bf16>),
+    /// float16.
+    F16(Vec<f16>),
+}
+
+impl GroupParams {
+    #[inline]
+    fn get(&self, i: usize) -> f32 {
+        match self {
+            GroupParams::F32(v) => v[i],
+            GroupParams::Bf16(v) => v[i].to_f32(),
+            GroupParams::F16(v) => v[i].to_f32(),
+        }
+    }
+
+    fn from_f32(values: Vec<f32>, dtype: DType) -> Result<Self> {
+        Ok(match dtype {
+            DType::F32 => GroupParams::F32(values),
+            DType::BF16 => GroupParams::Bf16(values.into_iter().map(bf16::from_f32).collect()),
+            DType::F16 => GroupParams::F16(values.into_iter().map(f16::from_f32).collect()),
+            other => candle_core::bail!("quantization scales must be float32, float16 or bfloat16, not {other:?}"),
+        })
+    }
+
+    fn from_tensor(t: &Tensor) -> Result<Self> {
+        let t = t.flatten_all()?;
+        Ok(match t.dtype() {
+            DType::F32 => GroupParams::F32(t.to_vec1()?),
+            DType::BF16 => GroupParams::Bf16(t.to_vec1()?),
+            DType::F16 => GroupParams::F16(t.to_vec1()?),
+            other => candle_core::bail!("quantization scales must be float32, float16 or bfloat16, not {other:?}"),
+        })
+    }
+
+    fn to_tensor(&self, shape: (usize, usize)) -> Result<Tensor> {
+        match self {
+            GroupParams::F32(v) => Tensor::from_vec(v.clone(), shape, &Device::Cpu),
+            GroupParams::Bf16(v) => Tensor::from_vec(v.clone(), shape, &Device::Cpu),
+            GroupParams::F16(v) => Tensor::from_vec(v.clone(), shape, &Device::Cpu),
+        }
+    }
+
+    fn dtype(&self) -> DType {
+        match self {
+            GroupParams::F32(_) => DType::F32,
+            GroupParams::Bf16(_) => DType::BF16,
+            GroupParams::F16(_) => DType::F16,
+        }
+    }
+}
+
+/// A matrix in MLX's affine quantized format.
+#[derive(Debug, Clone)]
+pub struct QuantizedMatrix {
+    /// Output features (rows of W).
+    pub rows: usize,
+    /// Input features (columns of W).
+    pub cols: usize,
+    /// Bits per element.
+    pub bits: usize,
+    /// Elements sharing one scale and bias.
+    pub group_size: usize,
+    packed: Vec<u32>,
+    scales: GroupParams,
+    biases: GroupParams,
+}
+
+/// Checks bits and group size against MLX's affine mode.
+pub fn check_spec(bits: usize, group_size: usize) -> std::result::Result<(), String> {
+    if !SUPPORTED_BITS.contains(&bits) {
+        return Err(format!("{bits}-bit quantization is not supported (affine mode supports 2, 3, 4, 5, 6 and 8 bits)"));
+    }
+    if !SUPPORTED_GROUP_SIZES.contains(&group_size) {
+        return Err(format!("group size {group_size} is not supported (use 32, 64 or 128)"));
+    }
+    Ok(())
+}
+
+impl QuantizedMatrix {
+    /// Quantizes a 2-D float tensor exactly as MLX's CPU kernel does. Scales and biases take
+    /// the tensor's dtype.
+    pub fn quantize(w: &Tensor, bits: usize, group_size: usize) -> Result<Self> {
+        check_spec(bits, group_size).map_err(candle_core::Error::Msg)?;
+        let (rows, cols) = w.dims2()?;
+        if cols % group_size != 0 {
+            candle_core::bail!("a row of {cols} elements is not divisible by the group size {group_size}");
+        }
+        let dtype = w.dtype();
+        let values: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let n_groups = rows * cols / group_size;
+        let words_per_row = cols * bits / 32;
+        let results: Vec<(Vec<u32>, Vec<f32>, Vec<f32>)> = values
+            .par_chunks(cols)
+            .map(|row| {
+                let mut words = vec![0u32; words_per_row];
+                let mut scales = Vec::with_capacity(cols / group_size);
+                let mut biases = Vec::with_capacity(cols / group_size);
+                for (g, group) in row.chunks(group_size).enumerate() {
+                    let (scale, bias) = affine_params(group, bits);
+                    let n_bins = ((1u32 << bits) - 1) as f32;
+                    for (j, w) in group.iter().enumerate() {
+                        let q = ((w - bias) / scale).round_ties_even().clamp(0.0, n_bins) as u64;
+                        put_bits(&mut words, (g * group_size + j) * bits, bits, q);
+                    }
+                    scales.push(scale);
+                    biases.push(bias);
+                }
+                (words, scales, biases)
+            })
+            .collect();
+        let mut packed = Vec::with_capacity(rows * words_per_row);
+        let (mut scales, mut biases) = (Vec::with_capacity(n_groups), Vec::with_capacity(n_groups));
+        for (w, s, b) in results {
+            packed.extend(w);
+            scales.extend(s);
+            biases.extend(b);
+        }
+        Ok(Self {
+            rows,
+            cols,
+            bits,
+            group_size,
+            packed,
+            scales: GroupParams::from_f32(scales, dtype)?,
+            biases: GroupParams::from_f32(biases, dtype)?,
+        })
+    }
+
+    /// Wraps checkpoint tensors (`weight` u32, `scales`, `biases`), checking their shapes.
+    pub fn from_tensors(packed: &Tensor, scales: &Tensor, biases: &Tensor, bits: usize, group_size: usize) -> Result<Self> {
+        check_spec(bits, group_size).map_err(candle_core::Error::Msg)?;
+        let (rows, words) = packed.dims2()?;
+        if packed.dtype() != DType::U32 {
+            candle_core::bail!("a quantized weight must be uint32, found {:?}", packed.dtype());
+        }
+        let cols = words * 32 / bits;
+        let groups = cols / group_size;
+        if scales.dims() != [rows, groups] || biases.dims() != [rows, groups] || cols % group_size != 0 {
+            candle_core::bail!(
+                "with bits={bits} and group_size={group_size}, a weight of shape {:?} needs scales and biases of shape [{rows}, {groups}], found {:?} and {:?}; the quantization block in config.json does not match these tensors",
+                packed.dims(), scales.dims(), biases.dims()
+            );
+        }
+        Ok(Self {
+            rows,
+            cols,
+            bits,
+            group_size,
+            packed: packed.flatten_all()?.to_vec1()?,
+            scales: GroupParams::from_tensor(scales)?,
+            biases: GroupParams::from_tensor(biases)?,
+        })
+    }
+
+    /// The checkpoint tensors: (`weight` u32, `scales`, `biases`).
+    pub fn to_tensors(&self) -> Result<(Tensor, Tensor, Tensor)> {
+        let groups = (self.rows, self.cols / self.group_size);
+        Ok((
+            Tensor::from_vec(self.packed.clone(), (self.rows, self.cols * self.bits / 32), &Device::Cpu)?,
+            self.scales.to_tensor(groups)?,
+            self.biases.to_tensor(groups)?,
+        ))
+    }
+
+    /// The dtype of scales and biases (the model dtype).
+    pub fn dtype(&self) -> DType {
+        self.scales.dtype()
+    }
+
+    /// Dequantizes rows `ids` into a (ids.len(), cols) tensor of the model dtype (embeddings).
+    pub fn dequantize_rows(&self, ids: &[u32]) -> Result<Tensor> {
+        let mut out = vec![0f32; ids.len() * self.cols];
+        for (o, &r) in out.chunks_mut(self.cols).zip(ids) {
+            if r as usize >= self.rows {
+                candle_core::bail!("row {r} is out of range for a quantized matrix of {} rows", self.rows);
+            }
+            self.dequantize_row(r as usize, o);
+        }
+        Tensor::from_vec(out, (ids.len(), self.cols), &Device::Cpu)?.to_dtype(self.dtype())
+    }
+
+    /// The whole matrix, dequantized (conversion and tests; inference never calls this).
+    pub fn dequantize(&self) -> Result<Tensor> {
+        let ids: Vec<u32> = (0..self.rows as u32).collect();
+        self.dequantize_rows(&ids)
+    }
+
+    /// Writes row `r` dequantized into `out` (length cols), in f32.
+    fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let words = self.cols * self.bits / 32;
+        let row = &self.packed[r * words..(r + 1) * words];
+        let groups = self.cols / self.group_size;
+        for (g, o) in out.chunks_mut(self.group_size).enumerate() {
+            let (s, b) = (self.scales.get(r * groups + g), self.biases.get(r * groups + g));
+            kernels::dequantize_group(row, g * self.group_size, self.bits, s, b, o);
+        }
+    }
+
+    /// `x @ W^T` with x (.., cols) in f32/bf16/f16; the result has x's dtype.
+    pub fn matmul(self: &Arc<Self>, x: &Tensor) -> Result<Tensor> {
+        x.contiguous()?.apply_op1_no_bwd(&QMatMul(self.clone()))
+    }
+}
+
+/// MLX's per-group scale and bias (float32), `mlx/backend/cpu/quantized.cpp::quantize`.
+fn affine_params(group: &[f32], bits: usize) -> (f32, f32) {
+    let n_bins = ((1u32 << bits) - 1) as f32;
+    let (mut w_min, mut w_max) = (f32::INFINITY, f32::NEG_INFINITY);
+    for &w in group {
+        w_max = w_max.max(w);
+        w_min = w_min.min(w);
+    }
+    let mask = w_min.abs() > w_max.abs();
+    let mut scale = ((w_max - w_min) / n_bins).max(1e-7);
+    if !mask {
+        scale = -scale;
+    }
+    let edge = if mask { w_min } else { w_max };
+    let q0 = (edge / scale).round_ties_even();
+    if q0 != 0.0 {
+        (edge / q0, edge)
+    } else {
+        (scale, 0.0)
+    }
+}
+
+/// Writes `value` (`bits` wide) at bit `offset` of an LSB-first little-endian bitstream.
+fn put_bits(words: &mut [u32], offset: usize, bits: usize, value: u64) {
+    let (w, shift) = (offset / 32, offset % 32);
+    let v = value << shift;
+    words[w] |= v as u32;
+    if shift + bits > 32 {
+        words[w + 1] |= (v >> 32) as u32;
+    }
+}
+
+/// Reads `bits` bits at bit `offset` of an LSB-first bitstream.
+#[inline]
+fn get_bits(words: &[u32], offset: usize, bits: usize) -> u32 {
+    let (w, shift) = (offset / 32, offset % 32);
+    let lo = u64::from(words[w]) >> shift;
+    let v = if shift + bits > 32 { lo | (u64::from(words[w + 1]) << (32 - shift)) } else { lo };
+    (v & ((1u64 << bits) - 1)) as u32
+}
+
+/// `x @ W^T` for a quantized W, as a candle op (inference only).
+struct QMatMul(Arc<QuantizedMatrix>);
+
+impl CustomOp1 for QMatMul {
+    fn name(&self) -> &'static str {
+        "lmx-qmatmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let q = &self.0;
+        let mut dims = l.dims().to_vec();
+        if dims.last() != Some(&q.cols) {
+            candle_core::bail!("quantized matmul: input {:?} does not end in {} features", dims, q.cols);
+        }
+        let (start, end) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("quantized matmul needs a contiguous input".into()))?;
+        let x: Vec<f32> = match s {
+            CpuStorage::F32(v) => v[start..end].to_vec(),
+            CpuStorage::BF16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
+            CpuStorage::F16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
+            other => candle_core::bail!("quantized matmul: input dtype {:?} is not supported", other.dtype()),
+        };
+        let m = x.len() / q.cols;
+        let y = kernels::qmatmul(q, &x, m);
+        if let Some(last) = dims.last_mut() {
+            *last = q.rows;
+        }
+        let out = match s.dtype() {
+            DType::BF16 => CpuStorage::BF16(y.into_iter().map(bf16::from_f32).collect()),
+            DType::F16 => CpuStorage::F16(y.into_iter().map(f16::from_f32).collect()),
+            _ => CpuStorage::F32(y),
+        };
+        Ok((out, Shape::from(dims)))
+    }
+}
+
+mod kernels {
+    use super::{get_bits, QuantizedMatrix};
+    use rayon::prelude::*;
+
+    /// Rows of W dequantized together for a multi-row product (fits in L2 at 4 KiB columns).
+    const BLOCK_ROWS: usize = 64;
+
+    /// y (m, rows) = x (m, cols) @ W^T.
+    pub fn qmatmul(q: &QuantizedMatrix, x: &[f32], m: usize) -> Vec<f32> {
+        let mut y = vec![0f32; m * q.rows];
+        if m == 1 {
+            y.par_chunks_mut(16).enumerate().for_each(|(c, ys)| {
+                for (i, out) in ys.iter_mut().enumerate() {
+                    *out = row_dot(q, c * 16 + i, x);
+                }
+            });
+            return y;
+        }
+        // Several rows of x: dequantize a block of W rows into a scratch buffer and hand it to
+        // gemm; the full dequantized matrix never exists.
+        let n_blocks = q.rows.div_ceil(BLOCK_ROWS);
+        let y_ptr = SendPtr(y.as_mut_ptr());
+        (0..n_blocks).into_par_iter().for_each(|blk| {
+            let r0 = blk * BLOCK_ROWS;
+            let nr = BLOCK_ROWS.min(q.rows - r0);
+            let mut scratch = vec![0f32; nr * q.cols];
+            for (i, row) in scratch.chunks_mut(q.cols).enumerate() {
+                q.dequantize_row(r0 + i, row);
+            }
+            let y_ptr = y_ptr;
+            // SAFETY: each block writes only columns r0..r0 + nr of y (disjoint across tasks);
+            // strides describe x (m, cols) row-major, scratch^T (cols, nr) and y (m, rows).
+            unsafe {
+                gemm::gemm(
+                    m, nr, q.cols,
+                    y_ptr.0.add(r0), 1, q.rows as isize, false,
+                    x.as_ptr(), 1, q.cols as isize,
+                    scratch.as_ptr(), q.cols as isize, 1,
+                    0.0, 1.0, false, false, false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+        y
+    }
+
+    #[derive(Clone, Copy)]
+    struct SendPtr(*mut f32);
+    // SAFETY: used only to write disjoint column blocks of one buffer from rayon tasks.
+    unsafe impl Send for SendPtr {}
+    // SAFETY: as above.
+    unsafe impl Sync for SendPtr {}
+
+    /// One output of a single-row product: sum over groups of scale * (x . q) + bias * sum(x).
+    fn row_dot(q: &QuantizedMatrix, r: usize, x: &[f32]) -> f32 {
+        let words = q.cols * q.bits / 32;
+        let row = &q.packed[r * words..(r + 1) * words];
+        let groups = q.cols / q.group_size;
+        let mut acc = 0f32;
+        for g in 0..groups {
+            let xg = &x[g * q.group_size..(g + 1) * q.group_size];
+            let (dot, xsum) = group_dot(row, g * q.group_size, q.bits, xg);
+            acc += q.scales.get(r * groups + g) * dot + q.biases.get(r * groups + g) * xsum;
+        }
+        acc
+    }
+
+    /// (sum x_i * q_i, sum x_i) over one group starting at element `start` of a packed row.
+    #[inline]
+    fn group_dot(row: &[u32], start: usize, bits: usize, x: &[f32]) -> (f32, f32) {
+        #[cfg(target_arch = "x86_64")]
+        if (bits == 4 || bits == 8) && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: AVX2 and FMA are available (checked above); the group lies inside `row`.
+            return unsafe { super::x86::group_dot(row, start, bits, x) };
+        }
+        scalar_group_dot(row, start, bits, x)
+    }
+
+    /// Portable reference for [`group_dot`].
+    pub fn scalar_group_dot(row: &[u32], start: usize, bits: usize, x: &[f32]) -> (f32, f32) {
+        let (mut dot, mut xsum) = (0f32, 0f32);
+        for (i, xi) in x.iter().enumerate() {
+            dot += xi * get_bits(row, (start + i) * bits, bits) as f32;
+            xsum += xi;
+        }
+        (dot, xsum)
+    }
+
+    /// Dequantizes one group (`out.len()` elements from element `start`).
+    pub fn dequantize_group(row: &[u32], start: usize, bits: usize, scale: f32, bias: f32, out: &mut [f32]) {
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = scale * get_bits(row, (start + i) * bits, bits) as f32 + bias;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+
+    /// (x . q, sum x) for a 4- or 8-bit group; `start` and the group length are multiples of 8.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; elements start..start + x.len() must lie inside `row`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn group_dot(row: &[u32], start: usize, bits: usize, x: &[f32]) -> (f32, f32) {
+        let (mut dot, mut xs) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let n = x.len() / 8 * 8;
+        if bits == 4 {
+            let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+            let mask = _mm256_set1_epi32(0xF);
+            for c in (0..n).step_by(8) {
+                // One u32 holds 8 nibbles: broadcast it and shift each lane to its nibble.
+                let word = row[(start + c) / 8];
+                let q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word as i32), shifts), mask);
+                // SAFETY: c + 8 <= x.len().
+                let xv = unsafe { _mm256_loadu_ps(x.as_ptr().add(c)) };
+                dot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), xv, dot);
+                xs = _mm256_add_ps(xs, xv);
+            }
+        } else {
+            let bytes = row.as_ptr() as *const u8;
+            for c in (0..n).step_by(8) {
+                // SAFETY: bytes start + c .. start + c + 8 lie inside `row` (8-bit elements).
+                let raw = unsafe { _mm_loadl_epi64(bytes.add(start + c) as *const __m128i) };
+                let q = _mm256_cvtepu8_epi32(raw);
+                // SAFETY: c + 8 <= x.len().
+                let xv = unsafe { _mm256_loadu_ps(x.as_ptr().add(c)) };
+                dot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), xv, dot);
+                xs = _mm256_add_ps(xs, xv);
+            }
+        }
+        (hsum(dot), hsum(xs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand(rows: usize, cols: usize) -> Tensor {
+        Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).expect("randn")
+    }
+
+    #[test]
+    fn bitstream_layout_is_lsb_first() {
+        // 4-bit: element k of a word sits at bits 4k..4k+3, the first in the lowest nibble.
+        let mut w = vec![0u32; 1];
+        for (k, v) in [1u64, 2, 3, 4, 5, 6, 7, 8].iter().enumerate() {
+            put_bits(&mut w, k * 4, 4, *v);
+        }
+        assert_eq!(w[0], 0x8765_4321);
+        // 3-bit: out[2] = (w0 >> 6) | ((w1 & 1) << 2) for elements spanning a byte boundary.
+        let mut w = vec![0u32; 3];
+        for k in 0..32 {
+            put_bits(&mut w, k * 3, 3, (k % 8) as u64);
+        }
+        for k in 0..32 {
+            assert_eq!(get_bits(&w, k * 3, 3), (k % 8) as u32);
+        }
+        let bytes: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
+        // Elements 0..8 = 0,1,..,7 in 24 bits: 0b111_110_101_100_011_010_001_000.
+        assert_eq!(u32::from(bytes[0]) | u32::from(bytes[1]) << 8 | u32::from(bytes[2]) << 16, 0b111_110_101_100_011_010_001_000);
+    }
+
+    #[test]
+    fn zero_is_exact_and_scales_may_be_negative() {
+        let g: Vec<f32> = (0..64).map(|i| i as f32 / 10.0 - 1.0).collect();
+        let (s, b) = affine_params(&g, 4);
+        // |min| = 1.0 < |max| = 5.3: edge = max, negative scale.
+        assert!(s < 0.0 && b == 5.3);
+        let q0 = (0.0 - b) / s;
+        assert!((q0 - q0.round()).abs() < 1e-4, "0.0 must sit on the grid, q = {q0}");
+    }
+
+    /// Every bit width: quantization error within half a step, kernels equal dequantize + matmul.
+    #[test]
+    fn quantize_dequantize_and_matmul_all_bits() -> Result<()> {
+        for bits in [2usize, 3, 4, 5, 6, 8] {
+            for group in [32usize, 64, 128] {
+                let w = rand(40, 256);
+                let q = Arc::new(QuantizedMatrix::quantize(&w, bits, group)?);
+                let dq = q.dequantize()?;
+                let step = (w.max_all()?.to_scalar::<f32>()? - w.min_all()?.to_scalar::<f32>()?) / ((1 << bits) - 1) as f32;
+                let err = (&dq - &w)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                // Snapping the scale so 0.0 is exact can stretch a step and clamp an end value.
+                assert!(err <= step + 1e-5, "bits {bits} group {group}: error {err} > one step {step}");
+                for m in [1usize, 3] {
+                    let x = rand(m, 256);
+                    let want = x.matmul(&dq.t()?)?;
+                    let got = q.matmul(&x)?;
+                    let d = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    assert!(d < 1e-3, "bits {bits} group {group} m {m}: matmul differs by {d}");
+                }
+                // Round trip through the checkpoint tensors.
+                let (p, s, b) = q.to_tensors()?;
+                let back = QuantizedMatrix::from_tensors(&p, &s, &b, bits, group)?;
+                assert_eq!(back.packed, q.packed);
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn simd_group_dot_matches_scalar() -> Result<()> {
+        let w = rand(4, 128);
+        for bits in [4usize, 8] {
+            let q = QuantizedMatrix::quantize(&w, bits, 64)?;
+            let x: Vec<f32> = rand(1, 64).flatten_all()?.to_vec1()?;
+            let words = 128 * bits / 32;
+            for r in 0..4 {
+                let row = &q.packed[r * words..(r + 1) * words];
+                let (a, b) = kernels::scalar_group_dot(row, 64, bits, &x);
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: features checked; the group lies inside the row.
+                    let (c, d) = unsafe { x86::group_dot(row, 64, bits, &x) };
+                    assert!((a - c).abs() < 1e-3 && (b - d).abs() < 1e-4, "bits {bits}: {a} vs {c}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn shape_mismatch_names_both_shapes() -> Result<()> {
+        let q = QuantizedMatrix::quantize(&rand(8, 64), 4, 64)?;
+        let (p, s, b) = q.to_tensors()?;
+        let err = QuantizedMatrix::from_tensors(&p, &s, &b, 4, 32).expect_err("wrong group size").to_string();
+        assert!(err.contains("[8, 2]") && err.contains("[8, 1]"), "{err}");
+        Ok(())
+    }
+}
