@@ -1,8 +1,8 @@
 """Writes a GGUF of the same weights at another precision, for llama.cpp peer benchmarks:
-every tensor of SRC is dequantized and stored as F32, F16 or BF16 (norms stay F32, as
-llama.cpp's converter does); all metadata is copied.
+every tensor of SRC is dequantized and stored as F32, F16, BF16, Q8_0 or Q4_0 (norms stay
+F32, as llama.cpp's converter does); all metadata is copied.
 
-Usage: python scripts/bench/make_gguf.py SRC.gguf OUT.gguf f32|f16|bf16
+Usage: python scripts/bench/make_gguf.py SRC.gguf OUT.gguf f32|f16|bf16|q8_0|q4_0
 """
 import sys
 
@@ -12,9 +12,11 @@ from gguf.quants import dequantize
 
 src, out, kind = sys.argv[1], sys.argv[2], sys.argv[3]
 qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-         "bf16": gguf.GGMLQuantizationType.BF16}[kind]
+         "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
+         "q4_0": gguf.GGMLQuantizationType.Q4_0}[kind]
 file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "bf16": gguf.LlamaFileType.MOSTLY_BF16}[kind]
+             "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+             "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[kind]
 reader = gguf.GGUFReader(src)
 arch = reader.fields["general.architecture"].contents()
 writer = gguf.GGUFWriter(out, arch)

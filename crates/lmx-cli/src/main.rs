@@ -21,6 +21,8 @@ enum Command {
     Generate(cmd::generate::Args),
     /// Chat in a terminal, keeping the KV cache across turns (mlx_lm.chat).
     Chat(cmd::chat::Args),
+    /// Perplexity of a model on a text file (mlx_lm.perplexity).
+    Perplexity(cmd::perplexity::Args),
     /// Measure prompt and generation throughput on random tokens (mlx_lm.benchmark).
     Benchmark(cmd::benchmark::Args),
     /// Convert GGUF to a model folder, cast dtypes, quantize or dequantize (mlx_lm.convert).
@@ -54,6 +56,7 @@ fn main() -> ExitCode {
         Command::Chat(args) => cmd::chat::run(args),
         Command::Convert(args) => cmd::convert::run(args),
         Command::Benchmark(args) => cmd::benchmark::run(args),
+        Command::Perplexity(args) => cmd::perplexity::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -35,6 +35,7 @@ pub enum ConvertError {
 }
 
 /// A model folder in memory, ready to be written.
+#[derive(Clone)]
 pub struct Folder {
     /// config.json.
     pub config: Value,

@@ -14,8 +14,10 @@
 //! sequence, and only what is not already cached is prefilled (multi-turn chat).
 
 mod load;
+mod perplexity;
 
 pub use load::{load, load_with, LoadOptions, Model, TokenizerWrapper};
+pub use perplexity::{perplexity, Perplexity};
 pub use lmx_core::{DType, Device};
 pub use lmx_generate::{FinishReason, GenerateParams, GenerationResponse, PromptCache, SamplerParams, TokenStream};
 pub use lmx_io::{Message, ModelSource};

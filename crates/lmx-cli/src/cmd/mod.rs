@@ -4,6 +4,7 @@ pub mod benchmark;
 pub mod chat;
 pub mod convert;
 pub mod generate;
+pub mod perplexity;
 
 use anyhow::Context;
 use clap::Args as ClapArgs;

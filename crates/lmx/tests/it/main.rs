@@ -3,6 +3,7 @@
 
 mod chat;
 mod golden;
+mod quant;
 mod streaming;
 
 use std::path::PathBuf;
