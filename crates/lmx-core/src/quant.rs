@@ -315,9 +315,13 @@ mod kernels {
     pub fn qmatmul(q: &QuantizedMatrix, x: &[f32], m: usize) -> Vec<f32> {
         let mut y = vec![0f32; m * q.rows];
         if m == 1 {
+            // sum_g b_g * sum(x_g) does not depend on the row: sum x per group once.
+            let xsums: Vec<f32> = x.chunks(q.group_size).map(|g| g.iter().sum()).collect();
             y.par_chunks_mut(16).enumerate().for_each(|(c, ys)| {
+                let groups = q.cols / q.group_size;
+                let (mut s, mut b) = (vec![0f32; groups], vec![0f32; groups]);
                 for (i, out) in ys.iter_mut().enumerate() {
-                    *out = row_dot(q, c * 16 + i, x);
+                    *out = row_dot(q, c * 16 + i, x, &xsums, &mut s, &mut b);
                 }
             });
             return y;
@@ -358,31 +362,30 @@ mod kernels {
     unsafe impl Sync for SendPtr {}
 
     /// One output of a single-row product: sum over groups of scale * (x . q) + bias * sum(x).
-    fn row_dot(q: &QuantizedMatrix, r: usize, x: &[f32]) -> f32 {
+    /// `s`, `b` are scratch buffers of one f32 per group.
+    fn row_dot(q: &QuantizedMatrix, r: usize, x: &[f32], xsums: &[f32], s: &mut [f32], b: &mut [f32]) -> f32 {
         let words = q.cols * q.bits / 32;
         let row = &q.packed[r * words..(r + 1) * words];
-        let groups = q.cols / q.group_size;
-        let mut acc = 0f32;
+        let groups = s.len();
         for g in 0..groups {
-            let xg = &x[g * q.group_size..(g + 1) * q.group_size];
-            let (dot, xsum) = group_dot(row, g * q.group_size, q.bits, xg);
-            acc += q.scales.get(r * groups + g) * dot + q.biases.get(r * groups + g) * xsum;
+            s[g] = q.scales.get(r * groups + g);
+            b[g] = q.biases.get(r * groups + g);
         }
-        acc
-    }
-
-    /// (sum x_i * q_i, sum x_i) over one group starting at element `start` of a packed row.
-    #[inline]
-    fn group_dot(row: &[u32], start: usize, bits: usize, x: &[f32]) -> (f32, f32) {
+        let bias_part: f32 = b.iter().zip(xsums).map(|(b, xs)| b * xs).sum();
         #[cfg(target_arch = "x86_64")]
-        if (bits == 4 || bits == 8) && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: AVX2 and FMA are available (checked above); the group lies inside `row`.
-            return unsafe { super::x86::group_dot(row, start, bits, x) };
+        if (q.bits == 4 || q.bits == 8) && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: AVX2 and FMA are available (checked above); `row` holds `cols` codes.
+            return unsafe { super::x86::row_dot(row, q.bits, q.group_size, s, x) } + bias_part;
         }
-        scalar_group_dot(row, start, bits, x)
+        let mut acc = 0f32;
+        for (g, sg) in s.iter().enumerate() {
+            let (dot, _) = scalar_group_dot(row, g * q.group_size, q.bits, &x[g * q.group_size..(g + 1) * q.group_size]);
+            acc += sg * dot;
+        }
+        acc + bias_part
     }
 
-    /// Portable reference for [`group_dot`].
+    /// Portable reference for the SIMD group dot product: (sum x_i * q_i, sum x_i).
     pub fn scalar_group_dot(row: &[u32], start: usize, bits: usize, x: &[f32]) -> (f32, f32) {
         let (mut dot, mut xsum) = (0f32, 0f32);
         for (i, xi) in x.iter().enumerate() {
@@ -394,8 +397,20 @@ mod kernels {
 
     /// Dequantizes one group (`out.len()` elements from element `start`).
     pub fn dequantize_group(row: &[u32], start: usize, bits: usize, scale: f32, bias: f32, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if (bits == 4 || bits == 8) && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: AVX2 and FMA are available (checked above); the group lies inside `row`.
+            unsafe { super::x86::dequantize_group(row, start, bits, scale, bias, out) };
+            return;
+        }
+        scalar_dequantize_group(row, start, bits, scale, bias, out);
+    }
+
+    /// Portable reference for [`dequantize_group`].
+    pub fn scalar_dequantize_group(row: &[u32], start: usize, bits: usize, scale: f32, bias: f32, out: &mut [f32]) {
         for (i, o) in out.iter_mut().enumerate() {
-            *o = scale * get_bits(row, (start + i) * bits, bits) as f32 + bias;
+            // Fused multiply-add, as the SIMD path computes it.
+            *o = (get_bits(row, (start + i) * bits, bits) as f32).mul_add(scale, bias);
         }
     }
 }
@@ -412,10 +427,69 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
     }
 
+    /// 8 codes of a 4- or 8-bit row starting at element `e` (a multiple of 8), as f32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn codes(row: &[u32], e: usize, bits: usize) -> __m256 {
+        if bits == 4 {
+            let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+            let q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(row[e / 8] as i32), shifts), _mm256_set1_epi32(0xF));
+            _mm256_cvtepi32_ps(q)
+        } else {
+            let bytes = row[e / 4..e / 4 + 2].as_ptr() as *const u8;
+            // SAFETY: the two words just bounds-checked hold the 8 bytes read.
+            let raw = unsafe { _mm_loadl_epi64(bytes as *const __m128i) };
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(raw))
+        }
+    }
+
+    /// Dequantizes a 4- or 8-bit group: out = scale * q + bias.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; `start` and `out.len()` are multiples of 8 and the
+    /// group lies inside `row`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dequantize_group(row: &[u32], start: usize, bits: usize, scale: f32, bias: f32, out: &mut [f32]) {
+        let (s, b) = (_mm256_set1_ps(scale), _mm256_set1_ps(bias));
+        for (c, o) in out.chunks_exact_mut(8).enumerate() {
+            // SAFETY: features checked by the caller; `o` holds 8 floats.
+            unsafe {
+                let q = codes(row, start + 8 * c, bits);
+                _mm256_storeu_ps(o.as_mut_ptr(), _mm256_fmadd_ps(q, s, b));
+            }
+        }
+    }
+
+    /// sum over groups of scales[g] * (x_g . q_g) for one 4- or 8-bit row, with one horizontal
+    /// sum at the end.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; `row` holds x.len() codes; group_size is a multiple of 16.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn row_dot(row: &[u32], bits: usize, group_size: usize, scales: &[f32], x: &[f32]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        for (g, s) in scales.iter().enumerate() {
+            let (mut d0, mut d1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let base = g * group_size;
+            for c in (0..group_size).step_by(16) {
+                let e = base + c;
+                // SAFETY: e + 16 <= x.len(); codes() bounds-checks its words.
+                unsafe {
+                    d0 = _mm256_fmadd_ps(codes(row, e, bits), _mm256_loadu_ps(x.as_ptr().add(e)), d0);
+                    d1 = _mm256_fmadd_ps(codes(row, e + 8, bits), _mm256_loadu_ps(x.as_ptr().add(e + 8)), d1);
+                }
+            }
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(*s), _mm256_add_ps(d0, d1), acc);
+        }
+        hsum(acc)
+    }
+
     /// (x . q, sum x) for a 4- or 8-bit group; `start` and the group length are multiples of 8.
+    /// The reference the whole-row kernel is tested against.
     ///
     /// # Safety
     /// AVX2 and FMA must be available; elements start..start + x.len() must lie inside `row`.
+    #[cfg(test)]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn group_dot(row: &[u32], start: usize, bits: usize, x: &[f32]) -> (f32, f32) {
         let (mut dot, mut xs) = (_mm256_setzero_ps(), _mm256_setzero_ps());
@@ -530,8 +604,27 @@ mod tests {
                     // SAFETY: features checked; the group lies inside the row.
                     let (c, d) = unsafe { x86::group_dot(row, 64, bits, &x) };
                     assert!((a - c).abs() < 1e-3 && (b - d).abs() < 1e-4, "bits {bits}: {a} vs {c}");
+                    // The whole-row kernel over the second group with scale 2.
+                    let xs = [vec![0f32; 64], x.clone()].concat();
+                    // SAFETY: as above; the row holds 128 codes.
+                    let r2 = unsafe { x86::row_dot(row, bits, 64, &[0.0, 2.0], &xs) };
+                    assert!((r2 - 2.0 * a).abs() < 2e-3, "bits {bits}: row {r2} vs {}", 2.0 * a);
                 }
             }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn simd_dequantize_matches_scalar() -> Result<()> {
+        let w = rand(2, 128);
+        for bits in [4usize, 8] {
+            let q = QuantizedMatrix::quantize(&w, bits, 64)?;
+            let row = &q.packed[..128 * bits / 32];
+            let (mut a, mut b) = (vec![0f32; 64], vec![0f32; 64]);
+            kernels::scalar_dequantize_group(row, 64, bits, 0.37, -1.5, &mut a);
+            kernels::dequantize_group(row, 64, bits, 0.37, -1.5, &mut b);
+            assert_eq!(a, b, "bits {bits}");
         }
         Ok(())
     }

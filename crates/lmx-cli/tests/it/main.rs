@@ -4,6 +4,7 @@
 mod errors;
 mod generate;
 mod loading;
+mod quantize;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -92,7 +92,7 @@ fn perplexity_matches_mlx_within_one_percent() {
     for (name, dir) in [("bf16", bf16.clone()), ("q8_g64", quantized("q8_g64")), ("q4_g64", quantized("q4_g64"))] {
         let (model, tok) = lmx::load(&dir.to_string_lossy()).expect("load");
         let tokens = tok.encode(&text, true).expect("encode");
-        let got = lmx::perplexity(&*model, &tokens, 256, None, |_, _| {}).expect("perplexity");
+        let got = lmx::perplexity(&*model, &tokens, 128, Some(3), |_, _| {}).expect("perplexity");
         let want = fixture["perplexity"][name]["perplexity"].as_f64().expect("mlx ppl");
         assert_eq!(got.tokens as u64, fixture["perplexity"][name]["tokens"].as_u64().expect("tokens"), "{name}: token count");
         let rel = (got.perplexity - want).abs() / want;
