@@ -30,12 +30,15 @@ pub enum GroupParams {
 }
 
 impl GroupParams {
+    /// Copies `out.len()` values from index `start` into `out` as f32 (one match per row,
+    /// a loop the compiler vectorizes).
     #[inline]
-    fn get(&self, i: usize) -> f32 {
+    fn fill(&self, start: usize, out: &mut [f32]) {
+        let n = out.len();
         match self {
-            GroupParams::F32(v) => v[i],
-            GroupParams::Bf16(v) => v[i].to_f32(),
-            GroupParams::F16(v) => v[i].to_f32(),
+            GroupParams::F32(v) => out.copy_from_slice(&v[start..start + n]),
+            GroupParams::Bf16(v) => out.iter_mut().zip(&v[start..start + n]).for_each(|(o, x)| *o = x.to_f32()),
+            GroupParams::F16(v) => out.iter_mut().zip(&v[start..start + n]).for_each(|(o, x)| *o = x.to_f32()),
         }
     }
 
@@ -216,9 +219,11 @@ impl QuantizedMatrix {
         let words = self.cols * self.bits / 32;
         let row = &self.packed[r * words..(r + 1) * words];
         let groups = self.cols / self.group_size;
+        let (mut s, mut b) = (vec![0f32; groups], vec![0f32; groups]);
+        self.scales.fill(r * groups, &mut s);
+        self.biases.fill(r * groups, &mut b);
         for (g, o) in out.chunks_mut(self.group_size).enumerate() {
-            let (s, b) = (self.scales.get(r * groups + g), self.biases.get(r * groups + g));
-            kernels::dequantize_group(row, g * self.group_size, self.bits, s, b, o);
+            kernels::dequantize_group(row, g * self.group_size, self.bits, s[g], b[g], o);
         }
     }
 
@@ -317,11 +322,12 @@ mod kernels {
         if m == 1 {
             // sum_g b_g * sum(x_g) does not depend on the row: sum x per group once.
             let xsums: Vec<f32> = x.chunks(q.group_size).map(|g| g.iter().sum()).collect();
+            let x_split = split_even_odd(q, x);
             y.par_chunks_mut(16).enumerate().for_each(|(c, ys)| {
                 let groups = q.cols / q.group_size;
                 let (mut s, mut b) = (vec![0f32; groups], vec![0f32; groups]);
                 for (i, out) in ys.iter_mut().enumerate() {
-                    *out = row_dot(q, c * 16 + i, x, &xsums, &mut s, &mut b);
+                    *out = row_dot(q, c * 16 + i, x, x_split.as_deref(), &xsums, &mut s, &mut b);
                 }
             });
             return y;
@@ -361,17 +367,40 @@ mod kernels {
     // SAFETY: as above.
     unsafe impl Sync for SendPtr {}
 
+    /// For the 4-bit AVX2 kernel: x rearranged per 32-byte block of codes so that the low
+    /// nibbles (even elements) and high nibbles (odd elements) of each 8-byte chunk meet their
+    /// x values contiguously: per 64 elements, [x0 x2 .. x14][x16 .. x30][x32 ..][x48 ..] then
+    /// the odd ones in the same order. None when the kernel does not apply.
+    fn split_even_odd(q: &QuantizedMatrix, x: &[f32]) -> Option<Vec<f32>> {
+        #[cfg(target_arch = "x86_64")]
+        if q.bits == 4 && q.group_size % 64 == 0 && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            let mut out = Vec::with_capacity(x.len());
+            for block in x.chunks_exact(64) {
+                out.extend(block.iter().step_by(2));
+                out.extend(block.iter().skip(1).step_by(2));
+            }
+            return Some(out);
+        }
+        let _ = (q, x);
+        None
+    }
+
     /// One output of a single-row product: sum over groups of scale * (x . q) + bias * sum(x).
     /// `s`, `b` are scratch buffers of one f32 per group.
-    fn row_dot(q: &QuantizedMatrix, r: usize, x: &[f32], xsums: &[f32], s: &mut [f32], b: &mut [f32]) -> f32 {
+    #[allow(clippy::too_many_arguments)]
+    fn row_dot(q: &QuantizedMatrix, r: usize, x: &[f32], x_split: Option<&[f32]>, xsums: &[f32], s: &mut [f32], b: &mut [f32]) -> f32 {
         let words = q.cols * q.bits / 32;
         let row = &q.packed[r * words..(r + 1) * words];
         let groups = s.len();
-        for g in 0..groups {
-            s[g] = q.scales.get(r * groups + g);
-            b[g] = q.biases.get(r * groups + g);
-        }
+        q.scales.fill(r * groups, s);
+        q.biases.fill(r * groups, b);
         let bias_part: f32 = b.iter().zip(xsums).map(|(b, xs)| b * xs).sum();
+        #[cfg(target_arch = "x86_64")]
+        if let Some(xp) = x_split {
+            // SAFETY: `x_split` is only built when AVX2 and FMA are available; `row` holds
+            // `cols` 4-bit codes.
+            return unsafe { super::x86::row_dot_4bit(row, q.group_size, s, xp) } + bias_part;
+        }
         #[cfg(target_arch = "x86_64")]
         if (q.bits == 4 || q.bits == 8) && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             // SAFETY: AVX2 and FMA are available (checked above); `row` holds `cols` codes.
@@ -458,6 +487,45 @@ mod x86 {
                 _mm256_storeu_ps(o.as_mut_ptr(), _mm256_fmadd_ps(q, s, b));
             }
         }
+    }
+
+    /// sum over groups of scales[g] * (x_g . q_g) for one 4-bit row. 32 bytes of codes (64
+    /// elements) are split into low and high nibbles with two byte-wide ops and widened 8 at a
+    /// time; `xs` is x in the matching even/odd order (`kernels::split_even_odd`).
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; `row` holds xs.len() codes; group_size is a multiple
+    /// of 64.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn row_dot_4bit(row: &[u32], group_size: usize, scales: &[f32], xs: &[f32]) -> f32 {
+        let mask = _mm256_set1_epi8(0x0F);
+        let mut acc = _mm256_setzero_ps();
+        let (rp, xp) = (row.as_ptr(), xs.as_ptr());
+        let blocks_per_group = group_size / 64;
+        for (g, s) in scales.iter().enumerate() {
+            let (mut d0, mut d1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            for blk in 0..blocks_per_group {
+                let e = (g * blocks_per_group + blk) * 64;
+                // SAFETY: words e/8 .. e/8 + 8 and xs[e .. e + 64] are in bounds (row holds
+                // xs.len() 4-bit codes).
+                unsafe {
+                    let v = _mm256_loadu_si256(rp.add(e / 8) as *const __m256i);
+                    let lo = _mm256_and_si256(v, mask);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                    for (half, xoff) in [(lo, 0usize), (hi, 32)] {
+                        let h0 = _mm256_castsi256_si128(half);
+                        let h1 = _mm256_extracti128_si256(half, 1);
+                        let x = xp.add(e + xoff);
+                        d0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(h0)), _mm256_loadu_ps(x), d0);
+                        d1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(h0, 8))), _mm256_loadu_ps(x.add(8)), d1);
+                        d0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(h1)), _mm256_loadu_ps(x.add(16)), d0);
+                        d1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(h1, 8))), _mm256_loadu_ps(x.add(24)), d1);
+                    }
+                }
+            }
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(*s), _mm256_add_ps(d0, d1), acc);
+        }
+        hsum(acc)
     }
 
     /// sum over groups of scales[g] * (x_g . q_g) for one 4- or 8-bit row, with one horizontal
