@@ -84,6 +84,10 @@ fn quantized(name: &str) -> std::path::PathBuf {
     write_temp(&folder, name)
 }
 
+/// Perplexity of bf16, 8-bit and 4-bit against MLX on the same weights and text. For the
+/// quantized folders the reference is MLX's float path on the same weights
+/// (`dequantize_model`): MLX's CPU quantized matmul accumulates in bf16, which by itself moves
+/// this model's perplexity by 14% at 8 bits (printed below; see docs/BENCHMARKS.md).
 #[test]
 fn perplexity_matches_mlx_within_one_percent() {
     let fixture = fixture();
@@ -92,40 +96,50 @@ fn perplexity_matches_mlx_within_one_percent() {
     for (name, dir) in [("bf16", bf16.clone()), ("q8_g64", quantized("q8_g64")), ("q4_g64", quantized("q4_g64"))] {
         let (model, tok) = lmx::load(&dir.to_string_lossy()).expect("load");
         let tokens = tok.encode(&text, true).expect("encode");
-        let got = lmx::perplexity(&*model, &tokens, 128, Some(3), |_, _| {}).expect("perplexity");
-        let want = fixture["perplexity"][name]["perplexity"].as_f64().expect("mlx ppl");
-        assert_eq!(got.tokens as u64, fixture["perplexity"][name]["tokens"].as_u64().expect("tokens"), "{name}: token count");
+        let got = lmx::perplexity(&*model, &tokens, 256, Some(8), |_, _| {}).expect("perplexity");
+        let reference = if name == "bf16" { "bf16_long".to_string() } else { format!("{name}_dequantized") };
+        let want = fixture["perplexity"][&reference]["perplexity"].as_f64().expect("mlx ppl");
+        assert_eq!(got.tokens as u64, fixture["perplexity"][&reference]["tokens"].as_u64().expect("tokens"), "{name}: token count");
         let rel = (got.perplexity - want).abs() / want;
-        println!("{name}: lmx perplexity {:.4}, MLX {want:.4} ({:.3}% apart)", got.perplexity, rel * 100.0);
+        let native = fixture["perplexity"][name]["perplexity"].as_f64().expect("mlx native ppl");
+        println!("{name}: lmx perplexity {:.4}, MLX {want:.4} ({:.3}% apart); MLX's CPU quantized kernels: {native:.4}", got.perplexity, rel * 100.0);
         assert!(rel < 0.01, "{name}: lmx {} vs MLX {want}", got.perplexity);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
 
-/// Greedy generation on the quantized folders against `mlx_lm.generate`'s tokens. MLX computes
-/// every op in bf16 (each product and sum rounded), lmx accumulates in f32 and rounds once, so
-/// long sequences can part ways at near-ties; the test holds the agreement measured at
-/// development time (see docs/BENCHMARKS.md, "Agreement with MLX LM") so a regression shows.
+/// Greedy generation on the quantized folders against `mlx_lm.generate`. MLX's CPU quantized
+/// matmul rounds every product and partial sum to bf16, lmx accumulates in f32, so free-running
+/// sequences part ways at the first near-tie (the common prefix is printed). What must hold is
+/// that lmx makes MLX's choice wherever the two models see the same history: MLX's whole
+/// generated sequence is fed to lmx and lmx's argmax must equal MLX's token at most positions.
 #[test]
 fn greedy_tokens_follow_mlx_lm_generate() {
     let fixture = fixture();
-    for (name, min_common) in [("q8_g64", MIN_COMMON_Q8), ("q4_g64", MIN_COMMON_Q4)] {
+    for (name, min_agree) in [("q8_g64", 0.80), ("q4_g64", 0.70)] {
         let dir = quantized(name);
         let (model, tok) = lmx::load(&dir.to_string_lossy()).expect("load");
+        let (mut agree, mut total) = (0usize, 0usize);
         for (prompt, want) in fixture["recipes"][name]["greedy"].as_object().expect("greedy") {
             let want: Vec<u32> = want.as_array().expect("ids").iter().map(|v| v.as_u64().expect("id") as u32).collect();
             let ids = tok.chat_prompt(&[lmx::Message::new("user", prompt.as_str())], None).expect("prompt");
             let got = crate::greedy_ids(&model, &tok, &ids, want.len(), false);
             let common = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
-            println!("{name} {prompt:?}: {common}/{} tokens equal to mlx_lm.generate", want.len());
-            assert!(common >= min_common.min(want.len()), "{name} {prompt:?}: only {common} leading tokens agree with MLX\n lmx {got:?}\n mlx {want:?}");
+            println!("{name} {prompt:?}: free-running, the first {common}/{} tokens equal mlx_lm.generate's", want.len());
+            // Teacher-forced: lmx's next-token choice along MLX's own sequence.
+            let seq: Vec<u32> = ids.iter().chain(&want).copied().collect();
+            let input = Tensor::new(&seq[..seq.len() - 1], &lmx::Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("ids");
+            let logits = model.forward(&input, &mut model.new_cache(), lmx::Logits::All).and_then(|l| l.squeeze(0)).and_then(|l| l.to_vec2::<f32>()).expect("forward");
+            for (pos, want_tok) in want.iter().enumerate() {
+                let row = &logits[ids.len() - 1 + pos];
+                let best = row.iter().enumerate().fold(0, |b, (i, v)| if *v > row[b] { i } else { b });
+                agree += usize::from(best as u32 == *want_tok);
+                total += 1;
+            }
         }
+        let frac = agree as f64 / total as f64;
+        println!("{name}: lmx picks MLX's token at {agree}/{total} positions of MLX's generations ({:.0}%)", frac * 100.0);
+        assert!(frac >= min_agree, "{name}: lmx agrees with mlx_lm.generate at only {agree}/{total} positions");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
-
-/// Leading tokens equal to mlx_lm.generate's, at least, for every prompt (measured values in
-/// docs/BENCHMARKS.md).
-const MIN_COMMON_Q8: usize = 1;
-/// As above, 4-bit.
-const MIN_COMMON_Q4: usize = 1;
