@@ -116,6 +116,7 @@ fn perplexity_matches_mlx_within_one_percent() {
 #[test]
 fn greedy_tokens_follow_mlx_lm_generate() {
     let fixture = fixture();
+    // Measured at development time: 85% (8-bit) and 76% (4-bit) of 112 / 93 positions.
     for (name, min_agree) in [("q8_g64", 0.80), ("q4_g64", 0.70)] {
         let dir = quantized(name);
         let (model, tok) = lmx::load(&dir.to_string_lossy()).expect("load");
