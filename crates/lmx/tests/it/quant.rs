@@ -77,11 +77,12 @@ fn write_temp(folder: &lmx::convert::Folder, name: &str) -> std::path::PathBuf {
     out
 }
 
-fn quantized(name: &str) -> std::path::PathBuf {
+/// `name` quantized by lmx and written to a temporary folder private to `test`.
+fn quantized(name: &str, test: &str) -> std::path::PathBuf {
     let fixture = fixture();
     let mut folder = bf16_folder();
     quantize(&mut folder, &options(fixture["recipes"][name]["args"].as_array().expect("args"))).expect("quantize");
-    write_temp(&folder, name)
+    write_temp(&folder, &format!("{test}-{name}"))
 }
 
 /// Perplexity of bf16, 8-bit and 4-bit against MLX on the same weights and text. For the
@@ -92,8 +93,8 @@ fn quantized(name: &str) -> std::path::PathBuf {
 fn perplexity_matches_mlx_within_one_percent() {
     let fixture = fixture();
     let text = std::fs::read_to_string(std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../LICENSE")).expect("LICENSE");
-    let bf16 = write_temp(&bf16_folder(), "bf16");
-    for (name, dir) in [("bf16", bf16.clone()), ("q8_g64", quantized("q8_g64")), ("q4_g64", quantized("q4_g64"))] {
+    let bf16 = write_temp(&bf16_folder(), "ppl-bf16");
+    for (name, dir) in [("bf16", bf16.clone()), ("q8_g64", quantized("q8_g64", "ppl")), ("q4_g64", quantized("q4_g64", "ppl"))] {
         let (model, tok) = lmx::load(&dir.to_string_lossy()).expect("load");
         let tokens = tok.encode(&text, true).expect("encode");
         let got = lmx::perplexity(&*model, &tokens, 256, Some(8), |_, _| {}).expect("perplexity");
@@ -117,7 +118,7 @@ fn greedy_tokens_follow_mlx_lm_generate() {
     let fixture = fixture();
     // Measured at development time: 85% (8-bit) and 76% (4-bit) of 112 / 93 positions.
     for (name, min_agree) in [("q8_g64", 0.80), ("q4_g64", 0.70)] {
-        let dir = quantized(name);
+        let dir = quantized(name, "greedy");
         let (model, tok) = lmx::load(&dir.to_string_lossy()).expect("load");
         let (mut agree, mut total) = (0usize, 0usize);
         for (prompt, want) in fixture["recipes"][name]["greedy"].as_object().expect("greedy") {
