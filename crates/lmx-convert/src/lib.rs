@@ -62,11 +62,16 @@ pub fn dtype_name(dtype: DType) -> &'static str {
 /// float32 for GGUF, the checkpoint's own dtype for folders).
 pub fn read(source: &ModelSource, dtype: Option<DType>) -> Result<Folder, ConvertError> {
     let files = lmx_io::ModelFiles::load(source.clone(), dtype, &Device::Cpu)?;
-    let dtype = files.weights.dtype();
     let mut tensors = HashMap::new();
     for key in files.weights.keys() {
         tensors.insert(key.clone(), files.weights.tensor(&key)?);
     }
+    Ok(Folder { tensors, ..metadata(&files) })
+}
+
+/// Everything of a model folder but its tensors.
+fn metadata(files: &lmx_io::ModelFiles) -> Folder {
+    let dtype = files.weights.dtype();
     let mut config = files.config.clone();
     config["torch_dtype"] = dtype_name(dtype).into();
     if let Value::Object(map) = &mut config {
@@ -76,7 +81,162 @@ pub fn read(source: &ModelSource, dtype: Option<DType>) -> Result<Folder, Conver
     if let (Some(t), Value::Object(map)) = (&files.chat_template, &mut tokenizer_config) {
         map.insert("chat_template".into(), t.clone().into());
     }
-    Ok(Folder { config, tensors, tokenizer: files.tokenizer, tokenizer_config, generation_config: files.generation_config })
+    Folder { config, tensors: HashMap::new(), tokenizer: files.tokenizer.clone(), tokenizer_config, generation_config: files.generation_config.clone() }
+}
+
+/// What [`convert`] does to each tensor.
+#[derive(Debug, Clone)]
+pub enum Transform {
+    /// Copy (cast to the requested dtype).
+    Cast,
+    /// Quantize to MLX's affine format.
+    Quantize(quantize::QuantizeOptions),
+    /// Dequantize a quantized model.
+    Dequantize,
+}
+
+/// Converts `source` into the folder `out` one tensor at a time: each tensor is read from the
+/// memory-mapped checkpoint, transformed, and added to the current output shard, which is
+/// written when it reaches `max_shard_bytes`; so memory stays near one shard however large the
+/// model (GGUF sources are dequantized in memory first). Returns the bits per weight when
+/// quantizing. The output appears only when complete (temporary folder + rename).
+pub fn convert(source: &ModelSource, dtype: Option<DType>, transform: &Transform, out: &Path, max_shard_bytes: usize) -> Result<Option<f64>, ConvertError> {
+    if out.exists() {
+        return Err(ConvertError::OutputExists(out.to_path_buf()));
+    }
+    let files = lmx_io::ModelFiles::load(source.clone(), dtype, &Device::Cpu)?;
+    let mut folder = metadata(&files);
+    let keys = files.weights.keys();
+    let tmp = temp_dir_for(out)?;
+    let mut shards = ShardWriter::new(&tmp, max_shard_bytes);
+    let mut stats = quantize::Stats::default();
+    match transform {
+        Transform::Cast => {
+            for key in &keys {
+                shards.push(key.clone(), files.weights.tensor(key)?)?;
+            }
+        }
+        Transform::Quantize(opts) => {
+            let mut plan = quantize::Plan::new(&folder.config, opts, &keys)?;
+            for key in &keys {
+                for (k, t) in plan.tensor(key, files.weights.tensor(key)?, &mut stats)? {
+                    shards.push(k, t)?;
+                }
+            }
+            plan.write_config(&mut folder.config);
+        }
+        Transform::Dequantize => {
+            let q = lmx_io::QuantConfig::from_config(&folder.config).map_err(ConvertError::Invalid)?
+                .ok_or_else(|| ConvertError::Invalid("the model is not quantized; nothing to dequantize".into()))?;
+            let dtype = files.weights.dtype();
+            for key in &keys {
+                let module = key.strip_suffix(".weight");
+                let spec = module.and_then(|m| keys.contains(&format!("{m}.scales")).then(|| q.for_module(m, true)).flatten());
+                match (module, spec) {
+                    (Some(m), Some((spec, _))) => {
+                        let get = |s: &str| files.weights.tensor(&format!("{m}.{s}"));
+                        let qm = lmx_core::quant::QuantizedMatrix::from_tensors(&get("weight")?, &get("scales")?, &get("biases")?, spec.bits, spec.group_size)
+                            .map_err(|e| ConvertError::Invalid(format!("layer `{m}`: {e}")))?;
+                        shards.push(key.clone(), qm.dequantize()?.to_dtype(dtype)?)?;
+                    }
+                    _ if key.ends_with(".scales") || key.ends_with(".biases") => {}
+                    _ => shards.push(key.clone(), files.weights.tensor(key)?)?,
+                }
+            }
+            if let Value::Object(c) = &mut folder.config {
+                c.remove("quantization");
+                c.remove("quantization_config");
+            }
+        }
+    }
+    shards.finish()?;
+    write_metadata(&folder, &tmp)?;
+    std::fs::rename(&tmp, out).map_err(|e| IoError::io(out, e))?;
+    Ok(matches!(transform, Transform::Quantize(_)).then(|| stats.bits_per_weight()))
+}
+
+/// A fresh temporary sibling of `out` to write into.
+fn temp_dir_for(out: &Path) -> Result<PathBuf, ConvertError> {
+    let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
+    let tmp = out.with_file_name(format!(".{name}.partial-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| IoError::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| IoError::io(&tmp, e))?;
+    Ok(tmp)
+}
+
+/// config.json, tokenizer files and generation_config.json.
+fn write_metadata(folder: &Folder, dir: &Path) -> Result<(), ConvertError> {
+    write_json(&dir.join("config.json"), &folder.config)?;
+    folder.tokenizer.save(&dir.join("tokenizer.json"))?;
+    if !folder.tokenizer_config.is_null() {
+        write_json(&dir.join("tokenizer_config.json"), &folder.tokenizer_config)?;
+    }
+    if let Some(g) = &folder.generation_config {
+        write_json(&dir.join("generation_config.json"), g)?;
+    }
+    Ok(())
+}
+
+/// Collects tensors into shards of at most `max_bytes`, writing each as it fills; `finish`
+/// names them `model.safetensors`, or `model-0000i-of-0000n.safetensors` with an index.
+struct ShardWriter {
+    dir: PathBuf,
+    max_bytes: usize,
+    current: HashMap<String, Tensor>,
+    size: usize,
+    written: Vec<(PathBuf, Vec<String>)>,
+    total: usize,
+}
+
+impl ShardWriter {
+    fn new(dir: &Path, max_bytes: usize) -> Self {
+        Self { dir: dir.to_path_buf(), max_bytes, current: HashMap::new(), size: 0, written: Vec::new(), total: 0 }
+    }
+
+    fn push(&mut self, key: String, t: Tensor) -> Result<(), ConvertError> {
+        let bytes = t.elem_count() * t.dtype().size_in_bytes();
+        if self.size + bytes > self.max_bytes && self.size > 0 {
+            self.flush()?;
+        }
+        self.size += bytes;
+        self.total += bytes;
+        self.current.insert(key, t);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), ConvertError> {
+        let path = self.dir.join(format!("shard-{}.safetensors", self.written.len()));
+        lmx_io::safetensors_io::save_safetensors(&self.current, &path)?;
+        let mut keys: Vec<String> = self.current.drain().map(|(k, _)| k).collect();
+        keys.sort();
+        self.written.push((path, keys));
+        self.size = 0;
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<(), ConvertError> {
+        if !self.current.is_empty() || self.written.is_empty() {
+            self.flush()?;
+        }
+        let n = self.written.len();
+        if n == 1 {
+            let target = self.dir.join("model.safetensors");
+            return std::fs::rename(&self.written[0].0, &target).map_err(|e| IoError::io(target, e).into());
+        }
+        let mut weight_map = serde_json::Map::new();
+        for (i, (path, keys)) in self.written.iter().enumerate() {
+            let file = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
+            let target = self.dir.join(&file);
+            std::fs::rename(path, &target).map_err(|e| IoError::io(target, e))?;
+            for k in keys {
+                weight_map.insert(k.clone(), file.clone().into());
+            }
+        }
+        write_json(&self.dir.join("model.safetensors.index.json"), &json!({"metadata": {"total_size": self.total}, "weight_map": weight_map}))?;
+        Ok(())
+    }
 }
 
 /// Writes `folder` to `out` (which must not exist) through a temporary folder, in shards of
@@ -90,56 +250,14 @@ pub fn write_sharded(folder: &Folder, out: &Path, max_shard_bytes: usize) -> Res
     if out.exists() {
         return Err(ConvertError::OutputExists(out.to_path_buf()));
     }
-    let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
-    let tmp = out.with_file_name(format!(".{name}.partial-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| IoError::io(&tmp, e))?;
+    let tmp = temp_dir_for(out)?;
+    let mut shards = ShardWriter::new(&tmp, max_shard_bytes);
+    let sorted: BTreeMap<&String, &Tensor> = folder.tensors.iter().collect();
+    for (k, t) in sorted {
+        shards.push(k.clone(), t.clone())?;
     }
-    std::fs::create_dir_all(&tmp).map_err(|e| IoError::io(&tmp, e))?;
-    write_weights(&folder.tensors, &tmp, max_shard_bytes)?;
-    write_json(&tmp.join("config.json"), &folder.config)?;
-    folder.tokenizer.save(&tmp.join("tokenizer.json"))?;
-    if !folder.tokenizer_config.is_null() {
-        write_json(&tmp.join("tokenizer_config.json"), &folder.tokenizer_config)?;
-    }
-    if let Some(g) = &folder.generation_config {
-        write_json(&tmp.join("generation_config.json"), g)?;
-    }
+    shards.finish()?;
+    write_metadata(folder, &tmp)?;
     std::fs::rename(&tmp, out).map_err(|e| IoError::io(out, e))?;
     Ok(())
 }
-
-/// Writes `model.safetensors`, or shards of at most `max_shard_bytes` with
-/// `model.safetensors.index.json`.
-fn write_weights(tensors: &HashMap<String, Tensor>, dir: &Path, max_shard_bytes: usize) -> Result<(), ConvertError> {
-    let sorted: BTreeMap<&String, &Tensor> = tensors.iter().collect();
-    let mut shards: Vec<HashMap<String, Tensor>> = vec![HashMap::new()];
-    let mut size = 0;
-    for (k, t) in sorted {
-        let bytes = t.elem_count() * t.dtype().size_in_bytes();
-        if size + bytes > max_shard_bytes && size > 0 {
-            shards.push(HashMap::new());
-            size = 0;
-        }
-        size += bytes;
-        if let Some(last) = shards.last_mut() {
-            last.insert(k.clone(), t.clone());
-        }
-    }
-    if shards.len() == 1 {
-        return Ok(lmx_io::safetensors_io::save_safetensors(&shards[0], &dir.join("model.safetensors"))?);
-    }
-    let n = shards.len();
-    let mut weight_map = serde_json::Map::new();
-    let total: usize = tensors.values().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum();
-    for (i, shard) in shards.iter().enumerate() {
-        let file = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
-        lmx_io::safetensors_io::save_safetensors(shard, &dir.join(&file))?;
-        for k in shard.keys() {
-            weight_map.insert(k.clone(), file.clone().into());
-        }
-    }
-    write_json(&dir.join("model.safetensors.index.json"), &json!({"metadata": {"total_size": total}, "weight_map": weight_map}))?;
-    Ok(())
-}
-

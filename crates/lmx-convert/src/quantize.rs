@@ -128,51 +128,99 @@ impl Default for QuantizeOptions {
 /// Quantizes every eligible matrix of `folder` in place, writes the `quantization` and
 /// `quantization_config` blocks, and returns the bits per weight.
 pub fn quantize(folder: &mut Folder, opts: &QuantizeOptions) -> Result<f64, ConvertError> {
-    check_spec(opts.bits, opts.group_size).map_err(ConvertError::Invalid)?;
-    if folder.config.get("quantization").is_some() {
-        return Err(ConvertError::Invalid("the model is already quantized; dequantize it first (--dequantize) or start from the float model".into()));
+    let mut keys: Vec<String> = folder.tensors.keys().cloned().collect();
+    keys.sort();
+    let mut plan = Plan::new(&folder.config, opts, &keys)?;
+    let mut stats = Stats::default();
+    let mut out = std::collections::HashMap::new();
+    for key in keys {
+        let Some(t) = folder.tensors.remove(&key) else { continue };
+        out.extend(plan.tensor(&key, t, &mut stats)?);
     }
-    let mut modules: Vec<String> = folder
-        .tensors
-        .iter()
-        .filter(|(k, t)| k.ends_with(".weight") && t.rank() == 2 && t.dtype().is_float())
-        .map(|(k, _)| k.trim_end_matches(".weight").to_string())
-        .collect();
-    modules.sort();
-    let n_layers = modules.iter().filter_map(|m| layer_index(m)).max().map_or(0, |m| m + 1);
-    let mut block = Map::new();
-    block.insert("group_size".into(), opts.group_size.into());
-    block.insert("bits".into(), opts.bits.into());
-    block.insert("mode".into(), "affine".into());
-    for module in modules {
-        let key = format!("{module}.weight");
-        let w = &folder.tensors[&key];
-        // MLX LM skips matrices whose rows the default group size does not divide.
-        if w.dim(1)? % opts.group_size != 0 {
-            continue;
+    folder.tensors = out;
+    plan.write_config(&mut folder.config);
+    Ok(stats.bits_per_weight())
+}
+
+/// Bytes stored over parameters represented, for the bits-per-weight MLX LM prints.
+#[derive(Debug, Default)]
+pub struct Stats {
+    bytes: usize,
+    params: usize,
+}
+
+impl Stats {
+    /// Stored bits per parameter.
+    pub fn bits_per_weight(&self) -> f64 {
+        self.bytes as f64 * 8.0 / self.params.max(1) as f64
+    }
+}
+
+/// The per-tensor quantization decisions for one model (MLX LM's `quantize_model`).
+pub struct Plan<'a> {
+    opts: &'a QuantizeOptions,
+    n_layers: usize,
+    block: Map<String, Value>,
+}
+
+impl<'a> Plan<'a> {
+    /// A plan for the checkpoint with `config` and tensor `keys`.
+    pub fn new(config: &Value, opts: &'a QuantizeOptions, keys: &[String]) -> Result<Self, ConvertError> {
+        check_spec(opts.bits, opts.group_size).map_err(ConvertError::Invalid)?;
+        if config.get("quantization").is_some() {
+            return Err(ConvertError::Invalid("the model is already quantized; dequantize it first (--dequantize) or start from the float model".into()));
         }
-        let rule = opts.rules.iter().find(|r| glob(&r.pattern, &module));
+        let n_layers = keys.iter().filter_map(|k| layer_index(k)).max().map_or(0, |m| m + 1);
+        let mut block = Map::new();
+        block.insert("group_size".into(), opts.group_size.into());
+        block.insert("bits".into(), opts.bits.into());
+        block.insert("mode".into(), "affine".into());
+        Ok(Self { opts, n_layers, block })
+    }
+
+    /// The tensors to write for checkpoint tensor `key`: the packed weight with its scales and
+    /// biases for a quantized matrix, else the tensor itself.
+    pub fn tensor(&mut self, key: &str, t: Tensor, stats: &mut Stats) -> Result<Vec<(String, Tensor)>, ConvertError> {
+        let opts = self.opts;
+        let module = key.strip_suffix(".weight").filter(|_| t.rank() == 2 && t.dtype().is_float());
+        // MLX LM skips matrices whose rows the default group size does not divide.
+        let Some(module) = module.filter(|_| t.dims()[1] % opts.group_size == 0) else {
+            stats.bytes += t.elem_count() * t.dtype().size_in_bytes();
+            stats.params += t.elem_count();
+            return Ok(vec![(key.to_string(), t)]);
+        };
+        let rule = opts.rules.iter().find(|r| glob(&r.pattern, module));
         let (bits, group_size, explicit) = match (rule, opts.recipe) {
-            (Some(Rule { bits: None, .. }), _) => continue,
+            (Some(Rule { bits: None, .. }), _) => {
+                stats.bytes += t.elem_count() * t.dtype().size_in_bytes();
+                stats.params += t.elem_count();
+                return Ok(vec![(key.to_string(), t)]);
+            }
             (Some(r), _) => (r.bits.unwrap_or(opts.bits), r.group_size.unwrap_or(opts.group_size), true),
-            (None, Some(recipe)) => (mixed_bits(recipe, &module, n_layers), opts.group_size, true),
+            (None, Some(recipe)) => (mixed_bits(recipe, module, self.n_layers), opts.group_size, true),
             (None, None) => (opts.bits, opts.group_size, false),
         };
-        if w.dim(1)? % group_size != 0 {
-            return Err(ConvertError::Invalid(format!("layer `{module}`: a row of {} elements is not divisible by the group size {group_size}", w.dim(1)?)));
+        let cols = t.dims()[1];
+        if cols % group_size != 0 {
+            return Err(ConvertError::Invalid(format!("layer `{module}`: a row of {cols} elements is not divisible by the group size {group_size}")));
         }
-        let q = QuantizedMatrix::quantize(w, bits, group_size).map_err(|e| ConvertError::Invalid(format!("layer `{module}`: {e}")))?;
+        let q = QuantizedMatrix::quantize(&t, bits, group_size).map_err(|e| ConvertError::Invalid(format!("layer `{module}`: {e}")))?;
         let (packed, scales, biases) = q.to_tensors()?;
-        folder.tensors.insert(key, packed);
-        folder.tensors.insert(format!("{module}.scales"), scales);
-        folder.tensors.insert(format!("{module}.biases"), biases);
-        if explicit {
-            block.insert(module, json!({"group_size": group_size, "bits": bits, "mode": "affine"}));
+        stats.params += t.elem_count();
+        for x in [&packed, &scales, &biases] {
+            stats.bytes += x.elem_count() * x.dtype().size_in_bytes();
         }
+        if explicit {
+            self.block.insert(module.to_string(), json!({"group_size": group_size, "bits": bits, "mode": "affine"}));
+        }
+        Ok(vec![(key.to_string(), packed), (format!("{module}.scales"), scales), (format!("{module}.biases"), biases)])
     }
-    folder.config["quantization"] = Value::Object(block.clone());
-    folder.config["quantization_config"] = Value::Object(block);
-    Ok(bits_per_weight(folder))
+
+    /// Writes the `quantization` and `quantization_config` blocks into config.json.
+    pub fn write_config(self, config: &mut Value) {
+        config["quantization"] = Value::Object(self.block.clone());
+        config["quantization_config"] = Value::Object(self.block);
+    }
 }
 
 /// The layer index in a module path (`model.layers.7.mlp` -> 7).
@@ -199,26 +247,6 @@ fn mixed_bits(recipe: MixedRecipe, module: &str, n_layers: usize) -> usize {
     } else {
         low
     }
-}
-
-/// Stored bits over parameters, as MLX LM prints it.
-fn bits_per_weight(folder: &Folder) -> f64 {
-    let bits = folder.config["quantization"].clone();
-    let mut bytes = 0usize;
-    let mut params = 0usize;
-    for (k, t) in &folder.tensors {
-        let n = t.elem_count();
-        bytes += n * t.dtype().size_in_bytes();
-        params += match (t.dtype(), k.strip_suffix(".weight")) {
-            (DType::U32, Some(module)) => {
-                let b = bits.get(module).and_then(|m| m.get("bits")).or_else(|| bits.get("bits")).and_then(Value::as_u64).unwrap_or(4) as usize;
-                n * 32 / b
-            }
-            _ if k.ends_with(".scales") || k.ends_with(".biases") => 0,
-            _ => n,
-        };
-    }
-    bytes as f64 * 8.0 / params.max(1) as f64
 }
 
 /// Replaces every quantized matrix by its dequantized form in `dtype` and removes the

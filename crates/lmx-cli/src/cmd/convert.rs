@@ -57,9 +57,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let dtype = args.dtype.as_deref().map(lmx::core::parse_dtype).transpose()?;
     let t = std::time::Instant::now();
-    eprintln!("[INFO] Loading {}", source.path().display());
-    let mut folder = lmx::convert::read(&source, dtype).with_context(|| format!("reading {}", source.path().display()))?;
-    if quantizing {
+    let transform = if quantizing {
         let rules = match &args.quant_rules {
             Some(p) => {
                 let text = std::fs::read_to_string(p).with_context(|| format!("reading --quant-rules {}", p.display()))?;
@@ -67,28 +65,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             None => Vec::new(),
         };
-        let opts = lmx::convert::quantize::QuantizeOptions {
+        lmx::convert::Transform::Quantize(lmx::convert::quantize::QuantizeOptions {
             bits: args.q_bits.unwrap_or(4),
             group_size: args.q_group_size.unwrap_or(64),
             recipe: args.quant_predicate.as_deref().map(lmx::convert::quantize::MixedRecipe::parse).transpose()?,
             rules,
-        };
-        eprintln!("[INFO] Quantizing");
-        let bpw = lmx::convert::quantize::quantize(&mut folder, &opts)?;
+        })
+    } else if args.dequantize {
+        lmx::convert::Transform::Dequantize
+    } else {
+        lmx::convert::Transform::Cast
+    };
+    eprintln!("[INFO] Converting into {} (one tensor at a time, shards of up to 5 GB)", args.mlx_path.display());
+    let bpw = lmx::convert::convert(&source, dtype, &transform, &args.mlx_path, lmx::convert::MAX_SHARD_BYTES)
+        .with_context(|| format!("converting {}", source.path().display()))?;
+    if let Some(bpw) = bpw {
         eprintln!("[INFO] Quantized model with {bpw:.3} bits per weight.");
     }
-    if args.dequantize {
-        eprintln!("[INFO] Dequantizing");
-        let dtype = dtype.unwrap_or_else(|| folder_dtype(&folder));
-        lmx::convert::quantize::dequantize(&mut folder, dtype)?;
-    }
-    eprintln!("[INFO] Saving {} tensors to {}", folder.tensors.len(), args.mlx_path.display());
-    lmx::convert::write(&folder, &args.mlx_path)?;
     eprintln!("[INFO] Done in {:.1}s", t.elapsed().as_secs_f64());
     Ok(())
-}
-
-/// The float dtype a folder's config declares.
-fn folder_dtype(folder: &lmx::convert::Folder) -> lmx::DType {
-    folder.config.get("torch_dtype").and_then(|v| v.as_str()).and_then(|n| lmx::core::parse_dtype(n).ok()).unwrap_or(lmx::DType::F32)
 }

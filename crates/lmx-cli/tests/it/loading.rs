@@ -51,3 +51,39 @@ fn help_lists_mlx_lm_flag_names() {
         assert!(bench.contains(flag), "lmx benchmark --help lacks {flag}");
     }
 }
+
+/// The streaming converter (one tensor at a time, shards written as they fill) writes the same
+/// tensors as quantizing in memory, in several shards with an index.
+#[test]
+fn streaming_convert_equals_in_memory_quantize() {
+    let src = tiny_model("stream-src");
+    let dir = temp_dir("stream");
+    let opts = lmx::convert::quantize::QuantizeOptions { group_size: 32, ..Default::default() };
+    let source = lmx::ModelSource::Folder(src.clone());
+    let streamed = dir.join("streamed");
+    let bpw = lmx::convert::convert(&source, None, &lmx::convert::Transform::Quantize(opts.clone()), &streamed, 30_000).expect("convert");
+    // f32 scales and biases per 32 weights add 2 bits to the 4.
+    assert!(bpw.is_some_and(|b| b > 6.0 && b < 6.5), "bits per weight {bpw:?}");
+    assert!(streamed.join("model.safetensors.index.json").exists());
+    let mut in_memory = lmx::convert::read(&source, None).expect("read");
+    lmx::convert::quantize::quantize(&mut in_memory, &opts).expect("quantize");
+    let (a, _) = lmx::load(&path_str(&streamed)).expect("load streamed");
+    let w = lmx::io::Weights::from_safetensors(
+        &std::fs::read_dir(&streamed).expect("ls").filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "safetensors")).collect::<Vec<_>>(),
+        lmx::DType::F32,
+        &lmx::Device::Cpu,
+    )
+    .expect("read shards");
+    let mut keys = w.keys();
+    let mut want: Vec<String> = in_memory.tensors.keys().cloned().collect();
+    keys.sort();
+    want.sort();
+    assert_eq!(keys, want);
+    for k in &keys {
+        let (x, y) = (w.tensor(k).expect("t"), &in_memory.tensors[k]);
+        let same = x.flatten_all().and_then(|x| x.to_dtype(lmx::DType::F32)).and_then(|x| x.to_vec1::<f32>()).expect("x")
+            == y.flatten_all().and_then(|y| y.to_dtype(lmx::DType::F32)).and_then(|y| y.to_vec1::<f32>()).expect("y");
+        assert!(same, "{k} differs between streamed and in-memory quantization");
+    }
+    drop(a);
+}
