@@ -367,6 +367,17 @@ mod kernels {
     // SAFETY: as above.
     unsafe impl Sync for SendPtr {}
 
+    /// True when the AVX-512 (F + BW) 4-bit kernel should run: the CPU has it and
+    /// `LMX_AVX512=1` asks for it. It is opt-in because on the Zen 4 development machine it
+    /// measured 0.63x the speed of the AVX2 kernel (docs/BENCHMARKS.md).
+    #[cfg(target_arch = "x86_64")]
+    fn avx512() -> bool {
+        static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVX512.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") && std::env::var_os("LMX_AVX512").is_some_and(|v| v == "1")
+        })
+    }
+
     /// x quantized to int8 for the 4-bit AVX2 kernel, per block of 64 elements: a scale
     /// `dx = max|x| / 127` and 64 codes ordered [even elements][odd elements], the order in
     /// which a 32-byte block of 4-bit weights splits into low and high nibbles. This is
@@ -377,6 +388,12 @@ mod kernels {
     pub struct Q8Activations {
         codes: Vec<i8>,
         scales: Vec<f32>,
+    }
+
+    /// (codes, scales) of [`quantize_activations`], for the kernel tests.
+    #[cfg(test)]
+    pub fn quantize_activations_for_test(q: &QuantizedMatrix, x: &[f32]) -> Option<(Vec<i8>, Vec<f32>)> {
+        quantize_activations(q, x).map(|a| (a.codes, a.scales))
     }
 
     fn quantize_activations(q: &QuantizedMatrix, x: &[f32]) -> Option<Q8Activations> {
@@ -411,6 +428,10 @@ mod kernels {
             // The common case (bf16 models): scales, biases and the bias term are read inside
             // the kernel, with no per-row conversion pass.
             let (sr, br) = (&sv[r * groups..(r + 1) * groups], &bv[r * groups..(r + 1) * groups]);
+            if avx512() {
+                // SAFETY: AVX-512F/BW are available (checked); sizes as below.
+                return unsafe { super::x86::row_dot_4bit_q8_bf16_avx512(row, q.group_size, sr, br, xsums, &xq.codes, &xq.scales) };
+            }
             // SAFETY: `x_q8` is only built when AVX2 and FMA are available; `row` holds
             // `cols` 4-bit codes, `xq` one code per column, `sr`/`br`/`xsums` one value per group.
             return unsafe { super::x86::row_dot_4bit_q8_bf16(row, q.group_size, sr, br, xsums, &xq.codes, &xq.scales) };
@@ -589,6 +610,87 @@ mod x86 {
         hsum(acc) + bias_part
     }
 
+    /// [`row_dot_4bit_q8_bf16`] with 512-bit registers: two 64-weight blocks (64 code bytes,
+    /// 128 int8 activations) per iteration.
+    ///
+    /// # Safety
+    /// AVX-512F and AVX-512BW must be available; otherwise as [`row_dot_4bit_q8_bf16`].
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn row_dot_4bit_q8_bf16_avx512(
+        row: &[u32],
+        group_size: usize,
+        scales: &[half::bf16],
+        biases: &[half::bf16],
+        xsums: &[f32],
+        xq: &[i8],
+        dx: &[f32],
+    ) -> f32 {
+        let mask = _mm512_set1_epi8(0x0F);
+        let ones = _mm512_set1_epi16(1);
+        let mut acc = _mm512_setzero_ps();
+        let mut bias_part = 0f32;
+        let blocks_per_group = group_size / 64;
+        for (b, xs) in biases.iter().zip(xsums) {
+            bias_part += b.to_f32() * xs;
+        }
+        // The multiplier of block b: its group's scale times its activation scale.
+        let n_blocks = dx.len();
+        let mult = |b: usize| scales[b / blocks_per_group].to_f32() * dx[b];
+        let mut b = 0;
+        while b + 2 <= n_blocks {
+            let e = b * 64;
+            // SAFETY: words e/8 .. e/8 + 16 and codes e .. e + 128 are in bounds (b + 2 <= n_blocks).
+            unsafe {
+                // 64 bytes = blocks b and b + 1, 32 bytes each; their activations are laid out
+                // [even b][odd b][even b+1][odd b+1].
+                let v = _mm512_loadu_si512(row.as_ptr().add(e / 8) as *const _);
+                let lo = _mm512_and_si512(v, mask);
+                let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+                let x0 = _mm512_loadu_si512(xq.as_ptr().add(e) as *const _);
+                let x1 = _mm512_loadu_si512(xq.as_ptr().add(e + 64) as *const _);
+                // Even activations of both blocks in one register, odd ones in the other.
+                let xe = _mm512_inserti64x4(x0, _mm512_castsi512_si256(x1), 1);
+                let xo = _mm512_inserti64x4(x1, _mm512_extracti64x4_epi64(x0, 1), 0);
+                let p = _mm512_add_epi16(_mm512_maddubs_epi16(lo, xe), _mm512_maddubs_epi16(hi, xo));
+                let i = _mm512_madd_epi16(p, ones);
+                let m = _mm512_insertf32x8(_mm512_set1_ps(mult(b)), _mm256_set1_ps(mult(b + 1)), 1);
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), m, acc);
+            }
+            b += 2;
+        }
+        let mut total = _mm512_reduce_add_ps(acc) + bias_part;
+        if b < n_blocks {
+            // An odd block count: the last block with the AVX2 kernel's arithmetic.
+            let e = b * 64;
+            // SAFETY: AVX2 is implied by AVX-512F; the block is in bounds.
+            total += unsafe { block_dot_avx2(row, xq, e) } * mult(b);
+        }
+        total
+    }
+
+    /// The integer dot product of one 64-weight 4-bit block with its int8 activations.
+    ///
+    /// # Safety
+    /// AVX2 must be available; the block at element `e` is in bounds.
+    #[target_feature(enable = "avx2")]
+    unsafe fn block_dot_avx2(row: &[u32], xq: &[i8], e: usize) -> f32 {
+        // SAFETY: as documented above.
+        unsafe {
+            let mask = _mm256_set1_epi8(0x0F);
+            let v = _mm256_loadu_si256(row.as_ptr().add(e / 8) as *const __m256i);
+            let lo = _mm256_and_si256(v, mask);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+            let xe = _mm256_loadu_si256(xq.as_ptr().add(e) as *const __m256i);
+            let xo = _mm256_loadu_si256(xq.as_ptr().add(e + 32) as *const __m256i);
+            let p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo));
+            let i = _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+            let a = _mm256_cvtepi32_ps(i);
+            let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+        }
+    }
+
     /// sum over groups of scales[g] * (x_g . q_g) for one 4- or 8-bit row, with one horizontal
     /// sum at the end.
     ///
@@ -758,6 +860,38 @@ mod tests {
             kernels::scalar_dequantize_group(row, 64, bits, 0.37, -1.5, &mut a);
             kernels::dequantize_group(row, 64, bits, 0.37, -1.5, &mut b);
             assert_eq!(a, b, "bits {bits}");
+        }
+        Ok(())
+    }
+
+    /// The AVX-512 and AVX2 4-bit decode kernels agree (odd and even block counts).
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx512_matches_avx2() -> Result<()> {
+        if !(std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") && std::arch::is_x86_feature_detected!("avx2")) {
+            return Ok(());
+        }
+        for cols in [192usize, 256] {
+            let w = rand(3, cols).to_dtype(DType::BF16)?;
+            let q = QuantizedMatrix::quantize(&w, 4, 64)?;
+            let x: Vec<f32> = rand(1, cols).flatten_all()?.to_vec1()?;
+            let xq = kernels::quantize_activations_for_test(&q, &x).expect("avx2 machine");
+            let xsums: Vec<f32> = x.chunks(64).map(|g| g.iter().sum()).collect();
+            let (GroupParams::Bf16(sv), GroupParams::Bf16(bv)) = (&q.scales, &q.biases) else { panic!("bf16 scales") };
+            let words = cols / 8;
+            let groups = cols / 64;
+            for r in 0..3 {
+                let row = &q.packed[r * words..(r + 1) * words];
+                let (sr, br) = (&sv[r * groups..(r + 1) * groups], &bv[r * groups..(r + 1) * groups]);
+                // SAFETY: features checked above; sizes match.
+                let (a, b) = unsafe {
+                    (
+                        x86::row_dot_4bit_q8_bf16(row, 64, sr, br, &xsums, &xq.0, &xq.1),
+                        x86::row_dot_4bit_q8_bf16_avx512(row, 64, sr, br, &xsums, &xq.0, &xq.1),
+                    )
+                };
+                assert!((a - b).abs() <= 1e-3 * (1.0 + a.abs()), "cols {cols} row {r}: avx2 {a} vs avx512 {b}");
+            }
         }
         Ok(())
     }
