@@ -18,6 +18,33 @@ pub const SUPPORTED_BITS: &[usize] = &[2, 3, 4, 5, 6, 8];
 /// Group sizes MLX's affine mode supports.
 pub const SUPPORTED_GROUP_SIZES: &[usize] = &[32, 64, 128];
 
+/// A scale or bias element, widened to f32 by the kernels.
+pub trait Scale: Copy {
+    /// The value as f32.
+    fn f32(self) -> f32;
+}
+
+impl Scale for f32 {
+    #[inline]
+    fn f32(self) -> f32 {
+        self
+    }
+}
+
+impl Scale for bf16 {
+    #[inline]
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+impl Scale for f16 {
+    #[inline]
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+}
+
 /// Per-group scales or biases, kept in the checkpoint's dtype.
 #[derive(Debug, Clone)]
 pub enum GroupParams {
@@ -378,6 +405,18 @@ mod kernels {
         })
     }
 
+    /// A 4-bit row against int8 activations, on the widest kernel that runs here.
+    #[cfg(target_arch = "x86_64")]
+    fn int8_row<S: super::Scale>(row: &[u32], group_size: usize, s: &[S], b: &[S], xsums: &[f32], xq: &Q8Activations) -> f32 {
+        if avx512() {
+            // SAFETY: AVX-512F/BW are available (checked); one scale, bias and x-sum per group.
+            return unsafe { super::x86::row_dot_4bit_q8_avx512(row, group_size, s, b, xsums, &xq.codes, &xq.scales) };
+        }
+        // SAFETY: Q8Activations exist only where AVX2 and FMA are available; `row` holds one
+        // 4-bit code per activation code.
+        unsafe { super::x86::row_dot_4bit_q8(row, group_size, s, b, xsums, &xq.codes, &xq.scales) }
+    }
+
     /// x quantized to int8 for the 4-bit AVX2 kernel, per block of 64 elements: a scale
     /// `dx = max|x| / 127` and 64 codes ordered [even elements][odd elements], the order in
     /// which a 32-byte block of 4-bit weights splits into low and high nibbles. This is
@@ -424,27 +463,19 @@ mod kernels {
         let row = &q.packed[r * words..(r + 1) * words];
         let groups = s.len();
         #[cfg(target_arch = "x86_64")]
-        if let (Some(xq), GroupParams::Bf16(sv), GroupParams::Bf16(bv)) = (x_q8, &q.scales, &q.biases) {
-            // The common case (bf16 models): scales, biases and the bias term are read inside
-            // the kernel, with no per-row conversion pass.
-            let (sr, br) = (&sv[r * groups..(r + 1) * groups], &bv[r * groups..(r + 1) * groups]);
-            if avx512() {
-                // SAFETY: AVX-512F/BW are available (checked); sizes as below.
-                return unsafe { super::x86::row_dot_4bit_q8_bf16_avx512(row, q.group_size, sr, br, xsums, &xq.codes, &xq.scales) };
+        if let Some(xq) = x_q8 {
+            let rg = r * groups..(r + 1) * groups;
+            match (&q.scales, &q.biases) {
+                (GroupParams::Bf16(sv), GroupParams::Bf16(bv)) => return int8_row(row, q.group_size, &sv[rg.clone()], &bv[rg], xsums, xq),
+                (GroupParams::F16(sv), GroupParams::F16(bv)) => return int8_row(row, q.group_size, &sv[rg.clone()], &bv[rg], xsums, xq),
+                (GroupParams::F32(sv), GroupParams::F32(bv)) => return int8_row(row, q.group_size, &sv[rg.clone()], &bv[rg], xsums, xq),
+                // Scales and biases of different dtypes: the float path below.
+                _ => {}
             }
-            // SAFETY: `x_q8` is only built when AVX2 and FMA are available; `row` holds
-            // `cols` 4-bit codes, `xq` one code per column, `sr`/`br`/`xsums` one value per group.
-            return unsafe { super::x86::row_dot_4bit_q8_bf16(row, q.group_size, sr, br, xsums, &xq.codes, &xq.scales) };
         }
         q.scales.fill(r * groups, s);
         q.biases.fill(r * groups, b);
         let bias_part: f32 = b.iter().zip(xsums).map(|(b, xs)| b * xs).sum();
-        #[cfg(target_arch = "x86_64")]
-        if let Some(xq) = x_q8 {
-            // SAFETY: `x_q8` is only built when AVX2 and FMA are available; `row` holds
-            // `cols` 4-bit codes and `xq` one code per column.
-            return unsafe { super::x86::row_dot_4bit_q8(row, q.group_size, s, &xq.codes, &xq.scales) } + bias_part;
-        }
         #[cfg(target_arch = "x86_64")]
         if (q.bits == 4 || q.bits == 8) && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             // SAFETY: AVX2 and FMA are available (checked above); `row` holds `cols` codes.
@@ -533,21 +564,32 @@ mod x86 {
         }
     }
 
-    /// sum over groups of scales[g] * (x_g . q_g) for one 4-bit row against int8 activations
-    /// (`kernels::Q8Activations`): per 64 weights, the 32 code bytes split into low and high
-    /// nibbles, two unsigned-by-signed byte multiply-adds, one 16-to-32-bit pair sum, and one
-    /// float multiply-add by scale * dx.
+    /// One output of a 4-bit row against int8 activations (`kernels::Q8Activations`),
+    /// bias term sum_g biases[g] * xsums[g] included: per 64 weights, the 32 code bytes split
+    /// into low and high nibbles, two unsigned-by-signed byte multiply-adds, one 16-to-32-bit
+    /// pair sum, and one float multiply-add by scale * dx.
     ///
     /// # Safety
     /// AVX2 and FMA must be available; `row` holds xq.len() codes; group_size is a multiple of
-    /// 64; `dx` has one scale per 64 activations.
+    /// 64; `dx` has one scale per 64 activations; `scales`, `biases`, `xsums` one per group.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn row_dot_4bit_q8(row: &[u32], group_size: usize, scales: &[f32], xq: &[i8], dx: &[f32]) -> f32 {
+    pub unsafe fn row_dot_4bit_q8<S: super::Scale>(
+        row: &[u32],
+        group_size: usize,
+        scales: &[S],
+        biases: &[S],
+        xsums: &[f32],
+        xq: &[i8],
+        dx: &[f32],
+    ) -> f32 {
         let mask = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
         let mut acc = _mm256_setzero_ps();
+        let mut bias_part = 0f32;
         let blocks_per_group = group_size / 64;
-        for (g, s) in scales.iter().enumerate() {
+        for g in 0..scales.len() {
+            let s = scales[g].f32();
+            bias_part += biases[g].f32() * xsums[g];
             for blk in 0..blocks_per_group {
                 let b = g * blocks_per_group + blk;
                 let e = b * 64;
@@ -565,62 +607,20 @@ mod x86 {
                 }
             }
         }
-        hsum(acc)
-    }
-
-    /// [`row_dot_4bit_q8`] for bf16 scales and biases, including the bias term
-    /// sum_g biases[g] * xsums[g], so one call computes the whole output.
-    ///
-    /// # Safety
-    /// As [`row_dot_4bit_q8`]; `scales`, `biases` and `xsums` have one value per group.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn row_dot_4bit_q8_bf16(
-        row: &[u32],
-        group_size: usize,
-        scales: &[half::bf16],
-        biases: &[half::bf16],
-        xsums: &[f32],
-        xq: &[i8],
-        dx: &[f32],
-    ) -> f32 {
-        let mask = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = _mm256_setzero_ps();
-        let mut bias_part = 0f32;
-        let blocks_per_group = group_size / 64;
-        for g in 0..scales.len() {
-            let s = scales[g].to_f32();
-            bias_part += biases[g].to_f32() * xsums[g];
-            for blk in 0..blocks_per_group {
-                let b = g * blocks_per_group + blk;
-                let e = b * 64;
-                // SAFETY: words e/8 .. e/8 + 8 and codes e .. e + 64 are in bounds.
-                unsafe {
-                    let v = _mm256_loadu_si256(row.as_ptr().add(e / 8) as *const __m256i);
-                    let lo = _mm256_and_si256(v, mask);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-                    let xe = _mm256_loadu_si256(xq.as_ptr().add(e) as *const __m256i);
-                    let xo = _mm256_loadu_si256(xq.as_ptr().add(e + 32) as *const __m256i);
-                    let p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo));
-                    let i = _mm256_madd_epi16(p, ones);
-                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(s * dx[b]), acc);
-                }
-            }
-        }
         hsum(acc) + bias_part
     }
 
-    /// [`row_dot_4bit_q8_bf16`] with 512-bit registers: two 64-weight blocks (64 code bytes,
+    /// [`row_dot_4bit_q8`] with 512-bit registers: two 64-weight blocks (64 code bytes,
     /// 128 int8 activations) per iteration.
     ///
     /// # Safety
-    /// AVX-512F and AVX-512BW must be available; otherwise as [`row_dot_4bit_q8_bf16`].
+    /// AVX-512F and AVX-512BW must be available; otherwise as [`row_dot_4bit_q8`].
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub unsafe fn row_dot_4bit_q8_bf16_avx512(
+    pub unsafe fn row_dot_4bit_q8_avx512<S: super::Scale>(
         row: &[u32],
         group_size: usize,
-        scales: &[half::bf16],
-        biases: &[half::bf16],
+        scales: &[S],
+        biases: &[S],
         xsums: &[f32],
         xq: &[i8],
         dx: &[f32],
@@ -631,11 +631,11 @@ mod x86 {
         let mut bias_part = 0f32;
         let blocks_per_group = group_size / 64;
         for (b, xs) in biases.iter().zip(xsums) {
-            bias_part += b.to_f32() * xs;
+            bias_part += b.f32() * xs;
         }
         // The multiplier of block b: its group's scale times its activation scale.
         let n_blocks = dx.len();
-        let mult = |b: usize| scales[b / blocks_per_group].to_f32() * dx[b];
+        let mult = |b: usize| scales[b / blocks_per_group].f32() * dx[b];
         let mut b = 0;
         while b + 2 <= n_blocks {
             let e = b * 64;
@@ -886,8 +886,8 @@ mod tests {
                 // SAFETY: features checked above; sizes match.
                 let (a, b) = unsafe {
                     (
-                        x86::row_dot_4bit_q8_bf16(row, 64, sr, br, &xsums, &xq.0, &xq.1),
-                        x86::row_dot_4bit_q8_bf16_avx512(row, 64, sr, br, &xsums, &xq.0, &xq.1),
+                        x86::row_dot_4bit_q8(row, 64, sr, br, &xsums, &xq.0, &xq.1),
+                        x86::row_dot_4bit_q8_avx512(row, 64, sr, br, &xsums, &xq.0, &xq.1),
                     )
                 };
                 assert!((a - b).abs() <= 1e-3 * (1.0 + a.abs()), "cols {cols} row {r}: avx2 {a} vs avx512 {b}");
