@@ -582,8 +582,6 @@ mod x86 {
         xq: &[i8],
         dx: &[f32],
     ) -> f32 {
-        let mask = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
         let mut acc = _mm256_setzero_ps();
         let mut bias_part = 0f32;
         let blocks_per_group = group_size / 64;
@@ -592,22 +590,35 @@ mod x86 {
             bias_part += biases[g].f32() * xsums[g];
             for blk in 0..blocks_per_group {
                 let b = g * blocks_per_group + blk;
-                let e = b * 64;
-                // SAFETY: words e/8 .. e/8 + 8 and codes e .. e + 64 are in bounds.
-                unsafe {
-                    let v = _mm256_loadu_si256(row.as_ptr().add(e / 8) as *const __m256i);
-                    let lo = _mm256_and_si256(v, mask);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-                    let xe = _mm256_loadu_si256(xq.as_ptr().add(e) as *const __m256i);
-                    let xo = _mm256_loadu_si256(xq.as_ptr().add(e + 32) as *const __m256i);
-                    // Each i16 lane is at most 2 * 2 * 15 * 127 = 7620: no saturation.
-                    let p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo));
-                    let i = _mm256_madd_epi16(p, ones);
-                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(s * dx[b]), acc);
-                }
+                // SAFETY: block b lies inside `row` and `xq` (caller's contract).
+                let i = unsafe { block_i32(row, xq, b * 64) };
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(s * dx[b]), acc);
             }
         }
         hsum(acc) + bias_part
+    }
+
+    /// The integer products of one 64-weight 4-bit block (starting at element `e`) with its
+    /// int8 activations, as 8 i32 partial sums.
+    ///
+    /// # Safety
+    /// AVX2 must be available; words e/8 .. e/8 + 8 of `row` and codes e .. e + 64 of `xq`
+    /// must be in bounds.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn block_i32(row: &[u32], xq: &[i8], e: usize) -> __m256i {
+        let mask = _mm256_set1_epi8(0x0F);
+        // SAFETY: as documented above.
+        unsafe {
+            let v = _mm256_loadu_si256(row.as_ptr().add(e / 8) as *const __m256i);
+            let lo = _mm256_and_si256(v, mask);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+            let xe = _mm256_loadu_si256(xq.as_ptr().add(e) as *const __m256i);
+            let xo = _mm256_loadu_si256(xq.as_ptr().add(e + 32) as *const __m256i);
+            // Each i16 lane is at most 2 * 2 * 15 * 127 = 7620: no saturation.
+            let p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo));
+            _mm256_madd_epi16(p, _mm256_set1_epi16(1))
+        }
     }
 
     /// [`row_dot_4bit_q8`] with 512-bit registers: two 64-weight blocks (64 code bytes,
@@ -663,32 +674,9 @@ mod x86 {
             // An odd block count: the last block with the AVX2 kernel's arithmetic.
             let e = b * 64;
             // SAFETY: AVX2 is implied by AVX-512F; the block is in bounds.
-            total += unsafe { block_dot_avx2(row, xq, e) } * mult(b);
+            total += hsum(_mm256_cvtepi32_ps(unsafe { block_i32(row, xq, e) })) * mult(b);
         }
         total
-    }
-
-    /// The integer dot product of one 64-weight 4-bit block with its int8 activations.
-    ///
-    /// # Safety
-    /// AVX2 must be available; the block at element `e` is in bounds.
-    #[target_feature(enable = "avx2")]
-    unsafe fn block_dot_avx2(row: &[u32], xq: &[i8], e: usize) -> f32 {
-        // SAFETY: as documented above.
-        unsafe {
-            let mask = _mm256_set1_epi8(0x0F);
-            let v = _mm256_loadu_si256(row.as_ptr().add(e / 8) as *const __m256i);
-            let lo = _mm256_and_si256(v, mask);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-            let xe = _mm256_loadu_si256(xq.as_ptr().add(e) as *const __m256i);
-            let xo = _mm256_loadu_si256(xq.as_ptr().add(e + 32) as *const __m256i);
-            let p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo));
-            let i = _mm256_madd_epi16(p, _mm256_set1_epi16(1));
-            let a = _mm256_cvtepi32_ps(i);
-            let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
-        }
     }
 
     /// sum over groups of scales[g] * (x_g . q_g) for one 4- or 8-bit row, with one horizontal
