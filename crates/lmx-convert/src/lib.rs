@@ -135,9 +135,8 @@ pub fn convert(source: &ModelSource, dtype: Option<DType>, transform: &Transform
                 match (module, spec) {
                     (Some(m), Some((spec, _))) => {
                         let get = |s: &str| files.weights.tensor(&format!("{m}.{s}"));
-                        let qm = lmx_core::quant::QuantizedMatrix::from_tensors(&get("weight")?, &get("scales")?, &get("biases")?, spec.bits, spec.group_size)
-                            .map_err(|e| ConvertError::Invalid(format!("layer `{m}`: {e}")))?;
-                        shards.push(key.clone(), qm.dequantize()?.to_dtype(dtype)?)?;
+                        let w = quantize::dequantize_module(m, &get("weight")?, &get("scales")?, &get("biases")?, spec, dtype)?;
+                        shards.push(key.clone(), w)?;
                     }
                     _ if key.ends_with(".scales") || key.ends_with(".biases") => {}
                     _ => shards.push(key.clone(), files.weights.tensor(key)?)?,

@@ -249,28 +249,12 @@ fn mixed_bits(recipe: MixedRecipe, module: &str, n_layers: usize) -> usize {
     }
 }
 
-/// Replaces every quantized matrix by its dequantized form in `dtype` and removes the
-/// quantization blocks (`--dequantize`).
-pub fn dequantize(folder: &mut Folder, dtype: DType) -> Result<(), ConvertError> {
-    let q = lmx_io::QuantConfig::from_config(&folder.config).map_err(ConvertError::Invalid)?;
-    let Some(q) = q else { return Err(ConvertError::Invalid("the model is not quantized; nothing to dequantize".into())) };
-    let modules: Vec<String> = folder.tensors.keys().filter_map(|k| k.strip_suffix(".scales")).map(str::to_string).collect();
-    for module in modules {
-        let Some((spec, _)) = q.for_module(&module, true) else { continue };
-        let get = |s: &str| folder.tensors.get(&format!("{module}.{s}")).cloned().ok_or_else(|| ConvertError::Invalid(format!("layer `{module}`: `{module}.{s}` is missing")));
-        let (packed, scales, biases) = (get("weight")?, get("scales")?, get("biases")?);
-        let m = QuantizedMatrix::from_tensors(&packed, &scales, &biases, spec.bits, spec.group_size)
-            .map_err(|e| ConvertError::Invalid(format!("layer `{module}`: {e}")))?;
-        let w: Tensor = m.dequantize()?.to_dtype(dtype)?;
-        folder.tensors.insert(format!("{module}.weight"), w);
-        folder.tensors.remove(&format!("{module}.scales"));
-        folder.tensors.remove(&format!("{module}.biases"));
-    }
-    if let Value::Object(c) = &mut folder.config {
-        c.remove("quantization");
-        c.remove("quantization_config");
-    }
-    Ok(())
+/// The float matrix of a quantized module (`--dequantize`), from its packed weight, scales and
+/// biases, in `dtype`. Errors name the layer.
+pub fn dequantize_module(module: &str, packed: &Tensor, scales: &Tensor, biases: &Tensor, spec: lmx_io::QuantSpec, dtype: DType) -> Result<Tensor, ConvertError> {
+    let m = QuantizedMatrix::from_tensors(packed, scales, biases, spec.bits, spec.group_size)
+        .map_err(|e| ConvertError::Invalid(format!("layer `{module}`: {e}")))?;
+    Ok(m.dequantize()?.to_dtype(dtype)?)
 }
 
 #[cfg(test)]

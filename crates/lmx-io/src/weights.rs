@@ -116,7 +116,8 @@ impl Weights {
     /// Checks that every checkpoint tensor was used, except keys for which `ignored` is true
     /// (e.g. `rotary_emb.inv_freq` buffers that some exporters save).
     pub fn finish(&self, ignored: impl Fn(&str) -> bool) -> Result<()> {
-        let used = self.inner.used.lock().map_err(|_| IoError::Tokenizer("poisoned lock".into()))?;
+        // A panic while another thread held the lock cannot corrupt a set of names: keep it.
+        let used = self.inner.used.lock().unwrap_or_else(|e| e.into_inner());
         let mut unused: Vec<&String> =
             self.inner.index.keys().filter(|k| !used.contains(*k) && !ignored(k)).collect();
         unused.sort();
