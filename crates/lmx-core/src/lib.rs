@@ -7,6 +7,8 @@
 pub mod cpu;
 pub mod cpu_fused;
 pub mod device;
+pub mod frozen;
+pub mod gradcheck;
 pub mod ops;
 pub mod quant;
 

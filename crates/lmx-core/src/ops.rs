@@ -83,6 +83,8 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
         && matches!(x.dtype(), DType::F32 | DType::BF16)
         && weight.is_contiguous();
     let y = match x.dims() {
+        // Fine-tuning around a frozen weight: only the input's gradient is computed.
+        _ if x.track_op() && !weight.track_op() => crate::frozen::frozen_linear(x, weight)?,
         _ if fast => x.contiguous()?.apply_op2_no_bwd(weight, &crate::cpu::MatVec)?,
         [b, t, k] if x.is_contiguous() => {
             // One 2-D matmul over all rows is faster than a batched broadcast.
@@ -205,6 +207,33 @@ mod tests {
             let g = grads.get(t).expect("grad").abs()?.sum_all()?.to_scalar::<f32>()?;
             assert!(g.is_finite() && g > 0.0, "no gradient reaches {name}");
         }
+        Ok(())
+    }
+
+    /// Finite-difference checks of the differentiable paths the training forward uses.
+    #[test]
+    fn training_paths_pass_gradient_checks() -> Result<()> {
+        use crate::gradcheck::check_grad;
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 4, 8), &dev)?;
+        let w = (Tensor::randn(0f32, 0.3, 8, &dev)? + 1.0)?;
+        check_grad(|x| rms_norm(x, &w, 1e-5), &x, 1e-2)?;
+        let cos = Tensor::randn(0f32, 1.0, (4, 4), &dev)?;
+        let sin = Tensor::randn(0f32, 1.0, (4, 4), &dev)?;
+        check_grad(|x| rope(x, &cos, &sin), &x, 1e-2)?;
+        check_grad(softmax_last_dim, &x, 1e-2)?;
+        let up = Tensor::randn(0f32, 1.0, (2, 3, 4, 8), &dev)?;
+        check_grad(|g| silu_mul(g, &up), &x, 1e-2)?;
+        let wl = Tensor::randn(0f32, 1.0, (5, 8), &dev)?;
+        check_grad(|x| linear(x, &wl, None), &x, 1e-2)?;
+        // Attention, through q, k and v in turn (GQA: 4 query heads on 2 kv heads).
+        let q = Tensor::randn(0f32, 1.0, (1, 4, 5, 8), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &dev)?;
+        let mask = causal_mask(5, 0, None, &dev)?;
+        check_grad(|q| attention(q, &k, &v, Some(&mask), 0.35), &q, 1e-2)?;
+        check_grad(|k| attention(&q, k, &v, Some(&mask), 0.35), &k, 1e-2)?;
+        check_grad(|v| attention(&q, &k, v, Some(&mask), 0.35), &v, 1e-2)?;
         Ok(())
     }
 

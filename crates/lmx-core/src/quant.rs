@@ -243,20 +243,33 @@ impl QuantizedMatrix {
 
     /// Writes row `r` dequantized into `out` (length cols), in f32.
     fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        self.dequantize_row_groups(r, 0..self.cols / self.group_size, out);
+    }
+
+    /// Writes groups `groups` of row `r` dequantized into `out` (length groups.len() * group_size).
+    fn dequantize_row_groups(&self, r: usize, groups: std::ops::Range<usize>, out: &mut [f32]) {
         let words = self.cols * self.bits / 32;
         let row = &self.packed[r * words..(r + 1) * words];
-        let groups = self.cols / self.group_size;
-        let (mut s, mut b) = (vec![0f32; groups], vec![0f32; groups]);
-        self.scales.fill(r * groups, &mut s);
-        self.biases.fill(r * groups, &mut b);
-        for (g, o) in out.chunks_mut(self.group_size).enumerate() {
-            kernels::dequantize_group(row, g * self.group_size, self.bits, s[g], b[g], o);
+        let n_groups = self.cols / self.group_size;
+        let (mut s, mut b) = (vec![0f32; groups.len()], vec![0f32; groups.len()]);
+        self.scales.fill(r * n_groups + groups.start, &mut s);
+        self.biases.fill(r * n_groups + groups.start, &mut b);
+        for (i, o) in out.chunks_mut(self.group_size).enumerate() {
+            let g = groups.start + i;
+            kernels::dequantize_group(row, g * self.group_size, self.bits, s[i], b[i], o);
         }
     }
 
-    /// `x @ W^T` with x (.., cols) in f32/bf16/f16; the result has x's dtype.
+    /// `x @ W^T` with x (.., cols) in f32/bf16/f16; the result has x's dtype. When x is on
+    /// the gradient tape the op records a backward pass, `grad_x = grad_y @ W`, computed from
+    /// the packed weights block by block (QLoRA: no dequantized copy of W is kept).
     pub fn matmul(self: &Arc<Self>, x: &Tensor) -> Result<Tensor> {
-        x.contiguous()?.apply_op1_no_bwd(&QMatMul(self.clone()))
+        let x = x.contiguous()?;
+        if x.track_op() {
+            x.apply_op1(QMatMul(self.clone()))
+        } else {
+            x.apply_op1_no_bwd(&QMatMul(self.clone()))
+        }
     }
 }
 
@@ -301,8 +314,52 @@ fn get_bits(words: &[u32], offset: usize, bits: usize) -> u32 {
     (v & ((1u64 << bits) - 1)) as u32
 }
 
-/// `x @ W^T` for a quantized W, as a candle op (inference only).
+/// `x @ W^T` for a quantized W, as a candle op; its backward is [`QMatMulT`].
 struct QMatMul(Arc<QuantizedMatrix>);
+
+/// `g @ W` for a quantized W (rows, cols): the input gradient of [`QMatMul`].
+struct QMatMulT(Arc<QuantizedMatrix>);
+
+/// Reads a contiguous f32/bf16/f16 input as f32.
+fn input_f32(s: &CpuStorage, l: &Layout, what: &str) -> Result<Vec<f32>> {
+    let (start, end) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what} needs a contiguous input")))?;
+    Ok(match s {
+        CpuStorage::F32(v) => v[start..end].to_vec(),
+        CpuStorage::BF16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
+        CpuStorage::F16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
+        other => candle_core::bail!("{what}: input dtype {:?} is not supported", other.dtype()),
+    })
+}
+
+/// An f32 result in the input's dtype.
+fn output_like(s: &CpuStorage, y: Vec<f32>) -> CpuStorage {
+    match s.dtype() {
+        DType::BF16 => CpuStorage::BF16(y.into_iter().map(bf16::from_f32).collect()),
+        DType::F16 => CpuStorage::F16(y.into_iter().map(f16::from_f32).collect()),
+        _ => CpuStorage::F32(y),
+    }
+}
+
+impl CustomOp1 for QMatMulT {
+    fn name(&self) -> &'static str {
+        "lmx-qmatmul-t"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let q = &self.0;
+        let mut dims = l.dims().to_vec();
+        if dims.last() != Some(&q.rows) {
+            candle_core::bail!("quantized matmul backward: gradient {:?} does not end in {} features", dims, q.rows);
+        }
+        let g = input_f32(s, l, "quantized matmul backward")?;
+        let m = g.len() / q.rows;
+        let gx = kernels::qmatmul_t(q, &g, m);
+        if let Some(last) = dims.last_mut() {
+            *last = q.cols;
+        }
+        Ok((output_like(s, gx), Shape::from(dims)))
+    }
+}
 
 impl CustomOp1 for QMatMul {
     fn name(&self) -> &'static str {
@@ -315,24 +372,17 @@ impl CustomOp1 for QMatMul {
         if dims.last() != Some(&q.cols) {
             candle_core::bail!("quantized matmul: input {:?} does not end in {} features", dims, q.cols);
         }
-        let (start, end) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("quantized matmul needs a contiguous input".into()))?;
-        let x: Vec<f32> = match s {
-            CpuStorage::F32(v) => v[start..end].to_vec(),
-            CpuStorage::BF16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
-            CpuStorage::F16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
-            other => candle_core::bail!("quantized matmul: input dtype {:?} is not supported", other.dtype()),
-        };
+        let x = input_f32(s, l, "quantized matmul")?;
         let m = x.len() / q.cols;
         let y = kernels::qmatmul(q, &x, m);
         if let Some(last) = dims.last_mut() {
             *last = q.rows;
         }
-        let out = match s.dtype() {
-            DType::BF16 => CpuStorage::BF16(y.into_iter().map(bf16::from_f32).collect()),
-            DType::F16 => CpuStorage::F16(y.into_iter().map(f16::from_f32).collect()),
-            _ => CpuStorage::F32(y),
-        };
-        Ok((out, Shape::from(dims)))
+        Ok((output_like(s, y), Shape::from(dims)))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&QMatMulT(self.0.clone()))?))
     }
 }
 
@@ -385,6 +435,42 @@ mod kernels {
             }
         });
         y
+    }
+
+    /// gx (m, cols) = g (m, rows) @ W. Tasks own disjoint column ranges (whole groups) of gx
+    /// and walk W's rows in blocks, dequantizing only their columns of each block.
+    pub fn qmatmul_t(q: &QuantizedMatrix, g: &[f32], m: usize) -> Vec<f32> {
+        let mut gx = vec![0f32; m * q.cols];
+        let n_groups = q.cols / q.group_size;
+        let tasks = (4 * rayon::current_num_threads()).clamp(1, n_groups);
+        let groups_per_task = n_groups.div_ceil(tasks);
+        let gx_ptr = SendPtr(gx.as_mut_ptr());
+        (0..n_groups.div_ceil(groups_per_task)).into_par_iter().for_each(|t| {
+            let g0 = t * groups_per_task;
+            let g1 = (g0 + groups_per_task).min(n_groups);
+            let (c0, width) = (g0 * q.group_size, (g1 - g0) * q.group_size);
+            let mut scratch = vec![0f32; BLOCK_ROWS * width];
+            let gx_ptr = gx_ptr;
+            for r0 in (0..q.rows).step_by(BLOCK_ROWS) {
+                let nr = BLOCK_ROWS.min(q.rows - r0);
+                for (i, row) in scratch.chunks_mut(width).take(nr).enumerate() {
+                    q.dequantize_row_groups(r0 + i, g0..g1, row);
+                }
+                // SAFETY: this task alone writes columns c0..c0 + width of gx (m, cols);
+                // g is (m, rows) row-major and scratch (nr, width) row-major.
+                unsafe {
+                    gemm::gemm(
+                        m, width, nr,
+                        gx_ptr.0.add(c0), 1, q.cols as isize, r0 > 0,
+                        g.as_ptr().add(r0), 1, q.rows as isize,
+                        scratch.as_ptr(), 1, width as isize,
+                        1.0, 1.0, false, false, false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+        });
+        gx
     }
 
     #[derive(Clone, Copy)]
@@ -781,6 +867,27 @@ mod tests {
     }
 
     /// Every bit width: quantization error within half a step, kernels equal dequantize + matmul.
+    /// The backward of the quantized matmul is `grad @ W` with W the dequantized matrix, for
+    /// every bit width, for row counts that leave partial blocks, and by finite differences.
+    #[test]
+    fn quantized_matmul_backward() -> Result<()> {
+        for (bits, group) in [(4usize, 64usize), (8, 32), (3, 128), (2, 32)] {
+            // 70 rows: one full block of 64 and a partial one.
+            let q = Arc::new(QuantizedMatrix::quantize(&rand(70, 256), bits, group)?);
+            let dq = q.dequantize()?;
+            let x = candle_core::Var::from_tensor(&rand(5, 256))?;
+            let y = q.matmul(x.as_tensor())?;
+            let r = rand(5, 70);
+            let grads = (y * &r)?.sum_all()?.backward()?;
+            let got = grads.get(x.as_tensor()).expect("gradient of x");
+            let want = r.matmul(&dq)?;
+            let d = crate::gradcheck::max_abs_diff(got, &want)?;
+            assert!(d < 1e-4, "bits {bits} group {group}: backward differs by {d}");
+        }
+        let q = Arc::new(QuantizedMatrix::quantize(&rand(24, 64), 4, 32)?);
+        crate::gradcheck::check_grad(|x| q.matmul(x), &rand(3, 64), 1e-2)
+    }
+
     #[test]
     fn quantize_dequantize_and_matmul_all_bits() -> Result<()> {
         for bits in [2usize, 3, 4, 5, 6, 8] {

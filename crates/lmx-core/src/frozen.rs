@@ -1,0 +1,214 @@
+//! Ops for fine-tuning around weights that do not train.
+//!
+//! candle's matmul backward always computes the gradient of both operands; for a frozen
+//! weight that is a second matmul as large as the forward one, thrown away. [`frozen_linear`]
+//! records an op whose backward computes only the input's gradient (`grad @ W`), which is all
+//! LoRA, DoRA and QLoRA need from a base layer. [`masked_cross_entropy`] is the training loss
+//! in one pass over the logits, forward and backward, instead of a chain of elementwise ops
+//! over a (tokens x vocabulary) matrix.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Row-major f32 matrices described by (rows, cols, row stride, col stride).
+#[derive(Clone, Copy)]
+pub(crate) struct Mat {
+    pub ptr: *const f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+/// `dst (m, n) (+)= lhs (m, k) @ rhs (k, n)` with the gemm crate, on the current rayon pool.
+///
+/// # Safety
+/// Every pointer must be valid for the strided extent the dimensions describe, and `dst`
+/// must not overlap the inputs.
+pub(crate) unsafe fn gemm_f32(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: isize, accumulate: bool, lhs: Mat, rhs: Mat) {
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 && m * n * k > 64 * 64 * 64 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: forwarded to the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m, n, k,
+            dst, 1, dst_rs, accumulate,
+            lhs.ptr, lhs.cs, lhs.rs,
+            rhs.ptr, rhs.cs, rhs.rs,
+            if accumulate { 1.0 } else { 0.0 }, 1.0,
+            false, false, false, par,
+        );
+    }
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else { candle_core::bail!("{what}: expected f32, got {:?}", s.dtype()) };
+    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what}: needs a contiguous tensor")))?;
+    Ok(&v[a..b])
+}
+
+/// `x @ W^T` where W (out, in) never receives a gradient. On the CPU in f32 the backward pass
+/// computes only `grad_x = grad_y @ W`; elsewhere it falls back to candle's matmul.
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let fast = x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 && !w.track_op();
+    if !fast {
+        return x.broadcast_matmul(&w.t()?);
+    }
+    x.contiguous()?.apply_op2(&w.contiguous()?, FrozenLinear { transpose: false })
+}
+
+/// `y = x @ W^T` (transpose: false) or `y = x @ W` (transpose: true, the backward product).
+struct FrozenLinear {
+    transpose: bool,
+}
+
+impl CustomOp2 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "lmx-frozen-linear"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(xs, xl, "frozen linear input")?;
+        let w = f32_slice(ws, wl, "frozen linear weight")?;
+        let (rows, cols) = wl.shape().dims2()?;
+        // y = x @ W^T: x (m, cols) -> (m, rows); y = x @ W: x (m, rows) -> (m, cols).
+        let (k, n) = if self.transpose { (rows, cols) } else { (cols, rows) };
+        let mut dims = xl.dims().to_vec();
+        if dims.last() != Some(&k) {
+            candle_core::bail!("frozen linear: input {dims:?} does not end in {k} features");
+        }
+        let m = x.len() / k;
+        let mut y = vec![0f32; m * n];
+        let lhs = Mat { ptr: x.as_ptr(), rs: k as isize, cs: 1 };
+        // W^T (cols, rows): element (kk, j) = W[j, kk]; W (rows, cols) row-major.
+        let rhs = if self.transpose { Mat { ptr: w.as_ptr(), rs: cols as isize, cs: 1 } } else { Mat { ptr: w.as_ptr(), rs: 1, cs: cols as isize } };
+        // SAFETY: x is (m, k), the weight (rows, cols) and y (m, n), all contiguous and live.
+        unsafe { gemm_f32(m, n, k, y.as_mut_ptr(), n as isize, false, lhs, rhs) };
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(&self, _x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let op = FrozenLinear { transpose: !self.transpose };
+        Ok((Some(grad.contiguous()?.apply_op2_no_bwd(w, &op)?), None))
+    }
+}
+
+/// Cross-entropy of each row of `logits` (n, vocab), f32, against `targets[i]`, multiplied by
+/// `weights[i]` (0 drops a row from the loss; 1 keeps it). Returns the (n,) weighted losses;
+/// the backward pass is `weight * (softmax - onehot)` per row, computed in one pass.
+pub fn masked_cross_entropy(logits: &Tensor, targets: &[u32], weights: &[f32]) -> Result<Tensor> {
+    let (n, vocab) = logits.dims2()?;
+    if targets.len() != n || weights.len() != n {
+        candle_core::bail!("cross entropy: {n} rows but {} targets and {} weights", targets.len(), weights.len());
+    }
+    if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
+        candle_core::bail!("cross entropy: target id {t} is outside the vocabulary of {vocab}");
+    }
+    let op = CrossEntropy { targets: targets.to_vec(), weights: weights.to_vec(), grad_out: None };
+    logits.to_dtype(DType::F32)?.contiguous()?.apply_op1(op)
+}
+
+#[derive(Clone)]
+struct CrossEntropy {
+    targets: Vec<u32>,
+    weights: Vec<f32>,
+    /// Set for the backward kernel: d(loss_i) for every row.
+    grad_out: Option<Vec<f32>>,
+}
+
+/// log(sum(exp(row))) with the max subtracted, accumulated in f64.
+fn log_sum_exp(row: &[f32]) -> (f32, f64) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = row.iter().map(|&v| f64::from((v - max).exp())).sum();
+    (max, sum.ln())
+}
+
+impl CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "lmx-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let logits = f32_slice(s, l, "cross entropy")?;
+        let (n, vocab) = l.shape().dims2()?;
+        match &self.grad_out {
+            None => {
+                let losses: Vec<f32> = (0..n)
+                    .into_par_iter()
+                    .map(|i| {
+                        if self.weights[i] == 0.0 {
+                            return 0.0;
+                        }
+                        let row = &logits[i * vocab..(i + 1) * vocab];
+                        let (max, lse) = log_sum_exp(row);
+                        ((f64::from(max) + lse - f64::from(row[self.targets[i] as usize])) * f64::from(self.weights[i])) as f32
+                    })
+                    .collect();
+                Ok((CpuStorage::F32(losses), Shape::from(n)))
+            }
+            Some(g) => {
+                let mut grad = vec![0f32; n * vocab];
+                grad.par_chunks_mut(vocab).enumerate().for_each(|(i, out)| {
+                    let scale = self.weights[i] * g[i];
+                    if scale == 0.0 {
+                        return;
+                    }
+                    let row = &logits[i * vocab..(i + 1) * vocab];
+                    let (max, lse) = log_sum_exp(row);
+                    let shift = max + lse as f32;
+                    for (o, &v) in out.iter_mut().zip(row) {
+                        *o = (v - shift).exp() * scale;
+                    }
+                    out[self.targets[i] as usize] -= scale;
+                });
+                Ok((CpuStorage::F32(grad), l.shape().clone()))
+            }
+        }
+    }
+
+    fn bwd(&self, logits: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let g = grad.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let op = CrossEntropy { grad_out: Some(g), ..self.clone() };
+        Ok(Some(logits.apply_op1_no_bwd(&op)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gradcheck::{check_grad, max_abs_diff};
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn frozen_linear_matches_matmul_and_its_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 8), &dev)?)?;
+        let w = Tensor::randn(0f32, 1.0, (5, 8), &dev)?;
+        let y = frozen_linear(x.as_tensor(), &w)?;
+        let want = x.as_tensor().broadcast_matmul(&w.t()?)?;
+        assert!(max_abs_diff(&y, &want)? < 1e-5);
+        check_grad(|x| frozen_linear(x, &w), &x.as_tensor().detach(), 1e-3)?;
+        // Only the input gets a gradient.
+        let grads = y.sum_all()?.backward()?;
+        assert!(grads.get(&w).is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn cross_entropy_matches_log_softmax_and_its_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let logits = (Tensor::randn(0f32, 1.0, (4, 11), &dev)? * 3.0)?;
+        let targets = [3u32, 0, 10, 7];
+        let weights = [1f32, 0.0, 1.0, 1.0];
+        let got = masked_cross_entropy(&logits, &targets, &weights)?.to_vec1::<f32>()?;
+        let lsm = candle_nn::ops::log_softmax(&logits, 1)?.to_vec2::<f32>()?;
+        for i in 0..4 {
+            let want = -lsm[i][targets[i] as usize] * weights[i];
+            assert!((got[i] - want).abs() < 1e-5, "row {i}: {} vs {want}", got[i]);
+        }
+        check_grad(|l| masked_cross_entropy(l, &targets, &weights), &logits, 1e-3)?;
+        Ok(())
+    }
+}
