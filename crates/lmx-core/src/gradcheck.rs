@@ -61,6 +61,46 @@ pub fn check_grad(f: impl Fn(&Tensor) -> Result<Tensor>, x: &Tensor, tol: f32) -
     Ok(())
 }
 
+/// Checks the tape gradients of a scalar `loss()` with respect to variables `vars` (a model's
+/// trainable tensors) against central differences, perturbing each variable in place.
+pub fn check_var_grads(loss: impl Fn() -> Result<Tensor>, vars: &[&Var], tol: f32) -> Result<()> {
+    let value = |_: ()| -> Result<f64> { Ok(f64::from(loss()?.to_dtype(DType::F32)?.to_scalar::<f32>()?)) };
+    let grads = loss()?.backward()?;
+    for (vi, var) in vars.iter().enumerate() {
+        let saved = var.as_tensor().detach().copy()?;
+        let base = saved.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let analytic = grads
+            .get(var.as_tensor())
+            .ok_or_else(|| candle_core::Error::Msg(format!("no gradient reached variable {vi}")))?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let n = base.len();
+        let picks: Vec<usize> = if n <= 12 { (0..n).collect() } else { (0..12).map(|i| i * n / 12 + (i * 5) % (n / 12).max(1)).collect() };
+        let scale = analytic.iter().fold(0f32, |m, g| m.max(g.abs())).max(1e-3);
+        let mut worst = 0f32;
+        let mut report = Vec::new();
+        for &i in &picks {
+            let h = 1e-2f32 * base[i].abs().max(0.1);
+            let at = |d: f32| -> Result<f64> {
+                let mut v = base.clone();
+                v[i] += d;
+                var.set(&Tensor::from_vec(v, saved.shape(), saved.device())?.to_dtype(saved.dtype())?)?;
+                value(())
+            };
+            let numeric = ((at(h)? - at(-h)?) / (2.0 * f64::from(h))) as f32;
+            let err = (numeric - analytic[i]).abs() / scale;
+            worst = worst.max(err);
+            report.push(format!("var {vi} [{i}] tape {:.5} numeric {numeric:.5}", analytic[i]));
+        }
+        var.set(&saved)?;
+        if worst > tol {
+            candle_core::bail!("gradient check of variable {vi} failed: relative error {worst:.2e} > {tol:.0e}\n{}", report.join("\n"));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

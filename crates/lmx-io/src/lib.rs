@@ -6,6 +6,7 @@
 //! [`ModelFiles`]: a config.json value, a strict [`Weights`] store, a tokenizer and a chat
 //! template.
 
+pub mod adapters;
 pub mod chat_template;
 pub mod config;
 pub mod error;
@@ -17,6 +18,7 @@ pub mod safetensors_io;
 pub mod tokenizer;
 pub mod weights;
 
+pub use adapters::{AdapterConfig, AdapterSetup, FineTuneType, LoraParameters};
 pub use chat_template::{ChatTemplate, Message};
 pub use error::{IoError, Result};
 pub use model_files::{ModelFiles, ModelSource};

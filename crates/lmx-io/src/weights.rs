@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::safetensors::MmapedSafetensors;
 use lmx_core::{DType, Device, Shape, Tensor};
 
+use crate::adapters::AdapterSetup;
 use crate::error::{IoError, Result};
 use crate::quant_config::{QuantConfig, QuantSpec};
 
@@ -30,6 +31,8 @@ struct Inner {
     device: Device,
     /// The quantization block of config.json, if the model is quantized.
     quantization: Option<QuantConfig>,
+    /// Adapters (LoRA/DoRA/full fine-tuning) the layers attach while the model is built.
+    adapters: Option<Arc<AdapterSetup>>,
     /// A short description of where the tensors come from, for error messages.
     name: String,
 }
@@ -83,7 +86,7 @@ impl Weights {
     }
 
     fn new(source: Source, index: HashMap<String, (usize, Vec<usize>)>, dtype: DType, device: &Device, name: String) -> Self {
-        let inner = Inner { source, index, used: Mutex::new(BTreeSet::new()), dtype, device: device.clone(), quantization: None, name };
+        let inner = Inner { source, index, used: Mutex::new(BTreeSet::new()), dtype, device: device.clone(), quantization: None, adapters: None, name };
         Self { inner: Arc::new(inner) }
     }
 
@@ -92,6 +95,15 @@ impl Weights {
     pub fn with_quantization(mut self, quantization: Option<QuantConfig>) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.quantization = quantization;
+        }
+        self
+    }
+
+    /// Attaches an adapter setup: linear layers it targets get LoRA/DoRA adapters, and for
+    /// full fine-tuning the weights of the adapted layers become variables.
+    pub fn with_adapters(mut self, setup: Arc<AdapterSetup>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.adapters = Some(setup);
         }
         self
     }
@@ -117,6 +129,9 @@ impl Weights {
     /// (e.g. `rotary_emb.inv_freq` buffers that some exporters save).
     pub fn finish(&self, ignored: impl Fn(&str) -> bool) -> Result<()> {
         // A panic while another thread held the lock cannot corrupt a set of names: keep it.
+        if let Some(a) = &self.inner.adapters {
+            a.finish()?;
+        }
         let used = self.inner.used.lock().unwrap_or_else(|e| e.into_inner());
         let mut unused: Vec<&String> =
             self.inner.index.keys().filter(|k| !used.contains(*k) && !ignored(k)).collect();
@@ -212,7 +227,24 @@ impl WeightsPath {
                 });
             }
         }
-        self.weights.load(&key)
+        let tensor = self.weights.load(&key)?;
+        match &self.weights.inner.adapters {
+            Some(a) if a.full_trains(&key) => match a.replacement(&key, expected.dims())? {
+                Some(saved) => a.register(&key, saved.to_dtype(tensor.dtype())?.to_device(tensor.device())?),
+                None => a.register(&key, tensor),
+            },
+            _ => Ok(tensor),
+        }
+    }
+
+    /// The adapter setup, when the module at this prefix gets a LoRA/DoRA adapter.
+    pub fn adapter(&self) -> Option<&Arc<AdapterSetup>> {
+        self.weights.inner.adapters.as_ref().filter(|a| a.targets(&self.prefix))
+    }
+
+    /// The view's prefix (`model.layers.3.self_attn.q_proj`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// The dtype tensors are converted to.
@@ -226,6 +258,10 @@ impl WeightsPath {
         let Some(q) = &self.weights.inner.quantization else { return Ok(None) };
         match q.for_module(&self.prefix, self.contains("scales")) {
             None => Ok(None),
+            Some(_) if self.weights.inner.adapters.as_ref().is_some_and(|a| a.full_trains(&self.key("weight"))) => Err(IoError::Json {
+                path: PathBuf::from("--fine-tune-type"),
+                msg: format!("full fine-tuning trains `{}`, which is quantized; use lora or dora on a quantized model, or dequantize it first (`lmx convert -d`)", self.prefix),
+            }),
             Some((spec, "affine")) => Ok(Some(spec)),
             Some((_, mode)) => Err(IoError::Json {
                 path: PathBuf::from("config.json"),

@@ -17,12 +17,20 @@ struct LayerKv {
 #[derive(Debug, Clone)]
 pub struct KvCache {
     layers: Vec<LayerKv>,
+    /// False for a whole-sequence forward (training, scoring): nothing is stored, and keys
+    /// and values stay on the gradient tape (the in-place buffer writes are not differentiable).
+    store: bool,
 }
 
 impl KvCache {
     /// An empty cache for `n_layers` layers.
     pub fn new(n_layers: usize) -> Self {
-        Self { layers: vec![LayerKv::default(); n_layers] }
+        Self { layers: vec![LayerKv::default(); n_layers], store: true }
+    }
+
+    /// A pass-through "cache" for one forward over whole sequences from position 0.
+    pub fn uncached(n_layers: usize) -> Self {
+        Self { layers: vec![LayerKv::default(); n_layers], store: false }
     }
 
     /// Tokens already in the cache (the position of the next token).
@@ -55,6 +63,9 @@ impl KvCache {
     /// Appends `k`, `v` (b, n_kv_heads, seq_len, head_dim) for layer `layer_idx` and returns
     /// all keys and values so far.
     pub fn append(&mut self, layer_idx: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        if !self.store {
+            return Ok((k.contiguous()?, v.contiguous()?));
+        }
         let layer = &mut self.layers[layer_idx];
         let (b, h, seq_len, d) = k.dims4()?;
         let needed = layer.len + seq_len;

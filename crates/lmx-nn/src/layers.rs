@@ -6,6 +6,8 @@ use lmx_core::quant::QuantizedMatrix;
 use lmx_core::{ops, Module, Result, Tensor};
 use lmx_io::{QuantSpec, WeightsPath};
 
+use crate::adapter::Adapter;
+
 /// Whether a linear layer has a bias vector (`f(.., Bias::Yes)` reads better than `true`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bias {
@@ -29,6 +31,8 @@ enum Weight {
 pub struct Linear {
     weight: Weight,
     bias: Option<Tensor>,
+    /// A LoRA/DoRA adapter, when the weights' adapter setup targets this layer.
+    adapter: Option<Arc<Adapter>>,
 }
 
 /// Reads a quantized matrix (rows x cols) under `vb`, naming the layer in any error.
@@ -56,12 +60,44 @@ impl Linear {
             Bias::Yes => Some(vb.get(out_features, "bias")?),
             Bias::No => None,
         };
-        Ok(Self { weight, bias })
+        let mut layer = Self { weight, bias, adapter: None };
+        if let Some(setup) = vb.adapter() {
+            layer.adapter = Some(Arc::new(Adapter::new(vb, setup, in_features, out_features, || layer.row_norms_sq())?));
+        }
+        Ok(layer)
     }
 
     /// A dense linear layer from existing tensors (tests, fused weights).
     pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight: Weight::Dense(weight), bias }
+        Self { weight: Weight::Dense(weight), bias, adapter: None }
+    }
+
+    /// The adapter on this layer, if any.
+    pub fn adapter(&self) -> Option<&Adapter> {
+        self.adapter.as_deref()
+    }
+
+    /// ||W_i||^2 for every output row, in f32 (quantized rows are dequantized one block at a time).
+    fn row_norms_sq(&self) -> Result<Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => w.to_dtype(lmx_core::DType::F32)?.sqr()?.sum(1),
+            Weight::Quantized(q) => {
+                let mut parts = Vec::new();
+                for start in (0..q.rows).step_by(256) {
+                    let ids: Vec<u32> = (start as u32..(start + 256).min(q.rows) as u32).collect();
+                    parts.push(q.dequantize_rows(&ids)?.to_dtype(lmx_core::DType::F32)?.sqr()?.sum(1)?);
+                }
+                Tensor::cat(&parts, 0)
+            }
+        }
+    }
+
+    /// `x @ W^T` without bias or adapter.
+    fn base(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => ops::linear(&x.to_dtype(w.dtype())?, w, None),
+            Weight::Quantized(q) => q.matmul(x),
+        }
     }
 
     /// The (out, in) weight, dequantized if it is stored quantized.
@@ -75,15 +111,14 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.weight {
-            Weight::Dense(w) => ops::linear(x, w, self.bias.as_ref()),
-            Weight::Quantized(q) => {
-                let y = q.matmul(x)?;
-                match &self.bias {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
-                }
-            }
+        let y = match (&self.weight, &self.adapter) {
+            (Weight::Dense(w), None) => return ops::linear(x, w, self.bias.as_ref()),
+            (_, None) => self.base(x)?,
+            (_, Some(a)) => a.forward(x, &self.base(x)?, |t| self.base(t))?,
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
         }
     }
 }
@@ -134,7 +169,7 @@ impl Embedding {
 
     /// The output projection that shares this matrix (tied `lm_head`), quantized or not.
     pub fn as_linear(&self) -> Linear {
-        Linear { weight: self.weight.clone(), bias: None }
+        Linear { weight: self.weight.clone(), bias: None, adapter: None }
     }
 
     /// The device of the embedding matrix.
