@@ -253,7 +253,8 @@ impl Iterator for TokenStream<'_> {
 /// calling thread one of the workers, so the many small parallel ops of a decode step do not
 /// each pay a wake-up of the caller (that cost a quarter of decode time on 2 cores).
 /// Sized by `RAYON_NUM_THREADS`, else the available cores.
-fn compute_pool() -> &'static rayon::ThreadPool {
+/// The thread pool every forward pass (generation, training, scoring) runs in.
+pub fn compute_pool() -> &'static rayon::ThreadPool {
     static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
     POOL.get_or_init(|| {
         let threads = std::env::var("RAYON_NUM_THREADS")

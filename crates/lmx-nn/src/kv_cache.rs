@@ -33,6 +33,12 @@ impl KvCache {
         Self { layers: vec![LayerKv::default(); n_layers], store: false }
     }
 
+    /// This cache turned into a pass-through one (see [`KvCache::uncached`]).
+    pub fn without_storage(mut self) -> Self {
+        self.store = false;
+        self
+    }
+
     /// Tokens already in the cache (the position of the next token).
     pub fn offset(&self) -> usize {
         self.layers.first().map_or(0, |l| l.len)

@@ -16,7 +16,7 @@
 mod load;
 mod perplexity;
 
-pub use load::{load, load_with, LoadOptions, Model, TokenizerWrapper};
+pub use load::{load, load_with, AdapterOptions, LoadOptions, Model, TokenizerWrapper};
 pub use perplexity::{perplexity, Perplexity};
 pub use lmx_core::{DType, Device};
 pub use lmx_generate::{FinishReason, GenerateParams, GenerationResponse, PromptCache, SamplerParams, TokenStream};

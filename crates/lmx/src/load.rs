@@ -1,9 +1,11 @@
 //! `lmx::load`: a model folder, GGUF file or hub id in, a runnable model and its tokenizer out.
 
 use std::ops::Deref;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use lmx_core::{DType, Device};
-use lmx_io::{ChatTemplate, Message, ModelFiles, ModelSource, Tokenizer};
+use lmx_io::{AdapterSetup, ChatTemplate, FineTuneType, LoraParameters, Message, ModelFiles, ModelSource, Tokenizer};
 use lmx_models::CausalLm;
 use serde_json::Value;
 
@@ -16,13 +18,52 @@ pub struct LoadOptions {
     pub dtype: Option<DType>,
     /// Where the weights go.
     pub device: Device,
+    /// Fine-tuning adapters to attach (an adapter folder, or a fresh setup to train).
+    pub adapters: Option<AdapterOptions>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: None, device: Device::Cpu }
+        Self { dtype: None, device: Device::Cpu, adapters: None }
     }
 }
+
+/// Which adapters a model gets while it is built (see [`lmx_io::adapters`]).
+#[derive(Debug, Clone)]
+pub struct AdapterOptions {
+    /// LoRA, DoRA or full fine-tuning.
+    pub kind: FineTuneType,
+    /// Layers adapted, counted from the last (-1: all).
+    pub num_layers: i64,
+    /// Rank, scale, dropout, keys.
+    pub params: LoraParameters,
+    /// Make the adapter tensors trainable variables (f32).
+    pub trainable: bool,
+    /// Seed of new `lora_a` values and dropout masks.
+    pub seed: u64,
+    /// Saved adapter tensors to start from (`adapters.safetensors`).
+    pub weights_file: Option<PathBuf>,
+}
+
+impl AdapterOptions {
+    /// The adapters of a folder `lmx lora` or `mlx_lm.lora` wrote, for inference.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let config_path = dir.join(lmx_io::adapters::ADAPTER_CONFIG);
+        if !dir.is_dir() || !config_path.exists() {
+            lmx_io::adapters::load_adapter_dir(dir)?;
+        }
+        let config = lmx_io::adapters::parse_config(&config_path)?;
+        Ok(Self {
+            kind: config.fine_tune_type,
+            num_layers: config.num_layers,
+            params: config.lora_parameters.unwrap_or_default(),
+            trainable: false,
+            seed: 0,
+            weights_file: Some(dir.join(lmx_io::adapters::ADAPTER_FILE)),
+        })
+    }
+}
+
 
 /// A loaded model: the architecture behind [`CausalLm`] plus its config.json.
 pub struct Model {
@@ -30,6 +71,7 @@ pub struct Model {
     model_type: String,
     config: Value,
     dtype: DType,
+    adapters: Option<Arc<AdapterSetup>>,
 }
 
 impl Model {
@@ -45,6 +87,18 @@ impl Model {
     pub fn dtype(&self) -> DType {
         self.dtype
     }
+    /// The attached adapters (their trainable tensors, the training switch for dropout).
+    pub fn adapters(&self) -> Option<&Arc<AdapterSetup>> {
+        self.adapters.as_ref()
+    }
+    /// Number of transformer layers (config.json `num_hidden_layers`).
+    pub fn num_layers(&self) -> usize {
+        num_layers(&self.config)
+    }
+}
+
+fn num_layers(config: &Value) -> usize {
+    config.get("num_hidden_layers").and_then(Value::as_u64).unwrap_or(0) as usize
 }
 
 impl Deref for Model {
@@ -72,6 +126,11 @@ impl TokenizerWrapper {
         if !self.eos_token_ids.contains(&id) {
             self.eos_token_ids.push(id);
         }
+    }
+
+    /// The compiled chat template, if the model ships one.
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_ref()
     }
 
     /// True when the model ships a chat template.
@@ -112,13 +171,25 @@ pub fn load(model: &str) -> Result<(Model, TokenizerWrapper)> {
 /// Loads with explicit dtype and device.
 pub fn load_with(model: &str, options: &LoadOptions) -> Result<(Model, TokenizerWrapper)> {
     let source = ModelSource::resolve(model)?;
-    let files = ModelFiles::load(source, options.dtype, &options.device)?;
+    let mut files = ModelFiles::load(source, options.dtype, &options.device)?;
     let model_type = files.model_type()?;
     let dtype = files.weights.dtype();
+    let adapters = match &options.adapters {
+        None => None,
+        Some(a) => {
+            let mut setup = AdapterSetup::new(a.kind, a.num_layers, num_layers(&files.config), a.params.clone(), a.trainable, a.seed)?;
+            if let Some(file) = &a.weights_file {
+                setup = setup.with_initial(lmx_io::adapters::load_adapter_file(file)?, &file.display().to_string());
+            }
+            let setup = Arc::new(setup);
+            files.weights = files.weights.with_adapters(setup.clone());
+            Some(setup)
+        }
+    };
     let inner = lmx_models::load_model(&model_type, &files.config, &files.weights.root())?;
     files.weights.finish(lmx_models::registry::is_ignored_key)?;
     let chat_template = files.compile_chat_template()?;
     let eos_token_ids = files.eos_token_ids();
     let ModelFiles { config, tokenizer, .. } = files;
-    Ok((Model { inner, model_type, config, dtype }, TokenizerWrapper { tokenizer, chat_template, eos_token_ids }))
+    Ok((Model { inner, model_type, config, dtype, adapters }, TokenizerWrapper { tokenizer, chat_template, eos_token_ids }))
 }

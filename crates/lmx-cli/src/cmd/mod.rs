@@ -27,6 +27,10 @@ pub struct ModelArgs {
     /// Compute dtype (float32, float16, bfloat16); default: the checkpoint's.
     #[arg(long)]
     pub dtype: Option<String>,
+    /// LoRA/DoRA/full adapter folder (adapter_config.json + adapters.safetensors) from
+    /// `lmx lora` or `mlx_lm.lora`.
+    #[arg(long)]
+    pub adapter_path: Option<std::path::PathBuf>,
 }
 
 impl ModelArgs {
@@ -34,7 +38,8 @@ impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<(lmx::Model, lmx::TokenizerWrapper)> {
         let device = lmx::core::parse_device(&self.device)?;
         let dtype = self.dtype.as_deref().map(lmx::core::parse_dtype).transpose()?;
-        let options = lmx::LoadOptions { dtype, device };
+        let adapters = self.adapter_path.as_deref().map(lmx::AdapterOptions::from_dir).transpose()?;
+        let options = lmx::LoadOptions { dtype, device, adapters };
         let model = if self.model == DEFAULT_MODEL && !std::path::Path::new(DEFAULT_MODEL).exists() {
             // Outside the checkout, fall back to the same model in the Hugging Face cache.
             let cached = lmx::io::hub::cached_snapshot(&lmx::io::hub::cache_dir(), DEFAULT_HUB_ID).ok();

@@ -1,0 +1,320 @@
+//! The training loop of `mlx_lm.lora` (`mlx_lm/tuner/trainer.py`): length-sorted batches
+//! padded to a multiple of 32 (+1), masked cross-entropy averaged over trained tokens,
+//! validation every `steps_per_eval`, reports every `steps_per_report`, adapters saved every
+//! `save_every` steps and at the end.
+//!
+//! One deliberate difference: MLX LM's mask counts targets up to and including position
+//! `length`, i.e. one padding token per sequence; lmx trains exactly the real tokens after the
+//! prompt (`offset <= t < length`).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use lmx::core::frozen::masked_cross_entropy;
+use lmx::core::{Tensor, Var};
+use lmx::{CausalLm, Logits};
+use lmx_io::adapters::ADAPTER_FILE;
+use lmx_io::AdapterSetup;
+
+use crate::optim::{Optimizer, OptimizerKind, Schedule};
+use crate::TuneError;
+
+/// Tokenized examples: token ids and the prompt offset (0 without `--mask-prompt`).
+pub type Dataset = Vec<(Vec<u32>, usize)>;
+
+/// One padded batch.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// (rows, width) token ids, right-padded with 0.
+    pub ids: Vec<u32>,
+    /// Sequences in the batch.
+    pub rows: usize,
+    /// Padded length.
+    pub width: usize,
+    /// Real length of each sequence (after truncation).
+    pub lengths: Vec<usize>,
+    /// Prompt tokens of each sequence (not trained).
+    pub offsets: Vec<usize>,
+}
+
+impl Batch {
+    /// Targets counted in the loss.
+    pub fn trained_tokens(&self) -> usize {
+        self.lengths.iter().zip(&self.offsets).map(|(&l, &o)| l.saturating_sub(o.max(1))).sum()
+    }
+}
+
+/// A seeded generator (splitmix64) for batch order.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = (self.next() % (i as u64 + 1)) as usize;
+            v.swap(i, j);
+        }
+    }
+}
+
+/// MLX LM's batching: examples sorted by length, cut into groups of `batch_size`; each group
+/// padded to `1 + 32 * ceil(max_len / 32)` (at most `max_seq_length`), longer sequences
+/// truncated. `warn` receives the truncation warning.
+pub struct Batches<'a> {
+    data: &'a Dataset,
+    groups: Vec<Vec<usize>>,
+    order: Vec<usize>,
+    pos: usize,
+    max_seq_length: usize,
+    rng: Option<Rng>,
+}
+
+impl<'a> Batches<'a> {
+    /// Batches over `data`; with a seed the group order is shuffled, and reshuffled each pass.
+    pub fn new(data: &'a Dataset, batch_size: usize, max_seq_length: usize, seed: Option<u64>) -> Result<Self, TuneError> {
+        if data.len() < batch_size {
+            return Err(TuneError::Config(format!("the dataset has {} examples, fewer than --batch-size {batch_size}", data.len())));
+        }
+        let mut idx: Vec<usize> = (0..data.len()).collect();
+        idx.sort_by_key(|&i| data[i].0.len());
+        let groups: Vec<Vec<usize>> = idx.chunks_exact(batch_size).map(<[usize]>::to_vec).collect();
+        let order = (0..groups.len()).collect();
+        let mut b = Self { data, groups, order, pos: 0, max_seq_length, rng: seed.map(Rng) };
+        b.reshuffle();
+        Ok(b)
+    }
+
+    fn reshuffle(&mut self) {
+        if let Some(rng) = &mut self.rng {
+            rng.shuffle(&mut self.order);
+        }
+    }
+
+    /// Batches in one pass.
+    pub fn len(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// True when there is no batch.
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+
+    /// The next batch, looping forever; the flag says some sequence was truncated.
+    pub fn next_batch(&mut self) -> (Batch, Option<usize>) {
+        if self.pos == self.order.len() {
+            self.pos = 0;
+            self.reshuffle();
+        }
+        let group = &self.groups[self.order[self.pos]];
+        self.pos += 1;
+        let longest = group.iter().map(|&i| self.data[i].0.len()).max().unwrap_or(0);
+        let width = (1 + 32 * longest.div_ceil(32)).min(self.max_seq_length);
+        let mut ids = vec![0u32; group.len() * width];
+        let (mut lengths, mut offsets) = (Vec::new(), Vec::new());
+        for (row, &i) in group.iter().enumerate() {
+            let (tokens, offset) = &self.data[i];
+            let n = tokens.len().min(width);
+            ids[row * width..row * width + n].copy_from_slice(&tokens[..n]);
+            lengths.push(n);
+            offsets.push(*offset);
+        }
+        let truncated = (longest > self.max_seq_length).then_some(longest);
+        (Batch { ids, rows: group.len(), width, lengths, offsets }, truncated)
+    }
+}
+
+/// The masked mean cross-entropy of a batch and the number of trained tokens: logits of
+/// `ids[:, :-1]` against `ids[:, 1:]`, counting target position t of a row iff
+/// `offset <= t < length`.
+pub fn batch_loss(model: &dyn CausalLm, batch: &Batch) -> lmx::core::Result<(Tensor, usize)> {
+    let (rows, width) = (batch.rows, batch.width);
+    let inputs: Vec<u32> = (0..rows).flat_map(|r| batch.ids[r * width..(r + 1) * width - 1].to_vec()).collect();
+    let inputs = Tensor::from_vec(inputs, (rows, width - 1), model.device())?;
+    let mut cache = model.new_cache().without_storage();
+    let logits = model.forward(&inputs, &mut cache, Logits::All)?;
+    let logits = logits.reshape((rows * (width - 1), ()))?;
+    let mut targets = Vec::with_capacity(rows * (width - 1));
+    let mut weights = Vec::with_capacity(rows * (width - 1));
+    for r in 0..rows {
+        for t in 1..width {
+            targets.push(batch.ids[r * width + t]);
+            weights.push(if t >= batch.offsets[r] && t < batch.lengths[r] { 1.0 } else { 0.0 });
+        }
+    }
+    let ntoks = weights.iter().filter(|&&w| w > 0.0).count();
+    let losses = masked_cross_entropy(&logits, &targets, &weights)?;
+    Ok(((losses.sum_all()? / ntoks.max(1) as f64)?, ntoks))
+}
+
+/// Token-weighted mean loss over `num_batches` batches (all with `None`), in order.
+pub fn evaluate(model: &dyn CausalLm, data: &Dataset, batch_size: usize, num_batches: Option<usize>, max_seq_length: usize) -> Result<f64, TuneError> {
+    let mut batches = Batches::new(data, batch_size, max_seq_length, None)?;
+    let n = num_batches.map_or(batches.len(), |n| n.min(batches.len()));
+    let (mut total, mut tokens) = (0.0, 0usize);
+    for _ in 0..n {
+        let (batch, _) = batches.next_batch();
+        let (loss, ntoks) = lmx_generate::compute_pool().install(|| batch_loss(model, &batch))?;
+        total += f64::from(loss.to_scalar::<f32>()?) * ntoks as f64;
+        tokens += ntoks;
+    }
+    Ok(total / tokens.max(1) as f64)
+}
+
+/// Training settings (MLX LM's `TrainingArgs` and optimizer choice).
+#[derive(Debug, Clone)]
+pub struct TrainArgs {
+    /// Sequences per batch.
+    pub batch_size: usize,
+    /// Optimizer updates.
+    pub iters: usize,
+    /// Validation batches per evaluation (None: the whole set).
+    pub val_batches: Option<usize>,
+    /// Steps between reports.
+    pub steps_per_report: usize,
+    /// Steps between validations.
+    pub steps_per_eval: usize,
+    /// Steps between adapter checkpoints.
+    pub save_every: usize,
+    /// Longest sequence; longer ones are truncated with a warning.
+    pub max_seq_length: usize,
+    /// Batches whose gradients are summed (then averaged) per update.
+    pub grad_accumulation_steps: usize,
+    /// Seed of the batch order.
+    pub seed: u64,
+    /// Learning rate schedule.
+    pub schedule: Schedule,
+    /// Optimizer.
+    pub optimizer: OptimizerKind,
+    /// Where adapters.safetensors and the checkpoints go.
+    pub adapter_dir: PathBuf,
+}
+
+/// What the loop reports as it runs.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Every `steps_per_report` steps.
+    Train { it: usize, loss: f64, lr: f64, it_per_sec: f64, tokens_per_sec: f64, trained_tokens: usize, peak_memory: u64 },
+    /// Validation loss.
+    Val { it: usize, loss: f64, seconds: f64 },
+    /// Adapters written.
+    Saved { it: usize, path: PathBuf },
+    /// A batch had a sequence longer than `max_seq_length`.
+    Truncated { longest: usize, max: usize },
+    /// One step done (for a progress bar).
+    Step { it: usize },
+}
+
+/// Saves the trained tensors to `path` atomically.
+pub fn save_adapters(vars: &[(String, Var)], path: &Path) -> Result<(), TuneError> {
+    let map: HashMap<String, Tensor> = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
+    lmx_io::safetensors_io::save_safetensors(&map, path)?;
+    Ok(())
+}
+
+/// The gradients of `vars` from `loss`, each None when the loss does not depend on it.
+fn gradients(loss: &Tensor, vars: &[&Var]) -> lmx::core::Result<Vec<Option<Tensor>>> {
+    let grads = loss.backward()?;
+    Ok(vars.iter().map(|v| grads.get(v.as_tensor()).cloned()).collect())
+}
+
+/// Trains the adapters of `setup` (attached to `model`) on `train`, validating on `valid`.
+/// A non-finite loss or gradient stops training before the bad update: the adapters from the
+/// last good step are saved and the error says where.
+pub fn train(model: &dyn CausalLm, setup: &AdapterSetup, train: &Dataset, valid: Option<&Dataset>, args: &TrainArgs, on_event: &mut dyn FnMut(Event)) -> Result<(), TuneError> {
+    let named = setup.trainables();
+    if named.is_empty() {
+        return Err(TuneError::Config("nothing to train: no layer matched the adapter settings (check --num-layers and lora_parameters.keys)".into()));
+    }
+    let vars: Vec<&Var> = named.iter().map(|(_, v)| v).collect();
+    let mut optimizer = Optimizer::new(args.optimizer.clone(), vars.len());
+    let mut batches = Batches::new(train, args.batch_size, args.max_seq_length, Some(args.seed))?;
+    let final_path = args.adapter_dir.join(ADAPTER_FILE);
+    let accum = args.grad_accumulation_steps.max(1);
+    let mut pending: Option<Vec<Option<Tensor>>> = None;
+    let (mut losses, mut steps, mut n_tokens, mut trained_tokens, mut train_time) = (0.0, 0usize, 0usize, 0usize, 0.0);
+    let mut warned = false;
+    for it in 1..=args.iters {
+        if let Some(valid) = valid {
+            if it == 1 || it % args.steps_per_eval.max(1) == 0 || it == args.iters {
+                let tic = Instant::now();
+                setup.set_training(false);
+                let loss = evaluate(model, valid, args.batch_size, args.val_batches, args.max_seq_length)?;
+                on_event(Event::Val { it, loss, seconds: tic.elapsed().as_secs_f64() });
+            }
+        }
+        let tic = Instant::now();
+        let (batch, truncated) = batches.next_batch();
+        if let (Some(longest), false) = (truncated, warned) {
+            on_event(Event::Truncated { longest, max: args.max_seq_length });
+            warned = true;
+        }
+        setup.set_training(true);
+        let (loss, grads) = lmx_generate::compute_pool().install(|| -> lmx::core::Result<_> {
+            let (loss, ntoks) = batch_loss(model, &batch)?;
+            let value = f64::from(loss.to_scalar::<f32>()?);
+            n_tokens += ntoks;
+            let grads = if value.is_finite() { Some(gradients(&loss, &vars)?) } else { None };
+            Ok((value, grads))
+        })?;
+        let bad = match &grads {
+            None => true,
+            Some(g) => g.iter().flatten().map(|g| g.sqr().and_then(|s| s.sum_all()).and_then(|s| s.to_scalar::<f32>())).any(|s| s.map_or(true, |s| !s.is_finite())),
+        };
+        if bad {
+            save_adapters(&named, &final_path)?;
+            return Err(TuneError::NonFinite { it, loss, path: final_path });
+        }
+        let grads = grads.unwrap_or_default();
+        pending = Some(match pending.take() {
+            None => grads,
+            Some(prev) => prev.into_iter().zip(grads).map(|(a, b)| match (a, b) {
+                (Some(a), Some(b)) => (a + b).ok(),
+                (a, b) => a.or(b),
+            }).collect(),
+        });
+        if it % accum == 0 {
+            let mut g = pending.take().unwrap_or_default();
+            if accum > 1 {
+                g = g.into_iter().map(|t| t.and_then(|t| (t / accum as f64).ok())).collect();
+            }
+            let lr = args.schedule.at(optimizer.step());
+            lmx_generate::compute_pool().install(|| optimizer.update(&vars, &g, lr))?;
+        }
+        losses += loss;
+        steps += 1;
+        train_time += tic.elapsed().as_secs_f64();
+        on_event(Event::Step { it });
+        if it % args.steps_per_report.max(1) == 0 || it == args.iters {
+            trained_tokens += n_tokens;
+            on_event(Event::Train {
+                it,
+                loss: losses / steps as f64,
+                lr: args.schedule.at(optimizer.step()),
+                it_per_sec: steps as f64 / train_time,
+                tokens_per_sec: n_tokens as f64 / train_time,
+                trained_tokens,
+                peak_memory: lmx_generate::peak_memory_bytes(),
+            });
+            (losses, steps, n_tokens, train_time) = (0.0, 0, 0, 0.0);
+        }
+        if args.save_every > 0 && it % args.save_every == 0 {
+            save_adapters(&named, &final_path)?;
+            let checkpoint = args.adapter_dir.join(format!("{it:07}_adapters.safetensors"));
+            save_adapters(&named, &checkpoint)?;
+            on_event(Event::Saved { it, path: checkpoint });
+        }
+    }
+    setup.set_training(false);
+    save_adapters(&named, &final_path)?;
+    on_event(Event::Saved { it: args.iters, path: final_path });
+    Ok(())
+}
