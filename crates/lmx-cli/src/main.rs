@@ -27,6 +27,10 @@ enum Command {
     Benchmark(cmd::benchmark::Args),
     /// Convert GGUF to a model folder, cast dtypes, quantize or dequantize (mlx_lm.convert).
     Convert(cmd::convert::Args),
+    /// Fine-tune with LoRA, DoRA or full training, also on quantized models (mlx_lm.lora).
+    Lora(Box<cmd::lora::Args>),
+    /// Fuse trained adapters into a standalone model folder (mlx_lm.fuse).
+    Fuse(cmd::fuse::Args),
 }
 
 /// glibc returns large freed blocks to the kernel, so every prefill's multi-megabyte
@@ -57,6 +61,8 @@ fn main() -> ExitCode {
         Command::Convert(args) => cmd::convert::run(args),
         Command::Benchmark(args) => cmd::benchmark::run(args),
         Command::Perplexity(args) => cmd::perplexity::run(args),
+        Command::Lora(args) => cmd::lora::run(*args),
+        Command::Fuse(args) => cmd::fuse::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,6 +4,7 @@
 //! end, so an interrupted run never leaves a folder that looks complete, and an existing
 //! output folder is never overwritten.
 
+pub mod fuse;
 pub mod quantize;
 
 use std::collections::{BTreeMap, HashMap};
@@ -93,6 +94,8 @@ pub enum Transform {
     Quantize(quantize::QuantizeOptions),
     /// Dequantize a quantized model.
     Dequantize,
+    /// Fuse trained adapters into the weights (`lmx fuse`).
+    Fuse(fuse::FuseOptions),
 }
 
 /// Converts `source` into the folder `out` one tensor at a time: each tensor is read from the
@@ -125,26 +128,58 @@ pub fn convert(source: &ModelSource, dtype: Option<DType>, transform: &Transform
             }
             plan.write_config(&mut folder.config);
         }
-        Transform::Dequantize => {
-            let q = lmx_io::QuantConfig::from_config(&folder.config).map_err(ConvertError::Invalid)?
-                .ok_or_else(|| ConvertError::Invalid("the model is not quantized; nothing to dequantize".into()))?;
+        Transform::Dequantize | Transform::Fuse(_) => {
+            let q = lmx_io::QuantConfig::from_config(&folder.config).map_err(ConvertError::Invalid)?;
+            let (mut fuser, dequantize) = match transform {
+                Transform::Fuse(o) => (Some(fuse::Fuser::new(&o.adapter_dir)?), o.dequantize),
+                _ => (None, true),
+            };
+            if fuser.is_none() && q.is_none() {
+                return Err(ConvertError::Invalid("the model is not quantized; nothing to dequantize".into()));
+            }
             let dtype = files.weights.dtype();
+            let is_quantized = |m: &str| keys.contains(&format!("{m}.scales"));
             for key in &keys {
                 let module = key.strip_suffix(".weight");
-                let spec = module.and_then(|m| keys.contains(&format!("{m}.scales")).then(|| q.for_module(m, true)).flatten());
-                match (module, spec) {
-                    (Some(m), Some((spec, _))) => {
-                        let get = |s: &str| files.weights.tensor(&format!("{m}.{s}"));
-                        let w = quantize::dequantize_module(m, &get("weight")?, &get("scales")?, &get("biases")?, spec, dtype)?;
-                        shards.push(key.clone(), w)?;
+                let spec = module.and_then(|m| fuse::module_spec(q.as_ref(), m, is_quantized(m)));
+                let adapted = module.is_some_and(|m| fuser.as_ref().is_some_and(|f| f.adapts(m)));
+                let part_of_quantized = [".scales", ".biases"].iter().find_map(|s| key.strip_suffix(s)).is_some_and(|m| is_quantized(m));
+                if part_of_quantized && (dequantize || fuser.as_ref().is_some_and(|f| f.adapts(key.rsplit_once('.').map_or("", |(m, _)| m)))) {
+                    continue; // written with its weight
+                }
+                let Some(m) = module.filter(|_| adapted || (spec.is_some() && dequantize)) else {
+                    let t = fuser.as_mut().and_then(|f| f.replacement(key));
+                    let t = match t { Some(t) => t.to_dtype(files.weights.tensor(key)?.dtype())?, None => files.weights.tensor(key)? };
+                    shards.push(key.clone(), t)?;
+                    continue;
+                };
+                let get = |s: &str| files.weights.tensor(&format!("{m}.{s}"));
+                let w = match spec {
+                    Some(spec) => quantize::dequantize_module(m, &get("weight")?, &get("scales")?, &get("biases")?, spec, DType::F32)?,
+                    None => get("weight")?,
+                };
+                let w = match fuser.as_mut().filter(|_| adapted) {
+                    Some(f) => f.fuse(m, &w)?,
+                    None => w,
+                };
+                match spec.filter(|_| !dequantize) {
+                    Some(spec) => {
+                        let [p, s, b] = fuse::quantized_tensors(&w, spec, dtype)?;
+                        shards.push(key.clone(), p)?;
+                        shards.push(format!("{m}.scales"), s)?;
+                        shards.push(format!("{m}.biases"), b)?;
                     }
-                    _ if key.ends_with(".scales") || key.ends_with(".biases") => {}
-                    _ => shards.push(key.clone(), files.weights.tensor(key)?)?,
+                    None => shards.push(key.clone(), w.to_dtype(dtype)?)?,
                 }
             }
-            if let Value::Object(c) = &mut folder.config {
-                c.remove("quantization");
-                c.remove("quantization_config");
+            if let Some(f) = &fuser {
+                f.finish()?;
+            }
+            if dequantize {
+                if let Value::Object(c) = &mut folder.config {
+                    c.remove("quantization");
+                    c.remove("quantization_config");
+                }
             }
         }
     }

@@ -223,7 +223,9 @@ pub fn save_adapters(vars: &[(String, Var)], path: &Path) -> Result<(), TuneErro
 /// The gradients of `vars` from `loss`, each None when the loss does not depend on it.
 fn gradients(loss: &Tensor, vars: &[&Var]) -> lmx::core::Result<Vec<Option<Tensor>>> {
     let grads = loss.backward()?;
-    Ok(vars.iter().map(|v| grads.get(v.as_tensor()).cloned()).collect())
+    // Detached: a gradient computed from taped tensors records its own graph, which the
+    // optimizer state would otherwise keep alive (and chain) from step to step.
+    Ok(vars.iter().map(|v| grads.get(v.as_tensor()).map(Tensor::detach)).collect())
 }
 
 /// Trains the adapters of `setup` (attached to `model`) on `train`, validating on `valid`.

@@ -3,7 +3,9 @@
 pub mod benchmark;
 pub mod chat;
 pub mod convert;
+pub mod fuse;
 pub mod generate;
+pub mod lora;
 pub mod perplexity;
 
 use anyhow::Context;
@@ -39,21 +41,29 @@ impl ModelArgs {
         let device = lmx::core::parse_device(&self.device)?;
         let dtype = self.dtype.as_deref().map(lmx::core::parse_dtype).transpose()?;
         let adapters = self.adapter_path.as_deref().map(lmx::AdapterOptions::from_dir).transpose()?;
-        let options = lmx::LoadOptions { dtype, device, adapters };
-        let model = if self.model == DEFAULT_MODEL && !std::path::Path::new(DEFAULT_MODEL).exists() {
-            // Outside the checkout, fall back to the same model in the Hugging Face cache.
-            let cached = lmx::io::hub::cached_snapshot(&lmx::io::hub::cache_dir(), DEFAULT_HUB_ID).ok();
-            let Some(dir) = cached else {
-                anyhow::bail!(
-                    "the default model ({DEFAULT_MODEL}) is not here and {DEFAULT_HUB_ID} is not in the Hugging Face cache: run scripts/fetch-default-model.sh in the lmx checkout (or `huggingface-cli download {DEFAULT_HUB_ID}`), or pass --model"
-                );
-            };
-            dir.to_string_lossy().to_string()
-        } else {
-            self.model.clone()
-        };
-        lmx::load_with(&model, &options).with_context(|| format!("loading model `{model}`"))
+        load_model(&self.model, &lmx::LoadOptions { dtype, device, adapters })
     }
+}
+
+/// The path of `--model`: as given, except that the default model falls back to the Hugging
+/// Face cache outside the checkout.
+pub fn resolve_model(model: &str) -> anyhow::Result<String> {
+    if model != DEFAULT_MODEL || std::path::Path::new(DEFAULT_MODEL).exists() {
+        return Ok(model.to_string());
+    }
+    let cached = lmx::io::hub::cached_snapshot(&lmx::io::hub::cache_dir(), DEFAULT_HUB_ID).ok();
+    let Some(dir) = cached else {
+        anyhow::bail!(
+            "the default model ({DEFAULT_MODEL}) is not here and {DEFAULT_HUB_ID} is not in the Hugging Face cache: run scripts/fetch-default-model.sh in the lmx checkout (or `huggingface-cli download {DEFAULT_HUB_ID}`), or pass --model"
+        );
+    };
+    Ok(dir.to_string_lossy().to_string())
+}
+
+/// Loads `model` (resolved as [`resolve_model`]) with `options`.
+pub fn load_model(model: &str, options: &lmx::LoadOptions) -> anyhow::Result<(lmx::Model, lmx::TokenizerWrapper)> {
+    let model = resolve_model(model)?;
+    lmx::load_with(&model, options).with_context(|| format!("loading model `{model}`"))
 }
 
 /// Sampling flags shared by generate and chat.

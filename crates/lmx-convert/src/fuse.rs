@@ -1,0 +1,111 @@
+//! Fusing trained adapters into the weights (`mlx_lm.fuse`):
+//!
+//! - LoRA: `W' = W + (scale * lora_b^T) @ lora_a^T`.
+//! - DoRA: the same `W'`, then each row rescaled to the learned magnitude: `W' * m / ||W'||_row`.
+//! - Full: the trained tensors replace the checkpoint's.
+//!
+//! A quantized layer is dequantized, fused and quantized again with its own bits and group
+//! size (MLX's quantizer, so the result is what `mlx_lm.fuse` writes), unless `--dequantize`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use lmx_core::quant::QuantizedMatrix;
+use lmx_core::{DType, Tensor};
+use lmx_io::{AdapterConfig, FineTuneType, QuantConfig, QuantSpec};
+
+use crate::ConvertError;
+
+/// `lmx fuse` options.
+#[derive(Debug, Clone)]
+pub struct FuseOptions {
+    /// The adapter folder (adapter_config.json + adapters.safetensors).
+    pub adapter_dir: PathBuf,
+    /// Write float weights even where the base model is quantized.
+    pub dequantize: bool,
+}
+
+/// The adapters of one folder, ready to apply key by key.
+pub struct Fuser {
+    config: AdapterConfig,
+    tensors: HashMap<String, Tensor>,
+    /// Adapter tensors applied so far (all must be, or the adapter belongs to another model).
+    used: BTreeSet<String>,
+    source: PathBuf,
+}
+
+impl Fuser {
+    /// Reads the adapter folder.
+    pub fn new(dir: &Path) -> Result<Self, ConvertError> {
+        let (config, tensors) = lmx_io::adapters::load_adapter_dir(dir)?;
+        if config.fine_tune_type != FineTuneType::Full && config.lora_parameters.is_none() {
+            return Err(ConvertError::Invalid(format!("{}: `lora_parameters` is missing", dir.join(lmx_io::adapters::ADAPTER_CONFIG).display())));
+        }
+        Ok(Self { config, tensors, used: BTreeSet::new(), source: dir.join(lmx_io::adapters::ADAPTER_FILE) })
+    }
+
+    /// True when `module` (e.g. `model.layers.3.mlp.up_proj`) has a LoRA/DoRA adapter.
+    pub fn adapts(&self, module: &str) -> bool {
+        self.config.fine_tune_type != FineTuneType::Full && self.tensors.contains_key(&format!("{module}.lora_a"))
+    }
+
+    /// The trained replacement of checkpoint tensor `key` (full fine-tuning), if any.
+    pub fn replacement(&mut self, key: &str) -> Option<Tensor> {
+        if self.config.fine_tune_type != FineTuneType::Full {
+            return None;
+        }
+        let t = self.tensors.get(key).cloned()?;
+        self.used.insert(key.to_string());
+        Some(t)
+    }
+
+    fn take(&mut self, key: String) -> Result<Tensor, ConvertError> {
+        let t = self.tensors.get(&key).cloned().ok_or_else(|| ConvertError::Invalid(format!("{}: `{key}` is missing", self.source.display())))?;
+        self.used.insert(key);
+        Ok(t.to_dtype(DType::F32)?)
+    }
+
+    /// The fused float weight (out, in) of an adapted `module` from its base weight `w`.
+    pub fn fuse(&mut self, module: &str, w: &Tensor) -> Result<Tensor, ConvertError> {
+        let scale = self.config.lora_parameters.as_ref().map_or(1.0, |p| p.scale);
+        let a = self.take(format!("{module}.lora_a"))?;
+        let b = self.take(format!("{module}.lora_b"))?;
+        let w = w.to_dtype(DType::F32)?;
+        let (out, inp) = w.dims2()?;
+        if a.dims() != [inp, a.dim(1)?] || b.dims() != [a.dim(1)?, out] {
+            return Err(ConvertError::Invalid(format!(
+                "{}: `{module}` adapters have shapes {:?} and {:?}, which do not fit a ({out}, {inp}) weight",
+                self.source.display(), a.dims(), b.dims()
+            )));
+        }
+        let fused = (&w + (b.t()?.matmul(&a.t()?)? * scale)?)?;
+        if self.config.fine_tune_type != FineTuneType::Dora {
+            return Ok(fused);
+        }
+        let m = self.take(format!("{module}.m"))?;
+        let norms = fused.sqr()?.sum_keepdim(1)?.sqrt()?;
+        Ok(fused.broadcast_mul(&(m.reshape((out, 1))? / norms)?)?)
+    }
+
+    /// Checks that every adapter tensor was applied.
+    pub fn finish(&self) -> Result<(), ConvertError> {
+        let mut unused: Vec<&String> = self.tensors.keys().filter(|k| !self.used.contains(*k)).collect();
+        unused.sort();
+        match unused.first() {
+            None => Ok(()),
+            Some(k) => Err(ConvertError::Invalid(format!("{}: {} adapter tensor(s) match no layer of this model, e.g. `{k}`: was it trained on another base model?", self.source.display(), unused.len()))),
+        }
+    }
+}
+
+/// The checkpoint tensors of a quantized module: `weight`, `scales`, `biases`.
+pub fn quantized_tensors(w: &Tensor, spec: QuantSpec, dtype: DType) -> Result<[Tensor; 3], ConvertError> {
+    let q = QuantizedMatrix::quantize(&w.to_dtype(dtype)?, spec.bits, spec.group_size)?;
+    let (p, s, b) = q.to_tensors()?;
+    Ok([p, s, b])
+}
+
+/// How `module` is quantized in a model with quantization block `q`, when its `scales` exist.
+pub fn module_spec(q: Option<&QuantConfig>, module: &str, has_scales: bool) -> Option<QuantSpec> {
+    q.and_then(|q| q.for_module(module, has_scales)).map(|(spec, _)| spec)
+}
