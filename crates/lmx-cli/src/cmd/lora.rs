@@ -131,6 +131,13 @@ fn load_split(dir: &Path, name: &str, tokenizer: &lmx::TokenizerWrapper, mask_pr
 
 /// Runs `lmx lora`.
 pub fn run(args: Args) -> anyhow::Result<()> {
+    // candle's elementwise worker threads spin 25,000 times waiting for the next op; in a
+    // training step, between lmx's own kernels and the long matmuls, that spinning steals a
+    // core from the matmuls. Park them almost at once (docs/BENCHMARKS.md has the numbers).
+    // Set before any tensor op creates the pool, while this is the only thread.
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "200");
+    }
     let mut c = LoraConfig::default();
     if let Some(path) = &args.config {
         eprintln!("Loading configuration file {}", path.display());
