@@ -1,0 +1,58 @@
+//! The gradients of one LoRA / DoRA training step on the tiny Llama fixture equal PyTorch +
+//! PEFT's (scripts/fixtures/lora_grads.py, float64 reference): same adapters (MLX layout), same
+//! batch (right padding, a prompt-masked row), same masked mean cross-entropy.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use lmx::core::{DType, Device, Tensor};
+use lmx_io::adapters::{load_adapter_file, parse_config};
+use lmx_io::{AdapterSetup, Weights};
+use lmx_tune::trainer::{batch_loss, Batch};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn ints(t: &Tensor) -> Vec<usize> {
+    t.to_dtype(DType::I64).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<i64>()).expect("ints").into_iter().map(|v| v as usize).collect()
+}
+
+#[test]
+fn lora_and_dora_gradients_equal_peft() {
+    let model_dir = fixtures().join("llama");
+    let config = lmx_io::config::read_json(&model_dir.join("config.json")).expect("config");
+    for variant in ["lora", "dora"] {
+        let dir = fixtures().join("lora_grads").join(variant);
+        let ac = parse_config(&dir.join("adapter_config.json")).expect("adapter config");
+        let setup = AdapterSetup::new(ac.fine_tune_type, ac.num_layers, 2, ac.lora_parameters.clone().expect("params"), true, 0)
+            .expect("setup")
+            .with_initial(load_adapter_file(&dir.join("adapters.safetensors")).expect("adapters"), "fixture");
+        let setup = Arc::new(setup);
+        let weights = Weights::from_safetensors(&[model_dir.join("model.safetensors")], DType::F32, &Device::Cpu).expect("weights").with_adapters(setup.clone());
+        let model = lmx_models::load_model("llama", &config, &weights.root()).expect("model");
+        weights.finish(|_| false).expect("every adapter tensor used");
+
+        let golden = candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).expect("golden");
+        let ids = ints(&golden["input_ids"]);
+        let (rows, width) = golden["input_ids"].dims2().expect("2-D");
+        let batch = Batch { ids: ids.iter().map(|&v| v as u32).collect(), rows, width, lengths: ints(&golden["lengths"]), offsets: ints(&golden["offsets"]) };
+        let (loss, ntoks) = batch_loss(&*model, &batch).expect("loss");
+        assert_eq!(ntoks, batch.trained_tokens());
+        let want_loss = golden["loss"].to_dtype(DType::F64).and_then(|t| t.to_vec1::<f64>()).expect("loss")[0];
+        let got_loss = f64::from(loss.to_scalar::<f32>().expect("scalar"));
+        assert!((got_loss - want_loss).abs() < 1e-5 * want_loss.abs(), "{variant}: loss {got_loss} vs PEFT {want_loss}");
+
+        let grads = loss.backward().expect("backward");
+        let trainables = setup.trainables();
+        assert_eq!(trainables.len(), golden.keys().filter(|k| k.starts_with("grad.")).count(), "{variant}: one gradient per adapter tensor");
+        for (key, var) in &trainables {
+            let got = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{variant}: no gradient for {key}"));
+            let want = &golden[&format!("grad.{key}")];
+            let scale = want.abs().and_then(|t| t.max_all()).and_then(|t| t.to_scalar::<f32>()).expect("max");
+            let diff = lmx::core::gradcheck::max_abs_diff(got, want).expect("diff");
+            // f32 against a float64 reference: relative to the tensor's largest gradient.
+            assert!(diff <= 2e-4 * scale + 1e-7, "{variant}: gradient of {key} differs by {diff} (largest {scale})");
+        }
+    }
+}
