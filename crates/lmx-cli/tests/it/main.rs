@@ -4,6 +4,7 @@
 mod errors;
 mod generate;
 mod loading;
+mod lora;
 mod quantize;
 
 use std::path::{Path, PathBuf};
