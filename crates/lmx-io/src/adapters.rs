@@ -149,6 +149,8 @@ pub struct AdapterSetup {
     initial: HashMap<String, Tensor>,
     initial_source: String,
     used: Mutex<BTreeSet<String>>,
+    /// `keys` entries that matched a module (each must match one).
+    matched_keys: Mutex<BTreeSet<String>>,
     registry: Mutex<Vec<(String, Var)>>,
     training: AtomicBool,
 }
@@ -177,6 +179,7 @@ impl AdapterSetup {
             initial: HashMap::new(),
             initial_source: String::new(),
             used: Mutex::new(BTreeSet::new()),
+            matched_keys: Mutex::new(BTreeSet::new()),
             registry: Mutex::new(Vec::new()),
             training: AtomicBool::new(false),
         })
@@ -219,10 +222,14 @@ impl AdapterSetup {
             return false;
         }
         let keys = self.params.keys.as_ref();
-        match Self::layer_of(prefix) {
-            Some((i, module)) => i >= self.first_layer && keys.is_none_or(|k| k.iter().any(|k| k == module)),
-            None => keys.is_some_and(|k| k.iter().any(|k| k == prefix)),
+        let (hit, key) = match Self::layer_of(prefix) {
+            Some((i, module)) => (i >= self.first_layer && keys.is_none_or(|k| k.iter().any(|k| k == module)), module),
+            None => (keys.is_some_and(|k| k.iter().any(|k| k == prefix)), prefix),
+        };
+        if hit && keys.is_some() {
+            self.matched_keys.lock().unwrap_or_else(|e| e.into_inner()).insert(key.to_string());
         }
+        hit
     }
 
     /// True when checkpoint tensor `key` trains (full fine-tuning of the adapted layers).
@@ -277,6 +284,15 @@ impl AdapterSetup {
     /// Checks that every saved adapter tensor found its module: a tensor for a layer the
     /// model lacks (wrong base model, wrong `num_layers` or `keys`) is an error naming it.
     pub fn finish(&self) -> Result<()> {
+        if let Some(keys) = &self.params.keys {
+            let matched = self.matched_keys.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(k) = keys.iter().find(|k| !matched.contains(*k)) {
+                return Err(IoError::Json {
+                    path: PathBuf::from("lora_parameters.keys"),
+                    msg: format!("`{k}` names no linear layer of the adapted layers (keys are paths inside a layer, e.g. `self_attn.q_proj`, `mlp.down_proj`)"),
+                });
+            }
+        }
         let used = self.used.lock().unwrap_or_else(|e| e.into_inner());
         let mut unused: Vec<&String> = self.initial.keys().filter(|k| !used.contains(*k)).collect();
         unused.sort();

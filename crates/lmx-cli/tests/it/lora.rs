@@ -157,6 +157,12 @@ fn bad_data_and_flags_get_clear_errors() {
     assert_clear_error(&run(&ok, &["-c", &path_str(&yaml)]), &["scale", "alpha"]);
     std::fs::write(&yaml, "learnin_rate: 1e-4\n").expect("write");
     assert_clear_error(&run(&ok, &["-c", &path_str(&yaml)]), &["learnin_rate"]);
+    std::fs::write(&yaml, "lora_parameters:\n  rank: 4\n  scale: 10.0\n  keys: [self_attn.qproj]\n").expect("write");
+    assert_clear_error(&run(&ok, &["-c", &path_str(&yaml)]), &["self_attn.qproj", "names no linear layer"]);
+    // Over-long sequences are truncated with MLX LM's warning, and training goes on.
+    let out = run(&ok, &["--max-seq-length", "3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("[WARNING] Some sequences are longer than 3 tokens"));
     // A diverging run stops with a clear message and keeps the last good adapters.
     let out = run(&ok, &["--learning-rate", "1e30", "--iters", "20"]);
     assert_clear_error(&out, &["not finite", "adapters.safetensors", "--learning-rate"]);
