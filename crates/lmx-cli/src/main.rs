@@ -35,13 +35,17 @@ enum Command {
 
 /// glibc returns large freed blocks to the kernel, so every prefill's multi-megabyte
 /// activations come back as fresh pages the kernel must zero (15% of prefill time). Keeping
-/// them in the heap for reuse costs no extra peak memory.
+/// them in the heap for reuse costs no extra peak memory. One arena for all threads: tensors
+/// are allocated on one thread and freed on another (rayon workers, candle's pool), and with
+/// per-thread arenas each arena grew and shrank on its own; a training step spent 23% of its
+/// time in page faults and peaked 1 GB higher (docs/BENCHMARKS.md).
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator thresholds; called before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 512 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 
