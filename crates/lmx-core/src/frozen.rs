@@ -95,6 +95,78 @@ impl CustomOp2 for FrozenLinear {
     }
 }
 
+/// A frozen bf16 weight W (out, in), packed for the AVX512-BF16 kernel: the forward product
+/// `x W^T` and, built on the first backward pass, the input-gradient product `g W`.
+#[derive(Debug)]
+pub struct Bf16Weight {
+    rows: usize,
+    cols: usize,
+    bits: Vec<u16>,
+    fwd: crate::bf16_gemm::Packed,
+    bwd: std::sync::OnceLock<crate::bf16_gemm::Packed>,
+}
+
+impl Bf16Weight {
+    /// Packs `w` (out, in), whose values must be bf16 (a bf16 checkpoint read as f32 is exact).
+    /// None when this CPU has no AVX512-BF16.
+    pub fn new(w: &Tensor) -> Result<Option<Self>> {
+        if !crate::bf16_gemm::supported() || !w.device().is_cpu() {
+            return Ok(None);
+        }
+        let (rows, cols) = w.dims2()?;
+        let bits: Vec<u16> = w.to_dtype(DType::BF16)?.flatten_all()?.to_vec1::<half::bf16>()?.into_iter().map(half::bf16::to_bits).collect();
+        let fwd = crate::bf16_gemm::Packed::from_rows_transposed(&bits, rows, cols);
+        Ok(Some(Self { rows, cols, bits, fwd, bwd: std::sync::OnceLock::new() }))
+    }
+
+    /// The weight as an f32 tensor (out, in).
+    pub fn to_tensor(&self) -> Result<Tensor> {
+        let v: Vec<half::bf16> = self.bits.iter().map(|&b| half::bf16::from_bits(b)).collect();
+        Tensor::from_vec(v, (self.rows, self.cols), &candle_core::Device::Cpu)?.to_dtype(DType::F32)
+    }
+
+    /// `x @ W^T` for f32 x (.., in); recorded on the tape when x is, with the backward pass
+    /// `grad_x = grad_y @ W` (W never trains).
+    pub fn matmul(self: &std::sync::Arc<Self>, x: &Tensor) -> Result<Tensor> {
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let op = FrozenBf16 { w: self.clone(), transpose: false };
+        if x.track_op() { x.apply_op1(op) } else { x.apply_op1_no_bwd(&op) }
+    }
+}
+
+/// `x @ W^T` (transpose: false) or `g @ W` (true) for a [`Bf16Weight`].
+struct FrozenBf16 {
+    w: std::sync::Arc<Bf16Weight>,
+    transpose: bool,
+}
+
+impl CustomOp1 for FrozenBf16 {
+    fn name(&self) -> &'static str {
+        "lmx-frozen-bf16"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "frozen bf16 linear input")?;
+        let w = &self.w;
+        let packed = if self.transpose { w.bwd.get_or_init(|| crate::bf16_gemm::Packed::from_rows(&w.bits, w.rows, w.cols)) } else { &w.fwd };
+        let (k, n) = packed.dims();
+        let mut dims = l.dims().to_vec();
+        if dims.last() != Some(&k) {
+            candle_core::bail!("frozen bf16 linear: input {dims:?} does not end in {k} features");
+        }
+        let y = crate::bf16_gemm::matmul(x, x.len() / k, packed);
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let op = FrozenBf16 { w: self.w.clone(), transpose: !self.transpose };
+        Ok(Some(grad.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(&op)?))
+    }
+}
+
 /// Cross-entropy of each row of `logits` (n, vocab), f32, against `targets[i]`, multiplied by
 /// `weights[i]` (0 drops a row from the loss; 1 keeps it). Returns the (n,) weighted losses;
 /// the backward pass is `weight * (softmax - onehot)` per row, computed in one pass.
@@ -193,6 +265,30 @@ mod tests {
         // Only the input gets a gradient.
         let grads = y.sum_all()?.backward()?;
         assert!(grads.get(&w).is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn bf16_frozen_linear_matches_matmul_and_its_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (40, 64), &dev)?.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+        let Some(bw) = Bf16Weight::new(&w)? else {
+            eprintln!("skipped: no AVX512-BF16 on this CPU");
+            return Ok(());
+        };
+        let bw = std::sync::Arc::new(bw);
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 64), &dev)?;
+        let xb = x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+        let d = max_abs_diff(&bw.matmul(&x)?, &xb.broadcast_matmul(&w.t()?)?)?;
+        assert!(d < 1e-3, "forward differs by {d}");
+        // The input gradient is g @ W with g rounded to bf16 (as the kernel sees it).
+        let xv = Var::from_tensor(&x)?;
+        let g = Tensor::randn(0f32, 1.0, (2, 3, 40), &dev)?;
+        let grads = (bw.matmul(xv.as_tensor())? * &g)?.sum_all()?.backward()?;
+        let want = g.to_dtype(DType::BF16)?.to_dtype(DType::F32)?.broadcast_matmul(&w)?;
+        let d = max_abs_diff(grads.get(xv.as_tensor()).expect("dx"), &want)?;
+        assert!(d < 1e-3, "backward differs by {d}");
+        assert!(max_abs_diff(&bw.to_tensor()?, &w)? == 0.0);
         Ok(())
     }
 

@@ -6,6 +6,7 @@
 
 pub mod cpu;
 pub mod cpu_fused;
+pub mod bf16_gemm;
 pub mod device;
 pub mod frozen;
 pub mod gradcheck;

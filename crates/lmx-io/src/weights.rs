@@ -252,6 +252,22 @@ impl WeightsPath {
         self.weights.inner.dtype
     }
 
+    /// The dtype tensor `name` has in the checkpoint (before conversion), if it exists.
+    pub fn stored_dtype(&self, name: &str) -> Option<DType> {
+        let key = self.key(name);
+        let inner = &self.weights.inner;
+        let (shard, _) = inner.index.get(&key)?;
+        match &inner.source {
+            Source::Safetensors(files) => files[*shard].1.get(&key).ok().and_then(|v| DType::try_from(v.dtype()).ok()),
+            Source::Memory(map) => map.get(&key).map(Tensor::dtype),
+        }
+    }
+
+    /// True when the model is being built for LoRA/DoRA training (its base weights are frozen).
+    pub fn frozen_base(&self) -> bool {
+        self.weights.inner.adapters.as_ref().is_some_and(|a| a.trainable() && a.kind != crate::FineTuneType::Full)
+    }
+
     /// How the module at this prefix is quantized (bits, group size), or None when it is a
     /// plain float module. A mode other than `affine` is an error naming the module.
     pub fn quantization(&self) -> Result<Option<QuantSpec>> {

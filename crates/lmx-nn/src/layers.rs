@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use lmx_core::frozen::Bf16Weight;
 use lmx_core::quant::QuantizedMatrix;
 use lmx_core::{ops, Module, Result, Tensor};
 use lmx_io::{QuantSpec, WeightsPath};
@@ -22,6 +23,24 @@ pub enum Bias {
 enum Weight {
     Dense(Tensor),
     Quantized(Arc<QuantizedMatrix>),
+    /// A bf16 checkpoint weight frozen under LoRA/DoRA training in an f32 model: kept in bf16
+    /// and multiplied with the AVX512-BF16 kernel (activations rounded to bf16 at the product,
+    /// f32 accumulation), as PyTorch's bf16 training does.
+    FrozenBf16(Arc<Bf16Weight>),
+}
+
+impl Weight {
+    /// A dense weight read for training: frozen bf16 weights go to the bf16 kernel when the CPU
+    /// has one.
+    fn dense(vb: &WeightsPath, w: Tensor) -> Result<Self> {
+        let frozen_bf16 = vb.frozen_base() && vb.dtype() == lmx_core::DType::F32 && vb.stored_dtype("weight") == Some(lmx_core::DType::BF16);
+        if frozen_bf16 {
+            if let Some(b) = Bf16Weight::new(&w)? {
+                return Ok(Weight::FrozenBf16(Arc::new(b)));
+            }
+        }
+        Ok(Weight::Dense(w))
+    }
 }
 
 /// `y = x W^T + b` with W stored as (out_features, in_features), as in Hugging Face checkpoints,
@@ -54,7 +73,7 @@ impl Linear {
     pub fn new(vb: &WeightsPath, in_features: usize, out_features: usize, bias: Bias) -> lmx_io::Result<Self> {
         let weight = match vb.quantization()? {
             Some(spec) => Weight::Quantized(Arc::new(read_quantized(vb, spec, out_features, in_features)?)),
-            None => Weight::Dense(vb.get((out_features, in_features), "weight")?),
+            None => Weight::dense(vb, vb.get((out_features, in_features), "weight")?)?,
         };
         let bias = match bias {
             Bias::Yes => Some(vb.get(out_features, "bias")?),
@@ -81,6 +100,7 @@ impl Linear {
     fn row_norms_sq(&self) -> Result<Tensor> {
         match &self.weight {
             Weight::Dense(w) => w.to_dtype(lmx_core::DType::F32)?.sqr()?.sum(1),
+            Weight::FrozenBf16(b) => b.to_tensor()?.sqr()?.sum(1),
             Weight::Quantized(q) => {
                 let mut parts = Vec::new();
                 for start in (0..q.rows).step_by(256) {
@@ -97,6 +117,7 @@ impl Linear {
         match &self.weight {
             Weight::Dense(w) => ops::linear(&x.to_dtype(w.dtype())?, w, None),
             Weight::Quantized(q) => q.matmul(x),
+            Weight::FrozenBf16(b) => b.matmul(x),
         }
     }
 
@@ -105,6 +126,7 @@ impl Linear {
         match &self.weight {
             Weight::Dense(w) => Ok(w.clone()),
             Weight::Quantized(q) => q.dequantize(),
+            Weight::FrozenBf16(b) => b.to_tensor(),
         }
     }
 }
@@ -154,29 +176,39 @@ impl Module for Mlp {
 #[derive(Debug, Clone)]
 pub struct Embedding {
     weight: Weight,
+    /// The weight as the tied output projection uses it, when that differs (frozen bf16).
+    head: Option<Weight>,
     hidden_size: usize,
 }
 
 impl Embedding {
     /// Reads `weight` under `vb` (with `scales`/`biases` when quantized).
     pub fn new(vb: &WeightsPath, vocab_size: usize, hidden_size: usize) -> lmx_io::Result<Self> {
-        let weight = match vb.quantization()? {
-            Some(spec) => Weight::Quantized(Arc::new(read_quantized(vb, spec, vocab_size, hidden_size)?)),
-            None => Weight::Dense(vb.get((vocab_size, hidden_size), "weight")?),
+        let (weight, head) = match vb.quantization()? {
+            Some(spec) => (Weight::Quantized(Arc::new(read_quantized(vb, spec, vocab_size, hidden_size)?)), None),
+            None => {
+                let w = vb.get((vocab_size, hidden_size), "weight")?;
+                // Rows are looked up in f32; a tied output projection may use the bf16 kernel.
+                let head = match Weight::dense(vb, w.clone())? {
+                    Weight::Dense(_) => None,
+                    other => Some(other),
+                };
+                (Weight::Dense(w), head)
+            }
         };
-        Ok(Self { weight, hidden_size })
+        Ok(Self { weight, head, hidden_size })
     }
 
     /// The output projection that shares this matrix (tied `lm_head`), quantized or not.
     pub fn as_linear(&self) -> Linear {
-        Linear { weight: self.weight.clone(), bias: None, adapter: None }
+        Linear { weight: self.head.clone().unwrap_or_else(|| self.weight.clone()), bias: None, adapter: None }
     }
 
     /// The device of the embedding matrix.
     pub fn device(&self) -> &lmx_core::Device {
         match &self.weight {
             Weight::Dense(w) => w.device(),
-            Weight::Quantized(_) => &lmx_core::Device::Cpu,
+            Weight::Quantized(_) | Weight::FrozenBf16(_) => &lmx_core::Device::Cpu,
         }
     }
 }
@@ -188,6 +220,7 @@ impl Module for Embedding {
         let flat = match &self.weight {
             Weight::Dense(w) => w.index_select(&input_ids.flatten_all()?, 0)?,
             Weight::Quantized(q) => q.dequantize_rows(&input_ids.flatten_all()?.to_vec1::<u32>()?)?,
+            Weight::FrozenBf16(b) => b.to_tensor()?.index_select(&input_ids.flatten_all()?, 0)?,
         };
         flat.reshape((b, l, self.hidden_size))
     }
