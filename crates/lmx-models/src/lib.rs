@@ -14,12 +14,29 @@ use lmx_nn::KvCache;
 
 /// Which positions a forward pass returns logits for. candle is eager, so computing the
 /// vocabulary projection only for the last position during generation must be explicit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Logits {
     /// Only the last position: (b, 1, vocab).
     Last,
     /// Every position: (b, seq_len, vocab).
     All,
+    /// The positions with these indices into the flattened (b * seq_len) positions:
+    /// (1, n, vocab). Training asks only for the positions its loss counts.
+    Rows(Tensor),
+}
+
+impl Logits {
+    /// The hidden states (b, seq_len, hidden) of the positions asked for.
+    pub fn select(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Logits::Last => x.narrow(1, x.dim(1)? - 1, 1),
+            Logits::All => Ok(x.clone()),
+            Logits::Rows(idx) => {
+                let (b, l, h) = x.dims3()?;
+                x.reshape((b * l, h))?.index_select(idx, 0)?.unsqueeze(0)
+            }
+        }
+    }
 }
 
 /// A decoder-only language model.

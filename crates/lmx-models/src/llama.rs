@@ -169,10 +169,7 @@ impl CausalLm for Model {
             x = layer.forward(&x, &cos, &sin, mask.as_ref(), cache, layer_idx)?;
         }
         let x = self.model.norm.forward(&x)?;
-        let x = match logits {
-            Logits::Last => x.narrow(1, l - 1, 1)?,
-            Logits::All => x,
-        };
+        let x = logits.select(&x)?;
         self.lm_head.forward(&x)?.to_dtype(DType::F32)
     }
 

@@ -139,20 +139,26 @@ pub fn batch_loss(model: &dyn CausalLm, batch: &Batch) -> lmx::core::Result<(Ten
     let (rows, width) = (batch.rows, batch.width);
     let inputs: Vec<u32> = (0..rows).flat_map(|r| batch.ids[r * width..(r + 1) * width - 1].to_vec()).collect();
     let inputs = Tensor::from_vec(inputs, (rows, width - 1), model.device())?;
-    let mut cache = model.new_cache().without_storage();
-    let logits = model.forward(&inputs, &mut cache, Logits::All)?;
-    let logits = logits.reshape((rows * (width - 1), ()))?;
-    let mut targets = Vec::with_capacity(rows * (width - 1));
-    let mut weights = Vec::with_capacity(rows * (width - 1));
+    // Logits only for the positions the loss counts (padding and masked prompts skip the
+    // vocabulary projection, forward and backward).
+    let (mut positions, mut targets) = (Vec::new(), Vec::new());
     for r in 0..rows {
         for t in 1..width {
-            targets.push(batch.ids[r * width + t]);
-            weights.push(if t >= batch.offsets[r] && t < batch.lengths[r] { 1.0 } else { 0.0 });
+            if t >= batch.offsets[r] && t < batch.lengths[r] {
+                positions.push((r * (width - 1) + t - 1) as u32);
+                targets.push(batch.ids[r * width + t]);
+            }
         }
     }
-    let ntoks = weights.iter().filter(|&&w| w > 0.0).count();
-    let losses = masked_cross_entropy(&logits, &targets, &weights)?;
-    Ok(((losses.sum_all()? / ntoks.max(1) as f64)?, ntoks))
+    let ntoks = positions.len();
+    if ntoks == 0 {
+        return Ok((Tensor::zeros((), lmx::DType::F32, model.device())?, 0));
+    }
+    let positions = Tensor::from_vec(positions, ntoks, model.device())?;
+    let mut cache = model.new_cache().without_storage();
+    let logits = model.forward(&inputs, &mut cache, Logits::Rows(positions))?.squeeze(0)?;
+    let losses = masked_cross_entropy(&logits, &targets, &vec![1.0; ntoks])?;
+    Ok(((losses.sum_all()? / ntoks as f64)?, ntoks))
 }
 
 /// Token-weighted mean loss over `num_batches` batches (all with `None`), in order.

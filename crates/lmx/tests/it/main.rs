@@ -1,6 +1,7 @@
 //! Integration tests of the lmx library on the real default model (SmolLM2-135M-Instruct,
 //! fetched by scripts/fetch-default-model.sh) against tokens transformers produced.
 
+mod adapters;
 mod chat;
 mod golden;
 mod quant;
