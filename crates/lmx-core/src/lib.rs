@@ -13,5 +13,5 @@ pub mod gradcheck;
 pub mod ops;
 pub mod quant;
 
-pub use candle_core::{DType, Device, Error, IndexOp, Module, Result, Shape, Tensor, Var, D};
+pub use candle_core::{bail, CpuStorage, CustomOp1, DType, Device, Error, IndexOp, Layout, Module, Result, Shape, Tensor, TensorId, Var, D};
 pub use device::{parse_device, parse_dtype, DeviceError};

@@ -3,6 +3,8 @@
 //! `mlx_lm/models/llama.py`. Not supported yet: `pretraining_tp > 1` slicing (numerically
 //! irrelevant for inference) and per-layer sliding windows.
 
+use std::sync::Arc;
+
 use lmx_core::{ops, DType, Module, Result, Tensor};
 use lmx_io::WeightsPath;
 use lmx_nn::{Bias, Embedding, KvCache, Linear, Mlp, RmsNorm, Rope, RopeScaling};
@@ -119,7 +121,7 @@ impl DecoderLayer {
 /// The `model.` subtree: embeddings, layers, final norm.
 struct Decoder {
     embed_tokens: Embedding,
-    layers: Vec<DecoderLayer>,
+    layers: Vec<Arc<DecoderLayer>>,
     norm: RmsNorm,
     rope: Rope,
 }
@@ -137,7 +139,7 @@ impl Model {
         let m = vb.pp("model");
         let embed_tokens = Embedding::new(&m.pp("embed_tokens"), cfg.vocab_size, cfg.hidden_size)?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::new(cfg, &m.pp("layers").pp(i)))
+            .map(|i| DecoderLayer::new(cfg, &m.pp("layers").pp(i)).map(Arc::new))
             .collect::<lmx_io::Result<Vec<_>>>()?;
         let norm = RmsNorm::new(&m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
         let rope = Rope::from_config(
@@ -166,7 +168,12 @@ impl CausalLm for Model {
         let (cos, sin) = self.model.rope.cos_sin(offset, l)?;
         let mask = if l > 1 { Some(ops::causal_mask(l, offset, None, x.device())?) } else { None };
         for (layer_idx, layer) in self.model.layers.iter().enumerate() {
-            x = layer.forward(&x, &cos, &sin, mask.as_ref(), cache, layer_idx)?;
+            x = if cache.checkpointing().is_some() {
+                let (layer, cos, sin, mask) = (layer.clone(), cos.clone(), sin.clone(), mask.clone());
+                lmx_nn::checkpoint::layer(cache, layer_idx, &x, move |x| layer.forward(x, &cos, &sin, mask.as_ref(), &mut KvCache::uncached(1), 0))?
+            } else {
+                layer.forward(&x, &cos, &sin, mask.as_ref(), cache, layer_idx)?
+            };
         }
         let x = self.model.norm.forward(&x)?;
         let x = logits.select(&x)?;

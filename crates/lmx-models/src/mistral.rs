@@ -3,6 +3,8 @@
 //! `mlx_lm/models/mistral.py` (which reuses llama). Differs from Llama by the optional
 //! `sliding_window`, which limits how far back each token attends.
 
+use std::sync::Arc;
+
 use lmx_core::{ops, DType, Module, Result, Tensor};
 use lmx_io::WeightsPath;
 use lmx_nn::{Bias, Embedding, KvCache, Linear, Mlp, RmsNorm, Rope, RopeScaling};
@@ -112,7 +114,7 @@ impl DecoderLayer {
 /// The `model.` subtree: embeddings, layers, final norm.
 struct Decoder {
     embed_tokens: Embedding,
-    layers: Vec<DecoderLayer>,
+    layers: Vec<Arc<DecoderLayer>>,
     norm: RmsNorm,
     rope: Rope,
 }
@@ -130,7 +132,7 @@ impl Model {
         let m = vb.pp("model");
         let embed_tokens = Embedding::new(&m.pp("embed_tokens"), cfg.vocab_size, cfg.hidden_size)?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::new(cfg, &m.pp("layers").pp(i)))
+            .map(|i| DecoderLayer::new(cfg, &m.pp("layers").pp(i)).map(Arc::new))
             .collect::<lmx_io::Result<Vec<_>>>()?;
         let norm = RmsNorm::new(&m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
         let rope = Rope::from_config(
@@ -160,7 +162,12 @@ impl CausalLm for Model {
         let window = self.cfg.sliding_window.filter(|w| offset + l > *w);
         let mask = if l > 1 || window.is_some() { Some(ops::causal_mask(l, offset, window, x.device())?) } else { None };
         for (layer_idx, layer) in self.model.layers.iter().enumerate() {
-            x = layer.forward(&x, &cos, &sin, mask.as_ref(), cache, layer_idx)?;
+            x = if cache.checkpointing().is_some() {
+                let (layer, cos, sin, mask) = (layer.clone(), cos.clone(), sin.clone(), mask.clone());
+                lmx_nn::checkpoint::layer(cache, layer_idx, &x, move |x| layer.forward(x, &cos, &sin, mask.as_ref(), &mut KvCache::uncached(1), 0))?
+            } else {
+                layer.forward(&x, &cos, &sin, mask.as_ref(), cache, layer_idx)?
+            };
         }
         let x = self.model.norm.forward(&x)?;
         let x = logits.select(&x)?;

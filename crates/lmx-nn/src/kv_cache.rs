@@ -20,23 +20,36 @@ pub struct KvCache {
     /// False for a whole-sequence forward (training, scoring): nothing is stored, and keys
     /// and values stay on the gradient tape (the in-place buffer writes are not differentiable).
     store: bool,
+    /// Gradient checkpointing of trained layers (training forwards only).
+    checkpointing: Option<crate::checkpoint::Checkpointing>,
 }
 
 impl KvCache {
     /// An empty cache for `n_layers` layers.
     pub fn new(n_layers: usize) -> Self {
-        Self { layers: vec![LayerKv::default(); n_layers], store: true }
+        Self { layers: vec![LayerKv::default(); n_layers], store: true, checkpointing: None }
     }
 
     /// A pass-through "cache" for one forward over whole sequences from position 0.
     pub fn uncached(n_layers: usize) -> Self {
-        Self { layers: vec![LayerKv::default(); n_layers], store: false }
+        Self { layers: vec![LayerKv::default(); n_layers], store: false, checkpointing: None }
     }
 
     /// This cache turned into a pass-through one (see [`KvCache::uncached`]).
     pub fn without_storage(mut self) -> Self {
         self.store = false;
         self
+    }
+
+    /// Asks the model to checkpoint its trained layers in this (pass-through) forward.
+    pub fn with_checkpointing(mut self, ck: crate::checkpoint::Checkpointing) -> Self {
+        self.checkpointing = Some(ck);
+        self
+    }
+
+    /// The checkpointing settings, if any.
+    pub fn checkpointing(&self) -> Option<&crate::checkpoint::Checkpointing> {
+        self.checkpointing.as_ref()
     }
 
     /// Tokens already in the cache (the position of the next token).

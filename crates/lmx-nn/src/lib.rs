@@ -6,6 +6,7 @@
 //! format or fine-tuning method.
 
 pub mod adapter;
+pub mod checkpoint;
 pub mod kv_cache;
 pub mod layers;
 pub mod rope;

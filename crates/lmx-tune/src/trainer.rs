@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use lmx::core::frozen::masked_cross_entropy;
@@ -16,6 +17,7 @@ use lmx::core::{Tensor, Var};
 use lmx::{CausalLm, Logits};
 use lmx_io::adapters::ADAPTER_FILE;
 use lmx_io::AdapterSetup;
+use lmx_nn::checkpoint::{Checkpointing, GradSink};
 
 use crate::optim::{Optimizer, OptimizerKind, Schedule};
 use crate::TuneError;
@@ -135,7 +137,8 @@ impl<'a> Batches<'a> {
 /// The masked mean cross-entropy of a batch and the number of trained tokens: logits of
 /// `ids[:, :-1]` against `ids[:, 1:]`, counting target position t of a row iff
 /// `offset <= t < length`.
-pub fn batch_loss(model: &dyn CausalLm, batch: &Batch) -> lmx::core::Result<(Tensor, usize)> {
+/// `checkpointing` recomputes the trained layers in the backward pass (`--grad-checkpoint`).
+pub fn batch_loss(model: &dyn CausalLm, batch: &Batch, checkpointing: Option<&Checkpointing>) -> lmx::core::Result<(Tensor, usize)> {
     let (rows, width) = (batch.rows, batch.width);
     let inputs: Vec<u32> = (0..rows).flat_map(|r| batch.ids[r * width..(r + 1) * width - 1].to_vec()).collect();
     let inputs = Tensor::from_vec(inputs, (rows, width - 1), model.device())?;
@@ -156,6 +159,9 @@ pub fn batch_loss(model: &dyn CausalLm, batch: &Batch) -> lmx::core::Result<(Ten
     }
     let positions = Tensor::from_vec(positions, ntoks, model.device())?;
     let mut cache = model.new_cache().without_storage();
+    if let Some(ck) = checkpointing {
+        cache = cache.with_checkpointing(ck.clone());
+    }
     let logits = model.forward(&inputs, &mut cache, Logits::Rows(positions))?.squeeze(0)?;
     let losses = masked_cross_entropy(&logits, &targets, &vec![1.0; ntoks])?;
     Ok(((losses.sum_all()? / ntoks as f64)?, ntoks))
@@ -168,7 +174,7 @@ pub fn evaluate(model: &dyn CausalLm, data: &Dataset, batch_size: usize, num_bat
     let (mut total, mut tokens) = (0.0, 0usize);
     for _ in 0..n {
         let (batch, _) = batches.next_batch();
-        let (loss, ntoks) = lmx_generate::compute_pool().install(|| batch_loss(model, &batch))?;
+        let (loss, ntoks) = lmx_generate::compute_pool().install(|| batch_loss(model, &batch, None))?;
         total += f64::from(loss.to_scalar::<f32>()?) * ntoks as f64;
         tokens += ntoks;
     }
@@ -202,6 +208,8 @@ pub struct TrainArgs {
     pub optimizer: OptimizerKind,
     /// Where adapters.safetensors and the checkpoints go.
     pub adapter_dir: PathBuf,
+    /// Recompute trained layers in the backward pass instead of keeping their activations.
+    pub grad_checkpoint: bool,
 }
 
 /// What the loop reports as it runs.
@@ -226,12 +234,21 @@ pub fn save_adapters(vars: &[(String, Var)], path: &Path) -> Result<(), TuneErro
     Ok(())
 }
 
-/// The gradients of `vars` from `loss`, each None when the loss does not depend on it.
-fn gradients(loss: &Tensor, vars: &[&Var]) -> lmx::core::Result<Vec<Option<Tensor>>> {
+/// The gradients of `vars` from `loss`, each None when the loss does not depend on it; with
+/// checkpointing, those of recomputed layers come from its sink.
+pub fn gradients(loss: &Tensor, vars: &[&Var], checkpointing: Option<&Checkpointing>) -> lmx::core::Result<Vec<Option<Tensor>>> {
     let grads = loss.backward()?;
     // Detached: a gradient computed from taped tensors records its own graph, which the
     // optimizer state would otherwise keep alive (and chain) from step to step.
-    Ok(vars.iter().map(|v| grads.get(v.as_tensor()).map(Tensor::detach)).collect())
+    vars.iter()
+        .map(|v| {
+            let direct = grads.get(v.as_tensor()).map(Tensor::detach);
+            match (direct, checkpointing.and_then(|ck| ck.sink.take(v))) {
+                (Some(a), Some(b)) => Ok(Some((a + b)?)),
+                (a, b) => Ok(a.or(b)),
+            }
+        })
+        .collect()
 }
 
 /// Trains the adapters of `setup` (attached to `model`) on `train`, validating on `valid`.
@@ -243,6 +260,11 @@ pub fn train(model: &dyn CausalLm, setup: &AdapterSetup, train: &Dataset, valid:
         return Err(TuneError::Config("nothing to train: no layer matched the adapter settings (check --num-layers and lora_parameters.keys)".into()));
     }
     let vars: Vec<&Var> = named.iter().map(|(_, v)| v).collect();
+    let checkpointing = args.grad_checkpoint.then(|| Checkpointing {
+        first_layer: setup.first_layer,
+        vars: Arc::new(named.iter().map(|(_, v)| v.clone()).collect()),
+        sink: Arc::new(GradSink::default()),
+    });
     let mut optimizer = Optimizer::new(args.optimizer.clone(), vars.len());
     let mut batches = Batches::new(train, args.batch_size, args.max_seq_length, Some(args.seed))?;
     let final_path = args.adapter_dir.join(ADAPTER_FILE);
@@ -267,10 +289,10 @@ pub fn train(model: &dyn CausalLm, setup: &AdapterSetup, train: &Dataset, valid:
         }
         setup.set_training(true);
         let (loss, grads) = lmx_generate::compute_pool().install(|| -> lmx::core::Result<_> {
-            let (loss, ntoks) = batch_loss(model, &batch)?;
+            let (loss, ntoks) = batch_loss(model, &batch, checkpointing.as_ref())?;
             let value = f64::from(loss.to_scalar::<f32>()?);
             n_tokens += ntoks;
-            let grads = if value.is_finite() { Some(gradients(&loss, &vars)?) } else { None };
+            let grads = if value.is_finite() { Some(gradients(&loss, &vars, checkpointing.as_ref())?) } else { None };
             Ok((value, grads))
         })?;
         let bad = match &grads {

@@ -1,6 +1,7 @@
 //! The gradients of one LoRA / DoRA training step on the tiny Llama fixture equal PyTorch +
 //! PEFT's (scripts/fixtures/lora_grads.py, float64 reference): same adapters (MLX layout), same
-//! batch (right padding, a prompt-masked row), same masked mean cross-entropy.
+//! batch (right padding, a prompt-masked row), same masked mean cross-entropy; also with
+//! gradient checkpointing.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,7 +9,8 @@ use std::sync::Arc;
 use lmx::core::{DType, Device, Tensor};
 use lmx_io::adapters::{load_adapter_file, parse_config};
 use lmx_io::{AdapterSetup, Weights};
-use lmx_tune::trainer::{batch_loss, Batch};
+use lmx_nn::checkpoint::{Checkpointing, GradSink};
+use lmx_tune::trainer::{batch_loss, gradients, Batch};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -37,22 +39,30 @@ fn lora_and_dora_gradients_equal_peft() {
         let ids = ints(&golden["input_ids"]);
         let (rows, width) = golden["input_ids"].dims2().expect("2-D");
         let batch = Batch { ids: ids.iter().map(|&v| v as u32).collect(), rows, width, lengths: ints(&golden["lengths"]), offsets: ints(&golden["offsets"]) };
-        let (loss, ntoks) = batch_loss(&*model, &batch).expect("loss");
-        assert_eq!(ntoks, batch.trained_tokens());
         let want_loss = golden["loss"].to_dtype(DType::F64).and_then(|t| t.to_vec1::<f64>()).expect("loss")[0];
-        let got_loss = f64::from(loss.to_scalar::<f32>().expect("scalar"));
-        assert!((got_loss - want_loss).abs() < 1e-5 * want_loss.abs(), "{variant}: loss {got_loss} vs PEFT {want_loss}");
-
-        let grads = loss.backward().expect("backward");
         let trainables = setup.trainables();
+        let vars: Vec<&lmx::core::Var> = trainables.iter().map(|(_, v)| v).collect();
         assert_eq!(trainables.len(), golden.keys().filter(|k| k.starts_with("grad.")).count(), "{variant}: one gradient per adapter tensor");
-        for (key, var) in &trainables {
-            let got = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{variant}: no gradient for {key}"));
-            let want = &golden[&format!("grad.{key}")];
-            let scale = want.abs().and_then(|t| t.max_all()).and_then(|t| t.to_scalar::<f32>()).expect("max");
-            let diff = lmx::core::gradcheck::max_abs_diff(got, want).expect("diff");
-            // f32 against a float64 reference: relative to the tensor's largest gradient.
-            assert!(diff <= 2e-4 * scale + 1e-7, "{variant}: gradient of {key} differs by {diff} (largest {scale})");
+        // Plain, and with gradient checkpointing (every layer recomputed in the backward pass).
+        for checkpointed in [false, true] {
+            let ck = checkpointed.then(|| Checkpointing {
+                first_layer: setup.first_layer,
+                vars: Arc::new(vars.iter().map(|v| (*v).clone()).collect()),
+                sink: Arc::new(GradSink::default()),
+            });
+            let (loss, ntoks) = batch_loss(&*model, &batch, ck.as_ref()).expect("loss");
+            assert_eq!(ntoks, batch.trained_tokens());
+            let got_loss = f64::from(loss.to_scalar::<f32>().expect("scalar"));
+            assert!((got_loss - want_loss).abs() < 1e-5 * want_loss.abs(), "{variant}: loss {got_loss} vs PEFT {want_loss}");
+            let grads = gradients(&loss, &vars, ck.as_ref()).expect("backward");
+            for ((key, _), got) in trainables.iter().zip(grads) {
+                let got = got.unwrap_or_else(|| panic!("{variant} (checkpointed: {checkpointed}): no gradient for {key}"));
+                let want = &golden[&format!("grad.{key}")];
+                let scale = want.abs().and_then(|t| t.max_all()).and_then(|t| t.to_scalar::<f32>()).expect("max");
+                let diff = lmx::core::gradcheck::max_abs_diff(&got, want).expect("diff");
+                // f32 against a float64 reference: relative to the tensor's largest gradient.
+                assert!(diff <= 2e-4 * scale + 1e-7, "{variant} (checkpointed: {checkpointed}): gradient of {key} differs by {diff} (largest {scale})");
+            }
         }
     }
 }

@@ -157,9 +157,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(s) if !s.is_null() => Schedule::from_config(s)?,
         _ => Schedule::constant(c.learning_rate),
     };
-    if c.grad_checkpoint {
-        eprintln!("[WARNING] --grad-checkpoint is not implemented in lmx yet: activations are kept (a 135M model at batch 4 x 2048 tokens needs about 6 GB)");
-    }
     let adapter_dir = PathBuf::from(&c.adapter_path);
     let data_dir = PathBuf::from(&c.data);
     anyhow::ensure!(data_dir.is_dir(), "--data {}: not a folder (expected train.jsonl, valid.jsonl, test.jsonl)", data_dir.display());
@@ -207,6 +204,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             schedule,
             optimizer,
             adapter_dir: adapter_dir.clone(),
+            grad_checkpoint: c.grad_checkpoint,
         };
         let bar = ProgressBar::new(c.iters as u64);
         bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} iters [{elapsed} < {eta}]").unwrap_or_else(|_| ProgressStyle::default_bar()));

@@ -1,6 +1,6 @@
 //! `lmx lora` and `lmx fuse` through the binary: the user story (new facts learned by a short
 //! LoRA run on the default model, answered with --adapter-path and after fusing), QLoRA/DoRA on
-//! a 4-bit base, resuming, and the errors a user can hit.
+//! a 4-bit base with gradient checkpointing, resuming, and the errors a user can hit.
 
 use std::path::{Path, PathBuf};
 
@@ -89,7 +89,7 @@ fn qlora_and_dora_train_on_a_4bit_base_and_fuse_stays_quantized() {
     let out = lmx(&["convert", "--gguf", &default_model(), "--mlx-path", &path_str(&q4), "-q"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let adapters = dir.join("adapters");
-    let log = train(&path_str(&q4), &adapters, &["--iters", "8", "--fine-tune-type", "dora", "--learning-rate", "2e-4", "--num-layers", "4", "--steps-per-eval", "8"]);
+    let log = train(&path_str(&q4), &adapters, &["--iters", "8", "--fine-tune-type", "dora", "--learning-rate", "2e-4", "--num-layers", "4", "--steps-per-eval", "8", "--grad-checkpoint"]);
     let val = val_losses(&log);
     assert!(val.len() == 2 && val[1] < val[0], "validation loss must fall on the 4-bit base: {val:?}\n{log}");
     let keys = lmx::io::adapters::load_adapter_file(&adapters.join("adapters.safetensors")).expect("adapters");
