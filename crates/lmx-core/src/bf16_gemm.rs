@@ -78,11 +78,8 @@ pub fn matmul(x: &[f32], m: usize, b: &Packed) -> Vec<f32> {
     let mut xp = vec![0u32; m * pairs];
     xp.par_chunks_mut(pairs).enumerate().for_each(|(i, row)| {
         let src = &x[i * k..(i + 1) * k];
-        for (t, word) in row.iter_mut().enumerate() {
-            let lo = half::bf16::from_f32(src[2 * t]).to_bits();
-            let hi = src.get(2 * t + 1).map_or(0, |&v| half::bf16::from_f32(v).to_bits());
-            *word = u32::from(lo) | (u32::from(hi) << 16);
-        }
+        // SAFETY: supported() was checked; `row` holds ceil(k / 2) words for k values.
+        unsafe { pack_row(src, row) };
     });
     let mut y = vec![0f32; m * n];
     let y_ptr = SendPtr(y.as_mut_ptr());
@@ -114,6 +111,40 @@ pub fn matmul(x: &[f32], m: usize, b: &Packed) -> Vec<f32> {
         }
     });
     y
+}
+
+/// One row of f32 values as bf16 pairs (little-endian words: element 2t low, 2t + 1 high, so
+/// the words are simply the bf16 row), 16 values per conversion instruction.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
+unsafe fn pack_row(src: &[f32], dst: &mut [u32]) {
+    use std::arch::x86_64::*;
+    let k = src.len();
+    let out = dst.as_mut_ptr() as *mut u16;
+    let mut e = 0;
+    while e + 16 <= k {
+        // SAFETY: 16 values read from src[e..], 16 bf16 written to dst's bytes [2e, 2e + 32),
+        // inside its ceil(k / 2) words.
+        unsafe {
+            let v = _mm512_loadu_ps(src.as_ptr().add(e));
+            let b: __m256i = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v));
+            _mm256_storeu_si256(out.add(e) as *mut __m256i, b);
+        }
+        e += 16;
+    }
+    for (j, &v) in src.iter().enumerate().skip(e) {
+        // SAFETY: j < k <= 2 * dst.len().
+        unsafe { *out.add(j) = half::bf16::from_f32(v).to_bits() };
+    }
+    if k % 2 == 1 {
+        // SAFETY: the last word's high half pads an odd row.
+        unsafe { *out.add(k) = 0 };
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn pack_row(_: &[f32], _: &mut [u32]) {
+    unreachable!("supported() is false off x86_64")
 }
 
 /// Rows of x per microkernel call (8 rows x 32 columns = 16 zmm accumulators).
