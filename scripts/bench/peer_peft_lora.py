@@ -17,8 +17,8 @@ process can stretch single steps many times over). peak_gb is the process's peak
 
 Usage: python scripts/bench/peer_peft_lora.py --model models/SmolLM2-135M-Instruct-f32
        [--data scripts/bench/data/lora] [--dtype float32|bfloat16] [--iters 12]
-       [--batch-size 4] [--num-layers 16] [--threads 2]
-Last line: RESULT peft dtype=.. threads=.. iters=.. it_s=.. s_it=.. s_it_median=.. tok_s=.. mlx_tok_s=.. peak_gb=..
+       [--batch-size 4] [--num-layers 16] [--threads 2] [--nf4]
+Last line: RESULT peft[-nf4] dtype=.. threads=.. iters=.. it_s=.. s_it=.. s_it_median=.. tok_s=.. mlx_tok_s=.. peak_gb=..
 """
 import argparse
 import json
@@ -42,6 +42,9 @@ p.add_argument("--num-layers", type=int, default=16)
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--warmup", type=int, default=2)
 p.add_argument("--attn", default="sdpa", help="transformers attn_implementation (sdpa|eager)")
+p.add_argument("--nf4", action="store_true",
+               help="QLoRA-style: load the linear layers as bitsandbytes 4-bit NF4 (bitsandbytes >= 0.49 runs on the "
+                    "CPU), computing in --dtype")
 a = p.parse_args()
 assert a.iters > a.warmup, "--iters must be larger than --warmup"
 torch.set_num_threads(a.threads)
@@ -49,7 +52,12 @@ torch.manual_seed(0)
 dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype]
 
 tok = AutoTokenizer.from_pretrained(a.model)
-model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype, attn_implementation=a.attn)
+quant = {}
+if a.nf4:
+    from transformers import BitsAndBytesConfig
+    quant = dict(device_map="cpu", quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype))
+model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype, attn_implementation=a.attn, **quant)
 n_layers = model.config.num_hidden_layers
 cfg = LoraConfig(r=8, lora_alpha=8 * 20.0, lora_dropout=0.0, bias="none",
                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -104,5 +112,5 @@ t = sum(times[a.warmup:])
 n = len(times) - a.warmup
 med = float(np.median(times[a.warmup:]))  # robust to another process taking a core for a while
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-print(f"RESULT peft dtype={a.dtype} threads={a.threads} iters={n} it_s={n / t:.3f} s_it={t / n:.3f} "
+print(f"RESULT peft{'-nf4' if a.nf4 else ''} dtype={a.dtype} threads={a.threads} iters={n} it_s={n / t:.3f} s_it={t / n:.3f} "
       f"s_it_median={med:.3f} tok_s={sum(real[a.warmup:]) / t:.1f} mlx_tok_s={sum(mlx_count[a.warmup:]) / t:.1f} peak_gb={peak:.2f}")

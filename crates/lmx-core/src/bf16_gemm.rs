@@ -47,7 +47,14 @@ impl Packed {
         Self::pack(k, n, |kk, j| w[kk * n + j])
     }
 
-    fn pack(k: usize, n: usize, at: impl Fn(usize, usize) -> u16 + Sync) -> Self {
+    /// Element B[kk][j] as bf16 bits.
+    pub fn get(&self, kk: usize, j: usize) -> u16 {
+        let word = self.words[(kk / 2) * self.n_pad + j];
+        if kk % 2 == 0 { word as u16 } else { (word >> 16) as u16 }
+    }
+
+    /// Packs B (k, n) given element by element.
+    pub fn pack(k: usize, n: usize, at: impl Fn(usize, usize) -> u16 + Sync) -> Self {
         let n_pad = n.div_ceil(32) * 32;
         let pairs = k.div_ceil(2);
         let mut words = vec![0u32; pairs * n_pad];

@@ -101,7 +101,7 @@ impl CustomOp2 for FrozenLinear {
 pub struct Bf16Weight {
     rows: usize,
     cols: usize,
-    bits: Vec<u16>,
+    /// W^T packed: element [c][r] is W[r][c] (the only copy of W kept).
     fwd: crate::bf16_gemm::Packed,
     bwd: std::sync::OnceLock<crate::bf16_gemm::Packed>,
 }
@@ -116,12 +116,12 @@ impl Bf16Weight {
         let (rows, cols) = w.dims2()?;
         let bits: Vec<u16> = w.to_dtype(DType::BF16)?.flatten_all()?.to_vec1::<half::bf16>()?.into_iter().map(half::bf16::to_bits).collect();
         let fwd = crate::bf16_gemm::Packed::from_rows_transposed(&bits, rows, cols);
-        Ok(Some(Self { rows, cols, bits, fwd, bwd: std::sync::OnceLock::new() }))
+        Ok(Some(Self { rows, cols, fwd, bwd: std::sync::OnceLock::new() }))
     }
 
     /// The weight as an f32 tensor (out, in).
     pub fn to_tensor(&self) -> Result<Tensor> {
-        let v: Vec<half::bf16> = self.bits.iter().map(|&b| half::bf16::from_bits(b)).collect();
+        let v: Vec<half::bf16> = (0..self.rows * self.cols).map(|e| half::bf16::from_bits(self.fwd.get(e % self.cols, e / self.cols))).collect();
         Tensor::from_vec(v, (self.rows, self.cols), &candle_core::Device::Cpu)?.to_dtype(DType::F32)
     }
 
@@ -148,7 +148,9 @@ impl CustomOp1 for FrozenBf16 {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "frozen bf16 linear input")?;
         let w = &self.w;
-        let packed = if self.transpose { w.bwd.get_or_init(|| crate::bf16_gemm::Packed::from_rows(&w.bits, w.rows, w.cols)) } else { &w.fwd };
+        // The input-gradient packing (B = W) is built from the forward one on first use: layers
+        // below the trained ones never need it.
+        let packed = if self.transpose { w.bwd.get_or_init(|| crate::bf16_gemm::Packed::pack(w.rows, w.cols, |r, c| w.fwd.get(c, r))) } else { &w.fwd };
         let (k, n) = packed.dims();
         let mut dims = l.dims().to_vec();
         if dims.last() != Some(&k) {
