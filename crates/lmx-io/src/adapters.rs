@@ -92,6 +92,14 @@ fn default_type() -> FineTuneType {
 /// folder or file, a config without `lora_parameters.scale` (e.g. PEFT's `alpha`), or an
 /// unreadable tensor file is an error naming the file.
 pub fn load_adapter_dir(dir: &Path) -> Result<(AdapterConfig, HashMap<String, Tensor>)> {
+    let config = read_adapter_config(dir)?;
+    let tensors = load_adapter_file(&dir.join(ADAPTER_FILE))?;
+    Ok((config, tensors))
+}
+
+/// Reads the `adapter_config.json` of an adapter folder; a missing folder or file is an error
+/// saying what the folder should hold.
+pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
     if !dir.is_dir() {
         return Err(IoError::NotFound { path: dir.to_path_buf(), hint: ": --adapter-path must be a folder with adapter_config.json and adapters.safetensors (as `lmx lora` or `mlx_lm.lora` write)".into() });
     }
@@ -99,9 +107,7 @@ pub fn load_adapter_dir(dir: &Path) -> Result<(AdapterConfig, HashMap<String, Te
     if !config_path.exists() {
         return Err(IoError::NotFound { path: config_path, hint: ": not an adapter folder".into() });
     }
-    let config = parse_config(&config_path)?;
-    let tensors = load_adapter_file(&dir.join(ADAPTER_FILE))?;
-    Ok((config, tensors))
+    parse_config(&config_path)
 }
 
 /// Parses an `adapter_config.json`.
@@ -237,29 +243,25 @@ impl AdapterSetup {
         self.kind == FineTuneType::Full && Self::layer_of(key).is_some_and(|(i, _)| i >= self.first_layer)
     }
 
+    /// The saved value of `key` (shape-checked and counted as used), if the adapter file has one.
+    pub fn saved(&self, key: &str, shape: &[usize]) -> Result<Option<Tensor>> {
+        let Some(t) = self.initial.get(key) else { return Ok(None) };
+        if t.dims() != shape {
+            return Err(IoError::ShapeMismatch { key: key.into(), expected: shape.to_vec(), found: t.dims().to_vec(), source_name: self.initial_source.clone() });
+        }
+        self.used.lock().unwrap_or_else(|e| e.into_inner()).insert(key.to_string());
+        Ok(Some(t.clone()))
+    }
+
     /// The starting value of adapter tensor `key` with `shape`: the saved one if there is one
     /// (shape-checked), else `init()`; converted to `dtype`, made a variable and registered
     /// when the setup trains.
     pub fn param(&self, key: &str, shape: &[usize], dtype: DType, init: impl FnOnce() -> lmx_core::Result<Tensor>) -> Result<Tensor> {
-        let t = match self.initial.get(key) {
-            Some(t) => {
-                if t.dims() != shape {
-                    return Err(IoError::ShapeMismatch { key: key.into(), expected: shape.to_vec(), found: t.dims().to_vec(), source_name: self.initial_source.clone() });
-                }
-                self.used.lock().unwrap_or_else(|e| e.into_inner()).insert(key.to_string());
-                t.clone()
-            }
+        let t = match self.saved(key, shape)? {
+            Some(t) => t,
             None => init()?,
         };
         self.register(key, t.to_dtype(dtype)?)
-    }
-
-    /// A saved value replacing checkpoint tensor `key` (full fine-tuning), if there is one.
-    pub fn replacement(&self, key: &str, shape: &[usize]) -> Result<Option<Tensor>> {
-        if self.kind != FineTuneType::Full || !self.initial.contains_key(key) {
-            return Ok(None);
-        }
-        self.param(key, shape, DType::F32, || unreachable_init(key)).map(Some)
     }
 
     /// Makes `t` a variable and records it under `key` when training; returns it unchanged
@@ -306,10 +308,6 @@ impl AdapterSetup {
     }
 }
 
-fn unreachable_init(key: &str) -> lmx_core::Result<Tensor> {
-    Err(lmx_core::Error::Msg(format!("no saved value for `{key}`")))
-}
-
 /// Shared handle to a setup.
 pub type SharedAdapterSetup = Arc<AdapterSetup>;
 
@@ -334,6 +332,24 @@ mod tests {
         let s = AdapterSetup::new(FineTuneType::Full, 1, 4, LoraParameters::default(), true, 0)?;
         assert!(s.full_trains("model.layers.3.mlp.up_proj.weight") && !s.full_trains("model.layers.2.mlp.up_proj.weight"));
         Ok(())
+    }
+
+    /// Full fine-tuning from saved weights: the saved value replaces the checkpoint's and is
+    /// registered once, as the tensor the layer uses.
+    #[test]
+    fn full_fine_tuning_starts_from_saved_weights() -> Result<()> {
+        let dev = lmx_core::Device::Cpu;
+        let key = "model.layers.0.mlp.up_proj.weight";
+        let checkpoint = HashMap::from([(key.to_string(), Tensor::zeros((2, 3), DType::F32, &dev)?)]);
+        let saved = HashMap::from([(key.to_string(), Tensor::ones((2, 3), DType::F32, &dev)?)]);
+        let setup = Arc::new(AdapterSetup::new(FineTuneType::Full, 1, 1, LoraParameters::default(), true, 0)?.with_initial(saved, "saved"));
+        let weights = crate::Weights::from_tensors(checkpoint, DType::F32, &dev, "t").with_adapters(setup.clone());
+        let w = weights.root().pp("model.layers.0.mlp.up_proj").get((2, 3), "weight")?;
+        let trained = setup.trainables();
+        assert_eq!(trained.len(), 1);
+        assert_eq!(trained[0].1.as_tensor().id(), w.id(), "the registered variable is the layer's weight");
+        assert_eq!(w.sum_all()?.to_scalar::<f32>()?, 6.0, "starts from the saved values");
+        weights.finish(|_| false)
     }
 
     #[test]

@@ -229,7 +229,7 @@ impl WeightsPath {
         }
         let tensor = self.weights.load(&key)?;
         match &self.weights.inner.adapters {
-            Some(a) if a.full_trains(&key) => match a.replacement(&key, expected.dims())? {
+            Some(a) if a.full_trains(&key) => match a.saved(&key, expected.dims())? {
                 Some(saved) => a.register(&key, saved.to_dtype(tensor.dtype())?.to_device(tensor.device())?),
                 None => a.register(&key, tensor),
             },

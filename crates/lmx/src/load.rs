@@ -48,11 +48,7 @@ pub struct AdapterOptions {
 impl AdapterOptions {
     /// The adapters of a folder `lmx lora` or `mlx_lm.lora` wrote, for inference.
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        let config_path = dir.join(lmx_io::adapters::ADAPTER_CONFIG);
-        if !dir.is_dir() || !config_path.exists() {
-            lmx_io::adapters::load_adapter_dir(dir)?;
-        }
-        let config = lmx_io::adapters::parse_config(&config_path)?;
+        let config = lmx_io::adapters::read_adapter_config(dir)?;
         Ok(Self {
             kind: config.fine_tune_type,
             num_layers: config.num_layers,
@@ -63,7 +59,6 @@ impl AdapterOptions {
         })
     }
 }
-
 
 /// A loaded model: the architecture behind [`CausalLm`] plus its config.json.
 pub struct Model {
