@@ -138,18 +138,22 @@ pub fn convert(source: &ModelSource, dtype: Option<DType>, transform: &Transform
                 return Err(ConvertError::Invalid("the model is not quantized; nothing to dequantize".into()));
             }
             let dtype = files.weights.dtype();
-            let is_quantized = |m: &str| keys.contains(&format!("{m}.scales"));
+            let key_set: std::collections::HashSet<&str> = keys.iter().map(String::as_str).collect();
+            let is_quantized = |m: &str| key_set.contains(format!("{m}.scales").as_str());
             for key in &keys {
+                // scales/biases of a quantized module that is rewritten are written with its weight.
+                let params_of = [".scales", ".biases"].iter().find_map(|s| key.strip_suffix(s)).filter(|m| is_quantized(m));
+                if params_of.is_some_and(|m| dequantize || fuser.as_ref().is_some_and(|f| f.adapts(m))) {
+                    continue;
+                }
                 let module = key.strip_suffix(".weight");
                 let spec = module.and_then(|m| fuse::module_spec(q.as_ref(), m, is_quantized(m)));
                 let adapted = module.is_some_and(|m| fuser.as_ref().is_some_and(|f| f.adapts(m)));
-                let part_of_quantized = [".scales", ".biases"].iter().find_map(|s| key.strip_suffix(s)).is_some_and(|m| is_quantized(m));
-                if part_of_quantized && (dequantize || fuser.as_ref().is_some_and(|f| f.adapts(key.rsplit_once('.').map_or("", |(m, _)| m)))) {
-                    continue; // written with its weight
-                }
                 let Some(m) = module.filter(|_| adapted || (spec.is_some() && dequantize)) else {
-                    let t = fuser.as_mut().and_then(|f| f.replacement(key));
-                    let t = match t { Some(t) => t.to_dtype(files.weights.tensor(key)?.dtype())?, None => files.weights.tensor(key)? };
+                    let t = match fuser.as_mut().and_then(|f| f.replacement(key)) {
+                        Some(trained) => trained.to_dtype(dtype)?,
+                        None => files.weights.tensor(key)?,
+                    };
                     shards.push(key.clone(), t)?;
                     continue;
                 };

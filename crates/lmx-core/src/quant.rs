@@ -265,11 +265,8 @@ impl QuantizedMatrix {
     /// the packed weights block by block (QLoRA: no dequantized copy of W is kept).
     pub fn matmul(self: &Arc<Self>, x: &Tensor) -> Result<Tensor> {
         let x = x.contiguous()?;
-        if x.track_op() {
-            x.apply_op1(QMatMul(self.clone()))
-        } else {
-            x.apply_op1_no_bwd(&QMatMul(self.clone()))
-        }
+        let op = QMatMul { q: self.clone(), transpose: false };
+        if x.track_op() { x.apply_op1(op) } else { x.apply_op1_no_bwd(&op) }
     }
 }
 
@@ -314,11 +311,12 @@ fn get_bits(words: &[u32], offset: usize, bits: usize) -> u32 {
     (v & ((1u64 << bits) - 1)) as u32
 }
 
-/// `x @ W^T` for a quantized W, as a candle op; its backward is [`QMatMulT`].
-struct QMatMul(Arc<QuantizedMatrix>);
-
-/// `g @ W` for a quantized W (rows, cols): the input gradient of [`QMatMul`].
-struct QMatMulT(Arc<QuantizedMatrix>);
+/// `x @ W^T` (transpose: false) for a quantized W, as a candle op, or `g @ W` (transpose: true),
+/// which is its backward pass.
+struct QMatMul {
+    q: Arc<QuantizedMatrix>,
+    transpose: bool,
+}
 
 /// Reads a contiguous f32/bf16/f16 input as f32.
 fn input_f32(s: &CpuStorage, l: &Layout, what: &str) -> Result<Vec<f32>> {
@@ -331,58 +329,35 @@ fn input_f32(s: &CpuStorage, l: &Layout, what: &str) -> Result<Vec<f32>> {
     })
 }
 
-/// An f32 result in the input's dtype.
-fn output_like(s: &CpuStorage, y: Vec<f32>) -> CpuStorage {
-    match s.dtype() {
-        DType::BF16 => CpuStorage::BF16(y.into_iter().map(bf16::from_f32).collect()),
-        DType::F16 => CpuStorage::F16(y.into_iter().map(f16::from_f32).collect()),
-        _ => CpuStorage::F32(y),
-    }
-}
-
-impl CustomOp1 for QMatMulT {
-    fn name(&self) -> &'static str {
-        "lmx-qmatmul-t"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let q = &self.0;
-        let mut dims = l.dims().to_vec();
-        if dims.last() != Some(&q.rows) {
-            candle_core::bail!("quantized matmul backward: gradient {:?} does not end in {} features", dims, q.rows);
-        }
-        let g = input_f32(s, l, "quantized matmul backward")?;
-        let m = g.len() / q.rows;
-        let gx = kernels::qmatmul_t(q, &g, m);
-        if let Some(last) = dims.last_mut() {
-            *last = q.cols;
-        }
-        Ok((output_like(s, gx), Shape::from(dims)))
-    }
-}
-
 impl CustomOp1 for QMatMul {
     fn name(&self) -> &'static str {
         "lmx-qmatmul"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let q = &self.0;
+        let q = &self.q;
+        let (k, n) = if self.transpose { (q.rows, q.cols) } else { (q.cols, q.rows) };
         let mut dims = l.dims().to_vec();
-        if dims.last() != Some(&q.cols) {
-            candle_core::bail!("quantized matmul: input {:?} does not end in {} features", dims, q.cols);
+        if dims.last() != Some(&k) {
+            candle_core::bail!("quantized matmul: input {:?} does not end in {k} features", dims);
         }
         let x = input_f32(s, l, "quantized matmul")?;
-        let m = x.len() / q.cols;
-        let y = kernels::qmatmul(q, &x, m);
+        let m = x.len() / k;
+        let y = if self.transpose { kernels::qmatmul_t(q, &x, m) } else { kernels::qmatmul(q, &x, m) };
         if let Some(last) = dims.last_mut() {
-            *last = q.rows;
+            *last = n;
         }
-        Ok((output_like(s, y), Shape::from(dims)))
+        let out = match s.dtype() {
+            DType::BF16 => CpuStorage::BF16(y.into_iter().map(bf16::from_f32).collect()),
+            DType::F16 => CpuStorage::F16(y.into_iter().map(f16::from_f32).collect()),
+            _ => CpuStorage::F32(y),
+        };
+        Ok((out, Shape::from(dims)))
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&QMatMulT(self.0.clone()))?))
+        let op = QMatMul { q: self.q.clone(), transpose: !self.transpose };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&op)?))
     }
 }
 

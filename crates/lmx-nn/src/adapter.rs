@@ -112,18 +112,6 @@ impl Adapter {
         let sq = ((norms_sq + (cross * (2.0 * self.scale))?)? + (quad * (self.scale * self.scale))?)?;
         sq.sqrt()
     }
-
-    /// `(scale * lora_b^T) @ lora_a^T`: the (out, in) update a fused weight adds.
-    pub fn delta(&self) -> Result<Tensor> {
-        let a = self.lora_a.to_dtype(DType::F32)?;
-        let b = self.lora_b.to_dtype(DType::F32)?;
-        b.t()?.matmul(&a.t()?)? * self.scale
-    }
-
-    /// DoRA's magnitudes, if this is a DoRA adapter.
-    pub fn magnitude(&self) -> Option<&Tensor> {
-        self.dora.as_ref().map(|(m, _)| m)
-    }
 }
 
 #[cfg(test)]

@@ -91,11 +91,6 @@ impl Linear {
         Self { weight: Weight::Dense(weight), bias, adapter: None }
     }
 
-    /// The adapter on this layer, if any.
-    pub fn adapter(&self) -> Option<&Adapter> {
-        self.adapter.as_deref()
-    }
-
     /// ||W_i||^2 for every output row, in f32 (quantized rows are dequantized one block at a time).
     fn row_norms_sq(&self) -> Result<Tensor> {
         match &self.weight {

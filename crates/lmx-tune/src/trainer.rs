@@ -240,15 +240,15 @@ pub fn gradients(loss: &Tensor, vars: &[&Var], checkpointing: Option<&Checkpoint
     let grads = loss.backward()?;
     // Detached: a gradient computed from taped tensors records its own graph, which the
     // optimizer state would otherwise keep alive (and chain) from step to step.
-    vars.iter()
-        .map(|v| {
-            let direct = grads.get(v.as_tensor()).map(Tensor::detach);
-            match (direct, checkpointing.and_then(|ck| ck.sink.take(v))) {
-                (Some(a), Some(b)) => Ok(Some((a + b)?)),
-                (a, b) => Ok(a.or(b)),
-            }
-        })
-        .collect()
+    vars.iter().map(|v| add_grads(grads.get(v.as_tensor()).map(Tensor::detach), checkpointing.and_then(|ck| ck.sink.take(v)))).collect()
+}
+
+/// The sum of two optional gradients of one tensor.
+fn add_grads(a: Option<Tensor>, b: Option<Tensor>) -> lmx::core::Result<Option<Tensor>> {
+    match (a, b) {
+        (Some(a), Some(b)) => Ok(Some((a + b)?)),
+        (a, b) => Ok(a.or(b)),
+    }
 }
 
 /// Trains the adapters of `setup` (attached to `model`) on `train`, validating on `valid`.
@@ -306,15 +306,12 @@ pub fn train(model: &dyn CausalLm, setup: &AdapterSetup, train: &Dataset, valid:
         let grads = grads.unwrap_or_default();
         pending = Some(match pending.take() {
             None => grads,
-            Some(prev) => prev.into_iter().zip(grads).map(|(a, b)| match (a, b) {
-                (Some(a), Some(b)) => (a + b).ok(),
-                (a, b) => a.or(b),
-            }).collect(),
+            Some(prev) => prev.into_iter().zip(grads).map(|(a, b)| add_grads(a, b)).collect::<lmx::core::Result<_>>()?,
         });
         if it % accum == 0 {
             let mut g = pending.take().unwrap_or_default();
             if accum > 1 {
-                g = g.into_iter().map(|t| t.and_then(|t| (t / accum as f64).ok())).collect();
+                g = g.into_iter().map(|t| t.map(|t| t / accum as f64).transpose()).collect::<lmx::core::Result<_>>()?;
             }
             let lr = args.schedule.at(optimizer.step());
             lmx_generate::compute_pool().install(|| optimizer.update(&vars, &g, lr))?;
