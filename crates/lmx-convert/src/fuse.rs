@@ -39,7 +39,7 @@ impl Fuser {
     pub fn new(dir: &Path) -> Result<Self, ConvertError> {
         let (config, tensors) = lmx_io::adapters::load_adapter_dir(dir)?;
         if config.fine_tune_type != FineTuneType::Full && config.lora_parameters.is_none() {
-            return Err(ConvertError::Invalid(format!("{}: `lora_parameters` is missing", dir.join(lmx_io::adapters::ADAPTER_CONFIG).display())));
+            return Err(ConvertError::Adapter { path: dir.join(lmx_io::adapters::ADAPTER_CONFIG), msg: "`lora_parameters` is missing".into() });
         }
         Ok(Self { config, tensors, used: BTreeSet::new(), source: dir.join(lmx_io::adapters::ADAPTER_FILE) })
     }
@@ -60,7 +60,7 @@ impl Fuser {
     }
 
     fn take(&mut self, key: String) -> Result<Tensor, ConvertError> {
-        let t = self.tensors.get(&key).cloned().ok_or_else(|| ConvertError::Invalid(format!("{}: `{key}` is missing", self.source.display())))?;
+        let t = self.tensors.get(&key).cloned().ok_or_else(|| ConvertError::Adapter { path: self.source.clone(), msg: format!("`{key}` is missing") })?;
         self.used.insert(key);
         Ok(t.to_dtype(DType::F32)?)
     }
@@ -73,10 +73,8 @@ impl Fuser {
         let w = w.to_dtype(DType::F32)?;
         let (out, inp) = w.dims2()?;
         if a.dims() != [inp, a.dim(1)?] || b.dims() != [a.dim(1)?, out] {
-            return Err(ConvertError::Invalid(format!(
-                "{}: `{module}` adapters have shapes {:?} and {:?}, which do not fit a ({out}, {inp}) weight",
-                self.source.display(), a.dims(), b.dims()
-            )));
+            let msg = format!("`{module}` adapters have shapes {:?} and {:?}, which do not fit a ({out}, {inp}) weight", a.dims(), b.dims());
+            return Err(ConvertError::Adapter { path: self.source.clone(), msg });
         }
         let fused = (&w + (b.t()?.matmul(&a.t()?)? * scale)?)?;
         if self.config.fine_tune_type != FineTuneType::Dora {
@@ -93,7 +91,7 @@ impl Fuser {
         unused.sort();
         match unused.first() {
             None => Ok(()),
-            Some(k) => Err(ConvertError::Invalid(format!("{}: {} adapter tensor(s) match no layer of this model, e.g. `{k}`: was it trained on another base model?", self.source.display(), unused.len()))),
+            Some(k) => Err(ConvertError::Adapter { path: self.source.clone(), msg: format!("{} adapter tensor(s) match no layer of this model, e.g. `{k}`: was it trained on another base model?", unused.len()) }),
         }
     }
 }

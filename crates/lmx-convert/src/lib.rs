@@ -10,7 +10,7 @@ pub mod quantize;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use lmx_core::{DType, Device, Tensor};
+use lmx_core::{DType, Tensor};
 use lmx_io::config::write_json;
 use lmx_io::{IoError, ModelSource, Tokenizer};
 use serde_json::{json, Value};
@@ -24,9 +24,29 @@ pub enum ConvertError {
     /// The output folder exists already.
     #[error("cannot save to {0}: it already exists; delete it or choose another --mlx-path")]
     OutputExists(PathBuf),
-    /// An option or input that cannot be converted.
-    #[error("{0}")]
-    Invalid(String),
+    /// A feature or value lmx does not support.
+    #[error("{what} is not supported{hint}")]
+    Unsupported {
+        /// What was asked for.
+        what: String,
+        /// What to do instead (starts with "; " when present).
+        hint: String,
+    },
+    /// Dequantizing a model that is not quantized.
+    #[error("the model is not quantized; nothing to dequantize")]
+    NotQuantized,
+    /// Quantizing a model that is quantized already.
+    #[error("the model is already quantized; dequantize it first or start from the float model")]
+    AlreadyQuantized,
+    /// A line of a quantization rules file that cannot be read.
+    #[error("{path}:{line}: {msg} (expected `PATTERN BITS [GROUP_SIZE]` or `PATTERN skip`)")]
+    Rules { path: PathBuf, line: usize, msg: String },
+    /// A layer that cannot be (de)quantized as asked.
+    #[error("layer `{module}`: {msg}")]
+    Layer { module: String, msg: String },
+    /// Adapter files that do not fit the model being fused.
+    #[error("{path}: {msg}")]
+    Adapter { path: PathBuf, msg: String },
     /// Reading or writing files.
     #[error(transparent)]
     Io(#[from] IoError),
@@ -62,7 +82,7 @@ pub fn dtype_name(dtype: DType) -> &'static str {
 /// Reads a GGUF file or a model folder with every floating tensor cast to `dtype` (default:
 /// float32 for GGUF, the checkpoint's own dtype for folders).
 pub fn read(source: &ModelSource, dtype: Option<DType>) -> Result<Folder, ConvertError> {
-    let files = lmx_io::ModelFiles::load(source.clone(), dtype, &Device::Cpu)?;
+    let files = lmx_io::ModelFiles::load(source.clone(), dtype)?;
     let mut tensors = HashMap::new();
     for key in files.weights.keys() {
         tensors.insert(key.clone(), files.weights.tensor(&key)?);
@@ -72,7 +92,7 @@ pub fn read(source: &ModelSource, dtype: Option<DType>) -> Result<Folder, Conver
 
 /// Everything of a model folder but its tensors.
 fn metadata(files: &lmx_io::ModelFiles) -> Folder {
-    let dtype = files.weights.dtype();
+    let dtype = files.weights.compute_dtype();
     let mut config = files.config.clone();
     config["torch_dtype"] = dtype_name(dtype).into();
     if let Value::Object(map) = &mut config {
@@ -107,7 +127,7 @@ pub fn convert(source: &ModelSource, dtype: Option<DType>, transform: &Transform
     if out.exists() {
         return Err(ConvertError::OutputExists(out.to_path_buf()));
     }
-    let files = lmx_io::ModelFiles::load(source.clone(), dtype, &Device::Cpu)?;
+    let files = lmx_io::ModelFiles::load(source.clone(), dtype)?;
     let mut folder = metadata(&files);
     let keys = files.weights.keys();
     let tmp = temp_dir_for(out)?;
@@ -129,15 +149,15 @@ pub fn convert(source: &ModelSource, dtype: Option<DType>, transform: &Transform
             plan.write_config(&mut folder.config);
         }
         Transform::Dequantize | Transform::Fuse(_) => {
-            let q = lmx_io::QuantConfig::from_config(&folder.config).map_err(ConvertError::Invalid)?;
+            let q = files.quantization.clone();
             let (mut fuser, dequantize) = match transform {
                 Transform::Fuse(o) => (Some(fuse::Fuser::new(&o.adapter_dir)?), o.dequantize),
                 _ => (None, true),
             };
             if fuser.is_none() && q.is_none() {
-                return Err(ConvertError::Invalid("the model is not quantized; nothing to dequantize".into()));
+                return Err(ConvertError::NotQuantized);
             }
-            let dtype = files.weights.dtype();
+            let dtype = files.weights.compute_dtype();
             let key_set: std::collections::HashSet<&str> = keys.iter().map(String::as_str).collect();
             let is_quantized = |m: &str| key_set.contains(format!("{m}.scales").as_str());
             for key in &keys {

@@ -31,7 +31,7 @@ impl MixedRecipe {
             "mixed_3_4" => Self::Mixed3_4,
             "mixed_3_6" => Self::Mixed3_6,
             "mixed_4_6" => Self::Mixed4_6,
-            _ => return Err(ConvertError::Invalid(format!("--quant-predicate `{name}` is not a recipe; use mixed_2_6, mixed_3_4, mixed_3_6 or mixed_4_6"))),
+            _ => return Err(ConvertError::Unsupported { what: format!("the quantization recipe `{name}`"), hint: "; use mixed_2_6, mixed_3_4, mixed_3_6 or mixed_4_6".into() }),
         })
     }
 
@@ -66,7 +66,7 @@ pub fn parse_rules(text: &str, path: &Path) -> Result<Vec<Rule>, ConvertError> {
         if line.is_empty() {
             continue;
         }
-        let bad = |msg: &str| ConvertError::Invalid(format!("{}:{}: {msg} (expected `PATTERN BITS [GROUP_SIZE]` or `PATTERN skip`)", path.display(), i + 1));
+        let bad = |msg: &str| ConvertError::Rules { path: path.to_path_buf(), line: i + 1, msg: msg.to_string() };
         let parts: Vec<&str> = line.split_whitespace().collect();
         let rule = match parts.as_slice() {
             [p, "skip"] => Rule { pattern: p.to_string(), bits: None, group_size: None },
@@ -76,7 +76,7 @@ pub fn parse_rules(text: &str, path: &Path) -> Result<Vec<Rule>, ConvertError> {
                     Some(g) => Some(g.parse().map_err(|_| bad(&format!("`{g}` is not a group size")))?),
                     None => None,
                 };
-                check_spec(bits, group_size.unwrap_or(64)).map_err(|e| bad(&e))?;
+                check_spec(bits, group_size.unwrap_or(64)).map_err(|(what, hint)| bad(&format!("{what} is not supported ({hint})")))?;
                 Rule { pattern: p.to_string(), bits: Some(bits), group_size }
             }
             _ => return Err(bad("wrong number of fields")),
@@ -166,9 +166,9 @@ pub struct Plan<'a> {
 impl<'a> Plan<'a> {
     /// A plan for the checkpoint with `config` and tensor `keys`.
     pub fn new(config: &Value, opts: &'a QuantizeOptions, keys: &[String]) -> Result<Self, ConvertError> {
-        check_spec(opts.bits, opts.group_size).map_err(ConvertError::Invalid)?;
+        check_spec(opts.bits, opts.group_size).map_err(|(what, hint)| ConvertError::Unsupported { what, hint: format!("; {hint}") })?;
         if config.get("quantization").is_some() {
-            return Err(ConvertError::Invalid("the model is already quantized; dequantize it first (--dequantize) or start from the float model".into()));
+            return Err(ConvertError::AlreadyQuantized);
         }
         let n_layers = keys.iter().filter_map(|k| layer_index(k)).max().map_or(0, |m| m + 1);
         let mut block = Map::new();
@@ -202,9 +202,9 @@ impl<'a> Plan<'a> {
         };
         let cols = t.dims()[1];
         if cols % group_size != 0 {
-            return Err(ConvertError::Invalid(format!("layer `{module}`: a row of {cols} elements is not divisible by the group size {group_size}")));
+            return Err(ConvertError::Layer { module: module.to_string(), msg: format!("a row of {cols} elements is not divisible by the group size {group_size}") });
         }
-        let q = QuantizedMatrix::quantize(&t, bits, group_size).map_err(|e| ConvertError::Invalid(format!("layer `{module}`: {e}")))?;
+        let q = QuantizedMatrix::quantize(&t, bits, group_size).map_err(|e| ConvertError::Layer { module: module.to_string(), msg: e.to_string() })?;
         let (packed, scales, biases) = q.to_tensors()?;
         stats.params += t.elem_count();
         for x in [&packed, &scales, &biases] {
@@ -253,7 +253,7 @@ fn mixed_bits(recipe: MixedRecipe, module: &str, n_layers: usize) -> usize {
 /// biases, in `dtype`. Errors name the layer.
 pub fn dequantize_module(module: &str, packed: &Tensor, scales: &Tensor, biases: &Tensor, spec: lmx_io::QuantSpec, dtype: DType) -> Result<Tensor, ConvertError> {
     let m = QuantizedMatrix::from_tensors(packed, scales, biases, spec.bits, spec.group_size)
-        .map_err(|e| ConvertError::Invalid(format!("layer `{module}`: {e}")))?;
+        .map_err(|e| ConvertError::Layer { module: module.to_string(), msg: e.to_string() })?;
     Ok(m.dequantize()?.to_dtype(dtype)?)
 }
 

@@ -180,8 +180,17 @@ pub fn masked_cross_entropy(logits: &Tensor, targets: &[u32], weights: &[f32]) -
     if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
         candle_core::bail!("cross entropy: target id {t} is outside the vocabulary of {vocab}");
     }
+    let logits = logits.to_dtype(DType::F32)?;
+    if !logits.device().is_cpu() {
+        // The one-pass kernel is the CPU's; elsewhere the same loss from differentiable ops.
+        let dev = logits.device();
+        let shifted = logits.broadcast_sub(&logits.max_keepdim(1)?.detach())?;
+        let lse = shifted.exp()?.sum_keepdim(1)?.log()?;
+        let picked = shifted.gather(&Tensor::from_slice(targets, (n, 1), dev)?, 1)?;
+        return (lse - picked)?.squeeze(1)? * Tensor::from_slice(weights, n, dev)?;
+    }
     let op = CrossEntropy { targets: targets.to_vec(), weights: weights.to_vec(), grad_out: None };
-    logits.to_dtype(DType::F32)?.contiguous()?.apply_op1(op)
+    logits.contiguous()?.apply_op1(op)
 }
 
 #[derive(Clone)]

@@ -15,3 +15,5 @@ pub mod quant;
 
 pub use candle_core::{bail, CpuStorage, CustomOp1, DType, Device, Error, IndexOp, Layout, Module, Result, Shape, Tensor, TensorId, Var, D};
 pub use device::{parse_device, parse_dtype, DeviceError};
+#[cfg(feature = "cuda")]
+pub use candle_core::CudaStorage;

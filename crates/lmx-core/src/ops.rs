@@ -117,12 +117,13 @@ pub fn causal_mask(seq_len: usize, offset: usize, window: Option<usize>, device:
 ///
 /// `q`: (b, n_heads, q_len, head_dim); `k`, `v`: (b, n_kv_heads, kv_len, head_dim);
 /// `mask`: additive f32 (q_len, kv_len) or None. The scores and softmax are computed in f32,
-/// as transformers' eager attention does, then cast back to the input dtype.
+/// as transformers' eager attention does, then cast back to the input dtype. `softcap` caps
+/// the scores at `c * tanh(s / c)` (Gemma 2) before the mask.
 /// Query heads that share a key/value head are folded into the query-length axis, so keys
 /// and values are never copied per head.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64, softcap: Option<f64>) -> Result<Tensor> {
     let (b, n_heads, q_len, head_dim) = q.dims4()?;
-    if q_len == 1 && mask.is_none() && q.device().is_cpu() && !on_tape(&[q, k, v]) && q.dtype() == k.dtype() && k.dtype() == v.dtype() {
+    if q_len == 1 && mask.is_none() && softcap.is_none() && q.device().is_cpu() && !on_tape(&[q, k, v]) && q.dtype() == k.dtype() && k.dtype() == v.dtype() {
         let op = crate::cpu_fused::DecodeAttention { scale: scale as f32 };
         return q.contiguous()?.apply_op3_no_bwd(k, v, &op);
     }
@@ -132,6 +133,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scal
     // (b, n_kv_heads, n_rep * q_len, head_dim)
     let q = q.reshape((b, n_kv_heads, n_rep * q_len, head_dim))?;
     let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+    let scores = match softcap {
+        Some(c) => ((scores / c)?.tanh()? * c)?,
+        None => scores,
+    };
     let scores = match mask {
         Some(m) => {
             let m = if n_rep > 1 { m.repeat((n_rep, 1))? } else { m.clone() };
@@ -201,7 +206,7 @@ mod tests {
         let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &dev)?)?;
         let v = Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &dev)?;
         let mask = causal_mask(3, 0, None, &dev)?;
-        let out = attention(q.as_tensor(), k.as_tensor(), &v, Some(&mask), 0.35)?;
+        let out = attention(q.as_tensor(), k.as_tensor(), &v, Some(&mask), 0.35, None)?;
         let grads = out.sqr()?.sum_all()?.backward()?;
         for (name, t) in [("q", q.as_tensor()), ("k", k.as_tensor())] {
             let g = grads.get(t).expect("grad").abs()?.sum_all()?.to_scalar::<f32>()?;
@@ -231,9 +236,9 @@ mod tests {
         let k = Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &dev)?;
         let v = Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &dev)?;
         let mask = causal_mask(5, 0, None, &dev)?;
-        check_grad(|q| attention(q, &k, &v, Some(&mask), 0.35), &q, 1e-2)?;
-        check_grad(|k| attention(&q, k, &v, Some(&mask), 0.35), &k, 1e-2)?;
-        check_grad(|v| attention(&q, &k, v, Some(&mask), 0.35), &v, 1e-2)?;
+        check_grad(|q| attention(q, &k, &v, Some(&mask), 0.35, None), &q, 1e-2)?;
+        check_grad(|k| attention(&q, k, &v, Some(&mask), 0.35, None), &k, 1e-2)?;
+        check_grad(|v| attention(&q, &k, v, Some(&mask), 0.35, None), &v, 1e-2)?;
         Ok(())
     }
 
@@ -245,7 +250,7 @@ mod tests {
         let k = Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &dev)?;
         let v = Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &dev)?;
         let mask = causal_mask(3, 2, None, &dev)?;
-        let got = attention(&q, &k, &v, Some(&mask), 0.3)?;
+        let got = attention(&q, &k, &v, Some(&mask), 0.3, None)?;
         // Reference: repeat each kv head twice (head h uses kv head h / 2).
         let rep = |t: &Tensor| -> Result<Tensor> {
             Tensor::cat(&[t.narrow(1, 0, 1)?, t.narrow(1, 0, 1)?, t.narrow(1, 1, 1)?, t.narrow(1, 1, 1)?], 1)
@@ -267,9 +272,9 @@ mod tests {
         let kbuf = Tensor::randn(0f32, 1.0, (2, 2, 32, 16), &dev)?;
         let vbuf = Tensor::randn(0f32, 1.0, (2, 2, 32, 16), &dev)?;
         let (k, v) = (kbuf.narrow(2, 0, 19)?, vbuf.narrow(2, 0, 19)?);
-        let fused = attention(&q, &k, &v, None, 0.25)?;
+        let fused = attention(&q, &k, &v, None, 0.25, None)?;
         let qv = Var::from_tensor(&q)?;
-        let general = attention(qv.as_tensor(), &k.contiguous()?, &v.contiguous()?, None, 0.25)?;
+        let general = attention(qv.as_tensor(), &k.contiguous()?, &v.contiguous()?, None, 0.25, None)?;
         assert!(max_abs_diff(&fused, &general) < 1e-5, "{}", max_abs_diff(&fused, &general));
         Ok(())
     }

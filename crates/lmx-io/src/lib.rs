@@ -18,10 +18,10 @@ pub mod safetensors_io;
 pub mod tokenizer;
 pub mod weights;
 
-pub use adapters::{AdapterConfig, AdapterSetup, FineTuneType, LoraParameters};
+pub use adapters::{AdapterConfig, FineTuneType, LoraParameters};
 pub use chat_template::{ChatTemplate, Message};
 pub use error::{IoError, Result};
 pub use model_files::{ModelFiles, ModelSource};
 pub use quant_config::{QuantConfig, QuantSpec};
 pub use tokenizer::{StreamDecoder, Tokenizer};
-pub use weights::{Weights, WeightsPath};
+pub use weights::Weights;

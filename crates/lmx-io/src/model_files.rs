@@ -3,12 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
-use lmx_core::{DType, Device};
+use lmx_core::DType;
 use serde_json::Value;
 
 use crate::chat_template::ChatTemplate;
 use crate::config::{chat_template_source, read_json, read_json_opt, special_token, token_ids};
 use crate::error::{IoError, Result};
+use crate::quant_config::QuantConfig;
 use crate::tokenizer::Tokenizer;
 use crate::weights::Weights;
 use crate::{gguf, hub};
@@ -64,6 +65,8 @@ pub struct ModelFiles {
     pub config: Value,
     /// The checkpoint's tensors.
     pub weights: Weights,
+    /// config.json's `quantization` block (MLX format), if the model is quantized.
+    pub quantization: Option<QuantConfig>,
     /// The tokenizer.
     pub tokenizer: Tokenizer,
     /// `tokenizer_config.json` (or its GGUF equivalent).
@@ -75,20 +78,21 @@ pub struct ModelFiles {
 }
 
 impl ModelFiles {
-    /// Reads `source`. `dtype` overrides the checkpoint's dtype (`torch_dtype` in config.json;
-    /// float32 for GGUF files, whose tensors are dequantized).
-    pub fn load(source: ModelSource, dtype: Option<DType>, device: &Device) -> Result<Self> {
+    /// Reads `source`. `cast` converts every floating tensor to that dtype as it is read
+    /// (conversion); None keeps the stored dtypes (GGUF tensors are dequantized to float32).
+    pub fn load(source: ModelSource, cast: Option<DType>) -> Result<Self> {
         match &source {
-            ModelSource::Folder(dir) => Self::load_folder(dir.clone(), source.clone(), dtype, device),
+            ModelSource::Folder(dir) => Self::load_folder(dir.clone(), source.clone(), cast),
             ModelSource::Gguf(path) => {
                 let g = gguf::load(path)?;
                 let tokenizer = Tokenizer::from_json(&g.tokenizer)?;
-                let weights = Weights::from_tensors(g.tensors, dtype.unwrap_or(DType::F32), device, &path.display().to_string());
+                let weights = Weights::from_tensors(g.tensors, &path.display().to_string()).with_cast(cast);
                 let chat_template = chat_template_source(&g.tokenizer_config, false);
                 Ok(Self {
                     source: source.clone(),
                     config: g.config,
                     weights,
+                    quantization: None,
                     tokenizer,
                     tokenizer_config: g.tokenizer_config,
                     generation_config: Some(g.generation_config),
@@ -98,7 +102,7 @@ impl ModelFiles {
         }
     }
 
-    fn load_folder(dir: PathBuf, source: ModelSource, dtype: Option<DType>, device: &Device) -> Result<Self> {
+    fn load_folder(dir: PathBuf, source: ModelSource, cast: Option<DType>) -> Result<Self> {
         let config_path = dir.join("config.json");
         if !config_path.exists() {
             return Err(IoError::NotFound {
@@ -107,10 +111,8 @@ impl ModelFiles {
             });
         }
         let config = read_json(&config_path)?;
-        let quantization = crate::quant_config::QuantConfig::from_config(&config)
-            .map_err(|msg| IoError::Json { path: config_path.clone(), msg })?;
-        let weights = Weights::from_safetensors(&safetensors_files(&dir)?, dtype.unwrap_or(config_dtype(&config)), device)?
-            .with_quantization(quantization);
+        let quantization = QuantConfig::from_config(&config).map_err(|msg| IoError::Json { path: config_path.clone(), msg })?;
+        let weights = Weights::from_safetensors(&safetensors_files(&dir)?)?.with_cast(cast);
         let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
         let tokenizer_config = read_json_opt(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
         let generation_config = read_json_opt(&dir.join("generation_config.json"))?;
@@ -120,7 +122,7 @@ impl ModelFiles {
         } else {
             chat_template_source(&tokenizer_config, false)
         };
-        Ok(Self { source, config, weights, tokenizer, tokenizer_config, generation_config, chat_template })
+        Ok(Self { source, config, weights, quantization, tokenizer, tokenizer_config, generation_config, chat_template })
     }
 
     /// Every id that ends generation: config.json, generation_config.json and the tokenizer's
@@ -153,12 +155,6 @@ impl ModelFiles {
             msg: "config.json has no `model_type`".into(),
         })
     }
-}
-
-/// The dtype config.json declares (`torch_dtype`, or `dtype` in newer transformers); f32 if none.
-fn config_dtype(config: &Value) -> DType {
-    let name = config.get("torch_dtype").or_else(|| config.get("dtype")).and_then(Value::as_str).unwrap_or("float32");
-    lmx_core::parse_dtype(name).unwrap_or(DType::F32)
 }
 
 /// The safetensors files of a folder: those listed by `model.safetensors.index.json`, else

@@ -1,19 +1,21 @@
-//! A strict tensor store: models ask for tensors by checkpoint key and shape; whatever the
-//! checkpoint holds that no layer asked for is an error at the end of loading.
+//! A strict tensor source: models ask for tensors by checkpoint key and shape; whatever the
+//! checkpoint holds that nobody asked for is an error at the end of loading.
 //!
-//! Safetensors files are memory-mapped and each tensor is read from the map once, into the
-//! model's dtype. GGUF tensors arrive already renamed and dequantized (see [`crate::gguf`]).
+//! Safetensors files are memory-mapped and each tensor (or the slice of it one rank of a
+//! sharded model holds) is read from the map once, on the CPU, in its stored dtype unless the
+//! source was opened with a cast. GGUF tensors arrive already renamed and dequantized (see
+//! [`crate::gguf`]). Where tensors go and in which dtype they compute is decided by the layer
+//! builder (`lmx_nn::Builder`), not here.
 
 use std::collections::{BTreeSet, HashMap};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use candle_core::safetensors::MmapedSafetensors;
-use lmx_core::{DType, Device, Shape, Tensor};
+use lmx_core::{DType, Device, Tensor};
 
-use crate::adapters::AdapterSetup;
 use crate::error::{IoError, Result};
-use crate::quant_config::{QuantConfig, QuantSpec};
 
 enum Source {
     /// One memory-mapped safetensors file per shard.
@@ -22,17 +24,20 @@ enum Source {
     Memory(HashMap<String, Tensor>),
 }
 
+/// Where a key lives and what it holds.
+#[derive(Debug, Clone)]
+struct Entry {
+    shard: usize,
+    shape: Vec<usize>,
+    dtype: DType,
+}
+
 struct Inner {
     source: Source,
-    /// Which shard holds each key (for safetensors); shape of every key.
-    index: HashMap<String, (usize, Vec<usize>)>,
+    index: HashMap<String, Entry>,
     used: Mutex<BTreeSet<String>>,
-    dtype: DType,
-    device: Device,
-    /// The quantization block of config.json, if the model is quantized.
-    quantization: Option<QuantConfig>,
-    /// Adapters (LoRA/DoRA/full fine-tuning) the layers attach while the model is built.
-    adapters: Option<Arc<AdapterSetup>>,
+    /// Floating tensors are converted to this dtype as they are read (conversion).
+    cast: Option<DType>,
     /// A short description of where the tensors come from, for error messages.
     name: String,
 }
@@ -43,17 +48,9 @@ pub struct Weights {
     inner: Arc<Inner>,
 }
 
-/// A view of [`Weights`] under a key prefix (`model.layers.3.self_attn`).
-#[derive(Clone)]
-pub struct WeightsPath {
-    weights: Weights,
-    prefix: String,
-}
-
 impl Weights {
-    /// Memory-maps safetensors shards. Tensors are converted to `dtype` on `device` as they
-    /// are read.
-    pub fn from_safetensors(paths: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
+    /// Memory-maps safetensors shards.
+    pub fn from_safetensors(paths: &[PathBuf]) -> Result<Self> {
         let mut files = Vec::with_capacity(paths.len());
         let mut index = HashMap::new();
         for (i, path) in paths.iter().enumerate() {
@@ -63,12 +60,10 @@ impl Weights {
             // SAFETY: the file is mapped read-only; lmx never writes to a checkpoint it is
             // reading, and a concurrent writer outside lmx is the user's responsibility (the same
             // contract as every mmap-based loader: candle, safetensors, MLX).
-            let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| IoError::Safetensors {
-                path: path.clone(),
-                msg: e.to_string(),
-            })?;
+            let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| IoError::Safetensors { path: path.clone(), msg: e.to_string() })?;
             for (name, view) in st.tensors() {
-                index.insert(name, (i, view.shape().to_vec()));
+                let dtype = DType::try_from(view.dtype()).map_err(|e| IoError::Safetensors { path: path.clone(), msg: format!("tensor `{name}`: {e}") })?;
+                index.insert(name, Entry { shard: i, shape: view.shape().to_vec(), dtype });
             }
             files.push((path.clone(), st));
         }
@@ -76,41 +71,26 @@ impl Weights {
             [one] => one.display().to_string(),
             _ => format!("{} safetensors shards in {}", paths.len(), parent_of(paths)),
         };
-        Ok(Self::new(Source::Safetensors(files), index, dtype, device, name))
+        Ok(Self::new(Source::Safetensors(files), index, name))
     }
 
     /// Wraps tensors already in memory (renamed GGUF tensors, or tensors built by a test).
-    pub fn from_tensors(tensors: HashMap<String, Tensor>, dtype: DType, device: &Device, name: &str) -> Self {
-        let index = tensors.iter().map(|(k, t)| (k.clone(), (0, t.dims().to_vec()))).collect();
-        Self::new(Source::Memory(tensors), index, dtype, device, name.to_string())
+    pub fn from_tensors(tensors: HashMap<String, Tensor>, name: &str) -> Self {
+        let index = tensors.iter().map(|(k, t)| (k.clone(), Entry { shard: 0, shape: t.dims().to_vec(), dtype: t.dtype() })).collect();
+        Self::new(Source::Memory(tensors), index, name.to_string())
     }
 
-    fn new(source: Source, index: HashMap<String, (usize, Vec<usize>)>, dtype: DType, device: &Device, name: String) -> Self {
-        let inner = Inner { source, index, used: Mutex::new(BTreeSet::new()), dtype, device: device.clone(), quantization: None, adapters: None, name };
-        Self { inner: Arc::new(inner) }
+    fn new(source: Source, index: HashMap<String, Entry>, name: String) -> Self {
+        Self { inner: Arc::new(Inner { source, index, used: Mutex::new(BTreeSet::new()), cast: None, name }) }
     }
 
-    /// Attaches config.json's quantization block (MLX format); layers then read packed
-    /// weights where the checkpoint has them.
-    pub fn with_quantization(mut self, quantization: Option<QuantConfig>) -> Self {
+    /// Floating tensors are read as `dtype` (None: as stored). Conversion uses this; a model
+    /// being built leaves the choice to its layer builder.
+    pub fn with_cast(mut self, dtype: Option<DType>) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.quantization = quantization;
+            inner.cast = dtype;
         }
         self
-    }
-
-    /// Attaches an adapter setup: linear layers it targets get LoRA/DoRA adapters, and for
-    /// full fine-tuning the weights of the adapted layers become variables.
-    pub fn with_adapters(mut self, setup: Arc<AdapterSetup>) -> Self {
-        if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.adapters = Some(setup);
-        }
-        self
-    }
-
-    /// The root view (no prefix).
-    pub fn root(&self) -> WeightsPath {
-        WeightsPath { weights: self.clone(), prefix: String::new() }
     }
 
     /// Every key in the checkpoint, sorted.
@@ -120,60 +100,137 @@ impl Weights {
         keys
     }
 
-    /// The dtype tensors are converted to.
-    pub fn dtype(&self) -> DType {
-        self.inner.dtype
+    /// True when the checkpoint holds `key`.
+    pub fn contains(&self, key: &str) -> bool {
+        self.inner.index.contains_key(key)
+    }
+
+    /// The shape of `key` in the checkpoint.
+    pub fn shape(&self, key: &str) -> Option<&[usize]> {
+        self.inner.index.get(key).map(|e| e.shape.as_slice())
+    }
+
+    /// The dtype `key` is stored in (before any cast).
+    pub fn stored_dtype(&self, key: &str) -> Option<DType> {
+        self.inner.index.get(key).map(|e| e.dtype)
+    }
+
+    /// The dtype the model computes in by default, as MLX LM does: the stored dtype of the
+    /// weights. For a quantized checkpoint that is the dtype of its scales; otherwise the
+    /// floating dtype holding the most elements. The cast, when one is set, wins.
+    pub fn compute_dtype(&self) -> DType {
+        if let Some(d) = self.inner.cast {
+            return d;
+        }
+        let index = &self.inner.index;
+        let mut scales: Vec<(&String, &Entry)> = index.iter().filter(|(k, _)| k.ends_with(".scales")).collect();
+        scales.sort_by(|a, b| a.0.cmp(b.0));
+        if let Some((_, e)) = scales.first() {
+            return e.dtype;
+        }
+        let mut count: HashMap<DType, usize> = HashMap::new();
+        for e in index.values().filter(|e| e.dtype.is_float()) {
+            *count.entry(e.dtype).or_default() += e.shape.iter().product::<usize>();
+        }
+        let mut by_count: Vec<(DType, usize)> = count.into_iter().collect();
+        by_count.sort_by_key(|(d, n)| (std::cmp::Reverse(*n), d.size_in_bytes()));
+        by_count.first().map_or(DType::F32, |(d, _)| *d)
+    }
+
+    /// A short description of the source (file or folder) for messages.
+    pub fn name(&self) -> &str {
+        &self.inner.name
     }
 
     /// Checks that every checkpoint tensor was used, except keys for which `ignored` is true
     /// (e.g. `rotary_emb.inv_freq` buffers that some exporters save).
     pub fn finish(&self, ignored: impl Fn(&str) -> bool) -> Result<()> {
         // A panic while another thread held the lock cannot corrupt a set of names: keep it.
-        if let Some(a) = &self.inner.adapters {
-            a.finish()?;
-        }
         let used = self.inner.used.lock().unwrap_or_else(|e| e.into_inner());
-        let mut unused: Vec<&String> =
-            self.inner.index.keys().filter(|k| !used.contains(*k) && !ignored(k)).collect();
+        let mut unused: Vec<&String> = self.inner.index.keys().filter(|k| !used.contains(*k) && !ignored(k)).collect();
         unused.sort();
         match unused.first() {
             None => Ok(()),
-            Some(first) => Err(IoError::UnusedTensors {
-                count: unused.len(),
-                first: (*first).clone(),
-                source_name: self.inner.name.clone(),
-            }),
+            Some(first) => Err(IoError::UnusedTensors { count: unused.len(), first: (*first).clone(), source_name: self.inner.name.clone() }),
         }
     }
 
     /// Reads tensor `key` whatever its shape (for conversion, which copies every tensor).
     pub fn tensor(&self, key: &str) -> Result<Tensor> {
-        self.load(key)
+        self.read(key, None)
     }
 
-    fn load(&self, key: &str) -> Result<Tensor> {
+    /// Reads tensor `key`, checking it has exactly `shape`.
+    pub fn get(&self, key: &str, shape: &[usize]) -> Result<Tensor> {
+        self.check_shape(key, shape)?;
+        self.read(key, None)
+    }
+
+    /// Reads only `range` along dimension `dim` of tensor `key`, whose whole shape must be
+    /// `shape`: a rank of a sharded model never holds the rest.
+    pub fn get_slice(&self, key: &str, shape: &[usize], dim: usize, range: Range<usize>) -> Result<Tensor> {
+        self.check_shape(key, shape)?;
+        if dim >= shape.len() || range.end > shape[dim] || range.start > range.end {
+            return Err(IoError::ShapeMismatch { key: key.to_string(), expected: shape.to_vec(), found: shape.to_vec(), source_name: format!("{} (slice {range:?} of dimension {dim} is out of range)", self.inner.name) });
+        }
+        self.read(key, Some((dim, range)))
+    }
+
+    fn check_shape(&self, key: &str, shape: &[usize]) -> Result<()> {
+        match self.inner.index.get(key) {
+            Some(e) if e.shape != shape => Err(IoError::ShapeMismatch { key: key.to_string(), expected: shape.to_vec(), found: e.shape.clone(), source_name: self.inner.name.clone() }),
+            _ => Ok(()),
+        }
+    }
+
+    fn read(&self, key: &str, slice: Option<(usize, Range<usize>)>) -> Result<Tensor> {
         let inner = &self.inner;
-        let Some((shard, _)) = inner.index.get(key) else {
+        let Some(entry) = inner.index.get(key) else {
             return Err(IoError::MissingTensor { key: key.to_string(), source_name: inner.name.clone() });
         };
         let tensor = match &inner.source {
             Source::Safetensors(files) => {
-                let (path, st) = &files[*shard];
+                let (path, st) = &files[entry.shard];
                 let err = |e: candle_core::Error| IoError::Safetensors { path: path.clone(), msg: e.to_string() };
                 let view = st.get(key).map_err(err)?;
-                let tensor = candle_core::safetensors::Load::load(&view, &Device::Cpu).map_err(err)?;
+                let tensor = match &slice {
+                    None => candle_core::safetensors::Load::load(&view, &Device::Cpu).map_err(err)?,
+                    Some((dim, range)) => slice_bytes(view.data(), &entry.shape, entry.dtype, *dim, range.clone()).map_err(err)?,
+                };
                 release_pages(view.data());
                 tensor
             }
-            Source::Memory(map) => map[key].clone(),
+            Source::Memory(map) => match &slice {
+                None => map[key].clone(),
+                Some((dim, range)) => map[key].narrow(*dim, range.start, range.len())?.contiguous()?,
+            },
         };
-        if let Ok(mut used) = inner.used.lock() {
-            used.insert(key.to_string());
-        }
-        // Floating tensors take the model dtype; integer ones (packed quantized weights) stay.
-        let tensor = if tensor.dtype().is_float() { tensor.to_dtype(inner.dtype)? } else { tensor };
-        Ok(tensor.to_device(&inner.device)?)
+        inner.used.lock().unwrap_or_else(|e| e.into_inner()).insert(key.to_string());
+        Ok(match inner.cast {
+            Some(dtype) if tensor.dtype().is_float() => tensor.to_dtype(dtype)?,
+            _ => tensor,
+        })
     }
+}
+
+/// The part `range` of dimension `dim` of a row-major tensor whose raw bytes are `data`:
+/// one contiguous run per index of the dimensions before `dim`.
+fn slice_bytes(data: &[u8], shape: &[usize], dtype: DType, dim: usize, range: Range<usize>) -> candle_core::Result<Tensor> {
+    let elem = dtype.size_in_bytes();
+    let inner: usize = shape[dim + 1..].iter().product::<usize>() * elem;
+    let outer: usize = shape[..dim].iter().product();
+    let (row, run) = (shape[dim] * inner, range.len() * inner);
+    if data.len() != outer * row {
+        candle_core::bail!("{} bytes for a tensor of shape {shape:?} and dtype {dtype:?}", data.len());
+    }
+    let mut bytes = Vec::with_capacity(outer * run);
+    for o in 0..outer {
+        let start = o * row + range.start * inner;
+        bytes.extend_from_slice(&data[start..start + run]);
+    }
+    let mut dims = shape.to_vec();
+    dims[dim] = range.len();
+    Tensor::from_raw_buffer(&bytes, dtype, &dims, &Device::Cpu)
 }
 
 /// Tells the kernel the mapped pages of `bytes` are no longer needed. Each tensor is read from
@@ -196,125 +253,50 @@ fn parent_of(paths: &[PathBuf]) -> String {
     paths.first().and_then(|p| p.parent()).map(Path::display).map(|d| d.to_string()).unwrap_or_default()
 }
 
-impl WeightsPath {
-    /// The view one level down: `vb.pp("self_attn")`.
-    pub fn pp(&self, segment: impl std::fmt::Display) -> WeightsPath {
-        let prefix = if self.prefix.is_empty() { segment.to_string() } else { format!("{}.{segment}", self.prefix) };
-        WeightsPath { weights: self.weights.clone(), prefix }
-    }
-
-    /// The full checkpoint key of `name` under this prefix.
-    pub fn key(&self, name: &str) -> String {
-        if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) }
-    }
-
-    /// True when the checkpoint holds `name` under this prefix.
-    pub fn contains(&self, name: &str) -> bool {
-        self.weights.inner.index.contains_key(&self.key(name))
-    }
-
-    /// Reads tensor `name`, checking it has exactly `shape`.
-    pub fn get(&self, shape: impl Into<Shape>, name: &str) -> Result<Tensor> {
-        let key = self.key(name);
-        let expected: Shape = shape.into();
-        if let Some((_, found)) = self.weights.inner.index.get(&key) {
-            if found.as_slice() != expected.dims() {
-                return Err(IoError::ShapeMismatch {
-                    key,
-                    expected: expected.dims().to_vec(),
-                    found: found.clone(),
-                    source_name: self.weights.inner.name.clone(),
-                });
-            }
-        }
-        let tensor = self.weights.load(&key)?;
-        match &self.weights.inner.adapters {
-            Some(a) if a.full_trains(&key) => match a.saved(&key, expected.dims())? {
-                Some(saved) => a.register(&key, saved.to_dtype(tensor.dtype())?.to_device(tensor.device())?),
-                None => a.register(&key, tensor),
-            },
-            _ => Ok(tensor),
-        }
-    }
-
-    /// The adapter setup, when the module at this prefix gets a LoRA/DoRA adapter.
-    pub fn adapter(&self) -> Option<&Arc<AdapterSetup>> {
-        self.weights.inner.adapters.as_ref().filter(|a| a.targets(&self.prefix))
-    }
-
-    /// The view's prefix (`model.layers.3.self_attn.q_proj`).
-    pub fn prefix(&self) -> &str {
-        &self.prefix
-    }
-
-    /// The dtype tensors are converted to.
-    pub fn dtype(&self) -> DType {
-        self.weights.inner.dtype
-    }
-
-    /// The dtype tensor `name` has in the checkpoint (before conversion), if it exists.
-    pub fn stored_dtype(&self, name: &str) -> Option<DType> {
-        let key = self.key(name);
-        let inner = &self.weights.inner;
-        let (shard, _) = inner.index.get(&key)?;
-        match &inner.source {
-            Source::Safetensors(files) => files[*shard].1.get(&key).ok().and_then(|v| DType::try_from(v.dtype()).ok()),
-            Source::Memory(map) => map.get(&key).map(Tensor::dtype),
-        }
-    }
-
-    /// True when the model is being built for LoRA/DoRA training (its base weights are frozen).
-    pub fn frozen_base(&self) -> bool {
-        self.weights.inner.adapters.as_ref().is_some_and(|a| a.trainable() && a.kind != crate::FineTuneType::Full)
-    }
-
-    /// How the module at this prefix is quantized (bits, group size), or None when it is a
-    /// plain float module. A mode other than `affine` is an error naming the module.
-    pub fn quantization(&self) -> Result<Option<QuantSpec>> {
-        let Some(q) = &self.weights.inner.quantization else { return Ok(None) };
-        match q.for_module(&self.prefix, self.contains("scales")) {
-            None => Ok(None),
-            Some(_) if self.weights.inner.adapters.as_ref().is_some_and(|a| a.full_trains(&self.key("weight"))) => Err(IoError::Json {
-                path: PathBuf::from("--fine-tune-type"),
-                msg: format!("full fine-tuning trains `{}`, which is quantized; use lora or dora on a quantized model, or dequantize it first (`lmx convert -d`)", self.prefix),
-            }),
-            Some((spec, "affine")) => Ok(Some(spec)),
-            Some((_, mode)) => Err(IoError::Json {
-                path: PathBuf::from("config.json"),
-                msg: format!("layer `{}` uses quantization mode `{mode}`; lmx supports `affine` only", self.prefix),
-            }),
-        }
-    }
-
-    /// The device tensors are placed on.
-    pub fn device(&self) -> &Device {
-        &self.weights.inner.device
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn store() -> Weights {
         let mut m = HashMap::new();
-        m.insert("a.b.weight".to_string(), Tensor::zeros((2, 3), DType::F32, &Device::Cpu).expect("zeros"));
-        m.insert("a.extra".to_string(), Tensor::zeros(4, DType::F32, &Device::Cpu).expect("zeros"));
-        Weights::from_tensors(m, DType::BF16, &Device::Cpu, "test")
+        m.insert("a.b.weight".to_string(), Tensor::arange(0f32, 6.0, &Device::Cpu).and_then(|t| t.reshape((2, 3))).expect("t"));
+        m.insert("a.extra".to_string(), Tensor::zeros(4, DType::BF16, &Device::Cpu).expect("zeros"));
+        Weights::from_tensors(m, "test")
     }
 
     #[test]
     fn strict_loading_names_keys_and_shapes() {
         let w = store();
-        let b = w.root().pp("a").pp("b");
-        let t = b.get((2, 3), "weight").expect("present");
-        assert_eq!(t.dtype(), DType::BF16);
-        let err = b.get((3, 2), "weight").expect_err("wrong shape").to_string();
+        let t = w.get("a.b.weight", &[2, 3]).expect("present");
+        assert_eq!(t.dtype(), DType::F32);
+        let err = w.get("a.b.weight", &[3, 2]).expect_err("wrong shape").to_string();
         assert!(err.contains("a.b.weight") && err.contains("[2, 3]") && err.contains("[3, 2]"), "{err}");
-        let err = b.get(3, "bias").expect_err("missing").to_string();
+        let err = w.get("a.b.bias", &[3]).expect_err("missing").to_string();
         assert!(err.contains("a.b.bias"), "{err}");
         let err = w.finish(|_| false).expect_err("unused").to_string();
         assert!(err.contains("a.extra"), "{err}");
         assert!(w.finish(|k| k == "a.extra").is_ok());
+        // Most elements are f32 (6 against 4).
+        assert_eq!(w.compute_dtype(), DType::F32);
+    }
+
+    /// A slice read from the file's bytes equals the same slice of the whole tensor.
+    #[test]
+    fn slices_read_from_safetensors_bytes() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("lmx-weights-slice-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| IoError::io(&dir, e))?;
+        let path = dir.join("m.safetensors");
+        let t = Tensor::arange(0u32, 24, &Device::Cpu)?.reshape((2, 3, 4))?;
+        let map = HashMap::from([("t".to_string(), t.clone())]);
+        candle_core::safetensors::save(&map, &path)?;
+        let w = Weights::from_safetensors(&[path])?;
+        for (dim, range) in [(0, 1..2), (1, 1..3), (2, 0..1), (2, 2..4)] {
+            let got = w.get_slice("t", &[2, 3, 4], dim, range.clone())?.flatten_all()?.to_vec1::<u32>()?;
+            let want = t.narrow(dim, range.start, range.len())?.flatten_all()?.to_vec1::<u32>()?;
+            assert_eq!(got, want, "dim {dim} {range:?}");
+        }
+        assert!(w.get_slice("t", &[2, 3, 4], 1, 2..4).is_err());
+        std::fs::remove_dir_all(&dir).ok();
+        Ok(())
     }
 }

@@ -1,45 +1,63 @@
-//! model_type -> constructor. Adding an architecture is one line here.
+//! The architectures lmx runs: one row per `model_type` in [`ARCHITECTURES`]. The supported
+//! list in error messages, the golden-fixture tests and the sharding tests all read this table,
+//! so adding an architecture is its model file plus one row here (and its fixture).
 
-use lmx_io::{IoError, WeightsPath};
+use lmx_nn::{BuildError, Builder, CausalLm};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::CausalLm;
+use crate::{llama, mistral, qwen2, qwen3};
 
-/// The `model_type` values lmx can run.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
+/// A model file's config: parsed from config.json, it builds the model.
+pub trait Architecture: DeserializeOwned {
+    /// Builds the model from the checkpoint under `vb` (the root).
+    fn build(&self, vb: &Builder) -> Result<Box<dyn CausalLm>, ModelError>;
+}
+
+/// One supported architecture.
+pub struct Entry {
+    /// The config.json `model_type`.
+    pub model_type: &'static str,
+    build: fn(&str, &Value, &Builder) -> Result<Box<dyn CausalLm>, ModelError>,
+}
+
+const fn entry<C: Architecture>(model_type: &'static str) -> Entry {
+    Entry { model_type, build: build::<C> }
+}
+
+/// Every architecture lmx runs.
+pub const ARCHITECTURES: &[Entry] = &[entry::<llama::Config>("llama"), entry::<mistral::Config>("mistral"), entry::<qwen2::Config>("qwen2"), entry::<qwen3::Config>("qwen3")];
+
+/// The `model_type` values lmx can run, in table order.
+pub fn supported_model_types() -> Vec<&'static str> {
+    ARCHITECTURES.iter().map(|a| a.model_type).collect()
+}
 
 /// Why a model could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     /// config.json names an architecture lmx does not have.
-    #[error("model_type `{0}` is not supported; supported model types: {supported}", supported = SUPPORTED_MODEL_TYPES.join(", "))]
+    #[error("model_type `{0}` is not supported; supported model types: {supported}", supported = supported_model_types().join(", "))]
     UnsupportedModelType(String),
     /// config.json lacks a key or has one of the wrong type.
     #[error("config.json for `{model_type}`: {msg}")]
     Config { model_type: String, msg: String },
-    /// Reading weights failed (missing tensor, wrong shape, ...).
+    /// A layer could not be built (missing tensor, wrong shape, unsupported option, ...).
     #[error(transparent)]
-    Io(#[from] IoError),
-    /// A tensor operation failed while building the model.
-    #[error(transparent)]
-    Tensor(#[from] lmx_core::Error),
+    Build(#[from] BuildError),
 }
 
-/// Parses config.json into a model file's `Config`.
-pub fn parse_config<C: DeserializeOwned>(model_type: &str, config: &Value) -> Result<C, ModelError> {
-    serde_json::from_value(config.clone()).map_err(|e| ModelError::Config { model_type: model_type.to_string(), msg: e.to_string() })
+fn build<C: Architecture>(model_type: &str, config: &Value, vb: &Builder) -> Result<Box<dyn CausalLm>, ModelError> {
+    let cfg: C = C::deserialize(config).map_err(|e| ModelError::Config { model_type: model_type.to_string(), msg: e.to_string() })?;
+    cfg.build(vb)
 }
 
-/// Builds the model `model_type` from its config.json and weights.
-pub fn load_model(model_type: &str, config: &Value, vb: &WeightsPath) -> Result<Box<dyn CausalLm>, ModelError> {
-    Ok(match model_type {
-        "llama" => Box::new(crate::llama::Model::new(&parse_config(model_type, config)?, vb)?),
-        "mistral" => Box::new(crate::mistral::Model::new(&parse_config(model_type, config)?, vb)?),
-        "qwen2" => Box::new(crate::qwen2::Model::new(&parse_config(model_type, config)?, vb)?),
-        "qwen3" => Box::new(crate::qwen3::Model::new(&parse_config(model_type, config)?, vb)?),
-        other => return Err(ModelError::UnsupportedModelType(other.to_string())),
-    })
+/// Builds the model `model_type` from its config.json and the layer builder.
+pub fn load_model(model_type: &str, config: &Value, vb: &Builder) -> Result<Box<dyn CausalLm>, ModelError> {
+    match ARCHITECTURES.iter().find(|a| a.model_type == model_type) {
+        Some(a) => (a.build)(model_type, config, vb),
+        None => Err(ModelError::UnsupportedModelType(model_type.to_string())),
+    }
 }
 
 /// Checkpoint keys that are not weights and are deliberately ignored (rotary buffers some

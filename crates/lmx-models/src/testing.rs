@@ -1,24 +1,35 @@
-//! The checks every architecture passes, against the golden fixture that
+//! The checks every architecture in the registry passes, against the golden fixture that
 //! `scripts/fixtures/tiny_models.py` wrote with transformers: a tiny random model, a batch of
-//! two sequences, and transformers' logits for them.
+//! two sequences, and transformers' logits for them. The tiny models have 4 query and 2
+//! key/value heads, so a world of 3 splits them unevenly (2 + 1 + 1 query heads, the last two
+//! ranks sharing a key/value head).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use lmx_core::{DType, Device, Tensor};
+use lmx_dist::{Group, InProcess};
 use lmx_io::Weights;
+use lmx_nn::Builder;
 
+use crate::registry::{is_ignored_key, ARCHITECTURES};
 use crate::{load_model, CausalLm, Logits};
 
 fn fixture_dir(model_type: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(model_type)
 }
 
-fn load(model_type: &str, dtype: DType) -> Box<dyn CausalLm> {
+/// The fixture model, built in `dtype` as one rank of `group` (None: unsharded).
+fn load(model_type: &str, dtype: DType, group: Option<Arc<dyn Group>>) -> Box<dyn CausalLm> {
     let dir = fixture_dir(model_type);
     let config = lmx_io::config::read_json(&dir.join("config.json")).expect("fixture config.json");
-    let weights = Weights::from_safetensors(&[dir.join("model.safetensors")], dtype, &Device::Cpu).expect("fixture weights");
-    let model = load_model(model_type, &config, &weights.root()).expect("model builds");
-    weights.finish(crate::registry::is_ignored_key).expect("every checkpoint key is used");
+    let weights = Weights::from_safetensors(&[dir.join("model.safetensors")]).expect("fixture weights");
+    let mut vb = Builder::new(weights, dtype, &Device::Cpu);
+    if let Some(g) = group {
+        vb = vb.with_group(g);
+    }
+    let model = load_model(model_type, &config, &vb).expect("model builds");
+    vb.finish(is_ignored_key).expect("every checkpoint key is used");
     model
 }
 
@@ -30,18 +41,28 @@ fn max_diff(a: &Tensor, b: &Tensor) -> (f32, usize) {
     a.iter().zip(&b).map(|(x, y)| (x - y).abs()).enumerate().fold((0.0, 0), |m, (i, d)| if d > m.0 { (d, i) } else { m })
 }
 
+struct Golden {
+    input_ids: Tensor,
+    logits: Tensor,
+    scale: f32,
+}
+
+fn golden(model_type: &str) -> Golden {
+    let golden = candle_core::safetensors::load(fixture_dir(model_type).join("golden.safetensors"), &Device::Cpu).expect("golden");
+    let logits = golden["logits"].clone();
+    let scale = logits.abs().and_then(|t| t.flatten_all()).and_then(|t| t.max(0)).and_then(|t| t.to_scalar::<f32>()).expect("scale");
+    Golden { input_ids: golden["input_ids"].to_dtype(DType::U32).expect("ids"), logits, scale }
+}
+
 /// Golden logits (f32 within 1e-4 of the logit scale, bf16 within 3e-2), and cached
 /// token-by-token decoding equal to the full forward pass.
-pub fn check_architecture(model_type: &str) {
-    let golden = candle_core::safetensors::load(fixture_dir(model_type).join("golden.safetensors"), &Device::Cpu).expect("golden");
-    let input_ids = golden["input_ids"].to_dtype(DType::U32).expect("ids");
-    let want = &golden["logits"];
-    let scale = want.abs().and_then(|t| t.flatten_all()).and_then(|t| t.max(0)).and_then(|t| t.to_scalar::<f32>()).expect("scale");
+fn check_architecture(model_type: &str) {
+    let Golden { input_ids, logits: want, scale } = golden(model_type);
     let (_, seq_len) = input_ids.dims2().expect("2-D ids");
 
-    let model = load(model_type, DType::F32);
+    let model = load(model_type, DType::F32, None);
     let got = model.forward(&input_ids, &mut model.new_cache(), Logits::All).expect("forward");
-    let (d, at) = max_diff(&got, want);
+    let (d, at) = max_diff(&got, &want);
     println!("{model_type} f32: max |logit diff| {d:.3e} at flat index {at} (logit scale {scale:.3})");
     assert!(d <= 1e-4 * scale, "{model_type} f32 logits differ from transformers by {d} at {at}");
 
@@ -56,9 +77,90 @@ pub fn check_architecture(model_type: &str) {
     println!("{model_type} cached decode vs full forward: {d:.3e} at {at}");
     assert!(d <= 1e-4 * scale, "{model_type}: cached decoding differs from the full forward by {d} at {at}");
 
-    let model = load(model_type, DType::BF16);
+    let model = load(model_type, DType::BF16, None);
     let got = model.forward(&input_ids, &mut model.new_cache(), Logits::All).expect("bf16 forward");
-    let (d, at) = max_diff(&got, want);
+    let (d, at) = max_diff(&got, &want);
     println!("{model_type} bf16: max |logit diff| {d:.3e} at {at}");
     assert!(d <= 3e-2 * scale, "{model_type} bf16 logits differ from transformers by {d} at {at}");
+}
+
+/// Every rank of an in-process world of `size` builds its shard of the model and runs the
+/// batch (whole, then prefill + cached decode); each rank's logits equal the unsharded ones
+/// within 1e-5 of the logit scale.
+fn check_sharded(model_type: &str, size: usize) {
+    let Golden { input_ids, scale, .. } = golden(model_type);
+    let whole = load(model_type, DType::F32, None);
+    let want = whole.forward(&input_ids, &mut whole.new_cache(), Logits::All).expect("forward");
+    let results: Vec<(Tensor, Tensor)> = std::thread::scope(|s| {
+        let handles: Vec<_> = InProcess::world(size)
+            .into_iter()
+            .map(|g| {
+                let ids = input_ids.clone();
+                s.spawn(move || {
+                    // A failing rank aborts the group, so the others fail too instead of hanging.
+                    let guard = AbortOnPanic(g.clone());
+                    let model = load(model_type, DType::F32, Some(Arc::new(g)));
+                    let full = model.forward(&ids, &mut model.new_cache(), Logits::All).expect("sharded forward");
+                    let mut cache = model.new_cache();
+                    let mut parts = vec![model.forward(&ids.narrow(1, 0, 6).expect("n"), &mut cache, Logits::All).expect("prefill")];
+                    for i in 6..ids.dim(1).expect("len") {
+                        parts.push(model.forward(&ids.narrow(1, i, 1).expect("n"), &mut cache, Logits::Last).expect("decode"));
+                    }
+                    std::mem::forget(guard);
+                    (full, Tensor::cat(&parts, 1).expect("cat"))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
+    });
+    for (rank, (full, cached)) in results.iter().enumerate() {
+        for (what, got) in [("forward", full), ("cached decode", cached)] {
+            let (d, at) = max_diff(got, &want);
+            println!("{model_type} world {size} rank {rank} {what}: max |logit diff| {d:.3e} at {at}");
+            assert!(d <= 1e-5 * scale, "{model_type}: rank {rank} of {size}: sharded {what} differs from the unsharded model by {d} at {at}");
+        }
+    }
+}
+
+/// Aborts the group when dropped, i.e. when its rank's thread unwinds from a panic.
+struct AbortOnPanic(InProcess);
+
+impl Drop for AbortOnPanic {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[test]
+fn every_architecture_matches_its_golden_fixture() {
+    for a in ARCHITECTURES {
+        check_architecture(a.model_type);
+    }
+}
+
+#[test]
+fn every_architecture_sharded_over_two_and_three_ranks_equals_the_whole_model() {
+    for a in ARCHITECTURES {
+        for size in [2, 3] {
+            check_sharded(a.model_type, size);
+        }
+    }
+}
+
+/// Mistral's fixture has a sliding window of 4 over 11 tokens: dropping the window must change
+/// the later logits (so the golden test above really checks the window).
+#[test]
+fn the_mistral_fixture_exercises_its_sliding_window() {
+    let dir = fixture_dir("mistral");
+    let mut config = lmx_io::config::read_json(&dir.join("config.json")).expect("config");
+    assert_eq!(config["sliding_window"], 4);
+    config["sliding_window"] = serde_json::Value::Null;
+    let weights = Weights::from_safetensors(&[dir.join("model.safetensors")]).expect("weights");
+    let model = load_model("mistral", &config, &Builder::new(weights, DType::F32, &Device::Cpu)).expect("builds");
+    let Golden { input_ids, logits, scale } = golden("mistral");
+    let got = model.forward(&input_ids, &mut model.new_cache(), Logits::All).expect("forward");
+    let (d, _) = max_diff(&got.narrow(1, 0, 4).expect("n"), &logits.narrow(1, 0, 4).expect("n"));
+    assert!(d <= 1e-4 * scale, "positions inside the window do not depend on it");
+    let (d, _) = max_diff(&got, &logits);
+    assert!(d > 0.1 * scale, "without the window the logits must differ from transformers' (max diff {d})");
 }

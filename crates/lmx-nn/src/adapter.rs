@@ -9,12 +9,120 @@
 //! DoRA's row norms are computed without ever forming `W + delta`:
 //! `||W_i + s D_i||^2 = ||W_i||^2 + 2 s (W A)_i . B_i + s^2 B_i^T (A^T A) B_i`, where `W A` is one
 //! product through the base layer's own (possibly quantized) matmul.
+//!
+//! An [`AdapterPlan`] given to the layer builder says which modules get adapters and which
+//! tensors train (and holds saved adapter tensors to start from); model files never see it.
 
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use lmx_core::{DType, Result, Tensor};
-use lmx_io::{AdapterSetup, FineTuneType, WeightsPath};
+use lmx_core::{DType, Device, Result, Tensor};
+use lmx_io::{FineTuneType, LoraParameters};
+
+use crate::error::BuildError;
+use crate::training::{layer_index, Training};
+
+/// Which modules of a model get adapters, and the saved tensors to start from.
+#[derive(Debug)]
+pub struct AdapterPlan {
+    /// LoRA, DoRA or full.
+    pub kind: FineTuneType,
+    /// Layers with index >= this one are adapted.
+    pub first_layer: usize,
+    /// Rank, scale, dropout, keys (unused for `full`).
+    pub params: LoraParameters,
+    /// Seed for new `lora_a` values and dropout masks.
+    pub seed: u64,
+    saved: HashMap<String, Tensor>,
+    saved_source: String,
+    used: Mutex<BTreeSet<String>>,
+    /// `keys` entries that matched a module (each must match one).
+    matched_keys: Mutex<BTreeSet<String>>,
+}
+
+impl AdapterPlan {
+    /// A plan for a model of `n_layers` layers: `num_layers` counts from the last (-1: all).
+    /// A `num_layers` above the model's is an error, as in MLX LM.
+    pub fn new(kind: FineTuneType, num_layers: i64, n_layers: usize, params: LoraParameters, seed: u64) -> std::result::Result<Self, BuildError> {
+        let first_layer = match usize::try_from(num_layers) {
+            Err(_) => 0,
+            Ok(n) if n > n_layers => return Err(BuildError::TooManyLayers { asked: n, available: n_layers }),
+            Ok(n) => n_layers - n,
+        };
+        if kind != FineTuneType::Full && params.rank == 0 {
+            return Err(BuildError::AdapterSettings("lora_parameters.rank must be at least 1".into()));
+        }
+        Ok(Self { kind, first_layer, params, seed, saved: HashMap::new(), saved_source: String::new(), used: Mutex::new(BTreeSet::new()), matched_keys: Mutex::new(BTreeSet::new()) })
+    }
+
+    /// Starts from saved adapter tensors (`source` names the file in errors).
+    pub fn with_saved(mut self, tensors: HashMap<String, Tensor>, source: &str) -> Self {
+        self.saved = tensors;
+        self.saved_source = source.to_string();
+        self
+    }
+
+    /// True when the linear module at `prefix` gets a LoRA/DoRA adapter: inside one of the
+    /// adapted layers and named by `keys` (every linear module when `keys` is absent), or a
+    /// model-level module named in `keys` (e.g. `lm_head`).
+    pub fn targets(&self, prefix: &str) -> bool {
+        if self.kind == FineTuneType::Full {
+            return false;
+        }
+        let keys = self.params.keys.as_ref();
+        let (hit, key) = match layer_index(prefix) {
+            Some(i) => {
+                let module = prefix.splitn(4, '.').nth(3).unwrap_or("");
+                (i >= self.first_layer && keys.is_none_or(|k| k.iter().any(|k| k == module)), module)
+            }
+            None => (keys.is_some_and(|k| k.iter().any(|k| k == prefix)), prefix),
+        };
+        if hit && keys.is_some() {
+            self.matched_keys.lock().unwrap_or_else(|e| e.into_inner()).insert(key.to_string());
+        }
+        hit
+    }
+
+    /// True when checkpoint tensor `key` trains (full fine-tuning of the adapted layers).
+    pub fn full_trains(&self, key: &str) -> bool {
+        self.kind == FineTuneType::Full && layer_index(key).is_some_and(|i| i >= self.first_layer)
+    }
+
+    /// The saved value of `key` (shape-checked and counted as used), if the adapter file has one.
+    pub fn saved(&self, key: &str, shape: &[usize]) -> std::result::Result<Option<Tensor>, BuildError> {
+        let Some(t) = self.saved.get(key) else { return Ok(None) };
+        if t.dims() != shape {
+            return Err(lmx_io::IoError::ShapeMismatch { key: key.into(), expected: shape.to_vec(), found: t.dims().to_vec(), source_name: self.saved_source.clone() }.into());
+        }
+        self.used.lock().unwrap_or_else(|e| e.into_inner()).insert(key.to_string());
+        Ok(Some(t.clone()))
+    }
+
+    /// Checks that every `keys` entry matched a module and every saved adapter tensor found
+    /// its module: a tensor for a layer the model lacks (wrong base model, wrong `num_layers`
+    /// or `keys`) is an error naming it.
+    pub fn finish(&self) -> std::result::Result<(), BuildError> {
+        if let Some(keys) = &self.params.keys {
+            let matched = self.matched_keys.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(k) = keys.iter().find(|k| !matched.contains(*k)) {
+                return Err(BuildError::UnmatchedKey(k.clone()));
+            }
+        }
+        let used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        let mut unused: Vec<&String> = self.saved.keys().filter(|k| !used.contains(*k)).collect();
+        unused.sort();
+        match unused.first() {
+            None => Ok(()),
+            Some(first) => Err(BuildError::UnusedAdapterTensors {
+                count: unused.len(),
+                first: (*first).clone(),
+                what: if self.kind == FineTuneType::Full { "trained" } else { "adapted" },
+                source_name: self.saved_source.clone(),
+            }),
+        }
+    }
+}
 
 /// A low-rank adapter attached to one linear layer.
 #[derive(Debug)]
@@ -25,7 +133,7 @@ pub struct Adapter {
     dora: Option<(Tensor, Tensor)>,
     scale: f64,
     dropout: f64,
-    setup: Arc<AdapterSetup>,
+    training: Option<Arc<Training>>,
     rng: AtomicU64,
 }
 
@@ -45,34 +153,61 @@ fn hash(s: &str) -> u64 {
     s.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01B3))
 }
 
+/// Where an adapter's tensors come from and go: the plan (saved values), the training state
+/// (variables) and the placement of the layer it adapts.
+pub(crate) struct AdapterSource<'a> {
+    pub plan: &'a AdapterPlan,
+    pub training: Option<&'a Arc<Training>>,
+    /// The adapted module's path (`model.layers.3.self_attn.q_proj`).
+    pub prefix: &'a str,
+    pub dtype: DType,
+    pub device: &'a Device,
+}
+
+impl AdapterSource<'_> {
+    /// The starting value of adapter tensor `name`: the saved one if there is one
+    /// (shape-checked), else `init()`; a variable when training.
+    fn param(&self, name: &str, shape: &[usize], init: impl FnOnce() -> Result<Tensor>) -> std::result::Result<Tensor, BuildError> {
+        let key = format!("{}.{name}", self.prefix);
+        let t = match self.plan.saved(&key, shape)? {
+            Some(t) => t,
+            None => init()?,
+        };
+        let t = t.to_dtype(self.dtype)?.to_device(self.device)?;
+        Ok(match self.training {
+            Some(tr) => tr.register(&key, t)?,
+            None => t,
+        })
+    }
+}
+
 impl Adapter {
-    /// Creates (or loads, from the setup's saved tensors) the adapter of the linear layer at
-    /// `vb` with `in_features` -> `out_features`. `row_norms_sq` gives ||W_i||^2 for DoRA.
-    pub fn new(vb: &WeightsPath, setup: &Arc<AdapterSetup>, in_features: usize, out_features: usize, row_norms_sq: impl FnOnce() -> Result<Tensor>) -> lmx_io::Result<Self> {
-        let r = setup.params.rank;
-        let dev = vb.device().clone();
-        let dtype = if setup.trainable() { DType::F32 } else { vb.dtype() };
-        let rng = AtomicU64::new(setup.seed ^ hash(vb.prefix()));
+    /// Creates (or loads, from the plan's saved tensors) the adapter of a linear layer with
+    /// `in_features` -> `out_features`. `row_norms_sq` gives ||W_i||^2 for DoRA.
+    pub(crate) fn new(src: &AdapterSource, in_features: usize, out_features: usize, row_norms_sq: impl FnOnce() -> Result<Tensor>) -> std::result::Result<Self, BuildError> {
+        let plan = src.plan;
+        let r = plan.params.rank;
+        let rng = AtomicU64::new(plan.seed ^ hash(src.prefix));
         let bound = 1.0 / (in_features as f32).sqrt();
-        let lora_a = setup.param(&vb.key("lora_a"), &[in_features, r], dtype, || {
+        let lora_a = src.param("lora_a", &[in_features, r], || {
             let v: Vec<f32> = (0..in_features * r).map(|_| (uniform(&rng) * 2.0 - 1.0) * bound).collect();
-            Tensor::from_vec(v, (in_features, r), &dev)
+            Tensor::from_vec(v, (in_features, r), src.device)
         })?;
-        let lora_b = setup.param(&vb.key("lora_b"), &[r, out_features], dtype, || Tensor::zeros((r, out_features), DType::F32, &dev))?;
-        let dora = match setup.kind {
+        let lora_b = src.param("lora_b", &[r, out_features], || Tensor::zeros((r, out_features), DType::F32, src.device))?;
+        let dora = match plan.kind {
             FineTuneType::Dora => {
                 let norms_sq = row_norms_sq()?.to_dtype(DType::F32)?;
-                let m = setup.param(&vb.key("m"), &[out_features], dtype, || norms_sq.sqrt())?;
+                let m = src.param("m", &[out_features], || norms_sq.sqrt())?;
                 Some((m, norms_sq))
             }
             _ => None,
         };
-        Ok(Self { lora_a, lora_b, dora, scale: setup.params.scale, dropout: setup.params.dropout, setup: setup.clone(), rng })
+        Ok(Self { lora_a, lora_b, dora, scale: plan.params.scale, dropout: plan.params.dropout, training: src.training.cloned(), rng })
     }
 
-    /// `x` with dropout applied while training (inverted dropout, seeded per module).
+    /// `x` with dropout applied in training forwards (inverted dropout, seeded per module).
     fn dropout(&self, x: &Tensor) -> Result<Tensor> {
-        if self.dropout <= 0.0 || !self.setup.is_training() {
+        if self.dropout <= 0.0 || !self.training.as_ref().is_some_and(|t| t.is_active()) {
             return Ok(x.clone());
         }
         let keep = 1.0 - self.dropout as f32;
@@ -124,7 +259,11 @@ mod tests {
     use lmx_core::{Device, Module};
     use lmx_io::{LoraParameters, QuantConfig, Weights};
 
-    use crate::{Bias, Linear};
+    use crate::{Bias, Builder, Linear, Shard};
+
+    fn err(e: BuildError) -> lmx_core::Error {
+        lmx_core::Error::Msg(e.to_string())
+    }
 
     const IN: usize = 64;
     const OUT: usize = 12;
@@ -133,7 +272,7 @@ mod tests {
 
     /// A layer `model.layers.0.mlp.up_proj` with a trainable adapter whose `lora_b` is not zero
     /// (so every parameter gets a gradient), dense or quantized to 4 bits.
-    fn layer(kind: FineTuneType, quantized: bool) -> Result<(Linear, Arc<AdapterSetup>, Tensor)> {
+    fn layer(kind: FineTuneType, quantized: bool) -> Result<(Linear, Arc<Training>, Tensor)> {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 0.5, (OUT, IN), &dev)?;
         let mut tensors = HashMap::new();
@@ -154,12 +293,12 @@ mod tests {
         let params = LoraParameters { rank: R, scale: SCALE, dropout: 0.0, keys: None };
         let mut saved = HashMap::new();
         saved.insert(format!("{key}.lora_b"), Tensor::randn(0f32, 0.3, (R, OUT), &dev)?);
-        let setup = AdapterSetup::new(kind, 1, 1, params, true, 7).map_err(|e| lmx_core::Error::Msg(e.to_string()))?.with_initial(saved, "test");
-        let setup = Arc::new(setup);
-        let weights = Weights::from_tensors(tensors, DType::F32, &dev, "test").with_quantization(quant).with_adapters(setup.clone());
-        let lin = Linear::new(&weights.root().pp(key), IN, OUT, Bias::Yes).map_err(|e| lmx_core::Error::Msg(e.to_string()))?;
-        weights.finish(|_| false).map_err(|e| lmx_core::Error::Msg(e.to_string()))?;
-        Ok((lin, setup, w_eff))
+        let plan = AdapterPlan::new(kind, 1, 1, params, 7).map_err(err)?.with_saved(saved, "test");
+        let training = Arc::new(Training::new());
+        let vb = Builder::new(Weights::from_tensors(tensors, "test"), DType::F32, &dev).with_quantization(quant).with_adapters(Arc::new(plan)).with_training(training.clone());
+        let lin = vb.pp(key).linear(IN, OUT, Bias::Yes, Shard::Replicated).map_err(err)?;
+        vb.finish(|_| false).map_err(err)?;
+        Ok((lin, training, w_eff))
     }
 
     /// The reference formulas of MLX LM's LoRALinear / DoRALinear, written out densely.
@@ -180,8 +319,8 @@ mod tests {
     fn lora_and_dora_match_the_reference_and_pass_gradient_checks() -> Result<()> {
         for kind in [FineTuneType::Lora, FineTuneType::Dora] {
             for quantized in [false, true] {
-                let (lin, setup, w) = layer(kind, quantized)?;
-                let vars = setup.trainables();
+                let (lin, training, w) = layer(kind, quantized)?;
+                let vars = training.trainables();
                 let names: Vec<&str> = vars.iter().map(|(k, _)| k.rsplit('.').next().unwrap_or("")).collect();
                 let want: &[&str] = if kind == FineTuneType::Dora { &["lora_a", "lora_b", "m"] } else { &["lora_a", "lora_b"] };
                 assert_eq!(names, want, "{kind:?}");
@@ -232,20 +371,58 @@ mod tests {
         let mut tensors = HashMap::new();
         tensors.insert("model.layers.0.q.weight".to_string(), Tensor::zeros((OUT, IN), DType::F32, &dev)?);
         let params = LoraParameters { rank: R, scale: SCALE, dropout: 0.0, keys: None };
-        let mut saved = HashMap::new();
-        saved.insert("model.layers.0.q.lora_a".to_string(), Tensor::zeros((IN, R + 1), DType::F32, &dev)?);
-        let setup = Arc::new(AdapterSetup::new(FineTuneType::Lora, -1, 1, params.clone(), false, 0).map_err(|e| lmx_core::Error::Msg(e.to_string()))?.with_initial(saved, "a.safetensors"));
-        let weights = Weights::from_tensors(tensors.clone(), DType::F32, &dev, "t").with_adapters(setup);
-        let err = Linear::new(&weights.root().pp("model.layers.0.q"), IN, OUT, Bias::No).expect_err("shape").to_string();
-        assert!(err.contains("lora_a") && err.contains("a.safetensors"), "{err}");
+        let build = |saved: HashMap<String, Tensor>| -> Result<(Builder, std::result::Result<Linear, BuildError>)> {
+            let plan = AdapterPlan::new(FineTuneType::Lora, -1, 1, params.clone(), 0).map_err(err)?.with_saved(saved, "a.safetensors");
+            let vb = Builder::new(Weights::from_tensors(tensors.clone(), "t"), DType::F32, &dev).with_adapters(Arc::new(plan));
+            let lin = vb.pp("model.layers.0.q").linear(IN, OUT, Bias::No, Shard::Replicated);
+            Ok((vb, lin))
+        };
+        let (_, lin) = build(HashMap::from([("model.layers.0.q.lora_a".to_string(), Tensor::zeros((IN, R + 1), DType::F32, &dev)?)]))?;
+        let e = lin.expect_err("shape").to_string();
+        assert!(e.contains("lora_a") && e.contains("a.safetensors"), "{e}");
 
-        let mut saved = HashMap::new();
-        saved.insert("model.layers.5.q.lora_a".to_string(), Tensor::zeros((IN, R), DType::F32, &dev)?);
-        let setup = Arc::new(AdapterSetup::new(FineTuneType::Lora, -1, 1, params, false, 0).map_err(|e| lmx_core::Error::Msg(e.to_string()))?.with_initial(saved, "a.safetensors"));
-        let weights = Weights::from_tensors(tensors, DType::F32, &dev, "t").with_adapters(setup);
-        Linear::new(&weights.root().pp("model.layers.0.q"), IN, OUT, Bias::No).map_err(|e| lmx_core::Error::Msg(e.to_string()))?;
-        let err = weights.finish(|_| false).expect_err("unused adapter tensor").to_string();
-        assert!(err.contains("model.layers.5.q.lora_a"), "{err}");
+        let (vb, lin) = build(HashMap::from([("model.layers.5.q.lora_a".to_string(), Tensor::zeros((IN, R), DType::F32, &dev)?)]))?;
+        lin.map_err(err)?;
+        let e = vb.finish(|_| false).expect_err("unused adapter tensor").to_string();
+        assert!(e.contains("model.layers.5.q.lora_a"), "{e}");
         Ok(())
+    }
+
+    #[test]
+    fn targets_follow_num_layers_and_keys() -> std::result::Result<(), BuildError> {
+        let s = AdapterPlan::new(FineTuneType::Lora, 2, 4, LoraParameters::default(), 0)?;
+        assert!(!s.targets("model.layers.1.self_attn.q_proj"));
+        assert!(s.targets("model.layers.2.self_attn.q_proj"));
+        assert!(s.targets("model.layers.3.mlp.down_proj"));
+        assert!(!s.targets("lm_head"));
+        let p = LoraParameters { keys: Some(vec!["self_attn.v_proj".into(), "lm_head".into()]), ..Default::default() };
+        let s = AdapterPlan::new(FineTuneType::Dora, -1, 4, p, 0)?;
+        assert!(s.targets("model.layers.0.self_attn.v_proj"));
+        assert!(!s.targets("model.layers.0.self_attn.q_proj"));
+        assert!(s.targets("lm_head"));
+        let e = AdapterPlan::new(FineTuneType::Lora, 5, 4, LoraParameters::default(), 0).expect_err("too many layers");
+        assert!(e.to_string().contains("model has 4"), "{e}");
+        let s = AdapterPlan::new(FineTuneType::Full, 1, 4, LoraParameters::default(), 0)?;
+        assert!(s.full_trains("model.layers.3.mlp.up_proj.weight") && !s.full_trains("model.layers.2.mlp.up_proj.weight"));
+        Ok(())
+    }
+
+    /// Full fine-tuning from saved weights: the saved value replaces the checkpoint's and is
+    /// registered once, as the tensor the layer uses.
+    #[test]
+    fn full_fine_tuning_starts_from_saved_weights() -> Result<()> {
+        let dev = Device::Cpu;
+        let key = "model.layers.0.mlp.up_proj.weight";
+        let checkpoint = HashMap::from([(key.to_string(), Tensor::zeros((2, 3), DType::F32, &dev)?)]);
+        let saved = HashMap::from([(key.to_string(), Tensor::ones((2, 3), DType::F32, &dev)?)]);
+        let plan = AdapterPlan::new(FineTuneType::Full, 1, 1, LoraParameters::default(), 0).map_err(err)?.with_saved(saved, "saved");
+        let training = Arc::new(Training::new());
+        let vb = Builder::new(Weights::from_tensors(checkpoint, "t"), DType::F32, &dev).with_adapters(Arc::new(plan)).with_training(training.clone());
+        let lin = vb.pp("model.layers.0.mlp.up_proj").linear(3, 2, Bias::No, Shard::Replicated).map_err(err)?;
+        let trained = training.trainables();
+        assert_eq!(trained.len(), 1);
+        assert_eq!(trained[0].1.as_tensor().id(), lin.weight()?.id(), "the registered variable is the layer's weight");
+        assert_eq!(lin.weight()?.sum_all()?.to_scalar::<f32>()?, 6.0, "starts from the saved values");
+        vb.finish(|_| false).map_err(err)
     }
 }

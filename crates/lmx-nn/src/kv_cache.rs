@@ -20,36 +20,18 @@ pub struct KvCache {
     /// False for a whole-sequence forward (training, scoring): nothing is stored, and keys
     /// and values stay on the gradient tape (the in-place buffer writes are not differentiable).
     store: bool,
-    /// Gradient checkpointing of trained layers (training forwards only).
-    checkpointing: Option<crate::checkpoint::Checkpointing>,
 }
 
 impl KvCache {
     /// An empty cache for `n_layers` layers.
     pub fn new(n_layers: usize) -> Self {
-        Self { layers: vec![LayerKv::default(); n_layers], store: true, checkpointing: None }
+        Self { layers: vec![LayerKv::default(); n_layers], store: true }
     }
 
-    /// A pass-through "cache" for one forward over whole sequences from position 0.
-    pub fn uncached(n_layers: usize) -> Self {
-        Self { layers: vec![LayerKv::default(); n_layers], store: false, checkpointing: None }
-    }
-
-    /// This cache turned into a pass-through one (see [`KvCache::uncached`]).
-    pub fn without_storage(mut self) -> Self {
-        self.store = false;
-        self
-    }
-
-    /// Asks the model to checkpoint its trained layers in this (pass-through) forward.
-    pub fn with_checkpointing(mut self, ck: crate::checkpoint::Checkpointing) -> Self {
-        self.checkpointing = Some(ck);
-        self
-    }
-
-    /// The checkpointing settings, if any.
-    pub fn checkpointing(&self) -> Option<&crate::checkpoint::Checkpointing> {
-        self.checkpointing.as_ref()
+    /// A pass-through "cache" for one forward over whole sequences from position 0: keys and
+    /// values are used as they are and nothing is stored.
+    pub fn uncached() -> Self {
+        Self { layers: Vec::new(), store: false }
     }
 
     /// Tokens already in the cache (the position of the next token).
@@ -85,7 +67,10 @@ impl KvCache {
         if !self.store {
             return Ok((k.contiguous()?, v.contiguous()?));
         }
-        let layer = &mut self.layers[layer_idx];
+        let n_layers = self.layers.len();
+        let Some(layer) = self.layers.get_mut(layer_idx) else {
+            lmx_core::bail!("kv cache: layer {layer_idx} of a cache for {n_layers} layers")
+        };
         let (b, h, seq_len, d) = k.dims4()?;
         let needed = layer.len + seq_len;
         let capacity = layer.k.as_ref().map_or(0, |t| t.dim(2).unwrap_or(0));

@@ -1,17 +1,31 @@
-//! lmx-nn: the layers every model file is assembled from.
+//! lmx-nn: the layers every model file is assembled from, and the builder that makes them.
 //!
-//! A model file asks these constructors for its layers by checkpoint key; they read the
-//! weights (strictly, with shapes) from [`lmx_io::WeightsPath`]. Quantized weights and LoRA/DoRA
-//! adapters come from the same constructor, so model files never change for a new weight
-//! format or fine-tuning method.
+//! A model file describes its architecture (config, weight names, wiring) and asks the
+//! [`Builder`] for its layers by checkpoint key. The builder decides how each weight is built:
+//! dense or quantized, on which device and in which dtype, with which adapter, trainable or
+//! frozen, and which shard of it this rank holds; the shared layers ([`Attention`], [`Mlp`],
+//! [`DecoderLayer`], [`Decoder`]) compute. So a model file never changes for a new weight
+//! format, fine-tuning method, device or parallelism.
 
 pub mod adapter;
+pub mod attention;
+pub mod builder;
 pub mod checkpoint;
+pub mod decoder;
+pub mod error;
 pub mod kv_cache;
-pub mod layers;
+pub mod linear;
+pub mod mlp;
 pub mod rope;
+pub mod training;
 
-pub use adapter::Adapter;
+pub use adapter::{Adapter, AdapterPlan};
+pub use attention::{Attention, AttentionConfig, AttentionInput};
+pub use builder::{Builder, Shard};
+pub use decoder::{CausalLm, Decoder, DecoderConfig, DecoderLayer, Layer, Logits};
+pub use error::BuildError;
 pub use kv_cache::KvCache;
-pub use layers::{Bias, Embedding, Linear, Mlp, RmsNorm};
-pub use rope::{Rope, RopeScaling};
+pub use linear::{Bias, Embedding, Linear, RmsNorm};
+pub use mlp::{Activation, Mlp};
+pub use rope::{Rope, RopeConfig, RopeScaling};
+pub use training::{Checkpointing, GradSink, Training};

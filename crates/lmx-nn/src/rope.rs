@@ -2,6 +2,8 @@
 //! frequency-dependent scaling), and cos/sin for the positions of one forward pass.
 
 use lmx_core::{DType, Device, Result, Tensor};
+
+use crate::error::BuildError;
 use serde::Deserialize;
 
 /// `rope_scaling` from config.json (transformers v4, MLX LM), or `rope_parameters`
@@ -32,6 +34,18 @@ fn default_type() -> String {
     "default".into()
 }
 
+/// The rotary embedding keys of config.json: `rope_theta` + `rope_scaling` (transformers v4,
+/// MLX LM) or `rope_parameters` (transformers v5). A model file's `Config` flattens this in.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RopeConfig {
+    /// The base.
+    pub rope_theta: Option<f64>,
+    /// Scaling (v4 spelling).
+    pub rope_scaling: Option<RopeScaling>,
+    /// Base and scaling (v5 spelling).
+    pub rope_parameters: Option<RopeScaling>,
+}
+
 /// Rotary embedding for one model: inverse frequencies of half the head dimension.
 #[derive(Debug, Clone)]
 pub struct Rope {
@@ -40,26 +54,18 @@ pub struct Rope {
 }
 
 impl Rope {
-    /// The rotary embedding a config.json describes, in either spelling: `rope_theta` +
-    /// `rope_scaling` (transformers v4, MLX LM) or `rope_parameters` (transformers v5).
-    /// `default_theta` applies when neither names a base.
-    pub fn from_config(
-        rope_theta: Option<f64>,
-        rope_scaling: Option<&RopeScaling>,
-        rope_parameters: Option<&RopeScaling>,
-        default_theta: f64,
-        head_dim: usize,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        let scaling = rope_scaling.or(rope_parameters);
-        let theta = rope_theta.or(rope_parameters.and_then(|p| p.rope_theta)).unwrap_or(default_theta);
+    /// The rotary embedding a config.json describes, in either spelling. `default_theta`
+    /// applies when neither names a base.
+    pub fn from_config(cfg: &RopeConfig, default_theta: f64, head_dim: usize, dtype: DType, device: &Device) -> std::result::Result<Self, BuildError> {
+        let rope_parameters = cfg.rope_parameters.as_ref();
+        let scaling = cfg.rope_scaling.as_ref().or(rope_parameters);
+        let theta = cfg.rope_theta.or(rope_parameters.and_then(|p| p.rope_theta)).unwrap_or(default_theta);
         Self::new(theta, head_dim, scaling, dtype, device)
     }
 
     /// Inverse frequencies as transformers computes them for `rope_theta`, `head_dim` and the
     /// optional scaling. An unknown `rope_type` is an error naming it.
-    pub fn new(theta: f64, head_dim: usize, scaling: Option<&RopeScaling>, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn new(theta: f64, head_dim: usize, scaling: Option<&RopeScaling>, dtype: DType, device: &Device) -> std::result::Result<Self, BuildError> {
         let mut inv: Vec<f64> = (0..head_dim / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)).collect();
         match scaling.map(|s| s.rope_type.as_str()) {
             None | Some("default") => {}
@@ -68,7 +74,7 @@ impl Rope {
                 inv.iter_mut().for_each(|x| *x /= f);
             }
             Some("llama3") => {
-                let s = scaling.ok_or_else(|| lmx_core::Error::Msg("llama3 rope scaling without parameters".into()))?;
+                let Some(s) = scaling else { return Err(BuildError::unsupported("llama3 rope scaling without parameters")) };
                 let low = s.low_freq_factor.unwrap_or(1.0);
                 let high = s.high_freq_factor.unwrap_or(4.0);
                 let orig = s.original_max_position_embeddings.unwrap_or(8192.0);
@@ -83,11 +89,7 @@ impl Rope {
                     }
                 }
             }
-            Some(other) => {
-                return Err(lmx_core::Error::Msg(format!(
-                    "rope_scaling type `{other}` is not supported (supported: default, linear, llama3)"
-                )))
-            }
+            Some(other) => return Err(BuildError::unsupported_with(format!("rope_scaling type `{other}`"), "supported: default, linear, llama3")),
         }
         let inv: Vec<f32> = inv.into_iter().map(|x| x as f32).collect();
         let n = inv.len();
@@ -110,7 +112,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn llama3_scaling_matches_transformers_formula() -> Result<()> {
+    fn llama3_scaling_matches_transformers_formula() -> std::result::Result<(), BuildError> {
         // Llama 3.1 8B: theta 500000, head_dim 128, factor 8, low 1, high 4, original 8192.
         let s = RopeScaling { rope_type: "llama3".into(), rope_theta: None, factor: 8.0, low_freq_factor: Some(1.0), high_freq_factor: Some(4.0), original_max_position_embeddings: Some(8192.0) };
         let rope = Rope::new(500_000.0, 128, Some(&s), DType::F32, &Device::Cpu)?;
@@ -123,7 +125,7 @@ mod tests {
     }
 
     #[test]
-    fn cos_sin_at_offset() -> Result<()> {
+    fn cos_sin_at_offset() -> std::result::Result<(), BuildError> {
         let rope = Rope::new(10_000.0, 4, None, DType::F32, &Device::Cpu)?;
         let (cos, sin) = rope.cos_sin(3, 2)?;
         let cos = cos.to_vec2::<f32>()?;

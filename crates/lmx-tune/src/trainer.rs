@@ -9,15 +9,13 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use lmx::core::frozen::masked_cross_entropy;
 use lmx::core::{Tensor, Var};
 use lmx::{CausalLm, Logits};
 use lmx_io::adapters::ADAPTER_FILE;
-use lmx_io::AdapterSetup;
-use lmx_nn::checkpoint::{Checkpointing, GradSink};
+use lmx_nn::{GradSink, KvCache, Training};
 
 use crate::optim::{Optimizer, OptimizerKind, Schedule};
 use crate::TuneError;
@@ -136,9 +134,9 @@ impl<'a> Batches<'a> {
 
 /// The masked mean cross-entropy of a batch and the number of trained tokens: logits of
 /// `ids[:, :-1]` against `ids[:, 1:]`, counting target position t of a row iff
-/// `offset <= t < length`.
-/// `checkpointing` recomputes the trained layers in the backward pass (`--grad-checkpoint`).
-pub fn batch_loss(model: &dyn CausalLm, batch: &Batch, checkpointing: Option<&Checkpointing>) -> lmx::core::Result<(Tensor, usize)> {
+/// `offset <= t < length`. Whether layers are checkpointed (`--grad-checkpoint`) is the
+/// model's training state's business.
+pub fn batch_loss(model: &dyn CausalLm, batch: &Batch) -> lmx::core::Result<(Tensor, usize)> {
     let (rows, width) = (batch.rows, batch.width);
     let inputs: Vec<u32> = (0..rows).flat_map(|r| batch.ids[r * width..(r + 1) * width - 1].to_vec()).collect();
     let inputs = Tensor::from_vec(inputs, (rows, width - 1), model.device())?;
@@ -158,11 +156,7 @@ pub fn batch_loss(model: &dyn CausalLm, batch: &Batch, checkpointing: Option<&Ch
         return Ok((Tensor::zeros((), lmx::DType::F32, model.device())?, 0));
     }
     let positions = Tensor::from_vec(positions, ntoks, model.device())?;
-    let mut cache = model.new_cache().without_storage();
-    if let Some(ck) = checkpointing {
-        cache = cache.with_checkpointing(ck.clone());
-    }
-    let logits = model.forward(&inputs, &mut cache, Logits::Rows(positions))?.squeeze(0)?;
+    let logits = model.forward(&inputs, &mut KvCache::uncached(), Logits::Rows(positions))?.squeeze(0)?;
     let losses = masked_cross_entropy(&logits, &targets, &vec![1.0; ntoks])?;
     Ok(((losses.sum_all()? / ntoks as f64)?, ntoks))
 }
@@ -174,7 +168,7 @@ pub fn evaluate(model: &dyn CausalLm, data: &Dataset, batch_size: usize, num_bat
     let (mut total, mut tokens) = (0.0, 0usize);
     for _ in 0..n {
         let (batch, _) = batches.next_batch();
-        let (loss, ntoks) = lmx_generate::compute_pool().install(|| batch_loss(model, &batch, None))?;
+        let (loss, ntoks) = lmx_generate::compute_pool().install(|| batch_loss(model, &batch))?;
         total += f64::from(loss.to_scalar::<f32>()?) * ntoks as f64;
         tokens += ntoks;
     }
@@ -235,12 +229,12 @@ pub fn save_adapters(vars: &[(String, Var)], path: &Path) -> Result<(), TuneErro
 }
 
 /// The gradients of `vars` from `loss`, each None when the loss does not depend on it; with
-/// checkpointing, those of recomputed layers come from its sink.
-pub fn gradients(loss: &Tensor, vars: &[&Var], checkpointing: Option<&Checkpointing>) -> lmx::core::Result<Vec<Option<Tensor>>> {
+/// checkpointing, those of recomputed layers come from its `sink`.
+pub fn gradients(loss: &Tensor, vars: &[&Var], sink: Option<&GradSink>) -> lmx::core::Result<Vec<Option<Tensor>>> {
     let grads = loss.backward()?;
     // Detached: a gradient computed from taped tensors records its own graph, which the
     // optimizer state would otherwise keep alive (and chain) from step to step.
-    vars.iter().map(|v| add_grads(grads.get(v.as_tensor()).map(Tensor::detach), checkpointing.and_then(|ck| ck.sink.take(v)))).collect()
+    vars.iter().map(|v| add_grads(grads.get(v.as_tensor()).map(Tensor::detach), sink.and_then(|s| s.take(v)))).collect()
 }
 
 /// The sum of two optional gradients of one tensor.
@@ -251,20 +245,16 @@ fn add_grads(a: Option<Tensor>, b: Option<Tensor>) -> lmx::core::Result<Option<T
     }
 }
 
-/// Trains the adapters of `setup` (attached to `model`) on `train`, validating on `valid`.
+/// Trains the tensors registered in `training` (those of `model`) on `train`, validating on `valid`.
 /// A non-finite loss or gradient stops training before the bad update: the adapters from the
 /// last good step are saved and the error says where.
-pub fn train(model: &dyn CausalLm, setup: &AdapterSetup, train: &Dataset, valid: Option<&Dataset>, args: &TrainArgs, on_event: &mut dyn FnMut(Event)) -> Result<(), TuneError> {
-    let named = setup.trainables();
+pub fn train(model: &dyn CausalLm, training: &Training, train: &Dataset, valid: Option<&Dataset>, args: &TrainArgs, on_event: &mut dyn FnMut(Event)) -> Result<(), TuneError> {
+    let named = training.trainables();
     if named.is_empty() {
         return Err(TuneError::Config("nothing to train: no layer matched the adapter settings (check --num-layers and lora_parameters.keys)".into()));
     }
     let vars: Vec<&Var> = named.iter().map(|(_, v)| v).collect();
-    let checkpointing = args.grad_checkpoint.then(|| Checkpointing {
-        first_layer: setup.first_layer,
-        vars: Arc::new(named.iter().map(|(_, v)| v.clone()).collect()),
-        sink: Arc::new(GradSink::default()),
-    });
+    let sink = args.grad_checkpoint.then(|| training.enable_checkpointing().sink);
     let mut optimizer = Optimizer::new(args.optimizer.clone(), vars.len());
     let mut batches = Batches::new(train, args.batch_size, args.max_seq_length, Some(args.seed))?;
     let final_path = args.adapter_dir.join(ADAPTER_FILE);
@@ -276,7 +266,7 @@ pub fn train(model: &dyn CausalLm, setup: &AdapterSetup, train: &Dataset, valid:
         if let Some(valid) = valid {
             if it == 1 || it % args.steps_per_eval.max(1) == 0 || it == args.iters {
                 let tic = Instant::now();
-                setup.set_training(false);
+                training.set_active(false);
                 let loss = evaluate(model, valid, args.batch_size, args.val_batches, args.max_seq_length)?;
                 on_event(Event::Val { it, loss, seconds: tic.elapsed().as_secs_f64() });
             }
@@ -287,12 +277,12 @@ pub fn train(model: &dyn CausalLm, setup: &AdapterSetup, train: &Dataset, valid:
             on_event(Event::Truncated { longest, max: args.max_seq_length });
             warned = true;
         }
-        setup.set_training(true);
+        training.set_active(true);
         let (loss, grads) = lmx_generate::compute_pool().install(|| -> lmx::core::Result<_> {
-            let (loss, ntoks) = batch_loss(model, &batch, checkpointing.as_ref())?;
+            let (loss, ntoks) = batch_loss(model, &batch)?;
             let value = f64::from(loss.to_scalar::<f32>()?);
             n_tokens += ntoks;
-            let grads = if value.is_finite() { Some(gradients(&loss, &vars, checkpointing.as_ref())?) } else { None };
+            let grads = if value.is_finite() { Some(gradients(&loss, &vars, sink.as_deref())?) } else { None };
             Ok((value, grads))
         })?;
         let bad = match &grads {
@@ -340,7 +330,7 @@ pub fn train(model: &dyn CausalLm, setup: &AdapterSetup, train: &Dataset, valid:
             on_event(Event::Saved { it, path: checkpoint });
         }
     }
-    setup.set_training(false);
+    training.set_active(false);
     save_adapters(&named, &final_path)?;
     on_event(Event::Saved { it: args.iters, path: final_path });
     Ok(())

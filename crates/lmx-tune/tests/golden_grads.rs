@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use lmx::core::{DType, Device, Tensor};
 use lmx_io::adapters::{load_adapter_file, parse_config};
-use lmx_io::{AdapterSetup, Weights};
-use lmx_nn::checkpoint::{Checkpointing, GradSink};
+use lmx_io::Weights;
+use lmx_nn::{AdapterPlan, Builder, Training};
 use lmx_tune::trainer::{batch_loss, gradients, Batch};
 
 fn fixtures() -> PathBuf {
@@ -27,34 +27,32 @@ fn lora_and_dora_gradients_equal_peft() {
     for variant in ["lora", "dora"] {
         let dir = fixtures().join("lora_grads").join(variant);
         let ac = parse_config(&dir.join("adapter_config.json")).expect("adapter config");
-        let setup = AdapterSetup::new(ac.fine_tune_type, ac.num_layers, 2, ac.lora_parameters.clone().expect("params"), true, 0)
-            .expect("setup")
-            .with_initial(load_adapter_file(&dir.join("adapters.safetensors")).expect("adapters"), "fixture");
-        let setup = Arc::new(setup);
-        let weights = Weights::from_safetensors(&[model_dir.join("model.safetensors")], DType::F32, &Device::Cpu).expect("weights").with_adapters(setup.clone());
-        let model = lmx_models::load_model("llama", &config, &weights.root()).expect("model");
-        weights.finish(|_| false).expect("every adapter tensor used");
+        let plan = AdapterPlan::new(ac.fine_tune_type, ac.num_layers, 2, ac.lora_parameters.clone().expect("params"), 0)
+            .expect("plan")
+            .with_saved(load_adapter_file(&dir.join("adapters.safetensors")).expect("adapters"), "fixture");
+        let training = Arc::new(Training::new());
+        let weights = Weights::from_safetensors(&[model_dir.join("model.safetensors")]).expect("weights");
+        let vb = Builder::new(weights, DType::F32, &Device::Cpu).with_adapters(Arc::new(plan)).with_training(training.clone());
+        let model = lmx_models::load_model("llama", &config, &vb).expect("model");
+        vb.finish(|_| false).expect("every adapter tensor used");
+        training.set_active(true);
 
         let golden = candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).expect("golden");
         let ids = ints(&golden["input_ids"]);
         let (rows, width) = golden["input_ids"].dims2().expect("2-D");
         let batch = Batch { ids: ids.iter().map(|&v| v as u32).collect(), rows, width, lengths: ints(&golden["lengths"]), offsets: ints(&golden["offsets"]) };
         let want_loss = golden["loss"].to_dtype(DType::F64).and_then(|t| t.to_vec1::<f64>()).expect("loss")[0];
-        let trainables = setup.trainables();
+        let trainables = training.trainables();
         let vars: Vec<&lmx::core::Var> = trainables.iter().map(|(_, v)| v).collect();
         assert_eq!(trainables.len(), golden.keys().filter(|k| k.starts_with("grad.")).count(), "{variant}: one gradient per adapter tensor");
         // Plain, and with gradient checkpointing (every layer recomputed in the backward pass).
         for checkpointed in [false, true] {
-            let ck = checkpointed.then(|| Checkpointing {
-                first_layer: setup.first_layer,
-                vars: Arc::new(vars.iter().map(|v| (*v).clone()).collect()),
-                sink: Arc::new(GradSink::default()),
-            });
-            let (loss, ntoks) = batch_loss(&*model, &batch, ck.as_ref()).expect("loss");
+            let sink = checkpointed.then(|| training.enable_checkpointing().sink);
+            let (loss, ntoks) = batch_loss(&*model, &batch).expect("loss");
             assert_eq!(ntoks, batch.trained_tokens());
             let got_loss = f64::from(loss.to_scalar::<f32>().expect("scalar"));
             assert!((got_loss - want_loss).abs() < 1e-5 * want_loss.abs(), "{variant}: loss {got_loss} vs PEFT {want_loss}");
-            let grads = gradients(&loss, &vars, ck.as_ref()).expect("backward");
+            let grads = gradients(&loss, &vars, sink.as_deref()).expect("backward");
             for ((key, _), got) in trainables.iter().zip(grads) {
                 let got = got.unwrap_or_else(|| panic!("{variant} (checkpointed: {checkpointed}): no gradient for {key}"));
                 let want = &golden[&format!("grad.{key}")];

@@ -25,7 +25,7 @@ pub use lmx_io::{Message, ModelSource};
 pub mod convert {
     pub use lmx_convert::*;
 }
-pub use lmx_models::{CausalLm, Logits, SUPPORTED_MODEL_TYPES};
+pub use lmx_models::{supported_model_types, CausalLm, Logits};
 
 /// Lower layers, for callers who need them (custom loops, conversion).
 pub mod core {
@@ -34,6 +34,14 @@ pub mod core {
 /// Checkpoint and tokenizer I/O.
 pub mod io {
     pub use lmx_io::*;
+}
+/// Layers and the layer builder.
+pub mod nn {
+    pub use lmx_nn::*;
+}
+/// Collectives (tensor-parallel groups).
+pub mod dist {
+    pub use lmx_dist::*;
 }
 
 /// Everything the lmx library can fail with.
@@ -45,6 +53,9 @@ pub enum Error {
     /// Building the model.
     #[error(transparent)]
     Model(#[from] lmx_models::ModelError),
+    /// Building a layer (adapters, sharding).
+    #[error(transparent)]
+    Build(#[from] lmx_nn::BuildError),
     /// Generating.
     #[error(transparent)]
     Generate(#[from] lmx_generate::GenerateError),
@@ -57,6 +68,9 @@ pub enum Error {
     /// Converting a model.
     #[error(transparent)]
     Convert(#[from] lmx_convert::ConvertError),
+    /// A text to evaluate that does not fill one sequence.
+    #[error("the text has {tokens} tokens, fewer than one sequence of {sequence_length}: use a longer text or a shorter sequence length")]
+    TextTooShort { tokens: usize, sequence_length: usize },
 }
 
 /// Result alias for the lmx library.

@@ -5,8 +5,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use lmx_core::{DType, Device};
-use lmx_io::{AdapterSetup, ChatTemplate, FineTuneType, LoraParameters, Message, ModelFiles, ModelSource, Tokenizer};
+use lmx_dist::Group;
+use lmx_io::{ChatTemplate, FineTuneType, LoraParameters, Message, ModelFiles, ModelSource, Tokenizer};
 use lmx_models::CausalLm;
+use lmx_nn::{AdapterPlan, Builder, Training};
 use serde_json::Value;
 
 use crate::Result;
@@ -14,17 +16,20 @@ use crate::Result;
 /// How to load a model.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// Compute dtype; None keeps the checkpoint's (float32 for GGUF files).
+    /// Compute dtype; None computes in the dtype the weights are stored in, as MLX LM does
+    /// (for quantized models, that of the scales; float32 for GGUF files).
     pub dtype: Option<DType>,
     /// Where the weights go.
     pub device: Device,
     /// Fine-tuning adapters to attach (an adapter folder, or a fresh setup to train).
     pub adapters: Option<AdapterOptions>,
+    /// The tensor-parallel group this process is one rank of (None: the whole model here).
+    pub group: Option<Arc<dyn Group>>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: None, device: Device::Cpu, adapters: None }
+        Self { dtype: None, device: Device::Cpu, adapters: None, group: None }
     }
 }
 
@@ -66,7 +71,7 @@ pub struct Model {
     model_type: String,
     config: Value,
     dtype: DType,
-    adapters: Option<Arc<AdapterSetup>>,
+    training: Option<Arc<Training>>,
 }
 
 impl Model {
@@ -82,9 +87,10 @@ impl Model {
     pub fn dtype(&self) -> DType {
         self.dtype
     }
-    /// The attached adapters (their trainable tensors, the training switch for dropout).
-    pub fn adapters(&self) -> Option<&Arc<AdapterSetup>> {
-        self.adapters.as_ref()
+    /// The training state (trainable tensors, training/evaluation switch), when the model
+    /// was loaded with trainable adapters.
+    pub fn training(&self) -> Option<&Arc<Training>> {
+        self.training.as_ref()
     }
     /// Number of transformer layers (config.json `num_hidden_layers`).
     pub fn num_layers(&self) -> usize {
@@ -163,28 +169,34 @@ pub fn load(model: &str) -> Result<(Model, TokenizerWrapper)> {
     load_with(model, &LoadOptions::default())
 }
 
-/// Loads with explicit dtype and device.
+/// Loads with explicit dtype, device, adapters and tensor-parallel group.
 pub fn load_with(model: &str, options: &LoadOptions) -> Result<(Model, TokenizerWrapper)> {
     let source = ModelSource::resolve(model)?;
-    let mut files = ModelFiles::load(source, options.dtype, &options.device)?;
+    let files = ModelFiles::load(source, None)?;
     let model_type = files.model_type()?;
-    let dtype = files.weights.dtype();
-    let adapters = match &options.adapters {
-        None => None,
-        Some(a) => {
-            let mut setup = AdapterSetup::new(a.kind, a.num_layers, num_layers(&files.config), a.params.clone(), a.trainable, a.seed)?;
-            if let Some(file) = &a.weights_file {
-                setup = setup.with_initial(lmx_io::adapters::load_adapter_file(file)?, &file.display().to_string());
-            }
-            let setup = Arc::new(setup);
-            files.weights = files.weights.with_adapters(setup.clone());
-            Some(setup)
+    let dtype = options.dtype.unwrap_or_else(|| files.weights.compute_dtype());
+    let mut vb = Builder::new(files.weights.clone(), dtype, &options.device).with_quantization(files.quantization.clone());
+    if let Some(group) = &options.group {
+        vb = vb.with_group(group.clone());
+    }
+    let mut training = None;
+    if let Some(a) = &options.adapters {
+        let mut plan = AdapterPlan::new(a.kind, a.num_layers, num_layers(&files.config), a.params.clone(), a.seed)?;
+        if let Some(file) = &a.weights_file {
+            plan = plan.with_saved(lmx_io::adapters::load_adapter_file(file)?, &file.display().to_string());
         }
-    };
-    let inner = lmx_models::load_model(&model_type, &files.config, &files.weights.root())?;
-    files.weights.finish(lmx_models::registry::is_ignored_key)?;
+        vb = vb.with_adapters(Arc::new(plan));
+        if a.trainable {
+            let t = Arc::new(Training::new());
+            vb = vb.with_training(t.clone());
+            training = Some(t);
+        }
+    }
+    let inner = lmx_models::load_model(&model_type, &files.config, &vb)?;
+    vb.finish(lmx_models::registry::is_ignored_key)?;
+    drop(vb);
     let chat_template = files.compile_chat_template()?;
     let eos_token_ids = files.eos_token_ids();
     let ModelFiles { config, tokenizer, .. } = files;
-    Ok((Model { inner, model_type, config, dtype, adapters }, TokenizerWrapper { tokenizer, chat_template, eos_token_ids }))
+    Ok((Model { inner, model_type, config, dtype, training }, TokenizerWrapper { tokenizer, chat_template, eos_token_ids }))
 }

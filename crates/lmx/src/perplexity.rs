@@ -36,7 +36,7 @@ pub fn perplexity(
     let total = tokens.len() / seq_len;
     let n = num_samples.map_or(total, |s| s.min(total));
     if n == 0 {
-        return Err(lmx_generate::GenerateError::PromptTooLong { prompt: tokens.len(), context: seq_len }.into());
+        return Err(crate::Error::TextTooShort { tokens: tokens.len(), sequence_length: seq_len });
     }
     let mut losses = Vec::with_capacity(n * (seq_len - 1));
     for (i, seq) in tokens.chunks_exact(seq_len).take(n).enumerate() {

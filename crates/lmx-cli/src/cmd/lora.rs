@@ -180,8 +180,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if c.train {
         let train = load_split(&data_dir, "train", &tokenizer, c.mask_prompt)?;
         let valid = load_split(&data_dir, "valid", &tokenizer, c.mask_prompt)?;
-        let setup = model.adapters().context("the model has no adapters attached")?.clone();
-        let trainable: usize = setup.trainables().iter().map(|(_, v)| v.as_tensor().elem_count()).sum();
+        let training = model.training().context("the model was loaded without trainable tensors")?.clone();
+        let trainable: usize = training.trainables().iter().map(|(_, v)| v.as_tensor().elem_count()).sum();
         eprintln!("Training: {} on `{model_arg}`, last {} of {} layers, {:.3}M trainable parameters", c.fine_tune_type, if c.num_layers < 0 { model.num_layers() } else { c.num_layers as usize }, model.num_layers(), trainable as f64 / 1e6);
         std::fs::create_dir_all(&adapter_dir).with_context(|| format!("creating --adapter-path {}", adapter_dir.display()))?;
         let config = AdapterConfig {
@@ -222,7 +222,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "[WARNING] Some sequences are longer than {max} tokens. The longest sentence {longest} will be truncated to {max}. Consider pre-splitting your data to save memory."
             )),
         };
-        let result = trainer::train(&*model, &setup, &train, Some(&valid), &targs, &mut on_event);
+        let result = trainer::train(&*model, &training, &train, Some(&valid), &targs, &mut on_event);
         bar.finish_and_clear();
         result?;
         eprintln!("Saved final weights to {}", adapter_dir.join(ADAPTER_FILE).display());

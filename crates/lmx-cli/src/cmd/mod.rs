@@ -40,8 +40,11 @@ impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<(lmx::Model, lmx::TokenizerWrapper)> {
         let device = lmx::core::parse_device(&self.device)?;
         let dtype = self.dtype.as_deref().map(lmx::core::parse_dtype).transpose()?;
-        let adapters = self.adapter_path.as_deref().map(lmx::AdapterOptions::from_dir).transpose()?;
-        load_model(&self.model, &lmx::LoadOptions { dtype, device, adapters })
+        let adapters = match self.adapter_path.as_deref() {
+            Some(dir) => Some(lmx::AdapterOptions::from_dir(dir).with_context(|| format!("--adapter-path {}", dir.display()))?),
+            None => None,
+        };
+        load_model(&self.model, &lmx::LoadOptions { dtype, device, adapters, ..Default::default() })
     }
 }
 

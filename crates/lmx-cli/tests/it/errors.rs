@@ -12,7 +12,7 @@ fn generate(model: &str) -> std::process::Output {
 /// Rewrites the tiny model's weights through `edit`.
 fn edit_weights(dir: &std::path::Path, edit: impl FnOnce(&mut HashMap<String, lmx::core::Tensor>)) {
     let path = dir.join("model.safetensors");
-    let w = Weights::from_safetensors(&[path.clone()], lmx::DType::F32, &lmx::Device::Cpu).expect("read");
+    let w = Weights::from_safetensors(&[path.clone()]).expect("read");
     let mut map: HashMap<String, lmx::core::Tensor> = w.keys().into_iter().map(|k| { let t = w.tensor(&k).expect("tensor"); (k, t) }).collect();
     drop(w);
     edit(&mut map);

@@ -70,10 +70,9 @@ fn streaming_convert_equals_in_memory_quantize() {
     let (a, _) = lmx::load(&path_str(&streamed)).expect("load streamed");
     let w = lmx::io::Weights::from_safetensors(
         &std::fs::read_dir(&streamed).expect("ls").filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "safetensors")).collect::<Vec<_>>(),
-        lmx::DType::F32,
-        &lmx::Device::Cpu,
     )
-    .expect("read shards");
+    .expect("read shards")
+    .with_cast(Some(lmx::DType::F32));
     let mut keys = w.keys();
     let mut want: Vec<String> = in_memory.tensors.keys().cloned().collect();
     keys.sort();

@@ -1,0 +1,328 @@
+//! MLX's affine quantization, byte for byte: the quantizer of `mlx/backend/cpu/quantized.cpp`
+//! (float32 statistics, round-half-to-even, the scale snapped so 0.0 is exact, possibly
+//! negative scales), the LSB-first bitstream packing, and kernels that multiply by the packed
+//! weights without ever materializing the whole dequantized matrix.
+//!
+//! This file is the format (packing, the quantizer, dequantization); `op.rs` is the candle op
+//! (forward and backward) that picks a kernel for the input's device; `kernels.rs` holds the
+//! portable CPU kernels and `x86.rs` their AVX2/AVX-512 versions. A GPU kernel is a sibling
+//! file that `op.rs` dispatches to.
+//!
+//! A quantized (rows, cols) matrix is `packed` (rows, cols * bits / 32) u32, and `scales`,
+//! `biases` (rows, cols / group_size) in the model dtype; `w = scale * q + bias`.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Result, Tensor};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// Bit widths MLX's affine mode supports.
+pub const SUPPORTED_BITS: &[usize] = &[2, 3, 4, 5, 6, 8];
+/// Group sizes MLX's affine mode supports.
+pub const SUPPORTED_GROUP_SIZES: &[usize] = &[32, 64, 128];
+
+/// A scale or bias element, widened to f32 by the kernels.
+pub trait Scale: Copy {
+    /// The value as f32.
+    fn f32(self) -> f32;
+}
+
+impl Scale for f32 {
+    #[inline]
+    fn f32(self) -> f32 {
+        self
+    }
+}
+
+impl Scale for bf16 {
+    #[inline]
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+impl Scale for f16 {
+    #[inline]
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// Per-group scales or biases, kept in the checkpoint's dtype.
+#[derive(Debug, Clone)]
+pub enum GroupParams {
+    /// float32.
+    F32(Vec<f32>),
+    /// bfloat16.
+    Bf16(Vec<bf16>),
+    /// float16.
+    F16(Vec<f16>),
+}
+
+impl GroupParams {
+    /// Copies `out.len()` values from index `start` into `out` as f32 (one match per row,
+    /// a loop the compiler vectorizes).
+    #[inline]
+    fn fill(&self, start: usize, out: &mut [f32]) {
+        let n = out.len();
+        match self {
+            GroupParams::F32(v) => out.copy_from_slice(&v[start..start + n]),
+            GroupParams::Bf16(v) => out.iter_mut().zip(&v[start..start + n]).for_each(|(o, x)| *o = x.to_f32()),
+            GroupParams::F16(v) => out.iter_mut().zip(&v[start..start + n]).for_each(|(o, x)| *o = x.to_f32()),
+        }
+    }
+
+    fn from_f32(values: Vec<f32>, dtype: DType) -> Result<Self> {
+        Ok(match dtype {
+            DType::F32 => GroupParams::F32(values),
+            DType::BF16 => GroupParams::Bf16(values.into_iter().map(bf16::from_f32).collect()),
+            DType::F16 => GroupParams::F16(values.into_iter().map(f16::from_f32).collect()),
+            other => candle_core::bail!("quantization scales must be float32, float16 or bfloat16, not {other:?}"),
+        })
+    }
+
+    fn from_tensor(t: &Tensor) -> Result<Self> {
+        let t = t.flatten_all()?;
+        Ok(match t.dtype() {
+            DType::F32 => GroupParams::F32(t.to_vec1()?),
+            DType::BF16 => GroupParams::Bf16(t.to_vec1()?),
+            DType::F16 => GroupParams::F16(t.to_vec1()?),
+            other => candle_core::bail!("quantization scales must be float32, float16 or bfloat16, not {other:?}"),
+        })
+    }
+
+    fn to_tensor(&self, shape: (usize, usize)) -> Result<Tensor> {
+        match self {
+            GroupParams::F32(v) => Tensor::from_vec(v.clone(), shape, &Device::Cpu),
+            GroupParams::Bf16(v) => Tensor::from_vec(v.clone(), shape, &Device::Cpu),
+            GroupParams::F16(v) => Tensor::from_vec(v.clone(), shape, &Device::Cpu),
+        }
+    }
+
+    fn dtype(&self) -> DType {
+        match self {
+            GroupParams::F32(_) => DType::F32,
+            GroupParams::Bf16(_) => DType::BF16,
+            GroupParams::F16(_) => DType::F16,
+        }
+    }
+}
+
+/// A matrix in MLX's affine quantized format.
+#[derive(Debug, Clone)]
+pub struct QuantizedMatrix {
+    /// Output features (rows of W).
+    pub rows: usize,
+    /// Input features (columns of W).
+    pub cols: usize,
+    /// Bits per element.
+    pub bits: usize,
+    /// Elements sharing one scale and bias.
+    pub group_size: usize,
+    packed: Vec<u32>,
+    scales: GroupParams,
+    biases: GroupParams,
+}
+
+/// Checks bits and group size against MLX's affine mode.
+/// The error is (what is unsupported, what to use instead).
+pub fn check_spec(bits: usize, group_size: usize) -> std::result::Result<(), (String, &'static str)> {
+    if !SUPPORTED_BITS.contains(&bits) {
+        return Err((format!("{bits}-bit quantization"), "affine mode supports 2, 3, 4, 5, 6 and 8 bits"));
+    }
+    if !SUPPORTED_GROUP_SIZES.contains(&group_size) {
+        return Err((format!("group size {group_size}"), "use 32, 64 or 128"));
+    }
+    Ok(())
+}
+
+fn spec_error((what, hint): (String, &'static str)) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{what} is not supported ({hint})"))
+}
+
+impl QuantizedMatrix {
+    /// Quantizes a 2-D float tensor exactly as MLX's CPU kernel does. Scales and biases take
+    /// the tensor's dtype.
+    pub fn quantize(w: &Tensor, bits: usize, group_size: usize) -> Result<Self> {
+        check_spec(bits, group_size).map_err(spec_error)?;
+        let (rows, cols) = w.dims2()?;
+        if cols % group_size != 0 {
+            candle_core::bail!("a row of {cols} elements is not divisible by the group size {group_size}");
+        }
+        let dtype = w.dtype();
+        let values: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let n_groups = rows * cols / group_size;
+        let words_per_row = cols * bits / 32;
+        let results: Vec<(Vec<u32>, Vec<f32>, Vec<f32>)> = values
+            .par_chunks(cols)
+            .map(|row| {
+                let mut words = vec![0u32; words_per_row];
+                let mut scales = Vec::with_capacity(cols / group_size);
+                let mut biases = Vec::with_capacity(cols / group_size);
+                for (g, group) in row.chunks(group_size).enumerate() {
+                    let (scale, bias) = affine_params(group, bits);
+                    let n_bins = ((1u32 << bits) - 1) as f32;
+                    for (j, w) in group.iter().enumerate() {
+                        let q = ((w - bias) / scale).round_ties_even().clamp(0.0, n_bins) as u64;
+                        put_bits(&mut words, (g * group_size + j) * bits, bits, q);
+                    }
+                    scales.push(scale);
+                    biases.push(bias);
+                }
+                (words, scales, biases)
+            })
+            .collect();
+        let mut packed = Vec::with_capacity(rows * words_per_row);
+        let (mut scales, mut biases) = (Vec::with_capacity(n_groups), Vec::with_capacity(n_groups));
+        for (w, s, b) in results {
+            packed.extend(w);
+            scales.extend(s);
+            biases.extend(b);
+        }
+        Ok(Self {
+            rows,
+            cols,
+            bits,
+            group_size,
+            packed,
+            scales: GroupParams::from_f32(scales, dtype)?,
+            biases: GroupParams::from_f32(biases, dtype)?,
+        })
+    }
+
+    /// Wraps checkpoint tensors (`weight` u32, `scales`, `biases`), checking their shapes.
+    pub fn from_tensors(packed: &Tensor, scales: &Tensor, biases: &Tensor, bits: usize, group_size: usize) -> Result<Self> {
+        check_spec(bits, group_size).map_err(spec_error)?;
+        let (rows, words) = packed.dims2()?;
+        if packed.dtype() != DType::U32 {
+            candle_core::bail!("a quantized weight must be uint32, found {:?}", packed.dtype());
+        }
+        let cols = words * 32 / bits;
+        let groups = cols / group_size;
+        if scales.dims() != [rows, groups] || biases.dims() != [rows, groups] || cols % group_size != 0 {
+            candle_core::bail!(
+                "with bits={bits} and group_size={group_size}, a weight of shape {:?} needs scales and biases of shape [{rows}, {groups}], found {:?} and {:?}; the quantization block in config.json does not match these tensors",
+                packed.dims(), scales.dims(), biases.dims()
+            );
+        }
+        Ok(Self {
+            rows,
+            cols,
+            bits,
+            group_size,
+            packed: packed.flatten_all()?.to_vec1()?,
+            scales: GroupParams::from_tensor(scales)?,
+            biases: GroupParams::from_tensor(biases)?,
+        })
+    }
+
+    /// The checkpoint tensors: (`weight` u32, `scales`, `biases`).
+    pub fn to_tensors(&self) -> Result<(Tensor, Tensor, Tensor)> {
+        let groups = (self.rows, self.cols / self.group_size);
+        Ok((
+            Tensor::from_vec(self.packed.clone(), (self.rows, self.cols * self.bits / 32), &Device::Cpu)?,
+            self.scales.to_tensor(groups)?,
+            self.biases.to_tensor(groups)?,
+        ))
+    }
+
+    /// The dtype of scales and biases (the model dtype).
+    pub fn dtype(&self) -> DType {
+        self.scales.dtype()
+    }
+
+    /// Dequantizes rows `ids` into a (ids.len(), cols) tensor of the model dtype (embeddings).
+    pub fn dequantize_rows(&self, ids: &[u32]) -> Result<Tensor> {
+        let mut out = vec![0f32; ids.len() * self.cols];
+        for (o, &r) in out.chunks_mut(self.cols).zip(ids) {
+            if r as usize >= self.rows {
+                candle_core::bail!("row {r} is out of range for a quantized matrix of {} rows", self.rows);
+            }
+            self.dequantize_row(r as usize, o);
+        }
+        Tensor::from_vec(out, (ids.len(), self.cols), &Device::Cpu)?.to_dtype(self.dtype())
+    }
+
+    /// The whole matrix, dequantized (conversion and tests; inference never calls this).
+    pub fn dequantize(&self) -> Result<Tensor> {
+        let ids: Vec<u32> = (0..self.rows as u32).collect();
+        self.dequantize_rows(&ids)
+    }
+
+    /// Writes row `r` dequantized into `out` (length cols), in f32.
+    fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        self.dequantize_row_groups(r, 0..self.cols / self.group_size, out);
+    }
+
+    /// Writes groups `groups` of row `r` dequantized into `out` (length groups.len() * group_size).
+    fn dequantize_row_groups(&self, r: usize, groups: std::ops::Range<usize>, out: &mut [f32]) {
+        let words = self.cols * self.bits / 32;
+        let row = &self.packed[r * words..(r + 1) * words];
+        let n_groups = self.cols / self.group_size;
+        let (mut s, mut b) = (vec![0f32; groups.len()], vec![0f32; groups.len()]);
+        self.scales.fill(r * n_groups + groups.start, &mut s);
+        self.biases.fill(r * n_groups + groups.start, &mut b);
+        for (i, o) in out.chunks_mut(self.group_size).enumerate() {
+            let g = groups.start + i;
+            kernels::dequantize_group(row, g * self.group_size, self.bits, s[i], b[i], o);
+        }
+    }
+
+    /// `x @ W^T` with x (.., cols) in f32/bf16/f16; the result has x's dtype. When x is on
+    /// the gradient tape the op records a backward pass, `grad_x = grad_y @ W`, computed from
+    /// the packed weights block by block (QLoRA: no dequantized copy of W is kept).
+    pub fn matmul(self: &Arc<Self>, x: &Tensor) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        let op = op::QMatMul { q: self.clone(), transpose: false };
+        if x.track_op() { x.apply_op1(op) } else { x.apply_op1_no_bwd(&op) }
+    }
+}
+
+/// MLX's per-group scale and bias (float32), `mlx/backend/cpu/quantized.cpp::quantize`.
+fn affine_params(group: &[f32], bits: usize) -> (f32, f32) {
+    let n_bins = ((1u32 << bits) - 1) as f32;
+    let (mut w_min, mut w_max) = (f32::INFINITY, f32::NEG_INFINITY);
+    for &w in group {
+        w_max = w_max.max(w);
+        w_min = w_min.min(w);
+    }
+    let mask = w_min.abs() > w_max.abs();
+    let mut scale = ((w_max - w_min) / n_bins).max(1e-7);
+    if !mask {
+        scale = -scale;
+    }
+    let edge = if mask { w_min } else { w_max };
+    let q0 = (edge / scale).round_ties_even();
+    if q0 != 0.0 {
+        (edge / q0, edge)
+    } else {
+        (scale, 0.0)
+    }
+}
+
+/// Writes `value` (`bits` wide) at bit `offset` of an LSB-first little-endian bitstream.
+fn put_bits(words: &mut [u32], offset: usize, bits: usize, value: u64) {
+    let (w, shift) = (offset / 32, offset % 32);
+    let v = value << shift;
+    words[w] |= v as u32;
+    if shift + bits > 32 {
+        words[w + 1] |= (v >> 32) as u32;
+    }
+}
+
+/// Reads `bits` bits at bit `offset` of an LSB-first bitstream.
+#[inline]
+fn get_bits(words: &[u32], offset: usize, bits: usize) -> u32 {
+    let (w, shift) = (offset / 32, offset % 32);
+    let lo = u64::from(words[w]) >> shift;
+    let v = if shift + bits > 32 { lo | (u64::from(words[w + 1]) << (32 - shift)) } else { lo };
+    (v & ((1u64 << bits) - 1)) as u32
+}
+
+mod kernels;
+mod op;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+#[cfg(test)]
+mod tests;

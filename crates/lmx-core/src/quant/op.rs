@@ -1,0 +1,66 @@
+//! The quantized matmul as a candle op: `x @ W^T` and its backward `g @ W`, with the kernel
+//! chosen by the input's device. The CPU kernels live in `kernels.rs`; a device without a
+//! kernel says so.
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use half::{bf16, f16};
+
+use super::{kernels, QuantizedMatrix};
+
+/// `x @ W^T` (transpose: false) for a quantized W, as a candle op, or `g @ W` (transpose: true),
+/// which is its backward pass.
+pub(super) struct QMatMul {
+    pub(super) q: Arc<QuantizedMatrix>,
+    pub(super) transpose: bool,
+}
+
+/// Reads a contiguous f32/bf16/f16 input as f32.
+fn input_f32(s: &CpuStorage, l: &Layout, what: &str) -> Result<Vec<f32>> {
+    let (start, end) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what} needs a contiguous input")))?;
+    Ok(match s {
+        CpuStorage::F32(v) => v[start..end].to_vec(),
+        CpuStorage::BF16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
+        CpuStorage::F16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
+        other => candle_core::bail!("{what}: input dtype {:?} is not supported", other.dtype()),
+    })
+}
+
+impl CustomOp1 for QMatMul {
+    fn name(&self) -> &'static str {
+        "lmx-qmatmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let q = &self.q;
+        let (k, n) = if self.transpose { (q.rows, q.cols) } else { (q.cols, q.rows) };
+        let mut dims = l.dims().to_vec();
+        if dims.last() != Some(&k) {
+            candle_core::bail!("quantized matmul: input {:?} does not end in {k} features", dims);
+        }
+        let x = input_f32(s, l, "quantized matmul")?;
+        let m = x.len() / k;
+        let y = if self.transpose { kernels::qmatmul_t(q, &x, m) } else { kernels::qmatmul(q, &x, m) };
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        let out = match s.dtype() {
+            DType::BF16 => CpuStorage::BF16(y.into_iter().map(bf16::from_f32).collect()),
+            DType::F16 => CpuStorage::F16(y.into_iter().map(f16::from_f32).collect()),
+            _ => CpuStorage::F32(y),
+        };
+        Ok((out, Shape::from(dims)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _s: &candle_core::CudaStorage, _l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        candle_core::bail!("the quantized matmul (MLX affine format) has no CUDA kernel yet: run this model on the CPU, or dequantize it first (`lmx convert -d`)")
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let op = QMatMul { q: self.q.clone(), transpose: !self.transpose };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&op)?))
+    }
+}

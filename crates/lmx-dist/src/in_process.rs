@@ -1,0 +1,190 @@
+//! A group whose ranks are threads of one process, exchanging tensors through shared memory.
+//! It is the reference the real backends are tested against, and lets a test run a sharded
+//! model over a world of 2 or 3 without launching processes.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex};
+
+use lmx_core::{Result, Tensor};
+
+use crate::Group;
+
+#[derive(Debug, Default)]
+struct State {
+    /// One slot per rank for the collective in progress.
+    slots: Vec<Option<Tensor>>,
+    /// Ranks arrived at the current barrier, and how many barriers have completed.
+    arrived: usize,
+    generation: u64,
+    /// Point-to-point messages by (src, dst), in order.
+    mail: HashMap<(usize, usize), VecDeque<Tensor>>,
+    /// Set by [`InProcess::abort`]: every waiting or later call fails instead of hanging.
+    aborted: bool,
+}
+
+#[derive(Debug)]
+struct Shared {
+    size: usize,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+/// One rank of an in-process group (see [`InProcess::world`]).
+#[derive(Debug, Clone)]
+pub struct InProcess {
+    rank: usize,
+    shared: Arc<Shared>,
+}
+
+impl InProcess {
+    /// The `size` ranks of one group; hand each to its own thread.
+    pub fn world(size: usize) -> Vec<InProcess> {
+        let state = State { slots: vec![None; size], ..State::default() };
+        let shared = Arc::new(Shared { size, state: Mutex::new(state), changed: Condvar::new() });
+        (0..size).map(|rank| InProcess { rank, shared: shared.clone() }).collect()
+    }
+
+    /// Makes every pending and later collective of the group fail: a rank that hit an error
+    /// calls this so that the others do not wait for it forever.
+    pub fn abort(&self) {
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner()).aborted = true;
+        self.shared.changed.notify_all();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn aborted() -> lmx_core::Error {
+        lmx_core::Error::Msg("in-process group: another rank failed (the group was aborted)".into())
+    }
+
+    /// Waits until every rank has arrived (a reusable barrier).
+    fn barrier<'a>(&'a self, mut state: std::sync::MutexGuard<'a, State>) -> Result<std::sync::MutexGuard<'a, State>> {
+        let generation = state.generation;
+        state.arrived += 1;
+        if state.arrived == self.shared.size {
+            state.arrived = 0;
+            state.generation += 1;
+            self.shared.changed.notify_all();
+        }
+        while state.generation == generation && !state.aborted {
+            state = self.shared.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        if state.aborted {
+            return Err(Self::aborted());
+        }
+        Ok(state)
+    }
+
+    /// Every rank's `x`, in rank order: deposit, wait for all, read, wait until all have read
+    /// (so the next collective cannot overwrite a slot still being read).
+    fn exchange(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        let mut state = self.lock();
+        state.slots[self.rank] = Some(x.clone());
+        let state = self.barrier(state)?;
+        let all: Option<Vec<Tensor>> = state.slots.iter().cloned().collect();
+        drop(self.barrier(state)?);
+        all.ok_or_else(|| lmx_core::Error::Msg("in-process group: a rank did not contribute to the collective".into()))
+    }
+}
+
+impl Group for InProcess {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.shared.size
+    }
+
+    fn all_sum(&self, x: &Tensor) -> Result<Tensor> {
+        let all = self.exchange(x)?;
+        let mut sum = all[0].clone();
+        for t in &all[1..] {
+            sum = (sum + t)?;
+        }
+        Ok(sum)
+    }
+
+    fn all_gather(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
+        Tensor::cat(&self.exchange(x)?, dim)
+    }
+
+    fn send(&self, x: &Tensor, dst: usize) -> Result<()> {
+        if dst >= self.size() {
+            lmx_core::bail!("send to rank {dst}: the group has {} ranks", self.size());
+        }
+        self.lock().mail.entry((self.rank, dst)).or_default().push_back(x.clone());
+        self.shared.changed.notify_all();
+        Ok(())
+    }
+
+    fn recv(&self, src: usize) -> Result<Tensor> {
+        if src >= self.size() {
+            lmx_core::bail!("recv from rank {src}: the group has {} ranks", self.size());
+        }
+        let mut state = self.lock();
+        loop {
+            if let Some(t) = state.mail.get_mut(&(src, self.rank)).and_then(VecDeque::pop_front) {
+                return Ok(t);
+            }
+            if state.aborted {
+                return Err(Self::aborted());
+            }
+            state = self.shared.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lmx_core::{Device, Tensor};
+
+    #[test]
+    fn collectives_over_three_threads() -> Result<()> {
+        let results: Vec<Result<(Vec<f32>, Vec<f32>, Vec<f32>)>> = std::thread::scope(|s| {
+            let handles: Vec<_> = InProcess::world(3)
+                .into_iter()
+                .map(|g| {
+                    s.spawn(move || -> Result<_> {
+                        let r = g.rank() as f32;
+                        let x = Tensor::new(&[r, 10.0 * r], &Device::Cpu)?;
+                        let sum = g.all_sum(&x)?.to_vec1::<f32>()?;
+                        // Ranks contribute different lengths: rank r gives r + 1 elements.
+                        let parts = Tensor::new(vec![r; g.rank() + 1].as_slice(), &Device::Cpu)?;
+                        let gathered = g.all_gather(&parts, 0)?.to_vec1::<f32>()?;
+                        // A ring: each rank sends to the next and receives from the previous.
+                        g.send(&x, (g.rank() + 1) % 3)?;
+                        let got = g.recv((g.rank() + 2) % 3)?.to_vec1::<f32>()?;
+                        Ok((sum, gathered, got))
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
+        });
+        for (rank, r) in results.into_iter().enumerate() {
+            let (sum, gathered, got) = r?;
+            assert_eq!(sum, vec![3.0, 30.0]);
+            assert_eq!(gathered, vec![0.0, 1.0, 1.0, 2.0, 2.0, 2.0]);
+            let prev = ((rank + 2) % 3) as f32;
+            assert_eq!(got, vec![prev, 10.0 * prev]);
+        }
+        Ok(())
+    }
+
+    /// A rank that fails aborts the group: the others' collectives return an error instead
+    /// of waiting forever.
+    #[test]
+    fn abort_releases_waiting_ranks() {
+        let world = InProcess::world(2);
+        let (a, b) = (world[0].clone(), world[1].clone());
+        let waiter = std::thread::spawn(move || a.all_sum(&Tensor::new(&[1f32], &Device::Cpu).expect("t")).map(|_| ()));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        b.abort();
+        let err = waiter.join().expect("thread").expect_err("aborted");
+        assert!(err.to_string().contains("aborted"), "{err}");
+        assert!(b.recv(0).is_err());
+    }
+}

@@ -1,0 +1,174 @@
+//! Multi-head attention with grouped key/value heads (GQA), as the Llama family and its
+//! descendants use it: q/k/v/o projections (optional biases), optional RMS norms on each query
+//! and key head (Qwen3, Gemma 3), rotary embeddings, an optional sliding window, optional
+//! logit soft-capping (Gemma 2), and the KV cache.
+//!
+//! Tensor parallelism divides the query heads over the ranks as evenly as possible, also when
+//! they do not divide evenly (9 heads over 2 ranks: 5 + 4). Each rank holds the key/value heads
+//! its query heads use; a key/value head whose query heads straddle two ranks is held by both
+//! (SmolLM2's 9 query / 3 key-value heads over 2 ranks: rank 0 has query heads 0-4 and key/value
+//! heads 0-1, rank 1 query heads 5-8 and key/value heads 1-2). `o_proj` is row-parallel over
+//! the same query heads, so one all-sum per attention block restores the full output.
+
+use lmx_core::{ops, Module, Result, Tensor};
+
+use crate::builder::{Builder, Shard};
+use crate::error::BuildError;
+use crate::kv_cache::KvCache;
+use crate::linear::{Bias, Linear, RmsNorm};
+
+/// The shape and options of an attention block (from config.json).
+#[derive(Debug, Clone)]
+pub struct AttentionConfig {
+    /// Model width (input and output features).
+    pub hidden_size: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads (GQA: divides `n_heads`).
+    pub n_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Biases on q_proj, k_proj and v_proj.
+    pub qkv_bias: bool,
+    /// A bias on o_proj.
+    pub o_bias: bool,
+    /// RMS norms `q_norm` / `k_norm` over each head before the rotation, with this epsilon.
+    pub qk_norm_eps: Option<f64>,
+    /// Keys `window` or more positions behind a query are not attended to.
+    pub sliding_window: Option<usize>,
+    /// Attention logits become `cap * tanh(logits / cap)`.
+    pub softcap: Option<f64>,
+    /// The logit scale; 1/sqrt(head_dim) when None.
+    pub scale: Option<f64>,
+}
+
+impl AttentionConfig {
+    /// Plain GQA attention: no biases, norms, window or capping.
+    pub fn new(hidden_size: usize, n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Self {
+        Self { hidden_size, n_heads, n_kv_heads, head_dim, qkv_bias: false, o_bias: false, qk_norm_eps: None, sliding_window: None, softcap: None, scale: None }
+    }
+}
+
+/// What every layer's attention needs for one forward pass: the rotary angles of its
+/// positions and the masks.
+#[derive(Debug, Clone)]
+pub struct AttentionInput {
+    /// cos and sin, each (seq_len, head_dim / 2).
+    pub cos: Tensor,
+    /// See `cos`.
+    pub sin: Tensor,
+    /// The additive mask for each sliding window in use (None: full causal), or None where
+    /// no mask is needed (one query attending to everything).
+    pub masks: Vec<(Option<usize>, Option<Tensor>)>,
+}
+
+impl AttentionInput {
+    fn mask(&self, window: Option<usize>) -> Option<&Tensor> {
+        self.masks.iter().find(|(w, _)| *w == window).and_then(|(_, m)| m.as_ref())
+    }
+}
+
+/// The attention block `self_attn` of a decoder layer.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    /// Query and key/value heads on this rank.
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    /// For a rank whose query heads do not fall into whole groups: the local key/value head of
+    /// each local query head (keys and values are expanded to one per query head).
+    kv_of_head: Option<Tensor>,
+    window: Option<usize>,
+    softcap: Option<f64>,
+    scale: f64,
+}
+
+impl Attention {
+    /// Reads `q_proj`, `k_proj`, `v_proj`, `o_proj` (and `q_norm`, `k_norm`) under `vb`, this
+    /// rank's heads only.
+    pub fn new(vb: &Builder, cfg: &AttentionConfig) -> std::result::Result<Self, BuildError> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        if cfg.n_kv_heads == 0 || cfg.n_heads % cfg.n_kv_heads != 0 {
+            return Err(BuildError::unsupported(format!("{} query heads over {} key/value heads (they must divide evenly)", cfg.n_heads, cfg.n_kv_heads)));
+        }
+        let n_rep = cfg.n_heads / cfg.n_kv_heads;
+        let q = vb.split(cfg.n_heads, 1);
+        if q.is_empty() {
+            let ranks = vb.group().size();
+            return Err(BuildError::Shard { layer: vb.prefix().to_string(), ranks, msg: format!("the model has only {} query heads", cfg.n_heads) });
+        }
+        let kv = q.start / n_rep..(q.end - 1) / n_rep + 1;
+        let grouped = q.start % n_rep == 0 && q.len() == kv.len() * n_rep;
+        let kv_of_head = if grouped {
+            None
+        } else {
+            let ids: Vec<u32> = q.clone().map(|i| (i / n_rep - kv.start) as u32).collect();
+            Some(Tensor::new(ids.as_slice(), vb.device())?)
+        };
+        let rows = |r: &std::ops::Range<usize>| r.start * hd..r.end * hd;
+        let norm = |name: &str| cfg.qk_norm_eps.map(|eps| vb.pp(name).rms_norm(hd, eps)).transpose();
+        Ok(Self {
+            q_proj: vb.pp("q_proj").linear(h, cfg.n_heads * hd, cfg.qkv_bias.into(), Shard::Column(rows(&q)))?,
+            k_proj: vb.pp("k_proj").linear(h, cfg.n_kv_heads * hd, cfg.qkv_bias.into(), Shard::Column(rows(&kv)))?,
+            v_proj: vb.pp("v_proj").linear(h, cfg.n_kv_heads * hd, cfg.qkv_bias.into(), Shard::Column(rows(&kv)))?,
+            o_proj: vb.pp("o_proj").linear(cfg.n_heads * hd, h, Bias::from(cfg.o_bias), Shard::Row(rows(&q)))?,
+            q_norm: norm("q_norm")?,
+            k_norm: norm("k_norm")?,
+            n_heads: q.len(),
+            n_kv_heads: kv.len(),
+            head_dim: hd,
+            kv_of_head,
+            window: cfg.sliding_window,
+            softcap: cfg.softcap,
+            scale: cfg.scale.unwrap_or(1.0 / (hd as f64).sqrt()),
+        })
+    }
+
+    /// The sliding window of this block, if any (the decoder builds one mask per window).
+    pub fn sliding_window(&self) -> Option<usize> {
+        self.window
+    }
+
+    /// (b, l, hidden) -> (b, l, hidden), appending this layer's keys and values to `cache`.
+    pub fn forward(&self, x: &Tensor, input: &AttentionInput, cache: &mut KvCache, layer_idx: usize) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        let heads = |proj: &Linear, norm: &Option<RmsNorm>, n: usize| -> Result<Tensor> {
+            let t = proj.forward(x)?.reshape((b, l, n, self.head_dim))?;
+            let t = match norm {
+                Some(norm) => norm.forward(&t)?,
+                None => t,
+            };
+            // (b, heads, l, head_dim)
+            t.transpose(1, 2)
+        };
+        let q = ops::rope(&heads(&self.q_proj, &self.q_norm, self.n_heads)?, &input.cos, &input.sin)?;
+        let k = ops::rope(&heads(&self.k_proj, &self.k_norm, self.n_kv_heads)?, &input.cos, &input.sin)?;
+        let v = heads(&self.v_proj, &None, self.n_kv_heads)?;
+        let (k, v) = cache.append(layer_idx, &k, &v)?;
+        let (k, v) = match &self.kv_of_head {
+            Some(ids) => (k.contiguous()?.index_select(ids, 1)?, v.contiguous()?.index_select(ids, 1)?),
+            None => (k, v),
+        };
+        let y = ops::attention(&q.contiguous()?, &k, &v, input.mask(self.window), self.scale, self.softcap)?;
+        self.o_proj.forward(&y.transpose(1, 2)?.reshape((b, l, self.n_heads * self.head_dim))?)
+    }
+}
+
+/// The masks one forward pass needs for `windows` (None: plain causal): (l, offset + l) each,
+/// or None where a single query may see every cached key.
+pub fn masks(windows: &[Option<usize>], l: usize, offset: usize, device: &lmx_core::Device) -> Result<Vec<(Option<usize>, Option<Tensor>)>> {
+    windows
+        .iter()
+        .map(|&w| {
+            let window = w.filter(|w| offset + l > *w);
+            let needed = l > 1 || window.is_some();
+            Ok((w, if needed { Some(ops::causal_mask(l, offset, window, device)?) } else { None }))
+        })
+        .collect()
+}

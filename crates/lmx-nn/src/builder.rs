@@ -1,0 +1,309 @@
+//! The layer builder: the one place that decides how every weight of a model is built.
+//!
+//! A model file asks for layers by checkpoint key (`vb.pp("q_proj").linear(..)`). For each the
+//! builder decides: dense or quantized (MLX's rule: a `quantization` block in config.json and
+//! `<path>.scales` in the checkpoint, with per-layer overrides), the device and compute dtype,
+//! which adapter (LoRA/DoRA on targeted linear layers, or the weight itself trains for full
+//! fine-tuning), trainable or frozen (variables go to the trainer's [`Training`]), and which
+//! shard of the weight this rank holds (only that slice is read from the checkpoint). Layers
+//! and model files never see any of these decisions.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use lmx_core::frozen::Bf16Weight;
+use lmx_core::quant::QuantizedMatrix;
+use lmx_core::{DType, Device, Tensor};
+use lmx_dist::{Group, Single};
+use lmx_io::{FineTuneType, QuantConfig, QuantSpec, Weights};
+
+use crate::adapter::{Adapter, AdapterPlan, AdapterSource};
+use crate::error::{BuildError, Result};
+use crate::linear::{Bias, Embedding, Linear, RmsNorm, Weight};
+use crate::training::Training;
+
+/// Which part of a linear layer's weight this rank holds (tensor parallelism).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Shard {
+    /// Every rank holds the whole weight (and computes the whole output).
+    Replicated,
+    /// Column-parallel: this rank holds output features `range` (rows of W and of the bias)
+    /// and computes those features of the output.
+    Column(Range<usize>),
+    /// Row-parallel: this rank holds input features `range` (columns of W) of an input that
+    /// is itself split; the partial products are summed over the group, then the bias added.
+    Row(Range<usize>),
+}
+
+struct Shared {
+    weights: Weights,
+    quantization: Option<QuantConfig>,
+    dtype: DType,
+    device: Device,
+    adapters: Option<Arc<AdapterPlan>>,
+    training: Option<Arc<Training>>,
+    group: Arc<dyn Group>,
+}
+
+/// Builds layers from a checkpoint (see the module docs). Cheap to clone; `pp` descends one
+/// key segment.
+#[derive(Clone)]
+pub struct Builder {
+    shared: Arc<Shared>,
+    prefix: String,
+}
+
+impl Builder {
+    /// Layers computing in `dtype` on `device` from `weights`, unquantized, unadapted, on a
+    /// single rank.
+    pub fn new(weights: Weights, dtype: DType, device: &Device) -> Self {
+        let shared = Shared { weights, quantization: None, dtype, device: device.clone(), adapters: None, training: None, group: Arc::new(Single) };
+        Self { shared: Arc::new(shared), prefix: String::new() }
+    }
+
+    fn edit(mut self, f: impl FnOnce(&mut Shared)) -> Self {
+        if let Some(s) = Arc::get_mut(&mut self.shared) {
+            f(s);
+        }
+        self
+    }
+
+    /// config.json's quantization block: layers read packed weights where the checkpoint has them.
+    pub fn with_quantization(self, q: Option<QuantConfig>) -> Self {
+        self.edit(|s| s.quantization = q)
+    }
+
+    /// Adapters to attach (LoRA/DoRA) or weights to train (full).
+    pub fn with_adapters(self, plan: Arc<AdapterPlan>) -> Self {
+        self.edit(|s| s.adapters = Some(plan))
+    }
+
+    /// Trainable tensors become variables registered in `training`.
+    pub fn with_training(self, training: Arc<Training>) -> Self {
+        self.edit(|s| s.training = Some(training))
+    }
+
+    /// This process is one rank of `group`: layers load and compute their shard.
+    pub fn with_group(self, group: Arc<dyn Group>) -> Self {
+        self.edit(|s| s.group = group)
+    }
+
+    /// The builder one key segment down: `vb.pp("self_attn")`.
+    pub fn pp(&self, segment: impl std::fmt::Display) -> Builder {
+        let prefix = if self.prefix.is_empty() { segment.to_string() } else { format!("{}.{segment}", self.prefix) };
+        Builder { shared: self.shared.clone(), prefix }
+    }
+
+    /// The full checkpoint key of `name` under this prefix.
+    pub fn key(&self, name: &str) -> String {
+        if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) }
+    }
+
+    /// The prefix (`model.layers.3.self_attn.q_proj`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.shared.dtype
+    }
+
+    /// The device layers are placed on.
+    pub fn device(&self) -> &Device {
+        &self.shared.device
+    }
+
+    /// The tensor-parallel group (a single rank unless [`Builder::with_group`]).
+    pub fn group(&self) -> &Arc<dyn Group> {
+        &self.shared.group
+    }
+
+    /// The training state, when the model is built for training.
+    pub fn training(&self) -> Option<&Arc<Training>> {
+        self.shared.training.as_ref()
+    }
+
+    /// The part `[start, end)` of `total` features this rank holds when they are split in
+    /// units of `unit` as evenly as possible.
+    pub fn split(&self, total: usize, unit: usize) -> Range<usize> {
+        let g = &self.shared.group;
+        lmx_dist::split_range(total, unit, g.rank(), g.size())
+    }
+
+    /// Checks that every checkpoint tensor and every saved adapter tensor was used (keys for
+    /// which `ignored` is true excepted). A sharded rank reads only its slices, so the check
+    /// counts a key as used when any part of it was read.
+    pub fn finish(&self, ignored: impl Fn(&str) -> bool) -> Result<()> {
+        if let Some(a) = &self.shared.adapters {
+            a.finish()?;
+        }
+        Ok(self.shared.weights.finish(ignored)?)
+    }
+
+    /// Places a checkpoint tensor: compute dtype (floats only) and device.
+    fn place(&self, t: Tensor) -> Result<Tensor> {
+        let t = if t.dtype().is_float() { t.to_dtype(self.shared.dtype)? } else { t };
+        Ok(t.to_device(&self.shared.device)?)
+    }
+
+    /// Reads `name` (whole, or one slice along `dim`) without placing it.
+    fn read(&self, shape: &[usize], name: &str, part: Option<(usize, Range<usize>)>) -> Result<Tensor> {
+        let key = self.key(name);
+        Ok(match part {
+            Some((dim, range)) if range.len() != shape[dim] => self.shared.weights.get_slice(&key, shape, dim, range)?,
+            _ => self.shared.weights.get(&key, shape)?,
+        })
+    }
+
+    /// A replicated tensor `name` of exactly `shape` in the compute dtype; for full
+    /// fine-tuning of its layer, the saved value (if any) made a variable.
+    pub fn get(&self, shape: impl Into<lmx_core::Shape>, name: &str) -> Result<Tensor> {
+        let shape: lmx_core::Shape = shape.into();
+        self.get_part(shape.dims(), name, None)
+    }
+
+    fn get_part(&self, shape: &[usize], name: &str, part: Option<(usize, Range<usize>)>) -> Result<Tensor> {
+        let key = self.key(name);
+        let t = self.place(self.read(shape, name, part.clone())?)?;
+        match (&self.shared.adapters, &self.shared.training) {
+            (Some(plan), training) if plan.full_trains(&key) => {
+                if part.is_some_and(|(d, r)| r.len() != shape[d]) {
+                    return Err(BuildError::unsupported("full fine-tuning of a tensor-parallel model"));
+                }
+                let t = match plan.saved(&key, shape)? {
+                    Some(saved) => self.place(saved)?,
+                    None => t,
+                };
+                Ok(match training {
+                    Some(tr) => tr.register(&key, t)?,
+                    None => t,
+                })
+            }
+            _ => Ok(t),
+        }
+    }
+
+    /// How the module at this prefix is quantized, or None for a float module.
+    fn quantization(&self) -> Result<Option<QuantSpec>> {
+        let Some(q) = &self.shared.quantization else { return Ok(None) };
+        let has_scales = self.shared.weights.contains(&self.key("scales"));
+        match q.for_module(&self.prefix, has_scales) {
+            None => Ok(None),
+            Some(_) if self.shared.adapters.as_ref().is_some_and(|a| a.full_trains(&self.key("weight"))) => Err(BuildError::unsupported_with(
+                format!("full fine-tuning of the quantized layer `{}`", self.prefix),
+                "use lora or dora on a quantized model, or dequantize it first (`lmx convert -d`)",
+            )),
+            Some((spec, "affine")) => Ok(Some(spec)),
+            Some((_, mode)) => Err(BuildError::Quantization { layer: self.prefix.clone(), msg: format!("quantization mode `{mode}` is not supported; lmx supports `affine`") }),
+        }
+    }
+
+    /// The quantization group size of the module at this prefix, when it is quantized:
+    /// row-parallel splits of its input must fall on group boundaries.
+    pub fn quantized_group_size(&self) -> Result<Option<usize>> {
+        Ok(self.quantization()?.map(|s| s.group_size))
+    }
+
+    /// Reads a quantized matrix (rows x cols), or this rank's part of it.
+    fn read_quantized(&self, spec: QuantSpec, rows: usize, cols: usize, shard: &Shard) -> Result<QuantizedMatrix> {
+        let err = |msg: String| BuildError::Quantization { layer: self.prefix.clone(), msg };
+        if cols % spec.group_size != 0 || (cols * spec.bits) % 32 != 0 {
+            return Err(err(format!("{cols} input features are not divisible by the group size {}", spec.group_size)));
+        }
+        let (words, groups) = (cols * spec.bits / 32, cols / spec.group_size);
+        let (packed_part, group_part) = match shard {
+            Shard::Replicated => (None, None),
+            Shard::Column(r) => (Some((0, r.clone())), Some((0, r.clone()))),
+            Shard::Row(r) => {
+                let g = spec.group_size;
+                if r.start % g != 0 || (r.end % g != 0 && r.end != cols) {
+                    let ranks = self.shared.group.size();
+                    return Err(BuildError::Shard { layer: self.prefix.clone(), ranks, msg: format!("input features {r:?} do not fall on quantization group boundaries (group size {g})") });
+                }
+                (Some((1, r.start * spec.bits / 32..r.end * spec.bits / 32)), Some((1, r.start / g..r.end.div_ceil(g))))
+            }
+        };
+        let packed = self.read(&[rows, words], "weight", packed_part)?;
+        let scales = self.place(self.read(&[rows, groups], "scales", group_part.clone())?)?;
+        let biases = self.place(self.read(&[rows, groups], "biases", group_part)?)?;
+        QuantizedMatrix::from_tensors(&packed, &scales, &biases, spec.bits, spec.group_size).map_err(|e| err(e.to_string()))
+    }
+
+    /// A dense weight read as `w`: frozen bf16 weights of an f32 training model go to the bf16
+    /// kernel when the CPU has one.
+    fn dense(&self, w: Tensor) -> Result<Weight> {
+        let frozen_base = self.shared.training.is_some() && self.shared.adapters.as_ref().is_some_and(|a| a.kind != FineTuneType::Full);
+        let stored = self.shared.weights.stored_dtype(&self.key("weight"));
+        if frozen_base && self.shared.dtype == DType::F32 && stored == Some(DType::BF16) && self.shared.device.is_cpu() {
+            if let Some(b) = Bf16Weight::new(&w)? {
+                return Ok(Weight::FrozenBf16(Arc::new(b)));
+            }
+        }
+        Ok(Weight::Dense(w))
+    }
+
+    /// The linear layer at this prefix, `in_features` -> `out_features`, holding the part of
+    /// the weight `shard` names.
+    pub fn linear(&self, in_features: usize, out_features: usize, bias: Bias, shard: Shard) -> Result<Linear> {
+        let shape = [out_features, in_features];
+        // A split that covers everything (a world of one) is no split.
+        let shard = match shard {
+            Shard::Column(r) if r == (0..out_features) => Shard::Replicated,
+            Shard::Row(r) if r == (0..in_features) => Shard::Replicated,
+            s => s,
+        };
+        let (weight_part, bias_part, reduce) = match &shard {
+            Shard::Replicated => (None, None, None),
+            Shard::Column(r) => (Some((0, r.clone())), Some((0, r.clone())), None),
+            Shard::Row(r) => (Some((1, r.clone())), None, Some(self.shared.group.clone())),
+        };
+        let weight = match self.quantization()? {
+            Some(spec) => Weight::Quantized(Arc::new(self.read_quantized(spec, out_features, in_features, &shard)?)),
+            None => self.dense(self.get_part(&shape, "weight", weight_part)?)?,
+        };
+        let bias = match bias {
+            Bias::Yes => Some(self.get_part(&[out_features], "bias", bias_part)?),
+            Bias::No => None,
+        };
+        let mut layer = Linear { weight, bias, adapter: None, reduce };
+        if let Some(plan) = self.shared.adapters.as_ref().filter(|a| a.targets(&self.prefix)) {
+            if shard != Shard::Replicated {
+                return Err(BuildError::unsupported("LoRA/DoRA adapters on a tensor-parallel model"));
+            }
+            let dtype = if self.shared.training.is_some() { DType::F32 } else { self.shared.dtype };
+            let src = AdapterSource { plan, training: self.shared.training.as_ref(), prefix: &self.prefix, dtype, device: &self.shared.device };
+            layer.adapter = Some(Arc::new(Adapter::new(&src, in_features, out_features, || layer.weight.row_norms_sq())?));
+        }
+        Ok(layer)
+    }
+
+    /// The token embedding at this prefix: (vocab_size, hidden_size), replicated.
+    pub fn embedding(&self, vocab_size: usize, hidden_size: usize) -> Result<Embedding> {
+        let shape = [vocab_size, hidden_size];
+        let (weight, head) = match self.quantization()? {
+            Some(spec) => (Weight::Quantized(Arc::new(self.read_quantized(spec, vocab_size, hidden_size, &Shard::Replicated)?)), None),
+            None => {
+                // Rows are looked up in the compute dtype; a tied output projection may use the
+                // bf16 kernel.
+                let w = self.get(&shape[..], "weight")?;
+                let head = match self.dense(w.clone())? {
+                    Weight::Dense(_) => None,
+                    other => Some(other),
+                };
+                (Weight::Dense(w), head)
+            }
+        };
+        Ok(Embedding { weight, head, hidden_size, device: self.shared.device.clone() })
+    }
+
+    /// The RMS norm at this prefix (weight of size `dim`).
+    pub fn rms_norm(&self, dim: usize, eps: f64) -> Result<RmsNorm> {
+        Ok(RmsNorm { weight: self.get(dim, "weight")?, eps })
+    }
+
+    /// An RMS norm whose checkpoint stores `w` for a scale of `1 + w` (Gemma).
+    pub fn rms_norm_one_plus(&self, dim: usize, eps: f64) -> Result<RmsNorm> {
+        Ok(RmsNorm { weight: (self.get(dim, "weight")? + 1.0)?, eps })
+    }
+}

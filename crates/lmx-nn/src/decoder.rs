@@ -1,0 +1,206 @@
+//! The decoder stack every causal language model here is: token embeddings, a stack of
+//! layers, a final norm and the output projection. [`Decoder`] owns the layer loop, the masks
+//! and rotary angles of a forward pass, and gradient checkpointing; a model file supplies its
+//! layers ([`DecoderLayer`] for the Llama family, or its own type implementing [`Layer`]).
+
+use std::sync::Arc;
+
+use lmx_core::{DType, Device, Module, Result, Tensor};
+
+use crate::attention::{masks, Attention, AttentionConfig, AttentionInput};
+use crate::builder::{Builder, Shard};
+use crate::error::BuildError;
+use crate::kv_cache::KvCache;
+use crate::linear::{Bias, Embedding, Linear, RmsNorm};
+use crate::mlp::{Activation, Mlp};
+use crate::rope::Rope;
+use crate::training::Training;
+
+/// Which positions a forward pass returns logits for. candle is eager, so computing the
+/// vocabulary projection only for the last position during generation must be explicit.
+#[derive(Debug, Clone)]
+pub enum Logits {
+    /// Only the last position: (b, 1, vocab).
+    Last,
+    /// Every position: (b, seq_len, vocab).
+    All,
+    /// The positions with these indices into the flattened (b * seq_len) positions:
+    /// (1, n, vocab). Training asks only for the positions its loss counts.
+    Rows(Tensor),
+}
+
+impl Logits {
+    /// The hidden states (b, seq_len, hidden) of the positions asked for.
+    pub fn select(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Logits::Last => x.narrow(1, x.dim(1)? - 1, 1),
+            Logits::All => Ok(x.clone()),
+            Logits::Rows(idx) => {
+                let (b, l, h) = x.dims3()?;
+                x.reshape((b * l, h))?.index_select(idx, 0)?.unsqueeze(0)
+            }
+        }
+    }
+}
+
+/// A decoder-only language model.
+pub trait CausalLm: Send + Sync {
+    /// Runs `input_ids` (b, seq_len) after the `cache.offset()` positions already cached,
+    /// appends their keys and values to `cache`, and returns f32 logits.
+    fn forward(&self, input_ids: &Tensor, cache: &mut KvCache, logits: Logits) -> Result<Tensor>;
+
+    /// An empty cache sized for this model.
+    fn new_cache(&self) -> KvCache;
+
+    /// Vocabulary size (logits width).
+    fn vocab_size(&self) -> usize;
+
+    /// The longest context the model was trained for (`max_position_embeddings`).
+    fn max_position_embeddings(&self) -> usize;
+
+    /// The device the weights live on (inputs go there).
+    fn device(&self) -> &Device;
+}
+
+/// One layer of a decoder stack.
+pub trait Layer: Send + Sync + 'static {
+    /// (b, l, hidden) -> (b, l, hidden); `cache` holds this layer's keys and values at
+    /// `layer_idx`.
+    fn forward(&self, x: &Tensor, input: &AttentionInput, cache: &mut KvCache, layer_idx: usize) -> Result<Tensor>;
+
+    /// The sliding window of the layer's attention, if any.
+    fn sliding_window(&self) -> Option<usize>;
+}
+
+/// The pre-norm decoder layer of the Llama family:
+/// `x + self_attn(input_layernorm(x))`, then `x + mlp(post_attention_layernorm(x))`.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    /// Reads `self_attn`, `mlp`, `input_layernorm` and `post_attention_layernorm` under `vb`.
+    pub fn new(vb: &Builder, attention: &AttentionConfig, intermediate_size: usize, mlp_bias: bool, rms_norm_eps: f64) -> std::result::Result<Self, BuildError> {
+        let h = attention.hidden_size;
+        Ok(Self {
+            self_attn: Attention::new(&vb.pp("self_attn"), attention)?,
+            mlp: Mlp::new(&vb.pp("mlp"), h, intermediate_size, mlp_bias.into(), Activation::Silu)?,
+            input_layernorm: vb.pp("input_layernorm").rms_norm(h, rms_norm_eps)?,
+            post_attention_layernorm: vb.pp("post_attention_layernorm").rms_norm(h, rms_norm_eps)?,
+        })
+    }
+}
+
+impl Layer for DecoderLayer {
+    fn forward(&self, x: &Tensor, input: &AttentionInput, cache: &mut KvCache, layer_idx: usize) -> Result<Tensor> {
+        let h = self.self_attn.forward(&self.input_layernorm.forward(x)?, input, cache, layer_idx)?;
+        let x = (x + h)?;
+        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        x + h
+    }
+
+    fn sliding_window(&self) -> Option<usize> {
+        self.self_attn.sliding_window()
+    }
+}
+
+/// The sizes of a decoder stack: config.json keys every architecture shares (a model file's
+/// `Config` flattens this in).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct DecoderConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Model width.
+    pub hidden_size: usize,
+    /// Layers.
+    pub num_hidden_layers: usize,
+    /// Epsilon of the final norm.
+    pub rms_norm_eps: f64,
+    /// The output projection is the embedding matrix (no `lm_head` tensor).
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// The longest context the model was trained for.
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: usize,
+}
+
+fn default_max_positions() -> usize {
+    2048
+}
+
+/// A whole causal language model: `model.embed_tokens`, `model.layers.<i>`, `model.norm`,
+/// `lm_head` (or the tied embeddings).
+pub struct Decoder<L: Layer> {
+    embed_tokens: Embedding,
+    layers: Vec<Arc<L>>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+    /// The distinct sliding windows of the layers (None: plain causal).
+    windows: Vec<Option<usize>>,
+    cfg: DecoderConfig,
+    training: Option<Arc<Training>>,
+}
+
+impl<L: Layer> Decoder<L> {
+    /// Reads the stack under `vb` (the checkpoint root); `layer(vb, i)` builds layer `i` under
+    /// `model.layers.<i>`.
+    pub fn new(vb: &Builder, cfg: &DecoderConfig, rope: Rope, layer: impl Fn(&Builder, usize) -> std::result::Result<L, BuildError>) -> std::result::Result<Self, BuildError> {
+        let m = vb.pp("model");
+        let embed_tokens = m.pp("embed_tokens").embedding(cfg.vocab_size, cfg.hidden_size)?;
+        let layers = (0..cfg.num_hidden_layers).map(|i| layer(&m.pp("layers").pp(i), i).map(Arc::new)).collect::<std::result::Result<Vec<_>, _>>()?;
+        let norm = m.pp("norm").rms_norm(cfg.hidden_size, cfg.rms_norm_eps)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed_tokens.as_linear()
+        } else {
+            vb.pp("lm_head").linear(cfg.hidden_size, cfg.vocab_size, Bias::No, Shard::Replicated)?
+        };
+        let mut windows: Vec<Option<usize>> = layers.iter().map(|l| l.sliding_window()).collect();
+        windows.sort();
+        windows.dedup();
+        Ok(Self { embed_tokens, layers, norm, lm_head, rope, windows, cfg: cfg.clone(), training: vb.training().cloned() })
+    }
+}
+
+impl<L: Layer> CausalLm for Decoder<L> {
+    fn forward(&self, input_ids: &Tensor, cache: &mut KvCache, logits: Logits) -> Result<Tensor> {
+        let (_, l) = input_ids.dims2()?;
+        let offset = cache.offset();
+        let mut x = self.embed_tokens.forward(input_ids)?;
+        let (cos, sin) = self.rope.cos_sin(offset, l)?;
+        let input = Arc::new(AttentionInput { cos, sin, masks: masks(&self.windows, l, offset, x.device())? });
+        let checkpointing = self.training.as_ref().and_then(|t| t.checkpointing());
+        for (layer_idx, layer) in self.layers.iter().enumerate() {
+            x = match &checkpointing {
+                Some(ck) if layer_idx >= ck.first_layer => {
+                    let (layer, input) = (layer.clone(), input.clone());
+                    crate::checkpoint::layer(ck, &x, move |x| layer.forward(x, &input, &mut KvCache::uncached(), 0))?
+                }
+                _ => layer.forward(&x, &input, cache, layer_idx)?,
+            };
+        }
+        let x = self.norm.forward(&x)?;
+        let x = logits.select(&x)?;
+        self.lm_head.forward(&x)?.to_dtype(DType::F32)
+    }
+
+    fn new_cache(&self) -> KvCache {
+        KvCache::new(self.cfg.num_hidden_layers)
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn max_position_embeddings(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+
+    fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+}

@@ -1,0 +1,166 @@
+//! Linear and Embedding: the layers that hold the big matrices. They only compute; how each
+//! was built (dense or quantized, adapted, trainable, which shard) was decided by the
+//! [`crate::Builder`].
+
+use std::sync::Arc;
+
+use lmx_core::frozen::Bf16Weight;
+use lmx_core::quant::QuantizedMatrix;
+use lmx_core::{ops, Device, Module, Result, Tensor};
+use lmx_dist::Group;
+
+use crate::adapter::Adapter;
+
+/// Whether a linear layer has a bias vector (`f(.., Bias::Yes)` reads better than `true`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bias {
+    /// The checkpoint holds `<path>.bias`.
+    Yes,
+    /// No bias.
+    No,
+}
+
+impl From<bool> for Bias {
+    fn from(yes: bool) -> Self {
+        if yes { Bias::Yes } else { Bias::No }
+    }
+}
+
+/// The weight of a linear layer: a plain float matrix, or MLX's affine quantized format.
+#[derive(Debug, Clone)]
+pub(crate) enum Weight {
+    Dense(Tensor),
+    Quantized(Arc<QuantizedMatrix>),
+    /// A bf16 checkpoint weight frozen under LoRA/DoRA training in an f32 model: kept in bf16
+    /// and multiplied with the AVX512-BF16 kernel (activations rounded to bf16 at the product,
+    /// f32 accumulation), as PyTorch's bf16 training does.
+    FrozenBf16(Arc<Bf16Weight>),
+}
+
+impl Weight {
+    /// `x @ W^T`.
+    fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Weight::Dense(w) => ops::linear(&x.to_dtype(w.dtype())?, w, None),
+            Weight::Quantized(q) => q.matmul(x),
+            Weight::FrozenBf16(b) => b.matmul(x),
+        }
+    }
+
+    /// The (out, in) matrix as a float tensor (dequantized if it is stored quantized).
+    fn to_tensor(&self) -> Result<Tensor> {
+        match self {
+            Weight::Dense(w) => Ok(w.clone()),
+            Weight::Quantized(q) => q.dequantize(),
+            Weight::FrozenBf16(b) => b.to_tensor(),
+        }
+    }
+
+    /// ||W_i||^2 for every output row, in f32 (quantized rows are dequantized 256 at a time).
+    pub(crate) fn row_norms_sq(&self) -> Result<Tensor> {
+        match self {
+            Weight::Dense(w) => w.to_dtype(lmx_core::DType::F32)?.sqr()?.sum(1),
+            Weight::FrozenBf16(b) => b.to_tensor()?.sqr()?.sum(1),
+            Weight::Quantized(q) => {
+                let mut parts = Vec::new();
+                for start in (0..q.rows).step_by(256) {
+                    let ids: Vec<u32> = (start as u32..(start + 256).min(q.rows) as u32).collect();
+                    parts.push(q.dequantize_rows(&ids)?.to_dtype(lmx_core::DType::F32)?.sqr()?.sum(1)?);
+                }
+                Tensor::cat(&parts, 0)
+            }
+        }
+    }
+}
+
+/// `y = x W^T + b` with W stored as (out_features, in_features), as in Hugging Face checkpoints,
+/// or packed in MLX's quantized format; optionally with a LoRA/DoRA adapter, and on a
+/// tensor-parallel rank holding a slice of W (a row-parallel layer sums its partial products
+/// over the group before adding the bias).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub(crate) weight: Weight,
+    pub(crate) bias: Option<Tensor>,
+    pub(crate) adapter: Option<Arc<Adapter>>,
+    /// Set on row-parallel layers: the group whose partial outputs are summed.
+    pub(crate) reduce: Option<Arc<dyn Group>>,
+}
+
+impl Linear {
+    /// A dense, unsharded linear layer from existing tensors (tests, fused weights).
+    pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight: Weight::Dense(weight), bias, adapter: None, reduce: None }
+    }
+
+    /// The (out, in) weight this rank holds, dequantized if it is stored quantized.
+    pub fn weight(&self) -> Result<Tensor> {
+        self.weight.to_tensor()
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match (&self.weight, &self.adapter, &self.reduce) {
+            (Weight::Dense(w), None, None) => return ops::linear(x, w, self.bias.as_ref()),
+            (w, None, _) => w.matmul(x)?,
+            (w, Some(a), _) => a.forward(x, &w.matmul(x)?, |t| w.matmul(t))?,
+        };
+        let y = match &self.reduce {
+            Some(group) => group.all_sum(&y)?,
+            None => y,
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Token embeddings: (vocab_size, hidden_size), plain or quantized.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    pub(crate) weight: Weight,
+    /// The weight as the tied output projection uses it, when that differs (frozen bf16).
+    pub(crate) head: Option<Weight>,
+    pub(crate) hidden_size: usize,
+    pub(crate) device: Device,
+}
+
+impl Embedding {
+    /// The output projection that shares this matrix (tied `lm_head`), quantized or not.
+    pub fn as_linear(&self) -> Linear {
+        Linear { weight: self.head.clone().unwrap_or_else(|| self.weight.clone()), bias: None, adapter: None, reduce: None }
+    }
+
+    /// The device the embedding matrix lives on (inputs go there).
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+}
+
+impl Module for Embedding {
+    /// (b, l) token ids -> (b, l, hidden_size).
+    fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, l) = input_ids.dims2()?;
+        let flat = match &self.weight {
+            Weight::Dense(w) => w.index_select(&input_ids.flatten_all()?, 0)?,
+            Weight::Quantized(q) => q.dequantize_rows(&input_ids.flatten_all()?.to_vec1::<u32>()?)?.to_device(&self.device)?,
+            Weight::FrozenBf16(b) => b.to_tensor()?.index_select(&input_ids.flatten_all()?, 0)?,
+        };
+        flat.reshape((b, l, self.hidden_size))
+    }
+}
+
+/// Root-mean-square norm with a learned scale (for Gemma-style `1 + w` checkpoints the
+/// builder stores `1 + w`).
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub(crate) weight: Tensor,
+    pub(crate) eps: f64,
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::rms_norm(x, &self.weight, self.eps as f32)
+    }
+}
