@@ -91,7 +91,10 @@ impl Fuser {
         unused.sort();
         match unused.first() {
             None => Ok(()),
-            Some(k) => Err(ConvertError::Adapter { path: self.source.clone(), msg: format!("{} adapter tensor(s) match no layer of this model, e.g. `{k}`: was it trained on another base model?", unused.len()) }),
+            Some(k) => Err(ConvertError::Adapter {
+                path: self.source.clone(),
+                msg: format!("{} adapter tensor(s) match no layer of this model, e.g. `{k}`: was it trained on another base model?", unused.len()),
+            }),
         }
     }
 }

@@ -82,12 +82,24 @@ pub fn dtype_name(dtype: DType) -> &'static str {
 /// Reads a GGUF file or a model folder with every floating tensor cast to `dtype` (default:
 /// float32 for GGUF, the checkpoint's own dtype for folders).
 pub fn read(source: &ModelSource, dtype: Option<DType>) -> Result<Folder, ConvertError> {
-    let files = lmx_io::ModelFiles::load(source.clone(), dtype)?;
+    let files = load(source, dtype)?;
     let mut tensors = HashMap::new();
     for key in files.weights.keys() {
         tensors.insert(key.clone(), files.weights.tensor(&key)?);
     }
     Ok(Folder { tensors, ..metadata(&files) })
+}
+
+/// Reads `source` with every floating tensor cast to `dtype`, by default the dtype the model
+/// computes in (its stored weights' dtype; float32 for GGUF).
+fn load(source: &ModelSource, dtype: Option<DType>) -> Result<lmx_io::ModelFiles, ConvertError> {
+    let mut files = lmx_io::ModelFiles::load(source.clone(), dtype)?;
+    if dtype.is_none() {
+        let dtype = files.weights.compute_dtype();
+        let weights = std::mem::replace(&mut files.weights, lmx_io::Weights::from_tensors(HashMap::new(), ""));
+        files.weights = weights.with_cast(Some(dtype));
+    }
+    Ok(files)
 }
 
 /// Everything of a model folder but its tensors.
@@ -127,7 +139,7 @@ pub fn convert(source: &ModelSource, dtype: Option<DType>, transform: &Transform
     if out.exists() {
         return Err(ConvertError::OutputExists(out.to_path_buf()));
     }
-    let files = lmx_io::ModelFiles::load(source.clone(), dtype)?;
+    let files = load(source, dtype)?;
     let mut folder = metadata(&files);
     let keys = files.weights.keys();
     let tmp = temp_dir_for(out)?;

@@ -252,8 +252,7 @@ fn mixed_bits(recipe: MixedRecipe, module: &str, n_layers: usize) -> usize {
 /// The float matrix of a quantized module (`--dequantize`), from its packed weight, scales and
 /// biases, in `dtype`. Errors name the layer.
 pub fn dequantize_module(module: &str, packed: &Tensor, scales: &Tensor, biases: &Tensor, spec: lmx_io::QuantSpec, dtype: DType) -> Result<Tensor, ConvertError> {
-    let m = QuantizedMatrix::from_tensors(packed, scales, biases, spec.bits, spec.group_size)
-        .map_err(|e| ConvertError::Layer { module: module.to_string(), msg: e.to_string() })?;
+    let m = QuantizedMatrix::from_tensors(packed, scales, biases, spec.bits, spec.group_size).map_err(|e| ConvertError::Layer { module: module.to_string(), msg: e.to_string() })?;
     Ok(m.dequantize()?.to_dtype(dtype)?)
 }
 

@@ -50,7 +50,11 @@ impl Packed {
     /// Element B[kk][j] as bf16 bits.
     pub fn get(&self, kk: usize, j: usize) -> u16 {
         let word = self.words[(kk / 2) * self.n_pad + j];
-        if kk % 2 == 0 { word as u16 } else { (word >> 16) as u16 }
+        if kk % 2 == 0 {
+            word as u16
+        } else {
+            (word >> 16) as u16
+        }
     }
 
     /// Packs B (k, n) given element by element.
@@ -94,7 +98,6 @@ pub fn matmul(x: &[f32], m: usize, b: &Packed) -> Vec<f32> {
     // 64 KB, in L2), running every 8-row block of x past each chunk and accumulating into y.
     const KC: usize = 512;
     (0..b.n_pad / 32).into_par_iter().for_each(|p| {
-        let y_ptr = y_ptr;
         let cols = (n - p * 32).min(32);
         let mut out = [[0f32; 32]; MR];
         for t0 in (0..pairs).step_by(KC) {
@@ -107,7 +110,7 @@ pub fn matmul(x: &[f32], m: usize, b: &Packed) -> Vec<f32> {
                 for (r, o) in out.iter().enumerate().take(rows) {
                     // SAFETY: row i + r, columns p*32 .. p*32 + cols are inside y; this task
                     // alone writes panel p.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(y_ptr.0.add((i + r) * n + p * 32), cols) };
+                    let dst = unsafe { std::slice::from_raw_parts_mut(y_ptr.get().add((i + r) * n + p * 32), cols) };
                     if t0 == 0 {
                         dst.copy_from_slice(&o[..cols]);
                     } else {
@@ -159,6 +162,13 @@ const MR: usize = 8;
 
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the Sync wrapper, not the raw field).
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
 // SAFETY: tasks write disjoint column panels of one buffer.
 unsafe impl Send for SendPtr {}
 // SAFETY: as above.

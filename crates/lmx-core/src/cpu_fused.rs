@@ -106,10 +106,13 @@ pub struct SiluMul;
 
 fn silu_mul_elems<T: Elem>(gs: &CpuStorage, gl: &Layout, us: &CpuStorage, ul: &Layout) -> Result<Vec<T>> {
     let (g, u) = (slice::<T>(gs, gl)?, slice::<T>(us, ul)?);
-    Ok(g.iter().zip(u).map(|(g, u)| {
-        let g = g.f32();
-        T::of(g / (1.0 + (-g).exp()) * u.f32())
-    }).collect())
+    Ok(g.iter()
+        .zip(u)
+        .map(|(g, u)| {
+            let g = g.f32();
+            T::of(g / (1.0 + (-g).exp()) * u.f32())
+        })
+        .collect())
 }
 
 impl CustomOp2 for SiluMul {

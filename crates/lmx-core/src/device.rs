@@ -22,9 +22,7 @@ pub fn parse_device(name: &str) -> Result<Device, DeviceError> {
         "cpu" => Ok(Device::Cpu),
         _ if name == "cuda" || name.starts_with("cuda:") => {
             let ordinal = match name.strip_prefix("cuda:") {
-                Some(n) => n
-                    .parse::<usize>()
-                    .map_err(|_| DeviceError::UnknownDevice(name.to_string()))?,
+                Some(n) => n.parse::<usize>().map_err(|_| DeviceError::UnknownDevice(name.to_string()))?,
                 None => 0,
             };
             Device::new_cuda(ordinal).map_err(|e| DeviceError::Unavailable(name.to_string(), e))

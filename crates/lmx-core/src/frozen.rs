@@ -24,19 +24,13 @@ pub(crate) struct Mat {
 /// # Safety
 /// Every pointer must be valid for the strided extent the dimensions describe, and `dst`
 /// must not overlap the inputs.
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_f32(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: isize, accumulate: bool, lhs: Mat, rhs: Mat) {
     let threads = rayon::current_num_threads();
     let par = if threads > 1 && m * n * k > 64 * 64 * 64 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: forwarded to the caller's contract.
     unsafe {
-        gemm::gemm(
-            m, n, k,
-            dst, 1, dst_rs, accumulate,
-            lhs.ptr, lhs.cs, lhs.rs,
-            rhs.ptr, rhs.cs, rhs.rs,
-            if accumulate { 1.0 } else { 0.0 }, 1.0,
-            false, false, false, par,
-        );
+        gemm::gemm(m, n, k, dst, 1, dst_rs, accumulate, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs, if accumulate { 1.0 } else { 0.0 }, 1.0, false, false, false, par);
     }
 }
 
@@ -130,7 +124,11 @@ impl Bf16Weight {
     pub fn matmul(self: &std::sync::Arc<Self>, x: &Tensor) -> Result<Tensor> {
         let x = x.to_dtype(DType::F32)?.contiguous()?;
         let op = FrozenBf16 { w: self.clone(), transpose: false };
-        if x.track_op() { x.apply_op1(op) } else { x.apply_op1_no_bwd(&op) }
+        if x.track_op() {
+            x.apply_op1(op)
+        } else {
+            x.apply_op1_no_bwd(&op)
+        }
     }
 }
 

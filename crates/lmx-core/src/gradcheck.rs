@@ -39,12 +39,7 @@ pub fn check_var_grads(loss: impl Fn() -> Result<Tensor>, vars: &[&Var], tol: f3
     for (vi, var) in vars.iter().enumerate() {
         let saved = var.as_tensor().detach().copy()?;
         let base = saved.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let analytic = grads
-            .get(var.as_tensor())
-            .ok_or_else(|| candle_core::Error::Msg(format!("no gradient reached variable {vi}")))?
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let analytic = grads.get(var.as_tensor()).ok_or_else(|| candle_core::Error::Msg(format!("no gradient reached variable {vi}")))?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let n = base.len();
         let picks: Vec<usize> = if n <= 24 { (0..n).collect() } else { (0..24).map(|i| i * n / 24 + (i * 7) % (n / 24).max(1)).collect() };
         let scale = analytic.iter().fold(0f32, |m, g| m.max(g.abs())).max(1e-3);

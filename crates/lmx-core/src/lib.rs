@@ -4,16 +4,16 @@
 //! from candle directly, so that device policy and op implementations (fused kernels for
 //! inference, differentiable compositions for training) live in one place.
 
+pub mod bf16_gemm;
 pub mod cpu;
 pub mod cpu_fused;
-pub mod bf16_gemm;
 pub mod device;
 pub mod frozen;
 pub mod gradcheck;
 pub mod ops;
 pub mod quant;
 
-pub use candle_core::{bail, CpuStorage, CustomOp1, DType, Device, Error, IndexOp, Layout, Module, Result, Shape, Tensor, TensorId, Var, D};
-pub use device::{parse_device, parse_dtype, DeviceError};
 #[cfg(feature = "cuda")]
 pub use candle_core::CudaStorage;
+pub use candle_core::{bail, CpuStorage, CustomOp1, DType, Device, Error, IndexOp, Layout, Module, Result, Shape, Tensor, TensorId, Var, D};
+pub use device::{parse_device, parse_dtype, DeviceError};

@@ -76,12 +76,7 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// reads the weights once at memory bandwidth; everything else through candle's matmul.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let one_row = x.elem_count() == x.dim(D::Minus1)?;
-    let fast = one_row
-        && x.device().is_cpu()
-        && !on_tape(&[x, weight])
-        && x.dtype() == weight.dtype()
-        && matches!(x.dtype(), DType::F32 | DType::BF16)
-        && weight.is_contiguous();
+    let fast = one_row && x.device().is_cpu() && !on_tape(&[x, weight]) && x.dtype() == weight.dtype() && matches!(x.dtype(), DType::F32 | DType::BF16) && weight.is_contiguous();
     let y = match x.dims() {
         // Fine-tuning around a frozen weight: only the input's gradient is computed.
         _ if x.track_op() && !weight.track_op() => crate::frozen::frozen_linear(x, weight)?,
@@ -252,9 +247,7 @@ mod tests {
         let mask = causal_mask(3, 2, None, &dev)?;
         let got = attention(&q, &k, &v, Some(&mask), 0.3, None)?;
         // Reference: repeat each kv head twice (head h uses kv head h / 2).
-        let rep = |t: &Tensor| -> Result<Tensor> {
-            Tensor::cat(&[t.narrow(1, 0, 1)?, t.narrow(1, 0, 1)?, t.narrow(1, 1, 1)?, t.narrow(1, 1, 1)?], 1)
-        };
+        let rep = |t: &Tensor| -> Result<Tensor> { Tensor::cat(&[t.narrow(1, 0, 1)?, t.narrow(1, 0, 1)?, t.narrow(1, 1, 1)?, t.narrow(1, 1, 1)?], 1) };
         let (k4, v4) = (rep(&k)?, rep(&v)?);
         let s = (q.matmul(&k4.t()?)? * 0.3)?.broadcast_add(&mask)?;
         let want = softmax_last_dim(&s)?.matmul(&v4)?;

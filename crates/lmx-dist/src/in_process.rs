@@ -144,7 +144,9 @@ mod tests {
 
     #[test]
     fn collectives_over_three_threads() -> Result<()> {
-        let results: Vec<Result<(Vec<f32>, Vec<f32>, Vec<f32>)>> = std::thread::scope(|s| {
+        // Per rank: the sum, the gathered parts, what it received.
+        type Seen = (Vec<f32>, Vec<f32>, Vec<f32>);
+        let results: Vec<Result<Seen>> = std::thread::scope(|s| {
             let handles: Vec<_> = InProcess::world(3)
                 .into_iter()
                 .map(|g| {

@@ -116,13 +116,7 @@ struct Stats {
 
 /// Generates from `prompt` (the whole token sequence; whatever prefix `cache` already holds is
 /// reused), yielding a response per token.
-pub fn stream_generate<'a>(
-    model: &'a dyn CausalLm,
-    tokenizer: &'a Tokenizer,
-    prompt: &[u32],
-    cache: &'a mut PromptCache,
-    params: GenerateParams,
-) -> TokenStream<'a> {
+pub fn stream_generate<'a>(model: &'a dyn CausalLm, tokenizer: &'a Tokenizer, prompt: &[u32], cache: &'a mut PromptCache, params: GenerateParams) -> TokenStream<'a> {
     TokenStream {
         model,
         cache,
@@ -138,13 +132,7 @@ pub fn stream_generate<'a>(
 }
 
 /// Generates and returns the whole text.
-pub fn generate(
-    model: &dyn CausalLm,
-    tokenizer: &Tokenizer,
-    prompt: &[u32],
-    cache: &mut PromptCache,
-    params: GenerateParams,
-) -> Result<String, GenerateError> {
+pub fn generate(model: &dyn CausalLm, tokenizer: &Tokenizer, prompt: &[u32], cache: &mut PromptCache, params: GenerateParams) -> Result<String, GenerateError> {
     let mut text = String::new();
     for r in stream_generate(model, tokenizer, prompt, cache, params) {
         text.push_str(&r?.text);
@@ -204,8 +192,7 @@ impl TokenStream<'_> {
         } else {
             self.stats.generated += 1;
             text = self.decoder.push(token)?.unwrap_or_default();
-            let at_limit = self.stats.generated >= self.params.max_tokens
-                || self.cache.tokens.len() + 1 >= self.model.max_position_embeddings();
+            let at_limit = self.stats.generated >= self.params.max_tokens || self.cache.tokens.len() + 1 >= self.model.max_position_embeddings();
             self.pending = Some(token);
             at_limit.then_some(FinishReason::Length)
         };
@@ -257,10 +244,7 @@ impl Iterator for TokenStream<'_> {
 pub fn compute_pool() -> &'static rayon::ThreadPool {
     static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
     POOL.get_or_init(|| {
-        let threads = std::env::var("RAYON_NUM_THREADS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let threads = std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("lmx-compute-{i}"))
@@ -272,9 +256,5 @@ pub fn compute_pool() -> &'static rayon::ThreadPool {
 /// Peak resident set size of this process (VmHWM), in bytes; 0 where /proc is unavailable.
 pub fn peak_memory_bytes() -> u64 {
     let Ok(status) = std::fs::read_to_string("/proc/self/status") else { return 0 };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
+    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()).map_or(0, |kb| kb * 1024)
 }

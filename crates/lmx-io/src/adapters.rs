@@ -125,8 +125,7 @@ pub fn load_adapter_file(path: &Path) -> Result<HashMap<String, Tensor>> {
     if !path.exists() {
         return Err(IoError::NotFound { path: path.to_path_buf(), hint: ": no adapter weights here".into() });
     }
-    candle_core::safetensors::load(path, &lmx_core::Device::Cpu)
-        .map_err(|e| IoError::Safetensors { path: path.to_path_buf(), msg: e.to_string() })
+    candle_core::safetensors::load(path, &lmx_core::Device::Cpu).map_err(|e| IoError::Safetensors { path: path.to_path_buf(), msg: e.to_string() })
 }
 
 /// Writes `adapter_config.json` atomically, keys sorted as MLX LM writes them.

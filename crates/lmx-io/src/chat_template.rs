@@ -40,9 +40,7 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, minijinja::Error> { Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg)) });
         env.add_function("strftime_now", |fmt: String| strftime_now(&fmt));
         env.add_template_owned(NAME, source.to_string()).map_err(|e| IoError::Template(e.to_string()))?;
         Ok(Self { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
@@ -51,13 +49,7 @@ impl ChatTemplate {
     /// Renders `messages` (any serializable list of message objects). `tools` is the OpenAI
     /// tool list or None; `extra` holds additional template variables (MLX LM's
     /// `--chat-template-config`, e.g. `{"enable_thinking": false}`).
-    pub fn render<M: Serialize>(
-        &self,
-        messages: &[M],
-        add_generation_prompt: bool,
-        tools: Option<&serde_json::Value>,
-        extra: Option<&serde_json::Value>,
-    ) -> Result<String> {
+    pub fn render<M: Serialize>(&self, messages: &[M], add_generation_prompt: bool, tools: Option<&serde_json::Value>, extra: Option<&serde_json::Value>) -> Result<String> {
         let tmpl = self.env.get_template(NAME).map_err(|e| IoError::Template(e.to_string()))?;
         let mut ctx = serde_json::Map::new();
         if let Some(serde_json::Value::Object(extra)) = extra {
@@ -85,12 +77,8 @@ impl ChatTemplate {
 /// `strftime_now(fmt)` for templates (Llama 3.1 prints today's date): UTC, with the few
 /// directives chat templates use (%d %m %Y %y %b %B %H %M %S).
 fn strftime_now(fmt: &str) -> std::result::Result<String, minijinja::Error> {
-    const MONTHS: [&str; 12] =
-        ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    const MONTHS: [&str; 12] = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
     let tod = secs.rem_euclid(86_400);
     let mut out = String::new();
@@ -111,12 +99,7 @@ fn strftime_now(fmt: &str) -> std::result::Result<String, minijinja::Error> {
             Some('M') => out.push_str(&format!("{:02}", tod / 60 % 60)),
             Some('S') => out.push_str(&format!("{:02}", tod % 60)),
             Some('%') => out.push('%'),
-            other => {
-                return Err(minijinja::Error::new(
-                    ErrorKind::InvalidOperation,
-                    format!("strftime_now: unsupported directive %{}", other.unwrap_or(' ')),
-                ))
-            }
+            other => return Err(minijinja::Error::new(ErrorKind::InvalidOperation, format!("strftime_now: unsupported directive %{}", other.unwrap_or(' ')))),
         }
     }
     Ok(out)

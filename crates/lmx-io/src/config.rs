@@ -15,7 +15,11 @@ pub fn read_json(path: &Path) -> Result<Value> {
 
 /// Reads a JSON file if it exists.
 pub fn read_json_opt(path: &Path) -> Result<Option<Value>> {
-    if path.exists() { read_json(path).map(Some) } else { Ok(None) }
+    if path.exists() {
+        read_json(path).map(Some)
+    } else {
+        Ok(None)
+    }
 }
 
 /// Writes a JSON file (pretty-printed, as transformers does).
@@ -49,11 +53,7 @@ pub fn chat_template_source(tokenizer_config: &Value, with_tools: bool) -> Optio
     match tokenizer_config.get("chat_template")? {
         Value::String(s) => Some(s.clone()),
         Value::Array(list) => {
-            let named = |name: &str| {
-                list.iter()
-                    .find(|t| t.get("name").and_then(Value::as_str) == Some(name))
-                    .and_then(|t| t.get("template")?.as_str().map(str::to_string))
-            };
+            let named = |name: &str| list.iter().find(|t| t.get("name").and_then(Value::as_str) == Some(name)).and_then(|t| t.get("template")?.as_str().map(str::to_string));
             (if with_tools { named("tool_use") } else { None }).or_else(|| named("default"))
         }
         _ => None,

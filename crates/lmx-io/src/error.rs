@@ -13,11 +13,15 @@ pub enum IoError {
     #[error("{path}: not found{hint}")]
     NotFound { path: PathBuf, hint: String },
     /// An `org/name` id that is not in the local Hugging Face cache.
-    #[error("model `{id}` is not in the Hugging Face cache ({cache}); download it first, e.g. `huggingface-cli download {id}`, or pass a local folder or .gguf file to --model")]
+    #[error("model `{id}` is not in the Hugging Face cache ({cache}); download it first, e.g. `huggingface-cli download {id}`, or use a local model folder or .gguf file")]
     NotCached { id: String, cache: PathBuf },
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// A JSON file could not be parsed or lacks a required key.
     #[error("{path}: {msg}")]
     Json { path: PathBuf, msg: String },

@@ -82,17 +82,14 @@ pub fn load(path: &Path) -> Result<GgufModel> {
     let file = File::open(path).map_err(|e| IoError::io(path, e))?;
     let file_len = file.metadata().map_err(|e| IoError::io(path, e))?.len();
     let mut reader = BufReader::new(file);
-    let content = Content::read(&mut reader)
-        .map_err(|e| gguf_err(path, format!("not a valid GGUF file ({e}); the file may be truncated: download it again")))?;
+    let content = Content::read(&mut reader).map_err(|e| gguf_err(path, format!("not a valid GGUF file ({e}); the file may be truncated: download it again")))?;
     // Check every tensor fits in the file before reading any, so a truncated download fails
     // with one clear message instead of midway.
     for (name, info) in &content.tensor_infos {
         let bytes = info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
         let end = content.tensor_data_offset + info.offset + bytes as u64;
         if end > file_len {
-            return Err(gguf_err(path, format!(
-                "truncated: tensor `{name}` ends at byte {end} but the file has {file_len} bytes; download it again"
-            )));
+            return Err(gguf_err(path, format!("truncated: tensor `{name}` ends at byte {end} but the file has {file_len} bytes; download it again")));
         }
     }
     let meta = Meta { content: &content, path };
@@ -155,10 +152,13 @@ pub fn load(path: &Path) -> Result<GgufModel> {
         // llama.cpp stores Llama 3's rope scaling as per-frequency divisors; the largest is the
         // scaling factor, and low/high/original are the values every Llama 3.x model uses.
         let factor = freqs.max(0)?.to_scalar::<f32>()?;
-        config.insert("rope_scaling".into(), json!({
-            "rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192
-        }));
+        config.insert(
+            "rope_scaling".into(),
+            json!({
+                "rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192
+            }),
+        );
     }
     let generation_config = json!({"bos_token_id": bos, "eos_token_id": eos_ids});
     Ok(GgufModel { config: Value::Object(config), tensors, tokenizer, tokenizer_config, generation_config })
@@ -216,9 +216,10 @@ fn split_then_bytelevel(pattern: &str) -> Value {
 fn tokenizer_from_meta(meta: &Meta) -> Result<(Value, Value, Option<usize>, Option<u32>)> {
     let model = meta.str("tokenizer.ggml.model")?;
     if model != "gpt2" {
-        return Err(gguf_err(meta.path, format!(
-            "tokenizer model `{model}` is not supported yet (lmx rebuilds byte-level BPE `gpt2` tokenizers from GGUF); use the Hugging Face folder of this model instead"
-        )));
+        return Err(gguf_err(
+            meta.path,
+            format!("tokenizer model `{model}` is not supported yet (lmx rebuilds byte-level BPE `gpt2` tokenizers from GGUF); use the Hugging Face folder of this model instead"),
+        ));
     }
     let tokens = meta.strings("tokenizer.ggml.tokens")?;
     let types = meta.ints("tokenizer.ggml.token_type");
@@ -240,10 +241,12 @@ fn tokenizer_from_meta(meta: &Meta) -> Result<(Value, Value, Option<usize>, Opti
         .enumerate()
         .filter_map(|(i, t)| {
             let ty = types.get(i).copied().unwrap_or(1);
-            (ty == 3 || ty == 4).then(|| json!({
-                "id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
-                "normalized": ty == 4, "special": ty == 3
-            }))
+            (ty == 3 || ty == 4).then(|| {
+                json!({
+                    "id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                    "normalized": ty == 4, "special": ty == 3
+                })
+            })
         })
         .collect();
     let bos = meta.uint_opt("tokenizer.ggml.bos_token_id");

@@ -21,10 +21,7 @@ pub fn cache_dir() -> PathBuf {
 /// True for strings shaped like a hub id (`org/name`, no path-like parts).
 pub fn looks_like_repo_id(s: &str) -> bool {
     let parts: Vec<&str> = s.split('/').collect();
-    parts.len() == 2
-        && parts.iter().all(|p| {
-            !p.is_empty() && *p != "." && *p != ".." && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        })
+    parts.len() == 2 && parts.iter().all(|p| !p.is_empty() && *p != "." && *p != ".." && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
 }
 
 /// The snapshot folder of `repo_id` at `refs/main` (or the only snapshot) in `cache`.
@@ -38,11 +35,7 @@ pub fn cached_snapshot(cache: &Path, repo_id: &str) -> Result<PathBuf> {
             return Ok(snap);
         }
     }
-    let mut snaps: Vec<PathBuf> = std::fs::read_dir(&snapshots)
-        .map_err(|_| not_cached())?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
-        .collect();
+    let mut snaps: Vec<PathBuf> = std::fs::read_dir(&snapshots).map_err(|_| not_cached())?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_dir()).collect();
     snaps.sort();
     match snaps.as_slice() {
         [one] => Ok(one.clone()),

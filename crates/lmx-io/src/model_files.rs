@@ -34,19 +34,13 @@ impl ModelSource {
         if path.is_file() {
             return match path.extension().and_then(|e| e.to_str()) {
                 Some("gguf") => Ok(ModelSource::Gguf(path.to_path_buf())),
-                _ => Err(IoError::NotFound {
-                    path: path.to_path_buf(),
-                    hint: ": --model takes a model folder, a .gguf file or a Hugging Face id (org/name); lmx never loads pickle (.bin/.pt) files".into(),
-                }),
+                _ => Err(IoError::NotFound { path: path.to_path_buf(), hint: ": a model is a folder, a .gguf file or a Hugging Face id (org/name); lmx never loads pickle (.bin/.pt) files".into() }),
             };
         }
         if hub::looks_like_repo_id(arg) {
             return hub::cached_snapshot(&hub::cache_dir(), arg).map(ModelSource::Folder);
         }
-        Err(IoError::NotFound {
-            path: path.to_path_buf(),
-            hint: ": --model takes a model folder, a .gguf file or a Hugging Face id (org/name)".into(),
-        })
+        Err(IoError::NotFound { path: path.to_path_buf(), hint: ": a model is a folder, a .gguf file or a Hugging Face id (org/name)".into() })
     }
 
     /// The path behind this source.
@@ -105,10 +99,7 @@ impl ModelFiles {
     fn load_folder(dir: PathBuf, source: ModelSource, cast: Option<DType>) -> Result<Self> {
         let config_path = dir.join("config.json");
         if !config_path.exists() {
-            return Err(IoError::NotFound {
-                path: config_path,
-                hint: ": not a model folder (expected config.json, *.safetensors and tokenizer.json)".into(),
-            });
+            return Err(IoError::NotFound { path: config_path, hint: ": not a model folder (expected config.json, *.safetensors and tokenizer.json)".into() });
         }
         let config = read_json(&config_path)?;
         let quantization = QuantConfig::from_config(&config).map_err(|msg| IoError::Json { path: config_path.clone(), msg })?;
@@ -117,11 +108,7 @@ impl ModelFiles {
         let tokenizer_config = read_json_opt(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
         let generation_config = read_json_opt(&dir.join("generation_config.json"))?;
         let jinja = dir.join("chat_template.jinja");
-        let chat_template = if jinja.exists() {
-            Some(std::fs::read_to_string(&jinja).map_err(|e| IoError::io(&jinja, e))?)
-        } else {
-            chat_template_source(&tokenizer_config, false)
-        };
+        let chat_template = if jinja.exists() { Some(std::fs::read_to_string(&jinja).map_err(|e| IoError::io(&jinja, e))?) } else { chat_template_source(&tokenizer_config, false) };
         Ok(Self { source, config, weights, quantization, tokenizer, tokenizer_config, generation_config, chat_template })
     }
 
@@ -150,10 +137,11 @@ impl ModelFiles {
 
     /// The `model_type` from config.json.
     pub fn model_type(&self) -> Result<String> {
-        self.config.get("model_type").and_then(Value::as_str).map(str::to_string).ok_or_else(|| IoError::Json {
-            path: self.source.path().join("config.json"),
-            msg: "config.json has no `model_type`".into(),
-        })
+        self.config
+            .get("model_type")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| IoError::Json { path: self.source.path().join("config.json"), msg: "config.json has no `model_type`".into() })
     }
 }
 
@@ -163,10 +151,7 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let json = read_json(&index)?;
-        let map = json.get("weight_map").and_then(Value::as_object).ok_or_else(|| IoError::Json {
-            path: index.clone(),
-            msg: "no `weight_map` object".into(),
-        })?;
+        let map = json.get("weight_map").and_then(Value::as_object).ok_or_else(|| IoError::Json { path: index.clone(), msg: "no `weight_map` object".into() })?;
         let mut files: Vec<PathBuf> = map.values().filter_map(Value::as_str).map(|f| dir.join(f)).collect();
         files.sort();
         files.dedup();
@@ -176,17 +161,11 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if single.exists() {
         return Ok(vec![single]);
     }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| IoError::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
+    let mut files: Vec<PathBuf> =
+        std::fs::read_dir(dir).map_err(|e| IoError::io(dir, e))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect();
     files.sort();
     if files.is_empty() {
-        return Err(IoError::NotFound {
-            path: dir.join("model.safetensors"),
-            hint: ": the folder has no safetensors weights (lmx loads safetensors and GGUF, never pickle .bin files)".into(),
-        });
+        return Err(IoError::NotFound { path: dir.join("model.safetensors"), hint: ": the folder has no safetensors weights (lmx loads safetensors and GGUF, never pickle .bin files)".into() });
     }
     Ok(files)
 }

@@ -40,9 +40,7 @@ impl QuantConfig {
             None => return Ok(None),
         };
         let spec = |v: &serde_json::Map<String, Value>, at: &str, fallback: Option<QuantSpec>| -> Result<(QuantSpec, String), String> {
-            let num = |k: &str, d: Option<usize>| {
-                v.get(k).and_then(Value::as_u64).map(|x| x as usize).or(d).ok_or_else(|| format!("quantization{at}: `{k}` is missing or not an integer"))
-            };
+            let num = |k: &str, d: Option<usize>| v.get(k).and_then(Value::as_u64).map(|x| x as usize).or(d).ok_or_else(|| format!("quantization{at}: `{k}` is missing or not an integer"));
             let bits = num("bits", fallback.map(|f| f.bits))?;
             let group_size = num("group_size", fallback.map(|f| f.group_size))?;
             let mode = v.get("mode").and_then(Value::as_str).unwrap_or("affine").to_string();

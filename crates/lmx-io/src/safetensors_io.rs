@@ -25,7 +25,6 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Saves `tensors` as one safetensors file, atomically.
 pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
     let tmp = temp_path(path);
-    candle_core::safetensors::save(tensors, &tmp)
-        .map_err(|e| IoError::Safetensors { path: tmp.clone(), msg: e.to_string() })?;
+    candle_core::safetensors::save(tensors, &tmp).map_err(|e| IoError::Safetensors { path: tmp.clone(), msg: e.to_string() })?;
     std::fs::rename(&tmp, path).map_err(|e| IoError::io(path, e))
 }

@@ -15,20 +15,15 @@ impl Tokenizer {
     /// Loads `tokenizer.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         if !path.exists() {
-            return Err(IoError::NotFound {
-                path: path.to_path_buf(),
-                hint: ": the model folder needs a tokenizer.json (Hugging Face fast-tokenizer format)".into(),
-            });
+            return Err(IoError::NotFound { path: path.to_path_buf(), hint: ": the model folder needs a tokenizer.json (Hugging Face fast-tokenizer format)".into() });
         }
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| IoError::Tokenizer(format!("{}: {e}", path.display())))?;
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| IoError::Tokenizer(format!("{}: {e}", path.display())))?;
         Ok(Self { inner })
     }
 
     /// Builds a tokenizer from a `tokenizer.json` value (as rebuilt from GGUF metadata).
     pub fn from_json(json: &serde_json::Value) -> Result<Self> {
-        let inner: tokenizers::Tokenizer = serde_json::from_value(json.clone())
-            .map_err(|e| IoError::Tokenizer(format!("invalid tokenizer description: {e}")))?;
+        let inner: tokenizers::Tokenizer = serde_json::from_value(json.clone()).map_err(|e| IoError::Tokenizer(format!("invalid tokenizer description: {e}")))?;
         Ok(Self { inner })
     }
 

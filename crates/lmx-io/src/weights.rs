@@ -171,7 +171,12 @@ impl Weights {
     pub fn get_slice(&self, key: &str, shape: &[usize], dim: usize, range: Range<usize>) -> Result<Tensor> {
         self.check_shape(key, shape)?;
         if dim >= shape.len() || range.end > shape[dim] || range.start > range.end {
-            return Err(IoError::ShapeMismatch { key: key.to_string(), expected: shape.to_vec(), found: shape.to_vec(), source_name: format!("{} (slice {range:?} of dimension {dim} is out of range)", self.inner.name) });
+            return Err(IoError::ShapeMismatch {
+                key: key.to_string(),
+                expected: shape.to_vec(),
+                found: shape.to_vec(),
+                source_name: format!("{} (slice {range:?} of dimension {dim} is out of range)", self.inner.name),
+            });
         }
         self.read(key, Some((dim, range)))
     }

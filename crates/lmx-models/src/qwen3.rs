@@ -30,12 +30,8 @@ impl Architecture for Config {
         let (h, eps) = (self.decoder.hidden_size, self.decoder.rms_norm_eps);
         let head_dim = self.head_dim.unwrap_or(h / self.num_attention_heads);
         let n_kv_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
-        let attention = AttentionConfig {
-            qkv_bias: self.attention_bias,
-            o_bias: self.attention_bias,
-            qk_norm_eps: Some(eps),
-            ..AttentionConfig::new(h, self.num_attention_heads, n_kv_heads, head_dim)
-        };
+        let attention =
+            AttentionConfig { qkv_bias: self.attention_bias, o_bias: self.attention_bias, qk_norm_eps: Some(eps), ..AttentionConfig::new(h, self.num_attention_heads, n_kv_heads, head_dim) };
         let rope = Rope::from_config(&self.rope, 10_000.0, head_dim, vb.dtype(), vb.device())?;
         let model = Decoder::new(vb, &self.decoder, rope, |vb, _| DecoderLayer::new(vb, &attention, self.intermediate_size, false, eps))?;
         Ok(Box::new(model))

@@ -14,11 +14,14 @@ pub trait Architecture: DeserializeOwned {
     fn build(&self, vb: &Builder) -> Result<Box<dyn CausalLm>, ModelError>;
 }
 
+/// Parses config.json for `model_type` and builds the model.
+type BuildFn = fn(&str, &Value, &Builder) -> Result<Box<dyn CausalLm>, ModelError>;
+
 /// One supported architecture.
 pub struct Entry {
     /// The config.json `model_type`.
     pub model_type: &'static str,
-    build: fn(&str, &Value, &Builder) -> Result<Box<dyn CausalLm>, ModelError>,
+    build: BuildFn,
 }
 
 const fn entry<C: Architecture>(model_type: &'static str) -> Entry {

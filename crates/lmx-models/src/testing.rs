@@ -147,6 +147,69 @@ fn every_architecture_sharded_over_two_and_three_ranks_equals_the_whole_model() 
     }
 }
 
+/// The llama fixture quantized to 4 bits (groups of 32) in memory: sharded over 2 ranks it
+/// equals the whole quantized model (o_proj and down_proj are split on group boundaries);
+/// over 3 ranks o_proj's split (2 + 1 + 1 heads of 16 columns) would cut a group, which is a
+/// clear error naming the layer.
+#[test]
+fn a_quantized_model_shards_on_group_boundaries() {
+    use lmx_core::quant::QuantizedMatrix;
+    let dir = fixture_dir("llama");
+    let mut config = lmx_io::config::read_json(&dir.join("config.json")).expect("config");
+    config["quantization"] = serde_json::json!({"group_size": 32, "bits": 4});
+    let whole = Weights::from_safetensors(&[dir.join("model.safetensors")]).expect("weights");
+    let mut tensors = std::collections::HashMap::new();
+    for key in whole.keys() {
+        let t = whole.tensor(&key).expect("tensor");
+        match key.strip_suffix(".weight").filter(|_| t.rank() == 2) {
+            Some(module) => {
+                let (p, s, b) = QuantizedMatrix::quantize(&t, 4, 32).and_then(|q| q.to_tensors()).expect("quantize");
+                tensors.insert(key.clone(), p);
+                tensors.insert(format!("{module}.scales"), s);
+                tensors.insert(format!("{module}.biases"), b);
+            }
+            None => {
+                tensors.insert(key.clone(), t);
+            }
+        }
+    }
+    let q = lmx_io::QuantConfig::from_config(&config).expect("block");
+    let build = |group: Option<Arc<dyn Group>>| {
+        let mut vb = Builder::new(Weights::from_tensors(tensors.clone(), "quantized"), DType::F32, &Device::Cpu).with_quantization(q.clone());
+        if let Some(g) = group {
+            vb = vb.with_group(g);
+        }
+        load_model("llama", &config, &vb)
+    };
+    let Golden { input_ids, scale, .. } = golden("llama");
+    let model = build(None).expect("whole");
+    let want = model.forward(&input_ids, &mut model.new_cache(), Logits::All).expect("forward");
+    let results: Vec<Tensor> = std::thread::scope(|s| {
+        let handles: Vec<_> = InProcess::world(2)
+            .into_iter()
+            .map(|g| {
+                let (ids, build) = (input_ids.clone(), &build);
+                s.spawn(move || {
+                    let guard = AbortOnPanic(g.clone());
+                    let model = build(Some(Arc::new(g))).expect("sharded quantized model");
+                    let out = model.forward(&ids, &mut model.new_cache(), Logits::All).expect("forward");
+                    std::mem::forget(guard);
+                    out
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("rank")).collect()
+    });
+    for (rank, got) in results.iter().enumerate() {
+        let (d, at) = max_diff(got, &want);
+        println!("quantized llama world 2 rank {rank}: max |logit diff| {d:.3e} at {at}");
+        assert!(d <= 1e-5 * scale, "rank {rank}: sharded quantized logits differ by {d}");
+    }
+    let g = InProcess::world(3).remove(1);
+    let err = build(Some(Arc::new(g))).err().expect("a cut group is an error").to_string();
+    assert!(err.contains("o_proj") && err.contains("group"), "{err}");
+}
+
 /// Mistral's fixture has a sliding window of 4 over 11 tokens: dropping the window must change
 /// the later logits (so the golden test above really checks the window).
 #[test]

@@ -96,7 +96,11 @@ impl Builder {
 
     /// The full checkpoint key of `name` under this prefix.
     pub fn key(&self, name: &str) -> String {
-        if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) }
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
     }
 
     /// The prefix (`model.layers.3.self_attn.q_proj`).

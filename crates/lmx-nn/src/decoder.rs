@@ -154,11 +154,7 @@ impl<L: Layer> Decoder<L> {
         let embed_tokens = m.pp("embed_tokens").embedding(cfg.vocab_size, cfg.hidden_size)?;
         let layers = (0..cfg.num_hidden_layers).map(|i| layer(&m.pp("layers").pp(i), i).map(Arc::new)).collect::<std::result::Result<Vec<_>, _>>()?;
         let norm = m.pp("norm").rms_norm(cfg.hidden_size, cfg.rms_norm_eps)?;
-        let lm_head = if cfg.tie_word_embeddings {
-            embed_tokens.as_linear()
-        } else {
-            vb.pp("lm_head").linear(cfg.hidden_size, cfg.vocab_size, Bias::No, Shard::Replicated)?
-        };
+        let lm_head = if cfg.tie_word_embeddings { embed_tokens.as_linear() } else { vb.pp("lm_head").linear(cfg.hidden_size, cfg.vocab_size, Bias::No, Shard::Replicated)? };
         let mut windows: Vec<Option<usize>> = layers.iter().map(|l| l.sliding_window()).collect();
         windows.sort();
         windows.dedup();

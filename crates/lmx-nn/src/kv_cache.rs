@@ -53,12 +53,7 @@ impl KvCache {
 
     /// Bytes held by the buffers.
     pub fn nbytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flat_map(|l| [&l.k, &l.v])
-            .flatten()
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum()
+        self.layers.iter().flat_map(|l| [&l.k, &l.v]).flatten().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
     }
 
     /// Appends `k`, `v` (b, n_kv_heads, seq_len, head_dim) for layer `layer_idx` and returns
@@ -68,9 +63,7 @@ impl KvCache {
             return Ok((k.contiguous()?, v.contiguous()?));
         }
         let n_layers = self.layers.len();
-        let Some(layer) = self.layers.get_mut(layer_idx) else {
-            lmx_core::bail!("kv cache: layer {layer_idx} of a cache for {n_layers} layers")
-        };
+        let Some(layer) = self.layers.get_mut(layer_idx) else { lmx_core::bail!("kv cache: layer {layer_idx} of a cache for {n_layers} layers") };
         let (b, h, seq_len, d) = k.dims4()?;
         let needed = layer.len + seq_len;
         let capacity = layer.k.as_ref().map_or(0, |t| t.dim(2).unwrap_or(0));

@@ -22,7 +22,11 @@ pub enum Bias {
 
 impl From<bool> for Bias {
     fn from(yes: bool) -> Self {
-        if yes { Bias::Yes } else { Bias::No }
+        if yes {
+            Bias::Yes
+        } else {
+            Bias::No
+        }
     }
 }
 

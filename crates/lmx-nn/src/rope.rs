@@ -99,9 +99,7 @@ impl Rope {
     /// cos and sin, each (seq_len, head_dim / 2), for positions `offset..offset + seq_len`,
     /// computed in f32 and cast to the model dtype as transformers does.
     pub fn cos_sin(&self, offset: usize, seq_len: usize) -> Result<(Tensor, Tensor)> {
-        let pos = Tensor::arange(offset as u32, (offset + seq_len) as u32, self.inv_freq.device())?
-            .to_dtype(DType::F32)?
-            .reshape((seq_len, 1))?;
+        let pos = Tensor::arange(offset as u32, (offset + seq_len) as u32, self.inv_freq.device())?.to_dtype(DType::F32)?.reshape((seq_len, 1))?;
         let freqs = pos.broadcast_mul(&self.inv_freq)?;
         Ok((freqs.cos()?.to_dtype(self.dtype)?, freqs.sin()?.to_dtype(self.dtype)?))
     }

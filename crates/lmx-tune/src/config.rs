@@ -127,14 +127,21 @@ pub struct LoraParametersFile {
 impl ConfigFile {
     /// Reads and parses a YAML config; errors name the file.
     pub fn read(path: &Path) -> Result<Self, TuneError> {
-        let text = std::fs::read_to_string(path).map_err(|e| TuneError::Config(format!("{}: {e}", path.display())))?;
-        serde_saphyr::from_str(&text).map_err(|e| TuneError::Config(format!("{}: {e}", path.display())))
+        let err = |msg: String| TuneError::ConfigFile { path: path.to_path_buf(), msg };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        serde_saphyr::from_str(&text).map_err(|e| err(e.to_string()))
     }
 
     /// Keys present in the file that lmx ignores (for a warning).
     pub fn ignored_keys(&self) -> Vec<&'static str> {
         let mut v = Vec::new();
-        for (k, present) in [("report_to", self.report_to.is_some()), ("project_name", self.project_name.is_some()), ("trust_remote_code", self.trust_remote_code.is_some()), ("clear_cache_threshold", self.clear_cache_threshold.is_some()), ("wandb", self.wandb.is_some())] {
+        for (k, present) in [
+            ("report_to", self.report_to.is_some()),
+            ("project_name", self.project_name.is_some()),
+            ("trust_remote_code", self.trust_remote_code.is_some()),
+            ("clear_cache_threshold", self.clear_cache_threshold.is_some()),
+            ("wandb", self.wandb.is_some()),
+        ] {
             if present {
                 v.push(k);
             }
@@ -145,12 +152,37 @@ impl ConfigFile {
     /// Applies the file's values over `c`.
     pub fn apply(self, c: &mut LoraConfig) -> Result<(), TuneError> {
         if self.hf_dataset.is_some() {
-            return Err(TuneError::Config("`hf_dataset` needs the Hugging Face hub; lmx trains on a local folder with train.jsonl / valid.jsonl / test.jsonl (`data:`)".into()));
+            return Err(TuneError::Unsupported {
+                what: "`hf_dataset` (it needs the Hugging Face hub)".into(),
+                hint: "; lmx trains on a local folder with train.jsonl / valid.jsonl / test.jsonl (`data:`)".into(),
+            });
         }
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
         }
-        set!(train, data, fine_tune_type, optimizer, optimizer_config, mask_prompt, num_layers, batch_size, iters, val_batches, learning_rate, steps_per_report, steps_per_eval, grad_accumulation_steps, adapter_path, save_every, test, test_batches, max_seq_length, grad_checkpoint, seed);
+        set!(
+            train,
+            data,
+            fine_tune_type,
+            optimizer,
+            optimizer_config,
+            mask_prompt,
+            num_layers,
+            batch_size,
+            iters,
+            val_batches,
+            learning_rate,
+            steps_per_report,
+            steps_per_eval,
+            grad_accumulation_steps,
+            adapter_path,
+            save_every,
+            test,
+            test_batches,
+            max_seq_length,
+            grad_checkpoint,
+            seed
+        );
         if self.model.is_some() {
             c.model = self.model;
         }
@@ -163,7 +195,7 @@ impl ConfigFile {
         if let Some(p) = self.lora_parameters {
             let Some(scale) = p.scale else {
                 let hint = if p.alpha.is_some() { " (found `alpha`: MLX LM's config uses `scale`, which is PEFT's alpha / rank)" } else { "" };
-                return Err(TuneError::Config(format!("lora_parameters needs `scale`{hint}")));
+                return Err(TuneError::Setting { key: "lora_parameters".into(), msg: format!("needs `scale`{hint}") });
             };
             let d = LoraParameters::default();
             c.lora_parameters = LoraParameters { rank: p.rank.unwrap_or(d.rank), scale, dropout: p.dropout.unwrap_or(d.dropout), keys: p.keys };
@@ -217,7 +249,7 @@ mod tests {
     #[test]
     fn yaml_overrides_defaults_and_typos_are_errors() -> Result<(), TuneError> {
         let yaml = "fine_tune_type: dora\nlearning_rate: 1e-4\nlora_parameters:\n  rank: 4\n  scale: 10.0\n  keys: [self_attn.q_proj]\nlr_schedule:\n  name: cosine_decay\n  warmup: 10\n  arguments: [1e-4, 100, 1e-7]\noptimizer_config:\n  adamw:\n    weight_decay: 0.05\nreport_to: wandb\n";
-        let f: ConfigFile = serde_saphyr::from_str(yaml).map_err(|e| TuneError::Config(e.to_string()))?;
+        let f: ConfigFile = serde_saphyr::from_str(yaml).map_err(|e| TuneError::Setting { key: "yaml".into(), msg: e.to_string() })?;
         assert_eq!(f.ignored_keys(), vec!["report_to"]);
         let mut c = LoraConfig::default();
         f.apply(&mut c)?;
@@ -230,7 +262,7 @@ mod tests {
         assert!(s.at(0) < 1e-6);
         let err = serde_saphyr::from_str::<ConfigFile>("learnin_rate: 1e-4\n").expect_err("typo").to_string();
         assert!(err.contains("learnin_rate"), "{err}");
-        let f: ConfigFile = serde_saphyr::from_str("lora_parameters:\n  rank: 8\n  alpha: 16\n").map_err(|e| TuneError::Config(e.to_string()))?;
+        let f: ConfigFile = serde_saphyr::from_str("lora_parameters:\n  rank: 8\n  alpha: 16\n").map_err(|e| TuneError::Setting { key: "yaml".into(), msg: e.to_string() })?;
         let err = f.apply(&mut LoraConfig::default()).expect_err("alpha").to_string();
         assert!(err.contains("scale") && err.contains("alpha"), "{err}");
         Ok(())

@@ -12,7 +12,11 @@ use serde_json::Value;
 pub enum DataError {
     /// The file could not be read.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// A line is not a JSON object of a known format.
     #[error("{path}:{line}: {msg}")]
     Record { path: PathBuf, line: usize, msg: String },
@@ -21,7 +25,12 @@ pub enum DataError {
     Empty(PathBuf),
     /// Tokenizing or rendering the chat template failed.
     #[error("{path}:{line}: {source}")]
-    Tokenize { path: PathBuf, line: usize, #[source] source: lmx_io::IoError },
+    Tokenize {
+        path: PathBuf,
+        line: usize,
+        #[source]
+        source: lmx_io::IoError,
+    },
 }
 
 /// One training record.

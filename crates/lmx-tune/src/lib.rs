@@ -22,14 +22,31 @@ use std::path::PathBuf;
 /// What can go wrong fine-tuning.
 #[derive(Debug, thiserror::Error)]
 pub enum TuneError {
-    /// A bad option or config value.
-    #[error("{0}")]
-    Config(String),
+    /// A setting lmx does not support.
+    #[error("{what} is not supported{hint}")]
+    Unsupported {
+        /// What was asked for.
+        what: String,
+        /// What to do instead (starts with "; " when present).
+        hint: String,
+    },
+    /// A config file that cannot be read or parsed.
+    #[error("{path}: {msg}")]
+    ConfigFile { path: PathBuf, msg: String },
+    /// A setting with a bad value (`key` as in the YAML config).
+    #[error("{key}: {msg}")]
+    Setting { key: String, msg: String },
+    /// Fewer examples than one batch.
+    #[error("the dataset has {examples} examples, fewer than batch_size {batch_size}")]
+    TooFewExamples { examples: usize, batch_size: usize },
+    /// No tensor trains.
+    #[error("nothing to train: no layer matched the adapter settings (check num_layers and lora_parameters.keys)")]
+    NothingToTrain,
     /// A bad dataset.
     #[error(transparent)]
     Data(#[from] DataError),
     /// The loss or a gradient became NaN or infinite.
-    #[error("training stopped at iteration {it}: the loss is {loss} or a gradient is not finite; the adapters of the last good step are in {path}. Try a lower --learning-rate")]
+    #[error("training stopped at iteration {it}: the loss is {loss} or a gradient is not finite; the adapters of the last good step are in {path}. Try a lower learning rate")]
     NonFinite { it: usize, loss: f64, path: PathBuf },
     /// Loading the model or writing files.
     #[error(transparent)]

@@ -30,24 +30,24 @@ impl OptimizerKind {
         let num = |key: &str, default: f64| -> std::result::Result<f64, TuneError> {
             match settings.get(key) {
                 None => Ok(default),
-                Some(v) => crate::config::as_number(v).ok_or_else(|| TuneError::Config(format!("optimizer_config.{name}.{key} must be a number"))),
+                Some(v) => crate::config::as_number(v).ok_or_else(|| TuneError::Setting { key: format!("optimizer_config.{name}.{key}"), msg: "must be a number".into() }),
             }
         };
         let flag = |key: &str| settings.get(key).and_then(Value::as_bool).unwrap_or(false);
         let allowed: &[&str] = match name {
             "adam" | "adamw" => &["betas", "eps", "weight_decay", "bias_correction"],
             "sgd" => &["momentum", "weight_decay", "dampening", "nesterov"],
-            other => return Err(TuneError::Config(format!("optimizer `{other}` is not supported (supported: adam, adamw, sgd)"))),
+            other => return Err(TuneError::Unsupported { what: format!("optimizer `{other}`"), hint: "; supported: adam, adamw, sgd".into() }),
         };
         if let Some(k) = settings.keys().find(|k| !allowed.contains(&k.as_str())) {
-            return Err(TuneError::Config(format!("optimizer_config.{name}: unknown setting `{k}` (known: {})", allowed.join(", "))));
+            return Err(TuneError::Setting { key: format!("optimizer_config.{name}"), msg: format!("unknown setting `{k}` (known: {})", allowed.join(", ")) });
         }
         Ok(match name {
             "sgd" => Self::Sgd { momentum: num("momentum", 0.0)?, weight_decay: num("weight_decay", 0.0)?, dampening: num("dampening", 0.0)?, nesterov: flag("nesterov") },
             _ => {
                 let betas = match settings.get("betas").and_then(Value::as_array) {
                     Some(b) if b.len() == 2 => (crate::config::as_number(&b[0]).unwrap_or(0.9), crate::config::as_number(&b[1]).unwrap_or(0.999)),
-                    Some(_) => return Err(TuneError::Config(format!("optimizer_config.{name}.betas must be a list of two numbers"))),
+                    Some(_) => return Err(TuneError::Setting { key: format!("optimizer_config.{name}.betas"), msg: "must be a list of two numbers".into() }),
                     None => (0.9, 0.999),
                 };
                 let wd_default = if name == "adamw" { 0.01 } else { 0.0 };
@@ -147,12 +147,22 @@ impl Schedule {
 
     /// Builds MLX LM's `lr_schedule` mapping.
     pub fn from_config(v: &Value) -> std::result::Result<Self, TuneError> {
-        let err = |m: &str| TuneError::Config(format!("lr_schedule: {m}"));
+        let err = |m: &str| TuneError::Setting { key: "lr_schedule".into(), msg: m.to_string() };
         let name = v.get("name").and_then(Value::as_str).ok_or_else(|| err("needs a `name` (cosine_decay, linear_schedule, exponential_decay, step_decay)"))?;
-        let args: Vec<f64> = v.get("arguments").and_then(Value::as_array).ok_or_else(|| err("needs `arguments`, a list"))?.iter().map(|a| crate::config::as_number(a).ok_or_else(|| err("arguments must be numbers"))).collect::<std::result::Result<_, _>>()?;
+        let args: Vec<f64> = v
+            .get("arguments")
+            .and_then(Value::as_array)
+            .ok_or_else(|| err("needs `arguments`, a list"))?
+            .iter()
+            .map(|a| crate::config::as_number(a).ok_or_else(|| err("arguments must be numbers")))
+            .collect::<std::result::Result<_, _>>()?;
         let arg = |i: usize, what: &str| args.get(i).copied().ok_or_else(|| err(&format!("`{name}` needs argument {} ({what})", i + 1)));
         let steps = |x: f64, what: &str| -> std::result::Result<usize, TuneError> {
-            if x < 1.0 { Err(err(&format!("{what} must be at least 1"))) } else { Ok(x as usize) }
+            if x < 1.0 {
+                Err(err(&format!("{what} must be at least 1")))
+            } else {
+                Ok(x as usize)
+            }
         };
         let kind = match name {
             "cosine_decay" => ScheduleKind::CosineDecay { init: arg(0, "init")?, decay_steps: steps(arg(1, "decay_steps")?, "decay_steps")?, end: args.get(2).copied().unwrap_or(0.0) },

@@ -81,7 +81,7 @@ impl<'a> Batches<'a> {
     /// Batches over `data`; with a seed the group order is shuffled, and reshuffled each pass.
     pub fn new(data: &'a Dataset, batch_size: usize, max_seq_length: usize, seed: Option<u64>) -> Result<Self, TuneError> {
         if data.len() < batch_size {
-            return Err(TuneError::Config(format!("the dataset has {} examples, fewer than --batch-size {batch_size}", data.len())));
+            return Err(TuneError::TooFewExamples { examples: data.len(), batch_size });
         }
         let mut idx: Vec<usize> = (0..data.len()).collect();
         idx.sort_by_key(|&i| data[i].0.len());
@@ -251,7 +251,7 @@ fn add_grads(a: Option<Tensor>, b: Option<Tensor>) -> lmx::core::Result<Option<T
 pub fn train(model: &dyn CausalLm, training: &Training, train: &Dataset, valid: Option<&Dataset>, args: &TrainArgs, on_event: &mut dyn FnMut(Event)) -> Result<(), TuneError> {
     let named = training.trainables();
     if named.is_empty() {
-        return Err(TuneError::Config("nothing to train: no layer matched the adapter settings (check --num-layers and lora_parameters.keys)".into()));
+        return Err(TuneError::NothingToTrain);
     }
     let vars: Vec<&Var> = named.iter().map(|(_, v)| v).collect();
     let sink = args.grad_checkpoint.then(|| training.enable_checkpointing().sink);

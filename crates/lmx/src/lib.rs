@@ -16,11 +16,11 @@
 mod load;
 mod perplexity;
 
-pub use load::{load, load_with, AdapterOptions, LoadOptions, Model, TokenizerWrapper};
-pub use perplexity::{perplexity, Perplexity};
 pub use lmx_core::{DType, Device};
 pub use lmx_generate::{FinishReason, GenerateParams, GenerationResponse, PromptCache, SamplerParams, TokenStream};
 pub use lmx_io::{Message, ModelSource};
+pub use load::{load, load_with, AdapterOptions, LoadOptions, Model, TokenizerWrapper};
+pub use perplexity::{perplexity, Perplexity};
 /// Writing model folders (GGUF to safetensors, dtype casts).
 pub mod convert {
     pub use lmx_convert::*;
@@ -78,13 +78,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 /// Streams a generation for `prompt` (token ids; see [`TokenizerWrapper::chat_prompt`]),
 /// stopping on the model's EOS tokens as well as any in `params.eos_token_ids`.
-pub fn stream_generate<'a>(
-    model: &'a Model,
-    tokenizer: &'a TokenizerWrapper,
-    prompt: &[u32],
-    cache: &'a mut PromptCache,
-    mut params: GenerateParams,
-) -> TokenStream<'a> {
+pub fn stream_generate<'a>(model: &'a Model, tokenizer: &'a TokenizerWrapper, prompt: &[u32], cache: &'a mut PromptCache, mut params: GenerateParams) -> TokenStream<'a> {
     for id in tokenizer.eos_token_ids() {
         if !params.eos_token_ids.contains(id) {
             params.eos_token_ids.push(*id);

@@ -25,13 +25,7 @@ pub struct Perplexity {
 
 /// Evaluates `model` on `tokens`: at most `num_samples` sequences (all when None) of
 /// `sequence_length` tokens; a shorter tail is dropped. `on_sequence` is called after each.
-pub fn perplexity(
-    model: &dyn CausalLm,
-    tokens: &[u32],
-    sequence_length: usize,
-    num_samples: Option<usize>,
-    mut on_sequence: impl FnMut(usize, usize),
-) -> Result<Perplexity> {
+pub fn perplexity(model: &dyn CausalLm, tokens: &[u32], sequence_length: usize, num_samples: Option<usize>, mut on_sequence: impl FnMut(usize, usize)) -> Result<Perplexity> {
     let seq_len = sequence_length.max(2);
     let total = tokens.len() / seq_len;
     let n = num_samples.map_or(total, |s| s.min(total));

@@ -43,10 +43,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         })
         .collect();
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| std::thread::available_parallelism().map_or(1, |n| n.get()).to_string());
-    eprintln!(
-        "Running benchmark: model={} dtype={:?} prompt_tokens={} generation_tokens={} threads={threads}",
-        args.model.model, model.dtype(), args.prompt_tokens, args.generation_tokens
-    );
+    eprintln!("Running benchmark: model={} dtype={:?} prompt_tokens={} generation_tokens={} threads={threads}", args.model.model, model.dtype(), args.prompt_tokens, args.generation_tokens);
     let params = || GenerateParams { max_tokens: args.generation_tokens, ignore_eos: true, prefill_step_size: args.prefill_step_size, ..Default::default() };
     let trial = || -> anyhow::Result<lmx::GenerationResponse> {
         let mut cache = PromptCache::new(&*model);

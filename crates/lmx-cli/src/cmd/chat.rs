@@ -68,11 +68,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         messages.push(Message::new("user", query));
         let prompt = tokenizer.chat_prompt(&messages, None)?;
-        let params = GenerateParams {
-            max_tokens: args.max_tokens,
-            sampler: sampler(args.temp, args.top_p, 0, 0.0, Some(args.seed), None),
-            ..Default::default()
-        };
+        let params = GenerateParams { max_tokens: args.max_tokens, sampler: sampler(args.temp, args.top_p, 0, 0.0, Some(args.seed), None), ..Default::default() };
         let mut reply = String::new();
         let mut last = None;
         for r in lmx::stream_generate(&model, &tokenizer, &prompt, &mut cache, params) {

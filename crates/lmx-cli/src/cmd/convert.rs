@@ -77,8 +77,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         lmx::convert::Transform::Cast
     };
     eprintln!("[INFO] Converting into {} (one tensor at a time, shards of up to 5 GB)", args.mlx_path.display());
-    let bpw = lmx::convert::convert(&source, dtype, &transform, &args.mlx_path, lmx::convert::MAX_SHARD_BYTES)
-        .with_context(|| format!("converting {}", source.path().display()))?;
+    let bpw = lmx::convert::convert(&source, dtype, &transform, &args.mlx_path, lmx::convert::MAX_SHARD_BYTES).with_context(|| format!("converting {}", source.path().display()))?;
     if let Some(bpw) = bpw {
         eprintln!("[INFO] Quantized model with {bpw:.3} bits per weight.");
     }

@@ -93,7 +93,24 @@ impl Args {
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
         }
-        set!(data, fine_tune_type, optimizer, num_layers, batch_size, iters, val_batches, learning_rate, steps_per_report, steps_per_eval, grad_accumulation_steps, adapter_path, save_every, test_batches, max_seq_length, seed);
+        set!(
+            data,
+            fine_tune_type,
+            optimizer,
+            num_layers,
+            batch_size,
+            iters,
+            val_batches,
+            learning_rate,
+            steps_per_report,
+            steps_per_eval,
+            grad_accumulation_steps,
+            adapter_path,
+            save_every,
+            test_batches,
+            max_seq_length,
+            seed
+        );
         if self.model.is_some() {
             c.model = self.model;
         }
@@ -182,14 +199,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let valid = load_split(&data_dir, "valid", &tokenizer, c.mask_prompt)?;
         let training = model.training().context("the model was loaded without trainable tensors")?.clone();
         let trainable: usize = training.trainables().iter().map(|(_, v)| v.as_tensor().elem_count()).sum();
-        eprintln!("Training: {} on `{model_arg}`, last {} of {} layers, {:.3}M trainable parameters", c.fine_tune_type, if c.num_layers < 0 { model.num_layers() } else { c.num_layers as usize }, model.num_layers(), trainable as f64 / 1e6);
+        eprintln!(
+            "Training: {} on `{model_arg}`, last {} of {} layers, {:.3}M trainable parameters",
+            c.fine_tune_type,
+            if c.num_layers < 0 { model.num_layers() } else { c.num_layers as usize },
+            model.num_layers(),
+            trainable as f64 / 1e6
+        );
         std::fs::create_dir_all(&adapter_dir).with_context(|| format!("creating --adapter-path {}", adapter_dir.display()))?;
-        let config = AdapterConfig {
-            fine_tune_type: kind,
-            num_layers: c.num_layers,
-            lora_parameters: (kind != FineTuneType::Full).then(|| c.lora_parameters.clone()),
-            extra: c.to_json(),
-        };
+        let config = AdapterConfig { fine_tune_type: kind, num_layers: c.num_layers, lora_parameters: (kind != FineTuneType::Full).then(|| c.lora_parameters.clone()), extra: c.to_json() };
         save_config(&adapter_dir, &config)?;
         let targs = TrainArgs {
             batch_size: c.batch_size,
@@ -218,9 +236,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 gb(peak_memory)
             )),
             Event::Saved { it, path } => say(format!("Iter {it}: Saved adapter weights to {}", path.display())),
-            Event::Truncated { longest, max } => say(format!(
-                "[WARNING] Some sequences are longer than {max} tokens. The longest sentence {longest} will be truncated to {max}. Consider pre-splitting your data to save memory."
-            )),
+            Event::Truncated { longest, max } => {
+                say(format!("[WARNING] Some sequences are longer than {max} tokens. The longest sentence {longest} will be truncated to {max}. Consider pre-splitting your data to save memory."))
+            }
         };
         let result = trainer::train(&*model, &training, &train, Some(&valid), &targs, &mut on_event);
         bar.finish_and_clear();

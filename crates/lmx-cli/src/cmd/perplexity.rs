@@ -48,7 +48,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(
         tokens.len() >= args.sequence_length,
         "{} has {} tokens, fewer than one sequence of --sequence-length {}; use a shorter --sequence-length or more text",
-        args.data.display(), tokens.len(), args.sequence_length
+        args.data.display(),
+        tokens.len(),
+        args.sequence_length
     );
     let samples = (args.num_samples >= 0).then_some(args.num_samples as usize);
     eprintln!("Evaluating perplexity: {} tokens, sequence length {}", tokens.len(), args.sequence_length);

@@ -12,8 +12,15 @@ fn generate(model: &str) -> std::process::Output {
 /// Rewrites the tiny model's weights through `edit`.
 fn edit_weights(dir: &std::path::Path, edit: impl FnOnce(&mut HashMap<String, lmx::core::Tensor>)) {
     let path = dir.join("model.safetensors");
-    let w = Weights::from_safetensors(&[path.clone()]).expect("read");
-    let mut map: HashMap<String, lmx::core::Tensor> = w.keys().into_iter().map(|k| { let t = w.tensor(&k).expect("tensor"); (k, t) }).collect();
+    let w = Weights::from_safetensors(std::slice::from_ref(&path)).expect("read");
+    let mut map: HashMap<String, lmx::core::Tensor> = w
+        .keys()
+        .into_iter()
+        .map(|k| {
+            let t = w.tensor(&k).expect("tensor");
+            (k, t)
+        })
+        .collect();
     drop(w);
     edit(&mut map);
     lmx::io::safetensors_io::save_safetensors(&map, &path).expect("write");
@@ -117,4 +124,13 @@ fn bad_flags_and_values() {
     assert_clear_error(&out, &["<nope>"]);
     let out = lmx(&["generate", "--model", "weights.bin"]);
     assert_clear_error(&out, &["weights.bin"]);
+}
+
+#[test]
+fn perplexity_on_a_text_shorter_than_one_sequence() {
+    let dir = tiny_model("ppl-short");
+    let text = dir.join("short.txt");
+    std::fs::write(&text, "a b c").expect("write");
+    let out = lmx(&["perplexity", "--model", &path_str(&dir), "--data", &path_str(&text), "--sequence-length", "64"]);
+    assert_clear_error(&out, &["3 tokens", "fewer than one sequence"]);
 }

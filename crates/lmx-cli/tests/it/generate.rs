@@ -89,11 +89,7 @@ fn hub_ids_resolve_in_the_local_cache() {
         std::fs::copy(tiny.join(f), snap.join(f)).expect("copy");
     }
     let run = |id: &str| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_lmx"))
-            .args(["generate", "--model", id, "-p", "a b", "-m", "3", "--verbose", "false"])
-            .env("HF_HUB_CACHE", &cache)
-            .output()
-            .expect("runs")
+        std::process::Command::new(env!("CARGO_BIN_EXE_lmx")).args(["generate", "--model", id, "-p", "a b", "-m", "3", "--verbose", "false"]).env("HF_HUB_CACHE", &cache).output().expect("runs")
     };
     let out = run("org/tiny");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

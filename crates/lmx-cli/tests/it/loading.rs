@@ -15,12 +15,7 @@ fn sharded_checkpoint_with_index_loads_identically() {
     let out = temp_dir("shard-out").join("sharded");
     let folder = lmx::convert::read(&lmx::ModelSource::Folder(src.clone()), None).expect("read");
     lmx::convert::write_sharded(&folder, &out, 40_000).expect("write shards");
-    let shards: Vec<_> = std::fs::read_dir(&out)
-        .expect("ls")
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().to_string())
-        .filter(|n| n.ends_with(".safetensors"))
-        .collect();
+    let shards: Vec<_> = std::fs::read_dir(&out).expect("ls").filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| n.ends_with(".safetensors")).collect();
     assert!(shards.len() > 2, "expected several shards, got {shards:?}");
     assert!(out.join("model.safetensors.index.json").exists());
     assert!(!out.join("model.safetensors").exists());
@@ -32,9 +27,23 @@ fn help_lists_mlx_lm_flag_names() {
     let help = |cmd: &str| String::from_utf8(lmx(&[cmd, "--help"]).stdout).expect("utf-8");
     let generate = help("generate");
     for flag in [
-        "--model", "--prompt", "-p,", "--system-prompt", "--max-tokens", "-m,", "--temp", "--top-p", "--top-k", "--min-p",
-        "--seed", "--ignore-chat-template", "--chat-template-config", "--extra-eos-token", "--verbose",
-        "--repetition-penalty", "--device",
+        "--model",
+        "--prompt",
+        "-p,",
+        "--system-prompt",
+        "--max-tokens",
+        "-m,",
+        "--temp",
+        "--top-p",
+        "--top-k",
+        "--min-p",
+        "--seed",
+        "--ignore-chat-template",
+        "--chat-template-config",
+        "--extra-eos-token",
+        "--verbose",
+        "--repetition-penalty",
+        "--device",
     ] {
         assert!(generate.contains(flag), "lmx generate --help lacks {flag}");
     }
@@ -85,4 +94,21 @@ fn streaming_convert_equals_in_memory_quantize() {
         assert!(same, "{k} differs between streamed and in-memory quantization");
     }
     drop(a);
+}
+
+/// The compute dtype follows the stored tensors, as in MLX LM, whatever config.json's
+/// `torch_dtype` says (`mlx_lm.convert --dtype float32` keeps `bfloat16` there); `dtype`
+/// overrides it.
+#[test]
+fn compute_dtype_follows_the_stored_weights() {
+    let dir = crate::tiny_model("dtype-follows");
+    let path = dir.join("config.json");
+    let config = std::fs::read_to_string(&path).expect("config").replace("\"float32\"", "\"bfloat16\"");
+    assert!(config.contains("bfloat16"), "the fixture config names its dtype");
+    std::fs::write(&path, config).expect("write");
+    let (model, _) = lmx::load(&crate::path_str(&dir)).expect("load");
+    assert_eq!(model.dtype(), lmx::DType::F32, "f32 tensors compute in f32");
+    let opts = lmx::LoadOptions { dtype: Some(lmx::DType::BF16), ..Default::default() };
+    let (model, _) = lmx::load_with(&crate::path_str(&dir), &opts).expect("load bf16");
+    assert_eq!(model.dtype(), lmx::DType::BF16, "an explicit dtype wins");
 }

@@ -151,7 +151,7 @@ fn bad_data_and_flags_get_clear_errors() {
     assert_clear_error(&run(&ok, &["--fine-tune-type", "qlora"]), &["--fine-tune-type", "qlora"]);
     assert_clear_error(&run(&ok, &["--num-layers", "9"]), &["9 layers", "model has 2"]);
     assert_clear_error(&run(&ok, &["--mask-prompt"]), &["train.jsonl:1", "--mask-prompt"]);
-    assert_clear_error(&run(&ok, &["--batch-size", "8"]), &["fewer than --batch-size 8"]);
+    assert_clear_error(&run(&ok, &["--batch-size", "8"]), &["fewer than batch_size 8"]);
     let yaml = ok.join("c.yaml");
     std::fs::write(&yaml, "lora_parameters:\n  rank: 4\n  alpha: 8\n").expect("write");
     assert_clear_error(&run(&ok, &["-c", &path_str(&yaml)]), &["scale", "alpha"]);

@@ -18,13 +18,8 @@ pub fn lmx(args: &[&str]) -> Output {
 /// Runs `lmx` with `args` and `stdin` piped in.
 pub fn lmx_stdin(args: &[&str], stdin: &str) -> Output {
     use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lmx"))
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("lmx starts");
+    let mut child =
+        Command::new(env!("CARGO_BIN_EXE_lmx")).args(args).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().expect("lmx starts");
     child.stdin.take().expect("stdin").write_all(stdin.as_bytes()).expect("write stdin");
     child.wait_with_output().expect("lmx finishes")
 }

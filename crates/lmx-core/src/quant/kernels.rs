@@ -35,16 +35,28 @@ pub fn qmatmul(q: &QuantizedMatrix, x: &[f32], m: usize) -> Vec<f32> {
         for (i, row) in scratch.chunks_mut(q.cols).enumerate() {
             q.dequantize_row(r0 + i, row);
         }
-        let y_ptr = y_ptr;
         // SAFETY: each block writes only columns r0..r0 + nr of y (disjoint across tasks);
         // strides describe x (m, cols) row-major, scratch^T (cols, nr) and y (m, rows).
         unsafe {
             gemm::gemm(
-                m, nr, q.cols,
-                y_ptr.0.add(r0), 1, q.rows as isize, false,
-                x.as_ptr(), 1, q.cols as isize,
-                scratch.as_ptr(), q.cols as isize, 1,
-                0.0, 1.0, false, false, false,
+                m,
+                nr,
+                q.cols,
+                y_ptr.get().add(r0),
+                1,
+                q.rows as isize,
+                false,
+                x.as_ptr(),
+                1,
+                q.cols as isize,
+                scratch.as_ptr(),
+                q.cols as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
                 gemm::Parallelism::None,
             );
         }
@@ -65,7 +77,6 @@ pub fn qmatmul_t(q: &QuantizedMatrix, g: &[f32], m: usize) -> Vec<f32> {
         let g1 = (g0 + groups_per_task).min(n_groups);
         let (c0, width) = (g0 * q.group_size, (g1 - g0) * q.group_size);
         let mut scratch = vec![0f32; BLOCK_ROWS * width];
-        let gx_ptr = gx_ptr;
         for r0 in (0..q.rows).step_by(BLOCK_ROWS) {
             let nr = BLOCK_ROWS.min(q.rows - r0);
             for (i, row) in scratch.chunks_mut(width).take(nr).enumerate() {
@@ -75,11 +86,24 @@ pub fn qmatmul_t(q: &QuantizedMatrix, g: &[f32], m: usize) -> Vec<f32> {
             // g is (m, rows) row-major and scratch (nr, width) row-major.
             unsafe {
                 gemm::gemm(
-                    m, width, nr,
-                    gx_ptr.0.add(c0), 1, q.cols as isize, r0 > 0,
-                    g.as_ptr().add(r0), 1, q.rows as isize,
-                    scratch.as_ptr(), 1, width as isize,
-                    1.0, 1.0, false, false, false,
+                    m,
+                    width,
+                    nr,
+                    gx_ptr.get().add(c0),
+                    1,
+                    q.cols as isize,
+                    r0 > 0,
+                    g.as_ptr().add(r0),
+                    1,
+                    q.rows as isize,
+                    scratch.as_ptr(),
+                    1,
+                    width as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
                     gemm::Parallelism::None,
                 );
             }
@@ -90,6 +114,13 @@ pub fn qmatmul_t(q: &QuantizedMatrix, g: &[f32], m: usize) -> Vec<f32> {
 
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the Sync wrapper, not the raw field).
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
 // SAFETY: used only to write disjoint column blocks of one buffer from rayon tasks.
 unsafe impl Send for SendPtr {}
 // SAFETY: as above.
@@ -101,9 +132,7 @@ unsafe impl Sync for SendPtr {}
 #[cfg(target_arch = "x86_64")]
 fn avx512() -> bool {
     static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVX512.get_or_init(|| {
-        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") && std::env::var_os("LMX_AVX512").is_some_and(|v| v == "1")
-    })
+    *AVX512.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") && std::env::var_os("LMX_AVX512").is_some_and(|v| v == "1"))
 }
 
 /// A 4-bit row against int8 activations, on the widest kernel that runs here.

@@ -180,15 +180,7 @@ impl QuantizedMatrix {
             scales.extend(s);
             biases.extend(b);
         }
-        Ok(Self {
-            rows,
-            cols,
-            bits,
-            group_size,
-            packed,
-            scales: GroupParams::from_f32(scales, dtype)?,
-            biases: GroupParams::from_f32(biases, dtype)?,
-        })
+        Ok(Self { rows, cols, bits, group_size, packed, scales: GroupParams::from_f32(scales, dtype)?, biases: GroupParams::from_f32(biases, dtype)? })
     }
 
     /// Wraps checkpoint tensors (`weight` u32, `scales`, `biases`), checking their shapes.
@@ -206,25 +198,13 @@ impl QuantizedMatrix {
                 packed.dims(), scales.dims(), biases.dims()
             );
         }
-        Ok(Self {
-            rows,
-            cols,
-            bits,
-            group_size,
-            packed: packed.flatten_all()?.to_vec1()?,
-            scales: GroupParams::from_tensor(scales)?,
-            biases: GroupParams::from_tensor(biases)?,
-        })
+        Ok(Self { rows, cols, bits, group_size, packed: packed.flatten_all()?.to_vec1()?, scales: GroupParams::from_tensor(scales)?, biases: GroupParams::from_tensor(biases)? })
     }
 
     /// The checkpoint tensors: (`weight` u32, `scales`, `biases`).
     pub fn to_tensors(&self) -> Result<(Tensor, Tensor, Tensor)> {
         let groups = (self.rows, self.cols / self.group_size);
-        Ok((
-            Tensor::from_vec(self.packed.clone(), (self.rows, self.cols * self.bits / 32), &Device::Cpu)?,
-            self.scales.to_tensor(groups)?,
-            self.biases.to_tensor(groups)?,
-        ))
+        Ok((Tensor::from_vec(self.packed.clone(), (self.rows, self.cols * self.bits / 32), &Device::Cpu)?, self.scales.to_tensor(groups)?, self.biases.to_tensor(groups)?))
     }
 
     /// The dtype of scales and biases (the model dtype).
@@ -275,7 +255,11 @@ impl QuantizedMatrix {
     pub fn matmul(self: &Arc<Self>, x: &Tensor) -> Result<Tensor> {
         let x = x.contiguous()?;
         let op = op::QMatMul { q: self.clone(), transpose: false };
-        if x.track_op() { x.apply_op1(op) } else { x.apply_op1_no_bwd(&op) }
+        if x.track_op() {
+            x.apply_op1(op)
+        } else {
+            x.apply_op1_no_bwd(&op)
+        }
     }
 }
 
@@ -322,7 +306,7 @@ fn get_bits(words: &[u32], offset: usize, bits: usize) -> u32 {
 
 mod kernels;
 mod op;
-#[cfg(target_arch = "x86_64")]
-mod x86;
 #[cfg(test)]
 mod tests;
+#[cfg(target_arch = "x86_64")]
+mod x86;

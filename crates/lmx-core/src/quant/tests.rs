@@ -151,12 +151,7 @@ fn avx512_matches_avx2() -> Result<()> {
             let row = &q.packed[r * words..(r + 1) * words];
             let (sr, br) = (&sv[r * groups..(r + 1) * groups], &bv[r * groups..(r + 1) * groups]);
             // SAFETY: features checked above; sizes match.
-            let (a, b) = unsafe {
-                (
-                    x86::row_dot_4bit_q8(row, 64, sr, br, &xsums, &xq.0, &xq.1),
-                    x86::row_dot_4bit_q8_avx512(row, 64, sr, br, &xsums, &xq.0, &xq.1),
-                )
-            };
+            let (a, b) = unsafe { (x86::row_dot_4bit_q8(row, 64, sr, br, &xsums, &xq.0, &xq.1), x86::row_dot_4bit_q8_avx512(row, 64, sr, br, &xsums, &xq.0, &xq.1)) };
             assert!((a - b).abs() <= 1e-3 * (1.0 + a.abs()), "cols {cols} row {r}: avx2 {a} vs avx512 {b}");
         }
     }

@@ -52,15 +52,7 @@ pub unsafe fn dequantize_group(row: &[u32], start: usize, bits: usize, scale: f3
 /// AVX2 and FMA must be available; `row` holds xq.len() codes; group_size is a multiple of
 /// 64; `dx` has one scale per 64 activations; `scales`, `biases`, `xsums` one per group.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn row_dot_4bit_q8<S: super::Scale>(
-    row: &[u32],
-    group_size: usize,
-    scales: &[S],
-    biases: &[S],
-    xsums: &[f32],
-    xq: &[i8],
-    dx: &[f32],
-) -> f32 {
+pub unsafe fn row_dot_4bit_q8<S: super::Scale>(row: &[u32], group_size: usize, scales: &[S], biases: &[S], xsums: &[f32], xq: &[i8], dx: &[f32]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let mut bias_part = 0f32;
     let blocks_per_group = group_size / 64;
@@ -106,15 +98,7 @@ unsafe fn block_i32(row: &[u32], xq: &[i8], e: usize) -> __m256i {
 /// # Safety
 /// AVX-512F and AVX-512BW must be available; otherwise as [`row_dot_4bit_q8`].
 #[target_feature(enable = "avx512f,avx512bw")]
-pub unsafe fn row_dot_4bit_q8_avx512<S: super::Scale>(
-    row: &[u32],
-    group_size: usize,
-    scales: &[S],
-    biases: &[S],
-    xsums: &[f32],
-    xq: &[i8],
-    dx: &[f32],
-) -> f32 {
+pub unsafe fn row_dot_4bit_q8_avx512<S: super::Scale>(row: &[u32], group_size: usize, scales: &[S], biases: &[S], xsums: &[f32], xq: &[i8], dx: &[f32]) -> f32 {
     let mask = _mm512_set1_epi8(0x0F);
     let ones = _mm512_set1_epi16(1);
     let mut acc = _mm512_setzero_ps();

@@ -33,4 +33,3 @@ fn mlx_lm_adapter_gives_mlx_lm_greedy_tokens() {
         assert_eq!(got, want, "without the adapter, for {}", case["prompt"]);
     }
 }
-

@@ -37,10 +37,6 @@ fn prompt_longer_than_the_context_is_an_error() {
     let (model, tok) = lmx::load(&default_model()).expect("load");
     let too_long = vec![42u32; model.max_position_embeddings() + 1];
     let mut cache = PromptCache::new(&*model);
-    let err = lmx::stream_generate(&model, &tok, &too_long, &mut cache, GenerateParams::default())
-        .next()
-        .expect("one item")
-        .expect_err("too long")
-        .to_string();
+    let err = lmx::stream_generate(&model, &tok, &too_long, &mut cache, GenerateParams::default()).next().expect("one item").expect_err("too long").to_string();
     assert!(err.contains("8193 tokens") && err.contains("8192"), "{err}");
 }

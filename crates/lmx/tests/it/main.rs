@@ -5,6 +5,7 @@ mod adapters;
 mod chat;
 mod golden;
 mod quant;
+mod sharded;
 mod streaming;
 
 use std::path::PathBuf;
@@ -29,8 +30,5 @@ pub fn reference() -> serde_json::Value {
 pub fn greedy_ids(model: &lmx::Model, tok: &lmx::TokenizerWrapper, prompt: &[u32], max_tokens: usize, ignore_eos: bool) -> Vec<u32> {
     let mut cache = lmx::PromptCache::new(&**model);
     let params = lmx::GenerateParams { max_tokens, ignore_eos, ..Default::default() };
-    lmx::stream_generate(model, tok, prompt, &mut cache, params)
-        .map(|r| r.expect("generation step"))
-        .map(|r| r.token)
-        .collect()
+    lmx::stream_generate(model, tok, prompt, &mut cache, params).map(|r| r.expect("generation step")).map(|r| r.token).collect()
 }
