@@ -6,6 +6,7 @@
 //! Fine-tuning on a bf16 base uses it for the frozen weights: the forward `x W^T`, and the
 //! input gradient `g W = g (W^T)^T` with a transposed copy of W.
 
+use crate::cpu::SendPtr;
 use rayon::prelude::*;
 
 /// True when this CPU runs the bf16 kernel.
@@ -159,20 +160,6 @@ unsafe fn pack_row(_: &[f32], _: &mut [u32]) {
 
 /// Rows of x per microkernel call (8 rows x 32 columns = 16 zmm accumulators).
 const MR: usize = 8;
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-
-impl SendPtr {
-    /// The pointer (a method, so closures capture the Sync wrapper, not the raw field).
-    fn get(&self) -> *mut f32 {
-        self.0
-    }
-}
-// SAFETY: tasks write disjoint column panels of one buffer.
-unsafe impl Send for SendPtr {}
-// SAFETY: as above.
-unsafe impl Sync for SendPtr {}
 
 /// out[r][0..32] = sum over pairs t of x[i + r] pair t * B pair row t, columns c0..c0+32.
 /// Rows past `rows` repeat the last valid row (computed, never stored).

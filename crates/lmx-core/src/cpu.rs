@@ -180,6 +180,21 @@ mod x86 {
     }
 }
 
+/// A pointer to one output buffer that rayon tasks write disjoint parts of.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the Sync wrapper, not the raw field).
+    pub(crate) fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+// SAFETY: every user writes only its own, disjoint part of the buffer, which outlives the tasks.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,7 @@
 //! activations where the x86 kernel can use them), and group dequantization.
 
 use super::{get_bits, GroupParams, QuantizedMatrix};
+use crate::cpu::SendPtr;
 use rayon::prelude::*;
 
 /// Rows of W dequantized together for a multi-row product (fits in L2 at 4 KiB columns).
@@ -111,20 +112,6 @@ pub fn qmatmul_t(q: &QuantizedMatrix, g: &[f32], m: usize) -> Vec<f32> {
     });
     gx
 }
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-
-impl SendPtr {
-    /// The pointer (a method, so closures capture the Sync wrapper, not the raw field).
-    fn get(&self) -> *mut f32 {
-        self.0
-    }
-}
-// SAFETY: used only to write disjoint column blocks of one buffer from rayon tasks.
-unsafe impl Send for SendPtr {}
-// SAFETY: as above.
-unsafe impl Sync for SendPtr {}
 
 /// True when the AVX-512 (F + BW) 4-bit kernel should run: the CPU has it and
 /// `LMX_AVX512=1` asks for it. It is opt-in because on the Zen 4 development machine it
