@@ -255,6 +255,27 @@ mod tests {
         Ok(())
     }
 
+    /// Soft-capped attention (Gemma 2) equals the formula: scores `c * tanh(s / c)`, then the
+    /// mask and softmax; the single-query fast path does not apply.
+    #[test]
+    fn softcapped_attention_matches_the_formula() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = (Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &dev)? * 4.0)?;
+        let k = (Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &dev)? * 4.0)?;
+        let v = Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &dev)?;
+        let mask = causal_mask(3, 0, None, &dev)?;
+        let got = attention(&q, &k, &v, Some(&mask), 0.35, Some(5.0))?;
+        let s = (q.matmul(&k.t()?)? * 0.35)?;
+        let s = ((s / 5.0)?.tanh()? * 5.0)?.broadcast_add(&mask)?;
+        let want = softmax_last_dim(&s)?.matmul(&v)?;
+        assert!(max_abs_diff(&got, &want) < 1e-5, "{}", max_abs_diff(&got, &want));
+        let uncapped = attention(&q, &k, &v, Some(&mask), 0.35, None)?;
+        assert!(max_abs_diff(&got, &uncapped) > 1e-3, "the cap must matter for these scores");
+        let one = attention(&q.narrow(2, 2, 1)?, &k, &v, None, 0.35, Some(5.0))?;
+        assert!(max_abs_diff(&one, &want.narrow(2, 2, 1)?) < 1e-5, "single query");
+        Ok(())
+    }
+
     /// The fused single-query attention equals the general path, with keys and values read
     /// through strided cache views.
     #[test]
