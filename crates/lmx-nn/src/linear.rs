@@ -91,11 +91,6 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// A dense, unsharded linear layer from existing tensors (tests, fused weights).
-    pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight: Weight::Dense(weight), bias, adapter: None, reduce: None }
-    }
-
     /// The (out, in) weight this rank holds, dequantized if it is stored quantized.
     pub fn weight(&self) -> Result<Tensor> {
         self.weight.to_tensor()

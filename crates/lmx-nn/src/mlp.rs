@@ -50,3 +50,48 @@ impl Module for Mlp {
         self.down_proj.forward(&h)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use lmx_core::{DType, Device, Module, Result, Tensor};
+    use lmx_io::Weights;
+
+    use super::*;
+
+    fn err(e: BuildError) -> lmx_core::Error {
+        lmx_core::Error::Msg(e.to_string())
+    }
+
+    /// GeGLU (`gelu_pytorch_tanh`) and SwiGLU blocks equal their formulas, and the `1 + w` RMS
+    /// norm equals a plain one whose weight is `1 + w` (Gemma's checkpoints store `w`).
+    #[test]
+    fn activations_and_one_plus_norm_match_their_formulas() -> Result<()> {
+        let dev = Device::Cpu;
+        let (h, i) = (8, 12);
+        let t = |shape: (usize, usize)| Tensor::randn(0f32, 0.5, shape, &dev);
+        let (g, u, d) = (t((i, h))?, t((i, h))?, t((h, i))?);
+        let w = Tensor::randn(0f32, 0.1, h, &dev)?;
+        let tensors = HashMap::from([
+            ("mlp.gate_proj.weight".to_string(), g.clone()),
+            ("mlp.up_proj.weight".to_string(), u.clone()),
+            ("mlp.down_proj.weight".to_string(), d.clone()),
+            ("norm.weight".to_string(), w.clone()),
+        ]);
+        let vb = Builder::new(Weights::from_tensors(tensors, "t"), DType::F32, &dev);
+        let x = Tensor::randn(0f32, 1.0, (1, 3, h), &dev)?;
+        let lin = |w: &Tensor| x.broadcast_matmul(&w.t()?);
+        for (act, f) in [(Activation::Silu, Tensor::silu as fn(&Tensor) -> Result<Tensor>), (Activation::GeluTanh, Tensor::gelu)] {
+            let mlp = Mlp::new(&vb.pp("mlp"), h, i, Bias::No, act).map_err(err)?;
+            let want = (f(&lin(&g)?)? * lin(&u)?)?.broadcast_matmul(&d.t()?)?;
+            let diff = (mlp.forward(&x)? - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "{act:?}: {diff}");
+        }
+        let norm = vb.pp("norm").rms_norm_one_plus(h, 1e-6).map_err(err)?;
+        let want = lmx_core::ops::rms_norm(&x, &(w + 1.0)?, 1e-6)?;
+        let diff = (norm.forward(&x)? - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "1 + w norm: {diff}");
+        Ok(())
+    }
+}
