@@ -242,7 +242,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         };
         let result = trainer::train(&*model, &training, &train, Some(&valid), &targs, &mut on_event);
         bar.finish_and_clear();
-        result?;
+        result.map_err(|e| match e {
+            lmx_tune::TuneError::NonFinite { .. } => anyhow::anyhow!("{e} (--learning-rate)"),
+            e => e.into(),
+        })?;
         eprintln!("Saved final weights to {}", adapter_dir.join(ADAPTER_FILE).display());
     }
     if let Some(test) = test {
