@@ -90,12 +90,14 @@ pub fn read(source: &ModelSource, dtype: Option<DType>) -> Result<Folder, Conver
     Ok(Folder { tensors, ..metadata(&files) })
 }
 
-/// Reads `source` with every floating tensor cast to `dtype`, by default the dtype the model
-/// computes in (its stored weights' dtype; float32 for GGUF).
+/// Reads `source` with every floating tensor cast to `dtype`; by default, as `mlx_lm.convert`
+/// does, to config.json's `torch_dtype` (or `dtype`), else to the dtype the weights are stored
+/// in (float32 for GGUF).
 fn load(source: &ModelSource, dtype: Option<DType>) -> Result<lmx_io::ModelFiles, ConvertError> {
     let mut files = lmx_io::ModelFiles::load(source.clone(), dtype)?;
     if dtype.is_none() {
-        let dtype = files.weights.compute_dtype();
+        let declared = files.config.get("torch_dtype").or_else(|| files.config.get("dtype")).and_then(Value::as_str).and_then(|n| lmx_core::parse_dtype(n).ok());
+        let dtype = declared.unwrap_or_else(|| files.weights.compute_dtype());
         let weights = std::mem::replace(&mut files.weights, lmx_io::Weights::from_tensors(HashMap::new(), ""));
         files.weights = weights.with_cast(Some(dtype));
     }

@@ -29,7 +29,8 @@ enum Source {
 struct Entry {
     shard: usize,
     shape: Vec<usize>,
-    dtype: DType,
+    /// None for a dtype candle cannot hold.
+    dtype: Option<DType>,
 }
 
 struct Inner {
@@ -62,7 +63,8 @@ impl Weights {
             // contract as every mmap-based loader: candle, safetensors, MLX).
             let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| IoError::Safetensors { path: path.clone(), msg: e.to_string() })?;
             for (name, view) in st.tensors() {
-                let dtype = DType::try_from(view.dtype()).map_err(|e| IoError::Safetensors { path: path.clone(), msg: format!("tensor `{name}`: {e}") })?;
+                // A dtype candle lacks is an error only if the tensor is read.
+                let dtype = DType::try_from(view.dtype()).ok();
                 index.insert(name, Entry { shard: i, shape: view.shape().to_vec(), dtype });
             }
             files.push((path.clone(), st));
@@ -76,7 +78,7 @@ impl Weights {
 
     /// Wraps tensors already in memory (renamed GGUF tensors, or tensors built by a test).
     pub fn from_tensors(tensors: HashMap<String, Tensor>, name: &str) -> Self {
-        let index = tensors.iter().map(|(k, t)| (k.clone(), Entry { shard: 0, shape: t.dims().to_vec(), dtype: t.dtype() })).collect();
+        let index = tensors.iter().map(|(k, t)| (k.clone(), Entry { shard: 0, shape: t.dims().to_vec(), dtype: Some(t.dtype()) })).collect();
         Self::new(Source::Memory(tensors), index, name.to_string())
     }
 
@@ -112,12 +114,13 @@ impl Weights {
 
     /// The dtype `key` is stored in (before any cast).
     pub fn stored_dtype(&self, key: &str) -> Option<DType> {
-        self.inner.index.get(key).map(|e| e.dtype)
+        self.inner.index.get(key).and_then(|e| e.dtype)
     }
 
     /// The dtype the model computes in by default, as MLX LM does: the stored dtype of the
     /// weights. For a quantized checkpoint that is the dtype of its scales; otherwise the
-    /// floating dtype holding the most elements. The cast, when one is set, wins.
+    /// float32/float16/bfloat16 dtype holding the most elements (float32 if none). The cast,
+    /// when one is set, wins.
     pub fn compute_dtype(&self) -> DType {
         if let Some(d) = self.inner.cast {
             return d;
@@ -125,12 +128,13 @@ impl Weights {
         let index = &self.inner.index;
         let mut scales: Vec<(&String, &Entry)> = index.iter().filter(|(k, _)| k.ends_with(".scales")).collect();
         scales.sort_by(|a, b| a.0.cmp(b.0));
-        if let Some((_, e)) = scales.first() {
-            return e.dtype;
+        let compute = |d: &DType| matches!(d, DType::F32 | DType::F16 | DType::BF16);
+        if let Some(d) = scales.first().and_then(|(_, e)| e.dtype).filter(compute) {
+            return d;
         }
         let mut count: HashMap<DType, usize> = HashMap::new();
-        for e in index.values().filter(|e| e.dtype.is_float()) {
-            *count.entry(e.dtype).or_default() += e.shape.iter().product::<usize>();
+        for (d, e) in index.values().filter_map(|e| e.dtype.filter(compute).map(|d| (d, e))) {
+            *count.entry(d).or_default() += e.shape.iter().product::<usize>();
         }
         let mut by_count: Vec<(DType, usize)> = count.into_iter().collect();
         by_count.sort_by_key(|(d, n)| (std::cmp::Reverse(*n), d.size_in_bytes()));
@@ -200,7 +204,10 @@ impl Weights {
                 let view = st.get(key).map_err(err)?;
                 let tensor = match &slice {
                     None => candle_core::safetensors::Load::load(&view, &Device::Cpu).map_err(err)?,
-                    Some((dim, range)) => slice_bytes(view.data(), &entry.shape, entry.dtype, *dim, range.clone()).map_err(err)?,
+                    Some((dim, range)) => {
+                        let dtype = entry.dtype.ok_or_else(|| IoError::Safetensors { path: path.clone(), msg: format!("tensor `{key}` has a dtype lmx cannot read") })?;
+                        slice_bytes(view.data(), &entry.shape, dtype, *dim, range.clone()).map_err(err)?
+                    }
                 };
                 release_pages(view.data());
                 tensor

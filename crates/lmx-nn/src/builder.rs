@@ -251,8 +251,11 @@ impl Builder {
     /// the weight `shard` names.
     pub fn linear(&self, in_features: usize, out_features: usize, bias: Bias, shard: Shard) -> Result<Linear> {
         let shape = [out_features, in_features];
-        // A split that covers everything (a world of one) is no split.
+        // In a world of one a split covers everything: no split. (With more ranks a rank may
+        // hold a whole row-parallel input while others hold nothing; it must still take part
+        // in the all-sum.)
         let shard = match shard {
+            _ if self.shared.group.size() > 1 => shard,
             Shard::Column(r) if r == (0..out_features) => Shard::Replicated,
             Shard::Row(r) if r == (0..in_features) => Shard::Replicated,
             s => s,

@@ -86,7 +86,8 @@ impl Training {
     /// training forwards; returns the settings (their sink collects the gradients).
     pub fn enable_checkpointing(&self) -> Checkpointing {
         let vars = self.trainables();
-        let first_layer = vars.iter().filter_map(|(k, _)| layer_index(k)).min().unwrap_or(0);
+        // No trained tensor inside a layer (e.g. only `lm_head`): no layer is checkpointed.
+        let first_layer = vars.iter().filter_map(|(k, _)| layer_index(k)).min().unwrap_or(usize::MAX);
         let ck = Checkpointing { first_layer, vars: Arc::new(vars.into_iter().map(|(_, v)| v).collect()), sink: Arc::new(GradSink::default()) };
         *self.checkpointing.lock().unwrap_or_else(|e| e.into_inner()) = Some(ck.clone());
         ck

@@ -245,10 +245,22 @@ fn add_grads(a: Option<Tensor>, b: Option<Tensor>) -> lmx::core::Result<Option<T
     }
 }
 
+/// Switches a model's training state back to evaluation when dropped.
+struct EvaluationOnDrop<'a>(&'a Training);
+
+impl Drop for EvaluationOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.set_active(false);
+    }
+}
+
 /// Trains the tensors registered in `training` (those of `model`) on `train`, validating on `valid`.
 /// A non-finite loss or gradient stops training before the bad update: the adapters from the
 /// last good step are saved and the error says where.
 pub fn train(model: &dyn CausalLm, training: &Training, train: &Dataset, valid: Option<&Dataset>, args: &TrainArgs, on_event: &mut dyn FnMut(Event)) -> Result<(), TuneError> {
+    // Whatever way training ends, later forwards of the model are evaluation ones again
+    // (no dropout, no checkpointing, the caller's KV cache used).
+    let _evaluation_on_exit = EvaluationOnDrop(training);
     let named = training.trainables();
     if named.is_empty() {
         return Err(TuneError::NothingToTrain);
@@ -330,7 +342,6 @@ pub fn train(model: &dyn CausalLm, training: &Training, train: &Dataset, valid: 
             on_event(Event::Saved { it, path: checkpoint });
         }
     }
-    training.set_active(false);
     save_adapters(&named, &final_path)?;
     on_event(Event::Saved { it: args.iters, path: final_path });
     Ok(())

@@ -64,3 +64,45 @@ fn lora_and_dora_gradients_equal_peft() {
         }
     }
 }
+
+/// A run that diverges stops with an error, and the model is in evaluation mode afterwards:
+/// its forwards use the caller's KV cache again (no checkpointing, no dropout).
+#[test]
+fn a_failed_run_leaves_the_model_in_evaluation_mode() {
+    use lmx_tune::optim::{OptimizerKind, Schedule};
+    use lmx_tune::trainer::{train, TrainArgs};
+    let model_dir = fixtures().join("llama");
+    let config = lmx_io::config::read_json(&model_dir.join("config.json")).expect("config");
+    let params = lmx_io::LoraParameters { rank: 4, scale: 10.0, dropout: 0.1, keys: None };
+    let plan = AdapterPlan::new(lmx_io::FineTuneType::Lora, -1, 2, params, 0).expect("plan");
+    let training = Arc::new(Training::new());
+    let weights = Weights::from_safetensors(&[model_dir.join("model.safetensors")]).expect("weights");
+    let vb = Builder::new(weights, DType::F32, &Device::Cpu).with_adapters(Arc::new(plan)).with_training(training.clone());
+    let model = lmx_models::load_model("llama", &config, &vb).expect("model");
+    let data: Vec<(Vec<u32>, usize)> = (0..4).map(|i| ((0..12).map(|t| (t * 7 + i) % 160).collect(), 0)).collect();
+    let dir = std::env::temp_dir().join(format!("lmx-diverge-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let args = TrainArgs {
+        batch_size: 2,
+        iters: 4,
+        val_batches: Some(1),
+        steps_per_report: 10,
+        steps_per_eval: 100,
+        save_every: 0,
+        max_seq_length: 64,
+        grad_accumulation_steps: 1,
+        seed: 0,
+        schedule: Schedule::constant(1e30),
+        optimizer: OptimizerKind::Sgd { momentum: 0.0, weight_decay: 0.0, dampening: 0.0, nesterov: false },
+        adapter_dir: dir.clone(),
+        grad_checkpoint: true,
+    };
+    let err = train(&*model, &training, &data, None, &args, &mut |_| {}).expect_err("diverges");
+    assert!(err.to_string().contains("not finite"), "{err}");
+    assert!(!training.is_active(), "training mode must end with the run");
+    let mut cache = model.new_cache();
+    let ids = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).expect("ids");
+    model.forward(&ids, &mut cache, lmx::Logits::Last).expect("forward");
+    assert_eq!(cache.offset(), 3, "the cache holds the prompt");
+    std::fs::remove_dir_all(&dir).ok();
+}
