@@ -113,12 +113,14 @@ pub fn causal_mask(seq_len: usize, offset: usize, window: Option<usize>, device:
 /// `q`: (b, n_heads, q_len, head_dim); `k`, `v`: (b, n_kv_heads, kv_len, head_dim);
 /// `mask`: additive f32 (q_len, kv_len) or None. The scores and softmax are computed in f32,
 /// as transformers' eager attention does, then cast back to the input dtype. `softcap` caps
-/// the scores at `c * tanh(s / c)` (Gemma 2) before the mask.
+/// the scores at `c * tanh(s / c)` (Gemma 2) before the mask. `sinks` (n_heads): a learned
+/// logit per query head that joins every softmax as one more, value-less key (gpt-oss), so a
+/// head can attend to nothing.
 /// Query heads that share a key/value head are folded into the query-length axis, so keys
 /// and values are never copied per head.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64, softcap: Option<f64>) -> Result<Tensor> {
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64, softcap: Option<f64>, sinks: Option<&Tensor>) -> Result<Tensor> {
     let (b, n_heads, q_len, head_dim) = q.dims4()?;
-    if q_len == 1 && mask.is_none() && softcap.is_none() && q.device().is_cpu() && !on_tape(&[q, k, v]) && q.dtype() == k.dtype() && k.dtype() == v.dtype() {
+    if q_len == 1 && mask.is_none() && softcap.is_none() && sinks.is_none() && q.device().is_cpu() && !on_tape(&[q, k, v]) && q.dtype() == k.dtype() && k.dtype() == v.dtype() {
         let op = crate::cpu_fused::DecodeAttention { scale: scale as f32 };
         return q.contiguous()?.apply_op3_no_bwd(k, v, &op);
     }
@@ -139,7 +141,17 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scal
         }
         None => scores,
     };
-    let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
+    let probs = match sinks {
+        Some(sinks) => {
+            // One more column per row: the sink of the row's query head, (b, n_kv, n_rep * q_len, 1).
+            let kv_len = scores.dim(3)?;
+            let column = sinks.to_dtype(DType::F32)?.reshape((n_kv_heads, n_rep, 1))?.broadcast_as((n_kv_heads, n_rep, q_len))?;
+            let column = column.reshape((1, n_kv_heads, n_rep * q_len, 1))?.broadcast_as((b, n_kv_heads, n_rep * q_len, 1))?;
+            softmax_last_dim(&Tensor::cat(&[&scores, &column.contiguous()?], 3)?)?.narrow(3, 0, kv_len)?
+        }
+        None => softmax_last_dim(&scores)?,
+    };
+    let probs = probs.to_dtype(dtype)?.contiguous()?;
     probs.matmul(v)?.reshape((b, n_heads, q_len, head_dim))
 }
 
@@ -201,7 +213,7 @@ mod tests {
         let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &dev)?)?;
         let v = Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &dev)?;
         let mask = causal_mask(3, 0, None, &dev)?;
-        let out = attention(q.as_tensor(), k.as_tensor(), &v, Some(&mask), 0.35, None)?;
+        let out = attention(q.as_tensor(), k.as_tensor(), &v, Some(&mask), 0.35, None, None)?;
         let grads = out.sqr()?.sum_all()?.backward()?;
         for (name, t) in [("q", q.as_tensor()), ("k", k.as_tensor())] {
             let g = grads.get(t).expect("grad").abs()?.sum_all()?.to_scalar::<f32>()?;
@@ -231,9 +243,9 @@ mod tests {
         let k = Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &dev)?;
         let v = Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &dev)?;
         let mask = causal_mask(5, 0, None, &dev)?;
-        check_grad(|q| attention(q, &k, &v, Some(&mask), 0.35, None), &q, 1e-2)?;
-        check_grad(|k| attention(&q, k, &v, Some(&mask), 0.35, None), &k, 1e-2)?;
-        check_grad(|v| attention(&q, &k, v, Some(&mask), 0.35, None), &v, 1e-2)?;
+        check_grad(|q| attention(q, &k, &v, Some(&mask), 0.35, None, None), &q, 1e-2)?;
+        check_grad(|k| attention(&q, k, &v, Some(&mask), 0.35, None, None), &k, 1e-2)?;
+        check_grad(|v| attention(&q, &k, v, Some(&mask), 0.35, None, None), &v, 1e-2)?;
         Ok(())
     }
 
@@ -245,7 +257,7 @@ mod tests {
         let k = Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &dev)?;
         let v = Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &dev)?;
         let mask = causal_mask(3, 2, None, &dev)?;
-        let got = attention(&q, &k, &v, Some(&mask), 0.3, None)?;
+        let got = attention(&q, &k, &v, Some(&mask), 0.3, None, None)?;
         // Reference: repeat each kv head twice (head h uses kv head h / 2).
         let rep = |t: &Tensor| -> Result<Tensor> { Tensor::cat(&[t.narrow(1, 0, 1)?, t.narrow(1, 0, 1)?, t.narrow(1, 1, 1)?, t.narrow(1, 1, 1)?], 1) };
         let (k4, v4) = (rep(&k)?, rep(&v)?);
@@ -264,15 +276,42 @@ mod tests {
         let k = (Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &dev)? * 4.0)?;
         let v = Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &dev)?;
         let mask = causal_mask(3, 0, None, &dev)?;
-        let got = attention(&q, &k, &v, Some(&mask), 0.35, Some(5.0))?;
+        let got = attention(&q, &k, &v, Some(&mask), 0.35, Some(5.0), None)?;
         let s = (q.matmul(&k.t()?)? * 0.35)?;
         let s = ((s / 5.0)?.tanh()? * 5.0)?.broadcast_add(&mask)?;
         let want = softmax_last_dim(&s)?.matmul(&v)?;
         assert!(max_abs_diff(&got, &want) < 1e-5, "{}", max_abs_diff(&got, &want));
-        let uncapped = attention(&q, &k, &v, Some(&mask), 0.35, None)?;
+        let uncapped = attention(&q, &k, &v, Some(&mask), 0.35, None, None)?;
         assert!(max_abs_diff(&got, &uncapped) > 1e-3, "the cap must matter for these scores");
-        let one = attention(&q.narrow(2, 2, 1)?, &k, &v, None, 0.35, Some(5.0))?;
+        let one = attention(&q.narrow(2, 2, 1)?, &k, &v, None, 0.35, Some(5.0), None)?;
         assert!(max_abs_diff(&one, &want.narrow(2, 2, 1)?) < 1e-5, "single query");
+        Ok(())
+    }
+
+    /// Attention sinks (gpt-oss) equal the formula: each query head's sink logit joins the
+    /// softmax as an extra column that is then dropped, so the weights sum to less than one.
+    #[test]
+    fn attention_sinks_match_the_formula() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (2, 4, 3, 8), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (2, 2, 3, 8), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (2, 2, 3, 8), &dev)?;
+        let sinks = Tensor::new(&[0.5f32, -1.0, 2.0, 0.0], &dev)?;
+        let mask = causal_mask(3, 0, None, &dev)?;
+        let got = attention(&q, &k, &v, Some(&mask), 0.35, None, Some(&sinks))?;
+        // Reference per head: kv head h / 2, scores + mask, then [scores, sink] softmax.
+        let mut heads = Vec::new();
+        for h in 0..4 {
+            let (qh, kh, vh) = (q.narrow(1, h, 1)?, k.narrow(1, h / 2, 1)?, v.narrow(1, h / 2, 1)?);
+            let s = (qh.matmul(&kh.t()?)? * 0.35)?.broadcast_add(&mask)?;
+            let sink = sinks.narrow(0, h, 1)?.reshape((1, 1, 1, 1))?.broadcast_as((2, 1, 3, 1))?.contiguous()?;
+            let p = softmax_last_dim(&Tensor::cat(&[&s, &sink], 3)?)?.narrow(3, 0, 3)?;
+            heads.push(p.contiguous()?.matmul(&vh)?);
+        }
+        let want = Tensor::cat(&heads, 1)?;
+        assert!(max_abs_diff(&got, &want) < 1e-5, "{}", max_abs_diff(&got, &want));
+        let plain = attention(&q, &k, &v, Some(&mask), 0.35, None, None)?;
+        assert!(max_abs_diff(&got, &plain) > 1e-3, "the sinks must matter");
         Ok(())
     }
 
@@ -286,9 +325,9 @@ mod tests {
         let kbuf = Tensor::randn(0f32, 1.0, (2, 2, 32, 16), &dev)?;
         let vbuf = Tensor::randn(0f32, 1.0, (2, 2, 32, 16), &dev)?;
         let (k, v) = (kbuf.narrow(2, 0, 19)?, vbuf.narrow(2, 0, 19)?);
-        let fused = attention(&q, &k, &v, None, 0.25, None)?;
+        let fused = attention(&q, &k, &v, None, 0.25, None, None)?;
         let qv = Var::from_tensor(&q)?;
-        let general = attention(qv.as_tensor(), &k.contiguous()?, &v.contiguous()?, None, 0.25, None)?;
+        let general = attention(qv.as_tensor(), &k.contiguous()?, &v.contiguous()?, None, 0.25, None, None)?;
         assert!(max_abs_diff(&fused, &general) < 1e-5, "{}", max_abs_diff(&fused, &general));
         Ok(())
     }

@@ -1,7 +1,7 @@
 //! Multi-head attention with grouped key/value heads (GQA), as the Llama family and its
 //! descendants use it: q/k/v/o projections (optional biases), optional RMS norms on each query
 //! and key head (Qwen3, Gemma 3), rotary embeddings, an optional sliding window, optional
-//! logit soft-capping (Gemma 2), and the KV cache.
+//! logit soft-capping (Gemma 2), optional attention sinks (gpt-oss), and the KV cache.
 //!
 //! Tensor parallelism divides the query heads over the ranks as evenly as possible, also when
 //! they do not divide evenly (9 heads over 2 ranks: 5 + 4). Each rank holds the key/value heads
@@ -40,12 +40,14 @@ pub struct AttentionConfig {
     pub softcap: Option<f64>,
     /// The logit scale; 1/sqrt(head_dim) when None.
     pub scale: Option<f64>,
+    /// A learned sink logit per query head, `self_attn.sinks` (n_heads) (gpt-oss).
+    pub sinks: bool,
 }
 
 impl AttentionConfig {
     /// Plain GQA attention: no biases, norms, window or capping.
     pub fn new(hidden_size: usize, n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Self {
-        Self { hidden_size, n_heads, n_kv_heads, head_dim, qkv_bias: false, o_bias: false, qk_norm_eps: None, sliding_window: None, softcap: None, scale: None }
+        Self { hidden_size, n_heads, n_kv_heads, head_dim, qkv_bias: false, o_bias: false, qk_norm_eps: None, sliding_window: None, softcap: None, scale: None, sinks: false }
     }
 }
 
@@ -86,6 +88,8 @@ pub struct Attention {
     kv_of_head: Option<Tensor>,
     window: Option<usize>,
     softcap: Option<f64>,
+    /// This rank's query heads' sink logits.
+    sinks: Option<Tensor>,
     scale: f64,
 }
 
@@ -126,6 +130,7 @@ impl Attention {
             kv_of_head,
             window: cfg.sliding_window,
             softcap: cfg.softcap,
+            sinks: if cfg.sinks { Some(vb.get_split(&[cfg.n_heads], "sinks", 0, q.clone())?) } else { None },
             scale: cfg.scale.unwrap_or(1.0 / (hd as f64).sqrt()),
         })
     }
@@ -155,7 +160,7 @@ impl Attention {
             Some(ids) => (k.contiguous()?.index_select(ids, 1)?, v.contiguous()?.index_select(ids, 1)?),
             None => (k, v),
         };
-        let y = ops::attention(&q.contiguous()?, &k, &v, input.mask(self.window), self.scale, self.softcap)?;
+        let y = ops::attention(&q.contiguous()?, &k, &v, input.mask(self.window), self.scale, self.softcap, self.sinks.as_ref())?;
         self.o_proj.forward(&y.transpose(1, 2)?.reshape((b, l, self.n_heads * self.head_dim))?)
     }
 }
@@ -171,4 +176,65 @@ pub fn masks(windows: &[Option<usize>], l: usize, offset: usize, device: &lmx_co
             Ok((w, if needed { Some(ops::causal_mask(l, offset, window, device)?) } else { None }))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use lmx_core::{DType, Device, Tensor};
+    use lmx_dist::{Group, InProcess};
+    use lmx_io::Weights;
+
+    use super::*;
+    use crate::rope::Rope;
+
+    /// An attention block with every option on (biases, q/k norms, a window of 3, soft-capping,
+    /// sinks; 6 query heads on 2 key/value heads) gives the same output whole and split over
+    /// 4 ranks (2 + 2 + 1 + 1 query heads: a key/value head straddles ranks 0 and 1).
+    #[test]
+    fn every_option_sharded_unevenly_equals_the_whole_block() -> lmx_core::Result<()> {
+        let dev = Device::Cpu;
+        let (h, n_heads, n_kv, hd, l) = (32, 6, 2, 8, 5);
+        let r = |shape: &[usize]| Tensor::randn(0f32, 0.3, shape, &dev);
+        let mut tensors = HashMap::new();
+        for (name, shape) in [
+            ("q_proj.weight", vec![n_heads * hd, h]),
+            ("q_proj.bias", vec![n_heads * hd]),
+            ("k_proj.weight", vec![n_kv * hd, h]),
+            ("k_proj.bias", vec![n_kv * hd]),
+            ("v_proj.weight", vec![n_kv * hd, h]),
+            ("v_proj.bias", vec![n_kv * hd]),
+            ("o_proj.weight", vec![h, n_heads * hd]),
+            ("o_proj.bias", vec![h]),
+            ("q_norm.weight", vec![hd]),
+            ("k_norm.weight", vec![hd]),
+            ("sinks", vec![n_heads]),
+        ] {
+            tensors.insert(format!("attn.{name}"), r(&shape)?);
+        }
+        let cfg = AttentionConfig { qkv_bias: true, o_bias: true, qk_norm_eps: Some(1e-6), sliding_window: Some(3), softcap: Some(2.0), sinks: true, ..AttentionConfig::new(h, n_heads, n_kv, hd) };
+        let (cos, sin) = Rope::new(10_000.0, hd, None, DType::F32, &dev).map_err(|e| lmx_core::Error::Msg(e.to_string()))?.cos_sin(0, l)?;
+        let input = AttentionInput { cos, sin, masks: masks(&[Some(3)], l, 0, &dev)? };
+        let x = Tensor::randn(0f32, 1.0, (2, l, h), &dev)?;
+        let run = |group: Option<Arc<dyn Group>>| -> lmx_core::Result<Tensor> {
+            let mut vb = crate::Builder::new(Weights::from_tensors(tensors.clone(), "t"), DType::F32, &dev);
+            if let Some(g) = group {
+                vb = vb.with_group(g);
+            }
+            let attn = Attention::new(&vb.pp("attn"), &cfg).map_err(|e| lmx_core::Error::Msg(e.to_string()))?;
+            attn.forward(&x, &input, &mut KvCache::new(1), 0)
+        };
+        let want = run(None)?;
+        let outs: Vec<lmx_core::Result<Tensor>> = std::thread::scope(|s| {
+            let handles: Vec<_> = InProcess::world(4).into_iter().map(|g| s.spawn(|| run(Some(Arc::new(g))))).collect();
+            handles.into_iter().map(|t| t.join().expect("rank")).collect()
+        });
+        for (rank, got) in outs.into_iter().enumerate() {
+            let d = (got? - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(d < 1e-5, "rank {rank} of 4 differs from the whole block by {d}");
+        }
+        Ok(())
+    }
 }

@@ -167,6 +167,12 @@ impl Builder {
         self.get_part(shape.dims(), name, None)
     }
 
+    /// Only `range` along `dim` of tensor `name` (whole shape `shape`): a per-head tensor of
+    /// a sharded layer (e.g. attention sinks). The whole tensor when the range covers it.
+    pub fn get_split(&self, shape: &[usize], name: &str, dim: usize, range: Range<usize>) -> Result<Tensor> {
+        self.get_part(shape, name, Some((dim, range)))
+    }
+
     fn get_part(&self, shape: &[usize], name: &str, part: Option<(usize, Range<usize>)>) -> Result<Tensor> {
         let key = self.key(name);
         let t = self.place(self.read(shape, name, part.clone())?)?;
