@@ -102,9 +102,35 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
+            let chain: Vec<String> = e.chain().map(|e| without_backtrace(&e.to_string()).to_string()).collect();
             eprintln!("error: {}", chain.join(": "));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `text` without a captured backtrace: candle appends one to its errors when RUST_BACKTRACE
+/// is set (its frames start at a line `0: ...`), and lmx prints one error line.
+fn without_backtrace(text: &str) -> &str {
+    let mut start = 0;
+    for line in text.split_inclusive('\n') {
+        if start > 0 && line.trim_start().starts_with("0: ") {
+            return text[..start].trim_end();
+        }
+        start += line.len();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_backtrace;
+
+    #[test]
+    fn backtraces_are_cut_from_error_lines() {
+        let with = "no CUDA kernel yet\n   0: candle_core::error::Error::bt\n             at src/error.rs:1\n   1: main";
+        assert_eq!(without_backtrace(with), "no CUDA kernel yet");
+        assert_eq!(without_backtrace("rules.txt:0: bad line"), "rules.txt:0: bad line");
+        assert_eq!(without_backtrace("two\nlines"), "two\nlines");
     }
 }
