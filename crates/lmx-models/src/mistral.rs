@@ -27,10 +27,9 @@ pub struct Config {
 impl Architecture for Config {
     fn build(&self, vb: &Builder) -> Result<Box<dyn CausalLm>, ModelError> {
         let (h, eps) = (self.decoder.hidden_size, self.decoder.rms_norm_eps);
-        let head_dim = self.head_dim.unwrap_or(h / self.num_attention_heads);
-        let n_kv_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
-        let attention = AttentionConfig { sliding_window: self.sliding_window, ..AttentionConfig::new(h, self.num_attention_heads, n_kv_heads, head_dim) };
-        let rope = Rope::from_config(&self.rope, 10_000.0, head_dim, vb.dtype(), vb.device())?;
+        let heads = AttentionConfig::from_heads(h, self.num_attention_heads, self.num_key_value_heads, self.head_dim)?;
+        let attention = AttentionConfig { sliding_window: self.sliding_window, ..heads };
+        let rope = Rope::from_config(&self.rope, 10_000.0, heads.head_dim, vb.dtype(), vb.device())?;
         let model = Decoder::new(vb, &self.decoder, rope, |vb, _| DecoderLayer::new(vb, &attention, self.intermediate_size, false, eps))?;
         Ok(Box::new(model))
     }

@@ -44,10 +44,33 @@ pub struct AttentionConfig {
     pub sinks: bool,
 }
 
+/// The largest head width lmx builds (the rotary tables and score buffers scale with it).
+const MAX_HEAD_DIM: usize = 4096;
+
 impl AttentionConfig {
     /// Plain GQA attention: no biases, norms, window or capping.
     pub fn new(hidden_size: usize, n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Self {
         Self { hidden_size, n_heads, n_kv_heads, head_dim, qkv_bias: false, o_bias: false, qk_norm_eps: None, sliding_window: None, softcap: None, scale: None, sinks: false }
+    }
+
+    /// Plain GQA attention from config.json's `num_attention_heads`, `num_key_value_heads`
+    /// (default: one per query head) and `head_dim` (default: `hidden_size / heads`), each
+    /// checked here, where they enter: at least one head, query heads a multiple of the
+    /// key/value heads, an even head width (RoPE rotates pairs) of at most 4096.
+    pub fn from_heads(hidden_size: usize, num_attention_heads: usize, num_key_value_heads: Option<usize>, head_dim: Option<usize>) -> std::result::Result<Self, BuildError> {
+        let bad = |key, value: usize, allowed| BuildError::ConfigValue { key, value: value.to_string(), allowed };
+        if num_attention_heads == 0 {
+            return Err(bad("num_attention_heads", 0, "a model needs at least one attention head"));
+        }
+        let n_kv = num_key_value_heads.unwrap_or(num_attention_heads);
+        if n_kv == 0 || num_attention_heads % n_kv != 0 {
+            return Err(bad("num_key_value_heads", n_kv, "it must be at least 1 and divide num_attention_heads"));
+        }
+        let head_dim = head_dim.unwrap_or(hidden_size / num_attention_heads);
+        if head_dim == 0 || head_dim % 2 != 0 || head_dim > MAX_HEAD_DIM {
+            return Err(bad("head_dim", head_dim, "a head width must be even, at least 2 and at most 4096 (head_dim, or hidden_size / num_attention_heads)"));
+        }
+        Ok(Self::new(hidden_size, num_attention_heads, n_kv, head_dim))
     }
 }
 
@@ -98,7 +121,7 @@ impl Attention {
     /// rank's heads only.
     pub fn new(vb: &Builder, cfg: &AttentionConfig) -> std::result::Result<Self, BuildError> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-        if cfg.n_kv_heads == 0 || cfg.n_heads % cfg.n_kv_heads != 0 {
+        if cfg.n_heads == 0 || cfg.n_kv_heads == 0 || cfg.n_heads % cfg.n_kv_heads != 0 {
             return Err(BuildError::unsupported(format!("{} query heads over {} key/value heads (they must divide evenly)", cfg.n_heads, cfg.n_kv_heads)));
         }
         let n_rep = cfg.n_heads / cfg.n_kv_heads;

@@ -132,6 +132,20 @@ fn default_max_positions() -> usize {
     2048
 }
 
+impl DecoderConfig {
+    /// Checks the sizes where they enter: every one at least 1, a finite positive epsilon.
+    pub fn validate(&self) -> std::result::Result<(), BuildError> {
+        let positive = [("vocab_size", self.vocab_size), ("hidden_size", self.hidden_size), ("num_hidden_layers", self.num_hidden_layers), ("max_position_embeddings", self.max_position_embeddings)];
+        if let Some((key, value)) = positive.into_iter().find(|(_, v)| *v == 0) {
+            return Err(BuildError::ConfigValue { key, value: value.to_string(), allowed: "it must be at least 1" });
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return Err(BuildError::ConfigValue { key: "rms_norm_eps", value: self.rms_norm_eps.to_string(), allowed: "it must be a small positive number (e.g. 1e-5)" });
+        }
+        Ok(())
+    }
+}
+
 /// A whole causal language model: `model.embed_tokens`, `model.layers.<i>`, `model.norm`,
 /// `lm_head` (or the tied embeddings).
 pub struct Decoder<L: Layer> {
@@ -150,6 +164,7 @@ impl<L: Layer> Decoder<L> {
     /// Reads the stack under `vb` (the checkpoint root); `layer(vb, i)` builds layer `i` under
     /// `model.layers.<i>`.
     pub fn new(vb: &Builder, cfg: &DecoderConfig, rope: Rope, layer: impl Fn(&Builder, usize) -> std::result::Result<L, BuildError>) -> std::result::Result<Self, BuildError> {
+        cfg.validate()?;
         let m = vb.pp("model");
         let embed_tokens = m.pp("embed_tokens").embedding(cfg.vocab_size, cfg.hidden_size)?;
         let layers = (0..cfg.num_hidden_layers).map(|i| layer(&m.pp("layers").pp(i), i).map(Arc::new)).collect::<std::result::Result<Vec<_>, _>>()?;

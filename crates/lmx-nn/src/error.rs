@@ -22,6 +22,9 @@ pub enum BuildError {
         /// What to do instead (starts with "; " when present).
         hint: String,
     },
+    /// A config.json number outside the range lmx can build a model with.
+    #[error("config.json: `{key}` is {value}; {allowed}")]
+    ConfigValue { key: &'static str, value: String, allowed: &'static str },
     /// config.json's quantization block does not fit a layer's tensors.
     #[error("config.json: layer `{layer}`: {msg}")]
     Quantization { layer: String, msg: String },

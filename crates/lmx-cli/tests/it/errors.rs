@@ -134,3 +134,29 @@ fn perplexity_on_a_text_shorter_than_one_sequence() {
     let out = lmx(&["perplexity", "--model", &path_str(&dir), "--data", &path_str(&text), "--sequence-length", "64"]);
     assert_clear_error(&out, &["3 tokens", "fewer than one sequence"]);
 }
+
+/// config.json numbers are checked where they enter: each bad value gets one clear error line
+/// naming the key and the value (no panic, no huge allocation). Extend the table as bad inputs
+/// turn up.
+#[test]
+fn bad_config_numbers_get_clear_errors() {
+    let cases: &[(&str, serde_json::Value, &[&str])] = &[
+        ("num_attention_heads", 0.into(), &["num_attention_heads", "is 0"]),
+        ("num_key_value_heads", 0.into(), &["num_key_value_heads", "is 0"]),
+        ("num_key_value_heads", 3.into(), &["num_key_value_heads", "divide num_attention_heads"]),
+        ("head_dim", 1_000_000_000_000u64.into(), &["head_dim", "at most 4096"]),
+        ("head_dim", 15.into(), &["head_dim", "even"]),
+        ("vocab_size", 0.into(), &["vocab_size", "at least 1"]),
+        ("hidden_size", 0.into(), &["hidden_size", "at least 1"]),
+        ("num_hidden_layers", 0.into(), &["num_hidden_layers", "at least 1"]),
+        ("rms_norm_eps", (-1.0).into(), &["rms_norm_eps", "positive"]),
+    ];
+    for (key, value, needles) in cases {
+        let dir = tiny_model(&format!("badcfg-{key}-{value}"));
+        let path = dir.join("config.json");
+        let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+        config[*key] = value.clone();
+        std::fs::write(&path, config.to_string()).expect("write");
+        assert_clear_error(&generate(&path_str(&dir)), needles);
+    }
+}
