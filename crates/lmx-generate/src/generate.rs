@@ -19,6 +19,9 @@ pub enum GenerateError {
     /// An empty prompt gives the model nothing to continue.
     #[error("the prompt is empty: give at least one token")]
     EmptyPrompt,
+    /// A sampling setting outside its range (NaN included).
+    #[error("sampling: `{key}` is {value}; {allowed}")]
+    Sampling { key: &'static str, value: f32, allowed: &'static str },
     /// A tensor operation failed.
     #[error(transparent)]
     Tensor(#[from] lmx_core::Error),
@@ -152,6 +155,7 @@ impl TokenStream<'_> {
 
     fn prefill(&mut self) -> Result<Vec<f32>, GenerateError> {
         let context = self.model.max_position_embeddings();
+        self.params.sampler.validate()?;
         if self.prompt.is_empty() {
             return Err(GenerateError::EmptyPrompt);
         }

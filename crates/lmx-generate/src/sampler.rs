@@ -27,6 +27,28 @@ pub struct SamplerParams {
     pub seed: Option<u64>,
 }
 
+impl SamplerParams {
+    /// Checks every setting's range before any work: NaN or out-of-range values would
+    /// otherwise sample silently wrong (NaN temperature picks the least likely token, a zero
+    /// repetition penalty makes infinite logits).
+    pub fn validate(&self) -> Result<(), crate::GenerateError> {
+        let bad = |key, value, allowed| Err(crate::GenerateError::Sampling { key, value, allowed });
+        if !(self.temp.is_finite() && self.temp >= 0.0) {
+            return bad("temp", self.temp, "use 0 (greedy) or a positive temperature");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p", self.top_p, "use a value in (0, 1]; 1 turns it off");
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("min_p", self.min_p, "use a value in [0, 1]; 0 turns it off");
+        }
+        match self.repetition_penalty {
+            Some(p) if !(p.is_finite() && p > 0.0) => bad("repetition_penalty", p, "use a positive value; 1 turns it off"),
+            _ => Ok(()),
+        }
+    }
+}
+
 impl Default for SamplerParams {
     fn default() -> Self {
         Self { temp: 0.0, top_p: 1.0, top_k: 0, min_p: 0.0, min_tokens_to_keep: 1, repetition_penalty: None, repetition_context_size: 20, seed: None }

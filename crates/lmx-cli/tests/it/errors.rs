@@ -160,3 +160,18 @@ fn bad_config_numbers_get_clear_errors() {
         assert_clear_error(&generate(&path_str(&dir)), needles);
     }
 }
+
+/// Sampling settings out of range (NaN included) are refused before any work, naming the
+/// setting and the value, instead of sampling silently wrong.
+#[test]
+fn bad_sampling_settings_get_clear_errors() {
+    let dir = tiny_model("bad-sampling");
+    let m = path_str(&dir);
+    for (flag, value, needle) in
+        [("--temp", "nan", "temp"), ("--temp", "-1", "temp"), ("--top-p", "0", "top_p"), ("--top-p", "1.5", "top_p"), ("--min-p", "2", "min_p"), ("--repetition-penalty", "0", "repetition_penalty")]
+    {
+        let arg = format!("{flag}={value}");
+        let out = lmx(&["generate", "--model", &m, "-p", "a b", "-m", "2", &arg]);
+        assert_clear_error(&out, &[needle, "sampling"]);
+    }
+}
