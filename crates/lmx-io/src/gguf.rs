@@ -67,7 +67,10 @@ pub fn hf_name(gguf_name: &str) -> Option<String> {
 /// Undoes llama.cpp's q/k permutation: GGUF rows are `hf.reshape(n, 2, r, ..).swapaxes(1, 2)`.
 fn unpermute(t: &Tensor, n_heads: usize) -> lmx_core::Result<Tensor> {
     let dims = t.dims().to_vec();
-    let rows = dims[0];
+    let rows = dims.first().copied().unwrap_or(0);
+    if n_heads == 0 || rows % (2 * n_heads) != 0 {
+        lmx_core::bail!("{rows} rows do not split into {n_heads} heads of rotary pairs");
+    }
     let half = rows / n_heads / 2;
     let rest: usize = dims[1..].iter().product();
     t.reshape((n_heads, half, 2, rest))?.transpose(1, 2)?.contiguous()?.reshape(dims)
@@ -97,6 +100,10 @@ pub fn load(path: &Path) -> Result<GgufModel> {
     let arch_key = |k: &str| format!("{arch}.{k}");
     let n_heads = meta.uint(&arch_key("attention.head_count"))?;
     let n_kv_heads = meta.uint_opt(&arch_key("attention.head_count_kv")).unwrap_or(n_heads);
+    // Checked before any tensor is read: the q/k un-permutation divides rows by these.
+    if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
+        return Err(gguf_err(path, format!("{arch}.attention.head_count {n_heads} and head_count_kv {n_kv_heads}: both must be at least 1 and the first a multiple of the second")));
+    }
 
     let mut tensors = HashMap::new();
     let mut rope_freqs = None;
@@ -369,6 +376,16 @@ mod tests {
                 assert!(err < tol, "{dtype:?} {g} -> {h}: rms error {err} (tolerance {tol})");
             }
         }
+    }
+
+    /// Head counts that cannot split the rows are an error, not a division by zero.
+    #[test]
+    fn unpermute_refuses_bad_head_counts() -> lmx_core::Result<()> {
+        let t = Tensor::zeros((12, 4), lmx_core::DType::F32, &Device::Cpu)?;
+        assert!(unpermute(&t, 0).is_err());
+        assert!(unpermute(&t, 5).is_err());
+        assert!(unpermute(&t, 3).is_ok());
+        Ok(())
     }
 
     #[test]
