@@ -42,6 +42,42 @@ pub struct LoraConfig {
     pub seed: u64,
 }
 
+/// The largest LoRA rank lmx trains (a larger one is a typo, and would allocate its adapters
+/// before any shape check could catch it).
+const MAX_RANK: usize = 4096;
+
+impl LoraConfig {
+    /// Checks every number once the flags and the YAML file are merged, before anything is
+    /// loaded: each error names the setting (the YAML key; the flag is the same with dashes),
+    /// the value and the allowed range.
+    pub fn validate(&self) -> Result<(), TuneError> {
+        let bad = |key: &str, value: String, allowed: &str| Err(TuneError::Setting { key: key.into(), msg: format!("{value} is out of range: {allowed}") });
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return bad("learning_rate", self.learning_rate.to_string(), "use a positive number such as 1e-5");
+        }
+        if self.batch_size == 0 {
+            return bad("batch_size", "0".into(), "at least 1");
+        }
+        if self.max_seq_length < 2 {
+            return bad("max_seq_length", self.max_seq_length.to_string(), "at least 2 (one token to read, one to predict)");
+        }
+        if self.grad_accumulation_steps == 0 {
+            return bad("grad_accumulation_steps", "0".into(), "at least 1");
+        }
+        let p = &self.lora_parameters;
+        if p.rank == 0 || p.rank > MAX_RANK {
+            return bad("lora_parameters.rank", p.rank.to_string(), "1 to 4096");
+        }
+        if !p.scale.is_finite() {
+            return bad("lora_parameters.scale", p.scale.to_string(), "a finite number");
+        }
+        if !(0.0..1.0).contains(&p.dropout) {
+            return bad("lora_parameters.dropout", p.dropout.to_string(), "at least 0 and below 1");
+        }
+        Ok(())
+    }
+}
+
 impl Default for LoraConfig {
     fn default() -> Self {
         Self {

@@ -154,7 +154,7 @@ impl Schedule {
             .and_then(Value::as_array)
             .ok_or_else(|| err("needs `arguments`, a list"))?
             .iter()
-            .map(|a| crate::config::as_number(a).ok_or_else(|| err("arguments must be numbers")))
+            .map(|a| crate::config::as_number(a).filter(|x| x.is_finite()).ok_or_else(|| err("arguments must be finite numbers")))
             .collect::<std::result::Result<_, _>>()?;
         let arg = |i: usize, what: &str| args.get(i).copied().ok_or_else(|| err(&format!("`{name}` needs argument {} ({what})", i + 1)));
         let steps = |x: f64, what: &str| -> std::result::Result<usize, TuneError> {
@@ -173,6 +173,9 @@ impl Schedule {
         };
         let warmup = v.get("warmup").and_then(Value::as_u64).unwrap_or(0) as usize;
         let warmup_init = v.get("warmup_init").and_then(crate::config::as_number).unwrap_or(0.0);
+        if !warmup_init.is_finite() {
+            return Err(err("warmup_init must be a finite number"));
+        }
         Ok(Self { kind, warmup, warmup_init })
     }
 

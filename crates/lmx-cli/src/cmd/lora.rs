@@ -166,9 +166,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         file.apply(&mut c)?;
     }
     args.apply(&mut c);
+    c.validate()?;
     anyhow::ensure!(c.train || c.test, "nothing to do: pass --train and/or --test");
     let kind = FineTuneType::parse(&c.fine_tune_type).with_context(|| format!("--fine-tune-type `{}` is not one of lora, dora, full", c.fine_tune_type))?;
-    anyhow::ensure!(c.batch_size > 0, "--batch-size must be at least 1");
     let optimizer = OptimizerKind::from_config(&c.optimizer, c.optimizer_config.get(&c.optimizer).unwrap_or(&Default::default()))?;
     let schedule = match &c.lr_schedule {
         Some(s) if !s.is_null() => Schedule::from_config(s)?,

@@ -186,3 +186,35 @@ fn bad_data_and_flags_get_clear_errors() {
     assert_clear_error(&out, &["do not fit"]);
     assert!(!ok.join("fused2").exists(), "no half-written output");
 }
+
+/// Training numbers are checked once flags and YAML are merged, before the model loads: each
+/// gets one clear error naming the setting and the value (NaN and negative learning rates used
+/// to train silently wrong, a huge rank to abort on allocation).
+#[test]
+fn bad_training_numbers_get_clear_errors() {
+    let model = tiny_model("lora-numbers");
+    let m = path_str(&model);
+    let good = "{\"text\": \"a b c d\"}\n{\"text\": \"b c d a\"}\n";
+    let data = data_dir("lora-numbers-data", good, Some(good));
+    let d = path_str(&data);
+    let yaml = data.join("c.yaml");
+    let yaml_s = path_str(&yaml);
+    let cases: &[(&[&str], Option<&str>, &[&str])] = &[
+        (&["--learning-rate=nan"], None, &["learning_rate", "NaN"]),
+        (&["--learning-rate=-1"], None, &["learning_rate", "-1"]),
+        (&["--max-seq-length=1"], None, &["max_seq_length", "at least 2"]),
+        (&["--batch-size=0"], None, &["batch_size", "at least 1"]),
+        (&[], Some("lora_parameters:\n  rank: 1000000000\n  scale: 10.0\n"), &["lora_parameters.rank", "4096"]),
+        (&[], Some("lora_parameters:\n  rank: 4\n  scale: 10.0\n  dropout: 1.5\n"), &["lora_parameters.dropout"]),
+        (&[], Some("lr_schedule:\n  name: cosine_decay\n  arguments: [.nan, 10]\n"), &["c.yaml", "non-finite"]),
+    ];
+    for (flags, yaml_text, needles) in cases {
+        let mut args = vec!["lora", "--model", &m, "--train", "--data", &d, "--iters", "1"];
+        args.extend(flags.iter());
+        if let Some(text) = yaml_text {
+            std::fs::write(&yaml, text).expect("write");
+            args.extend(["-c", &yaml_s]);
+        }
+        assert_clear_error(&lmx(&args), needles);
+    }
+}
