@@ -11,8 +11,6 @@ mod in_process;
 
 pub use in_process::InProcess;
 
-use std::sync::Arc;
-
 use lmx_core::{Result, Tensor};
 
 /// The ranks sharing one model, and the collectives between them. Every rank of a group must
@@ -57,9 +55,6 @@ impl Group for Single {
         lmx_core::bail!("recv from rank {src}: a single-process group has no other rank")
     }
 }
-
-/// A shared handle to a group.
-pub type SharedGroup = Arc<dyn Group>;
 
 /// The contiguous part `[start, end)` of `0..total` that `rank` of `size` holds when `total`
 /// is cut into pieces of `unit` (the last unit may be partial) spread as evenly as possible:

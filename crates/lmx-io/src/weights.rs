@@ -107,11 +107,6 @@ impl Weights {
         self.inner.index.contains_key(key)
     }
 
-    /// The shape of `key` in the checkpoint.
-    pub fn shape(&self, key: &str) -> Option<&[usize]> {
-        self.inner.index.get(key).map(|e| e.shape.as_slice())
-    }
-
     /// The dtype `key` is stored in (before any cast).
     pub fn stored_dtype(&self, key: &str) -> Option<DType> {
         self.inner.index.get(key).and_then(|e| e.dtype)
@@ -139,11 +134,6 @@ impl Weights {
         let mut by_count: Vec<(DType, usize)> = count.into_iter().collect();
         by_count.sort_by_key(|(d, n)| (std::cmp::Reverse(*n), d.size_in_bytes()));
         by_count.first().map_or(DType::F32, |(d, _)| *d)
-    }
-
-    /// A short description of the source (file or folder) for messages.
-    pub fn name(&self) -> &str {
-        &self.inner.name
     }
 
     /// Checks that every checkpoint tensor was used, except keys for which `ignored` is true
