@@ -13,14 +13,12 @@ import sys
 
 import gguf
 import numpy as np
-import torch
 from gguf.quants import quantize
-from safetensors.torch import save_file
 
 src_gguf, tok_dir, out = sys.argv[1], sys.argv[2], sys.argv[3]
 H, I, L, NH, NKV, V = 2048, 8192, 16, 32, 8, 49152
 HD = H // NH
-torch.manual_seed(0)
+rng = np.random.default_rng(0)
 shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
 for i in range(L):
     p = f"model.layers.{i}."
@@ -30,9 +28,31 @@ for i in range(L):
         p + "self_attn.v_proj.weight": (NKV * HD, H), p + "self_attn.o_proj.weight": (H, NH * HD),
         p + "mlp.gate_proj.weight": (I, H), p + "mlp.up_proj.weight": (I, H), p + "mlp.down_proj.weight": (H, I),
     })
-tensors = {k: (torch.ones(s) if len(s) == 1 else torch.randn(s) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
+
+
+def bf16(x):
+    """float32 -> bfloat16 bits (round to nearest even), as uint16."""
+    u = x.astype(np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def save_bf16(tensors, path):
+    """A safetensors file of bfloat16 tensors (uint16 bit patterns), without torch."""
+    header, offset = {}, 0
+    for k, t in tensors.items():
+        header[k] = {"dtype": "BF16", "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(len(h).to_bytes(8, "little") + h)
+        for t in tensors.values():
+            f.write(t.tobytes())
+
+
+tensors = {k: bf16(np.ones(s, np.float32) if len(s) == 1 else rng.standard_normal(s, dtype=np.float32) * 0.02) for k, s in shapes.items()}
 os.makedirs(out, exist_ok=True)
-save_file(tensors, os.path.join(out, "model.safetensors"))
+save_bf16(tensors, os.path.join(out, "model.safetensors"))
 config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": H, "intermediate_size": I,
           "num_hidden_layers": L, "num_attention_heads": NH, "num_key_value_heads": NKV, "head_dim": HD,
           "vocab_size": V, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 8192,
@@ -40,7 +60,7 @@ config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_
 json.dump(config, open(os.path.join(out, "config.json"), "w"), indent=1)
 for f in ["tokenizer.json", "tokenizer_config.json"]:
     shutil.copy(os.path.join(tok_dir, f), os.path.join(out, f))
-print("wrote", out, sum(t.numel() for t in tensors.values()) / 1e9, "B params")
+print("wrote", out, sum(t.size for t in tensors.values()) / 1e9, "B params")
 
 reader = gguf.GGUFReader(src_gguf)
 names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
@@ -66,7 +86,7 @@ for kind, qtype, ftype in [("Q8_0", gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFi
         else:
             parts = k.split(".")
             g = f"blk.{parts[2]}.{hf2gguf['.'.join(parts[3:-1])]}.weight"
-        data = t.float().numpy()
+        data = (t.astype(np.uint32) << 16).view(np.float32)
         if data.ndim == 1:
             w.add_tensor(g, data)
         else:

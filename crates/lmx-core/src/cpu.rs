@@ -6,10 +6,32 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape};
 use half::bf16;
-use rayon::prelude::*;
+use std::ops::Range;
 
-/// Rows per parallel task: large enough to amortize scheduling, small enough to balance.
-const ROWS_PER_TASK: usize = 64;
+/// Runs `f` over `0..n` split into one contiguous range per thread (fewer when a range would
+/// hold less than `min_per_thread` items), on candle's persistent barrier pool: its workers
+/// spin between calls, so the many short parallel steps of one decoded token each start in
+/// well under a microsecond, where waking rayon workers from sleep costs several (and at 2
+/// threads made decoding slower than at 1). The calling thread takes the last range.
+/// Must not be called from inside such a range (the pool is not re-entrant).
+pub fn parallel_ranges(n: usize, min_per_thread: usize, f: impl Fn(Range<usize>) + Sync) {
+    let pool = candle_core::utils::barrier_pool();
+    let threads = (pool.n_workers() + 1).min(n / min_per_thread.max(1)).max(1);
+    if threads == 1 {
+        return f(0..n);
+    }
+    let per = n.div_ceil(threads);
+    pool.execute(|tid| {
+        // Workers are numbered 0.., the caller last; extra workers get nothing.
+        let start = tid * per;
+        if start < n {
+            f(start..(start + per).min(n));
+        }
+    });
+}
+
+/// Rows per thread below which a matrix-vector product stays on one thread.
+const MIN_ROWS_PER_THREAD: usize = 16;
 
 /// `x @ w^T` for a single row of activations, as a candle op (no backward: used only when
 /// nothing is on the gradient tape). `x`: (.., k) with one row in all; `w`: (n, k), same dtype.
@@ -54,9 +76,11 @@ impl CustomOp2 for MatVec {
 }
 
 fn par_rows(y: &mut [f32], _k: usize, f: impl Fn(usize, &mut f32) + Sync) {
-    y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(chunk, ys)| {
-        for (i, out) in ys.iter_mut().enumerate() {
-            f(chunk * ROWS_PER_TASK + i, out);
+    let out = SendPtr(y.as_mut_ptr());
+    parallel_ranges(y.len(), MIN_ROWS_PER_THREAD, |rows| {
+        for r in rows {
+            // SAFETY: ranges are disjoint and inside y, which outlives the call.
+            f(r, unsafe { &mut *out.get().add(r) });
         }
     });
 }
@@ -180,20 +204,26 @@ mod x86 {
     }
 }
 
-/// A pointer to one output buffer that rayon tasks write disjoint parts of.
-#[derive(Clone, Copy)]
-pub(crate) struct SendPtr(pub(crate) *mut f32);
+/// A pointer to one output buffer that parallel tasks write disjoint parts of.
+pub(crate) struct SendPtr<T = f32>(pub(crate) *mut T);
 
-impl SendPtr {
+impl<T> Clone for SendPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
     /// The pointer (a method, so closures capture the Sync wrapper, not the raw field).
-    pub(crate) fn get(&self) -> *mut f32 {
+    pub(crate) fn get(&self) -> *mut T {
         self.0
     }
 }
 // SAFETY: every user writes only its own, disjoint part of the buffer, which outlives the tasks.
-unsafe impl Send for SendPtr {}
+unsafe impl<T> Send for SendPtr<T> {}
 // SAFETY: as above.
-unsafe impl Sync for SendPtr {}
+unsafe impl<T> Sync for SendPtr<T> {}
 
 #[cfg(test)]
 mod tests {

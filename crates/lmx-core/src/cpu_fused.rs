@@ -9,6 +9,8 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use crate::cpu::SendPtr;
+
 /// Element types the fused kernels run on: widened to f32 for arithmetic.
 trait Elem: Copy + Send + Sync + candle_core::WithDType {
     fn f32(self) -> f32;
@@ -153,32 +155,40 @@ fn decode_attention<T: Elem>(qs: &CpuStorage, ql: &Layout, ks: &CpuStorage, kl: 
     let (k, ks_, k0) = strided::<T>(ks, kl)?;
     let (v, vs_, v0) = strided::<T>(vs, vl)?;
     let mut out = vec![T::of(0.0); b * n_heads * d];
-    out.par_chunks_mut(d).enumerate().for_each(|(bh, o)| {
-        let (bi, h) = (bh / n_heads, bh % n_heads);
-        let kv = h / n_rep;
-        let qv: Vec<f32> = q[bh * d..(bh + 1) * d].iter().map(|x| x.f32()).collect();
-        let mut scores: Vec<f32> = (0..kv_len)
-            .map(|t| {
-                let base = k0 + bi * ks_[0] + kv * ks_[1] + t * ks_[2];
-                k[base..base + d].iter().zip(&qv).map(|(a, b)| a.f32() * b).sum::<f32>() * scale
-            })
-            .collect();
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut total = 0.0;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            total += *s;
-        }
-        let mut acc = vec![0f32; d];
-        for (t, p) in scores.iter().enumerate() {
-            let base = v0 + bi * vs_[0] + kv * vs_[1] + t * vs_[2];
-            let p = p / total;
-            for (a, x) in acc.iter_mut().zip(&v[base..base + d]) {
-                *a += p * x.f32();
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    // Heads split over threads; each range reuses its buffers for all of its heads.
+    crate::cpu::parallel_ranges(b * n_heads, 1, |heads| {
+        let (mut qv, mut scores, mut acc) = (vec![0f32; d], vec![0f32; kv_len], vec![0f32; d]);
+        for bh in heads {
+            let (bi, h) = (bh / n_heads, bh % n_heads);
+            let kv = h / n_rep;
+            for (a, x) in qv.iter_mut().zip(&q[bh * d..(bh + 1) * d]) {
+                *a = x.f32();
             }
-        }
-        for (o, a) in o.iter_mut().zip(acc) {
-            *o = T::of(a);
+            let mut max = f32::NEG_INFINITY;
+            for (t, s) in scores.iter_mut().enumerate() {
+                let base = k0 + bi * ks_[0] + kv * ks_[1] + t * ks_[2];
+                *s = k[base..base + d].iter().zip(&qv).map(|(a, b)| a.f32() * b).sum::<f32>() * scale;
+                max = max.max(*s);
+            }
+            let mut total = 0.0;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                total += *s;
+            }
+            acc.fill(0.0);
+            for (t, p) in scores.iter().enumerate() {
+                let base = v0 + bi * vs_[0] + kv * vs_[1] + t * vs_[2];
+                let p = p / total;
+                for (a, x) in acc.iter_mut().zip(&v[base..base + d]) {
+                    *a += p * x.f32();
+                }
+            }
+            // SAFETY: head bh owns out[bh * d..(bh + 1) * d]; ranges are disjoint.
+            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(bh * d), d) };
+            for (o, a) in o.iter_mut().zip(&acc) {
+                *o = T::of(*a);
+            }
         }
     });
     Ok(out)

@@ -1,9 +1,12 @@
 //! Portable CPU kernels for packed weights: products with a block of dequantized rows fed to
-//! gemm (prefill, backward), a row-at-a-time product for one token (decode, with int8
-//! activations where the x86 kernel can use them), and group dequantization.
+//! gemm (prefill, backward), a row-at-a-time product for one token (decode: integer kernels
+//! on int8 activations for 4- and 8-bit weights, float ones otherwise), and group
+//! dequantization.
 
-use super::{get_bits, GroupParams, QuantizedMatrix};
-use crate::cpu::SendPtr;
+use std::ops::Range;
+
+use super::{get_bits, GroupParams, QuantizedMatrix, Scale};
+use crate::cpu::{parallel_ranges, SendPtr};
 use rayon::prelude::*;
 
 /// Rows of W dequantized together for a multi-row product (fits in L2 at 4 KiB columns).
@@ -11,20 +14,10 @@ const BLOCK_ROWS: usize = 64;
 
 /// y (m, rows) = x (m, cols) @ W^T.
 pub fn qmatmul(q: &QuantizedMatrix, x: &[f32], m: usize) -> Vec<f32> {
-    let mut y = vec![0f32; m * q.rows];
     if m == 1 {
-        // sum_g b_g * sum(x_g) does not depend on the row: sum x per group once.
-        let xsums: Vec<f32> = x.chunks(q.group_size).map(|g| g.iter().sum()).collect();
-        let x_q8 = quantize_activations(q, x);
-        y.par_chunks_mut(16).enumerate().for_each(|(c, ys)| {
-            let groups = q.cols / q.group_size;
-            let (mut s, mut b) = (vec![0f32; groups], vec![0f32; groups]);
-            for (i, out) in ys.iter_mut().enumerate() {
-                *out = row_dot(q, c * 16 + i, x, x_q8.as_ref(), &xsums, &mut s, &mut b);
-            }
-        });
-        return y;
+        return qmatvec(q, x);
     }
+    let mut y = vec![0f32; m * q.rows];
     // Several rows of x: dequantize a block of W rows into a scratch buffer and hand it to
     // gemm; the full dequantized matrix never exists.
     let n_blocks = q.rows.div_ceil(BLOCK_ROWS);
@@ -113,83 +106,188 @@ pub fn qmatmul_t(q: &QuantizedMatrix, g: &[f32], m: usize) -> Vec<f32> {
     gx
 }
 
-/// True when the AVX-512 (F + BW) 4-bit kernel should run: the CPU has it and
-/// `LMX_AVX512=1` asks for it. It is opt-in because on the Zen 4 development machine it
-/// measured 0.63x the speed of the AVX2 kernel (docs/BENCHMARKS.md).
-#[cfg(target_arch = "x86_64")]
-fn avx512() -> bool {
-    static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVX512.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") && std::env::var_os("LMX_AVX512").is_some_and(|v| v == "1"))
+/// Rows per thread below which a decode product stays on one thread.
+const MIN_ROWS_PER_THREAD: usize = 16;
+
+/// y = W x for one token (decode): rows split over threads; 4- and 8-bit weights use the
+/// integer kernels on int8 activations ([`Q8Act`]), other widths the float ones.
+fn qmatvec(q: &QuantizedMatrix, x: &[f32]) -> Vec<f32> {
+    let mut y = vec![0f32; q.rows];
+    let out = SendPtr(y.as_mut_ptr());
+    let act = Q8Act::new(q, x);
+    parallel_ranges(q.rows, MIN_ROWS_PER_THREAD, |rows| {
+        // SAFETY: ranges are disjoint and inside y, which outlives the call.
+        let ys = unsafe { std::slice::from_raw_parts_mut(out.get().add(rows.start), rows.len()) };
+        match (&act, &q.scales, &q.biases) {
+            (Some(a), GroupParams::Bf16(s), GroupParams::Bf16(b)) => int8_rows(q, s, b, a, rows, ys),
+            (Some(a), GroupParams::F16(s), GroupParams::F16(b)) => int8_rows(q, s, b, a, rows, ys),
+            (Some(a), GroupParams::F32(s), GroupParams::F32(b)) => int8_rows(q, s, b, a, rows, ys),
+            _ => float_rows(q, x, rows, ys),
+        }
+    });
+    y
 }
 
-/// A 4-bit row against int8 activations, on the widest kernel that runs here.
-#[cfg(target_arch = "x86_64")]
-fn int8_row<S: super::Scale>(row: &[u32], group_size: usize, s: &[S], b: &[S], xsums: &[f32], xq: &Q8Activations) -> f32 {
-    if avx512() {
-        // SAFETY: AVX-512F/BW are available (checked); one scale, bias and x-sum per group.
-        return unsafe { super::x86::row_dot_4bit_q8_avx512(row, group_size, s, b, xsums, &xq.codes, &xq.scales) };
+/// The instruction set the integer decode kernels use on this CPU.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Level {
+    /// Portable Rust (the reference the others are tested against).
+    Scalar,
+    /// x86-64 AVX2 + FMA.
+    Avx2,
+    /// x86-64 AVX2 + FMA + AVX-512 VNNI (with VL).
+    Vnni,
+}
+
+/// The best [`Level`] this CPU runs (`LMX_KERNELS=avx2|scalar` asks for a lower one, to
+/// compare them).
+pub(super) fn level() -> Level {
+    static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let cap = std::env::var("LMX_KERNELS").ok();
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            let avx2 = has!("avx2") && has!("fma") && has!("f16c");
+            let vnni = avx2 && has!("avx512f") && has!("avx512vl") && has!("avx512vnni");
+            match cap.as_deref() {
+                Some("scalar") => Level::Scalar,
+                Some("avx2") if avx2 => Level::Avx2,
+                _ if vnni => Level::Vnni,
+                _ if avx2 => Level::Avx2,
+                _ => Level::Scalar,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = cap;
+            Level::Scalar
+        }
+    })
+}
+
+/// Outputs `rows` of a 4- or 8-bit matrix against int8 activations.
+fn int8_rows<S: Scale>(q: &QuantizedMatrix, s: &[S], b: &[S], act: &Q8Act, rows: Range<usize>, ys: &mut [f32]) {
+    let groups = q.cols / q.group_size;
+    let words = q.cols * q.bits / 32;
+    let level = level();
+    for (r, y) in rows.zip(ys) {
+        let row = &q.packed[r * words..(r + 1) * words];
+        *y = row_q8(level, row, q.bits, q.group_size, &s[r * groups..], &b[r * groups..], act);
     }
-    // SAFETY: Q8Activations exist only where AVX2 and FMA are available; `row` holds one
-    // 4-bit code per activation code.
-    unsafe { super::x86::row_dot_4bit_q8(row, group_size, s, b, xsums, &xq.codes, &xq.scales) }
 }
 
-/// x quantized to int8 for the 4-bit AVX2 kernel, per block of 64 elements: a scale
-/// `dx = max|x| / 127` and 64 codes ordered [even elements][odd elements], the order in
-/// which a 32-byte block of 4-bit weights splits into low and high nibbles. This is
-/// llama.cpp's trick (its Q8 activations): integer multiply-adds take 4 instructions per 32
-/// weights where widening to f32 takes 12, which makes decode memory-bound instead of
-/// compute-bound. The cost is one 8-bit rounding of each activation (relative error
-/// ~0.4% of the block maximum); prefill keeps the exact f32 path.
-pub struct Q8Activations {
-    codes: Vec<i8>,
-    scales: Vec<f32>,
+/// One output of a 4- or 8-bit row against int8 activations, with the kernel of `level`;
+/// `s` and `b` start at the row's first group and may run on to the end of the matrix's.
+pub(super) fn row_q8<S: Scale>(level: Level, row: &[u32], bits: usize, group_size: usize, s: &[S], b: &[S], act: &Q8Act) -> f32 {
+    match level {
+        // SAFETY: `level` says the CPU has these features; Q8Act::new checked the shapes.
+        #[cfg(target_arch = "x86_64")]
+        Level::Vnni => unsafe { super::x86::row_q8_vnni(row, bits, group_size, s, b, act) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { super::x86::row_q8_avx2(row, bits, group_size, s, b, act) },
+        _ => scalar_row_q8(row, bits, group_size, s, b, act),
+    }
 }
 
-/// (codes, scales) of [`quantize_activations`], for the kernel tests.
-#[cfg(test)]
-pub fn quantize_activations_for_test(q: &QuantizedMatrix, x: &[f32]) -> Option<(Vec<i8>, Vec<f32>)> {
-    quantize_activations(q, x).map(|a| (a.codes, a.scales))
+/// Portable reference for the integer decode kernels: the same integer sums per group, the
+/// same float arithmetic per group.
+pub(super) fn scalar_row_q8<S: Scale>(row: &[u32], bits: usize, group_size: usize, s: &[S], b: &[S], act: &Q8Act) -> f32 {
+    let mut total = 0f32;
+    for g in 0..act.codes.len() / group_size {
+        let isum: i32 = (g * group_size..(g + 1) * group_size).map(|e| get_bits(row, e * bits, bits) as i32 * i32::from(act.codes[Q8Act::position(e, bits)])).sum();
+        total += s[g].f32() * act.dx[g] * isum as f32 + b[g].f32() * act.xsums[g];
+    }
+    total
 }
 
-fn quantize_activations(q: &QuantizedMatrix, x: &[f32]) -> Option<Q8Activations> {
-    #[cfg(target_arch = "x86_64")]
-    if q.bits == 4 && q.group_size % 64 == 0 && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        let mut codes = Vec::with_capacity(x.len());
-        let mut scales = Vec::with_capacity(x.len() / 64);
-        for block in x.chunks_exact(64) {
-            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+/// Outputs `rows` with the float kernels (bit widths without an integer kernel).
+fn float_rows(q: &QuantizedMatrix, x: &[f32], rows: Range<usize>, ys: &mut [f32]) {
+    // sum_g b_g * sum(x_g) does not depend on the row: sum x per group once.
+    let xsums: Vec<f32> = x.chunks(q.group_size).map(|g| g.iter().sum()).collect();
+    let groups = q.cols / q.group_size;
+    let (mut s, mut b) = (vec![0f32; groups], vec![0f32; groups]);
+    for (r, y) in rows.zip(ys) {
+        *y = row_dot(q, r, x, &xsums, &mut s, &mut b);
+    }
+}
+
+/// One token's activations rounded to int8 for the integer decode kernels (llama.cpp's Q8
+/// activations): per quantization group a scale `dx = max|x| / 127` and one code per
+/// element, plus the group's exact float sum (for the bias term, `bias * sum x`) and the sum
+/// of its codes (for the AVX2 8-bit kernel, which multiplies codes minus 128). Integer
+/// multiply-adds take 4-6 instructions per 64 weights where widening to f32 takes 12 or
+/// more, which makes decode memory-bound. The cost is one 8-bit rounding of each activation
+/// (at most half a step of `dx`); prefill keeps the exact f32 path.
+///
+/// For 4-bit weights the codes of each 64 elements are ordered [even elements][odd
+/// elements], the order in which 32 packed bytes split into low and high nibbles. The
+/// per-group arrays are padded with zeros to a multiple of 8 groups: the SIMD kernels take 8
+/// groups per step.
+pub struct Q8Act {
+    pub(super) codes: Vec<i8>,
+    pub(super) dx: Vec<f32>,
+    pub(super) xsums: Vec<f32>,
+    pub(super) code_sums: Vec<i32>,
+}
+
+impl Q8Act {
+    /// The activations for `q`'s integer kernels, or None where they do not apply (bit
+    /// widths other than 4 and 8, 4-bit rows that are not a multiple of 64, scales and biases
+    /// of different dtypes).
+    pub(super) fn new(q: &QuantizedMatrix, x: &[f32]) -> Option<Self> {
+        let fits = match q.bits {
+            4 => q.cols % 64 == 0,
+            8 => true,
+            _ => false,
+        };
+        if !fits || q.scales.dtype() != q.biases.dtype() || x.len() != q.cols {
+            return None;
+        }
+        let padded = (q.cols / q.group_size).next_multiple_of(8);
+        let mut a = Q8Act { codes: vec![0; q.cols], dx: vec![0.0; padded], xsums: vec![0.0; padded], code_sums: vec![0; padded] };
+        for (g, xg) in x.chunks_exact(q.group_size).enumerate() {
+            let amax = xg.iter().fold(0f32, |m, v| m.max(v.abs()));
             let dx = amax / 127.0;
             let inv = if dx > 0.0 { 1.0 / dx } else { 0.0 };
-            let code = |v: &f32| (v * inv).round() as i8;
-            codes.extend(block.iter().step_by(2).map(code));
-            codes.extend(block.iter().skip(1).step_by(2).map(code));
-            scales.push(dx);
+            let (mut sum, mut codes) = (0f32, 0i32);
+            for (i, v) in xg.iter().enumerate() {
+                let c = round_to_i8(v * inv);
+                a.codes[Self::position(g * q.group_size + i, q.bits)] = c;
+                sum += v;
+                codes += i32::from(c);
+            }
+            (a.dx[g], a.xsums[g], a.code_sums[g]) = (dx, sum, codes);
         }
-        return Some(Q8Activations { codes, scales });
+        Some(a)
     }
-    let _ = (q, x);
-    None
+
+    /// Where element `e`'s code sits.
+    fn position(e: usize, bits: usize) -> usize {
+        if bits == 4 {
+            let (run, j) = (e / 64 * 64, e % 64);
+            run + (j % 2) * 32 + j / 2
+        } else {
+            e
+        }
+    }
+}
+
+/// `v` (within ±127.5) rounded half to even, as i8, without a libm call: adding 1.5 * 2^23
+/// leaves the integer part in the low mantissa bits.
+#[inline]
+fn round_to_i8(v: f32) -> i8 {
+    let magic = 12_582_912.0f32;
+    ((v + magic).to_bits() as i32 - magic.to_bits() as i32) as i8
 }
 
 /// One output of a single-row product: sum over groups of scale * (x . q) + bias * sum(x).
 /// `s`, `b` are scratch buffers of one f32 per group.
-#[allow(clippy::too_many_arguments)]
-fn row_dot(q: &QuantizedMatrix, r: usize, x: &[f32], x_q8: Option<&Q8Activations>, xsums: &[f32], s: &mut [f32], b: &mut [f32]) -> f32 {
+fn row_dot(q: &QuantizedMatrix, r: usize, x: &[f32], xsums: &[f32], s: &mut [f32], b: &mut [f32]) -> f32 {
     let words = q.cols * q.bits / 32;
     let row = &q.packed[r * words..(r + 1) * words];
     let groups = s.len();
-    #[cfg(target_arch = "x86_64")]
-    if let Some(xq) = x_q8 {
-        let rg = r * groups..(r + 1) * groups;
-        match (&q.scales, &q.biases) {
-            (GroupParams::Bf16(sv), GroupParams::Bf16(bv)) => return int8_row(row, q.group_size, &sv[rg.clone()], &bv[rg], xsums, xq),
-            (GroupParams::F16(sv), GroupParams::F16(bv)) => return int8_row(row, q.group_size, &sv[rg.clone()], &bv[rg], xsums, xq),
-            (GroupParams::F32(sv), GroupParams::F32(bv)) => return int8_row(row, q.group_size, &sv[rg.clone()], &bv[rg], xsums, xq),
-            // Scales and biases of different dtypes: the float path below.
-            _ => {}
-        }
-    }
     q.scales.fill(r * groups, s);
     q.biases.fill(r * groups, b);
     let bias_part: f32 = b.iter().zip(xsums).map(|(b, xs)| b * xs).sum();

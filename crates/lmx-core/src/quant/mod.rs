@@ -26,12 +26,26 @@ pub const SUPPORTED_GROUP_SIZES: &[usize] = &[32, 64, 128];
 pub trait Scale: Copy {
     /// The value as f32.
     fn f32(self) -> f32;
+
+    /// 8 values from `p` as f32 lanes.
+    ///
+    /// # Safety
+    /// AVX2 and F16C must be available; 8 values must be readable at `p`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
 }
 
 impl Scale for f32 {
     #[inline]
     fn f32(self) -> f32 {
         self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        // SAFETY: forwarded from the caller.
+        unsafe { x86::load8_f32(p) }
     }
 }
 
@@ -40,12 +54,26 @@ impl Scale for bf16 {
     fn f32(self) -> f32 {
         self.to_f32()
     }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        // SAFETY: forwarded from the caller.
+        unsafe { x86::load8_bf16(p as *const u16) }
+    }
 }
 
 impl Scale for f16 {
     #[inline]
     fn f32(self) -> f32 {
         self.to_f32()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        // SAFETY: forwarded from the caller.
+        unsafe { x86::load8_f16(p as *const u16) }
     }
 }
 

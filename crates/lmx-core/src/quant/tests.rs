@@ -76,9 +76,9 @@ fn quantize_dequantize_and_matmul_all_bits() -> Result<()> {
                 let want = x.matmul(&dq.t()?)?;
                 let got = q.matmul(&x)?;
                 let d = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                // 4-bit decode with group sizes of 64+ rounds activations to int8 (see
-                // Q8Activations): error bounded by half a step of x times sum |w|.
-                let int8_decode = bits == 4 && m == 1 && group % 64 == 0;
+                // 4- and 8-bit decode rounds activations to int8 (see Q8Act): error bounded
+                // by half a step of x times sum |w|.
+                let int8_decode = (bits == 4 || bits == 8) && m == 1;
                 let tol = if int8_decode { 0.5 * (4.5 / 127.0) * dq.abs()?.sum(1)?.max_all()?.to_scalar::<f32>()? } else { 1e-3 };
                 assert!(d < tol, "bits {bits} group {group} m {m}: matmul differs by {d} (tolerance {tol})");
             }
@@ -131,28 +131,48 @@ fn simd_dequantize_matches_scalar() -> Result<()> {
     Ok(())
 }
 
-/// The AVX-512 and AVX2 4-bit decode kernels agree (odd and even block counts).
+/// The integer decode kernels of every instruction set this CPU has agree with the scalar
+/// reference, for 4 and 8 bits, every group size, every scale dtype, and row lengths whose
+/// group count is not a multiple of 8 (the kernels take 8 groups per step).
 #[test]
-#[cfg(target_arch = "x86_64")]
-fn avx512_matches_avx2() -> Result<()> {
-    if !(std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") && std::arch::is_x86_feature_detected!("avx2")) {
-        return Ok(());
+fn int8_decode_kernels_match_scalar() -> Result<()> {
+    use kernels::Level;
+    let mut levels = vec![Level::Scalar];
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx2") && has!("fma") && has!("f16c") {
+            levels.push(Level::Avx2);
+        }
+        if has!("avx2") && has!("fma") && has!("f16c") && has!("avx512f") && has!("avx512vl") && has!("avx512vnni") {
+            levels.push(Level::Vnni);
+        }
     }
-    for cols in [192usize, 256] {
-        let w = rand(3, cols).to_dtype(DType::BF16)?;
-        let q = QuantizedMatrix::quantize(&w, 4, 64)?;
-        let x: Vec<f32> = rand(1, cols).flatten_all()?.to_vec1()?;
-        let xq = kernels::quantize_activations_for_test(&q, &x).expect("avx2 machine");
-        let xsums: Vec<f32> = x.chunks(64).map(|g| g.iter().sum()).collect();
-        let (GroupParams::Bf16(sv), GroupParams::Bf16(bv)) = (&q.scales, &q.biases) else { panic!("bf16 scales") };
-        let words = cols / 8;
-        let groups = cols / 64;
-        for r in 0..3 {
-            let row = &q.packed[r * words..(r + 1) * words];
-            let (sr, br) = (&sv[r * groups..(r + 1) * groups], &bv[r * groups..(r + 1) * groups]);
-            // SAFETY: features checked above; sizes match.
-            let (a, b) = unsafe { (x86::row_dot_4bit_q8(row, 64, sr, br, &xsums, &xq.0, &xq.1), x86::row_dot_4bit_q8_avx512(row, 64, sr, br, &xsums, &xq.0, &xq.1)) };
-            assert!((a - b).abs() <= 1e-3 * (1.0 + a.abs()), "cols {cols} row {r}: avx2 {a} vs avx512 {b}");
+    for bits in [4usize, 8] {
+        for group in [32usize, 64, 128] {
+            for cols in [640usize, 1152] {
+                for dtype in [DType::BF16, DType::F16, DType::F32] {
+                    let q = QuantizedMatrix::quantize(&rand(3, cols).to_dtype(dtype)?, bits, group)?;
+                    let x: Vec<f32> = rand(1, cols).flatten_all()?.to_vec1()?;
+                    let act = kernels::Q8Act::new(&q, &x).expect("4- and 8-bit rows of multiples of 64 take the integer kernels");
+                    let words = cols * bits / 32;
+                    let groups = cols / group;
+                    for r in 0..3 {
+                        let row = &q.packed[r * words..(r + 1) * words];
+                        // From the row's first group to the end of the matrix's scales.
+                        let g = r * groups..;
+                        let got: Vec<f32> = match (&q.scales, &q.biases) {
+                            (GroupParams::Bf16(s), GroupParams::Bf16(b)) => levels.iter().map(|&l| kernels::row_q8(l, row, bits, group, &s[g.clone()], &b[g.clone()], &act)).collect(),
+                            (GroupParams::F16(s), GroupParams::F16(b)) => levels.iter().map(|&l| kernels::row_q8(l, row, bits, group, &s[g.clone()], &b[g.clone()], &act)).collect(),
+                            (GroupParams::F32(s), GroupParams::F32(b)) => levels.iter().map(|&l| kernels::row_q8(l, row, bits, group, &s[g.clone()], &b[g.clone()], &act)).collect(),
+                            _ => unreachable!("quantize gives scales and biases one dtype"),
+                        };
+                        for (l, v) in levels.iter().zip(&got) {
+                            assert!((v - got[0]).abs() <= 1e-4 * (1.0 + got[0].abs()), "{bits}-bit g{group} cols {cols} {dtype:?} row {r}: {l:?} {v} vs scalar {}", got[0]);
+                        }
+                    }
+                }
+            }
         }
     }
     Ok(())

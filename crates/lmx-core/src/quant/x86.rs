@@ -43,103 +43,257 @@ pub unsafe fn dequantize_group(row: &[u32], start: usize, bits: usize, scale: f3
     }
 }
 
-/// One output of a 4-bit row against int8 activations (`kernels::Q8Activations`),
-/// bias term sum_g biases[g] * xsums[g] included: per 64 weights, the 32 code bytes split
-/// into low and high nibbles, two unsigned-by-signed byte multiply-adds, one 16-to-32-bit
-/// pair sum, and one float multiply-add by scale * dx.
-///
-/// # Safety
-/// AVX2 and FMA must be available; `row` holds xq.len() codes; group_size is a multiple of
-/// 64; `dx` has one scale per 64 activations; `scales`, `biases`, `xsums` one per group.
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn row_dot_4bit_q8<S: super::Scale>(row: &[u32], group_size: usize, scales: &[S], biases: &[S], xsums: &[f32], xq: &[i8], dx: &[f32]) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    let mut bias_part = 0f32;
-    let blocks_per_group = group_size / 64;
-    for g in 0..scales.len() {
-        let s = scales[g].f32();
-        bias_part += biases[g].f32() * xsums[g];
-        for blk in 0..blocks_per_group {
-            let b = g * blocks_per_group + blk;
-            // SAFETY: block b lies inside `row` and `xq` (caller's contract).
-            let i = unsafe { block_i32(row, xq, b * 64) };
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(s * dx[b]), acc);
-        }
-    }
-    hsum(acc) + bias_part
+/// How a run of packed codes meets its int8 activations: i32 partial sums in 8 lanes, lane
+/// `u` holding elements 8u..8u + 8 of the run (so a 64-element 4-bit run keeps its first 32
+/// elements in lanes 0-3).
+pub(super) trait Dot {
+    /// Whether [`Dot::dot8`] multiplies codes minus 128 (the caller adds 128 * sum of the
+    /// activation codes back).
+    const OFFSET8: bool;
+    /// `acc` plus the products of 64 4-bit codes (32 bytes `w`: low nibbles the even
+    /// elements, high nibbles the odd) with their activations `xe` (even) and `xo` (odd).
+    unsafe fn dot4(acc: __m256i, w: __m256i, xe: __m256i, xo: __m256i) -> __m256i;
+    /// `acc` plus the products of 32 8-bit codes with 32 activations.
+    unsafe fn dot8(acc: __m256i, w: __m256i, x: __m256i) -> __m256i;
 }
 
-/// The integer products of one 64-weight 4-bit block (starting at element `e`) with its
-/// int8 activations, as 8 i32 partial sums.
-///
-/// # Safety
-/// AVX2 must be available; words e/8 .. e/8 + 8 of `row` and codes e .. e + 64 of `xq`
-/// must be in bounds.
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn block_i32(row: &[u32], xq: &[i8], e: usize) -> __m256i {
-    let mask = _mm256_set1_epi8(0x0F);
-    // SAFETY: as documented above.
-    unsafe {
-        let v = _mm256_loadu_si256(row.as_ptr().add(e / 8) as *const __m256i);
-        let lo = _mm256_and_si256(v, mask);
-        let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-        let xe = _mm256_loadu_si256(xq.as_ptr().add(e) as *const __m256i);
-        let xo = _mm256_loadu_si256(xq.as_ptr().add(e + 32) as *const __m256i);
+/// AVX2: unsigned-by-signed byte multiply-adds to i16 pairs, then to i32.
+pub(super) struct Avx2;
+
+impl Dot for Avx2 {
+    const OFFSET8: bool = true;
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn dot4(acc: __m256i, w: __m256i, xe: __m256i, xo: __m256i) -> __m256i {
+        let mask = _mm256_set1_epi8(0x0F);
+        let lo = _mm256_and_si256(w, mask);
+        let hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), mask);
         // Each i16 lane is at most 2 * 2 * 15 * 127 = 7620: no saturation.
         let p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo));
-        _mm256_madd_epi16(p, _mm256_set1_epi16(1))
+        _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn dot8(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        // Codes 0..=255 times int8 would saturate the i16 pairs; codes - 128 fit in an i8,
+        // and |c| * sign(x, c) keeps each pair within 2 * 128 * 127 = 32512.
+        let c = _mm256_xor_si256(w, _mm256_set1_epi8(-128));
+        let p = _mm256_maddubs_epi16(_mm256_abs_epi8(c), _mm256_sign_epi8(x, c));
+        _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)))
     }
 }
 
-/// [`row_dot_4bit_q8`] with 512-bit registers: two 64-weight blocks (64 code bytes,
-/// 128 int8 activations) per iteration.
+/// AVX-512 VNNI on 256-bit registers: `vpdpbusd` multiplies unsigned by signed bytes and
+/// accumulates in i32 directly (Zen 4+, Ice Lake+).
+pub(super) struct Vnni;
+
+impl Dot for Vnni {
+    const OFFSET8: bool = false;
+
+    #[inline]
+    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+    unsafe fn dot4(acc: __m256i, w: __m256i, xe: __m256i, xo: __m256i) -> __m256i {
+        let mask = _mm256_set1_epi8(0x0F);
+        let lo = _mm256_and_si256(w, mask);
+        let hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), mask);
+        _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc, lo, xe), hi, xo)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+    unsafe fn dot8(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(acc, w, x)
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn load(p: *const u8) -> __m256i {
+    // SAFETY: the caller guarantees 32 readable bytes at p.
+    unsafe { _mm256_loadu_si256(p as *const __m256i) }
+}
+
+/// 8 f32 values.
 ///
 /// # Safety
-/// AVX-512F and AVX-512BW must be available; otherwise as [`row_dot_4bit_q8`].
-#[target_feature(enable = "avx512f,avx512bw")]
-pub unsafe fn row_dot_4bit_q8_avx512<S: super::Scale>(row: &[u32], group_size: usize, scales: &[S], biases: &[S], xsums: &[f32], xq: &[i8], dx: &[f32]) -> f32 {
-    let mask = _mm512_set1_epi8(0x0F);
-    let ones = _mm512_set1_epi16(1);
-    let mut acc = _mm512_setzero_ps();
-    let mut bias_part = 0f32;
-    let blocks_per_group = group_size / 64;
-    for (b, xs) in biases.iter().zip(xsums) {
-        bias_part += b.f32() * xs;
-    }
-    // The multiplier of block b: its group's scale times its activation scale.
-    let n_blocks = dx.len();
-    let mult = |b: usize| scales[b / blocks_per_group].f32() * dx[b];
-    let mut b = 0;
-    while b + 2 <= n_blocks {
-        let e = b * 64;
-        // SAFETY: words e/8 .. e/8 + 16 and codes e .. e + 128 are in bounds (b + 2 <= n_blocks).
-        unsafe {
-            // 64 bytes = blocks b and b + 1, 32 bytes each; their activations are laid out
-            // [even b][odd b][even b+1][odd b+1].
-            let v = _mm512_loadu_si512(row.as_ptr().add(e / 8) as *const _);
-            let lo = _mm512_and_si512(v, mask);
-            let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
-            let x0 = _mm512_loadu_si512(xq.as_ptr().add(e) as *const _);
-            let x1 = _mm512_loadu_si512(xq.as_ptr().add(e + 64) as *const _);
-            // Even activations of both blocks in one register, odd ones in the other.
-            let xe = _mm512_inserti64x4(x0, _mm512_castsi512_si256(x1), 1);
-            let xo = _mm512_inserti64x4(x1, _mm512_extracti64x4_epi64(x0, 1), 0);
-            let p = _mm512_add_epi16(_mm512_maddubs_epi16(lo, xe), _mm512_maddubs_epi16(hi, xo));
-            let i = _mm512_madd_epi16(p, ones);
-            let m = _mm512_insertf32x8(_mm512_set1_ps(mult(b)), _mm256_set1_ps(mult(b + 1)), 1);
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), m, acc);
+/// AVX2 must be available; 8 values readable at `p`.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn load8_f32(p: *const f32) -> __m256 {
+    // SAFETY: forwarded from the caller.
+    unsafe { _mm256_loadu_ps(p) }
+}
+
+/// 8 bf16 values widened to f32 (a bf16 is the top half of an f32).
+///
+/// # Safety
+/// AVX2 must be available; 8 values readable at `p`.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn load8_bf16(p: *const u16) -> __m256 {
+    // SAFETY: forwarded from the caller.
+    let raw = unsafe { _mm_loadu_si128(p as *const __m128i) };
+    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
+}
+
+/// 8 f16 values widened to f32.
+///
+/// # Safety
+/// AVX2 and F16C must be available; 8 values readable at `p`.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+pub(super) unsafe fn load8_f16(p: *const u16) -> __m256 {
+    // SAFETY: forwarded from the caller.
+    _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p as *const __m128i) })
+}
+
+/// The integer sums of 8 groups, one group per vector (all 8 lanes), as one vector with
+/// group j in lane j.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn sum_lanes(h: [__m256i; 4]) -> __m256i {
+    // hadd(hadd(a0, a1), hadd(a2, a3)) = [a0..a3 low-half sums | a0..a3 high-half sums].
+    let t0 = _mm256_hadd_epi32(h[0], h[1]);
+    let t1 = _mm256_hadd_epi32(h[2], h[3]);
+    _mm256_add_epi32(_mm256_permute2x128_si256(t0, t1, 0x20), _mm256_permute2x128_si256(t0, t1, 0x31))
+}
+
+/// `acc` plus the 64-element 4-bit run starting at element `e` of packed codes `w` and
+/// activation codes `x`.
+///
+/// # Safety
+/// As [`Dot::dot4`]; the run lies inside both.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn run4<D: Dot>(acc: __m256i, w: *const u8, x: *const u8, e: usize) -> __m256i {
+    // SAFETY: forwarded from the caller.
+    unsafe { D::dot4(acc, load(w.add(e / 2)), load(x.add(e)), load(x.add(e + 32))) }
+}
+
+/// The integer sum of group `g` (in 8 lanes), for 4- or 8-bit codes.
+///
+/// # Safety
+/// As [`Dot`]; the group lies inside both `w` and `x`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn group<D: Dot, const BITS: usize, const GS: usize>(w: *const u8, x: *const u8, g: usize) -> __m256i {
+    let mut a = _mm256_setzero_si256();
+    let start = g * GS;
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        if BITS == 4 {
+            for k in 0..GS / 64 {
+                a = run4::<D>(a, w, x, start + 64 * k);
+            }
+        } else {
+            for k in 0..GS / 32 {
+                let e = start + 32 * k;
+                a = D::dot8(a, load(w.add(e)), load(x.add(e)));
+            }
         }
-        b += 2;
     }
-    let mut total = _mm512_reduce_add_ps(acc) + bias_part;
-    if b < n_blocks {
-        // An odd block count: the last block with the AVX2 kernel's arithmetic.
-        let e = b * 64;
-        // SAFETY: AVX2 is implied by AVX-512F; the block is in bounds.
-        total += hsum(_mm256_cvtepi32_ps(unsafe { block_i32(row, xq, e) })) * mult(b);
+    a
+}
+
+/// One output of a 4- or 8-bit row against int8 activations:
+/// sum over groups of scale * dx * (codes . activation codes) + bias * sum(x), 8 groups per
+/// step with the groups' integer sums gathered into one vector.
+///
+/// # Safety
+/// AVX2, FMA and F16C (and what `D` needs) must be available; `row` holds the codes of one
+/// row of `act.codes.len()` elements; `s` and `b` start at the row's first group and may run
+/// on to the end of the matrix's scales and biases (8 are read at a time where they are
+/// there, and lanes past the row's groups are dropped); for 4 bits the row length is a
+/// multiple of 64.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn row_q8<S: super::Scale, D: Dot, const BITS: usize, const GS: usize>(row: &[u32], s: &[S], b: &[S], act: &super::kernels::Q8Act) -> f32 {
+    let (w, x) = (row.as_ptr() as *const u8, act.codes.as_ptr() as *const u8);
+    let zero = _mm256_setzero_si256();
+    let mut acc = _mm256_setzero_ps();
+    let groups = act.codes.len() / GS;
+    // SAFETY (whole body): every run read lies inside the row and the activation codes
+    // (group g covers elements g * group_size.. of both); the per-group arrays of `act` are
+    // padded to a multiple of 8 groups.
+    unsafe {
+        for g0 in (0..groups).step_by(8) {
+            let n = (groups - g0).min(8);
+            let isum = if BITS == 4 && GS == 32 {
+                // A 64-element run holds groups 2k (lanes 0-3) and 2k + 1 (lanes 4-7).
+                let mut v = [zero; 4];
+                for (k, vk) in v.iter_mut().enumerate().take(n / 2) {
+                    *vk = run4::<D>(zero, w, x, (g0 + 2 * k) * 32);
+                }
+                let t = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+                // Lanes hold groups [0, 2, 4, 6 | 1, 3, 5, 7].
+                _mm256_permutevar8x32_epi32(t, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+            } else {
+                let mut h = [zero; 4];
+                for (p, hp) in h.iter_mut().enumerate().take(n.div_ceil(2)) {
+                    let j = g0 + 2 * p;
+                    let second = if 2 * p + 1 < n { group::<D, BITS, GS>(w, x, j + 1) } else { zero };
+                    *hp = _mm256_hadd_epi32(group::<D, BITS, GS>(w, x, j), second);
+                }
+                sum_lanes(h)
+            };
+            let isum = if BITS == 8 && D::OFFSET8 { _mm256_add_epi32(isum, _mm256_slli_epi32(load(act.code_sums.as_ptr().add(g0) as *const u8), 7)) } else { isum };
+            let (sc, bc) = if s.len() >= g0 + 8 && b.len() >= g0 + 8 {
+                // Lanes past the row's groups hold the next row's values: keep lanes < n.
+                let keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+                (_mm256_and_ps(S::load8(s.as_ptr().add(g0)), keep), _mm256_and_ps(S::load8(b.as_ptr().add(g0)), keep))
+            } else {
+                // The matrix's last groups: copy.
+                let (mut sc, mut bc) = ([0f32; 8], [0f32; 8]);
+                for j in 0..n {
+                    sc[j] = s[g0 + j].f32();
+                    bc[j] = b[g0 + j].f32();
+                }
+                (_mm256_loadu_ps(sc.as_ptr()), _mm256_loadu_ps(bc.as_ptr()))
+            };
+            let f = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_loadu_ps(act.dx.as_ptr().add(g0)));
+            acc = _mm256_fmadd_ps(f, sc, acc);
+            acc = _mm256_fmadd_ps(bc, _mm256_loadu_ps(act.xsums.as_ptr().add(g0)), acc);
+        }
     }
-    total
+    hsum(acc)
+}
+
+/// [`row_q8`] compiled for each bit width and group size (loops of known length unroll).
+macro_rules! specialized {
+    ($d:ty, $row:expr, $bits:expr, $gs:expr, $s:expr, $b:expr, $act:expr) => {
+        match ($bits, $gs) {
+            (4, 32) => row_q8::<S, $d, 4, 32>($row, $s, $b, $act),
+            (4, 64) => row_q8::<S, $d, 4, 64>($row, $s, $b, $act),
+            (4, 128) => row_q8::<S, $d, 4, 128>($row, $s, $b, $act),
+            (8, 32) => row_q8::<S, $d, 8, 32>($row, $s, $b, $act),
+            (8, 64) => row_q8::<S, $d, 8, 64>($row, $s, $b, $act),
+            (8, 128) => row_q8::<S, $d, 8, 128>($row, $s, $b, $act),
+            _ => unreachable!("Q8Act::new admits 4 and 8 bits, groups of 32, 64 and 128"),
+        }
+    };
+}
+
+/// [`row_q8`] with AVX2 byte multiply-adds.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; otherwise as [`row_q8`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn row_q8_avx2<S: super::Scale>(row: &[u32], bits: usize, group_size: usize, s: &[S], b: &[S], act: &super::kernels::Q8Act) -> f32 {
+    // SAFETY: forwarded from the caller.
+    unsafe { specialized!(Avx2, row, bits, group_size, s, b, act) }
+}
+
+/// [`row_q8`] with AVX-512 VNNI (`vpdpbusd` on 256-bit registers).
+///
+/// # Safety
+/// AVX2, FMA, F16C, AVX-512F, AVX-512VL and AVX-512 VNNI must be available; otherwise as
+/// [`row_q8`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+pub unsafe fn row_q8_vnni<S: super::Scale>(row: &[u32], bits: usize, group_size: usize, s: &[S], b: &[S], act: &super::kernels::Q8Act) -> f32 {
+    // SAFETY: forwarded from the caller.
+    unsafe { specialized!(Vnni, row, bits, group_size, s, b, act) }
 }
 
 /// sum over groups of scales[g] * (x_g . q_g) for one 4- or 8-bit row, with one horizontal
