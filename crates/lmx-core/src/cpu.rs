@@ -60,13 +60,13 @@ impl CustomOp2 for MatVec {
         let storage = match ws.dtype() {
             DType::F32 => {
                 let (x, w) = (contiguous::<f32>(xs, xl)?, contiguous::<f32>(ws, wl)?);
-                par_rows(&mut y, k, |row, out| dot_f32(&w[row * k..(row + 1) * k], x, out));
+                par_rows(&mut y, k, |row, out| *out = dot_f32(&w[row * k..(row + 1) * k], x));
                 CpuStorage::F32(y)
             }
             DType::BF16 => {
                 let x: Vec<f32> = contiguous::<bf16>(xs, xl)?.iter().map(|v| v.to_f32()).collect();
                 let w = contiguous::<bf16>(ws, wl)?;
-                par_rows(&mut y, k, |row, out| dot_bf16(&w[row * k..(row + 1) * k], &x, out));
+                par_rows(&mut y, k, |row, out| *out = dot_bf16(&w[row * k..(row + 1) * k], &x));
                 CpuStorage::BF16(y.into_iter().map(bf16::from_f32).collect())
             }
             other => candle_core::bail!("matvec: dtype {other:?} is not supported"),
@@ -85,24 +85,53 @@ fn par_rows(y: &mut [f32], _k: usize, f: impl Fn(usize, &mut f32) + Sync) {
     });
 }
 
-fn dot_f32(w: &[f32], x: &[f32], out: &mut f32) {
+/// True where the AVX2 + FMA kernels run.
+fn avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        *out = unsafe { x86::dot_f32(w, x) };
-        return;
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
     }
-    *out = scalar::dot_f32(w, x);
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
-fn dot_bf16(w: &[bf16], x: &[f32], out: &mut f32) {
+/// `w . x` (f32 weights).
+pub(crate) fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if avx2() {
         // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        *out = unsafe { x86::dot_bf16(w, x) };
-        return;
+        return unsafe { x86::dot_f32(w, x) };
     }
-    *out = scalar::dot_bf16(w, x);
+    scalar::dot_f32(w, x)
+}
+
+/// `w . x` (bf16 weights, f32 accumulation).
+pub(crate) fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        return unsafe { x86::dot_bf16(w, x) };
+    }
+    scalar::dot_bf16(w, x)
+}
+
+/// `acc += p * v` (f32 values).
+pub(crate) fn axpy_f32(acc: &mut [f32], p: f32, v: &[f32]) {
+    for (a, x) in acc.iter_mut().zip(v) {
+        *a += p * x;
+    }
+}
+
+/// `acc += p * v` (bf16 values).
+pub(crate) fn axpy_bf16(acc: &mut [f32], p: f32, v: &[bf16]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        return unsafe { x86::axpy_bf16(acc, p, v) };
+    }
+    for (a, x) in acc.iter_mut().zip(v) {
+        *a += p * x.to_f32();
+    }
 }
 
 /// Portable reference kernels.
@@ -176,6 +205,28 @@ mod x86 {
         // SAFETY: the caller guarantees 8 readable bf16 values at p.
         let raw = unsafe { _mm_loadu_si128(p as *const __m128i) };
         _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
+    }
+
+    /// `acc += p * v`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy_bf16(acc: &mut [f32], p: f32, v: &[bf16]) {
+        let n = acc.len().min(v.len());
+        let pv = _mm256_set1_ps(p);
+        let mut i = 0;
+        // SAFETY: every access covers 8 elements at i + 8 <= n.
+        unsafe {
+            while i + 8 <= n {
+                let a = acc.as_mut_ptr().add(i);
+                _mm256_storeu_ps(a, _mm256_fmadd_ps(pv, load_bf16(v.as_ptr().add(i)), _mm256_loadu_ps(a)));
+                i += 8;
+            }
+        }
+        for (a, x) in acc[i..n].iter_mut().zip(&v[i..n]) {
+            *a += p * x.to_f32();
+        }
     }
 
     /// # Safety

@@ -15,6 +15,16 @@ use crate::cpu::SendPtr;
 trait Elem: Copy + Send + Sync + candle_core::WithDType {
     fn f32(self) -> f32;
     fn of(v: f32) -> Self;
+    /// `a . x`, accumulated in f32.
+    fn dot(a: &[Self], x: &[f32]) -> f32 {
+        a.iter().zip(x).map(|(a, b)| a.f32() * b).sum()
+    }
+    /// `acc += p * a`.
+    fn axpy(acc: &mut [f32], p: f32, a: &[Self]) {
+        for (o, v) in acc.iter_mut().zip(a) {
+            *o += p * v.f32();
+        }
+    }
 }
 
 impl Elem for f32 {
@@ -24,6 +34,12 @@ impl Elem for f32 {
     fn of(v: f32) -> Self {
         v
     }
+    fn dot(a: &[Self], x: &[f32]) -> f32 {
+        crate::cpu::dot_f32(a, x)
+    }
+    fn axpy(acc: &mut [f32], p: f32, a: &[Self]) {
+        crate::cpu::axpy_f32(acc, p, a)
+    }
 }
 
 impl Elem for bf16 {
@@ -32,6 +48,12 @@ impl Elem for bf16 {
     }
     fn of(v: f32) -> Self {
         bf16::from_f32(v)
+    }
+    fn dot(a: &[Self], x: &[f32]) -> f32 {
+        crate::cpu::dot_bf16(a, x)
+    }
+    fn axpy(acc: &mut [f32], p: f32, a: &[Self]) {
+        crate::cpu::axpy_bf16(acc, p, a)
     }
 }
 
@@ -168,7 +190,7 @@ fn decode_attention<T: Elem>(qs: &CpuStorage, ql: &Layout, ks: &CpuStorage, kl: 
             let mut max = f32::NEG_INFINITY;
             for (t, s) in scores.iter_mut().enumerate() {
                 let base = k0 + bi * ks_[0] + kv * ks_[1] + t * ks_[2];
-                *s = k[base..base + d].iter().zip(&qv).map(|(a, b)| a.f32() * b).sum::<f32>() * scale;
+                *s = T::dot(&k[base..base + d], &qv) * scale;
                 max = max.max(*s);
             }
             let mut total = 0.0;
@@ -179,10 +201,7 @@ fn decode_attention<T: Elem>(qs: &CpuStorage, ql: &Layout, ks: &CpuStorage, kl: 
             acc.fill(0.0);
             for (t, p) in scores.iter().enumerate() {
                 let base = v0 + bi * vs_[0] + kv * vs_[1] + t * vs_[2];
-                let p = p / total;
-                for (a, x) in acc.iter_mut().zip(&v[base..base + d]) {
-                    *a += p * x.f32();
-                }
+                T::axpy(&mut acc, p / total, &v[base..base + d]);
             }
             // SAFETY: head bh owns out[bh * d..(bh + 1) * d]; ranges are disjoint.
             let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(bh * d), d) };

@@ -170,24 +170,27 @@ pub(super) fn level() -> Level {
 fn int8_rows<S: Scale>(q: &QuantizedMatrix, s: &[S], b: &[S], act: &Q8Act, rows: Range<usize>, ys: &mut [f32]) {
     let groups = q.cols / q.group_size;
     let words = q.cols * q.bits / 32;
-    let level = level();
-    for (r, y) in rows.zip(ys) {
-        let row = &q.packed[r * words..(r + 1) * words];
-        *y = row_q8(level, row, q.bits, q.group_size, &s[r * groups..], &b[r * groups..], act);
-    }
+    rows_q8(level(), &q.packed[rows.start * words..rows.end * words], q.bits, q.group_size, &s[rows.start * groups..], &b[rows.start * groups..], act, ys);
 }
 
-/// One output of a 4- or 8-bit row against int8 activations, with the kernel of `level`;
-/// `s` and `b` start at the row's first group and may run on to the end of the matrix's.
-pub(super) fn row_q8<S: Scale>(level: Level, row: &[u32], bits: usize, group_size: usize, s: &[S], b: &[S], act: &Q8Act) -> f32 {
+/// `out.len()` consecutive outputs of a 4- or 8-bit matrix against int8 activations, with
+/// the kernels of `level`: `rows` holds those rows' codes; `s` and `b` start at the first
+/// row's first group and may run on to the end of the matrix's.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn rows_q8<S: Scale>(level: Level, rows: &[u32], bits: usize, group_size: usize, s: &[S], b: &[S], act: &Q8Act, out: &mut [f32]) {
     match level {
         // SAFETY: `level` says the CPU has these features; Q8Act::new checked the shapes.
         #[cfg(target_arch = "x86_64")]
-        Level::Vnni => unsafe { super::x86::row_q8_vnni(row, bits, group_size, s, b, act) },
+        Level::Vnni => unsafe { super::x86::rows_q8_vnni(rows, bits, group_size, s, b, act, out) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Level::Avx2 => unsafe { super::x86::row_q8_avx2(row, bits, group_size, s, b, act) },
-        _ => scalar_row_q8(row, bits, group_size, s, b, act),
+        Level::Avx2 => unsafe { super::x86::rows_q8_avx2(rows, bits, group_size, s, b, act, out) },
+        _ => {
+            let (words, groups) = (act.codes.len() * bits / 32, act.codes.len() / group_size);
+            for (r, o) in out.iter_mut().enumerate() {
+                *o = scalar_row_q8(&rows[r * words..(r + 1) * words], bits, group_size, &s[r * groups..], &b[r * groups..], act);
+            }
+        }
     }
 }
 

@@ -152,23 +152,27 @@ fn int8_decode_kernels_match_scalar() -> Result<()> {
         for group in [32usize, 64, 128] {
             for cols in [640usize, 1152] {
                 for dtype in [DType::BF16, DType::F16, DType::F32] {
-                    let q = QuantizedMatrix::quantize(&rand(3, cols).to_dtype(dtype)?, bits, group)?;
+                    let q = QuantizedMatrix::quantize(&rand(7, cols).to_dtype(dtype)?, bits, group)?;
                     let x: Vec<f32> = rand(1, cols).flatten_all()?.to_vec1()?;
                     let act = kernels::Q8Act::new(&q, &x).expect("4- and 8-bit rows of multiples of 64 take the integer kernels");
-                    let words = cols * bits / 32;
-                    let groups = cols / group;
-                    for r in 0..3 {
-                        let row = &q.packed[r * words..(r + 1) * words];
-                        // From the row's first group to the end of the matrix's scales.
-                        let g = r * groups..;
-                        let got: Vec<f32> = match (&q.scales, &q.biases) {
-                            (GroupParams::Bf16(s), GroupParams::Bf16(b)) => levels.iter().map(|&l| kernels::row_q8(l, row, bits, group, &s[g.clone()], &b[g.clone()], &act)).collect(),
-                            (GroupParams::F16(s), GroupParams::F16(b)) => levels.iter().map(|&l| kernels::row_q8(l, row, bits, group, &s[g.clone()], &b[g.clone()], &act)).collect(),
-                            (GroupParams::F32(s), GroupParams::F32(b)) => levels.iter().map(|&l| kernels::row_q8(l, row, bits, group, &s[g.clone()], &b[g.clone()], &act)).collect(),
-                            _ => unreachable!("quantize gives scales and biases one dtype"),
-                        };
-                        for (l, v) in levels.iter().zip(&got) {
-                            assert!((v - got[0]).abs() <= 1e-4 * (1.0 + got[0].abs()), "{bits}-bit g{group} cols {cols} {dtype:?} row {r}: {l:?} {v} vs scalar {}", got[0]);
+                    // 7 rows: the 4-row kernels, then one at a time.
+                    let rows = 7;
+                    let got: Vec<Vec<f32>> = levels
+                        .iter()
+                        .map(|&l| {
+                            let mut out = vec![0f32; rows];
+                            match (&q.scales, &q.biases) {
+                                (GroupParams::Bf16(s), GroupParams::Bf16(b)) => kernels::rows_q8(l, &q.packed, bits, group, s, b, &act, &mut out),
+                                (GroupParams::F16(s), GroupParams::F16(b)) => kernels::rows_q8(l, &q.packed, bits, group, s, b, &act, &mut out),
+                                (GroupParams::F32(s), GroupParams::F32(b)) => kernels::rows_q8(l, &q.packed, bits, group, s, b, &act, &mut out),
+                                _ => unreachable!("quantize gives scales and biases one dtype"),
+                            }
+                            out
+                        })
+                        .collect();
+                    for (l, v) in levels.iter().zip(&got) {
+                        for r in 0..rows {
+                            assert!((v[r] - got[0][r]).abs() <= 1e-4 * (1.0 + got[0][r].abs()), "{bits}-bit g{group} cols {cols} {dtype:?} row {r}: {l:?} {} vs scalar {}", v[r], got[0][r]);
                         }
                     }
                 }
@@ -184,5 +188,35 @@ fn shape_mismatch_names_both_shapes() -> Result<()> {
     let (p, s, b) = q.to_tensors()?;
     let err = QuantizedMatrix::from_tensors(&p, &s, &b, 4, 32).expect_err("wrong group size").to_string();
     assert!(err.contains("[8, 2]") && err.contains("[8, 1]"), "{err}");
+    Ok(())
+}
+
+/// Decode kernel throughput on one thread (`cargo test --release -p lmx-core kernel_speed --
+/// --ignored --nocapture`): GB/s of packed weights read, per kernel level, for SmolLM2's
+/// and a 1B model's matrix shapes. A measurement, not a check.
+#[test]
+#[ignore]
+fn kernel_speed() -> Result<()> {
+    use kernels::Level;
+    for (rows, cols, bits) in [(1536usize, 576usize, 4usize), (49152, 576, 4), (8192, 2048, 4), (2048, 8192, 4), (8192, 2048, 8), (262144, 576, 4), (16384, 8192, 4)] {
+        let q = QuantizedMatrix::quantize(&rand(rows, cols).to_dtype(DType::BF16)?, bits, 64)?;
+        let x: Vec<f32> = rand(1, cols).flatten_all()?.to_vec1()?;
+        let act = kernels::Q8Act::new(&q, &x).expect("int8 path");
+        let (GroupParams::Bf16(s), GroupParams::Bf16(b)) = (&q.scales, &q.biases) else { unreachable!() };
+        let bytes = (q.packed.len() * 4 + s.len() * 4) as f64;
+        let reps = (2e9 / bytes) as usize + 1;
+        for level in [Level::Scalar, Level::Avx2, Level::Vnni] {
+            if level == Level::Scalar && rows > 2000 {
+                continue;
+            }
+            let mut out = vec![0f32; rows];
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                kernels::rows_q8(level, &q.packed, bits, 64, s, b, &act, &mut out);
+            }
+            let dt = t.elapsed().as_secs_f64();
+            println!("{rows}x{cols} {bits}-bit {level:?}: {:.1} GB/s, {:.0} us", bytes * reps as f64 / dt / 1e9, dt / reps as f64 * 1e6);
+        }
+    }
     Ok(())
 }

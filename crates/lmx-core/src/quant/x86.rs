@@ -197,103 +197,143 @@ unsafe fn group<D: Dot, const BITS: usize, const GS: usize>(w: *const u8, x: *co
     a
 }
 
-/// One output of a 4- or 8-bit row against int8 activations:
-/// sum over groups of scale * dx * (codes . activation codes) + bias * sum(x), 8 groups per
-/// step with the groups' integer sums gathered into one vector.
+/// Outputs of `R` consecutive 4- or 8-bit rows against int8 activations: per row, sum over
+/// groups of scale * dx * (codes . activation codes) + bias * sum(x), 8 groups per step with
+/// the groups' integer sums gathered into one vector. Several rows per call share the
+/// activation scales and sums, the lane mask and the final reduction.
 ///
 /// # Safety
-/// AVX2, FMA and F16C (and what `D` needs) must be available; `row` holds the codes of one
-/// row of `act.codes.len()` elements; `s` and `b` start at the row's first group and may run
+/// AVX2, FMA and F16C (and what `D` needs) must be available; `rows` holds `R` rows of
+/// `act.codes.len()` codes each; `s` and `b` start at the first row's first group and may run
 /// on to the end of the matrix's scales and biases (8 are read at a time where they are
-/// there, and lanes past the row's groups are dropped); for 4 bits the row length is a
+/// there, and lanes past a row's groups are dropped); for 4 bits the row length is a
 /// multiple of 64.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn row_q8<S: super::Scale, D: Dot, const BITS: usize, const GS: usize>(row: &[u32], s: &[S], b: &[S], act: &super::kernels::Q8Act) -> f32 {
-    let (w, x) = (row.as_ptr() as *const u8, act.codes.as_ptr() as *const u8);
+unsafe fn rows_q8<S: super::Scale, D: Dot, const BITS: usize, const GS: usize, const R: usize>(rows: &[u32], s: &[S], b: &[S], act: &super::kernels::Q8Act, out: &mut [f32]) {
+    let x = act.codes.as_ptr() as *const u8;
+    let cols = act.codes.len();
+    let groups = cols / GS;
+    let row_bytes = cols * BITS / 8;
     let zero = _mm256_setzero_si256();
-    let mut acc = _mm256_setzero_ps();
-    let groups = act.codes.len() / GS;
-    // SAFETY (whole body): every run read lies inside the row and the activation codes
-    // (group g covers elements g * group_size.. of both); the per-group arrays of `act` are
-    // padded to a multiple of 8 groups.
+    let mut acc = [_mm256_setzero_ps(); R];
+    // SAFETY (whole body): every run read lies inside its row and the activation codes
+    // (group g covers elements g * GS.. of both); the per-group arrays of `act` are padded
+    // to a multiple of 8 groups; the caller guarantees `rows` holds R rows.
     unsafe {
         for g0 in (0..groups).step_by(8) {
             let n = (groups - g0).min(8);
-            let isum = if BITS == 4 && GS == 32 {
-                // A 64-element run holds groups 2k (lanes 0-3) and 2k + 1 (lanes 4-7).
-                let mut v = [zero; 4];
-                for (k, vk) in v.iter_mut().enumerate().take(n / 2) {
-                    *vk = run4::<D>(zero, w, x, (g0 + 2 * k) * 32);
-                }
-                let t = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
-                // Lanes hold groups [0, 2, 4, 6 | 1, 3, 5, 7].
-                _mm256_permutevar8x32_epi32(t, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
-            } else {
-                let mut h = [zero; 4];
-                for (p, hp) in h.iter_mut().enumerate().take(n.div_ceil(2)) {
-                    let j = g0 + 2 * p;
-                    let second = if 2 * p + 1 < n { group::<D, BITS, GS>(w, x, j + 1) } else { zero };
-                    *hp = _mm256_hadd_epi32(group::<D, BITS, GS>(w, x, j), second);
-                }
-                sum_lanes(h)
-            };
-            let isum = if BITS == 8 && D::OFFSET8 { _mm256_add_epi32(isum, _mm256_slli_epi32(load(act.code_sums.as_ptr().add(g0) as *const u8), 7)) } else { isum };
-            let (sc, bc) = if s.len() >= g0 + 8 && b.len() >= g0 + 8 {
-                // Lanes past the row's groups hold the next row's values: keep lanes < n.
-                let keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-                (_mm256_and_ps(S::load8(s.as_ptr().add(g0)), keep), _mm256_and_ps(S::load8(b.as_ptr().add(g0)), keep))
-            } else {
-                // The matrix's last groups: copy.
-                let (mut sc, mut bc) = ([0f32; 8], [0f32; 8]);
-                for j in 0..n {
-                    sc[j] = s[g0 + j].f32();
-                    bc[j] = b[g0 + j].f32();
-                }
-                (_mm256_loadu_ps(sc.as_ptr()), _mm256_loadu_ps(bc.as_ptr()))
-            };
-            let f = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_loadu_ps(act.dx.as_ptr().add(g0)));
-            acc = _mm256_fmadd_ps(f, sc, acc);
-            acc = _mm256_fmadd_ps(bc, _mm256_loadu_ps(act.xsums.as_ptr().add(g0)), acc);
+            let keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+            let dx = _mm256_loadu_ps(act.dx.as_ptr().add(g0));
+            let xsums = _mm256_loadu_ps(act.xsums.as_ptr().add(g0));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let w = (rows.as_ptr() as *const u8).add(r * row_bytes);
+                let isum = if BITS == 4 && GS == 32 {
+                    // A 64-element run holds groups 2k (lanes 0-3) and 2k + 1 (lanes 4-7).
+                    let mut v = [zero; 4];
+                    for (k, vk) in v.iter_mut().enumerate().take(n / 2) {
+                        *vk = run4::<D>(zero, w, x, (g0 + 2 * k) * 32);
+                    }
+                    let t = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+                    // Lanes hold groups [0, 2, 4, 6 | 1, 3, 5, 7].
+                    _mm256_permutevar8x32_epi32(t, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+                } else {
+                    let mut h = [zero; 4];
+                    for (p, hp) in h.iter_mut().enumerate().take(n.div_ceil(2)) {
+                        let j = g0 + 2 * p;
+                        let second = if 2 * p + 1 < n { group::<D, BITS, GS>(w, x, j + 1) } else { zero };
+                        *hp = _mm256_hadd_epi32(group::<D, BITS, GS>(w, x, j), second);
+                    }
+                    sum_lanes(h)
+                };
+                let isum = if BITS == 8 && D::OFFSET8 { _mm256_add_epi32(isum, _mm256_slli_epi32(load(act.code_sums.as_ptr().add(g0) as *const u8), 7)) } else { isum };
+                let at = r * groups + g0;
+                let (sc, bc) = if s.len() >= at + 8 && b.len() >= at + 8 {
+                    // Lanes past the row's groups hold the next row's values: keep lanes < n.
+                    (_mm256_and_ps(S::load8(s.as_ptr().add(at)), keep), _mm256_and_ps(S::load8(b.as_ptr().add(at)), keep))
+                } else {
+                    // The matrix's last groups: copy.
+                    let (mut sc, mut bc) = ([0f32; 8], [0f32; 8]);
+                    for j in 0..n {
+                        sc[j] = s[at + j].f32();
+                        bc[j] = b[at + j].f32();
+                    }
+                    (_mm256_loadu_ps(sc.as_ptr()), _mm256_loadu_ps(bc.as_ptr()))
+                };
+                let f = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), dx);
+                *acc = _mm256_fmadd_ps(bc, xsums, _mm256_fmadd_ps(f, sc, *acc));
+            }
         }
     }
-    hsum(acc)
-}
-
-/// [`row_q8`] compiled for each bit width and group size (loops of known length unroll).
-macro_rules! specialized {
-    ($d:ty, $row:expr, $bits:expr, $gs:expr, $s:expr, $b:expr, $act:expr) => {
-        match ($bits, $gs) {
-            (4, 32) => row_q8::<S, $d, 4, 32>($row, $s, $b, $act),
-            (4, 64) => row_q8::<S, $d, 4, 64>($row, $s, $b, $act),
-            (4, 128) => row_q8::<S, $d, 4, 128>($row, $s, $b, $act),
-            (8, 32) => row_q8::<S, $d, 8, 32>($row, $s, $b, $act),
-            (8, 64) => row_q8::<S, $d, 8, 64>($row, $s, $b, $act),
-            (8, 128) => row_q8::<S, $d, 8, 128>($row, $s, $b, $act),
-            _ => unreachable!("Q8Act::new admits 4 and 8 bits, groups of 32, 64 and 128"),
+    if R == 4 {
+        // hadd(hadd(a0, a1), hadd(a2, a3)) = [a0..a3 low-half sums | a0..a3 high-half sums].
+        let t = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+        let sums = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+        // SAFETY: out holds R = 4 floats.
+        unsafe { _mm_storeu_ps(out.as_mut_ptr(), sums) };
+    } else {
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = hsum(a);
         }
-    };
+    }
 }
 
-/// [`row_q8`] with AVX2 byte multiply-adds.
+/// Rows of at most this many bytes go 4 at a time through [`rows_q8`]: 4 short rows are
+/// one short contiguous run, while 4 long rows are 4 streams a row apart, which measured
+/// half the bandwidth of one (16384 x 8192 4-bit: 13 vs 27 GB/s from memory, Zen 5).
+const SHORT_ROW_BYTES: usize = 512;
+
+/// [`rows_q8`] compiled for each bit width and group size (loops of known length unroll),
+/// short rows 4 at a time.
+macro_rules! specialized {
+    ($d:ty, $rows:expr, $bits:expr, $gs:expr, $s:expr, $b:expr, $act:expr, $out:expr) => {{
+        let words = $act.codes.len() * $bits / 32;
+        let groups = $act.codes.len() / $gs;
+        let step = if words * 4 <= SHORT_ROW_BYTES { 4 } else { 1 };
+        let mut r = 0;
+        while r < $out.len() {
+            let n = if $out.len() - r >= step { step } else { 1 };
+            let (rows, s, b, out) = (&$rows[r * words..], &$s[r * groups..], &$b[r * groups..], &mut $out[r..r + n]);
+            match ($bits, $gs, n) {
+                (4, 32, 4) => rows_q8::<S, $d, 4, 32, 4>(rows, s, b, $act, out),
+                (4, 64, 4) => rows_q8::<S, $d, 4, 64, 4>(rows, s, b, $act, out),
+                (4, 128, 4) => rows_q8::<S, $d, 4, 128, 4>(rows, s, b, $act, out),
+                (8, 32, 4) => rows_q8::<S, $d, 8, 32, 4>(rows, s, b, $act, out),
+                (8, 64, 4) => rows_q8::<S, $d, 8, 64, 4>(rows, s, b, $act, out),
+                (8, 128, 4) => rows_q8::<S, $d, 8, 128, 4>(rows, s, b, $act, out),
+                (4, 32, _) => rows_q8::<S, $d, 4, 32, 1>(rows, s, b, $act, out),
+                (4, 64, _) => rows_q8::<S, $d, 4, 64, 1>(rows, s, b, $act, out),
+                (4, 128, _) => rows_q8::<S, $d, 4, 128, 1>(rows, s, b, $act, out),
+                (8, 32, _) => rows_q8::<S, $d, 8, 32, 1>(rows, s, b, $act, out),
+                (8, 64, _) => rows_q8::<S, $d, 8, 64, 1>(rows, s, b, $act, out),
+                (8, 128, _) => rows_q8::<S, $d, 8, 128, 1>(rows, s, b, $act, out),
+                _ => unreachable!("Q8Act::new admits 4 and 8 bits, groups of 32, 64 and 128"),
+            }
+            r += n;
+        }
+    }};
+}
+
+/// `out.len()` consecutive outputs with AVX2 byte multiply-adds ([`rows_q8`]).
 ///
 /// # Safety
-/// AVX2, FMA and F16C must be available; otherwise as [`row_q8`].
+/// AVX2, FMA and F16C must be available; `rows` holds `out.len()` rows; otherwise as
+/// [`rows_q8`].
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn row_q8_avx2<S: super::Scale>(row: &[u32], bits: usize, group_size: usize, s: &[S], b: &[S], act: &super::kernels::Q8Act) -> f32 {
+pub unsafe fn rows_q8_avx2<S: super::Scale>(rows: &[u32], bits: usize, group_size: usize, s: &[S], b: &[S], act: &super::kernels::Q8Act, out: &mut [f32]) {
     // SAFETY: forwarded from the caller.
-    unsafe { specialized!(Avx2, row, bits, group_size, s, b, act) }
+    unsafe { specialized!(Avx2, rows, bits, group_size, s, b, act, out) }
 }
 
-/// [`row_q8`] with AVX-512 VNNI (`vpdpbusd` on 256-bit registers).
+/// `out.len()` consecutive outputs with AVX-512 VNNI (`vpdpbusd` on 256-bit registers).
 ///
 /// # Safety
-/// AVX2, FMA, F16C, AVX-512F, AVX-512VL and AVX-512 VNNI must be available; otherwise as
-/// [`row_q8`].
+/// AVX2, FMA, F16C, AVX-512F, AVX-512VL and AVX-512 VNNI must be available; `rows` holds
+/// `out.len()` rows; otherwise as [`rows_q8`].
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-pub unsafe fn row_q8_vnni<S: super::Scale>(row: &[u32], bits: usize, group_size: usize, s: &[S], b: &[S], act: &super::kernels::Q8Act) -> f32 {
+pub unsafe fn rows_q8_vnni<S: super::Scale>(rows: &[u32], bits: usize, group_size: usize, s: &[S], b: &[S], act: &super::kernels::Q8Act, out: &mut [f32]) {
     // SAFETY: forwarded from the caller.
-    unsafe { specialized!(Vnni, row, bits, group_size, s, b, act) }
+    unsafe { specialized!(Vnni, rows, bits, group_size, s, b, act, out) }
 }
 
 /// sum over groups of scales[g] * (x_g . q_g) for one 4- or 8-bit row, with one horizontal
