@@ -288,14 +288,20 @@ mod tests {
         for k in [1usize, 7, 8, 33, 576, 1539] {
             let w = Tensor::randn(0f32, 1.0, k, &Device::Cpu)?.to_vec1::<f32>()?;
             let x = Tensor::randn(0f32, 1.0, k, &Device::Cpu)?.to_vec1::<f32>()?;
-            let mut got = 0.0;
-            dot_f32(&w, &x, &mut got);
+            let got = dot_f32(&w, &x);
             let want = scalar::dot_f32(&w, &x);
             assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "f32 k={k}: {got} vs {want}");
             let wb: Vec<bf16> = w.iter().map(|v| bf16::from_f32(*v)).collect();
-            dot_bf16(&wb, &x, &mut got);
+            let got = dot_bf16(&wb, &x);
             let want = scalar::dot_bf16(&wb, &x);
             assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "bf16 k={k}: {got} vs {want}");
+            // acc += 0.5 * w, against the scalar loop.
+            let (mut got, mut want) = (x.clone(), x.clone());
+            axpy_bf16(&mut got, 0.5, &wb);
+            for (a, v) in want.iter_mut().zip(&wb) {
+                *a += 0.5 * v.to_f32();
+            }
+            assert_eq!(got, want, "axpy bf16 k={k}");
         }
         Ok(())
     }
