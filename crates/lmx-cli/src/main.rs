@@ -1,6 +1,7 @@
 //! The `lmx` binary: parses flags (named as in MLX LM) and calls the library. Errors are
 //! printed as one chain on stderr with a non-zero exit code; nothing here panics on bad input.
 
+mod alloc;
 mod cmd;
 
 use std::process::ExitCode;
@@ -66,6 +67,9 @@ enum Command {
 /// are allocated on one thread and freed on another (rayon workers, candle's pool), and with
 /// per-thread arenas each arena grew and shrank on its own; a training step spent 23% of its
 /// time in page faults and peaked 1 GB higher (docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: alloc::HugePages = alloc::HugePages;
+
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator thresholds; called before any other thread exists.
