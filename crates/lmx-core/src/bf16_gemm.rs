@@ -7,6 +7,7 @@
 //! input gradient `g W = g (W^T)^T` with a transposed copy of W.
 
 use crate::cpu::SendPtr;
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape};
 use rayon::prelude::*;
 
 /// True when this CPU runs the bf16 kernel.
@@ -79,25 +80,117 @@ impl Packed {
     }
 }
 
+/// x (m, k) as bf16 pairs: row i, pair t = (x[i][2t], x[i][2t + 1]), k padded to even.
+fn pack_x(x: &[f32], m: usize, k: usize) -> Vec<u32> {
+    let pairs = k.div_ceil(2);
+    let mut xp = vec![0u32; m * pairs];
+    xp.par_chunks_mut(pairs).enumerate().for_each(|(i, row)| {
+        let src = &x[i * k..(i + 1) * k];
+        // SAFETY: the callers checked supported(); `row` holds ceil(k / 2) words for k values.
+        unsafe { pack_row(src, row) };
+    });
+    xp
+}
+
+/// Rows of W packed together by [`matmul_rows`] (two 32-column panels).
+const NB: usize = 64;
+
+/// y (m, n) = x (m, k) @ W^T for a W (n, k) handed over row by row: `row(r, out)` writes row
+/// r as f32 (rounded to bf16 here). Blocks of 64 rows are packed as they are needed and the whole packed W
+/// never exists, so one routine serves dense bf16 weights (a copy per row) and quantized ones
+/// (dequantized per row) in prefill. x is rounded to bf16, products are summed in f32. Panics
+/// if the CPU lacks AVX512-BF16 (check [`supported`]) or x is shorter than (m, k).
+pub fn matmul_rows(x: &[f32], m: usize, n: usize, k: usize, row: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    assert!(supported(), "bf16 matmul needs AVX512-BF16");
+    assert!(x.len() >= m * k, "bf16 matmul: x is shorter than ({m}, {k})");
+    let pairs = k.div_ceil(2);
+    let xp = pack_x(x, m, k);
+    let mut y = vec![0f32; m * n];
+    let y_ptr = SendPtr(y.as_mut_ptr());
+    (0..n.div_ceil(NB)).into_par_iter().for_each(|blk| {
+        let (r0, nr) = (blk * NB, NB.min(n - blk * NB));
+        // The block as B = W_block^T in pairs along k: word [t][j] = (W[r0+j][2t], W[r0+j][2t+1]).
+        let mut words = vec![0u32; pairs * NB];
+        let (mut values, mut row_words) = (vec![0f32; k], vec![0u32; pairs]);
+        for j in 0..nr {
+            row(r0 + j, &mut values);
+            // SAFETY: supported() was checked; row_words holds ceil(k / 2) words.
+            unsafe { pack_row(&values, &mut row_words) };
+            for (t, w) in row_words.iter().enumerate() {
+                words[t * NB + j] = *w;
+            }
+        }
+        let mut out = [[0f32; 32]; MR];
+        for c in (0..nr).step_by(32) {
+            let cols = (nr - c).min(32);
+            for t0 in (0..pairs).step_by(KC) {
+                let t1 = (t0 + KC).min(pairs);
+                for i in (0..m).step_by(MR) {
+                    let rows = (m - i).min(MR);
+                    // SAFETY: supported() was checked; rows i..i+rows of xp hold `pairs` words
+                    // each; the block holds NB >= c + 32 columns per pair row.
+                    unsafe { panel(&xp, pairs, t0..t1, i, rows, &words, NB, c, &mut out) };
+                    for (r, o) in out.iter().enumerate().take(rows) {
+                        // SAFETY: row i + r, columns r0 + c .. r0 + c + cols are inside y;
+                        // this task alone writes columns r0 .. r0 + nr.
+                        let dst = unsafe { std::slice::from_raw_parts_mut(y_ptr.get().add((i + r) * n + r0 + c), cols) };
+                        if t0 == 0 {
+                            dst.copy_from_slice(&o[..cols]);
+                        } else {
+                            dst.iter_mut().zip(o).for_each(|(d, v)| *d += v);
+                        }
+                    }
+                }
+            }
+        }
+    });
+    y
+}
+
+/// `x @ w^T` for bf16 x (.., k) and a dense bf16 w (n, k) on the CPU, as a candle op without
+/// backward: prefill of bf16 models on CPUs with AVX512-BF16 (`vdpbf16ps`), where candle's
+/// bf16 matmul runs at a fraction of the f32 speed.
+pub struct Bf16Linear;
+
+impl CustomOp2 for Bf16Linear {
+    fn name(&self) -> &'static str {
+        "lmx-bf16-linear"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, k) = wl.shape().dims2()?;
+        let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets()) else {
+            candle_core::bail!("bf16 linear needs contiguous inputs");
+        };
+        let mut dims = xl.dims().to_vec();
+        if dims.last() != Some(&k) {
+            candle_core::bail!("bf16 linear: input {dims:?} does not end in {k} features");
+        }
+        let x: Vec<f32> = xs.as_slice::<half::bf16>()?[x0..x1].iter().map(|v| v.to_f32()).collect();
+        let w = &ws.as_slice::<half::bf16>()?[w0..w1];
+        let y = matmul_rows(&x, x.len() / k, n, k, |r, out| out.iter_mut().zip(&w[r * k..(r + 1) * k]).for_each(|(o, v)| *o = v.to_f32()));
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        Ok((CpuStorage::BF16(y.into_iter().map(half::bf16::from_f32).collect()), Shape::from(dims)))
+    }
+}
+
+/// Pairs of k per pass over a B panel: KC * 32 columns * 4 bytes = 64 KB, in L2.
+const KC: usize = 512;
+
 /// y (m, n) = x (m, k) @ B, x given as f32 (rounded to bf16 here), f32 result. Panics if the
 /// CPU lacks AVX512-BF16 (check [`supported`]) or x is shorter than (m, k).
 pub fn matmul(x: &[f32], m: usize, b: &Packed) -> Vec<f32> {
     assert!(supported(), "bf16 matmul needs AVX512-BF16");
     let (k, n) = (b.k, b.n);
     assert!(x.len() >= m * k, "bf16 matmul: x is shorter than ({m}, {k})");
-    // x as bf16 pairs: row i, pair t = (x[i][2t], x[i][2t + 1]), k padded to even.
     let pairs = k.div_ceil(2);
-    let mut xp = vec![0u32; m * pairs];
-    xp.par_chunks_mut(pairs).enumerate().for_each(|(i, row)| {
-        let src = &x[i * k..(i + 1) * k];
-        // SAFETY: supported() was checked; `row` holds ceil(k / 2) words for k values.
-        unsafe { pack_row(src, row) };
-    });
+    let xp = pack_x(x, m, k);
     let mut y = vec![0f32; m * n];
     let y_ptr = SendPtr(y.as_mut_ptr());
-    // Tasks own 32-column panels of B and walk them in chunks of KC pairs (KC * 128 bytes =
-    // 64 KB, in L2), running every 8-row block of x past each chunk and accumulating into y.
-    const KC: usize = 512;
+    // Tasks own 32-column panels of B and walk them in chunks of KC pairs, running every
+    // 8-row block of x past each chunk and accumulating into y.
     (0..b.n_pad / 32).into_par_iter().for_each(|p| {
         let cols = (n - p * 32).min(32);
         let mut out = [[0f32; 32]; MR];
@@ -215,7 +308,7 @@ mod tests {
             s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
             ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         };
-        for (m, n, k) in [(5, 7, 64), (4, 36, 576), (9, 3, 50), (1, 1, 31), (17, 40, 33), (3, 5, 1500)] {
+        for (m, n, k) in [(5, 7, 64), (4, 36, 576), (9, 3, 50), (1, 1, 31), (17, 40, 33), (3, 5, 1500), (10, 130, 1100)] {
             let xf: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
             let x = to_bf16_bits(&xf);
             let w = to_bf16_bits(&(0..n * k).map(|_| rnd()).collect::<Vec<_>>());
@@ -224,10 +317,11 @@ mod tests {
             let y = matmul(&xf, m, &Packed::from_rows_transposed(&w, n, k));
             let w2: Vec<u16> = (0..k * n).map(|e| w[(e % n) * k + e / n]).collect();
             let y2 = matmul(&xf, m, &Packed::from_rows(&w2, k, n));
+            let y3 = matmul_rows(&xf, m, n, k, |r, out| out.iter_mut().zip(&w[r * k..(r + 1) * k]).for_each(|(o, b)| *o = half::bf16::from_bits(*b).to_f32()));
             for i in 0..m {
                 for j in 0..n {
                     let want: f64 = (0..k).map(|t| f(x[i * k + t]) * f(w[j * k + t])).sum();
-                    for got in [y[i * n + j], y2[i * n + j]] {
+                    for got in [y[i * n + j], y2[i * n + j], y3[i * n + j]] {
                         assert!((f64::from(got) - want).abs() < 1e-4 * (k as f64).sqrt(), "({m},{n},{k}) [{i},{j}]: {got} vs {want}");
                     }
                 }

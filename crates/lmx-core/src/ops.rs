@@ -81,6 +81,8 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
         // Fine-tuning around a frozen weight: only the input's gradient is computed.
         _ if x.track_op() && !weight.track_op() => crate::frozen::frozen_linear(x, weight)?,
         _ if fast => x.contiguous()?.apply_op2_no_bwd(weight, &crate::cpu::MatVec)?,
+        // Several bf16 rows (prefill): the AVX512-BF16 kernel where the CPU has it.
+        _ if bf16_prefill(x, weight) => x.contiguous()?.apply_op2_no_bwd(weight, &crate::bf16_gemm::Bf16Linear)?,
         [b, t, k] if x.is_contiguous() => {
             // One 2-D matmul over all rows is faster than a batched broadcast.
             x.reshape((b * t, *k))?.matmul(&weight.t()?)?.reshape((*b, *t, ()))?
@@ -91,6 +93,12 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
     }
+}
+
+/// True when `x @ weight^T` can take [`crate::bf16_gemm::Bf16Linear`]: bf16 operands on the
+/// CPU, nothing on the gradient tape, a CPU with AVX512-BF16.
+fn bf16_prefill(x: &Tensor, weight: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::BF16 && weight.dtype() == DType::BF16 && weight.is_contiguous() && weight.rank() == 2 && !on_tape(&[x, weight]) && crate::bf16_gemm::supported()
 }
 
 /// The additive causal mask for `seq_len` new queries after `offset` cached positions:
@@ -129,7 +137,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scal
     let dtype = q.dtype();
     // (b, n_kv_heads, n_rep * q_len, head_dim)
     let q = q.reshape((b, n_kv_heads, n_rep * q_len, head_dim))?;
-    let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+    // Scaled in f32: candle scales a bf16 tensor element by element through two roundings
+    // (a fifth of a 512-token prefill); in f32 the loop vectorizes and rounds once.
+    let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?;
     let scores = match softcap {
         Some(c) => ((scores / c)?.tanh()? * c)?,
         None => scores,

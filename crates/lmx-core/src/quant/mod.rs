@@ -259,7 +259,7 @@ impl QuantizedMatrix {
     }
 
     /// Writes row `r` dequantized into `out` (length cols), in f32.
-    fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+    pub(crate) fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         self.dequantize_row_groups(r, 0..self.cols / self.group_size, out);
     }
 

@@ -42,7 +42,15 @@ impl CustomOp1 for QMatMul {
         }
         let x = input_f32(s, l, "quantized matmul")?;
         let m = x.len() / k;
-        let y = if self.transpose { kernels::qmatmul_t(q, &x, m) } else { kernels::qmatmul(q, &x, m) };
+        let y = if self.transpose {
+            kernels::qmatmul_t(q, &x, m)
+        } else if m > 1 && s.dtype() == DType::BF16 && crate::bf16_gemm::supported() {
+            // bf16 prefill: rows dequantized block by block into the AVX512-BF16 kernel (the
+            // precision of a bf16 model's matmuls, twice the f32 multiply rate).
+            crate::bf16_gemm::matmul_rows(&x, m, q.rows, q.cols, |r, out| q.dequantize_row(r, out))
+        } else {
+            kernels::qmatmul(q, &x, m)
+        };
         if let Some(last) = dims.last_mut() {
             *last = n;
         }

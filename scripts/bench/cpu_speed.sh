@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# lmx beside llama.cpp on the CPU, in one run from a fresh clone (issue 10, docs/BENCHMARKS.md):
+# SmolLM2-135M and a Llama-3.2-1B-shaped model with random weights, MLX 4-bit / 8-bit vs
+# llama.cpp Q4_0 / Q8_0 of the same weights, bf16 vs BF16, f32 vs F32, at 1 and 2 threads.
+# 128-token prompt, 64 generated tokens; every figure is the median over ROUNDS rounds of 3
+# trials, lmx and llama.cpp alternating first. The roofline column is weights read per token
+# over the measured read bandwidth (scripts/bench/membw.rs) at that thread count.
+#
+# It builds what it needs: lmx (release), llama.cpp (pip llama-cpp-python, compiled here;
+# -mno-amx-* on CPUs with AMX, where the native build crashes), the memory probe, and the
+# model folders and GGUFs under models/ (kept between runs).
+# Usage: scripts/bench/cpu_speed.sh [ROUNDS]     (ROUNDS defaults to 2; MODELS="smollm2" to skip the 1B)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROUNDS=${1:-2}
+MODELS=${MODELS:-"smollm2 llama-1b-random"}
+P=128; G=64; N=3
+
+if ! python3 -c "import llama_cpp, gguf" 2>/dev/null; then
+  if grep -qw amx_tile /proc/cpuinfo; then
+    export CMAKE_ARGS="-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'"
+  fi
+  echo "Building llama.cpp (pip install llama-cpp-python==0.3.36 gguf numpy; several minutes)..." >&2
+  python3 -m pip install --quiet "llama-cpp-python==0.3.36" "gguf==0.19.0" numpy
+fi
+[ -x target/release/lmx ] || cargo build --release
+[ -x target/membw ] || rustc -O -C target-cpu=native scripts/bench/membw.rs -o target/membw
+LMX=target/release/lmx
+
+# Models (each step skipped when its output exists).
+scripts/fetch-default-model.sh
+SRC=models/SmolLM2-135M-Instruct.Q4_1.gguf
+[ -d models/smollm2-f32 ] || $LMX convert --gguf $SRC --mlx-path models/smollm2-f32
+[ -d models/smollm2-bf16 ] || $LMX convert --hf-path models/smollm2-f32 --dtype bfloat16 --mlx-path models/smollm2-bf16
+for kind in f32 bf16 q4_0 q8_0; do
+  up=$(echo $kind | tr a-z A-Z)
+  [ -f models/smollm2-$up.gguf ] || python3 scripts/bench/make_gguf.py $SRC models/smollm2-$up.gguf $kind
+done
+if [[ " $MODELS " == *" llama-1b-random "* ]] && [ ! -d models/llama-1b-random ]; then
+  python3 scripts/bench/make_random_llama.py $SRC models/smollm2-bf16 models/llama-1b-random
+fi
+for m in $MODELS; do
+  base=models/$m-bf16; [ $m = llama-1b-random ] && base=models/llama-1b-random
+  [ -d models/$m-4bit ] || $LMX convert --hf-path $base -q --mlx-path models/$m-4bit
+  [ -d models/$m-8bit ] || $LMX convert --hf-path $base -q --q-bits 8 --mlx-path models/$m-8bit
+done
+
+median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
+field() { sed -n "s/.*$1=\([0-9.]*\).*/\1/p"; }
+bytes() { du -cb "$@" | tail -1 | cut -f1; }
+
+echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; lmx $(git rev-parse --short HEAD); llama-cpp-python $(python3 -c 'import llama_cpp; print(llama_cpp.__version__)')"
+echo
+echo "| model | threads | lmx prompt / gen tok/s | llama.cpp prompt / gen tok/s | prompt ratio | gen ratio | lmx gen vs roofline |"
+echo "|---|---|---|---|---|---|---|"
+for m in $MODELS; do
+  pairs="4bit:Q4_0 8bit:Q8_0"
+  [ $m = smollm2 ] && pairs="$pairs bf16:BF16 f32:F32"
+  for pair in $pairs; do
+    ours=models/$m-${pair%%:*}; theirs=models/$m-${pair##*:}.gguf
+    [ $m = llama-1b-random ] && theirs=models/llama-1b-random-${pair##*:}.gguf
+    for t in 1 2; do
+      bw=$(target/membw $t)
+      : > /tmp/lmx_bench_ours; : > /tmp/lmx_bench_theirs
+      for r in $(seq "$ROUNDS"); do
+        run_ours() { RAYON_NUM_THREADS=$t $LMX benchmark --model $ours -p $P -g $G -n $N 2>/dev/null | tail -1 >> /tmp/lmx_bench_ours; }
+        run_theirs() { python3 scripts/bench/peer_llama_cpp.py $theirs $P $G $N $t 2>/dev/null | tail -1 >> /tmp/lmx_bench_theirs; }
+        if [ $((r % 2)) = 1 ]; then run_ours; run_theirs; else run_theirs; run_ours; fi
+      done
+      op=$(field prompt_tps < /tmp/lmx_bench_ours | median); og=$(field generation_tps < /tmp/lmx_bench_ours | median)
+      tp=$(field prompt_tps < /tmp/lmx_bench_theirs | median); tg=$(field generation_tps < /tmp/lmx_bench_theirs | median)
+      # Roofline: every weight byte once per token (the folder's safetensors) at the measured bandwidth.
+      roof=$(python3 -c "print(f'{$bw * 1e9 / $(bytes $ours/*.safetensors) :.0f}')")
+      python3 -c "print(f'| $m ${pair%%:*} vs ${pair##*:} | $t | {$op:.0f} / {$og:.1f} | {$tp:.0f} / {$tg:.1f} | {$op/$tp:.2f}x | {$og/$tg:.2f}x | {$og/$roof*100:.0f}% of {$roof} ($bw GB/s) |')"
+    done
+  done
+done
