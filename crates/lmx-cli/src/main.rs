@@ -89,6 +89,7 @@ fn main() -> ExitCode {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
     tune_allocator();
+    remove_temporaries_on_signals();
     let cli = Cli::parse();
     let Some(command) = cli.command else {
         println!("{START}");
@@ -106,9 +107,52 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let chain: Vec<String> = e.chain().map(|e| without_backtrace(&e.to_string()).to_string()).collect();
-            eprintln!("error: {}", chain.join(": "));
+            eprintln!("error: {}", error_line(&e));
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error and its causes on one line, each cause once: a message that already quotes its
+/// cause (`{path}: {source}`) is not followed by the cause again.
+fn error_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = without_backtrace(&cause.to_string()).to_string();
+        if !parts.last().is_some_and(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
+}
+
+/// Ctrl-C (and SIGTERM, SIGHUP) remove the temporary outputs being written before the process
+/// exits: the signals are blocked in every thread (set here, before any other thread starts,
+/// and inherited) and one thread waits for them.
+fn remove_temporaries_on_signals() {
+    #[cfg(unix)]
+    // SAFETY: plain libc signal-mask calls on a zeroed, then initialised, sigset_t; no other
+    // thread exists yet, so every later thread inherits the mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return;
+        }
+        let waiter = std::thread::Builder::new().name("lmx-signals".into()).spawn(move || {
+            let mut sig = 0;
+            // SAFETY: `set` is initialised and blocked in this thread.
+            if libc::sigwait(&set, &mut sig) == 0 {
+                lmx::io::temp::remove_registered();
+                std::process::exit(128 + sig);
+            }
+        });
+        if waiter.is_err() {
+            // No waiter: let the signals act as before.
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
         }
     }
 }

@@ -144,8 +144,10 @@ pub fn convert(source: &ModelSource, dtype: Option<DType>, transform: &Transform
     let files = load(source, dtype)?;
     let mut folder = metadata(&files);
     let keys = files.weights.keys();
-    let tmp = temp_dir_for(out)?;
-    let mut shards = ShardWriter::new(&tmp, max_shard_bytes);
+    // Removed again if anything below fails (the guard's drop).
+    let guard = lmx_io::temp::TempOutput::dir_for(out)?;
+    let tmp = guard.path();
+    let mut shards = ShardWriter::new(tmp, max_shard_bytes);
     let mut stats = quantize::Stats::default();
     match transform {
         Transform::Cast => {
@@ -222,20 +224,9 @@ pub fn convert(source: &ModelSource, dtype: Option<DType>, transform: &Transform
         }
     }
     shards.finish()?;
-    write_metadata(&folder, &tmp)?;
-    std::fs::rename(&tmp, out).map_err(|e| IoError::io(out, e))?;
+    write_metadata(&folder, tmp)?;
+    guard.commit(out)?;
     Ok(matches!(transform, Transform::Quantize(_)).then(|| stats.bits_per_weight()))
-}
-
-/// A fresh temporary sibling of `out` to write into.
-fn temp_dir_for(out: &Path) -> Result<PathBuf, ConvertError> {
-    let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
-    let tmp = out.with_file_name(format!(".{name}.partial-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| IoError::io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| IoError::io(&tmp, e))?;
-    Ok(tmp)
 }
 
 /// config.json, tokenizer files and generation_config.json.
@@ -322,14 +313,15 @@ pub fn write_sharded(folder: &Folder, out: &Path, max_shard_bytes: usize) -> Res
     if out.exists() {
         return Err(ConvertError::OutputExists(out.to_path_buf()));
     }
-    let tmp = temp_dir_for(out)?;
-    let mut shards = ShardWriter::new(&tmp, max_shard_bytes);
+    let guard = lmx_io::temp::TempOutput::dir_for(out)?;
+    let tmp = guard.path();
+    let mut shards = ShardWriter::new(tmp, max_shard_bytes);
     let sorted: BTreeMap<&String, &Tensor> = folder.tensors.iter().collect();
     for (k, t) in sorted {
         shards.push(k.clone(), t.clone())?;
     }
     shards.finish()?;
-    write_metadata(folder, &tmp)?;
-    std::fs::rename(&tmp, out).map_err(|e| IoError::io(out, e))?;
+    write_metadata(folder, tmp)?;
+    guard.commit(out)?;
     Ok(())
 }

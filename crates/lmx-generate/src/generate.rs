@@ -16,6 +16,9 @@ pub enum GenerateError {
     /// The prompt does not fit the model's context.
     #[error("the prompt has {prompt} tokens but the model's context is {context} tokens (max_position_embeddings); shorten the prompt")]
     PromptTooLong { prompt: usize, context: usize },
+    /// A token id the model has no embedding for (a tokenizer that does not match the model).
+    #[error("token id {id} is outside the model's vocabulary of {vocab} (vocab_size in config.json); the tokenizer does not belong to this model")]
+    TokenOutOfVocab { id: u32, vocab: usize },
     /// An empty prompt gives the model nothing to continue.
     #[error("the prompt is empty: give at least one token")]
     EmptyPrompt,
@@ -162,6 +165,7 @@ impl TokenStream<'_> {
         if self.prompt.len() > context {
             return Err(GenerateError::PromptTooLong { prompt: self.prompt.len(), context });
         }
+        check_vocab(&self.prompt, self.model.vocab_size())?;
         let start = Instant::now();
         self.stats.cached = self.cache.reuse_prefix(&self.prompt);
         let todo = self.prompt[self.stats.cached..].to_vec();
@@ -255,6 +259,14 @@ pub fn compute_pool() -> &'static rayon::ThreadPool {
             .build()
             .unwrap_or_else(|_| rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("a one-thread pool always builds"))
     })
+}
+
+/// Every id in `tokens` has an embedding in a model of `vocab` rows.
+pub fn check_vocab(tokens: &[u32], vocab: usize) -> Result<(), GenerateError> {
+    match tokens.iter().find(|&&t| t as usize >= vocab) {
+        Some(&id) => Err(GenerateError::TokenOutOfVocab { id, vocab }),
+        None => Ok(()),
+    }
 }
 
 /// Peak resident set size of this process (VmHWM), in bytes; 0 where /proc is unavailable.

@@ -43,6 +43,9 @@ pub enum IoError {
     /// The tokenizer could not be loaded or used.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// A text (a prompt or a rendered chat) that cannot fit in the model's context.
+    #[error("the prompt is {bytes} bytes, more than {tokens} tokens (the model's context, max_position_embeddings) can hold with this tokenizer (at most {limit} bytes); shorten it")]
+    TextTooLong { bytes: usize, tokens: usize, limit: usize },
     /// A chat template failed to compile or render.
     #[error("chat template: {0}")]
     Template(String),

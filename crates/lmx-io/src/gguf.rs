@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value as GValue};
@@ -80,17 +80,95 @@ fn gguf_err(path: &Path, msg: impl std::fmt::Display) -> IoError {
     IoError::Gguf { path: path.to_path_buf(), msg: msg.to_string() }
 }
 
+/// The value of `general.alignment` in a GGUF header (None when absent or not an integer),
+/// read by walking the key/value section without keeping any of it.
+fn scan_alignment(r: &mut impl Read) -> std::io::Result<Option<u64>> {
+    fn bad(msg: &str) -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, msg.to_string())
+    }
+    fn u32_(r: &mut impl Read) -> std::io::Result<u32> {
+        let mut b = [0u8; 4];
+        r.read_exact(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+    fn u64_(r: &mut impl Read) -> std::io::Result<u64> {
+        let mut b = [0u8; 8];
+        r.read_exact(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+    fn skip(r: &mut impl Read, n: u64) -> std::io::Result<()> {
+        if std::io::copy(&mut r.take(n), &mut std::io::sink())? != n {
+            return Err(bad("the file ends inside its header"));
+        }
+        Ok(())
+    }
+    /// Skips (or reads, for integers) one value of GGUF type `t`.
+    fn value(r: &mut impl Read, t: u32, depth: u32) -> std::io::Result<Option<u64>> {
+        Ok(match t {
+            0 | 1 | 7 => Some(read_n(r, 1)?),
+            2 | 3 => Some(read_n(r, 2)?),
+            4 | 5 => Some(read_n(r, 4)?),
+            10 | 11 => Some(read_n(r, 8)?),
+            6 => skip(r, 4).map(|_| None)?,
+            12 => skip(r, 8).map(|_| None)?,
+            8 => {
+                let n = u64_(r)?;
+                skip(r, n).map(|_| None)?
+            }
+            9 if depth == 0 => {
+                let (et, n) = (u32_(r)?, u64_(r)?);
+                for _ in 0..n {
+                    value(r, et, depth + 1)?;
+                }
+                None
+            }
+            other => return Err(bad(&format!("unknown value type {other}"))),
+        })
+    }
+    fn read_n(r: &mut impl Read, n: usize) -> std::io::Result<u64> {
+        let mut b = [0u8; 8];
+        r.read_exact(&mut b[..n])?;
+        Ok(u64::from_le_bytes(b))
+    }
+    if u32_(r)? != 0x4655_4747 {
+        return Err(bad("no GGUF magic"));
+    }
+    if u32_(r)? < 2 {
+        return Ok(None); // GGUF v1 has 32-bit lengths and no alignment key in practice.
+    }
+    let (_tensors, kvs) = (u64_(r)?, u64_(r)?);
+    for _ in 0..kvs {
+        let len = u64_(r)?;
+        if len > 1 << 16 {
+            return Err(bad("a key longer than 64 KiB"));
+        }
+        let mut key = vec![0u8; len as usize];
+        r.read_exact(&mut key)?;
+        let t = u32_(r)?;
+        let v = value(r, t, 0)?;
+        if key == b"general.alignment" {
+            return Ok(v);
+        }
+    }
+    Ok(None)
+}
+
 /// Reads and converts a GGUF file.
 pub fn load(path: &Path) -> Result<GgufModel> {
     let file = File::open(path).map_err(|e| IoError::io(path, e))?;
     let file_len = file.metadata().map_err(|e| IoError::io(path, e))?.len();
     let mut reader = BufReader::new(file);
+    // candle's reader divides by `general.alignment`: a 0 there must stop us first.
+    if scan_alignment(&mut reader).map_err(|e| gguf_err(path, format!("not a valid GGUF file ({e}); the file may be truncated: download it again")))? == Some(0) {
+        return Err(gguf_err(path, "`general.alignment` is 0; it must be a positive power of two (llama.cpp writes 32)"));
+    }
+    reader.seek(SeekFrom::Start(0)).map_err(|e| IoError::io(path, e))?;
     let content = Content::read(&mut reader).map_err(|e| gguf_err(path, format!("not a valid GGUF file ({e}); the file may be truncated: download it again")))?;
     // Check every tensor fits in the file before reading any, so a truncated download fails
     // with one clear message instead of midway.
     for (name, info) in &content.tensor_infos {
         let bytes = info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
-        let end = content.tensor_data_offset + info.offset + bytes as u64;
+        let end = content.tensor_data_offset.checked_add(info.offset).and_then(|e| e.checked_add(bytes as u64)).unwrap_or(u64::MAX);
         if end > file_len {
             return Err(gguf_err(path, format!("truncated: tensor `{name}` ends at byte {end} but the file has {file_len} bytes; download it again")));
         }
@@ -374,6 +452,30 @@ mod tests {
                 let got = &model.tensors[*h];
                 let err = (got - want).and_then(|d| d.sqr()).and_then(|d| d.mean_all()).and_then(|d| d.to_scalar::<f32>()).expect("err").sqrt();
                 assert!(err < tol, "{dtype:?} {g} -> {h}: rms error {err} (tolerance {tol})");
+            }
+        }
+    }
+
+    /// `general.alignment` is found behind arrays of strings, and 0 is refused before candle's
+    /// reader divides by it.
+    #[test]
+    fn alignment_is_checked_first() {
+        use candle_core::quantized::{gguf_file, QTensor};
+        let t = QTensor::quantize(&Tensor::zeros(32, lmx_core::DType::F32, &Device::Cpu).expect("zeros"), candle_core::quantized::GgmlDType::F32).expect("q");
+        for (alignment, want) in [(32u32, Some(32u64)), (0, Some(0))] {
+            let tokens = gguf_file::Value::Array(vec![gguf_file::Value::String("a".into()), gguf_file::Value::String("bc".into())]);
+            let metadata = [("general.architecture", gguf_file::Value::String("llama".into())), ("tokenizer.ggml.tokens", tokens), ("general.alignment", gguf_file::Value::U32(alignment))];
+            let mut bytes = std::io::Cursor::new(Vec::new());
+            let meta: Vec<(&str, &gguf_file::Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+            gguf_file::write(&mut bytes, &meta, &[("x", &t)]).expect("write");
+            bytes.set_position(0);
+            assert_eq!(scan_alignment(&mut bytes).expect("scan"), want);
+            let path = std::env::temp_dir().join(format!("lmx-align-{alignment}-{}.gguf", std::process::id()));
+            std::fs::write(&path, bytes.get_ref()).expect("write file");
+            let err = load(&path).err().map(|e| e.to_string()).unwrap_or_default();
+            let _ = std::fs::remove_file(&path);
+            if alignment == 0 {
+                assert!(err.contains("`general.alignment` is 0"), "{err}");
             }
         }
     }

@@ -15,6 +15,7 @@ pub mod hub;
 pub mod model_files;
 pub mod quant_config;
 pub mod safetensors_io;
+pub mod temp;
 pub mod tokenizer;
 pub mod weights;
 

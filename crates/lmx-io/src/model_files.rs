@@ -152,7 +152,17 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if index.exists() {
         let json = read_json(&index)?;
         let map = json.get("weight_map").and_then(Value::as_object).ok_or_else(|| IoError::Json { path: index.clone(), msg: "no `weight_map` object".into() })?;
-        let mut files: Vec<PathBuf> = map.values().filter_map(Value::as_str).map(|f| dir.join(f)).collect();
+        let mut files = Vec::with_capacity(map.len());
+        for (key, file) in map {
+            let name = file.as_str().ok_or_else(|| IoError::Json { path: index.clone(), msg: format!("`weight_map` entry `{key}` is not a file name") })?;
+            // Names stay inside the folder (a link inside it may point elsewhere, as the HF
+            // cache's snapshot links point into blobs/; a name may not).
+            let inside = !name.is_empty() && Path::new(name).components().all(|c| matches!(c, std::path::Component::Normal(_)));
+            if !inside {
+                return Err(IoError::Json { path: index.clone(), msg: format!("`weight_map` entry `{key}` names `{name}`, which is not a file inside the model folder") });
+            }
+            files.push(dir.join(name));
+        }
         files.sort();
         files.dedup();
         return Ok(files);

@@ -1,30 +1,170 @@
 //! Writing checkpoints safely: every output file is written under a temporary name in the
-//! destination folder and renamed into place, so an interrupted run never leaves a file that
-//! looks complete.
+//! destination folder, flushed to disk and renamed into place, so an interrupted run never
+//! leaves a file that looks complete, and a failed write leaves nothing behind. Files get the
+//! permissions of any file the user creates (their umask), not a temp file's 0600.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
 
-use lmx_core::Tensor;
+use lmx_core::{DType, Tensor};
 
 use crate::error::{IoError, Result};
 
-/// The temporary sibling a file is written to before the rename.
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.partial-{}", std::process::id()))
+/// Writes `path` atomically: `fill` writes the content into a temporary sibling, which is
+/// flushed to disk and renamed into place (then the folder entry is flushed too). On any
+/// error the temporary file is removed and the error names the file and the cause (a full
+/// disk says so, rather than blaming the data).
+pub fn write_file_atomic(path: &Path, fill: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>) -> Result<()> {
+    crate::temp::remove_stale(path);
+    let tmp = crate::temp::partial_path(path);
+    crate::temp::register(&tmp);
+    let result = write_and_rename(&tmp, path, fill);
+    crate::temp::unregister(&tmp);
+    result
+}
+
+fn write_and_rename(tmp: &Path, path: &Path, fill: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>) -> Result<()> {
+    let written = (|| {
+        let mut w = BufWriter::with_capacity(1 << 20, File::create(tmp)?);
+        fill(&mut w)?;
+        let file = w.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(tmp);
+        return Err(IoError::io(path, e));
+    }
+    if let Err(e) = std::fs::rename(tmp, path) {
+        let _ = std::fs::remove_file(tmp);
+        return Err(IoError::io(path, e));
+    }
+    sync_parent(path);
+    Ok(())
+}
+
+/// Flushes the folder entry of `path` (best effort: not every file system supports it).
+pub fn sync_parent(path: &Path) {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
 }
 
 /// Writes `bytes` to `path` atomically (temporary file + rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temp_path(path);
-    std::fs::write(&tmp, bytes).map_err(|e| IoError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| IoError::io(path, e))
+    write_file_atomic(path, |w| w.write_all(bytes))
 }
 
-/// Saves `tensors` as one safetensors file, atomically.
+/// The safetensors name of a dtype and its element size (other dtypes are written as F32).
+fn st_dtype(dtype: DType) -> (&'static str, usize) {
+    match dtype {
+        DType::U8 => ("U8", 1),
+        DType::U32 => ("U32", 4),
+        DType::I64 => ("I64", 8),
+        DType::BF16 => ("BF16", 2),
+        DType::F16 => ("F16", 2),
+        DType::F32 => ("F32", 4),
+        DType::F64 => ("F64", 8),
+        _ => ("F32", 4),
+    }
+}
+
+/// The little-endian bytes of a tensor's elements in row-major order.
+fn tensor_bytes(t: &Tensor) -> lmx_core::Result<Vec<u8>> {
+    let t = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::U8 => t.to_vec1::<u8>()?,
+        DType::U32 => t.to_vec1::<u32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::I64 => t.to_vec1::<i64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::BF16 => t.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect(),
+        DType::F16 => t.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect(),
+        DType::F64 => t.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        _ => t.to_dtype(DType::F32)?.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    })
+}
+
+/// Saves `tensors` as one safetensors file, atomically. Tensors are laid out by element size
+/// (largest first), then by name, so every tensor starts aligned to its element size; one
+/// tensor's bytes are in memory at a time.
 pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    let tmp = temp_path(path);
-    candle_core::safetensors::save(tensors, &tmp).map_err(|e| IoError::Safetensors { path: tmp.clone(), msg: e.to_string() })?;
-    std::fs::rename(&tmp, path).map_err(|e| IoError::io(path, e))
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort_by_key(|n| (std::cmp::Reverse(st_dtype(tensors[*n].dtype()).1), (*n).clone()));
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for name in &names {
+        let t = &tensors[*name];
+        let (dtype, size) = st_dtype(t.dtype());
+        let bytes = t.elem_count() * size;
+        header.insert((*name).clone(), serde_json::json!({"dtype": dtype, "shape": t.dims(), "data_offsets": [offset, offset + bytes]}));
+        offset += bytes;
+    }
+    let mut head = serde_json::to_vec(&serde_json::Value::Object(header)).map_err(|e| IoError::Json { path: path.to_path_buf(), msg: e.to_string() })?;
+    // The data starts 8-byte aligned: the header is padded with spaces.
+    head.resize(head.len().next_multiple_of(8), b' ');
+    write_file_atomic(path, |w| {
+        w.write_all(&(head.len() as u64).to_le_bytes())?;
+        w.write_all(&head)?;
+        for name in &names {
+            w.write_all(&tensor_bytes(&tensors[*name]).map_err(std::io::Error::other)?)?;
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What this writer writes, candle's reader reads back bit for bit, and the file has the
+    /// permissions of an ordinary new file.
+    #[test]
+    fn round_trips_through_candle_with_normal_permissions() -> Result<()> {
+        let dev = lmx_core::Device::Cpu;
+        let mut map = HashMap::new();
+        map.insert("a.weight".to_string(), Tensor::randn(0f32, 1.0, (3, 5), &dev)?);
+        map.insert("b.scales".to_string(), Tensor::randn(0f32, 1.0, (2, 3), &dev)?.to_dtype(DType::BF16)?);
+        map.insert("c.packed".to_string(), Tensor::new(&[1u32, 2, 3, 0xFFFF_FFFF], &dev)?);
+        map.insert("d.half".to_string(), Tensor::randn(0f32, 1.0, 7, &dev)?.to_dtype(DType::F16)?);
+        let dir = std::env::temp_dir().join(format!("lmx-st-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| IoError::io(&dir, e))?;
+        let path = dir.join("t.safetensors");
+        save_safetensors(&map, &path)?;
+        let back = candle_core::safetensors::load(&path, &dev)?;
+        for (k, t) in &map {
+            let diff = (t.to_dtype(DType::F64)? - back[k].to_dtype(DType::F64)?)?.abs()?.sum_all()?.to_scalar::<f64>()?;
+            assert_eq!(diff, 0.0, "{k}");
+            assert_eq!(t.dtype(), back[k].dtype(), "{k}");
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let probe = dir.join("probe");
+            std::fs::write(&probe, b"x").map_err(|e| IoError::io(&probe, e))?;
+            let mode = |p: &Path| std::fs::metadata(p).map(|m| m.permissions().mode() & 0o777).unwrap_or(0);
+            assert_eq!(mode(&path), mode(&probe), "safetensors files get the umask's permissions");
+        }
+        let left: Vec<_> = std::fs::read_dir(&dir).map_err(|e| IoError::io(&dir, e))?.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with('.')).collect();
+        assert!(left.is_empty(), "temporary files left behind: {left:?}");
+        std::fs::remove_dir_all(&dir).ok();
+        Ok(())
+    }
+
+    /// A write that fails midway leaves neither the target nor a temporary file.
+    #[test]
+    fn a_failed_write_leaves_nothing() {
+        let dir = std::env::temp_dir().join(format!("lmx-st-fail-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("x.json");
+        let err = write_file_atomic(&path, |w| {
+            w.write_all(b"half")?;
+            Err(std::io::Error::new(std::io::ErrorKind::StorageFull, "No space left on device"))
+        })
+        .expect_err("the fill fails");
+        assert!(err.to_string().contains("No space left"), "{err}");
+        assert_eq!(std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(1), 0);
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }

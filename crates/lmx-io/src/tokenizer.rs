@@ -9,6 +9,10 @@ use crate::error::{IoError, Result};
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// The longest vocabulary string in UTF-8 bytes: no token stands for more text (byte-level
+    /// and SentencePiece vocabularies spell a byte with 1-3), so `n` tokens never hold more
+    /// than `n` times this.
+    max_token_bytes: usize,
 }
 
 impl Tokenizer {
@@ -18,13 +22,28 @@ impl Tokenizer {
             return Err(IoError::NotFound { path: path.to_path_buf(), hint: ": the model folder needs a tokenizer.json (Hugging Face fast-tokenizer format)".into() });
         }
         let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| IoError::Tokenizer(format!("{}: {e}", path.display())))?;
-        Ok(Self { inner })
+        Ok(Self::new(inner))
     }
 
     /// Builds a tokenizer from a `tokenizer.json` value (as rebuilt from GGUF metadata).
     pub fn from_json(json: &serde_json::Value) -> Result<Self> {
         let inner: tokenizers::Tokenizer = serde_json::from_value(json.clone()).map_err(|e| IoError::Tokenizer(format!("invalid tokenizer description: {e}")))?;
-        Ok(Self { inner })
+        Ok(Self::new(inner))
+    }
+
+    fn new(inner: tokenizers::Tokenizer) -> Self {
+        let max_token_bytes = inner.get_vocab(true).keys().map(String::len).max().unwrap_or(1).max(1);
+        Self { inner, max_token_bytes }
+    }
+
+    /// [`Tokenizer::encode`] for text that must fit in `max_tokens` tokens: a text longer than
+    /// that many tokens could possibly spell is refused before the (possibly long) encoding.
+    pub fn encode_within(&self, text: &str, add_special_tokens: bool, max_tokens: usize) -> Result<Vec<u32>> {
+        let limit = max_tokens.saturating_mul(self.max_token_bytes);
+        if text.len() > limit {
+            return Err(IoError::TextTooLong { bytes: text.len(), tokens: max_tokens, limit });
+        }
+        self.encode(text, add_special_tokens)
     }
 
     /// Token ids of `text`. `add_special_tokens` applies the tokenizer's post-processor (a BOS

@@ -55,8 +55,14 @@ impl Weights {
         let mut files = Vec::with_capacity(paths.len());
         let mut index = HashMap::new();
         for (i, path) in paths.iter().enumerate() {
-            if !path.exists() {
-                return Err(IoError::NotFound { path: path.clone(), hint: String::new() });
+            match std::fs::metadata(path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(IoError::NotFound { path: path.clone(), hint: String::new() }),
+                Err(e) => return Err(IoError::io(path, e)),
+                // A FIFO or device would block or stream forever; a folder cannot be mapped.
+                Ok(m) if !m.is_file() => {
+                    return Err(IoError::io(path, std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file; lmx reads weights only from regular files or links to them")))
+                }
+                Ok(_) => {}
             }
             // SAFETY: the file is mapped read-only; lmx never writes to a checkpoint it is
             // reading, and a concurrent writer outside lmx is the user's responsibility (the same

@@ -46,8 +46,11 @@ pub enum TuneError {
     #[error(transparent)]
     Data(#[from] DataError),
     /// The loss or a gradient became NaN or infinite.
-    #[error("training stopped at iteration {it}: the loss is {loss} or a gradient is not finite; the adapters of the last good step are in {path}. Try a lower learning rate")]
-    NonFinite { it: usize, loss: f64, path: PathBuf },
+    #[error("training stopped at iteration {it}: the loss is {loss} or a gradient is not finite; {}. Try a lower learning rate", if *.saved { format!("the adapters of the last good step are in {}", path.display()) } else { format!("the adapters themselves are no longer finite, so nothing was written over {}", path.display()) })]
+    NonFinite { it: usize, loss: f64, path: PathBuf, saved: bool },
+    /// Trained tensors that are NaN or infinite are never saved.
+    #[error("the trained `{key}` holds NaN or infinite values; nothing was written over {}", path.display())]
+    NonFiniteWeights { key: String, path: PathBuf },
     /// Loading the model or writing files.
     #[error(transparent)]
     Lmx(#[from] lmx::Error),

@@ -204,6 +204,8 @@ pub struct TrainArgs {
     pub adapter_dir: PathBuf,
     /// Recompute trained layers in the backward pass instead of keeping their activations.
     pub grad_checkpoint: bool,
+    /// The adapter folder's `adapter_config.json`, written with every save of the weights.
+    pub config: Option<lmx_io::adapters::AdapterConfig>,
 }
 
 /// What the loop reports as it runs.
@@ -221,10 +223,36 @@ pub enum Event {
     Step { it: usize },
 }
 
-/// Saves the trained tensors to `path` atomically.
+/// Saves the trained tensors to `path` atomically; NaN or infinite values are refused
+/// (nothing is written over a good file).
 pub fn save_adapters(vars: &[(String, Var)], path: &Path) -> Result<(), TuneError> {
+    if let Some(key) = first_non_finite(vars)? {
+        return Err(TuneError::NonFiniteWeights { key, path: path.to_path_buf() });
+    }
     let map: HashMap<String, Tensor> = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
     lmx_io::safetensors_io::save_safetensors(&map, path)?;
+    Ok(())
+}
+
+/// The first tensor holding a NaN or an infinity (0 * x is 0 exactly for finite x).
+fn first_non_finite(vars: &[(String, Var)]) -> lmx::core::Result<Option<String>> {
+    for (k, v) in vars {
+        let t = v.as_tensor().detach();
+        if !t.affine(0.0, 0.0)?.sum_all()?.to_dtype(lmx::core::DType::F32)?.to_scalar::<f32>()?.is_finite() {
+            return Ok(Some(k.clone()));
+        }
+    }
+    Ok(None)
+}
+
+/// Saves the adapters and, with them, the adapter folder's config (created on the first save,
+/// so a run that fails before it leaves no folder, and never a config without its weights).
+fn save_checkpoint(vars: &[(String, Var)], args: &TrainArgs, path: &Path) -> Result<(), TuneError> {
+    std::fs::create_dir_all(&args.adapter_dir).map_err(|e| lmx_io::IoError::io(&args.adapter_dir, e))?;
+    save_adapters(vars, path)?;
+    if let Some(config) = &args.config {
+        lmx_io::adapters::save_config(&args.adapter_dir, config)?;
+    }
     Ok(())
 }
 
@@ -302,8 +330,12 @@ pub fn train(model: &dyn CausalLm, training: &Training, train: &Dataset, valid: 
             Some(g) => g.iter().flatten().map(|g| g.sqr().and_then(|s| s.sum_all()).and_then(|s| s.to_scalar::<f32>())).any(|s| s.map_or(true, |s| !s.is_finite())),
         };
         if bad {
-            save_adapters(&named, &final_path)?;
-            return Err(TuneError::NonFinite { it, loss, path: final_path });
+            // The weights are those of the last good step unless an update itself overflowed.
+            let saved = first_non_finite(&named)?.is_none();
+            if saved {
+                save_checkpoint(&named, args, &final_path)?;
+            }
+            return Err(TuneError::NonFinite { it, loss, path: final_path, saved });
         }
         let grads = grads.unwrap_or_default();
         pending = Some(match pending.take() {
@@ -336,13 +368,13 @@ pub fn train(model: &dyn CausalLm, training: &Training, train: &Dataset, valid: 
             (losses, steps, n_tokens, train_time) = (0.0, 0, 0, 0.0);
         }
         if args.save_every > 0 && it % args.save_every == 0 {
-            save_adapters(&named, &final_path)?;
+            save_checkpoint(&named, args, &final_path)?;
             let checkpoint = args.adapter_dir.join(format!("{it:07}_adapters.safetensors"));
             save_adapters(&named, &checkpoint)?;
             on_event(Event::Saved { it, path: checkpoint });
         }
     }
-    save_adapters(&named, &final_path)?;
+    save_checkpoint(&named, args, &final_path)?;
     on_event(Event::Saved { it: args.iters, path: final_path });
     Ok(())
 }

@@ -96,9 +96,18 @@ fn a_failed_run_leaves_the_model_in_evaluation_mode() {
         optimizer: OptimizerKind::Sgd { momentum: 0.0, weight_decay: 0.0, dampening: 0.0, nesterov: false },
         adapter_dir: dir.clone(),
         grad_checkpoint: true,
+        config: None,
     };
     let err = train(&*model, &training, &data, None, &args, &mut |_| {}).expect_err("diverges");
     assert!(err.to_string().contains("not finite"), "{err}");
+    // Whatever was saved is finite: non-finite adapters are never written.
+    let saved = dir.join("adapters.safetensors");
+    if saved.exists() {
+        for (k, t) in candle_core::safetensors::load(&saved, &Device::Cpu).expect("load") {
+            let s = t.affine(0.0, 0.0).and_then(|d| d.sum_all()).and_then(|d| d.to_scalar::<f32>()).expect("sum");
+            assert!(s.is_finite(), "{k} was saved with NaN or infinite values");
+        }
+    }
     assert!(!training.is_active(), "training mode must end with the run");
     let mut cache = model.new_cache();
     let ids = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).expect("ids");

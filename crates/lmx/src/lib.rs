@@ -71,6 +71,9 @@ pub enum Error {
     /// A text to evaluate that does not fill one sequence.
     #[error("the text has {tokens} tokens, fewer than one sequence of {sequence_length}: use a longer text or a shorter sequence length")]
     TextTooShort { tokens: usize, sequence_length: usize },
+    /// A sequence length beyond the model's context.
+    #[error("a sequence length of {sequence_length} is more than the model's context of {context} tokens (max_position_embeddings); use a shorter sequence length")]
+    SequenceTooLong { sequence_length: usize, context: usize },
 }
 
 /// Result alias for the lmx library.

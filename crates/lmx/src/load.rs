@@ -114,6 +114,8 @@ pub struct TokenizerWrapper {
     tokenizer: Tokenizer,
     chat_template: Option<ChatTemplate>,
     eos_token_ids: Vec<u32>,
+    /// The model's context in tokens: prompts longer than it are refused before encoding.
+    context: usize,
 }
 
 impl TokenizerWrapper {
@@ -152,7 +154,13 @@ impl TokenizerWrapper {
     /// again (the template wrote them), as transformers' `apply_chat_template(tokenize=True)`.
     pub fn chat_prompt(&self, messages: &[Message], extra: Option<&Value>) -> Result<Vec<u32>> {
         let text = self.apply_chat_template(messages, None, extra)?;
-        Ok(self.tokenizer.encode(&text, false)?)
+        Ok(self.tokenizer.encode_within(&text, false, self.context)?)
+    }
+
+    /// Token ids of a plain prompt (special tokens added as the tokenizer's post-processor
+    /// says); a text that cannot fit in the model's context is refused before encoding.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.tokenizer.encode_within(text, true, self.context)?)
     }
 }
 
@@ -198,5 +206,6 @@ pub fn load_with(model: &str, options: &LoadOptions) -> Result<(Model, Tokenizer
     let chat_template = files.compile_chat_template()?;
     let eos_token_ids = files.eos_token_ids();
     let ModelFiles { config, tokenizer, .. } = files;
-    Ok((Model { inner, model_type, config, dtype, training }, TokenizerWrapper { tokenizer, chat_template, eos_token_ids }))
+    let context = inner.max_position_embeddings();
+    Ok((Model { inner, model_type, config, dtype, training }, TokenizerWrapper { tokenizer, chat_template, eos_token_ids, context }))
 }

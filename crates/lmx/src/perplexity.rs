@@ -32,6 +32,13 @@ pub fn perplexity(model: &dyn CausalLm, tokens: &[u32], sequence_length: usize, 
     if n == 0 {
         return Err(crate::Error::TextTooShort { tokens: tokens.len(), sequence_length: seq_len });
     }
+    // Checked before any work: one forward over seq_len - 1 positions, and every id indexes
+    // the embedding and the logits.
+    let context = model.max_position_embeddings();
+    if seq_len - 1 > context {
+        return Err(crate::Error::SequenceTooLong { sequence_length: seq_len, context });
+    }
+    lmx_generate::check_vocab(&tokens[..n * seq_len], model.vocab_size())?;
     let mut losses = Vec::with_capacity(n * (seq_len - 1));
     for (i, seq) in tokens.chunks_exact(seq_len).take(n).enumerate() {
         let input = Tensor::new(&seq[..seq_len - 1], model.device())?.unsqueeze(0)?;

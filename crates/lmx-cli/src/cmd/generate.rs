@@ -78,7 +78,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         tokenizer.add_eos_token_id(id);
     }
     let prompt = if args.ignore_chat_template || !tokenizer.has_chat_template() {
-        tokenizer.encode(&prompt_text, true)?
+        tokenizer.encode_prompt(&prompt_text)?
     } else {
         let mut messages = Vec::new();
         if let Some(system) = &args.system_prompt {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use lmx::io::adapters::{save_config, AdapterConfig, ADAPTER_FILE};
+use lmx::io::adapters::{AdapterConfig, ADAPTER_FILE};
 use lmx::io::FineTuneType;
 use lmx_tune::config::{ConfigFile, LoraConfig};
 use lmx_tune::optim::{OptimizerKind, Schedule};
@@ -206,9 +206,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             model.num_layers(),
             trainable as f64 / 1e6
         );
-        std::fs::create_dir_all(&adapter_dir).with_context(|| format!("creating --adapter-path {}", adapter_dir.display()))?;
         let config = AdapterConfig { fine_tune_type: kind, num_layers: c.num_layers, lora_parameters: (kind != FineTuneType::Full).then(|| c.lora_parameters.clone()), extra: c.to_json() };
-        save_config(&adapter_dir, &config)?;
         let targs = TrainArgs {
             batch_size: c.batch_size,
             iters: c.iters,
@@ -223,6 +221,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             optimizer,
             adapter_dir: adapter_dir.clone(),
             grad_checkpoint: c.grad_checkpoint,
+            config: Some(config),
         };
         let bar = ProgressBar::new(c.iters as u64);
         bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} iters [{elapsed} < {eta}]").unwrap_or_else(|_| ProgressStyle::default_bar()));
