@@ -175,3 +175,61 @@ fn bad_sampling_settings_get_clear_errors() {
         assert_clear_error(&out, &[needle, "sampling"]);
     }
 }
+
+/// Bad files and inputs that would once block, panic or run out of memory: one clear error
+/// line each, before any expensive work. Each case prepares a copy of the tiny model and
+/// returns the command line to run. Extend the table as bad inputs turn up.
+#[test]
+fn bad_inputs_are_refused_before_work() {
+    let generate_args = |dir: &std::path::Path, prompt: &str| vec!["generate".into(), "--model".into(), path_str(dir), "-p".into(), prompt.to_string(), "-m".into(), "2".into()];
+    let index = |dir: &std::path::Path, file: &str| {
+        let map = serde_json::json!({"metadata": {}, "weight_map": {"model.embed_tokens.weight": file}});
+        std::fs::write(dir.join("model.safetensors.index.json"), map.to_string()).expect("write index");
+    };
+    let cases: Vec<(&str, Box<dyn Fn(&std::path::Path) -> Vec<String>>, &[&str])> = vec![
+        (
+            "weight-map-escapes",
+            Box::new(move |d| {
+                index(d, "../elsewhere.safetensors");
+                generate_args(d, "a b")
+            }),
+            &["weight_map", "../elsewhere.safetensors", "not a file inside the model folder"],
+        ),
+        (
+            "weight-map-fifo",
+            Box::new(move |d| {
+                let status = std::process::Command::new("mkfifo").arg(d.join("fifo.safetensors")).status().expect("mkfifo");
+                assert!(status.success());
+                index(d, "fifo.safetensors");
+                generate_args(d, "a b")
+            }),
+            &["fifo.safetensors", "not a regular file"],
+        ),
+        (
+            "token-beyond-vocab",
+            Box::new(move |d| {
+                let tok = std::fs::read_to_string(d.join("tokenizer.json")).expect("read").replace(r#""c":3"#, r#""c":3,"zzz":100000"#);
+                std::fs::write(d.join("tokenizer.json"), tok).expect("write");
+                generate_args(d, "a zzz")
+            }),
+            &["token id 100000", "vocabulary"],
+        ),
+        ("prompt-too-many-bytes", Box::new(move |d| generate_args(d, &"a".repeat(5000))), &["5000 bytes", "context", "shorten it"]),
+        (
+            "perplexity-sequence-beyond-context",
+            Box::new(|d| {
+                let text = d.join("long.txt");
+                std::fs::write(&text, "a b ".repeat(400)).expect("write");
+                ["perplexity", "--model", &path_str(d), "--data", &path_str(&text), "--sequence-length", "600"].map(String::from).to_vec()
+            }),
+            &["sequence length of 600", "context of 256"],
+        ),
+    ];
+    for (label, setup, needles) in &cases {
+        let dir = tiny_model(&format!("bad-input-{label}"));
+        let args = setup(&dir);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = lmx(&args);
+        assert_clear_error(&out, needles);
+    }
+}
