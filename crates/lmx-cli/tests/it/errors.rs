@@ -181,12 +181,14 @@ fn bad_sampling_settings_get_clear_errors() {
 /// returns the command line to run. Extend the table as bad inputs turn up.
 #[test]
 fn bad_inputs_are_refused_before_work() {
+    /// Prepares a model folder and returns the command line.
+    type Setup = Box<dyn Fn(&std::path::Path) -> Vec<String>>;
     let generate_args = |dir: &std::path::Path, prompt: &str| vec!["generate".into(), "--model".into(), path_str(dir), "-p".into(), prompt.to_string(), "-m".into(), "2".into()];
     let index = |dir: &std::path::Path, file: &str| {
         let map = serde_json::json!({"metadata": {}, "weight_map": {"model.embed_tokens.weight": file}});
         std::fs::write(dir.join("model.safetensors.index.json"), map.to_string()).expect("write index");
     };
-    let cases: Vec<(&str, Box<dyn Fn(&std::path::Path) -> Vec<String>>, &[&str])> = vec![
+    let cases: Vec<(&str, Setup, &[&str])> = vec![
         (
             "weight-map-escapes",
             Box::new(move |d| {
