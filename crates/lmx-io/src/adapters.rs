@@ -120,12 +120,24 @@ pub fn parse_config(path: &Path) -> Result<AdapterConfig> {
     serde_json::from_value(value).map_err(|e| IoError::Json { path: path.to_path_buf(), msg: format!("not an adapter config: {e}") })
 }
 
-/// Reads an adapter safetensors file (all tensors, on the CPU).
+/// Reads an adapter safetensors file (all tensors, on the CPU). Tensors holding NaN or
+/// infinite values (a diverged run) are refused: they would turn every output into NaN.
 pub fn load_adapter_file(path: &Path) -> Result<HashMap<String, Tensor>> {
     if !path.exists() {
         return Err(IoError::NotFound { path: path.to_path_buf(), hint: ": no adapter weights here".into() });
     }
-    candle_core::safetensors::load(path, &lmx_core::Device::Cpu).map_err(|e| IoError::Safetensors { path: path.to_path_buf(), msg: e.to_string() })
+    let tensors = candle_core::safetensors::load(path, &lmx_core::Device::Cpu).map_err(|e| IoError::Safetensors { path: path.to_path_buf(), msg: e.to_string() })?;
+    let mut keys: Vec<&String> = tensors.keys().collect();
+    keys.sort();
+    for key in keys {
+        let t = &tensors[key];
+        // 0 * x is 0 for every finite x, NaN otherwise.
+        let finite = !t.dtype().is_float() || t.affine(0.0, 0.0)?.sum_all()?.to_dtype(lmx_core::DType::F32)?.to_scalar::<f32>()?.is_finite();
+        if !finite {
+            return Err(IoError::NonFinite { path: path.to_path_buf(), key: key.clone() });
+        }
+    }
+    Ok(tensors)
 }
 
 /// Writes `adapter_config.json` atomically, keys sorted as MLX LM writes them.

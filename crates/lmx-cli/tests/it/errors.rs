@@ -216,6 +216,21 @@ fn bad_inputs_are_refused_before_work() {
             }),
             &["token id 100000", "vocabulary"],
         ),
+        (
+            "nan-adapters",
+            Box::new(move |d| {
+                let ad = d.join("adapters");
+                std::fs::create_dir_all(&ad).expect("dir");
+                std::fs::write(ad.join("adapter_config.json"), r#"{"fine_tune_type": "lora", "num_layers": 1, "lora_parameters": {"rank": 2, "scale": 1.0}}"#).expect("config");
+                let nan = lmx::core::Tensor::new(&[[f32::NAN, 0.0]], &lmx::core::Device::Cpu).expect("tensor");
+                let map = HashMap::from([("model.layers.1.self_attn.q_proj.lora_b".to_string(), nan)]);
+                lmx::io::safetensors_io::save_safetensors(&map, &ad.join("adapters.safetensors")).expect("write");
+                let mut args = generate_args(d, "a b");
+                args.extend(["--adapter-path".to_string(), path_str(&ad)]);
+                args
+            }),
+            &["adapters.safetensors", "lora_b", "NaN or infinite"],
+        ),
         ("prompt-too-many-bytes", Box::new(move |d| generate_args(d, &"a".repeat(5000))), &["5000 bytes", "context", "shorten it"]),
         (
             "perplexity-sequence-beyond-context",
