@@ -135,9 +135,9 @@ pub enum Transform {
 /// Converts `source` into the folder `out` one tensor at a time: each tensor is read from the
 /// memory-mapped checkpoint, transformed, and added to the current output shard, which is
 /// written when it reaches `max_shard_bytes`; so memory stays near one shard however large the
-/// model (GGUF sources are dequantized in memory first). Returns the bits per weight when
-/// quantizing. The output appears only when complete (temporary folder + rename).
-pub fn convert(source: &ModelSource, dtype: Option<DType>, transform: &Transform, out: &Path, max_shard_bytes: usize) -> Result<Option<f64>, ConvertError> {
+/// model (GGUF sources are dequantized in memory first). Returns what quantization did (bits
+/// per weight, matrices left in float) when quantizing. The output appears only when complete (temporary folder + rename).
+pub fn convert(source: &ModelSource, dtype: Option<DType>, transform: &Transform, out: &Path, max_shard_bytes: usize) -> Result<Option<quantize::Stats>, ConvertError> {
     if out.exists() {
         return Err(ConvertError::OutputExists(out.to_path_buf()));
     }
@@ -226,7 +226,7 @@ pub fn convert(source: &ModelSource, dtype: Option<DType>, transform: &Transform
     shards.finish()?;
     write_metadata(&folder, tmp)?;
     guard.commit(out)?;
-    Ok(matches!(transform, Transform::Quantize(_)).then(|| stats.bits_per_weight()))
+    Ok(matches!(transform, Transform::Quantize(_)).then_some(stats))
 }
 
 /// config.json, tokenizer files and generation_config.json.

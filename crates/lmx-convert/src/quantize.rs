@@ -147,12 +147,21 @@ pub fn quantize(folder: &mut Folder, opts: &QuantizeOptions) -> Result<f64, Conv
 pub struct Stats {
     bytes: usize,
     params: usize,
+    /// Matrices left in float because the group size does not divide their rows: (module,
+    /// row length).
+    unquantized: Vec<(String, usize)>,
 }
 
 impl Stats {
     /// Stored bits per parameter.
     pub fn bits_per_weight(&self) -> f64 {
         self.bytes as f64 * 8.0 / self.params.max(1) as f64
+    }
+
+    /// Matrices left in float because the group size does not divide their rows (MLX LM
+    /// skips them the same way): (module, row length).
+    pub fn unquantized(&self) -> &[(String, usize)] {
+        &self.unquantized
     }
 }
 
@@ -185,6 +194,9 @@ impl<'a> Plan<'a> {
         let module = key.strip_suffix(".weight").filter(|_| t.rank() == 2 && t.dtype().is_float());
         // MLX LM skips matrices whose rows the default group size does not divide.
         let Some(module) = module.filter(|_| t.dims()[1] % opts.group_size == 0) else {
+            if let Some(m) = module {
+                stats.unquantized.push((m.to_string(), t.dims()[1]));
+            }
             stats.bytes += t.elem_count() * t.dtype().size_in_bytes();
             stats.params += t.elem_count();
             return Ok(vec![(key.to_string(), t)]);

@@ -77,9 +77,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         lmx::convert::Transform::Cast
     };
     eprintln!("[INFO] Converting into {} (one tensor at a time, shards of up to 5 GB)", args.mlx_path.display());
-    let bpw = lmx::convert::convert(&source, dtype, &transform, &args.mlx_path, lmx::convert::MAX_SHARD_BYTES).with_context(|| format!("converting {}", source.path().display()))?;
-    if let Some(bpw) = bpw {
-        eprintln!("[INFO] Quantized model with {bpw:.3} bits per weight.");
+    let stats = lmx::convert::convert(&source, dtype, &transform, &args.mlx_path, lmx::convert::MAX_SHARD_BYTES).with_context(|| format!("converting {}", source.path().display()))?;
+    if let Some(stats) = stats {
+        let skipped = stats.unquantized();
+        if let Some((module, cols)) = skipped.first() {
+            let group = args.q_group_size.unwrap_or(64);
+            eprintln!(
+                "[INFO] {} matri{} stay in float because the group size {group} does not divide their rows (as in MLX LM), e.g. `{module}` with rows of {cols}; a group size that divides them (32, 64 or 128) quantizes them too",
+                skipped.len(),
+                if skipped.len() == 1 { "x" } else { "ces" }
+            );
+        }
+        eprintln!("[INFO] Quantized model with {:.3} bits per weight.", stats.bits_per_weight());
     }
     eprintln!("[INFO] Done in {:.1}s", t.elapsed().as_secs_f64());
     Ok(())

@@ -70,7 +70,7 @@ fn streaming_convert_equals_in_memory_quantize() {
     let opts = lmx::convert::quantize::QuantizeOptions { group_size: 32, ..Default::default() };
     let source = lmx::ModelSource::Folder(src.clone());
     let streamed = dir.join("streamed");
-    let bpw = lmx::convert::convert(&source, None, &lmx::convert::Transform::Quantize(opts.clone()), &streamed, 30_000).expect("convert");
+    let bpw = lmx::convert::convert(&source, None, &lmx::convert::Transform::Quantize(opts.clone()), &streamed, 30_000).expect("convert").map(|s| s.bits_per_weight());
     // f32 scales and biases per 32 weights add 2 bits to the 4.
     assert!(bpw.is_some_and(|b| b > 6.0 && b < 6.5), "bits per weight {bpw:?}");
     assert!(streamed.join("model.safetensors.index.json").exists());
