@@ -4,8 +4,12 @@
 //! - DoRA: the same `W'`, then each row rescaled to the learned magnitude: `W' * m / ||W'||_row`.
 //! - Full: the trained tensors replace the checkpoint's.
 //!
-//! A quantized layer is dequantized, fused and quantized again with its own bits and group
-//! size (MLX's quantizer, so the result is what `mlx_lm.fuse` writes), unless `--dequantize`.
+//! Which modules an adapter folder covers is decided as when it is loaded for generation or
+//! training (`lmx_nn::AdapterPlan`: the last `num_layers` layers, the modules in
+//! `lora_parameters.keys`); adapter tensors outside that scope are an error, not applied.
+//! A quantized layer is dequantized, fused (or replaced by its fully trained weight) and
+//! quantized again with its own bits and group size (MLX's quantizer, so the result is what
+//! `mlx_lm.fuse` writes), unless `--dequantize`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -13,6 +17,7 @@ use std::path::{Path, PathBuf};
 use lmx_core::quant::QuantizedMatrix;
 use lmx_core::{DType, Tensor};
 use lmx_io::{AdapterConfig, FineTuneType, QuantConfig, QuantSpec};
+use lmx_nn::AdapterPlan;
 
 use crate::ConvertError;
 
@@ -28,6 +33,8 @@ pub struct FuseOptions {
 /// The adapters of one folder, ready to apply key by key.
 pub struct Fuser {
     config: AdapterConfig,
+    /// Which modules the folder covers (as at load time).
+    plan: AdapterPlan,
     tensors: HashMap<String, Tensor>,
     /// Adapter tensors applied so far (all must be, or the adapter belongs to another model).
     used: BTreeSet<String>,
@@ -35,28 +42,50 @@ pub struct Fuser {
 }
 
 impl Fuser {
-    /// Reads the adapter folder.
-    pub fn new(dir: &Path) -> Result<Self, ConvertError> {
+    /// Reads the adapter folder, for a model of `n_layers` layers.
+    pub fn new(dir: &Path, n_layers: usize) -> Result<Self, ConvertError> {
         let (config, tensors) = lmx_io::adapters::load_adapter_dir(dir)?;
+        let config_path = dir.join(lmx_io::adapters::ADAPTER_CONFIG);
         if config.fine_tune_type != FineTuneType::Full && config.lora_parameters.is_none() {
-            return Err(ConvertError::Adapter { path: dir.join(lmx_io::adapters::ADAPTER_CONFIG), msg: "`lora_parameters` is missing".into() });
+            return Err(ConvertError::Adapter { path: config_path, msg: "`lora_parameters` is missing".into() });
         }
-        Ok(Self { config, tensors, used: BTreeSet::new(), source: dir.join(lmx_io::adapters::ADAPTER_FILE) })
+        let params = config.lora_parameters.clone().unwrap_or_default();
+        let plan = AdapterPlan::new(config.fine_tune_type, config.num_layers, n_layers, params, 0).map_err(|e| ConvertError::Adapter { path: config_path, msg: e.to_string() })?;
+        Ok(Self { config, plan, tensors, used: BTreeSet::new(), source: dir.join(lmx_io::adapters::ADAPTER_FILE) })
     }
 
-    /// True when `module` (e.g. `model.layers.3.mlp.up_proj`) has a LoRA/DoRA adapter.
+    /// True when `module` (e.g. `model.layers.3.mlp.up_proj`) has a LoRA/DoRA adapter in the
+    /// folder's scope.
     pub fn adapts(&self, module: &str) -> bool {
-        self.config.fine_tune_type != FineTuneType::Full && self.tensors.contains_key(&format!("{module}.lora_a"))
+        self.plan.targets(module) && self.tensors.contains_key(&format!("{module}.lora_a"))
+    }
+
+    /// True when `module`'s weight is rewritten: fused with its adapter, or replaced by its
+    /// fully trained value.
+    pub fn rewrites(&self, module: &str) -> bool {
+        self.adapts(module) || self.replaces(&format!("{module}.weight"))
+    }
+
+    fn replaces(&self, key: &str) -> bool {
+        self.tensors.contains_key(key) && self.plan.full_trains(key)
     }
 
     /// The trained replacement of checkpoint tensor `key` (full fine-tuning), if any.
     pub fn replacement(&mut self, key: &str) -> Option<Tensor> {
-        if self.config.fine_tune_type != FineTuneType::Full {
+        if !self.replaces(key) {
             return None;
         }
-        let t = self.tensors.get(key).cloned()?;
         self.used.insert(key.to_string());
-        Some(t)
+        self.tensors.get(key).cloned()
+    }
+
+    /// The new float weight of a module that [`Fuser::rewrites`]: its fully trained value, or
+    /// `base()` (the float base weight) fused with the adapter.
+    pub fn rewrite(&mut self, module: &str, base: impl FnOnce() -> Result<Tensor, ConvertError>) -> Result<Tensor, ConvertError> {
+        match self.replacement(&format!("{module}.weight")) {
+            Some(t) => Ok(t.to_dtype(DType::F32)?),
+            None => self.fuse(module, &base()?),
+        }
     }
 
     fn take(&mut self, key: String) -> Result<Tensor, ConvertError> {
@@ -85,17 +114,22 @@ impl Fuser {
         Ok(fused.broadcast_mul(&(m.reshape((out, 1))? / norms)?)?)
     }
 
-    /// Checks that every adapter tensor was applied.
+    /// Checks that every adapter tensor was applied and every `keys` entry matched a module.
     pub fn finish(&self) -> Result<(), ConvertError> {
         let mut unused: Vec<&String> = self.tensors.keys().filter(|k| !self.used.contains(*k)).collect();
         unused.sort();
-        match unused.first() {
-            None => Ok(()),
-            Some(k) => Err(ConvertError::Adapter {
+        if let Some(k) = unused.first() {
+            return Err(ConvertError::Adapter {
                 path: self.source.clone(),
-                msg: format!("{} adapter tensor(s) match no layer of this model, e.g. `{k}`: was it trained on another base model?", unused.len()),
-            }),
+                msg: format!(
+                    "{} adapter tensor(s) match no layer this adapter covers (num_layers {}, lora_parameters.keys {}), e.g. `{k}`: was it trained on another base model, or with other settings?",
+                    unused.len(),
+                    self.config.num_layers,
+                    self.config.lora_parameters.as_ref().and_then(|p| p.keys.as_ref()).map_or("(all linear layers)".to_string(), |k| format!("{k:?}"))
+                ),
+            });
         }
+        self.plan.finish().map_err(|e| ConvertError::Adapter { path: self.source.with_file_name(lmx_io::adapters::ADAPTER_CONFIG), msg: e.to_string() })
     }
 }
 

@@ -167,7 +167,10 @@ pub fn convert(source: &ModelSource, dtype: Option<DType>, transform: &Transform
         Transform::Dequantize | Transform::Fuse(_) => {
             let q = files.quantization.clone();
             let (mut fuser, dequantize) = match transform {
-                Transform::Fuse(o) => (Some(fuse::Fuser::new(&o.adapter_dir)?), o.dequantize),
+                Transform::Fuse(o) => {
+                    let n_layers = keys.iter().filter_map(|k| k.strip_prefix("model.layers.")?.split('.').next()?.parse::<usize>().ok()).max().map_or(0, |m| m + 1);
+                    (Some(fuse::Fuser::new(&o.adapter_dir, n_layers)?), o.dequantize)
+                }
                 _ => (None, true),
             };
             if fuser.is_none() && q.is_none() {
@@ -179,13 +182,13 @@ pub fn convert(source: &ModelSource, dtype: Option<DType>, transform: &Transform
             for key in &keys {
                 // scales/biases of a quantized module that is rewritten are written with its weight.
                 let params_of = [".scales", ".biases"].iter().find_map(|s| key.strip_suffix(s)).filter(|m| is_quantized(m));
-                if params_of.is_some_and(|m| dequantize || fuser.as_ref().is_some_and(|f| f.adapts(m))) {
+                if params_of.is_some_and(|m| dequantize || fuser.as_ref().is_some_and(|f| f.rewrites(m))) {
                     continue;
                 }
                 let module = key.strip_suffix(".weight");
                 let spec = module.and_then(|m| fuse::module_spec(q.as_ref(), m, is_quantized(m)));
-                let adapted = module.is_some_and(|m| fuser.as_ref().is_some_and(|f| f.adapts(m)));
-                let Some(m) = module.filter(|_| adapted || (spec.is_some() && dequantize)) else {
+                let rewritten = module.is_some_and(|m| fuser.as_ref().is_some_and(|f| f.rewrites(m)));
+                let Some(m) = module.filter(|_| rewritten || (spec.is_some() && dequantize)) else {
                     let t = match fuser.as_mut().and_then(|f| f.replacement(key)) {
                         Some(trained) => trained.to_dtype(dtype)?,
                         None => files.weights.tensor(key)?,
@@ -194,13 +197,17 @@ pub fn convert(source: &ModelSource, dtype: Option<DType>, transform: &Transform
                     continue;
                 };
                 let get = |s: &str| files.weights.tensor(&format!("{m}.{s}"));
-                let w = match spec {
-                    Some(spec) => quantize::dequantize_module(m, &get("weight")?, &get("scales")?, &get("biases")?, spec, DType::F32)?,
-                    None => get("weight")?,
+                let base = || -> Result<Tensor, ConvertError> {
+                    Ok(match spec {
+                        Some(spec) => quantize::dequantize_module(m, &get("weight")?, &get("scales")?, &get("biases")?, spec, DType::F32)?,
+                        None => get("weight")?,
+                    })
                 };
-                let w = match fuser.as_mut().filter(|_| adapted) {
-                    Some(f) => f.fuse(m, &w)?,
-                    None => w,
+                // A quantized module keeps its bits and group size whether it is fused with
+                // its adapter or replaced by its fully trained weight.
+                let w = match fuser.as_mut().filter(|_| rewritten) {
+                    Some(f) => f.rewrite(m, base)?,
+                    None => base()?,
                 };
                 match spec.filter(|_| !dequantize) {
                     Some(spec) => {

@@ -113,6 +113,29 @@ fn qlora_and_dora_train_on_a_4bit_base_and_fuse_stays_quantized() {
     assert!(cfg.get("quantization").is_none());
     let (a, b) = (answer(&path_str(&fused), None, "Hello"), answer(&path_str(&deq), None, "Hello"));
     assert!(!a.is_empty() && !b.is_empty());
+
+    // Adapter tensors outside the folder's num_layers are an error, not silently applied.
+    let narrowed = dir.join("narrowed");
+    std::fs::create_dir_all(&narrowed).expect("dir");
+    std::fs::copy(adapters.join("adapters.safetensors"), narrowed.join("adapters.safetensors")).expect("copy");
+    let cfg = std::fs::read_to_string(adapters.join("adapter_config.json")).expect("config").replace("\"num_layers\": 4", "\"num_layers\": 2");
+    std::fs::write(narrowed.join("adapter_config.json"), cfg).expect("write");
+    let out = lmx(&["fuse", "--model", &path_str(&q4), "--adapter-path", &path_str(&narrowed), "--save-path", &path_str(&dir.join("fused-narrow"))]);
+    crate::assert_clear_error(&out, &["num_layers 2", "match no layer this adapter covers"]);
+
+    // Weights fully fine-tuned on the float model, fused into the 4-bit one, are quantized
+    // with the layer's bits and group size: the result is a 4-bit model that loads and runs.
+    let float = dir.join("float");
+    let out = lmx(&["convert", "--gguf", &default_model(), "--mlx-path", &path_str(&float)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let full = dir.join("full");
+    train(&path_str(&float), &full, &["--iters", "1", "--fine-tune-type", "full", "--num-layers", "1", "--learning-rate", "1e-5"]);
+    let fused_full = dir.join("fused-full");
+    let out = lmx(&["fuse", "--model", &path_str(&q4), "--adapter-path", &path_str(&full), "--save-path", &path_str(&fused_full)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fused_full.join("config.json")).expect("config")).expect("json");
+    assert_eq!(cfg["quantization"]["bits"], 4, "full fine-tuning of a quantized base stays quantized");
+    assert!(!answer(&path_str(&fused_full), None, "Hello").is_empty());
 }
 
 /// A tiny data folder with `lines` as train.jsonl and valid.jsonl.
