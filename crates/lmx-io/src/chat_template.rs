@@ -33,6 +33,9 @@ pub struct ChatTemplate {
 
 const NAME: &str = "chat_template";
 
+/// Template instructions one rendering may run.
+pub const TEMPLATE_FUEL: u64 = 10_000_000;
+
 impl ChatTemplate {
     /// Compiles `source`.
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self> {
@@ -40,6 +43,9 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        // A template from a downloaded model must not loop forever or build gigabytes: one
+        // rendering may run this many template instructions (a long chat takes thousands).
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, minijinja::Error> { Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg)) });
         env.add_function("strftime_now", |fmt: String| strftime_now(&fmt));
         env.add_template_owned(NAME, source.to_string()).map_err(|e| IoError::Template(e.to_string()))?;
@@ -148,6 +154,14 @@ mod tests {
         let extra = serde_json::json!({"enable_thinking": false});
         let out = t.render::<Message>(&[], false, Some(&tools), Some(&extra)).expect("renders");
         assert_eq!(out, "1 tools think=False");
+    }
+
+    /// A template that would loop for ever (or build a huge text) stops with an error.
+    #[test]
+    fn runaway_templates_stop() {
+        let t = ChatTemplate::new("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}", "", "").expect("compiles");
+        let err = t.render::<Message>(&[], false, None, None).expect_err("runs out of fuel").to_string();
+        assert!(err.contains("fuel"), "{err}");
     }
 
     #[test]

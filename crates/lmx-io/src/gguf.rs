@@ -157,7 +157,12 @@ fn scan_alignment(r: &mut impl Read) -> std::io::Result<Option<u64>> {
 pub fn load(path: &Path) -> Result<GgufModel> {
     let file = File::open(path).map_err(|e| IoError::io(path, e))?;
     let file_len = file.metadata().map_err(|e| IoError::io(path, e))?.len();
-    let mut reader = BufReader::new(file);
+    load_from(BufReader::new(file), file_len, path)
+}
+
+/// Reads and converts GGUF bytes of length `file_len` from `reader` (`path` names them in
+/// errors).
+pub fn load_from(mut reader: impl Read + Seek, file_len: u64, path: &Path) -> Result<GgufModel> {
     // candle's reader divides by `general.alignment`: a 0 there must stop us first.
     if scan_alignment(&mut reader).map_err(|e| gguf_err(path, format!("not a valid GGUF file ({e}); the file may be truncated: download it again")))? == Some(0) {
         return Err(gguf_err(path, "`general.alignment` is 0; it must be a positive power of two (llama.cpp writes 32)"));
@@ -167,7 +172,14 @@ pub fn load(path: &Path) -> Result<GgufModel> {
     // Check every tensor fits in the file before reading any, so a truncated download fails
     // with one clear message instead of midway.
     for (name, info) in &content.tensor_infos {
-        let bytes = info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+        // Sizes from the header are checked for overflow: a wrapped product would pass the
+        // length check and then ask for an impossible allocation.
+        let elems = info.shape.dims().iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        let block = info.ggml_dtype.block_size();
+        let bytes = elems.filter(|n| n % block == 0).and_then(|n| (n / block).checked_mul(info.ggml_dtype.type_size()));
+        let Some(bytes) = bytes else {
+            return Err(gguf_err(path, format!("tensor `{name}` has an impossible shape {:?} for {:?}", info.shape.dims(), info.ggml_dtype)));
+        };
         let end = content.tensor_data_offset.checked_add(info.offset).and_then(|e| e.checked_add(bytes as u64)).unwrap_or(u64::MAX);
         if end > file_len {
             return Err(gguf_err(path, format!("truncated: tensor `{name}` ends at byte {end} but the file has {file_len} bytes; download it again")));

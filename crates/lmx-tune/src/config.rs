@@ -165,7 +165,12 @@ impl ConfigFile {
     pub fn read(path: &Path) -> Result<Self, TuneError> {
         let err = |msg: String| TuneError::ConfigFile { path: path.to_path_buf(), msg };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        serde_saphyr::from_str(&text).map_err(|e| err(e.to_string()))
+        Self::parse(&text, path)
+    }
+
+    /// Parses the YAML text of a config read from `path` (named in errors).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, TuneError> {
+        serde_saphyr::from_str(text).map_err(|e| TuneError::ConfigFile { path: path.to_path_buf(), msg: e.to_string() })
     }
 
     /// Keys present in the file that lmx ignores (for a warning).

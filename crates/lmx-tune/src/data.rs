@@ -85,6 +85,11 @@ fn parse_record(v: &Value) -> Result<Record, String> {
 /// an error naming file and line; a file with no example is an error.
 pub fn load_split(path: &Path) -> Result<Vec<Example>, DataError> {
     let text = std::fs::read_to_string(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
+    parse_split(&text, path)
+}
+
+/// Parses the text of a JSONL split read from `path` (named in errors), as [`load_split`].
+pub fn parse_split(text: &str, path: &Path) -> Result<Vec<Example>, DataError> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
