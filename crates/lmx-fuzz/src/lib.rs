@@ -7,8 +7,11 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+/// A fuzzing entry point.
+pub type Target = fn(&[u8]);
+
 /// Every entry point, by the name of its fuzz target and corpus folder.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[("gguf", gguf), ("safetensors", safetensors), ("config", config), ("chat_template", chat_template), ("jsonl", jsonl), ("yaml", yaml)];
+pub const TARGETS: &[(&str, Target)] = &[("gguf", gguf), ("safetensors", safetensors), ("config", config), ("chat_template", chat_template), ("jsonl", jsonl), ("yaml", yaml)];
 
 /// A GGUF file: header, metadata, tensor table, tensors, tokenizer rebuilt from metadata.
 pub fn gguf(data: &[u8]) {
