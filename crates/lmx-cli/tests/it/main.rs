@@ -3,6 +3,7 @@
 
 mod errors;
 mod generate;
+mod kill;
 mod loading;
 mod lora;
 mod quantize;

@@ -1,0 +1,123 @@
+//! `lmx convert`, `lmx fuse` and `lmx lora` killed with SIGKILL at many points leave either
+//! the previous state or a complete, loadable result, and the next run works (resume
+//! included): outputs are written under temporary names and renamed when complete, stale
+//! temporary outputs of killed runs are removed by the next run, and an adapter folder gets
+//! its config together with its first weights.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::{default_model, lmx, path_str, temp_dir, tiny_model};
+
+/// Starts `lmx args`, kills it with SIGKILL after `ms` milliseconds unless it finished, and
+/// returns whether it was killed.
+fn kill_after(args: &[&str], ms: u64) -> bool {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lmx")).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("lmx starts");
+    let deadline = std::time::Instant::now() + Duration::from_millis(ms);
+    while std::time::Instant::now() < deadline {
+        if child.try_wait().expect("wait").is_some() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+    true
+}
+
+/// A model folder loads and generates.
+fn loads(model: &Path, adapter: Option<&Path>) -> bool {
+    let m = path_str(model);
+    let mut args = vec!["generate", "--model", &m, "-p", "a b", "-m", "2"];
+    let a;
+    if let Some(p) = adapter {
+        a = path_str(p);
+        args.extend(["--adapter-path", &a]);
+    }
+    let out = lmx(&args);
+    if !out.status.success() {
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    }
+    out.status.success()
+}
+
+/// The visible (not hidden) entries of a folder.
+fn visible(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir).map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| !n.starts_with('.')).collect()).unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The hidden temporary outputs in a folder.
+fn partials(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir).map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| n.contains(".partial-")).collect()).unwrap_or_default()
+}
+
+#[test]
+fn convert_killed_anywhere_leaves_nothing_or_a_complete_model() {
+    let dir = temp_dir("kill-convert");
+    let model = default_model();
+    let mut killed = 0;
+    for (i, ms) in [40u64, 120, 250, 400, 600, 900, 1300].iter().enumerate() {
+        let out = dir.join(format!("q{i}"));
+        let o = path_str(&out);
+        killed += usize::from(kill_after(&["convert", "--gguf", &model, "--mlx-path", &o, "-q"], *ms));
+        if out.exists() {
+            assert!(loads(&out, None), "a killed convert left {} incomplete", out.display());
+            continue;
+        }
+        // The next run into the same place works and removes the killed run's leftovers.
+        let again = lmx(&["convert", "--gguf", &model, "--mlx-path", &o, "-q"]);
+        assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+        assert!(loads(&out, None));
+        assert!(partials(&dir).is_empty(), "stale temporary outputs left: {:?}", partials(&dir));
+    }
+    assert!(killed >= 3, "the kills must land while converting (only {killed} did)");
+}
+
+#[test]
+fn lora_and_fuse_killed_anywhere_keep_a_loadable_adapter_folder() {
+    let dir = temp_dir("kill-lora");
+    let model = tiny_model("kill-lora-model");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).expect("data");
+    let lines: String = (0..32).map(|i| format!("{{\"text\": \"{}\"}}\n", ["a b c", "b c a", "c a b a"][i % 3])).collect();
+    for split in ["train", "valid"] {
+        std::fs::write(data.join(format!("{split}.jsonl")), &lines).expect("write");
+    }
+    let m = path_str(&model);
+    let d = path_str(&data);
+    let (mut killed, mut saved) = (0, 0);
+    for (i, ms) in [30u64, 80, 150, 300, 500, 800].iter().enumerate() {
+        let ad = dir.join(format!("ad{i}"));
+        let a = path_str(&ad);
+        let args =
+            ["lora", "--model", &m, "--train", "--data", &d, "--adapter-path", &a, "--batch-size", "2", "--num-layers", "2", "--iters", "100000", "--save-every", "40", "--steps-per-eval", "1000000"];
+        killed += usize::from(kill_after(&args, *ms));
+        let files = visible(&ad);
+        // Nothing, or the config with its weights (never a config alone).
+        let has = |f: &str| files.iter().any(|x| x == f);
+        assert_eq!(has("adapter_config.json"), has("adapters.safetensors"), "inconsistent adapter folder: {files:?}");
+        if !has("adapters.safetensors") {
+            continue;
+        }
+        saved += 1;
+        assert!(loads(&model, Some(&ad)), "the adapters left by a kill do not load");
+        // Training resumes from them, and the resumed run's folder is complete.
+        let resumed = dir.join(format!("resumed{i}"));
+        let weights = path_str(&ad.join("adapters.safetensors"));
+        let out =
+            lmx(&["lora", "--model", &m, "--train", "--data", &d, "--adapter-path", &path_str(&resumed), "--batch-size", "2", "--num-layers", "2", "--iters", "2", "--resume-adapter-file", &weights]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        // Fusing, killed or not, leaves nothing or a model that loads.
+        let fused = dir.join(format!("fused{i}"));
+        let f = path_str(&fused);
+        kill_after(&["fuse", "--model", &m, "--adapter-path", &a, "--save-path", &f], ms / 8);
+        if fused.exists() {
+            assert!(loads(&fused, None));
+        }
+    }
+    assert!(killed >= 3, "the kills must land while training (only {killed} did)");
+    assert!(saved >= 2, "some kills must land after the first save (only {saved} did)");
+}
