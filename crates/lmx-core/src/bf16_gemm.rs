@@ -84,16 +84,23 @@ impl Packed {
 fn pack_x(x: &[f32], m: usize, k: usize) -> Vec<u32> {
     let pairs = k.div_ceil(2);
     let mut xp = vec![0u32; m * pairs];
-    xp.par_chunks_mut(pairs).enumerate().for_each(|(i, row)| {
+    let pack = |(i, row): (usize, &mut [u32])| {
         let src = &x[i * k..(i + 1) * k];
         // SAFETY: the callers checked supported(); `row` holds ceil(k / 2) words for k values.
         unsafe { pack_row(src, row) };
-    });
+    };
+    // A prompt's activations convert in microseconds: threads only for training-sized ones.
+    if m * k < 1 << 20 {
+        xp.chunks_mut(pairs).enumerate().for_each(pack);
+    } else {
+        xp.par_chunks_mut(pairs).enumerate().for_each(pack);
+    }
     xp
 }
 
-/// Rows of W packed together by [`matmul_rows`] (two 32-column panels).
-const NB: usize = 64;
+/// Rows of W packed together by [`matmul_rows`] (one 32-column panel: small blocks balance
+/// the threads on short matrices, e.g. 6 blocks for a 192-row key projection).
+const NB: usize = 32;
 
 /// y (m, n) = x (m, k) @ W^T for a W (n, k) handed over row by row: `row(r, out)` writes row
 /// r as f32 (rounded to bf16 here). Blocks of 64 rows are packed as they are needed and the whole packed W
@@ -107,37 +114,41 @@ pub fn matmul_rows(x: &[f32], m: usize, n: usize, k: usize, row: impl Fn(usize, 
     let xp = pack_x(x, m, k);
     let mut y = vec![0f32; m * n];
     let y_ptr = SendPtr(y.as_mut_ptr());
-    (0..n.div_ceil(NB)).into_par_iter().for_each(|blk| {
-        let (r0, nr) = (blk * NB, NB.min(n - blk * NB));
+    // On the decode pool (its workers spin between steps and would otherwise compete with
+    // rayon's for the cores): one contiguous run of blocks per thread.
+    crate::cpu::parallel_ranges(n.div_ceil(NB), 1, |blocks| {
         // The block as B = W_block^T in pairs along k: word [t][j] = (W[r0+j][2t], W[r0+j][2t+1]).
         let mut words = vec![0u32; pairs * NB];
         let (mut values, mut row_words) = (vec![0f32; k], vec![0u32; pairs]);
-        for j in 0..nr {
-            row(r0 + j, &mut values);
-            // SAFETY: supported() was checked; row_words holds ceil(k / 2) words.
-            unsafe { pack_row(&values, &mut row_words) };
-            for (t, w) in row_words.iter().enumerate() {
-                words[t * NB + j] = *w;
-            }
-        }
         let mut out = [[0f32; 32]; MR];
-        for c in (0..nr).step_by(32) {
-            let cols = (nr - c).min(32);
-            for t0 in (0..pairs).step_by(KC) {
-                let t1 = (t0 + KC).min(pairs);
-                for i in (0..m).step_by(MR) {
-                    let rows = (m - i).min(MR);
-                    // SAFETY: supported() was checked; rows i..i+rows of xp hold `pairs` words
-                    // each; the block holds NB >= c + 32 columns per pair row.
-                    unsafe { panel(&xp, pairs, t0..t1, i, rows, &words, NB, c, &mut out) };
-                    for (r, o) in out.iter().enumerate().take(rows) {
-                        // SAFETY: row i + r, columns r0 + c .. r0 + c + cols are inside y;
-                        // this task alone writes columns r0 .. r0 + nr.
-                        let dst = unsafe { std::slice::from_raw_parts_mut(y_ptr.get().add((i + r) * n + r0 + c), cols) };
-                        if t0 == 0 {
-                            dst.copy_from_slice(&o[..cols]);
-                        } else {
-                            dst.iter_mut().zip(o).for_each(|(d, v)| *d += v);
+        for blk in blocks {
+            let (r0, nr) = (blk * NB, NB.min(n - blk * NB));
+            for j in 0..nr {
+                row(r0 + j, &mut values);
+                // SAFETY: supported() was checked; row_words holds ceil(k / 2) words.
+                unsafe { pack_row(&values, &mut row_words) };
+                for (t, w) in row_words.iter().enumerate() {
+                    words[t * NB + j] = *w;
+                }
+            }
+            for c in (0..nr).step_by(32) {
+                let cols = (nr - c).min(32);
+                for t0 in (0..pairs).step_by(KC) {
+                    let t1 = (t0 + KC).min(pairs);
+                    for i in (0..m).step_by(MR) {
+                        let rows = (m - i).min(MR);
+                        // SAFETY: supported() was checked; rows i..i+rows of xp hold `pairs`
+                        // words each; the block holds NB >= c + 32 columns per pair row.
+                        unsafe { panel(&xp, pairs, t0..t1, i, rows, &words, NB, c, &mut out) };
+                        for (r, o) in out.iter().enumerate().take(rows) {
+                            // SAFETY: row i + r, columns r0 + c .. r0 + c + cols are inside y;
+                            // this thread alone writes columns r0 .. r0 + nr.
+                            let dst = unsafe { std::slice::from_raw_parts_mut(y_ptr.get().add((i + r) * n + r0 + c), cols) };
+                            if t0 == 0 {
+                                dst.copy_from_slice(&o[..cols]);
+                            } else {
+                                dst.iter_mut().zip(o).for_each(|(d, v)| *d += v);
+                            }
                         }
                     }
                 }

@@ -86,13 +86,9 @@ fn par_rows(y: &mut [f32], _k: usize, f: impl Fn(usize, &mut f32) + Sync) {
 }
 
 /// True where the AVX2 + FMA kernels run.
+#[cfg(target_arch = "x86_64")]
 fn avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
 /// `w . x` (f32 weights).

@@ -195,7 +195,10 @@ mod tests {
         let fused = rms_norm(&xb, &wb, 1e-5)?.to_dtype(DType::F32)?;
         let xbv = Var::from_tensor(&xb)?;
         let composed = rms_norm(xbv.as_tensor(), &wb, 1e-5)?.to_dtype(DType::F32)?;
-        assert!(max_abs_diff(&fused, &composed) <= 1e-2, "bf16 rms_norm {}", max_abs_diff(&fused, &composed));
+        // Within one bf16 rounding of the largest value (equal on x86-64; candle's composed bf16
+        // ops round differently on aarch64).
+        let scale = composed.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
+        assert!(max_abs_diff(&fused, &composed) <= scale / 128.0, "bf16 rms_norm {}", max_abs_diff(&fused, &composed));
         // The composed path really is on the tape.
         let grads = rms_norm(xt, &w, 1e-5)?.sum_all()?.backward()?;
         assert!(grads.get(xt).is_some());

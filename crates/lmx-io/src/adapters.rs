@@ -102,7 +102,7 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
         return Err(IoError::NotFound { path: dir.to_path_buf(), hint: ": an adapter folder holds adapter_config.json and adapters.safetensors (as `lmx lora` or `mlx_lm.lora` write)".into() });
     }
     let config_path = dir.join(ADAPTER_CONFIG);
-    if !config_path.exists() {
+    if crate::config::is_missing(&config_path)? {
         return Err(IoError::NotFound { path: config_path, hint: ": not an adapter folder".into() });
     }
     parse_config(&config_path)
@@ -123,7 +123,7 @@ pub fn parse_config(path: &Path) -> Result<AdapterConfig> {
 /// Reads an adapter safetensors file (all tensors, on the CPU). Tensors holding NaN or
 /// infinite values (a diverged run) are refused: they would turn every output into NaN.
 pub fn load_adapter_file(path: &Path) -> Result<HashMap<String, Tensor>> {
-    if !path.exists() {
+    if crate::config::is_missing(&path)? {
         return Err(IoError::NotFound { path: path.to_path_buf(), hint: ": no adapter weights here".into() });
     }
     let tensors = candle_core::safetensors::load(path, &lmx_core::Device::Cpu).map_err(|e| IoError::Safetensors { path: path.to_path_buf(), msg: e.to_string() })?;

@@ -13,9 +13,15 @@ pub fn read_json(path: &Path) -> Result<Value> {
     serde_json::from_str(&text).map_err(|e| IoError::Json { path: path.to_path_buf(), msg: format!("invalid JSON: {e}") })
 }
 
+/// True when `path` does not exist. Anything else that stops us from seeing it (a permission
+/// problem, an unreadable folder) is an error naming it, not "not found".
+pub fn is_missing(path: &Path) -> Result<bool> {
+    path.try_exists().map(|found| !found).map_err(|e| IoError::io(path, e))
+}
+
 /// Reads a JSON file if it exists.
 pub fn read_json_opt(path: &Path) -> Result<Option<Value>> {
-    if path.exists() {
+    if !is_missing(path)? {
         read_json(path).map(Some)
     } else {
         Ok(None)

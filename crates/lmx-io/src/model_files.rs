@@ -98,7 +98,7 @@ impl ModelFiles {
 
     fn load_folder(dir: PathBuf, source: ModelSource, cast: Option<DType>) -> Result<Self> {
         let config_path = dir.join("config.json");
-        if !config_path.exists() {
+        if crate::config::is_missing(&config_path)? {
             return Err(IoError::NotFound { path: config_path, hint: ": not a model folder (expected config.json, *.safetensors and tokenizer.json)".into() });
         }
         let config = read_json(&config_path)?;

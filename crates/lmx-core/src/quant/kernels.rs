@@ -130,6 +130,7 @@ fn qmatvec(q: &QuantizedMatrix, x: &[f32]) -> Vec<f32> {
 
 /// The instruction set the integer decode kernels use on this CPU.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[allow(dead_code)] // each architecture constructs its own variants
 pub(super) enum Level {
     /// Portable Rust (the reference the others are tested against).
     Scalar,
@@ -137,10 +138,14 @@ pub(super) enum Level {
     Avx2,
     /// x86-64 AVX2 + FMA + AVX-512 VNNI (with VL).
     Vnni,
+    /// aarch64 NEON (widening multiplies).
+    Neon,
+    /// aarch64 NEON with the dot-product extension (`sdot`).
+    NeonDot,
 }
 
-/// The best [`Level`] this CPU runs (`LMX_KERNELS=avx2|scalar` asks for a lower one, to
-/// compare them).
+/// The best [`Level`] this CPU runs (`LMX_KERNELS=avx2|neon|scalar` asks for a lower one,
+/// to compare them).
 pub(super) fn level() -> Level {
     static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
     *LEVEL.get_or_init(|| {
@@ -158,7 +163,16 @@ pub(super) fn level() -> Level {
                 _ => Level::Scalar,
             }
         }
-        #[cfg(not(target_arch = "x86_64"))]
+        #[cfg(target_arch = "aarch64")]
+        {
+            match cap.as_deref() {
+                Some("scalar") => Level::Scalar,
+                Some("neon") => Level::Neon,
+                _ if std::arch::is_aarch64_feature_detected!("dotprod") => Level::NeonDot,
+                _ => Level::Neon,
+            }
+        }
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         {
             let _ = cap;
             Level::Scalar
@@ -185,6 +199,9 @@ pub(super) fn rows_q8<S: Scale>(level: Level, rows: &[u32], bits: usize, group_s
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => unsafe { super::x86::rows_q8_avx2(rows, bits, group_size, s, b, act, out) },
+        // SAFETY: as above (NeonDot only where `dotprod` was detected).
+        #[cfg(target_arch = "aarch64")]
+        Level::Neon | Level::NeonDot => unsafe { super::arm::rows_q8(level == Level::NeonDot, rows, bits, group_size, s, b, act, out) },
         _ => {
             let (words, groups) = (act.codes.len() * bits / 32, act.codes.len() / group_size);
             for (r, o) in out.iter_mut().enumerate() {

@@ -332,6 +332,8 @@ fn get_bits(words: &[u32], offset: usize, bits: usize) -> u32 {
     (v & ((1u64 << bits) - 1)) as u32
 }
 
+#[cfg(target_arch = "aarch64")]
+mod arm;
 mod kernels;
 mod op;
 #[cfg(test)]

@@ -92,6 +92,7 @@ fn quantize_dequantize_and_matmul_all_bits() -> Result<()> {
 }
 
 #[test]
+#[cfg(target_arch = "x86_64")]
 fn simd_group_dot_matches_scalar() -> Result<()> {
     let w = rand(4, 128);
     for bits in [4usize, 8] {
@@ -148,6 +149,14 @@ fn int8_decode_kernels_match_scalar() -> Result<()> {
             levels.push(Level::Vnni);
         }
     }
+    #[cfg(target_arch = "aarch64")]
+    {
+        levels.push(Level::Neon);
+        if std::arch::is_aarch64_feature_detected!("dotprod") {
+            levels.push(Level::NeonDot);
+        }
+    }
+    eprintln!("kernel levels compared with the scalar reference: {levels:?}");
     for bits in [4usize, 8] {
         for group in [32usize, 64, 128] {
             for cols in [640usize, 1152] {
