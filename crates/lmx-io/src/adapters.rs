@@ -123,7 +123,7 @@ pub fn parse_config(path: &Path) -> Result<AdapterConfig> {
 /// Reads an adapter safetensors file (all tensors, on the CPU). Tensors holding NaN or
 /// infinite values (a diverged run) are refused: they would turn every output into NaN.
 pub fn load_adapter_file(path: &Path) -> Result<HashMap<String, Tensor>> {
-    if crate::config::is_missing(&path)? {
+    if crate::config::is_missing(path)? {
         return Err(IoError::NotFound { path: path.to_path_buf(), hint: ": no adapter weights here".into() });
     }
     let tensors = candle_core::safetensors::load(path, &lmx_core::Device::Cpu).map_err(|e| IoError::Safetensors { path: path.to_path_buf(), msg: e.to_string() })?;

@@ -18,7 +18,7 @@ pub struct Tokenizer {
 impl Tokenizer {
     /// Loads `tokenizer.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        if crate::config::is_missing(&path)? {
+        if crate::config::is_missing(path)? {
             return Err(IoError::NotFound { path: path.to_path_buf(), hint: ": the model folder needs a tokenizer.json (Hugging Face fast-tokenizer format)".into() });
         }
         let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| IoError::Tokenizer(format!("{}: {e}", path.display())))?;
