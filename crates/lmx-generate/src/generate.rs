@@ -218,7 +218,8 @@ impl TokenStream<'_> {
             cached_tokens: self.stats.cached,
             prompt_tps: self.stats.prompt_tps,
             generation_tokens: self.stats.generated,
-            generation_tps: self.stats.generated as f64 / elapsed.max(1e-9),
+            // The first token comes from the prompt pass: no rate until a decode step ran.
+            generation_tps: if self.stats.generated > 1 { self.stats.generated as f64 / elapsed.max(1e-9) } else { 0.0 },
             peak_memory: peak_memory_bytes(),
             finish_reason: finish,
         })

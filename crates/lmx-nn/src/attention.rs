@@ -166,8 +166,9 @@ impl Attention {
     /// (b, l, hidden) -> (b, l, hidden), appending this layer's keys and values to `cache`.
     pub fn forward(&self, x: &Tensor, input: &AttentionInput, cache: &mut KvCache, layer_idx: usize) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
-        let heads = |proj: &Linear, norm: &Option<RmsNorm>, n: usize| -> Result<Tensor> {
-            let t = proj.forward(x)?.reshape((b, l, n, self.head_dim))?;
+        let [q, k, v] = Linear::forward_shared([&self.q_proj, &self.k_proj, &self.v_proj], x)?;
+        let heads = |t: Tensor, norm: &Option<RmsNorm>, n: usize| -> Result<Tensor> {
+            let t = t.reshape((b, l, n, self.head_dim))?;
             let t = match norm {
                 Some(norm) => norm.forward(&t)?,
                 None => t,
@@ -175,9 +176,9 @@ impl Attention {
             // (b, heads, l, head_dim)
             t.transpose(1, 2)
         };
-        let q = ops::rope(&heads(&self.q_proj, &self.q_norm, self.n_heads)?, &input.cos, &input.sin)?;
-        let k = ops::rope(&heads(&self.k_proj, &self.k_norm, self.n_kv_heads)?, &input.cos, &input.sin)?;
-        let v = heads(&self.v_proj, &None, self.n_kv_heads)?;
+        let q = ops::rope(&heads(q, &self.q_norm, self.n_heads)?, &input.cos, &input.sin)?;
+        let k = ops::rope(&heads(k, &self.k_norm, self.n_kv_heads)?, &input.cos, &input.sin)?;
+        let v = heads(v, &None, self.n_kv_heads)?;
         let (k, v) = cache.append(layer_idx, &k, &v)?;
         let (k, v) = match &self.kv_of_head {
             Some(ids) => (k.contiguous()?.index_select(ids, 1)?, v.contiguous()?.index_select(ids, 1)?),

@@ -95,6 +95,31 @@ impl Linear {
     pub fn weight(&self) -> Result<Tensor> {
         self.weight.to_tensor()
     }
+
+    /// The outputs of layers that share their input (a layer's q/k/v or gate/up projections):
+    /// quantized layers without adapters take one step together when decoding (the input
+    /// rounded to int8 once, one parallel round); otherwise one product each.
+    pub fn forward_shared<const N: usize>(layers: [&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
+        let quantized: Option<Vec<Arc<QuantizedMatrix>>> = layers
+            .iter()
+            .map(|l| match (&l.weight, &l.adapter, &l.reduce) {
+                (Weight::Quantized(q), None, None) => Some(q.clone()),
+                _ => None,
+            })
+            .collect();
+        let ys: Vec<Tensor> = match quantized {
+            Some(qs) => lmx_core::quant::matmul_many(&qs, x)?
+                .into_iter()
+                .zip(layers)
+                .map(|(y, l)| match &l.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                })
+                .collect::<Result<_>>()?,
+            None => layers.iter().map(|l| l.forward(x)).collect::<Result<_>>()?,
+        };
+        ys.try_into().map_err(|_| lmx_core::Error::Msg("forward_shared: output count".into()))
+    }
 }
 
 impl Module for Linear {

@@ -42,7 +42,7 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
+        let [gate, up] = Linear::forward_shared([&self.gate_proj, &self.up_proj], x)?;
         let h = match self.activation {
             Activation::Silu => ops::silu_mul(&gate, &up)?,
             Activation::GeluTanh => (gate.gelu()? * up)?,

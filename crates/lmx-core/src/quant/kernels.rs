@@ -112,20 +112,43 @@ const MIN_ROWS_PER_THREAD: usize = 16;
 /// y = W x for one token (decode): rows split over threads; 4- and 8-bit weights use the
 /// integer kernels on int8 activations ([`Q8Act`]), other widths the float ones.
 fn qmatvec(q: &QuantizedMatrix, x: &[f32]) -> Vec<f32> {
-    let mut y = vec![0f32; q.rows];
+    qmatvec_many(&[q], x)
+}
+
+/// [W_0 x, W_1 x, ...] concatenated, for matrices that share x (a layer's q/k/v or gate/up
+/// projections) and the same shape of rows: x is rounded to int8 once and all rows form one
+/// parallel step.
+pub fn qmatvec_many(qs: &[&QuantizedMatrix], x: &[f32]) -> Vec<f32> {
+    let total: usize = qs.iter().map(|q| q.rows).sum();
+    let mut y = vec![0f32; total];
     let out = SendPtr(y.as_mut_ptr());
-    let act = Q8Act::new(q, x);
-    parallel_ranges(q.rows, MIN_ROWS_PER_THREAD, |rows| {
-        // SAFETY: ranges are disjoint and inside y, which outlives the call.
-        let ys = unsafe { std::slice::from_raw_parts_mut(out.get().add(rows.start), rows.len()) };
-        match (&act, &q.scales, &q.biases) {
-            (Some(a), GroupParams::Bf16(s), GroupParams::Bf16(b)) => int8_rows(q, s, b, a, rows, ys),
-            (Some(a), GroupParams::F16(s), GroupParams::F16(b)) => int8_rows(q, s, b, a, rows, ys),
-            (Some(a), GroupParams::F32(s), GroupParams::F32(b)) => int8_rows(q, s, b, a, rows, ys),
-            _ => float_rows(q, x, rows, ys),
+    // One activation per distinct (bits, group size): usually one.
+    let acts: Vec<Option<Q8Act>> = qs.iter().enumerate().map(|(i, q)| if i > 0 && same_act(qs[0], q) { None } else { Q8Act::new(q, x) }).collect();
+    parallel_ranges(total, MIN_ROWS_PER_THREAD, |range| {
+        let mut first = 0;
+        for (i, q) in qs.iter().enumerate() {
+            let (lo, hi) = (range.start.max(first), range.end.min(first + q.rows));
+            if lo < hi {
+                // SAFETY: ranges are disjoint and inside y, which outlives the call.
+                let ys = unsafe { std::slice::from_raw_parts_mut(out.get().add(lo), hi - lo) };
+                let rows = lo - first..hi - first;
+                let act = acts[if i > 0 && same_act(qs[0], q) { 0 } else { i }].as_ref();
+                match (act, &q.scales, &q.biases) {
+                    (Some(a), GroupParams::Bf16(s), GroupParams::Bf16(b)) => int8_rows(q, s, b, a, rows, ys),
+                    (Some(a), GroupParams::F16(s), GroupParams::F16(b)) => int8_rows(q, s, b, a, rows, ys),
+                    (Some(a), GroupParams::F32(s), GroupParams::F32(b)) => int8_rows(q, s, b, a, rows, ys),
+                    _ => float_rows(q, x, rows, ys),
+                }
+            }
+            first += q.rows;
         }
     });
     y
+}
+
+/// True when `b` takes the same int8 activations as `a`.
+fn same_act(a: &QuantizedMatrix, b: &QuantizedMatrix) -> bool {
+    (a.cols, a.bits, a.group_size, a.scales.dtype(), a.biases.dtype()) == (b.cols, b.bits, b.group_size, b.scales.dtype(), b.biases.dtype())
 }
 
 /// The instruction set the integer decode kernels use on this CPU.

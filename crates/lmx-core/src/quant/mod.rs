@@ -291,6 +291,26 @@ impl QuantizedMatrix {
     }
 }
 
+/// `[x @ W_0^T, x @ W_1^T, ...]` for matrices sharing the input x (a layer's q/k/v or
+/// gate/up projections). One decoded token on the CPU takes them in one step (x rounded to
+/// int8 once, one parallel round); anything else, one product each.
+pub fn matmul_many(qs: &[Arc<QuantizedMatrix>], x: &Tensor) -> Result<Vec<Tensor>> {
+    let one_row = x.dims().last().is_some_and(|&k| k == x.elem_count());
+    if qs.len() < 2 || !one_row || !x.device().is_cpu() || x.track_op() || qs.iter().any(|q| q.cols != qs[0].cols) {
+        return qs.iter().map(|q| q.matmul(x)).collect();
+    }
+    let y = x.contiguous()?.apply_op1_no_bwd(&op::QMatVecMany { qs: qs.to_vec() })?;
+    let last = y.rank() - 1;
+    let mut start = 0;
+    qs.iter()
+        .map(|q| {
+            let part = y.narrow(last, start, q.rows)?.contiguous();
+            start += q.rows;
+            part
+        })
+        .collect()
+}
+
 /// MLX's per-group scale and bias (float32), `mlx/backend/cpu/quantized.cpp::quantize`.
 fn affine_params(group: &[f32], bits: usize) -> (f32, f32) {
     let n_bins = ((1u32 << bits) - 1) as f32;

@@ -17,6 +17,42 @@ pub(super) struct QMatMul {
     pub(super) transpose: bool,
 }
 
+/// `x @ [W_0; W_1; ...]^T` for one row of x (decode), as one candle op without backward: the
+/// products of matrices that share their input in one parallel step.
+pub(super) struct QMatVecMany {
+    pub(super) qs: Vec<Arc<QuantizedMatrix>>,
+}
+
+impl CustomOp1 for QMatVecMany {
+    fn name(&self) -> &'static str {
+        "lmx-qmatvec-many"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let k = self.qs[0].cols;
+        let mut dims = l.dims().to_vec();
+        if dims.last() != Some(&k) || l.shape().elem_count() != k {
+            candle_core::bail!("quantized matvec: input {:?} is not one row of {k} features", dims);
+        }
+        let x = input_f32(s, l, "quantized matvec")?;
+        let qs: Vec<&QuantizedMatrix> = self.qs.iter().map(|q| &**q).collect();
+        let y = kernels::qmatvec_many(&qs, &x);
+        if let Some(last) = dims.last_mut() {
+            *last = y.len();
+        }
+        Ok((output(y, s.dtype()), Shape::from(dims)))
+    }
+}
+
+/// The result in the input's dtype.
+fn output(y: Vec<f32>, dtype: DType) -> CpuStorage {
+    match dtype {
+        DType::BF16 => CpuStorage::BF16(y.into_iter().map(bf16::from_f32).collect()),
+        DType::F16 => CpuStorage::F16(y.into_iter().map(f16::from_f32).collect()),
+        _ => CpuStorage::F32(y),
+    }
+}
+
 /// Reads a contiguous f32/bf16/f16 input as f32.
 fn input_f32(s: &CpuStorage, l: &Layout, what: &str) -> Result<Vec<f32>> {
     let (start, end) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what} needs a contiguous input")))?;
@@ -54,12 +90,7 @@ impl CustomOp1 for QMatMul {
         if let Some(last) = dims.last_mut() {
             *last = n;
         }
-        let out = match s.dtype() {
-            DType::BF16 => CpuStorage::BF16(y.into_iter().map(bf16::from_f32).collect()),
-            DType::F16 => CpuStorage::F16(y.into_iter().map(f16::from_f32).collect()),
-            _ => CpuStorage::F32(y),
-        };
-        Ok((out, Shape::from(dims)))
+        Ok((output(y, s.dtype()), Shape::from(dims)))
     }
 
     #[cfg(feature = "cuda")]

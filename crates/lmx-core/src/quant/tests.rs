@@ -229,3 +229,22 @@ fn kernel_speed() -> Result<()> {
     }
     Ok(())
 }
+
+/// Matrices sharing one input in one step (`matmul_many`) give each matrix's own product,
+/// also when their bit widths or group sizes differ (mixed-precision layers).
+#[test]
+fn shared_input_products_equal_separate_ones() -> Result<()> {
+    let qs: Vec<Arc<QuantizedMatrix>> = [(40usize, 4usize, 64usize), (24, 4, 64), (17, 8, 32), (9, 3, 64)]
+        .iter()
+        .map(|&(rows, bits, g)| QuantizedMatrix::quantize(&rand(rows, 256).to_dtype(DType::BF16)?, bits, g).map(Arc::new))
+        .collect::<Result<_>>()?;
+    let x = rand(1, 256).to_dtype(DType::BF16)?.reshape((1, 1, 256))?;
+    let together = matmul_many(&qs, &x)?;
+    for (q, y) in qs.iter().zip(&together) {
+        let alone = q.matmul(&x)?;
+        assert_eq!(y.dims(), alone.dims());
+        let d = (y.to_dtype(DType::F32)? - alone.to_dtype(DType::F32)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(d, 0.0, "{}-bit rows differ by {d}", q.bits);
+    }
+    Ok(())
+}
