@@ -47,6 +47,9 @@ pub enum ConvertError {
     /// Adapter files that do not fit the model being fused.
     #[error("{path}: {msg}")]
     Adapter { path: PathBuf, msg: String },
+    /// The checkpoint does not fit the model its config.json describes.
+    #[error(transparent)]
+    Checkpoint(#[from] lmx_models::ModelError),
     /// Reading or writing files.
     #[error(transparent)]
     Io(#[from] IoError),
@@ -142,6 +145,9 @@ pub fn convert(source: &ModelSource, dtype: Option<DType>, transform: &Transform
         return Err(ConvertError::OutputExists(out.to_path_buf()));
     }
     let files = load(source, dtype)?;
+    // Every tensor the model needs, with the shape config.json implies, and nothing else:
+    // checked from the headers before anything is written (no tensor data is read).
+    lmx_models::check_checkpoint(&files.model_type()?, &files.config, &files.weights, files.quantization.clone())?;
     let mut folder = metadata(&files);
     let keys = files.weights.keys();
     // Removed again if anything below fails (the guard's drop).

@@ -41,6 +41,8 @@ struct Inner {
     cast: Option<DType>,
     /// A short description of where the tensors come from, for error messages.
     name: String,
+    /// Reads return placeholders of the right shape and dtype without touching any data.
+    shapes_only: bool,
 }
 
 /// The tensors of one checkpoint, shared by every layer while a model is built.
@@ -89,7 +91,7 @@ impl Weights {
     }
 
     fn new(source: Source, index: HashMap<String, Entry>, name: String) -> Self {
-        Self { inner: Arc::new(Inner { source, index, used: Mutex::new(BTreeSet::new()), cast: None, name }) }
+        Self { inner: Arc::new(Inner { source, index, used: Mutex::new(BTreeSet::new()), cast: None, name, shapes_only: false }) }
     }
 
     /// Floating tensors are read as `dtype` (None: as stored). Conversion uses this; a model
@@ -99,6 +101,20 @@ impl Weights {
             inner.cast = dtype;
         }
         self
+    }
+
+    /// The same checkpoint for a shape check: every read checks the key and shape as usual
+    /// but returns a zero-stride placeholder (a broadcast scalar) instead of the data, so a
+    /// whole model can be built to validate a checkpoint without reading or allocating it.
+    /// Its used-key record is its own.
+    pub fn shapes_only(&self) -> Self {
+        let index = self.inner.index.clone();
+        Self { inner: Arc::new(Inner { source: Source::Memory(HashMap::new()), index, used: Mutex::new(BTreeSet::new()), cast: None, name: self.inner.name.clone(), shapes_only: true }) }
+    }
+
+    /// True for a [`Weights::shapes_only`] checkpoint.
+    pub fn is_shapes_only(&self) -> bool {
+        self.inner.shapes_only
     }
 
     /// Every key in the checkpoint, sorted.
@@ -193,6 +209,14 @@ impl Weights {
         let Some(entry) = inner.index.get(key) else {
             return Err(IoError::MissingTensor { key: key.to_string(), source_name: inner.name.clone() });
         };
+        if inner.shapes_only {
+            let mut dims = entry.shape.clone();
+            if let Some((dim, range)) = &slice {
+                dims[*dim] = range.len();
+            }
+            inner.used.lock().unwrap_or_else(|e| e.into_inner()).insert(key.to_string());
+            return Ok(Tensor::zeros((), entry.dtype.unwrap_or(DType::F32), &Device::Cpu)?.broadcast_as(dims)?);
+        }
         let tensor = match &inner.source {
             Source::Safetensors(files) => {
                 let (path, st) = &files[entry.shard];

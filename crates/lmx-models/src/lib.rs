@@ -9,7 +9,7 @@ pub mod qwen3;
 pub mod registry;
 
 pub use lmx_nn::{CausalLm, Logits};
-pub use registry::{load_model, supported_model_types, Architecture, ModelError, ARCHITECTURES};
+pub use registry::{check_checkpoint, load_model, supported_model_types, Architecture, ModelError, ARCHITECTURES};
 
 /// Shared by the tests: every architecture against its golden fixture, whole and sharded.
 #[cfg(test)]

@@ -63,6 +63,17 @@ pub fn load_model(model_type: &str, config: &Value, vb: &Builder) -> Result<Box<
     }
 }
 
+/// Checks a checkpoint against the model its config.json describes without reading any
+/// tensor data (the model is built over [`lmx_io::Weights::shapes_only`] and dropped): every
+/// tensor the model needs is there with the shape the config implies, and nothing is left
+/// over. `lmx convert` runs it before writing anything.
+pub fn check_checkpoint(model_type: &str, config: &Value, weights: &lmx_io::Weights, quantization: Option<lmx_io::QuantConfig>) -> Result<(), ModelError> {
+    let vb = Builder::new(weights.shapes_only(), lmx_core::DType::F32, &lmx_core::Device::Cpu).with_quantization(quantization);
+    load_model(model_type, config, &vb)?;
+    vb.finish(is_ignored_key)?;
+    Ok(())
+}
+
 /// Checkpoint keys that are not weights and are deliberately ignored (rotary buffers some
 /// exporters save).
 pub fn is_ignored_key(key: &str) -> bool {

@@ -75,6 +75,11 @@ fn wrong_shape_tensor() {
         m.insert("model.layers.0.self_attn.k_proj.weight".into(), t);
     });
     assert_clear_error(&generate(&path_str(&dir)), &["model.layers.0.self_attn.k_proj.weight", "[64, 32]", "[32, 64]"]);
+    // convert checks the checkpoint against config.json before writing anything.
+    let out_dir = dir.with_file_name(format!("{}-converted", dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()));
+    let out = lmx(&["convert", "--hf-path", &path_str(&dir), "--mlx-path", &path_str(&out_dir), "-q", "--q-group-size", "32"]);
+    assert_clear_error(&out, &["model.layers.0.self_attn.k_proj.weight", "[64, 32]", "[32, 64]"]);
+    assert!(!out_dir.exists(), "nothing written");
 }
 
 #[test]

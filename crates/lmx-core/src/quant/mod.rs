@@ -5,8 +5,8 @@
 //!
 //! This file is the format (packing, the quantizer, dequantization); `op.rs` is the candle op
 //! (forward and backward) that picks a kernel for the input's device; `kernels.rs` holds the
-//! portable CPU kernels and `x86.rs` their AVX2/AVX-512 versions. A GPU kernel is a sibling
-//! file that `op.rs` dispatches to.
+//! portable CPU kernels, `x86.rs` their AVX2 / AVX-512 VNNI versions and `arm.rs` the NEON
+//! ones. A GPU kernel is a sibling file that `op.rs` dispatches to.
 //!
 //! A quantized (rows, cols) matrix is `packed` (rows, cols * bits / 32) u32, and `scales`,
 //! `biases` (rows, cols / group_size) in the model dtype; `w = scale * q + bias`.
