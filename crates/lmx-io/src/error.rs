@@ -40,8 +40,8 @@ pub enum IoError {
     /// Checkpoint tensors that no layer used: the config and the weights disagree.
     #[error("{count} checkpoint tensor(s) were not used by the model ({source_name}), e.g. `{first}`; the config.json may not match these weights")]
     UnusedTensors { count: usize, first: String, source_name: String },
-    /// A tensor holds NaN or infinite values (adapters of a diverged run).
-    #[error("{path}: tensor `{key}` holds NaN or infinite values; these weights are unusable (train them again, e.g. with a lower learning rate)")]
+    /// A tensor holds NaN or infinite values (a corrupt file, or a diverged training run).
+    #[error("{path}: tensor `{key}` holds NaN or infinite values, which would make every output NaN; the file is corrupt or comes from a diverged run: download, convert or train it again")]
     NonFinite { path: PathBuf, key: String },
     /// The tokenizer could not be loaded or used.
     #[error("tokenizer: {0}")]

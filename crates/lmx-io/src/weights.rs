@@ -222,6 +222,9 @@ impl Weights {
                 let (path, st) = &files[entry.shard];
                 let err = |e: candle_core::Error| IoError::Safetensors { path: path.clone(), msg: e.to_string() };
                 let view = st.get(key).map_err(err)?;
+                if !all_finite(view.data(), entry.dtype) {
+                    return Err(IoError::NonFinite { path: path.clone(), key: key.to_string() });
+                }
                 let tensor = match &slice {
                     None => candle_core::safetensors::Load::load(&view, &Device::Cpu).map_err(err)?,
                     Some((dim, range)) => {
@@ -242,6 +245,27 @@ impl Weights {
             Some(dtype) if tensor.dtype().is_float() => tensor.to_dtype(dtype)?,
             _ => tensor,
         })
+    }
+}
+
+/// False when the raw little-endian values of a float tensor include a NaN or an infinity
+/// (all exponent bits set): a corrupt or diverged checkpoint is refused when it is read,
+/// instead of turning every output into NaN. Integer tensors are always finite.
+fn all_finite(data: &[u8], dtype: Option<DType>) -> bool {
+    fn none_special<const N: usize>(data: &[u8], mask: u32) -> bool {
+        // One pass, no early exit, so the loop vectorizes; a few GB/s per core.
+        !data.chunks_exact(N).fold(false, |bad, c| {
+            let mut b = [0u8; 4];
+            b[..N].copy_from_slice(c);
+            bad | (u32::from_le_bytes(b) & mask == mask)
+        })
+    }
+    match dtype {
+        Some(DType::F32) => none_special::<4>(data, 0x7f80_0000),
+        Some(DType::BF16) => none_special::<2>(data, 0x7f80),
+        Some(DType::F16) => none_special::<2>(data, 0x7c00),
+        Some(DType::F64) => data.chunks_exact(8).all(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])).is_finite()),
+        _ => true,
     }
 }
 
@@ -294,6 +318,26 @@ mod tests {
         m.insert("a.b.weight".to_string(), Tensor::arange(0f32, 6.0, &Device::Cpu).and_then(|t| t.reshape((2, 3))).expect("t"));
         m.insert("a.extra".to_string(), Tensor::zeros(4, DType::BF16, &Device::Cpu).expect("zeros"));
         Weights::from_tensors(m, "test")
+    }
+
+    /// NaN and infinities are found in every float dtype's raw bytes; finite values and
+    /// integers pass.
+    #[test]
+    fn non_finite_values_are_found() {
+        let bytes = |v: &[f32], dtype: DType| -> Vec<u8> {
+            match dtype {
+                DType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                DType::BF16 => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes()).collect(),
+                _ => v.iter().flat_map(|x| half::f16::from_f32(*x).to_bits().to_le_bytes()).collect(),
+            }
+        };
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            assert!(all_finite(&bytes(&[0.0, -1.5, 1e4, -0.0], dtype), Some(dtype)), "{dtype:?}");
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                assert!(!all_finite(&bytes(&[1.0, bad, 2.0], dtype), Some(dtype)), "{dtype:?} {bad}");
+            }
+        }
+        assert!(all_finite(&[0xff; 16], Some(DType::U32)));
     }
 
     #[test]

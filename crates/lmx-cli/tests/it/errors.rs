@@ -236,6 +236,18 @@ fn bad_inputs_are_refused_before_work() {
             }),
             &["adapters.safetensors", "lora_b", "NaN or infinite"],
         ),
+        (
+            "nan-weights",
+            Box::new(move |d| {
+                edit_weights(d, |m| {
+                    let w = &m["model.norm.weight"];
+                    let bad = w.ones_like().and_then(|o| o * f64::NAN).expect("nan");
+                    m.insert("model.norm.weight".into(), bad);
+                });
+                generate_args(d, "a b")
+            }),
+            &["model.norm.weight", "NaN or infinite"],
+        ),
         ("prompt-too-many-bytes", Box::new(move |d| generate_args(d, &"a".repeat(5000))), &["5000 bytes", "context", "shorten it"]),
         (
             "perplexity-sequence-beyond-context",
