@@ -30,8 +30,9 @@ pub fn parallel_ranges(n: usize, min_per_thread: usize, f: impl Fn(Range<usize>)
     });
 }
 
-/// Rows per thread below which a matrix-vector product stays on one thread.
-const MIN_ROWS_PER_THREAD: usize = 16;
+/// Rows per thread below which a decode product (matrix-vector, dense or quantized) stays on
+/// one thread.
+pub(crate) const MIN_ROWS_PER_THREAD: usize = 16;
 
 /// `x @ w^T` for a single row of activations, as a candle op (no backward: used only when
 /// nothing is on the gradient tape). `x`: (.., k) with one row in all; `w`: (n, k), same dtype.

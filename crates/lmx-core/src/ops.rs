@@ -71,6 +71,15 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.silu()? * up
 }
 
+/// True when every value of `t` is finite (integer tensors always are): 0 * x is 0 for a
+/// finite x and NaN otherwise, so one pass and one sum find any NaN or infinity.
+pub fn all_finite(t: &Tensor) -> Result<bool> {
+    if !t.dtype().is_float() {
+        return Ok(true);
+    }
+    Ok(t.affine(0.0, 0.0)?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?.is_finite())
+}
+
 /// `x @ weight^T (+ bias)` for a weight stored as (out_features, in_features).
 /// A single row on the CPU (one decoded token) goes through lmx's matrix-vector kernel, which
 /// reads the weights once at memory bandwidth; everything else through candle's matmul.

@@ -131,9 +131,7 @@ pub fn load_adapter_file(path: &Path) -> Result<HashMap<String, Tensor>> {
     keys.sort();
     for key in keys {
         let t = &tensors[key];
-        // 0 * x is 0 for every finite x, NaN otherwise.
-        let finite = !t.dtype().is_float() || t.affine(0.0, 0.0)?.sum_all()?.to_dtype(lmx_core::DType::F32)?.to_scalar::<f32>()?.is_finite();
-        if !finite {
+        if !lmx_core::ops::all_finite(t)? {
             return Err(IoError::NonFinite { path: path.to_path_buf(), key: key.clone() });
         }
     }

@@ -222,7 +222,7 @@ impl Weights {
                 let (path, st) = &files[entry.shard];
                 let err = |e: candle_core::Error| IoError::Safetensors { path: path.clone(), msg: e.to_string() };
                 let view = st.get(key).map_err(err)?;
-                if !all_finite(view.data(), entry.dtype) {
+                if !raw_all_finite(view.data(), entry.dtype) {
                     return Err(IoError::NonFinite { path: path.clone(), key: key.to_string() });
                 }
                 let tensor = match &slice {
@@ -251,7 +251,7 @@ impl Weights {
 /// False when the raw little-endian values of a float tensor include a NaN or an infinity
 /// (all exponent bits set): a corrupt or diverged checkpoint is refused when it is read,
 /// instead of turning every output into NaN. Integer tensors are always finite.
-fn all_finite(data: &[u8], dtype: Option<DType>) -> bool {
+fn raw_all_finite(data: &[u8], dtype: Option<DType>) -> bool {
     fn none_special<const N: usize>(data: &[u8], mask: u32) -> bool {
         // One pass, no early exit, so the loop vectorizes; a few GB/s per core.
         !data.chunks_exact(N).fold(false, |bad, c| {
@@ -332,12 +332,12 @@ mod tests {
             }
         };
         for dtype in [DType::F32, DType::BF16, DType::F16] {
-            assert!(all_finite(&bytes(&[0.0, -1.5, 1e4, -0.0], dtype), Some(dtype)), "{dtype:?}");
+            assert!(raw_all_finite(&bytes(&[0.0, -1.5, 1e4, -0.0], dtype), Some(dtype)), "{dtype:?}");
             for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-                assert!(!all_finite(&bytes(&[1.0, bad, 2.0], dtype), Some(dtype)), "{dtype:?} {bad}");
+                assert!(!raw_all_finite(&bytes(&[1.0, bad, 2.0], dtype), Some(dtype)), "{dtype:?} {bad}");
             }
         }
-        assert!(all_finite(&[0xff; 16], Some(DType::U32)));
+        assert!(raw_all_finite(&[0xff; 16], Some(DType::U32)));
     }
 
     #[test]

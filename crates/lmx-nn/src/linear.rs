@@ -96,6 +96,14 @@ impl Linear {
         self.weight.to_tensor()
     }
 
+    /// `y + bias`, or `y` for a layer without one.
+    fn with_bias(&self, y: Tensor) -> Result<Tensor> {
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
     /// The outputs of layers that share their input (a layer's q/k/v or gate/up projections):
     /// quantized layers without adapters take one step together when decoding (the input
     /// rounded to int8 once, one parallel round); otherwise one product each.
@@ -108,14 +116,7 @@ impl Linear {
             })
             .collect();
         let ys: Vec<Tensor> = match quantized {
-            Some(qs) => lmx_core::quant::matmul_many(&qs, x)?
-                .into_iter()
-                .zip(layers)
-                .map(|(y, l)| match &l.bias {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
-                })
-                .collect::<Result<_>>()?,
+            Some(qs) => lmx_core::quant::matmul_many(&qs, x)?.into_iter().zip(layers).map(|(y, l)| l.with_bias(y)).collect::<Result<_>>()?,
             None => layers.iter().map(|l| l.forward(x)).collect::<Result<_>>()?,
         };
         ys.try_into().map_err(|_| lmx_core::Error::Msg("forward_shared: output count".into()))
@@ -133,10 +134,7 @@ impl Module for Linear {
             Some(group) => group.all_sum(&y)?,
             None => y,
         };
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
+        self.with_bias(y)
     }
 }
 

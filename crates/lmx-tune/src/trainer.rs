@@ -234,11 +234,10 @@ pub fn save_adapters(vars: &[(String, Var)], path: &Path) -> Result<(), TuneErro
     Ok(())
 }
 
-/// The first tensor holding a NaN or an infinity (0 * x is 0 exactly for finite x).
+/// The first tensor holding a NaN or an infinity.
 fn first_non_finite(vars: &[(String, Var)]) -> lmx::core::Result<Option<String>> {
     for (k, v) in vars {
-        let t = v.as_tensor().detach();
-        if !t.affine(0.0, 0.0)?.sum_all()?.to_dtype(lmx::core::DType::F32)?.to_scalar::<f32>()?.is_finite() {
+        if !lmx::core::ops::all_finite(&v.as_tensor().detach())? {
             return Ok(Some(k.clone()));
         }
     }

@@ -6,7 +6,7 @@
 use std::ops::Range;
 
 use super::{get_bits, GroupParams, QuantizedMatrix, Scale};
-use crate::cpu::{parallel_ranges, SendPtr};
+use crate::cpu::{parallel_ranges, SendPtr, MIN_ROWS_PER_THREAD};
 use rayon::prelude::*;
 
 /// Rows of W dequantized together for a multi-row product (fits in L2 at 4 KiB columns).
@@ -106,9 +106,6 @@ pub fn qmatmul_t(q: &QuantizedMatrix, g: &[f32], m: usize) -> Vec<f32> {
     gx
 }
 
-/// Rows per thread below which a decode product stays on one thread.
-const MIN_ROWS_PER_THREAD: usize = 16;
-
 /// y = W x for one token (decode): rows split over threads; 4- and 8-bit weights use the
 /// integer kernels on int8 activations ([`Q8Act`]), other widths the float ones.
 fn qmatvec(q: &QuantizedMatrix, x: &[f32]) -> Vec<f32> {
@@ -122,8 +119,10 @@ pub fn qmatvec_many(qs: &[&QuantizedMatrix], x: &[f32]) -> Vec<f32> {
     let total: usize = qs.iter().map(|q| q.rows).sum();
     let mut y = vec![0f32; total];
     let out = SendPtr(y.as_mut_ptr());
-    // One activation per distinct (bits, group size): usually one.
-    let acts: Vec<Option<Q8Act>> = qs.iter().enumerate().map(|(i, q)| if i > 0 && same_act(qs[0], q) { None } else { Q8Act::new(q, x) }).collect();
+    // x is rounded once per distinct (cols, bits, group size, scale dtype): matrix i uses the
+    // activations of the first matrix like it, `owner[i]`.
+    let owner: Vec<usize> = (0..qs.len()).map(|i| (0..i).find(|&j| same_act(qs[j], qs[i])).unwrap_or(i)).collect();
+    let acts: Vec<Option<Q8Act>> = qs.iter().enumerate().map(|(i, q)| if owner[i] == i { Q8Act::new(q, x) } else { None }).collect();
     parallel_ranges(total, MIN_ROWS_PER_THREAD, |range| {
         let mut first = 0;
         for (i, q) in qs.iter().enumerate() {
@@ -132,8 +131,7 @@ pub fn qmatvec_many(qs: &[&QuantizedMatrix], x: &[f32]) -> Vec<f32> {
                 // SAFETY: ranges are disjoint and inside y, which outlives the call.
                 let ys = unsafe { std::slice::from_raw_parts_mut(out.get().add(lo), hi - lo) };
                 let rows = lo - first..hi - first;
-                let act = acts[if i > 0 && same_act(qs[0], q) { 0 } else { i }].as_ref();
-                match (act, &q.scales, &q.biases) {
+                match (acts[owner[i]].as_ref(), &q.scales, &q.biases) {
                     (Some(a), GroupParams::Bf16(s), GroupParams::Bf16(b)) => int8_rows(q, s, b, a, rows, ys),
                     (Some(a), GroupParams::F16(s), GroupParams::F16(b)) => int8_rows(q, s, b, a, rows, ys),
                     (Some(a), GroupParams::F32(s), GroupParams::F32(b)) => int8_rows(q, s, b, a, rows, ys),
