@@ -86,16 +86,18 @@ unsafe fn group_sum<D: Dot>(row: *const u8, x: *const i8, bits: usize, group_siz
 /// row's first group; for 4 bits the row length is a multiple of 64.
 #[inline]
 unsafe fn row<S: Scale, D: Dot>(row: &[u32], bits: usize, group_size: usize, s: &[S], b: &[S], act: &Q8Act) -> f32 {
-    let (w, x) = (row.as_ptr() as *const u8, act.codes.as_ptr());
+    let (w, x, xf) = (row.as_ptr() as *const u8, act.codes.as_ptr(), act.fine.as_ptr());
     let groups = act.codes.len() / group_size;
     let mut total = 0f32;
     for g in 0..groups {
         // SAFETY: forwarded from the caller.
-        let mut isum = unsafe { group_sum::<D>(w, x, bits, group_size, g) };
+        let (mut isum, mut fsum) = unsafe { (group_sum::<D>(w, x, bits, group_size, g), group_sum::<D>(w, xf, bits, group_size, g)) };
         if bits == 8 {
             isum += 128 * act.code_sums[g];
+            fsum += 128 * act.fine_sums[g];
         }
-        total += s[g].f32() * act.dx[g] * isum as f32 + b[g].f32() * act.xsums[g];
+        let isum = isum as f32 + fsum as f32 * (1.0 / super::kernels::FINE);
+        total += s[g].f32() * act.dx[g] * isum + b[g].f32() * act.xsums[g];
     }
     total
 }

@@ -279,10 +279,13 @@ impl QuantizedMatrix {
 
     /// `x @ W^T` with x (.., cols) in f32/bf16/f16; the result has x's dtype. When x is on
     /// the gradient tape the op records a backward pass, `grad_x = grad_y @ W`, computed from
-    /// the packed weights block by block (QLoRA: no dequantized copy of W is kept).
+    /// the packed weights block by block (QLoRA: no dequantized copy of W is kept), and the
+    /// forward is exact (float activations); off the tape, 4- and 8-bit products round x to
+    /// int8 per group where the CPU has the integer kernels ([`kernels::Q8Act`]), as
+    /// llama.cpp does.
     pub fn matmul(self: &Arc<Self>, x: &Tensor) -> Result<Tensor> {
         let x = x.contiguous()?;
-        let op = op::QMatMul { q: self.clone(), transpose: false };
+        let op = op::QMatMul { q: self.clone(), transpose: false, exact: x.track_op() };
         if x.track_op() {
             x.apply_op1(op)
         } else {
@@ -292,14 +295,17 @@ impl QuantizedMatrix {
 }
 
 /// `[x @ W_0^T, x @ W_1^T, ...]` for matrices sharing the input x (a layer's q/k/v or
-/// gate/up projections). One decoded token on the CPU takes them in one step (x rounded to
-/// int8 once, one parallel round); anything else, one product each.
+/// gate/up projections). On the CPU, one decoded token, or a prompt where the int8 product
+/// applies, takes them in one step (x rounded to int8 once, one parallel round); anything
+/// else, one product each.
 pub fn matmul_many(qs: &[Arc<QuantizedMatrix>], x: &Tensor) -> Result<Vec<Tensor>> {
     let one_row = x.dims().last().is_some_and(|&k| k == x.elem_count());
-    if qs.len() < 2 || !one_row || !x.device().is_cpu() || x.track_op() || qs.iter().any(|q| q.cols != qs[0].cols) {
+    let refs: Vec<&QuantizedMatrix> = qs.iter().map(|q| &**q).collect();
+    let shared = one_row || kernels::q8_gemm_applies(&refs);
+    if qs.len() < 2 || !shared || !x.device().is_cpu() || x.track_op() || qs.iter().any(|q| q.cols != qs[0].cols) {
         return qs.iter().map(|q| q.matmul(x)).collect();
     }
-    let y = x.contiguous()?.apply_op1_no_bwd(&op::QMatVecMany { qs: qs.to_vec() })?;
+    let y = x.contiguous()?.apply_op1_no_bwd(&op::QMatMulMany { qs: qs.to_vec() })?;
     let last = y.rank() - 1;
     let mut start = 0;
     qs.iter()

@@ -15,30 +15,35 @@ use super::{kernels, QuantizedMatrix};
 pub(super) struct QMatMul {
     pub(super) q: Arc<QuantizedMatrix>,
     pub(super) transpose: bool,
+    /// Float activations only (training: the forward must match its backward); otherwise
+    /// 4- and 8-bit products take the int8 kernels where they apply.
+    pub(super) exact: bool,
 }
 
-/// `x @ [W_0; W_1; ...]^T` for one row of x (decode), as one candle op without backward: the
-/// products of matrices that share their input in one parallel step.
-pub(super) struct QMatVecMany {
+/// `x @ [W_0; W_1; ...]^T` for matrices sharing their input, as one candle op without
+/// backward: x rounded to int8 once and all products in one parallel step (one token:
+/// the decode kernels; several: the int8 product, where [`kernels::q8_gemm_applies`]).
+pub(super) struct QMatMulMany {
     pub(super) qs: Vec<Arc<QuantizedMatrix>>,
 }
 
-impl CustomOp1 for QMatVecMany {
+impl CustomOp1 for QMatMulMany {
     fn name(&self) -> &'static str {
-        "lmx-qmatvec-many"
+        "lmx-qmatmul-many"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let k = self.qs[0].cols;
         let mut dims = l.dims().to_vec();
-        if dims.last() != Some(&k) || l.shape().elem_count() != k {
-            candle_core::bail!("quantized matvec: input {:?} is not one row of {k} features", dims);
+        if dims.last() != Some(&k) {
+            candle_core::bail!("quantized matmul: input {:?} does not end in {k} features", dims);
         }
-        let x = input_f32(s, l, "quantized matvec")?;
+        let x = input_f32(s, l, "quantized matmul")?;
+        let m = x.len() / k;
         let qs: Vec<&QuantizedMatrix> = self.qs.iter().map(|q| &**q).collect();
-        let y = kernels::qmatvec_many(&qs, &x);
+        let y = if m == 1 { kernels::qmatvec_many(&qs, &x) } else { kernels::qmatmul_many_q8(&qs, &x, m) };
         if let Some(last) = dims.last_mut() {
-            *last = y.len();
+            *last = y.len() / m;
         }
         Ok((output(y, s.dtype()), Shape::from(dims)))
     }
@@ -80,6 +85,10 @@ impl CustomOp1 for QMatMul {
         let m = x.len() / k;
         let y = if self.transpose {
             kernels::qmatmul_t(q, &x, m)
+        } else if self.exact {
+            kernels::qmatmul_exact(q, &x, m)
+        } else if m > 1 && kernels::q8_gemm_applies(&[q]) {
+            kernels::qmatmul_many_q8(&[q], &x, m)
         } else if m > 1 && s.dtype() == DType::BF16 && crate::bf16_gemm::supported() {
             // bf16 prefill: rows dequantized block by block into the AVX512-BF16 kernel (the
             // precision of a bf16 model's matmuls, twice the f32 multiply rate).
@@ -99,7 +108,7 @@ impl CustomOp1 for QMatMul {
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let op = QMatMul { q: self.q.clone(), transpose: !self.transpose };
+        let op = QMatMul { q: self.q.clone(), transpose: !self.transpose, exact: true };
         Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&op)?))
     }
 }

@@ -2,6 +2,8 @@
 
 use std::arch::x86_64::*;
 
+use super::kernels::GEMM_MR;
+
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 fn hsum(v: __m256) -> f32 {
@@ -197,6 +199,44 @@ unsafe fn group<D: Dot, const BITS: usize, const GS: usize>(w: *const u8, x: *co
     a
 }
 
+/// The integer sums of groups g0..g0 + n (n <= 8) of one row's codes `w` against
+/// activation codes `x` (whose group sums are `sums`), group j in lane j.
+///
+/// # Safety
+/// As [`rows_q8`] (whose features it takes by being inlined there: compiled on its own it
+/// would call `D`'s kernels instead of inlining them): the groups lie inside `w` and `x`;
+/// `sums` is padded to 8 groups.
+#[inline(always)]
+unsafe fn sums8<D: Dot, const BITS: usize, const GS: usize>(w: *const u8, x: *const u8, sums: &[i32], g0: usize, n: usize) -> __m256i {
+    let zero = unsafe { _mm256_setzero_si256() };
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let isum = if BITS == 4 && GS == 32 {
+            // A 64-element run holds groups 2k (lanes 0-3) and 2k + 1 (lanes 4-7).
+            let mut v = [zero; 4];
+            for (k, vk) in v.iter_mut().enumerate().take(n / 2) {
+                *vk = run4::<D>(zero, w, x, (g0 + 2 * k) * 32);
+            }
+            let t = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+            // Lanes hold groups [0, 2, 4, 6 | 1, 3, 5, 7].
+            _mm256_permutevar8x32_epi32(t, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+        } else {
+            let mut h = [zero; 4];
+            for (p, hp) in h.iter_mut().enumerate().take(n.div_ceil(2)) {
+                let j = g0 + 2 * p;
+                let second = if 2 * p + 1 < n { group::<D, BITS, GS>(w, x, j + 1) } else { zero };
+                *hp = _mm256_hadd_epi32(group::<D, BITS, GS>(w, x, j), second);
+            }
+            sum_lanes(h)
+        };
+        if BITS == 8 && D::OFFSET8 {
+            _mm256_add_epi32(isum, _mm256_slli_epi32(load(sums.as_ptr().add(g0) as *const u8), 7))
+        } else {
+            isum
+        }
+    }
+}
+
 /// Outputs of `R` consecutive 4- or 8-bit rows against int8 activations: per row, sum over
 /// groups of scale * dx * (codes . activation codes) + bias * sum(x), 8 groups per step with
 /// the groups' integer sums gathered into one vector. Several rows per call share the
@@ -211,11 +251,9 @@ unsafe fn group<D: Dot, const BITS: usize, const GS: usize>(w: *const u8, x: *co
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows_q8<S: super::Scale, D: Dot, const BITS: usize, const GS: usize, const R: usize>(rows: &[u32], s: &[S], b: &[S], act: &super::kernels::Q8Act, out: &mut [f32]) {
-    let x = act.codes.as_ptr() as *const u8;
     let cols = act.codes.len();
     let groups = cols / GS;
     let row_bytes = cols * BITS / 8;
-    let zero = _mm256_setzero_si256();
     let mut acc = [_mm256_setzero_ps(); R];
     // SAFETY (whole body): every run read lies inside its row and the activation codes
     // (group g covers elements g * GS.. of both); the per-group arrays of `act` are padded
@@ -228,25 +266,9 @@ unsafe fn rows_q8<S: super::Scale, D: Dot, const BITS: usize, const GS: usize, c
             let xsums = _mm256_loadu_ps(act.xsums.as_ptr().add(g0));
             for (r, acc) in acc.iter_mut().enumerate() {
                 let w = (rows.as_ptr() as *const u8).add(r * row_bytes);
-                let isum = if BITS == 4 && GS == 32 {
-                    // A 64-element run holds groups 2k (lanes 0-3) and 2k + 1 (lanes 4-7).
-                    let mut v = [zero; 4];
-                    for (k, vk) in v.iter_mut().enumerate().take(n / 2) {
-                        *vk = run4::<D>(zero, w, x, (g0 + 2 * k) * 32);
-                    }
-                    let t = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
-                    // Lanes hold groups [0, 2, 4, 6 | 1, 3, 5, 7].
-                    _mm256_permutevar8x32_epi32(t, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
-                } else {
-                    let mut h = [zero; 4];
-                    for (p, hp) in h.iter_mut().enumerate().take(n.div_ceil(2)) {
-                        let j = g0 + 2 * p;
-                        let second = if 2 * p + 1 < n { group::<D, BITS, GS>(w, x, j + 1) } else { zero };
-                        *hp = _mm256_hadd_epi32(group::<D, BITS, GS>(w, x, j), second);
-                    }
-                    sum_lanes(h)
-                };
-                let isum = if BITS == 8 && D::OFFSET8 { _mm256_add_epi32(isum, _mm256_slli_epi32(load(act.code_sums.as_ptr().add(g0) as *const u8), 7)) } else { isum };
+                let coarse = _mm256_cvtepi32_ps(sums8::<D, BITS, GS>(w, act.codes.as_ptr() as *const u8, &act.code_sums, g0, n));
+                let fine = _mm256_cvtepi32_ps(sums8::<D, BITS, GS>(w, act.fine.as_ptr() as *const u8, &act.fine_sums, g0, n));
+                let isum = _mm256_fmadd_ps(fine, _mm256_set1_ps(1.0 / super::kernels::FINE), coarse);
                 let at = r * groups + g0;
                 let (sc, bc) = if s.len() >= at + 8 && b.len() >= at + 8 {
                     // Lanes past the row's groups hold the next row's values: keep lanes < n.
@@ -260,7 +282,7 @@ unsafe fn rows_q8<S: super::Scale, D: Dot, const BITS: usize, const GS: usize, c
                     }
                     (_mm256_loadu_ps(sc.as_ptr()), _mm256_loadu_ps(bc.as_ptr()))
                 };
-                let f = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), dx);
+                let f = _mm256_mul_ps(isum, dx);
                 *acc = _mm256_fmadd_ps(bc, xsums, _mm256_fmadd_ps(f, sc, *acc));
             }
         }
@@ -395,4 +417,71 @@ pub unsafe fn group_dot(row: &[u32], start: usize, bits: usize, x: &[f32]) -> (f
         }
     }
     (hsum(dot), hsum(xs))
+}
+
+/// A block of the int8 product of several activation rows (prefill) with 16 rows of a 4- or
+/// 8-bit matrix interleaved word by word (`w[t * 16 + j]` = packed word t of matrix row j,
+/// `s[g * 16 + j]` / `b[g * 16 + j]` its scale and bias of group g as f32):
+/// `out[r][j] = sum_g s dx_r[g] (codes_j . xcodes_r)_g + b xsum_r[g]`. Each packed word
+/// meets the 4 activation codes of its elements in one `vpdpbusd` lane (4-bit words split
+/// into low and high nibbles, which [`Q8Act`](super::kernels::Q8Act) orders as even and odd
+/// elements), so the 16 lanes of a register are 16 matrix rows and no horizontal sums are
+/// needed. `acts` holds 1..=8 rows; missing rows repeat the last (computed, not stored).
+///
+/// # Safety
+/// AVX-512F and AVX-512 VNNI must be available; `w`, `s`, `b` hold the whole block (`groups`
+/// groups of `GS` elements); every act has `groups * GS` codes.
+#[target_feature(enable = "avx512f,avx512vnni")]
+pub(super) unsafe fn gemm_q8_vnni<const BITS: usize, const GS: usize>(w: &[u32], s: &[f32], b: &[f32], groups: usize, acts: &[&super::kernels::Q8Act], out: &mut [[f32; 16]; GEMM_MR]) {
+    let wpg = GS * BITS / 32;
+    debug_assert!(w.len() >= groups * wpg * 16 && s.len() >= groups * 16 && !acts.is_empty());
+    let act = |r: usize| acts[r.min(acts.len() - 1)];
+    let codes: [*const u8; GEMM_MR] = std::array::from_fn(|r| act(r).codes.as_ptr() as *const u8);
+    let fine: [*const u8; GEMM_MR] = std::array::from_fn(|r| act(r).fine.as_ptr() as *const u8);
+    let inv_fine = _mm512_set1_ps(1.0 / super::kernels::FINE);
+    let mask = _mm512_set1_epi8(0x0F);
+    let mut facc = [_mm512_setzero_ps(); GEMM_MR];
+    // SAFETY (whole body): word t of the block is inside `w` (t < groups * wpg), its
+    // activation codes (4 bytes at the offsets below) inside each act's codes.
+    unsafe {
+        for g in 0..groups {
+            let (mut acc, mut accf) = ([_mm512_setzero_si512(); GEMM_MR], [_mm512_setzero_si512(); GEMM_MR]);
+            for t in g * wpg..(g + 1) * wpg {
+                let wv = _mm512_loadu_si512(w.as_ptr().add(t * 16) as *const _);
+                if BITS == 4 {
+                    let lo = _mm512_and_si512(wv, mask);
+                    let hi = _mm512_and_si512(_mm512_srli_epi32(wv, 4), mask);
+                    // Word t holds elements 8t..8t+8: in the activations' [even][odd] order
+                    // of its 64-element run, 4 even codes at 4(t % 8), 4 odd ones 32 later.
+                    let off = t / 8 * 64 + t % 8 * 4;
+                    for r in 0..GEMM_MR {
+                        let xe = _mm512_set1_epi32((codes[r].add(off) as *const i32).read_unaligned());
+                        let xo = _mm512_set1_epi32((codes[r].add(off + 32) as *const i32).read_unaligned());
+                        acc[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[r], lo, xe), hi, xo);
+                        let fe = _mm512_set1_epi32((fine[r].add(off) as *const i32).read_unaligned());
+                        let fo = _mm512_set1_epi32((fine[r].add(off + 32) as *const i32).read_unaligned());
+                        accf[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(accf[r], lo, fe), hi, fo);
+                    }
+                } else {
+                    for r in 0..GEMM_MR {
+                        let x = _mm512_set1_epi32((codes[r].add(4 * t) as *const i32).read_unaligned());
+                        acc[r] = _mm512_dpbusd_epi32(acc[r], wv, x);
+                        let f = _mm512_set1_epi32((fine[r].add(4 * t) as *const i32).read_unaligned());
+                        accf[r] = _mm512_dpbusd_epi32(accf[r], wv, f);
+                    }
+                }
+            }
+            let sv = _mm512_loadu_ps(s.as_ptr().add(g * 16));
+            let bv = _mm512_loadu_ps(b.as_ptr().add(g * 16));
+            for r in 0..GEMM_MR {
+                let a = act(r);
+                let f = _mm512_mul_ps(sv, _mm512_set1_ps(*a.dx.get_unchecked(g)));
+                let isum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(accf[r]), inv_fine, _mm512_cvtepi32_ps(acc[r]));
+                facc[r] = _mm512_fmadd_ps(bv, _mm512_set1_ps(*a.xsums.get_unchecked(g)), _mm512_fmadd_ps(isum, f, facc[r]));
+            }
+        }
+        for r in 0..GEMM_MR {
+            _mm512_storeu_ps(out[r].as_mut_ptr(), facc[r]);
+        }
+    }
 }
