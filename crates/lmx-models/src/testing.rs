@@ -148,7 +148,7 @@ fn every_architecture_sharded_over_two_and_three_ranks_equals_the_whole_model() 
 }
 
 /// The llama fixture quantized to 4 bits (groups of 32) in memory: sharded over 2 ranks it
-/// equals the whole quantized model (o_proj and down_proj are split on group boundaries);
+/// equals the whole quantized model (within the int8 activations' rounding) (o_proj and down_proj are split on group boundaries);
 /// over 3 ranks o_proj's split (2 + 1 + 1 heads of 16 columns) would cut a group, which is a
 /// clear error naming the layer.
 #[test]
@@ -203,7 +203,9 @@ fn a_quantized_model_shards_on_group_boundaries() {
     for (rank, got) in results.iter().enumerate() {
         let (d, at) = max_diff(got, &want);
         println!("quantized llama world 2 rank {rank}: max |logit diff| {d:.3e} at {at}");
-        assert!(d <= 1e-5 * scale, "rank {rank}: sharded quantized logits differ by {d}");
+        // The whole model's o_proj (64 columns) takes the int8 product on two-level
+        // activations (within max|x| / 64516 per group), a shard's 32 columns the float one.
+        assert!(d <= 1e-3 * scale, "rank {rank}: sharded quantized logits differ by {d} (logit scale {scale})");
     }
     let g = InProcess::world(3).remove(1);
     let err = build(Some(Arc::new(g))).err().expect("a cut group is an error").to_string();

@@ -281,7 +281,7 @@ impl Builder {
             Shard::Row(r) => (Some((1, r.clone())), None, Some(self.shared.group.clone())),
         };
         let weight = match self.quantization()? {
-            Some(spec) => Weight::Quantized(Arc::new(self.read_quantized(spec, out_features, in_features, &shard)?)),
+            Some(spec) => Weight::Quantized(Arc::new(self.read_quantized(spec, out_features, in_features, &shard)?.with_exact_products(self.shared.training.is_some()))),
             None => self.dense(self.get_part(&shape, "weight", weight_part)?)?,
         };
         let bias = match bias {
@@ -304,7 +304,7 @@ impl Builder {
     pub fn embedding(&self, vocab_size: usize, hidden_size: usize) -> Result<Embedding> {
         let shape = [vocab_size, hidden_size];
         let (weight, head) = match self.quantization()? {
-            Some(spec) => (Weight::Quantized(Arc::new(self.read_quantized(spec, vocab_size, hidden_size, &Shard::Replicated)?)), None),
+            Some(spec) => (Weight::Quantized(Arc::new(self.read_quantized(spec, vocab_size, hidden_size, &Shard::Replicated)?.with_exact_products(self.shared.training.is_some()))), None),
             None => {
                 // Rows are looked up in the compute dtype; a tied output projection may use the
                 // bf16 kernel.

@@ -165,7 +165,7 @@ const QB: usize = 16;
 
 /// Rows of x per call of the int8 product's kernel (with 16 matrix rows per register: 8
 /// i32 and 8 f32 accumulators).
-pub(super) const GEMM_MR: usize = 4;
+pub(super) const GEMM_MR: usize = 8;
 
 /// True when [`qmatmul_many_q8`] takes these matrices on this CPU (AVX-512 VNNI).
 pub(super) fn q8_gemm_applies(qs: &[&QuantizedMatrix]) -> bool {
@@ -426,23 +426,36 @@ impl Q8Act {
         }
         let padded = (q.cols / q.group_size).next_multiple_of(8);
         let mut a = Q8Act { codes: vec![0; q.cols], fine: vec![0; q.cols], dx: vec![0.0; padded], xsums: vec![0.0; padded], code_sums: vec![0; padded], fine_sums: vec![0; padded] };
-        for (g, xg) in x.chunks_exact(q.group_size).enumerate() {
+        #[cfg(target_arch = "x86_64")]
+        if level() != Level::Scalar && std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") {
+            // SAFETY: the features were just checked; groups are 32, 64 or 128 elements and
+            // the arrays are sized for x.
+            unsafe { super::x86::quantize_act(x, q.group_size, q.bits, &mut a) };
+            return Some(a);
+        }
+        a.quantize_scalar(x, q.group_size, q.bits);
+        Some(a)
+    }
+
+    /// Portable reference for the two levels of codes (x86's AVX-512 version is tested
+    /// against it).
+    pub(super) fn quantize_scalar(&mut self, x: &[f32], group_size: usize, bits: usize) {
+        for (g, xg) in x.chunks_exact(group_size).enumerate() {
             let amax = xg.iter().fold(0f32, |m, v| m.max(v.abs()));
             let dx = amax / 127.0;
             let inv = if dx > 0.0 { 1.0 / dx } else { 0.0 };
             let (mut sum, mut codes, mut fines) = (0f32, 0i32, 0i32);
             for (i, v) in xg.iter().enumerate() {
                 let c = round_to_i8(v * inv);
-                let f = round_to_i8(((v - f32::from(c) * dx) * inv * FINE).clamp(-127.0, 127.0));
-                let at = Self::position(g * q.group_size + i, q.bits);
-                (a.codes[at], a.fine[at]) = (c, f);
+                let f = round_to_i8(((v - f32::from(c) * dx) * (inv * FINE)).clamp(-127.0, 127.0));
+                let at = Self::position(g * group_size + i, bits);
+                (self.codes[at], self.fine[at]) = (c, f);
                 sum += v;
                 codes += i32::from(c);
                 fines += i32::from(f);
             }
-            (a.dx[g], a.xsums[g], a.code_sums[g], a.fine_sums[g]) = (dx, sum, codes, fines);
+            (self.dx[g], self.xsums[g], self.code_sums[g], self.fine_sums[g]) = (dx, sum, codes, fines);
         }
-        Some(a)
     }
 
     /// Whether `q` takes int8 activations: 4 bits in rows of whole 64-element runs, or 8 bits,
@@ -457,7 +470,7 @@ impl Q8Act {
     }
 
     /// Where element `e`'s code sits.
-    fn position(e: usize, bits: usize) -> usize {
+    pub(super) fn position(e: usize, bits: usize) -> usize {
         if bits == 4 {
             let (run, j) = (e / 64 * 64, e % 64);
             run + (j % 2) * 32 + j / 2

@@ -151,6 +151,9 @@ pub struct QuantizedMatrix {
     packed: Vec<u32>,
     scales: GroupParams,
     biases: GroupParams,
+    /// Products always take float activations (set for models built for training, whose
+    /// forward must be the one MLX computes; see [`QuantizedMatrix::matmul`]).
+    exact: bool,
 }
 
 /// Checks bits and group size against MLX's affine mode.
@@ -208,7 +211,7 @@ impl QuantizedMatrix {
             scales.extend(s);
             biases.extend(b);
         }
-        Ok(Self { rows, cols, bits, group_size, packed, scales: GroupParams::from_f32(scales, dtype)?, biases: GroupParams::from_f32(biases, dtype)? })
+        Ok(Self { rows, cols, bits, group_size, packed, scales: GroupParams::from_f32(scales, dtype)?, biases: GroupParams::from_f32(biases, dtype)?, exact: false })
     }
 
     /// Wraps checkpoint tensors (`weight` u32, `scales`, `biases`), checking their shapes.
@@ -226,7 +229,7 @@ impl QuantizedMatrix {
                 packed.dims(), scales.dims(), biases.dims()
             );
         }
-        Ok(Self { rows, cols, bits, group_size, packed: packed.flatten_all()?.to_vec1()?, scales: GroupParams::from_tensor(scales)?, biases: GroupParams::from_tensor(biases)? })
+        Ok(Self { rows, cols, bits, group_size, packed: packed.flatten_all()?.to_vec1()?, scales: GroupParams::from_tensor(scales)?, biases: GroupParams::from_tensor(biases)?, exact: false })
     }
 
     /// The checkpoint tensors: (`weight` u32, `scales`, `biases`).
@@ -277,15 +280,24 @@ impl QuantizedMatrix {
         }
     }
 
+    /// Products of this matrix always take float activations when `yes` (models built for
+    /// training: their forward is the one MLX computes, also where the input is not on the
+    /// gradient tape, as in the first layers).
+    pub fn with_exact_products(mut self, yes: bool) -> Self {
+        self.exact = yes;
+        self
+    }
+
     /// `x @ W^T` with x (.., cols) in f32/bf16/f16; the result has x's dtype. When x is on
     /// the gradient tape the op records a backward pass, `grad_x = grad_y @ W`, computed from
     /// the packed weights block by block (QLoRA: no dequantized copy of W is kept), and the
-    /// forward is exact (float activations); off the tape, 4- and 8-bit products round x to
-    /// int8 per group where the CPU has the integer kernels ([`kernels::Q8Act`]), as
-    /// llama.cpp does.
+    /// forward is exact (float activations), as it is for a matrix built
+    /// [`with_exact_products`](Self::with_exact_products); otherwise 4- and 8-bit products
+    /// take two-level int8 activations where the CPU has the integer kernels
+    /// ([`kernels::Q8Act`]).
     pub fn matmul(self: &Arc<Self>, x: &Tensor) -> Result<Tensor> {
         let x = x.contiguous()?;
-        let op = op::QMatMul { q: self.clone(), transpose: false, exact: x.track_op() };
+        let op = op::QMatMul { q: self.clone(), transpose: false, exact: self.exact || x.track_op() };
         if x.track_op() {
             x.apply_op1(op)
         } else {
@@ -302,7 +314,7 @@ pub fn matmul_many(qs: &[Arc<QuantizedMatrix>], x: &Tensor) -> Result<Vec<Tensor
     let one_row = x.dims().last().is_some_and(|&k| k == x.elem_count());
     let refs: Vec<&QuantizedMatrix> = qs.iter().map(|q| &**q).collect();
     let shared = one_row || kernels::q8_gemm_applies(&refs);
-    if qs.len() < 2 || !shared || !x.device().is_cpu() || x.track_op() || qs.iter().any(|q| q.cols != qs[0].cols) {
+    if qs.len() < 2 || !shared || qs.iter().any(|q| q.exact) || !x.device().is_cpu() || x.track_op() || qs.iter().any(|q| q.cols != qs[0].cols) {
         return qs.iter().map(|q| q.matmul(x)).collect();
     }
     let y = x.contiguous()?.apply_op1_no_bwd(&op::QMatMulMany { qs: qs.to_vec() })?;

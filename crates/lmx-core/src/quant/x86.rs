@@ -45,18 +45,22 @@ pub unsafe fn dequantize_group(row: &[u32], start: usize, bits: usize, scale: f3
     }
 }
 
-/// How a run of packed codes meets its int8 activations: i32 partial sums in 8 lanes, lane
-/// `u` holding elements 8u..8u + 8 of the run (so a 64-element 4-bit run keeps its first 32
-/// elements in lanes 0-3).
+/// How a run of packed codes meets its two levels of int8 activations ([`Q8Act`]'s codes
+/// and fine codes): i32 partial sums in 8 lanes per level, lane `u` holding elements
+/// 8u..8u + 8 of the run (so a 64-element 4-bit run keeps its first 32 elements in lanes
+/// 0-3). The codes are unpacked once for both levels.
+///
+/// [`Q8Act`]: super::kernels::Q8Act
 pub(super) trait Dot {
     /// Whether [`Dot::dot8`] multiplies codes minus 128 (the caller adds 128 * sum of the
     /// activation codes back).
     const OFFSET8: bool;
     /// `acc` plus the products of 64 4-bit codes (32 bytes `w`: low nibbles the even
-    /// elements, high nibbles the odd) with their activations `xe` (even) and `xo` (odd).
-    unsafe fn dot4(acc: __m256i, w: __m256i, xe: __m256i, xo: __m256i) -> __m256i;
-    /// `acc` plus the products of 32 8-bit codes with 32 activations.
-    unsafe fn dot8(acc: __m256i, w: __m256i, x: __m256i) -> __m256i;
+    /// elements, high nibbles the odd) with each level's activations `xe` (even) and `xo`
+    /// (odd).
+    unsafe fn dot4(acc: [__m256i; 2], w: __m256i, xe: [__m256i; 2], xo: [__m256i; 2]) -> [__m256i; 2];
+    /// `acc` plus the products of 32 8-bit codes with each level's 32 activations.
+    unsafe fn dot8(acc: [__m256i; 2], w: __m256i, x: [__m256i; 2]) -> [__m256i; 2];
 }
 
 /// AVX2: unsigned-by-signed byte multiply-adds to i16 pairs, then to i32.
@@ -67,23 +71,28 @@ impl Dot for Avx2 {
 
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn dot4(acc: __m256i, w: __m256i, xe: __m256i, xo: __m256i) -> __m256i {
+    unsafe fn dot4(acc: [__m256i; 2], w: __m256i, xe: [__m256i; 2], xo: [__m256i; 2]) -> [__m256i; 2] {
         let mask = _mm256_set1_epi8(0x0F);
         let lo = _mm256_and_si256(w, mask);
         let hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), mask);
-        // Each i16 lane is at most 2 * 2 * 15 * 127 = 7620: no saturation.
-        let p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo));
-        _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)))
+        std::array::from_fn(|l| {
+            // Each i16 lane is at most 2 * 2 * 15 * 127 = 7620: no saturation.
+            let p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe[l]), _mm256_maddubs_epi16(hi, xo[l]));
+            _mm256_add_epi32(acc[l], _mm256_madd_epi16(p, _mm256_set1_epi16(1)))
+        })
     }
 
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn dot8(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+    unsafe fn dot8(acc: [__m256i; 2], w: __m256i, x: [__m256i; 2]) -> [__m256i; 2] {
         // Codes 0..=255 times int8 would saturate the i16 pairs; codes - 128 fit in an i8,
         // and |c| * sign(x, c) keeps each pair within 2 * 128 * 127 = 32512.
         let c = _mm256_xor_si256(w, _mm256_set1_epi8(-128));
-        let p = _mm256_maddubs_epi16(_mm256_abs_epi8(c), _mm256_sign_epi8(x, c));
-        _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)))
+        let a = _mm256_abs_epi8(c);
+        std::array::from_fn(|l| {
+            let p = _mm256_maddubs_epi16(a, _mm256_sign_epi8(x[l], c));
+            _mm256_add_epi32(acc[l], _mm256_madd_epi16(p, _mm256_set1_epi16(1)))
+        })
     }
 }
 
@@ -96,17 +105,17 @@ impl Dot for Vnni {
 
     #[inline]
     #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
-    unsafe fn dot4(acc: __m256i, w: __m256i, xe: __m256i, xo: __m256i) -> __m256i {
+    unsafe fn dot4(acc: [__m256i; 2], w: __m256i, xe: [__m256i; 2], xo: [__m256i; 2]) -> [__m256i; 2] {
         let mask = _mm256_set1_epi8(0x0F);
         let lo = _mm256_and_si256(w, mask);
         let hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), mask);
-        _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc, lo, xe), hi, xo)
+        [_mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc[0], lo, xe[0]), hi, xo[0]), _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc[1], lo, xe[1]), hi, xo[1])]
     }
 
     #[inline]
     #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
-    unsafe fn dot8(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(acc, w, x)
+    unsafe fn dot8(acc: [__m256i; 2], w: __m256i, x: [__m256i; 2]) -> [__m256i; 2] {
+        [_mm256_dpbusd_epi32(acc[0], w, x[0]), _mm256_dpbusd_epi32(acc[1], w, x[1])]
     }
 }
 
@@ -162,26 +171,26 @@ fn sum_lanes(h: [__m256i; 4]) -> __m256i {
     _mm256_add_epi32(_mm256_permute2x128_si256(t0, t1, 0x20), _mm256_permute2x128_si256(t0, t1, 0x31))
 }
 
-/// `acc` plus the 64-element 4-bit run starting at element `e` of packed codes `w` and
-/// activation codes `x`.
+/// `acc` plus the 64-element 4-bit run starting at element `e` of packed codes `w` and both
+/// levels of activation codes `x`.
 ///
 /// # Safety
-/// As [`Dot::dot4`]; the run lies inside both.
+/// As [`Dot::dot4`]; the run lies inside all three.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn run4<D: Dot>(acc: __m256i, w: *const u8, x: *const u8, e: usize) -> __m256i {
+unsafe fn run4<D: Dot>(acc: [__m256i; 2], w: *const u8, x: [*const u8; 2], e: usize) -> [__m256i; 2] {
     // SAFETY: forwarded from the caller.
-    unsafe { D::dot4(acc, load(w.add(e / 2)), load(x.add(e)), load(x.add(e + 32))) }
+    unsafe { D::dot4(acc, load(w.add(e / 2)), [load(x[0].add(e)), load(x[1].add(e))], [load(x[0].add(e + 32)), load(x[1].add(e + 32))]) }
 }
 
-/// The integer sum of group `g` (in 8 lanes), for 4- or 8-bit codes.
+/// The integer sums of group `g` (in 8 lanes) for both levels, for 4- or 8-bit codes.
 ///
 /// # Safety
-/// As [`Dot`]; the group lies inside both `w` and `x`.
+/// As [`Dot`]; the group lies inside `w` and both `x`.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn group<D: Dot, const BITS: usize, const GS: usize>(w: *const u8, x: *const u8, g: usize) -> __m256i {
-    let mut a = _mm256_setzero_si256();
+unsafe fn group<D: Dot, const BITS: usize, const GS: usize>(w: *const u8, x: [*const u8; 2], g: usize) -> [__m256i; 2] {
+    let mut a = [_mm256_setzero_si256(); 2];
     let start = g * GS;
     // SAFETY: forwarded from the caller.
     unsafe {
@@ -192,45 +201,48 @@ unsafe fn group<D: Dot, const BITS: usize, const GS: usize>(w: *const u8, x: *co
         } else {
             for k in 0..GS / 32 {
                 let e = start + 32 * k;
-                a = D::dot8(a, load(w.add(e)), load(x.add(e)));
+                a = D::dot8(a, load(w.add(e)), [load(x[0].add(e)), load(x[1].add(e))]);
             }
         }
     }
     a
 }
 
-/// The integer sums of groups g0..g0 + n (n <= 8) of one row's codes `w` against
-/// activation codes `x` (whose group sums are `sums`), group j in lane j.
+/// The integer sums of groups g0..g0 + n (n <= 8) of one row's codes `w` against both
+/// levels of activation codes `x` (whose group sums are `sums`), group j in lane j.
 ///
 /// # Safety
 /// As [`rows_q8`] (whose features it takes by being inlined there: compiled on its own it
 /// would call `D`'s kernels instead of inlining them): the groups lie inside `w` and `x`;
-/// `sums` is padded to 8 groups.
+/// `sums` are padded to 8 groups.
 #[inline(always)]
-unsafe fn sums8<D: Dot, const BITS: usize, const GS: usize>(w: *const u8, x: *const u8, sums: &[i32], g0: usize, n: usize) -> __m256i {
-    let zero = unsafe { _mm256_setzero_si256() };
+unsafe fn sums8<D: Dot, const BITS: usize, const GS: usize>(w: *const u8, x: [*const u8; 2], sums: [&[i32]; 2], g0: usize, n: usize) -> [__m256i; 2] {
     // SAFETY: forwarded from the caller.
     unsafe {
-        let isum = if BITS == 4 && GS == 32 {
+        let zero = _mm256_setzero_si256();
+        let isum: [__m256i; 2] = if BITS == 4 && GS == 32 {
             // A 64-element run holds groups 2k (lanes 0-3) and 2k + 1 (lanes 4-7).
-            let mut v = [zero; 4];
+            let mut v = [[zero; 2]; 4];
             for (k, vk) in v.iter_mut().enumerate().take(n / 2) {
-                *vk = run4::<D>(zero, w, x, (g0 + 2 * k) * 32);
+                *vk = run4::<D>([zero; 2], w, x, (g0 + 2 * k) * 32);
             }
-            let t = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
-            // Lanes hold groups [0, 2, 4, 6 | 1, 3, 5, 7].
-            _mm256_permutevar8x32_epi32(t, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+            std::array::from_fn(|l| {
+                let t = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0][l], v[1][l]), _mm256_hadd_epi32(v[2][l], v[3][l]));
+                // Lanes hold groups [0, 2, 4, 6 | 1, 3, 5, 7].
+                _mm256_permutevar8x32_epi32(t, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+            })
         } else {
-            let mut h = [zero; 4];
+            let mut h = [[zero; 2]; 4];
             for (p, hp) in h.iter_mut().enumerate().take(n.div_ceil(2)) {
                 let j = g0 + 2 * p;
-                let second = if 2 * p + 1 < n { group::<D, BITS, GS>(w, x, j + 1) } else { zero };
-                *hp = _mm256_hadd_epi32(group::<D, BITS, GS>(w, x, j), second);
+                let second = if 2 * p + 1 < n { group::<D, BITS, GS>(w, x, j + 1) } else { [zero; 2] };
+                let first = group::<D, BITS, GS>(w, x, j);
+                *hp = [_mm256_hadd_epi32(first[0], second[0]), _mm256_hadd_epi32(first[1], second[1])];
             }
-            sum_lanes(h)
+            std::array::from_fn(|l| sum_lanes([h[0][l], h[1][l], h[2][l], h[3][l]]))
         };
         if BITS == 8 && D::OFFSET8 {
-            _mm256_add_epi32(isum, _mm256_slli_epi32(load(sums.as_ptr().add(g0) as *const u8), 7))
+            std::array::from_fn(|l| _mm256_add_epi32(isum[l], _mm256_slli_epi32(load(sums[l].as_ptr().add(g0) as *const u8), 7)))
         } else {
             isum
         }
@@ -252,6 +264,7 @@ unsafe fn sums8<D: Dot, const BITS: usize, const GS: usize>(w: *const u8, x: *co
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows_q8<S: super::Scale, D: Dot, const BITS: usize, const GS: usize, const R: usize>(rows: &[u32], s: &[S], b: &[S], act: &super::kernels::Q8Act, out: &mut [f32]) {
     let cols = act.codes.len();
+    let x = [act.codes.as_ptr() as *const u8, act.fine.as_ptr() as *const u8];
     let groups = cols / GS;
     let row_bytes = cols * BITS / 8;
     let mut acc = [_mm256_setzero_ps(); R];
@@ -266,9 +279,8 @@ unsafe fn rows_q8<S: super::Scale, D: Dot, const BITS: usize, const GS: usize, c
             let xsums = _mm256_loadu_ps(act.xsums.as_ptr().add(g0));
             for (r, acc) in acc.iter_mut().enumerate() {
                 let w = (rows.as_ptr() as *const u8).add(r * row_bytes);
-                let coarse = _mm256_cvtepi32_ps(sums8::<D, BITS, GS>(w, act.codes.as_ptr() as *const u8, &act.code_sums, g0, n));
-                let fine = _mm256_cvtepi32_ps(sums8::<D, BITS, GS>(w, act.fine.as_ptr() as *const u8, &act.fine_sums, g0, n));
-                let isum = _mm256_fmadd_ps(fine, _mm256_set1_ps(1.0 / super::kernels::FINE), coarse);
+                let [coarse, fine] = sums8::<D, BITS, GS>(w, x, [&act.code_sums, &act.fine_sums], g0, n);
+                let isum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(fine), _mm256_set1_ps(1.0 / super::kernels::FINE), _mm256_cvtepi32_ps(coarse));
                 let at = r * groups + g0;
                 let (sc, bc) = if s.len() >= at + 8 && b.len() >= at + 8 {
                     // Lanes past the row's groups hold the next row's values: keep lanes < n.
@@ -482,6 +494,61 @@ pub(super) unsafe fn gemm_q8_vnni<const BITS: usize, const GS: usize>(w: &[u32],
         }
         for r in 0..GEMM_MR {
             _mm512_storeu_ps(out[r].as_mut_ptr(), facc[r]);
+        }
+    }
+}
+
+/// [`Q8Act::new`](super::kernels::Q8Act::new)'s two levels of int8 codes for one row of
+/// activations, 16 elements per step (rounding half to even, as the scalar version).
+///
+/// # Safety
+/// AVX-512F and AVX-512BW must be available; `x` holds whole groups of `gs` (a multiple of
+/// 32) elements; `a`'s arrays are sized for them.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) unsafe fn quantize_act(x: &[f32], gs: usize, bits: usize, a: &mut super::kernels::Q8Act) {
+    let fine_scale = super::kernels::FINE;
+    let evens_odds = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    let (lo, hi) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
+    // SAFETY (whole body): chunks of 16 inside x (groups are multiples of 32); code stores
+    // inside a.codes / a.fine (x.len() bytes each), per-group values inside their arrays.
+    unsafe {
+        for (g, xg) in x.chunks_exact(gs).enumerate() {
+            let mut m = _mm512_setzero_ps();
+            for c in xg.chunks_exact(16) {
+                m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(c.as_ptr())));
+            }
+            let dx = _mm512_reduce_max_ps(m) / 127.0;
+            let inv = if dx > 0.0 { 1.0 / dx } else { 0.0 };
+            let (vinv, vdx, vfine) = (_mm512_set1_ps(inv), _mm512_set1_ps(dx), _mm512_set1_ps(inv * fine_scale));
+            let (mut sum, mut csum, mut fsum) = (_mm512_setzero_ps(), _mm512_setzero_si512(), _mm512_setzero_si512());
+            for (k, c) in xg.chunks_exact(16).enumerate() {
+                let v = _mm512_loadu_ps(c.as_ptr());
+                let ci = _mm512_cvtps_epi32(_mm512_mul_ps(v, vinv));
+                let r = _mm512_sub_ps(v, _mm512_mul_ps(_mm512_cvtepi32_ps(ci), vdx));
+                let fi = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(r, vfine), lo), hi));
+                sum = _mm512_add_ps(sum, v);
+                csum = _mm512_add_epi32(csum, ci);
+                fsum = _mm512_add_epi32(fsum, fi);
+                let (cb, fb) = (_mm512_cvtepi32_epi8(ci), _mm512_cvtepi32_epi8(fi));
+                let e = g * gs + 16 * k;
+                if bits == 4 {
+                    // Elements e..e + 16 of their 64-element run: evens to the run's first
+                    // half, odds to its second.
+                    let (run, j) = (e / 64 * 64, e % 64);
+                    let (cb, fb) = (_mm_shuffle_epi8(cb, evens_odds), _mm_shuffle_epi8(fb, evens_odds));
+                    for (codes, v) in [(a.codes.as_mut_ptr(), cb), (a.fine.as_mut_ptr(), fb)] {
+                        _mm_storel_epi64(codes.add(run + j / 2) as *mut __m128i, v);
+                        _mm_storel_epi64(codes.add(run + 32 + j / 2) as *mut __m128i, _mm_unpackhi_epi64(v, v));
+                    }
+                } else {
+                    _mm_storeu_si128(a.codes.as_mut_ptr().add(e) as *mut __m128i, cb);
+                    _mm_storeu_si128(a.fine.as_mut_ptr().add(e) as *mut __m128i, fb);
+                }
+            }
+            a.dx[g] = dx;
+            a.xsums[g] = _mm512_reduce_add_ps(sum);
+            a.code_sums[g] = _mm512_reduce_add_epi32(csum);
+            a.fine_sums[g] = _mm512_reduce_add_epi32(fsum);
         }
     }
 }
