@@ -35,6 +35,9 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
 /// Rotary position embedding in the "rotate half" layout of Hugging Face models.
 /// `x`: (b, n_heads, seq, head_dim); `cos`, `sin`: (seq, head_dim / 2).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if !on_tape(&[x, cos, sin]) && x.device().is_cpu() && x.dtype() == cos.dtype() && x.dtype() == sin.dtype() && x.stride().last() == Some(&1) {
+        return x.apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &crate::cpu_fused::Rope);
+    }
     if !on_tape(&[x, cos, sin]) {
         let x = x.contiguous()?;
         return candle_nn::rotary_emb::rope(&x, &cos.contiguous()?, &sin.contiguous()?);
