@@ -158,13 +158,31 @@ fn silu_mul_elems<T: Elem>(gs: &CpuStorage, gl: &Layout, us: &CpuStorage, ul: &L
 pub(crate) fn exp(x: f32) -> f32 {
     // Rounded to nearest even by adding and removing 1.5 * 2^23 (round_ties_even would call
     // libm's rintf on baseline x86-64).
+    // (n + magic)'s low mantissa bits hold n as an integer, which also gives 2^n without a
+    // float-to-int conversion (Rust's saturating one does not vectorize well).
     let magic = 12_582_912.0f32;
-    let n = ((x * std::f32::consts::LOG2_E).clamp(-127.0, 128.0) + magic) - magic;
+    let shifted = (x * std::f32::consts::LOG2_E).clamp(-127.0, 128.0) + magic;
+    let n = shifted - magic;
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
     let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     // 2^n through the exponent bits (n = -127 gives 0, n = 128 infinity).
-    let scale = f32::from_bits(((n as i32 + 127).clamp(0, 255) as u32) << 23);
+    let scale = f32::from_bits(shifted.to_bits().wrapping_add(127).wrapping_sub(magic.to_bits()) << 23);
     p * scale
+}
+
+/// The sum of `x` in 16 interleaved partial sums (which vectorizes, where one running sum
+/// is a chain of dependent adds).
+#[inline]
+pub(crate) fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Rotary position embedding ("rotate half", Hugging Face's layout) for inference: x (b,
@@ -239,7 +257,7 @@ pub struct DecodeAttention {
 fn strided<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<(&'a [T], [usize; 3], usize)> {
     let st = l.stride();
     if st.len() != 4 || st[3] != 1 {
-        candle_core::bail!("decode attention: keys/values need a contiguous last dimension, got strides {st:?}");
+        candle_core::bail!("attention: keys/values need a contiguous last dimension, got strides {st:?}");
     }
     Ok((s.as_slice::<T>()?, [st[0], st[1], st[2]], l.start_offset()))
 }
@@ -269,11 +287,8 @@ fn decode_attention<T: Elem>(qs: &CpuStorage, ql: &Layout, ks: &CpuStorage, kl: 
                 *s = T::dot(&k[base..base + d], &qv) * scale;
                 max = max.max(*s);
             }
-            let mut total = 0.0;
-            for s in scores.iter_mut() {
-                *s = exp(*s - max);
-                total += *s;
-            }
+            scores.iter_mut().for_each(|s| *s = exp(*s - max));
+            let total = sum(&scores);
             acc.fill(0.0);
             for (t, p) in scores.iter().enumerate() {
                 let base = v0 + bi * vs_[0] + kv * vs_[1] + t * vs_[2];
@@ -287,6 +302,125 @@ fn decode_attention<T: Elem>(qs: &CpuStorage, ql: &Layout, ks: &CpuStorage, kl: 
         }
     });
     Ok(out)
+}
+
+/// Causal attention of several query positions (prefill) with grouped-query heads, on the
+/// decode pool: the queries are the last `q_len` of `kv_len` positions, a query at position
+/// p sees keys j <= p (and p - j < `window`). Tasks are (sequence, key/value head, block of
+/// 16 query positions): the block's query heads that share the key/value head form the rows
+/// of two small f32 GEMMs, scores = Q K^T over the keys the block can see, then
+/// softmax(scores) V. `q`: (b, n_heads, q_len, head_dim) contiguous; `k`, `v`: (b,
+/// n_kv_heads, kv_len, head_dim) with a contiguous last dimension (views of the cache).
+/// Scores, softmax and the weighted sum run in f32; the output is rounded once.
+pub struct PrefillAttention {
+    /// Multiplies the scores (1 / sqrt(head_dim)).
+    pub scale: f32,
+    /// Keys this many or more positions behind a query are not seen.
+    pub window: Option<usize>,
+}
+
+/// Query positions per task of [`PrefillAttention`].
+const QUERY_BLOCK: usize = 16;
+
+/// `dst (m, n) = lhs (m, k) @ rhs`, row-major f32 buffers, rhs given by its strides (row,
+/// column), on this thread.
+#[allow(clippy::too_many_arguments)]
+fn small_gemm(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: &[f32], rhs: &[f32], rhs_rs: isize, rhs_cs: isize) {
+    debug_assert!(dst.len() >= m * n && lhs.len() >= m * k);
+    // SAFETY: dst holds m rows of n, lhs m rows of k, and the caller's strides keep every
+    // rhs element (kk, j) = rhs[kk * rhs_rs + j * rhs_cs] inside rhs.
+    unsafe {
+        gemm::gemm(m, n, k, dst.as_mut_ptr(), 1, n as isize, false, lhs.as_ptr(), 1, k as isize, rhs.as_ptr(), rhs_cs, rhs_rs, 0.0, 1.0, false, false, false, gemm::Parallelism::None);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn prefill_attention<T: Elem>(qs: &CpuStorage, ql: &Layout, ks: &CpuStorage, kl: &Layout, vs: &CpuStorage, vl: &Layout, scale: f32, window: Option<usize>) -> Result<Vec<T>> {
+    let q = slice::<T>(qs, ql)?;
+    let (&[b, n_heads, t, d], &[_, n_kv, kv_len, _]) = (ql.dims(), kl.dims()) else {
+        candle_core::bail!("prefill attention: q {:?} / k {:?} must be 4-D", ql.dims(), kl.dims());
+    };
+    if kv_len < t || n_heads % n_kv != 0 {
+        candle_core::bail!("prefill attention: q {:?} does not fit k {:?}", ql.dims(), kl.dims());
+    }
+    let (n_rep, offset, window) = (n_heads / n_kv, kv_len - t, window.unwrap_or(usize::MAX));
+    let (k, ks_, k0) = strided::<T>(ks, kl)?;
+    let (v, vs_, v0) = strided::<T>(vs, vl)?;
+    // Keys and values as contiguous f32 (b, n_kv, kv_len, d), converted once.
+    let (mut kf, mut vf) = (vec![0f32; b * n_kv * kv_len * d], vec![0f32; b * n_kv * kv_len * d]);
+    let (kf_ptr, vf_ptr) = (SendPtr(kf.as_mut_ptr()), SendPtr(vf.as_mut_ptr()));
+    parallel_ranges(b * n_kv * kv_len, 64, |rows| {
+        for r in rows {
+            let (bi, kv, j) = (r / (n_kv * kv_len), r / kv_len % n_kv, r % kv_len);
+            for (dst, src, st, s0) in [(&kf_ptr, k, ks_, k0), (&vf_ptr, v, vs_, v0)] {
+                let base = s0 + bi * st[0] + kv * st[1] + j * st[2];
+                // SAFETY: row r of the buffer is written by this range alone.
+                let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add(r * d), d) };
+                o.iter_mut().zip(&src[base..base + d]).for_each(|(o, x)| *o = x.f32());
+            }
+        }
+    });
+    let blocks = t.div_ceil(QUERY_BLOCK);
+    let mut out = vec![T::of(0.0); b * n_heads * t * d];
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    parallel_ranges(b * n_kv * blocks, 1, |tasks| {
+        let (mut qf, mut sc, mut of) = (Vec::new(), Vec::new(), Vec::new());
+        for task in tasks {
+            let (bi, kv, blk) = (task / (n_kv * blocks), task / blocks % n_kv, task % blocks);
+            let (i0, i1) = (blk * QUERY_BLOCK, ((blk + 1) * QUERY_BLOCK).min(t));
+            // Keys some query of the block sees: from the first one's window to the last one.
+            let (first, end) = ((offset + i0 + 1).saturating_sub(window), offset + i1);
+            let n_keys = end - first;
+            let head = (bi * n_kv + kv) * kv_len;
+            let (kb, vb) = (&kf[(head + first) * d..(head + end) * d], &vf[(head + first) * d..(head + end) * d]);
+            // Rows (query head of the group, position): n_rep * (i1 - i0) of them.
+            let rows = n_rep * (i1 - i0);
+            qf.clear();
+            for rep in 0..n_rep {
+                let h = kv * n_rep + rep;
+                let base = ((bi * n_heads + h) * t + i0) * d;
+                qf.extend(q[base..base + (i1 - i0) * d].iter().map(|x| x.f32()));
+            }
+            sc.resize(rows * n_keys, 0.0);
+            small_gemm(rows, n_keys, d, &mut sc, &qf, kb, 1, d as isize);
+            for (r, srow) in sc.chunks_mut(n_keys).enumerate() {
+                let pos = offset + i0 + r % (i1 - i0);
+                // Keys first + lo .. first + hi are this query's.
+                let (lo, hi) = ((pos + 1).saturating_sub(window).max(first) - first, pos + 1 - first);
+                let mut max = f32::NEG_INFINITY;
+                for s in &mut srow[lo..hi] {
+                    *s *= scale;
+                    max = max.max(*s);
+                }
+                srow[lo..hi].iter_mut().for_each(|s| *s = exp(*s - max));
+                let inv = 1.0 / sum(&srow[lo..hi]);
+                srow[lo..hi].iter_mut().for_each(|s| *s *= inv);
+                srow[..lo].fill(0.0);
+                srow[hi..].fill(0.0);
+            }
+            of.resize(rows * d, 0.0);
+            small_gemm(rows, d, n_keys, &mut of, &sc, vb, d as isize, 1);
+            for (r, orow) in of.chunks(d).enumerate() {
+                let (h, i) = (kv * n_rep + r / (i1 - i0), i0 + r % (i1 - i0));
+                // SAFETY: (sequence bi, head h, position i) is written by this task alone.
+                let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(((bi * n_heads + h) * t + i) * d), d) };
+                o.iter_mut().zip(orow).for_each(|(o, v)| *o = T::of(*v));
+            }
+        }
+    });
+    Ok(out)
+}
+
+impl CustomOp3 for PrefillAttention {
+    fn name(&self) -> &'static str {
+        "lmx-prefill-attention"
+    }
+    fn cpu_fwd(&self, qs: &CpuStorage, ql: &Layout, ks: &CpuStorage, kl: &Layout, vs: &CpuStorage, vl: &Layout) -> Result<(CpuStorage, Shape)> {
+        if ql.dims().len() != 4 || kl.dims() != vl.dims() || !ql.is_contiguous() {
+            candle_core::bail!("prefill attention: q {:?}, k {:?}, v {:?}", ql.dims(), kl.dims(), vl.dims());
+        }
+        Ok((by_dtype!(qs.dtype(), prefill_attention(qs, ql, ks, kl, vs, vl, self.scale, self.window)), ql.shape().clone()))
+    }
 }
 
 impl CustomOp3 for DecodeAttention {

@@ -128,22 +128,56 @@ pub fn causal_mask(seq_len: usize, offset: usize, window: Option<usize>, device:
     Tensor::from_vec(mask, (seq_len, total), device)
 }
 
+/// Which keys each query sees in [`attention`].
+#[derive(Clone, Copy, Debug)]
+pub enum Mask<'a> {
+    /// Every key (one new query over the whole cache).
+    None,
+    /// Causal, as [`causal_mask`] builds it: the queries are the last q_len of kv_len
+    /// positions, and with a `window` a query ignores keys `window` or more positions behind
+    /// it. `additive` is the same mask as a (q_len, kv_len) tensor, for the general path.
+    Causal { window: Option<usize>, additive: &'a Tensor },
+    /// Any additive f32 (q_len, kv_len) mask.
+    Additive(&'a Tensor),
+}
+
+impl<'a> Mask<'a> {
+    fn additive(self) -> Option<&'a Tensor> {
+        match self {
+            Mask::None => None,
+            Mask::Causal { additive, .. } | Mask::Additive(additive) => Some(additive),
+        }
+    }
+}
+
 /// Scaled dot-product attention with grouped-query heads.
 ///
-/// `q`: (b, n_heads, q_len, head_dim); `k`, `v`: (b, n_kv_heads, kv_len, head_dim);
-/// `mask`: additive f32 (q_len, kv_len) or None. The scores and softmax are computed in f32,
+/// `q`: (b, n_heads, q_len, head_dim); `k`, `v`: (b, n_kv_heads, kv_len, head_dim); `mask`:
+/// which keys each query sees. On the CPU, off the tape and without soft-capping or sinks,
+/// fused kernels on the decode pool take one query ([`crate::cpu_fused::DecodeAttention`])
+/// or a causal block of them ([`crate::cpu_fused::PrefillAttention`]). The scores and softmax are computed in f32,
 /// as transformers' eager attention does, then cast back to the input dtype. `softcap` caps
 /// the scores at `c * tanh(s / c)` (Gemma 2) before the mask. `sinks` (n_heads): a learned
 /// logit per query head that joins every softmax as one more, value-less key (gpt-oss), so a
 /// head can attend to nothing.
 /// Query heads that share a key/value head are folded into the query-length axis, so keys
 /// and values are never copied per head.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64, softcap: Option<f64>, sinks: Option<&Tensor>) -> Result<Tensor> {
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Mask<'_>, scale: f64, softcap: Option<f64>, sinks: Option<&Tensor>) -> Result<Tensor> {
     let (b, n_heads, q_len, head_dim) = q.dims4()?;
-    if q_len == 1 && mask.is_none() && softcap.is_none() && sinks.is_none() && q.device().is_cpu() && !on_tape(&[q, k, v]) && q.dtype() == k.dtype() && k.dtype() == v.dtype() {
-        let op = crate::cpu_fused::DecodeAttention { scale: scale as f32 };
-        return q.contiguous()?.apply_op3_no_bwd(k, v, &op);
+    if softcap.is_none() && sinks.is_none() && q.device().is_cpu() && !on_tape(&[q, k, v]) && q.dtype() == k.dtype() && k.dtype() == v.dtype() {
+        match mask {
+            Mask::None if q_len == 1 => {
+                let op = crate::cpu_fused::DecodeAttention { scale: scale as f32 };
+                return q.contiguous()?.apply_op3_no_bwd(k, v, &op);
+            }
+            Mask::Causal { window, .. } => {
+                let op = crate::cpu_fused::PrefillAttention { scale: scale as f32, window };
+                return q.contiguous()?.apply_op3_no_bwd(k, v, &op);
+            }
+            _ => {}
+        }
     }
+    let mask = mask.additive();
     let n_kv_heads = k.dim(1)?;
     let n_rep = n_heads / n_kv_heads;
     let dtype = q.dtype();
@@ -238,7 +272,7 @@ mod tests {
         let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &dev)?)?;
         let v = Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &dev)?;
         let mask = causal_mask(3, 0, None, &dev)?;
-        let out = attention(q.as_tensor(), k.as_tensor(), &v, Some(&mask), 0.35, None, None)?;
+        let out = attention(q.as_tensor(), k.as_tensor(), &v, Mask::Additive(&mask), 0.35, None, None)?;
         let grads = out.sqr()?.sum_all()?.backward()?;
         for (name, t) in [("q", q.as_tensor()), ("k", k.as_tensor())] {
             let g = grads.get(t).expect("grad").abs()?.sum_all()?.to_scalar::<f32>()?;
@@ -268,9 +302,9 @@ mod tests {
         let k = Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &dev)?;
         let v = Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &dev)?;
         let mask = causal_mask(5, 0, None, &dev)?;
-        check_grad(|q| attention(q, &k, &v, Some(&mask), 0.35, None, None), &q, 1e-2)?;
-        check_grad(|k| attention(&q, k, &v, Some(&mask), 0.35, None, None), &k, 1e-2)?;
-        check_grad(|v| attention(&q, &k, v, Some(&mask), 0.35, None, None), &v, 1e-2)?;
+        check_grad(|q| attention(q, &k, &v, Mask::Additive(&mask), 0.35, None, None), &q, 1e-2)?;
+        check_grad(|k| attention(&q, k, &v, Mask::Additive(&mask), 0.35, None, None), &k, 1e-2)?;
+        check_grad(|v| attention(&q, &k, v, Mask::Additive(&mask), 0.35, None, None), &v, 1e-2)?;
         Ok(())
     }
 
@@ -282,7 +316,7 @@ mod tests {
         let k = Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &dev)?;
         let v = Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &dev)?;
         let mask = causal_mask(3, 2, None, &dev)?;
-        let got = attention(&q, &k, &v, Some(&mask), 0.3, None, None)?;
+        let got = attention(&q, &k, &v, Mask::Additive(&mask), 0.3, None, None)?;
         // Reference: repeat each kv head twice (head h uses kv head h / 2).
         let rep = |t: &Tensor| -> Result<Tensor> { Tensor::cat(&[t.narrow(1, 0, 1)?, t.narrow(1, 0, 1)?, t.narrow(1, 1, 1)?, t.narrow(1, 1, 1)?], 1) };
         let (k4, v4) = (rep(&k)?, rep(&v)?);
@@ -301,14 +335,14 @@ mod tests {
         let k = (Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &dev)? * 4.0)?;
         let v = Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &dev)?;
         let mask = causal_mask(3, 0, None, &dev)?;
-        let got = attention(&q, &k, &v, Some(&mask), 0.35, Some(5.0), None)?;
+        let got = attention(&q, &k, &v, Mask::Additive(&mask), 0.35, Some(5.0), None)?;
         let s = (q.matmul(&k.t()?)? * 0.35)?;
         let s = ((s / 5.0)?.tanh()? * 5.0)?.broadcast_add(&mask)?;
         let want = softmax_last_dim(&s)?.matmul(&v)?;
         assert!(max_abs_diff(&got, &want) < 1e-5, "{}", max_abs_diff(&got, &want));
-        let uncapped = attention(&q, &k, &v, Some(&mask), 0.35, None, None)?;
+        let uncapped = attention(&q, &k, &v, Mask::Additive(&mask), 0.35, None, None)?;
         assert!(max_abs_diff(&got, &uncapped) > 1e-3, "the cap must matter for these scores");
-        let one = attention(&q.narrow(2, 2, 1)?, &k, &v, None, 0.35, Some(5.0), None)?;
+        let one = attention(&q.narrow(2, 2, 1)?, &k, &v, Mask::None, 0.35, Some(5.0), None)?;
         assert!(max_abs_diff(&one, &want.narrow(2, 2, 1)?) < 1e-5, "single query");
         Ok(())
     }
@@ -323,7 +357,7 @@ mod tests {
         let v = Tensor::randn(0f32, 1.0, (2, 2, 3, 8), &dev)?;
         let sinks = Tensor::new(&[0.5f32, -1.0, 2.0, 0.0], &dev)?;
         let mask = causal_mask(3, 0, None, &dev)?;
-        let got = attention(&q, &k, &v, Some(&mask), 0.35, None, Some(&sinks))?;
+        let got = attention(&q, &k, &v, Mask::Additive(&mask), 0.35, None, Some(&sinks))?;
         // Reference per head: kv head h / 2, scores + mask, then [scores, sink] softmax.
         let mut heads = Vec::new();
         for h in 0..4 {
@@ -335,7 +369,7 @@ mod tests {
         }
         let want = Tensor::cat(&heads, 1)?;
         assert!(max_abs_diff(&got, &want) < 1e-5, "{}", max_abs_diff(&got, &want));
-        let plain = attention(&q, &k, &v, Some(&mask), 0.35, None, None)?;
+        let plain = attention(&q, &k, &v, Mask::Additive(&mask), 0.35, None, None)?;
         assert!(max_abs_diff(&got, &plain) > 1e-3, "the sinks must matter");
         Ok(())
     }
@@ -350,10 +384,35 @@ mod tests {
         let kbuf = Tensor::randn(0f32, 1.0, (2, 2, 32, 16), &dev)?;
         let vbuf = Tensor::randn(0f32, 1.0, (2, 2, 32, 16), &dev)?;
         let (k, v) = (kbuf.narrow(2, 0, 19)?, vbuf.narrow(2, 0, 19)?);
-        let fused = attention(&q, &k, &v, None, 0.25, None, None)?;
+        let fused = attention(&q, &k, &v, Mask::None, 0.25, None, None)?;
         let qv = Var::from_tensor(&q)?;
-        let general = attention(qv.as_tensor(), &k.contiguous()?, &v.contiguous()?, None, 0.25, None, None)?;
+        let general = attention(qv.as_tensor(), &k.contiguous()?, &v.contiguous()?, Mask::None, 0.25, None, None)?;
         assert!(max_abs_diff(&fused, &general) < 1e-5, "{}", max_abs_diff(&fused, &general));
+        Ok(())
+    }
+
+    /// The fused causal attention of several queries equals the general path: grouped heads,
+    /// queries after cached positions, keys and values read through strided cache views,
+    /// with and without a sliding window, more query positions than one block, f32 and bf16.
+    #[test]
+    fn prefill_attention_matches_general_attention() -> Result<()> {
+        let dev = Device::Cpu;
+        let (offset, l) = (7, 37);
+        let q = Tensor::randn(0f32, 1.0, (2, 6, l, 16), &dev)?;
+        let kbuf = Tensor::randn(0f32, 1.0, (2, 2, 64, 16), &dev)?;
+        let vbuf = Tensor::randn(0f32, 1.0, (2, 2, 64, 16), &dev)?;
+        for window in [None, Some(5)] {
+            for dtype in [DType::F32, DType::BF16] {
+                let (q, kbuf, vbuf) = (q.to_dtype(dtype)?, kbuf.to_dtype(dtype)?, vbuf.to_dtype(dtype)?);
+                let (k, v) = (kbuf.narrow(2, 0, offset + l)?, vbuf.narrow(2, 0, offset + l)?);
+                let mask = causal_mask(l, offset, window, &dev)?;
+                let fused = attention(&q, &k, &v, Mask::Causal { window, additive: &mask }, 0.25, None, None)?;
+                let general = attention(&q, &k.contiguous()?, &v.contiguous()?, Mask::Additive(&mask), 0.25, None, None)?;
+                let (fused, general) = (fused.to_dtype(DType::F32)?, general.to_dtype(DType::F32)?);
+                let tol = if dtype == DType::F32 { 1e-5 } else { 3e-2 };
+                assert!(max_abs_diff(&fused, &general) < tol, "{window:?} {dtype:?}: {}", max_abs_diff(&fused, &general));
+            }
+        }
         Ok(())
     }
 

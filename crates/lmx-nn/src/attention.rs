@@ -184,7 +184,11 @@ impl Attention {
             Some(ids) => (k.contiguous()?.index_select(ids, 1)?, v.contiguous()?.index_select(ids, 1)?),
             None => (k, v),
         };
-        let y = ops::attention(&q.contiguous()?, &k, &v, input.mask(self.window), self.scale, self.softcap, self.sinks.as_ref())?;
+        let mask = match input.mask(self.window) {
+            Some(additive) => ops::Mask::Causal { window: self.window, additive },
+            None => ops::Mask::None,
+        };
+        let y = ops::attention(&q.contiguous()?, &k, &v, mask, self.scale, self.softcap, self.sinks.as_ref())?;
         self.o_proj.forward(&y.transpose(1, 2)?.reshape((b, l, self.n_heads * self.head_dim))?)
     }
 }
