@@ -34,6 +34,65 @@ pub fn parallel_ranges(n: usize, min_per_thread: usize, f: impl Fn(Range<usize>)
 /// one thread.
 pub(crate) const MIN_ROWS_PER_THREAD: usize = 16;
 
+/// `x @ w^T` for several f32 rows (prefill of f32 models) on the decode pool: blocks of 64
+/// output columns split over its threads, each a single-threaded gemm (candle's matmul
+/// would run on rayon, whose workers fight the pool's spinning ones for the cores).
+/// `x`: (.., k) contiguous; `w`: (n, k) contiguous; no backward.
+pub struct F32Linear;
+
+impl CustomOp2 for F32Linear {
+    fn name(&self) -> &'static str {
+        "lmx-f32-linear"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, k) = wl.shape().dims2()?;
+        let mut dims = xl.dims().to_vec();
+        if dims.last() != Some(&k) {
+            candle_core::bail!("f32 linear: input {dims:?} does not end in {k} features");
+        }
+        let (x, w) = (contiguous::<f32>(xs, xl)?, contiguous::<f32>(ws, wl)?);
+        let m = x.len() / k;
+        let mut y = vec![0f32; m * n];
+        let y_ptr = SendPtr(y.as_mut_ptr());
+        const BLOCK: usize = 64;
+        parallel_ranges(n.div_ceil(BLOCK), 1, |blocks| {
+            for blk in blocks {
+                let (c0, nb) = (blk * BLOCK, BLOCK.min(n - blk * BLOCK));
+                // SAFETY: this block alone writes columns c0..c0 + nb of y (m, n); x is (m, k)
+                // and rows c0..c0 + nb of w (n, k) are read as the (k, nb) right operand.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        nb,
+                        k,
+                        y_ptr.get().add(c0),
+                        1,
+                        n as isize,
+                        false,
+                        x.as_ptr(),
+                        1,
+                        k as isize,
+                        w.as_ptr().add(c0 * k),
+                        k as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+        });
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+}
+
 /// `x @ w^T` for a single row of activations, as a candle op (no backward: used only when
 /// nothing is on the gradient tape). `x`: (.., k) with one row in all; `w`: (n, k), same dtype.
 pub struct MatVec;

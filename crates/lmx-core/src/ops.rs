@@ -95,6 +95,10 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
         _ if fast => x.contiguous()?.apply_op2_no_bwd(weight, &crate::cpu::MatVec)?,
         // Several bf16 rows (prefill): the AVX512-BF16 kernel where the CPU has it.
         _ if bf16_prefill(x, weight) => x.contiguous()?.apply_op2_no_bwd(weight, &crate::bf16_gemm::Bf16Linear)?,
+        // Several f32 rows: gemm on the decode pool.
+        _ if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 && weight.is_contiguous() && weight.rank() == 2 && !on_tape(&[x, weight]) => {
+            x.contiguous()?.apply_op2_no_bwd(weight, &crate::cpu::F32Linear)?
+        }
         [b, t, k] if x.is_contiguous() => {
             // One 2-D matmul over all rows is faster than a batched broadcast.
             x.reshape((b * t, *k))?.matmul(&weight.t()?)?.reshape((*b, *t, ()))?
