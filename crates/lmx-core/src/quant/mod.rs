@@ -154,6 +154,9 @@ pub struct QuantizedMatrix {
     /// Products always take float activations (set for models built for training, whose
     /// forward must be the one MLX computes; see [`QuantizedMatrix::matmul`]).
     exact: bool,
+    /// The matrix on the CUDA device of its first product there.
+    #[cfg(feature = "cuda")]
+    on_device: std::sync::OnceLock<cuda::DeviceCopy>,
 }
 
 /// Checks bits and group size against MLX's affine mode.
@@ -211,7 +214,18 @@ impl QuantizedMatrix {
             scales.extend(s);
             biases.extend(b);
         }
-        Ok(Self { rows, cols, bits, group_size, packed, scales: GroupParams::from_f32(scales, dtype)?, biases: GroupParams::from_f32(biases, dtype)?, exact: false })
+        Ok(Self {
+            rows,
+            cols,
+            bits,
+            group_size,
+            packed,
+            scales: GroupParams::from_f32(scales, dtype)?,
+            biases: GroupParams::from_f32(biases, dtype)?,
+            exact: false,
+            #[cfg(feature = "cuda")]
+            on_device: Default::default(),
+        })
     }
 
     /// Wraps checkpoint tensors (`weight` u32, `scales`, `biases`), checking their shapes.
@@ -229,7 +243,18 @@ impl QuantizedMatrix {
                 packed.dims(), scales.dims(), biases.dims()
             );
         }
-        Ok(Self { rows, cols, bits, group_size, packed: packed.flatten_all()?.to_vec1()?, scales: GroupParams::from_tensor(scales)?, biases: GroupParams::from_tensor(biases)?, exact: false })
+        Ok(Self {
+            rows,
+            cols,
+            bits,
+            group_size,
+            packed: packed.flatten_all()?.to_vec1()?,
+            scales: GroupParams::from_tensor(scales)?,
+            biases: GroupParams::from_tensor(biases)?,
+            exact: false,
+            #[cfg(feature = "cuda")]
+            on_device: Default::default(),
+        })
     }
 
     /// The checkpoint tensors: (`weight` u32, `scales`, `biases`).
@@ -296,6 +321,17 @@ impl QuantizedMatrix {
     /// take two-level int8 activations where the CPU has the integer kernels
     /// ([`kernels::Q8Act`]).
     pub fn matmul(self: &Arc<Self>, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let copy = match self.on_device.get() {
+                Some(c) => c,
+                None => {
+                    let c = cuda::DeviceCopy::new(self, x.device())?;
+                    self.on_device.get_or_init(|| c)
+                }
+            };
+            return copy.matmul(self, x);
+        }
         let x = x.contiguous()?;
         let op = op::QMatMul { q: self.clone(), transpose: false, exact: self.exact || x.track_op() };
         if x.track_op() {
@@ -372,6 +408,8 @@ fn get_bits(words: &[u32], offset: usize, bits: usize) -> u32 {
 
 #[cfg(target_arch = "aarch64")]
 mod arm;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod kernels;
 mod op;
 #[cfg(test)]

@@ -102,11 +102,6 @@ impl CustomOp1 for QMatMul {
         Ok((output(y, s.dtype()), Shape::from(dims)))
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, _s: &candle_core::CudaStorage, _l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        candle_core::bail!("the quantized matmul (MLX affine format) has no CUDA kernel yet: run this model on the CPU, or dequantize it first (`lmx convert -d`)")
-    }
-
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let op = QMatMul { q: self.q.clone(), transpose: !self.transpose, exact: true };
         Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&op)?))

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The one script to run on the GPU machine (issue 11): correctness checks, then timings,
+# everything written to $OUT/results.txt (or ./cuda-results.txt). Needs the binary built here
+# by scripts/build-cuda.sh (target/cuda/release/lmx.xz, carried with the working tree).
+# Usage there: scripts/cuda/check.sh [--quick]   (--quick: the 1B shape instead of the 8B)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+RES=${OUT:-.}/results.txt
+W=${TMPDIR:-/tmp}/lmx-cuda-check; rm -rf "$W"; mkdir -p "$W"
+xz -dc target/cuda/release/lmx.xz > "$W/lmx" && chmod +x "$W/lmx"
+LMX="$W/lmx"
+export LD_LIBRARY_PATH=/usr/local/cuda-13.0/lib64:${LD_LIBRARY_PATH:-}
+log() { echo "$@" | tee -a "$RES"; }
+log "# lmx CUDA check, $(date -u +%F), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1), lmx $(git rev-parse --short HEAD 2>/dev/null)"
+
+# 1. Correctness: perplexity of the fixture models on the CPU and the GPU (f32 equal to the
+# printed digits, bf16 within 0.1%), also quantized (4- and 8-bit, the MLX format's kernels).
+TOK='{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,"model":{"type":"WordLevel","vocab":{"<unk>":0,"a":1,"b":2,"c":3},"unk_token":"<unk>"}}'
+python3 -c "import random; random.seed(0); print(' '.join(random.choice('abc') for _ in range(400)))" > "$W/text.txt"
+for a in llama mistral qwen2 qwen3; do
+  mkdir -p "$W/$a" && cp tests/fixtures/$a/config.json tests/fixtures/$a/model.safetensors "$W/$a/" && echo "$TOK" > "$W/$a/tokenizer.json"
+done
+$LMX convert --hf-path "$W/llama" -q --q-group-size 32 --mlx-path "$W/llama-4bit" > /dev/null 2>&1
+$LMX convert --hf-path "$W/llama" -q --q-bits 8 --q-group-size 32 --mlx-path "$W/llama-8bit" > /dev/null 2>&1
+ppl() { $LMX perplexity --model "$1" --data "$W/text.txt" --sequence-length 32 --device "$2" ${3:+--dtype $3} 2>&1 | grep -E "Perplexity|rror" | tr -d '\r' | head -1; }
+for m in llama mistral qwen2 qwen3 llama-4bit llama-8bit; do
+  for dt in float32 bfloat16; do
+    log "perplexity $m $dt: cpu [$(ppl "$W/$m" cpu $dt)] cuda [$(ppl "$W/$m" cuda $dt)]"
+  done
+done
+log "generate llama-4bit cuda: $($LMX generate --model "$W/llama-4bit" --device cuda -p 'a b c' -m 8 --temp 0 2>&1 | tail -3 | tr '\n' ' ')"
+log "generate llama-4bit cpu:  $($LMX generate --model "$W/llama-4bit" --device cpu -p 'a b c' -m 8 --temp 0 2>&1 | tail -3 | tr '\n' ' ')"
+
+# 2. Speed on random weights in a real shape (Llama-3-8B; --quick: Llama-3.2-1B).
+SHAPE=8b; [ "${1:-}" = --quick ] && SHAPE=1b
+SHAPE=$SHAPE python3 scripts/cuda/make_random_llama.py "$W/llama-$SHAPE" 2>&1 | tail -1 | tee -a "$RES"
+for m in 4bit bf16; do
+  log "benchmark llama-$SHAPE-$m decode (-p 128 -g 256): $($LMX benchmark --model "$W/llama-$SHAPE-$m" --device cuda -p 128 -g 256 -n 3 2>&1 | tail -1)"
+  log "benchmark llama-$SHAPE-$m prefill (-p 4096 -g 1): $($LMX benchmark --model "$W/llama-$SHAPE-$m" --device cuda -p 4096 -g 1 -n 2 2>&1 | tail -1)"
+  log "weights llama-$SHAPE-$m: $(du -sb "$W/llama-$SHAPE-$m/model.safetensors" | cut -f1) bytes"
+done
+nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader | tee -a "$RES"
