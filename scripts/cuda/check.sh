@@ -11,7 +11,7 @@ xz -dc target/cuda/release/lmx.xz > "$W/lmx" && chmod +x "$W/lmx"
 LMX="$W/lmx"
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/lib64:${LD_LIBRARY_PATH:-}
 log() { echo "$@" | tee -a "$RES"; }
-log "# lmx CUDA check, $(date -u +%F), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1), lmx $(git rev-parse --short HEAD 2>/dev/null)"
+log "# lmx CUDA check, $(date -u +%F), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1), binary sha256 $(sha256sum "$LMX" | cut -c1-12)"
 
 # 1. Correctness: perplexity of the fixture models on the CPU and the GPU (f32 equal to the
 # printed digits, bf16 within 0.1%), also quantized (4- and 8-bit, the MLX format's kernels).
@@ -39,4 +39,5 @@ for m in 4bit bf16; do
   log "benchmark llama-$SHAPE-$m prefill (-p 4096 -g 1): $($LMX benchmark --model "$W/llama-$SHAPE-$m" --device cuda -p 4096 -g 1 -n 2 2>&1 | tail -1)"
   log "weights llama-$SHAPE-$m: $(du -sb "$W/llama-$SHAPE-$m/model.safetensors" | cut -f1) bytes"
 done
+log "$(python3 scripts/cuda/peer_transformers.py "$W/llama-$SHAPE-bf16" 2>&1 | tail -1)"
 nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader | tee -a "$RES"
