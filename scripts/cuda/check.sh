@@ -2,7 +2,8 @@
 # The one script to run on the GPU machine (issue 11): correctness checks, then timings,
 # everything written to $OUT/results.txt (or ./cuda-results.txt). Needs the binary built here
 # by scripts/build-cuda.sh (target/cuda/release/lmx.xz, carried with the working tree).
-# Usage there: scripts/cuda/check.sh [--quick]   (--quick: the 1B shape instead of the 8B)
+# Usage there: scripts/cuda/check.sh [--quick]   (--quick: the 1B shape instead of the 8B;
+# PEER=0 skips the transformers peer)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 RES=${OUT:-.}/results.txt
@@ -39,5 +40,5 @@ for m in 4bit bf16; do
   log "benchmark llama-$SHAPE-$m prefill (-p 4096 -g 1): $($LMX benchmark --model "$W/llama-$SHAPE-$m" --device cuda -p 4096 -g 1 -n 2 2>&1 | tail -1)"
   log "weights llama-$SHAPE-$m: $(du -sb "$W/llama-$SHAPE-$m/model.safetensors" | cut -f1) bytes"
 done
-log "$(python3 scripts/cuda/peer_transformers.py "$W/llama-$SHAPE-bf16" 2>&1 | tail -1)"
+[ "${PEER:-1}" = 1 ] && log "$(python3 scripts/cuda/peer_transformers.py "$W/llama-$SHAPE-bf16" 2>&1 | tail -1)"
 nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader | tee -a "$RES"

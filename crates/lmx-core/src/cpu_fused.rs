@@ -124,6 +124,14 @@ impl CustomOp2 for RmsNorm {
         }
         Ok((by_dtype!(xs.dtype(), rms_norm_rows(xs, xl, ws, wl, self.eps)), xl.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, xs: &candle_core::CudaStorage, xl: &Layout, ws: &candle_core::CudaStorage, wl: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        if xl.dims().last() != Some(&wl.shape().elem_count()) || xs.dtype() != ws.dtype() || !xl.is_contiguous() || !wl.is_contiguous() {
+            candle_core::bail!("rms_norm: x {:?} {:?} and weight {:?} {:?} disagree", xl.dims(), xs.dtype(), wl.dims(), ws.dtype());
+        }
+        Ok((crate::cuda_fused::rms_norm(xs, xl, ws, wl, self.eps)?, xl.shape().clone()))
+    }
 }
 
 /// `silu(gate) * up`, elementwise, computed in f32 with one rounding.
@@ -242,6 +250,14 @@ impl CustomOp2 for SiluMul {
             candle_core::bail!("silu_mul: gate {:?} and up {:?} disagree", gl.dims(), ul.dims());
         }
         Ok((by_dtype!(gs.dtype(), silu_mul_elems(gs, gl, us, ul)), gl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, gs: &candle_core::CudaStorage, gl: &Layout, us: &candle_core::CudaStorage, ul: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        if gl.dims() != ul.dims() || gs.dtype() != us.dtype() || !gl.is_contiguous() || !ul.is_contiguous() {
+            candle_core::bail!("silu_mul: gate {:?} and up {:?} disagree", gl.dims(), ul.dims());
+        }
+        Ok((crate::cuda_fused::silu_mul(gs, gl, us, ul)?, gl.shape().clone()))
     }
 }
 
@@ -432,6 +448,22 @@ impl CustomOp3 for DecodeAttention {
             candle_core::bail!("decode attention: q {:?}, k {:?}, v {:?}", ql.dims(), kl.dims(), vl.dims());
         }
         Ok((by_dtype!(qs.dtype(), decode_attention(qs, ql, ks, kl, vs, vl, self.scale)), ql.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        qs: &candle_core::CudaStorage,
+        ql: &Layout,
+        ks: &candle_core::CudaStorage,
+        kl: &Layout,
+        vs: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if ql.dims().len() != 4 || ql.dims()[2] != 1 || kl.dims() != vl.dims() || !ql.is_contiguous() {
+            candle_core::bail!("decode attention: q {:?}, k {:?}, v {:?}", ql.dims(), kl.dims(), vl.dims());
+        }
+        Ok((crate::cuda_fused::decode_attention(qs, ql, ks, kl, vs, vl, self.scale)?, ql.shape().clone()))
     }
 }
 

@@ -7,6 +7,8 @@
 pub mod bf16_gemm;
 pub mod cpu;
 pub mod cpu_fused;
+#[cfg(feature = "cuda")]
+mod cuda_fused;
 pub mod device;
 pub mod frozen;
 pub mod gradcheck;

@@ -7,6 +7,19 @@
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
+/// True when `x` is on a CUDA device in a dtype lmx's fused CUDA kernels take (f32, bf16).
+fn fused_cuda(x: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        x.device().is_cuda() && crate::cuda_fused::supports(x.dtype())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = x;
+        false
+    }
+}
+
 /// True when any input is recorded on the gradient tape, so the op must be differentiable.
 fn on_tape(xs: &[&Tensor]) -> bool {
     xs.iter().any(|x| x.track_op())
@@ -18,7 +31,7 @@ fn on_tape(xs: &[&Tensor]) -> bool {
 /// elsewhere candle's fused kernel is used for f32 and the composition for other dtypes.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
     if !on_tape(&[x, weight]) && x.dtype() == weight.dtype() {
-        if x.device().is_cpu() {
+        if x.device().is_cpu() || fused_cuda(x) {
             return x.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &crate::cpu_fused::RmsNorm { eps });
         }
         if x.dtype() == DType::F32 && x.is_contiguous() {
@@ -68,7 +81,7 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 
 /// `silu(gate) * up`, the gated product of SwiGLU feed-forward blocks (one fused pass on the CPU).
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if !on_tape(&[gate, up]) && gate.device().is_cpu() && gate.dtype() == up.dtype() && gate.dims() == up.dims() {
+    if !on_tape(&[gate, up]) && (gate.device().is_cpu() || fused_cuda(gate)) && gate.dtype() == up.dtype() && gate.dims() == up.dims() {
         return gate.contiguous()?.apply_op2_no_bwd(&up.contiguous()?, &crate::cpu_fused::SiluMul);
     }
     gate.silu()? * up
@@ -168,13 +181,14 @@ impl<'a> Mask<'a> {
 /// and values are never copied per head.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Mask<'_>, scale: f64, softcap: Option<f64>, sinks: Option<&Tensor>) -> Result<Tensor> {
     let (b, n_heads, q_len, head_dim) = q.dims4()?;
-    if softcap.is_none() && sinks.is_none() && q.device().is_cpu() && !on_tape(&[q, k, v]) && q.dtype() == k.dtype() && k.dtype() == v.dtype() {
+    let fused = q.device().is_cpu() || (fused_cuda(q) && q_len == 1);
+    if softcap.is_none() && sinks.is_none() && fused && !on_tape(&[q, k, v]) && q.dtype() == k.dtype() && k.dtype() == v.dtype() {
         match mask {
             Mask::None if q_len == 1 => {
                 let op = crate::cpu_fused::DecodeAttention { scale: scale as f32 };
                 return q.contiguous()?.apply_op3_no_bwd(k, v, &op);
             }
-            Mask::Causal { window, .. } => {
+            Mask::Causal { window, .. } if q.device().is_cpu() => {
                 let op = crate::cpu_fused::PrefillAttention { scale: scale as f32, window };
                 return q.contiguous()?.apply_op3_no_bwd(k, v, &op);
             }

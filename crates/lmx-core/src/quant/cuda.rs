@@ -92,9 +92,7 @@ pub(super) const MAX_QMV_ROWS: usize = 8;
 /// The kernels' PTX, compiled once per process.
 fn ptx() -> Result<&'static str> {
     static PTX: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
-    PTX.get_or_init(|| candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(SRC).map(|p| p.to_src()).map_err(|e| format!("{e:?}")))
-        .as_deref()
-        .map_err(|e| candle_core::Error::Msg(format!("compiling lmx's CUDA kernels with NVRTC failed (is libnvrtc on the library path?): {e}")))
+    crate::cuda_fused::ptx(&PTX, SRC)
 }
 
 /// The matrix on one CUDA device: packed words (rows, words) u32 and [scales | biases] per

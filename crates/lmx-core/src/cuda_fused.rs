@@ -1,0 +1,223 @@
+//! CUDA versions of the fused inference kernels of `cpu_fused` (RMS norm with Hugging Face's
+//! roundings, SiLU-gated product, single-query attention over the cache), compiled at first
+//! use by NVRTC. Each replaces a chain of candle kernels (8 launches for a bf16 norm, ~8 for
+//! decode attention): at batch 1 a decode step is bound by launches, not by bandwidth.
+//! f32 and bf16; other dtypes take the compositions in `ops`.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{CudaStorage, DType, Layout, Result};
+
+const SRC: &str = r#"
+__device__ __forceinline__ float ld(const float* p, size_t i) { return p[i]; }
+__device__ __forceinline__ float ld(const unsigned short* p, size_t i) { return __uint_as_float(((unsigned int)p[i]) << 16); }
+__device__ __forceinline__ float rnd(float v, const float*) { return v; }
+__device__ __forceinline__ float rnd(float v, const unsigned short*) {
+    unsigned int u = __float_as_uint(v);
+    return __uint_as_float(((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16) << 16);
+}
+__device__ __forceinline__ void st(float* p, size_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(unsigned short* p, size_t i, float v) { p[i] = (unsigned short)(__float_as_uint(rnd(v, p)) >> 16); }
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
+__device__ float block_sum(float v, float* red) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    int w = threadIdx.x / 32, l = threadIdx.x % 32, n = blockDim.x / 32;
+    __syncthreads();
+    if (l == 0) red[w] = v;
+    __syncthreads();
+    v = l < n ? red[l] : 0.f;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ float block_max(float v, float* red) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    int w = threadIdx.x / 32, l = threadIdx.x % 32, n = blockDim.x / 32;
+    __syncthreads();
+    if (l == 0) red[w] = v;
+    __syncthreads();
+    v = l < n ? red[l] : -__int_as_float(0x7f800000);
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// One block per row: statistics in f32, x * r rounded to T, times the weight, rounded again.
+template <typename T>
+__device__ void rms_norm(const T* x, const T* w, T* out, int d, float eps) {
+    __shared__ float red[32];
+    size_t row = blockIdx.x;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) { float v = ld(x, row * d + i); ss += v * v; }
+    float r = rsqrtf(block_sum(ss, red) / d + eps);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) st(out, row * d + i, rnd(ld(x, row * d + i) * r, out) * ld(w, i));
+}
+
+template <typename T>
+__device__ void silu_mul(const T* g, const T* u, T* out, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float gv = ld(g, i);
+    st(out, i, gv / (1.f + __expf(-gv)) * ld(u, i));
+}
+
+// One block per (sequence, query head): scores into `scratch` (kv_len floats per head), softmax,
+// then each thread owns output dimensions. k/v strides (sequence, head, position) in elements.
+template <typename T>
+__device__ void decode_attention(const T* q, const T* k, const T* v, T* out, float* scratch,
+                                 int n_heads, int n_kv, int kv_len, int d, float scale,
+                                 long long ks0, long long ks1, long long ks2,
+                                 long long vs0, long long vs1, long long vs2) {
+    __shared__ float red[32];
+    extern __shared__ float qs[];
+    int bh = blockIdx.x, bi = bh / n_heads, h = bh % n_heads, kv = h / (n_heads / n_kv);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) qs[i] = ld(q, (size_t)bh * d + i);
+    __syncthreads();
+    float* s = scratch + (size_t)bh * kv_len;
+    const T* kb = k + bi * ks0 + kv * ks1;
+    const T* vb = v + bi * vs0 + kv * vs1;
+    float mx = -__int_as_float(0x7f800000);
+    for (int t = threadIdx.x; t < kv_len; t += blockDim.x) {
+        float dot = 0.f;
+        for (int i = 0; i < d; i++) dot += qs[i] * ld(kb, t * ks2 + i);
+        s[t] = dot * scale;
+        mx = fmaxf(mx, s[t]);
+    }
+    mx = block_max(mx, red);
+    float tot = 0.f;
+    for (int t = threadIdx.x; t < kv_len; t += blockDim.x) { float e = __expf(s[t] - mx); s[t] = e; tot += e; }
+    float inv = 1.f / block_sum(tot, red);
+    __syncthreads();
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float acc = 0.f;
+        for (int t = 0; t < kv_len; t++) acc += s[t] * ld(vb, t * vs2 + i);
+        st(out, (size_t)bh * d + i, acc * inv);
+    }
+}
+
+#define INSTANTIATE(T, name) \
+extern "C" __global__ void lmx_rms_norm_##name(const T* x, const T* w, T* out, int d, float eps) { rms_norm(x, w, out, d, eps); } \
+extern "C" __global__ void lmx_silu_mul_##name(const T* g, const T* u, T* out, long long n) { silu_mul(g, u, out, n); } \
+extern "C" __global__ void lmx_decode_attention_##name(const T* q, const T* k, const T* v, T* out, float* scratch, int n_heads, int n_kv, int kv_len, int d, float scale, long long ks0, long long ks1, long long ks2, long long vs0, long long vs1, long long vs2) { decode_attention(q, k, v, out, scratch, n_heads, n_kv, kv_len, d, scale, ks0, ks1, ks2, vs0, vs1, vs2); }
+INSTANTIATE(float, f32)
+INSTANTIATE(unsigned short, bf16)
+"#;
+
+/// `src` compiled to PTX by NVRTC once per process (`cell` caches it, or the error).
+pub(crate) fn ptx(cell: &'static std::sync::OnceLock<std::result::Result<String, String>>, src: &str) -> Result<&'static str> {
+    cell.get_or_init(|| candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(src).map(|p| p.to_src()).map_err(|e| format!("{e:?}")))
+        .as_deref()
+        .map_err(|e| candle_core::Error::Msg(format!("compiling lmx's CUDA kernels with NVRTC failed (is libnvrtc on the library path?): {e}")))
+}
+
+fn fused_ptx() -> Result<&'static str> {
+    static PTX: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
+    ptx(&PTX, SRC)
+}
+
+/// The name of kernel `base` for `dtype`: `lmx_{base}_{f32|bf16}`.
+fn name(base: &str, dtype: DType) -> Result<String> {
+    let suffix = match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        other => candle_core::bail!("lmx's CUDA {base} kernel: dtype {other:?}"),
+    };
+    Ok(format!("lmx_{base}_{suffix}"))
+}
+
+/// True when the fused CUDA kernels take this dtype.
+pub fn supports(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::BF16)
+}
+
+/// Runs `launch` with typed slices of f32 or bf16 storage; returns the output storage.
+macro_rules! typed {
+    ($dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            other => candle_core::bail!("lmx's CUDA kernels: dtype {other:?}"),
+        }
+    };
+}
+
+fn out<T: DeviceRepr>(dev: &candle_core::CudaDevice, n: usize) -> Result<candle_core::cuda_backend::cudarc::driver::CudaSlice<T>> {
+    // SAFETY: every element is written by the kernel that receives it.
+    unsafe { dev.alloc::<T>(n) }
+}
+
+/// RMS norm of contiguous rows `x` with weight `w` (both `dtype`).
+pub(crate) fn rms_norm(xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: &Layout, eps: f32) -> Result<CudaStorage> {
+    let d = wl.shape().elem_count();
+    let rows = xl.shape().elem_count() / d;
+    let dev = xs.device().clone();
+    let func = dev.get_or_load_custom_func(&name("rms_norm", xs.dtype())?, "lmx_fused", fused_ptx()?)?;
+    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    typed!(xs.dtype(), T => {
+        let x = xs.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
+        let w = ws.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
+        let o = out::<T>(&dev, rows * d)?;
+        let (di, e) = (d as i32, eps);
+        let mut b = func.builder();
+        b.arg(&x).arg(&w).arg(&o).arg(&di).arg(&e);
+        // SAFETY: x holds rows * d values, w d, o rows * d.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(o, dev))
+    })
+}
+
+/// `silu(g) * u` elementwise, contiguous inputs of one dtype.
+pub(crate) fn silu_mul(gs: &CudaStorage, gl: &Layout, us: &CudaStorage, ul: &Layout) -> Result<CudaStorage> {
+    let n = gl.shape().elem_count();
+    let dev = gs.device().clone();
+    let func = dev.get_or_load_custom_func(&name("silu_mul", gs.dtype())?, "lmx_fused", fused_ptx()?)?;
+    let cfg = LaunchConfig { grid_dim: (n.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    typed!(gs.dtype(), T => {
+        let g = gs.as_cuda_slice::<T>()?.slice(gl.start_offset()..);
+        let u = us.as_cuda_slice::<T>()?.slice(ul.start_offset()..);
+        let o = out::<T>(&dev, n)?;
+        let nn = n as i64;
+        let mut b = func.builder();
+        b.arg(&g).arg(&u).arg(&o).arg(&nn);
+        // SAFETY: g, u and o hold n values.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(o, dev))
+    })
+}
+
+/// One query per (sequence, head) over the cache: `q` (b, n_heads, 1, d) contiguous, `k`/`v`
+/// (b, n_kv, kv_len, d) with a contiguous last dimension.
+pub(crate) fn decode_attention(qs: &CudaStorage, ql: &Layout, ks: &CudaStorage, kl: &Layout, vs: &CudaStorage, vl: &Layout, scale: f32) -> Result<CudaStorage> {
+    let (&[b, n_heads, _, d], &[_, n_kv, kv_len, _]) = (ql.dims(), kl.dims()) else {
+        candle_core::bail!("decode attention: q {:?} / k {:?} must be 4-D", ql.dims(), kl.dims());
+    };
+    let (kst, vst) = (kl.stride(), vl.stride());
+    if kst[3] != 1 || vst[3] != 1 {
+        candle_core::bail!("decode attention: keys/values need a contiguous last dimension");
+    }
+    let dev = qs.device().clone();
+    let func = dev.get_or_load_custom_func(&name("decode_attention", qs.dtype())?, "lmx_fused", fused_ptx()?)?;
+    let scratch = dev.alloc_zeros::<f32>(b * n_heads * kv_len)?;
+    let cfg = LaunchConfig { grid_dim: ((b * n_heads) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: (d * 4) as u32 };
+    typed!(qs.dtype(), T => {
+        let q = qs.as_cuda_slice::<T>()?.slice(ql.start_offset()..);
+        let k = ks.as_cuda_slice::<T>()?.slice(kl.start_offset()..);
+        let v = vs.as_cuda_slice::<T>()?.slice(vl.start_offset()..);
+        let o = out::<T>(&dev, b * n_heads * d)?;
+        let (nh, nk, kvl, dd) = (n_heads as i32, n_kv as i32, kv_len as i32, d as i32);
+        let (k0, k1, k2, v0, v1, v2) = (kst[0] as i64, kst[1] as i64, kst[2] as i64, vst[0] as i64, vst[1] as i64, vst[2] as i64);
+        let mut bld = func.builder();
+        bld.arg(&q).arg(&k).arg(&v).arg(&o).arg(&scratch).arg(&nh).arg(&nk).arg(&kvl).arg(&dd).arg(&scale);
+        bld.arg(&k0).arg(&k1).arg(&k2).arg(&v0).arg(&v1).arg(&v2);
+        // SAFETY: the views' strides keep every read inside k and v; q, o and scratch are
+        // sized for b * n_heads heads.
+        unsafe { bld.launch(cfg) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(o, dev))
+    })
+}
