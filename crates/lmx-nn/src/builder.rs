@@ -239,14 +239,18 @@ impl Builder {
             }
         };
         let packed = self.read(&[rows, words], "weight", packed_part)?;
-        let scales = self.place(self.read(&[rows, groups], "scales", group_part.clone())?)?;
+        let scales = self.read(&[rows, groups], "scales", group_part.clone())?;
+        let bf16_checkpoint = scales.dtype() == DType::BF16;
+        let scales = self.place(scales)?;
         let biases = self.place(self.read(&[rows, groups], "biases", group_part)?)?;
         if self.shared.weights.is_shapes_only() {
             // A shape check: shapes were checked by the reads; a tiny stand-in matrix.
             let stand_in = Tensor::zeros((1, spec.group_size), DType::F32, &Device::Cpu)?;
             return QuantizedMatrix::quantize(&stand_in, spec.bits, spec.group_size).map_err(|e| err(e.to_string()));
         }
-        QuantizedMatrix::from_tensors(&packed, &scales, &biases, spec.bits, spec.group_size).map_err(|e| err(e.to_string()))
+        let training = self.shared.training.is_some();
+        let q = QuantizedMatrix::from_tensors(&packed, &scales, &biases, spec.bits, spec.group_size).map_err(|e| err(e.to_string()))?;
+        Ok(q.with_exact_products(training).with_bf16_training(training && bf16_checkpoint))
     }
 
     /// A dense weight read as `w`: frozen bf16 weights of an f32 training model go to the bf16
@@ -281,7 +285,7 @@ impl Builder {
             Shard::Row(r) => (Some((1, r.clone())), None, Some(self.shared.group.clone())),
         };
         let weight = match self.quantization()? {
-            Some(spec) => Weight::Quantized(Arc::new(self.read_quantized(spec, out_features, in_features, &shard)?.with_exact_products(self.shared.training.is_some()))),
+            Some(spec) => Weight::Quantized(Arc::new(self.read_quantized(spec, out_features, in_features, &shard)?)),
             None => self.dense(self.get_part(&shape, "weight", weight_part)?)?,
         };
         let bias = match bias {
@@ -304,7 +308,7 @@ impl Builder {
     pub fn embedding(&self, vocab_size: usize, hidden_size: usize) -> Result<Embedding> {
         let shape = [vocab_size, hidden_size];
         let (weight, head) = match self.quantization()? {
-            Some(spec) => (Weight::Quantized(Arc::new(self.read_quantized(spec, vocab_size, hidden_size, &Shard::Replicated)?.with_exact_products(self.shared.training.is_some()))), None),
+            Some(spec) => (Weight::Quantized(Arc::new(self.read_quantized(spec, vocab_size, hidden_size, &Shard::Replicated)?)), None),
             None => {
                 // Rows are looked up in the compute dtype; a tied output projection may use the
                 // bf16 kernel.

@@ -154,6 +154,9 @@ pub struct QuantizedMatrix {
     /// Products always take float activations (set for models built for training, whose
     /// forward must be the one MLX computes; see [`QuantizedMatrix::matmul`]).
     exact: bool,
+    /// Training products in bf16 (set for training on a checkpoint whose scales are bf16;
+    /// see [`QuantizedMatrix::with_bf16_training`]).
+    bf16_training: bool,
     /// The matrix on the CUDA device of its first product there.
     #[cfg(feature = "cuda")]
     on_device: std::sync::OnceLock<cuda::DeviceCopy>,
@@ -223,6 +226,7 @@ impl QuantizedMatrix {
             scales: GroupParams::from_f32(scales, dtype)?,
             biases: GroupParams::from_f32(biases, dtype)?,
             exact: false,
+            bf16_training: false,
             #[cfg(feature = "cuda")]
             on_device: Default::default(),
         })
@@ -252,6 +256,7 @@ impl QuantizedMatrix {
             scales: GroupParams::from_tensor(scales)?,
             biases: GroupParams::from_tensor(biases)?,
             exact: false,
+            bf16_training: false,
             #[cfg(feature = "cuda")]
             on_device: Default::default(),
         })
@@ -310,6 +315,16 @@ impl QuantizedMatrix {
     /// gradient tape, as in the first layers).
     pub fn with_exact_products(mut self, yes: bool) -> Self {
         self.exact = yes;
+        self
+    }
+
+    /// In training (see [`with_exact_products`](Self::with_exact_products)), multiply as a
+    /// bf16 base does when `yes`: dequantized rows and activations rounded to bf16 at the
+    /// product, f32 sums, on CPUs with AVX512-BF16 (QLoRA as PyTorch + bitsandbytes computes
+    /// it, at twice the f32 rate). For checkpoints whose scales are bf16, which MLX runs in
+    /// bf16.
+    pub fn with_bf16_training(mut self, yes: bool) -> Self {
+        self.bf16_training = yes;
         self
     }
 

@@ -83,8 +83,28 @@ impl CustomOp1 for QMatMul {
         }
         let x = input_f32(s, l, "quantized matmul")?;
         let m = x.len() / k;
-        let y = if self.transpose {
+        let training_bf16 = self.exact && m > 1 && q.bf16_training && crate::bf16_gemm::supported();
+        let y = if self.transpose && training_bf16 {
+            // QLoRA's backward in bf16 products with f32 sums, as the forward below.
+            // W dequantized row by row straight to bf16 (no f32 copy of the whole matrix).
+            use rayon::prelude::*;
+            let mut w = vec![0u16; q.rows * q.cols];
+            w.par_chunks_mut(q.cols).enumerate().for_each_init(
+                || vec![0f32; q.cols],
+                |row, (r, out)| {
+                    q.dequantize_row(r, row);
+                    out.iter_mut().zip(row.iter()).for_each(|(o, v)| *o = bf16::from_f32(*v).to_bits());
+                },
+            );
+            crate::bf16_gemm::matmul(&x, m, &crate::bf16_gemm::Packed::from_rows(&w, q.rows, q.cols))
+        } else if self.transpose {
             kernels::qmatmul_t(q, &x, m)
+        } else if training_bf16 {
+            // Training on a quantized base with bf16 scales (QLoRA): the frozen weights multiply
+            // as a bf16 base's do (dequantized rows rounded to bf16, activations rounded to bf16
+            // at the product, f32 sums), as PyTorch + bitsandbytes compute QLoRA, at twice the
+            // f32 rate.
+            crate::bf16_gemm::matmul_rows(&x, m, q.rows, q.cols, |r, out| q.dequantize_row(r, out))
         } else if self.exact {
             kernels::qmatmul_exact(q, &x, m)
         } else if m > 1 && kernels::q8_gemm_applies(&[q]) {
