@@ -46,11 +46,14 @@ pub struct GenerateParams {
     pub ignore_eos: bool,
     /// Prompt tokens processed per forward pass (MLX LM's `prefill_step_size`).
     pub prefill_step_size: usize,
+    /// How many of the most likely tokens each response lists with their log-probabilities
+    /// (OpenAI's `top_logprobs`; 0 = none).
+    pub top_logprobs: usize,
 }
 
 impl Default for GenerateParams {
     fn default() -> Self {
-        Self { max_tokens: 100, sampler: SamplerParams::default(), eos_token_ids: Vec::new(), ignore_eos: false, prefill_step_size: 2048 }
+        Self { max_tokens: 100, sampler: SamplerParams::default(), eos_token_ids: Vec::new(), ignore_eos: false, prefill_step_size: 2048, top_logprobs: 0 }
     }
 }
 
@@ -80,6 +83,11 @@ pub struct GenerationResponse {
     pub text: String,
     /// The sampled token (the EOS token on a `Stop` finish).
     pub token: u32,
+    /// Its log-probability under the processed logits (after bias and penalties, before
+    /// temperature and filters, as MLX LM's `logprobs`).
+    pub logprob: f32,
+    /// The `top_logprobs` most likely tokens with their log-probabilities, most likely first.
+    pub top_logprobs: Vec<(u32, f32)>,
     /// Prompt tokens in this call.
     pub prompt_tokens: usize,
     /// Prompt tokens whose keys/values came from the prompt cache.
@@ -192,6 +200,7 @@ impl TokenStream<'_> {
             }
         }
         let token = self.sampler.sample(&logits);
+        let (logprob, top_logprobs) = crate::sampler::logprobs(&logits, token, self.params.top_logprobs);
         self.history.push(token);
         let is_eos = !self.params.ignore_eos && self.params.eos_token_ids.contains(&token);
         let mut text = String::new();
@@ -214,6 +223,8 @@ impl TokenStream<'_> {
         Ok(GenerationResponse {
             text,
             token,
+            logprob,
+            top_logprobs,
             prompt_tokens: self.prompt.len(),
             cached_tokens: self.stats.cached,
             prompt_tps: self.stats.prompt_tps,

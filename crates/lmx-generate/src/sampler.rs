@@ -1,7 +1,9 @@
 //! Samplers and logits processors with MLX LM's semantics (`mlx_lm/sample_utils.py`):
 //! temperature 0 is argmax; otherwise top-k, then top-p, then min-p filter the distribution
-//! and a token is drawn at the given temperature. The repetition penalty divides positive
-//! (multiplies negative) logits of recently seen tokens.
+//! and a token is drawn at the given temperature. The logits processors run first, in MLX
+//! LM's order: logit bias (added), repetition penalty (divides positive, multiplies negative
+//! logits of recently seen tokens), presence penalty (subtracted once per distinct recent
+//! token), frequency penalty (subtracted once per recent occurrence).
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -23,6 +25,16 @@ pub struct SamplerParams {
     pub repetition_penalty: Option<f32>,
     /// How many recent tokens the repetition penalty looks at.
     pub repetition_context_size: usize,
+    /// Subtracted from the logit of every distinct token among the recent ones (None or 0 = off).
+    pub presence_penalty: Option<f32>,
+    /// How many recent tokens the presence penalty looks at.
+    pub presence_context_size: usize,
+    /// Subtracted from a token's logit once per occurrence among the recent ones (None or 0 = off).
+    pub frequency_penalty: Option<f32>,
+    /// How many recent tokens the frequency penalty looks at.
+    pub frequency_context_size: usize,
+    /// Added to the logits of these tokens (OpenAI's and MLX LM's `logit_bias`).
+    pub logit_bias: Vec<(u32, f32)>,
     /// Seed for reproducible sampling; None seeds from the OS.
     pub seed: Option<u64>,
 }
@@ -42,16 +54,38 @@ impl SamplerParams {
         if !(0.0..=1.0).contains(&self.min_p) {
             return bad("min_p", self.min_p, "use a value in [0, 1]; 0 turns it off");
         }
-        match self.repetition_penalty {
-            Some(p) if !(p.is_finite() && p > 0.0) => bad("repetition_penalty", p, "use a positive value; 1 turns it off"),
-            _ => Ok(()),
+        if let Some(p) = self.repetition_penalty.filter(|p| !(p.is_finite() && *p > 0.0)) {
+            return bad("repetition_penalty", p, "use a positive value; 1 turns it off");
+        }
+        for (key, value) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if let Some(p) = value.filter(|p| !p.is_finite()) {
+                return bad(key, p, "use a finite value; 0 turns it off");
+            }
+        }
+        match self.logit_bias.iter().find(|(_, b)| b.is_nan() || *b == f32::INFINITY) {
+            Some((_, b)) => bad("logit_bias", *b, "use finite biases (or -inf to ban a token)"),
+            None => Ok(()),
         }
     }
 }
 
 impl Default for SamplerParams {
     fn default() -> Self {
-        Self { temp: 0.0, top_p: 1.0, top_k: 0, min_p: 0.0, min_tokens_to_keep: 1, repetition_penalty: None, repetition_context_size: 20, seed: None }
+        Self {
+            temp: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            min_tokens_to_keep: 1,
+            repetition_penalty: None,
+            repetition_context_size: 20,
+            presence_penalty: None,
+            presence_context_size: 20,
+            frequency_penalty: None,
+            frequency_context_size: 20,
+            logit_bias: Vec::new(),
+            seed: None,
+        }
     }
 }
 
@@ -71,14 +105,40 @@ impl Sampler {
         Self { params, rng }
     }
 
-    /// Applies the repetition penalty for `recent` tokens (the tail of prompt + generation).
+    /// Applies the logits processors for `recent` tokens (the tail of prompt + generation), in
+    /// MLX LM's order: logit bias, repetition, presence, frequency. Tokens outside the
+    /// vocabulary are ignored.
     pub fn penalize(&self, logits: &mut [f32], recent: &[u32]) {
-        let Some(penalty) = self.params.repetition_penalty.filter(|p| *p != 1.0) else { return };
-        let start = recent.len().saturating_sub(self.params.repetition_context_size);
-        let mut seen = std::collections::HashSet::new();
-        for &t in &recent[start..] {
-            if let (true, Some(l)) = (seen.insert(t), logits.get_mut(t as usize)) {
-                *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
+        let p = &self.params;
+        for &(t, bias) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += bias;
+            }
+        }
+        let tail = |n: usize| &recent[recent.len().saturating_sub(n)..];
+        let distinct = |n: usize| {
+            let mut seen = std::collections::HashSet::new();
+            tail(n).iter().copied().filter(move |t| seen.insert(*t)).collect::<Vec<u32>>()
+        };
+        if let Some(penalty) = p.repetition_penalty.filter(|p| *p != 1.0) {
+            for t in distinct(p.repetition_context_size) {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
+                }
+            }
+        }
+        if let Some(penalty) = p.presence_penalty.filter(|p| *p != 0.0) {
+            for t in distinct(p.presence_context_size) {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= penalty;
+                }
+            }
+        }
+        if let Some(penalty) = p.frequency_penalty.filter(|p| *p != 0.0) {
+            for &t in tail(p.frequency_context_size) {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= penalty;
+                }
             }
         }
     }
@@ -125,6 +185,26 @@ impl Sampler {
         }
         cand[cand.len() - 1].0
     }
+}
+
+/// The log-probability of `token` under `logits` (log-softmax), and the `top` most likely
+/// tokens with theirs, most likely first (OpenAI's `logprobs` / `top_logprobs`).
+pub fn logprobs(logits: &[f32], token: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_z = logits.iter().map(|l| f64::from(l - max).exp()).sum::<f64>().ln() as f32 + max;
+    let chosen = logits.get(token as usize).map_or(f32::NEG_INFINITY, |l| l - log_z);
+    if top == 0 {
+        return (chosen, Vec::new());
+    }
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+    for (i, &l) in logits.iter().enumerate() {
+        if best.len() < top || l > best[best.len() - 1].1 {
+            let at = best.partition_point(|(_, b)| *b >= l);
+            best.insert(at, (i as u32, l));
+            best.truncate(top);
+        }
+    }
+    (chosen, best.into_iter().map(|(i, l)| (i, l - log_z)).collect())
 }
 
 /// Index of the largest logit (the first one on ties, as MLX's argmax).
@@ -180,6 +260,46 @@ mod tests {
         assert_eq!(seen(SamplerParams { top_p: 0.8, ..params(5.0) }), vec![0, 1]);
         // min_p 0.3 keeps tokens with p >= 0.3 * 0.64.
         assert_eq!(seen(SamplerParams { min_p: 0.3, ..params(5.0) }), vec![0, 1]);
+    }
+
+    /// MLX LM's processors in its order: bias, repetition, presence (once per distinct
+    /// token), frequency (once per occurrence), each over its own window.
+    #[test]
+    fn logits_processors_follow_mlx_lm() {
+        let p = SamplerParams {
+            logit_bias: vec![(2, 1.5), (9, 7.0)],
+            repetition_penalty: Some(2.0),
+            repetition_context_size: 2,
+            presence_penalty: Some(0.5),
+            frequency_penalty: Some(0.25),
+            ..params(0.0)
+        };
+        let s = Sampler::new(p.clone());
+        let mut logits = [4.0f32, -1.0, 3.0, 0.0];
+        // Recent: 0 0 1 2 2 (repetition sees the last 2: token 2 only).
+        s.penalize(&mut logits, &[0, 0, 1, 2, 2]);
+        // token 0: presence 0.5 + frequency 2 x 0.25 -> 3.0
+        // token 1: presence 0.5 + frequency 0.25 -> -1.75
+        // token 2: bias 1.5 -> 4.5, repetition / 2 -> 2.25, presence, frequency 2x -> 1.25
+        assert_eq!(logits, [3.0, -1.75, 1.25, 0.0]);
+        assert!(p.validate().is_ok());
+        let bad = SamplerParams { logit_bias: vec![(0, f32::NAN)], ..params(0.0) };
+        assert!(bad.validate().is_err());
+        let bad = SamplerParams { frequency_penalty: Some(f32::INFINITY), ..params(0.0) };
+        assert!(bad.validate().is_err());
+    }
+
+    /// Log-probabilities against a direct log-softmax; the top tokens sorted, most likely first.
+    #[test]
+    fn logprobs_are_log_softmax_with_the_top_tokens() {
+        let logits = [1.0f32, 3.0, 2.0, f32::NEG_INFINITY, 0.5];
+        let z: f32 = logits.iter().map(|l| l.exp()).sum::<f32>().ln();
+        let (lp, top) = logprobs(&logits, 2, 3);
+        assert!((lp - (2.0 - z)).abs() < 1e-6);
+        let ids: Vec<u32> = top.iter().map(|(t, _)| *t).collect();
+        assert_eq!(ids, vec![1, 2, 0]);
+        assert!((top[0].1 - (3.0 - z)).abs() < 1e-6);
+        assert_eq!(logprobs(&logits, 3, 0), (f32::NEG_INFINITY, vec![]));
     }
 
     #[test]

@@ -40,6 +40,15 @@ pub struct Args {
     /// Penalty for tokens seen in the last 20 (1.0 = off).
     #[arg(long)]
     pub repetition_penalty: Option<f32>,
+    /// Subtracted from the logit of each distinct token among the last 20 (0 = off).
+    #[arg(long)]
+    pub presence_penalty: Option<f32>,
+    /// Subtracted from a token's logit once per occurrence among the last 20 (0 = off).
+    #[arg(long)]
+    pub frequency_penalty: Option<f32>,
+    /// Added to the logits of token ids, as JSON, e.g. '{"198": -100}'.
+    #[arg(long)]
+    pub logit_bias: Option<String>,
     /// Encode the raw prompt (with special tokens) instead of applying the chat template.
     #[arg(long)]
     pub ignore_chat_template: bool,
@@ -87,12 +96,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         messages.push(Message::new("user", prompt_text));
         tokenizer.chat_prompt(&messages, extra.as_ref())?
     };
-    let params = GenerateParams {
-        max_tokens: args.max_tokens,
-        sampler: sampler(args.temp, args.top_p, args.top_k, args.min_p, args.seed, args.repetition_penalty),
-        ignore_eos: args.ignore_eos,
-        ..Default::default()
+    let sampler = lmx::SamplerParams {
+        presence_penalty: args.presence_penalty,
+        frequency_penalty: args.frequency_penalty,
+        logit_bias: logit_bias(args.logit_bias.as_deref(), tokenizer.vocab_size())?,
+        ..sampler(args.temp, args.top_p, args.top_k, args.min_p, args.seed, args.repetition_penalty)
     };
+    let params = GenerateParams { max_tokens: args.max_tokens, sampler, ignore_eos: args.ignore_eos, ..Default::default() };
     let mut cache = PromptCache::new(&*model);
     let mut stdout = std::io::stdout().lock();
     let mut last = None;
@@ -110,4 +120,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("Peak memory: {}", gb(r.peak_memory));
     }
     Ok(())
+}
+
+/// `--logit-bias` as (token id, bias) pairs: a JSON object of id strings to numbers, every id
+/// inside the vocabulary.
+fn logit_bias(arg: Option<&str>, vocab: usize) -> anyhow::Result<Vec<(u32, f32)>> {
+    let Some(text) = arg else { return Ok(Vec::new()) };
+    let hint = "--logit-bias must be a JSON object of token ids to numbers, e.g. '{\"198\": -100}'";
+    let map: std::collections::BTreeMap<String, f32> = serde_json::from_str(text).map_err(|e| anyhow::anyhow!("{hint}: {e}"))?;
+    map.into_iter()
+        .map(|(k, v)| {
+            let id: u32 = k.parse().map_err(|_| anyhow::anyhow!("{hint}: {k:?} is not a token id"))?;
+            anyhow::ensure!((id as usize) < vocab, "--logit-bias: token id {id} is outside the vocabulary of {vocab} tokens");
+            Ok((id, v))
+        })
+        .collect()
 }

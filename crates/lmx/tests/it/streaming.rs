@@ -27,3 +27,31 @@ fn deltas_hold_back_partial_characters() {
     // Byte-level BPE splits the emoji and CJK characters over several tokens.
     assert!(held_back > 0, "expected some tokens to end mid-character");
 }
+
+/// Every response carries its token's log-probability and the most likely tokens: greedy
+/// picks the first of them; a logit bias of -inf bans a token that greedy decoding would
+/// otherwise emit, and a frequency penalty changes a repetitive continuation.
+#[test]
+fn responses_carry_logprobs_and_processors_apply() {
+    let (model, tok) = lmx::load(&default_model()).expect("load");
+    let prompt = tok.encode("one, two, three, four,", true).expect("encode");
+    let run = |sampler: lmx::SamplerParams| -> Vec<lmx::GenerationResponse> {
+        let mut cache = lmx::PromptCache::new(&*model);
+        let params = lmx::GenerateParams { max_tokens: 6, top_logprobs: 3, sampler, ..Default::default() };
+        lmx::stream_generate(&model, &tok, &prompt, &mut cache, params).map(|r| r.expect("step")).collect()
+    };
+    let plain = run(Default::default());
+    for r in &plain {
+        assert_eq!(r.top_logprobs.len(), 3);
+        assert_eq!(r.top_logprobs[0].0, r.token, "greedy takes the most likely token");
+        assert!((r.logprob - r.top_logprobs[0].1).abs() < 1e-6 && r.logprob <= 0.0);
+        assert!(r.top_logprobs.windows(2).all(|w| w[0].1 >= w[1].1), "sorted: {:?}", r.top_logprobs);
+    }
+    let first = plain[0].token;
+    let banned = run(lmx::SamplerParams { logit_bias: vec![(first, f32::NEG_INFINITY)], ..Default::default() });
+    assert_ne!(banned[0].token, first, "a banned token is never chosen");
+    assert_eq!(banned[0].token, plain[0].top_logprobs[1].0, "the runner-up takes its place");
+    let tokens = |rs: &[lmx::GenerationResponse]| rs.iter().map(|r| r.token).collect::<Vec<_>>();
+    let penalized = run(lmx::SamplerParams { frequency_penalty: Some(5.0), ..Default::default() });
+    assert_ne!(tokens(&penalized), tokens(&plain), "a strong frequency penalty changes a counting continuation");
+}
