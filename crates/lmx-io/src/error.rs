@@ -15,6 +15,9 @@ pub enum IoError {
     /// An `org/name` id that is not in the local Hugging Face cache.
     #[error("model `{id}` is not in the Hugging Face cache ({cache}); download it first, e.g. `huggingface-cli download {id}`, or use a local model folder or .gguf file")]
     NotCached { id: String, cache: PathBuf },
+    /// Downloading from the Hugging Face Hub (or `HF_ENDPOINT`) failed.
+    #[error("downloading `{id}` from {url}: {msg}")]
+    Download { id: String, url: String, msg: String },
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {

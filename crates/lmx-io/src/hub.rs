@@ -1,6 +1,10 @@
 //! The local Hugging Face cache (`HF_HUB_CACHE`, else `HF_HOME/hub`, else
-//! `~/.cache/huggingface/hub`), laid out as `models--org--name/{refs/main, snapshots/<rev>/}`,
-//! the layout `huggingface_hub` and `hf-hub` write.
+//! `~/.cache/huggingface/hub`), laid out as `models--org--name/{refs/main, snapshots/<rev>/,
+//! blobs/}`, the layout `huggingface_hub` and `hf-hub` write, and downloads into it from the
+//! Hub (or `HF_ENDPOINT`): only weights in safetensors/GGUF, configs and tokenizer files,
+//! never pickles; resumable (a `.incomplete` blob continues with an HTTP range request);
+//! `HF_TOKEN` (else the `token` file under `HF_HOME`) authenticates; `HF_HUB_OFFLINE=1`
+//! never touches the network.
 
 use std::path::{Path, PathBuf};
 
@@ -43,9 +47,292 @@ pub fn cached_snapshot(cache: &Path, repo_id: &str) -> Result<PathBuf> {
     }
 }
 
+/// Where and how to download (from the environment: [`Hub::from_env`]).
+#[derive(Debug, Clone)]
+pub struct Hub {
+    /// The Hub's base URL (`HF_ENDPOINT`, default `https://huggingface.co`).
+    pub endpoint: String,
+    /// Bearer token for private or gated repositories.
+    pub token: Option<String>,
+    /// The cache folder ([`cache_dir`]).
+    pub cache: PathBuf,
+    /// No network at all (`HF_HUB_OFFLINE` set to 1/true/yes/on).
+    pub offline: bool,
+    /// Print a progress line per file on stderr.
+    pub progress: bool,
+}
+
+impl Hub {
+    /// Settings from `HF_ENDPOINT`, `HF_TOKEN` (or `HF_HOME/token`), `HF_HUB_CACHE`/`HF_HOME`
+    /// and `HF_HUB_OFFLINE`.
+    pub fn from_env() -> Self {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let home = var("HF_HOME").map(PathBuf::from).unwrap_or_else(|| std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default().join(".cache").join("huggingface"));
+        let token = var("HF_TOKEN").or_else(|| std::fs::read_to_string(home.join("token")).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()));
+        let offline = var("HF_HUB_OFFLINE").is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"));
+        Self { endpoint: var("HF_ENDPOINT").unwrap_or_else(|| "https://huggingface.co".into()).trim_end_matches('/').to_string(), token, cache: cache_dir(), offline, progress: true }
+    }
+
+    /// The snapshot of `repo_id` at `main`: from the cache if it is there, else downloaded
+    /// (the files lmx reads; see [`wanted`]).
+    pub fn snapshot(&self, repo_id: &str) -> Result<PathBuf> {
+        // A download writes refs/main last: a snapshot without it may be partial, and is
+        // completed (files already there are kept) unless offline.
+        let complete = self.cache.join(format!("models--{}", repo_id.replace('/', "--"))).join("refs").join("main").is_file();
+        if complete || self.offline {
+            return cached_snapshot(&self.cache, repo_id);
+        }
+        self.download(repo_id, "main")
+    }
+
+    fn agent(&self) -> ureq::Agent {
+        ureq::AgentBuilder::new().timeout_connect(std::time::Duration::from_secs(30)).timeout_read(std::time::Duration::from_secs(60)).build()
+    }
+
+    fn get(&self, agent: &ureq::Agent, url: &str) -> ureq::Request {
+        self.request(agent, "GET", url)
+    }
+
+    fn request(&self, agent: &ureq::Agent, method: &str, url: &str) -> ureq::Request {
+        let req = agent.request(method, url).set("User-Agent", concat!("lmx/", env!("CARGO_PKG_VERSION")));
+        match &self.token {
+            Some(t) => req.set("Authorization", &format!("Bearer {t}")),
+            None => req,
+        }
+    }
+
+    /// Downloads the wanted files of `repo_id` at `revision` into the cache and returns the
+    /// snapshot folder. Each file goes to `blobs/<etag>.incomplete` first (continued where a
+    /// previous attempt stopped), is renamed when complete, and linked from the snapshot.
+    pub fn download(&self, repo_id: &str, revision: &str) -> Result<PathBuf> {
+        let agent = self.agent();
+        let info_url = format!("{}/api/models/{repo_id}/revision/{revision}", self.endpoint);
+        let fail = |url: &str, msg: String| IoError::Download { id: repo_id.to_string(), url: url.to_string(), msg };
+        let info: serde_json::Value = match self.get(&agent, &info_url).call() {
+            Ok(r) => r.into_string().ok().and_then(|t| serde_json::from_str(&t).ok()).ok_or_else(|| fail(&info_url, "the answer is not JSON".into()))?,
+            Err(ureq::Error::Status(404, _)) => return Err(fail(&info_url, "no such model (check the name; a private or gated one needs HF_TOKEN)".into())),
+            Err(ureq::Error::Status(code @ (401 | 403), _)) => return Err(fail(&info_url, format!("HTTP {code}: set HF_TOKEN to a token with access to this model"))),
+            Err(e) => return Err(fail(&info_url, format!("{} (check the network or HF_ENDPOINT; HF_HUB_OFFLINE=1 uses the cache only)", transport(&e)))),
+        };
+        let sha = info["sha"].as_str().filter(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric())).ok_or_else(|| fail(&info_url, "the answer has no commit sha".into()))?.to_string();
+        let files: Vec<String> = info["siblings"].as_array().map(|a| a.iter().filter_map(|f| f["rfilename"].as_str()).filter(|f| wanted(f)).map(String::from).collect()).unwrap_or_default();
+        if !files.iter().any(|f| f.ends_with(".safetensors") || f.ends_with(".gguf")) {
+            return Err(fail(&info_url, "the repository has no safetensors or GGUF weights (lmx never loads pickle files)".into()));
+        }
+        let repo = self.cache.join(format!("models--{}", repo_id.replace('/', "--")));
+        let snapshot = repo.join("snapshots").join(&sha);
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| IoError::Io { path: path.clone(), source }
+        };
+        for file in &files {
+            let link = snapshot.join(file);
+            if link.exists() {
+                continue;
+            }
+            let url = format!("{}/{repo_id}/resolve/{sha}/{file}", self.endpoint);
+            let blob = self.fetch(&agent, &url, &repo.join("blobs"), file).map_err(|msg| fail(&url, msg))?;
+            std::fs::create_dir_all(link.parent().unwrap_or(&snapshot)).map_err(io(&link))?;
+            let depth = file.matches('/').count();
+            let target = PathBuf::from("../".repeat(depth + 2)).join("blobs").join(blob.file_name().unwrap_or_default());
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&target, &link).map_err(io(&link))?;
+        }
+        let refs = repo.join("refs");
+        std::fs::create_dir_all(&refs).map_err(io(&refs))?;
+        std::fs::write(refs.join(revision), &sha).map_err(io(&refs.join(revision)))?;
+        Ok(snapshot)
+    }
+
+    /// One file into `blobs/`: the etag names the blob; a partial `.incomplete` blob resumes
+    /// with a range request. Returns the blob's path; errors as text.
+    fn fetch(&self, agent: &ureq::Agent, url: &str, blobs: &Path, file: &str) -> std::result::Result<PathBuf, String> {
+        use std::io::Write;
+        // Not following the redirect: the Hub answers a weights file with a redirect to its
+        // storage, whose headers (x-linked-etag, x-linked-size) name the blob.
+        let no_redirect = ureq::AgentBuilder::new().redirects(0).timeout_connect(std::time::Duration::from_secs(30)).build();
+        let head = match self.request(&no_redirect, "HEAD", url).call() {
+            Ok(r) => r,
+            Err(ureq::Error::Status(code, _)) => return Err(format!("HTTP {code}")),
+            Err(e) => return Err(transport(&e)),
+        };
+        let etag = head
+            .header("x-linked-etag")
+            .or_else(|| head.header("etag"))
+            .map(|e| e.trim_start_matches("W/").trim_matches('"').to_string())
+            .filter(|e| !e.is_empty() && e.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+        let total: Option<u64> = head.header("x-linked-size").or_else(|| head.header("content-length")).and_then(|v| v.parse().ok());
+        let name = etag.ok_or("the server sent no usable etag")?;
+        std::fs::create_dir_all(blobs).map_err(|e| format!("{}: {e}", blobs.display()))?;
+        let blob = blobs.join(&name);
+        if blob.exists() {
+            return Ok(blob);
+        }
+        let partial = blobs.join(format!("{name}.incomplete"));
+        let have = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+        let req = self.get(agent, url);
+        let req = if have > 0 { req.set("Range", &format!("bytes={have}-")) } else { req };
+        let resp = req.call().map_err(|e| transport(&e))?;
+        let resumed = resp.status() == 206;
+        let mut out = std::fs::OpenOptions::new().create(true).write(true).append(resumed).truncate(!resumed).open(&partial).map_err(|e| format!("{}: {e}", partial.display()))?;
+        let mut done = if resumed { have } else { 0 };
+        let mut reader = resp.into_reader();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut last_report = std::time::Instant::now();
+        loop {
+            let n = std::io::Read::read(&mut reader, &mut buf).map_err(|e| format!("interrupted after {done} bytes ({e}); run again to resume"))?;
+            if n == 0 {
+                break;
+            }
+            out.write_all(&buf[..n]).map_err(|e| format!("{}: {e}", partial.display()))?;
+            done += n as u64;
+            if self.progress && last_report.elapsed().as_millis() > 500 {
+                last_report = std::time::Instant::now();
+                match total {
+                    Some(t) => eprint!("\r{file}: {:.1} / {:.1} MB", done as f64 / 1e6, t as f64 / 1e6),
+                    None => eprint!("\r{file}: {:.1} MB", done as f64 / 1e6),
+                }
+            }
+        }
+        out.sync_all().map_err(|e| format!("{}: {e}", partial.display()))?;
+        if let Some(t) = total.filter(|t| *t != done) {
+            return Err(format!("got {done} of {t} bytes; run again to resume"));
+        }
+        if self.progress {
+            eprintln!("\r{file}: {:.1} MB", done as f64 / 1e6);
+        }
+        std::fs::rename(&partial, &blob).map_err(|e| format!("{}: {e}", blob.display()))?;
+        Ok(blob)
+    }
+}
+
+/// An HTTP error without the URL (the caller names it once).
+fn transport(e: &ureq::Error) -> String {
+    match e {
+        ureq::Error::Status(code, _) => format!("HTTP {code}"),
+        ureq::Error::Transport(t) => format!("{}{}", t.kind(), t.message().map(|m| format!(": {m}")).unwrap_or_default()),
+    }
+}
+
+/// The repository files lmx downloads: safetensors and GGUF weights, the safetensors index,
+/// configs, tokenizer and chat template files. Never pickles (`.bin`, `.pt`, `.pth`, `.pkl`)
+/// or anything else.
+pub fn wanted(file: &str) -> bool {
+    let name = file.rsplit('/').next().unwrap_or(file);
+    let safe_path = !file.starts_with('/') && !file.split('/').any(|p| p == ".." || p.is_empty());
+    safe_path
+        && (name.ends_with(".safetensors")
+            || name.ends_with(".gguf")
+            || matches!(
+                name,
+                "config.json"
+                    | "generation_config.json"
+                    | "tokenizer.json"
+                    | "tokenizer_config.json"
+                    | "special_tokens_map.json"
+                    | "model.safetensors.index.json"
+                    | "chat_template.jinja"
+                    | "chat_template.json"
+                    | "adapter_config.json"
+            ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A loopback server that answers as the Hub does (model info, HEAD with etags, ranged
+    /// GETs), cutting the first transfer of the weights in half; it records every request.
+    fn mock_hub(files: Vec<(&'static str, Vec<u8>)>) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = log.clone();
+        std::thread::spawn(move || {
+            let mut cut = true;
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
+                let mut range = None;
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                        range = v.trim().trim_end_matches('-').parse::<usize>().ok();
+                    }
+                }
+                let mut parts = line.split_whitespace();
+                let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+                seen.lock().expect("log").push(format!("{method} {path}{}", range.map(|r| format!(" from {r}")).unwrap_or_default()));
+                let reply = |stream: &mut std::net::TcpStream, status: &str, headers: String, body: &[u8]| {
+                    let _ = write!(stream, "HTTP/1.1 {status}\r\n{headers}Connection: close\r\n\r\n");
+                    let _ = stream.write_all(body);
+                };
+                if path == "/api/models/org/name/revision/main" {
+                    let siblings: Vec<String> = files.iter().map(|(n, _)| format!("{{\"rfilename\": \"{n}\"}}")).collect();
+                    let body = format!("{{\"sha\": \"abc123\", \"siblings\": [{}]}}", siblings.join(","));
+                    reply(&mut stream, "200 OK", format!("Content-Length: {}\r\n", body.len()), body.as_bytes());
+                } else if let Some((_, data)) = files.iter().find(|(n, _)| path == format!("/org/name/resolve/abc123/{n}")) {
+                    let etag = format!("ETag: \"e{:x}\"\r\n", data.len() * 7919 + data.first().copied().unwrap_or(0) as usize);
+                    if method == "HEAD" {
+                        reply(&mut stream, "200 OK", format!("{etag}Content-Length: {}\r\n", data.len()), b"");
+                    } else if let Some(from) = range {
+                        reply(&mut stream, "206 Partial Content", format!("{etag}Content-Length: {}\r\n", data.len() - from), &data[from..]);
+                    } else if cut && data.len() > 1000 {
+                        cut = false;
+                        reply(&mut stream, "200 OK", format!("{etag}Content-Length: {}\r\n", data.len()), &data[..data.len() / 2]);
+                    } else {
+                        reply(&mut stream, "200 OK", format!("{etag}Content-Length: {}\r\n", data.len()), data);
+                    }
+                } else {
+                    reply(&mut stream, "404 Not Found", "Content-Length: 0\r\n".into(), b"");
+                }
+            }
+        });
+        (url, log)
+    }
+
+    /// A download from the mock Hub: only the wanted files, the cut transfer resumes from
+    /// where it stopped, the snapshot links blobs as huggingface_hub lays them out, refs/main
+    /// names the commit; a second call is served from the cache; an unknown model and offline
+    /// mode give clear errors.
+    #[test]
+    fn downloads_resume_and_skip_pickles() {
+        let weights: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        let files = vec![("config.json", b"{}".to_vec()), ("model.safetensors", weights.clone()), ("pytorch_model.bin", vec![1; 3000]), ("tokenizer.json", b"{\"t\": 1}".to_vec())];
+        let (url, log) = mock_hub(files);
+        let cache = std::env::temp_dir().join(format!("lmx-hub-dl-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&cache);
+        let hub = Hub { endpoint: url, token: None, cache: cache.clone(), offline: false, progress: false };
+        let err = hub.snapshot("org/name").expect_err("the cut transfer fails").to_string();
+        assert!(err.contains("run again to resume"), "{err}");
+        let snap = hub.snapshot("org/name").expect("the second attempt resumes");
+        assert_eq!(std::fs::read(snap.join("model.safetensors")).expect("weights"), weights);
+        assert_eq!(std::fs::read(snap.join("config.json")).expect("config"), b"{}");
+        assert!(!snap.join("pytorch_model.bin").exists(), "pickles are never downloaded");
+        assert_eq!(std::fs::read_to_string(cache.join("models--org--name/refs/main")).expect("ref"), "abc123");
+        assert!(std::fs::symlink_metadata(snap.join("config.json")).expect("link").file_type().is_symlink());
+        let requests = log.lock().expect("log").clone();
+        assert!(requests.iter().any(|r| r == "GET /org/name/resolve/abc123/model.safetensors from 2500"), "{requests:?}");
+        assert!(!requests.iter().any(|r| r.contains("pytorch_model.bin")), "{requests:?}");
+        let before = requests.len();
+        assert_eq!(hub.snapshot("org/name").expect("cached"), snap);
+        assert_eq!(log.lock().expect("log").len(), before, "a cached model makes no request");
+        let err = hub.snapshot("org/missing").expect_err("404").to_string();
+        assert!(err.contains("no such model") && err.contains("org/missing"), "{err}");
+        let offline = Hub { offline: true, ..hub };
+        let err = offline.snapshot("org/other").expect_err("offline").to_string();
+        assert!(err.contains("not in the Hugging Face cache"), "{err}");
+        assert!(!wanted("../x.safetensors") && !wanted("model.bin") && wanted("sub/model-00001-of-00002.safetensors"));
+        let _ = std::fs::remove_dir_all(&cache);
+    }
 
     #[test]
     fn repo_ids() {

@@ -25,7 +25,8 @@ pub enum ModelSource {
 
 impl ModelSource {
     /// Interprets a `--model` argument: an existing folder or `.gguf` file, else an `org/name`
-    /// id looked up in the local Hugging Face cache.
+    /// id looked up in the local Hugging Face cache and downloaded into it when missing
+    /// ([`hub::Hub::snapshot`]).
     pub fn resolve(arg: &str) -> Result<Self> {
         let path = Path::new(arg);
         if path.is_dir() {
@@ -38,7 +39,7 @@ impl ModelSource {
             };
         }
         if hub::looks_like_repo_id(arg) {
-            return hub::cached_snapshot(&hub::cache_dir(), arg).map(ModelSource::Folder);
+            return hub::Hub::from_env().snapshot(arg).map(ModelSource::Folder);
         }
         Err(IoError::NotFound { path: path.to_path_buf(), hint: ": a model is a folder, a .gguf file or a Hugging Face id (org/name)".into() })
     }

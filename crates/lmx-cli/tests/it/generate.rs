@@ -88,8 +88,15 @@ fn hub_ids_resolve_in_the_local_cache() {
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         std::fs::copy(tiny.join(f), snap.join(f)).expect("copy");
     }
+    // Offline: a missing model is not downloaded (the download itself is tested in lmx-io
+    // against a loopback server that mimics the Hub).
     let run = |id: &str| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_lmx")).args(["generate", "--model", id, "-p", "a b", "-m", "3", "--verbose", "false"]).env("HF_HUB_CACHE", &cache).output().expect("runs")
+        std::process::Command::new(env!("CARGO_BIN_EXE_lmx"))
+            .args(["generate", "--model", id, "-p", "a b", "-m", "3", "--verbose", "false"])
+            .env("HF_HUB_CACHE", &cache)
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .expect("runs")
     };
     let out = run("org/tiny");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
