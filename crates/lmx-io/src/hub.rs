@@ -115,8 +115,17 @@ impl Hub {
             Err(e) => return Err(fail(&info_url, format!("{} (check the network or HF_ENDPOINT; HF_HUB_OFFLINE=1 uses the cache only)", transport(&e)))),
         };
         let sha = info["sha"].as_str().filter(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric())).ok_or_else(|| fail(&info_url, "the answer has no commit sha".into()))?.to_string();
-        let files: Vec<String> = info["siblings"].as_array().map(|a| a.iter().filter_map(|f| f["rfilename"].as_str()).filter(|f| wanted(f)).map(String::from).collect()).unwrap_or_default();
-        if !files.iter().any(|f| f.ends_with(".safetensors") || f.ends_with(".gguf")) {
+        let mut files: Vec<String> = info["siblings"].as_array().map(|a| a.iter().filter_map(|f| f["rfilename"].as_str()).filter(|f| wanted(f)).map(String::from).collect()).unwrap_or_default();
+        let ggufs: Vec<String> = files.iter().filter(|f| f.ends_with(".gguf")).cloned().collect();
+        if files.iter().any(|f| f.ends_with(".safetensors")) {
+            // A folder model: GGUF exports beside it are not needed.
+            files.retain(|f| !f.ends_with(".gguf"));
+        } else if ggufs.len() > 1 {
+            return Err(fail(
+                &info_url,
+                format!("the repository holds {} GGUF files ({}); download the one you want, e.g. `huggingface-cli download {repo_id} {}`, and pass its path", ggufs.len(), ggufs.join(", "), ggufs[0]),
+            ));
+        } else if ggufs.is_empty() {
             return Err(fail(&info_url, "the repository has no safetensors or GGUF weights (lmx never loads pickle files)".into()));
         }
         let repo = self.cache.join(format!("models--{}", repo_id.replace('/', "--")));
