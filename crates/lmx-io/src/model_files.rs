@@ -39,7 +39,15 @@ impl ModelSource {
             };
         }
         if hub::looks_like_repo_id(arg) {
-            return hub::Hub::from_env().snapshot(arg).map(ModelSource::Folder);
+            let snapshot = hub::Hub::from_env().snapshot(arg)?;
+            // A repository of one GGUF file (and no config.json) is that file.
+            if !snapshot.join("config.json").exists() {
+                let ggufs: Vec<PathBuf> = std::fs::read_dir(&snapshot).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "gguf")).collect();
+                if let [one] = ggufs.as_slice() {
+                    return Ok(ModelSource::Gguf(one.clone()));
+                }
+            }
+            return Ok(ModelSource::Folder(snapshot));
         }
         Err(IoError::NotFound { path: path.to_path_buf(), hint: ": a model is a folder, a .gguf file or a Hugging Face id (org/name)".into() })
     }
