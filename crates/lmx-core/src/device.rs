@@ -6,7 +6,7 @@ use candle_core::{DType, Device};
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     /// The name is not one lmx knows.
-    #[error("unknown device `{0}`: use `cpu` or `cuda` (or `cuda:N`)")]
+    #[error("unknown device `{0}`: use `auto`, `cpu` or `cuda` (or `cuda:N`)")]
     UnknownDevice(String),
     /// The device exists but this binary was built without its backend.
     #[error("device `{0}` is not available: this lmx was built without CUDA support (rebuild with `--features cuda`) or no GPU is visible")]
@@ -16,9 +16,11 @@ pub enum DeviceError {
     UnknownDtype(String),
 }
 
-/// Parses `cpu`, `cuda` or `cuda:N` into a candle device.
+/// Parses `auto`, `cpu`, `cuda` or `cuda:N` into a candle device. `auto` is the first GPU
+/// when this binary has the CUDA backend and one is visible, else the CPU.
 pub fn parse_device(name: &str) -> Result<Device, DeviceError> {
     match name {
+        "auto" => Ok(if cfg!(feature = "cuda") { Device::new_cuda(0).unwrap_or(Device::Cpu) } else { Device::Cpu }),
         "cpu" => Ok(Device::Cpu),
         _ if name == "cuda" || name.starts_with("cuda:") => {
             let ordinal = match name.strip_prefix("cuda:") {
@@ -48,6 +50,7 @@ mod tests {
     #[test]
     fn names_parse() {
         assert!(matches!(parse_device("cpu"), Ok(Device::Cpu)));
+        assert!(parse_device("auto").is_ok());
         assert!(matches!(parse_device("tpu"), Err(DeviceError::UnknownDevice(_))));
         assert_eq!(parse_dtype("bfloat16").ok(), Some(DType::BF16));
         assert!(parse_dtype("int4").is_err());

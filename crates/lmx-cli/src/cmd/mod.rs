@@ -20,11 +20,13 @@ pub const DEFAULT_HUB_ID: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
 /// Flags for choosing and loading a model.
 #[derive(ClapArgs, Debug, Clone)]
 pub struct ModelArgs {
-    /// Model folder, .gguf file, or Hugging Face id (org/name) in the local HF cache.
+    /// Model folder, .gguf file, or Hugging Face id (org/name): from the HF cache, downloaded
+    /// if missing.
     #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: String,
-    /// Device: cpu or cuda[:N].
-    #[arg(long, default_value = "cpu")]
+    /// Device: auto (the GPU when this binary has CUDA and one is visible, else the CPU),
+    /// cpu or cuda[:N].
+    #[arg(long, default_value = "auto")]
     pub device: String,
     /// Compute dtype (float32, float16, bfloat16); default: the checkpoint's.
     #[arg(long)]
