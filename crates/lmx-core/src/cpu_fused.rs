@@ -169,6 +169,8 @@ pub(crate) fn exp(x: f32) -> f32 {
     // (n + magic)'s low mantissa bits hold n as an integer, which also gives 2^n without a
     // float-to-int conversion (Rust's saturating one does not vectorize well).
     let magic = 12_582_912.0f32;
+    // Clamped first, so that the reduction stays small (-inf gives 0, not NaN).
+    let x = x.clamp(-88.0, 88.8);
     let shifted = (x * std::f32::consts::LOG2_E).clamp(-127.0, 128.0) + magic;
     let n = shifted - magic;
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
@@ -460,7 +462,9 @@ impl CustomOp3 for DecodeAttention {
         vs: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        if ql.dims().len() != 4 || ql.dims()[2] != 1 || kl.dims() != vl.dims() || !ql.is_contiguous() {
+        let (q, k) = (ql.dims(), kl.dims());
+        let fits = q.len() == 4 && k.len() == 4 && q[2] == 1 && q[0] == k[0] && q[3] == k[3] && k[1] > 0 && q[1] % k[1] == 0;
+        if !fits || kl.dims() != vl.dims() || !ql.is_contiguous() {
             candle_core::bail!("decode attention: q {:?}, k {:?}, v {:?}", ql.dims(), kl.dims(), vl.dims());
         }
         Ok((crate::cuda_fused::decode_attention(qs, ql, ks, kl, vs, vl, self.scale)?, ql.shape().clone()))
@@ -482,6 +486,8 @@ mod tests {
         }
         assert!(worst < 3e-7, "relative error {worst}");
         assert_eq!(super::exp(-200.0), 0.0);
+        assert_eq!(super::exp(f32::NEG_INFINITY), 0.0);
+        assert!(super::exp(f32::NAN).is_nan());
         assert!(super::exp(100.0).is_infinite());
     }
 

@@ -33,7 +33,7 @@ pub fn cached_snapshot(cache: &Path, repo_id: &str) -> Result<PathBuf> {
     let repo = cache.join(format!("models--{}", repo_id.replace('/', "--")));
     let not_cached = || IoError::NotCached { id: repo_id.to_string(), cache: cache.to_path_buf() };
     let snapshots = repo.join("snapshots");
-    if let Ok(rev) = std::fs::read_to_string(repo.join("refs").join("main")) {
+    if let Some(rev) = std::fs::read_to_string(repo.join("refs").join("main")).ok().filter(|r| !r.trim().is_empty()) {
         let snap = snapshots.join(rev.trim());
         if snap.is_dir() {
             return Ok(snap);
@@ -78,7 +78,8 @@ impl Hub {
     pub fn snapshot(&self, repo_id: &str) -> Result<PathBuf> {
         // A download writes refs/main last: a snapshot without it may be partial, and is
         // completed (files already there are kept) unless offline.
-        let complete = self.cache.join(format!("models--{}", repo_id.replace('/', "--"))).join("refs").join("main").is_file();
+        let refs_main = self.cache.join(format!("models--{}", repo_id.replace('/', "--"))).join("refs").join("main");
+        let complete = std::fs::read_to_string(refs_main).is_ok_and(|r| !r.trim().is_empty());
         if complete || self.offline {
             return cached_snapshot(&self.cache, repo_id);
         }
@@ -118,8 +119,29 @@ impl Hub {
         let mut files: Vec<String> = info["siblings"].as_array().map(|a| a.iter().filter_map(|f| f["rfilename"].as_str()).filter(|f| wanted(f)).map(String::from).collect()).unwrap_or_default();
         let ggufs: Vec<String> = files.iter().filter(|f| f.ends_with(".gguf")).cloned().collect();
         if files.iter().any(|f| f.ends_with(".safetensors")) {
-            // A folder model: GGUF exports beside it are not needed.
+            // A folder model: GGUF exports beside it are not needed, and of the safetensors
+            // only those the loader reads (the index's shards, else the top-level model*
+            // files; not e.g. Mistral's consolidated.safetensors copy).
             files.retain(|f| !f.ends_with(".gguf"));
+            let shards: Option<Vec<String>> = if files.iter().any(|f| f == "model.safetensors.index.json") {
+                let url = format!("{}/{repo_id}/resolve/{sha}/model.safetensors.index.json", self.endpoint);
+                let index: serde_json::Value = self
+                    .get(&agent, &url)
+                    .call()
+                    .ok()
+                    .and_then(|r| r.into_string().ok())
+                    .and_then(|t| serde_json::from_str(&t).ok())
+                    .ok_or_else(|| fail(&url, "unreadable safetensors index".into()))?;
+                index["weight_map"].as_object().map(|m| m.values().filter_map(|v| v.as_str().map(String::from)).collect())
+            } else {
+                None
+            };
+            let top_model = files.iter().any(|f| f.starts_with("model") && f.ends_with(".safetensors") && !f.contains('/'));
+            files.retain(|f| match (&shards, f.ends_with(".safetensors")) {
+                (_, false) => true,
+                (Some(s), true) => s.contains(f),
+                (None, true) => !f.contains('/') && (!top_model || f.starts_with("model")),
+            });
         } else if ggufs.len() > 1 {
             return Err(fail(
                 &info_url,
@@ -149,7 +171,10 @@ impl Hub {
         }
         let refs = repo.join("refs");
         std::fs::create_dir_all(&refs).map_err(io(&refs))?;
-        std::fs::write(refs.join(revision), &sha).map_err(io(&refs.join(revision)))?;
+        // Written last and atomically: its presence says the snapshot is complete.
+        let tmp = refs.join(format!(".{revision}.tmp"));
+        std::fs::write(&tmp, &sha).map_err(io(&tmp))?;
+        std::fs::rename(&tmp, refs.join(revision)).map_err(io(&refs.join(revision)))?;
         Ok(snapshot)
     }
 
@@ -159,11 +184,23 @@ impl Hub {
         use std::io::Write;
         // Not following the redirect: the Hub answers a weights file with a redirect to its
         // storage, whose headers (x-linked-etag, x-linked-size) name the blob.
-        let no_redirect = ureq::AgentBuilder::new().redirects(0).timeout_connect(std::time::Duration::from_secs(30)).build();
-        let head = match self.request(&no_redirect, "HEAD", url).call() {
-            Ok(r) => r,
-            Err(ureq::Error::Status(code, _)) => return Err(format!("HTTP {code}")),
-            Err(e) => return Err(transport(&e)),
+        // Relative redirects (a renamed repository) stay on the Hub and are followed.
+        let no_redirect = ureq::AgentBuilder::new().redirects(0).timeout_connect(std::time::Duration::from_secs(30)).timeout_read(std::time::Duration::from_secs(60)).build();
+        let mut at = url.to_string();
+        let mut hops = 0;
+        let head = loop {
+            let r = match self.request(&no_redirect, "HEAD", &at).call() {
+                Ok(r) => r,
+                Err(ureq::Error::Status(code, _)) => return Err(format!("HTTP {code}")),
+                Err(e) => return Err(transport(&e)),
+            };
+            match r.header("location").filter(|l| (300..400).contains(&r.status()) && l.starts_with('/') && hops < 5) {
+                Some(l) => {
+                    at = format!("{}{l}", self.endpoint);
+                    hops += 1;
+                }
+                None => break r,
+            }
         };
         let etag = head
             .header("x-linked-etag")
@@ -178,10 +215,31 @@ impl Hub {
             return Ok(blob);
         }
         let partial = blobs.join(format!("{name}.incomplete"));
-        let have = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+        let mut have = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+        match total {
+            // Complete but not renamed (interrupted at the end): finish it.
+            Some(t) if have == t => {
+                std::fs::rename(&partial, &blob).map_err(|e| format!("{}: {e}", blob.display()))?;
+                return Ok(blob);
+            }
+            // Longer than the file: not a prefix of it; start over.
+            Some(t) if have > t => {
+                let _ = std::fs::remove_file(&partial);
+                have = 0;
+            }
+            _ => {}
+        }
         let req = self.get(agent, url);
         let req = if have > 0 { req.set("Range", &format!("bytes={have}-")) } else { req };
-        let resp = req.call().map_err(|e| transport(&e))?;
+        let resp = match req.call() {
+            Ok(r) => r,
+            Err(ureq::Error::Status(416, _)) => {
+                // The server cannot continue from there: drop the partial file and start over.
+                let _ = std::fs::remove_file(&partial);
+                self.get(agent, url).call().map_err(|e| transport(&e))?
+            }
+            Err(e) => return Err(transport(&e)),
+        };
         let resumed = resp.status() == 206;
         let mut out = std::fs::OpenOptions::new().create(true).write(true).append(resumed).truncate(!resumed).open(&partial).map_err(|e| format!("{}: {e}", partial.display()))?;
         let mut done = if resumed { have } else { 0 };
@@ -228,7 +286,7 @@ fn transport(e: &ureq::Error) -> String {
 /// or anything else.
 pub fn wanted(file: &str) -> bool {
     let name = file.rsplit('/').next().unwrap_or(file);
-    let safe_path = !file.starts_with('/') && !file.split('/').any(|p| p == ".." || p.is_empty());
+    let safe_path = !file.starts_with('/') && !file.split('/').any(|p| p == ".." || p == "." || p.is_empty());
     safe_path
         && (name.ends_with(".safetensors")
             || name.ends_with(".gguf")
@@ -315,7 +373,13 @@ mod tests {
     #[test]
     fn downloads_resume_and_skip_pickles() {
         let weights: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
-        let files = vec![("config.json", b"{}".to_vec()), ("model.safetensors", weights.clone()), ("pytorch_model.bin", vec![1; 3000]), ("tokenizer.json", b"{\"t\": 1}".to_vec())];
+        let files = vec![
+            ("config.json", b"{}".to_vec()),
+            ("model.safetensors", weights.clone()),
+            ("consolidated.safetensors", vec![2; 3000]),
+            ("pytorch_model.bin", vec![1; 3000]),
+            ("tokenizer.json", b"{\"t\": 1}".to_vec()),
+        ];
         let (url, log) = mock_hub(files);
         let cache = std::env::temp_dir().join(format!("lmx-hub-dl-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&cache);
@@ -330,7 +394,7 @@ mod tests {
         assert!(std::fs::symlink_metadata(snap.join("config.json")).expect("link").file_type().is_symlink());
         let requests = log.lock().expect("log").clone();
         assert!(requests.iter().any(|r| r == "GET /org/name/resolve/abc123/model.safetensors from 2500"), "{requests:?}");
-        assert!(!requests.iter().any(|r| r.contains("pytorch_model.bin")), "{requests:?}");
+        assert!(!requests.iter().any(|r| r.contains("pytorch_model.bin") || r.contains("consolidated")), "{requests:?}");
         let before = requests.len();
         assert_eq!(hub.snapshot("org/name").expect("cached"), snap);
         assert_eq!(log.lock().expect("log").len(), before, "a cached model makes no request");
@@ -339,8 +403,30 @@ mod tests {
         let offline = Hub { offline: true, ..hub };
         let err = offline.snapshot("org/other").expect_err("offline").to_string();
         assert!(err.contains("not in the Hugging Face cache"), "{err}");
-        assert!(!wanted("../x.safetensors") && !wanted("model.bin") && wanted("sub/model-00001-of-00002.safetensors"));
+        assert!(!wanted("../x.safetensors") && !wanted("./x.safetensors") && !wanted("model.bin") && wanted("sub/model-00001-of-00002.safetensors"));
         let _ = std::fs::remove_dir_all(&cache);
+    }
+
+    /// A partial blob that is already complete is finished without a transfer; one longer
+    /// than the file (not a prefix of it) is discarded and the file fetched whole.
+    #[test]
+    fn complete_or_oversized_partial_blobs_recover() {
+        let weights: Vec<u8> = (0..900u32).map(|i| (i % 13) as u8).collect();
+        for (partial, requests_weights) in [(weights.clone(), false), (vec![9u8; 1200], true)] {
+            let (url, log) = mock_hub(vec![("config.json", b"{}".to_vec()), ("model.safetensors", weights.clone())]);
+            let cache = std::env::temp_dir().join(format!("lmx-hub-partial-{}-{}", std::process::id(), partial.len()));
+            let _ = std::fs::remove_dir_all(&cache);
+            let blobs = cache.join("models--org--name/blobs");
+            std::fs::create_dir_all(&blobs).expect("mkdir");
+            let etag = format!("e{:x}", weights.len() * 7919 + weights[0] as usize);
+            std::fs::write(blobs.join(format!("{etag}.incomplete")), &partial).expect("partial");
+            let hub = Hub { endpoint: url, token: None, cache: cache.clone(), offline: false, progress: false };
+            let snap = hub.snapshot("org/name").expect("download");
+            assert_eq!(std::fs::read(snap.join("model.safetensors")).expect("weights"), weights);
+            let got = log.lock().expect("log").iter().any(|r| r.starts_with("GET /org/name/resolve/abc123/model.safetensors"));
+            assert_eq!(got, requests_weights, "{:?}", log.lock().expect("log"));
+            let _ = std::fs::remove_dir_all(&cache);
+        }
     }
 
     #[test]
