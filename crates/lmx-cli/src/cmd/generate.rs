@@ -128,10 +128,12 @@ fn logit_bias(arg: Option<&str>, vocab: usize) -> anyhow::Result<Vec<(u32, f32)>
     let Some(text) = arg else { return Ok(Vec::new()) };
     let hint = "--logit-bias must be a JSON object of token ids to numbers, e.g. '{\"198\": -100}'";
     let map: std::collections::BTreeMap<String, f32> = serde_json::from_str(text).map_err(|e| anyhow::anyhow!("{hint}: {e}"))?;
+    let mut seen = std::collections::HashSet::new();
     map.into_iter()
         .map(|(k, v)| {
             let id: u32 = k.parse().map_err(|_| anyhow::anyhow!("{hint}: {k:?} is not a token id"))?;
             anyhow::ensure!((id as usize) < vocab, "--logit-bias: token id {id} is outside the vocabulary of {vocab} tokens");
+            anyhow::ensure!(seen.insert(id), "--logit-bias: token id {id} is given twice");
             Ok((id, v))
         })
         .collect()

@@ -37,8 +37,19 @@ pub fn default_model() -> String {
     p.to_string_lossy().to_string()
 }
 
-/// A fresh temporary folder for one test.
+/// A fresh temporary folder for one test. The first call removes the folders earlier test
+/// runs left (those of processes that no longer exist): a run leaves several GB.
 pub fn temp_dir(name: &str) -> PathBuf {
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(|| {
+        for entry in std::fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
+            let file = entry.file_name().to_string_lossy().to_string();
+            let pid = file.strip_prefix("lmx-cli-").and_then(|rest| rest.rsplit('-').next()).and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|p| p != std::process::id() && !std::path::Path::new(&format!("/proc/{p}")).exists()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    });
     let d = std::env::temp_dir().join(format!("lmx-cli-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("mkdir");
