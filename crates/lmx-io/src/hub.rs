@@ -58,7 +58,7 @@ pub struct Hub {
     pub cache: PathBuf,
     /// No network at all (`HF_HUB_OFFLINE` set to 1/true/yes/on).
     pub offline: bool,
-    /// Print a progress line per file on stderr.
+    /// Show a progress bar per file on stderr.
     pub progress: bool,
 }
 
@@ -243,9 +243,12 @@ impl Hub {
         let resumed = resp.status() == 206;
         let mut out = std::fs::OpenOptions::new().create(true).write(true).append(resumed).truncate(!resumed).open(&partial).map_err(|e| format!("{}: {e}", partial.display()))?;
         let mut done = if resumed { have } else { 0 };
+        let bar = if self.progress { indicatif::ProgressBar::new(total.unwrap_or(0)) } else { indicatif::ProgressBar::hidden() };
+        bar.set_style(indicatif::ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} [{eta}]").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+        bar.set_message(file.to_string());
+        bar.set_position(done);
         let mut reader = resp.into_reader();
         let mut buf = vec![0u8; 1 << 20];
-        let mut last_report = std::time::Instant::now();
         loop {
             let n = std::io::Read::read(&mut reader, &mut buf).map_err(|e| format!("interrupted after {done} bytes ({e}); run again to resume"))?;
             if n == 0 {
@@ -253,20 +256,12 @@ impl Hub {
             }
             out.write_all(&buf[..n]).map_err(|e| format!("{}: {e}", partial.display()))?;
             done += n as u64;
-            if self.progress && last_report.elapsed().as_millis() > 500 {
-                last_report = std::time::Instant::now();
-                match total {
-                    Some(t) => eprint!("\r{file}: {:.1} / {:.1} MB", done as f64 / 1e6, t as f64 / 1e6),
-                    None => eprint!("\r{file}: {:.1} MB", done as f64 / 1e6),
-                }
-            }
+            bar.set_position(done);
         }
+        bar.finish();
         out.sync_all().map_err(|e| format!("{}: {e}", partial.display()))?;
         if let Some(t) = total.filter(|t| *t != done) {
             return Err(format!("got {done} of {t} bytes; run again to resume"));
-        }
-        if self.progress {
-            eprintln!("\r{file}: {:.1} MB", done as f64 / 1e6);
         }
         std::fs::rename(&partial, &blob).map_err(|e| format!("{}: {e}", blob.display()))?;
         Ok(blob)
