@@ -8,6 +8,8 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape};
 use half::bf16;
 use std::ops::Range;
 
+use crate::frozen::{gemm_f32_serial, Mat};
+
 /// Runs `f` over `0..n` split into one contiguous range per thread (fewer when a range would
 /// hold less than `min_per_thread` items), on candle's persistent barrier pool: its workers
 /// spin between calls, so the many short parallel steps of one decoded token each start in
@@ -62,27 +64,8 @@ impl CustomOp2 for F32Linear {
                 // SAFETY: this block alone writes columns c0..c0 + nb of y (m, n); x is (m, k)
                 // and rows c0..c0 + nb of w (n, k) are read as the (k, nb) right operand.
                 unsafe {
-                    gemm::gemm(
-                        m,
-                        nb,
-                        k,
-                        y_ptr.get().add(c0),
-                        1,
-                        n as isize,
-                        false,
-                        x.as_ptr(),
-                        1,
-                        k as isize,
-                        w.as_ptr().add(c0 * k),
-                        k as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
+                    let (lhs, rhs) = (Mat { ptr: x.as_ptr(), rs: k as isize, cs: 1 }, Mat { ptr: w.as_ptr().add(c0 * k), rs: 1, cs: k as isize });
+                    gemm_f32_serial(m, nb, k, y_ptr.get().add(c0), n as isize, lhs, rhs);
                 }
             }
         });

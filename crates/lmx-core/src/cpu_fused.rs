@@ -345,11 +345,10 @@ const QUERY_BLOCK: usize = 16;
 #[allow(clippy::too_many_arguments)]
 fn small_gemm(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: &[f32], rhs: &[f32], rhs_rs: isize, rhs_cs: isize) {
     debug_assert!(dst.len() >= m * n && lhs.len() >= m * k);
+    let (a, b) = (crate::frozen::Mat { ptr: lhs.as_ptr(), rs: k as isize, cs: 1 }, crate::frozen::Mat { ptr: rhs.as_ptr(), rs: rhs_rs, cs: rhs_cs });
     // SAFETY: dst holds m rows of n, lhs m rows of k, and the caller's strides keep every
     // rhs element (kk, j) = rhs[kk * rhs_rs + j * rhs_cs] inside rhs.
-    unsafe {
-        gemm::gemm(m, n, k, dst.as_mut_ptr(), 1, n as isize, false, lhs.as_ptr(), 1, k as isize, rhs.as_ptr(), rhs_cs, rhs_rs, 0.0, 1.0, false, false, false, gemm::Parallelism::None);
-    }
+    unsafe { crate::frozen::gemm_f32_serial(m, n, k, dst.as_mut_ptr(), n as isize, a, b) };
 }
 
 #[allow(clippy::too_many_arguments)]

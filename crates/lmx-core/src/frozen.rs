@@ -29,6 +29,22 @@ pub(crate) unsafe fn gemm_f32(m: usize, n: usize, k: usize, dst: *mut f32, dst_r
     let threads = rayon::current_num_threads();
     let par = if threads > 1 && m * n * k > 64 * 64 * 64 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: forwarded to the caller's contract.
+    unsafe { gemm_f32_with(par, m, n, k, dst, dst_rs, accumulate, lhs, rhs) }
+}
+
+/// [`gemm_f32`] on the calling thread alone (for work already split over the decode pool).
+///
+/// # Safety
+/// As [`gemm_f32`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_f32_serial(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: isize, lhs: Mat, rhs: Mat) {
+    // SAFETY: forwarded to the caller's contract.
+    unsafe { gemm_f32_with(gemm::Parallelism::None, m, n, k, dst, dst_rs, false, lhs, rhs) }
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_f32_with(par: gemm::Parallelism, m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: isize, accumulate: bool, lhs: Mat, rhs: Mat) {
+    // SAFETY: forwarded to the caller's contract.
     unsafe {
         gemm::gemm(m, n, k, dst, 1, dst_rs, accumulate, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs, if accumulate { 1.0 } else { 0.0 }, 1.0, false, false, false, par);
     }
