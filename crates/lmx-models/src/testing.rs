@@ -77,6 +77,31 @@ fn check_architecture(model_type: &str) {
     println!("{model_type} cached decode vs full forward: {d:.3e} at {at}");
     assert!(d <= 1e-4 * scale, "{model_type}: cached decoding differs from the full forward by {d} at {at}");
 
+    // The two sequences at different positions decode as one batch: row 0 prefilled with 3
+    // tokens, row 1 with 5, each alone; then one token per row per step, each at its own
+    // position, equal to the full forward.
+    let starts = [3, 5];
+    let caches = starts
+        .iter()
+        .enumerate()
+        .map(|(r, &n)| {
+            let mut c = model.new_cache();
+            model.forward(&input_ids.narrow(0, r, 1).and_then(|t| t.narrow(1, 0, n)).expect("n"), &mut c, Logits::Last).expect("prefill");
+            c
+        })
+        .collect();
+    let mut batch = lmx_nn::KvCache::batch(caches);
+    for step in 0..seq_len - starts[1] {
+        let ids: Vec<u32> = starts.iter().enumerate().map(|(r, &s)| input_ids.get(r).and_then(|row| row.get(s + step)).and_then(|t| t.to_scalar::<u32>()).expect("id")).collect();
+        let ids = Tensor::new(ids.as_slice(), &Device::Cpu).and_then(|t| t.unsqueeze(1)).expect("ids");
+        let out = model.forward(&ids, &mut batch, Logits::Last).expect("batched decode");
+        for (r, &s) in starts.iter().enumerate() {
+            let want = got.get(r).and_then(|t| t.narrow(0, s + step, 1)).expect("row");
+            let (d, at) = max_diff(&out.get(r).expect("row"), &want);
+            assert!(d <= 1e-4 * scale, "{model_type}: batched decode row {r} step {step} differs from the full forward by {d} at {at}");
+        }
+    }
+
     let model = load(model_type, DType::BF16, None);
     let got = model.forward(&input_ids, &mut model.new_cache(), Logits::All).expect("bf16 forward");
     let (d, at) = max_diff(&got, &want);

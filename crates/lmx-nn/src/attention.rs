@@ -74,22 +74,40 @@ impl AttentionConfig {
     }
 }
 
-/// What every layer's attention needs for one forward pass: the rotary angles of its
-/// positions and the masks.
-#[derive(Debug, Clone)]
+/// What every layer's attention needs for one forward pass: the rotary angles of each row's
+/// positions, and the causal masks the layers ask for (built once per shape).
+#[derive(Debug)]
 pub struct AttentionInput {
-    /// cos and sin, each (seq_len, head_dim / 2).
-    pub cos: Tensor,
-    /// See `cos`.
-    pub sin: Tensor,
-    /// The additive mask for each sliding window in use (None: full causal), or None where
-    /// no mask is needed (one query attending to everything).
-    pub masks: Vec<(Option<usize>, Option<Tensor>)>,
+    /// (cos, sin), each (seq_len, head_dim / 2): one pair shared by every row of the batch,
+    /// or one per row (sequences at different positions).
+    rows: Vec<(Tensor, Tensor)>,
+    /// Additive masks by (queries, keys, window).
+    masks: std::sync::Mutex<Vec<((usize, usize, Option<usize>), Tensor)>>,
 }
 
 impl AttentionInput {
-    fn mask(&self, window: Option<usize>) -> Option<&Tensor> {
-        self.masks.iter().find(|(w, _)| *w == window).and_then(|(_, m)| m.as_ref())
+    /// Angles for each row (`rows.len()` is 1 or the batch size).
+    pub fn new(rows: Vec<(Tensor, Tensor)>) -> Self {
+        Self { rows, masks: Default::default() }
+    }
+
+    fn cos_sin(&self, row: usize) -> Result<&(Tensor, Tensor)> {
+        match self.rows.get(row).or(self.rows.first()) {
+            Some(cs) => Ok(cs),
+            None => lmx_core::bail!("attention input without rotary angles"),
+        }
+    }
+
+    /// The causal mask of `q_len` queries that are the last of `kv_len` keys, within `window`.
+    fn mask(&self, q_len: usize, kv_len: usize, window: Option<usize>, device: &lmx_core::Device) -> Result<Tensor> {
+        let key = (q_len, kv_len, window);
+        let mut masks = self.masks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, m)) = masks.iter().find(|(k, _)| *k == key) {
+            return Ok(m.clone());
+        }
+        let m = ops::causal_mask(q_len, kv_len - q_len, window, device)?;
+        masks.push((key, m.clone()));
+        Ok(m)
     }
 }
 
@@ -163,7 +181,8 @@ impl Attention {
         self.window
     }
 
-    /// (b, l, hidden) -> (b, l, hidden), appending this layer's keys and values to `cache`.
+    /// (b, l, hidden) -> (b, l, hidden), appending this layer's keys and values to `cache`
+    /// (a cache of several rows: row i takes batch row i, at its own position).
     pub fn forward(&self, x: &Tensor, input: &AttentionInput, cache: &mut KvCache, layer_idx: usize) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let [q, k, v] = Linear::forward_shared([&self.q_proj, &self.k_proj, &self.v_proj], x)?;
@@ -176,34 +195,55 @@ impl Attention {
             // (b, heads, l, head_dim)
             t.transpose(1, 2)
         };
-        let q = ops::rope(&heads(q, &self.q_norm, self.n_heads)?, &input.cos, &input.sin)?;
-        let k = ops::rope(&heads(k, &self.k_norm, self.n_kv_heads)?, &input.cos, &input.sin)?;
+        let q = heads(q, &self.q_norm, self.n_heads)?;
+        let k = heads(k, &self.k_norm, self.n_kv_heads)?;
         let v = heads(v, &None, self.n_kv_heads)?;
-        let (k, v) = cache.append(layer_idx, &k, &v)?;
+        let y = if cache.rows() > 1 {
+            if cache.rows() != b {
+                lmx_core::bail!("a batch of {b} sequences with a cache for {}", cache.rows());
+            }
+            let rows = (0..b).map(|i| self.attend(&q.narrow(0, i, 1)?, &k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?, input, cache, i, layer_idx)).collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&rows, 0)?
+        } else {
+            self.attend(&q, &k, &v, input, cache, 0, layer_idx)?
+        };
+        self.o_proj.forward(&y.transpose(1, 2)?.reshape((b, l, self.n_heads * self.head_dim))?)
+    }
+
+    /// Rotates, caches and attends one row (or every row at one position): q (b, heads, l, d),
+    /// k and v (b, kv_heads, l, d) -> (b, heads, l, d).
+    #[allow(clippy::too_many_arguments)]
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, input: &AttentionInput, cache: &mut KvCache, row: usize, layer_idx: usize) -> Result<Tensor> {
+        let l = q.dim(2)?;
+        let (cos, sin) = input.cos_sin(row)?;
+        let q = ops::rope(q, cos, sin)?;
+        let k = ops::rope(k, cos, sin)?;
+        let (k, v) = cache.append(row, layer_idx, &k, v)?;
         let (k, v) = match &self.kv_of_head {
             Some(ids) => (k.contiguous()?.index_select(ids, 1)?, v.contiguous()?.index_select(ids, 1)?),
             None => (k, v),
         };
-        let mask = match input.mask(self.window) {
-            Some(additive) => ops::Mask::Causal { window: self.window, additive },
-            None => ops::Mask::None,
+        let kv_len = k.dim(2)?;
+        let rotating = cache.row_window(row);
+        // A prompt chunk is causal (within the layer's window, else a rotating cache's size, as
+        // MLX LM's `make_mask`); one query sees every cached key unless the layer's window is
+        // shorter than the cache.
+        let window = self.window.or(rotating);
+        let additive;
+        let mask = if l > 1 {
+            additive = input.mask(l, kv_len, window, q.device())?;
+            ops::Mask::Causal { window, additive: &additive }
+        } else if let Some(w) = self.window.filter(|w| kv_len > *w) {
+            if rotating.is_some() {
+                lmx_core::bail!("a rotating cache (max_kv_size {}) longer than the layer's sliding window ({w}) is not supported; use a max_kv_size of at most {w}", rotating.unwrap_or(0));
+            }
+            additive = input.mask(1, kv_len, Some(w), q.device())?;
+            ops::Mask::Causal { window: Some(w), additive: &additive }
+        } else {
+            ops::Mask::None
         };
-        let y = ops::attention(&q.contiguous()?, &k, &v, mask, self.scale, self.softcap, self.sinks.as_ref())?;
-        self.o_proj.forward(&y.transpose(1, 2)?.reshape((b, l, self.n_heads * self.head_dim))?)
+        ops::attention(&q.contiguous()?, &k, &v, mask, self.scale, self.softcap, self.sinks.as_ref())
     }
-}
-
-/// The masks one forward pass needs for `windows` (None: plain causal): (l, offset + l) each,
-/// or None where a single query may see every cached key.
-pub fn masks(windows: &[Option<usize>], l: usize, offset: usize, device: &lmx_core::Device) -> Result<Vec<(Option<usize>, Option<Tensor>)>> {
-    windows
-        .iter()
-        .map(|&w| {
-            let window = w.filter(|w| offset + l > *w);
-            let needed = l > 1 || window.is_some();
-            Ok((w, if needed { Some(ops::causal_mask(l, offset, window, device)?) } else { None }))
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -244,7 +284,7 @@ mod tests {
         }
         let cfg = AttentionConfig { qkv_bias: true, o_bias: true, qk_norm_eps: Some(1e-6), sliding_window: Some(3), softcap: Some(2.0), sinks: true, ..AttentionConfig::new(h, n_heads, n_kv, hd) };
         let (cos, sin) = Rope::new(10_000.0, hd, None, DType::F32, &dev).map_err(|e| lmx_core::Error::Msg(e.to_string()))?.cos_sin(0, l)?;
-        let input = AttentionInput { cos, sin, masks: masks(&[Some(3)], l, 0, &dev)? };
+        let input = AttentionInput::new(vec![(cos, sin)]);
         let x = Tensor::randn(0f32, 1.0, (2, l, h), &dev)?;
         let run = |group: Option<Arc<dyn Group>>| -> lmx_core::Result<Tensor> {
             let mut vb = crate::Builder::new(Weights::from_tensors(tensors.clone(), "t"), DType::F32, &dev);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use lmx_core::{DType, Device, Module, Result, Tensor};
 
-use crate::attention::{masks, Attention, AttentionConfig, AttentionInput};
+use crate::attention::{Attention, AttentionConfig, AttentionInput};
 use crate::builder::{Builder, Shard};
 use crate::error::BuildError;
 use crate::kv_cache::KvCache;
@@ -45,8 +45,9 @@ impl Logits {
 
 /// A decoder-only language model.
 pub trait CausalLm: Send + Sync {
-    /// Runs `input_ids` (b, seq_len) after the `cache.offset()` positions already cached,
-    /// appends their keys and values to `cache`, and returns f32 logits.
+    /// Runs `input_ids` (b, seq_len) after the positions already cached, appends their keys
+    /// and values to `cache`, and returns f32 logits. A cache of several rows (one per
+    /// sequence, [`KvCache::batch`]) runs row i of the batch at that row's own position.
     fn forward(&self, input_ids: &Tensor, cache: &mut KvCache, logits: Logits) -> Result<Tensor>;
 
     /// An empty cache sized for this model.
@@ -67,9 +68,6 @@ pub trait Layer: Send + Sync + 'static {
     /// (b, l, hidden) -> (b, l, hidden); `cache` holds this layer's keys and values at
     /// `layer_idx`.
     fn forward(&self, x: &Tensor, input: &AttentionInput, cache: &mut KvCache, layer_idx: usize) -> Result<Tensor>;
-
-    /// The sliding window of the layer's attention, if any.
-    fn sliding_window(&self) -> Option<usize>;
 }
 
 /// The pre-norm decoder layer of the Llama family:
@@ -101,10 +99,6 @@ impl Layer for DecoderLayer {
         let x = (x + h)?;
         let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
         x + h
-    }
-
-    fn sliding_window(&self) -> Option<usize> {
-        self.self_attn.sliding_window()
     }
 }
 
@@ -154,8 +148,6 @@ pub struct Decoder<L: Layer> {
     norm: RmsNorm,
     lm_head: Linear,
     rope: Rope,
-    /// The distinct sliding windows of the layers (None: plain causal).
-    windows: Vec<Option<usize>>,
     cfg: DecoderConfig,
     training: Option<Arc<Training>>,
 }
@@ -170,20 +162,22 @@ impl<L: Layer> Decoder<L> {
         let layers = (0..cfg.num_hidden_layers).map(|i| layer(&m.pp("layers").pp(i), i).map(Arc::new)).collect::<std::result::Result<Vec<_>, _>>()?;
         let norm = m.pp("norm").rms_norm(cfg.hidden_size, cfg.rms_norm_eps)?;
         let lm_head = if cfg.tie_word_embeddings { embed_tokens.as_linear() } else { vb.pp("lm_head").linear(cfg.hidden_size, cfg.vocab_size, Bias::No, Shard::Replicated)? };
-        let mut windows: Vec<Option<usize>> = layers.iter().map(|l| l.sliding_window()).collect();
-        windows.sort();
-        windows.dedup();
-        Ok(Self { embed_tokens, layers, norm, lm_head, rope, windows, cfg: cfg.clone(), training: vb.training().cloned() })
+        Ok(Self { embed_tokens, layers, norm, lm_head, rope, cfg: cfg.clone(), training: vb.training().cloned() })
     }
 }
 
 impl<L: Layer> CausalLm for Decoder<L> {
     fn forward(&self, input_ids: &Tensor, cache: &mut KvCache, logits: Logits) -> Result<Tensor> {
-        let (_, l) = input_ids.dims2()?;
-        let offset = cache.offset();
+        let (b, l) = input_ids.dims2()?;
+        if cache.rows() > 1 && cache.rows() != b {
+            lmx_core::bail!("a batch of {b} sequences with a cache for {}", cache.rows());
+        }
         let mut x = self.embed_tokens.forward(input_ids)?;
-        let (cos, sin) = self.rope.cos_sin(offset, l)?;
-        let input = Arc::new(AttentionInput { cos, sin, masks: masks(&self.windows, l, offset, x.device())? });
+        // Rows at different positions (a batch of sequences of different lengths) each get
+        // their own rotary angles.
+        let offsets: Vec<usize> = (0..cache.rows().max(1)).map(|r| cache.row_offset(r)).collect();
+        let angles = if offsets.iter().all(|&o| o == offsets[0]) { &offsets[..1] } else { &offsets[..] };
+        let input = Arc::new(AttentionInput::new(angles.iter().map(|&o| self.rope.cos_sin(o, l)).collect::<Result<_>>()?));
         let checkpointing = self.training.as_ref().and_then(|t| t.checkpointing());
         for (layer_idx, layer) in self.layers.iter().enumerate() {
             x = match &checkpointing {

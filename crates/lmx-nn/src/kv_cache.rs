@@ -1,48 +1,392 @@
-//! The key/value cache: one preallocated buffer per layer, grown in steps of 256 positions
-//! (as MLX LM's `KVCache`), written in place, so decoding a token never copies the history.
+//! Key/value caches, as MLX LM keeps them (`mlx_lm/models/cache.py`), one per sequence:
+//!
+//! - **growing** (`KVCache`): one preallocated buffer per layer, grown in steps of 256
+//!   positions and written in place, so decoding a token never copies the history;
+//! - **rotating** (`RotatingKVCache(max_size, keep=4)`, `--max-kv-size`): at most `max_size`
+//!   positions, the first 4 kept and the rest a ring overwritten by each new token (a prompt
+//!   longer than that is concatenated and trimmed, as MLX LM does, so attention sees it whole);
+//! - **quantized** (`QuantizedKVCache`, `--kv-bits`): keys and values in MLX's affine format
+//!   (packed words, a scale and a bias per group of the head dimension), from
+//!   `quantized_kv_start` tokens on; attention reads them dequantized.
+//!
+//! A [`KvCache`] holds one such cache per sequence of a batch (its *rows*): sequences of
+//! different lengths decode together, each at its own position, and a sequence's cache moves
+//! between batches whole ([`KvCache::batch`], [`KvCache::unbatch`]).
 
-use lmx_core::{Result, Tensor};
+use lmx_core::quant::QuantizedMatrix;
+use lmx_core::{Device, Result, Tensor};
 
+/// Growing buffers gain this many positions at a time.
 const STEP: usize = 256;
+
+/// Tokens a rotating cache never drops (the first ones: attention sinks).
+pub const ROTATING_KEEP: usize = 4;
+
+/// How a sequence's keys and values are kept (MLX LM's `max_kv_size`, `kv_bits`,
+/// `kv_group_size`, `quantized_kv_start`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvOptions {
+    /// Keep at most this many positions: the first [`ROTATING_KEEP`] and the latest.
+    pub max_kv_size: Option<usize>,
+    /// Keep keys and values quantized to this many bits.
+    pub kv_bits: Option<usize>,
+    /// Elements of the head dimension sharing one scale and bias.
+    pub kv_group_size: usize,
+    /// Quantize once a sequence holds this many tokens (before that, the growing cache).
+    pub quantized_kv_start: usize,
+}
+
+impl Default for KvOptions {
+    fn default() -> Self {
+        Self { max_kv_size: None, kv_bits: None, kv_group_size: 64, quantized_kv_start: 0 }
+    }
+}
+
+impl KvOptions {
+    /// Checks the settings: a rotating size above the kept tokens, MLX's bits and group sizes,
+    /// not rotating and quantized together (MLX LM's `RotatingKVCache.to_quantized` does not
+    /// exist either). The error says which setting and what is allowed.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if let Some(m) = self.max_kv_size {
+            if m <= ROTATING_KEEP {
+                return Err(format!("max_kv_size {m} must be more than the {ROTATING_KEEP} first tokens a rotating cache keeps"));
+            }
+        }
+        if let Some(bits) = self.kv_bits {
+            if let Err((what, hint)) = lmx_core::quant::check_spec(bits, self.kv_group_size) {
+                return Err(format!("kv_bits / kv_group_size: {what} is not supported ({hint})"));
+            }
+            if self.max_kv_size.is_some() {
+                return Err("a quantized cache (kv_bits) cannot also rotate (max_kv_size); choose one".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Keys or values in MLX's affine format: packed words (b, h, capacity, d * bits / 32) and
+/// scales and biases (b, h, capacity, d / group_size).
+#[derive(Debug, Clone)]
+struct QuantizedBuf {
+    packed: Tensor,
+    scales: Tensor,
+    biases: Tensor,
+}
+
+impl QuantizedBuf {
+    /// Quantizes `x` (b, h, n, d) along its last dimension.
+    fn quantize(x: &Tensor, bits: usize, group_size: usize) -> Result<Self> {
+        let (b, h, n, d) = x.dims4()?;
+        let q = QuantizedMatrix::quantize(&x.to_device(&Device::Cpu)?.reshape((b * h * n, d))?, bits, group_size)?;
+        let (packed, scales, biases) = q.to_tensors()?;
+        let shape = |t: Tensor| -> Result<Tensor> {
+            let w = t.dim(1)?;
+            t.reshape((b, h, n, w))?.to_device(x.device())
+        };
+        Ok(Self { packed: shape(packed)?, scales: shape(scales)?, biases: shape(biases)? })
+    }
+
+    fn parts(&self) -> [&Tensor; 3] {
+        [&self.packed, &self.scales, &self.biases]
+    }
+
+    fn map(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
+        Ok(Self { packed: f(&self.packed)?, scales: f(&self.scales)?, biases: f(&self.biases)? })
+    }
+
+    /// The first `len` positions, dequantized to the scales' dtype: (b, h, len, d).
+    fn dequantize(&self, len: usize, bits: usize, group_size: usize) -> Result<Tensor> {
+        let (b, h, _, w) = self.packed.dims4()?;
+        let flat = |t: &Tensor| -> Result<Tensor> {
+            let last = t.dim(3)?;
+            t.narrow(2, 0, len)?.to_device(&Device::Cpu)?.contiguous()?.reshape((b * h * len, last))
+        };
+        let q = QuantizedMatrix::from_tensors(&flat(&self.packed)?, &flat(&self.scales)?, &flat(&self.biases)?, bits, group_size)?;
+        q.dequantize()?.reshape((b, h, len, w * 32 / bits))?.to_device(self.packed.device())
+    }
+}
+
+/// One layer's keys and values of one sequence.
+#[derive(Debug, Clone, Default)]
+enum Store {
+    #[default]
+    Empty,
+    /// (b, h, capacity, d) buffers filled up to the layer's offset.
+    Growing { k: Tensor, v: Tensor },
+    /// MLX LM's `RotatingKVCache`: `idx` is where the next token goes.
+    Rotating { k: Tensor, v: Tensor, idx: usize },
+    /// Filled up to the layer's offset.
+    Quantized { k: QuantizedBuf, v: QuantizedBuf },
+}
 
 #[derive(Debug, Clone, Default)]
 struct LayerKv {
-    /// (b, n_kv_heads, capacity, head_dim) buffers, filled up to `len`.
-    k: Option<Tensor>,
-    v: Option<Tensor>,
-    len: usize,
+    store: Store,
+    /// Tokens this layer has seen (the position of the next one).
+    offset: usize,
 }
 
-/// Keys and values of every layer for the tokens processed so far.
+/// Every layer's keys and values for one sequence.
+#[derive(Debug, Clone)]
+struct Sequence {
+    layers: Vec<LayerKv>,
+    opts: KvOptions,
+}
+
+/// Keys and values of every layer for the tokens processed so far, one cache per sequence
+/// (row) of the batch.
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    layers: Vec<LayerKv>,
+    rows: Vec<Sequence>,
     /// False for a whole-sequence forward (training, scoring): nothing is stored, and keys
     /// and values stay on the gradient tape (the in-place buffer writes are not differentiable).
     store: bool,
 }
 
+/// `t` (.., n, ..) with `extra` zero positions appended along dimension 2.
+fn grow(t: &Tensor, extra: usize) -> Result<Tensor> {
+    let mut dims = t.dims().to_vec();
+    dims[2] = extra;
+    Tensor::cat(&[t, &Tensor::zeros(dims, t.dtype(), t.device())?], 2)
+}
+
+/// A fresh (b, h, capacity, d) buffer holding `init` (b, h, n, d) at its start.
+fn buffer_with(init: &Tensor, capacity: usize) -> Result<Tensor> {
+    let mut dims = init.dims().to_vec();
+    let n = dims[2];
+    dims[2] = capacity;
+    let buf = Tensor::zeros(dims, init.dtype(), init.device())?;
+    if n > 0 {
+        buf.slice_set(&init.contiguous()?, 2, 0)?;
+    }
+    Ok(buf)
+}
+
+impl LayerKv {
+    fn append(&mut self, k: &Tensor, v: &Tensor, opts: &KvOptions) -> Result<(Tensor, Tensor)> {
+        let n = k.dim(2)?;
+        if let (Some(bits), Store::Growing { k: kb, v: vb }) = (opts.kv_bits, &self.store) {
+            // MLX LM quantizes a growing cache once it holds quantized_kv_start tokens.
+            if self.offset >= opts.quantized_kv_start {
+                let len = self.offset;
+                self.store =
+                    Store::Quantized { k: QuantizedBuf::quantize(&kb.narrow(2, 0, len)?, bits, opts.kv_group_size)?, v: QuantizedBuf::quantize(&vb.narrow(2, 0, len)?, bits, opts.kv_group_size)? };
+            }
+        }
+        if matches!(self.store, Store::Empty) {
+            self.store = match (opts.max_kv_size, opts.kv_bits) {
+                (Some(_), _) => Store::Rotating { k: k.narrow(2, 0, 0)?, v: v.narrow(2, 0, 0)?, idx: 0 },
+                (None, Some(bits)) if opts.quantized_kv_start == 0 => {
+                    let empty = |t: &Tensor| QuantizedBuf::quantize(&t.narrow(2, 0, 0)?, bits, opts.kv_group_size);
+                    Store::Quantized { k: empty(k)?, v: empty(v)? }
+                }
+                _ => Store::Growing { k: k.narrow(2, 0, 0)?.contiguous()?, v: v.narrow(2, 0, 0)?.contiguous()? },
+            };
+        }
+        let offset = self.offset;
+        let out = match &mut self.store {
+            Store::Empty => unreachable!("filled above"),
+            Store::Growing { k: kb, v: vb } => {
+                let needed = offset + n;
+                if needed > kb.dim(2)? {
+                    let cap = needed.div_ceil(STEP) * STEP;
+                    *kb = buffer_with(&kb.narrow(2, 0, offset)?, cap)?;
+                    *vb = buffer_with(&vb.narrow(2, 0, offset)?, cap)?;
+                }
+                kb.slice_set(&k.contiguous()?, 2, offset)?;
+                vb.slice_set(&v.contiguous()?, 2, offset)?;
+                (kb.narrow(2, 0, needed)?, vb.narrow(2, 0, needed)?)
+            }
+            Store::Quantized { k: kq, v: vq } => {
+                let (bits, gs) = (opts.kv_bits.unwrap_or(8), opts.kv_group_size);
+                let needed = offset + n;
+                if needed > kq.packed.dim(2)? {
+                    let cap = needed.div_ceil(STEP) * STEP;
+                    let regrow = |q: &QuantizedBuf| q.map(|t| buffer_with(&t.narrow(2, 0, offset)?, cap));
+                    *kq = regrow(kq)?;
+                    *vq = regrow(vq)?;
+                }
+                for (buf, new) in [(&*kq, k), (&*vq, v)] {
+                    let q = QuantizedBuf::quantize(new, bits, gs)?;
+                    for (dst, src) in buf.parts().into_iter().zip(q.parts()) {
+                        dst.slice_set(src, 2, offset)?;
+                    }
+                }
+                (kq.dequantize(needed, bits, gs)?, vq.dequantize(needed, bits, gs)?)
+            }
+            Store::Rotating { k: kb, v: vb, idx } => {
+                let max = opts.max_kv_size.unwrap_or(usize::MAX);
+                if n == 1 {
+                    rotate_in_place(kb, vb, idx, offset, max, k, v)?
+                } else {
+                    rotate_concat(kb, vb, idx, offset, max, k, v)?
+                }
+            }
+        };
+        self.offset += n;
+        Ok(out)
+    }
+
+    fn truncate(&mut self, len: usize) {
+        if len >= self.offset {
+            return;
+        }
+        if let Store::Rotating { idx, .. } = &mut self.store {
+            // Only reached while the ring has not wrapped (`can_truncate`): the buffer is in
+            // temporal order and `idx` is the offset.
+            *idx = len;
+        }
+        self.offset = len;
+        if len == 0 {
+            self.store = Store::Empty;
+        }
+    }
+
+    fn can_truncate(&self, opts: &KvOptions) -> bool {
+        !matches!(self.store, Store::Rotating { .. }) || self.offset < opts.max_kv_size.unwrap_or(usize::MAX)
+    }
+
+    fn nbytes(&self) -> usize {
+        let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        match &self.store {
+            Store::Empty => 0,
+            Store::Growing { k, v } | Store::Rotating { k, v, .. } => size(k) + size(v),
+            Store::Quantized { k, v } => k.parts().into_iter().chain(v.parts()).map(size).sum(),
+        }
+    }
+}
+
+/// `RotatingKVCache._temporal_order`: the ring rearranged oldest first, unused end cut off.
+fn temporal_order(t: &Tensor, idx: usize, offset: usize) -> Result<Tensor> {
+    let len = t.dim(2)?;
+    if idx == len {
+        Ok(t.clone())
+    } else if idx < offset {
+        let keep = ROTATING_KEEP.min(idx);
+        Tensor::cat(&[t.narrow(2, 0, keep)?, t.narrow(2, idx, len - idx)?, t.narrow(2, keep, idx - keep)?], 2)
+    } else {
+        t.narrow(2, 0, idx)
+    }
+}
+
+/// `RotatingKVCache._trim`: drops `trim` positions after the kept ones, then appends `append`.
+fn trim_keep(t: &Tensor, trim: usize, append: Option<&Tensor>) -> Result<Tensor> {
+    let len = t.dim(2)?;
+    let mut parts = if trim > 0 {
+        let keep = ROTATING_KEEP.min(len);
+        vec![t.narrow(2, 0, keep)?, t.narrow(2, (trim + keep).min(len), len - (trim + keep).min(len))?]
+    } else {
+        vec![t.clone()]
+    };
+    parts.extend(append.cloned());
+    Tensor::cat(&parts, 2)?.contiguous()
+}
+
+/// `RotatingKVCache._update_concat` (a prompt chunk): the cache in temporal order, trimmed to
+/// `max - 1` positions, with the chunk appended, so every new token sees its whole window.
+fn rotate_concat(kb: &mut Tensor, vb: &mut Tensor, idx: &mut usize, offset: usize, max: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    let ordered = [temporal_order(kb, *idx, offset)?, temporal_order(vb, *idx, offset)?];
+    let trim = (ordered[0].dim(2)? + 1).saturating_sub(max);
+    *kb = trim_keep(&ordered[0], trim, Some(k))?;
+    *vb = trim_keep(&ordered[1], trim, Some(v))?;
+    *idx = kb.dim(2)?;
+    Ok((kb.clone(), vb.clone()))
+}
+
+/// `RotatingKVCache._update_in_place` (one token): grow up to `max` in steps, then overwrite
+/// the oldest position after the kept ones.
+fn rotate_in_place(kb: &mut Tensor, vb: &mut Tensor, idx: &mut usize, offset: usize, max: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    let len = kb.dim(2)?;
+    if offset >= len && len < max {
+        let extra = STEP.min(max - offset);
+        *kb = grow(kb, extra)?;
+        *vb = grow(vb, extra)?;
+        *idx = offset;
+    }
+    let len = kb.dim(2)?;
+    if len > max {
+        *kb = trim_keep(kb, len - max, None)?;
+        *vb = trim_keep(vb, len - max, None)?;
+        *idx = max;
+    }
+    if *idx == max {
+        *idx = ROTATING_KEEP;
+    }
+    kb.slice_set(&k.contiguous()?, 2, *idx)?;
+    vb.slice_set(&v.contiguous()?, 2, *idx)?;
+    *idx += 1;
+    if offset + 1 < max {
+        Ok((kb.narrow(2, 0, offset + 1)?, vb.narrow(2, 0, offset + 1)?))
+    } else {
+        Ok((kb.clone(), vb.clone()))
+    }
+}
+
 impl KvCache {
-    /// An empty cache for `n_layers` layers.
+    /// An empty growing cache for one sequence of a model with `n_layers` layers.
     pub fn new(n_layers: usize) -> Self {
-        Self { layers: vec![LayerKv::default(); n_layers], store: true }
+        Self { rows: vec![Sequence { layers: vec![LayerKv::default(); n_layers], opts: KvOptions::default() }], store: true }
+    }
+
+    /// The same cache keeping keys and values as `opts` says (checked by the caller with
+    /// [`KvOptions::validate`]; applies to what is appended from now on).
+    pub fn with_options(mut self, opts: KvOptions) -> Self {
+        for r in &mut self.rows {
+            r.opts = opts;
+        }
+        self
     }
 
     /// A pass-through "cache" for one forward over whole sequences from position 0: keys and
     /// values are used as they are and nothing is stored.
     pub fn uncached() -> Self {
-        Self { layers: Vec::new(), store: false }
+        Self { rows: Vec::new(), store: false }
     }
 
-    /// Tokens already in the cache (the position of the next token).
+    /// One cache for a batch whose rows are `caches`' sequences, in order.
+    pub fn batch(caches: Vec<KvCache>) -> Self {
+        Self { rows: caches.into_iter().flat_map(|c| c.rows).collect(), store: true }
+    }
+
+    /// The inverse of [`KvCache::batch`]: one cache per row.
+    pub fn unbatch(self) -> Vec<KvCache> {
+        self.rows.into_iter().map(|r| KvCache { rows: vec![r], store: true }).collect()
+    }
+
+    /// Sequences (rows) in this cache; 0 for [`KvCache::uncached`].
+    pub fn rows(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Tokens already in the cache of the first row (the position of its next token).
     pub fn offset(&self) -> usize {
-        self.layers.first().map_or(0, |l| l.len)
+        self.row_offset(0)
     }
 
-    /// Forgets every position from `len` on (reusing a shared prompt prefix).
+    /// Tokens already in row `row`'s cache.
+    pub fn row_offset(&self, row: usize) -> usize {
+        self.rows.get(row).and_then(|r| r.layers.first()).map_or(0, |l| l.offset)
+    }
+
+    /// The window a rotating row imposes on a prompt chunk's attention (its `max_kv_size`).
+    pub fn row_window(&self, row: usize) -> Option<usize> {
+        self.rows.get(row).and_then(|r| r.opts.max_kv_size)
+    }
+
+    /// Whether every row can forget positions (a rotating cache cannot once it has wrapped).
+    pub fn can_truncate(&self) -> bool {
+        self.rows.iter().all(|r| r.layers.iter().all(|l| l.can_truncate(&r.opts)))
+    }
+
+    /// Forgets every position from `len` on (reusing a shared prompt prefix, rejecting draft
+    /// tokens). Check [`KvCache::can_truncate`] first: a wrapped rotating cache no longer
+    /// holds the positions before its window, and truncating it empties it.
     pub fn truncate(&mut self, len: usize) {
-        for l in &mut self.layers {
-            l.len = l.len.min(len);
+        for r in &mut self.rows {
+            let ok = r.layers.iter().all(|l| l.can_truncate(&r.opts));
+            for l in &mut r.layers {
+                l.truncate(if ok { len } else { 0 });
+            }
         }
     }
 
@@ -53,40 +397,21 @@ impl KvCache {
 
     /// Bytes held by the buffers.
     pub fn nbytes(&self) -> usize {
-        self.layers.iter().flat_map(|l| [&l.k, &l.v]).flatten().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
+        self.rows.iter().flat_map(|r| &r.layers).map(LayerKv::nbytes).sum()
     }
 
-    /// Appends `k`, `v` (b, n_kv_heads, seq_len, head_dim) for layer `layer_idx` and returns
-    /// all keys and values so far.
-    pub fn append(&mut self, layer_idx: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// Appends `k`, `v` (b, n_kv_heads, seq_len, head_dim) to row `row`'s layer `layer_idx`
+    /// and returns all its keys and values so far (for a rotating cache, those in its window,
+    /// not in temporal order after a one-token step).
+    pub fn append(&mut self, row: usize, layer_idx: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         if !self.store {
             return Ok((k.contiguous()?, v.contiguous()?));
         }
-        let n_layers = self.layers.len();
-        let Some(layer) = self.layers.get_mut(layer_idx) else { lmx_core::bail!("kv cache: layer {layer_idx} of a cache for {n_layers} layers") };
-        let (b, h, seq_len, d) = k.dims4()?;
-        let needed = layer.len + seq_len;
-        let capacity = layer.k.as_ref().map_or(0, |t| t.dim(2).unwrap_or(0));
-        if needed > capacity {
-            let new_cap = needed.div_ceil(STEP) * STEP;
-            let grow = |old: &Option<Tensor>, like: &Tensor| -> Result<Tensor> {
-                let buf = Tensor::zeros((b, h, new_cap, d), like.dtype(), like.device())?;
-                if let (Some(old), true) = (old, layer.len > 0) {
-                    buf.slice_set(&old.narrow(2, 0, layer.len)?.contiguous()?, 2, 0)?;
-                }
-                Ok(buf)
-            };
-            let (nk, nv) = (grow(&layer.k, k)?, grow(&layer.v, v)?);
-            layer.k = Some(nk);
-            layer.v = Some(nv);
-        }
-        let (Some(kb), Some(vb)) = (&layer.k, &layer.v) else {
-            return Err(lmx_core::Error::Msg("kv cache buffers missing after growth".into()));
-        };
-        kb.slice_set(&k.contiguous()?, 2, layer.len)?;
-        vb.slice_set(&v.contiguous()?, 2, layer.len)?;
-        layer.len = needed;
-        Ok((kb.narrow(2, 0, needed)?, vb.narrow(2, 0, needed)?))
+        let n_rows = self.rows.len();
+        let Some(seq) = self.rows.get_mut(row) else { lmx_core::bail!("kv cache: row {row} of a cache for {n_rows} sequences") };
+        let n_layers = seq.layers.len();
+        let Some(layer) = seq.layers.get_mut(layer_idx) else { lmx_core::bail!("kv cache: layer {layer_idx} of a cache for {n_layers} layers") };
+        layer.append(k, v, &seq.opts)
     }
 }
 
@@ -95,20 +420,86 @@ mod tests {
     use super::*;
     use lmx_core::Device;
 
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a.contiguous().unwrap() - b.contiguous().unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    }
+
     #[test]
     fn append_grow_and_truncate() -> Result<()> {
         let mut c = KvCache::new(1);
         let a = Tensor::randn(0f32, 1.0, (1, 2, 300, 4), &Device::Cpu)?;
-        let (k, _) = c.append(0, &a.narrow(2, 0, 200)?, &a.narrow(2, 0, 200)?)?;
+        let (k, _) = c.append(0, 0, &a.narrow(2, 0, 200)?, &a.narrow(2, 0, 200)?)?;
         assert_eq!(k.dims(), &[1, 2, 200, 4]);
-        let (k, v) = c.append(0, &a.narrow(2, 200, 100)?, &a.narrow(2, 200, 100)?)?;
+        let (k, v) = c.append(0, 0, &a.narrow(2, 200, 100)?, &a.narrow(2, 200, 100)?)?;
         assert_eq!(c.offset(), 300);
-        let diff = (k.contiguous()? - &a)?.abs()?.sum_all()?.to_scalar::<f32>()?;
-        assert_eq!(diff, 0.0);
+        assert_eq!(max_diff(&k, &a), 0.0);
         assert_eq!(v.dims(), &[1, 2, 300, 4]);
         c.truncate(10);
-        let (k, _) = c.append(0, &a.narrow(2, 0, 1)?, &a.narrow(2, 0, 1)?)?;
+        let (k, _) = c.append(0, 0, &a.narrow(2, 0, 1)?, &a.narrow(2, 0, 1)?)?;
         assert_eq!(k.dim(2)?, 11);
+        Ok(())
+    }
+
+    /// The positions a rotating cache returns, by the value stored at each (position p holds
+    /// the value p), after a prompt of 6 and single tokens, with max_kv_size 8 and 4 kept:
+    /// MLX LM's `RotatingKVCache` traced by hand.
+    #[test]
+    fn rotating_cache_keeps_the_first_tokens_and_a_ring() -> Result<()> {
+        let opts = KvOptions { max_kv_size: Some(8), ..Default::default() };
+        let mut c = KvCache::new(1).with_options(opts);
+        let pos = |from: usize, n: usize| Tensor::arange(from as f32, (from + n) as f32, &Device::Cpu).unwrap().reshape((1, 1, n, 1)).unwrap();
+        let ids = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        let (k, _) = c.append(0, 0, &pos(0, 6), &pos(0, 6))?;
+        assert_eq!(ids(&k), [0., 1., 2., 3., 4., 5.]);
+        for p in 6..8 {
+            c.append(0, 0, &pos(p, 1), &pos(p, 1))?;
+        }
+        // Full: the next token overwrites position 4 (the first after the kept ones).
+        let (k, _) = c.append(0, 0, &pos(8, 1), &pos(8, 1))?;
+        assert_eq!(ids(&k), [0., 1., 2., 3., 8., 5., 6., 7.]);
+        assert!(!c.can_truncate(), "a wrapped ring cannot rewind");
+        // A prompt chunk: the ring in temporal order, trimmed to max - 1, plus the chunk.
+        let (k, _) = c.append(0, 0, &pos(9, 3), &pos(9, 3))?;
+        assert_eq!(ids(&k), [0., 1., 2., 3., 6., 7., 8., 9., 10., 11.]);
+        // The next token trims back to max, then rotates.
+        let (k, _) = c.append(0, 0, &pos(12, 1), &pos(12, 1))?;
+        assert_eq!(ids(&k), [0., 1., 2., 3., 12., 9., 10., 11.]);
+        assert_eq!(c.offset(), 13);
+        Ok(())
+    }
+
+    /// A quantized cache returns its keys as MLX's quantize-then-dequantize gives them, and
+    /// switches from the growing cache at quantized_kv_start.
+    #[test]
+    fn quantized_cache_round_trips_mlx_affine() -> Result<()> {
+        let x = Tensor::randn(0f32, 1.0, (1, 2, 5, 64), &Device::Cpu)?;
+        let want = QuantizedMatrix::quantize(&x.reshape((10, 64))?, 8, 32)?.dequantize()?.reshape((1, 2, 5, 64))?;
+        let opts = KvOptions { kv_bits: Some(8), kv_group_size: 32, quantized_kv_start: 3, ..Default::default() };
+        let mut c = KvCache::new(1).with_options(opts);
+        let (k, _) = c.append(0, 0, &x.narrow(2, 0, 3)?, &x.narrow(2, 0, 3)?)?;
+        assert_eq!(max_diff(&k, &x.narrow(2, 0, 3)?), 0.0, "below quantized_kv_start keys stay exact");
+        let dense = c.nbytes();
+        for p in 3..5 {
+            c.append(0, 0, &x.narrow(2, p, 1)?, &x.narrow(2, p, 1)?)?;
+        }
+        let (k, _) = c.append(0, 0, &x.narrow(2, 0, 0)?, &x.narrow(2, 0, 0)?)?;
+        assert_eq!(max_diff(&k, &want), 0.0);
+        assert!(max_diff(&k, &x) > 0.0, "8-bit keys differ from the floats");
+        assert!(c.nbytes() < dense / 2, "8-bit buffers take under half the f32 ones ({} vs {dense})", c.nbytes());
+        Ok(())
+    }
+
+    #[test]
+    fn batch_and_unbatch_keep_each_sequence() -> Result<()> {
+        let a = Tensor::randn(0f32, 1.0, (1, 1, 3, 2), &Device::Cpu)?;
+        let (mut x, mut y) = (KvCache::new(1), KvCache::new(1));
+        x.append(0, 0, &a, &a)?;
+        y.append(0, 0, &a.narrow(2, 0, 1)?, &a.narrow(2, 0, 1)?)?;
+        let mut both = KvCache::batch(vec![x, y]);
+        assert_eq!((both.rows(), both.row_offset(0), both.row_offset(1)), (2, 3, 1));
+        both.append(1, 0, &a.narrow(2, 1, 1)?, &a.narrow(2, 1, 1)?)?;
+        let parts = both.unbatch();
+        assert_eq!(parts.iter().map(KvCache::offset).collect::<Vec<_>>(), [3, 2]);
         Ok(())
     }
 }
