@@ -76,9 +76,15 @@ impl CustomOp2 for F32Linear {
     }
 }
 
-/// `x @ w^T` for a single row of activations, as a candle op (no backward: used only when
-/// nothing is on the gradient tape). `x`: (.., k) with one row in all; `w`: (n, k), same dtype.
+/// `x @ w^T` for a few rows of activations (decode: one token per sequence of a batch), as a
+/// candle op (no backward: used only when nothing is on the gradient tape). `x`: (.., k) with
+/// at most [`MATVEC_MAX_ROWS`] rows; `w`: (n, k), same dtype. Each weight row is read once for
+/// all activation rows, and every output is the same dot product as for a single row, so a
+/// sequence's logits in a batch are bit for bit its logits alone.
 pub struct MatVec;
+
+/// Most activation rows [`MatVec`] takes (beyond, a GEMM's blocking wins).
+pub const MATVEC_MAX_ROWS: usize = 64;
 
 fn contiguous<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     let (start, end) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("matvec needs contiguous inputs".into()))?;
@@ -93,23 +99,24 @@ impl CustomOp2 for MatVec {
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, k) = wl.shape().dims2()?;
         let mut out_dims = xl.dims().to_vec();
-        if out_dims.last() != Some(&k) || xl.shape().elem_count() != k {
-            candle_core::bail!("matvec: x {:?} is not one row of {k} for weight {:?}", xl.dims(), wl.dims());
+        let m = xl.shape().elem_count() / k.max(1);
+        if out_dims.last() != Some(&k) || m == 0 || m > MATVEC_MAX_ROWS {
+            candle_core::bail!("matvec: x {:?} is not 1 to {MATVEC_MAX_ROWS} rows of {k} for weight {:?}", xl.dims(), wl.dims());
         }
         if let Some(last) = out_dims.last_mut() {
             *last = n;
         }
-        let mut y = vec![0f32; n];
+        let mut y = vec![0f32; m * n];
         let storage = match ws.dtype() {
             DType::F32 => {
                 let (x, w) = (contiguous::<f32>(xs, xl)?, contiguous::<f32>(ws, wl)?);
-                par_rows(&mut y, k, |row, out| *out = dot_f32(&w[row * k..(row + 1) * k], x));
+                par_rows(&mut y, m, n, |row, i| dot_f32(&w[row * k..(row + 1) * k], &x[i * k..(i + 1) * k]));
                 CpuStorage::F32(y)
             }
             DType::BF16 => {
                 let x: Vec<f32> = contiguous::<bf16>(xs, xl)?.iter().map(|v| v.to_f32()).collect();
                 let w = contiguous::<bf16>(ws, wl)?;
-                par_rows(&mut y, k, |row, out| *out = dot_bf16(&w[row * k..(row + 1) * k], &x));
+                par_rows(&mut y, m, n, |row, i| dot_bf16(&w[row * k..(row + 1) * k], &x[i * k..(i + 1) * k]));
                 CpuStorage::BF16(y.into_iter().map(bf16::from_f32).collect())
             }
             other => candle_core::bail!("matvec: dtype {other:?} is not supported"),
@@ -118,12 +125,16 @@ impl CustomOp2 for MatVec {
     }
 }
 
-fn par_rows(y: &mut [f32], _k: usize, f: impl Fn(usize, &mut f32) + Sync) {
+/// Fills `y` (m, n): `y[i][row] = f(row, i)`, weight rows split over the decode pool.
+fn par_rows(y: &mut [f32], m: usize, n: usize, f: impl Fn(usize, usize) -> f32 + Sync) {
     let out = SendPtr(y.as_mut_ptr());
-    parallel_ranges(y.len(), MIN_ROWS_PER_THREAD, |rows| {
+    parallel_ranges(n, MIN_ROWS_PER_THREAD, |rows| {
         for r in rows {
-            // SAFETY: ranges are disjoint and inside y, which outlives the call.
-            f(r, unsafe { &mut *out.get().add(r) });
+            for i in 0..m {
+                // SAFETY: column r belongs to this range alone; i * n + r is inside y (m * n),
+                // which outlives the call.
+                unsafe { *out.get().add(i * n + r) = f(r, i) };
+            }
         }
     });
 }

@@ -106,11 +106,14 @@ pub fn all_finite(t: &Tensor) -> Result<bool> {
 }
 
 /// `x @ weight^T (+ bias)` for a weight stored as (out_features, in_features).
-/// A single row on the CPU (one decoded token) goes through lmx's matrix-vector kernel, which
-/// reads the weights once at memory bandwidth; everything else through candle's matmul.
+/// One decoded token per sequence on the CPU (a single row, or a batch of sequences one
+/// position each, up to [`crate::cpu::MATVEC_MAX_ROWS`]) goes through lmx's matrix-vector
+/// kernel, which reads the weights once at memory bandwidth and gives each row the result it
+/// has alone; everything else through a GEMM.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let one_row = x.elem_count() == x.dim(D::Minus1)?;
-    let fast = one_row && x.device().is_cpu() && !on_tape(&[x, weight]) && x.dtype() == weight.dtype() && matches!(x.dtype(), DType::F32 | DType::BF16) && weight.is_contiguous();
+    let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
+    let decode = rows == 1 || (x.rank() == 3 && x.dim(1)? == 1 && rows <= crate::cpu::MATVEC_MAX_ROWS);
+    let fast = decode && x.device().is_cpu() && !on_tape(&[x, weight]) && x.dtype() == weight.dtype() && matches!(x.dtype(), DType::F32 | DType::BF16) && weight.is_contiguous();
     let y = match x.dims() {
         // Fine-tuning around a frozen weight: only the input's gradient is computed.
         _ if x.track_op() && !weight.track_op() => crate::frozen::frozen_linear(x, weight)?,

@@ -6,6 +6,7 @@ use std::time::Instant;
 use lmx_core::Tensor;
 use lmx_io::{StreamDecoder, Tokenizer};
 use lmx_models::{CausalLm, Logits};
+use lmx_nn::KvCache;
 
 use crate::prompt_cache::PromptCache;
 use crate::sampler::{Sampler, SamplerParams};
@@ -25,6 +26,12 @@ pub enum GenerateError {
     /// A sampling setting outside its range (NaN included).
     #[error("sampling: `{key}` is {value}; {allowed}")]
     Sampling { key: &'static str, value: f32, allowed: &'static str },
+    /// Key/value cache settings that cannot work together or with this model.
+    #[error("kv cache: {0}")]
+    KvCache(String),
+    /// A batch generator has no sequence with this id.
+    #[error("no sequence with id {0} in the batch")]
+    UnknownSequence(u64),
     /// A tensor operation failed.
     #[error(transparent)]
     Tensor(#[from] lmx_core::Error),
@@ -108,89 +115,79 @@ pub struct GenerationResponse {
 pub struct TokenStream<'a> {
     model: &'a dyn CausalLm,
     cache: &'a mut PromptCache,
-    decoder: StreamDecoder<'a>,
-    sampler: Sampler,
-    params: GenerateParams,
+    seq: Sequence<'a>,
     prompt: Vec<u32>,
     /// Token sampled but not yet run through the model.
     pending: Option<u32>,
-    /// Every token of prompt + generation, for the repetition penalty.
-    history: Vec<u32>,
-    stats: Stats,
     done: bool,
 }
 
 #[derive(Default)]
 struct Stats {
     cached: usize,
+    prompt_start: Option<Instant>,
     prompt_tps: f64,
     generated: usize,
     gen_start: Option<Instant>,
 }
 
-/// Generates from `prompt` (the whole token sequence; whatever prefix `cache` already holds is
-/// reused), yielding a response per token.
-pub fn stream_generate<'a>(model: &'a dyn CausalLm, tokenizer: &'a Tokenizer, prompt: &[u32], cache: &'a mut PromptCache, params: GenerateParams) -> TokenStream<'a> {
-    TokenStream {
-        model,
-        cache,
-        decoder: tokenizer.stream_decoder(),
-        sampler: Sampler::new(params.sampler.clone()),
-        params,
-        prompt: prompt.to_vec(),
-        pending: None,
-        history: prompt.to_vec(),
-        stats: Stats::default(),
-        done: false,
-    }
+/// One sequence's generation state, alone or in a batch: its sampler and logits processors,
+/// the tokens it has seen (for the penalties), its text decoder, stop rules and counters.
+pub(crate) struct Sequence<'a> {
+    decoder: StreamDecoder<'a>,
+    sampler: Sampler,
+    params: GenerateParams,
+    prompt_len: usize,
+    /// Every token of prompt + generation, for the penalties.
+    history: Vec<u32>,
+    stats: Stats,
 }
 
-/// Generates and returns the whole text.
-pub fn generate(model: &dyn CausalLm, tokenizer: &Tokenizer, prompt: &[u32], cache: &mut PromptCache, params: GenerateParams) -> Result<String, GenerateError> {
-    let mut text = String::new();
-    for r in stream_generate(model, tokenizer, prompt, cache, params) {
-        text.push_str(&r?.text);
-    }
-    Ok(text)
-}
-
-impl TokenStream<'_> {
-    /// Runs `tokens` through the model after the cached ones; returns last-position logits.
-    fn run(&mut self, tokens: &[u32]) -> Result<Vec<f32>, GenerateError> {
-        let ids = Tensor::new(tokens, self.model.device())?.unsqueeze(0)?;
-        let (model, kv) = (self.model, &mut self.cache.kv);
-        let logits = compute_pool().install(|| model.forward(&ids, kv, Logits::Last))?;
-        self.cache.tokens.extend_from_slice(tokens);
-        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+impl<'a> Sequence<'a> {
+    pub(crate) fn new(tokenizer: &'a Tokenizer, prompt: &[u32], params: GenerateParams) -> Self {
+        Self { decoder: tokenizer.stream_decoder(), sampler: Sampler::new(params.sampler.clone()), prompt_len: prompt.len(), history: prompt.to_vec(), params, stats: Stats::default() }
     }
 
-    fn prefill(&mut self) -> Result<Vec<f32>, GenerateError> {
-        let context = self.model.max_position_embeddings();
+    /// Checks the sampling settings and that `prompt` fits the model.
+    pub(crate) fn check(&self, model: &dyn CausalLm, prompt: &[u32]) -> Result<(), GenerateError> {
         self.params.sampler.validate()?;
-        if self.prompt.is_empty() {
+        if prompt.is_empty() {
             return Err(GenerateError::EmptyPrompt);
         }
-        if self.prompt.len() > context {
-            return Err(GenerateError::PromptTooLong { prompt: self.prompt.len(), context });
+        let context = model.max_position_embeddings();
+        if prompt.len() > context {
+            return Err(GenerateError::PromptTooLong { prompt: prompt.len(), context });
         }
-        check_vocab(&self.prompt, self.model.vocab_size())?;
-        let start = Instant::now();
-        self.stats.cached = self.cache.reuse_prefix(&self.prompt);
-        let todo = self.prompt[self.stats.cached..].to_vec();
-        let mut logits = Vec::new();
-        for chunk in todo.chunks(self.params.prefill_step_size.max(1)) {
-            logits = self.run(chunk)?;
-        }
-        self.stats.prompt_tps = todo.len() as f64 / start.elapsed().as_secs_f64().max(1e-9);
-        self.stats.gen_start = Some(Instant::now());
-        Ok(logits)
+        check_vocab(prompt, model.vocab_size())
     }
 
-    fn step(&mut self) -> Result<GenerationResponse, GenerateError> {
-        let mut logits = match self.pending.take() {
-            None => self.prefill()?,
-            Some(tok) => self.run(&[tok])?,
-        };
+    /// Checks the prompt and settings, then runs all but the last prompt token through the
+    /// model after the prefix `cache` already holds, in chunks of `prefill_step_size`, and
+    /// returns the last token: it runs as the first decode step, as in MLX LM's
+    /// `generate_step` (which matters for rotating and quantized caches: the first sampled
+    /// token sees the cache as every later one does).
+    pub(crate) fn prefill(&mut self, model: &dyn CausalLm, cache: &mut PromptCache, prompt: &[u32]) -> Result<u32, GenerateError> {
+        self.check(model, prompt)?;
+        self.stats.prompt_start = Some(Instant::now());
+        self.stats.cached = cache.reuse_prefix(prompt);
+        let (&last, head) = prompt.split_last().ok_or(GenerateError::EmptyPrompt)?;
+        for chunk in head[self.stats.cached..].chunks(self.params.prefill_step_size.max(1)) {
+            run(model, &mut cache.kv, &[chunk])?;
+            cache.tokens.extend_from_slice(chunk);
+        }
+        Ok(last)
+    }
+
+    /// Samples the next token from `logits` (the processors applied first); `cached` is the
+    /// number of tokens in the sequence's cache and `context` the model's. Returns the
+    /// response and, unless the sequence ended, the token to run next.
+    pub(crate) fn sample(&mut self, mut logits: Vec<f32>, cached: usize, context: usize) -> Result<(GenerationResponse, Option<u32>), GenerateError> {
+        if self.stats.gen_start.is_none() {
+            // The first token: the prompt is done.
+            let took = self.stats.prompt_start.map_or(0.0, |s| s.elapsed().as_secs_f64());
+            self.stats.prompt_tps = (self.prompt_len - self.stats.cached) as f64 / took.max(1e-9);
+            self.stats.gen_start = Some(Instant::now());
+        }
         self.sampler.penalize(&mut logits, &self.history);
         if self.params.ignore_eos {
             for &id in &self.params.eos_token_ids {
@@ -204,36 +201,80 @@ impl TokenStream<'_> {
         self.history.push(token);
         let is_eos = !self.params.ignore_eos && self.params.eos_token_ids.contains(&token);
         let mut text = String::new();
+        let mut next = None;
         let finish = if is_eos {
             Some(FinishReason::Stop)
         } else {
             self.stats.generated += 1;
             text = self.decoder.push(token)?.unwrap_or_default();
-            let at_limit = self.stats.generated >= self.params.max_tokens || self.cache.tokens.len() + 1 >= self.model.max_position_embeddings();
-            self.pending = Some(token);
-            at_limit.then_some(FinishReason::Length)
+            next = Some(token);
+            (self.stats.generated >= self.params.max_tokens || cached + 1 >= context).then_some(FinishReason::Length)
         };
         if finish.is_some() {
-            self.done = true;
+            next = None;
             if let Some(rest) = self.decoder.finish()? {
                 text.push_str(&rest);
             }
         }
         let elapsed = self.stats.gen_start.map_or(0.0, |s| s.elapsed().as_secs_f64());
-        Ok(GenerationResponse {
+        let generated = self.stats.generated;
+        let response = GenerationResponse {
             text,
             token,
             logprob,
             top_logprobs,
-            prompt_tokens: self.prompt.len(),
+            prompt_tokens: self.prompt_len,
             cached_tokens: self.stats.cached,
             prompt_tps: self.stats.prompt_tps,
-            generation_tokens: self.stats.generated,
+            generation_tokens: generated,
             // The first token comes from the prompt pass: no rate until a decode step ran.
-            generation_tps: if self.stats.generated > 1 { self.stats.generated as f64 / elapsed.max(1e-9) } else { 0.0 },
+            generation_tps: if generated > 1 { generated as f64 / elapsed.max(1e-9) } else { 0.0 },
             peak_memory: peak_memory_bytes(),
             finish_reason: finish,
-        })
+        };
+        Ok((response, next))
+    }
+}
+
+/// Runs one row of tokens per sequence (rows of equal length) through the model after what
+/// `kv` holds (one cache row per sequence); returns each row's last-position logits.
+pub(crate) fn run(model: &dyn CausalLm, kv: &mut KvCache, rows: &[&[u32]]) -> Result<Vec<Vec<f32>>, GenerateError> {
+    let flat: Vec<u32> = rows.concat();
+    let ids = Tensor::from_vec(flat, (rows.len(), rows.first().map_or(0, |r| r.len())), model.device())?;
+    let logits = compute_pool().install(|| model.forward(&ids, kv, Logits::Last))?;
+    Ok(logits.squeeze(1)?.to_vec2::<f32>()?)
+}
+
+/// Generates from `prompt` (the whole token sequence; whatever prefix `cache` already holds is
+/// reused), yielding a response per token.
+pub fn stream_generate<'a>(model: &'a dyn CausalLm, tokenizer: &'a Tokenizer, prompt: &[u32], cache: &'a mut PromptCache, params: GenerateParams) -> TokenStream<'a> {
+    TokenStream { model, cache, seq: Sequence::new(tokenizer, prompt, params), prompt: prompt.to_vec(), pending: None, done: false }
+}
+
+/// Generates and returns the whole text.
+pub fn generate(model: &dyn CausalLm, tokenizer: &Tokenizer, prompt: &[u32], cache: &mut PromptCache, params: GenerateParams) -> Result<String, GenerateError> {
+    let mut text = String::new();
+    for r in stream_generate(model, tokenizer, prompt, cache, params) {
+        text.push_str(&r?.text);
+    }
+    Ok(text)
+}
+
+impl TokenStream<'_> {
+    fn step(&mut self) -> Result<GenerationResponse, GenerateError> {
+        let tok = match self.pending.take() {
+            None => {
+                let prompt = std::mem::take(&mut self.prompt);
+                self.seq.prefill(self.model, self.cache, &prompt)?
+            }
+            Some(tok) => tok,
+        };
+        let logits = run(self.model, &mut self.cache.kv, &[&[tok]])?.pop().unwrap_or_default();
+        self.cache.tokens.push(tok);
+        let (response, next) = self.seq.sample(logits, self.cache.tokens.len(), self.model.max_position_embeddings())?;
+        self.pending = next;
+        self.done = next.is_none();
+        Ok(response)
     }
 }
 
@@ -244,7 +285,7 @@ impl Iterator for TokenStream<'_> {
         if self.done {
             return None;
         }
-        if self.params.max_tokens == 0 {
+        if self.seq.params.max_tokens == 0 {
             self.done = true;
             return None;
         }

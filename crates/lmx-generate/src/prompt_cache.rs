@@ -6,7 +6,7 @@
 //! recomputes from the first changed token.
 
 use lmx_models::CausalLm;
-use lmx_nn::KvCache;
+use lmx_nn::{KvCache, KvOptions};
 
 /// Keys/values of processed tokens, reusable across generation calls.
 pub struct PromptCache {
@@ -15,9 +15,16 @@ pub struct PromptCache {
 }
 
 impl PromptCache {
-    /// An empty cache for `model`.
+    /// An empty growing cache for `model`.
     pub fn new(model: &dyn CausalLm) -> Self {
         Self { kv: model.new_cache(), tokens: Vec::new() }
+    }
+
+    /// An empty cache for `model` keeping keys and values as `opts` says (rotating,
+    /// quantized); the options are checked here.
+    pub fn with_options(model: &dyn CausalLm, opts: KvOptions) -> Result<Self, crate::GenerateError> {
+        opts.validate().map_err(crate::GenerateError::KvCache)?;
+        Ok(Self { kv: model.new_cache().with_options(opts), tokens: Vec::new() })
     }
 
     /// The tokens whose keys and values are cached.
@@ -40,7 +47,11 @@ impl PromptCache {
     /// token must run to produce logits). Returns how many tokens are reused.
     pub(crate) fn reuse_prefix(&mut self, prompt: &[u32]) -> usize {
         let common = self.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
-        let keep = common.min(prompt.len().saturating_sub(1));
+        let mut keep = common.min(prompt.len().saturating_sub(1));
+        if keep < self.tokens.len() && !self.kv.can_truncate() {
+            // A rotating cache that has wrapped no longer holds the positions to rewind to.
+            keep = 0;
+        }
         self.kv.truncate(keep);
         self.tokens.truncate(keep);
         keep

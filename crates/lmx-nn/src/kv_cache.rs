@@ -166,8 +166,9 @@ impl LayerKv {
     fn append(&mut self, k: &Tensor, v: &Tensor, opts: &KvOptions) -> Result<(Tensor, Tensor)> {
         let n = k.dim(2)?;
         if let (Some(bits), Store::Growing { k: kb, v: vb }) = (opts.kv_bits, &self.store) {
-            // MLX LM quantizes a growing cache once it holds quantized_kv_start tokens.
-            if self.offset >= opts.quantized_kv_start {
+            // MLX LM quantizes a growing cache after the forward pass that brings it to
+            // quantized_kv_start tokens (`maybe_quantize_kv_cache`).
+            if self.offset > 0 && self.offset >= opts.quantized_kv_start {
                 let len = self.offset;
                 self.store =
                     Store::Quantized { k: QuantizedBuf::quantize(&kb.narrow(2, 0, len)?, bits, opts.kv_group_size)?, v: QuantizedBuf::quantize(&vb.narrow(2, 0, len)?, bits, opts.kv_group_size)? };
@@ -176,10 +177,8 @@ impl LayerKv {
         if matches!(self.store, Store::Empty) {
             self.store = match (opts.max_kv_size, opts.kv_bits) {
                 (Some(_), _) => Store::Rotating { k: k.narrow(2, 0, 0)?, v: v.narrow(2, 0, 0)?, idx: 0 },
-                (None, Some(bits)) if opts.quantized_kv_start == 0 => {
-                    let empty = |t: &Tensor| QuantizedBuf::quantize(&t.narrow(2, 0, 0)?, bits, opts.kv_group_size);
-                    Store::Quantized { k: empty(k)?, v: empty(v)? }
-                }
+                // Quantized caches start as growing ones: MLX LM quantizes after a forward pass,
+                // so the first chunk attends to its own keys in full precision.
                 _ => Store::Growing { k: k.narrow(2, 0, 0)?.contiguous()?, v: v.narrow(2, 0, 0)?.contiguous()? },
             };
         }

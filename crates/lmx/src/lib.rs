@@ -17,7 +17,8 @@ mod load;
 mod perplexity;
 
 pub use lmx_core::{DType, Device};
-pub use lmx_generate::{FinishReason, GenerateParams, GenerationResponse, PromptCache, SamplerParams, TokenStream};
+pub use lmx_generate::{BatchGenerator, BatchOutput, FinishReason, GenerateParams, GenerationResponse, PromptCache, SamplerParams, SequenceId, TokenStream};
+pub use lmx_nn::KvOptions;
 pub use lmx_io::{Message, ModelSource};
 pub use load::{load, load_with, AdapterOptions, LoadOptions, Model, TokenizerWrapper};
 pub use perplexity::{perplexity, Perplexity};
@@ -81,13 +82,26 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 /// Streams a generation for `prompt` (token ids; see [`TokenizerWrapper::chat_prompt`]),
 /// stopping on the model's EOS tokens as well as any in `params.eos_token_ids`.
-pub fn stream_generate<'a>(model: &'a Model, tokenizer: &'a TokenizerWrapper, prompt: &[u32], cache: &'a mut PromptCache, mut params: GenerateParams) -> TokenStream<'a> {
+pub fn stream_generate<'a>(model: &'a Model, tokenizer: &'a TokenizerWrapper, prompt: &[u32], cache: &'a mut PromptCache, params: GenerateParams) -> TokenStream<'a> {
+    lmx_generate::stream_generate(&**model, tokenizer, prompt, cache, with_model_eos(tokenizer, params))
+}
+
+/// `params` stopping on the model's EOS tokens too.
+pub fn with_model_eos(tokenizer: &TokenizerWrapper, mut params: GenerateParams) -> GenerateParams {
     for id in tokenizer.eos_token_ids() {
         if !params.eos_token_ids.contains(id) {
             params.eos_token_ids.push(*id);
         }
     }
-    lmx_generate::stream_generate(&**model, tokenizer, prompt, cache, params)
+    params
+}
+
+/// Generates for every prompt (token ids) in continuous batches of at most `max_batch`
+/// sequences (MLX LM's `batch_generate`), each with a fresh cache kept as `kv` says; calls
+/// `progress` after each step with the responses it produced. Results are in prompt order.
+pub fn batch_generate(model: &Model, tokenizer: &TokenizerWrapper, prompts: &[Vec<u32>], params: GenerateParams, max_batch: usize, kv: KvOptions, progress: impl FnMut(&[(SequenceId, GenerationResponse)])) -> Result<Vec<BatchOutput>> {
+    let params = with_model_eos(tokenizer, params);
+    Ok(lmx_generate::batch_generate(&**model, tokenizer, prompts, &params, max_batch, || PromptCache::with_options(&**model, kv), progress)?)
 }
 
 /// Generates and returns the whole text (a fresh cache; see [`stream_generate`] to reuse one).

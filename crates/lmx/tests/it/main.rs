@@ -2,6 +2,7 @@
 //! fetched by scripts/fetch-default-model.sh) against tokens transformers produced.
 
 mod adapters;
+mod batch;
 mod chat;
 mod golden;
 mod quant;

@@ -1,0 +1,70 @@
+//! Continuous batching and the cache variants on the real model: a sequence's greedy tokens
+//! in a batch equal its tokens alone, with growing, quantized and rotating caches, also when
+//! sequences join and leave between steps.
+
+use crate::default_model;
+
+const PROMPTS: [&str; 4] = ["The capital of France is", "Write a haiku about the sea.", "1, 2, 3,", "Rust is a programming language that empowers everyone to build reliable and efficient software. Its main features are"];
+
+fn alone(model: &lmx::Model, tok: &lmx::TokenizerWrapper, prompt: &[u32], max_tokens: usize, kv: lmx::KvOptions) -> Vec<u32> {
+    let mut cache = lmx::PromptCache::with_options(&**model, kv).expect("kv options");
+    let params = lmx::GenerateParams { max_tokens, ignore_eos: true, ..Default::default() };
+    lmx::stream_generate(model, tok, prompt, &mut cache, params).map(|r| r.expect("step").token).collect()
+}
+
+#[test]
+fn batched_greedy_tokens_equal_each_sequence_alone_for_every_cache_kind() {
+    let (model, tok) = lmx::load(&default_model()).expect("load");
+    let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|p| tok.encode(p, true).expect("encode")).collect();
+    let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    assert!(lens.iter().any(|&l| l != lens[0]), "prompts of different lengths: {lens:?}");
+    let kinds = [
+        ("growing", lmx::KvOptions::default()),
+        ("8-bit", lmx::KvOptions { kv_bits: Some(8), ..Default::default() }),
+        ("4-bit from token 8", lmx::KvOptions { kv_bits: Some(4), kv_group_size: 32, quantized_kv_start: 8, ..Default::default() }),
+        // Smaller than the longest prompt plus its tokens: that sequence's ring wraps.
+        ("rotating 24", lmx::KvOptions { max_kv_size: Some(24), ..Default::default() }),
+    ];
+    let max_tokens = 12;
+    for (name, kv) in kinds {
+        let params = lmx::GenerateParams { max_tokens, ignore_eos: true, ..Default::default() };
+        let mut steps = 0;
+        let batched = lmx::batch_generate(&model, &tok, &prompts, params, 3, kv, |_| steps += 1).expect("batch");
+        for (i, (p, out)) in prompts.iter().zip(&batched).enumerate() {
+            assert_eq!(out.tokens, alone(&model, &tok, p, max_tokens, kv), "{name}: prompt {i} in a batch of 3 differs from alone");
+            assert_eq!(out.finish_reason, Some(lmx::FinishReason::Length));
+        }
+        // 4 prompts, at most 3 decoding: the fourth joins when the first three finish.
+        assert!(steps > max_tokens, "{name}: {steps} steps");
+    }
+}
+
+/// A sequence joins a running batch, another is removed mid-way: the rest are unaffected.
+#[test]
+fn sequences_join_and_leave_between_steps() {
+    let (model, tok) = lmx::load(&default_model()).expect("load");
+    let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|p| tok.encode(p, true).expect("encode")).collect();
+    let params = lmx::GenerateParams { max_tokens: 10, ignore_eos: true, ..Default::default() };
+    let mut gen = lmx::BatchGenerator::new(&*model, &tok, 8);
+    let new_cache = || lmx::PromptCache::new(&*model);
+    let a = gen.insert(&prompts[0], params.clone(), new_cache()).expect("insert");
+    let b = gen.insert(&prompts[1], params.clone(), new_cache()).expect("insert");
+    let mut got: std::collections::HashMap<lmx::SequenceId, Vec<u32>> = Default::default();
+    let mut c = None;
+    for step in 0.. {
+        if step == 3 {
+            c = Some(gen.insert(&prompts[2], params.clone(), new_cache()).expect("insert"));
+            gen.remove(b).expect("b is running");
+        }
+        for (id, r) in gen.step().expect("step") {
+            got.entry(id).or_default().push(r.token);
+        }
+        if gen.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(got[&a], alone(&model, &tok, &prompts[0], 10, Default::default()));
+    assert_eq!(got[&c.expect("c joined")], alone(&model, &tok, &prompts[2], 10, Default::default()));
+    assert_eq!(got[&b].len(), 3, "b ran 3 steps before it was removed");
+    assert!(gen.remove(b).is_err(), "b is gone");
+}
