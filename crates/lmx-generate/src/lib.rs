@@ -11,7 +11,7 @@ pub mod generate;
 pub mod prompt_cache;
 pub mod sampler;
 
-pub use generate::{check_vocab, compute_pool, generate, peak_memory_bytes, stream_generate, FinishReason, GenerateError, GenerateParams, GenerationResponse, TokenStream};
 pub use batch::{batch_generate, BatchGenerator, BatchOutput, SequenceId};
+pub use generate::{check_vocab, compute_pool, generate, peak_memory_bytes, stream_generate, FinishReason, GenerateError, GenerateParams, GenerationResponse, TokenStream};
 pub use prompt_cache::PromptCache;
 pub use sampler::{Sampler, SamplerParams};

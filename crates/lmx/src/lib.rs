@@ -18,8 +18,8 @@ mod perplexity;
 
 pub use lmx_core::{DType, Device};
 pub use lmx_generate::{BatchGenerator, BatchOutput, FinishReason, GenerateParams, GenerationResponse, PromptCache, SamplerParams, SequenceId, TokenStream};
-pub use lmx_nn::KvOptions;
 pub use lmx_io::{Message, ModelSource};
+pub use lmx_nn::KvOptions;
 pub use load::{load, load_with, AdapterOptions, LoadOptions, Model, TokenizerWrapper};
 pub use perplexity::{perplexity, Perplexity};
 /// Writing model folders (GGUF to safetensors, dtype casts).
@@ -99,7 +99,15 @@ pub fn with_model_eos(tokenizer: &TokenizerWrapper, mut params: GenerateParams) 
 /// Generates for every prompt (token ids) in continuous batches of at most `max_batch`
 /// sequences (MLX LM's `batch_generate`), each with a fresh cache kept as `kv` says; calls
 /// `progress` after each step with the responses it produced. Results are in prompt order.
-pub fn batch_generate(model: &Model, tokenizer: &TokenizerWrapper, prompts: &[Vec<u32>], params: GenerateParams, max_batch: usize, kv: KvOptions, progress: impl FnMut(&[(SequenceId, GenerationResponse)])) -> Result<Vec<BatchOutput>> {
+pub fn batch_generate(
+    model: &Model,
+    tokenizer: &TokenizerWrapper,
+    prompts: &[Vec<u32>],
+    params: GenerateParams,
+    max_batch: usize,
+    kv: KvOptions,
+    progress: impl FnMut(&[(SequenceId, GenerationResponse)]),
+) -> Result<Vec<BatchOutput>> {
     let params = with_model_eos(tokenizer, params);
     Ok(lmx_generate::batch_generate(&**model, tokenizer, prompts, &params, max_batch, || PromptCache::with_options(&**model, kv), progress)?)
 }

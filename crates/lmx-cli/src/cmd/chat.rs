@@ -6,13 +6,15 @@ use std::io::{BufRead, IsTerminal, Write};
 
 use lmx::{GenerateParams, Message, PromptCache};
 
-use super::{sampler, ModelArgs};
+use super::{sampler, KvArgs, ModelArgs};
 
 /// Flags of `lmx chat`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub kv: KvArgs,
     /// Sampling temperature (0 = greedy).
     #[arg(long, default_value_t = 0.0)]
     pub temp: f32,
@@ -36,13 +38,14 @@ pub struct Args {
 const HELP: &str = "The command list:\n- 'q' to exit\n- 'r' to reset the chat\n- 'h' to display these commands";
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let kv = args.kv.options()?;
     let (model, tokenizer) = args.model.load()?;
     anyhow::ensure!(tokenizer.has_chat_template(), "model `{}` has no chat template, so it cannot chat; use `lmx generate --ignore-chat-template`", args.model.model);
     let interactive = std::io::stdin().is_terminal();
     eprintln!("[INFO] Starting chat session with {}.\n{HELP}", args.model.model);
     let fresh = || args.system_prompt.iter().map(|s| Message::new("system", s.clone())).collect::<Vec<_>>();
     let mut messages = fresh();
-    let mut cache = PromptCache::new(&*model);
+    let mut cache = PromptCache::with_options(&*model, kv)?;
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     let mut out = std::io::stdout();

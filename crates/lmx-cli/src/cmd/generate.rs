@@ -6,16 +6,26 @@ use std::io::{Read, Write};
 use anyhow::Context;
 use lmx::{GenerateParams, Message, PromptCache};
 
-use super::{gb, sampler, template_config, ModelArgs};
+use super::{gb, sampler, template_config, KvArgs, ModelArgs};
 
 /// Flags of `lmx generate`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub kv: KvArgs,
     /// The prompt; `-` reads it from stdin. Literal \n and \t are unescaped.
     #[arg(long, short = 'p', default_value = "hello")]
     pub prompt: String,
+    /// Generate for every prompt in this file, decoding them together in batches: one prompt
+    /// per line, or JSON lines with "prompt" (text) or "messages" (a chat). Writes one JSON
+    /// line per prompt, in order, to stdout.
+    #[arg(long, conflicts_with = "prompt")]
+    pub prompts_file: Option<std::path::PathBuf>,
+    /// Most sequences decoding at once with --prompts-file.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
     /// System prompt for the chat template.
     #[arg(long)]
     pub system_prompt: Option<String>,
@@ -72,12 +82,19 @@ fn unescape(s: &str) -> String {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let prompt_text = if args.prompt == "-" {
-        let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s).context("reading the prompt from stdin")?;
-        s
-    } else {
-        unescape(&args.prompt)
+    let kv = args.kv.options()?;
+    let prompts_file = match &args.prompts_file {
+        Some(path) => Some(read_prompts(path)?),
+        None => None,
+    };
+    let prompt_text = match (&prompts_file, args.prompt.as_str()) {
+        (Some(_), _) => String::new(),
+        (None, "-") => {
+            let mut s = String::new();
+            std::io::stdin().read_to_string(&mut s).context("reading the prompt from stdin")?;
+            s
+        }
+        (None, p) => unescape(p),
     };
     let extra = template_config(args.chat_template_config.as_deref())?;
     let (model, mut tokenizer) = args.model.load()?;
@@ -86,15 +103,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let id = id.with_context(|| format!("--extra-eos-token `{tok}` is neither a token of this tokenizer nor a token id"))?;
         tokenizer.add_eos_token_id(id);
     }
-    let prompt = if args.ignore_chat_template || !tokenizer.has_chat_template() {
-        tokenizer.encode_prompt(&prompt_text)?
-    } else {
-        let mut messages = Vec::new();
-        if let Some(system) = &args.system_prompt {
-            messages.push(Message::new("system", system.clone()));
-        }
-        messages.push(Message::new("user", prompt_text));
-        tokenizer.chat_prompt(&messages, extra.as_ref())?
+    let encode = |prompt: Prompt| -> anyhow::Result<Vec<u32>> {
+        let messages = match prompt {
+            Prompt::Text(text) if args.ignore_chat_template || !tokenizer.has_chat_template() => return Ok(tokenizer.encode_prompt(&text)?),
+            Prompt::Text(text) => {
+                let mut messages = Vec::new();
+                if let Some(system) = &args.system_prompt {
+                    messages.push(Message::new("system", system.clone()));
+                }
+                messages.push(Message::new("user", text));
+                messages
+            }
+            Prompt::Messages(messages) => messages,
+        };
+        Ok(tokenizer.chat_prompt(&messages, extra.as_ref())?)
     };
     let sampler = lmx::SamplerParams {
         presence_penalty: args.presence_penalty,
@@ -103,7 +125,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ..sampler(args.temp, args.top_p, args.top_k, args.min_p, args.seed, args.repetition_penalty)
     };
     let params = GenerateParams { max_tokens: args.max_tokens, sampler, ignore_eos: args.ignore_eos, ..Default::default() };
-    let mut cache = PromptCache::new(&*model);
+    if let Some(prompts) = prompts_file {
+        let texts: Vec<String> = prompts.iter().map(|(_, p)| p.label()).collect();
+        let ids = prompts.into_iter().map(|(line, p)| encode(p).with_context(|| format!("--prompts-file line {line}"))).collect::<anyhow::Result<Vec<_>>>()?;
+        return run_batch(&model, &tokenizer, &texts, &ids, params, args.batch_size, kv, args.verbose);
+    }
+    let prompt = encode(Prompt::Text(prompt_text))?;
+    let mut cache = PromptCache::with_options(&*model, kv)?;
     let mut stdout = std::io::stdout().lock();
     let mut last = None;
     for response in lmx::stream_generate(&model, &tokenizer, &prompt, &mut cache, params) {
@@ -118,6 +146,104 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("Prompt: {} tokens, {:.3} tokens-per-sec", r.prompt_tokens, r.prompt_tps);
         eprintln!("Generation: {} tokens, {:.3} tokens-per-sec", r.generation_tokens, r.generation_tps);
         eprintln!("Peak memory: {}", gb(r.peak_memory));
+    }
+    Ok(())
+}
+
+/// One entry of `--prompts-file`.
+enum Prompt {
+    Text(String),
+    Messages(Vec<Message>),
+}
+
+impl Prompt {
+    /// What the output line echoes as "prompt".
+    fn label(&self) -> String {
+        match self {
+            Prompt::Text(t) => t.clone(),
+            Prompt::Messages(m) => m.last().map(|m| m.content.clone()).unwrap_or_default(),
+        }
+    }
+}
+
+/// The prompts of `path` with their line numbers: plain lines, or JSON objects with "prompt"
+/// or "messages"; blank lines skipped.
+fn read_prompts(path: &std::path::Path) -> anyhow::Result<Vec<(usize, Prompt)>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("--prompts-file {}", path.display()))?;
+    let mut prompts = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let at = || format!("--prompts-file {} line {}", path.display(), i + 1);
+        let prompt = if line.trim_start().starts_with('{') {
+            let need = || format!("{}: a JSON line needs exactly one of \"prompt\" (text) or \"messages\" (a non-empty list of {{\"role\", \"content\"}})", at());
+            let value: serde_json::Value = serde_json::from_str(line).with_context(need)?;
+            match (value.get("prompt"), value.get("messages")) {
+                (Some(serde_json::Value::String(p)), None) => Prompt::Text(p.clone()),
+                (None, Some(serde_json::Value::Array(list))) if !list.is_empty() => {
+                    let message = |m: &serde_json::Value| Some(Message::new(m.get("role")?.as_str()?, m.get("content")?.as_str()?.to_string()));
+                    Prompt::Messages(list.iter().map(message).collect::<Option<Vec<_>>>().with_context(need)?)
+                }
+                _ => anyhow::bail!(need()),
+            }
+        } else {
+            Prompt::Text(unescape(line))
+        };
+        prompts.push((i + 1, prompt));
+    }
+    anyhow::ensure!(!prompts.is_empty(), "--prompts-file {} holds no prompts", path.display());
+    Ok(prompts)
+}
+
+/// `--prompts-file`: every prompt through continuous batches; a progress bar and totals on
+/// stderr, a JSON line per prompt on stdout.
+#[allow(clippy::too_many_arguments)]
+fn run_batch(
+    model: &lmx::Model,
+    tokenizer: &lmx::TokenizerWrapper,
+    texts: &[String],
+    prompts: &[Vec<u32>],
+    params: GenerateParams,
+    batch_size: usize,
+    kv: lmx::KvOptions,
+    verbose: bool,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(batch_size > 0, "--batch-size must be at least 1");
+    let bar = indicatif::ProgressBar::new(prompts.len() as u64);
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} prompts, {msg} [{elapsed_precise}]").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+    if !verbose {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let start = std::time::Instant::now();
+    let mut generated = 0usize;
+    let mut peak = 0;
+    let outputs = lmx::batch_generate(model, tokenizer, prompts, params, batch_size, kv, |responses| {
+        generated += responses.len();
+        for (_, r) in responses {
+            peak = r.peak_memory;
+            if r.finish_reason.is_some() {
+                bar.inc(1);
+            }
+        }
+        bar.set_message(format!("{generated} tokens, {:.1} tokens-per-sec", generated as f64 / start.elapsed().as_secs_f64().max(1e-9)));
+    })?;
+    bar.finish_and_clear();
+    let took = start.elapsed().as_secs_f64();
+    let mut stdout = std::io::stdout().lock();
+    for (text, out) in texts.iter().zip(&outputs) {
+        let line = serde_json::json!({
+            "prompt": text,
+            "text": out.text,
+            "finish_reason": out.finish_reason.map(|f| f.as_str()),
+            "prompt_tokens": out.prompt_tokens,
+            "generation_tokens": out.tokens.len(),
+        });
+        writeln!(stdout, "{line}")?;
+    }
+    if verbose {
+        let prompt_tokens: usize = outputs.iter().map(|o| o.prompt_tokens).sum();
+        eprintln!("==========");
+        eprintln!("Prompts: {}, {prompt_tokens} tokens; batches of at most {batch_size}", outputs.len());
+        eprintln!("Generation: {generated} tokens in {took:.2} s, {:.3} tokens-per-sec in all", generated as f64 / took.max(1e-9));
+        eprintln!("Peak memory: {}", gb(peak));
     }
     Ok(())
 }

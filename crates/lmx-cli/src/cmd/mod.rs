@@ -71,6 +71,33 @@ pub fn load_model(model: &str, options: &lmx::LoadOptions) -> anyhow::Result<(lm
     lmx::load_with(&model, options).with_context(|| format!("loading model `{model}`"))
 }
 
+/// KV cache flags (MLX LM's), shared by generate and chat.
+#[derive(ClapArgs, Debug, Clone)]
+pub struct KvArgs {
+    /// Keep at most this many tokens' keys and values: a rotating cache that keeps the first 4
+    /// tokens and the latest ones (long generations in bounded memory).
+    #[arg(long)]
+    pub max_kv_size: Option<usize>,
+    /// Keep keys and values quantized to this many bits (2, 3, 4, 5, 6 or 8; MLX's affine format).
+    #[arg(long)]
+    pub kv_bits: Option<usize>,
+    /// Elements sharing one scale and bias in the quantized cache (32, 64 or 128).
+    #[arg(long, default_value_t = 64)]
+    pub kv_group_size: usize,
+    /// Quantize the cache once it holds this many tokens (with --kv-bits).
+    #[arg(long, default_value_t = 5000)]
+    pub quantized_kv_start: usize,
+}
+
+impl KvArgs {
+    /// The cache options, checked.
+    pub fn options(&self) -> anyhow::Result<lmx::KvOptions> {
+        let opts = lmx::KvOptions { max_kv_size: self.max_kv_size, kv_bits: self.kv_bits, kv_group_size: self.kv_group_size, quantized_kv_start: self.quantized_kv_start };
+        opts.validate().map_err(|e| anyhow::anyhow!("--max-kv-size / --kv-bits / --kv-group-size: {e}"))?;
+        Ok(opts)
+    }
+}
+
 /// Sampling flags shared by generate and chat.
 pub fn sampler(temp: f32, top_p: f32, top_k: usize, min_p: f32, seed: Option<u64>, repetition_penalty: Option<f32>) -> lmx::SamplerParams {
     lmx::SamplerParams { temp, top_p, top_k, min_p, seed, repetition_penalty, ..Default::default() }

@@ -4,7 +4,8 @@
 
 use crate::default_model;
 
-const PROMPTS: [&str; 4] = ["The capital of France is", "Write a haiku about the sea.", "1, 2, 3,", "Rust is a programming language that empowers everyone to build reliable and efficient software. Its main features are"];
+const PROMPTS: [&str; 4] =
+    ["The capital of France is", "Write a haiku about the sea.", "1, 2, 3,", "Rust is a programming language that empowers everyone to build reliable and efficient software. Its main features are"];
 
 fn alone(model: &lmx::Model, tok: &lmx::TokenizerWrapper, prompt: &[u32], max_tokens: usize, kv: lmx::KvOptions) -> Vec<u32> {
     let mut cache = lmx::PromptCache::with_options(&**model, kv).expect("kv options");
@@ -67,4 +68,32 @@ fn sequences_join_and_leave_between_steps() {
     assert_eq!(got[&c.expect("c joined")], alone(&model, &tok, &prompts[2], 10, Default::default()));
     assert_eq!(got[&b].len(), 3, "b ran 3 steps before it was removed");
     assert!(gen.remove(b).is_err(), "b is gone");
+}
+
+/// Greedy tokens with each cache kind equal MLX LM's `generate_step` with the same settings
+/// (tests/fixtures/smollm2/kv_cache_reference.json, written by
+/// scripts/fixtures/kv_cache_reference.py with mlx 0.32.4 / mlx-lm 0.32.2 on the default model
+/// in float32), alone and in one batch.
+#[test]
+fn cache_kinds_follow_mlx_lm() {
+    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/smollm2/kv_cache_reference.json");
+    let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).expect("fixture")).expect("json");
+    let (model, tok) = lmx::load(&default_model()).expect("load");
+    let prompts: Vec<Vec<u32>> = fixture["prompts"].as_array().expect("prompts").iter().map(|p| serde_json::from_value(p["ids"].clone()).expect("ids")).collect();
+    for (p, want) in PROMPTS.iter().zip(&prompts) {
+        assert_eq!(&tok.encode(p, true).expect("encode"), want, "MLX LM's token ids for {p:?}");
+    }
+    let max_tokens = fixture["max_tokens"].as_u64().expect("max_tokens") as usize;
+    for (name, setting) in fixture["settings"].as_object().expect("settings") {
+        let o = &setting["options"];
+        let n = |k: &str| o.get(k).and_then(|v| v.as_u64()).map(|v| v as usize);
+        let kv = lmx::KvOptions { max_kv_size: n("max_kv_size"), kv_bits: n("kv_bits"), kv_group_size: n("kv_group_size").unwrap_or(64), quantized_kv_start: n("quantized_kv_start").unwrap_or(0) };
+        let want: Vec<Vec<u32>> = serde_json::from_value(setting["tokens"].clone()).expect("tokens");
+        let params = lmx::GenerateParams { max_tokens, ignore_eos: true, ..Default::default() };
+        let batched = lmx::batch_generate(&model, &tok, &prompts, params, 4, kv, |_| {}).expect("batch");
+        for (i, (prompt, want)) in prompts.iter().zip(&want).enumerate() {
+            assert_eq!(&alone(&model, &tok, prompt, max_tokens, kv), want, "{name}: prompt {i} alone differs from MLX LM");
+            assert_eq!(&batched[i].tokens, want, "{name}: prompt {i} in a batch differs from MLX LM");
+        }
+    }
 }
