@@ -49,6 +49,9 @@ enum Command {
     Generate(cmd::generate::Args),
     /// Chat in a terminal, keeping the KV cache across turns (mlx_lm.chat).
     Chat(cmd::chat::Args),
+    /// Process a prompt once and save its KV cache to a file for generate --prompt-cache-file
+    /// (mlx_lm.cache_prompt).
+    CachePrompt(cmd::cache_prompt::Args),
     /// Perplexity of a model on a text file (mlx_lm.perplexity).
     Perplexity(cmd::perplexity::Args),
     /// Measure prompt and generation throughput on random tokens (mlx_lm.benchmark).
@@ -98,6 +101,7 @@ fn main() -> ExitCode {
     let result = match command {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Chat(args) => cmd::chat::run(args),
+        Command::CachePrompt(args) => cmd::cache_prompt::run(args),
         Command::Convert(args) => cmd::convert::run(args),
         Command::Benchmark(args) => cmd::benchmark::run(args),
         Command::Perplexity(args) => cmd::perplexity::run(args),

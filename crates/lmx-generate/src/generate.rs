@@ -29,6 +29,9 @@ pub enum GenerateError {
     /// Key/value cache settings that cannot work together or with this model.
     #[error("kv cache: {0}")]
     KvCache(String),
+    /// A prompt cache file that cannot be used with this model.
+    #[error("prompt cache file {path}: {msg}")]
+    PromptCacheFile { path: std::path::PathBuf, msg: String },
     /// A batch generator has no sequence with this id.
     #[error("no sequence with id {0} in the batch")]
     UnknownSequence(u64),

@@ -3,7 +3,7 @@
 //! leaves a file that looks complete, and a failed write leaves nothing behind. Files get the
 //! permissions of any file the user creates (their umask), not a temp file's 0600.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
@@ -63,6 +63,7 @@ fn st_dtype(dtype: DType) -> (&'static str, usize) {
     match dtype {
         DType::U8 => ("U8", 1),
         DType::U32 => ("U32", 4),
+        DType::I32 => ("I32", 4),
         DType::I64 => ("I64", 8),
         DType::BF16 => ("BF16", 2),
         DType::F16 => ("F16", 2),
@@ -78,6 +79,7 @@ fn tensor_bytes(t: &Tensor) -> lmx_core::Result<Vec<u8>> {
     Ok(match t.dtype() {
         DType::U8 => t.to_vec1::<u8>()?,
         DType::U32 => t.to_vec1::<u32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::I32 => t.to_vec1::<i32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
         DType::I64 => t.to_vec1::<i64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
         DType::BF16 => t.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect(),
         DType::F16 => t.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect(),
@@ -90,9 +92,17 @@ fn tensor_bytes(t: &Tensor) -> lmx_core::Result<Vec<u8>> {
 /// (largest first), then by name, so every tensor starts aligned to its element size; one
 /// tensor's bytes are in memory at a time.
 pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    save_safetensors_with_metadata(tensors, &BTreeMap::new(), path)
+}
+
+/// [`save_safetensors`] with string `metadata` in the header (`__metadata__`).
+pub fn save_safetensors_with_metadata(tensors: &HashMap<String, Tensor>, metadata: &BTreeMap<String, String>, path: &Path) -> Result<()> {
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort_by_key(|n| (std::cmp::Reverse(st_dtype(tensors[*n].dtype()).1), (*n).clone()));
     let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert("__metadata__".into(), serde_json::to_value(metadata).map_err(|e| IoError::Json { path: path.to_path_buf(), msg: e.to_string() })?);
+    }
     let mut offset = 0usize;
     for name in &names {
         let t = &tensors[*name];
@@ -112,6 +122,46 @@ pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Resul
         }
         Ok(())
     })
+}
+
+/// Reads a whole safetensors file (small files: prompt caches) into CPU tensors, with its
+/// string metadata. Every header entry is checked against the file: a known dtype, a shape
+/// matching its byte range, ranges inside the data.
+pub fn read_safetensors_with_metadata(path: &Path) -> Result<(HashMap<String, Tensor>, BTreeMap<String, String>)> {
+    let bytes = std::fs::read(path).map_err(|e| IoError::io(path, e))?;
+    let bad = |msg: String| IoError::Safetensors { path: path.to_path_buf(), msg };
+    let n = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()) as usize).ok_or_else(|| bad("shorter than its 8-byte header length".into()))?;
+    let head = bytes.get(8..8usize.saturating_add(n)).ok_or_else(|| bad(format!("a header of {n} bytes in a file of {}", bytes.len())))?;
+    let data = &bytes[8 + n..];
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(head).map_err(|e| bad(format!("header: {e}")))?;
+    let mut tensors = HashMap::new();
+    let mut metadata = BTreeMap::new();
+    for (name, entry) in header {
+        if name == "__metadata__" {
+            metadata = serde_json::from_value(entry).map_err(|e| bad(format!("__metadata__ must map strings to strings: {e}")))?;
+            continue;
+        }
+        let field = |k: &str| entry.get(k).cloned().ok_or_else(|| bad(format!("tensor `{name}` has no `{k}`")));
+        let dtype: String = serde_json::from_value(field("dtype")?).map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+        let shape: Vec<usize> = serde_json::from_value(field("shape")?).map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+        let [start, end]: [usize; 2] = serde_json::from_value(field("data_offsets")?).map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+        let (dt, size) = match dtype.as_str() {
+            "F32" => (DType::F32, 4),
+            "BF16" => (DType::BF16, 2),
+            "F16" => (DType::F16, 2),
+            "U32" => (DType::U32, 4),
+            "I32" => (DType::I32, 4),
+            "I64" => (DType::I64, 8),
+            "U8" => (DType::U8, 1),
+            other => return Err(bad(format!("tensor `{name}` has dtype {other}, which lmx does not read"))),
+        };
+        let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| bad(format!("tensor `{name}`: shape {shape:?} overflows")))?;
+        let raw =
+            data.get(start..end).filter(|r| r.len() == count * size).ok_or_else(|| bad(format!("tensor `{name}`: bytes {start}..{end} do not hold {shape:?} {dtype} in {} data bytes", data.len())))?;
+        let t = Tensor::from_raw_buffer(raw, dt, &shape, &lmx_core::Device::Cpu)?;
+        tensors.insert(name, t);
+    }
+    Ok((tensors, metadata))
 }
 
 #[cfg(test)]

@@ -226,6 +226,16 @@ impl LayerKv {
         Ok(out)
     }
 
+    fn quantize_due(&mut self, opts: &KvOptions) -> Result<()> {
+        if let (Some(bits), Store::Growing { k, v }) = (opts.kv_bits, &self.store) {
+            if self.offset > 0 && self.offset >= opts.quantized_kv_start {
+                let q = |t: &Tensor| QuantizedBuf::quantize(&t.narrow(2, 0, self.offset)?, bits, opts.kv_group_size);
+                self.store = Store::Quantized { k: q(k)?, v: q(v)? };
+            }
+        }
+        Ok(())
+    }
+
     fn truncate(&mut self, len: usize) {
         if len >= self.offset {
             return;
@@ -321,7 +331,81 @@ fn rotate_in_place(kb: &mut Tensor, vb: &mut Tensor, idx: &mut usize, offset: us
     }
 }
 
+/// One layer's cache as MLX LM saves it (`cache.state` and `meta_state` in
+/// `mlx_lm/models/cache.py`).
+#[derive(Debug, Clone)]
+pub enum LayerState {
+    /// `KVCache`: keys and values (1, kv_heads, n, head_dim), n >= offset.
+    Growing { keys: Tensor, values: Tensor, offset: usize },
+    /// `RotatingKVCache`: the buffers in ring order; `idx` is where the next token goes.
+    Rotating { keys: Tensor, values: Tensor, offset: usize, keep: usize, max_size: usize, idx: usize },
+    /// `QuantizedKVCache`: (packed words, scales, biases) for keys and for values.
+    Quantized { keys: [Tensor; 3], values: [Tensor; 3], offset: usize, group_size: usize, bits: usize },
+}
+
 impl KvCache {
+    /// Every layer's state, for a cache of one sequence (what a prompt cache file holds).
+    pub fn states(&self) -> Result<Vec<LayerState>> {
+        let [row] = &self.rows[..] else { lmx_core::bail!("only a cache of one sequence can be saved, not {}", self.rows.len()) };
+        row.layers
+            .iter()
+            .map(|l| {
+                let offset = l.offset;
+                Ok(match &l.store {
+                    Store::Empty => lmx_core::bail!("an empty cache has nothing to save"),
+                    Store::Growing { k, v } => LayerState::Growing { keys: k.narrow(2, 0, offset)?, values: v.narrow(2, 0, offset)?, offset },
+                    Store::Rotating { k, v, idx } => LayerState::Rotating { keys: k.clone(), values: v.clone(), offset, keep: ROTATING_KEEP, max_size: row.opts.max_kv_size.unwrap_or(0), idx: *idx },
+                    Store::Quantized { k, v } => {
+                        let part = |q: &QuantizedBuf| -> Result<[Tensor; 3]> { Ok([q.packed.narrow(2, 0, offset)?, q.scales.narrow(2, 0, offset)?, q.biases.narrow(2, 0, offset)?]) };
+                        LayerState::Quantized { keys: part(k)?, values: part(v)?, offset, group_size: row.opts.kv_group_size, bits: row.opts.kv_bits.unwrap_or(8) }
+                    }
+                })
+            })
+            .collect()
+    }
+
+    /// A one-sequence cache from saved layer states, on `device`. The states set what they
+    /// imply (a rotating size, quantization bits and group size); `opts` the rest (a growing
+    /// cache still quantizes later with `kv_bits`). Layers must agree on the kind and settings.
+    pub fn from_states(states: Vec<LayerState>, opts: KvOptions, device: &Device) -> Result<Self> {
+        let mut opts = opts;
+        let mut layers = Vec::with_capacity(states.len());
+        let dev = |t: &Tensor| -> Result<Tensor> { t.to_device(device)?.contiguous() };
+        for (i, s) in states.into_iter().enumerate() {
+            let (store, offset) = match s {
+                LayerState::Growing { keys, values, offset } => {
+                    if keys.dims4()?.2 < offset || keys.dims() != values.dims() {
+                        lmx_core::bail!("layer {i}: keys {:?} and values {:?} do not hold {offset} positions", keys.dims(), values.dims());
+                    }
+                    (Store::Growing { k: dev(&keys)?, v: dev(&values)? }, offset)
+                }
+                LayerState::Rotating { keys, values, offset, keep, max_size, idx } => {
+                    if keep != ROTATING_KEEP || idx > keys.dims4()?.2 || keys.dims() != values.dims() {
+                        lmx_core::bail!("layer {i}: a rotating cache keeping {keep} tokens (lmx keeps {ROTATING_KEEP}) or with keys {:?}, values {:?} and index {idx}", keys.dims(), values.dims());
+                    }
+                    opts.max_kv_size = Some(max_size);
+                    (Store::Rotating { k: dev(&keys)?, v: dev(&values)?, idx }, offset)
+                }
+                LayerState::Quantized { keys, values, offset, group_size, bits } => {
+                    opts.kv_bits = Some(bits);
+                    opts.kv_group_size = group_size;
+                    let buf = |[packed, scales, biases]: [Tensor; 3]| -> Result<QuantizedBuf> { Ok(QuantizedBuf { packed: dev(&packed)?, scales: dev(&scales)?, biases: dev(&biases)? }) };
+                    let (k, v) = (buf(keys)?, buf(values)?);
+                    if k.packed.dims4()?.2 < offset || k.scales.dims4()?.2 < offset {
+                        lmx_core::bail!("layer {i}: quantized keys {:?} do not hold {offset} positions", k.packed.dims());
+                    }
+                    (Store::Quantized { k, v }, offset)
+                }
+            };
+            layers.push(LayerKv { store, offset });
+        }
+        if layers.windows(2).any(|w| w[0].offset != w[1].offset || std::mem::discriminant(&w[0].store) != std::mem::discriminant(&w[1].store)) {
+            lmx_core::bail!("the layers' caches differ in kind or length");
+        }
+        opts.validate().map_err(lmx_core::Error::Msg)?;
+        Ok(Self { rows: vec![Sequence { layers, opts }], store: true })
+    }
+
     /// An empty growing cache for one sequence of a model with `n_layers` layers.
     pub fn new(n_layers: usize) -> Self {
         Self { rows: vec![Sequence { layers: vec![LayerKv::default(); n_layers], opts: KvOptions::default() }], store: true }
@@ -350,6 +434,23 @@ impl KvCache {
     /// The inverse of [`KvCache::batch`]: one cache per row.
     pub fn unbatch(self) -> Vec<KvCache> {
         self.rows.into_iter().map(|r| KvCache { rows: vec![r], store: true }).collect()
+    }
+
+    /// Layers of each sequence's cache.
+    pub fn layers(&self) -> usize {
+        self.rows.first().map_or(0, |r| r.layers.len())
+    }
+
+    /// Quantizes the growing caches that have reached `quantized_kv_start` now rather than at
+    /// their next append (MLX LM's `maybe_quantize_kv_cache` after a forward pass), e.g.
+    /// before saving.
+    pub fn quantize_due(&mut self) -> Result<()> {
+        for r in &mut self.rows {
+            for l in &mut r.layers {
+                l.quantize_due(&r.opts)?;
+            }
+        }
+        Ok(())
     }
 
     /// Sequences (rows) in this cache; 0 for [`KvCache::uncached`].

@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use anyhow::Context;
 use lmx::{GenerateParams, Message, PromptCache};
 
-use super::{gb, sampler, template_config, KvArgs, ModelArgs};
+use super::{gb, query_split, sampler, template_config, KvArgs, ModelArgs};
 
 /// Flags of `lmx generate`.
 #[derive(clap::Args, Debug)]
@@ -23,6 +23,10 @@ pub struct Args {
     /// line per prompt, in order, to stdout.
     #[arg(long, conflicts_with = "prompt")]
     pub prompts_file: Option<std::path::PathBuf>,
+    /// Start from a cache saved by `lmx cache-prompt` (or mlx_lm.cache_prompt): the prompt
+    /// continues the cached one.
+    #[arg(long, conflicts_with = "prompts_file")]
+    pub prompt_cache_file: Option<std::path::PathBuf>,
     /// Most sequences decoding at once with --prompts-file.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
@@ -130,8 +134,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let ids = prompts.into_iter().map(|(line, p)| encode(p).with_context(|| format!("--prompts-file line {line}"))).collect::<anyhow::Result<Vec<_>>>()?;
         return run_batch(&model, &tokenizer, &texts, &ids, params, args.batch_size, kv, args.verbose);
     }
-    let prompt = encode(Prompt::Text(prompt_text))?;
-    let mut cache = PromptCache::with_options(&*model, kv)?;
+    let (prompt, mut cache) = match &args.prompt_cache_file {
+        None => (encode(Prompt::Text(prompt_text))?, PromptCache::with_options(&*model, kv)?),
+        Some(path) => {
+            let (cache, meta) = PromptCache::load(&*model, path, kv).with_context(|| format!("--prompt-cache-file {}", path.display()))?;
+            if let Some(made_with) = meta.get("model").filter(|m| **m != args.model.model) {
+                anyhow::bail!("--prompt-cache-file {} was made with --model {made_with}, not {}: pass --model {made_with}", path.display(), args.model.model);
+            }
+            // The prompt completes the cached one: the rest of the user's message and the
+            // template's generation prompt.
+            let rest = if args.ignore_chat_template || !tokenizer.has_chat_template() { prompt_text } else { format!("{prompt_text}{}", query_split(&tokenizer, extra.as_ref())?.1) };
+            let mut prompt = cache.tokens().to_vec();
+            prompt.extend(tokenizer.encode(&rest, false)?);
+            (prompt, cache)
+        }
+    };
     let mut stdout = std::io::stdout().lock();
     let mut last = None;
     for response in lmx::stream_generate(&model, &tokenizer, &prompt, &mut cache, params) {

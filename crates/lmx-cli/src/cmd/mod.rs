@@ -1,6 +1,7 @@
 //! One module per subcommand, plus the flags they share.
 
 pub mod benchmark;
+pub mod cache_prompt;
 pub mod chat;
 pub mod convert;
 pub mod fuse;
@@ -96,6 +97,17 @@ impl KvArgs {
         opts.validate().map_err(|e| anyhow::anyhow!("--max-kv-size / --kv-bits / --kv-group-size: {e}"))?;
         Ok(opts)
     }
+}
+
+/// The chat template around one user message, split where the message goes: (the text
+/// before it, the text after it, generation prompt included). A prompt cache file holds the
+/// tokens of `before + cached prompt`; a prompt given with it adds `prompt + after`, as
+/// MLX LM's `<query>` placeholder does.
+pub fn query_split(tokenizer: &lmx::TokenizerWrapper, extra: Option<&serde_json::Value>) -> anyhow::Result<(String, String)> {
+    const QUERY: &str = "<query>";
+    let text = tokenizer.apply_chat_template(&[lmx::Message::new("user", QUERY.to_string())], None, extra)?;
+    let at = text.find(QUERY).context("the chat template drops the user's message")?;
+    Ok((text[..at].to_string(), text[at + QUERY.len()..].to_string()))
 }
 
 /// Sampling flags shared by generate and chat.

@@ -1,6 +1,7 @@
-//! Continuous batching and the cache variants on the real model: a sequence's greedy tokens
-//! in a batch equal its tokens alone, with growing, quantized and rotating caches, also when
-//! sequences join and leave between steps.
+//! Continuous batching, the cache variants and prompt cache files on the real model: a
+//! sequence's greedy tokens in a batch equal its tokens alone, with growing, quantized and
+//! rotating caches, also when sequences join and leave between steps; each cache kind follows
+//! MLX LM; a saved cache continues as the one it saved.
 
 use crate::default_model;
 
@@ -96,4 +97,41 @@ fn cache_kinds_follow_mlx_lm() {
             assert_eq!(&batched[i].tokens, want, "{name}: prompt {i} in a batch differs from MLX LM");
         }
     }
+}
+
+/// A prompt cache saved to a file and loaded back continues exactly as the whole prompt run
+/// from scratch, for each cache kind; a cache file for another model is refused.
+#[test]
+fn prompt_cache_files_round_trip() {
+    let (model, tok) = lmx::load(&default_model()).expect("load");
+    let head = tok.encode(PROMPTS[3], true).expect("encode");
+    let tail = tok.encode(" Also, its mascot is", false).expect("encode");
+    let whole: Vec<u32> = head.iter().chain(&tail).copied().collect();
+    let dir = std::env::temp_dir().join(format!("lmx-it-prompt-cache-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    for (name, kv) in
+        [("growing", lmx::KvOptions::default()), ("8-bit", lmx::KvOptions { kv_bits: Some(8), ..Default::default() }), ("rotating 16", lmx::KvOptions { max_kv_size: Some(16), ..Default::default() })]
+    {
+        let mut cache = lmx::PromptCache::with_options(&*model, kv).expect("options");
+        cache.extend(&*model, &head, 2048).expect("extend");
+        let file = dir.join(format!("{}.safetensors", name.replace(' ', "-")));
+        cache.save(&file, &[("model".to_string(), "smollm2".to_string())].into()).expect("save");
+        let (mut loaded, meta) = lmx::PromptCache::load(&*model, &file, Default::default()).expect("load");
+        assert_eq!(meta["model"], "smollm2");
+        assert_eq!(loaded.tokens(), &head[..], "{name}: the file keeps the token ids");
+        assert!(loaded.nbytes() > 0);
+        let params = lmx::GenerateParams { max_tokens: 8, ignore_eos: true, ..Default::default() };
+        let from_file: Vec<u32> = lmx::stream_generate(&model, &tok, &whole, &mut loaded, params.clone()).map(|r| r.expect("step").token).collect();
+        let mut fresh = lmx::PromptCache::with_options(&*model, kv).expect("options");
+        fresh.extend(&*model, &head, 2048).expect("extend");
+        let want: Vec<u32> = lmx::stream_generate(&model, &tok, &whole, &mut fresh, params).map(|r| r.expect("step").token).collect();
+        assert_eq!(from_file, want, "{name}: generation after loading differs from the cache it saved");
+    }
+    // A truncated file is refused with its name and the reason.
+    let file = dir.join("growing.safetensors");
+    let bytes = std::fs::read(&file).expect("read");
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).expect("truncate");
+    let err = lmx::PromptCache::load(&*model, &file, Default::default()).err().expect("refused").to_string();
+    assert!(err.contains("growing.safetensors") && err.contains("do not hold"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
 }
