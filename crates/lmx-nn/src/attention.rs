@@ -74,6 +74,9 @@ impl AttentionConfig {
     }
 }
 
+/// A causal mask's shape: (queries, keys, window).
+type MaskKey = (usize, usize, Option<usize>);
+
 /// What every layer's attention needs for one forward pass: the rotary angles of each row's
 /// positions, and the causal masks the layers ask for (built once per shape).
 #[derive(Debug)]
@@ -82,7 +85,7 @@ pub struct AttentionInput {
     /// or one per row (sequences at different positions).
     rows: Vec<(Tensor, Tensor)>,
     /// Additive masks by (queries, keys, window).
-    masks: std::sync::Mutex<Vec<((usize, usize, Option<usize>), Tensor)>>,
+    masks: std::sync::Mutex<Vec<(MaskKey, Tensor)>>,
 }
 
 impl AttentionInput {

@@ -521,7 +521,8 @@ mod tests {
     use lmx_core::Device;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a.contiguous().unwrap() - b.contiguous().unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+        let d = || -> Result<f32> { (a.contiguous()? - b.contiguous()?)?.abs()?.max_all()?.to_scalar::<f32>() };
+        d().expect("same shapes")
     }
 
     #[test]
@@ -547,8 +548,8 @@ mod tests {
     fn rotating_cache_keeps_the_first_tokens_and_a_ring() -> Result<()> {
         let opts = KvOptions { max_kv_size: Some(8), ..Default::default() };
         let mut c = KvCache::new(1).with_options(opts);
-        let pos = |from: usize, n: usize| Tensor::arange(from as f32, (from + n) as f32, &Device::Cpu).unwrap().reshape((1, 1, n, 1)).unwrap();
-        let ids = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        let pos = |from: usize, n: usize| Tensor::arange(from as f32, (from + n) as f32, &Device::Cpu).and_then(|t| t.reshape((1, 1, n, 1))).expect("positions");
+        let ids = |t: &Tensor| -> Vec<f32> { t.flatten_all().and_then(|t| t.to_vec1()).expect("values") };
         let (k, _) = c.append(0, 0, &pos(0, 6), &pos(0, 6))?;
         assert_eq!(ids(&k), [0., 1., 2., 3., 4., 5.]);
         for p in 6..8 {
