@@ -110,13 +110,13 @@ impl CustomOp2 for MatVec {
         let storage = match ws.dtype() {
             DType::F32 => {
                 let (x, w) = (contiguous::<f32>(xs, xl)?, contiguous::<f32>(ws, wl)?);
-                par_rows(&mut y, m, n, |row, i| dot_f32(&w[row * k..(row + 1) * k], &x[i * k..(i + 1) * k]));
+                matvec_rows(w, x, m, k, n, &mut y, |row, i| scalar::dot_f32(&w[row * k..(row + 1) * k], &x[i * k..(i + 1) * k]));
                 CpuStorage::F32(y)
             }
             DType::BF16 => {
                 let x: Vec<f32> = contiguous::<bf16>(xs, xl)?.iter().map(|v| v.to_f32()).collect();
                 let w = contiguous::<bf16>(ws, wl)?;
-                par_rows(&mut y, m, n, |row, i| dot_bf16(&w[row * k..(row + 1) * k], &x[i * k..(i + 1) * k]));
+                matvec_rows(w, &x, m, k, n, &mut y, |row, i| scalar::dot_bf16(&w[row * k..(row + 1) * k], &x[i * k..(i + 1) * k]));
                 CpuStorage::BF16(y.into_iter().map(bf16::from_f32).collect())
             }
             other => candle_core::bail!("matvec: dtype {other:?} is not supported"),
@@ -125,19 +125,43 @@ impl CustomOp2 for MatVec {
     }
 }
 
-/// Fills `y` (m, n): `y[i][row] = f(row, i)`, weight rows split over the decode pool.
-fn par_rows(y: &mut [f32], m: usize, n: usize, f: impl Fn(usize, usize) -> f32 + Sync) {
+/// Fills `y` (m, n) with `y[i][r] = w[r] . x[i]`, weight rows split over the decode pool:
+/// the AVX2 tiles where the CPU has them, else `portable(r, i)`. Either way each result is
+/// computed the same for every m.
+#[allow(unused_variables)]
+fn matvec_rows<W: Copy + Send + Sync + LanesIfX86>(w: &[W], x: &[f32], m: usize, k: usize, n: usize, y: &mut [f32], portable: impl Fn(usize, usize) -> f32 + Sync) {
     let out = SendPtr(y.as_mut_ptr());
+    #[cfg(target_arch = "x86_64")]
+    let fast = avx2();
+    #[cfg(not(target_arch = "x86_64"))]
+    let fast = false;
     parallel_ranges(n, MIN_ROWS_PER_THREAD, |rows| {
+        #[cfg(target_arch = "x86_64")]
+        if fast {
+            // SAFETY: AVX2 and FMA are present; w is n rows of k and x m rows of k (the
+            // caller's shapes); this range's columns are written by this call alone.
+            unsafe { x86::matvec_rows(w, x, m, k, n, rows, out.get()) };
+            return;
+        }
         for r in rows {
             for i in 0..m {
                 // SAFETY: column r belongs to this range alone; i * n + r is inside y (m * n),
                 // which outlives the call.
-                unsafe { *out.get().add(i * n + r) = f(r, i) };
+                unsafe { *out.get().add(i * n + r) = portable(r, i) };
             }
         }
     });
 }
+
+/// The weight types [`matvec_rows`] reads (the AVX2 loads on x86).
+#[cfg(target_arch = "x86_64")]
+trait LanesIfX86: x86::Lanes {}
+#[cfg(target_arch = "x86_64")]
+impl<T: x86::Lanes> LanesIfX86 for T {}
+#[cfg(not(target_arch = "x86_64"))]
+trait LanesIfX86 {}
+#[cfg(not(target_arch = "x86_64"))]
+impl<T> LanesIfX86 for T {}
 
 /// True where the AVX2 + FMA kernels run.
 #[cfg(target_arch = "x86_64")]
@@ -221,6 +245,117 @@ mod x86 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
         _mm_cvtss_f32(s)
+    }
+
+    /// Weight element types the multi-row product reads, 8 at a time, widened to f32.
+    pub(super) trait Lanes: Copy {
+        /// # Safety
+        /// The CPU must support AVX2; 8 values are readable at `p`.
+        unsafe fn load8(p: *const Self) -> __m256;
+        fn f32(self) -> f32;
+    }
+
+    impl Lanes for f32 {
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn load8(p: *const Self) -> __m256 {
+            // SAFETY: the caller guarantees 8 readable floats at p.
+            unsafe { _mm256_loadu_ps(p) }
+        }
+        fn f32(self) -> f32 {
+            self
+        }
+    }
+
+    impl Lanes for bf16 {
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn load8(p: *const Self) -> __m256 {
+            // SAFETY: the caller guarantees 8 readable bf16 values at p.
+            unsafe { load_bf16(p) }
+        }
+        fn f32(self) -> f32 {
+            self.to_f32()
+        }
+    }
+
+    /// Dot products of weight rows `r0..r0 + R` with activation rows `i0..i0 + C` (rows of
+    /// `k`): each one 8-lane FMA chain over k, a horizontal sum, then the tail in order, so
+    /// every result is the same whatever tile computed it.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<W: Lanes, const R: usize, const C: usize>(w: &[W], x: &[f32], k: usize, r0: usize, i0: usize) -> [[f32; C]; R] {
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        let chunks = k / 8 * 8;
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let mut j = 0;
+        while j < chunks {
+            let mut wv = [_mm256_setzero_ps(); R];
+            for (a, v) in wv.iter_mut().enumerate() {
+                // SAFETY: row r0 + a has k >= j + 8 elements from (r0 + a) * k.
+                *v = unsafe { W::load8(wp.add((r0 + a) * k + j)) };
+            }
+            for b in 0..C {
+                // SAFETY: as above, for activation row i0 + b.
+                let xv = unsafe { _mm256_loadu_ps(xp.add((i0 + b) * k + j)) };
+                for a in 0..R {
+                    acc[a][b] = _mm256_fmadd_ps(wv[a], xv, acc[a][b]);
+                }
+            }
+            j += 8;
+        }
+        let mut out = [[0f32; C]; R];
+        for a in 0..R {
+            for b in 0..C {
+                let (wr, xr) = (&w[(r0 + a) * k + chunks..(r0 + a + 1) * k], &x[(i0 + b) * k + chunks..(i0 + b + 1) * k]);
+                out[a][b] = hsum(acc[a][b]) + wr.iter().zip(xr).map(|(p, q)| p.f32() * q).sum::<f32>();
+            }
+        }
+        out
+    }
+
+    /// `y[i * n + r] = w[r] . x[i]` for weight rows `rows` and all `m` activation rows, in
+    /// tiles of up to 4 weight rows by 2 activation rows (each weight row read once per pair
+    /// of activation rows, from cache after the first).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `w` holds the rows of `k`, `x` holds `m` rows of
+    /// `k`, and `y` points at `m * n` writable floats of which this call alone writes the
+    /// columns `rows`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn matvec_rows<W: Lanes>(w: &[W], x: &[f32], m: usize, k: usize, n: usize, rows: std::ops::Range<usize>, y: *mut f32) {
+        let mut r = rows.start;
+        while r < rows.end {
+            let rr = (rows.end - r).min(4);
+            let mut i = 0;
+            while i < m {
+                let cc = (m - i).min(2);
+                macro_rules! run {
+                    ($R:literal, $C:literal) => {{
+                        // SAFETY: the tile stays inside w and x (checked by the caller's shapes).
+                        let t = unsafe { tile::<W, $R, $C>(w, x, k, r, i) };
+                        for (a, row) in t.iter().enumerate() {
+                            for (b, v) in row.iter().enumerate() {
+                                // SAFETY: column r + a is in `rows`, row i + b < m.
+                                unsafe { *y.add((i + b) * n + r + a) = *v };
+                            }
+                        }
+                    }};
+                }
+                match (rr, cc) {
+                    (4, 2) => run!(4, 2),
+                    (4, _) => run!(4, 1),
+                    (3, 2) => run!(3, 2),
+                    (3, _) => run!(3, 1),
+                    (2, 2) => run!(2, 2),
+                    (2, _) => run!(2, 1),
+                    (_, 2) => run!(1, 2),
+                    _ => run!(1, 1),
+                }
+                i += cc;
+            }
+            r += rr;
+        }
     }
 
     /// # Safety
@@ -371,6 +506,30 @@ mod tests {
         let got = xb.apply_op2_no_bwd(&wb, &MatVec)?.to_dtype(DType::F32)?;
         let d = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(d < 0.25, "bf16 diff {d} (bf16 output rounding)");
+        Ok(())
+    }
+
+    /// Several rows (a batch of sequences, one token each) give each row exactly its
+    /// single-row result, in f32 and bf16, with a row length that leaves a tail (k = 301) and
+    /// row counts that leave partial tiles.
+    #[test]
+    fn matvec_rows_equal_single_rows_bit_for_bit() -> Result<()> {
+        let w = Tensor::randn(0f32, 1.0, (131, 301), &Device::Cpu)?;
+        for dtype in [DType::F32, DType::BF16] {
+            let w = w.to_dtype(dtype)?;
+            for m in [2, 3, 5, 17, MATVEC_MAX_ROWS] {
+                let x = Tensor::randn(0f32, 1.0, (m, 1, 301), &Device::Cpu)?.to_dtype(dtype)?;
+                let all = x.apply_op2_no_bwd(&w, &MatVec)?.to_dtype(DType::F32)?;
+                let want = x.to_dtype(DType::F32)?.broadcast_matmul(&w.to_dtype(DType::F32)?.t()?)?;
+                let d = (&all - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(d < if dtype == DType::F32 { 1e-3 } else { 0.25 }, "{dtype:?} m={m}: {d}");
+                for i in 0..m {
+                    let one = x.narrow(0, i, 1)?.apply_op2_no_bwd(&w, &MatVec)?.to_dtype(DType::F32)?;
+                    let d = (one - all.narrow(0, i, 1)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    assert_eq!(d, 0.0, "{dtype:?}: row {i} of {m} differs from the row alone");
+                }
+            }
+        }
         Ok(())
     }
 }

@@ -74,7 +74,10 @@ fn sequences_join_and_leave_between_steps() {
 /// Greedy tokens with each cache kind equal MLX LM's `generate_step` with the same settings
 /// (tests/fixtures/smollm2/kv_cache_reference.json, written by
 /// scripts/fixtures/kv_cache_reference.py with mlx 0.32.4 / mlx-lm 0.32.2 on the default model
-/// in float32), alone and in one batch.
+/// in float32), alone and in one batch. Where MLX's chosen token leads the runner-up by less
+/// than [`NEAR_TIE`] in log-probability, last-bit differences may pick the runner-up (a
+/// quantized cache turns them into rounding flips): a sequence may part from MLX's there, and
+/// only there.
 #[test]
 fn cache_kinds_follow_mlx_lm() {
     let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/smollm2/kv_cache_reference.json");
@@ -92,10 +95,27 @@ fn cache_kinds_follow_mlx_lm() {
         let want: Vec<Vec<u32>> = serde_json::from_value(setting["tokens"].clone()).expect("tokens");
         let params = lmx::GenerateParams { max_tokens, ignore_eos: true, ..Default::default() };
         let batched = lmx::batch_generate(&model, &tok, &prompts, params, 4, kv, |_| {}).expect("batch");
+        let margins: Vec<Vec<f32>> = serde_json::from_value(setting["margins"].clone()).expect("margins");
+        let mut agreed = 0;
         for (i, (prompt, want)) in prompts.iter().zip(&want).enumerate() {
-            assert_eq!(&alone(&model, &tok, prompt, max_tokens, kv), want, "{name}: prompt {i} alone differs from MLX LM");
-            assert_eq!(&batched[i].tokens, want, "{name}: prompt {i} in a batch differs from MLX LM");
+            let got = alone(&model, &tok, prompt, max_tokens, kv);
+            assert_eq!(batched[i].tokens, got, "{name}: prompt {i} in a batch differs from alone");
+            agreed += agreement(&got, want, &margins[i]).unwrap_or_else(|t| panic!("{name}: prompt {i} token {t}: lmx {got:?}, MLX LM {want:?}, MLX's margin there {}", margins[i][t]));
         }
+        assert!(agreed >= prompts.len() * max_tokens * 3 / 4, "{name}: only {agreed} tokens agree with MLX LM");
+    }
+}
+
+/// MLX's margin below which either of the top two tokens is a right greedy choice.
+const NEAR_TIE: f32 = 0.05;
+
+/// Tokens equal to MLX's up to the end or to a near-tie where they part; Err(step) where they
+/// part elsewhere.
+fn agreement(got: &[u32], want: &[u32], margins: &[f32]) -> Result<usize, usize> {
+    match got.iter().zip(want).position(|(a, b)| a != b) {
+        None => Ok(want.len()),
+        Some(t) if margins[t] < NEAR_TIE => Ok(t),
+        Some(t) => Err(t),
     }
 }
 
