@@ -284,6 +284,7 @@ mod x86 {
     /// every result is the same whatever tile computed it.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::needless_range_loop)] // acc[a][b] pairs the two index spaces
     unsafe fn tile<W: Lanes, const R: usize, const C: usize>(w: &[W], x: &[f32], k: usize, r0: usize, i0: usize) -> [[f32; C]; R] {
         let mut acc = [[_mm256_setzero_ps(); C]; R];
         let chunks = k / 8 * 8;
