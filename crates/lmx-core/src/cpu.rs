@@ -132,15 +132,22 @@ impl CustomOp2 for MatVec {
 fn matvec_rows<W: Copy + Send + Sync + LanesIfX86>(w: &[W], x: &[f32], m: usize, k: usize, n: usize, y: &mut [f32], portable: impl Fn(usize, usize) -> f32 + Sync) {
     let out = SendPtr(y.as_mut_ptr());
     #[cfg(target_arch = "x86_64")]
-    let fast = avx2();
+    let (fast, wide) = (avx2(), m >= 8 && std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512vl"));
     #[cfg(not(target_arch = "x86_64"))]
     let fast = false;
     parallel_ranges(n, MIN_ROWS_PER_THREAD, |rows| {
         #[cfg(target_arch = "x86_64")]
         if fast {
-            // SAFETY: AVX2 and FMA are present; w is n rows of k and x m rows of k (the
-            // caller's shapes); this range's columns are written by this call alone.
-            unsafe { x86::matvec_rows(w, x, m, k, n, rows, out.get()) };
+            // SAFETY: AVX2 and FMA (and for `wide` AVX-512F/VL) are present; w is n rows of k
+            // and x m rows of k (the caller's shapes); this range's columns are written by
+            // this call alone.
+            unsafe {
+                if wide {
+                    x86::matvec_rows_wide(w, x, m, k, n, rows, out.get())
+                } else {
+                    x86::matvec_rows(w, x, m, k, n, rows, out.get())
+                }
+            };
             return;
         }
         for r in rows {
@@ -279,45 +286,133 @@ mod x86 {
         }
     }
 
-    /// Dot products of weight rows `r0..r0 + R` with activation rows `i0..i0 + C` (rows of
-    /// `k`): each one 8-lane FMA chain over k, a horizontal sum, then the tail in order, so
-    /// every result is the same whatever tile computed it.
+    /// Dot products of weight row `r` with activation rows `i0..i0 + C` (rows of `k`), each
+    /// computed exactly as [`dot_f32`] computes one (four 8-lane FMA chains over blocks of 32,
+    /// then blocks of 8 into the first, the chains summed pairwise, the tail in order), so
+    /// every result is the same whatever tile computed it. The weight row is read once for
+    /// the C activation rows.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::needless_range_loop)] // acc[a][b] pairs the two index spaces
-    unsafe fn tile<W: Lanes, const R: usize, const C: usize>(w: &[W], x: &[f32], k: usize, r0: usize, i0: usize) -> [[f32; C]; R] {
-        let mut acc = [[_mm256_setzero_ps(); C]; R];
-        let chunks = k / 8 * 8;
-        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+    unsafe fn tile<W: Lanes, const C: usize>(w: &[W], x: &[f32], k: usize, r: usize, i0: usize) -> [f32; C] {
+        let mut acc = [[_mm256_setzero_ps(); 4]; C];
+        let (wp, xp) = (w.as_ptr().wrapping_add(r * k), x.as_ptr());
+        let xrow = |b: usize, j: usize| xp.wrapping_add((i0 + b) * k + j);
         let mut j = 0;
-        while j < chunks {
-            let mut wv = [_mm256_setzero_ps(); R];
-            for (a, v) in wv.iter_mut().enumerate() {
-                // SAFETY: row r0 + a has k >= j + 8 elements from (r0 + a) * k.
-                *v = unsafe { W::load8(wp.add((r0 + a) * k + j)) };
+        // SAFETY (all loads): row r of w and rows i0 + b of x hold k >= j + 8 elements.
+        while j + 32 <= k {
+            for q in 0..4 {
+                let wv = unsafe { W::load8(wp.add(j + 8 * q)) };
+                for (b, a) in acc.iter_mut().enumerate() {
+                    a[q] = _mm256_fmadd_ps(wv, unsafe { _mm256_loadu_ps(xrow(b, j + 8 * q)) }, a[q]);
+                }
             }
+            j += 32;
+        }
+        while j + 8 <= k {
+            let wv = unsafe { W::load8(wp.add(j)) };
+            for (b, a) in acc.iter_mut().enumerate() {
+                a[0] = _mm256_fmadd_ps(wv, unsafe { _mm256_loadu_ps(xrow(b, j)) }, a[0]);
+            }
+            j += 8;
+        }
+        let mut out = [0f32; C];
+        let wt = &w[r * k + j..(r + 1) * k];
+        for (b, (o, a)) in out.iter_mut().zip(&acc).enumerate() {
+            let sum = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+            let xt = &x[(i0 + b) * k + j..(i0 + b + 1) * k];
+            *o = hsum(sum) + wt.iter().zip(xt).map(|(p, q)| p.f32() * q).sum::<f32>();
+        }
+        out
+    }
+
+    /// [`tile`] for weight rows `r` and `r + 1` at once: the same arithmetic per result, each
+    /// activation vector loaded once for both rows. 8 C accumulators: for CPUs with 32 vector
+    /// registers (AVX-512VL).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::needless_range_loop)] // acc[a][b][q] pairs three index spaces
+    unsafe fn tile2<W: Lanes, const C: usize>(w: &[W], x: &[f32], k: usize, r: usize, i0: usize) -> [[f32; C]; 2] {
+        let mut acc = [[[_mm256_setzero_ps(); 4]; C]; 2];
+        let xp = x.as_ptr();
+        let wrow = |a: usize, j: usize| w.as_ptr().wrapping_add((r + a) * k + j);
+        let xrow = |b: usize, j: usize| xp.wrapping_add((i0 + b) * k + j);
+        let mut j = 0;
+        // SAFETY (all loads): rows r, r + 1 of w and rows i0 + b of x hold k >= j + 8 elements.
+        while j + 32 <= k {
+            for q in 0..4 {
+                let wv = unsafe { [W::load8(wrow(0, j + 8 * q)), W::load8(wrow(1, j + 8 * q))] };
+                for b in 0..C {
+                    let xv = unsafe { _mm256_loadu_ps(xrow(b, j + 8 * q)) };
+                    for a in 0..2 {
+                        acc[a][b][q] = _mm256_fmadd_ps(wv[a], xv, acc[a][b][q]);
+                    }
+                }
+            }
+            j += 32;
+        }
+        while j + 8 <= k {
+            let wv = unsafe { [W::load8(wrow(0, j)), W::load8(wrow(1, j))] };
             for b in 0..C {
-                // SAFETY: as above, for activation row i0 + b.
-                let xv = unsafe { _mm256_loadu_ps(xp.add((i0 + b) * k + j)) };
-                for a in 0..R {
-                    acc[a][b] = _mm256_fmadd_ps(wv[a], xv, acc[a][b]);
+                let xv = unsafe { _mm256_loadu_ps(xrow(b, j)) };
+                for a in 0..2 {
+                    acc[a][b][0] = _mm256_fmadd_ps(wv[a], xv, acc[a][b][0]);
                 }
             }
             j += 8;
         }
-        let mut out = [[0f32; C]; R];
-        for a in 0..R {
+        let mut out = [[0f32; C]; 2];
+        for a in 0..2 {
+            let wt = &w[(r + a) * k + j..(r + a + 1) * k];
             for b in 0..C {
-                let (wr, xr) = (&w[(r0 + a) * k + chunks..(r0 + a + 1) * k], &x[(i0 + b) * k + chunks..(i0 + b + 1) * k]);
-                out[a][b] = hsum(acc[a][b]) + wr.iter().zip(xr).map(|(p, q)| p.f32() * q).sum::<f32>();
+                let c = &acc[a][b];
+                let sum = _mm256_add_ps(_mm256_add_ps(c[0], c[1]), _mm256_add_ps(c[2], c[3]));
+                let xt = &x[(i0 + b) * k + j..(i0 + b + 1) * k];
+                out[a][b] = hsum(sum) + wt.iter().zip(xt).map(|(p, q)| p.f32() * q).sum::<f32>();
             }
         }
         out
     }
 
-    /// `y[i * n + r] = w[r] . x[i]` for weight rows `rows` and all `m` activation rows, in
-    /// tiles of up to 4 weight rows by 2 activation rows (each weight row read once per pair
-    /// of activation rows, from cache after the first).
+    /// [`matvec_rows`] for 8 or more activation rows (compute-bound) on CPUs with AVX-512VL:
+    /// pairs of weight rows by 3 activation rows ([`tile2`]); the same results. Fewer rows
+    /// stay memory-bound, where one weight row at a time streams faster.
+    ///
+    /// # Safety
+    /// As [`matvec_rows`], and the CPU supports AVX-512F and AVX-512VL.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+    pub(super) unsafe fn matvec_rows_wide<W: Lanes>(w: &[W], x: &[f32], m: usize, k: usize, n: usize, rows: std::ops::Range<usize>, y: *mut f32) {
+        let mut r = rows.start;
+        while r + 2 <= rows.end {
+            let mut i = 0;
+            while i < m {
+                macro_rules! run {
+                    ($C:literal) => {{
+                        // SAFETY: the tile stays inside w and x (the caller's shapes).
+                        let t = unsafe { tile2::<W, $C>(w, x, k, r, i) };
+                        for (a, row) in t.iter().enumerate() {
+                            for (b, v) in row.iter().enumerate() {
+                                // SAFETY: column r + a is in `rows`, row i + b < m.
+                                unsafe { *y.add((i + b) * n + r + a) = *v };
+                            }
+                        }
+                        i += $C;
+                    }};
+                }
+                match m - i {
+                    1 => run!(1),
+                    2 => run!(2),
+                    _ => run!(3),
+                }
+            }
+            r += 2;
+        }
+        // SAFETY: as above, for the last odd row.
+        unsafe { matvec_rows(w, x, m, k, n, r..rows.end, y) };
+    }
+
+    /// `y[i * n + r] = w[r] . x[i]` for weight rows `rows` and all `m` activation rows: each
+    /// weight row streamed once per 3 activation rows (from cache after the first), rows in
+    /// order (one sequential stream, as the prefetchers like it).
     ///
     /// # Safety
     /// The CPU must support AVX2 and FMA; `w` holds the rows of `k`, `x` holds `m` rows of
@@ -325,37 +420,26 @@ mod x86 {
     /// columns `rows`.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn matvec_rows<W: Lanes>(w: &[W], x: &[f32], m: usize, k: usize, n: usize, rows: std::ops::Range<usize>, y: *mut f32) {
-        let mut r = rows.start;
-        while r < rows.end {
-            let rr = (rows.end - r).min(4);
+        for r in rows {
             let mut i = 0;
             while i < m {
-                let cc = (m - i).min(2);
                 macro_rules! run {
-                    ($R:literal, $C:literal) => {{
-                        // SAFETY: the tile stays inside w and x (checked by the caller's shapes).
-                        let t = unsafe { tile::<W, $R, $C>(w, x, k, r, i) };
-                        for (a, row) in t.iter().enumerate() {
-                            for (b, v) in row.iter().enumerate() {
-                                // SAFETY: column r + a is in `rows`, row i + b < m.
-                                unsafe { *y.add((i + b) * n + r + a) = *v };
-                            }
+                    ($C:literal) => {{
+                        // SAFETY: the tile stays inside w and x (the caller's shapes).
+                        let t = unsafe { tile::<W, $C>(w, x, k, r, i) };
+                        for (b, v) in t.iter().enumerate() {
+                            // SAFETY: column r is in `rows`, row i + b < m.
+                            unsafe { *y.add((i + b) * n + r) = *v };
                         }
+                        i += $C;
                     }};
                 }
-                match (rr, cc) {
-                    (4, 2) => run!(4, 2),
-                    (4, _) => run!(4, 1),
-                    (3, 2) => run!(3, 2),
-                    (3, _) => run!(3, 1),
-                    (2, 2) => run!(2, 2),
-                    (2, _) => run!(2, 1),
-                    (_, 2) => run!(1, 2),
-                    _ => run!(1, 1),
+                match m - i {
+                    1 => run!(1),
+                    2 => run!(2),
+                    _ => run!(3),
                 }
-                i += cc;
             }
-            r += rr;
         }
     }
 
@@ -507,6 +591,42 @@ mod tests {
         let got = xb.apply_op2_no_bwd(&wb, &MatVec)?.to_dtype(DType::F32)?;
         let d = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(d < 0.25, "bf16 diff {d} (bf16 output rounding)");
+        Ok(())
+    }
+
+    /// Speed of the matrix-vector op against one dot product per row (ignored: a benchmark).
+    #[test]
+    #[ignore]
+    fn matvec_speed() -> Result<()> {
+        for dtype in [DType::BF16, DType::F32] {
+            let w = Tensor::randn(0f32, 1.0, (49152, 576), &Device::Cpu)?.to_dtype(dtype)?;
+            for m in [1usize, 2, 4, 8, 16, 64] {
+                let x = Tensor::randn(0f32, 1.0, (m, 1, 576), &Device::Cpu)?.to_dtype(dtype)?;
+                x.apply_op2_no_bwd(&w, &MatVec)?;
+                let t = std::time::Instant::now();
+                for _ in 0..50 {
+                    x.apply_op2_no_bwd(&w, &MatVec)?;
+                }
+                let op = t.elapsed().as_secs_f64() / 50.0;
+                println!("{dtype:?} m={m}: {:.3} ms ({:.1} GB/s of weights)", op * 1e3, (w.elem_count() * dtype.size_in_bytes()) as f64 / op / 1e9);
+            }
+            if dtype == DType::BF16 {
+                let wv: Vec<half::bf16> = w.flatten_all()?.to_vec1()?;
+                let xv: Vec<f32> = Tensor::randn(0f32, 1.0, 576, &Device::Cpu)?.to_vec1()?;
+                let mut y = vec![0f32; 49152];
+                let t = std::time::Instant::now();
+                for _ in 0..50 {
+                    let out = SendPtr(y.as_mut_ptr());
+                    parallel_ranges(49152, MIN_ROWS_PER_THREAD, |rows| {
+                        for r in rows {
+                            unsafe { *out.get().add(r) = dot_bf16(&wv[r * 576..(r + 1) * 576], &xv) };
+                        }
+                    });
+                }
+                let op = t.elapsed().as_secs_f64() / 50.0;
+                println!("dot_bf16 per row: {:.3} ms", op * 1e3);
+            }
+        }
         Ok(())
     }
 

@@ -32,6 +32,9 @@ pub enum GenerateError {
     /// A prompt cache file that cannot be used with this model.
     #[error("prompt cache file {path}: {msg}")]
     PromptCacheFile { path: std::path::PathBuf, msg: String },
+    /// Speculative decoding settings that cannot work.
+    #[error("draft model: {0}")]
+    Draft(String),
     /// A batch generator has no sequence with this id.
     #[error("no sequence with id {0} in the batch")]
     UnknownSequence(u64),
@@ -110,6 +113,8 @@ pub struct GenerationResponse {
     pub generation_tps: f64,
     /// Peak resident memory of the process, bytes.
     pub peak_memory: u64,
+    /// The token was a draft model's guess the model accepted (speculative decoding).
+    pub from_draft: bool,
     /// Set on the last response.
     pub finish_reason: Option<FinishReason>,
 }
@@ -139,10 +144,10 @@ struct Stats {
 pub(crate) struct Sequence<'a> {
     decoder: StreamDecoder<'a>,
     sampler: Sampler,
-    params: GenerateParams,
+    pub(crate) params: GenerateParams,
     prompt_len: usize,
     /// Every token of prompt + generation, for the penalties.
-    history: Vec<u32>,
+    pub(crate) history: Vec<u32>,
     stats: Stats,
 }
 
@@ -184,6 +189,22 @@ impl<'a> Sequence<'a> {
     /// Samples the next token from `logits` (the processors applied first); `cached` is the
     /// number of tokens in the sequence's cache and `context` the model's. Returns the
     /// response and, unless the sequence ended, the token to run next.
+    /// Tokens generated so far.
+    pub(crate) fn generated(&self) -> usize {
+        self.stats.generated
+    }
+
+    /// Masks the EOS tokens out of `logits` when EOS is ignored.
+    pub(crate) fn mask_eos(&self, logits: &mut [f32]) {
+        if self.params.ignore_eos {
+            for &id in &self.params.eos_token_ids {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+
     pub(crate) fn sample(&mut self, mut logits: Vec<f32>, cached: usize, context: usize) -> Result<(GenerationResponse, Option<u32>), GenerateError> {
         if self.stats.gen_start.is_none() {
             // The first token: the prompt is done.
@@ -192,13 +213,7 @@ impl<'a> Sequence<'a> {
             self.stats.gen_start = Some(Instant::now());
         }
         self.sampler.penalize(&mut logits, &self.history);
-        if self.params.ignore_eos {
-            for &id in &self.params.eos_token_ids {
-                if let Some(l) = logits.get_mut(id as usize) {
-                    *l = f32::NEG_INFINITY;
-                }
-            }
-        }
+        self.mask_eos(&mut logits);
         let token = self.sampler.sample(&logits);
         let (logprob, top_logprobs) = crate::sampler::logprobs(&logits, token, self.params.top_logprobs);
         self.history.push(token);
@@ -233,10 +248,20 @@ impl<'a> Sequence<'a> {
             // The first token comes from the prompt pass: no rate until a decode step ran.
             generation_tps: if generated > 1 { generated as f64 / elapsed.max(1e-9) } else { 0.0 },
             peak_memory: peak_memory_bytes(),
+            from_draft: false,
             finish_reason: finish,
         };
         Ok((response, next))
     }
+}
+
+/// Runs `tokens` through the model after what `kv` holds; returns the logits of the last `n`
+/// positions (speculative decoding's verification).
+pub(crate) fn run_last(model: &dyn CausalLm, kv: &mut KvCache, tokens: &[u32], n: usize) -> Result<Vec<Vec<f32>>, GenerateError> {
+    let ids = Tensor::new(tokens, model.device())?.unsqueeze(0)?;
+    let logits = compute_pool().install(|| model.forward(&ids, kv, Logits::All))?;
+    let l = logits.dim(1)?;
+    Ok(logits.squeeze(0)?.narrow(0, l - n.min(l), n.min(l))?.to_vec2::<f32>()?)
 }
 
 /// Runs one row of tokens per sequence (rows of equal length) through the model after what
