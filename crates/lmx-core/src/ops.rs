@@ -105,14 +105,20 @@ pub fn all_finite(t: &Tensor) -> Result<bool> {
     Ok(t.affine(0.0, 0.0)?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?.is_finite())
 }
 
+/// Rows up to which any product is memory-bound and goes through [`crate::cpu::MatVec`].
+const MATVEC_SMALL: usize = 8;
+
 /// `x @ weight^T (+ bias)` for a weight stored as (out_features, in_features).
 /// One decoded token per sequence on the CPU (a single row, or a batch of sequences one
-/// position each, up to [`crate::cpu::MATVEC_MAX_ROWS`]) goes through lmx's matrix-vector
+/// position each, up to [`crate::cpu::MATVEC_MAX_ROWS`]; or up to 8 rows of any shape) goes
+/// through lmx's matrix-vector
 /// kernel, which reads the weights once at memory bandwidth and gives each row the result it
 /// has alone; everything else through a GEMM.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
-    let decode = rows == 1 || (x.rank() == 3 && x.dim(1)? == 1 && rows <= crate::cpu::MATVEC_MAX_ROWS);
+    // A few rows of any kind (speculative decoding's verification of a few draft tokens) are
+    // memory-bound too.
+    let decode = rows <= MATVEC_SMALL || (x.rank() == 3 && x.dim(1)? == 1 && rows <= crate::cpu::MATVEC_MAX_ROWS);
     let fast = decode && x.device().is_cpu() && !on_tape(&[x, weight]) && x.dtype() == weight.dtype() && matches!(x.dtype(), DType::F32 | DType::BF16) && weight.is_contiguous();
     let y = match x.dims() {
         // Fine-tuning around a frozen weight: only the input's gradient is computed.

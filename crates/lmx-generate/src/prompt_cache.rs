@@ -148,6 +148,9 @@ impl PromptCache {
         let user: BTreeMap<String, String> = meta.iter().filter_map(|(k, v)| Some((k.strip_prefix("0.")?.to_string(), v.clone()))).collect();
         let n_layers = meta.keys().filter(|k| k.strip_prefix("1.").is_some_and(|l| l.parse::<usize>().is_ok())).count();
         let expected = model.new_cache().layers();
+        if n_layers == 0 {
+            return Err(bad("not a prompt cache file (its metadata names no cache layers); make one with `lmx cache-prompt` or mlx_lm.cache_prompt".into()));
+        }
         if n_layers != expected {
             return Err(bad(format!("it holds {n_layers} layers' caches but the model has {expected} layers: was it made for another model?")));
         }

@@ -17,7 +17,7 @@ mod load;
 mod perplexity;
 
 pub use lmx_core::{DType, Device};
-pub use lmx_generate::{BatchGenerator, BatchOutput, FinishReason, GenerateParams, GenerationResponse, PromptCache, SamplerParams, SequenceId, TokenStream};
+pub use lmx_generate::{BatchGenerator, BatchOutput, DraftStats, FinishReason, GenerateParams, GenerationResponse, PromptCache, SamplerParams, SequenceId, SpeculativeStream, TokenStream};
 pub use lmx_io::{Message, ModelSource};
 pub use lmx_nn::KvOptions;
 pub use load::{load, load_with, AdapterOptions, LoadOptions, Model, TokenizerWrapper};
@@ -84,6 +84,24 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// stopping on the model's EOS tokens as well as any in `params.eos_token_ids`.
 pub fn stream_generate<'a>(model: &'a Model, tokenizer: &'a TokenizerWrapper, prompt: &[u32], cache: &'a mut PromptCache, params: GenerateParams) -> TokenStream<'a> {
     lmx_generate::stream_generate(&**model, tokenizer, prompt, cache, with_model_eos(tokenizer, params))
+}
+
+/// Streams a generation for `prompt` with speculative decoding: `draft` (a smaller model with
+/// the same tokenizer) proposes `num_draft_tokens` tokens at a time and `model` keeps those
+/// it would have chosen itself (MLX LM's `speculative_generate_step`). Each model has its own
+/// cache.
+#[allow(clippy::too_many_arguments)]
+pub fn speculative_generate<'a>(
+    model: &'a Model,
+    draft: &'a Model,
+    tokenizer: &'a TokenizerWrapper,
+    prompt: &[u32],
+    cache: &'a mut PromptCache,
+    draft_cache: &'a mut PromptCache,
+    params: GenerateParams,
+    num_draft_tokens: usize,
+) -> SpeculativeStream<'a> {
+    lmx_generate::speculative_generate(&**model, &**draft, tokenizer, prompt, cache, draft_cache, with_model_eos(tokenizer, params), num_draft_tokens)
 }
 
 /// `params` stopping on the model's EOS tokens too.

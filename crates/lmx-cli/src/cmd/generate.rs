@@ -27,6 +27,13 @@ pub struct Args {
     /// continues the cached one.
     #[arg(long, conflicts_with = "prompts_file")]
     pub prompt_cache_file: Option<std::path::PathBuf>,
+    /// A smaller model with the same tokenizer that drafts tokens for the model to check
+    /// (speculative decoding); a folder, .gguf file or Hugging Face id.
+    #[arg(long, conflicts_with_all = ["prompts_file", "prompt_cache_file"])]
+    pub draft_model: Option<String>,
+    /// Tokens the draft model proposes per step.
+    #[arg(long, default_value_t = 3)]
+    pub num_draft_tokens: usize,
     /// Most sequences decoding at once with --prompts-file.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
@@ -151,17 +158,44 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut stdout = std::io::stdout().lock();
     let mut last = None;
-    for response in lmx::stream_generate(&model, &tokenizer, &prompt, &mut cache, params) {
-        let response = response?;
+    let mut print = |response: lmx::GenerationResponse| -> anyhow::Result<()> {
         stdout.write_all(response.text.as_bytes())?;
         stdout.flush()?;
         last = Some(response);
+        Ok(())
+    };
+    let mut draft_stats = None;
+    match &args.draft_model {
+        None => {
+            for response in lmx::stream_generate(&model, &tokenizer, &prompt, &mut cache, params) {
+                print(response?)?;
+            }
+        }
+        Some(draft) => {
+            let options = lmx::LoadOptions { device: lmx::core::parse_device(&args.model.device)?, ..Default::default() };
+            let (draft, _) = super::load_model(draft, &options).context("--draft-model")?;
+            let mut draft_cache = PromptCache::with_options(&*draft, kv)?;
+            let mut stream = lmx::speculative_generate(&model, &draft, &tokenizer, &prompt, &mut cache, &mut draft_cache, params, args.num_draft_tokens);
+            for response in stream.by_ref() {
+                print(response.context("--draft-model")?)?;
+            }
+            draft_stats = Some(stream.stats());
+        }
     }
-    writeln!(stdout)?;
+    writeln!(std::io::stdout())?;
     if let (true, Some(r)) = (args.verbose, last) {
         eprintln!("==========");
         eprintln!("Prompt: {} tokens, {:.3} tokens-per-sec", r.prompt_tokens, r.prompt_tps);
         eprintln!("Generation: {} tokens, {:.3} tokens-per-sec", r.generation_tokens, r.generation_tps);
+        if let Some(d) = draft_stats {
+            eprintln!(
+                "Draft: {} of {} draft tokens accepted ({:.1}%), {:.2} tokens per pass of the model",
+                d.accepted,
+                d.drafted,
+                100.0 * d.accepted as f64 / d.drafted.max(1) as f64,
+                r.generation_tokens as f64 / d.rounds.max(1) as f64
+            );
+        }
         eprintln!("Peak memory: {}", gb(r.peak_memory));
     }
     Ok(())

@@ -131,6 +131,31 @@ fn bad_flags_and_values() {
     assert_clear_error(&out, &["weights.bin"]);
 }
 
+/// The engine's flags: KV cache settings, prompt files, cache files, draft models.
+#[test]
+fn bad_engine_flags_and_files() {
+    let dir = tiny_model("engine");
+    let model = path_str(&dir);
+    let run = |extra: &[&str]| lmx(&[&["generate", "--model", model.as_str(), "-p", "a b", "-m", "2"], extra].concat());
+    assert_clear_error(&run(&["--kv-bits", "7"]), &["--kv-bits", "7-bit", "2, 3, 4, 5, 6 and 8"]);
+    assert_clear_error(&run(&["--kv-bits", "4", "--kv-group-size", "48"]), &["--kv-group-size", "48"]);
+    assert_clear_error(&run(&["--max-kv-size", "3"]), &["--max-kv-size", "max_kv_size 3"]);
+    assert_clear_error(&run(&["--max-kv-size", "64", "--kv-bits", "8"]), &["cannot also rotate"]);
+    assert_clear_error(&run(&["--draft-model", model.as_str(), "--num-draft-tokens", "0"]), &["draft", "at least 1"]);
+    assert_clear_error(&run(&["--draft-model", model.as_str(), "--max-kv-size", "64"]), &["draft", "rotating"]);
+    let missing = dir.join("nope.safetensors");
+    assert_clear_error(&run(&["--prompt-cache-file", &path_str(&missing)]), &["--prompt-cache-file", "nope.safetensors"]);
+    let not_a_cache = dir.join("model.safetensors");
+    assert_clear_error(&run(&["--prompt-cache-file", &path_str(&not_a_cache)]), &["--prompt-cache-file", "not a prompt cache file"]);
+    let prompts = dir.join("prompts.jsonl");
+    std::fs::write(&prompts, "hello\n{\"prompt\": 3}\n").expect("write");
+    let out = lmx(&["generate", "--model", model.as_str(), "--prompts-file", &path_str(&prompts), "-m", "2"]);
+    assert_clear_error(&out, &["prompts.jsonl line 2", "\"prompt\""]);
+    std::fs::write(&prompts, "\n\n").expect("write");
+    let out = lmx(&["generate", "--model", model.as_str(), "--prompts-file", &path_str(&prompts), "-m", "2"]);
+    assert_clear_error(&out, &["holds no prompts"]);
+}
+
 #[test]
 fn perplexity_on_a_text_shorter_than_one_sequence() {
     let dir = tiny_model("ppl-short");

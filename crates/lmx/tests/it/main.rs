@@ -7,6 +7,7 @@ mod chat;
 mod golden;
 mod quant;
 mod sharded;
+mod speculative;
 mod streaming;
 
 use std::path::PathBuf;
