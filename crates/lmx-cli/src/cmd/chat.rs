@@ -1,6 +1,8 @@
 //! `lmx chat`: an interactive chat (`mlx_lm.chat`). The whole conversation is rendered with
 //! the chat template each turn and the prompt cache keeps the common prefix, so a turn
-//! prefills only its new tokens. `q` quits, `r` resets, `h` shows help. Works from piped stdin.
+//! prefills only its new tokens. `q` quits, `r` resets, `s FILE` saves the session (its
+//! KV cache and messages: `lmx chat --prompt-cache-file FILE` resumes it), `h` shows help.
+//! Works from piped stdin.
 
 use std::io::{BufRead, IsTerminal, Write};
 
@@ -30,12 +32,18 @@ pub struct Args {
     /// System prompt.
     #[arg(long)]
     pub system_prompt: Option<String>,
+    /// Resume a session saved with `s FILE`.
+    #[arg(long)]
+    pub prompt_cache_file: Option<std::path::PathBuf>,
     /// Print how many tokens each turn prefilled and reused, to stderr.
     #[arg(long)]
     pub verbose: bool,
 }
 
-const HELP: &str = "The command list:\n- 'q' to exit\n- 'r' to reset the chat\n- 'h' to display these commands";
+const HELP: &str = "The command list:\n- 'q' to exit\n- 'r' to reset the chat\n- 's FILE' to save the session (resume it with --prompt-cache-file FILE)\n- 'h' to display these commands";
+
+/// The metadata key holding a saved session's messages (JSON).
+const MESSAGES_KEY: &str = "chat_messages";
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let kv = args.kv.options()?;
@@ -44,8 +52,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let interactive = std::io::stdin().is_terminal();
     eprintln!("[INFO] Starting chat session with {}.\n{HELP}", args.model.model);
     let fresh = || args.system_prompt.iter().map(|s| Message::new("system", s.clone())).collect::<Vec<_>>();
-    let mut messages = fresh();
-    let mut cache = PromptCache::with_options(&*model, kv)?;
+    let (mut messages, mut cache) = match &args.prompt_cache_file {
+        None => (fresh(), PromptCache::with_options(&*model, kv)?),
+        Some(path) => resume(&model, path, kv, &args.model.model)?,
+    };
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     let mut out = std::io::stdout();
@@ -64,6 +74,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             "h" => {
                 eprintln!("{HELP}");
+                continue;
+            }
+            q if q.starts_with("s ") => {
+                let path = std::path::Path::new(q[2..].trim());
+                let metadata = std::collections::BTreeMap::from([
+                    ("model".to_string(), args.model.model.clone()),
+                    ("tokenizer_config".to_string(), "{}".to_string()),
+                    (MESSAGES_KEY.to_string(), serde_json::to_string(&messages)?),
+                ]);
+                match cache.save(path, &metadata) {
+                    Ok(()) => eprintln!("[INFO] Saved the session ({} tokens) to {}.", cache.tokens().len(), path.display()),
+                    Err(e) => eprintln!("[ERROR] Saving the session to {}: {e}", path.display()),
+                }
                 continue;
             }
             "" => continue,
@@ -88,4 +111,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         messages.push(Message::new("assistant", reply));
     }
     Ok(())
+}
+
+/// A session saved with `s FILE`: its messages and KV cache, for the same model.
+fn resume(model: &lmx::Model, path: &std::path::Path, kv: lmx::KvOptions, model_arg: &str) -> anyhow::Result<(Vec<Message>, PromptCache)> {
+    use anyhow::Context;
+    let (cache, meta) = PromptCache::load(&**model, path, kv).with_context(|| format!("--prompt-cache-file {}", path.display()))?;
+    if let Some(made_with) = meta.get("model").filter(|m| *m != model_arg) {
+        anyhow::bail!("--prompt-cache-file {} was saved with --model {made_with}, not {model_arg}: pass --model {made_with}", path.display());
+    }
+    let saved = meta.get(MESSAGES_KEY).with_context(|| format!("--prompt-cache-file {} holds no chat session (save one with `s FILE` in lmx chat); a cache from cache-prompt goes to lmx generate", path.display()))?;
+    let values: Vec<serde_json::Value> = serde_json::from_str(saved).with_context(|| format!("--prompt-cache-file {}: {MESSAGES_KEY}", path.display()))?;
+    let messages = values
+        .iter()
+        .map(|m| Some(Message::new(m.get("role")?.as_str()?, m.get("content")?.as_str()?.to_string())))
+        .collect::<Option<Vec<_>>>()
+        .with_context(|| format!("--prompt-cache-file {}: {MESSAGES_KEY} must be a list of {{\"role\", \"content\"}}", path.display()))?;
+    eprintln!("[INFO] Resumed a session of {} messages ({} cached tokens).", messages.len(), cache.tokens().len());
+    Ok((messages, cache))
 }
