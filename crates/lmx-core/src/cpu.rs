@@ -132,13 +132,13 @@ impl CustomOp2 for MatVec {
 fn matvec_rows<W: Copy + Send + Sync + LanesIfX86>(w: &[W], x: &[f32], m: usize, k: usize, n: usize, y: &mut [f32], portable: impl Fn(usize, usize) -> f32 + Sync) {
     let out = SendPtr(y.as_mut_ptr());
     #[cfg(target_arch = "x86_64")]
-    let (fast, wide) = (avx2(), m >= 8 && std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512vl"));
+    let (fast, wide) = (avx2(), m >= 8 && std::arch::is_x86_feature_detected!("avx512f"));
     #[cfg(not(target_arch = "x86_64"))]
     let fast = false;
     parallel_ranges(n, MIN_ROWS_PER_THREAD, |rows| {
         #[cfg(target_arch = "x86_64")]
         if fast {
-            // SAFETY: AVX2 and FMA (and for `wide` AVX-512F/VL) are present; w is n rows of k
+            // SAFETY: AVX2 and FMA (and for `wide` AVX-512F) are present; w is n rows of k
             // and x m rows of k (the caller's shapes); this range's columns are written by
             // this call alone.
             unsafe {
@@ -259,6 +259,9 @@ mod x86 {
         /// # Safety
         /// The CPU must support AVX2; 8 values are readable at `p`.
         unsafe fn load8(p: *const Self) -> __m256;
+        /// # Safety
+        /// The CPU must support AVX-512F; 16 values are readable at `p`.
+        unsafe fn load16(p: *const Self) -> __m512;
         fn f32(self) -> f32;
     }
 
@@ -268,6 +271,12 @@ mod x86 {
         unsafe fn load8(p: *const Self) -> __m256 {
             // SAFETY: the caller guarantees 8 readable floats at p.
             unsafe { _mm256_loadu_ps(p) }
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load16(p: *const Self) -> __m512 {
+            // SAFETY: the caller guarantees 16 readable floats at p.
+            unsafe { _mm512_loadu_ps(p) }
         }
         fn f32(self) -> f32 {
             self
@@ -280,6 +289,13 @@ mod x86 {
         unsafe fn load8(p: *const Self) -> __m256 {
             // SAFETY: the caller guarantees 8 readable bf16 values at p.
             unsafe { load_bf16(p) }
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load16(p: *const Self) -> __m512 {
+            // SAFETY: the caller guarantees 16 readable bf16 values at p.
+            let raw = unsafe { _mm256_loadu_si256(p as *const __m256i) };
+            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16))
         }
         fn f32(self) -> f32 {
             self.to_f32()
@@ -325,61 +341,59 @@ mod x86 {
         out
     }
 
-    /// [`tile`] for weight rows `r` and `r + 1` at once: the same arithmetic per result, each
-    /// activation vector loaded once for both rows. 8 C accumulators: for CPUs with 32 vector
-    /// registers (AVX-512VL).
+    /// [`tile`] for weight rows `r` and `r + 1` at once, in 512-bit registers: each holds two
+    /// of [`tile`]'s 8-lane chains side by side (lanes 0-7 one chain, 8-15 the next), so every
+    /// lane sees the same FMAs in the same order and each result is bit for bit [`tile`]'s;
+    /// each activation vector is loaded once for both rows.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::needless_range_loop)] // acc[a][b][q] pairs three index spaces
-    unsafe fn tile2<W: Lanes, const C: usize>(w: &[W], x: &[f32], k: usize, r: usize, i0: usize) -> [[f32; C]; 2] {
-        let mut acc = [[[_mm256_setzero_ps(); 4]; C]; 2];
-        let xp = x.as_ptr();
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    #[allow(clippy::needless_range_loop)] // acc[a][b][h] pairs three index spaces
+    unsafe fn tile512<W: Lanes, const C: usize>(w: &[W], x: &[f32], k: usize, r: usize, i0: usize) -> [[f32; C]; 2] {
+        let mut acc = [[[_mm512_setzero_ps(); 2]; C]; 2];
         let wrow = |a: usize, j: usize| w.as_ptr().wrapping_add((r + a) * k + j);
-        let xrow = |b: usize, j: usize| xp.wrapping_add((i0 + b) * k + j);
+        let xrow = |b: usize, j: usize| x.as_ptr().wrapping_add((i0 + b) * k + j);
         let mut j = 0;
-        // SAFETY (all loads): rows r, r + 1 of w and rows i0 + b of x hold k >= j + 8 elements.
+        // SAFETY (all loads): rows r, r + 1 of w and rows i0 + b of x hold k >= j + 16 (or 8)
+        // elements.
         while j + 32 <= k {
-            for q in 0..4 {
-                let wv = unsafe { [W::load8(wrow(0, j + 8 * q)), W::load8(wrow(1, j + 8 * q))] };
+            for h in 0..2 {
+                let wv = unsafe { [W::load16(wrow(0, j + 16 * h)), W::load16(wrow(1, j + 16 * h))] };
                 for b in 0..C {
-                    let xv = unsafe { _mm256_loadu_ps(xrow(b, j + 8 * q)) };
+                    let xv = unsafe { _mm512_loadu_ps(xrow(b, j + 16 * h)) };
                     for a in 0..2 {
-                        acc[a][b][q] = _mm256_fmadd_ps(wv[a], xv, acc[a][b][q]);
+                        acc[a][b][h] = _mm512_fmadd_ps(wv[a], xv, acc[a][b][h]);
                     }
                 }
             }
             j += 32;
         }
-        while j + 8 <= k {
-            let wv = unsafe { [W::load8(wrow(0, j)), W::load8(wrow(1, j))] };
-            for b in 0..C {
-                let xv = unsafe { _mm256_loadu_ps(xrow(b, j)) };
-                for a in 0..2 {
-                    acc[a][b][0] = _mm256_fmadd_ps(wv[a], xv, acc[a][b][0]);
-                }
-            }
-            j += 8;
-        }
+        let lo = |z: __m512| _mm512_castps512_ps256(z);
+        let hi = |z: __m512| _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(z)));
         let mut out = [[0f32; C]; 2];
         for a in 0..2 {
-            let wt = &w[(r + a) * k + j..(r + a + 1) * k];
             for b in 0..C {
-                let c = &acc[a][b];
+                let z = &acc[a][b];
+                let mut c = [lo(z[0]), hi(z[0]), lo(z[1]), hi(z[1])];
+                let mut jj = j;
+                while jj + 8 <= k {
+                    c[0] = _mm256_fmadd_ps(unsafe { W::load8(wrow(a, jj)) }, unsafe { _mm256_loadu_ps(xrow(b, jj)) }, c[0]);
+                    jj += 8;
+                }
                 let sum = _mm256_add_ps(_mm256_add_ps(c[0], c[1]), _mm256_add_ps(c[2], c[3]));
-                let xt = &x[(i0 + b) * k + j..(i0 + b + 1) * k];
+                let (wt, xt) = (&w[(r + a) * k + jj..(r + a + 1) * k], &x[(i0 + b) * k + jj..(i0 + b + 1) * k]);
                 out[a][b] = hsum(sum) + wt.iter().zip(xt).map(|(p, q)| p.f32() * q).sum::<f32>();
             }
         }
         out
     }
 
-    /// [`matvec_rows`] for 8 or more activation rows (compute-bound) on CPUs with AVX-512VL:
-    /// pairs of weight rows by 3 activation rows ([`tile2`]); the same results. Fewer rows
+    /// [`matvec_rows`] for 8 or more activation rows (compute-bound) on CPUs with AVX-512F:
+    /// pairs of weight rows by 4 activation rows ([`tile512`]); the same results. Fewer rows
     /// stay memory-bound, where one weight row at a time streams faster.
     ///
     /// # Safety
-    /// As [`matvec_rows`], and the CPU supports AVX-512F and AVX-512VL.
-    #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+    /// As [`matvec_rows`], and the CPU supports AVX-512F.
+    #[target_feature(enable = "avx2,fma,avx512f")]
     pub(super) unsafe fn matvec_rows_wide<W: Lanes>(w: &[W], x: &[f32], m: usize, k: usize, n: usize, rows: std::ops::Range<usize>, y: *mut f32) {
         let mut r = rows.start;
         while r + 2 <= rows.end {
@@ -388,7 +402,7 @@ mod x86 {
                 macro_rules! run {
                     ($C:literal) => {{
                         // SAFETY: the tile stays inside w and x (the caller's shapes).
-                        let t = unsafe { tile2::<W, $C>(w, x, k, r, i) };
+                        let t = unsafe { tile512::<W, $C>(w, x, k, r, i) };
                         for (a, row) in t.iter().enumerate() {
                             for (b, v) in row.iter().enumerate() {
                                 // SAFETY: column r + a is in `rows`, row i + b < m.
@@ -401,7 +415,8 @@ mod x86 {
                 match m - i {
                     1 => run!(1),
                     2 => run!(2),
-                    _ => run!(3),
+                    3 => run!(3),
+                    _ => run!(4),
                 }
             }
             r += 2;

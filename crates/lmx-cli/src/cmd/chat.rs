@@ -120,7 +120,9 @@ fn resume(model: &lmx::Model, path: &std::path::Path, kv: lmx::KvOptions, model_
     if let Some(made_with) = meta.get("model").filter(|m| *m != model_arg) {
         anyhow::bail!("--prompt-cache-file {} was saved with --model {made_with}, not {model_arg}: pass --model {made_with}", path.display());
     }
-    let saved = meta.get(MESSAGES_KEY).with_context(|| format!("--prompt-cache-file {} holds no chat session (save one with `s FILE` in lmx chat); a cache from cache-prompt goes to lmx generate", path.display()))?;
+    let saved = meta
+        .get(MESSAGES_KEY)
+        .with_context(|| format!("--prompt-cache-file {} holds no chat session (save one with `s FILE` in lmx chat); a cache from cache-prompt goes to lmx generate", path.display()))?;
     let values: Vec<serde_json::Value> = serde_json::from_str(saved).with_context(|| format!("--prompt-cache-file {}: {MESSAGES_KEY}", path.display()))?;
     let messages = values
         .iter()
