@@ -5,7 +5,9 @@
 # 2. each KV cache kind at 16 sequences (growing, 8-bit, 4-bit, rotating 64);
 # 3. speculative decoding: SmolLM2 f32 alone, then drafted by its 4-bit version (2 and 3 draft
 #    tokens), alternating, on a chat prompt.
-# Usage: scripts/bench/engine_speed.sh [LMX] [ROUNDS]
+# With MLX_PYTHON set (a python with mlx-lm), mlx_lm.benchmark runs the same batch sizes on the
+# same weights (models/smollm2-f32) right after lmx, as the peer.
+# Usage: [MLX_PYTHON=/tmp/mlxenv/bin/python] scripts/bench/engine_speed.sh [LMX] [ROUNDS]
 # Needs models/SmolLM2-135M-Instruct-f32 and models/smollm2-4bit for part 3 (see run_lora.sh).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -15,6 +17,9 @@ echo "# $(date -u +%FT%TZ) $(git rev-parse --short HEAD) $(grep -m1 'model name'
 for round in $(seq "$ROUNDS"); do
   for b in 1 4 16 64; do
     echo "batch $b: $("$LMX" benchmark -p 128 -g 64 -n 1 -b "$b" 2>/dev/null | tail -1)"
+    if [ -n "${MLX_PYTHON:-}" ]; then
+      echo "mlx batch $b: $("$MLX_PYTHON" -m mlx_lm benchmark --model models/smollm2-f32 -p 128 -g 64 -n 1 -b "$b" 2>/dev/null | tail -1)"
+    fi
   done
   for kv in "--kv-bits 8 --quantized-kv-start 0" "--kv-bits 4 --quantized-kv-start 0" "--max-kv-size 64"; do
     echo "batch 16 $kv: $("$LMX" benchmark -p 128 -g 64 -n 1 -b 16 $kv 2>/dev/null | tail -1)"

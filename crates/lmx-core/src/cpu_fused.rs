@@ -322,6 +322,88 @@ fn decode_attention<T: Elem>(qs: &CpuStorage, ql: &Layout, ks: &CpuStorage, kl: 
     Ok(out)
 }
 
+/// [`DecodeAttention`] over keys and values in MLX's affine format (a quantized KV cache),
+/// read as they are stored: each key and value row dequantized group by group into a small
+/// buffer as it is used, so a step reads `bits / 16` of a bf16 cache's bytes and nothing the
+/// size of the cache is written. The op's tensors are `q` (b, n_heads, 1, head_dim)
+/// contiguous and the packed keys and values (b, n_kv_heads, kv_len, head_dim * bits / 32)
+/// u32 with a contiguous last dimension; the scales and biases, (b, n_kv_heads, kv_len,
+/// head_dim / group_size) in f32, ride in the op.
+pub struct QuantizedDecodeAttention {
+    /// Multiplies the scores (1 / sqrt(head_dim)).
+    pub scale: f32,
+    /// Bits per code.
+    pub bits: usize,
+    /// Elements per scale and bias.
+    pub group_size: usize,
+    /// Key scales, key biases, value scales, value biases.
+    pub params: [Vec<f32>; 4],
+}
+
+fn quantized_decode_attention<T: Elem>(op: &QuantizedDecodeAttention, qs: &CpuStorage, ql: &Layout, ks: &CpuStorage, kl: &Layout, vs: &CpuStorage, vl: &Layout) -> Result<Vec<T>> {
+    let q = slice::<T>(qs, ql)?;
+    let (&[b, n_heads, _, d], &[_, n_kv, kv_len, words]) = (ql.dims(), kl.dims()) else {
+        candle_core::bail!("quantized decode attention: q {:?} / k {:?} must be 4-D", ql.dims(), kl.dims());
+    };
+    let (gs, bits) = (op.group_size, op.bits);
+    let groups = d / gs;
+    if words * 32 != d * bits || d % gs != 0 || op.params.iter().any(|p| p.len() != b * n_kv * kv_len * groups) || vl.dims() != kl.dims() {
+        candle_core::bail!("quantized decode attention: q {:?}, k {:?}, v {:?} do not fit {bits}-bit codes in groups of {gs}", ql.dims(), kl.dims(), vl.dims());
+    }
+    let n_rep = n_heads / n_kv;
+    let (k, ks_, k0) = strided::<u32>(ks, kl)?;
+    let (v, vs_, v0) = strided::<u32>(vs, vl)?;
+    let [k_scales, k_biases, v_scales, v_biases] = &op.params;
+    let mut out = vec![T::of(0.0); b * n_heads * d];
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    crate::cpu::parallel_ranges(b * n_heads, 1, |heads| {
+        let (mut qv, mut scores, mut acc, mut row) = (vec![0f32; d], vec![0f32; kv_len], vec![0f32; d], vec![0f32; d]);
+        // Dequantizes row t of (sequence bi, key/value head kv) into `row`.
+        let dequantize = |row: &mut [f32], packed: &[u32], base: usize, scales: &[f32], biases: &[f32], p: usize| {
+            for (g, out) in row.chunks_mut(gs).enumerate() {
+                crate::quant::kernels::dequantize_group(&packed[base..base + words], g * gs, bits, scales[p + g], biases[p + g], out);
+            }
+        };
+        for bh in heads {
+            let (bi, h) = (bh / n_heads, bh % n_heads);
+            let kv = h / n_rep;
+            for (a, x) in qv.iter_mut().zip(&q[bh * d..(bh + 1) * d]) {
+                *a = x.f32();
+            }
+            let mut max = f32::NEG_INFINITY;
+            for (t, s) in scores.iter_mut().enumerate() {
+                let p = ((bi * n_kv + kv) * kv_len + t) * groups;
+                dequantize(&mut row, k, k0 + bi * ks_[0] + kv * ks_[1] + t * ks_[2], k_scales, k_biases, p);
+                *s = crate::cpu::dot_f32(&row, &qv) * op.scale;
+                max = max.max(*s);
+            }
+            scores.iter_mut().for_each(|s| *s = exp(*s - max));
+            let total = sum(&scores);
+            acc.fill(0.0);
+            for (t, w) in scores.iter().enumerate() {
+                let p = ((bi * n_kv + kv) * kv_len + t) * groups;
+                dequantize(&mut row, v, v0 + bi * vs_[0] + kv * vs_[1] + t * vs_[2], v_scales, v_biases, p);
+                crate::cpu::axpy_f32(&mut acc, w / total, &row);
+            }
+            // SAFETY: head bh owns out[bh * d..(bh + 1) * d]; ranges are disjoint.
+            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(bh * d), d) };
+            for (o, a) in o.iter_mut().zip(&acc) {
+                *o = T::of(*a);
+            }
+        }
+    });
+    Ok(out)
+}
+
+impl CustomOp3 for QuantizedDecodeAttention {
+    fn name(&self) -> &'static str {
+        "lmx-quantized-decode-attention"
+    }
+    fn cpu_fwd(&self, qs: &CpuStorage, ql: &Layout, ks: &CpuStorage, kl: &Layout, vs: &CpuStorage, vl: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((by_dtype!(qs.dtype(), quantized_decode_attention(self, qs, ql, ks, kl, vs, vl)), ql.shape().clone()))
+    }
+}
+
 /// Causal attention of several query positions (prefill) with grouped-query heads, on the
 /// decode pool: the queries are the last `q_len` of `kv_len` positions, a query at position
 /// p sees keys j <= p (and p - j < `window`). Tasks are (sequence, key/value head, block of

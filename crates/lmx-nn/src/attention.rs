@@ -14,7 +14,7 @@ use lmx_core::{ops, Module, Result, Tensor};
 
 use crate::builder::{Builder, Shard};
 use crate::error::BuildError;
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvView};
 use crate::linear::{Bias, Linear, RmsNorm};
 
 /// The shape and options of an attention block (from config.json).
@@ -221,7 +221,15 @@ impl Attention {
         let (cos, sin) = input.cos_sin(row)?;
         let q = ops::rope(q, cos, sin)?;
         let k = ops::rope(k, cos, sin)?;
-        let (k, v) = cache.append(row, layer_idx, &k, v)?;
+        let view = cache.append(row, layer_idx, &k, v)?;
+        if let KvView::Quantized { k, v, bits, group_size } = &view {
+            // One query over a quantized cache: read the codes as stored.
+            let seen = self.window.is_none_or(|w| view.len().is_ok_and(|n| n <= w));
+            if l == 1 && seen && q.device().is_cpu() && self.kv_of_head.is_none() && self.softcap.is_none() && self.sinks.is_none() {
+                return ops::decode_attention_quantized(&q, k, v, *bits, *group_size, self.scale);
+            }
+        }
+        let (k, v) = view.dense()?;
         let (k, v) = match &self.kv_of_head {
             Some(ids) => (k.contiguous()?.index_select(ids, 1)?, v.contiguous()?.index_select(ids, 1)?),
             None => (k, v),

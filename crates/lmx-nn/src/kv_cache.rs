@@ -64,6 +64,44 @@ impl KvOptions {
     }
 }
 
+/// What a layer attends to after an append.
+#[derive(Debug, Clone)]
+pub enum KvView {
+    /// Keys and values (b, kv_heads, n, head_dim).
+    Dense(Tensor, Tensor),
+    /// Keys and values in MLX's affine format: [packed u32 codes, scales, biases], each
+    /// (b, kv_heads, n, ..).
+    Quantized { k: [Tensor; 3], v: [Tensor; 3], bits: usize, group_size: usize },
+}
+
+impl KvView {
+    /// Keys and values as floats (dequantized where quantized).
+    pub fn dense(self) -> Result<(Tensor, Tensor)> {
+        match self {
+            KvView::Dense(k, v) => Ok((k, v)),
+            KvView::Quantized { k, v, bits, group_size } => Ok((dequantize(&k, bits, group_size)?, dequantize(&v, bits, group_size)?)),
+        }
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> Result<usize> {
+        match self {
+            KvView::Dense(k, _) | KvView::Quantized { k: [k, _, _], .. } => k.dim(2),
+        }
+    }
+}
+
+/// [packed, scales, biases] (b, h, n, ..) dequantized to the scales' dtype: (b, h, n, d).
+fn dequantize([packed, scales, biases]: &[Tensor; 3], bits: usize, group_size: usize) -> Result<Tensor> {
+    let (b, h, n, w) = packed.dims4()?;
+    let flat = |t: &Tensor| -> Result<Tensor> {
+        let last = t.dim(3)?;
+        t.to_device(&Device::Cpu)?.contiguous()?.reshape((b * h * n, last))
+    };
+    let q = QuantizedMatrix::from_tensors(&flat(packed)?, &flat(scales)?, &flat(biases)?, bits, group_size)?;
+    q.dequantize()?.reshape((b, h, n, w * 32 / bits))?.to_device(packed.device())
+}
+
 /// Keys or values in MLX's affine format: packed words (b, h, capacity, d * bits / 32) and
 /// scales and biases (b, h, capacity, d / group_size).
 #[derive(Debug, Clone)]
@@ -92,17 +130,6 @@ impl QuantizedBuf {
 
     fn map(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
         Ok(Self { packed: f(&self.packed)?, scales: f(&self.scales)?, biases: f(&self.biases)? })
-    }
-
-    /// The first `len` positions, dequantized to the scales' dtype: (b, h, len, d).
-    fn dequantize(&self, len: usize, bits: usize, group_size: usize) -> Result<Tensor> {
-        let (b, h, _, w) = self.packed.dims4()?;
-        let flat = |t: &Tensor| -> Result<Tensor> {
-            let last = t.dim(3)?;
-            t.narrow(2, 0, len)?.to_device(&Device::Cpu)?.contiguous()?.reshape((b * h * len, last))
-        };
-        let q = QuantizedMatrix::from_tensors(&flat(&self.packed)?, &flat(&self.scales)?, &flat(&self.biases)?, bits, group_size)?;
-        q.dequantize()?.reshape((b, h, len, w * 32 / bits))?.to_device(self.packed.device())
     }
 }
 
@@ -163,7 +190,7 @@ fn buffer_with(init: &Tensor, capacity: usize) -> Result<Tensor> {
 }
 
 impl LayerKv {
-    fn append(&mut self, k: &Tensor, v: &Tensor, opts: &KvOptions) -> Result<(Tensor, Tensor)> {
+    fn append(&mut self, k: &Tensor, v: &Tensor, opts: &KvOptions) -> Result<KvView> {
         let n = k.dim(2)?;
         if let (Some(bits), Store::Growing { k: kb, v: vb }) = (opts.kv_bits, &self.store) {
             // MLX LM quantizes a growing cache after the forward pass that brings it to
@@ -194,7 +221,7 @@ impl LayerKv {
                 }
                 kb.slice_set(&k.contiguous()?, 2, offset)?;
                 vb.slice_set(&v.contiguous()?, 2, offset)?;
-                (kb.narrow(2, 0, needed)?, vb.narrow(2, 0, needed)?)
+                KvView::Dense(kb.narrow(2, 0, needed)?, vb.narrow(2, 0, needed)?)
             }
             Store::Quantized { k: kq, v: vq } => {
                 let (bits, gs) = (opts.kv_bits.unwrap_or(8), opts.kv_group_size);
@@ -211,15 +238,13 @@ impl LayerKv {
                         dst.slice_set(src, 2, offset)?;
                     }
                 }
-                (kq.dequantize(needed, bits, gs)?, vq.dequantize(needed, bits, gs)?)
+                let view = |q: &QuantizedBuf| -> Result<[Tensor; 3]> { Ok([q.packed.narrow(2, 0, needed)?, q.scales.narrow(2, 0, needed)?, q.biases.narrow(2, 0, needed)?]) };
+                KvView::Quantized { k: view(kq)?, v: view(vq)?, bits, group_size: gs }
             }
             Store::Rotating { k: kb, v: vb, idx } => {
                 let max = opts.max_kv_size.unwrap_or(usize::MAX);
-                if n == 1 {
-                    rotate_in_place(kb, vb, idx, offset, max, k, v)?
-                } else {
-                    rotate_concat(kb, vb, idx, offset, max, k, v)?
-                }
+                let (k, v) = if n == 1 { rotate_in_place(kb, vb, idx, offset, max, k, v)? } else { rotate_concat(kb, vb, idx, offset, max, k, v)? };
+                KvView::Dense(k, v)
             }
         };
         self.offset += n;
@@ -502,10 +527,10 @@ impl KvCache {
 
     /// Appends `k`, `v` (b, n_kv_heads, seq_len, head_dim) to row `row`'s layer `layer_idx`
     /// and returns all its keys and values so far (for a rotating cache, those in its window,
-    /// not in temporal order after a one-token step).
-    pub fn append(&mut self, row: usize, layer_idx: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// not in temporal order after a one-token step; for a quantized one, as stored).
+    pub fn append(&mut self, row: usize, layer_idx: usize, k: &Tensor, v: &Tensor) -> Result<KvView> {
         if !self.store {
-            return Ok((k.contiguous()?, v.contiguous()?));
+            return Ok(KvView::Dense(k.contiguous()?, v.contiguous()?));
         }
         let n_rows = self.rows.len();
         let Some(seq) = self.rows.get_mut(row) else { lmx_core::bail!("kv cache: row {row} of a cache for {n_rows} sequences") };
@@ -529,14 +554,14 @@ mod tests {
     fn append_grow_and_truncate() -> Result<()> {
         let mut c = KvCache::new(1);
         let a = Tensor::randn(0f32, 1.0, (1, 2, 300, 4), &Device::Cpu)?;
-        let (k, _) = c.append(0, 0, &a.narrow(2, 0, 200)?, &a.narrow(2, 0, 200)?)?;
+        let (k, _) = c.append(0, 0, &a.narrow(2, 0, 200)?, &a.narrow(2, 0, 200)?)?.dense()?;
         assert_eq!(k.dims(), &[1, 2, 200, 4]);
-        let (k, v) = c.append(0, 0, &a.narrow(2, 200, 100)?, &a.narrow(2, 200, 100)?)?;
+        let (k, v) = c.append(0, 0, &a.narrow(2, 200, 100)?, &a.narrow(2, 200, 100)?)?.dense()?;
         assert_eq!(c.offset(), 300);
         assert_eq!(max_diff(&k, &a), 0.0);
         assert_eq!(v.dims(), &[1, 2, 300, 4]);
         c.truncate(10);
-        let (k, _) = c.append(0, 0, &a.narrow(2, 0, 1)?, &a.narrow(2, 0, 1)?)?;
+        let (k, _) = c.append(0, 0, &a.narrow(2, 0, 1)?, &a.narrow(2, 0, 1)?)?.dense()?;
         assert_eq!(k.dim(2)?, 11);
         Ok(())
     }
@@ -550,20 +575,20 @@ mod tests {
         let mut c = KvCache::new(1).with_options(opts);
         let pos = |from: usize, n: usize| Tensor::arange(from as f32, (from + n) as f32, &Device::Cpu).and_then(|t| t.reshape((1, 1, n, 1))).expect("positions");
         let ids = |t: &Tensor| -> Vec<f32> { t.flatten_all().and_then(|t| t.to_vec1()).expect("values") };
-        let (k, _) = c.append(0, 0, &pos(0, 6), &pos(0, 6))?;
+        let (k, _) = c.append(0, 0, &pos(0, 6), &pos(0, 6))?.dense()?;
         assert_eq!(ids(&k), [0., 1., 2., 3., 4., 5.]);
         for p in 6..8 {
             c.append(0, 0, &pos(p, 1), &pos(p, 1))?;
         }
         // Full: the next token overwrites position 4 (the first after the kept ones).
-        let (k, _) = c.append(0, 0, &pos(8, 1), &pos(8, 1))?;
+        let (k, _) = c.append(0, 0, &pos(8, 1), &pos(8, 1))?.dense()?;
         assert_eq!(ids(&k), [0., 1., 2., 3., 8., 5., 6., 7.]);
         assert!(!c.can_truncate(), "a wrapped ring cannot rewind");
         // A prompt chunk: the ring in temporal order, trimmed to max - 1, plus the chunk.
-        let (k, _) = c.append(0, 0, &pos(9, 3), &pos(9, 3))?;
+        let (k, _) = c.append(0, 0, &pos(9, 3), &pos(9, 3))?.dense()?;
         assert_eq!(ids(&k), [0., 1., 2., 3., 6., 7., 8., 9., 10., 11.]);
         // The next token trims back to max, then rotates.
-        let (k, _) = c.append(0, 0, &pos(12, 1), &pos(12, 1))?;
+        let (k, _) = c.append(0, 0, &pos(12, 1), &pos(12, 1))?.dense()?;
         assert_eq!(ids(&k), [0., 1., 2., 3., 12., 9., 10., 11.]);
         assert_eq!(c.offset(), 13);
         Ok(())
@@ -577,13 +602,13 @@ mod tests {
         let want = QuantizedMatrix::quantize(&x.reshape((10, 64))?, 8, 32)?.dequantize()?.reshape((1, 2, 5, 64))?;
         let opts = KvOptions { kv_bits: Some(8), kv_group_size: 32, quantized_kv_start: 3, ..Default::default() };
         let mut c = KvCache::new(1).with_options(opts);
-        let (k, _) = c.append(0, 0, &x.narrow(2, 0, 3)?, &x.narrow(2, 0, 3)?)?;
+        let (k, _) = c.append(0, 0, &x.narrow(2, 0, 3)?, &x.narrow(2, 0, 3)?)?.dense()?;
         assert_eq!(max_diff(&k, &x.narrow(2, 0, 3)?), 0.0, "below quantized_kv_start keys stay exact");
         let dense = c.nbytes();
         for p in 3..5 {
             c.append(0, 0, &x.narrow(2, p, 1)?, &x.narrow(2, p, 1)?)?;
         }
-        let (k, _) = c.append(0, 0, &x.narrow(2, 0, 0)?, &x.narrow(2, 0, 0)?)?;
+        let (k, _) = c.append(0, 0, &x.narrow(2, 0, 0)?, &x.narrow(2, 0, 0)?)?.dense()?;
         assert_eq!(max_diff(&k, &want), 0.0);
         assert!(max_diff(&k, &x) > 0.0, "8-bit keys differ from the floats");
         assert!(c.nbytes() < dense / 2, "8-bit buffers take under half the f32 ones ({} vs {dense})", c.nbytes());

@@ -24,7 +24,7 @@ pub use attention::{Attention, AttentionConfig, AttentionInput};
 pub use builder::{Builder, Shard};
 pub use decoder::{CausalLm, Decoder, DecoderConfig, DecoderLayer, Layer, Logits};
 pub use error::BuildError;
-pub use kv_cache::{KvCache, KvOptions, LayerState};
+pub use kv_cache::{KvCache, KvOptions, KvView, LayerState};
 pub use linear::{Bias, Embedding, Linear, RmsNorm};
 pub use mlp::{Activation, Mlp};
 pub use rope::{Rope, RopeConfig, RopeScaling};

@@ -191,25 +191,25 @@ impl QuantizedMatrix {
         let values: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let n_groups = rows * cols / group_size;
         let words_per_row = cols * bits / 32;
-        let results: Vec<(Vec<u32>, Vec<f32>, Vec<f32>)> = values
-            .par_chunks(cols)
-            .map(|row| {
-                let mut words = vec![0u32; words_per_row];
-                let mut scales = Vec::with_capacity(cols / group_size);
-                let mut biases = Vec::with_capacity(cols / group_size);
-                for (g, group) in row.chunks(group_size).enumerate() {
-                    let (scale, bias) = affine_params(group, bits);
-                    let n_bins = ((1u32 << bits) - 1) as f32;
-                    for (j, w) in group.iter().enumerate() {
-                        let q = ((w - bias) / scale).round_ties_even().clamp(0.0, n_bins) as u64;
-                        put_bits(&mut words, (g * group_size + j) * bits, bits, q);
-                    }
-                    scales.push(scale);
-                    biases.push(bias);
+        let quantize_row = |row: &[f32]| {
+            let mut words = vec![0u32; words_per_row];
+            let mut scales = Vec::with_capacity(cols / group_size);
+            let mut biases = Vec::with_capacity(cols / group_size);
+            for (g, group) in row.chunks(group_size).enumerate() {
+                let (scale, bias) = affine_params(group, bits);
+                let n_bins = ((1u32 << bits) - 1) as f32;
+                for (j, w) in group.iter().enumerate() {
+                    let q = ((w - bias) / scale).round_ties_even().clamp(0.0, n_bins) as u64;
+                    put_bits(&mut words, (g * group_size + j) * bits, bits, q);
                 }
-                (words, scales, biases)
-            })
-            .collect();
+                scales.push(scale);
+                biases.push(bias);
+            }
+            (words, scales, biases)
+        };
+        // Small inputs (a KV cache's new keys, every step) stay on this thread: a rayon
+        // dispatch costs more than the work, and its workers compete with the decode pool's.
+        let results: Vec<(Vec<u32>, Vec<f32>, Vec<f32>)> = if values.len() < 1 << 16 { values.chunks(cols).map(quantize_row).collect() } else { values.par_chunks(cols).map(quantize_row).collect() };
         let mut packed = Vec::with_capacity(rows * words_per_row);
         let (mut scales, mut biases) = (Vec::with_capacity(n_groups), Vec::with_capacity(n_groups));
         for (w, s, b) in results {
@@ -425,7 +425,7 @@ fn get_bits(words: &[u32], offset: usize, bits: usize) -> u32 {
 mod arm;
 #[cfg(feature = "cuda")]
 mod cuda;
-mod kernels;
+pub(crate) mod kernels;
 mod op;
 #[cfg(test)]
 mod tests;
