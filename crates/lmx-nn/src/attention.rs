@@ -224,7 +224,7 @@ impl Attention {
         let view = cache.append(row, layer_idx, &k, v)?;
         if let KvView::Quantized { k, v, bits, group_size } = &view {
             // One query over a quantized cache: read the codes as stored.
-            let seen = self.window.is_none_or(|w| view.len().is_ok_and(|n| n <= w));
+            let seen = self.window.is_none_or(|w| view.positions().is_ok_and(|n| n <= w));
             if l == 1 && seen && q.device().is_cpu() && self.kv_of_head.is_none() && self.softcap.is_none() && self.sinks.is_none() {
                 return ops::decode_attention_quantized(&q, k, v, *bits, *group_size, self.scale);
             }

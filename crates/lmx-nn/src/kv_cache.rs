@@ -84,7 +84,7 @@ impl KvView {
     }
 
     /// Positions held.
-    pub fn len(&self) -> Result<usize> {
+    pub fn positions(&self) -> Result<usize> {
         match self {
             KvView::Dense(k, _) | KvView::Quantized { k: [k, _, _], .. } => k.dim(2),
         }
