@@ -115,6 +115,9 @@ impl QuantizedBuf {
     /// Quantizes `x` (b, h, n, d) along its last dimension.
     fn quantize(x: &Tensor, bits: usize, group_size: usize) -> Result<Self> {
         let (b, h, n, d) = x.dims4()?;
+        if d % group_size != 0 {
+            lmx_core::bail!("a quantized KV cache needs a kv_group_size that divides the model's head_dim ({d}), not {group_size}");
+        }
         let q = QuantizedMatrix::quantize(&x.to_device(&Device::Cpu)?.reshape((b * h * n, d))?, bits, group_size)?;
         let (packed, scales, biases) = q.to_tensors()?;
         let shape = |t: Tensor| -> Result<Tensor> {
@@ -174,7 +177,9 @@ pub struct KvCache {
 fn grow(t: &Tensor, extra: usize) -> Result<Tensor> {
     let mut dims = t.dims().to_vec();
     dims[2] = extra;
-    Tensor::cat(&[t, &Tensor::zeros(dims, t.dtype(), t.device())?], 2)
+    // A cat with an empty part may hand back the other part's layout: copy to be sure (the
+    // buffer is written in place).
+    Tensor::cat(&[t, &Tensor::zeros(dims, t.dtype(), t.device())?], 2)?.contiguous()
 }
 
 /// A fresh (b, h, capacity, d) buffer holding `init` (b, h, n, d) at its start.
@@ -203,7 +208,7 @@ impl LayerKv {
         }
         if matches!(self.store, Store::Empty) {
             self.store = match (opts.max_kv_size, opts.kv_bits) {
-                (Some(_), _) => Store::Rotating { k: k.narrow(2, 0, 0)?, v: v.narrow(2, 0, 0)?, idx: 0 },
+                (Some(_), _) => Store::Rotating { k: k.narrow(2, 0, 0)?.contiguous()?, v: v.narrow(2, 0, 0)?.contiguous()?, idx: 0 },
                 // Quantized caches start as growing ones: MLX LM quantizes after a forward pass,
                 // so the first chunk attends to its own keys in full precision.
                 _ => Store::Growing { k: k.narrow(2, 0, 0)?.contiguous()?, v: v.narrow(2, 0, 0)?.contiguous()? },
@@ -612,6 +617,20 @@ mod tests {
         assert_eq!(max_diff(&k, &want), 0.0);
         assert!(max_diff(&k, &x) > 0.0, "8-bit keys differ from the floats");
         assert!(c.nbytes() < dense / 2, "8-bit buffers take under half the f32 ones ({} vs {dense})", c.nbytes());
+        Ok(())
+    }
+
+    /// A rotating cache whose first append is one token (a one-token prompt) and whose input
+    /// is a strided view (one row of a batch).
+    #[test]
+    fn rotating_cache_starts_with_one_token_from_a_view() -> Result<()> {
+        let mut c = KvCache::new(1).with_options(KvOptions { max_kv_size: Some(8), ..Default::default() });
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 1, 4), &Device::Cpu)?.transpose(0, 1)?;
+        for _ in 0..12 {
+            let row = x.narrow(1, 1, 1)?.transpose(0, 1)?;
+            c.append(0, 0, &row, &row)?;
+        }
+        assert_eq!(c.offset(), 12);
         Ok(())
     }
 

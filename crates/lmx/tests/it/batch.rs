@@ -5,8 +5,15 @@
 
 use crate::default_model;
 
-const PROMPTS: [&str; 4] =
-    ["The capital of France is", "Write a haiku about the sea.", "1, 2, 3,", "Rust is a programming language that empowers everyone to build reliable and efficient software. Its main features are"];
+/// Prompts of different lengths; the last is one token (no prefill: the first step appends to
+/// an empty cache).
+const PROMPTS: [&str; 5] = [
+    "The capital of France is",
+    "Write a haiku about the sea.",
+    "1, 2, 3,",
+    "Rust is a programming language that empowers everyone to build reliable and efficient software. Its main features are",
+    "Hello",
+];
 
 fn alone(model: &lmx::Model, tok: &lmx::TokenizerWrapper, prompt: &[u32], max_tokens: usize, kv: lmx::KvOptions) -> Vec<u32> {
     let mut cache = lmx::PromptCache::with_options(&**model, kv).expect("kv options");
@@ -19,7 +26,7 @@ fn batched_greedy_tokens_equal_each_sequence_alone_for_every_cache_kind() {
     let (model, tok) = lmx::load(&default_model()).expect("load");
     let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|p| tok.encode(p, true).expect("encode")).collect();
     let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
-    assert!(lens.iter().any(|&l| l != lens[0]), "prompts of different lengths: {lens:?}");
+    assert!(lens.iter().any(|&l| l != lens[0]) && lens.contains(&1), "prompts of different lengths, one of one token: {lens:?}");
     let kinds = [
         ("growing", lmx::KvOptions::default()),
         ("8-bit", lmx::KvOptions { kv_bits: Some(8), ..Default::default() }),

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The generation engine on the GPU machine (issue 12): batched decoding equal to one sequence
+# at a time (the fixture Llama in f32), then batched throughput at 1, 4, 16 and 64 sequences,
+# a quantized KV cache, and speculative decoding on random Llama-3-8B-shaped weights.
+# Results go to $OUT/engine.txt. Needs target/cuda/release/lmx.xz (scripts/build-cuda.sh).
+# Usage there: scripts/cuda/engine.sh [--quick]   (--quick: the 1B shape)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+RES=${OUT:-.}/engine.txt
+W=${TMPDIR:-/tmp}/lmx-cuda-engine; rm -rf "$W"; mkdir -p "$W"
+xz -dc target/cuda/release/lmx.xz > "$W/lmx" && chmod +x "$W/lmx"
+LMX="$W/lmx"
+export LD_LIBRARY_PATH=/usr/local/cuda-13.0/lib64:${LD_LIBRARY_PATH:-}
+log() { echo "$@" | tee -a "$RES"; }
+log "# lmx CUDA engine check, $(date -u +%F), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1)"
+
+# 1. A batch equals each sequence alone (greedy, f32, prompts of different lengths).
+TOK='{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,"model":{"type":"WordLevel","vocab":{"<unk>":0,"a":1,"b":2,"c":3},"unk_token":"<unk>"}}'
+mkdir -p "$W/llama" && cp tests/fixtures/llama/config.json tests/fixtures/llama/model.safetensors "$W/llama/" && echo "$TOK" > "$W/llama/tokenizer.json"
+printf 'a b c\nb b a c a b\nc\na a a a a a a a b\n' > "$W/prompts.txt"
+for kv in "" "--kv-bits 8 --quantized-kv-start 0" "--max-kv-size 8"; do
+  "$LMX" generate --model "$W/llama" --device cuda --dtype float32 --prompts-file "$W/prompts.txt" -m 12 --ignore-eos --verbose false $kv > "$W/batch.jsonl" 2>"$W/err.txt"
+  same=0; n=0
+  while IFS= read -r p; do
+    n=$((n + 1))
+    alone=$("$LMX" generate --model "$W/llama" --device cuda --dtype float32 -p "$p" -m 12 --ignore-eos --verbose false $kv 2>/dev/null)
+    inbatch=$(sed -n "${n}p" "$W/batch.jsonl" | python3 -c "import json,sys; print(json.load(sys.stdin)['text'])")
+    [ "$alone" = "$inbatch" ] && same=$((same + 1))
+  done < "$W/prompts.txt"
+  log "batch equals alone on cuda [${kv:-growing}]: $same of $n prompts $(head -c 300 "$W/err.txt")"
+done
+
+# 2. Throughput on random weights in a real shape.
+SHAPE=8b; [ "${1:-}" = --quick ] && SHAPE=1b
+SHAPE=$SHAPE python3 scripts/cuda/make_random_llama.py "$W/llama-$SHAPE" 2>&1 | tail -1 | tee -a "$RES"
+for m in bf16 4bit; do
+  for b in 1 4 16 64; do
+    log "llama-$SHAPE-$m batch $b (-p 128 -g 64): $("$LMX" benchmark --model "$W/llama-$SHAPE-$m" --device cuda -p 128 -g 64 -n 1 -b $b 2>&1 | tail -1)"
+  done
+done
+log "llama-$SHAPE-bf16 batch 16 --kv-bits 8: $("$LMX" benchmark --model "$W/llama-$SHAPE-bf16" --device cuda -p 128 -g 64 -n 1 -b 16 --kv-bits 8 --quantized-kv-start 0 2>&1 | tail -1)"
+for k in 0 3; do
+  args=(); [ "$k" != 0 ] && args=(--draft-model "$W/llama-$SHAPE-4bit" --num-draft-tokens $k)
+  log "llama-$SHAPE-bf16 speculative draft=$k: $("$LMX" generate --model "$W/llama-$SHAPE-bf16" --device cuda -p 'a b c a b' -m 128 --ignore-eos "${args[@]}" 2>&1 >/dev/null | grep -E '^(Generation|Draft)' | tr '\n' ' ')"
+done
+nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader | tee -a "$RES"
