@@ -207,7 +207,9 @@ fn rope_rows<T: Elem>(xs: &CpuStorage, xl: &Layout, cs: &CpuStorage, cl: &Layout
         candle_core::bail!("rope: x {:?} must be 4-D", xl.dims());
     };
     let half = d / 2;
-    if st[3] != 1 || d % 2 != 0 || cl.dims() != [t, half] || sl.dims() != [t, half] {
+    // cos/sin (t, half) for every batch row, or (b, t, half): each row at its own positions.
+    let per_row = cl.dims() == [b, t, half];
+    if st[3] != 1 || d % 2 != 0 || !(cl.dims() == [t, half] || per_row) || sl.dims() != cl.dims() {
         candle_core::bail!("rope: x {:?} (strides {st:?}), cos {:?}, sin {:?}", xl.dims(), cl.dims(), sl.dims());
     }
     let (x, x0) = (xs.as_slice::<T>()?, xl.start_offset());
@@ -220,7 +222,8 @@ fn rope_rows<T: Elem>(xs: &CpuStorage, xl: &Layout, cs: &CpuStorage, cl: &Layout
             let src = &x[x0 + bi * st[0] + hi * st[1] + ti * st[2]..][..d];
             // SAFETY: row r owns out[r * d..(r + 1) * d]; ranges are disjoint.
             let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(r * d), d) };
-            let (c, s) = (&cos[ti * half..(ti + 1) * half], &sin[ti * half..(ti + 1) * half]);
+            let at = if per_row { bi * t + ti } else { ti };
+            let (c, s) = (&cos[at * half..(at + 1) * half], &sin[at * half..(at + 1) * half]);
             for i in 0..half {
                 let (x1, x2, c, s) = (src[i].f32(), src[i + half].f32(), c[i].f32(), s[i].f32());
                 o[i] = T::of(T::of(x1 * c).f32() - T::of(x2 * s).f32());
@@ -280,6 +283,49 @@ fn strided<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Resu
     Ok((s.as_slice::<T>()?, [st[0], st[1], st[2]], l.start_offset()))
 }
 
+/// Keys or values of one sequence as the decode kernels read them: the storage slice, the
+/// strides of (batch, head, position), the start offset, and the positions.
+struct KvRows<'a, T> {
+    data: &'a [T],
+    stride: [usize; 3],
+    start: usize,
+    len: usize,
+}
+
+impl<T: Copy> KvRows<'_, T> {
+    /// Position `t` of key/value head `kv` of batch row `bi`: `d` values.
+    #[inline]
+    fn row(&self, bi: usize, kv: usize, t: usize, d: usize) -> &[T] {
+        let base = self.start + bi * self.stride[0] + kv * self.stride[1] + t * self.stride[2];
+        &self.data[base..base + d]
+    }
+}
+
+/// One query head over its keys and values: scores, softmax, weighted sum, all in f32, into
+/// `out` (rounded once). `scores` holds at least `k.len` values; `qv` and `acc` `d` each.
+#[allow(clippy::too_many_arguments)]
+fn attend_head<T: Elem>(q: &[T], k: &KvRows<'_, T>, v: &KvRows<'_, T>, bi: usize, kv: usize, scale: f32, qv: &mut [f32], scores: &mut Vec<f32>, acc: &mut [f32], out: &mut [T]) {
+    let d = qv.len();
+    for (a, x) in qv.iter_mut().zip(q) {
+        *a = x.f32();
+    }
+    scores.resize(k.len, 0.0);
+    let mut max = f32::NEG_INFINITY;
+    for (t, s) in scores.iter_mut().enumerate() {
+        *s = T::dot(k.row(bi, kv, t, d), qv) * scale;
+        max = max.max(*s);
+    }
+    scores.iter_mut().for_each(|s| *s = exp(*s - max));
+    let total = sum(scores);
+    acc.fill(0.0);
+    for (t, p) in scores.iter().enumerate() {
+        T::axpy(acc, p / total, v.row(bi, kv, t, d));
+    }
+    for (o, a) in out.iter_mut().zip(acc.iter()) {
+        *o = T::of(*a);
+    }
+}
+
 fn decode_attention<T: Elem>(qs: &CpuStorage, ql: &Layout, ks: &CpuStorage, kl: &Layout, vs: &CpuStorage, vl: &Layout, scale: f32) -> Result<Vec<T>> {
     let q = slice::<T>(qs, ql)?;
     let (&[b, n_heads, _, d], &[_, n_kv, kv_len, _]) = (ql.dims(), kl.dims()) else {
@@ -288,38 +334,77 @@ fn decode_attention<T: Elem>(qs: &CpuStorage, ql: &Layout, ks: &CpuStorage, kl: 
     let n_rep = n_heads / n_kv;
     let (k, ks_, k0) = strided::<T>(ks, kl)?;
     let (v, vs_, v0) = strided::<T>(vs, vl)?;
+    let (k, v) = (KvRows { data: k, stride: ks_, start: k0, len: kv_len }, KvRows { data: v, stride: vs_, start: v0, len: kv_len });
     let mut out = vec![T::of(0.0); b * n_heads * d];
     let out_ptr = SendPtr(out.as_mut_ptr());
     // Heads split over threads; each range reuses its buffers for all of its heads.
     crate::cpu::parallel_ranges(b * n_heads, 1, |heads| {
-        let (mut qv, mut scores, mut acc) = (vec![0f32; d], vec![0f32; kv_len], vec![0f32; d]);
+        let (mut qv, mut scores, mut acc) = (vec![0f32; d], Vec::with_capacity(kv_len), vec![0f32; d]);
         for bh in heads {
-            let (bi, h) = (bh / n_heads, bh % n_heads);
-            let kv = h / n_rep;
-            for (a, x) in qv.iter_mut().zip(&q[bh * d..(bh + 1) * d]) {
-                *a = x.f32();
-            }
-            let mut max = f32::NEG_INFINITY;
-            for (t, s) in scores.iter_mut().enumerate() {
-                let base = k0 + bi * ks_[0] + kv * ks_[1] + t * ks_[2];
-                *s = T::dot(&k[base..base + d], &qv) * scale;
-                max = max.max(*s);
-            }
-            scores.iter_mut().for_each(|s| *s = exp(*s - max));
-            let total = sum(&scores);
-            acc.fill(0.0);
-            for (t, p) in scores.iter().enumerate() {
-                let base = v0 + bi * vs_[0] + kv * vs_[1] + t * vs_[2];
-                T::axpy(&mut acc, p / total, &v[base..base + d]);
-            }
             // SAFETY: head bh owns out[bh * d..(bh + 1) * d]; ranges are disjoint.
             let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(bh * d), d) };
-            for (o, a) in o.iter_mut().zip(&acc) {
-                *o = T::of(*a);
-            }
+            attend_head(&q[bh * d..(bh + 1) * d], &k, &v, bh / n_heads, bh % n_heads / n_rep, scale, &mut qv, &mut scores, &mut acc, o);
         }
     });
     Ok(out)
+}
+
+/// [`DecodeAttention`] for a batch of sequences at different positions, each with its own
+/// cache: `q` (b, n_heads, 1, head_dim) contiguous, row i attending to `keys[i]` and
+/// `values[i]` ((1, n_kv_heads, len_i, head_dim), contiguous last dimension). One op for the
+/// batch instead of one per sequence; the same arithmetic per head as [`DecodeAttention`].
+pub struct DecodeAttentionRows {
+    /// Multiplies the scores (1 / sqrt(head_dim)).
+    pub scale: f32,
+    /// Each sequence's keys.
+    pub keys: Vec<candle_core::Tensor>,
+    /// Each sequence's values.
+    pub values: Vec<candle_core::Tensor>,
+}
+
+fn decode_attention_rows<T: Elem>(op: &DecodeAttentionRows, qs: &CpuStorage, ql: &Layout) -> Result<Vec<T>> {
+    let q = slice::<T>(qs, ql)?;
+    let &[b, n_heads, 1, d] = ql.dims() else {
+        candle_core::bail!("decode attention rows: q {:?} must be (b, heads, 1, head_dim)", ql.dims());
+    };
+    if op.keys.len() != b || op.values.len() != b {
+        candle_core::bail!("decode attention rows: {b} queries for {} key and {} value caches", op.keys.len(), op.values.len());
+    }
+    let guards: Vec<_> = op.keys.iter().chain(&op.values).map(|t| t.storage_and_layout()).collect();
+    let mut rows = Vec::with_capacity(2 * b);
+    for (storage, layout) in &guards {
+        let candle_core::Storage::Cpu(cpu) = &**storage else { candle_core::bail!("decode attention rows: a cache off the CPU") };
+        let &[1, n_kv, len, dk] = layout.dims() else { candle_core::bail!("decode attention rows: a cache of shape {:?}", layout.dims()) };
+        if dk != d || n_kv == 0 || n_heads % n_kv != 0 {
+            candle_core::bail!("decode attention rows: a cache of shape {:?} for {n_heads} heads of {d}", layout.dims());
+        }
+        let (data, stride, start) = strided::<T>(cpu, layout)?;
+        rows.push((KvRows { data, stride, start, len }, n_kv));
+    }
+    let (keys, values) = rows.split_at(b);
+    let mut out = vec![T::of(0.0); b * n_heads * d];
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let longest = keys.iter().map(|(k, _)| k.len).max().unwrap_or(0);
+    crate::cpu::parallel_ranges(b * n_heads, 1, |heads| {
+        let (mut qv, mut scores, mut acc) = (vec![0f32; d], Vec::with_capacity(longest), vec![0f32; d]);
+        for bh in heads {
+            let (bi, h) = (bh / n_heads, bh % n_heads);
+            let ((k, n_kv), (v, _)) = (&keys[bi], &values[bi]);
+            // SAFETY: head bh owns out[bh * d..(bh + 1) * d]; ranges are disjoint.
+            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(bh * d), d) };
+            attend_head(&q[bh * d..(bh + 1) * d], k, v, 0, h / (n_heads / n_kv), op.scale, &mut qv, &mut scores, &mut acc, o);
+        }
+    });
+    Ok(out)
+}
+
+impl candle_core::CustomOp1 for DecodeAttentionRows {
+    fn name(&self) -> &'static str {
+        "lmx-decode-attention-rows"
+    }
+    fn cpu_fwd(&self, qs: &CpuStorage, ql: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((by_dtype!(qs.dtype(), decode_attention_rows(self, qs, ql)), ql.shape().clone()))
+    }
 }
 
 /// [`DecodeAttention`] over keys and values in MLX's affine format (a quantized KV cache),

@@ -108,6 +108,14 @@ pub fn all_finite(t: &Tensor) -> Result<bool> {
 /// Rows up to which any product is memory-bound and goes through [`crate::cpu::MatVec`].
 const MATVEC_SMALL: usize = 8;
 
+/// A batch of sequences, one query each (decode), each attending to every key of its own
+/// cache: `q` (b, n_heads, 1, head_dim), `keys[i]` / `values[i]` (1, n_kv_heads, len_i,
+/// head_dim) on the CPU. One op for the batch ([`crate::cpu_fused::DecodeAttentionRows`]).
+pub fn decode_attention_rows(q: &Tensor, keys: Vec<Tensor>, values: Vec<Tensor>, scale: f64) -> Result<Tensor> {
+    let op = crate::cpu_fused::DecodeAttentionRows { scale: scale as f32, keys, values };
+    q.contiguous()?.apply_op1_no_bwd(&op)
+}
+
 /// One query per head (decode) attending to every key of a quantized KV cache on the CPU:
 /// `q` (b, n_heads, 1, head_dim); `k`, `v` the cache's [packed u32 codes, scales, biases], each
 /// (b, n_kv_heads, kv_len, ..). The codes are read as stored ([`crate::cpu_fused::QuantizedDecodeAttention`]).

@@ -86,12 +86,30 @@ pub struct AttentionInput {
     rows: Vec<(Tensor, Tensor)>,
     /// Additive masks by (queries, keys, window).
     masks: std::sync::Mutex<Vec<(MaskKey, Tensor)>>,
+    /// The rows' angles stacked, (b, seq_len, head_dim / 2) each, built at first use.
+    stacked: std::sync::OnceLock<(Tensor, Tensor)>,
 }
 
 impl AttentionInput {
     /// Angles for each row (`rows.len()` is 1 or the batch size).
     pub fn new(rows: Vec<(Tensor, Tensor)>) -> Self {
-        Self { rows, masks: Default::default() }
+        Self { rows, masks: Default::default(), stacked: Default::default() }
+    }
+
+    /// Angles for rotating every row of a batch in one op: the shared (seq_len, head_dim / 2)
+    /// pair, or the rows' pairs stacked to (b, seq_len, head_dim / 2).
+    fn per_row_angles(&self) -> Result<Option<(&Tensor, &Tensor)>> {
+        match &self.rows[..] {
+            [] => Ok(None),
+            [(cos, sin)] => Ok(Some((cos, sin))),
+            rows => {
+                if self.stacked.get().is_none() {
+                    let (cos, sin): (Vec<Tensor>, Vec<Tensor>) = rows.iter().cloned().unzip();
+                    let _ = self.stacked.set((Tensor::stack(&cos, 0)?, Tensor::stack(&sin, 0)?));
+                }
+                Ok(self.stacked.get().map(|(c, s)| (c, s)))
+            }
+        }
     }
 
     fn cos_sin(&self, row: usize) -> Result<&(Tensor, Tensor)> {
@@ -205,28 +223,63 @@ impl Attention {
             if cache.rows() != b {
                 lmx_core::bail!("a batch of {b} sequences with a cache for {}", cache.rows());
             }
-            let rows = (0..b).map(|i| self.attend(&q.narrow(0, i, 1)?, &k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?, input, cache, i, layer_idx)).collect::<Result<Vec<_>>>()?;
-            Tensor::cat(&rows, 0)?
+            self.attend_rows(&q, &k, &v, input, cache, layer_idx)?
         } else {
-            self.attend(&q, &k, &v, input, cache, 0, layer_idx)?
+            let (cos, sin) = input.cos_sin(0)?;
+            let q = ops::rope(&q, cos, sin)?;
+            let view = cache.append(0, layer_idx, &ops::rope(&k, cos, sin)?, &v)?;
+            self.attend(&q, view, input, cache.row_window(0))?
         };
         self.o_proj.forward(&y.transpose(1, 2)?.reshape((b, l, self.n_heads * self.head_dim))?)
     }
 
-    /// Rotates, caches and attends one row (or every row at one position): q (b, heads, l, d),
-    /// k and v (b, kv_heads, l, d) -> (b, heads, l, d).
-    #[allow(clippy::too_many_arguments)]
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, input: &AttentionInput, cache: &mut KvCache, row: usize, layer_idx: usize) -> Result<Tensor> {
+    /// A batch of sequences, one cache row each, at their own positions: q (b, heads, l, d),
+    /// k and v (b, kv_heads, l, d) before rotation -> (b, heads, l, d). On the CPU the rows
+    /// rotate in one op and, for one token each over growing caches, attend in one op;
+    /// otherwise row by row.
+    fn attend_rows(&self, q: &Tensor, k: &Tensor, v: &Tensor, input: &AttentionInput, cache: &mut KvCache, layer_idx: usize) -> Result<Tensor> {
+        let (b, l) = (q.dim(0)?, q.dim(2)?);
+        let cpu = q.device().is_cpu();
+        let rotated = match input.per_row_angles()? {
+            Some((cos, sin)) if cpu => Some((ops::rope(q, cos, sin)?, ops::rope(k, cos, sin)?)),
+            _ => None,
+        };
+        let mut qs = Vec::with_capacity(b);
+        let mut views = Vec::with_capacity(b);
+        for i in 0..b {
+            let (qi, ki) = match &rotated {
+                Some((q, k)) => (q.narrow(0, i, 1)?, k.narrow(0, i, 1)?),
+                None => {
+                    let (cos, sin) = input.cos_sin(i)?;
+                    (ops::rope(&q.narrow(0, i, 1)?, cos, sin)?, ops::rope(&k.narrow(0, i, 1)?, cos, sin)?)
+                }
+            };
+            views.push(cache.append(i, layer_idx, &ki, &v.narrow(0, i, 1)?)?);
+            qs.push(qi);
+        }
+        let plain = l == 1 && cpu && self.kv_of_head.is_none() && self.softcap.is_none() && self.sinks.is_none();
+        let seen = |view: &KvView| self.window.is_none_or(|w| view.positions().is_ok_and(|n| n <= w));
+        if plain && views.iter().all(|v| matches!(v, KvView::Dense(..)) && seen(v)) {
+            let (keys, values) = views.into_iter().map(|v| v.dense()).collect::<Result<(Vec<_>, Vec<_>)>>()?;
+            let q = match rotated {
+                Some((q, _)) => q,
+                None => Tensor::cat(&qs, 0)?,
+            };
+            return ops::decode_attention_rows(&q, keys, values, self.scale);
+        }
+        let ys = qs.iter().zip(views).enumerate().map(|(i, (q, view))| self.attend(q, view, input, cache.row_window(i))).collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&ys, 0)
+    }
+
+    /// Attention of rotated queries q (b, heads, l, d) over a cache row's keys and values
+    /// (`rotating`: the row's rotating size) -> (b, heads, l, d).
+    fn attend(&self, q: &Tensor, view: KvView, input: &AttentionInput, rotating: Option<usize>) -> Result<Tensor> {
         let l = q.dim(2)?;
-        let (cos, sin) = input.cos_sin(row)?;
-        let q = ops::rope(q, cos, sin)?;
-        let k = ops::rope(k, cos, sin)?;
-        let view = cache.append(row, layer_idx, &k, v)?;
         if let KvView::Quantized { k, v, bits, group_size } = &view {
             // One query over a quantized cache: read the codes as stored.
             let seen = self.window.is_none_or(|w| view.positions().is_ok_and(|n| n <= w));
             if l == 1 && seen && q.device().is_cpu() && self.kv_of_head.is_none() && self.softcap.is_none() && self.sinks.is_none() {
-                return ops::decode_attention_quantized(&q, k, v, *bits, *group_size, self.scale);
+                return ops::decode_attention_quantized(q, k, v, *bits, *group_size, self.scale);
             }
         }
         let (k, v) = view.dense()?;
@@ -235,7 +288,6 @@ impl Attention {
             None => (k, v),
         };
         let kv_len = k.dim(2)?;
-        let rotating = cache.row_window(row);
         // A prompt chunk is causal (within the layer's window, else a rotating cache's size, as
         // MLX LM's `make_mask`); one query sees every cached key unless the layer's window is
         // shorter than the cache.
