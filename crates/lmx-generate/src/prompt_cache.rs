@@ -188,3 +188,77 @@ impl PromptCache {
         Ok((Self { kv, tokens }, user))
     }
 }
+
+/// Prompt caches kept across requests (MLX LM's server `LRUPromptCache`): a new request starts
+/// from a copy of the cache that shares the longest prefix with its prompt, and a finished
+/// one is kept for the next. Bounded in entries and bytes; the least recently used go first,
+/// and a cache that extends a kept one replaces it.
+pub struct PrefixCache {
+    entries: Vec<Entry>,
+    max_entries: usize,
+    max_bytes: usize,
+    clock: u64,
+}
+
+struct Entry {
+    cache: PromptCache,
+    last_used: u64,
+}
+
+impl PrefixCache {
+    /// At most `max_entries` caches and `max_bytes` bytes of keys and values.
+    pub fn new(max_entries: usize, max_bytes: usize) -> Self {
+        Self { entries: Vec::new(), max_entries, max_bytes, clock: 0 }
+    }
+
+    /// Caches kept.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether none is kept.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Bytes of keys and values kept.
+    pub fn nbytes(&self) -> usize {
+        self.entries.iter().map(|e| e.cache.nbytes()).sum()
+    }
+
+    /// A copy of the kept cache sharing the longest prefix with `prompt`, cut back to what
+    /// `prompt` can reuse (never its last token), or None when no kept cache shares a token.
+    /// The kept cache is not changed.
+    pub fn fetch(&mut self, prompt: &[u32]) -> Result<Option<PromptCache>, GenerateError> {
+        let common = |e: &Entry| e.cache.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        let Some(best) = (0..self.entries.len()).filter(|&i| common(&self.entries[i]) > 0).max_by_key(|&i| (common(&self.entries[i]), self.entries[i].last_used)) else {
+            return Ok(None);
+        };
+        self.clock += 1;
+        self.entries[best].last_used = self.clock;
+        let kept = &self.entries[best].cache;
+        let mut copy = PromptCache { kv: kept.kv.deep_clone()?, tokens: kept.tokens.clone() };
+        if copy.reuse_prefix(prompt) == 0 {
+            return Ok(None);
+        }
+        Ok(Some(copy))
+    }
+
+    /// Keeps `cache` (a finished request's), dropping kept caches it extends, then the least
+    /// recently used while over the bounds (the new one included, if it alone is too big).
+    pub fn insert(&mut self, cache: PromptCache) {
+        if cache.tokens.is_empty() {
+            return;
+        }
+        if cache.kv.can_truncate() {
+            // The kept prefixes can be cut from the new cache when needed.
+            self.entries.retain(|e| !cache.tokens.starts_with(&e.cache.tokens));
+        }
+        self.clock += 1;
+        self.entries.push(Entry { cache, last_used: self.clock });
+        while !self.entries.is_empty() && (self.entries.len() > self.max_entries || self.nbytes() > self.max_bytes) {
+            let oldest = (0..self.entries.len()).min_by_key(|&i| self.entries[i].last_used).unwrap_or(0);
+            self.entries.remove(oldest);
+        }
+    }
+}

@@ -525,6 +525,31 @@ impl KvCache {
         self.truncate(0);
     }
 
+    /// A copy that shares no buffer with this cache (a plain `clone` shares them, and appends
+    /// write in place), holding only the filled positions.
+    pub fn deep_clone(&self) -> Result<Self> {
+        // New contiguous storage either way (`copy` keeps a view's strides).
+        let fresh = |t: Tensor| if t.is_contiguous() { t.copy() } else { t.contiguous() };
+        let copy = |t: &Tensor, n: usize| -> Result<Tensor> { fresh(t.narrow(2, 0, n.min(t.dim(2)?))?) };
+        let mut rows = Vec::with_capacity(self.rows.len());
+        for r in &self.rows {
+            let mut layers = Vec::with_capacity(r.layers.len());
+            for l in &r.layers {
+                let n = l.offset;
+                let store = match &l.store {
+                    Store::Empty => Store::Empty,
+                    Store::Growing { k, v } => Store::Growing { k: copy(k, n)?, v: copy(v, n)? },
+                    // The ring keeps its layout: copied whole.
+                    Store::Rotating { k, v, idx } => Store::Rotating { k: fresh(k.clone())?, v: fresh(v.clone())?, idx: *idx },
+                    Store::Quantized { k, v } => Store::Quantized { k: k.map(|t| copy(t, n))?, v: v.map(|t| copy(t, n))? },
+                };
+                layers.push(LayerKv { store, offset: n });
+            }
+            rows.push(Sequence { layers, opts: r.opts });
+        }
+        Ok(Self { rows, store: self.store })
+    }
+
     /// Bytes held by the buffers.
     pub fn nbytes(&self) -> usize {
         self.rows.iter().flat_map(|r| &r.layers).map(LayerKv::nbytes).sum()
@@ -631,6 +656,28 @@ mod tests {
             c.append(0, 0, &row, &row)?;
         }
         assert_eq!(c.offset(), 12);
+        Ok(())
+    }
+
+    /// A deep copy shares no buffer: appending to it (in place) leaves the original as it was,
+    /// for every cache kind.
+    #[test]
+    fn deep_clone_shares_nothing() -> Result<()> {
+        let a = Tensor::randn(0f32, 1.0, (1, 1, 6, 64), &Device::Cpu)?;
+        let kinds = [KvOptions::default(), KvOptions { max_kv_size: Some(8), ..Default::default() }, KvOptions { kv_bits: Some(8), ..Default::default() }];
+        for opts in kinds {
+            let mut c = KvCache::new(1).with_options(opts);
+            c.append(0, 0, &a.narrow(2, 0, 4)?, &a.narrow(2, 0, 4)?)?;
+            c.append(0, 0, &a.narrow(2, 4, 1)?, &a.narrow(2, 4, 1)?)?;
+            let mut copy = c.deep_clone()?;
+            c.truncate(4);
+            copy.truncate(4);
+            let (before, _) = c.append(0, 0, &a.narrow(2, 4, 1)?, &a.narrow(2, 4, 1)?)?.dense()?;
+            c.truncate(4);
+            copy.append(0, 0, &a.narrow(2, 5, 1)?, &a.narrow(2, 5, 1)?)?;
+            let (after, _) = c.append(0, 0, &a.narrow(2, 4, 1)?, &a.narrow(2, 4, 1)?)?.dense()?;
+            assert_eq!(max_diff(&before, &after), 0.0, "{opts:?}: the copy's append changed the original");
+        }
         Ok(())
     }
 

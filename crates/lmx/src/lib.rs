@@ -17,7 +17,9 @@ mod load;
 mod perplexity;
 
 pub use lmx_core::{DType, Device};
-pub use lmx_generate::{BatchGenerator, BatchOutput, DraftStats, FinishReason, GenerateParams, GenerationResponse, PromptCache, SamplerParams, SequenceId, SpeculativeStream, TokenStream};
+pub use lmx_generate::{
+    BatchGenerator, BatchOutput, DraftStats, FinishReason, GenerateParams, GenerationResponse, PrefixCache, PromptCache, SamplerParams, SequenceId, SpeculativeStream, TokenStream,
+};
 pub use lmx_io::{Message, ModelSource};
 pub use lmx_nn::KvOptions;
 pub use load::{load, load_with, AdapterOptions, LoadOptions, Model, TokenizerWrapper};

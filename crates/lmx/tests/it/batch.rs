@@ -162,3 +162,46 @@ fn prompt_cache_files_round_trip() {
     assert!(err.contains("growing.safetensors") && err.contains("do not hold"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The cross-request prefix cache: a request extending a kept conversation reuses its
+/// tokens and generates what it would from scratch; the kept cache is copied, never changed;
+/// the bounds evict the least recently used; an extension replaces its prefix.
+#[test]
+fn prefix_cache_reuses_copies_and_evicts() {
+    let (model, tok) = lmx::load(&default_model()).expect("load");
+    let params = lmx::GenerateParams { max_tokens: 8, ignore_eos: true, ..Default::default() };
+    let run = |prompt: &[u32], cache: &mut lmx::PromptCache| -> (Vec<u32>, usize) {
+        let rs: Vec<lmx::GenerationResponse> = lmx::stream_generate(&model, &tok, prompt, cache, params.clone()).map(|r| r.expect("step")).collect();
+        (rs.iter().map(|r| r.token).collect(), rs[0].cached_tokens)
+    };
+    let first = tok.encode(PROMPTS[3], true).expect("encode");
+    let mut prefix = lmx::PrefixCache::new(2, usize::MAX);
+    let mut cache = lmx::PromptCache::new(&*model);
+    let (answer, _) = run(&first, &mut cache);
+    prefix.insert(cache);
+    for follow_up in [" What about safety?", " And speed?"] {
+        let mut prompt = first.clone();
+        prompt.extend(&answer);
+        prompt.extend(tok.encode(follow_up, false).expect("encode"));
+        let mut reused = prefix.fetch(&prompt).expect("fetch").expect("a kept prefix");
+        let (got, cached) = run(&prompt, &mut reused);
+        let (want, _) = run(&prompt, &mut lmx::PromptCache::new(&*model));
+        assert!(cached >= first.len(), "{follow_up}: {cached} cached tokens");
+        assert_eq!(got, want, "{follow_up}: from the kept cache vs from scratch");
+    }
+    assert_eq!(prefix.len(), 1);
+    // Two unrelated prompts: the bound of 2 evicts the least recently used (the first).
+    for p in [PROMPTS[0], PROMPTS[1]] {
+        let mut c = lmx::PromptCache::new(&*model);
+        run(&tok.encode(p, true).expect("encode"), &mut c);
+        prefix.insert(c);
+    }
+    assert_eq!(prefix.len(), 2);
+    assert!(prefix.fetch(&first).expect("fetch").is_none(), "the oldest entry was evicted");
+    // A cache extending a kept one replaces it.
+    let p0 = tok.encode(PROMPTS[0], true).expect("encode");
+    let mut longer = prefix.fetch(&[p0.clone(), vec![13, 13]].concat()).expect("fetch").expect("kept");
+    run(&[p0, vec![13, 13]].concat(), &mut longer);
+    prefix.insert(longer);
+    assert_eq!(prefix.len(), 2, "the extension replaced its prefix");
+}
