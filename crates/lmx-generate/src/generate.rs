@@ -62,11 +62,15 @@ pub struct GenerateParams {
     /// How many of the most likely tokens each response lists with their log-probabilities
     /// (OpenAI's `top_logprobs`; 0 = none).
     pub top_logprobs: usize,
+    /// Texts that end generation when the output contains them (OpenAI's `stop`); the text
+    /// is cut before the match, and text that may begin a match is held back until it
+    /// cannot.
+    pub stop: Vec<String>,
 }
 
 impl Default for GenerateParams {
     fn default() -> Self {
-        Self { max_tokens: 100, sampler: SamplerParams::default(), eos_token_ids: Vec::new(), ignore_eos: false, prefill_step_size: 2048, top_logprobs: 0 }
+        Self { max_tokens: 100, sampler: SamplerParams::default(), eos_token_ids: Vec::new(), ignore_eos: false, prefill_step_size: 2048, top_logprobs: 0, stop: Vec::new() }
     }
 }
 
@@ -149,11 +153,21 @@ pub(crate) struct Sequence<'a> {
     /// Every token of prompt + generation, for the penalties.
     pub(crate) history: Vec<u32>,
     stats: Stats,
+    /// Decoded text not yet emitted: it may be the start of a stop string.
+    held: String,
 }
 
 impl<'a> Sequence<'a> {
     pub(crate) fn new(tokenizer: &'a Tokenizer, prompt: &[u32], params: GenerateParams) -> Self {
-        Self { decoder: tokenizer.stream_decoder(), sampler: Sampler::new(params.sampler.clone()), prompt_len: prompt.len(), history: prompt.to_vec(), params, stats: Stats::default() }
+        Self {
+            decoder: tokenizer.stream_decoder(),
+            sampler: Sampler::new(params.sampler.clone()),
+            prompt_len: prompt.len(),
+            history: prompt.to_vec(),
+            params,
+            stats: Stats::default(),
+            held: String::new(),
+        }
     }
 
     /// Checks the sampling settings and that `prompt` fits the model.
@@ -189,6 +203,31 @@ impl<'a> Sequence<'a> {
     /// Samples the next token from `logits` (the processors applied first); `cached` is the
     /// number of tokens in the sequence's cache and `context` the model's. Returns the
     /// response and, unless the sequence ended, the token to run next.
+    /// Runs `delta` through the stop strings: returns the text that can be emitted now and
+    /// whether a stop string matched (the text then ends before it). Text that may be the
+    /// start of a stop string waits, unless this is the `last` delta.
+    fn hold_back_stops(&mut self, delta: String, last: bool) -> (String, bool) {
+        self.held.push_str(&delta);
+        if let Some(at) = self.params.stop.iter().filter(|s| !s.is_empty()).filter_map(|s| self.held.find(s.as_str())).min() {
+            let out = self.held[..at].to_string();
+            self.held.clear();
+            return (out, true);
+        }
+        // The longest tail of the held text that begins some stop string stays held.
+        let keep = if last {
+            0
+        } else {
+            let longest = self.params.stop.iter().map(|s| s.len()).max().unwrap_or(0);
+            (1..longest.min(self.held.len() + 1))
+                .rev()
+                .find(|&n| self.held.is_char_boundary(self.held.len() - n) && self.params.stop.iter().any(|s| s.starts_with(&self.held[self.held.len() - n..])))
+                .unwrap_or(0)
+        };
+        let out = self.held[..self.held.len() - keep].to_string();
+        self.held.drain(..self.held.len() - keep);
+        (out, false)
+    }
+
     /// Tokens generated so far.
     pub(crate) fn generated(&self) -> usize {
         self.stats.generated
@@ -228,10 +267,19 @@ impl<'a> Sequence<'a> {
             next = Some(token);
             (self.stats.generated >= self.params.max_tokens || cached + 1 >= context).then_some(FinishReason::Length)
         };
+        let mut finish = finish;
         if finish.is_some() {
             next = None;
             if let Some(rest) = self.decoder.finish()? {
                 text.push_str(&rest);
+            }
+        }
+        if !self.params.stop.is_empty() {
+            let (out, stopped) = self.hold_back_stops(text, finish.is_some());
+            text = out;
+            if stopped {
+                finish = Some(FinishReason::Stop);
+                next = None;
             }
         }
         let elapsed = self.stats.gen_start.map_or(0.0, |s| s.elapsed().as_secs_f64());

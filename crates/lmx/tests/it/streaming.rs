@@ -55,3 +55,30 @@ fn responses_carry_logprobs_and_processors_apply() {
     let penalized = run(lmx::SamplerParams { frequency_penalty: Some(5.0), ..Default::default() });
     assert_ne!(tokens(&penalized), tokens(&plain), "a strong frequency penalty changes a counting continuation");
 }
+
+/// Stop strings end generation where the text first contains one, cut before it, even when
+/// it spans several tokens; text that only might begin one is held back and released; a stop
+/// string that never appears changes nothing.
+#[test]
+fn stop_strings_cut_the_text_where_they_appear() {
+    let (model, tok) = lmx::load(&default_model()).expect("load");
+    let prompt = tok.chat_prompt(&[lmx::Message::new("user", "Write a short poem about the sea.")], None).expect("prompt");
+    let run = |stop: Vec<String>| -> (String, Option<lmx::FinishReason>, usize) {
+        let mut cache = lmx::PromptCache::new(&*model);
+        let params = lmx::GenerateParams { max_tokens: 40, ignore_eos: true, stop, ..Default::default() };
+        let rs: Vec<lmx::GenerationResponse> = lmx::stream_generate(&model, &tok, &prompt, &mut cache, params).map(|r| r.expect("step")).collect();
+        (rs.iter().map(|r| r.text.as_str()).collect(), rs.last().and_then(|r| r.finish_reason), rs.len())
+    };
+    let (full, reason, n) = run(Vec::new());
+    assert_eq!((reason, n), (Some(lmx::FinishReason::Length), 40));
+    // A stop string from the middle of the text, longer than one token.
+    let start = full.char_indices().map(|(i, _)| i).find(|&i| i >= full.len() / 2).expect("middle");
+    let stop: String = full[start..].chars().take(7).collect();
+    let (cut, reason, n) = run(vec!["never appears".into(), stop.clone()]);
+    let at = full.find(&stop).expect("the stop string is in the text");
+    assert_eq!(cut, full[..at], "stopped before {stop:?}");
+    assert_eq!(reason, Some(lmx::FinishReason::Stop));
+    assert!(n < 40, "generation ended early ({n} tokens)");
+    let (same, reason, _) = run(vec!["never appears".into()]);
+    assert_eq!((same, reason), (full, Some(lmx::FinishReason::Length)), "held-back text is released");
+}
