@@ -190,8 +190,7 @@ impl Sampler {
 /// The log-probability of `token` under `logits` (log-softmax), and the `top` most likely
 /// tokens with theirs, most likely first (OpenAI's `logprobs` / `top_logprobs`).
 pub fn logprobs(logits: &[f32], token: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let log_z = logits.iter().map(|l| f64::from(l - max).exp()).sum::<f64>().ln() as f32 + max;
+    let log_z = lmx_core::cpu_fused::log_sum_exp(logits);
     let chosen = logits.get(token as usize).map_or(f32::NEG_INFINITY, |l| l - log_z);
     if top == 0 {
         return (chosen, Vec::new());
@@ -224,6 +223,18 @@ mod tests {
 
     fn params(temp: f32) -> SamplerParams {
         SamplerParams { temp, seed: Some(7), ..Default::default() }
+    }
+
+    /// The normalizer equals a float64 log-sum-exp over a vocabulary-sized row.
+    #[test]
+    fn logprobs_normalize_like_float64() {
+        let logits: Vec<f32> = (0..49_157).map(|i| ((i as f32 * 0.618).sin() * 12.0) - (i % 7) as f32).collect();
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let want = logits.iter().map(|l| f64::from(l - max).exp()).sum::<f64>().ln() + f64::from(max);
+        let (lp, top) = logprobs(&logits, 3, 2);
+        assert!((f64::from(lp) - (f64::from(logits[3]) - want)).abs() < 1e-5, "{lp}");
+        let total: f64 = logits.iter().map(|l| (f64::from(*l) - want).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-9 && top.len() == 2);
     }
 
     #[test]
