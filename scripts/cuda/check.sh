@@ -6,20 +6,15 @@
 # PEER=0 skips the transformers peer)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-RES=${OUT:-.}/results.txt
-W=${TMPDIR:-/tmp}/lmx-cuda-check; rm -rf "$W"; mkdir -p "$W"
-xz -dc target/cuda/release/lmx.xz > "$W/lmx" && chmod +x "$W/lmx"
-LMX="$W/lmx"
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/lib64:${LD_LIBRARY_PATH:-}
-log() { echo "$@" | tee -a "$RES"; }
+source scripts/cuda/common.sh
+cuda_setup check results.txt
 log "# lmx CUDA check, $(date -u +%F), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1), binary sha256 $(sha256sum "$LMX" | cut -c1-12)"
 
 # 1. Correctness: perplexity of the fixture models on the CPU and the GPU (f32 equal to the
 # printed digits, bf16 within 0.1%), also quantized (4- and 8-bit, the MLX format's kernels).
-TOK='{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,"model":{"type":"WordLevel","vocab":{"<unk>":0,"a":1,"b":2,"c":3},"unk_token":"<unk>"}}'
 python3 -c "import random; random.seed(0); print(' '.join(random.choice('abc') for _ in range(400)))" > "$W/text.txt"
 for a in llama mistral qwen2 qwen3; do
-  mkdir -p "$W/$a" && cp tests/fixtures/$a/config.json tests/fixtures/$a/model.safetensors "$W/$a/" && echo "$TOK" > "$W/$a/tokenizer.json"
+  fixture_folder $a
 done
 $LMX convert --hf-path "$W/llama" -q --q-group-size 32 --mlx-path "$W/llama-4bit" > /dev/null 2>&1
 $LMX convert --hf-path "$W/llama" -q --q-bits 8 --q-group-size 32 --mlx-path "$W/llama-8bit" > /dev/null 2>&1

@@ -6,20 +6,19 @@
 # Usage there: scripts/cuda/engine.sh [--quick]   (--quick: the 1B shape)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-RES=${OUT:-.}/engine.txt
-W=${TMPDIR:-/tmp}/lmx-cuda-engine; rm -rf "$W"; mkdir -p "$W"
-xz -dc target/cuda/release/lmx.xz > "$W/lmx" && chmod +x "$W/lmx"
-LMX="$W/lmx"
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/lib64:${LD_LIBRARY_PATH:-}
-log() { echo "$@" | tee -a "$RES"; }
+source scripts/cuda/common.sh
+cuda_setup engine engine.txt
 log "# lmx CUDA engine check, $(date -u +%F), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1)"
 
 # 1. A batch equals each sequence alone (greedy, f32, prompts of different lengths).
-TOK='{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,"model":{"type":"WordLevel","vocab":{"<unk>":0,"a":1,"b":2,"c":3},"unk_token":"<unk>"}}'
-mkdir -p "$W/llama" && cp tests/fixtures/llama/config.json tests/fixtures/llama/model.safetensors "$W/llama/" && echo "$TOK" > "$W/llama/tokenizer.json"
+fixture_folder llama
 printf 'a b c\nb b a c a b\nc\na a a a a a a a b\n' > "$W/prompts.txt"
-for kv in "" "--kv-bits 8 --quantized-kv-start 0" "--max-kv-size 8"; do
-  "$LMX" generate --model "$W/llama" --device cuda --dtype float32 --prompts-file "$W/prompts.txt" -m 12 --ignore-eos --verbose false $kv > "$W/batch.jsonl" 2>"$W/err.txt"
+# (No quantized cache here: the fixture's head_dim of 16 is below the smallest group.)
+for kv in "" "--max-kv-size 8"; do
+  if ! "$LMX" generate --model "$W/llama" --device cuda --dtype float32 --prompts-file "$W/prompts.txt" -m 12 --ignore-eos --verbose false $kv > "$W/batch.jsonl" 2>"$W/err.txt"; then
+    log "batch equals alone on cuda [${kv:-growing}]: the batch failed: $(head -c 300 "$W/err.txt")"
+    continue
+  fi
   same=0; n=0
   while IFS= read -r p; do
     n=$((n + 1))

@@ -193,16 +193,10 @@ impl<'a> Sequence<'a> {
         self.stats.prompt_start = Some(Instant::now());
         self.stats.cached = cache.reuse_prefix(prompt);
         let (&last, head) = prompt.split_last().ok_or(GenerateError::EmptyPrompt)?;
-        for chunk in head[self.stats.cached..].chunks(self.params.prefill_step_size.max(1)) {
-            run(model, &mut cache.kv, &[chunk])?;
-            cache.tokens.extend_from_slice(chunk);
-        }
+        cache.extend(model, &head[self.stats.cached..], self.params.prefill_step_size)?;
         Ok(last)
     }
 
-    /// Samples the next token from `logits` (the processors applied first); `cached` is the
-    /// number of tokens in the sequence's cache and `context` the model's. Returns the
-    /// response and, unless the sequence ended, the token to run next.
     /// Runs `delta` through the stop strings: returns the text that can be emitted now and
     /// whether a stop string matched (the text then ends before it). Text that may be the
     /// start of a stop string waits, unless this is the `last` delta.
@@ -244,6 +238,9 @@ impl<'a> Sequence<'a> {
         }
     }
 
+    /// Samples the next token from `logits` (the processors applied first); `cached` is the
+    /// number of tokens in the sequence's cache and `context` the model's. Returns the
+    /// response and, unless the sequence ended, the token to run next.
     pub(crate) fn sample(&mut self, mut logits: Vec<f32>, cached: usize, context: usize) -> Result<(GenerationResponse, Option<u32>), GenerateError> {
         if self.stats.gen_start.is_none() {
             // The first token: the prompt is done.
@@ -259,7 +256,7 @@ impl<'a> Sequence<'a> {
         let is_eos = !self.params.ignore_eos && self.params.eos_token_ids.contains(&token);
         let mut text = String::new();
         let mut next = None;
-        let finish = if is_eos {
+        let mut finish = if is_eos {
             Some(FinishReason::Stop)
         } else {
             self.stats.generated += 1;
@@ -267,7 +264,6 @@ impl<'a> Sequence<'a> {
             next = Some(token);
             (self.stats.generated >= self.params.max_tokens || cached + 1 >= context).then_some(FinishReason::Length)
         };
-        let mut finish = finish;
         if finish.is_some() {
             next = None;
             if let Some(rest) = self.decoder.finish()? {

@@ -231,9 +231,8 @@ impl PrefixCache {
     /// The kept cache is not changed.
     pub fn fetch(&mut self, prompt: &[u32]) -> Result<Option<PromptCache>, GenerateError> {
         let common = |e: &Entry| e.cache.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
-        let Some(best) = (0..self.entries.len()).filter(|&i| common(&self.entries[i]) > 0).max_by_key(|&i| (common(&self.entries[i]), self.entries[i].last_used)) else {
-            return Ok(None);
-        };
+        let best = self.entries.iter().enumerate().map(|(i, e)| (common(e), e.last_used, i)).filter(|&(n, _, _)| n > 0).max();
+        let Some((_, _, best)) = best else { return Ok(None) };
         self.clock += 1;
         self.entries[best].last_used = self.clock;
         let kept = &self.entries[best].cache;

@@ -197,11 +197,6 @@ impl Attention {
         })
     }
 
-    /// The sliding window of this block, if any (the decoder builds one mask per window).
-    pub fn sliding_window(&self) -> Option<usize> {
-        self.window
-    }
-
     /// (b, l, hidden) -> (b, l, hidden), appending this layer's keys and values to `cache`
     /// (a cache of several rows: row i takes batch row i, at its own position).
     pub fn forward(&self, x: &Tensor, input: &AttentionInput, cache: &mut KvCache, layer_idx: usize) -> Result<Tensor> {

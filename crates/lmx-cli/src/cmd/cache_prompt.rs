@@ -2,13 +2,10 @@
 //! once and saves its keys and values (MLX LM's prompt cache file format), so that
 //! `lmx generate --prompt-cache-file` starts after it.
 
-use std::collections::BTreeMap;
-use std::io::Read;
-
 use anyhow::Context;
 use lmx::PromptCache;
 
-use super::{gb, query_split, template_config, KvArgs, ModelArgs};
+use super::{cache_file_metadata, gb, query_split, read_prompt, template_config, KvArgs, ModelArgs};
 
 /// Flags of `lmx cache-prompt`.
 #[derive(clap::Args, Debug)]
@@ -38,13 +35,7 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let kv = args.kv.options()?;
     let extra = template_config(args.chat_template_config.as_deref())?;
-    let text = if args.prompt == "-" {
-        let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s).context("reading the prompt from stdin")?;
-        s
-    } else {
-        args.prompt.replace("\\n", "\n").replace("\\t", "\t")
-    };
+    let text = read_prompt(&args.prompt)?;
     let (model, tokenizer) = args.model.load()?;
     let tokens = if args.ignore_chat_template || !tokenizer.has_chat_template() {
         tokenizer.encode_prompt(&text)?
@@ -56,8 +47,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut cache = PromptCache::with_options(&*model, kv)?;
     cache.extend(&*model, &tokens, args.prefill_step_size)?;
     let took = start.elapsed().as_secs_f64();
-    // MLX LM reads both keys (tokenizer_config: extra tokenizer settings, none here).
-    let metadata = BTreeMap::from([("model".to_string(), args.model.model.clone()), ("tokenizer_config".to_string(), "{}".to_string())]);
+    let metadata = cache_file_metadata(&args.model.model, []);
     cache.save(&args.prompt_cache_file, &metadata).with_context(|| format!("--prompt-cache-file {}", args.prompt_cache_file.display()))?;
     eprintln!("Prompt: {} tokens, {:.3} tokens-per-sec", tokens.len(), tokens.len() as f64 / took.max(1e-9));
     eprintln!("Saved the cache ({}) to {}", gb(cache.nbytes() as u64), args.prompt_cache_file.display());

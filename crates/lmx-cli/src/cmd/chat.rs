@@ -8,7 +8,7 @@ use std::io::{BufRead, IsTerminal, Write};
 
 use lmx::{GenerateParams, Message, PromptCache};
 
-use super::{sampler, KvArgs, ModelArgs};
+use super::{cache_file_metadata, load_prompt_cache, sampler, KvArgs, ModelArgs};
 
 /// Flags of `lmx chat`.
 #[derive(clap::Args, Debug)]
@@ -78,11 +78,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             q if q.starts_with("s ") => {
                 let path = std::path::Path::new(q[2..].trim());
-                let metadata = std::collections::BTreeMap::from([
-                    ("model".to_string(), args.model.model.clone()),
-                    ("tokenizer_config".to_string(), "{}".to_string()),
-                    (MESSAGES_KEY.to_string(), serde_json::to_string(&messages)?),
-                ]);
+                let metadata = cache_file_metadata(&args.model.model, [(MESSAGES_KEY.to_string(), serde_json::to_string(&messages)?)]);
                 match cache.save(path, &metadata) {
                     Ok(()) => eprintln!("[INFO] Saved the session ({} tokens) to {}.", cache.tokens().len(), path.display()),
                     Err(e) => eprintln!("[ERROR] Saving the session to {}: {e}", path.display()),
@@ -116,10 +112,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// A session saved with `s FILE`: its messages and KV cache, for the same model.
 fn resume(model: &lmx::Model, path: &std::path::Path, kv: lmx::KvOptions, model_arg: &str) -> anyhow::Result<(Vec<Message>, PromptCache)> {
     use anyhow::Context;
-    let (cache, meta) = PromptCache::load(&**model, path, kv).with_context(|| format!("--prompt-cache-file {}", path.display()))?;
-    if let Some(made_with) = meta.get("model").filter(|m| *m != model_arg) {
-        anyhow::bail!("--prompt-cache-file {} was saved with --model {made_with}, not {model_arg}: pass --model {made_with}", path.display());
-    }
+    let (cache, meta) = load_prompt_cache(model, path, kv, model_arg)?;
     let saved = meta
         .get(MESSAGES_KEY)
         .with_context(|| format!("--prompt-cache-file {} holds no chat session (save one with `s FILE` in lmx chat); a cache from cache-prompt goes to lmx generate", path.display()))?;

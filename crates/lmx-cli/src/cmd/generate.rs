@@ -1,12 +1,12 @@
 //! `lmx generate`: the flags and output of `mlx_lm.generate`. stdout carries only the
 //! generated text; statistics go to stderr.
 
-use std::io::{Read, Write};
+use std::io::Write;
 
 use anyhow::Context;
 use lmx::{GenerateParams, Message, PromptCache};
 
-use super::{gb, query_split, sampler, template_config, KvArgs, ModelArgs};
+use super::{gb, load_prompt_cache, query_split, read_prompt, sampler, template_config, unescape, KvArgs, ModelArgs};
 
 /// Flags of `lmx generate`.
 #[derive(clap::Args, Debug)]
@@ -87,26 +87,13 @@ pub struct Args {
     pub verbose: bool,
 }
 
-/// Replaces the literal escapes `\n` and `\t` (MLX LM does this for --prompt).
-fn unescape(s: &str) -> String {
-    s.replace("\\n", "\n").replace("\\t", "\t")
-}
-
 pub fn run(args: Args) -> anyhow::Result<()> {
     let kv = args.kv.options()?;
     let prompts_file = match &args.prompts_file {
         Some(path) => Some(read_prompts(path)?),
         None => None,
     };
-    let prompt_text = match (&prompts_file, args.prompt.as_str()) {
-        (Some(_), _) => String::new(),
-        (None, "-") => {
-            let mut s = String::new();
-            std::io::stdin().read_to_string(&mut s).context("reading the prompt from stdin")?;
-            s
-        }
-        (None, p) => unescape(p),
-    };
+    let prompt_text = if prompts_file.is_some() { String::new() } else { read_prompt(&args.prompt)? };
     let extra = template_config(args.chat_template_config.as_deref())?;
     let (model, mut tokenizer) = args.model.load()?;
     for tok in &args.extra_eos_token {
@@ -144,10 +131,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (prompt, mut cache) = match &args.prompt_cache_file {
         None => (encode(Prompt::Text(prompt_text))?, PromptCache::with_options(&*model, kv)?),
         Some(path) => {
-            let (cache, meta) = PromptCache::load(&*model, path, kv).with_context(|| format!("--prompt-cache-file {}", path.display()))?;
-            if let Some(made_with) = meta.get("model").filter(|m| **m != args.model.model) {
-                anyhow::bail!("--prompt-cache-file {} was made with --model {made_with}, not {}: pass --model {made_with}", path.display(), args.model.model);
-            }
+            let (cache, _) = load_prompt_cache(&model, path, kv, &args.model.model)?;
             // The prompt completes the cached one: the rest of the user's message and the
             // template's generation prompt.
             let rest = if args.ignore_chat_template || !tokenizer.has_chat_template() { prompt_text } else { format!("{prompt_text}{}", query_split(&tokenizer, extra.as_ref())?.1) };

@@ -99,6 +99,40 @@ impl KvArgs {
     }
 }
 
+/// `--prompt`: stdin for `-`, else the text with the literal escapes `\n` and `\t` replaced
+/// (MLX LM does this for --prompt).
+pub fn read_prompt(arg: &str) -> anyhow::Result<String> {
+    if arg != "-" {
+        return Ok(unescape(arg));
+    }
+    let mut s = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("reading the prompt from stdin")?;
+    Ok(s)
+}
+
+/// Replaces the literal escapes `\n` and `\t`.
+pub fn unescape(s: &str) -> String {
+    s.replace("\\n", "\n").replace("\\t", "\t")
+}
+
+/// The metadata a prompt cache file for `--model model` carries, `extra` added: `model` (checked
+/// when it is loaded) and `tokenizer_config` (MLX LM's loader requires it; no extra settings).
+pub fn cache_file_metadata(model: &str, extra: impl IntoIterator<Item = (String, String)>) -> std::collections::BTreeMap<String, String> {
+    let mut meta = std::collections::BTreeMap::from([("model".to_string(), model.to_string()), ("tokenizer_config".to_string(), "{}".to_string())]);
+    meta.extend(extra);
+    meta
+}
+
+/// Loads `--prompt-cache-file path` for `model` (loaded from `--model model_arg`), refusing a
+/// file made with another `--model`; returns the cache and the file's metadata.
+pub fn load_prompt_cache(model: &lmx::Model, path: &std::path::Path, kv: lmx::KvOptions, model_arg: &str) -> anyhow::Result<(lmx::PromptCache, std::collections::BTreeMap<String, String>)> {
+    let (cache, meta) = lmx::PromptCache::load(&**model, path, kv).with_context(|| format!("--prompt-cache-file {}", path.display()))?;
+    if let Some(made_with) = meta.get("model").filter(|m| *m != model_arg) {
+        anyhow::bail!("--prompt-cache-file {} was made with --model {made_with}, not {model_arg}: pass --model {made_with}", path.display());
+    }
+    Ok((cache, meta))
+}
+
 /// The chat template around one user message, split where the message goes: (the text
 /// before it, the text after it, generation prompt included). A prompt cache file holds the
 /// tokens of `before + cached prompt`; a prompt given with it adds `prompt + after`, as

@@ -1,0 +1,16 @@
+# Shared by the GPU machine's scripts (sourced): `cuda_setup NAME RESULTS` unpacks the carried
+# binary into a fresh work folder and defines RES (the results file, in $OUT when set), W (the
+# work folder), LMX (the binary) and `log` (prints and appends to RES); `fixture_folder ARCH`
+# copies the fixture model ARCH into $W/ARCH with a 4-word tokenizer.
+cuda_setup() {
+  RES=${OUT:-.}/$2
+  W=${TMPDIR:-/tmp}/lmx-cuda-$1; rm -rf "$W"; mkdir -p "$W"
+  xz -dc target/cuda/release/lmx.xz > "$W/lmx" && chmod +x "$W/lmx"
+  LMX="$W/lmx"
+  export LD_LIBRARY_PATH=/usr/local/cuda-13.0/lib64:${LD_LIBRARY_PATH:-}
+}
+log() { echo "$@" | tee -a "$RES"; }
+fixture_folder() {
+  mkdir -p "$W/$1" && cp "tests/fixtures/$1/config.json" "tests/fixtures/$1/model.safetensors" "$W/$1/"
+  echo '{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,"model":{"type":"WordLevel","vocab":{"<unk>":0,"a":1,"b":2,"c":3},"unk_token":"<unk>"}}' > "$W/$1/tokenizer.json"
+}
