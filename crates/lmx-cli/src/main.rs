@@ -62,6 +62,9 @@ enum Command {
     Lora(Box<cmd::lora::Args>),
     /// Fuse trained adapters into a standalone model folder (mlx_lm.fuse).
     Fuse(cmd::fuse::Args),
+    /// Serve the model over HTTP: OpenAI-compatible chat and completions, streaming,
+    /// continuous batching (mlx_lm.server).
+    Serve(Box<cmd::serve::Args>),
 }
 
 /// glibc returns large freed blocks to the kernel, so every prefill's multi-megabyte
@@ -107,6 +110,7 @@ fn main() -> ExitCode {
         Command::Perplexity(args) => cmd::perplexity::run(args),
         Command::Lora(args) => cmd::lora::run(*args),
         Command::Fuse(args) => cmd::fuse::run(args),
+        Command::Serve(args) => cmd::serve::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

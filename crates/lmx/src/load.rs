@@ -143,7 +143,9 @@ impl TokenizerWrapper {
 
     /// Renders `messages` with the chat template (generation prompt added). `extra` carries
     /// template variables (`--chat-template-config`).
-    pub fn apply_chat_template(&self, messages: &[Message], tools: Option<&Value>, extra: Option<&Value>) -> Result<String> {
+    /// `messages` are [`Message`]s or any serializable message objects (a server's, with
+    /// `tool_calls` and `tool_call_id`); `tools` is the OpenAI tool list.
+    pub fn apply_chat_template<M: serde::Serialize>(&self, messages: &[M], tools: Option<&Value>, extra: Option<&Value>) -> Result<String> {
         match &self.chat_template {
             Some(t) => Ok(t.render(messages, true, tools, extra)?),
             None => Err(lmx_io::IoError::Template("this model has no chat template (tokenizer_config.json `chat_template` or chat_template.jinja); use --ignore-chat-template".into()).into()),
@@ -154,7 +156,18 @@ impl TokenizerWrapper {
     /// again (the template wrote them), as transformers' `apply_chat_template(tokenize=True)`.
     pub fn chat_prompt(&self, messages: &[Message], extra: Option<&Value>) -> Result<Vec<u32>> {
         let text = self.apply_chat_template(messages, None, extra)?;
-        Ok(self.tokenizer.encode_within(&text, false, self.context)?)
+        self.encode_rendered(&text)
+    }
+
+    /// Token ids of a rendered chat template (no special tokens added again); a text that
+    /// cannot fit in the model's context is refused before encoding.
+    pub fn encode_rendered(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.tokenizer.encode_within(text, false, self.context)?)
+    }
+
+    /// The model's context in tokens (max_position_embeddings).
+    pub fn context(&self) -> usize {
+        self.context
     }
 
     /// Token ids of a plain prompt (special tokens added as the tokenizer's post-processor

@@ -8,6 +8,7 @@ pub mod fuse;
 pub mod generate;
 pub mod lora;
 pub mod perplexity;
+pub mod serve;
 
 use anyhow::Context;
 use clap::Args as ClapArgs;

@@ -1,0 +1,183 @@
+//! The engine thread: one thread owns the model's continuous batch ([`BatchGenerator`]) and
+//! the prompt-prefix cache ([`PrefixCache`]); HTTP handlers hand it [`Job`]s and read each
+//! job's tokens from its own channel. A job whose receiver is gone (the client disconnected)
+//! leaves the batch before the next step, so its slot is free at once.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+
+use lmx::{BatchGenerator, GenerateParams, GenerationResponse, KvOptions, Model, PrefixCache, PromptCache, SequenceId, TokenizerWrapper};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+/// What the engine sends a job: a token, or why it cannot go on.
+#[derive(Debug)]
+pub enum Event {
+    /// One generated token (the last has a `finish_reason`).
+    Token(Box<GenerationResponse>),
+    /// The job failed; `bad_request` when its input was at fault.
+    Failed { message: String, bad_request: bool },
+}
+
+/// One sequence to generate.
+pub struct Job {
+    /// The whole prompt (the prefix cache finds what it can reuse).
+    pub prompt: Vec<u32>,
+    /// Sampling, stop rules, maximum tokens.
+    pub params: GenerateParams,
+    events: UnboundedSender<Event>,
+}
+
+/// Settings of the engine.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Sequences decoding together (MLX LM's `--decode-concurrency`).
+    pub decode_concurrency: usize,
+    /// Sequences that may wait for a decoding slot; more are refused.
+    pub max_queue: usize,
+    /// Prompt caches kept across requests (`--prompt-cache-size`).
+    pub prompt_cache_size: usize,
+    /// Bytes of keys and values those caches may hold (`--prompt-cache-bytes`).
+    pub prompt_cache_bytes: usize,
+    /// Key/value cache kind of every sequence.
+    pub kv: KvOptions,
+}
+
+/// The handle handlers submit jobs through.
+#[derive(Clone)]
+pub struct Engine {
+    jobs: mpsc::Sender<Job>,
+    /// Jobs submitted and not finished (decoding, prefilling or waiting).
+    in_flight: Arc<AtomicUsize>,
+    limit: usize,
+}
+
+/// The engine has no room for more sequences.
+#[derive(Debug)]
+pub struct Busy {
+    /// Sequences in flight when the job was refused.
+    pub in_flight: usize,
+}
+
+impl Engine {
+    /// Starts the engine thread for `model`.
+    pub fn start(model: Arc<Model>, tokenizer: Arc<TokenizerWrapper>, opts: EngineOptions) -> Self {
+        let (jobs, rx) = mpsc::channel();
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let limit = opts.decode_concurrency.max(1) + opts.max_queue;
+        let counter = in_flight.clone();
+        std::thread::Builder::new().name("lmx-engine".into()).spawn(move || run(&model, &tokenizer, &opts, &rx, &counter)).expect("spawning the engine thread (out of threads or memory at startup)");
+        Self { jobs, in_flight, limit }
+    }
+
+    /// Queues `count` sequences made by `job(i)`; refuses them all when the engine would hold
+    /// more than its decode slots plus its queue. Returns one receiver per sequence.
+    pub fn submit(&self, count: usize, mut job: impl FnMut(usize) -> (Vec<u32>, GenerateParams)) -> Result<Vec<UnboundedReceiver<Event>>, Busy> {
+        let before = self.in_flight.fetch_add(count, Ordering::SeqCst);
+        if before + count > self.limit {
+            self.in_flight.fetch_sub(count, Ordering::SeqCst);
+            return Err(Busy { in_flight: before });
+        }
+        let mut receivers = Vec::with_capacity(count);
+        for i in 0..count {
+            let (events, rx) = unbounded_channel();
+            let (prompt, params) = job(i);
+            if self.jobs.send(Job { prompt, params, events }).is_err() {
+                // The engine thread is gone; the receiver reports it (no event will come).
+                self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            }
+            receivers.push(rx);
+        }
+        Ok(receivers)
+    }
+
+    /// Sequences submitted and not finished.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+}
+
+/// The engine loop: admit new jobs, drop those whose clients left, run one batch step, send
+/// each token to its job, keep finished caches for later prompts.
+fn run(model: &Model, tokenizer: &TokenizerWrapper, opts: &EngineOptions, jobs: &mpsc::Receiver<Job>, in_flight: &AtomicUsize) {
+    let mut gen = BatchGenerator::new(&**model, tokenizer, opts.decode_concurrency).keep_caches(true);
+    let mut prefixes = PrefixCache::new(opts.prompt_cache_size, opts.prompt_cache_bytes);
+    let mut active: HashMap<SequenceId, UnboundedSender<Event>> = HashMap::new();
+    let done = |n: usize| in_flight.fetch_sub(n, Ordering::SeqCst);
+    loop {
+        if active.is_empty() {
+            match jobs.recv() {
+                Ok(job) => admit(job, model, opts, &mut gen, &mut prefixes, &mut active, &done),
+                Err(_) => return,
+            }
+        }
+        while let Ok(job) = jobs.try_recv() {
+            admit(job, model, opts, &mut gen, &mut prefixes, &mut active, &done);
+        }
+        let gone: Vec<SequenceId> = active.iter().filter(|(_, tx)| tx.is_closed()).map(|(&id, _)| id).collect();
+        for id in gone {
+            active.remove(&id);
+            let _ = gen.remove(id);
+            done(1);
+        }
+        if gen.is_empty() {
+            continue;
+        }
+        match gen.step() {
+            Ok(responses) => {
+                for (id, response) in responses {
+                    let finished = response.finish_reason.is_some();
+                    if let Some(tx) = active.get(&id) {
+                        let _ = tx.send(Event::Token(Box::new(response)));
+                    }
+                    if finished {
+                        active.remove(&id);
+                        done(1);
+                        if let Some(cache) = gen.take_cache(id) {
+                            prefixes.insert(cache);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                // A failed step fails every sequence in it; the engine goes on with new ones.
+                let message = format!("generation failed: {e}");
+                eprintln!("[ERROR] {message}");
+                for (id, tx) in active.drain() {
+                    let _ = tx.send(Event::Failed { message: message.clone(), bad_request: false });
+                    let _ = gen.remove(id);
+                    done(1);
+                }
+            }
+        }
+    }
+}
+
+fn admit(
+    job: Job,
+    model: &Model,
+    opts: &EngineOptions,
+    gen: &mut BatchGenerator<'_>,
+    prefixes: &mut PrefixCache,
+    active: &mut HashMap<SequenceId, UnboundedSender<Event>>,
+    done: &impl Fn(usize) -> usize,
+) {
+    if job.events.is_closed() {
+        done(1);
+        return;
+    }
+    let cache = match prefixes.fetch(&job.prompt) {
+        Ok(Some(cache)) => Ok(cache),
+        Ok(None) => PromptCache::with_options(&**model, opts.kv),
+        Err(e) => Err(e),
+    };
+    match cache.and_then(|cache| gen.insert(&job.prompt, job.params, cache)) {
+        Ok(id) => {
+            active.insert(id, job.events);
+        }
+        Err(e) => {
+            let _ = job.events.send(Event::Failed { message: e.to_string(), bad_request: true });
+            done(1);
+        }
+    }
+}
