@@ -19,7 +19,7 @@ use serde_json::{json, Map, Value};
 use crate::engine::Event;
 use crate::generation::{collect_all, engine_gone, failure, finish_reason, merged, submit, Choice, TokenLogprob};
 use crate::output::{Piece, Splitter, ToolFormat};
-use crate::request::{chat_prompt, encode, parse_body, template_args, template_messages, ChatMessage, Sampling};
+use crate::request::{chat_prompt, encode, fields, parse_body, template_args, template_messages, ChatMessage, Sampling};
 use crate::{ApiError, App};
 
 /// `n` random alphanumeric characters (ids of answers and tool calls).
@@ -46,8 +46,6 @@ pub(crate) struct ChatRequest {
     #[serde(default)]
     model: Option<String>,
     messages: Vec<ChatMessage>,
-    #[serde(flatten)]
-    sampling: Sampling,
     #[serde(default)]
     stream: bool,
     #[serde(default)]
@@ -99,15 +97,17 @@ pub(crate) fn check_tools(tools: &[Value]) -> Result<(), ApiError> {
 }
 
 pub(crate) async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let req: ChatRequest = parse_body(body)?;
+    let body = parse_body(body)?;
+    let req: ChatRequest = fields(&body)?;
+    let sampling: Sampling = fields(&body)?;
     let model = app.check_model(req.model.as_deref())?;
     if let Some(format) = &req.response_format {
         if format.get("type").and_then(Value::as_str) != Some("text") {
             return Err(ApiError::invalid("response_format", "`response_format` other than `text` is not supported yet by this server; it is refused rather than ignored"));
         }
     }
-    let params = req.sampling.params(&app)?;
-    let n = req.sampling.n()?;
+    let params = sampling.params(&app)?;
+    let n = sampling.n()?;
     let messages = template_messages(&req.messages)?;
     let tools = req.tools.as_ref().filter(|t| !t.is_empty());
     if let Some(t) = tools {
@@ -119,7 +119,7 @@ pub(crate) async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesR
     let prompt = chat_prompt(&app, &messages, tools_value.as_ref(), args.as_ref())?;
     let spec = OutputSpec::for_chat(&app, &prompt, tools.is_some() && !choice_none);
     let receivers = submit(&app, &prompt, &params, n)?;
-    let meta = Meta { id: format!("chatcmpl-{}", random_id(24)), model, created: crate::now(), logprobs: req.sampling.wants_logprobs() };
+    let meta = Meta { id: format!("chatcmpl-{}", random_id(24)), model, created: crate::now(), logprobs: sampling.wants_logprobs() };
     if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
         return Ok(sse(chat_stream(app.clone(), meta, receivers, spec, include_usage)));
@@ -296,8 +296,6 @@ pub(crate) struct CompletionRequest {
     #[serde(default)]
     model: Option<String>,
     prompt: PromptInput,
-    #[serde(flatten)]
-    sampling: Sampling,
     #[serde(default)]
     stream: bool,
     #[serde(default)]
@@ -309,13 +307,15 @@ pub(crate) struct CompletionRequest {
 }
 
 pub(crate) async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let req: CompletionRequest = parse_body(body)?;
+    let body = parse_body(body)?;
+    let req: CompletionRequest = fields(&body)?;
+    let sampling: Sampling = fields(&body)?;
     let model = app.check_model(req.model.as_deref())?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid("suffix", "`suffix` (fill in the middle) is not supported"));
     }
-    let params = req.sampling.params(&app)?;
-    let n = req.sampling.n()?;
+    let params = sampling.params(&app)?;
+    let n = sampling.n()?;
     let prompts: Vec<Vec<u32>> = match &req.prompt {
         PromptInput::Text(t) => vec![encode(&app, t, true)?],
         PromptInput::Texts(ts) => ts.iter().map(|t| encode(&app, t, true)).collect::<Result<_, _>>()?,
@@ -344,7 +344,7 @@ pub(crate) async fn completions(State(app): State<Arc<App>>, body: Result<Bytes,
         receivers.extend(submit(&app, p, &params, n)?);
     }
     let echoes: Vec<String> = prompts.iter().map(|p| if req.echo { app.tokenizer.decode(p, false).unwrap_or_default() } else { String::new() }).flat_map(|e| std::iter::repeat_n(e, n)).collect();
-    let meta = Meta { id: format!("cmpl-{}", random_id(24)), model, created: crate::now(), logprobs: req.sampling.wants_logprobs() };
+    let meta = Meta { id: format!("cmpl-{}", random_id(24)), model, created: crate::now(), logprobs: sampling.wants_logprobs() };
     let plain = || Splitter::new(None, false, false);
     if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);

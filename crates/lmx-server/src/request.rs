@@ -14,10 +14,9 @@ use serde_json::{json, Map, Value};
 
 use crate::{ApiError, App};
 
-/// Parses a request body: 413 when it is over the limit, 400 naming the field when it is
-/// not the JSON object `T` describes (known fields of the wrong type included; unknown
-/// fields are ignored, as OpenAI clients send many).
-pub(crate) fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+/// Reads a request body as a JSON object: 413 when it is over the limit, 400 when it is not
+/// JSON or not an object.
+pub(crate) fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
     let bytes = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "the request body is larger than this server accepts (lmx serve --max-body-bytes)")
@@ -29,9 +28,20 @@ pub(crate) fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection
     if !value.is_object() {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "the request body must be a JSON object"));
     }
-    serde_path_to_error::deserialize(value).map_err(|e| {
+    Ok(value)
+}
+
+/// The fields `T` describes, read from a request body; 400 naming the field when one has the
+/// wrong type or a required one is missing (unknown fields are ignored: clients send many).
+pub(crate) fn fields<T: DeserializeOwned>(body: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
         let path = e.path().to_string();
-        ApiError::invalid(path.clone(), format!("`{path}`: {}", e.into_inner()))
+        let inner = e.into_inner();
+        if path == "." {
+            ApiError::new(StatusCode::BAD_REQUEST, format!("{inner}"))
+        } else {
+            ApiError::invalid(path.clone(), format!("`{path}`: {inner}"))
+        }
     })
 }
 
