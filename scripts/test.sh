@@ -5,4 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-default-model.sh
+# The real API clients the server tests drive (openai, anthropic), when missing.
+python3 -c "import openai, anthropic" 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check -r tests/clients/requirements.txt
 cargo test --release --workspace "$@"

@@ -7,6 +7,7 @@ mod kill;
 mod loading;
 mod lora;
 mod quantize;
+mod serve;
 mod start;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,77 @@
+"""End-to-end check of `lmx serve` with the official `openai` Python client.
+
+Run by lmx-cli's tests against a live server on loopback:
+    python3 tests/clients/openai_client.py BASE_URL API_KEY
+Exits non-zero with the failing check's message.
+"""
+
+import sys
+
+import openai
+
+base_url, api_key = sys.argv[1], sys.argv[2]
+client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0)
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+# Models.
+models = client.models.list()
+served = models.data[0].id
+
+# A whole chat answer.
+whole = client.chat.completions.create(model=served, messages=QUESTION, max_tokens=24)
+answer = whole.choices[0].message.content
+assert "Paris" in answer, answer
+assert whole.choices[0].finish_reason == "stop", whole
+assert whole.usage.prompt_tokens > 0 and whole.usage.completion_tokens > 0, whole.usage
+assert whole.usage.prompt_tokens_details.cached_tokens is not None, whole.usage
+
+# The same answer streamed, with a usage chunk at the end.
+stream = client.chat.completions.create(model=served, messages=QUESTION, max_tokens=24, stream=True, stream_options={"include_usage": True})
+parts, usage, finish = [], None, None
+for chunk in stream:
+    if chunk.usage is not None:
+        usage = chunk.usage
+    for c in chunk.choices:
+        if c.delta.content:
+            parts.append(c.delta.content)
+        if c.finish_reason:
+            finish = c.finish_reason
+assert "".join(parts) == answer, ("".join(parts), answer)
+assert finish == "stop", finish
+assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens, usage
+# The second time the prompt came from the prefix cache.
+assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1, usage
+
+# Sampling settings, stop strings, log-probabilities and n.
+cut = client.chat.completions.create(model=served, messages=QUESTION, max_tokens=24, stop=["Paris"])
+assert cut.choices[0].message.content == answer[: answer.index("Paris")], cut
+lp = client.chat.completions.create(model=served, messages=QUESTION, max_tokens=4, logprobs=True, top_logprobs=2)
+tokens = lp.choices[0].logprobs.content
+assert len(tokens) == lp.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in tokens), lp
+many = client.chat.completions.create(model=served, messages=QUESTION, max_tokens=6, n=2, temperature=0.9, top_p=0.95, seed=3, presence_penalty=0.5, frequency_penalty=0.2)
+assert [c.index for c in many.choices] == [0, 1], many
+
+# Text completions, whole and streamed.
+done = client.completions.create(model=served, prompt="The capital of France is", max_tokens=5)
+text = done.choices[0].text
+streamed = "".join(c.choices[0].text for c in client.completions.create(model=served, prompt="The capital of France is", max_tokens=5, stream=True) if c.choices)
+assert streamed == text, (streamed, text)
+
+# Errors arrive as the client's exception types, with the server's message.
+try:
+    client.chat.completions.create(model=served, messages=QUESTION, temperature=-1)
+    raise AssertionError("a negative temperature was accepted")
+except openai.BadRequestError as e:
+    assert e.status_code == 400 and "temperature" in str(e), e
+try:
+    client.chat.completions.create(model="no-such-model", messages=QUESTION)
+    raise AssertionError("an unknown model was accepted")
+except openai.NotFoundError as e:
+    assert "not served here" in str(e), e
+try:
+    openai.OpenAI(base_url=base_url, api_key="wrong", max_retries=0).models.list()
+    raise AssertionError("a wrong key was accepted")
+except openai.AuthenticationError as e:
+    assert e.status_code == 401, e
+
+print("openai client: all checks passed")
