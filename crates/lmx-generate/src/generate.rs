@@ -121,6 +121,8 @@ pub struct GenerationResponse {
     pub from_draft: bool,
     /// Set on the last response.
     pub finish_reason: Option<FinishReason>,
+    /// The stop string (from `GenerateParams::stop`) that ended generation, if one did.
+    pub stop_matched: Option<String>,
 }
 
 /// The iterator [`stream_generate`] returns.
@@ -198,14 +200,15 @@ impl<'a> Sequence<'a> {
     }
 
     /// Runs `delta` through the stop strings: returns the text that can be emitted now and
-    /// whether a stop string matched (the text then ends before it). Text that may be the
+    /// the stop string that matched, if one did (the text then ends before it). Text that may be the
     /// start of a stop string waits, unless this is the `last` delta.
-    fn hold_back_stops(&mut self, delta: String, last: bool) -> (String, bool) {
+    fn hold_back_stops(&mut self, delta: String, last: bool) -> (String, Option<String>) {
         self.held.push_str(&delta);
-        if let Some(at) = self.params.stop.iter().filter(|s| !s.is_empty()).filter_map(|s| self.held.find(s.as_str())).min() {
+        if let Some((at, stop)) = self.params.stop.iter().filter(|s| !s.is_empty()).filter_map(|s| self.held.find(s.as_str()).map(|at| (at, s))).min_by_key(|&(at, _)| at) {
             let out = self.held[..at].to_string();
+            let stop = stop.clone();
             self.held.clear();
-            return (out, true);
+            return (out, Some(stop));
         }
         // The longest tail of the held text that begins some stop string stays held.
         let keep = if last {
@@ -219,7 +222,7 @@ impl<'a> Sequence<'a> {
         };
         let out = self.held[..self.held.len() - keep].to_string();
         self.held.drain(..self.held.len() - keep);
-        (out, false)
+        (out, None)
     }
 
     /// Tokens generated so far.
@@ -270,12 +273,14 @@ impl<'a> Sequence<'a> {
                 text.push_str(&rest);
             }
         }
+        let mut stop_matched = None;
         if !self.params.stop.is_empty() {
-            let (out, stopped) = self.hold_back_stops(text, finish.is_some());
+            let (out, matched) = self.hold_back_stops(text, finish.is_some());
             text = out;
-            if stopped {
+            if matched.is_some() {
                 finish = Some(FinishReason::Stop);
                 next = None;
+                stop_matched = matched;
             }
         }
         let elapsed = self.stats.gen_start.map_or(0.0, |s| s.elapsed().as_secs_f64());
@@ -294,6 +299,7 @@ impl<'a> Sequence<'a> {
             peak_memory: peak_memory_bytes(),
             from_draft: false,
             finish_reason: finish,
+            stop_matched,
         };
         Ok((response, next))
     }

@@ -2,9 +2,12 @@
 //! engine is full), collecting each into a [`Choice`], or merging their events into one
 //! stream for server-sent events.
 
+use std::convert::Infallible;
 use std::pin::Pin;
 
 use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, Stream, StreamExt};
 use lmx::{FinishReason, GenerateParams, GenerationResponse};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -67,6 +70,8 @@ pub(crate) struct Choice {
     pub cached_tokens: usize,
     pub completion_tokens: usize,
     pub logprobs: Vec<TokenLogprob>,
+    /// The stop string that ended it, if one did.
+    pub stop_matched: Option<String>,
 }
 
 impl Choice {
@@ -110,6 +115,7 @@ pub(crate) async fn collect(mut rx: UnboundedReceiver<Event>, mut splitter: Spli
                 choice.add(splitter.push(&r.text));
                 if r.finish_reason.is_some() {
                     choice.finish = r.finish_reason;
+                    choice.stop_matched = r.stop_matched.clone();
                     choice.add(splitter.finish());
                     if bare_calls && choice.tool_calls.is_empty() {
                         if let Some(calls) = splitter.bare_calls(&choice.content) {
@@ -154,4 +160,10 @@ pub(crate) fn merged(receivers: Vec<UnboundedReceiver<Event>>) -> Pin<Box<dyn St
         .boxed()
     });
     stream::select_all(streams).boxed()
+}
+
+/// A stream of server-sent events, kept alive with comments while the prompt is processed
+/// (MLX LM's `: keepalive`).
+pub(crate) fn sse_response(events: impl Stream<Item = SseEvent> + Send + 'static) -> Response {
+    Sse::new(events.map(Ok::<_, Infallible>)).keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(5)).text("keepalive")).into_response()
 }

@@ -1,12 +1,13 @@
 //! lmx-server: `lmx serve`, an HTTP server for agents and apps over the generation engine.
 //!
 //! Endpoints: OpenAI's `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
-//! and `GET /health` (the paths without `/v1` too, as MLX LM's server). Every request becomes
+//! Anthropic's `POST /v1/messages` (and `/v1/messages/count_tokens`), and `GET /health` (the paths without `/v1` too, as MLX LM's server). Every request becomes
 //! one or more sequences in the engine's continuous batch ([`engine`]); tokens stream back
 //! over server-sent events or are collected into one JSON answer. Requests are checked
 //! before they reach the engine, and every failure is a JSON error with a 4xx or 5xx status
 //! ([`ApiError`]); the server never dies on a request.
 
+mod anthropic;
 pub mod engine;
 mod error;
 mod generation;
@@ -138,6 +139,8 @@ pub fn router(model: Model, tokenizer: TokenizerWrapper, opts: ServeOptions) -> 
         .route("/chat/completions", post(openai::chat))
         .route("/v1/completions", post(openai::completions))
         .route("/completions", post(openai::completions))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/v1/models", get(models))
         .route("/models", get(models))
         .route("/v1/models/{*id}", get(model_info))

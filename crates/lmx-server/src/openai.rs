@@ -2,13 +2,12 @@
 //! the `openai` clients read them.
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, Stream, StreamExt};
@@ -85,15 +84,59 @@ impl OutputSpec {
     }
 }
 
-/// `tools` as the chat template takes them, checked.
-pub(crate) fn check_tools(tools: &[Value]) -> Result<(), ApiError> {
-    for (i, t) in tools.iter().enumerate() {
-        let name = t.get("function").and_then(|f| f.get("name")).and_then(Value::as_str);
-        if t.get("type").and_then(Value::as_str) != Some("function") || name.is_none_or(str::is_empty) {
-            return Err(ApiError::invalid(format!("tools[{i}]"), "each tool must be {\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": {...}}}"));
+/// How the request lets the model call tools.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ToolChoice {
+    /// The model decides.
+    Auto,
+    /// No calls: the tools are shown but calls are not parsed.
+    None,
+    /// At least one call.
+    Required,
+    /// A call of this function.
+    Named(String),
+}
+
+impl ToolChoice {
+    /// OpenAI's `tool_choice`: "auto", "none", "required" or {"type": "function", "function": {"name"}}.
+    pub(crate) fn openai(v: Option<&Value>) -> Result<Self, ApiError> {
+        match v {
+            None | Some(Value::Null) => Ok(ToolChoice::Auto),
+            Some(Value::String(s)) => match s.as_str() {
+                "auto" => Ok(ToolChoice::Auto),
+                "none" => Ok(ToolChoice::None),
+                "required" => Ok(ToolChoice::Required),
+                other => Err(ApiError::invalid("tool_choice", format!("`tool_choice` `{other}`: use auto, none, required or {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}"))),
+            },
+            Some(v) => match v.get("function").and_then(|f| f.get("name")).or_else(|| v.get("name")).and_then(Value::as_str) {
+                Some(name) => Ok(ToolChoice::Named(name.to_string())),
+                None => Err(ApiError::invalid("tool_choice", "`tool_choice` objects name a function: {\"type\": \"function\", \"function\": {\"name\": ...}}")),
+            },
         }
     }
-    Ok(())
+}
+
+/// Checks `tools` (OpenAI's list), renders the chat through the template and says how the
+/// output is parsed.
+pub(crate) fn prepare_chat(app: &App, messages: &[Value], tools: Option<&[Value]>, choice: &ToolChoice, args: Option<&Value>) -> Result<(Vec<u32>, OutputSpec), ApiError> {
+    let tools = tools.filter(|t| !t.is_empty());
+    let mut names = Vec::new();
+    for (i, t) in tools.into_iter().flatten().enumerate() {
+        let name = t.get("function").and_then(|f| f.get("name")).and_then(Value::as_str);
+        match name {
+            Some(name) if t.get("type").and_then(Value::as_str) == Some("function") && !name.is_empty() => names.push(name),
+            _ => return Err(ApiError::invalid(format!("tools[{i}]"), "each tool must be {\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": {...}}}")),
+        }
+    }
+    match choice {
+        ToolChoice::Named(name) if !names.contains(&name.as_str()) => return Err(ApiError::invalid("tool_choice", format!("`tool_choice` names `{name}`, which is not in `tools`"))),
+        ToolChoice::Required | ToolChoice::Named(_) if tools.is_none() => return Err(ApiError::invalid("tool_choice", "`tool_choice` asks for a call but `tools` is empty")),
+        _ => {}
+    }
+    let tools_value = tools.map(|t| Value::Array(t.to_vec()));
+    let prompt = chat_prompt(app, messages, tools_value.as_ref(), args)?;
+    let spec = OutputSpec::for_chat(app, &prompt, tools.is_some() && *choice != ToolChoice::None);
+    Ok((prompt, spec))
 }
 
 pub(crate) async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
@@ -109,15 +152,9 @@ pub(crate) async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesR
     let params = sampling.params(&app)?;
     let n = sampling.n()?;
     let messages = template_messages(&req.messages)?;
-    let tools = req.tools.as_ref().filter(|t| !t.is_empty());
-    if let Some(t) = tools {
-        check_tools(t)?;
-    }
-    let choice_none = req.tool_choice.as_ref().is_some_and(|c| c == "none");
-    let tools_value = tools.map(|t| Value::Array(t.clone()));
+    let choice = ToolChoice::openai(req.tool_choice.as_ref())?;
     let args = template_args(&app, req.chat_template_kwargs.as_ref());
-    let prompt = chat_prompt(&app, &messages, tools_value.as_ref(), args.as_ref())?;
-    let spec = OutputSpec::for_chat(&app, &prompt, tools.is_some() && !choice_none);
+    let (prompt, spec) = prepare_chat(&app, &messages, req.tools.as_deref(), &choice, args.as_ref())?;
     let receivers = submit(&app, &prompt, &params, n)?;
     let meta = Meta { id: format!("chatcmpl-{}", random_id(24)), model, created: crate::now(), logprobs: sampling.wants_logprobs() };
     if req.stream {
@@ -185,11 +222,10 @@ fn chat_logprobs(app: &App, tokens: &[TokenLogprob]) -> Value {
     }).collect::<Vec<_>>()})
 }
 
-/// A stream of SSE events, kept alive with comments while the prompt is processed, ended
-/// with `data: [DONE]`.
-pub(crate) fn sse(events: impl Stream<Item = Value> + Send + 'static) -> Response {
-    let data = events.map(|v| Ok::<_, Infallible>(SseEvent::default().data(v.to_string()))).chain(stream::once(async { Ok(SseEvent::default().data("[DONE]")) }));
-    Sse::new(data).keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(5)).text("keepalive")).into_response()
+/// OpenAI's server-sent events: one `data:` JSON per chunk, then `data: [DONE]`.
+pub(crate) fn sse(chunks: impl Stream<Item = Value> + Send + 'static) -> Response {
+    let data = chunks.map(|v| SseEvent::default().data(v.to_string())).chain(stream::once(async { SseEvent::default().data("[DONE]") }));
+    crate::generation::sse_response(data)
 }
 
 /// Per-choice state of a chat stream.

@@ -63,3 +63,9 @@ fn the_openai_client_works_against_lmx_serve() {
     let server = Server::start(&["--api-key", "test-key"]);
     run_client("openai_client.py", &[&format!("{}/v1", server.url), "test-key"]);
 }
+
+#[test]
+fn the_anthropic_client_works_against_lmx_serve() {
+    let server = Server::start(&["--api-key", "test-key"]);
+    run_client("anthropic_client.py", &[&server.url, "test-key"]);
+}
