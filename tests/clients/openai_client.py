@@ -57,6 +57,21 @@ text = done.choices[0].text
 streamed = "".join(c.choices[0].text for c in client.completions.create(model=served, prompt="The capital of France is", max_tokens=5, stream=True) if c.choices)
 assert streamed == text, (streamed, text)
 
+# The Responses API: text input, a conversation continued by previous_response_id (its
+# prefix from the cache), streaming through the client's accumulator, retrieval.
+first = client.responses.create(model=served, input="What is the capital of France?", max_output_tokens=24)
+assert first.status == "completed" and "Paris" in first.output_text, first
+again = client.responses.create(model=served, input="And of Germany?", previous_response_id=first.id, max_output_tokens=24)
+assert again.output_text and again.usage.input_tokens > first.usage.input_tokens, again
+assert again.usage.input_tokens_details.cached_tokens > first.usage.input_tokens // 2, again.usage
+with client.responses.stream(model=served, input="What is the capital of France?", instructions="You are a helpful AI assistant named SmolLM, trained by Hugging Face", max_output_tokens=96) as s:
+    deltas = "".join(e.delta for e in s if e.type == "response.output_text.delta")
+    final = s.get_final_response()
+assert deltas and final.output_text == deltas, (deltas, final)
+assert client.responses.retrieve(first.id).output_text == first.output_text
+short = client.responses.create(model=served, input="Count to fifty.", max_output_tokens=3)
+assert short.status == "incomplete" and short.incomplete_details.reason == "max_output_tokens", short
+
 # Errors arrive as the client's exception types, with the server's message.
 try:
     client.chat.completions.create(model=served, messages=QUESTION, temperature=-1)

@@ -1,6 +1,7 @@
 //! lmx-server: `lmx serve`, an HTTP server for agents and apps over the generation engine.
 //!
-//! Endpoints: OpenAI's `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
+//! Endpoints: OpenAI's `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/responses`
+//! (and `GET /v1/responses/{id}`), `GET /v1/models`,
 //! Anthropic's `POST /v1/messages` (and `/v1/messages/count_tokens`), and `GET /health` (the paths without `/v1` too, as MLX LM's server). Every request becomes
 //! one or more sequences in the engine's continuous batch ([`engine`]); tokens stream back
 //! over server-sent events or are collected into one JSON answer. Requests are checked
@@ -14,6 +15,7 @@ mod generation;
 mod openai;
 mod output;
 mod request;
+mod responses;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -103,6 +105,8 @@ pub(crate) struct App {
     pub(crate) tokenizer: Arc<TokenizerWrapper>,
     pub(crate) opts: ServeOptions,
     pub(crate) created: u64,
+    /// Finished Responses-API responses, for `previous_response_id`.
+    pub(crate) responses: std::sync::Mutex<responses::Store>,
 }
 
 impl App {
@@ -133,12 +137,14 @@ pub fn router(model: Model, tokenizer: TokenizerWrapper, opts: ServeOptions) -> 
     let tokenizer = Arc::new(tokenizer);
     let engine = Engine::start(model.clone(), tokenizer.clone(), opts.engine.clone());
     let max_body = opts.max_body_bytes;
-    let app = Arc::new(App { engine, model, tokenizer, opts, created: now() });
+    let app = Arc::new(App { engine, model, tokenizer, opts, created: now(), responses: responses::new_store() });
     let api = Router::new()
         .route("/v1/chat/completions", post(openai::chat))
         .route("/chat/completions", post(openai::chat))
         .route("/v1/completions", post(openai::completions))
         .route("/completions", post(openai::completions))
+        .route("/v1/responses", post(responses::create))
+        .route("/v1/responses/{id}", get(responses::retrieve))
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/v1/models", get(models))
@@ -215,7 +221,10 @@ async fn model_info(State(app): State<Arc<App>>, axum::extract::Path(id): axum::
 }
 
 async fn not_found(request: Request) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, format!("no endpoint {} {}: see GET /v1/models, POST /v1/chat/completions, POST /v1/completions", request.method(), request.uri().path()))
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no endpoint {} {}: see GET /v1/models, POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/messages", request.method(), request.uri().path()),
+    )
 }
 
 async fn method_not_allowed(request: Request) -> ApiError {

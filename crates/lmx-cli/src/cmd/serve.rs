@@ -105,7 +105,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("lmx-http").enable_all().build().context("starting the HTTP runtime")?;
     let model_name = args.model.model.clone();
     runtime.block_on(lmx_server::serve(router, &args.host, args.port, |addr| {
-        eprintln!("[INFO] serving {model_name} at http://{addr}/v1 (POST /v1/chat/completions, /v1/completions; GET /v1/models, /health)");
+        eprintln!("[INFO] serving {model_name} at http://{addr}/v1 (POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/messages; GET /v1/models, /health)");
     }))?;
     Ok(())
 }
