@@ -44,12 +44,14 @@ pub struct BatchGenerator<'a> {
     /// Caches of finished sequences, kept when `keep_caches` is set.
     finished: Vec<(SequenceId, PromptCache)>,
     keep_caches: bool,
+    /// Sequences that failed alone in a step (see [`BatchGenerator::take_failures`]).
+    failures: Vec<(SequenceId, GenerateError)>,
 }
 
 impl<'a> BatchGenerator<'a> {
     /// A generator decoding at most `max_batch` sequences at once.
     pub fn new(model: &'a dyn CausalLm, tokenizer: &'a Tokenizer, max_batch: usize) -> Self {
-        Self { model, tokenizer, slots: Vec::new(), max_batch: max_batch.max(1), next_id: 0, finished: Vec::new(), keep_caches: false }
+        Self { model, tokenizer, slots: Vec::new(), max_batch: max_batch.max(1), next_id: 0, finished: Vec::new(), keep_caches: false, failures: Vec::new() }
     }
 
     /// Keeps each finished sequence's cache for [`BatchGenerator::take_cache`] (a server's
@@ -101,7 +103,9 @@ impl<'a> BatchGenerator<'a> {
     /// One step: the prompts of waiting sequences while there is room (all but their last
     /// token, one sequence at a time), then every sequence's next token in one batched
     /// forward pass. Returns one response per sequence that produced a token; a response
-    /// with a `finish_reason` is its sequence's last.
+    /// with a `finish_reason` is its sequence's last. A sequence whose sampling fails (its
+    /// constraint) leaves the batch and is reported by [`BatchGenerator::take_failures`];
+    /// an error here fails the whole step.
     pub fn step(&mut self) -> Result<Vec<(SequenceId, GenerationResponse)>, GenerateError> {
         let decoding = self.slots.iter().filter(|s| matches!(s.state, State::Pending(_))).count();
         let mut room = self.max_batch.saturating_sub(decoding);
@@ -131,23 +135,39 @@ impl<'a> BatchGenerator<'a> {
         let context = self.model.max_position_embeddings();
         let mut responses = Vec::with_capacity(batch.len());
         let mut finished = Vec::new();
+        let mut failed = Vec::new();
         for (&(i, t), logits) in batch.iter().zip(result?) {
             let slot = &mut self.slots[i];
             slot.cache.tokens.push(t);
-            let (response, next) = slot.seq.sample(logits, slot.cache.tokens.len(), context)?;
-            match next {
-                Some(t) => slot.state = State::Pending(t),
-                None => finished.push(i),
+            match slot.seq.sample(logits, slot.cache.tokens.len(), context) {
+                Ok((response, next)) => {
+                    match next {
+                        Some(t) => slot.state = State::Pending(t),
+                        None => finished.push(i),
+                    }
+                    responses.push((slot.id, response));
+                }
+                // One sequence's failure (its grammar) ends it alone.
+                Err(e) => {
+                    self.failures.push((slot.id, e));
+                    failed.push(i);
+                }
             }
-            responses.push((slot.id, response));
         }
-        for i in finished.into_iter().rev() {
+        let mut gone: Vec<(usize, bool)> = finished.into_iter().map(|i| (i, true)).chain(failed.into_iter().map(|i| (i, false))).collect();
+        gone.sort_unstable();
+        for (i, ok) in gone.into_iter().rev() {
             let slot = self.slots.remove(i);
-            if self.keep_caches {
+            if ok && self.keep_caches {
                 self.finished.push((slot.id, slot.cache));
             }
         }
         Ok(responses)
+    }
+
+    /// Sequences that failed in the steps so far (each left the batch), with why; taken.
+    pub fn take_failures(&mut self) -> Vec<(SequenceId, GenerateError)> {
+        std::mem::take(&mut self.failures)
     }
 }
 
@@ -187,6 +207,9 @@ pub fn batch_generate(
     }
     while !gen.is_empty() {
         let responses = gen.step()?;
+        if let Some((_, e)) = gen.take_failures().into_iter().next() {
+            return Err(e);
+        }
         progress(&responses);
         for (id, r) in responses {
             let o = &mut outputs[ids.iter().position(|&i| i == id).expect("ids come from insert")];

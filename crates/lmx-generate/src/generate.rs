@@ -35,6 +35,9 @@ pub enum GenerateError {
     /// Speculative decoding settings that cannot work.
     #[error("draft model: {0}")]
     Draft(String),
+    /// A constraint (grammar) that cannot be built or followed.
+    #[error("constraint: {0}")]
+    Constraint(String),
     /// A batch generator has no sequence with this id.
     #[error("no sequence with id {0} in the batch")]
     UnknownSequence(u64),
@@ -44,6 +47,25 @@ pub enum GenerateError {
     /// Decoding tokens to text failed.
     #[error(transparent)]
     Io(#[from] lmx_io::IoError),
+}
+
+/// Restricts which tokens a sequence may sample next: structured output and grammar-enforced
+/// tool calls (the server's grammar engine implements it).
+pub trait Constraint: Send {
+    /// Sets the logits of the tokens not allowed next to -inf.
+    fn mask(&mut self, logits: &mut [f32]) -> Result<(), String>;
+    /// Moves past the sampled `token`.
+    fn accept(&mut self, token: u32) -> Result<(), String>;
+}
+
+/// Makes a fresh [`Constraint`] for each sequence generated with the same settings.
+#[derive(Clone)]
+pub struct ConstraintFactory(pub std::sync::Arc<dyn Fn() -> Result<Box<dyn Constraint>, String> + Send + Sync>);
+
+impl std::fmt::Debug for ConstraintFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConstraintFactory")
+    }
 }
 
 /// Settings of one generation call.
@@ -66,11 +88,13 @@ pub struct GenerateParams {
     /// is cut before the match, and text that may begin a match is held back until it
     /// cannot.
     pub stop: Vec<String>,
+    /// Which tokens may come next (a grammar); None lets every token through.
+    pub constraint: Option<ConstraintFactory>,
 }
 
 impl Default for GenerateParams {
     fn default() -> Self {
-        Self { max_tokens: 100, sampler: SamplerParams::default(), eos_token_ids: Vec::new(), ignore_eos: false, prefill_step_size: 2048, top_logprobs: 0, stop: Vec::new() }
+        Self { max_tokens: 100, sampler: SamplerParams::default(), eos_token_ids: Vec::new(), ignore_eos: false, prefill_step_size: 2048, top_logprobs: 0, stop: Vec::new(), constraint: None }
     }
 }
 
@@ -157,10 +181,13 @@ pub(crate) struct Sequence<'a> {
     stats: Stats,
     /// Decoded text not yet emitted: it may be the start of a stop string.
     held: String,
+    /// The grammar the tokens must follow, if any (or why it could not be built).
+    constraint: Option<Result<Box<dyn Constraint>, String>>,
 }
 
 impl<'a> Sequence<'a> {
     pub(crate) fn new(tokenizer: &'a Tokenizer, prompt: &[u32], params: GenerateParams) -> Self {
+        let constraint = params.constraint.as_ref().map(|f| (f.0)());
         Self {
             decoder: tokenizer.stream_decoder(),
             sampler: Sampler::new(params.sampler.clone()),
@@ -169,12 +196,16 @@ impl<'a> Sequence<'a> {
             params,
             stats: Stats::default(),
             held: String::new(),
+            constraint,
         }
     }
 
     /// Checks the sampling settings and that `prompt` fits the model.
     pub(crate) fn check(&self, model: &dyn CausalLm, prompt: &[u32]) -> Result<(), GenerateError> {
         self.params.sampler.validate()?;
+        if let Some(Err(e)) = &self.constraint {
+            return Err(GenerateError::Constraint(e.clone()));
+        }
         if prompt.is_empty() {
             return Err(GenerateError::EmptyPrompt);
         }
@@ -253,7 +284,13 @@ impl<'a> Sequence<'a> {
         }
         self.sampler.penalize(&mut logits, &self.history);
         self.mask_eos(&mut logits);
+        if let Some(Ok(c)) = &mut self.constraint {
+            c.mask(&mut logits).map_err(GenerateError::Constraint)?;
+        }
         let token = self.sampler.sample(&logits);
+        if let Some(Ok(c)) = &mut self.constraint {
+            c.accept(token).map_err(GenerateError::Constraint)?;
+        }
         let (logprob, top_logprobs) = crate::sampler::logprobs(&logits, token, self.params.top_logprobs);
         self.history.push(token);
         let is_eos = !self.params.ignore_eos && self.params.eos_token_ids.contains(&token);

@@ -13,7 +13,9 @@ pub mod sampler;
 pub mod speculative;
 
 pub use batch::{batch_generate, BatchGenerator, BatchOutput, SequenceId};
-pub use generate::{check_vocab, compute_pool, generate, peak_memory_bytes, stream_generate, FinishReason, GenerateError, GenerateParams, GenerationResponse, TokenStream};
+pub use generate::{
+    check_vocab, compute_pool, generate, peak_memory_bytes, stream_generate, Constraint, ConstraintFactory, FinishReason, GenerateError, GenerateParams, GenerationResponse, TokenStream,
+};
 pub use prompt_cache::{PrefixCache, PromptCache};
 pub use sampler::{Sampler, SamplerParams};
 pub use speculative::{speculative_generate, DraftStats, SpeculativeStream};

@@ -36,6 +36,41 @@ impl Tokenizer {
         Self { inner, max_token_bytes }
     }
 
+    /// The bytes each token id stands for on its own, and whether it is a special (control)
+    /// token, for constrained decoding (a grammar engine matches output bytes against the
+    /// vocabulary). Byte-level vocabularies (GPT-2, Llama 3, Qwen, SmolLM2) map characters back
+    /// to bytes; SentencePiece ones (Llama 2, Mistral) turn `▁` into a space and `<0xNN>` into
+    /// byte NN. Ids without a token get an empty entry.
+    pub fn token_bytes(&self) -> Result<Vec<(Vec<u8>, bool)>> {
+        let decoder = serde_json::to_string(&self.inner.get_decoder()).unwrap_or_default();
+        let byte_level = decoder.contains("\"ByteLevel\"");
+        let byte_fallback = decoder.contains("\"ByteFallback\"");
+        if !byte_level && !byte_fallback && !decoder.contains("Metaspace") {
+            return Err(IoError::Tokenizer(format!("cannot tell the bytes of each token from this tokenizer's decoder ({decoder}): structured output needs a byte-level or SentencePiece vocabulary")));
+        }
+        let char_map = byte_level_chars();
+        let vocab = self.inner.get_vocab(true);
+        let size = vocab.values().map(|&id| id as usize + 1).max().unwrap_or(0);
+        let mut out = vec![(Vec::new(), false); size];
+        for (text, &id) in &vocab {
+            let bytes = if byte_level {
+                text.chars().map(|c| char_map.get(&c).copied()).collect::<Option<Vec<u8>>>().unwrap_or_else(|| text.as_bytes().to_vec())
+            } else if let Some(byte) = text.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')).filter(|h| h.len() == 2).and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                vec![byte]
+            } else {
+                text.replace('\u{2581}', " ").into_bytes()
+            };
+            out[id as usize] = (bytes, false);
+        }
+        // Added tokens are stored as plain text, not in the byte-level alphabet.
+        for (id, added) in self.inner.get_added_tokens_decoder() {
+            if let Some(slot) = out.get_mut(id as usize) {
+                *slot = (added.content.as_bytes().to_vec(), added.special);
+            }
+        }
+        Ok(out)
+    }
+
     /// [`Tokenizer::encode`] for text that must fit in `max_tokens` tokens: a text longer than
     /// that many tokens could possibly spell is refused before the (possibly long) encoding.
     pub fn encode_within(&self, text: &str, add_special_tokens: bool, max_tokens: usize) -> Result<Vec<u32>> {
@@ -123,4 +158,20 @@ impl StreamDecoder<'_> {
         self.read_offset = self.ids.len();
         Ok(after.get(before.len()..).map(str::to_string).filter(|s| !s.is_empty()))
     }
+}
+
+/// GPT-2's byte-level alphabet, reversed: the character that stands for each byte.
+fn byte_level_chars() -> std::collections::HashMap<char, u8> {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let mut next = 256u32;
+    (0..=255u8)
+        .map(|b| {
+            if printable(b) {
+                (b as char, b)
+            } else {
+                next += 1;
+                (char::from_u32(next - 1).unwrap_or(' '), b)
+            }
+        })
+        .collect()
 }

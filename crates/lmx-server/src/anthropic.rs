@@ -17,9 +17,10 @@ use futures_util::stream::{self, Stream};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::chat::{constrain, prepare_chat, OutputSpec, Prepared, ToolChoice};
 use crate::engine::Event;
 use crate::generation::{collect, engine_gone, failure, sse_response, submit, Choice};
-use crate::openai::{prepare_chat, random_id, OutputSpec, ToolChoice};
+use crate::openai::random_id;
 use crate::output::{Piece, ToolCall};
 use crate::request::{fields, parse_body, template_args, Sampling, Stop};
 use crate::{ApiError, App, Dialect};
@@ -185,12 +186,14 @@ async fn messages_inner(app: Arc<App>, body: Result<Bytes, BytesRejection>) -> R
     let model = app.check_model(req.model.as_deref())?;
     let sampling =
         Sampling { max_tokens: Some(req.max_tokens), temperature: req.temperature, top_p: req.top_p, top_k: req.top_k, stop: req.stop_sequences.clone().map(Stop::Many), ..Default::default() };
-    let params = sampling.params(&app)?;
+    let mut params = sampling.params(&app)?;
     let messages = template_messages(req.system.as_ref(), &req.messages)?;
     let tools = openai_tools(req.tools.as_deref());
     let choice = tool_choice(req.tool_choice.as_ref())?;
     let args = template_args(&app, None);
-    let (prompt, spec) = prepare_chat(&app, &messages, tools.as_deref(), &choice, args.as_ref())?;
+    let Prepared { prompt, spec, grammar } =
+        prepare_chat(&app, &messages, tools.as_deref(), &choice, !req.tool_choice.as_ref().and_then(|c| c.get("disable_parallel_tool_use")).and_then(Value::as_bool).unwrap_or(false), args.as_ref())?;
+    constrain(&app, &mut params, grammar, None, "tool_choice")?;
     let mut receivers = submit(&app, &prompt, &params, 1)?;
     let rx = receivers.pop().ok_or_else(engine_gone)?;
     let id = format!("msg_{}", random_id(24));
@@ -228,8 +231,8 @@ pub(crate) async fn count_tokens(State(app): State<Arc<App>>, body: Result<Bytes
         app.check_model(req.model.as_deref())?;
         let messages = template_messages(req.system.as_ref(), &req.messages)?;
         let tools = openai_tools(req.tools.as_deref());
-        let (prompt, _) = prepare_chat(&app, &messages, tools.as_deref(), &ToolChoice::Auto, template_args(&app, None).as_ref())?;
-        Ok::<_, ApiError>(Json(json!({"input_tokens": prompt.len()})).into_response())
+        let prepared = prepare_chat(&app, &messages, tools.as_deref(), &ToolChoice::Auto, false, template_args(&app, None).as_ref())?;
+        Ok::<_, ApiError>(Json(json!({"input_tokens": prepared.prompt.len()})).into_response())
     }
     .await;
     result.unwrap_or_else(|e| e.dialect(Dialect::Anthropic).into_response())

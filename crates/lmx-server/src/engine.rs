@@ -125,6 +125,12 @@ fn run(model: &Model, tokenizer: &TokenizerWrapper, opts: &EngineOptions, jobs: 
         }
         match gen.step() {
             Ok(responses) => {
+                for (id, e) in gen.take_failures() {
+                    if let Some(tx) = active.remove(&id) {
+                        let _ = tx.send(Event::Failed { message: format!("generation failed: {e}"), bad_request: false });
+                        done(1);
+                    }
+                }
                 for (id, response) in responses {
                     let finished = response.finish_reason.is_some();
                     if let Some(tx) = active.get(&id) {

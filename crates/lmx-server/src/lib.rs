@@ -9,9 +9,11 @@
 //! ([`ApiError`]); the server never dies on a request.
 
 mod anthropic;
+mod chat;
 pub mod engine;
 mod error;
 mod generation;
+mod grammar;
 mod openai;
 mod output;
 mod request;
@@ -105,6 +107,8 @@ pub(crate) struct App {
     pub(crate) tokenizer: Arc<TokenizerWrapper>,
     pub(crate) opts: ServeOptions,
     pub(crate) created: u64,
+    /// Grammars for constrained decoding over this model's vocabulary (or why there are none).
+    pub(crate) grammars: Result<grammar::Grammars, String>,
     /// Finished Responses-API responses, for `previous_response_id`.
     pub(crate) responses: std::sync::Mutex<responses::Store>,
 }
@@ -137,7 +141,11 @@ pub fn router(model: Model, tokenizer: TokenizerWrapper, opts: ServeOptions) -> 
     let tokenizer = Arc::new(tokenizer);
     let engine = Engine::start(model.clone(), tokenizer.clone(), opts.engine.clone());
     let max_body = opts.max_body_bytes;
-    let app = Arc::new(App { engine, model, tokenizer, opts, created: now(), responses: responses::new_store() });
+    let grammars = grammar::Grammars::new(tokenizer.clone(), model.vocab_size(), tokenizer.eos_token_ids());
+    if let Err(e) = &grammars {
+        eprintln!("[WARNING] structured output and required tool calls are unavailable: {e}");
+    }
+    let app = Arc::new(App { engine, model, tokenizer, opts, created: now(), grammars, responses: responses::new_store() });
     let api = Router::new()
         .route("/v1/chat/completions", post(openai::chat))
         .route("/chat/completions", post(openai::chat))

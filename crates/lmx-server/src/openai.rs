@@ -15,10 +15,11 @@ use rand::Rng;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use crate::chat::{constrain, prepare_chat, response_format, OutputSpec, Prepared, ToolChoice};
 use crate::engine::Event;
 use crate::generation::{collect_all, engine_gone, failure, finish_reason, merged, submit, Choice, TokenLogprob};
 use crate::output::{Piece, Splitter, ToolFormat};
-use crate::request::{chat_prompt, encode, fields, parse_body, template_args, template_messages, ChatMessage, Sampling};
+use crate::request::{encode, fields, parse_body, template_args, template_messages, ChatMessage, Sampling};
 use crate::{ApiError, App};
 
 /// `n` random alphanumeric characters (ids of answers and tool calls).
@@ -54,89 +55,11 @@ pub(crate) struct ChatRequest {
     #[serde(default)]
     tool_choice: Option<Value>,
     #[serde(default)]
+    parallel_tool_calls: Option<bool>,
+    #[serde(default)]
     response_format: Option<Value>,
     #[serde(default)]
     chat_template_kwargs: Option<Map<String, Value>>,
-}
-
-/// What a request's sequences are parsed with.
-pub(crate) struct OutputSpec {
-    pub tools: Option<ToolFormat>,
-    pub think: bool,
-    pub in_reasoning: bool,
-}
-
-impl OutputSpec {
-    pub(crate) fn splitter(&self) -> Splitter {
-        Splitter::new(self.tools, self.think, self.in_reasoning)
-    }
-
-    /// For `prompt` rendered by the chat template, with or without tools.
-    pub(crate) fn for_chat(app: &App, prompt: &[u32], tools: bool) -> Self {
-        let think = app.tokenizer.token_to_id("<think>").is_some() && app.tokenizer.token_to_id("</think>").is_some();
-        let in_reasoning = think && {
-            let tail = &prompt[prompt.len().saturating_sub(8)..];
-            let text = app.tokenizer.decode(tail, false).unwrap_or_default();
-            text.rfind("<think>").is_some_and(|open| text.rfind("</think>").is_none_or(|close| close < open))
-        };
-        let format = app.tokenizer.chat_template().map(|t| ToolFormat::detect(t.source())).unwrap_or(ToolFormat::Hermes);
-        Self { tools: tools.then_some(format), think, in_reasoning }
-    }
-}
-
-/// How the request lets the model call tools.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum ToolChoice {
-    /// The model decides.
-    Auto,
-    /// No calls: the tools are shown but calls are not parsed.
-    None,
-    /// At least one call.
-    Required,
-    /// A call of this function.
-    Named(String),
-}
-
-impl ToolChoice {
-    /// OpenAI's `tool_choice`: "auto", "none", "required" or {"type": "function", "function": {"name"}}.
-    pub(crate) fn openai(v: Option<&Value>) -> Result<Self, ApiError> {
-        match v {
-            None | Some(Value::Null) => Ok(ToolChoice::Auto),
-            Some(Value::String(s)) => match s.as_str() {
-                "auto" => Ok(ToolChoice::Auto),
-                "none" => Ok(ToolChoice::None),
-                "required" => Ok(ToolChoice::Required),
-                other => Err(ApiError::invalid("tool_choice", format!("`tool_choice` `{other}`: use auto, none, required or {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}"))),
-            },
-            Some(v) => match v.get("function").and_then(|f| f.get("name")).or_else(|| v.get("name")).and_then(Value::as_str) {
-                Some(name) => Ok(ToolChoice::Named(name.to_string())),
-                None => Err(ApiError::invalid("tool_choice", "`tool_choice` objects name a function: {\"type\": \"function\", \"function\": {\"name\": ...}}")),
-            },
-        }
-    }
-}
-
-/// Checks `tools` (OpenAI's list), renders the chat through the template and says how the
-/// output is parsed.
-pub(crate) fn prepare_chat(app: &App, messages: &[Value], tools: Option<&[Value]>, choice: &ToolChoice, args: Option<&Value>) -> Result<(Vec<u32>, OutputSpec), ApiError> {
-    let tools = tools.filter(|t| !t.is_empty());
-    let mut names = Vec::new();
-    for (i, t) in tools.into_iter().flatten().enumerate() {
-        let name = t.get("function").and_then(|f| f.get("name")).and_then(Value::as_str);
-        match name {
-            Some(name) if t.get("type").and_then(Value::as_str) == Some("function") && !name.is_empty() => names.push(name),
-            _ => return Err(ApiError::invalid(format!("tools[{i}]"), "each tool must be {\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": {...}}}")),
-        }
-    }
-    match choice {
-        ToolChoice::Named(name) if !names.contains(&name.as_str()) => return Err(ApiError::invalid("tool_choice", format!("`tool_choice` names `{name}`, which is not in `tools`"))),
-        ToolChoice::Required | ToolChoice::Named(_) if tools.is_none() => return Err(ApiError::invalid("tool_choice", "`tool_choice` asks for a call but `tools` is empty")),
-        _ => {}
-    }
-    let tools_value = tools.map(|t| Value::Array(t.to_vec()));
-    let prompt = chat_prompt(app, messages, tools_value.as_ref(), args)?;
-    let spec = OutputSpec::for_chat(app, &prompt, tools.is_some() && *choice != ToolChoice::None);
-    Ok((prompt, spec))
 }
 
 pub(crate) async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
@@ -144,17 +67,13 @@ pub(crate) async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesR
     let req: ChatRequest = fields(&body)?;
     let sampling: Sampling = fields(&body)?;
     let model = app.check_model(req.model.as_deref())?;
-    if let Some(format) = &req.response_format {
-        if format.get("type").and_then(Value::as_str) != Some("text") {
-            return Err(ApiError::invalid("response_format", "`response_format` other than `text` is not supported yet by this server; it is refused rather than ignored"));
-        }
-    }
-    let params = sampling.params(&app)?;
+    let mut params = sampling.params(&app)?;
     let n = sampling.n()?;
     let messages = template_messages(&req.messages)?;
     let choice = ToolChoice::openai(req.tool_choice.as_ref())?;
     let args = template_args(&app, req.chat_template_kwargs.as_ref());
-    let (prompt, spec) = prepare_chat(&app, &messages, req.tools.as_deref(), &choice, args.as_ref())?;
+    let Prepared { prompt, spec, grammar } = prepare_chat(&app, &messages, req.tools.as_deref(), &choice, req.parallel_tool_calls.unwrap_or(false), args.as_ref())?;
+    constrain(&app, &mut params, grammar, response_format(req.response_format.as_ref(), "response_format")?, "response_format")?;
     let receivers = submit(&app, &prompt, &params, n)?;
     let meta = Meta { id: format!("chatcmpl-{}", random_id(24)), model, created: crate::now(), logprobs: sampling.wants_logprobs() };
     if req.stream {

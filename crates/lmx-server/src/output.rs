@@ -147,7 +147,7 @@ impl Splitter {
         self.emit(rest, &mut out);
         if self.mode == Mode::Tool {
             let call = std::mem::take(&mut self.call);
-            self.parse_calls(&call, &mut out);
+            self.parse_calls(&call, false, &mut out);
         }
         out
     }
@@ -170,7 +170,7 @@ impl Splitter {
             (Mode::Normal, _) => Mode::Tool,
             (Mode::Tool, _) => {
                 let call = std::mem::take(&mut self.call);
-                self.parse_calls(&call, out);
+                self.parse_calls(&call, true, out);
                 Mode::Normal
             }
         };
@@ -186,9 +186,10 @@ impl Splitter {
         ToolCall { id: format!("{}_{}", self.id_prefix, self.next_id), name, arguments }
     }
 
-    /// Parses the text of one call block (one object, a list, or Mistral's `name[ARGS]{..}`);
-    /// text that is no call is reported as content, not dropped.
-    fn parse_calls(&mut self, text: &str, out: &mut Vec<Piece>) {
+    /// Parses the text of one call block (one object, a list, or Mistral's `name[ARGS]{..}`;
+    /// `closed`: its end marker was seen); text that is no call is reported as content as
+    /// it came, not dropped.
+    fn parse_calls(&mut self, text: &str, closed: bool, out: &mut Vec<Piece>) {
         let calls = parse_call_text(text.trim());
         match calls {
             Some(calls) => {
@@ -199,7 +200,8 @@ impl Splitter {
             }
             None => {
                 let (open, close) = self.tools.map_or(("", None), |f| f.markers());
-                out.push(Piece::Content(format!("{open}{text}{}", close.unwrap_or(""))));
+                let close = if closed { close.unwrap_or("") } else { "" };
+                out.push(Piece::Content(format!("{open}{text}{close}")));
             }
         }
     }
@@ -281,6 +283,13 @@ mod tests {
         let mut s = Splitter::new(Some(ToolFormat::Hermes), false, false);
         let out = run(&mut s, &["<tool_call>{not json</tool_call>"]);
         assert_eq!(names(&out), ["C:<tool_call>{not json</tool_call>"]);
+    }
+
+    #[test]
+    fn a_call_cut_short_stays_as_written() {
+        let mut s = Splitter::new(Some(ToolFormat::Hermes), false, false);
+        let out = run(&mut s, &["<tool_call>\n{\"name\": \"f\", \"argu"]);
+        assert_eq!(names(&out), ["C:<tool_call>\n{\"name\": \"f\", \"argu"]);
     }
 
     #[test]

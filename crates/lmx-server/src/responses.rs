@@ -18,9 +18,10 @@ use futures_util::stream::{self, Stream};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::chat::{constrain, prepare_chat, response_format, OutputSpec, Prepared, ToolChoice};
 use crate::engine::Event;
 use crate::generation::{collect, engine_gone, failure, sse_response, submit, Choice};
-use crate::openai::{prepare_chat, random_id, OutputSpec, ToolChoice};
+use crate::openai::random_id;
 use crate::output::{Piece, ToolCall};
 use crate::request::{fields, parse_body, template_args, Content, Sampling};
 use crate::{ApiError, App};
@@ -69,6 +70,8 @@ struct ResponsesRequest {
     tools: Option<Vec<Value>>,
     #[serde(default)]
     tool_choice: Option<Value>,
+    #[serde(default)]
+    parallel_tool_calls: Option<bool>,
     #[serde(default)]
     text: Option<Value>,
     #[serde(default)]
@@ -152,14 +155,9 @@ pub(crate) async fn create(State(app): State<Arc<App>>, body: Result<Bytes, Byte
     let body = parse_body(body)?;
     let req: ResponsesRequest = fields(&body)?;
     let model = app.check_model(req.model.as_deref())?;
-    if let Some(format) = req.text.as_ref().and_then(|t| t.get("format")) {
-        if format.get("type").and_then(Value::as_str) != Some("text") {
-            return Err(ApiError::invalid("text.format", "`text.format` other than `text` is not supported yet by this server; it is refused rather than ignored"));
-        }
-    }
     let sampling =
         Sampling { max_tokens: req.max_output_tokens, temperature: req.temperature, top_p: req.top_p, logprobs: req.top_logprobs.map(|_| true), top_logprobs: req.top_logprobs, ..Default::default() };
-    let params = sampling.params(&app)?;
+    let mut params = sampling.params(&app)?;
     let mut conversation = match &req.previous_response_id {
         Some(prev) => {
             let store = app.responses.lock().map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the response store is unusable"))?;
@@ -181,7 +179,8 @@ pub(crate) async fn create(State(app): State<Arc<App>>, body: Result<Bytes, Byte
     let tools = chat_tools(req.tools.as_deref())?;
     let choice = ToolChoice::openai(req.tool_choice.as_ref())?;
     let args = template_args(&app, None);
-    let (prompt, spec) = prepare_chat(&app, &messages, tools.as_deref(), &choice, args.as_ref())?;
+    let Prepared { prompt, spec, grammar } = prepare_chat(&app, &messages, tools.as_deref(), &choice, req.parallel_tool_calls.unwrap_or(false), args.as_ref())?;
+    constrain(&app, &mut params, grammar, response_format(req.text.as_ref().and_then(|t| t.get("format")), "text.format")?, "text.format")?;
     let mut receivers = submit(&app, &prompt, &params, 1)?;
     let rx = receivers.pop().ok_or_else(engine_gone)?;
     let shell = Shell {
@@ -228,7 +227,7 @@ impl Shell {
         let mut r = json!({
             "id": self.id, "object": "response", "created_at": self.created, "status": status, "error": null,
             "incomplete_details": incomplete.map(|reason| json!({"reason": reason})), "model": self.model, "output": output,
-            "parallel_tool_calls": true, "reasoning": {"effort": null, "summary": null}, "text": {"format": {"type": "text"}},
+            "parallel_tool_calls": false, "reasoning": {"effort": null, "summary": null}, "text": {"format": {"type": "text"}},
             "truncation": "disabled", "usage": usage, "metadata": {},
         });
         for (k, v) in self.request.as_object().into_iter().flatten() {

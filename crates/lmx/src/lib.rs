@@ -18,7 +18,8 @@ mod perplexity;
 
 pub use lmx_core::{DType, Device};
 pub use lmx_generate::{
-    BatchGenerator, BatchOutput, DraftStats, FinishReason, GenerateError, GenerateParams, GenerationResponse, PrefixCache, PromptCache, SamplerParams, SequenceId, SpeculativeStream, TokenStream,
+    BatchGenerator, BatchOutput, Constraint, ConstraintFactory, DraftStats, FinishReason, GenerateError, GenerateParams, GenerationResponse, PrefixCache, PromptCache, SamplerParams, SequenceId,
+    SpeculativeStream, TokenStream,
 };
 pub use lmx_io::{Message, ModelSource};
 pub use lmx_nn::KvOptions;
