@@ -192,7 +192,7 @@ async fn messages_inner(app: Arc<App>, body: Result<Bytes, BytesRejection>) -> R
     let choice = tool_choice(req.tool_choice.as_ref())?;
     let args = template_args(&app, None);
     let Prepared { prompt, spec, grammar } =
-        prepare_chat(&app, &messages, tools.as_deref(), &choice, !req.tool_choice.as_ref().and_then(|c| c.get("disable_parallel_tool_use")).and_then(Value::as_bool).unwrap_or(false), args.as_ref())?;
+        prepare_chat(&app, &messages, tools.as_deref(), &choice, req.tool_choice.as_ref().and_then(|c| c.get("disable_parallel_tool_use")) == Some(&Value::Bool(false)), args.as_ref())?;
     constrain(&app, &mut params, grammar, None, "tool_choice")?;
     let mut receivers = submit(&app, &prompt, &params, 1)?;
     let rx = receivers.pop().ok_or_else(engine_gone)?;

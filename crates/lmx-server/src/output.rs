@@ -83,6 +83,11 @@ pub(crate) struct Splitter {
     think: bool,
     next_id: usize,
     id_prefix: String,
+    /// Whitespace-only answer text, held until more text comes: around tool calls it is
+    /// dropped.
+    blank: String,
+    /// Calls reported so far.
+    calls: usize,
 }
 
 impl Splitter {
@@ -91,7 +96,7 @@ impl Splitter {
     /// think block open.
     pub(crate) fn new(tools: Option<ToolFormat>, think: bool, in_reasoning: bool) -> Self {
         let id_prefix = format!("call_{}", crate::openai::random_id(12));
-        Self { mode: if in_reasoning { Mode::Reasoning } else { Mode::Normal }, held: String::new(), call: String::new(), tools, think, next_id: 0, id_prefix }
+        Self { mode: if in_reasoning { Mode::Reasoning } else { Mode::Normal }, held: String::new(), call: String::new(), tools, think, next_id: 0, id_prefix, blank: String::new(), calls: 0 }
     }
 
     fn markers(&self) -> Vec<&'static str> {
@@ -149,6 +154,10 @@ impl Splitter {
             let call = std::mem::take(&mut self.call);
             self.parse_calls(&call, false, &mut out);
         }
+        let blank = std::mem::take(&mut self.blank);
+        if self.calls == 0 && !blank.is_empty() {
+            out.push(Piece::Content(blank));
+        }
         out
     }
 
@@ -157,7 +166,11 @@ impl Splitter {
             return;
         }
         match self.mode {
-            Mode::Normal => out.push(Piece::Content(text)),
+            Mode::Normal if text.trim().is_empty() => self.blank.push_str(&text),
+            Mode::Normal => {
+                let blank = std::mem::take(&mut self.blank);
+                out.push(Piece::Content(blank + &text));
+            }
             Mode::Reasoning => out.push(Piece::Reasoning(text)),
             Mode::Tool => self.call.push_str(&text),
         }
@@ -167,7 +180,10 @@ impl Splitter {
         self.mode = match (self.mode, marker) {
             (Mode::Normal, m) if m == THINK.0 => Mode::Reasoning,
             (Mode::Reasoning, _) => Mode::Normal,
-            (Mode::Normal, _) => Mode::Tool,
+            (Mode::Normal, _) => {
+                self.blank.clear();
+                Mode::Tool
+            }
             (Mode::Tool, _) => {
                 let call = std::mem::take(&mut self.call);
                 self.parse_calls(&call, true, out);
@@ -178,6 +194,7 @@ impl Splitter {
 
     fn new_call(&mut self, name: String, arguments: &Value) -> ToolCall {
         self.next_id += 1;
+        self.calls += 1;
         let arguments = match arguments {
             Value::String(s) => s.clone(),
             Value::Null => "{}".to_string(),
@@ -283,6 +300,17 @@ mod tests {
         let mut s = Splitter::new(Some(ToolFormat::Hermes), false, false);
         let out = run(&mut s, &["<tool_call>{not json</tool_call>"]);
         assert_eq!(names(&out), ["C:<tool_call>{not json</tool_call>"]);
+    }
+
+    #[test]
+    fn blank_text_around_calls_is_dropped_but_kept_alone() {
+        let mut s = Splitter::new(Some(ToolFormat::Hermes), false, false);
+        let out = run(&mut s, &["\n", "<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>", "\n"]);
+        assert_eq!(names(&out), ["T:f:{}"]);
+        let mut s = Splitter::new(Some(ToolFormat::Hermes), false, false);
+        assert_eq!(names(&run(&mut s, &["a", "\n", "b"])), ["C:a\nb"]);
+        let mut s = Splitter::new(None, false, false);
+        assert_eq!(names(&run(&mut s, &[" ", "\n"])), ["C: \n"]);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 mod errors;
 mod openai;
+mod structured;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
