@@ -51,6 +51,15 @@ tools = [{"name": "lookup", "description": "Look a fact up.", "input_schema": {"
 after = client.messages.create(model=MODEL, max_tokens=16, messages=turns, tools=tools)
 assert after.stop_reason in ("end_turn", "max_tokens", "tool_use"), after
 
+# A forced tool call, whole and streamed.
+forced = client.messages.create(model=MODEL, max_tokens=60, messages=QUESTION, tools=tools, tool_choice={"type": "any"})
+use = [b for b in forced.content if b.type == "tool_use"]
+assert forced.stop_reason == "tool_use" and use and use[0].name == "lookup" and isinstance(use[0].input.get("q"), str), forced
+with client.messages.stream(model=MODEL, max_tokens=60, messages=QUESTION, tools=tools, tool_choice={"type": "tool", "name": "lookup"}) as stream:
+    final = stream.get_final_message()
+use = [b for b in final.content if b.type == "tool_use"]
+assert final.stop_reason == "tool_use" and use and isinstance(use[0].input.get("q"), str), final
+
 # Errors arrive in Anthropic's shape, as the client's exception types.
 try:
     client.messages.create(model=MODEL, max_tokens=8, messages=[{"role": "system", "content": "x"}])

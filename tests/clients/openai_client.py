@@ -5,6 +5,7 @@ Run by lmx-cli's tests against a live server on loopback:
 Exits non-zero with the failing check's message.
 """
 
+import json
 import sys
 
 import openai
@@ -71,6 +72,32 @@ assert deltas and final.output_text == deltas, (deltas, final)
 assert client.responses.retrieve(first.id).output_text == first.output_text
 short = client.responses.create(model=served, input="Count to fifty.", max_output_tokens=3)
 assert short.status == "incomplete" and short.incomplete_details.reason == "max_output_tokens", short
+
+# Structured output through the client's pydantic helper: the answer validates.
+import pydantic
+
+
+class City(pydantic.BaseModel):
+    name: str
+    country: str
+    is_capital: bool
+
+
+parsed = client.chat.completions.parse(model=served, messages=[{"role": "user", "content": "Describe Paris."}], response_format=City, max_tokens=80)
+assert isinstance(parsed.choices[0].message.parsed, City) and parsed.choices[0].message.parsed.name == "Paris", parsed
+
+# Tool calls: required, streamed, and a loop that goes on after the result.
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather for a city", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+called = client.chat.completions.create(model=served, messages=ask, tools=TOOLS, tool_choice="required", max_tokens=60)
+call = called.choices[0].message.tool_calls[0]
+assert called.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather", called
+assert "city" in json.loads(call.function.arguments), call
+deltas = [tc for c in client.chat.completions.create(model=served, messages=ask, tools=TOOLS, tool_choice="required", max_tokens=60, stream=True) if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+assert len(deltas) == 1 and deltas[0].function.name == "get_weather" and deltas[0].index == 0, deltas
+loop = ask + [called.choices[0].message.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}]
+after = client.chat.completions.create(model=served, messages=loop, tools=TOOLS, max_tokens=30)
+assert after.choices[0].message.content is not None, after
 
 # Errors arrive as the client's exception types, with the server's message.
 try:
