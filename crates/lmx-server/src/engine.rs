@@ -50,6 +50,8 @@ pub struct Engine {
     /// Jobs submitted and not finished (decoding, prefilling or waiting).
     in_flight: Arc<AtomicUsize>,
     limit: usize,
+    /// Prompt caches kept and their bytes, as of the last step.
+    cached: Arc<(AtomicUsize, AtomicUsize)>,
 }
 
 /// The engine has no room for more sequences.
@@ -66,8 +68,13 @@ impl Engine {
         let in_flight = Arc::new(AtomicUsize::new(0));
         let limit = opts.decode_concurrency.max(1) + opts.max_queue;
         let counter = in_flight.clone();
-        std::thread::Builder::new().name("lmx-engine".into()).spawn(move || run(&model, &tokenizer, &opts, &rx, &counter)).expect("spawning the engine thread (out of threads or memory at startup)");
-        Self { jobs, in_flight, limit }
+        let cached = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
+        let stats = cached.clone();
+        std::thread::Builder::new()
+            .name("lmx-engine".into())
+            .spawn(move || run(&model, &tokenizer, &opts, &rx, &counter, &stats))
+            .expect("spawning the engine thread (out of threads or memory at startup)");
+        Self { jobs, in_flight, limit, cached }
     }
 
     /// Queues `count` sequences made by `job(i)`; refuses them all when the engine would hold
@@ -95,11 +102,16 @@ impl Engine {
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::SeqCst)
     }
+
+    /// Prompt caches kept across requests, and their bytes.
+    pub fn stats(&self) -> (usize, usize) {
+        (self.cached.0.load(Ordering::Relaxed), self.cached.1.load(Ordering::Relaxed))
+    }
 }
 
 /// The engine loop: admit new jobs, drop those whose clients left, run one batch step, send
 /// each token to its job, keep finished caches for later prompts.
-fn run(model: &Model, tokenizer: &TokenizerWrapper, opts: &EngineOptions, jobs: &mpsc::Receiver<Job>, in_flight: &AtomicUsize) {
+fn run(model: &Model, tokenizer: &TokenizerWrapper, opts: &EngineOptions, jobs: &mpsc::Receiver<Job>, in_flight: &AtomicUsize, cached: &(AtomicUsize, AtomicUsize)) {
     let mut gen = BatchGenerator::new(&**model, tokenizer, opts.decode_concurrency).keep_caches(true);
     let mut prefixes = PrefixCache::new(opts.prompt_cache_size, opts.prompt_cache_bytes);
     let mut active: HashMap<SequenceId, UnboundedSender<Event>> = HashMap::new();
@@ -141,6 +153,8 @@ fn run(model: &Model, tokenizer: &TokenizerWrapper, opts: &EngineOptions, jobs: 
                         done(1);
                         if let Some(cache) = gen.take_cache(id) {
                             prefixes.insert(cache);
+                            cached.0.store(prefixes.len(), Ordering::Relaxed);
+                            cached.1.store(prefixes.nbytes(), Ordering::Relaxed);
                         }
                     }
                 }

@@ -211,8 +211,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn health() -> Json<serde_json::Value> {
-    Json(json!({"status": "ok"}))
+/// `{"status": "ok"}` (MLX LM's answer) plus the engine's load: sequences decoding or
+/// waiting, and the prompt caches kept.
+async fn health(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
+    let stats = app.engine.stats();
+    Json(json!({"status": "ok", "sequences": app.engine.in_flight(), "prompt_cache": {"entries": stats.0, "bytes": stats.1}}))
 }
 
 fn model_entry(app: &App) -> serde_json::Value {
