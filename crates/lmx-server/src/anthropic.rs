@@ -183,18 +183,19 @@ pub(crate) async fn messages(State(app): State<Arc<App>>, body: Result<Bytes, By
 async fn messages_inner(app: Arc<App>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let body = parse_body(body)?;
     let req: MessagesRequest = fields(&body)?;
-    let model = app.check_model(req.model.as_deref())?;
+    let served = app.models.get(req.model.as_deref()).await?;
+    let model = req.model.clone().filter(|m| !m.is_empty()).unwrap_or_else(|| served.id.clone());
     let sampling =
         Sampling { max_tokens: Some(req.max_tokens), temperature: req.temperature, top_p: req.top_p, top_k: req.top_k, stop: req.stop_sequences.clone().map(Stop::Many), ..Default::default() };
-    let mut params = sampling.params(&app)?;
+    let mut params = sampling.params(&app, &served)?;
     let messages = template_messages(req.system.as_ref(), &req.messages)?;
     let tools = openai_tools(req.tools.as_deref());
     let choice = tool_choice(req.tool_choice.as_ref())?;
     let args = template_args(&app, None);
     let Prepared { prompt, spec, grammar } =
-        prepare_chat(&app, &messages, tools.as_deref(), &choice, req.tool_choice.as_ref().and_then(|c| c.get("disable_parallel_tool_use")) == Some(&Value::Bool(false)), args.as_ref())?;
-    constrain(&app, &mut params, grammar, None, "tool_choice")?;
-    let mut receivers = submit(&app, &prompt, &params, 1)?;
+        prepare_chat(&served, &messages, tools.as_deref(), &choice, req.tool_choice.as_ref().and_then(|c| c.get("disable_parallel_tool_use")) == Some(&Value::Bool(false)), args.as_ref())?;
+    constrain(&served, &mut params, grammar, None, "tool_choice")?;
+    let mut receivers = submit(&served, &prompt, &params, 1)?;
     let rx = receivers.pop().ok_or_else(engine_gone)?;
     let id = format!("msg_{}", random_id(24));
     if req.stream {
@@ -228,10 +229,10 @@ pub(crate) async fn count_tokens(State(app): State<Arc<App>>, body: Result<Bytes
     let result = async {
         let body = parse_body(body)?;
         let req: CountRequest = fields(&body)?;
-        app.check_model(req.model.as_deref())?;
+        let served = app.models.get(req.model.as_deref()).await?;
         let messages = template_messages(req.system.as_ref(), &req.messages)?;
         let tools = openai_tools(req.tools.as_deref());
-        let prepared = prepare_chat(&app, &messages, tools.as_deref(), &ToolChoice::Auto, false, template_args(&app, None).as_ref())?;
+        let prepared = prepare_chat(&served, &messages, tools.as_deref(), &ToolChoice::Auto, false, template_args(&app, None).as_ref())?;
         Ok::<_, ApiError>(Json(json!({"input_tokens": prepared.prompt.len()})).into_response())
     }
     .await;

@@ -9,9 +9,10 @@ use lmx::GenerateParams;
 use serde_json::{json, Value};
 
 use crate::grammar;
+use crate::models::Served;
 use crate::output::{Splitter, ToolFormat};
 use crate::request::chat_prompt;
-use crate::{ApiError, App};
+use crate::ApiError;
 
 /// What a request's sequences are parsed with.
 pub(crate) struct OutputSpec {
@@ -26,14 +27,14 @@ impl OutputSpec {
     }
 
     /// For `prompt` rendered by the chat template, with or without tools.
-    pub(crate) fn for_chat(app: &App, prompt: &[u32], tools: bool) -> Self {
-        let think = app.tokenizer.token_to_id("<think>").is_some() && app.tokenizer.token_to_id("</think>").is_some();
+    pub(crate) fn for_chat(served: &Served, prompt: &[u32], tools: bool) -> Self {
+        let think = served.tokenizer.token_to_id("<think>").is_some() && served.tokenizer.token_to_id("</think>").is_some();
         let in_reasoning = think && {
             let tail = &prompt[prompt.len().saturating_sub(8)..];
-            let text = app.tokenizer.decode(tail, false).unwrap_or_default();
+            let text = served.tokenizer.decode(tail, false).unwrap_or_default();
             text.rfind("<think>").is_some_and(|open| text.rfind("</think>").is_none_or(|close| close < open))
         };
-        let format = app.tokenizer.chat_template().map(|t| ToolFormat::detect(t.source())).unwrap_or(ToolFormat::Hermes);
+        let format = served.tokenizer.chat_template().map(|t| ToolFormat::detect(t.source())).unwrap_or(ToolFormat::Hermes);
         Self { tools: tools.then_some(format), think, in_reasoning }
     }
 }
@@ -116,7 +117,7 @@ fn without_tool_support(messages: &[Value], tools: &[Value]) -> Vec<Value> {
 
 /// Checks `tools` (OpenAI's list) and `choice`, renders the chat, and says how its output is
 /// parsed and which grammar a required call follows (several calls when `parallel`).
-pub(crate) fn prepare_chat(app: &App, messages: &[Value], tools: Option<&[Value]>, choice: &ToolChoice, parallel: bool, args: Option<&Value>) -> Result<Prepared, ApiError> {
+pub(crate) fn prepare_chat(served: &Served, messages: &[Value], tools: Option<&[Value]>, choice: &ToolChoice, parallel: bool, args: Option<&Value>) -> Result<Prepared, ApiError> {
     let tools = tools.filter(|t| !t.is_empty());
     let mut names = Vec::new();
     for (i, t) in tools.into_iter().flatten().enumerate() {
@@ -131,26 +132,26 @@ pub(crate) fn prepare_chat(app: &App, messages: &[Value], tools: Option<&[Value]
         ToolChoice::Required | ToolChoice::Named(_) if tools.is_none() => return Err(ApiError::invalid("tool_choice", "`tool_choice` asks for a call but `tools` is empty")),
         _ => {}
     }
-    let template_takes_tools = app.tokenizer.chat_template().is_some_and(|t| t.source().contains("tools"));
+    let template_takes_tools = served.tokenizer.chat_template().is_some_and(|t| t.source().contains("tools"));
     let prompt = match tools {
-        Some(t) if !template_takes_tools => chat_prompt(app, &without_tool_support(messages, t), None, args)?,
-        Some(t) => chat_prompt(app, messages, Some(&Value::Array(t.to_vec())), args)?,
-        None => chat_prompt(app, messages, None, args)?,
+        Some(t) if !template_takes_tools => chat_prompt(served, &without_tool_support(messages, t), None, args)?,
+        Some(t) => chat_prompt(served, messages, Some(&Value::Array(t.to_vec())), args)?,
+        None => chat_prompt(served, messages, None, args)?,
     };
-    let mut spec = OutputSpec::for_chat(app, &prompt, tools.is_some() && *choice != ToolChoice::None);
+    let mut spec = OutputSpec::for_chat(served, &prompt, tools.is_some() && *choice != ToolChoice::None);
     if !template_takes_tools && spec.tools.is_some() {
         spec.tools = Some(ToolFormat::Hermes);
     }
     let grammar = match (choice, tools, spec.tools) {
-        (ToolChoice::Required, Some(t), Some(format)) => Some(grammars(app)?.tool_call(format, t, None, parallel)),
-        (ToolChoice::Named(name), Some(t), Some(format)) => Some(grammars(app)?.tool_call(format, t, Some(name), false)),
+        (ToolChoice::Required, Some(t), Some(format)) => Some(grammars(served)?.tool_call(format, t, None, parallel)),
+        (ToolChoice::Named(name), Some(t), Some(format)) => Some(grammars(served)?.tool_call(format, t, Some(name), false)),
         _ => None,
     };
     Ok(Prepared { prompt, spec, grammar })
 }
 
-fn grammars(app: &App) -> Result<&grammar::Grammars, ApiError> {
-    app.grammars.as_ref().map_err(|e| ApiError::new(axum::http::StatusCode::BAD_REQUEST, format!("constrained decoding is unavailable for this model: {e}")))
+fn grammars(served: &Served) -> Result<&grammar::Grammars, ApiError> {
+    served.grammars.as_ref().map_err(|e| ApiError::new(axum::http::StatusCode::BAD_REQUEST, format!("constrained decoding is unavailable for this model: {e}")))
 }
 
 /// The grammar of a response format: OpenAI's `{"type": "json_object"}` or `{"type":
@@ -170,13 +171,13 @@ pub(crate) fn response_format(format: Option<&Value>, param: &str) -> Result<Opt
 }
 
 /// Puts the grammar (a required tool call's or the response format's) on `params`.
-pub(crate) fn constrain(app: &App, params: &mut GenerateParams, tool: Option<TopLevelGrammar>, format: Option<TopLevelGrammar>, param: &str) -> Result<(), ApiError> {
+pub(crate) fn constrain(served: &Served, params: &mut GenerateParams, tool: Option<TopLevelGrammar>, format: Option<TopLevelGrammar>, param: &str) -> Result<(), ApiError> {
     let grammar = match (tool, format) {
         (Some(_), Some(_)) => return Err(ApiError::invalid(param, format!("`{param}` cannot apply while `tool_choice` requires a tool call"))),
         (Some(g), None) | (None, Some(g)) => g,
         (None, None) => return Ok(()),
     };
-    let factory = grammars(app)?.constraint(grammar).map_err(|e| ApiError::invalid(param, format!("the grammar cannot be built: {e}")))?;
+    let factory = grammars(served)?.constraint(grammar).map_err(|e| ApiError::invalid(param, format!("the grammar cannot be built: {e}")))?;
     params.constraint = Some(factory);
     Ok(())
 }

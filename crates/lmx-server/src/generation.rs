@@ -13,13 +13,15 @@ use lmx::{FinishReason, GenerateParams, GenerationResponse};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::engine::Event;
+use crate::models::Served;
 use crate::output::{Piece, Splitter, ToolCall};
-use crate::{ApiError, App};
+use crate::ApiError;
 
 /// Queues `n` sequences of `prompt` (choice i samples with seed + i, so choices differ when a
 /// seed is set).
-pub(crate) fn submit(app: &App, prompt: &[u32], params: &GenerateParams, n: usize) -> Result<Vec<UnboundedReceiver<Event>>, ApiError> {
-    app.engine
+pub(crate) fn submit(served: &Served, prompt: &[u32], params: &GenerateParams, n: usize) -> Result<Vec<UnboundedReceiver<Event>>, ApiError> {
+    served
+        .engine
         .submit(n, |i| {
             let mut p = params.clone();
             p.sampler.seed = p.sampler.seed.map(|s| s.wrapping_add(i as u64));

@@ -14,6 +14,7 @@ pub mod engine;
 mod error;
 mod generation;
 mod grammar;
+mod models;
 mod openai;
 mod output;
 mod request;
@@ -34,6 +35,7 @@ use serde_json::json;
 
 pub use engine::{Engine, EngineOptions};
 pub use error::{ApiError, Dialect};
+pub use models::Loader;
 
 /// What can go wrong starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -83,8 +85,14 @@ pub struct ServeOptions {
     pub max_body_bytes: usize,
     /// Defaults for requests.
     pub defaults: Defaults,
-    /// The engine's batch, queue and caches.
+    /// The engine's batch, queue and caches (each loaded model has its own engine).
     pub engine: EngineOptions,
+    /// Models a request may load by naming them (`--allowed-models`).
+    pub allowed_models: Vec<String>,
+    /// Most models loaded at once; the least recently used are unloaded.
+    pub max_loaded_models: usize,
+    /// Origins browsers may call from (`--allowed-origins`; `*` for any).
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for ServeOptions {
@@ -96,37 +104,20 @@ impl Default for ServeOptions {
             max_body_bytes: 16 << 20,
             defaults: Defaults::default(),
             engine: EngineOptions { decode_concurrency: 32, max_queue: 256, prompt_cache_size: 10, prompt_cache_bytes: 2 << 30, kv: KvOptions::default() },
+            allowed_models: Vec::new(),
+            max_loaded_models: 1,
+            allowed_origins: vec!["*".into()],
         }
     }
 }
 
 /// The state every handler shares.
 pub(crate) struct App {
-    pub(crate) engine: Engine,
-    pub(crate) model: Arc<Model>,
-    pub(crate) tokenizer: Arc<TokenizerWrapper>,
+    pub(crate) models: models::Models,
     pub(crate) opts: ServeOptions,
     pub(crate) created: u64,
-    /// Grammars for constrained decoding over this model's vocabulary (or why there are none).
-    pub(crate) grammars: Result<grammar::Grammars, String>,
     /// Finished Responses-API responses, for `previous_response_id`.
     pub(crate) responses: std::sync::Mutex<responses::Store>,
-}
-
-impl App {
-    /// Checks that `requested` names the served model; returns the name to answer with.
-    pub(crate) fn check_model(&self, requested: Option<&str>) -> Result<String, ApiError> {
-        let Some(name) = requested.filter(|n| !n.is_empty()) else { return Ok(self.opts.model_id.clone()) };
-        if name == self.opts.model_id || name == "default_model" || self.opts.aliases.iter().any(|a| a == name) {
-            return Ok(name.to_string());
-        }
-        Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("model `{name}` is not served here: this server serves `{}` (GET /v1/models lists it); start lmx serve with --model {name} to serve that one", self.opts.model_id),
-        )
-        .param("model")
-        .code("model_not_found"))
-    }
 }
 
 /// Unix time, seconds.
@@ -134,18 +125,15 @@ pub(crate) fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// The router serving `model` (the engine thread starts here). Tests drive it without a
-/// socket; [`serve`] binds it.
-pub fn router(model: Model, tokenizer: TokenizerWrapper, opts: ServeOptions) -> Router {
-    let model = Arc::new(model);
-    let tokenizer = Arc::new(tokenizer);
-    let engine = Engine::start(model.clone(), tokenizer.clone(), opts.engine.clone());
+/// The router serving `model` (its engine thread starts here); `loader` loads the models
+/// of `--allowed-models` when a request names one. Tests drive the router without a socket;
+/// [`serve`] binds it.
+pub fn router(model: Model, tokenizer: TokenizerWrapper, opts: ServeOptions, loader: Option<Loader>) -> Router {
+    let first = models::Served::new(opts.model_id.clone(), opts.aliases.clone(), model, tokenizer, &opts.engine);
+    let registry = models::Models::new(first, opts.allowed_models.clone(), opts.max_loaded_models, loader, opts.engine.clone());
     let max_body = opts.max_body_bytes;
-    let grammars = grammar::Grammars::new(tokenizer.clone(), model.vocab_size(), tokenizer.eos_token_ids());
-    if let Err(e) = &grammars {
-        eprintln!("[WARNING] structured output and required tool calls are unavailable: {e}");
-    }
-    let app = Arc::new(App { engine, model, tokenizer, opts, created: now(), grammars, responses: responses::new_store() });
+    let origins = opts.allowed_origins.clone();
+    let app = Arc::new(App { models: registry, opts, created: now(), responses: responses::new_store() });
     let api = Router::new()
         .route("/v1/chat/completions", post(openai::chat))
         .route("/chat/completions", post(openai::chat))
@@ -155,11 +143,37 @@ pub fn router(model: Model, tokenizer: TokenizerWrapper, opts: ServeOptions) -> 
         .route("/v1/responses/{id}", get(responses::retrieve))
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
-        .route("/v1/models", get(models))
-        .route("/models", get(models))
+        .route("/v1/models", get(list_models))
+        .route("/models", get(list_models))
         .route("/v1/models/{*id}", get(model_info))
         .layer(middleware::from_fn_with_state(app.clone(), authorize));
-    Router::new().route("/health", get(health)).merge(api).fallback(not_found).method_not_allowed_fallback(method_not_allowed).layer(DefaultBodyLimit::max(max_body)).with_state(app)
+    Router::new()
+        .route("/health", get(health))
+        .merge(api)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn_with_state(Arc::new(origins), cors))
+        .with_state(app)
+}
+
+/// CORS for browser apps (`--allowed-origins`, MLX LM's flag): the allowed origin on every
+/// answer, and 204 to preflight requests.
+async fn cors(State(origins): State<Arc<Vec<String>>>, request: Request, next: Next) -> Response {
+    let origin = request.headers().get("origin").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let allowed = match &origin {
+        Some(o) if origins.iter().any(|a| a == "*" || a == o) => Some(if origins.iter().any(|a| a == "*") { "*".to_string() } else { o.clone() }),
+        _ => None,
+    };
+    let preflight = request.method() == axum::http::Method::OPTIONS;
+    let mut response = if preflight { StatusCode::NO_CONTENT.into_response() } else { next.run(request).await };
+    if let Some(value) = allowed.and_then(|a| axum::http::HeaderValue::from_str(&a).ok()) {
+        let h = response.headers_mut();
+        h.insert("access-control-allow-origin", value);
+        h.insert("access-control-allow-methods", axum::http::HeaderValue::from_static("GET, POST, OPTIONS"));
+        h.insert("access-control-allow-headers", axum::http::HeaderValue::from_static("*"));
+    }
+    response
 }
 
 /// Binds `host:port` and serves until the process is stopped; `ready` is called with the
@@ -211,24 +225,30 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// `{"status": "ok"}` (MLX LM's answer) plus the engine's load: sequences decoding or
-/// waiting, and the prompt caches kept.
+/// `{"status": "ok"}` (MLX LM's answer) plus the engines' load: sequences decoding or
+/// waiting, and the prompt caches kept, over the loaded models.
 async fn health(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
-    let stats = app.engine.stats();
-    Json(json!({"status": "ok", "sequences": app.engine.in_flight(), "prompt_cache": {"entries": stats.0, "bytes": stats.1}}))
+    let loaded = app.models.loaded();
+    let sequences: usize = loaded.iter().map(|s| s.engine.in_flight()).sum();
+    let (entries, bytes) = loaded.iter().map(|s| s.engine.stats()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    let names: Vec<&str> = loaded.iter().map(|s| s.id.as_str()).collect();
+    Json(json!({"status": "ok", "loaded": names, "sequences": sequences, "prompt_cache": {"entries": entries, "bytes": bytes}}))
 }
 
-fn model_entry(app: &App) -> serde_json::Value {
-    json!({"id": app.opts.model_id, "object": "model", "created": app.created, "owned_by": "lmx"})
+fn model_entry(app: &App, id: &str) -> serde_json::Value {
+    json!({"id": id, "object": "model", "created": app.created, "owned_by": "lmx"})
 }
 
-async fn models(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
-    Json(json!({"object": "list", "data": [model_entry(&app)]}))
+/// The models requests may name: the served one and `--allowed-models`.
+async fn list_models(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
+    Json(json!({"object": "list", "data": app.models.names().iter().map(|n| model_entry(&app, n)).collect::<Vec<_>>()}))
 }
 
 async fn model_info(State(app): State<Arc<App>>, axum::extract::Path(id): axum::extract::Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
-    app.check_model(Some(&id))?;
-    Ok(Json(model_entry(&app)))
+    if !app.models.names().contains(&id) && app.models.loaded().iter().all(|s| !s.aliases.contains(&id)) {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no model `{id}` here (GET /v1/models lists them)")).param("model").code("model_not_found"));
+    }
+    Ok(Json(model_entry(&app, &id)))
 }
 
 async fn not_found(request: Request) -> ApiError {

@@ -18,6 +18,7 @@ use serde_json::{json, Map, Value};
 use crate::chat::{constrain, prepare_chat, response_format, OutputSpec, Prepared, ToolChoice};
 use crate::engine::Event;
 use crate::generation::{collect_all, engine_gone, failure, finish_reason, merged, submit, Choice, TokenLogprob};
+use crate::models::Served;
 use crate::output::{Piece, Splitter, ToolFormat};
 use crate::request::{encode, fields, parse_body, template_args, template_messages, ChatMessage, Sampling};
 use crate::{ApiError, App};
@@ -66,19 +67,20 @@ pub(crate) async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesR
     let body = parse_body(body)?;
     let req: ChatRequest = fields(&body)?;
     let sampling: Sampling = fields(&body)?;
-    let model = app.check_model(req.model.as_deref())?;
-    let mut params = sampling.params(&app)?;
+    let served = app.models.get(req.model.as_deref()).await?;
+    let model = req.model.clone().filter(|m| !m.is_empty()).unwrap_or_else(|| served.id.clone());
+    let mut params = sampling.params(&app, &served)?;
     let n = sampling.n()?;
     let messages = template_messages(&req.messages)?;
     let choice = ToolChoice::openai(req.tool_choice.as_ref())?;
     let args = template_args(&app, req.chat_template_kwargs.as_ref());
-    let Prepared { prompt, spec, grammar } = prepare_chat(&app, &messages, req.tools.as_deref(), &choice, req.parallel_tool_calls.unwrap_or(false), args.as_ref())?;
-    constrain(&app, &mut params, grammar, response_format(req.response_format.as_ref(), "response_format")?, "response_format")?;
-    let receivers = submit(&app, &prompt, &params, n)?;
+    let Prepared { prompt, spec, grammar } = prepare_chat(&served, &messages, req.tools.as_deref(), &choice, req.parallel_tool_calls.unwrap_or(false), args.as_ref())?;
+    constrain(&served, &mut params, grammar, response_format(req.response_format.as_ref(), "response_format")?, "response_format")?;
+    let receivers = submit(&served, &prompt, &params, n)?;
     let meta = Meta { id: format!("chatcmpl-{}", random_id(24)), model, created: crate::now(), logprobs: sampling.wants_logprobs() };
     if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        return Ok(sse(chat_stream(app.clone(), meta, receivers, spec, include_usage)));
+        return Ok(sse(chat_stream(served.clone(), meta, receivers, spec, include_usage)));
     }
     let bare = spec.tools == Some(ToolFormat::Llama3);
     let choices = collect_all(receivers, || spec.splitter(), bare).await?;
@@ -97,7 +99,7 @@ pub(crate) async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesR
             if !c.tool_calls.is_empty() {
                 message["tool_calls"] = c.tool_calls.iter().map(|t| t.openai()).collect();
             }
-            json!({"index": i, "message": message, "logprobs": meta.logprobs.then(|| chat_logprobs(&app, &c.logprobs)), "finish_reason": c.finish_reason()})
+            json!({"index": i, "message": message, "logprobs": meta.logprobs.then(|| chat_logprobs(&served, &c.logprobs)), "finish_reason": c.finish_reason()})
         }).collect::<Vec<_>>(),
         "usage": usage(&choices),
     });
@@ -124,14 +126,14 @@ pub(crate) fn usage_json(prompt: usize, cached: usize, completion: usize) -> Val
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion, "prompt_tokens_details": {"cached_tokens": cached}})
 }
 
-fn token_text(app: &App, id: u32) -> String {
-    app.tokenizer.decode(&[id], false).unwrap_or_default()
+fn token_text(served: &Served, id: u32) -> String {
+    served.tokenizer.decode(&[id], false).unwrap_or_default()
 }
 
 /// Chat's `logprobs.content`.
-fn chat_logprobs(app: &App, tokens: &[TokenLogprob]) -> Value {
+fn chat_logprobs(served: &Served, tokens: &[TokenLogprob]) -> Value {
     let entry = |id: u32, lp: f32| {
-        let text = token_text(app, id);
+        let text = token_text(served, id);
         json!({"token": text, "logprob": lp, "bytes": text.as_bytes()})
     };
     json!({"content": tokens.iter().map(|t| {
@@ -155,7 +157,7 @@ struct ChoiceState {
 }
 
 /// Chat completion chunks for every choice as its tokens come.
-fn chat_stream(app: Arc<App>, meta: Meta, receivers: Vec<tokio::sync::mpsc::UnboundedReceiver<Event>>, spec: OutputSpec, include_usage: bool) -> impl Stream<Item = Value> + Send {
+fn chat_stream(served: Arc<Served>, meta: Meta, receivers: Vec<tokio::sync::mpsc::UnboundedReceiver<Event>>, spec: OutputSpec, include_usage: bool) -> impl Stream<Item = Value> + Send {
     let n = receivers.len();
     let states: Vec<ChoiceState> = (0..n).map(|_| ChoiceState { splitter: spec.splitter(), started: false, calls: 0 }).collect();
     let chunk = move |meta: &Meta, i: usize, delta: Value, logprobs: Option<Value>, finish: Option<&str>| {
@@ -190,7 +192,7 @@ fn chat_stream(app: Arc<App>, meta: Meta, receivers: Vec<tokio::sync::mpsc::Unbo
                 if r.finish_reason.is_some() {
                     pieces.extend(st.splitter.finish());
                 }
-                let logprobs = meta.logprobs.then(|| chat_logprobs(&app, &[TokenLogprob::of(&r)]));
+                let logprobs = meta.logprobs.then(|| chat_logprobs(&served, &[TokenLogprob::of(&r)]));
                 let mut sent_logprobs = logprobs.is_none();
                 for p in pieces {
                     let delta = match p {
@@ -265,22 +267,23 @@ pub(crate) async fn completions(State(app): State<Arc<App>>, body: Result<Bytes,
     let body = parse_body(body)?;
     let req: CompletionRequest = fields(&body)?;
     let sampling: Sampling = fields(&body)?;
-    let model = app.check_model(req.model.as_deref())?;
+    let served = app.models.get(req.model.as_deref()).await?;
+    let model = req.model.clone().filter(|m| !m.is_empty()).unwrap_or_else(|| served.id.clone());
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid("suffix", "`suffix` (fill in the middle) is not supported"));
     }
-    let params = sampling.params(&app)?;
+    let params = sampling.params(&app, &served)?;
     let n = sampling.n()?;
     let prompts: Vec<Vec<u32>> = match &req.prompt {
-        PromptInput::Text(t) => vec![encode(&app, t, true)?],
-        PromptInput::Texts(ts) => ts.iter().map(|t| encode(&app, t, true)).collect::<Result<_, _>>()?,
+        PromptInput::Text(t) => vec![encode(&served, t, true)?],
+        PromptInput::Texts(ts) => ts.iter().map(|t| encode(&served, t, true)).collect::<Result<_, _>>()?,
         PromptInput::Tokens(ids) => vec![ids.clone()],
         PromptInput::TokenLists(l) => l.clone(),
     };
     if prompts.is_empty() || prompts.len() * n > crate::request::MAX_N {
         return Err(ApiError::invalid("prompt", format!("give 1 to {} prompts (times `n`)", crate::request::MAX_N)));
     }
-    let vocab = app.model.vocab_size();
+    let vocab = served.model.vocab_size();
     for (i, p) in prompts.iter().enumerate() {
         if p.is_empty() {
             return Err(ApiError::invalid("prompt", "the prompt is empty: give at least one token"));
@@ -288,22 +291,22 @@ pub(crate) async fn completions(State(app): State<Arc<App>>, body: Result<Bytes,
         if let Some(&bad) = p.iter().find(|&&t| t as usize >= vocab) {
             return Err(ApiError::invalid("prompt", format!("prompt {i}: token id {bad} is outside the vocabulary of {vocab}")));
         }
-        if p.len() >= app.tokenizer.context() {
+        if p.len() >= served.tokenizer.context() {
             return Err(
-                ApiError::invalid("prompt", format!("prompt {i} has {} tokens but the model's context is {} tokens: shorten it", p.len(), app.tokenizer.context())).code("context_length_exceeded")
+                ApiError::invalid("prompt", format!("prompt {i} has {} tokens but the model's context is {} tokens: shorten it", p.len(), served.tokenizer.context())).code("context_length_exceeded")
             );
         }
     }
     let mut receivers = Vec::new();
     for p in &prompts {
-        receivers.extend(submit(&app, p, &params, n)?);
+        receivers.extend(submit(&served, p, &params, n)?);
     }
-    let echoes: Vec<String> = prompts.iter().map(|p| if req.echo { app.tokenizer.decode(p, false).unwrap_or_default() } else { String::new() }).flat_map(|e| std::iter::repeat_n(e, n)).collect();
+    let echoes: Vec<String> = prompts.iter().map(|p| if req.echo { served.tokenizer.decode(p, false).unwrap_or_default() } else { String::new() }).flat_map(|e| std::iter::repeat_n(e, n)).collect();
     let meta = Meta { id: format!("cmpl-{}", random_id(24)), model, created: crate::now(), logprobs: sampling.wants_logprobs() };
     let plain = || Splitter::new(None, false, false);
     if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        return Ok(sse(completion_stream(app.clone(), meta, receivers, echoes, include_usage, prompts.iter().map(Vec::len).sum())));
+        return Ok(sse(completion_stream(served.clone(), meta, receivers, echoes, include_usage, prompts.iter().map(Vec::len).sum())));
     }
     let choices = collect_all(receivers, plain, false).await?;
     let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
@@ -318,7 +321,7 @@ pub(crate) async fn completions(State(app): State<Arc<App>>, body: Result<Bytes,
         "choices": choices.iter().enumerate().map(|(i, c)| json!({
             "index": i,
             "text": format!("{}{}", echoes[i], c.content),
-            "logprobs": meta.logprobs.then(|| completion_logprobs(&app, &c.logprobs)),
+            "logprobs": meta.logprobs.then(|| completion_logprobs(&served, &c.logprobs)),
             "finish_reason": c.finish_reason(),
         })).collect::<Vec<_>>(),
         "usage": usage_json(prompt_tokens, cached, completion),
@@ -327,8 +330,8 @@ pub(crate) async fn completions(State(app): State<Arc<App>>, body: Result<Bytes,
 }
 
 /// The legacy completions `logprobs` object.
-fn completion_logprobs(app: &App, tokens: &[TokenLogprob]) -> Value {
-    let texts: Vec<String> = tokens.iter().map(|t| token_text(app, t.token)).collect();
+fn completion_logprobs(served: &Served, tokens: &[TokenLogprob]) -> Value {
+    let texts: Vec<String> = tokens.iter().map(|t| token_text(served, t.token)).collect();
     let mut offset = 0;
     let offsets: Vec<usize> = texts
         .iter()
@@ -341,13 +344,13 @@ fn completion_logprobs(app: &App, tokens: &[TokenLogprob]) -> Value {
     json!({
         "tokens": texts,
         "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
-        "top_logprobs": tokens.iter().map(|t| t.top.iter().map(|&(id, lp)| (token_text(app, id), json!(lp))).collect::<Map<String, Value>>()).collect::<Vec<_>>(),
+        "top_logprobs": tokens.iter().map(|t| t.top.iter().map(|&(id, lp)| (token_text(served, id), json!(lp))).collect::<Map<String, Value>>()).collect::<Vec<_>>(),
         "text_offset": offsets,
     })
 }
 
 fn completion_stream(
-    app: Arc<App>,
+    served: Arc<Served>,
     meta: Meta,
     receivers: Vec<tokio::sync::mpsc::UnboundedReceiver<Event>>,
     echoes: Vec<String>,
@@ -380,7 +383,7 @@ fn completion_stream(
                     text.insert_str(0, &echoes[i]);
                 }
                 let finish = r.finish_reason.map(|f| finish_reason(Some(f), false));
-                let logprobs = meta.logprobs.then(|| completion_logprobs(&app, &[TokenLogprob::of(&r)]));
+                let logprobs = meta.logprobs.then(|| completion_logprobs(&served, &[TokenLogprob::of(&r)]));
                 queue.push_back(json!({"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model, "system_fingerprint": fingerprint(),
                     "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}]}));
                 if finish.is_some() {

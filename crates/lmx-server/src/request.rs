@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use crate::models::Served;
 use crate::{ApiError, App};
 
 /// Reads a request body as a JSON object: 413 when it is over the limit, 400 when it is not
@@ -91,13 +92,13 @@ pub(crate) const MAX_N: usize = 16;
 
 impl Sampling {
     /// The checked generation settings, the server's defaults filling what is unset.
-    pub(crate) fn params(&self, app: &App) -> Result<GenerateParams, ApiError> {
+    pub(crate) fn params(&self, app: &App, served: &Served) -> Result<GenerateParams, ApiError> {
         let d = &app.opts.defaults;
         let max_tokens = self.max_completion_tokens.or(self.max_tokens).unwrap_or(d.max_tokens);
         if max_tokens == 0 {
             return Err(ApiError::invalid("max_tokens", "`max_tokens` must be at least 1"));
         }
-        let vocab = app.model.vocab_size();
+        let vocab = served.model.vocab_size();
         let mut logit_bias = Vec::new();
         for (k, &v) in self.logit_bias.iter().flatten() {
             let id: u32 = k.parse().map_err(|_| ApiError::invalid("logit_bias", format!("`logit_bias` keys are token ids; `{k}` is not one")))?;
@@ -139,7 +140,7 @@ impl Sampling {
         })?;
         let stop = self.stop.clone().map(Stop::into_vec).unwrap_or_default();
         let params = GenerateParams { max_tokens, sampler, top_logprobs, stop, ..GenerateParams::default() };
-        Ok(lmx::with_model_eos(&app.tokenizer, params))
+        Ok(lmx::with_model_eos(&served.tokenizer, params))
     }
 
     /// How many choices (`n`), checked.
@@ -285,18 +286,18 @@ pub(crate) fn template_args(app: &App, request: Option<&Map<String, Value>>) -> 
 }
 
 /// Renders a chat with the model's template and encodes it, checking it fits the context.
-pub(crate) fn chat_prompt(app: &App, messages: &[Value], tools: Option<&Value>, args: Option<&Value>) -> Result<Vec<u32>, ApiError> {
-    if !app.tokenizer.has_chat_template() {
+pub(crate) fn chat_prompt(served: &Served, messages: &[Value], tools: Option<&Value>, args: Option<&Value>) -> Result<Vec<u32>, ApiError> {
+    if !served.tokenizer.has_chat_template() {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "this model has no chat template, so it cannot take `messages`: use /v1/completions with a `prompt`"));
     }
-    let text = app.tokenizer.apply_chat_template(messages, tools, args).map_err(|e| ApiError::invalid("messages", format!("the chat template cannot render these messages: {e}")))?;
-    encode(app, &text, false)
+    let text = served.tokenizer.apply_chat_template(messages, tools, args).map_err(|e| ApiError::invalid("messages", format!("the chat template cannot render these messages: {e}")))?;
+    encode(served, &text, false)
 }
 
 /// Encodes `text` (special tokens added for plain prompts) and checks it fits the context.
-pub(crate) fn encode(app: &App, text: &str, plain: bool) -> Result<Vec<u32>, ApiError> {
-    let context = app.tokenizer.context();
-    let encoded = if plain { app.tokenizer.encode_prompt(text) } else { app.tokenizer.encode_rendered(text) };
+pub(crate) fn encode(served: &Served, text: &str, plain: bool) -> Result<Vec<u32>, ApiError> {
+    let context = served.tokenizer.context();
+    let encoded = if plain { served.tokenizer.encode_prompt(text) } else { served.tokenizer.encode_rendered(text) };
     let tokens = encoded.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("{e}")).code("context_length_exceeded"))?;
     if tokens.is_empty() {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "the prompt is empty: give at least one token"));

@@ -154,10 +154,11 @@ fn chat_tools(tools: Option<&[Value]>) -> Result<Option<Vec<Value>>, ApiError> {
 pub(crate) async fn create(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let body = parse_body(body)?;
     let req: ResponsesRequest = fields(&body)?;
-    let model = app.check_model(req.model.as_deref())?;
+    let served = app.models.get(req.model.as_deref()).await?;
+    let model = req.model.clone().filter(|m| !m.is_empty()).unwrap_or_else(|| served.id.clone());
     let sampling =
         Sampling { max_tokens: req.max_output_tokens, temperature: req.temperature, top_p: req.top_p, logprobs: req.top_logprobs.map(|_| true), top_logprobs: req.top_logprobs, ..Default::default() };
-    let mut params = sampling.params(&app)?;
+    let mut params = sampling.params(&app, &served)?;
     let mut conversation = match &req.previous_response_id {
         Some(prev) => {
             let store = app.responses.lock().map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the response store is unusable"))?;
@@ -179,9 +180,9 @@ pub(crate) async fn create(State(app): State<Arc<App>>, body: Result<Bytes, Byte
     let tools = chat_tools(req.tools.as_deref())?;
     let choice = ToolChoice::openai(req.tool_choice.as_ref())?;
     let args = template_args(&app, None);
-    let Prepared { prompt, spec, grammar } = prepare_chat(&app, &messages, tools.as_deref(), &choice, req.parallel_tool_calls.unwrap_or(false), args.as_ref())?;
-    constrain(&app, &mut params, grammar, response_format(req.text.as_ref().and_then(|t| t.get("format")), "text.format")?, "text.format")?;
-    let mut receivers = submit(&app, &prompt, &params, 1)?;
+    let Prepared { prompt, spec, grammar } = prepare_chat(&served, &messages, tools.as_deref(), &choice, req.parallel_tool_calls.unwrap_or(false), args.as_ref())?;
+    constrain(&served, &mut params, grammar, response_format(req.text.as_ref().and_then(|t| t.get("format")), "text.format")?, "text.format")?;
+    let mut receivers = submit(&served, &prompt, &params, 1)?;
     let rx = receivers.pop().ok_or_else(engine_gone)?;
     let shell = Shell {
         id: format!("resp_{}", random_id(24)),

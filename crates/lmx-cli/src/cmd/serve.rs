@@ -57,6 +57,16 @@ pub struct Args {
     /// Largest request body accepted, bytes.
     #[arg(long, default_value_t = 16 << 20)]
     pub max_body_bytes: usize,
+    /// Models a request may load by naming them (folders, .gguf files or Hub ids), loaded
+    /// with this server's --device and --dtype; other names get 404.
+    #[arg(long, num_args = 1.., value_delimiter = ',')]
+    pub allowed_models: Vec<String>,
+    /// Most models kept loaded at once (the least recently used is unloaded).
+    #[arg(long, default_value_t = 1)]
+    pub max_loaded_models: usize,
+    /// Origins browsers may call the server from, comma-separated (* for any).
+    #[arg(long, default_value = "*", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
 }
 
 /// `8GB`, `512MB`, `1.5GiB`, `1000000`.
@@ -89,6 +99,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let defaults = lmx_server::Defaults { temperature: args.temp, top_p: args.top_p, top_k: args.top_k, min_p: args.min_p, max_tokens: args.max_tokens, chat_template_args };
     lmx::SamplerParams { temp: args.temp, top_p: args.top_p, top_k: args.top_k, min_p: args.min_p, ..Default::default() }.validate().context("--temp / --top-p / --min-p")?;
     let (model, tokenizer) = args.model.load()?;
+    let device = lmx::core::parse_device(&args.model.device)?;
+    let dtype = args.model.dtype.as_deref().map(lmx::core::parse_dtype).transpose()?;
+    let loader: lmx_server::Loader =
+        std::sync::Arc::new(move |name: &str| super::load_model(name, &lmx::LoadOptions { dtype, device: device.clone(), ..Default::default() }).map_err(|e| format!("{e:#}")));
     let stem = std::path::Path::new(&args.model.model).file_stem().map(|s| s.to_string_lossy().to_string());
     let opts = lmx_server::ServeOptions {
         model_id: args.model.model.clone(),
@@ -97,11 +111,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
         defaults,
         engine: lmx_server::EngineOptions { decode_concurrency: args.decode_concurrency, max_queue: args.max_queue, prompt_cache_size: args.prompt_cache_size, prompt_cache_bytes, kv },
+        allowed_models: args.allowed_models.clone(),
+        max_loaded_models: args.max_loaded_models,
+        allowed_origins: args.allowed_origins.clone(),
     };
     if args.host != "127.0.0.1" && args.host != "localhost" && args.host != "::1" && opts.api_key.is_none() {
         eprintln!("[WARNING] listening on {} without --api-key: anyone who can reach this address can use the model", args.host);
     }
-    let router = lmx_server::router(model, tokenizer, opts);
+    let router = lmx_server::router(model, tokenizer, opts, Some(loader));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("lmx-http").enable_all().build().context("starting the HTTP runtime")?;
     let model_name = args.model.model.clone();
     runtime.block_on(lmx_server::serve(router, &args.host, args.port, |addr| {

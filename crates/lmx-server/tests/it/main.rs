@@ -4,6 +4,7 @@
 //! lmx-cli's tests (they run the `lmx serve` binary).
 
 mod errors;
+mod models;
 mod openai;
 mod structured;
 
@@ -34,7 +35,7 @@ pub fn router() -> Router {
     ROUTER
         .get_or_init(|| {
             let (model, tokenizer) = lmx::load(&default_model()).expect("the default model loads");
-            lmx_server::router(model, tokenizer, options())
+            lmx_server::router(model, tokenizer, options(), None)
         })
         .clone()
 }
