@@ -69,3 +69,54 @@ fn the_anthropic_client_works_against_lmx_serve() {
     let server = Server::start(&["--api-key", "test-key"]);
     run_client("anthropic_client.py", &[&server.url, "test-key"]);
 }
+
+/// Sends a raw HTTP request and returns the stream (still open).
+fn raw_request(url: &str, path: &str, body: &str) -> std::net::TcpStream {
+    use std::io::Write;
+    let addr = url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(s, "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).expect("send");
+    s
+}
+
+fn get(url: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("send");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
+}
+
+fn sequences(url: &str) -> u64 {
+    let text = get(url, "/health");
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    serde_json::from_str::<serde_json::Value>(body).ok().and_then(|v| v["sequences"].as_u64()).unwrap_or(u64::MAX)
+}
+
+#[test]
+fn a_full_queue_answers_429_and_a_client_that_leaves_frees_its_slot() {
+    let server = Server::start(&["--decode-concurrency", "1", "--max-queue", "0"]);
+    // EOS banned: this answer would run for its 4000 tokens (tens of seconds).
+    let long = r#"{"messages": [{"role": "user", "content": "Write a story."}], "max_tokens": 4000, "logit_bias": {"2": -100}}"#;
+    let held = raw_request(&server.url, "/v1/chat/completions", long);
+    let start = std::time::Instant::now();
+    while sequences(&server.url) != 1 {
+        assert!(start.elapsed().as_secs() < 20, "the request never started");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mut busy = raw_request(&server.url, "/v1/chat/completions", r#"{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}"#);
+    busy.set_read_timeout(Some(std::time::Duration::from_secs(30))).expect("a timeout");
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut busy, &mut answer).ok();
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    assert!(answer.contains("server_busy"), "{answer}");
+    // The client goes away: its sequence leaves the batch at once.
+    drop(held);
+    let gone = std::time::Instant::now();
+    while sequences(&server.url) != 0 {
+        assert!(gone.elapsed().as_secs() < 5, "the sequence of a closed connection is still decoding");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
