@@ -4,7 +4,6 @@
 //! streaming event sequence (message_start, content_block_start/delta/stop, message_delta,
 //! message_stop). Errors use Anthropic's shape.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -13,13 +12,13 @@ use axum::extract::State;
 use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::stream::{self, Stream};
+use futures_util::stream::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::chat::{constrain, prepare_chat, OutputSpec, Prepared, ToolChoice};
 use crate::engine::Event;
-use crate::generation::{collect, engine_gone, failure, sse_response, submit, Choice};
+use crate::generation::{collect, engine_gone, event_stream, failure, sse_response, submit, Choice};
 use crate::openai::random_id;
 use crate::output::{Piece, ToolCall};
 use crate::request::{fields, parse_body, template_args, Sampling, Stop};
@@ -271,25 +270,13 @@ enum Block {
 }
 
 /// Anthropic's streaming events for one message.
-fn message_stream(id: String, model: String, mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>, spec: OutputSpec) -> impl Stream<Item = SseEvent> + Send {
+fn message_stream(id: String, model: String, rx: tokio::sync::mpsc::UnboundedReceiver<Event>, spec: OutputSpec) -> impl Stream<Item = SseEvent> + Send {
     let mut splitter = spec.splitter();
-    let mut queue: VecDeque<Value> = VecDeque::new();
     let mut open: Option<Block> = None;
     let mut index = 0usize;
     let mut started = false;
-    let mut finished = false;
     let mut called = false;
-    stream::poll_fn(move |cx| loop {
-        if let Some(v) = queue.pop_front() {
-            return std::task::Poll::Ready(Some(event(v)));
-        }
-        if finished {
-            return std::task::Poll::Ready(None);
-        }
-        let e = match rx.poll_recv(cx) {
-            std::task::Poll::Ready(e) => e,
-            std::task::Poll::Pending => return std::task::Poll::Pending,
-        };
+    event_stream(vec![rx], Vec::new(), move |_, e, queue| {
         match e {
             Some(Event::Token(r)) => {
                 if !started {
@@ -345,17 +332,11 @@ fn message_stream(id: String, model: String, mut rx: tokio::sync::mpsc::Unbounde
                     };
                     queue.push_back(json!({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": r.stop_matched}, "usage": {"output_tokens": r.generation_tokens}}));
                     queue.push_back(json!({"type": "message_stop"}));
-                    finished = true;
                 }
             }
-            Some(Event::Failed { message, bad_request }) => {
-                finished = true;
-                queue.push_back(failure(message, bad_request).dialect(Dialect::Anthropic).body());
-            }
-            None => {
-                finished = true;
-                queue.push_back(engine_gone().dialect(Dialect::Anthropic).body());
-            }
+            Some(Event::Failed { message, bad_request }) => queue.push_back(failure(message, bad_request).dialect(Dialect::Anthropic).body()),
+            None => queue.push_back(engine_gone().dialect(Dialect::Anthropic).body()),
         }
     })
+    .map(event)
 }

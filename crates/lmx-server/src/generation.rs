@@ -2,8 +2,10 @@
 //! engine is full), collecting each into a [`Choice`], or merging their events into one
 //! stream for server-sent events.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::task::Poll;
 
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -168,4 +170,36 @@ pub(crate) fn merged(receivers: Vec<UnboundedReceiver<Event>>) -> Pin<Box<dyn St
 /// (MLX LM's `: keepalive`).
 pub(crate) fn sse_response(events: impl Stream<Item = SseEvent> + Send + 'static) -> Response {
     Sse::new(events.map(Ok::<_, Infallible>)).keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(5)).text("keepalive")).into_response()
+}
+
+/// A request's output stream: `handle` turns each event of its sequences (tagged with the
+/// choice index; None when the engine stopped) into items on `queue`, sent in order after
+/// `first`; the stream ends after every sequence's last event, or after a failure.
+pub(crate) fn event_stream<T: Send + 'static>(
+    receivers: Vec<UnboundedReceiver<Event>>,
+    first: Vec<T>,
+    mut handle: impl FnMut(usize, Option<Event>, &mut VecDeque<T>) + Send + 'static,
+) -> impl Stream<Item = T> + Send {
+    let mut open = receivers.len();
+    let mut events = merged(receivers);
+    let mut queue: VecDeque<T> = first.into();
+    stream::poll_fn(move |cx| loop {
+        if let Some(item) = queue.pop_front() {
+            return Poll::Ready(Some(item));
+        }
+        if open == 0 {
+            return Poll::Ready(None);
+        }
+        let (i, event) = match events.poll_next_unpin(cx) {
+            Poll::Ready(Some(e)) => e,
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        };
+        match &event {
+            Some(Event::Token(r)) if r.finish_reason.is_none() => {}
+            Some(Event::Token(_)) => open -= 1,
+            _ => open = 0,
+        }
+        handle(i, event, &mut queue);
+    })
 }

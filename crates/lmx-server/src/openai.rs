@@ -1,7 +1,6 @@
 //! OpenAI's chat completions and (legacy) completions: requests, answers and SSE chunks as
 //! the `openai` clients read them.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -17,7 +16,7 @@ use serde_json::{json, Map, Value};
 
 use crate::chat::{constrain, prepare_chat, response_format, OutputSpec, Prepared, ToolChoice};
 use crate::engine::Event;
-use crate::generation::{collect_all, engine_gone, failure, finish_reason, merged, submit, Choice, TokenLogprob};
+use crate::generation::{collect_all, engine_gone, event_stream, failure, finish_reason, submit, Choice, TokenLogprob};
 use crate::models::Served;
 use crate::output::{Piece, Splitter, ToolFormat};
 use crate::request::{encode, fields, parse_body, template_args, template_messages, ChatMessage, Sampling};
@@ -166,21 +165,8 @@ fn chat_stream(served: Arc<Served>, meta: Meta, receivers: Vec<tokio::sync::mpsc
     };
     let mut usage = (0usize, 0usize, 0usize);
     let mut open = n;
-    let mut queue: VecDeque<Value> = VecDeque::new();
     let mut states = states;
-    let mut events = merged(receivers);
-    stream::poll_fn(move |cx| loop {
-        if let Some(v) = queue.pop_front() {
-            return std::task::Poll::Ready(Some(v));
-        }
-        if open == 0 {
-            return std::task::Poll::Ready(None);
-        }
-        let (i, event) = match events.poll_next_unpin(cx) {
-            std::task::Poll::Ready(Some(e)) => e,
-            std::task::Poll::Ready(None) => return std::task::Poll::Ready(None),
-            std::task::Poll::Pending => return std::task::Poll::Pending,
-        };
+    event_stream(receivers, Vec::new(), move |i, event, queue| {
         let st = &mut states[i];
         match event {
             Some(Event::Token(r)) => {
@@ -361,50 +347,35 @@ fn completion_stream(
     let mut open = n;
     let mut started = vec![false; n];
     let mut usage = (0usize, 0usize);
-    let mut events = merged(receivers);
-    let mut queue: VecDeque<Value> = VecDeque::new();
-    stream::poll_fn(move |cx| loop {
-        if let Some(v) = queue.pop_front() {
-            return std::task::Poll::Ready(Some(v));
-        }
-        if open == 0 {
-            return std::task::Poll::Ready(None);
-        }
-        let (i, event) = match events.poll_next_unpin(cx) {
-            std::task::Poll::Ready(Some(e)) => e,
-            std::task::Poll::Ready(None) => return std::task::Poll::Ready(None),
-            std::task::Poll::Pending => return std::task::Poll::Pending,
-        };
-        match event {
-            Some(Event::Token(r)) => {
-                let mut text = r.text.clone();
-                if !started[i] {
-                    started[i] = true;
-                    text.insert_str(0, &echoes[i]);
-                }
-                let finish = r.finish_reason.map(|f| finish_reason(Some(f), false));
-                let logprobs = meta.logprobs.then(|| completion_logprobs(&served, &[TokenLogprob::of(&r)]));
-                queue.push_back(json!({"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model, "system_fingerprint": fingerprint(),
+    event_stream(receivers, Vec::new(), move |i, event, queue| match event {
+        Some(Event::Token(r)) => {
+            let mut text = r.text.clone();
+            if !started[i] {
+                started[i] = true;
+                text.insert_str(0, &echoes[i]);
+            }
+            let finish = r.finish_reason.map(|f| finish_reason(Some(f), false));
+            let logprobs = meta.logprobs.then(|| completion_logprobs(&served, &[TokenLogprob::of(&r)]));
+            queue.push_back(json!({"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model, "system_fingerprint": fingerprint(),
                     "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}]}));
-                if finish.is_some() {
-                    open -= 1;
-                    usage.0 += r.cached_tokens;
-                    usage.1 += r.generation_tokens;
-                    if open == 0 && include_usage {
-                        queue.push_back(
-                            json!({"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model, "choices": [], "usage": usage_json(prompt_tokens, usage.0, usage.1)}),
-                        );
-                    }
+            if finish.is_some() {
+                open -= 1;
+                usage.0 += r.cached_tokens;
+                usage.1 += r.generation_tokens;
+                if open == 0 && include_usage {
+                    queue.push_back(
+                        json!({"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model, "choices": [], "usage": usage_json(prompt_tokens, usage.0, usage.1)}),
+                    );
                 }
             }
-            Some(Event::Failed { message, bad_request }) => {
-                open = 0;
-                queue.push_back(failure(message, bad_request).body());
-            }
-            None => {
-                open = 0;
-                queue.push_back(engine_gone().body());
-            }
+        }
+        Some(Event::Failed { message, bad_request }) => {
+            open = 0;
+            queue.push_back(failure(message, bad_request).body());
+        }
+        None => {
+            open = 0;
+            queue.push_back(engine_gone().body());
         }
     })
 }

@@ -14,13 +14,13 @@ use axum::http::StatusCode;
 use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::stream::{self, Stream};
+use futures_util::stream::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::chat::{constrain, prepare_chat, response_format, OutputSpec, Prepared, ToolChoice};
 use crate::engine::Event;
-use crate::generation::{collect, engine_gone, failure, sse_response, submit, Choice};
+use crate::generation::{collect, engine_gone, event_stream, failure, sse_response, submit, Choice};
 use crate::openai::random_id;
 use crate::output::{Piece, ToolCall};
 use crate::request::{fields, parse_body, template_args, Content, Sampling};
@@ -300,15 +300,11 @@ enum Open {
 }
 
 /// The Responses streaming events of one response.
-fn response_stream(app: Arc<App>, shell: Shell, mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>, spec: OutputSpec) -> impl Stream<Item = SseEvent> + Send {
+fn response_stream(app: Arc<App>, shell: Shell, rx: tokio::sync::mpsc::UnboundedReceiver<Event>, spec: OutputSpec) -> impl Stream<Item = SseEvent> + Send {
     let mut splitter = spec.splitter();
-    let mut queue: VecDeque<Value> = VecDeque::new();
-    let mut sequence = 0u64;
     let mut open: Option<Open> = None;
     let mut items: Vec<Value> = Vec::new();
     let mut choice = Choice::default();
-    let mut started = false;
-    let mut finished = false;
     // Closes the open item: its done events, and it joins the output.
     fn close(open: &mut Option<Open>, items: &mut Vec<Value>, queue: &mut VecDeque<Value>) {
         let index = items.len();
@@ -329,27 +325,9 @@ fn response_stream(app: Arc<App>, shell: Shell, mut rx: tokio::sync::mpsc::Unbou
             None => {}
         }
     }
-    stream::poll_fn(move |cx| loop {
-        if let Some(mut v) = queue.pop_front() {
-            v["sequence_number"] = json!(sequence);
-            sequence += 1;
-            let name = v["type"].as_str().unwrap_or("message").to_string();
-            return std::task::Poll::Ready(Some(SseEvent::default().event(name).data(v.to_string())));
-        }
-        if finished {
-            return std::task::Poll::Ready(None);
-        }
-        if !started {
-            started = true;
-            let r = shell.object("in_progress", Vec::new(), Value::Null, None);
-            queue.push_back(json!({"type": "response.created", "response": r}));
-            queue.push_back(json!({"type": "response.in_progress", "response": r}));
-            continue;
-        }
-        let e = match rx.poll_recv(cx) {
-            std::task::Poll::Ready(e) => e,
-            std::task::Poll::Pending => return std::task::Poll::Pending,
-        };
+    let r = shell.object("in_progress", Vec::new(), Value::Null, None);
+    let first = vec![json!({"type": "response.created", "response": r}), json!({"type": "response.in_progress", "response": r})];
+    event_stream(vec![rx], first, move |_, e, queue| {
         match e {
             Some(Event::Token(r)) => {
                 choice.prompt_tokens = r.prompt_tokens;
@@ -363,7 +341,7 @@ fn response_stream(app: Arc<App>, shell: Shell, mut rx: tokio::sync::mpsc::Unbou
                     match p {
                         Piece::Content(t) => {
                             if !matches!(open, Some(Open::Message { .. })) {
-                                close(&mut open, &mut items, &mut queue);
+                                close(&mut open, &mut items, queue);
                                 let id = format!("msg_{}", random_id(24));
                                 let index = items.len();
                                 queue.push_back(json!({"type": "response.output_item.added", "output_index": index, "item": {"type": "message", "id": id, "status": "in_progress", "role": "assistant", "content": []}}));
@@ -378,7 +356,7 @@ fn response_stream(app: Arc<App>, shell: Shell, mut rx: tokio::sync::mpsc::Unbou
                         }
                         Piece::Reasoning(t) => {
                             if !matches!(open, Some(Open::Reasoning { .. })) {
-                                close(&mut open, &mut items, &mut queue);
+                                close(&mut open, &mut items, queue);
                                 let id = format!("rs_{}", random_id(24));
                                 queue.push_back(json!({"type": "response.output_item.added", "output_index": items.len(), "item": {"type": "reasoning", "id": id, "summary": [], "content": []}}));
                                 open = Some(Open::Reasoning { id, text: String::new() });
@@ -390,7 +368,7 @@ fn response_stream(app: Arc<App>, shell: Shell, mut rx: tokio::sync::mpsc::Unbou
                             }
                         }
                         Piece::ToolCall(c) => {
-                            close(&mut open, &mut items, &mut queue);
+                            close(&mut open, &mut items, queue);
                             let index = items.len();
                             let mut added = call_item(&c, "in_progress");
                             added["arguments"] = json!("");
@@ -406,23 +384,22 @@ fn response_stream(app: Arc<App>, shell: Shell, mut rx: tokio::sync::mpsc::Unbou
                     }
                 }
                 if let Some(finish) = r.finish_reason {
-                    close(&mut open, &mut items, &mut queue);
+                    close(&mut open, &mut items, queue);
                     choice.finish = Some(finish);
                     let response = shell.finish(&app, std::mem::take(&mut items), &choice);
                     let kind = if response["status"] == "incomplete" { "response.incomplete" } else { "response.completed" };
                     queue.push_back(json!({"type": kind, "response": response}));
-                    finished = true;
                 }
             }
-            Some(Event::Failed { message, bad_request }) => {
-                finished = true;
-                queue.push_back(json!({"type": "error", "code": null, "message": failure(message, bad_request).message, "param": null}));
-            }
-            None => {
-                finished = true;
-                queue.push_back(json!({"type": "error", "code": null, "message": engine_gone().message, "param": null}));
-            }
+            Some(Event::Failed { message, bad_request }) => queue.push_back(json!({"type": "error", "code": null, "message": failure(message, bad_request).message, "param": null})),
+            None => queue.push_back(json!({"type": "error", "code": null, "message": engine_gone().message, "param": null})),
         }
+    })
+    .enumerate()
+    .map(|(sequence, mut v)| {
+        v["sequence_number"] = json!(sequence);
+        let name = v["type"].as_str().unwrap_or("message").to_string();
+        SseEvent::default().event(name).data(v.to_string())
     })
 }
 

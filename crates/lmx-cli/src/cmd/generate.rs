@@ -6,7 +6,7 @@ use std::io::Write;
 use anyhow::Context;
 use lmx::{GenerateParams, Message, PromptCache};
 
-use super::{gb, load_prompt_cache, query_split, read_prompt, sampler, template_config, unescape, KvArgs, ModelArgs};
+use super::{gb, load_prompt_cache, query_split, read_prompt, sampler, template_config, unescape, KvArgs, ModelArgs, SamplingArgs};
 
 /// Flags of `lmx generate`.
 #[derive(clap::Args, Debug)]
@@ -43,18 +43,8 @@ pub struct Args {
     /// Most tokens to generate.
     #[arg(long, short = 'm', default_value_t = 100)]
     pub max_tokens: usize,
-    /// Sampling temperature (0 = greedy).
-    #[arg(long, default_value_t = 0.0)]
-    pub temp: f32,
-    /// Nucleus sampling threshold.
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f32,
-    /// Keep only the k most likely tokens (0 = off).
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    /// Min-p sampling threshold (0 = off).
-    #[arg(long, default_value_t = 0.0)]
-    pub min_p: f32,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Random seed for reproducible sampling.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -120,7 +110,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         presence_penalty: args.presence_penalty,
         frequency_penalty: args.frequency_penalty,
         logit_bias: logit_bias(args.logit_bias.as_deref(), tokenizer.vocab_size())?,
-        ..sampler(args.temp, args.top_p, args.top_k, args.min_p, args.seed, args.repetition_penalty)
+        ..sampler(args.sampling.temp, args.sampling.top_p, args.sampling.top_k, args.sampling.min_p, args.seed, args.repetition_penalty)
     };
     let params = GenerateParams { max_tokens: args.max_tokens, sampler, ignore_eos: args.ignore_eos, ..Default::default() };
     if let Some(prompts) = prompts_file {

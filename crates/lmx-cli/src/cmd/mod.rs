@@ -145,6 +145,23 @@ pub fn query_split(tokenizer: &lmx::TokenizerWrapper, extra: Option<&serde_json:
     Ok((text[..at].to_string(), text[at + QUERY.len()..].to_string()))
 }
 
+/// The sampling flags of generate and serve (MLX LM's names).
+#[derive(ClapArgs, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temp: f32,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Min-p sampling threshold (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+}
+
 /// Sampling flags shared by generate and chat.
 pub fn sampler(temp: f32, top_p: f32, top_k: usize, min_p: f32, seed: Option<u64>, repetition_penalty: Option<f32>) -> lmx::SamplerParams {
     lmx::SamplerParams { temp, top_p, top_k, min_p, seed, repetition_penalty, ..Default::default() }

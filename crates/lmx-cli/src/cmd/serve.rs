@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 
-use super::{template_config, KvArgs, ModelArgs};
+use super::{template_config, KvArgs, ModelArgs, SamplingArgs};
 
 /// Flags of `lmx serve`.
 #[derive(clap::Args, Debug)]
@@ -23,18 +23,9 @@ pub struct Args {
     /// Also read from LMX_API_KEY.
     #[arg(long, env = "LMX_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
-    /// Default sampling temperature of requests that set none.
-    #[arg(long, default_value_t = 0.0)]
-    pub temp: f32,
-    /// Default nucleus sampling threshold.
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f32,
-    /// Default top-k sampling (0 = off).
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    /// Default min-p sampling (0 = off).
-    #[arg(long, default_value_t = 0.0)]
-    pub min_p: f32,
+    /// Sampling of requests that set none.
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Default most tokens per answer.
     #[arg(long, short = 'm', default_value_t = 512)]
     pub max_tokens: usize,
@@ -96,8 +87,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let chat_template_args = template_config(args.chat_template_args.as_deref()).map_err(|e| anyhow::anyhow!("{e}").context("--chat-template-args"))?;
     anyhow::ensure!(args.decode_concurrency >= 1, "--decode-concurrency must be at least 1");
     anyhow::ensure!(args.max_tokens >= 1, "--max-tokens must be at least 1");
-    let defaults = lmx_server::Defaults { temperature: args.temp, top_p: args.top_p, top_k: args.top_k, min_p: args.min_p, max_tokens: args.max_tokens, chat_template_args };
-    lmx::SamplerParams { temp: args.temp, top_p: args.top_p, top_k: args.top_k, min_p: args.min_p, ..Default::default() }.validate().context("--temp / --top-p / --min-p")?;
+    let s = &args.sampling;
+    let defaults = lmx_server::Defaults { temperature: s.temp, top_p: s.top_p, top_k: s.top_k, min_p: s.min_p, max_tokens: args.max_tokens, chat_template_args };
+    super::sampler(s.temp, s.top_p, s.top_k, s.min_p, None, None).validate().context("--temp / --top-p / --min-p")?;
     let (model, tokenizer) = args.model.load()?;
     let device = lmx::core::parse_device(&args.model.device)?;
     let dtype = args.model.dtype.as_deref().map(lmx::core::parse_dtype).transpose()?;
