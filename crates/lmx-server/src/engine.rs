@@ -2,8 +2,11 @@
 //! the prompt-prefix cache ([`PrefixCache`]); HTTP handlers hand it [`Job`]s and read each
 //! job's tokens from its own channel. A job whose receiver is gone (the client disconnected)
 //! leaves the batch before the next step, so its slot is free at once.
+//!
+//! With a draft model the engine decodes one sequence at a time with speculative decoding
+//! instead (as MLX LM's server does: drafting does not batch); the others wait their turn.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 
@@ -43,6 +46,15 @@ pub struct EngineOptions {
     pub kv: KvOptions,
 }
 
+/// A draft model for speculative decoding: it proposes `num_draft_tokens` tokens at a time.
+#[derive(Clone)]
+pub struct Draft {
+    /// The draft model (the served model's tokenizer).
+    pub model: Arc<Model>,
+    /// Tokens drafted per verification.
+    pub num_draft_tokens: usize,
+}
+
 /// The handle handlers submit jobs through.
 #[derive(Clone)]
 pub struct Engine {
@@ -63,7 +75,7 @@ pub struct Busy {
 
 impl Engine {
     /// Starts the engine thread for `model`.
-    pub fn start(model: Arc<Model>, tokenizer: Arc<TokenizerWrapper>, opts: EngineOptions) -> Self {
+    pub fn start(model: Arc<Model>, tokenizer: Arc<TokenizerWrapper>, opts: EngineOptions, draft: Option<Draft>) -> Self {
         let (jobs, rx) = mpsc::channel();
         let in_flight = Arc::new(AtomicUsize::new(0));
         let limit = opts.decode_concurrency.max(1) + opts.max_queue;
@@ -72,7 +84,10 @@ impl Engine {
         let stats = cached.clone();
         std::thread::Builder::new()
             .name("lmx-engine".into())
-            .spawn(move || run(&model, &tokenizer, &opts, &rx, &counter, &stats))
+            .spawn(move || match &draft {
+                Some(draft) => run_speculative(&model, draft, &tokenizer, &opts, &rx, &counter, &stats),
+                None => run(&model, &tokenizer, &opts, &rx, &counter, &stats),
+            })
             .expect("spawning the engine thread (out of threads or memory at startup)");
         Self { jobs, in_flight, limit, cached }
     }
@@ -169,6 +184,68 @@ fn run(model: &Model, tokenizer: &TokenizerWrapper, opts: &EngineOptions, jobs: 
                     done(1);
                 }
             }
+        }
+    }
+}
+
+/// The engine loop with a draft model: one job at a time, drafted and verified; jobs that
+/// come meanwhile wait in order, and a job whose client left is skipped or stopped.
+fn run_speculative(model: &Model, draft: &Draft, tokenizer: &TokenizerWrapper, opts: &EngineOptions, jobs: &mpsc::Receiver<Job>, in_flight: &AtomicUsize, cached: &(AtomicUsize, AtomicUsize)) {
+    let mut prefixes = PrefixCache::new(opts.prompt_cache_size, opts.prompt_cache_bytes);
+    let mut draft_prefixes = PrefixCache::new(opts.prompt_cache_size, opts.prompt_cache_bytes);
+    let mut waiting: VecDeque<Job> = VecDeque::new();
+    let fresh = |prefixes: &mut PrefixCache, m: &Model, prompt: &[u32]| match prefixes.fetch(prompt) {
+        Ok(Some(cache)) => Ok(cache),
+        Ok(None) => PromptCache::with_options(&**m, opts.kv),
+        Err(e) => Err(e),
+    };
+    loop {
+        let job = match waiting.pop_front() {
+            Some(job) => job,
+            None => match jobs.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            },
+        };
+        if job.events.is_closed() {
+            in_flight.fetch_sub(1, Ordering::SeqCst);
+            continue;
+        }
+        let caches = fresh(&mut prefixes, model, &job.prompt).and_then(|c| Ok((c, fresh(&mut draft_prefixes, &draft.model, &job.prompt)?)));
+        let (mut cache, mut draft_cache) = match caches {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = job.events.send(Event::Failed { message: e.to_string(), bad_request: true });
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+                continue;
+            }
+        };
+        let mut finished = false;
+        let stream = lmx::speculative_generate(model, &draft.model, tokenizer, &job.prompt, &mut cache, &mut draft_cache, job.params, draft.num_draft_tokens);
+        for r in stream {
+            while let Ok(next) = jobs.try_recv() {
+                waiting.push_back(next);
+            }
+            match r {
+                Ok(response) => {
+                    finished = response.finish_reason.is_some();
+                    if job.events.send(Event::Token(Box::new(response))).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    let _ = job.events.send(Event::Failed { message: format!("generation failed: {e}"), bad_request: false });
+                    break;
+                }
+            }
+        }
+        in_flight.fetch_sub(1, Ordering::SeqCst);
+        // Only a finished sequence's caches are whole (a stopped one may hold a rejected draft).
+        if finished {
+            prefixes.insert(cache);
+            draft_prefixes.insert(draft_cache);
+            cached.0.store(prefixes.len(), Ordering::Relaxed);
+            cached.1.store(prefixes.nbytes() + draft_prefixes.nbytes(), Ordering::Relaxed);
         }
     }
 }

@@ -33,7 +33,7 @@ use axum::{Json, Router};
 use lmx::{KvOptions, Model, TokenizerWrapper};
 use serde_json::json;
 
-pub use engine::{Engine, EngineOptions};
+pub use engine::{Draft, Engine, EngineOptions};
 pub use error::{ApiError, Dialect};
 pub use models::Loader;
 
@@ -125,12 +125,13 @@ pub(crate) fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// The router serving `model` (its engine thread starts here); `loader` loads the models
-/// of `--allowed-models` when a request names one. Tests drive the router without a socket;
+/// The router serving `model` (its engine thread starts here; with `draft`, decoding one
+/// sequence at a time speculatively); `loader` loads the models of `--allowed-models` when a
+/// request names one. Tests drive the router without a socket;
 /// [`serve`] binds it.
-pub fn router(model: Model, tokenizer: TokenizerWrapper, opts: ServeOptions, loader: Option<Loader>) -> Router {
-    let first = models::Served::new(opts.model_id.clone(), opts.aliases.clone(), model, tokenizer, &opts.engine);
-    let registry = models::Models::new(first, opts.allowed_models.clone(), opts.max_loaded_models, loader, opts.engine.clone());
+pub fn router(model: Model, tokenizer: TokenizerWrapper, opts: ServeOptions, loader: Option<Loader>, draft: Option<Draft>) -> Router {
+    let first = models::Served::new(opts.model_id.clone(), opts.aliases.clone(), model, tokenizer, &opts.engine, draft.clone());
+    let registry = models::Models::new(first, opts.allowed_models.clone(), opts.max_loaded_models, loader, opts.engine.clone(), draft);
     let max_body = opts.max_body_bytes;
     let origins = opts.allowed_origins.clone();
     let app = Arc::new(App { models: registry, opts, created: now(), responses: responses::new_store() });

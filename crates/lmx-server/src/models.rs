@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use axum::http::StatusCode;
 use lmx::{Model, TokenizerWrapper};
 
-use crate::engine::{Engine, EngineOptions};
+use crate::engine::{Draft, Engine, EngineOptions};
 use crate::grammar::Grammars;
 use crate::ApiError;
 
@@ -30,10 +30,10 @@ pub(crate) struct Served {
 }
 
 impl Served {
-    pub(crate) fn new(id: String, aliases: Vec<String>, model: Model, tokenizer: TokenizerWrapper, opts: &EngineOptions) -> Self {
+    pub(crate) fn new(id: String, aliases: Vec<String>, model: Model, tokenizer: TokenizerWrapper, opts: &EngineOptions, draft: Option<Draft>) -> Self {
         let model = Arc::new(model);
         let tokenizer = Arc::new(tokenizer);
-        let engine = Engine::start(model.clone(), tokenizer.clone(), opts.clone());
+        let engine = Engine::start(model.clone(), tokenizer.clone(), opts.clone(), draft);
         let grammars = Grammars::new(tokenizer.clone(), model.vocab_size(), tokenizer.eos_token_ids());
         if let Err(e) = &grammars {
             eprintln!("[WARNING] {id}: structured output and required tool calls are unavailable: {e}");
@@ -58,10 +58,12 @@ pub(crate) struct Models {
     /// One load at a time (a second request for the same model waits and finds it).
     loading: tokio::sync::Mutex<()>,
     engine: EngineOptions,
+    /// The first model's draft model (a draft shares its model's tokenizer).
+    draft: Option<Draft>,
 }
 
 impl Models {
-    pub(crate) fn new(first: Served, allowed: Vec<String>, max_loaded: usize, loader: Option<Loader>, engine: EngineOptions) -> Self {
+    pub(crate) fn new(first: Served, allowed: Vec<String>, max_loaded: usize, loader: Option<Loader>, engine: EngineOptions, draft: Option<Draft>) -> Self {
         Self {
             default_id: first.id.clone(),
             default_aliases: first.aliases.clone(),
@@ -71,6 +73,7 @@ impl Models {
             loader,
             loading: tokio::sync::Mutex::new(()),
             engine,
+            draft,
         }
     }
 
@@ -112,7 +115,8 @@ impl Models {
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("loading `{name}` stopped: {e}")))?
             .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, format!("model `{name}` cannot be loaded: {e}")).param("model").code("model_not_found"))?;
         let aliases = if name == self.default_id { self.default_aliases.clone() } else { Vec::new() };
-        let served = Arc::new(Served::new(name.to_string(), aliases, model, tokenizer, &self.engine));
+        let draft = if name == self.default_id { self.draft.clone() } else { None };
+        let served = Arc::new(Served::new(name.to_string(), aliases, model, tokenizer, &self.engine, draft));
         let mut loaded = self.loaded.lock().map_err(|_| poisoned())?;
         loaded.push(served.clone());
         while loaded.len() > self.max_loaded {

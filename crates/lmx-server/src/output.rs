@@ -342,6 +342,15 @@ mod tests {
     }
 
     #[test]
+    fn the_format_follows_the_template() {
+        // Fragments of the templates Qwen 2.5, Mistral and Llama 3.1 ship.
+        assert_eq!(ToolFormat::detect("{%- if tools %}<tools>{{ tool | tojson }}</tools> ... <tool_call>\n{\"name\": <function-name>}</tool_call>"), ToolFormat::Hermes);
+        assert_eq!(ToolFormat::detect("{%- if message.tool_calls %}[TOOL_CALLS][{%- for tool in message.tool_calls %}"), ToolFormat::Mistral);
+        assert_eq!(ToolFormat::detect("{%- if builtin_tools is defined %}<|python_tag|>{%- endif %} ipython"), ToolFormat::Llama3);
+        assert_eq!(ToolFormat::detect("{% for message in messages %}{{ message.content }}{% endfor %}"), ToolFormat::Hermes);
+    }
+
+    #[test]
     fn no_tools_means_plain_text() {
         let mut s = Splitter::new(None, false, false);
         let out = run(&mut s, &["<tool_call>{\"name\": \"x\"}</tool_call>"]);

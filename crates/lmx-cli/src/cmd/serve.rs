@@ -55,6 +55,13 @@ pub struct Args {
     /// Most models kept loaded at once (the least recently used is unloaded).
     #[arg(long, default_value_t = 1)]
     pub max_loaded_models: usize,
+    /// A smaller model with the same tokenizer that drafts tokens for speculative decoding
+    /// (requests are then decoded one at a time, as with mlx_lm.server).
+    #[arg(long)]
+    pub draft_model: Option<String>,
+    /// Tokens the draft model proposes per verification.
+    #[arg(long, default_value_t = 3)]
+    pub num_draft_tokens: usize,
     /// Origins browsers may call the server from, comma-separated (* for any).
     #[arg(long, default_value = "*", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
@@ -93,6 +100,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (model, tokenizer) = args.model.load()?;
     let device = lmx::core::parse_device(&args.model.device)?;
     let dtype = args.model.dtype.as_deref().map(lmx::core::parse_dtype).transpose()?;
+    let draft = match &args.draft_model {
+        Some(name) => {
+            anyhow::ensure!(args.num_draft_tokens >= 1, "--num-draft-tokens must be at least 1");
+            anyhow::ensure!(args.kv.max_kv_size.is_none(), "--draft-model cannot be used with --max-kv-size: speculative decoding rewinds the cache, which a rotating cache cannot");
+            let (draft, _) = super::load_model(name, &lmx::LoadOptions { dtype, device: device.clone(), ..Default::default() }).context("--draft-model")?;
+            anyhow::ensure!(
+                draft.vocab_size() == model.vocab_size(),
+                "--draft-model {name} has a vocabulary of {} tokens but --model {} has {}: a draft model must share the model's tokenizer",
+                draft.vocab_size(),
+                args.model.model,
+                model.vocab_size()
+            );
+            Some(lmx_server::Draft { model: std::sync::Arc::new(draft), num_draft_tokens: args.num_draft_tokens })
+        }
+        None => None,
+    };
     let loader: lmx_server::Loader =
         std::sync::Arc::new(move |name: &str| super::load_model(name, &lmx::LoadOptions { dtype, device: device.clone(), ..Default::default() }).map_err(|e| format!("{e:#}")));
     let stem = std::path::Path::new(&args.model.model).file_stem().map(|s| s.to_string_lossy().to_string());
@@ -110,7 +133,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.host != "127.0.0.1" && args.host != "localhost" && args.host != "::1" && opts.api_key.is_none() {
         eprintln!("[WARNING] listening on {} without --api-key: anyone who can reach this address can use the model", args.host);
     }
-    let router = lmx_server::router(model, tokenizer, opts, Some(loader));
+    let router = lmx_server::router(model, tokenizer, opts, Some(loader), draft);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("lmx-http").enable_all().build().context("starting the HTTP runtime")?;
     let model_name = args.model.model.clone();
     runtime.block_on(lmx_server::serve(router, &args.host, args.port, |addr| {

@@ -35,7 +35,7 @@ pub fn router() -> Router {
     ROUTER
         .get_or_init(|| {
             let (model, tokenizer) = lmx::load(&default_model()).expect("the default model loads");
-            lmx_server::router(model, tokenizer, options(), None)
+            lmx_server::router(model, tokenizer, options(), None, None)
         })
         .clone()
 }

@@ -34,7 +34,7 @@ async fn allowed_models_load_on_request_and_others_are_refused() {
         assert!(name == "second" || name == "first", "asked to load {name}");
         lmx::load(&default_model()).map_err(|e| e.to_string())
     });
-    let router = lmx_server::router(model, tokenizer, opts, Some(loader));
+    let router = lmx_server::router(model, tokenizer, opts, Some(loader), None);
 
     let (status, _, first) = call(&router, "POST", "/v1/chat/completions", Some(chat("first")), None).await;
     assert_eq!(status, StatusCode::OK, "{first}");

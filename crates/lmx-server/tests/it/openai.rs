@@ -155,3 +155,60 @@ async fn models_lists_the_served_model() {
     let (status, _) = send("GET", "/v1/models/other", None, Some("sesame")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn a_quantized_kv_cache_keeps_batching() {
+    let kv = lmx::KvOptions { kv_bits: Some(8), quantized_kv_start: 0, ..Default::default() };
+    let (m, tok) = lmx::load(&crate::default_model()).expect("the default model");
+    let mut opts = crate::options();
+    opts.engine.kv = kv;
+    opts.api_key = None;
+    let router = lmx_server::router(m, tok, opts, None, None);
+    let questions = ["What is the capital of France?", "Name a fruit.", "What color is the sky?", "Who wrote Hamlet?"];
+    let requests = questions.iter().map(|q| {
+        let router = router.clone();
+        async move {
+            let req = axum::http::Request::builder()
+                .method("POST")
+                .uri("/v1/chat/completions")
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from(chat(q, json!({"max_tokens": 12})).to_string()))
+                .expect("a request");
+            let response = tower::ServiceExt::oneshot(router, req).await.expect("an answer");
+            let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.expect("a body");
+            serde_json::from_slice::<Value>(&bytes).expect("JSON")
+        }
+    });
+    let answers = futures_util::future::join_all(requests).await;
+    let (model, tokenizer) = model();
+    for (q, a) in questions.iter().zip(&answers) {
+        let prompt = tokenizer.chat_prompt(&[lmx::Message::new("user", *q)], None).expect("a prompt");
+        let mut cache = lmx::PromptCache::with_options(&**model, kv).expect("a quantized cache");
+        let params = lmx::GenerateParams { max_tokens: 12, ..Default::default() };
+        let alone: String = lmx::stream_generate(model, tokenizer, &prompt, &mut cache, params).map(|r| r.expect("a step").text).collect();
+        assert_eq!(a["choices"][0]["message"]["content"].as_str(), Some(alone.as_str()), "{q}");
+    }
+}
+
+#[tokio::test]
+async fn a_draft_model_decodes_speculatively_to_the_same_answer() {
+    let (m, tok) = lmx::load(&crate::default_model()).expect("the default model");
+    let (draft, _) = lmx::load(&crate::default_model()).expect("the draft");
+    let mut opts = crate::options();
+    opts.api_key = None;
+    let router = lmx_server::router(m, tok, opts, None, Some(lmx_server::Draft { model: std::sync::Arc::new(draft), num_draft_tokens: 3 }));
+    let questions = ["What is the capital of France?", "Name a fruit."];
+    let requests = questions.iter().map(|q| {
+        let router = router.clone();
+        async move {
+            let req = axum::http::Request::builder().method("POST").uri("/v1/chat/completions").body(axum::body::Body::from(chat(q, json!({"max_tokens": 16})).to_string())).expect("a request");
+            let response = tower::ServiceExt::oneshot(router, req).await.expect("an answer");
+            let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.expect("a body");
+            serde_json::from_slice::<Value>(&bytes).expect("JSON")
+        }
+    });
+    let answers = futures_util::future::join_all(requests).await;
+    for (q, a) in questions.iter().zip(&answers) {
+        assert_eq!(a["choices"][0]["message"]["content"].as_str(), Some(library_answer(q, 16).as_str()), "{a}");
+    }
+}
