@@ -31,8 +31,9 @@ Try:
   lmx chat --system-prompt \"You are terse.\"                 # multi-turn chat; q quits, h helps
   lmx convert --hf-path MODEL --mlx-path MODEL-4bit -q      # MLX's 4-bit format
   lmx lora --train --data DATA_DIR --adapter-path adapters  # LoRA fine-tuning with mlx_lm.lora's flags
+  lmx serve --port 8080                                     # OpenAI- and Anthropic-compatible API server
 
-Commands: generate, chat, convert, lora, fuse, perplexity, benchmark. `lmx help` lists them,
+Commands: generate, chat, convert, lora, fuse, serve, perplexity, benchmark, cache-prompt. `lmx help` lists them,
 `lmx COMMAND --help` shows a command's flags.";
 
 /// Run, quantize, fine-tune and chat with large language models on your own machine.
@@ -62,8 +63,8 @@ enum Command {
     Lora(Box<cmd::lora::Args>),
     /// Fuse trained adapters into a standalone model folder (mlx_lm.fuse).
     Fuse(cmd::fuse::Args),
-    /// Serve the model over HTTP: OpenAI-compatible chat and completions, streaming,
-    /// continuous batching (mlx_lm.server).
+    /// Serve the model over HTTP: OpenAI chat/completions/Responses and Anthropic Messages,
+    /// streaming, tools, JSON-schema output, continuous batching (mlx_lm.server).
     Serve(Box<cmd::serve::Args>),
 }
 
