@@ -2,6 +2,7 @@
 //! the shared layers in `lmx-nn`), and the registry table that builds the right one from
 //! config.json.
 
+pub mod gemma2;
 pub mod llama;
 pub mod mistral;
 pub mod qwen2;

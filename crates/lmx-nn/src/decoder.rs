@@ -140,6 +140,18 @@ impl DecoderConfig {
     }
 }
 
+/// What differs around the layer stack between families (Gemma's, against Llama's defaults).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DecoderStyle {
+    /// The embeddings are multiplied by this (Gemma: `sqrt(hidden_size)`, rounded to the
+    /// compute dtype as transformers does).
+    pub embed_scale: Option<f64>,
+    /// The final norm multiplies by `1 + weight` (Gemma's checkpoints store `weight`).
+    pub norm_one_plus: bool,
+    /// Logits become `cap * tanh(logits / cap)` (`final_logit_softcapping`).
+    pub logit_softcap: Option<f64>,
+}
+
 /// A whole causal language model: `model.embed_tokens`, `model.layers.<i>`, `model.norm`,
 /// `lm_head` (or the tied embeddings).
 pub struct Decoder<L: Layer> {
@@ -149,6 +161,7 @@ pub struct Decoder<L: Layer> {
     lm_head: Linear,
     rope: Rope,
     cfg: DecoderConfig,
+    style: DecoderStyle,
     training: Option<Arc<Training>>,
 }
 
@@ -156,13 +169,24 @@ impl<L: Layer> Decoder<L> {
     /// Reads the stack under `vb` (the checkpoint root); `layer(vb, i)` builds layer `i` under
     /// `model.layers.<i>`.
     pub fn new(vb: &Builder, cfg: &DecoderConfig, rope: Rope, layer: impl Fn(&Builder, usize) -> std::result::Result<L, BuildError>) -> std::result::Result<Self, BuildError> {
+        Self::with_style(vb, cfg, rope, DecoderStyle::default(), layer)
+    }
+
+    /// [`Decoder::new`] with a family's embedding scale, final norm and logit capping.
+    pub fn with_style(
+        vb: &Builder,
+        cfg: &DecoderConfig,
+        rope: Rope,
+        style: DecoderStyle,
+        layer: impl Fn(&Builder, usize) -> std::result::Result<L, BuildError>,
+    ) -> std::result::Result<Self, BuildError> {
         cfg.validate()?;
         let m = vb.pp("model");
         let embed_tokens = m.pp("embed_tokens").embedding(cfg.vocab_size, cfg.hidden_size)?;
         let layers = (0..cfg.num_hidden_layers).map(|i| layer(&m.pp("layers").pp(i), i).map(Arc::new)).collect::<std::result::Result<Vec<_>, _>>()?;
-        let norm = m.pp("norm").rms_norm(cfg.hidden_size, cfg.rms_norm_eps)?;
+        let norm = if style.norm_one_plus { m.pp("norm").rms_norm_one_plus(cfg.hidden_size, cfg.rms_norm_eps)? } else { m.pp("norm").rms_norm(cfg.hidden_size, cfg.rms_norm_eps)? };
         let lm_head = if cfg.tie_word_embeddings { embed_tokens.as_linear() } else { vb.pp("lm_head").linear(cfg.hidden_size, cfg.vocab_size, Bias::No, Shard::Replicated)? };
-        Ok(Self { embed_tokens, layers, norm, lm_head, rope, cfg: cfg.clone(), training: vb.training().cloned() })
+        Ok(Self { embed_tokens, layers, norm, lm_head, rope, cfg: cfg.clone(), style, training: vb.training().cloned() })
     }
 }
 
@@ -173,6 +197,11 @@ impl<L: Layer> CausalLm for Decoder<L> {
             lmx_core::bail!("a batch of {b} sequences with a cache for {}", cache.rows());
         }
         let mut x = self.embed_tokens.forward(input_ids)?;
+        if let Some(scale) = self.style.embed_scale {
+            // transformers multiplies by the scale as a tensor of the hidden states' dtype.
+            let scale = Tensor::new(scale as f32, x.device())?.to_dtype(x.dtype())?;
+            x = x.broadcast_mul(&scale)?;
+        }
         // Rows at different positions (a batch of sequences of different lengths) each get
         // their own rotary angles.
         let offsets: Vec<usize> = (0..cache.rows().max(1)).map(|r| cache.row_offset(r)).collect();
@@ -190,7 +219,11 @@ impl<L: Layer> CausalLm for Decoder<L> {
         }
         let x = self.norm.forward(&x)?;
         let x = logits.select(&x)?;
-        self.lm_head.forward(&x)?.to_dtype(DType::F32)
+        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        match self.style.logit_softcap {
+            Some(cap) => (logits / cap)?.tanh()? * cap,
+            None => Ok(logits),
+        }
     }
 
     fn new_cache(&self) -> KvCache {

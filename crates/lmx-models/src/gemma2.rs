@@ -1,0 +1,102 @@
+//! Gemma 2 (`model_type: gemma2`). Ports transformers' `models/gemma2/modeling_gemma2.py` (v5)
+//! and mlx-lm's `mlx_lm/models/gemma2.py`. Differs from Llama by: four norms per layer (before
+//! and after attention, before and after the MLP), every norm multiplying by `1 + weight`,
+//! GeGLU (`gelu_pytorch_tanh`), embeddings scaled by `sqrt(hidden_size)`, attention logits
+//! scaled by `query_pre_attn_scalar^-0.5` and capped (`attn_logit_softcapping`), sliding-window
+//! attention on every other layer (`layer_types`, else layers 0, 2, 4, ...), and capped final
+//! logits (`final_logit_softcapping`). Not supported yet: the rotating cache for the sliding
+//! layers (they keep every key and mask by the window).
+
+use lmx_core::{Module, Result, Tensor};
+use lmx_nn::{Activation, Attention, AttentionConfig, AttentionInput, BuildError, Builder, CausalLm, Decoder, DecoderConfig, DecoderStyle, KvCache, Layer, Mlp, RmsNorm, Rope, RopeConfig};
+use serde::Deserialize;
+
+use crate::registry::{Architecture, ModelError};
+
+/// config.json of a Gemma 2 model.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    /// vocab_size, hidden_size, num_hidden_layers, rms_norm_eps, tie_word_embeddings, max_position_embeddings.
+    #[serde(flatten)]
+    pub decoder: DecoderConfig,
+    /// rope_theta, rope_scaling / rope_parameters.
+    #[serde(flatten)]
+    pub rope: RopeConfig,
+    pub intermediate_size: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    #[serde(default)]
+    pub attention_bias: bool,
+    pub query_pre_attn_scalar: Option<f64>,
+    pub attn_logit_softcapping: Option<f64>,
+    pub final_logit_softcapping: Option<f64>,
+    pub sliding_window: Option<usize>,
+    /// `sliding_attention` or `full_attention` per layer.
+    pub layer_types: Option<Vec<String>>,
+}
+
+impl Config {
+    /// Whether layer `i` attends within the sliding window.
+    fn is_sliding(&self, i: usize) -> bool {
+        match &self.layer_types {
+            Some(types) => types.get(i).is_some_and(|t| t == "sliding_attention"),
+            None => i % 2 == 0,
+        }
+    }
+}
+
+impl Architecture for Config {
+    fn build(&self, vb: &Builder) -> std::result::Result<Box<dyn CausalLm>, ModelError> {
+        let (h, eps) = (self.decoder.hidden_size, self.decoder.rms_norm_eps);
+        if let Some(types) = &self.layer_types {
+            if types.len() != self.decoder.num_hidden_layers || types.iter().any(|t| t != "sliding_attention" && t != "full_attention") {
+                return Err(BuildError::ConfigValue { key: "layer_types", value: format!("{types:?}"), allowed: "one of sliding_attention / full_attention per layer" }.into());
+            }
+        }
+        let heads = AttentionConfig::from_heads(h, self.num_attention_heads, self.num_key_value_heads, self.head_dim)?;
+        let scale = self.query_pre_attn_scalar.unwrap_or(heads.head_dim as f64).powf(-0.5);
+        let attention = AttentionConfig { qkv_bias: self.attention_bias, o_bias: self.attention_bias, softcap: self.attn_logit_softcapping, scale: Some(scale), ..heads };
+        let rope = Rope::from_config(&self.rope, 10_000.0, heads.head_dim, vb.dtype(), vb.device())?;
+        let style = DecoderStyle { embed_scale: Some((h as f64).sqrt()), norm_one_plus: true, logit_softcap: self.final_logit_softcapping };
+        let model = Decoder::with_style(vb, &self.decoder, rope, style, |vb, i| {
+            let attention = AttentionConfig { sliding_window: if self.is_sliding(i) { self.sliding_window } else { None }, ..attention };
+            Gemma2Layer::new(vb, &attention, self.intermediate_size, eps)
+        })?;
+        Ok(Box::new(model))
+    }
+}
+
+/// A Gemma 2 layer: `x + post_attention_layernorm(self_attn(input_layernorm(x)))`, then
+/// `x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))`.
+pub struct Gemma2Layer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+    pre_feedforward_layernorm: RmsNorm,
+    post_feedforward_layernorm: RmsNorm,
+}
+
+impl Gemma2Layer {
+    fn new(vb: &Builder, attention: &AttentionConfig, intermediate_size: usize, eps: f64) -> std::result::Result<Self, BuildError> {
+        let h = attention.hidden_size;
+        Ok(Self {
+            self_attn: Attention::new(&vb.pp("self_attn"), attention)?,
+            mlp: Mlp::new(&vb.pp("mlp"), h, intermediate_size, false.into(), Activation::GeluTanh)?,
+            input_layernorm: vb.pp("input_layernorm").rms_norm_one_plus(h, eps)?,
+            post_attention_layernorm: vb.pp("post_attention_layernorm").rms_norm_one_plus(h, eps)?,
+            pre_feedforward_layernorm: vb.pp("pre_feedforward_layernorm").rms_norm_one_plus(h, eps)?,
+            post_feedforward_layernorm: vb.pp("post_feedforward_layernorm").rms_norm_one_plus(h, eps)?,
+        })
+    }
+}
+
+impl Layer for Gemma2Layer {
+    fn forward(&self, x: &Tensor, input: &AttentionInput, cache: &mut KvCache, layer_idx: usize) -> Result<Tensor> {
+        let h = self.self_attn.forward(&self.input_layernorm.forward(x)?, input, cache, layer_idx)?;
+        let x = (x + self.post_attention_layernorm.forward(&h)?)?;
+        let h = self.mlp.forward(&self.pre_feedforward_layernorm.forward(&x)?)?;
+        x + self.post_feedforward_layernorm.forward(&h)?
+    }
+}
