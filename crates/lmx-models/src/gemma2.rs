@@ -1,14 +1,13 @@
 //! Gemma 2 (`model_type: gemma2`). Ports transformers' `models/gemma2/modeling_gemma2.py` (v5)
 //! and mlx-lm's `mlx_lm/models/gemma2.py`. Differs from Llama by: four norms per layer (before
-//! and after attention, before and after the MLP), every norm multiplying by `1 + weight`,
+//! and after attention, before and after the MLP: `lmx_nn::SandwichLayer`), every norm multiplying by `1 + weight`,
 //! GeGLU (`gelu_pytorch_tanh`), embeddings scaled by `sqrt(hidden_size)`, attention logits
 //! scaled by `query_pre_attn_scalar^-0.5` and capped (`attn_logit_softcapping`), sliding-window
 //! attention on every other layer (`layer_types`, else layers 0, 2, 4, ...), and capped final
 //! logits (`final_logit_softcapping`). Not supported yet: the rotating cache for the sliding
 //! layers (they keep every key and mask by the window).
 
-use lmx_core::{Module, Result, Tensor};
-use lmx_nn::{Activation, Attention, AttentionConfig, AttentionInput, BuildError, Builder, CausalLm, Decoder, DecoderConfig, DecoderStyle, KvCache, Layer, Mlp, RmsNorm, Rope, RopeConfig};
+use lmx_nn::{Activation, AttentionConfig, BuildError, Builder, CausalLm, Decoder, DecoderConfig, DecoderStyle, Rope, RopeConfig, SandwichLayer};
 use serde::Deserialize;
 
 use crate::registry::{Architecture, ModelError};
@@ -59,44 +58,10 @@ impl Architecture for Config {
         let attention = AttentionConfig { qkv_bias: self.attention_bias, o_bias: self.attention_bias, softcap: self.attn_logit_softcapping, scale: Some(scale), ..heads };
         let rope = Rope::from_config(&self.rope, 10_000.0, heads.head_dim, vb.dtype(), vb.device())?;
         let style = DecoderStyle { embed_scale: Some((h as f64).sqrt()), norm_one_plus: true, logit_softcap: self.final_logit_softcapping };
-        let model = Decoder::with_style(vb, &self.decoder, rope, style, |vb, i| {
+        let model = Decoder::with_style(vb, &self.decoder, vec![rope], style, |vb, i| {
             let attention = AttentionConfig { sliding_window: if self.is_sliding(i) { self.sliding_window } else { None }, ..attention };
-            Gemma2Layer::new(vb, &attention, self.intermediate_size, eps)
+            SandwichLayer::new(vb, &attention, self.intermediate_size, Activation::GeluTanh, eps)
         })?;
         Ok(Box::new(model))
-    }
-}
-
-/// A Gemma 2 layer: `x + post_attention_layernorm(self_attn(input_layernorm(x)))`, then
-/// `x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))`.
-pub struct Gemma2Layer {
-    self_attn: Attention,
-    mlp: Mlp,
-    input_layernorm: RmsNorm,
-    post_attention_layernorm: RmsNorm,
-    pre_feedforward_layernorm: RmsNorm,
-    post_feedforward_layernorm: RmsNorm,
-}
-
-impl Gemma2Layer {
-    fn new(vb: &Builder, attention: &AttentionConfig, intermediate_size: usize, eps: f64) -> std::result::Result<Self, BuildError> {
-        let h = attention.hidden_size;
-        Ok(Self {
-            self_attn: Attention::new(&vb.pp("self_attn"), attention)?,
-            mlp: Mlp::new(&vb.pp("mlp"), h, intermediate_size, false.into(), Activation::GeluTanh)?,
-            input_layernorm: vb.pp("input_layernorm").rms_norm_one_plus(h, eps)?,
-            post_attention_layernorm: vb.pp("post_attention_layernorm").rms_norm_one_plus(h, eps)?,
-            pre_feedforward_layernorm: vb.pp("pre_feedforward_layernorm").rms_norm_one_plus(h, eps)?,
-            post_feedforward_layernorm: vb.pp("post_feedforward_layernorm").rms_norm_one_plus(h, eps)?,
-        })
-    }
-}
-
-impl Layer for Gemma2Layer {
-    fn forward(&self, x: &Tensor, input: &AttentionInput, cache: &mut KvCache, layer_idx: usize) -> Result<Tensor> {
-        let h = self.self_attn.forward(&self.input_layernorm.forward(x)?, input, cache, layer_idx)?;
-        let x = (x + self.post_attention_layernorm.forward(&h)?)?;
-        let h = self.mlp.forward(&self.pre_feedforward_layernorm.forward(&x)?)?;
-        x + self.post_feedforward_layernorm.forward(&h)?
     }
 }

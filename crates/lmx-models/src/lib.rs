@@ -3,6 +3,7 @@
 //! config.json.
 
 pub mod gemma2;
+pub mod gemma3;
 pub mod llama;
 pub mod mistral;
 pub mod qwen2;

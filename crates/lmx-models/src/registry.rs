@@ -6,7 +6,7 @@ use lmx_nn::{BuildError, Builder, CausalLm};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::{gemma2, llama, mistral, qwen2, qwen3};
+use crate::{gemma2, gemma3, llama, mistral, qwen2, qwen3};
 
 /// A model file's config: parsed from config.json, it builds the model.
 pub trait Architecture: DeserializeOwned {
@@ -29,8 +29,14 @@ const fn entry<C: Architecture>(model_type: &'static str) -> Entry {
 }
 
 /// Every architecture lmx runs.
-pub const ARCHITECTURES: &[Entry] =
-    &[entry::<llama::Config>("llama"), entry::<mistral::Config>("mistral"), entry::<qwen2::Config>("qwen2"), entry::<qwen3::Config>("qwen3"), entry::<gemma2::Config>("gemma2")];
+pub const ARCHITECTURES: &[Entry] = &[
+    entry::<llama::Config>("llama"),
+    entry::<mistral::Config>("mistral"),
+    entry::<qwen2::Config>("qwen2"),
+    entry::<qwen3::Config>("qwen3"),
+    entry::<gemma2::Config>("gemma2"),
+    entry::<gemma3::Config>("gemma3_text"),
+];
 
 /// The `model_type` values lmx can run, in table order.
 pub fn supported_model_types() -> Vec<&'static str> {

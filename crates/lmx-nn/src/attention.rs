@@ -42,6 +42,10 @@ pub struct AttentionConfig {
     pub scale: Option<f64>,
     /// A learned sink logit per query head, `self_attn.sinks` (n_heads) (gpt-oss).
     pub sinks: bool,
+    /// `q_norm` / `k_norm` multiply by `1 + weight` (Gemma 3).
+    pub qk_norm_one_plus: bool,
+    /// Which rotary table of the [`AttentionInput`] rotates this layer (0: the model's).
+    pub rope_table: usize,
 }
 
 /// The largest head width lmx builds (the rotary tables and score buffers scale with it).
@@ -50,7 +54,21 @@ const MAX_HEAD_DIM: usize = 4096;
 impl AttentionConfig {
     /// Plain GQA attention: no biases, norms, window or capping.
     pub fn new(hidden_size: usize, n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Self {
-        Self { hidden_size, n_heads, n_kv_heads, head_dim, qkv_bias: false, o_bias: false, qk_norm_eps: None, sliding_window: None, softcap: None, scale: None, sinks: false }
+        Self {
+            hidden_size,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            qkv_bias: false,
+            o_bias: false,
+            qk_norm_eps: None,
+            sliding_window: None,
+            softcap: None,
+            scale: None,
+            sinks: false,
+            qk_norm_one_plus: false,
+            rope_table: 0,
+        }
     }
 
     /// Plain GQA attention from config.json's `num_attention_heads`, `num_key_value_heads`
@@ -81,11 +99,18 @@ type MaskKey = (usize, usize, Option<usize>);
 /// positions, and the causal masks the layers ask for (built once per shape).
 #[derive(Debug)]
 pub struct AttentionInput {
+    /// Rotary tables: one for most models; Gemma 3's local layers rotate by a second one.
+    tables: Vec<Angles>,
+    /// Additive masks by (queries, keys, window).
+    masks: std::sync::Mutex<Vec<(MaskKey, Tensor)>>,
+}
+
+/// One rotary table's angles for a forward pass.
+#[derive(Debug)]
+struct Angles {
     /// (cos, sin), each (seq_len, head_dim / 2): one pair shared by every row of the batch,
     /// or one per row (sequences at different positions).
     rows: Vec<(Tensor, Tensor)>,
-    /// Additive masks by (queries, keys, window).
-    masks: std::sync::Mutex<Vec<(MaskKey, Tensor)>>,
     /// The rows' angles stacked, (b, seq_len, head_dim / 2) each, built at first use.
     stacked: std::sync::OnceLock<(Tensor, Tensor)>,
 }
@@ -93,9 +118,25 @@ pub struct AttentionInput {
 impl AttentionInput {
     /// Angles for each row (`rows.len()` is 1 or the batch size).
     pub fn new(rows: Vec<(Tensor, Tensor)>) -> Self {
-        Self { rows, masks: Default::default(), stacked: Default::default() }
+        Self { tables: vec![Angles { rows, stacked: Default::default() }], masks: Default::default() }
     }
 
+    /// Adds a rotary table (index 1, 2, ...: `AttentionConfig::rope_table`) with angles for
+    /// each row, for layers that rotate by another base.
+    pub fn with_table(mut self, rows: Vec<(Tensor, Tensor)>) -> Self {
+        self.tables.push(Angles { rows, stacked: Default::default() });
+        self
+    }
+
+    fn table(&self, table: usize) -> Result<&Angles> {
+        match self.tables.get(table) {
+            Some(t) => Ok(t),
+            None => lmx_core::bail!("attention input without rotary table {table}"),
+        }
+    }
+}
+
+impl Angles {
     /// Angles for rotating every row of a batch in one op: the shared (seq_len, head_dim / 2)
     /// pair, or the rows' pairs stacked to (b, seq_len, head_dim / 2).
     fn per_row_angles(&self) -> Result<Option<(&Tensor, &Tensor)>> {
@@ -118,7 +159,9 @@ impl AttentionInput {
             None => lmx_core::bail!("attention input without rotary angles"),
         }
     }
+}
 
+impl AttentionInput {
     /// The causal mask of `q_len` queries that are the last of `kv_len` keys, within `window`.
     fn mask(&self, q_len: usize, kv_len: usize, window: Option<usize>, device: &lmx_core::Device) -> Result<Tensor> {
         let key = (q_len, kv_len, window);
@@ -153,6 +196,7 @@ pub struct Attention {
     /// This rank's query heads' sink logits.
     sinks: Option<Tensor>,
     scale: f64,
+    rope_table: usize,
 }
 
 impl Attention {
@@ -178,7 +222,7 @@ impl Attention {
             Some(Tensor::new(ids.as_slice(), vb.device())?)
         };
         let rows = |r: &std::ops::Range<usize>| r.start * hd..r.end * hd;
-        let norm = |name: &str| cfg.qk_norm_eps.map(|eps| vb.pp(name).rms_norm(hd, eps)).transpose();
+        let norm = |name: &str| cfg.qk_norm_eps.map(|eps| if cfg.qk_norm_one_plus { vb.pp(name).rms_norm_one_plus(hd, eps) } else { vb.pp(name).rms_norm(hd, eps) }).transpose();
         Ok(Self {
             q_proj: vb.pp("q_proj").linear(h, cfg.n_heads * hd, cfg.qkv_bias.into(), Shard::Column(rows(&q)))?,
             k_proj: vb.pp("k_proj").linear(h, cfg.n_kv_heads * hd, cfg.qkv_bias.into(), Shard::Column(rows(&kv)))?,
@@ -194,6 +238,7 @@ impl Attention {
             softcap: cfg.softcap,
             sinks: if cfg.sinks { Some(vb.get_split(&[cfg.n_heads], "sinks", 0, q.clone())?) } else { None },
             scale: cfg.scale.unwrap_or(1.0 / (hd as f64).sqrt()),
+            rope_table: cfg.rope_table,
         })
     }
 
@@ -220,7 +265,7 @@ impl Attention {
             }
             self.attend_rows(&q, &k, &v, input, cache, layer_idx)?
         } else {
-            let (cos, sin) = input.cos_sin(0)?;
+            let (cos, sin) = input.table(self.rope_table)?.cos_sin(0)?;
             let q = ops::rope(&q, cos, sin)?;
             let view = cache.append(0, layer_idx, &ops::rope(&k, cos, sin)?, &v)?;
             self.attend(&q, view, input, cache.row_window(0))?
@@ -235,7 +280,8 @@ impl Attention {
     fn attend_rows(&self, q: &Tensor, k: &Tensor, v: &Tensor, input: &AttentionInput, cache: &mut KvCache, layer_idx: usize) -> Result<Tensor> {
         let (b, l) = (q.dim(0)?, q.dim(2)?);
         let cpu = q.device().is_cpu();
-        let rotated = match input.per_row_angles()? {
+        let angles = input.table(self.rope_table)?;
+        let rotated = match angles.per_row_angles()? {
             Some((cos, sin)) if cpu => Some((ops::rope(q, cos, sin)?, ops::rope(k, cos, sin)?)),
             _ => None,
         };
@@ -245,7 +291,7 @@ impl Attention {
             let (qi, ki) = match &rotated {
                 Some((q, k)) => (q.narrow(0, i, 1)?, k.narrow(0, i, 1)?),
                 None => {
-                    let (cos, sin) = input.cos_sin(i)?;
+                    let (cos, sin) = angles.cos_sin(i)?;
                     (ops::rope(&q.narrow(0, i, 1)?, cos, sin)?, ops::rope(&k.narrow(0, i, 1)?, cos, sin)?)
                 }
             };

@@ -102,6 +102,45 @@ impl Layer for DecoderLayer {
     }
 }
 
+/// The decoder layer of Gemma 2 and 3, with norms before and after each block:
+/// `x + post_attention_layernorm(self_attn(input_layernorm(x)))`, then
+/// `x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))`; every norm multiplies
+/// by `1 + weight`.
+#[derive(Debug, Clone)]
+pub struct SandwichLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+    pre_feedforward_layernorm: RmsNorm,
+    post_feedforward_layernorm: RmsNorm,
+}
+
+impl SandwichLayer {
+    /// Reads `self_attn`, `mlp` (`activation`) and the four norms under `vb`.
+    pub fn new(vb: &Builder, attention: &AttentionConfig, intermediate_size: usize, activation: Activation, rms_norm_eps: f64) -> std::result::Result<Self, BuildError> {
+        let h = attention.hidden_size;
+        let norm = |name: &str| vb.pp(name).rms_norm_one_plus(h, rms_norm_eps);
+        Ok(Self {
+            self_attn: Attention::new(&vb.pp("self_attn"), attention)?,
+            mlp: Mlp::new(&vb.pp("mlp"), h, intermediate_size, Bias::No, activation)?,
+            input_layernorm: norm("input_layernorm")?,
+            post_attention_layernorm: norm("post_attention_layernorm")?,
+            pre_feedforward_layernorm: norm("pre_feedforward_layernorm")?,
+            post_feedforward_layernorm: norm("post_feedforward_layernorm")?,
+        })
+    }
+}
+
+impl Layer for SandwichLayer {
+    fn forward(&self, x: &Tensor, input: &AttentionInput, cache: &mut KvCache, layer_idx: usize) -> Result<Tensor> {
+        let h = self.self_attn.forward(&self.input_layernorm.forward(x)?, input, cache, layer_idx)?;
+        let x = (x + self.post_attention_layernorm.forward(&h)?)?;
+        let h = self.mlp.forward(&self.pre_feedforward_layernorm.forward(&x)?)?;
+        x + self.post_feedforward_layernorm.forward(&h)?
+    }
+}
+
 /// The sizes of a decoder stack: config.json keys every architecture shares (a model file's
 /// `Config` flattens this in).
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -159,7 +198,8 @@ pub struct Decoder<L: Layer> {
     layers: Vec<Arc<L>>,
     norm: RmsNorm,
     lm_head: Linear,
-    rope: Rope,
+    /// The model's rotary embedding, then any further tables (`AttentionConfig::rope_table`).
+    ropes: Vec<Rope>,
     cfg: DecoderConfig,
     style: DecoderStyle,
     training: Option<Arc<Training>>,
@@ -169,24 +209,29 @@ impl<L: Layer> Decoder<L> {
     /// Reads the stack under `vb` (the checkpoint root); `layer(vb, i)` builds layer `i` under
     /// `model.layers.<i>`.
     pub fn new(vb: &Builder, cfg: &DecoderConfig, rope: Rope, layer: impl Fn(&Builder, usize) -> std::result::Result<L, BuildError>) -> std::result::Result<Self, BuildError> {
-        Self::with_style(vb, cfg, rope, DecoderStyle::default(), layer)
+        Self::with_style(vb, cfg, vec![rope], DecoderStyle::default(), layer)
     }
 
-    /// [`Decoder::new`] with a family's embedding scale, final norm and logit capping.
+    /// [`Decoder::new`] with a family's embedding scale, final norm and logit capping, and
+    /// `ropes`: the model's rotary embedding first, then tables some layers rotate by
+    /// instead (Gemma 3's local layers).
     pub fn with_style(
         vb: &Builder,
         cfg: &DecoderConfig,
-        rope: Rope,
+        ropes: Vec<Rope>,
         style: DecoderStyle,
         layer: impl Fn(&Builder, usize) -> std::result::Result<L, BuildError>,
     ) -> std::result::Result<Self, BuildError> {
+        if ropes.is_empty() {
+            return Err(BuildError::unsupported("a decoder without a rotary embedding".to_string()));
+        }
         cfg.validate()?;
         let m = vb.pp("model");
         let embed_tokens = m.pp("embed_tokens").embedding(cfg.vocab_size, cfg.hidden_size)?;
         let layers = (0..cfg.num_hidden_layers).map(|i| layer(&m.pp("layers").pp(i), i).map(Arc::new)).collect::<std::result::Result<Vec<_>, _>>()?;
         let norm = if style.norm_one_plus { m.pp("norm").rms_norm_one_plus(cfg.hidden_size, cfg.rms_norm_eps)? } else { m.pp("norm").rms_norm(cfg.hidden_size, cfg.rms_norm_eps)? };
         let lm_head = if cfg.tie_word_embeddings { embed_tokens.as_linear() } else { vb.pp("lm_head").linear(cfg.hidden_size, cfg.vocab_size, Bias::No, Shard::Replicated)? };
-        Ok(Self { embed_tokens, layers, norm, lm_head, rope, cfg: cfg.clone(), style, training: vb.training().cloned() })
+        Ok(Self { embed_tokens, layers, norm, lm_head, ropes, cfg: cfg.clone(), style, training: vb.training().cloned() })
     }
 }
 
@@ -206,7 +251,12 @@ impl<L: Layer> CausalLm for Decoder<L> {
         // their own rotary angles.
         let offsets: Vec<usize> = (0..cache.rows().max(1)).map(|r| cache.row_offset(r)).collect();
         let angles = if offsets.iter().all(|&o| o == offsets[0]) { &offsets[..1] } else { &offsets[..] };
-        let input = Arc::new(AttentionInput::new(angles.iter().map(|&o| self.rope.cos_sin(o, l)).collect::<Result<_>>()?));
+        let table = |rope: &Rope| angles.iter().map(|&o| rope.cos_sin(o, l)).collect::<Result<Vec<_>>>();
+        let mut input = AttentionInput::new(table(&self.ropes[0])?);
+        for rope in &self.ropes[1..] {
+            input = input.with_table(table(rope)?);
+        }
+        let input = Arc::new(input);
         let checkpointing = self.training.as_ref().and_then(|t| t.checkpointing());
         for (layer_idx, layer) in self.layers.iter().enumerate() {
             x = match &checkpointing {
