@@ -46,6 +46,10 @@ pub struct AttentionConfig {
     pub qk_norm_one_plus: bool,
     /// Which rotary table of the [`AttentionInput`] rotates this layer (0: the model's).
     pub rope_table: usize,
+    /// Features of each head that rotate (the first ones); all when None.
+    pub rotary_dim: Option<usize>,
+    /// q, k and v are stored as one `qkv_proj` (rows: queries, keys, values; Phi-3).
+    pub fused_qkv: bool,
 }
 
 /// The largest head width lmx builds (the rotary tables and score buffers scale with it).
@@ -68,6 +72,8 @@ impl AttentionConfig {
             sinks: false,
             qk_norm_one_plus: false,
             rope_table: 0,
+            rotary_dim: None,
+            fused_qkv: false,
         }
     }
 
@@ -197,6 +203,7 @@ pub struct Attention {
     sinks: Option<Tensor>,
     scale: f64,
     rope_table: usize,
+    rotary_dim: usize,
 }
 
 impl Attention {
@@ -222,11 +229,21 @@ impl Attention {
             Some(Tensor::new(ids.as_slice(), vb.device())?)
         };
         let rows = |r: &std::ops::Range<usize>| r.start * hd..r.end * hd;
+        // A fused `qkv_proj` is read as row slices of one tensor: the same path shards,
+        // quantizes and places it as separate projections.
+        let fused = (cfg.n_heads + 2 * cfg.n_kv_heads) * hd;
+        let proj = |name: &str, offset: usize, features: usize, part: std::ops::Range<usize>| {
+            if cfg.fused_qkv {
+                vb.pp("qkv_proj").linear(h, fused, cfg.qkv_bias.into(), Shard::Column(offset + part.start..offset + part.end))
+            } else {
+                vb.pp(name).linear(h, features, cfg.qkv_bias.into(), Shard::Column(part))
+            }
+        };
         let norm = |name: &str| cfg.qk_norm_eps.map(|eps| if cfg.qk_norm_one_plus { vb.pp(name).rms_norm_one_plus(hd, eps) } else { vb.pp(name).rms_norm(hd, eps) }).transpose();
         Ok(Self {
-            q_proj: vb.pp("q_proj").linear(h, cfg.n_heads * hd, cfg.qkv_bias.into(), Shard::Column(rows(&q)))?,
-            k_proj: vb.pp("k_proj").linear(h, cfg.n_kv_heads * hd, cfg.qkv_bias.into(), Shard::Column(rows(&kv)))?,
-            v_proj: vb.pp("v_proj").linear(h, cfg.n_kv_heads * hd, cfg.qkv_bias.into(), Shard::Column(rows(&kv)))?,
+            q_proj: proj("q_proj", 0, cfg.n_heads * hd, rows(&q))?,
+            k_proj: proj("k_proj", cfg.n_heads * hd, cfg.n_kv_heads * hd, rows(&kv))?,
+            v_proj: proj("v_proj", (cfg.n_heads + cfg.n_kv_heads) * hd, cfg.n_kv_heads * hd, rows(&kv))?,
             o_proj: vb.pp("o_proj").linear(cfg.n_heads * hd, h, Bias::from(cfg.o_bias), Shard::Row(rows(&q)))?,
             q_norm: norm("q_norm")?,
             k_norm: norm("k_norm")?,
@@ -239,7 +256,19 @@ impl Attention {
             sinks: if cfg.sinks { Some(vb.get_split(&[cfg.n_heads], "sinks", 0, q.clone())?) } else { None },
             scale: cfg.scale.unwrap_or(1.0 / (hd as f64).sqrt()),
             rope_table: cfg.rope_table,
+            rotary_dim: cfg.rotary_dim.unwrap_or(hd),
         })
+    }
+
+    /// Rotates the first `rotary_dim` features of each head (all of them unless the model
+    /// rotates part: Phi-4-mini's `partial_rotary_factor`).
+    fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        if self.rotary_dim == self.head_dim {
+            return ops::rope(x, cos, sin);
+        }
+        let d = x.rank() - 1;
+        let rotated = ops::rope(&x.narrow(d, 0, self.rotary_dim)?.contiguous()?, cos, sin)?;
+        Tensor::cat(&[&rotated, &x.narrow(d, self.rotary_dim, self.head_dim - self.rotary_dim)?], d)
     }
 
     /// (b, l, hidden) -> (b, l, hidden), appending this layer's keys and values to `cache`
@@ -266,8 +295,8 @@ impl Attention {
             self.attend_rows(&q, &k, &v, input, cache, layer_idx)?
         } else {
             let (cos, sin) = input.table(self.rope_table)?.cos_sin(0)?;
-            let q = ops::rope(&q, cos, sin)?;
-            let view = cache.append(0, layer_idx, &ops::rope(&k, cos, sin)?, &v)?;
+            let q = self.rotate(&q, cos, sin)?;
+            let view = cache.append(0, layer_idx, &self.rotate(&k, cos, sin)?, &v)?;
             self.attend(&q, view, input, cache.row_window(0))?
         };
         self.o_proj.forward(&y.transpose(1, 2)?.reshape((b, l, self.n_heads * self.head_dim))?)
@@ -282,7 +311,7 @@ impl Attention {
         let cpu = q.device().is_cpu();
         let angles = input.table(self.rope_table)?;
         let rotated = match angles.per_row_angles()? {
-            Some((cos, sin)) if cpu => Some((ops::rope(q, cos, sin)?, ops::rope(k, cos, sin)?)),
+            Some((cos, sin)) if cpu => Some((self.rotate(q, cos, sin)?, self.rotate(k, cos, sin)?)),
             _ => None,
         };
         let mut qs = Vec::with_capacity(b);
@@ -292,7 +321,7 @@ impl Attention {
                 Some((q, k)) => (q.narrow(0, i, 1)?, k.narrow(0, i, 1)?),
                 None => {
                     let (cos, sin) = angles.cos_sin(i)?;
-                    (ops::rope(&q.narrow(0, i, 1)?, cos, sin)?, ops::rope(&k.narrow(0, i, 1)?, cos, sin)?)
+                    (self.rotate(&q.narrow(0, i, 1)?, cos, sin)?, self.rotate(&k.narrow(0, i, 1)?, cos, sin)?)
                 }
             };
             views.push(cache.append(i, layer_idx, &ki, &v.narrow(0, i, 1)?)?);

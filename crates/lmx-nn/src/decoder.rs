@@ -83,10 +83,16 @@ pub struct DecoderLayer {
 impl DecoderLayer {
     /// Reads `self_attn`, `mlp`, `input_layernorm` and `post_attention_layernorm` under `vb`.
     pub fn new(vb: &Builder, attention: &AttentionConfig, intermediate_size: usize, mlp_bias: bool, rms_norm_eps: f64) -> std::result::Result<Self, BuildError> {
+        let mlp = Mlp::new(&vb.pp("mlp"), attention.hidden_size, intermediate_size, mlp_bias.into(), Activation::Silu)?;
+        Self::with_mlp(vb, attention, mlp, rms_norm_eps)
+    }
+
+    /// [`DecoderLayer::new`] around an `mlp` built apart (a fused `gate_up_proj`).
+    pub fn with_mlp(vb: &Builder, attention: &AttentionConfig, mlp: Mlp, rms_norm_eps: f64) -> std::result::Result<Self, BuildError> {
         let h = attention.hidden_size;
         Ok(Self {
             self_attn: Attention::new(&vb.pp("self_attn"), attention)?,
-            mlp: Mlp::new(&vb.pp("mlp"), h, intermediate_size, mlp_bias.into(), Activation::Silu)?,
+            mlp,
             input_layernorm: vb.pp("input_layernorm").rms_norm(h, rms_norm_eps)?,
             post_attention_layernorm: vb.pp("post_attention_layernorm").rms_norm(h, rms_norm_eps)?,
         })

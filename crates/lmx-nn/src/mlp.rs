@@ -40,6 +40,23 @@ impl Mlp {
     }
 }
 
+impl Mlp {
+    /// [`Mlp::new`] for checkpoints that store gate and up as one `gate_up_proj` (Phi-3):
+    /// rows `0..intermediate_size` are the gate, the rest the up projection.
+    pub fn with_fused_gate_up(vb: &Builder, hidden_size: usize, intermediate_size: usize, bias: Bias, activation: Activation) -> std::result::Result<Self, BuildError> {
+        let unit = vb.pp("down_proj").quantized_group_size()?.unwrap_or(1);
+        let part = vb.split(intermediate_size, unit);
+        let fused = vb.pp("gate_up_proj");
+        let up = intermediate_size + part.start..intermediate_size + part.end;
+        Ok(Self {
+            gate_proj: fused.linear(hidden_size, 2 * intermediate_size, bias, Shard::Column(part.clone()))?,
+            up_proj: fused.linear(hidden_size, 2 * intermediate_size, bias, Shard::Column(up))?,
+            down_proj: vb.pp("down_proj").linear(intermediate_size, hidden_size, bias, Shard::Row(part))?,
+            activation,
+        })
+    }
+}
+
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let [gate, up] = Linear::forward_shared([&self.gate_proj, &self.up_proj], x)?;

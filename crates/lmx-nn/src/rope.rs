@@ -24,6 +24,15 @@ pub struct RopeScaling {
     pub high_freq_factor: Option<f64>,
     /// Llama 3: the context length the model was trained with before scaling.
     pub original_max_position_embeddings: Option<f64>,
+    /// LongRoPE (Phi-3.5/4): per-frequency divisors for contexts beyond the original one.
+    pub long_factor: Option<Vec<f64>>,
+    /// LongRoPE: the divisors within the original context (transformers' choice there;
+    /// lmx uses `long_factor` at every length, as MLX LM does, so cached keys never change).
+    pub short_factor: Option<Vec<f64>>,
+    /// LongRoPE: cos and sin are multiplied by this (default from the context ratio).
+    pub attention_factor: Option<f64>,
+    /// The fraction of each head's features that rotate (transformers v5 keeps it here).
+    pub partial_rotary_factor: Option<f64>,
 }
 
 fn one() -> f64 {
@@ -51,6 +60,8 @@ pub struct RopeConfig {
 pub struct Rope {
     inv_freq: Tensor,
     dtype: DType,
+    /// cos and sin are multiplied by this (1 but for LongRoPE).
+    mscale: f64,
 }
 
 impl Rope {
@@ -89,11 +100,30 @@ impl Rope {
                     }
                 }
             }
-            Some(other) => return Err(BuildError::unsupported_with(format!("rope_scaling type `{other}`"), "supported: default, linear, llama3")),
+            Some("longrope" | "su") => {
+                let long = scaling.and_then(|s| s.long_factor.as_ref());
+                match long {
+                    Some(f) if f.len() == inv.len() && f.iter().all(|x| x.is_finite() && *x > 0.0) => inv.iter_mut().zip(f).for_each(|(x, f)| *x /= f),
+                    _ => {
+                        return Err(BuildError::ConfigValue {
+                            key: "rope_scaling.long_factor",
+                            value: format!("{long:?}"),
+                            allowed: "one positive factor per rotated frequency (head_dim * partial_rotary_factor / 2)",
+                        })
+                    }
+                }
+            }
+            Some(other) => return Err(BuildError::unsupported_with(format!("rope_scaling type `{other}`"), "supported: default, linear, llama3, longrope")),
         }
         let inv: Vec<f32> = inv.into_iter().map(|x| x as f32).collect();
         let n = inv.len();
-        Ok(Self { inv_freq: Tensor::from_vec(inv, (1, n), device)?, dtype })
+        Ok(Self { inv_freq: Tensor::from_vec(inv, (1, n), device)?, dtype, mscale: 1.0 })
+    }
+
+    /// The same rotation with cos and sin multiplied by `mscale` (LongRoPE's attention factor).
+    pub fn with_mscale(mut self, mscale: f64) -> Self {
+        self.mscale = mscale;
+        self
     }
 
     /// cos and sin, each (seq_len, head_dim / 2), for positions `offset..offset + seq_len`,
@@ -101,7 +131,8 @@ impl Rope {
     pub fn cos_sin(&self, offset: usize, seq_len: usize) -> Result<(Tensor, Tensor)> {
         let pos = Tensor::arange(offset as u32, (offset + seq_len) as u32, self.inv_freq.device())?.to_dtype(DType::F32)?.reshape((seq_len, 1))?;
         let freqs = pos.broadcast_mul(&self.inv_freq)?;
-        Ok((freqs.cos()?.to_dtype(self.dtype)?, freqs.sin()?.to_dtype(self.dtype)?))
+        let (cos, sin) = if self.mscale == 1.0 { (freqs.cos()?, freqs.sin()?) } else { ((freqs.cos()? * self.mscale)?, (freqs.sin()? * self.mscale)?) };
+        Ok((cos.to_dtype(self.dtype)?, sin.to_dtype(self.dtype)?))
     }
 }
 
@@ -112,7 +143,18 @@ mod tests {
     #[test]
     fn llama3_scaling_matches_transformers_formula() -> std::result::Result<(), BuildError> {
         // Llama 3.1 8B: theta 500000, head_dim 128, factor 8, low 1, high 4, original 8192.
-        let s = RopeScaling { rope_type: "llama3".into(), rope_theta: None, factor: 8.0, low_freq_factor: Some(1.0), high_freq_factor: Some(4.0), original_max_position_embeddings: Some(8192.0) };
+        let s = RopeScaling {
+            rope_type: "llama3".into(),
+            rope_theta: None,
+            factor: 8.0,
+            low_freq_factor: Some(1.0),
+            high_freq_factor: Some(4.0),
+            original_max_position_embeddings: Some(8192.0),
+            long_factor: None,
+            short_factor: None,
+            attention_factor: None,
+            partial_rotary_factor: None,
+        };
         let rope = Rope::new(500_000.0, 128, Some(&s), DType::F32, &Device::Cpu)?;
         let inv = rope.inv_freq.flatten_all()?.to_vec1::<f32>()?;
         // High frequencies are untouched, the lowest are divided by the factor.
