@@ -7,7 +7,7 @@
 //! logits (`final_logit_softcapping`). Not supported yet: the rotating cache for the sliding
 //! layers (they keep every key and mask by the window).
 
-use lmx_nn::{Activation, AttentionConfig, BuildError, Builder, CausalLm, Decoder, DecoderConfig, DecoderStyle, Rope, RopeConfig, SandwichLayer};
+use lmx_nn::{sliding_layers, Activation, AttentionConfig, Builder, CausalLm, Decoder, DecoderConfig, DecoderStyle, Rope, RopeConfig, SandwichLayer};
 use serde::Deserialize;
 
 use crate::registry::{Architecture, ModelError};
@@ -35,31 +35,17 @@ pub struct Config {
     pub layer_types: Option<Vec<String>>,
 }
 
-impl Config {
-    /// Whether layer `i` attends within the sliding window.
-    fn is_sliding(&self, i: usize) -> bool {
-        match &self.layer_types {
-            Some(types) => types.get(i).is_some_and(|t| t == "sliding_attention"),
-            None => i % 2 == 0,
-        }
-    }
-}
-
 impl Architecture for Config {
     fn build(&self, vb: &Builder) -> std::result::Result<Box<dyn CausalLm>, ModelError> {
         let (h, eps) = (self.decoder.hidden_size, self.decoder.rms_norm_eps);
-        if let Some(types) = &self.layer_types {
-            if types.len() != self.decoder.num_hidden_layers || types.iter().any(|t| t != "sliding_attention" && t != "full_attention") {
-                return Err(BuildError::ConfigValue { key: "layer_types", value: format!("{types:?}"), allowed: "one of sliding_attention / full_attention per layer" }.into());
-            }
-        }
+        let sliding = sliding_layers(self.layer_types.as_deref(), self.decoder.num_hidden_layers, |i| i % 2 == 0)?;
         let heads = AttentionConfig::from_heads(h, self.num_attention_heads, self.num_key_value_heads, self.head_dim)?;
         let scale = self.query_pre_attn_scalar.unwrap_or(heads.head_dim as f64).powf(-0.5);
         let attention = AttentionConfig { qkv_bias: self.attention_bias, o_bias: self.attention_bias, softcap: self.attn_logit_softcapping, scale: Some(scale), ..heads };
         let rope = Rope::from_config(&self.rope, 10_000.0, heads.head_dim, vb.dtype(), vb.device())?;
         let style = DecoderStyle { embed_scale: Some((h as f64).sqrt()), norm_one_plus: true, logit_softcap: self.final_logit_softcapping };
         let model = Decoder::with_style(vb, &self.decoder, vec![rope], style, |vb, i| {
-            let attention = AttentionConfig { sliding_window: if self.is_sliding(i) { self.sliding_window } else { None }, ..attention };
+            let attention = AttentionConfig { sliding_window: if sliding[i] { self.sliding_window } else { None }, ..attention };
             SandwichLayer::new(vb, &attention, self.intermediate_size, Activation::GeluTanh, eps)
         })?;
         Ok(Box::new(model))

@@ -9,7 +9,7 @@
 //! `sliding_window_pattern`). Not supported yet: the vision tower of `gemma3`
 //! (image-text-to-text) checkpoints, and the rotating cache for the sliding layers.
 
-use lmx_nn::{Activation, AttentionConfig, BuildError, Builder, CausalLm, Decoder, DecoderConfig, DecoderStyle, Rope, RopeScaling, SandwichLayer};
+use lmx_nn::{sliding_layers, Activation, AttentionConfig, BuildError, Builder, CausalLm, Decoder, DecoderConfig, DecoderStyle, Rope, RopeScaling, SandwichLayer};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -47,14 +47,6 @@ pub struct Config {
 type RopeParams = (f64, Option<RopeScaling>);
 
 impl Config {
-    /// Whether layer `i` attends within the sliding window.
-    fn is_sliding(&self, i: usize) -> bool {
-        match &self.layer_types {
-            Some(types) => types.get(i).is_some_and(|t| t == "sliding_attention"),
-            None => (i + 1) % self.sliding_window_pattern.unwrap_or(6).max(1) != 0,
-        }
-    }
-
     /// The global and local rotary parameters.
     fn ropes(&self) -> Result<(RopeParams, RopeParams), BuildError> {
         let parse = |key: &'static str, v: &Value| -> Result<RopeScaling, BuildError> {
@@ -78,11 +70,7 @@ impl Config {
 impl Architecture for Config {
     fn build(&self, vb: &Builder) -> std::result::Result<Box<dyn CausalLm>, ModelError> {
         let (h, eps) = (self.decoder.hidden_size, self.decoder.rms_norm_eps);
-        if let Some(types) = &self.layer_types {
-            if types.len() != self.decoder.num_hidden_layers || types.iter().any(|t| t != "sliding_attention" && t != "full_attention") {
-                return Err(BuildError::ConfigValue { key: "layer_types", value: format!("{types:?}"), allowed: "one of sliding_attention / full_attention per layer" }.into());
-            }
-        }
+        let sliding = sliding_layers(self.layer_types.as_deref(), self.decoder.num_hidden_layers, |i| (i + 1) % self.sliding_window_pattern.unwrap_or(6).max(1) != 0)?;
         let heads = AttentionConfig::from_heads(h, self.num_attention_heads, self.num_key_value_heads, self.head_dim)?;
         let scale = self.query_pre_attn_scalar.unwrap_or(heads.head_dim as f64).powf(-0.5);
         let attention = AttentionConfig {
@@ -100,8 +88,7 @@ impl Architecture for Config {
         let local = Rope::new(local_theta, heads.head_dim, local_scaling.as_ref(), vb.dtype(), vb.device())?;
         let style = DecoderStyle { embed_scale: Some((h as f64).sqrt()), norm_one_plus: true, logit_softcap: self.final_logit_softcapping };
         let model = Decoder::with_style(vb, &self.decoder, vec![global, local], style, |vb, i| {
-            let sliding = self.is_sliding(i);
-            let attention = AttentionConfig { sliding_window: if sliding { self.sliding_window } else { None }, rope_table: usize::from(sliding), ..attention };
+            let attention = AttentionConfig { sliding_window: if sliding[i] { self.sliding_window } else { None }, rope_table: usize::from(sliding[i]), ..attention };
             SandwichLayer::new(vb, &attention, self.intermediate_size, Activation::GeluTanh, eps)
         })?;
         Ok(Box::new(model))
@@ -133,7 +120,9 @@ mod tests {
             assert!(ls.is_none_or(|s| s.rope_type == "default"));
         }
         // Five sliding layers, then a full one.
-        let sliding: Vec<bool> = (0..7).map(|i| old.is_sliding(i)).collect();
+        let pattern = old.sliding_window_pattern.unwrap_or(6);
+        let sliding = sliding_layers(None, 7, |i| (i + 1) % pattern != 0).expect("layers");
         assert_eq!(sliding, [true, true, true, true, true, false, true]);
+        assert!(sliding_layers(Some(&["sliding_attention".to_string()]), 2, |_| true).is_err());
     }
 }

@@ -147,6 +147,16 @@ impl Layer for SandwichLayer {
     }
 }
 
+/// Which layers attend within a sliding window: config.json's `layer_types`
+/// (`sliding_attention` / `full_attention`, one per layer), else `default(layer)`.
+pub fn sliding_layers(layer_types: Option<&[String]>, num_layers: usize, default: impl Fn(usize) -> bool) -> std::result::Result<Vec<bool>, BuildError> {
+    match layer_types {
+        None => Ok((0..num_layers).map(default).collect()),
+        Some(types) if types.len() == num_layers && types.iter().all(|t| t == "sliding_attention" || t == "full_attention") => Ok(types.iter().map(|t| t == "sliding_attention").collect()),
+        Some(types) => Err(BuildError::ConfigValue { key: "layer_types", value: format!("{types:?}"), allowed: "one of sliding_attention / full_attention per layer (num_hidden_layers)" }),
+    }
+}
+
 /// The sizes of a decoder stack: config.json keys every architecture shares (a model file's
 /// `Config` flattens this in).
 #[derive(Debug, Clone, serde::Deserialize)]

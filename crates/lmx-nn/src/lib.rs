@@ -22,7 +22,7 @@ pub mod training;
 pub use adapter::{Adapter, AdapterPlan};
 pub use attention::{Attention, AttentionConfig, AttentionInput};
 pub use builder::{Builder, Shard};
-pub use decoder::{CausalLm, Decoder, DecoderConfig, DecoderLayer, DecoderStyle, Layer, Logits, SandwichLayer};
+pub use decoder::{sliding_layers, CausalLm, Decoder, DecoderConfig, DecoderLayer, DecoderStyle, Layer, Logits, SandwichLayer};
 pub use error::BuildError;
 pub use kv_cache::{KvCache, KvOptions, KvView, LayerState};
 pub use linear::{Bias, Embedding, Linear, RmsNorm};
