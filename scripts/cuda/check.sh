@@ -13,13 +13,16 @@ log "# lmx CUDA check, $(date -u +%F), $(nvidia-smi --query-gpu=name,driver_vers
 # 1. Correctness: perplexity of the fixture models on the CPU and the GPU (f32 equal to the
 # printed digits, bf16 within 0.1%), also quantized (4- and 8-bit, the MLX format's kernels).
 python3 -c "import random; random.seed(0); print(' '.join(random.choice('abc') for _ in range(400)))" > "$W/text.txt"
-for a in llama mistral qwen2 qwen3; do
+ARCHS="llama mistral qwen2 qwen3 gemma2 gemma3_text phi3"
+for a in $ARCHS; do
   fixture_folder $a
 done
 $LMX convert --hf-path "$W/llama" -q --q-group-size 32 --mlx-path "$W/llama-4bit" > /dev/null 2>&1
 $LMX convert --hf-path "$W/llama" -q --q-bits 8 --q-group-size 32 --mlx-path "$W/llama-8bit" > /dev/null 2>&1
+# phi3's fused qkv_proj / gate_up_proj, quantized and read as row slices on the GPU.
+$LMX convert --hf-path "$W/phi3" -q --q-group-size 32 --mlx-path "$W/phi3-4bit" > /dev/null 2>&1
 ppl() { $LMX perplexity --model "$1" --data "$W/text.txt" --sequence-length 32 --device "$2" ${3:+--dtype $3} 2>&1 | grep -E "Perplexity|rror" | tr -d '\r' | head -1; }
-for m in llama mistral qwen2 qwen3 llama-4bit llama-8bit; do
+for m in $ARCHS llama-4bit llama-8bit phi3-4bit; do
   for dt in float32 bfloat16; do
     log "perplexity $m $dt: cpu [$(ppl "$W/$m" cpu $dt)] cuda [$(ppl "$W/$m" cuda $dt)]"
   done
