@@ -21,7 +21,7 @@ $LMX convert --hf-path "$W/llama" -q --q-group-size 32 --mlx-path "$W/llama-4bit
 $LMX convert --hf-path "$W/llama" -q --q-bits 8 --q-group-size 32 --mlx-path "$W/llama-8bit" > /dev/null 2>&1
 # phi3's fused qkv_proj / gate_up_proj, quantized and read as row slices on the GPU.
 $LMX convert --hf-path "$W/phi3" -q --q-group-size 32 --mlx-path "$W/phi3-4bit" > /dev/null 2>&1
-ppl() { $LMX perplexity --model "$1" --data "$W/text.txt" --sequence-length 32 --device "$2" ${3:+--dtype $3} 2>&1 | grep -E "Perplexity|rror" | tr -d '\r' | head -1; }
+ppl() { $LMX perplexity --model "$1" --data "$W/text.txt" --sequence-length 12 --device "$2" ${3:+--dtype $3} 2>&1 | grep -E "Perplexity|rror" | tr -d '\r' | head -1; }
 for m in $ARCHS llama-4bit llama-8bit phi3-4bit; do
   for dt in float32 bfloat16; do
     log "perplexity $m $dt: cpu [$(ppl "$W/$m" cpu $dt)] cuda [$(ppl "$W/$m" cuda $dt)]"
