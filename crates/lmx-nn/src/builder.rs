@@ -295,7 +295,13 @@ impl Builder {
         let mut layer = Linear { weight, bias, adapter: None, reduce };
         if let Some(plan) = self.shared.adapters.as_ref().filter(|a| a.targets(&self.prefix)) {
             if shard != Shard::Replicated {
-                return Err(BuildError::unsupported("LoRA/DoRA adapters on a tensor-parallel model"));
+                // In a world of one, a part of a weight is a slice of a fused projection.
+                let what = if self.shared.group.size() > 1 {
+                    "LoRA/DoRA adapters on a tensor-parallel model".to_string()
+                } else {
+                    format!("LoRA/DoRA adapters on the fused projection `{}` (Phi-3's qkv_proj / gate_up_proj)", self.prefix)
+                };
+                return Err(BuildError::unsupported_with(what, "leave it out of the adapter's keys (lora_parameters.keys), e.g. [\"self_attn.o_proj\", \"mlp.down_proj\"]"));
             }
             let dtype = if self.shared.training.is_some() { DType::F32 } else { self.shared.dtype };
             let src = AdapterSource { plan, training: self.shared.training.as_ref(), prefix: &self.prefix, dtype, device: &self.shared.device };

@@ -241,3 +241,26 @@ fn bad_training_numbers_get_clear_errors() {
         assert_clear_error(&lmx(&args), needles);
     }
 }
+
+/// Phi-3 stores q/k/v and gate/up fused: LoRA on them is refused by name with what to do,
+/// and the suggested keys train.
+#[test]
+fn lora_on_fused_projections_is_refused_clearly_and_other_keys_train() {
+    let model = crate::tiny_model_of("phi3", "phi3-lora");
+    let data = temp_dir("phi3-data");
+    for (split, n) in [("train", 8), ("valid", 2)] {
+        let texts = ["a b c a b", "c c a b a", "b a c c b"];
+        let lines: Vec<String> = (0..n).map(|i| serde_json::json!({ "text": texts[i % 3] }).to_string()).collect();
+        std::fs::write(data.join(format!("{split}.jsonl")), lines.join("\n")).expect("write data");
+    }
+    let adapters = temp_dir("phi3-adapters");
+    let (m, d, a) = (path_str(&model), path_str(&data), path_str(&adapters));
+    let base = ["lora", "--model", m.as_str(), "--train", "--data", d.as_str(), "--iters", "2", "--batch-size", "2", "--num-layers", "2", "--adapter-path", a.as_str()];
+    assert_clear_error(&lmx(&base), &["fused projection", "lora_parameters.keys"]);
+    let config = data.join("lora.yaml");
+    std::fs::write(&config, "lora_parameters:\n  keys: [\"self_attn.o_proj\", \"mlp.down_proj\"]\n  rank: 4\n  scale: 10.0\n  dropout: 0.0\n").expect("write config");
+    let c = path_str(&config);
+    let out = lmx(&[&base[..], &["-c", c.as_str()]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(adapters.join("adapters.safetensors").exists());
+}

@@ -59,8 +59,13 @@ pub fn temp_dir(name: &str) -> PathBuf {
 
 /// A runnable tiny model folder: the llama golden fixture plus a word-level tokenizer.
 pub fn tiny_model(name: &str) -> PathBuf {
+    tiny_model_of("llama", name)
+}
+
+/// [`tiny_model`] from another architecture's fixture.
+pub fn tiny_model_of(arch: &str, name: &str) -> PathBuf {
     let dir = temp_dir(name);
-    let fixture = repo_root().join("tests/fixtures/llama");
+    let fixture = repo_root().join("tests/fixtures").join(arch);
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(fixture.join(f), dir.join(f)).expect("copy fixture");
     }
