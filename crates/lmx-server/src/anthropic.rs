@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 
 use crate::chat::{constrain, prepare_chat, OutputSpec, Prepared, ToolChoice};
 use crate::engine::Event;
-use crate::generation::{collect, engine_gone, event_stream, failure, sse_response, submit, Choice};
+use crate::generation::{collect, engine_gone, event_stream, failure, sse_response, submit};
 use crate::openai::random_id;
 use crate::output::{Piece, ToolCall};
 use crate::request::{fields, parse_body, template_args, Sampling, Stop};
@@ -217,7 +217,7 @@ async fn messages_inner(app: Arc<App>, body: Result<Bytes, BytesRejection>) -> R
         "role": "assistant",
         "model": model,
         "content": content,
-        "stop_reason": stop_reason(&choice, stop.as_deref()),
+        "stop_reason": stop_reason(choice.finish, stop.as_deref(), !choice.tool_calls.is_empty()),
         "stop_sequence": stop,
         "usage": usage(choice.prompt_tokens, choice.cached_tokens, choice.completion_tokens),
     }))
@@ -243,11 +243,12 @@ fn tool_use(c: &ToolCall) -> Value {
     json!({"type": "tool_use", "id": c.id, "name": c.name, "input": input})
 }
 
-fn stop_reason(choice: &Choice, stop: Option<&str>) -> &'static str {
-    match (choice.finish, stop) {
+/// Anthropic's `stop_reason`: a stop sequence, the token limit, a tool call, or the end.
+fn stop_reason(finish: Option<lmx::FinishReason>, stop: Option<&str>, called: bool) -> &'static str {
+    match (finish, stop) {
         (_, Some(_)) => "stop_sequence",
         (Some(lmx::FinishReason::Length), _) => "max_tokens",
-        _ if !choice.tool_calls.is_empty() => "tool_use",
+        _ if called => "tool_use",
         _ => "end_turn",
     }
 }
@@ -324,12 +325,7 @@ fn message_stream(id: String, model: String, rx: tokio::sync::mpsc::UnboundedRec
                     if open.take().is_some() {
                         queue.push_back(json!({"type": "content_block_stop", "index": index}));
                     }
-                    let reason = match (finish, &r.stop_matched) {
-                        (_, Some(_)) => "stop_sequence",
-                        (lmx::FinishReason::Length, _) => "max_tokens",
-                        _ if called => "tool_use",
-                        _ => "end_turn",
-                    };
+                    let reason = stop_reason(Some(finish), r.stop_matched.as_deref(), called);
                     queue.push_back(json!({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": r.stop_matched}, "usage": {"output_tokens": r.generation_tokens}}));
                     queue.push_back(json!({"type": "message_stop"}));
                 }

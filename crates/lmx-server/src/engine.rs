@@ -194,11 +194,6 @@ fn run_speculative(model: &Model, draft: &Draft, tokenizer: &TokenizerWrapper, o
     let mut prefixes = PrefixCache::new(opts.prompt_cache_size, opts.prompt_cache_bytes);
     let mut draft_prefixes = PrefixCache::new(opts.prompt_cache_size, opts.prompt_cache_bytes);
     let mut waiting: VecDeque<Job> = VecDeque::new();
-    let fresh = |prefixes: &mut PrefixCache, m: &Model, prompt: &[u32]| match prefixes.fetch(prompt) {
-        Ok(Some(cache)) => Ok(cache),
-        Ok(None) => PromptCache::with_options(&**m, opts.kv),
-        Err(e) => Err(e),
-    };
     loop {
         let job = match waiting.pop_front() {
             Some(job) => job,
@@ -211,7 +206,7 @@ fn run_speculative(model: &Model, draft: &Draft, tokenizer: &TokenizerWrapper, o
             in_flight.fetch_sub(1, Ordering::SeqCst);
             continue;
         }
-        let caches = fresh(&mut prefixes, model, &job.prompt).and_then(|c| Ok((c, fresh(&mut draft_prefixes, &draft.model, &job.prompt)?)));
+        let caches = start_cache(&mut prefixes, model, opts.kv, &job.prompt).and_then(|c| Ok((c, start_cache(&mut draft_prefixes, &draft.model, opts.kv, &job.prompt)?)));
         let (mut cache, mut draft_cache) = match caches {
             Ok(c) => c,
             Err(e) => {
@@ -263,12 +258,7 @@ fn admit(
         done(1);
         return;
     }
-    let cache = match prefixes.fetch(&job.prompt) {
-        Ok(Some(cache)) => Ok(cache),
-        Ok(None) => PromptCache::with_options(&**model, opts.kv),
-        Err(e) => Err(e),
-    };
-    match cache.and_then(|cache| gen.insert(&job.prompt, job.params, cache)) {
+    match start_cache(prefixes, model, opts.kv, &job.prompt).and_then(|cache| gen.insert(&job.prompt, job.params, cache)) {
         Ok(id) => {
             active.insert(id, job.events);
         }
@@ -276,5 +266,14 @@ fn admit(
             let _ = job.events.send(Event::Failed { message: e.to_string(), bad_request: true });
             done(1);
         }
+    }
+}
+
+/// The cache a prompt starts from: a copy of the kept one sharing its longest prefix, else an
+/// empty one of the engine's kind.
+fn start_cache(prefixes: &mut PrefixCache, model: &Model, kv: KvOptions, prompt: &[u32]) -> Result<PromptCache, lmx::GenerateError> {
+    match prefixes.fetch(prompt)? {
+        Some(cache) => Ok(cache),
+        None => PromptCache::with_options(&**model, kv),
     }
 }
