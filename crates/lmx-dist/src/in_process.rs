@@ -7,7 +7,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use lmx_core::{Result, Tensor};
 
-use crate::Group;
+use crate::{Group, Wait};
 
 #[derive(Debug, Default)]
 struct State {
@@ -60,7 +60,7 @@ impl InProcess {
     }
 
     /// Waits until every rank has arrived (a reusable barrier).
-    fn barrier<'a>(&'a self, mut state: std::sync::MutexGuard<'a, State>) -> Result<std::sync::MutexGuard<'a, State>> {
+    fn rendezvous<'a>(&'a self, mut state: std::sync::MutexGuard<'a, State>) -> Result<std::sync::MutexGuard<'a, State>> {
         let generation = state.generation;
         state.arrived += 1;
         if state.arrived == self.shared.size {
@@ -82,9 +82,9 @@ impl InProcess {
     fn exchange(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         let mut state = self.lock();
         state.slots[self.rank] = Some(x.clone());
-        let state = self.barrier(state)?;
+        let state = self.rendezvous(state)?;
         let all: Option<Vec<Tensor>> = state.slots.iter().cloned().collect();
-        drop(self.barrier(state)?);
+        drop(self.rendezvous(state)?);
         all.ok_or_else(|| lmx_core::Error::Msg("in-process group: a rank did not contribute to the collective".into()))
     }
 }
@@ -117,6 +117,20 @@ impl Group for InProcess {
         }
         self.lock().mail.entry((self.rank, dst)).or_default().push_back(x.clone());
         self.shared.changed.notify_all();
+        Ok(())
+    }
+
+    fn broadcast(&self, x: Option<&Tensor>, root: usize, _wait: Wait) -> Result<Tensor> {
+        if root >= self.size() {
+            lmx_core::bail!("broadcast from rank {root}: the group has {} ranks", self.size());
+        }
+        let empty = Tensor::zeros(0, lmx_core::DType::U8, &lmx_core::Device::Cpu)?;
+        let mine = if self.rank == root { x.ok_or_else(|| lmx_core::Error::Msg(format!("broadcast: the root rank {root} has no tensor to send")))? } else { &empty };
+        Ok(self.exchange(mine)?.swap_remove(root))
+    }
+
+    fn barrier(&self, _wait: Wait) -> Result<()> {
+        drop(self.rendezvous(self.lock())?);
         Ok(())
     }
 

@@ -4,12 +4,14 @@
 //! partial outputs of row-parallel products (`all_sum`), gather column-parallel outputs
 //! (`all_gather`) and pass activations between pipeline stages (`send`, `recv`). Backends:
 //! [`Single`] (a world of one: every collective is the identity), [`InProcess`] (ranks are
-//! threads of one process; tests run worlds of 2 and 3 with it). NCCL (GPU) and Open MPI (CPU)
-//! plug into the same trait.
+//! threads of one process; tests run worlds of 2 and 3 with it), [`Mpi`] (Open MPI: the
+//! processes `mpirun` / `lmx launch` started; every collective bounded by a timeout).
 
 mod in_process;
+pub mod mpi;
 
 pub use in_process::InProcess;
+pub use mpi::Mpi;
 
 use lmx_core::{Result, Tensor};
 
@@ -29,6 +31,34 @@ pub trait Group: Send + Sync + std::fmt::Debug {
     fn send(&self, x: &Tensor, dst: usize) -> Result<()>;
     /// Receives the next tensor rank `src` sent to this rank.
     fn recv(&self, src: usize) -> Result<Tensor>;
+    /// Rank `root`'s `x` (shape and dtype included) on every rank; the other ranks pass `None`
+    /// (or anything: it is ignored). `wait` bounds how long a rank waits for the root.
+    fn broadcast(&self, x: Option<&Tensor>, root: usize, wait: Wait) -> Result<Tensor>;
+    /// Returns once every rank has called it.
+    fn barrier(&self, wait: Wait) -> Result<()>;
+}
+
+/// How long a collective waits for the other ranks before it declares one of them stuck.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// The group's timeout (`lmx launch --timeout`): the ranks are computing the same thing
+    /// and arrive within moments of each other.
+    Collective,
+    /// This long (e.g. while every rank loads its shards).
+    For(std::time::Duration),
+    /// No bound: the root is waiting for a person (the next chat message). A rank that dies
+    /// still ends the job (the launcher stops the others).
+    Forever,
+}
+
+/// Rank `root`'s bytes on every rank (the others pass `None`).
+pub fn broadcast_bytes(group: &dyn Group, data: Option<&[u8]>, root: usize, wait: Wait) -> Result<Vec<u8>> {
+    let x = match (group.rank() == root, data) {
+        (true, Some(d)) => Some(Tensor::from_slice(d, d.len(), &lmx_core::Device::Cpu)?),
+        (true, None) => lmx_core::bail!("broadcast: the root rank {root} has nothing to send"),
+        (false, _) => None,
+    };
+    group.broadcast(x.as_ref(), root, wait)?.to_vec1::<u8>()
 }
 
 /// A world of one process: collectives are the identity.
@@ -53,6 +83,15 @@ impl Group for Single {
     }
     fn recv(&self, src: usize) -> Result<Tensor> {
         lmx_core::bail!("recv from rank {src}: a single-process group has no other rank")
+    }
+    fn broadcast(&self, x: Option<&Tensor>, root: usize, _wait: Wait) -> Result<Tensor> {
+        match (root, x) {
+            (0, Some(x)) => Ok(x.clone()),
+            _ => lmx_core::bail!("broadcast from rank {root}: a single-process group has only rank 0, which must pass its tensor"),
+        }
+    }
+    fn barrier(&self, _wait: Wait) -> Result<()> {
+        Ok(())
     }
 }
 

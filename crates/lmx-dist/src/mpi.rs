@@ -1,0 +1,600 @@
+//! Open MPI for CPU tensors, loaded when a process is started by `mpirun` (`lmx launch`).
+//!
+//! The library (`libmpi.so.40`, Open MPI 3 to 5) is opened at run time, so the `lmx` binary
+//! starts on machines without Open MPI and only `lmx launch` needs it. Handles are Open MPI's
+//! (pointers to its predefined objects, looked up by name); MPICH's ABI differs and is not
+//! supported.
+//!
+//! Every collective is issued non-blocking and waited for with a deadline: a rank that does
+//! not join within the group's timeout is named (the waiting ranks tell each other that they
+//! wait; the silent ones are the suspects) and the whole job is stopped with `MPI_Abort`,
+//! instead of hanging. A rank that dies is noticed by `mpirun`, which stops the others.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use lmx_core::{DType, Device, Result, Tensor};
+
+use crate::{Group, Wait};
+
+/// An Open MPI handle (`MPI_Comm`, `MPI_Datatype`, `MPI_Op`, `MPI_Request`, `MPI_Errhandler`
+/// are all pointers there).
+type Handle = *mut c_void;
+
+/// Open MPI's `MPI_Status` (its public fields, then two private ones).
+#[repr(C)]
+#[derive(Default)]
+struct Status {
+    source: c_int,
+    tag: c_int,
+    error: c_int,
+    cancelled: c_int,
+    ucount: usize,
+}
+
+const MPI_SUCCESS: c_int = 0;
+const MPI_ANY_SOURCE: c_int = -1;
+const MPI_THREAD_SERIALIZED: c_int = 2;
+const MPI_IN_PLACE: Handle = 1 as Handle;
+/// Tags of the point-to-point messages: a tensor's header, its data, and "I am waiting".
+const TAG_HEADER: c_int = 11;
+const TAG_DATA: c_int = 12;
+const TAG_WAITING: c_int = 13;
+/// How long the waiting ranks listen for each other before naming the silent ones.
+const HEAR_OTHERS: Duration = Duration::from_secs(2);
+
+type Fn0 = unsafe extern "C" fn() -> c_int;
+type FnPtr = unsafe extern "C" fn(*mut c_int) -> c_int;
+type FnComm = unsafe extern "C" fn(Handle, *mut c_int) -> c_int;
+
+/// The entry points and predefined handles lmx uses.
+struct Api {
+    init_thread: unsafe extern "C" fn(*mut c_int, *mut *mut *mut c_char, c_int, *mut c_int) -> c_int,
+    initialized: FnPtr,
+    finalized: FnPtr,
+    finalize: Fn0,
+    abort: unsafe extern "C" fn(Handle, c_int) -> c_int,
+    comm_rank: FnComm,
+    comm_size: FnComm,
+    comm_set_errhandler: unsafe extern "C" fn(Handle, Handle) -> c_int,
+    iallreduce: unsafe extern "C" fn(*const c_void, *mut c_void, c_int, Handle, Handle, Handle, *mut Handle) -> c_int,
+    iallgather: unsafe extern "C" fn(*const c_void, c_int, Handle, *mut c_void, c_int, Handle, Handle, *mut Handle) -> c_int,
+    iallgatherv: unsafe extern "C" fn(*const c_void, c_int, Handle, *mut c_void, *const c_int, *const c_int, Handle, Handle, *mut Handle) -> c_int,
+    ibcast: unsafe extern "C" fn(*mut c_void, c_int, Handle, c_int, Handle, *mut Handle) -> c_int,
+    ibarrier: unsafe extern "C" fn(Handle, *mut Handle) -> c_int,
+    isend: unsafe extern "C" fn(*const c_void, c_int, Handle, c_int, c_int, Handle, *mut Handle) -> c_int,
+    irecv: unsafe extern "C" fn(*mut c_void, c_int, Handle, c_int, c_int, Handle, *mut Handle) -> c_int,
+    iprobe: unsafe extern "C" fn(c_int, c_int, Handle, *mut c_int, *mut Status) -> c_int,
+    test: unsafe extern "C" fn(*mut Handle, *mut c_int, *mut Status) -> c_int,
+    error_string: unsafe extern "C" fn(c_int, *mut c_char, *mut c_int) -> c_int,
+    world: Handle,
+    float: Handle,
+    byte: Handle,
+    int: Handle,
+    sum: Handle,
+    errors_return: Handle,
+}
+
+// SAFETY: the handles are addresses of Open MPI's immutable predefined objects and the
+// functions are plain C entry points; calls are serialized by `Mpi::lock`.
+unsafe impl Send for Api {}
+// SAFETY: as above.
+unsafe impl Sync for Api {}
+
+fn library_names() -> Vec<String> {
+    match std::env::var("LMX_MPI_LIBRARY") {
+        Ok(path) => vec![path],
+        Err(_) => vec!["libmpi.so.40".into(), "libmpi.so".into()],
+    }
+}
+
+fn dlerror() -> String {
+    // SAFETY: dlerror returns null or a NUL-terminated string owned by libc.
+    unsafe {
+        let e = libc::dlerror();
+        if e.is_null() {
+            "unknown error".into()
+        } else {
+            CStr::from_ptr(e).to_string_lossy().into_owned()
+        }
+    }
+}
+
+impl Api {
+    fn load() -> std::result::Result<Api, String> {
+        let mut tried = Vec::new();
+        let mut lib = std::ptr::null_mut();
+        for name in library_names() {
+            let c = CString::new(name.clone()).map_err(|_| format!("LMX_MPI_LIBRARY {name:?} contains a NUL byte"))?;
+            // SAFETY: dlopen with a valid C string. RTLD_GLOBAL: Open MPI's plugins resolve
+            // libmpi's symbols through the global namespace.
+            lib = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+            if !lib.is_null() {
+                break;
+            }
+            tried.push(format!("{name}: {}", dlerror()));
+        }
+        if lib.is_null() {
+            return Err(format!(
+                "Open MPI's library could not be loaded ({}). Install Open MPI (Debian/Ubuntu: apt install openmpi-bin; Fedora: dnf install openmpi) or set LMX_MPI_LIBRARY to the path of libmpi.so.40",
+                tried.join("; ")
+            ));
+        }
+        let sym = |name: &str| -> std::result::Result<*mut c_void, String> {
+            let c = CString::new(name).map_err(|_| name.to_string())?;
+            // SAFETY: dlsym on a handle dlopen returned, with a valid C string.
+            let p = unsafe { libc::dlsym(lib, c.as_ptr()) };
+            if p.is_null() {
+                Err(format!("the MPI library has no symbol {name}: lmx needs Open MPI (3.x to 5.x), not MPICH or another MPI ({})", dlerror()))
+            } else {
+                Ok(p)
+            }
+        };
+        macro_rules! func {
+            ($name:literal) => {{
+                let p = sym($name)?;
+                // SAFETY: the symbol is the MPI function of that name; its C signature is the
+                // field's type (MPI standard, Open MPI's mpi.h).
+                unsafe { std::mem::transmute::<*mut c_void, _>(p) }
+            }};
+        }
+        Ok(Api {
+            init_thread: func!("MPI_Init_thread"),
+            initialized: func!("MPI_Initialized"),
+            finalized: func!("MPI_Finalized"),
+            finalize: func!("MPI_Finalize"),
+            abort: func!("MPI_Abort"),
+            comm_rank: func!("MPI_Comm_rank"),
+            comm_size: func!("MPI_Comm_size"),
+            comm_set_errhandler: func!("MPI_Comm_set_errhandler"),
+            iallreduce: func!("MPI_Iallreduce"),
+            iallgather: func!("MPI_Iallgather"),
+            iallgatherv: func!("MPI_Iallgatherv"),
+            ibcast: func!("MPI_Ibcast"),
+            ibarrier: func!("MPI_Ibarrier"),
+            isend: func!("MPI_Isend"),
+            irecv: func!("MPI_Irecv"),
+            iprobe: func!("MPI_Iprobe"),
+            test: func!("MPI_Test"),
+            error_string: func!("MPI_Error_string"),
+            world: sym("ompi_mpi_comm_world")?,
+            float: sym("ompi_mpi_float")?,
+            byte: sym("ompi_mpi_byte")?,
+            int: sym("ompi_mpi_int")?,
+            sum: sym("ompi_mpi_op_sum")?,
+            errors_return: sym("ompi_mpi_errors_return")?,
+        })
+    }
+
+    fn message(&self, code: c_int) -> String {
+        let mut buf = [0 as c_char; 512];
+        let mut len = 0;
+        // SAFETY: MPI_Error_string writes at most MPI_MAX_ERROR_STRING (256) bytes.
+        let rc = unsafe { (self.error_string)(code, buf.as_mut_ptr(), &mut len) };
+        if rc != MPI_SUCCESS {
+            return format!("MPI error {code}");
+        }
+        // SAFETY: the buffer is NUL-terminated by MPI_Error_string.
+        unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned()
+    }
+}
+
+static API: OnceLock<std::result::Result<Api, String>> = OnceLock::new();
+
+fn api() -> Result<&'static Api> {
+    API.get_or_init(Api::load).as_ref().map_err(|e| lmx_core::Error::Msg(e.clone()))
+}
+
+/// Whether this process was started by Open MPI's `mpirun` (as `lmx launch` does) in a world
+/// of more than one process.
+pub fn launched() -> bool {
+    std::env::var("OMPI_COMM_WORLD_SIZE").ok().and_then(|s| s.parse::<usize>().ok()).is_some_and(|n| n > 1)
+}
+
+/// Ends MPI in this process if it was started (`mpirun` reports a process that exits
+/// without it as failed). Call once, after the last collective.
+pub fn finalize() {
+    let Some(Ok(api)) = API.get() else { return };
+    let (mut init, mut fin) = (0, 0);
+    // SAFETY: these two may be called at any time.
+    unsafe {
+        (api.initialized)(&mut init);
+        (api.finalized)(&mut fin);
+        if init != 0 && fin == 0 {
+            (api.finalize)();
+        }
+    }
+}
+
+/// The processes `mpirun` started, as one [`Group`] over `MPI_COMM_WORLD`.
+#[derive(Debug)]
+pub struct Mpi {
+    rank: usize,
+    size: usize,
+    /// How long a collective waits for the other ranks ([`Wait::Collective`]).
+    timeout: Duration,
+    /// Collectives issued so far (named in timeout errors), and the lock that serializes MPI
+    /// calls (the library is initialized for one thread at a time).
+    calls: Mutex<u64>,
+}
+
+impl Mpi {
+    /// Initializes MPI (once per process) and returns the world; `timeout` bounds every
+    /// collective that does not say otherwise.
+    pub fn world(timeout: Duration) -> Result<Mpi> {
+        let api = api()?;
+        let mut init = 0;
+        // SAFETY: MPI_Initialized may be called before MPI_Init.
+        unsafe { (api.initialized)(&mut init) };
+        if init == 0 {
+            let mut provided = 0;
+            // SAFETY: null argc/argv are allowed by MPI-2 and later.
+            let rc = unsafe { (api.init_thread)(std::ptr::null_mut(), std::ptr::null_mut(), MPI_THREAD_SERIALIZED, &mut provided) };
+            if rc != MPI_SUCCESS {
+                lmx_core::bail!("MPI_Init_thread failed: {}", api.message(rc));
+            }
+            // Errors come back as return codes (reported with the operation) instead of
+            // aborting the job with Open MPI's generic message.
+            // SAFETY: both handles are Open MPI's predefined objects.
+            unsafe { (api.comm_set_errhandler)(api.world, api.errors_return) };
+        }
+        let (mut rank, mut size) = (0, 0);
+        // SAFETY: the world communicator exists once MPI is initialized.
+        unsafe {
+            (api.comm_rank)(api.world, &mut rank);
+            (api.comm_size)(api.world, &mut size);
+        }
+        Ok(Mpi { rank: rank as usize, size: size as usize, timeout, calls: Mutex::new(0) })
+    }
+
+    fn api(&self) -> &'static Api {
+        // Set before any `Mpi` exists.
+        match API.get() {
+            Some(Ok(api)) => api,
+            _ => unreachable!("an Mpi group exists only after the library loaded"),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, u64> {
+        self.calls.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs one MPI call under the lock, turning its return code into an error naming `what`.
+    fn call(&self, what: &str, f: impl FnOnce(&Api) -> c_int) -> Result<()> {
+        let rc = {
+            let _guard = self.lock();
+            f(self.api())
+        };
+        if rc != MPI_SUCCESS {
+            lmx_core::bail!("rank {}: MPI {what} failed: {}", self.rank, self.api().message(rc));
+        }
+        Ok(())
+    }
+
+    /// Starts the collective `what` (numbered), waits for it under `wait`.
+    fn collective(&self, what: &str, wait: Wait, start: impl FnOnce(&Api, *mut Handle) -> c_int) -> Result<()> {
+        let number = {
+            let mut calls = self.lock();
+            *calls += 1;
+            *calls
+        };
+        let mut request: Handle = std::ptr::null_mut();
+        self.call(what, |api| start(api, &mut request))?;
+        self.wait(&mut request, &format!("{what} #{number}"), wait)
+    }
+
+    /// Polls `request` until it completes: spinning briefly, then yielding, then sleeping, so
+    /// a waiting rank leaves the cores to ranks still computing.
+    fn wait(&self, request: &mut Handle, what: &str, wait: Wait) -> Result<()> {
+        let deadline = match wait {
+            Wait::Collective => Some(self.timeout),
+            Wait::For(d) => Some(d),
+            Wait::Forever => None,
+        };
+        let start = Instant::now();
+        let mut polls = 0u32;
+        loop {
+            let mut done = 0;
+            let mut status = Status::default();
+            self.call(what, |api| {
+                // SAFETY: `request` is an active request this rank started.
+                unsafe { (api.test)(request, &mut done, &mut status) }
+            })?;
+            if done != 0 {
+                return Ok(());
+            }
+            if let Some(limit) = deadline {
+                if start.elapsed() > limit {
+                    self.stuck(what, limit);
+                }
+            }
+            polls = polls.saturating_add(1);
+            if polls < 2000 {
+                std::hint::spin_loop();
+            } else if polls < 20_000 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+    }
+
+    /// A collective timed out: the waiting ranks tell each other so, the ones not heard from
+    /// are named, and the job stops.
+    fn stuck(&self, what: &str, waited: Duration) -> ! {
+        let api = self.api();
+        let note: &'static mut [u8; 1] = Box::leak(Box::new([1u8]));
+        let _guard = self.lock();
+        for peer in (0..self.size).filter(|&p| p != self.rank) {
+            let mut request: Handle = std::ptr::null_mut();
+            // SAFETY: the leaked one-byte buffer outlives the send.
+            unsafe { (api.isend)(note.as_ptr().cast(), 1, api.byte, peer as c_int, TAG_WAITING, api.world, &mut request) };
+        }
+        let mut waiting = vec![false; self.size];
+        waiting[self.rank] = true;
+        let until = Instant::now() + HEAR_OTHERS;
+        while Instant::now() < until {
+            let (mut found, mut status) = (0, Status::default());
+            // SAFETY: probing the world communicator.
+            unsafe { (api.iprobe)(MPI_ANY_SOURCE, TAG_WAITING, api.world, &mut found, &mut status) };
+            if found == 0 {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            let src = status.source;
+            if let Some(w) = usize::try_from(src).ok().and_then(|s| waiting.get_mut(s)) {
+                *w = true;
+            }
+            let buf: &'static mut [u8; 1] = Box::leak(Box::new([0u8]));
+            let mut request: Handle = std::ptr::null_mut();
+            // SAFETY: a matching message is pending; the leaked buffer outlives the receive.
+            unsafe {
+                (api.irecv)(buf.as_mut_ptr().cast(), 1, api.byte, src, TAG_WAITING, api.world, &mut request);
+                let mut done = 0;
+                while done == 0 {
+                    (api.test)(&mut request, &mut done, std::ptr::null_mut());
+                }
+            }
+        }
+        let list = |want: bool| waiting.iter().enumerate().filter(|(_, w)| **w == want).map(|(r, _)| r.to_string()).collect::<Vec<_>>().join(", ");
+        let silent = list(false);
+        if waiting.iter().position(|w| *w) == Some(self.rank) {
+            let who = if silent.is_empty() { "the ranks waited for different collectives".to_string() } else { format!("rank {silent} did not join") };
+            eprintln!(
+                "error: {what} timed out after {} s: {who} (ranks {} were waiting). Stopping all ranks. If a rank is only slow, raise `lmx launch --timeout` (LMX_DIST_TIMEOUT).",
+                waited.as_secs(),
+                list(true)
+            );
+        } else {
+            // The lowest waiting rank reports; this one stops the job only if it does not.
+            std::thread::sleep(HEAR_OTHERS);
+        }
+        // SAFETY: aborting the world ends every rank of the job.
+        unsafe { (api.abort)(api.world, 3) };
+        std::process::exit(3)
+    }
+
+    fn count(n: usize, what: &str) -> Result<c_int> {
+        c_int::try_from(n).map_err(|_| lmx_core::Error::Msg(format!("{what}: {n} elements is more than one MPI message holds (2^31 - 1)")))
+    }
+}
+
+/// A dtype's code in headers.
+const DTYPES: [(DType, u64); 7] = [(DType::U8, 1), (DType::U32, 2), (DType::I64, 3), (DType::F64, 4), (DType::F32, 5), (DType::BF16, 6), (DType::F16, 7)];
+
+/// The dtype a tensor travels in: its own, except half types as f32 (exact, and MPI has no
+/// half type).
+fn wire_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::BF16 | DType::F16 => DType::F32,
+        d => d,
+    }
+}
+
+fn code_of(dtype: DType) -> Result<u64> {
+    DTYPES.iter().find(|(d, _)| *d == dtype).map(|(_, c)| *c).ok_or_else(|| lmx_core::Error::Msg(format!("MPI: tensors of dtype {dtype:?} cannot be sent")))
+}
+
+fn dtype_of_code(code: u64) -> Result<DType> {
+    DTYPES.iter().find(|(_, c)| *c == code).map(|(d, _)| *d).ok_or_else(|| lmx_core::Error::Msg(format!("MPI: a tensor header names an unknown dtype code {code}")))
+}
+
+/// The tensor's elements as bytes (in its wire dtype), on the CPU.
+fn to_bytes(x: &Tensor) -> Result<Vec<u8>> {
+    let wire = wire_dtype(x.dtype());
+    let flat = x.to_device(&Device::Cpu)?.to_dtype(wire)?.flatten_all()?;
+    fn raw<T: Copy>(v: Vec<T>) -> Vec<u8> {
+        let n = std::mem::size_of_val(v.as_slice());
+        // SAFETY: plain numeric values, read as the bytes they are.
+        unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), n) }.to_vec()
+    }
+    Ok(match wire {
+        DType::U8 => flat.to_vec1::<u8>()?,
+        DType::U32 => raw(flat.to_vec1::<u32>()?),
+        DType::I64 => raw(flat.to_vec1::<i64>()?),
+        DType::F64 => raw(flat.to_vec1::<f64>()?),
+        _ => raw(flat.to_vec1::<f32>()?),
+    })
+}
+
+/// A header: wire dtype code, rank, then the dims (at most 8).
+const HEADER: usize = 10;
+
+fn header(x: &Tensor) -> Result<[u64; HEADER]> {
+    let dims = x.dims();
+    if dims.len() > HEADER - 2 {
+        lmx_core::bail!("MPI: tensors of rank {} cannot be sent (at most {})", dims.len(), HEADER - 2);
+    }
+    let mut h = [0u64; HEADER];
+    h[0] = code_of(x.dtype())?;
+    h[1] = dims.len() as u64;
+    for (slot, d) in h[2..].iter_mut().zip(dims) {
+        *slot = *d as u64;
+    }
+    Ok(h)
+}
+
+/// The dims a header describes.
+fn dims_of(h: &[u64; HEADER]) -> Vec<usize> {
+    h[2..2 + (h[1] as usize).min(HEADER - 2)].iter().map(|&d| d as usize).collect()
+}
+
+/// How many bytes the tensor a header describes takes on the wire.
+fn wire_len(h: &[u64; HEADER]) -> Result<usize> {
+    Ok(dims_of(h).iter().product::<usize>() * wire_dtype(dtype_of_code(h[0])?).size_in_bytes())
+}
+
+/// The tensor a header and its bytes describe, in its own dtype, on `device`.
+fn from_header(h: &[u64; HEADER], bytes: &[u8], device: &Device) -> Result<Tensor> {
+    let dtype = dtype_of_code(h[0])?;
+    Tensor::from_raw_buffer(bytes, wire_dtype(dtype), &dims_of(h), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)
+}
+
+fn header_bytes(h: &mut [u64; HEADER]) -> (*mut c_void, c_int) {
+    (h.as_mut_ptr().cast(), (HEADER * 8) as c_int)
+}
+
+impl Group for Mpi {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn all_sum(&self, x: &Tensor) -> Result<Tensor> {
+        // Summed in f32 whatever the dtype (MPI has no bf16), rounded once at the end.
+        let mut data = x.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let n = Self::count(data.len(), "all_sum")?;
+        self.collective("all_sum", Wait::Collective, |api, req| {
+            // SAFETY: `data` holds n floats and lives until the request completes.
+            unsafe { (api.iallreduce)(MPI_IN_PLACE, data.as_mut_ptr().cast(), n, api.float, api.sum, api.world, req) }
+        })?;
+        Tensor::from_vec(data, x.shape(), &Device::Cpu)?.to_dtype(x.dtype())?.to_device(x.device())
+    }
+
+    fn all_gather(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
+        let mine = to_bytes(x)?;
+        let mut sizes = vec![0 as c_int; self.size];
+        let my_size = Self::count(mine.len(), "all_gather")?;
+        let my_dim = c_int::try_from(x.dim(dim)?).map_err(|_| lmx_core::Error::Msg("all_gather: dimension too large".into()))?;
+        // Each rank's byte count and its size along `dim`.
+        let mut both = vec![0 as c_int; 2 * self.size];
+        let pair = [my_size, my_dim];
+        self.collective("all_gather (sizes)", Wait::Collective, |api, req| {
+            // SAFETY: 2 ints sent, 2 per rank received into `both`.
+            unsafe { (api.iallgather)(pair.as_ptr().cast(), 2, api.int, both.as_mut_ptr().cast(), 2, api.int, api.world, req) }
+        })?;
+        for (s, p) in sizes.iter_mut().zip(both.chunks(2)) {
+            *s = p[0];
+        }
+        let mut displs = Vec::with_capacity(self.size);
+        let mut total = 0usize;
+        for s in &sizes {
+            displs.push(Self::count(total, "all_gather")?);
+            total += *s as usize;
+        }
+        let mut all = vec![0u8; total];
+        self.collective("all_gather", Wait::Collective, |api, req| {
+            // SAFETY: counts and displacements describe `all`, which outlives the request.
+            unsafe { (api.iallgatherv)(mine.as_ptr().cast(), my_size, api.byte, all.as_mut_ptr().cast(), sizes.as_ptr(), displs.as_ptr(), api.byte, api.world, req) }
+        })?;
+        let wire = wire_dtype(x.dtype());
+        let mut parts = Vec::with_capacity(self.size);
+        for r in 0..self.size {
+            let mut dims = x.dims().to_vec();
+            dims[dim] = both[2 * r + 1] as usize;
+            let start = displs[r] as usize;
+            let bytes = &all[start..start + sizes[r] as usize];
+            parts.push(Tensor::from_raw_buffer(bytes, wire, &dims, &Device::Cpu)?);
+        }
+        Tensor::cat(&parts, dim)?.to_dtype(x.dtype())?.to_device(x.device())
+    }
+
+    fn broadcast(&self, x: Option<&Tensor>, root: usize, wait: Wait) -> Result<Tensor> {
+        if root >= self.size {
+            lmx_core::bail!("broadcast from rank {root}: the group has {} ranks", self.size);
+        }
+        let (mut h, mut data) = match (self.rank == root, x) {
+            (true, Some(x)) => (header(x)?, to_bytes(x)?),
+            (true, None) => lmx_core::bail!("broadcast: the root rank {root} has no tensor to send"),
+            (false, _) => ([0u64; HEADER], Vec::new()),
+        };
+        let (hp, hn) = header_bytes(&mut h);
+        self.collective("broadcast (header)", wait, |api, req| {
+            // SAFETY: the header buffer outlives the request.
+            unsafe { (api.ibcast)(hp, hn, api.byte, root as c_int, api.world, req) }
+        })?;
+        data.resize(wire_len(&h)?, 0);
+        let n = Self::count(data.len(), "broadcast")?;
+        self.collective("broadcast", Wait::Collective, |api, req| {
+            // SAFETY: `data` holds n bytes on every rank and outlives the request.
+            unsafe { (api.ibcast)(data.as_mut_ptr().cast(), n, api.byte, root as c_int, api.world, req) }
+        })?;
+        from_header(&h, &data, x.map_or(&Device::Cpu, |x| x.device()))
+    }
+
+    fn barrier(&self, wait: Wait) -> Result<()> {
+        self.collective("barrier", wait, |api, req| {
+            // SAFETY: a barrier on the world communicator.
+            unsafe { (api.ibarrier)(api.world, req) }
+        })
+    }
+
+    fn send(&self, x: &Tensor, dst: usize) -> Result<()> {
+        if dst >= self.size || dst == self.rank {
+            lmx_core::bail!("send to rank {dst}: rank {} of {} cannot send there", self.rank, self.size);
+        }
+        let mut h = header(x)?;
+        let data = to_bytes(x)?;
+        let n = Self::count(data.len(), "send")?;
+        let (hp, hn) = header_bytes(&mut h);
+        let (mut r1, mut r2): (Handle, Handle) = (std::ptr::null_mut(), std::ptr::null_mut());
+        let what = format!("send to rank {dst}");
+        // SAFETY: both buffers outlive their requests (waited for below).
+        self.call(&what, |api| unsafe { (api.isend)(hp, hn, api.byte, dst as c_int, TAG_HEADER, api.world, &mut r1) })?;
+        self.call(&what, |api| unsafe { (api.isend)(data.as_ptr().cast(), n, api.byte, dst as c_int, TAG_DATA, api.world, &mut r2) })?;
+        self.wait(&mut r1, &what, Wait::Collective)?;
+        self.wait(&mut r2, &what, Wait::Collective)
+    }
+
+    fn recv(&self, src: usize) -> Result<Tensor> {
+        if src >= self.size || src == self.rank {
+            lmx_core::bail!("recv from rank {src}: rank {} of {} cannot receive from there", self.rank, self.size);
+        }
+        let what = format!("recv from rank {src}");
+        let mut h = [0u64; HEADER];
+        let (hp, hn) = header_bytes(&mut h);
+        let mut r: Handle = std::ptr::null_mut();
+        // SAFETY: the header buffer outlives the request.
+        self.call(&what, |api| unsafe { (api.irecv)(hp, hn, api.byte, src as c_int, TAG_HEADER, api.world, &mut r) })?;
+        self.wait(&mut r, &what, Wait::Collective)?;
+        let mut data = vec![0u8; wire_len(&h)?];
+        let n = Self::count(data.len(), "recv")?;
+        // SAFETY: `data` holds n bytes and outlives the request.
+        self.call(&what, |api| unsafe { (api.irecv)(data.as_mut_ptr().cast(), n, api.byte, src as c_int, TAG_DATA, api.world, &mut r) })?;
+        self.wait(&mut r, &what, Wait::Collective)?;
+        from_header(&h, &data, &Device::Cpu)
+    }
+}
+
+/// The `mpirun` command that starts `np` ranks (on the hosts of an Open MPI `hostfile`, else
+/// here), with the settings lmx's ranks need; append the program and its arguments.
+/// Processes are not pinned to cores (each rank runs its own thread pool), more ranks than
+/// cores are allowed, shared memory is copied without `ptrace` permissions (containers
+/// forbid them), and root may run it (containers again).
+pub fn mpirun(np: usize, hostfile: Option<&std::path::Path>) -> std::process::Command {
+    let mut cmd = std::process::Command::new(std::env::var_os("LMX_MPIRUN").unwrap_or_else(|| "mpirun".into()));
+    cmd.arg("-np").arg(np.to_string());
+    if let Some(h) = hostfile {
+        cmd.arg("--hostfile").arg(h);
+    }
+    cmd.args(["--oversubscribe", "--bind-to", "none", "--mca", "btl_vader_single_copy_mechanism", "none"]);
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } == 0 {
+        cmd.arg("--allow-run-as-root");
+    }
+    cmd
+}
