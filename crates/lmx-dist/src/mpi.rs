@@ -48,26 +48,40 @@ type Fn0 = unsafe extern "C" fn() -> c_int;
 type FnPtr = unsafe extern "C" fn(*mut c_int) -> c_int;
 type FnComm = unsafe extern "C" fn(Handle, *mut c_int) -> c_int;
 
+type MpiInitThread = unsafe extern "C" fn(*mut c_int, *mut *mut *mut c_char, c_int, *mut c_int) -> c_int;
+type MpiAbort = unsafe extern "C" fn(Handle, c_int) -> c_int;
+type MpiCommSetErrhandler = unsafe extern "C" fn(Handle, Handle) -> c_int;
+type MpiIallreduce = unsafe extern "C" fn(*const c_void, *mut c_void, c_int, Handle, Handle, Handle, *mut Handle) -> c_int;
+type MpiIallgather = unsafe extern "C" fn(*const c_void, c_int, Handle, *mut c_void, c_int, Handle, Handle, *mut Handle) -> c_int;
+type MpiIallgatherv = unsafe extern "C" fn(*const c_void, c_int, Handle, *mut c_void, *const c_int, *const c_int, Handle, Handle, *mut Handle) -> c_int;
+type MpiIbcast = unsafe extern "C" fn(*mut c_void, c_int, Handle, c_int, Handle, *mut Handle) -> c_int;
+type MpiIbarrier = unsafe extern "C" fn(Handle, *mut Handle) -> c_int;
+type MpiIsend = unsafe extern "C" fn(*const c_void, c_int, Handle, c_int, c_int, Handle, *mut Handle) -> c_int;
+type MpiIrecv = unsafe extern "C" fn(*mut c_void, c_int, Handle, c_int, c_int, Handle, *mut Handle) -> c_int;
+type MpiIprobe = unsafe extern "C" fn(c_int, c_int, Handle, *mut c_int, *mut Status) -> c_int;
+type MpiTest = unsafe extern "C" fn(*mut Handle, *mut c_int, *mut Status) -> c_int;
+type MpiErrorString = unsafe extern "C" fn(c_int, *mut c_char, *mut c_int) -> c_int;
+
 /// The entry points and predefined handles lmx uses.
 struct Api {
-    init_thread: unsafe extern "C" fn(*mut c_int, *mut *mut *mut c_char, c_int, *mut c_int) -> c_int,
+    init_thread: MpiInitThread,
     initialized: FnPtr,
     finalized: FnPtr,
     finalize: Fn0,
-    abort: unsafe extern "C" fn(Handle, c_int) -> c_int,
+    abort: MpiAbort,
     comm_rank: FnComm,
     comm_size: FnComm,
-    comm_set_errhandler: unsafe extern "C" fn(Handle, Handle) -> c_int,
-    iallreduce: unsafe extern "C" fn(*const c_void, *mut c_void, c_int, Handle, Handle, Handle, *mut Handle) -> c_int,
-    iallgather: unsafe extern "C" fn(*const c_void, c_int, Handle, *mut c_void, c_int, Handle, Handle, *mut Handle) -> c_int,
-    iallgatherv: unsafe extern "C" fn(*const c_void, c_int, Handle, *mut c_void, *const c_int, *const c_int, Handle, Handle, *mut Handle) -> c_int,
-    ibcast: unsafe extern "C" fn(*mut c_void, c_int, Handle, c_int, Handle, *mut Handle) -> c_int,
-    ibarrier: unsafe extern "C" fn(Handle, *mut Handle) -> c_int,
-    isend: unsafe extern "C" fn(*const c_void, c_int, Handle, c_int, c_int, Handle, *mut Handle) -> c_int,
-    irecv: unsafe extern "C" fn(*mut c_void, c_int, Handle, c_int, c_int, Handle, *mut Handle) -> c_int,
-    iprobe: unsafe extern "C" fn(c_int, c_int, Handle, *mut c_int, *mut Status) -> c_int,
-    test: unsafe extern "C" fn(*mut Handle, *mut c_int, *mut Status) -> c_int,
-    error_string: unsafe extern "C" fn(c_int, *mut c_char, *mut c_int) -> c_int,
+    comm_set_errhandler: MpiCommSetErrhandler,
+    iallreduce: MpiIallreduce,
+    iallgather: MpiIallgather,
+    iallgatherv: MpiIallgatherv,
+    ibcast: MpiIbcast,
+    ibarrier: MpiIbarrier,
+    isend: MpiIsend,
+    irecv: MpiIrecv,
+    iprobe: MpiIprobe,
+    test: MpiTest,
+    error_string: MpiErrorString,
     world: Handle,
     float: Handle,
     byte: Handle,
@@ -132,32 +146,32 @@ impl Api {
             }
         };
         macro_rules! func {
-            ($name:literal) => {{
+            ($name:literal, $ty:ty) => {{
                 let p = sym($name)?;
-                // SAFETY: the symbol is the MPI function of that name; its C signature is the
-                // field's type (MPI standard, Open MPI's mpi.h).
-                unsafe { std::mem::transmute::<*mut c_void, _>(p) }
+                // SAFETY: the symbol is the MPI function of that name; its C signature is
+                // `$ty` (MPI standard, Open MPI's mpi.h).
+                unsafe { std::mem::transmute::<*mut c_void, $ty>(p) }
             }};
         }
         Ok(Api {
-            init_thread: func!("MPI_Init_thread"),
-            initialized: func!("MPI_Initialized"),
-            finalized: func!("MPI_Finalized"),
-            finalize: func!("MPI_Finalize"),
-            abort: func!("MPI_Abort"),
-            comm_rank: func!("MPI_Comm_rank"),
-            comm_size: func!("MPI_Comm_size"),
-            comm_set_errhandler: func!("MPI_Comm_set_errhandler"),
-            iallreduce: func!("MPI_Iallreduce"),
-            iallgather: func!("MPI_Iallgather"),
-            iallgatherv: func!("MPI_Iallgatherv"),
-            ibcast: func!("MPI_Ibcast"),
-            ibarrier: func!("MPI_Ibarrier"),
-            isend: func!("MPI_Isend"),
-            irecv: func!("MPI_Irecv"),
-            iprobe: func!("MPI_Iprobe"),
-            test: func!("MPI_Test"),
-            error_string: func!("MPI_Error_string"),
+            init_thread: func!("MPI_Init_thread", MpiInitThread),
+            initialized: func!("MPI_Initialized", FnPtr),
+            finalized: func!("MPI_Finalized", FnPtr),
+            finalize: func!("MPI_Finalize", Fn0),
+            abort: func!("MPI_Abort", MpiAbort),
+            comm_rank: func!("MPI_Comm_rank", FnComm),
+            comm_size: func!("MPI_Comm_size", FnComm),
+            comm_set_errhandler: func!("MPI_Comm_set_errhandler", MpiCommSetErrhandler),
+            iallreduce: func!("MPI_Iallreduce", MpiIallreduce),
+            iallgather: func!("MPI_Iallgather", MpiIallgather),
+            iallgatherv: func!("MPI_Iallgatherv", MpiIallgatherv),
+            ibcast: func!("MPI_Ibcast", MpiIbcast),
+            ibarrier: func!("MPI_Ibarrier", MpiIbarrier),
+            isend: func!("MPI_Isend", MpiIsend),
+            irecv: func!("MPI_Irecv", MpiIrecv),
+            iprobe: func!("MPI_Iprobe", MpiIprobe),
+            test: func!("MPI_Test", MpiTest),
+            error_string: func!("MPI_Error_string", MpiErrorString),
             world: sym("ompi_mpi_comm_world")?,
             float: sym("ompi_mpi_float")?,
             byte: sym("ompi_mpi_byte")?,
