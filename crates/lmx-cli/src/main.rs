@@ -3,6 +3,7 @@
 
 mod alloc;
 mod cmd;
+mod dist;
 
 use std::process::ExitCode;
 
@@ -32,8 +33,9 @@ Try:
   lmx convert --hf-path MODEL --mlx-path MODEL-4bit -q      # MLX's 4-bit format
   lmx lora --train --data DATA_DIR --adapter-path adapters  # LoRA fine-tuning with mlx_lm.lora's flags
   lmx serve --port 8080                                     # OpenAI- and Anthropic-compatible API server
+  lmx launch -n 2 -- generate --prompt \"Hello\"             # 2 processes, the model split between them
 
-Commands: generate, chat, convert, lora, fuse, serve, perplexity, benchmark, cache-prompt. `lmx help` lists them,
+Commands: generate, chat, convert, lora, fuse, serve, perplexity, benchmark, cache-prompt, launch. `lmx help` lists them,
 `lmx COMMAND --help` shows a command's flags.";
 
 /// Run, quantize, fine-tune and chat with large language models on your own machine.
@@ -63,6 +65,9 @@ enum Command {
     Lora(Box<cmd::lora::Args>),
     /// Fuse trained adapters into a standalone model folder (mlx_lm.fuse).
     Fuse(cmd::fuse::Args),
+    /// Run a command as several ranks, here or across machines, the model split between them
+    /// (mlx.launch's flags and hostfile; Open MPI starts the processes).
+    Launch(cmd::launch::Args),
     /// Serve the model over HTTP: OpenAI chat/completions/Responses and Anthropic Messages,
     /// streaming, tools, JSON-schema output, continuous batching (mlx_lm.server).
     Serve(Box<cmd::serve::Args>),
@@ -88,10 +93,12 @@ fn tune_allocator() {
 }
 
 fn main() -> ExitCode {
+    dist::prepare();
     // candle asks for the thread count on every matmul and, unless RAYON_NUM_THREADS is set,
     // answers by parsing /proc/cpuinfo (4% of decode time). Fix it once, before any thread
     // starts.
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        THREADS_CHOSEN.store(true, std::sync::atomic::Ordering::SeqCst);
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
@@ -102,7 +109,36 @@ fn main() -> ExitCode {
         println!("{START}");
         return ExitCode::SUCCESS;
     };
-    let result = match command {
+    if let Command::Launch(args) = command {
+        return match cmd::launch::run(args) {
+            Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+            Err(e) => {
+                eprintln!("error: lmx launch: {}", error_line(&e));
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let result = run(command).and_then(|()| dist::finish());
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            dist::report_error(&error_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    if dist::launched() {
+        match &command {
+            Command::Generate(_) => dist::join("generate")?,
+            Command::Chat(_) => dist::join("chat")?,
+            Command::Perplexity(_) => dist::join("perplexity")?,
+            Command::Benchmark(_) => dist::join("benchmark")?,
+            _ => anyhow::bail!("this command does not run under lmx launch (generate, chat, perplexity and benchmark do); run it without launch"),
+        }
+    }
+    match command {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Chat(args) => cmd::chat::run(args),
         Command::CachePrompt(args) => cmd::cache_prompt::run(args),
@@ -112,14 +148,21 @@ fn main() -> ExitCode {
         Command::Lora(args) => cmd::lora::run(*args),
         Command::Fuse(args) => cmd::fuse::run(args),
         Command::Serve(args) => cmd::serve::run(*args),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {}", error_line(&e));
-            ExitCode::FAILURE
-        }
+        Command::Launch(_) => anyhow::bail!("lmx launch cannot run under lmx launch"),
     }
+}
+
+/// Whether lmx chose RAYON_NUM_THREADS itself (the user did not set it): `lmx launch` then
+/// leaves it to each rank to take its share of its host's cores.
+pub static THREADS_CHOSEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The process the signal thread passes Ctrl-C (SIGINT, SIGTERM, SIGHUP) on to, instead of
+/// exiting: `lmx launch`'s mpirun, which stops the ranks and then exits itself.
+static FORWARD_SIGNALS_TO: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// Passes this process's termination signals on to `pid` from now on.
+pub fn forward_signals_to(pid: u32) {
+    FORWARD_SIGNALS_TO.store(i32::try_from(pid).unwrap_or(0), std::sync::atomic::Ordering::SeqCst);
 }
 
 /// An error and its causes on one line, each cause once: a message that already quotes its
@@ -154,7 +197,12 @@ fn remove_temporaries_on_signals() {
         let waiter = std::thread::Builder::new().name("lmx-signals".into()).spawn(move || {
             let mut sig = 0;
             // SAFETY: `set` is initialised and blocked in this thread.
-            if libc::sigwait(&set, &mut sig) == 0 {
+            while libc::sigwait(&set, &mut sig) == 0 {
+                let child = FORWARD_SIGNALS_TO.load(std::sync::atomic::Ordering::SeqCst);
+                if child > 0 {
+                    libc::kill(child, sig);
+                    continue;
+                }
                 lmx::io::temp::remove_registered();
                 std::process::exit(128 + sig);
             }

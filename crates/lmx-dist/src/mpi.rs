@@ -231,6 +231,8 @@ pub struct Mpi {
     /// Collectives issued so far (named in timeout errors), and the lock that serializes MPI
     /// calls (the library is initialized for one thread at a time).
     calls: Mutex<u64>,
+    /// Nanoseconds spent in collectives and point-to-point transfers.
+    busy_ns: std::sync::atomic::AtomicU64,
 }
 
 impl Mpi {
@@ -259,7 +261,12 @@ impl Mpi {
             (api.comm_rank)(api.world, &mut rank);
             (api.comm_size)(api.world, &mut size);
         }
-        Ok(Mpi { rank: rank as usize, size: size as usize, timeout, calls: Mutex::new(0) })
+        Ok(Mpi { rank: rank as usize, size: size as usize, timeout, calls: Mutex::new(0), busy_ns: Default::default() })
+    }
+
+    /// Collectives issued so far, and the time spent in them and in transfers.
+    pub fn stats(&self) -> (u64, Duration) {
+        (*self.lock(), Duration::from_nanos(self.busy_ns.load(std::sync::atomic::Ordering::Relaxed)))
     }
 
     fn api(&self) -> &'static Api {
@@ -307,6 +314,7 @@ impl Mpi {
             Wait::Forever => None,
         };
         let start = Instant::now();
+        let _busy = Busy(&self.busy_ns, start);
         let mut polls = 0u32;
         loop {
             let mut done = 0;
@@ -391,6 +399,15 @@ impl Mpi {
 
     fn count(n: usize, what: &str) -> Result<c_int> {
         c_int::try_from(n).map_err(|_| lmx_core::Error::Msg(format!("{what}: {n} elements is more than one MPI message holds (2^31 - 1)")))
+    }
+}
+
+/// Adds the time since its start to a counter when dropped.
+struct Busy<'a>(&'a std::sync::atomic::AtomicU64, Instant);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(self.1.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

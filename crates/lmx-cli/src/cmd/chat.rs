@@ -48,6 +48,7 @@ const MESSAGES_KEY: &str = "chat_messages";
 pub fn run(args: Args) -> anyhow::Result<()> {
     let kv = args.kv.options()?;
     let (model, tokenizer) = args.model.load()?;
+    crate::dist::refuse("--prompt-cache-file", args.prompt_cache_file.is_some())?;
     anyhow::ensure!(tokenizer.has_chat_template(), "model `{}` has no chat template, so it cannot chat; use `lmx generate --ignore-chat-template`", args.model.model);
     let interactive = std::io::stdin().is_terminal();
     eprintln!("[INFO] Starting chat session with {}.\n{HELP}", args.model.model);
@@ -63,8 +64,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if interactive {
             eprint!(">> ");
         }
-        let Some(line) = lines.next() else { break };
-        let query = line?;
+        // Under lmx launch, rank 0 reads the line and every rank gets it.
+        let Some(query) = crate::dist::from_root(|| Ok(lines.next().transpose()?))? else { break };
         match query.trim() {
             "q" => break,
             "r" => {
@@ -74,6 +75,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             "h" => {
                 eprintln!("{HELP}");
+                continue;
+            }
+            q if q.starts_with("s ") && crate::dist::group().is_some() => {
+                eprintln!("[ERROR] Saving a session does not work under lmx launch yet (each rank holds only its shard of the KV cache).");
                 continue;
             }
             q if q.starts_with("s ") => {
@@ -90,7 +95,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         messages.push(Message::new("user", query));
         let prompt = tokenizer.chat_prompt(&messages, None)?;
-        let params = GenerateParams { max_tokens: args.max_tokens, sampler: sampler(args.temp, args.top_p, 0, 0.0, Some(args.seed), None), ..Default::default() };
+        let params = GenerateParams { max_tokens: args.max_tokens, sampler: sampler(args.temp, args.top_p, 0, 0.0, Some(args.seed), None)?, ..Default::default() };
         let mut reply = String::new();
         let mut last = None;
         for r in lmx::stream_generate(&model, &tokenizer, &prompt, &mut cache, params) {

@@ -86,6 +86,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let prompt_text = if prompts_file.is_some() { String::new() } else { read_prompt(&args.prompt)? };
     let extra = template_config(args.chat_template_config.as_deref())?;
     let (model, mut tokenizer) = args.model.load()?;
+    crate::dist::refuse("--prompt-cache-file", args.prompt_cache_file.is_some())?;
     for tok in &args.extra_eos_token {
         let id = tok.parse::<u32>().ok().or_else(|| tokenizer.token_to_id(tok));
         let id = id.with_context(|| format!("--extra-eos-token `{tok}` is neither a token of this tokenizer nor a token id"))?;
@@ -110,7 +111,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         presence_penalty: args.presence_penalty,
         frequency_penalty: args.frequency_penalty,
         logit_bias: logit_bias(args.logit_bias.as_deref(), tokenizer.vocab_size())?,
-        ..sampler(args.sampling.temp, args.sampling.top_p, args.sampling.top_k, args.sampling.min_p, args.seed, args.repetition_penalty)
+        ..sampler(args.sampling.temp, args.sampling.top_p, args.sampling.top_k, args.sampling.min_p, args.seed, args.repetition_penalty)?
     };
     let params = GenerateParams { max_tokens: args.max_tokens, sampler, ignore_eos: args.ignore_eos, ..Default::default() };
     if let Some(prompts) = prompts_file {
@@ -194,7 +195,7 @@ impl Prompt {
 /// The prompts of `path` with their line numbers: plain lines, or JSON objects with "prompt"
 /// or "messages"; blank lines skipped.
 fn read_prompts(path: &std::path::Path) -> anyhow::Result<Vec<(usize, Prompt)>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("--prompts-file {}", path.display()))?;
+    let text = crate::dist::from_root(|| std::fs::read_to_string(path).with_context(|| format!("--prompts-file {}", path.display())))?;
     let mut prompts = Vec::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let at = || format!("--prompts-file {} line {}", path.display(), i + 1);

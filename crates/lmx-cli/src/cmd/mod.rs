@@ -6,6 +6,7 @@ pub mod chat;
 pub mod convert;
 pub mod fuse;
 pub mod generate;
+pub mod launch;
 pub mod lora;
 pub mod perplexity;
 pub mod serve;
@@ -48,7 +49,9 @@ impl ModelArgs {
             Some(dir) => Some(lmx::AdapterOptions::from_dir(dir).with_context(|| format!("--adapter-path {}", dir.display()))?),
             None => None,
         };
-        load_model(&self.model, &lmx::LoadOptions { dtype, device, adapters, ..Default::default() })
+        let loaded = load_model(&self.model, &lmx::LoadOptions { dtype, device, adapters, group: crate::dist::group() })?;
+        crate::dist::loaded()?;
+        Ok(loaded)
     }
 }
 
@@ -106,9 +109,11 @@ pub fn read_prompt(arg: &str) -> anyhow::Result<String> {
     if arg != "-" {
         return Ok(unescape(arg));
     }
-    let mut s = String::new();
-    std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("reading the prompt from stdin")?;
-    Ok(s)
+    crate::dist::from_root(|| {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("reading the prompt from stdin")?;
+        Ok(s)
+    })
 }
 
 /// Replaces the literal escapes `\n` and `\t`.
@@ -163,8 +168,20 @@ pub struct SamplingArgs {
 }
 
 /// Sampling flags shared by generate and chat.
-pub fn sampler(temp: f32, top_p: f32, top_k: usize, min_p: f32, seed: Option<u64>, repetition_penalty: Option<f32>) -> lmx::SamplerParams {
-    lmx::SamplerParams { temp, top_p, top_k, min_p, seed, repetition_penalty, ..Default::default() }
+/// Under `lmx launch` without `--seed`, rank 0 draws the seed and every rank uses it, so
+/// all ranks sample the same tokens.
+pub fn sampler(temp: f32, top_p: f32, top_k: usize, min_p: f32, seed: Option<u64>, repetition_penalty: Option<f32>) -> anyhow::Result<lmx::SamplerParams> {
+    let seed = match seed {
+        None if crate::dist::group().is_some() => Some(crate::dist::from_root(|| Ok(rand_seed()))?),
+        s => s,
+    };
+    Ok(lmx::SamplerParams { temp, top_p, top_k, min_p, seed, repetition_penalty, ..Default::default() })
+}
+
+/// A seed from the clock and the process id.
+fn rand_seed() -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 32)
 }
 
 /// The chat template variables of `--chat-template-config` (a JSON object).

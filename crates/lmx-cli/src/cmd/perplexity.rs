@@ -42,7 +42,8 @@ fn read_text(path: &PathBuf) -> anyhow::Result<String> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let text = read_text(&args.data)?;
+    // Under lmx launch: rank 0's file, so other hosts need no copy.
+    let text = crate::dist::from_root(|| read_text(&args.data))?;
     let (model, tokenizer) = args.model.load()?;
     let tokens = tokenizer.encode(&text, true)?;
     anyhow::ensure!(

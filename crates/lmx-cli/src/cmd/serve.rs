@@ -96,7 +96,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.max_tokens >= 1, "--max-tokens must be at least 1");
     let s = &args.sampling;
     let defaults = lmx_server::Defaults { temperature: s.temp, top_p: s.top_p, top_k: s.top_k, min_p: s.min_p, max_tokens: args.max_tokens, chat_template_args };
-    super::sampler(s.temp, s.top_p, s.top_k, s.min_p, None, None).validate().context("--temp / --top-p / --min-p")?;
+    super::sampler(s.temp, s.top_p, s.top_k, s.min_p, None, None)?.validate().context("--temp / --top-p / --min-p")?;
     let (model, tokenizer) = args.model.load()?;
     let device = lmx::core::parse_device(&args.model.device)?;
     let dtype = args.model.dtype.as_deref().map(lmx::core::parse_dtype).transpose()?;

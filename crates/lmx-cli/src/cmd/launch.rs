@@ -1,0 +1,238 @@
+//! `lmx launch`: runs an lmx command as several ranks (`mlx.launch`'s flags and hostfile),
+//! started by Open MPI's `mpirun`, which places the processes (here or over ssh), forwards
+//! stdin to rank 0 and output back, and stops every rank when one fails or on Ctrl-C. Rank 0
+//! alone prints; mpirun's own multi-line notices are condensed into one line naming the rank.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+/// Flags of `lmx launch`.
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Examples:\n  lmx launch -n 2 -- generate --prompt \"Hello\"          # 2 ranks here, the model split between them\n  lmx launch --hosts h1,h2 -- chat                        # one rank on each host, over ssh\n  lmx launch --hostfile hosts.json -- perplexity --data text.txt"
+)]
+pub struct Args {
+    /// Ranks per host (all on this machine unless --hosts or --hostfile).
+    #[arg(short = 'n', long = "repeat-hosts", default_value_t = 1)]
+    pub repeat_hosts: usize,
+    /// Comma-separated hosts to run on (reached over ssh; 127.0.0.1 is this machine).
+    #[arg(long, conflicts_with = "hostfile")]
+    pub hosts: Option<String>,
+    /// mlx.launch's JSON hostfile: a list of {"ssh": host, "ips": [...]}, or an object
+    /// {"backend", "envs": ["K=V"], "hosts": [...]}.
+    #[arg(long)]
+    pub hostfile: Option<PathBuf>,
+    /// Collective backend: mpi (CPU tensors, Open MPI).
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// KEY=VALUE set in every rank's environment (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    pub envs: Vec<String>,
+    /// A raw argument for mpirun (repeatable).
+    #[arg(long = "mpi-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub mpi_args: Vec<String>,
+    /// Working directory of the ranks on remote hosts.
+    #[arg(long)]
+    pub cwd: Option<PathBuf>,
+    /// Seconds a rank waits in a collective for the others before naming the one missing
+    /// and stopping the job.
+    #[arg(long, default_value_t = 20.0)]
+    pub timeout: f64,
+    /// Show mpirun's own messages whole and the command line it runs.
+    #[arg(long)]
+    pub verbose: bool,
+    /// The command: an lmx command and its flags (`generate ...`), or any program.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// The lmx commands that run under launch; any other first word is a program run as-is.
+const COMMANDS: &[&str] = &["generate", "chat", "perplexity", "benchmark", "cache-prompt", "convert", "lora", "fuse", "serve"];
+
+/// A host of mlx.launch's hostfile.
+#[derive(serde::Deserialize)]
+struct Host {
+    ssh: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    ips: Vec<String>,
+}
+
+/// mlx.launch's hostfile, either form.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Hostfile {
+    List(Vec<Host>),
+    Object {
+        #[serde(default)]
+        backend: Option<String>,
+        #[serde(default)]
+        envs: Vec<String>,
+        hosts: Vec<Host>,
+    },
+}
+
+pub fn run(args: Args) -> anyhow::Result<i32> {
+    anyhow::ensure!(args.repeat_hosts > 0, "-n/--repeat-hosts must be at least 1");
+    anyhow::ensure!(args.timeout > 0.0, "--timeout must be a positive number of seconds");
+    let (hosts, file_backend, mut envs) = match &args.hostfile {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("--hostfile {}", path.display()))?;
+            let hint = "a list of {\"ssh\": \"host\", \"ips\": [...]} or {\"backend\": ..., \"envs\": [...], \"hosts\": [...]}";
+            let file: Hostfile = serde_json::from_str(&text).with_context(|| format!("--hostfile {}: expected mlx.launch's format, {hint}", path.display()))?;
+            match file {
+                Hostfile::List(hosts) => (hosts.into_iter().map(|h| h.ssh).collect(), None, Vec::new()),
+                Hostfile::Object { backend, envs, hosts } => (hosts.into_iter().map(|h| h.ssh).collect(), backend, envs),
+            }
+        }
+        None => (args.hosts.as_deref().unwrap_or("127.0.0.1").split(',').map(|h| h.trim().to_string()).filter(|h| !h.is_empty()).collect::<Vec<_>>(), None, Vec::new()),
+    };
+    anyhow::ensure!(!hosts.is_empty(), "no hosts to run on: --hosts or the hostfile's \"hosts\" is empty");
+    let backend = args.backend.clone().or(file_backend).unwrap_or_else(|| "mpi".into());
+    anyhow::ensure!(backend == "mpi", "--backend {backend}: lmx launch runs the mpi backend (Open MPI, CPU tensors); nccl is not built yet");
+    envs.extend(args.envs.iter().cloned());
+    for e in &envs {
+        anyhow::ensure!(e.split_once('=').is_some_and(|(k, _)| !k.is_empty()), "--env {e:?}: expected KEY=VALUE");
+    }
+    let local = hosts.iter().all(|h| h == "127.0.0.1" || h == "localhost");
+    let np = hosts.len() * args.repeat_hosts;
+    // mpirun's hostfile: each host with as many slots as ranks it runs.
+    let hostfile = if local {
+        None
+    } else {
+        let text: String = hosts.iter().map(|h| format!("{h} slots={}\n", args.repeat_hosts)).collect();
+        let path = std::env::temp_dir().join(format!("lmx-launch-hosts-{}", std::process::id()));
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        Some(path)
+    };
+    let mut cmd = lmx::dist::mpi::mpirun(np, hostfile.as_deref());
+    if let Some(dir) = &args.cwd {
+        cmd.arg("-wdir").arg(dir);
+    }
+    envs.push(format!("LMX_DIST_TIMEOUT={}", args.timeout));
+    for e in &envs {
+        cmd.arg("-x").arg(e);
+    }
+    cmd.args(&args.mpi_args);
+    if crate::THREADS_CHOSEN.load(std::sync::atomic::Ordering::SeqCst) {
+        cmd.env_remove("RAYON_NUM_THREADS");
+    }
+    cmd.arg("--");
+    if COMMANDS.contains(&args.command[0].as_str()) {
+        cmd.arg(std::env::current_exe().context("finding the lmx binary to launch")?);
+    }
+    cmd.args(&args.command);
+    if args.verbose {
+        eprintln!("[lmx launch] {np} ranks: {cmd:?}");
+    }
+    cmd.stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => anyhow::anyhow!("mpirun was not found: install Open MPI (Debian/Ubuntu: apt install openmpi-bin) or set LMX_MPIRUN to its path"),
+        _ => anyhow::anyhow!("starting mpirun: {e}"),
+    })?;
+    crate::forward_signals_to(child.id());
+    let stderr = child.stderr.take().context("mpirun's stderr")?;
+    let summary = relay(stderr, args.verbose);
+    let status = child.wait().context("waiting for mpirun")?;
+    if let Some(path) = hostfile {
+        let _ = std::fs::remove_file(path);
+    }
+    if status.success() {
+        return Ok(0);
+    }
+    if let Some(line) = summary {
+        eprintln!("error: {line}");
+    }
+    Ok(status.code().unwrap_or(1).max(1))
+}
+
+/// Copies mpirun's stderr to ours, line by line. Its notices (blocks between lines of
+/// dashes) are condensed: a rank killed by a signal becomes one line (returned, printed once
+/// the job is over), notices about a rank that failed and already said why are dropped, and
+/// others pass through whole. `verbose` passes everything through.
+fn relay(stderr: std::process::ChildStderr, verbose: bool) -> Option<String> {
+    let mut out = std::io::stderr();
+    let mut block: Option<Vec<String>> = None;
+    let mut summary = None;
+    for line in std::io::BufReader::new(stderr).lines() {
+        let Ok(line) = line else { break };
+        let rule = line.len() > 20 && line.chars().all(|c| c == '-');
+        if verbose {
+            let _ = writeln!(out, "{line}");
+            continue;
+        }
+        match (&mut block, rule) {
+            (None, true) => block = Some(Vec::new()),
+            (None, false) => {
+                let _ = writeln!(out, "{line}");
+            }
+            (Some(lines), false) => lines.push(line),
+            (Some(lines), true) => {
+                let text = lines.join("\n");
+                match condense(&text) {
+                    Notice::Summary(s) => summary = summary.or(Some(s)),
+                    Notice::Drop => {}
+                    Notice::Keep => {
+                        let _ = writeln!(out, "{text}");
+                    }
+                }
+                block = None;
+            }
+        }
+    }
+    if let Some(lines) = block {
+        let _ = writeln!(out, "{}", lines.join("\n"));
+    }
+    summary
+}
+
+enum Notice {
+    Summary(String),
+    Drop,
+    Keep,
+}
+
+/// What to make of one of mpirun's notices.
+fn condense(text: &str) -> Notice {
+    let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    // "mpirun noticed that process rank 1 with PID 123 on node h exited on signal 9 (Killed)."
+    if let Some(at) = flat.find("noticed that process rank ") {
+        let rest = &flat[at + "noticed that process rank ".len()..];
+        let rank = rest.split(' ').next().unwrap_or("?");
+        let how = rest.find("exited on").map_or("exited", |i| rest[i..].trim_end_matches('.'));
+        let node = rest.find("on node ").map(|i| rest[i + 8..].split(' ').next().unwrap_or("?")).unwrap_or("?");
+        return Notice::Summary(format!("rank {rank} (on {node}) {how}; lmx launch stopped the other ranks"));
+    }
+    // Our own timeout already printed its error before calling MPI_Abort; a rank that
+    // returned an error printed it; mpirun's follow-ups say the same again.
+    if flat.contains("MPI_ABORT was invoked") || flat.contains("returned a non-zero exit code") || flat.contains("exited with non-zero status") {
+        return Notice::Drop;
+    }
+    Notice::Keep
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mpirun_notices_become_one_line() {
+        let killed = "mpirun noticed that process rank 1 with PID 0 on node dev exited on signal 9 (Killed).";
+        match condense(killed) {
+            Notice::Summary(s) => assert_eq!(s, "rank 1 (on dev) exited on signal 9 (Killed); lmx launch stopped the other ranks"),
+            _ => panic!("not summarized"),
+        }
+        assert!(matches!(condense("MPI_ABORT was invoked on rank 0 in communicator MPI_COMM_WORLD\nwith errorcode 3."), Notice::Drop));
+        assert!(matches!(condense("There are not enough slots available in the system"), Notice::Keep));
+    }
+
+    #[test]
+    fn both_hostfile_forms_parse() {
+        let list: Hostfile = serde_json::from_str(r#"[{"ssh": "h1", "ips": ["10.0.0.1"]}, {"ssh": "h2"}]"#).expect("list");
+        assert!(matches!(list, Hostfile::List(h) if h.len() == 2 && h[1].ssh == "h2"));
+        let object: Hostfile = serde_json::from_str(r#"{"backend": "mpi", "envs": ["A=1"], "hosts": [{"ssh": "h1", "ips": []}]}"#).expect("object");
+        assert!(matches!(object, Hostfile::Object { backend: Some(b), envs, hosts } if b == "mpi" && envs == ["A=1"] && hosts.len() == 1));
+    }
+}
