@@ -379,15 +379,13 @@ impl Mpi {
                 }
             }
         }
-        let list = |want: bool| waiting.iter().enumerate().filter(|(_, w)| **w == want).map(|(r, _)| r.to_string()).collect::<Vec<_>>().join(", ");
-        let silent = list(false);
+        let ranks = |want: bool| {
+            let list: Vec<String> = waiting.iter().enumerate().filter(|(_, w)| **w == want).map(|(r, _)| r.to_string()).collect();
+            format!("{} {}", if list.len() == 1 { "rank" } else { "ranks" }, list.join(", "))
+        };
         if waiting.iter().position(|w| *w) == Some(self.rank) {
-            let who = if silent.is_empty() { "the ranks waited for different collectives".to_string() } else { format!("rank {silent} did not join") };
-            eprintln!(
-                "error: {what} timed out after {} s: {who} (ranks {} were waiting). Stopping all ranks. If a rank is only slow, raise `lmx launch --timeout` (LMX_DIST_TIMEOUT).",
-                waited.as_secs(),
-                list(true)
-            );
+            let who = if waiting.iter().all(|w| *w) { "every rank waited, each in a different collective".to_string() } else { format!("{} did not join ({} waited)", ranks(false), ranks(true)) };
+            eprintln!("error: {what} timed out after {} s: {who}. Stopping all ranks. If a rank is only slow, raise `lmx launch --timeout` (LMX_DIST_TIMEOUT).", waited.as_secs());
         } else {
             // The lowest waiting rank reports; this one stops the job only if it does not.
             std::thread::sleep(HEAR_OTHERS);

@@ -165,6 +165,8 @@ fn relay(stderr: std::process::ChildStderr, verbose: bool) -> Option<String> {
         }
         match (&mut block, rule) {
             (None, true) => block = Some(Vec::new()),
+            // A known harmless complaint of Open MPI 4 when a job is aborted.
+            (None, false) if line.contains("ORTE_ERROR_LOG: Data unpack would read past end of buffer") => {}
             (None, false) => {
                 let _ = writeln!(out, "{line}");
             }

@@ -4,6 +4,7 @@
 mod errors;
 mod generate;
 mod kill;
+mod launch;
 mod loading;
 mod lora;
 mod quantize;

@@ -1,0 +1,166 @@
+//! `lmx launch` for real: Open MPI's mpirun starts 2 and 3 ranks of this lmx binary on this
+//! machine, each holding its shard of the default model (SmolLM2-135M: 9 query heads, 3
+//! key/value heads, split unevenly). Greedy f32 output equals one process's; stdin reaches
+//! rank 0; a killed or stopped rank ends the job with one line naming it.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{default_model, lmx, lmx_stdin};
+
+const PROMPT: &str = "Write a haiku about the sea.";
+
+fn launch(n: usize, args: &[&str], stdin: Option<&str>) -> Output {
+    let n = n.to_string();
+    let mut all = vec!["launch", "-n", &n, "--"];
+    all.extend_from_slice(args);
+    match stdin {
+        Some(text) => lmx_stdin(&all, text),
+        None => lmx(&all),
+    }
+}
+
+fn text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn check(out: &Output, what: &str) {
+    assert!(out.status.success(), "{what} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn tensor_parallel_generation_equals_one_process() {
+    let model = default_model();
+    let args = ["generate", "--model", &model, "--dtype", "float32", "-p", PROMPT, "-m", "32"];
+    let alone = lmx(&args);
+    check(&alone, "lmx generate");
+    assert!(text(&alone).len() > 40, "too little text: {:?}", text(&alone));
+    for n in [2, 3] {
+        let out = launch(n, &args, None);
+        check(&out, "lmx launch");
+        assert_eq!(text(&out), text(&alone), "{n} ranks generated other text than one process");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.matches("Generation:").count(), 1, "statistics from more than rank 0:\n{stderr}");
+        assert!(!stderr.contains("[rank"), "a rank complained:\n{stderr}");
+    }
+}
+
+#[test]
+fn stdin_reaches_rank_0_and_chat_works() {
+    let model = default_model();
+    let args = ["generate", "--model", &model, "-p", "-", "-m", "12"];
+    let alone = lmx_stdin(&args, "What is the capital of France?");
+    check(&alone, "lmx generate");
+    let out = launch(2, &args, Some("What is the capital of France?"));
+    check(&out, "lmx launch generate -p -");
+    assert_eq!(text(&out), text(&alone));
+    // Two turns of chat: every line is read by rank 0 and given to rank 1.
+    let chat = ["chat", "--model", &model, "-m", "12"];
+    let turns = "Hi, who are you?\nAnd what can you do?\nq\n";
+    let alone = lmx_stdin(&chat, turns);
+    check(&alone, "lmx chat");
+    let out = launch(2, &chat, Some(turns));
+    check(&out, "lmx launch chat");
+    assert_eq!(text(&out), text(&alone));
+    assert_eq!(text(&out).lines().filter(|l| !l.is_empty()).count(), 2, "expected two replies: {:?}", text(&out));
+}
+
+#[test]
+fn perplexity_under_launch_equals_one_process() {
+    let model = default_model();
+    let data = crate::repo_root().join("LICENSE");
+    let data = data.to_string_lossy();
+    let args = ["perplexity", "--model", &model, "--dtype", "float32", "--data", &data, "--sequence-length", "64", "--num-samples", "3"];
+    let alone = lmx(&args);
+    check(&alone, "lmx perplexity");
+    let out = launch(2, &args, None);
+    check(&out, "lmx launch perplexity");
+    assert!(text(&alone).starts_with("Perplexity: "), "{}", text(&alone));
+    assert_eq!(text(&out), text(&alone));
+}
+
+#[test]
+fn commands_that_do_not_shard_are_refused() {
+    let out = launch(2, &["convert", "--hf-path", "x", "--mlx-path", "y"], None);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("does not run under lmx launch"), "{stderr}");
+    let out = lmx(&["launch", "--backend", "ring", "--", "generate"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--backend ring"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The pid of rank `rank` of the job whose ranks carry `LMX_TEST_TAG=tag`, once it exists.
+fn rank_pid(tag: &str, rank: usize) -> Option<i32> {
+    let want = [format!("LMX_TEST_TAG={tag}"), format!("OMPI_COMM_WORLD_RANK={rank}")];
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(env) = std::fs::read(entry.path().join("environ")) else { continue };
+        let vars: Vec<&[u8]> = env.split(|b| *b == 0).collect();
+        if want.iter().all(|w| vars.contains(&w.as_bytes())) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// Starts a long generation over 2 ranks, sends `signal` to rank 1 once it is decoding, and
+/// returns how long the job took to end after that, and its stderr.
+fn signal_rank_1(signal: i32, tag: &str, timeout: &str) -> (Output, Duration) {
+    let model = default_model();
+    let tag_env = format!("LMX_TEST_TAG={tag}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lmx"))
+        .args(["launch", "-n", "2", "--timeout", timeout, "--env", &tag_env, "--", "generate", "--model", &model, "-p", "Tell me a long story.", "-m", "100000", "--ignore-eos"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("lmx launch starts");
+    // Rank 0 prints as it decodes: wait for its first words.
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut first = [0u8; 16];
+    std::io::Read::read_exact(&mut stdout, &mut first).expect("the ranks start generating");
+    let pid = rank_pid(tag, 1).expect("rank 1's process");
+    // SAFETY: sending a signal to a process of this test.
+    unsafe { libc::kill(pid, signal) };
+    let sent = Instant::now();
+    let drain = std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    let deadline = sent + Duration::from_secs(60);
+    while child.try_wait().expect("wait").is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let took = sent.elapsed();
+    if child.try_wait().expect("wait").is_none() {
+        let _ = child.kill();
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let out = child.wait_with_output().expect("lmx launch ends");
+    let _ = drain.join();
+    let _ = std::io::stderr().flush();
+    (out, took)
+}
+
+#[test]
+fn a_killed_rank_ends_the_job_with_its_name() {
+    let (out, took) = signal_rank_1(libc::SIGKILL, &format!("kill-{}", std::process::id()), "20");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("ended {took:?} after the kill:\n{stderr}");
+    assert!(!out.status.success(), "the job succeeded although rank 1 was killed");
+    assert!(took < Duration::from_secs(30), "the job took {took:?} to end");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "expected one error line:\n{stderr}");
+    assert!(errors[0].contains("rank 1") && errors[0].contains("signal 9"), "{stderr}");
+}
+
+#[test]
+fn a_stopped_rank_is_named_after_the_timeout() {
+    let (out, took) = signal_rank_1(libc::SIGSTOP, &format!("stop-{}", std::process::id()), "3");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("ended {took:?} after the stop:\n{stderr}");
+    assert!(!out.status.success(), "the job succeeded although rank 1 was stopped");
+    assert!(took < Duration::from_secs(30), "the job took {took:?} to end");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "expected one error line:\n{stderr}");
+    assert!(errors[0].contains("rank 1 did not join") && errors[0].contains("(rank 0 waited)"), "{stderr}");
+}
