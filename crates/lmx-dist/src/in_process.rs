@@ -134,7 +134,7 @@ impl Group for InProcess {
         Ok(())
     }
 
-    fn recv(&self, src: usize) -> Result<Tensor> {
+    fn recv(&self, src: usize, _wait: Wait) -> Result<Tensor> {
         if src >= self.size() {
             lmx_core::bail!("recv from rank {src}: the group has {} ranks", self.size());
         }
@@ -173,7 +173,7 @@ mod tests {
                         let gathered = g.all_gather(&parts, 0)?.to_vec1::<f32>()?;
                         // A ring: each rank sends to the next and receives from the previous.
                         g.send(&x, (g.rank() + 1) % 3)?;
-                        let got = g.recv((g.rank() + 2) % 3)?.to_vec1::<f32>()?;
+                        let got = g.recv((g.rank() + 2) % 3, Wait::Collective)?.to_vec1::<f32>()?;
                         Ok((sum, gathered, got))
                     })
                 })
@@ -201,6 +201,6 @@ mod tests {
         b.abort();
         let err = waiter.join().expect("thread").expect_err("aborted");
         assert!(err.to_string().contains("aborted"), "{err}");
-        assert!(b.recv(0).is_err());
+        assert!(b.recv(0, Wait::Collective).is_err());
     }
 }

@@ -29,8 +29,8 @@ pub trait Group: Send + Sync + std::fmt::Debug {
     fn all_gather(&self, x: &Tensor, dim: usize) -> Result<Tensor>;
     /// Sends `x` to rank `dst` (returns once it is handed over).
     fn send(&self, x: &Tensor, dst: usize) -> Result<()>;
-    /// Receives the next tensor rank `src` sent to this rank.
-    fn recv(&self, src: usize) -> Result<Tensor>;
+    /// Receives the next tensor rank `src` sent to this rank, waiting at most as `wait` says.
+    fn recv(&self, src: usize, wait: Wait) -> Result<Tensor>;
     /// Rank `root`'s `x` (shape and dtype included) on every rank; the other ranks pass `None`
     /// (or anything: it is ignored). `wait` bounds how long a rank waits for the root.
     fn broadcast(&self, x: Option<&Tensor>, root: usize, wait: Wait) -> Result<Tensor>;
@@ -81,7 +81,7 @@ impl Group for Single {
     fn send(&self, _x: &Tensor, dst: usize) -> Result<()> {
         lmx_core::bail!("send to rank {dst}: a single-process group has no other rank")
     }
-    fn recv(&self, src: usize) -> Result<Tensor> {
+    fn recv(&self, src: usize, _wait: Wait) -> Result<Tensor> {
         lmx_core::bail!("recv from rank {src}: a single-process group has no other rank")
     }
     fn broadcast(&self, x: Option<&Tensor>, root: usize, _wait: Wait) -> Result<Tensor> {

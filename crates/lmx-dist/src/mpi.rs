@@ -589,7 +589,7 @@ impl Group for Mpi {
         self.wait(&mut r2, &what, Wait::Collective)
     }
 
-    fn recv(&self, src: usize) -> Result<Tensor> {
+    fn recv(&self, src: usize, wait: Wait) -> Result<Tensor> {
         if src >= self.size || src == self.rank {
             lmx_core::bail!("recv from rank {src}: rank {} of {} cannot receive from there", self.rank, self.size);
         }
@@ -599,7 +599,7 @@ impl Group for Mpi {
         let mut r: Handle = std::ptr::null_mut();
         // SAFETY: the header buffer outlives the request.
         self.call(&what, |api| unsafe { (api.irecv)(hp, hn, api.byte, src as c_int, TAG_HEADER, api.world, &mut r) })?;
-        self.wait(&mut r, &what, Wait::Collective)?;
+        self.wait(&mut r, &what, wait)?;
         let mut data = vec![0u8; wire_len(&h)?];
         let n = Self::count(data.len(), "recv")?;
         // SAFETY: `data` holds n bytes and outlives the request.

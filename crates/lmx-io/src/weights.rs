@@ -171,6 +171,16 @@ impl Weights {
         }
     }
 
+    /// Marks every tensor under `prefix` (`model.layers.3` covers `model.layers.3.*`) as
+    /// left out on purpose, without reading it: the layers another pipeline stage holds.
+    pub fn skip_prefix(&self, prefix: &str) {
+        let dotted = format!("{prefix}.");
+        let mut used = self.inner.used.lock().unwrap_or_else(|e| e.into_inner());
+        for key in self.inner.index.keys().filter(|k| k.starts_with(&dotted)) {
+            used.insert(key.clone());
+        }
+    }
+
     /// Reads tensor `key` whatever its shape (for conversion, which copies every tensor).
     pub fn tensor(&self, key: &str) -> Result<Tensor> {
         self.read(key, None)

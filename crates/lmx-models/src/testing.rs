@@ -19,14 +19,27 @@ fn fixture_dir(model_type: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(model_type)
 }
 
+/// How a world splits the model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Split {
+    Tensor,
+    Pipeline,
+}
+
 /// The fixture model, built in `dtype` as one rank of `group` (None: unsharded).
 fn load(model_type: &str, dtype: DType, group: Option<Arc<dyn Group>>) -> Box<dyn CausalLm> {
+    load_split(model_type, dtype, group, Split::Tensor)
+}
+
+fn load_split(model_type: &str, dtype: DType, group: Option<Arc<dyn Group>>, split: Split) -> Box<dyn CausalLm> {
     let dir = fixture_dir(model_type);
     let config = lmx_io::config::read_json(&dir.join("config.json")).expect("fixture config.json");
     let weights = Weights::from_safetensors(&[dir.join("model.safetensors")]).expect("fixture weights");
     let mut vb = Builder::new(weights, dtype, &Device::Cpu);
-    if let Some(g) = group {
-        vb = vb.with_group(g);
+    match (group, split) {
+        (Some(g), Split::Tensor) => vb = vb.with_group(g),
+        (Some(g), Split::Pipeline) => vb = vb.with_pipeline(g),
+        (None, _) => {}
     }
     let model = load_model(model_type, &config, &vb).expect("model builds");
     vb.finish(is_ignored_key).expect("every checkpoint key is used");
@@ -109,10 +122,10 @@ fn check_architecture(model_type: &str) {
     assert!(d <= 3e-2 * scale, "{model_type} bf16 logits differ from transformers by {d} at {at}");
 }
 
-/// Every rank of an in-process world of `size` builds its shard of the model and runs the
-/// batch (whole, then prefill + cached decode); each rank's logits equal the unsharded ones
-/// within 1e-5 of the logit scale.
-fn check_sharded(model_type: &str, size: usize) {
+/// Every rank of an in-process world of `size` builds its shard of the model (a share of
+/// every layer, or a range of layers) and runs the batch (whole, then prefill + cached
+/// decode); each rank's logits equal the unsharded ones within 1e-5 of the logit scale.
+fn check_sharded(model_type: &str, size: usize, split: Split) {
     let Golden { input_ids, scale, .. } = golden(model_type);
     let whole = load(model_type, DType::F32, None);
     let want = whole.forward(&input_ids, &mut whole.new_cache(), Logits::All).expect("forward");
@@ -124,7 +137,7 @@ fn check_sharded(model_type: &str, size: usize) {
                 s.spawn(move || {
                     // A failing rank aborts the group, so the others fail too instead of hanging.
                     let guard = AbortOnPanic(g.clone());
-                    let model = load(model_type, DType::F32, Some(Arc::new(g)));
+                    let model = load_split(model_type, DType::F32, Some(Arc::new(g)), split);
                     let full = model.forward(&ids, &mut model.new_cache(), Logits::All).expect("sharded forward");
                     let mut cache = model.new_cache();
                     let mut parts = vec![model.forward(&ids.narrow(1, 0, 6).expect("n"), &mut cache, Logits::All).expect("prefill")];
@@ -141,8 +154,8 @@ fn check_sharded(model_type: &str, size: usize) {
     for (rank, (full, cached)) in results.iter().enumerate() {
         for (what, got) in [("forward", full), ("cached decode", cached)] {
             let (d, at) = max_diff(got, &want);
-            println!("{model_type} world {size} rank {rank} {what}: max |logit diff| {d:.3e} at {at}");
-            assert!(d <= 1e-5 * scale, "{model_type}: rank {rank} of {size}: sharded {what} differs from the unsharded model by {d} at {at}");
+            println!("{model_type} {split:?} world {size} rank {rank} {what}: max |logit diff| {d:.3e} at {at}");
+            assert!(d <= 1e-5 * scale, "{model_type}: rank {rank} of {size} ({split:?}): sharded {what} differs from the unsharded model by {d} at {at}");
         }
     }
 }
@@ -167,9 +180,27 @@ fn every_architecture_matches_its_golden_fixture() {
 fn every_architecture_sharded_over_two_and_three_ranks_equals_the_whole_model() {
     for a in ARCHITECTURES {
         for size in [2, 3] {
-            check_sharded(a.model_type, size);
+            check_sharded(a.model_type, size, Split::Tensor);
         }
     }
+}
+
+/// Pipeline stages (a contiguous range of layers each) over 2 ranks, and over 3 where the
+/// fixture has 3 layers or more; a pipeline longer than the model is a clear error.
+#[test]
+fn every_architecture_as_a_pipeline_equals_the_whole_model() {
+    for a in ARCHITECTURES {
+        let config = lmx_io::config::read_json(&fixture_dir(a.model_type).join("config.json")).expect("config");
+        let layers = config.get("num_hidden_layers").and_then(|v| v.as_u64()).expect("num_hidden_layers") as usize;
+        for size in [2, 3].into_iter().filter(|&s| s <= layers) {
+            check_sharded(a.model_type, size, Split::Pipeline);
+        }
+    }
+    let dir = fixture_dir("llama");
+    let config = lmx_io::config::read_json(&dir.join("config.json")).expect("config");
+    let vb = Builder::new(Weights::from_safetensors(&[dir.join("model.safetensors")]).expect("w"), DType::F32, &Device::Cpu).with_pipeline(Arc::new(InProcess::world(3).remove(2)));
+    let err = load_model("llama", &config, &vb).err().expect("3 stages of 2 layers").to_string();
+    assert!(err.contains("more stages than the model's 2 layers"), "{err}");
 }
 
 /// The llama fixture quantized to 4 bits (groups of 32) in memory: sharded over 2 ranks it

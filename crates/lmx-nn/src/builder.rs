@@ -43,6 +43,8 @@ struct Shared {
     adapters: Option<Arc<AdapterPlan>>,
     training: Option<Arc<Training>>,
     group: Arc<dyn Group>,
+    /// The pipeline this process is one stage of: it holds a contiguous range of layers.
+    pipeline: Option<Arc<dyn Group>>,
 }
 
 /// Builds layers from a checkpoint (see the module docs). Cheap to clone; `pp` descends one
@@ -57,7 +59,7 @@ impl Builder {
     /// Layers computing in `dtype` on `device` from `weights`, unquantized, unadapted, on a
     /// single rank.
     pub fn new(weights: Weights, dtype: DType, device: &Device) -> Self {
-        let shared = Shared { weights, quantization: None, dtype, device: device.clone(), adapters: None, training: None, group: Arc::new(Single) };
+        let shared = Shared { weights, quantization: None, dtype, device: device.clone(), adapters: None, training: None, group: Arc::new(Single), pipeline: None };
         Self { shared: Arc::new(shared), prefix: String::new() }
     }
 
@@ -116,6 +118,30 @@ impl Builder {
     /// The device layers are placed on.
     pub fn device(&self) -> &Device {
         &self.shared.device
+    }
+
+    /// This process is one stage of the pipeline `group`: the decoder builds only its range
+    /// of layers ([`Builder::pipeline_layers`]) and passes activations on to the next stage.
+    pub fn with_pipeline(self, group: Arc<dyn Group>) -> Self {
+        self.edit(|s| s.pipeline = Some(group))
+    }
+
+    /// The pipeline this process is a stage of, if any.
+    pub fn pipeline(&self) -> Option<&Arc<dyn Group>> {
+        self.shared.pipeline.as_ref()
+    }
+
+    /// The layers of `num_layers` this process builds: all, or its stage's contiguous share.
+    pub fn pipeline_layers(&self, num_layers: usize) -> Range<usize> {
+        match &self.shared.pipeline {
+            Some(g) => lmx_dist::split_range(num_layers, 1, g.rank(), g.size()),
+            None => 0..num_layers,
+        }
+    }
+
+    /// Leaves every tensor under this prefix unread on purpose (another stage's layer).
+    pub fn skip(&self) {
+        self.shared.weights.skip_prefix(&self.prefix);
     }
 
     /// The tensor-parallel group (a single rank unless [`Builder::with_group`]).

@@ -195,6 +195,11 @@ impl DecoderConfig {
     }
 }
 
+/// How long a pipeline stage waits for the previous one's hidden states (or for the last
+/// one's logits): several stages' share of a long prompt on a large model can take minutes
+/// on a CPU. A rank that dies still ends the job at once (the launcher notices).
+const PIPELINE_WAIT: lmx_dist::Wait = lmx_dist::Wait::For(std::time::Duration::from_secs(600));
+
 /// What differs around the layer stack between families (Gemma's, against Llama's defaults).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DecoderStyle {
@@ -211,7 +216,11 @@ pub struct DecoderStyle {
 /// `lm_head` (or the tied embeddings).
 pub struct Decoder<L: Layer> {
     embed_tokens: Embedding,
+    /// The layers this process holds: all, or a pipeline stage's range from `first_layer`.
     layers: Vec<Arc<L>>,
+    first_layer: usize,
+    /// The pipeline this process is a stage of (more than one rank).
+    pipeline: Option<Arc<dyn lmx_dist::Group>>,
     norm: RmsNorm,
     lm_head: Linear,
     /// The model's rotary embedding, then any further tables (`AttentionConfig::rope_table`).
@@ -244,10 +253,26 @@ impl<L: Layer> Decoder<L> {
         cfg.validate()?;
         let m = vb.pp("model");
         let embed_tokens = m.pp("embed_tokens").embedding(cfg.vocab_size, cfg.hidden_size)?;
-        let layers = (0..cfg.num_hidden_layers).map(|i| layer(&m.pp("layers").pp(i), i).map(Arc::new)).collect::<std::result::Result<Vec<_>, _>>()?;
+        let pipeline = vb.pipeline().filter(|g| g.size() > 1).cloned();
+        if pipeline.is_some() && vb.training().is_some() {
+            return Err(BuildError::unsupported("fine-tuning a pipeline-parallel model"));
+        }
+        let mine = vb.pipeline_layers(cfg.num_hidden_layers);
+        if mine.is_empty() {
+            return Err(BuildError::unsupported(format!("a pipeline of more stages than the model's {} layers", cfg.num_hidden_layers)));
+        }
+        let mut layers = Vec::with_capacity(mine.len());
+        for i in 0..cfg.num_hidden_layers {
+            let lb = m.pp("layers").pp(i);
+            if mine.contains(&i) {
+                layers.push(Arc::new(layer(&lb, i)?));
+            } else {
+                lb.skip();
+            }
+        }
         let norm = if style.norm_one_plus { m.pp("norm").rms_norm_one_plus(cfg.hidden_size, cfg.rms_norm_eps)? } else { m.pp("norm").rms_norm(cfg.hidden_size, cfg.rms_norm_eps)? };
         let lm_head = if cfg.tie_word_embeddings { embed_tokens.as_linear() } else { vb.pp("lm_head").linear(cfg.hidden_size, cfg.vocab_size, Bias::No, Shard::Replicated)? };
-        Ok(Self { embed_tokens, layers, norm, lm_head, ropes, cfg: cfg.clone(), style, training: vb.training().cloned() })
+        Ok(Self { embed_tokens, layers, first_layer: mine.start, pipeline, norm, lm_head, ropes, cfg: cfg.clone(), style, training: vb.training().cloned() })
     }
 }
 
@@ -257,12 +282,19 @@ impl<L: Layer> CausalLm for Decoder<L> {
         if cache.rows() > 1 && cache.rows() != b {
             lmx_core::bail!("a batch of {b} sequences with a cache for {}", cache.rows());
         }
-        let mut x = self.embed_tokens.forward(input_ids)?;
-        if let Some(scale) = self.style.embed_scale {
-            // transformers multiplies by the scale as a tensor of the hidden states' dtype.
-            let scale = Tensor::new(scale as f32, x.device())?.to_dtype(x.dtype())?;
-            x = x.broadcast_mul(&scale)?;
-        }
+        let mut x = match &self.pipeline {
+            // A later pipeline stage continues from the previous stage's hidden states.
+            Some(g) if g.rank() > 0 => g.recv(g.rank() - 1, PIPELINE_WAIT)?.to_device(self.device())?,
+            _ => {
+                let mut x = self.embed_tokens.forward(input_ids)?;
+                if let Some(scale) = self.style.embed_scale {
+                    // transformers multiplies by the scale as a tensor of the hidden states' dtype.
+                    let scale = Tensor::new(scale as f32, x.device())?.to_dtype(x.dtype())?;
+                    x = x.broadcast_mul(&scale)?;
+                }
+                x
+            }
+        };
         // Rows at different positions (a batch of sequences of different lengths) each get
         // their own rotary angles.
         let offsets: Vec<usize> = (0..cache.rows().max(1)).map(|r| cache.row_offset(r)).collect();
@@ -274,26 +306,44 @@ impl<L: Layer> CausalLm for Decoder<L> {
         }
         let input = Arc::new(input);
         let checkpointing = self.training.as_ref().and_then(|t| t.checkpointing());
+        // The cache holds this process's layers only (a pipeline stage's range), so the
+        // positions it counts are those of its own first layer.
         for (layer_idx, layer) in self.layers.iter().enumerate() {
             x = match &checkpointing {
-                Some(ck) if layer_idx >= ck.first_layer => {
+                Some(ck) if self.first_layer + layer_idx >= ck.first_layer => {
                     let (layer, input) = (layer.clone(), input.clone());
                     crate::checkpoint::layer(ck, &x, move |x| layer.forward(x, &input, &mut KvCache::uncached(), 0))?
                 }
                 _ => layer.forward(&x, &input, cache, layer_idx)?,
             };
         }
+        let last = self.pipeline.as_ref().map(|g| (g.clone(), g.size() - 1));
+        if let Some((g, last)) = &last {
+            if g.rank() < *last {
+                // Hand on to the next stage, then take the logits the last one computes.
+                g.send(&x, g.rank() + 1)?;
+                return g.broadcast(None, *last, PIPELINE_WAIT)?.to_device(self.device());
+            }
+        }
         let x = self.norm.forward(&x)?;
         let x = logits.select(&x)?;
         let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
-        match self.style.logit_softcap {
-            Some(cap) => (logits / cap)?.tanh()? * cap,
+        let logits = match self.style.logit_softcap {
+            Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+            None => logits,
+        };
+        match &last {
+            // Every stage samples from the same logits.
+            Some((g, last)) => {
+                g.broadcast(Some(&logits), *last, PIPELINE_WAIT)?;
+                Ok(logits)
+            }
             None => Ok(logits),
         }
     }
 
     fn new_cache(&self) -> KvCache {
-        KvCache::new(self.cfg.num_hidden_layers)
+        KvCache::new(self.layers.len())
     }
 
     fn vocab_size(&self) -> usize {

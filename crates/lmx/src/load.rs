@@ -23,13 +23,17 @@ pub struct LoadOptions {
     pub device: Device,
     /// Fine-tuning adapters to attach (an adapter folder, or a fresh setup to train).
     pub adapters: Option<AdapterOptions>,
-    /// The tensor-parallel group this process is one rank of (None: the whole model here).
+    /// The group this process is one rank of (None: the whole model here): tensor parallel
+    /// (each rank holds a share of every layer's heads and features) unless `pipeline`.
     pub group: Option<Arc<dyn Group>>,
+    /// With `group`: pipeline parallel instead, each rank holding a contiguous range of
+    /// layers and passing hidden states on to the next.
+    pub pipeline: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: None, device: Device::Cpu, adapters: None, group: None }
+        Self { dtype: None, device: Device::Cpu, adapters: None, group: None, pipeline: false }
     }
 }
 
@@ -197,8 +201,10 @@ pub fn load_with(model: &str, options: &LoadOptions) -> Result<(Model, Tokenizer
     let model_type = files.model_type()?;
     let dtype = options.dtype.unwrap_or_else(|| files.weights.compute_dtype());
     let mut vb = Builder::new(files.weights.clone(), dtype, &options.device).with_quantization(files.quantization.clone());
-    if let Some(group) = &options.group {
-        vb = vb.with_group(group.clone());
+    match &options.group {
+        Some(group) if options.pipeline => vb = vb.with_pipeline(group.clone()),
+        Some(group) => vb = vb.with_group(group.clone()),
+        None => {}
     }
     let mut training = None;
     if let Some(a) = &options.adapters {

@@ -34,6 +34,10 @@ pub struct ModelArgs {
     /// Compute dtype (float32, float16, bfloat16); default: the checkpoint's.
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Under `lmx launch`: split the model by layers (pipeline parallel: each rank holds a
+    /// range of layers) instead of splitting every layer (tensor parallel, the default).
+    #[arg(long)]
+    pub pipeline: bool,
     /// LoRA/DoRA/full adapter folder (adapter_config.json + adapters.safetensors) from
     /// `lmx lora` or `mlx_lm.lora`.
     #[arg(long)]
@@ -49,7 +53,7 @@ impl ModelArgs {
             Some(dir) => Some(lmx::AdapterOptions::from_dir(dir).with_context(|| format!("--adapter-path {}", dir.display()))?),
             None => None,
         };
-        let loaded = load_model(&self.model, &lmx::LoadOptions { dtype, device, adapters, group: crate::dist::group() })?;
+        let loaded = load_model(&self.model, &lmx::LoadOptions { dtype, device, adapters, group: crate::dist::group(), pipeline: self.pipeline })?;
         crate::dist::loaded()?;
         Ok(loaded)
     }

@@ -1,6 +1,7 @@
 //! `lmx launch` for real: Open MPI's mpirun starts 2 and 3 ranks of this lmx binary on this
-//! machine, each holding its shard of the default model (SmolLM2-135M: 9 query heads, 3
-//! key/value heads, split unevenly). Greedy f32 output equals one process's; stdin reaches
+//! machine, each holding its shard of the default model: a share of every layer (tensor
+//! parallel; SmolLM2-135M's 9 query and 3 key/value heads split unevenly) or a range of its
+//! 30 layers (`--pipeline`). Greedy f32 output equals one process's; stdin reaches
 //! rank 0; a killed or stopped rank ends the job with one line naming it.
 
 use std::io::Write;
@@ -36,10 +37,11 @@ fn tensor_parallel_generation_equals_one_process() {
     let alone = lmx(&args);
     check(&alone, "lmx generate");
     assert!(text(&alone).len() > 40, "too little text: {:?}", text(&alone));
-    for n in [2, 3] {
-        let out = launch(n, &args, None);
+    let pipeline: Vec<&str> = args.iter().copied().chain(["--pipeline"]).collect();
+    for (n, args) in [(2, &args[..]), (3, &args[..]), (2, &pipeline[..]), (3, &pipeline[..])] {
+        let out = launch(n, args, None);
         check(&out, "lmx launch");
-        assert_eq!(text(&out), text(&alone), "{n} ranks generated other text than one process");
+        assert_eq!(text(&out), text(&alone), "{n} ranks generated other text than one process ({args:?})");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(stderr.matches("Generation:").count(), 1, "statistics from more than rank 0:\n{stderr}");
         assert!(!stderr.contains("[rank"), "a rank complained:\n{stderr}");
