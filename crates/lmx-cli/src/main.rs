@@ -135,7 +135,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             Command::Chat(_) => dist::join("chat")?,
             Command::Perplexity(_) => dist::join("perplexity")?,
             Command::Benchmark(_) => dist::join("benchmark")?,
-            _ => anyhow::bail!("this command does not run under lmx launch (generate, chat, perplexity and benchmark do); run it without launch"),
+            Command::Lora(_) => dist::join("lora")?,
+            _ => anyhow::bail!("this command does not run under lmx launch (generate, chat, perplexity, benchmark and lora do); run it without launch"),
         }
     }
     match command {

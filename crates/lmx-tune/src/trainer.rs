@@ -9,7 +9,10 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
+
+use lmx::dist::Group;
 
 use lmx::core::frozen::masked_cross_entropy;
 use lmx::core::{Tensor, Var};
@@ -39,6 +42,19 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// The rows data-parallel rank `rank` of `size` trains on: a balanced contiguous share,
+    /// padded to the whole batch's width (so every row computes as it would in one process).
+    pub fn share(&self, rank: usize, size: usize) -> Batch {
+        let rows = lmx::dist::split_range(self.rows, 1, rank, size);
+        Batch {
+            ids: self.ids[rows.start * self.width..rows.end * self.width].to_vec(),
+            rows: rows.len(),
+            width: self.width,
+            lengths: self.lengths[rows.clone()].to_vec(),
+            offsets: self.offsets[rows].to_vec(),
+        }
+    }
+
     /// Targets counted in the loss.
     pub fn trained_tokens(&self) -> usize {
         self.lengths.iter().zip(&self.offsets).map(|(&l, &o)| l.saturating_sub(o.max(1))).sum()
@@ -163,16 +179,58 @@ pub fn batch_loss(model: &dyn CausalLm, batch: &Batch) -> lmx::core::Result<(Ten
 
 /// Token-weighted mean loss over `num_batches` batches (all with `None`), in order.
 pub fn evaluate(model: &dyn CausalLm, data: &Dataset, batch_size: usize, num_batches: Option<usize>, max_seq_length: usize) -> Result<f64, TuneError> {
+    evaluate_in(model, data, batch_size, num_batches, max_seq_length, None)
+}
+
+/// [`evaluate`] as one rank of a data-parallel `group`: each rank scores its share of every
+/// batch and the sums are added up over the ranks.
+pub fn evaluate_in(model: &dyn CausalLm, data: &Dataset, batch_size: usize, num_batches: Option<usize>, max_seq_length: usize, group: Option<&dyn Group>) -> Result<f64, TuneError> {
     let mut batches = Batches::new(data, batch_size, max_seq_length, None)?;
     let n = num_batches.map_or(batches.len(), |n| n.min(batches.len()));
     let (mut total, mut tokens) = (0.0, 0usize);
     for _ in 0..n {
         let (batch, _) = batches.next_batch();
+        let batch = match group {
+            Some(g) => batch.share(g.rank(), g.size()),
+            None => batch,
+        };
         let (loss, ntoks) = lmx_generate::compute_pool().install(|| batch_loss(model, &batch))?;
         total += f64::from(loss.to_scalar::<f32>()?) * ntoks as f64;
         tokens += ntoks;
     }
+    if let Some(g) = group {
+        let sums = g.all_sum(&Tensor::new(&[total, tokens as f64], &lmx::core::Device::Cpu)?)?.to_vec1::<f64>()?;
+        (total, tokens) = (sums[0], sums[1] as usize);
+    }
     Ok(total / tokens.max(1) as f64)
+}
+
+/// The gradients of every rank of `group` summed, in one collective: flattened into one
+/// vector (with a flag per tensor saying whether a rank had a gradient for it) and split
+/// again. A tensor no rank has a gradient for stays `None`.
+fn all_sum_gradients(group: &dyn Group, vars: &[&Var], grads: Vec<Option<Tensor>>) -> lmx::core::Result<Vec<Option<Tensor>>> {
+    let cpu = lmx::core::Device::Cpu;
+    let mut parts = Vec::with_capacity(vars.len() + 1);
+    let flags: Vec<f32> = grads.iter().map(|g| if g.is_some() { 1.0 } else { 0.0 }).collect();
+    parts.push(Tensor::new(flags.as_slice(), &cpu)?);
+    for (v, g) in vars.iter().zip(&grads) {
+        parts.push(match g {
+            Some(g) => g.to_device(&cpu)?.to_dtype(lmx::DType::F32)?.flatten_all()?,
+            None => Tensor::zeros(v.as_tensor().elem_count(), lmx::DType::F32, &cpu)?,
+        });
+    }
+    let sum = group.all_sum(&Tensor::cat(&parts, 0)?)?;
+    let flags = sum.narrow(0, 0, vars.len())?.to_vec1::<f32>()?;
+    let mut at = vars.len();
+    let mut out = Vec::with_capacity(vars.len());
+    for (v, flag) in vars.iter().zip(flags) {
+        let t = v.as_tensor();
+        let n = t.elem_count();
+        let g = sum.narrow(0, at, n)?;
+        at += n;
+        out.push(if flag > 0.0 { Some(g.reshape(t.shape())?.to_dtype(t.dtype())?.to_device(t.device())?) } else { None });
+    }
+    Ok(out)
 }
 
 /// Training settings (MLX LM's `TrainingArgs` and optimizer choice).
@@ -206,6 +264,11 @@ pub struct TrainArgs {
     pub grad_checkpoint: bool,
     /// The adapter folder's `adapter_config.json`, written with every save of the weights.
     pub config: Option<lmx_io::adapters::AdapterConfig>,
+    /// The data-parallel world this process is one rank of (`lmx launch`): each rank trains
+    /// on its share of every batch's rows, the gradients are summed over the ranks weighted
+    /// by trained tokens (so an update equals one process's on the whole batch), and rank 0
+    /// alone writes the adapters.
+    pub data_parallel: Option<Arc<dyn Group>>,
 }
 
 /// What the loop reports as it runs.
@@ -293,6 +356,17 @@ pub fn train(model: &dyn CausalLm, training: &Training, train: &Dataset, valid: 
         return Err(TuneError::NothingToTrain);
     }
     let vars: Vec<&Var> = named.iter().map(|(_, v)| v).collect();
+    let dp = args.data_parallel.as_deref().filter(|g| g.size() > 1);
+    if let Some(g) = dp {
+        if args.batch_size < g.size() {
+            return Err(TuneError::Setting {
+                key: "batch_size".into(),
+                msg: format!("{} is smaller than the {} data-parallel ranks of lmx launch (each rank trains on a share of every batch)", args.batch_size, g.size()),
+            });
+        }
+    }
+    // Rank 0 alone writes files; the other ranks hold the same weights.
+    let writes = dp.is_none_or(|g| g.rank() == 0);
     let sink = args.grad_checkpoint.then(|| training.enable_checkpointing().sink);
     let mut optimizer = Optimizer::new(args.optimizer.clone(), vars.len());
     let mut batches = Batches::new(train, args.batch_size, args.max_seq_length, Some(args.seed))?;
@@ -306,7 +380,7 @@ pub fn train(model: &dyn CausalLm, training: &Training, train: &Dataset, valid: 
             if it == 1 || it % args.steps_per_eval.max(1) == 0 || it == args.iters {
                 let tic = Instant::now();
                 training.set_active(false);
-                let loss = evaluate(model, valid, args.batch_size, args.val_batches, args.max_seq_length)?;
+                let loss = evaluate_in(model, valid, args.batch_size, args.val_batches, args.max_seq_length, dp)?;
                 on_event(Event::Val { it, loss, seconds: tic.elapsed().as_secs_f64() });
             }
         }
@@ -316,12 +390,36 @@ pub fn train(model: &dyn CausalLm, training: &Training, train: &Dataset, valid: 
             on_event(Event::Truncated { longest, max: args.max_seq_length });
             warned = true;
         }
+        let batch = match dp {
+            Some(g) => batch.share(g.rank(), g.size()),
+            None => batch,
+        };
         training.set_active(true);
         let (loss, grads) = lmx_generate::compute_pool().install(|| -> lmx::core::Result<_> {
             let (loss, ntoks) = batch_loss(model, &batch)?;
-            let value = f64::from(loss.to_scalar::<f32>()?);
-            n_tokens += ntoks;
-            let grads = if value.is_finite() { Some(gradients(&loss, &vars, sink.as_deref())?) } else { None };
+            let (value, loss) = match dp {
+                None => {
+                    n_tokens += ntoks;
+                    (f64::from(loss.to_scalar::<f32>()?), loss)
+                }
+                Some(g) => {
+                    // The whole batch's mean: every rank's token-weighted share of it.
+                    let local = Tensor::new(&[f64::from(loss.to_scalar::<f32>()?) * ntoks as f64, ntoks as f64], &lmx::core::Device::Cpu)?;
+                    let sums = g.all_sum(&local)?.to_vec1::<f64>()?;
+                    n_tokens += sums[1] as usize;
+                    (sums[0] / sums[1].max(1.0), (loss * (ntoks as f64 / sums[1].max(1.0)))?)
+                }
+            };
+            // Every rank sees the same value, so all compute (and sum) gradients or none do.
+            let grads = if value.is_finite() {
+                let g = gradients(&loss, &vars, sink.as_deref())?;
+                Some(match dp {
+                    Some(group) => all_sum_gradients(group, &vars, g)?,
+                    None => g,
+                })
+            } else {
+                None
+            };
             Ok((value, grads))
         })?;
         let bad = match &grads {
@@ -331,7 +429,7 @@ pub fn train(model: &dyn CausalLm, training: &Training, train: &Dataset, valid: 
         if bad {
             // The weights are those of the last good step unless an update itself overflowed.
             let saved = first_non_finite(&named)?.is_none();
-            if saved {
+            if saved && writes {
                 save_checkpoint(&named, args, &final_path)?;
             }
             return Err(TuneError::NonFinite { it, loss, path: final_path, saved });
@@ -367,13 +465,17 @@ pub fn train(model: &dyn CausalLm, training: &Training, train: &Dataset, valid: 
             (losses, steps, n_tokens, train_time) = (0.0, 0, 0, 0.0);
         }
         if args.save_every > 0 && it % args.save_every == 0 {
-            save_checkpoint(&named, args, &final_path)?;
             let checkpoint = args.adapter_dir.join(format!("{it:07}_adapters.safetensors"));
-            save_adapters(&named, &checkpoint)?;
+            if writes {
+                save_checkpoint(&named, args, &final_path)?;
+                save_adapters(&named, &checkpoint)?;
+            }
             on_event(Event::Saved { it, path: checkpoint });
         }
     }
-    save_checkpoint(&named, args, &final_path)?;
+    if writes {
+        save_checkpoint(&named, args, &final_path)?;
+    }
     on_event(Event::Saved { it: args.iters, path: final_path });
     Ok(())
 }

@@ -97,6 +97,7 @@ fn a_failed_run_leaves_the_model_in_evaluation_mode() {
         adapter_dir: dir.clone(),
         grad_checkpoint: true,
         config: None,
+        data_parallel: None,
     };
     let err = train(&*model, &training, &data, None, &args, &mut |_| {}).expect_err("diverges");
     assert!(err.to_string().contains("not finite"), "{err}");

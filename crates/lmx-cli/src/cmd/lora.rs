@@ -222,6 +222,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             adapter_dir: adapter_dir.clone(),
             grad_checkpoint: c.grad_checkpoint,
             config: Some(config),
+            data_parallel: crate::dist::group(),
         };
         let bar = ProgressBar::new(c.iters as u64);
         bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} iters [{elapsed} < {eta}]").unwrap_or_else(|_| ProgressStyle::default_bar()));
@@ -249,7 +250,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(test) = test {
         eprintln!("Testing");
-        let loss = trainer::evaluate(&*model, &test, c.batch_size, batches_arg(c.test_batches), c.max_seq_length)?;
+        let loss = trainer::evaluate_in(&*model, &test, c.batch_size, batches_arg(c.test_batches), c.max_seq_length, crate::dist::group().as_deref())?;
         println!("Test loss {loss:.3}, Test ppl {:.3}.", loss.exp());
     }
     Ok(())

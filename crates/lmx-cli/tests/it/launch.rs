@@ -166,3 +166,77 @@ fn a_stopped_rank_is_named_after_the_timeout() {
     assert_eq!(errors.len(), 1, "expected one error line:\n{stderr}");
     assert!(errors[0].contains("rank 1 did not join") && errors[0].contains("(rank 0 waited)"), "{stderr}");
 }
+
+/// The losses an `lmx lora` run reported: ("Train" or "Val", iteration, loss).
+fn reported_losses(stderr: &str) -> Vec<(String, String, f64)> {
+    stderr
+        .lines()
+        .filter_map(|l| {
+            let (it, rest) = l.strip_prefix("Iter ")?.split_once(": ")?;
+            let (kind, value) = rest.split_once(" loss ")?;
+            Some((kind.to_string(), it.to_string(), value.split(',').next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// `lmx lora` over 2 ranks (each training on half of every batch, gradients summed) reports
+/// the losses one process does and writes the same adapters, from rank 0 alone.
+#[test]
+fn data_parallel_lora_follows_one_process() {
+    let model = default_model();
+    let data = crate::repo_root().join("tests/fixtures/facts");
+    let data = data.to_string_lossy();
+    let dirs = [crate::temp_dir("dp-lora-alone"), crate::temp_dir("dp-lora-launch")];
+    let adapter_dirs: Vec<String> = dirs.iter().map(|d| d.join("adapters").to_string_lossy().into_owned()).collect();
+    let run = |n: usize, adapters: &str| {
+        let args = [
+            "lora",
+            "--model",
+            &model,
+            "--train",
+            "--data",
+            &data,
+            "--adapter-path",
+            adapters,
+            "--batch-size",
+            "4",
+            "--iters",
+            "6",
+            "--num-layers",
+            "2",
+            "--steps-per-report",
+            "1",
+            "--steps-per-eval",
+            "3",
+            "--val-batches",
+            "2",
+            "--learning-rate",
+            "1e-4",
+        ];
+        let out = if n == 1 { lmx(&args) } else { launch(n, &args, None) };
+        check(&out, "lmx lora");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let alone = reported_losses(&run(1, &adapter_dirs[0]));
+    let launched = reported_losses(&run(2, &adapter_dirs[1]));
+    assert_eq!(alone.len(), 6 + 3, "{alone:?}");
+    assert_eq!(launched.len(), alone.len(), "{launched:?}");
+    for (a, b) in alone.iter().zip(&launched) {
+        // Printed with 3 decimals: equal up to the last printed digit.
+        assert!(a.0 == b.0 && a.1 == b.1 && (a.2 - b.2).abs() <= 1e-3 + 1e-9, "one process {a:?}, 2 ranks {b:?}");
+    }
+    let read = |dir: &str| lmx::io::safetensors_io::read_safetensors_with_metadata(&std::path::Path::new(dir).join("adapters.safetensors")).map(|(t, _)| t).expect("adapters");
+    let (a, b) = (read(&adapter_dirs[0]), read(&adapter_dirs[1]));
+    assert_eq!(a.len(), b.len());
+    for (key, t) in &a {
+        let d = (t - &b[key]).and_then(|d| d.abs()).and_then(|d| d.flatten_all()).and_then(|d| d.max(0)).and_then(|d| d.to_scalar::<f32>()).expect("diff");
+        assert!(d < 1e-4, "{key}: adapters of 2 ranks differ from one process's by {d}");
+    }
+    // No half-written or per-rank leftovers: the folder holds what one process writes.
+    let names = |dir: &str| {
+        let mut v: Vec<String> = std::fs::read_dir(dir).expect("dir").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&adapter_dirs[0]), names(&adapter_dirs[1]));
+}
