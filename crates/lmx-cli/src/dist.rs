@@ -66,15 +66,14 @@ pub fn prepare() {
     }
 }
 
-/// Prints the error line of the command: plain on rank 0, prefixed with the rank elsewhere.
+/// Prints the error line of the command: plain on rank 0, prefixed with the rank elsewhere;
+/// in one write, so that lines of ranks sharing mpirun's stderr do not interleave.
 pub fn report_error(line: &str) {
     let mut saved = ERRORS.lock().unwrap_or_else(|e| e.into_inner());
-    match saved.as_mut() {
-        Some(f) => {
-            let _ = writeln!(f, "[rank {}] error: {line}", env_rank());
-        }
-        None => eprintln!("error: {line}"),
-    }
+    let _ = match saved.as_mut() {
+        Some(f) => f.write_all(format!("[rank {}] error: {line}\n", env_rank()).as_bytes()),
+        None => std::io::stderr().write_all(format!("error: {line}\n").as_bytes()),
+    };
 }
 
 /// Joins the launched world (Open MPI) for a command that runs sharded.

@@ -151,11 +151,14 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
 /// Copies mpirun's stderr to ours, line by line. Its notices (blocks between lines of
 /// dashes) are condensed: a rank killed by a signal becomes one line (returned, printed once
 /// the job is over), notices about a rank that failed and already said why are dropped, and
-/// others pass through whole. `verbose` passes everything through.
+/// others pass through whole; an error line several ranks print is printed once. `verbose`
+/// passes everything through.
 fn relay(stderr: std::process::ChildStderr, verbose: bool) -> Option<String> {
     let mut out = std::io::stderr();
     let mut block: Option<Vec<String>> = None;
     let mut summary = None;
+    // Ranks that fail the same way (a bad flag, a missing file) say so once.
+    let mut errors = std::collections::HashSet::new();
     for line in std::io::BufReader::new(stderr).lines() {
         let Ok(line) = line else { break };
         let rule = line.len() > 20 && line.chars().all(|c| c == '-');
@@ -168,7 +171,10 @@ fn relay(stderr: std::process::ChildStderr, verbose: bool) -> Option<String> {
             // A known harmless complaint of Open MPI 4 when a job is aborted.
             (None, false) if line.contains("ORTE_ERROR_LOG: Data unpack would read past end of buffer") => {}
             (None, false) => {
-                let _ = writeln!(out, "{line}");
+                let error = line.strip_prefix("error: ").or_else(|| line.strip_prefix("[rank ").and_then(|l| l.split_once("] error: ")).map(|(_, e)| e));
+                if error.is_none_or(|e| errors.insert(e.to_string())) {
+                    let _ = writeln!(out, "{line}");
+                }
             }
             (Some(lines), false) => lines.push(line),
             (Some(lines), true) => {
