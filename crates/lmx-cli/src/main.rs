@@ -22,7 +22,7 @@ macro_rules! backend {
     };
 }
 /// The version line: the crate version, the commit it was built from, and the backend.
-const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("LMX_COMMIT"), ", ", backend!(), ")");
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("LMX_COMMIT"), ", ", backend!(), ")");
 
 /// What `lmx` alone prints: what it is and how to start.
 const START: &str = "lmx: run, quantize, fine-tune and chat with LLMs on your own machine (MLX LM's commands and formats, on Linux CPUs and NVIDIA GPUs).

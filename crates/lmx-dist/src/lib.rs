@@ -108,9 +108,70 @@ pub fn split_range(total: usize, unit: usize, rank: usize, size: usize) -> std::
     (first * unit).min(total)..((first + count) * unit).min(total)
 }
 
+/// This process's share of its host's memory, in GiB: the host's total memory over the
+/// ranks `mpirun` started on it (all of it when not launched; 1 where /proc is unavailable).
+/// Pipeline stages get layers in proportion to it.
+pub fn memory_share() -> f64 {
+    let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemTotal:")?.trim().trim_end_matches("kB").trim().parse::<f64>().ok()));
+    let local: f64 = std::env::var("OMPI_COMM_WORLD_LOCAL_SIZE").ok().and_then(|s| s.parse().ok()).filter(|n: &f64| *n >= 1.0).unwrap_or(1.0);
+    total_kib.map_or(1.0, |k| k / (1024.0 * 1024.0) / local)
+}
+
+/// `0..total` cut into one contiguous range per weight, sizes proportional to the weights
+/// (largest remainders rounded up), every range at least one unit when `total` allows: the
+/// layers of pipeline stages on hosts of different memory.
+pub fn proportional_ranges(total: usize, weights: &[f64]) -> Vec<std::ops::Range<usize>> {
+    let n = weights.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    let sum: f64 = weights.iter().map(|w| w.max(0.0)).sum();
+    let shares: Vec<f64> = if sum > 0.0 { weights.iter().map(|w| w.max(0.0) / sum * total as f64).collect() } else { vec![total as f64 / n as f64; n] };
+    let mut counts: Vec<usize> = shares.iter().map(|s| s.floor() as usize).collect();
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| (shares[b] - shares[b].floor()).total_cmp(&(shares[a] - shares[a].floor())).then(a.cmp(&b)));
+    let mut left = total - counts.iter().sum::<usize>();
+    for &i in order.iter().cycle().take(n * 2) {
+        if left == 0 {
+            break;
+        }
+        counts[i] += 1;
+        left -= 1;
+    }
+    // Every stage gets a unit, taken from the largest.
+    while total >= n && counts.contains(&0) {
+        let (small, big) = (counts.iter().position(|&c| c == 0).unwrap_or(0), (0..n).max_by_key(|&i| counts[i]).unwrap_or(0));
+        counts[big] -= 1;
+        counts[small] += 1;
+    }
+    let mut start = 0;
+    counts
+        .into_iter()
+        .map(|c| {
+            let r = start..start + c;
+            start += c;
+            r
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proportional_ranges_follow_the_weights() {
+        assert_eq!(proportional_ranges(30, &[1.0, 1.0]), vec![0..15, 15..30]);
+        assert_eq!(proportional_ranges(30, &[64.0, 32.0]), vec![0..20, 20..30]);
+        assert_eq!(proportional_ranges(10, &[1.0, 1.0, 1.0]), vec![0..4, 4..7, 7..10]);
+        assert_eq!(proportional_ranges(4, &[100.0, 1.0, 1.0]), vec![0..2, 2..3, 3..4]);
+        assert_eq!(proportional_ranges(5, &[0.0, 0.0]), vec![0..3, 3..5]);
+        for (total, w) in [(80, vec![3.0, 5.0, 7.0]), (7, vec![1.0, 2.0]), (2, vec![1.0, 9.0])] {
+            let r = proportional_ranges(total, &w);
+            assert_eq!(r.last().map(|r| r.end), Some(total));
+            assert!(r.windows(2).all(|p| p[0].end == p[1].start) && r.iter().all(|r| !r.is_empty()), "{r:?}");
+        }
+    }
 
     #[test]
     fn ranges_cover_everything_once_and_balance() {

@@ -43,8 +43,9 @@ struct Shared {
     adapters: Option<Arc<AdapterPlan>>,
     training: Option<Arc<Training>>,
     group: Arc<dyn Group>,
-    /// The pipeline this process is one stage of: it holds a contiguous range of layers.
-    pipeline: Option<Arc<dyn Group>>,
+    /// The pipeline this process is one stage of, and each stage's weight: it holds a
+    /// contiguous range of layers, sized in proportion to its weight.
+    pipeline: Option<(Arc<dyn Group>, Vec<f64>)>,
 }
 
 /// Builds layers from a checkpoint (see the module docs). Cheap to clone; `pp` descends one
@@ -122,19 +123,28 @@ impl Builder {
 
     /// This process is one stage of the pipeline `group`: the decoder builds only its range
     /// of layers ([`Builder::pipeline_layers`]) and passes activations on to the next stage.
+    /// The stages get equal numbers of layers.
     pub fn with_pipeline(self, group: Arc<dyn Group>) -> Self {
-        self.edit(|s| s.pipeline = Some(group))
+        let weights = vec![1.0; group.size()];
+        self.with_weighted_pipeline(group, weights)
+    }
+
+    /// [`Builder::with_pipeline`] with layers in proportion to `weights` (one per rank, e.g.
+    /// each host's memory).
+    pub fn with_weighted_pipeline(self, group: Arc<dyn Group>, weights: Vec<f64>) -> Self {
+        self.edit(|s| s.pipeline = Some((group, weights)))
     }
 
     /// The pipeline this process is a stage of, if any.
     pub fn pipeline(&self) -> Option<&Arc<dyn Group>> {
-        self.shared.pipeline.as_ref()
+        self.shared.pipeline.as_ref().map(|(g, _)| g)
     }
 
     /// The layers of `num_layers` this process builds: all, or its stage's contiguous share.
     pub fn pipeline_layers(&self, num_layers: usize) -> Range<usize> {
         match &self.shared.pipeline {
-            Some(g) => lmx_dist::split_range(num_layers, 1, g.rank(), g.size()),
+            Some((g, w)) if w.len() == g.size() => lmx_dist::proportional_ranges(num_layers, w).swap_remove(g.rank()),
+            Some((g, _)) => lmx_dist::split_range(num_layers, 1, g.rank(), g.size()),
             None => 0..num_layers,
         }
     }

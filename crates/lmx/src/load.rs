@@ -27,7 +27,8 @@ pub struct LoadOptions {
     /// (each rank holds a share of every layer's heads and features) unless `pipeline`.
     pub group: Option<Arc<dyn Group>>,
     /// With `group`: pipeline parallel instead, each rank holding a contiguous range of
-    /// layers and passing hidden states on to the next.
+    /// layers (as many as its share of its host's memory allows, relative to the others)
+    /// and passing hidden states on to the next.
     pub pipeline: bool,
 }
 
@@ -202,7 +203,12 @@ pub fn load_with(model: &str, options: &LoadOptions) -> Result<(Model, Tokenizer
     let dtype = options.dtype.unwrap_or_else(|| files.weights.compute_dtype());
     let mut vb = Builder::new(files.weights.clone(), dtype, &options.device).with_quantization(files.quantization.clone());
     match &options.group {
-        Some(group) if options.pipeline => vb = vb.with_pipeline(group.clone()),
+        Some(group) if options.pipeline => {
+            // Layers in proportion to each rank's share of its host's memory.
+            let mine = lmx_core::Tensor::new(&[lmx_dist::memory_share()], &lmx_core::Device::Cpu)?;
+            let weights = group.all_gather(&mine, 0)?.to_vec1::<f64>()?;
+            vb = vb.with_weighted_pipeline(group.clone(), weights);
+        }
         Some(group) => vb = vb.with_group(group.clone()),
         None => {}
     }

@@ -43,8 +43,20 @@ pub struct Args {
     /// Show mpirun's own messages whole and the command line it runs.
     #[arg(long)]
     pub verbose: bool,
+    /// An argument for ssh when reaching the hosts (repeatable, e.g. --ssh-arg=-i
+    /// --ssh-arg=~/.ssh/cluster): used by --check and by mpirun.
+    #[arg(long = "ssh-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub ssh_args: Vec<String>,
+    /// Check every host instead of running: reachable over ssh, the same lmx build at the
+    /// same path, Open MPI installed, and the command's --model readable there.
+    #[arg(long)]
+    pub check: bool,
+    /// Write the hosts (--hosts) as an mlx.launch hostfile to this path (after --check,
+    /// only if every host passed), and exit.
+    #[arg(long)]
+    pub output_hostfile: Option<PathBuf>,
     /// The command: an lmx command and its flags (`generate ...`), or any program.
-    #[arg(last = true, required = true, value_name = "COMMAND")]
+    #[arg(last = true, required_unless_present_any = ["check", "output_hostfile"], value_name = "COMMAND")]
     pub command: Vec<String>,
 }
 
@@ -96,7 +108,10 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     for e in &envs {
         anyhow::ensure!(e.split_once('=').is_some_and(|(k, _)| !k.is_empty()), "--env {e:?}: expected KEY=VALUE");
     }
-    let local = hosts.iter().all(|h| h == "127.0.0.1" || h == "localhost");
+    if args.check || args.output_hostfile.is_some() {
+        return check_and_write(&args, &hosts);
+    }
+    let local = hosts.iter().all(|h| is_local(h));
     let np = hosts.len() * args.repeat_hosts;
     // mpirun's hostfile: each host with as many slots as ranks it runs.
     let hostfile = if local {
@@ -114,6 +129,9 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     envs.push(format!("LMX_DIST_TIMEOUT={}", args.timeout));
     for e in &envs {
         cmd.arg("-x").arg(e);
+    }
+    if !args.ssh_args.is_empty() {
+        cmd.args(["--mca", "plm_rsh_args"]).arg(args.ssh_args.join(" "));
     }
     cmd.args(&args.mpi_args);
     if crate::THREADS_CHOSEN.load(std::sync::atomic::Ordering::SeqCst) {
@@ -148,18 +166,89 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     Ok(status.code().unwrap_or(1).max(1))
 }
 
+fn is_local(host: &str) -> bool {
+    host == "127.0.0.1" || host == "localhost"
+}
+
+/// `--check` and `--output-hostfile`: each host's report on stderr; the hostfile written only
+/// when every checked host passed.
+fn check_and_write(args: &Args, hosts: &[String]) -> anyhow::Result<i32> {
+    if args.check {
+        let exe = std::env::current_exe().context("finding the lmx binary")?;
+        let model = args.command.iter().position(|a| a == "--model").and_then(|i| args.command.get(i + 1)).cloned();
+        let mut failed = 0;
+        let mut seen = std::collections::HashSet::new();
+        for host in hosts.iter().filter(|h| seen.insert(h.as_str())) {
+            match check_host(host, &exe, model.as_deref(), &args.ssh_args) {
+                Ok(what) => eprintln!("{host}: ok ({what})"),
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("{host}: {e}");
+                }
+            }
+        }
+        if failed > 0 {
+            anyhow::bail!("{failed} of {} hosts failed the check", seen.len());
+        }
+    }
+    if let Some(path) = &args.output_hostfile {
+        let list: Vec<serde_json::Value> = hosts.iter().map(|h| serde_json::json!({"ssh": h, "ips": if h.parse::<std::net::IpAddr>().is_ok() { vec![h.clone()] } else { vec![] }})).collect();
+        let text = serde_json::to_string_pretty(&serde_json::json!({"backend": "mpi", "envs": args.envs, "hosts": list}))?;
+        lmx::io::safetensors_io::write_atomic(path, format!("{text}\n").as_bytes()).with_context(|| format!("--output-hostfile {}", path.display()))?;
+        eprintln!("Wrote {} ({} hosts)", path.display(), hosts.len());
+    }
+    Ok(0)
+}
+
+/// One host: the lmx at this binary's path answers with this build's version, Open MPI's
+/// daemon is on its PATH, and `model` (a path) is readable. Returns what was found.
+fn check_host(host: &str, exe: &std::path::Path, model: Option<&str>, ssh_args: &[String]) -> anyhow::Result<String> {
+    let quote = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
+    let exe_s = exe.to_string_lossy();
+    let mut script = format!("{} --version 2>&1; command -v orted >/dev/null && echo LMX_MPI_OK", quote(&exe_s));
+    let local_model = model.filter(|m| std::path::Path::new(m).exists());
+    if let Some(m) = local_model {
+        script.push_str(&format!("; [ -r {} ] && echo LMX_MODEL_OK", quote(m)));
+    }
+    let output = if is_local(host) {
+        std::process::Command::new("sh").arg("-c").arg(&script).output()
+    } else {
+        std::process::Command::new("ssh").args(ssh_args).args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=5", host, &script]).output()
+    }
+    .context("running ssh")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let version = text.lines().next().unwrap_or("").trim().to_string();
+    let want = format!("lmx {}", crate::VERSION);
+    if version.is_empty() {
+        let err = String::from_utf8_lossy(&output.stderr);
+        anyhow::bail!("not reachable, or no lmx at {exe_s}: {}", err.lines().last().unwrap_or("no answer").trim());
+    }
+    anyhow::ensure!(version == want, "{exe_s} is `{version}`, not this build's `{want}`: install the same lmx there");
+    anyhow::ensure!(text.contains("LMX_MPI_OK"), "Open MPI is not installed (no orted on the PATH of a non-interactive shell): apt install openmpi-bin");
+    let mut found = format!("{version}, Open MPI");
+    if let Some(m) = local_model {
+        anyhow::ensure!(text.contains("LMX_MODEL_OK"), "--model {m} is not readable there: copy it to the same path");
+        found.push_str(", model readable");
+    }
+    Ok(found)
+}
+
 /// Copies mpirun's stderr to ours, line by line. Its notices (blocks between lines of
 /// dashes) are condensed: a rank killed by a signal becomes one line (returned, printed once
 /// the job is over), notices about a rank that failed and already said why are dropped, and
 /// others pass through whole; an error line several ranks print is printed once. `verbose`
 /// passes everything through.
-fn relay(stderr: std::process::ChildStderr, verbose: bool) -> Option<String> {
-    let mut out = std::io::stderr();
+fn relay(stderr: impl std::io::Read, verbose: bool) -> Option<String> {
+    relay_to(std::io::BufReader::new(stderr), &mut std::io::stderr(), verbose)
+}
+
+fn relay_to(input: impl BufRead, out: &mut impl Write, verbose: bool) -> Option<String> {
     let mut block: Option<Vec<String>> = None;
     let mut summary = None;
-    // Ranks that fail the same way (a bad flag, a missing file) say so once.
+    // Ranks that fail the same way (a bad flag, a missing file) say so once, as rank 0.
     let mut errors = std::collections::HashSet::new();
-    for line in std::io::BufReader::new(stderr).lines() {
+    let mut deferred: Vec<String> = Vec::new();
+    for line in input.lines() {
         let Ok(line) = line else { break };
         let rule = line.len() > 20 && line.chars().all(|c| c == '-');
         if verbose {
@@ -170,12 +259,21 @@ fn relay(stderr: std::process::ChildStderr, verbose: bool) -> Option<String> {
             (None, true) => block = Some(Vec::new()),
             // A known harmless complaint of Open MPI 4 when a job is aborted.
             (None, false) if line.contains("ORTE_ERROR_LOG: Data unpack would read past end of buffer") => {}
-            (None, false) => {
-                let error = line.strip_prefix("error: ").or_else(|| line.strip_prefix("[rank ").and_then(|l| l.split_once("] error: ")).map(|(_, e)| e));
-                if error.is_none_or(|e| errors.insert(e.to_string())) {
+            (None, false) => match line.strip_prefix("[rank ").and_then(|l| l.split_once("] error: ")) {
+                // Another rank's error: said at the end, unless rank 0 said the same.
+                Some((_, e)) => {
+                    if errors.insert(e.to_string()) {
+                        deferred.push(line);
+                    }
+                }
+                None => {
+                    if let Some(e) = line.strip_prefix("error: ") {
+                        errors.insert(e.to_string());
+                        deferred.retain(|d| !d.ends_with(&format!("] error: {e}")));
+                    }
                     let _ = writeln!(out, "{line}");
                 }
-            }
+            },
             (Some(lines), false) => lines.push(line),
             (Some(lines), true) => {
                 let text = lines.join("\n");
@@ -192,6 +290,9 @@ fn relay(stderr: std::process::ChildStderr, verbose: bool) -> Option<String> {
     }
     if let Some(lines) = block {
         let _ = writeln!(out, "{}", lines.join("\n"));
+    }
+    for line in deferred {
+        let _ = writeln!(out, "{line}");
     }
     summary
 }
@@ -234,6 +335,24 @@ mod tests {
         }
         assert!(matches!(condense("MPI_ABORT was invoked on rank 0 in communicator MPI_COMM_WORLD\nwith errorcode 3."), Notice::Drop));
         assert!(matches!(condense("There are not enough slots available in the system"), Notice::Keep));
+    }
+
+    #[test]
+    fn an_error_every_rank_prints_is_said_once_as_rank_0() {
+        let relayed = |text: &str| {
+            let mut out = Vec::new();
+            relay_to(text.as_bytes(), &mut out, false);
+            String::from_utf8(out).expect("utf-8")
+        };
+        let rule = "-".repeat(74);
+        for text in [
+            format!("[rank 1] error: no model\nerror: no model\n{rule}\nPrimary job terminated normally, but 1 process returned\na non-zero exit code.\n{rule}\n"),
+            "error: no model\n[rank 1] error: no model\n[rank 2] error: no model\n".to_string(),
+        ] {
+            assert_eq!(relayed(&text), "error: no model\n");
+        }
+        // Errors of other ranks alone are kept, once each, after the rest.
+        assert_eq!(relayed("[rank 2] error: disk full\nwarning\n[rank 1] error: disk full\n"), "warning\n[rank 2] error: disk full\n");
     }
 
     #[test]

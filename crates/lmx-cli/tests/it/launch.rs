@@ -241,3 +241,27 @@ fn data_parallel_lora_follows_one_process() {
     };
     assert_eq!(names(&adapter_dirs[0]), names(&adapter_dirs[1]));
 }
+
+/// Two hosts reached over ssh through an mlx.launch hostfile: network namespaces of this
+/// machine, each with its own address and sshd (tests/multihost/run.sh). Skipped, saying so,
+/// where namespaces cannot be made (no root).
+#[test]
+fn two_hosts_over_ssh_through_a_hostfile() {
+    let model = default_model();
+    let args = ["generate", "--dtype", "float32", "-p", PROMPT, "-m", "24"];
+    let mut alone_args = args.to_vec();
+    alone_args.extend(["--model", &model]);
+    let alone = lmx(&alone_args);
+    check(&alone, "lmx generate");
+    let out = Command::new(crate::repo_root().join("tests/multihost/run.sh")).arg(env!("CARGO_BIN_EXE_lmx")).arg(&model).args(args).output().expect("tests/multihost/run.sh runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.code() == Some(77) {
+        println!("skipped: {stderr}");
+        return;
+    }
+    check(&out, "lmx launch --hostfile over ssh");
+    for host in ["10.231.0.2", "10.231.0.3"] {
+        assert!(stderr.contains(&format!("{host}: ok (lmx ")) && stderr.contains("model readable"), "the hosts check did not pass {host}:\n{stderr}");
+    }
+    assert_eq!(text(&out), text(&alone), "two hosts generated other text than one process:\n{stderr}");
+}
