@@ -76,6 +76,16 @@ pub fn report_error(line: &str) {
     };
 }
 
+/// Under `lmx launch`, a GPU asked for without an index (`--device auto` finding one, or
+/// `cuda`) is this rank's own: the GPU numbered by its rank on this host.
+pub fn rank_device(device: lmx::core::Device, spec: &str) -> anyhow::Result<lmx::core::Device> {
+    if !launched() || !device.is_cuda() || spec.contains(':') {
+        return Ok(device);
+    }
+    let local: usize = std::env::var("OMPI_COMM_WORLD_LOCAL_RANK").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    lmx::core::parse_device(&format!("cuda:{local}")).with_context(|| format!("rank {} is rank {local} on its host and takes GPU {local}: start at most as many ranks per host as it has GPUs", env_rank()))
+}
+
 /// Joins the launched world (Open MPI) for a command that runs sharded.
 pub fn join(command: &str) -> anyhow::Result<()> {
     let timeout = match std::env::var("LMX_DIST_TIMEOUT") {

@@ -47,7 +47,7 @@ pub struct ModelArgs {
 impl ModelArgs {
     /// Loads the model and tokenizer these flags name.
     pub fn load(&self) -> anyhow::Result<(lmx::Model, lmx::TokenizerWrapper)> {
-        let device = lmx::core::parse_device(&self.device)?;
+        let device = crate::dist::rank_device(lmx::core::parse_device(&self.device)?, &self.device)?;
         let dtype = self.dtype.as_deref().map(lmx::core::parse_dtype).transpose()?;
         let adapters = match self.adapter_path.as_deref() {
             Some(dir) => Some(lmx::AdapterOptions::from_dir(dir).with_context(|| format!("--adapter-path {}", dir.display()))?),

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# On the 2-GPU machine (issue 14): `lmx launch` over the GPUs of one host, one rank per GPU,
+# Open MPI carrying the collectives (CUDA tensors staged through host memory; NCCL is to come).
+# Correctness first (greedy f32 tokens of tensor- and pipeline-parallel runs equal one GPU's),
+# then speed beside one GPU. Results in $OUT/launch-results.txt.
+# Usage there: scripts/cuda/launch.sh   (SHAPE=1b for Llama-3.2-1B instead of Llama-3-8B)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+source scripts/cuda/common.sh
+cuda_setup launch launch-results.txt
+export NCCL_NVLS_ENABLE=0
+log "# lmx launch on GPUs, $(date -u +%F), $(nvidia-smi -L | wc -l) x $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(mpirun --version 2>&1 | head -1), binary sha256 $(sha256sum "$LMX" | cut -c1-12)"
+
+fixture_folder llama
+one() { "$LMX" generate --model "$W/llama" -p 'a b c a b' -m 16 --dtype float32 "$@" 2>&1 | head -1; }
+two() { "$LMX" launch -n 2 -- generate --model "$W/llama" -p 'a b c a b' -m 16 --dtype float32 "$@" 2>&1 | head -1; }
+log "llama fixture f32, 1 GPU:        [$(one --device cuda)]"
+log "llama fixture f32, CPU:          [$(one --device cpu)]"
+log "llama fixture f32, TP 2 GPUs:    [$(two)]"
+log "llama fixture f32, PP 2 GPUs:    [$(two --pipeline)]"
+
+SHAPE=${SHAPE:-8b}
+SHAPE=$SHAPE python3 scripts/cuda/make_random_llama.py "$W/llama-$SHAPE" 2>&1 | tail -1 | tee -a "$RES"
+for m in 4bit bf16; do
+  M="$W/llama-$SHAPE-$m"
+  log "llama-$SHAPE-$m 1 GPU:     $("$LMX" benchmark --model "$M" -p 128 -g 128 -n 2 2>&1 | tail -1)"
+  log "llama-$SHAPE-$m TP 2 GPUs: $("$LMX" launch -n 2 --env LMX_DIST_VERBOSE=1 -- benchmark --model "$M" -p 128 -g 128 -n 2 2>&1 | grep -E 'Averages|collectives|rror' | tr '\n' ' ')"
+  log "llama-$SHAPE-$m PP 2 GPUs: $("$LMX" launch -n 2 --env LMX_DIST_VERBOSE=1 -- benchmark --pipeline --model "$M" -p 128 -g 128 -n 2 2>&1 | grep -E 'Averages|collectives|rror' | tr '\n' ' ')"
+done
+nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader | tee -a "$RES"
