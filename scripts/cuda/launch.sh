@@ -9,7 +9,13 @@ cd "$(dirname "$0")/../.."
 source scripts/cuda/common.sh
 cuda_setup launch launch-results.txt
 export NCCL_NVLS_ENABLE=0
-log "# lmx launch on GPUs, $(date -u +%F), $(nvidia-smi -L | wc -l) x $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(mpirun --version 2>&1 | head -1), binary sha256 $(sha256sum "$LMX" | cut -c1-12)"
+# lmx opens libmpi.so.40 when a rank starts: point it at mpirun's own when the loader's
+# cache does not know it (HPC-X and other builds outside the system folders).
+MPIRUN=$(command -v mpirun) || { echo "no mpirun on this machine" | tee -a "$RES"; exit 1; }
+if ! ldconfig -p | grep -q 'libmpi.so.40 '; then
+  export LMX_MPI_LIBRARY=$(dirname "$(readlink -f "$MPIRUN")")/../lib/libmpi.so.40
+fi
+log "# lmx launch on GPUs, $(date -u +%F), $(nvidia-smi -L | wc -l) x $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(mpirun --version 2>&1 | head -1), binary sha256 $(sha256sum "$LMX" | cut -c1-12); mpirun $MPIRUN, libmpi ${LMX_MPI_LIBRARY:-from the loader cache}"
 
 fixture_folder llama
 one() { "$LMX" generate --model "$W/llama" -p 'a b c a b' -m 16 --dtype float32 "$@" 2>&1 | head -1; }
