@@ -3,7 +3,7 @@
 # Open MPI carrying the collectives (CUDA tensors staged through host memory; NCCL is to come).
 # Correctness first (greedy f32 tokens of tensor- and pipeline-parallel runs equal one GPU's),
 # then speed beside one GPU. Results in $OUT/launch-results.txt.
-# Usage there: scripts/cuda/launch.sh   (SHAPE=1b for Llama-3.2-1B instead of Llama-3-8B)
+# Usage there: scripts/cuda/launch.sh [--correctness]   (SHAPE=1b: Llama-3.2-1B instead of 3-8B)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/cuda/common.sh
@@ -17,13 +17,19 @@ if ! ldconfig -p | grep -q 'libmpi.so.40 '; then
 fi
 log "# lmx launch on GPUs, $(date -u +%F), $(nvidia-smi -L | wc -l) x $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(mpirun --version 2>&1 | head -1), binary sha256 $(sha256sum "$LMX" | cut -c1-12); mpirun $MPIRUN, libmpi ${LMX_MPI_LIBRARY:-from the loader cache}"
 
-fixture_folder llama
-one() { "$LMX" generate --model "$W/llama" -p 'a b c a b' -m 16 --dtype float32 "$@" 2>&1 | head -1; }
-two() { "$LMX" launch -n 2 -- generate --model "$W/llama" -p 'a b c a b' -m 16 --dtype float32 "$@" 2>&1 | head -1; }
-log "llama fixture f32, 1 GPU:        [$(one --device cuda)]"
-log "llama fixture f32, CPU:          [$(one --device cpu)]"
-log "llama fixture f32, TP 2 GPUs:    [$(two)]"
-log "llama fixture f32, PP 2 GPUs:    [$(two --pipeline)]"
+# The fixture models' perplexity (f32) on one GPU, the CPU, and split over the 2 GPUs; and
+# greedy tokens of a 4-bit fixture (its tokenizer has 4 words, so the text is short).
+python3 -c "import random; random.seed(0); print(' '.join(random.choice('abc') for _ in range(400)))" > "$W/text.txt"
+for a in llama qwen3 gemma2; do
+  fixture_folder $a
+  # $1: the command before `perplexity` (word-split on purpose), then its extra flags.
+  ppl() { local pre=$1; shift; $pre perplexity --model "$W/$a" --data "$W/text.txt" --sequence-length 12 --dtype float32 "$@" 2>&1 | grep -E "Perplexity|rror" | head -1; }
+  log "perplexity $a f32: 1 GPU [$(ppl "$LMX" --device cuda)] CPU [$(ppl "$LMX" --device cpu)] TP 2 GPUs [$(ppl "$LMX launch -n 2 --")] PP 2 GPUs [$(ppl "$LMX launch -n 2 --" --pipeline)]"
+done
+"$LMX" convert --hf-path "$W/llama" -q --q-group-size 32 --mlx-path "$W/llama-4bit" > /dev/null 2>&1
+gen() { local pre=$1; shift; $pre generate --model "$W/llama-4bit" -p 'a b c a b' -m 24 --ignore-eos "$@" 2>&1 | head -1; }
+log "generate llama-4bit: 1 GPU [$(gen "$LMX" --device cuda)] TP 2 GPUs [$(gen "$LMX launch -n 2 --")] PP 2 GPUs [$(gen "$LMX launch -n 2 --" --pipeline)]"
+[ "${1:-}" = --correctness ] && exit 0
 
 SHAPE=${SHAPE:-8b}
 SHAPE=$SHAPE python3 scripts/cuda/make_random_llama.py "$W/llama-$SHAPE" 2>&1 | tail -1 | tee -a "$RES"
