@@ -83,7 +83,8 @@ pub fn rank_device(device: lmx::core::Device, spec: &str) -> anyhow::Result<lmx:
         return Ok(device);
     }
     let local: usize = std::env::var("OMPI_COMM_WORLD_LOCAL_RANK").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
-    lmx::core::parse_device(&format!("cuda:{local}")).with_context(|| format!("rank {} is rank {local} on its host and takes GPU {local}: start at most as many ranks per host as it has GPUs", env_rank()))
+    lmx::core::parse_device(&format!("cuda:{local}"))
+        .with_context(|| format!("rank {} is rank {local} on its host and takes GPU {local}: start at most as many ranks per host as it has GPUs", env_rank()))
 }
 
 /// Joins the launched world (Open MPI) for a command that runs sharded.

@@ -129,7 +129,7 @@ fn check_sharded(model_type: &str, size: usize, split: Split) {
     let Golden { input_ids, scale, .. } = golden(model_type);
     let whole = load(model_type, DType::F32, None);
     let want = whole.forward(&input_ids, &mut whole.new_cache(), Logits::All).expect("forward");
-    let results: Vec<(Tensor, Tensor)> = std::thread::scope(|s| {
+    let results: Vec<(Tensor, Tensor, Tensor)> = std::thread::scope(|s| {
         let handles: Vec<_> = InProcess::world(size)
             .into_iter()
             .map(|g| {
@@ -144,15 +144,18 @@ fn check_sharded(model_type: &str, size: usize, split: Split) {
                     for i in 6..ids.dim(1).expect("len") {
                         parts.push(model.forward(&ids.narrow(1, i, 1).expect("n"), &mut cache, Logits::Last).expect("decode"));
                     }
+                    // One cache per sequence (a pipeline cuts such a batch by sequence).
+                    let mut rows = lmx_nn::KvCache::batch(vec![model.new_cache(), model.new_cache()]);
+                    let per_row = model.forward(&ids, &mut rows, Logits::All).expect("forward with a cache per sequence");
                     std::mem::forget(guard);
-                    (full, Tensor::cat(&parts, 1).expect("cat"))
+                    (full, Tensor::cat(&parts, 1).expect("cat"), per_row)
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
     });
-    for (rank, (full, cached)) in results.iter().enumerate() {
-        for (what, got) in [("forward", full), ("cached decode", cached)] {
+    for (rank, (full, cached, per_row)) in results.iter().enumerate() {
+        for (what, got) in [("forward", full), ("cached decode", cached), ("forward with a cache per sequence", per_row)] {
             let (d, at) = max_diff(got, &want);
             println!("{model_type} {split:?} world {size} rank {rank} {what}: max |logit diff| {d:.3e} at {at}");
             assert!(d <= 1e-5 * scale, "{model_type}: rank {rank} of {size} ({split:?}): sharded {what} differs from the unsharded model by {d} at {at}");

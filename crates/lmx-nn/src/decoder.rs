@@ -276,25 +276,21 @@ impl<L: Layer> Decoder<L> {
     }
 }
 
-impl<L: Layer> CausalLm for Decoder<L> {
-    fn forward(&self, input_ids: &Tensor, cache: &mut KvCache, logits: Logits) -> Result<Tensor> {
-        let (b, l) = input_ids.dims2()?;
-        if cache.rows() > 1 && cache.rows() != b {
-            lmx_core::bail!("a batch of {b} sequences with a cache for {}", cache.rows());
+impl<L: Layer> Decoder<L> {
+    /// The scaled token embeddings of `input_ids`.
+    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let x = self.embed_tokens.forward(input_ids)?;
+        match self.style.embed_scale {
+            // transformers multiplies by the scale as a tensor of the hidden states' dtype.
+            Some(scale) => x.broadcast_mul(&Tensor::new(scale as f32, x.device())?.to_dtype(x.dtype())?),
+            None => Ok(x),
         }
-        let mut x = match &self.pipeline {
-            // A later pipeline stage continues from the previous stage's hidden states.
-            Some(g) if g.rank() > 0 => g.recv(g.rank() - 1, PIPELINE_WAIT)?.to_device(self.device())?,
-            _ => {
-                let mut x = self.embed_tokens.forward(input_ids)?;
-                if let Some(scale) = self.style.embed_scale {
-                    // transformers multiplies by the scale as a tensor of the hidden states' dtype.
-                    let scale = Tensor::new(scale as f32, x.device())?.to_dtype(x.dtype())?;
-                    x = x.broadcast_mul(&scale)?;
-                }
-                x
-            }
-        };
+    }
+
+    /// This process's layers over hidden states `x` (b, l, hidden), after the positions
+    /// `cache` holds.
+    fn run_layers(&self, mut x: Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let l = x.dim(1)?;
         // Rows at different positions (a batch of sequences of different lengths) each get
         // their own rotary angles.
         let offsets: Vec<usize> = (0..cache.rows().max(1)).map(|r| cache.row_offset(r)).collect();
@@ -317,29 +313,81 @@ impl<L: Layer> CausalLm for Decoder<L> {
                 _ => layer.forward(&x, &input, cache, layer_idx)?,
             };
         }
-        let last = self.pipeline.as_ref().map(|g| (g.clone(), g.size() - 1));
-        if let Some((g, last)) = &last {
-            if g.rank() < *last {
-                // Hand on to the next stage, then take the logits the last one computes.
-                g.send(&x, g.rank() + 1)?;
-                return g.broadcast(None, *last, PIPELINE_WAIT)?.to_device(self.device());
-            }
-        }
-        let x = self.norm.forward(&x)?;
-        let x = logits.select(&x)?;
+        Ok(x)
+    }
+
+    /// The final norm, the positions asked for, the output projection and capping: f32 logits.
+    fn head(&self, x: &Tensor, logits: &Logits) -> Result<Tensor> {
+        let x = logits.select(&self.norm.forward(x)?)?;
         let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
-        let logits = match self.style.logit_softcap {
-            Some(cap) => ((logits / cap)?.tanh()? * cap)?,
-            None => logits,
-        };
-        match &last {
-            // Every stage samples from the same logits.
-            Some((g, last)) => {
-                g.broadcast(Some(&logits), *last, PIPELINE_WAIT)?;
-                Ok(logits)
-            }
+        match self.style.logit_softcap {
+            Some(cap) => (logits / cap)?.tanh()? * cap,
             None => Ok(logits),
         }
+    }
+
+    /// One forward as a stage of pipeline `g`. A call over several positions (a prompt) is cut
+    /// into as many micro-batches as there are stages (by sequence when the batch has one
+    /// cache per sequence, else by position, each piece after the previous one in the cache),
+    /// so that a stage works on one piece while the next stage works on the one before. A
+    /// decode step (one position) is not cut: it reads the weights once per piece, and
+    /// reading them is its whole cost.
+    fn pipeline_forward(&self, g: &Arc<dyn lmx_dist::Group>, input_ids: &Tensor, cache: &mut KvCache, logits: Logits) -> Result<Tensor> {
+        let (b, l) = input_ids.dims2()?;
+        let (rank, last) = (g.rank(), g.size() - 1);
+        let by_rows = b > 1 && (cache.rows() == b || !cache.stores());
+        let pieces = match &logits {
+            Logits::Rows(_) => 1,
+            _ if l < 2 => 1,
+            _ if by_rows => b.min(g.size()),
+            _ if cache.stores() => l.min(g.size()),
+            _ => 1,
+        };
+        let mut outputs = Vec::with_capacity(pieces);
+        for piece in 0..pieces {
+            let (rows, positions) = if by_rows { (lmx_dist::split_range(b, 1, piece, pieces), 0..l) } else { (0..b, lmx_dist::split_range(l, 1, piece, pieces)) };
+            let x = match rank {
+                0 => self.embed(&input_ids.narrow(0, rows.start, rows.len())?.narrow(1, positions.start, positions.len())?)?,
+                // A later stage continues from the previous stage's hidden states.
+                _ => g.recv(rank - 1, PIPELINE_WAIT)?.to_device(self.device())?,
+            };
+            let x = if by_rows && cache.stores() {
+                let mut part = cache.take_rows(rows.clone());
+                let x = self.run_layers(x, &mut part);
+                cache.restore_rows(rows.start, part);
+                x?
+            } else if by_rows {
+                self.run_layers(x, &mut KvCache::uncached())?
+            } else {
+                self.run_layers(x, cache)?
+            };
+            if rank < last {
+                g.send(&x, rank + 1)?;
+            } else if by_rows || matches!(logits, Logits::All) || piece == pieces - 1 {
+                outputs.push(self.head(&x, &logits)?);
+            }
+        }
+        if rank < last {
+            // Every stage samples from the logits the last one computes.
+            return g.broadcast(None, last, PIPELINE_WAIT)?.to_device(self.device());
+        }
+        let logits = if outputs.len() == 1 { outputs.remove(0) } else { Tensor::cat(&outputs, if by_rows { 0 } else { 1 })? };
+        g.broadcast(Some(&logits), last, PIPELINE_WAIT)?;
+        Ok(logits)
+    }
+}
+
+impl<L: Layer> CausalLm for Decoder<L> {
+    fn forward(&self, input_ids: &Tensor, cache: &mut KvCache, logits: Logits) -> Result<Tensor> {
+        let b = input_ids.dim(0)?;
+        if cache.rows() > 1 && cache.rows() != b {
+            lmx_core::bail!("a batch of {b} sequences with a cache for {}", cache.rows());
+        }
+        if let Some(g) = &self.pipeline {
+            return self.pipeline_forward(g, input_ids, cache, logits);
+        }
+        let x = self.run_layers(self.embed(input_ids)?, cache)?;
+        self.head(&x, &logits)
     }
 
     fn new_cache(&self) -> KvCache {

@@ -466,6 +466,22 @@ impl KvCache {
         self.rows.into_iter().map(|r| KvCache { rows: vec![r], store: true }).collect()
     }
 
+    /// Moves rows `range` out into a cache of their own (a pipeline micro-batch); put them
+    /// back with [`KvCache::restore_rows`]. Nothing is copied.
+    pub fn take_rows(&mut self, range: std::ops::Range<usize>) -> KvCache {
+        KvCache { rows: self.rows.drain(range).collect(), store: self.store }
+    }
+
+    /// Puts rows taken by [`KvCache::take_rows`] back at `at`.
+    pub fn restore_rows(&mut self, at: usize, part: KvCache) {
+        self.rows.splice(at..at, part.rows);
+    }
+
+    /// Whether forwards append to this cache (false for [`KvCache::uncached`]).
+    pub fn stores(&self) -> bool {
+        self.store
+    }
+
     /// Layers of each sequence's cache.
     pub fn layers(&self) -> usize {
         self.rows.first().map_or(0, |r| r.layers.len())
