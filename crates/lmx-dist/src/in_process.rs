@@ -20,6 +20,9 @@ struct State {
     mail: HashMap<(usize, usize), VecDeque<Tensor>>,
     /// Set by [`InProcess::abort`]: every waiting or later call fails instead of hanging.
     aborted: bool,
+    /// Splits each rank has made, and the sub-groups made so far by (split number, color).
+    splits_made: Vec<u64>,
+    sub_groups: HashMap<(u64, usize), Arc<Shared>>,
 }
 
 #[derive(Debug)]
@@ -39,7 +42,7 @@ pub struct InProcess {
 impl InProcess {
     /// The `size` ranks of one group; hand each to its own thread.
     pub fn world(size: usize) -> Vec<InProcess> {
-        let state = State { slots: vec![None; size], ..State::default() };
+        let state = State { slots: vec![None; size], splits_made: vec![0; size], ..State::default() };
         let shared = Arc::new(Shared { size, state: Mutex::new(state), changed: Condvar::new() });
         (0..size).map(|rank| InProcess { rank, shared: shared.clone() }).collect()
     }
@@ -134,6 +137,27 @@ impl Group for InProcess {
         Ok(())
     }
 
+    fn split(&self, color: usize, key: usize) -> Result<Arc<dyn Group>> {
+        let mine = Tensor::new(&[color as i64, key as i64], &lmx_core::Device::Cpu)?;
+        let all = self.exchange(&mine)?.iter().map(|t| t.to_vec1::<i64>()).collect::<Result<Vec<_>>>()?;
+        let mut members: Vec<(i64, usize)> = all.iter().enumerate().filter(|(_, ck)| ck[0] == color as i64).map(|(r, ck)| (ck[1], r)).collect();
+        members.sort();
+        let rank = members.iter().position(|&(_, r)| r == self.rank).unwrap_or(0);
+        let mut state = self.lock();
+        let n = state.splits_made[self.rank];
+        state.splits_made[self.rank] += 1;
+        let size = members.len();
+        let shared = state
+            .sub_groups
+            .entry((n, color))
+            .or_insert_with(|| {
+                let sub = State { slots: vec![None; size], splits_made: vec![0; size], ..State::default() };
+                Arc::new(Shared { size, state: Mutex::new(sub), changed: Condvar::new() })
+            })
+            .clone();
+        Ok(Arc::new(InProcess { rank, shared }))
+    }
+
     fn recv(&self, src: usize, _wait: Wait) -> Result<Tensor> {
         if src >= self.size() {
             lmx_core::bail!("recv from rank {src}: the group has {} ranks", self.size());
@@ -187,6 +211,28 @@ mod tests {
             let prev = ((rank + 2) % 3) as f32;
             assert_eq!(got, vec![prev, 10.0 * prev]);
         }
+        Ok(())
+    }
+
+    /// Four ranks split into two groups of two by parity, each summing on its own.
+    #[test]
+    fn split_makes_independent_sub_groups() -> Result<()> {
+        let sums: Vec<Result<(usize, usize, Vec<f32>)>> = std::thread::scope(|s| {
+            let handles: Vec<_> = InProcess::world(4)
+                .into_iter()
+                .map(|g| {
+                    s.spawn(move || -> Result<_> {
+                        // Keys reversed: the highest world rank of each color ranks first.
+                        let sub = g.split(g.rank() % 2, 10 - g.rank())?;
+                        let sum = sub.all_sum(&Tensor::new(&[g.rank() as f32], &Device::Cpu)?)?.to_vec1::<f32>()?;
+                        Ok((sub.rank(), sub.size(), sum))
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
+        });
+        let got: Vec<(usize, usize, Vec<f32>)> = sums.into_iter().collect::<Result<_>>()?;
+        assert_eq!(got, vec![(1, 2, vec![2.0]), (1, 2, vec![4.0]), (0, 2, vec![2.0]), (0, 2, vec![4.0])]);
         Ok(())
     }
 

@@ -36,6 +36,10 @@ pub trait Group: Send + Sync + std::fmt::Debug {
     fn broadcast(&self, x: Option<&Tensor>, root: usize, wait: Wait) -> Result<Tensor>;
     /// Returns once every rank has called it.
     fn barrier(&self, wait: Wait) -> Result<()>;
+    /// Sub-groups: the ranks passing the same `color` form one, ranked by `key` (then by
+    /// their rank here). Every rank calls it; e.g. tensor parallel within a host and data
+    /// parallel across hosts.
+    fn split(&self, color: usize, key: usize) -> Result<std::sync::Arc<dyn Group>>;
 }
 
 /// How long a collective waits for the other ranks before it declares one of them stuck.
@@ -92,6 +96,9 @@ impl Group for Single {
     }
     fn barrier(&self, _wait: Wait) -> Result<()> {
         Ok(())
+    }
+    fn split(&self, _color: usize, _key: usize) -> Result<std::sync::Arc<dyn Group>> {
+        Ok(std::sync::Arc::new(Single))
     }
 }
 

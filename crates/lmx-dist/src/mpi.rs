@@ -50,6 +50,7 @@ type FnComm = unsafe extern "C" fn(Handle, *mut c_int) -> c_int;
 
 type MpiInitThread = unsafe extern "C" fn(*mut c_int, *mut *mut *mut c_char, c_int, *mut c_int) -> c_int;
 type MpiAbort = unsafe extern "C" fn(Handle, c_int) -> c_int;
+type MpiCommSplit = unsafe extern "C" fn(Handle, c_int, c_int, *mut Handle) -> c_int;
 type MpiCommSetErrhandler = unsafe extern "C" fn(Handle, Handle) -> c_int;
 type MpiIallreduce = unsafe extern "C" fn(*const c_void, *mut c_void, c_int, Handle, Handle, Handle, *mut Handle) -> c_int;
 type MpiIallgather = unsafe extern "C" fn(*const c_void, c_int, Handle, *mut c_void, c_int, Handle, Handle, *mut Handle) -> c_int;
@@ -72,6 +73,7 @@ struct Api {
     comm_rank: FnComm,
     comm_size: FnComm,
     comm_set_errhandler: MpiCommSetErrhandler,
+    comm_split: MpiCommSplit,
     iallreduce: MpiIallreduce,
     iallgather: MpiIallgather,
     iallgatherv: MpiIallgatherv,
@@ -162,6 +164,7 @@ impl Api {
             comm_rank: func!("MPI_Comm_rank", FnComm),
             comm_size: func!("MPI_Comm_size", FnComm),
             comm_set_errhandler: func!("MPI_Comm_set_errhandler", MpiCommSetErrhandler),
+            comm_split: func!("MPI_Comm_split", MpiCommSplit),
             iallreduce: func!("MPI_Iallreduce", MpiIallreduce),
             iallgather: func!("MPI_Iallgather", MpiIallgather),
             iallgatherv: func!("MPI_Iallgatherv", MpiIallgatherv),
@@ -221,9 +224,19 @@ pub fn finalize() {
     }
 }
 
-/// The processes `mpirun` started, as one [`Group`] over `MPI_COMM_WORLD`.
+/// A communicator handle (Open MPI's are pointers to objects that live until the job ends).
+#[derive(Debug, Clone, Copy)]
+struct Comm(Handle);
+
+// SAFETY: a communicator may be used from any thread; calls are serialized by `Mpi::lock`.
+unsafe impl Send for Comm {}
+// SAFETY: as above.
+unsafe impl Sync for Comm {}
+
+/// The processes `mpirun` started, as one [`Group`] over `MPI_COMM_WORLD` (or a split of it).
 #[derive(Debug)]
 pub struct Mpi {
+    comm: Comm,
     rank: usize,
     size: usize,
     /// How long a collective waits for the other ranks ([`Wait::Collective`]).
@@ -255,13 +268,21 @@ impl Mpi {
             // SAFETY: both handles are Open MPI's predefined objects.
             unsafe { (api.comm_set_errhandler)(api.world, api.errors_return) };
         }
+        Ok(Self::over(Comm(api.world), timeout))
+    }
+
+    fn over(comm: Comm, timeout: Duration) -> Mpi {
+        let api = match API.get() {
+            Some(Ok(api)) => api,
+            _ => unreachable!("a communicator exists only after the library loaded"),
+        };
         let (mut rank, mut size) = (0, 0);
-        // SAFETY: the world communicator exists once MPI is initialized.
+        // SAFETY: a valid communicator.
         unsafe {
-            (api.comm_rank)(api.world, &mut rank);
-            (api.comm_size)(api.world, &mut size);
+            (api.comm_rank)(comm.0, &mut rank);
+            (api.comm_size)(comm.0, &mut size);
         }
-        Ok(Mpi { rank: rank as usize, size: size as usize, timeout, calls: Mutex::new(0), busy_ns: Default::default() })
+        Mpi { comm, rank: rank as usize, size: size as usize, timeout, calls: Mutex::new(0), busy_ns: Default::default() }
     }
 
     /// Collectives issued so far, and the time spent in them and in transfers.
@@ -294,14 +315,15 @@ impl Mpi {
     }
 
     /// Starts the collective `what` (numbered), waits for it under `wait`.
-    fn collective(&self, what: &str, wait: Wait, start: impl FnOnce(&Api, *mut Handle) -> c_int) -> Result<()> {
+    fn collective(&self, what: &str, wait: Wait, start: impl FnOnce(&Api, Handle, *mut Handle) -> c_int) -> Result<()> {
         let number = {
             let mut calls = self.lock();
             *calls += 1;
             *calls
         };
         let mut request: Handle = std::ptr::null_mut();
-        self.call(what, |api| start(api, &mut request))?;
+        let comm = self.comm.0;
+        self.call(what, |api| start(api, comm, &mut request))?;
         self.wait(&mut request, &format!("{what} #{number}"), wait)
     }
 
@@ -351,7 +373,7 @@ impl Mpi {
         for peer in (0..self.size).filter(|&p| p != self.rank) {
             let mut request: Handle = std::ptr::null_mut();
             // SAFETY: the leaked one-byte buffer outlives the send.
-            unsafe { (api.isend)(note.as_ptr().cast(), 1, api.byte, peer as c_int, TAG_WAITING, api.world, &mut request) };
+            unsafe { (api.isend)(note.as_ptr().cast(), 1, api.byte, peer as c_int, TAG_WAITING, self.comm.0, &mut request) };
         }
         let mut waiting = vec![false; self.size];
         waiting[self.rank] = true;
@@ -359,7 +381,7 @@ impl Mpi {
         while Instant::now() < until {
             let (mut found, mut status) = (0, Status::default());
             // SAFETY: probing the world communicator.
-            unsafe { (api.iprobe)(MPI_ANY_SOURCE, TAG_WAITING, api.world, &mut found, &mut status) };
+            unsafe { (api.iprobe)(MPI_ANY_SOURCE, TAG_WAITING, self.comm.0, &mut found, &mut status) };
             if found == 0 {
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
@@ -372,7 +394,7 @@ impl Mpi {
             let mut request: Handle = std::ptr::null_mut();
             // SAFETY: a matching message is pending; the leaked buffer outlives the receive.
             unsafe {
-                (api.irecv)(buf.as_mut_ptr().cast(), 1, api.byte, src, TAG_WAITING, api.world, &mut request);
+                (api.irecv)(buf.as_mut_ptr().cast(), 1, api.byte, src, TAG_WAITING, self.comm.0, &mut request);
                 let mut done = 0;
                 while done == 0 {
                     (api.test)(&mut request, &mut done, std::ptr::null_mut());
@@ -497,9 +519,9 @@ impl Group for Mpi {
         // Summed in f32 whatever the dtype (MPI has no bf16), rounded once at the end.
         let mut data = x.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let n = Self::count(data.len(), "all_sum")?;
-        self.collective("all_sum", Wait::Collective, |api, req| {
+        self.collective("all_sum", Wait::Collective, |api, comm, req| {
             // SAFETY: `data` holds n floats and lives until the request completes.
-            unsafe { (api.iallreduce)(MPI_IN_PLACE, data.as_mut_ptr().cast(), n, api.float, api.sum, api.world, req) }
+            unsafe { (api.iallreduce)(MPI_IN_PLACE, data.as_mut_ptr().cast(), n, api.float, api.sum, comm, req) }
         })?;
         Tensor::from_vec(data, x.shape(), &Device::Cpu)?.to_dtype(x.dtype())?.to_device(x.device())
     }
@@ -512,9 +534,9 @@ impl Group for Mpi {
         // Each rank's byte count and its size along `dim`.
         let mut both = vec![0 as c_int; 2 * self.size];
         let pair = [my_size, my_dim];
-        self.collective("all_gather (sizes)", Wait::Collective, |api, req| {
+        self.collective("all_gather (sizes)", Wait::Collective, |api, comm, req| {
             // SAFETY: 2 ints sent, 2 per rank received into `both`.
-            unsafe { (api.iallgather)(pair.as_ptr().cast(), 2, api.int, both.as_mut_ptr().cast(), 2, api.int, api.world, req) }
+            unsafe { (api.iallgather)(pair.as_ptr().cast(), 2, api.int, both.as_mut_ptr().cast(), 2, api.int, comm, req) }
         })?;
         for (s, p) in sizes.iter_mut().zip(both.chunks(2)) {
             *s = p[0];
@@ -526,9 +548,9 @@ impl Group for Mpi {
             total += *s as usize;
         }
         let mut all = vec![0u8; total];
-        self.collective("all_gather", Wait::Collective, |api, req| {
+        self.collective("all_gather", Wait::Collective, |api, comm, req| {
             // SAFETY: counts and displacements describe `all`, which outlives the request.
-            unsafe { (api.iallgatherv)(mine.as_ptr().cast(), my_size, api.byte, all.as_mut_ptr().cast(), sizes.as_ptr(), displs.as_ptr(), api.byte, api.world, req) }
+            unsafe { (api.iallgatherv)(mine.as_ptr().cast(), my_size, api.byte, all.as_mut_ptr().cast(), sizes.as_ptr(), displs.as_ptr(), api.byte, comm, req) }
         })?;
         let wire = wire_dtype(x.dtype());
         let mut parts = Vec::with_capacity(self.size);
@@ -552,24 +574,34 @@ impl Group for Mpi {
             (false, _) => ([0u64; HEADER], Vec::new()),
         };
         let (hp, hn) = header_bytes(&mut h);
-        self.collective("broadcast (header)", wait, |api, req| {
+        self.collective("broadcast (header)", wait, |api, comm, req| {
             // SAFETY: the header buffer outlives the request.
-            unsafe { (api.ibcast)(hp, hn, api.byte, root as c_int, api.world, req) }
+            unsafe { (api.ibcast)(hp, hn, api.byte, root as c_int, comm, req) }
         })?;
         data.resize(wire_len(&h)?, 0);
         let n = Self::count(data.len(), "broadcast")?;
-        self.collective("broadcast", Wait::Collective, |api, req| {
+        self.collective("broadcast", Wait::Collective, |api, comm, req| {
             // SAFETY: `data` holds n bytes on every rank and outlives the request.
-            unsafe { (api.ibcast)(data.as_mut_ptr().cast(), n, api.byte, root as c_int, api.world, req) }
+            unsafe { (api.ibcast)(data.as_mut_ptr().cast(), n, api.byte, root as c_int, comm, req) }
         })?;
         from_header(&h, &data, x.map_or(&Device::Cpu, |x| x.device()))
     }
 
     fn barrier(&self, wait: Wait) -> Result<()> {
-        self.collective("barrier", wait, |api, req| {
+        self.collective("barrier", wait, |api, comm, req| {
             // SAFETY: a barrier on the world communicator.
-            unsafe { (api.ibarrier)(api.world, req) }
+            unsafe { (api.ibarrier)(comm, req) }
         })
+    }
+
+    fn split(&self, color: usize, key: usize) -> Result<std::sync::Arc<dyn Group>> {
+        // MPI_Comm_split blocks with no deadline: first make sure every rank is here.
+        self.barrier(Wait::Collective)?;
+        let mut comm: Handle = std::ptr::null_mut();
+        let (color, key) = (c_int::try_from(color).unwrap_or(c_int::MAX), c_int::try_from(key).unwrap_or(c_int::MAX));
+        // SAFETY: every rank of this communicator calls it (all passed the barrier).
+        self.call("split", |api| unsafe { (api.comm_split)(self.comm.0, color, key, &mut comm) })?;
+        Ok(std::sync::Arc::new(Mpi::over(Comm(comm), self.timeout)))
     }
 
     fn send(&self, x: &Tensor, dst: usize) -> Result<()> {
@@ -583,8 +615,8 @@ impl Group for Mpi {
         let (mut r1, mut r2): (Handle, Handle) = (std::ptr::null_mut(), std::ptr::null_mut());
         let what = format!("send to rank {dst}");
         // SAFETY: both buffers outlive their requests (waited for below).
-        self.call(&what, |api| unsafe { (api.isend)(hp, hn, api.byte, dst as c_int, TAG_HEADER, api.world, &mut r1) })?;
-        self.call(&what, |api| unsafe { (api.isend)(data.as_ptr().cast(), n, api.byte, dst as c_int, TAG_DATA, api.world, &mut r2) })?;
+        self.call(&what, |api| unsafe { (api.isend)(hp, hn, api.byte, dst as c_int, TAG_HEADER, self.comm.0, &mut r1) })?;
+        self.call(&what, |api| unsafe { (api.isend)(data.as_ptr().cast(), n, api.byte, dst as c_int, TAG_DATA, self.comm.0, &mut r2) })?;
         self.wait(&mut r1, &what, Wait::Collective)?;
         self.wait(&mut r2, &what, Wait::Collective)
     }
@@ -598,12 +630,12 @@ impl Group for Mpi {
         let (hp, hn) = header_bytes(&mut h);
         let mut r: Handle = std::ptr::null_mut();
         // SAFETY: the header buffer outlives the request.
-        self.call(&what, |api| unsafe { (api.irecv)(hp, hn, api.byte, src as c_int, TAG_HEADER, api.world, &mut r) })?;
+        self.call(&what, |api| unsafe { (api.irecv)(hp, hn, api.byte, src as c_int, TAG_HEADER, self.comm.0, &mut r) })?;
         self.wait(&mut r, &what, wait)?;
         let mut data = vec![0u8; wire_len(&h)?];
         let n = Self::count(data.len(), "recv")?;
         // SAFETY: `data` holds n bytes and outlives the request.
-        self.call(&what, |api| unsafe { (api.irecv)(data.as_mut_ptr().cast(), n, api.byte, src as c_int, TAG_DATA, api.world, &mut r) })?;
+        self.call(&what, |api| unsafe { (api.irecv)(data.as_mut_ptr().cast(), n, api.byte, src as c_int, TAG_DATA, self.comm.0, &mut r) })?;
         self.wait(&mut r, &what, Wait::Collective)?;
         from_header(&h, &data, &Device::Cpu)
     }

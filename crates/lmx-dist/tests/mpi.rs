@@ -66,6 +66,12 @@ fn collectives_over_three_processes() {
     assert_eq!(got.dtype(), DType::BF16);
     assert_eq!(got.to_dtype(DType::F32).and_then(|t| t.to_vec2::<f32>()).expect("v"), vec![vec![prev; 3]; 2]);
     g.barrier(Wait::Collective).expect("barrier");
+    // Split by parity: ranks 0 and 2 (rank 2 first, by key), and rank 1 alone.
+    let sub = g.split(g.rank() % 2, 9 - g.rank()).expect("split");
+    let want = if g.rank() % 2 == 0 { (2, 2.0, usize::from(g.rank() == 0)) } else { (1, 1.0, 0) };
+    let sum = sub.all_sum(&Tensor::new(&[r], cpu).expect("t")).and_then(|t| t.to_vec1::<f32>()).expect("sub sum");
+    assert_eq!((sub.size(), sum[0], sub.rank()), want, "rank {}", g.rank());
+    g.barrier(Wait::Collective).expect("barrier");
     lmx_dist::mpi::finalize();
 }
 
