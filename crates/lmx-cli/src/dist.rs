@@ -48,6 +48,8 @@ pub fn prepare() {
     if env_rank() == 0 {
         return;
     }
+    // A panic says where, on the real stderr, like any other error of this rank.
+    std::panic::set_hook(Box::new(|info| report_error(&format!("panic: {info}"))));
     #[cfg(unix)]
     {
         use std::os::fd::{AsRawFd, FromRawFd};
@@ -60,7 +62,11 @@ pub fn prepare() {
                 libc::dup2(null.as_raw_fd(), 2);
             }
             if saved >= 0 {
-                *ERRORS.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::fs::File::from_raw_fd(saved));
+                let file = std::fs::File::from_raw_fd(saved);
+                if let Ok(copy) = file.try_clone() {
+                    lmx::dist::mpi::report_errors_to(copy);
+                }
+                *ERRORS.lock().unwrap_or_else(|e| e.into_inner()) = Some(file);
             }
         }
     }

@@ -196,12 +196,19 @@ fn remove_temporaries_on_signals() {
             return;
         }
         let waiter = std::thread::Builder::new().name("lmx-signals".into()).spawn(move || {
-            let mut sig = 0;
-            // SAFETY: `set` is initialised and blocked in this thread.
-            while libc::sigwait(&set, &mut sig) == 0 {
+            // SAFETY: `set` is initialised and blocked in this thread; `info` is written by
+            // sigwaitinfo before it is read.
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            while libc::sigwaitinfo(&set, &mut info) > 0 {
+                let sig = info.si_signo;
                 let child = FORWARD_SIGNALS_TO.load(std::sync::atomic::Ordering::SeqCst);
                 if child > 0 {
-                    libc::kill(child, sig);
+                    // Ctrl-C at a terminal reaches mpirun too (same process group): pass on
+                    // only signals sent to this process alone, or mpirun sees two and stops
+                    // waiting for its ranks to end.
+                    if info.si_code != libc::SI_KERNEL {
+                        libc::kill(child, sig);
+                    }
                     continue;
                 }
                 lmx::io::temp::remove_registered();

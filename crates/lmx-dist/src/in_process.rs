@@ -114,7 +114,7 @@ impl Group for InProcess {
         Tensor::cat(&self.exchange(x)?, dim)
     }
 
-    fn send(&self, x: &Tensor, dst: usize) -> Result<()> {
+    fn send(&self, x: &Tensor, dst: usize, _wait: Wait) -> Result<()> {
         if dst >= self.size() {
             lmx_core::bail!("send to rank {dst}: the group has {} ranks", self.size());
         }
@@ -196,7 +196,7 @@ mod tests {
                         let parts = Tensor::new(vec![r; g.rank() + 1].as_slice(), &Device::Cpu)?;
                         let gathered = g.all_gather(&parts, 0)?.to_vec1::<f32>()?;
                         // A ring: each rank sends to the next and receives from the previous.
-                        g.send(&x, (g.rank() + 1) % 3)?;
+                        g.send(&x, (g.rank() + 1) % 3, Wait::Collective)?;
                         let got = g.recv((g.rank() + 2) % 3, Wait::Collective)?.to_vec1::<f32>()?;
                         Ok((sum, gathered, got))
                     })

@@ -27,8 +27,9 @@ pub trait Group: Send + Sync + std::fmt::Debug {
     fn all_sum(&self, x: &Tensor) -> Result<Tensor>;
     /// The ranks' `x` concatenated along `dim` in rank order (shapes may differ along `dim`).
     fn all_gather(&self, x: &Tensor, dim: usize) -> Result<Tensor>;
-    /// Sends `x` to rank `dst` (returns once it is handed over).
-    fn send(&self, x: &Tensor, dst: usize) -> Result<()>;
+    /// Sends `x` to rank `dst`; returns once it is handed over, waiting (for a large tensor,
+    /// until `dst` receives it) at most as `wait` says.
+    fn send(&self, x: &Tensor, dst: usize, wait: Wait) -> Result<()>;
     /// Receives the next tensor rank `src` sent to this rank, waiting at most as `wait` says.
     fn recv(&self, src: usize, wait: Wait) -> Result<Tensor>;
     /// Rank `root`'s `x` (shape and dtype included) on every rank; the other ranks pass `None`
@@ -82,7 +83,7 @@ impl Group for Single {
     fn all_gather(&self, x: &Tensor, _dim: usize) -> Result<Tensor> {
         Ok(x.clone())
     }
-    fn send(&self, _x: &Tensor, dst: usize) -> Result<()> {
+    fn send(&self, _x: &Tensor, dst: usize, _wait: Wait) -> Result<()> {
         lmx_core::bail!("send to rank {dst}: a single-process group has no other rank")
     }
     fn recv(&self, src: usize, _wait: Wait) -> Result<Tensor> {

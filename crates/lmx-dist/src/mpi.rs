@@ -86,6 +86,7 @@ struct Api {
     error_string: MpiErrorString,
     world: Handle,
     float: Handle,
+    double: Handle,
     byte: Handle,
     int: Handle,
     sum: Handle,
@@ -177,6 +178,7 @@ impl Api {
             error_string: func!("MPI_Error_string", MpiErrorString),
             world: sym("ompi_mpi_comm_world")?,
             float: sym("ompi_mpi_float")?,
+            double: sym("ompi_mpi_double")?,
             byte: sym("ompi_mpi_byte")?,
             int: sym("ompi_mpi_int")?,
             sum: sym("ompi_mpi_op_sum")?,
@@ -198,6 +200,26 @@ impl Api {
 }
 
 static API: OnceLock<std::result::Result<Api, String>> = OnceLock::new();
+
+/// Where a rank reports why it stops the job (a timed-out collective, a failed MPI call):
+/// stderr unless [`report_errors_to`] says otherwise.
+static REPORT: Mutex<Option<std::fs::File>> = Mutex::new(None);
+
+/// Sends this rank's reports of a stopped job to `file` (a launcher that silences the stderr
+/// of ranks other than 0 keeps their real stderr for this).
+pub fn report_errors_to(file: std::fs::File) {
+    *REPORT.lock().unwrap_or_else(|e| e.into_inner()) = Some(file);
+}
+
+fn report(line: &str) {
+    use std::io::Write;
+    let text = format!("{line}\n");
+    let mut out = REPORT.lock().unwrap_or_else(|e| e.into_inner());
+    let _ = match out.as_mut() {
+        Some(f) => f.write_all(text.as_bytes()),
+        None => std::io::stderr().write_all(text.as_bytes()),
+    };
+}
 
 fn api() -> Result<&'static Api> {
     API.get_or_init(Api::load).as_ref().map_err(|e| lmx_core::Error::Msg(e.clone()))
@@ -328,7 +350,9 @@ impl Mpi {
     }
 
     /// Polls `request` until it completes: spinning briefly, then yielding, then sleeping, so
-    /// a waiting rank leaves the cores to ranks still computing.
+    /// a waiting rank leaves the cores to ranks still computing. While it waits it answers
+    /// ranks that ask who else is waiting (see [`Mpi::stuck`]). An MPI error here is fatal:
+    /// the request may still be using buffers the caller would free.
     fn wait(&self, request: &mut Handle, what: &str, wait: Wait) -> Result<()> {
         let deadline = match wait {
             Wait::Collective => Some(self.timeout),
@@ -338,19 +362,22 @@ impl Mpi {
         let start = Instant::now();
         let _busy = Busy(&self.busy_ns, start);
         let mut polls = 0u32;
+        let mut next_answer = start + Duration::from_millis(50);
         loop {
             let mut done = 0;
             let mut status = Status::default();
-            self.call(what, |api| {
+            if let Err(e) = self.call(what, |api| {
                 // SAFETY: `request` is an active request this rank started.
                 unsafe { (api.test)(request, &mut done, &mut status) }
-            })?;
+            }) {
+                self.fatal(&format!("error: {e}"));
+            }
             if done != 0 {
                 return Ok(());
             }
             if let Some(limit) = deadline {
                 if start.elapsed() > limit {
-                    self.stuck(what, limit);
+                    self.stuck(what, limit, wait == Wait::Collective);
                 }
             }
             polls = polls.saturating_add(1);
@@ -360,39 +387,32 @@ impl Mpi {
                 std::thread::yield_now();
             } else {
                 std::thread::sleep(Duration::from_micros(100));
+                if Instant::now() > next_answer {
+                    self.answer_waiting_notes();
+                    next_answer = Instant::now() + Duration::from_millis(50);
+                }
             }
         }
     }
 
-    /// A collective timed out: the waiting ranks tell each other so, the ones not heard from
-    /// are named, and the job stops.
-    fn stuck(&self, what: &str, waited: Duration) -> ! {
+    /// Receives the "I am waiting" notes of ranks that timed out, returning the senders; with
+    /// `reply`, answers each with a note of this rank's own (it is waiting too).
+    fn take_waiting_notes(&self, reply: bool) -> Vec<usize> {
         let api = self.api();
-        let note: &'static mut [u8; 1] = Box::leak(Box::new([1u8]));
         let _guard = self.lock();
-        for peer in (0..self.size).filter(|&p| p != self.rank) {
-            let mut request: Handle = std::ptr::null_mut();
-            // SAFETY: the leaked one-byte buffer outlives the send.
-            unsafe { (api.isend)(note.as_ptr().cast(), 1, api.byte, peer as c_int, TAG_WAITING, self.comm.0, &mut request) };
-        }
-        let mut waiting = vec![false; self.size];
-        waiting[self.rank] = true;
-        let until = Instant::now() + HEAR_OTHERS;
-        while Instant::now() < until {
+        let mut senders = Vec::new();
+        loop {
             let (mut found, mut status) = (0, Status::default());
-            // SAFETY: probing the world communicator.
+            // SAFETY: probing this group's communicator.
             unsafe { (api.iprobe)(MPI_ANY_SOURCE, TAG_WAITING, self.comm.0, &mut found, &mut status) };
             if found == 0 {
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
+                return senders;
             }
             let src = status.source;
-            if let Some(w) = usize::try_from(src).ok().and_then(|s| waiting.get_mut(s)) {
-                *w = true;
-            }
             let buf: &'static mut [u8; 1] = Box::leak(Box::new([0u8]));
             let mut request: Handle = std::ptr::null_mut();
-            // SAFETY: a matching message is pending; the leaked buffer outlives the receive.
+            // SAFETY: a matching message is pending; the leaked buffer outlives the receive,
+            // and a one-byte message arrives eagerly.
             unsafe {
                 (api.irecv)(buf.as_mut_ptr().cast(), 1, api.byte, src, TAG_WAITING, self.comm.0, &mut request);
                 let mut done = 0;
@@ -400,6 +420,52 @@ impl Mpi {
                     (api.test)(&mut request, &mut done, std::ptr::null_mut());
                 }
             }
+            if reply {
+                self.send_note(src);
+            }
+            senders.extend(usize::try_from(src).ok());
+        }
+    }
+
+    fn answer_waiting_notes(&self) {
+        self.take_waiting_notes(true);
+    }
+
+    /// Tells rank `peer` that this rank is waiting (fire and forget).
+    fn send_note(&self, peer: c_int) {
+        let api = self.api();
+        let note: &'static mut [u8; 1] = Box::leak(Box::new([1u8]));
+        let mut request: Handle = std::ptr::null_mut();
+        // SAFETY: the leaked one-byte buffer outlives the send.
+        unsafe { (api.isend)(note.as_ptr().cast(), 1, api.byte, peer, TAG_WAITING, self.comm.0, &mut request) };
+    }
+
+    /// Reports `line` and stops the whole job.
+    fn fatal(&self, line: &str) -> ! {
+        report(line);
+        let api = self.api();
+        // SAFETY: aborting the world ends every rank of the job.
+        unsafe { (api.abort)(api.world, 3) };
+        std::process::exit(3)
+    }
+
+    /// A collective timed out: the waiting ranks tell each other so (ranks waiting in a
+    /// collective answer), the ones not heard from are named, and the job stops.
+    fn stuck(&self, what: &str, waited: Duration, settable: bool) -> ! {
+        for peer in (0..self.size).filter(|&p| p != self.rank) {
+            let _guard = self.lock();
+            self.send_note(peer as c_int);
+        }
+        let mut waiting = vec![false; self.size];
+        waiting[self.rank] = true;
+        let until = Instant::now() + HEAR_OTHERS;
+        while Instant::now() < until {
+            for src in self.take_waiting_notes(false) {
+                if let Some(w) = waiting.get_mut(src) {
+                    *w = true;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
         let ranks = |want: bool| {
             let list: Vec<String> = waiting.iter().enumerate().filter(|(_, w)| **w == want).map(|(r, _)| r.to_string()).collect();
@@ -407,11 +473,12 @@ impl Mpi {
         };
         if waiting.iter().position(|w| *w) == Some(self.rank) {
             let who = if waiting.iter().all(|w| *w) { "every rank waited, each in a different collective".to_string() } else { format!("{} did not join ({} waited)", ranks(false), ranks(true)) };
-            eprintln!("error: {what} timed out after {} s: {who}. Stopping all ranks. If a rank is only slow, raise `lmx launch --timeout` (LMX_DIST_TIMEOUT).", waited.as_secs());
-        } else {
-            // The lowest waiting rank reports; this one stops the job only if it does not.
-            std::thread::sleep(HEAR_OTHERS);
+            let hint = if settable { " If a rank is only slow, raise `lmx launch --timeout` (LMX_DIST_TIMEOUT)." } else { "" };
+            self.fatal(&format!("error: {what} timed out after {} s: {who}. Stopping all ranks.{hint}", waited.as_secs()));
         }
+        // The lowest waiting rank reports; this one stops the job only if it does not.
+        std::thread::sleep(HEAR_OTHERS);
+        let api = self.api();
         // SAFETY: aborting the world ends every rank of the job.
         unsafe { (api.abort)(api.world, 3) };
         std::process::exit(3)
@@ -516,7 +583,16 @@ impl Group for Mpi {
     }
 
     fn all_sum(&self, x: &Tensor) -> Result<Tensor> {
-        // Summed in f32 whatever the dtype (MPI has no bf16), rounded once at the end.
+        if x.dtype() == DType::F64 {
+            let mut data = x.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f64>()?;
+            let n = Self::count(data.len(), "all_sum")?;
+            self.collective("all_sum", Wait::Collective, |api, comm, req| {
+                // SAFETY: `data` holds n doubles and lives until the request completes.
+                unsafe { (api.iallreduce)(MPI_IN_PLACE, data.as_mut_ptr().cast(), n, api.double, api.sum, comm, req) }
+            })?;
+            return Tensor::from_vec(data, x.shape(), &Device::Cpu)?.to_device(x.device());
+        }
+        // Summed in f32 otherwise (MPI has no bf16), rounded once at the end.
         let mut data = x.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let n = Self::count(data.len(), "all_sum")?;
         self.collective("all_sum", Wait::Collective, |api, comm, req| {
@@ -568,16 +644,29 @@ impl Group for Mpi {
         if root >= self.size {
             lmx_core::bail!("broadcast from rank {root}: the group has {} ranks", self.size);
         }
-        let (mut h, mut data) = match (self.rank == root, x) {
-            (true, Some(x)) => (header(x)?, to_bytes(x)?),
-            (true, None) => lmx_core::bail!("broadcast: the root rank {root} has no tensor to send"),
-            (false, _) => ([0u64; HEADER], Vec::new()),
+        // A root that cannot send still takes part, with an empty header (code 0), so the
+        // others fail at once instead of waiting.
+        let mine = match (self.rank == root, x) {
+            (true, Some(x)) => header(x).and_then(|h| Ok((h, to_bytes(x)?))).map(Some),
+            (true, None) => Err(lmx_core::Error::Msg(format!("broadcast: the root rank {root} has no tensor to send"))),
+            (false, _) => Ok(None),
+        };
+        let failed = mine.as_ref().err().map(|e| e.to_string());
+        let (mut h, mut data) = match mine {
+            Ok(Some(hd)) => hd,
+            _ => ([0u64; HEADER], Vec::new()),
         };
         let (hp, hn) = header_bytes(&mut h);
         self.collective("broadcast (header)", wait, |api, comm, req| {
             // SAFETY: the header buffer outlives the request.
             unsafe { (api.ibcast)(hp, hn, api.byte, root as c_int, comm, req) }
         })?;
+        if let Some(e) = failed {
+            lmx_core::bail!("{e}");
+        }
+        if h[0] == 0 {
+            lmx_core::bail!("broadcast: rank {root} failed to send its tensor");
+        }
         data.resize(wire_len(&h)?, 0);
         let n = Self::count(data.len(), "broadcast")?;
         self.collective("broadcast", Wait::Collective, |api, comm, req| {
@@ -604,7 +693,7 @@ impl Group for Mpi {
         Ok(std::sync::Arc::new(Mpi::over(Comm(comm), self.timeout)))
     }
 
-    fn send(&self, x: &Tensor, dst: usize) -> Result<()> {
+    fn send(&self, x: &Tensor, dst: usize, wait: Wait) -> Result<()> {
         if dst >= self.size || dst == self.rank {
             lmx_core::bail!("send to rank {dst}: rank {} of {} cannot send there", self.rank, self.size);
         }
@@ -614,11 +703,14 @@ impl Group for Mpi {
         let (hp, hn) = header_bytes(&mut h);
         let (mut r1, mut r2): (Handle, Handle) = (std::ptr::null_mut(), std::ptr::null_mut());
         let what = format!("send to rank {dst}");
-        // SAFETY: both buffers outlive their requests (waited for below).
+        // SAFETY: both buffers outlive their requests (waited for below; a failure between
+        // is fatal, so they are never freed while in use).
         self.call(&what, |api| unsafe { (api.isend)(hp, hn, api.byte, dst as c_int, TAG_HEADER, self.comm.0, &mut r1) })?;
-        self.call(&what, |api| unsafe { (api.isend)(data.as_ptr().cast(), n, api.byte, dst as c_int, TAG_DATA, self.comm.0, &mut r2) })?;
-        self.wait(&mut r1, &what, Wait::Collective)?;
-        self.wait(&mut r2, &what, Wait::Collective)
+        if let Err(e) = self.call(&what, |api| unsafe { (api.isend)(data.as_ptr().cast(), n, api.byte, dst as c_int, TAG_DATA, self.comm.0, &mut r2) }) {
+            self.fatal(&format!("error: {e}"));
+        }
+        self.wait(&mut r1, &what, wait)?;
+        self.wait(&mut r2, &what, wait)
     }
 
     fn recv(&self, src: usize, wait: Wait) -> Result<Tensor> {

@@ -60,7 +60,7 @@ fn collectives_over_three_processes() {
     assert_eq!(text, "héllo".as_bytes());
     // A ring of sends, in bf16: each rank sends to the next and receives from the previous.
     let send = (Tensor::ones((2, 3), DType::BF16, cpu).expect("ones") * f64::from(r)).expect("scaled");
-    g.send(&send, (g.rank() + 1) % 3).expect("send");
+    g.send(&send, (g.rank() + 1) % 3, Wait::Collective).expect("send");
     let got = g.recv((g.rank() + 2) % 3, Wait::Collective).expect("recv");
     let prev = ((g.rank() + 2) % 3) as f32;
     assert_eq!(got.dtype(), DType::BF16);

@@ -362,7 +362,7 @@ impl<L: Layer> Decoder<L> {
                 self.run_layers(x, cache)?
             };
             if rank < last {
-                g.send(&x, rank + 1)?;
+                g.send(&x, rank + 1, PIPELINE_WAIT)?;
             } else if by_rows || matches!(logits, Logits::All) || piece == pieces - 1 {
                 outputs.push(self.head(&x, &logits)?);
             }

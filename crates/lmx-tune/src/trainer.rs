@@ -205,6 +205,15 @@ pub fn evaluate_in(model: &dyn CausalLm, data: &Dataset, batch_size: usize, num_
     Ok(total / tokens.max(1) as f64)
 }
 
+/// The other ranks wait for rank 0 to write a checkpoint (a full fine-tune's can take minutes;
+/// their next collective would time out on it).
+fn after_write(dp: Option<&dyn Group>) -> lmx::core::Result<()> {
+    match dp {
+        Some(g) => g.barrier(lmx::dist::Wait::For(std::time::Duration::from_secs(1800))),
+        None => Ok(()),
+    }
+}
+
 /// The gradients of every rank of `group` summed, in one collective: flattened into one
 /// vector (with a flag per tensor saying whether a rank had a gradient for it) and split
 /// again. A tensor no rank has a gradient for stays `None`.
@@ -470,12 +479,14 @@ pub fn train(model: &dyn CausalLm, training: &Training, train: &Dataset, valid: 
                 save_checkpoint(&named, args, &final_path)?;
                 save_adapters(&named, &checkpoint)?;
             }
+            after_write(dp)?;
             on_event(Event::Saved { it, path: checkpoint });
         }
     }
     if writes {
         save_checkpoint(&named, args, &final_path)?;
     }
+    after_write(dp)?;
     on_event(Event::Saved { it: args.iters, path: final_path });
     Ok(())
 }

@@ -204,7 +204,9 @@ pub fn load_with(model: &str, options: &LoadOptions) -> Result<(Model, Tokenizer
     let mut vb = Builder::new(files.weights.clone(), dtype, &options.device).with_quantization(files.quantization.clone());
     match &options.group {
         Some(group) if options.pipeline => {
-            // Layers in proportion to each rank's share of its host's memory.
+            // Layers in proportion to each rank's share of its host's memory (once every rank
+            // got here: resolving or downloading the model takes each its own time).
+            group.barrier(lmx_dist::Wait::For(std::time::Duration::from_secs(600)))?;
             let mine = lmx_core::Tensor::new(&[lmx_dist::memory_share()], &lmx_core::Device::Cpu)?;
             let weights = group.all_gather(&mine, 0)?.to_vec1::<f64>()?;
             vb = vb.with_weighted_pipeline(group.clone(), weights);

@@ -50,7 +50,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (model, tokenizer) = args.model.load()?;
     crate::dist::refuse("--prompt-cache-file", args.prompt_cache_file.is_some())?;
     anyhow::ensure!(tokenizer.has_chat_template(), "model `{}` has no chat template, so it cannot chat; use `lmx generate --ignore-chat-template`", args.model.model);
-    let interactive = std::io::stdin().is_terminal();
+    let interactive = std::io::stdin().is_terminal() || std::env::var_os("LMX_STDIN_IS_TERMINAL").is_some();
     eprintln!("[INFO] Starting chat session with {}.\n{HELP}", args.model.model);
     let fresh = || args.system_prompt.iter().map(|s| Message::new("system", s.clone())).collect::<Vec<_>>();
     let (mut messages, mut cache) = match &args.prompt_cache_file {
@@ -94,7 +94,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             _ => {}
         }
         messages.push(Message::new("user", query));
-        let prompt = tokenizer.chat_prompt(&messages, None)?;
+        // Rank 0's tokens for every rank (a template that prints the date could differ by host).
+        let prompt = crate::dist::from_root(|| Ok(tokenizer.chat_prompt(&messages, None)?))?;
         let params = GenerateParams { max_tokens: args.max_tokens, sampler: sampler(args.temp, args.top_p, 0, 0.0, Some(args.seed), None)?, ..Default::default() };
         let mut reply = String::new();
         let mut last = None;

@@ -120,7 +120,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return run_batch(&model, &tokenizer, &texts, &ids, params, args.batch_size, kv, args.verbose);
     }
     let (prompt, mut cache) = match &args.prompt_cache_file {
-        None => (encode(Prompt::Text(prompt_text))?, PromptCache::with_options(&*model, kv)?),
+        // Rank 0's tokens for every rank under lmx launch (a template could differ by host).
+        None => (crate::dist::from_root(|| encode(Prompt::Text(prompt_text)))?, PromptCache::with_options(&*model, kv)?),
         Some(path) => {
             let (cache, _) = load_prompt_cache(&model, path, kv, &args.model.model)?;
             // The prompt completes the cached one: the rest of the user's message and the

@@ -127,6 +127,10 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         cmd.arg("-wdir").arg(dir);
     }
     envs.push(format!("LMX_DIST_TIMEOUT={}", args.timeout));
+    // Rank 0's stdin is mpirun's pipe: tell it whether a person is typing (chat's prompt).
+    if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        envs.push("LMX_STDIN_IS_TERMINAL=1".into());
+    }
     for e in &envs {
         cmd.arg("-x").arg(e);
     }
@@ -153,7 +157,9 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     crate::forward_signals_to(child.id());
     let stderr = child.stderr.take().context("mpirun's stderr")?;
     let summary = relay(stderr, args.verbose);
-    let status = child.wait().context("waiting for mpirun")?;
+    let status = child.wait().context("waiting for mpirun");
+    crate::forward_signals_to(0);
+    let status = status?;
     if let Some(path) = hostfile {
         let _ = std::fs::remove_file(path);
     }
@@ -205,7 +211,8 @@ fn check_and_write(args: &Args, hosts: &[String]) -> anyhow::Result<i32> {
 fn check_host(host: &str, exe: &std::path::Path, model: Option<&str>, ssh_args: &[String]) -> anyhow::Result<String> {
     let quote = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
     let exe_s = exe.to_string_lossy();
-    let mut script = format!("{} --version 2>&1; command -v orted >/dev/null && echo LMX_MPI_OK", quote(&exe_s));
+    // Open MPI 4's daemon is orted, 5's prted.
+    let mut script = format!("{} --version 2>&1; (command -v orted || command -v prted) >/dev/null && echo LMX_MPI_OK", quote(&exe_s));
     let local_model = model.filter(|m| std::path::Path::new(m).exists());
     if let Some(m) = local_model {
         script.push_str(&format!("; [ -r {} ] && echo LMX_MODEL_OK", quote(m)));
@@ -224,7 +231,7 @@ fn check_host(host: &str, exe: &std::path::Path, model: Option<&str>, ssh_args: 
         anyhow::bail!("not reachable, or no lmx at {exe_s}: {}", err.lines().last().unwrap_or("no answer").trim());
     }
     anyhow::ensure!(version == want, "{exe_s} is `{version}`, not this build's `{want}`: install the same lmx there");
-    anyhow::ensure!(text.contains("LMX_MPI_OK"), "Open MPI is not installed (no orted on the PATH of a non-interactive shell): apt install openmpi-bin");
+    anyhow::ensure!(text.contains("LMX_MPI_OK"), "Open MPI is not installed (no orted or prted on the PATH of a non-interactive shell): apt install openmpi-bin");
     let mut found = format!("{version}, Open MPI");
     if let Some(m) = local_model {
         anyhow::ensure!(text.contains("LMX_MODEL_OK"), "--model {m} is not readable there: copy it to the same path");
@@ -279,8 +286,9 @@ fn relay_to(input: impl BufRead, out: &mut impl Write, verbose: bool) -> Option<
                 let text = lines.join("\n");
                 match condense(&text) {
                     Notice::Summary(s) => summary = summary.or(Some(s)),
-                    Notice::Drop => {}
-                    Notice::Keep => {
+                    // Dropped only when a rank said why it failed.
+                    Notice::Drop if !errors.is_empty() => {}
+                    Notice::Drop | Notice::Keep => {
                         let _ = writeln!(out, "{text}");
                     }
                 }
