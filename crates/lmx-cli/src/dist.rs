@@ -99,7 +99,11 @@ pub fn join(command: &str) -> anyhow::Result<()> {
         Ok(s) => Duration::from_secs_f64(s.parse::<f64>().ok().filter(|t| *t > 0.0).with_context(|| format!("LMX_DIST_TIMEOUT={s:?} must be a positive number of seconds"))?),
         Err(_) => DEFAULT_TIMEOUT,
     };
-    let group = Arc::new(lmx::dist::Mpi::world(timeout).with_context(|| format!("lmx {command} under lmx launch"))?);
+    let mut mpi = lmx::dist::Mpi::world(timeout).with_context(|| format!("lmx {command} under lmx launch"))?;
+    if std::env::var("LMX_DIST_BACKEND").as_deref() == Ok("nccl") {
+        mpi = mpi.with_nccl().context("lmx launch --backend nccl")?;
+    }
+    let group = Arc::new(mpi);
     let _ = MPI.set(group.clone());
     let _ = WORLD.set(group);
     Ok(())

@@ -12,6 +12,8 @@ mod cuda_fused;
 pub mod device;
 pub mod frozen;
 pub mod gradcheck;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod ops;
 pub mod quant;
 

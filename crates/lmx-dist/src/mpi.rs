@@ -268,6 +268,10 @@ pub struct Mpi {
     calls: Mutex<u64>,
     /// Nanoseconds spent in collectives and point-to-point transfers.
     busy_ns: std::sync::atomic::AtomicU64,
+    /// Sum CUDA tensors with NCCL (made at the first such sum) instead of through host memory.
+    nccl: bool,
+    #[cfg(feature = "cuda")]
+    nccl_comm: OnceLock<lmx_core::nccl::NcclComm>,
 }
 
 impl Mpi {
@@ -304,7 +308,40 @@ impl Mpi {
             (api.comm_rank)(comm.0, &mut rank);
             (api.comm_size)(comm.0, &mut size);
         }
-        Mpi { comm, rank: rank as usize, size: size as usize, timeout, calls: Mutex::new(0), busy_ns: Default::default() }
+        Mpi {
+            comm,
+            rank: rank as usize,
+            size: size as usize,
+            timeout,
+            calls: Mutex::new(0),
+            busy_ns: Default::default(),
+            nccl: false,
+            #[cfg(feature = "cuda")]
+            nccl_comm: OnceLock::new(),
+        }
+    }
+
+    /// Sums CUDA tensors with NCCL (GPU to GPU) instead of copying them through host memory
+    /// to Open MPI. Open MPI still starts the ranks, hands NCCL its id, and carries everything
+    /// else. An error when this binary was built without CUDA.
+    pub fn with_nccl(mut self) -> Result<Self> {
+        if !cfg!(feature = "cuda") {
+            lmx_core::bail!("the nccl backend needs a binary built with --features cuda");
+        }
+        self.nccl = true;
+        Ok(self)
+    }
+
+    /// The NCCL communicator for `device`, made (collectively) at the first call.
+    #[cfg(feature = "cuda")]
+    fn nccl_comm(&self, device: &Device) -> Result<&lmx_core::nccl::NcclComm> {
+        if let Some(c) = self.nccl_comm.get() {
+            return Ok(c);
+        }
+        let id = if self.rank == 0 { Some(lmx_core::nccl::unique_id()?) } else { None };
+        let id = crate::broadcast_bytes(self, id.as_deref(), 0, Wait::Collective)?;
+        let comm = lmx_core::nccl::NcclComm::new(device, self.rank, self.size, &id)?;
+        Ok(self.nccl_comm.get_or_init(|| comm))
     }
 
     /// Collectives issued so far, and the time spent in them and in transfers.
@@ -583,6 +620,11 @@ impl Group for Mpi {
     }
 
     fn all_sum(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.nccl && x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+            *self.lock() += 1;
+            return self.nccl_comm(x.device())?.all_sum(x);
+        }
         if x.dtype() == DType::F64 {
             let mut data = x.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f64>()?;
             let n = Self::count(data.len(), "all_sum")?;
@@ -690,7 +732,9 @@ impl Group for Mpi {
         let (color, key) = (c_int::try_from(color).unwrap_or(c_int::MAX), c_int::try_from(key).unwrap_or(c_int::MAX));
         // SAFETY: every rank of this communicator calls it (all passed the barrier).
         self.call("split", |api| unsafe { (api.comm_split)(self.comm.0, color, key, &mut comm) })?;
-        Ok(std::sync::Arc::new(Mpi::over(Comm(comm), self.timeout)))
+        let mut sub = Mpi::over(Comm(comm), self.timeout);
+        sub.nccl = self.nccl;
+        Ok(std::sync::Arc::new(sub))
     }
 
     fn send(&self, x: &Tensor, dst: usize, wait: Wait) -> Result<()> {

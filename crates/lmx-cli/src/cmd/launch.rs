@@ -24,7 +24,8 @@ pub struct Args {
     /// {"backend", "envs": ["K=V"], "hosts": [...]}.
     #[arg(long)]
     pub hostfile: Option<PathBuf>,
-    /// Collective backend: mpi (CPU tensors, Open MPI).
+    /// Collective backend: mpi (Open MPI for every tensor; GPU tensors pass through host
+    /// memory) or nccl (NCCL sums GPU tensors GPU to GPU; needs a CUDA build and libnccl).
     #[arg(long)]
     pub backend: Option<String>,
     /// KEY=VALUE set in every rank's environment (repeatable).
@@ -103,7 +104,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     };
     anyhow::ensure!(!hosts.is_empty(), "no hosts to run on: --hosts or the hostfile's \"hosts\" is empty");
     let backend = args.backend.clone().or(file_backend).unwrap_or_else(|| "mpi".into());
-    anyhow::ensure!(backend == "mpi", "--backend {backend}: lmx launch runs the mpi backend (Open MPI, CPU tensors); nccl is not built yet");
+    anyhow::ensure!(backend == "mpi" || backend == "nccl", "--backend {backend}: lmx launch runs mpi (Open MPI) or nccl (NCCL sums GPU tensors; Open MPI starts the ranks and carries the rest)");
     envs.extend(args.envs.iter().cloned());
     for e in &envs {
         anyhow::ensure!(e.split_once('=').is_some_and(|(k, _)| !k.is_empty()), "--env {e:?}: expected KEY=VALUE");
@@ -127,6 +128,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         cmd.arg("-wdir").arg(dir);
     }
     envs.push(format!("LMX_DIST_TIMEOUT={}", args.timeout));
+    envs.push(format!("LMX_DIST_BACKEND={backend}"));
     // Rank 0's stdin is mpirun's pipe: tell it whether a person is typing (chat's prompt).
     if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
         envs.push("LMX_STDIN_IS_TERMINAL=1".into());
