@@ -1,6 +1,10 @@
 //! NCCL for CUDA tensors: candle's cudarc bindings, `libnccl` loaded at run time (only a
-//! process that sums a tensor over GPUs needs it). The sum runs on candle's stream, so it is
-//! ordered with the kernels before and after it and the data never leaves the GPUs.
+//! process that sums a tensor over GPUs needs it). The data never leaves the GPUs.
+//!
+//! candle launches on the calling thread's per-thread default stream, which NCCL does not
+//! order correctly (sums overlapped the kernels around them: greedy tokens changed from run
+//! to run until `CUDA_LAUNCH_BLOCKING=1`). So NCCL gets a stream of its own, made to wait
+//! for candle's work before each sum, and candle's stream waits for the sum after it.
 
 use std::sync::Mutex;
 
@@ -11,6 +15,10 @@ use candle_core::{CudaStorage, CustomOp1, DType, Device, Layout, Result, Shape, 
 /// A NCCL communicator between the ranks of a group, each on its own GPU.
 pub struct NcclComm {
     comm: Mutex<Comm>,
+    /// NCCL's stream: the device's own (see [`device_for_nccl`]), or, for a device on the
+    /// per-thread default stream, a stream of NCCL's ordered against it (see the module docs).
+    stream: std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+    separate: bool,
 }
 
 // SAFETY: the communicator is used under the mutex, one call at a time, on the stream it was
@@ -24,6 +32,19 @@ impl std::fmt::Debug for NcclComm {
         f.write_str("NcclComm")
     }
 }
+
+/// GPU `ordinal` with a stream of its own instead of candle's per-thread default stream, so
+/// that NCCL can share it (no cross-stream waits or event tracking): the device a rank that
+/// sums with NCCL should compute on. Event tracking is off (one stream: nothing to track).
+pub fn device_for_nccl(ordinal: usize) -> Result<Device> {
+    let dev = candle_core::CudaDevice::new_with_stream(ordinal)?;
+    // SAFETY: every kernel, copy and NCCL call of this device goes to its one stream.
+    unsafe { dev.disable_event_tracking() };
+    Ok(Device::Cuda(dev))
+}
+
+/// The per-thread default stream's handle (`CU_STREAM_PER_THREAD`).
+const PER_THREAD_STREAM: usize = 0x2;
 
 /// A fresh NCCL id (rank 0 makes it, every rank passes it to [`NcclComm::new`]).
 pub fn unique_id() -> Result<Vec<u8>> {
@@ -42,8 +63,13 @@ impl NcclComm {
         for (d, s) in internal.iter_mut().zip(id) {
             *d = *s as std::ffi::c_char;
         }
-        let comm = Comm::from_rank(dev.cuda_stream(), rank, size, Id::uninit(internal)).map_err(|e| candle_core::Error::Msg(format!("NCCL: joining as rank {rank} of {size}: {e:?}")))?;
-        Ok(Self { comm: Mutex::new(comm) })
+        // NCCL takes its GPU from the calling thread's current context.
+        let candle = dev.cuda_stream();
+        candle.context().bind_to_thread().map_err(|e| candle_core::Error::Msg(format!("NCCL: binding the GPU: {e:?}")))?;
+        let separate = candle.cu_stream() as usize == PER_THREAD_STREAM;
+        let stream = if separate { candle.fork().map_err(|e| candle_core::Error::Msg(format!("NCCL: making its stream: {e:?}")))? } else { candle };
+        let comm = Comm::from_rank(stream.clone(), rank, size, Id::uninit(internal)).map_err(|e| candle_core::Error::Msg(format!("NCCL: joining as rank {rank} of {size}: {e:?}")))?;
+        Ok(Self { comm: Mutex::new(comm), stream, separate })
     }
 
     /// The element-wise sum of `x` over the ranks, on every rank (f32, bf16, f16).
@@ -67,6 +93,14 @@ impl CustomOp1 for AllSum<'_> {
         let n = l.shape().elem_count();
         let dev = s.device().clone();
         let comm = self.0.comm.lock().unwrap_or_else(|e| e.into_inner());
+        // NCCL launches on the calling thread's current context: make it this rank's GPU
+        // (the compute pool's threads may hold another).
+        let candle = dev.cuda_stream();
+        candle.context().bind_to_thread().map_err(|e| candle_core::Error::Msg(format!("NCCL: binding the GPU: {e:?}")))?;
+        let order = |e| candle_core::Error::Msg(format!("NCCL: ordering its stream with candle's: {e:?}"));
+        if self.0.separate {
+            self.0.stream.join(&candle).map_err(order)?;
+        }
         macro_rules! sum {
             ($t:ty) => {{
                 let src = s.as_cuda_slice::<$t>()?.slice(l.start_offset()..l.start_offset() + n);
@@ -82,6 +116,9 @@ impl CustomOp1 for AllSum<'_> {
             DType::F16 => sum!(half::f16),
             other => candle_core::bail!("NCCL all_sum: dtype {other:?}"),
         };
+        if self.0.separate {
+            candle.join(&self.0.stream).map_err(order)?;
+        }
         Ok((out, l.shape().clone()))
     }
 }
