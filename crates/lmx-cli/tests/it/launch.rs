@@ -89,6 +89,12 @@ fn commands_that_do_not_shard_are_refused() {
     crate::assert_clear_error(&out, &["does not run under lmx launch"]);
     let out = launch(2, &["generate", "--model", "no-such-model"], None);
     crate::assert_clear_error(&out, &["no-such-model", "not found"]);
+    // NCCL needs a CUDA build: a CPU-only binary says so once.
+    if !String::from_utf8_lossy(&lmx(&["--version"]).stdout).contains("CUDA") {
+        let model = default_model();
+        let out = lmx(&["launch", "-n", "2", "--backend", "nccl", "--", "generate", "--model", &model, "-p", "hi"]);
+        crate::assert_clear_error(&out, &["nccl", "--features cuda"]);
+    }
     let out = lmx(&["launch", "--backend", "ring", "--", "generate"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("--backend ring"), "{}", String::from_utf8_lossy(&out.stderr));
 }
