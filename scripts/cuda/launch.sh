@@ -35,6 +35,13 @@ done
 "$LMX" convert --hf-path "$W/llama" -q --q-group-size 32 --mlx-path "$W/llama-4bit" > /dev/null 2>&1
 gen() { local pre=$1; shift; $pre generate --model "$W/llama-4bit" -p 'a b c a b' -m 24 --ignore-eos "$@" 2>&1 | head -1; }
 log "generate llama-4bit: 1 GPU [$(gen "$LMX" --device cuda)] TP 2 GPUs [$(gen "$LMX launch -n 2 --")] TP NCCL [$(gen "$LMX launch -n 2 --backend nccl --")] PP 2 GPUs [$(gen "$LMX launch -n 2 --" --pipeline)]"
+# A rank that stops answering under NCCL (SIGSTOP) is named within the timeout (5 s here):
+# NCCL sums run asynchronously, so the wait at the end of each step polls them.
+"$LMX" launch -n 2 --backend nccl --timeout 5 -- benchmark --model "$W/llama" -p 64 -g 128 -n 1000000 > /dev/null 2> "$W/stop.txt" &
+L=$!; sleep 6
+P=$(for p in $(pgrep -f "lmx benchmark"); do tr '\0' '\n' < /proc/$p/environ 2>/dev/null | grep -q "OMPI_COMM_WORLD_RANK=1" && echo $p; done | head -1)
+kill -STOP "$P"; S=$(date +%s%N); wait $L; RC=$?
+log "NCCL, rank 1 stopped: exit $RC after $(( ($(date +%s%N) - S) / 1000000 )) ms: $(grep -E '^error' "$W/stop.txt" | head -1)"
 [ "${1:-}" = --correctness ] && exit 0
 
 SHAPE=${SHAPE:-8b}

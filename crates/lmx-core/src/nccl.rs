@@ -43,6 +43,24 @@ pub fn device_for_nccl(ordinal: usize) -> Result<Device> {
     Ok(Device::Cuda(dev))
 }
 
+/// A point in a GPU's stream: [`StreamMark::done`] says whether the work queued before it
+/// (kernels and NCCL sums) has finished, without blocking.
+pub struct StreamMark(candle_core::cuda_backend::cudarc::driver::CudaEvent);
+
+/// Marks `device`'s stream now (None for a CPU device).
+pub fn mark(device: &Device) -> Result<Option<StreamMark>> {
+    let Device::Cuda(dev) = device else { return Ok(None) };
+    let event = dev.cuda_stream().record_event(None).map_err(|e| candle_core::Error::Msg(format!("CUDA: recording an event: {e:?}")))?;
+    Ok(Some(StreamMark(event)))
+}
+
+impl StreamMark {
+    /// Whether everything queued before the mark is done.
+    pub fn done(&self) -> Result<bool> {
+        self.0.try_is_complete().map_err(|e| candle_core::Error::Msg(format!("CUDA: querying an event: {e:?}")))
+    }
+}
+
 /// The per-thread default stream's handle (`CU_STREAM_PER_THREAD`).
 const PER_THREAD_STREAM: usize = 0x2;
 

@@ -37,6 +37,12 @@ pub trait Group: Send + Sync + std::fmt::Debug {
     fn broadcast(&self, x: Option<&Tensor>, root: usize, wait: Wait) -> Result<Tensor>;
     /// Returns once every rank has called it.
     fn barrier(&self, wait: Wait) -> Result<()>;
+    /// Returns once the device work that produced `x` (collectives included) is done, within
+    /// the group's timeout. Where collectives run asynchronously (NCCL on a GPU), this is
+    /// where a peer that never joins a sum is caught and named. A no-op elsewhere.
+    fn settle(&self, _x: &Tensor) -> Result<()> {
+        Ok(())
+    }
     /// Sub-groups: the ranks passing the same `color` form one, ranked by `key` (then by
     /// their rank here). Every rank calls it; e.g. tensor parallel within a host and data
     /// parallel across hosts.

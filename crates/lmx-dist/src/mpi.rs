@@ -725,6 +725,36 @@ impl Group for Mpi {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn settle(&self, x: &Tensor) -> Result<()> {
+        if !self.nccl || self.nccl_comm.get().is_none() {
+            return Ok(());
+        }
+        let Some(mark) = lmx_core::nccl::mark(x.device())? else { return Ok(()) };
+        let start = Instant::now();
+        let mut next_answer = start + Duration::from_millis(50);
+        // Spin first: the wait is usually the tail of the step's kernels, and the host's next
+        // launches should not wait on a sleeping thread.
+        let mut spins = 0u32;
+        while !mark.done()? {
+            spins = spins.saturating_add(1);
+            if spins < 20_000 {
+                std::hint::spin_loop();
+                continue;
+            }
+            if start.elapsed() > self.timeout {
+                let n = *self.lock();
+                self.stuck(&format!("NCCL sum (collective #{n} or before)"), self.timeout, true);
+            }
+            if Instant::now() > next_answer {
+                self.answer_waiting_notes();
+                next_answer = Instant::now() + Duration::from_millis(50);
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        Ok(())
+    }
+
     fn split(&self, color: usize, key: usize) -> Result<std::sync::Arc<dyn Group>> {
         // MPI_Comm_split blocks with no deadline: first make sure every rank is here.
         self.barrier(Wait::Collective)?;

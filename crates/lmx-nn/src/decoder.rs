@@ -221,9 +221,11 @@ pub struct Decoder<L: Layer> {
     first_layer: usize,
     /// The pipeline this process is a stage of (more than one rank).
     pipeline: Option<Arc<dyn lmx_dist::Group>>,
-    /// With `LMX_DIST_CHECK=1`, the tensor-parallel group whose ranks check after every forward
-    /// that they hold bit-identical logits (they must, to sample the same tokens).
-    check: Option<Arc<dyn lmx_dist::Group>>,
+    /// The tensor-parallel group (more than one rank): a forward ends by settling its sums
+    /// ([`lmx_dist::Group::settle`]), and with `LMX_DIST_CHECK=1` by checking that every rank
+    /// holds bit-identical logits (they must, to sample the same tokens).
+    tp: Option<Arc<dyn lmx_dist::Group>>,
+    check: bool,
     norm: RmsNorm,
     lm_head: Linear,
     /// The model's rotary embedding, then any further tables (`AttentionConfig::rope_table`).
@@ -275,8 +277,9 @@ impl<L: Layer> Decoder<L> {
         }
         let norm = if style.norm_one_plus { m.pp("norm").rms_norm_one_plus(cfg.hidden_size, cfg.rms_norm_eps)? } else { m.pp("norm").rms_norm(cfg.hidden_size, cfg.rms_norm_eps)? };
         let lm_head = if cfg.tie_word_embeddings { embed_tokens.as_linear() } else { vb.pp("lm_head").linear(cfg.hidden_size, cfg.vocab_size, Bias::No, Shard::Replicated)? };
-        let check = (vb.group().size() > 1 && std::env::var_os("LMX_DIST_CHECK").is_some()).then(|| vb.group().clone());
-        Ok(Self { embed_tokens, layers, first_layer: mine.start, pipeline, check, norm, lm_head, ropes, cfg: cfg.clone(), style, training: vb.training().cloned() })
+        let tp = (vb.group().size() > 1).then(|| vb.group().clone());
+        let check = std::env::var_os("LMX_DIST_CHECK").is_some();
+        Ok(Self { embed_tokens, layers, first_layer: mine.start, pipeline, tp, check, norm, lm_head, ropes, cfg: cfg.clone(), style, training: vb.training().cloned() })
     }
 }
 
@@ -392,7 +395,10 @@ impl<L: Layer> CausalLm for Decoder<L> {
         }
         let x = self.run_layers(self.embed(input_ids)?, cache)?;
         let logits = self.head(&x, &logits)?;
-        if let Some(g) = &self.check {
+        if let Some(g) = &self.tp {
+            g.settle(&logits)?;
+        }
+        if let Some(g) = self.tp.as_ref().filter(|_| self.check) {
             // A checksum of every rank's logits: the ranks must agree bit for bit.
             let bits = logits.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?.iter().fold(0u64, |h, v| h.rotate_left(5) ^ u64::from(v.to_bits()));
             let all = g.all_gather(&Tensor::new(&[bits as i64], &Device::Cpu)?, 0)?.to_vec1::<i64>()?;
