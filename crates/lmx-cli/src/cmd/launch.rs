@@ -11,7 +11,7 @@ use anyhow::Context;
 /// Flags of `lmx launch`.
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Examples:\n  lmx launch -n 2 -- generate --prompt \"Hello\"          # 2 ranks here, the model split between them\n  lmx launch --hosts h1,h2 -- chat                        # one rank on each host, over ssh\n  lmx launch --hostfile hosts.json -- perplexity --data text.txt"
+    after_help = "Examples:\n  lmx launch -n 2 -- generate --prompt \"Hello\"              # 2 ranks here, every layer split between them\n  lmx launch -n 2 -- generate --pipeline --prompt \"Hello\"   # 2 ranks, half of the layers each\n  lmx launch -n 2 -- lora --train --data data/                # data-parallel fine-tuning\n  lmx launch -n 2 --backend nccl -- benchmark                 # 2 GPUs, sums over NCCL (CUDA build)\n  lmx launch --hosts h1,h2 --check -- chat --model /models/m  # are the hosts ready?\n  lmx launch --hostfile hosts.json -- perplexity --data text.txt\n\nMore: docs/DISTRIBUTED.md"
 )]
 pub struct Args {
     /// Ranks per host (all on this machine unless --hosts or --hostfile).
