@@ -225,6 +225,14 @@ fn api() -> Result<&'static Api> {
     API.get_or_init(Api::load).as_ref().map_err(|e| lmx_core::Error::Msg(e.clone()))
 }
 
+/// The library, once a communicator exists (it is loaded before any).
+fn loaded() -> &'static Api {
+    match API.get() {
+        Some(Ok(api)) => api,
+        _ => unreachable!("an MPI communicator exists only after the library loaded"),
+    }
+}
+
 /// Whether this process was started by Open MPI's `mpirun` (as `lmx launch` does) in a world
 /// of more than one process.
 pub fn launched() -> bool {
@@ -298,10 +306,7 @@ impl Mpi {
     }
 
     fn over(comm: Comm, timeout: Duration) -> Mpi {
-        let api = match API.get() {
-            Some(Ok(api)) => api,
-            _ => unreachable!("a communicator exists only after the library loaded"),
-        };
+        let api = loaded();
         let (mut rank, mut size) = (0, 0);
         // SAFETY: a valid communicator.
         unsafe {
@@ -350,11 +355,7 @@ impl Mpi {
     }
 
     fn api(&self) -> &'static Api {
-        // Set before any `Mpi` exists.
-        match API.get() {
-            Some(Ok(api)) => api,
-            _ => unreachable!("an Mpi group exists only after the library loaded"),
-        }
+        loaded()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, u64> {

@@ -64,13 +64,11 @@ pub struct Args {
 /// The lmx commands that run under launch; any other first word is a program run as-is.
 const COMMANDS: &[&str] = &["generate", "chat", "perplexity", "benchmark", "cache-prompt", "convert", "lora", "fuse", "serve"];
 
-/// A host of mlx.launch's hostfile.
+/// A host of mlx.launch's hostfile (its `ips` and `rdma` are accepted and not used: Open MPI
+/// picks the interfaces).
 #[derive(serde::Deserialize)]
 struct Host {
     ssh: String,
-    #[serde(default)]
-    #[allow(dead_code)]
-    ips: Vec<String>,
 }
 
 /// mlx.launch's hostfile, either form.
