@@ -169,7 +169,7 @@ pub(super) const GEMM_MR: usize = 8;
 
 /// True when [`qmatmul_many_q8`] takes these matrices on this CPU (AVX-512 VNNI).
 pub(super) fn q8_gemm_applies(qs: &[&QuantizedMatrix]) -> bool {
-    level() == Level::Vnni && qs.iter().all(|q| Q8Act::fits(q) && q.cols == qs[0].cols)
+    matches!(level(), Level::Vnni | Level::Vnni512) && qs.iter().all(|q| Q8Act::fits(q) && q.cols == qs[0].cols)
 }
 
 /// Each row of x (m, cols) rounded to int8 for `q`'s kernels, rows split over threads.
@@ -289,15 +289,17 @@ pub(super) enum Level {
     Scalar,
     /// x86-64 AVX2 + FMA.
     Avx2,
-    /// x86-64 AVX2 + FMA + AVX-512 VNNI (with VL).
+    /// x86-64 AVX2 + FMA + AVX-512 VNNI on 256-bit registers.
     Vnni,
+    /// x86-64 AVX-512 (F, BW, VL) VNNI on 512-bit registers.
+    Vnni512,
     /// aarch64 NEON (widening multiplies).
     Neon,
     /// aarch64 NEON with the dot-product extension (`sdot`).
     NeonDot,
 }
 
-/// The best [`Level`] this CPU runs (`LMX_KERNELS=avx2|neon|scalar` asks for a lower one,
+/// The best [`Level`] this CPU runs (`LMX_KERNELS=vnni|avx2|neon|scalar` asks for a lower one,
 /// to compare them).
 pub(super) fn level() -> Level {
     static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
@@ -311,6 +313,8 @@ pub(super) fn level() -> Level {
             match cap.as_deref() {
                 Some("scalar") => Level::Scalar,
                 Some("avx2") if avx2 => Level::Avx2,
+                Some("vnni") if vnni => Level::Vnni,
+                _ if vnni && has!("avx512bw") => Level::Vnni512,
                 _ if vnni => Level::Vnni,
                 _ if avx2 => Level::Avx2,
                 _ => Level::Scalar,
@@ -349,6 +353,9 @@ pub(super) fn rows_q8<S: Scale>(level: Level, rows: &[u32], bits: usize, group_s
         // SAFETY: `level` says the CPU has these features; Q8Act::new checked the shapes.
         #[cfg(target_arch = "x86_64")]
         Level::Vnni => unsafe { super::x86::rows_q8_vnni(rows, bits, group_size, s, b, act, out) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Level::Vnni512 => unsafe { super::x86::rows_q8_vnni512(rows, bits, group_size, s, b, act, out) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => unsafe { super::x86::rows_q8_avx2(rows, bits, group_size, s, b, act, out) },

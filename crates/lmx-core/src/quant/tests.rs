@@ -148,6 +148,9 @@ fn int8_decode_kernels_match_scalar() -> Result<()> {
         }
         if has!("avx2") && has!("fma") && has!("f16c") && has!("avx512f") && has!("avx512vl") && has!("avx512vnni") {
             levels.push(Level::Vnni);
+            if has!("avx512bw") {
+                levels.push(Level::Vnni512);
+            }
         }
     }
     #[cfg(target_arch = "aarch64")]
@@ -160,7 +163,11 @@ fn int8_decode_kernels_match_scalar() -> Result<()> {
     eprintln!("kernel levels compared with the scalar reference: {levels:?}");
     for bits in [4usize, 8] {
         for group in [32usize, 64, 128] {
-            for cols in [640usize, 1152] {
+            // 608 = 19 groups of 32: a last 8-bit run of 32 elements.
+            for cols in [640usize, 1152, 608] {
+                if cols == 608 && (bits, group) != (8, 32) {
+                    continue;
+                }
                 for dtype in [DType::BF16, DType::F16, DType::F32] {
                     let q = QuantizedMatrix::quantize(&rand(7, cols).to_dtype(dtype)?, bits, group)?;
                     let x: Vec<f32> = rand(1, cols).flatten_all()?.to_vec1()?;
@@ -290,7 +297,7 @@ fn kernel_speed() -> Result<()> {
         let (GroupParams::Bf16(s), GroupParams::Bf16(b)) = (&q.scales, &q.biases) else { unreachable!() };
         let bytes = (q.packed.len() * 4 + s.len() * 4) as f64;
         let reps = (2e9 / bytes) as usize + 1;
-        for level in [Level::Scalar, Level::Avx2, Level::Vnni] {
+        for level in [Level::Scalar, Level::Avx2, Level::Vnni, Level::Vnni512] {
             if level == Level::Scalar && rows > 2000 {
                 continue;
             }

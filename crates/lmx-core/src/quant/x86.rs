@@ -370,6 +370,189 @@ pub unsafe fn rows_q8_vnni<S: super::Scale>(rows: &[u32], bits: usize, group_siz
     unsafe { specialized!(Vnni, rows, bits, group_size, s, b, act, out) }
 }
 
+/// Lane `u` of a 64-element run's 512-bit product: the run-relative element its 4 bytes
+/// start at (4-bit runs are laid out [low nibbles = even elements][high = odd], so lanes u
+/// and u + 8 share elements 8u..8u + 8).
+const fn lane_element<const BITS: usize>(u: usize) -> usize {
+    if BITS == 4 {
+        8 * (u % 8)
+    } else {
+        4 * u
+    }
+}
+
+/// For each run `k` of an 8-group step (at most 16 runs: 8 groups of 128), the step-relative
+/// group of each lane of its product.
+const fn lane_groups<const BITS: usize, const GS: usize>() -> [[i32; 16]; 16] {
+    let mut t = [[0i32; 16]; 16];
+    let mut k = 0;
+    while k < 16 {
+        let mut u = 0;
+        while u < 16 {
+            t[k][u] = ((64 * k + lane_element::<BITS>(u)) / GS) as i32;
+            u += 1;
+        }
+        k += 1;
+    }
+    t
+}
+
+/// One 64-element run of a row as 64 bytes against the activations' codes at the same
+/// element offset: 4-bit runs are 32 packed bytes split into [low nibbles | high nibbles];
+/// 8-bit runs are the bytes themselves (`half`: only 32 elements remain, the rest zero).
+///
+/// # Safety
+/// AVX-512F/BW must be available; the run's bytes lie inside the row.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn run_bytes<const BITS: usize>(w: *const u8, e: usize, half: bool) -> __m512i {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        if BITS == 4 {
+            let v = _mm512_zextsi256_si512(_mm256_loadu_si256(w.add(e / 2) as *const __m256i));
+            let mask = _mm512_set1_epi8(0x0F);
+            let lo = _mm512_and_si512(v, mask);
+            let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+            _mm512_shuffle_i64x2(lo, hi, 0b01_00_01_00)
+        } else if half {
+            _mm512_zextsi256_si512(_mm256_loadu_si256(w.add(e) as *const __m256i))
+        } else {
+            _mm512_loadu_si512(w.add(e) as *const _)
+        }
+    }
+}
+
+/// 64 activation codes at element `e` (`half`: 32, the rest zero).
+///
+/// # Safety
+/// AVX-512F must be available; the codes lie inside the activations.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn act_bytes(x: *const u8, e: usize, half: bool) -> __m512i {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        if half {
+            _mm512_zextsi256_si512(_mm256_loadu_si256(x.add(e) as *const __m256i))
+        } else {
+            _mm512_loadu_si512(x.add(e) as *const _)
+        }
+    }
+}
+
+/// How far ahead of its reads [`rows_q8_512`] asks for a row's bytes.
+const PREFETCH: usize = 16384;
+
+/// [`rows_q8`] on 512-bit registers, one 64-element run per `vpdpbusd` and no horizontal
+/// sums per group: each lane of a run's integer product belongs to one group, so the two
+/// levels are joined in the lane (`fine + 254 * coarse`), widened to f32 and multiplied by
+/// the lane's `scale * dx`, and one horizontal sum ends the row. Rows of `R` share the
+/// activation loads.
+///
+/// # Safety
+/// As [`rows_q8`], with AVX-512F/BW/VL and VNNI available.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn rows_q8_512<S: super::Scale, const BITS: usize, const GS: usize, const R: usize>(rows: &[u32], s: &[S], b: &[S], act: &super::kernels::Q8Act, out: &mut [f32]) {
+    let cols = act.codes.len();
+    let (xc, xf) = (act.codes.as_ptr() as *const u8, act.fine.as_ptr() as *const u8);
+    let groups = cols / GS;
+    let row_bytes = cols * BITS / 8;
+    let (fine, finef) = (_mm512_set1_epi32(super::kernels::FINE as i32), _mm512_set1_ps(super::kernels::FINE));
+    let table = const { lane_groups::<BITS, GS>() };
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut bacc = [_mm256_setzero_ps(); R];
+    // SAFETY (whole body): every run read lies inside its row and the activation codes
+    // (runs stop at `cols`, a last 8-bit run of 32 elements is read as a half); the
+    // per-group arrays of `act` are padded to a multiple of 8 groups; the caller guarantees
+    // `rows` holds R rows.
+    unsafe {
+        for g0 in (0..groups).step_by(8) {
+            let n = (groups - g0).min(8);
+            let keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+            let dx = _mm256_loadu_ps(act.dx.as_ptr().add(g0));
+            let xsums = _mm256_loadu_ps(act.xsums.as_ptr().add(g0));
+            let mut sx = [_mm512_setzero_ps(); R];
+            for r in 0..R {
+                let at = r * groups + g0;
+                let (sc, bc) = if s.len() >= at + 8 && b.len() >= at + 8 {
+                    (_mm256_and_ps(S::load8(s.as_ptr().add(at)), keep), _mm256_and_ps(S::load8(b.as_ptr().add(at)), keep))
+                } else {
+                    let (mut sc, mut bc) = ([0f32; 8], [0f32; 8]);
+                    for j in 0..n {
+                        sc[j] = s[at + j].f32();
+                        bc[j] = b[at + j].f32();
+                    }
+                    (_mm256_loadu_ps(sc.as_ptr()), _mm256_loadu_ps(bc.as_ptr()))
+                };
+                bacc[r] = _mm256_fmadd_ps(bc, xsums, bacc[r]);
+                sx[r] = _mm512_castps256_ps512(_mm256_mul_ps(sc, dx));
+            }
+            let (first, end) = (g0 * GS, (g0 + n) * GS);
+            for (k, lanes) in table.iter().enumerate().take((end - first).div_ceil(64)) {
+                let e = first + 64 * k;
+                let half = end - e < 64;
+                let (c, f) = (act_bytes(xc, e, half), act_bytes(xf, e, half));
+                let lanes = _mm512_loadu_si512(lanes.as_ptr() as *const _);
+                for r in 0..R {
+                    let w = (rows.as_ptr() as *const u8).add(r * row_bytes);
+                    if BITS == 8 || k % 2 == 0 {
+                        _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(e * BITS / 8 + PREFETCH) as *const i8);
+                    }
+                    let v = run_bytes::<BITS>(w, e, half);
+                    let (ci, fi) = (_mm512_dpbusd_epi32(_mm512_setzero_si512(), v, c), _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, f));
+                    // A 4-bit lane's coarse sum (4 codes <= 15 times int8) fits an i16, so
+                    // `vpdpwssd` adds 254 times it (the high half, its sign, times 0). An
+                    // 8-bit lane's may not: join them in f32 (exact below 2^24, within
+                    // 2^-24 relative above).
+                    let joined = if BITS == 4 { _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(fi, ci, fine)) } else { _mm512_fmadd_ps(_mm512_cvtepi32_ps(ci), finef, _mm512_cvtepi32_ps(fi)) };
+                    acc[r] = _mm512_fmadd_ps(joined, _mm512_permutexvar_ps(lanes, sx[r]), acc[r]);
+                }
+            }
+        }
+    }
+    let inv_fine = 1.0 / super::kernels::FINE;
+    for r in 0..R {
+        out[r] = _mm512_reduce_add_ps(acc[r]) * inv_fine + hsum(bacc[r]);
+    }
+}
+
+/// `out.len()` consecutive outputs with AVX-512 VNNI on 512-bit registers ([`rows_q8_512`]),
+/// short rows 4 at a time.
+///
+/// # Safety
+/// AVX2, FMA, F16C, AVX-512F/BW/VL and AVX-512 VNNI must be available; `rows` holds
+/// `out.len()` rows; otherwise as [`rows_q8`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn rows_q8_vnni512<S: super::Scale>(rows: &[u32], bits: usize, group_size: usize, s: &[S], b: &[S], act: &super::kernels::Q8Act, out: &mut [f32]) {
+    let words = act.codes.len() * bits / 32;
+    let groups = act.codes.len() / group_size;
+    let step = if words * 4 <= SHORT_ROW_BYTES { 4 } else { 1 };
+    let mut r = 0;
+    while r < out.len() {
+        let n = if out.len() - r >= step { step } else { 1 };
+        let (rows, s, b, out) = (&rows[r * words..], &s[r * groups..], &b[r * groups..], &mut out[r..r + n]);
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match (bits, group_size, n) {
+                (4, 32, 4) => rows_q8_512::<S, 4, 32, 4>(rows, s, b, act, out),
+                (4, 64, 4) => rows_q8_512::<S, 4, 64, 4>(rows, s, b, act, out),
+                (4, 128, 4) => rows_q8_512::<S, 4, 128, 4>(rows, s, b, act, out),
+                (8, 32, 4) => rows_q8_512::<S, 8, 32, 4>(rows, s, b, act, out),
+                (8, 64, 4) => rows_q8_512::<S, 8, 64, 4>(rows, s, b, act, out),
+                (8, 128, 4) => rows_q8_512::<S, 8, 128, 4>(rows, s, b, act, out),
+                (4, 32, _) => rows_q8_512::<S, 4, 32, 1>(rows, s, b, act, out),
+                (4, 64, _) => rows_q8_512::<S, 4, 64, 1>(rows, s, b, act, out),
+                (4, 128, _) => rows_q8_512::<S, 4, 128, 1>(rows, s, b, act, out),
+                (8, 32, _) => rows_q8_512::<S, 8, 32, 1>(rows, s, b, act, out),
+                (8, 64, _) => rows_q8_512::<S, 8, 64, 1>(rows, s, b, act, out),
+                (8, 128, _) => rows_q8_512::<S, 8, 128, 1>(rows, s, b, act, out),
+                _ => unreachable!("Q8Act::new admits 4 and 8 bits, groups of 32, 64 and 128"),
+            }
+        }
+        r += n;
+    }
+}
+
 /// sum over groups of scales[g] * (x_g . q_g) for one 4- or 8-bit row, with one horizontal
 /// sum at the end.
 ///
