@@ -25,6 +25,45 @@ trait Elem: Copy + Send + Sync + candle_core::WithDType {
             *o += p * v.f32();
         }
     }
+    /// `out[j * len + t] = key_t . q_j` for the `q.len() / d` queries of one key head.
+    fn scores(keys: &KvRows<'_, Self>, bi: usize, kv: usize, q: &[f32], d: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(done) = x86_attention::scores(keys, bi, kv, q, d, out) {
+            return done;
+        }
+        let len = keys.len;
+        for t in 0..len {
+            let row = keys.row(bi, kv, t, d);
+            for (j, qj) in q.chunks_exact(d).enumerate() {
+                out[j * len + t] = Self::dot(row, qj);
+            }
+        }
+    }
+    /// `acc_j += sum_t p[j * len + t] * value_t` for the `acc.len() / d` queries of one value
+    /// head.
+    fn weighted(values: &KvRows<'_, Self>, bi: usize, kv: usize, p: &[f32], d: usize, acc: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(done) = x86_attention::weighted(values, bi, kv, p, d, acc) {
+            return done;
+        }
+        let len = values.len;
+        for t in 0..len {
+            let row = values.row(bi, kv, t, d);
+            for (j, aj) in acc.chunks_exact_mut(d).enumerate() {
+                Self::axpy(aj, p[j * len + t], row);
+            }
+        }
+    }
+    /// Whether [`Elem::load16`] exists for the type (the AVX-512 attention kernels).
+    const LOAD16: bool = false;
+    /// 16 values at `p` widened to f32.
+    ///
+    /// # Safety
+    /// AVX-512F must be available, `LOAD16` true, 16 values readable at `p`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(_p: *const Self) -> std::arch::x86_64::__m512 {
+        unreachable!("load16 of a type without LOAD16")
+    }
 }
 
 impl Elem for f32 {
@@ -40,6 +79,13 @@ impl Elem for f32 {
     fn axpy(acc: &mut [f32], p: f32, a: &[Self]) {
         crate::cpu::axpy_f32(acc, p, a)
     }
+    const LOAD16: bool = true;
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        // SAFETY: forwarded from the caller.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
 }
 
 impl Elem for bf16 {
@@ -54,6 +100,14 @@ impl Elem for bf16 {
     }
     fn axpy(acc: &mut [f32], p: f32, a: &[Self]) {
         crate::cpu::axpy_bf16(acc, p, a)
+    }
+    const LOAD16: bool = true;
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: forwarded from the caller (a bf16 is the top half of an f32).
+        unsafe { _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i)), 16)) }
     }
 }
 
@@ -319,28 +373,55 @@ impl<T: Copy> KvRows<'_, T> {
     }
 }
 
-/// One query head over its keys and values: scores, softmax, weighted sum, all in f32, into
-/// `out` (rounded once). `scores` holds at least `k.len` values; `qv` and `acc` `d` each.
+/// Buffers of one thread's attention heads, reused across them.
+#[derive(Default)]
+struct AttentionScratch {
+    q: Vec<f32>,
+    scores: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+/// Query heads `q` (consecutive rows of `d`) sharing key/value head `kv` of batch row `bi`,
+/// over all its keys: scores, softmax, weighted sum, all in f32, into `out` (rounded once).
+/// A head's arithmetic does not depend on which heads share the call, so a sequence's
+/// output is the same alone and in a batch.
 #[allow(clippy::too_many_arguments)]
-fn attend_head<T: Elem>(q: &[T], k: &KvRows<'_, T>, v: &KvRows<'_, T>, bi: usize, kv: usize, scale: f32, qv: &mut [f32], scores: &mut Vec<f32>, acc: &mut [f32], out: &mut [T]) {
-    let d = qv.len();
-    for (a, x) in qv.iter_mut().zip(q) {
-        *a = x.f32();
+fn attend_heads<T: Elem>(q: &[T], k: &KvRows<'_, T>, v: &KvRows<'_, T>, bi: usize, kv: usize, scale: f32, d: usize, buf: &mut AttentionScratch, out: &mut [T]) {
+    let (n, len) = (q.len() / d, k.len);
+    buf.q.clear();
+    buf.q.extend(q.iter().map(|x| x.f32()));
+    buf.scores.resize(n * len, 0.0);
+    T::scores(k, bi, kv, &buf.q, d, &mut buf.scores);
+    for s in buf.scores.chunks_exact_mut(len) {
+        let mut max = f32::NEG_INFINITY;
+        for x in s.iter_mut() {
+            *x *= scale;
+            max = max.max(*x);
+        }
+        s.iter_mut().for_each(|x| *x = exp(*x - max));
+        let inv = 1.0 / sum(s);
+        s.iter_mut().for_each(|x| *x *= inv);
     }
-    scores.resize(k.len, 0.0);
-    let mut max = f32::NEG_INFINITY;
-    for (t, s) in scores.iter_mut().enumerate() {
-        *s = T::dot(k.row(bi, kv, t, d), qv) * scale;
-        max = max.max(*s);
-    }
-    scores.iter_mut().for_each(|s| *s = exp(*s - max));
-    let total = sum(scores);
-    acc.fill(0.0);
-    for (t, p) in scores.iter().enumerate() {
-        T::axpy(acc, p / total, v.row(bi, kv, t, d));
-    }
-    for (o, a) in out.iter_mut().zip(acc.iter()) {
+    buf.acc.clear();
+    buf.acc.resize(n * d, 0.0);
+    T::weighted(v, bi, kv, &buf.scores, d, &mut buf.acc);
+    for (o, a) in out.iter_mut().zip(&buf.acc) {
         *o = T::of(*a);
+    }
+}
+
+/// Heads `heads` of `(batch row, head)` pairs, `n_heads` per row, in runs that share a
+/// key/value head (`kv_of(row, head)`), through [`attend_heads`].
+fn attend_runs<T: Elem>(heads: std::ops::Range<usize>, n_heads: usize, kv_of: impl Fn(usize, usize) -> usize, mut run: impl FnMut(std::ops::Range<usize>, usize, usize)) {
+    let mut h0 = heads.start;
+    while h0 < heads.end {
+        let (bi, kv) = (h0 / n_heads, kv_of(h0 / n_heads, h0 % n_heads));
+        let mut h1 = h0 + 1;
+        while h1 < heads.end && h1 / n_heads == bi && kv_of(bi, h1 % n_heads) == kv {
+            h1 += 1;
+        }
+        run(h0..h1, bi, kv);
+        h0 = h1;
     }
 }
 
@@ -357,12 +438,17 @@ fn decode_attention<T: Elem>(qs: &CpuStorage, ql: &Layout, ks: &CpuStorage, kl: 
     let out_ptr = SendPtr(out.as_mut_ptr());
     // Heads split over threads; each range reuses its buffers for all of its heads.
     crate::cpu::parallel_ranges(b * n_heads, 1, |heads| {
-        let (mut qv, mut scores, mut acc) = (vec![0f32; d], Vec::with_capacity(kv_len), vec![0f32; d]);
-        for bh in heads {
-            // SAFETY: head bh owns out[bh * d..(bh + 1) * d]; ranges are disjoint.
-            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(bh * d), d) };
-            attend_head(&q[bh * d..(bh + 1) * d], &k, &v, bh / n_heads, bh % n_heads / n_rep, scale, &mut qv, &mut scores, &mut acc, o);
-        }
+        let mut buf = AttentionScratch::default();
+        attend_runs::<T>(
+            heads,
+            n_heads,
+            |_, h| h / n_rep,
+            |hs, bi, kv| {
+                // SAFETY: heads hs own out[hs.start * d..hs.end * d]; ranges are disjoint.
+                let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(hs.start * d), hs.len() * d) };
+                attend_heads(&q[hs.start * d..hs.end * d], &k, &v, bi, kv, scale, d, &mut buf, o);
+            },
+        );
     });
     Ok(out)
 }
@@ -402,16 +488,18 @@ fn decode_attention_rows<T: Elem>(op: &DecodeAttentionRows, qs: &CpuStorage, ql:
     let (keys, values) = rows.split_at(b);
     let mut out = vec![T::of(0.0); b * n_heads * d];
     let out_ptr = SendPtr(out.as_mut_ptr());
-    let longest = keys.iter().map(|(k, _)| k.len).max().unwrap_or(0);
     crate::cpu::parallel_ranges(b * n_heads, 1, |heads| {
-        let (mut qv, mut scores, mut acc) = (vec![0f32; d], Vec::with_capacity(longest), vec![0f32; d]);
-        for bh in heads {
-            let (bi, h) = (bh / n_heads, bh % n_heads);
-            let ((k, n_kv), (v, _)) = (&keys[bi], &values[bi]);
-            // SAFETY: head bh owns out[bh * d..(bh + 1) * d]; ranges are disjoint.
-            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(bh * d), d) };
-            attend_head(&q[bh * d..(bh + 1) * d], k, v, 0, h / (n_heads / n_kv), op.scale, &mut qv, &mut scores, &mut acc, o);
-        }
+        let mut buf = AttentionScratch::default();
+        attend_runs::<T>(
+            heads,
+            n_heads,
+            |bi, h| h / (n_heads / keys[bi].1),
+            |hs, bi, kv| {
+                // SAFETY: heads hs own out[hs.start * d..hs.end * d]; ranges are disjoint.
+                let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(hs.start * d), hs.len() * d) };
+                attend_heads(&q[hs.start * d..hs.end * d], &keys[bi].0, &values[bi].0, 0, kv, op.scale, d, &mut buf, o);
+            },
+        );
     });
     Ok(out)
 }
@@ -691,5 +779,129 @@ mod tests {
             assert_eq!(d, 0.0, "{dtype:?}");
         }
         Ok(())
+    }
+}
+
+/// AVX-512 kernels of [`attend_heads`] for head sizes of 64 and 128: each key or value row is
+/// loaded and widened once for all the queries that share it (grouped-query attention), and
+/// the queries' accumulators stay in registers. Per query the same arithmetic whichever
+/// queries share a call.
+#[cfg(target_arch = "x86_64")]
+mod x86_attention {
+    use super::{Elem, KvRows};
+    use std::arch::x86_64::*;
+
+    /// Queries per pass over the keys.
+    const PASS: usize = 4;
+
+    fn applies<T: Elem>(d: usize) -> bool {
+        T::LOAD16 && (d == 64 || d == 128) && std::arch::is_x86_feature_detected!("avx512f")
+    }
+
+    /// [`Elem::scores`] on AVX-512, or None where it does not apply.
+    pub(super) fn scores<T: Elem>(keys: &KvRows<'_, T>, bi: usize, kv: usize, q: &[f32], d: usize, out: &mut [f32]) -> Option<()> {
+        if !applies::<T>(d) {
+            return None;
+        }
+        let base = keys.start + bi * keys.stride[0] + kv * keys.stride[1];
+        assert!(keys.len == 0 || base + (keys.len - 1) * keys.stride[2] + d <= keys.data.len(), "attention: keys out of their storage");
+        let len = keys.len;
+        for (j0, qs) in q.chunks(PASS * d).enumerate() {
+            let o = &mut out[j0 * PASS * len..];
+            // SAFETY: AVX-512F was checked; every row read lies inside keys.data (asserted
+            // above); `o` holds len values per query of the pass.
+            unsafe {
+                match (d, qs.len() / d) {
+                    (64, 1) => scores_pass::<T, 4, 1>(keys.data.as_ptr().add(base), keys.stride[2], len, qs, o),
+                    (64, 2) => scores_pass::<T, 4, 2>(keys.data.as_ptr().add(base), keys.stride[2], len, qs, o),
+                    (64, 3) => scores_pass::<T, 4, 3>(keys.data.as_ptr().add(base), keys.stride[2], len, qs, o),
+                    (64, _) => scores_pass::<T, 4, 4>(keys.data.as_ptr().add(base), keys.stride[2], len, qs, o),
+                    (_, 1) => scores_pass::<T, 8, 1>(keys.data.as_ptr().add(base), keys.stride[2], len, qs, o),
+                    (_, 2) => scores_pass::<T, 8, 2>(keys.data.as_ptr().add(base), keys.stride[2], len, qs, o),
+                    (_, 3) => scores_pass::<T, 8, 3>(keys.data.as_ptr().add(base), keys.stride[2], len, qs, o),
+                    (_, _) => scores_pass::<T, 8, 4>(keys.data.as_ptr().add(base), keys.stride[2], len, qs, o),
+                }
+            }
+        }
+        Some(())
+    }
+
+    /// [`Elem::weighted`] on AVX-512, or None where it does not apply.
+    pub(super) fn weighted<T: Elem>(values: &KvRows<'_, T>, bi: usize, kv: usize, p: &[f32], d: usize, acc: &mut [f32]) -> Option<()> {
+        if !applies::<T>(d) {
+            return None;
+        }
+        let base = values.start + bi * values.stride[0] + kv * values.stride[1];
+        assert!(values.len == 0 || base + (values.len - 1) * values.stride[2] + d <= values.data.len(), "attention: values out of their storage");
+        let len = values.len;
+        for (j0, a) in acc.chunks_mut(PASS * d).enumerate() {
+            let ps = &p[j0 * PASS * len..];
+            // SAFETY: as in `scores`; `ps` holds len weights per query of the pass.
+            unsafe {
+                let v = values.data.as_ptr().add(base);
+                match (d, a.len() / d) {
+                    (64, 1) => weighted_pass::<T, 4, 1>(v, values.stride[2], len, ps, a),
+                    (64, 2) => weighted_pass::<T, 4, 2>(v, values.stride[2], len, ps, a),
+                    (64, 3) => weighted_pass::<T, 4, 3>(v, values.stride[2], len, ps, a),
+                    (64, _) => weighted_pass::<T, 4, 4>(v, values.stride[2], len, ps, a),
+                    (_, 1) => weighted_pass::<T, 8, 1>(v, values.stride[2], len, ps, a),
+                    (_, 2) => weighted_pass::<T, 8, 2>(v, values.stride[2], len, ps, a),
+                    (_, 3) => weighted_pass::<T, 8, 3>(v, values.stride[2], len, ps, a),
+                    (_, _) => weighted_pass::<T, 8, 4>(v, values.stride[2], len, ps, a),
+                }
+            }
+        }
+        Some(())
+    }
+
+    /// `out[j * len + t] = key_t . q_j` for N queries of C * 16 values.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; rows `k + t * stride` (C * 16 values) readable for t < len;
+    /// `q` holds N * C * 16 values and `out` N * len.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn scores_pass<T: Elem, const C: usize, const N: usize>(k: *const T, stride: usize, len: usize, q: &[f32], out: &mut [f32]) {
+        // SAFETY (whole body): forwarded from the caller.
+        unsafe {
+            let qv: [[__m512; C]; N] = std::array::from_fn(|j| std::array::from_fn(|c| _mm512_loadu_ps(q.as_ptr().add((j * C + c) * 16))));
+            for t in 0..len {
+                let row = k.add(t * stride);
+                let kc: [__m512; C] = std::array::from_fn(|c| T::load16(row.add(16 * c)));
+                for (j, qj) in qv.iter().enumerate() {
+                    let mut a = _mm512_mul_ps(kc[0], qj[0]);
+                    for (kx, qx) in kc.iter().zip(qj).skip(1) {
+                        a = _mm512_fmadd_ps(*kx, *qx, a);
+                    }
+                    *out.get_unchecked_mut(j * len + t) = _mm512_reduce_add_ps(a);
+                }
+            }
+        }
+    }
+
+    /// `acc_j += sum_t p[j * len + t] * value_t` for N queries of C * 16 values.
+    ///
+    /// # Safety
+    /// As [`scores_pass`], with `p` holding N * len weights and `acc` N * C * 16 values.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn weighted_pass<T: Elem, const C: usize, const N: usize>(v: *const T, stride: usize, len: usize, p: &[f32], acc: &mut [f32]) {
+        // SAFETY (whole body): forwarded from the caller.
+        unsafe {
+            let mut a: [[__m512; C]; N] = std::array::from_fn(|j| std::array::from_fn(|c| _mm512_loadu_ps(acc.as_ptr().add((j * C + c) * 16))));
+            for t in 0..len {
+                let row = v.add(t * stride);
+                let vc: [__m512; C] = std::array::from_fn(|c| T::load16(row.add(16 * c)));
+                for (j, aj) in a.iter_mut().enumerate() {
+                    let pj = _mm512_set1_ps(*p.get_unchecked(j * len + t));
+                    for (x, vx) in aj.iter_mut().zip(&vc) {
+                        *x = _mm512_fmadd_ps(pj, *vx, *x);
+                    }
+                }
+            }
+            for (j, aj) in a.iter().enumerate() {
+                for (c, x) in aj.iter().enumerate() {
+                    _mm512_storeu_ps(acc.as_mut_ptr().add((j * C + c) * 16), *x);
+                }
+            }
+        }
     }
 }
