@@ -214,6 +214,12 @@ impl Hub {
         if blob.exists() {
             return Ok(blob);
         }
+        // One process per blob at a time: a second download of the same file waits, then
+        // finds the blob the first one wrote.
+        let _lock = lock_blob(blobs, &name, file)?;
+        if blob.exists() {
+            return Ok(blob);
+        }
         let partial = blobs.join(format!("{name}.incomplete"));
         let mut have = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
         match total {
@@ -266,6 +272,27 @@ impl Hub {
         std::fs::rename(&partial, &blob).map_err(|e| format!("{}: {e}", blob.display()))?;
         Ok(blob)
     }
+}
+
+/// An exclusive lock on blob `etag` of the repository whose `blobs` folder is given, where
+/// huggingface_hub takes it (`<cache>/.locks/<repository folder>/<etag>.lock`, an `flock`),
+/// so lmx and Python processes downloading the same file wait for each other. Held until the
+/// returned file is dropped.
+fn lock_blob(blobs: &Path, etag: &str, file: &str) -> std::result::Result<std::fs::File, String> {
+    let repo = blobs.parent().unwrap_or(blobs);
+    let dir = repo.parent().unwrap_or(repo).join(".locks").join(repo.file_name().unwrap_or_default());
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let path = dir.join(format!("{etag}.lock"));
+    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            eprintln!("{file}: waiting for another download of it to finish (lock {})", path.display());
+            lock.lock().map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(format!("{}: {e}", path.display())),
+    }
+    Ok(lock)
 }
 
 /// An HTTP error without the URL (the caller names it once).
@@ -422,6 +449,28 @@ mod tests {
             assert_eq!(got, requests_weights, "{:?}", log.lock().expect("log"));
             let _ = std::fs::remove_dir_all(&cache);
         }
+    }
+
+    /// A download waits while another process holds the blob's lock (where huggingface_hub
+    /// takes it), then completes.
+    #[test]
+    fn a_locked_blob_waits_for_the_other_download() {
+        let (url, _log) = mock_hub(vec![("config.json", b"{}".to_vec()), ("model.safetensors", vec![7u8; 600])]);
+        let cache = std::env::temp_dir().join(format!("lmx-hub-lock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&cache);
+        let locks = cache.join(".locks/models--org--name");
+        std::fs::create_dir_all(&locks).expect("mkdir");
+        let etag = format!("e{:x}", 600 * 7919 + 7);
+        let held = std::fs::File::create(locks.join(format!("{etag}.lock"))).expect("lock file");
+        held.lock().expect("lock");
+        let hub = Hub { endpoint: url, token: None, cache: cache.clone(), offline: false, progress: false };
+        let download = std::thread::spawn(move || hub.snapshot("org/name").map_err(|e| e.to_string()));
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        assert!(!download.is_finished(), "the download went on while the blob was locked");
+        drop(held);
+        let snap = download.join().expect("thread").expect("download");
+        assert_eq!(std::fs::read(snap.join("model.safetensors")).expect("weights"), vec![7u8; 600]);
+        let _ = std::fs::remove_dir_all(&cache);
     }
 
     #[test]
