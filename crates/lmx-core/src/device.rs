@@ -20,17 +20,41 @@ pub enum DeviceError {
 /// when this binary has the CUDA backend and one is visible, else the CPU.
 pub fn parse_device(name: &str) -> Result<Device, DeviceError> {
     match name {
-        "auto" => Ok(if cfg!(feature = "cuda") { Device::new_cuda(0).unwrap_or(Device::Cpu) } else { Device::Cpu }),
+        "auto" => Ok(if cfg!(feature = "cuda") { cuda(0).unwrap_or(Device::Cpu) } else { Device::Cpu }),
         "cpu" => Ok(Device::Cpu),
         _ if name == "cuda" || name.starts_with("cuda:") => {
             let ordinal = match name.strip_prefix("cuda:") {
                 Some(n) => n.parse::<usize>().map_err(|_| DeviceError::UnknownDevice(name.to_string()))?,
                 None => 0,
             };
-            Device::new_cuda(ordinal).map_err(|e| DeviceError::Unavailable(name.to_string(), e))
+            cuda(ordinal).map_err(|e| DeviceError::Unavailable(name.to_string(), e))
         }
         _ => Err(DeviceError::UnknownDevice(name.to_string())),
     }
+}
+
+/// GPU `ordinal` with one stream of its own that every thread's kernels and copies go to, in
+/// order, so cudarc's event tracking (an event recorded per buffer per kernel, for ordering
+/// across streams) has nothing to do and is switched off: it cost host time on every launch
+/// of a launch-bound decode. `LMX_CUDA_STREAM=per-thread` keeps candle's default (each
+/// thread's default stream, tracked), to compare.
+#[cfg(feature = "cuda")]
+pub fn cuda(ordinal: usize) -> candle_core::Result<Device> {
+    if std::env::var("LMX_CUDA_STREAM").is_ok_and(|v| v == "per-thread") {
+        return Device::new_cuda(ordinal);
+    }
+    let dev = candle_core::CudaDevice::new_with_stream(ordinal)?;
+    // SAFETY: every kernel, copy and library call of this device goes to its one stream
+    // (lmx's own kernels and cuBLAS take the device's stream), so no cross-stream ordering
+    // needs tracking.
+    unsafe { dev.disable_event_tracking() };
+    Ok(Device::Cuda(dev))
+}
+
+/// Without the CUDA backend: the error `Device::new_cuda` gives.
+#[cfg(not(feature = "cuda"))]
+pub fn cuda(ordinal: usize) -> candle_core::Result<Device> {
+    Device::new_cuda(ordinal)
 }
 
 /// Parses MLX LM / torch dtype names (`float32`, `float16`, `bfloat16`, and the short forms).

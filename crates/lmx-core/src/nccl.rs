@@ -15,7 +15,7 @@ use candle_core::{CudaStorage, CustomOp1, DType, Device, Layout, Result, Shape, 
 /// A NCCL communicator between the ranks of a group, each on its own GPU.
 pub struct NcclComm {
     comm: Mutex<Comm>,
-    /// NCCL's stream: the device's own (see [`device_for_nccl`]), or, for a device on the
+    /// NCCL's stream: the device's own (see [`crate::device::cuda`]), or, for a device on the
     /// per-thread default stream, a stream of NCCL's ordered against it (see the module docs).
     stream: std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
     separate: bool,
@@ -31,16 +31,6 @@ impl std::fmt::Debug for NcclComm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("NcclComm")
     }
-}
-
-/// GPU `ordinal` with a stream of its own instead of candle's per-thread default stream, so
-/// that NCCL can share it (no cross-stream waits or event tracking): the device a rank that
-/// sums with NCCL should compute on. Event tracking is off (one stream: nothing to track).
-pub fn device_for_nccl(ordinal: usize) -> Result<Device> {
-    let dev = candle_core::CudaDevice::new_with_stream(ordinal)?;
-    // SAFETY: every kernel, copy and NCCL call of this device goes to its one stream.
-    unsafe { dev.disable_event_tracking() };
-    Ok(Device::Cuda(dev))
 }
 
 /// A point in a GPU's stream: [`StreamMark::done`] says whether the work queued before it
