@@ -61,44 +61,75 @@ __device__ void silu_mul(const T* g, const T* u, T* out, long long n) {
     st(out, i, gv / (1.f + __expf(-gv)) * ld(u, i));
 }
 
-// One block per (sequence, query head): scores into `scratch` (kv_len floats per head), softmax,
-// then each thread owns output dimensions. k/v strides (sequence, head, position) in elements.
+// Split-K decode attention (flash-decoding): block (sequence * head, split) takes keys
+// [split * chunk, min(kv_len, split * chunk + chunk)); each warp one key at a time, each lane
+// `e = ceil(d / 32)` consecutive dimensions (coalesced loads), an online softmax per warp,
+// merged per block. One split writes the output; several write (max, sum, acc[d]) partials per
+// split that `combine_splits` merges. k/v strides (sequence, head, position) in elements.
+#define MAXE 8
 template <typename T>
-__device__ void decode_attention(const T* q, const T* k, const T* v, T* out, float* scratch,
-                                 int n_heads, int n_kv, int kv_len, int d, float scale,
+__device__ void decode_attention(const T* q, const T* k, const T* v, T* out, float* part,
+                                 int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits,
                                  long long ks0, long long ks1, long long ks2,
                                  long long vs0, long long vs1, long long vs2) {
-    __shared__ float red[32];
-    extern __shared__ float qs[];
-    int bh = blockIdx.x, bi = bh / n_heads, h = bh % n_heads, kv = h / (n_heads / n_kv);
-    for (int i = threadIdx.x; i < d; i += blockDim.x) qs[i] = ld(q, (size_t)bh * d + i);
-    __syncthreads();
-    float* s = scratch + (size_t)bh * kv_len;
+    __shared__ float wm[32], wl[32];
+    extern __shared__ float wacc[];
+    const float NEG = -__int_as_float(0x7f800000);
+    int bh = blockIdx.x, split = blockIdx.y, bi = bh / n_heads, h = bh % n_heads, kv = h / (n_heads / n_kv);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32, e = (d + 31) / 32;
+    float qr[MAXE], acc[MAXE];
+    for (int j = 0; j < MAXE; j++) {
+        int i = lane * e + j;
+        qr[j] = (j < e && i < d) ? ld(q, (size_t)bh * d + i) * scale : 0.f;
+        acc[j] = 0.f;
+    }
     const T* kb = k + bi * ks0 + kv * ks1;
     const T* vb = v + bi * vs0 + kv * vs1;
-    float mx = -__int_as_float(0x7f800000);
-    for (int t = threadIdx.x; t < kv_len; t += blockDim.x) {
-        float dot = 0.f;
-        for (int i = 0; i < d; i++) dot += qs[i] * ld(kb, t * ks2 + i);
-        s[t] = dot * scale;
-        mx = fmaxf(mx, s[t]);
+    float m = NEG, l = 0.f;
+    int t1 = min(kv_len, split * chunk + chunk);
+    for (int t = split * chunk + warp; t < t1; t += nw) {
+        float s = 0.f;
+        for (int j = 0; j < e; j++) { int i = lane * e + j; if (i < d) s += qr[j] * ld(kb, t * ks2 + i); }
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        float mn = fmaxf(m, s), c = __expf(m - mn), p = __expf(s - mn);
+        l = l * c + p;
+        for (int j = 0; j < e; j++) { int i = lane * e + j; acc[j] = acc[j] * c + (i < d ? p * ld(vb, t * vs2 + i) : 0.f); }
+        m = mn;
     }
-    mx = block_max(mx, red);
-    float tot = 0.f;
-    for (int t = threadIdx.x; t < kv_len; t += blockDim.x) { float e = __expf(s[t] - mx); s[t] = e; tot += e; }
-    float inv = 1.f / block_sum(tot, red);
+    if (lane == 0) { wm[warp] = m; wl[warp] = l; }
+    for (int j = 0; j < e; j++) { int i = lane * e + j; if (i < d) wacc[warp * d + i] = acc[j]; }
     __syncthreads();
+    float M = NEG, L = 0.f;
+    for (int w = 0; w < nw; w++) M = fmaxf(M, wm[w]);
+    for (int w = 0; w < nw; w++) L += wm[w] == NEG ? 0.f : wl[w] * __expf(wm[w] - M);
+    float* pp = part + ((size_t)bh * splits + split) * (d + 2);
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float acc = 0.f;
-        for (int t = 0; t < kv_len; t++) acc += s[t] * ld(vb, t * vs2 + i);
-        st(out, (size_t)bh * d + i, acc * inv);
+        float a = 0.f;
+        for (int w = 0; w < nw; w++) a += wm[w] == NEG ? 0.f : wacc[w * d + i] * __expf(wm[w] - M);
+        if (splits == 1) st(out, (size_t)bh * d + i, a / L); else pp[2 + i] = a;
+    }
+    if (splits > 1 && threadIdx.x == 0) { pp[0] = M; pp[1] = L; }
+}
+
+// Merges the splits of one (sequence, head) block: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M).
+template <typename T>
+__device__ void combine_splits(const float* part, T* out, int splits, int d) {
+    const float* p = part + (size_t)blockIdx.x * splits * (d + 2);
+    float M = -__int_as_float(0x7f800000), L = 0.f;
+    for (int s = 0; s < splits; s++) M = fmaxf(M, p[s * (d + 2)]);
+    for (int s = 0; s < splits; s++) L += p[s * (d + 2) + 1] * __expf(p[s * (d + 2)] - M);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float a = 0.f;
+        for (int s = 0; s < splits; s++) a += p[s * (d + 2) + 2 + i] * __expf(p[s * (d + 2)] - M);
+        st(out, (size_t)blockIdx.x * d + i, a / L);
     }
 }
 
 #define INSTANTIATE(T, name) \
 extern "C" __global__ void lmx_rms_norm_##name(const T* x, const T* w, T* out, int d, float eps) { rms_norm(x, w, out, d, eps); } \
 extern "C" __global__ void lmx_silu_mul_##name(const T* g, const T* u, T* out, long long n) { silu_mul(g, u, out, n); } \
-extern "C" __global__ void lmx_decode_attention_##name(const T* q, const T* k, const T* v, T* out, float* scratch, int n_heads, int n_kv, int kv_len, int d, float scale, long long ks0, long long ks1, long long ks2, long long vs0, long long vs1, long long vs2) { decode_attention(q, k, v, out, scratch, n_heads, n_kv, kv_len, d, scale, ks0, ks1, ks2, vs0, vs1, vs2); }
+extern "C" __global__ void lmx_decode_attention_##name(const T* q, const T* k, const T* v, T* out, float* part, int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits, long long ks0, long long ks1, long long ks2, long long vs0, long long vs1, long long vs2) { decode_attention(q, k, v, out, part, n_heads, n_kv, kv_len, d, scale, chunk, splits, ks0, ks1, ks2, vs0, vs1, vs2); } \
+extern "C" __global__ void lmx_combine_splits_##name(const float* part, T* out, int splits, int d) { combine_splits(part, out, splits, d); }
 INSTANTIATE(float, f32)
 INSTANTIATE(unsigned short, bf16)
 "#;
@@ -191,8 +222,25 @@ pub(crate) fn silu_mul(gs: &CudaStorage, gl: &Layout, us: &CudaStorage, ul: &Lay
     })
 }
 
+/// Warps per block of [`decode_attention`].
+const ATTENTION_WARPS: usize = 8;
+
+/// How [`decode_attention`] splits `kv_len` keys for `heads` (sequence, head) pairs: (keys per
+/// split, splits). Short caches take one split (one launch: decode is launch-bound); longer
+/// ones enough splits of at least 64 keys to give every multiprocessor two blocks.
+fn attention_splits(heads: usize, kv_len: usize) -> (usize, usize) {
+    const BLOCKS: usize = 2 * 132;
+    if kv_len <= 512 {
+        return (kv_len.max(1), 1);
+    }
+    let splits = BLOCKS.div_ceil(heads).clamp(1, kv_len.div_ceil(64));
+    let chunk = kv_len.div_ceil(splits);
+    (chunk, kv_len.div_ceil(chunk))
+}
+
 /// One query per (sequence, head) over the cache: `q` (b, n_heads, 1, d) contiguous, `k`/`v`
-/// (b, n_kv, kv_len, d) with a contiguous last dimension.
+/// (b, n_kv, kv_len, d) with a contiguous last dimension; `d` at most 256. Split over the keys
+/// for long caches (flash-decoding), merged by a second kernel.
 pub(crate) fn decode_attention(qs: &CudaStorage, ql: &Layout, ks: &CudaStorage, kl: &Layout, vs: &CudaStorage, vl: &Layout, scale: f32) -> Result<CudaStorage> {
     let (&[b, n_heads, _, d], &[_, n_kv, kv_len, _]) = (ql.dims(), kl.dims()) else {
         candle_core::bail!("decode attention: q {:?} / k {:?} must be 4-D", ql.dims(), kl.dims());
@@ -201,23 +249,37 @@ pub(crate) fn decode_attention(qs: &CudaStorage, ql: &Layout, ks: &CudaStorage, 
     if kst[3] != 1 || vst[3] != 1 {
         candle_core::bail!("decode attention: keys/values need a contiguous last dimension");
     }
+    if d > 256 || n_kv == 0 || n_heads % n_kv != 0 {
+        candle_core::bail!("decode attention: head size {d} (at most 256) or {n_heads} heads on {n_kv} key/value heads");
+    }
     let dev = qs.device().clone();
     let func = dev.get_or_load_custom_func(&name("decode_attention", qs.dtype())?, "lmx_fused", fused_ptx()?)?;
-    let scratch = dev.alloc_zeros::<f32>(b * n_heads * kv_len)?;
-    let cfg = LaunchConfig { grid_dim: ((b * n_heads) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: (d * 4) as u32 };
+    let (chunk, splits) = attention_splits(b * n_heads, kv_len);
+    // Partials only when split (a one-element placeholder otherwise).
+    // SAFETY: every partial is written by its block before the combining kernel reads it.
+    let part = unsafe { dev.alloc::<f32>(if splits > 1 { b * n_heads * splits * (d + 2) } else { 1 }) }?;
+    let cfg = LaunchConfig { grid_dim: ((b * n_heads) as u32, splits as u32, 1), block_dim: ((32 * ATTENTION_WARPS) as u32, 1, 1), shared_mem_bytes: (ATTENTION_WARPS * d * 4) as u32 };
     typed!(qs.dtype(), T => {
         let q = qs.as_cuda_slice::<T>()?.slice(ql.start_offset()..);
         let k = ks.as_cuda_slice::<T>()?.slice(kl.start_offset()..);
         let v = vs.as_cuda_slice::<T>()?.slice(vl.start_offset()..);
         let o = out::<T>(&dev, b * n_heads * d)?;
-        let (nh, nk, kvl, dd) = (n_heads as i32, n_kv as i32, kv_len as i32, d as i32);
+        let (nh, nk, kvl, dd, ch, sp) = (n_heads as i32, n_kv as i32, kv_len as i32, d as i32, chunk as i32, splits as i32);
         let (k0, k1, k2, v0, v1, v2) = (kst[0] as i64, kst[1] as i64, kst[2] as i64, vst[0] as i64, vst[1] as i64, vst[2] as i64);
         let mut bld = func.builder();
-        bld.arg(&q).arg(&k).arg(&v).arg(&o).arg(&scratch).arg(&nh).arg(&nk).arg(&kvl).arg(&dd).arg(&scale);
+        bld.arg(&q).arg(&k).arg(&v).arg(&o).arg(&part).arg(&nh).arg(&nk).arg(&kvl).arg(&dd).arg(&scale).arg(&ch).arg(&sp);
         bld.arg(&k0).arg(&k1).arg(&k2).arg(&v0).arg(&v1).arg(&v2);
-        // SAFETY: the views' strides keep every read inside k and v; q, o and scratch are
-        // sized for b * n_heads heads.
+        // SAFETY: the views' strides keep every read inside k and v; q and o are sized for
+        // b * n_heads heads, `part` for their splits.
         unsafe { bld.launch(cfg) }.w()?;
+        if splits > 1 {
+            let combine = dev.get_or_load_custom_func(&name("combine_splits", qs.dtype())?, "lmx_fused", fused_ptx()?)?;
+            let cfg = LaunchConfig { grid_dim: ((b * n_heads) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            let mut bld = combine.builder();
+            bld.arg(&part).arg(&o).arg(&sp).arg(&dd);
+            // SAFETY: part holds every (head, split)'s partial; o b * n_heads * d values.
+            unsafe { bld.launch(cfg) }.w()?;
+        }
         Ok(CudaStorage::wrap_cuda_slice(o, dev))
     })
 }
