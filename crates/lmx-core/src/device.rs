@@ -33,14 +33,13 @@ pub fn parse_device(name: &str) -> Result<Device, DeviceError> {
     }
 }
 
-/// GPU `ordinal` with one stream of its own that every thread's kernels and copies go to, in
-/// order, so cudarc's event tracking (an event recorded per buffer per kernel, for ordering
-/// across streams) has nothing to do and is switched off: it cost host time on every launch
-/// of a launch-bound decode. `LMX_CUDA_STREAM=per-thread` keeps candle's default (each
-/// thread's default stream, tracked), to compare.
+/// GPU `ordinal`: candle's device (each thread launches on its own per-thread default stream,
+/// ordered across threads by cudarc's event tracking). `LMX_CUDA_STREAM=own` gives it one
+/// stream of its own instead, tracking off. Measured on an H200 (docs/cuda/2026-11-30-stream-ab.txt,
+/// -attention.txt): decode the same, a 4096-token prefill 5-20% slower on the own stream.
 #[cfg(feature = "cuda")]
 pub fn cuda(ordinal: usize) -> candle_core::Result<Device> {
-    if std::env::var("LMX_CUDA_STREAM").is_ok_and(|v| v == "per-thread") {
+    if !std::env::var("LMX_CUDA_STREAM").is_ok_and(|v| v == "own") {
         return Device::new_cuda(ordinal);
     }
     let dev = candle_core::CudaDevice::new_with_stream(ordinal)?;
