@@ -348,8 +348,8 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx2,fma,avx512f")]
     #[allow(clippy::needless_range_loop)] // acc[a][b][h] pairs three index spaces
-    unsafe fn tile512<W: Lanes, const C: usize>(w: &[W], x: &[f32], k: usize, r: usize, i0: usize) -> [[f32; C]; 2] {
-        let mut acc = [[[_mm512_setzero_ps(); 2]; C]; 2];
+    unsafe fn tile512<W: Lanes, const A: usize, const C: usize>(w: &[W], x: &[f32], k: usize, r: usize, i0: usize) -> [[f32; C]; A] {
+        let mut acc = [[[_mm512_setzero_ps(); 2]; C]; A];
         let wrow = |a: usize, j: usize| w.as_ptr().wrapping_add((r + a) * k + j);
         let xrow = |b: usize, j: usize| x.as_ptr().wrapping_add((i0 + b) * k + j);
         let mut j = 0;
@@ -357,10 +357,10 @@ mod x86 {
         // elements.
         while j + 32 <= k {
             for h in 0..2 {
-                let wv = unsafe { [W::load16(wrow(0, j + 16 * h)), W::load16(wrow(1, j + 16 * h))] };
+                let wv: [__m512; A] = std::array::from_fn(|a| unsafe { W::load16(wrow(a, j + 16 * h)) });
                 for b in 0..C {
                     let xv = unsafe { _mm512_loadu_ps(xrow(b, j + 16 * h)) };
-                    for a in 0..2 {
+                    for a in 0..A {
                         acc[a][b][h] = _mm512_fmadd_ps(wv[a], xv, acc[a][b][h]);
                     }
                 }
@@ -369,8 +369,8 @@ mod x86 {
         }
         let lo = |z: __m512| _mm512_castps512_ps256(z);
         let hi = |z: __m512| _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(z)));
-        let mut out = [[0f32; C]; 2];
-        for a in 0..2 {
+        let mut out = [[0f32; C]; A];
+        for a in 0..A {
             for b in 0..C {
                 let z = &acc[a][b];
                 let mut c = [lo(z[0]), hi(z[0]), lo(z[1]), hi(z[1])];
@@ -396,31 +396,45 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,avx512f")]
     pub(super) unsafe fn matvec_rows_wide<W: Lanes>(w: &[W], x: &[f32], m: usize, k: usize, n: usize, rows: std::ops::Range<usize>, y: *mut f32) {
         let mut r = rows.start;
-        while r + 2 <= rows.end {
-            let mut i = 0;
-            while i < m {
-                macro_rules! run {
-                    ($C:literal) => {{
-                        // SAFETY: the tile stays inside w and x (the caller's shapes).
-                        let t = unsafe { tile512::<W, $C>(w, x, k, r, i) };
-                        for (a, row) in t.iter().enumerate() {
-                            for (b, v) in row.iter().enumerate() {
-                                // SAFETY: column r + a is in `rows`, row i + b < m.
-                                unsafe { *y.add((i + b) * n + r + a) = *v };
-                            }
+        // Three weight rows per tile (24 accumulators: 14 loads per 24 FMAs, where pairs take
+        // 12 per 16), then a pair, then the last row alone.
+        macro_rules! rows_of {
+            ($A:literal) => {
+                while r + $A <= rows.end {
+                    // The rows after next on their way from memory while these are computed
+                    // (a large matrix streams; the tiles below re-read these rows from L1).
+                    let next = w.as_ptr().wrapping_add((r + 2 * $A) * k) as *const i8;
+                    for line in (0..$A * k * std::mem::size_of::<W>()).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line));
+                    }
+                    let mut i = 0;
+                    while i < m {
+                        macro_rules! run {
+                            ($C:literal) => {{
+                                // SAFETY: the tile stays inside w and x (the caller's shapes).
+                                let t = unsafe { tile512::<W, $A, $C>(w, x, k, r, i) };
+                                for (a, row) in t.iter().enumerate() {
+                                    for (b, v) in row.iter().enumerate() {
+                                        // SAFETY: column r + a is in `rows`, row i + b < m.
+                                        unsafe { *y.add((i + b) * n + r + a) = *v };
+                                    }
+                                }
+                                i += $C;
+                            }};
                         }
-                        i += $C;
-                    }};
+                        match m - i {
+                            1 => run!(1),
+                            2 => run!(2),
+                            3 => run!(3),
+                            _ => run!(4),
+                        }
+                    }
+                    r += $A;
                 }
-                match m - i {
-                    1 => run!(1),
-                    2 => run!(2),
-                    3 => run!(3),
-                    _ => run!(4),
-                }
-            }
-            r += 2;
+            };
         }
+        rows_of!(3);
+        rows_of!(2);
         // SAFETY: as above, for the last odd row.
         unsafe { matvec_rows(w, x, m, k, n, r..rows.end, y) };
     }
@@ -613,19 +627,24 @@ mod tests {
     #[test]
     #[ignore]
     fn matvec_speed() -> Result<()> {
-        for dtype in [DType::BF16, DType::F32] {
-            let w = Tensor::randn(0f32, 1.0, (49152, 576), &Device::Cpu)?.to_dtype(dtype)?;
+        for (dtype, n, k) in [(DType::F32, 1536, 576), (DType::F32, 576, 1536), (DType::BF16, 49152, 576), (DType::F32, 49152, 576)] {
+            let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?.to_dtype(dtype)?;
             for m in [1usize, 2, 4, 8, 16, 64] {
-                let x = Tensor::randn(0f32, 1.0, (m, 1, 576), &Device::Cpu)?.to_dtype(dtype)?;
+                let x = Tensor::randn(0f32, 1.0, (m, 1, k), &Device::Cpu)?.to_dtype(dtype)?;
                 x.apply_op2_no_bwd(&w, &MatVec)?;
                 let t = std::time::Instant::now();
                 for _ in 0..50 {
                     x.apply_op2_no_bwd(&w, &MatVec)?;
                 }
                 let op = t.elapsed().as_secs_f64() / 50.0;
-                println!("{dtype:?} m={m}: {:.3} ms ({:.1} GB/s of weights)", op * 1e3, (w.elem_count() * dtype.size_in_bytes()) as f64 / op / 1e9);
+                println!(
+                    "{dtype:?} {n}x{k} m={m}: {:.3} ms ({:.1} GB/s of weights, {:.1} GFLOP/s)",
+                    op * 1e3,
+                    (w.elem_count() * dtype.size_in_bytes()) as f64 / op / 1e9,
+                    (2 * m * n * k) as f64 / op / 1e9
+                );
             }
-            if dtype == DType::BF16 {
+            if dtype == DType::BF16 && n == 49152 {
                 let wv: Vec<half::bf16> = w.flatten_all()?.to_vec1()?;
                 let xv: Vec<f32> = Tensor::randn(0f32, 1.0, 576, &Device::Cpu)?.to_vec1()?;
                 let mut y = vec![0f32; 49152];
