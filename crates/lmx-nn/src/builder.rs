@@ -54,6 +54,9 @@ struct Shared {
 pub struct Builder {
     shared: Arc<Shared>,
     prefix: String,
+    /// Set under [`Builder::expert`]: (expert, experts) — tensors carry a leading expert
+    /// dimension (MLX's `SwitchLinear`) and this builder reads that expert's slice.
+    expert: Option<(usize, usize)>,
 }
 
 impl Builder {
@@ -61,7 +64,7 @@ impl Builder {
     /// single rank.
     pub fn new(weights: Weights, dtype: DType, device: &Device) -> Self {
         let shared = Shared { weights, quantization: None, dtype, device: device.clone(), adapters: None, training: None, group: Arc::new(Single), pipeline: None };
-        Self { shared: Arc::new(shared), prefix: String::new() }
+        Self { shared: Arc::new(shared), prefix: String::new(), expert: None }
     }
 
     fn edit(mut self, f: impl FnOnce(&mut Shared)) -> Self {
@@ -94,7 +97,19 @@ impl Builder {
     /// The builder one key segment down: `vb.pp("self_attn")`.
     pub fn pp(&self, segment: impl std::fmt::Display) -> Builder {
         let prefix = if self.prefix.is_empty() { segment.to_string() } else { format!("{}.{segment}", self.prefix) };
-        Builder { shared: self.shared.clone(), prefix }
+        Builder { shared: self.shared.clone(), prefix, expert: self.expert }
+    }
+
+    /// Expert `e` of `experts` stored together (MLX's `SwitchLinear`: `weight` (experts, out,
+    /// in), quantized `scales`/`biases` likewise): under the returned builder every tensor is
+    /// read as that expert's slice, so the layers built are that expert's alone.
+    pub fn expert(&self, e: usize, experts: usize) -> Builder {
+        Builder { expert: Some((e, experts)), ..self.clone() }
+    }
+
+    /// Whether the checkpoint holds tensor `name` under this prefix.
+    pub fn has(&self, name: &str) -> bool {
+        self.shared.weights.contains(&self.key(name))
     }
 
     /// The full checkpoint key of `name` under this prefix.
@@ -194,6 +209,14 @@ impl Builder {
     /// Reads `name` (whole, or one slice along `dim`) without placing it.
     fn read(&self, shape: &[usize], name: &str, part: Option<(usize, Range<usize>)>) -> Result<Tensor> {
         let key = self.key(name);
+        if let Some((e, experts)) = self.expert {
+            let whole: Vec<usize> = std::iter::once(experts).chain(shape.iter().copied()).collect();
+            let t = self.shared.weights.get_slice(&key, &whole, 0, e..e + 1)?.squeeze(0)?;
+            return Ok(match part {
+                Some((dim, range)) if range.len() != shape[dim] => t.narrow(dim, range.start, range.len())?.contiguous()?,
+                _ => t,
+            });
+        }
         Ok(match part {
             Some((dim, range)) if range.len() != shape[dim] => self.shared.weights.get_slice(&key, shape, dim, range)?,
             _ => self.shared.weights.get(&key, shape)?,

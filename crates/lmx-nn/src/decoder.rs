@@ -13,6 +13,7 @@ use crate::error::BuildError;
 use crate::kv_cache::KvCache;
 use crate::linear::{Bias, Embedding, Linear, RmsNorm};
 use crate::mlp::{Activation, Mlp};
+use crate::moe::Moe;
 use crate::rope::Rope;
 use crate::training::Training;
 
@@ -71,11 +72,41 @@ pub trait Layer: Send + Sync + 'static {
 }
 
 /// The pre-norm decoder layer of the Llama family:
+/// A decoder layer's feed-forward block: one gated MLP, or a mixture of experts.
+#[derive(Debug, Clone)]
+pub enum FeedForward {
+    /// A gated MLP (`mlp.{gate,up,down}_proj`).
+    Dense(Mlp),
+    /// A mixture of experts (`mlp.gate` + the experts).
+    Moe(Moe),
+}
+
+impl Module for FeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            FeedForward::Dense(m) => m.forward(x),
+            FeedForward::Moe(m) => m.forward(x),
+        }
+    }
+}
+
+impl From<Mlp> for FeedForward {
+    fn from(m: Mlp) -> Self {
+        FeedForward::Dense(m)
+    }
+}
+
+impl From<Moe> for FeedForward {
+    fn from(m: Moe) -> Self {
+        FeedForward::Moe(m)
+    }
+}
+
 /// `x + self_attn(input_layernorm(x))`, then `x + mlp(post_attention_layernorm(x))`.
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {
     self_attn: Attention,
-    mlp: Mlp,
+    mlp: FeedForward,
     input_layernorm: RmsNorm,
     post_attention_layernorm: RmsNorm,
 }
@@ -87,12 +118,13 @@ impl DecoderLayer {
         Self::with_mlp(vb, attention, mlp, rms_norm_eps)
     }
 
-    /// [`DecoderLayer::new`] around an `mlp` built apart (a fused `gate_up_proj`).
-    pub fn with_mlp(vb: &Builder, attention: &AttentionConfig, mlp: Mlp, rms_norm_eps: f64) -> std::result::Result<Self, BuildError> {
+    /// [`DecoderLayer::new`] around a feed-forward block built apart (a fused `gate_up_proj`,
+    /// a mixture of experts).
+    pub fn with_mlp(vb: &Builder, attention: &AttentionConfig, mlp: impl Into<FeedForward>, rms_norm_eps: f64) -> std::result::Result<Self, BuildError> {
         let h = attention.hidden_size;
         Ok(Self {
             self_attn: Attention::new(&vb.pp("self_attn"), attention)?,
-            mlp,
+            mlp: mlp.into(),
             input_layernorm: vb.pp("input_layernorm").rms_norm(h, rms_norm_eps)?,
             post_attention_layernorm: vb.pp("post_attention_layernorm").rms_norm(h, rms_norm_eps)?,
         })

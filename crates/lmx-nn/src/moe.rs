@@ -1,0 +1,116 @@
+//! The mixture-of-experts feed-forward block (Qwen3-MoE, Mixtral, OLMoE): a linear router
+//! scores every expert per token, the top k are kept (softmax over all experts, then the k
+//! largest, renormalized where the model asks), and the block's output is the kept experts'
+//! gated-MLP outputs weighted by those scores.
+//!
+//! Experts are read either as MLX stores them (`switch_mlp.{gate,up,down}_proj` with a
+//! leading expert dimension, dense or MLX-quantized, as `mlx_lm.convert` writes them) or as
+//! Hugging Face checkpoints do (`experts.{e}.{gate,up,down}_proj`, one module per expert).
+//! Either way each expert becomes its own [`Mlp`], so a token reads only its k experts'
+//! weights (decode time tracks active, not total, parameters) and a prompt runs each expert
+//! once over the tokens routed to it. Under tensor parallelism every expert's intermediate
+//! features split over the ranks like a dense MLP's.
+
+use lmx_core::{DType, Module, Result, Tensor};
+
+use crate::builder::{Builder, Shard};
+use crate::error::BuildError;
+use crate::linear::{Bias, Linear};
+use crate::mlp::{Activation, Mlp};
+
+/// The shape of a mixture-of-experts block (config.json's names vary by model; each model
+/// file maps its own).
+#[derive(Debug, Clone, Copy)]
+pub struct MoeConfig {
+    /// The model's hidden size.
+    pub hidden_size: usize,
+    /// Each expert's intermediate size.
+    pub intermediate_size: usize,
+    /// Experts in the block.
+    pub num_experts: usize,
+    /// Experts per token.
+    pub top_k: usize,
+    /// Whether the k kept scores are divided by their sum (Qwen3-MoE's `norm_topk_prob`;
+    /// Mixtral always).
+    pub normalize: bool,
+}
+
+/// A mixture-of-experts block: the router (`gate`) and the experts.
+#[derive(Debug, Clone)]
+pub struct Moe {
+    gate: Linear,
+    experts: Vec<Mlp>,
+    top_k: usize,
+    normalize: bool,
+}
+
+impl Moe {
+    /// Reads the router at `vb.pp(gate)` and the experts under `vb`: MLX's `switch_mlp` when
+    /// the checkpoint has it, else Hugging Face's `experts.{e}`.
+    pub fn new(vb: &Builder, gate: &str, cfg: &MoeConfig) -> std::result::Result<Self, BuildError> {
+        if cfg.top_k == 0 || cfg.top_k > cfg.num_experts {
+            return Err(BuildError::ConfigValue { key: "num_experts_per_tok", value: cfg.top_k.to_string(), allowed: "it must be between 1 and the number of experts" });
+        }
+        let gate = vb.pp(gate).linear(cfg.hidden_size, cfg.num_experts, Bias::No, Shard::Replicated)?;
+        let switch = vb.pp("switch_mlp");
+        let stacked = switch.pp("gate_proj").has("weight");
+        let experts = (0..cfg.num_experts)
+            .map(|e| {
+                let expert = if stacked { switch.expert(e, cfg.num_experts) } else { vb.pp("experts").pp(e) };
+                Mlp::new(&expert, cfg.hidden_size, cfg.intermediate_size, Bias::No, Activation::Silu)
+            })
+            .collect::<std::result::Result<_, _>>()?;
+        Ok(Self { gate, experts, top_k: cfg.top_k, normalize: cfg.normalize })
+    }
+
+    /// Each token's kept experts and their weights, from the router's logits (one row per
+    /// token): softmax in f32 over all experts, the k largest (the lower index first among
+    /// equals), divided by their sum when the model normalizes.
+    fn route(&self, logits: &[Vec<f32>]) -> Vec<Vec<(usize, f32)>> {
+        logits
+            .iter()
+            .map(|row| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let e: Vec<f32> = row.iter().map(|v| (v - max).exp()).collect();
+                let total: f32 = e.iter().sum();
+                let mut order: Vec<usize> = (0..row.len()).collect();
+                order.sort_by(|&a, &b| e[b].total_cmp(&e[a]).then(a.cmp(&b)));
+                let mut kept: Vec<(usize, f32)> = order[..self.top_k].iter().map(|&i| (i, e[i] / total)).collect();
+                if self.normalize {
+                    let sum: f32 = kept.iter().map(|(_, w)| w).sum();
+                    kept.iter_mut().for_each(|(_, w)| *w /= sum);
+                }
+                kept
+            })
+            .collect()
+    }
+}
+
+impl Module for Moe {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let hidden = *dims.last().unwrap_or(&0);
+        let xs = x.reshape(((), hidden))?;
+        let logits = self.gate.forward(&xs)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        // Tokens (and their weights) per expert, experts in index order: the order in which
+        // transformers adds the experts' outputs.
+        let mut routed: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); self.experts.len()];
+        for (token, kept) in self.route(&logits).into_iter().enumerate() {
+            for (e, w) in kept {
+                routed[e].0.push(token as u32);
+                routed[e].1.push(w);
+            }
+        }
+        let mut out = Tensor::zeros(xs.dims(), DType::F32, xs.device())?;
+        for (expert, (tokens, weights)) in self.experts.iter().zip(&routed) {
+            if tokens.is_empty() {
+                continue;
+            }
+            let ids = Tensor::new(tokens.as_slice(), xs.device())?;
+            let y = expert.forward(&xs.index_select(&ids, 0)?.unsqueeze(0)?)?.squeeze(0)?;
+            let w = Tensor::new(weights.as_slice(), xs.device())?.unsqueeze(1)?;
+            out = out.index_add(&ids, &y.to_dtype(DType::F32)?.broadcast_mul(&w)?, 0)?;
+        }
+        out.to_dtype(x.dtype())?.reshape(dims)
+    }
+}
