@@ -341,43 +341,39 @@ mod x86 {
         out
     }
 
-    /// [`tile`] for weight rows `r..r + A` by activation rows `i0..i0 + C` at once, in 512-bit
-    /// registers: each holds two of [`tile`]'s 8-lane chains side by side (lanes 0-7 one
-    /// chain, 8-15 the next), so every lane sees the same FMAs in the same order and each
-    /// result is bit for bit [`tile`]'s; each vector loaded is used A or C times.
+    /// [`tile`] for weight rows `r` and `r + 1` at once, in 512-bit registers: each holds two
+    /// of [`tile`]'s 8-lane chains side by side (lanes 0-7 one chain, 8-15 the next), so every
+    /// lane sees the same FMAs in the same order and each result is bit for bit [`tile`]'s;
+    /// each activation vector is loaded once for both rows.
     #[inline]
     #[target_feature(enable = "avx2,fma,avx512f")]
-    #[allow(clippy::needless_range_loop)] // acc[a][b] pairs two index spaces
+    #[allow(clippy::needless_range_loop)] // acc[a][b][h] pairs three index spaces
     unsafe fn tile512<W: Lanes, const A: usize, const C: usize>(w: &[W], x: &[f32], k: usize, r: usize, i0: usize) -> [[f32; C]; A] {
+        let mut acc = [[[_mm512_setzero_ps(); 2]; C]; A];
         let wrow = |a: usize, j: usize| w.as_ptr().wrapping_add((r + a) * k + j);
         let xrow = |b: usize, j: usize| x.as_ptr().wrapping_add((i0 + b) * k + j);
-        let blocks = k / 32;
-        // Pass h runs the h-th 16 values of every 32 (each dot's two 16-lane chains, one
-        // after the other): a pass keeps one register per dot, so a tile holds A x C dots.
-        let mut z = [[[_mm512_setzero_ps(); C]; A]; 2];
-        for (h, zh) in z.iter_mut().enumerate() {
-            let mut acc = [[_mm512_setzero_ps(); C]; A];
-            for i in 0..blocks {
-                let j = 32 * i + 16 * h;
-                // SAFETY (all loads): rows r + a of w and i0 + b of x hold k >= j + 16 elements.
-                let wv: [__m512; A] = std::array::from_fn(|a| unsafe { W::load16(wrow(a, j)) });
+        let mut j = 0;
+        // SAFETY (all loads): rows r, r + 1 of w and rows i0 + b of x hold k >= j + 16 (or 8)
+        // elements.
+        while j + 32 <= k {
+            for h in 0..2 {
+                let wv: [__m512; A] = std::array::from_fn(|a| unsafe { W::load16(wrow(a, j + 16 * h)) });
                 for b in 0..C {
-                    let xv = unsafe { _mm512_loadu_ps(xrow(b, j)) };
+                    let xv = unsafe { _mm512_loadu_ps(xrow(b, j + 16 * h)) };
                     for a in 0..A {
-                        acc[a][b] = _mm512_fmadd_ps(wv[a], xv, acc[a][b]);
+                        acc[a][b][h] = _mm512_fmadd_ps(wv[a], xv, acc[a][b][h]);
                     }
                 }
             }
-            *zh = acc;
+            j += 32;
         }
-        let j = 32 * blocks;
         let lo = |z: __m512| _mm512_castps512_ps256(z);
         let hi = |z: __m512| _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(z)));
         let mut out = [[0f32; C]; A];
         for a in 0..A {
             for b in 0..C {
-                let (z0, z1) = (z[0][a][b], z[1][a][b]);
-                let mut c = [lo(z0), hi(z0), lo(z1), hi(z1)];
+                let z = &acc[a][b];
+                let mut c = [lo(z[0]), hi(z[0]), lo(z[1]), hi(z[1])];
                 let mut jj = j;
                 while jj + 8 <= k {
                     c[0] = _mm256_fmadd_ps(unsafe { W::load8(wrow(a, jj)) }, unsafe { _mm256_loadu_ps(xrow(b, jj)) }, c[0]);
@@ -392,7 +388,7 @@ mod x86 {
     }
 
     /// [`matvec_rows`] for 8 or more activation rows (compute-bound) on CPUs with AVX-512F:
-    /// 4 weight rows by up to 6 activation rows ([`tile512`]); the same results. Fewer rows
+    /// pairs of weight rows by 4 activation rows ([`tile512`]); the same results. Fewer rows
     /// stay memory-bound, where one weight row at a time streams faster.
     ///
     /// # Safety
@@ -400,8 +396,8 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,avx512f")]
     pub(super) unsafe fn matvec_rows_wide<W: Lanes>(w: &[W], x: &[f32], m: usize, k: usize, n: usize, rows: std::ops::Range<usize>, y: *mut f32) {
         let mut r = rows.start;
-        // Four weight rows by up to six activation rows per tile (24 accumulators: 10 loads per
-        // 24 FMAs), then a pair, then the last row alone.
+        // Three weight rows per tile (24 accumulators: 14 loads per 24 FMAs, where pairs take
+        // 12 per 16), then a pair, then the last row alone.
         macro_rules! rows_of {
             ($A:literal) => {
                 while r + $A <= rows.end {
@@ -430,16 +426,14 @@ mod x86 {
                             1 => run!(1),
                             2 => run!(2),
                             3 => run!(3),
-                            4 => run!(4),
-                            5 => run!(5),
-                            _ => run!(6),
+                            _ => run!(4),
                         }
                     }
                     r += $A;
                 }
             };
         }
-        rows_of!(4);
+        rows_of!(3);
         rows_of!(2);
         // SAFETY: as above, for the last odd row.
         unsafe { matvec_rows(w, x, m, k, n, r..rows.end, y) };
