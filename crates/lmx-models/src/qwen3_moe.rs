@@ -23,9 +23,10 @@ pub struct Config {
     pub intermediate_size: usize,
     /// Each expert's intermediate size.
     pub moe_intermediate_size: usize,
-    /// `num_experts` in Qwen's checkpoints, `num_local_experts` as transformers 5 writes it.
-    #[serde(alias = "num_local_experts")]
-    pub num_experts: usize,
+    /// Experts per MoE layer: `num_experts` in Qwen's checkpoints, `num_local_experts` as
+    /// transformers 5 writes it (a file may hold both).
+    pub num_experts: Option<usize>,
+    pub num_local_experts: Option<usize>,
     pub num_experts_per_tok: usize,
     #[serde(default)]
     pub norm_topk_prob: bool,
@@ -45,9 +46,13 @@ fn one() -> usize {
 }
 
 impl Config {
+    fn experts(&self) -> usize {
+        self.num_experts.or(self.num_local_experts).unwrap_or(0)
+    }
+
     /// Whether layer `i` holds experts (transformers' rule).
     fn sparse(&self, i: usize) -> bool {
-        !self.mlp_only_layers.contains(&i) && self.num_experts > 0 && (i + 1) % self.decoder_sparse_step.max(1) == 0
+        !self.mlp_only_layers.contains(&i) && self.experts() > 0 && (i + 1) % self.decoder_sparse_step.max(1) == 0
     }
 }
 
@@ -57,7 +62,7 @@ impl Architecture for Config {
         let heads = AttentionConfig::from_heads(h, self.num_attention_heads, self.num_key_value_heads, self.head_dim)?;
         let attention = AttentionConfig { qkv_bias: self.attention_bias, o_bias: self.attention_bias, qk_norm_eps: Some(eps), ..heads };
         let rope = Rope::from_config(&self.rope, 10_000.0, heads.head_dim, vb.dtype(), vb.device())?;
-        let moe = MoeConfig { hidden_size: h, intermediate_size: self.moe_intermediate_size, num_experts: self.num_experts, top_k: self.num_experts_per_tok, normalize: self.norm_topk_prob };
+        let moe = MoeConfig { hidden_size: h, intermediate_size: self.moe_intermediate_size, num_experts: self.experts(), top_k: self.num_experts_per_tok, normalize: self.norm_topk_prob };
         let model = Decoder::new(vb, &self.decoder, rope, |vb, i| {
             if self.sparse(i) {
                 DecoderLayer::with_mlp(vb, &attention, Moe::new(&vb.pp("mlp"), "gate", &moe)?, eps)
