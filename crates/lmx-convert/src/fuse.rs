@@ -135,6 +135,12 @@ impl Fuser {
 
 /// The checkpoint tensors of a quantized module: `weight`, `scales`, `biases`.
 pub fn quantized_tensors(w: &Tensor, spec: QuantSpec, dtype: DType) -> Result<[Tensor; 3], ConvertError> {
+    if w.rank() == 3 {
+        // Stacked experts: each expert's matrix, stacked again.
+        let parts = (0..w.dims()[0]).map(|e| quantized_tensors(&w.get(e)?, spec, dtype)).collect::<Result<Vec<_>, _>>()?;
+        let stack = |i: usize| Tensor::stack(&parts.iter().map(|p| &p[i]).collect::<Vec<_>>(), 0);
+        return Ok([stack(0)?, stack(1)?, stack(2)?]);
+    }
     let q = QuantizedMatrix::quantize(&w.to_dtype(dtype)?, spec.bits, spec.group_size)?;
     let (p, s, b) = q.to_tensors()?;
     Ok([p, s, b])

@@ -5,6 +5,7 @@
 //! output folder is never overwritten.
 
 pub mod fuse;
+pub mod moe;
 pub mod quantize;
 
 use std::collections::{BTreeMap, HashMap};
@@ -155,16 +156,22 @@ pub fn convert(source: &ModelSource, dtype: Option<DType>, transform: &Transform
     let tmp = guard.path();
     let mut shards = ShardWriter::new(tmp, max_shard_bytes);
     let mut stats = quantize::Stats::default();
+    // Experts stacked as MLX LM's sanitize writes them (a no-op for dense models).
+    let stacking = moe::Stacking::new(&files.model_type()?, &keys);
+    let read = |k: &str| files.weights.tensor(k);
     match transform {
         Transform::Cast => {
             for key in &keys {
-                shards.push(key.clone(), files.weights.tensor(key)?)?;
+                if let Some((k, t)) = stacking.tensor(key, read)? {
+                    shards.push(k, t)?;
+                }
             }
         }
         Transform::Quantize(opts) => {
             let mut plan = quantize::Plan::new(&folder.config, opts, &keys)?;
             for key in &keys {
-                for (k, t) in plan.tensor(key, files.weights.tensor(key)?, &mut stats)? {
+                let Some((k, t)) = stacking.tensor(key, read)? else { continue };
+                for (k, t) in plan.tensor(&k, t, &mut stats)? {
                     shards.push(k, t)?;
                 }
             }

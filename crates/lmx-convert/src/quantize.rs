@@ -133,9 +133,12 @@ pub fn quantize(folder: &mut Folder, opts: &QuantizeOptions) -> Result<f64, Conv
     let mut plan = Plan::new(&folder.config, opts, &keys)?;
     let mut stats = Stats::default();
     let mut out = std::collections::HashMap::new();
+    let stacking = crate::moe::Stacking::new(&plan.model_type, &keys);
+    let tensors = std::mem::take(&mut folder.tensors);
+    let read = |k: &str| tensors.get(k).cloned().ok_or_else(|| ConvertError::Layer { module: k.to_string(), msg: "missing".into() });
     for key in keys {
-        let Some(t) = folder.tensors.remove(&key) else { continue };
-        out.extend(plan.tensor(&key, t, &mut stats)?);
+        let Some((k, t)) = stacking.tensor(&key, read)? else { continue };
+        out.extend(plan.tensor(&k, t, &mut stats)?);
     }
     folder.tensors = out;
     plan.write_config(&mut folder.config);
@@ -170,6 +173,7 @@ pub struct Plan<'a> {
     opts: &'a QuantizeOptions,
     n_layers: usize,
     block: Map<String, Value>,
+    model_type: String,
 }
 
 impl<'a> Plan<'a> {
@@ -184,45 +188,61 @@ impl<'a> Plan<'a> {
         block.insert("group_size".into(), opts.group_size.into());
         block.insert("bits".into(), opts.bits.into());
         block.insert("mode".into(), "affine".into());
-        Ok(Self { opts, n_layers, block })
+        let model_type = config.get("model_type").and_then(Value::as_str).unwrap_or_default().to_string();
+        Ok(Self { opts, n_layers, block, model_type })
     }
 
     /// The tensors to write for checkpoint tensor `key`: the packed weight with its scales and
     /// biases for a quantized matrix, else the tensor itself.
     pub fn tensor(&mut self, key: &str, t: Tensor, stats: &mut Stats) -> Result<Vec<(String, Tensor)>, ConvertError> {
         let opts = self.opts;
-        let module = key.strip_suffix(".weight").filter(|_| t.rank() == 2 && t.dtype().is_float());
+        // Matrices, and stacked experts' matrices (experts, out, in), quantized per expert.
+        let module = key.strip_suffix(".weight").filter(|_| (t.rank() == 2 || (t.rank() == 3 && key.contains(".switch_mlp."))) && t.dtype().is_float());
+        let cols = *t.dims().last().unwrap_or(&0);
         // MLX LM skips matrices whose rows the default group size does not divide.
-        let Some(module) = module.filter(|_| t.dims()[1] % opts.group_size == 0) else {
+        let Some(module) = module.filter(|_| cols % opts.group_size == 0) else {
             if let Some(m) = module {
-                stats.unquantized.push((m.to_string(), t.dims()[1]));
+                stats.unquantized.push((m.to_string(), cols));
             }
             stats.bytes += t.elem_count() * t.dtype().size_in_bytes();
             stats.params += t.elem_count();
             return Ok(vec![(key.to_string(), t)]);
         };
         let rule = opts.rules.iter().find(|r| glob(&r.pattern, module));
-        let (bits, group_size, explicit) = match (rule, opts.recipe) {
-            (Some(Rule { bits: None, .. }), _) => {
+        let router = crate::moe::router_spec(&self.model_type, module);
+        let (bits, group_size, explicit) = match (rule, opts.recipe, router) {
+            (Some(Rule { bits: None, .. }), _, _) => {
                 stats.bytes += t.elem_count() * t.dtype().size_in_bytes();
                 stats.params += t.elem_count();
                 return Ok(vec![(key.to_string(), t)]);
             }
-            (Some(r), _) => (r.bits.unwrap_or(opts.bits), r.group_size.unwrap_or(opts.group_size), true),
-            (None, Some(recipe)) => (mixed_bits(recipe, module, self.n_layers), opts.group_size, true),
-            (None, None) => (opts.bits, opts.group_size, false),
+            (Some(r), _, _) => (r.bits.unwrap_or(opts.bits), r.group_size.unwrap_or(opts.group_size), true),
+            (None, Some(recipe), _) => (mixed_bits(recipe, module, self.n_layers), opts.group_size, true),
+            (None, None, Some((bits, group_size))) => (bits, group_size, true),
+            (None, None, None) => (opts.bits, opts.group_size, false),
         };
-        let cols = t.dims()[1];
         if cols % group_size != 0 {
             return Err(ConvertError::Layer { module: module.to_string(), msg: format!("a row of {cols} elements is not divisible by the group size {group_size}") });
         }
-        let q = QuantizedMatrix::quantize(&t, bits, group_size).map_err(|e| ConvertError::Layer { module: module.to_string(), msg: e.to_string() })?;
-        let (packed, scales, biases) = q.to_tensors()?;
+        let quantize = |t: &Tensor| -> Result<(Tensor, Tensor, Tensor), ConvertError> {
+            let q = QuantizedMatrix::quantize(t, bits, group_size).map_err(|e| ConvertError::Layer { module: module.to_string(), msg: e.to_string() })?;
+            Ok(q.to_tensors()?)
+        };
+        let (packed, scales, biases) = if t.rank() == 3 {
+            let parts = (0..t.dims()[0]).map(|e| quantize(&t.get(e)?)).collect::<Result<Vec<_>, _>>()?;
+            let stack = |f: fn(&(Tensor, Tensor, Tensor)) -> &Tensor| Tensor::stack(&parts.iter().map(f).collect::<Vec<_>>(), 0);
+            (stack(|p| &p.0)?, stack(|p| &p.1)?, stack(|p| &p.2)?)
+        } else {
+            quantize(&t)?
+        };
         stats.params += t.elem_count();
         for x in [&packed, &scales, &biases] {
             stats.bytes += x.elem_count() * x.dtype().size_in_bytes();
         }
-        if explicit {
+        if explicit && rule.is_none() && opts.recipe.is_none() && router.is_some() {
+            // As MLX LM writes a model predicate's choice: without the mode.
+            self.block.insert(module.to_string(), json!({"group_size": group_size, "bits": bits}));
+        } else if explicit {
             self.block.insert(module.to_string(), json!({"group_size": group_size, "bits": bits, "mode": "affine"}));
         }
         Ok(vec![(key.to_string(), packed), (format!("{module}.scales"), scales), (format!("{module}.biases"), biases)])
@@ -264,6 +284,11 @@ fn mixed_bits(recipe: MixedRecipe, module: &str, n_layers: usize) -> usize {
 /// The float matrix of a quantized module (`--dequantize`), from its packed weight, scales and
 /// biases, in `dtype`. Errors name the layer.
 pub fn dequantize_module(module: &str, packed: &Tensor, scales: &Tensor, biases: &Tensor, spec: lmx_io::QuantSpec, dtype: DType) -> Result<Tensor, ConvertError> {
+    if packed.rank() == 3 {
+        // Stacked experts (MLX's SwitchLinear): each expert's matrix.
+        let experts = (0..packed.dims()[0]).map(|e| dequantize_module(module, &packed.get(e)?, &scales.get(e)?, &biases.get(e)?, spec, dtype)).collect::<Result<Vec<_>, _>>()?;
+        return Ok(Tensor::stack(&experts, 0)?);
+    }
     let m = QuantizedMatrix::from_tensors(packed, scales, biases, spec.bits, spec.group_size).map_err(|e| ConvertError::Layer { module: module.to_string(), msg: e.to_string() })?;
     Ok(m.dequantize()?.to_dtype(dtype)?)
 }
