@@ -17,13 +17,18 @@ pub struct Stacking {
     rest: HashSet<String>,
 }
 
-/// Model types whose experts MLX LM stacks this way.
-const STACKED: &[&str] = &["qwen3_moe", "qwen2_moe", "olmoe"];
+/// Model types whose experts MLX LM stacks this way, and their expert projections' names in
+/// Hugging Face's checkpoints -> in MLX's `switch_mlp`.
+const STACKED: &[(&str, &[(&str, &str)])] =
+    &[("qwen3_moe", &[("gate_proj", "gate_proj"), ("up_proj", "up_proj"), ("down_proj", "down_proj")]), ("mixtral", &[("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")])];
+
+/// Model types whose router MLX LM's `quant_predicate` keeps in 8 bits.
+const ROUTER_8BIT: &[&str] = &["qwen3_moe"];
 
 /// MLX LM's `quant_predicate` of these models: the router (`mlp.gate`) in 8 bits, groups of 64,
 /// unless a rule or recipe of the user's decides.
 pub fn router_spec(model_type: &str, module: &str) -> Option<(usize, usize)> {
-    (STACKED.contains(&model_type) && module.ends_with("mlp.gate")).then_some((8, 64))
+    (ROUTER_8BIT.contains(&model_type) && module.ends_with("mlp.gate")).then_some((8, 64))
 }
 
 impl Stacking {
@@ -31,17 +36,15 @@ impl Stacking {
     /// dense model, or a checkpoint already stacked).
     pub fn new(model_type: &str, keys: &[String]) -> Self {
         let mut out = Stacking::default();
-        if !STACKED.contains(&model_type) {
-            return out;
-        }
+        let Some((_, names)) = STACKED.iter().find(|(t, _)| *t == model_type) else { return out };
         // (prefix, projection) -> expert index -> key.
         let mut groups: HashMap<(String, String), Vec<(usize, String)>> = HashMap::new();
         for key in keys {
             let Some((prefix, rest)) = key.split_once(".experts.") else { continue };
             let Some((e, proj)) = rest.split_once('.') else { continue };
             let (Ok(e), Some(proj)) = (e.parse::<usize>(), proj.strip_suffix(".weight")) else { continue };
-            if ["gate_proj", "up_proj", "down_proj"].contains(&proj) {
-                groups.entry((prefix.to_string(), proj.to_string())).or_default().push((e, key.clone()));
+            if let Some((_, mlx)) = names.iter().find(|(hf, _)| *hf == proj) {
+                groups.entry((prefix.to_string(), mlx.to_string())).or_default().push((e, key.clone()));
             }
         }
         for ((prefix, proj), mut experts) in groups {

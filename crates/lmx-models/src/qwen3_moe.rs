@@ -65,7 +65,7 @@ impl Architecture for Config {
         let moe = MoeConfig { hidden_size: h, intermediate_size: self.moe_intermediate_size, num_experts: self.experts(), top_k: self.num_experts_per_tok, normalize: self.norm_topk_prob };
         let model = Decoder::new(vb, &self.decoder, rope, |vb, i| {
             if self.sparse(i) {
-                DecoderLayer::with_mlp(vb, &attention, Moe::new(&vb.pp("mlp"), "gate", &moe)?, eps)
+                DecoderLayer::with_mlp(vb, &attention, Moe::new(&vb.pp("mlp"), "gate", ["gate_proj", "up_proj", "down_proj"], &moe)?, eps)
             } else {
                 DecoderLayer::with_mlp(vb, &attention, Mlp::new(&vb.pp("mlp"), h, self.intermediate_size, Bias::No, Activation::Silu)?, eps)
             }

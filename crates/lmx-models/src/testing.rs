@@ -289,34 +289,36 @@ fn the_mistral_fixture_exercises_its_sliding_window() {
     assert!(d > 0.1 * scale, "without the window the logits must differ from transformers' (max diff {d})");
 }
 
-/// Qwen3-MoE as `mlx_lm.convert` writes it (`scripts/fixtures/mlx_moe.py`): the experts
-/// stacked into `switch_mlp` by MLX LM's sanitize, in float32 and in 4-bit (groups of 32; the
-/// router in 8-bit, MLX's per-module override). lmx reads both and gives MLX LM's logits: the
-/// float folder also transformers' (the same weights), the 4-bit one within 1e-3 of the
-/// logit scale (the same packed weights; only summation order and lmx's int8 activations
-/// differ).
+/// The mixture-of-experts fixtures as `mlx_lm.convert` writes them
+/// (`scripts/fixtures/mlx_moe.py`): the experts stacked into `switch_mlp` by MLX LM's sanitize,
+/// in float32 and in 4-bit (groups of 32; Qwen3-MoE's router in 8 bits, MLX's per-module
+/// override). lmx reads them and gives MLX LM's logits: the float folders also transformers'
+/// (the same weights), the 4-bit ones within 1e-3 of the logit scale (the same packed weights;
+/// only summation order and lmx's int8 activations differ).
 #[test]
-fn qwen3_moe_as_mlx_lm_converts_it_matches_mlx_lm() {
-    let dir = fixture_dir("qwen3_moe_mlx");
-    let mlx = lmx_io::Weights::from_safetensors(&[dir.join("logits.safetensors")]).expect("mlx logits");
-    let ids = mlx.tensor("input_ids").expect("ids").to_dtype(DType::U32).expect("u32 ids");
-    let Golden { logits: transformers, .. } = golden("qwen3_moe");
-    for (name, vs_transformers) in [("f32", true), ("q4", false)] {
-        let folder = dir.join(name);
-        let config = lmx_io::config::read_json(&folder.join("config.json")).expect("config");
-        let weights = Weights::from_safetensors(&[folder.join("model.safetensors")]).expect("weights");
-        let vb = Builder::new(weights, DType::F32, &Device::Cpu).with_quantization(lmx_io::QuantConfig::from_config(&config).expect("quantization block"));
-        let model = load_model("qwen3_moe", &config, &vb).expect("model builds");
-        vb.finish(is_ignored_key).expect("every checkpoint key is used");
-        let got = model.forward(&ids, &mut model.new_cache(), Logits::All).expect("forward");
-        let want = mlx.tensor(name).expect("mlx logits");
-        let scale = want.abs().and_then(|t| t.max_all()).and_then(|t| t.to_scalar::<f32>()).expect("scale");
-        let (d, at) = max_diff(&got, &want);
-        println!("qwen3_moe MLX {name}: max |logit diff| vs MLX LM {d:.3e} at {at} (scale {scale:.3})");
-        assert!(d <= 1e-3 * scale, "qwen3_moe MLX {name}: lmx and MLX LM differ by {d} at {at}");
-        if vs_transformers {
-            let (d, at) = max_diff(&got, &transformers);
-            assert!(d <= 1e-4 * scale, "qwen3_moe MLX {name}: lmx and transformers differ by {d} at {at}");
+fn moe_models_as_mlx_lm_converts_them_match_mlx_lm() {
+    for model_type in ["qwen3_moe", "mixtral"] {
+        let dir = fixture_dir(&format!("{model_type}_mlx"));
+        let mlx = lmx_io::Weights::from_safetensors(&[dir.join("logits.safetensors")]).expect("mlx logits");
+        let ids = mlx.tensor("input_ids").expect("ids").to_dtype(DType::U32).expect("u32 ids");
+        let Golden { logits: transformers, .. } = golden(model_type);
+        for (name, vs_transformers) in [("f32", true), ("q4", false)] {
+            let folder = dir.join(name);
+            let config = lmx_io::config::read_json(&folder.join("config.json")).expect("config");
+            let weights = Weights::from_safetensors(&[folder.join("model.safetensors")]).expect("weights");
+            let vb = Builder::new(weights, DType::F32, &Device::Cpu).with_quantization(lmx_io::QuantConfig::from_config(&config).expect("quantization block"));
+            let model = load_model(model_type, &config, &vb).expect("model builds");
+            vb.finish(is_ignored_key).expect("every checkpoint key is used");
+            let got = model.forward(&ids, &mut model.new_cache(), Logits::All).expect("forward");
+            let want = mlx.tensor(name).expect("mlx logits");
+            let scale = want.abs().and_then(|t| t.max_all()).and_then(|t| t.to_scalar::<f32>()).expect("scale");
+            let (d, at) = max_diff(&got, &want);
+            println!("{model_type} MLX {name}: max |logit diff| vs MLX LM {d:.3e} at {at} (scale {scale:.3})");
+            assert!(d <= 1e-3 * scale, "{model_type} MLX {name}: lmx and MLX LM differ by {d} at {at}");
+            if vs_transformers {
+                let (d, at) = max_diff(&got, &transformers);
+                assert!(d <= 1e-4 * scale, "{model_type} MLX {name}: lmx and transformers differ by {d} at {at}");
+            }
         }
     }
 }

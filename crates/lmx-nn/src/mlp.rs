@@ -29,12 +29,18 @@ pub struct Mlp {
 impl Mlp {
     /// Reads `gate_proj`, `up_proj` and `down_proj` under `vb` (this rank's features).
     pub fn new(vb: &Builder, hidden_size: usize, intermediate_size: usize, bias: Bias, activation: Activation) -> std::result::Result<Self, BuildError> {
-        let unit = vb.pp("down_proj").quantized_group_size()?.unwrap_or(1);
+        Self::with_names(vb, ["gate_proj", "up_proj", "down_proj"], hidden_size, intermediate_size, bias, activation)
+    }
+
+    /// [`Mlp::new`] for checkpoints that name the projections otherwise (`[gate, up, down]`:
+    /// Mixtral's experts are `w1`, `w3`, `w2`).
+    pub fn with_names(vb: &Builder, [gate, up, down]: [&str; 3], hidden_size: usize, intermediate_size: usize, bias: Bias, activation: Activation) -> std::result::Result<Self, BuildError> {
+        let unit = vb.pp(down).quantized_group_size()?.unwrap_or(1);
         let part = vb.split(intermediate_size, unit);
         Ok(Self {
-            gate_proj: vb.pp("gate_proj").linear(hidden_size, intermediate_size, bias, Shard::Column(part.clone()))?,
-            up_proj: vb.pp("up_proj").linear(hidden_size, intermediate_size, bias, Shard::Column(part.clone()))?,
-            down_proj: vb.pp("down_proj").linear(intermediate_size, hidden_size, bias, Shard::Row(part))?,
+            gate_proj: vb.pp(gate).linear(hidden_size, intermediate_size, bias, Shard::Column(part.clone()))?,
+            up_proj: vb.pp(up).linear(hidden_size, intermediate_size, bias, Shard::Column(part.clone()))?,
+            down_proj: vb.pp(down).linear(intermediate_size, hidden_size, bias, Shard::Row(part))?,
             activation,
         })
     }

@@ -1,4 +1,4 @@
-//! The mixture-of-experts feed-forward block (Qwen3-MoE, Mixtral, OLMoE): a linear router
+//! The mixture-of-experts feed-forward block (Qwen3-MoE, Mixtral): a linear router
 //! scores every expert per token, the top k are kept (softmax over all experts, then the k
 //! largest, renormalized where the model asks), and the block's output is the kept experts'
 //! gated-MLP outputs weighted by those scores.
@@ -45,9 +45,10 @@ pub struct Moe {
 }
 
 impl Moe {
-    /// Reads the router at `vb.pp(gate)` and the experts under `vb`: MLX's `switch_mlp` when
-    /// the checkpoint has it, else Hugging Face's `experts.{e}`.
-    pub fn new(vb: &Builder, gate: &str, cfg: &MoeConfig) -> std::result::Result<Self, BuildError> {
+    /// Reads the router at `vb.pp(gate)` and the experts under `vb`: MLX's `switch_mlp`
+    /// (`gate_proj`, `up_proj`, `down_proj`) when the checkpoint has it, else Hugging Face's
+    /// `experts.{e}` with its projections named `hf_names` (`[gate, up, down]`).
+    pub fn new(vb: &Builder, gate: &str, hf_names: [&str; 3], cfg: &MoeConfig) -> std::result::Result<Self, BuildError> {
         if cfg.top_k == 0 || cfg.top_k > cfg.num_experts {
             return Err(BuildError::ConfigValue { key: "num_experts_per_tok", value: cfg.top_k.to_string(), allowed: "it must be between 1 and the number of experts" });
         }
@@ -56,8 +57,8 @@ impl Moe {
         let stacked = switch.pp("gate_proj").has("weight");
         let experts = (0..cfg.num_experts)
             .map(|e| {
-                let expert = if stacked { switch.expert(e, cfg.num_experts) } else { vb.pp("experts").pp(e) };
-                Mlp::new(&expert, cfg.hidden_size, cfg.intermediate_size, Bias::No, Activation::Silu)
+                let (expert, names) = if stacked { (switch.expert(e, cfg.num_experts), ["gate_proj", "up_proj", "down_proj"]) } else { (vb.pp("experts").pp(e), hf_names) };
+                Mlp::with_names(&expert, names, cfg.hidden_size, cfg.intermediate_size, Bias::No, Activation::Silu)
             })
             .collect::<std::result::Result<_, _>>()?;
         Ok(Self { gate, experts, top_k: cfg.top_k, normalize: cfg.normalize })

@@ -145,42 +145,45 @@ fn greedy_tokens_follow_mlx_lm_generate() {
     }
 }
 
-/// `lmx convert` of a Hugging Face Qwen3-MoE (experts apart) writes what `mlx_lm.convert`
-/// wrote for it (tests/fixtures/qwen3_moe_mlx, `scripts/fixtures/mlx_moe.py`): experts
-/// stacked into `switch_mlp`, in float32 and in 4-bit with groups of 32 (the experts quantized
-/// per expert, the router in 8 bits with groups of 64 as MLX LM's predicate says), tensor for
+/// `lmx convert` of the Hugging Face mixture-of-experts fixtures (experts apart) writes what
+/// `mlx_lm.convert` wrote for them (tests/fixtures/{qwen3_moe,mixtral}_mlx,
+/// `scripts/fixtures/mlx_moe.py`): experts stacked into `switch_mlp` (Mixtral's w1/w3/w2
+/// renamed), in float32 and in 4-bit with groups of 32 (the experts quantized per expert,
+/// Qwen3-MoE's router in 8 bits with groups of 64 as MLX LM's predicate says), tensor for
 /// tensor byte-identical, with the same quantization block.
 #[test]
 fn moe_conversion_matches_mlx_lm_convert_byte_for_byte() {
     let fixtures = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
-    let tmp = std::env::temp_dir().join(format!("lmx-moe-convert-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let src = tmp.join("hf");
-    std::fs::create_dir_all(&src).expect("mkdir");
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(fixtures.join("qwen3_moe").join(f), src.join(f)).expect("copy fixture");
-    }
-    let tokenizer = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,"model":{"type":"WordLevel","vocab":{"<unk>":0,"a":1},"unk_token":"<unk>"}}"#;
-    std::fs::write(src.join("tokenizer.json"), tokenizer).expect("tokenizer");
-    let opts = lmx::convert::quantize::QuantizeOptions { group_size: 32, ..Default::default() };
-    for (name, transform) in [("f32", lmx::convert::Transform::Cast), ("q4", lmx::convert::Transform::Quantize(opts))] {
-        let out = tmp.join(name);
-        lmx::convert::convert(&ModelSource::Folder(src.clone()), Some(DType::F32), &transform, &out, 1 << 30).expect("convert");
-        let mlx_dir = fixtures.join("qwen3_moe_mlx").join(name);
-        let ours = safetensors_bytes(&out.join("model.safetensors"));
-        let theirs = safetensors_bytes(&mlx_dir.join("model.safetensors"));
-        let mut keys: Vec<&String> = theirs.keys().collect();
-        keys.sort();
-        assert_eq!(ours.keys().len(), theirs.len(), "{name}: tensor names {:?} vs MLX {keys:?}", ours.keys().collect::<Vec<_>>());
-        let differing: Vec<&&String> = keys.iter().filter(|k| ours.get(**k) != theirs.get(**k)).collect();
-        assert!(differing.is_empty(), "{name}: tensors differ from mlx_lm.convert: {differing:?}");
-        if name == "q4" {
-            let config = |d: &std::path::Path| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).expect("config")).expect("json") };
-            assert_eq!(config(&out)["quantization"], config(&mlx_dir)["quantization"], "quantization block");
+    for model_type in ["qwen3_moe", "mixtral"] {
+        let tmp = std::env::temp_dir().join(format!("lmx-moe-convert-{model_type}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let src = tmp.join("hf");
+        std::fs::create_dir_all(&src).expect("mkdir");
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(fixtures.join(model_type).join(f), src.join(f)).expect("copy fixture");
         }
-        println!("{name}: {} tensors equal to mlx_lm.convert's", keys.len());
+        let tokenizer = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,"model":{"type":"WordLevel","vocab":{"<unk>":0,"a":1},"unk_token":"<unk>"}}"#;
+        std::fs::write(src.join("tokenizer.json"), tokenizer).expect("tokenizer");
+        let opts = lmx::convert::quantize::QuantizeOptions { group_size: 32, ..Default::default() };
+        for (name, transform) in [("f32", lmx::convert::Transform::Cast), ("q4", lmx::convert::Transform::Quantize(opts))] {
+            let out = tmp.join(name);
+            lmx::convert::convert(&ModelSource::Folder(src.clone()), Some(DType::F32), &transform, &out, 1 << 30).expect("convert");
+            let mlx_dir = fixtures.join(format!("{model_type}_mlx")).join(name);
+            let ours = safetensors_bytes(&out.join("model.safetensors"));
+            let theirs = safetensors_bytes(&mlx_dir.join("model.safetensors"));
+            let mut keys: Vec<&String> = theirs.keys().collect();
+            keys.sort();
+            assert_eq!(ours.keys().len(), theirs.len(), "{model_type} {name}: tensor names {:?} vs MLX {keys:?}", ours.keys().collect::<Vec<_>>());
+            let differing: Vec<&&String> = keys.iter().filter(|k| ours.get(**k) != theirs.get(**k)).collect();
+            assert!(differing.is_empty(), "{model_type} {name}: tensors differ from mlx_lm.convert: {differing:?}");
+            if name == "q4" {
+                let config = |d: &std::path::Path| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).expect("config")).expect("json") };
+                assert_eq!(config(&out)["quantization"], config(&mlx_dir)["quantization"], "{model_type}: quantization block");
+            }
+            println!("{model_type} {name}: {} tensors equal to mlx_lm.convert's", keys.len());
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
     }
-    let _ = std::fs::remove_dir_all(&tmp);
 }
 
 /// Each tensor of a safetensors file: (dtype, shape, bytes).
