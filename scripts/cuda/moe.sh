@@ -21,7 +21,7 @@ for a in qwen3_moe mixtral; do
   done
   for m in $a $a-mlx-f32 $a-mlx-q4; do
     for dt in float32 bfloat16; do log "perplexity $m $dt: cpu [$(ppl "$W/$m" cpu $dt)] cuda [$(ppl "$W/$m" cuda $dt)]"; done
-    log "greedy $m f32: cpu [$($LMX generate --model "$W/$m" --device cpu --dtype float32 -p 'a b c a' -m 8 --temp 0 --ignore-chat-template 2>&1 | tail -4 | head -1)] cuda [$($LMX generate --model "$W/$m" --device cuda --dtype float32 -p 'a b c a' -m 8 --temp 0 --ignore-chat-template 2>&1 | tail -4 | head -1)]"
+    log "greedy $m f32: cpu [$($LMX generate --model "$W/$m" --device cpu --dtype float32 -p 'a b c a' -m 8 --temp 0 --ignore-chat-template 2>/dev/null | head -1)] cuda [$($LMX generate --model "$W/$m" --device cuda --dtype float32 -p 'a b c a' -m 8 --temp 0 --ignore-chat-template 2>/dev/null | head -1)]"
   done
 done
 python3 scripts/bench/make_random_moe.py "$W/moe" 2 | tee -a "$RES"
