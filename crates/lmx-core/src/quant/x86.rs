@@ -249,6 +249,29 @@ unsafe fn sums8<D: Dot, const BITS: usize, const GS: usize>(w: *const u8, x: [*c
     }
 }
 
+/// The scales and biases of groups `at..at + n` (n <= 8) as f32 lanes, lanes from n on zero:
+/// 8 loaded at once where the arrays hold them (lanes past the row's groups hold the next
+/// row's values, dropped by `keep`), the matrix's last groups copied.
+///
+/// # Safety
+/// AVX2 and F16C must be available; groups `at..at + n` lie inside `s` and `b`.
+#[inline(always)]
+unsafe fn step_params<S: super::Scale>(s: &[S], b: &[S], at: usize, n: usize, keep: __m256) -> (__m256, __m256) {
+    // SAFETY: forwarded from the caller; the 8-wide loads are taken only where 8 values exist.
+    unsafe {
+        if s.len() >= at + 8 && b.len() >= at + 8 {
+            (_mm256_and_ps(S::load8(s.as_ptr().add(at)), keep), _mm256_and_ps(S::load8(b.as_ptr().add(at)), keep))
+        } else {
+            let (mut sc, mut bc) = ([0f32; 8], [0f32; 8]);
+            for j in 0..n {
+                sc[j] = s[at + j].f32();
+                bc[j] = b[at + j].f32();
+            }
+            (_mm256_loadu_ps(sc.as_ptr()), _mm256_loadu_ps(bc.as_ptr()))
+        }
+    }
+}
+
 /// Outputs of `R` consecutive 4- or 8-bit rows against int8 activations: per row, sum over
 /// groups of scale * dx * (codes . activation codes) + bias * sum(x), 8 groups per step with
 /// the groups' integer sums gathered into one vector. Several rows per call share the
@@ -281,19 +304,7 @@ unsafe fn rows_q8<S: super::Scale, D: Dot, const BITS: usize, const GS: usize, c
                 let w = (rows.as_ptr() as *const u8).add(r * row_bytes);
                 let [coarse, fine] = sums8::<D, BITS, GS>(w, x, [&act.code_sums, &act.fine_sums], g0, n);
                 let isum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(fine), _mm256_set1_ps(1.0 / super::kernels::FINE), _mm256_cvtepi32_ps(coarse));
-                let at = r * groups + g0;
-                let (sc, bc) = if s.len() >= at + 8 && b.len() >= at + 8 {
-                    // Lanes past the row's groups hold the next row's values: keep lanes < n.
-                    (_mm256_and_ps(S::load8(s.as_ptr().add(at)), keep), _mm256_and_ps(S::load8(b.as_ptr().add(at)), keep))
-                } else {
-                    // The matrix's last groups: copy.
-                    let (mut sc, mut bc) = ([0f32; 8], [0f32; 8]);
-                    for j in 0..n {
-                        sc[j] = s[at + j].f32();
-                        bc[j] = b[at + j].f32();
-                    }
-                    (_mm256_loadu_ps(sc.as_ptr()), _mm256_loadu_ps(bc.as_ptr()))
-                };
+                let (sc, bc) = step_params(s, b, r * groups + g0, n, keep);
                 let f = _mm256_mul_ps(isum, dx);
                 *acc = _mm256_fmadd_ps(bc, xsums, _mm256_fmadd_ps(f, sc, *acc));
             }
@@ -473,17 +484,7 @@ unsafe fn rows_q8_512<S: super::Scale, const BITS: usize, const GS: usize, const
             let xsums = _mm256_loadu_ps(act.xsums.as_ptr().add(g0));
             let mut sx = [_mm512_setzero_ps(); R];
             for r in 0..R {
-                let at = r * groups + g0;
-                let (sc, bc) = if s.len() >= at + 8 && b.len() >= at + 8 {
-                    (_mm256_and_ps(S::load8(s.as_ptr().add(at)), keep), _mm256_and_ps(S::load8(b.as_ptr().add(at)), keep))
-                } else {
-                    let (mut sc, mut bc) = ([0f32; 8], [0f32; 8]);
-                    for j in 0..n {
-                        sc[j] = s[at + j].f32();
-                        bc[j] = b[at + j].f32();
-                    }
-                    (_mm256_loadu_ps(sc.as_ptr()), _mm256_loadu_ps(bc.as_ptr()))
-                };
+                let (sc, bc) = step_params(s, b, r * groups + g0, n, keep);
                 bacc[r] = _mm256_fmadd_ps(bc, xsums, bacc[r]);
                 sx[r] = _mm512_castps256_ps512(_mm256_mul_ps(sc, dx));
             }
