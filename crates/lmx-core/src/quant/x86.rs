@@ -249,6 +249,21 @@ unsafe fn sums8<D: Dot, const BITS: usize, const GS: usize>(w: *const u8, x: [*c
     }
 }
 
+/// An 8-group step of a row from group `g0` of `groups`: how many groups it holds, a mask of
+/// their lanes, and the activations' per-group scales and sums.
+///
+/// # Safety
+/// AVX2 must be available; `act`'s per-group arrays are padded to a multiple of 8 groups.
+#[inline(always)]
+unsafe fn step(act: &super::kernels::Q8Act, groups: usize, g0: usize) -> (usize, __m256, __m256, __m256) {
+    let n = (groups - g0).min(8);
+    // SAFETY: AVX2 is available (the caller's contract); g0 + 8 is within the padded arrays.
+    unsafe {
+        let keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+        (n, keep, _mm256_loadu_ps(act.dx.as_ptr().add(g0)), _mm256_loadu_ps(act.xsums.as_ptr().add(g0)))
+    }
+}
+
 /// The scales and biases of groups `at..at + n` (n <= 8) as f32 lanes, lanes from n on zero:
 /// 8 loaded at once where the arrays hold them (lanes past the row's groups hold the next
 /// row's values, dropped by `keep`), the matrix's last groups copied.
@@ -296,10 +311,7 @@ unsafe fn rows_q8<S: super::Scale, D: Dot, const BITS: usize, const GS: usize, c
     // to a multiple of 8 groups; the caller guarantees `rows` holds R rows.
     unsafe {
         for g0 in (0..groups).step_by(8) {
-            let n = (groups - g0).min(8);
-            let keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-            let dx = _mm256_loadu_ps(act.dx.as_ptr().add(g0));
-            let xsums = _mm256_loadu_ps(act.xsums.as_ptr().add(g0));
+            let (n, keep, dx, xsums) = step(act, groups, g0);
             for (r, acc) in acc.iter_mut().enumerate() {
                 let w = (rows.as_ptr() as *const u8).add(r * row_bytes);
                 let [coarse, fine] = sums8::<D, BITS, GS>(w, x, [&act.code_sums, &act.fine_sums], g0, n);
@@ -478,10 +490,7 @@ unsafe fn rows_q8_512<S: super::Scale, const BITS: usize, const GS: usize, const
     // `rows` holds R rows.
     unsafe {
         for g0 in (0..groups).step_by(8) {
-            let n = (groups - g0).min(8);
-            let keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-            let dx = _mm256_loadu_ps(act.dx.as_ptr().add(g0));
-            let xsums = _mm256_loadu_ps(act.xsums.as_ptr().add(g0));
+            let (n, keep, dx, xsums) = step(act, groups, g0);
             let mut sx = [_mm512_setzero_ps(); R];
             for r in 0..R {
                 let (sc, bc) = step_params(s, b, r * groups + g0, n, keep);
