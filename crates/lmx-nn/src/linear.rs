@@ -108,6 +108,12 @@ impl Linear {
     /// quantized layers without adapters take one step together when decoding (the input
     /// rounded to int8 once, one parallel round); otherwise one product each.
     pub fn forward_shared<const N: usize>(layers: [&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
+        Self::forward_many(&layers, x)?.try_into().map_err(|_| lmx_core::Error::Msg("forward_shared: output count".into()))
+    }
+
+    /// [`Linear::forward_shared`] for any number of layers (the gate and up projections of a
+    /// token's experts).
+    pub fn forward_many(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
         let quantized: Option<Vec<Arc<QuantizedMatrix>>> = layers
             .iter()
             .map(|l| match (&l.weight, &l.adapter, &l.reduce) {
@@ -115,11 +121,10 @@ impl Linear {
                 _ => None,
             })
             .collect();
-        let ys: Vec<Tensor> = match quantized {
-            Some(qs) => lmx_core::quant::matmul_many(&qs, x)?.into_iter().zip(layers).map(|(y, l)| l.with_bias(y)).collect::<Result<_>>()?,
-            None => layers.iter().map(|l| l.forward(x)).collect::<Result<_>>()?,
-        };
-        ys.try_into().map_err(|_| lmx_core::Error::Msg("forward_shared: output count".into()))
+        match quantized {
+            Some(qs) => lmx_core::quant::matmul_many(&qs, x)?.into_iter().zip(layers).map(|(y, l)| l.with_bias(y)).collect(),
+            None => layers.iter().map(|l| l.forward(x)).collect(),
+        }
     }
 }
 

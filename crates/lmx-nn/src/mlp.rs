@@ -63,14 +63,27 @@ impl Mlp {
     }
 }
 
+impl Mlp {
+    fn activate(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        match self.activation {
+            Activation::Silu => ops::silu_mul(gate, up),
+            Activation::GeluTanh => gate.gelu()? * up,
+        }
+    }
+
+    /// Several MLPs on the same input (a token's experts): all their gate and up projections
+    /// in one shared step ([`Linear::forward_many`]), then each one's down projection.
+    pub fn forward_many(mlps: &[&Mlp], x: &Tensor) -> Result<Vec<Tensor>> {
+        let layers: Vec<&Linear> = mlps.iter().flat_map(|m| [&m.gate_proj, &m.up_proj]).collect();
+        let gate_up = Linear::forward_many(&layers, x)?;
+        mlps.iter().zip(gate_up.chunks_exact(2)).map(|(m, gu)| m.down_proj.forward(&m.activate(&gu[0], &gu[1])?)).collect()
+    }
+}
+
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let [gate, up] = Linear::forward_shared([&self.gate_proj, &self.up_proj], x)?;
-        let h = match self.activation {
-            Activation::Silu => ops::silu_mul(&gate, &up)?,
-            Activation::GeluTanh => (gate.gelu()? * up)?,
-        };
-        self.down_proj.forward(&h)
+        self.down_proj.forward(&self.activate(&gate, &up)?)
     }
 }
 

@@ -93,6 +93,9 @@ impl Module for Moe {
         let hidden = *dims.last().unwrap_or(&0);
         let xs = x.reshape(((), hidden))?;
         let logits = self.gate.forward(&xs)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        if logits.len() == 1 {
+            return self.forward_token(x, &xs, &logits);
+        }
         // Tokens (and their weights) per expert, experts in index order: the order in which
         // transformers adds the experts' outputs.
         let mut routed: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); self.experts.len()];
@@ -113,5 +116,24 @@ impl Module for Moe {
             out = out.index_add(&ids, &y.to_dtype(DType::F32)?.broadcast_mul(&w)?, 0)?;
         }
         out.to_dtype(x.dtype())?.reshape(dims)
+    }
+}
+
+impl Moe {
+    /// One token (decode): its experts' gate and up projections in one shared step, no
+    /// gather or scatter; the weighted outputs added in f32 in expert order, as above.
+    fn forward_token(&self, x: &Tensor, xs: &Tensor, logits: &[Vec<f32>]) -> Result<Tensor> {
+        let mut kept = self.route(logits).swap_remove(0);
+        kept.sort_by_key(|&(e, _)| e);
+        let mlps: Vec<&Mlp> = kept.iter().map(|&(e, _)| &self.experts[e]).collect();
+        let mut out: Option<Tensor> = None;
+        for (y, &(_, w)) in Mlp::forward_many(&mlps, xs)?.iter().zip(&kept) {
+            let y = (y.to_dtype(DType::F32)? * f64::from(w))?;
+            out = Some(match out {
+                Some(o) => (o + y)?,
+                None => y,
+            });
+        }
+        out.ok_or_else(|| lmx_core::Error::Msg("a token routed to no expert".into()))?.to_dtype(x.dtype())?.reshape(x.dims())
     }
 }
