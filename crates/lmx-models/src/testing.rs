@@ -24,6 +24,8 @@ fn fixture_dir(model_type: &str) -> PathBuf {
 enum Split {
     Tensor,
     Pipeline,
+    /// Tensor parallel, with mixture-of-experts blocks split by whole experts.
+    Expert,
 }
 
 /// The fixture model, built in `dtype` as one rank of `group` (None: unsharded).
@@ -39,6 +41,7 @@ fn load_split(model_type: &str, dtype: DType, group: Option<Arc<dyn Group>>, spl
     match (group, split) {
         (Some(g), Split::Tensor) => vb = vb.with_group(g),
         (Some(g), Split::Pipeline) => vb = vb.with_pipeline(g),
+        (Some(g), Split::Expert) => vb = vb.with_group(g).with_expert_parallel(),
         (None, _) => {}
     }
     let model = load_model(model_type, &config, &vb).expect("model builds");
@@ -184,6 +187,18 @@ fn every_architecture_sharded_over_two_and_three_ranks_equals_the_whole_model() 
     for a in ARCHITECTURES {
         for size in [2, 3] {
             check_sharded(a.model_type, size, Split::Tensor);
+        }
+    }
+}
+
+/// The mixture-of-experts fixtures with their experts split whole over 2 and 3 ranks (expert
+/// parallelism: 8 or 4 experts, so 3 ranks hold unequal shares; attention tensor-parallel)
+/// equal the whole model, in prefill, cached decode and per-sequence caches.
+#[test]
+fn moe_models_expert_parallel_over_two_and_three_ranks_equal_the_whole_model() {
+    for model_type in ["qwen3_moe", "mixtral"] {
+        for size in [2, 3] {
+            check_sharded(model_type, size, Split::Expert);
         }
     }
 }

@@ -35,6 +35,7 @@ pub enum Shard {
     Row(Range<usize>),
 }
 
+#[derive(Clone)]
 struct Shared {
     weights: Weights,
     quantization: Option<QuantConfig>,
@@ -46,6 +47,9 @@ struct Shared {
     /// The pipeline this process is one stage of, and each stage's weight: it holds a
     /// contiguous range of layers, sized in proportion to its weight.
     pipeline: Option<(Arc<dyn Group>, Vec<f64>)>,
+    /// Mixture-of-experts blocks split their experts over the group (each rank holds whole
+    /// experts) instead of each expert's features.
+    expert_parallel: bool,
 }
 
 /// Builds layers from a checkpoint (see the module docs). Cheap to clone; `pp` descends one
@@ -63,7 +67,7 @@ impl Builder {
     /// Layers computing in `dtype` on `device` from `weights`, unquantized, unadapted, on a
     /// single rank.
     pub fn new(weights: Weights, dtype: DType, device: &Device) -> Self {
-        let shared = Shared { weights, quantization: None, dtype, device: device.clone(), adapters: None, training: None, group: Arc::new(Single), pipeline: None };
+        let shared = Shared { weights, quantization: None, dtype, device: device.clone(), adapters: None, training: None, group: Arc::new(Single), pipeline: None, expert_parallel: false };
         Self { shared: Arc::new(shared), prefix: String::new(), expert: None }
     }
 
@@ -92,6 +96,24 @@ impl Builder {
     /// This process is one rank of `group`: layers load and compute their shard.
     pub fn with_group(self, group: Arc<dyn Group>) -> Self {
         self.edit(|s| s.group = group)
+    }
+
+    /// Mixture-of-experts blocks split whole experts over the ranks of the group (expert
+    /// parallelism) rather than each expert's features (tensor parallelism).
+    pub fn with_expert_parallel(self) -> Self {
+        self.edit(|s| s.expert_parallel = true)
+    }
+
+    /// Whether [`Builder::with_expert_parallel`] was asked for.
+    pub fn expert_parallel(&self) -> bool {
+        self.shared.expert_parallel
+    }
+
+    /// This builder on a single rank: the layers it builds hold their whole weights and sum
+    /// over no group (an expert that one rank of an expert-parallel group owns).
+    pub fn local(&self) -> Builder {
+        let shared = Shared { group: Arc::new(Single), ..(*self.shared).clone() };
+        Builder { shared: Arc::new(shared), prefix: self.prefix.clone(), expert: self.expert }
     }
 
     /// The builder one key segment down: `vb.pp("self_attn")`.

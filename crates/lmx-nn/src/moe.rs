@@ -9,9 +9,14 @@
 //! Either way each expert becomes its own [`Mlp`], so a token reads only its k experts'
 //! weights (decode time tracks active, not total, parameters) and a prompt runs each expert
 //! once over the tokens routed to it. Under tensor parallelism every expert's intermediate
-//! features split over the ranks like a dense MLP's.
+//! features split over the ranks like a dense MLP's; with [`Builder::with_expert_parallel`]
+//! rank r of n holds experts r, r + n, ... whole instead, computes only those, and the ranks'
+//! partial outputs are summed (one all-sum per block).
+
+use std::sync::Arc;
 
 use lmx_core::{DType, Module, Result, Tensor};
+use lmx_dist::Group;
 
 use crate::builder::{Builder, Shard};
 use crate::error::BuildError;
@@ -39,9 +44,12 @@ pub struct MoeConfig {
 #[derive(Debug, Clone)]
 pub struct Moe {
     gate: Linear,
-    experts: Vec<Mlp>,
+    /// Every expert, or under expert parallelism this rank's (the others None).
+    experts: Vec<Option<Mlp>>,
     top_k: usize,
     normalize: bool,
+    /// Under expert parallelism: the group whose ranks' partial outputs are summed.
+    reduce: Option<Arc<dyn Group>>,
 }
 
 impl Moe {
@@ -55,13 +63,23 @@ impl Moe {
         let gate = vb.pp(gate).linear(cfg.hidden_size, cfg.num_experts, Bias::No, Shard::Replicated)?;
         let switch = vb.pp("switch_mlp");
         let stacked = switch.pp("gate_proj").has("weight");
+        // Expert parallelism: rank r of n owns experts r, r + n, ... whole.
+        let group = vb.group().clone();
+        let (ep, rank, ranks) = (vb.expert_parallel() && group.size() > 1, group.rank(), group.size());
         let experts = (0..cfg.num_experts)
             .map(|e| {
                 let (expert, names) = if stacked { (switch.expert(e, cfg.num_experts), ["gate_proj", "up_proj", "down_proj"]) } else { (vb.pp("experts").pp(e), hf_names) };
-                Mlp::with_names(&expert, names, cfg.hidden_size, cfg.intermediate_size, Bias::No, Activation::Silu)
+                if ep && e % ranks != rank {
+                    if !stacked {
+                        expert.skip();
+                    }
+                    return Ok(None);
+                }
+                let expert = if ep { expert.local() } else { expert };
+                Mlp::with_names(&expert, names, cfg.hidden_size, cfg.intermediate_size, Bias::No, Activation::Silu).map(Some)
             })
             .collect::<std::result::Result<_, _>>()?;
-        Ok(Self { gate, experts, top_k: cfg.top_k, normalize: cfg.normalize })
+        Ok(Self { gate, experts, top_k: cfg.top_k, normalize: cfg.normalize, reduce: ep.then_some(group) })
     }
 
     /// Each token's kept experts and their weights, from the router's logits (one row per
@@ -107,15 +125,13 @@ impl Module for Moe {
         }
         let mut out = Tensor::zeros(xs.dims(), DType::F32, xs.device())?;
         for (expert, (tokens, weights)) in self.experts.iter().zip(&routed) {
-            if tokens.is_empty() {
-                continue;
-            }
+            let Some(expert) = expert.as_ref().filter(|_| !tokens.is_empty()) else { continue };
             let ids = Tensor::new(tokens.as_slice(), xs.device())?;
             let y = expert.forward(&xs.index_select(&ids, 0)?.unsqueeze(0)?)?.squeeze(0)?;
             let w = Tensor::new(weights.as_slice(), xs.device())?.unsqueeze(1)?;
             out = out.index_add(&ids, &y.to_dtype(DType::F32)?.broadcast_mul(&w)?, 0)?;
         }
-        out.to_dtype(x.dtype())?.reshape(dims)
+        self.finish(out, x)
     }
 }
 
@@ -125,15 +141,23 @@ impl Moe {
     fn forward_token(&self, x: &Tensor, xs: &Tensor, logits: &[Vec<f32>]) -> Result<Tensor> {
         let mut kept = self.route(logits).swap_remove(0);
         kept.sort_by_key(|&(e, _)| e);
-        let mlps: Vec<&Mlp> = kept.iter().map(|&(e, _)| &self.experts[e]).collect();
-        let mut out: Option<Tensor> = None;
+        // This rank's experts among them (all of them unless expert-parallel).
+        kept.retain(|&(e, _)| self.experts[e].is_some());
+        let mlps: Vec<&Mlp> = kept.iter().filter_map(|&(e, _)| self.experts[e].as_ref()).collect();
+        let mut out = Tensor::zeros(xs.dims(), DType::F32, xs.device())?;
         for (y, &(_, w)) in Mlp::forward_many(&mlps, xs)?.iter().zip(&kept) {
-            let y = (y.to_dtype(DType::F32)? * f64::from(w))?;
-            out = Some(match out {
-                Some(o) => (o + y)?,
-                None => y,
-            });
+            out = (out + (y.to_dtype(DType::F32)? * f64::from(w))?)?;
         }
-        out.ok_or_else(|| lmx_core::Error::Msg("a token routed to no expert".into()))?.to_dtype(x.dtype())?.reshape(x.dims())
+        self.finish(out, x)
+    }
+
+    /// The block's output from this rank's f32 sum: summed over the expert-parallel group,
+    /// in `x`'s dtype and shape.
+    fn finish(&self, out: Tensor, x: &Tensor) -> Result<Tensor> {
+        let out = match &self.reduce {
+            Some(group) => group.all_sum(&out)?,
+            None => out,
+        };
+        out.to_dtype(x.dtype())?.reshape(x.dims())
     }
 }

@@ -30,11 +30,14 @@ pub struct LoadOptions {
     /// layers (as many as its share of its host's memory allows, relative to the others)
     /// and passing hidden states on to the next.
     pub pipeline: bool,
+    /// With `group` (tensor parallel): mixture-of-experts blocks split whole experts over the
+    /// ranks (expert parallel) instead of each expert's features.
+    pub expert_parallel: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: None, device: Device::Cpu, adapters: None, group: None, pipeline: false }
+        Self { dtype: None, device: Device::Cpu, adapters: None, group: None, pipeline: false, expert_parallel: false }
     }
 }
 
@@ -211,6 +214,7 @@ pub fn load_with(model: &str, options: &LoadOptions) -> Result<(Model, Tokenizer
             let weights = group.all_gather(&mine, 0)?.to_vec1::<f64>()?;
             vb = vb.with_weighted_pipeline(group.clone(), weights);
         }
+        Some(group) if options.expert_parallel => vb = vb.with_group(group.clone()).with_expert_parallel(),
         Some(group) => vb = vb.with_group(group.clone()),
         None => {}
     }

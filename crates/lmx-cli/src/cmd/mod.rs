@@ -38,6 +38,11 @@ pub struct ModelArgs {
     /// range of layers) instead of splitting every layer (tensor parallel, the default).
     #[arg(long)]
     pub pipeline: bool,
+    /// Under `lmx launch`, tensor parallel: mixture-of-experts layers split whole experts
+    /// over the ranks (expert parallel: one all-sum per layer, no expert cut) instead of
+    /// splitting every expert's features.
+    #[arg(long, conflicts_with = "pipeline")]
+    pub expert_parallel: bool,
     /// LoRA/DoRA/full adapter folder (adapter_config.json + adapters.safetensors) from
     /// `lmx lora` or `mlx_lm.lora`.
     #[arg(long)]
@@ -53,7 +58,7 @@ impl ModelArgs {
             Some(dir) => Some(lmx::AdapterOptions::from_dir(dir).with_context(|| format!("--adapter-path {}", dir.display()))?),
             None => None,
         };
-        let loaded = load_model(&self.model, &lmx::LoadOptions { dtype, device, adapters, group: crate::dist::group(), pipeline: self.pipeline })?;
+        let loaded = load_model(&self.model, &lmx::LoadOptions { dtype, device, adapters, group: crate::dist::group(), pipeline: self.pipeline, expert_parallel: self.expert_parallel })?;
         crate::dist::loaded()?;
         Ok(loaded)
     }

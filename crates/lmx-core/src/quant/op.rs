@@ -39,6 +39,12 @@ impl CustomOp1 for QMatMulMany {
             candle_core::bail!("quantized matmul: input {:?} does not end in {k} features", dims);
         }
         let x = input_f32(s, l, "quantized matmul")?;
+        if k == 0 {
+            // Empty shares of row-parallel products (their part of the all-sum is 0).
+            let (m, n): (usize, usize) = (dims[..dims.len() - 1].iter().product(), self.qs.iter().map(|q| q.rows).sum());
+            *dims.last_mut().expect("k is the last dim") = n;
+            return Ok((output(vec![0.0; m * n], s.dtype()), Shape::from(dims)));
+        }
         let m = x.len() / k;
         let qs: Vec<&QuantizedMatrix> = self.qs.iter().map(|q| &**q).collect();
         let y = if m == 1 { kernels::qmatvec_many(&qs, &x) } else { kernels::qmatmul_many_q8(&qs, &x, m) };
@@ -82,6 +88,12 @@ impl CustomOp1 for QMatMul {
             candle_core::bail!("quantized matmul: input {:?} does not end in {k} features", dims);
         }
         let x = input_f32(s, l, "quantized matmul")?;
+        if k == 0 {
+            // A rank's empty share of a row-parallel product (its part of the all-sum is 0).
+            let m: usize = dims[..dims.len() - 1].iter().product();
+            *dims.last_mut().expect("k is the last dim") = n;
+            return Ok((output(vec![0.0; m * n], s.dtype()), Shape::from(dims)));
+        }
         let m = x.len() / k;
         let training_bf16 = self.exact && m > 1 && q.bf16_training && crate::bf16_gemm::supported();
         let y = if self.transpose && training_bf16 {
