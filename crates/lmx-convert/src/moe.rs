@@ -19,8 +19,11 @@ pub struct Stacking {
 
 /// Model types whose experts MLX LM stacks this way, and their expert projections' names in
 /// Hugging Face's checkpoints -> in MLX's `switch_mlp`.
-const STACKED: &[(&str, &[(&str, &str)])] =
-    &[("qwen3_moe", &[("gate_proj", "gate_proj"), ("up_proj", "up_proj"), ("down_proj", "down_proj")]), ("mixtral", &[("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")])];
+const STACKED: &[(&str, &[(&str, &str)])] = &[
+    ("qwen3_moe", &[("gate_proj", "gate_proj"), ("up_proj", "up_proj"), ("down_proj", "down_proj")]),
+    ("qwen2_moe", &[("gate_proj", "gate_proj"), ("up_proj", "up_proj"), ("down_proj", "down_proj")]),
+    ("mixtral", &[("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")]),
+];
 
 /// Model types whose router MLX LM's `quant_predicate` keeps in 8 bits.
 const ROUTER_8BIT: &[&str] = &["qwen3_moe"];

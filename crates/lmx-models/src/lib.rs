@@ -9,6 +9,7 @@ pub mod mistral;
 pub mod mixtral;
 pub mod phi3;
 pub mod qwen2;
+pub mod qwen2_moe;
 pub mod qwen3;
 pub mod qwen3_moe;
 pub mod registry;

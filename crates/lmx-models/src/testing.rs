@@ -196,7 +196,7 @@ fn every_architecture_sharded_over_two_and_three_ranks_equals_the_whole_model() 
 /// equal the whole model, in prefill, cached decode and per-sequence caches.
 #[test]
 fn moe_models_expert_parallel_over_two_and_three_ranks_equal_the_whole_model() {
-    for model_type in ["qwen3_moe", "mixtral"] {
+    for model_type in ["qwen3_moe", "mixtral", "qwen2_moe"] {
         for size in [2, 3] {
             check_sharded(model_type, size, Split::Expert);
         }
@@ -312,7 +312,7 @@ fn the_mistral_fixture_exercises_its_sliding_window() {
 /// only summation order and lmx's int8 activations differ).
 #[test]
 fn moe_models_as_mlx_lm_converts_them_match_mlx_lm() {
-    for model_type in ["qwen3_moe", "mixtral"] {
+    for model_type in ["qwen3_moe", "mixtral", "qwen2_moe"] {
         let dir = fixture_dir(&format!("{model_type}_mlx"));
         let mlx = lmx_io::Weights::from_safetensors(&[dir.join("logits.safetensors")]).expect("mlx logits");
         let ids = mlx.tensor("input_ids").expect("ids").to_dtype(DType::U32).expect("u32 ids");

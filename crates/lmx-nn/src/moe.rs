@@ -1,4 +1,4 @@
-//! The mixture-of-experts feed-forward block (Qwen3-MoE, Mixtral): a linear router
+//! The mixture-of-experts feed-forward block (Qwen3-MoE, Qwen2-MoE, Mixtral): a linear router
 //! scores every expert per token, the top k are kept (softmax over all experts, then the k
 //! largest, renormalized where the model asks), and the block's output is the kept experts'
 //! gated-MLP outputs weighted by those scores.
@@ -50,6 +50,9 @@ pub struct Moe {
     normalize: bool,
     /// Under expert parallelism: the group whose ranks' partial outputs are summed.
     reduce: Option<Arc<dyn Group>>,
+    /// An expert every token takes (Qwen2-MoE's `shared_expert`), weighted by the sigmoid
+    /// of its own gate (`shared_expert_gate`).
+    shared: Option<(Mlp, Linear)>,
 }
 
 impl Moe {
@@ -79,7 +82,17 @@ impl Moe {
                 Mlp::with_names(&expert, names, cfg.hidden_size, cfg.intermediate_size, Bias::No, Activation::Silu).map(Some)
             })
             .collect::<std::result::Result<_, _>>()?;
-        Ok(Self { gate, experts, top_k: cfg.top_k, normalize: cfg.normalize, reduce: ep.then_some(group) })
+        Ok(Self { gate, experts, top_k: cfg.top_k, normalize: cfg.normalize, reduce: ep.then_some(group), shared: None })
+    }
+
+    /// Adds the expert every token takes: `shared_expert` (an MLP of `intermediate_size`
+    /// features, split over a tensor-parallel group like a dense one, also under expert
+    /// parallelism) weighted by `sigmoid(shared_expert_gate(x))`.
+    pub fn with_shared_expert(mut self, vb: &Builder, hidden_size: usize, intermediate_size: usize) -> std::result::Result<Self, BuildError> {
+        let mlp = Mlp::new(&vb.pp("shared_expert"), hidden_size, intermediate_size, Bias::No, Activation::Silu)?;
+        let gate = vb.pp("shared_expert_gate").linear(hidden_size, 1, Bias::No, Shard::Replicated)?;
+        self.shared = Some((mlp, gate));
+        Ok(self)
     }
 
     /// Each token's kept experts and their weights, from the router's logits (one row per
@@ -158,6 +171,13 @@ impl Moe {
             Some(group) => group.all_sum(&out)?,
             None => out,
         };
-        out.to_dtype(x.dtype())?.reshape(x.dims())
+        let out = out.to_dtype(x.dtype())?.reshape(x.dims())?;
+        match &self.shared {
+            Some((mlp, gate)) => {
+                let g = (gate.forward(x)?.neg()?.exp()? + 1.0)?.recip()?;
+                out + g.broadcast_mul(&mlp.forward(x)?)?
+            }
+            None => Ok(out),
+        }
     }
 }

@@ -154,7 +154,7 @@ fn greedy_tokens_follow_mlx_lm_generate() {
 #[test]
 fn moe_conversion_matches_mlx_lm_convert_byte_for_byte() {
     let fixtures = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
-    for model_type in ["qwen3_moe", "mixtral"] {
+    for model_type in ["qwen3_moe", "mixtral", "qwen2_moe"] {
         let tmp = std::env::temp_dir().join(format!("lmx-moe-convert-{model_type}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         let src = tmp.join("hf");
