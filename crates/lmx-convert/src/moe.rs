@@ -61,7 +61,7 @@ impl Stacking {
 
     /// What to write for checkpoint tensor `key`: None to skip it (an expert stacked with
     /// the first), else the key and tensor (`read` fetches a tensor by key).
-    pub fn tensor<E>(&self, key: &str, read: impl Fn(&str) -> std::result::Result<Tensor, E>) -> std::result::Result<Option<(String, Tensor)>, crate::ConvertError>
+    pub fn tensor<E>(&self, key: &str, mut read: impl FnMut(&str) -> std::result::Result<Tensor, E>) -> std::result::Result<Option<(String, Tensor)>, crate::ConvertError>
     where
         crate::ConvertError: From<E>,
     {

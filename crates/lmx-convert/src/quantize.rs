@@ -134,9 +134,10 @@ pub fn quantize(folder: &mut Folder, opts: &QuantizeOptions) -> Result<f64, Conv
     let mut stats = Stats::default();
     let mut out = std::collections::HashMap::new();
     let stacking = crate::moe::Stacking::new(&plan.model_type, &keys);
-    let tensors = std::mem::take(&mut folder.tensors);
-    let read = |k: &str| tensors.get(k).cloned().ok_or_else(|| ConvertError::Layer { module: k.to_string(), msg: "missing".into() });
+    let mut tensors = std::mem::take(&mut folder.tensors);
     for key in keys {
+        // Each source tensor is taken out as it is used, so memory stays near one copy.
+        let read = |k: &str| tensors.remove(k).ok_or_else(|| ConvertError::Layer { module: k.to_string(), msg: "missing".into() });
         let Some((k, t)) = stacking.tensor(&key, read)? else { continue };
         out.extend(plan.tensor(&k, t, &mut stats)?);
     }

@@ -435,6 +435,11 @@ struct AttentionScratch {
 /// output is the same alone and in a batch.
 #[allow(clippy::too_many_arguments)]
 fn attend_heads<T: Elem>(q: &[T], k: &KvRows<'_, T>, v: &KvRows<'_, T>, bi: usize, kv: usize, scale: f32, d: usize, buf: &mut AttentionScratch, out: &mut [T]) {
+    if d == 0 || k.len == 0 {
+        // No keys (or empty heads): nothing to attend to.
+        out.iter_mut().for_each(|o| *o = T::of(0.0));
+        return;
+    }
     let (n, len) = (q.len() / d, k.len);
     buf.q.clear();
     buf.q.extend(q.iter().map(|x| x.f32()));
@@ -472,6 +477,9 @@ fn decode_attention<T: Elem>(qs: &CpuStorage, ql: &Layout, ks: &CpuStorage, kl: 
         candle_core::bail!("decode attention: q {:?} / k {:?} must be 4-D", ql.dims(), kl.dims());
     };
     let n_rep = n_heads / n_kv;
+    if vl.dims() != kl.dims() {
+        candle_core::bail!("decode attention: keys {:?} and values {:?} differ in shape", kl.dims(), vl.dims());
+    }
     let (k, ks_, k0) = strided::<T>(ks, kl)?;
     let (v, vs_, v0) = strided::<T>(vs, vl)?;
     let (k, v) = (KvRows { data: k, stride: ks_, start: k0, len: kv_len }, KvRows { data: v, stride: vs_, start: v0, len: kv_len });
@@ -527,6 +535,9 @@ fn decode_attention_rows<T: Elem>(op: &DecodeAttentionRows, qs: &CpuStorage, ql:
         rows.push((KvRows { data, stride, start, len }, n_kv));
     }
     let (keys, values) = rows.split_at(b);
+    if keys.iter().zip(values).any(|((k, nk), (v, nv))| k.len != v.len || nk != nv) {
+        candle_core::bail!("decode attention rows: a sequence's keys and values differ in shape");
+    }
     let mut out = vec![T::of(0.0); b * n_heads * d];
     let out_ptr = SendPtr(out.as_mut_ptr());
     crate::cpu::parallel_ranges(b * n_heads, 1, |heads| {
@@ -903,6 +914,7 @@ mod x86_attention {
         if !applies::<T>(d) {
             return None;
         }
+        assert!(p.len() >= acc.len() / d * values.len, "attention: fewer weights than values");
         let base = values.start + bi * values.stride[0] + kv * values.stride[1];
         assert!(values.len == 0 || base + (values.len - 1) * values.stride[2] + d <= values.data.len(), "attention: values out of their storage");
         let len = values.len;

@@ -217,7 +217,8 @@ impl<'a> Mask<'a> {
 /// and values are never copied per head.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Mask<'_>, scale: f64, softcap: Option<f64>, sinks: Option<&Tensor>) -> Result<Tensor> {
     let (b, n_heads, q_len, head_dim) = q.dims4()?;
-    let fused = q.device().is_cpu() || (fused_cuda(q) && q_len == 1);
+    // lmx's CUDA decode attention holds a head of at most 256 values per warp.
+    let fused = q.device().is_cpu() || (fused_cuda(q) && q_len == 1 && head_dim <= 256);
     if softcap.is_none() && sinks.is_none() && fused && !on_tape(&[q, k, v]) && q.dtype() == k.dtype() && k.dtype() == v.dtype() {
         match mask {
             Mask::None if q_len == 1 => {

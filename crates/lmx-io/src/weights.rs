@@ -232,7 +232,16 @@ impl Weights {
                 let (path, st) = &files[entry.shard];
                 let err = |e: candle_core::Error| IoError::Safetensors { path: path.clone(), msg: e.to_string() };
                 let view = st.get(key).map_err(err)?;
-                if !raw_all_finite(view.data(), entry.dtype) {
+                // The bytes this read touches: the whole tensor, or from the slice's first
+                // run to its last (exactly the slice when it cuts the first dimension, as an
+                // expert of stacked experts does), so that reading a tensor in E slices
+                // checks and releases each byte once, not E times.
+                let span = match &slice {
+                    None => 0..view.data().len(),
+                    Some((dim, range)) => slice_span(&entry.shape, entry.dtype.map_or(1, |d| d.size_in_bytes()), *dim, range.clone()),
+                };
+                let touched = view.data().get(span).ok_or_else(|| IoError::Safetensors { path: path.clone(), msg: format!("tensor `{key}` is shorter than its shape") })?;
+                if !raw_all_finite(touched, entry.dtype) {
                     return Err(IoError::NonFinite { path: path.clone(), key: key.to_string() });
                 }
                 let tensor = match &slice {
@@ -242,7 +251,7 @@ impl Weights {
                         slice_bytes(view.data(), &entry.shape, dtype, *dim, range.clone()).map_err(err)?
                     }
                 };
-                release_pages(view.data());
+                release_pages(touched);
                 tensor
             }
             Source::Memory(map) => match &slice {
@@ -277,6 +286,18 @@ fn raw_all_finite(data: &[u8], dtype: Option<DType>) -> bool {
         Some(DType::F64) => data.chunks_exact(8).all(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])).is_finite()),
         _ => true,
     }
+}
+
+/// The bytes of a row-major tensor of `shape` (`elem` bytes per value) that the part `range`
+/// of dimension `dim` spans: from its first run to the end of its last.
+fn slice_span(shape: &[usize], elem: usize, dim: usize, range: Range<usize>) -> Range<usize> {
+    let inner: usize = shape[dim + 1..].iter().product::<usize>() * elem;
+    let outer: usize = shape[..dim].iter().product();
+    let row = shape[dim] * inner;
+    if outer == 0 || range.is_empty() {
+        return 0..0;
+    }
+    range.start * inner..(outer - 1) * row + range.end * inner
 }
 
 /// The part `range` of dimension `dim` of a row-major tensor whose raw bytes are `data`:

@@ -61,6 +61,9 @@ pub struct Builder {
     /// Set under [`Builder::expert`]: (expert, experts) — tensors carry a leading expert
     /// dimension (MLX's `SwitchLinear`) and this builder reads that expert's slice.
     expert: Option<(usize, usize)>,
+    /// Set under [`Builder::unreduced`]: row-parallel layers leave their partial sums to the
+    /// caller instead of summing them over the group.
+    unreduced: bool,
 }
 
 impl Builder {
@@ -68,7 +71,7 @@ impl Builder {
     /// single rank.
     pub fn new(weights: Weights, dtype: DType, device: &Device) -> Self {
         let shared = Shared { weights, quantization: None, dtype, device: device.clone(), adapters: None, training: None, group: Arc::new(Single), pipeline: None, expert_parallel: false };
-        Self { shared: Arc::new(shared), prefix: String::new(), expert: None }
+        Self { shared: Arc::new(shared), prefix: String::new(), expert: None, unreduced: false }
     }
 
     fn edit(mut self, f: impl FnOnce(&mut Shared)) -> Self {
@@ -113,13 +116,20 @@ impl Builder {
     /// over no group (an expert that one rank of an expert-parallel group owns).
     pub fn local(&self) -> Builder {
         let shared = Shared { group: Arc::new(Single), ..(*self.shared).clone() };
-        Builder { shared: Arc::new(shared), prefix: self.prefix.clone(), expert: self.expert }
+        Builder { shared: Arc::new(shared), ..self.clone() }
+    }
+
+    /// This builder with row-parallel layers that do not sum their partial outputs over the
+    /// group: the caller sums once for several of them (a mixture of experts sums its experts'
+    /// outputs in one all-sum, the same number of collectives whatever the routing).
+    pub fn unreduced(&self) -> Builder {
+        Builder { unreduced: true, ..self.clone() }
     }
 
     /// The builder one key segment down: `vb.pp("self_attn")`.
     pub fn pp(&self, segment: impl std::fmt::Display) -> Builder {
         let prefix = if self.prefix.is_empty() { segment.to_string() } else { format!("{}.{segment}", self.prefix) };
-        Builder { shared: self.shared.clone(), prefix, expert: self.expert }
+        Builder { shared: self.shared.clone(), prefix, ..self.clone() }
     }
 
     /// Expert `e` of `experts` stored together (MLX's `SwitchLinear`: `weight` (experts, out,
@@ -363,8 +373,14 @@ impl Builder {
         let (weight_part, bias_part, reduce) = match &shard {
             Shard::Replicated => (None, None, None),
             Shard::Column(r) => (Some((0, r.clone())), Some((0, r.clone())), None),
-            Shard::Row(r) => (Some((1, r.clone())), None, Some(self.shared.group.clone())),
+            Shard::Row(r) => (Some((1, r.clone())), None, (!self.unreduced).then(|| self.shared.group.clone())),
         };
+        if self.expert.is_some() && self.shared.adapters.as_ref().is_some_and(|a| a.targets(&self.prefix) || a.full_trains(&self.key("weight"))) {
+            return Err(BuildError::unsupported_with(
+                format!("fine-tuning the stacked experts `{}` (MLX's switch_mlp)", self.prefix),
+                "leave switch_mlp out of the adapter's keys (lora_parameters.keys), e.g. [\"self_attn.q_proj\", \"self_attn.v_proj\"]",
+            ));
+        }
         let weight = match self.quantization()? {
             Some(spec) => Weight::Quantized(Arc::new(self.read_quantized(spec, out_features, in_features, &shard)?)),
             None => self.dense(self.get_part(&shape, "weight", weight_part)?)?,

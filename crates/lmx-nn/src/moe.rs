@@ -10,8 +10,9 @@
 //! weights (decode time tracks active, not total, parameters) and a prompt runs each expert
 //! once over the tokens routed to it. Under tensor parallelism every expert's intermediate
 //! features split over the ranks like a dense MLP's; with [`Builder::with_expert_parallel`]
-//! rank r of n holds experts r, r + n, ... whole instead, computes only those, and the ranks'
-//! partial outputs are summed (one all-sum per block).
+//! rank r of n holds experts r, r + n, ... whole instead and computes only those. Either way
+//! the ranks' partial outputs are summed once per block, so every rank makes the same
+//! collectives whatever the routing.
 
 use std::sync::Arc;
 
@@ -48,7 +49,8 @@ pub struct Moe {
     experts: Vec<Option<Mlp>>,
     top_k: usize,
     normalize: bool,
-    /// Under expert parallelism: the group whose ranks' partial outputs are summed.
+    /// On several ranks (tensor or expert parallel): the group whose ranks' partial outputs
+    /// are summed, once per block.
     reduce: Option<Arc<dyn Group>>,
     /// An expert every token takes (Qwen2-MoE's `shared_expert`), weighted by the sigmoid
     /// of its own gate (`shared_expert_gate`).
@@ -78,11 +80,18 @@ impl Moe {
                     }
                     return Ok(None);
                 }
-                let expert = if ep { expert.local() } else { expert };
+                // Tensor parallel: each expert's share of the features, its down projection's
+                // partial sums added up with the others' in the block's one all-sum.
+                let expert = if ep { expert.local() } else { expert.unreduced() };
                 Mlp::with_names(&expert, names, cfg.hidden_size, cfg.intermediate_size, Bias::No, Activation::Silu).map(Some)
             })
             .collect::<std::result::Result<_, _>>()?;
-        Ok(Self { gate, experts, top_k: cfg.top_k, normalize: cfg.normalize, reduce: ep.then_some(group), shared: None })
+        if ep && stacked {
+            // A rank may own none of the experts (more ranks than experts): reading no slice
+            // of the stacked tensors is expected.
+            switch.skip();
+        }
+        Ok(Self { gate, experts, top_k: cfg.top_k, normalize: cfg.normalize, reduce: (ranks > 1).then_some(group), shared: None })
     }
 
     /// Adds the expert every token takes: `shared_expert` (an MLP of `intermediate_size`
