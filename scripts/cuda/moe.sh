@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Mixture-of-experts models on the GPU machine (issue 15): the qwen3_moe and mixtral fixtures
+# Mixture-of-experts models on the GPU machine (issue 15): the qwen3_moe, mixtral and qwen2_moe fixtures
 # (Hugging Face layout) and MLX LM's conversions of them (stacked experts, float and 4-bit):
 # perplexity on the CPU and the GPU in f32 (equal to the printed digits) and bf16, and greedy
 # tokens on both; then the random Qwen3-MoE shape's decode (scripts/bench/make_random_moe.py)
@@ -12,7 +12,7 @@ cuda_setup moe moe.txt
 log "# MoE on CUDA, $(date -u +%F), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1), binary sha256 $(sha256sum "$LMX" | cut -c1-12)"
 python3 -c "import random; random.seed(0); print(' '.join(random.choice('abc') for _ in range(400)))" > "$W/text.txt"
 ppl() { $LMX perplexity --model "$1" --data "$W/text.txt" --sequence-length 12 --device "$2" --dtype "$3" 2>&1 | grep -E "Perplexity|rror" | tr -d '\r' | head -1; }
-for a in qwen3_moe mixtral; do
+for a in qwen3_moe mixtral qwen2_moe; do
   fixture_folder $a
   # A word for every id, so that the generated tokens show in the text.
   python3 -c "import json; d = '$W/$a'; n = json.load(open(d + '/config.json'))['vocab_size']; t = json.load(open(d + '/tokenizer.json')); t['model']['vocab'] = {**{f'w{i}': i for i in range(4, n)}, **t['model']['vocab']}; json.dump(t, open(d + '/tokenizer.json', 'w'))"
