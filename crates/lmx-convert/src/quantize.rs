@@ -210,17 +210,26 @@ impl<'a> Plan<'a> {
             return Ok(vec![(key.to_string(), t)]);
         };
         let rule = opts.rules.iter().find(|r| glob(&r.pattern, module));
-        let router = crate::moe::router_spec(&self.model_type, module);
-        let (bits, group_size, explicit) = match (rule, opts.recipe, router) {
+        // The module's entry in the config block, when its choice is not the default: a rule's
+        // or a recipe's with the mode; a model predicate's (MoE routers) without it, as MLX LM
+        // writes them.
+        let with_mode = |bits: usize, group_size: usize| json!({"group_size": group_size, "bits": bits, "mode": "affine"});
+        let (bits, group_size, entry) = match (rule, opts.recipe, crate::moe::router_spec(&self.model_type, module)) {
             (Some(Rule { bits: None, .. }), _, _) => {
                 stats.bytes += t.elem_count() * t.dtype().size_in_bytes();
                 stats.params += t.elem_count();
                 return Ok(vec![(key.to_string(), t)]);
             }
-            (Some(r), _, _) => (r.bits.unwrap_or(opts.bits), r.group_size.unwrap_or(opts.group_size), true),
-            (None, Some(recipe), _) => (mixed_bits(recipe, module, self.n_layers), opts.group_size, true),
-            (None, None, Some((bits, group_size))) => (bits, group_size, true),
-            (None, None, None) => (opts.bits, opts.group_size, false),
+            (Some(r), _, _) => {
+                let (b, g) = (r.bits.unwrap_or(opts.bits), r.group_size.unwrap_or(opts.group_size));
+                (b, g, Some(with_mode(b, g)))
+            }
+            (None, Some(recipe), _) => {
+                let b = mixed_bits(recipe, module, self.n_layers);
+                (b, opts.group_size, Some(with_mode(b, opts.group_size)))
+            }
+            (None, None, Some((b, g))) => (b, g, Some(json!({"group_size": g, "bits": b}))),
+            (None, None, None) => (opts.bits, opts.group_size, None),
         };
         if cols % group_size != 0 {
             return Err(ConvertError::Layer { module: module.to_string(), msg: format!("a row of {cols} elements is not divisible by the group size {group_size}") });
@@ -240,11 +249,8 @@ impl<'a> Plan<'a> {
         for x in [&packed, &scales, &biases] {
             stats.bytes += x.elem_count() * x.dtype().size_in_bytes();
         }
-        if explicit && rule.is_none() && opts.recipe.is_none() && router.is_some() {
-            // As MLX LM writes a model predicate's choice: without the mode.
-            self.block.insert(module.to_string(), json!({"group_size": group_size, "bits": bits}));
-        } else if explicit {
-            self.block.insert(module.to_string(), json!({"group_size": group_size, "bits": bits, "mode": "affine"}));
+        if let Some(entry) = entry {
+            self.block.insert(module.to_string(), entry);
         }
         Ok(vec![(key.to_string(), packed), (format!("{module}.scales"), scales), (format!("{module}.biases"), biases)])
     }

@@ -4,7 +4,7 @@
 //! takes, weighted by the sigmoid of its own gate; the routed weights are not renormalized
 //! unless `norm_topk_prob`.
 
-use lmx_nn::{Activation, AttentionConfig, Bias, Builder, CausalLm, Decoder, DecoderConfig, DecoderLayer, Mlp, Moe, MoeConfig, Rope, RopeConfig};
+use lmx_nn::{Activation, AttentionConfig, Bias, Builder, CausalLm, Decoder, DecoderConfig, DecoderLayer, Mlp, Moe, QwenMoeArgs, Rope, RopeConfig};
 use serde::Deserialize;
 
 use crate::registry::{Architecture, ModelError};
@@ -20,25 +20,13 @@ pub struct Config {
     pub rope: RopeConfig,
     /// The dense MLP's intermediate size (layers in `mlp_only_layers`).
     pub intermediate_size: usize,
-    /// Each routed expert's intermediate size.
-    pub moe_intermediate_size: usize,
     pub shared_expert_intermediate_size: usize,
-    /// Experts per MoE layer: `num_experts`, or `num_local_experts` as transformers 5 may write it.
-    pub num_experts: Option<usize>,
-    pub num_local_experts: Option<usize>,
-    pub num_experts_per_tok: usize,
-    #[serde(default)]
-    pub norm_topk_prob: bool,
-    #[serde(default = "one")]
-    pub decoder_sparse_step: usize,
-    #[serde(default)]
-    pub mlp_only_layers: Vec<usize>,
+    /// moe_intermediate_size, num_experts / num_local_experts, num_experts_per_tok,
+    /// norm_topk_prob, decoder_sparse_step, mlp_only_layers.
+    #[serde(flatten)]
+    pub moe: QwenMoeArgs,
     pub num_attention_heads: usize,
     pub num_key_value_heads: Option<usize>,
-}
-
-fn one() -> usize {
-    1
 }
 
 impl Architecture for Config {
@@ -47,12 +35,10 @@ impl Architecture for Config {
         let heads = AttentionConfig::from_heads(h, self.num_attention_heads, self.num_key_value_heads, None)?;
         let attention = AttentionConfig { qkv_bias: true, ..heads };
         let rope = Rope::from_config(&self.rope, 1_000_000.0, heads.head_dim, vb.dtype(), vb.device())?;
-        let experts = self.num_experts.or(self.num_local_experts).unwrap_or(0);
-        let moe = MoeConfig { hidden_size: h, intermediate_size: self.moe_intermediate_size, num_experts: experts, top_k: self.num_experts_per_tok, normalize: self.norm_topk_prob };
-        let sparse = |i: usize| !self.mlp_only_layers.contains(&i) && experts > 0 && (i + 1) % self.decoder_sparse_step.max(1) == 0;
+        let moe = self.moe.config(h);
         let model = Decoder::new(vb, &self.decoder, rope, |vb, i| {
             let mlp = vb.pp("mlp");
-            if sparse(i) {
+            if self.moe.sparse(i) {
                 let block = Moe::new(&mlp, "gate", ["gate_proj", "up_proj", "down_proj"], &moe)?.with_shared_expert(&mlp, h, self.shared_expert_intermediate_size)?;
                 DecoderLayer::with_mlp(vb, &attention, block, eps)
             } else {

@@ -41,6 +41,45 @@ pub struct MoeConfig {
     pub normalize: bool,
 }
 
+/// The config.json keys of Qwen's mixture-of-experts families (Qwen2-MoE, Qwen3-MoE), read
+/// flattened into a model's config: which layers hold experts and how many.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct QwenMoeArgs {
+    /// Each routed expert's intermediate size.
+    pub moe_intermediate_size: usize,
+    /// Experts per MoE layer: `num_experts` in Qwen's checkpoints, `num_local_experts` as
+    /// transformers 5 writes it.
+    pub num_experts: Option<usize>,
+    pub num_local_experts: Option<usize>,
+    pub num_experts_per_tok: usize,
+    #[serde(default)]
+    pub norm_topk_prob: bool,
+    #[serde(default = "one")]
+    pub decoder_sparse_step: usize,
+    #[serde(default)]
+    pub mlp_only_layers: Vec<usize>,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl QwenMoeArgs {
+    /// The block's shape for a model of `hidden_size`.
+    pub fn config(&self, hidden_size: usize) -> MoeConfig {
+        MoeConfig { hidden_size, intermediate_size: self.moe_intermediate_size, num_experts: self.experts(), top_k: self.num_experts_per_tok, normalize: self.norm_topk_prob }
+    }
+
+    fn experts(&self) -> usize {
+        self.num_experts.or(self.num_local_experts).unwrap_or(0)
+    }
+
+    /// Whether layer `i` holds experts (transformers' rule); the others a dense MLP.
+    pub fn sparse(&self, i: usize) -> bool {
+        !self.mlp_only_layers.contains(&i) && self.experts() > 0 && (i + 1) % self.decoder_sparse_step.max(1) == 0
+    }
+}
+
 /// A mixture-of-experts block: the router (`gate`) and the experts.
 #[derive(Debug, Clone)]
 pub struct Moe {
