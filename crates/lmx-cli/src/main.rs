@@ -136,7 +136,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             Command::Perplexity(_) => dist::join("perplexity")?,
             Command::Benchmark(_) => dist::join("benchmark")?,
             Command::Lora(_) => dist::join("lora")?,
-            _ => anyhow::bail!("this command does not run under lmx launch (generate, chat, perplexity, benchmark and lora do); run it without launch"),
+            Command::Serve(_) => dist::join("serve")?,
+            _ => anyhow::bail!("this command does not run under lmx launch (generate, chat, perplexity, benchmark, lora and serve do); run it without launch"),
         }
     }
     match command {

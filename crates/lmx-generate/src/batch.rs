@@ -33,6 +33,17 @@ struct Slot<'a> {
     state: State,
 }
 
+/// What a sequence does after a step: decode its sampled token next, or leave the batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Run this token in the next step.
+    Token(u32),
+    /// It finished (EOS, a stop string, its length).
+    Finished,
+    /// Its sampling failed (see [`BatchGenerator::take_failures`]).
+    Failed,
+}
+
 /// Decodes many sequences together; see the module documentation.
 pub struct BatchGenerator<'a> {
     model: &'a dyn CausalLm,
@@ -107,6 +118,63 @@ impl<'a> BatchGenerator<'a> {
     /// constraint) leaves the batch and is reported by [`BatchGenerator::take_failures`];
     /// an error here fails the whole step.
     pub fn step(&mut self) -> Result<Vec<(SequenceId, GenerationResponse)>, GenerateError> {
+        let ran = self.forward()?;
+        let context = self.model.max_position_embeddings();
+        let mut responses = Vec::with_capacity(ran.len());
+        let mut outcome = Vec::with_capacity(ran.len());
+        for (i, logits) in ran {
+            let slot = &mut self.slots[i];
+            match slot.seq.sample(logits, slot.cache.tokens.len(), context) {
+                Ok((response, next)) => {
+                    outcome.push((slot.id, next.map_or(Next::Finished, Next::Token)));
+                    responses.push((slot.id, response));
+                }
+                // One sequence's failure (its grammar) ends it alone.
+                Err(e) => {
+                    outcome.push((slot.id, Next::Failed));
+                    self.failures.push((slot.id, e));
+                }
+            }
+        }
+        for (id, next) in outcome {
+            self.follow(id, next)?;
+        }
+        Ok(responses)
+    }
+
+    /// A step that runs the same forward passes as [`BatchGenerator::step`] and samples
+    /// nothing: on a rank that computes its shard of the model while another rank samples
+    /// (`lmx serve` under `lmx launch`). The sampling rank's choices then come through
+    /// [`BatchGenerator::follow`]. Returns the sequences that ran.
+    pub fn step_unsampled(&mut self) -> Result<Vec<SequenceId>, GenerateError> {
+        let ran = self.forward()?;
+        Ok(ran.into_iter().map(|(i, _)| self.slots[i].id).collect())
+    }
+
+    /// Sets what sequence `id` does after the step that just ran it: decode `Token(t)` next,
+    /// or leave the batch (a finished sequence's cache is kept when
+    /// [`BatchGenerator::keep_caches`] is set).
+    pub fn follow(&mut self, id: SequenceId, next: Next) -> Result<(), GenerateError> {
+        let i = self.slots.iter().position(|s| s.id == id).ok_or(GenerateError::UnknownSequence(id))?;
+        match next {
+            Next::Token(t) => self.slots[i].state = State::Pending(t),
+            Next::Finished => {
+                let slot = self.slots.remove(i);
+                if self.keep_caches {
+                    self.finished.push((slot.id, slot.cache));
+                }
+            }
+            Next::Failed => {
+                self.slots.remove(i);
+            }
+        }
+        Ok(())
+    }
+
+    /// The forward passes of a step: the waiting prompts while there is room, then the
+    /// batch of every sequence's pending token. Returns the slots that ran, each with its
+    /// logits (none when no sequence has a token to run).
+    fn forward(&mut self) -> Result<Vec<(usize, Vec<f32>)>, GenerateError> {
         let decoding = self.slots.iter().filter(|s| matches!(s.state, State::Pending(_))).count();
         let mut room = self.max_batch.saturating_sub(decoding);
         for slot in &mut self.slots {
@@ -132,37 +200,11 @@ impl<'a> BatchGenerator<'a> {
         for (&(i, _), c) in batch.iter().zip(kv.unbatch()) {
             self.slots[i].cache.kv = c;
         }
-        let context = self.model.max_position_embeddings();
-        let mut responses = Vec::with_capacity(batch.len());
-        let mut finished = Vec::new();
-        let mut failed = Vec::new();
-        for (&(i, t), logits) in batch.iter().zip(result?) {
-            let slot = &mut self.slots[i];
-            slot.cache.tokens.push(t);
-            match slot.seq.sample(logits, slot.cache.tokens.len(), context) {
-                Ok((response, next)) => {
-                    match next {
-                        Some(t) => slot.state = State::Pending(t),
-                        None => finished.push(i),
-                    }
-                    responses.push((slot.id, response));
-                }
-                // One sequence's failure (its grammar) ends it alone.
-                Err(e) => {
-                    self.failures.push((slot.id, e));
-                    failed.push(i);
-                }
-            }
+        let result = result?;
+        for &(i, t) in &batch {
+            self.slots[i].cache.tokens.push(t);
         }
-        let mut gone: Vec<(usize, bool)> = finished.into_iter().map(|i| (i, true)).chain(failed.into_iter().map(|i| (i, false))).collect();
-        gone.sort_unstable();
-        for (i, ok) in gone.into_iter().rev() {
-            let slot = self.slots.remove(i);
-            if ok && self.keep_caches {
-                self.finished.push((slot.id, slot.cache));
-            }
-        }
-        Ok(responses)
+        Ok(batch.into_iter().map(|(i, _)| i).zip(result).collect())
     }
 
     /// Sequences that failed in the steps so far (each left the batch), with why; taken.

@@ -12,7 +12,7 @@ pub mod prompt_cache;
 pub mod sampler;
 pub mod speculative;
 
-pub use batch::{batch_generate, BatchGenerator, BatchOutput, SequenceId};
+pub use batch::{batch_generate, BatchGenerator, BatchOutput, Next, SequenceId};
 pub use generate::{
     check_vocab, compute_pool, generate, peak_memory_bytes, stream_generate, Constraint, ConstraintFactory, FinishReason, GenerateError, GenerateParams, GenerationResponse, TokenStream,
 };

@@ -245,9 +245,21 @@ impl PrefixCache {
 
     /// Keeps `cache` (a finished request's), dropping kept caches it extends, then the least
     /// recently used while over the bounds (the new one included, if it alone is too big).
-    pub fn insert(&mut self, cache: PromptCache) {
+    /// Returns how many it dropped for the bounds.
+    pub fn insert(&mut self, cache: PromptCache) -> usize {
+        self.keep(cache, None)
+    }
+
+    /// [`PrefixCache::insert`] that drops exactly `evict` least recently used caches for the
+    /// bounds, whatever their bytes: a rank holding a shard of each cache keeps the same
+    /// caches as the rank that decided (its bytes differ when heads split unevenly).
+    pub fn insert_evicting(&mut self, cache: PromptCache, evict: usize) {
+        self.keep(cache, Some(evict));
+    }
+
+    fn keep(&mut self, cache: PromptCache, evict: Option<usize>) -> usize {
         if cache.tokens.is_empty() {
-            return;
+            return 0;
         }
         if cache.kv.can_truncate() {
             // The kept prefixes can be cut from the new cache when needed.
@@ -255,9 +267,12 @@ impl PrefixCache {
         }
         self.clock += 1;
         self.entries.push(Entry { cache, last_used: self.clock });
-        while !self.entries.is_empty() && (self.entries.len() > self.max_entries || self.nbytes() > self.max_bytes) {
+        let mut evicted = 0;
+        while !self.entries.is_empty() && evict.map_or(self.entries.len() > self.max_entries || self.nbytes() > self.max_bytes, |n| evicted < n) {
             let oldest = (0..self.entries.len()).min_by_key(|&i| self.entries[i].last_used).unwrap_or(0);
             self.entries.remove(oldest);
+            evicted += 1;
         }
+        evicted
     }
 }

@@ -13,6 +13,8 @@ use std::sync::{mpsc, Arc};
 use lmx::{BatchGenerator, GenerateParams, GenerationResponse, KvOptions, Model, PrefixCache, PromptCache, SequenceId, TokenizerWrapper};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+use crate::lockstep::{Leader, Op};
+
 /// What the engine sends a job: a token, or why it cannot go on.
 #[derive(Debug)]
 pub enum Event {
@@ -34,6 +36,10 @@ pub struct Job {
 /// Settings of the engine.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
+    /// The ranks the model is sharded over, when this is rank 0 of `lmx launch`: the engine
+    /// tells the others every step ([`crate::lockstep`]; they run
+    /// [`crate::lockstep::follow`]). Not with a draft model.
+    pub lockstep: Option<Arc<dyn lmx::dist::Group>>,
     /// Sequences decoding together (MLX LM's `--decode-concurrency`).
     pub decode_concurrency: usize,
     /// Sequences that may wait for a decoding slot; more are refused.
@@ -130,29 +136,50 @@ fn run(model: &Model, tokenizer: &TokenizerWrapper, opts: &EngineOptions, jobs: 
     let mut gen = BatchGenerator::new(&**model, tokenizer, opts.decode_concurrency).keep_caches(true);
     let mut prefixes = PrefixCache::new(opts.prompt_cache_size, opts.prompt_cache_bytes);
     let mut active: HashMap<SequenceId, UnboundedSender<Event>> = HashMap::new();
+    let mut leader = opts.lockstep.clone().map(Leader::new);
     let done = |n: usize| in_flight.fetch_sub(n, Ordering::SeqCst);
     loop {
         if active.is_empty() {
             match jobs.recv() {
-                Ok(job) => admit(job, model, opts, &mut gen, &mut prefixes, &mut active, &done),
-                Err(_) => return,
+                Ok(job) => admit(job, model, opts, &mut gen, &mut prefixes, &mut active, &mut leader, &done),
+                Err(_) => {
+                    if let Some(Err(e)) = leader.as_mut().map(|l| l.publish(Op::Stop)) {
+                        eprintln!("[ERROR] {e}");
+                    }
+                    return;
+                }
             }
         }
         while let Ok(job) = jobs.try_recv() {
-            admit(job, model, opts, &mut gen, &mut prefixes, &mut active, &done);
+            admit(job, model, opts, &mut gen, &mut prefixes, &mut active, &mut leader, &done);
         }
         let gone: Vec<SequenceId> = active.iter().filter(|(_, tx)| tx.is_closed()).map(|(&id, _)| id).collect();
         for id in gone {
             active.remove(&id);
             let _ = gen.remove(id);
+            if let Some(l) = &mut leader {
+                l.record(Op::Remove(id));
+            }
             done(1);
         }
         if gen.is_empty() {
             continue;
         }
-        match gen.step() {
+        let step = match leader.as_mut().map(|l| l.publish(Op::Step)) {
+            // The other ranks are gone or stuck: nothing can be computed any more.
+            Some(Err(e)) => {
+                eprintln!("[ERROR] {e}");
+                fail_all(&mut active, &mut gen, &e, &done);
+                return;
+            }
+            _ => gen.step(),
+        };
+        match step {
             Ok(responses) => {
                 for (id, e) in gen.take_failures() {
+                    if let Some(l) = &mut leader {
+                        l.record_next(id, lmx::Next::Failed, 0);
+                    }
                     if let Some(tx) = active.remove(&id) {
                         let _ = tx.send(Event::Failed { message: format!("generation failed: {e}"), bad_request: false });
                         done(1);
@@ -160,17 +187,22 @@ fn run(model: &Model, tokenizer: &TokenizerWrapper, opts: &EngineOptions, jobs: 
                 }
                 for (id, response) in responses {
                     let finished = response.finish_reason.is_some();
+                    let token = response.token;
                     if let Some(tx) = active.get(&id) {
                         let _ = tx.send(Event::Token(Box::new(response)));
                     }
+                    let mut evicted = 0;
                     if finished {
                         active.remove(&id);
                         done(1);
                         if let Some(cache) = gen.take_cache(id) {
-                            prefixes.insert(cache);
+                            evicted = prefixes.insert(cache);
                             cached.0.store(prefixes.len(), Ordering::Relaxed);
                             cached.1.store(prefixes.nbytes(), Ordering::Relaxed);
                         }
+                    }
+                    if let Some(l) = &mut leader {
+                        l.record_next(id, if finished { lmx::Next::Finished } else { lmx::Next::Token(token) }, evicted);
                     }
                 }
             }
@@ -178,13 +210,21 @@ fn run(model: &Model, tokenizer: &TokenizerWrapper, opts: &EngineOptions, jobs: 
                 // A failed step fails every sequence in it; the engine goes on with new ones.
                 let message = format!("generation failed: {e}");
                 eprintln!("[ERROR] {message}");
-                for (id, tx) in active.drain() {
-                    let _ = tx.send(Event::Failed { message: message.clone(), bad_request: false });
-                    let _ = gen.remove(id);
-                    done(1);
+                if let Some(l) = &mut leader {
+                    active.keys().for_each(|&id| l.record(Op::Remove(id)));
                 }
+                fail_all(&mut active, &mut gen, &message, &done);
             }
         }
+    }
+}
+
+/// Ends every active sequence with `message`.
+fn fail_all(active: &mut HashMap<SequenceId, UnboundedSender<Event>>, gen: &mut BatchGenerator<'_>, message: &str, done: &impl Fn(usize) -> usize) {
+    for (id, tx) in active.drain() {
+        let _ = tx.send(Event::Failed { message: message.to_string(), bad_request: false });
+        let _ = gen.remove(id);
+        done(1);
     }
 }
 
@@ -245,6 +285,7 @@ fn run_speculative(model: &Model, draft: &Draft, tokenizer: &TokenizerWrapper, o
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn admit(
     job: Job,
     model: &Model,
@@ -252,13 +293,19 @@ fn admit(
     gen: &mut BatchGenerator<'_>,
     prefixes: &mut PrefixCache,
     active: &mut HashMap<SequenceId, UnboundedSender<Event>>,
+    leader: &mut Option<Leader>,
     done: &impl Fn(usize) -> usize,
 ) {
     if job.events.is_closed() {
         done(1);
         return;
     }
-    match start_cache(prefixes, model, opts.kv, &job.prompt).and_then(|cache| gen.insert(&job.prompt, job.params, cache)) {
+    let prefill_step_size = job.params.prefill_step_size;
+    let admitted = start_cache(prefixes, model, opts.kv, &job.prompt).and_then(|cache| gen.insert(&job.prompt, job.params, cache));
+    if let Some(l) = leader {
+        l.record(Op::Admit { prompt: job.prompt.clone(), prefill_step_size, id: admitted.as_ref().ok().copied() });
+    }
+    match admitted {
         Ok(id) => {
             active.insert(id, job.events);
         }
@@ -271,7 +318,7 @@ fn admit(
 
 /// The cache a prompt starts from: a copy of the kept one sharing its longest prefix, else an
 /// empty one of the engine's kind.
-fn start_cache(prefixes: &mut PrefixCache, model: &Model, kv: KvOptions, prompt: &[u32]) -> Result<PromptCache, lmx::GenerateError> {
+pub(crate) fn start_cache(prefixes: &mut PrefixCache, model: &Model, kv: KvOptions, prompt: &[u32]) -> Result<PromptCache, lmx::GenerateError> {
     match prefixes.fetch(prompt)? {
         Some(cache) => Ok(cache),
         None => PromptCache::with_options(&**model, kv),

@@ -14,6 +14,7 @@ pub mod engine;
 mod error;
 mod generation;
 mod grammar;
+pub mod lockstep;
 mod models;
 mod openai;
 mod output;
@@ -103,7 +104,7 @@ impl Default for ServeOptions {
             api_key: None,
             max_body_bytes: 16 << 20,
             defaults: Defaults::default(),
-            engine: EngineOptions { decode_concurrency: 32, max_queue: 256, prompt_cache_size: 10, prompt_cache_bytes: 2 << 30, kv: KvOptions::default() },
+            engine: EngineOptions { decode_concurrency: 32, max_queue: 256, prompt_cache_size: 10, prompt_cache_bytes: 2 << 30, kv: KvOptions::default(), lockstep: None },
             allowed_models: Vec::new(),
             max_loaded_models: 1,
             allowed_origins: vec!["*".into()],

@@ -72,7 +72,8 @@ impl Models {
             max_loaded: max_loaded.max(1),
             loader,
             loading: tokio::sync::Mutex::new(()),
-            engine,
+            // Models loaded later run on this rank alone.
+            engine: EngineOptions { lockstep: None, ..engine },
             draft,
         }
     }

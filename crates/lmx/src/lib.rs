@@ -18,7 +18,7 @@ mod perplexity;
 
 pub use lmx_core::{DType, Device};
 pub use lmx_generate::{
-    BatchGenerator, BatchOutput, Constraint, ConstraintFactory, DraftStats, FinishReason, GenerateError, GenerateParams, GenerationResponse, PrefixCache, PromptCache, SamplerParams, SequenceId,
+    BatchGenerator, BatchOutput, Constraint, ConstraintFactory, DraftStats, FinishReason, GenerateError, GenerateParams, GenerationResponse, Next, PrefixCache, PromptCache, SamplerParams, SequenceId,
     SpeculativeStream, TokenStream,
 };
 pub use lmx_io::{Message, ModelSource};

@@ -150,6 +150,29 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         eprintln!("[lmx launch] {np} ranks: {cmd:?}");
     }
     cmd.stderr(std::process::Stdio::piped());
+    // mpirun starts with the termination signals unblocked (this process blocks them for its
+    // signal thread, and a blocked mask survives exec: mpirun would never see the Ctrl-C
+    // passed on to it), and ends when lmx launch does, even by SIGKILL, which cannot be
+    // passed on (a server left running on its own would hold its port).
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: sigemptyset, sigaddset, pthread_sigmask and prctl are async-signal-safe
+        // and touch only the child being started.
+        unsafe {
+            cmd.pre_exec(|| {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                    libc::sigaddset(&mut set, s);
+                }
+                libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+                #[cfg(target_os = "linux")]
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+    }
     let mut child = cmd.spawn().map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => anyhow::anyhow!("mpirun was not found: install Open MPI (Debian/Ubuntu: apt install openmpi-bin) or set LMX_MPIRUN to its path"),
         _ => anyhow::anyhow!("starting mpirun: {e}"),

@@ -97,6 +97,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let s = &args.sampling;
     let defaults = lmx_server::Defaults { temperature: s.temp, top_p: s.top_p, top_k: s.top_k, min_p: s.min_p, max_tokens: args.max_tokens, chat_template_args };
     super::sampler(s.temp, s.top_p, s.top_k, s.min_p, None, None)?.validate().context("--temp / --top-p / --min-p")?;
+    let group = crate::dist::group();
+    if group.is_some() {
+        anyhow::ensure!(args.draft_model.is_none(), "--draft-model does not work with lmx serve under lmx launch yet (the speculative engine runs one rank's model); run without launch");
+        anyhow::ensure!(args.allowed_models.is_empty(), "--allowed-models does not work under lmx launch (a model a request names would load on rank 0 alone); run without launch");
+    }
     let (model, tokenizer) = args.model.load()?;
     let device = lmx::core::parse_device(&args.model.device)?;
     let dtype = args.model.dtype.as_deref().map(lmx::core::parse_dtype).transpose()?;
@@ -125,11 +130,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         api_key: args.api_key.filter(|k| !k.is_empty()),
         max_body_bytes: args.max_body_bytes,
         defaults,
-        engine: lmx_server::EngineOptions { decode_concurrency: args.decode_concurrency, max_queue: args.max_queue, prompt_cache_size: args.prompt_cache_size, prompt_cache_bytes, kv },
+        engine: lmx_server::EngineOptions {
+            decode_concurrency: args.decode_concurrency,
+            max_queue: args.max_queue,
+            prompt_cache_size: args.prompt_cache_size,
+            prompt_cache_bytes,
+            kv,
+            lockstep: group.clone(),
+        },
         allowed_models: args.allowed_models.clone(),
         max_loaded_models: args.max_loaded_models,
         allowed_origins: args.allowed_origins.clone(),
     };
+    // Under `lmx launch`, rank 0 serves and the other ranks follow its engine step by step.
+    if let Some(g) = group.filter(|g| g.rank() != 0) {
+        return lmx_server::lockstep::follow(&model, &tokenizer, &opts.engine, &*g).map_err(|e| anyhow::anyhow!(e));
+    }
     if args.host != "127.0.0.1" && args.host != "localhost" && args.host != "::1" && opts.api_key.is_none() {
         eprintln!("[WARNING] listening on {} without --api-key: anyone who can reach this address can use the model", args.host);
     }

@@ -95,6 +95,9 @@ fn commands_that_do_not_shard_are_refused() {
         let out = lmx(&["launch", "-n", "2", "--backend", "nccl", "--", "generate", "--model", &model, "-p", "hi"]);
         crate::assert_clear_error(&out, &["nccl", "--features cuda"]);
     }
+    let model = default_model();
+    let out = launch(2, &["serve", "--model", &model, "--draft-model", &model], None);
+    crate::assert_clear_error(&out, &["--draft-model", "lmx launch"]);
     let out = lmx(&["launch", "--backend", "ring", "--", "generate"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("--backend ring"), "{}", String::from_utf8_lossy(&out.stderr));
 }
@@ -311,4 +314,75 @@ fn moe_models_under_launch_equal_one_process() {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The same requests, overlapping the same way, to the server at `url`; their answers and the
+/// prompt tokens the repeated prompt found in the prompt cache.
+fn serve_workload(url: &str) -> (Vec<String>, u64) {
+    use crate::serve::{post, raw_request, sequences};
+    use serde_json::json;
+    let chat = |content: &str, max: usize| json!({"messages": [{"role": "user", "content": content}], "max_tokens": max, "temperature": 0});
+    let answer = |v: &serde_json::Value| v["choices"][0]["message"]["content"].as_str().expect("an answer").to_string();
+    let prompts = ["Write a haiku about the sea.", "List three colors.", "What is 2 + 2?", "Name a planet.", "Tell me a joke about cats."];
+    // Five at once, of different lengths: sequences join and leave the batch between steps.
+    let handles: Vec<_> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let (url, body) = (url.to_string(), chat(p, 6 + 5 * i));
+            std::thread::spawn(move || post(&url, "/v1/chat/completions", &body))
+        })
+        .collect();
+    let mut answers: Vec<String> = handles.into_iter().map(|h| answer(&h.join().expect("a client thread"))).collect();
+    // A client that leaves mid-answer (EOS banned: it would run 400 tokens).
+    let body = json!({"messages": [{"role": "user", "content": "Write a story."}], "max_tokens": 400, "temperature": 0, "stream": true, "logit_bias": {"2": -100}});
+    let mut held = raw_request(url, "/v1/chat/completions", &body.to_string());
+    let mut first = [0u8; 512];
+    std::io::Read::read(&mut held, &mut first).expect("the stream starts");
+    drop(held);
+    let gone = Instant::now();
+    while sequences(url) != 0 {
+        assert!(gone.elapsed() < Duration::from_secs(20), "the sequence of a closed connection is still decoding");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The third prompt again (the first two finished first and left the cache, bounded to
+    // three): its prefix comes from the prompt cache.
+    let again = post(url, "/v1/chat/completions", &chat(prompts[2], 12));
+    let cached = again["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().expect("cached_tokens");
+    answers.push(answer(&again));
+    // JSON mode: its grammar lives where the sampling happens.
+    let body = json!({"messages": [{"role": "user", "content": "Describe a cat as JSON."}], "max_tokens": 24, "temperature": 0, "response_format": {"type": "json_object"}});
+    answers.push(answer(&post(url, "/v1/chat/completions", &body)));
+    (answers, cached)
+}
+
+#[test]
+fn serve_under_launch_answers_as_one_process() {
+    let args = ["--dtype", "float32", "--prompt-cache-size", "3", "--prompt-cache-bytes", "30MB"];
+    let alone = crate::serve::Server::start(&args);
+    let (expected, cached) = serve_workload(&alone.url);
+    drop(alone);
+    assert!(expected.iter().all(|a| !a.is_empty()), "{expected:?}");
+    assert!(cached > 0, "the repeated prompt found nothing in the prompt cache");
+    let pipeline: Vec<&str> = args.iter().copied().chain(["--pipeline"]).collect();
+    // Four pipeline stages hold 8, 8, 7 and 7 of the 30 layers, so rank 0's caches are the
+    // largest: at 9MB it keeps two where ranks 2 and 3 could keep three. They must drop what
+    // rank 0 drops, or the repeated prompt would start from another prefix on each rank.
+    let uneven = ["--dtype", "float32", "--prompt-cache-size", "3", "--prompt-cache-bytes", "9MB", "--pipeline"];
+    for (i, (n, args)) in [("2", &args[..]), ("3", &args[..]), ("2", &pipeline[..]), ("4", &uneven[..])].into_iter().enumerate() {
+        let tag = format!("serve-{}-{i}", std::process::id());
+        let tag_env = format!("LMX_TEST_TAG={tag}");
+        let server = crate::serve::Server::start_under(&["launch", "-n", n, "--env", &tag_env, "--"], args);
+        assert_eq!(serve_workload(&server.url).0, expected, "{n} ranks {args:?} answered otherwise than one process");
+        // Ctrl-C (SIGTERM) reaches mpirun, which stops the ranks; SIGKILL cannot be passed
+        // on, but mpirun learns that its parent died and stops them all the same.
+        let how = if i % 2 == 0 { libc::SIGTERM } else { libc::SIGKILL };
+        // SAFETY: sending a signal to a process of this test.
+        unsafe { libc::kill(server.pid(), how) };
+        let sent = Instant::now();
+        while rank_pid(&tag, 0).is_some() || rank_pid(&tag, 1).is_some() {
+            assert!(sent.elapsed() < Duration::from_secs(20), "the ranks of {n} still serve 20 s after lmx launch got signal {how}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }

@@ -21,9 +21,20 @@ impl Drop for Server {
 }
 
 impl Server {
+    /// The server's process id (`lmx launch`'s under launch).
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
     /// Starts `lmx serve` on a free port with `args` and waits until it listens.
     pub fn start(args: &[&str]) -> Server {
+        Self::start_under(&[], args)
+    }
+
+    /// [`Server::start`] after `before` (e.g. `launch -n 2 --`).
+    pub fn start_under(before: &[&str], args: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_lmx"))
+            .args(before)
             .args(["serve", "--model", &default_model(), "--port", "0"])
             .args(args)
             .stdout(Stdio::null())
@@ -71,7 +82,7 @@ fn the_anthropic_client_works_against_lmx_serve() {
 }
 
 /// Sends a raw HTTP request and returns the stream (still open).
-fn raw_request(url: &str, path: &str, body: &str) -> std::net::TcpStream {
+pub fn raw_request(url: &str, path: &str, body: &str) -> std::net::TcpStream {
     use std::io::Write;
     let addr = url.trim_start_matches("http://");
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
@@ -89,7 +100,16 @@ fn get(url: &str, path: &str) -> String {
     out
 }
 
-fn sequences(url: &str) -> u64 {
+/// POSTs `body` and returns the JSON answer (panics on another status than 200).
+pub fn post(url: &str, path: &str, body: &serde_json::Value) -> serde_json::Value {
+    let mut s = raw_request(url, path, &body.to_string());
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut s, &mut answer).expect("read the answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{path} {body}: {answer}");
+    serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap_or("")).expect("a JSON answer")
+}
+
+pub fn sequences(url: &str) -> u64 {
     let text = get(url, "/health");
     let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
     serde_json::from_str::<serde_json::Value>(body).ok().and_then(|v| v["sequences"].as_u64()).unwrap_or(u64::MAX)
