@@ -1,5 +1,6 @@
-//! Rotary position embeddings: the inverse frequencies (plain, linear-scaled, or Llama 3's
-//! frequency-dependent scaling), and cos/sin for the positions of one forward pass.
+//! Rotary position embeddings: the inverse frequencies (plain, linear-scaled, Llama 3's
+//! frequency-dependent scaling, LongRoPE's per-frequency factors or YaRN's ramp), and cos/sin
+//! for the positions of one forward pass.
 
 use lmx_core::{DType, Device, Result, Tensor};
 
@@ -8,7 +9,7 @@ use serde::Deserialize;
 
 /// `rope_scaling` from config.json (transformers v4, MLX LM), or `rope_parameters`
 /// (transformers v5, which also moves `rope_theta` inside it).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 pub struct RopeScaling {
     /// `rope_type` (older configs call it `type`): `default`, `linear` or `llama3`.
     #[serde(alias = "type", default = "default_type")]
@@ -33,6 +34,18 @@ pub struct RopeScaling {
     pub attention_factor: Option<f64>,
     /// The fraction of each head's features that rotate (transformers v5 keeps it here).
     pub partial_rotary_factor: Option<f64>,
+    /// YaRN: frequencies turning fewer times than this over the original context are
+    /// interpolated...
+    pub beta_fast: Option<f64>,
+    /// ... and those turning more than this are kept (a linear ramp between).
+    pub beta_slow: Option<f64>,
+    /// YaRN (DeepSeek): the attention factor is `mscale(factor, mscale) / mscale(factor,
+    /// mscale_all_dim)` when both are given.
+    pub mscale: Option<f64>,
+    pub mscale_all_dim: Option<f64>,
+    /// YaRN: round the ramp's ends to whole dimensions (transformers' default; gpt-oss says
+    /// false. MLX LM always rounds).
+    pub truncate: Option<bool>,
 }
 
 fn one() -> f64 {
@@ -113,8 +126,20 @@ impl Rope {
                     }
                 }
             }
-            Some(other) => return Err(BuildError::unsupported_with(format!("rope_scaling type `{other}`"), "supported: default, linear, llama3, longrope")),
+            Some("yarn") => {
+                let Some(s) = scaling else { return Err(BuildError::unsupported("yarn rope scaling without parameters")) };
+                let Some(orig) = s.original_max_position_embeddings else {
+                    return Err(BuildError::ConfigValue { key: "rope_scaling.original_max_position_embeddings", value: "none".into(), allowed: "the context length before YaRN scaling" });
+                };
+                let mscale = yarn(&mut inv, theta, head_dim, orig, s);
+                return Self::from_inv(inv, dtype, device).map(|r| r.with_mscale(mscale));
+            }
+            Some(other) => return Err(BuildError::unsupported_with(format!("rope_scaling type `{other}`"), "supported: default, linear, llama3, longrope, yarn")),
         }
+        Self::from_inv(inv, dtype, device)
+    }
+
+    fn from_inv(inv: Vec<f64>, dtype: DType, device: &Device) -> std::result::Result<Self, BuildError> {
         let inv: Vec<f32> = inv.into_iter().map(|x| x as f32).collect();
         let n = inv.len();
         Ok(Self { inv_freq: Tensor::from_vec(inv, (1, n), device)?, dtype, mscale: 1.0 })
@@ -136,9 +161,59 @@ impl Rope {
     }
 }
 
+/// YaRN (transformers' `_compute_yarn_parameters`): each inverse frequency of `inv` (for
+/// `dim` rotated features) blends its interpolated (divided by the factor) and original
+/// values by a linear ramp over the dimensions whose rotations over the original context lie
+/// between `beta_slow` and `beta_fast`. Returns the attention factor cos and sin are scaled by.
+fn yarn(inv: &mut [f64], base: f64, dim: usize, orig: f64, s: &RopeScaling) -> f64 {
+    let factor = s.factor;
+    let get_mscale = |m: f64| if factor <= 1.0 { 1.0 } else { 0.1 * m * factor.ln() + 1.0 };
+    let attention = s.attention_factor.unwrap_or_else(|| match (s.mscale, s.mscale_all_dim) {
+        (Some(m), Some(all)) if m != 0.0 && all != 0.0 => get_mscale(m) / get_mscale(all),
+        _ => get_mscale(1.0),
+    });
+    let d = dim as f64;
+    let correction = |rotations: f64| d * (orig / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln());
+    let (mut low, mut high) = (correction(s.beta_fast.unwrap_or(32.0)), correction(s.beta_slow.unwrap_or(1.0)));
+    if s.truncate.unwrap_or(true) {
+        (low, high) = (low.floor(), high.ceil());
+    }
+    let (low, mut high) = (low.max(0.0), high.min(d - 1.0));
+    if low == high {
+        high += 0.001;
+    }
+    for (i, x) in inv.iter_mut().enumerate() {
+        // The share of the original frequency (1 below `low`, 0 above `high`).
+        let keep = 1.0 - ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+        *x = *x / factor * (1.0 - keep) + *x * keep;
+    }
+    attention
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Inverse frequencies and attention factors transformers 5.24 computes for gpt-oss's YaRN
+    /// (unrounded ramp) and DeepSeek-V3's (rounded, with mscale / mscale_all_dim).
+    #[test]
+    fn yarn_matches_transformers() -> std::result::Result<(), BuildError> {
+        let gpt_oss = RopeScaling { rope_type: "yarn".into(), factor: 32.0, beta_fast: Some(32.0), beta_slow: Some(1.0), truncate: Some(false), original_max_position_embeddings: Some(4096.0), ..Default::default() };
+        let deepseek = RopeScaling { rope_type: "yarn".into(), factor: 40.0, mscale: Some(1.0), mscale_all_dim: Some(0.707), original_max_position_embeddings: Some(4096.0), ..Default::default() };
+        let cases = [
+            (150_000.0, &gpt_oss, 1.3465735902799727, [1.0, 0.15532298386096954, 0.019334999844431877, 0.0004564839182421565, 1.818833698052913e-05, 3.023511396804679e-07]),
+            (10_000.0, &deepseek, 1.0857263992561355, [1.0, 0.23713736236095428, 0.05623412877321243, 0.005500000435858965, 0.0007905694073997438, 3.3338035336782923e-06]),
+        ];
+        for (theta, s, attention, want) in cases {
+            let rope = Rope::new(theta, 64, Some(s), DType::F32, &Device::Cpu)?;
+            assert!((rope.mscale - attention).abs() < 1e-12, "{} vs {attention}", rope.mscale);
+            let inv = rope.inv_freq.flatten_all()?.to_vec1::<f32>()?;
+            for (i, w) in [0, 5, 10, 16, 20, 31].into_iter().zip(want) {
+                assert!((f64::from(inv[i]) - w).abs() <= 1e-6 * w, "inv_freq[{i}] {} vs {w}", inv[i]);
+            }
+        }
+        Ok(())
+    }
 
     #[test]
     fn llama3_scaling_matches_transformers_formula() -> std::result::Result<(), BuildError> {
@@ -150,10 +225,7 @@ mod tests {
             low_freq_factor: Some(1.0),
             high_freq_factor: Some(4.0),
             original_max_position_embeddings: Some(8192.0),
-            long_factor: None,
-            short_factor: None,
-            attention_factor: None,
-            partial_rotary_factor: None,
+            ..Default::default()
         };
         let rope = Rope::new(500_000.0, 128, Some(&s), DType::F32, &Device::Cpu)?;
         let inv = rope.inv_freq.flatten_all()?.to_vec1::<f32>()?;
