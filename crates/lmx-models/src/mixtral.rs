@@ -36,7 +36,7 @@ impl Architecture for Config {
         let heads = AttentionConfig::from_heads(h, self.num_attention_heads, self.num_key_value_heads, self.head_dim)?;
         let attention = AttentionConfig { sliding_window: self.sliding_window, ..heads };
         let rope = Rope::from_config(&self.rope, 1_000_000.0, heads.head_dim, vb.dtype(), vb.device())?;
-        let moe = MoeConfig { hidden_size: h, intermediate_size: self.intermediate_size, num_experts: self.num_local_experts, top_k: self.num_experts_per_tok, normalize: true };
+        let moe = MoeConfig::new(h, self.intermediate_size, self.num_local_experts, self.num_experts_per_tok, true);
         let model = Decoder::new(vb, &self.decoder, rope, |vb, _| DecoderLayer::with_mlp(vb, &attention, Moe::new(&vb.pp("block_sparse_moe"), "gate", ["w1", "w3", "w2"], &moe)?, eps))?;
         Ok(Box::new(model))
     }

@@ -6,7 +6,7 @@ use lmx_nn::{BuildError, Builder, CausalLm};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::{gemma2, gemma3, llama, mistral, mixtral, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe};
+use crate::{gemma2, gemma3, gpt_oss, llama, mistral, mixtral, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe};
 
 /// A model file's config: parsed from config.json, it builds the model.
 pub trait Architecture: DeserializeOwned {
@@ -40,6 +40,7 @@ pub const ARCHITECTURES: &[Entry] = &[
     entry::<qwen3_moe::Config>("qwen3_moe"),
     entry::<mixtral::Config>("mixtral"),
     entry::<qwen2_moe::Config>("qwen2_moe"),
+    entry::<gpt_oss::Config>("gpt_oss"),
 ];
 
 /// The `model_type` values lmx can run, in table order.

@@ -196,7 +196,7 @@ fn every_architecture_sharded_over_two_and_three_ranks_equals_the_whole_model() 
 /// equal the whole model, in prefill, cached decode and per-sequence caches.
 #[test]
 fn moe_models_expert_parallel_over_two_and_three_ranks_equal_the_whole_model() {
-    for model_type in ["qwen3_moe", "mixtral", "qwen2_moe"] {
+    for model_type in ["qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss"] {
         for size in [2, 3] {
             check_sharded(model_type, size, Split::Expert);
         }
@@ -309,10 +309,12 @@ fn the_mistral_fixture_exercises_its_sliding_window() {
 /// in float32 and in 4-bit (groups of 32; Qwen3-MoE's router in 8 bits, MLX's per-module
 /// override). lmx reads them and gives MLX LM's logits: the float folders also transformers'
 /// (the same weights), the 4-bit ones within 1e-3 of the logit scale (the same packed weights;
-/// only summation order and lmx's int8 activations differ).
+/// only summation order and lmx's int8 activations differ). gpt-oss's MLX folders say YaRN
+/// `truncate: true` (MLX LM always rounds), so they compute other rotations than transformers'
+/// fixture and are checked against MLX LM alone.
 #[test]
 fn moe_models_as_mlx_lm_converts_them_match_mlx_lm() {
-    for model_type in ["qwen3_moe", "mixtral", "qwen2_moe"] {
+    for model_type in ["qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss"] {
         let dir = fixture_dir(&format!("{model_type}_mlx"));
         let mlx = lmx_io::Weights::from_safetensors(&[dir.join("logits.safetensors")]).expect("mlx logits");
         let ids = mlx.tensor("input_ids").expect("ids").to_dtype(DType::U32).expect("u32 ids");
@@ -330,7 +332,7 @@ fn moe_models_as_mlx_lm_converts_them_match_mlx_lm() {
             let (d, at) = max_diff(&got, &want);
             println!("{model_type} MLX {name}: max |logit diff| vs MLX LM {d:.3e} at {at} (scale {scale:.3})");
             assert!(d <= 1e-3 * scale, "{model_type} MLX {name}: lmx and MLX LM differ by {d} at {at}");
-            if vs_transformers {
+            if vs_transformers && model_type != "gpt_oss" {
                 let (d, at) = max_diff(&got, &transformers);
                 assert!(d <= 1e-4 * scale, "{model_type} MLX {name}: lmx and transformers differ by {d} at {at}");
             }

@@ -139,6 +139,25 @@ impl Builder {
         Builder { expert: Some((e, experts)), ..self.clone() }
     }
 
+    /// This builder reading `tensors` (full keys) instead of the checkpoint, its other
+    /// settings kept (device, dtype, group, expert parallelism): for tensors a model
+    /// rearranges as it loads (gpt-oss's fused experts into MLX's stacked layout). They are
+    /// dense and take no adapters.
+    pub fn with_tensors(&self, tensors: std::collections::HashMap<String, Tensor>) -> Builder {
+        let mut weights = Weights::from_tensors(tensors, &format!("{} (rearranged)", self.prefix));
+        if self.shared.weights.is_shapes_only() {
+            weights = weights.shapes_only();
+        }
+        let shared = Shared { weights, quantization: None, adapters: None, training: None, ..(*self.shared).clone() };
+        Builder { shared: Arc::new(shared), ..self.clone() }
+    }
+
+    /// Whether the checkpoint is a shape check's ([`Weights::shapes_only`]): tensors read are
+    /// placeholders.
+    pub fn is_shapes_only(&self) -> bool {
+        self.shared.weights.is_shapes_only()
+    }
+
     /// Whether the checkpoint holds tensor `name` under this prefix.
     pub fn has(&self, name: &str) -> bool {
         self.shared.weights.contains(&self.key(name))
@@ -389,6 +408,10 @@ impl Builder {
             Bias::Yes => Some(self.get_part(&[out_features], "bias", bias_part)?),
             Bias::No => None,
         };
+        // A row-parallel layer that leaves its sum to the caller: its bias is added on rank 0
+        // alone, or the sum would count it once per rank.
+        let unsummed = matches!(shard, Shard::Row(_)) && self.unreduced && self.shared.group.rank() != 0;
+        let bias = bias.filter(|_| !unsummed);
         let mut layer = Linear { weight, bias, adapter: None, reduce };
         if let Some(plan) = self.shared.adapters.as_ref().filter(|a| a.targets(&self.prefix)) {
             if shard != Shard::Replicated {

@@ -28,6 +28,6 @@ pub use error::BuildError;
 pub use kv_cache::{KvCache, KvOptions, KvView, LayerState};
 pub use linear::{Bias, Embedding, Linear, RmsNorm};
 pub use mlp::{Activation, Mlp};
-pub use moe::{Moe, MoeConfig, QwenMoeArgs};
+pub use moe::{Moe, MoeConfig, QwenMoeArgs, Routing};
 pub use rope::{Rope, RopeConfig, RopeScaling};
 pub use training::{Checkpointing, GradSink, Training};

@@ -9,12 +9,15 @@ use crate::error::BuildError;
 use crate::linear::{Bias, Linear};
 
 /// The gate's activation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Activation {
     /// SiLU (`hidden_act: silu`): SwiGLU.
     Silu,
     /// GELU, tanh approximation (`gelu_pytorch_tanh`): GeGLU.
     GeluTanh,
+    /// gpt-oss's clamped SwiGLU: the gate clamped above at `limit`, the up projection to
+    /// `[-limit, limit]`, then `(up + 1) * gate * sigmoid(alpha * gate)`.
+    ClampedSwiglu { alpha: f32, limit: f32 },
 }
 
 /// The `mlp` block of a decoder layer.
@@ -68,6 +71,13 @@ impl Mlp {
         match self.activation {
             Activation::Silu => ops::silu_mul(gate, up),
             Activation::GeluTanh => gate.gelu()? * up,
+            Activation::ClampedSwiglu { alpha, limit } => {
+                let (alpha, limit) = (f64::from(alpha), f64::from(limit));
+                let gate = gate.minimum(limit)?;
+                let up = (up.clamp(-limit, limit)? + 1.0)?;
+                let sigmoid = ((gate.affine(-alpha, 0.0)?.exp()? + 1.0)?).recip()?;
+                (gate * sigmoid)? * up
+            }
         }
     }
 

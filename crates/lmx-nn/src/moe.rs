@@ -39,6 +39,29 @@ pub struct MoeConfig {
     /// Whether the k kept scores are divided by their sum (Qwen3-MoE's `norm_topk_prob`;
     /// Mixtral always).
     pub normalize: bool,
+    /// Where the router's softmax is taken.
+    pub routing: Routing,
+    /// The router and every expert projection have a bias (gpt-oss).
+    pub bias: bool,
+    /// The experts' gate activation.
+    pub activation: Activation,
+}
+
+impl MoeConfig {
+    /// Qwen's and Mixtral's block: no biases, SwiGLU experts, a softmax over every expert.
+    pub fn new(hidden_size: usize, intermediate_size: usize, num_experts: usize, top_k: usize, normalize: bool) -> Self {
+        Self { hidden_size, intermediate_size, num_experts, top_k, normalize, routing: Routing::SoftmaxAll, bias: false, activation: Activation::Silu }
+    }
+}
+
+/// How router logits become the kept experts' weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routing {
+    /// A softmax over every expert, then the k largest (renormalized when
+    /// [`MoeConfig::normalize`]).
+    SoftmaxAll,
+    /// The k largest logits, then a softmax over those k (gpt-oss; Mixtral's equivalent).
+    TopKSoftmax,
 }
 
 /// The config.json keys of Qwen's mixture-of-experts families (Qwen2-MoE, Qwen3-MoE), read
@@ -67,7 +90,7 @@ fn one() -> usize {
 impl QwenMoeArgs {
     /// The block's shape for a model of `hidden_size`.
     pub fn config(&self, hidden_size: usize) -> MoeConfig {
-        MoeConfig { hidden_size, intermediate_size: self.moe_intermediate_size, num_experts: self.experts(), top_k: self.num_experts_per_tok, normalize: self.norm_topk_prob }
+        MoeConfig::new(hidden_size, self.moe_intermediate_size, self.experts(), self.num_experts_per_tok, self.norm_topk_prob)
     }
 
     fn experts(&self) -> usize {
@@ -88,6 +111,7 @@ pub struct Moe {
     experts: Vec<Option<Mlp>>,
     top_k: usize,
     normalize: bool,
+    routing: Routing,
     /// On several ranks (tensor or expert parallel): the group whose ranks' partial outputs
     /// are summed, once per block.
     reduce: Option<Arc<dyn Group>>,
@@ -97,15 +121,23 @@ pub struct Moe {
 }
 
 impl Moe {
-    /// Reads the router at `vb.pp(gate)` and the experts under `vb`: MLX's `switch_mlp`
-    /// (`gate_proj`, `up_proj`, `down_proj`) when the checkpoint has it, else Hugging Face's
-    /// `experts.{e}` with its projections named `hf_names` (`[gate, up, down]`).
+    /// Reads the router at `vb.pp(gate)` and the experts under `vb`: stacked as MLX stores
+    /// them (`switch_mlp.{gate,up,down}_proj`, or `experts.*` for gpt-oss) when the checkpoint
+    /// has them, else Hugging Face's `experts.{e}` with its projections named `hf_names`
+    /// (`[gate, up, down]`), or gpt-oss's fused `experts.gate_up_proj` (rearranged into
+    /// MLX's layout as MLX LM's sanitize does).
     pub fn new(vb: &Builder, gate: &str, hf_names: [&str; 3], cfg: &MoeConfig) -> std::result::Result<Self, BuildError> {
         if cfg.top_k == 0 || cfg.top_k > cfg.num_experts {
             return Err(BuildError::ConfigValue { key: "num_experts_per_tok", value: cfg.top_k.to_string(), allowed: "it must be between 1 and the number of experts" });
         }
-        let gate = vb.pp(gate).linear(cfg.hidden_size, cfg.num_experts, Bias::No, Shard::Replicated)?;
-        let switch = vb.pp("switch_mlp");
+        let bias = Bias::from(cfg.bias);
+        let gate = vb.pp(gate).linear(cfg.hidden_size, cfg.num_experts, bias, Shard::Replicated)?;
+        let rearranged = if vb.pp("experts").has("gate_up_proj") { Some(fused_experts(vb, cfg)?) } else { None };
+        let switch = match &rearranged {
+            Some(r) => r.pp("experts"),
+            None if vb.pp("experts").pp("gate_proj").has("weight") => vb.pp("experts"),
+            None => vb.pp("switch_mlp"),
+        };
         let stacked = switch.pp("gate_proj").has("weight");
         // Expert parallelism: rank r of n owns experts r, r + n, ... whole.
         let group = vb.group().clone();
@@ -122,7 +154,7 @@ impl Moe {
                 // Tensor parallel: each expert's share of the features, its down projection's
                 // partial sums added up with the others' in the block's one all-sum.
                 let expert = if ep { expert.local() } else { expert.unreduced() };
-                Mlp::with_names(&expert, names, cfg.hidden_size, cfg.intermediate_size, Bias::No, Activation::Silu).map(Some)
+                Mlp::with_names(&expert, names, cfg.hidden_size, cfg.intermediate_size, bias, cfg.activation).map(Some)
             })
             .collect::<std::result::Result<_, _>>()?;
         if ep && stacked {
@@ -130,7 +162,7 @@ impl Moe {
             // of the stacked tensors is expected.
             switch.skip();
         }
-        Ok(Self { gate, experts, top_k: cfg.top_k, normalize: cfg.normalize, reduce: (ranks > 1).then_some(group), shared: None })
+        Ok(Self { gate, experts, top_k: cfg.top_k, normalize: cfg.normalize, routing: cfg.routing, reduce: (ranks > 1).then_some(group), shared: None })
     }
 
     /// Adds the expert every token takes: `shared_expert` (an MLP of `intermediate_size`
@@ -144,18 +176,22 @@ impl Moe {
     }
 
     /// Each token's kept experts and their weights, from the router's logits (one row per
-    /// token): softmax in f32 over all experts, the k largest (the lower index first among
-    /// equals), divided by their sum when the model normalizes.
+    /// token): softmax in f32 over all experts (or, [`Routing::TopKSoftmax`], over the kept
+    /// ones), the k largest (the lower index first among equals), divided by their sum when
+    /// the model normalizes.
     fn route(&self, logits: &[Vec<f32>]) -> Vec<Vec<(usize, f32)>> {
         logits
             .iter()
             .map(|row| {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let e: Vec<f32> = row.iter().map(|v| (v - max).exp()).collect();
-                let total: f32 = e.iter().sum();
                 let mut order: Vec<usize> = (0..row.len()).collect();
-                order.sort_by(|&a, &b| e[b].total_cmp(&e[a]).then(a.cmp(&b)));
-                let mut kept: Vec<(usize, f32)> = order[..self.top_k].iter().map(|&i| (i, e[i] / total)).collect();
+                order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+                let max = row[order[0]];
+                // Summed in index order over all experts (as before), in score order over the kept.
+                let total: f32 = match self.routing {
+                    Routing::SoftmaxAll => row.iter().map(|v| (v - max).exp()).sum(),
+                    Routing::TopKSoftmax => order[..self.top_k].iter().map(|&i| (row[i] - max).exp()).sum(),
+                };
+                let mut kept: Vec<(usize, f32)> = order[..self.top_k].iter().map(|&i| (i, (row[i] - max).exp() / total)).collect();
                 if self.normalize {
                     let sum: f32 = kept.iter().map(|(_, w)| w).sum();
                     kept.iter_mut().for_each(|(_, w)| *w /= sum);
@@ -228,4 +264,47 @@ impl Moe {
             None => Ok(out),
         }
     }
+}
+
+/// gpt-oss's experts as transformers stores them (`experts.gate_up_proj` (experts, hidden,
+/// 2 x features) with gate and up features interleaved, `experts.down_proj` (experts,
+/// features, hidden), inputs first, biases `*_bias`) rearranged into MLX's stacked layout
+/// (`experts.{gate,up,down}_proj.{weight,bias}`, outputs first), as MLX LM's `sanitize` does:
+/// a builder over those tensors at `vb`'s prefix.
+fn fused_experts(vb: &Builder, cfg: &MoeConfig) -> std::result::Result<Builder, BuildError> {
+    let (e, h, i) = (cfg.num_experts, cfg.hidden_size, cfg.intermediate_size);
+    let fused = vb.pp("experts");
+    let gate_up = fused.get(&[e, h, 2 * i][..], "gate_up_proj")?;
+    let down = fused.get(&[e, i, h][..], "down_proj")?;
+    let (gate_up_bias, down_bias) = if cfg.bias { (Some(fused.get(&[e, 2 * i][..], "gate_up_proj_bias")?), Some(fused.get(&[e, h][..], "down_proj_bias")?)) } else { (None, None) };
+    let key = |name: &str| fused.key(name);
+    let mut tensors = std::collections::HashMap::new();
+    if vb.is_shapes_only() {
+        // A shape check: placeholders of the rearranged shapes (nothing allocated).
+        let placeholder = |dims: &[usize]| Tensor::zeros((), gate_up.dtype(), gate_up.device())?.broadcast_as(dims);
+        for name in ["gate_proj", "up_proj"] {
+            tensors.insert(key(&format!("{name}.weight")), placeholder(&[e, i, h])?);
+            if cfg.bias {
+                tensors.insert(key(&format!("{name}.bias")), placeholder(&[e, i])?);
+            }
+        }
+        tensors.insert(key("down_proj.weight"), placeholder(&[e, h, i])?);
+        if cfg.bias {
+            tensors.insert(key("down_proj.bias"), placeholder(&[e, h])?);
+        }
+        return Ok(vb.with_tensors(tensors));
+    }
+    // Feature f of the gate is column 2f, of the up projection column 2f + 1.
+    let pairs = gate_up.reshape((e, h, i, 2))?;
+    for (name, at) in [("gate_proj", 0), ("up_proj", 1)] {
+        tensors.insert(key(&format!("{name}.weight")), pairs.narrow(3, at, 1)?.squeeze(3)?.transpose(1, 2)?.contiguous()?);
+        if let Some(b) = &gate_up_bias {
+            tensors.insert(key(&format!("{name}.bias")), b.reshape((e, i, 2))?.narrow(2, at, 1)?.squeeze(2)?.contiguous()?);
+        }
+    }
+    tensors.insert(key("down_proj.weight"), down.transpose(1, 2)?.contiguous()?);
+    if let Some(b) = down_bias {
+        tensors.insert(key("down_proj.bias"), b);
+    }
+    Ok(vb.with_tensors(tensors))
 }

@@ -198,7 +198,15 @@ mod tests {
     /// (unrounded ramp) and DeepSeek-V3's (rounded, with mscale / mscale_all_dim).
     #[test]
     fn yarn_matches_transformers() -> std::result::Result<(), BuildError> {
-        let gpt_oss = RopeScaling { rope_type: "yarn".into(), factor: 32.0, beta_fast: Some(32.0), beta_slow: Some(1.0), truncate: Some(false), original_max_position_embeddings: Some(4096.0), ..Default::default() };
+        let gpt_oss = RopeScaling {
+            rope_type: "yarn".into(),
+            factor: 32.0,
+            beta_fast: Some(32.0),
+            beta_slow: Some(1.0),
+            truncate: Some(false),
+            original_max_position_embeddings: Some(4096.0),
+            ..Default::default()
+        };
         let deepseek = RopeScaling { rope_type: "yarn".into(), factor: 40.0, mscale: Some(1.0), mscale_all_dim: Some(0.707), original_max_position_embeddings: Some(4096.0), ..Default::default() };
         let cases = [
             (150_000.0, &gpt_oss, 1.3465735902799727, [1.0, 0.15532298386096954, 0.019334999844431877, 0.0004564839182421565, 1.818833698052913e-05, 3.023511396804679e-07]),
