@@ -25,13 +25,13 @@ const STACKED: &[(&str, &[(&str, &str)])] = &[
     ("mixtral", &[("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")]),
 ];
 
-/// Model types whose router MLX LM's `quant_predicate` keeps in 8 bits.
-const ROUTER_8BIT: &[&str] = &["qwen3_moe"];
+/// Model types whose router MLX LM's `quant_predicate` keeps in 8 bits, and the router's name.
+const ROUTER_8BIT: &[(&str, &str)] = &[("qwen3_moe", "mlp.gate"), ("gpt_oss", "mlp.router")];
 
-/// MLX LM's `quant_predicate` of these models: the router (`mlp.gate`) in 8 bits, groups of 64,
-/// unless a rule or recipe of the user's decides.
+/// MLX LM's `quant_predicate` of these models: the router in 8 bits, groups of 64, unless a
+/// rule or recipe of the user's decides.
 pub fn router_spec(model_type: &str, module: &str) -> Option<(usize, usize)> {
-    (ROUTER_8BIT.contains(&model_type) && module.ends_with("mlp.gate")).then_some((8, 64))
+    ROUTER_8BIT.iter().any(|(t, router)| *t == model_type && module.ends_with(router)).then_some((8, 64))
 }
 
 impl Stacking {

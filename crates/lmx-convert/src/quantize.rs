@@ -197,8 +197,10 @@ impl<'a> Plan<'a> {
     /// biases for a quantized matrix, else the tensor itself.
     pub fn tensor(&mut self, key: &str, t: Tensor, stats: &mut Stats) -> Result<Vec<(String, Tensor)>, ConvertError> {
         let opts = self.opts;
-        // Matrices, and stacked experts' matrices (experts, out, in), quantized per expert.
-        let module = key.strip_suffix(".weight").filter(|_| (t.rank() == 2 || (t.rank() == 3 && key.contains(".switch_mlp."))) && t.dtype().is_float());
+        // Matrices, and stacked experts' matrices (experts, out, in: `switch_mlp`, gpt-oss's
+        // `experts`), quantized per expert.
+        let stacked = t.rank() == 3 && (key.contains(".switch_mlp.") || key.contains(".experts."));
+        let module = key.strip_suffix(".weight").filter(|_| (t.rank() == 2 || stacked) && t.dtype().is_float());
         let cols = *t.dims().last().unwrap_or(&0);
         // MLX LM skips matrices whose rows the default group size does not divide.
         let Some(module) = module.filter(|_| cols % opts.group_size == 0) else {

@@ -145,8 +145,8 @@ fn greedy_tokens_follow_mlx_lm_generate() {
     }
 }
 
-/// `lmx convert` of the Hugging Face mixture-of-experts fixtures (experts apart) writes what
-/// `mlx_lm.convert` wrote for them (tests/fixtures/{qwen3_moe,mixtral}_mlx,
+/// `lmx convert` of the Hugging Face mixture-of-experts fixtures (experts apart; gpt-oss's
+/// already stacked) writes what `mlx_lm.convert` wrote for them (tests/fixtures/*_mlx,
 /// `scripts/fixtures/mlx_moe.py`): experts stacked into `switch_mlp` (Mixtral's w1/w3/w2
 /// renamed), in float32 and in 4-bit with groups of 32 (the experts quantized per expert,
 /// Qwen3-MoE's router in 8 bits with groups of 64 as MLX LM's predicate says), tensor for
@@ -154,13 +154,15 @@ fn greedy_tokens_follow_mlx_lm_generate() {
 #[test]
 fn moe_conversion_matches_mlx_lm_convert_byte_for_byte() {
     let fixtures = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
-    for model_type in ["qwen3_moe", "mixtral", "qwen2_moe"] {
+    // gpt-oss starts from MLX's float32 folder: MLX LM cannot stack the experts transformers
+    // writes (scripts/fixtures/mlx_moe.py does it for MLX LM).
+    for (model_type, source) in [("qwen3_moe", "qwen3_moe"), ("mixtral", "mixtral"), ("qwen2_moe", "qwen2_moe"), ("gpt_oss", "gpt_oss_mlx/f32")] {
         let tmp = std::env::temp_dir().join(format!("lmx-moe-convert-{model_type}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         let src = tmp.join("hf");
         std::fs::create_dir_all(&src).expect("mkdir");
         for f in ["config.json", "model.safetensors"] {
-            std::fs::copy(fixtures.join(model_type).join(f), src.join(f)).expect("copy fixture");
+            std::fs::copy(fixtures.join(source).join(f), src.join(f)).expect("copy fixture");
         }
         let tokenizer = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,"model":{"type":"WordLevel","vocab":{"<unk>":0,"a":1},"unk_token":"<unk>"}}"#;
         std::fs::write(src.join("tokenizer.json"), tokenizer).expect("tokenizer");
