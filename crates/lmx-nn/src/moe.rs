@@ -1,7 +1,8 @@
-//! The mixture-of-experts feed-forward block (Qwen3-MoE, Qwen2-MoE, Mixtral): a linear router
-//! scores every expert per token, the top k are kept (softmax over all experts, then the k
-//! largest, renormalized where the model asks), and the block's output is the kept experts'
-//! gated-MLP outputs weighted by those scores.
+//! The mixture-of-experts feed-forward block (Qwen3-MoE, Qwen2-MoE, Mixtral, gpt-oss): a linear
+//! router scores every expert per token, the top k are kept (softmax over all experts, then
+//! the k largest, renormalized where the model asks; or gpt-oss's softmax over the k largest
+//! logits), and the block's output is the kept experts' gated-MLP outputs weighted by those
+//! scores.
 //!
 //! Experts are read either as MLX stores them (`switch_mlp.{gate,up,down}_proj` with a
 //! leading expert dimension, dense or MLX-quantized, as `mlx_lm.convert` writes them) or as
