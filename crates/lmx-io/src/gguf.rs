@@ -46,7 +46,29 @@ const BLOCK_NAMES: &[(&str, &str)] = &[
     ("ffn_gate", "mlp.gate_proj"),
     ("ffn_up", "mlp.up_proj"),
     ("ffn_down", "mlp.down_proj"),
+    // Mixture of experts: the router and the experts stacked (experts, out, in), which is
+    // MLX's `switch_mlp` layout.
+    ("ffn_gate_inp", "mlp.gate"),
+    ("ffn_gate_exps", "mlp.switch_mlp.gate_proj"),
+    ("ffn_up_exps", "mlp.switch_mlp.up_proj"),
+    ("ffn_down_exps", "mlp.switch_mlp.down_proj"),
+    // Qwen2-MoE's shared expert and its gate.
+    ("ffn_gate_shexp", "mlp.shared_expert.gate_proj"),
+    ("ffn_up_shexp", "mlp.shared_expert.up_proj"),
+    ("ffn_down_shexp", "mlp.shared_expert.down_proj"),
+    ("ffn_gate_inp_shexp", "mlp.shared_expert_gate"),
 ];
+
+/// The `model_type` of a GGUF `general.architecture` (the same name unless listed), given
+/// whether its blocks hold experts: llama.cpp writes Mixtral as `llama` with experts.
+fn model_type(arch: &str, experts: bool) -> &str {
+    match (arch, experts) {
+        ("qwen3moe", _) => "qwen3_moe",
+        ("qwen2moe", _) => "qwen2_moe",
+        ("llama", true) => "mixtral",
+        (a, _) => a,
+    }
+}
 
 /// The Hugging Face key of a GGUF tensor name, or None for names lmx does not map.
 pub fn hf_name(gguf_name: &str) -> Option<String> {
@@ -195,7 +217,7 @@ pub fn load_from(mut reader: impl Read + Seek, file_len: u64, path: &Path) -> Re
         return Err(gguf_err(path, format!("{arch}.attention.head_count {n_heads} and head_count_kv {n_kv_heads}: both must be at least 1 and the first a multiple of the second")));
     }
 
-    let mut tensors = HashMap::new();
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut rope_freqs = None;
     for name in content.tensor_infos.keys() {
         let q = content.tensor(&mut reader, name, &Device::Cpu).map_err(|e| gguf_err(path, format!("tensor `{name}`: {e}")))?;
@@ -219,6 +241,13 @@ pub fn load_from(mut reader: impl Read + Seek, file_len: u64, path: &Path) -> Re
         tensors.insert(hf, t);
     }
     let embed_rows = tensors.get("model.embed_tokens.weight").map(|t| t.dims()[0]);
+    let n_layers = meta.uint(&arch_key("block_count"))?;
+    let expert_count = meta.uint_opt(&arch_key("expert_count")).unwrap_or(0);
+    let model_type = model_type(&arch, expert_count > 0);
+    if model_type == "mixtral" {
+        // Mixtral's block is `block_sparse_moe` (router `gate`, experts in `switch_mlp`).
+        tensors = tensors.into_iter().map(|(k, t)| (k.replace(".mlp.gate.", ".block_sparse_moe.gate.").replace(".mlp.switch_mlp.", ".block_sparse_moe.switch_mlp."), t)).collect();
+    }
 
     let (tokenizer, tokenizer_config, bos, eos) = tokenizer_from_meta(&meta)?;
     let mut eos_ids: Vec<u32> = eos.into_iter().collect();
@@ -229,10 +258,33 @@ pub fn load_from(mut reader: impl Read + Seek, file_len: u64, path: &Path) -> Re
     }
 
     let mut config = Map::new();
-    config.insert("model_type".into(), arch.clone().into());
+    config.insert("model_type".into(), model_type.into());
     config.insert("hidden_size".into(), meta.uint(&arch_key("embedding_length"))?.into());
-    config.insert("intermediate_size".into(), meta.uint(&arch_key("feed_forward_length"))?.into());
-    config.insert("num_hidden_layers".into(), meta.uint(&arch_key("block_count"))?.into());
+    match meta.uint_opt(&arch_key("feed_forward_length")) {
+        Some(n) => config.insert("intermediate_size".into(), n.into()),
+        None if expert_count > 0 => None,
+        None => config.insert("intermediate_size".into(), meta.uint(&arch_key("feed_forward_length"))?.into()),
+    };
+    config.insert("num_hidden_layers".into(), n_layers.into());
+    if expert_count > 0 {
+        let used = meta.uint(&arch_key("expert_used_count"))?;
+        config.insert("num_experts_per_tok".into(), used.into());
+        if model_type == "mixtral" {
+            config.insert("num_local_experts".into(), expert_count.into());
+        } else {
+            config.insert("num_experts".into(), expert_count.into());
+            let per_expert = meta.uint_opt(&arch_key("expert_feed_forward_length")).or(meta.uint_opt(&arch_key("feed_forward_length")));
+            config.insert("moe_intermediate_size".into(), per_expert.ok_or_else(|| gguf_err(path, format!("metadata key `{arch}.expert_feed_forward_length` is missing")))?.into());
+            // Qwen3-MoE renormalizes the kept weights (llama.cpp: `expert_weights_norm`).
+            config.insert("norm_topk_prob".into(), meta.bool_opt(&arch_key("expert_weights_norm")).unwrap_or(model_type == "qwen3_moe").into());
+            // Blocks without a router hold a dense MLP.
+            let dense: Vec<usize> = (0..n_layers).filter(|i| !tensors.contains_key(&format!("model.layers.{i}.mlp.gate.weight"))).collect();
+            config.insert("mlp_only_layers".into(), json!(dense));
+            if let Some(shared) = meta.uint_opt(&arch_key("expert_shared_feed_forward_length")) {
+                config.insert("shared_expert_intermediate_size".into(), shared.into());
+            }
+        }
+    }
     config.insert("num_attention_heads".into(), n_heads.into());
     config.insert("num_key_value_heads".into(), n_kv_heads.into());
     config.insert("rms_norm_eps".into(), meta.float_opt(&arch_key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5).into());

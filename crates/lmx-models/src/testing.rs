@@ -339,3 +339,138 @@ fn moe_models_as_mlx_lm_converts_them_match_mlx_lm() {
         }
     }
 }
+
+/// A Hugging Face fixture written as llama.cpp's converter writes a GGUF (float32): llama.cpp's
+/// names, experts stacked (`ffn_{gate,up,down}_exps`), the Llama family's q/k rows permuted,
+/// `{arch}.expert_*` metadata, a tokenizer of placeholder tokens.
+fn fixture_as_gguf(model_type: &str, arch: &str) -> PathBuf {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    use std::collections::BTreeMap;
+    let dir = fixture_dir(model_type);
+    let config = lmx_io::config::read_json(&dir.join("config.json")).expect("config");
+    let weights = Weights::from_safetensors(&[dir.join("model.safetensors")]).expect("weights");
+    let n = |k: &str| config.get(k).and_then(|v| v.as_u64()).map(|v| v as u32);
+    let (heads, kv_heads) = (n("num_attention_heads").expect("heads"), n("num_key_value_heads").expect("kv heads"));
+    // llama.cpp's permutation of the Llama family's q/k rows (rotary pairs interleaved).
+    let permute = |t: &Tensor, h: u32| {
+        let (rows, cols) = t.dims2().expect("2-D");
+        let h = h as usize;
+        t.reshape((h, 2, rows / h / 2, cols)).and_then(|t| t.transpose(1, 2)).and_then(|t| t.contiguous()).and_then(|t| t.reshape((rows, cols))).expect("permute")
+    };
+    let names = [
+        ("input_layernorm", "attn_norm"),
+        ("post_attention_layernorm", "ffn_norm"),
+        ("self_attn.q_proj", "attn_q"),
+        ("self_attn.k_proj", "attn_k"),
+        ("self_attn.v_proj", "attn_v"),
+        ("self_attn.o_proj", "attn_output"),
+        ("self_attn.q_norm", "attn_q_norm"),
+        ("self_attn.k_norm", "attn_k_norm"),
+        ("mlp.gate_proj", "ffn_gate"),
+        ("mlp.up_proj", "ffn_up"),
+        ("mlp.down_proj", "ffn_down"),
+        ("mlp.gate", "ffn_gate_inp"),
+        ("block_sparse_moe.gate", "ffn_gate_inp"),
+        ("mlp.shared_expert.gate_proj", "ffn_gate_shexp"),
+        ("mlp.shared_expert.up_proj", "ffn_up_shexp"),
+        ("mlp.shared_expert.down_proj", "ffn_down_shexp"),
+        ("mlp.shared_expert_gate", "ffn_gate_inp_shexp"),
+    ];
+    let experts = [("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"), ("down_proj", "ffn_down_exps"), ("w1", "ffn_gate_exps"), ("w3", "ffn_up_exps"), ("w2", "ffn_down_exps")];
+    let mut out: Vec<(String, Tensor)> = Vec::new();
+    let mut stacks: BTreeMap<String, BTreeMap<usize, Tensor>> = BTreeMap::new();
+    for key in weights.keys() {
+        let t = weights.tensor(&key).expect("tensor");
+        let fixed = match key.as_str() {
+            "model.embed_tokens.weight" => Some("token_embd.weight".to_string()),
+            "model.norm.weight" => Some("output_norm.weight".to_string()),
+            "lm_head.weight" => Some("output.weight".to_string()),
+            _ => None,
+        };
+        if let Some(name) = fixed {
+            out.push((name, t));
+            continue;
+        }
+        let rest = key.strip_prefix("model.layers.").expect("a layer key");
+        let (layer, rest) = rest.split_once('.').expect("layer index");
+        let (module, kind) = rest.rsplit_once('.').expect("kind");
+        if let Some((_, e_proj)) = module.split_once(".experts.") {
+            let (e, proj) = e_proj.split_once('.').expect("expert index");
+            let gguf = experts.iter().find(|(h, _)| *h == proj).expect("an expert projection").1;
+            stacks.entry(format!("blk.{layer}.{gguf}.{kind}")).or_default().insert(e.parse().expect("expert"), t);
+            continue;
+        }
+        let gguf = names.iter().find(|(h, _)| *h == module).unwrap_or_else(|| panic!("no GGUF name for {key}")).1;
+        let t = match (arch, gguf, kind) {
+            ("llama", "attn_q", "weight") => permute(&t, heads),
+            ("llama", "attn_k", "weight") => permute(&t, kv_heads),
+            _ => t,
+        };
+        out.push((format!("blk.{layer}.{gguf}.{kind}"), t));
+    }
+    for (name, by_expert) in stacks {
+        let parts: Vec<Tensor> = by_expert.into_values().collect();
+        out.push((name, Tensor::stack(&parts, 0).expect("stack")));
+    }
+    let qtensors: Vec<(String, QTensor)> = out.iter().map(|(k, t)| (k.clone(), QTensor::quantize(t, GgmlDType::F32).expect("f32 tensor"))).collect();
+    let s = |x: &str| gguf_file::Value::String(x.into());
+    let u = gguf_file::Value::U32;
+    let f = gguf_file::Value::F32;
+    let vocab = n("vocab_size").expect("vocab");
+    let mut metadata = vec![
+        ("general.architecture".to_string(), s(arch)),
+        (format!("{arch}.block_count"), u(n("num_hidden_layers").expect("layers"))),
+        (format!("{arch}.context_length"), u(n("max_position_embeddings").expect("context"))),
+        (format!("{arch}.embedding_length"), u(n("hidden_size").expect("hidden"))),
+        (format!("{arch}.attention.head_count"), u(heads)),
+        (format!("{arch}.attention.head_count_kv"), u(kv_heads)),
+        (format!("{arch}.attention.layer_norm_rms_epsilon"), f(config["rms_norm_eps"].as_f64().expect("eps") as f32)),
+        (format!("{arch}.rope.freq_base"), f(config["rope_parameters"]["rope_theta"].as_f64().expect("theta") as f32)),
+        (format!("{arch}.expert_count"), u(n("num_experts").or(n("num_local_experts")).expect("experts"))),
+        (format!("{arch}.expert_used_count"), u(n("num_experts_per_tok").expect("k"))),
+        ("tokenizer.ggml.model".to_string(), s("gpt2")),
+        ("tokenizer.ggml.tokens".to_string(), gguf_file::Value::Array((0..vocab).map(|i| s(&format!("t{i}"))).collect())),
+        ("tokenizer.ggml.merges".to_string(), gguf_file::Value::Array(vec![])),
+        ("tokenizer.ggml.eos_token_id".to_string(), u(0)),
+    ];
+    for (key, gguf) in [
+        ("intermediate_size", "feed_forward_length"),
+        ("moe_intermediate_size", "expert_feed_forward_length"),
+        ("head_dim", "attention.key_length"),
+        ("shared_expert_intermediate_size", "expert_shared_feed_forward_length"),
+    ] {
+        if let Some(v) = n(key) {
+            metadata.push((format!("{arch}.{gguf}"), u(v)));
+        }
+    }
+    if let Some(norm) = config.get("norm_topk_prob").and_then(|v| v.as_bool()) {
+        metadata.push((format!("{arch}.expert_weights_norm"), gguf_file::Value::Bool(norm)));
+    }
+    let path = std::env::temp_dir().join(format!("lmx-{model_type}-{}.gguf", std::process::id()));
+    let mut file = std::fs::File::create(&path).expect("create");
+    let meta: Vec<(&str, &gguf_file::Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = qtensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut file, &meta, &tensors).expect("write gguf");
+    path
+}
+
+/// The mixture-of-experts fixtures as GGUF files (llama.cpp's names and layout: Qwen3-MoE's
+/// `qwen3moe` with a dense block where there is no router, Qwen2-MoE's shared expert,
+/// Mixtral as `llama` with experts) load and give transformers' logits.
+#[test]
+fn moe_models_from_gguf_match_their_golden_fixture() {
+    for (model_type, arch) in [("qwen3_moe", "qwen3moe"), ("qwen2_moe", "qwen2moe"), ("mixtral", "llama")] {
+        let path = fixture_as_gguf(model_type, arch);
+        let model = lmx_io::gguf::load(&path).expect("lmx reads the GGUF");
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(model.config["model_type"], model_type, "{arch}");
+        let vb = Builder::new(Weights::from_tensors(model.tensors, "gguf"), DType::F32, &Device::Cpu);
+        let lm = load_model(model_type, &model.config, &vb).unwrap_or_else(|e| panic!("{model_type} from GGUF: {e}"));
+        vb.finish(is_ignored_key).expect("every GGUF tensor is used");
+        let g = golden(model_type);
+        let got = lm.forward(&g.input_ids, &mut lm.new_cache(), Logits::All).expect("forward");
+        let (d, at) = max_diff(&got, &g.logits);
+        println!("{model_type} from GGUF ({arch}): max |logit diff| {d:.3e} at {at}");
+        assert!(d <= 1e-4 * g.scale, "{model_type} from GGUF differs from transformers by {d} at {at}");
+    }
+}
