@@ -208,25 +208,34 @@ impl Module for Moe {
         let dims = x.dims().to_vec();
         let hidden = *dims.last().unwrap_or(&0);
         let xs = x.reshape(((), hidden))?;
-        let logits = self.gate.forward(&xs)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-        if logits.len() == 1 {
+        let logits_t = self.gate.forward(&xs)?.to_dtype(DType::F32)?;
+        let logits = logits_t.to_vec2::<f32>()?;
+        if logits.len() == 1 && !logits_t.track_op() {
             return self.forward_token(x, &xs, &logits);
         }
+        let routes = self.route(&logits);
+        // Fine-tuning (the logits on the gradient tape): the kept weights are recomputed from
+        // the logits by tensor ops, so gradients reach the router and everything before it
+        // through them too (as in transformers); which experts are kept stays this decision.
+        let on_tape = if logits_t.track_op() { Some(self.kept_weights(&logits_t, &routes)?) } else { None };
         // Tokens (and their weights) per expert, experts in index order: the order in which
         // transformers adds the experts' outputs.
         let mut routed: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); self.experts.len()];
-        for (token, kept) in self.route(&logits).into_iter().enumerate() {
+        for (token, kept) in routes.into_iter().enumerate() {
             for (e, w) in kept {
                 routed[e].0.push(token as u32);
                 routed[e].1.push(w);
             }
         }
         let mut out = Tensor::zeros(xs.dims(), DType::F32, xs.device())?;
-        for (expert, (tokens, weights)) in self.experts.iter().zip(&routed) {
+        for (e, (expert, (tokens, weights))) in self.experts.iter().zip(&routed).enumerate() {
             let Some(expert) = expert.as_ref().filter(|_| !tokens.is_empty()) else { continue };
             let ids = Tensor::new(tokens.as_slice(), xs.device())?;
             let y = expert.forward(&xs.index_select(&ids, 0)?.unsqueeze(0)?)?.squeeze(0)?;
-            let w = Tensor::new(weights.as_slice(), xs.device())?.unsqueeze(1)?;
+            let w = match &on_tape {
+                Some(w) => w.index_select(&ids, 0)?.narrow(1, e, 1)?,
+                None => Tensor::new(weights.as_slice(), xs.device())?.unsqueeze(1)?,
+            };
             out = out.index_add(&ids, &y.to_dtype(DType::F32)?.broadcast_mul(&w)?, 0)?;
         }
         self.finish(out, x)
@@ -234,6 +243,24 @@ impl Module for Moe {
 }
 
 impl Moe {
+    /// Every token's weight for every expert (0 for those not kept), (tokens, experts), as a
+    /// differentiable function of the router `logits`: the softmax over all experts masked to
+    /// the kept ones, renormalized where the model asks (a softmax over the kept logits, gpt-oss's
+    /// routing, is the same thing).
+    fn kept_weights(&self, logits: &Tensor, routes: &[Vec<(usize, f32)>]) -> Result<Tensor> {
+        let n = logits.dim(1)?;
+        let mut mask = vec![0f32; routes.len() * n];
+        for (t, kept) in routes.iter().enumerate() {
+            kept.iter().for_each(|&(e, _)| mask[t * n + e] = 1.0);
+        }
+        let mask = Tensor::from_vec(mask, (routes.len(), n), logits.device())?;
+        let kept = (lmx_core::ops::softmax_last_dim(logits)? * mask)?;
+        if self.normalize || self.routing == Routing::TopKSoftmax {
+            return kept.broadcast_div(&kept.sum_keepdim(1)?);
+        }
+        Ok(kept)
+    }
+
     /// One token (decode): its experts' gate and up projections in one shared step, no
     /// gather or scatter; the weighted outputs added in f32 in expert order, as above.
     fn forward_token(&self, x: &Tensor, xs: &Tensor, logits: &[Vec<f32>]) -> Result<Tensor> {
@@ -308,4 +335,42 @@ fn fused_experts(vb: &Builder, cfg: &MoeConfig) -> std::result::Result<Builder, 
         tensors.insert(key("down_proj.bias"), b);
     }
     Ok(vb.with_tensors(tensors))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use lmx_core::{DType, Device, Module, Result, Tensor};
+    use lmx_io::Weights;
+
+    use super::*;
+
+    /// The block's input gradient equals central differences, with the router's own path
+    /// included (the kept experts' weights depend on the input through the router), for both
+    /// routings, with and without biases.
+    #[test]
+    fn the_input_gradient_includes_the_router() -> Result<()> {
+        let dev = Device::Cpu;
+        let (h, i, e) = (8, 6, 4);
+        let t = |shape: &[usize], std: f32| Tensor::randn(0f32, std, shape, &dev);
+        for (routing, bias, normalize) in [(Routing::SoftmaxAll, false, true), (Routing::SoftmaxAll, false, false), (Routing::TopKSoftmax, true, false)] {
+            let mut tensors = HashMap::from([("mlp.gate.weight".to_string(), t(&[e, h], 1.0)?)]);
+            for (name, shape) in [("gate_proj", [e, i, h]), ("up_proj", [e, i, h]), ("down_proj", [e, h, i])] {
+                tensors.insert(format!("mlp.switch_mlp.{name}.weight"), t(&shape, 0.5)?);
+                if bias {
+                    tensors.insert(format!("mlp.switch_mlp.{name}.bias"), t(&shape[..2], 0.5)?);
+                }
+            }
+            if bias {
+                tensors.insert("mlp.gate.bias".to_string(), t(&[e], 0.5)?);
+            }
+            let vb = Builder::new(Weights::from_tensors(tensors, "t"), DType::F32, &dev);
+            let cfg = MoeConfig { routing, bias, ..MoeConfig::new(h, i, e, 2, normalize) };
+            let moe = Moe::new(&vb.pp("mlp"), "gate", ["gate_proj", "up_proj", "down_proj"], &cfg).map_err(|e| lmx_core::Error::Msg(e.to_string()))?;
+            let x = t(&[1, 5, h], 1.0)?;
+            lmx_core::gradcheck::check_grad(|x| moe.forward(x), &x, 2e-2)?;
+        }
+        Ok(())
+    }
 }
