@@ -20,20 +20,25 @@ fn ints(t: &Tensor) -> Vec<usize> {
     t.to_dtype(DType::I64).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<i64>()).expect("ints").into_iter().map(|v| v as usize).collect()
 }
 
+///
+/// And on the tiny Qwen3-MoE fixture (scripts/fixtures/lora_grads_moe.py): LoRA on the
+/// attention of its three layers, whose gradients pass through two mixture-of-experts blocks,
+/// the routers' softmax included.
 #[test]
 fn lora_and_dora_gradients_equal_peft() {
-    let model_dir = fixtures().join("llama");
-    let config = lmx_io::config::read_json(&model_dir.join("config.json")).expect("config");
-    for variant in ["lora", "dora"] {
+    for (model_type, variant) in [("llama", "lora"), ("llama", "dora"), ("qwen3_moe", "qwen3_moe")] {
+        let model_dir = fixtures().join(model_type);
+        let config = lmx_io::config::read_json(&model_dir.join("config.json")).expect("config");
+        let layers = config["num_hidden_layers"].as_u64().expect("layers") as usize;
         let dir = fixtures().join("lora_grads").join(variant);
         let ac = parse_config(&dir.join("adapter_config.json")).expect("adapter config");
-        let plan = AdapterPlan::new(ac.fine_tune_type, ac.num_layers, 2, ac.lora_parameters.clone().expect("params"), 0)
+        let plan = AdapterPlan::new(ac.fine_tune_type, ac.num_layers, layers, ac.lora_parameters.clone().expect("params"), 0)
             .expect("plan")
             .with_saved(load_adapter_file(&dir.join("adapters.safetensors")).expect("adapters"), "fixture");
         let training = Arc::new(Training::new());
         let weights = Weights::from_safetensors(&[model_dir.join("model.safetensors")]).expect("weights");
         let vb = Builder::new(weights, DType::F32, &Device::Cpu).with_adapters(Arc::new(plan)).with_training(training.clone());
-        let model = lmx_models::load_model("llama", &config, &vb).expect("model");
+        let model = lmx_models::load_model(model_type, &config, &vb).expect("model");
         vb.finish(|_| false).expect("every adapter tensor used");
         training.set_active(true);
 
