@@ -56,13 +56,19 @@ impl MoeConfig {
 }
 
 /// How router logits become the kept experts' weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Routing {
     /// A softmax over every expert, then the k largest (renormalized when
     /// [`MoeConfig::normalize`]).
     SoftmaxAll,
     /// The k largest logits, then a softmax over those k (gpt-oss; Mixtral's equivalent).
     TopKSoftmax,
+    /// DeepSeek-V3's: each expert's score is the sigmoid of its logit; experts are chosen by
+    /// score plus the router's `e_score_correction_bias`, only within the `topk_group` best of
+    /// `groups` equal groups (a group's worth: its two best choice scores); the kept scores
+    /// (without the bias) are renormalized when [`MoeConfig::normalize`], then multiplied by
+    /// `scaling` (`routed_scaling_factor`).
+    GroupedSigmoid { groups: usize, topk_group: usize, scaling: f32 },
 }
 
 /// The config.json keys of Qwen's mixture-of-experts families (Qwen2-MoE, Qwen3-MoE), read
@@ -113,12 +119,14 @@ pub struct Moe {
     top_k: usize,
     normalize: bool,
     routing: Routing,
+    /// DeepSeek's `e_score_correction_bias` (one per expert), added to the scores that choose.
+    correction: Option<Vec<f32>>,
     /// On several ranks (tensor or expert parallel): the group whose ranks' partial outputs
     /// are summed, once per block.
     reduce: Option<Arc<dyn Group>>,
-    /// An expert every token takes (Qwen2-MoE's `shared_expert`), weighted by the sigmoid
-    /// of its own gate (`shared_expert_gate`).
-    shared: Option<(Mlp, Linear)>,
+    /// An expert every token takes: Qwen2-MoE's `shared_expert`, weighted by the sigmoid of
+    /// its own gate (`shared_expert_gate`), or DeepSeek's `shared_experts`, unweighted.
+    shared: Option<(Mlp, Option<Linear>)>,
 }
 
 impl Moe {
@@ -131,8 +139,22 @@ impl Moe {
         if cfg.top_k == 0 || cfg.top_k > cfg.num_experts {
             return Err(BuildError::ConfigValue { key: "num_experts_per_tok", value: cfg.top_k.to_string(), allowed: "it must be between 1 and the number of experts" });
         }
+        if let Routing::GroupedSigmoid { groups, topk_group, .. } = cfg.routing {
+            if groups == 0 || cfg.num_experts % groups != 0 || topk_group == 0 || topk_group > groups || cfg.top_k > topk_group * (cfg.num_experts / groups) {
+                return Err(BuildError::ConfigValue {
+                    key: "n_group",
+                    value: format!("{groups} groups, topk_group {topk_group}, {} experts, {} per token", cfg.num_experts, cfg.top_k),
+                    allowed: "groups dividing the experts, 1 <= topk_group <= n_group, and enough experts in the kept groups",
+                });
+            }
+        }
         let bias = Bias::from(cfg.bias);
-        let gate = vb.pp(gate).linear(cfg.hidden_size, cfg.num_experts, bias, Shard::Replicated)?;
+        let router = vb.pp(gate);
+        let gate = router.linear(cfg.hidden_size, cfg.num_experts, bias, Shard::Replicated)?;
+        let correction = match cfg.routing {
+            Routing::GroupedSigmoid { .. } => Some(router.get(cfg.num_experts, "e_score_correction_bias")?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            _ => None,
+        };
         let rearranged = if vb.pp("experts").has("gate_up_proj") { Some(fused_experts(vb, cfg)?) } else { None };
         let switch = match &rearranged {
             Some(r) => r.pp("experts"),
@@ -163,7 +185,7 @@ impl Moe {
             // of the stacked tensors is expected.
             switch.skip();
         }
-        Ok(Self { gate, experts, top_k: cfg.top_k, normalize: cfg.normalize, routing: cfg.routing, reduce: (ranks > 1).then_some(group), shared: None })
+        Ok(Self { gate, experts, top_k: cfg.top_k, normalize: cfg.normalize, routing: cfg.routing, correction, reduce: (ranks > 1).then_some(group), shared: None })
     }
 
     /// Adds the expert every token takes: `shared_expert` (an MLP of `intermediate_size`
@@ -172,7 +194,14 @@ impl Moe {
     pub fn with_shared_expert(mut self, vb: &Builder, hidden_size: usize, intermediate_size: usize) -> std::result::Result<Self, BuildError> {
         let mlp = Mlp::new(&vb.pp("shared_expert"), hidden_size, intermediate_size, Bias::No, Activation::Silu)?;
         let gate = vb.pp("shared_expert_gate").linear(hidden_size, 1, Bias::No, Shard::Replicated)?;
-        self.shared = Some((mlp, gate));
+        self.shared = Some((mlp, Some(gate)));
+        Ok(self)
+    }
+
+    /// Adds DeepSeek's `shared_experts`: one MLP of `intermediate_size` features (the shared
+    /// experts side by side) that every token takes, unweighted.
+    pub fn with_shared_experts(mut self, vb: &Builder, hidden_size: usize, intermediate_size: usize) -> std::result::Result<Self, BuildError> {
+        self.shared = Some((Mlp::new(&vb.pp("shared_experts"), hidden_size, intermediate_size, Bias::No, Activation::Silu)?, None));
         Ok(self)
     }
 
@@ -181,6 +210,9 @@ impl Moe {
     /// ones), the k largest (the lower index first among equals), divided by their sum when
     /// the model normalizes.
     fn route(&self, logits: &[Vec<f32>]) -> Vec<Vec<(usize, f32)>> {
+        if let Routing::GroupedSigmoid { groups, topk_group, scaling } = self.routing {
+            return logits.iter().map(|row| self.route_grouped(row, groups, topk_group, scaling)).collect();
+        }
         logits
             .iter()
             .map(|row| {
@@ -189,8 +221,8 @@ impl Moe {
                 let max = row[order[0]];
                 // Summed in index order over all experts (as before), in score order over the kept.
                 let total: f32 = match self.routing {
-                    Routing::SoftmaxAll => row.iter().map(|v| (v - max).exp()).sum(),
                     Routing::TopKSoftmax => order[..self.top_k].iter().map(|&i| (row[i] - max).exp()).sum(),
+                    _ => row.iter().map(|v| (v - max).exp()).sum(),
                 };
                 let mut kept: Vec<(usize, f32)> = order[..self.top_k].iter().map(|&i| (i, (row[i] - max).exp() / total)).collect();
                 if self.normalize {
@@ -243,6 +275,36 @@ impl Module for Moe {
 }
 
 impl Moe {
+    /// [`Routing::GroupedSigmoid`] for one token (transformers' `DeepseekV3TopkRouter`).
+    fn route_grouped(&self, row: &[f32], groups: usize, topk_group: usize, scaling: f32) -> Vec<(usize, f32)> {
+        let scores: Vec<f32> = row.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect();
+        let choice: Vec<f32> = scores.iter().zip(self.correction.iter().flatten().chain(std::iter::repeat(&0.0))).map(|(s, b)| s + b).collect();
+        let per = row.len() / groups;
+        // A group's worth: the sum of its two best choice scores.
+        let worth: Vec<f32> = choice
+            .chunks(per)
+            .map(|g| {
+                let mut g = g.to_vec();
+                g.sort_by(|a, b| b.total_cmp(a));
+                g.iter().take(2).sum()
+            })
+            .collect();
+        let mut order: Vec<usize> = (0..groups).collect();
+        order.sort_by(|&a, &b| worth[b].total_cmp(&worth[a]).then(a.cmp(&b)));
+        let kept_groups = &order[..topk_group];
+        let mut candidates: Vec<usize> = (0..row.len()).filter(|e| kept_groups.contains(&(e / per))).collect();
+        candidates.sort_by(|&a, &b| choice[b].total_cmp(&choice[a]).then(a.cmp(&b)));
+        let mut kept: Vec<(usize, f32)> = candidates[..self.top_k].iter().map(|&e| (e, scores[e])).collect();
+        let sum: f32 = kept.iter().map(|(_, w)| w).sum::<f32>() + 1e-20;
+        for (_, w) in &mut kept {
+            if self.normalize {
+                *w /= sum;
+            }
+            *w *= scaling;
+        }
+        kept
+    }
+
     /// Every token's weight for every expert (0 for those not kept), (tokens, experts), as a
     /// differentiable function of the router `logits`: the softmax over all experts masked to
     /// the kept ones, renormalized where the model asks (a softmax over the kept logits, gpt-oss's
@@ -254,6 +316,12 @@ impl Moe {
             kept.iter().for_each(|&(e, _)| mask[t * n + e] = 1.0);
         }
         let mask = Tensor::from_vec(mask, (routes.len(), n), logits.device())?;
+        if let Routing::GroupedSigmoid { scaling, .. } = self.routing {
+            let sigmoid = (logits.neg()?.exp()? + 1.0)?.recip()?;
+            let kept = (sigmoid * mask)?;
+            let kept = if self.normalize { kept.broadcast_div(&(kept.sum_keepdim(1)? + 1e-20)?)? } else { kept };
+            return kept * f64::from(scaling);
+        }
         let kept = (lmx_core::ops::softmax_last_dim(logits)? * mask)?;
         if self.normalize || self.routing == Routing::TopKSoftmax {
             return kept.broadcast_div(&kept.sum_keepdim(1)?);
@@ -285,10 +353,11 @@ impl Moe {
         };
         let out = out.to_dtype(x.dtype())?.reshape(x.dims())?;
         match &self.shared {
-            Some((mlp, gate)) => {
+            Some((mlp, Some(gate))) => {
                 let g = (gate.forward(x)?.neg()?.exp()? + 1.0)?.recip()?;
                 out + g.broadcast_mul(&mlp.forward(x)?)?
             }
+            Some((mlp, None)) => out + mlp.forward(x)?,
             None => Ok(out),
         }
     }
@@ -371,6 +440,51 @@ mod tests {
             let x = t(&[1, 5, h], 1.0)?;
             lmx_core::gradcheck::check_grad(|x| moe.forward(x), &x, 2e-2)?;
         }
+        Ok(())
+    }
+
+    /// DeepSeek-V3's grouped sigmoid routing gives transformers' `DeepseekV3TopkRouter`
+    /// choices and weights (8 experts in 4 groups, the best 2 groups, 3 experts per token,
+    /// renormalized, scaled by 2.5; numbers from transformers 5.24), and its input gradient
+    /// (the router's path included) equals central differences.
+    #[test]
+    fn grouped_sigmoid_routing_matches_transformers() -> Result<()> {
+        let dev = Device::Cpu;
+        #[rustfmt::skip]
+        let w = [-0.076644f32, 0.359882, -0.782017, 0.071528, 0.664839, -0.28678, 1.620551, -1.596708, -0.051681, -0.305976, 0.248502, -0.222561, 0.913152, 0.204341, 0.573985, 0.416331, 0.261501, 0.931124, -0.514462, -1.651665, 1.046023, 0.522187, -0.166809, 0.053033, 0.563763, 2.256557, 1.86926, -1.195234, 0.997922, 0.45918, 2.436397, -0.146808];
+        let bias = [0.277923f32, 0.244703, 0.148557, -0.049295, -0.203389, -0.317732, 0.224309, 0.071675];
+        #[rustfmt::skip]
+        let x = [-0.455424f32, 2.212418, -0.376986, -0.143684, -1.583494, 1.39601, -1.031888, 1.139089, 0.724746, 1.079544, 1.730247, -1.471268, -0.633628, -0.789338, -0.897733, -1.887572, 0.33604, 0.500926, 0.546641, -0.264441];
+        let want: [[(usize, f32); 3]; 5] = [
+            [(0, 0.873664), (6, 1.142876), (7, 0.48346)],
+            [(0, 1.821193), (1, 0.015724), (2, 0.663082)],
+            [(1, 0.831721), (6, 0.835439), (7, 0.83284)],
+            [(0, 0.729759), (1, 0.998417), (2, 0.771824)],
+            [(1, 0.76692), (6, 0.895564), (7, 0.837516)],
+        ];
+        let (h, i, e) = (4, 3, 8);
+        let mut tensors =
+            HashMap::from([("mlp.gate.weight".to_string(), Tensor::new(&w[..], &dev)?.reshape((e, h))?), ("mlp.gate.e_score_correction_bias".to_string(), Tensor::new(&bias[..], &dev)?)]);
+        for (name, shape) in [("gate_proj", [e, i, h]), ("up_proj", [e, i, h]), ("down_proj", [e, h, i])] {
+            tensors.insert(format!("mlp.switch_mlp.{name}.weight"), Tensor::randn(0f32, 0.5, &shape[..], &dev)?);
+        }
+        tensors.insert("mlp.shared_experts.gate_proj.weight".to_string(), Tensor::randn(0f32, 0.5, (i, h), &dev)?);
+        tensors.insert("mlp.shared_experts.up_proj.weight".to_string(), Tensor::randn(0f32, 0.5, (i, h), &dev)?);
+        tensors.insert("mlp.shared_experts.down_proj.weight".to_string(), Tensor::randn(0f32, 0.5, (h, i), &dev)?);
+        let vb = Builder::new(Weights::from_tensors(tensors, "t"), DType::F32, &dev);
+        let cfg = MoeConfig { routing: Routing::GroupedSigmoid { groups: 4, topk_group: 2, scaling: 2.5 }, ..MoeConfig::new(h, i, e, 3, true) };
+        let err = |e: BuildError| lmx_core::Error::Msg(e.to_string());
+        let moe = Moe::new(&vb.pp("mlp"), "gate", ["gate_proj", "up_proj", "down_proj"], &cfg).map_err(err)?.with_shared_experts(&vb.pp("mlp"), h, i).map_err(err)?;
+        let xs = Tensor::new(&x[..], &dev)?.reshape((5, h))?;
+        let logits = xs.matmul(&Tensor::new(&w[..], &dev)?.reshape((e, h))?.t()?)?.to_vec2::<f32>()?;
+        for (t, (mut got, want)) in moe.route(&logits).into_iter().zip(want).enumerate() {
+            got.sort_by_key(|&(e, _)| e);
+            for ((ge, gw), (we, ww)) in got.into_iter().zip(want) {
+                assert_eq!(ge, we, "token {t}: experts");
+                assert!((gw - ww).abs() < 2e-6, "token {t} expert {ge}: {gw} vs transformers' {ww}");
+            }
+        }
+        lmx_core::gradcheck::check_grad(|x| moe.forward(x), &xs.unsqueeze(0)?, 2e-2)?;
         Ok(())
     }
 }
