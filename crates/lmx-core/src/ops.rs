@@ -219,7 +219,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Mask<'_>, scale: f64,
     let (b, n_heads, q_len, head_dim) = q.dims4()?;
     // lmx's CUDA decode attention holds a head of at most 256 values per warp.
     let fused = q.device().is_cpu() || (fused_cuda(q) && q_len == 1 && head_dim <= 256);
-    if softcap.is_none() && sinks.is_none() && fused && !on_tape(&[q, k, v]) && q.dtype() == k.dtype() && k.dtype() == v.dtype() {
+    if softcap.is_none() && sinks.is_none() && fused && !on_tape(&[q, k, v]) && q.dtype() == k.dtype() && k.dtype() == v.dtype() && v.dim(3)? == head_dim {
         match mask {
             Mask::None if q_len == 1 => {
                 let op = crate::cpu_fused::DecodeAttention { scale: scale as f32 };
@@ -263,7 +263,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Mask<'_>, scale: f64,
         None => softmax_last_dim(&scores)?,
     };
     let probs = probs.to_dtype(dtype)?.contiguous()?;
-    probs.matmul(v)?.reshape((b, n_heads, q_len, head_dim))
+    // Values may be narrower than queries and keys (DeepSeek's latent attention).
+    probs.matmul(v)?.reshape((b, n_heads, q_len, v.dim(3)?))
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! the shared layers in `lmx-nn`), and the registry table that builds the right one from
 //! config.json.
 
+pub mod deepseek_v3;
 pub mod gemma2;
 pub mod gemma3;
 pub mod gpt_oss;

@@ -6,7 +6,7 @@ use lmx_nn::{BuildError, Builder, CausalLm};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::{gemma2, gemma3, gpt_oss, llama, mistral, mixtral, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe};
+use crate::{deepseek_v3, gemma2, gemma3, gpt_oss, llama, mistral, mixtral, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe};
 
 /// A model file's config: parsed from config.json, it builds the model.
 pub trait Architecture: DeserializeOwned {
@@ -41,6 +41,7 @@ pub const ARCHITECTURES: &[Entry] = &[
     entry::<mixtral::Config>("mixtral"),
     entry::<qwen2_moe::Config>("qwen2_moe"),
     entry::<gpt_oss::Config>("gpt_oss"),
+    entry::<deepseek_v3::Config>("deepseek_v3"),
 ];
 
 /// The `model_type` values lmx can run, in table order.

@@ -196,7 +196,7 @@ fn every_architecture_sharded_over_two_and_three_ranks_equals_the_whole_model() 
 /// equal the whole model, in prefill, cached decode and per-sequence caches.
 #[test]
 fn moe_models_expert_parallel_over_two_and_three_ranks_equal_the_whole_model() {
-    for model_type in ["qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss"] {
+    for model_type in ["qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss", "deepseek_v3"] {
         for size in [2, 3] {
             check_sharded(model_type, size, Split::Expert);
         }

@@ -113,7 +113,7 @@ pub struct AttentionInput {
 
 /// One rotary table's angles for a forward pass.
 #[derive(Debug)]
-struct Angles {
+pub(crate) struct Angles {
     /// (cos, sin), each (seq_len, head_dim / 2): one pair shared by every row of the batch,
     /// or one per row (sequences at different positions).
     rows: Vec<(Tensor, Tensor)>,
@@ -134,7 +134,7 @@ impl AttentionInput {
         self
     }
 
-    fn table(&self, table: usize) -> Result<&Angles> {
+    pub(crate) fn table(&self, table: usize) -> Result<&Angles> {
         match self.tables.get(table) {
             Some(t) => Ok(t),
             None => lmx_core::bail!("attention input without rotary table {table}"),
@@ -159,7 +159,7 @@ impl Angles {
         }
     }
 
-    fn cos_sin(&self, row: usize) -> Result<&(Tensor, Tensor)> {
+    pub(crate) fn cos_sin(&self, row: usize) -> Result<&(Tensor, Tensor)> {
         match self.rows.get(row).or(self.rows.first()) {
             Some(cs) => Ok(cs),
             None => lmx_core::bail!("attention input without rotary angles"),
@@ -169,7 +169,7 @@ impl Angles {
 
 impl AttentionInput {
     /// The causal mask of `q_len` queries that are the last of `kv_len` keys, within `window`.
-    fn mask(&self, q_len: usize, kv_len: usize, window: Option<usize>, device: &lmx_core::Device) -> Result<Tensor> {
+    pub(crate) fn mask(&self, q_len: usize, kv_len: usize, window: Option<usize>, device: &lmx_core::Device) -> Result<Tensor> {
         let key = (q_len, kv_len, window);
         let mut masks = self.masks.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((_, m)) = masks.iter().find(|(k, _)| *k == key) {

@@ -102,10 +102,28 @@ impl From<Moe> for FeedForward {
     }
 }
 
+/// A decoder layer's attention block.
+#[derive(Debug, Clone)]
+pub enum SelfAttention {
+    /// Multi-head attention over cached keys and values (grouped-query, windows, ...).
+    Standard(Attention),
+    /// DeepSeek's multi-head latent attention (a compressed cache).
+    Latent(crate::mla::Mla),
+}
+
+impl SelfAttention {
+    fn forward(&self, x: &Tensor, input: &AttentionInput, cache: &mut KvCache, layer_idx: usize) -> Result<Tensor> {
+        match self {
+            SelfAttention::Standard(a) => a.forward(x, input, cache, layer_idx),
+            SelfAttention::Latent(a) => a.forward(x, input, cache, layer_idx),
+        }
+    }
+}
+
 /// `x + self_attn(input_layernorm(x))`, then `x + mlp(post_attention_layernorm(x))`.
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {
-    self_attn: Attention,
+    self_attn: SelfAttention,
     mlp: FeedForward,
     input_layernorm: RmsNorm,
     post_attention_layernorm: RmsNorm,
@@ -123,7 +141,19 @@ impl DecoderLayer {
     pub fn with_mlp(vb: &Builder, attention: &AttentionConfig, mlp: impl Into<FeedForward>, rms_norm_eps: f64) -> std::result::Result<Self, BuildError> {
         let h = attention.hidden_size;
         Ok(Self {
-            self_attn: Attention::new(&vb.pp("self_attn"), attention)?,
+            self_attn: SelfAttention::Standard(Attention::new(&vb.pp("self_attn"), attention)?),
+            mlp: mlp.into(),
+            input_layernorm: vb.pp("input_layernorm").rms_norm(h, rms_norm_eps)?,
+            post_attention_layernorm: vb.pp("post_attention_layernorm").rms_norm(h, rms_norm_eps)?,
+        })
+    }
+
+    /// [`DecoderLayer::with_mlp`] with DeepSeek's latent attention (`self_attn` read as
+    /// [`crate::mla::Mla`]).
+    pub fn latent(vb: &Builder, attention: &crate::mla::MlaConfig, mlp: impl Into<FeedForward>, rms_norm_eps: f64) -> std::result::Result<Self, BuildError> {
+        let h = attention.hidden_size;
+        Ok(Self {
+            self_attn: SelfAttention::Latent(crate::mla::Mla::new(&vb.pp("self_attn"), attention)?),
             mlp: mlp.into(),
             input_layernorm: vb.pp("input_layernorm").rms_norm(h, rms_norm_eps)?,
             post_attention_layernorm: vb.pp("post_attention_layernorm").rms_norm(h, rms_norm_eps)?,
