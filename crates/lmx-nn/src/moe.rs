@@ -415,6 +415,20 @@ mod tests {
 
     use super::*;
 
+    /// Deterministic values, uniform with standard deviation `std` (a fixed LCG: the gradient
+    /// checks must not land on a routing tie by chance).
+    fn values(shape: &[usize], std: f32, seed: u64) -> Result<Tensor> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                (((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * std * 3f32.sqrt()
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)
+    }
+
     /// The block's input gradient equals central differences, with the router's own path
     /// included (the kept experts' weights depend on the input through the router), for both
     /// routings, with and without biases.
@@ -422,7 +436,11 @@ mod tests {
     fn the_input_gradient_includes_the_router() -> Result<()> {
         let dev = Device::Cpu;
         let (h, i, e) = (8, 6, 4);
-        let t = |shape: &[usize], std: f32| Tensor::randn(0f32, std, shape, &dev);
+        let seed = std::cell::Cell::new(0u64);
+        let t = |shape: &[usize], std: f32| {
+            seed.set(seed.get() + 1);
+            values(shape, std, seed.get())
+        };
         for (routing, bias, normalize) in [(Routing::SoftmaxAll, false, true), (Routing::SoftmaxAll, false, false), (Routing::TopKSoftmax, true, false)] {
             let mut tensors = HashMap::from([("mlp.gate.weight".to_string(), t(&[e, h], 1.0)?)]);
             for (name, shape) in [("gate_proj", [e, i, h]), ("up_proj", [e, i, h]), ("down_proj", [e, h, i])] {
@@ -466,11 +484,11 @@ mod tests {
         let mut tensors =
             HashMap::from([("mlp.gate.weight".to_string(), Tensor::new(&w[..], &dev)?.reshape((e, h))?), ("mlp.gate.e_score_correction_bias".to_string(), Tensor::new(&bias[..], &dev)?)]);
         for (name, shape) in [("gate_proj", [e, i, h]), ("up_proj", [e, i, h]), ("down_proj", [e, h, i])] {
-            tensors.insert(format!("mlp.switch_mlp.{name}.weight"), Tensor::randn(0f32, 0.5, &shape[..], &dev)?);
+            tensors.insert(format!("mlp.switch_mlp.{name}.weight"), values(&shape, 0.5, 100 + shape[1] as u64)?);
         }
-        tensors.insert("mlp.shared_experts.gate_proj.weight".to_string(), Tensor::randn(0f32, 0.5, (i, h), &dev)?);
-        tensors.insert("mlp.shared_experts.up_proj.weight".to_string(), Tensor::randn(0f32, 0.5, (i, h), &dev)?);
-        tensors.insert("mlp.shared_experts.down_proj.weight".to_string(), Tensor::randn(0f32, 0.5, (h, i), &dev)?);
+        tensors.insert("mlp.shared_experts.gate_proj.weight".to_string(), values(&[i, h], 0.5, 201)?);
+        tensors.insert("mlp.shared_experts.up_proj.weight".to_string(), values(&[i, h], 0.5, 202)?);
+        tensors.insert("mlp.shared_experts.down_proj.weight".to_string(), values(&[h, i], 0.5, 203)?);
         let vb = Builder::new(Weights::from_tensors(tensors, "t"), DType::F32, &dev);
         let cfg = MoeConfig { routing: Routing::GroupedSigmoid { groups: 4, topk_group: 2, scaling: 2.5 }, ..MoeConfig::new(h, i, e, 3, true) };
         let err = |e: BuildError| lmx_core::Error::Msg(e.to_string());
