@@ -141,9 +141,18 @@ pub fn load_adapter_file(path: &Path) -> Result<HashMap<String, Tensor>> {
 /// Writes `adapter_config.json` atomically, keys sorted as MLX LM writes them.
 pub fn save_config(dir: &Path, config: &AdapterConfig) -> Result<()> {
     let path = dir.join(ADAPTER_CONFIG);
+    stage_config(dir, config)?.commit()?;
+    crate::safetensors_io::sync_parent(&path);
+    Ok(())
+}
+
+/// [`save_config`] staged: written and synced under a temporary name, not yet in place.
+pub fn stage_config(dir: &Path, config: &AdapterConfig) -> Result<crate::safetensors_io::Staged> {
+    use std::io::Write;
+    let path = dir.join(ADAPTER_CONFIG);
     let value = serde_json::to_value(config).map_err(|e| IoError::Json { path: path.clone(), msg: e.to_string() })?;
     let text = serde_json::to_string_pretty(&value).map_err(|e| IoError::Json { path: path.clone(), msg: e.to_string() })?;
-    crate::safetensors_io::write_atomic(&path, (text + "\n").as_bytes())
+    crate::safetensors_io::stage_file(&path, |w| w.write_all((text + "\n").as_bytes()))
 }
 
 #[cfg(test)]

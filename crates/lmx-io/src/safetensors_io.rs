@@ -44,6 +44,51 @@ fn write_and_rename(tmp: &Path, path: &Path, fill: impl FnOnce(&mut BufWriter<Fi
     Ok(())
 }
 
+/// A file written and synced under a temporary name, not yet in place: [`Staged::commit`]
+/// renames it (dropped uncommitted, it is removed). Files that belong together (adapter
+/// weights and their config) are staged first and committed one right after the other, so an
+/// interrupted run leaves the old set or the new one, not one file of each.
+pub struct Staged {
+    tmp: std::path::PathBuf,
+    path: std::path::PathBuf,
+    done: bool,
+}
+
+/// Writes `path`'s new content under its temporary name and syncs it.
+pub fn stage_file(path: &Path, fill: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>) -> Result<Staged> {
+    crate::temp::remove_stale(path);
+    let tmp = crate::temp::partial_path(path);
+    crate::temp::register(&tmp);
+    let staged = Staged { tmp: tmp.clone(), path: path.to_path_buf(), done: false };
+    let written = (|| {
+        let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+        fill(&mut w)?;
+        let file = w.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()
+    })();
+    written.map_err(|e| IoError::io(path, e))?;
+    Ok(staged)
+}
+
+impl Staged {
+    /// Renames the staged file into place (the folder entry is synced by the caller, once).
+    pub fn commit(mut self) -> Result<()> {
+        std::fs::rename(&self.tmp, &self.path).map_err(|e| IoError::io(&self.path, e))?;
+        self.done = true;
+        crate::temp::unregister(&self.tmp);
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.tmp);
+            crate::temp::unregister(&self.tmp);
+        }
+    }
+}
+
 /// Flushes the folder entry of `path` (best effort: not every file system supports it).
 pub fn sync_parent(path: &Path) {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -95,8 +140,29 @@ pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Resul
     save_safetensors_with_metadata(tensors, &BTreeMap::new(), path)
 }
 
+/// [`save_safetensors`] staged ([`stage_file`]): written and synced, not yet in place.
+pub fn stage_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<Staged> {
+    let (head, names) = safetensors_header(tensors, &BTreeMap::new(), path)?;
+    stage_file(path, |w| write_safetensors(w, &head, &names, tensors))
+}
+
 /// [`save_safetensors`] with string `metadata` in the header (`__metadata__`).
 pub fn save_safetensors_with_metadata(tensors: &HashMap<String, Tensor>, metadata: &BTreeMap<String, String>, path: &Path) -> Result<()> {
+    let (head, names) = safetensors_header(tensors, metadata, path)?;
+    write_file_atomic(path, |w| write_safetensors(w, &head, &names, tensors))
+}
+
+fn write_safetensors(w: &mut BufWriter<File>, head: &[u8], names: &[&String], tensors: &HashMap<String, Tensor>) -> std::io::Result<()> {
+    w.write_all(&(head.len() as u64).to_le_bytes())?;
+    w.write_all(head)?;
+    for name in names {
+        w.write_all(&tensor_bytes(&tensors[*name]).map_err(std::io::Error::other)?)?;
+    }
+    Ok(())
+}
+
+/// The padded header and the tensor order of a safetensors file of `tensors`.
+fn safetensors_header<'a>(tensors: &'a HashMap<String, Tensor>, metadata: &BTreeMap<String, String>, path: &Path) -> Result<(Vec<u8>, Vec<&'a String>)> {
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort_by_key(|n| (std::cmp::Reverse(st_dtype(tensors[*n].dtype()).1), (*n).clone()));
     let mut header = serde_json::Map::new();
@@ -114,14 +180,7 @@ pub fn save_safetensors_with_metadata(tensors: &HashMap<String, Tensor>, metadat
     let mut head = serde_json::to_vec(&serde_json::Value::Object(header)).map_err(|e| IoError::Json { path: path.to_path_buf(), msg: e.to_string() })?;
     // The data starts 8-byte aligned: the header is padded with spaces.
     head.resize(head.len().next_multiple_of(8), b' ');
-    write_file_atomic(path, |w| {
-        w.write_all(&(head.len() as u64).to_le_bytes())?;
-        w.write_all(&head)?;
-        for name in &names {
-            w.write_all(&tensor_bytes(&tensors[*name]).map_err(std::io::Error::other)?)?;
-        }
-        Ok(())
-    })
+    Ok((head, names))
 }
 
 /// Reads a whole safetensors file (small files: prompt caches) into CPU tensors, with its

@@ -298,12 +298,18 @@ pub enum Event {
 /// Saves the trained tensors to `path` atomically; NaN or infinite values are refused
 /// (nothing is written over a good file).
 pub fn save_adapters(vars: &[(String, Var)], path: &Path) -> Result<(), TuneError> {
+    stage_adapters(vars, path)?.commit()?;
+    lmx_io::safetensors_io::sync_parent(path);
+    Ok(())
+}
+
+/// [`save_adapters`] staged: written and synced under a temporary name, not yet in place.
+fn stage_adapters(vars: &[(String, Var)], path: &Path) -> Result<lmx_io::safetensors_io::Staged, TuneError> {
     if let Some(key) = first_non_finite(vars)? {
         return Err(TuneError::NonFiniteWeights { key, path: path.to_path_buf() });
     }
     let map: HashMap<String, Tensor> = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
-    lmx_io::safetensors_io::save_safetensors(&map, path)?;
-    Ok(())
+    Ok(lmx_io::safetensors_io::stage_safetensors(&map, path)?)
 }
 
 /// The first tensor holding a NaN or an infinity.
@@ -318,12 +324,17 @@ fn first_non_finite(vars: &[(String, Var)]) -> lmx::core::Result<Option<String>>
 
 /// Saves the adapters and, with them, the adapter folder's config (created on the first save,
 /// so a run that fails before it leaves no folder, and never a config without its weights).
+/// Both are written and synced under temporary names first, then renamed one right after the
+/// other: a kill leaves the previous pair or the new one.
 fn save_checkpoint(vars: &[(String, Var)], args: &TrainArgs, path: &Path) -> Result<(), TuneError> {
     std::fs::create_dir_all(&args.adapter_dir).map_err(|e| lmx_io::IoError::io(&args.adapter_dir, e))?;
-    save_adapters(vars, path)?;
-    if let Some(config) = &args.config {
-        lmx_io::adapters::save_config(&args.adapter_dir, config)?;
+    let weights = stage_adapters(vars, path)?;
+    let config = args.config.as_ref().map(|c| lmx_io::adapters::stage_config(&args.adapter_dir, c)).transpose()?;
+    weights.commit()?;
+    if let Some(config) = config {
+        config.commit()?;
     }
+    lmx_io::safetensors_io::sync_parent(path);
     Ok(())
 }
 
