@@ -1,6 +1,7 @@
 """Random-weight Llama folders in a real shape, for GPU speed runs (speed does not depend on
 the weight values): OUT-bf16 (Hugging Face bf16) and OUT-4bit (MLX 4-bit, group 64: random
 packed words, scales and biases), written with torch on the GPU machine (no network there).
+With BITS=8 (or "4 8"), OUT-8bit (MLX 8-bit, group 64) as well or instead of OUT-4bit.
 Shape: Llama-3-8B (hidden 4096, 32 layers, 32 heads, 8 KV heads, MLP 14336, vocab 128256)
 or, with SHAPE=1b, Llama-3.2-1B. The tokenizer is a 4-word WordLevel one (benchmarks draw
 token ids from the model's vocabulary).
@@ -57,12 +58,15 @@ ones = {k: torch.ones(n, dtype=torch.bfloat16) for k, n in vectors.items()}
 dense = {k: (torch.randn(s, generator=g, device=dev) * 0.02).to(torch.bfloat16).cpu() for k, s in matrices.items()}
 write(out + "-bf16", dict(dense, **ones), {})
 del dense
-q = {}
-for k, (r, c) in matrices.items():
-    m = k[: -len(".weight")]
-    q[k] = torch.randint(-2**31, 2**31 - 1, (r, c // 8), generator=g, device=dev, dtype=torch.int64).to(torch.int32).view(torch.uint32).cpu() if hasattr(torch, "uint32") else None
-    q[m + ".scales"] = (torch.rand((r, c // 64), generator=g, device=dev) * 0.004 + 0.001).to(torch.bfloat16).cpu()
-    q[m + ".biases"] = (-q[m + ".scales"].float() * 8).to(torch.bfloat16)
-quant = {"group_size": 64, "bits": 4}
-write(out + "-4bit", dict(q, **ones), {"quantization": quant, "quantization_config": quant})
-print(f"wrote {out}-bf16 and {out}-4bit")
+for bits in os.environ.get("BITS", "4").split():
+    bits = int(bits)
+    q = {}
+    for k, (r, c) in matrices.items():
+        m = k[: -len(".weight")]
+        q[k] = torch.randint(-2**31, 2**31 - 1, (r, c * bits // 32), generator=g, device=dev, dtype=torch.int64).to(torch.int32).view(torch.uint32).cpu()
+        q[m + ".scales"] = (torch.rand((r, c // 64), generator=g, device=dev) * 0.004 + 0.001).to(torch.bfloat16).cpu()
+        q[m + ".biases"] = (-q[m + ".scales"].float() * (2 ** (bits - 1))).to(torch.bfloat16)
+    quant = {"group_size": 64, "bits": bits}
+    write(f"{out}-{bits}bit", dict(q, **ones), {"quantization": quant, "quantization_config": quant})
+    del q
+print(f"wrote {out}-bf16 and {out}-{{{os.environ.get('BITS', '4')}}}bit")

@@ -355,9 +355,23 @@ pub(crate) fn run_last(model: &dyn CausalLm, kv: &mut KvCache, tokens: &[u32], n
 /// `kv` holds (one cache row per sequence); returns each row's last-position logits.
 pub(crate) fn run(model: &dyn CausalLm, kv: &mut KvCache, rows: &[&[u32]]) -> Result<Vec<Vec<f32>>, GenerateError> {
     let flat: Vec<u32> = rows.concat();
+    let start = std::time::Instant::now();
     let ids = Tensor::from_vec(flat, (rows.len(), rows.first().map_or(0, |r| r.len())), model.device())?;
     let logits = compute_pool().install(|| model.forward(&ids, kv, Logits::Last))?;
-    Ok(logits.squeeze(1)?.to_vec2::<f32>()?)
+    let issued = start.elapsed();
+    let out = logits.squeeze(1)?.to_vec2::<f32>()?;
+    if trace_steps() {
+        // On a GPU, `issue` is the host's time to queue the pass's kernels and `wait` the time
+        // the device then still needed: a wait near zero means the host's launches bound a step.
+        eprintln!("lmx-step: tokens {} issue_ms {:.3} wait_ms {:.3}", ids.elem_count(), issued.as_secs_f64() * 1e3, (start.elapsed() - issued).as_secs_f64() * 1e3);
+    }
+    Ok(out)
+}
+
+/// `LMX_TRACE_STEPS=1`: each step of [`run`] prints its timing on stderr.
+fn trace_steps() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LMX_TRACE_STEPS").is_ok_and(|v| v == "1"))
 }
 
 /// Generates from `prompt` (the whole token sequence; whatever prefix `cache` already holds is

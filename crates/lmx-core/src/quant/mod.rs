@@ -338,14 +338,7 @@ impl QuantizedMatrix {
     pub fn matmul(self: &Arc<Self>, x: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
-            let copy = match self.on_device.get() {
-                Some(c) => c,
-                None => {
-                    let c = cuda::DeviceCopy::new(self, x.device())?;
-                    self.on_device.get_or_init(|| c)
-                }
-            };
-            return copy.matmul(self, x);
+            return self.device_copy(x.device())?.matmul(self, x);
         }
         let x = x.contiguous()?;
         let op = op::QMatMul { q: self.clone(), transpose: false, exact: self.exact || x.track_op() };
@@ -357,13 +350,33 @@ impl QuantizedMatrix {
     }
 }
 
+#[cfg(feature = "cuda")]
+impl QuantizedMatrix {
+    /// The matrix's copy on `device` (a CUDA device), made at its first product there.
+    fn device_copy(&self, device: &candle_core::Device) -> Result<&cuda::DeviceCopy> {
+        Ok(match self.on_device.get() {
+            Some(c) => c,
+            None => {
+                let c = cuda::DeviceCopy::new(self, device)?;
+                self.on_device.get_or_init(|| c)
+            }
+        })
+    }
+}
+
 /// `[x @ W_0^T, x @ W_1^T, ...]` for matrices sharing the input x (a layer's q/k/v or
 /// gate/up projections). On the CPU, one decoded token, or a prompt where the int8 product
-/// applies, takes them in one step (x rounded to int8 once, one parallel round); anything
-/// else, one product each.
+/// applies, takes them in one step (x rounded to int8 once, one parallel round); on CUDA, a
+/// decode step codes x once for all of them; anything else, one product each.
 pub fn matmul_many(qs: &[Arc<QuantizedMatrix>], x: &Tensor) -> Result<Vec<Tensor>> {
     let one_row = x.dims().last().is_some_and(|&k| k == x.elem_count());
     let refs: Vec<&QuantizedMatrix> = qs.iter().map(|q| &**q).collect();
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && !qs.is_empty() {
+        if let Some(ys) = cuda::matmul_many(&refs, x)? {
+            return Ok(ys);
+        }
+    }
     let shared = one_row || kernels::q8_gemm_applies(&refs);
     if qs.len() < 2 || !shared || qs.iter().any(|q| q.exact) || !x.device().is_cpu() || x.track_op() || qs.iter().any(|q| q.cols != qs[0].cols) {
         return qs.iter().map(|q| q.matmul(x)).collect();
