@@ -26,9 +26,9 @@ use super::QuantizedMatrix;
 /// bitstream element by element. Scales and biases are (scale, bias) pairs per group.
 ///
 /// Integer products (4 and 8 bits): `q8act` codes x, a thread per 8 elements (a group's
-/// threads are neighbours in a warp); `qmv8` gives each warp R rows, each lane 16 bytes of
-/// packed words per step (one coalesced load per row), and the activations' codes, read once
-/// per step, serve all R rows.
+/// threads are neighbours in a warp); `qmv8` gives each block of 128 threads R rows, each
+/// thread 16 bytes of each row per step (coalesced loads, all R in flight together), and the
+/// activations' codes, read once per step, serve all R rows.
 const SRC: &str = r#"
 __device__ __forceinline__ unsigned int code_at(const unsigned int* row, int e, int bits) {
     unsigned int bit = (unsigned int)e * bits, wi = bit / 32, sh = bit % 32;
@@ -174,15 +174,19 @@ __device__ __forceinline__ void step_sums(uint4 wv, const int* c, const int* f, 
     }
 }
 
-// y (m, rows) = x @ W^T for m <= 8 rows of activations coded by q8act; a warp per R rows.
-template <typename T, int BITS, int R>
+// y (m, rows) = x @ W^T for m <= 8 rows of activations coded by q8act (M = 1: one row; M = 8:
+// m rows); a block of 128 threads per R rows, its threads over the columns (16 bytes of each
+// row per step), so that each thread's R loads are in flight together and a 4096-wide 4-bit
+// row is one step.
+template <typename T, int BITS, int R, int M>
 __device__ void qmv8(const uint4* __restrict__ w, const float2* __restrict__ sb, const int* __restrict__ act,
                      T* __restrict__ y, int rows, int cols, int gs, int m) {
-    int warp = (int)(((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32), lane = threadIdx.x % 32;
-    int r0 = warp * R;
-    if (r0 >= rows) return;
+    __shared__ float red[4][R * M];
+    const int tid = threadIdx.x, lane = tid % 32, wid = tid / 32;
+    const int r0 = blockIdx.x * R;
     const int units = cols * BITS / 128, per = 128 / BITS, ints = per / 4;
     const int groups = cols / gs, stride = act_stride(cols, groups);
+    const int mm = M == 1 ? 1 : m;
     const uint4* wr[R];
     const float2* sr[R];
     for (int j = 0; j < R; j++) {
@@ -190,18 +194,19 @@ __device__ void qmv8(const uint4* __restrict__ w, const float2* __restrict__ sb,
         wr[j] = w + (size_t)r * units;
         sr[j] = sb + (size_t)r * groups;
     }
-    float acc[8][R];
-    for (int i = 0; i < 8; i++)
+    float acc[M][R];
+    for (int i = 0; i < M; i++)
         for (int j = 0; j < R; j++) acc[i][j] = 0.f;
-    for (int u = lane; u < units; u += 32) {
+#pragma unroll 2
+    for (int u = tid; u < units; u += 128) {
         int e0 = u * per, g = e0 / gs;
         bool first = e0 % gs == 0;
         uint4 wv[R];
         float2 p[R];
         for (int j = 0; j < R; j++) { wv[j] = __ldg(wr[j] + u); p[j] = __ldg(sr[j] + g); }
 #pragma unroll
-        for (int i = 0; i < 8; i++) {
-            if (i < m) {
+        for (int i = 0; i < M; i++) {
+            if (i < mm) {
                 const int* a = act + (size_t)i * stride;
                 int c[8], f[8];
                 const int4* ca = (const int4*)(a + e0 / 4);
@@ -223,14 +228,19 @@ __device__ void qmv8(const uint4* __restrict__ w, const float2* __restrict__ sb,
         }
     }
 #pragma unroll
-    for (int i = 0; i < 8; i++) {
-        if (i < m) {
+    for (int i = 0; i < M; i++) {
+        if (i < mm) {
             for (int j = 0; j < R; j++) {
                 float v = acc[i][j];
-                for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-                if (lane == 0 && r0 + j < rows) store(y, (size_t)i * rows + r0 + j, v);
+                for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+                if (lane == 0) red[wid][i * R + j] = v;
             }
         }
+    }
+    __syncthreads();
+    if (tid < R * M) {
+        int i = tid / R, j = tid % R;
+        if (i < mm && r0 + j < rows) store(y, (size_t)i * rows + r0 + j, red[0][tid] + red[1][tid] + red[2][tid] + red[3][tid]);
     }
 }
 
@@ -240,11 +250,10 @@ extern "C" __global__ void lmx_dequant_f32(const unsigned int* w, const float* s
 extern "C" __global__ void lmx_dequant_bf16(const unsigned int* w, const float* sb, unsigned short* out, int rows, int cols, int bits, int gs) { dequant(w, sb, out, rows, cols, bits, gs); }
 extern "C" __global__ void lmx_q8act_f32(const float* x, int* out, int m, int cols, int gs, int bits) { q8act(x, out, m, cols, gs, bits); }
 extern "C" __global__ void lmx_q8act_bf16(const unsigned short* x, int* out, int m, int cols, int gs, int bits) { q8act(x, out, m, cols, gs, bits); }
-#define QMV8(T, TN, B, R) extern "C" __global__ void lmx_qmv8_##TN##_##B##_##R(const uint4* w, const float2* sb, const int* act, T* y, int rows, int cols, int gs, int m) { qmv8<T, B, R>(w, sb, act, y, rows, cols, gs, m); }
-QMV8(float, f32, 4, 1) QMV8(float, f32, 4, 2) QMV8(float, f32, 4, 4)
-QMV8(float, f32, 8, 1) QMV8(float, f32, 8, 2) QMV8(float, f32, 8, 4)
-QMV8(unsigned short, bf16, 4, 1) QMV8(unsigned short, bf16, 4, 2) QMV8(unsigned short, bf16, 4, 4)
-QMV8(unsigned short, bf16, 8, 1) QMV8(unsigned short, bf16, 8, 2) QMV8(unsigned short, bf16, 8, 4)
+#define QMV8(T, TN, B, R, M) extern "C" __global__ void lmx_qmv8_##TN##_##B##_##R##_##M(const uint4* w, const float2* sb, const int* act, T* y, int rows, int cols, int gs, int m) { qmv8<T, B, R, M>(w, sb, act, y, rows, cols, gs, m); }
+#define QMV8_ROWS(T, TN, B, M) QMV8(T, TN, B, 1, M) QMV8(T, TN, B, 2, M) QMV8(T, TN, B, 4, M)
+QMV8_ROWS(float, f32, 4, 1) QMV8_ROWS(float, f32, 4, 8) QMV8_ROWS(float, f32, 8, 1) QMV8_ROWS(float, f32, 8, 8)
+QMV8_ROWS(unsigned short, bf16, 4, 1) QMV8_ROWS(unsigned short, bf16, 4, 8) QMV8_ROWS(unsigned short, bf16, 8, 1) QMV8_ROWS(unsigned short, bf16, 8, 8)
 "#;
 
 /// Rows of x up to which products take the matrix-vector kernel (beyond: dequantize + cuBLAS).
@@ -347,20 +356,15 @@ fn integer_products(q: &QuantizedMatrix) -> bool {
     matches!(q.bits, 4 | 8) && !q.exact && !float
 }
 
-/// Rows of W per warp in the integer kernel: enough warps to fill the card (16 per
-/// multiprocessor of an H200), the rest shared reads of the activations. Measured on the
-/// Llama-3-8B shape: 4-bit decode 130 / 139 / 124 tok/s with 1 / 2 / 4 rows everywhere, 150
-/// with 4 rows for the MLP's 14336-row matrices and 1 for the 4096-row ones; 8-bit 116 / 132 /
-/// 114 with 1 / 2 / 4 everywhere, 106 with that 4-bit choice.
-/// `LMX_CUDA_QMV_ROWS=1|2|4` fixes it.
-fn rows_per_warp(rows: usize, bits: usize) -> usize {
+/// Rows of W per block of the integer kernel. Kernel times on an H200 (Nsight Compute, one
+/// Llama-3-8B-shaped decode step, `scripts/cuda/profile.sh`), 4-bit: 1 / 2 / 4 rows per block
+/// took 5.11 / 4.00 / 3.93 ms, the 4096 x 4096 products 13.7 / 9.6 / 9.6 us each: a thread's
+/// loads of several rows are in flight together. 8-bit rows are twice the bytes (and twice
+/// the steps): 2 rows. `LMX_CUDA_QMV_ROWS=1|2|4` fixes it.
+fn rows_per_block(rows: usize, bits: usize) -> usize {
     static FIXED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     let fixed = *FIXED.get_or_init(|| std::env::var("LMX_CUDA_QMV_ROWS").ok().and_then(|v| v.parse().ok()).filter(|r| matches!(r, 1 | 2 | 4)));
-    fixed.unwrap_or(match (rows, bits) {
-        (r, 4) if r >= 4 * 2112 => 4,
-        (r, _) if r >= 2 * 2112 => 2,
-        _ => 1,
-    })
+    fixed.unwrap_or(if bits == 4 { 4 } else { 2 }).min(rows.next_power_of_two())
 }
 
 /// Ints per activation row of the integer kernels' coded activations (`act_stride` there).
@@ -511,9 +515,9 @@ impl CustomOp3 for Qmv8 {
         let w = ws.as_cuda_slice::<u32>()?.slice(wl.start_offset()..);
         let sb = ss.as_cuda_slice::<f32>()?.slice(sl.start_offset()..);
         let (rows, cols, gs, mm) = (spec.rows as i32, spec.cols as i32, spec.group_size as i32, m as i32);
-        let per_warp = rows_per_warp(spec.rows, spec.bits);
-        let cfg = launch_cfg(32 * spec.rows.div_ceil(per_warp));
-        let kernel = |t: &str| format!("lmx_qmv8_{t}_{}_{per_warp}", spec.bits);
+        let per_block = rows_per_block(spec.rows, spec.bits);
+        let cfg = LaunchConfig { grid_dim: (spec.rows.div_ceil(per_block) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let kernel = |t: &str| format!("lmx_qmv8_{t}_{}_{per_block}_{}", spec.bits, if m == 1 { 1 } else { 8 });
         let storage = match self.dtype {
             DType::BF16 => {
                 let func = dev.get_or_load_custom_func(&kernel("bf16"), "lmx_quant", ptx()?)?;
