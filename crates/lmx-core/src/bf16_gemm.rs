@@ -108,6 +108,33 @@ const NB: usize = 32;
 /// (dequantized per row) in prefill. x is rounded to bf16, products are summed in f32. Panics
 /// if the CPU lacks AVX512-BF16 (check [`supported`]) or x is shorter than (m, k).
 pub fn matmul_rows(x: &[f32], m: usize, n: usize, k: usize, row: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    matmul_words(x, m, n, k, |r, values, words| {
+        row(r, values);
+        // SAFETY: the caller of matmul_words checked supported(); `words` holds ceil(k / 2)
+        // words for the k values.
+        unsafe { pack_row(values, words) };
+    })
+}
+
+/// [`matmul_rows`] for a W (n, k) stored as bf16 (bits): its rows are the packed pairs as they
+/// are (no round trip through f32; a fifth of a bf16 prompt's time went to it).
+pub fn matmul_bf16_rows(x: &[f32], m: usize, n: usize, k: usize, w: &[u16]) -> Vec<f32> {
+    assert!(w.len() >= n * k, "bf16 matmul: W is shorter than ({n}, {k})");
+    matmul_words(x, m, n, k, |r, _, words| {
+        let row = &w[r * k..(r + 1) * k];
+        let whole = k / 2;
+        // SAFETY: the row's first 2 * whole values are whole words' bytes (little-endian pairs,
+        // low half first: element 2t); `words` holds ceil(k / 2) >= whole words.
+        unsafe { std::ptr::copy_nonoverlapping(row.as_ptr() as *const u8, words.as_mut_ptr() as *mut u8, 4 * whole) };
+        if k % 2 == 1 {
+            words[whole] = u32::from(row[k - 1]);
+        }
+    })
+}
+
+/// The kernel behind [`matmul_rows`]: `row_words(r, scratch, words)` writes row r of W as
+/// bf16 pairs (`scratch` holds k f32 for conversions).
+fn matmul_words(x: &[f32], m: usize, n: usize, k: usize, row_words: impl Fn(usize, &mut [f32], &mut [u32]) + Sync) -> Vec<f32> {
     assert!(supported(), "bf16 matmul needs AVX512-BF16");
     assert!(x.len() >= m * k, "bf16 matmul: x is shorter than ({m}, {k})");
     let pairs = k.div_ceil(2);
@@ -119,18 +146,17 @@ pub fn matmul_rows(x: &[f32], m: usize, n: usize, k: usize, row: impl Fn(usize, 
     crate::cpu::parallel_ranges(n.div_ceil(NB), 1, |blocks| {
         // The block as B = W_block^T in pairs along k: word [t][j] = (W[r0+j][2t], W[r0+j][2t+1]).
         let mut words = vec![0u32; pairs * NB];
-        let (mut values, mut row_words) = (vec![0f32; k], vec![0u32; pairs]);
+        let (mut values, mut rows_buf) = (vec![0f32; k], vec![0u32; pairs * NB]);
         let mut out = [[0f32; 32]; MR];
         for blk in blocks {
             let (r0, nr) = (blk * NB, NB.min(n - blk * NB));
-            for j in 0..nr {
-                row(r0 + j, &mut values);
-                // SAFETY: supported() was checked; row_words holds ceil(k / 2) words.
-                unsafe { pack_row(&values, &mut row_words) };
-                for (t, w) in row_words.iter().enumerate() {
-                    words[t * NB + j] = *w;
-                }
+            for (j, row) in rows_buf.chunks_mut(pairs).enumerate().take(nr) {
+                row_words(r0 + j, &mut values, row);
             }
+            // Rows past the matrix's end (its last block) multiply as zeros.
+            rows_buf[nr * pairs..].fill(0);
+            // SAFETY: supported() was checked; both buffers hold NB x pairs words.
+            unsafe { transpose_block(&rows_buf, &mut words, pairs) };
             for c in (0..nr).step_by(32) {
                 let cols = (nr - c).min(32);
                 for t0 in (0..pairs).step_by(KC) {
@@ -158,6 +184,68 @@ pub fn matmul_rows(x: &[f32], m: usize, n: usize, k: usize, row: impl Fn(usize, 
     y
 }
 
+/// `dst[t * NB + j] = src[j * pairs + t]` for the NB rows j of a block: 16 x 16 tiles through
+/// AVX-512 shuffles (one scalar store per word, strided, took a quarter of a bf16 prompt).
+///
+/// # Safety
+/// AVX-512F must be available; `src` and `dst` hold NB * pairs words.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_block(src: &[u32], dst: &mut [u32], pairs: usize) {
+    use std::arch::x86_64::*;
+    debug_assert!(src.len() >= NB * pairs && dst.len() >= NB * pairs);
+    let whole = pairs / 16 * 16;
+    for j0 in (0..NB).step_by(16) {
+        for t0 in (0..whole).step_by(16) {
+            // SAFETY: rows j0..j0 + 16 < NB, words t0..t0 + 16 <= pairs of each: inside src;
+            // the stores write words (t0 + i) * NB + j0 .. + 16, inside dst.
+            unsafe {
+                let mut r = [_mm512_setzero_si512(); 16];
+                for (i, v) in r.iter_mut().enumerate() {
+                    *v = _mm512_loadu_si512(src.as_ptr().add((j0 + i) * pairs + t0) as *const _);
+                }
+                // 32-bit, then 64-bit interleaves within 128-bit lanes, then 128-bit lanes.
+                let mut a = [_mm512_setzero_si512(); 16];
+                for i in 0..8 {
+                    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+                    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+                }
+                for i in 0..4 {
+                    r[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+                    r[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+                    r[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+                    r[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+                }
+                for i in 0..4 {
+                    for h in 0..2 {
+                        a[8 * h + i] = _mm512_shuffle_i32x4::<0x88>(r[8 * h + i], r[8 * h + 4 + i]);
+                        a[8 * h + 4 + i] = _mm512_shuffle_i32x4::<0xDD>(r[8 * h + i], r[8 * h + 4 + i]);
+                    }
+                }
+                for i in 0..4 {
+                    for h in 0..2 {
+                        r[4 * h + i] = _mm512_shuffle_i32x4::<0x88>(a[4 * h + i], a[8 + 4 * h + i]);
+                        r[8 + 4 * h + i] = _mm512_shuffle_i32x4::<0xDD>(a[4 * h + i], a[8 + 4 * h + i]);
+                    }
+                }
+                for (i, v) in r.iter().enumerate() {
+                    _mm512_storeu_si512(dst.as_mut_ptr().add((t0 + i) * NB + j0) as *mut _, *v);
+                }
+            }
+        }
+    }
+    for j in 0..NB {
+        for t in whole..pairs {
+            dst[t * NB + j] = src[j * pairs + t];
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn transpose_block(_: &[u32], _: &mut [u32], _: usize) {
+    unreachable!("supported() is false off x86_64")
+}
+
 /// `x @ w^T` for bf16 x (.., k) and a dense bf16 w (n, k) on the CPU, as a candle op without
 /// backward: prefill of bf16 models on CPUs with AVX512-BF16 (`vdpbf16ps`), where candle's
 /// bf16 matmul runs at a fraction of the f32 speed.
@@ -178,8 +266,8 @@ impl CustomOp2 for Bf16Linear {
             candle_core::bail!("bf16 linear: input {dims:?} does not end in {k} features");
         }
         let x: Vec<f32> = xs.as_slice::<half::bf16>()?[x0..x1].iter().map(|v| v.to_f32()).collect();
-        let w = &ws.as_slice::<half::bf16>()?[w0..w1];
-        let y = matmul_rows(&x, x.len() / k, n, k, |r, out| out.iter_mut().zip(&w[r * k..(r + 1) * k]).for_each(|(o, v)| *o = v.to_f32()));
+        let w = half::slice::HalfFloatSliceExt::reinterpret_cast(&ws.as_slice::<half::bf16>()?[w0..w1]);
+        let y = matmul_bf16_rows(&x, x.len() / k, n, k, w);
         if let Some(last) = dims.last_mut() {
             *last = n;
         }
@@ -329,6 +417,8 @@ mod tests {
             let w2: Vec<u16> = (0..k * n).map(|e| w[(e % n) * k + e / n]).collect();
             let y2 = matmul(&xf, m, &Packed::from_rows(&w2, k, n));
             let y3 = matmul_rows(&xf, m, n, k, |r, out| out.iter_mut().zip(&w[r * k..(r + 1) * k]).for_each(|(o, b)| *o = half::bf16::from_bits(*b).to_f32()));
+            let y4 = matmul_bf16_rows(&xf, m, n, k, &w);
+            assert_eq!(y3, y4, "({m},{n},{k}): bf16 rows packed directly and through f32");
             for i in 0..m {
                 for j in 0..n {
                     let want: f64 = (0..k).map(|t| f(x[i * k + t]) * f(w[j * k + t])).sum();
