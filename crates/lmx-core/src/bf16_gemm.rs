@@ -156,7 +156,7 @@ fn matmul_words(x: &[f32], m: usize, n: usize, k: usize, row_words: impl Fn(usiz
             // Rows past the matrix's end (its last block) multiply as zeros.
             rows_buf[nr * pairs..].fill(0);
             // SAFETY: supported() was checked; both buffers hold NB x pairs words.
-            unsafe { transpose_block(&rows_buf, &mut words, pairs) };
+            unsafe { transpose_u32(&rows_buf, &mut words, NB, pairs) };
             for c in (0..nr).step_by(32) {
                 let cols = (nr - c).min(32);
                 for t0 in (0..pairs).step_by(KC) {
@@ -184,25 +184,26 @@ fn matmul_words(x: &[f32], m: usize, n: usize, k: usize, row_words: impl Fn(usiz
     y
 }
 
-/// `dst[t * NB + j] = src[j * pairs + t]` for the NB rows j of a block: 16 x 16 tiles through
-/// AVX-512 shuffles (one scalar store per word, strided, took a quarter of a bf16 prompt).
+/// `dst[c * rows + r] = src[r * cols + c]`: a (rows, cols) matrix of 32-bit words transposed,
+/// rows a multiple of 16, in 16 x 16 tiles through AVX-512 shuffles (one scalar store per
+/// word, strided, took a quarter of a bf16 prompt where the GEMMs pack their blocks).
 ///
 /// # Safety
-/// AVX-512F must be available; `src` and `dst` hold NB * pairs words.
+/// AVX-512F must be available; `src` and `dst` hold rows * cols words.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn transpose_block(src: &[u32], dst: &mut [u32], pairs: usize) {
+pub(crate) unsafe fn transpose_u32(src: &[u32], dst: &mut [u32], rows: usize, cols: usize) {
     use std::arch::x86_64::*;
-    debug_assert!(src.len() >= NB * pairs && dst.len() >= NB * pairs);
-    let whole = pairs / 16 * 16;
-    for j0 in (0..NB).step_by(16) {
+    debug_assert!(rows % 16 == 0 && src.len() >= rows * cols && dst.len() >= rows * cols);
+    let whole = cols / 16 * 16;
+    for j0 in (0..rows).step_by(16) {
         for t0 in (0..whole).step_by(16) {
-            // SAFETY: rows j0..j0 + 16 < NB, words t0..t0 + 16 <= pairs of each: inside src;
-            // the stores write words (t0 + i) * NB + j0 .. + 16, inside dst.
+            // SAFETY: rows j0..j0 + 16 <= rows, words t0..t0 + 16 <= cols of each: inside src;
+            // the stores write words (t0 + i) * rows + j0 .. + 16, inside dst.
             unsafe {
                 let mut r = [_mm512_setzero_si512(); 16];
                 for (i, v) in r.iter_mut().enumerate() {
-                    *v = _mm512_loadu_si512(src.as_ptr().add((j0 + i) * pairs + t0) as *const _);
+                    *v = _mm512_loadu_si512(src.as_ptr().add((j0 + i) * cols + t0) as *const _);
                 }
                 // 32-bit, then 64-bit interleaves within 128-bit lanes, then 128-bit lanes.
                 let mut a = [_mm512_setzero_si512(); 16];
@@ -229,20 +230,20 @@ unsafe fn transpose_block(src: &[u32], dst: &mut [u32], pairs: usize) {
                     }
                 }
                 for (i, v) in r.iter().enumerate() {
-                    _mm512_storeu_si512(dst.as_mut_ptr().add((t0 + i) * NB + j0) as *mut _, *v);
+                    _mm512_storeu_si512(dst.as_mut_ptr().add((t0 + i) * rows + j0) as *mut _, *v);
                 }
             }
         }
     }
-    for j in 0..NB {
-        for t in whole..pairs {
-            dst[t * NB + j] = src[j * pairs + t];
+    for j in 0..rows {
+        for t in whole..cols {
+            dst[t * rows + j] = src[j * cols + t];
         }
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn transpose_block(_: &[u32], _: &mut [u32], _: usize) {
+pub(crate) unsafe fn transpose_u32(_: &[u32], _: &mut [u32], _: usize, _: usize) {
     unreachable!("supported() is false off x86_64")
 }
 

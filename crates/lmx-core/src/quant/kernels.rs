@@ -228,29 +228,34 @@ pub fn qmatmul_many_q8(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<f32>
 }
 
 /// Rows r0..r0 + nr of `q` interleaved for [`gemm_block`]: `w[t * 16 + j]` = word t of row
-/// r0 + j, `s`/`b[g * 16 + j]` its group g's scale/bias as f32; rows past nr are zeros.
+/// r0 + j, `s`/`b[g * 16 + j]` its group g's scale/bias as f32; rows past nr are zeros. The
+/// rows are transposed in 16 x 16 tiles (a strided store per word took 5% of a 4-bit prompt).
 fn interleave(q: &QuantizedMatrix, r0: usize, nr: usize, w: &mut Vec<u32>, s: &mut Vec<f32>, b: &mut Vec<f32>) {
     let (words, groups) = (q.cols * q.bits / 32, q.cols / q.group_size);
-    w.clear();
     w.resize(words * QB, 0);
-    s.clear();
     s.resize(groups * QB, 0.0);
-    b.clear();
     b.resize(groups * QB, 0.0);
-    let mut params = vec![0f32; groups];
-    for j in 0..nr {
-        let row = &q.packed[(r0 + j) * words..(r0 + j + 1) * words];
-        for (t, &word) in row.iter().enumerate() {
-            w[t * QB + j] = word;
+    let mut padded = Vec::new();
+    let src: &[u32] = if nr == QB {
+        &q.packed[r0 * words..(r0 + QB) * words]
+    } else {
+        padded.resize(QB * words, 0);
+        padded[..nr * words].copy_from_slice(&q.packed[r0 * words..(r0 + nr) * words]);
+        &padded
+    };
+    // SAFETY: q8_gemm_applies checked AVX-512 (VNNI on 512-bit registers); both hold QB x
+    // words words.
+    unsafe { crate::bf16_gemm::transpose_u32(src, w, QB, words) };
+    for (params, out) in [(&q.scales, &mut *s), (&q.biases, &mut *b)] {
+        let mut values = vec![0f32; QB * groups];
+        for j in 0..nr {
+            params.fill((r0 + j) * groups, &mut values[j * groups..(j + 1) * groups]);
         }
-        q.scales.fill((r0 + j) * groups, &mut params);
-        for (g, v) in params.iter().enumerate() {
-            s[g * QB + j] = *v;
-        }
-        q.biases.fill((r0 + j) * groups, &mut params);
-        for (g, v) in params.iter().enumerate() {
-            b[g * QB + j] = *v;
-        }
+        let bits: Vec<u32> = values.iter().map(|v| v.to_bits()).collect();
+        let mut t = vec![0u32; QB * groups];
+        // SAFETY: as above; QB x groups words each.
+        unsafe { crate::bf16_gemm::transpose_u32(&bits, &mut t, QB, groups) };
+        out.iter_mut().zip(&t).for_each(|(o, v)| *o = f32::from_bits(*v));
     }
 }
 
