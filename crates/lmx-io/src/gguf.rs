@@ -59,10 +59,26 @@ const BLOCK_NAMES: &[(&str, &str)] = &[
     ("ffn_gate_inp_shexp", "mlp.shared_expert_gate"),
 ];
 
+/// Per-block names that mean something else in some architectures: (architectures, GGUF
+/// suffix, Hugging Face suffix). Gemma's `ffn_norm` is the norm before its MLP (its
+/// `post_attention_layernorm` normalizes the attention's output); Phi-3 keeps q/k/v and
+/// gate/up fused.
+const ARCH_BLOCK_NAMES: &[(&[&str], &str, &str)] = &[
+    (&["gemma2", "gemma3"], "ffn_norm", "pre_feedforward_layernorm"),
+    (&["gemma2", "gemma3"], "post_attention_norm", "post_attention_layernorm"),
+    (&["gemma2", "gemma3"], "post_ffw_norm", "post_feedforward_layernorm"),
+    (&["phi3"], "attn_qkv", "self_attn.qkv_proj"),
+    (&["phi3"], "ffn_up", "mlp.gate_up_proj"),
+];
+
+/// Architectures whose norms multiply by `1 + w`, which llama.cpp's converter stores as `w + 1`.
+const ONE_PLUS_NORMS: &[&str] = &["gemma2", "gemma3"];
+
 /// The `model_type` of a GGUF `general.architecture` (the same name unless listed), given
 /// whether its blocks hold experts: llama.cpp writes Mixtral as `llama` with experts.
 fn model_type(arch: &str, experts: bool) -> &str {
     match (arch, experts) {
+        ("gemma3", _) => "gemma3_text",
         ("qwen3moe", _) => "qwen3_moe",
         ("qwen2moe", _) => "qwen2_moe",
         ("llama", true) => "mixtral",
@@ -70,7 +86,20 @@ fn model_type(arch: &str, experts: bool) -> &str {
     }
 }
 
-/// The Hugging Face key of a GGUF tensor name, or None for names lmx does not map.
+/// The Hugging Face key of a GGUF tensor name in architecture `arch`, or None for names lmx
+/// does not map.
+pub fn hf_name_in(arch: &str, gguf_name: &str) -> Option<String> {
+    let own = gguf_name.strip_prefix("blk.").and_then(|rest| {
+        let (layer, rest) = rest.split_once('.')?;
+        let (base, kind) = rest.rsplit_once('.')?;
+        let hf = ARCH_BLOCK_NAMES.iter().find(|(archs, g, _)| archs.contains(&arch) && *g == base)?.2;
+        Some(format!("model.layers.{layer}.{hf}.{kind}"))
+    });
+    own.or_else(|| hf_name(gguf_name))
+}
+
+/// The Hugging Face key of a GGUF tensor name (names every architecture shares), or None for
+/// names lmx does not map.
 pub fn hf_name(gguf_name: &str) -> Option<String> {
     match gguf_name {
         "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
@@ -219,6 +248,7 @@ pub fn load_from(mut reader: impl Read + Seek, file_len: u64, path: &Path) -> Re
 
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut rope_freqs = None;
+    let mut rope_factors: HashMap<String, Vec<f32>> = HashMap::new();
     for name in content.tensor_infos.keys() {
         let q = content.tensor(&mut reader, name, &Device::Cpu).map_err(|e| gguf_err(path, format!("tensor `{name}`: {e}")))?;
         let t = q.dequantize(&Device::Cpu).map_err(|e| gguf_err(path, format!("tensor `{name}`: {e}")))?;
@@ -230,7 +260,13 @@ pub fn load_from(mut reader: impl Read + Seek, file_len: u64, path: &Path) -> Re
             rope_freqs = Some(t);
             continue;
         }
-        let hf = hf_name(name).ok_or_else(|| gguf_err(path, format!("tensor `{name}` has no Hugging Face equivalent that lmx knows (architecture `{arch}`)")))?;
+        if let Some(which) = name.strip_prefix("rope_factors_").and_then(|n| n.strip_suffix(".weight")) {
+            // Phi-3's LongRoPE factors (`long`, `short`), which config.json holds.
+            rope_factors.insert(which.to_string(), t.flatten_all()?.to_vec1::<f32>()?);
+            continue;
+        }
+        let hf = hf_name_in(&arch, name).ok_or_else(|| gguf_err(path, format!("tensor `{name}` has no Hugging Face equivalent that lmx knows (architecture `{arch}`)")))?;
+        let t = if ONE_PLUS_NORMS.contains(&arch.as_str()) && name.ends_with("norm.weight") { (t - 1.0)? } else { t };
         let t = if PERMUTED_QK.contains(&arch.as_str()) && hf.contains("self_attn.q_proj") {
             unpermute(&t, n_heads)?
         } else if PERMUTED_QK.contains(&arch.as_str()) && hf.contains("self_attn.k_proj") {
@@ -313,8 +349,58 @@ pub fn load_from(mut reader: impl Read + Seek, file_len: u64, path: &Path) -> Re
             }),
         );
     }
+    arch_config(&meta, &arch, n_layers, n_heads, &rope_factors, &mut config)?;
     let generation_config = json!({"bos_token_id": bos, "eos_token_id": eos_ids});
     Ok(GgufModel { config: Value::Object(config), tensors, tokenizer, tokenizer_config, generation_config })
+}
+
+/// The config.json keys of Gemma 2 / 3 and Phi-3 that their GGUF metadata holds, or that
+/// llama.cpp fixes for them.
+fn arch_config(meta: &Meta, arch: &str, n_layers: usize, n_heads: usize, rope_factors: &HashMap<String, Vec<f32>>, config: &mut Map<String, Value>) -> Result<()> {
+    let key = |k: &str| format!("{arch}.{k}");
+    let hidden = meta.uint(&key("embedding_length"))?;
+    let head_dim = meta.uint_opt(&key("attention.key_length")).unwrap_or(hidden / n_heads.max(1));
+    let mut set = |k: &str, v: Value| {
+        config.insert(k.into(), v);
+    };
+    if let Some(w) = meta.uint_opt(&key("attention.sliding_window")).filter(|&w| w > 0) {
+        set("sliding_window", w.into());
+    }
+    match arch {
+        "gemma2" | "gemma3" => {
+            // llama.cpp scales queries by 1/sqrt(head_dim), except in the 27B shapes (46 and 62
+            // layers), whose query_pre_attn_scalar is hidden / heads.
+            let big = (arch == "gemma2" && n_layers == 46) || (arch == "gemma3" && n_layers == 62);
+            set("query_pre_attn_scalar", (if big { hidden / n_heads.max(1) } else { head_dim }).into());
+            for k in ["attn_logit_softcapping", "final_logit_softcapping"] {
+                if let Some(v) = meta.float_opt(&key(k)) {
+                    set(k, v.into());
+                }
+            }
+            if arch == "gemma3" {
+                // Five local layers to one global unless the file says otherwise (llama.cpp's
+                // fixed pattern); local layers rotate by their own base.
+                set("sliding_window_pattern", meta.uint_opt(&key("attention.sliding_window_pattern")).unwrap_or(6).into());
+                set("rope_local_base_freq", meta.float_opt(&key("rope.freq_base_swa")).unwrap_or(10_000.0).into());
+                set("rope_theta", meta.float_opt(&key("rope.freq_base")).unwrap_or(1_000_000.0).into());
+                if meta.str(&key("rope.scaling.type")).is_ok_and(|t| t == "linear") {
+                    set("rope_scaling", json!({"rope_type": "linear", "factor": meta.float_opt(&key("rope.scaling.factor")).unwrap_or(1.0)}));
+                }
+            }
+        }
+        "phi3" => {
+            let rotated = meta.uint_opt(&key("rope.dimension_count")).unwrap_or(head_dim);
+            set("partial_rotary_factor", (rotated as f64 / head_dim as f64).into());
+            if let Some(original) = meta.uint_opt(&key("rope.scaling.original_context_length")) {
+                set("original_max_position_embeddings", original.into());
+            }
+            if let (Some(long), Some(short)) = (rope_factors.get("long"), rope_factors.get("short")) {
+                set("rope_scaling", json!({"rope_type": "longrope", "long_factor": long, "short_factor": short}));
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 struct Meta<'a> {
@@ -347,6 +433,10 @@ impl Meta<'_> {
         let list = self.get(key)?.to_vec().map_err(|e| gguf_err(self.path, format!("`{key}`: {e}")))?;
         list.iter().map(|v| v.to_string().cloned().map_err(|e| gguf_err(self.path, format!("`{key}`: {e}")))).collect()
     }
+    fn floats(&self, key: &str) -> Vec<f64> {
+        let Some(GValue::Array(list)) = self.content.metadata.get(key) else { return Vec::new() };
+        list.iter().filter_map(|v| v.to_f32().map(f64::from).ok()).collect()
+    }
     fn ints(&self, key: &str) -> Vec<i64> {
         let Some(GValue::Array(list)) = self.content.metadata.get(key) else { return Vec::new() };
         list.iter().filter_map(|v| v.to_i32().map(i64::from).or_else(|_| v.to_u32().map(i64::from)).ok()).collect()
@@ -368,10 +458,15 @@ fn split_then_bytelevel(pattern: &str) -> Value {
 /// Returns (tokenizer.json, tokenizer_config.json, bos id, eos id).
 fn tokenizer_from_meta(meta: &Meta) -> Result<(Value, Value, Option<usize>, Option<u32>)> {
     let model = meta.str("tokenizer.ggml.model")?;
+    if model == "llama" {
+        return sentencepiece_from_meta(meta);
+    }
     if model != "gpt2" {
         return Err(gguf_err(
             meta.path,
-            format!("tokenizer model `{model}` is not supported yet (lmx rebuilds byte-level BPE `gpt2` tokenizers from GGUF); use the Hugging Face folder of this model instead"),
+            format!(
+                "tokenizer model `{model}` is not supported yet (lmx rebuilds byte-level BPE `gpt2` and SentencePiece `llama` tokenizers from GGUF); use the Hugging Face folder of this model instead"
+            ),
         ));
     }
     let tokens = meta.strings("tokenizer.ggml.tokens")?;
@@ -436,9 +531,96 @@ fn tokenizer_from_meta(meta: &Meta) -> Result<(Value, Value, Option<usize>, Opti
     Ok((tokenizer, tokenizer_config, bos, eos))
 }
 
+/// A SentencePiece BPE tokenizer (`tokenizer.ggml.model` = `llama`: Llama 2, Gemma, Phi-3)
+/// as the `tokenizers` library runs it, the way transformers converts such a tokenizer
+/// (`LlamaConverter`): the pieces as a BPE vocabulary whose merges are every split of a piece
+/// into two pieces, ranked by the merged piece's score (SentencePiece merges the pair whose
+/// result scores highest, so the ranks give the same merges), byte fallback to the
+/// `<0xXX>` pieces, spaces as `▁` (with a leading one where `add_space_prefix` says so).
+fn sentencepiece_from_meta(meta: &Meta) -> Result<(Value, Value, Option<usize>, Option<u32>)> {
+    let tokens = meta.strings("tokenizer.ggml.tokens")?;
+    let scores = meta.floats("tokenizer.ggml.scores");
+    let types = meta.ints("tokenizer.ggml.token_type");
+    let ty = |i: usize| types.get(i).copied().unwrap_or(1);
+    let vocab: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    // Merges: pieces of types normal (1) and user-defined (4) split every way into two pieces.
+    let mut merges: Vec<(f64, usize, usize, usize)> = Vec::new();
+    for (id, piece) in tokens.iter().enumerate().filter(|(i, _)| matches!(ty(*i), 1 | 4)) {
+        let score = scores.get(id).copied().unwrap_or(0.0);
+        let mut local: Vec<(usize, usize)> = piece.char_indices().skip(1).filter_map(|(at, _)| Some((*vocab.get(&piece[..at])?, *vocab.get(&piece[at..])?))).collect();
+        local.sort();
+        merges.extend(local.into_iter().map(|(l, r)| (score, id, l, r)));
+    }
+    // Highest score first; ties in piece order, then by the ids of the halves.
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then((a.2, a.3).cmp(&(b.2, b.3))));
+    let merges: Vec<Value> = merges.iter().map(|&(_, _, l, r)| json!([tokens[l], tokens[r]])).collect();
+    let unk = (0..tokens.len()).find(|&i| ty(i) == 2).map(|i| tokens[i].clone());
+    // Control (3) and unknown (2) pieces are special added tokens; user-defined (4) added ones.
+    let added: Vec<Value> = (0..tokens.len())
+        .filter(|&i| matches!(ty(i), 2..=4))
+        .map(|i| json!({"id": i, "content": tokens[i], "single_word": false, "lstrip": false, "rstrip": false, "normalized": ty(i) == 4, "special": ty(i) != 4}))
+        .collect();
+    let prefix = meta.bool_opt("tokenizer.ggml.add_space_prefix").unwrap_or(true);
+    let replace = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+    let normalizer = if prefix { json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u{2581}"}, replace]}) } else { replace };
+    let mut decoders = vec![json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}), json!({"type": "ByteFallback"}), json!({"type": "Fuse"})];
+    if prefix {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    let bos = meta.uint_opt("tokenizer.ggml.bos_token_id");
+    let eos = meta.uint_opt("tokenizer.ggml.eos_token_id").map(|x| x as u32);
+    let add_bos = meta.bool_opt("tokenizer.ggml.add_bos_token").unwrap_or(true);
+    let token_str = |id: Option<usize>| id.and_then(|i| tokens.get(i)).cloned();
+    let post_processor = match (add_bos, token_str(bos)) {
+        (true, Some(b)) => json!({"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": b, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {b.clone(): {"id": b, "ids": [bos], "tokens": [b]}}}),
+        _ => Value::Null,
+    };
+    let vocab_json: Map<String, Value> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+    let tokenizer = json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": normalizer, "pre_tokenizer": null, "post_processor": post_processor,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                  "vocab": vocab_json, "merges": merges}
+    });
+    let mut tokenizer_config = json!({
+        "tokenizer_class": "LlamaTokenizerFast",
+        "add_bos_token": add_bos,
+        "bos_token": token_str(bos),
+        "eos_token": token_str(eos.map(|e| e as usize)),
+        "model_max_length": meta.uint_opt(&format!("{}.context_length", meta.str("general.architecture")?)).unwrap_or(2048),
+    });
+    if let Ok(t) = meta.str("tokenizer.chat_template") {
+        tokenizer_config["chat_template"] = t.into();
+    }
+    Ok((tokenizer, tokenizer_config, bos, eos))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The SentencePiece tokenizer rebuilt from a GGUF that llama.cpp's converter wrote
+    /// encodes as sentencepiece itself does (`scripts/fixtures/gguf_models.py`: merges,
+    /// characters it never saw as bytes, runs of spaces), and decodes back to the text.
+    #[test]
+    fn sentencepiece_tokenizer_from_gguf_encodes_as_sentencepiece() {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gguf");
+        let want: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("spm_encodings.json")).expect("encodings")).expect("json");
+        let model = load(&dir.join("gemma2.gguf")).expect("gemma2.gguf");
+        let tok = crate::tokenizer::Tokenizer::from_json(&model.tokenizer).expect("tokenizer");
+        for (text, ids) in want["texts"].as_array().expect("texts").iter().zip(want["ids"].as_array().expect("ids")) {
+            let text = text.as_str().expect("text");
+            let ids: Vec<u32> = ids.as_array().expect("ids").iter().map(|v| v.as_u64().expect("id") as u32).collect();
+            assert_eq!(tok.encode(text, false).expect("encode"), ids, "{text:?}");
+            assert_eq!(tok.decode(&ids, false).expect("decode"), text);
+        }
+    }
 
     #[test]
     fn names_map_to_hugging_face() {

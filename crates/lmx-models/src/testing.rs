@@ -64,7 +64,11 @@ struct Golden {
 }
 
 fn golden(model_type: &str) -> Golden {
-    let golden = candle_core::safetensors::load(fixture_dir(model_type).join("golden.safetensors"), &Device::Cpu).expect("golden");
+    golden_at(&fixture_dir(model_type).join("golden.safetensors"))
+}
+
+fn golden_at(path: &std::path::Path) -> Golden {
+    let golden = candle_core::safetensors::load(path, &Device::Cpu).expect("golden");
     let logits = golden["logits"].clone();
     let scale = logits.abs().and_then(|t| t.flatten_all()).and_then(|t| t.max(0)).and_then(|t| t.to_scalar::<f32>()).expect("scale");
     Golden { input_ids: golden["input_ids"].to_dtype(DType::U32).expect("ids"), logits, scale }
@@ -457,6 +461,28 @@ fn fixture_as_gguf(model_type: &str, arch: &str) -> PathBuf {
 /// The mixture-of-experts fixtures as GGUF files (llama.cpp's names and layout: Qwen3-MoE's
 /// `qwen3moe` with a dense block where there is no router, Qwen2-MoE's shared expert,
 /// Mixtral as `llama` with experts) load and give transformers' logits.
+/// GGUF files written by llama.cpp's own converter (`scripts/fixtures/gguf_models.py`) from
+/// tiny transformers models give transformers' logits: Gemma 2 and 3 (`1 + w` norms stored as
+/// `w + 1`, the norm before the MLP named `ffn_norm`, llama.cpp's fixed query scale, window
+/// pattern and local rotary base) and Phi-3 (fused q/k/v and gate/up, LongRoPE factors as
+/// tensors).
+#[test]
+fn gemma_and_phi3_from_llama_cpp_gguf_match_transformers() {
+    for (model_type, file) in [("gemma2", "gemma2"), ("gemma3_text", "gemma3_text"), ("phi3", "phi3")] {
+        let dir = fixture_dir("gguf");
+        let model = lmx_io::gguf::load(&dir.join(format!("{file}.gguf"))).unwrap_or_else(|e| panic!("{file}.gguf: {e}"));
+        assert_eq!(model.config["model_type"], model_type);
+        let vb = Builder::new(Weights::from_tensors(model.tensors, "gguf"), DType::F32, &Device::Cpu);
+        let lm = load_model(model_type, &model.config, &vb).unwrap_or_else(|e| panic!("{model_type} from GGUF: {e}"));
+        vb.finish(is_ignored_key).expect("every GGUF tensor is used");
+        let g = golden_at(&dir.join(format!("{file}.golden.safetensors")));
+        let got = lm.forward(&g.input_ids, &mut lm.new_cache(), Logits::All).expect("forward");
+        let (d, at) = max_diff(&got, &g.logits);
+        println!("{model_type} from llama.cpp's GGUF: max |logit diff| {d:.3e} at {at}");
+        assert!(d <= 1e-4 * g.scale, "{model_type} from GGUF differs from transformers by {d} at {at}");
+    }
+}
+
 #[test]
 fn moe_models_from_gguf_match_their_golden_fixture() {
     for (model_type, arch) in [("qwen3_moe", "qwen3moe"), ("qwen2_moe", "qwen2moe"), ("mixtral", "llama")] {
