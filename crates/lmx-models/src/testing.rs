@@ -318,7 +318,7 @@ fn the_mistral_fixture_exercises_its_sliding_window() {
 /// fixture and are checked against MLX LM alone.
 #[test]
 fn moe_models_as_mlx_lm_converts_them_match_mlx_lm() {
-    for model_type in ["qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss"] {
+    for model_type in ["qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss", "deepseek_v3"] {
         let dir = fixture_dir(&format!("{model_type}_mlx"));
         let mlx = lmx_io::Weights::from_safetensors(&[dir.join("logits.safetensors")]).expect("mlx logits");
         let ids = mlx.tensor("input_ids").expect("ids").to_dtype(DType::U32).expect("u32 ids");

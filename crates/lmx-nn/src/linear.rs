@@ -91,6 +91,12 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// A dense layer without bias, adapter or reduction over `weight` (out, in): for weights a
+    /// layer assembles from other tensors as it loads.
+    pub(crate) fn dense(weight: Tensor) -> Self {
+        Linear { weight: Weight::Dense(weight), bias: None, adapter: None, reduce: None }
+    }
+
     /// The (out, in) weight this rank holds, dequantized if it is stored quantized.
     pub fn weight(&self) -> Result<Tensor> {
         self.weight.to_tensor()

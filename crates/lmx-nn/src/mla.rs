@@ -93,12 +93,33 @@ impl Mla {
             q,
             kv_a: vb.pp("kv_a_proj_with_mqa").linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias, Shard::Replicated)?,
             kv_a_norm: vb.pp("kv_a_layernorm").rms_norm(cfg.kv_lora_rank, cfg.rms_norm_eps)?,
-            kv_b: vb.pp("kv_b_proj").linear(cfg.kv_lora_rank, n * kv, Bias::No, rows(kv))?,
+            kv_b: if vb.pp("kv_b_proj").has("weight") || vb.is_shapes_only() {
+                vb.pp("kv_b_proj").linear(cfg.kv_lora_rank, n * kv, Bias::No, rows(kv))?
+            } else {
+                Self::kv_b_from_mlx(vb, cfg, heads.clone())?
+            },
             o_proj: vb.pp("o_proj").linear(n * cfg.v_head_dim, h, bias, Shard::Row(heads.start * cfg.v_head_dim..heads.end * cfg.v_head_dim))?,
             heads: heads.len(),
             cfg: *cfg,
             absorbed: Default::default(),
         })
+    }
+
+    /// `kv_b_proj` (dense, this rank's heads) from MLX LM's split of it: `embed_q` (heads,
+    /// rank, nope) holds each head's `W_UK` transposed and `unembed_out` (heads, v, rank) its
+    /// `W_UV`, each dense or quantized like stacked experts (`mlx_lm`'s `sanitize` writes them
+    /// for its own absorbed decode).
+    fn kv_b_from_mlx(vb: &Builder, cfg: &MlaConfig, heads: std::ops::Range<usize>) -> std::result::Result<Linear, BuildError> {
+        let (n, nope, v, rank) = (cfg.num_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank);
+        let mut rows = Vec::with_capacity(2 * heads.len());
+        for h in heads {
+            let place = |t: Tensor| t.to_device(vb.device())?.to_dtype(vb.dtype());
+            let w_uk_t = vb.pp("embed_q").expert(h, n).linear(nope, rank, Bias::No, Shard::Replicated)?.weight()?;
+            let w_uv = vb.pp("unembed_out").expert(h, n).linear(rank, v, Bias::No, Shard::Replicated)?.weight()?;
+            rows.push(place(w_uk_t.t()?.contiguous()?)?);
+            rows.push(place(w_uv)?);
+        }
+        Ok(Linear::dense(Tensor::cat(&rows, 0)?))
     }
 
     /// `kv_b_proj` split per head for the absorbed form, in `like`'s dtype and device.
