@@ -501,14 +501,7 @@ fn tokenizer_from_meta(meta: &Meta) -> Result<(Value, Value, Option<usize>, Opti
     let eos = meta.uint_opt("tokenizer.ggml.eos_token_id").map(|x| x as u32);
     let add_bos = meta.bool_opt("tokenizer.ggml.add_bos_token").unwrap_or(false);
     let token_str = |id: Option<usize>| id.and_then(|i| tokens.get(i)).cloned();
-    let post_processor = match (add_bos, token_str(bos)) {
-        (true, Some(bos_tok)) => json!({"type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": bos_tok, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": bos_tok, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                     {"SpecialToken": {"id": bos_tok, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {bos_tok.clone(): {"id": bos_tok, "ids": [bos], "tokens": [bos_tok]}}}),
-        _ => json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true}),
-    };
+    let post_processor = bos_template(add_bos, token_str(bos), bos).unwrap_or_else(|| json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true}));
     let tokenizer = json!({
         "version": "1.0", "truncation": null, "padding": null,
         "added_tokens": added, "normalizer": null,
@@ -518,17 +511,33 @@ fn tokenizer_from_meta(meta: &Meta) -> Result<(Value, Value, Option<usize>, Opti
                   "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
                   "vocab": vocab, "merges": merges}
     });
-    let mut tokenizer_config = json!({
-        "tokenizer_class": "PreTrainedTokenizerFast",
+    let tokenizer_config = tokenizer_config(meta, "PreTrainedTokenizerFast", add_bos, token_str(bos), token_str(eos.map(|e| e as usize)))?;
+    Ok((tokenizer, tokenizer_config, bos, eos))
+}
+
+/// A post-processor that puts the BOS token first, when the file asks for one.
+fn bos_template(add_bos: bool, bos_token: Option<String>, bos: Option<usize>) -> Option<Value> {
+    let b = bos_token.filter(|_| add_bos)?;
+    Some(json!({"type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"SpecialToken": {"id": b, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {b.clone(): {"id": b, "ids": [bos], "tokens": [b]}}}))
+}
+
+/// `tokenizer_config.json`: class, BOS/EOS, context length and the file's chat template.
+fn tokenizer_config(meta: &Meta, class: &str, add_bos: bool, bos_token: Option<String>, eos_token: Option<String>) -> Result<Value> {
+    let mut config = json!({
+        "tokenizer_class": class,
         "add_bos_token": add_bos,
-        "bos_token": token_str(bos),
-        "eos_token": token_str(eos.map(|e| e as usize)),
+        "bos_token": bos_token,
+        "eos_token": eos_token,
         "model_max_length": meta.uint_opt(&format!("{}.context_length", meta.str("general.architecture")?)).unwrap_or(2048),
     });
     if let Ok(t) = meta.str("tokenizer.chat_template") {
-        tokenizer_config["chat_template"] = t.into();
+        config["chat_template"] = t.into();
     }
-    Ok((tokenizer, tokenizer_config, bos, eos))
+    Ok(config)
 }
 
 /// A SentencePiece BPE tokenizer (`tokenizer.ggml.model` = `llama`: Llama 2, Gemma, Phi-3)
@@ -571,14 +580,7 @@ fn sentencepiece_from_meta(meta: &Meta) -> Result<(Value, Value, Option<usize>, 
     let eos = meta.uint_opt("tokenizer.ggml.eos_token_id").map(|x| x as u32);
     let add_bos = meta.bool_opt("tokenizer.ggml.add_bos_token").unwrap_or(true);
     let token_str = |id: Option<usize>| id.and_then(|i| tokens.get(i)).cloned();
-    let post_processor = match (add_bos, token_str(bos)) {
-        (true, Some(b)) => json!({"type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                     {"SpecialToken": {"id": b, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {b.clone(): {"id": b, "ids": [bos], "tokens": [b]}}}),
-        _ => Value::Null,
-    };
+    let post_processor = bos_template(add_bos, token_str(bos), bos).unwrap_or(Value::Null);
     let vocab_json: Map<String, Value> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
     let tokenizer = json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
@@ -588,16 +590,7 @@ fn sentencepiece_from_meta(meta: &Meta) -> Result<(Value, Value, Option<usize>, 
                   "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
                   "vocab": vocab_json, "merges": merges}
     });
-    let mut tokenizer_config = json!({
-        "tokenizer_class": "LlamaTokenizerFast",
-        "add_bos_token": add_bos,
-        "bos_token": token_str(bos),
-        "eos_token": token_str(eos.map(|e| e as usize)),
-        "model_max_length": meta.uint_opt(&format!("{}.context_length", meta.str("general.architecture")?)).unwrap_or(2048),
-    });
-    if let Ok(t) = meta.str("tokenizer.chat_template") {
-        tokenizer_config["chat_template"] = t.into();
-    }
+    let tokenizer_config = tokenizer_config(meta, "LlamaTokenizerFast", add_bos, token_str(bos), token_str(eos.map(|e| e as usize)))?;
     Ok((tokenizer, tokenizer_config, bos, eos))
 }
 
