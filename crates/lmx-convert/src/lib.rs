@@ -157,12 +157,12 @@ pub fn convert(source: &ModelSource, dtype: Option<DType>, transform: &Transform
     let mut shards = ShardWriter::new(tmp, max_shard_bytes);
     let mut stats = quantize::Stats::default();
     // Experts stacked as MLX LM's sanitize writes them (a no-op for dense models).
-    let stacking = moe::Stacking::new(&files.model_type()?, &keys);
+    let stacking = moe::Stacking::new(&files.model_type()?, &files.config, &keys);
     let read = |k: &str| files.weights.tensor(k);
     match transform {
         Transform::Cast => {
             for key in &keys {
-                if let Some((k, t)) = stacking.tensor(key, read)? {
+                for (k, t) in stacking.tensor(key, read)? {
                     shards.push(k, t)?;
                 }
             }
@@ -170,9 +170,10 @@ pub fn convert(source: &ModelSource, dtype: Option<DType>, transform: &Transform
         Transform::Quantize(opts) => {
             let mut plan = quantize::Plan::new(&folder.config, opts, &keys)?;
             for key in &keys {
-                let Some((k, t)) = stacking.tensor(key, read)? else { continue };
-                for (k, t) in plan.tensor(&k, t, &mut stats)? {
-                    shards.push(k, t)?;
+                for (k, t) in stacking.tensor(key, read)? {
+                    for (k, t) in plan.tensor(&k, t, &mut stats)? {
+                        shards.push(k, t)?;
+                    }
                 }
             }
             plan.write_config(&mut folder.config);

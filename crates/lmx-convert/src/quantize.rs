@@ -133,13 +133,14 @@ pub fn quantize(folder: &mut Folder, opts: &QuantizeOptions) -> Result<f64, Conv
     let mut plan = Plan::new(&folder.config, opts, &keys)?;
     let mut stats = Stats::default();
     let mut out = std::collections::HashMap::new();
-    let stacking = crate::moe::Stacking::new(&plan.model_type, &keys);
+    let stacking = crate::moe::Stacking::new(&plan.model_type, &folder.config, &keys);
     let mut tensors = std::mem::take(&mut folder.tensors);
     for key in keys {
         // Each source tensor is taken out as it is used, so memory stays near one copy.
         let read = |k: &str| tensors.remove(k).ok_or_else(|| ConvertError::Layer { module: k.to_string(), msg: "missing".into() });
-        let Some((k, t)) = stacking.tensor(&key, read)? else { continue };
-        out.extend(plan.tensor(&k, t, &mut stats)?);
+        for (k, t) in stacking.tensor(&key, read)? {
+            out.extend(plan.tensor(&k, t, &mut stats)?);
+        }
     }
     folder.tensors = out;
     plan.write_config(&mut folder.config);
@@ -198,9 +199,10 @@ impl<'a> Plan<'a> {
     pub fn tensor(&mut self, key: &str, t: Tensor, stats: &mut Stats) -> Result<Vec<(String, Tensor)>, ConvertError> {
         let opts = self.opts;
         // Matrices, and stacked experts' matrices (experts, out, in: `switch_mlp`, gpt-oss's
-        // `experts`), quantized per expert.
-        let stacked = t.rank() == 3 && (key.contains(".switch_mlp.") || key.contains(".experts."));
-        let module = key.strip_suffix(".weight").filter(|_| (t.rank() == 2 || stacked) && t.dtype().is_float());
+        // `experts`) or DeepSeek's per-head ones (`embed_q`, `unembed_out`), quantized per
+        // expert or head.
+        let stacked = t.rank() == 3 && [".switch_mlp.", ".experts.", ".embed_q.", ".unembed_out."].iter().any(|p| key.contains(p));
+        let module = key.strip_suffix(".weight").filter(|m| (t.rank() == 2 || stacked) && t.dtype().is_float() && !crate::moe::float_router(&self.model_type, m));
         let cols = *t.dims().last().unwrap_or(&0);
         // MLX LM skips matrices whose rows the default group size does not divide.
         let Some(module) = module.filter(|_| cols % opts.group_size == 0) else {

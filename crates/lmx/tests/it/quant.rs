@@ -156,7 +156,7 @@ fn moe_conversion_matches_mlx_lm_convert_byte_for_byte() {
     let fixtures = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
     // gpt-oss starts from MLX's float32 folder: MLX LM cannot stack the experts transformers
     // writes (scripts/fixtures/mlx_moe.py does it for MLX LM).
-    for (model_type, source) in [("qwen3_moe", "qwen3_moe"), ("mixtral", "mixtral"), ("qwen2_moe", "qwen2_moe"), ("gpt_oss", "gpt_oss_mlx/f32")] {
+    for (model_type, source) in [("qwen3_moe", "qwen3_moe"), ("mixtral", "mixtral"), ("qwen2_moe", "qwen2_moe"), ("gpt_oss", "gpt_oss_mlx/f32"), ("deepseek_v3", "deepseek_v3")] {
         let tmp = std::env::temp_dir().join(format!("lmx-moe-convert-{model_type}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         let src = tmp.join("hf");
