@@ -393,6 +393,68 @@ impl CustomOp2 for SiluMul {
 pub struct DecodeAttention {
     /// Multiplies the scores (1 / sqrt(head_dim)).
     pub scale: f32,
+    /// A u32 position (1,): only keys up to it count (a cache whose length lives on the
+    /// device, as in a captured decode step); None: every key of the view.
+    pub upto: Option<candle_core::Tensor>,
+    /// With `upto`: keys this many or more positions behind it are not seen either.
+    pub window: Option<usize>,
+}
+
+/// The keys `upto` (a u32 position) and `window` leave of `kv_len`, on the CPU: (first, count).
+fn upto_range(upto: &candle_core::Tensor, window: Option<usize>, kv_len: usize) -> Result<(usize, usize)> {
+    let pos = upto.flatten_all()?.to_device(&candle_core::Device::Cpu)?.to_vec1::<u32>()?;
+    let Some(&p) = pos.first() else { candle_core::bail!("decode attention: an empty position tensor") };
+    let end = (p as usize + 1).min(kv_len);
+    let first = window.map_or(0, |w| (p as usize + 1).saturating_sub(w)).min(end);
+    Ok((first, end - first))
+}
+
+/// Writes one position of keys or values into a (1, heads, capacity, d) buffer in place, at
+/// the position a u32 tensor holds (read on the device on a GPU: a captured decode step
+/// replays at every position). The sources are the new keys (1, heads, 1, d) and the position.
+pub struct KvWrite;
+
+impl candle_core::InplaceOp3 for KvWrite {
+    fn name(&self) -> &'static str {
+        "lmx-kv-write"
+    }
+
+    fn cpu_fwd(&self, dst: &mut CpuStorage, dl: &Layout, src: &CpuStorage, sl: &Layout, pos: &CpuStorage, pl: &Layout) -> Result<()> {
+        let (&[1, heads, cap, d], &[1, sh, 1, sd]) = (dl.dims(), sl.dims()) else {
+            candle_core::bail!("kv write: buffer {:?} / keys {:?}: one sequence, one new position", dl.dims(), sl.dims());
+        };
+        if sh != heads || sd != d || !dl.is_contiguous() || sl.stride()[3] != 1 {
+            candle_core::bail!("kv write: buffer {:?} / keys {:?} (strides {:?})", dl.dims(), sl.dims(), sl.stride());
+        }
+        let p = match pos {
+            CpuStorage::U32(v) => v.get(pl.start_offset()).copied().unwrap_or(u32::MAX) as usize,
+            _ => candle_core::bail!("kv write: the position must be u32"),
+        };
+        if p >= cap {
+            candle_core::bail!("kv write: position {p} past the buffer's {cap} positions");
+        }
+        let (d0, s0, hs) = (dl.start_offset(), sl.start_offset(), sl.stride()[1]);
+        macro_rules! copy {
+            ($b:expr, $s:expr) => {{
+                for h in 0..heads {
+                    let at = d0 + (h * cap + p) * d;
+                    $b[at..at + d].copy_from_slice(&$s[s0 + h * hs..s0 + h * hs + d]);
+                }
+            }};
+        }
+        match (dst, src) {
+            (CpuStorage::F32(b), CpuStorage::F32(s)) => copy!(b, s),
+            (CpuStorage::BF16(b), CpuStorage::BF16(s)) => copy!(b, s),
+            (CpuStorage::F16(b), CpuStorage::F16(s)) => copy!(b, s),
+            (b, s) => candle_core::bail!("kv write: buffer {:?} and keys {:?}", b.dtype(), s.dtype()),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, dst: &mut candle_core::CudaStorage, dl: &Layout, src: &candle_core::CudaStorage, sl: &Layout, pos: &candle_core::CudaStorage, pl: &Layout) -> Result<()> {
+        crate::cuda_fused::kv_write(dst, dl, src, sl, pos, pl)
+    }
 }
 
 fn strided<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<(&'a [T], [usize; 3], usize)> {
@@ -766,7 +828,14 @@ impl CustomOp3 for DecodeAttention {
         if ql.dims().len() != 4 || ql.dims()[2] != 1 || kl.dims() != vl.dims() {
             candle_core::bail!("decode attention: q {:?}, k {:?}, v {:?}", ql.dims(), kl.dims(), vl.dims());
         }
-        Ok((by_dtype!(qs.dtype(), decode_attention(qs, ql, ks, kl, vs, vl, self.scale)), ql.shape().clone()))
+        let (kl, vl) = match &self.upto {
+            Some(upto) => {
+                let (first, n) = upto_range(upto, self.window, kl.dims()[2])?;
+                (kl.narrow(2, first, n)?, vl.narrow(2, first, n)?)
+            }
+            None => (kl.clone(), vl.clone()),
+        };
+        Ok((by_dtype!(qs.dtype(), decode_attention(qs, ql, ks, &kl, vs, &vl, self.scale)), ql.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -784,7 +853,15 @@ impl CustomOp3 for DecodeAttention {
         if !fits || kl.dims() != vl.dims() || !ql.is_contiguous() {
             candle_core::bail!("decode attention: q {:?}, k {:?}, v {:?}", ql.dims(), kl.dims(), vl.dims());
         }
-        Ok((crate::cuda_fused::decode_attention(qs, ql, ks, kl, vs, vl, self.scale)?, ql.shape().clone()))
+        let upto = self.upto.as_ref().map(|t| t.storage_and_layout());
+        let upto = match &upto {
+            Some((storage, layout)) => match &**storage {
+                candle_core::Storage::Cuda(ps) => Some((ps, *layout)),
+                _ => candle_core::bail!("decode attention: the position must be on the keys' GPU"),
+            },
+            None => None,
+        };
+        Ok((crate::cuda_fused::decode_attention(qs, ql, ks, kl, vs, vl, self.scale, upto, self.window)?, ql.shape().clone()))
     }
 }
 
@@ -822,7 +899,7 @@ mod tests {
                     let k = Tensor::randn(0f32, 1.0, (1, 3, len, d), &dev)?.to_dtype(dtype)?;
                     let v = Tensor::randn(0f32, 1.0, (1, 3, len, d), &dev)?.to_dtype(dtype)?;
                     let scale = 1.0 / (d as f32).sqrt();
-                    let got = q.apply_op3(&k, &v, super::DecodeAttention { scale })?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                    let got = q.apply_op3(&k, &v, super::DecodeAttention { scale, upto: None, window: None })?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                     let (qf, kf, vf) =
                         (q.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, k.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, v.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
                     for h in 0..9 {
@@ -838,7 +915,7 @@ mod tests {
                         }
                     }
                     // Head 4 alone (its key/value head shared with no other query).
-                    let alone = q.narrow(1, 4, 1)?.apply_op3(&k.narrow(1, 1, 1)?, &v.narrow(1, 1, 1)?, super::DecodeAttention { scale })?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                    let alone = q.narrow(1, 4, 1)?.apply_op3(&k.narrow(1, 1, 1)?, &v.narrow(1, 1, 1)?, super::DecodeAttention { scale, upto: None, window: None })?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                     assert_eq!(alone, got[4 * d..5 * d], "d {d} len {len} {dtype:?}: head 4 alone");
                 }
             }

@@ -73,8 +73,15 @@ template <typename T>
 __device__ void decode_attention(const T* q, const T* k, const T* v, T* out, float* part,
                                  int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits,
                                  long long ks0, long long ks1, long long ks2,
-                                 long long vs0, long long vs1, long long vs2) {
+                                 long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window) {
     __shared__ float wm[32], wl[32];
+    // A cache whose length lives on the device (a captured decode step): keys after position
+    // upto[0] are not yet written, and with a window those `window` or more behind it unseen.
+    int first = 0;
+    if (upto) {
+        kv_len = min(kv_len, (int)upto[0] + 1);
+        if (window > 0) first = max(0, (int)upto[0] + 1 - window);
+    }
     extern __shared__ float wacc[];
     const float NEG = -__int_as_float(0x7f800000);
     int bh = blockIdx.x, split = blockIdx.y, bi = bh / n_heads, h = bh % n_heads, kv = h / (n_heads / n_kv);
@@ -90,6 +97,7 @@ __device__ void decode_attention(const T* q, const T* k, const T* v, T* out, flo
     float m = NEG, l = 0.f;
     int t1 = min(kv_len, split * chunk + chunk);
     for (int t = split * chunk + warp; t < t1; t += nw) {
+        if (t < first) continue;
         float s = 0.f;
         for (int j = 0; j < e; j++) { int i = lane * e + j; if (i < d) s += qr[j] * ld(kb, t * ks2 + i); }
         for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
@@ -113,6 +121,19 @@ __device__ void decode_attention(const T* q, const T* k, const T* v, T* out, flo
     if (splits > 1 && threadIdx.x == 0) { pp[0] = M; pp[1] = L; }
 }
 
+// Writes one position of keys or values, (heads, d) with head stride `sh`, into a (heads,
+// cap, d) buffer at position pos[0] (read on the device, so a captured step can replay).
+// Elements are copied as raw 2- or 4-byte words.
+template <typename W>
+__device__ void kv_write(W* buf, const W* src, const unsigned int* pos, int cap, int d, long long sh) {
+    unsigned int p = pos[0];
+    if (p >= (unsigned int)cap) return;
+    int h = blockIdx.x;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) buf[((size_t)h * cap + p) * d + i] = src[(size_t)h * sh + i];
+}
+extern "C" __global__ void lmx_kv_write_2(unsigned short* buf, const unsigned short* src, const unsigned int* pos, int cap, int d, long long sh) { kv_write(buf, src, pos, cap, d, sh); }
+extern "C" __global__ void lmx_kv_write_4(unsigned int* buf, const unsigned int* src, const unsigned int* pos, int cap, int d, long long sh) { kv_write(buf, src, pos, cap, d, sh); }
+
 // Merges the splits of one (sequence, head) block: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M).
 template <typename T>
 __device__ void combine_splits(const float* part, T* out, int splits, int d) {
@@ -130,7 +151,7 @@ __device__ void combine_splits(const float* part, T* out, int splits, int d) {
 #define INSTANTIATE(T, name) \
 extern "C" __global__ void lmx_rms_norm_##name(const T* x, const T* w, T* out, int d, float eps) { rms_norm(x, w, out, d, eps); } \
 extern "C" __global__ void lmx_silu_mul_##name(const T* g, const T* u, T* out, long long n) { silu_mul(g, u, out, n); } \
-extern "C" __global__ void lmx_decode_attention_##name(const T* q, const T* k, const T* v, T* out, float* part, int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits, long long ks0, long long ks1, long long ks2, long long vs0, long long vs1, long long vs2) { decode_attention(q, k, v, out, part, n_heads, n_kv, kv_len, d, scale, chunk, splits, ks0, ks1, ks2, vs0, vs1, vs2); } \
+extern "C" __global__ void lmx_decode_attention_##name(const T* q, const T* k, const T* v, T* out, float* part, int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits, long long ks0, long long ks1, long long ks2, long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window) { decode_attention(q, k, v, out, part, n_heads, n_kv, kv_len, d, scale, chunk, splits, ks0, ks1, ks2, vs0, vs1, vs2, upto, window); } \
 extern "C" __global__ void lmx_combine_splits_##name(const float* part, T* out, int splits, int d) { combine_splits(part, out, splits, d); }
 INSTANTIATE(float, f32)
 INSTANTIATE(unsigned short, bf16)
@@ -246,8 +267,12 @@ fn attention_splits(heads: usize, kv_len: usize) -> (usize, usize) {
 
 /// One query per (sequence, head) over the cache: `q` (b, n_heads, 1, d) contiguous, `k`/`v`
 /// (b, n_kv, kv_len, d) with a contiguous last dimension; `d` at most 256. Split over the keys
-/// for long caches (flash-decoding), merged by a second kernel.
-pub(crate) fn decode_attention(qs: &CudaStorage, ql: &Layout, ks: &CudaStorage, kl: &Layout, vs: &CudaStorage, vl: &Layout, scale: f32) -> Result<CudaStorage> {
+/// for long caches (flash-decoding), merged by a second kernel. With `upto` (a u32 position
+/// on the device) only keys up to that position count: the cache's length is read by the
+/// kernel, so a captured decode step replays at every length its buffer holds; with a
+/// `window` too, keys that many or more positions behind it are skipped.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn decode_attention(qs: &CudaStorage, ql: &Layout, ks: &CudaStorage, kl: &Layout, vs: &CudaStorage, vl: &Layout, scale: f32, upto: Option<(&CudaStorage, &Layout)>, window: Option<usize>) -> Result<CudaStorage> {
     let (&[b, n_heads, _, d], &[_, n_kv, kv_len, _]) = (ql.dims(), kl.dims()) else {
         candle_core::bail!("decode attention: q {:?} / k {:?} must be 4-D", ql.dims(), kl.dims());
     };
@@ -272,9 +297,21 @@ pub(crate) fn decode_attention(qs: &CudaStorage, ql: &Layout, ks: &CudaStorage, 
         let o = out::<T>(&dev, b * n_heads * d)?;
         let (nh, nk, kvl, dd, ch, sp) = (n_heads as i32, n_kv as i32, kv_len as i32, d as i32, chunk as i32, splits as i32);
         let (k0, k1, k2, v0, v1, v2) = (kst[0] as i64, kst[1] as i64, kst[2] as i64, vst[0] as i64, vst[1] as i64, vst[2] as i64);
+        let upto = match upto {
+            Some((ps, pl)) => Some(ps.as_cuda_slice::<u32>()?.slice(pl.start_offset()..)),
+            None => None,
+        };
+        // A null pointer when the whole view counts.
+        let null = 0u64;
         let mut bld = func.builder();
         bld.arg(&q).arg(&k).arg(&v).arg(&o).arg(&part).arg(&nh).arg(&nk).arg(&kvl).arg(&dd).arg(&scale).arg(&ch).arg(&sp);
         bld.arg(&k0).arg(&k1).arg(&k2).arg(&v0).arg(&v1).arg(&v2);
+        match &upto {
+            Some(p) => bld.arg(p),
+            None => bld.arg(&null),
+        };
+        let win = window.unwrap_or(0) as i32;
+        bld.arg(&win);
         // SAFETY: the views' strides keep every read inside k and v; q and o are sized for
         // b * n_heads heads, `part` for their splits.
         unsafe { bld.launch(cfg) }.w()?;
@@ -288,4 +325,45 @@ pub(crate) fn decode_attention(qs: &CudaStorage, ql: &Layout, ks: &CudaStorage, 
         }
         Ok(CudaStorage::wrap_cuda_slice(o, dev))
     })
+}
+
+/// Writes `src` (1, heads, 1, d), last dimension contiguous, into `buf` (1, heads, cap, d)
+/// contiguous at the position `pos` (u32, on the device) holds. Copies 2- or 4-byte elements.
+pub(crate) fn kv_write(buf: &mut CudaStorage, bl: &Layout, src: &CudaStorage, sl: &Layout, ps: &CudaStorage, pl: &Layout) -> Result<()> {
+    let (&[1, heads, cap, d], &[1, sh, 1, sd]) = (bl.dims(), sl.dims()) else {
+        candle_core::bail!("kv write: buffer {:?} / keys {:?}: one sequence, one new position", bl.dims(), sl.dims());
+    };
+    if sh != heads || sd != d || !bl.is_contiguous() || sl.stride()[3] != 1 || buf.dtype() != src.dtype() {
+        candle_core::bail!("kv write: buffer {:?} {:?} / keys {:?} {:?} (strides {:?})", bl.dims(), buf.dtype(), sl.dims(), src.dtype(), sl.stride());
+    }
+    let dev = src.device().clone();
+    let sh_elems = sl.stride()[1];
+    let head_stride = sh_elems as i64;
+    let cfg = LaunchConfig { grid_dim: (heads as u32, 1, 1), block_dim: (d.next_multiple_of(32).min(256) as u32, 1, 1), shared_mem_bytes: 0 };
+    let (ci, di) = (cap as i32, d as i32);
+    let pos = ps.as_cuda_slice::<u32>()?.slice(pl.start_offset()..);
+    macro_rules! launch {
+        ($w:ty, $t:ty, $name:expr) => {{
+            let func = dev.get_or_load_custom_func($name, "lmx_fused", fused_ptx()?)?;
+            let s = src.as_cuda_slice::<$t>()?.slice(sl.start_offset()..);
+            let start = bl.start_offset();
+            let b = buf.as_cuda_slice_mut::<$t>()?;
+            let mut b = b.slice_mut(start..);
+            // SAFETY: the kernel copies the elements as same-sized words.
+            let (bw, sw) = unsafe { (b.transmute_mut::<$w>(heads * cap * d), s.transmute::<$w>((heads - 1) * sh_elems + d)) };
+            let (Some(mut bw), Some(sw)) = (bw, sw) else { candle_core::bail!("kv write: buffer or keys smaller than their shape") };
+            let mut bld = func.builder();
+            bld.arg(&mut bw).arg(&sw).arg(&pos).arg(&ci).arg(&di).arg(&head_stride);
+            // SAFETY: the buffer holds heads * cap * d elements, the kernel skips a position
+            // past `cap`, and reads heads * d elements of `src` at its strides.
+            unsafe { bld.launch(cfg) }.w()?;
+        }};
+    }
+    match buf.dtype() {
+        DType::BF16 => launch!(u16, half::bf16, "lmx_kv_write_2"),
+        DType::F16 => launch!(u16, half::f16, "lmx_kv_write_2"),
+        DType::F32 => launch!(u32, f32, "lmx_kv_write_4"),
+        other => candle_core::bail!("kv write: dtype {other:?}"),
+    }
+    Ok(())
 }

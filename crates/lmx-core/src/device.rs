@@ -33,13 +33,14 @@ pub fn parse_device(name: &str) -> Result<Device, DeviceError> {
     }
 }
 
-/// GPU `ordinal`: candle's device (each thread launches on its own per-thread default stream,
-/// ordered across threads by cudarc's event tracking). `LMX_CUDA_STREAM=own` gives it one
-/// stream of its own instead, tracking off. Measured on an H200 (docs/cuda/2026-11-30-stream-ab.txt,
-/// -attention.txt): decode the same, a 4096-token prefill 5-20% slower on the own stream.
+/// GPU `ordinal`: candle's device on a stream of its own, cross-stream event tracking off, so
+/// that decode steps can be captured as CUDA graphs ([`crate::graph`]). Every kernel, copy and
+/// library call of the device goes to that one stream, so nothing needs tracking.
+/// `LMX_CUDA_STREAM=per-thread` gives candle's default instead (each thread's default stream,
+/// ordered across threads by cudarc's events; no graphs).
 #[cfg(feature = "cuda")]
 pub fn cuda(ordinal: usize) -> candle_core::Result<Device> {
-    if !std::env::var("LMX_CUDA_STREAM").is_ok_and(|v| v == "own") {
+    if std::env::var("LMX_CUDA_STREAM").is_ok_and(|v| v == "per-thread") {
         return Device::new_cuda(ordinal);
     }
     let dev = candle_core::CudaDevice::new_with_stream(ordinal)?;

@@ -12,6 +12,7 @@ mod cuda_fused;
 pub mod device;
 pub mod frozen;
 pub mod gradcheck;
+pub mod graph;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod ops;

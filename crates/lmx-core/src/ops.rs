@@ -192,15 +192,43 @@ pub enum Mask<'a> {
     Causal { window: Option<usize>, additive: &'a Tensor },
     /// Any additive f32 (q_len, kv_len) mask.
     Additive(&'a Tensor),
+    /// One query at the position a u32 tensor (1,) holds, seeing the keys up to it (and with
+    /// a window, not those `window` or more positions behind it): a cache buffer longer than
+    /// what is written, whose length lives on the device (a captured decode step replays at
+    /// every length).
+    Upto { pos: &'a Tensor, window: Option<usize> },
 }
 
 impl<'a> Mask<'a> {
     fn additive(self) -> Option<&'a Tensor> {
         match self {
-            Mask::None => None,
+            Mask::None | Mask::Upto { .. } => None,
             Mask::Causal { additive, .. } | Mask::Additive(additive) => Some(additive),
         }
     }
+}
+
+/// The additive (1, kv_len) mask of [`Mask::Upto`]: 0 for the keys the query sees, -inf
+/// for the others.
+fn upto_mask(pos: &Tensor, window: Option<usize>, kv_len: usize) -> Result<Tensor> {
+    let dev = pos.device();
+    let pos = pos.flatten_all()?.to_dtype(DType::U32)?;
+    let idx = Tensor::arange(0u32, kv_len as u32, dev)?;
+    let mut seen = idx.broadcast_le(&pos)?;
+    if let Some(w) = window {
+        // Key j is seen when pos - j < w, i.e. j + w > pos.
+        seen = (seen * idx.affine(1.0, w as f64)?.broadcast_gt(&pos)?)?;
+    }
+    let zeros = Tensor::zeros(kv_len, DType::F32, dev)?;
+    seen.where_cond(&zeros, &zeros.affine(0.0, f64::NEG_INFINITY)?)?.reshape((1, kv_len))
+}
+
+/// Writes one position of keys or values `new` (1, heads, 1, d) into `buf` (1, heads,
+/// capacity, d, contiguous) in place, at the position the u32 tensor `pos` (1,) holds; on a
+/// GPU the position is read by the kernel, so a captured decode step replays at every position.
+pub fn kv_write(buf: &Tensor, new: &Tensor, pos: &Tensor) -> Result<()> {
+    let new = if new.stride().last() == Some(&1) { new.clone() } else { new.contiguous()? };
+    buf.inplace_op3(&new, pos, &crate::cpu_fused::KvWrite)
 }
 
 /// Scaled dot-product attention with grouped-query heads.
@@ -221,8 +249,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Mask<'_>, scale: f64,
     let fused = q.device().is_cpu() || (fused_cuda(q) && q_len == 1 && head_dim <= 256);
     if softcap.is_none() && sinks.is_none() && fused && !on_tape(&[q, k, v]) && q.dtype() == k.dtype() && k.dtype() == v.dtype() && v.dim(3)? == head_dim {
         match mask {
-            Mask::None if q_len == 1 => {
-                let op = crate::cpu_fused::DecodeAttention { scale: scale as f32 };
+            Mask::None | Mask::Upto { .. } if q_len == 1 => {
+                let (upto, window) = if let Mask::Upto { pos, window } = mask { (Some(pos.clone()), window) } else { (None, None) };
+                let op = crate::cpu_fused::DecodeAttention { scale: scale as f32, upto, window };
                 return q.contiguous()?.apply_op3_no_bwd(k, v, &op);
             }
             Mask::Causal { window, .. } if q.device().is_cpu() => {
@@ -232,7 +261,15 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Mask<'_>, scale: f64,
             _ => {}
         }
     }
-    let mask = mask.additive();
+    let upto;
+    let mask = match mask {
+        Mask::Upto { pos, window } if q_len == 1 => {
+            upto = upto_mask(pos, window, k.dim(2)?)?;
+            Some(&upto)
+        }
+        Mask::Upto { .. } => candle_core::bail!("attention: a mask up to a device position takes one query, not {q_len}"),
+        m => m.additive(),
+    };
     let n_kv_heads = k.dim(1)?;
     let n_rep = n_heads / n_kv_heads;
     let dtype = q.dtype();

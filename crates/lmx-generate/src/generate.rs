@@ -158,6 +158,8 @@ pub struct TokenStream<'a> {
     /// Token sampled but not yet run through the model.
     pending: Option<u32>,
     done: bool,
+    /// Decode steps recorded as a CUDA graph, where the device can.
+    graph: Option<crate::graph_steps::GraphSteps>,
 }
 
 #[derive(Default)]
@@ -369,7 +371,7 @@ pub(crate) fn run(model: &dyn CausalLm, kv: &mut KvCache, rows: &[&[u32]]) -> Re
 }
 
 /// `LMX_TRACE_STEPS=1`: each step of [`run`] prints its timing on stderr.
-fn trace_steps() -> bool {
+pub(crate) fn trace_steps() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("LMX_TRACE_STEPS").is_ok_and(|v| v == "1"))
 }
@@ -377,7 +379,8 @@ fn trace_steps() -> bool {
 /// Generates from `prompt` (the whole token sequence; whatever prefix `cache` already holds is
 /// reused), yielding a response per token.
 pub fn stream_generate<'a>(model: &'a dyn CausalLm, tokenizer: &'a Tokenizer, prompt: &[u32], cache: &'a mut PromptCache, params: GenerateParams) -> TokenStream<'a> {
-    TokenStream { model, cache, seq: Sequence::new(tokenizer, prompt, params), prompt: prompt.to_vec(), pending: None, done: false }
+    let graph = crate::graph_steps::GraphSteps::new(model);
+    TokenStream { model, cache, seq: Sequence::new(tokenizer, prompt, params), prompt: prompt.to_vec(), pending: None, done: false, graph }
 }
 
 /// Generates and returns the whole text.
@@ -398,7 +401,14 @@ impl TokenStream<'_> {
             }
             Some(tok) => tok,
         };
-        let logits = run(self.model, &mut self.cache.kv, &[&[tok]])?.pop().unwrap_or_default();
+        let recorded = match &mut self.graph {
+            Some(g) => g.step(self.model, &mut self.cache.kv, tok)?,
+            None => None,
+        };
+        let logits = match recorded {
+            Some(logits) => logits,
+            None => run(self.model, &mut self.cache.kv, &[&[tok]])?.pop().unwrap_or_default(),
+        };
         self.cache.tokens.push(tok);
         let (response, next) = self.seq.sample(logits, self.cache.tokens.len(), self.model.max_position_embeddings())?;
         self.pending = next;

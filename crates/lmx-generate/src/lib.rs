@@ -8,6 +8,7 @@
 
 pub mod batch;
 pub mod generate;
+mod graph_steps;
 pub mod prompt_cache;
 pub mod sampler;
 pub mod speculative;

@@ -97,6 +97,21 @@ fn check_architecture(model_type: &str) {
     println!("{model_type} cached decode vs full forward: {d:.3e} at {at}");
     assert!(d <= 1e-4 * scale, "{model_type}: cached decoding differs from the full forward by {d} at {at}");
 
+    // The same decoding with each step's position read from a tensor (as a recorded CUDA
+    // graph step does): equal to the full forward, or refused with an error (a layer that
+    // needs the position on the host), never different numbers.
+    match decode_at_device_positions(model.as_ref(), &input_ids, 4) {
+        Ok(steps) => {
+            let (d, at) = max_diff(&Tensor::cat(&steps, 1).expect("cat"), &got.narrow(0, 0, 1).and_then(|t| t.narrow(1, 4, seq_len - 4)).expect("n"));
+            println!("{model_type} decode at device positions vs full forward: {d:.3e} at {at}");
+            assert!(d <= 1e-4 * scale, "{model_type}: decoding at device positions differs from the full forward by {d} at {at}");
+        }
+        Err(e) => {
+            println!("{model_type} decode at device positions refused: {e}");
+            assert!(matches!(model_type, "deepseek_v3"), "{model_type} should decode at device positions: {e}");
+        }
+    }
+
     // The two sequences at different positions decode as one batch: row 0 prefilled with 3
     // tokens, row 1 with 5, each alone; then one token per row per step, each at its own
     // position, equal to the full forward.
@@ -127,6 +142,26 @@ fn check_architecture(model_type: &str) {
     let (d, at) = max_diff(&got, &want);
     println!("{model_type} bf16: max |logit diff| {d:.3e} at {at}");
     assert!(d <= 3e-2 * scale, "{model_type} bf16 logits differ from transformers by {d} at {at}");
+}
+
+/// Row 0 of `input_ids` prefilled with `n` tokens, then decoded one token at a time with the
+/// position of each read from a u32 tensor ([`lmx_nn::KvCache::set_device_position`]); each
+/// step's logits.
+fn decode_at_device_positions(model: &dyn CausalLm, input_ids: &Tensor, n: usize) -> lmx_core::Result<Vec<Tensor>> {
+    let row = input_ids.narrow(0, 0, 1)?;
+    let mut cache = model.new_cache();
+    model.forward(&row.narrow(1, 0, n)?, &mut cache, Logits::Last)?;
+    let mut steps = Vec::new();
+    for i in n..row.dim(1)? {
+        if cache.reserve(1)?.is_none() {
+            lmx_core::bail!("the cache cannot take device positions");
+        }
+        cache.set_device_position(Some(Tensor::new(&[i as u32], &Device::Cpu)?));
+        let out = model.forward(&row.narrow(1, i, 1)?, &mut cache, Logits::Last);
+        cache.set_device_position(None);
+        steps.push(out?);
+    }
+    Ok(steps)
 }
 
 /// Every rank of an in-process world of `size` builds its shard of the model (a share of

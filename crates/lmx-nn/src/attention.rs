@@ -345,6 +345,15 @@ impl Attention {
     /// (`rotating`: the row's rotating size) -> (b, heads, l, d).
     fn attend(&self, q: &Tensor, view: KvView, input: &AttentionInput, rotating: Option<usize>) -> Result<Tensor> {
         let l = q.dim(2)?;
+        if let KvView::Upto { k, v, pos } = &view {
+            // The buffer's unwritten positions (and those behind a sliding window) are masked
+            // by the device position.
+            let (k, v) = match &self.kv_of_head {
+                Some(ids) => (k.index_select(ids, 1)?, v.index_select(ids, 1)?),
+                None => (k.clone(), v.clone()),
+            };
+            return ops::attention(&q.contiguous()?, &k, &v, ops::Mask::Upto { pos, window: self.window }, self.scale, self.softcap, self.sinks.as_ref());
+        }
         if let KvView::Quantized { k, v, bits, group_size } = &view {
             // One query over a quantized cache: read the codes as stored.
             let seen = self.window.is_none_or(|w| view.positions().is_ok_and(|n| n <= w));

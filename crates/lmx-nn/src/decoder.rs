@@ -62,6 +62,12 @@ pub trait CausalLm: Send + Sync {
 
     /// The device the weights live on (inputs go there).
     fn device(&self) -> &Device;
+
+    /// Whether a decode step runs on this process's device alone, so that it can be recorded
+    /// and replayed as one CUDA graph (no pipeline stages or tensor-parallel ranks to talk to).
+    fn single_device(&self) -> bool {
+        false
+    }
 }
 
 /// One layer of a decoder stack.
@@ -364,7 +370,15 @@ impl<L: Layer> Decoder<L> {
         // their own rotary angles.
         let offsets: Vec<usize> = (0..cache.rows().max(1)).map(|r| cache.row_offset(r)).collect();
         let angles = if offsets.iter().all(|&o| o == offsets[0]) { &offsets[..1] } else { &offsets[..] };
-        let table = |rope: &Rope| angles.iter().map(|&o| rope.cos_sin(o, l)).collect::<Result<Vec<_>>>();
+        let pos = cache.device_position().cloned();
+        if pos.is_some() && (l != 1 || cache.rows() != 1) {
+            lmx_core::bail!("a step at a device position runs one token of one sequence, not {l} of {}", cache.rows());
+        }
+        let table = |rope: &Rope| match &pos {
+            // The position lives on the device (a recorded decode step).
+            Some(p) => Ok(vec![rope.cos_sin_at(p)?]),
+            None => angles.iter().map(|&o| rope.cos_sin(o, l)).collect::<Result<Vec<_>>>(),
+        };
         let mut input = AttentionInput::new(table(&self.ropes[0])?);
         for rope in &self.ropes[1..] {
             input = input.with_table(table(rope)?);
@@ -485,5 +499,9 @@ impl<L: Layer> CausalLm for Decoder<L> {
 
     fn device(&self) -> &Device {
         self.embed_tokens.device()
+    }
+
+    fn single_device(&self) -> bool {
+        self.pipeline.is_none() && self.tp.is_none() && self.training.is_none()
     }
 }

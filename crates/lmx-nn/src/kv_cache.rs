@@ -72,6 +72,9 @@ pub enum KvView {
     /// Keys and values in MLX's affine format: [packed u32 codes, scales, biases], each
     /// (b, kv_heads, n, ..).
     Quantized { k: [Tensor; 3], v: [Tensor; 3], bits: usize, group_size: usize },
+    /// The whole buffers (b, kv_heads, capacity, head_dim), of which the positions up to the
+    /// one the u32 tensor `pos` (1,) holds on the device are written ([`KvCache::set_device_position`]).
+    Upto { k: Tensor, v: Tensor, pos: Tensor },
 }
 
 impl KvView {
@@ -80,13 +83,14 @@ impl KvView {
         match self {
             KvView::Dense(k, v) => Ok((k, v)),
             KvView::Quantized { k, v, bits, group_size } => Ok((dequantize(&k, bits, group_size)?, dequantize(&v, bits, group_size)?)),
+            KvView::Upto { .. } => lmx_core::bail!("this layer cannot attend over a cache whose length is on the device (a captured decode step)"),
         }
     }
 
     /// Positions held.
     pub fn positions(&self) -> Result<usize> {
         match self {
-            KvView::Dense(k, _) | KvView::Quantized { k: [k, _, _], .. } => k.dim(2),
+            KvView::Dense(k, _) | KvView::Quantized { k: [k, _, _], .. } | KvView::Upto { k, .. } => k.dim(2),
         }
     }
 }
@@ -171,6 +175,9 @@ pub struct KvCache {
     /// False for a whole-sequence forward (training, scoring): nothing is stored, and keys
     /// and values stay on the gradient tape (the in-place buffer writes are not differentiable).
     store: bool,
+    /// The position of the next token as a u32 tensor (1,) on the device, when steps read it
+    /// from there ([`KvCache::set_device_position`]).
+    position: Option<Tensor>,
 }
 
 /// `t` (.., n, ..) with `extra` zero positions appended along dimension 2.
@@ -254,6 +261,33 @@ impl LayerKv {
         };
         self.offset += n;
         Ok(out)
+    }
+
+    /// Writes one position at the device position `pos` into a growing buffer with room for
+    /// it ([`KvCache::reserve`]); the view is the whole buffer.
+    fn append_at(&mut self, k: &Tensor, v: &Tensor, pos: &Tensor) -> Result<KvView> {
+        let Store::Growing { k: kb, v: vb } = &self.store else { lmx_core::bail!("a device-position step needs a growing cache") };
+        if k.dim(2)? != 1 || self.offset >= kb.dim(2)? {
+            lmx_core::bail!("a device-position step appends one position to a buffer with room for it ({} new, {} of {} held)", k.dim(2)?, self.offset, kb.dim(2)?);
+        }
+        lmx_core::ops::kv_write(kb, k, pos)?;
+        lmx_core::ops::kv_write(vb, v, pos)?;
+        self.offset += 1;
+        Ok(KvView::Upto { k: kb.clone(), v: vb.clone(), pos: pos.clone() })
+    }
+
+    /// Makes room for `extra` more positions in a growing buffer; true when it was reallocated.
+    fn reserve(&mut self, extra: usize) -> Result<bool> {
+        let offset = self.offset;
+        let Store::Growing { k: kb, v: vb } = &mut self.store else { return Ok(false) };
+        let needed = offset + extra;
+        if needed <= kb.dim(2)? {
+            return Ok(false);
+        }
+        let cap = needed.div_ceil(STEP) * STEP;
+        *kb = buffer_with(&kb.narrow(2, 0, offset)?, cap)?;
+        *vb = buffer_with(&vb.narrow(2, 0, offset)?, cap)?;
+        Ok(true)
     }
 
     fn quantize_due(&mut self, opts: &KvOptions) -> Result<()> {
@@ -433,12 +467,12 @@ impl KvCache {
             lmx_core::bail!("the layers' caches differ in kind or length");
         }
         opts.validate().map_err(lmx_core::Error::Msg)?;
-        Ok(Self { rows: vec![Sequence { layers, opts }], store: true })
+        Ok(Self { rows: vec![Sequence { layers, opts }], store: true, position: None })
     }
 
     /// An empty growing cache for one sequence of a model with `n_layers` layers.
     pub fn new(n_layers: usize) -> Self {
-        Self { rows: vec![Sequence { layers: vec![LayerKv::default(); n_layers], opts: KvOptions::default() }], store: true }
+        Self { rows: vec![Sequence { layers: vec![LayerKv::default(); n_layers], opts: KvOptions::default() }], store: true, position: None }
     }
 
     /// The same cache keeping keys and values as `opts` says (checked by the caller with
@@ -453,23 +487,23 @@ impl KvCache {
     /// A pass-through "cache" for one forward over whole sequences from position 0: keys and
     /// values are used as they are and nothing is stored.
     pub fn uncached() -> Self {
-        Self { rows: Vec::new(), store: false }
+        Self { rows: Vec::new(), store: false, position: None }
     }
 
     /// One cache for a batch whose rows are `caches`' sequences, in order.
     pub fn batch(caches: Vec<KvCache>) -> Self {
-        Self { rows: caches.into_iter().flat_map(|c| c.rows).collect(), store: true }
+        Self { rows: caches.into_iter().flat_map(|c| c.rows).collect(), store: true, position: None }
     }
 
     /// The inverse of [`KvCache::batch`]: one cache per row.
     pub fn unbatch(self) -> Vec<KvCache> {
-        self.rows.into_iter().map(|r| KvCache { rows: vec![r], store: true }).collect()
+        self.rows.into_iter().map(|r| KvCache { rows: vec![r], store: true, position: None }).collect()
     }
 
     /// Moves rows `range` out into a cache of their own (a pipeline micro-batch); put them
     /// back with [`KvCache::restore_rows`]. Nothing is copied.
     pub fn take_rows(&mut self, range: std::ops::Range<usize>) -> KvCache {
-        KvCache { rows: self.rows.drain(range).collect(), store: self.store }
+        KvCache { rows: self.rows.drain(range).collect(), store: self.store, position: None }
     }
 
     /// Puts rows taken by [`KvCache::take_rows`] back at `at`.
@@ -563,12 +597,51 @@ impl KvCache {
             }
             rows.push(Sequence { layers, opts: r.opts });
         }
-        Ok(Self { rows, store: self.store })
+        Ok(Self { rows, store: self.store, position: None })
     }
 
     /// Bytes held by the buffers.
     pub fn nbytes(&self) -> usize {
         self.rows.iter().flat_map(|r| &r.layers).map(LayerKv::nbytes).sum()
+    }
+
+    /// Steps read the position of their one token from `pos` (a u32 tensor (1,) on the
+    /// model's device, equal to [`KvCache::offset`] when the step runs) rather than from the
+    /// host: rotary angles, the key/value write and the attention's length all take it from
+    /// the device, so that a step recorded as a CUDA graph replays at any position. Needs one
+    /// growing cache with room for the token ([`KvCache::reserve`]); None goes back to host
+    /// positions.
+    pub fn set_device_position(&mut self, pos: Option<Tensor>) {
+        self.position = pos;
+    }
+
+    /// The device position set by [`KvCache::set_device_position`].
+    pub fn device_position(&self) -> Option<&Tensor> {
+        self.position.as_ref()
+    }
+
+    /// Makes room for `extra` more positions, for steps at a device position. None when this
+    /// cache cannot take such steps (more than one sequence, or a rotating or quantized cache,
+    /// or nothing stored yet); else whether a buffer was reallocated (a recorded step that
+    /// wrote to the old one is stale).
+    pub fn reserve(&mut self, extra: usize) -> Result<Option<bool>> {
+        let [row] = &mut self.rows[..] else { return Ok(None) };
+        if !self.store || row.opts.kv_bits.is_some() || row.opts.max_kv_size.is_some() || !row.layers.iter().all(|l| matches!(l.store, Store::Growing { .. })) {
+            return Ok(None);
+        }
+        let mut grew = false;
+        for l in &mut row.layers {
+            grew |= l.reserve(extra)?;
+        }
+        Ok(Some(grew))
+    }
+
+    /// Counts `n` more positions as held in every layer of the one sequence: a replayed step
+    /// wrote them on the device without running this cache's code.
+    pub fn advance(&mut self, n: usize) {
+        for l in self.rows.iter_mut().flat_map(|r| &mut r.layers) {
+            l.offset += n;
+        }
     }
 
     /// Appends `k`, `v` (b, n_kv_heads, seq_len, head_dim) to row `row`'s layer `layer_idx`
@@ -582,7 +655,10 @@ impl KvCache {
         let Some(seq) = self.rows.get_mut(row) else { lmx_core::bail!("kv cache: row {row} of a cache for {n_rows} sequences") };
         let n_layers = seq.layers.len();
         let Some(layer) = seq.layers.get_mut(layer_idx) else { lmx_core::bail!("kv cache: layer {layer_idx} of a cache for {n_layers} layers") };
-        layer.append(k, v, &seq.opts)
+        match &self.position {
+            Some(pos) => layer.append_at(k, v, pos),
+            None => layer.append(k, v, &seq.opts),
+        }
     }
 }
 

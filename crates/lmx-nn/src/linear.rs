@@ -177,7 +177,7 @@ impl Module for Embedding {
         let (b, l) = input_ids.dims2()?;
         let flat = match &self.weight {
             Weight::Dense(w) => w.index_select(&input_ids.flatten_all()?, 0)?,
-            Weight::Quantized(q) => q.dequantize_rows(&input_ids.flatten_all()?.to_vec1::<u32>()?)?.to_device(&self.device)?,
+            Weight::Quantized(q) => q.rows_of(&input_ids.flatten_all()?)?.to_device(&self.device)?,
             Weight::FrozenBf16(b) => b.to_tensor()?.index_select(&input_ids.flatten_all()?, 0)?,
         };
         flat.reshape((b, l, self.hidden_size))

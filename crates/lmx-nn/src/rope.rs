@@ -154,8 +154,19 @@ impl Rope {
     /// cos and sin, each (seq_len, head_dim / 2), for positions `offset..offset + seq_len`,
     /// computed in f32 and cast to the model dtype as transformers does.
     pub fn cos_sin(&self, offset: usize, seq_len: usize) -> Result<(Tensor, Tensor)> {
-        let pos = Tensor::arange(offset as u32, (offset + seq_len) as u32, self.inv_freq.device())?.to_dtype(DType::F32)?.reshape((seq_len, 1))?;
-        let freqs = pos.broadcast_mul(&self.inv_freq)?;
+        self.angles(&Tensor::arange(offset as u32, (offset + seq_len) as u32, self.inv_freq.device())?)
+    }
+
+    /// cos and sin, each (1, head_dim / 2), for the one position the u32 tensor `pos` (1,)
+    /// holds on the device (a captured decode step replays at every position).
+    pub fn cos_sin_at(&self, pos: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.angles(pos)
+    }
+
+    /// cos and sin for the positions `pos` (n,) u32.
+    fn angles(&self, pos: &Tensor) -> Result<(Tensor, Tensor)> {
+        let n = pos.elem_count();
+        let freqs = pos.to_dtype(DType::F32)?.reshape((n, 1))?.broadcast_mul(&self.inv_freq)?;
         let (cos, sin) = if self.mscale == 1.0 { (freqs.cos()?, freqs.sin()?) } else { ((freqs.cos()? * self.mscale)?, (freqs.sin()? * self.mscale)?) };
         Ok((cos.to_dtype(self.dtype)?, sin.to_dtype(self.dtype)?))
     }

@@ -310,6 +310,13 @@ impl DeviceCopy {
         y.reshape(dims)?.to_dtype(dtype)
     }
 
+    /// Rows `ids` (u32 (n,), on this device) dequantized: (n, cols) in `dtype`.
+    pub(super) fn rows(&self, q: &QuantizedMatrix, ids: &Tensor, dtype: DType) -> Result<Tensor> {
+        let work = if dtype == DType::BF16 { DType::BF16 } else { DType::F32 };
+        let (packed, sb) = (self.packed.index_select(ids, 0)?, self.sb.index_select(ids, 0)?);
+        packed.apply_op2_no_bwd(&sb, &Dequant { cols: q.cols, bits: q.bits, group_size: q.group_size, dtype: work })?.to_dtype(dtype)
+    }
+
     /// The integer product of x's `codes` with this matrix, in `dtype` (f32 or bf16).
     fn times_codes(&self, spec: Spec, codes: &Tensor, dtype: DType) -> Result<Tensor> {
         codes.apply_op3_no_bwd(&self.packed, &self.sb, &Qmv8 { spec, dtype })

@@ -285,6 +285,17 @@ impl QuantizedMatrix {
         Tensor::from_vec(out, (ids.len(), self.cols), &Device::Cpu)?.to_dtype(self.dtype())
     }
 
+    /// Dequantizes the rows whose ids the u32 tensor `ids` holds into an (n, cols) tensor of
+    /// the model dtype on `ids`' device (embeddings). On a GPU the ids never leave it: the
+    /// rows are gathered and dequantized there (a captured decode step reads its token there).
+    pub fn rows_of(&self, ids: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if ids.device().is_cuda() {
+            return self.device_copy(ids.device())?.rows(self, &ids.flatten_all()?, self.dtype());
+        }
+        self.dequantize_rows(&ids.flatten_all()?.to_vec1::<u32>()?)?.to_device(ids.device())
+    }
+
     /// The whole matrix, dequantized (conversion and tests; inference never calls this).
     pub fn dequantize(&self) -> Result<Tensor> {
         let ids: Vec<u32> = (0..self.rows as u32).collect();

@@ -1,0 +1,116 @@
+//! Decode steps of one sequence replayed as CUDA graphs ([`lmx_core::graph`]).
+//!
+//! The token and its position go to a fixed device buffer; the model runs with the cache
+//! reading the position from there ([`KvCache::set_device_position`]). The first step after
+//! the cache's buffers are (re)allocated runs normally with candle's graph cache on (it also
+//! loads every kernel), the next is recorded and replayed, and every later one is a replay:
+//! one launch instead of hundreds. Logits come back through a fixed buffer and are sampled on
+//! the host as before, so every sampler, penalty and constraint works unchanged.
+//!
+//! If a model's step cannot be recorded (a layer that reads the cache on the host, such as a
+//! sliding window shorter than the buffer or latent attention), the step runs normally and
+//! the sequence stays on normal steps. `LMX_CUDA_GRAPH=0` turns graphs off.
+
+use lmx_core::{graph, DType, Result, Tensor};
+use lmx_models::{CausalLm, Logits};
+use lmx_nn::KvCache;
+
+/// A sequence's recorded decode step and its fixed input and output buffers.
+pub(crate) struct GraphSteps {
+    /// u32 (2,): the token, then its position.
+    io: Tensor,
+    /// The last step's f32 logits (1, 1, vocab).
+    logits: Option<Tensor>,
+    graph: Option<graph::Graph>,
+    /// A normal step at a device position ran since the buffers were last reallocated.
+    warm: bool,
+    /// Recording failed: normal steps from now on.
+    off: bool,
+}
+
+impl GraphSteps {
+    /// Steps for `model`, when its device can record them and the model runs on it alone.
+    pub(crate) fn new(model: &dyn CausalLm) -> Option<Self> {
+        if !graph::capturable(model.device()) || !model.single_device() {
+            return None;
+        }
+        let io = Tensor::zeros(2, DType::U32, model.device()).ok()?;
+        Some(Self { io, logits: None, graph: None, warm: false, off: false })
+    }
+
+    /// Runs `token` at the cache's next position; the logits of the step, or None when this
+    /// step must run normally (nothing changed then).
+    pub(crate) fn step(&mut self, model: &dyn CausalLm, kv: &mut KvCache, token: u32) -> Result<Option<Vec<f32>>> {
+        if self.off {
+            return Ok(None);
+        }
+        let Some(grew) = kv.reserve(1)? else { return Ok(None) };
+        if grew {
+            self.graph = None;
+            self.warm = false;
+        }
+        let offset = kv.offset();
+        self.io.slice_set(&Tensor::new(&[token, offset as u32], model.device())?, 0, 0)?;
+        let start = std::time::Instant::now();
+        let ran = crate::generate::compute_pool().install(|| self.run(model, kv));
+        let issued = start.elapsed();
+        if let Err(e) = ran {
+            // Back to where the step began; this and every later step run normally.
+            kv.set_device_position(None);
+            kv.truncate(offset);
+            self.off = true;
+            self.graph = None;
+            if crate::generate::trace_steps() {
+                eprintln!("lmx-step: CUDA graph steps off: {e}");
+            }
+            return Ok(None);
+        }
+        let Some(logits) = &self.logits else { return Ok(None) };
+        let out = logits.flatten_all()?.to_vec1::<f32>()?;
+        if crate::generate::trace_steps() {
+            let how = if self.graph.is_some() { "graph" } else { "eager" };
+            eprintln!("lmx-step: tokens 1 issue_ms {:.3} wait_ms {:.3} {how}", issued.as_secs_f64() * 1e3, (start.elapsed() - issued).as_secs_f64() * 1e3);
+        }
+        Ok(Some(out))
+    }
+
+    /// Replays the recorded step, or runs the step normally and records the next one.
+    fn run(&mut self, model: &dyn CausalLm, kv: &mut KvCache) -> Result<()> {
+        if let Some(g) = &self.graph {
+            g.launch()?;
+            kv.advance(1);
+            return Ok(());
+        }
+        let dev = model.device().clone();
+        let token = self.io.narrow(0, 0, 1)?.reshape((1, 1))?;
+        kv.set_device_position(Some(self.io.narrow(0, 1, 1)?));
+        let ran = if self.warm {
+            // Recorded, not run: the launch below runs it.
+            let logits = self.logits.clone();
+            let recorded = graph::capture(&dev, || {
+                let out = model.forward(&token, kv, Logits::Last)?;
+                match &logits {
+                    Some(l) => l.slice_set(&out, 0, 0),
+                    None => lmx_core::bail!("a recorded step without an output buffer"),
+                }
+            });
+            recorded.and_then(|g| {
+                g.launch()?;
+                self.graph = Some(g);
+                Ok(())
+            })
+        } else {
+            graph::warm(&dev, || {
+                let out = model.forward(&token, kv, Logits::Last)?;
+                match &self.logits {
+                    Some(l) if l.dims() == out.dims() => l.slice_set(&out, 0, 0)?,
+                    _ => self.logits = Some(out.copy()?),
+                }
+                self.warm = true;
+                Ok(())
+            })
+        };
+        kv.set_device_position(None);
+        ran
+    }
+}
