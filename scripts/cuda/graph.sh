@@ -12,7 +12,7 @@ source scripts/cuda/common.sh
 cuda_setup graph graph.txt
 log "# CUDA graphs, $(date -u +%F), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1), binary sha256 $(sha256sum "$LMX" | cut -c1-12)"
 gen() { $LMX generate --model "$1" --device "$2" --dtype "$3" -p 'a b c a b' -m "$4" --temp 0 --ignore-eos --ignore-chat-template 2>"$W/err.txt" | head -1; }
-fallback() { LMX_TRACE_STEPS=1 $LMX generate --model "$1" --device cuda --dtype "$2" -p 'a b c a b' -m 8 --temp 0 --ignore-eos --ignore-chat-template 2>&1 >/dev/null | grep -m1 "graph steps off" || echo "graphs on"; }
+fallback() { local off; off=$(LMX_TRACE_STEPS=1 $LMX generate --model "$1" --device cuda --dtype "$2" -p 'a b c a b' -m 8 --temp 0 --ignore-eos --ignore-chat-template 2>&1 >/dev/null | grep "graph steps off" | head -1); echo "${off:-graphs on}"; }
 for a in llama qwen3 qwen3_moe gemma2 deepseek_v3; do
   fixture_folder $a
   python3 -c "import json; d = '$W/$a'; c = json.load(open(d + '/config.json')); c['max_position_embeddings'] = 2048; json.dump(c, open(d + '/config.json', 'w')); n = c['vocab_size']; t = json.load(open(d + '/tokenizer.json')); t['model']['vocab'] = {**{f'w{i}': i for i in range(4, n)}, **t['model']['vocab']}; json.dump(t, open(d + '/tokenizer.json', 'w'))"
@@ -42,5 +42,6 @@ done
 for round in 1 2; do
   log "round $round bf16 prefill 4096, own stream:        $(bench bf16 '-p 4096 -g 1 -n 2')"
   log "round $round bf16 prefill 4096, per-thread stream: $(LMX_CUDA_STREAM=per-thread bench bf16 '-p 4096 -g 1 -n 2')"
+  log "round $round bf16 prefill 4096, pool released:     $(LMX_CUDA_POOL=release bench bf16 '-p 4096 -g 1 -n 2')"
 done
 for b in 4 8; do log "weights llama-8b-${b}bit: $(du -sb "$W/llama-8b-${b}bit/model.safetensors" | cut -f1) bytes"; done

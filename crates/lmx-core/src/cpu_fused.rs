@@ -915,7 +915,12 @@ mod tests {
                         }
                     }
                     // Head 4 alone (its key/value head shared with no other query).
-                    let alone = q.narrow(1, 4, 1)?.apply_op3(&k.narrow(1, 1, 1)?, &v.narrow(1, 1, 1)?, super::DecodeAttention { scale, upto: None, window: None })?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                    let alone = q
+                        .narrow(1, 4, 1)?
+                        .apply_op3(&k.narrow(1, 1, 1)?, &v.narrow(1, 1, 1)?, super::DecodeAttention { scale, upto: None, window: None })?
+                        .to_dtype(DType::F32)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?;
                     assert_eq!(alone, got[4 * d..5 * d], "d {d} len {len} {dtype:?}: head 4 alone");
                 }
             }

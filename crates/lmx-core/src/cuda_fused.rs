@@ -148,7 +148,46 @@ __device__ void combine_splits(const float* part, T* out, int splits, int d) {
     }
 }
 
+// Causal softmax of attention scores, one block per row: `s` (rows, cols) with rows = (.., r)
+// where query i = r % q_len sits at position offset + i and sees keys [lo, pos] (lo = pos + 1 -
+// window with a window); each score scaled, soft-capped (softcap > 0: c * tanh(v / c)), then
+// softmax in f32 over the seen keys, 0 elsewhere. Replaces the cast, scale, mask add, softmax
+// and cast back of the composed attention (most of a prefill's GPU time).
+template <typename T>
+__device__ void causal_softmax(const T* s, T* out, int cols, int q_len, int offset, int window, float scale, float softcap) {
+    __shared__ float red[32];
+    size_t row = blockIdx.x;
+    int pos = offset + (int)(row % q_len);
+    int hi = min(cols, pos + 1), lo = window > 0 ? max(0, pos + 1 - window) : 0;
+    const T* x = s + row * cols;
+    T* o = out + row * cols;
+    float m = -__int_as_float(0x7f800000);
+    for (int j = lo + threadIdx.x; j < hi; j += blockDim.x) {
+        float v = ld(x, j) * scale;
+        if (softcap > 0.f) v = softcap * tanhf(v / softcap);
+        m = fmaxf(m, v);
+    }
+    m = block_max(m, red);
+    float sum = 0.f;
+    for (int j = lo + threadIdx.x; j < hi; j += blockDim.x) {
+        float v = ld(x, j) * scale;
+        if (softcap > 0.f) v = softcap * tanhf(v / softcap);
+        sum += expf(v - m);
+    }
+    sum = block_sum(sum, red);
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) {
+        float p = 0.f;
+        if (j >= lo && j < hi) {
+            float v = ld(x, j) * scale;
+            if (softcap > 0.f) v = softcap * tanhf(v / softcap);
+            p = expf(v - m) / sum;
+        }
+        st(o, j, p);
+    }
+}
+
 #define INSTANTIATE(T, name) \
+extern "C" __global__ void lmx_causal_softmax_##name(const T* s, T* out, int cols, int q_len, int offset, int window, float scale, float softcap) { causal_softmax(s, out, cols, q_len, offset, window, scale, softcap); } \
 extern "C" __global__ void lmx_rms_norm_##name(const T* x, const T* w, T* out, int d, float eps) { rms_norm(x, w, out, d, eps); } \
 extern "C" __global__ void lmx_silu_mul_##name(const T* g, const T* u, T* out, long long n) { silu_mul(g, u, out, n); } \
 extern "C" __global__ void lmx_decode_attention_##name(const T* q, const T* k, const T* v, T* out, float* part, int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits, long long ks0, long long ks1, long long ks2, long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window) { decode_attention(q, k, v, out, part, n_heads, n_kv, kv_len, d, scale, chunk, splits, ks0, ks1, ks2, vs0, vs1, vs2, upto, window); } \
@@ -272,7 +311,17 @@ fn attention_splits(heads: usize, kv_len: usize) -> (usize, usize) {
 /// kernel, so a captured decode step replays at every length its buffer holds; with a
 /// `window` too, keys that many or more positions behind it are skipped.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn decode_attention(qs: &CudaStorage, ql: &Layout, ks: &CudaStorage, kl: &Layout, vs: &CudaStorage, vl: &Layout, scale: f32, upto: Option<(&CudaStorage, &Layout)>, window: Option<usize>) -> Result<CudaStorage> {
+pub(crate) fn decode_attention(
+    qs: &CudaStorage,
+    ql: &Layout,
+    ks: &CudaStorage,
+    kl: &Layout,
+    vs: &CudaStorage,
+    vl: &Layout,
+    scale: f32,
+    upto: Option<(&CudaStorage, &Layout)>,
+    window: Option<usize>,
+) -> Result<CudaStorage> {
     let (&[b, n_heads, _, d], &[_, n_kv, kv_len, _]) = (ql.dims(), kl.dims()) else {
         candle_core::bail!("decode attention: q {:?} / k {:?} must be 4-D", ql.dims(), kl.dims());
     };
@@ -366,4 +415,50 @@ pub(crate) fn kv_write(buf: &mut CudaStorage, bl: &Layout, src: &CudaStorage, sl
         other => candle_core::bail!("kv write: dtype {other:?}"),
     }
     Ok(())
+}
+
+/// Causal softmax of attention scores (GPU): rows of `cols` keys, query `r % q_len` of each row
+/// block at position `offset + r % q_len`, seeing the keys up to it (and, with `window`, not
+/// those `window` or more behind it; keys past `offset + q_len` are padding and never seen);
+/// scores scaled and optionally soft-capped first. Output in the scores' dtype (f32 or
+/// bf16), 0 for unseen keys.
+#[derive(Debug, Clone, Copy)]
+pub struct CausalSoftmax {
+    pub q_len: usize,
+    pub offset: usize,
+    pub window: Option<usize>,
+    pub scale: f32,
+    pub softcap: Option<f32>,
+}
+
+impl candle_core::CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "lmx-causal-softmax"
+    }
+
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("lmx-causal-softmax runs on CUDA only")
+    }
+
+    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, candle_core::Shape)> {
+        let cols = xl.dims().last().copied().unwrap_or(0);
+        if !xl.is_contiguous() || cols < self.offset + self.q_len || self.q_len == 0 {
+            candle_core::bail!("causal softmax: scores {:?} (contiguous) for {} queries", xl.dims(), self.q_len);
+        }
+        let rows = xl.shape().elem_count() / cols;
+        let dev = xs.device().clone();
+        let func = dev.get_or_load_custom_func(&name("causal_softmax", xs.dtype())?, "lmx_fused", fused_ptx()?)?;
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let (c, q, off, win) = (cols as i32, self.q_len as i32, self.offset as i32, self.window.map_or(0, |w| w.min(i32::MAX as usize)) as i32);
+        let (scale, cap) = (self.scale, self.softcap.unwrap_or(0.0));
+        typed!(xs.dtype(), T => {
+            let x = xs.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
+            let o = out::<T>(&dev, rows * cols)?;
+            let mut b = func.builder();
+            b.arg(&x).arg(&o).arg(&c).arg(&q).arg(&off).arg(&win).arg(&scale).arg(&cap);
+            // SAFETY: x and o hold rows * cols values.
+            unsafe { b.launch(cfg) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(o, dev), xl.shape().clone()))
+        })
+    }
 }

@@ -44,11 +44,41 @@ pub fn cuda(ordinal: usize) -> candle_core::Result<Device> {
         return Device::new_cuda(ordinal);
     }
     let dev = candle_core::CudaDevice::new_with_stream(ordinal)?;
-    // SAFETY: every kernel, copy and library call of this device goes to its one stream
-    // (lmx's own kernels and cuBLAS take the device's stream), so no cross-stream ordering
-    // needs tracking.
-    unsafe { dev.disable_event_tracking() };
+    // `own-tracked` (an A/B of the tracking's cost only) keeps it on.
+    if !std::env::var("LMX_CUDA_STREAM").is_ok_and(|v| v == "own-tracked") {
+        // SAFETY: every kernel, copy and library call of this device goes to its one stream
+        // (lmx's own kernels and cuBLAS take the device's stream), so no cross-stream ordering
+        // needs tracking.
+        unsafe { dev.disable_event_tracking() };
+    }
+    keep_freed_memory(&dev);
     Ok(Device::Cuda(dev))
+}
+
+/// Lets the device's memory pool keep what is freed instead of handing it back to the driver
+/// at each synchronization (its default release threshold is 0): a prefill allocates and frees
+/// the same large buffers every layer, and mapping them again each time is slow.
+/// `LMX_CUDA_POOL=release` keeps the driver's default.
+#[cfg(feature = "cuda")]
+fn keep_freed_memory(dev: &candle_core::CudaDevice) {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    if std::env::var("LMX_CUDA_POOL").is_ok_and(|v| v == "release") {
+        return;
+    }
+    let stream = dev.cuda_stream();
+    let ctx = stream.context();
+    if ctx.bind_to_thread().is_err() {
+        return;
+    }
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: plain driver calls on the device's own context; the pool handle is the device's
+    // default pool and the attribute takes a u64.
+    unsafe {
+        if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) == sys::CUresult::CUDA_SUCCESS {
+            let _ = sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, (&mut threshold as *mut u64).cast());
+        }
+    }
 }
 
 /// Without the CUDA backend: the error `Device::new_cuda` gives.

@@ -30,6 +30,14 @@ fn cuda_fused_norm() -> bool {
     *ON.get_or_init(|| !std::env::var("LMX_CUDA_FUSED_NORM").is_ok_and(|v| v == "0"))
 }
 
+/// Whether causal attention on the GPU takes lmx's fused softmax kernel
+/// (`LMX_CUDA_CAUSAL_SOFTMAX=0` composes candle's ops instead, for comparisons).
+#[cfg(feature = "cuda")]
+fn cuda_causal_softmax() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| !std::env::var("LMX_CUDA_CAUSAL_SOFTMAX").is_ok_and(|v| v == "0"))
+}
+
 /// True when any input is recorded on the gradient tape, so the op must be differentiable.
 fn on_tape(xs: &[&Tensor]) -> bool {
     xs.iter().any(|x| x.track_op())
@@ -171,6 +179,10 @@ fn bf16_prefill(x: &Tensor, weight: &Tensor) -> bool {
 /// With a sliding `window`, a query also ignores keys `window` or more positions behind it.
 pub fn causal_mask(seq_len: usize, offset: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
     let total = offset + seq_len;
+    if !device.is_cpu() {
+        // Built where it is used: a 2048 x 4096 mask is 32 MB to fill and upload from the host.
+        return causal_mask_from_ops(seq_len, offset, window, device);
+    }
     let window = window.unwrap_or(usize::MAX);
     let mask: Vec<f32> = (0..seq_len)
         .flat_map(|i| {
@@ -179,6 +191,20 @@ pub fn causal_mask(seq_len: usize, offset: usize, window: Option<usize>, device:
         })
         .collect();
     Tensor::from_vec(mask, (seq_len, total), device)
+}
+
+/// [`causal_mask`] computed by tensor ops on `device` (positions compared), not filled on the host.
+fn causal_mask_from_ops(seq_len: usize, offset: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
+    let total = offset + seq_len;
+    let pos = Tensor::arange(offset as u32, total as u32, device)?.reshape((seq_len, 1))?;
+    let key = Tensor::arange(0u32, total as u32, device)?.reshape((1, total))?;
+    let mut seen = key.broadcast_le(&pos)?;
+    if let Some(w) = window {
+        // Key j is seen when pos - j < w, i.e. j + w > pos.
+        seen = (seen * key.affine(1.0, w as f64)?.broadcast_gt(&pos)?)?;
+    }
+    let zeros = Tensor::zeros((seq_len, total), DType::F32, device)?;
+    seen.where_cond(&zeros, &zeros.affine(0.0, f64::NEG_INFINITY)?)
 }
 
 /// Which keys each query sees in [`attention`].
@@ -259,6 +285,27 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Mask<'_>, scale: f64,
                 return q.contiguous()?.apply_op3_no_bwd(k, v, &op);
             }
             _ => {}
+        }
+    }
+    #[cfg(feature = "cuda")]
+    if let Mask::Causal { window, .. } = mask {
+        // Causal queries on the GPU: the scores' scale, cap, mask and softmax in one kernel.
+        if fused_cuda(q) && cuda_causal_softmax() && sinks.is_none() && !on_tape(&[q, k, v]) && q.dtype() == k.dtype() && k.dtype() == v.dtype() {
+            let (n_kv_heads, kv_len) = (k.dim(1)?, k.dim(2)?);
+            let q = q.contiguous()?.reshape((b, n_kv_heads, n_heads / n_kv_heads * q_len, head_dim))?;
+            // Keys and values padded to a multiple of 8 positions (zeros, never seen): cuBLAS
+            // takes its fast kernels only for 16-byte aligned rows of scores (a 4095-key
+            // chunk ran on a kernel 3x slower).
+            let pad = kv_len.next_multiple_of(8) - kv_len;
+            let padded = |t: &Tensor| -> Result<Tensor> {
+                let mut dims = t.dims().to_vec();
+                dims[2] = pad;
+                Tensor::cat(&[t, &Tensor::zeros(dims, t.dtype(), t.device())?], 2)
+            };
+            let (k, v) = if pad > 0 { (padded(k)?, padded(v)?) } else { (k.clone(), v.clone()) };
+            let op = crate::cuda_fused::CausalSoftmax { q_len, offset: kv_len - q_len, window, scale: scale as f32, softcap: softcap.map(|c| c as f32) };
+            let probs = q.matmul(&k.t()?)?.apply_op1_no_bwd(&op)?;
+            return probs.matmul(&v)?.reshape((b, n_heads, q_len, v.dim(3)?));
         }
     }
     let upto;
@@ -547,6 +594,11 @@ mod tests {
         let m = causal_mask(2, 2, Some(2), &Device::Cpu)?.to_vec2::<f32>()?;
         assert_eq!(m[0], vec![inf, 0.0, 0.0, inf]);
         assert_eq!(m[1], vec![inf, inf, 0.0, 0.0]);
+        // The GPU's version, built by tensor ops, is the same mask.
+        for (n, off, w) in [(2, 1, None), (2, 2, Some(2)), (5, 7, Some(3)), (4, 0, None), (6, 3, Some(1))] {
+            let host = causal_mask(n, off, w, &Device::Cpu)?.to_vec2::<f32>()?;
+            assert_eq!(causal_mask_from_ops(n, off, w, &Device::Cpu)?.to_vec2::<f32>()?, host, "{n} queries after {off}, window {w:?}");
+        }
         Ok(())
     }
 }

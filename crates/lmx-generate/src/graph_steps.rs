@@ -52,7 +52,9 @@ impl GraphSteps {
         let offset = kv.offset();
         self.io.slice_set(&Tensor::new(&[token, offset as u32], model.device())?, 0, 0)?;
         let start = std::time::Instant::now();
-        let ran = crate::generate::compute_pool().install(|| self.run(model, kv));
+        // On this thread, not the compute pool's: candle keeps the uploads a warm step made
+        // per thread, and the step recorded next must find them.
+        let ran = self.run(model, kv);
         let issued = start.elapsed();
         if let Err(e) = ran {
             // Back to where the step began; this and every later step run normally.

@@ -93,6 +93,35 @@ __device__ void dequant(const unsigned int* __restrict__ w, const float* __restr
     store(out, (size_t)idx, s[2 * g] * (float)code_at(w + (size_t)r * (cols / 32 * bits), e, bits) + s[2 * g + 1]);
 }
 
+// The same for widths that divide 32 (2, 4, 8 bits): a thread per packed word, its codes one
+// group's, written as consecutive values (pairs of bf16 as one 4-byte store). A prefill
+// dequantizes every matrix once per chunk; a thread per value re-read its word 8 times and
+// ran at a tenth of the card's bandwidth.
+__device__ __forceinline__ unsigned int bf16_bits(float v) {
+    unsigned int u = __float_as_uint(v);
+    return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+template <typename T>
+__device__ void dequant_words(const unsigned int* __restrict__ w, const float* __restrict__ sb, T* __restrict__ out,
+                              int rows, int cols, int bits, int group_size) {
+    long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    int per = 32 / bits, words = cols / per;
+    if (t >= (long long)rows * words) return;
+    int r = (int)(t / words), e0 = (int)(t % words) * per, groups = cols / group_size, g = e0 / group_size;
+    unsigned int word = w[t], mask = (1u << bits) - 1;
+    float s = sb[(size_t)r * 2 * groups + 2 * g], b = sb[(size_t)r * 2 * groups + 2 * g + 1];
+    size_t o = (size_t)r * cols + e0;
+    if (sizeof(T) == 2) {
+        unsigned int* o32 = (unsigned int*)(out + o);
+        for (int k = 0; k < per; k += 2) {
+            float lo = s * (float)((word >> (k * bits)) & mask) + b, hi = s * (float)((word >> ((k + 1) * bits)) & mask) + b;
+            o32[k / 2] = bf16_bits(lo) | (bf16_bits(hi) << 16);
+        }
+    } else {
+        for (int k = 0; k < per; k++) store(out, o + k, s * (float)((word >> (k * bits)) & mask) + b);
+    }
+}
+
 // Ints per activation row of q8act's output: codes (cols / 4), fine codes (cols / 4), then
 // dx and sum(x) per group, padded to a multiple of 4 ints (16-byte loads).
 __device__ __forceinline__ int act_stride(int cols, int groups) { return cols / 2 + ((2 * groups + 3) & ~3); }
@@ -248,6 +277,8 @@ extern "C" __global__ void lmx_qmv_f32(const unsigned int* w, const float* sb, c
 extern "C" __global__ void lmx_qmv_bf16(const unsigned int* w, const float* sb, const unsigned short* x, unsigned short* y, int rows, int cols, int bits, int gs, int m) { qmv(w, sb, x, y, rows, cols, bits, gs, m); }
 extern "C" __global__ void lmx_dequant_f32(const unsigned int* w, const float* sb, float* out, int rows, int cols, int bits, int gs) { dequant(w, sb, out, rows, cols, bits, gs); }
 extern "C" __global__ void lmx_dequant_bf16(const unsigned int* w, const float* sb, unsigned short* out, int rows, int cols, int bits, int gs) { dequant(w, sb, out, rows, cols, bits, gs); }
+extern "C" __global__ void lmx_dequant_words_f32(const unsigned int* w, const float* sb, float* out, int rows, int cols, int bits, int gs) { dequant_words(w, sb, out, rows, cols, bits, gs); }
+extern "C" __global__ void lmx_dequant_words_bf16(const unsigned int* w, const float* sb, unsigned short* out, int rows, int cols, int bits, int gs) { dequant_words(w, sb, out, rows, cols, bits, gs); }
 extern "C" __global__ void lmx_q8act_f32(const float* x, int* out, int m, int cols, int gs, int bits) { q8act(x, out, m, cols, gs, bits); }
 extern "C" __global__ void lmx_q8act_bf16(const unsigned short* x, int* out, int m, int cols, int gs, int bits) { q8act(x, out, m, cols, gs, bits); }
 #define QMV8(T, TN, B, R, M) extern "C" __global__ void lmx_qmv8_##TN##_##B##_##R##_##M(const uint4* w, const float2* sb, const int* act, T* y, int rows, int cols, int gs, int m) { qmv8<T, B, R, M>(w, sb, act, y, rows, cols, gs, m); }
@@ -574,9 +605,13 @@ impl CustomOp2 for Dequant {
         let w = ws.as_cuda_slice::<u32>()?.slice(wl.start_offset()..);
         let sb = ss.as_cuda_slice::<f32>()?.slice(sl.start_offset()..);
         let (r, c, bits, gs) = (rows as i32, self.cols as i32, self.bits as i32, self.group_size as i32);
-        let cfg = launch_cfg(rows * self.cols);
+        // A thread per packed word where the codes do not straddle words (2, 4, 8 bits; 32 %
+        // bits == 0 and the group holds whole words), else a thread per value.
+        let words = 32 % self.bits == 0 && self.group_size % (32 / self.bits) == 0;
+        let cfg = launch_cfg(if words { rows * self.cols * self.bits / 32 } else { rows * self.cols });
+        let kernel = |base: &str| if words { base.replace("dequant", "dequant_words") } else { base.to_string() };
         let storage = if self.dtype == DType::BF16 {
-            let func = dev.get_or_load_custom_func("lmx_dequant_bf16", "lmx_quant", ptx()?)?;
+            let func = dev.get_or_load_custom_func(&kernel("lmx_dequant_bf16"), "lmx_quant", ptx()?)?;
             // SAFETY: every element is written by the kernel.
             let out = unsafe { dev.alloc::<half::bf16>(rows * self.cols)? };
             let mut b = func.builder();
@@ -585,7 +620,7 @@ impl CustomOp2 for Dequant {
             unsafe { b.launch(cfg) }.w()?;
             CudaStorage::wrap_cuda_slice(out, dev)
         } else {
-            let func = dev.get_or_load_custom_func("lmx_dequant_f32", "lmx_quant", ptx()?)?;
+            let func = dev.get_or_load_custom_func(&kernel("lmx_dequant_f32"), "lmx_quant", ptx()?)?;
             // SAFETY: every element is written by the kernel.
             let out = unsafe { dev.alloc::<f32>(rows * self.cols)? };
             let mut b = func.builder();
