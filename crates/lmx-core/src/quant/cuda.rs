@@ -207,12 +207,14 @@ __device__ __forceinline__ void step_sums(uint4 wv, const int* c, const int* f, 
 // m rows); a block of 128 threads per R rows, its threads over the columns (16 bytes of each
 // row per step), so that each thread's R loads are in flight together and a 4096-wide 4-bit
 // row is one step.
+// Block `block`'s R rows; results go to y[i * ystride + yoff + row] (several matrices' products
+// side by side in one output, one launch: qmv8x).
 template <typename T, int BITS, int R, int M>
-__device__ void qmv8(const uint4* __restrict__ w, const float2* __restrict__ sb, const int* __restrict__ act,
-                     T* __restrict__ y, int rows, int cols, int gs, int m) {
+__device__ void qmv8_block(const uint4* __restrict__ w, const float2* __restrict__ sb, const int* __restrict__ act,
+                           T* __restrict__ y, int rows, int cols, int gs, int m, int block, int ystride, int yoff) {
     __shared__ float red[4][R * M];
     const int tid = threadIdx.x, lane = tid % 32, wid = tid / 32;
-    const int r0 = blockIdx.x * R;
+    const int r0 = block * R;
     const int units = cols * BITS / 128, per = 128 / BITS, ints = per / 4;
     const int groups = cols / gs, stride = act_stride(cols, groups);
     const int mm = M == 1 ? 1 : m;
@@ -269,8 +271,26 @@ __device__ void qmv8(const uint4* __restrict__ w, const float2* __restrict__ sb,
     __syncthreads();
     if (tid < R * M) {
         int i = tid / R, j = tid % R;
-        if (i < mm && r0 + j < rows) store(y, (size_t)i * rows + r0 + j, red[0][tid] + red[1][tid] + red[2][tid] + red[3][tid]);
+        if (i < mm && r0 + j < rows) store(y, (size_t)i * ystride + yoff + r0 + j, red[0][tid] + red[1][tid] + red[2][tid] + red[3][tid]);
     }
+}
+
+template <typename T, int BITS, int R, int M>
+__device__ void qmv8(const uint4* __restrict__ w, const float2* __restrict__ sb, const int* __restrict__ act,
+                     T* __restrict__ y, int rows, int cols, int gs, int m) {
+    qmv8_block<T, BITS, R, M>(w, sb, act, y, rows, cols, gs, m, blockIdx.x, rows, 0);
+}
+
+// Up to three matrices sharing the coded activations (q/k/v, gate/up) in one launch: the
+// blocks of matrix 0, then 1, then 2; y (m, rows0 + rows1 + rows2) holds their outputs side by
+// side. One launch instead of three, and the small k/v products fill the card with q's.
+template <typename T, int BITS, int R, int M>
+__device__ void qmv8x(const uint4* w0, const float2* s0, int rows0, const uint4* w1, const float2* s1, int rows1,
+                      const uint4* w2, const float2* s2, int rows2, const int* act, T* y, int cols, int gs, int m) {
+    int n0 = (rows0 + R - 1) / R, n1 = (rows1 + R - 1) / R, b = blockIdx.x, total = rows0 + rows1 + rows2;
+    if (b < n0) qmv8_block<T, BITS, R, M>(w0, s0, act, y, rows0, cols, gs, m, b, total, 0);
+    else if (b < n0 + n1) qmv8_block<T, BITS, R, M>(w1, s1, act, y, rows1, cols, gs, m, b - n0, total, rows0);
+    else qmv8_block<T, BITS, R, M>(w2, s2, act, y, rows2, cols, gs, m, b - n0 - n1, total, rows0 + rows1);
 }
 
 extern "C" __global__ void lmx_qmv_f32(const unsigned int* w, const float* sb, const float* x, float* y, int rows, int cols, int bits, int gs, int m) { qmv(w, sb, x, y, rows, cols, bits, gs, m); }
@@ -282,7 +302,8 @@ extern "C" __global__ void lmx_dequant_words_bf16(const unsigned int* w, const f
 extern "C" __global__ void lmx_q8act_f32(const float* x, int* out, int m, int cols, int gs, int bits) { q8act(x, out, m, cols, gs, bits); }
 extern "C" __global__ void lmx_q8act_bf16(const unsigned short* x, int* out, int m, int cols, int gs, int bits) { q8act(x, out, m, cols, gs, bits); }
 #define QMV8(T, TN, B, R, M) extern "C" __global__ void lmx_qmv8_##TN##_##B##_##R##_##M(const uint4* w, const float2* sb, const int* act, T* y, int rows, int cols, int gs, int m) { qmv8<T, B, R, M>(w, sb, act, y, rows, cols, gs, m); }
-#define QMV8_ROWS(T, TN, B, M) QMV8(T, TN, B, 1, M) QMV8(T, TN, B, 2, M) QMV8(T, TN, B, 4, M)
+#define QMV8X(T, TN, B, R, M) extern "C" __global__ void lmx_qmv8x_##TN##_##B##_##R##_##M(const uint4* w0, const float2* s0, int rows0, const uint4* w1, const float2* s1, int rows1, const uint4* w2, const float2* s2, int rows2, const int* act, T* y, int cols, int gs, int m) { qmv8x<T, B, R, M>(w0, s0, rows0, w1, s1, rows1, w2, s2, rows2, act, y, cols, gs, m); }
+#define QMV8_ROWS(T, TN, B, M) QMV8(T, TN, B, 1, M) QMV8(T, TN, B, 2, M) QMV8(T, TN, B, 4, M) QMV8X(T, TN, B, 1, M) QMV8X(T, TN, B, 2, M) QMV8X(T, TN, B, 4, M)
 QMV8_ROWS(float, f32, 4, 1) QMV8_ROWS(float, f32, 4, 8) QMV8_ROWS(float, f32, 8, 1) QMV8_ROWS(float, f32, 8, 8)
 QMV8_ROWS(unsigned short, bf16, 4, 1) QMV8_ROWS(unsigned short, bf16, 4, 8) QMV8_ROWS(unsigned short, bf16, 8, 1) QMV8_ROWS(unsigned short, bf16, 8, 8)
 "#;
@@ -367,6 +388,25 @@ pub(super) fn matmul_many(qs: &[&QuantizedMatrix], x: &Tensor) -> Result<Option<
     let dtype = x.dtype();
     let work = if dtype == DType::BF16 { DType::BF16 } else { DType::F32 };
     let codes = codes(q0, &x.to_dtype(work)?.contiguous()?.reshape((m, q0.cols))?)?;
+    if (2..=3).contains(&qs.len()) && m == 1 && !separate_launches() {
+        // One launch for all of them; each output a view of its columns (contiguous for one
+        // row; several rows would each need a copy: measured 2-4% slower at batch 8).
+        let mats = qs.iter().map(|q| q.device_copy(x.device()).cloned()).collect::<Result<Vec<_>>>()?;
+        let rows: Vec<usize> = qs.iter().map(|q| q.rows).collect();
+        let op = Qmv8Many { mats, rows: rows.clone(), cols: q0.cols, bits: q0.bits, group_size: q0.group_size, dtype: work };
+        let y = codes.apply_op1_no_bwd(&op)?;
+        let mut at = 0;
+        let mut out = Vec::with_capacity(qs.len());
+        for r in rows {
+            let mut dims = x.dims().to_vec();
+            if let Some(last) = dims.last_mut() {
+                *last = r;
+            }
+            out.push(y.narrow(1, at, r)?.reshape(dims)?.to_dtype(dtype)?);
+            at += r;
+        }
+        return Ok(Some(out));
+    }
     let mut out = Vec::with_capacity(qs.len());
     for q in qs {
         let copy = q.device_copy(x.device())?;
@@ -378,6 +418,12 @@ pub(super) fn matmul_many(qs: &[&QuantizedMatrix], x: &Tensor) -> Result<Option<
         out.push(copy.times_codes(spec, &codes, work)?.reshape(dims)?.to_dtype(dtype)?);
     }
     Ok(Some(out))
+}
+
+/// `LMX_CUDA_QMV_SEPARATE=1`: matrices sharing an input take one launch each (for comparisons).
+fn separate_launches() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LMX_CUDA_QMV_SEPARATE").is_ok_and(|v| v == "1"))
 }
 
 /// x (m, cols) as the integer kernels' int8 codes for `q`'s bit width and group size.
@@ -579,6 +625,79 @@ impl CustomOp3 for Qmv8 {
             }
         };
         Ok((storage, Shape::from((m, spec.rows))))
+    }
+}
+
+/// Two or three matrices of the same columns, bits and group size times the same coded
+/// activations (m, ..) in one launch: y (m, sum of rows), each matrix's outputs side by side.
+struct Qmv8Many {
+    mats: Vec<DeviceCopy>,
+    rows: Vec<usize>,
+    cols: usize,
+    bits: usize,
+    group_size: usize,
+    dtype: DType,
+}
+
+impl CustomOp1 for Qmv8Many {
+    fn name(&self) -> &'static str {
+        "lmx-cuda-qmv8-many"
+    }
+
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("lmx-cuda-qmv8-many runs on CUDA only")
+    }
+
+    fn cuda_fwd(&self, acts: &CudaStorage, al: &Layout) -> Result<(CudaStorage, Shape)> {
+        let m = al.dims()[0];
+        if !al.is_contiguous() || al.start_offset() != 0 || !(2..=3).contains(&self.mats.len()) {
+            candle_core::bail!("lmx-cuda-qmv8-many needs contiguous codes and 2 or 3 matrices");
+        }
+        let guards: Vec<_> = self.mats.iter().flat_map(|c| [c.packed.storage_and_layout(), c.sb.storage_and_layout()]).collect();
+        let mut w = Vec::with_capacity(3);
+        let mut sbs = Vec::with_capacity(3);
+        // Without a third matrix: zero rows (no blocks) and the second's pointers.
+        let mut rows: Vec<i32> = self.rows.iter().map(|&r| r as i32).collect();
+        rows.resize(3, 0);
+        for k in 0..3 {
+            let pair = &guards[2 * k.min(self.mats.len() - 1)..];
+            let (candle_core::Storage::Cuda(ws), wl) = (&*pair[0].0, pair[0].1) else { candle_core::bail!("lmx-cuda-qmv8-many: a matrix not on the GPU") };
+            let (candle_core::Storage::Cuda(ss), sl) = (&*pair[1].0, pair[1].1) else { candle_core::bail!("lmx-cuda-qmv8-many: a matrix not on the GPU") };
+            if !wl.is_contiguous() || !sl.is_contiguous() || wl.start_offset() % 4 != 0 || sl.start_offset() % 2 != 0 {
+                candle_core::bail!("lmx-cuda-qmv8-many needs contiguous, aligned matrices");
+            }
+            w.push(ws.as_cuda_slice::<u32>()?.slice(wl.start_offset()..));
+            sbs.push(ss.as_cuda_slice::<f32>()?.slice(sl.start_offset()..));
+        }
+        let total: usize = self.rows.iter().sum();
+        let dev = acts.device().clone();
+        let act = acts.as_cuda_slice::<u32>()?;
+        let per_block = self.rows.iter().map(|&r| rows_per_block(r, self.bits)).min().unwrap_or(1);
+        let blocks: usize = self.rows.iter().map(|r| r.div_ceil(per_block)).sum();
+        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let (cols, gs, mm) = (self.cols as i32, self.group_size as i32, m as i32);
+        let kernel = |t: &str| format!("lmx_qmv8x_{t}_{}_{per_block}_{}", self.bits, if m == 1 { 1 } else { 8 });
+        macro_rules! launch {
+            ($t:ty, $name:expr) => {{
+                let func = dev.get_or_load_custom_func(&kernel($name), "lmx_quant", ptx()?)?;
+                // SAFETY: every element is written by the kernel.
+                let y = unsafe { dev.alloc::<$t>(m * total)? };
+                let mut b = func.builder();
+                for k in 0..3 {
+                    b.arg(&w[k]).arg(&sbs[k]).arg(&rows[k]);
+                }
+                b.arg(act).arg(&y).arg(&cols).arg(&gs).arg(&mm);
+                // SAFETY: each matrix holds its rows of `cols` columns and (scale, bias) pairs,
+                // the codes m rows of `cols`, y m rows of `total`.
+                unsafe { b.launch(cfg) }.w()?;
+                CudaStorage::wrap_cuda_slice(y, dev)
+            }};
+        }
+        let storage = match self.dtype {
+            DType::BF16 => launch!(half::bf16, "bf16"),
+            _ => launch!(f32, "f32"),
+        };
+        Ok((storage, Shape::from((m, total))))
     }
 }
 
