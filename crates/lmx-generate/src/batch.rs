@@ -57,12 +57,15 @@ pub struct BatchGenerator<'a> {
     keep_caches: bool,
     /// Sequences that failed alone in a step (see [`BatchGenerator::take_failures`]).
     failures: Vec<(SequenceId, GenerateError)>,
+    /// Steps of a lone sequence recorded as a CUDA graph, where the device can.
+    graph: Option<crate::graph_steps::GraphSteps>,
 }
 
 impl<'a> BatchGenerator<'a> {
     /// A generator decoding at most `max_batch` sequences at once.
     pub fn new(model: &'a dyn CausalLm, tokenizer: &'a Tokenizer, max_batch: usize) -> Self {
-        Self { model, tokenizer, slots: Vec::new(), max_batch: max_batch.max(1), next_id: 0, finished: Vec::new(), keep_caches: false, failures: Vec::new() }
+        let graph = crate::graph_steps::GraphSteps::new(model);
+        Self { model, tokenizer, slots: Vec::new(), max_batch: max_batch.max(1), next_id: 0, finished: Vec::new(), keep_caches: false, failures: Vec::new(), graph }
     }
 
     /// Keeps each finished sequence's cache for [`BatchGenerator::take_cache`] (a server's
@@ -190,6 +193,13 @@ impl<'a> BatchGenerator<'a> {
         let batch: Vec<(usize, u32)> = self.slots.iter().enumerate().filter_map(|(i, s)| if let State::Pending(t) = s.state { Some((i, t)) } else { None }).collect();
         if batch.is_empty() {
             return Ok(Vec::new());
+        }
+        if let (Some(g), &[(i, t)]) = (&mut self.graph, &batch[..]) {
+            // One sequence decoding: its step replayed as a graph where it can be.
+            if let Some(logits) = g.step(self.model, &mut self.slots[i].cache.kv, t)? {
+                self.slots[i].cache.tokens.push(t);
+                return Ok(vec![(i, logits)]);
+            }
         }
         let caches = batch.iter().map(|&(i, _)| std::mem::replace(&mut self.slots[i].cache.kv, KvCache::uncached())).collect();
         let mut kv = KvCache::batch(caches);

@@ -24,6 +24,9 @@ pub(crate) struct GraphSteps {
     graph: Option<graph::Graph>,
     /// A normal step at a device position ran since the buffers were last reallocated.
     warm: bool,
+    /// The cache buffers the warm step and the recorded one wrote (by identity): another
+    /// sequence's cache, or this one's after it grew, needs a new warm step and recording.
+    buffers: Vec<lmx_core::TensorId>,
     /// Recording failed: normal steps from now on.
     off: bool,
 }
@@ -35,7 +38,7 @@ impl GraphSteps {
             return None;
         }
         let io = Tensor::zeros(2, DType::U32, model.device()).ok()?;
-        Some(Self { io, logits: None, graph: None, warm: false, off: false })
+        Some(Self { io, logits: None, graph: None, warm: false, buffers: Vec::new(), off: false })
     }
 
     /// Runs `token` at the cache's next position; the logits of the step, or None when this
@@ -44,10 +47,14 @@ impl GraphSteps {
         if self.off {
             return Ok(None);
         }
-        let Some(grew) = kv.reserve(1)? else { return Ok(None) };
-        if grew {
+        if kv.reserve(1)?.is_none() {
+            return Ok(None);
+        }
+        let buffers = kv.buffer_ids();
+        if buffers != self.buffers {
             self.graph = None;
             self.warm = false;
+            self.buffers = buffers;
         }
         let offset = kv.offset();
         self.io.slice_set(&Tensor::new(&[token, offset as u32], model.device())?, 0, 0)?;

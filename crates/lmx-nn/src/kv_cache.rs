@@ -636,6 +636,20 @@ impl KvCache {
         Ok(Some(grew))
     }
 
+    /// The identities of the key and value buffers of every layer: a step recorded against
+    /// them (a CUDA graph writes into them by address) may replay only while they are the same.
+    pub fn buffer_ids(&self) -> Vec<lmx_core::TensorId> {
+        self.rows
+            .iter()
+            .flat_map(|r| &r.layers)
+            .flat_map(|l| match &l.store {
+                Store::Growing { k, v } | Store::Rotating { k, v, .. } => vec![k.id(), v.id()],
+                Store::Quantized { k, v } => k.parts().into_iter().chain(v.parts()).map(|t| t.id()).collect(),
+                Store::Empty => Vec::new(),
+            })
+            .collect()
+    }
+
     /// Counts `n` more positions as held in every layer of the one sequence: a replayed step
     /// wrote them on the device without running this cache's code.
     pub fn advance(&mut self, n: usize) {
