@@ -1,7 +1,8 @@
 # Shared by the GPU machine's scripts (sourced): `cuda_setup NAME RESULTS` unpacks the carried
 # binary into a fresh work folder and defines RES (the results file, in $OUT when set), W (the
 # work folder), LMX (the binary) and `log` (prints and appends to RES); `fixture_folder ARCH`
-# copies the fixture model ARCH into $W/ARCH with a 4-word tokenizer.
+# copies the fixture model ARCH into $W/ARCH with a 4-word tokenizer; `word_vocab DIR` gives
+# DIR's tokenizer a word per token id (w4, w5, ...), so that generated text shows the ids.
 cuda_setup() {
   RES=${OUT:-.}/$2
   W=${TMPDIR:-/tmp}/lmx-cuda-$1; rm -rf "$W"; mkdir -p "$W"
@@ -13,4 +14,7 @@ log() { echo "$@" | tee -a "$RES"; }
 fixture_folder() {
   mkdir -p "$W/$1" && cp "tests/fixtures/$1/config.json" "tests/fixtures/$1/model.safetensors" "$W/$1/"
   echo '{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,"model":{"type":"WordLevel","vocab":{"<unk>":0,"a":1,"b":2,"c":3},"unk_token":"<unk>"}}' > "$W/$1/tokenizer.json"
+}
+word_vocab() {
+  python3 -c "import json, sys; d = sys.argv[1]; n = json.load(open(d + '/config.json'))['vocab_size']; t = json.load(open(d + '/tokenizer.json')); t['model']['vocab'] = {**{f'w{i}': i for i in range(4, n)}, **t['model']['vocab']}; json.dump(t, open(d + '/tokenizer.json', 'w'))" "$1"
 }

@@ -15,7 +15,8 @@ gen() { $LMX generate --model "$1" --device "$2" --dtype "$3" -p 'a b c a b' -m 
 fallback() { local off; off=$(LMX_TRACE_STEPS=1 $LMX generate --model "$1" --device cuda --dtype "$2" -p 'a b c a b' -m 8 --temp 0 --ignore-eos --ignore-chat-template 2>&1 >/dev/null | grep "graph steps off" | head -1); echo "${off:-graphs on}"; }
 for a in llama qwen3 qwen3_moe gemma2 deepseek_v3; do
   fixture_folder $a
-  python3 -c "import json; d = '$W/$a'; c = json.load(open(d + '/config.json')); c['max_position_embeddings'] = 2048; json.dump(c, open(d + '/config.json', 'w')); n = c['vocab_size']; t = json.load(open(d + '/tokenizer.json')); t['model']['vocab'] = {**{f'w{i}': i for i in range(4, n)}, **t['model']['vocab']}; json.dump(t, open(d + '/tokenizer.json', 'w'))"
+  python3 -c "import json; p = '$W/$a/config.json'; c = json.load(open(p)); c['max_position_embeddings'] = 2048; json.dump(c, open(p, 'w'))"
+  word_vocab "$W/$a"
   for dt in float32 bfloat16; do
     m=600; [ "$dt" = bfloat16 ] && m=100
     g=$(gen "$W/$a" cuda $dt $m); e=$(LMX_CUDA_GRAPH=0 gen "$W/$a" cuda $dt $m); c=$(gen "$W/$a" cpu $dt $m)

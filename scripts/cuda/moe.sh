@@ -15,7 +15,7 @@ ppl() { $LMX perplexity --model "$1" --data "$W/text.txt" --sequence-length 12 -
 for a in qwen3_moe mixtral qwen2_moe; do
   fixture_folder $a
   # A word for every id, so that the generated tokens show in the text.
-  python3 -c "import json; d = '$W/$a'; n = json.load(open(d + '/config.json'))['vocab_size']; t = json.load(open(d + '/tokenizer.json')); t['model']['vocab'] = {**{f'w{i}': i for i in range(4, n)}, **t['model']['vocab']}; json.dump(t, open(d + '/tokenizer.json', 'w'))"
+  word_vocab "$W/$a"
   for q in f32 q4; do
     mkdir -p "$W/$a-mlx-$q" && cp tests/fixtures/${a}_mlx/$q/* "$W/$a-mlx-$q/" && cp "$W/$a/tokenizer.json" "$W/$a-mlx-$q/"
   done

@@ -12,7 +12,7 @@ log "# CUDA grouped quantized products, $(date -u +%F), $(nvidia-smi --query-gpu
 gen() { $LMX generate --model "$1" --device "$2" --dtype "$3" -p 'a b c a b' -m 40 --temp 0 --ignore-eos --ignore-chat-template 2>/dev/null | head -1; }
 for a in llama qwen3; do
   fixture_folder $a
-  python3 -c "import json; d = '$W/$a'; n = json.load(open(d + '/config.json'))['vocab_size']; t = json.load(open(d + '/tokenizer.json')); t['model']['vocab'] = {**{f'w{i}': i for i in range(4, n)}, **t['model']['vocab']}; json.dump(t, open(d + '/tokenizer.json', 'w'))"
+  word_vocab "$W/$a"
   for b in 4 8; do
     $LMX convert --hf-path "$W/$a" -q --q-bits $b --q-group-size 32 --mlx-path "$W/$a-$b" > /dev/null 2>&1
     for dt in float32 bfloat16; do

@@ -10,7 +10,7 @@ cuda_setup serve-graph serve_graph.txt
 log "# lmx serve with CUDA graphs, $(date -u +%F), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1), binary sha256 $(sha256sum "$LMX" | cut -c1-12)"
 SHAPE=1b BITS=4 python3 scripts/cuda/make_random_llama.py "$W/llama-1b" 2>&1 | tail -1 | tee -a "$RES"
 # A word per token id, so that completions are comparable text.
-python3 -c "import json; d = '$W/llama-1b-4bit'; n = json.load(open(d + '/config.json'))['vocab_size']; t = json.load(open(d + '/tokenizer.json')); t['model']['vocab'] = {**{f'w{i}': i for i in range(4, n)}, **t['model']['vocab']}; json.dump(t, open(d + '/tokenizer.json', 'w'))"
+word_vocab "$W/llama-1b-4bit"
 serve() {
   "$LMX" serve --model "$W/llama-1b-4bit" --device cuda --port 8093 > "$W/serve.log" 2>&1 &
   PID=$!
