@@ -38,8 +38,8 @@ for m in 4bit bf16; do
   log "$m decode at 4096 (-p 4096 -g 64): $(bench $m '-p 4096 -g 64 -n 2')"
 done
 for i in 1 2 3; do
-  log "fused norm bf16 prefill 4096, per-thread streams, run $i: $(LMX_CUDA_FUSED_NORM=1 bench bf16 '-p 4096 -g 1 -n 1')"
-  log "fused norm bf16 prefill 4096, own stream, run $i: $(LMX_CUDA_STREAM=own LMX_CUDA_FUSED_NORM=1 bench bf16 '-p 4096 -g 1 -n 1')"
+  log "fused norm bf16 prefill 4096, per-thread streams, run $i: $(LMX_CUDA_STREAM=per-thread LMX_CUDA_FUSED_NORM=1 bench bf16 '-p 4096 -g 1 -n 1')"
+  log "fused norm bf16 prefill 4096, own stream, run $i: $(LMX_CUDA_FUSED_NORM=1 bench bf16 '-p 4096 -g 1 -n 1')"
 done
 log "fused norm 4bit decode: $(LMX_CUDA_FUSED_NORM=1 bench 4bit '-p 128 -g 256 -n 3')"
 log "fused norm bf16 decode: $(LMX_CUDA_FUSED_NORM=1 bench bf16 '-p 128 -g 256 -n 3')"

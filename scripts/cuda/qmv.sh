@@ -40,6 +40,6 @@ for b in 4 8; do
 done
 log "bf16 decode (the same run's reference): $(bench bf16 '-p 128 -g 128 -n 2')"
 log "bf16 decode step times: $(trace bf16)"
-# One stream per device, cudarc's event tracking off (less host work per launch).
-for m in 4bit bf16; do log "$m decode, LMX_CUDA_STREAM=own: $(LMX_CUDA_STREAM=own bench $m '-p 128 -g 128 -n 2')"; done
+# candle's per-thread streams with cudarc's event tracking (the default before session 12).
+for m in 4bit bf16; do log "$m decode, LMX_CUDA_STREAM=per-thread: $(LMX_CUDA_STREAM=per-thread bench $m '-p 128 -g 128 -n 2')"; done
 for b in 4 8; do log "weights llama-8b-${b}bit: $(du -sb "$W/llama-8b-${b}bit/model.safetensors" | cut -f1) bytes"; done
