@@ -149,31 +149,10 @@ impl Sampler {
         if p.temp <= 0.0 {
             return argmax(logits);
         }
-        // Log-probabilities at temperature 1 (MLX LM filters before applying the temperature).
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let log_z = logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln() + max;
-        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, l)| (i as u32, l - log_z)).collect();
-        cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
-        if p.top_k > 0 {
-            cand.truncate(p.top_k.max(1));
-        }
-        if p.top_p > 0.0 && p.top_p < 1.0 {
-            let mut mass = 0.0;
-            let keep = cand.iter().take_while(|(_, lp)| {
-                let before = mass;
-                mass += lp.exp();
-                before < p.top_p
-            });
-            let n = keep.count().max(1);
-            cand.truncate(n);
-        }
-        if p.min_p > 0.0 {
-            let threshold = cand[0].1 + p.min_p.ln();
-            let n = cand.iter().filter(|(_, lp)| *lp >= threshold).count().max(p.min_tokens_to_keep).min(cand.len());
-            cand.truncate(n);
-        }
-        // Categorical draw at temperature `temp` over the kept tokens.
-        let top = cand[0].1;
+        let cand = p.candidates(logits);
+        // Categorical draw at temperature `temp` over the kept tokens (most likely first when
+        // filtered, in vocabulary order otherwise).
+        let top = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
         let weights: Vec<f32> = cand.iter().map(|(_, lp)| ((lp - top) / p.temp).exp()).collect();
         let total: f32 = weights.iter().sum();
         let mut r = self.rng.random::<f32>() * total;
@@ -183,7 +162,74 @@ impl Sampler {
             }
             r -= w;
         }
-        cand[cand.len() - 1].0
+        cand.iter().zip(&weights).rev().find(|(_, w)| **w > 0.0).map_or(cand[0].0, |((t, _), _)| *t)
+    }
+}
+
+impl SamplerParams {
+    /// The tokens sampling draws from with their log-probabilities at temperature 1 (MLX LM
+    /// filters before applying the temperature): the top-k / top-p / min-p survivors, most
+    /// likely first, or every token in vocabulary order when no filter is set.
+    fn candidates(&self, logits: &[f32]) -> Vec<(u32, f32)> {
+        let log_z = lmx_core::cpu_fused::log_sum_exp(logits);
+        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, l)| (i as u32, l - log_z)).collect();
+        if self.filters() {
+            // Only the most likely tokens can pass the filters: the smallest sorted prefix that
+            // decides them (sorting a 128k vocabulary every token cost more than a GPU's step).
+            let mut m = 256.min(cand.len());
+            loop {
+                let by_prob = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
+                if m < cand.len() {
+                    cand.select_nth_unstable_by(m - 1, by_prob);
+                }
+                cand[..m].sort_unstable_by(by_prob);
+                if m == cand.len() || self.decided_by(&cand[..m]) {
+                    break;
+                }
+                m = (m * 4).min(cand.len());
+            }
+            if self.top_k > 0 {
+                cand.truncate(self.top_k.max(1));
+            }
+            if self.top_p > 0.0 && self.top_p < 1.0 {
+                let mut mass = 0.0;
+                let keep = cand.iter().take_while(|(_, lp)| {
+                    let before = mass;
+                    mass += lp.exp();
+                    before < self.top_p
+                });
+                let n = keep.count().max(1);
+                cand.truncate(n);
+            }
+            if self.min_p > 0.0 {
+                let threshold = cand[0].1 + self.min_p.ln();
+                let n = cand.iter().filter(|(_, lp)| *lp >= threshold).count().max(self.min_tokens_to_keep).min(cand.len());
+                cand.truncate(n);
+            }
+        }
+        cand
+    }
+
+    /// Whether top-k, top-p or min-p restrict the candidates.
+    fn filters(&self) -> bool {
+        self.top_k > 0 || (self.top_p > 0.0 && self.top_p < 1.0) || self.min_p > 0.0
+    }
+
+    /// Whether `prefix`, the most likely tokens sorted, holds every token the filters keep.
+    fn decided_by(&self, prefix: &[(u32, f32)]) -> bool {
+        if self.top_k > 0 {
+            // Truncated to k first: the later filters look at those alone.
+            return prefix.len() >= self.top_k;
+        }
+        let mut decided = true;
+        if self.top_p > 0.0 && self.top_p < 1.0 {
+            decided &= prefix.iter().map(|(_, lp)| lp.exp()).sum::<f32>() >= self.top_p;
+        }
+        if self.min_p > 0.0 {
+            let threshold = prefix.first().map_or(f32::INFINITY, |c| c.1) + self.min_p.ln();
+            decided &= prefix.last().is_some_and(|c| c.1 < threshold) && prefix.len() >= self.min_tokens_to_keep;
+        }
+        decided
     }
 }
 
@@ -271,6 +317,50 @@ mod tests {
         assert_eq!(seen(SamplerParams { top_p: 0.8, ..params(5.0) }), vec![0, 1]);
         // min_p 0.3 keeps tokens with p >= 0.3 * 0.64.
         assert_eq!(seen(SamplerParams { min_p: 0.3, ..params(5.0) }), vec![0, 1]);
+    }
+
+    /// The candidates from a sorted prefix equal those of sorting the whole vocabulary, for
+    /// every filter alone and together, on vocabulary-sized rows peaked and flat.
+    #[test]
+    fn filtered_candidates_equal_a_full_sort() {
+        let full = |p: &SamplerParams, logits: &[f32]| -> Vec<u32> {
+            let log_z = lmx_core::cpu_fused::log_sum_exp(logits);
+            let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, l)| (i as u32, l - log_z)).collect();
+            cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            if p.top_k > 0 {
+                cand.truncate(p.top_k);
+            }
+            if p.top_p > 0.0 && p.top_p < 1.0 {
+                let mut mass = 0.0;
+                let n = cand
+                    .iter()
+                    .take_while(|(_, lp)| {
+                        let before = mass;
+                        mass += lp.exp();
+                        before < p.top_p
+                    })
+                    .count()
+                    .max(1);
+                cand.truncate(n);
+            }
+            if p.min_p > 0.0 {
+                let threshold = cand[0].1 + p.min_p.ln();
+                let n = cand.iter().filter(|(_, lp)| *lp >= threshold).count().max(p.min_tokens_to_keep).min(cand.len());
+                cand.truncate(n);
+            }
+            let mut ids: Vec<u32> = cand.into_iter().map(|c| c.0).collect();
+            ids.sort();
+            ids
+        };
+        for spread in [0.5f32, 4.0, 20.0] {
+            let logits: Vec<f32> = (0..49_152).map(|i| ((i as f32 * 0.7548).sin() + (i as f32 * 0.0123).cos()) * spread).collect();
+            for (top_k, top_p, min_p) in [(0, 0.9, 0.0), (0, 0.99, 0.0), (40, 0.0, 0.0), (1000, 0.95, 0.0), (0, 0.0, 0.05), (0, 0.95, 0.1), (50, 0.9, 0.05)] {
+                let p = SamplerParams { top_k, top_p, min_p, ..params(1.0) };
+                let mut got: Vec<u32> = p.candidates(&logits).into_iter().map(|c| c.0).collect();
+                got.sort();
+                assert_eq!(got, full(&p, &logits), "spread {spread}, top_k {top_k}, top_p {top_p}, min_p {min_p}");
+            }
+        }
     }
 
     /// MLX LM's processors in its order: bias, repetition, presence (once per distinct
