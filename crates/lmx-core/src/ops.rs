@@ -195,15 +195,21 @@ pub fn causal_mask(seq_len: usize, offset: usize, window: Option<usize>, device:
 
 /// [`causal_mask`] computed by tensor ops on `device` (positions compared), not filled on the host.
 fn causal_mask_from_ops(seq_len: usize, offset: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
-    let total = offset + seq_len;
-    let pos = Tensor::arange(offset as u32, total as u32, device)?.reshape((seq_len, 1))?;
-    let key = Tensor::arange(0u32, total as u32, device)?.reshape((1, total))?;
-    let mut seen = key.broadcast_le(&pos)?;
+    let pos = Tensor::arange(offset as u32, (offset + seq_len) as u32, device)?.reshape((seq_len, 1))?;
+    mask_for_positions(&pos, offset + seq_len, window)
+}
+
+/// The additive (q, kv_len) mask of queries at the u32 positions `pos` (q, 1) over keys
+/// 0..kv_len: 0 for a key at or before its query (and, with a window, fewer than `window`
+/// positions behind it), -inf for the others.
+fn mask_for_positions(pos: &Tensor, kv_len: usize, window: Option<usize>) -> Result<Tensor> {
+    let key = Tensor::arange(0u32, kv_len as u32, pos.device())?.reshape((1, kv_len))?;
+    let mut seen = key.broadcast_le(pos)?;
     if let Some(w) = window {
         // Key j is seen when pos - j < w, i.e. j + w > pos.
-        seen = (seen * key.affine(1.0, w as f64)?.broadcast_gt(&pos)?)?;
+        seen = (seen * key.affine(1.0, w as f64)?.broadcast_gt(pos)?)?;
     }
-    let zeros = Tensor::zeros((seq_len, total), DType::F32, device)?;
+    let zeros = Tensor::zeros(seen.shape(), DType::F32, pos.device())?;
     seen.where_cond(&zeros, &zeros.affine(0.0, f64::NEG_INFINITY)?)
 }
 
@@ -237,16 +243,7 @@ impl<'a> Mask<'a> {
 /// The additive (1, kv_len) mask of [`Mask::Upto`]: 0 for the keys the query sees, -inf
 /// for the others.
 fn upto_mask(pos: &Tensor, window: Option<usize>, kv_len: usize) -> Result<Tensor> {
-    let dev = pos.device();
-    let pos = pos.flatten_all()?.to_dtype(DType::U32)?;
-    let idx = Tensor::arange(0u32, kv_len as u32, dev)?;
-    let mut seen = idx.broadcast_le(&pos)?;
-    if let Some(w) = window {
-        // Key j is seen when pos - j < w, i.e. j + w > pos.
-        seen = (seen * idx.affine(1.0, w as f64)?.broadcast_gt(&pos)?)?;
-    }
-    let zeros = Tensor::zeros(kv_len, DType::F32, dev)?;
-    seen.where_cond(&zeros, &zeros.affine(0.0, f64::NEG_INFINITY)?)?.reshape((1, kv_len))
+    mask_for_positions(&pos.flatten_all()?.to_dtype(DType::U32)?.reshape((1, 1))?, kv_len, window)
 }
 
 /// Writes one position of keys or values `new` (1, heads, 1, d) into `buf` (1, heads,

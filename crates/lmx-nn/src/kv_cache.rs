@@ -221,16 +221,13 @@ impl LayerKv {
                 _ => Store::Growing { k: k.narrow(2, 0, 0)?.contiguous()?, v: v.narrow(2, 0, 0)?.contiguous()? },
             };
         }
+        // A growing buffer first makes room (the same growth steps at a device position).
+        self.reserve(n)?;
         let offset = self.offset;
         let out = match &mut self.store {
             Store::Empty => unreachable!("filled above"),
             Store::Growing { k: kb, v: vb } => {
                 let needed = offset + n;
-                if needed > kb.dim(2)? {
-                    let cap = needed.div_ceil(STEP) * STEP;
-                    *kb = buffer_with(&kb.narrow(2, 0, offset)?, cap)?;
-                    *vb = buffer_with(&vb.narrow(2, 0, offset)?, cap)?;
-                }
                 kb.slice_set(&k.contiguous()?, 2, offset)?;
                 vb.slice_set(&v.contiguous()?, 2, offset)?;
                 KvView::Dense(kb.narrow(2, 0, needed)?, vb.narrow(2, 0, needed)?)
