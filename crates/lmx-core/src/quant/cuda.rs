@@ -209,16 +209,14 @@ __device__ __forceinline__ void step_sums(uint4 wv, const int* c, const int* f, 
 // row is one step.
 // Block `block`'s R rows; results go to y[i * ystride + yoff + row] (several matrices' products
 // side by side in one output, one launch: qmv8x).
-// W (a warp per R rows): the block's 4 warps take 4 R rows, each warp's lanes the columns,
-// so a lane has 4 steps of each row in flight for a 4096-wide 4-bit row and the sums need
-// only the warp's shuffles (no shared memory, no block barrier).
-template <typename T, int BITS, int R, int M, bool W>
+// (A warp per R rows, its lanes over the columns and sums by shuffles alone, measured 2-10%
+// slower on an H200: docs/cuda/2026-12-01-qmv-layout.txt.)
+template <typename T, int BITS, int R, int M>
 __device__ void qmv8_block(const uint4* __restrict__ w, const float2* __restrict__ sb, const int* __restrict__ act,
                            T* __restrict__ y, int rows, int cols, int gs, int m, int block, int ystride, int yoff) {
     __shared__ float red[4][R * M];
     const int tid = threadIdx.x, lane = tid % 32, wid = tid / 32;
-    const int r0 = W ? (block * 4 + wid) * R : block * R;
-    const int t0 = W ? lane : tid, ts = W ? 32 : 128;
+    const int r0 = block * R;
     const int units = cols * BITS / 128, per = 128 / BITS, ints = per / 4;
     const int groups = cols / gs, stride = act_stride(cols, groups);
     const int mm = M == 1 ? 1 : m;
@@ -233,7 +231,7 @@ __device__ void qmv8_block(const uint4* __restrict__ w, const float2* __restrict
     for (int i = 0; i < M; i++)
         for (int j = 0; j < R; j++) acc[i][j] = 0.f;
 #pragma unroll 2
-    for (int u = t0; u < units; u += ts) {
+    for (int u = tid; u < units; u += 128) {
         int e0 = u * per, g = e0 / gs;
         bool first = e0 % gs == 0;
         uint4 wv[R];
@@ -262,51 +260,39 @@ __device__ void qmv8_block(const uint4* __restrict__ w, const float2* __restrict
             }
         }
     }
-    if (W) {
 #pragma unroll
-        for (int i = 0; i < M; i++) {
+    for (int i = 0; i < M; i++) {
+        if (i < mm) {
             for (int j = 0; j < R; j++) {
                 float v = acc[i][j];
                 for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-                if (lane == 0 && i < mm && r0 + j < rows) store(y, (size_t)i * ystride + yoff + r0 + j, v);
+                if (lane == 0) red[wid][i * R + j] = v;
             }
         }
-    } else {
-#pragma unroll
-        for (int i = 0; i < M; i++) {
-            if (i < mm) {
-                for (int j = 0; j < R; j++) {
-                    float v = acc[i][j];
-                    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-                    if (lane == 0) red[wid][i * R + j] = v;
-                }
-            }
-        }
-        __syncthreads();
-        if (tid < R * M) {
-            int i = tid / R, j = tid % R;
-            if (i < mm && r0 + j < rows) store(y, (size_t)i * ystride + yoff + r0 + j, red[0][tid] + red[1][tid] + red[2][tid] + red[3][tid]);
-        }
+    }
+    __syncthreads();
+    if (tid < R * M) {
+        int i = tid / R, j = tid % R;
+        if (i < mm && r0 + j < rows) store(y, (size_t)i * ystride + yoff + r0 + j, red[0][tid] + red[1][tid] + red[2][tid] + red[3][tid]);
     }
 }
 
-template <typename T, int BITS, int R, int M, bool W>
+template <typename T, int BITS, int R, int M>
 __device__ void qmv8(const uint4* __restrict__ w, const float2* __restrict__ sb, const int* __restrict__ act,
                      T* __restrict__ y, int rows, int cols, int gs, int m) {
-    qmv8_block<T, BITS, R, M, W>(w, sb, act, y, rows, cols, gs, m, blockIdx.x, rows, 0);
+    qmv8_block<T, BITS, R, M>(w, sb, act, y, rows, cols, gs, m, blockIdx.x, rows, 0);
 }
 
 // Up to three matrices sharing the coded activations (q/k/v, gate/up) in one launch: the
 // blocks of matrix 0, then 1, then 2; y (m, rows0 + rows1 + rows2) holds their outputs side by
 // side. One launch instead of three, and the small k/v products fill the card with q's.
-template <typename T, int BITS, int R, int M, bool W>
+template <typename T, int BITS, int R, int M>
 __device__ void qmv8x(const uint4* w0, const float2* s0, int rows0, const uint4* w1, const float2* s1, int rows1,
                       const uint4* w2, const float2* s2, int rows2, const int* act, T* y, int cols, int gs, int m) {
-    const int per = W ? 4 * R : R;
-    int n0 = (rows0 + per - 1) / per, n1 = (rows1 + per - 1) / per, b = blockIdx.x, total = rows0 + rows1 + rows2;
-    if (b < n0) qmv8_block<T, BITS, R, M, W>(w0, s0, act, y, rows0, cols, gs, m, b, total, 0);
-    else if (b < n0 + n1) qmv8_block<T, BITS, R, M, W>(w1, s1, act, y, rows1, cols, gs, m, b - n0, total, rows0);
-    else qmv8_block<T, BITS, R, M, W>(w2, s2, act, y, rows2, cols, gs, m, b - n0 - n1, total, rows0 + rows1);
+    int n0 = (rows0 + R - 1) / R, n1 = (rows1 + R - 1) / R, b = blockIdx.x, total = rows0 + rows1 + rows2;
+    if (b < n0) qmv8_block<T, BITS, R, M>(w0, s0, act, y, rows0, cols, gs, m, b, total, 0);
+    else if (b < n0 + n1) qmv8_block<T, BITS, R, M>(w1, s1, act, y, rows1, cols, gs, m, b - n0, total, rows0);
+    else qmv8_block<T, BITS, R, M>(w2, s2, act, y, rows2, cols, gs, m, b - n0 - n1, total, rows0 + rows1);
 }
 
 extern "C" __global__ void lmx_qmv_f32(const unsigned int* w, const float* sb, const float* x, float* y, int rows, int cols, int bits, int gs, int m) { qmv(w, sb, x, y, rows, cols, bits, gs, m); }
@@ -317,10 +303,8 @@ extern "C" __global__ void lmx_dequant_words_f32(const unsigned int* w, const fl
 extern "C" __global__ void lmx_dequant_words_bf16(const unsigned int* w, const float* sb, unsigned short* out, int rows, int cols, int bits, int gs) { dequant_words(w, sb, out, rows, cols, bits, gs); }
 extern "C" __global__ void lmx_q8act_f32(const float* x, int* out, int m, int cols, int gs, int bits) { q8act(x, out, m, cols, gs, bits); }
 extern "C" __global__ void lmx_q8act_bf16(const unsigned short* x, int* out, int m, int cols, int gs, int bits) { q8act(x, out, m, cols, gs, bits); }
-#define QMV8(T, TN, B, R, M) extern "C" __global__ void lmx_qmv8_##TN##_##B##_##R##_##M(const uint4* w, const float2* sb, const int* act, T* y, int rows, int cols, int gs, int m) { qmv8<T, B, R, M, false>(w, sb, act, y, rows, cols, gs, m); }
-#define QMV8X(T, TN, B, R, M) extern "C" __global__ void lmx_qmv8x_##TN##_##B##_##R##_##M(const uint4* w0, const float2* s0, int rows0, const uint4* w1, const float2* s1, int rows1, const uint4* w2, const float2* s2, int rows2, const int* act, T* y, int cols, int gs, int m) { qmv8x<T, B, R, M, false>(w0, s0, rows0, w1, s1, rows1, w2, s2, rows2, act, y, cols, gs, m); }
-#define QMV8W(T, TN, B, R) extern "C" __global__ void lmx_qmv8w_##TN##_##B##_##R##_1(const uint4* w, const float2* sb, const int* act, T* y, int rows, int cols, int gs, int m) { qmv8<T, B, R, 1, true>(w, sb, act, y, rows, cols, gs, m); } \
-extern "C" __global__ void lmx_qmv8xw_##TN##_##B##_##R##_1(const uint4* w0, const float2* s0, int rows0, const uint4* w1, const float2* s1, int rows1, const uint4* w2, const float2* s2, int rows2, const int* act, T* y, int cols, int gs, int m) { qmv8x<T, B, R, 1, true>(w0, s0, rows0, w1, s1, rows1, w2, s2, rows2, act, y, cols, gs, m); }
+#define QMV8(T, TN, B, R, M) extern "C" __global__ void lmx_qmv8_##TN##_##B##_##R##_##M(const uint4* w, const float2* sb, const int* act, T* y, int rows, int cols, int gs, int m) { qmv8<T, B, R, M>(w, sb, act, y, rows, cols, gs, m); }
+#define QMV8X(T, TN, B, R, M) extern "C" __global__ void lmx_qmv8x_##TN##_##B##_##R##_##M(const uint4* w0, const float2* s0, int rows0, const uint4* w1, const float2* s1, int rows1, const uint4* w2, const float2* s2, int rows2, const int* act, T* y, int cols, int gs, int m) { qmv8x<T, B, R, M>(w0, s0, rows0, w1, s1, rows1, w2, s2, rows2, act, y, cols, gs, m); }
 #define QMV8_ROWS(T, TN, B, M) QMV8(T, TN, B, 1, M) QMV8(T, TN, B, 2, M) QMV8(T, TN, B, 4, M) QMV8X(T, TN, B, 1, M) QMV8X(T, TN, B, 2, M) QMV8X(T, TN, B, 4, M)
 QMV8_ROWS(float, f32, 4, 1) QMV8_ROWS(float, f32, 4, 8) QMV8_ROWS(float, f32, 8, 1) QMV8_ROWS(float, f32, 8, 8)
 QMV8_ROWS(unsigned short, bf16, 4, 1) QMV8_ROWS(unsigned short, bf16, 4, 8) QMV8_ROWS(unsigned short, bf16, 8, 1) QMV8_ROWS(unsigned short, bf16, 8, 8)
@@ -329,19 +313,10 @@ QMV8_ROWS(unsigned short, bf16, 4, 1) QMV8_ROWS(unsigned short, bf16, 4, 8) QMV8
 /// Rows of x up to which products take the matrix-vector kernel (beyond: dequantize + cuBLAS).
 pub(super) const MAX_QMV_ROWS: usize = 8;
 
-/// The warp-layout kernels ([`warp_layout`]), compiled only when asked for: they add a third
-/// to NVRTC's compile time at a process's first product.
-const WARP_INSTANCES: &str = r#"
-QMV8W(float, f32, 4, 1) QMV8W(float, f32, 4, 2) QMV8W(float, f32, 4, 4) QMV8W(float, f32, 8, 1) QMV8W(float, f32, 8, 2) QMV8W(float, f32, 8, 4)
-QMV8W(unsigned short, bf16, 4, 1) QMV8W(unsigned short, bf16, 4, 2) QMV8W(unsigned short, bf16, 4, 4) QMV8W(unsigned short, bf16, 8, 1) QMV8W(unsigned short, bf16, 8, 2) QMV8W(unsigned short, bf16, 8, 4)
-"#;
-
 /// The kernels' PTX, compiled once per process.
 fn ptx() -> Result<&'static str> {
     static PTX: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
-    static SOURCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    let src = SOURCE.get_or_init(|| if warp_layout() { format!("{SRC}{WARP_INSTANCES}") } else { SRC.to_string() });
-    crate::cuda_fused::ptx(&PTX, src)
+    crate::cuda_fused::ptx(&PTX, SRC)
 }
 
 /// The matrix on one CUDA device: packed words (rows, words) u32 and (scale, bias) pairs per
@@ -445,13 +420,6 @@ pub(super) fn matmul_many(qs: &[&QuantizedMatrix], x: &Tensor) -> Result<Option<
         out.push(copy.times_codes(spec, &codes, work)?.reshape(dims)?.to_dtype(dtype)?);
     }
     Ok(Some(out))
-}
-
-/// One-row products with a warp per R rows (lanes over the columns, sums by shuffles alone)
-/// rather than a block of 128 threads per R rows: `LMX_CUDA_QMV_LAYOUT=warp` (being measured).
-fn warp_layout() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("LMX_CUDA_QMV_LAYOUT").is_ok_and(|v| v == "warp"))
 }
 
 /// `LMX_CUDA_QMV_SEPARATE=1`: matrices sharing an input take one launch each (for comparisons).
@@ -634,10 +602,8 @@ impl CustomOp3 for Qmv8 {
         let sb = ss.as_cuda_slice::<f32>()?.slice(sl.start_offset()..);
         let (rows, cols, gs, mm) = (spec.rows as i32, spec.cols as i32, spec.group_size as i32, m as i32);
         let per_block = rows_per_block(spec.rows, spec.bits);
-        let warps = m == 1 && warp_layout();
-        let block_rows = if warps { 4 * per_block } else { per_block };
-        let cfg = LaunchConfig { grid_dim: (spec.rows.div_ceil(block_rows) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-        let kernel = |t: &str| format!("lmx_qmv8{}_{t}_{}_{per_block}_{}", if warps { "w" } else { "" }, spec.bits, if m == 1 { 1 } else { 8 });
+        let cfg = LaunchConfig { grid_dim: (spec.rows.div_ceil(per_block) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let kernel = |t: &str| format!("lmx_qmv8_{t}_{}_{per_block}_{}", spec.bits, if m == 1 { 1 } else { 8 });
         let storage = match self.dtype {
             DType::BF16 => {
                 let func = dev.get_or_load_custom_func(&kernel("bf16"), "lmx_quant", ptx()?)?;
@@ -709,12 +675,10 @@ impl CustomOp1 for Qmv8Many {
         let dev = acts.device().clone();
         let act = acts.as_cuda_slice::<u32>()?;
         let per_block = self.rows.iter().map(|&r| rows_per_block(r, self.bits)).min().unwrap_or(1);
-        let warps = m == 1 && warp_layout();
-        let block_rows = if warps { 4 * per_block } else { per_block };
-        let blocks: usize = self.rows.iter().map(|r| r.div_ceil(block_rows)).sum();
+        let blocks: usize = self.rows.iter().map(|r| r.div_ceil(per_block)).sum();
         let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         let (cols, gs, mm) = (self.cols as i32, self.group_size as i32, m as i32);
-        let kernel = |t: &str| format!("lmx_qmv8x{}_{t}_{}_{per_block}_{}", if warps { "w" } else { "" }, self.bits, if m == 1 { 1 } else { 8 });
+        let kernel = |t: &str| format!("lmx_qmv8x_{t}_{}_{per_block}_{}", self.bits, if m == 1 { 1 } else { 8 });
         macro_rules! launch {
             ($t:ty, $name:expr) => {{
                 let func = dev.get_or_load_custom_func(&kernel($name), "lmx_quant", ptx()?)?;
