@@ -1,6 +1,8 @@
 //! Fusing trained adapters into the weights (`mlx_lm.fuse`):
 //!
-//! - LoRA: `W' = W + (scale * lora_b^T) @ lora_a^T`.
+//! - LoRA: `W' = W + (scale * lora_b^T) @ lora_a^T`; on stacked experts (MLX's
+//!   `LoRASwitchLinear`, `lora_a` (experts, r, in), `lora_b` (experts, out, r)) per expert
+//!   `W'_e = W_e + scale * lora_b_e @ lora_a_e`.
 //! - DoRA: the same `W'`, then each row rescaled to the learned magnitude: `W' * m / ||W'||_row`.
 //! - Full: the trained tensors replace the checkpoint's.
 //!
@@ -100,10 +102,25 @@ impl Fuser {
         let a = self.take(format!("{module}.lora_a"))?;
         let b = self.take(format!("{module}.lora_b"))?;
         let w = w.to_dtype(DType::F32)?;
+        let misfit = |w: &Tensor| {
+            let msg = format!("`{module}` adapters have shapes {:?} and {:?}, which do not fit a {:?} weight", a.dims(), b.dims(), w.dims());
+            ConvertError::Adapter { path: self.source.clone(), msg }
+        };
+        if let [experts, out, inp] = *w.dims() {
+            // Stacked experts (MLX's LoRASwitchLinear): lora_a (experts, r, in), lora_b
+            // (experts, out, r); each expert's W_e + scale * lora_b_e @ lora_a_e.
+            let r = a.dims().get(1).copied().unwrap_or(0);
+            if a.dims() != [experts, r, inp] || b.dims() != [experts, out, r] {
+                return Err(misfit(&w));
+            }
+            if self.config.fine_tune_type == FineTuneType::Dora {
+                return Err(ConvertError::Adapter { path: self.source.clone(), msg: format!("`{module}` holds stacked experts, which take LoRA only, not DoRA") });
+            }
+            return Ok((&w + (b.matmul(&a)? * scale)?)?);
+        }
         let (out, inp) = w.dims2()?;
         if a.dims() != [inp, a.dim(1)?] || b.dims() != [a.dim(1)?, out] {
-            let msg = format!("`{module}` adapters have shapes {:?} and {:?}, which do not fit a ({out}, {inp}) weight", a.dims(), b.dims());
-            return Err(ConvertError::Adapter { path: self.source.clone(), msg });
+            return Err(misfit(&w));
         }
         let fused = (&w + (b.t()?.matmul(&a.t()?)? * scale)?)?;
         if self.config.fine_tune_type != FineTuneType::Dora {

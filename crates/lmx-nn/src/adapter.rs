@@ -5,6 +5,10 @@
 //!   uniform in ±1/sqrt(in), `lora_b` (r, out) at zero.
 //! - DoRA: `y = m / stop_grad(||W + scale * lora_b^T lora_a^T||_row) * (x W^T + scale * z) + bias`,
 //!   `m` (out) starts at the row norms of W.
+//! - LoRA on experts stacked in one module (`LoRASwitchLinear`): per expert the same LoRA, its
+//!   tensors saved stacked and transposed: `lora_a` (experts, r, in), `lora_b` (experts, out, r).
+//!   Each expert's slices train as variables of their own (the optimizer's update is
+//!   elementwise, so this equals training the stacked tensors) and are stacked when saved.
 //!
 //! DoRA's row norms are computed without ever forming `W + delta`:
 //! `||W_i + s D_i||^2 = ||W_i||^2 + 2 s (W A)_i . B_i + s^2 B_i^T (A^T A) B_i`, where `W A` is one
@@ -89,6 +93,14 @@ impl AdapterPlan {
         self.kind == FineTuneType::Full && layer_index(key).is_some_and(|i| i >= self.first_layer)
     }
 
+    /// The saved value of `key` of `shape`, or with `expert = Some((e, experts))` expert `e`'s
+    /// slice of a tensor saved stacked (`(experts, ..shape)`, MLX's `SwitchLinear` layout).
+    pub fn saved_part(&self, key: &str, shape: &[usize], expert: Option<(usize, usize)>) -> std::result::Result<Option<Tensor>, BuildError> {
+        let Some((e, experts)) = expert else { return self.saved(key, shape) };
+        let whole: Vec<usize> = std::iter::once(experts).chain(shape.iter().copied()).collect();
+        Ok(self.saved(key, &whole)?.map(|t| t.get(e)).transpose()?)
+    }
+
     /// The saved value of `key` (shape-checked and counted as used), if the adapter file has one.
     pub fn saved(&self, key: &str, shape: &[usize]) -> std::result::Result<Option<Tensor>, BuildError> {
         let Some(t) = self.saved.get(key) else { return Ok(None) };
@@ -162,20 +174,24 @@ pub(crate) struct AdapterSource<'a> {
     pub prefix: &'a str,
     pub dtype: DType,
     pub device: &'a Device,
+    /// Expert `e` of `experts` stacked in one module (MLX's `SwitchLinear`): the adapter's
+    /// tensors are saved stacked along a leading expert dimension and this is its slice.
+    pub expert: Option<(usize, usize)>,
 }
 
 impl AdapterSource<'_> {
     /// The starting value of adapter tensor `name`: the saved one if there is one
-    /// (shape-checked), else `init()`; a variable when training.
+    /// (shape-checked), else `init()`; a variable when training (an expert's slice is its
+    /// own variable, stacked again when saved: [`crate::training::checkpoint_tensors`]).
     fn param(&self, name: &str, shape: &[usize], init: impl FnOnce() -> Result<Tensor>) -> std::result::Result<Tensor, BuildError> {
         let key = format!("{}.{name}", self.prefix);
-        let t = match self.plan.saved(&key, shape)? {
+        let t = match self.plan.saved_part(&key, shape, self.expert)? {
             Some(t) => t,
             None => init()?,
         };
         let t = t.to_dtype(self.dtype)?.to_device(self.device)?;
         Ok(match self.training {
-            Some(tr) => tr.register(&key, t)?,
+            Some(tr) => tr.register(&crate::training::part_key(&key, self.expert), t)?,
             None => t,
         })
     }
@@ -187,13 +203,31 @@ impl Adapter {
     pub(crate) fn new(src: &AdapterSource, in_features: usize, out_features: usize, row_norms_sq: impl FnOnce() -> Result<Tensor>) -> std::result::Result<Self, BuildError> {
         let plan = src.plan;
         let r = plan.params.rank;
-        let rng = AtomicU64::new(plan.seed ^ hash(src.prefix));
+        let rng = AtomicU64::new(plan.seed ^ hash(src.prefix) ^ src.expert.map_or(0, |(e, _)| (e as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
         let bound = 1.0 / (in_features as f32).sqrt();
-        let lora_a = src.param("lora_a", &[in_features, r], || {
+        let init_a = |shape: (usize, usize)| {
             let v: Vec<f32> = (0..in_features * r).map(|_| (uniform(&rng) * 2.0 - 1.0) * bound).collect();
-            Tensor::from_vec(v, (in_features, r), src.device)
-        })?;
-        let lora_b = src.param("lora_b", &[r, out_features], || Tensor::zeros((r, out_features), DType::F32, src.device))?;
+            Tensor::from_vec(v, shape, src.device)
+        };
+        let (lora_a, lora_b) = match src.expert {
+            None => {
+                let a = src.param("lora_a", &[in_features, r], || init_a((in_features, r)))?;
+                (a, src.param("lora_b", &[r, out_features], || Tensor::zeros((r, out_features), DType::F32, src.device))?)
+            }
+            // MLX's LoRASwitchLinear stores an expert's factors transposed: lora_a (r, in),
+            // lora_b (out, r); the products below take them as (in, r) and (r, out).
+            Some(_) => {
+                if plan.kind == FineTuneType::Dora {
+                    return Err(BuildError::unsupported_with(
+                        format!("DoRA on the stacked experts `{}` (MLX LM has no DoRA for SwitchLinear either)", src.prefix),
+                        "train them with LoRA (fine_tune_type: lora), or leave switch_mlp out of lora_parameters.keys",
+                    ));
+                }
+                let a = src.param("lora_a", &[r, in_features], || init_a((r, in_features)))?;
+                let b = src.param("lora_b", &[out_features, r], || Tensor::zeros((out_features, r), DType::F32, src.device))?;
+                (a.t()?, b.t()?)
+            }
+        };
         let dora = match plan.kind {
             FineTuneType::Dora => {
                 let norms_sq = row_norms_sq()?.to_dtype(DType::F32)?;

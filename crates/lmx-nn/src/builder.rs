@@ -295,12 +295,14 @@ impl Builder {
                 if part.is_some_and(|(d, r)| r.len() != shape[d]) {
                     return Err(BuildError::unsupported("full fine-tuning of a tensor-parallel model"));
                 }
-                let t = match plan.saved(&key, shape)? {
+                // An expert's slice of stacked experts trains as its own variable, stacked
+                // again when saved.
+                let t = match plan.saved_part(&key, shape, self.expert)? {
                     Some(saved) => self.place(saved)?,
                     None => t,
                 };
                 Ok(match training {
-                    Some(tr) => tr.register(&key, t)?,
+                    Some(tr) => tr.register(&crate::training::part_key(&key, self.expert), t)?,
                     None => t,
                 })
             }
@@ -394,12 +396,6 @@ impl Builder {
             Shard::Column(r) => (Some((0, r.clone())), Some((0, r.clone())), None),
             Shard::Row(r) => (Some((1, r.clone())), None, (!self.unreduced).then(|| self.shared.group.clone())),
         };
-        if self.expert.is_some() && self.shared.adapters.as_ref().is_some_and(|a| a.targets(&self.prefix) || a.full_trains(&self.key("weight"))) {
-            return Err(BuildError::unsupported_with(
-                format!("fine-tuning the stacked experts `{}` (MLX's switch_mlp)", self.prefix),
-                "leave switch_mlp out of the adapter's keys (lora_parameters.keys), e.g. [\"self_attn.q_proj\", \"self_attn.v_proj\"]",
-            ));
-        }
         let weight = match self.quantization()? {
             Some(spec) => Weight::Quantized(Arc::new(self.read_quantized(spec, out_features, in_features, &shard)?)),
             None => self.dense(self.get_part(&shape, "weight", weight_part)?)?,
@@ -424,7 +420,7 @@ impl Builder {
                 return Err(BuildError::unsupported_with(what, "leave it out of the adapter's keys (lora_parameters.keys), e.g. [\"self_attn.o_proj\", \"mlp.down_proj\"]"));
             }
             let dtype = if self.shared.training.is_some() { DType::F32 } else { self.shared.dtype };
-            let src = AdapterSource { plan, training: self.shared.training.as_ref(), prefix: &self.prefix, dtype, device: &self.shared.device };
+            let src = AdapterSource { plan, training: self.shared.training.as_ref(), prefix: &self.prefix, dtype, device: &self.shared.device, expert: self.expert };
             layer.adapter = Some(Arc::new(Adapter::new(&src, in_features, out_features, || layer.weight.row_norms_sq())?));
         }
         Ok(layer)

@@ -102,6 +102,41 @@ impl Training {
     }
 }
 
+/// The name under which expert `e`'s slice of the stacked tensor `key` trains (`key[e]`), or
+/// `key` itself for a tensor of its own.
+pub fn part_key(key: &str, expert: Option<(usize, usize)>) -> String {
+    match expert {
+        Some((e, _)) => format!("{key}[{e}]"),
+        None => key.to_string(),
+    }
+}
+
+/// The trained tensors as they are saved: experts' slices (`key[e]`, [`part_key`]) stacked
+/// back into `key` along a leading expert dimension (every expert must be there), the others
+/// as they are.
+pub fn checkpoint_tensors(vars: &[(String, Var)]) -> Result<HashMap<String, Tensor>> {
+    let mut out = HashMap::new();
+    let mut parts: HashMap<&str, Vec<(usize, Tensor)>> = HashMap::new();
+    for (k, v) in vars {
+        let part = k.strip_suffix(']').and_then(|s| s.rsplit_once('[')).and_then(|(base, e)| Some((base, e.parse::<usize>().ok()?)));
+        match part {
+            Some((base, e)) => parts.entry(base).or_default().push((e, v.as_tensor().detach())),
+            None => {
+                out.insert(k.clone(), v.as_tensor().detach());
+            }
+        }
+    }
+    for (base, mut slices) in parts {
+        slices.sort_by_key(|(e, _)| *e);
+        if slices.iter().enumerate().any(|(i, (e, _))| i != *e) {
+            lmx_core::bail!("the trained slices of `{base}` do not cover every expert (an expert-parallel rank holds only some)");
+        }
+        let stacked = Tensor::stack(&slices.iter().map(|(_, t)| t).collect::<Vec<_>>(), 0)?;
+        out.insert(base.to_string(), stacked);
+    }
+    Ok(out)
+}
+
 /// The layer index of a `model.layers.<i>.` key.
 pub(crate) fn layer_index(key: &str) -> Option<usize> {
     key.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()

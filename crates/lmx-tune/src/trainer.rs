@@ -7,7 +7,6 @@
 //! `length`, i.e. one padding token per sequence; lmx trains exactly the real tokens after the
 //! prompt (`offset <= t < length`).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -308,7 +307,7 @@ fn stage_adapters(vars: &[(String, Var)], path: &Path) -> Result<lmx_io::safeten
     if let Some(key) = first_non_finite(vars)? {
         return Err(TuneError::NonFiniteWeights { key, path: path.to_path_buf() });
     }
-    let map: HashMap<String, Tensor> = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
+    let map = lmx_nn::training::checkpoint_tensors(vars)?;
     Ok(lmx_io::safetensors_io::stage_safetensors(&map, path)?)
 }
 
@@ -338,13 +337,20 @@ fn save_checkpoint(vars: &[(String, Var)], args: &TrainArgs, path: &Path) -> Res
     Ok(())
 }
 
-/// The gradients of `vars` from `loss`, each None when the loss does not depend on it; with
-/// checkpointing, those of recomputed layers come from its `sink`.
+/// The gradients of `vars` from `loss`; with checkpointing, those of recomputed layers come
+/// from its `sink`. A tensor the loss does not reach (an expert's adapter when no token of the
+/// batch was routed to that expert) gets a zero gradient, as in MLX's `value_and_grad`, so
+/// that the optimizer's moments and weight decay move it as MLX LM's stacked tensors move.
 pub fn gradients(loss: &Tensor, vars: &[&Var], sink: Option<&GradSink>) -> lmx::core::Result<Vec<Option<Tensor>>> {
     let grads = loss.backward()?;
     // Detached: a gradient computed from taped tensors records its own graph, which the
     // optimizer state would otherwise keep alive (and chain) from step to step.
-    vars.iter().map(|v| add_grads(grads.get(v.as_tensor()).map(Tensor::detach), sink.and_then(|s| s.take(v)))).collect()
+    vars.iter()
+        .map(|v| match add_grads(grads.get(v.as_tensor()).map(Tensor::detach), sink.and_then(|s| s.take(v)))? {
+            Some(g) => Ok(Some(g)),
+            None => Ok(Some(v.as_tensor().zeros_like()?)),
+        })
+        .collect()
 }
 
 /// The sum of two optional gradients of one tensor.

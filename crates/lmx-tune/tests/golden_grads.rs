@@ -24,10 +24,21 @@ fn ints(t: &Tensor) -> Vec<usize> {
 /// And on the tiny Qwen3-MoE fixture (scripts/fixtures/lora_grads_moe.py): LoRA on the
 /// attention of its three layers, whose gradients pass through two mixture-of-experts blocks,
 /// the routers' softmax included.
+///
+/// And against MLX LM itself (scripts/fixtures/mlx_switch_lora.py, f32): the same model in
+/// MLX's layout, dense and 4-bit, with adapters on every linear layer as mlx_lm.lora attaches
+/// them by default, the routers and the stacked experts (`LoRASwitchLinear`: lora_a
+/// (experts, r, in), lora_b (experts, out, r)) included.
 #[test]
 fn lora_and_dora_gradients_equal_peft() {
-    for (model_type, variant) in [("llama", "lora"), ("llama", "dora"), ("qwen3_moe", "qwen3_moe")] {
-        let model_dir = fixtures().join(model_type);
+    for (model_type, folder, variant) in [
+        ("llama", "llama", "lora"),
+        ("llama", "llama", "dora"),
+        ("qwen3_moe", "qwen3_moe", "qwen3_moe"),
+        ("qwen3_moe", "qwen3_moe_mlx/f32", "switch_f32"),
+        ("qwen3_moe", "qwen3_moe_mlx/q4", "switch_q4"),
+    ] {
+        let model_dir = fixtures().join(folder);
         let config = lmx_io::config::read_json(&model_dir.join("config.json")).expect("config");
         let layers = config["num_hidden_layers"].as_u64().expect("layers") as usize;
         let dir = fixtures().join("lora_grads").join(variant);
@@ -37,7 +48,8 @@ fn lora_and_dora_gradients_equal_peft() {
             .with_saved(load_adapter_file(&dir.join("adapters.safetensors")).expect("adapters"), "fixture");
         let training = Arc::new(Training::new());
         let weights = Weights::from_safetensors(&[model_dir.join("model.safetensors")]).expect("weights");
-        let vb = Builder::new(weights, DType::F32, &Device::Cpu).with_adapters(Arc::new(plan)).with_training(training.clone());
+        let quantization = lmx_io::QuantConfig::from_config(&config).expect("quantization block");
+        let vb = Builder::new(weights, DType::F32, &Device::Cpu).with_quantization(quantization).with_adapters(Arc::new(plan)).with_training(training.clone());
         let model = lmx_models::load_model(model_type, &config, &vb).expect("model");
         vb.finish(|_| false).expect("every adapter tensor used");
         training.set_active(true);
@@ -49,18 +61,24 @@ fn lora_and_dora_gradients_equal_peft() {
         let want_loss = golden["loss"].to_dtype(DType::F64).and_then(|t| t.to_vec1::<f64>()).expect("loss")[0];
         let trainables = training.trainables();
         let vars: Vec<&lmx::core::Var> = trainables.iter().map(|(_, v)| v).collect();
-        assert_eq!(trainables.len(), golden.keys().filter(|k| k.starts_with("grad.")).count(), "{variant}: one gradient per adapter tensor");
+        // An expert's slices of stacked adapters train as `key[e]`: one saved tensor per `key`.
+        let saved = lmx_nn::training::checkpoint_tensors(&trainables).expect("stacked");
+        assert_eq!(saved.len(), golden.keys().filter(|k| k.starts_with("grad.")).count(), "{variant}: one gradient per adapter tensor");
         // Plain, and with gradient checkpointing (every layer recomputed in the backward pass).
         for checkpointed in [false, true] {
             let sink = checkpointed.then(|| training.enable_checkpointing().sink);
             let (loss, ntoks) = batch_loss(&*model, &batch).expect("loss");
             assert_eq!(ntoks, batch.trained_tokens());
             let got_loss = f64::from(loss.to_scalar::<f32>().expect("scalar"));
-            assert!((got_loss - want_loss).abs() < 1e-5 * want_loss.abs(), "{variant}: loss {got_loss} vs PEFT {want_loss}");
+            assert!((got_loss - want_loss).abs() < 1e-5 * want_loss.abs(), "{variant}: loss {got_loss} vs the reference {want_loss}");
             let grads = gradients(&loss, &vars, sink.as_deref()).expect("backward");
             for ((key, _), got) in trainables.iter().zip(grads) {
                 let got = got.unwrap_or_else(|| panic!("{variant} (checkpointed: {checkpointed}): no gradient for {key}"));
-                let want = &golden[&format!("grad.{key}")];
+                let want = match key.strip_suffix(']').and_then(|k| k.rsplit_once('[')) {
+                    Some((base, e)) => golden[&format!("grad.{base}")].get(e.parse().expect("expert")).expect("slice"),
+                    None => golden[&format!("grad.{key}")].clone(),
+                };
+                let want = &want;
                 let scale = want.abs().and_then(|t| t.max_all()).and_then(|t| t.to_scalar::<f32>()).expect("max");
                 let diff = lmx::core::gradcheck::max_abs_diff(&got, want).expect("diff");
                 // f32 against a float64 reference: relative to the tensor's largest gradient.

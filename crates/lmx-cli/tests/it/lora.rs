@@ -247,12 +247,7 @@ fn bad_training_numbers_get_clear_errors() {
 #[test]
 fn lora_on_fused_projections_is_refused_clearly_and_other_keys_train() {
     let model = crate::tiny_model_of("phi3", "phi3-lora");
-    let data = temp_dir("phi3-data");
-    for (split, n) in [("train", 8), ("valid", 2)] {
-        let texts = ["a b c a b", "c c a b a", "b a c c b"];
-        let lines: Vec<String> = (0..n).map(|i| serde_json::json!({ "text": texts[i % 3] }).to_string()).collect();
-        std::fs::write(data.join(format!("{split}.jsonl")), lines.join("\n")).expect("write data");
-    }
+    let data = word_data("phi3-data");
     let adapters = temp_dir("phi3-adapters");
     let (m, d, a) = (path_str(&model), path_str(&data), path_str(&adapters));
     let base = ["lora", "--model", m.as_str(), "--train", "--data", d.as_str(), "--iters", "2", "--batch-size", "2", "--num-layers", "2", "--adapter-path", a.as_str()];
@@ -263,4 +258,71 @@ fn lora_on_fused_projections_is_refused_clearly_and_other_keys_train() {
     let out = lmx(&[&base[..], &["-c", c.as_str()]].concat());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(adapters.join("adapters.safetensors").exists());
+}
+
+/// Training and validation texts in the tiny tokenizer's words.
+fn word_data(name: &str) -> PathBuf {
+    let data = temp_dir(name);
+    for (split, n) in [("train", 8), ("valid", 2)] {
+        let texts = ["a b c a b", "c c a b a", "b a c c b"];
+        let lines: Vec<String> = (0..n).map(|i| serde_json::json!({ "text": texts[i % 3] }).to_string()).collect();
+        std::fs::write(data.join(format!("{split}.jsonl")), lines.join("\n")).expect("write data");
+    }
+    data
+}
+
+/// A mixture-of-experts model in MLX's layout (experts stacked in `switch_mlp`): LoRA with no
+/// `keys` adapts what mlx_lm.lora adapts, the routers and the stacked experts included
+/// (`LoRASwitchLinear`, saved stacked as MLX LM saves them); generating with the adapter gives
+/// the fused model's tokens; full fine-tuning trains the stacked experts too; DoRA on them is
+/// refused clearly (MLX LM has none either).
+#[test]
+fn lora_trains_stacked_experts_and_fuse_keeps_them() {
+    let model = crate::tiny_model_of("qwen3_moe_mlx/f32", "moe-lora");
+    // The fixture's config names no EOS token (training appends one).
+    let config = model.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config).expect("config")).expect("json");
+    cfg["eos_token_id"] = 0.into();
+    std::fs::write(&config, cfg.to_string()).expect("write config");
+    let data = word_data("moe-data");
+    let (m, d) = (path_str(&model), path_str(&data));
+    let run = |adapters: &Path, extra: &[&str]| {
+        let a = path_str(adapters);
+        let args = [&["lora", "--model", m.as_str(), "--train", "--data", d.as_str(), "--iters", "4", "--batch-size", "2", "--adapter-path", a.as_str()][..], extra].concat();
+        lmx(&args)
+    };
+    let adapters = temp_dir("moe-adapters");
+    let out = run(&adapters, &["--num-layers", "3", "--learning-rate", "1e-3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let saved = lmx::io::adapters::load_adapter_file(&adapters.join("adapters.safetensors")).expect("adapters");
+    let expert = |k: &str| saved.get(&format!("model.layers.0.mlp.switch_mlp.gate_proj.{k}")).unwrap_or_else(|| panic!("no stacked {k}: {:?}", saved.keys()));
+    assert_eq!(expert("lora_a").dims(), &[8, 8, 64], "lora_a (experts, r, in)");
+    assert_eq!(expert("lora_b").dims(), &[8, 32, 8], "lora_b (experts, out, r)");
+    let trained = expert("lora_b").abs().and_then(|t| t.max_all()).and_then(|t| t.to_scalar::<f32>()).expect("max");
+    assert!(trained > 0.0, "the experts' lora_b moved from zero");
+    assert!(saved.contains_key("model.layers.2.mlp.gate.lora_a"), "the router is adapted too");
+
+    let generate = |model: &str, adapter: Option<&Path>| {
+        let a = adapter.map(path_str);
+        let mut args = vec!["generate", "--model", model, "-p", "a b c", "-m", "12", "--temp", "0", "--ignore-eos", "--ignore-chat-template", "--verbose", "false"];
+        if let Some(a) = &a {
+            args.extend(["--adapter-path", a.as_str()]);
+        }
+        let out = lmx(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let fused = temp_dir("moe-fused").join("fused");
+    let out = lmx(&["fuse", "--model", &m, "--adapter-path", &path_str(&adapters), "--save-path", &path_str(&fused)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(generate(&path_str(&fused), None), generate(&m, Some(&adapters)), "the fused model generates as base + adapter");
+
+    let full = temp_dir("moe-full");
+    let out = run(&full, &["--fine-tune-type", "full", "--num-layers", "1", "--learning-rate", "1e-5"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let saved = lmx::io::adapters::load_adapter_file(&full.join("adapters.safetensors")).expect("weights");
+    assert_eq!(saved["model.layers.2.mlp.switch_mlp.down_proj.weight"].dims(), &[8, 64, 32], "stacked experts saved stacked");
+
+    let out = run(&temp_dir("moe-dora"), &["--num-layers", "3", "--fine-tune-type", "dora"]);
+    crate::assert_clear_error(&out, &["DoRA", "switch_mlp"]);
 }
