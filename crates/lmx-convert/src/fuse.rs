@@ -163,7 +163,8 @@ pub fn quantized_tensors(w: &Tensor, spec: QuantSpec, dtype: DType) -> Result<[T
     Ok([p, s, b])
 }
 
-/// How `module` is quantized in a model with quantization block `q`, when its `scales` exist.
-pub fn module_spec(q: Option<&QuantConfig>, module: &str, has_scales: bool) -> Option<QuantSpec> {
-    q.and_then(|q| q.for_module(module, has_scales)).map(|(spec, _)| spec)
+/// How `module` is quantized in a model with quantization block `q`, when its `scales` exist:
+/// its spec, and whether it is MXFP4 (else MLX's affine format).
+pub fn module_spec(q: Option<&QuantConfig>, module: &str, has_scales: bool) -> Option<(QuantSpec, bool)> {
+    q.and_then(|q| q.for_module(module, has_scales)).map(|(spec, mode)| (spec, mode == "mxfp4"))
 }

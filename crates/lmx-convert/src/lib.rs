@@ -213,7 +213,10 @@ pub fn convert(source: &ModelSource, dtype: Option<DType>, transform: &Transform
                 let get = |s: &str| files.weights.tensor(&format!("{m}.{s}"));
                 let base = || -> Result<Tensor, ConvertError> {
                     Ok(match spec {
-                        Some(spec) => quantize::dequantize_module(m, &get("weight")?, &get("scales")?, &get("biases")?, spec, DType::F32)?,
+                        Some((spec, mxfp4)) => {
+                            let biases = if mxfp4 { None } else { Some(get("biases")?) };
+                            quantize::dequantize_module(m, &get("weight")?, &get("scales")?, biases.as_ref(), spec, DType::F32)?
+                        }
                         None => get("weight")?,
                     })
                 };
@@ -224,7 +227,10 @@ pub fn convert(source: &ModelSource, dtype: Option<DType>, transform: &Transform
                     None => base()?,
                 };
                 match spec.filter(|_| !dequantize) {
-                    Some(spec) => {
+                    Some((_, true)) => {
+                        return Err(ConvertError::Layer { module: m.to_string(), msg: "writing MXFP4 weights again is not supported: fuse with --dequantize (-d) for float weights".into() });
+                    }
+                    Some((spec, false)) => {
                         let [p, s, b] = fuse::quantized_tensors(&w, spec, dtype)?;
                         shards.push(key.clone(), p)?;
                         shards.push(format!("{m}.scales"), s)?;

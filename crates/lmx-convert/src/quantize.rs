@@ -294,13 +294,19 @@ fn mixed_bits(recipe: MixedRecipe, module: &str, n_layers: usize) -> usize {
 
 /// The float matrix of a quantized module (`--dequantize`), from its packed weight, scales and
 /// biases, in `dtype`. Errors name the layer.
-pub fn dequantize_module(module: &str, packed: &Tensor, scales: &Tensor, biases: &Tensor, spec: lmx_io::QuantSpec, dtype: DType) -> Result<Tensor, ConvertError> {
+/// `biases` None: MXFP4 (words and E8M0 scales, no biases).
+pub fn dequantize_module(module: &str, packed: &Tensor, scales: &Tensor, biases: Option<&Tensor>, spec: lmx_io::QuantSpec, dtype: DType) -> Result<Tensor, ConvertError> {
     if packed.rank() == 3 {
         // Stacked experts (MLX's SwitchLinear): each expert's matrix.
-        let experts = (0..packed.dims()[0]).map(|e| dequantize_module(module, &packed.get(e)?, &scales.get(e)?, &biases.get(e)?, spec, dtype)).collect::<Result<Vec<_>, _>>()?;
+        let experts =
+            (0..packed.dims()[0]).map(|e| dequantize_module(module, &packed.get(e)?, &scales.get(e)?, biases.map(|b| b.get(e)).transpose()?.as_ref(), spec, dtype)).collect::<Result<Vec<_>, _>>()?;
         return Ok(Tensor::stack(&experts, 0)?);
     }
-    let m = QuantizedMatrix::from_tensors(packed, scales, biases, spec.bits, spec.group_size).map_err(|e| ConvertError::Layer { module: module.to_string(), msg: e.to_string() })?;
+    let m = match biases {
+        Some(biases) => QuantizedMatrix::from_tensors(packed, scales, biases, spec.bits, spec.group_size),
+        None => QuantizedMatrix::from_mxfp4(packed, scales, DType::F32),
+    };
+    let m = m.map_err(|e| ConvertError::Layer { module: module.to_string(), msg: e.to_string() })?;
     Ok(m.dequantize()?.to_dtype(dtype)?)
 }
 

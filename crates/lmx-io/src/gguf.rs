@@ -10,7 +10,8 @@ use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
-use candle_core::quantized::gguf_file::{Content, Value as GValue};
+use candle_core::quantized::gguf_file::Value as GValue;
+use candle_core::quantized::GgmlDType;
 use lmx_core::{Device, Tensor};
 use serde_json::{json, Map, Value};
 
@@ -69,6 +70,13 @@ const ARCH_BLOCK_NAMES: &[(&[&str], &str, &str)] = &[
     (&["gemma2", "gemma3"], "post_ffw_norm", "post_feedforward_layernorm"),
     (&["phi3"], "attn_qkv", "self_attn.qkv_proj"),
     (&["phi3"], "ffn_up", "mlp.gate_up_proj"),
+    // gpt-oss: the norm before the MLP, the router, experts where MLX LM keeps them, sinks.
+    (&["gpt-oss"], "post_attention_norm", "post_attention_layernorm"),
+    (&["gpt-oss"], "ffn_gate_inp", "mlp.router"),
+    (&["gpt-oss"], "ffn_gate_exps", "mlp.experts.gate_proj"),
+    (&["gpt-oss"], "ffn_up_exps", "mlp.experts.up_proj"),
+    (&["gpt-oss"], "ffn_down_exps", "mlp.experts.down_proj"),
+    (&["gpt-oss"], "attn_sinks", "self_attn.sinks"),
 ];
 
 /// Architectures whose norms multiply by `1 + w`, which llama.cpp's converter stores as `w + 1`.
@@ -79,6 +87,7 @@ const ONE_PLUS_NORMS: &[&str] = &["gemma2", "gemma3"];
 fn model_type(arch: &str, experts: bool) -> &str {
     match (arch, experts) {
         ("gemma3", _) => "gemma3_text",
+        ("gpt-oss", _) => "gpt_oss",
         ("qwen3moe", _) => "qwen3_moe",
         ("qwen2moe", _) => "qwen2_moe",
         ("llama", true) => "mixtral",
@@ -93,7 +102,8 @@ pub fn hf_name_in(arch: &str, gguf_name: &str) -> Option<String> {
         let (layer, rest) = rest.split_once('.')?;
         let (base, kind) = rest.rsplit_once('.')?;
         let hf = ARCH_BLOCK_NAMES.iter().find(|(archs, g, _)| archs.contains(&arch) && *g == base)?.2;
-        Some(format!("model.layers.{layer}.{hf}.{kind}"))
+        // gpt-oss's sinks are a bare parameter (`self_attn.sinks`), stored as `attn_sinks.weight`.
+        Some(if hf.ends_with(".sinks") { format!("model.layers.{layer}.{hf}") } else { format!("model.layers.{layer}.{hf}.{kind}") })
     });
     own.or_else(|| hf_name(gguf_name))
 }
@@ -131,77 +141,192 @@ fn gguf_err(path: &Path, msg: impl std::fmt::Display) -> IoError {
     IoError::Gguf { path: path.to_path_buf(), msg: msg.to_string() }
 }
 
-/// The value of `general.alignment` in a GGUF header (None when absent or not an integer),
-/// read by walking the key/value section without keeping any of it.
-fn scan_alignment(r: &mut impl Read) -> std::io::Result<Option<u64>> {
-    fn bad(msg: &str) -> std::io::Error {
+/// llama.cpp's GGML type number of MXFP4 (groups of 32 E2M1 codes with an E8M0 scale), which
+/// candle cannot read: lmx keeps those tensors packed ([`mxfp4_to_mlx`]).
+const GGML_MXFP4: u32 = 39;
+
+/// A tensor listed in a GGUF header: shape (outermost first, as candle orders it), GGML type
+/// number and offset into the data section.
+struct TensorInfo {
+    dims: Vec<usize>,
+    ggml_type: u32,
+    offset: u64,
+}
+
+impl TensorInfo {
+    /// Elements per block and bytes per block of its type, or None for a type lmx cannot read.
+    fn block(&self) -> Option<(usize, usize)> {
+        if self.ggml_type == GGML_MXFP4 {
+            return Some((32, 17));
+        }
+        ggml_dtype(self.ggml_type).map(|t| (t.block_size(), t.type_size()))
+    }
+}
+
+/// The candle type of a GGML type number.
+fn ggml_dtype(t: u32) -> Option<GgmlDType> {
+    Some(match t {
+        0 => GgmlDType::F32,
+        1 => GgmlDType::F16,
+        2 => GgmlDType::Q4_0,
+        3 => GgmlDType::Q4_1,
+        6 => GgmlDType::Q5_0,
+        7 => GgmlDType::Q5_1,
+        8 => GgmlDType::Q8_0,
+        9 => GgmlDType::Q8_1,
+        10 => GgmlDType::Q2K,
+        11 => GgmlDType::Q3K,
+        12 => GgmlDType::Q4K,
+        13 => GgmlDType::Q5K,
+        14 => GgmlDType::Q6K,
+        15 => GgmlDType::Q8K,
+        30 => GgmlDType::BF16,
+        _ => return None,
+    })
+}
+
+/// A GGUF header (v2 and v3): metadata, tensors in file order, where tensor data starts.
+struct Header {
+    metadata: HashMap<String, GValue>,
+    tensors: Vec<(String, TensorInfo)>,
+    /// `general.alignment` (32 when absent).
+    alignment: u64,
+    /// Where tensor data starts (0 when the alignment is not a power of two).
+    data_offset: u64,
+}
+
+/// Reads a GGUF header from `r` (`file_len` bytes in all). Every length is checked against the
+/// bytes left before anything is allocated for it, so a corrupt or hostile header fails with
+/// a message, never a huge allocation.
+fn read_header(r: &mut impl Read, file_len: u64) -> std::io::Result<Header> {
+    fn bad(msg: impl std::fmt::Display) -> std::io::Error {
         std::io::Error::new(std::io::ErrorKind::InvalidData, msg.to_string())
     }
-    fn u32_(r: &mut impl Read) -> std::io::Result<u32> {
-        let mut b = [0u8; 4];
-        r.read_exact(&mut b)?;
-        Ok(u32::from_le_bytes(b))
+    struct Src<'a, R> {
+        r: &'a mut R,
+        left: u64,
     }
-    fn u64_(r: &mut impl Read) -> std::io::Result<u64> {
-        let mut b = [0u8; 8];
-        r.read_exact(&mut b)?;
-        Ok(u64::from_le_bytes(b))
-    }
-    fn skip(r: &mut impl Read, n: u64) -> std::io::Result<()> {
-        if std::io::copy(&mut r.take(n), &mut std::io::sink())? != n {
-            return Err(bad("the file ends inside its header"));
+    impl<R: Read> Src<'_, R> {
+        fn bytes<const N: usize>(&mut self) -> std::io::Result<[u8; N]> {
+            if self.left < N as u64 {
+                return Err(bad("the file ends inside its header"));
+            }
+            let mut b = [0u8; N];
+            self.r.read_exact(&mut b)?;
+            self.left -= N as u64;
+            Ok(b)
         }
-        Ok(())
-    }
-    /// Skips (or reads, for integers) one value of GGUF type `t`.
-    fn value(r: &mut impl Read, t: u32, depth: u32) -> std::io::Result<Option<u64>> {
-        Ok(match t {
-            0 | 1 | 7 => Some(read_n(r, 1)?),
-            2 | 3 => Some(read_n(r, 2)?),
-            4 | 5 => Some(read_n(r, 4)?),
-            10 | 11 => Some(read_n(r, 8)?),
-            6 => skip(r, 4).map(|_| None)?,
-            12 => skip(r, 8).map(|_| None)?,
-            8 => {
-                let n = u64_(r)?;
-                skip(r, n).map(|_| None)?
+        fn u32(&mut self) -> std::io::Result<u32> {
+            Ok(u32::from_le_bytes(self.bytes()?))
+        }
+        fn u64(&mut self) -> std::io::Result<u64> {
+            Ok(u64::from_le_bytes(self.bytes()?))
+        }
+        /// A count of items of at least `min` bytes each that the rest of the file can hold.
+        fn count(&mut self, min: u64, what: &str) -> std::io::Result<usize> {
+            let n = self.u64()?;
+            if n.saturating_mul(min) > self.left {
+                return Err(bad(format!("{what} count {n} does not fit in the rest of the file")));
             }
-            9 if depth == 0 => {
-                let (et, n) = (u32_(r)?, u64_(r)?);
-                for _ in 0..n {
-                    value(r, et, depth + 1)?;
+            Ok(n as usize)
+        }
+        fn string(&mut self) -> std::io::Result<String> {
+            let n = self.count(1, "string length")?;
+            let mut v = vec![0u8; n];
+            self.r.read_exact(&mut v)?;
+            self.left -= n as u64;
+            while v.last() == Some(&0) {
+                v.pop();
+            }
+            Ok(String::from_utf8_lossy(&v).into_owned())
+        }
+        fn value(&mut self, t: u32, depth: u32) -> std::io::Result<GValue> {
+            Ok(match t {
+                0 => GValue::U8(self.bytes::<1>()?[0]),
+                1 => GValue::I8(self.bytes::<1>()?[0] as i8),
+                2 => GValue::U16(u16::from_le_bytes(self.bytes()?)),
+                3 => GValue::I16(i16::from_le_bytes(self.bytes()?)),
+                4 => GValue::U32(self.u32()?),
+                5 => GValue::I32(i32::from_le_bytes(self.bytes()?)),
+                6 => GValue::F32(f32::from_le_bytes(self.bytes()?)),
+                7 => GValue::Bool(self.bytes::<1>()?[0] != 0),
+                8 => GValue::String(self.string()?),
+                9 if depth < 2 => {
+                    let et = self.u32()?;
+                    let n = self.count(1, "array length")?;
+                    GValue::Array((0..n).map(|_| self.value(et, depth + 1)).collect::<std::io::Result<_>>()?)
                 }
-                None
-            }
-            other => return Err(bad(&format!("unknown value type {other}"))),
-        })
+                10 => GValue::U64(self.u64()?),
+                11 => GValue::I64(i64::from_le_bytes(self.bytes()?)),
+                12 => GValue::F64(f64::from_le_bytes(self.bytes()?)),
+                other => return Err(bad(format!("unknown metadata value type {other}"))),
+            })
+        }
     }
-    fn read_n(r: &mut impl Read, n: usize) -> std::io::Result<u64> {
-        let mut b = [0u8; 8];
-        r.read_exact(&mut b[..n])?;
-        Ok(u64::from_le_bytes(b))
-    }
-    if u32_(r)? != 0x4655_4747 {
+    let mut src = Src { r, left: file_len };
+    if src.u32()? != 0x4655_4747 {
         return Err(bad("no GGUF magic"));
     }
-    if u32_(r)? < 2 {
-        return Ok(None); // GGUF v1 has 32-bit lengths and no alignment key in practice.
+    let version = src.u32()?;
+    if !(2..=3).contains(&version) {
+        return Err(bad(format!("GGUF version {version} (lmx reads versions 2 and 3)")));
     }
-    let (_tensors, kvs) = (u64_(r)?, u64_(r)?);
-    for _ in 0..kvs {
-        let len = u64_(r)?;
-        if len > 1 << 16 {
-            return Err(bad("a key longer than 64 KiB"));
+    let n_tensors = src.count(24, "tensor")?;
+    let n_kvs = src.count(13, "metadata")?;
+    let mut metadata = HashMap::new();
+    for _ in 0..n_kvs {
+        let key = src.string()?;
+        let t = src.u32()?;
+        let v = src.value(t, 0)?;
+        metadata.insert(key, v);
+    }
+    let mut tensors = Vec::with_capacity(n_tensors);
+    for _ in 0..n_tensors {
+        let name = src.string()?;
+        let n_dims = src.u32()?;
+        if n_dims > 4 {
+            return Err(bad(format!("tensor `{name}` has {n_dims} dimensions (GGML has at most 4)")));
         }
-        let mut key = vec![0u8; len as usize];
-        r.read_exact(&mut key)?;
-        let t = u32_(r)?;
-        let v = value(r, t, 0)?;
-        if key == b"general.alignment" {
-            return Ok(v);
+        let mut dims = (0..n_dims).map(|_| src.u64().map(|d| d as usize)).collect::<std::io::Result<Vec<_>>>()?;
+        dims.reverse();
+        let ggml_type = src.u32()?;
+        let offset = src.u64()?;
+        tensors.push((name, TensorInfo { dims, ggml_type, offset }));
+    }
+    let alignment = match metadata.get("general.alignment") {
+        Some(GValue::U8(a)) => u64::from(*a),
+        Some(GValue::U16(a)) => u64::from(*a),
+        Some(GValue::U32(a)) => u64::from(*a),
+        Some(GValue::U64(a)) => *a,
+        Some(GValue::I8(a)) => u64::try_from(*a).unwrap_or(0),
+        Some(GValue::I16(a)) => u64::try_from(*a).unwrap_or(0),
+        Some(GValue::I32(a)) => u64::try_from(*a).unwrap_or(0),
+        _ => 32,
+    };
+    let position = file_len - src.left;
+    let data_offset = if alignment.is_power_of_two() { position.div_ceil(alignment) * alignment } else { 0 };
+    Ok(Header { metadata, tensors, alignment, data_offset })
+}
+
+/// GGML MXFP4 blocks (17 bytes: the E8M0 scale, then 16 bytes holding element j in the low
+/// nibble of byte j and element j + 16 in its high nibble) of a (.., rows, cols) tensor as MLX
+/// stores MXFP4: u32 words (.., rows, cols / 8) of 8 codes each, the first in the low bits, and
+/// u8 scales (.., rows, cols / 32). Values are the same E2M1 codes times `2^(scale - 127)`.
+fn mxfp4_to_mlx(raw: &[u8], dims: &[usize]) -> lmx_core::Result<(Tensor, Tensor)> {
+    let blocks = raw.len() / 17;
+    let mut words = Vec::with_capacity(blocks * 4);
+    let mut scales = Vec::with_capacity(blocks);
+    for b in raw.chunks_exact(17) {
+        scales.push(b[0]);
+        let code = |k: usize| u32::from(if k < 16 { b[1 + k] & 15 } else { b[1 + k - 16] >> 4 });
+        for w in 0..4 {
+            words.push((0..8).map(|n| code(8 * w + n) << (4 * n)).fold(0, |a, c| a | c));
         }
     }
-    Ok(None)
+    let (lead, cols) = dims.split_at(dims.len().saturating_sub(1));
+    let cols = cols.first().copied().unwrap_or(0);
+    let shape = |per: usize| lead.iter().copied().chain(std::iter::once(cols / per)).collect::<Vec<_>>();
+    Ok((Tensor::from_vec(words, shape(8), &Device::Cpu)?, Tensor::from_vec(scales, shape(32), &Device::Cpu)?))
 }
 
 /// Reads and converts a GGUF file.
@@ -214,29 +339,32 @@ pub fn load(path: &Path) -> Result<GgufModel> {
 /// Reads and converts GGUF bytes of length `file_len` from `reader` (`path` names them in
 /// errors).
 pub fn load_from(mut reader: impl Read + Seek, file_len: u64, path: &Path) -> Result<GgufModel> {
-    // candle's reader divides by `general.alignment`: a 0 there must stop us first.
-    if scan_alignment(&mut reader).map_err(|e| gguf_err(path, format!("not a valid GGUF file ({e}); the file may be truncated: download it again")))? == Some(0) {
-        return Err(gguf_err(path, "`general.alignment` is 0; it must be a positive power of two (llama.cpp writes 32)"));
+    let header = read_header(&mut reader, file_len).map_err(|e| gguf_err(path, format!("not a valid GGUF file ({e}); the file may be truncated: download it again")))?;
+    if !header.alignment.is_power_of_two() {
+        return Err(gguf_err(path, format!("`general.alignment` is {}; it must be a positive power of two (llama.cpp writes 32)", header.alignment)));
     }
-    reader.seek(SeekFrom::Start(0)).map_err(|e| IoError::io(path, e))?;
-    let content = Content::read(&mut reader).map_err(|e| gguf_err(path, format!("not a valid GGUF file ({e}); the file may be truncated: download it again")))?;
     // Check every tensor fits in the file before reading any, so a truncated download fails
     // with one clear message instead of midway.
-    for (name, info) in &content.tensor_infos {
+    for (name, info) in &header.tensors {
+        let Some((block, block_bytes)) = info.block() else {
+            return Err(gguf_err(
+                path,
+                format!("tensor `{name}` has GGML type {}, which lmx cannot read (it reads F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K to Q8_K and MXFP4)", info.ggml_type),
+            ));
+        };
         // Sizes from the header are checked for overflow: a wrapped product would pass the
         // length check and then ask for an impossible allocation.
-        let elems = info.shape.dims().iter().try_fold(1usize, |n, &d| n.checked_mul(d));
-        let block = info.ggml_dtype.block_size();
-        let bytes = elems.filter(|n| n % block == 0).and_then(|n| (n / block).checked_mul(info.ggml_dtype.type_size()));
+        let elems = info.dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        let bytes = elems.filter(|n| n % block == 0 && info.dims.last().is_none_or(|c| c % block == 0)).and_then(|n| (n / block).checked_mul(block_bytes));
         let Some(bytes) = bytes else {
-            return Err(gguf_err(path, format!("tensor `{name}` has an impossible shape {:?} for {:?}", info.shape.dims(), info.ggml_dtype)));
+            return Err(gguf_err(path, format!("tensor `{name}` has an impossible shape {:?} for GGML type {}", info.dims, info.ggml_type)));
         };
-        let end = content.tensor_data_offset.checked_add(info.offset).and_then(|e| e.checked_add(bytes as u64)).unwrap_or(u64::MAX);
+        let end = header.data_offset.checked_add(info.offset).and_then(|e| e.checked_add(bytes as u64)).unwrap_or(u64::MAX);
         if end > file_len {
             return Err(gguf_err(path, format!("truncated: tensor `{name}` ends at byte {end} but the file has {file_len} bytes; download it again")));
         }
     }
-    let meta = Meta { content: &content, path };
+    let meta = Meta { metadata: &header.metadata, path };
     let arch = meta.str("general.architecture")?;
     let arch_key = |k: &str| format!("{arch}.{k}");
     let n_heads = meta.uint(&arch_key("attention.head_count"))?;
@@ -249,9 +377,27 @@ pub fn load_from(mut reader: impl Read + Seek, file_len: u64, path: &Path) -> Re
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut rope_freqs = None;
     let mut rope_factors: HashMap<String, Vec<f32>> = HashMap::new();
-    for name in content.tensor_infos.keys() {
-        let q = content.tensor(&mut reader, name, &Device::Cpu).map_err(|e| gguf_err(path, format!("tensor `{name}`: {e}")))?;
-        let t = q.dequantize(&Device::Cpu).map_err(|e| gguf_err(path, format!("tensor `{name}`: {e}")))?;
+    let mut mxfp4 = false;
+    for (name, info) in &header.tensors {
+        let tensor_err = |e: &dyn std::fmt::Display| gguf_err(path, format!("tensor `{name}`: {e}"));
+        let (block, block_bytes) = info.block().unwrap_or((1, 1));
+        let mut raw = vec![0u8; info.dims.iter().product::<usize>() / block * block_bytes];
+        reader.seek(SeekFrom::Start(header.data_offset + info.offset)).map_err(|e| IoError::io(path, e))?;
+        reader.read_exact(&mut raw).map_err(|e| IoError::io(path, e))?;
+        if info.ggml_type == GGML_MXFP4 {
+            // Kept packed, in MLX's MXFP4 layout (`weight` words and `scales`), which the
+            // layer builder reads as it reads an MLX `mxfp4` folder.
+            let hf = hf_name_in(&arch, name).ok_or_else(|| gguf_err(path, format!("tensor `{name}` has no Hugging Face equivalent that lmx knows (architecture `{arch}`)")))?;
+            let Some(module) = hf.strip_suffix(".weight") else { return Err(tensor_err(&"MXFP4 is only read for weight matrices")) };
+            let (words, scales) = mxfp4_to_mlx(&raw, &info.dims).map_err(|e| tensor_err(&e))?;
+            tensors.insert(hf.clone(), words);
+            tensors.insert(format!("{module}.scales"), scales);
+            mxfp4 = true;
+            continue;
+        }
+        let dtype = ggml_dtype(info.ggml_type).ok_or_else(|| tensor_err(&"unreadable type"))?;
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &raw, info.dims.clone(), &Device::Cpu).map_err(|e| tensor_err(&e))?;
+        let t = q.dequantize(&Device::Cpu).map_err(|e| tensor_err(&e))?;
         // As safetensors reads do: a NaN or infinity is refused.
         if !lmx_core::ops::all_finite(&t)? {
             return Err(IoError::NonFinite { path: path.to_path_buf(), key: name.clone() });
@@ -307,7 +453,7 @@ pub fn load_from(mut reader: impl Read + Seek, file_len: u64, path: &Path) -> Re
         config.insert("num_experts_per_tok".into(), used.into());
         if model_type == "mixtral" {
             config.insert("num_local_experts".into(), expert_count.into());
-        } else {
+        } else if model_type != "gpt_oss" {
             config.insert("num_experts".into(), expert_count.into());
             let per_expert = meta.uint_opt(&arch_key("expert_feed_forward_length")).or(meta.uint_opt(&arch_key("feed_forward_length")));
             config.insert("moe_intermediate_size".into(), per_expert.ok_or_else(|| gguf_err(path, format!("metadata key `{arch}.expert_feed_forward_length` is missing")))?.into());
@@ -350,6 +496,10 @@ pub fn load_from(mut reader: impl Read + Seek, file_len: u64, path: &Path) -> Re
         );
     }
     arch_config(&meta, &arch, n_layers, n_heads, &rope_factors, &mut config)?;
+    if mxfp4 {
+        // The experts kept in MXFP4 (the modules with `scales`); everything else is float.
+        config.insert("quantization".into(), json!({"group_size": 32, "bits": 4, "mode": "mxfp4"}));
+    }
     let generation_config = json!({"bos_token_id": bos, "eos_token_id": eos_ids});
     Ok(GgufModel { config: Value::Object(config), tensors, tokenizer, tokenizer_config, generation_config })
 }
@@ -388,6 +538,29 @@ fn arch_config(meta: &Meta, arch: &str, n_layers: usize, n_heads: usize, rope_fa
                 }
             }
         }
+        "gpt-oss" => {
+            // llama.cpp's gpt-oss: every layer routes to experts of `expert_feed_forward_length`
+            // features, sliding-window layers first and alternating, YaRN with the ramp's ends
+            // rounded (ggml's `rope_yarn_corr_dims` floors and ceils), SwiGLU clamped at 7.
+            let experts = meta.uint(&key("expert_count"))?;
+            set("num_local_experts", experts.into());
+            set("intermediate_size", meta.uint_opt(&key("expert_feed_forward_length")).or(meta.uint_opt(&key("feed_forward_length"))).unwrap_or(0).into());
+            set("layer_types", json!((0..n_layers).map(|i| if i % 2 == 0 { "sliding_attention" } else { "full_attention" }).collect::<Vec<_>>()));
+            set("swiglu_limit", 7.0.into());
+            if meta.str(&key("rope.scaling.type")).is_ok_and(|t| t == "yarn") {
+                set(
+                    "rope_scaling",
+                    json!({
+                        "rope_type": "yarn",
+                        "factor": meta.float_opt(&key("rope.scaling.factor")).unwrap_or(1.0),
+                        "original_max_position_embeddings": meta.uint_opt(&key("rope.scaling.original_context_length")).unwrap_or(4096),
+                        "beta_fast": meta.float_opt(&key("rope.scaling.yarn_beta_fast")).unwrap_or(32.0),
+                        "beta_slow": meta.float_opt(&key("rope.scaling.yarn_beta_slow")).unwrap_or(1.0),
+                        "truncate": true,
+                    }),
+                );
+            }
+        }
         "phi3" => {
             let rotated = meta.uint_opt(&key("rope.dimension_count")).unwrap_or(head_dim);
             set("partial_rotary_factor", (rotated as f64 / head_dim as f64).into());
@@ -404,13 +577,13 @@ fn arch_config(meta: &Meta, arch: &str, n_layers: usize, n_heads: usize, rope_fa
 }
 
 struct Meta<'a> {
-    content: &'a Content,
+    metadata: &'a HashMap<String, GValue>,
     path: &'a Path,
 }
 
 impl Meta<'_> {
     fn get(&self, key: &str) -> Result<&GValue> {
-        self.content.metadata.get(key).ok_or_else(|| gguf_err(self.path, format!("metadata key `{key}` is missing")))
+        self.metadata.get(key).ok_or_else(|| gguf_err(self.path, format!("metadata key `{key}` is missing")))
     }
     fn str(&self, key: &str) -> Result<String> {
         self.get(key)?.to_string().cloned().map_err(|e| gguf_err(self.path, format!("`{key}`: {e}")))
@@ -419,32 +592,34 @@ impl Meta<'_> {
         self.uint_opt(key).ok_or_else(|| gguf_err(self.path, format!("metadata key `{key}` is missing or not an integer")))
     }
     fn uint_opt(&self, key: &str) -> Option<usize> {
-        let v = self.content.metadata.get(key)?;
+        let v = self.metadata.get(key)?;
         v.to_u32().map(|x| x as usize).or_else(|_| v.to_u64().map(|x| x as usize)).or_else(|_| v.to_i32().map(|x| x as usize)).ok()
     }
     fn float_opt(&self, key: &str) -> Option<f64> {
-        let v = self.content.metadata.get(key)?;
+        let v = self.metadata.get(key)?;
         v.to_f32().map(f64::from).or_else(|_| v.to_f64()).ok()
     }
     fn bool_opt(&self, key: &str) -> Option<bool> {
-        self.content.metadata.get(key)?.to_bool().ok()
+        self.metadata.get(key)?.to_bool().ok()
     }
     fn strings(&self, key: &str) -> Result<Vec<String>> {
         let list = self.get(key)?.to_vec().map_err(|e| gguf_err(self.path, format!("`{key}`: {e}")))?;
         list.iter().map(|v| v.to_string().cloned().map_err(|e| gguf_err(self.path, format!("`{key}`: {e}")))).collect()
     }
     fn floats(&self, key: &str) -> Vec<f64> {
-        let Some(GValue::Array(list)) = self.content.metadata.get(key) else { return Vec::new() };
+        let Some(GValue::Array(list)) = self.metadata.get(key) else { return Vec::new() };
         list.iter().filter_map(|v| v.to_f32().map(f64::from).ok()).collect()
     }
     fn ints(&self, key: &str) -> Vec<i64> {
-        let Some(GValue::Array(list)) = self.content.metadata.get(key) else { return Vec::new() };
+        let Some(GValue::Array(list)) = self.metadata.get(key) else { return Vec::new() };
         list.iter().filter_map(|v| v.to_i32().map(i64::from).or_else(|_| v.to_u32().map(i64::from)).ok()).collect()
     }
 }
 
 /// GPT-2 style pre-tokenizer regexes of the llama.cpp `tokenizer.ggml.pre` types lmx knows.
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// o200k (GPT-4o, gpt-oss): case-aware letter runs with the contraction as a suffix.
+const GPT4O_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 fn split_then_bytelevel(pattern: &str) -> Value {
@@ -476,6 +651,7 @@ fn tokenizer_from_meta(meta: &Meta) -> Result<(Value, Value, Option<usize>, Opti
     let pre_tokenizer = match pre.as_str() {
         "llama-bpe" | "llama3" | "smaug-bpe" => split_then_bytelevel(LLAMA3_SPLIT),
         "qwen2" | "deepseek-r1-qwen" => split_then_bytelevel(QWEN2_SPLIT),
+        "gpt-4o" | "llama4" => split_then_bytelevel(GPT4O_SPLIT),
         "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": true},
             {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}
@@ -699,8 +875,7 @@ mod tests {
         }
     }
 
-    /// `general.alignment` is found behind arrays of strings, and 0 is refused before candle's
-    /// reader divides by it.
+    /// `general.alignment` is found behind arrays of strings, and 0 is refused.
     #[test]
     fn alignment_is_checked_first() {
         use candle_core::quantized::{gguf_file, QTensor};
@@ -711,8 +886,9 @@ mod tests {
             let mut bytes = std::io::Cursor::new(Vec::new());
             let meta: Vec<(&str, &gguf_file::Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
             gguf_file::write(&mut bytes, &meta, &[("x", &t)]).expect("write");
+            let len = bytes.get_ref().len() as u64;
             bytes.set_position(0);
-            assert_eq!(scan_alignment(&mut bytes).expect("scan"), want);
+            assert_eq!(Some(read_header(&mut bytes, len).expect("header").alignment), want);
             let path = std::env::temp_dir().join(format!("lmx-align-{alignment}-{}.gguf", std::process::id()));
             std::fs::write(&path, bytes.get_ref()).expect("write file");
             let err = load(&path).err().map(|e| e.to_string()).unwrap_or_default();

@@ -91,11 +91,13 @@ impl ModelFiles {
                 let tokenizer = Tokenizer::from_json(&g.tokenizer)?;
                 let weights = Weights::from_tensors(g.tensors, &path.display().to_string()).with_cast(cast);
                 let chat_template = chat_template_source(&g.tokenizer_config, false);
+                // MXFP4 tensors stay packed: the config then has a `quantization` block for them.
+                let quantization = QuantConfig::from_config(&g.config).map_err(|msg| IoError::Gguf { path: path.clone(), msg })?;
                 Ok(Self {
                     source: source.clone(),
                     config: g.config,
                     weights,
-                    quantization: None,
+                    quantization,
                     tokenizer,
                     tokenizer_config: g.tokenizer_config,
                     generation_config: Some(g.generation_config),

@@ -63,6 +63,12 @@ impl QuantConfig {
         Ok(Some(Self { default, default_mode, overrides }))
     }
 
+    /// Every module with quantized tensors in `spec` and `mode` (weights whose format a model
+    /// knows from their names: OpenAI's MXFP4 experts).
+    pub fn uniform(spec: QuantSpec, mode: &str) -> Self {
+        Self { default: spec, default_mode: mode.to_string(), overrides: HashMap::new() }
+    }
+
     /// The spec and mode for module `path` if it has quantized tensors (`has_scales`): its
     /// override, else the default. None when the module is not quantized.
     pub fn for_module(&self, path: &str, has_scales: bool) -> Option<(QuantSpec, &str)> {

@@ -379,6 +379,32 @@ fn moe_models_as_mlx_lm_converts_them_match_mlx_lm() {
     }
 }
 
+/// gpt-oss with MXFP4 experts (`scripts/fixtures/mxfp4.py`): MLX's layout as `mlx_lm.convert
+/// --q-mode mxfp4` writes it (E8M0 scales, no biases; the other layers 8-bit affine through
+/// per-module entries) and OpenAI's (`experts.gate_up_proj_blocks` / `_scales`, gate and up
+/// rows alternating, `quant_method: mxfp4`). lmx gives MLX LM's logits for both within 1e-3 of
+/// the logit scale (the weights exact; summation order and lmx's int8 activations differ).
+#[test]
+fn mxfp4_gpt_oss_matches_mlx_lm() {
+    let dir = fixture_dir("gpt_oss_mxfp4");
+    let mlx = lmx_io::Weights::from_safetensors(&[dir.join("logits.safetensors")]).expect("mlx logits");
+    let ids = mlx.tensor("input_ids").expect("ids").to_dtype(DType::U32).expect("u32 ids");
+    for name in ["mlx", "hf"] {
+        let folder = dir.join(name);
+        let config = lmx_io::config::read_json(&folder.join("config.json")).expect("config");
+        let weights = Weights::from_safetensors(&[folder.join("model.safetensors")]).expect("weights");
+        let vb = Builder::new(weights, DType::F32, &Device::Cpu).with_quantization(lmx_io::QuantConfig::from_config(&config).expect("quantization block"));
+        let model = load_model("gpt_oss", &config, &vb).expect("model builds");
+        vb.finish(is_ignored_key).expect("every checkpoint key is used");
+        let got = model.forward(&ids, &mut model.new_cache(), Logits::All).expect("forward");
+        let want = mlx.tensor(name).expect("mlx logits");
+        let scale = want.abs().and_then(|t| t.max_all()).and_then(|t| t.to_scalar::<f32>()).expect("scale");
+        let (d, at) = max_diff(&got, &want);
+        println!("gpt_oss MXFP4 ({name} layout): max |logit diff| vs MLX LM {d:.3e} at {at} (scale {scale:.3})");
+        assert!(d <= 1e-3 * scale, "gpt_oss MXFP4 ({name} layout): lmx and MLX LM differ by {d} at {at}");
+    }
+}
+
 /// A Hugging Face fixture written as llama.cpp's converter writes a GGUF (float32): llama.cpp's
 /// names, experts stacked (`ffn_{gate,up,down}_exps`), the Llama family's q/k rows permuted,
 /// `{arch}.expert_*` metadata, a tokenizer of placeholder tokens.
@@ -534,4 +560,39 @@ fn moe_models_from_gguf_match_their_golden_fixture() {
         println!("{model_type} from GGUF ({arch}): max |logit diff| {d:.3e} at {at}");
         assert!(d <= 1e-4 * g.scale, "{model_type} from GGUF differs from transformers by {d} at {at}");
     }
+}
+
+/// gpt-oss from a GGUF laid out as llama.cpp's converter writes it, its experts in GGML's
+/// MXFP4 (type 39, which candle's reader cannot parse: lmx reads the header itself and keeps
+/// those tensors packed). `scripts/fixtures/gguf_gpt_oss.py` builds it from the MXFP4 fixture's
+/// weights (gguf-py's own MXFP4 dequantizer gives MLX's values for them); lmx gives MLX LM's
+/// logits on the same weights (`gpt_oss_mxfp4/logits.safetensors` "hf") within 1e-3 of the scale.
+#[test]
+fn gpt_oss_from_mxfp4_gguf_matches_mlx_lm() {
+    let model = lmx_io::gguf::load(&fixture_dir("gguf").join("gpt-oss.gguf")).expect("lmx reads the GGUF");
+    assert_eq!(model.config["model_type"], "gpt_oss");
+    assert_eq!(model.config["quantization"]["mode"], "mxfp4", "the experts stay packed");
+    // The packed experts are MLX's bytes: what `mlx_lm.convert --q-mode mxfp4` wrote for them.
+    let mlx_folder = Weights::from_safetensors(&[fixture_dir("gpt_oss_mxfp4").join("mlx/model.safetensors")]).expect("mlx folder");
+    for layer in 0..2 {
+        for part in ["gate_proj.weight", "gate_proj.scales", "up_proj.weight", "up_proj.scales", "down_proj.weight", "down_proj.scales"] {
+            let key = format!("model.layers.{layer}.mlp.experts.{part}");
+            let (ours, theirs) = (&model.tensors[&key], mlx_folder.tensor(&key).expect("mlx tensor"));
+            assert_eq!((ours.dtype(), ours.dims()), (theirs.dtype(), theirs.dims()), "{key}");
+            let bytes = |t: &Tensor| t.to_dtype(DType::U32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<u32>()).expect("values");
+            assert!(bytes(ours) == bytes(&theirs), "{key}: differs from MLX's");
+        }
+    }
+    let quantization = lmx_io::QuantConfig::from_config(&model.config).expect("quantization block");
+    let vb = Builder::new(Weights::from_tensors(model.tensors, "gguf"), DType::F32, &Device::Cpu).with_quantization(quantization);
+    let lm = load_model("gpt_oss", &model.config, &vb).expect("gpt-oss from GGUF builds");
+    vb.finish(is_ignored_key).expect("every GGUF tensor is used");
+    let mlx = lmx_io::Weights::from_safetensors(&[fixture_dir("gpt_oss_mxfp4").join("logits.safetensors")]).expect("mlx logits");
+    let ids = mlx.tensor("input_ids").expect("ids").to_dtype(DType::U32).expect("u32 ids");
+    let got = lm.forward(&ids, &mut lm.new_cache(), Logits::All).expect("forward");
+    let want = mlx.tensor("hf").expect("mlx logits");
+    let scale = want.abs().and_then(|t| t.max_all()).and_then(|t| t.to_scalar::<f32>()).expect("scale");
+    let (d, at) = max_diff(&got, &want);
+    println!("gpt_oss from MXFP4 GGUF: max |logit diff| vs MLX LM {d:.3e} at {at} (scale {scale:.3})");
+    assert!(d <= 1e-3 * scale, "gpt_oss from GGUF and MLX LM differ by {d} at {at}");
 }

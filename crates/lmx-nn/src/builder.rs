@@ -310,8 +310,9 @@ impl Builder {
         }
     }
 
-    /// How the module at this prefix is quantized, or None for a float module.
-    fn quantization(&self) -> Result<Option<QuantSpec>> {
+    /// How the module at this prefix is quantized (its spec, and whether it is MXFP4 rather
+    /// than MLX's affine format), or None for a float module.
+    fn quantization(&self) -> Result<Option<(QuantSpec, bool)>> {
         let Some(q) = &self.shared.quantization else { return Ok(None) };
         let has_scales = self.shared.weights.contains(&self.key("scales"));
         match q.for_module(&self.prefix, has_scales) {
@@ -320,19 +321,25 @@ impl Builder {
                 format!("full fine-tuning of the quantized layer `{}`", self.prefix),
                 "use lora or dora on a quantized model, or dequantize it first (`lmx convert -d`)",
             )),
-            Some((spec, "affine")) => Ok(Some(spec)),
-            Some((_, mode)) => Err(BuildError::Quantization { layer: self.prefix.clone(), msg: format!("quantization mode `{mode}` is not supported; lmx supports `affine`") }),
+            Some((spec, "affine")) => Ok(Some((spec, false))),
+            Some((spec, "mxfp4")) if spec.bits == 4 && spec.group_size == 32 => Ok(Some((spec, true))),
+            Some((spec, "mxfp4")) => {
+                Err(BuildError::Quantization { layer: self.prefix.clone(), msg: format!("mode `mxfp4` takes bits 4 and group_size 32, not bits {} and group_size {}", spec.bits, spec.group_size) })
+            }
+            Some((_, mode)) => Err(BuildError::Quantization { layer: self.prefix.clone(), msg: format!("quantization mode `{mode}` is not supported; lmx supports `affine` and `mxfp4`") }),
         }
     }
 
     /// The quantization group size of the module at this prefix, when it is quantized:
     /// row-parallel splits of its input must fall on group boundaries.
     pub fn quantized_group_size(&self) -> Result<Option<usize>> {
-        Ok(self.quantization()?.map(|s| s.group_size))
+        Ok(self.quantization()?.map(|(s, _)| s.group_size))
     }
 
-    /// Reads a quantized matrix (rows x cols), or this rank's part of it.
-    fn read_quantized(&self, spec: QuantSpec, rows: usize, cols: usize, shard: &Shard) -> Result<QuantizedMatrix> {
+    /// Reads a quantized matrix (rows x cols), or this rank's part of it: MLX's affine format,
+    /// or with `mxfp4` MXFP4 words and E8M0 scales (held as 8-bit affine,
+    /// [`QuantizedMatrix::from_mxfp4`]).
+    fn read_quantized(&self, (spec, mxfp4): (QuantSpec, bool), rows: usize, cols: usize, shard: &Shard) -> Result<QuantizedMatrix> {
         let err = |msg: String| BuildError::Quantization { layer: self.prefix.clone(), msg };
         if cols % spec.group_size != 0 || (cols * spec.bits) % 32 != 0 {
             return Err(err(format!("{cols} input features are not divisible by the group size {}", spec.group_size)));
@@ -352,15 +359,19 @@ impl Builder {
         };
         let packed = self.read(&[rows, words], "weight", packed_part)?;
         let scales = self.read(&[rows, groups], "scales", group_part.clone())?;
+        let training = self.shared.training.is_some();
+        if mxfp4 && !self.shared.weights.is_shapes_only() {
+            let q = QuantizedMatrix::from_mxfp4(&packed, &scales, self.shared.dtype).map_err(|e| err(e.to_string()))?;
+            return Ok(q.with_exact_products(training));
+        }
         let bf16_checkpoint = scales.dtype() == DType::BF16;
         let scales = self.place(scales)?;
-        let biases = self.place(self.read(&[rows, groups], "biases", group_part)?)?;
+        let biases = if mxfp4 { scales.clone() } else { self.place(self.read(&[rows, groups], "biases", group_part)?)? };
         if self.shared.weights.is_shapes_only() {
             // A shape check: shapes were checked by the reads; a tiny stand-in matrix.
             let stand_in = Tensor::zeros((1, spec.group_size), DType::F32, &Device::Cpu)?;
             return QuantizedMatrix::quantize(&stand_in, spec.bits, spec.group_size).map_err(|e| err(e.to_string()));
         }
-        let training = self.shared.training.is_some();
         let q = QuantizedMatrix::from_tensors(&packed, &scales, &biases, spec.bits, spec.group_size).map_err(|e| err(e.to_string()))?;
         Ok(q.with_exact_products(training).with_bf16_training(training && bf16_checkpoint))
     }

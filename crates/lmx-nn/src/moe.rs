@@ -155,7 +155,13 @@ impl Moe {
             Routing::GroupedSigmoid { .. } => Some(router.get(cfg.num_experts, "e_score_correction_bias")?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
             _ => None,
         };
-        let rearranged = if vb.pp("experts").has("gate_up_proj") { Some(fused_experts(vb, cfg)?) } else { None };
+        let rearranged = if vb.pp("experts").has("gate_up_proj_blocks") {
+            Some(fused_mxfp4_experts(vb, cfg)?)
+        } else if vb.pp("experts").has("gate_up_proj") {
+            Some(fused_experts(vb, cfg)?)
+        } else {
+            None
+        };
         let switch = match &rearranged {
             Some(r) => r.pp("experts"),
             None if vb.pp("experts").pp("gate_proj").has("weight") => vb.pp("experts"),
@@ -404,6 +410,57 @@ fn fused_experts(vb: &Builder, cfg: &MoeConfig) -> std::result::Result<Builder, 
         tensors.insert(key("down_proj.bias"), b);
     }
     Ok(vb.with_tensors(tensors))
+}
+
+/// OpenAI's MXFP4 gpt-oss experts (`experts.gate_up_proj_blocks` (experts, 2 x inter,
+/// hidden / 32, 16) bytes with `_scales` (experts, 2 x inter, hidden / 32) E8M0 bytes, gate and
+/// up rows alternating; `down_proj_blocks` / `_scales`; float biases) rearranged into MLX's
+/// stacked MXFP4 layout as MLX LM's sanitize does: each row's bytes read as little-endian u32
+/// words (the same nibble order), even rows the gate, odd rows the up projection.
+fn fused_mxfp4_experts(vb: &Builder, cfg: &MoeConfig) -> std::result::Result<Builder, BuildError> {
+    let (e, h, i) = (cfg.num_experts, cfg.hidden_size, cfg.intermediate_size);
+    if h % 32 != 0 || i % 32 != 0 {
+        return Err(BuildError::ConfigValue { key: "hidden_size", value: format!("{h} (intermediate {i})"), allowed: "multiples of 32 for MXFP4 experts" });
+    }
+    let fused = vb.pp("experts");
+    let key = |name: &str| fused.key(name);
+    let mut tensors = std::collections::HashMap::new();
+    // Rows `rows` of (e, n, groups, 16) blocks as (e, rows.len(), groups * 4) words, and of the
+    // (e, n, groups) scales.
+    let rearrange = |name: &str, n: usize, cols: usize, pick: Option<usize>| -> std::result::Result<(Tensor, Tensor), BuildError> {
+        let groups = cols / 32;
+        let blocks = fused.get(&[e, n, groups, 16][..], &format!("{name}_blocks"))?;
+        let scales = fused.get(&[e, n, groups][..], &format!("{name}_scales"))?;
+        let (blocks, scales) = match pick {
+            Some(at) => (blocks.reshape((e, n / 2, 2, groups * 16))?.narrow(2, at, 1)?, scales.reshape((e, n / 2, 2, groups))?.narrow(2, at, 1)?),
+            None => (blocks, scales),
+        };
+        let rows = if pick.is_some() { n / 2 } else { n };
+        let scales = scales.reshape((e, rows, groups))?.contiguous()?;
+        if vb.is_shapes_only() {
+            return Ok((Tensor::zeros((), DType::U32, blocks.device())?.broadcast_as((e, rows, groups * 4))?, scales));
+        }
+        let bytes = blocks.flatten_all()?.to_vec1::<u8>()?;
+        let words: Vec<u32> = bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        Ok((Tensor::from_vec(words, (e, rows, groups * 4), &lmx_core::Device::Cpu)?, scales))
+    };
+    for (name, at) in [("gate_proj", 0), ("up_proj", 1)] {
+        let (w, s) = rearrange("gate_up_proj", 2 * i, h, Some(at))?;
+        tensors.insert(key(&format!("{name}.weight")), w);
+        tensors.insert(key(&format!("{name}.scales")), s);
+    }
+    let (w, s) = rearrange("down_proj", h, i, None)?;
+    tensors.insert(key("down_proj.weight"), w);
+    tensors.insert(key("down_proj.scales"), s);
+    if cfg.bias {
+        let b = fused.get(&[e, 2 * i][..], "gate_up_proj_bias")?;
+        for (name, at) in [("gate_proj", 0), ("up_proj", 1)] {
+            tensors.insert(key(&format!("{name}.bias")), b.reshape((e, i, 2))?.narrow(2, at, 1)?.squeeze(2)?.contiguous()?);
+        }
+        tensors.insert(key("down_proj.bias"), fused.get(&[e, h][..], "down_proj_bias")?);
+    }
+    let mxfp4 = lmx_io::QuantConfig::uniform(lmx_io::QuantSpec { bits: 4, group_size: 32 }, "mxfp4");
+    Ok(vb.with_tensors(tensors).with_quantization(Some(mxfp4)))
 }
 
 #[cfg(test)]

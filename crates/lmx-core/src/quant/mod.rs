@@ -262,6 +262,44 @@ impl QuantizedMatrix {
         })
     }
 
+    /// A matrix stored in MXFP4 (MLX's `mxfp4` mode; OpenAI's gpt-oss `*_blocks` / `*_scales`):
+    /// groups of 32 elements, each a 4-bit E2M1 code (8 per u32 word, the first element in the
+    /// low bits) times its group's power of two `2^(s - 127)` (an E8M0 byte `s`; 255 is NaN).
+    /// Held in memory, exactly, in the 8-bit affine format the products already take: twice an
+    /// E2M1 value is an integer in [-12, 12], so element = (code8 - 12) * 2^(s - 128) with
+    /// code8 = 2 * value + 12, scale `2^(s - 128)` and bias `-12 * scale` (twice MXFP4's bytes;
+    /// powers of two are exact in f32 and bf16). Scales and biases are made in `dtype`.
+    pub fn from_mxfp4(packed: &Tensor, scales: &Tensor, dtype: DType) -> Result<Self> {
+        /// Twice each E2M1 code's value.
+        const TWICE: [i32; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+        let (rows, words) = packed.dims2()?;
+        let cols = words * 8;
+        if packed.dtype() != DType::U32 || scales.dtype() != DType::U8 || scales.dims() != [rows, cols / 32] || cols % 32 != 0 {
+            candle_core::bail!(
+                "an MXFP4 weight needs uint32 words (rows, cols / 8) and uint8 scales (rows, cols / 32); found {:?} {:?} and {:?} {:?}",
+                packed.dtype(),
+                packed.dims(),
+                scales.dtype(),
+                scales.dims()
+            );
+        }
+        let words4 = packed.flatten_all()?.to_vec1::<u32>()?;
+        let exps = scales.flatten_all()?.to_vec1::<u8>()?;
+        let mut words8 = vec![0u32; rows * cols / 4];
+        for (i, w) in words4.iter().enumerate() {
+            for j in 0..8 {
+                let code = (TWICE[((w >> (4 * j)) & 15) as usize] + 12) as u32;
+                words8[2 * i + j / 4] |= code << (8 * (j % 4));
+            }
+        }
+        let step: Vec<f32> = exps.iter().map(|&e| if e == 255 { f32::NAN } else { 2f64.powi(i32::from(e) - 128) as f32 }).collect();
+        let bias: Vec<f32> = step.iter().map(|s| -12.0 * s).collect();
+        let groups = (rows, cols / 32);
+        let scales = Tensor::from_vec(step, groups, &Device::Cpu)?.to_dtype(dtype)?;
+        let biases = Tensor::from_vec(bias, groups, &Device::Cpu)?.to_dtype(dtype)?;
+        Self::from_tensors(&Tensor::from_vec(words8, (rows, cols / 4), &Device::Cpu)?, &scales, &biases, 8, 32)
+    }
+
     /// The checkpoint tensors: (`weight` u32, `scales`, `biases`).
     pub fn to_tensors(&self) -> Result<(Tensor, Tensor, Tensor)> {
         let groups = (self.rows, self.cols / self.group_size);

@@ -334,3 +334,37 @@ fn shared_input_products_equal_separate_ones() -> Result<()> {
     }
     Ok(())
 }
+
+/// MXFP4 words and scales as `mx.quantize(w, group_size=32, bits=4, mode="mxfp4")` (MLX 0.32)
+/// writes them give back MLX's values exactly, through the 8-bit affine form they are held in.
+#[test]
+fn mxfp4_gives_mlx_values_exactly() -> Result<()> {
+    // MLX: [0.5, -1, 6, 3, 0...] -> word 0x57a1, scale 127; [.., .., .., 100, 0...] -> 0x5000,
+    // scale 132 (3 * 2^5 = 96). Every code at the smallest and a large exponent; 255 is NaN.
+    let mut words = vec![0u32; 4 * 4];
+    words[0] = 0x57a1;
+    words[4] = 0x5000;
+    words[8] = 0xfedc_ba98;
+    words[9] = 0x7654_3210;
+    words[12] = 0x1;
+    let packed = Tensor::from_vec(words, (4, 4), &Device::Cpu)?;
+    let scales = Tensor::new(&[[127u8], [132], [0], [255]], &Device::Cpu)?;
+    let m = QuantizedMatrix::from_mxfp4(&packed, &scales, DType::F32)?;
+    let d = m.dequantize()?.to_vec2::<f32>()?;
+    assert_eq!(&d[0][..5], &[0.5, -1.0, 6.0, 3.0, 0.0]);
+    assert_eq!(&d[1][..4], &[0.0, 0.0, 0.0, 96.0]);
+    let tiny = 2f32.powi(-127);
+    let want: Vec<f32> = [-0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0].iter().map(|v| v * tiny).collect();
+    assert_eq!(&d[2][..16], want.as_slice());
+    assert!(d[2][16..].iter().all(|v| *v == 0.0));
+    assert!(d[3][0].is_nan(), "scale 255 is NaN");
+    // Products on the packed form agree with the dequantized matmul.
+    let x = rand(3, 32);
+    let dense = m.dequantize()?.narrow(0, 0, 2)?;
+    let got = Arc::new(m).matmul(&x)?.narrow(1, 0, 2)?;
+    let want = x.matmul(&dense.t()?)?;
+    let largest = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let diff = (got - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    assert!(diff < 1e-3 * largest, "product differs by {diff} (largest {largest})");
+    Ok(())
+}
