@@ -2,7 +2,9 @@
 # binary into a fresh work folder and defines RES (the results file, in $OUT when set), W (the
 # work folder), LMX (the binary) and `log` (prints and appends to RES); `fixture_folder ARCH`
 # copies the fixture model ARCH into $W/ARCH with a 4-word tokenizer; `word_vocab DIR` gives
-# DIR's tokenizer a word per token id (w4, w5, ...), so that generated text shows the ids.
+# DIR's tokenizer a word per token id (w4, w5, ...), so that generated text shows the ids;
+# `launch_setup` points lmx at the machine's NCCL and Open MPI libraries for `lmx launch`
+# (NCCL_LIB, MPIRUN; NVLink multicast off).
 cuda_setup() {
   RES=${OUT:-.}/$2
   W=${TMPDIR:-/tmp}/lmx-cuda-$1; rm -rf "$W"; mkdir -p "$W"
@@ -17,4 +19,18 @@ fixture_folder() {
 }
 word_vocab() {
   python3 -c "import json, sys; d = sys.argv[1]; n = json.load(open(d + '/config.json'))['vocab_size']; t = json.load(open(d + '/tokenizer.json')); t['model']['vocab'] = {**{f'w{i}': i for i in range(4, n)}, **t['model']['vocab']}; json.dump(t, open(d + '/tokenizer.json', 'w'))" "$1"
+}
+launch_setup() {
+  export NCCL_NVLS_ENABLE=0
+  # NCCL (--backend nccl): candle's cudarc opens `libnccl.so`; PyTorch's wheel ships libnccl.so.2.
+  NCCL_LIB=$(python3 -c "import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], 'lib'))" 2>/dev/null)
+  [ -f "$NCCL_LIB/libnccl.so.2" ] || NCCL_LIB=$(dirname "$(find / -name 'libnccl.so.2' 2>/dev/null | head -1)")
+  mkdir -p "$W/nccl" && ln -sf "$NCCL_LIB/libnccl.so.2" "$W/nccl/libnccl.so"
+  export LD_LIBRARY_PATH=$W/nccl:$NCCL_LIB:$LD_LIBRARY_PATH
+  # lmx opens libmpi.so.40 when a rank starts: point it at mpirun's own when the loader's
+  # cache does not know it (HPC-X and other builds outside the system folders).
+  MPIRUN=$(command -v mpirun) || { echo "no mpirun on this machine" | tee -a "$RES"; exit 1; }
+  if ! ldconfig -p | grep -q 'libmpi.so.40 '; then
+    export LMX_MPI_LIBRARY=$(dirname "$(readlink -f "$MPIRUN")")/../lib/libmpi.so.40
+  fi
 }

@@ -9,18 +9,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/cuda/common.sh
 cuda_setup launch launch-results.txt
-export NCCL_NVLS_ENABLE=0
-# NCCL (--backend nccl): candle's cudarc opens `libnccl.so`; PyTorch's wheel ships libnccl.so.2.
-NCCL_LIB=$(python3 -c "import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], 'lib'))" 2>/dev/null)
-[ -f "$NCCL_LIB/libnccl.so.2" ] || NCCL_LIB=$(dirname "$(find / -name 'libnccl.so.2' 2>/dev/null | head -1)")
-mkdir -p "$W/nccl" && ln -sf "$NCCL_LIB/libnccl.so.2" "$W/nccl/libnccl.so"
-export LD_LIBRARY_PATH=$W/nccl:$NCCL_LIB:$LD_LIBRARY_PATH
-# lmx opens libmpi.so.40 when a rank starts: point it at mpirun's own when the loader's
-# cache does not know it (HPC-X and other builds outside the system folders).
-MPIRUN=$(command -v mpirun) || { echo "no mpirun on this machine" | tee -a "$RES"; exit 1; }
-if ! ldconfig -p | grep -q 'libmpi.so.40 '; then
-  export LMX_MPI_LIBRARY=$(dirname "$(readlink -f "$MPIRUN")")/../lib/libmpi.so.40
-fi
+launch_setup
 log "# lmx launch on GPUs, $(date -u +%F), $(nvidia-smi -L | wc -l) x $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(mpirun --version 2>&1 | head -1), binary sha256 $(sha256sum "$LMX" | cut -c1-12); mpirun $MPIRUN, libmpi ${LMX_MPI_LIBRARY:-from the loader cache}, libnccl $NCCL_LIB"
 
 # The fixture models' perplexity (f32) on one GPU, the CPU, and split over the 2 GPUs; and

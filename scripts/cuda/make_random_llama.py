@@ -3,7 +3,8 @@ the weight values): OUT-bf16 (Hugging Face bf16) and OUT-4bit (MLX 4-bit, group 
 packed words, scales and biases), written with torch on the GPU machine (no network there).
 With BITS=8 (or "4 8"), OUT-8bit (MLX 8-bit, group 64) as well or instead of OUT-4bit.
 Shape: Llama-3-8B (hidden 4096, 32 layers, 32 heads, 8 KV heads, MLP 14336, vocab 128256)
-or, with SHAPE=1b, Llama-3.2-1B. The tokenizer is a 4-word WordLevel one (benchmarks draw
+or, with SHAPE=1b, Llama-3.2-1B, or with SHAPE=70b, Llama-3-70B (hidden 8192, 80 layers, 64
+heads, 8 KV heads, MLP 28672). BF16=0 skips the bf16 folder (141 GB for the 70B shape). The tokenizer is a 4-word WordLevel one (benchmarks draw
 token ids from the model's vocabulary).
 Usage: python3 scripts/cuda/make_random_llama.py OUT
 """
@@ -17,6 +18,8 @@ from safetensors.torch import save_file
 out = sys.argv[1]
 if os.environ.get("SHAPE") == "1b":
     H, I, L, NH, NKV, V, TIE = 2048, 8192, 16, 32, 8, 128256, True
+elif os.environ.get("SHAPE") == "70b":
+    H, I, L, NH, NKV, V, TIE = 8192, 28672, 80, 64, 8, 128256, False
 else:
     H, I, L, NH, NKV, V, TIE = 4096, 14336, 32, 32, 8, 128256, False
 HD = H // NH
@@ -55,9 +58,10 @@ def write(folder, tensors, extra):
 
 
 ones = {k: torch.ones(n, dtype=torch.bfloat16) for k, n in vectors.items()}
-dense = {k: (torch.randn(s, generator=g, device=dev) * 0.02).to(torch.bfloat16).cpu() for k, s in matrices.items()}
-write(out + "-bf16", dict(dense, **ones), {})
-del dense
+if os.environ.get("BF16", "1") != "0":
+    dense = {k: (torch.randn(s, generator=g, device=dev) * 0.02).to(torch.bfloat16).cpu() for k, s in matrices.items()}
+    write(out + "-bf16", dict(dense, **ones), {})
+    del dense
 for bits in os.environ.get("BITS", "4").split():
     bits = int(bits)
     q = {}

@@ -50,6 +50,19 @@ pub fn capturable(device: &Device) -> bool {
     }
 }
 
+/// Whether the work `device`'s stream receives now is being recorded (inside [`capture`]):
+/// host-side waits on it (events, copies to the host) must wait for the replay instead.
+pub fn capturing(device: &Device) -> bool {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            use candle_core::cuda_backend::cudarc::driver::sys::CUstreamCaptureStatus;
+            d.cuda_stream().capture_status().is_ok_and(|s| s == CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE)
+        }
+        _ => false,
+    }
+}
+
 /// Runs `f` (on this thread) with candle's graph parameter cache on: the small host-to-device
 /// uploads its kernels make are kept, so that a later [`capture`] of the same work finds them.
 pub fn warm<R>(device: &Device, f: impl FnOnce() -> Result<R>) -> Result<R> {

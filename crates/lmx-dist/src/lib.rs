@@ -43,6 +43,11 @@ pub trait Group: Send + Sync + std::fmt::Debug {
     fn settle(&self, _x: &Tensor) -> Result<()> {
         Ok(())
     }
+    /// Whether `all_sum` of GPU tensors can be recorded into a CUDA graph (NCCL on the
+    /// device's own stream): decode steps of tensor-parallel ranks are then replayed as graphs.
+    fn capturable(&self) -> bool {
+        false
+    }
     /// Sub-groups: the ranks passing the same `color` form one, ranked by `key` (then by
     /// their rank here). Every rank calls it; e.g. tensor parallel within a host and data
     /// parallel across hosts.

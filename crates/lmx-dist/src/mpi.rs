@@ -726,6 +726,11 @@ impl Group for Mpi {
         })
     }
 
+    fn capturable(&self) -> bool {
+        // NCCL's sums are kernels on the device's stream; Open MPI's go through the host.
+        self.nccl
+    }
+
     #[cfg(feature = "cuda")]
     fn settle(&self, x: &Tensor) -> Result<()> {
         if !self.nccl || self.nccl_comm.get().is_none() {

@@ -32,9 +32,10 @@ pub(crate) struct GraphSteps {
 }
 
 impl GraphSteps {
-    /// Steps for `model`, when its device can record them and the model runs on it alone.
+    /// Steps for `model`, when its device can record them and the model's steps can be
+    /// recorded (on one device, or tensor-parallel over NCCL).
     pub(crate) fn new(model: &dyn CausalLm) -> Option<Self> {
-        if !graph::capturable(model.device()) || !model.single_device() {
+        if !graph::capturable(model.device()) || !model.steps_recordable() {
             return None;
         }
         let io = Tensor::zeros(2, DType::U32, model.device()).ok()?;
@@ -75,6 +76,8 @@ impl GraphSteps {
             return Ok(None);
         }
         let Some(logits) = &self.logits else { return Ok(None) };
+        // Tensor-parallel ranks: wait for the replay (its NCCL sums) within the group's timeout.
+        model.settle(logits)?;
         let out = logits.flatten_all()?.to_vec1::<f32>()?;
         if crate::generate::trace_steps() {
             let how = if self.graph.is_some() { "graph" } else { "eager" };

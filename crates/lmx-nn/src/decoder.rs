@@ -63,10 +63,18 @@ pub trait CausalLm: Send + Sync {
     /// The device the weights live on (inputs go there).
     fn device(&self) -> &Device;
 
-    /// Whether a decode step runs on this process's device alone, so that it can be recorded
-    /// and replayed as one CUDA graph (no pipeline stages or tensor-parallel ranks to talk to).
-    fn single_device(&self) -> bool {
+    /// Whether a decode step can be recorded and replayed as one CUDA graph: it runs on this
+    /// process's device alone, or talks to its tensor-parallel ranks only through sums a graph
+    /// can hold (NCCL); no pipeline stages, no training.
+    fn steps_recordable(&self) -> bool {
         false
+    }
+
+    /// Returns once the device work behind `logits` is done, within the tensor-parallel
+    /// group's timeout (a rank that stopped is named instead of waited for forever); a no-op
+    /// on one process. Replayed steps call it before reading their logits.
+    fn settle(&self, _logits: &Tensor) -> Result<()> {
+        Ok(())
     }
 }
 
@@ -471,8 +479,9 @@ impl<L: Layer> CausalLm for Decoder<L> {
         }
         let x = self.run_layers(self.embed(input_ids)?, cache)?;
         let logits = self.head(&x, &logits)?;
-        if let Some(g) = &self.tp {
-            g.settle(&logits)?;
+        // While a step is recorded nothing runs: the replay settles instead.
+        if !lmx_core::graph::capturing(self.device()) {
+            self.settle(&logits)?;
         }
         if let Some(g) = self.tp.as_ref().filter(|_| self.check) {
             // A checksum of every rank's logits: the ranks must agree bit for bit.
@@ -501,7 +510,15 @@ impl<L: Layer> CausalLm for Decoder<L> {
         self.embed_tokens.device()
     }
 
-    fn single_device(&self) -> bool {
-        self.pipeline.is_none() && self.tp.is_none() && self.training.is_none()
+    fn steps_recordable(&self) -> bool {
+        let tp = self.tp.as_ref().is_none_or(|g| g.capturable() && !self.check);
+        self.pipeline.is_none() && self.training.is_none() && tp
+    }
+
+    fn settle(&self, logits: &Tensor) -> Result<()> {
+        match &self.tp {
+            Some(g) => g.settle(logits),
+            None => Ok(()),
+        }
     }
 }
