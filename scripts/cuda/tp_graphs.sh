@@ -4,7 +4,8 @@
 # llama fixture on one GPU, TP with graphs and TP without are equal; rank 0's steps are
 # replays; a stopped rank is named within the timeout), then the random Llama-3-8B shape in
 # 4 bits and bf16: one GPU, TP with graphs, TP without. `70b`: the random Llama-3-70B shape in
-# 4 bits (37 GB, fits one H200): one GPU against TP with graphs.
+# 4 bits (37 GB, fits one H200): one GPU against TP with graphs (and with NCCL's low-latency
+# protocol only, NCCL_PROTO=LL).
 # Usage there: scripts/cuda/tp_graphs.sh [8b|70b]   (results in $OUT/tp-graphs-SHAPE.txt)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -45,7 +46,7 @@ if [ "$SHAPE" = 8b ]; then
 else
   SHAPE=70b BITS=4 BF16=0 python3 scripts/cuda/make_random_llama.py "$W/l70b" 2>&1 | tail -1 | tee -a "$RES"
   for round in 1 2; do
-    log "70b 4bit round $round: 1 GPU [$(bench "$LMX" --model "$W/l70b-4bit" --device cuda -p 128 -g 128 -n 1)] TP graphs [$(bench "$TP --" --model "$W/l70b-4bit" -p 128 -g 128 -n 1)]"
+    log "70b 4bit round $round: 1 GPU [$(bench "$LMX" --model "$W/l70b-4bit" --device cuda -p 128 -g 128 -n 1)] TP graphs [$(bench "$TP --" --model "$W/l70b-4bit" -p 128 -g 128 -n 1)] TP graphs, NCCL_PROTO=LL [$(bench "$TP --env NCCL_PROTO=LL --" --model "$W/l70b-4bit" -p 128 -g 128 -n 1)]"
   done
 fi
 nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader | tee -a "$RES"
