@@ -142,13 +142,16 @@ impl Builder {
     /// This builder reading `tensors` (full keys) instead of the checkpoint, its other
     /// settings kept (device, dtype, group, expert parallelism): for tensors a model
     /// rearranges as it loads (gpt-oss's fused experts into MLX's stacked layout). They are
-    /// dense and take no adapters.
+    /// dense unless [`Builder::with_quantization`] says otherwise, and take LoRA adapters
+    /// under the rearranged names (MLX LM's, whose sanitize rearranges them the same way), but
+    /// no full fine-tuning (the checkpoint does not hold them under those names).
     pub fn with_tensors(&self, tensors: std::collections::HashMap<String, Tensor>) -> Builder {
         let mut weights = Weights::from_tensors(tensors, &format!("{} (rearranged)", self.prefix));
         if self.shared.weights.is_shapes_only() {
             weights = weights.shapes_only();
         }
-        let shared = Shared { weights, quantization: None, adapters: None, training: None, ..(*self.shared).clone() };
+        let adapters = self.shared.adapters.clone().filter(|a| a.kind != FineTuneType::Full);
+        let shared = Shared { weights, quantization: None, adapters, ..(*self.shared).clone() };
         Builder { shared: Arc::new(shared), ..self.clone() }
     }
 

@@ -28,7 +28,9 @@ fn ints(t: &Tensor) -> Vec<usize> {
 /// And against MLX LM itself (scripts/fixtures/mlx_switch_lora.py, f32): the same model in
 /// MLX's layout, dense and 4-bit, with adapters on every linear layer as mlx_lm.lora attaches
 /// them by default, the routers and the stacked experts (`LoRASwitchLinear`: lora_a
-/// (experts, r, in), lora_b (experts, out, r)) included.
+/// (experts, r, in), lora_b (experts, out, r)) included; and gpt-oss as OpenAI stores it
+/// (MXFP4 experts, gate and up interleaved), its experts rearranged at load by both and
+/// adapted under MLX LM's names (`mlp.experts.*`).
 #[test]
 fn lora_and_dora_gradients_equal_peft() {
     for (model_type, folder, variant) in [
@@ -37,6 +39,7 @@ fn lora_and_dora_gradients_equal_peft() {
         ("qwen3_moe", "qwen3_moe", "qwen3_moe"),
         ("qwen3_moe", "qwen3_moe_mlx/f32", "switch_f32"),
         ("qwen3_moe", "qwen3_moe_mlx/q4", "switch_q4"),
+        ("gpt_oss", "gpt_oss_mxfp4/hf", "switch_gpt_oss_mxfp4"),
     ] {
         let model_dir = fixtures().join(folder);
         let config = lmx_io::config::read_json(&model_dir.join("config.json")).expect("config");
