@@ -19,6 +19,10 @@ pub struct Args {
     /// Model folder, .gguf file, or Hugging Face id in the local cache (default: SmolLM2-135M-Instruct).
     #[arg(long)]
     pub model: Option<String>,
+    /// Device: auto (the GPU when this binary has CUDA and one is visible, else the CPU), cpu
+    /// or cuda[:N]; under `lmx launch` each rank takes its own GPU. A flag only, not a YAML key.
+    #[arg(long)]
+    pub device: Option<String>,
     /// Train (otherwise only --test runs).
     #[arg(long)]
     pub train: bool,
@@ -155,6 +159,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "200");
     }
+    let device_spec = args.device.clone().unwrap_or_else(|| "auto".into());
+    let device = crate::dist::rank_device(lmx::core::parse_device(&device_spec).context("--device")?, &device_spec)?;
     let mut c = LoraConfig::default();
     if let Some(path) = &args.config {
         eprintln!("Loading configuration file {}", path.display());
@@ -189,7 +195,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("Loading fine-tuned weights from {f}");
     }
     // Training computes in f32 (quantized weights stay packed).
-    let options = lmx::LoadOptions { dtype: Some(lmx::DType::F32), adapters, ..Default::default() };
+    let options = lmx::LoadOptions { dtype: Some(lmx::DType::F32), device, adapters, ..Default::default() };
     let (model, tokenizer) = load_model(&model_arg, &options)?;
 
     eprintln!("Loading datasets");
