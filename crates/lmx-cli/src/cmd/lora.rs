@@ -23,6 +23,11 @@ pub struct Args {
     /// or cuda[:N]; under `lmx launch` each rank takes its own GPU. A flag only, not a YAML key.
     #[arg(long)]
     pub device: Option<String>,
+    /// Compute dtype of the frozen model (float32, bfloat16, float16; default float32, which
+    /// the CPU's kernels and the golden gradients use). Adapters and optimizer state stay in
+    /// float32. A flag only, not a YAML key.
+    #[arg(long)]
+    pub dtype: Option<String>,
     /// Train (otherwise only --test runs).
     #[arg(long)]
     pub train: bool,
@@ -161,6 +166,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let device_spec = args.device.clone().unwrap_or_else(|| "auto".into());
     let device = crate::dist::rank_device(lmx::core::parse_device(&device_spec).context("--device")?, &device_spec)?;
+    let dtype = args.dtype.as_deref().map(lmx::core::parse_dtype).transpose().context("--dtype")?.unwrap_or(lmx::DType::F32);
     let mut c = LoraConfig::default();
     if let Some(path) = &args.config {
         eprintln!("Loading configuration file {}", path.display());
@@ -194,8 +200,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(f) = &c.resume_adapter_file {
         eprintln!("Loading fine-tuned weights from {f}");
     }
-    // Training computes in f32 (quantized weights stay packed).
-    let options = lmx::LoadOptions { dtype: Some(lmx::DType::F32), device, adapters, ..Default::default() };
+    // Training computes in f32 unless --dtype says otherwise (quantized weights stay packed).
+    let options = lmx::LoadOptions { dtype: Some(dtype), device, adapters, ..Default::default() };
     let (model, tokenizer) = load_model(&model_arg, &options)?;
 
     eprintln!("Loading datasets");
