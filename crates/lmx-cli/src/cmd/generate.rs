@@ -69,7 +69,8 @@ pub struct Args {
     /// Token strings or ids that also end generation.
     #[arg(long, num_args = 1..)]
     pub extra_eos_token: Vec<String>,
-    /// Keep generating past EOS until --max-tokens (as llama.cpp's --ignore-eos).
+    /// Keep generating until --max-tokens: EOS tokens are never sampled (as llama.cpp's
+    /// --ignore-eos), so the text differs from a run that stops at EOS.
     #[arg(long)]
     pub ignore_eos: bool,
     /// Print statistics to stderr (true/false).
