@@ -64,6 +64,21 @@ pub struct Builder {
     /// Set under [`Builder::unreduced`]: row-parallel layers leave their partial sums to the
     /// caller instead of summing them over the group.
     unreduced: bool,
+    /// Set under [`Builder::adapters_as_stacked`]: adapters are named as this expert's slice
+    /// of stacked experts (MLX's names), whatever the checkpoint calls the module.
+    adapter_as: Option<Arc<AdapterAlias>>,
+}
+
+/// Where a module's adapter lives in MLX's stacked-expert naming.
+#[derive(Debug)]
+struct AdapterAlias {
+    /// The stacked module path at this builder's level (`model.layers.0.mlp.switch_mlp`, then
+    /// `...switch_mlp.gate_proj` one level down).
+    prefix: String,
+    /// (expert, experts).
+    expert: (usize, usize),
+    /// This checkpoint's projection names and MLX's (`w1` -> `gate_proj`).
+    names: [(String, &'static str); 3],
 }
 
 impl Builder {
@@ -71,7 +86,7 @@ impl Builder {
     /// single rank.
     pub fn new(weights: Weights, dtype: DType, device: &Device) -> Self {
         let shared = Shared { weights, quantization: None, dtype, device: device.clone(), adapters: None, training: None, group: Arc::new(Single), pipeline: None, expert_parallel: false };
-        Self { shared: Arc::new(shared), prefix: String::new(), expert: None, unreduced: false }
+        Self { shared: Arc::new(shared), prefix: String::new(), expert: None, unreduced: false, adapter_as: None }
     }
 
     fn edit(mut self, f: impl FnOnce(&mut Shared)) -> Self {
@@ -128,8 +143,23 @@ impl Builder {
 
     /// The builder one key segment down: `vb.pp("self_attn")`.
     pub fn pp(&self, segment: impl std::fmt::Display) -> Builder {
-        let prefix = if self.prefix.is_empty() { segment.to_string() } else { format!("{}.{segment}", self.prefix) };
-        Builder { shared: self.shared.clone(), prefix, ..self.clone() }
+        let segment = segment.to_string();
+        let prefix = if self.prefix.is_empty() { segment.clone() } else { format!("{}.{segment}", self.prefix) };
+        let adapter_as = self.adapter_as.as_ref().map(|a| {
+            let mlx = a.names.iter().find(|(own, _)| *own == segment).map_or(segment.as_str(), |(_, mlx)| mlx);
+            Arc::new(AdapterAlias { prefix: format!("{}.{mlx}", a.prefix), expert: a.expert, names: a.names.clone() })
+        });
+        Builder { shared: self.shared.clone(), prefix, adapter_as, ..self.clone() }
+    }
+
+    /// This builder (one expert of a checkpoint that stores each expert apart, Hugging Face's
+    /// `experts.{e}`) with its layers' adapters named as expert `e` of `experts` stacked under
+    /// `stacked` (MLX's `switch_mlp`, whose sanitize stacks such experts), its projections
+    /// renamed by `names` (this checkpoint's name, MLX's): adapters trained here load in MLX LM
+    /// and MLX LM's load here.
+    pub fn adapters_as_stacked(&self, stacked: &str, e: usize, experts: usize, names: [(&str, &'static str); 3]) -> Builder {
+        let names = names.map(|(own, mlx)| (own.to_string(), mlx));
+        Builder { adapter_as: Some(Arc::new(AdapterAlias { prefix: stacked.to_string(), expert: (e, experts), names })), ..self.clone() }
     }
 
     /// Expert `e` of `experts` stored together (MLX's `SwitchLinear`: `weight` (experts, out,
@@ -423,7 +453,12 @@ impl Builder {
         let unsummed = matches!(shard, Shard::Row(_)) && self.unreduced && self.shared.group.rank() != 0;
         let bias = bias.filter(|_| !unsummed);
         let mut layer = Linear { weight, bias, adapter: None, reduce };
-        if let Some(plan) = self.shared.adapters.as_ref().filter(|a| a.targets(&self.prefix)) {
+        // The adapter's name: this module's, or its place among stacked experts.
+        let (adapter_prefix, adapter_expert) = match &self.adapter_as {
+            Some(a) => (a.prefix.as_str(), Some(a.expert)),
+            None => (self.prefix.as_str(), self.expert),
+        };
+        if let Some(plan) = self.shared.adapters.as_ref().filter(|a| a.targets(adapter_prefix)) {
             if shard != Shard::Replicated {
                 // In a world of one, a part of a weight is a slice of a fused projection.
                 let what = if self.shared.group.size() > 1 {
@@ -434,7 +469,7 @@ impl Builder {
                 return Err(BuildError::unsupported_with(what, "leave it out of the adapter's keys (lora_parameters.keys), e.g. [\"self_attn.o_proj\", \"mlp.down_proj\"]"));
             }
             let dtype = if self.shared.training.is_some() { DType::F32 } else { self.shared.dtype };
-            let src = AdapterSource { plan, training: self.shared.training.as_ref(), prefix: &self.prefix, dtype, device: &self.shared.device, expert: self.expert };
+            let src = AdapterSource { plan, training: self.shared.training.as_ref(), prefix: adapter_prefix, dtype, device: &self.shared.device, expert: adapter_expert };
             layer.adapter = Some(Arc::new(Adapter::new(&src, in_features, out_features, || layer.weight.row_norms_sq())?));
         }
         Ok(layer)

@@ -173,7 +173,13 @@ impl Moe {
         let (ep, rank, ranks) = (vb.expert_parallel() && group.size() > 1, group.rank(), group.size());
         let experts = (0..cfg.num_experts)
             .map(|e| {
-                let (expert, names) = if stacked { (switch.expert(e, cfg.num_experts), ["gate_proj", "up_proj", "down_proj"]) } else { (vb.pp("experts").pp(e), hf_names) };
+                let (expert, names) = if stacked {
+                    (switch.expert(e, cfg.num_experts), ["gate_proj", "up_proj", "down_proj"])
+                } else {
+                    // Adapters named as MLX LM names them once its sanitize has stacked these.
+                    let mlx = [(hf_names[0], "gate_proj"), (hf_names[1], "up_proj"), (hf_names[2], "down_proj")];
+                    (vb.pp("experts").pp(e).adapters_as_stacked(switch.prefix(), e, cfg.num_experts, mlx), hf_names)
+                };
                 if ep && e % ranks != rank {
                     if !stacked {
                         expert.skip();

@@ -39,6 +39,9 @@ fn lora_and_dora_gradients_equal_peft() {
         ("qwen3_moe", "qwen3_moe", "qwen3_moe"),
         ("qwen3_moe", "qwen3_moe_mlx/f32", "switch_f32"),
         ("qwen3_moe", "qwen3_moe_mlx/q4", "switch_q4"),
+        // The same weights in Hugging Face's layout (one module per expert): MLX LM's stacked
+        // adapters land on each expert, named as MLX LM names them.
+        ("qwen3_moe", "qwen3_moe", "switch_f32"),
         ("gpt_oss", "gpt_oss_mxfp4/hf", "switch_gpt_oss_mxfp4"),
     ] {
         let model_dir = fixtures().join(folder);
