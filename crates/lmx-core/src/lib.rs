@@ -18,7 +18,8 @@ pub mod nccl;
 pub mod ops;
 pub mod quant;
 
+pub use candle_core::backend::{BackendDevice, BackendStorage};
 #[cfg(feature = "cuda")]
 pub use candle_core::CudaStorage;
-pub use candle_core::{bail, CpuStorage, CustomOp1, DType, Device, Error, IndexOp, Layout, Module, Result, Shape, Tensor, TensorId, Var, D};
+pub use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Device, Error, IndexOp, Layout, Module, Result, Shape, Tensor, TensorId, Var, D};
 pub use device::{parse_device, parse_dtype, DeviceError};

@@ -5,11 +5,12 @@
 //! from inside an op). Activation memory drops from every intermediate of every trained layer
 //! to one tensor per layer, for one extra forward pass of those layers.
 //!
-//! The op runs on the CPU; on another device it says so.
+//! The layer runs off the tape first; an op of (input, output) then puts its output on the
+//! tape (a copy of the output, on any device) with the recomputing backward.
 
 use std::sync::Arc;
 
-use lmx_core::{DType, Result, Tensor, Var};
+use lmx_core::{BackendDevice, BackendStorage, Layout, Result, Shape, Tensor, Var};
 
 use crate::training::Checkpointing;
 
@@ -21,8 +22,10 @@ pub fn layer(ck: &Checkpointing, x: &Tensor, f: impl Fn(&Tensor) -> Result<Tenso
     // The op's output is on the tape only if its input is: below the first trained layer
     // nothing is, so the input becomes a (never updated) variable.
     let x = if x.track_op() { x.clone() } else { Var::from_tensor(x)?.as_tensor().clone() };
+    // Off the tape: the layer's intermediates are freed as soon as it returns.
+    let y = f(&x.detach())?.detach();
     let op = Recompute { f: Arc::new(f), ck: ck.clone() };
-    x.contiguous()?.apply_op1(op)
+    x.contiguous()?.apply_op2(&y, op)
 }
 
 struct Recompute {
@@ -30,27 +33,32 @@ struct Recompute {
     ck: Checkpointing,
 }
 
-impl lmx_core::CustomOp1 for Recompute {
+/// A copy of the tensor `s` and `l` describe, as a storage of its own.
+fn output<S: BackendStorage>(s: &S, l: &Layout) -> Result<(S, Shape)>
+where
+    S::Device: BackendDevice<Storage = S>,
+{
+    // SAFETY: every element is written by the copy below.
+    let mut out = unsafe { s.device().alloc_uninit(l.shape(), s.dtype())? };
+    s.copy_strided_src(&mut out, 0, l)?;
+    Ok((out, l.shape().clone()))
+}
+
+impl lmx_core::CustomOp2 for Recompute {
     fn name(&self) -> &'static str {
         "lmx-checkpoint"
     }
 
-    fn cpu_fwd(&self, s: &lmx_core::CpuStorage, l: &lmx_core::Layout) -> Result<(lmx_core::CpuStorage, lmx_core::Shape)> {
-        let lmx_core::CpuStorage::F32(v) = s else { lmx_core::bail!("gradient checkpointing runs in f32") };
-        let (a, b) = l.contiguous_offsets().ok_or_else(|| lmx_core::Error::Msg("checkpoint: input must be contiguous".into()))?;
-        // Off the tape: the layer's intermediates are freed as soon as it returns.
-        let x = Tensor::from_slice(&v[a..b], l.shape(), &lmx_core::Device::Cpu)?;
-        let y = (self.f)(&x)?.detach().to_dtype(DType::F32)?.contiguous()?;
-        let shape = y.shape().clone();
-        Ok((lmx_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
+    fn cpu_fwd(&self, _: &lmx_core::CpuStorage, _: &Layout, y: &lmx_core::CpuStorage, l: &Layout) -> Result<(lmx_core::CpuStorage, Shape)> {
+        output(y, l)
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, _s: &lmx_core::CudaStorage, _l: &lmx_core::Layout) -> Result<(lmx_core::CudaStorage, lmx_core::Shape)> {
-        lmx_core::bail!("gradient checkpointing (--grad-checkpoint) has no CUDA implementation yet; train without it")
+    fn cuda_fwd(&self, _: &lmx_core::CudaStorage, _: &Layout, y: &lmx_core::CudaStorage, l: &Layout) -> Result<(lmx_core::CudaStorage, Shape)> {
+        output(y, l)
     }
 
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+    fn bwd(&self, x: &Tensor, _y: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let xv = Var::from_tensor(&x.detach())?;
         let y = (self.f)(xv.as_tensor())?;
         let grads = (y * grad.detach())?.sum_all()?.backward()?;
@@ -59,6 +67,6 @@ impl lmx_core::CustomOp1 for Recompute {
                 self.ck.sink.add(v.as_tensor().id(), g.detach())?;
             }
         }
-        Ok(grads.get(xv.as_tensor()).map(Tensor::detach))
+        Ok((grads.get(xv.as_tensor()).map(Tensor::detach), None))
     }
 }
