@@ -55,16 +55,19 @@ pub fn cuda(ordinal: usize) -> candle_core::Result<Device> {
     Ok(Device::Cuda(dev))
 }
 
+/// The default memory pools (their handles as integers) of the GPUs this process opened, for
+/// [`gpu_peak_memory_bytes`].
+#[cfg(feature = "cuda")]
+static POOLS: std::sync::Mutex<Vec<usize>> = std::sync::Mutex::new(Vec::new());
+
 /// Lets the device's memory pool keep what is freed instead of handing it back to the driver
 /// at each synchronization (its default release threshold is 0): a prefill allocates and frees
 /// the same large buffers every layer, and mapping them again each time is slow.
-/// `LMX_CUDA_POOL=release` keeps the driver's default.
+/// `LMX_CUDA_POOL=release` keeps the driver's default. The pool is remembered for
+/// [`gpu_peak_memory_bytes`] either way.
 #[cfg(feature = "cuda")]
 fn keep_freed_memory(dev: &candle_core::CudaDevice) {
     use candle_core::cuda_backend::cudarc::driver::sys;
-    if std::env::var("LMX_CUDA_POOL").is_ok_and(|v| v == "release") {
-        return;
-    }
     let stream = dev.cuda_stream();
     let ctx = stream.context();
     if ctx.bind_to_thread().is_err() {
@@ -75,10 +78,43 @@ fn keep_freed_memory(dev: &candle_core::CudaDevice) {
     // SAFETY: plain driver calls on the device's own context; the pool handle is the device's
     // default pool and the attribute takes a u64.
     unsafe {
-        if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) == sys::CUresult::CUDA_SUCCESS {
+        if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) != sys::CUresult::CUDA_SUCCESS {
+            return;
+        }
+        if !std::env::var("LMX_CUDA_POOL").is_ok_and(|v| v == "release") {
             let _ = sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, (&mut threshold as *mut u64).cast());
         }
     }
+    let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+    if !pools.contains(&(pool as usize)) {
+        pools.push(pool as usize);
+    }
+}
+
+/// The most GPU memory this process's tensors have held at once, summed over the GPUs it
+/// opened (each default memory pool's high-water mark: weights, activations, caches; not
+/// cuBLAS's or NCCL's own buffers), or None when it opened none.
+pub fn gpu_peak_memory_bytes() -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+        if pools.is_empty() {
+            return None;
+        }
+        let mut total = 0u64;
+        for &p in pools.iter() {
+            let mut used = 0u64;
+            // SAFETY: a pool handle the driver gave; the attribute is a u64.
+            let ok = unsafe { sys::cuMemPoolGetAttribute(p as sys::CUmemoryPool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, (&mut used as *mut u64).cast()) };
+            if ok == sys::CUresult::CUDA_SUCCESS {
+                total += used;
+            }
+        }
+        Some(total)
+    }
+    #[cfg(not(feature = "cuda"))]
+    None
 }
 
 /// Without the CUDA backend: the error `Device::new_cuda` gives.

@@ -461,8 +461,15 @@ pub fn check_vocab(tokens: &[u32], vocab: usize) -> Result<(), GenerateError> {
     }
 }
 
-/// Peak resident set size of this process (VmHWM), in bytes; 0 where /proc is unavailable.
+/// The most memory the model has held: on a GPU, its GPU memory (the pools' high-water
+/// marks); otherwise this process's peak resident set size (VmHWM), in bytes; 0 where /proc is
+/// unavailable.
 pub fn peak_memory_bytes() -> u64 {
+    // On a GPU the model and its activations live in GPU memory: report that (as MLX LM
+    // reports its device's peak), not the host process's.
+    if let Some(gpu) = lmx_core::device::gpu_peak_memory_bytes() {
+        return gpu;
+    }
     let Ok(status) = std::fs::read_to_string("/proc/self/status") else { return 0 };
     status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()).map_or(0, |kb| kb * 1024)
 }
