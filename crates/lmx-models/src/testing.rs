@@ -343,6 +343,27 @@ fn the_mistral_fixture_exercises_its_sliding_window() {
     assert!(d > 0.1 * scale, "without the window the logits must differ from transformers' (max diff {d})");
 }
 
+/// The model in fixture folder `folder` (config.json and model.safetensors, quantized where
+/// its config says), in f32 on the CPU; every checkpoint key must be used.
+fn folder_model(model_type: &str, folder: &std::path::Path) -> Box<dyn CausalLm> {
+    let config = lmx_io::config::read_json(&folder.join("config.json")).expect("config");
+    let weights = Weights::from_safetensors(&[folder.join("model.safetensors")]).expect("weights");
+    let vb = Builder::new(weights, DType::F32, &Device::Cpu).with_quantization(lmx_io::QuantConfig::from_config(&config).expect("quantization block"));
+    let model = load_model(model_type, &config, &vb).expect("model builds");
+    vb.finish(is_ignored_key).expect("every checkpoint key is used");
+    model
+}
+
+/// Asserts lmx's logits `got` are within 1e-3 of MLX LM's `want` largest logit; returns that
+/// scale.
+fn assert_near_mlx(got: &Tensor, want: &Tensor, what: &str) -> f32 {
+    let scale = want.abs().and_then(|t| t.max_all()).and_then(|t| t.to_scalar::<f32>()).expect("scale");
+    let (d, at) = max_diff(got, want);
+    println!("{what}: max |logit diff| vs MLX LM {d:.3e} at {at} (scale {scale:.3})");
+    assert!(d <= 1e-3 * scale, "{what}: lmx and MLX LM differ by {d} at {at}");
+    scale
+}
+
 /// The mixture-of-experts fixtures as `mlx_lm.convert` writes them
 /// (`scripts/fixtures/mlx_moe.py`): the experts stacked into `switch_mlp` by MLX LM's sanitize,
 /// in float32 and in 4-bit (groups of 32; Qwen3-MoE's router in 8 bits, MLX's per-module
@@ -359,18 +380,9 @@ fn moe_models_as_mlx_lm_converts_them_match_mlx_lm() {
         let ids = mlx.tensor("input_ids").expect("ids").to_dtype(DType::U32).expect("u32 ids");
         let Golden { logits: transformers, .. } = golden(model_type);
         for (name, vs_transformers) in [("f32", true), ("q4", false)] {
-            let folder = dir.join(name);
-            let config = lmx_io::config::read_json(&folder.join("config.json")).expect("config");
-            let weights = Weights::from_safetensors(&[folder.join("model.safetensors")]).expect("weights");
-            let vb = Builder::new(weights, DType::F32, &Device::Cpu).with_quantization(lmx_io::QuantConfig::from_config(&config).expect("quantization block"));
-            let model = load_model(model_type, &config, &vb).expect("model builds");
-            vb.finish(is_ignored_key).expect("every checkpoint key is used");
+            let model = folder_model(model_type, &dir.join(name));
             let got = model.forward(&ids, &mut model.new_cache(), Logits::All).expect("forward");
-            let want = mlx.tensor(name).expect("mlx logits");
-            let scale = want.abs().and_then(|t| t.max_all()).and_then(|t| t.to_scalar::<f32>()).expect("scale");
-            let (d, at) = max_diff(&got, &want);
-            println!("{model_type} MLX {name}: max |logit diff| vs MLX LM {d:.3e} at {at} (scale {scale:.3})");
-            assert!(d <= 1e-3 * scale, "{model_type} MLX {name}: lmx and MLX LM differ by {d} at {at}");
+            let scale = assert_near_mlx(&got, &mlx.tensor(name).expect("mlx logits"), &format!("{model_type} MLX {name}"));
             if vs_transformers && model_type != "gpt_oss" {
                 let (d, at) = max_diff(&got, &transformers);
                 assert!(d <= 1e-4 * scale, "{model_type} MLX {name}: lmx and transformers differ by {d} at {at}");
@@ -390,18 +402,9 @@ fn mxfp4_gpt_oss_matches_mlx_lm() {
     let mlx = lmx_io::Weights::from_safetensors(&[dir.join("logits.safetensors")]).expect("mlx logits");
     let ids = mlx.tensor("input_ids").expect("ids").to_dtype(DType::U32).expect("u32 ids");
     for name in ["mlx", "hf"] {
-        let folder = dir.join(name);
-        let config = lmx_io::config::read_json(&folder.join("config.json")).expect("config");
-        let weights = Weights::from_safetensors(&[folder.join("model.safetensors")]).expect("weights");
-        let vb = Builder::new(weights, DType::F32, &Device::Cpu).with_quantization(lmx_io::QuantConfig::from_config(&config).expect("quantization block"));
-        let model = load_model("gpt_oss", &config, &vb).expect("model builds");
-        vb.finish(is_ignored_key).expect("every checkpoint key is used");
+        let model = folder_model("gpt_oss", &dir.join(name));
         let got = model.forward(&ids, &mut model.new_cache(), Logits::All).expect("forward");
-        let want = mlx.tensor(name).expect("mlx logits");
-        let scale = want.abs().and_then(|t| t.max_all()).and_then(|t| t.to_scalar::<f32>()).expect("scale");
-        let (d, at) = max_diff(&got, &want);
-        println!("gpt_oss MXFP4 ({name} layout): max |logit diff| vs MLX LM {d:.3e} at {at} (scale {scale:.3})");
-        assert!(d <= 1e-3 * scale, "gpt_oss MXFP4 ({name} layout): lmx and MLX LM differ by {d} at {at}");
+        assert_near_mlx(&got, &mlx.tensor(name).expect("mlx logits"), &format!("gpt_oss MXFP4 ({name} layout)"));
     }
 }
 
@@ -590,9 +593,5 @@ fn gpt_oss_from_mxfp4_gguf_matches_mlx_lm() {
     let mlx = lmx_io::Weights::from_safetensors(&[fixture_dir("gpt_oss_mxfp4").join("logits.safetensors")]).expect("mlx logits");
     let ids = mlx.tensor("input_ids").expect("ids").to_dtype(DType::U32).expect("u32 ids");
     let got = lm.forward(&ids, &mut lm.new_cache(), Logits::All).expect("forward");
-    let want = mlx.tensor("hf").expect("mlx logits");
-    let scale = want.abs().and_then(|t| t.max_all()).and_then(|t| t.to_scalar::<f32>()).expect("scale");
-    let (d, at) = max_diff(&got, &want);
-    println!("gpt_oss from MXFP4 GGUF: max |logit diff| vs MLX LM {d:.3e} at {at} (scale {scale:.3})");
-    assert!(d <= 1e-3 * scale, "gpt_oss from GGUF and MLX LM differ by {d} at {at}");
+    assert_near_mlx(&got, &mlx.tensor("hf").expect("mlx logits"), "gpt_oss from MXFP4 GGUF");
 }

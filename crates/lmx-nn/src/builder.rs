@@ -390,20 +390,27 @@ impl Builder {
                 (Some((1, r.start * spec.bits / 32..r.end * spec.bits / 32)), Some((1, r.start / g..r.end.div_ceil(g))))
             }
         };
+        // A shape check: shapes are checked by the reads; a tiny stand-in matrix.
+        let stand_in = || -> Result<QuantizedMatrix> {
+            let zeros = Tensor::zeros((1, spec.group_size), DType::F32, &Device::Cpu)?;
+            QuantizedMatrix::quantize(&zeros, spec.bits, spec.group_size).map_err(|e| err(e.to_string()))
+        };
+        let shapes_only = self.shared.weights.is_shapes_only();
         let packed = self.read(&[rows, words], "weight", packed_part)?;
         let scales = self.read(&[rows, groups], "scales", group_part.clone())?;
         let training = self.shared.training.is_some();
-        if mxfp4 && !self.shared.weights.is_shapes_only() {
+        if mxfp4 {
+            if shapes_only {
+                return stand_in();
+            }
             let q = QuantizedMatrix::from_mxfp4(&packed, &scales, self.shared.dtype).map_err(|e| err(e.to_string()))?;
             return Ok(q.with_exact_products(training));
         }
         let bf16_checkpoint = scales.dtype() == DType::BF16;
         let scales = self.place(scales)?;
-        let biases = if mxfp4 { scales.clone() } else { self.place(self.read(&[rows, groups], "biases", group_part)?)? };
-        if self.shared.weights.is_shapes_only() {
-            // A shape check: shapes were checked by the reads; a tiny stand-in matrix.
-            let stand_in = Tensor::zeros((1, spec.group_size), DType::F32, &Device::Cpu)?;
-            return QuantizedMatrix::quantize(&stand_in, spec.bits, spec.group_size).map_err(|e| err(e.to_string()));
+        let biases = self.place(self.read(&[rows, groups], "biases", group_part)?)?;
+        if shapes_only {
+            return stand_in();
         }
         let q = QuantizedMatrix::from_tensors(&packed, &scales, &biases, spec.bits, spec.group_size).map_err(|e| err(e.to_string()))?;
         Ok(q.with_exact_products(training).with_bf16_training(training && bf16_checkpoint))

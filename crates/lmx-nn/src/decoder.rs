@@ -480,7 +480,7 @@ impl<L: Layer> CausalLm for Decoder<L> {
         let x = self.run_layers(self.embed(input_ids)?, cache)?;
         let logits = self.head(&x, &logits)?;
         // While a step is recorded nothing runs: the replay settles instead.
-        if !lmx_core::graph::capturing(self.device()) {
+        if self.tp.is_some() && !lmx_core::graph::capturing(self.device()) {
             self.settle(&logits)?;
         }
         if let Some(g) = self.tp.as_ref().filter(|_| self.check) {
