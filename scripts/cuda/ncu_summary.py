@@ -1,7 +1,7 @@
 """Per-kernel GPU time of one decode step from an `ncu --metrics gpu__time_duration.sum --csv`
 log of `lmx generate` (scripts/cuda/profile.sh): the kernels between the last two launches of
-the model's head (the quantized or dense product with the most blocks), grouped by name and
-grid, largest first.
+the model's head (the longest kernel: the vocabulary-wide product), grouped by name and grid,
+largest first.
 Usage: python3 scripts/cuda/ncu_summary.py LOG.csv"""
 import collections
 import csv
@@ -14,9 +14,9 @@ for r in rows:
         header = r
     elif header and len(r) == len(header):
         data.append(dict(zip(header, r)))
-blocks = [int(d["Grid Size"].strip("()").split(",")[0]) for d in data]
-most = max(blocks)
-heads = [i for i, b in enumerate(blocks) if b == most]
+times = [float(d["Metric Value"].replace(",", "")) for d in data]
+most = max(times)
+heads = [i for i, t in enumerate(times) if t > most / 2]
 if len(heads) < 2:
     sys.exit(f"{sys.argv[1]}: fewer than two steps found")
 step = data[heads[-2] + 1 : heads[-1] + 1]
