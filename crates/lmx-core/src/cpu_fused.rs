@@ -145,7 +145,10 @@ pub struct RmsNorm {
 }
 
 fn rms_norm_rows<T: Elem>(xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, eps: f32) -> Result<Vec<T>> {
-    let (x, w) = (slice::<T>(xs, xl)?, slice::<T>(ws, wl)?);
+    Ok(norm_rows(slice::<T>(xs, xl)?, slice::<T>(ws, wl)?, eps))
+}
+
+fn norm_rows<T: Elem>(x: &[T], w: &[T], eps: f32) -> Vec<T> {
     let d = w.len();
     let mut out = vec![T::of(0.0); x.len()];
     let row = |(xr, or): (&[T], &mut [T])| {
@@ -165,7 +168,7 @@ fn rms_norm_rows<T: Elem>(xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &La
         let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(rows.start * d), rows.len() * d) };
         x[rows.start * d..rows.end * d].chunks(d).zip(o.chunks_mut(d)).for_each(row);
     });
-    Ok(out)
+    out
 }
 
 impl CustomOp2 for RmsNorm {
@@ -185,6 +188,44 @@ impl CustomOp2 for RmsNorm {
             candle_core::bail!("rms_norm: x {:?} {:?} and weight {:?} {:?} disagree", xl.dims(), xs.dtype(), wl.dims(), ws.dtype());
         }
         Ok((crate::cuda_fused::rms_norm(xs, xl, ws, wl, self.eps)?, xl.shape().clone()))
+    }
+}
+
+/// `x + h` rounded to the dtype (as candle's add), then [`RmsNorm`] of it: the residual
+/// stream's update and the next block's input in one pass. Output (2, ..x's shape): the sum,
+/// then the normalised sum.
+pub struct AddRmsNorm {
+    /// Added to the mean square.
+    pub eps: f32,
+}
+
+fn add_rms_norm_rows<T: Elem>(xs: &CpuStorage, xl: &Layout, hs: &CpuStorage, hl: &Layout, ws: &CpuStorage, wl: &Layout, eps: f32) -> Result<Vec<T>> {
+    let (x, h) = (slice::<T>(xs, xl)?, slice::<T>(hs, hl)?);
+    let mut out: Vec<T> = x.iter().zip(h).map(|(a, b)| T::of(a.f32() + b.f32())).collect();
+    let normed = norm_rows(&out, slice::<T>(ws, wl)?, eps);
+    out.extend(normed);
+    Ok(out)
+}
+
+impl CustomOp3 for AddRmsNorm {
+    fn name(&self) -> &'static str {
+        "lmx-add-rms-norm"
+    }
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, hs: &CpuStorage, hl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        if xl.dims() != hl.dims() || xl.dims().last() != Some(&wl.shape().elem_count()) || xs.dtype() != ws.dtype() || hs.dtype() != ws.dtype() {
+            candle_core::bail!("add_rms_norm: x {:?} {:?}, h {:?} {:?} and weight {:?} {:?} disagree", xl.dims(), xs.dtype(), hl.dims(), hs.dtype(), wl.dims(), ws.dtype());
+        }
+        let shape = Shape::from([&[2], xl.dims()].concat());
+        Ok((by_dtype!(xs.dtype(), add_rms_norm_rows(xs, xl, hs, hl, ws, wl, self.eps)), shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, xs: &candle_core::CudaStorage, xl: &Layout, hs: &candle_core::CudaStorage, hl: &Layout, ws: &candle_core::CudaStorage, wl: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        if xl.dims() != hl.dims() || xl.dims().last() != Some(&wl.shape().elem_count()) || xs.dtype() != ws.dtype() || hs.dtype() != ws.dtype() || !xl.is_contiguous() || !hl.is_contiguous() || !wl.is_contiguous() {
+            candle_core::bail!("add_rms_norm: x {:?} {:?}, h {:?} {:?} and weight {:?} {:?} disagree", xl.dims(), xs.dtype(), hl.dims(), hs.dtype(), wl.dims(), ws.dtype());
+        }
+        let shape = Shape::from([&[2], xl.dims()].concat());
+        Ok((crate::cuda_fused::add_rms_norm(xs, xl, hs, hl, ws, wl, self.eps)?, shape))
     }
 }
 

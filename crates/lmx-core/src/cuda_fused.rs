@@ -55,6 +55,27 @@ __device__ void rms_norm(const T* x, const T* w, T* out, int d, float eps) {
     for (int i = threadIdx.x; i < d; i += blockDim.x) st(out, row * d + i, rnd(ld(x, row * d + i) * r, out) * ld(w, i));
 }
 
+// x + h rounded to T into `sum`, then the RMS norm of the sum into `out` (rms_norm's
+// arithmetic on the rounded sum): one block per row.
+template <typename T>
+__device__ void add_rms_norm(const T* x, const T* h, const T* w, T* sum, T* out, int d, float eps) {
+    __shared__ float red[32];
+    size_t row = blockIdx.x;
+    float ss = 0.f;
+#pragma unroll 4
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float v = rnd(ld(x, row * d + i) + ld(h, row * d + i), out);
+        st(sum, row * d + i, v);
+        ss += v * v;
+    }
+    float r = rsqrtf(block_sum(ss, red) / d + eps);
+#pragma unroll 4
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float v = rnd(ld(x, row * d + i) + ld(h, row * d + i), out);
+        st(out, row * d + i, rnd(v * r, out) * ld(w, i));
+    }
+}
+
 template <typename T>
 __device__ void silu_mul(const T* g, const T* u, T* out, long long n) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -134,6 +155,42 @@ __device__ void kv_write(W* buf, const W* src, const unsigned int* pos, int cap,
 extern "C" __global__ void lmx_kv_write_2(unsigned short* buf, const unsigned short* src, const unsigned int* pos, int cap, int d, long long sh) { kv_write(buf, src, pos, cap, d, sh); }
 extern "C" __global__ void lmx_kv_write_4(unsigned int* buf, const unsigned int* src, const unsigned int* pos, int cap, int d, long long sh) { kv_write(buf, src, pos, cap, d, sh); }
 
+// A decode step's rotary embedding and cache write in one launch: block h < nq rotates query
+// head h into `qo` (nq, d); the next nkv blocks rotate key heads into `kb` and the last nkv copy
+// value heads into `vb` ((heads, cap, d) buffers) at position pos[0]. Rotation in the "rotate
+// half" layout with candle's (and transformers') roundings: in bf16 each product rounded,
+// then their sum. Heads of q, k and v are `qs`, `ks`, `vs` elements apart.
+template <typename T>
+__device__ void rope_kv(const T* q, long long qs, const T* k, long long ks, const T* v, long long vs, const T* cos, const T* sin,
+                        T* qo, T* kb, T* vb, const unsigned int* pos, int nq, int nkv, int cap, int d) {
+    int h = blockIdx.x, half = d / 2;
+    unsigned int p = pos[0];
+    if (h >= nq + nkv) {
+        if (p >= (unsigned int)cap) return;
+        int hv = h - nq - nkv;
+        for (int i = threadIdx.x; i < d; i += blockDim.x) vb[((size_t)hv * cap + p) * d + i] = v[hv * vs + i];
+        return;
+    }
+    const T* x;
+    T* o;
+    if (h < nq) { x = q + h * qs; o = qo + (size_t)h * d; }
+    else {
+        if (p >= (unsigned int)cap) return;
+        x = k + (h - nq) * ks; o = kb + ((size_t)(h - nq) * cap + p) * d;
+    }
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        float x1 = ld(x, i), x2 = ld(x, i + half), c = ld(cos, i), s = ld(sin, i);
+        if (sizeof(T) == 4) {
+            // candle's f32 kernel as nvcc contracts it: the first product fused into the sum.
+            st(o, i, __fmaf_rn(x1, c, -__fmul_rn(x2, s)));
+            st(o, i + half, __fmaf_rn(x1, s, __fmul_rn(x2, c)));
+        } else {
+            st(o, i, rnd(x1 * c, o) - rnd(x2 * s, o));
+            st(o, i + half, rnd(x1 * s, o) + rnd(x2 * c, o));
+        }
+    }
+}
+
 // Merges the splits of one (sequence, head) block: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M).
 template <typename T>
 __device__ void combine_splits(const float* part, T* out, int splits, int d) {
@@ -189,9 +246,11 @@ __device__ void causal_softmax(const T* s, T* out, int cols, int q_len, int offs
 #define INSTANTIATE(T, name) \
 extern "C" __global__ void lmx_causal_softmax_##name(const T* s, T* out, int cols, int q_len, int offset, int window, float scale, float softcap) { causal_softmax(s, out, cols, q_len, offset, window, scale, softcap); } \
 extern "C" __global__ void lmx_rms_norm_##name(const T* x, const T* w, T* out, int d, float eps) { rms_norm(x, w, out, d, eps); } \
+extern "C" __global__ void lmx_add_rms_norm_##name(const T* x, const T* h, const T* w, T* sum, T* out, int d, float eps) { add_rms_norm(x, h, w, sum, out, d, eps); } \
 extern "C" __global__ void lmx_silu_mul_##name(const T* g, const T* u, T* out, long long n) { silu_mul(g, u, out, n); } \
 extern "C" __global__ void lmx_decode_attention_##name(const T* q, const T* k, const T* v, T* out, float* part, int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits, long long ks0, long long ks1, long long ks2, long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window) { decode_attention(q, k, v, out, part, n_heads, n_kv, kv_len, d, scale, chunk, splits, ks0, ks1, ks2, vs0, vs1, vs2, upto, window); } \
-extern "C" __global__ void lmx_combine_splits_##name(const float* part, T* out, int splits, int d) { combine_splits(part, out, splits, d); }
+extern "C" __global__ void lmx_combine_splits_##name(const float* part, T* out, int splits, int d) { combine_splits(part, out, splits, d); } \
+extern "C" __global__ void lmx_rope_kv_##name(const T* q, long long qs, const T* k, long long ks, const T* v, long long vs, const T* cos, const T* sin, T* qo, T* kb, T* vb, const unsigned int* pos, int nq, int nkv, int cap, int d) { rope_kv(q, qs, k, ks, v, vs, cos, sin, qo, kb, vb, pos, nq, nkv, cap, d); }
 INSTANTIATE(float, f32)
 INSTANTIATE(unsigned short, bf16)
 "#;
@@ -265,6 +324,31 @@ pub(crate) fn rms_norm(xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: &Lay
         b.arg(&x).arg(&w).arg(&o).arg(&di).arg(&e);
         // SAFETY: x holds rows * d values, w d, o rows * d.
         unsafe { b.launch(cfg) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(o, dev))
+    })
+}
+
+/// `x + h` and its RMS norm with weight `w` (contiguous rows, one dtype): the sums, then the
+/// normalised sums, in one buffer of 2 * rows * d.
+pub(crate) fn add_rms_norm(xs: &CudaStorage, xl: &Layout, hs: &CudaStorage, hl: &Layout, ws: &CudaStorage, wl: &Layout, eps: f32) -> Result<CudaStorage> {
+    let d = wl.shape().elem_count();
+    let rows = xl.shape().elem_count() / d;
+    let dev = xs.device().clone();
+    let func = dev.get_or_load_custom_func(&name("add_rms_norm", xs.dtype())?, "lmx_fused", fused_ptx()?)?;
+    let threads = d.div_ceil(4).next_multiple_of(32).clamp(32, 1024) as u32;
+    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+    typed!(xs.dtype(), T => {
+        let x = xs.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
+        let h = hs.as_cuda_slice::<T>()?.slice(hl.start_offset()..);
+        let w = ws.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
+        let o = out::<T>(&dev, 2 * rows * d)?;
+        let (sum, normed) = o.split_at(rows * d);
+        let (di, e) = (d as i32, eps);
+        let mut b = func.builder();
+        b.arg(&x).arg(&h).arg(&w).arg(&sum).arg(&normed).arg(&di).arg(&e);
+        // SAFETY: x and h hold rows * d values, w d, each half of o rows * d.
+        unsafe { b.launch(cfg) }.w()?;
+        drop((sum, normed));
         Ok(CudaStorage::wrap_cuda_slice(o, dev))
     })
 }
@@ -415,6 +499,86 @@ pub(crate) fn kv_write(buf: &mut CudaStorage, bl: &Layout, src: &CudaStorage, sl
         other => candle_core::bail!("kv write: dtype {other:?}"),
     }
     Ok(())
+}
+
+/// A decode step's rotary embedding and cache write in one launch (see `rope_kv` above): `q`
+/// (1, nq, 1, d), `k`/`v` (1, nkv, 1, d) with contiguous heads, `cos`/`sin` (1, d / 2)
+/// contiguous, `kb`/`vb` (1, nkv, cap, d) contiguous buffers, `pos` a u32 position on the
+/// device. Returns the rotated queries (1, nq, 1, d); keys (rotated) and values land in the
+/// buffers. The buffers are written through the read access their tensors give: they are the
+/// cache's own, which nothing reads or writes while a step's kernels are queued.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rope_kv_write(
+    (qs, ql): (&CudaStorage, &Layout),
+    (ks, kl): (&CudaStorage, &Layout),
+    (vs, vl): (&CudaStorage, &Layout),
+    (cs, cl): (&CudaStorage, &Layout),
+    (ss, sl): (&CudaStorage, &Layout),
+    (kbs, kbl): (&CudaStorage, &Layout),
+    (vbs, vbl): (&CudaStorage, &Layout),
+    (ps, pl): (&CudaStorage, &Layout),
+) -> Result<CudaStorage> {
+    let (&[1, nq, 1, d], &[1, nkv, 1, dk], &[1, nv, 1, dv], &[1, nkb, cap, db]) = (ql.dims(), kl.dims(), vl.dims(), kbl.dims()) else {
+        candle_core::bail!("rope + kv write: q {:?} / k {:?} / v {:?} / buffer {:?}: one sequence, one new position", ql.dims(), kl.dims(), vl.dims(), kbl.dims());
+    };
+    let contiguous_heads = [ql, kl, vl].iter().all(|l| l.stride()[3] == 1);
+    if (dk, dv, db, nv, nkb) != (d, d, d, nkv, nkv) || vbl.dims() != kbl.dims() || !contiguous_heads || !cl.is_contiguous() || !sl.is_contiguous() || !kbl.is_contiguous() || !vbl.is_contiguous() || cl.shape().elem_count() != d / 2 || d % 2 != 0 {
+        candle_core::bail!("rope + kv write: q {:?} / k {:?} / v {:?} / cos {:?} / buffers {:?}, {:?} do not fit", ql.dims(), kl.dims(), vl.dims(), cl.dims(), kbl.dims(), vbl.dims());
+    }
+    let dev = qs.device().clone();
+    let func = dev.get_or_load_custom_func(&name("rope_kv", qs.dtype())?, "lmx_fused", fused_ptx()?)?;
+    let cfg = LaunchConfig { grid_dim: ((nq + 2 * nkv) as u32, 1, 1), block_dim: ((d / 2).next_multiple_of(32).min(256) as u32, 1, 1), shared_mem_bytes: 0 };
+    let (q_stride, k_stride, v_stride) = (ql.stride()[1] as i64, kl.stride()[1] as i64, vl.stride()[1] as i64);
+    let (nqi, nkvi, capi, di) = (nq as i32, nkv as i32, cap as i32, d as i32);
+    let pos = ps.as_cuda_slice::<u32>()?.slice(pl.start_offset()..);
+    typed!(qs.dtype(), T => {
+        let q = qs.as_cuda_slice::<T>()?.slice(ql.start_offset()..);
+        let k = ks.as_cuda_slice::<T>()?.slice(kl.start_offset()..);
+        let v = vs.as_cuda_slice::<T>()?.slice(vl.start_offset()..);
+        let cos = cs.as_cuda_slice::<T>()?.slice(cl.start_offset()..);
+        let sin = ss.as_cuda_slice::<T>()?.slice(sl.start_offset()..);
+        let kb = kbs.as_cuda_slice::<T>()?.slice(kbl.start_offset()..);
+        let vb = vbs.as_cuda_slice::<T>()?.slice(vbl.start_offset()..);
+        let o = out::<T>(&dev, nq * d)?;
+        let mut b = func.builder();
+        b.arg(&q).arg(&q_stride).arg(&k).arg(&k_stride).arg(&v).arg(&v_stride).arg(&cos).arg(&sin);
+        b.arg(&o).arg(&kb).arg(&vb).arg(&pos).arg(&nqi).arg(&nkvi).arg(&capi).arg(&di);
+        // SAFETY: q/k/v hold their heads at their strides (d values each), cos/sin d / 2, the
+        // buffers nkv * cap * d (a position past `cap` is skipped), o nq * d.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(o, dev))
+    })
+}
+
+/// [`rope_kv_write`] as an op of (q, k, v): the rotated queries; the angles, the cache's
+/// buffers and the position ride along.
+pub(crate) struct RopeKvWrite {
+    pub cos: candle_core::Tensor,
+    pub sin: candle_core::Tensor,
+    pub kbuf: candle_core::Tensor,
+    pub vbuf: candle_core::Tensor,
+    pub pos: candle_core::Tensor,
+}
+
+impl candle_core::CustomOp3 for RopeKvWrite {
+    fn name(&self) -> &'static str {
+        "lmx-rope-kv-write"
+    }
+
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout, _: &candle_core::CpuStorage, _: &Layout, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("lmx-rope-kv-write runs on CUDA only")
+    }
+
+    fn cuda_fwd(&self, qs: &CudaStorage, ql: &Layout, ks: &CudaStorage, kl: &Layout, vs: &CudaStorage, vl: &Layout) -> Result<(CudaStorage, candle_core::Shape)> {
+        let guards = [&self.cos, &self.sin, &self.kbuf, &self.vbuf, &self.pos].map(|t| t.storage_and_layout());
+        let mut parts = Vec::with_capacity(5);
+        for (storage, layout) in &guards {
+            let candle_core::Storage::Cuda(c) = &**storage else { candle_core::bail!("lmx-rope-kv-write: an input is not on the GPU") };
+            parts.push((c, *layout));
+        }
+        let o = rope_kv_write((qs, ql), (ks, kl), (vs, vl), parts[0], parts[1], parts[2], parts[3], parts[4])?;
+        Ok((o, ql.shape().clone()))
+    }
 }
 
 /// Causal softmax of attention scores (GPU): rows of `cols` keys, query `r % q_len` of each row

@@ -63,6 +63,26 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
     normed.to_dtype(dtype)?.broadcast_mul(weight)
 }
 
+/// `x + h` and [`rms_norm`] of it: the residual stream's update and the next block's input.
+/// Returns (sum, normalised sum), equal to the separate add and norm; off the tape one pass
+/// (one launch on a GPU instead of two), else the composition.
+pub fn add_rms_norm(x: &Tensor, h: &Tensor, weight: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    if !on_tape(&[x, h, weight]) && x.dtype() == weight.dtype() && h.dtype() == weight.dtype() && x.dims() == h.dims() && (x.device().is_cpu() || (fused_cuda(x) && cuda_fused_norm() && cuda_add_norm())) {
+        let both = x.contiguous()?.apply_op3_no_bwd(&h.contiguous()?, &weight.contiguous()?, &crate::cpu_fused::AddRmsNorm { eps })?;
+        return Ok((both.get(0)?, both.get(1)?));
+    }
+    let sum = (x + h)?;
+    let normed = rms_norm(&sum, weight, eps)?;
+    Ok((sum, normed))
+}
+
+/// Whether [`add_rms_norm`] takes its one CUDA kernel (`LMX_CUDA_ADD_NORM=0`: an add and a
+/// norm, for comparisons).
+fn cuda_add_norm() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| !std::env::var("LMX_CUDA_ADD_NORM").is_ok_and(|v| v == "0"))
+}
+
 /// Rotary position embedding in the "rotate half" layout of Hugging Face models.
 /// `x`: (b, n_heads, seq, head_dim); `cos`, `sin`: (seq, head_dim / 2).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
@@ -254,6 +274,31 @@ pub fn kv_write(buf: &Tensor, new: &Tensor, pos: &Tensor) -> Result<()> {
     buf.inplace_op3(&new, pos, &crate::cpu_fused::KvWrite)
 }
 
+/// A decode step's rotary embedding and cache write at a device position: returns `q` (1,
+/// n_heads, 1, d) rotated, and writes `k` (1, n_kv, 1, d) rotated and `v` into `kbuf` / `vbuf`
+/// at `pos`, as [`rope`] and [`kv_write`] do. On a GPU one kernel does all four (a launch each
+/// cost ~3 us of a replayed step); `LMX_CUDA_ROPE_KV=0` takes the four, for comparisons.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_kv_write(q: &Tensor, k: &Tensor, v: &Tensor, cos: &Tensor, sin: &Tensor, kbuf: &Tensor, vbuf: &Tensor, pos: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused_cuda(q) && cuda_rope_kv() && !on_tape(&[q, k, v]) && [k, v, cos, sin, kbuf, vbuf].iter().all(|t| t.dtype() == q.dtype()) {
+        let op = crate::cuda_fused::RopeKvWrite { cos: cos.contiguous()?, sin: sin.contiguous()?, kbuf: kbuf.clone(), vbuf: vbuf.clone(), pos: pos.clone() };
+        let contiguous_heads = |t: &Tensor| if t.stride().last() == Some(&1) { Ok(t.clone()) } else { t.contiguous() };
+        return contiguous_heads(q)?.apply_op3_no_bwd(&contiguous_heads(k)?, &contiguous_heads(v)?, &op);
+    }
+    let q = rope(q, cos, sin)?;
+    kv_write(kbuf, &rope(k, cos, sin)?, pos)?;
+    kv_write(vbuf, v, pos)?;
+    Ok(q)
+}
+
+/// Whether [`rope_kv_write`] takes its one CUDA kernel (`LMX_CUDA_ROPE_KV=0`: four launches).
+#[cfg(feature = "cuda")]
+fn cuda_rope_kv() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| !std::env::var("LMX_CUDA_ROPE_KV").is_ok_and(|v| v == "0"))
+}
+
 /// Scaled dot-product attention with grouped-query heads.
 ///
 /// `q`: (b, n_heads, q_len, head_dim); `k`, `v`: (b, n_kv_heads, kv_len, head_dim); `mask`:
@@ -414,6 +459,32 @@ mod tests {
         // The composed path really is on the tape.
         let grads = rms_norm(xt, &w, 1e-5)?.sum_all()?.backward()?;
         assert!(grads.get(xt).is_some());
+        Ok(())
+    }
+
+    /// The fused residual add + norm equals the add, then the norm, bit for bit (f32 and bf16,
+    /// rows of SmolLM2-sized outliers), and its composed path (on the tape) agrees.
+    #[test]
+    fn add_rms_norm_equals_the_add_then_the_norm() -> Result<()> {
+        let dev = Device::Cpu;
+        for dtype in [DType::F32, DType::BF16] {
+            let x = (Tensor::randn(0f32, 300.0, (2, 3, 64), &dev)?).to_dtype(dtype)?;
+            let h = Tensor::randn(0f32, 1.0, (2, 3, 64), &dev)?.to_dtype(dtype)?;
+            let w = Tensor::randn(1f32, 0.1, 64, &dev)?.to_dtype(dtype)?;
+            let (sum, normed) = add_rms_norm(&x, &h, &w, 1e-5)?;
+            let want_sum = (&x + &h)?;
+            let want = rms_norm(&want_sum, &w, 1e-5)?;
+            assert_eq!(sum.dims(), x.dims());
+            assert_eq!(max_abs_diff(&sum.to_dtype(DType::F32)?, &want_sum.to_dtype(DType::F32)?), 0.0, "{dtype:?} sum");
+            assert_eq!(max_abs_diff(&normed.to_dtype(DType::F32)?, &want.to_dtype(DType::F32)?), 0.0, "{dtype:?} norm");
+        }
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 4, 8), &dev)?)?;
+        let h = Tensor::randn(0f32, 1.0, (1, 4, 8), &dev)?;
+        let w = Tensor::randn(0f32, 1.0, 8, &dev)?;
+        let (_, on_tape) = add_rms_norm(x.as_tensor(), &h, &w, 1e-5)?;
+        let (_, fused) = add_rms_norm(&x.as_tensor().detach(), &h, &w, 1e-5)?;
+        assert!(max_abs_diff(&on_tape, &fused) < 1e-5);
+        assert!(on_tape.sum_all()?.backward()?.get(x.as_tensor()).is_some());
         Ok(())
     }
 

@@ -295,8 +295,12 @@ impl Attention {
             self.attend_rows(&q, &k, &v, input, cache, layer_idx)?
         } else {
             let (cos, sin) = input.table(self.rope_table)?.cos_sin(0)?;
-            let q = self.rotate(&q, cos, sin)?;
-            let view = cache.append(0, layer_idx, &self.rotate(&k, cos, sin)?, &v)?;
+            // At a device position the rotation and the cache write are one op.
+            let fused = if self.rotary_dim == self.head_dim { cache.append_rotating(0, layer_idx, &q, &k, &v, cos, sin)? } else { None };
+            let (q, view) = match fused {
+                Some(done) => done,
+                None => (self.rotate(&q, cos, sin)?, cache.append(0, layer_idx, &self.rotate(&k, cos, sin)?, &v)?),
+            };
             self.attend(&q, view, input, cache.row_window(0))?
         };
         self.o_proj.forward(&y.transpose(1, 2)?.reshape((b, l, self.n_heads * self.head_dim))?)

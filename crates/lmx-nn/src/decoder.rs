@@ -83,6 +83,25 @@ pub trait Layer: Send + Sync + 'static {
     /// (b, l, hidden) -> (b, l, hidden); `cache` holds this layer's keys and values at
     /// `layer_idx`.
     fn forward(&self, x: &Tensor, input: &AttentionInput, cache: &mut KvCache, layer_idx: usize) -> Result<Tensor>;
+
+    /// The layer on `x + pending` (the previous layer's last residual addition, left for this
+    /// layer's first norm to fuse), returning (x, h) whose sum is its output, its own last
+    /// addition left pending in turn. Layers that fuse nothing add first and leave nothing.
+    fn forward_pending(&self, x: &Tensor, pending: Option<&Tensor>, input: &AttentionInput, cache: &mut KvCache, layer_idx: usize) -> Result<(Tensor, Option<Tensor>)> {
+        let x = match pending {
+            Some(h) => (x + h)?,
+            None => x.clone(),
+        };
+        Ok((self.forward(&x, input, cache, layer_idx)?, None))
+    }
+}
+
+/// `x + pending` (x with nothing pending).
+fn settled(x: Tensor, pending: Option<Tensor>) -> Result<Tensor> {
+    match pending {
+        Some(h) => x + h,
+        None => Ok(x),
+    }
 }
 
 /// The pre-norm decoder layer of the Llama family:
@@ -177,10 +196,18 @@ impl DecoderLayer {
 
 impl Layer for DecoderLayer {
     fn forward(&self, x: &Tensor, input: &AttentionInput, cache: &mut KvCache, layer_idx: usize) -> Result<Tensor> {
-        let h = self.self_attn.forward(&self.input_layernorm.forward(x)?, input, cache, layer_idx)?;
-        let x = (x + h)?;
-        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
-        x + h
+        let (x, h) = self.forward_pending(x, None, input, cache, layer_idx)?;
+        settled(x, h)
+    }
+
+    /// Each residual addition fused with the norm after it (one op instead of two); the
+    /// layer's last addition is left to the next layer's (or the final) norm.
+    fn forward_pending(&self, x: &Tensor, pending: Option<&Tensor>, input: &AttentionInput, cache: &mut KvCache, layer_idx: usize) -> Result<(Tensor, Option<Tensor>)> {
+        let (x, normed) = self.input_layernorm.forward_pending(x, pending)?;
+        let h = self.self_attn.forward(&normed, input, cache, layer_idx)?;
+        let (x, normed) = self.post_attention_layernorm.forward_add(&x, &h)?;
+        let h = self.mlp.forward(&normed)?;
+        Ok((x, Some(h)))
     }
 }
 
@@ -371,8 +398,8 @@ impl<L: Layer> Decoder<L> {
     }
 
     /// This process's layers over hidden states `x` (b, l, hidden), after the positions
-    /// `cache` holds.
-    fn run_layers(&self, mut x: Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    /// `cache` holds: (x, h) whose sum is the last layer's output.
+    fn run_layers(&self, mut x: Tensor, cache: &mut KvCache) -> Result<(Tensor, Option<Tensor>)> {
         let l = x.dim(1)?;
         // Rows at different positions (a batch of sequences of different lengths) each get
         // their own rotary angles.
@@ -395,21 +422,25 @@ impl<L: Layer> Decoder<L> {
         let checkpointing = self.training.as_ref().and_then(|t| t.checkpointing());
         // The cache holds this process's layers only (a pipeline stage's range), so the
         // positions it counts are those of its own first layer.
+        // Each layer's last residual addition is left pending for the next norm to fuse.
+        let mut pending = None;
         for (layer_idx, layer) in self.layers.iter().enumerate() {
-            x = match &checkpointing {
+            (x, pending) = match &checkpointing {
                 Some(ck) if self.first_layer + layer_idx >= ck.first_layer => {
                     let (layer, input) = (layer.clone(), input.clone());
-                    crate::checkpoint::layer(ck, &x, move |x| layer.forward(x, &input, &mut KvCache::uncached(), 0))?
+                    let x = settled(x, pending)?;
+                    (crate::checkpoint::layer(ck, &x, move |x| layer.forward(x, &input, &mut KvCache::uncached(), 0))?, None)
                 }
-                _ => layer.forward(&x, &input, cache, layer_idx)?,
+                _ => layer.forward_pending(&x, pending.as_ref(), &input, cache, layer_idx)?,
             };
         }
-        Ok(x)
+        Ok((x, pending))
     }
 
-    /// The final norm, the positions asked for, the output projection and capping: f32 logits.
-    fn head(&self, x: &Tensor, logits: &Logits) -> Result<Tensor> {
-        let x = logits.select(&self.norm.forward(x)?)?;
+    /// The final norm (of x + pending), the positions asked for, the output projection and
+    /// capping: f32 logits.
+    fn head(&self, (x, pending): &(Tensor, Option<Tensor>), logits: &Logits) -> Result<Tensor> {
+        let x = logits.select(&self.norm.forward_pending(x, pending.as_ref())?.1)?;
         let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
         match self.style.logit_softcap {
             Some(cap) => (logits / cap)?.tanh()? * cap,
@@ -453,7 +484,7 @@ impl<L: Layer> Decoder<L> {
                 self.run_layers(x, cache)?
             };
             if rank < last {
-                g.send(&x, rank + 1, PIPELINE_WAIT)?;
+                g.send(&settled(x.0, x.1)?, rank + 1, PIPELINE_WAIT)?;
             } else if by_rows || matches!(logits, Logits::All) || piece == pieces - 1 {
                 outputs.push(self.head(&x, &logits)?);
             }

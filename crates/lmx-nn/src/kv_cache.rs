@@ -273,6 +273,19 @@ impl LayerKv {
         Ok(KvView::Upto { k: kb.clone(), v: vb.clone(), pos: pos.clone() })
     }
 
+    /// [`Self::append_at`] of keys still to be rotated by `cos`/`sin`: returns the rotated
+    /// queries `q` too (`ops::rope_kv_write`: one kernel on a GPU).
+    #[allow(clippy::too_many_arguments)]
+    fn append_at_rotating(&mut self, q: &Tensor, k: &Tensor, v: &Tensor, cos: &Tensor, sin: &Tensor, pos: &Tensor) -> Result<(Tensor, KvView)> {
+        let Store::Growing { k: kb, v: vb } = &self.store else { lmx_core::bail!("a device-position step needs a growing cache") };
+        if k.dim(2)? != 1 || self.offset >= kb.dim(2)? {
+            lmx_core::bail!("a device-position step appends one position to a buffer with room for it ({} new, {} of {} held)", k.dim(2)?, self.offset, kb.dim(2)?);
+        }
+        let q = lmx_core::ops::rope_kv_write(q, k, v, cos, sin, kb, vb, pos)?;
+        self.offset += 1;
+        Ok((q, KvView::Upto { k: kb.clone(), v: vb.clone(), pos: pos.clone() }))
+    }
+
     /// Makes room for `extra` more positions in a growing buffer; true when it was reallocated.
     fn reserve(&mut self, extra: usize) -> Result<bool> {
         let offset = self.offset;
@@ -653,6 +666,20 @@ impl KvCache {
         for l in self.rows.iter_mut().flat_map(|r| &mut r.layers) {
             l.offset += n;
         }
+    }
+
+    /// At a device position (a recorded decode step): rotates `q` and `k` (1, heads, 1, d) by
+    /// `cos`/`sin` ("rotate half") and appends `k`, `v` to row `row`'s layer `layer_idx` in one
+    /// op; returns the rotated queries and the layer's keys and values. None without a device
+    /// position (the caller rotates, then [`Self::append`]s).
+    #[allow(clippy::too_many_arguments)]
+    pub fn append_rotating(&mut self, row: usize, layer_idx: usize, q: &Tensor, k: &Tensor, v: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<(Tensor, KvView)>> {
+        let Some(pos) = self.position.clone().filter(|_| self.store) else { return Ok(None) };
+        let n_rows = self.rows.len();
+        let Some(seq) = self.rows.get_mut(row) else { lmx_core::bail!("kv cache: row {row} of a cache for {n_rows} sequences") };
+        let n_layers = seq.layers.len();
+        let Some(layer) = seq.layers.get_mut(layer_idx) else { lmx_core::bail!("kv cache: layer {layer_idx} of a cache for {n_layers} layers") };
+        layer.append_at_rotating(q, k, v, cos, sin, &pos).map(Some)
     }
 
     /// Appends `k`, `v` (b, n_kv_heads, seq_len, head_dim) to row `row`'s layer `layer_idx`

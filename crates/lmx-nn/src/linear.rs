@@ -197,3 +197,18 @@ impl Module for RmsNorm {
         ops::rms_norm(x, &self.weight, self.eps as f32)
     }
 }
+
+impl RmsNorm {
+    /// `x + h` and the norm of it, in one op ([`ops::add_rms_norm`]): (sum, normalised sum).
+    pub fn forward_add(&self, x: &Tensor, h: &Tensor) -> Result<(Tensor, Tensor)> {
+        ops::add_rms_norm(x, h, &self.weight, self.eps as f32)
+    }
+
+    /// The norm of `x + pending` (of `x` with nothing pending): (the sum, its norm).
+    pub fn forward_pending(&self, x: &Tensor, pending: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+        match pending {
+            Some(h) => self.forward_add(x, h),
+            None => Ok((x.clone(), self.forward(x)?)),
+        }
+    }
+}

@@ -295,91 +295,6 @@ __device__ void qmv8x(const uint4* w0, const float2* s0, int rows0, const uint4*
     else qmv8_block<T, BITS, R, M>(w2, s2, act, y, rows2, cols, gs, m, b - n0 - n1, total, rows0 + rows1);
 }
 
-// One row of coded activations (decode) times up to three matrices sharing it (rows1 = rows2 =
-// 0 for fewer) by a fixed grid of a few blocks per multiprocessor, each walking the matrices'
-// blocks of R rows grid-stride with its next 16-byte loads issued before the current step's
-// sums. With a block per R rows (qmv8x), a block of 4 rows takes 96 registers a thread, so 5
-// blocks fit a multiprocessor and the 1,024 blocks of a 4096-row product ran as 1.6 waves,
-// each thread's loads waiting alone. The sums are qmv8_block's (the same integer arithmetic,
-// the same order of float additions).
-template <typename T, int BITS, int R>
-__device__ void qmv8p(const uint4* __restrict__ w0, const float2* __restrict__ s0, int rows0, const uint4* __restrict__ w1,
-                      const float2* __restrict__ s1, int rows1, const uint4* __restrict__ w2, const float2* __restrict__ s2, int rows2,
-                      const int* __restrict__ act, T* __restrict__ y, int cols, int gs) {
-    __shared__ float red[4][R];
-    const int tid = threadIdx.x, lane = tid % 32, wid = tid / 32;
-    const int units = cols * BITS / 128, per = 128 / BITS, ints = per / 4;
-    const int groups = cols / gs;
-    const int n0 = (rows0 + R - 1) / R, n1 = (rows1 + R - 1) / R, n2 = (rows2 + R - 1) / R, nb = n0 + n1 + n2;
-    const int usteps = (units + 127) / 128;
-    const int mine = (int)blockIdx.x < nb ? (nb - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x : 0;
-    const int total = mine * usteps;
-    // Step s: row block b = blockIdx.x + (s / usteps) * gridDim.x of the matrices' blocks, unit
-    // u = tid + (s % usteps) * 128 of its rows.
-    auto locate = [&](int b, const uint4*& w, const float2*& sb, int& rows, int& first_row, int& yoff) {
-        if (b < n0) { w = w0; sb = s0; rows = rows0; first_row = b * R; yoff = 0; }
-        else if (b < n0 + n1) { w = w1; sb = s1; rows = rows1; first_row = (b - n0) * R; yoff = rows0; }
-        else { w = w2; sb = s2; rows = rows2; first_row = (b - n0 - n1) * R; yoff = rows0 + rows1; }
-    };
-    auto fetch = [&](int s, uint4* wo, float2* po) {
-        int b = (int)blockIdx.x + (s / usteps) * (int)gridDim.x, u = tid + (s % usteps) * 128;
-        const uint4* w; const float2* sb; int rows, r0, yoff;
-        locate(b, w, sb, rows, r0, yoff);
-        if (u < units) {
-            int g = u * per / gs;
-            for (int j = 0; j < R; j++) {
-                int r = min(r0 + j, rows - 1);
-                wo[j] = __ldg(w + (size_t)r * units + u);
-                po[j] = __ldg(sb + (size_t)r * groups + g);
-            }
-        }
-    };
-    uint4 wv[R], nw[R];
-    float2 p[R], np[R];
-    if (total > 0) fetch(0, wv, p);
-    const float* fl = (const float*)(act + cols / 2);
-    float acc[R];
-    for (int j = 0; j < R; j++) acc[j] = 0.f;
-    for (int s = 0; s < total; s++) {
-        if (s + 1 < total) fetch(s + 1, nw, np);
-        int u = tid + (s % usteps) * 128;
-        if (u < units) {
-            int e0 = u * per, g = e0 / gs;
-            int c[8], f[8];
-            const int4* ca = (const int4*)(act + e0 / 4);
-            const int4* fa = (const int4*)(act + cols / 4 + e0 / 4);
-            for (int q = 0; q < ints / 4; q++) {
-                int4 cv = __ldg(ca + q), fv = __ldg(fa + q);
-                c[4 * q] = cv.x; c[4 * q + 1] = cv.y; c[4 * q + 2] = cv.z; c[4 * q + 3] = cv.w;
-                f[4 * q] = fv.x; f[4 * q + 1] = fv.y; f[4 * q + 2] = fv.z; f[4 * q + 3] = fv.w;
-            }
-            float dx = __ldg(fl + g), xs = e0 % gs == 0 ? __ldg(fl + groups + g) : 0.f;
-            for (int j = 0; j < R; j++) {
-                int ic = 0, ifn = 0;
-                step_sums<BITS>(wv[j], c, f, ic, ifn);
-                float isum = (float)ic + (float)ifn * (1.f / 254.f);
-                acc[j] += p[j].x * dx * isum + p[j].y * xs;
-            }
-        }
-        if (s % usteps == usteps - 1) {
-            for (int j = 0; j < R; j++) {
-                float v = acc[j];
-                for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-                if (lane == 0) red[wid][j] = v;
-                acc[j] = 0.f;
-            }
-            __syncthreads();
-            if (tid < R) {
-                const uint4* w; const float2* sb; int rows, r0, yoff;
-                locate((int)blockIdx.x + (s / usteps) * (int)gridDim.x, w, sb, rows, r0, yoff);
-                if (r0 + tid < rows) store(y, (size_t)yoff + r0 + tid, red[0][tid] + red[1][tid] + red[2][tid] + red[3][tid]);
-            }
-            __syncthreads();
-        }
-        for (int j = 0; j < R; j++) { wv[j] = nw[j]; p[j] = np[j]; }
-    }
-}
-
 extern "C" __global__ void lmx_qmv_f32(const unsigned int* w, const float* sb, const float* x, float* y, int rows, int cols, int bits, int gs, int m) { qmv(w, sb, x, y, rows, cols, bits, gs, m); }
 extern "C" __global__ void lmx_qmv_bf16(const unsigned int* w, const float* sb, const unsigned short* x, unsigned short* y, int rows, int cols, int bits, int gs, int m) { qmv(w, sb, x, y, rows, cols, bits, gs, m); }
 extern "C" __global__ void lmx_dequant_f32(const unsigned int* w, const float* sb, float* out, int rows, int cols, int bits, int gs) { dequant(w, sb, out, rows, cols, bits, gs); }
@@ -388,12 +303,14 @@ extern "C" __global__ void lmx_dequant_words_f32(const unsigned int* w, const fl
 extern "C" __global__ void lmx_dequant_words_bf16(const unsigned int* w, const float* sb, unsigned short* out, int rows, int cols, int bits, int gs) { dequant_words(w, sb, out, rows, cols, bits, gs); }
 extern "C" __global__ void lmx_q8act_f32(const float* x, int* out, int m, int cols, int gs, int bits) { q8act(x, out, m, cols, gs, bits); }
 extern "C" __global__ void lmx_q8act_bf16(const unsigned short* x, int* out, int m, int cols, int gs, int bits) { q8act(x, out, m, cols, gs, bits); }
-#define QMV8(T, TN, B, R, M) extern "C" __global__ void lmx_qmv8_##TN##_##B##_##R##_##M(const uint4* w, const float2* sb, const int* act, T* y, int rows, int cols, int gs, int m) { qmv8<T, B, R, M>(w, sb, act, y, rows, cols, gs, m); }
-#define QMV8X(T, TN, B, R, M) extern "C" __global__ void lmx_qmv8x_##TN##_##B##_##R##_##M(const uint4* w0, const float2* s0, int rows0, const uint4* w1, const float2* s1, int rows1, const uint4* w2, const float2* s2, int rows2, const int* act, T* y, int cols, int gs, int m) { qmv8x<T, B, R, M>(w0, s0, rows0, w1, s1, rows1, w2, s2, rows2, act, y, cols, gs, m); }
+#if QMV_MIN_BLOCKS > 0
+#define QMV_BOUNDS __launch_bounds__(128, QMV_MIN_BLOCKS)
+#else
+#define QMV_BOUNDS
+#endif
+#define QMV8(T, TN, B, R, M) extern "C" __global__ void QMV_BOUNDS lmx_qmv8_##TN##_##B##_##R##_##M(const uint4* w, const float2* sb, const int* act, T* y, int rows, int cols, int gs, int m) { qmv8<T, B, R, M>(w, sb, act, y, rows, cols, gs, m); }
+#define QMV8X(T, TN, B, R, M) extern "C" __global__ void QMV_BOUNDS lmx_qmv8x_##TN##_##B##_##R##_##M(const uint4* w0, const float2* s0, int rows0, const uint4* w1, const float2* s1, int rows1, const uint4* w2, const float2* s2, int rows2, const int* act, T* y, int cols, int gs, int m) { qmv8x<T, B, R, M>(w0, s0, rows0, w1, s1, rows1, w2, s2, rows2, act, y, cols, gs, m); }
 #define QMV8_ROWS(T, TN, B, M) QMV8(T, TN, B, 1, M) QMV8(T, TN, B, 2, M) QMV8(T, TN, B, 4, M) QMV8X(T, TN, B, 1, M) QMV8X(T, TN, B, 2, M) QMV8X(T, TN, B, 4, M)
-#define QMV8P(T, TN, B, R) extern "C" __global__ void __launch_bounds__(128) lmx_qmv8p_##TN##_##B##_##R(const uint4* w0, const float2* s0, int rows0, const uint4* w1, const float2* s1, int rows1, const uint4* w2, const float2* s2, int rows2, const int* act, T* y, int cols, int gs) { qmv8p<T, B, R>(w0, s0, rows0, w1, s1, rows1, w2, s2, rows2, act, y, cols, gs); }
-#define QMV8P_ROWS(T, TN) QMV8P(T, TN, 4, 1) QMV8P(T, TN, 4, 2) QMV8P(T, TN, 4, 4) QMV8P(T, TN, 8, 1) QMV8P(T, TN, 8, 2) QMV8P(T, TN, 8, 4)
-QMV8P_ROWS(float, f32) QMV8P_ROWS(unsigned short, bf16)
 QMV8_ROWS(float, f32, 4, 1) QMV8_ROWS(float, f32, 4, 8) QMV8_ROWS(float, f32, 8, 1) QMV8_ROWS(float, f32, 8, 8)
 QMV8_ROWS(unsigned short, bf16, 4, 1) QMV8_ROWS(unsigned short, bf16, 4, 8) QMV8_ROWS(unsigned short, bf16, 8, 1) QMV8_ROWS(unsigned short, bf16, 8, 8)
 "#;
@@ -401,10 +318,18 @@ QMV8_ROWS(unsigned short, bf16, 4, 1) QMV8_ROWS(unsigned short, bf16, 4, 8) QMV8
 /// Rows of x up to which products take the matrix-vector kernel (beyond: dequantize + cuBLAS).
 pub(super) const MAX_QMV_ROWS: usize = 8;
 
-/// The kernels' PTX, compiled once per process.
+/// The kernels' PTX, compiled once per process. `LMX_CUDA_QMV_MIN_BLOCKS=N` asks the compiler
+/// to fit N blocks of the integer products on a multiprocessor (registers capped to fit; by
+/// default they are free: 96 a thread for 4 rows, 5 blocks), to measure occupancy against
+/// spilling.
 fn ptx() -> Result<&'static str> {
     static PTX: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
-    crate::cuda_fused::ptx(&PTX, SRC)
+    static SOURCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let source = SOURCE.get_or_init(|| {
+        let min_blocks: u32 = std::env::var("LMX_CUDA_QMV_MIN_BLOCKS").ok().and_then(|v| v.parse().ok()).filter(|n| (1..=16).contains(n)).unwrap_or(0);
+        format!("#define QMV_MIN_BLOCKS {min_blocks}\n{SRC}")
+    });
+    crate::cuda_fused::ptx(&PTX, source)
 }
 
 /// The matrix on one CUDA device: packed words (rows, words) u32 and (scale, bias) pairs per
@@ -539,68 +464,6 @@ fn rows_per_block(rows: usize, bits: usize) -> usize {
     static FIXED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     let fixed = *FIXED.get_or_init(|| std::env::var("LMX_CUDA_QMV_ROWS").ok().and_then(|v| v.parse().ok()).filter(|r| matches!(r, 1 | 2 | 4)));
     fixed.unwrap_or(if bits == 4 { 4 } else { 2 }).min(rows.next_power_of_two())
-}
-
-/// Whether one-row integer products take the persistent kernel (`qmv8p`: a grid of one wave,
-/// each block walking its share of the rows); `LMX_CUDA_QMV=blocks` keeps a block per R rows
-/// (`qmv8` / `qmv8x`), for comparisons.
-fn persistent() -> bool {
-    static BLOCKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    !*BLOCKS.get_or_init(|| std::env::var("LMX_CUDA_QMV").is_ok_and(|v| v == "blocks"))
-}
-
-/// Multiprocessors of the device running `dev`'s stream (read once per process: lmx drives
-/// one kind of card at a time).
-fn multiprocessors(dev: &candle_core::CudaDevice) -> Result<usize> {
-    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    if let Some(n) = N.get() {
-        return Ok(*n);
-    }
-    let attr = candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
-    let n = dev.cuda_stream().context().attribute(attr).w()?.max(1) as usize;
-    Ok(*N.get_or_init(|| n))
-}
-
-type DeviceMatrix<'a, 'b> = (&'b candle_core::cuda_backend::cudarc::driver::CudaView<'a, u32>, &'b candle_core::cuda_backend::cudarc::driver::CudaView<'a, f32>, i32);
-
-/// y (1, total) = one row of coded activations `act` times three matrices (packed words,
-/// (scale, bias) pairs, rows; zero rows for fewer), by `qmv8p` on as many blocks as the
-/// device holds at once (`LMX_CUDA_QMV_BLOCKS_PER_SM` fixes the blocks per multiprocessor).
-#[allow(clippy::too_many_arguments)]
-fn launch_persistent(dev: &candle_core::CudaDevice, mats: &[DeviceMatrix<'_, '_>], act: &candle_core::cuda_backend::cudarc::driver::CudaSlice<u32>, total: usize, cols: usize, bits: usize, group_size: usize, dtype: DType) -> Result<(CudaStorage, Shape)> {
-    static FIXED: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
-    let fixed = *FIXED.get_or_init(|| std::env::var("LMX_CUDA_QMV_BLOCKS_PER_SM").ok().and_then(|v| v.parse().ok()).filter(|&n: &u32| n > 0));
-    let per_block = mats.iter().filter(|m| m.2 > 0).map(|m| rows_per_block(m.2 as usize, bits)).min().unwrap_or(1);
-    let blocks: usize = mats.iter().map(|m| (m.2 as usize).div_ceil(per_block)).sum();
-    let name = |t: &str| format!("lmx_qmv8p_{t}_{bits}_{per_block}");
-    let (cols, gs) = (cols as i32, group_size as i32);
-    macro_rules! launch {
-        ($t:ty, $name:expr) => {{
-            let func = dev.get_or_load_custom_func(&name($name), "lmx_quant", ptx()?)?;
-            let per_sm = match fixed {
-                Some(n) => n,
-                None => func.occupancy_max_active_blocks_per_multiprocessor(128, 0, None).w()?.max(1),
-            };
-            let grid = blocks.min(multiprocessors(dev)? * per_sm as usize).max(1);
-            let cfg = LaunchConfig { grid_dim: (grid as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-            // SAFETY: every element is written by the kernel.
-            let y = unsafe { dev.alloc::<$t>(total)? };
-            let mut b = func.builder();
-            for (w, sb, rows) in mats {
-                b.arg(*w).arg(*sb).arg(rows);
-            }
-            b.arg(act).arg(&y).arg(&cols).arg(&gs);
-            // SAFETY: each matrix holds its rows of `cols` columns and (scale, bias) pairs, the
-            // codes one row of `cols`, y `total` values.
-            unsafe { b.launch(cfg) }.w()?;
-            CudaStorage::wrap_cuda_slice(y, dev.clone())
-        }};
-    }
-    let storage = match dtype {
-        DType::BF16 => launch!(half::bf16, "bf16"),
-        _ => launch!(f32, "f32"),
-    };
-    Ok((storage, Shape::from((1, total))))
 }
 
 /// Ints per activation row of the integer kernels' coded activations (`act_stride` there).
@@ -750,10 +613,6 @@ impl CustomOp3 for Qmv8 {
         let act = acts.as_cuda_slice::<u32>()?;
         let w = ws.as_cuda_slice::<u32>()?.slice(wl.start_offset()..);
         let sb = ss.as_cuda_slice::<f32>()?.slice(sl.start_offset()..);
-        if m == 1 && persistent() {
-            let mats = [(&w, &sb, spec.rows as i32), (&w, &sb, 0), (&w, &sb, 0)];
-            return launch_persistent(&dev, &mats, act, spec.rows, spec.cols, spec.bits, spec.group_size, self.dtype);
-        }
         let (rows, cols, gs, mm) = (spec.rows as i32, spec.cols as i32, spec.group_size as i32, m as i32);
         let per_block = rows_per_block(spec.rows, spec.bits);
         let cfg = LaunchConfig { grid_dim: (spec.rows.div_ceil(per_block) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
@@ -828,10 +687,6 @@ impl CustomOp1 for Qmv8Many {
         let total: usize = self.rows.iter().sum();
         let dev = acts.device().clone();
         let act = acts.as_cuda_slice::<u32>()?;
-        if m == 1 && persistent() {
-            let mats: Vec<_> = (0..3).map(|k| (&w[k], &sbs[k], rows[k])).collect();
-            return launch_persistent(&dev, &mats, act, total, self.cols, self.bits, self.group_size, self.dtype);
-        }
         let per_block = self.rows.iter().map(|&r| rows_per_block(r, self.bits)).min().unwrap_or(1);
         let blocks: usize = self.rows.iter().map(|r| r.div_ceil(per_block)).sum();
         let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
