@@ -32,13 +32,13 @@ log "greedy llama 4-bit f32, 300 tokens: graph vs cpu $(same "$(gen "$W/llama-4"
 BITS="4 8" python3 scripts/cuda/make_random_llama.py "$W/llama-8b" 2>&1 | tail -1 | tee -a "$RES"
 bench() { $LMX benchmark --model "$W/llama-8b-$1" --device cuda $2 2>&1 | tail -1 | sed 's/, peak_memory.*//'; }
 for m in 4bit bf16 8bit; do
-  for round in 1 2; do
+  rounds="1 2"; [ $m = 4bit ] || rounds=1
+  for round in $rounds; do
     log "round $round $m, fused:              $(bench $m '-p 128 -g 256 -n 2')"
     log "round $round $m, LMX_CUDA_ROPE_KV=0: $(LMX_CUDA_ROPE_KV=0 bench $m '-p 128 -g 256 -n 2')"
     log "round $round $m, both off:           $(LMX_CUDA_ROPE_KV=0 LMX_CUDA_ADD_NORM=0 bench $m '-p 128 -g 256 -n 2')"
   done
 done
-for m in 4bit 8bit; do for n in 6 8; do log "$m, LMX_CUDA_QMV_MIN_BLOCKS=$n: $(LMX_CUDA_QMV_MIN_BLOCKS=$n bench $m '-p 128 -g 256 -n 2')"; done; done
-log "bf16 prefill 4096: $(bench bf16 '-p 4096 -g 1 -n 2')"
+for m in 4bit 8bit; do for n in 8; do log "$m, LMX_CUDA_QMV_MIN_BLOCKS=$n: $(LMX_CUDA_QMV_MIN_BLOCKS=$n bench $m '-p 128 -g 256 -n 2')"; done; done
 export LMX
 OUT=${OUT:-.} bash scripts/cuda/profile.sh "$W/llama-8b-4bit" profile-4bit > /dev/null 2>&1; head -16 "${OUT:-.}/profile-4bit.txt" | tee -a "$RES"
