@@ -197,6 +197,9 @@ impl CustomOp2 for RmsNorm {
 pub struct AddRmsNorm {
     /// Added to the mean square.
     pub eps: f32,
+    /// On CUDA, a one-row buffer that also receives the normalised row coded for integer
+    /// products of (bits, group size) weights (see `quant::CodeTarget`).
+    pub codes: Option<(candle_core::Tensor, (usize, usize))>,
 }
 
 fn add_rms_norm_rows<T: Elem>(xs: &CpuStorage, xl: &Layout, hs: &CpuStorage, hl: &Layout, ws: &CpuStorage, wl: &Layout, eps: f32) -> Result<Vec<T>> {
@@ -220,12 +223,35 @@ impl CustomOp3 for AddRmsNorm {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, xs: &candle_core::CudaStorage, xl: &Layout, hs: &candle_core::CudaStorage, hl: &Layout, ws: &candle_core::CudaStorage, wl: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        if xl.dims() != hl.dims() || xl.dims().last() != Some(&wl.shape().elem_count()) || xs.dtype() != ws.dtype() || hs.dtype() != ws.dtype() || !xl.is_contiguous() || !hl.is_contiguous() || !wl.is_contiguous() {
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        hs: &candle_core::CudaStorage,
+        hl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if xl.dims() != hl.dims()
+            || xl.dims().last() != Some(&wl.shape().elem_count())
+            || xs.dtype() != ws.dtype()
+            || hs.dtype() != ws.dtype()
+            || !xl.is_contiguous()
+            || !hl.is_contiguous()
+            || !wl.is_contiguous()
+        {
             candle_core::bail!("add_rms_norm: x {:?} {:?}, h {:?} {:?} and weight {:?} {:?} disagree", xl.dims(), xs.dtype(), hl.dims(), hs.dtype(), wl.dims(), ws.dtype());
         }
         let shape = Shape::from([&[2], xl.dims()].concat());
-        Ok((crate::cuda_fused::add_rms_norm(xs, xl, hs, hl, ws, wl, self.eps)?, shape))
+        let guard = self.codes.as_ref().map(|(t, spec)| (t.storage_and_layout(), *spec));
+        let codes = match &guard {
+            Some(((storage, layout), spec)) => match &**storage {
+                candle_core::Storage::Cuda(c) => Some((c, *layout, *spec)),
+                _ => candle_core::bail!("add_rms_norm: the codes' buffer is not on the GPU"),
+            },
+            None => None,
+        };
+        Ok((crate::cuda_fused::add_rms_norm(xs, xl, hs, hl, ws, wl, self.eps, codes)?, shape))
     }
 }
 

@@ -56,9 +56,11 @@ __device__ void rms_norm(const T* x, const T* w, T* out, int d, float eps) {
 }
 
 // x + h rounded to T into `sum`, then the RMS norm of the sum into `out` (rms_norm's
-// arithmetic on the rounded sum): one block per row.
+// arithmetic on the rounded sum): one block per row. With `codes`, the normalised row is then
+// coded for the next integer product (`code8`, groups of `gs`, `bits`-bit weights' order), so
+// that no coding launch sits between the norm and the product.
 template <typename T>
-__device__ void add_rms_norm(const T* x, const T* h, const T* w, T* sum, T* out, int d, float eps) {
+__device__ void add_rms_norm(const T* x, const T* h, const T* w, T* sum, T* out, int d, float eps, int* codes, int gs, int bits) {
     __shared__ float red[32];
     size_t row = blockIdx.x;
     float ss = 0.f;
@@ -74,6 +76,38 @@ __device__ void add_rms_norm(const T* x, const T* h, const T* w, T* sum, T* out,
         float v = rnd(ld(x, row * d + i) + ld(h, row * d + i), out);
         st(out, row * d + i, rnd(v * r, out) * ld(w, i));
     }
+    if (codes == nullptr) return;
+    // The block's writes of `out` are visible to all its threads after the barrier.
+    __syncthreads();
+    int chunks = d / 8;
+    for (int base = 0; base < chunks; base += blockDim.x) {
+        int c = base + threadIdx.x;
+        bool live = c < chunks;
+        float v[8];
+        for (int k = 0; k < 8; k++) v[k] = live ? ld(out, row * d + c * 8 + k) : 0.f;
+        code8(v, codes + row * act_stride(d, d / gs), d, gs, bits, live ? c * 8 : 0, live);
+    }
+}
+
+// silu(g) * u as silu_mul, a thread per 8 values of rows of `cols`, each row's values coded
+// for the next integer product as they are written (`code8`).
+template <typename T>
+__device__ void silu_mul_coded(const T* g, const T* u, T* out, int rows, int cols, int* codes, int gs, int bits) {
+    long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    bool live = t < (long long)rows * (cols / 8);
+    long long tt = live ? t : 0;
+    int i = (int)(tt / (cols / 8)), e0 = (int)(tt % (cols / 8)) * 8;
+    float v[8];
+    for (int k = 0; k < 8; k++) {
+        v[k] = 0.f;
+        if (live) {
+            size_t at = (size_t)i * cols + e0 + k;
+            float gv = ld(g, at);
+            v[k] = rnd(gv / (1.f + __expf(-gv)) * ld(u, at), out);
+            st(out, at, v[k]);
+        }
+    }
+    code8(v, codes + (size_t)i * act_stride(cols, cols / gs), cols, gs, bits, e0, live);
 }
 
 template <typename T>
@@ -246,7 +280,8 @@ __device__ void causal_softmax(const T* s, T* out, int cols, int q_len, int offs
 #define INSTANTIATE(T, name) \
 extern "C" __global__ void lmx_causal_softmax_##name(const T* s, T* out, int cols, int q_len, int offset, int window, float scale, float softcap) { causal_softmax(s, out, cols, q_len, offset, window, scale, softcap); } \
 extern "C" __global__ void lmx_rms_norm_##name(const T* x, const T* w, T* out, int d, float eps) { rms_norm(x, w, out, d, eps); } \
-extern "C" __global__ void lmx_add_rms_norm_##name(const T* x, const T* h, const T* w, T* sum, T* out, int d, float eps) { add_rms_norm(x, h, w, sum, out, d, eps); } \
+extern "C" __global__ void lmx_add_rms_norm_##name(const T* x, const T* h, const T* w, T* sum, T* out, int d, float eps, int* codes, int gs, int bits) { add_rms_norm(x, h, w, sum, out, d, eps, codes, gs, bits); } \
+extern "C" __global__ void lmx_silu_mul_coded_##name(const T* g, const T* u, T* out, int rows, int cols, int* codes, int gs, int bits) { silu_mul_coded(g, u, out, rows, cols, codes, gs, bits); } \
 extern "C" __global__ void lmx_silu_mul_##name(const T* g, const T* u, T* out, long long n) { silu_mul(g, u, out, n); } \
 extern "C" __global__ void lmx_decode_attention_##name(const T* q, const T* k, const T* v, T* out, float* part, int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits, long long ks0, long long ks1, long long ks2, long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window) { decode_attention(q, k, v, out, part, n_heads, n_kv, kv_len, d, scale, chunk, splits, ks0, ks1, ks2, vs0, vs1, vs2, upto, window); } \
 extern "C" __global__ void lmx_combine_splits_##name(const float* part, T* out, int splits, int d) { combine_splits(part, out, splits, d); } \
@@ -264,7 +299,8 @@ pub(crate) fn ptx(cell: &'static std::sync::OnceLock<std::result::Result<String,
 
 fn fused_ptx() -> Result<&'static str> {
     static PTX: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
-    ptx(&PTX, SRC)
+    static SOURCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ptx(&PTX, SOURCE.get_or_init(|| format!("{}{SRC}", crate::quant::cuda::CODE_SRC)))
 }
 
 /// The name of kernel `base` for `dtype`: `lmx_{base}_{f32|bf16}`.
@@ -330,9 +366,28 @@ pub(crate) fn rms_norm(xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: &Lay
 
 /// `x + h` and its RMS norm with weight `w` (contiguous rows, one dtype): the sums, then the
 /// normalised sums, in one buffer of 2 * rows * d.
-pub(crate) fn add_rms_norm(xs: &CudaStorage, xl: &Layout, hs: &CudaStorage, hl: &Layout, ws: &CudaStorage, wl: &Layout, eps: f32) -> Result<CudaStorage> {
+/// With `codes` (a u32 buffer of `act_stride` ints for one row, (bits, group size)), the
+/// normalised row is coded into it as well.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn add_rms_norm(
+    xs: &CudaStorage,
+    xl: &Layout,
+    hs: &CudaStorage,
+    hl: &Layout,
+    ws: &CudaStorage,
+    wl: &Layout,
+    eps: f32,
+    codes: Option<(&CudaStorage, &Layout, (usize, usize))>,
+) -> Result<CudaStorage> {
     let d = wl.shape().elem_count();
     let rows = xl.shape().elem_count() / d;
+    let codes = match codes {
+        Some((cs, cl, (bits, gs))) if rows == 1 && cl.shape().elem_count() == crate::quant::cuda::act_stride(d, gs) && cl.is_contiguous() => {
+            Some((cs.as_cuda_slice::<u32>()?.slice(cl.start_offset()..), bits as i32, gs as i32))
+        }
+        Some(_) => candle_core::bail!("add_rms_norm: a codes buffer for one row of {d}, given {} rows", rows),
+        None => None,
+    };
     let dev = xs.device().clone();
     let func = dev.get_or_load_custom_func(&name("add_rms_norm", xs.dtype())?, "lmx_fused", fused_ptx()?)?;
     let threads = d.div_ceil(4).next_multiple_of(32).clamp(32, 1024) as u32;
@@ -344,13 +399,68 @@ pub(crate) fn add_rms_norm(xs: &CudaStorage, xl: &Layout, hs: &CudaStorage, hl: 
         let o = out::<T>(&dev, 2 * rows * d)?;
         let (sum, normed) = o.split_at(rows * d);
         let (di, e) = (d as i32, eps);
+        let none = 0u64;
         let mut b = func.builder();
         b.arg(&x).arg(&h).arg(&w).arg(&sum).arg(&normed).arg(&di).arg(&e);
-        // SAFETY: x and h hold rows * d values, w d, each half of o rows * d.
+        match &codes {
+            Some((c, bits, gs)) => b.arg(c).arg(gs).arg(bits),
+            None => b.arg(&none).arg(&0i32).arg(&0i32),
+        };
+        // SAFETY: x and h hold rows * d values, w d, each half of o rows * d; the codes'
+        // buffer (one row) act_stride(d) ints, or the pointer is null and not read.
         unsafe { b.launch(cfg) }.w()?;
         drop((sum, normed));
         Ok(CudaStorage::wrap_cuda_slice(o, dev))
     })
+}
+
+/// [`silu_mul`] of one row whose output is also coded for the next integer product into
+/// `codes` (a u32 buffer of `act_stride` ints, (bits, group size)); see `quant::CodeTarget`.
+pub(crate) struct SiluMulCoded {
+    pub codes: candle_core::Tensor,
+    pub spec: (usize, usize),
+}
+
+impl candle_core::CustomOp2 for SiluMulCoded {
+    fn name(&self) -> &'static str {
+        "lmx-silu-mul-coded"
+    }
+
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("lmx-silu-mul-coded runs on CUDA only")
+    }
+
+    fn cuda_fwd(&self, gs: &CudaStorage, gl: &Layout, us: &CudaStorage, ul: &Layout) -> Result<(CudaStorage, candle_core::Shape)> {
+        let cols = gl.dims().last().copied().unwrap_or(0);
+        let (bits, group) = self.spec;
+        let (cstore, cl) = self.codes.storage_and_layout();
+        let candle_core::Storage::Cuda(cs) = &*cstore else { candle_core::bail!("silu_mul: the codes' buffer is not on the GPU") };
+        if gl.dims() != ul.dims()
+            || gl.shape().elem_count() != cols
+            || !gl.is_contiguous()
+            || !ul.is_contiguous()
+            || cl.shape().elem_count() != crate::quant::cuda::act_stride(cols, group)
+            || cols % 8 != 0
+        {
+            candle_core::bail!("silu_mul: gate {:?} / up {:?} / codes {:?}: one contiguous row the codes fit", gl.dims(), ul.dims(), cl.dims());
+        }
+        let dev = gs.device().clone();
+        let func = dev.get_or_load_custom_func(&name("silu_mul_coded", gs.dtype())?, "lmx_fused", fused_ptx()?)?;
+        let cfg = LaunchConfig { grid_dim: ((cols / 8).div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let codes = cs.as_cuda_slice::<u32>()?.slice(cl.start_offset()..);
+        let (rows, ci, gsi, bi) = (1i32, cols as i32, group as i32, bits as i32);
+        let storage = typed!(gs.dtype(), T => {
+            let g = gs.as_cuda_slice::<T>()?.slice(gl.start_offset()..);
+            let u = us.as_cuda_slice::<T>()?.slice(ul.start_offset()..);
+            let o = out::<T>(&dev, cols)?;
+            let mut b = func.builder();
+            b.arg(&g).arg(&u).arg(&o).arg(&rows).arg(&ci).arg(&codes).arg(&gsi).arg(&bi);
+            // SAFETY: g, u and o hold one row of cols values, codes act_stride(cols) ints.
+            unsafe { b.launch(cfg) }.w()?;
+            CudaStorage::wrap_cuda_slice(o, dev)
+        });
+        Ok((storage, gl.shape().clone()))
+    }
 }
 
 /// `silu(g) * u` elementwise, contiguous inputs of one dtype.
@@ -522,7 +632,16 @@ pub(crate) fn rope_kv_write(
         candle_core::bail!("rope + kv write: q {:?} / k {:?} / v {:?} / buffer {:?}: one sequence, one new position", ql.dims(), kl.dims(), vl.dims(), kbl.dims());
     };
     let contiguous_heads = [ql, kl, vl].iter().all(|l| l.stride()[3] == 1);
-    if (dk, dv, db, nv, nkb) != (d, d, d, nkv, nkv) || vbl.dims() != kbl.dims() || !contiguous_heads || !cl.is_contiguous() || !sl.is_contiguous() || !kbl.is_contiguous() || !vbl.is_contiguous() || cl.shape().elem_count() != d / 2 || d % 2 != 0 {
+    if (dk, dv, db, nv, nkb) != (d, d, d, nkv, nkv)
+        || vbl.dims() != kbl.dims()
+        || !contiguous_heads
+        || !cl.is_contiguous()
+        || !sl.is_contiguous()
+        || !kbl.is_contiguous()
+        || !vbl.is_contiguous()
+        || cl.shape().elem_count() != d / 2
+        || d % 2 != 0
+    {
         candle_core::bail!("rope + kv write: q {:?} / k {:?} / v {:?} / cos {:?} / buffers {:?}, {:?} do not fit", ql.dims(), kl.dims(), vl.dims(), cl.dims(), kbl.dims(), vbl.dims());
     }
     let dev = qs.device().clone();
@@ -565,7 +684,15 @@ impl candle_core::CustomOp3 for RopeKvWrite {
         "lmx-rope-kv-write"
     }
 
-    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout, _: &candle_core::CpuStorage, _: &Layout, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         candle_core::bail!("lmx-rope-kv-write runs on CUDA only")
     }
 

@@ -67,13 +67,43 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
 /// Returns (sum, normalised sum), equal to the separate add and norm; off the tape one pass
 /// (one launch on a GPU instead of two), else the composition.
 pub fn add_rms_norm(x: &Tensor, h: &Tensor, weight: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
-    if !on_tape(&[x, h, weight]) && x.dtype() == weight.dtype() && h.dtype() == weight.dtype() && x.dims() == h.dims() && (x.device().is_cpu() || (fused_cuda(x) && cuda_fused_norm() && cuda_add_norm())) {
-        let both = x.contiguous()?.apply_op3_no_bwd(&h.contiguous()?, &weight.contiguous()?, &crate::cpu_fused::AddRmsNorm { eps })?;
-        return Ok((both.get(0)?, both.get(1)?));
+    add_rms_norm_coded(x, h, weight, eps, None)
+}
+
+/// [`add_rms_norm`] whose normalised sum, for one row on a GPU, is also coded into `target`
+/// for the integer products that read it next (offered to them: no coding launch between).
+pub fn add_rms_norm_coded(x: &Tensor, h: &Tensor, weight: &Tensor, eps: f32, target: Option<&crate::quant::CodeTarget>) -> Result<(Tensor, Tensor)> {
+    if !on_tape(&[x, h, weight])
+        && x.dtype() == weight.dtype()
+        && h.dtype() == weight.dtype()
+        && x.dims() == h.dims()
+        && (x.device().is_cpu() || (fused_cuda(x) && cuda_fused_norm() && cuda_add_norm()))
+    {
+        let codes = code_buffer(target, x)?;
+        let both = x.contiguous()?.apply_op3_no_bwd(&h.contiguous()?, &weight.contiguous()?, &crate::cpu_fused::AddRmsNorm { eps, codes: codes.clone() })?;
+        let (sum, normed) = (both.get(0)?, both.get(1)?);
+        #[cfg(feature = "cuda")]
+        if let Some((buf, spec)) = &codes {
+            crate::quant::cuda::offer_codes(&normed, *spec, buf);
+        }
+        return Ok((sum, normed));
     }
     let sum = (x + h)?;
     let normed = rms_norm(&sum, weight, eps)?;
     Ok((sum, normed))
+}
+
+/// `target`'s buffer for one row of `x` (a GPU decode step), with its (bits, group size).
+fn code_buffer(target: Option<&crate::quant::CodeTarget>, x: &Tensor) -> Result<Option<(Tensor, (usize, usize))>> {
+    #[cfg(feature = "cuda")]
+    if let Some(t) = target {
+        let cols = x.dims().last().copied().unwrap_or(0);
+        if x.device().is_cuda() && x.elem_count() == cols {
+            return Ok(t.buffer(cols, x.device())?.map(|b| (b.clone(), t.spec())));
+        }
+    }
+    let _ = (target, x);
+    Ok(None)
 }
 
 /// Whether [`add_rms_norm`] takes its one CUDA kernel (`LMX_CUDA_ADD_NORM=0`: an add and a
@@ -123,6 +153,21 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         return gate.contiguous()?.apply_op2_no_bwd(&up.contiguous()?, &crate::cpu_fused::SiluMul);
     }
     gate.silu()? * up
+}
+
+/// [`silu_mul`] whose output, for one row on a GPU, is also coded into `target` for the
+/// integer product that reads it next (offered to it: no coding launch between).
+pub fn silu_mul_coded(gate: &Tensor, up: &Tensor, target: Option<&crate::quant::CodeTarget>) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if !on_tape(&[gate, up]) && fused_cuda(gate) && gate.dtype() == up.dtype() && gate.dims() == up.dims() {
+        if let Some((buf, spec)) = code_buffer(target, gate)? {
+            let y = gate.contiguous()?.apply_op2_no_bwd(&up.contiguous()?, &crate::cuda_fused::SiluMulCoded { codes: buf.clone(), spec })?;
+            crate::quant::cuda::offer_codes(&y, spec, &buf);
+            return Ok(y);
+        }
+    }
+    let _ = target;
+    silu_mul(gate, up)
 }
 
 /// True when every value of `t` is finite (integer tensors always are): 0 * x is 0 for a

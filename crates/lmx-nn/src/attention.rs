@@ -260,6 +260,11 @@ impl Attention {
         })
     }
 
+    /// The (bits, group size) of the codes q, k and v's products read, if they agree.
+    pub fn input_code_spec(&self) -> Option<(usize, usize)> {
+        Linear::shared_code_spec(&[&self.q_proj, &self.k_proj, &self.v_proj])
+    }
+
     /// Rotates the first `rotary_dim` features of each head (all of them unless the model
     /// rotates part: Phi-4-mini's `partial_rotary_factor`).
     fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {

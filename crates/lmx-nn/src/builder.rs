@@ -503,11 +503,11 @@ impl Builder {
 
     /// The RMS norm at this prefix (weight of size `dim`).
     pub fn rms_norm(&self, dim: usize, eps: f64) -> Result<RmsNorm> {
-        Ok(RmsNorm { weight: self.get(dim, "weight")?, eps })
+        Ok(RmsNorm { weight: self.get(dim, "weight")?, eps, codes: None })
     }
 
     /// An RMS norm whose checkpoint stores `w` for a scale of `1 + w` (Gemma).
     pub fn rms_norm_one_plus(&self, dim: usize, eps: f64) -> Result<RmsNorm> {
-        Ok(RmsNorm { weight: (self.get(dim, "weight")? + 1.0)?, eps })
+        Ok(RmsNorm { weight: (self.get(dim, "weight")? + 1.0)?, eps, codes: None })
     }
 }

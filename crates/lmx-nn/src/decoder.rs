@@ -178,7 +178,19 @@ impl DecoderLayer {
             mlp: mlp.into(),
             input_layernorm: vb.pp("input_layernorm").rms_norm(h, rms_norm_eps)?,
             post_attention_layernorm: vb.pp("post_attention_layernorm").rms_norm(h, rms_norm_eps)?,
-        })
+        }
+        .coded())
+    }
+
+    /// Norms whose output feeds quantized products reading int8 codes write those too.
+    fn coded(mut self) -> Self {
+        if let SelfAttention::Standard(a) = &self.self_attn {
+            self.input_layernorm.code_for(a.input_code_spec());
+        }
+        if let FeedForward::Dense(m) = &self.mlp {
+            self.post_attention_layernorm.code_for(m.input_code_spec());
+        }
+        self
     }
 
     /// [`DecoderLayer::with_mlp`] with DeepSeek's latent attention (`self_attn` read as
@@ -190,7 +202,8 @@ impl DecoderLayer {
             mlp: mlp.into(),
             input_layernorm: vb.pp("input_layernorm").rms_norm(h, rms_norm_eps)?,
             post_attention_layernorm: vb.pp("post_attention_layernorm").rms_norm(h, rms_norm_eps)?,
-        })
+        }
+        .coded())
     }
 }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use lmx_core::frozen::Bf16Weight;
-use lmx_core::quant::QuantizedMatrix;
+use lmx_core::quant::{CodeTarget, QuantizedMatrix};
 use lmx_core::{ops, Device, Module, Result, Tensor};
 use lmx_dist::Group;
 
@@ -134,6 +134,23 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// The (bits, group size) of the int8 codes this layer's one-row products read on a GPU
+    /// ([`QuantizedMatrix::code_spec`]); None for other weights, or with an adapter.
+    pub fn code_spec(&self) -> Option<(usize, usize)> {
+        match (&self.weight, &self.adapter) {
+            (Weight::Quantized(q), None) => q.code_spec(),
+            _ => None,
+        }
+    }
+
+    /// The spec every layer of `layers` reads (they share an input), if they agree.
+    pub fn shared_code_spec(layers: &[&Linear]) -> Option<(usize, usize)> {
+        let spec = layers.first()?.code_spec()?;
+        layers.iter().all(|l| l.code_spec() == Some(spec)).then_some(spec)
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match (&self.weight, &self.adapter, &self.reduce) {
@@ -190,6 +207,9 @@ impl Module for Embedding {
 pub struct RmsNorm {
     pub(crate) weight: Tensor,
     pub(crate) eps: f64,
+    /// Where a fused residual add + norm also writes its output coded for the quantized
+    /// products that read it next (GPU decode; see [`lmx_core::quant::CodeTarget`]).
+    pub(crate) codes: Option<CodeTarget>,
 }
 
 impl Module for RmsNorm {
@@ -201,7 +221,13 @@ impl Module for RmsNorm {
 impl RmsNorm {
     /// `x + h` and the norm of it, in one op ([`ops::add_rms_norm`]): (sum, normalised sum).
     pub fn forward_add(&self, x: &Tensor, h: &Tensor) -> Result<(Tensor, Tensor)> {
-        ops::add_rms_norm(x, h, &self.weight, self.eps as f32)
+        ops::add_rms_norm_coded(x, h, &self.weight, self.eps as f32, self.codes.as_ref())
+    }
+
+    /// The norm's output feeds quantized products reading codes of `spec` (bits, group size):
+    /// a decode step's fused add + norm writes them too. None: plain output.
+    pub fn code_for(&mut self, spec: Option<(usize, usize)>) {
+        self.codes = spec.map(CodeTarget::new);
     }
 
     /// The norm of `x + pending` (of `x` with nothing pending): (the sum, its norm).

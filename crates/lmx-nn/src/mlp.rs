@@ -2,6 +2,7 @@
 //! Mistral, Qwen) or GeGLU (Gemma). Tensor parallelism splits the intermediate features:
 //! gate/up column-parallel, down row-parallel (on quantization group boundaries), one all-sum.
 
+use lmx_core::quant::CodeTarget;
 use lmx_core::{ops, Module, Result, Tensor};
 
 use crate::builder::{Builder, Shard};
@@ -27,6 +28,9 @@ pub struct Mlp {
     up_proj: Linear,
     down_proj: Linear,
     activation: Activation,
+    /// Where a decode step's SiLU product also writes its output coded for a quantized
+    /// `down_proj` (GPU; see [`lmx_core::quant::CodeTarget`]).
+    down_codes: Option<CodeTarget>,
 }
 
 impl Mlp {
@@ -45,7 +49,9 @@ impl Mlp {
             up_proj: vb.pp(up).linear(hidden_size, intermediate_size, bias, Shard::Column(part.clone()))?,
             down_proj: vb.pp(down).linear(intermediate_size, hidden_size, bias, Shard::Row(part))?,
             activation,
-        })
+            down_codes: None,
+        }
+        .coded())
     }
 }
 
@@ -62,14 +68,29 @@ impl Mlp {
             up_proj: fused.linear(hidden_size, 2 * intermediate_size, bias, Shard::Column(up))?,
             down_proj: vb.pp("down_proj").linear(intermediate_size, hidden_size, bias, Shard::Row(part))?,
             activation,
-        })
+            down_codes: None,
+        }
+        .coded())
     }
 }
 
 impl Mlp {
+    /// A SwiGLU block whose down projection reads int8 codes gets a target for them.
+    fn coded(mut self) -> Self {
+        if self.activation == Activation::Silu {
+            self.down_codes = self.down_proj.code_spec().map(CodeTarget::new);
+        }
+        self
+    }
+
+    /// The (bits, group size) of the codes the gate and up projections read, if they agree.
+    pub fn input_code_spec(&self) -> Option<(usize, usize)> {
+        Linear::shared_code_spec(&[&self.gate_proj, &self.up_proj])
+    }
+
     fn activate(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         match self.activation {
-            Activation::Silu => ops::silu_mul(gate, up),
+            Activation::Silu => ops::silu_mul_coded(gate, up, self.down_codes.as_ref()),
             Activation::GeluTanh => gate.gelu()? * up,
             Activation::ClampedSwiglu { alpha, limit } => {
                 let (alpha, limit) = (f64::from(alpha), f64::from(limit));

@@ -20,6 +20,57 @@ use candle_core::{CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, R
 
 use super::QuantizedMatrix;
 
+/// The two-level int8 coding of activations the integer products read (the CPU's
+/// `Q8Act::quantize_scalar`), shared by `q8act` here and by the kernels of `cuda_fused` that
+/// code their outputs for the next product (a norm, the SiLU product).
+pub(crate) const CODE_SRC: &str = r#"
+// Ints per activation row of coded activations: codes (cols / 4), fine codes (cols / 4), then
+// dx and sum(x) per group, padded to a multiple of 4 ints (16-byte loads).
+__device__ __forceinline__ int act_stride(int cols, int groups) { return cols / 2 + ((2 * groups + 3) & ~3); }
+
+__device__ __forceinline__ int pack4(int a, int b, int c, int d) {
+    return (int)((unsigned int)(a & 0xff) | ((unsigned int)(b & 0xff) << 8) | ((unsigned int)(c & 0xff) << 16) | ((unsigned int)(d & 0xff) << 24));
+}
+
+// Codes the 8 values `v` of elements [e0, e0 + 8) of a row of `cols` into `row` (act_stride
+// ints), products and differences rounded as written (no fused multiply-adds). Each int holds
+// the codes of 4 elements in the order the weights' bytes hold them: for 4 bits a packed
+// word's 8 elements go as [even elements][odd elements] (its bytes' low and high nibbles). A
+// group's threads are neighbours in a warp and every lane must call it (shuffles): `live`
+// false (v zeros) writes nothing.
+__device__ __forceinline__ void code8(const float* v, int* row, int cols, int gs, int bits, int e0, bool live) {
+    float amax = 0.f, sum = 0.f;
+    for (int k = 0; k < 8; k++) amax = fmaxf(amax, fabsf(v[k]));
+    for (int o = gs / 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    float dx = amax / 127.f;
+    float inv = dx > 0.f ? 1.f / dx : 0.f;
+    float inv_fine = __fmul_rn(inv, 254.f);
+    int c[8], f[8];
+    for (int k = 0; k < 8; k++) {
+        c[k] = __float2int_rn(__fmul_rn(v[k], inv));
+        float rest = __fmul_rn(__fsub_rn(v[k], __fmul_rn((float)c[k], dx)), inv_fine);
+        f[k] = __float2int_rn(fminf(fmaxf(rest, -127.f), 127.f));
+        sum += v[k];
+    }
+    for (int o = gs / 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (!live) return;
+    int groups = cols / gs;
+    int at = e0 / 4;
+    if (bits == 4) {
+        row[at] = pack4(c[0], c[2], c[4], c[6]); row[at + 1] = pack4(c[1], c[3], c[5], c[7]);
+        row[cols / 4 + at] = pack4(f[0], f[2], f[4], f[6]); row[cols / 4 + at + 1] = pack4(f[1], f[3], f[5], f[7]);
+    } else {
+        row[at] = pack4(c[0], c[1], c[2], c[3]); row[at + 1] = pack4(c[4], c[5], c[6], c[7]);
+        row[cols / 4 + at] = pack4(f[0], f[1], f[2], f[3]); row[cols / 4 + at + 1] = pack4(f[4], f[5], f[6], f[7]);
+    }
+    if (e0 % gs == 0) {
+        float* fl = (float*)(row + cols / 2);
+        fl[e0 / gs] = dx;
+        fl[groups + e0 / gs] = sum;
+    }
+}
+"#;
+
 /// Float products: one warp per output (row r of W, row i of x): lanes take consecutive
 /// packed words (coalesced), each word's elements share a group, and a word's products are
 /// summed as `scale * sum(q x) + bias * sum(x)`; widths that cross word boundaries read the
@@ -122,18 +173,7 @@ __device__ void dequant_words(const unsigned int* __restrict__ w, const float* _
     }
 }
 
-// Ints per activation row of q8act's output: codes (cols / 4), fine codes (cols / 4), then
-// dx and sum(x) per group, padded to a multiple of 4 ints (16-byte loads).
-__device__ __forceinline__ int act_stride(int cols, int groups) { return cols / 2 + ((2 * groups + 3) & ~3); }
-
-__device__ __forceinline__ int pack4(int a, int b, int c, int d) {
-    return (int)((unsigned int)(a & 0xff) | ((unsigned int)(b & 0xff) << 8) | ((unsigned int)(c & 0xff) << 16) | ((unsigned int)(d & 0xff) << 24));
-}
-
-// x (m, cols) -> two-level int8 codes per group, as the CPU's Q8Act::quantize_scalar computes
-// them (products and differences rounded as written: no fused multiply-adds). Each int holds
-// the codes of 4 elements in the order the weights' bytes hold them: for 4 bits a packed
-// word's 8 elements go as [even elements][odd elements] (its bytes' low and high nibbles).
+// x (m, cols) -> two-level int8 codes per group (`code8`), a thread per 8 elements.
 template <typename T>
 __device__ void q8act(const T* __restrict__ x, int* __restrict__ out, int m, int cols, int gs, int bits) {
     long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -142,39 +182,8 @@ __device__ void q8act(const T* __restrict__ x, int* __restrict__ out, int m, int
     long long tt = live ? t : 0;
     int i = (int)(tt / (cols / 8)), e0 = (int)(tt % (cols / 8)) * 8;
     float v[8];
-    float amax = 0.f, sum = 0.f;
-    for (int k = 0; k < 8; k++) {
-        v[k] = live ? load(x, (size_t)i * cols + e0 + k) : 0.f;
-        amax = fmaxf(amax, fabsf(v[k]));
-    }
-    for (int o = gs / 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    float dx = amax / 127.f;
-    float inv = dx > 0.f ? 1.f / dx : 0.f;
-    float inv_fine = __fmul_rn(inv, 254.f);
-    int c[8], f[8];
-    for (int k = 0; k < 8; k++) {
-        c[k] = __float2int_rn(__fmul_rn(v[k], inv));
-        float rest = __fmul_rn(__fsub_rn(v[k], __fmul_rn((float)c[k], dx)), inv_fine);
-        f[k] = __float2int_rn(fminf(fmaxf(rest, -127.f), 127.f));
-        sum += v[k];
-    }
-    for (int o = gs / 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    if (!live) return;
-    int groups = cols / gs;
-    int* row = out + (size_t)i * act_stride(cols, groups);
-    int at = e0 / 4;
-    if (bits == 4) {
-        row[at] = pack4(c[0], c[2], c[4], c[6]); row[at + 1] = pack4(c[1], c[3], c[5], c[7]);
-        row[cols / 4 + at] = pack4(f[0], f[2], f[4], f[6]); row[cols / 4 + at + 1] = pack4(f[1], f[3], f[5], f[7]);
-    } else {
-        row[at] = pack4(c[0], c[1], c[2], c[3]); row[at + 1] = pack4(c[4], c[5], c[6], c[7]);
-        row[cols / 4 + at] = pack4(f[0], f[1], f[2], f[3]); row[cols / 4 + at + 1] = pack4(f[4], f[5], f[6], f[7]);
-    }
-    if (e0 % gs == 0) {
-        float* fl = (float*)(row + cols / 2);
-        fl[e0 / gs] = dx;
-        fl[groups + e0 / gs] = sum;
-    }
+    for (int k = 0; k < 8; k++) v[k] = live ? load(x, (size_t)i * cols + e0 + k) : 0.f;
+    code8(v, out + (size_t)i * act_stride(cols, cols / gs), cols, gs, bits, e0, live);
 }
 
 // Unsigned weight bytes times signed activation codes, four at a time, added to c.
@@ -303,13 +312,8 @@ extern "C" __global__ void lmx_dequant_words_f32(const unsigned int* w, const fl
 extern "C" __global__ void lmx_dequant_words_bf16(const unsigned int* w, const float* sb, unsigned short* out, int rows, int cols, int bits, int gs) { dequant_words(w, sb, out, rows, cols, bits, gs); }
 extern "C" __global__ void lmx_q8act_f32(const float* x, int* out, int m, int cols, int gs, int bits) { q8act(x, out, m, cols, gs, bits); }
 extern "C" __global__ void lmx_q8act_bf16(const unsigned short* x, int* out, int m, int cols, int gs, int bits) { q8act(x, out, m, cols, gs, bits); }
-#if QMV_MIN_BLOCKS > 0
-#define QMV_BOUNDS __launch_bounds__(128, QMV_MIN_BLOCKS)
-#else
-#define QMV_BOUNDS
-#endif
-#define QMV8(T, TN, B, R, M) extern "C" __global__ void QMV_BOUNDS lmx_qmv8_##TN##_##B##_##R##_##M(const uint4* w, const float2* sb, const int* act, T* y, int rows, int cols, int gs, int m) { qmv8<T, B, R, M>(w, sb, act, y, rows, cols, gs, m); }
-#define QMV8X(T, TN, B, R, M) extern "C" __global__ void QMV_BOUNDS lmx_qmv8x_##TN##_##B##_##R##_##M(const uint4* w0, const float2* s0, int rows0, const uint4* w1, const float2* s1, int rows1, const uint4* w2, const float2* s2, int rows2, const int* act, T* y, int cols, int gs, int m) { qmv8x<T, B, R, M>(w0, s0, rows0, w1, s1, rows1, w2, s2, rows2, act, y, cols, gs, m); }
+#define QMV8(T, TN, B, R, M) extern "C" __global__ void QMV_BOUNDS_##B lmx_qmv8_##TN##_##B##_##R##_##M(const uint4* w, const float2* sb, const int* act, T* y, int rows, int cols, int gs, int m) { qmv8<T, B, R, M>(w, sb, act, y, rows, cols, gs, m); }
+#define QMV8X(T, TN, B, R, M) extern "C" __global__ void QMV_BOUNDS_##B lmx_qmv8x_##TN##_##B##_##R##_##M(const uint4* w0, const float2* s0, int rows0, const uint4* w1, const float2* s1, int rows1, const uint4* w2, const float2* s2, int rows2, const int* act, T* y, int cols, int gs, int m) { qmv8x<T, B, R, M>(w0, s0, rows0, w1, s1, rows1, w2, s2, rows2, act, y, cols, gs, m); }
 #define QMV8_ROWS(T, TN, B, M) QMV8(T, TN, B, 1, M) QMV8(T, TN, B, 2, M) QMV8(T, TN, B, 4, M) QMV8X(T, TN, B, 1, M) QMV8X(T, TN, B, 2, M) QMV8X(T, TN, B, 4, M)
 QMV8_ROWS(float, f32, 4, 1) QMV8_ROWS(float, f32, 4, 8) QMV8_ROWS(float, f32, 8, 1) QMV8_ROWS(float, f32, 8, 8)
 QMV8_ROWS(unsigned short, bf16, 4, 1) QMV8_ROWS(unsigned short, bf16, 4, 8) QMV8_ROWS(unsigned short, bf16, 8, 1) QMV8_ROWS(unsigned short, bf16, 8, 8)
@@ -318,16 +322,19 @@ QMV8_ROWS(unsigned short, bf16, 4, 1) QMV8_ROWS(unsigned short, bf16, 4, 8) QMV8
 /// Rows of x up to which products take the matrix-vector kernel (beyond: dequantize + cuBLAS).
 pub(super) const MAX_QMV_ROWS: usize = 8;
 
-/// The kernels' PTX, compiled once per process. `LMX_CUDA_QMV_MIN_BLOCKS=N` asks the compiler
-/// to fit N blocks of the integer products on a multiprocessor (registers capped to fit; by
-/// default they are free: 96 a thread for 4 rows, 5 blocks), to measure occupancy against
-/// spilling.
+/// The kernels' PTX, compiled once per process. The 8-bit integer products are compiled to
+/// fit 8 blocks on a multiprocessor (64 registers a thread instead of 52-54 at 5-6 blocks:
+/// Llama-3-8B-shaped 8-bit decode 210 vs 197 tok/s on an H200,
+/// docs/cuda/2026-12-01-fusions.txt); the 4-bit ones are left free (96 registers for 4 rows: 8
+/// blocks spill, 235 vs 243-249 tok/s). `LMX_CUDA_QMV_MIN_BLOCKS=N` sets N for both (0: free),
+/// for such measurements.
 fn ptx() -> Result<&'static str> {
     static PTX: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
     static SOURCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     let source = SOURCE.get_or_init(|| {
-        let min_blocks: u32 = std::env::var("LMX_CUDA_QMV_MIN_BLOCKS").ok().and_then(|v| v.parse().ok()).filter(|n| (1..=16).contains(n)).unwrap_or(0);
-        format!("#define QMV_MIN_BLOCKS {min_blocks}\n{SRC}")
+        let fixed: Option<u32> = std::env::var("LMX_CUDA_QMV_MIN_BLOCKS").ok().and_then(|v| v.parse().ok()).filter(|n| *n <= 16);
+        let bounds = |n: u32| if n == 0 { String::new() } else { format!("__launch_bounds__(128, {n})") };
+        format!("#define QMV_BOUNDS_4 {}\n#define QMV_BOUNDS_8 {}\n{CODE_SRC}{SRC}", bounds(fixed.unwrap_or(0)), bounds(fixed.unwrap_or(8)))
     });
     crate::cuda_fused::ptx(&PTX, source)
 }
@@ -363,7 +370,7 @@ impl DeviceCopy {
         let spec = Spec { rows: q.rows, cols: q.cols, bits: q.bits, group_size: q.group_size };
         let y = if m <= MAX_QMV_ROWS && !x.track_op() {
             if integer_products(q) {
-                self.times_codes(spec, &codes(q, &xw)?, work)?
+                self.times_codes(spec, &codes_of(q, x, &xw)?, work)?
             } else {
                 xw.apply_op3_no_bwd(&self.packed, &self.sb, &Qmv(spec))?
             }
@@ -402,7 +409,7 @@ pub(super) fn matmul_many(qs: &[&QuantizedMatrix], x: &Tensor) -> Result<Option<
     }
     let dtype = x.dtype();
     let work = if dtype == DType::BF16 { DType::BF16 } else { DType::F32 };
-    let codes = codes(q0, &x.to_dtype(work)?.contiguous()?.reshape((m, q0.cols))?)?;
+    let codes = codes_of(q0, x, &x.to_dtype(work)?.contiguous()?.reshape((m, q0.cols))?)?;
     if (2..=3).contains(&qs.len()) && m == 1 && !separate_launches() {
         // One launch for all of them; each output a view of its columns (contiguous for one
         // row; several rows would each need a copy: measured 2-4% slower at batch 8).
@@ -441,6 +448,34 @@ fn separate_launches() -> bool {
     *ON.get_or_init(|| std::env::var("LMX_CUDA_QMV_SEPARATE").is_ok_and(|v| v == "1"))
 }
 
+thread_local! {
+    /// The last activations a producer coded on this thread (`offer_codes`): the tensor's id,
+    /// the codes' (bits, group size), and the codes (one row).
+    static OFFERED: std::cell::RefCell<Option<(candle_core::TensorId, usize, usize, Tensor)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Offers `codes` (bits, group size) of the one-row activations `x` to the product that takes
+/// `x` next on this thread.
+pub(crate) fn offer_codes(x: &Tensor, (bits, group_size): (usize, usize), codes: &Tensor) {
+    OFFERED.with(|o| *o.borrow_mut() = Some((x.id(), bits, group_size, codes.clone())));
+}
+
+/// `x`'s codes for `q` as a producer offered them, else coded now from `xw` (x as f32/bf16 rows).
+fn codes_of(q: &QuantizedMatrix, x: &Tensor, xw: &Tensor) -> Result<Tensor> {
+    let offered = OFFERED.with(|o| o.borrow().as_ref().filter(|(id, b, g, _)| *id == x.id() && (*b, *g) == (q.bits, q.group_size)).map(|o| o.3.clone()));
+    match offered {
+        Some(c) if xw.dim(0)? == 1 && offered_codes() => c.reshape((1, act_stride(q.cols, q.group_size))),
+        _ => codes(q, xw),
+    }
+}
+
+/// Whether products take the codes producers offer (`LMX_CUDA_OFFERED_CODES=0`: they code x
+/// themselves, for comparisons).
+fn offered_codes() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| !std::env::var("LMX_CUDA_OFFERED_CODES").is_ok_and(|v| v == "0"))
+}
+
 /// x (m, cols) as the integer kernels' int8 codes for `q`'s bit width and group size.
 fn codes(q: &QuantizedMatrix, x: &Tensor) -> Result<Tensor> {
     x.apply_op1_no_bwd(&Q8Code { cols: q.cols, bits: q.bits, group_size: q.group_size })
@@ -449,7 +484,7 @@ fn codes(q: &QuantizedMatrix, x: &Tensor) -> Result<Tensor> {
 /// Whether `q`'s decode products take int8 activations (as on the CPU): 4 or 8 bits, not
 /// built for exact products, and not switched off with `LMX_CUDA_QMV=float` (which keeps the
 /// float kernel for comparisons).
-fn integer_products(q: &QuantizedMatrix) -> bool {
+pub(super) fn integer_products(q: &QuantizedMatrix) -> bool {
     static FLOAT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let float = *FLOAT.get_or_init(|| std::env::var("LMX_CUDA_QMV").is_ok_and(|v| v == "float"));
     matches!(q.bits, 4 | 8) && !q.exact && !float
@@ -467,7 +502,7 @@ fn rows_per_block(rows: usize, bits: usize) -> usize {
 }
 
 /// Ints per activation row of the integer kernels' coded activations (`act_stride` there).
-fn act_stride(cols: usize, group_size: usize) -> usize {
+pub(crate) fn act_stride(cols: usize, group_size: usize) -> usize {
     cols / 2 + (2 * cols / group_size).next_multiple_of(4)
 }
 

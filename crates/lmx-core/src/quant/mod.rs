@@ -413,6 +413,58 @@ impl QuantizedMatrix {
     }
 }
 
+/// Where a producer of activations (a norm, the SiLU product) writes its output also coded as
+/// the next integer products read it ([`QuantizedMatrix::code_spec`]): a one-row buffer of its
+/// own, reused every decode step (a recorded step replays into the same buffer), offered to the
+/// product that takes that very tensor next, so that no coding launch sits between them. Only
+/// CUDA decode steps use it; elsewhere it is inert.
+#[derive(Debug, Clone)]
+pub struct CodeTarget {
+    bits: usize,
+    group_size: usize,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    buf: Arc<std::sync::OnceLock<Tensor>>,
+}
+
+impl CodeTarget {
+    /// A target for products of `bits`-bit weights in groups of `group_size` (a spec from
+    /// [`QuantizedMatrix::code_spec`]).
+    pub fn new((bits, group_size): (usize, usize)) -> Self {
+        Self { bits, group_size, buf: Arc::new(std::sync::OnceLock::new()) }
+    }
+
+    /// (bits, group size).
+    pub fn spec(&self) -> (usize, usize) {
+        (self.bits, self.group_size)
+    }
+
+    /// The buffer for one row of `cols` values on `device`, made at its first use outside a
+    /// recorded step; None while recording before it exists, or off CUDA.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn buffer(&self, cols: usize, device: &candle_core::Device) -> Result<Option<&Tensor>> {
+        if let Some(b) = self.buf.get() {
+            return Ok(Some(b).filter(|b| b.device().same_device(device) && b.elem_count() == cuda::act_stride(cols, self.group_size)));
+        }
+        if !device.is_cuda() || crate::graph::capturing(device) || cols % self.group_size != 0 || cols % 8 != 0 {
+            return Ok(None);
+        }
+        let b = Tensor::zeros(cuda::act_stride(cols, self.group_size), candle_core::DType::U32, device)?;
+        Ok(Some(self.buf.get_or_init(|| b)))
+    }
+}
+
+impl QuantizedMatrix {
+    /// (bits, group size) when this matrix's one-row products on CUDA read int8-coded
+    /// activations that a [`CodeTarget`] can supply; None otherwise (and without CUDA).
+    pub fn code_spec(&self) -> Option<(usize, usize)> {
+        #[cfg(feature = "cuda")]
+        if cuda::integer_products(self) && self.group_size <= 256 && self.cols % 8 == 0 {
+            return Some((self.bits, self.group_size));
+        }
+        None
+    }
+}
+
 /// `[x @ W_0^T, x @ W_1^T, ...]` for matrices sharing the input x (a layer's q/k/v or
 /// gate/up projections). On the CPU, one decoded token, or a prompt where the int8 product
 /// applies, takes them in one step (x rounded to int8 once, one parallel round); on CUDA, a
@@ -486,7 +538,7 @@ fn get_bits(words: &[u32], offset: usize, bits: usize) -> u32 {
 #[cfg(target_arch = "aarch64")]
 mod arm;
 #[cfg(feature = "cuda")]
-mod cuda;
+pub(crate) mod cuda;
 pub(crate) mod kernels;
 mod op;
 #[cfg(test)]
