@@ -192,8 +192,8 @@ extern "C" __global__ void lmx_kv_write_4(unsigned int* buf, const unsigned int*
 // A decode step's rotary embedding and cache write in one launch: block h < nq rotates query
 // head h into `qo` (nq, d); the next nkv blocks rotate key heads into `kb` and the last nkv copy
 // value heads into `vb` ((heads, cap, d) buffers) at position pos[0]. Rotation in the "rotate
-// half" layout with candle's (and transformers') roundings: in bf16 each product rounded,
-// then their sum. Heads of q, k and v are `qs`, `ks`, `vs` elements apart.
+// half" layout with candle's roundings (nvcc contracts `a * b - c * d` into one fused
+// multiply-add in bf16 too: rounding both products first differed in the last bit). Heads of q, k and v are `qs`, `ks`, `vs` elements apart.
 template <typename T>
 __device__ void rope_kv(const T* q, long long qs, const T* k, long long ks, const T* v, long long vs, const T* cos, const T* sin,
                         T* qo, T* kb, T* vb, const unsigned int* pos, int nq, int nkv, int cap, int d) {
@@ -214,14 +214,10 @@ __device__ void rope_kv(const T* q, long long qs, const T* k, long long ks, cons
     }
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
         float x1 = ld(x, i), x2 = ld(x, i + half), c = ld(cos, i), s = ld(sin, i);
-        if (sizeof(T) == 4) {
-            // candle's f32 kernel as nvcc contracts it: the first product fused into the sum.
-            st(o, i, __fmaf_rn(x1, c, -__fmul_rn(x2, s)));
-            st(o, i + half, __fmaf_rn(x1, s, __fmul_rn(x2, c)));
-        } else {
-            st(o, i, rnd(x1 * c, o) - rnd(x2 * s, o));
-            st(o, i + half, rnd(x1 * s, o) + rnd(x2 * c, o));
-        }
+        // candle's kernel as nvcc compiles it, in f32 and in bf16 alike: the first product
+        // contracted into the sum (a fused multiply-add), the second rounded to T first.
+        st(o, i, __fmaf_rn(x1, c, -rnd(__fmul_rn(x2, s), o)));
+        st(o, i + half, __fmaf_rn(x1, s, rnd(__fmul_rn(x2, c), o)));
     }
 }
 
