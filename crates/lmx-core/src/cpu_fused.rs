@@ -210,15 +210,24 @@ fn add_rms_norm_rows<T: Elem>(xs: &CpuStorage, xl: &Layout, hs: &CpuStorage, hl:
     Ok(out)
 }
 
+/// The output shape of [`AddRmsNorm`] (2, ..x) after checking x, h and the weight: same
+/// shapes and dtype, the weight as wide as a row, all contiguous.
+fn add_rms_norm_shape((xl, xd): (&Layout, DType), (hl, hd): (&Layout, DType), (wl, wd): (&Layout, DType)) -> Result<Shape> {
+    if xl.dims() != hl.dims() || xl.dims().last() != Some(&wl.shape().elem_count()) || xd != wd || hd != wd {
+        candle_core::bail!("add_rms_norm: x {:?} {xd:?}, h {:?} {hd:?} and weight {:?} {wd:?} disagree", xl.dims(), hl.dims(), wl.dims());
+    }
+    if !xl.is_contiguous() || !hl.is_contiguous() || !wl.is_contiguous() {
+        candle_core::bail!("add_rms_norm: x, h and the weight must be contiguous");
+    }
+    Ok(Shape::from([&[2], xl.dims()].concat()))
+}
+
 impl CustomOp3 for AddRmsNorm {
     fn name(&self) -> &'static str {
         "lmx-add-rms-norm"
     }
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, hs: &CpuStorage, hl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
-        if xl.dims() != hl.dims() || xl.dims().last() != Some(&wl.shape().elem_count()) || xs.dtype() != ws.dtype() || hs.dtype() != ws.dtype() {
-            candle_core::bail!("add_rms_norm: x {:?} {:?}, h {:?} {:?} and weight {:?} {:?} disagree", xl.dims(), xs.dtype(), hl.dims(), hs.dtype(), wl.dims(), ws.dtype());
-        }
-        let shape = Shape::from([&[2], xl.dims()].concat());
+        let shape = add_rms_norm_shape((xl, xs.dtype()), (hl, hs.dtype()), (wl, ws.dtype()))?;
         Ok((by_dtype!(xs.dtype(), add_rms_norm_rows(xs, xl, hs, hl, ws, wl, self.eps)), shape))
     }
 
@@ -232,17 +241,7 @@ impl CustomOp3 for AddRmsNorm {
         ws: &candle_core::CudaStorage,
         wl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        if xl.dims() != hl.dims()
-            || xl.dims().last() != Some(&wl.shape().elem_count())
-            || xs.dtype() != ws.dtype()
-            || hs.dtype() != ws.dtype()
-            || !xl.is_contiguous()
-            || !hl.is_contiguous()
-            || !wl.is_contiguous()
-        {
-            candle_core::bail!("add_rms_norm: x {:?} {:?}, h {:?} {:?} and weight {:?} {:?} disagree", xl.dims(), xs.dtype(), hl.dims(), hs.dtype(), wl.dims(), ws.dtype());
-        }
-        let shape = Shape::from([&[2], xl.dims()].concat());
+        let shape = add_rms_norm_shape((xl, xs.dtype()), (hl, hs.dtype()), (wl, ws.dtype()))?;
         let guard = self.codes.as_ref().map(|(t, spec)| (t.storage_and_layout(), *spec));
         let codes = match &guard {
             Some(((storage, layout), spec)) => match &**storage {

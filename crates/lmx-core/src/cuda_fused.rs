@@ -381,7 +381,9 @@ pub(crate) fn add_rms_norm(
         Some((cs, cl, (bits, gs))) if rows == 1 && cl.shape().elem_count() == crate::quant::cuda::act_stride(d, gs) && cl.is_contiguous() => {
             Some((cs.as_cuda_slice::<u32>()?.slice(cl.start_offset()..), bits as i32, gs as i32))
         }
-        Some(_) => candle_core::bail!("add_rms_norm: a codes buffer for one row of {d}, given {} rows", rows),
+        Some((_, cl, (_, gs))) => {
+            candle_core::bail!("add_rms_norm: codes need one row of {d} and a contiguous buffer of {} ints (given {rows} rows, a buffer of {:?})", crate::quant::cuda::act_stride(d, gs), cl.dims())
+        }
         None => None,
     };
     let dev = xs.device().clone();
@@ -430,7 +432,7 @@ impl candle_core::CustomOp2 for SiluMulCoded {
         let cols = gl.dims().last().copied().unwrap_or(0);
         let (bits, group) = self.spec;
         let (cstore, cl) = self.codes.storage_and_layout();
-        let candle_core::Storage::Cuda(cs) = &*cstore else { candle_core::bail!("silu_mul: the codes' buffer is not on the GPU") };
+        let candle_core::Storage::Cuda(cs) = &*cstore else { candle_core::bail!("lmx-silu-mul-coded: the codes' buffer is not on the GPU") };
         if gl.dims() != ul.dims()
             || gl.shape().elem_count() != cols
             || !gl.is_contiguous()
@@ -438,7 +440,13 @@ impl candle_core::CustomOp2 for SiluMulCoded {
             || cl.shape().elem_count() != crate::quant::cuda::act_stride(cols, group)
             || cols % 8 != 0
         {
-            candle_core::bail!("silu_mul: gate {:?} / up {:?} / codes {:?}: one contiguous row the codes fit", gl.dims(), ul.dims(), cl.dims());
+            candle_core::bail!(
+                "lmx-silu-mul-coded: gate {:?} / up {:?} / codes {:?}: one contiguous row of a multiple of 8 values, codes of {} ints",
+                gl.dims(),
+                ul.dims(),
+                cl.dims(),
+                crate::quant::cuda::act_stride(cols, group)
+            );
         }
         let dev = gs.device().clone();
         let func = dev.get_or_load_custom_func(&name("silu_mul_coded", gs.dtype())?, "lmx_fused", fused_ptx()?)?;
@@ -696,7 +704,9 @@ impl candle_core::CustomOp3 for RopeKvWrite {
         let guards = [&self.cos, &self.sin, &self.kbuf, &self.vbuf, &self.pos].map(|t| t.storage_and_layout());
         let mut parts = Vec::with_capacity(5);
         for (storage, layout) in &guards {
-            let candle_core::Storage::Cuda(c) = &**storage else { candle_core::bail!("lmx-rope-kv-write: an input is not on the GPU") };
+            let candle_core::Storage::Cuda(c) = &**storage else {
+                candle_core::bail!("lmx-rope-kv-write: the angles, the cache's buffers and the position must be on the GPU (one is on {:?})", storage.device().location())
+            };
             parts.push((c, *layout));
         }
         let o = rope_kv_write((qs, ql), (ks, kl), (vs, vl), parts[0], parts[1], parts[2], parts[3], parts[4])?;

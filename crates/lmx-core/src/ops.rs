@@ -96,7 +96,7 @@ pub fn add_rms_norm_coded(x: &Tensor, h: &Tensor, weight: &Tensor, eps: f32, tar
 /// `target`'s buffer for one row of `x` (a GPU decode step), with its (bits, group size).
 fn code_buffer(target: Option<&crate::quant::CodeTarget>, x: &Tensor) -> Result<Option<(Tensor, (usize, usize))>> {
     #[cfg(feature = "cuda")]
-    if let Some(t) = target {
+    if let Some(t) = target.filter(|_| crate::quant::cuda::offered_codes()) {
         let cols = x.dims().last().copied().unwrap_or(0);
         if x.device().is_cuda() && x.elem_count() == cols {
             return Ok(t.buffer(cols, x.device())?.map(|b| (b.clone(), t.spec())));

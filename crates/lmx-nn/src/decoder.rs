@@ -104,7 +104,6 @@ fn settled(x: Tensor, pending: Option<Tensor>) -> Result<Tensor> {
     }
 }
 
-/// The pre-norm decoder layer of the Llama family:
 /// A decoder layer's feed-forward block: one gated MLP, or a mixture of experts.
 #[derive(Debug, Clone)]
 pub enum FeedForward {
@@ -523,6 +522,7 @@ impl<L: Layer> CausalLm for Decoder<L> {
         }
         let x = self.run_layers(self.embed(input_ids)?, cache)?;
         let logits = self.head(&x, &logits)?;
+        lmx_core::quant::clear_offered_codes();
         // While a step is recorded nothing runs: the replay settles instead.
         if self.tp.is_some() && !lmx_core::graph::capturing(self.device()) {
             self.settle(&logits)?;

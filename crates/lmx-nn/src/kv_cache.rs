@@ -263,27 +263,31 @@ impl LayerKv {
     /// Writes one position at the device position `pos` into a growing buffer with room for
     /// it ([`KvCache::reserve`]); the view is the whole buffer.
     fn append_at(&mut self, k: &Tensor, v: &Tensor, pos: &Tensor) -> Result<KvView> {
+        let (kb, vb) = self.room_for_one(k)?;
+        lmx_core::ops::kv_write(&kb, k, pos)?;
+        lmx_core::ops::kv_write(&vb, v, pos)?;
+        self.offset += 1;
+        Ok(KvView::Upto { k: kb, v: vb, pos: pos.clone() })
+    }
+
+    /// The growing buffers a device-position step writes its one position `k` (1, heads, 1,
+    /// d) into, checked to have room for it.
+    fn room_for_one(&self, k: &Tensor) -> Result<(Tensor, Tensor)> {
         let Store::Growing { k: kb, v: vb } = &self.store else { lmx_core::bail!("a device-position step needs a growing cache") };
         if k.dim(2)? != 1 || self.offset >= kb.dim(2)? {
             lmx_core::bail!("a device-position step appends one position to a buffer with room for it ({} new, {} of {} held)", k.dim(2)?, self.offset, kb.dim(2)?);
         }
-        lmx_core::ops::kv_write(kb, k, pos)?;
-        lmx_core::ops::kv_write(vb, v, pos)?;
-        self.offset += 1;
-        Ok(KvView::Upto { k: kb.clone(), v: vb.clone(), pos: pos.clone() })
+        Ok((kb.clone(), vb.clone()))
     }
 
     /// [`Self::append_at`] of keys still to be rotated by `cos`/`sin`: returns the rotated
     /// queries `q` too (`ops::rope_kv_write`: one kernel on a GPU).
     #[allow(clippy::too_many_arguments)]
     fn append_at_rotating(&mut self, q: &Tensor, k: &Tensor, v: &Tensor, cos: &Tensor, sin: &Tensor, pos: &Tensor) -> Result<(Tensor, KvView)> {
-        let Store::Growing { k: kb, v: vb } = &self.store else { lmx_core::bail!("a device-position step needs a growing cache") };
-        if k.dim(2)? != 1 || self.offset >= kb.dim(2)? {
-            lmx_core::bail!("a device-position step appends one position to a buffer with room for it ({} new, {} of {} held)", k.dim(2)?, self.offset, kb.dim(2)?);
-        }
-        let q = lmx_core::ops::rope_kv_write(q, k, v, cos, sin, kb, vb, pos)?;
+        let (kb, vb) = self.room_for_one(k)?;
+        let q = lmx_core::ops::rope_kv_write(q, k, v, cos, sin, &kb, &vb, pos)?;
         self.offset += 1;
-        Ok((q, KvView::Upto { k: kb.clone(), v: vb.clone(), pos: pos.clone() }))
+        Ok((q, KvView::Upto { k: kb, v: vb, pos: pos.clone() }))
     }
 
     /// Makes room for `extra` more positions in a growing buffer; true when it was reallocated.
@@ -675,11 +679,16 @@ impl KvCache {
     #[allow(clippy::too_many_arguments)]
     pub fn append_rotating(&mut self, row: usize, layer_idx: usize, q: &Tensor, k: &Tensor, v: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<(Tensor, KvView)>> {
         let Some(pos) = self.position.clone().filter(|_| self.store) else { return Ok(None) };
+        self.layer_mut(row, layer_idx)?.0.append_at_rotating(q, k, v, cos, sin, &pos).map(Some)
+    }
+
+    /// Row `row`'s layer `layer_idx`, with the row's options.
+    fn layer_mut(&mut self, row: usize, layer_idx: usize) -> Result<(&mut LayerKv, &KvOptions)> {
         let n_rows = self.rows.len();
         let Some(seq) = self.rows.get_mut(row) else { lmx_core::bail!("kv cache: row {row} of a cache for {n_rows} sequences") };
         let n_layers = seq.layers.len();
         let Some(layer) = seq.layers.get_mut(layer_idx) else { lmx_core::bail!("kv cache: layer {layer_idx} of a cache for {n_layers} layers") };
-        layer.append_at_rotating(q, k, v, cos, sin, &pos).map(Some)
+        Ok((layer, &seq.opts))
     }
 
     /// Appends `k`, `v` (b, n_kv_heads, seq_len, head_dim) to row `row`'s layer `layer_idx`
@@ -689,13 +698,11 @@ impl KvCache {
         if !self.store {
             return Ok(KvView::Dense(k.contiguous()?, v.contiguous()?));
         }
-        let n_rows = self.rows.len();
-        let Some(seq) = self.rows.get_mut(row) else { lmx_core::bail!("kv cache: row {row} of a cache for {n_rows} sequences") };
-        let n_layers = seq.layers.len();
-        let Some(layer) = seq.layers.get_mut(layer_idx) else { lmx_core::bail!("kv cache: layer {layer_idx} of a cache for {n_layers} layers") };
-        match &self.position {
+        let position = self.position.clone();
+        let (layer, opts) = self.layer_mut(row, layer_idx)?;
+        match &position {
             Some(pos) => layer.append_at(k, v, pos),
-            None => layer.append(k, v, &seq.opts),
+            None => layer.append(k, v, opts),
         }
     }
 }

@@ -460,6 +460,11 @@ pub(crate) fn offer_codes(x: &Tensor, (bits, group_size): (usize, usize), codes:
     OFFERED.with(|o| *o.borrow_mut() = Some((x.id(), bits, group_size, codes.clone())));
 }
 
+/// Forgets the last offer on this thread.
+pub(super) fn clear_offered_codes() {
+    OFFERED.with(|o| *o.borrow_mut() = None);
+}
+
 /// `x`'s codes for `q` as a producer offered them, else coded now from `xw` (x as f32/bf16 rows).
 fn codes_of(q: &QuantizedMatrix, x: &Tensor, xw: &Tensor) -> Result<Tensor> {
     let offered = OFFERED.with(|o| o.borrow().as_ref().filter(|(id, b, g, _)| *id == x.id() && (*b, *g) == (q.bits, q.group_size)).map(|o| o.3.clone()));
@@ -469,9 +474,9 @@ fn codes_of(q: &QuantizedMatrix, x: &Tensor, xw: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Whether products take the codes producers offer (`LMX_CUDA_OFFERED_CODES=0`: they code x
-/// themselves, for comparisons).
-fn offered_codes() -> bool {
+/// Whether producers code their outputs and products take them (`LMX_CUDA_OFFERED_CODES=0`:
+/// neither; each product codes x itself, for comparisons).
+pub(crate) fn offered_codes() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| !std::env::var("LMX_CUDA_OFFERED_CODES").is_ok_and(|v| v == "0"))
 }

@@ -417,13 +417,15 @@ impl QuantizedMatrix {
 /// the next integer products read it ([`QuantizedMatrix::code_spec`]): a one-row buffer of its
 /// own, reused every decode step (a recorded step replays into the same buffer), offered to the
 /// product that takes that very tensor next, so that no coding launch sits between them. Only
-/// CUDA decode steps use it; elsewhere it is inert.
+/// CUDA decode steps use it; elsewhere it is inert. The buffer belongs to the thread that made
+/// it (a model's clones share it): forwards of the same model on other threads code as before
+/// rather than race for it.
 #[derive(Debug, Clone)]
 pub struct CodeTarget {
     bits: usize,
     group_size: usize,
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    buf: Arc<std::sync::OnceLock<Tensor>>,
+    buf: Arc<std::sync::OnceLock<(std::thread::ThreadId, Tensor)>>,
 }
 
 impl CodeTarget {
@@ -442,14 +444,16 @@ impl CodeTarget {
     /// recorded step; None while recording before it exists, or off CUDA.
     #[cfg(feature = "cuda")]
     pub(crate) fn buffer(&self, cols: usize, device: &candle_core::Device) -> Result<Option<&Tensor>> {
-        if let Some(b) = self.buf.get() {
-            return Ok(Some(b).filter(|b| b.device().same_device(device) && b.elem_count() == cuda::act_stride(cols, self.group_size)));
+        let me = std::thread::current().id();
+        if let Some((owner, b)) = self.buf.get() {
+            return Ok(Some(b).filter(|b| *owner == me && b.device().same_device(device) && b.elem_count() == cuda::act_stride(cols, self.group_size)));
         }
         if !device.is_cuda() || crate::graph::capturing(device) || cols % self.group_size != 0 || cols % 8 != 0 {
             return Ok(None);
         }
         let b = Tensor::zeros(cuda::act_stride(cols, self.group_size), candle_core::DType::U32, device)?;
-        Ok(Some(self.buf.get_or_init(|| b)))
+        let (owner, b) = self.buf.get_or_init(|| (me, b));
+        Ok(Some(b).filter(|_| *owner == me))
     }
 }
 
@@ -463,6 +467,13 @@ impl QuantizedMatrix {
         }
         None
     }
+}
+
+/// Forgets the codes a producer last offered on this thread (the end of a forward: the
+/// buffer, and with it the device, are not kept alive by the offer).
+pub fn clear_offered_codes() {
+    #[cfg(feature = "cuda")]
+    cuda::clear_offered_codes();
 }
 
 /// `[x @ W_0^T, x @ W_1^T, ...]` for matrices sharing the input x (a layer's q/k/v or
