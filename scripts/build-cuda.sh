@@ -5,7 +5,9 @@
 # - candle-core patched to load libcuda/cuBLAS/cuRAND/NVRTC at run time (cudarc
 #   `dynamic-loading` instead of `dynamic-linking`), from a copy made in target/;
 # - cudart linked statically (the wheels ship no libcudart.so).
-# Output: target/cuda/release/lmx (and lmx.xz to carry). Usage: scripts/build-cuda.sh
+# Output: target/cuda/release/lmx (and lmx.xz to carry). Usage: scripts/build-cuda.sh [--tests]
+# --tests also builds lmx-core's unit tests with the CUDA backend (the GPU kernels' checks against
+# the CPU) into target/cuda/release/lmx-core-tests.xz, to run there with `--test-threads 1`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${LMX_CUDA_VENV:-$HOME/.cache/lmx-cuda}
@@ -35,4 +37,11 @@ export CARGO_TARGET_DIR=target/cuda
 RUSTFLAGS="-L native=$PWD/target/cuda-link" cargo build --release -p lmx-cli --features cuda \
   --config "patch.crates-io.candle-core.path=\"$PATCH\""
 xz -T2 -kf target/cuda/release/lmx
+if [ "${1:-}" = --tests ]; then
+  bin=$(RUSTFLAGS="-L native=$PWD/target/cuda-link" cargo test --release -p lmx-core --features cuda --no-run \
+    --config "patch.crates-io.candle-core.path=\"$PATCH\"" --message-format=json 2>/dev/null |
+    python3 -c "import json, sys; print([m['executable'] for m in map(json.loads, sys.stdin) if m.get('executable') and m['target']['kind'] == ['lib']][0])")
+  xz -T2 -c "$bin" > target/cuda/release/lmx-core-tests.xz
+  ls -la target/cuda/release/lmx-core-tests.xz
+fi
 ls -la target/cuda/release/lmx target/cuda/release/lmx.xz

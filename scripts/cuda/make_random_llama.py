@@ -4,7 +4,7 @@ packed words, scales and biases), written with torch on the GPU machine (no netw
 With BITS=8 (or "4 8"), OUT-8bit (MLX 8-bit, group 64) as well or instead of OUT-4bit.
 Shape: Llama-3-8B (hidden 4096, 32 layers, 32 heads, 8 KV heads, MLP 14336, vocab 128256)
 or, with SHAPE=1b, Llama-3.2-1B, or with SHAPE=70b, Llama-3-70B (hidden 8192, 80 layers, 64
-heads, 8 KV heads, MLP 28672). BF16=0 skips the bf16 folder (141 GB for the 70B shape). The tokenizer is a 4-word WordLevel one (benchmarks draw
+heads, 8 KV heads, MLP 28672); LAYERS=N keeps the first N layers. BF16=0 skips the bf16 folder (141 GB for the 70B shape). The tokenizer is a 4-word WordLevel one (benchmarks draw
 token ids from the model's vocabulary).
 Usage: python3 scripts/cuda/make_random_llama.py OUT
 """
@@ -22,6 +22,7 @@ elif os.environ.get("SHAPE") == "70b":
     H, I, L, NH, NKV, V, TIE = 8192, 28672, 80, 64, 8, 128256, False
 else:
     H, I, L, NH, NKV, V, TIE = 4096, 14336, 32, 32, 8, 128256, False
+L = int(os.environ.get("LAYERS", L))
 HD = H // NH
 config = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": H, "intermediate_size": I,

@@ -4,6 +4,7 @@
 # Nsight Systems (nsys, when the toolkit has it)
 # or Nsight Compute (ncu), GPU time summed per kernel name; then the prefill speed of the
 # 8B shape's stream settings (own stream with and without event tracking, per-thread).
+# MODELS="bf16" profiles only the bf16 folder; STREAMS=0 skips the stream settings.
 # Usage there: scripts/cuda/prefill_profile.sh   (results in $OUT/prefill.txt)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -16,7 +17,7 @@ NSYS=$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-system
 run() { "$LMX" benchmark --model "$W/llama-$SH-$1" --device cuda -p $P -g 1 -n 1 2>&1 | tail -1; }
 log "$SH bf16 prefill $P: $(run bf16)"
 log "$SH 4bit prefill $P: $(run 4bit)"
-for m in bf16 4bit; do
+for m in ${MODELS:-bf16 4bit}; do
   if [ -n "$NSYS" ]; then
     "$NSYS" profile -o "$W/p-$m" --force-overwrite true "$LMX" benchmark --model "$W/llama-$SH-$m" --device cuda -p $P -g 1 -n 1 > /dev/null 2>&1
     log "## $m: nsys cuda_gpu_kern_sum (warm-up + 1 trial: two prefills of 2048)"
@@ -46,4 +47,4 @@ for n, (c, t) in sorted(g.items(), key=lambda kv: -kv[1][1])[:25]: print(f'{t/1e
 " | tee -a "$RES"
   fi
 done
-for mode in own own-tracked per-thread; do log "$SH bf16 prefill $P, stream $mode: $(LMX_CUDA_STREAM=$mode run bf16)"; done
+[ "${STREAMS:-1}" = 0 ] || for mode in own own-tracked per-thread; do log "$SH bf16 prefill $P, stream $mode: $(LMX_CUDA_STREAM=$mode run bf16)"; done

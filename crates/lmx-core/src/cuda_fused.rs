@@ -42,12 +42,45 @@ __device__ float block_max(float v, float* red) {
     return v;
 }
 
+// 4 consecutive values at p[i..i + 4) (16- or 8-byte aligned) to f32, and back (rounded to T).
+__device__ __forceinline__ void ld4(const float* p, size_t i, float* v) { float4 w = *(const float4*)(p + i); v[0] = w.x; v[1] = w.y; v[2] = w.z; v[3] = w.w; }
+__device__ __forceinline__ void ld4(const unsigned short* p, size_t i, float* v) {
+    uint2 w = *(const uint2*)(p + i);
+    v[0] = __uint_as_float(w.x << 16); v[1] = __uint_as_float(w.x & 0xFFFF0000u);
+    v[2] = __uint_as_float(w.y << 16); v[3] = __uint_as_float(w.y & 0xFFFF0000u);
+}
+__device__ __forceinline__ void st4(float* p, size_t i, const float* v) { *(float4*)(p + i) = make_float4(v[0], v[1], v[2], v[3]); }
+__device__ __forceinline__ void st4(unsigned short* p, size_t i, const float* v) {
+    unsigned short h[4];
+    for (int k = 0; k < 4; k++) st(h, k, v[k]);
+    *(uint2*)(p + i) = make_uint2(h[0] | ((unsigned)h[1] << 16), h[2] | ((unsigned)h[3] << 16));
+}
+
 // One block per row: statistics in f32, x * r rounded to T, times the weight, rounded again.
+// A thread takes 4 consecutive values at a time (one vector load a tensor; rows of a multiple
+// of 4 values, 4-value aligned: `vec`), else one. rms_norm and add_rms_norm share the order of
+// the sum of squares, so that the fused add + norm equals the add, then the norm, bit for bit.
 template <typename T>
-__device__ void rms_norm(const T* x, const T* w, T* out, int d, float eps) {
+__device__ void rms_norm(const T* x, const T* w, T* out, int d, float eps, int vec) {
     __shared__ float red[32];
     size_t row = blockIdx.x;
     float ss = 0.f;
+    if (vec) {
+        for (int i = 4 * threadIdx.x; i < d; i += 4 * blockDim.x) {
+            float v[4];
+            ld4(x, row * d + i, v);
+            for (int k = 0; k < 4; k++) ss += v[k] * v[k];
+        }
+        float r = rsqrtf(block_sum(ss, red) / d + eps);
+        for (int i = 4 * threadIdx.x; i < d; i += 4 * blockDim.x) {
+            float v[4], wv[4];
+            ld4(x, row * d + i, v);
+            ld4(w, i, wv);
+            for (int k = 0; k < 4; k++) v[k] = rnd(v[k] * r, out) * wv[k];
+            st4(out, row * d + i, v);
+        }
+        return;
+    }
 #pragma unroll 4
     for (int i = threadIdx.x; i < d; i += blockDim.x) { float v = ld(x, row * d + i); ss += v * v; }
     float r = rsqrtf(block_sum(ss, red) / d + eps);
@@ -56,25 +89,44 @@ __device__ void rms_norm(const T* x, const T* w, T* out, int d, float eps) {
 }
 
 // x + h rounded to T into `sum`, then the RMS norm of the sum into `out` (rms_norm's
-// arithmetic on the rounded sum): one block per row. With `codes`, the normalised row is then
-// coded for the next integer product (`code8`, groups of `gs`, `bits`-bit weights' order), so
-// that no coding launch sits between the norm and the product.
+// arithmetic and order on the rounded sum): one block per row. With `codes`, the normalised
+// row is then coded for the next integer product (`code8`, groups of `gs`, `bits`-bit weights'
+// order), so that no coding launch sits between the norm and the product.
 template <typename T>
-__device__ void add_rms_norm(const T* x, const T* h, const T* w, T* sum, T* out, int d, float eps, int* codes, int gs, int bits) {
+__device__ void add_rms_norm(const T* x, const T* h, const T* w, T* sum, T* out, int d, float eps, int* codes, int gs, int bits, int vec) {
     __shared__ float red[32];
     size_t row = blockIdx.x;
     float ss = 0.f;
+    if (vec) {
+        for (int i = 4 * threadIdx.x; i < d; i += 4 * blockDim.x) {
+            float v[4], hv[4];
+            ld4(x, row * d + i, v);
+            ld4(h, row * d + i, hv);
+            for (int k = 0; k < 4; k++) { v[k] = rnd(v[k] + hv[k], out); ss += v[k] * v[k]; }
+            st4(sum, row * d + i, v);
+        }
+        float r = rsqrtf(block_sum(ss, red) / d + eps);
+        // Each thread reads back the sums it wrote.
+        for (int i = 4 * threadIdx.x; i < d; i += 4 * blockDim.x) {
+            float v[4], wv[4];
+            ld4(sum, row * d + i, v);
+            ld4(w, i, wv);
+            for (int k = 0; k < 4; k++) v[k] = rnd(v[k] * r, out) * wv[k];
+            st4(out, row * d + i, v);
+        }
+    } else {
 #pragma unroll 4
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float v = rnd(ld(x, row * d + i) + ld(h, row * d + i), out);
-        st(sum, row * d + i, v);
-        ss += v * v;
-    }
-    float r = rsqrtf(block_sum(ss, red) / d + eps);
+        for (int i = threadIdx.x; i < d; i += blockDim.x) {
+            float v = rnd(ld(x, row * d + i) + ld(h, row * d + i), out);
+            st(sum, row * d + i, v);
+            ss += v * v;
+        }
+        float r = rsqrtf(block_sum(ss, red) / d + eps);
 #pragma unroll 4
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float v = rnd(ld(x, row * d + i) + ld(h, row * d + i), out);
-        st(out, row * d + i, rnd(v * r, out) * ld(w, i));
+        for (int i = threadIdx.x; i < d; i += blockDim.x) {
+            float v = rnd(ld(x, row * d + i) + ld(h, row * d + i), out);
+            st(out, row * d + i, rnd(v * r, out) * ld(w, i));
+        }
     }
     if (codes == nullptr) return;
     // The block's writes of `out` are visible to all its threads after the barrier.
@@ -110,12 +162,29 @@ __device__ void silu_mul_coded(const T* g, const T* u, T* out, int rows, int col
     code8(v, codes + (size_t)i * act_stride(cols, cols / gs), cols, gs, bits, e0, live);
 }
 
+// silu(g) * u, a thread per 16 bytes (n a multiple of 16 / sizeof(T), 16-byte aligned) or, with
+// `vec` 0, per value.
 template <typename T>
-__device__ void silu_mul(const T* g, const T* u, T* out, long long n) {
+__device__ void silu_mul(const T* g, const T* u, T* out, long long n, int vec) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float gv = ld(g, i);
-    st(out, i, gv / (1.f + __expf(-gv)) * ld(u, i));
+    if (!vec) {
+        if (i >= n) return;
+        float gv = ld(g, i);
+        st(out, i, gv / (1.f + __expf(-gv)) * ld(u, i));
+        return;
+    }
+    const int V = 16 / sizeof(T);
+    if (i >= n / V) return;
+    uint4 gw = ((const uint4*)g)[i], uw = ((const uint4*)u)[i], ow;
+    const T* gp = (const T*)&gw;
+    const T* up = (const T*)&uw;
+    T* op = (T*)&ow;
+#pragma unroll
+    for (int k = 0; k < V; k++) {
+        float gv = ld(gp, k);
+        st(op, k, gv / (1.f + __expf(-gv)) * ld(up, k));
+    }
+    ((uint4*)out)[i] = ow;
 }
 
 // Split-K decode attention (flash-decoding): block (sequence * head, split) takes keys
@@ -189,35 +258,40 @@ __device__ void kv_write(W* buf, const W* src, const unsigned int* pos, int cap,
 extern "C" __global__ void lmx_kv_write_2(unsigned short* buf, const unsigned short* src, const unsigned int* pos, int cap, int d, long long sh) { kv_write(buf, src, pos, cap, d, sh); }
 extern "C" __global__ void lmx_kv_write_4(unsigned int* buf, const unsigned int* src, const unsigned int* pos, int cap, int d, long long sh) { kv_write(buf, src, pos, cap, d, sh); }
 
-// A decode step's rotary embedding and cache write in one launch: block h < nq rotates query
-// head h into `qo` (nq, d); the next nkv blocks rotate key heads into `kb` and the last nkv copy
-// value heads into `vb` ((heads, cap, d) buffers) at position pos[0]. Rotation in the "rotate
-// half" layout with candle's roundings (nvcc contracts `a * b - c * d` into one fused
-// multiply-add in bf16 too: rounding both products first differed in the last bit). Heads of q, k and v are `qs`, `ks`, `vs` elements apart.
+// Rotary embedding and cache write in one launch, block (h, i) for head h of position i of l
+// (one sequence): h < nq rotates query head h into `qo` (l, nq, d); the next nkv blocks rotate key
+// heads into `kb` and the last nkv copy value heads into `vb` ((heads, cap, d) buffers) at
+// position pos[0] (a decode step's device position, l = 1) or, without `pos`, offset + i (a
+// prompt chunk). Rotation in the "rotate half" layout with candle's roundings (nvcc contracts
+// `a * b - c * d` into one fused multiply-add in bf16 too: rounding both products first
+// differed in the last bit). Heads of q, k and v are `qs`, `ks`, `vs` elements apart, their
+// positions `qr`, `kr`, `vr`; cos and sin hold a row of d / 2 a position.
 template <typename T>
-__device__ void rope_kv(const T* q, long long qs, const T* k, long long ks, const T* v, long long vs, const T* cos, const T* sin,
-                        T* qo, T* kb, T* vb, const unsigned int* pos, int nq, int nkv, int cap, int d) {
-    int h = blockIdx.x, half = d / 2;
-    unsigned int p = pos[0];
+__device__ void rope_kv(const T* q, long long qs, long long qr, const T* k, long long ks, long long kr, const T* v, long long vs, long long vr,
+                        const T* cos, const T* sin, T* qo, T* kb, T* vb, const unsigned int* pos, int offset, int nq, int nkv, int cap, int d) {
+    int h = blockIdx.x, i = blockIdx.y, half = d / 2;
+    unsigned int p = pos ? pos[0] : (unsigned int)(offset + i);
+    q += i * qr; k += i * kr; v += i * vr;
+    cos += (size_t)i * half; sin += (size_t)i * half;
     if (h >= nq + nkv) {
         if (p >= (unsigned int)cap) return;
         int hv = h - nq - nkv;
-        for (int i = threadIdx.x; i < d; i += blockDim.x) vb[((size_t)hv * cap + p) * d + i] = v[hv * vs + i];
+        for (int j = threadIdx.x; j < d; j += blockDim.x) vb[((size_t)hv * cap + p) * d + j] = v[hv * vs + j];
         return;
     }
     const T* x;
     T* o;
-    if (h < nq) { x = q + h * qs; o = qo + (size_t)h * d; }
+    if (h < nq) { x = q + h * qs; o = qo + ((size_t)i * nq + h) * d; }
     else {
         if (p >= (unsigned int)cap) return;
         x = k + (h - nq) * ks; o = kb + ((size_t)(h - nq) * cap + p) * d;
     }
-    for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        float x1 = ld(x, i), x2 = ld(x, i + half), c = ld(cos, i), s = ld(sin, i);
+    for (int j = threadIdx.x; j < half; j += blockDim.x) {
+        float x1 = ld(x, j), x2 = ld(x, j + half), c = ld(cos, j), s = ld(sin, j);
         // candle's kernel as nvcc compiles it, in f32 and in bf16 alike: the first product
         // contracted into the sum (a fused multiply-add), the second rounded to T first.
-        st(o, i, __fmaf_rn(x1, c, -rnd(__fmul_rn(x2, s), o)));
-        st(o, i + half, __fmaf_rn(x1, s, rnd(__fmul_rn(x2, c), o)));
+        st(o, j, __fmaf_rn(x1, c, -rnd(__fmul_rn(x2, s), o)));
+        st(o, j + half, __fmaf_rn(x1, s, rnd(__fmul_rn(x2, c), o)));
     }
 }
 
@@ -275,13 +349,13 @@ __device__ void causal_softmax(const T* s, T* out, int cols, int q_len, int offs
 
 #define INSTANTIATE(T, name) \
 extern "C" __global__ void lmx_causal_softmax_##name(const T* s, T* out, int cols, int q_len, int offset, int window, float scale, float softcap) { causal_softmax(s, out, cols, q_len, offset, window, scale, softcap); } \
-extern "C" __global__ void lmx_rms_norm_##name(const T* x, const T* w, T* out, int d, float eps) { rms_norm(x, w, out, d, eps); } \
-extern "C" __global__ void lmx_add_rms_norm_##name(const T* x, const T* h, const T* w, T* sum, T* out, int d, float eps, int* codes, int gs, int bits) { add_rms_norm(x, h, w, sum, out, d, eps, codes, gs, bits); } \
+extern "C" __global__ void lmx_rms_norm_##name(const T* x, const T* w, T* out, int d, float eps, int vec) { rms_norm(x, w, out, d, eps, vec); } \
+extern "C" __global__ void lmx_add_rms_norm_##name(const T* x, const T* h, const T* w, T* sum, T* out, int d, float eps, int* codes, int gs, int bits, int vec) { add_rms_norm(x, h, w, sum, out, d, eps, codes, gs, bits, vec); } \
 extern "C" __global__ void lmx_silu_mul_coded_##name(const T* g, const T* u, T* out, int rows, int cols, int* codes, int gs, int bits) { silu_mul_coded(g, u, out, rows, cols, codes, gs, bits); } \
-extern "C" __global__ void lmx_silu_mul_##name(const T* g, const T* u, T* out, long long n) { silu_mul(g, u, out, n); } \
+extern "C" __global__ void lmx_silu_mul_##name(const T* g, const T* u, T* out, long long n, int vec) { silu_mul(g, u, out, n, vec); } \
 extern "C" __global__ void lmx_decode_attention_##name(const T* q, const T* k, const T* v, T* out, float* part, int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits, long long ks0, long long ks1, long long ks2, long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window) { decode_attention(q, k, v, out, part, n_heads, n_kv, kv_len, d, scale, chunk, splits, ks0, ks1, ks2, vs0, vs1, vs2, upto, window); } \
 extern "C" __global__ void lmx_combine_splits_##name(const float* part, T* out, int splits, int d) { combine_splits(part, out, splits, d); } \
-extern "C" __global__ void lmx_rope_kv_##name(const T* q, long long qs, const T* k, long long ks, const T* v, long long vs, const T* cos, const T* sin, T* qo, T* kb, T* vb, const unsigned int* pos, int nq, int nkv, int cap, int d) { rope_kv(q, qs, k, ks, v, vs, cos, sin, qo, kb, vb, pos, nq, nkv, cap, d); }
+extern "C" __global__ void lmx_rope_kv_##name(const T* q, long long qs, long long qr, const T* k, long long ks, long long kr, const T* v, long long vs, long long vr, const T* cos, const T* sin, T* qo, T* kb, T* vb, const unsigned int* pos, int offset, int nq, int nkv, int cap, int d) { rope_kv(q, qs, qr, k, ks, kr, v, vs, vr, cos, sin, qo, kb, vb, pos, offset, nq, nkv, cap, d); }
 INSTANTIATE(float, f32)
 INSTANTIATE(unsigned short, bf16)
 "#;
@@ -336,6 +410,12 @@ fn out<T: DeviceRepr>(dev: &candle_core::CudaDevice, n: usize) -> Result<candle_
     unsafe { dev.alloc::<T>(n) }
 }
 
+/// Whether the norms take 4 values a thread (1) or one (0): rows of a multiple of 4 values
+/// starting at 4-value aligned offsets (output buffers are fresh, hence aligned).
+fn vec4(d: usize, layouts: &[&Layout]) -> i32 {
+    (d % 4 == 0 && layouts.iter().all(|l| l.start_offset() % 4 == 0)) as i32
+}
+
 /// RMS norm of contiguous rows `x` with weight `w` (both `dtype`).
 pub(crate) fn rms_norm(xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: &Layout, eps: f32) -> Result<CudaStorage> {
     let d = wl.shape().elem_count();
@@ -351,9 +431,9 @@ pub(crate) fn rms_norm(xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: &Lay
         let x = xs.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
         let w = ws.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
         let o = out::<T>(&dev, rows * d)?;
-        let (di, e) = (d as i32, eps);
+        let (di, e, v) = (d as i32, eps, vec4(d, &[xl, wl]));
         let mut b = func.builder();
-        b.arg(&x).arg(&w).arg(&o).arg(&di).arg(&e);
+        b.arg(&x).arg(&w).arg(&o).arg(&di).arg(&e).arg(&v);
         // SAFETY: x holds rows * d values, w d, o rows * d.
         unsafe { b.launch(cfg) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(o, dev))
@@ -404,6 +484,8 @@ pub(crate) fn add_rms_norm(
             Some((c, bits, gs)) => b.arg(c).arg(gs).arg(bits),
             None => b.arg(&none).arg(&0i32).arg(&0i32),
         };
+        let vec = vec4(d, &[xl, hl, wl]);
+        b.arg(&vec);
         // SAFETY: x and h hold rows * d values, w d, each half of o rows * d; the codes'
         // buffer (one row) act_stride(d) ints, or the pointer is null and not read.
         unsafe { b.launch(cfg) }.w()?;
@@ -472,14 +554,18 @@ pub(crate) fn silu_mul(gs: &CudaStorage, gl: &Layout, us: &CudaStorage, ul: &Lay
     let n = gl.shape().elem_count();
     let dev = gs.device().clone();
     let func = dev.get_or_load_custom_func(&name("silu_mul", gs.dtype())?, "lmx_fused", fused_ptx()?)?;
-    let cfg = LaunchConfig { grid_dim: (n.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // 16 bytes a thread where the values allow (a prompt's 14336-wide rows at ~1.3 TB/s a
+    // value a thread).
+    let per = 16 / gs.dtype().size_in_bytes();
+    let vec = n % per == 0 && gl.start_offset() % per == 0 && ul.start_offset() % per == 0;
+    let cfg = LaunchConfig { grid_dim: ((if vec { n / per } else { n }).div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     typed!(gs.dtype(), T => {
         let g = gs.as_cuda_slice::<T>()?.slice(gl.start_offset()..);
         let u = us.as_cuda_slice::<T>()?.slice(ul.start_offset()..);
         let o = out::<T>(&dev, n)?;
-        let nn = n as i64;
+        let (nn, v) = (n as i64, vec as i32);
         let mut b = func.builder();
-        b.arg(&g).arg(&u).arg(&o).arg(&nn);
+        b.arg(&g).arg(&u).arg(&o).arg(&nn).arg(&v);
         // SAFETY: g, u and o hold n values.
         unsafe { b.launch(cfg) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(o, dev))
@@ -615,12 +701,13 @@ pub(crate) fn kv_write(buf: &mut CudaStorage, bl: &Layout, src: &CudaStorage, sl
     Ok(())
 }
 
-/// A decode step's rotary embedding and cache write in one launch (see `rope_kv` above): `q`
-/// (1, nq, 1, d), `k`/`v` (1, nkv, 1, d) with contiguous heads, `cos`/`sin` (1, d / 2)
-/// contiguous, `kb`/`vb` (1, nkv, cap, d) contiguous buffers, `pos` a u32 position on the
-/// device. Returns the rotated queries (1, nq, 1, d); keys (rotated) and values land in the
-/// buffers. The buffers are written through the read access their tensors give: they are the
-/// cache's own, which nothing reads or writes while a step's kernels are queued.
+/// Rotary embedding and cache write in one launch (see `rope_kv` above): `q` (1, nq, l, d),
+/// `k`/`v` (1, nkv, l, d) with contiguous heads, `cos`/`sin` (l, d / 2) contiguous, `kb`/`vb`
+/// (1, nkv, cap, d) contiguous buffers; the positions are `pos`, a u32 on the device (a decode
+/// step, l = 1), or else `offset` on. Returns the rotated queries (1, l, nq, d); keys (rotated)
+/// and values land in the buffers. The buffers are written through the read access their
+/// tensors give: they are the cache's own, which nothing reads or writes while a step's kernels
+/// are queued.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn rope_kv_write(
     (qs, ql): (&CudaStorage, &Layout),
@@ -630,30 +717,36 @@ pub(crate) fn rope_kv_write(
     (ss, sl): (&CudaStorage, &Layout),
     (kbs, kbl): (&CudaStorage, &Layout),
     (vbs, vbl): (&CudaStorage, &Layout),
-    (ps, pl): (&CudaStorage, &Layout),
+    pos: Option<(&CudaStorage, &Layout)>,
+    offset: usize,
 ) -> Result<CudaStorage> {
-    let (&[1, nq, 1, d], &[1, nkv, 1, dk], &[1, nv, 1, dv], &[1, nkb, cap, db]) = (ql.dims(), kl.dims(), vl.dims(), kbl.dims()) else {
-        candle_core::bail!("rope + kv write: q {:?} / k {:?} / v {:?} / buffer {:?}: one sequence, one new position", ql.dims(), kl.dims(), vl.dims(), kbl.dims());
+    let (&[1, nq, l, d], &[1, nkv, lk, dk], &[1, nv, lv, dv], &[1, nkb, cap, db]) = (ql.dims(), kl.dims(), vl.dims(), kbl.dims()) else {
+        candle_core::bail!("rope + kv write: q {:?} / k {:?} / v {:?} / buffer {:?}: one sequence", ql.dims(), kl.dims(), vl.dims(), kbl.dims());
     };
     let contiguous_heads = [ql, kl, vl].iter().all(|l| l.stride()[3] == 1);
-    if (dk, dv, db, nv, nkb) != (d, d, d, nkv, nkv)
+    if (dk, dv, db, nv, nkb, lk, lv) != (d, d, d, nkv, nkv, l, l)
         || vbl.dims() != kbl.dims()
         || !contiguous_heads
         || !cl.is_contiguous()
         || !sl.is_contiguous()
         || !kbl.is_contiguous()
         || !vbl.is_contiguous()
-        || cl.shape().elem_count() != d / 2
+        || cl.shape().elem_count() != l * d / 2
         || d % 2 != 0
+        || (pos.is_some() && l != 1)
+        || (pos.is_none() && offset + l > cap)
     {
-        candle_core::bail!("rope + kv write: q {:?} / k {:?} / v {:?} / cos {:?} / buffers {:?}, {:?} do not fit", ql.dims(), kl.dims(), vl.dims(), cl.dims(), kbl.dims(), vbl.dims());
+        candle_core::bail!("rope + kv write: q {:?} / k {:?} / v {:?} / cos {:?} / buffers {:?}, {:?} at {offset} do not fit", ql.dims(), kl.dims(), vl.dims(), cl.dims(), kbl.dims(), vbl.dims());
     }
     let dev = qs.device().clone();
     let func = dev.get_or_load_custom_func(&name("rope_kv", qs.dtype())?, "lmx_fused", fused_ptx()?)?;
-    let cfg = LaunchConfig { grid_dim: ((nq + 2 * nkv) as u32, 1, 1), block_dim: ((d / 2).next_multiple_of(32).min(256) as u32, 1, 1), shared_mem_bytes: 0 };
-    let (q_stride, k_stride, v_stride) = (ql.stride()[1] as i64, kl.stride()[1] as i64, vl.stride()[1] as i64);
-    let (nqi, nkvi, capi, di) = (nq as i32, nkv as i32, cap as i32, d as i32);
-    let pos = ps.as_cuda_slice::<u32>()?.slice(pl.start_offset()..);
+    let cfg = LaunchConfig { grid_dim: ((nq + 2 * nkv) as u32, l as u32, 1), block_dim: ((d / 2).next_multiple_of(32).min(256) as u32, 1, 1), shared_mem_bytes: 0 };
+    let [q_stride, q_row, k_stride, k_row, v_stride, v_row] = [ql.stride()[1], ql.stride()[2], kl.stride()[1], kl.stride()[2], vl.stride()[1], vl.stride()[2]].map(|s| s as i64);
+    let (nqi, nkvi, capi, di, off) = (nq as i32, nkv as i32, cap as i32, d as i32, offset.min(i32::MAX as usize) as i32);
+    let pos = match pos {
+        Some((ps, pl)) => Some(ps.as_cuda_slice::<u32>()?.slice(pl.start_offset()..)),
+        None => None,
+    };
     typed!(qs.dtype(), T => {
         let q = qs.as_cuda_slice::<T>()?.slice(ql.start_offset()..);
         let k = ks.as_cuda_slice::<T>()?.slice(kl.start_offset()..);
@@ -662,25 +755,33 @@ pub(crate) fn rope_kv_write(
         let sin = ss.as_cuda_slice::<T>()?.slice(sl.start_offset()..);
         let kb = kbs.as_cuda_slice::<T>()?.slice(kbl.start_offset()..);
         let vb = vbs.as_cuda_slice::<T>()?.slice(vbl.start_offset()..);
-        let o = out::<T>(&dev, nq * d)?;
+        let o = out::<T>(&dev, l * nq * d)?;
+        let null = 0u64;
         let mut b = func.builder();
-        b.arg(&q).arg(&q_stride).arg(&k).arg(&k_stride).arg(&v).arg(&v_stride).arg(&cos).arg(&sin);
-        b.arg(&o).arg(&kb).arg(&vb).arg(&pos).arg(&nqi).arg(&nkvi).arg(&capi).arg(&di);
-        // SAFETY: q/k/v hold their heads at their strides (d values each), cos/sin d / 2, the
-        // buffers nkv * cap * d (a position past `cap` is skipped), o nq * d.
+        b.arg(&q).arg(&q_stride).arg(&q_row).arg(&k).arg(&k_stride).arg(&k_row).arg(&v).arg(&v_stride).arg(&v_row).arg(&cos).arg(&sin);
+        b.arg(&o).arg(&kb).arg(&vb);
+        match &pos {
+            Some(p) => b.arg(p),
+            None => b.arg(&null),
+        };
+        b.arg(&off).arg(&nqi).arg(&nkvi).arg(&capi).arg(&di);
+        // SAFETY: q/k/v hold their heads and positions at their strides (d values each),
+        // cos/sin l * d / 2, the buffers nkv * cap * d (a device position past `cap` is skipped;
+        // host positions were checked to fit), o l * nq * d.
         unsafe { b.launch(cfg) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(o, dev))
     })
 }
 
-/// [`rope_kv_write`] as an op of (q, k, v): the rotated queries; the angles, the cache's
-/// buffers and the position ride along.
+/// [`rope_kv_write`] as an op of (q, k, v): the rotated queries (1, l, nq, d); the angles, the
+/// cache's buffers and the position (device `pos`, else `offset`) ride along.
 pub(crate) struct RopeKvWrite {
     pub cos: candle_core::Tensor,
     pub sin: candle_core::Tensor,
     pub kbuf: candle_core::Tensor,
     pub vbuf: candle_core::Tensor,
-    pub pos: candle_core::Tensor,
+    pub pos: Option<candle_core::Tensor>,
+    pub offset: usize,
 }
 
 impl candle_core::CustomOp3 for RopeKvWrite {
@@ -701,7 +802,9 @@ impl candle_core::CustomOp3 for RopeKvWrite {
     }
 
     fn cuda_fwd(&self, qs: &CudaStorage, ql: &Layout, ks: &CudaStorage, kl: &Layout, vs: &CudaStorage, vl: &Layout) -> Result<(CudaStorage, candle_core::Shape)> {
-        let guards = [&self.cos, &self.sin, &self.kbuf, &self.vbuf, &self.pos].map(|t| t.storage_and_layout());
+        let mut tensors = vec![&self.cos, &self.sin, &self.kbuf, &self.vbuf];
+        tensors.extend(&self.pos);
+        let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
         let mut parts = Vec::with_capacity(5);
         for (storage, layout) in &guards {
             let candle_core::Storage::Cuda(c) = &**storage else {
@@ -709,8 +812,10 @@ impl candle_core::CustomOp3 for RopeKvWrite {
             };
             parts.push((c, *layout));
         }
-        let o = rope_kv_write((qs, ql), (ks, kl), (vs, vl), parts[0], parts[1], parts[2], parts[3], parts[4])?;
-        Ok((o, ql.shape().clone()))
+        let o = rope_kv_write((qs, ql), (ks, kl), (vs, vl), parts[0], parts[1], parts[2], parts[3], parts.get(4).copied(), self.offset)?;
+        // Checked 4-D by rope_kv_write.
+        let (nq, l, d) = (ql.dims()[1], ql.dims()[2], ql.dims()[3]);
+        Ok((o, candle_core::Shape::from((1, l, nq, d))))
     }
 }
 
@@ -757,5 +862,301 @@ impl candle_core::CustomOp1 for CausalSoftmax {
             unsafe { b.launch(cfg) }.w()?;
             Ok((CudaStorage::wrap_cuda_slice(o, dev), xl.shape().clone()))
         })
+    }
+}
+
+// Flash attention for causal bf16 prompts (FlashAttention-2's forward): block (query tile of 64,
+// head, sequence), 4 warps of 16 queries each; key/value tiles of 64 positions staged in shared
+// memory (cp.async, rows padded by 8 values so that ldmatrix reads hit 32 distinct banks);
+// scores and the probabilities' product on the tensor cores (mma m16n8k16, f32 accumulators);
+// an online softmax in f32 (base 2) per query row. Never materializes the scores, so one
+// kernel replaces two products, the softmax and their copies. Needs sm_80 (compiled apart).
+const FLASH_SRC: &str = r#"
+#define NEG (-__int_as_float(0x7f800000))
+// Two floats rounded to bf16 (to nearest even), `lo` in the low half: one instruction.
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+// 2^x in one instruction (relative error ~2^-22; 2^-inf = 0).
+__device__ __forceinline__ float ex2(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
+    return r;
+}
+__device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void ldsm4(unsigned* r, const unsigned short* p) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+__device__ __forceinline__ void ldsm4t(unsigned* r, const unsigned short* p) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+// 16 bytes global -> shared, zeros when `n` is 0.
+__device__ __forceinline__ void cp16(unsigned short* dst, const unsigned short* src, int n) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(s), "l"(src), "r"(n));
+}
+
+// q (b, n_heads, q_len, D) and k, v (b, n_kv, kv_len, D) with element strides (sequence, head,
+// row), rows contiguous; out (b, q_len, n_heads, D) contiguous. Query i sits at position
+// offset + i and sees keys [lo, pos] (lo = pos + 1 - window with a window). Scores scaled, soft-
+// capped (softcap > 0) and taken to base 2 before the softmax.
+template <int D>
+__device__ void flash_attention(const unsigned short* q, const unsigned short* k, const unsigned short* v, unsigned short* out,
+                                int n_heads, int n_kv, int q_len, int kv_len, int offset, int window, float scale, float softcap,
+                                long long qs0, long long qs1, long long qs2, long long ks0, long long ks1, long long ks2,
+                                long long vs0, long long vs1, long long vs2) {
+    const int BR = 64, BC = 64, LD = D + 8;
+    const float LOG2E = 1.4426950408889634f;
+    __shared__ __align__(16) unsigned short kt[BC * LD];
+    __shared__ __align__(16) unsigned short vt[BC * LD];
+    // The longest (last) query tiles first.
+    int qb = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z, kvh = h / (n_heads / n_kv);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    int q0 = qb * BR + warp * 16;
+    const unsigned short* qp = q + b * qs0 + h * qs1;
+    const unsigned short* kp = k + b * ks0 + kvh * ks1;
+    const unsigned short* vp = v + b * vs0 + kvh * vs1;
+    unsigned qa[D / 16][4];
+#pragma unroll
+    for (int s = 0; s < D / 16; s++) {
+        int r0 = q0 + g, r1 = r0 + 8, c = s * 16 + t * 2;
+        qa[s][0] = r0 < q_len ? *(const unsigned*)(qp + r0 * qs2 + c) : 0u;
+        qa[s][1] = r1 < q_len ? *(const unsigned*)(qp + r1 * qs2 + c) : 0u;
+        qa[s][2] = r0 < q_len ? *(const unsigned*)(qp + r0 * qs2 + c + 8) : 0u;
+        qa[s][3] = r1 < q_len ? *(const unsigned*)(qp + r1 * qs2 + c + 8) : 0u;
+    }
+    float acc[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+    float m[2] = {NEG, NEG}, l[2] = {0.f, 0.f};
+    int first = qb * BR, last = min(q_len, first + BR) - 1;
+    int hi = min(kv_len, offset + last + 1);
+    int lo = window > 0 ? max(0, offset + first + 1 - window) : 0;
+    float sl2 = scale * LOG2E;
+    // One tile's keys (or values) into shared memory, zeros past the keys' end.
+    // (A constant thread count, so that the loop unrolls and its addresses fold.)
+    auto stage = [&](unsigned short* dst, const unsigned short* src, long long stride, int k0) {
+#pragma unroll
+        for (int c = threadIdx.x; c < BC * D / 8; c += 128) {
+            int r = c / (D / 8), col = (c % (D / 8)) * 8;
+            bool in = k0 + r < kv_len;
+            cp16(&dst[r * LD + col], src + (in ? k0 + r : 0) * stride + col, in ? 16 : 0);
+        }
+        asm volatile("cp.async.commit_group;\n" ::);
+    };
+    // Keys and values load one step ahead of their use: the next tile's keys while this
+    // tile's softmax and values' product run, its values while its scores do.
+    int k0 = (lo / BC) * BC;
+    stage(kt, kp, ks2, k0);
+    stage(vt, vp, vs2, k0);
+    for (; k0 < hi; k0 += BC) {
+        bool more = k0 + BC < hi;
+        asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+        __syncthreads();
+        float s[BC / 8][4];
+#pragma unroll
+        for (int n = 0; n < BC / 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+        for (int ds = 0; ds < D / 16; ds++) {
+#pragma unroll
+            for (int n = 0; n < BC / 8; n += 2) {
+                unsigned f[4];
+                ldsm4(f, &kt[(n * 8 + (lane % 8) + (lane / 16) * 8) * LD + ds * 16 + ((lane / 8) % 2) * 8]);
+                mma16816(s[n], qa[ds], f[0], f[1]);
+                mma16816(s[n + 1], qa[ds], f[2], f[3]);
+            }
+        }
+        __syncthreads();
+        if (more) stage(kt, kp, ks2, k0 + BC);
+        else asm volatile("cp.async.commit_group;\n" ::);
+        // Scores become base-2 logits as x * mul (soft-capped ones are already); masks only
+        // where a tile crosses the diagonal, the window's edge or the keys' end.
+        float mul = sl2;
+        if (softcap > 0.f) {
+            mul = 1.f;
+#pragma unroll
+            for (int n = 0; n < BC / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) s[n][e] = softcap * tanhf(s[n][e] * scale / softcap) * LOG2E;
+        }
+        if (k0 + BC > offset + q0 + 1 || k0 + BC > kv_len || (window > 0 && k0 < offset + q0 + 16 - window)) {
+#pragma unroll
+            for (int n = 0; n < BC / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int key = k0 + n * 8 + t * 2 + (e & 1), pos = offset + q0 + g + 8 * (e >> 1);
+                    if (key > pos || key >= kv_len || (window > 0 && key <= pos - window)) s[n][e] = NEG;
+                }
+        }
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            float mx = NEG;
+#pragma unroll
+            for (int n = 0; n < BC / 8; n++) mx = fmaxf(mx, fmaxf(s[n][2 * i], s[n][2 * i + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            float mn = fmaxf(m[i], mx * mul);
+            // A row that has seen nothing yet keeps its zeros.
+            float base = mn == NEG ? 0.f : mn;
+            float alpha = ex2(m[i] - base);
+            m[i] = mn;
+            float sum = 0.f;
+#pragma unroll
+            for (int n = 0; n < BC / 8; n++) {
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    float p = ex2(fmaf(s[n][2 * i + e], mul, -base));
+                    s[n][2 * i + e] = p;
+                    sum += p;
+                }
+            }
+            l[i] = l[i] * alpha + sum;
+#pragma unroll
+            for (int n = 0; n < D / 8; n++) { acc[n][2 * i] *= alpha; acc[n][2 * i + 1] *= alpha; }
+        }
+        asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; kk++) {
+            unsigned pa[4] = {pack2(s[2 * kk][0], s[2 * kk][1]), pack2(s[2 * kk][2], s[2 * kk][3]),
+                              pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int n = 0; n < D / 8; n += 2) {
+                unsigned f[4];
+                int mi = lane / 8;
+                ldsm4t(f, &vt[(kk * 16 + (lane % 8) + (mi % 2) * 8) * LD + n * 8 + (mi / 2) * 8]);
+                mma16816(acc[n], pa, f[0], f[1]);
+                mma16816(acc[n + 1], pa, f[2], f[3]);
+            }
+        }
+        __syncthreads();
+        if (more) stage(vt, vp, vs2, k0 + BC);
+        else asm volatile("cp.async.commit_group;\n" ::);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        float tot = l[i];
+        tot += __shfl_xor_sync(0xffffffffu, tot, 1);
+        tot += __shfl_xor_sync(0xffffffffu, tot, 2);
+        float inv = tot > 0.f ? 1.f / tot : 0.f;
+        int r = q0 + g + 8 * i;
+        if (r >= q_len) continue;
+        unsigned short* o = out + (((long long)b * q_len + r) * n_heads + h) * D;
+#pragma unroll
+        for (int n = 0; n < D / 8; n++) *(unsigned*)(o + n * 8 + t * 2) = pack2(acc[n][2 * i] * inv, acc[n][2 * i + 1] * inv);
+    }
+}
+
+#define FLASH(D) \
+extern "C" __global__ void __launch_bounds__(128) lmx_flash_attention_bf16_##D(const unsigned short* q, const unsigned short* k, const unsigned short* v, unsigned short* out, int n_heads, int n_kv, int q_len, int kv_len, int offset, int window, float scale, float softcap, long long qs0, long long qs1, long long qs2, long long ks0, long long ks1, long long ks2, long long vs0, long long vs1, long long vs2) { flash_attention<D>(q, k, v, out, n_heads, n_kv, q_len, kv_len, offset, window, scale, softcap, qs0, qs1, qs2, ks0, ks1, ks2, vs0, vs1, vs2); } \
+extern "C" __global__ void __launch_bounds__(128, 3) lmx_flash_attention_bf16_##D##_b3(const unsigned short* q, const unsigned short* k, const unsigned short* v, unsigned short* out, int n_heads, int n_kv, int q_len, int kv_len, int offset, int window, float scale, float softcap, long long qs0, long long qs1, long long qs2, long long ks0, long long ks1, long long ks2, long long vs0, long long vs1, long long vs2) { flash_attention<D>(q, k, v, out, n_heads, n_kv, q_len, kv_len, offset, window, scale, softcap, qs0, qs1, qs2, ks0, ks1, ks2, vs0, vs1, vs2); }
+FLASH(16)
+FLASH(32)
+FLASH(64)
+FLASH(96)
+FLASH(128)
+"#;
+
+/// PTX of [`FLASH_SRC`] (tensor-core instructions: compiled for compute capability 8.0).
+fn flash_ptx() -> Result<&'static str> {
+    static PTX: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
+    PTX.get_or_init(|| {
+        let opts = candle_core::cuda_backend::cudarc::nvrtc::CompileOptions { arch: Some("compute_80"), ..Default::default() };
+        candle_core::cuda_backend::cudarc::nvrtc::compile_ptx_with_opts(FLASH_SRC, opts).map(|p| p.to_src()).map_err(|e| format!("{e:?}"))
+    })
+    .as_deref()
+    .map_err(|e| candle_core::Error::Msg(format!("compiling lmx's CUDA flash attention with NVRTC failed: {e}")))
+}
+
+/// Head sizes [`FlashAttention`] is compiled for.
+const FLASH_HEAD_DIMS: [usize; 5] = [16, 32, 64, 96, 128];
+
+/// True when [`FlashAttention`] takes these bf16 queries (b, heads, q_len, d), keys and values
+/// (b, kv_heads, kv_len, d) as laid out: a GPU of compute capability 8.0 or newer (tensor-core
+/// bf16), a compiled head size, rows of contiguous values, keys and values 16-byte aligned.
+pub fn flash_fits(q: &candle_core::Tensor, k: &candle_core::Tensor, v: &candle_core::Tensor) -> bool {
+    let (qd, kd, vd) = (q.dims(), k.dims(), v.dims());
+    let shapes = qd.len() == 4 && kd.len() == 4 && kd == vd && qd[0] == kd[0] && qd[3] == kd[3] && kd[1] > 0 && qd[1] % kd[1] == 0 && FLASH_HEAD_DIMS.contains(&qd[3]);
+    let dtypes = [q, k, v].iter().all(|t| t.dtype() == DType::BF16);
+    let aligned = |t: &candle_core::Tensor, elems: usize| {
+        let l = t.layout();
+        l.stride()[3] == 1 && l.start_offset() % elems == 0 && l.stride()[..3].iter().all(|s| s % elems == 0)
+    };
+    shapes && dtypes && aligned(q, 2) && aligned(k, 8) && aligned(v, 8) && tensor_cores(q.device())
+}
+
+/// Whether the device has bf16 tensor cores (compute capability 8.0 or newer).
+fn tensor_cores(dev: &candle_core::Device) -> bool {
+    let candle_core::Device::Cuda(dev) = dev else { return false };
+    dev.cuda_stream().context().compute_capability().is_ok_and(|(major, _)| major >= 8)
+}
+
+/// Causal attention of bf16 queries over keys and values in one kernel ([`FLASH_SRC`]):
+/// q (b, heads, q_len, d), k and v (b, kv_heads, kv_len, d) -> (b, q_len, heads, d), query i
+/// at position `offset + i`; see [`flash_fits`] for what it takes.
+pub struct FlashAttention {
+    pub offset: usize,
+    pub window: Option<usize>,
+    pub scale: f32,
+    pub softcap: Option<f32>,
+}
+
+impl candle_core::CustomOp3 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "lmx-flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("lmx-flash-attention runs on CUDA only")
+    }
+
+    fn cuda_fwd(&self, qs: &CudaStorage, ql: &Layout, ks: &CudaStorage, kl: &Layout, vs: &CudaStorage, vl: &Layout) -> Result<(CudaStorage, candle_core::Shape)> {
+        let (&[b, n_heads, q_len, d], &[_, n_kv, kv_len, _]) = (ql.dims(), kl.dims()) else {
+            candle_core::bail!("flash attention: q {:?} / k {:?} must be 4-D", ql.dims(), kl.dims());
+        };
+        if !FLASH_HEAD_DIMS.contains(&d) || kl.dims() != vl.dims() || n_kv == 0 || n_heads % n_kv != 0 || kv_len < self.offset + q_len || q_len == 0 {
+            candle_core::bail!("flash attention: q {:?}, k {:?}, v {:?} at offset {}", ql.dims(), kl.dims(), vl.dims(), self.offset);
+        }
+        let dev = qs.device().clone();
+        // LMX_CUDA_FLASH_BLOCKS=3: compiled for 3 blocks a multiprocessor (168 registers).
+        let variant = if std::env::var("LMX_CUDA_FLASH_BLOCKS").is_ok_and(|v| v == "3") { "_b3" } else { "" };
+        let func = dev.get_or_load_custom_func(&format!("lmx_flash_attention_bf16_{d}{variant}"), "lmx_flash", flash_ptx()?)?;
+        let cfg = LaunchConfig { grid_dim: (q_len.div_ceil(64) as u32, n_heads as u32, b as u32), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let q = qs.as_cuda_slice::<half::bf16>()?.slice(ql.start_offset()..);
+        let k = ks.as_cuda_slice::<half::bf16>()?.slice(kl.start_offset()..);
+        let v = vs.as_cuda_slice::<half::bf16>()?.slice(vl.start_offset()..);
+        let o = out::<half::bf16>(&dev, b * q_len * n_heads * d)?;
+        let ints = [n_heads, n_kv, q_len, kv_len, self.offset, self.window.unwrap_or(0)].map(|x| x.min(i32::MAX as usize) as i32);
+        let (scale, cap) = (self.scale, self.softcap.unwrap_or(0.0));
+        let strides = [ql.stride(), kl.stride(), vl.stride()].map(|s| [s[0] as i64, s[1] as i64, s[2] as i64]);
+        let mut bld = func.builder();
+        bld.arg(&q).arg(&k).arg(&v).arg(&o);
+        for x in &ints {
+            bld.arg(x);
+        }
+        bld.arg(&scale).arg(&cap);
+        for s in strides.iter().flatten() {
+            bld.arg(s);
+        }
+        // SAFETY: the strides keep every read inside q, k and v (rows beyond q_len or kv_len
+        // are not read); o holds b * q_len * heads * d values, each written once.
+        unsafe { bld.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(o, dev), candle_core::Shape::from((b, q_len, n_heads, d))))
     }
 }

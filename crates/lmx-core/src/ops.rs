@@ -38,6 +38,14 @@ fn cuda_causal_softmax() -> bool {
     *ON.get_or_init(|| !std::env::var("LMX_CUDA_CAUSAL_SOFTMAX").is_ok_and(|v| v == "0"))
 }
 
+/// Whether causal bf16 attention on the GPU takes the flash kernel (`LMX_CUDA_FLASH=0`: the
+/// products and the fused softmax).
+#[cfg(feature = "cuda")]
+fn cuda_flash() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| !std::env::var("LMX_CUDA_FLASH").is_ok_and(|v| v == "0"))
+}
+
 /// True when any input is recorded on the gradient tape, so the op must be differentiable.
 fn on_tape(xs: &[&Tensor]) -> bool {
     xs.iter().any(|x| x.track_op())
@@ -327,13 +335,41 @@ pub fn kv_write(buf: &Tensor, new: &Tensor, pos: &Tensor) -> Result<()> {
 pub fn rope_kv_write(q: &Tensor, k: &Tensor, v: &Tensor, cos: &Tensor, sin: &Tensor, kbuf: &Tensor, vbuf: &Tensor, pos: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if fused_cuda(q) && cuda_rope_kv() && !on_tape(&[q, k, v]) && [k, v, cos, sin, kbuf, vbuf].iter().all(|t| t.dtype() == q.dtype()) {
-        let op = crate::cuda_fused::RopeKvWrite { cos: cos.contiguous()?, sin: sin.contiguous()?, kbuf: kbuf.clone(), vbuf: vbuf.clone(), pos: pos.clone() };
-        let contiguous_heads = |t: &Tensor| if t.stride().last() == Some(&1) { Ok(t.clone()) } else { t.contiguous() };
-        return contiguous_heads(q)?.apply_op3_no_bwd(&contiguous_heads(k)?, &contiguous_heads(v)?, &op);
+        let op = crate::cuda_fused::RopeKvWrite { cos: cos.contiguous()?, sin: sin.contiguous()?, kbuf: kbuf.clone(), vbuf: vbuf.clone(), pos: Some(pos.clone()), offset: 0 };
+        // (1, 1, nq, d) is (1, nq, 1, d) in memory.
+        return contiguous_heads(q)?.apply_op3_no_bwd(&contiguous_heads(k)?, &contiguous_heads(v)?, &op)?.reshape(q.dims());
     }
     let q = rope(q, cos, sin)?;
     kv_write(kbuf, &rope(k, cos, sin)?, pos)?;
     kv_write(vbuf, v, pos)?;
+    Ok(q)
+}
+
+/// `t` itself when its last dimension is contiguous, else a contiguous copy.
+#[cfg(feature = "cuda")]
+fn contiguous_heads(t: &Tensor) -> Result<Tensor> {
+    if t.stride().last() == Some(&1) {
+        Ok(t.clone())
+    } else {
+        t.contiguous()
+    }
+}
+
+/// [`rope_kv_write`] of a prompt chunk: `q` (1, heads, l, d) and `k` (1, kv_heads, l, d) rotated
+/// by `cos`/`sin` (l, d / 2), keys and values `v` written into the buffers `kbuf`/`vbuf`
+/// (1, kv_heads, cap, d) at positions `offset..offset + l` (host positions); returns the rotated
+/// queries (1, heads, l, d), on a GPU a view of (1, l, heads, d): one kernel there instead of the
+/// transposing copies, two rotations and two writes.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_kv_write_rows(q: &Tensor, k: &Tensor, v: &Tensor, cos: &Tensor, sin: &Tensor, kbuf: &Tensor, vbuf: &Tensor, offset: usize) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused_cuda(q) && cuda_rope_kv() && q.dim(0)? == 1 && !on_tape(&[q, k, v]) && [k, v, cos, sin, kbuf, vbuf].iter().all(|t| t.dtype() == q.dtype()) {
+        let op = crate::cuda_fused::RopeKvWrite { cos: cos.contiguous()?, sin: sin.contiguous()?, kbuf: kbuf.clone(), vbuf: vbuf.clone(), pos: None, offset };
+        return contiguous_heads(q)?.apply_op3_no_bwd(&contiguous_heads(k)?, &contiguous_heads(v)?, &op)?.transpose(1, 2);
+    }
+    let q = rope(q, cos, sin)?;
+    kbuf.slice_set(&rope(k, cos, sin)?.contiguous()?, 2, offset)?;
+    vbuf.slice_set(&v.contiguous()?, 2, offset)?;
     Ok(q)
 }
 
@@ -376,7 +412,12 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Mask<'_>, scale: f64,
     }
     #[cfg(feature = "cuda")]
     if let Mask::Causal { window, .. } = mask {
-        // Causal queries on the GPU: the scores' scale, cap, mask and softmax in one kernel.
+        // Causal bf16 queries on the GPU: flash attention, the scores never stored.
+        if q.device().is_cuda() && cuda_flash() && sinks.is_none() && !on_tape(&[q, k, v]) && crate::cuda_fused::flash_fits(q, k, v) {
+            let op = crate::cuda_fused::FlashAttention { offset: k.dim(2)? - q_len, window, scale: scale as f32, softcap: softcap.map(|c| c as f32) };
+            return q.apply_op3_no_bwd(k, v, &op)?.transpose(1, 2);
+        }
+        // Otherwise the scores' scale, cap, mask and softmax in one kernel.
         if fused_cuda(q) && cuda_causal_softmax() && sinks.is_none() && !on_tape(&[q, k, v]) && q.dtype() == k.dtype() && k.dtype() == v.dtype() {
             let (n_kv_heads, kv_len) = (k.dim(1)?, k.dim(2)?);
             let q = q.contiguous()?.reshape((b, n_kv_heads, n_heads / n_kv_heads * q_len, head_dim))?;
@@ -711,6 +752,52 @@ mod tests {
         for (n, off, w) in [(2, 1, None), (2, 2, Some(2)), (5, 7, Some(3)), (4, 0, None), (6, 3, Some(1))] {
             let host = causal_mask(n, off, w, &Device::Cpu)?.to_vec2::<f32>()?;
             assert_eq!(causal_mask_from_ops(n, off, w, &Device::Cpu)?.to_vec2::<f32>()?, host, "{n} queries after {off}, window {w:?}");
+        }
+        Ok(())
+    }
+
+    /// Flash attention on the GPU (bf16) equals attention in f32 on the CPU over the same
+    /// bf16 values, within bf16 rounding: head sizes 16 to 128, grouped heads, a chunk
+    /// after cached positions, a sliding window, soft-capping, two sequences, keys and values
+    /// read from a longer cache buffer, queries not contiguous. Skipped without a GPU.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn flash_attention_equals_f32_attention() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("no GPU: skipped");
+            return Ok(());
+        };
+        // (batch, heads, kv heads, queries, cached positions, head size, window, softcap)
+        let cases = [
+            (1, 8, 2, 100, 0, 64, None, None),
+            (1, 4, 4, 130, 70, 128, None, None),
+            (1, 6, 2, 150, 0, 96, Some(37), None),
+            (2, 4, 1, 65, 3, 128, None, Some(30.0)),
+            (1, 32, 8, 700, 300, 128, Some(500), None),
+            (1, 4, 2, 64, 0, 16, None, None),
+            (1, 4, 2, 33, 0, 32, None, None),
+        ];
+        for (b, h, kvh, l, cached, d, window, softcap) in cases {
+            let kv_len = cached + l;
+            let bf = |t: Tensor| t.to_dtype(DType::BF16);
+            // Queries (b, l, h, d) seen as (b, h, l, d); keys and values the first kv_len
+            // positions of a buffer of kv_len + 40.
+            let q = bf(Tensor::randn(0f32, 1.0, (b, l, h, d), &Device::Cpu)?)?;
+            let kbuf = bf(Tensor::randn(0f32, 1.0, (b, kvh, kv_len + 40, d), &Device::Cpu)?)?;
+            let vbuf = bf(Tensor::randn(0f32, 1.0, (b, kvh, kv_len + 40, d), &Device::Cpu)?)?;
+            let scale = 1.0 / (d as f64).sqrt();
+            let mask = causal_mask(l, cached, window, &Device::Cpu)?;
+            let f32s = |t: &Tensor| t.to_dtype(DType::F32);
+            let (qc, kc, vc) = (f32s(&q.transpose(1, 2)?.contiguous()?)?, f32s(&kbuf.narrow(2, 0, kv_len)?)?, f32s(&vbuf.narrow(2, 0, kv_len)?)?);
+            let want = attention(&qc, &kc.contiguous()?, &vc.contiguous()?, Mask::Additive(&mask), scale, softcap, None)?;
+            let (qg, kg, vg) = (q.to_device(&gpu)?.transpose(1, 2)?, kbuf.to_device(&gpu)?.narrow(2, 0, kv_len)?, vbuf.to_device(&gpu)?.narrow(2, 0, kv_len)?);
+            assert!(crate::cuda_fused::flash_fits(&qg, &kg, &vg), "case {b} {h} {kvh} {l} {d} not taken by the flash kernel");
+            let gmask = mask.to_device(&gpu)?;
+            let got = attention(&qg, &kg, &vg, Mask::Causal { window, additive: &gmask }, scale, softcap, None)?;
+            let got = got.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+            let err = max_abs_diff(&got, &want);
+            eprintln!("b {b} heads {h}/{kvh} queries {l} after {cached} d {d} window {window:?} cap {softcap:?}: max error {err}");
+            assert!(err < 2e-2, "flash attention off by {err}");
         }
         Ok(())
     }

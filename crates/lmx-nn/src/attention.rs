@@ -393,7 +393,8 @@ impl Attention {
         } else {
             ops::Mask::None
         };
-        ops::attention(&q.contiguous()?, &k, &v, mask, self.scale, self.softcap, self.sinks.as_ref())
+        // Queries as they come (the flash kernel reads a view; the other paths copy if needed).
+        ops::attention(q, &k, &v, mask, self.scale, self.softcap, self.sinks.as_ref())
     }
 }
 

@@ -290,6 +290,23 @@ impl LayerKv {
         Ok((q, KvView::Upto { k: kb, v: vb, pos: pos.clone() }))
     }
 
+    /// [`Self::append`] of keys still to be rotated by `cos`/`sin` into a growing cache (a
+    /// prompt chunk at the host offset): returns the rotated queries `q` too
+    /// (`ops::rope_kv_write_rows`: one kernel on a GPU).
+    fn append_rows_rotating(&mut self, q: &Tensor, k: &Tensor, v: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, KvView)> {
+        if matches!(self.store, Store::Empty) {
+            self.store = Store::Growing { k: k.narrow(2, 0, 0)?.contiguous()?, v: v.narrow(2, 0, 0)?.contiguous()? };
+        }
+        let n = k.dim(2)?;
+        self.reserve(n)?;
+        let Store::Growing { k: kb, v: vb } = &self.store else { lmx_core::bail!("kv cache: rotating rows into a cache that is not a plain growing one") };
+        let offset = self.offset;
+        let q = lmx_core::ops::rope_kv_write_rows(q, k, v, cos, sin, kb, vb, offset)?;
+        let view = KvView::Dense(kb.narrow(2, 0, offset + n)?, vb.narrow(2, 0, offset + n)?);
+        self.offset += n;
+        Ok((q, view))
+    }
+
     /// Makes room for `extra` more positions in a growing buffer; true when it was reallocated.
     fn reserve(&mut self, extra: usize) -> Result<bool> {
         let offset = self.offset;
@@ -672,14 +689,23 @@ impl KvCache {
         }
     }
 
-    /// At a device position (a recorded decode step): rotates `q` and `k` (1, heads, 1, d) by
-    /// `cos`/`sin` ("rotate half") and appends `k`, `v` to row `row`'s layer `layer_idx` in one
-    /// op; returns the rotated queries and the layer's keys and values. None without a device
-    /// position (the caller rotates, then [`Self::append`]s).
+    /// Rotates `q` and `k` (1, heads, l, d) by `cos`/`sin` ("rotate half") and appends `k`, `v`
+    /// to row `row`'s layer `layer_idx` in one op, at a device position (a recorded decode
+    /// step) or, on a GPU, into a plain growing cache (a prompt chunk); returns the rotated
+    /// queries and the layer's keys and values. None otherwise (the caller rotates, then
+    /// [`Self::append`]s).
     #[allow(clippy::too_many_arguments)]
     pub fn append_rotating(&mut self, row: usize, layer_idx: usize, q: &Tensor, k: &Tensor, v: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<(Tensor, KvView)>> {
-        let Some(pos) = self.position.clone().filter(|_| self.store) else { return Ok(None) };
-        self.layer_mut(row, layer_idx)?.0.append_at_rotating(q, k, v, cos, sin, &pos).map(Some)
+        if !self.store {
+            return Ok(None);
+        }
+        let position = self.position.clone();
+        let (layer, opts) = self.layer_mut(row, layer_idx)?;
+        match position {
+            Some(pos) => layer.append_at_rotating(q, k, v, cos, sin, &pos).map(Some),
+            None if q.device().is_cuda() && q.dim(0)? == 1 && opts.max_kv_size.is_none() && opts.kv_bits.is_none() => layer.append_rows_rotating(q, k, v, cos, sin).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// Row `row`'s layer `layer_idx`, with the row's options.
