@@ -108,7 +108,9 @@ const NB: usize = 32;
 /// (dequantized per row) in prefill. x is rounded to bf16, products are summed in f32. Panics
 /// if the CPU lacks AVX512-BF16 (check [`supported`]) or x is shorter than (m, k).
 pub fn matmul_rows(x: &[f32], m: usize, n: usize, k: usize, row: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
-    matmul_words(x, m, n, k, |r, values, words| {
+    assert!(supported(), "bf16 matmul needs AVX512-BF16");
+    assert!(x.len() >= m * k, "bf16 matmul: x is shorter than ({m}, {k})");
+    matmul_words(&pack_x(x, m, k), m, n, k, |r, values, words| {
         row(r, values);
         // SAFETY: the caller of matmul_words checked supported(); `words` holds ceil(k / 2)
         // words for the k values.
@@ -116,11 +118,17 @@ pub fn matmul_rows(x: &[f32], m: usize, n: usize, k: usize, row: impl Fn(usize, 
     })
 }
 
-/// [`matmul_rows`] for a W (n, k) stored as bf16 (bits): its rows are the packed pairs as they
-/// are (no round trip through f32; a fifth of a bf16 prompt's time went to it).
-pub fn matmul_bf16_rows(x: &[f32], m: usize, n: usize, k: usize, w: &[u16]) -> Vec<f32> {
-    assert!(w.len() >= n * k, "bf16 matmul: W is shorter than ({n}, {k})");
-    matmul_words(x, m, n, k, |r, _, words| {
+/// [`matmul_rows`] for x and a W (n, k) both stored as bf16 (bits): their rows are the packed
+/// pairs as they are (no round trip through f32; a fifth of a bf16 prompt's time went to W's,
+/// ~4% to x's), for an even k.
+pub fn matmul_bf16_rows(x: &[u16], m: usize, n: usize, k: usize, w: &[u16]) -> Vec<f32> {
+    assert!(supported(), "bf16 matmul needs AVX512-BF16");
+    assert!(w.len() >= n * k && x.len() >= m * k && k % 2 == 0, "bf16 matmul: x or W is shorter than ({m} or {n}, {k}), or {k} is odd");
+    let mut xp = vec![0u32; m * k / 2];
+    // SAFETY: xp holds m * k / 2 words, the bytes of x's first m * k values (pairs, low half
+    // first, as pack_row writes them).
+    unsafe { std::ptr::copy_nonoverlapping(x.as_ptr() as *const u8, xp.as_mut_ptr() as *mut u8, 2 * m * k) };
+    matmul_words(&xp, m, n, k, |r, _, words| {
         let row = &w[r * k..(r + 1) * k];
         let whole = k / 2;
         // SAFETY: the row's first 2 * whole values are whole words' bytes (little-endian pairs,
@@ -132,13 +140,12 @@ pub fn matmul_bf16_rows(x: &[f32], m: usize, n: usize, k: usize, w: &[u16]) -> V
     })
 }
 
-/// The kernel behind [`matmul_rows`]: `row_words(r, scratch, words)` writes row r of W as
-/// bf16 pairs (`scratch` holds k f32 for conversions).
-fn matmul_words(x: &[f32], m: usize, n: usize, k: usize, row_words: impl Fn(usize, &mut [f32], &mut [u32]) + Sync) -> Vec<f32> {
-    assert!(supported(), "bf16 matmul needs AVX512-BF16");
-    assert!(x.len() >= m * k, "bf16 matmul: x is shorter than ({m}, {k})");
+/// The kernel behind [`matmul_rows`]: x packed as pairs (`pack_x`), `row_words(r, scratch,
+/// words)` writes row r of W as bf16 pairs (`scratch` holds k f32 for conversions). The callers
+/// checked [`supported`].
+fn matmul_words(xp: &[u32], m: usize, n: usize, k: usize, row_words: impl Fn(usize, &mut [f32], &mut [u32]) + Sync) -> Vec<f32> {
     let pairs = k.div_ceil(2);
-    let xp = pack_x(x, m, k);
+    assert!(xp.len() >= m * pairs, "bf16 matmul: x is shorter than ({m}, {k})");
     let mut y = vec![0f32; m * n];
     let y_ptr = SendPtr(y.as_mut_ptr());
     // On the decode pool (its workers spin between steps and would otherwise compete with
@@ -165,7 +172,7 @@ fn matmul_words(x: &[f32], m: usize, n: usize, k: usize, row_words: impl Fn(usiz
                         let rows = (m - i).min(MR);
                         // SAFETY: supported() was checked; rows i..i+rows of xp hold `pairs`
                         // words each; the block holds NB >= c + 32 columns per pair row.
-                        unsafe { panel(&xp, pairs, t0..t1, i, rows, &words, NB, c, &mut out) };
+                        unsafe { panel(xp, pairs, t0..t1, i, rows, &words, NB, c, &mut out) };
                         for (r, o) in out.iter().enumerate().take(rows) {
                             // SAFETY: row i + r, columns r0 + c .. r0 + c + cols are inside y;
                             // this thread alone writes columns r0 .. r0 + nr.
@@ -266,14 +273,33 @@ impl CustomOp2 for Bf16Linear {
         if dims.last() != Some(&k) {
             candle_core::bail!("bf16 linear: input {dims:?} does not end in {k} features");
         }
-        let x: Vec<f32> = xs.as_slice::<half::bf16>()?[x0..x1].iter().map(|v| v.to_f32()).collect();
+        let x = &xs.as_slice::<half::bf16>()?[x0..x1];
         let w = half::slice::HalfFloatSliceExt::reinterpret_cast(&ws.as_slice::<half::bf16>()?[w0..w1]);
-        let y = matmul_bf16_rows(&x, x.len() / k, n, k, w);
+        let m = x.len() / k;
+        let y = if k % 2 == 0 {
+            matmul_bf16_rows(half::slice::HalfFloatSliceExt::reinterpret_cast(x), m, n, k, w)
+        } else {
+            let x: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+            matmul_rows(&x, m, n, k, |r, out| out.iter_mut().zip(&w[r * k..(r + 1) * k]).for_each(|(o, &b)| *o = half::bf16::from_bits(b).to_f32()))
+        };
         if let Some(last) = dims.last_mut() {
             *last = n;
         }
-        Ok((CpuStorage::BF16(y.into_iter().map(half::bf16::from_f32).collect()), Shape::from(dims)))
+        Ok((CpuStorage::BF16(to_bf16(&y)), Shape::from(dims)))
     }
+}
+
+/// f32 values rounded to bf16 (to nearest even), split over the decode pool's threads.
+fn to_bf16(y: &[f32]) -> Vec<half::bf16> {
+    let mut out = vec![half::bf16::ZERO; y.len()];
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    crate::cpu::parallel_ranges(y.len().div_ceil(4096), 4, |chunks| {
+        let (a, b) = (chunks.start * 4096, (chunks.end * 4096).min(y.len()));
+        // SAFETY: elements a..b of `out` belong to this range alone.
+        let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(a), b - a) };
+        half::slice::HalfFloatSliceExt::convert_from_f32_slice(dst, &y[a..b]);
+    });
+    out
 }
 
 /// Pairs of k per pass over a B panel: KC * 32 columns * 4 bytes = 64 KB, in L2.
@@ -418,8 +444,10 @@ mod tests {
             let w2: Vec<u16> = (0..k * n).map(|e| w[(e % n) * k + e / n]).collect();
             let y2 = matmul(&xf, m, &Packed::from_rows(&w2, k, n));
             let y3 = matmul_rows(&xf, m, n, k, |r, out| out.iter_mut().zip(&w[r * k..(r + 1) * k]).for_each(|(o, b)| *o = half::bf16::from_bits(*b).to_f32()));
-            let y4 = matmul_bf16_rows(&xf, m, n, k, &w);
-            assert_eq!(y3, y4, "({m},{n},{k}): bf16 rows packed directly and through f32");
+            if k % 2 == 0 {
+                let y4 = matmul_bf16_rows(&x, m, n, k, &w);
+                assert_eq!(y3, y4, "({m},{n},{k}): bf16 rows packed directly and through f32");
+            }
             for i in 0..m {
                 for j in 0..n {
                     let want: f64 = (0..k).map(|t| f(x[i * k + t]) * f(w[j * k + t])).sum();
