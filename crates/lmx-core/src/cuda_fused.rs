@@ -188,12 +188,12 @@ __device__ void silu_mul(const T* g, const T* u, T* out, long long n, int vec) {
 }
 
 // Split-K decode attention (flash-decoding): block (sequence * head, split) takes keys
-// [split * chunk, min(kv_len, split * chunk + chunk)); each warp one key at a time, each lane
-// `e = ceil(d / 32)` consecutive dimensions (coalesced loads), an online softmax per warp,
-// merged per block. One split writes the output; several write (max, sum, acc[d]) partials per
-// split that `combine_splits` merges. k/v strides (sequence, head, position) in elements.
-#define MAXE 8
-template <typename T>
+// [split * chunk, min(kv_len, split * chunk + chunk)); each warp U keys at a time (their key and
+// value loads all issued before any is used: one key at a time left a warp waiting a memory
+// latency per key), each lane E consecutive dimensions (coalesced loads), an online softmax per
+// warp, merged per block. One split writes the output; several write (max, sum, acc[d]) partials
+// per split that `combine_splits` merges. k/v strides (sequence, head, position) in elements.
+template <typename T, int E, int U>
 __device__ void decode_attention(const T* q, const T* k, const T* v, T* out, float* part,
                                  int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits,
                                  long long ks0, long long ks1, long long ks2,
@@ -209,29 +209,60 @@ __device__ void decode_attention(const T* q, const T* k, const T* v, T* out, flo
     extern __shared__ float wacc[];
     const float NEG = -__int_as_float(0x7f800000);
     int bh = blockIdx.x, split = blockIdx.y, bi = bh / n_heads, h = bh % n_heads, kv = h / (n_heads / n_kv);
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32, e = (d + 31) / 32;
-    float qr[MAXE], acc[MAXE];
-    for (int j = 0; j < MAXE; j++) {
-        int i = lane * e + j;
-        qr[j] = (j < e && i < d) ? ld(q, (size_t)bh * d + i) * scale : 0.f;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
+    float qr[E], acc[E];
+#pragma unroll
+    for (int j = 0; j < E; j++) {
+        int i = lane * E + j;
+        qr[j] = i < d ? ld(q, (size_t)bh * d + i) * scale : 0.f;
         acc[j] = 0.f;
     }
     const T* kb = k + bi * ks0 + kv * ks1;
     const T* vb = v + bi * vs0 + kv * vs1;
     float m = NEG, l = 0.f;
-    int t1 = min(kv_len, split * chunk + chunk);
-    for (int t = split * chunk + warp; t < t1; t += nw) {
-        if (t < first) continue;
-        float s = 0.f;
-        for (int j = 0; j < e; j++) { int i = lane * e + j; if (i < d) s += qr[j] * ld(kb, t * ks2 + i); }
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        float mn = fmaxf(m, s), c = __expf(m - mn), p = __expf(s - mn);
-        l = l * c + p;
-        for (int j = 0; j < e; j++) { int i = lane * e + j; acc[j] = acc[j] * c + (i < d ? p * ld(vb, t * vs2 + i) : 0.f); }
+    int t0 = max(split * chunk, first), t1 = min(kv_len, split * chunk + chunk);
+    for (int base = t0 + warp * U; base < t1; base += nw * U) {
+        float kx[U][E], vx[U][E], s[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            bool in = base + u < t1;
+            long long kt = (long long)(in ? base + u : base) * ks2, vt = (long long)(in ? base + u : base) * vs2;
+#pragma unroll
+            for (int j = 0; j < E; j++) {
+                int i = lane * E + j;
+                kx[u][j] = i < d ? ld(kb, kt + i) : 0.f;
+                vx[u][j] = i < d ? ld(vb, vt + i) : 0.f;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            s[u] = 0.f;
+#pragma unroll
+            for (int j = 0; j < E; j++) s[u] += qr[j] * kx[u][j];
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+            for (int u = 0; u < U; u++) s[u] += __shfl_xor_sync(0xffffffffu, s[u], o);
+        float mx = NEG;
+#pragma unroll
+        for (int u = 0; u < U; u++) if (base + u < t1) mx = fmaxf(mx, s[u]);
+        float mn = fmaxf(m, mx), c = __expf(m - mn);
+        l *= c;
+#pragma unroll
+        for (int j = 0; j < E; j++) acc[j] *= c;
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            float p = base + u < t1 ? __expf(s[u] - mn) : 0.f;
+            l += p;
+#pragma unroll
+            for (int j = 0; j < E; j++) acc[j] += p * vx[u][j];
+        }
         m = mn;
     }
     if (lane == 0) { wm[warp] = m; wl[warp] = l; }
-    for (int j = 0; j < e; j++) { int i = lane * e + j; if (i < d) wacc[warp * d + i] = acc[j]; }
+#pragma unroll
+    for (int j = 0; j < E; j++) { int i = lane * E + j; if (i < d) wacc[warp * d + i] = acc[j]; }
     __syncthreads();
     float M = NEG, L = 0.f;
     for (int w = 0; w < nw; w++) M = fmaxf(M, wm[w]);
@@ -347,13 +378,16 @@ __device__ void causal_softmax(const T* s, T* out, int cols, int q_len, int offs
     }
 }
 
+#define DECODE_ATTENTION(T, name, E, U, suffix) \
+extern "C" __global__ void lmx_decode_attention_##name##_e##E##suffix(const T* q, const T* k, const T* v, T* out, float* part, int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits, long long ks0, long long ks1, long long ks2, long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window) { decode_attention<T, E, U>(q, k, v, out, part, n_heads, n_kv, kv_len, d, scale, chunk, splits, ks0, ks1, ks2, vs0, vs1, vs2, upto, window); }
 #define INSTANTIATE(T, name) \
 extern "C" __global__ void lmx_causal_softmax_##name(const T* s, T* out, int cols, int q_len, int offset, int window, float scale, float softcap) { causal_softmax(s, out, cols, q_len, offset, window, scale, softcap); } \
 extern "C" __global__ void lmx_rms_norm_##name(const T* x, const T* w, T* out, int d, float eps, int vec) { rms_norm(x, w, out, d, eps, vec); } \
 extern "C" __global__ void lmx_add_rms_norm_##name(const T* x, const T* h, const T* w, T* sum, T* out, int d, float eps, int* codes, int gs, int bits, int vec) { add_rms_norm(x, h, w, sum, out, d, eps, codes, gs, bits, vec); } \
 extern "C" __global__ void lmx_silu_mul_coded_##name(const T* g, const T* u, T* out, int rows, int cols, int* codes, int gs, int bits) { silu_mul_coded(g, u, out, rows, cols, codes, gs, bits); } \
 extern "C" __global__ void lmx_silu_mul_##name(const T* g, const T* u, T* out, long long n, int vec) { silu_mul(g, u, out, n, vec); } \
-extern "C" __global__ void lmx_decode_attention_##name(const T* q, const T* k, const T* v, T* out, float* part, int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits, long long ks0, long long ks1, long long ks2, long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window) { decode_attention(q, k, v, out, part, n_heads, n_kv, kv_len, d, scale, chunk, splits, ks0, ks1, ks2, vs0, vs1, vs2, upto, window); } \
+DECODE_ATTENTION(T, name, 1, 8, ) DECODE_ATTENTION(T, name, 2, 8, ) DECODE_ATTENTION(T, name, 4, 8, ) DECODE_ATTENTION(T, name, 8, 4, ) \
+DECODE_ATTENTION(T, name, 1, 1, _u1) DECODE_ATTENTION(T, name, 2, 1, _u1) DECODE_ATTENTION(T, name, 4, 1, _u1) DECODE_ATTENTION(T, name, 8, 1, _u1) \
 extern "C" __global__ void lmx_combine_splits_##name(const float* part, T* out, int splits, int d) { combine_splits(part, out, splits, d); } \
 extern "C" __global__ void lmx_rope_kv_##name(const T* q, long long qs, long long qr, const T* k, long long ks, long long kr, const T* v, long long vs, long long vr, const T* cos, const T* sin, T* qo, T* kb, T* vb, const unsigned int* pos, int offset, int nq, int nkv, int cap, int d) { rope_kv(q, qs, qr, k, ks, kr, v, vs, vr, cos, sin, qo, kb, vb, pos, offset, nq, nkv, cap, d); }
 INSTANTIATE(float, f32)
@@ -617,7 +651,11 @@ pub(crate) fn decode_attention(
         candle_core::bail!("decode attention: head size {d} (at most 256) or {n_heads} heads on {n_kv} key/value heads");
     }
     let dev = qs.device().clone();
-    let func = dev.get_or_load_custom_func(&name("decode_attention", qs.dtype())?, "lmx_fused", fused_ptx()?)?;
+    // Each lane holds e = 1, 2, 4 or 8 consecutive values of a head.
+    let e = d.div_ceil(32).next_power_of_two();
+    // LMX_CUDA_DECODE_KEYS=1: a key at a time per warp (the kernel before 8 at a time).
+    let one = if std::env::var("LMX_CUDA_DECODE_KEYS").is_ok_and(|v| v == "1") { "_u1" } else { "" };
+    let func = dev.get_or_load_custom_func(&format!("{}_e{e}{one}", name("decode_attention", qs.dtype())?), "lmx_fused", fused_ptx()?)?;
     let (chunk, splits) = attention_splits(b * n_heads, kv_len);
     // Partials only when split (a one-element placeholder otherwise).
     // SAFETY: every partial is written by its block before the combining kernel reads it.
