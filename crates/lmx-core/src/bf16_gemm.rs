@@ -146,6 +146,15 @@ pub fn matmul_bf16_rows(x: &[u16], m: usize, n: usize, k: usize, w: &[u16]) -> V
 fn matmul_words(xp: &[u32], m: usize, n: usize, k: usize, row_words: impl Fn(usize, &mut [f32], &mut [u32]) + Sync) -> Vec<f32> {
     let pairs = k.div_ceil(2);
     assert!(xp.len() >= m * pairs, "bf16 matmul: x is shorter than ({m}, {k})");
+    if crate::amx::usable() {
+        return matmul_words_amx(xp, m, n, k, row_words);
+    }
+    matmul_words_avx512(xp, m, n, k, row_words)
+}
+
+/// [`matmul_words`] on AVX512-BF16 (`vdpbf16ps`): 8 x 32 output blocks.
+fn matmul_words_avx512(xp: &[u32], m: usize, n: usize, k: usize, row_words: impl Fn(usize, &mut [f32], &mut [u32]) + Sync) -> Vec<f32> {
+    let pairs = k.div_ceil(2);
     let mut y = vec![0f32; m * n];
     let y_ptr = SendPtr(y.as_mut_ptr());
     // On the decode pool (its workers spin between steps and would otherwise compete with
@@ -187,6 +196,51 @@ fn matmul_words(xp: &[u32], m: usize, n: usize, k: usize, row_words: impl Fn(usi
                 }
             }
         }
+    });
+    y
+}
+
+/// [`matmul_words`] on AMX tiles: 32 x 32 output blocks, 16 pairs of k a step. x is copied
+/// into rows padded to a multiple of 16 pairs (and 32 rows), each W block's pair rows likewise,
+/// with zeros, so that every tile is whole.
+fn matmul_words_amx(xp: &[u32], m: usize, n: usize, k: usize, row_words: impl Fn(usize, &mut [f32], &mut [u32]) + Sync) -> Vec<f32> {
+    let pairs = k.div_ceil(2);
+    let (p16, m32) = (pairs.next_multiple_of(16), m.next_multiple_of(32));
+    let mut xa = vec![0u32; m32 * p16];
+    for (dst, src) in xa.chunks_mut(p16).zip(xp.chunks(pairs).take(m)) {
+        dst[..pairs].copy_from_slice(src);
+    }
+    let mut y = vec![0f32; m * n];
+    let y_ptr = SendPtr(y.as_mut_ptr());
+    crate::cpu::parallel_ranges(n.div_ceil(NB), 1, |blocks| {
+        // Pair rows past `pairs` stay zero.
+        let mut words = vec![0u32; p16 * NB];
+        let (mut values, mut rows_buf) = (vec![0f32; k], vec![0u32; pairs * NB]);
+        let mut c = [0f32; 1024];
+        // SAFETY: usable() was checked; the tiles are this thread's until released below.
+        unsafe { crate::amx::configure() };
+        for blk in blocks {
+            let (r0, nr) = (blk * NB, NB.min(n - blk * NB));
+            for (j, row) in rows_buf.chunks_mut(pairs).enumerate().take(nr) {
+                row_words(r0 + j, &mut values, row);
+            }
+            rows_buf[nr * pairs..].fill(0);
+            // SAFETY: AVX-512F comes with AMX; both buffers hold NB x pairs words (words more).
+            unsafe { transpose_u32(&rows_buf, &mut words[..pairs * NB], NB, pairs) };
+            for i in (0..m).step_by(32) {
+                // SAFETY: configured above; rows i..i + 32 of xa hold p16 words each; words
+                // holds p16 pair rows of NB = 32 columns.
+                unsafe { crate::amx::block_32x32(xa.as_ptr().add(i * p16), p16, words.as_ptr(), p16 / 16, &mut c) };
+                for r in 0..(m - i).min(32) {
+                    // SAFETY: row i + r, columns r0 .. r0 + nr are inside y; this thread alone
+                    // writes columns r0 .. r0 + nr.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(y_ptr.get().add((i + r) * n + r0), nr) };
+                    dst.copy_from_slice(&c[r * 32..r * 32 + nr]);
+                }
+            }
+        }
+        // SAFETY: as for configure.
+        unsafe { crate::amx::release() };
     });
     y
 }
@@ -422,7 +476,8 @@ unsafe fn panel(_: &[u32], _: usize, _: std::ops::Range<usize>, _: usize, _: usi
 mod tests {
     use super::*;
 
-    /// Against an f64 reference on the same bf16 values, for shapes with row, column and k tails.
+    /// Against an f64 reference on the same bf16 values, for shapes with row, column and k tails:
+    /// the packed-B kernel, and both row kernels (AVX512-BF16, and AMX where usable).
     #[test]
     fn matches_a_reference_dot_product() {
         if !supported() {
@@ -444,6 +499,16 @@ mod tests {
             let w2: Vec<u16> = (0..k * n).map(|e| w[(e % n) * k + e / n]).collect();
             let y2 = matmul(&xf, m, &Packed::from_rows(&w2, k, n));
             let y3 = matmul_rows(&xf, m, n, k, |r, out| out.iter_mut().zip(&w[r * k..(r + 1) * k]).for_each(|(o, b)| *o = half::bf16::from_bits(*b).to_f32()));
+            // Both kernels behind matmul_rows, whichever this CPU takes.
+            let copy_row = |r: usize, _: &mut [f32], words: &mut [u32]| {
+                for (t, word) in words.iter_mut().enumerate() {
+                    let hi = if 2 * t + 1 < k { u32::from(w[r * k + 2 * t + 1]) } else { 0 };
+                    *word = u32::from(w[r * k + 2 * t]) | hi << 16;
+                }
+            };
+            let xp = pack_x(&xf, m, k);
+            let y5 = matmul_words_avx512(&xp, m, n, k, copy_row);
+            let y6 = if crate::amx::usable() { matmul_words_amx(&xp, m, n, k, copy_row) } else { y5.clone() };
             if k % 2 == 0 {
                 let y4 = matmul_bf16_rows(&x, m, n, k, &w);
                 assert_eq!(y3, y4, "({m},{n},{k}): bf16 rows packed directly and through f32");
@@ -451,7 +516,7 @@ mod tests {
             for i in 0..m {
                 for j in 0..n {
                     let want: f64 = (0..k).map(|t| f(x[i * k + t]) * f(w[j * k + t])).sum();
-                    for got in [y[i * n + j], y2[i * n + j], y3[i * n + j]] {
+                    for got in [y[i * n + j], y2[i * n + j], y3[i * n + j], y5[i * n + j], y6[i * n + j]] {
                         assert!((f64::from(got) - want).abs() < 1e-4 * (k as f64).sqrt(), "({m},{n},{k}) [{i},{j}]: {got} vs {want}");
                     }
                 }

@@ -4,6 +4,7 @@
 //! from candle directly, so that device policy and op implementations (fused kernels for
 //! inference, differentiable compositions for training) live in one place.
 
+pub mod amx;
 pub mod bf16_gemm;
 pub mod cpu;
 pub mod cpu_fused;

@@ -1,0 +1,124 @@
+//! Intel AMX (Advanced Matrix Extensions) for bf16 products: tile registers of 16 rows x 64
+//! bytes and `tdpbf16ps`, a 16 x 16 x 32 bf16 product into f32 in one instruction (16 times the
+//! work of an AVX-512 `vdpbf16ps`). Linux hands the tile state to a process only on request
+//! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`); [`usable`] asks once. The operands' layouts are those
+//! of `bf16_gemm`: x as rows of bf16 pairs, W's blocks as pair rows of 32 columns.
+
+/// True when this CPU has AMX-BF16, Linux granted this process the tile state, and
+/// `LMX_AMX=0` is not set.
+pub fn usable() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| !std::env::var("LMX_AMX").is_ok_and(|v| v == "0") && imp::request())
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod imp {
+    use std::arch::asm;
+
+    /// CPUID leaf 7: AMX-BF16 (EDX bit 22) and AMX-TILE (bit 24); then the permission for the
+    /// tile data state (XFEATURE 18).
+    pub(super) fn request() -> bool {
+        // Leaf 7 only where the CPU reports it (the maximum leaf first).
+        let leaf7 = std::arch::x86_64::__cpuid(0).eax >= 7 && (std::arch::x86_64::__cpuid_count(7, 0).edx >> 22) & 0b101 == 0b101;
+        if !leaf7 {
+            return false;
+        }
+        const SYS_ARCH_PRCTL: usize = 158;
+        const ARCH_REQ_XCOMP_PERM: usize = 0x1023;
+        const XFEATURE_XTILEDATA: usize = 18;
+        let ret: isize;
+        // SAFETY: the arch_prctl system call with an integer argument; it reads no memory.
+        unsafe {
+            asm!("syscall", inlateout("rax") SYS_ARCH_PRCTL as isize => ret, in("rdi") ARCH_REQ_XCOMP_PERM, in("rsi") XFEATURE_XTILEDATA,
+                 lateout("rcx") _, lateout("r11") _, options(nostack));
+        }
+        ret == 0
+    }
+
+    /// The tile configuration every kernel here uses: palette 1, tiles 0-7 of 16 rows x 64 bytes.
+    #[repr(C, align(64))]
+    struct Config([u8; 64]);
+
+    static CONFIG: Config = {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        let mut t = 0;
+        while t < 8 {
+            c[16 + 2 * t] = 64;
+            c[48 + t] = 16;
+            t += 1;
+        }
+        Config(c)
+    };
+
+    /// Loads the tile configuration on this thread (before [`block_32x32`]).
+    ///
+    /// # Safety
+    /// [`super::usable`] must be true.
+    pub(crate) unsafe fn configure() {
+        // SAFETY: the caller checked that AMX is usable; CONFIG is 64 aligned bytes.
+        unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG as *const Config, options(nostack, readonly)) };
+    }
+
+    /// Releases this thread's tiles (after the last [`block_32x32`]).
+    ///
+    /// # Safety
+    /// [`super::usable`] must be true.
+    pub(crate) unsafe fn release() {
+        // SAFETY: as above.
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    }
+
+    /// c (32 x 32 f32, row-major) = x (32 rows of `steps` * 16 bf16 pairs, `x_stride` words
+    /// apart) @ B (`steps` * 16 pair rows of 32 columns, 32 words each).
+    ///
+    /// # Safety
+    /// [`configure`] ran on this thread; x holds 32 rows of `steps * 16` words at `x_stride`;
+    /// b holds `steps * 16 * 32` words.
+    pub(crate) unsafe fn block_32x32(x: *const u32, x_stride: usize, b: *const u32, steps: usize, c: &mut [f32; 1024]) {
+        let xs = 4 * x_stride;
+        // SAFETY: the caller's guarantees; tiles 0-3 accumulate, 4-5 hold x, 6-7 hold B.
+        unsafe {
+            asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+            for s in 0..steps {
+                let (a0, a1) = (x.add(16 * s), x.add(16 * x_stride + 16 * s));
+                let b0 = b.add(16 * 32 * s);
+                asm!(
+                    "tileloadd tmm4, [{a0} + {xs} * 1]",
+                    "tileloadd tmm5, [{a1} + {xs} * 1]",
+                    "tileloadd tmm6, [{b0} + {bs} * 1]",
+                    "tileloadd tmm7, [{b1} + {bs} * 1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0, b1 = in(reg) b0.add(16), xs = in(reg) xs, bs = in(reg) 128usize,
+                    options(nostack, readonly),
+                );
+            }
+            let cp = c.as_mut_ptr();
+            asm!(
+                "tilestored [{c0} + {s} * 1], tmm0",
+                "tilestored [{c1} + {s} * 1], tmm1",
+                "tilestored [{c2} + {s} * 1], tmm2",
+                "tilestored [{c3} + {s} * 1], tmm3",
+                c0 = in(reg) cp, c1 = in(reg) cp.add(16), c2 = in(reg) cp.add(512), c3 = in(reg) cp.add(528), s = in(reg) 128usize,
+                options(nostack),
+            );
+        }
+    }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+mod imp {
+    pub(super) fn request() -> bool {
+        false
+    }
+    pub(crate) unsafe fn configure() {}
+    pub(crate) unsafe fn release() {}
+    pub(crate) unsafe fn block_32x32(_: *const u32, _: usize, _: *const u32, _: usize, _: &mut [f32; 1024]) {
+        unreachable!("AMX is not usable off x86-64 Linux")
+    }
+}
+
+pub(crate) use imp::{block_32x32, configure, release};
