@@ -70,19 +70,19 @@ mod imp {
     }
 
     /// c (32 x 32 f32, row-major) = x (32 rows of `steps` * 16 bf16 pairs, `x_stride` words
-    /// apart) @ B (`steps` * 16 pair rows of 32 columns, 32 words each).
+    /// apart) @ B (`steps` * 16 pair rows of 32 columns, `b_stride` words apart).
     ///
     /// # Safety
     /// [`configure`] ran on this thread; x holds 32 rows of `steps * 16` words at `x_stride`;
-    /// b holds `steps * 16 * 32` words.
-    pub(crate) unsafe fn block_32x32(x: *const u32, x_stride: usize, b: *const u32, steps: usize, c: &mut [f32; 1024]) {
-        let xs = 4 * x_stride;
+    /// b holds `steps * 16` rows of 32 words at `b_stride`.
+    pub(crate) unsafe fn block_32x32(x: *const u32, x_stride: usize, b: *const u32, b_stride: usize, steps: usize, c: &mut [f32; 1024]) {
+        let (xs, bs) = (4 * x_stride, 4 * b_stride);
         // SAFETY: the caller's guarantees; tiles 0-3 accumulate, 4-5 hold x, 6-7 hold B.
         unsafe {
             asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
             for s in 0..steps {
                 let (a0, a1) = (x.add(16 * s), x.add(16 * x_stride + 16 * s));
-                let b0 = b.add(16 * 32 * s);
+                let b0 = b.add(16 * b_stride * s);
                 asm!(
                     "tileloadd tmm4, [{a0} + {xs} * 1]",
                     "tileloadd tmm5, [{a1} + {xs} * 1]",
@@ -92,7 +92,7 @@ mod imp {
                     "tdpbf16ps tmm1, tmm4, tmm7",
                     "tdpbf16ps tmm2, tmm5, tmm6",
                     "tdpbf16ps tmm3, tmm5, tmm7",
-                    a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0, b1 = in(reg) b0.add(16), xs = in(reg) xs, bs = in(reg) 128usize,
+                    a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0, b1 = in(reg) b0.add(16), xs = in(reg) xs, bs = in(reg) bs,
                     options(nostack, readonly),
                 );
             }
@@ -116,7 +116,7 @@ mod imp {
     }
     pub(crate) unsafe fn configure() {}
     pub(crate) unsafe fn release() {}
-    pub(crate) unsafe fn block_32x32(_: *const u32, _: usize, _: *const u32, _: usize, _: &mut [f32; 1024]) {
+    pub(crate) unsafe fn block_32x32(_: *const u32, _: usize, _: *const u32, _: usize, _: usize, _: &mut [f32; 1024]) {
         unreachable!("AMX is not usable off x86-64 Linux")
     }
 }

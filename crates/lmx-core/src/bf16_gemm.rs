@@ -29,7 +29,8 @@ pub fn to_bf16_bits(x: &[f32]) -> Vec<u16> {
 
 /// A bf16 matrix packed for [`matmul`]: the right operand B (k, n) of `x @ B`, stored as
 /// pairs along k (`vdpbf16ps` multiplies adjacent pairs): word `[t][j]` holds
-/// (B[2t][j], B[2t + 1][j]), columns padded with zeros to a multiple of 32.
+/// (B[2t][j], B[2t + 1][j]), columns padded with zeros to a multiple of 32 and pair rows to a
+/// multiple of 16.
 #[derive(Debug, Clone)]
 pub struct Packed {
     words: Vec<u32>,
@@ -63,8 +64,9 @@ impl Packed {
     pub fn pack(k: usize, n: usize, at: impl Fn(usize, usize) -> u16 + Sync) -> Self {
         let n_pad = n.div_ceil(32) * 32;
         let pairs = k.div_ceil(2);
-        let mut words = vec![0u32; pairs * n_pad];
-        words.par_chunks_mut(n_pad).enumerate().for_each(|(t, row)| {
+        // Pair rows padded with zeros to a multiple of 16: whole AMX tiles.
+        let mut words = vec![0u32; pairs.next_multiple_of(16) * n_pad];
+        words.par_chunks_mut(n_pad).take(pairs).enumerate().for_each(|(t, row)| {
             for (j, word) in row.iter_mut().enumerate().take(n) {
                 let lo = at(2 * t, j);
                 let hi = if 2 * t + 1 < k { at(2 * t + 1, j) } else { 0 };
@@ -205,11 +207,8 @@ fn matmul_words_avx512(xp: &[u32], m: usize, n: usize, k: usize, row_words: impl
 /// with zeros, so that every tile is whole.
 fn matmul_words_amx(xp: &[u32], m: usize, n: usize, k: usize, row_words: impl Fn(usize, &mut [f32], &mut [u32]) + Sync) -> Vec<f32> {
     let pairs = k.div_ceil(2);
-    let (p16, m32) = (pairs.next_multiple_of(16), m.next_multiple_of(32));
-    let mut xa = vec![0u32; m32 * p16];
-    for (dst, src) in xa.chunks_mut(p16).zip(xp.chunks(pairs).take(m)) {
-        dst[..pairs].copy_from_slice(src);
-    }
+    let p16 = pairs.next_multiple_of(16);
+    let xa = pad_tiles(xp, m, pairs);
     let mut y = vec![0f32; m * n];
     let y_ptr = SendPtr(y.as_mut_ptr());
     crate::cpu::parallel_ranges(n.div_ceil(NB), 1, |blocks| {
@@ -230,7 +229,7 @@ fn matmul_words_amx(xp: &[u32], m: usize, n: usize, k: usize, row_words: impl Fn
             for i in (0..m).step_by(32) {
                 // SAFETY: configured above; rows i..i + 32 of xa hold p16 words each; words
                 // holds p16 pair rows of NB = 32 columns.
-                unsafe { crate::amx::block_32x32(xa.as_ptr().add(i * p16), p16, words.as_ptr(), p16 / 16, &mut c) };
+                unsafe { crate::amx::block_32x32(xa.as_ptr().add(i * p16), p16, words.as_ptr(), NB, p16 / 16, &mut c) };
                 for r in 0..(m - i).min(32) {
                     // SAFETY: row i + r, columns r0 .. r0 + nr are inside y; this thread alone
                     // writes columns r0 .. r0 + nr.
@@ -243,6 +242,17 @@ fn matmul_words_amx(xp: &[u32], m: usize, n: usize, k: usize, row_words: impl Fn
         unsafe { crate::amx::release() };
     });
     y
+}
+
+/// x's rows of `pairs` words copied into rows of a multiple of 16 words, and their count to a
+/// multiple of 32, zeros elsewhere: whole AMX tiles.
+fn pad_tiles(xp: &[u32], m: usize, pairs: usize) -> Vec<u32> {
+    let (p16, m32) = (pairs.next_multiple_of(16), m.next_multiple_of(32));
+    let mut xa = vec![0u32; m32 * p16];
+    for (dst, src) in xa.chunks_mut(p16).zip(xp.chunks(pairs).take(m)) {
+        dst[..pairs].copy_from_slice(src);
+    }
+    xa
 }
 
 /// `dst[c * rows + r] = src[r * cols + c]`: a (rows, cols) matrix of 32-bit words transposed,
@@ -363,10 +373,19 @@ const KC: usize = 512;
 /// CPU lacks AVX512-BF16 (check [`supported`]) or x is shorter than (m, k).
 pub fn matmul(x: &[f32], m: usize, b: &Packed) -> Vec<f32> {
     assert!(supported(), "bf16 matmul needs AVX512-BF16");
-    let (k, n) = (b.k, b.n);
+    let k = b.k;
     assert!(x.len() >= m * k, "bf16 matmul: x is shorter than ({m}, {k})");
-    let pairs = k.div_ceil(2);
     let xp = pack_x(x, m, k);
+    if crate::amx::usable() {
+        return matmul_amx(&xp, m, b);
+    }
+    matmul_avx512(&xp, m, b)
+}
+
+/// [`matmul`] on AVX512-BF16: 8 x 32 output blocks.
+fn matmul_avx512(xp: &[u32], m: usize, b: &Packed) -> Vec<f32> {
+    let (k, n) = (b.k, b.n);
+    let pairs = k.div_ceil(2);
     let mut y = vec![0f32; m * n];
     let y_ptr = SendPtr(y.as_mut_ptr());
     // Tasks own 32-column panels of B and walk them in chunks of KC pairs, running every
@@ -380,7 +399,7 @@ pub fn matmul(x: &[f32], m: usize, b: &Packed) -> Vec<f32> {
                 let rows = (m - i).min(MR);
                 // SAFETY: supported() was checked; rows i..i+rows of xp hold `pairs` words
                 // each, and panel p of B is inside its n_pad columns.
-                unsafe { panel(&xp, pairs, t0..t1, i, rows, &b.words, b.n_pad, p * 32, &mut out) };
+                unsafe { panel(xp, pairs, t0..t1, i, rows, &b.words, b.n_pad, p * 32, &mut out) };
                 for (r, o) in out.iter().enumerate().take(rows) {
                     // SAFETY: row i + r, columns p*32 .. p*32 + cols are inside y; this task
                     // alone writes panel p.
@@ -393,6 +412,36 @@ pub fn matmul(x: &[f32], m: usize, b: &Packed) -> Vec<f32> {
                 }
             }
         }
+    });
+    y
+}
+
+/// [`matmul`] on AMX tiles: tasks own 32-column panels of B, 32 x 32 output blocks.
+fn matmul_amx(xp: &[u32], m: usize, b: &Packed) -> Vec<f32> {
+    let (k, n) = (b.k, b.n);
+    let pairs = k.div_ceil(2);
+    let p16 = pairs.next_multiple_of(16);
+    let xa = pad_tiles(xp, m, pairs);
+    let mut y = vec![0f32; m * n];
+    let y_ptr = SendPtr(y.as_mut_ptr());
+    (0..b.n_pad / 32).into_par_iter().for_each(|p| {
+        let cols = (n - p * 32).min(32);
+        let mut c = [0f32; 1024];
+        // SAFETY: usable() was checked; the tiles are this task's until released below.
+        unsafe { crate::amx::configure() };
+        for i in (0..m).step_by(32) {
+            // SAFETY: rows i..i + 32 of xa hold p16 words each; B holds p16 pair rows of n_pad
+            // columns, panel p inside them.
+            unsafe { crate::amx::block_32x32(xa.as_ptr().add(i * p16), p16, b.words.as_ptr().add(p * 32), b.n_pad, p16 / 16, &mut c) };
+            for r in 0..(m - i).min(32) {
+                // SAFETY: row i + r, columns p*32 .. p*32 + cols are inside y; this task alone
+                // writes panel p.
+                let dst = unsafe { std::slice::from_raw_parts_mut(y_ptr.get().add((i + r) * n + p * 32), cols) };
+                dst.copy_from_slice(&c[r * 32..r * 32 + cols]);
+            }
+        }
+        // SAFETY: as for configure.
+        unsafe { crate::amx::release() };
     });
     y
 }
@@ -477,7 +526,8 @@ mod tests {
     use super::*;
 
     /// Against an f64 reference on the same bf16 values, for shapes with row, column and k tails:
-    /// the packed-B kernel, and both row kernels (AVX512-BF16, and AMX where usable).
+    /// both kernels of the packed-B product and of the row product (AVX512-BF16, and AMX where
+    /// usable).
     #[test]
     fn matches_a_reference_dot_product() {
         if !supported() {
@@ -509,6 +559,8 @@ mod tests {
             let xp = pack_x(&xf, m, k);
             let y5 = matmul_words_avx512(&xp, m, n, k, copy_row);
             let y6 = if crate::amx::usable() { matmul_words_amx(&xp, m, n, k, copy_row) } else { y5.clone() };
+            // And both kernels behind matmul.
+            let y7 = matmul_avx512(&xp, m, &Packed::from_rows_transposed(&w, n, k));
             if k % 2 == 0 {
                 let y4 = matmul_bf16_rows(&x, m, n, k, &w);
                 assert_eq!(y3, y4, "({m},{n},{k}): bf16 rows packed directly and through f32");
@@ -516,7 +568,7 @@ mod tests {
             for i in 0..m {
                 for j in 0..n {
                     let want: f64 = (0..k).map(|t| f(x[i * k + t]) * f(w[j * k + t])).sum();
-                    for got in [y[i * n + j], y2[i * n + j], y3[i * n + j], y5[i * n + j], y6[i * n + j]] {
+                    for got in [y[i * n + j], y2[i * n + j], y3[i * n + j], y5[i * n + j], y6[i * n + j], y7[i * n + j]] {
                         assert!((f64::from(got) - want).abs() < 1e-4 * (k as f64).sqrt(), "({m},{n},{k}) [{i},{j}]: {got} vs {want}");
                     }
                 }
