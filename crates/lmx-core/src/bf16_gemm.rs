@@ -162,19 +162,11 @@ fn matmul_words_avx512(xp: &[u32], m: usize, n: usize, k: usize, row_words: impl
     // On the decode pool (its workers spin between steps and would otherwise compete with
     // rayon's for the cores): one contiguous run of blocks per thread.
     crate::cpu::parallel_ranges(n.div_ceil(NB), 1, |blocks| {
-        // The block as B = W_block^T in pairs along k: word [t][j] = (W[r0+j][2t], W[r0+j][2t+1]).
         let mut words = vec![0u32; pairs * NB];
         let (mut values, mut rows_buf) = (vec![0f32; k], vec![0u32; pairs * NB]);
         let mut out = [[0f32; 32]; MR];
         for blk in blocks {
-            let (r0, nr) = (blk * NB, NB.min(n - blk * NB));
-            for (j, row) in rows_buf.chunks_mut(pairs).enumerate().take(nr) {
-                row_words(r0 + j, &mut values, row);
-            }
-            // Rows past the matrix's end (its last block) multiply as zeros.
-            rows_buf[nr * pairs..].fill(0);
-            // SAFETY: supported() was checked; both buffers hold NB x pairs words.
-            unsafe { transpose_u32(&rows_buf, &mut words, NB, pairs) };
+            let (r0, nr) = pack_block(blk, n, pairs, &row_words, &mut values, &mut rows_buf, &mut words);
             for c in (0..nr).step_by(32) {
                 let cols = (nr - c).min(32);
                 for t0 in (0..pairs).step_by(KC) {
@@ -219,29 +211,46 @@ fn matmul_words_amx(xp: &[u32], m: usize, n: usize, k: usize, row_words: impl Fn
         // SAFETY: usable() was checked; the tiles are this thread's until released below.
         unsafe { crate::amx::configure() };
         for blk in blocks {
-            let (r0, nr) = (blk * NB, NB.min(n - blk * NB));
-            for (j, row) in rows_buf.chunks_mut(pairs).enumerate().take(nr) {
-                row_words(r0 + j, &mut values, row);
-            }
-            rows_buf[nr * pairs..].fill(0);
-            // SAFETY: AVX-512F comes with AMX; both buffers hold NB x pairs words (words more).
-            unsafe { transpose_u32(&rows_buf, &mut words[..pairs * NB], NB, pairs) };
+            let (r0, nr) = pack_block(blk, n, pairs, &row_words, &mut values, &mut rows_buf, &mut words[..pairs * NB]);
             for i in (0..m).step_by(32) {
                 // SAFETY: configured above; rows i..i + 32 of xa hold p16 words each; words
                 // holds p16 pair rows of NB = 32 columns.
                 unsafe { crate::amx::block_32x32(xa.as_ptr().add(i * p16), p16, words.as_ptr(), NB, p16 / 16, &mut c) };
-                for r in 0..(m - i).min(32) {
-                    // SAFETY: row i + r, columns r0 .. r0 + nr are inside y; this thread alone
-                    // writes columns r0 .. r0 + nr.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(y_ptr.get().add((i + r) * n + r0), nr) };
-                    dst.copy_from_slice(&c[r * 32..r * 32 + nr]);
-                }
+                // SAFETY: this thread alone writes columns r0 .. r0 + nr of y.
+                unsafe { store_block(y_ptr, &c, i, m, n, r0, nr) };
             }
         }
         // SAFETY: as for configure.
         unsafe { crate::amx::release() };
     });
     y
+}
+
+/// Block `blk` of W (rows blk * NB.. of n, written by `row_words` into `rows_buf`) as B = W_block^T
+/// in pairs along k into `words`: word [t][j] = (W[r0 + j][2t], W[r0 + j][2t + 1]); rows past
+/// W's end multiply as zeros. Returns (r0, rows in the block).
+fn pack_block(blk: usize, n: usize, pairs: usize, row_words: &(impl Fn(usize, &mut [f32], &mut [u32]) + Sync), values: &mut [f32], rows_buf: &mut [u32], words: &mut [u32]) -> (usize, usize) {
+    let (r0, nr) = (blk * NB, NB.min(n - blk * NB));
+    for (j, row) in rows_buf.chunks_mut(pairs).enumerate().take(nr) {
+        row_words(r0 + j, values, row);
+    }
+    rows_buf[nr * pairs..].fill(0);
+    // SAFETY: the callers checked supported() (AVX-512F); both buffers hold NB x pairs words.
+    unsafe { transpose_u32(rows_buf, words, NB, pairs) };
+    (r0, nr)
+}
+
+/// Rows i.. (at most 32, fewer past m) of an AMX 32 x 32 output block `c` into y (m, n) at
+/// columns col0..col0 + cols.
+///
+/// # Safety
+/// y holds m * n floats and no other thread writes those columns of these rows meanwhile.
+unsafe fn store_block(y: SendPtr, c: &[f32; 1024], i: usize, m: usize, n: usize, col0: usize, cols: usize) {
+    for r in 0..(m - i).min(32) {
+        // SAFETY: row i + r < m, columns col0 + cols <= n: inside y, this caller's alone.
+        let dst = unsafe { std::slice::from_raw_parts_mut(y.get().add((i + r) * n + col0), cols) };
+        dst.copy_from_slice(&c[r * 32..r * 32 + cols]);
+    }
 }
 
 /// x's rows of `pairs` words copied into rows of a multiple of 16 words, and their count to a
@@ -433,12 +442,8 @@ fn matmul_amx(xp: &[u32], m: usize, b: &Packed) -> Vec<f32> {
             // SAFETY: rows i..i + 32 of xa hold p16 words each; B holds p16 pair rows of n_pad
             // columns, panel p inside them.
             unsafe { crate::amx::block_32x32(xa.as_ptr().add(i * p16), p16, b.words.as_ptr().add(p * 32), b.n_pad, p16 / 16, &mut c) };
-            for r in 0..(m - i).min(32) {
-                // SAFETY: row i + r, columns p*32 .. p*32 + cols are inside y; this task alone
-                // writes panel p.
-                let dst = unsafe { std::slice::from_raw_parts_mut(y_ptr.get().add((i + r) * n + p * 32), cols) };
-                dst.copy_from_slice(&c[r * 32..r * 32 + cols]);
-            }
+            // SAFETY: this task alone writes panel p of y.
+            unsafe { store_block(y_ptr, &c, i, m, n, p * 32, cols) };
         }
         // SAFETY: as for configure.
         unsafe { crate::amx::release() };
