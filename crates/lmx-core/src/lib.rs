@@ -5,6 +5,7 @@
 //! inference, differentiable compositions for training) live in one place.
 
 pub mod amx;
+pub(crate) mod taped;
 pub mod bf16_gemm;
 pub mod cpu;
 pub mod cpu_fused;

@@ -46,6 +46,14 @@ fn cuda_flash() -> bool {
     *ON.get_or_init(|| !std::env::var("LMX_CUDA_FLASH").is_ok_and(|v| v == "0"))
 }
 
+/// Whether ops on the tape (training) run their inference kernels and one node with a
+/// closed-form backward ([`crate::taped`]; `LMX_TAPED_OPS=0`: candle's compositions, every
+/// intermediate on the tape).
+fn taped_ops() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| !std::env::var("LMX_TAPED_OPS").is_ok_and(|v| v == "0"))
+}
+
 /// True when any input is recorded on the gradient tape, so the op must be differentiable.
 fn on_tape(xs: &[&Tensor]) -> bool {
     xs.iter().any(|x| x.track_op())
@@ -63,6 +71,10 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
         if x.dtype() == DType::F32 && x.is_contiguous() {
             return candle_nn::ops::rms_norm(x, weight, eps);
         }
+    }
+    if taped_ops() && on_tape(&[x, weight]) && x.dtype() == weight.dtype() && x.dims().last() == Some(&weight.elem_count()) {
+        let y = rms_norm(&x.detach(), &weight.detach(), eps)?;
+        return crate::taped::taped(&[x, weight], &y, move |t, g| Ok(crate::taped::rms_norm_bwd(t[0], t[1], g, eps)?.to_vec()));
     }
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
@@ -131,6 +143,12 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let x = x.contiguous()?;
         return candle_nn::rotary_emb::rope(&x, &cos.contiguous()?, &sin.contiguous()?);
     }
+    if taped_ops() && !on_tape(&[cos, sin]) {
+        // The rotation's transpose is the rotation by the opposite angle.
+        let y = rope(&x.detach(), cos, sin)?;
+        let (cos, sin) = (cos.clone(), sin.neg()?);
+        return crate::taped::taped(&[x], &y, move |_, g| Ok(vec![Some(rope(&g.contiguous()?, &cos, &sin)?)]));
+    }
     let half = x.dim(D::Minus1)? / 2;
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;
@@ -160,6 +178,10 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if !on_tape(&[gate, up]) && (gate.device().is_cpu() || fused_cuda(gate)) && gate.dtype() == up.dtype() && gate.dims() == up.dims() {
         return gate.contiguous()?.apply_op2_no_bwd(&up.contiguous()?, &crate::cpu_fused::SiluMul);
     }
+    if taped_ops() && on_tape(&[gate, up]) && gate.dtype() == up.dtype() && gate.dims() == up.dims() {
+        let y = silu_mul(&gate.detach(), &up.detach())?;
+        return crate::taped::taped(&[gate, up], &y, |t, g| Ok(crate::taped::silu_mul_bwd(t[0], t[1], g)?.to_vec()));
+    }
     gate.silu()? * up
 }
 
@@ -176,6 +198,19 @@ pub fn silu_mul_coded(gate: &Tensor, up: &Tensor, target: Option<&crate::quant::
     }
     let _ = target;
     silu_mul(gate, up)
+}
+
+/// A low-rank (LoRA) update: `scale * (x @ a) @ b` for x (rows, in), a (in, r), b (r, out),
+/// computed in a's dtype and returned in x's. On the tape one node whose backward recomputes
+/// `x @ a` (rows x r, small) instead of keeping the f32 copies and products.
+pub fn low_rank(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let z = |x: &Tensor, a: &Tensor, b: &Tensor| -> Result<Tensor> { (x.to_dtype(a.dtype())?.matmul(a)?.matmul(b)? * scale)?.to_dtype(dtype) };
+    if !(taped_ops() && on_tape(&[x, a, b])) {
+        return z(x, a, b);
+    }
+    let y = z(&x.detach(), &a.detach(), &b.detach())?;
+    crate::taped::taped(&[x, a, b], &y, move |t, g| Ok(crate::taped::low_rank_bwd(t[0], t[1], t[2], g, scale)?.to_vec()))
 }
 
 /// True when every value of `t` is finite (integer tensors always are): 0 * x is 0 for a
@@ -393,6 +428,13 @@ fn cuda_rope_kv() -> bool {
 /// Query heads that share a key/value head are folded into the query-length axis, so keys
 /// and values are never copied per head.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Mask<'_>, scale: f64, softcap: Option<f64>, sinks: Option<&Tensor>) -> Result<Tensor> {
+    if on_tape(&[q, k, v]) && sinks.is_none() && !matches!(mask, Mask::Upto { .. }) && taped_ops() {
+        // Training: the inference kernels off the tape, the scores recomputed in the backward.
+        let y = attention(&q.detach(), &k.detach(), &v.detach(), mask, scale, softcap, None)?.transpose(1, 2)?;
+        let additive = mask.additive().cloned();
+        let bwd = move |t: &[&crate::taped::Input], g: &Tensor| Ok(crate::taped::attention_bwd(t[0], t[1], t[2], g, additive.as_ref(), scale, softcap)?.map(Some).to_vec());
+        return crate::taped::taped(&[q, k, v], &y, bwd)?.transpose(1, 2);
+    }
     let (b, n_heads, q_len, head_dim) = q.dims4()?;
     // lmx's CUDA decode attention holds a head of at most 256 values per warp.
     let fused = q.device().is_cpu() || (fused_cuda(q) && q_len == 1 && head_dim <= 256);
@@ -612,6 +654,12 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (2, 3, 4, 8), &dev)?;
         let w = (Tensor::randn(0f32, 0.3, 8, &dev)? + 1.0)?;
         check_grad(|x| rms_norm(x, &w, 1e-5), &x, 1e-2)?;
+        check_grad(|w| rms_norm(&x, w, 1e-5), &w, 1e-2)?;
+        let (a, b) = (Tensor::randn(0f32, 1.0, (8, 3), &dev)?, Tensor::randn(0f32, 1.0, (3, 5), &dev)?);
+        let x2 = x.reshape((24, 8))?;
+        check_grad(|x| low_rank(x, &a, &b, 0.7), &x2, 1e-2)?;
+        check_grad(|a| low_rank(&x2, a, &b, 0.7), &a, 1e-2)?;
+        check_grad(|b| low_rank(&x2, &a, b, 0.7), &b, 1e-2)?;
         let cos = Tensor::randn(0f32, 1.0, (4, 4), &dev)?;
         let sin = Tensor::randn(0f32, 1.0, (4, 4), &dev)?;
         check_grad(|x| rope(x, &cos, &sin), &x, 1e-2)?;
@@ -628,6 +676,48 @@ mod tests {
         check_grad(|q| attention(q, &k, &v, Mask::Additive(&mask), 0.35, None, None), &q, 1e-2)?;
         check_grad(|k| attention(&q, k, &v, Mask::Additive(&mask), 0.35, None, None), &k, 1e-2)?;
         check_grad(|v| attention(&q, &k, v, Mask::Additive(&mask), 0.35, None, None), &v, 1e-2)?;
+        // Two sequences, 3 queries after 4 cached keys, a window of 5, soft-capping.
+        let q = (Tensor::randn(0f32, 1.0, (2, 4, 3, 8), &dev)? * 2.0)?;
+        let k = (Tensor::randn(0f32, 1.0, (2, 2, 7, 8), &dev)? * 2.0)?;
+        let v = Tensor::randn(0f32, 1.0, (2, 2, 7, 8), &dev)?;
+        let mask = causal_mask(3, 4, Some(5), &dev)?;
+        let causal = || Mask::Causal { window: Some(5), additive: &mask };
+        check_grad(|q| attention(q, &k, &v, causal(), 0.35, Some(3.0), None), &q, 1e-2)?;
+        check_grad(|k| attention(&q, k, &v, causal(), 0.35, Some(3.0), None), &k, 1e-2)?;
+        check_grad(|v| attention(&q, &k, v, causal(), 0.35, Some(3.0), None), &v, 1e-2)?;
+        Ok(())
+    }
+
+    /// Attention on the tape (the forward off the tape, the scores recomputed in the backward)
+    /// gives the output and the q, k, v gradients of candle's composition: grouped heads, a
+    /// window, soft-capping, queries after cached keys.
+    #[test]
+    fn recomputed_attention_equals_the_composition() -> Result<()> {
+        let dev = Device::Cpu;
+        let (q, k, v) = (
+            Var::from_tensor(&(Tensor::randn(0f32, 1.0, (2, 6, 9, 16), &dev)? * 2.0)?)?,
+            Var::from_tensor(&(Tensor::randn(0f32, 1.0, (2, 2, 13, 16), &dev)? * 2.0)?)?,
+            Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 2, 13, 16), &dev)?)?,
+        );
+        let r = Tensor::randn(0f32, 1.0, (2, 6, 9, 16), &dev)?;
+        for (window, softcap) in [(None, None), (Some(6), Some(4.0))] {
+            let mask = causal_mask(9, 4, window, &dev)?;
+            let got = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), Mask::Causal { window, additive: &mask }, 0.3, softcap, None)?;
+            // The composition, written out: heads repeated per group.
+            let rep = |t: &Tensor| -> Result<Tensor> { Tensor::cat(&(0..6).map(|h| t.narrow(1, h / 3, 1)).collect::<Result<Vec<_>>>()?, 1) };
+            let s = (q.as_tensor().matmul(&rep(k.as_tensor())?.t()?)? * 0.3)?;
+            let s = match softcap {
+                Some(c) => ((s / c)?.tanh()? * c)?,
+                None => s,
+            };
+            let want = softmax_last_dim(&s.broadcast_add(&mask)?)?.matmul(&rep(v.as_tensor())?)?;
+            assert!(max_abs_diff(&got, &want) < 1e-5, "output {}", max_abs_diff(&got, &want));
+            let (g1, g2) = ((got * &r)?.sum_all()?.backward()?, (want * &r)?.sum_all()?.backward()?);
+            for (name, t) in [("q", q.as_tensor()), ("k", k.as_tensor()), ("v", v.as_tensor())] {
+                let d = max_abs_diff(g1.get(t).expect("grad"), g2.get(t).expect("grad"));
+                assert!(d < 1e-4, "{name} gradient differs by {d} (window {window:?}, cap {softcap:?})");
+            }
+        }
         Ok(())
     }
 

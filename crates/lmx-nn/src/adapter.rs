@@ -257,12 +257,12 @@ impl Adapter {
         let rows = x.elem_count() / in_features.max(1);
         let x2 = self.dropout(&x.reshape((rows, in_features))?)?;
         let dtype = x.dtype();
-        let z = x2.to_dtype(self.lora_a.dtype())?.matmul(&self.lora_a)?.matmul(&self.lora_b)?;
+        let z = lmx_core::ops::low_rank(&x2, &self.lora_a, &self.lora_b, self.scale)?;
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {
             *last = self.lora_b.dim(1)?;
         }
-        let z = (z * self.scale)?.to_dtype(dtype)?.reshape(out_dims)?;
+        let z = z.reshape(out_dims)?;
         let y = (base_y + z)?;
         let Some((m, norms_sq)) = &self.dora else { return Ok(y) };
         let denom = self.dora_row_norms(norms_sq, base)?;

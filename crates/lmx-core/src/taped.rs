@@ -1,0 +1,232 @@
+//! Training ops without their intermediates on the gradient tape. Candle's composed ops put
+//! every intermediate on the tape, and its backward seeds each gradient with zeros and adds
+//! into it: a composed RMS norm was ~9 forward kernels, each kept until the backward, and ~30
+//! backward ones. Here the forward runs the inference kernels off the tape (flash attention
+//! on a GPU, the fused CPU kernels), [`taped`] puts its output on the tape as one node of the
+//! op's inputs, and that node's backward is a closed form written for the op, recomputing
+//! what it needs (attention's scores) instead of keeping it.
+
+use std::sync::Arc;
+
+use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::{CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
+
+/// An input of a taped op as its backward sees it: detached, with whether it was on the tape
+/// (whether its gradient is wanted). Derefs to the tensor.
+pub(crate) struct Input {
+    t: Tensor,
+    taped: bool,
+}
+
+impl std::ops::Deref for Input {
+    type Target = Tensor;
+    fn deref(&self) -> &Tensor {
+        &self.t
+    }
+}
+
+/// A backward: (the op's inputs, the output's gradient) -> a gradient per input (`None` for
+/// inputs off the tape).
+type Backward = dyn Fn(&[&Input], &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync;
+
+/// `y`, computed off the tape from `inputs` (1 to 3 tensors), as a node of the tape over them
+/// whose backward is `bwd`. The node's value is a copy of `y` (contiguous, `y`'s shape).
+pub(crate) fn taped(inputs: &[&Tensor], y: &Tensor, bwd: impl Fn(&[&Input], &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static) -> Result<Tensor> {
+    let op = Taped { y: y.clone(), bwd: Arc::new(bwd) };
+    match inputs {
+        [a] => a.apply_op1(op),
+        [a, b] => a.apply_op2(b, op),
+        [a, b, c] => a.apply_op3(b, c, op),
+        _ => candle_core::bail!("taped: 1 to 3 inputs, not {}", inputs.len()),
+    }
+}
+
+struct Taped {
+    y: Tensor,
+    bwd: Arc<Backward>,
+}
+
+impl Taped {
+    fn copy_of_y<S: BackendStorage>(&self, pick: impl Fn(&Storage) -> Option<&S>) -> Result<(S, Shape)>
+    where
+        S::Device: BackendDevice<Storage = S>,
+    {
+        let (storage, layout) = self.y.storage_and_layout();
+        let Some(s) = pick(&storage) else { candle_core::bail!("taped: the output is on another device than the inputs") };
+        // SAFETY: every element is written by the copy below.
+        let mut out = unsafe { s.device().alloc_uninit(layout.shape(), s.dtype())? };
+        s.copy_strided_src(&mut out, 0, layout)?;
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn cpu(&self) -> Result<(candle_core::CpuStorage, Shape)> {
+        self.copy_of_y(|s| match s {
+            Storage::Cpu(c) => Some(c),
+            _ => None,
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.copy_of_y(|s| match s {
+            Storage::Cuda(c) => Some(c),
+            _ => None,
+        })
+    }
+
+    /// The backward runs off the tape (on detached inputs: candle would otherwise record it,
+    /// and ops on the tape take their compositions); inputs that were off it get no gradient.
+    fn grads<const N: usize>(&self, inputs: [&Tensor; N], grad: &Tensor) -> Result<[Option<Tensor>; N]> {
+        let detached = inputs.map(|t| Input { t: t.detach(), taped: t.track_op() });
+        let refs: Vec<&Input> = detached.iter().collect();
+        let mut g = (self.bwd)(&refs, &grad.detach())?.into_iter();
+        Ok(std::array::from_fn(|i| g.next().flatten().filter(|_| detached[i].taped)))
+    }
+}
+
+impl CustomOp1 for Taped {
+    fn name(&self) -> &'static str {
+        "lmx-taped"
+    }
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
+        self.cpu()
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda()
+    }
+    fn bwd(&self, a: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let [ga] = self.grads([a], grad)?;
+        Ok(ga)
+    }
+}
+
+impl CustomOp2 for Taped {
+    fn name(&self) -> &'static str {
+        "lmx-taped"
+    }
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
+        self.cpu()
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout, _: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda()
+    }
+    fn bwd(&self, a: &Tensor, b: &Tensor, _: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let [ga, gb] = self.grads([a, b], grad)?;
+        Ok((ga, gb))
+    }
+}
+
+impl CustomOp3 for Taped {
+    fn name(&self) -> &'static str {
+        "lmx-taped"
+    }
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout, _: &candle_core::CpuStorage, _: &Layout, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
+        self.cpu()
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout, _: &candle_core::CudaStorage, _: &Layout, _: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda()
+    }
+    fn bwd(&self, a: &Tensor, b: &Tensor, c: &Tensor, _: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [ga, gb, gc] = self.grads([a, b, c], grad)?;
+        Ok((ga, gb, gc))
+    }
+}
+
+/// The gradient of `t` if it was on the tape.
+fn if_taped(t: &Input, g: impl FnOnce() -> Result<Tensor>) -> Result<Option<Tensor>> {
+    if t.taped {
+        g().map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// Attention's backward: q (b, h, l, d), k and v (b, kv, s, d), grad (b, l, h, dv) (the
+/// node's output is attention's (b, l, h, dv)). The scores and probabilities again (f32, as the
+/// forward), then dV = P^T dO, dS = P (dO V^T - rowsum(dO V^T * P)), through the cap's
+/// derivative, dQ = scale dS K, dK = scale dS^T Q. Query heads that share a key/value head are
+/// folded into the query axis, as in the forward, so the gradients of shared keys and values
+/// sum over their heads in the products.
+pub(crate) fn attention_bwd(q: &Tensor, k: &Tensor, v: &Tensor, grad: &Tensor, mask: Option<&Tensor>, scale: f64, softcap: Option<f64>) -> Result<[Tensor; 3]> {
+    let (b, h, l, d) = q.dims4()?;
+    let kv = k.dim(1)?;
+    let rep = h / kv;
+    let dtype = q.dtype();
+    let q2 = q.reshape((b, kv, rep * l, d))?;
+    let raw = (q2.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?;
+    let (scores, capped) = match softcap {
+        Some(c) => {
+            let t = (raw / c)?.tanh()?;
+            ((&t * c)?, Some(t))
+        }
+        None => (raw, None),
+    };
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(&if rep > 1 { m.repeat((rep, 1))? } else { m.clone() })?,
+        None => scores,
+    };
+    let p = crate::ops::softmax_last_dim(&scores)?;
+    drop(scores);
+    let go = grad.transpose(1, 2)?.reshape((b, kv, rep * l, v.dim(3)?))?;
+    let dv = p.to_dtype(dtype)?.t()?.matmul(&go)?;
+    let dp = go.matmul(&v.t()?)?.to_dtype(DType::F32)?;
+    let rows = (&dp * &p)?.sum_keepdim(D::Minus1)?;
+    let ds = (p * dp.broadcast_sub(&rows)?)?;
+    let ds = match capped {
+        Some(t) => (ds * t.sqr()?.affine(-1.0, 1.0)?)?,
+        None => ds,
+    };
+    let ds = (ds * scale)?.to_dtype(dtype)?;
+    let dq = ds.matmul(k)?.reshape((b, h, l, d))?;
+    let dk = ds.t()?.matmul(&q2)?;
+    Ok([dq, dk, dv])
+}
+
+/// RMS norm's backward, as Hugging Face's norm computes (statistics in f32, the normalised
+/// value rounded to x's dtype, then times the weight): with r = 1 / rms(x) and n = x r,
+/// dx = r (g w - n mean(g w n)), dw = sum over rows of g round(n).
+pub(crate) fn rms_norm_bwd(x: &Input, w: &Input, grad: &Tensor, eps: f32) -> Result<[Option<Tensor>; 2]> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps as f64)?.sqrt()?.recip()?;
+    let n = xf.broadcast_mul(&r)?;
+    let gw = grad.broadcast_mul(&**w)?.to_dtype(DType::F32)?;
+    let dx = if_taped(x, || {
+        let m = (&gw * &n)?.mean_keepdim(D::Minus1)?;
+        gw.sub(&n.broadcast_mul(&m)?)?.broadcast_mul(&r)?.to_dtype(dtype)
+    })?;
+    let dw = if_taped(w, || {
+        let cols = w.elem_count();
+        (grad.to_dtype(DType::F32)? * n.to_dtype(dtype)?.to_dtype(DType::F32)?)?.reshape(((), cols))?.sum(0)?.to_dtype(w.dtype())?.reshape(w.shape())
+    })?;
+    Ok([dx, dw])
+}
+
+/// `silu(gate) * up`'s backward, in f32: with s = sigmoid(gate), d_up = g gate s,
+/// d_gate = g up s (1 + gate (1 - s)).
+pub(crate) fn silu_mul_bwd(gate: &Input, up: &Input, grad: &Tensor) -> Result<[Option<Tensor>; 2]> {
+    let dtype = gate.dtype();
+    let (gf, uf, g) = (gate.to_dtype(DType::F32)?, up.to_dtype(DType::F32)?, grad.to_dtype(DType::F32)?);
+    let s = candle_nn::ops::sigmoid(&gf)?;
+    let d_up = if_taped(up, || ((&g * &gf)? * &s)?.to_dtype(dtype))?;
+    let d_gate = if_taped(gate, || {
+        let ds = ((&gf * s.affine(-1.0, 1.0)?)? + 1.0)?;
+        (((g * uf)? * s)? * ds)?.to_dtype(dtype)
+    })?;
+    Ok([d_gate, d_up])
+}
+
+/// The low-rank update's backward: with G = scale g (f32) and H = x a (recomputed),
+/// db = H^T G, da = x^T (G b^T), dx = G b^T a^T.
+pub(crate) fn low_rank_bwd(x: &Input, a: &Input, b: &Input, grad: &Tensor, scale: f64) -> Result<[Option<Tensor>; 3]> {
+    let g = (grad.to_dtype(a.dtype())? * scale)?;
+    let xf = x.to_dtype(a.dtype())?;
+    let db = if_taped(b, || xf.matmul(&**a)?.t()?.matmul(&g))?;
+    let gb = g.matmul(&b.t()?)?;
+    let da = if_taped(a, || xf.t()?.matmul(&gb))?;
+    let dx = if_taped(x, || gb.matmul(&a.t()?)?.to_dtype(x.dtype()))?;
+    Ok([dx, da, db])
+}
