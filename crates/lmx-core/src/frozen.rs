@@ -61,7 +61,21 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]>
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let fast = x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 && !w.track_op();
     if !fast {
-        return x.broadcast_matmul(&w.t()?);
+        if w.track_op() || w.rank() != 2 {
+            return x.broadcast_matmul(&w.t()?);
+        }
+        // One node whose backward is the input's gradient alone: candle's matmul backward also
+        // multiplies out the frozen weight's gradient (a product as large as the forward's).
+        let (out, cols) = w.dims2()?;
+        let rows = x.elem_count() / cols;
+        let mut dims = x.dims().to_vec();
+        let y = x.detach().contiguous()?.reshape((rows, cols))?.matmul(&w.t()?)?;
+        if let Some(last) = dims.last_mut() {
+            *last = out;
+        }
+        let w = w.clone();
+        let x_dims = x.dims().to_vec();
+        return crate::taped::taped(&[x], &y.reshape(dims)?, move |_, g| Ok(vec![Some(g.contiguous()?.reshape((rows, out))?.matmul(&w)?.reshape(x_dims.as_slice())?)]));
     }
     x.contiguous()?.apply_op2(&w.contiguous()?, FrozenLinear { transpose: false })
 }

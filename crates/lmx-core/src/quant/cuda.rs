@@ -375,8 +375,18 @@ impl DeviceCopy {
                 xw.apply_op3_no_bwd(&self.packed, &self.sb, &Qmv(spec))?
             }
         } else {
-            let w = self.packed.apply_op2_no_bwd(&self.sb, &Dequant { cols: q.cols, bits: q.bits, group_size: q.group_size, dtype: work })?;
-            xw.matmul(&w.t()?)?
+            let dequant = Dequant { cols: q.cols, bits: q.bits, group_size: q.group_size, dtype: work };
+            let w = self.packed.apply_op2_no_bwd(&self.sb, &dequant)?;
+            if xw.track_op() {
+                // QLoRA: one node whose backward is x's gradient alone (candle's matmul backward
+                // would also multiply out the frozen weight's), the weight dequantized again
+                // there rather than kept.
+                let y = xw.detach().matmul(&w.t()?)?;
+                let (packed, sb) = (self.packed.clone(), self.sb.clone());
+                crate::taped::taped(&[&xw], &y, move |_, g| Ok(vec![Some(g.contiguous()?.matmul(&packed.apply_op2_no_bwd(&sb, &dequant)?)?)]))?
+            } else {
+                xw.matmul(&w.t()?)?
+            }
         };
         if let Some(last) = dims.last_mut() {
             *last = q.rows;
