@@ -5,7 +5,6 @@
 //! inference, differentiable compositions for training) live in one place.
 
 pub mod amx;
-pub(crate) mod taped;
 pub mod bf16_gemm;
 pub mod cpu;
 pub mod cpu_fused;
@@ -19,6 +18,7 @@ pub mod graph;
 pub mod nccl;
 pub mod ops;
 pub mod quant;
+pub(crate) mod taped;
 
 pub use candle_core::backend::{BackendDevice, BackendStorage};
 #[cfg(feature = "cuda")]
