@@ -193,7 +193,7 @@ pub(crate) fn rms_norm_bwd(x: &Input, w: &Input, grad: &Tensor, eps: f32) -> Res
     let xf = x.to_dtype(DType::F32)?;
     let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps as f64)?.sqrt()?.recip()?;
     let n = xf.broadcast_mul(&r)?;
-    let gw = grad.broadcast_mul(&**w)?.to_dtype(DType::F32)?;
+    let gw = grad.broadcast_mul(w)?.to_dtype(DType::F32)?;
     let dx = if_taped(x, || {
         let m = (&gw * &n)?.mean_keepdim(D::Minus1)?;
         gw.sub(&n.broadcast_mul(&m)?)?.broadcast_mul(&r)?.to_dtype(dtype)
@@ -224,7 +224,7 @@ pub(crate) fn silu_mul_bwd(gate: &Input, up: &Input, grad: &Tensor) -> Result<[O
 pub(crate) fn low_rank_bwd(x: &Input, a: &Input, b: &Input, grad: &Tensor, scale: f64) -> Result<[Option<Tensor>; 3]> {
     let g = (grad.to_dtype(a.dtype())? * scale)?;
     let xf = x.to_dtype(a.dtype())?;
-    let db = if_taped(b, || xf.matmul(&**a)?.t()?.matmul(&g))?;
+    let db = if_taped(b, || xf.matmul(a)?.t()?.matmul(&g))?;
     let gb = g.matmul(&b.t()?)?;
     let da = if_taped(a, || xf.t()?.matmul(&gb))?;
     let dx = if_taped(x, || gb.matmul(&a.t()?)?.to_dtype(x.dtype()))?;
