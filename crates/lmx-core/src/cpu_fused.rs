@@ -12,7 +12,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use half::{bf16, f16};
 
 /// Element types the fused kernels run on: widened to f32 for arithmetic.
-trait Elem: Copy + Send + Sync + candle_core::WithDType {
+pub(crate) trait Elem: Copy + Send + Sync + candle_core::WithDType {
     fn f32(self) -> f32;
     fn of(v: f32) -> Self;
     /// `a . x`, accumulated in f32.
@@ -120,7 +120,7 @@ impl Elem for f16 {
     }
 }
 
-fn slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+pub(crate) fn slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     let (start, end) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("fused op needs contiguous inputs".into()))?;
     Ok(&s.as_slice::<T>()?[start..end])
 }
@@ -136,6 +136,7 @@ macro_rules! by_dtype {
         }
     };
 }
+pub(crate) use by_dtype;
 
 /// RMS norm with Hugging Face's rounding: statistics in f32, the normalised value rounded to
 /// the input dtype, then multiplied by the weight and rounded again.
@@ -533,7 +534,7 @@ fn strided<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Resu
 
 /// Keys or values of one sequence as the decode kernels read them: the storage slice, the
 /// strides of (batch, head, position), the start offset, and the positions.
-struct KvRows<'a, T> {
+pub(crate) struct KvRows<'a, T> {
     data: &'a [T],
     stride: [usize; 3],
     start: usize,

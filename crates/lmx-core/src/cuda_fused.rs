@@ -9,7 +9,8 @@ use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKe
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaStorage, DType, Layout, Result};
 
-const SRC: &str = r#"
+/// Loads, stores with rounding and block reductions that every lmx kernel source shares.
+pub(crate) const COMMON: &str = r#"
 __device__ __forceinline__ float ld(const float* p, size_t i) { return p[i]; }
 __device__ __forceinline__ float ld(const unsigned short* p, size_t i) { return __uint_as_float(((unsigned int)p[i]) << 16); }
 __device__ __forceinline__ float rnd(float v, const float*) { return v; }
@@ -55,7 +56,9 @@ __device__ __forceinline__ void st4(unsigned short* p, size_t i, const float* v)
     for (int k = 0; k < 4; k++) st(h, k, v[k]);
     *(uint2*)(p + i) = make_uint2(h[0] | ((unsigned)h[1] << 16), h[2] | ((unsigned)h[3] << 16));
 }
+"#;
 
+const SRC: &str = r#"
 // One block per row: statistics in f32, x * r rounded to T, times the weight, rounded again.
 // A thread takes 4 consecutive values at a time (one vector load a tensor; rows of a multiple
 // of 4 values, 4-value aligned: `vec`), else one. rms_norm and add_rms_norm share the order of
@@ -404,11 +407,11 @@ pub(crate) fn ptx(cell: &'static std::sync::OnceLock<std::result::Result<String,
 fn fused_ptx() -> Result<&'static str> {
     static PTX: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
     static SOURCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    ptx(&PTX, SOURCE.get_or_init(|| format!("{}{SRC}", crate::quant::cuda::CODE_SRC)))
+    ptx(&PTX, SOURCE.get_or_init(|| format!("{}{COMMON}{SRC}", crate::quant::cuda::CODE_SRC)))
 }
 
 /// The name of kernel `base` for `dtype`: `lmx_{base}_{f32|bf16}`.
-fn name(base: &str, dtype: DType) -> Result<String> {
+pub(crate) fn name(base: &str, dtype: DType) -> Result<String> {
     let suffix = match dtype {
         DType::F32 => "f32",
         DType::BF16 => "bf16",
@@ -438,8 +441,9 @@ macro_rules! typed {
         }
     };
 }
+pub(crate) use typed;
 
-fn out<T: DeviceRepr>(dev: &candle_core::CudaDevice, n: usize) -> Result<candle_core::cuda_backend::cudarc::driver::CudaSlice<T>> {
+pub(crate) fn out<T: DeviceRepr>(dev: &candle_core::CudaDevice, n: usize) -> Result<candle_core::cuda_backend::cudarc::driver::CudaSlice<T>> {
     // SAFETY: every element is written by the kernel that receives it.
     unsafe { dev.alloc::<T>(n) }
 }

@@ -8,7 +8,7 @@
 //! over a (tokens x vocabulary) matrix.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Row-major f32 matrices described by (rows, cols, row stride, col stride).
@@ -197,9 +197,12 @@ impl CustomOp1 for FrozenBf16 {
     }
 }
 
-/// Cross-entropy of each row of `logits` (n, vocab), f32, against `targets[i]`, multiplied by
-/// `weights[i]` (0 drops a row from the loss; 1 keeps it). Returns the (n,) weighted losses;
-/// the backward pass is `weight * (softmax - onehot)` per row, computed in one pass.
+/// Cross-entropy of each row of `logits` (n, vocab) against `targets[i]`, multiplied by
+/// `weights[i]` (0 drops a row from the loss; 1 keeps it). Returns the (n,) weighted losses
+/// (f32); the backward pass is `weight * (softmax - onehot)` per row, computed in one pass and
+/// given in the logits' dtype. Statistics in f32 (f64 sums on the CPU, whose kernel takes f32
+/// logits); on a GPU the kernels read bf16 logits as they are, so a batch's logits over a large
+/// vocabulary are never copied to f32.
 pub fn masked_cross_entropy(logits: &Tensor, targets: &[u32], weights: &[f32]) -> Result<Tensor> {
     let (n, vocab) = logits.dims2()?;
     if targets.len() != n || weights.len() != n {
@@ -208,25 +211,18 @@ pub fn masked_cross_entropy(logits: &Tensor, targets: &[u32], weights: &[f32]) -
     if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
         candle_core::bail!("cross entropy: target id {t} is outside the vocabulary of {vocab}");
     }
-    let logits = logits.to_dtype(DType::F32)?;
-    if !logits.device().is_cpu() {
-        // The one-pass kernel is the CPU's; elsewhere the same loss from differentiable ops.
-        let dev = logits.device();
-        let shifted = logits.broadcast_sub(&logits.max_keepdim(1)?.detach())?;
-        let lse = shifted.exp()?.sum_keepdim(1)?.log()?;
-        let picked = shifted.gather(&Tensor::from_slice(targets, (n, 1), dev)?, 1)?;
-        return (lse - picked)?.squeeze(1)? * Tensor::from_slice(weights, n, dev)?;
-    }
-    let op = CrossEntropy { targets: targets.to_vec(), weights: weights.to_vec(), grad_out: None };
-    logits.contiguous()?.apply_op1(op)
+    let dev = logits.device();
+    let native = dev.is_cuda() && matches!(logits.dtype(), DType::F32 | DType::BF16);
+    let logits = if native { logits.contiguous()? } else { logits.to_dtype(DType::F32)?.contiguous()? };
+    let (targets, weights) = (Tensor::from_slice(targets, n, dev)?, Tensor::from_slice(weights, n, dev)?);
+    logits.apply_op3(&targets, &weights, CrossEntropy { backward: false })
 }
 
+/// The loss of [`masked_cross_entropy`] over (logits, u32 targets, f32 weights), or with
+/// `backward` (the weights then scaled by the loss's gradient) the logits' gradient.
 #[derive(Clone)]
 struct CrossEntropy {
-    targets: Vec<u32>,
-    weights: Vec<f32>,
-    /// Set for the backward kernel: d(loss_i) for every row.
-    grad_out: Option<Vec<f32>>,
+    backward: bool,
 }
 
 /// log(sum(exp(row))) with the max subtracted, accumulated in f64.
@@ -236,53 +232,58 @@ fn log_sum_exp(row: &[f32]) -> (f32, f64) {
     (max, sum.ln())
 }
 
-impl CustomOp1 for CrossEntropy {
+impl CustomOp3 for CrossEntropy {
     fn name(&self) -> &'static str {
         "lmx-cross-entropy"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, ts: &CpuStorage, tl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
         let logits = f32_slice(s, l, "cross entropy")?;
         let (n, vocab) = l.shape().dims2()?;
-        match &self.grad_out {
-            None => {
-                let losses: Vec<f32> = (0..n)
-                    .into_par_iter()
-                    .map(|i| {
-                        if self.weights[i] == 0.0 {
-                            return 0.0;
-                        }
-                        let row = &logits[i * vocab..(i + 1) * vocab];
-                        let (max, lse) = log_sum_exp(row);
-                        ((f64::from(max) + lse - f64::from(row[self.targets[i] as usize])) * f64::from(self.weights[i])) as f32
-                    })
-                    .collect();
-                Ok((CpuStorage::F32(losses), Shape::from(n)))
-            }
-            Some(g) => {
-                let mut grad = vec![0f32; n * vocab];
-                grad.par_chunks_mut(vocab).enumerate().for_each(|(i, out)| {
-                    let scale = self.weights[i] * g[i];
-                    if scale == 0.0 {
-                        return;
+        let targets = &ts.as_slice::<u32>()?[tl.start_offset()..][..n];
+        let weights = f32_slice(ws, wl, "cross entropy weights")?;
+        if !self.backward {
+            let losses: Vec<f32> = (0..n)
+                .into_par_iter()
+                .map(|i| {
+                    if weights[i] == 0.0 {
+                        return 0.0;
                     }
                     let row = &logits[i * vocab..(i + 1) * vocab];
                     let (max, lse) = log_sum_exp(row);
-                    let shift = max + lse as f32;
-                    for (o, &v) in out.iter_mut().zip(row) {
-                        *o = (v - shift).exp() * scale;
-                    }
-                    out[self.targets[i] as usize] -= scale;
-                });
-                Ok((CpuStorage::F32(grad), l.shape().clone()))
-            }
+                    ((f64::from(max) + lse - f64::from(row[targets[i] as usize])) * f64::from(weights[i])) as f32
+                })
+                .collect();
+            return Ok((CpuStorage::F32(losses), Shape::from(n)));
         }
+        let mut grad = vec![0f32; n * vocab];
+        grad.par_chunks_mut(vocab).enumerate().for_each(|(i, out)| {
+            let scale = weights[i];
+            if scale == 0.0 {
+                return;
+            }
+            let row = &logits[i * vocab..(i + 1) * vocab];
+            let (max, lse) = log_sum_exp(row);
+            let shift = max + lse as f32;
+            for (o, &v) in out.iter_mut().zip(row) {
+                *o = (v - shift).exp() * scale;
+            }
+            out[targets[i] as usize] -= scale;
+        });
+        Ok((CpuStorage::F32(grad), l.shape().clone()))
     }
 
-    fn bwd(&self, logits: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let g = grad.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        let op = CrossEntropy { grad_out: Some(g), ..self.clone() };
-        Ok(Some(logits.apply_op1_no_bwd(&op)?))
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout, ts: &candle_core::CudaStorage, tl: &Layout, ws: &candle_core::CudaStorage, wl: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, _) = l.shape().dims2()?;
+        let storage = crate::cuda_train::cross_entropy(s, l, ts, tl, ws, wl, self.backward)?;
+        Ok((storage, if self.backward { l.shape().clone() } else { Shape::from(n) }))
+    }
+
+    fn bwd(&self, logits: &Tensor, targets: &Tensor, weights: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let scales = (weights * grad.to_dtype(DType::F32)?)?.contiguous()?;
+        let g = logits.apply_op3_no_bwd(targets, &scales, &CrossEntropy { backward: true })?;
+        Ok((Some(g), None, None))
     }
 }
 
@@ -344,6 +345,40 @@ mod tests {
             assert!((got[i] - want).abs() < 1e-5, "row {i}: {} vs {want}", got[i]);
         }
         check_grad(|l| masked_cross_entropy(l, &targets, &weights), &logits, 1e-3)?;
+        Ok(())
+    }
+
+    /// The GPU's loss kernels equal the CPU's on f32 logits and on bf16 ones (read as they
+    /// are; the gradient in bf16): loss and gradient, odd and large vocabularies, a dropped
+    /// row and a non-uniform gradient of the losses. Skipped without a GPU.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cross_entropy_on_the_gpu_equals_the_cpu() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("no GPU: skipped");
+            return Ok(());
+        };
+        for vocab in [11, 1000, 49152] {
+            for dtype in [DType::F32, DType::BF16] {
+                let logits = (Tensor::randn(0f32, 1.0, (5, vocab), &Device::Cpu)? * 4.0)?.to_dtype(dtype)?;
+                let targets = [3u32, 0, 10, 7, 1];
+                let weights = [1f32, 0.0, 1.0, 0.5, 1.0];
+                let r = Tensor::new(&[1f32, 2.0, -1.0, 0.5, 3.0], &Device::Cpu)?;
+                let run = |dev: &Device| -> Result<(Tensor, Tensor)> {
+                    let l = Var::from_tensor(&logits.to_device(dev)?)?;
+                    let loss = masked_cross_entropy(l.as_tensor(), &targets, &weights)?;
+                    let g = (&loss * r.to_device(dev)?)?.sum_all()?.backward()?;
+                    let g = g.get(l.as_tensor()).expect("grad").to_device(&Device::Cpu)?;
+                    assert_eq!(g.dtype(), if dev.is_cuda() { dtype } else { DType::F32 });
+                    Ok((loss.to_device(&Device::Cpu)?, g.to_dtype(DType::F32)?))
+                };
+                let ((lc, gc), (lg, gg)) = (run(&Device::Cpu)?, run(&gpu)?);
+                let (el, eg) = (max_abs_diff(&lc, &lg)?, max_abs_diff(&gc.to_dtype(dtype)?.to_dtype(DType::F32)?, &gg)?);
+                eprintln!("vocab {vocab} {dtype:?}: loss off by {el}, gradient by {eg}");
+                assert!(el < 2e-4, "vocab {vocab} {dtype:?}: loss off by {el}");
+                assert!(eg < if dtype == DType::F32 { 1e-6 } else { 1.6e-2 }, "vocab {vocab} {dtype:?}: gradient off by {eg}");
+            }
+        }
         Ok(())
     }
 }

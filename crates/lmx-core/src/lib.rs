@@ -10,8 +10,11 @@ pub mod cpu;
 pub mod cpu_fused;
 #[cfg(feature = "cuda")]
 mod cuda_fused;
+#[cfg(feature = "cuda")]
+mod cuda_train;
 pub mod device;
 pub mod frozen;
+mod fused_train;
 pub mod gradcheck;
 pub mod graph;
 #[cfg(feature = "cuda")]

@@ -144,6 +144,20 @@ fn if_taped(t: &Input, g: impl FnOnce() -> Result<Tensor>) -> Result<Option<Tens
     }
 }
 
+/// Whether the fused backward kernels (`fused_train`) take these tensors: one dtype, which
+/// the device's kernels have (`LMX_FUSED_BWD=0`: the compositions, for comparisons).
+fn fused(ts: &[&Tensor]) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let dtype = ts[0].dtype();
+    *ON.get_or_init(|| !std::env::var("LMX_FUSED_BWD").is_ok_and(|v| v == "0"))
+        && ts.iter().all(|t| t.dtype() == dtype)
+        && match ts[0].device() {
+            candle_core::Device::Cpu => matches!(dtype, DType::F32 | DType::BF16 | DType::F16),
+            candle_core::Device::Cuda(_) => matches!(dtype, DType::F32 | DType::BF16),
+            _ => false,
+        }
+}
+
 /// Attention's backward: q (b, h, l, d), k and v (b, kv, s, d), grad (b, l, h, dv) (the
 /// node's output is attention's (b, l, h, dv)). The scores and probabilities again (f32, as the
 /// forward), then dV = P^T dO, dS = P (dO V^T - rowsum(dO V^T * P)), through the cap's
@@ -189,6 +203,15 @@ pub(crate) fn attention_bwd(q: &Tensor, k: &Tensor, v: &Tensor, grad: &Tensor, m
 /// value rounded to x's dtype, then times the weight): with r = 1 / rms(x) and n = x r,
 /// dx = r (g w - n mean(g w n)), dw = sum over rows of g round(n).
 pub(crate) fn rms_norm_bwd(x: &Input, w: &Input, grad: &Tensor, eps: f32) -> Result<[Option<Tensor>; 2]> {
+    if !w.taped && fused(&[&**x, &**w, grad]) {
+        let dx = if_taped(x, || x.contiguous()?.apply_op3_no_bwd(&w.contiguous()?, &grad.contiguous()?, &crate::fused_train::RmsNormBwd { eps }))?;
+        return Ok([dx, None]);
+    }
+    rms_norm_bwd_composed(x, w, grad, eps)
+}
+
+/// [`rms_norm_bwd`] as candle ops (the fused kernel's reference; the weight's gradient).
+fn rms_norm_bwd_composed(x: &Input, w: &Input, grad: &Tensor, eps: f32) -> Result<[Option<Tensor>; 2]> {
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
     let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps as f64)?.sqrt()?.recip()?;
@@ -208,6 +231,15 @@ pub(crate) fn rms_norm_bwd(x: &Input, w: &Input, grad: &Tensor, eps: f32) -> Res
 /// `silu(gate) * up`'s backward, in f32: with s = sigmoid(gate), d_up = g gate s,
 /// d_gate = g up s (1 + gate (1 - s)).
 pub(crate) fn silu_mul_bwd(gate: &Input, up: &Input, grad: &Tensor) -> Result<[Option<Tensor>; 2]> {
+    if fused(&[&**gate, &**up, grad]) && gate.dims() == up.dims() {
+        let both = gate.contiguous()?.apply_op3_no_bwd(&up.contiguous()?, &grad.contiguous()?, &crate::fused_train::SiluMulBwd)?;
+        return Ok([if_taped(gate, || both.get(0))?, if_taped(up, || both.get(1))?]);
+    }
+    silu_mul_bwd_composed(gate, up, grad)
+}
+
+/// [`silu_mul_bwd`] as candle ops (the fused kernel's reference).
+fn silu_mul_bwd_composed(gate: &Input, up: &Input, grad: &Tensor) -> Result<[Option<Tensor>; 2]> {
     let dtype = gate.dtype();
     let (gf, uf, g) = (gate.to_dtype(DType::F32)?, up.to_dtype(DType::F32)?, grad.to_dtype(DType::F32)?);
     let s = candle_nn::ops::sigmoid(&gf)?;
@@ -229,4 +261,64 @@ pub(crate) fn low_rank_bwd(x: &Input, a: &Input, b: &Input, grad: &Tensor, scale
     let da = if_taped(a, || xf.t()?.matmul(&gb))?;
     let dx = if_taped(x, || gb.matmul(&a.t()?)?.to_dtype(x.dtype()))?;
     Ok([dx, da, db])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gradcheck::max_abs_diff;
+    use candle_core::Device;
+
+    fn input(t: &Tensor) -> Input {
+        Input { t: t.clone(), taped: true }
+    }
+
+    /// The largest difference of `a` and `b` in units of the dtype's rounding at `b`'s scale
+    /// (max |a - b| / max |b| / epsilon).
+    fn ulps(a: &Tensor, b: &Tensor) -> f32 {
+        let scale = b.to_dtype(DType::F32).and_then(|t| t.abs()?.max_all()?.to_scalar::<f32>()).expect("scale");
+        let eps = match b.dtype() {
+            DType::BF16 => 1.0 / 128.0,
+            DType::F16 => 1.0 / 1024.0,
+            _ => f32::EPSILON,
+        };
+        max_abs_diff(a, b).expect("difference") / scale / eps
+    }
+
+    /// The fused backwards of the SiLU product and of RMS norm (the CPU's, and the GPU's when
+    /// there is one) equal the compositions they replace, over rows with large values: within
+    /// a few f32 roundings in f32, an ulp of the output's scale in bf16 and f16.
+    #[test]
+    fn fused_backwards_equal_the_compositions() -> Result<()> {
+        #[allow(unused_mut)]
+        let mut devices = vec![Device::Cpu];
+        #[cfg(feature = "cuda")]
+        devices.extend(Device::new_cuda(0).ok());
+        for dev in &devices {
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                if dev.is_cuda() && dtype == DType::F16 {
+                    continue;
+                }
+                let t = |shape: (usize, usize, usize), s: f64| -> Result<Tensor> { (Tensor::randn(0f32, 1.0, shape, &Device::Cpu)? * s)?.to_dtype(dtype) };
+                let (gate, up, g) = (t((3, 5, 72), 4.0)?, t((3, 5, 72), 2.0)?, t((3, 5, 72), 1.0)?);
+                let on = |x: &Tensor| x.to_device(dev);
+                let fused = silu_mul_bwd(&input(&on(&gate)?), &input(&on(&up)?), &on(&g)?)?;
+                let composed = silu_mul_bwd_composed(&input(&gate), &input(&up), &g)?;
+                for (name, a, b) in [("gate", &fused[0], &composed[0]), ("up", &fused[1], &composed[1])] {
+                    let (a, b) = (a.as_ref().expect("grad").to_device(&Device::Cpu)?, b.as_ref().expect("grad"));
+                    let e = ulps(&a, b);
+                    assert!(e <= if dtype == DType::F32 { 16.0 } else { 1.01 }, "{dev:?} {dtype:?} silu_mul d_{name}: {e} ulps");
+                }
+                let (x, w, g) = (t((3, 5, 96), 30.0)?, (t((1, 1, 96), 0.2)?.flatten_all()? + 1.0)?, t((3, 5, 96), 1.0)?);
+                let frozen = Input { t: on(&w)?, taped: false };
+                let fused = rms_norm_bwd(&input(&on(&x)?), &frozen, &on(&g)?, 1e-5)?;
+                let composed = rms_norm_bwd_composed(&input(&x), &Input { t: w.clone(), taped: false }, &g, 1e-5)?;
+                let (a, b) = (fused[0].as_ref().expect("grad").to_device(&Device::Cpu)?, composed[0].as_ref().expect("grad"));
+                let e = ulps(&a, b);
+                assert!(e <= if dtype == DType::F32 { 64.0 } else { 1.01 }, "{dev:?} {dtype:?} rms_norm dx: {e} ulps");
+                assert!(fused[1].is_none());
+            }
+        }
+        Ok(())
+    }
 }

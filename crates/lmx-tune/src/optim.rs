@@ -60,8 +60,8 @@ impl OptimizerKind {
 /// An optimizer over a fixed list of variables.
 pub struct Optimizer {
     kind: OptimizerKind,
-    /// Per variable: Adam's (m, v) or SGD's (velocity, unused).
-    state: Vec<Option<(Tensor, Tensor)>>,
+    /// Per variable: Adam's moments (2, ..shape: m, then v) or SGD's velocity.
+    state: Vec<Option<Tensor>>,
     step: usize,
 }
 
@@ -84,33 +84,30 @@ impl Optimizer {
         for (i, (var, grad)) in vars.iter().zip(grads).enumerate() {
             let Some(g) = grad else { continue };
             let p = var.as_tensor().detach();
-            let (m0, v0) = match &self.state[i] {
-                Some(s) => s.clone(),
-                None => (p.zeros_like()?, p.zeros_like()?),
-            };
             let new_p = match self.kind {
                 OptimizerKind::Adam { betas: (b1, b2), eps, weight_decay, bias_correction } => {
-                    let p = if weight_decay > 0.0 { (&p * (1.0 - lr * weight_decay))? } else { p };
-                    let m = ((m0 * b1)? + (g * (1.0 - b1))?)?;
-                    let v = ((v0 * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-                    let upd = if bias_correction {
-                        let c1 = lr / (1.0 - b1.powi(t));
-                        let c2 = 1.0 / (1.0 - b2.powi(t)).sqrt();
-                        ((&m * c1)? / ((v.sqrt()? * c2)? + eps)?)?
-                    } else {
-                        ((&m * lr)? / (v.sqrt()? + eps)?)?
+                    let moments = match self.state[i].take() {
+                        Some(s) => s,
+                        None => Tensor::zeros([&[2], p.dims()].concat(), p.dtype(), p.device())?,
                     };
-                    self.state[i] = Some((m, v));
-                    (p - upd)?
+                    let keep = if weight_decay > 0.0 { 1.0 - lr * weight_decay } else { 1.0 };
+                    let (step, c2) = if bias_correction { (lr / (1.0 - b1.powi(t)), 1.0 / (1.0 - b2.powi(t)).sqrt()) } else { (lr, 1.0) };
+                    let (new_p, moments) = lmx::core::ops::adam_step(&p, g, &moments, [keep, b1, b2, step, c2, eps])?;
+                    self.state[i] = Some(moments);
+                    new_p
                 }
                 OptimizerKind::Sgd { momentum, weight_decay, dampening, nesterov } => {
                     let g = if weight_decay != 0.0 { (g + (&p * weight_decay)?)? } else { g.clone() };
                     if momentum <= 0.0 {
                         (p - (g * lr)?)?
                     } else {
-                        let v = ((m0 * momentum)? + (&g * (1.0 - dampening))?)?;
+                        let v0 = match self.state[i].take() {
+                            Some(v) => v,
+                            None => p.zeros_like()?,
+                        };
+                        let v = ((v0 * momentum)? + (&g * (1.0 - dampening))?)?;
                         let upd = if nesterov { (g + (&v * momentum)?)? } else { v.clone() };
-                        self.state[i] = Some((v, v0));
+                        self.state[i] = Some(v);
                         (p - (upd * lr)?)?
                     }
                 }

@@ -1,0 +1,282 @@
+//! CUDA kernels of training: the cross-entropy loss and its gradient, the backwards of the
+//! fused SiLU product and RMS norm (`taped`), and Adam's update. Each is one pass over its
+//! tensors where candle's compositions took 5-15 launches and as many f32 temporaries (the
+//! loss over a 128k vocabulary made four 1 GB f32 copies of a batch's logits). Compiled at
+//! first use by NVRTC with `cuda_fused`'s loads, stores and reductions.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{CudaStorage, DType, Layout, Result};
+
+use crate::cuda_fused::{name, out, typed};
+
+const SRC: &str = r#"
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+// Max and log-sum-exp of a row of n values (4 a thread when `vec`), one block per row: each
+// thread keeps a running max and its sum of exponentials, merged over the block.
+template <typename T>
+__device__ void row_lse(const T* x, int n, int vec, float* red, float* mx, float* lse) {
+    float m = NEG_INF, s = 0.f;
+    if (vec) {
+        for (int i = 4 * threadIdx.x; i < n; i += 4 * blockDim.x) {
+            float v[4];
+            ld4(x, i, v);
+            for (int k = 0; k < 4; k++) {
+                if (v[k] > m) { s = s * expf(m - v[k]) + 1.f; m = v[k]; } else { s += expf(v[k] - m); }
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            float v = ld(x, i);
+            if (v > m) { s = s * expf(m - v) + 1.f; m = v; } else { s += expf(v - m); }
+        }
+    }
+    float top = block_max(m, red);
+    float total = block_sum(m == NEG_INF ? 0.f : s * expf(m - top), red);
+    *mx = top;
+    *lse = logf(total);
+}
+
+// loss[row] = (max + lse - x[target]) * weight, 0 where the weight is 0.
+template <typename T>
+__device__ void cross_entropy(const T* logits, const unsigned int* targets, const float* weights, float* loss, int vocab, int vec) {
+    __shared__ float red[32];
+    size_t row = blockIdx.x;
+    float w = weights[row];
+    if (w == 0.f) { if (threadIdx.x == 0) loss[row] = 0.f; return; }
+    const T* x = logits + row * vocab;
+    float mx, lse;
+    row_lse(x, vocab, vec, red, &mx, &lse);
+    if (threadIdx.x == 0) loss[row] = (mx + lse - ld(x, targets[row])) * w;
+}
+
+// grad[row] = scale * (softmax(row) - onehot(target)), rounded to T once; zeros where the
+// row's scale (its weight times the loss's gradient) is 0.
+template <typename T>
+__device__ void cross_entropy_bwd(const T* logits, const unsigned int* targets, const float* scales, T* grad, int vocab, int vec) {
+    __shared__ float red[32];
+    size_t row = blockIdx.x;
+    float scale = scales[row];
+    const T* x = logits + row * vocab;
+    T* g = grad + row * vocab;
+    if (scale == 0.f) {
+        for (int i = threadIdx.x; i < vocab; i += blockDim.x) st(g, i, 0.f);
+        return;
+    }
+    float mx, lse;
+    row_lse(x, vocab, vec, red, &mx, &lse);
+    float shift = mx + lse;
+    int t = (int)targets[row];
+    if (vec) {
+        for (int i = 4 * threadIdx.x; i < vocab; i += 4 * blockDim.x) {
+            float v[4];
+            ld4(x, i, v);
+            for (int k = 0; k < 4; k++) v[k] = expf(v[k] - shift) * scale - (i + k == t ? scale : 0.f);
+            st4(g, i, v);
+        }
+    } else {
+        for (int i = threadIdx.x; i < vocab; i += blockDim.x) st(g, i, expf(ld(x, i) - shift) * scale - (i == t ? scale : 0.f));
+    }
+}
+
+// The backward of silu(g) * u, in f32 as `taped::silu_mul_bwd` (its order of products):
+// with s = sigmoid(g), du = dy g s and dg = dy u s (g (1 - s) + 1).
+template <typename T>
+__device__ void silu_mul_bwd(const T* g, const T* u, const T* dy, T* dg, T* du, long long n, int vec) {
+    long long stride = (long long)gridDim.x * blockDim.x;
+    long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (vec) {
+        for (long long i = 4 * first; i < n; i += 4 * stride) {
+            float gv[4], uv[4], dv[4], a[4], b[4];
+            ld4(g, i, gv); ld4(u, i, uv); ld4(dy, i, dv);
+            for (int k = 0; k < 4; k++) {
+                float s = 1.f / (1.f + expf(-gv[k]));
+                a[k] = dv[k] * uv[k] * s * (gv[k] * (1.f - s) + 1.f);
+                b[k] = dv[k] * gv[k] * s;
+            }
+            st4(dg, i, a); st4(du, i, b);
+        }
+        return;
+    }
+    for (long long i = first; i < n; i += stride) {
+        float gv = ld(g, i), uv = ld(u, i), dv = ld(dy, i);
+        float s = 1.f / (1.f + expf(-gv));
+        st(dg, i, dv * uv * s * (gv * (1.f - s) + 1.f));
+        st(du, i, dv * gv * s);
+    }
+}
+
+// RMS norm's input gradient, one block per row, as `taped::rms_norm_bwd`: r = 1 / rms(x),
+// gw = round(dy w), dx = r (gw - x r mean(gw x r)). One pass for sum(x^2) and sum(gw x),
+// one for dx.
+template <typename T>
+__device__ void rms_norm_bwd(const T* x, const T* w, const T* dy, T* dx, int d, float eps) {
+    __shared__ float red[32];
+    size_t row = blockIdx.x;
+    const T* xr = x + row * d;
+    const T* gr = dy + row * d;
+    float ss = 0.f, sgx = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float xv = ld(xr, i), gw = rnd(ld(gr, i) * ld(w, i), dx);
+        ss += xv * xv;
+        sgx += gw * xv;
+    }
+    ss = block_sum(ss, red);
+    sgx = block_sum(sgx, red);
+    float r = 1.f / sqrtf(ss / d + eps);
+    float m = sgx * r / d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float xv = ld(xr, i), gw = rnd(ld(gr, i) * ld(w, i), dx);
+        st(dx + row * d, i, (gw - xv * r * m) * r);
+    }
+}
+
+#define TRAIN(T, name) \
+extern "C" __global__ void lmx_cross_entropy_##name(const T* l, const unsigned int* t, const float* w, float* loss, int vocab, int vec) { cross_entropy(l, t, w, loss, vocab, vec); } \
+extern "C" __global__ void lmx_cross_entropy_bwd_##name(const T* l, const unsigned int* t, const float* s, T* g, int vocab, int vec) { cross_entropy_bwd(l, t, s, g, vocab, vec); } \
+extern "C" __global__ void lmx_silu_mul_bwd_##name(const T* g, const T* u, const T* dy, T* dg, T* du, long long n, int vec) { silu_mul_bwd(g, u, dy, dg, du, n, vec); } \
+extern "C" __global__ void lmx_rms_norm_bwd_##name(const T* x, const T* w, const T* dy, T* dx, int d, float eps) { rms_norm_bwd(x, w, dy, dx, d, eps); }
+TRAIN(float, f32)
+TRAIN(unsigned short, bf16)
+
+// Adam with MLX's semantics on f32 values, in `ops::adam_step`'s order of operations:
+// p' = p keep - step m' / (sqrt(v') c2 + eps), m' = m b1 + g (1 - b1), v' = v b2 + g^2 (1 - b2).
+// `mv` holds m then v; `out` p', then m', then v'.
+extern "C" __global__ void lmx_adam_f32(const float* p, const float* g, const float* mv, float* out, long long n, float keep, float b1, float nb1, float b2, float nb2, float step, float c2, float eps) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        float gi = g[i];
+        float m = mv[i] * b1 + gi * nb1;
+        float v = mv[n + i] * b2 + gi * gi * nb2;
+        out[i] = p[i] * keep - (m * step) / (sqrtf(v) * c2 + eps);
+        out[n + i] = m;
+        out[2 * n + i] = v;
+    }
+}
+"#;
+
+fn train_ptx() -> Result<&'static str> {
+    static PTX: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
+    static SOURCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    crate::cuda_fused::ptx(&PTX, SOURCE.get_or_init(|| format!("{}{SRC}", crate::cuda_fused::COMMON)))
+}
+
+fn func(dev: &candle_core::CudaDevice, name: &str) -> Result<candle_core::cuda_backend::cudarc::driver::CudaFunction> {
+    dev.get_or_load_custom_func(name, "lmx_train", train_ptx()?)
+}
+
+/// A block of up to 1024 threads per row of `cols` values taken 4 at a time.
+fn row_block(rows: usize, cols: usize) -> LaunchConfig {
+    let threads = cols.div_ceil(4).next_multiple_of(32).clamp(32, 1024) as u32;
+    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Blocks of 256 threads striding over `n` items (at most 16 blocks per SM's worth).
+fn strided(n: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (n.div_ceil(256).clamp(1, 132 * 16) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn contiguous(what: &str, layouts: &[&Layout]) -> Result<()> {
+    if layouts.iter().any(|l| !l.is_contiguous()) {
+        candle_core::bail!("{what}: the CUDA kernel needs contiguous inputs");
+    }
+    Ok(())
+}
+
+/// Cross-entropy of each row of `logits` (rows, vocab; f32 or bf16) against u32 `targets`,
+/// times f32 `weights` (forward: (rows,) f32 losses), or with `weights` the per-row scales of
+/// the backward, the gradient (rows, vocab) in the logits' dtype.
+pub(crate) fn cross_entropy(ls: &CudaStorage, ll: &Layout, ts: &CudaStorage, tl: &Layout, ws: &CudaStorage, wl: &Layout, backward: bool) -> Result<CudaStorage> {
+    contiguous("cross entropy", &[ll, tl, wl])?;
+    let (rows, vocab) = ll.shape().dims2()?;
+    let dev = ls.device().clone();
+    let f = func(&dev, &name(if backward { "cross_entropy_bwd" } else { "cross_entropy" }, ls.dtype())?)?;
+    let t = ts.as_cuda_slice::<u32>()?.slice(tl.start_offset()..);
+    let w = ws.as_cuda_slice::<f32>()?.slice(wl.start_offset()..);
+    let (vi, vec) = (vocab as i32, (vocab % 4 == 0 && ll.start_offset() % 4 == 0) as i32);
+    typed!(ls.dtype(), T => {
+        let l = ls.as_cuda_slice::<T>()?.slice(ll.start_offset()..);
+        let mut b = f.builder();
+        b.arg(&l).arg(&t).arg(&w);
+        if backward {
+            let o = out::<T>(&dev, rows * vocab)?;
+            b.arg(&o).arg(&vi).arg(&vec);
+            // SAFETY: logits and o hold rows * vocab values, targets and scales rows.
+            unsafe { b.launch(row_block(rows, vocab)) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(o, dev))
+        } else {
+            let o = out::<f32>(&dev, rows)?;
+            b.arg(&o).arg(&vi).arg(&vec);
+            // SAFETY: logits hold rows * vocab values, targets, weights and o rows.
+            unsafe { b.launch(row_block(rows, vocab)) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(o, dev))
+        }
+    })
+}
+
+/// The gradients of `silu(g) * u` for the output's gradient `dy` (one dtype, contiguous):
+/// one buffer of 2n, dg then du.
+pub(crate) fn silu_mul_bwd(gs: &CudaStorage, gl: &Layout, us: &CudaStorage, ul: &Layout, ds: &CudaStorage, dl: &Layout) -> Result<CudaStorage> {
+    contiguous("silu_mul backward", &[gl, ul, dl])?;
+    let n = gl.shape().elem_count();
+    let dev = gs.device().clone();
+    let f = func(&dev, &name("silu_mul_bwd", gs.dtype())?)?;
+    let vec = n % 4 == 0 && [gl, ul, dl].iter().all(|l| l.start_offset() % 4 == 0);
+    typed!(gs.dtype(), T => {
+        let g = gs.as_cuda_slice::<T>()?.slice(gl.start_offset()..);
+        let u = us.as_cuda_slice::<T>()?.slice(ul.start_offset()..);
+        let d = ds.as_cuda_slice::<T>()?.slice(dl.start_offset()..);
+        let o = out::<T>(&dev, 2 * n)?;
+        let (dg, du) = o.split_at(n);
+        let (nn, v) = (n as i64, vec as i32);
+        let mut b = f.builder();
+        b.arg(&g).arg(&u).arg(&d).arg(&dg).arg(&du).arg(&nn).arg(&v);
+        // SAFETY: g, u and dy hold n values, each half of o n.
+        unsafe { b.launch(strided(if vec { n / 4 } else { n })) }.w()?;
+        drop((dg, du));
+        Ok(CudaStorage::wrap_cuda_slice(o, dev))
+    })
+}
+
+/// RMS norm's input gradient for rows `x` (contiguous), weight `w` and the output's gradient.
+pub(crate) fn rms_norm_bwd(xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: &Layout, ds: &CudaStorage, dl: &Layout, eps: f32) -> Result<CudaStorage> {
+    contiguous("rms_norm backward", &[xl, wl, dl])?;
+    let d = wl.shape().elem_count();
+    let rows = xl.shape().elem_count() / d;
+    let dev = xs.device().clone();
+    let f = func(&dev, &name("rms_norm_bwd", xs.dtype())?)?;
+    typed!(xs.dtype(), T => {
+        let x = xs.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
+        let w = ws.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
+        let dy = ds.as_cuda_slice::<T>()?.slice(dl.start_offset()..);
+        let o = out::<T>(&dev, rows * d)?;
+        let di = d as i32;
+        let mut b = f.builder();
+        b.arg(&x).arg(&w).arg(&dy).arg(&o).arg(&di).arg(&eps);
+        // SAFETY: x, dy and o hold rows * d values, w d.
+        unsafe { b.launch(row_block(rows, d)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(o, dev))
+    })
+}
+
+/// Adam's update of f32 values `p` with gradient `g` and moments `mv` (m then v): one buffer
+/// of 3n, the new values, m and v. `h`: (keep, b1, 1 - b1, b2, 1 - b2, step, c2, eps), see
+/// `cpu_fused::Adam`.
+pub(crate) fn adam(ps: &CudaStorage, pl: &Layout, gs: &CudaStorage, gl: &Layout, ms: &CudaStorage, ml: &Layout, h: [f32; 8]) -> Result<CudaStorage> {
+    contiguous("adam", &[pl, gl, ml])?;
+    let n = pl.shape().elem_count();
+    let dev = ps.device().clone();
+    let f = func(&dev, "lmx_adam_f32")?;
+    let p = ps.as_cuda_slice::<f32>()?.slice(pl.start_offset()..);
+    let g = gs.as_cuda_slice::<f32>()?.slice(gl.start_offset()..);
+    let mv = ms.as_cuda_slice::<f32>()?.slice(ml.start_offset()..);
+    let o = out::<f32>(&dev, 3 * n)?;
+    let [keep, b1, nb1, b2, nb2, step, c2, eps] = h;
+    let nn = n as i64;
+    let mut b = f.builder();
+    b.arg(&p).arg(&g).arg(&mv).arg(&o).arg(&nn).arg(&keep).arg(&b1).arg(&nb1).arg(&b2).arg(&nb2).arg(&step).arg(&c2).arg(&eps);
+    // SAFETY: p and g hold n values, mv 2n, o 3n.
+    unsafe { b.launch(strided(n)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(o, dev))
+}

@@ -1,0 +1,190 @@
+//! Fused kernels of training, each one pass where candle's composition took a chain of ops
+//! with an f32 temporary apiece: the backwards of the SiLU-gated product and of RMS norm
+//! (called from `taped`'s backwards) and Adam's update (`ops::adam_step`). CPU kernels here,
+//! CUDA ones in `cuda_train`; both keep the composition's f32 arithmetic and its roundings.
+
+use crate::cpu::{parallel_ranges, SendPtr};
+use crate::cpu_fused::{by_dtype, slice, Elem};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape};
+use half::{bf16, f16};
+
+/// `out[i] = f(i)` for i in 0..n, split over the decode pool's threads.
+fn fill<T: Copy + Send + Sync>(out: &mut [T], f: impl Fn(usize) -> T + Sync) {
+    let n = out.len();
+    let ptr = SendPtr(out.as_mut_ptr());
+    parallel_ranges(n, 1 << 14, |r| {
+        // SAFETY: the ranges are disjoint and inside `out`, which outlives the call.
+        let o = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(r.start), r.len()) };
+        for (o, i) in o.iter_mut().zip(r) {
+            *o = f(i);
+        }
+    });
+}
+
+/// The backward of `silu(gate) * up`: inputs gate, up and the output's gradient (one dtype,
+/// one shape, contiguous); output (2, ..shape): the gate's gradient, then up's. With
+/// s = sigmoid(gate), d_up = dy gate s and d_gate = dy up s (gate (1 - s) + 1), in f32.
+pub struct SiluMulBwd;
+
+fn silu_mul_bwd_elems<T: Elem>(gs: &CpuStorage, gl: &Layout, us: &CpuStorage, ul: &Layout, ds: &CpuStorage, dl: &Layout) -> Result<Vec<T>> {
+    let (g, u, d) = (slice::<T>(gs, gl)?, slice::<T>(us, ul)?, slice::<T>(ds, dl)?);
+    let n = g.len();
+    let mut out = vec![T::of(0.0); 2 * n];
+    fill(&mut out, |i| {
+        let j = i % n;
+        let (gv, uv, dv) = (g[j].f32(), u[j].f32(), d[j].f32());
+        let s = 1.0 / (1.0 + (-gv).exp());
+        T::of(if i < n { dv * uv * s * (gv * (1.0 - s) + 1.0) } else { dv * gv * s })
+    });
+    Ok(out)
+}
+
+/// The shape `(2, ..dims)` after checking that the three inputs agree.
+fn three_alike(what: &str, (a, ad): (&Layout, DType), (b, bd): (&Layout, DType), (c, cd): (&Layout, DType)) -> Result<Shape> {
+    if a.dims() != b.dims() || a.dims() != c.dims() || ad != bd || ad != cd {
+        candle_core::bail!("{what}: inputs {:?} {ad:?}, {:?} {bd:?}, {:?} {cd:?} disagree", a.dims(), b.dims(), c.dims());
+    }
+    Ok(Shape::from([&[2], a.dims()].concat()))
+}
+
+impl CustomOp3 for SiluMulBwd {
+    fn name(&self) -> &'static str {
+        "lmx-silu-mul-bwd"
+    }
+    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, us: &CpuStorage, ul: &Layout, ds: &CpuStorage, dl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let shape = three_alike("silu_mul backward", (gl, gs.dtype()), (ul, us.dtype()), (dl, ds.dtype()))?;
+        Ok((by_dtype!(gs.dtype(), silu_mul_bwd_elems(gs, gl, us, ul, ds, dl)), shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        us: &candle_core::CudaStorage,
+        ul: &Layout,
+        ds: &candle_core::CudaStorage,
+        dl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let shape = three_alike("silu_mul backward", (gl, gs.dtype()), (ul, us.dtype()), (dl, ds.dtype()))?;
+        Ok((crate::cuda_train::silu_mul_bwd(gs, gl, us, ul, ds, dl)?, shape))
+    }
+}
+
+/// RMS norm's input gradient: inputs x (rows of d), the weight (d) and the output's gradient
+/// (as x), contiguous, one dtype. With r = 1 / rms(x) and gw = dy w rounded to the dtype (as
+/// the composition's product), dx = r (gw - x r mean(gw x r)).
+pub struct RmsNormBwd {
+    /// Added to the mean square.
+    pub eps: f32,
+}
+
+fn rms_norm_bwd_rows<T: Elem>(xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, ds: &CpuStorage, dl: &Layout, eps: f32) -> Result<Vec<T>> {
+    let (x, w, dy) = (slice::<T>(xs, xl)?, slice::<T>(ws, wl)?, slice::<T>(ds, dl)?);
+    let d = w.len();
+    let mut out = vec![T::of(0.0); x.len()];
+    let ptr = SendPtr(out.as_mut_ptr());
+    parallel_ranges(x.len() / d, 8, |rows| {
+        for row in rows {
+            let (xr, gr) = (&x[row * d..(row + 1) * d], &dy[row * d..(row + 1) * d]);
+            // SAFETY: row `row` of `out` belongs to this range alone; `out` outlives the call.
+            let o = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(row * d), d) };
+            let gw = |i: usize| T::of(gr[i].f32() * w[i].f32()).f32();
+            let (mut ss, mut sgx) = (0f64, 0f64);
+            for (i, xv) in xr.iter().enumerate() {
+                let xv = f64::from(xv.f32());
+                ss += xv * xv;
+                sgx += f64::from(gw(i)) * xv;
+            }
+            let r = 1.0 / ((ss / d as f64) as f32 + eps).sqrt();
+            let m = (sgx / d as f64) as f32 * r;
+            for (i, o) in o.iter_mut().enumerate() {
+                *o = T::of((gw(i) - xr[i].f32() * r * m) * r);
+            }
+        }
+    });
+    Ok(out)
+}
+
+fn rms_norm_bwd_check((xl, xd): (&Layout, DType), (wl, wd): (&Layout, DType), (dl, dd): (&Layout, DType)) -> Result<()> {
+    if xl.dims() != dl.dims() || xl.dims().last() != Some(&wl.shape().elem_count()) || xd != wd || xd != dd {
+        candle_core::bail!("rms_norm backward: x {:?} {xd:?}, weight {:?} {wd:?} and gradient {:?} {dd:?} disagree", xl.dims(), wl.dims(), dl.dims());
+    }
+    Ok(())
+}
+
+impl CustomOp3 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "lmx-rms-norm-bwd"
+    }
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, ds: &CpuStorage, dl: &Layout) -> Result<(CpuStorage, Shape)> {
+        rms_norm_bwd_check((xl, xs.dtype()), (wl, ws.dtype()), (dl, ds.dtype()))?;
+        Ok((by_dtype!(xs.dtype(), rms_norm_bwd_rows(xs, xl, ws, wl, ds, dl, self.eps)), xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+        ds: &candle_core::CudaStorage,
+        dl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        rms_norm_bwd_check((xl, xs.dtype()), (wl, ws.dtype()), (dl, ds.dtype()))?;
+        Ok((crate::cuda_train::rms_norm_bwd(xs, xl, ws, wl, ds, dl, self.eps)?, xl.shape().clone()))
+    }
+}
+
+/// Adam's update (MLX's semantics) of f32 values: inputs the values p, their gradient g and
+/// the moments (2, ..p) (m then v); output (3, ..p): the new values, m and v.
+/// m' = m b1 + g (1 - b1), v' = v b2 + g^2 (1 - b2), p' = p keep - step m' / (sqrt(v') c2 + eps).
+pub struct Adam {
+    /// keep, b1, 1 - b1, b2, 1 - b2, step, c2, eps (each rounded to f32 once, as the
+    /// composition's scalar multiplications round theirs).
+    pub h: [f32; 8],
+}
+
+fn adam_check((pl, pd): (&Layout, DType), (gl, gd): (&Layout, DType), (ml, md): (&Layout, DType)) -> Result<Shape> {
+    if pl.dims() != gl.dims() || ml.dims() != [&[2], pl.dims()].concat() || [pd, gd, md].iter().any(|&d| d != DType::F32) {
+        candle_core::bail!("adam: values {:?} {pd:?}, gradient {:?} {gd:?} and moments {:?} {md:?} disagree (f32, moments (2, ..values))", pl.dims(), gl.dims(), ml.dims());
+    }
+    Ok(Shape::from([&[3], pl.dims()].concat()))
+}
+
+impl CustomOp3 for Adam {
+    fn name(&self) -> &'static str {
+        "lmx-adam"
+    }
+    fn cpu_fwd(&self, ps: &CpuStorage, pl: &Layout, gs: &CpuStorage, gl: &Layout, ms: &CpuStorage, ml: &Layout) -> Result<(CpuStorage, Shape)> {
+        let shape = adam_check((pl, ps.dtype()), (gl, gs.dtype()), (ml, ms.dtype()))?;
+        let (p, g, mv) = (slice::<f32>(ps, pl)?, slice::<f32>(gs, gl)?, slice::<f32>(ms, ml)?);
+        let n = p.len();
+        let [keep, b1, nb1, b2, nb2, step, c2, eps] = self.h;
+        let mut out = vec![0f32; 3 * n];
+        for i in 0..n {
+            let m = mv[i] * b1 + g[i] * nb1;
+            let v = mv[n + i] * b2 + g[i] * g[i] * nb2;
+            out[i] = p[i] * keep - (m * step) / (v.sqrt() * c2 + eps);
+            out[n + i] = m;
+            out[2 * n + i] = v;
+        }
+        Ok((CpuStorage::F32(out), shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ps: &candle_core::CudaStorage,
+        pl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        ms: &candle_core::CudaStorage,
+        ml: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let shape = adam_check((pl, ps.dtype()), (gl, gs.dtype()), (ml, ms.dtype()))?;
+        Ok((crate::cuda_train::adam(ps, pl, gs, gl, ms, ml, self.h)?, shape))
+    }
+}
