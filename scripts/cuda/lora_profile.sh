@@ -2,7 +2,8 @@
 # Where a LoRA training step's time goes on the GPU (issue 11): the random Llama-3.2-1B shape,
 # LoRA rank 8 on every linear layer, batch 4 x 512, bf16 compute. First the wall-clock step
 # (12 iterations, `lmx lora`'s report; bf16 and 4-bit bases, the taped training ops on and off,
-# LMX_TAPED_OPS), then every kernel of one iteration (ITERS=N: N) and the first validation
+# LMX_TAPED_OPS, or SWITCH=NAME: that variable at 1 and 0; BASES="bf16 4bit": which bases, in
+# order), then every kernel of one iteration (ITERS=N: N) and the first validation
 # batch under ncu (gpu__time_duration), summed per kernel name (scripts/cuda/kernel_sums.py);
 # then PEFT's kernels for the same step under torch.profiler (scripts/cuda/peer_peft.py
 # --profile). Kernel time far below the wall-clock step means the host (launches, allocations)
@@ -22,9 +23,11 @@ for split, n in [('train', 64), ('valid', 4)]:
     open('$W/data/' + split + '.jsonl', 'w').write('\n'.join(json.dumps({'text': ' '.join(random.choice('abc') for _ in range(510))}) for _ in range(n)))
 "
 lora() { $LMX lora --train --data "$W/data" --batch-size 4 --max-seq-length 512 --num-layers -1 --learning-rate 1e-5 --steps-per-eval 1000 --val-batches 1 --dtype bfloat16 --adapter-path "$W/ad" "$@"; }
-for m in bf16 4bit bf16 4bit; do
-  for taped in 1 0; do
-    log "wall clock, $m base, LMX_TAPED_OPS=$taped: $(LMX_TAPED_OPS=$taped lora --model "$W/l1b-$m" --iters 12 --steps-per-report 6 2>&1 | grep -E 'Iter 12: Train|rror' | head -1)"
+# SWITCH (default LMX_TAPED_OPS) is set to 1, then 0, for each base in BASES.
+SWITCH=${SWITCH:-LMX_TAPED_OPS}
+for m in ${BASES:-bf16 4bit bf16 4bit}; do
+  for on in 1 0; do
+    log "wall clock, $m base, $SWITCH=$on: $(export "$SWITCH=$on"; lora --model "$W/l1b-$m" --iters 12 --steps-per-report 6 2>&1 | grep -E 'Iter 12: Train|rror' | head -1)"
   done
 done
 ITERS=${ITERS:-1}

@@ -14,6 +14,11 @@ use crate::cuda_fused::{name, out, typed};
 const SRC: &str = r#"
 #define NEG_INF (-__int_as_float(0x7f800000))
 
+// A running max m and sum s of exp(v - m) taking in one more value (-inf adds nothing).
+__device__ __forceinline__ void online(float v, float* m, float* s) {
+    if (v > *m) { *s = *s * expf(*m - v) + 1.f; *m = v; } else if (v != NEG_INF) { *s += expf(v - *m); }
+}
+
 // Max and log-sum-exp of a row of n values (4 a thread when `vec`), one block per row: each
 // thread keeps a running max and its sum of exponentials, merged over the block.
 template <typename T>
@@ -24,13 +29,12 @@ __device__ void row_lse(const T* x, int n, int vec, float* red, float* mx, float
             float v[4];
             ld4(x, i, v);
             for (int k = 0; k < 4; k++) {
-                if (v[k] > m) { s = s * expf(m - v[k]) + 1.f; m = v[k]; } else { s += expf(v[k] - m); }
+                online(v[k], &m, &s);
             }
         }
     } else {
         for (int i = threadIdx.x; i < n; i += blockDim.x) {
-            float v = ld(x, i);
-            if (v > m) { s = s * expf(m - v) + 1.f; m = v; } else { s += expf(v - m); }
+            online(ld(x, i), &m, &s);
         }
     }
     float top = block_max(m, red);
@@ -133,11 +137,66 @@ __device__ void rms_norm_bwd(const T* x, const T* w, const T* dy, T* dx, int d, 
     }
 }
 
+// Attention's backward over rows of raw scores S = q k^T (T; rows grouped (.., rep, q_len),
+// so row r's mask row is r % q_len) of `cols` keys, as `taped::attention_bwd`'s composition:
+// x = S scale, capped to c tanh(x / c) when cap > 0, plus the f32 additive mask; P = softmax(x).
+template <typename T>
+__device__ __forceinline__ float attn_x(const T* s, const float* mask, int j, float scale, float cap) {
+    float x = ld(s, j) * scale;
+    if (cap > 0.f) x = tanhf(x / cap) * cap;
+    return x + mask[j];
+}
+
+// The row's max and sum of exp(x - max).
+template <typename T>
+__device__ void attn_stats(const T* s, const float* mask, int cols, float scale, float cap, float* red, float* mx, float* total) {
+    float m = NEG_INF, t = 0.f;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) online(attn_x(s, mask, j, scale, cap), &m, &t);
+    float top = block_max(m, red);
+    *total = block_sum(m == NEG_INF ? 0.f : t * expf(m - top), red);
+    *mx = top;
+}
+
+// P rounded to T (for dV = P^T dO).
+template <typename T>
+__device__ void attn_probs(const T* s, const float* mask, T* p, int cols, int q_len, float scale, float cap) {
+    __shared__ float red[32];
+    size_t row = blockIdx.x;
+    const T* sr = s + row * cols;
+    const float* mr = mask + (size_t)(row % q_len) * cols;
+    float mx, total;
+    attn_stats(sr, mr, cols, scale, cap, red, &mx, &total);
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) st(p + row * cols, j, expf(attn_x(sr, mr, j, scale, cap) - mx) / total);
+}
+
+// dS = P (dP - rowsum(dP P)) (1 - tanh^2 with a cap) scale, rounded to T, with P again in f32.
+template <typename T>
+__device__ void attn_dscores(const T* s, const T* dp, const float* mask, T* ds, int cols, int q_len, float scale, float cap) {
+    __shared__ float red[32];
+    size_t row = blockIdx.x;
+    const T* sr = s + row * cols;
+    const T* dr = dp + row * cols;
+    const float* mr = mask + (size_t)(row % q_len) * cols;
+    float mx, total;
+    attn_stats(sr, mr, cols, scale, cap, red, &mx, &total);
+    float acc = 0.f;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) acc += ld(dr, j) * (expf(attn_x(sr, mr, j, scale, cap) - mx) / total);
+    float rows = block_sum(acc, red);
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) {
+        float p = expf(attn_x(sr, mr, j, scale, cap) - mx) / total;
+        float d = p * (ld(dr, j) - rows);
+        if (cap > 0.f) { float t = tanhf(ld(sr, j) * scale / cap); d = d * (1.f - t * t); }
+        st(ds + row * cols, j, d * scale);
+    }
+}
+
 #define TRAIN(T, name) \
 extern "C" __global__ void lmx_cross_entropy_##name(const T* l, const unsigned int* t, const float* w, float* loss, int vocab, int vec) { cross_entropy(l, t, w, loss, vocab, vec); } \
 extern "C" __global__ void lmx_cross_entropy_bwd_##name(const T* l, const unsigned int* t, const float* s, T* g, int vocab, int vec) { cross_entropy_bwd(l, t, s, g, vocab, vec); } \
 extern "C" __global__ void lmx_silu_mul_bwd_##name(const T* g, const T* u, const T* dy, T* dg, T* du, long long n, int vec) { silu_mul_bwd(g, u, dy, dg, du, n, vec); } \
-extern "C" __global__ void lmx_rms_norm_bwd_##name(const T* x, const T* w, const T* dy, T* dx, int d, float eps) { rms_norm_bwd(x, w, dy, dx, d, eps); }
+extern "C" __global__ void lmx_rms_norm_bwd_##name(const T* x, const T* w, const T* dy, T* dx, int d, float eps) { rms_norm_bwd(x, w, dy, dx, d, eps); } \
+extern "C" __global__ void lmx_attn_probs_##name(const T* s, const float* m, T* p, int cols, int q_len, float scale, float cap) { attn_probs(s, m, p, cols, q_len, scale, cap); } \
+extern "C" __global__ void lmx_attn_dscores_##name(const T* s, const T* dp, const float* m, T* ds, int cols, int q_len, float scale, float cap) { attn_dscores(s, dp, m, ds, cols, q_len, scale, cap); }
 TRAIN(float, f32)
 TRAIN(unsigned short, bf16)
 
@@ -160,10 +219,6 @@ fn train_ptx() -> Result<&'static str> {
     static PTX: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
     static SOURCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     crate::cuda_fused::ptx(&PTX, SOURCE.get_or_init(|| format!("{}{SRC}", crate::cuda_fused::COMMON)))
-}
-
-fn func(dev: &candle_core::CudaDevice, name: &str) -> Result<candle_core::cuda_backend::cudarc::driver::CudaFunction> {
-    dev.get_or_load_custom_func(name, "lmx_train", train_ptx()?)
 }
 
 /// A block of up to 1024 threads per row of `cols` values taken 4 at a time.
@@ -191,7 +246,7 @@ pub(crate) fn cross_entropy(ls: &CudaStorage, ll: &Layout, ts: &CudaStorage, tl:
     contiguous("cross entropy", &[ll, tl, wl])?;
     let (rows, vocab) = ll.shape().dims2()?;
     let dev = ls.device().clone();
-    let f = func(&dev, &name(if backward { "cross_entropy_bwd" } else { "cross_entropy" }, ls.dtype())?)?;
+    let f = dev.get_or_load_custom_func(&name(if backward { "cross_entropy_bwd" } else { "cross_entropy" }, ls.dtype())?, "lmx_train", train_ptx()?)?;
     let t = ts.as_cuda_slice::<u32>()?.slice(tl.start_offset()..);
     let w = ws.as_cuda_slice::<f32>()?.slice(wl.start_offset()..);
     let (vi, vec) = (vocab as i32, (vocab % 4 == 0 && ll.start_offset() % 4 == 0) as i32);
@@ -221,7 +276,7 @@ pub(crate) fn silu_mul_bwd(gs: &CudaStorage, gl: &Layout, us: &CudaStorage, ul: 
     contiguous("silu_mul backward", &[gl, ul, dl])?;
     let n = gl.shape().elem_count();
     let dev = gs.device().clone();
-    let f = func(&dev, &name("silu_mul_bwd", gs.dtype())?)?;
+    let f = dev.get_or_load_custom_func(&name("silu_mul_bwd", gs.dtype())?, "lmx_train", train_ptx()?)?;
     let vec = n % 4 == 0 && [gl, ul, dl].iter().all(|l| l.start_offset() % 4 == 0);
     typed!(gs.dtype(), T => {
         let g = gs.as_cuda_slice::<T>()?.slice(gl.start_offset()..);
@@ -245,7 +300,7 @@ pub(crate) fn rms_norm_bwd(xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: 
     let d = wl.shape().elem_count();
     let rows = xl.shape().elem_count() / d;
     let dev = xs.device().clone();
-    let f = func(&dev, &name("rms_norm_bwd", xs.dtype())?)?;
+    let f = dev.get_or_load_custom_func(&name("rms_norm_bwd", xs.dtype())?, "lmx_train", train_ptx()?)?;
     typed!(xs.dtype(), T => {
         let x = xs.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
         let w = ws.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
@@ -267,7 +322,7 @@ pub(crate) fn adam(ps: &CudaStorage, pl: &Layout, gs: &CudaStorage, gl: &Layout,
     contiguous("adam", &[pl, gl, ml])?;
     let n = pl.shape().elem_count();
     let dev = ps.device().clone();
-    let f = func(&dev, "lmx_adam_f32")?;
+    let f = dev.get_or_load_custom_func("lmx_adam_f32", "lmx_train", train_ptx()?)?;
     let p = ps.as_cuda_slice::<f32>()?.slice(pl.start_offset()..);
     let g = gs.as_cuda_slice::<f32>()?.slice(gl.start_offset()..);
     let mv = ms.as_cuda_slice::<f32>()?.slice(ml.start_offset()..);
@@ -279,4 +334,41 @@ pub(crate) fn adam(ps: &CudaStorage, pl: &Layout, gs: &CudaStorage, gl: &Layout,
     // SAFETY: p and g hold n values, mv 2n, o 3n.
     unsafe { b.launch(strided(n)) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(o, dev))
+}
+
+/// Attention's backward over raw scores `s` (rows, cols; T) with the f32 additive mask
+/// (q_len, cols): the probabilities (T), or with `dp` (as s) the scores' gradient (T). See
+/// `fused_train::AttentionScores`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_scores(ss: &CudaStorage, sl: &Layout, dp: Option<(&CudaStorage, &Layout)>, ms: &CudaStorage, ml: &Layout, q_len: usize, scale: f32, cap: f32) -> Result<CudaStorage> {
+    contiguous("attention backward", &[sl, ml])?;
+    if let Some((_, dl)) = dp {
+        contiguous("attention backward", &[dl])?;
+    }
+    let cols = ml.dims().last().copied().unwrap_or(1);
+    let rows = sl.shape().elem_count() / cols;
+    let dev = ss.device().clone();
+    let base = if dp.is_some() { "attn_dscores" } else { "attn_probs" };
+    let f = dev.get_or_load_custom_func(&name(base, ss.dtype())?, "lmx_train", train_ptx()?)?;
+    let threads = cols.next_multiple_of(32).clamp(32, 256) as u32;
+    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+    let m = ms.as_cuda_slice::<f32>()?.slice(ml.start_offset()..);
+    let (ci, qi) = (cols as i32, q_len as i32);
+    typed!(ss.dtype(), T => {
+        let s = ss.as_cuda_slice::<T>()?.slice(sl.start_offset()..);
+        let o = out::<T>(&dev, rows * cols)?;
+        let d = match dp {
+            Some((ds, dl)) => Some(ds.as_cuda_slice::<T>()?.slice(dl.start_offset()..)),
+            None => None,
+        };
+        let mut b = f.builder();
+        b.arg(&s);
+        if let Some(d) = &d {
+            b.arg(d);
+        }
+        b.arg(&m).arg(&o).arg(&ci).arg(&qi).arg(&scale).arg(&cap);
+        // SAFETY: s, dp and o hold rows * cols values, the mask q_len * cols.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(o, dev))
+    })
 }

@@ -188,3 +188,128 @@ impl CustomOp3 for Adam {
         Ok((crate::cuda_train::adam(ps, pl, gs, gl, ms, ml, self.h)?, shape))
     }
 }
+
+/// Attention's backward over rows of raw scores S = q k^T (rows grouped (.., rep, q_len): row
+/// r takes mask row r % q_len), as `taped::attention_bwd`'s composition: x = S scale, capped
+/// to c tanh(x / c) with a cap, plus the f32 additive mask (q_len, cols); P = softmax(x) in
+/// f32. Inputs (S, mask) give P rounded to S's dtype (for dV = P^T dO); (S, dP, mask) give
+/// dS = P (dP - rowsum(dP P)) (1 - tanh^2 with a cap) scale. Two passes over S where the
+/// composition made a dozen over f32 copies of it.
+pub struct AttentionScores {
+    /// Multiplies the raw scores.
+    pub scale: f32,
+    /// The soft cap c (0: none).
+    pub cap: f32,
+    /// Queries per group of rows (the mask's rows).
+    pub q_len: usize,
+}
+
+impl AttentionScores {
+    fn x(&self, s: f32, m: f32) -> f32 {
+        let x = s * self.scale;
+        (if self.cap > 0.0 { (x / self.cap).tanh() * self.cap } else { x }) + m
+    }
+
+    /// (max, sum of exp(x - max)) of a row.
+    fn stats<T: Elem>(&self, s: &[T], m: &[f32]) -> (f32, f32) {
+        let top = s.iter().zip(m).map(|(&v, &m)| self.x(v.f32(), m)).fold(f32::NEG_INFINITY, f32::max);
+        (top, s.iter().zip(m).map(|(&v, &m)| (self.x(v.f32(), m) - top).exp()).sum())
+    }
+
+    fn rows<T: Elem>(&self, ss: &CpuStorage, sl: &Layout, dp: Option<(&CpuStorage, &Layout)>, ms: &CpuStorage, ml: &Layout) -> Result<Vec<T>> {
+        let (s, mask) = (slice::<T>(ss, sl)?, slice::<f32>(ms, ml)?);
+        let dp = match dp {
+            Some((ds, dl)) => Some(slice::<T>(ds, dl)?),
+            None => None,
+        };
+        let cols = ml.dims().last().copied().unwrap_or(1);
+        let mut out = vec![T::of(0.0); s.len()];
+        let ptr = SendPtr(out.as_mut_ptr());
+        parallel_ranges(s.len() / cols, 4, |rows| {
+            for row in rows {
+                let (sr, mr) = (&s[row * cols..(row + 1) * cols], &mask[row % self.q_len * cols..][..cols]);
+                // SAFETY: row `row` of `out` belongs to this range alone; `out` outlives the call.
+                let o = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(row * cols), cols) };
+                let (top, total) = self.stats(sr, mr);
+                let p = |j: usize| (self.x(sr[j].f32(), mr[j]) - top).exp() / total;
+                let Some(dp) = dp else {
+                    o.iter_mut().enumerate().for_each(|(j, o)| *o = T::of(p(j)));
+                    continue;
+                };
+                let dr = &dp[row * cols..(row + 1) * cols];
+                let rowsum: f32 = (0..cols).map(|j| dr[j].f32() * p(j)).sum();
+                for (j, o) in o.iter_mut().enumerate() {
+                    let mut d = p(j) * (dr[j].f32() - rowsum);
+                    if self.cap > 0.0 {
+                        let t = (sr[j].f32() * self.scale / self.cap).tanh();
+                        d *= 1.0 - t * t;
+                    }
+                    *o = T::of(d * self.scale);
+                }
+            }
+        });
+        Ok(out)
+    }
+
+    fn check(&self, (sl, sd): (&Layout, DType), dp: Option<(&Layout, DType)>, (ml, md): (&Layout, DType)) -> Result<()> {
+        let cols = sl.dims().last().copied().unwrap_or(0);
+        let rows = sl.shape().elem_count() / cols.max(1);
+        if md != DType::F32 || ml.dims() != [self.q_len, cols] || rows % self.q_len != 0 || dp.is_some_and(|(dl, dd)| dl.dims() != sl.dims() || dd != sd) {
+            candle_core::bail!("attention backward: scores {:?} {sd:?}, gradient {:?} and mask {:?} {md:?} disagree (q_len {})", sl.dims(), dp.map(|d| d.0.dims().to_vec()), ml.dims(), self.q_len);
+        }
+        Ok(())
+    }
+}
+
+impl candle_core::CustomOp2 for AttentionScores {
+    fn name(&self) -> &'static str {
+        "lmx-attention-probs"
+    }
+    fn cpu_fwd(&self, ss: &CpuStorage, sl: &Layout, ms: &CpuStorage, ml: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.check((sl, ss.dtype()), None, (ml, ms.dtype()))?;
+        let out = match ss.dtype() {
+            DType::F32 => CpuStorage::F32(self.rows::<f32>(ss, sl, None, ms, ml)?),
+            DType::BF16 => CpuStorage::BF16(self.rows::<bf16>(ss, sl, None, ms, ml)?),
+            DType::F16 => CpuStorage::F16(self.rows::<f16>(ss, sl, None, ms, ml)?),
+            other => candle_core::bail!("attention backward: dtype {other:?}"),
+        };
+        Ok((out, sl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, ss: &candle_core::CudaStorage, sl: &Layout, ms: &candle_core::CudaStorage, ml: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.check((sl, ss.dtype()), None, (ml, ms.dtype()))?;
+        Ok((crate::cuda_train::attention_scores(ss, sl, None, ms, ml, self.q_len, self.scale, self.cap)?, sl.shape().clone()))
+    }
+}
+
+impl CustomOp3 for AttentionScores {
+    fn name(&self) -> &'static str {
+        "lmx-attention-dscores"
+    }
+    fn cpu_fwd(&self, ss: &CpuStorage, sl: &Layout, ds: &CpuStorage, dl: &Layout, ms: &CpuStorage, ml: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.check((sl, ss.dtype()), Some((dl, ds.dtype())), (ml, ms.dtype()))?;
+        let dp = Some((ds, dl));
+        let out = match ss.dtype() {
+            DType::F32 => CpuStorage::F32(self.rows::<f32>(ss, sl, dp, ms, ml)?),
+            DType::BF16 => CpuStorage::BF16(self.rows::<bf16>(ss, sl, dp, ms, ml)?),
+            DType::F16 => CpuStorage::F16(self.rows::<f16>(ss, sl, dp, ms, ml)?),
+            other => candle_core::bail!("attention backward: dtype {other:?}"),
+        };
+        Ok((out, sl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ss: &candle_core::CudaStorage,
+        sl: &Layout,
+        ds: &candle_core::CudaStorage,
+        dl: &Layout,
+        ms: &candle_core::CudaStorage,
+        ml: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.check((sl, ss.dtype()), Some((dl, ds.dtype())), (ml, ms.dtype()))?;
+        Ok((crate::cuda_train::attention_scores(ss, sl, Some((ds, dl)), ms, ml, self.q_len, self.scale, self.cap)?, sl.shape().clone()))
+    }
+}

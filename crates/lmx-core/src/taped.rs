@@ -168,8 +168,31 @@ pub(crate) fn attention_bwd(q: &Tensor, k: &Tensor, v: &Tensor, grad: &Tensor, m
     let (b, h, l, d) = q.dims4()?;
     let kv = k.dim(1)?;
     let rep = h / kv;
+    let q2 = q.reshape((b, kv, rep * l, d))?;
+    let go = grad.transpose(1, 2)?.reshape((b, kv, rep * l, v.dim(3)?))?;
+    let s = k.dim(2)?;
+    if let Some(m) = mask.filter(|m| m.dtype() == DType::F32 && m.dims() == [l, s] && fused(&[q, k, v, grad])) {
+        // The fused passes over the raw scores (`fused_train::AttentionScores`).
+        let (raw, m) = (q2.matmul(&k.t()?)?, m.contiguous()?);
+        let op = crate::fused_train::AttentionScores { scale: scale as f32, cap: softcap.unwrap_or(0.0) as f32, q_len: l };
+        let p = raw.apply_op2_no_bwd(&m, &op)?;
+        let dv = p.t()?.matmul(&go)?;
+        let ds = raw.apply_op3_no_bwd(&go.matmul(&v.t()?)?, &m, &op)?;
+        let dq = ds.matmul(k)?.reshape((b, h, l, d))?;
+        let dk = ds.t()?.matmul(&q2)?;
+        return Ok([dq, dk, dv]);
+    }
+    attention_bwd_composed(q, k, v, grad, mask, scale, softcap)
+}
+
+/// [`attention_bwd`] as candle ops, f32 scores (any mask; the fused passes' reference).
+fn attention_bwd_composed(q: &Tensor, k: &Tensor, v: &Tensor, grad: &Tensor, mask: Option<&Tensor>, scale: f64, softcap: Option<f64>) -> Result<[Tensor; 3]> {
+    let (b, h, l, d) = q.dims4()?;
+    let kv = k.dim(1)?;
+    let rep = h / kv;
     let dtype = q.dtype();
     let q2 = q.reshape((b, kv, rep * l, d))?;
+    let go = grad.transpose(1, 2)?.reshape((b, kv, rep * l, v.dim(3)?))?;
     let raw = (q2.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?;
     let (scores, capped) = match softcap {
         Some(c) => {
@@ -184,7 +207,6 @@ pub(crate) fn attention_bwd(q: &Tensor, k: &Tensor, v: &Tensor, grad: &Tensor, m
     };
     let p = crate::ops::softmax_last_dim(&scores)?;
     drop(scores);
-    let go = grad.transpose(1, 2)?.reshape((b, kv, rep * l, v.dim(3)?))?;
     let dv = p.to_dtype(dtype)?.t()?.matmul(&go)?;
     let dp = go.matmul(&v.t()?)?.to_dtype(DType::F32)?;
     let rows = (&dp * &p)?.sum_keepdim(D::Minus1)?;
@@ -317,6 +339,36 @@ mod tests {
                 let e = ulps(&a, b);
                 assert!(e <= if dtype == DType::F32 { 64.0 } else { 1.01 }, "{dev:?} {dtype:?} rms_norm dx: {e} ulps");
                 assert!(fused[1].is_none());
+            }
+        }
+        Ok(())
+    }
+
+    /// Attention's fused backward passes over the scores equal the composition: grouped
+    /// heads, queries after cached keys, a window, soft-capping, two sequences; f32 within f32
+    /// roundings, bf16 within two ulps of each gradient's scale (the products then sum ulp
+    /// differences of the rounded scores' gradient). The CPU's, and the GPU's when there is one.
+    #[test]
+    fn fused_attention_backward_equals_the_composition() -> Result<()> {
+        #[allow(unused_mut)]
+        let mut devices = vec![Device::Cpu];
+        #[cfg(feature = "cuda")]
+        devices.extend(Device::new_cuda(0).ok());
+        let r = |shape: (usize, usize, usize, usize), s: f64| -> Result<Tensor> { Tensor::randn(0f32, 1.0, shape, &Device::Cpu)? * s };
+        let (q, k, v, g) = (r((2, 6, 9, 16), 2.0)?, r((2, 2, 13, 16), 2.0)?, r((2, 2, 13, 16), 1.0)?, r((2, 9, 6, 16), 1.0)?);
+        for dev in &devices {
+            for dtype in [DType::F32, DType::BF16] {
+                for (window, softcap) in [(None, None), (Some(6), Some(4.0))] {
+                    let mask = crate::ops::causal_mask(9, 4, window, &Device::Cpu)?;
+                    let c = |t: &Tensor| t.to_dtype(dtype);
+                    let want = attention_bwd_composed(&c(&q)?, &c(&k)?, &c(&v)?, &c(&g)?, Some(&mask), 0.3, softcap)?;
+                    let on = |t: &Tensor| t.to_dtype(dtype)?.to_device(dev);
+                    let got = attention_bwd(&on(&q)?, &on(&k)?, &on(&v)?, &on(&g)?, Some(&mask.to_device(dev)?), 0.3, softcap)?;
+                    for (name, a, b) in [("q", &got[0], &want[0]), ("k", &got[1], &want[1]), ("v", &got[2], &want[2])] {
+                        let e = ulps(&a.to_device(&Device::Cpu)?, b);
+                        assert!(e <= if dtype == DType::F32 { 64.0 } else { 2.0 }, "{dev:?} {dtype:?} window {window:?} cap {softcap:?}: d{name} off by {e} ulps");
+                    }
+                }
             }
         }
         Ok(())
