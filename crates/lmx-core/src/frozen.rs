@@ -369,7 +369,7 @@ mod tests {
                     let loss = masked_cross_entropy(l.as_tensor(), &targets, &weights)?;
                     let g = (&loss * r.to_device(dev)?)?.sum_all()?.backward()?;
                     let g = g.get(l.as_tensor()).expect("grad").to_device(&Device::Cpu)?;
-                    assert_eq!(g.dtype(), if dev.is_cuda() { dtype } else { DType::F32 });
+                    assert_eq!(g.dtype(), dtype, "the gradient keeps the logits' dtype");
                     Ok((loss.to_device(&Device::Cpu)?, g.to_dtype(DType::F32)?))
                 };
                 let ((lc, gc), (lg, gg)) = (run(&Device::Cpu)?, run(&gpu)?);
