@@ -190,13 +190,87 @@ __device__ void attn_dscores(const T* s, const T* dp, const float* mask, T* ds, 
     }
 }
 
+// LoRA's products with its small f32 factors (`fused_train::Skinny`), reading the wide
+// operand X (T) as it is. M(i, j) = m[i * m0 + j * m1] is the (k, r) factor.
+// Y (n, r) = scale X (n, k) M: a warp per row of X, 8 columns of Y per blockIdx.y.
+template <typename T>
+__device__ void skinny_in(const T* x, const float* m, float* y, int n, int k, int r, int m0, int m1, float scale) {
+    int lane = threadIdx.x % 32, j0 = blockIdx.y * 8;
+    long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= n) return;
+    float acc[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) acc[j] = 0.f;
+    const T* xr = x + row * k;
+    for (int i = lane; i < k; i += 32) {
+        float v = ld(xr, i);
+        const float* mi = m + (long long)i * m0 + (long long)j0 * m1;
+#pragma unroll
+        for (int j = 0; j < 8; j++) if (j0 + j < r) acc[j] += v * mi[j * m1];
+    }
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        float s = acc[j];
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (lane == 0 && j0 + j < r) y[row * r + j0 + j] = s * scale;
+    }
+}
+
+// X^T Y over rows [blockIdx.y * chunk, + chunk) of X (n, k) and Y (n, r) f32: a thread per
+// column of X, 8 columns of Y per blockIdx.z; partial sums part[blockIdx.y][i][j].
+template <typename T>
+__device__ void skinny_outer(const T* x, const float* y, float* part, int n, int k, int r, int chunk) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x, j0 = blockIdx.z * 8;
+    if (i >= k) return;
+    long long r0 = (long long)blockIdx.y * chunk, r1 = min((long long)n, r0 + chunk);
+    float acc[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) acc[j] = 0.f;
+    for (long long row = r0; row < r1; row++) {
+        float v = ld(x, row * k + i);
+        const float* yr = y + row * r + j0;
+#pragma unroll
+        for (int j = 0; j < 8; j++) if (j0 + j < r) acc[j] += v * yr[j];
+    }
+    float* p = part + ((long long)blockIdx.y * k + i) * r + j0;
+#pragma unroll
+    for (int j = 0; j < 8; j++) if (j0 + j < r) p[j] = acc[j];
+}
+
+// O (n, k) = (Y (n, r) M^T) scale, rounded to T.
+template <typename T>
+__device__ void skinny_out(const float* y, const float* m, T* o, long long n, int k, int r, int m0, int m1, float scale) {
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n * k; e += (long long)gridDim.x * blockDim.x) {
+        long long row = e / k;
+        int i = (int)(e - row * k);
+        const float* yr = y + row * r;
+        float s = 0.f;
+        for (int j = 0; j < r; j++) s += yr[j] * m[(long long)i * m0 + (long long)j * m1];
+        st(o, e, s * scale);
+    }
+}
+
+// z = scale times the sum over `chunks` partials of k * r values, as (k, r) or, with t, (r, k).
+extern "C" __global__ void lmx_skinny_sum(const float* part, float* z, int chunks, int k, int r, int t, float scale) {
+    long long kr = (long long)k * r;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < kr; e += (long long)gridDim.x * blockDim.x) {
+        float s = 0.f;
+        for (int c = 0; c < chunks; c++) s += part[c * kr + e];
+        long long i = e / r, j = e - i * r;
+        z[t ? j * k + i : e] = s * scale;
+    }
+}
+
 #define TRAIN(T, name) \
 extern "C" __global__ void lmx_cross_entropy_##name(const T* l, const unsigned int* t, const float* w, float* loss, int vocab, int vec) { cross_entropy(l, t, w, loss, vocab, vec); } \
 extern "C" __global__ void lmx_cross_entropy_bwd_##name(const T* l, const unsigned int* t, const float* s, T* g, int vocab, int vec) { cross_entropy_bwd(l, t, s, g, vocab, vec); } \
 extern "C" __global__ void lmx_silu_mul_bwd_##name(const T* g, const T* u, const T* dy, T* dg, T* du, long long n, int vec) { silu_mul_bwd(g, u, dy, dg, du, n, vec); } \
 extern "C" __global__ void lmx_rms_norm_bwd_##name(const T* x, const T* w, const T* dy, T* dx, int d, float eps) { rms_norm_bwd(x, w, dy, dx, d, eps); } \
 extern "C" __global__ void lmx_attn_probs_##name(const T* s, const float* m, T* p, int cols, int q_len, float scale, float cap) { attn_probs(s, m, p, cols, q_len, scale, cap); } \
-extern "C" __global__ void lmx_attn_dscores_##name(const T* s, const T* dp, const float* m, T* ds, int cols, int q_len, float scale, float cap) { attn_dscores(s, dp, m, ds, cols, q_len, scale, cap); }
+extern "C" __global__ void lmx_attn_dscores_##name(const T* s, const T* dp, const float* m, T* ds, int cols, int q_len, float scale, float cap) { attn_dscores(s, dp, m, ds, cols, q_len, scale, cap); } \
+extern "C" __global__ void lmx_skinny_in_##name(const T* x, const float* m, float* y, int n, int k, int r, int m0, int m1, float scale) { skinny_in(x, m, y, n, k, r, m0, m1, scale); } \
+extern "C" __global__ void lmx_skinny_outer_##name(const T* x, const float* y, float* part, int n, int k, int r, int chunk) { skinny_outer(x, y, part, n, k, r, chunk); } \
+extern "C" __global__ void lmx_skinny_out_##name(const float* y, const float* m, T* o, long long n, int k, int r, int m0, int m1, float scale) { skinny_out(y, m, o, n, k, r, m0, m1, scale); }
 TRAIN(float, f32)
 TRAIN(unsigned short, bf16)
 
@@ -371,4 +445,87 @@ pub(crate) fn attention_scores(ss: &CudaStorage, sl: &Layout, dp: Option<(&CudaS
         unsafe { b.launch(cfg) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(o, dev))
     })
+}
+
+/// [`crate::fused_train::Skinny`]'s products (inputs contiguous, checked by the op).
+pub(crate) fn skinny(op: &crate::fused_train::Skinny, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<CudaStorage> {
+    use crate::fused_train::Skinny;
+    contiguous("low-rank product", &[l1, l2])?;
+    let dev = s1.device().clone();
+    let (n, w) = l1.shape().dims2()?;
+    // (m0, m1): the strides of M (k, r) in factor m, which is (k, r) or, with m_t, (r, k).
+    let strides = |k: usize, r: usize, m_t: bool| -> (i32, i32) {
+        if m_t {
+            (1, k as i32)
+        } else {
+            (r as i32, 1)
+        }
+    };
+    match *op {
+        Skinny::In { scale, m_t } => {
+            let (k, r) = (w, l2.shape().elem_count() / w.max(1));
+            let (m0, m1) = strides(k, r, m_t);
+            let f = dev.get_or_load_custom_func(&name("skinny_in", s1.dtype())?, "lmx_train", train_ptx()?)?;
+            let m = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
+            let y = out::<f32>(&dev, n * r)?;
+            let (ni, ki, ri) = (n as i32, k as i32, r as i32);
+            let cfg = LaunchConfig { grid_dim: (n.div_ceil(8) as u32, r.div_ceil(8) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            typed!(s1.dtype(), T => {
+                let x = s1.as_cuda_slice::<T>()?.slice(l1.start_offset()..);
+                let mut b = f.builder();
+                b.arg(&x).arg(&m).arg(&y).arg(&ni).arg(&ki).arg(&ri).arg(&m0).arg(&m1).arg(&scale);
+                // SAFETY: x holds n * k values, m k * r, y n * r.
+                unsafe { b.launch(cfg) }.w()?;
+                Ok::<_, candle_core::Error>(())
+            })?;
+            Ok(CudaStorage::wrap_cuda_slice(y, dev))
+        }
+        Skinny::Outer { scale, t } => {
+            let (k, r) = (w, l2.dim(1)?);
+            let (cols, tiles) = (k.div_ceil(256), r.div_ceil(8));
+            // Row chunks enough for ~8 blocks an SM, at least 32 rows each.
+            let chunks = (1056 / (cols * tiles)).clamp(1, n.div_ceil(32).max(1));
+            let chunk = n.div_ceil(chunks).max(1);
+            let chunks = n.div_ceil(chunk).max(1);
+            let f = dev.get_or_load_custom_func(&name("skinny_outer", s1.dtype())?, "lmx_train", train_ptx()?)?;
+            let y = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
+            let part = out::<f32>(&dev, chunks * k * r)?;
+            let (ni, ki, ri, ci) = (n as i32, k as i32, r as i32, chunk as i32);
+            let cfg = LaunchConfig { grid_dim: (cols as u32, chunks as u32, tiles as u32), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            typed!(s1.dtype(), T => {
+                let x = s1.as_cuda_slice::<T>()?.slice(l1.start_offset()..);
+                let mut b = f.builder();
+                b.arg(&x).arg(&y).arg(&part).arg(&ni).arg(&ki).arg(&ri).arg(&ci);
+                // SAFETY: x holds n * k values, y n * r, part chunks * k * r (every one written:
+                // a chunk of no rows writes zeros).
+                unsafe { b.launch(cfg) }.w()?;
+                Ok::<_, candle_core::Error>(())
+            })?;
+            let z = out::<f32>(&dev, k * r)?;
+            let sum = dev.get_or_load_custom_func("lmx_skinny_sum", "lmx_train", train_ptx()?)?;
+            let (chi, ti) = (chunks as i32, t as i32);
+            let mut b = sum.builder();
+            b.arg(&part).arg(&z).arg(&chi).arg(&ki).arg(&ri).arg(&ti).arg(&scale);
+            // SAFETY: part holds chunks * k * r values, z k * r.
+            unsafe { b.launch(strided(k * r)) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(z, dev))
+        }
+        Skinny::Out { scale, m_t, dtype } => {
+            let r = w;
+            let k = l2.shape().elem_count() / r.max(1);
+            let (m0, m1) = strides(k, r, m_t);
+            let f = dev.get_or_load_custom_func(&name("skinny_out", dtype)?, "lmx_train", train_ptx()?)?;
+            let y = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
+            let m = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
+            let (nn, ki, ri) = (n as i64, k as i32, r as i32);
+            typed!(dtype, T => {
+                let o = out::<T>(&dev, n * k)?;
+                let mut b = f.builder();
+                b.arg(&y).arg(&m).arg(&o).arg(&nn).arg(&ki).arg(&ri).arg(&m0).arg(&m1).arg(&scale);
+                // SAFETY: y holds n * r values, m k * r, o n * k.
+                unsafe { b.launch(strided(n * k)) }.w()?;
+                Ok(CudaStorage::wrap_cuda_slice(o, dev))
+            })
+        }
+    }
 }

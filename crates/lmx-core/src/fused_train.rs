@@ -313,3 +313,121 @@ impl CustomOp3 for AttentionScores {
         Ok((crate::cuda_train::attention_scores(ss, sl, Some((ds, dl)), ms, ml, self.q_len, self.scale, self.cap)?, sl.shape().clone()))
     }
 }
+
+/// The products of a low-rank (LoRA) update with its small f32 factors, reading the wide
+/// operand (the layer's input, or the output's gradient; f32, bf16 or f16) as it is, where
+/// candle's composition cast it to f32 first (in the forward, and twice in the backward). A
+/// factor `m` stands for the (k, r) matrix M (k the wide side, r the rank): m itself, or with
+/// `m_t` m is (r, k) and M its transpose. Sums in f32, in no fixed order.
+pub enum Skinny {
+    /// (x (n, k), m) -> scale x M, (n, r) f32.
+    In { scale: f32, m_t: bool },
+    /// (x (n, k), y (n, r) f32) -> scale x^T y, (k, r) f32, or its transpose (r, k) with `t`.
+    Outer { scale: f32, t: bool },
+    /// (y (n, r) f32, m) -> y M^T times scale, rounded to `dtype`, (n, k).
+    Out { scale: f32, m_t: bool, dtype: DType },
+}
+
+/// (k, r) of factor `m` as M, given its wide side k.
+fn factor_dims(ml: &Layout, m_t: bool) -> Result<(usize, usize)> {
+    let (d0, d1) = ml.shape().dims2()?;
+    Ok(if m_t { (d1, d0) } else { (d0, d1) })
+}
+
+/// M(i, j) of factor `m` (contiguous).
+fn at(m: &[f32], k: usize, r: usize, m_t: bool) -> impl Fn(usize, usize) -> f32 + Sync + '_ {
+    move |i, j| if m_t { m[j * k + i] } else { m[i * r + j] }
+}
+
+impl Skinny {
+    /// The output's shape and dtype after checking the inputs' (layout, dtype).
+    fn check(&self, (l1, d1): (&Layout, DType), (l2, d2): (&Layout, DType)) -> Result<(Shape, DType)> {
+        let bad = |what: &str| -> Result<(Shape, DType)> { candle_core::bail!("low-rank product ({what}): inputs {:?} {d1:?} and {:?} {d2:?} disagree", l1.dims(), l2.dims()) };
+        let (n, w) = l1.shape().dims2()?;
+        match *self {
+            Skinny::In { m_t, .. } => {
+                let (k, r) = factor_dims(l2, m_t)?;
+                if k != w || d2 != DType::F32 {
+                    return bad("in");
+                }
+                Ok(((n, r).into(), DType::F32))
+            }
+            Skinny::Outer { t, .. } => {
+                let (n2, r) = l2.shape().dims2()?;
+                if n2 != n || d2 != DType::F32 {
+                    return bad("outer");
+                }
+                Ok((Shape::from(if t { (r, w) } else { (w, r) }), DType::F32))
+            }
+            Skinny::Out { m_t, dtype, .. } => {
+                let (k, r) = factor_dims(l2, m_t)?;
+                if r != w || d1 != DType::F32 || d2 != DType::F32 {
+                    return bad("out");
+                }
+                Ok(((n, k).into(), dtype))
+            }
+        }
+    }
+
+    fn cpu_in<T: Elem>(xs: &CpuStorage, xl: &Layout, ms: &CpuStorage, ml: &Layout, scale: f32, m_t: bool) -> Result<Vec<f32>> {
+        let (x, m) = (slice::<T>(xs, xl)?, slice::<f32>(ms, ml)?);
+        let (k, r) = factor_dims(ml, m_t)?;
+        let mm = at(m, k, r, m_t);
+        let mut y = vec![0f32; x.len() / k * r];
+        fill(&mut y, |e| scale * x[e / r * k..][..k].iter().enumerate().map(|(i, v)| v.f32() * mm(i, e % r)).sum::<f32>());
+        Ok(y)
+    }
+
+    fn cpu_outer<T: Elem>(xs: &CpuStorage, xl: &Layout, ys: &CpuStorage, yl: &Layout, scale: f32, t: bool) -> Result<Vec<f32>> {
+        let (x, y) = (slice::<T>(xs, xl)?, slice::<f32>(ys, yl)?);
+        let (n, k) = xl.shape().dims2()?;
+        let r = yl.dim(1)?;
+        let mut z = vec![0f32; k * r];
+        fill(&mut z, |e| {
+            let (i, j) = if t { (e % k, e / k) } else { (e / r, e % r) };
+            scale * (0..n).map(|row| x[row * k + i].f32() * y[row * r + j]).sum::<f32>()
+        });
+        Ok(z)
+    }
+}
+
+impl candle_core::CustomOp2 for Skinny {
+    fn name(&self) -> &'static str {
+        "lmx-low-rank-product"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (shape, dtype) = self.check((l1, s1.dtype()), (l2, s2.dtype()))?;
+        macro_rules! wide {
+            ($f:ident, $($arg:expr),*) => {
+                match s1.dtype() {
+                    DType::F32 => Self::$f::<f32>($($arg),*)?,
+                    DType::BF16 => Self::$f::<bf16>($($arg),*)?,
+                    DType::F16 => Self::$f::<f16>($($arg),*)?,
+                    other => candle_core::bail!("low-rank product: dtype {other:?}"),
+                }
+            };
+        }
+        let out = match *self {
+            Skinny::In { scale, m_t } => CpuStorage::F32(wide!(cpu_in, s1, l1, s2, l2, scale, m_t)),
+            Skinny::Outer { scale, t } => CpuStorage::F32(wide!(cpu_outer, s1, l1, s2, l2, scale, t)),
+            Skinny::Out { scale, m_t, .. } => by_dtype!(dtype, cpu_out_of(s1, l1, s2, l2, scale, m_t)),
+        };
+        Ok((out, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (shape, _) = self.check((l1, s1.dtype()), (l2, s2.dtype()))?;
+        Ok((crate::cuda_train::skinny(self, s1, l1, s2, l2)?, shape))
+    }
+}
+
+/// [`Skinny::Out`] on the CPU (a free function for `by_dtype!`).
+fn cpu_out_of<T: Elem>(ys: &CpuStorage, yl: &Layout, ms: &CpuStorage, ml: &Layout, scale: f32, m_t: bool) -> Result<Vec<T>> {
+    let (y, m) = (slice::<f32>(ys, yl)?, slice::<f32>(ms, ml)?);
+    let (k, r) = factor_dims(ml, m_t)?;
+    let mm = at(m, k, r, m_t);
+    let mut o = vec![T::of(0.0); y.len() / r * k];
+    fill(&mut o, |e| T::of((0..r).map(|j| y[e / k * r + j] * mm(e % k, j)).sum::<f32>() * scale));
+    Ok(o)
+}

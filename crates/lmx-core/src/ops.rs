@@ -221,10 +221,16 @@ pub fn adam_step(p: &Tensor, g: &Tensor, moments: &Tensor, [keep, b1, b2, step, 
 
 /// A low-rank (LoRA) update: `scale * (x @ a) @ b` for x (rows, in), a (in, r), b (r, out),
 /// computed in a's dtype and returned in x's. On the tape one node whose backward recomputes
-/// `x @ a` (rows x r, small) instead of keeping the f32 copies and products.
+/// `x @ a` (rows x r, small) instead of keeping the f32 copies and products. On a GPU with f32
+/// factors its products read x as it is (`fused_train::Skinny`), never an f32 copy of it.
 pub fn low_rank(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
     let dtype = x.dtype();
-    let z = |x: &Tensor, a: &Tensor, b: &Tensor| -> Result<Tensor> { (x.to_dtype(a.dtype())?.matmul(a)?.matmul(b)? * scale)?.to_dtype(dtype) };
+    let z = |x: &Tensor, a: &Tensor, b: &Tensor| -> Result<Tensor> {
+        if crate::taped::skinny(x, a, b) {
+            return crate::taped::low_rank_skinny(x, a, b, scale);
+        }
+        (x.to_dtype(a.dtype())?.matmul(a)?.matmul(b)? * scale)?.to_dtype(dtype)
+    };
     if !(taped_ops() && on_tape(&[x, a, b])) {
         return z(x, a, b);
     }

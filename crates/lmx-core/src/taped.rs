@@ -144,12 +144,25 @@ fn if_taped(t: &Input, g: impl FnOnce() -> Result<Tensor>) -> Result<Option<Tens
     }
 }
 
+/// `LMX_FUSED_BWD` is not 0.
+fn fused_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| !std::env::var("LMX_FUSED_BWD").is_ok_and(|v| v == "0"))
+}
+
+/// Whether a low-rank update's products take `fused_train::Skinny`'s kernels, which read its
+/// wide operand as it is: on a GPU, with f32 factors and an f32 or bf16 input
+/// (`LMX_FUSED_BWD=0`: the f32 compositions). On the CPU the compositions stay (measured
+/// there only as a reference).
+pub(crate) fn skinny(x: &Tensor, a: &Tensor, b: &Tensor) -> bool {
+    fused_on() && x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16) && a.dtype() == DType::F32 && b.dtype() == DType::F32
+}
+
 /// Whether the fused backward kernels (`fused_train`) take these tensors: one dtype, which
 /// the device's kernels have (`LMX_FUSED_BWD=0`: the compositions, for comparisons).
 fn fused(ts: &[&Tensor]) -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let dtype = ts[0].dtype();
-    *ON.get_or_init(|| !std::env::var("LMX_FUSED_BWD").is_ok_and(|v| v == "0"))
+    fused_on()
         && ts.iter().all(|t| t.dtype() == dtype)
         && match ts[0].device() {
             candle_core::Device::Cpu => matches!(dtype, DType::F32 | DType::BF16 | DType::F16),
@@ -276,12 +289,40 @@ fn silu_mul_bwd_composed(gate: &Input, up: &Input, grad: &Tensor) -> Result<[Opt
 /// The low-rank update's backward: with G = scale g (f32) and H = x a (recomputed),
 /// db = H^T G, da = x^T (G b^T), dx = G b^T a^T.
 pub(crate) fn low_rank_bwd(x: &Input, a: &Input, b: &Input, grad: &Tensor, scale: f64) -> Result<[Option<Tensor>; 3]> {
+    if skinny(x, a, b) {
+        return low_rank_bwd_skinny(x, a, b, grad, scale);
+    }
+    low_rank_bwd_composed(x, a, b, grad, scale)
+}
+
+/// [`low_rank_bwd`] as candle ops, in the factors' dtype (the skinny products' reference).
+fn low_rank_bwd_composed(x: &Input, a: &Input, b: &Input, grad: &Tensor, scale: f64) -> Result<[Option<Tensor>; 3]> {
     let g = (grad.to_dtype(a.dtype())? * scale)?;
     let xf = x.to_dtype(a.dtype())?;
     let db = if_taped(b, || xf.matmul(a)?.t()?.matmul(&g))?;
     let gb = g.matmul(&b.t()?)?;
     let da = if_taped(a, || xf.t()?.matmul(&gb))?;
     let dx = if_taped(x, || gb.matmul(&a.t()?)?.to_dtype(x.dtype()))?;
+    Ok([dx, da, db])
+}
+
+/// `scale (x a) b` rounded to x's dtype through `fused_train::Skinny`'s products (x read as it
+/// is; a and b f32): the forward whose backward is [`low_rank_bwd_skinny`].
+pub(crate) fn low_rank_skinny(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    use crate::fused_train::Skinny;
+    let h = x.contiguous()?.apply_op2_no_bwd(&a.contiguous()?, &Skinny::In { scale: 1.0, m_t: false })?;
+    h.apply_op2_no_bwd(&b.contiguous()?, &Skinny::Out { scale: scale as f32, m_t: true, dtype: x.dtype() })
+}
+
+/// [`low_rank_bwd`] through `fused_train::Skinny`'s products, which read x and the gradient
+/// as they are: H = x a, gb = scale g b^T, db = scale H^T g, da = x^T gb, dx = gb a^T.
+fn low_rank_bwd_skinny(x: &Input, a: &Input, b: &Input, grad: &Tensor, scale: f64) -> Result<[Option<Tensor>; 3]> {
+    use crate::fused_train::Skinny;
+    let (xc, ac, bc, g, s) = (x.contiguous()?, a.contiguous()?, b.contiguous()?, grad.contiguous()?, scale as f32);
+    let gb = g.apply_op2_no_bwd(&bc, &Skinny::In { scale: s, m_t: true })?;
+    let db = if_taped(b, || g.apply_op2_no_bwd(&xc.apply_op2_no_bwd(&ac, &Skinny::In { scale: 1.0, m_t: false })?, &Skinny::Outer { scale: s, t: true }))?;
+    let da = if_taped(a, || xc.apply_op2_no_bwd(&gb, &Skinny::Outer { scale: 1.0, t: false }))?;
+    let dx = if_taped(x, || gb.apply_op2_no_bwd(&ac, &Skinny::Out { scale: 1.0, m_t: false, dtype: x.dtype() }))?;
     Ok([dx, da, db])
 }
 
@@ -339,6 +380,41 @@ mod tests {
                 let e = ulps(&a, b);
                 assert!(e <= if dtype == DType::F32 { 64.0 } else { 1.01 }, "{dev:?} {dtype:?} rms_norm dx: {e} ulps");
                 assert!(fused[1].is_none());
+            }
+        }
+        Ok(())
+    }
+
+    /// The low-rank update's skinny products (forward and backward) equal the f32
+    /// compositions: ranks under and over one tile of 8, odd sizes, f32 and bf16 inputs;
+    /// the f32 factors' gradients within f32 roundings, x's gradient and the output within an
+    /// ulp in bf16. The CPU's, and the GPU's when there is one.
+    #[test]
+    fn skinny_low_rank_equals_the_composition() -> Result<()> {
+        #[allow(unused_mut)]
+        let mut devices = vec![Device::Cpu];
+        #[cfg(feature = "cuda")]
+        devices.extend(Device::new_cuda(0).ok());
+        let r = |shape: (usize, usize), s: f64| -> Result<Tensor> { Tensor::randn(0f32, 1.0, shape, &Device::Cpu)? * s };
+        for (n, k, rank, o) in [(37, 70, 3, 45), (64, 96, 12, 33)] {
+            let (x, a, b, g) = (r((n, k), 2.0)?, r((k, rank), 0.3)?, r((rank, o), 0.3)?, r((n, o), 1.0)?);
+            for dev in &devices {
+                for dtype in [DType::F32, DType::BF16] {
+                    let (xd, gd) = (x.to_dtype(dtype)?, g.to_dtype(dtype)?);
+                    let want_y = (xd.to_dtype(DType::F32)?.matmul(&a)?.matmul(&b)? * 1.5)?.to_dtype(dtype)?;
+                    let want = low_rank_bwd_composed(&input(&xd), &input(&a), &input(&b), &gd, 1.5)?;
+                    let on = |t: &Tensor| t.to_device(dev);
+                    let y = low_rank_skinny(&on(&xd)?, &on(&a)?, &on(&b)?, 1.5)?;
+                    let got = low_rank_bwd_skinny(&input(&on(&xd)?), &input(&on(&a)?), &input(&on(&b)?), &on(&gd)?, 1.5)?;
+                    let e = ulps(&y.to_device(&Device::Cpu)?, &want_y);
+                    assert!(e <= if dtype == DType::F32 { 64.0 } else { 1.01 }, "{dev:?} {dtype:?} rank {rank}: output off by {e} ulps");
+                    for (name, a, b) in [("x", &got[0], &want[0]), ("a", &got[1], &want[1]), ("b", &got[2], &want[2])] {
+                        let (a, b) = (a.as_ref().expect("grad").to_device(&Device::Cpu)?, b.as_ref().expect("grad"));
+                        assert_eq!(a.dims(), b.dims(), "d{name}");
+                        let e = ulps(&a, b);
+                        assert!(e <= if b.dtype() == DType::F32 { 64.0 } else { 1.01 }, "{dev:?} {dtype:?} rank {rank}: d{name} off by {e} ulps");
+                    }
+                }
             }
         }
         Ok(())
