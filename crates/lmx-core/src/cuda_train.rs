@@ -192,27 +192,44 @@ __device__ void attn_dscores(const T* s, const T* dp, const float* mask, T* ds, 
 
 // LoRA's products with its small f32 factors (`fused_train::Skinny`), reading the wide
 // operand X (T) as it is. M(i, j) = m[i * m0 + j * m1] is the (k, r) factor.
-// Y (n, r) = scale X (n, k) M: a warp per row of X, 8 columns of Y per blockIdx.y.
+// Y (n, r) = scale X (n, k) M: a block per 8 rows of X and 8 columns of Y (blockIdx.y); each
+// thread takes every 256th column of X, keeping the 8 x 8 sums, which the block then adds up.
 template <typename T>
 __device__ void skinny_in(const T* x, const float* m, float* y, int n, int k, int r, int m0, int m1, float scale) {
-    int lane = threadIdx.x % 32, j0 = blockIdx.y * 8;
-    long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    if (row >= n) return;
-    float acc[8];
+    __shared__ float red[8][64];
+    int j0 = blockIdx.y * 8;
+    long long row0 = (long long)blockIdx.x * 8;
+    float acc[8][8];
 #pragma unroll
-    for (int j = 0; j < 8; j++) acc[j] = 0.f;
-    const T* xr = x + row * k;
-    for (int i = lane; i < k; i += 32) {
-        float v = ld(xr, i);
-        const float* mi = m + (long long)i * m0 + (long long)j0 * m1;
+    for (int a = 0; a < 8; a++)
 #pragma unroll
-        for (int j = 0; j < 8; j++) if (j0 + j < r) acc[j] += v * mi[j * m1];
+        for (int j = 0; j < 8; j++) acc[a][j] = 0.f;
+    for (int i = threadIdx.x; i < k; i += blockDim.x) {
+        float mi[8];
+#pragma unroll
+        for (int j = 0; j < 8; j++) mi[j] = j0 + j < r ? m[(long long)i * m0 + (long long)(j0 + j) * m1] : 0.f;
+#pragma unroll
+        for (int a = 0; a < 8; a++) {
+            float v = row0 + a < n ? ld(x, (row0 + a) * k + i) : 0.f;
+#pragma unroll
+            for (int j = 0; j < 8; j++) acc[a][j] += v * mi[j];
+        }
     }
+    int w = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
-    for (int j = 0; j < 8; j++) {
-        float s = acc[j];
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        if (lane == 0 && j0 + j < r) y[row * r + j0 + j] = s * scale;
+    for (int a = 0; a < 8; a++)
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            float v = acc[a][j];
+            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            if (lane == 0) red[w][a * 8 + j] = v;
+        }
+    __syncthreads();
+    if (threadIdx.x < 64) {
+        int a = threadIdx.x / 8, j = threadIdx.x % 8;
+        float v = 0.f;
+        for (int q = 0; q < (int)(blockDim.x / 32); q++) v += red[q][threadIdx.x];
+        if (row0 + a < n && j0 + j < r) y[(row0 + a) * r + j0 + j] = v * scale;
     }
 }
 
@@ -237,17 +254,31 @@ __device__ void skinny_outer(const T* x, const float* y, float* part, int n, int
     for (int j = 0; j < 8; j++) if (j0 + j < r) p[j] = acc[j];
 }
 
-// O (n, k) = (Y (n, r) M^T) scale, rounded to T.
+// O (n, k) = (Y (n, r) M^T) scale, rounded to T: a block per 256 columns and 16 rows
+// (blockIdx.y), those rows of Y in shared memory (16 r floats), a thread per column.
 template <typename T>
-__device__ void skinny_out(const float* y, const float* m, T* o, long long n, int k, int r, int m0, int m1, float scale) {
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n * k; e += (long long)gridDim.x * blockDim.x) {
-        long long row = e / k;
-        int i = (int)(e - row * k);
-        const float* yr = y + row * r;
-        float s = 0.f;
-        for (int j = 0; j < r; j++) s += yr[j] * m[(long long)i * m0 + (long long)j * m1];
-        st(o, e, s * scale);
+__device__ void skinny_out(const float* y, const float* m, T* o, int n, int k, int r, int m0, int m1, float scale) {
+    extern __shared__ float ys[];
+    long long row0 = (long long)blockIdx.y * 16;
+    int rows = (int)min(16LL, n - row0);
+    for (int e = threadIdx.x; e < rows * r; e += blockDim.x) ys[e] = y[row0 * r + e];
+    __syncthreads();
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= k) return;
+    float acc[16];
+#pragma unroll
+    for (int a = 0; a < 16; a++) acc[a] = 0.f;
+    for (int j0 = 0; j0 < r; j0 += 8) {
+        float mi[8];
+#pragma unroll
+        for (int j = 0; j < 8; j++) mi[j] = j0 + j < r ? m[(long long)i * m0 + (long long)(j0 + j) * m1] : 0.f;
+#pragma unroll
+        for (int a = 0; a < 16; a++)
+#pragma unroll
+            for (int j = 0; j < 8; j++) if (j0 + j < r) acc[a] += ys[a * r + j0 + j] * mi[j];
     }
+#pragma unroll
+    for (int a = 0; a < 16; a++) if (a < rows) st(o, (row0 + a) * k + i, acc[a] * scale);
 }
 
 // z = scale times the sum over `chunks` partials of k * r values, as (k, r) or, with t, (r, k).
@@ -270,7 +301,7 @@ extern "C" __global__ void lmx_attn_probs_##name(const T* s, const float* m, T* 
 extern "C" __global__ void lmx_attn_dscores_##name(const T* s, const T* dp, const float* m, T* ds, int cols, int q_len, float scale, float cap) { attn_dscores(s, dp, m, ds, cols, q_len, scale, cap); } \
 extern "C" __global__ void lmx_skinny_in_##name(const T* x, const float* m, float* y, int n, int k, int r, int m0, int m1, float scale) { skinny_in(x, m, y, n, k, r, m0, m1, scale); } \
 extern "C" __global__ void lmx_skinny_outer_##name(const T* x, const float* y, float* part, int n, int k, int r, int chunk) { skinny_outer(x, y, part, n, k, r, chunk); } \
-extern "C" __global__ void lmx_skinny_out_##name(const float* y, const float* m, T* o, long long n, int k, int r, int m0, int m1, float scale) { skinny_out(y, m, o, n, k, r, m0, m1, scale); }
+extern "C" __global__ void lmx_skinny_out_##name(const float* y, const float* m, T* o, int n, int k, int r, int m0, int m1, float scale) { skinny_out(y, m, o, n, k, r, m0, m1, scale); }
 TRAIN(float, f32)
 TRAIN(unsigned short, bf16)
 
@@ -517,13 +548,14 @@ pub(crate) fn skinny(op: &crate::fused_train::Skinny, s1: &CudaStorage, l1: &Lay
             let f = dev.get_or_load_custom_func(&name("skinny_out", dtype)?, "lmx_train", train_ptx()?)?;
             let y = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
             let m = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
-            let (nn, ki, ri) = (n as i64, k as i32, r as i32);
+            let (ni, ki, ri) = (n as i32, k as i32, r as i32);
+            let cfg = LaunchConfig { grid_dim: (k.div_ceil(256) as u32, n.div_ceil(16) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: (16 * r * 4) as u32 };
             typed!(dtype, T => {
                 let o = out::<T>(&dev, n * k)?;
                 let mut b = f.builder();
-                b.arg(&y).arg(&m).arg(&o).arg(&nn).arg(&ki).arg(&ri).arg(&m0).arg(&m1).arg(&scale);
-                // SAFETY: y holds n * r values, m k * r, o n * k.
-                unsafe { b.launch(strided(n * k)) }.w()?;
+                b.arg(&y).arg(&m).arg(&o).arg(&ni).arg(&ki).arg(&ri).arg(&m0).arg(&m1).arg(&scale);
+                // SAFETY: y holds n * r values, m k * r, o n * k; the block's shared memory 16 r floats.
+                unsafe { b.launch(cfg) }.w()?;
                 Ok(CudaStorage::wrap_cuda_slice(o, dev))
             })
         }

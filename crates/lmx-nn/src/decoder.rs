@@ -26,7 +26,8 @@ pub enum Logits {
     /// Every position: (b, seq_len, vocab).
     All,
     /// The positions with these indices into the flattened (b * seq_len) positions:
-    /// (1, n, vocab). Training asks only for the positions its loss counts.
+    /// (1, n, vocab). Training asks only for the positions its loss counts; these logits
+    /// keep the compute dtype when the model has no logit cap (the loss reads them as they are).
     Rows(Tensor),
 }
 
@@ -450,10 +451,15 @@ impl<L: Layer> Decoder<L> {
     }
 
     /// The final norm (of x + pending), the positions asked for, the output projection and
-    /// capping: f32 logits.
+    /// capping: f32 logits, except training's rows without a cap, which stay in the compute
+    /// dtype: the loss reads them as they are (exactly the f32 values), so a batch's logits
+    /// over the vocabulary are not copied to f32 and back in the backward.
     fn head(&self, (x, pending): &(Tensor, Option<Tensor>), logits: &Logits) -> Result<Tensor> {
         let x = logits.select(&self.norm.forward_pending(x, pending.as_ref())?.1)?;
-        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        let logits = match (logits, self.style.logit_softcap) {
+            (Logits::Rows(_), None) => return self.lm_head.forward(&x),
+            _ => self.lm_head.forward(&x)?.to_dtype(DType::F32)?,
+        };
         match self.style.logit_softcap {
             Some(cap) => (logits / cap)?.tanh()? * cap,
             None => Ok(logits),
@@ -529,7 +535,7 @@ impl<L: Layer> CausalLm for Decoder<L> {
         }
         if let Some(g) = self.tp.as_ref().filter(|_| self.check) {
             // A checksum of every rank's logits: the ranks must agree bit for bit.
-            let bits = logits.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?.iter().fold(0u64, |h, v| h.rotate_left(5) ^ u64::from(v.to_bits()));
+            let bits = logits.flatten_all()?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec1::<f32>()?.iter().fold(0u64, |h, v| h.rotate_left(5) ^ u64::from(v.to_bits()));
             let all = g.all_gather(&Tensor::new(&[bits as i64], &Device::Cpu)?, 0)?.to_vec1::<i64>()?;
             if all.iter().any(|&b| b != all[0]) {
                 lmx_core::bail!("LMX_DIST_CHECK: the ranks' logits differ (checksums {all:?}): their sums are not bit-identical");
