@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Where a LoRA training step's time goes on the GPU (issue 11): the random Llama-3.2-1B shape,
+# Where a LoRA training step's time goes on the GPU (issue 11): the random Llama-3.2-1B shape
+# (SHAPE=8b: Llama-3-8B's; the folders keep the name l1b),
 # LoRA rank 8 on every linear layer, batch 4 x 512, bf16 compute. First the wall-clock step
 # (12 iterations, `lmx lora`'s report; bf16 and 4-bit bases, the taped training ops on and off,
 # LMX_TAPED_OPS, or SWITCH=NAME: that variable at 1 and 0; BASES="bf16 4bit": which bases, in
@@ -14,7 +15,7 @@ cd "$(dirname "$0")/../.."
 source scripts/cuda/common.sh
 cuda_setup lora-profile lora-profile.txt
 log "# LoRA step profile, $(date -u +%F), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1), binary sha256 $(sha256sum "$LMX" | cut -c1-12)"
-SHAPE=1b python3 scripts/cuda/make_random_llama.py "$W/l1b" 2>&1 | tail -1 | tee -a "$RES"
+SHAPE=${SHAPE:-1b} python3 scripts/cuda/make_random_llama.py "$W/l1b" 2>&1 | tail -1 | tee -a "$RES"
 mkdir -p "$W/data"
 python3 -c "
 import json, random
