@@ -162,6 +162,13 @@ impl Bf16Weight {
     }
 }
 
+impl Bf16Weight {
+    /// `g @ W` for g (.., out) in f32: the input's gradient of [`Bf16Weight::matmul`].
+    pub fn matmul_t(self: &std::sync::Arc<Self>, g: &Tensor) -> Result<Tensor> {
+        g.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(&FrozenBf16 { w: self.clone(), transpose: true })
+    }
+}
+
 /// `x @ W^T` (transpose: false) or `g @ W` (true) for a [`Bf16Weight`].
 struct FrozenBf16 {
     w: std::sync::Arc<Bf16Weight>,

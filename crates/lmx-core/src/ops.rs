@@ -238,6 +238,30 @@ pub fn low_rank(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor
     crate::taped::taped(&[x, a, b], &y, move |t, g| Ok(crate::taped::low_rank_bwd(t[0], t[1], t[2], g, scale)?.to_vec()))
 }
 
+/// The transposed product of a frozen layer: `g @ W` for the output's gradient g (rows, out).
+pub type FrozenBackward = std::sync::Arc<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
+
+/// A frozen layer with a LoRA update, `base(x) + scale (x a) b` for x (.., in), a (in, r),
+/// b (r, out), in x's dtype; `base` is the frozen product x (rows, in) -> (rows, out) and
+/// `base_t` its input's gradient. `None` when x, a and b are all off the tape or the taped ops
+/// are off (`LMX_TAPED_OPS=0`): the caller composes the two. On the tape one node over
+/// (x, a, b) whose backward gives x `base_t(g) + g b^T a^T` in one gradient, where the
+/// composition was five nodes (the product, two reshapes, the update, the sum), each of which
+/// candle's backward seeds with zeros and adds into.
+pub fn lora_linear(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64, base: impl Fn(&Tensor) -> Result<Tensor>, base_t: FrozenBackward) -> Result<Option<Tensor>> {
+    if !(taped_ops() && on_tape(&[x, a, b])) {
+        return Ok(None);
+    }
+    let (in_f, out) = (x.dim(D::Minus1)?, b.dim(1)?);
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = out;
+    }
+    let x2 = x.detach().reshape(((), in_f))?;
+    let y = (base(&x2)?.to_dtype(x.dtype())? + low_rank(&x2, &a.detach(), &b.detach(), scale)?)?.reshape(dims)?;
+    crate::taped::taped(&[x, a, b], &y, move |t, g| Ok(crate::taped::lora_linear_bwd(t[0], t[1], t[2], g, scale, &*base_t)?.to_vec())).map(Some)
+}
+
 /// True when every value of `t` is finite (integer tensors always are): 0 * x is 0 for a
 /// finite x and NaN otherwise, so one pass and one sum find any NaN or infinity.
 pub fn all_finite(t: &Tensor) -> Result<bool> {

@@ -306,6 +306,20 @@ fn low_rank_bwd_composed(x: &Input, a: &Input, b: &Input, grad: &Tensor, scale: 
     Ok([dx, da, db])
 }
 
+/// [`crate::ops::lora_linear`]'s backward: x (.., in) gets `base_t(g) + g b^T a^T` (one
+/// gradient), a and b the low-rank update's.
+pub(crate) fn lora_linear_bwd(x: &Input, a: &Input, b: &Input, grad: &Tensor, scale: f64, base_t: &dyn Fn(&Tensor) -> Result<Tensor>) -> Result<[Option<Tensor>; 3]> {
+    let (in_f, out) = (x.dim(D::Minus1)?, grad.dim(D::Minus1)?);
+    let x2 = Input { t: x.reshape(((), in_f))?, taped: x.taped };
+    let g2 = grad.reshape(((), out))?;
+    let [dx, da, db] = low_rank_bwd(&x2, a, b, &g2, scale)?;
+    let dx = match dx {
+        Some(d) => Some((base_t(&g2)?.to_dtype(d.dtype())? + d)?.reshape(x.shape())?),
+        None => None,
+    };
+    Ok([dx, da, db])
+}
+
 /// `scale (x a) b` rounded to x's dtype through `fused_train::Skinny`'s products (x read as it
 /// is; a and b f32): the forward whose backward is [`low_rank_bwd_skinny`].
 pub(crate) fn low_rank_skinny(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {

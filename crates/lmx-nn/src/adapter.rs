@@ -249,6 +249,16 @@ impl Adapter {
         x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?
     }
 
+    /// The frozen layer `w` and this LoRA update as one node of the tape
+    /// (`lmx_core::ops::lora_linear`), in training; `None` for DoRA, with dropout in a
+    /// training forward, or off the tape: then [`Adapter::forward`].
+    pub(crate) fn forward_fused(&self, x: &Tensor, w: &crate::linear::Weight) -> Result<Option<Tensor>> {
+        if self.dora.is_some() || (self.dropout > 0.0 && self.training.as_ref().is_some_and(|t| t.is_active())) {
+            return Ok(None);
+        }
+        lmx_core::ops::lora_linear(x, &self.lora_a, &self.lora_b, self.scale, |t| w.matmul(t), w.transposed())
+    }
+
     /// The adapted output from the input `x` (.., in) and the frozen layer's output without
     /// bias `base_y` (.., out); `base` runs the frozen matmul (needed by DoRA's norms).
     pub fn forward(&self, x: &Tensor, base_y: &Tensor, base: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {

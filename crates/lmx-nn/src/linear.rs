@@ -43,11 +43,20 @@ pub(crate) enum Weight {
 
 impl Weight {
     /// `x @ W^T`.
-    fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn matmul(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Weight::Dense(w) => ops::linear(&x.to_dtype(w.dtype())?, w, None),
             Weight::Quantized(q) => q.matmul(x),
             Weight::FrozenBf16(b) => b.matmul(x),
+        }
+    }
+
+    /// `g @ W` for the output's gradient g (rows, out): the input's gradient of `matmul`.
+    pub(crate) fn transposed(&self) -> lmx_core::ops::FrozenBackward {
+        match self.clone() {
+            Weight::Dense(w) => Arc::new(move |g: &Tensor| g.to_dtype(w.dtype())?.matmul(&w)),
+            Weight::Quantized(q) => Arc::new(move |g: &Tensor| q.matmul_t(g)),
+            Weight::FrozenBf16(b) => Arc::new(move |g: &Tensor| b.matmul_t(g)),
         }
     }
 
@@ -156,7 +165,10 @@ impl Module for Linear {
         let y = match (&self.weight, &self.adapter, &self.reduce) {
             (Weight::Dense(w), None, None) => return ops::linear(x, w, self.bias.as_ref()),
             (w, None, _) => w.matmul(x)?,
-            (w, Some(a), _) => a.forward(x, &w.matmul(x)?, |t| w.matmul(t))?,
+            (w, Some(a), _) => match a.forward_fused(x, w)? {
+                Some(y) => y,
+                None => a.forward(x, &w.matmul(x)?, |t| w.matmul(t))?,
+            },
         };
         let y = match &self.reduce {
             Some(group) => group.all_sum(&y)?,

@@ -359,6 +359,21 @@ impl DeviceCopy {
         Ok(Self { packed, sb: Tensor::from_vec(sb, (q.rows, 2 * groups), device)? })
     }
 
+    /// `g @ W` for g (.., rows) on the device (bf16 as it is, others through f32), in g's
+    /// dtype: the weight dequantized for the product, not kept.
+    pub(super) fn matmul_t(&self, q: &QuantizedMatrix, g: &Tensor) -> Result<Tensor> {
+        let dtype = g.dtype();
+        let work = if dtype == DType::BF16 { DType::BF16 } else { DType::F32 };
+        let mut dims = g.dims().to_vec();
+        let gw = g.to_dtype(work)?.contiguous()?.reshape(((), q.rows))?;
+        let dequant = Dequant { cols: q.cols, bits: q.bits, group_size: q.group_size, dtype: work };
+        let dx = gw.matmul(&self.packed.apply_op2_no_bwd(&self.sb, &dequant)?)?;
+        if let Some(last) = dims.last_mut() {
+            *last = q.cols;
+        }
+        dx.reshape(dims)?.to_dtype(dtype)
+    }
+
     /// `x @ W^T` for x (.., cols) on the device: bf16 and f32 activations as they are, others
     /// through f32.
     pub(super) fn matmul(&self, q: &QuantizedMatrix, x: &Tensor) -> Result<Tensor> {

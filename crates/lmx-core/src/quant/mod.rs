@@ -397,6 +397,16 @@ impl QuantizedMatrix {
             x.apply_op1_no_bwd(&op)
         }
     }
+
+    /// `g @ W` for g (.., rows): the input's gradient of [`QuantizedMatrix::matmul`] (exact
+    /// float products; on a GPU through the weight dequantized again).
+    pub fn matmul_t(self: &Arc<Self>, g: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if g.device().is_cuda() {
+            return self.device_copy(g.device())?.matmul_t(self, g);
+        }
+        g.contiguous()?.apply_op1_no_bwd(&op::QMatMul { q: self.clone(), transpose: true, exact: true })
+    }
 }
 
 #[cfg(feature = "cuda")]
