@@ -226,7 +226,9 @@ pub fn adam_step(p: &Tensor, g: &Tensor, moments: &Tensor, [keep, b1, b2, step, 
 pub fn low_rank(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let z = |x: &Tensor, a: &Tensor, b: &Tensor| -> Result<Tensor> {
-        if crate::taped::skinny(x, a, b) {
+        // The skinny products have no backward of their own: off the tape only (the taped
+        // node's forward runs on detached inputs).
+        if crate::taped::skinny(x, a, b) && !on_tape(&[x, a, b]) {
             return crate::taped::low_rank_skinny(x, a, b, scale);
         }
         (x.to_dtype(a.dtype())?.matmul(a)?.matmul(b)? * scale)?.to_dtype(dtype)
