@@ -346,6 +346,15 @@ mod tests {
     use crate::gradcheck::max_abs_diff;
     use candle_core::Device;
 
+    /// The CPU, and the GPU when there is one.
+    fn devices() -> Vec<Device> {
+        #[allow(unused_mut)]
+        let mut devices = vec![Device::Cpu];
+        #[cfg(feature = "cuda")]
+        devices.extend(Device::new_cuda(0).ok());
+        devices
+    }
+
     fn input(t: &Tensor) -> Input {
         Input { t: t.clone(), taped: true }
     }
@@ -367,10 +376,7 @@ mod tests {
     /// a few f32 roundings in f32, an ulp of the output's scale in bf16 and f16.
     #[test]
     fn fused_backwards_equal_the_compositions() -> Result<()> {
-        #[allow(unused_mut)]
-        let mut devices = vec![Device::Cpu];
-        #[cfg(feature = "cuda")]
-        devices.extend(Device::new_cuda(0).ok());
+        let devices = devices();
         for dev in &devices {
             for dtype in [DType::F32, DType::BF16, DType::F16] {
                 if dev.is_cuda() && dtype == DType::F16 {
@@ -405,10 +411,7 @@ mod tests {
     /// ulp in bf16. The CPU's, and the GPU's when there is one.
     #[test]
     fn skinny_low_rank_equals_the_composition() -> Result<()> {
-        #[allow(unused_mut)]
-        let mut devices = vec![Device::Cpu];
-        #[cfg(feature = "cuda")]
-        devices.extend(Device::new_cuda(0).ok());
+        let devices = devices();
         let r = |shape: (usize, usize), s: f64| -> Result<Tensor> { Tensor::randn(0f32, 1.0, shape, &Device::Cpu)? * s };
         for (n, k, rank, o) in [(37, 70, 3, 45), (64, 96, 12, 33)] {
             let (x, a, b, g) = (r((n, k), 2.0)?, r((k, rank), 0.3)?, r((rank, o), 0.3)?, r((n, o), 1.0)?);
@@ -440,10 +443,7 @@ mod tests {
     /// differences of the rounded scores' gradient). The CPU's, and the GPU's when there is one.
     #[test]
     fn fused_attention_backward_equals_the_composition() -> Result<()> {
-        #[allow(unused_mut)]
-        let mut devices = vec![Device::Cpu];
-        #[cfg(feature = "cuda")]
-        devices.extend(Device::new_cuda(0).ok());
+        let devices = devices();
         let r = |shape: (usize, usize, usize, usize), s: f64| -> Result<Tensor> { Tensor::randn(0f32, 1.0, shape, &Device::Cpu)? * s };
         let (q, k, v, g) = (r((2, 6, 9, 16), 2.0)?, r((2, 2, 13, 16), 2.0)?, r((2, 2, 13, 16), 1.0)?, r((2, 9, 6, 16), 1.0)?);
         for dev in &devices {
