@@ -256,8 +256,9 @@ __device__ void skinny_outer(const T* x, const float* y, float* part, int n, int
 
 // O (n, k) = (Y (n, r) M^T) scale, rounded to T: a block per 256 columns and 16 rows
 // (blockIdx.y), those rows of Y in shared memory (16 r floats), a thread per column.
+// With `has_add`, o = add + that, rounded again.
 template <typename T>
-__device__ void skinny_out(const float* y, const float* m, T* o, int n, int k, int r, int m0, int m1, float scale) {
+__device__ void skinny_out(const float* y, const float* m, const T* add, T* o, int n, int k, int r, int m0, int m1, float scale, int has_add) {
     extern __shared__ float ys[];
     long long row0 = (long long)blockIdx.y * 16;
     int rows = (int)min(16LL, n - row0);
@@ -278,7 +279,11 @@ __device__ void skinny_out(const float* y, const float* m, T* o, int n, int k, i
             for (int j = 0; j < 8; j++) if (j0 + j < r) acc[a] += ys[a * r + j0 + j] * mi[j];
     }
 #pragma unroll
-    for (int a = 0; a < 16; a++) if (a < rows) st(o, (row0 + a) * k + i, acc[a] * scale);
+    for (int a = 0; a < 16; a++) {
+        if (a >= rows) break;
+        size_t e = (size_t)(row0 + a) * k + i;
+        st(o, e, has_add ? ld(add, e) + rnd(acc[a] * scale, o) : acc[a] * scale);
+    }
 }
 
 // z = scale times the sum over `chunks` partials of k * r values, as (k, r) or, with t, (r, k).
@@ -301,7 +306,7 @@ extern "C" __global__ void lmx_attn_probs_##name(const T* s, const float* m, T* 
 extern "C" __global__ void lmx_attn_dscores_##name(const T* s, const T* dp, const float* m, T* ds, int cols, int q_len, float scale, float cap) { attn_dscores(s, dp, m, ds, cols, q_len, scale, cap); } \
 extern "C" __global__ void lmx_skinny_in_##name(const T* x, const float* m, float* y, int n, int k, int r, int m0, int m1, float scale) { skinny_in(x, m, y, n, k, r, m0, m1, scale); } \
 extern "C" __global__ void lmx_skinny_outer_##name(const T* x, const float* y, float* part, int n, int k, int r, int chunk) { skinny_outer(x, y, part, n, k, r, chunk); } \
-extern "C" __global__ void lmx_skinny_out_##name(const float* y, const float* m, T* o, int n, int k, int r, int m0, int m1, float scale) { skinny_out(y, m, o, n, k, r, m0, m1, scale); }
+extern "C" __global__ void lmx_skinny_out_##name(const float* y, const float* m, const T* add, T* o, int n, int k, int r, int m0, int m1, float scale, int has_add) { skinny_out(y, m, add, o, n, k, r, m0, m1, scale, has_add); }
 TRAIN(float, f32)
 TRAIN(unsigned short, bf16)
 
@@ -479,9 +484,13 @@ pub(crate) fn attention_scores(ss: &CudaStorage, sl: &Layout, dp: Option<(&CudaS
 }
 
 /// [`crate::fused_train::Skinny`]'s products (inputs contiguous, checked by the op).
-pub(crate) fn skinny(op: &crate::fused_train::Skinny, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<CudaStorage> {
+/// `add`: [`Skinny::Out`]'s addend (n, k), if any.
+pub(crate) fn skinny(op: &crate::fused_train::Skinny, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, add: Option<(&CudaStorage, &Layout)>) -> Result<CudaStorage> {
     use crate::fused_train::Skinny;
     contiguous("low-rank product", &[l1, l2])?;
+    if let Some((_, l3)) = add {
+        contiguous("low-rank product", &[l3])?;
+    }
     let dev = s1.device().clone();
     let (n, w) = l1.shape().dims2()?;
     // (m0, m1): the strides of M (k, r) in factor m, which is (k, r) or, with m_t, (r, k).
@@ -550,11 +559,23 @@ pub(crate) fn skinny(op: &crate::fused_train::Skinny, s1: &CudaStorage, l1: &Lay
             let m = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
             let (ni, ki, ri) = (n as i32, k as i32, r as i32);
             let cfg = LaunchConfig { grid_dim: (k.div_ceil(256) as u32, n.div_ceil(16) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: (16 * r * 4) as u32 };
+            let has_add = add.is_some() as i32;
             typed!(dtype, T => {
                 let o = out::<T>(&dev, n * k)?;
+                let a = match add {
+                    Some((s3, l3)) => Some(s3.as_cuda_slice::<T>()?.slice(l3.start_offset()..)),
+                    None => None,
+                };
                 let mut b = f.builder();
-                b.arg(&y).arg(&m).arg(&o).arg(&ni).arg(&ki).arg(&ri).arg(&m0).arg(&m1).arg(&scale);
-                // SAFETY: y holds n * r values, m k * r, o n * k; the block's shared memory 16 r floats.
+                b.arg(&y).arg(&m);
+                // Without an addend the kernel never reads that argument: o stands in.
+                match &a {
+                    Some(a) => b.arg(a),
+                    None => b.arg(&o),
+                };
+                b.arg(&o).arg(&ni).arg(&ki).arg(&ri).arg(&m0).arg(&m1).arg(&scale).arg(&has_add);
+                // SAFETY: y holds n * r values, m k * r, o and the addend n * k; the block's
+                // shared memory 16 r floats.
                 unsafe { b.launch(cfg) }.w()?;
                 Ok(CudaStorage::wrap_cuda_slice(o, dev))
             })

@@ -324,7 +324,9 @@ pub enum Skinny {
     In { scale: f32, m_t: bool },
     /// (x (n, k), y (n, r) f32) -> scale x^T y, (k, r) f32, or its transpose (r, k) with `t`.
     Outer { scale: f32, t: bool },
-    /// (y (n, r) f32, m) -> y M^T times scale, rounded to `dtype`, (n, k).
+    /// (y (n, r) f32, m) -> y M^T times scale, rounded to `dtype`, (n, k); with a third input
+    /// `add` (n, k) in `dtype` (a `CustomOp3`), add plus that, rounded again (as candle's add of
+    /// the two would).
     Out { scale: f32, m_t: bool, dtype: DType },
 }
 
@@ -410,7 +412,7 @@ impl candle_core::CustomOp2 for Skinny {
         let out = match *self {
             Skinny::In { scale, m_t } => CpuStorage::F32(wide!(cpu_in, s1, l1, s2, l2, scale, m_t)),
             Skinny::Outer { scale, t } => CpuStorage::F32(wide!(cpu_outer, s1, l1, s2, l2, scale, t)),
-            Skinny::Out { scale, m_t, .. } => by_dtype!(dtype, cpu_out_of(s1, l1, s2, l2, scale, m_t)),
+            Skinny::Out { scale, m_t, .. } => by_dtype!(dtype, cpu_out_of(s1, l1, s2, l2, None, scale, m_t)),
         };
         Ok((out, shape))
     }
@@ -418,16 +420,59 @@ impl candle_core::CustomOp2 for Skinny {
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
         let (shape, _) = self.check((l1, s1.dtype()), (l2, s2.dtype()))?;
-        Ok((crate::cuda_train::skinny(self, s1, l1, s2, l2)?, shape))
+        Ok((crate::cuda_train::skinny(self, s1, l1, s2, l2, None)?, shape))
     }
 }
 
-/// [`Skinny::Out`] on the CPU (a free function for `by_dtype!`).
-fn cpu_out_of<T: Elem>(ys: &CpuStorage, yl: &Layout, ms: &CpuStorage, ml: &Layout, scale: f32, m_t: bool) -> Result<Vec<T>> {
+impl Skinny {
+    /// [`Skinny::Out`] with its addend: the shape after checking the addend's.
+    fn check_add(&self, l1: (&Layout, DType), l2: (&Layout, DType), (l3, d3): (&Layout, DType)) -> Result<Shape> {
+        let (shape, dtype) = self.check(l1, l2)?;
+        if !matches!(self, Skinny::Out { .. }) || l3.dims() != shape.dims() || d3 != dtype {
+            candle_core::bail!("low-rank product: an addend {:?} {d3:?} for an output {:?} {dtype:?} (the output product only)", l3.dims(), shape.dims());
+        }
+        Ok(shape)
+    }
+}
+
+impl CustomOp3 for Skinny {
+    fn name(&self) -> &'static str {
+        "lmx-low-rank-product-add"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let shape = self.check_add((l1, s1.dtype()), (l2, s2.dtype()), (l3, s3.dtype()))?;
+        let Skinny::Out { scale, m_t, dtype } = *self else { unreachable!("checked") };
+        Ok((by_dtype!(dtype, cpu_out_of(s1, l1, s2, l2, Some((s3, l3)), scale, m_t)), shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let shape = self.check_add((l1, s1.dtype()), (l2, s2.dtype()), (l3, s3.dtype()))?;
+        Ok((crate::cuda_train::skinny(self, s1, l1, s2, l2, Some((s3, l3)))?, shape))
+    }
+}
+
+/// [`Skinny::Out`] on the CPU (a free function for `by_dtype!`), with its addend if any.
+fn cpu_out_of<T: Elem>(ys: &CpuStorage, yl: &Layout, ms: &CpuStorage, ml: &Layout, add: Option<(&CpuStorage, &Layout)>, scale: f32, m_t: bool) -> Result<Vec<T>> {
     let (y, m) = (slice::<f32>(ys, yl)?, slice::<f32>(ms, ml)?);
+    let add = match add {
+        Some((s, l)) => Some(slice::<T>(s, l)?),
+        None => None,
+    };
     let (k, r) = factor_dims(ml, m_t)?;
     let mm = at(m, k, r, m_t);
     let mut o = vec![T::of(0.0); y.len() / r * k];
-    fill(&mut o, |e| T::of((0..r).map(|j| y[e / k * r + j] * mm(e % k, j)).sum::<f32>() * scale));
+    fill(&mut o, |e| {
+        let v = T::of((0..r).map(|j| y[e / k * r + j] * mm(e % k, j)).sum::<f32>() * scale);
+        add.map_or(v, |a| T::of(a[e].f32() + v.f32()))
+    });
     Ok(o)
 }

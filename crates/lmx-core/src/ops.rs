@@ -229,7 +229,7 @@ pub fn low_rank(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor
         // The skinny products have no backward of their own: off the tape only (the taped
         // node's forward runs on detached inputs).
         if crate::taped::skinny(x, a, b) && !on_tape(&[x, a, b]) {
-            return crate::taped::low_rank_skinny(x, a, b, scale);
+            return crate::taped::low_rank_skinny(x, a, b, scale, None);
         }
         (x.to_dtype(a.dtype())?.matmul(a)?.matmul(b)? * scale)?.to_dtype(dtype)
     };
@@ -259,8 +259,10 @@ pub fn lora_linear(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64, base: impl Fn
     if let Some(last) = dims.last_mut() {
         *last = out;
     }
-    let x2 = x.detach().reshape(((), in_f))?;
-    let y = (base(&x2)?.to_dtype(x.dtype())? + low_rank(&x2, &a.detach(), &b.detach(), scale)?)?.reshape(dims)?;
+    let (x2, ad, bd) = (x.detach().reshape(((), in_f))?, a.detach(), b.detach());
+    let base_y = base(&x2)?.to_dtype(x.dtype())?;
+    let y = if crate::taped::skinny(&x2, &ad, &bd) { crate::taped::low_rank_skinny(&x2, &ad, &bd, scale, Some(&base_y))? } else { (base_y + low_rank(&x2, &ad, &bd, scale)?)? };
+    let y = y.reshape(dims)?;
     crate::taped::taped(&[x, a, b], &y, move |t, g| Ok(crate::taped::lora_linear_bwd(t[0], t[1], t[2], g, scale, &*base_t)?.to_vec())).map(Some)
 }
 

@@ -290,7 +290,7 @@ fn silu_mul_bwd_composed(gate: &Input, up: &Input, grad: &Tensor) -> Result<[Opt
 /// db = H^T G, da = x^T (G b^T), dx = G b^T a^T.
 pub(crate) fn low_rank_bwd(x: &Input, a: &Input, b: &Input, grad: &Tensor, scale: f64) -> Result<[Option<Tensor>; 3]> {
     if skinny(x, a, b) {
-        return low_rank_bwd_skinny(x, a, b, grad, scale);
+        return low_rank_bwd_skinny(x, a, b, grad, scale, None);
     }
     low_rank_bwd_composed(x, a, b, grad, scale)
 }
@@ -312,6 +312,12 @@ pub(crate) fn lora_linear_bwd(x: &Input, a: &Input, b: &Input, grad: &Tensor, sc
     let (in_f, out) = (x.dim(D::Minus1)?, grad.dim(D::Minus1)?);
     let x2 = Input { t: x.reshape(((), in_f))?, taped: x.taped };
     let g2 = grad.reshape(((), out))?;
+    if skinny(x, a, b) {
+        // The frozen product's gradient is the addend of the update's (one pass, no sum).
+        let base = if x.taped { Some(base_t(&g2)?.to_dtype(x.dtype())?) } else { None };
+        let [dx, da, db] = low_rank_bwd_skinny(&x2, a, b, &g2, scale, base.as_ref())?;
+        return Ok([dx.map(|d| d.reshape(x.shape())).transpose()?, da, db]);
+    }
     let [dx, da, db] = low_rank_bwd(&x2, a, b, &g2, scale)?;
     let dx = match dx {
         Some(d) => Some((base_t(&g2)?.to_dtype(d.dtype())? + d)?.reshape(x.shape())?),
@@ -322,21 +328,33 @@ pub(crate) fn lora_linear_bwd(x: &Input, a: &Input, b: &Input, grad: &Tensor, sc
 
 /// `scale (x a) b` rounded to x's dtype through `fused_train::Skinny`'s products (x read as it
 /// is; a and b f32): the forward whose backward is [`low_rank_bwd_skinny`].
-pub(crate) fn low_rank_skinny(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+/// With `add` (rows, out) in x's dtype: add plus that, rounded again (as candle's sum).
+pub(crate) fn low_rank_skinny(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64, add: Option<&Tensor>) -> Result<Tensor> {
     use crate::fused_train::Skinny;
     let h = x.contiguous()?.apply_op2_no_bwd(&a.contiguous()?, &Skinny::In { scale: 1.0, m_t: false })?;
-    h.apply_op2_no_bwd(&b.contiguous()?, &Skinny::Out { scale: scale as f32, m_t: true, dtype: x.dtype() })
+    let op = Skinny::Out { scale: scale as f32, m_t: true, dtype: x.dtype() };
+    match add {
+        Some(add) => h.apply_op3_no_bwd(&b.contiguous()?, &add.contiguous()?, &op),
+        None => h.apply_op2_no_bwd(&b.contiguous()?, &op),
+    }
 }
 
 /// [`low_rank_bwd`] through `fused_train::Skinny`'s products, which read x and the gradient
 /// as they are: H = x a, gb = scale g b^T, db = scale H^T g, da = x^T gb, dx = gb a^T.
-fn low_rank_bwd_skinny(x: &Input, a: &Input, b: &Input, grad: &Tensor, scale: f64) -> Result<[Option<Tensor>; 3]> {
+/// `dx_add` (x's shape and dtype) is added to x's gradient in the same pass.
+fn low_rank_bwd_skinny(x: &Input, a: &Input, b: &Input, grad: &Tensor, scale: f64, dx_add: Option<&Tensor>) -> Result<[Option<Tensor>; 3]> {
     use crate::fused_train::Skinny;
     let (xc, ac, bc, g, s) = (x.contiguous()?, a.contiguous()?, b.contiguous()?, grad.contiguous()?, scale as f32);
     let gb = g.apply_op2_no_bwd(&bc, &Skinny::In { scale: s, m_t: true })?;
     let db = if_taped(b, || g.apply_op2_no_bwd(&xc.apply_op2_no_bwd(&ac, &Skinny::In { scale: 1.0, m_t: false })?, &Skinny::Outer { scale: s, t: true }))?;
     let da = if_taped(a, || xc.apply_op2_no_bwd(&gb, &Skinny::Outer { scale: 1.0, t: false }))?;
-    let dx = if_taped(x, || gb.apply_op2_no_bwd(&ac, &Skinny::Out { scale: 1.0, m_t: false, dtype: x.dtype() }))?;
+    let dx = if_taped(x, || {
+        let op = Skinny::Out { scale: 1.0, m_t: false, dtype: x.dtype() };
+        match dx_add {
+            Some(add) => gb.apply_op3_no_bwd(&ac, &add.contiguous()?, &op),
+            None => gb.apply_op2_no_bwd(&ac, &op),
+        }
+    })?;
     Ok([dx, da, db])
 }
 
@@ -421,8 +439,8 @@ mod tests {
                     let want_y = (xd.to_dtype(DType::F32)?.matmul(&a)?.matmul(&b)? * 1.5)?.to_dtype(dtype)?;
                     let want = low_rank_bwd_composed(&input(&xd), &input(&a), &input(&b), &gd, 1.5)?;
                     let on = |t: &Tensor| t.to_device(dev);
-                    let y = low_rank_skinny(&on(&xd)?, &on(&a)?, &on(&b)?, 1.5)?;
-                    let got = low_rank_bwd_skinny(&input(&on(&xd)?), &input(&on(&a)?), &input(&on(&b)?), &on(&gd)?, 1.5)?;
+                    let y = low_rank_skinny(&on(&xd)?, &on(&a)?, &on(&b)?, 1.5, None)?;
+                    let got = low_rank_bwd_skinny(&input(&on(&xd)?), &input(&on(&a)?), &input(&on(&b)?), &on(&gd)?, 1.5, None)?;
                     let e = ulps(&y.to_device(&Device::Cpu)?, &want_y);
                     assert!(e <= if dtype == DType::F32 { 64.0 } else { 1.01 }, "{dev:?} {dtype:?} rank {rank}: output off by {e} ulps");
                     for (name, a, b) in [("x", &got[0], &want[0]), ("a", &got[1], &want[1]), ("b", &got[2], &want[2])] {
@@ -430,6 +448,15 @@ mod tests {
                         assert_eq!(a.dims(), b.dims(), "d{name}");
                         let e = ulps(&a, b);
                         assert!(e <= if b.dtype() == DType::F32 { 64.0 } else { 1.01 }, "{dev:?} {dtype:?} rank {rank}: d{name} off by {e} ulps");
+                    }
+                    // With addends: the output plus a frozen product's, x's gradient plus another's.
+                    let (add, dx_add) = (r((n, o), 3.0)?.to_dtype(dtype)?, r((n, k), 3.0)?.to_dtype(dtype)?);
+                    let y = low_rank_skinny(&on(&xd)?, &on(&a)?, &on(&b)?, 1.5, Some(&on(&add)?))?;
+                    let dx = low_rank_bwd_skinny(&input(&on(&xd)?), &input(&on(&a)?), &input(&on(&b)?), &on(&gd)?, 1.5, Some(&on(&dx_add)?))?[0].clone().expect("grad");
+                    let want_dx = (want[0].as_ref().expect("grad") + &dx_add)?;
+                    for (name, got, want) in [("output", y, (&add + &want_y)?), ("dx", dx, want_dx)] {
+                        let e = ulps(&got.to_device(&Device::Cpu)?, &want);
+                        assert!(e <= if dtype == DType::F32 { 64.0 } else { 1.01 }, "{dev:?} {dtype:?} rank {rank}: {name} with an addend off by {e} ulps");
                     }
                 }
             }
