@@ -160,9 +160,7 @@ impl Bf16Weight {
             x.apply_op1_no_bwd(&op)
         }
     }
-}
 
-impl Bf16Weight {
     /// `g @ W` for g (.., out) in f32: the input's gradient of [`Bf16Weight::matmul`].
     pub fn matmul_t(self: &std::sync::Arc<Self>, g: &Tensor) -> Result<Tensor> {
         g.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(&FrozenBf16 { w: self.clone(), transpose: true })

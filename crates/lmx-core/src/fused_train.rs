@@ -251,6 +251,18 @@ impl AttentionScores {
         Ok(out)
     }
 
+    /// [`AttentionScores::rows`] in the scores' dtype, after the checks.
+    fn cpu(&self, ss: &CpuStorage, sl: &Layout, dp: Option<(&CpuStorage, &Layout)>, ms: &CpuStorage, ml: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.check((sl, ss.dtype()), dp.map(|(ds, dl)| (dl, ds.dtype())), (ml, ms.dtype()))?;
+        let out = match ss.dtype() {
+            DType::F32 => CpuStorage::F32(self.rows::<f32>(ss, sl, dp, ms, ml)?),
+            DType::BF16 => CpuStorage::BF16(self.rows::<bf16>(ss, sl, dp, ms, ml)?),
+            DType::F16 => CpuStorage::F16(self.rows::<f16>(ss, sl, dp, ms, ml)?),
+            other => candle_core::bail!("attention backward: dtype {other:?}"),
+        };
+        Ok((out, sl.shape().clone()))
+    }
+
     fn check(&self, (sl, sd): (&Layout, DType), dp: Option<(&Layout, DType)>, (ml, md): (&Layout, DType)) -> Result<()> {
         let cols = sl.dims().last().copied().unwrap_or(0);
         let rows = sl.shape().elem_count() / cols.max(1);
@@ -266,14 +278,7 @@ impl candle_core::CustomOp2 for AttentionScores {
         "lmx-attention-probs"
     }
     fn cpu_fwd(&self, ss: &CpuStorage, sl: &Layout, ms: &CpuStorage, ml: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.check((sl, ss.dtype()), None, (ml, ms.dtype()))?;
-        let out = match ss.dtype() {
-            DType::F32 => CpuStorage::F32(self.rows::<f32>(ss, sl, None, ms, ml)?),
-            DType::BF16 => CpuStorage::BF16(self.rows::<bf16>(ss, sl, None, ms, ml)?),
-            DType::F16 => CpuStorage::F16(self.rows::<f16>(ss, sl, None, ms, ml)?),
-            other => candle_core::bail!("attention backward: dtype {other:?}"),
-        };
-        Ok((out, sl.shape().clone()))
+        self.cpu(ss, sl, None, ms, ml)
     }
 
     #[cfg(feature = "cuda")]
@@ -288,15 +293,7 @@ impl CustomOp3 for AttentionScores {
         "lmx-attention-dscores"
     }
     fn cpu_fwd(&self, ss: &CpuStorage, sl: &Layout, ds: &CpuStorage, dl: &Layout, ms: &CpuStorage, ml: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.check((sl, ss.dtype()), Some((dl, ds.dtype())), (ml, ms.dtype()))?;
-        let dp = Some((ds, dl));
-        let out = match ss.dtype() {
-            DType::F32 => CpuStorage::F32(self.rows::<f32>(ss, sl, dp, ms, ml)?),
-            DType::BF16 => CpuStorage::BF16(self.rows::<bf16>(ss, sl, dp, ms, ml)?),
-            DType::F16 => CpuStorage::F16(self.rows::<f16>(ss, sl, dp, ms, ml)?),
-            other => candle_core::bail!("attention backward: dtype {other:?}"),
-        };
-        Ok((out, sl.shape().clone()))
+        self.cpu(ss, sl, Some((ds, dl)), ms, ml)
     }
 
     #[cfg(feature = "cuda")]
@@ -371,6 +368,15 @@ impl Skinny {
         }
     }
 
+    /// [`Skinny::Out`] with its addend: the shape after checking the addend's.
+    fn check_add(&self, l1: (&Layout, DType), l2: (&Layout, DType), (l3, d3): (&Layout, DType)) -> Result<Shape> {
+        let (shape, dtype) = self.check(l1, l2)?;
+        if !matches!(self, Skinny::Out { .. }) || l3.dims() != shape.dims() || d3 != dtype {
+            candle_core::bail!("low-rank product: an addend {:?} {d3:?} for an output {:?} {dtype:?} (the output product only)", l3.dims(), shape.dims());
+        }
+        Ok(shape)
+    }
+
     fn cpu_in<T: Elem>(xs: &CpuStorage, xl: &Layout, ms: &CpuStorage, ml: &Layout, scale: f32, m_t: bool) -> Result<Vec<f32>> {
         let (x, m) = (slice::<T>(xs, xl)?, slice::<f32>(ms, ml)?);
         let (k, r) = factor_dims(ml, m_t)?;
@@ -421,17 +427,6 @@ impl candle_core::CustomOp2 for Skinny {
     fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
         let (shape, _) = self.check((l1, s1.dtype()), (l2, s2.dtype()))?;
         Ok((crate::cuda_train::skinny(self, s1, l1, s2, l2, None)?, shape))
-    }
-}
-
-impl Skinny {
-    /// [`Skinny::Out`] with its addend: the shape after checking the addend's.
-    fn check_add(&self, l1: (&Layout, DType), l2: (&Layout, DType), (l3, d3): (&Layout, DType)) -> Result<Shape> {
-        let (shape, dtype) = self.check(l1, l2)?;
-        if !matches!(self, Skinny::Out { .. }) || l3.dims() != shape.dims() || d3 != dtype {
-            candle_core::bail!("low-rank product: an addend {:?} {d3:?} for an output {:?} {dtype:?} (the output product only)", l3.dims(), shape.dims());
-        }
-        Ok(shape)
     }
 }
 

@@ -245,15 +245,17 @@ pub type FrozenBackward = std::sync::Arc<dyn Fn(&Tensor) -> Result<Tensor> + Sen
 
 /// A frozen layer with a LoRA update, `base(x) + scale (x a) b` for x (.., in), a (in, r),
 /// b (r, out), in x's dtype; `base` is the frozen product x (rows, in) -> (rows, out) and
-/// `base_t` its input's gradient. `None` when x, a and b are all off the tape or the taped ops
-/// are off (`LMX_TAPED_OPS=0`): the caller composes the two. On the tape one node over
+/// `base_t` makes its input's gradient (called on the tape only). `None` when x, a and b are
+/// all off the tape or the taped ops are off (`LMX_TAPED_OPS=0`): the caller composes the
+/// two. On the tape one node over
 /// (x, a, b) whose backward gives x `base_t(g) + g b^T a^T` in one gradient, where the
 /// composition was five nodes (the product, two reshapes, the update, the sum), each of which
 /// candle's backward seeds with zeros and adds into.
-pub fn lora_linear(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64, base: impl Fn(&Tensor) -> Result<Tensor>, base_t: FrozenBackward) -> Result<Option<Tensor>> {
+pub fn lora_linear(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64, base: impl Fn(&Tensor) -> Result<Tensor>, base_t: impl FnOnce() -> FrozenBackward) -> Result<Option<Tensor>> {
     if !(taped_ops() && on_tape(&[x, a, b])) {
         return Ok(None);
     }
+    let base_t = base_t();
     let (in_f, out) = (x.dim(D::Minus1)?, b.dim(1)?);
     let mut dims = x.dims().to_vec();
     if let Some(last) = dims.last_mut() {

@@ -256,7 +256,7 @@ impl Adapter {
         if self.dora.is_some() || (self.dropout > 0.0 && self.training.as_ref().is_some_and(|t| t.is_active())) {
             return Ok(None);
         }
-        lmx_core::ops::lora_linear(x, &self.lora_a, &self.lora_b, self.scale, |t| w.matmul(t), w.transposed())
+        lmx_core::ops::lora_linear(x, &self.lora_a, &self.lora_b, self.scale, |t| w.matmul(t), || w.transposed())
     }
 
     /// The adapted output from the input `x` (.., in) and the frozen layer's output without
