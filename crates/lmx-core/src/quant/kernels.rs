@@ -179,7 +179,7 @@ fn q8_rows(q: &QuantizedMatrix, x: &[f32], m: usize) -> Vec<Q8Act> {
     parallel_ranges(m, 4, |rows| {
         for i in rows {
             // SAFETY: ranges are disjoint and inside `acts`, which outlives the call.
-            unsafe { *out.get().add(i) = Q8Act::new(q, &x[i * q.cols..(i + 1) * q.cols]) };
+            unsafe { *out.get().add(i) = Q8Act::coded(q, &x[i * q.cols..(i + 1) * q.cols], false) };
         }
     });
     acts.into_iter().map(|a| a.expect("q8_gemm_applies checked the shapes")).collect()
@@ -418,6 +418,10 @@ fn float_rows(q: &QuantizedMatrix, x: &[f32], rows: Range<usize>, ys: &mut [f32]
 pub struct Q8Act {
     pub(super) codes: Vec<i8>,
     pub(super) fine: Vec<i8>,
+    /// 4-bit weights only: `codes` and `fine` with each 128-element span reordered for a
+    /// 64-byte load of packed weights ([`Q8Act::paired`]); empty otherwise.
+    pub(super) pair_codes: Vec<i8>,
+    pub(super) pair_fine: Vec<i8>,
     pub(super) dx: Vec<f32>,
     pub(super) xsums: Vec<f32>,
     pub(super) code_sums: Vec<i32>,
@@ -433,20 +437,57 @@ impl Q8Act {
     /// widths other than 4 and 8, 4-bit rows that are not a multiple of 64, scales and biases
     /// of different dtypes).
     pub(super) fn new(q: &QuantizedMatrix, x: &[f32]) -> Option<Self> {
+        Self::coded(q, x, true)
+    }
+
+    /// As [`new`](Self::new), with the 4-bit decode kernels' [`paired`](Self::paired) order
+    /// only when `paired` (the prefill product reads the codes in their plain order).
+    fn coded(q: &QuantizedMatrix, x: &[f32], paired: bool) -> Option<Self> {
         if !Self::fits(q) || x.len() != q.cols {
             return None;
         }
         let padded = (q.cols / q.group_size).next_multiple_of(8);
-        let mut a = Q8Act { codes: vec![0; q.cols], fine: vec![0; q.cols], dx: vec![0.0; padded], xsums: vec![0.0; padded], code_sums: vec![0; padded], fine_sums: vec![0; padded] };
+        let mut a = Q8Act {
+            codes: vec![0; q.cols],
+            fine: vec![0; q.cols],
+            pair_codes: Vec::new(),
+            pair_fine: Vec::new(),
+            dx: vec![0.0; padded],
+            xsums: vec![0.0; padded],
+            code_sums: vec![0; padded],
+            fine_sums: vec![0; padded],
+        };
         #[cfg(target_arch = "x86_64")]
-        if level() != Level::Scalar && std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") {
+        let simd = level() != Level::Scalar && std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw");
+        #[cfg(not(target_arch = "x86_64"))]
+        let simd = false;
+        if simd {
             // SAFETY: the features were just checked; groups are 32, 64 or 128 elements and
             // the arrays are sized for x.
-            unsafe { super::x86::quantize_act(x, q.group_size, q.bits, &mut a) };
-            return Some(a);
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                super::x86::quantize_act(x, q.group_size, q.bits, &mut a)
+            };
+        } else {
+            a.quantize_scalar(x, q.group_size, q.bits);
         }
-        a.quantize_scalar(x, q.group_size, q.bits);
+        if q.bits == 4 && paired {
+            (a.pair_codes, a.pair_fine) = (Self::paired(&a.codes), Self::paired(&a.fine));
+        }
         Some(a)
+    }
+
+    /// 4-bit codes (in [`position`](Self::position) order) rearranged per 128-element span
+    /// for a 64-byte load of packed weights, whose low nibbles are the even elements of two
+    /// 64-element runs A and B and whose high nibbles their odd ones: [A even | B even | A odd
+    /// | B odd], 32 codes each (the middle two swapped). A last run of 64 stays as it is.
+    fn paired(codes: &[i8]) -> Vec<i8> {
+        let mut out = codes.to_vec();
+        for span in out.chunks_exact_mut(128) {
+            let (a, b) = span.split_at_mut(64);
+            a[32..].swap_with_slice(&mut b[..32]);
+        }
+        out
     }
 
     /// Portable reference for the two levels of codes (x86's AVX-512 version is tested

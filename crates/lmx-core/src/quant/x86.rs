@@ -393,26 +393,15 @@ pub unsafe fn rows_q8_vnni<S: super::Scale>(rows: &[u32], bits: usize, group_siz
     unsafe { specialized!(Vnni, rows, bits, group_size, s, b, act, out) }
 }
 
-/// Lane `u` of a 64-element run's 512-bit product: the run-relative element its 4 bytes
-/// start at (4-bit runs are laid out [low nibbles = even elements][high = odd], so lanes u
-/// and u + 8 share elements 8u..8u + 8).
-const fn lane_element<const BITS: usize>(u: usize) -> usize {
-    if BITS == 4 {
-        8 * (u % 8)
-    } else {
-        4 * u
-    }
-}
-
-/// For each run `k` of an 8-group step (at most 16 runs: 8 groups of 128), the step-relative
-/// group of each lane of its product.
-const fn lane_groups<const BITS: usize, const GS: usize>() -> [[i32; 16]; 16] {
+/// For each 64-element run `k` of an 8-group step of 8-bit codes (at most 16 runs: 8 groups
+/// of 128), the step-relative group of each lane of its product (lane u: elements 4u..4u + 4).
+const fn run_groups<const GS: usize>() -> [[i32; 16]; 16] {
     let mut t = [[0i32; 16]; 16];
     let mut k = 0;
     while k < 16 {
         let mut u = 0;
         while u < 16 {
-            t[k][u] = ((64 * k + lane_element::<BITS>(u)) / GS) as i32;
+            t[k][u] = ((64 * k + 4 * u) / GS) as i32;
             u += 1;
         }
         k += 1;
@@ -420,24 +409,34 @@ const fn lane_groups<const BITS: usize, const GS: usize>() -> [[i32; 16]; 16] {
     t
 }
 
-/// One 64-element run of a row as 64 bytes against the activations' codes at the same
-/// element offset: 4-bit runs are 32 packed bytes split into [low nibbles | high nibbles];
-/// 8-bit runs are the bytes themselves (`half`: only 32 elements remain, the rest zero).
+/// For each 128-element span `k` of an 8-group step of 4-bit codes (at most 8 spans: 8
+/// groups of 128), the step-relative group of each lane of its product: a 64-byte load holds
+/// runs A (bytes 0-31, lanes 0-7) and B (lanes 8-15), lane u covering elements 8(u % 8)..
+/// of its run.
+const fn span_groups<const GS: usize>() -> [[i32; 16]; 8] {
+    let mut t = [[0i32; 16]; 8];
+    let mut k = 0;
+    while k < 8 {
+        let mut u = 0;
+        while u < 16 {
+            t[k][u] = ((128 * k + 64 * (u / 8) + 8 * (u % 8)) / GS) as i32;
+            u += 1;
+        }
+        k += 1;
+    }
+    t
+}
+
+/// 64 bytes of 8-bit codes at element `e` of a row (`half`: 32, the rest zero).
 ///
 /// # Safety
-/// AVX-512F/BW must be available; the run's bytes lie inside the row.
+/// AVX-512F must be available; the bytes lie inside the row.
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn run_bytes<const BITS: usize>(w: *const u8, e: usize, half: bool) -> __m512i {
+#[target_feature(enable = "avx512f")]
+unsafe fn run_bytes(w: *const u8, e: usize, half: bool) -> __m512i {
     // SAFETY: forwarded from the caller.
     unsafe {
-        if BITS == 4 {
-            let v = _mm512_zextsi256_si512(_mm256_loadu_si256(w.add(e / 2) as *const __m256i));
-            let mask = _mm512_set1_epi8(0x0F);
-            let lo = _mm512_and_si512(v, mask);
-            let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
-            _mm512_shuffle_i64x2(lo, hi, 0b01_00_01_00)
-        } else if half {
+        if half {
             _mm512_zextsi256_si512(_mm256_loadu_si256(w.add(e) as *const __m256i))
         } else {
             _mm512_loadu_si512(w.add(e) as *const _)
@@ -465,11 +464,14 @@ unsafe fn act_bytes(x: *const u8, e: usize, half: bool) -> __m512i {
 /// How far ahead of its reads [`rows_q8_512`] asks for a row's bytes.
 const PREFETCH: usize = 16384;
 
-/// [`rows_q8`] on 512-bit registers, one 64-element run per `vpdpbusd` and no horizontal
-/// sums per group: each lane of a run's integer product belongs to one group, so the two
-/// levels are joined in the lane (`fine + 254 * coarse`), widened to f32 and multiplied by
-/// the lane's `scale * dx`, and one horizontal sum ends the row. Rows of `R` share the
-/// activation loads.
+/// [`rows_q8`] on 512-bit registers, 64 elements per `vpdpbusd` and no horizontal sums per
+/// group: each lane of a product belongs to one group, so the two levels are joined in the
+/// lane (`fine + 254 * coarse`), widened to f32 and multiplied by the lane's `scale * dx`,
+/// and one horizontal sum ends the row. 4-bit rows go 128 elements (one 64-byte load) per
+/// step against the activations' paired codes; 8-bit rows 64. Rows of `R` share the
+/// activation loads. Prefetches go to L2 (`T1`): into L1 they took the line-fill buffers
+/// that a single thread's stream needs (16384 x 8192 from memory, Zen 4: 12-13 -> 18-19
+/// GB/s).
 ///
 /// # Safety
 /// As [`rows_q8`], with AVX-512F/BW/VL and VNNI available.
@@ -481,7 +483,6 @@ unsafe fn rows_q8_512<S: super::Scale, const BITS: usize, const GS: usize, const
     let groups = cols / GS;
     let row_bytes = cols * BITS / 8;
     let (fine, finef) = (_mm512_set1_epi32(super::kernels::FINE as i32), _mm512_set1_ps(super::kernels::FINE));
-    let table = const { lane_groups::<BITS, GS>() };
     let mut acc = [_mm512_setzero_ps(); R];
     let mut bacc = [_mm256_setzero_ps(); R];
     // SAFETY (whole body): every run read lies inside its row and the activation codes
@@ -498,23 +499,56 @@ unsafe fn rows_q8_512<S: super::Scale, const BITS: usize, const GS: usize, const
                 sx[r] = _mm512_castps256_ps512(_mm256_mul_ps(sc, dx));
             }
             let (first, end) = (g0 * GS, (g0 + n) * GS);
-            for (k, lanes) in table.iter().enumerate().take((end - first).div_ceil(64)) {
+            if BITS == 4 {
+                // 128 elements per step: one 64-byte load of codes splits into the even
+                // elements of two runs (low nibbles) and their odd ones (high nibbles), met by
+                // the activations in `paired` order. A row's last run of 64 is a half span.
+                let spans = const { span_groups::<GS>() };
+                debug_assert_eq!(act.pair_codes.len(), cols, "4-bit activations made by Q8Act::new are paired");
+                let (pc, pf) = (act.pair_codes.as_ptr() as *const u8, act.pair_fine.as_ptr() as *const u8);
+                let mask = _mm512_set1_epi8(0x0F);
+                for (k, lanes) in spans.iter().enumerate().take((end - first).div_ceil(128)) {
+                    let e = first + 128 * k;
+                    let half = end - e < 128;
+                    let load_act = |p: *const u8| {
+                        if half {
+                            [_mm512_zextsi256_si512(_mm256_loadu_si256(p.add(e) as *const __m256i)), _mm512_zextsi256_si512(_mm256_loadu_si256(p.add(e + 32) as *const __m256i))]
+                        } else {
+                            [_mm512_loadu_si512(p.add(e) as *const _), _mm512_loadu_si512(p.add(e + 64) as *const _)]
+                        }
+                    };
+                    let ([c_lo, c_hi], [f_lo, f_hi]) = (load_act(pc), load_act(pf));
+                    let lanes = _mm512_loadu_si512(lanes.as_ptr() as *const _);
+                    for r in 0..R {
+                        let w = (rows.as_ptr() as *const u8).add(r * row_bytes + e / 2);
+                        _mm_prefetch::<_MM_HINT_T1>(w.wrapping_add(PREFETCH) as *const i8);
+                        let v = if half { _mm512_zextsi256_si512(_mm256_loadu_si256(w as *const __m256i)) } else { _mm512_loadu_si512(w as *const _) };
+                        let (lo, hi) = (_mm512_and_si512(v, mask), _mm512_and_si512(_mm512_srli_epi16(v, 4), mask));
+                        let ci = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, c_lo), hi, c_hi);
+                        let fi = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, f_lo), hi, f_hi);
+                        // A lane's coarse sum (8 codes <= 15 times int8) fits an i16, so
+                        // `vpdpwssd` adds 254 times it (the high half, its sign, times 0).
+                        let joined = _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(fi, ci, fine));
+                        acc[r] = _mm512_fmadd_ps(joined, _mm512_permutexvar_ps(lanes, sx[r]), acc[r]);
+                    }
+                }
+                continue;
+            }
+            // 8 bits: 64 elements per step, the bytes as they are.
+            let runs = const { run_groups::<GS>() };
+            for (k, lanes) in runs.iter().enumerate().take((end - first).div_ceil(64)) {
                 let e = first + 64 * k;
                 let half = end - e < 64;
                 let (c, f) = (act_bytes(xc, e, half), act_bytes(xf, e, half));
                 let lanes = _mm512_loadu_si512(lanes.as_ptr() as *const _);
                 for r in 0..R {
                     let w = (rows.as_ptr() as *const u8).add(r * row_bytes);
-                    if BITS == 8 || k % 2 == 0 {
-                        _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(e * BITS / 8 + PREFETCH) as *const i8);
-                    }
-                    let v = run_bytes::<BITS>(w, e, half);
+                    _mm_prefetch::<_MM_HINT_T1>(w.wrapping_add(e + PREFETCH) as *const i8);
+                    let v = run_bytes(w, e, half);
                     let (ci, fi) = (_mm512_dpbusd_epi32(_mm512_setzero_si512(), v, c), _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, f));
-                    // A 4-bit lane's coarse sum (4 codes <= 15 times int8) fits an i16, so
-                    // `vpdpwssd` adds 254 times it (the high half, its sign, times 0). An
-                    // 8-bit lane's may not: join them in f32 (exact below 2^24, within
-                    // 2^-24 relative above).
-                    let joined = if BITS == 4 { _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(fi, ci, fine)) } else { _mm512_fmadd_ps(_mm512_cvtepi32_ps(ci), finef, _mm512_cvtepi32_ps(fi)) };
+                    // An 8-bit lane's coarse sum may not fit an i16: join the levels in f32
+                    // (exact below 2^24, within 2^-24 relative above).
+                    let joined = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ci), finef, _mm512_cvtepi32_ps(fi));
                     acc[r] = _mm512_fmadd_ps(joined, _mm512_permutexvar_ps(lanes, sx[r]), acc[r]);
                 }
             }
