@@ -9,11 +9,14 @@
 # It builds what it needs: lmx (release), llama.cpp (pip llama-cpp-python, compiled here;
 # -mno-amx-* on CPUs with AMX, where the native build crashes), the memory probe, and the
 # model folders and GGUFs under models/ (kept between runs).
-# Usage: scripts/bench/cpu_speed.sh [ROUNDS]     (ROUNDS defaults to 2; MODELS="smollm2" to skip the 1B)
+# Usage: scripts/bench/cpu_speed.sh [ROUNDS]     (ROUNDS defaults to 2; MODELS="smollm2" to skip the 1B;
+#        KINDS="4bit 8bit" for those formats only; THREADS="2" for one thread count)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROUNDS=${1:-2}
 MODELS=${MODELS:-"smollm2 llama-1b-random"}
+KINDS=${KINDS:-"4bit 8bit bf16 f32"}
+THREADS=${THREADS:-"1 2"}
 P=128; G=64; N=3
 
 if ! python3 -c "import llama_cpp, gguf" 2>/dev/null; then
@@ -57,9 +60,10 @@ for m in $MODELS; do
   pairs="4bit:Q4_0 8bit:Q8_0"
   [ $m = smollm2 ] && pairs="$pairs bf16:BF16 f32:F32"
   for pair in $pairs; do
+    [[ " $KINDS " == *" ${pair%%:*} "* ]] || continue
     ours=models/$m-${pair%%:*}; theirs=models/$m-${pair##*:}.gguf
     [ $m = llama-1b-random ] && theirs=models/llama-1b-random-${pair##*:}.gguf
-    for t in 1 2; do
+    for t in $THREADS; do
       bw=$(target/membw $t)
       : > /tmp/lmx_bench_ours; : > /tmp/lmx_bench_theirs
       for r in $(seq "$ROUNDS"); do
