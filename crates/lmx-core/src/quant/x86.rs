@@ -485,6 +485,7 @@ unsafe fn rows_q8_512<S: super::Scale, const BITS: usize, const GS: usize, const
     let (fine, finef) = (_mm512_set1_epi32(super::kernels::FINE as i32), _mm512_set1_ps(super::kernels::FINE));
     let mut acc = [_mm512_setzero_ps(); R];
     let mut bacc = [_mm256_setzero_ps(); R];
+    assert!(BITS != 4 || (act.pair_codes.len() == cols && act.pair_fine.len() == cols), "4-bit decode activations come paired (Q8Act::new)");
     // SAFETY (whole body): every run read lies inside its row and the activation codes
     // (runs stop at `cols`, a last 8-bit run of 32 elements is read as a half); the
     // per-group arrays of `act` are padded to a multiple of 8 groups; the caller guarantees
@@ -504,7 +505,6 @@ unsafe fn rows_q8_512<S: super::Scale, const BITS: usize, const GS: usize, const
                 // elements of two runs (low nibbles) and their odd ones (high nibbles), met by
                 // the activations in `paired` order. A row's last run of 64 is a half span.
                 let spans = const { span_groups::<GS>() };
-                debug_assert_eq!(act.pair_codes.len(), cols, "4-bit activations made by Q8Act::new are paired");
                 let (pc, pf) = (act.pair_codes.as_ptr() as *const u8, act.pair_fine.as_ptr() as *const u8);
                 let mask = _mm512_set1_epi8(0x0F);
                 for (k, lanes) in spans.iter().enumerate().take((end - first).div_ceil(128)) {
