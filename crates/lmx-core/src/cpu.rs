@@ -405,7 +405,7 @@ mod x86 {
                     // (a large matrix streams; the tiles below re-read these rows from L1).
                     let next = w.as_ptr().wrapping_add((r + 2 * $A) * k) as *const i8;
                     for line in (0..$A * k * std::mem::size_of::<W>()).step_by(64) {
-                        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line));
+                        _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(line));
                     }
                     let mut i = 0;
                     while i < m {
@@ -452,13 +452,15 @@ mod x86 {
         // Rows ~16 KiB ahead on their way from memory while this one is computed: left to the
         // hardware's prefetcher, one thread read SmolLM2's f32 weights at ~8 GB/s where
         // llama.cpp read 15 on the same 2-core Xeon (8 KiB ahead gained less; BENCHMARKS.md).
+        // Into L2, not L1: L1's line-fill buffers are what one thread's stream runs on (Zen 4,
+        // 49152 x 576 from memory, 1 thread: f32 12.6-14.9 -> 17.1-17.7 GB/s, bf16 15-18 -> 16-22).
         let row_bytes = k * std::mem::size_of::<W>();
         let ahead = (16384 / row_bytes.max(1)).max(1);
         for r in rows.clone() {
             if r + ahead < rows.end {
                 let next = w.as_ptr().wrapping_add((r + ahead) * k) as *const i8;
                 for line in (0..row_bytes).step_by(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line));
+                    _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(line));
                 }
             }
             let mut i = 0;

@@ -457,20 +457,7 @@ impl Q8Act {
             code_sums: vec![0; padded],
             fine_sums: vec![0; padded],
         };
-        #[cfg(target_arch = "x86_64")]
-        let simd = level() != Level::Scalar && std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw");
-        #[cfg(not(target_arch = "x86_64"))]
-        let simd = false;
-        if simd {
-            // SAFETY: the features were just checked; groups are 32, 64 or 128 elements and
-            // the arrays are sized for x.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                super::x86::quantize_act(x, q.group_size, q.bits, &mut a)
-            };
-        } else {
-            a.quantize_scalar(x, q.group_size, q.bits);
-        }
+        a.quantize(x, q.group_size, q.bits);
         if q.bits == 4 && paired {
             (a.pair_codes, a.pair_fine) = (Self::paired(&a.codes), Self::paired(&a.fine));
         }
@@ -488,6 +475,18 @@ impl Q8Act {
             a[32..].swap_with_slice(&mut b[..32]);
         }
         out
+    }
+
+    /// Both levels of codes for x: AVX-512 where the CPU has it, else portable.
+    fn quantize(&mut self, x: &[f32], group_size: usize, bits: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if level() != Level::Scalar && std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") {
+            // SAFETY: the features were just checked; groups are 32, 64 or 128 elements and
+            // the arrays are sized for x.
+            unsafe { super::x86::quantize_act(x, group_size, bits, self) };
+            return;
+        }
+        self.quantize_scalar(x, group_size, bits);
     }
 
     /// Portable reference for the two levels of codes (x86's AVX-512 version is tested
