@@ -393,33 +393,18 @@ pub unsafe fn rows_q8_vnni<S: super::Scale>(rows: &[u32], bits: usize, group_siz
     unsafe { specialized!(Vnni, rows, bits, group_size, s, b, act, out) }
 }
 
-/// For each 64-element run `k` of an 8-group step of 8-bit codes (at most 16 runs: 8 groups
-/// of 128), the step-relative group of each lane of its product (lane u: elements 4u..4u + 4).
-const fn run_groups<const GS: usize>() -> [[i32; 16]; 16] {
+/// For each step `k` of an 8-group step of codes (4 bits: 128 elements, at most 8 of them, a
+/// 64-byte load holding runs A (bytes 0-31, lanes 0-7) and B (lanes 8-15), lane u covering
+/// elements 8(u % 8).. of its run; 8 bits: 64 elements, at most 16, lane u covering 4u..4u +
+/// 4), the step-relative group of each lane of its product.
+const fn lane_groups<const BITS: usize, const GS: usize>() -> [[i32; 16]; 16] {
     let mut t = [[0i32; 16]; 16];
     let mut k = 0;
     while k < 16 {
         let mut u = 0;
         while u < 16 {
-            t[k][u] = ((64 * k + 4 * u) / GS) as i32;
-            u += 1;
-        }
-        k += 1;
-    }
-    t
-}
-
-/// For each 128-element span `k` of an 8-group step of 4-bit codes (at most 8 spans: 8
-/// groups of 128), the step-relative group of each lane of its product: a 64-byte load holds
-/// runs A (bytes 0-31, lanes 0-7) and B (lanes 8-15), lane u covering elements 8(u % 8)..
-/// of its run.
-const fn span_groups<const GS: usize>() -> [[i32; 16]; 8] {
-    let mut t = [[0i32; 16]; 8];
-    let mut k = 0;
-    while k < 8 {
-        let mut u = 0;
-        while u < 16 {
-            t[k][u] = ((128 * k + 64 * (u / 8) + 8 * (u % 8)) / GS) as i32;
+            let e = if BITS == 4 { 128 * k + 64 * (u / 8) + 8 * (u % 8) } else { 64 * k + 4 * u };
+            t[k][u] = (e / GS) as i32;
             u += 1;
         }
         k += 1;
@@ -504,7 +489,7 @@ unsafe fn rows_q8_512<S: super::Scale, const BITS: usize, const GS: usize, const
                 // 128 elements per step: one 64-byte load of codes splits into the even
                 // elements of two runs (low nibbles) and their odd ones (high nibbles), met by
                 // the activations in `paired` order. A row's last run of 64 is a half span.
-                let spans = const { span_groups::<GS>() };
+                let spans = const { lane_groups::<BITS, GS>() };
                 let (pc, pf) = (act.pair_codes.as_ptr() as *const u8, act.pair_fine.as_ptr() as *const u8);
                 let mask = _mm512_set1_epi8(0x0F);
                 for (k, lanes) in spans.iter().enumerate().take((end - first).div_ceil(128)) {
@@ -535,7 +520,7 @@ unsafe fn rows_q8_512<S: super::Scale, const BITS: usize, const GS: usize, const
                 continue;
             }
             // 8 bits: 64 elements per step, the bytes as they are.
-            let runs = const { run_groups::<GS>() };
+            let runs = const { lane_groups::<BITS, GS>() };
             for (k, lanes) in runs.iter().enumerate().take((end - first).div_ceil(64)) {
                 let e = first + 64 * k;
                 let half = end - e < 64;
