@@ -18,7 +18,7 @@ use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::QuantizedMatrix;
+use super::{GroupParams, QuantizedMatrix};
 
 /// The two-level int8 coding of activations the integer products read (the CPU's
 /// `Q8Act::quantize_scalar`), shared by `q8act` here and by the kernels of `cuda_fused` that
@@ -88,6 +88,19 @@ __device__ __forceinline__ unsigned int code_at(const unsigned int* row, int e, 
     return (unsigned int)((two >> sh) & ((1u << bits) - 1));
 }
 
+// A group's (scale, bias), group i of the matrix (row * groups + group), from its u32 words:
+// two f32 (sb16 = 0), or two bf16 in one word, the scale in the low half (sb16 = 1: MLX's own
+// bytes, for checkpoints whose scales and biases are bf16; a 4-bit matrix reads 10% fewer
+// bytes than with f32 pairs).
+__device__ __forceinline__ float2 scale_bias(const unsigned int* __restrict__ sb, size_t i, int sb16) {
+    if (sb16) {
+        unsigned int u = __ldg(sb + i);
+        return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xFFFF0000u));
+    }
+    uint2 p = __ldg((const uint2*)sb + i);
+    return make_float2(__uint_as_float(p.x), __uint_as_float(p.y));
+}
+
 // Activations as f32 or bf16 (the top half of an f32; stores round to nearest even).
 __device__ __forceinline__ float load(const float* p, size_t i) { return p[i]; }
 __device__ __forceinline__ float load(const unsigned short* p, size_t i) { return __uint_as_float(((unsigned int)p[i]) << 16); }
@@ -98,7 +111,7 @@ __device__ __forceinline__ void store(unsigned short* p, size_t i, float v) {
 }
 
 template <typename T>
-__device__ void qmv(const unsigned int* __restrict__ w, const float* __restrict__ sb, const T* __restrict__ x,
+__device__ void qmv(const unsigned int* __restrict__ w, const unsigned int* __restrict__ sb, int sb16, const T* __restrict__ x,
                     T* __restrict__ y, int rows, int cols, int bits, int group_size, int m) {
     long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     int lane = threadIdx.x % 32;
@@ -106,7 +119,7 @@ __device__ void qmv(const unsigned int* __restrict__ w, const float* __restrict_
     int r = (int)(warp % rows), i = (int)(warp / rows);
     int groups = cols / group_size;
     const unsigned int* row = w + (size_t)r * (cols / 32 * bits);
-    const float* s = sb + (size_t)r * 2 * groups;
+    const size_t s = (size_t)r * groups;
     size_t x0 = (size_t)i * cols;
     float acc = 0.f;
     if (bits == 4 || bits == 8 || bits == 2) {
@@ -121,12 +134,14 @@ __device__ void qmv(const unsigned int* __restrict__ w, const float* __restrict_
                 dot += (float)((word >> (k * bits)) & mask) * xv;
                 xs += xv;
             }
-            acc += s[2 * g] * dot + s[2 * g + 1] * xs;
+            float2 p = scale_bias(sb, s + g, sb16);
+            acc += p.x * dot + p.y * xs;
         }
     } else {
         for (int e = lane; e < cols; e += 32) {
             int g = e / group_size;
-            acc += (s[2 * g] * (float)code_at(row, e, bits) + s[2 * g + 1]) * load(x, x0 + e);
+            float2 p = scale_bias(sb, s + g, sb16);
+            acc += (p.x * (float)code_at(row, e, bits) + p.y) * load(x, x0 + e);
         }
     }
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
@@ -134,14 +149,14 @@ __device__ void qmv(const unsigned int* __restrict__ w, const float* __restrict_
 }
 
 template <typename T>
-__device__ void dequant(const unsigned int* __restrict__ w, const float* __restrict__ sb, T* __restrict__ out,
+__device__ void dequant(const unsigned int* __restrict__ w, const unsigned int* __restrict__ sb, int sb16, T* __restrict__ out,
                         int rows, int cols, int bits, int group_size) {
     long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long long)rows * cols) return;
     int r = (int)(idx / cols), e = (int)(idx % cols);
     int groups = cols / group_size, g = e / group_size;
-    const float* s = sb + (size_t)r * 2 * groups;
-    store(out, (size_t)idx, s[2 * g] * (float)code_at(w + (size_t)r * (cols / 32 * bits), e, bits) + s[2 * g + 1]);
+    float2 p = scale_bias(sb, (size_t)r * groups + g, sb16);
+    store(out, (size_t)idx, p.x * (float)code_at(w + (size_t)r * (cols / 32 * bits), e, bits) + p.y);
 }
 
 // The same for widths that divide 32 (2, 4, 8 bits): a thread per packed word, its codes one
@@ -153,14 +168,15 @@ __device__ __forceinline__ unsigned int bf16_bits(float v) {
     return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
 }
 template <typename T>
-__device__ void dequant_words(const unsigned int* __restrict__ w, const float* __restrict__ sb, T* __restrict__ out,
+__device__ void dequant_words(const unsigned int* __restrict__ w, const unsigned int* __restrict__ sb, int sb16, T* __restrict__ out,
                               int rows, int cols, int bits, int group_size) {
     long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     int per = 32 / bits, words = cols / per;
     if (t >= (long long)rows * words) return;
     int r = (int)(t / words), e0 = (int)(t % words) * per, groups = cols / group_size, g = e0 / group_size;
     unsigned int word = w[t], mask = (1u << bits) - 1;
-    float s = sb[(size_t)r * 2 * groups + 2 * g], b = sb[(size_t)r * 2 * groups + 2 * g + 1];
+    float2 p = scale_bias(sb, (size_t)r * groups + g, sb16);
+    float s = p.x, b = p.y;
     size_t o = (size_t)r * cols + e0;
     if (sizeof(T) == 2) {
         unsigned int* o32 = (unsigned int*)(out + o);
@@ -220,8 +236,8 @@ __device__ __forceinline__ void step_sums(uint4 wv, const int* c, const int* f, 
 // side by side in one output, one launch: qmv8x).
 // (A warp per R rows, its lanes over the columns and sums by shuffles alone, measured 2-10%
 // slower on an H200: docs/cuda/2026-12-01-qmv-layout.txt.)
-template <typename T, int BITS, int R, int M>
-__device__ void qmv8_block(const uint4* __restrict__ w, const float2* __restrict__ sb, const int* __restrict__ act,
+template <typename T, int BITS, int R, int M, int SB16>
+__device__ void qmv8_block(const uint4* __restrict__ w, const unsigned int* __restrict__ sb, const int* __restrict__ act,
                            T* __restrict__ y, int rows, int cols, int gs, int m, int block, int ystride, int yoff) {
     __shared__ float red[4][R * M];
     const int tid = threadIdx.x, lane = tid % 32, wid = tid / 32;
@@ -230,11 +246,11 @@ __device__ void qmv8_block(const uint4* __restrict__ w, const float2* __restrict
     const int groups = cols / gs, stride = act_stride(cols, groups);
     const int mm = M == 1 ? 1 : m;
     const uint4* wr[R];
-    const float2* sr[R];
+    size_t sr[R];
     for (int j = 0; j < R; j++) {
         int r = min(r0 + j, rows - 1);
         wr[j] = w + (size_t)r * units;
-        sr[j] = sb + (size_t)r * groups;
+        sr[j] = (size_t)r * groups;
     }
     float acc[M][R];
     for (int i = 0; i < M; i++)
@@ -245,7 +261,7 @@ __device__ void qmv8_block(const uint4* __restrict__ w, const float2* __restrict
         bool first = e0 % gs == 0;
         uint4 wv[R];
         float2 p[R];
-        for (int j = 0; j < R; j++) { wv[j] = __ldg(wr[j] + u); p[j] = __ldg(sr[j] + g); }
+        for (int j = 0; j < R; j++) { wv[j] = __ldg(wr[j] + u); p[j] = scale_bias(sb, sr[j] + g, SB16); }
 #pragma unroll
         for (int i = 0; i < M; i++) {
             if (i < mm) {
@@ -286,34 +302,37 @@ __device__ void qmv8_block(const uint4* __restrict__ w, const float2* __restrict
     }
 }
 
-template <typename T, int BITS, int R, int M>
-__device__ void qmv8(const uint4* __restrict__ w, const float2* __restrict__ sb, const int* __restrict__ act,
+template <typename T, int BITS, int R, int M, int SB16>
+__device__ void qmv8(const uint4* __restrict__ w, const unsigned int* __restrict__ sb, const int* __restrict__ act,
                      T* __restrict__ y, int rows, int cols, int gs, int m) {
-    qmv8_block<T, BITS, R, M>(w, sb, act, y, rows, cols, gs, m, blockIdx.x, rows, 0);
+    qmv8_block<T, BITS, R, M, SB16>(w, sb, act, y, rows, cols, gs, m, blockIdx.x, rows, 0);
 }
 
 // Up to three matrices sharing the coded activations (q/k/v, gate/up) in one launch: the
 // blocks of matrix 0, then 1, then 2; y (m, rows0 + rows1 + rows2) holds their outputs side by
 // side. One launch instead of three, and the small k/v products fill the card with q's.
-template <typename T, int BITS, int R, int M>
-__device__ void qmv8x(const uint4* w0, const float2* s0, int rows0, const uint4* w1, const float2* s1, int rows1,
-                      const uint4* w2, const float2* s2, int rows2, const int* act, T* y, int cols, int gs, int m) {
+template <typename T, int BITS, int R, int M, int SB16>
+__device__ void qmv8x(const uint4* w0, const unsigned int* s0, int rows0, const uint4* w1, const unsigned int* s1, int rows1,
+                      const uint4* w2, const unsigned int* s2, int rows2, const int* act, T* y, int cols, int gs, int m) {
     int n0 = (rows0 + R - 1) / R, n1 = (rows1 + R - 1) / R, b = blockIdx.x, total = rows0 + rows1 + rows2;
-    if (b < n0) qmv8_block<T, BITS, R, M>(w0, s0, act, y, rows0, cols, gs, m, b, total, 0);
-    else if (b < n0 + n1) qmv8_block<T, BITS, R, M>(w1, s1, act, y, rows1, cols, gs, m, b - n0, total, rows0);
-    else qmv8_block<T, BITS, R, M>(w2, s2, act, y, rows2, cols, gs, m, b - n0 - n1, total, rows0 + rows1);
+    if (b < n0) qmv8_block<T, BITS, R, M, SB16>(w0, s0, act, y, rows0, cols, gs, m, b, total, 0);
+    else if (b < n0 + n1) qmv8_block<T, BITS, R, M, SB16>(w1, s1, act, y, rows1, cols, gs, m, b - n0, total, rows0);
+    else qmv8_block<T, BITS, R, M, SB16>(w2, s2, act, y, rows2, cols, gs, m, b - n0 - n1, total, rows0 + rows1);
 }
 
-extern "C" __global__ void lmx_qmv_f32(const unsigned int* w, const float* sb, const float* x, float* y, int rows, int cols, int bits, int gs, int m) { qmv(w, sb, x, y, rows, cols, bits, gs, m); }
-extern "C" __global__ void lmx_qmv_bf16(const unsigned int* w, const float* sb, const unsigned short* x, unsigned short* y, int rows, int cols, int bits, int gs, int m) { qmv(w, sb, x, y, rows, cols, bits, gs, m); }
-extern "C" __global__ void lmx_dequant_f32(const unsigned int* w, const float* sb, float* out, int rows, int cols, int bits, int gs) { dequant(w, sb, out, rows, cols, bits, gs); }
-extern "C" __global__ void lmx_dequant_bf16(const unsigned int* w, const float* sb, unsigned short* out, int rows, int cols, int bits, int gs) { dequant(w, sb, out, rows, cols, bits, gs); }
-extern "C" __global__ void lmx_dequant_words_f32(const unsigned int* w, const float* sb, float* out, int rows, int cols, int bits, int gs) { dequant_words(w, sb, out, rows, cols, bits, gs); }
-extern "C" __global__ void lmx_dequant_words_bf16(const unsigned int* w, const float* sb, unsigned short* out, int rows, int cols, int bits, int gs) { dequant_words(w, sb, out, rows, cols, bits, gs); }
+extern "C" __global__ void lmx_qmv_f32(const unsigned int* w, const unsigned int* sb, int sb16, const float* x, float* y, int rows, int cols, int bits, int gs, int m) { qmv(w, sb, sb16, x, y, rows, cols, bits, gs, m); }
+extern "C" __global__ void lmx_qmv_bf16(const unsigned int* w, const unsigned int* sb, int sb16, const unsigned short* x, unsigned short* y, int rows, int cols, int bits, int gs, int m) { qmv(w, sb, sb16, x, y, rows, cols, bits, gs, m); }
+extern "C" __global__ void lmx_dequant_f32(const unsigned int* w, const unsigned int* sb, int sb16, float* out, int rows, int cols, int bits, int gs) { dequant(w, sb, sb16, out, rows, cols, bits, gs); }
+extern "C" __global__ void lmx_dequant_bf16(const unsigned int* w, const unsigned int* sb, int sb16, unsigned short* out, int rows, int cols, int bits, int gs) { dequant(w, sb, sb16, out, rows, cols, bits, gs); }
+extern "C" __global__ void lmx_dequant_words_f32(const unsigned int* w, const unsigned int* sb, int sb16, float* out, int rows, int cols, int bits, int gs) { dequant_words(w, sb, sb16, out, rows, cols, bits, gs); }
+extern "C" __global__ void lmx_dequant_words_bf16(const unsigned int* w, const unsigned int* sb, int sb16, unsigned short* out, int rows, int cols, int bits, int gs) { dequant_words(w, sb, sb16, out, rows, cols, bits, gs); }
 extern "C" __global__ void lmx_q8act_f32(const float* x, int* out, int m, int cols, int gs, int bits) { q8act(x, out, m, cols, gs, bits); }
 extern "C" __global__ void lmx_q8act_bf16(const unsigned short* x, int* out, int m, int cols, int gs, int bits) { q8act(x, out, m, cols, gs, bits); }
-#define QMV8(T, TN, B, R, M) extern "C" __global__ void QMV_BOUNDS_##B lmx_qmv8_##TN##_##B##_##R##_##M(const uint4* w, const float2* sb, const int* act, T* y, int rows, int cols, int gs, int m) { qmv8<T, B, R, M>(w, sb, act, y, rows, cols, gs, m); }
-#define QMV8X(T, TN, B, R, M) extern "C" __global__ void QMV_BOUNDS_##B lmx_qmv8x_##TN##_##B##_##R##_##M(const uint4* w0, const float2* s0, int rows0, const uint4* w1, const float2* s1, int rows1, const uint4* w2, const float2* s2, int rows2, const int* act, T* y, int cols, int gs, int m) { qmv8x<T, B, R, M>(w0, s0, rows0, w1, s1, rows1, w2, s2, rows2, act, y, cols, gs, m); }
+// Kernel names: lmx_qmv8[x]_{f32|bf16}_{bits}_{rows a block}_{1|8 activation rows}_{f32|s16 scales}.
+#define QMV8S(T, TN, B, R, M, S, SN) extern "C" __global__ void QMV_BOUNDS_##B lmx_qmv8_##TN##_##B##_##R##_##M##_##SN(const uint4* w, const unsigned int* sb, const int* act, T* y, int rows, int cols, int gs, int m) { qmv8<T, B, R, M, S>(w, sb, act, y, rows, cols, gs, m); }
+#define QMV8XS(T, TN, B, R, M, S, SN) extern "C" __global__ void QMV_BOUNDS_##B lmx_qmv8x_##TN##_##B##_##R##_##M##_##SN(const uint4* w0, const unsigned int* s0, int rows0, const uint4* w1, const unsigned int* s1, int rows1, const uint4* w2, const unsigned int* s2, int rows2, const int* act, T* y, int cols, int gs, int m) { qmv8x<T, B, R, M, S>(w0, s0, rows0, w1, s1, rows1, w2, s2, rows2, act, y, cols, gs, m); }
+#define QMV8(T, TN, B, R, M) QMV8S(T, TN, B, R, M, 0, f32) QMV8S(T, TN, B, R, M, 1, s16)
+#define QMV8X(T, TN, B, R, M) QMV8XS(T, TN, B, R, M, 0, f32) QMV8XS(T, TN, B, R, M, 1, s16)
 #define QMV8_ROWS(T, TN, B, M) QMV8(T, TN, B, 1, M) QMV8(T, TN, B, 2, M) QMV8(T, TN, B, 4, M) QMV8X(T, TN, B, 1, M) QMV8X(T, TN, B, 2, M) QMV8X(T, TN, B, 4, M)
 QMV8_ROWS(float, f32, 4, 1) QMV8_ROWS(float, f32, 4, 8) QMV8_ROWS(float, f32, 8, 1) QMV8_ROWS(float, f32, 8, 8)
 QMV8_ROWS(unsigned short, bf16, 4, 1) QMV8_ROWS(unsigned short, bf16, 4, 8) QMV8_ROWS(unsigned short, bf16, 8, 1) QMV8_ROWS(unsigned short, bf16, 8, 8)
@@ -339,12 +358,22 @@ fn ptx() -> Result<&'static str> {
     crate::cuda_fused::ptx(&PTX, source)
 }
 
-/// The matrix on one CUDA device: packed words (rows, words) u32 and (scale, bias) pairs per
-/// group (rows, 2 * groups) f32.
+/// The matrix on one CUDA device: packed words (rows, words) u32 and a (scale, bias) pair per
+/// group as u32 words: two bf16 in one word, the scale in the low half (rows, groups), where
+/// the file holds bf16 scales and biases (MLX's own), else two f32 (rows, 2 * groups). bf16
+/// pairs read half the bytes (8B 4-bit products 12% faster in a CuPy harness on an H200,
+/// docs/cuda/2026-12-02-qmv-bench.txt); `LMX_CUDA_SB16=0` keeps f32 pairs, for comparisons.
 #[derive(Debug, Clone)]
 pub(super) struct DeviceCopy {
     packed: Tensor,
     sb: Tensor,
+    sb16: bool,
+}
+
+/// `LMX_CUDA_SB16=0`: (scale, bias) pairs as f32 even where the file holds bf16.
+fn sb16_allowed() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LMX_CUDA_SB16").map_or(true, |v| v != "0"))
 }
 
 impl DeviceCopy {
@@ -352,11 +381,17 @@ impl DeviceCopy {
         let groups = q.cols / q.group_size;
         let words = q.cols * q.bits / 32;
         let packed = Tensor::from_slice(&q.packed, (q.rows, words), device)?;
+        if let (GroupParams::Bf16(s), GroupParams::Bf16(b)) = (&q.scales, &q.biases) {
+            if sb16_allowed() {
+                let sb: Vec<u32> = s.iter().zip(b).map(|(s, b)| u32::from(s.to_bits()) | (u32::from(b.to_bits()) << 16)).collect();
+                return Ok(Self { packed, sb: Tensor::from_vec(sb, (q.rows, groups), device)?, sb16: true });
+            }
+        }
         let (mut s, mut b) = (vec![0f32; q.rows * groups], vec![0f32; q.rows * groups]);
         q.scales.fill(0, &mut s);
         q.biases.fill(0, &mut b);
-        let sb: Vec<f32> = s.iter().zip(&b).flat_map(|(s, b)| [*s, *b]).collect();
-        Ok(Self { packed, sb: Tensor::from_vec(sb, (q.rows, 2 * groups), device)? })
+        let sb: Vec<u32> = s.iter().zip(&b).flat_map(|(s, b)| [s.to_bits(), b.to_bits()]).collect();
+        Ok(Self { packed, sb: Tensor::from_vec(sb, (q.rows, 2 * groups), device)?, sb16: false })
     }
 
     /// `g @ W` for g (.., rows) on the device (bf16 as it is, others through f32), in g's
@@ -366,7 +401,7 @@ impl DeviceCopy {
         let work = if dtype == DType::BF16 { DType::BF16 } else { DType::F32 };
         let mut dims = g.dims().to_vec();
         let gw = g.to_dtype(work)?.contiguous()?.reshape(((), q.rows))?;
-        let dequant = Dequant { cols: q.cols, bits: q.bits, group_size: q.group_size, dtype: work };
+        let dequant = Dequant { cols: q.cols, bits: q.bits, group_size: q.group_size, sb16: self.sb16, dtype: work };
         let dx = gw.matmul(&self.packed.apply_op2_no_bwd(&self.sb, &dequant)?)?;
         if let Some(last) = dims.last_mut() {
             *last = q.cols;
@@ -382,7 +417,7 @@ impl DeviceCopy {
         let m = x.elem_count() / q.cols;
         let work = if dtype == DType::BF16 { DType::BF16 } else { DType::F32 };
         let xw = x.to_dtype(work)?.contiguous()?.reshape((m, q.cols))?;
-        let spec = Spec { rows: q.rows, cols: q.cols, bits: q.bits, group_size: q.group_size };
+        let spec = Spec { rows: q.rows, cols: q.cols, bits: q.bits, group_size: q.group_size, sb16: self.sb16 };
         let y = if m <= MAX_QMV_ROWS && !x.track_op() {
             if integer_products(q) {
                 self.times_codes(spec, &codes_of(q, x, &xw)?, work)?
@@ -390,7 +425,7 @@ impl DeviceCopy {
                 xw.apply_op3_no_bwd(&self.packed, &self.sb, &Qmv(spec))?
             }
         } else {
-            let dequant = Dequant { cols: q.cols, bits: q.bits, group_size: q.group_size, dtype: work };
+            let dequant = Dequant { cols: q.cols, bits: q.bits, group_size: q.group_size, sb16: self.sb16, dtype: work };
             let w = self.packed.apply_op2_no_bwd(&self.sb, &dequant)?;
             if xw.track_op() {
                 // QLoRA: one node whose backward is x's gradient alone (candle's matmul backward
@@ -413,7 +448,7 @@ impl DeviceCopy {
     pub(super) fn rows(&self, q: &QuantizedMatrix, ids: &Tensor, dtype: DType) -> Result<Tensor> {
         let work = if dtype == DType::BF16 { DType::BF16 } else { DType::F32 };
         let (packed, sb) = (self.packed.index_select(ids, 0)?, self.sb.index_select(ids, 0)?);
-        packed.apply_op2_no_bwd(&sb, &Dequant { cols: q.cols, bits: q.bits, group_size: q.group_size, dtype: work })?.to_dtype(dtype)
+        packed.apply_op2_no_bwd(&sb, &Dequant { cols: q.cols, bits: q.bits, group_size: q.group_size, sb16: self.sb16, dtype: work })?.to_dtype(dtype)
     }
 
     /// The integer product of x's `codes` with this matrix, in `dtype` (f32 or bf16).
@@ -435,10 +470,10 @@ pub(super) fn matmul_many(qs: &[&QuantizedMatrix], x: &Tensor) -> Result<Option<
     let dtype = x.dtype();
     let work = if dtype == DType::BF16 { DType::BF16 } else { DType::F32 };
     let codes = codes_of(q0, x, &x.to_dtype(work)?.contiguous()?.reshape((m, q0.cols))?)?;
-    if (2..=3).contains(&qs.len()) && m == 1 && !separate_launches() {
+    let mats = qs.iter().map(|q| q.device_copy(x.device()).cloned()).collect::<Result<Vec<_>>>()?;
+    if (2..=3).contains(&qs.len()) && m == 1 && !separate_launches() && mats.iter().all(|c| c.sb16 == mats[0].sb16) {
         // One launch for all of them; each output a view of its columns (contiguous for one
         // row; several rows would each need a copy: measured 2-4% slower at batch 8).
-        let mats = qs.iter().map(|q| q.device_copy(x.device()).cloned()).collect::<Result<Vec<_>>>()?;
         let rows: Vec<usize> = qs.iter().map(|q| q.rows).collect();
         let op = Qmv8Many { mats, rows: rows.clone(), cols: q0.cols, bits: q0.bits, group_size: q0.group_size, dtype: work };
         let y = codes.apply_op1_no_bwd(&op)?;
@@ -455,9 +490,8 @@ pub(super) fn matmul_many(qs: &[&QuantizedMatrix], x: &Tensor) -> Result<Option<
         return Ok(Some(out));
     }
     let mut out = Vec::with_capacity(qs.len());
-    for q in qs {
-        let copy = q.device_copy(x.device())?;
-        let spec = Spec { rows: q.rows, cols: q.cols, bits: q.bits, group_size: q.group_size };
+    for (q, copy) in qs.iter().zip(&mats) {
+        let spec = Spec { rows: q.rows, cols: q.cols, bits: q.bits, group_size: q.group_size, sb16: copy.sb16 };
         let mut dims = x.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = q.rows;
@@ -547,6 +581,17 @@ struct Spec {
     cols: usize,
     bits: usize,
     group_size: usize,
+    /// (scale, bias) pairs as two bf16 in a word (else two f32 words).
+    sb16: bool,
+}
+
+/// `_s16` or `_f32`: the suffix of the integer kernels' names for pairs stored so.
+fn pairs_suffix(sb16: bool) -> &'static str {
+    if sb16 {
+        "s16"
+    } else {
+        "f32"
+    }
 }
 
 /// x (m, cols) @ W^T -> (m, rows), float arithmetic.
@@ -583,8 +628,8 @@ impl CustomOp3 for Qmv {
         }
         let dev = xs.device().clone();
         let w = ws.as_cuda_slice::<u32>()?.slice(wl.start_offset()..);
-        let sb = ss.as_cuda_slice::<f32>()?.slice(sl.start_offset()..);
-        let (rows, cols, bits, gs, mm) = (spec.rows as i32, spec.cols as i32, spec.bits as i32, spec.group_size as i32, m as i32);
+        let sb = ss.as_cuda_slice::<u32>()?.slice(sl.start_offset()..);
+        let (rows, cols, bits, gs, mm, sb16) = (spec.rows as i32, spec.cols as i32, spec.bits as i32, spec.group_size as i32, m as i32, i32::from(spec.sb16));
         let cfg = launch_cfg(32 * spec.rows * m);
         let storage = match xs.dtype() {
             DType::BF16 => {
@@ -593,7 +638,7 @@ impl CustomOp3 for Qmv {
                 // SAFETY: every element is written by the kernel.
                 let y = unsafe { dev.alloc::<half::bf16>(m * spec.rows)? };
                 let mut b = func.builder();
-                b.arg(&w).arg(&sb).arg(&x).arg(&y).arg(&rows).arg(&cols).arg(&bits).arg(&gs).arg(&mm);
+                b.arg(&w).arg(&sb).arg(&sb16).arg(&x).arg(&y).arg(&rows).arg(&cols).arg(&bits).arg(&gs).arg(&mm);
                 // SAFETY: the buffers hold what the kernel reads (shapes checked by the caller).
                 unsafe { b.launch(cfg) }.w()?;
                 CudaStorage::wrap_cuda_slice(y, dev)
@@ -604,7 +649,7 @@ impl CustomOp3 for Qmv {
                 // SAFETY: every element is written by the kernel.
                 let y = unsafe { dev.alloc::<f32>(m * spec.rows)? };
                 let mut b = func.builder();
-                b.arg(&w).arg(&sb).arg(&x).arg(&y).arg(&rows).arg(&cols).arg(&bits).arg(&gs).arg(&mm);
+                b.arg(&w).arg(&sb).arg(&sb16).arg(&x).arg(&y).arg(&rows).arg(&cols).arg(&bits).arg(&gs).arg(&mm);
                 // SAFETY: as above.
                 unsafe { b.launch(cfg) }.w()?;
                 CudaStorage::wrap_cuda_slice(y, dev)
@@ -677,11 +722,11 @@ impl CustomOp3 for Qmv8 {
         let dev = acts.device().clone();
         let act = acts.as_cuda_slice::<u32>()?;
         let w = ws.as_cuda_slice::<u32>()?.slice(wl.start_offset()..);
-        let sb = ss.as_cuda_slice::<f32>()?.slice(sl.start_offset()..);
+        let sb = ss.as_cuda_slice::<u32>()?.slice(sl.start_offset()..);
         let (rows, cols, gs, mm) = (spec.rows as i32, spec.cols as i32, spec.group_size as i32, m as i32);
         let per_block = rows_per_block(spec.rows, spec.bits);
         let cfg = LaunchConfig { grid_dim: (spec.rows.div_ceil(per_block) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-        let kernel = |t: &str| format!("lmx_qmv8_{t}_{}_{per_block}_{}", spec.bits, if m == 1 { 1 } else { 8 });
+        let kernel = |t: &str| format!("lmx_qmv8_{t}_{}_{per_block}_{}_{}", spec.bits, if m == 1 { 1 } else { 8 }, pairs_suffix(spec.sb16));
         let storage = match self.dtype {
             DType::BF16 => {
                 let func = dev.get_or_load_custom_func(&kernel("bf16"), "lmx_quant", ptx()?)?;
@@ -730,8 +775,9 @@ impl CustomOp1 for Qmv8Many {
 
     fn cuda_fwd(&self, acts: &CudaStorage, al: &Layout) -> Result<(CudaStorage, Shape)> {
         let m = al.dims()[0];
-        if !al.is_contiguous() || al.start_offset() != 0 || !(2..=3).contains(&self.mats.len()) {
-            candle_core::bail!("lmx-cuda-qmv8-many needs contiguous codes and 2 or 3 matrices");
+        let sb16 = self.mats[0].sb16;
+        if !al.is_contiguous() || al.start_offset() != 0 || !(2..=3).contains(&self.mats.len()) || self.mats.iter().any(|c| c.sb16 != sb16) {
+            candle_core::bail!("lmx-cuda-qmv8-many needs contiguous codes and 2 or 3 matrices of one pair format");
         }
         let guards: Vec<_> = self.mats.iter().flat_map(|c| [c.packed.storage_and_layout(), c.sb.storage_and_layout()]).collect();
         let mut w = Vec::with_capacity(3);
@@ -747,7 +793,7 @@ impl CustomOp1 for Qmv8Many {
                 candle_core::bail!("lmx-cuda-qmv8-many needs contiguous, aligned matrices");
             }
             w.push(ws.as_cuda_slice::<u32>()?.slice(wl.start_offset()..));
-            sbs.push(ss.as_cuda_slice::<f32>()?.slice(sl.start_offset()..));
+            sbs.push(ss.as_cuda_slice::<u32>()?.slice(sl.start_offset()..));
         }
         let total: usize = self.rows.iter().sum();
         let dev = acts.device().clone();
@@ -756,7 +802,7 @@ impl CustomOp1 for Qmv8Many {
         let blocks: usize = self.rows.iter().map(|r| r.div_ceil(per_block)).sum();
         let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         let (cols, gs, mm) = (self.cols as i32, self.group_size as i32, m as i32);
-        let kernel = |t: &str| format!("lmx_qmv8x_{t}_{}_{per_block}_{}", self.bits, if m == 1 { 1 } else { 8 });
+        let kernel = |t: &str| format!("lmx_qmv8x_{t}_{}_{per_block}_{}_{}", self.bits, if m == 1 { 1 } else { 8 }, pairs_suffix(sb16));
         macro_rules! launch {
             ($t:ty, $name:expr) => {{
                 let func = dev.get_or_load_custom_func(&kernel($name), "lmx_quant", ptx()?)?;
@@ -781,11 +827,13 @@ impl CustomOp1 for Qmv8Many {
     }
 }
 
-/// Packed (rows, words) u32 and [scales | biases] -> W (rows, cols) in `dtype` (f32 or bf16).
+/// Packed (rows, words) u32 and (scale, bias) pairs -> W (rows, cols) in `dtype` (f32 or bf16).
 struct Dequant {
     cols: usize,
     bits: usize,
     group_size: usize,
+    /// Pairs as two bf16 in a word (else two f32 words).
+    sb16: bool,
     dtype: DType,
 }
 
@@ -802,8 +850,8 @@ impl CustomOp2 for Dequant {
         let rows = wl.dims()[0];
         let dev = ws.device().clone();
         let w = ws.as_cuda_slice::<u32>()?.slice(wl.start_offset()..);
-        let sb = ss.as_cuda_slice::<f32>()?.slice(sl.start_offset()..);
-        let (r, c, bits, gs) = (rows as i32, self.cols as i32, self.bits as i32, self.group_size as i32);
+        let sb = ss.as_cuda_slice::<u32>()?.slice(sl.start_offset()..);
+        let (r, c, bits, gs, sb16) = (rows as i32, self.cols as i32, self.bits as i32, self.group_size as i32, i32::from(self.sb16));
         // A thread per packed word where the codes do not straddle words (2, 4, 8 bits; 32 %
         // bits == 0 and the group holds whole words), else a thread per value.
         let words = 32 % self.bits == 0 && self.group_size % (32 / self.bits) == 0;
@@ -814,7 +862,7 @@ impl CustomOp2 for Dequant {
             // SAFETY: every element is written by the kernel.
             let out = unsafe { dev.alloc::<half::bf16>(rows * self.cols)? };
             let mut b = func.builder();
-            b.arg(&w).arg(&sb).arg(&out).arg(&r).arg(&c).arg(&bits).arg(&gs);
+            b.arg(&w).arg(&sb).arg(&sb16).arg(&out).arg(&r).arg(&c).arg(&bits).arg(&gs);
             // SAFETY: the buffers hold what the kernel reads.
             unsafe { b.launch(cfg) }.w()?;
             CudaStorage::wrap_cuda_slice(out, dev)
@@ -823,7 +871,7 @@ impl CustomOp2 for Dequant {
             // SAFETY: every element is written by the kernel.
             let out = unsafe { dev.alloc::<f32>(rows * self.cols)? };
             let mut b = func.builder();
-            b.arg(&w).arg(&sb).arg(&out).arg(&r).arg(&c).arg(&bits).arg(&gs);
+            b.arg(&w).arg(&sb).arg(&sb16).arg(&out).arg(&r).arg(&c).arg(&bits).arg(&gs);
             // SAFETY: as above.
             unsafe { b.launch(cfg) }.w()?;
             CudaStorage::wrap_cuda_slice(out, dev)

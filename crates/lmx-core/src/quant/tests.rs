@@ -369,3 +369,51 @@ fn mxfp4_gives_mlx_values_exactly() -> Result<()> {
     assert!(diff < 1e-3 * largest, "product differs by {diff} (largest {largest})");
     Ok(())
 }
+
+/// On the GPU, a matrix whose scales and biases are bf16 (held there as two bf16 in a word)
+/// gives exactly what the same values held as f32 pairs give, in every product (integer
+/// decode kernels, a shared input, dequantize + cuBLAS, rows, the transposed product), and the
+/// CPU's result within the int8 activations' error. Skipped without a GPU.
+#[cfg(feature = "cuda")]
+#[test]
+fn bf16_pairs_on_the_gpu_equal_f32_pairs() -> Result<()> {
+    let Ok(gpu) = Device::new_cuda(0) else {
+        eprintln!("no GPU: skipped");
+        return Ok(());
+    };
+    let widen = |p: &GroupParams| match p {
+        GroupParams::Bf16(v) => GroupParams::F32(v.iter().map(|x| x.to_f32()).collect()),
+        other => other.clone(),
+    };
+    let host = |t: Tensor| -> Result<Tensor> { t.to_device(&Device::Cpu)?.to_dtype(DType::F32) };
+    for (bits, group) in [(4usize, 64usize), (8, 32), (3, 64)] {
+        let half = Arc::new(QuantizedMatrix::quantize(&rand(72, 512).to_dtype(DType::BF16)?, bits, group)?);
+        assert!(matches!(half.scales, GroupParams::Bf16(_)));
+        let mut wide = (*half).clone();
+        (wide.scales, wide.biases) = (widen(&half.scales), widen(&half.biases));
+        let wide = Arc::new(wide);
+        let other = Arc::new(QuantizedMatrix::quantize(&rand(40, 512).to_dtype(DType::BF16)?, bits, group)?);
+        for m in [1usize, 3, 16] {
+            let x = rand(m, 512).to_dtype(DType::BF16)?;
+            let xg = x.to_device(&gpu)?;
+            let (a, b) = (host(half.matmul(&xg)?)?, host(wide.matmul(&xg)?)?);
+            let d = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert_eq!(d, 0.0, "{bits}-bit, {m} rows: bf16 and f32 pairs differ by {d}");
+            let cpu = host(half.matmul(&x)?)?;
+            let scale = cpu.abs()?.max_all()?.to_scalar::<f32>()?;
+            let e = (&a - &cpu)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(e <= 0.02 * scale, "{bits}-bit, {m} rows: GPU and CPU differ by {e} (largest {scale})");
+            let many = matmul_many(&[half.clone(), other.clone()], &xg)?;
+            assert_eq!((&host(many[0].clone())? - &a)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0, "{bits}-bit shared input");
+            let g = rand(m, 72).to_dtype(DType::BF16)?.to_device(&gpu)?;
+            let (ta, tb) = (host(half.matmul_t(&g)?)?, host(wide.matmul_t(&g)?)?);
+            assert_eq!((&ta - &tb)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0, "{bits}-bit transposed product");
+        }
+        let ids = Tensor::new(&[5u32, 0, 71], &gpu)?;
+        // Rows come in the matrix's dtype (its scales'): the f32 one's rounded as the bf16
+        // one's kernel rounds.
+        let (ra, rb) = (host(half.rows_of(&ids)?)?, host(wide.rows_of(&ids)?.to_dtype(DType::BF16)?)?);
+        assert_eq!((&ra - &rb)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0, "{bits}-bit rows");
+    }
+    Ok(())
+}
