@@ -381,6 +381,51 @@ __device__ void causal_softmax(const T* s, T* out, int cols, int q_len, int offs
     }
 }
 
+// The greedy pick of one row of f32 logits: the first index of the largest logit and its log
+// probability (the logit minus the row's log-sum-exp), as the host's `argmax` and `logprobs`.
+// Ids m0..m7 (0xFFFFFFFF: none) count as -inf (EOS when it is ignored). One block; out[0] the
+// token, out[1] the log probability's bits.
+__device__ __forceinline__ void pick_merge(float& best, int& bi, float& m, float& s, float ob, int oi, float om, float os) {
+    if (ob > best || (ob == best && oi < bi)) { best = ob; bi = oi; }
+    float nm = fmaxf(m, om);
+    if (nm != -__int_as_float(0x7f800000)) s = (m == nm ? s : s * __expf(m - nm)) + (om == nm ? os : os * __expf(om - nm));
+    m = nm;
+}
+extern "C" __global__ void lmx_pick_greedy(const float* logits, int n, unsigned int m0, unsigned int m1, unsigned int m2, unsigned int m3,
+                                           unsigned int m4, unsigned int m5, unsigned int m6, unsigned int m7, unsigned int* out) {
+    const float NEG_INF = -__int_as_float(0x7f800000);
+    __shared__ float sb[32], sm[32], ss[32];
+    __shared__ int si[32];
+    unsigned int mk[8] = {m0, m1, m2, m3, m4, m5, m6, m7};
+    float best = NEG_INF, m = NEG_INF, s = 0.f;
+    int bi = 0x7fffffff;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = logits[i];
+        for (int k = 0; k < 8; k++) if (mk[k] == (unsigned int)i) v = NEG_INF;
+        if (v > best) { best = v; bi = i; }
+        if (v == NEG_INF) continue;
+        if (v > m) { s = s * __expf(m - v) + 1.f; m = v; } else { s += __expf(v - m); }
+    }
+    for (int o = 16; o > 0; o >>= 1)
+        pick_merge(best, bi, m, s, __shfl_xor_sync(0xffffffffu, best, o), __shfl_xor_sync(0xffffffffu, bi, o), __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
+    int w = threadIdx.x / 32, l = threadIdx.x % 32;
+    if (l == 0) { sb[w] = best; si[w] = bi; sm[w] = m; ss[w] = s; }
+    __syncthreads();
+    if (w == 0) {
+        int nw = blockDim.x / 32;
+        best = l < nw ? sb[l] : NEG_INF; bi = l < nw ? si[l] : 0x7fffffff; m = l < nw ? sm[l] : NEG_INF; s = l < nw ? ss[l] : 0.f;
+        for (int o = 16; o > 0; o >>= 1)
+            pick_merge(best, bi, m, s, __shfl_xor_sync(0xffffffffu, best, o), __shfl_xor_sync(0xffffffffu, bi, o), __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
+        if (l == 0) {
+            // Every logit -inf: token 0, as the host's argmax.
+            int token = bi == 0x7fffffff ? 0 : bi;
+            float lse = m == NEG_INF ? NEG_INF : m + logf(s);
+            out[0] = (unsigned int)token;
+            out[1] = __float_as_uint(best - lse);
+        }
+    }
+}
+
 #define DECODE_ATTENTION(T, name, E, U, suffix) \
 extern "C" __global__ void lmx_decode_attention_##name##_e##E##suffix(const T* q, const T* k, const T* v, T* out, float* part, int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits, long long ks0, long long ks1, long long ks2, long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window) { decode_attention<T, E, U>(q, k, v, out, part, n_heads, n_kv, kv_len, d, scale, chunk, splits, ks0, ks1, ks2, vs0, vs1, vs2, upto, window); }
 #define INSTANTIATE(T, name) \
@@ -530,6 +575,32 @@ pub(crate) fn add_rms_norm(
         drop((sum, normed));
         Ok(CudaStorage::wrap_cuda_slice(o, dev))
     })
+}
+
+/// The greedy pick of one row of f32 logits on the device (`crate::ops::pick_greedy`): u32 (2,),
+/// the token and its log probability's bits.
+pub(crate) fn pick_greedy(ls: &CudaStorage, ll: &Layout, masked: &[u32]) -> Result<CudaStorage> {
+    let n = ll.shape().elem_count();
+    if ls.dtype() != DType::F32 || !ll.is_contiguous() || masked.len() > 8 || n > i32::MAX as usize {
+        candle_core::bail!("lmx pick_greedy: one contiguous f32 row and at most 8 masked ids (given {:?}, {:?}, {} ids)", ls.dtype(), ll.dims(), masked.len());
+    }
+    let dev = ls.device().clone();
+    let func = dev.get_or_load_custom_func("lmx_pick_greedy", "lmx_fused", fused_ptx()?)?;
+    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+    let l = ls.as_cuda_slice::<f32>()?.slice(ll.start_offset()..);
+    let o = out::<u32>(&dev, 2)?;
+    let mut ids = [u32::MAX; 8];
+    ids[..masked.len()].copy_from_slice(masked);
+    let ni = n as i32;
+    let mut b = func.builder();
+    b.arg(&l).arg(&ni);
+    for id in &ids {
+        b.arg(id);
+    }
+    b.arg(&o);
+    // SAFETY: l holds n floats, o 2 u32.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(o, dev))
 }
 
 /// [`silu_mul`] of one row whose output is also coded for the next integer product into

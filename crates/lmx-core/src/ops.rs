@@ -173,6 +173,47 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
     x.silu()
 }
 
+/// The greedy pick of one row of f32 `logits` (any shape of one row): u32 (2,) on the logits'
+/// device holding the first index of the largest logit and its log probability's bits (the
+/// logit minus the row's log-sum-exp), with the `masked` ids (at most 8) counted as -inf. On a
+/// GPU one small kernel, so that a decode step hands the host 8 bytes instead of the logits.
+pub fn pick_greedy(logits: &Tensor, masked: &[u32]) -> Result<Tensor> {
+    logits.contiguous()?.flatten_all()?.apply_op1_no_bwd(&PickGreedy { masked: masked.to_vec() })
+}
+
+struct PickGreedy {
+    masked: Vec<u32>,
+}
+
+impl candle_core::CustomOp1 for PickGreedy {
+    fn name(&self) -> &'static str {
+        "lmx-pick-greedy"
+    }
+
+    fn cpu_fwd(&self, s: &candle_core::CpuStorage, l: &candle_core::Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let candle_core::CpuStorage::F32(all) = s else { candle_core::bail!("lmx-pick-greedy takes f32 logits") };
+        let mut row = all[l.start_offset()..l.start_offset() + l.shape().elem_count()].to_vec();
+        for &id in &self.masked {
+            if let Some(v) = row.get_mut(id as usize) {
+                *v = f32::NEG_INFINITY;
+            }
+        }
+        let mut best = 0;
+        for (i, v) in row.iter().enumerate() {
+            if *v > row[best] {
+                best = i;
+            }
+        }
+        let logprob = row.get(best).map_or(f32::NEG_INFINITY, |v| v - crate::cpu_fused::log_sum_exp(&row));
+        Ok((candle_core::CpuStorage::U32(vec![best as u32, logprob.to_bits()]), candle_core::Shape::from(2)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &candle_core::Layout) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        Ok((crate::cuda_fused::pick_greedy(s, l, &self.masked)?, candle_core::Shape::from(2)))
+    }
+}
+
 /// `silu(gate) * up`, the gated product of SwiGLU feed-forward blocks (one fused pass on the CPU).
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if !on_tape(&[gate, up]) && (gate.device().is_cpu() || fused_cuda(gate)) && gate.dtype() == up.dtype() && gate.dims() == up.dims() {
@@ -771,6 +812,42 @@ mod tests {
             for (name, t) in [("q", q.as_tensor()), ("k", k.as_tensor()), ("v", v.as_tensor())] {
                 let d = max_abs_diff(g1.get(t).expect("grad"), g2.get(t).expect("grad"));
                 assert!(d < 1e-4, "{name} gradient differs by {d} (window {window:?}, cap {softcap:?})");
+            }
+        }
+        Ok(())
+    }
+
+    /// The greedy pick (CPU, and the GPU's kernel when there is one) is the first index of the
+    /// largest logit, masked ids left out, with the log probability log_softmax gives: a row of
+    /// 128256 logits with the maximum twice (the first wins) and masked once, a row whose
+    /// largest logit is masked, and a row of -inf.
+    #[test]
+    fn pick_greedy_is_the_first_argmax_and_its_log_probability() -> Result<()> {
+        #[allow(unused_mut)]
+        let mut devices = vec![Device::Cpu];
+        #[cfg(feature = "cuda")]
+        devices.extend(Device::new_cuda(0).ok());
+        let n = 128_256;
+        let mut row = Tensor::randn(0f32, 3.0, n, &Device::Cpu)?.to_vec1::<f32>()?;
+        row[70_001] = 40.0;
+        row[90_000] = 40.0;
+        row[5] = 50.0;
+        let cases: Vec<(Vec<f32>, Vec<u32>, u32)> =
+            vec![(row.clone(), vec![5], 70_001), (row.clone(), vec![5, 70_001, 17], 90_000), (row.clone(), vec![], 5), (vec![f32::NEG_INFINITY; 1000], vec![], 0)];
+        for dev in &devices {
+            for (logits, masked, want) in &cases {
+                let t = Tensor::from_slice(logits, (1, 1, logits.len()), dev)?;
+                let got = pick_greedy(&t, masked)?.to_vec1::<u32>()?;
+                assert_eq!(got[0], *want, "{dev:?} masked {masked:?}");
+                let mut m = logits.clone();
+                for &i in masked {
+                    m[i as usize] = f32::NEG_INFINITY;
+                }
+                let top = m.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v as f64));
+                let lp = m[*want as usize] as f64 - (top + m.iter().map(|&v| (v as f64 - top).exp()).sum::<f64>().ln());
+                let got_lp = f32::from_bits(got[1]) as f64;
+                // All -inf: no probability (NaN) either way.
+                assert!((lp.is_nan() && got_lp.is_nan()) || (got_lp - lp).abs() < 1e-4, "{dev:?}: log probability {got_lp} vs {lp}");
             }
         }
         Ok(())

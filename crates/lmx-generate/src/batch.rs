@@ -13,7 +13,7 @@ use lmx_io::Tokenizer;
 use lmx_models::CausalLm;
 use lmx_nn::KvCache;
 
-use crate::generate::{run, Sequence};
+use crate::generate::{run, Drawn, Sequence};
 use crate::{FinishReason, GenerateError, GenerateParams, GenerationResponse, PromptCache};
 
 /// Identifies a sequence in a [`BatchGenerator`].
@@ -125,9 +125,9 @@ impl<'a> BatchGenerator<'a> {
         let context = self.model.max_position_embeddings();
         let mut responses = Vec::with_capacity(ran.len());
         let mut outcome = Vec::with_capacity(ran.len());
-        for (i, logits) in ran {
+        for (i, drawn) in ran {
             let slot = &mut self.slots[i];
-            match slot.seq.sample(logits, slot.cache.tokens.len(), context) {
+            match slot.seq.take(drawn, slot.cache.tokens.len(), context) {
                 Ok((response, next)) => {
                     outcome.push((slot.id, next.map_or(Next::Finished, Next::Token)));
                     responses.push((slot.id, response));
@@ -176,8 +176,8 @@ impl<'a> BatchGenerator<'a> {
 
     /// The forward passes of a step: the waiting prompts while there is room, then the
     /// batch of every sequence's pending token. Returns the slots that ran, each with its
-    /// logits (none when no sequence has a token to run).
-    fn forward(&mut self) -> Result<Vec<(usize, Vec<f32>)>, GenerateError> {
+    /// logits or its device-picked token (none when no sequence has a token to run).
+    fn forward(&mut self) -> Result<Vec<(usize, Drawn)>, GenerateError> {
         let decoding = self.slots.iter().filter(|s| matches!(s.state, State::Pending(_))).count();
         let mut room = self.max_batch.saturating_sub(decoding);
         for slot in &mut self.slots {
@@ -196,9 +196,10 @@ impl<'a> BatchGenerator<'a> {
         }
         if let (Some(g), &[(i, t)]) = (&mut self.graph, &batch[..]) {
             // One sequence decoding: its step replayed as a graph where it can be.
-            if let Some(logits) = g.step(self.model, &mut self.slots[i].cache.kv, t)? {
+            let pick = self.slots[i].seq.device_pick();
+            if let Some(drawn) = g.step(self.model, &mut self.slots[i].cache.kv, t, pick.as_deref())? {
                 self.slots[i].cache.tokens.push(t);
-                return Ok(vec![(i, logits)]);
+                return Ok(vec![(i, drawn)]);
             }
         }
         let caches = batch.iter().map(|&(i, _)| std::mem::replace(&mut self.slots[i].cache.kv, KvCache::uncached())).collect();
@@ -214,7 +215,7 @@ impl<'a> BatchGenerator<'a> {
         for &(i, t) in &batch {
             self.slots[i].cache.tokens.push(t);
         }
-        Ok(batch.into_iter().map(|(i, _)| i).zip(result).collect())
+        Ok(batch.into_iter().map(|(i, _)| i).zip(result.into_iter().map(Drawn::Logits)).collect())
     }
 
     /// Sequences that failed in the steps so far (each left the batch), with why; taken.

@@ -171,6 +171,13 @@ struct Stats {
     gen_start: Option<Instant>,
 }
 
+/// What a decode step hands the host for a sequence: the logits to sample from, or the token
+/// the device picked greedily with its log probability (8 bytes instead of the vocabulary).
+pub(crate) enum Drawn {
+    Logits(Vec<f32>),
+    Picked { token: u32, logprob: f32 },
+}
+
 /// One sequence's generation state, alone or in a batch: its sampler and logits processors,
 /// the tokens it has seen (for the penalties), its text decoder, stop rules and counters.
 pub(crate) struct Sequence<'a> {
@@ -278,12 +285,7 @@ impl<'a> Sequence<'a> {
     /// number of tokens in the sequence's cache and `context` the model's. Returns the
     /// response and, unless the sequence ended, the token to run next.
     pub(crate) fn sample(&mut self, mut logits: Vec<f32>, cached: usize, context: usize) -> Result<(GenerationResponse, Option<u32>), GenerateError> {
-        if self.stats.gen_start.is_none() {
-            // The first token: the prompt is done.
-            let took = self.stats.prompt_start.map_or(0.0, |s| s.elapsed().as_secs_f64());
-            self.stats.prompt_tps = (self.prompt_len - self.stats.cached) as f64 / took.max(1e-9);
-            self.stats.gen_start = Some(Instant::now());
-        }
+        self.prompt_done();
         self.sampler.penalize(&mut logits, &self.history);
         self.mask_eos(&mut logits);
         if let Some(Ok(c)) = &mut self.constraint {
@@ -294,6 +296,50 @@ impl<'a> Sequence<'a> {
             c.accept(token).map_err(GenerateError::Constraint)?;
         }
         let (logprob, top_logprobs) = crate::sampler::logprobs(&logits, token, self.params.top_logprobs);
+        self.accept(token, logprob, top_logprobs, cached, context)
+    }
+
+    /// Takes what a decode step drew: samples from its logits, or accepts the token the
+    /// device picked (see [`Sequence::device_pick`]).
+    pub(crate) fn take(&mut self, drawn: Drawn, cached: usize, context: usize) -> Result<(GenerationResponse, Option<u32>), GenerateError> {
+        match drawn {
+            Drawn::Logits(logits) => self.sample(logits, cached, context),
+            Drawn::Picked { token, logprob } => {
+                self.prompt_done();
+                self.accept(token, logprob, Vec::new(), cached, context)
+            }
+        }
+    }
+
+    /// When the next token is a function of the logits alone that the device computes as the
+    /// host would (greedy, no logits processors, no grammar, no top log probabilities): the
+    /// ids to leave out (EOS when ignored, at most 8). A decode step then hands the host the
+    /// token and its log probability instead of the logits.
+    pub(crate) fn device_pick(&self) -> Option<Vec<u32>> {
+        let s = &self.params.sampler;
+        let plain = s.temp <= 0.0
+            && s.logit_bias.is_empty()
+            && s.repetition_penalty.is_none_or(|p| p == 1.0)
+            && s.presence_penalty.is_none_or(|p| p == 0.0)
+            && s.frequency_penalty.is_none_or(|p| p == 0.0)
+            && self.constraint.is_none()
+            && self.params.top_logprobs == 0;
+        let masked = if self.params.ignore_eos { self.params.eos_token_ids.clone() } else { Vec::new() };
+        (plain && masked.len() <= 8).then_some(masked)
+    }
+
+    /// Starts the generation clock at the first token (the prompt is done then).
+    fn prompt_done(&mut self) {
+        if self.stats.gen_start.is_none() {
+            let took = self.stats.prompt_start.map_or(0.0, |s| s.elapsed().as_secs_f64());
+            self.stats.prompt_tps = (self.prompt_len - self.stats.cached) as f64 / took.max(1e-9);
+            self.stats.gen_start = Some(Instant::now());
+        }
+    }
+
+    /// Records `token` (drawn with `logprob`) as the sequence's next one: the response and,
+    /// unless the sequence ended, the token to run next.
+    fn accept(&mut self, token: u32, logprob: f32, top_logprobs: Vec<(u32, f32)>, cached: usize, context: usize) -> Result<(GenerationResponse, Option<u32>), GenerateError> {
         self.history.push(token);
         let is_eos = !self.params.ignore_eos && self.params.eos_token_ids.contains(&token);
         let mut text = String::new();
@@ -402,15 +448,15 @@ impl TokenStream<'_> {
             Some(tok) => tok,
         };
         let recorded = match &mut self.graph {
-            Some(g) => g.step(self.model, &mut self.cache.kv, tok)?,
+            Some(g) => g.step(self.model, &mut self.cache.kv, tok, self.seq.device_pick().as_deref())?,
             None => None,
         };
-        let logits = match recorded {
-            Some(logits) => logits,
-            None => run(self.model, &mut self.cache.kv, &[&[tok]])?.pop().unwrap_or_default(),
+        let drawn = match recorded {
+            Some(drawn) => drawn,
+            None => Drawn::Logits(run(self.model, &mut self.cache.kv, &[&[tok]])?.pop().unwrap_or_default()),
         };
         self.cache.tokens.push(tok);
-        let (response, next) = self.seq.sample(logits, self.cache.tokens.len(), self.model.max_position_embeddings())?;
+        let (response, next) = self.seq.take(drawn, self.cache.tokens.len(), self.model.max_position_embeddings())?;
         self.pending = next;
         self.done = next.is_none();
         Ok(response)

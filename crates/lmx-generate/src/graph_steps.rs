@@ -5,12 +5,17 @@
 //! the cache's buffers are (re)allocated runs normally with candle's graph cache on (it also
 //! loads every kernel), the next is recorded and replayed, and every later one is a replay:
 //! one launch instead of hundreds. Logits come back through a fixed buffer and are sampled on
-//! the host as before, so every sampler, penalty and constraint works unchanged.
+//! the host as before, so every sampler, penalty and constraint works unchanged; when the
+//! sequence's next token is greedy and nothing else reads the logits
+//! ([`crate::generate::Sequence::device_pick`]), the recorded step ends with the pick on the
+//! device and only the token and its log probability cross to the host (`LMX_CUDA_PICK=0`:
+//! logits always).
 //!
 //! If a model's step cannot be recorded (a layer that reads the cache on the host, such as a
 //! sliding window shorter than the buffer or latent attention), the step runs normally and
 //! the sequence stays on normal steps. `LMX_CUDA_GRAPH=0` turns graphs off.
 
+use crate::generate::Drawn;
 use lmx_core::{graph, DType, Result, Tensor};
 use lmx_models::{CausalLm, Logits};
 use lmx_nn::KvCache;
@@ -21,6 +26,10 @@ pub(crate) struct GraphSteps {
     io: Tensor,
     /// The last step's f32 logits (1, 1, vocab).
     logits: Option<Tensor>,
+    /// The ids the recorded step's greedy pick leaves out, when it picks (see `step`).
+    pick: Option<Vec<u32>>,
+    /// The last pick: u32 (2,), the token and its log probability's bits.
+    picked: Option<Tensor>,
     graph: Option<graph::Graph>,
     /// A normal step at a device position ran since the buffers were last reallocated.
     warm: bool,
@@ -39,20 +48,24 @@ impl GraphSteps {
             return None;
         }
         let io = Tensor::zeros(2, DType::U32, model.device()).ok()?;
-        Some(Self { io, logits: None, graph: None, warm: false, buffers: Vec::new(), off: false })
+        Some(Self { io, logits: None, pick: None, picked: None, graph: None, warm: false, buffers: Vec::new(), off: false })
     }
 
-    /// Runs `token` at the cache's next position; the logits of the step, or None when this
-    /// step must run normally (nothing changed then).
-    pub(crate) fn step(&mut self, model: &dyn CausalLm, kv: &mut KvCache, token: u32) -> Result<Option<Vec<f32>>> {
+    /// Runs `token` at the cache's next position; the logits of the step, or with `pick`
+    /// (the ids to leave out) the token the device picked greedily; None when this step must
+    /// run normally (nothing changed then).
+    pub(crate) fn step(&mut self, model: &dyn CausalLm, kv: &mut KvCache, token: u32, pick: Option<&[u32]>) -> Result<Option<Drawn>> {
         if self.off {
             return Ok(None);
         }
         if kv.reserve(1)?.is_none() {
             return Ok(None);
         }
+        let pick = pick.filter(|_| device_pick_on()).map(<[u32]>::to_vec);
         let buffers = kv.buffer_ids();
-        if buffers != self.buffers {
+        if buffers != self.buffers || pick != self.pick {
+            // Another cache, or another sequence's way of drawing: a new warm step and recording.
+            self.pick = pick;
             self.graph = None;
             self.warm = false;
             self.buffers = buffers;
@@ -75,10 +88,19 @@ impl GraphSteps {
             }
             return Ok(None);
         }
-        let Some(logits) = &self.logits else { return Ok(None) };
-        // Tensor-parallel ranks: wait for the replay (its NCCL sums) within the group's timeout.
-        model.settle(logits)?;
-        let out = logits.flatten_all()?.to_vec1::<f32>()?;
+        let out = match (&self.pick, &self.picked, &self.logits) {
+            (Some(_), Some(picked), _) => {
+                // Tensor-parallel ranks: wait for the replay (its NCCL sums) within the group's timeout.
+                model.settle(picked)?;
+                let v = picked.to_vec1::<u32>()?;
+                Drawn::Picked { token: v[0], logprob: f32::from_bits(v[1]) }
+            }
+            (None, _, Some(logits)) => {
+                model.settle(logits)?;
+                Drawn::Logits(logits.flatten_all()?.to_vec1::<f32>()?)
+            }
+            _ => return Ok(None),
+        };
         if crate::generate::trace_steps() {
             let how = if self.graph.is_some() { "graph" } else { "eager" };
             eprintln!("lmx-step: tokens 1 issue_ms {:.3} wait_ms {:.3} {how}", issued.as_secs_f64() * 1e3, (start.elapsed() - issued).as_secs_f64() * 1e3);
@@ -98,12 +120,17 @@ impl GraphSteps {
         kv.set_device_position(Some(self.io.narrow(0, 1, 1)?));
         let ran = if self.warm {
             // Recorded, not run: the launch below runs it.
-            let logits = self.logits.clone();
+            let (logits, picked, pick) = (self.logits.clone(), self.picked.clone(), self.pick.clone());
             let recorded = graph::capture(&dev, || {
                 let out = model.forward(&token, kv, Logits::Last)?;
                 match &logits {
-                    Some(l) => l.slice_set(&out, 0, 0),
+                    Some(l) => l.slice_set(&out, 0, 0)?,
                     None => lmx_core::bail!("a recorded step without an output buffer"),
+                }
+                match (&pick, &picked, &logits) {
+                    (Some(masked), Some(p), Some(l)) => p.slice_set(&lmx_core::ops::pick_greedy(l, masked)?, 0, 0),
+                    (None, _, _) => Ok(()),
+                    _ => lmx_core::bail!("a recorded step without a pick buffer"),
                 }
             });
             recorded.and_then(|g| {
@@ -118,6 +145,13 @@ impl GraphSteps {
                     Some(l) if l.dims() == out.dims() => l.slice_set(&out, 0, 0)?,
                     _ => self.logits = Some(out.copy()?),
                 }
+                if let (Some(masked), Some(l)) = (&self.pick, &self.logits) {
+                    let p = lmx_core::ops::pick_greedy(l, masked)?;
+                    match &self.picked {
+                        Some(b) => b.slice_set(&p, 0, 0)?,
+                        None => self.picked = Some(p),
+                    }
+                }
                 self.warm = true;
                 Ok(())
             })
@@ -125,4 +159,11 @@ impl GraphSteps {
         kv.set_device_position(None);
         ran
     }
+}
+
+/// Whether greedy steps pick on the device (`LMX_CUDA_PICK=0`: the host samples from the
+/// logits, for comparisons).
+fn device_pick_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| !std::env::var("LMX_CUDA_PICK").is_ok_and(|v| v == "0"))
 }
