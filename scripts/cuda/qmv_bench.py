@@ -184,6 +184,17 @@ for name, run in VARIANTS.items():
     parts = "  ".join(f"{k} {v / (a.layers if k != 'head' else 1):.1f} us ({(sum(l[k].bytes for l in layers) if k != 'head' else head.bytes) / v / 1e3:.0f} GB/s)" for k, v in per.items())
     print(f"{name}: token {total:.0f} us ({total_bytes / total / 1e3:.0f} GB/s)  {parts}", flush=True)
 
+# The pair formats again, matrix by matrix, alternating three times (is a difference noise?).
+for k, (r, c) in SHAPES.items():
+    times = {"f32 pairs": [], "bf16 pairs": []}
+    for _ in range(3):
+        for name, sb16 in (("f32 pairs", False), ("bf16 pairs", True)):
+            def launch(k=k, c=c, sb16=sb16):
+                for l in layers:
+                    run_lmx(l[k], acts[c], outs[k], 4, sb16)
+            times[name].append(timed(launch, a.reps) / a.layers)
+    print(f"{k}: " + "  ".join(f"{n} {' '.join(f'{t:.1f}' for t in v)} us" for n, v in times.items()), flush=True)
+
 # The fused add + RMS norm that codes its output for the next product (d = 4096, bf16).
 d = H
 xa = xs[H].copy(); xh = xs[H].copy(); wn = xs[H].copy()

@@ -13,7 +13,7 @@ use lmx_io::Tokenizer;
 use lmx_models::CausalLm;
 use lmx_nn::KvCache;
 
-use crate::generate::{run, Drawn, Sequence};
+use crate::generate::{run_drawn, Drawn, Sequence};
 use crate::{FinishReason, GenerateError, GenerateParams, GenerationResponse, PromptCache};
 
 /// Identifies a sequence in a [`BatchGenerator`].
@@ -206,7 +206,8 @@ impl<'a> BatchGenerator<'a> {
         let mut kv = KvCache::batch(caches);
         let rows: Vec<[u32; 1]> = batch.iter().map(|&(_, t)| [t]).collect();
         let rows: Vec<&[u32]> = rows.iter().map(|r| &r[..]).collect();
-        let result = run(self.model, &mut kv, &rows);
+        let picks: Vec<_> = batch.iter().map(|&(i, _)| self.slots[i].seq.device_pick()).collect();
+        let result = run_drawn(self.model, &mut kv, &rows, &picks);
         // Every sequence gets its cache back before the result is looked at.
         for (&(i, _), c) in batch.iter().zip(kv.unbatch()) {
             self.slots[i].cache.kv = c;
@@ -215,7 +216,7 @@ impl<'a> BatchGenerator<'a> {
         for &(i, t) in &batch {
             self.slots[i].cache.tokens.push(t);
         }
-        Ok(batch.into_iter().map(|(i, _)| i).zip(result.into_iter().map(Drawn::Logits)).collect())
+        Ok(batch.into_iter().map(|(i, _)| i).zip(result).collect())
     }
 
     /// Sequences that failed in the steps so far (each left the batch), with why; taken.

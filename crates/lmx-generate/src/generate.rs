@@ -402,18 +402,56 @@ pub(crate) fn run_last(model: &dyn CausalLm, kv: &mut KvCache, tokens: &[u32], n
 /// Runs one row of tokens per sequence (rows of equal length) through the model after what
 /// `kv` holds (one cache row per sequence); returns each row's last-position logits.
 pub(crate) fn run(model: &dyn CausalLm, kv: &mut KvCache, rows: &[&[u32]]) -> Result<Vec<Vec<f32>>, GenerateError> {
+    run_with(model, kv, rows, |logits| logits.to_vec2::<f32>())
+}
+
+/// [`run`] for decode steps: what each row's sequence draws from, its logits or, where its
+/// `picks` entry holds the ids to leave out ([`Sequence::device_pick`]) and the model is on a
+/// GPU, the token picked there (8 bytes to the host instead of the vocabulary's logits).
+pub(crate) fn run_drawn(model: &dyn CausalLm, kv: &mut KvCache, rows: &[&[u32]], picks: &[Option<Vec<u32>>]) -> Result<Vec<Drawn>, GenerateError> {
+    run_with(model, kv, rows, |logits| {
+        if !logits.device().is_cuda() || !device_pick_on() || picks.iter().all(Option::is_none) {
+            return Ok(logits.to_vec2::<f32>()?.into_iter().map(Drawn::Logits).collect());
+        }
+        let mut parts = Vec::with_capacity(picks.len());
+        for (i, masked) in picks.iter().enumerate() {
+            if let Some(masked) = masked {
+                parts.push(lmx_core::ops::pick_greedy(&logits.get(i)?, masked)?);
+            }
+        }
+        let mut picked = Tensor::cat(&parts, 0)?.to_vec1::<u32>()?.into_iter();
+        let mut out = Vec::with_capacity(picks.len());
+        for (i, masked) in picks.iter().enumerate() {
+            out.push(match (masked, picked.next(), picked.next()) {
+                (Some(_), Some(token), Some(bits)) => Drawn::Picked { token, logprob: f32::from_bits(bits) },
+                _ => Drawn::Logits(logits.get(i)?.to_vec1::<f32>()?),
+            });
+        }
+        Ok(out)
+    })
+}
+
+/// Runs the rows (see [`run`]) and reads their last-position logits (n, vocab) with `read`.
+fn run_with<T>(model: &dyn CausalLm, kv: &mut KvCache, rows: &[&[u32]], read: impl FnOnce(&Tensor) -> lmx_core::Result<T>) -> Result<T, GenerateError> {
     let flat: Vec<u32> = rows.concat();
     let start = std::time::Instant::now();
     let ids = Tensor::from_vec(flat, (rows.len(), rows.first().map_or(0, |r| r.len())), model.device())?;
     let logits = compute_pool().install(|| model.forward(&ids, kv, Logits::Last))?;
     let issued = start.elapsed();
-    let out = logits.squeeze(1)?.to_vec2::<f32>()?;
+    let out = read(&logits.squeeze(1)?)?;
     if trace_steps() {
         // On a GPU, `issue` is the host's time to queue the pass's kernels and `wait` the time
         // the device then still needed: a wait near zero means the host's launches bound a step.
         eprintln!("lmx-step: tokens {} issue_ms {:.3} wait_ms {:.3}", ids.elem_count(), issued.as_secs_f64() * 1e3, (start.elapsed() - issued).as_secs_f64() * 1e3);
     }
     Ok(out)
+}
+
+/// Whether greedy steps on a GPU pick on the device (`LMX_CUDA_PICK=0`: the host samples from
+/// the logits, for comparisons).
+pub(crate) fn device_pick_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| !std::env::var("LMX_CUDA_PICK").is_ok_and(|v| v == "0"))
 }
 
 /// `LMX_TRACE_STEPS=1`: each step of [`run`] prints its timing on stderr.
@@ -453,7 +491,7 @@ impl TokenStream<'_> {
         };
         let drawn = match recorded {
             Some(drawn) => drawn,
-            None => Drawn::Logits(run(self.model, &mut self.cache.kv, &[&[tok]])?.pop().unwrap_or_default()),
+            None => run_drawn(self.model, &mut self.cache.kv, &[&[tok]], &[self.seq.device_pick()])?.pop().unwrap_or(Drawn::Logits(Vec::new())),
         };
         self.cache.tokens.push(tok);
         let (response, next) = self.seq.take(drawn, self.cache.tokens.len(), self.model.max_position_embeddings())?;

@@ -30,6 +30,8 @@ pub(crate) struct GraphSteps {
     pick: Option<Vec<u32>>,
     /// The last pick: u32 (2,), the token and its log probability's bits.
     picked: Option<Tensor>,
+    /// When the last step returned (`LMX_TRACE_STEPS=1`: the host's time between steps).
+    returned: Option<std::time::Instant>,
     graph: Option<graph::Graph>,
     /// A normal step at a device position ran since the buffers were last reallocated.
     warm: bool,
@@ -48,7 +50,7 @@ impl GraphSteps {
             return None;
         }
         let io = Tensor::zeros(2, DType::U32, model.device()).ok()?;
-        Some(Self { io, logits: None, pick: None, picked: None, graph: None, warm: false, buffers: Vec::new(), off: false })
+        Some(Self { io, logits: None, pick: None, picked: None, returned: None, graph: None, warm: false, buffers: Vec::new(), off: false })
     }
 
     /// Runs `token` at the cache's next position; the logits of the step, or with `pick`
@@ -61,7 +63,7 @@ impl GraphSteps {
         if kv.reserve(1)?.is_none() {
             return Ok(None);
         }
-        let pick = pick.filter(|_| device_pick_on()).map(<[u32]>::to_vec);
+        let pick = pick.filter(|_| crate::generate::device_pick_on()).map(<[u32]>::to_vec);
         let buffers = kv.buffer_ids();
         if buffers != self.buffers || pick != self.pick {
             // Another cache, or another sequence's way of drawing: a new warm step and recording.
@@ -71,6 +73,7 @@ impl GraphSteps {
             self.buffers = buffers;
         }
         let offset = kv.offset();
+        let upload = std::time::Instant::now();
         self.io.slice_set(&Tensor::new(&[token, offset as u32], model.device())?, 0, 0)?;
         let start = std::time::Instant::now();
         // On this thread, not the compute pool's: candle keeps the uploads a warm step made
@@ -102,9 +105,14 @@ impl GraphSteps {
             _ => return Ok(None),
         };
         if crate::generate::trace_steps() {
+            // Also the upload of (token, position) and the host's time since the last step
+            // returned (sampling, detokenizing, stop checks): what a token spends off the device.
             let how = if self.graph.is_some() { "graph" } else { "eager" };
-            eprintln!("lmx-step: tokens 1 issue_ms {:.3} wait_ms {:.3} {how}", issued.as_secs_f64() * 1e3, (start.elapsed() - issued).as_secs_f64() * 1e3);
+            let gap = self.returned.map_or(0.0, |r| (upload - r).as_secs_f64() * 1e3);
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+            eprintln!("lmx-step: tokens 1 issue_ms {:.3} wait_ms {:.3} {how} upload_ms {:.3} gap_ms {gap:.3}", ms(issued), ms(start.elapsed() - issued), ms(start - upload));
         }
+        self.returned = Some(std::time::Instant::now());
         Ok(Some(out))
     }
 
@@ -159,11 +167,4 @@ impl GraphSteps {
         kv.set_device_position(None);
         ran
     }
-}
-
-/// Whether greedy steps pick on the device (`LMX_CUDA_PICK=0`: the host samples from the
-/// logits, for comparisons).
-fn device_pick_on() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| !std::env::var("LMX_CUDA_PICK").is_ok_and(|v| v == "0"))
 }
