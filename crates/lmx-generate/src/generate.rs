@@ -419,16 +419,24 @@ pub(crate) fn run_drawn(model: &dyn CausalLm, kv: &mut KvCache, rows: &[&[u32]],
                 parts.push(lmx_core::ops::pick_greedy(&logits.get(i)?, masked)?);
             }
         }
-        let mut picked = Tensor::cat(&parts, 0)?.to_vec1::<u32>()?.into_iter();
-        let mut out = Vec::with_capacity(picks.len());
-        for (i, masked) in picks.iter().enumerate() {
-            out.push(match (masked, picked.next(), picked.next()) {
-                (Some(_), Some(token), Some(bits)) => Drawn::Picked { token, logprob: f32::from_bits(bits) },
-                _ => Drawn::Logits(logits.get(i)?.to_vec1::<f32>()?),
-            });
-        }
-        Ok(out)
+        let picked = Tensor::cat(&parts, 0)?.to_vec1::<u32>()?;
+        drawn_rows(picks, &picked, |i| logits.get(i)?.to_vec1::<f32>())
     })
+}
+
+/// Each row's draw: the next two words of `picked` (token, log probability's bits) for a row
+/// with a pick, in row order, else the row's logits from `row`.
+fn drawn_rows(picks: &[Option<Vec<u32>>], picked: &[u32], mut row: impl FnMut(usize) -> lmx_core::Result<Vec<f32>>) -> lmx_core::Result<Vec<Drawn>> {
+    let mut words = picked.iter().copied();
+    let mut out = Vec::with_capacity(picks.len());
+    for (i, masked) in picks.iter().enumerate() {
+        let pair = if masked.is_some() { words.next().zip(words.next()) } else { None };
+        out.push(match pair {
+            Some((token, bits)) => Drawn::Picked { token, logprob: f32::from_bits(bits) },
+            None => Drawn::Logits(row(i)?),
+        });
+    }
+    Ok(out)
 }
 
 /// Runs the rows (see [`run`]) and reads their last-position logits (n, vocab) with `read`.
@@ -556,4 +564,27 @@ pub fn peak_memory_bytes() -> u64 {
     }
     let Ok(status) = std::fs::read_to_string("/proc/self/status") else { return 0 };
     status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()).map_or(0, |kb| kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// In a batch where only some rows pick on the device, each picked row takes its own two
+    /// words (in row order) and every other row its own logits.
+    #[test]
+    fn mixed_rows_take_their_own_draws() -> lmx_core::Result<()> {
+        let picks = vec![None, Some(vec![2]), None, Some(Vec::new())];
+        let picked = [7, (-0.5f32).to_bits(), 9, (-1.5f32).to_bits()];
+        let out = drawn_rows(&picks, &picked, |i| Ok(vec![i as f32]))?;
+        let seen: Vec<String> = out
+            .iter()
+            .map(|d| match d {
+                Drawn::Logits(l) => format!("logits {l:?}"),
+                Drawn::Picked { token, logprob } => format!("picked {token} {logprob}"),
+            })
+            .collect();
+        assert_eq!(seen, ["logits [0.0]", "picked 7 -0.5", "logits [2.0]", "picked 9 -1.5"]);
+        Ok(())
+    }
 }
