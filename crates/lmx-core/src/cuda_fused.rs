@@ -391,7 +391,7 @@ __device__ __forceinline__ void pick_merge(float& best, int& bi, float& m, float
     if (nm != -__int_as_float(0x7f800000)) s = (m == nm ? s : s * __expf(m - nm)) + (om == nm ? os : os * __expf(om - nm));
     m = nm;
 }
-extern "C" __global__ void lmx_pick_greedy(const float* logits, int n, unsigned int m0, unsigned int m1, unsigned int m2, unsigned int m3,
+extern "C" __global__ void __launch_bounds__(1024) lmx_pick_greedy(const float* logits, int n, unsigned int m0, unsigned int m1, unsigned int m2, unsigned int m3,
                                            unsigned int m4, unsigned int m5, unsigned int m6, unsigned int m7, unsigned int* out) {
     const float NEG_INF = -__int_as_float(0x7f800000);
     __shared__ float sb[32], sm[32], ss[32];

@@ -832,17 +832,33 @@ mod tests {
         row[70_001] = 40.0;
         row[90_000] = 40.0;
         row[5] = 50.0;
-        let cases: Vec<(Vec<f32>, Vec<u32>, u32)> =
-            vec![(row.clone(), vec![5], 70_001), (row.clone(), vec![5, 70_001, 17], 90_000), (row.clone(), vec![], 5), (vec![f32::NEG_INFINITY; 1000], vec![], 0)];
+        // No spikes: every logit counts in the log-sum-exp (the largest one masked).
+        let plain = Tensor::randn(0f32, 3.0, n, &Device::Cpu)?.to_vec1::<f32>()?;
+        let top_plain = (0..n).fold(0, |b, i| if plain[i] > plain[b] { i } else { b }) as u32;
+        // A tie 2048 apart: the same thread of the kernel sees both.
+        let mut tie = Tensor::randn(0f32, 3.0, n, &Device::Cpu)?.to_vec1::<f32>()?;
+        tie[1000] = 60.0;
+        tie[1000 + 2048] = 60.0;
+        let cases: Vec<(Vec<f32>, Vec<u32>, Option<u32>)> = vec![
+            (row.clone(), vec![5], Some(70_001)),
+            (row.clone(), vec![5, 70_001, 17], Some(90_000)),
+            (row.clone(), vec![], Some(5)),
+            (vec![f32::NEG_INFINITY; 1000], vec![], Some(0)),
+            (plain, vec![top_plain, 3], None),
+            (tie, vec![], Some(1000)),
+        ];
         for dev in &devices {
             for (logits, masked, want) in &cases {
-                let t = Tensor::from_slice(logits, (1, 1, logits.len()), dev)?;
-                let got = pick_greedy(&t, masked)?.to_vec1::<u32>()?;
-                assert_eq!(got[0], *want, "{dev:?} masked {masked:?}");
                 let mut m = logits.clone();
                 for &i in masked {
                     m[i as usize] = f32::NEG_INFINITY;
                 }
+                let want = &want.unwrap_or_else(|| (0..m.len()).fold(0, |b, i| if m[i] > m[b] { i } else { b }) as u32);
+                // The second row of two (a view at an offset, as a batch's rows are).
+                let noise = Tensor::randn(0f32, 1.0, logits.len(), &Device::Cpu)?.to_vec1::<f32>()?;
+                let t = Tensor::from_slice(&[noise, logits.clone()].concat(), (2, logits.len()), dev)?;
+                let got = pick_greedy(&t.get(1)?, masked)?.to_vec1::<u32>()?;
+                assert_eq!(got[0], *want, "{dev:?} masked {masked:?}");
                 let top = m.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v as f64));
                 let lp = m[*want as usize] as f64 - (top + m.iter().map(|&v| (v as f64 - top).exp()).sum::<f64>().ln());
                 let got_lp = f32::from_bits(got[1]) as f64;

@@ -409,6 +409,12 @@ impl DeviceCopy {
         dx.reshape(dims)?.to_dtype(dtype)
     }
 
+    /// Whether the pairs are two bf16 in a word (else two f32 words).
+    #[cfg(test)]
+    pub(super) fn pairs16(&self) -> bool {
+        self.sb16
+    }
+
     /// `x @ W^T` for x (.., cols) on the device: bf16 and f32 activations as they are, others
     /// through f32.
     pub(super) fn matmul(&self, q: &QuantizedMatrix, x: &Tensor) -> Result<Tensor> {
@@ -623,8 +629,8 @@ impl CustomOp3 for Qmv {
     fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: &Layout, ss: &CudaStorage, sl: &Layout) -> Result<(CudaStorage, Shape)> {
         let spec = &self.0;
         let m = xl.shape().elem_count() / spec.cols;
-        if !xl.is_contiguous() || !wl.is_contiguous() || !sl.is_contiguous() {
-            candle_core::bail!("lmx-cuda-qmv needs contiguous inputs");
+        if !xl.is_contiguous() || !wl.is_contiguous() || !sl.is_contiguous() || (!spec.sb16 && sl.start_offset() % 2 != 0) {
+            candle_core::bail!("lmx-cuda-qmv needs contiguous, aligned inputs");
         }
         let dev = xs.device().clone();
         let w = ws.as_cuda_slice::<u32>()?.slice(wl.start_offset()..);
@@ -848,6 +854,9 @@ impl CustomOp2 for Dequant {
 
     fn cuda_fwd(&self, ws: &CudaStorage, wl: &Layout, ss: &CudaStorage, sl: &Layout) -> Result<(CudaStorage, Shape)> {
         let rows = wl.dims()[0];
+        if !self.sb16 && sl.start_offset() % 2 != 0 {
+            candle_core::bail!("lmx-cuda-dequant: f32 pairs must start on a pair");
+        }
         let dev = ws.device().clone();
         let w = ws.as_cuda_slice::<u32>()?.slice(wl.start_offset()..);
         let sb = ss.as_cuda_slice::<u32>()?.slice(sl.start_offset()..);

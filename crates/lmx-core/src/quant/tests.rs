@@ -393,6 +393,9 @@ fn bf16_pairs_on_the_gpu_equal_f32_pairs() -> Result<()> {
         (wide.scales, wide.biases) = (widen(&half.scales), widen(&half.biases));
         let wide = Arc::new(wide);
         let other = Arc::new(QuantizedMatrix::quantize(&rand(40, 512).to_dtype(DType::BF16)?, bits, group)?);
+        // The bf16 format is in use (else both sides would run the f32 kernels).
+        assert!(half.device_copy(&gpu)?.pairs16() != (std::env::var("LMX_CUDA_SB16").as_deref() == Ok("0")));
+        assert!(!wide.device_copy(&gpu)?.pairs16());
         for m in [1usize, 3, 16] {
             let x = rand(m, 512).to_dtype(DType::BF16)?;
             let xg = x.to_device(&gpu)?;
@@ -405,6 +408,10 @@ fn bf16_pairs_on_the_gpu_equal_f32_pairs() -> Result<()> {
             assert!(e <= 0.02 * scale, "{bits}-bit, {m} rows: GPU and CPU differ by {e} (largest {scale})");
             let many = matmul_many(&[half.clone(), other.clone()], &xg)?;
             assert_eq!((&host(many[0].clone())? - &a)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0, "{bits}-bit shared input");
+            // Pair formats mixed in one shared input: each matrix still gives its own product.
+            let mixed = matmul_many(&[half.clone(), wide.clone()], &xg)?;
+            assert_eq!((&host(mixed[0].clone())? - &a)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0, "{bits}-bit mixed formats");
+            assert_eq!((&host(mixed[1].clone())? - &b)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0, "{bits}-bit mixed formats");
             let g = rand(m, 72).to_dtype(DType::BF16)?.to_device(&gpu)?;
             let (ta, tb) = (host(half.matmul_t(&g)?)?, host(wide.matmul_t(&g)?)?);
             assert_eq!((&ta - &tb)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0, "{bits}-bit transposed product");
