@@ -96,6 +96,7 @@ VARIANTS = {
     "lmx (R=4)": run_lmx,
     "lmx (R=2)": lambda m, act, y: run_lmx(m, act, y, 2),
     "lmx (R=4, bf16 pairs)": lambda m, act, y: run_lmx(m, act, y, 4, True),
+    "lmx (R=2, bf16 pairs)": lambda m, act, y: run_lmx(m, act, y, 2, True),
 }
 for line in cand.splitlines():
     # // CANDIDATE name rows_per_block sb16

@@ -383,29 +383,22 @@ __device__ void causal_softmax(const T* s, T* out, int cols, int q_len, int offs
 
 // The greedy pick of one row of f32 logits: the first index of the largest logit and its log
 // probability (the logit minus the row's log-sum-exp), as the host's `argmax` and `logprobs`.
-// Ids m0..m7 (0xFFFFFFFF: none) count as -inf (EOS when it is ignored). One block; out[0] the
-// token, out[1] the log probability's bits.
+// Ids m0..m7 (0xFFFFFFFF: none) count as -inf (EOS when it is ignored). Two kernels: blocks of
+// 256 threads each reduce PICK_CHUNK logits (8 a thread, loaded together) to a partial (best,
+// its index, max, sum of exp), then one block merges the partials: out[0] the token, out[1]
+// the log probability's bits. (One block over a 128,256-wide row took 60 us on an H200, a
+// chain of dependent loads a thread; docs/cuda/2026-12-03-db-mixed.txt.)
+#define PICK_CHUNK 2048
 __device__ __forceinline__ void pick_merge(float& best, int& bi, float& m, float& s, float ob, int oi, float om, float os) {
     if (ob > best || (ob == best && oi < bi)) { best = ob; bi = oi; }
     float nm = fmaxf(m, om);
     if (nm != -__int_as_float(0x7f800000)) s = (m == nm ? s : s * __expf(m - nm)) + (om == nm ? os : os * __expf(om - nm));
     m = nm;
 }
-extern "C" __global__ void __launch_bounds__(1024) lmx_pick_greedy(const float* logits, int n, unsigned int m0, unsigned int m1, unsigned int m2, unsigned int m3,
-                                           unsigned int m4, unsigned int m5, unsigned int m6, unsigned int m7, unsigned int* out) {
-    const float NEG_INF = -__int_as_float(0x7f800000);
+// Merges every thread's partial into thread 0's (blocks of at most 1024 threads, whole warps).
+__device__ __forceinline__ void pick_block_merge(float& best, int& bi, float& m, float& s) {
     __shared__ float sb[32], sm[32], ss[32];
     __shared__ int si[32];
-    unsigned int mk[8] = {m0, m1, m2, m3, m4, m5, m6, m7};
-    float best = NEG_INF, m = NEG_INF, s = 0.f;
-    int bi = 0x7fffffff;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        float v = logits[i];
-        for (int k = 0; k < 8; k++) if (mk[k] == (unsigned int)i) v = NEG_INF;
-        if (v > best) { best = v; bi = i; }
-        if (v == NEG_INF) continue;
-        if (v > m) { s = s * __expf(m - v) + 1.f; m = v; } else { s += __expf(v - m); }
-    }
     for (int o = 16; o > 0; o >>= 1)
         pick_merge(best, bi, m, s, __shfl_xor_sync(0xffffffffu, best, o), __shfl_xor_sync(0xffffffffu, bi, o), __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
     int w = threadIdx.x / 32, l = threadIdx.x % 32;
@@ -413,16 +406,52 @@ extern "C" __global__ void __launch_bounds__(1024) lmx_pick_greedy(const float* 
     __syncthreads();
     if (w == 0) {
         int nw = blockDim.x / 32;
-        best = l < nw ? sb[l] : NEG_INF; bi = l < nw ? si[l] : 0x7fffffff; m = l < nw ? sm[l] : NEG_INF; s = l < nw ? ss[l] : 0.f;
+        best = l < nw ? sb[l] : -__int_as_float(0x7f800000); bi = l < nw ? si[l] : 0x7fffffff;
+        m = l < nw ? sm[l] : -__int_as_float(0x7f800000); s = l < nw ? ss[l] : 0.f;
         for (int o = 16; o > 0; o >>= 1)
             pick_merge(best, bi, m, s, __shfl_xor_sync(0xffffffffu, best, o), __shfl_xor_sync(0xffffffffu, bi, o), __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
-        if (l == 0) {
-            // Every logit -inf: token 0, as the host's argmax.
-            int token = bi == 0x7fffffff ? 0 : bi;
-            float lse = m == NEG_INF ? NEG_INF : m + logf(s);
-            out[0] = (unsigned int)token;
-            out[1] = __float_as_uint(best - lse);
-        }
+    }
+}
+extern "C" __global__ void __launch_bounds__(256) lmx_pick_partial(const float* logits, int n, unsigned int m0, unsigned int m1, unsigned int m2, unsigned int m3,
+                                            unsigned int m4, unsigned int m5, unsigned int m6, unsigned int m7, float4* part) {
+    const float NEG_INF = -__int_as_float(0x7f800000);
+    const unsigned int mk[8] = {m0, m1, m2, m3, m4, m5, m6, m7};
+    const int start = blockIdx.x * PICK_CHUNK;
+    float v[PICK_CHUNK / 256];
+#pragma unroll
+    for (int k = 0; k < PICK_CHUNK / 256; k++) {
+        int i = start + k * 256 + threadIdx.x;
+        v[k] = i < n ? __ldg(logits + i) : NEG_INF;
+    }
+    float best = NEG_INF, m = NEG_INF, s = 0.f;
+    int bi = 0x7fffffff;
+#pragma unroll
+    for (int k = 0; k < PICK_CHUNK / 256; k++) {
+        int i = start + k * 256 + threadIdx.x;
+        float x = v[k];
+        for (int q = 0; q < 8; q++) if (mk[q] == (unsigned int)i) x = NEG_INF;
+        if (x > best) { best = x; bi = i; }
+        if (x == NEG_INF) continue;
+        if (x > m) { s = s * __expf(m - x) + 1.f; m = x; } else { s += __expf(x - m); }
+    }
+    pick_block_merge(best, bi, m, s);
+    if (threadIdx.x == 0) part[blockIdx.x] = make_float4(best, __int_as_float(bi), m, s);
+}
+extern "C" __global__ void __launch_bounds__(1024) lmx_pick_final(const float4* part, int blocks, unsigned int* out) {
+    const float NEG_INF = -__int_as_float(0x7f800000);
+    float best = NEG_INF, m = NEG_INF, s = 0.f;
+    int bi = 0x7fffffff;
+    for (int b = threadIdx.x; b < blocks; b += blockDim.x) {
+        float4 p = part[b];
+        pick_merge(best, bi, m, s, p.x, __float_as_int(p.y), p.z, p.w);
+    }
+    pick_block_merge(best, bi, m, s);
+    if (threadIdx.x == 0) {
+        // Every logit -inf: token 0, as the host's argmax.
+        int token = bi == 0x7fffffff ? 0 : bi;
+        float lse = m == NEG_INF ? NEG_INF : m + logf(s);
+        out[0] = (unsigned int)token;
+        out[1] = __float_as_uint(best - lse);
     }
 }
 
@@ -585,20 +614,29 @@ pub(crate) fn pick_greedy(ls: &CudaStorage, ll: &Layout, masked: &[u32]) -> Resu
         candle_core::bail!("lmx pick_greedy: one contiguous f32 row and at most 8 masked ids (given {:?}, {:?}, {} ids)", ls.dtype(), ll.dims(), masked.len());
     }
     let dev = ls.device().clone();
-    let func = dev.get_or_load_custom_func("lmx_pick_greedy", "lmx_fused", fused_ptx()?)?;
-    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+    const CHUNK: usize = 2048; // PICK_CHUNK
+    let blocks = n.div_ceil(CHUNK).max(1);
     let l = ls.as_cuda_slice::<f32>()?.slice(ll.start_offset()..);
+    let part = out::<f32>(&dev, 4 * blocks)?;
     let o = out::<u32>(&dev, 2)?;
     let mut ids = [u32::MAX; 8];
     ids[..masked.len()].copy_from_slice(masked);
-    let ni = n as i32;
+    let (ni, nb) = (n as i32, blocks as i32);
+    let func = dev.get_or_load_custom_func("lmx_pick_partial", "lmx_fused", fused_ptx()?)?;
     let mut b = func.builder();
     b.arg(&l).arg(&ni);
     for id in &ids {
         b.arg(id);
     }
-    b.arg(&o);
-    // SAFETY: l holds n floats, o 2 u32.
+    b.arg(&part);
+    let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: l holds n floats, part 4 a block.
+    unsafe { b.launch(cfg) }.w()?;
+    let func = dev.get_or_load_custom_func("lmx_pick_final", "lmx_fused", fused_ptx()?)?;
+    let mut b = func.builder();
+    b.arg(&part).arg(&nb).arg(&o);
+    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: part holds the partials of `blocks` blocks, o 2 u32.
     unsafe { b.launch(cfg) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(o, dev))
 }

@@ -835,10 +835,15 @@ mod tests {
         // No spikes: every logit counts in the log-sum-exp (the largest one masked).
         let plain = Tensor::randn(0f32, 3.0, n, &Device::Cpu)?.to_vec1::<f32>()?;
         let top_plain = (0..n).fold(0, |b, i| if plain[i] > plain[b] { i } else { b }) as u32;
-        // A tie 2048 apart: the same thread of the kernel sees both.
+        // Ties: 2048 apart (the GPU kernel's neighbouring blocks), 256 apart (one of its threads),
+        // and in its last, partial block.
         let mut tie = Tensor::randn(0f32, 3.0, n, &Device::Cpu)?.to_vec1::<f32>()?;
         tie[1000] = 60.0;
         tie[1000 + 2048] = 60.0;
+        let mut near = Tensor::randn(0f32, 3.0, n, &Device::Cpu)?.to_vec1::<f32>()?;
+        near[300 + 2048 * 5] = 60.0;
+        near[300 + 2048 * 5 + 256] = 60.0;
+        near[n - 3] = 60.0;
         let cases: Vec<(Vec<f32>, Vec<u32>, Option<u32>)> = vec![
             (row.clone(), vec![5], Some(70_001)),
             (row.clone(), vec![5, 70_001, 17], Some(90_000)),
@@ -846,6 +851,8 @@ mod tests {
             (vec![f32::NEG_INFINITY; 1000], vec![], Some(0)),
             (plain, vec![top_plain, 3], None),
             (tie, vec![], Some(1000)),
+            (near.clone(), vec![], Some(300 + 2048 * 5)),
+            (near, vec![300 + 2048 * 5, 300 + 2048 * 5 + 256], Some(n as u32 - 3)),
         ];
         for dev in &devices {
             for (logits, masked, want) in &cases {

@@ -564,11 +564,18 @@ pub(super) fn integer_products(q: &QuantizedMatrix) -> bool {
 /// Llama-3-8B-shaped decode step, `scripts/cuda/profile.sh`), 4-bit: 1 / 2 / 4 rows per block
 /// took 5.11 / 4.00 / 3.93 ms, the 4096 x 4096 products 13.7 / 9.6 / 9.6 us each: a thread's
 /// loads of several rows are in flight together. 8-bit rows are twice the bytes (and twice
-/// the steps): 2 rows. `LMX_CUDA_QMV_ROWS=1|2|4` fixes it.
-fn rows_per_block(rows: usize, bits: usize) -> usize {
+/// the steps): 2 rows. 4-bit rows wider than a block's one pass (more than 128 units of 16
+/// bytes: Llama-3-8B's down product, 14336 columns) take 2 rows too: with 4 rows and bf16 pairs
+/// ptxas issues only 5 of a round's 8 wide loads ahead of the sums, and that product took 17.4
+/// us against 12.0 with 2 rows (a CuPy harness on an H200, `scripts/cuda/qmv_bench.py`,
+/// docs/cuda/2026-12-03-db-mixed.txt; double-buffering the 4-row loop instead gave 13.5, and 4
+/// rows stay faster for one-pass shapes: gate/up 19.3 against 20.4 us, the head 77 against 84).
+/// `LMX_CUDA_QMV_ROWS=1|2|4` fixes it.
+fn rows_per_block(rows: usize, cols: usize, bits: usize) -> usize {
     static FIXED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     let fixed = *FIXED.get_or_init(|| std::env::var("LMX_CUDA_QMV_ROWS").ok().and_then(|v| v.parse().ok()).filter(|r| matches!(r, 1 | 2 | 4)));
-    fixed.unwrap_or(if bits == 4 { 4 } else { 2 }).min(rows.next_power_of_two())
+    let one_pass = cols * bits / 128 <= 128;
+    fixed.unwrap_or(if bits == 4 && one_pass { 4 } else { 2 }).min(rows.next_power_of_two())
 }
 
 /// Ints per activation row of the integer kernels' coded activations (`act_stride` there).
@@ -730,7 +737,7 @@ impl CustomOp3 for Qmv8 {
         let w = ws.as_cuda_slice::<u32>()?.slice(wl.start_offset()..);
         let sb = ss.as_cuda_slice::<u32>()?.slice(sl.start_offset()..);
         let (rows, cols, gs, mm) = (spec.rows as i32, spec.cols as i32, spec.group_size as i32, m as i32);
-        let per_block = rows_per_block(spec.rows, spec.bits);
+        let per_block = rows_per_block(spec.rows, spec.cols, spec.bits);
         let cfg = LaunchConfig { grid_dim: (spec.rows.div_ceil(per_block) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         let kernel = |t: &str| format!("lmx_qmv8_{t}_{}_{per_block}_{}_{}", spec.bits, if m == 1 { 1 } else { 8 }, pairs_suffix(spec.sb16));
         let storage = match self.dtype {
@@ -804,7 +811,7 @@ impl CustomOp1 for Qmv8Many {
         let total: usize = self.rows.iter().sum();
         let dev = acts.device().clone();
         let act = acts.as_cuda_slice::<u32>()?;
-        let per_block = self.rows.iter().map(|&r| rows_per_block(r, self.bits)).min().unwrap_or(1);
+        let per_block = self.rows.iter().map(|&r| rows_per_block(r, self.cols, self.bits)).min().unwrap_or(1);
         let blocks: usize = self.rows.iter().map(|r| r.div_ceil(per_block)).sum();
         let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         let (cols, gs, mm) = (self.cols as i32, self.group_size as i32, m as i32);
