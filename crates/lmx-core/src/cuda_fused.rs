@@ -289,8 +289,8 @@ __device__ void kv_write(W* buf, const W* src, const unsigned int* pos, int cap,
     int h = blockIdx.x;
     for (int i = threadIdx.x; i < d; i += blockDim.x) buf[((size_t)h * cap + p) * d + i] = src[(size_t)h * sh + i];
 }
-extern "C" __global__ void lmx_kv_write_2(unsigned short* buf, const unsigned short* src, const unsigned int* pos, int cap, int d, long long sh) { kv_write(buf, src, pos, cap, d, sh); }
-extern "C" __global__ void lmx_kv_write_4(unsigned int* buf, const unsigned int* src, const unsigned int* pos, int cap, int d, long long sh) { kv_write(buf, src, pos, cap, d, sh); }
+extern "C" __global__ void lmx_kv_write_2(unsigned short* buf, const unsigned short* src, const unsigned int* pos, int cap, int d, long long sh) { PDL_ENTRY(); kv_write(buf, src, pos, cap, d, sh); }
+extern "C" __global__ void lmx_kv_write_4(unsigned int* buf, const unsigned int* src, const unsigned int* pos, int cap, int d, long long sh) { PDL_ENTRY(); kv_write(buf, src, pos, cap, d, sh); }
 
 // Rotary embedding and cache write in one launch, block (h, i) for head h of position i of l
 // (one sequence): h < nq rotates query head h into `qo` (l, nq, d); the next nkv blocks rotate key
@@ -414,6 +414,7 @@ __device__ __forceinline__ void pick_block_merge(float& best, int& bi, float& m,
 }
 extern "C" __global__ void __launch_bounds__(256) lmx_pick_partial(const float* logits, int n, unsigned int m0, unsigned int m1, unsigned int m2, unsigned int m3,
                                             unsigned int m4, unsigned int m5, unsigned int m6, unsigned int m7, float4* part) {
+    PDL_ENTRY();
     const float NEG_INF = -__int_as_float(0x7f800000);
     const unsigned int mk[8] = {m0, m1, m2, m3, m4, m5, m6, m7};
     const int start = blockIdx.x * PICK_CHUNK;
@@ -438,6 +439,7 @@ extern "C" __global__ void __launch_bounds__(256) lmx_pick_partial(const float* 
     if (threadIdx.x == 0) part[blockIdx.x] = make_float4(best, __int_as_float(bi), m, s);
 }
 extern "C" __global__ void __launch_bounds__(1024) lmx_pick_final(const float4* part, int blocks, unsigned int* out) {
+    PDL_ENTRY();
     const float NEG_INF = -__int_as_float(0x7f800000);
     float best = NEG_INF, m = NEG_INF, s = 0.f;
     int bi = 0x7fffffff;
@@ -456,32 +458,182 @@ extern "C" __global__ void __launch_bounds__(1024) lmx_pick_final(const float4* 
 }
 
 #define DECODE_ATTENTION(T, name, E, U, suffix) \
-extern "C" __global__ void lmx_decode_attention_##name##_e##E##suffix(const T* q, const T* k, const T* v, T* out, float* part, int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits, long long ks0, long long ks1, long long ks2, long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window) { decode_attention<T, E, U>(q, k, v, out, part, n_heads, n_kv, kv_len, d, scale, chunk, splits, ks0, ks1, ks2, vs0, vs1, vs2, upto, window); }
+extern "C" __global__ void lmx_decode_attention_##name##_e##E##suffix(const T* q, const T* k, const T* v, T* out, float* part, int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits, long long ks0, long long ks1, long long ks2, long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window) { PDL_ENTRY(); decode_attention<T, E, U>(q, k, v, out, part, n_heads, n_kv, kv_len, d, scale, chunk, splits, ks0, ks1, ks2, vs0, vs1, vs2, upto, window); }
 #define INSTANTIATE(T, name) \
-extern "C" __global__ void lmx_causal_softmax_##name(const T* s, T* out, int cols, int q_len, int offset, int window, float scale, float softcap) { causal_softmax(s, out, cols, q_len, offset, window, scale, softcap); } \
-extern "C" __global__ void lmx_rms_norm_##name(const T* x, const T* w, T* out, int d, float eps, int vec) { rms_norm(x, w, out, d, eps, vec); } \
-extern "C" __global__ void lmx_add_rms_norm_##name(const T* x, const T* h, const T* w, T* sum, T* out, int d, float eps, int* codes, int gs, int bits, int vec) { add_rms_norm(x, h, w, sum, out, d, eps, codes, gs, bits, vec); } \
-extern "C" __global__ void lmx_silu_mul_coded_##name(const T* g, const T* u, T* out, int rows, int cols, int* codes, int gs, int bits) { silu_mul_coded(g, u, out, rows, cols, codes, gs, bits); } \
-extern "C" __global__ void lmx_silu_mul_##name(const T* g, const T* u, T* out, long long n, int vec) { silu_mul(g, u, out, n, vec); } \
+extern "C" __global__ void lmx_causal_softmax_##name(const T* s, T* out, int cols, int q_len, int offset, int window, float scale, float softcap) { PDL_ENTRY(); causal_softmax(s, out, cols, q_len, offset, window, scale, softcap); } \
+extern "C" __global__ void lmx_rms_norm_##name(const T* x, const T* w, T* out, int d, float eps, int vec) { PDL_ENTRY(); rms_norm(x, w, out, d, eps, vec); } \
+extern "C" __global__ void lmx_add_rms_norm_##name(const T* x, const T* h, const T* w, T* sum, T* out, int d, float eps, int* codes, int gs, int bits, int vec) { PDL_ENTRY(); add_rms_norm(x, h, w, sum, out, d, eps, codes, gs, bits, vec); } \
+extern "C" __global__ void lmx_silu_mul_coded_##name(const T* g, const T* u, T* out, int rows, int cols, int* codes, int gs, int bits) { PDL_ENTRY(); silu_mul_coded(g, u, out, rows, cols, codes, gs, bits); } \
+extern "C" __global__ void lmx_silu_mul_##name(const T* g, const T* u, T* out, long long n, int vec) { PDL_ENTRY(); silu_mul(g, u, out, n, vec); } \
 DECODE_ATTENTION(T, name, 1, 8, ) DECODE_ATTENTION(T, name, 2, 8, ) DECODE_ATTENTION(T, name, 4, 8, ) DECODE_ATTENTION(T, name, 8, 4, ) \
 DECODE_ATTENTION(T, name, 1, 1, _u1) DECODE_ATTENTION(T, name, 2, 1, _u1) DECODE_ATTENTION(T, name, 4, 1, _u1) DECODE_ATTENTION(T, name, 8, 1, _u1) \
-extern "C" __global__ void lmx_combine_splits_##name(const float* part, T* out, int splits, int d) { combine_splits(part, out, splits, d); } \
-extern "C" __global__ void lmx_rope_kv_##name(const T* q, long long qs, long long qr, const T* k, long long ks, long long kr, const T* v, long long vs, long long vr, const T* cos, const T* sin, T* qo, T* kb, T* vb, const unsigned int* pos, int offset, int nq, int nkv, int cap, int d) { rope_kv(q, qs, qr, k, ks, kr, v, vs, vr, cos, sin, qo, kb, vb, pos, offset, nq, nkv, cap, d); }
+extern "C" __global__ void lmx_combine_splits_##name(const float* part, T* out, int splits, int d) { PDL_ENTRY(); combine_splits(part, out, splits, d); } \
+extern "C" __global__ void lmx_rope_kv_##name(const T* q, long long qs, long long qr, const T* k, long long ks, long long kr, const T* v, long long vs, long long vr, const T* cos, const T* sin, T* qo, T* kb, T* vb, const unsigned int* pos, int offset, int nq, int nkv, int cap, int d) { PDL_ENTRY(); rope_kv(q, qs, qr, k, ks, kr, v, vs, vr, cos, sin, qo, kb, vb, pos, offset, nq, nkv, cap, d); }
 INSTANTIATE(float, f32)
 INSTANTIATE(unsigned short, bf16)
 "#;
 
 /// `src` compiled to PTX by NVRTC once per process (`cell` caches it, or the error).
 pub(crate) fn ptx(cell: &'static std::sync::OnceLock<std::result::Result<String, String>>, src: &str) -> Result<&'static str> {
-    cell.get_or_init(|| candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(src).map(|p| p.to_src()).map_err(|e| format!("{e:?}")))
+    ptx_for(cell, src, None)
+}
+
+/// [`ptx`] for a virtual architecture (`compute_90`), or NVRTC's default.
+fn ptx_for(cell: &'static std::sync::OnceLock<std::result::Result<String, String>>, src: &str, arch: Option<&'static str>) -> Result<&'static str> {
+    use candle_core::cuda_backend::cudarc::nvrtc;
+    cell.get_or_init(|| nvrtc::compile_ptx_with_opts(src, nvrtc::CompileOptions { arch, ..Default::default() }).map(|p| p.to_src()).map_err(|e| format!("{e:?}")))
         .as_deref()
         .map_err(|e| candle_core::Error::Msg(format!("compiling lmx's CUDA kernels with NVRTC failed (is libnvrtc on the library path?): {e}")))
+}
+
+/// Programmatic dependent launch (`LMX_CUDA_PDL=1`, GPUs of compute capability 9.0 or newer):
+/// the kernels of lmx's modules that start with `PDL_ENTRY()` (the quantized products, the
+/// fused norms, attention, rope, the pick) are launched by [`Launch`] with
+/// `CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`, so that a kernel's launch and
+/// block scheduling overlap the end of the one before; each waits (`griddepcontrol.wait`) for
+/// it at its start. The answer is the same for the whole process: the modules' PTX is
+/// compiled once, with the waits or without.
+pub(crate) fn pdl_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        use candle_core::cuda_backend::cudarc::driver::{result, sys};
+        if std::env::var("LMX_CUDA_PDL").map_or(true, |v| v != "1") {
+            return false;
+        }
+        let major = |i| {
+            // SAFETY: a device ordinal below the driver's count.
+            result::device::get(i).and_then(|d| unsafe { result::device::get_attribute(d, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR) })
+        };
+        result::init().is_ok() && result::device::get_count().is_ok_and(|n| n > 0 && (0..n).all(|i| major(i).is_ok_and(|m| m >= 9)))
+    })
+}
+
+/// The source prefix and architecture of lmx's modules with `PDL_ENTRY()` kernels.
+pub(crate) fn pdl_build() -> (&'static str, Option<&'static str>) {
+    if pdl_enabled() {
+        ("#define LMX_PDL\n", Some("compute_90"))
+    } else {
+        ("", None)
+    }
+}
+
+/// PTX of the quantized kernels' and fused kernels' sources (with `PDL_ENTRY()` kernels).
+pub(crate) fn pdl_ptx(cell: &'static std::sync::OnceLock<std::result::Result<String, String>>, src: &str) -> Result<&'static str> {
+    ptx_for(cell, src, pdl_build().1)
 }
 
 fn fused_ptx() -> Result<&'static str> {
     static PTX: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
     static SOURCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    ptx(&PTX, SOURCE.get_or_init(|| format!("{}{COMMON}{SRC}", crate::quant::cuda::CODE_SRC)))
+    pdl_ptx(&PTX, SOURCE.get_or_init(|| format!("{}{}{COMMON}{SRC}", pdl_build().0, crate::quant::cuda::CODE_SRC)))
+}
+
+/// A value passed to a kernel by [`Launch`]: a device pointer, or a scalar in the low bytes
+/// of a word (little-endian, as the kernel reads it).
+pub(crate) trait KernelArg {
+    fn word(&self, stream: &candle_core::cuda_backend::cudarc::driver::CudaStream) -> u64;
+}
+
+impl<T> KernelArg for candle_core::cuda_backend::cudarc::driver::CudaSlice<T> {
+    fn word(&self, stream: &candle_core::cuda_backend::cudarc::driver::CudaStream) -> u64 {
+        use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+        self.device_ptr(stream).0
+    }
+}
+
+impl<T> KernelArg for candle_core::cuda_backend::cudarc::driver::CudaView<'_, T> {
+    fn word(&self, stream: &candle_core::cuda_backend::cudarc::driver::CudaStream) -> u64 {
+        use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+        self.device_ptr(stream).0
+    }
+}
+
+macro_rules! scalar_arg {
+    ($($t:ty => $w:expr),*) => {
+        $(impl KernelArg for $t {
+            fn word(&self, _: &candle_core::cuda_backend::cudarc::driver::CudaStream) -> u64 {
+                let f: fn($t) -> u64 = $w;
+                f(*self)
+            }
+        })*
+    };
+}
+scalar_arg!(i32 => |v| v as u32 as u64, u32 => |v| v as u64, f32 => |v| v.to_bits() as u64, i64 => |v| v as u64, u64 => |v| v);
+
+/// A launch of one of lmx's `PDL_ENTRY()` kernels, made by [`launch_args!`] (then `arg`s and
+/// `launch`, as cudarc's `LaunchArgs`): cudarc's own launch, or, where [`pdl_enabled`],
+/// `cuLaunchKernelEx` with programmatic stream serialization. Kernels without `PDL_ENTRY()`
+/// (candle's, flash attention, the training kernels) must keep cudarc's launches.
+pub(crate) struct Launch<'a> {
+    func: &'a candle_core::cuda_backend::cudarc::driver::CudaFunction,
+    stream: std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+    /// Without PDL: cudarc's launch.
+    args: Option<candle_core::cuda_backend::cudarc::driver::LaunchArgs<'a>>,
+    /// With PDL: one word per argument.
+    words: Vec<u64>,
+}
+
+/// `launch_args!(dev, func)`: a [`Launch`] of `func` (a kernel of lmx's modules) on `dev`.
+macro_rules! launch_args {
+    ($dev:expr, $func:expr) => {
+        $crate::cuda_fused::Launch::new(&$dev, &$func, (!$crate::cuda_fused::pdl_enabled()).then(|| $func.builder()))
+    };
+}
+pub(crate) use launch_args;
+
+impl<'a> Launch<'a> {
+    pub(crate) fn new(
+        dev: &candle_core::CudaDevice,
+        func: &'a candle_core::cuda_backend::cudarc::driver::CudaFunction,
+        args: Option<candle_core::cuda_backend::cudarc::driver::LaunchArgs<'a>>,
+    ) -> Self {
+        Launch { func, stream: dev.cuda_stream(), args, words: Vec::with_capacity(32) }
+    }
+
+    pub(crate) fn arg<A: KernelArg>(&mut self, a: &'a A) -> &mut Self
+    where
+        candle_core::cuda_backend::cudarc::driver::LaunchArgs<'a>: PushKernelArg<&'a A>,
+    {
+        match &mut self.args {
+            Some(b) => {
+                b.arg(a);
+            }
+            None => self.words.push(a.word(&self.stream)),
+        }
+        self
+    }
+
+    /// # Safety
+    /// The arguments must be the kernel's, in order, and its buffers hold what it reads and
+    /// writes (as for cudarc's `LaunchArgs::launch`).
+    pub(crate) unsafe fn launch(&mut self, cfg: LaunchConfig) -> std::result::Result<(), candle_core::cuda_backend::cudarc::driver::DriverError> {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        if let Some(b) = &mut self.args {
+            // SAFETY: the caller's.
+            return unsafe { b.launch(cfg) }.map(|_| ());
+        }
+        self.stream.context().bind_to_thread()?;
+        let mut params: Vec<*mut std::ffi::c_void> = self.words.iter_mut().map(|w| w as *mut u64 as *mut std::ffi::c_void).collect();
+        // SAFETY: a plain C struct; zero is a valid value of each field.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        // SAFETY: params point at one word per argument, alive until the call returns (the
+        // driver copies them); the caller vouches for the arguments.
+        unsafe { sys::cuLaunchKernelEx(&config, self.func.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }.result()
+    }
 }
 
 /// The name of kernel `base` for `dtype`: `lmx_{base}_{f32|bf16}`.
@@ -544,7 +696,7 @@ pub(crate) fn rms_norm(xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: &Lay
         let w = ws.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
         let o = out::<T>(&dev, rows * d)?;
         let (di, e, v) = (d as i32, eps, vec4(d, &[xl, wl]));
-        let mut b = func.builder();
+        let mut b = launch_args!(dev, func);
         b.arg(&x).arg(&w).arg(&o).arg(&di).arg(&e).arg(&v);
         // SAFETY: x holds rows * d values, w d, o rows * d.
         unsafe { b.launch(cfg) }.w()?;
@@ -590,7 +742,7 @@ pub(crate) fn add_rms_norm(
         let (sum, normed) = o.split_at(rows * d);
         let (di, e) = (d as i32, eps);
         let none = 0u64;
-        let mut b = func.builder();
+        let mut b = launch_args!(dev, func);
         b.arg(&x).arg(&h).arg(&w).arg(&sum).arg(&normed).arg(&di).arg(&e);
         match &codes {
             Some((c, bits, gs)) => b.arg(c).arg(gs).arg(bits),
@@ -623,7 +775,7 @@ pub(crate) fn pick_greedy(ls: &CudaStorage, ll: &Layout, masked: &[u32]) -> Resu
     ids[..masked.len()].copy_from_slice(masked);
     let (ni, nb) = (n as i32, blocks as i32);
     let func = dev.get_or_load_custom_func("lmx_pick_partial", "lmx_fused", fused_ptx()?)?;
-    let mut b = func.builder();
+    let mut b = launch_args!(dev, func);
     b.arg(&l).arg(&ni);
     for id in &ids {
         b.arg(id);
@@ -633,7 +785,7 @@ pub(crate) fn pick_greedy(ls: &CudaStorage, ll: &Layout, masked: &[u32]) -> Resu
     // SAFETY: l holds n floats, part 4 a block.
     unsafe { b.launch(cfg) }.w()?;
     let func = dev.get_or_load_custom_func("lmx_pick_final", "lmx_fused", fused_ptx()?)?;
-    let mut b = func.builder();
+    let mut b = launch_args!(dev, func);
     b.arg(&part).arg(&nb).arg(&o);
     let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: part holds the partials of `blocks` blocks, o 2 u32.
@@ -686,7 +838,7 @@ impl candle_core::CustomOp2 for SiluMulCoded {
             let g = gs.as_cuda_slice::<T>()?.slice(gl.start_offset()..);
             let u = us.as_cuda_slice::<T>()?.slice(ul.start_offset()..);
             let o = out::<T>(&dev, cols)?;
-            let mut b = func.builder();
+            let mut b = launch_args!(dev, func);
             b.arg(&g).arg(&u).arg(&o).arg(&rows).arg(&ci).arg(&codes).arg(&gsi).arg(&bi);
             // SAFETY: g, u and o hold one row of cols values, codes act_stride(cols) ints.
             unsafe { b.launch(cfg) }.w()?;
@@ -711,7 +863,7 @@ pub(crate) fn silu_mul(gs: &CudaStorage, gl: &Layout, us: &CudaStorage, ul: &Lay
         let u = us.as_cuda_slice::<T>()?.slice(ul.start_offset()..);
         let o = out::<T>(&dev, n)?;
         let (nn, v) = (n as i64, vec as i32);
-        let mut b = func.builder();
+        let mut b = launch_args!(dev, func);
         b.arg(&g).arg(&u).arg(&o).arg(&nn).arg(&v);
         // SAFETY: g, u and o hold n values.
         unsafe { b.launch(cfg) }.w()?;
@@ -787,7 +939,7 @@ pub(crate) fn decode_attention(
         };
         // A null pointer when the whole view counts.
         let null = 0u64;
-        let mut bld = func.builder();
+        let mut bld = launch_args!(dev, func);
         bld.arg(&q).arg(&k).arg(&v).arg(&o).arg(&part).arg(&nh).arg(&nk).arg(&kvl).arg(&dd).arg(&scale).arg(&ch).arg(&sp);
         bld.arg(&k0).arg(&k1).arg(&k2).arg(&v0).arg(&v1).arg(&v2);
         match &upto {
@@ -802,7 +954,7 @@ pub(crate) fn decode_attention(
         if splits > 1 {
             let combine = dev.get_or_load_custom_func(&name("combine_splits", qs.dtype())?, "lmx_fused", fused_ptx()?)?;
             let cfg = LaunchConfig { grid_dim: ((b * n_heads) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-            let mut bld = combine.builder();
+            let mut bld = launch_args!(dev, combine);
             bld.arg(&part).arg(&o).arg(&sp).arg(&dd);
             // SAFETY: part holds every (head, split)'s partial; o b * n_heads * d values.
             unsafe { bld.launch(cfg) }.w()?;
@@ -908,7 +1060,7 @@ pub(crate) fn rope_kv_write(
         let vb = vbs.as_cuda_slice::<T>()?.slice(vbl.start_offset()..);
         let o = out::<T>(&dev, l * nq * d)?;
         let null = 0u64;
-        let mut b = func.builder();
+        let mut b = launch_args!(dev, func);
         b.arg(&q).arg(&q_stride).arg(&q_row).arg(&k).arg(&k_stride).arg(&k_row).arg(&v).arg(&v_stride).arg(&v_row).arg(&cos).arg(&sin);
         b.arg(&o).arg(&kb).arg(&vb);
         match &pos {
@@ -1007,7 +1159,7 @@ impl candle_core::CustomOp1 for CausalSoftmax {
         typed!(xs.dtype(), T => {
             let x = xs.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
             let o = out::<T>(&dev, rows * cols)?;
-            let mut b = func.builder();
+            let mut b = launch_args!(dev, func);
             b.arg(&x).arg(&o).arg(&c).arg(&q).arg(&off).arg(&win).arg(&scale).arg(&cap);
             // SAFETY: x and o hold rows * cols values.
             unsafe { b.launch(cfg) }.w()?;

@@ -14,7 +14,7 @@
 //! weight. Other widths, and matrices built for exact products (training), multiply floats.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
@@ -24,6 +24,14 @@ use super::{GroupParams, QuantizedMatrix};
 /// `Q8Act::quantize_scalar`), shared by `q8act` here and by the kernels of `cuda_fused` that
 /// code their outputs for the next product (a norm, the SiLU product).
 pub(crate) const CODE_SRC: &str = r#"
+// Programmatic dependent launch (`crate::cuda_fused::Launch`, LMX_PDL defined where it is on):
+// a kernel launched before the one it depends on has finished waits here, at its very start,
+// for that kernel's results, then lets the next kernel launch.
+#ifdef LMX_PDL
+#define PDL_ENTRY() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
+#else
+#define PDL_ENTRY()
+#endif
 // Ints per activation row of coded activations: codes (cols / 4), fine codes (cols / 4), then
 // dx and sum(x) per group, padded to a multiple of 4 ints (16-byte loads).
 __device__ __forceinline__ int act_stride(int cols, int groups) { return cols / 2 + ((2 * groups + 3) & ~3); }
@@ -320,17 +328,17 @@ __device__ void qmv8x(const uint4* w0, const unsigned int* s0, int rows0, const 
     else qmv8_block<T, BITS, R, M, SB16>(w2, s2, act, y, rows2, cols, gs, m, b - n0 - n1, total, rows0 + rows1);
 }
 
-extern "C" __global__ void lmx_qmv_f32(const unsigned int* w, const unsigned int* sb, int sb16, const float* x, float* y, int rows, int cols, int bits, int gs, int m) { qmv(w, sb, sb16, x, y, rows, cols, bits, gs, m); }
-extern "C" __global__ void lmx_qmv_bf16(const unsigned int* w, const unsigned int* sb, int sb16, const unsigned short* x, unsigned short* y, int rows, int cols, int bits, int gs, int m) { qmv(w, sb, sb16, x, y, rows, cols, bits, gs, m); }
-extern "C" __global__ void lmx_dequant_f32(const unsigned int* w, const unsigned int* sb, int sb16, float* out, int rows, int cols, int bits, int gs) { dequant(w, sb, sb16, out, rows, cols, bits, gs); }
-extern "C" __global__ void lmx_dequant_bf16(const unsigned int* w, const unsigned int* sb, int sb16, unsigned short* out, int rows, int cols, int bits, int gs) { dequant(w, sb, sb16, out, rows, cols, bits, gs); }
-extern "C" __global__ void lmx_dequant_words_f32(const unsigned int* w, const unsigned int* sb, int sb16, float* out, int rows, int cols, int bits, int gs) { dequant_words(w, sb, sb16, out, rows, cols, bits, gs); }
-extern "C" __global__ void lmx_dequant_words_bf16(const unsigned int* w, const unsigned int* sb, int sb16, unsigned short* out, int rows, int cols, int bits, int gs) { dequant_words(w, sb, sb16, out, rows, cols, bits, gs); }
-extern "C" __global__ void lmx_q8act_f32(const float* x, int* out, int m, int cols, int gs, int bits) { q8act(x, out, m, cols, gs, bits); }
-extern "C" __global__ void lmx_q8act_bf16(const unsigned short* x, int* out, int m, int cols, int gs, int bits) { q8act(x, out, m, cols, gs, bits); }
+extern "C" __global__ void lmx_qmv_f32(const unsigned int* w, const unsigned int* sb, int sb16, const float* x, float* y, int rows, int cols, int bits, int gs, int m) { PDL_ENTRY(); qmv(w, sb, sb16, x, y, rows, cols, bits, gs, m); }
+extern "C" __global__ void lmx_qmv_bf16(const unsigned int* w, const unsigned int* sb, int sb16, const unsigned short* x, unsigned short* y, int rows, int cols, int bits, int gs, int m) { PDL_ENTRY(); qmv(w, sb, sb16, x, y, rows, cols, bits, gs, m); }
+extern "C" __global__ void lmx_dequant_f32(const unsigned int* w, const unsigned int* sb, int sb16, float* out, int rows, int cols, int bits, int gs) { PDL_ENTRY(); dequant(w, sb, sb16, out, rows, cols, bits, gs); }
+extern "C" __global__ void lmx_dequant_bf16(const unsigned int* w, const unsigned int* sb, int sb16, unsigned short* out, int rows, int cols, int bits, int gs) { PDL_ENTRY(); dequant(w, sb, sb16, out, rows, cols, bits, gs); }
+extern "C" __global__ void lmx_dequant_words_f32(const unsigned int* w, const unsigned int* sb, int sb16, float* out, int rows, int cols, int bits, int gs) { PDL_ENTRY(); dequant_words(w, sb, sb16, out, rows, cols, bits, gs); }
+extern "C" __global__ void lmx_dequant_words_bf16(const unsigned int* w, const unsigned int* sb, int sb16, unsigned short* out, int rows, int cols, int bits, int gs) { PDL_ENTRY(); dequant_words(w, sb, sb16, out, rows, cols, bits, gs); }
+extern "C" __global__ void lmx_q8act_f32(const float* x, int* out, int m, int cols, int gs, int bits) { PDL_ENTRY(); q8act(x, out, m, cols, gs, bits); }
+extern "C" __global__ void lmx_q8act_bf16(const unsigned short* x, int* out, int m, int cols, int gs, int bits) { PDL_ENTRY(); q8act(x, out, m, cols, gs, bits); }
 // Kernel names: lmx_qmv8[x]_{f32|bf16}_{bits}_{rows a block}_{1|8 activation rows}_{f32|s16 scales}.
-#define QMV8S(T, TN, B, R, M, S, SN) extern "C" __global__ void QMV_BOUNDS_##B lmx_qmv8_##TN##_##B##_##R##_##M##_##SN(const uint4* w, const unsigned int* sb, const int* act, T* y, int rows, int cols, int gs, int m) { qmv8<T, B, R, M, S>(w, sb, act, y, rows, cols, gs, m); }
-#define QMV8XS(T, TN, B, R, M, S, SN) extern "C" __global__ void QMV_BOUNDS_##B lmx_qmv8x_##TN##_##B##_##R##_##M##_##SN(const uint4* w0, const unsigned int* s0, int rows0, const uint4* w1, const unsigned int* s1, int rows1, const uint4* w2, const unsigned int* s2, int rows2, const int* act, T* y, int cols, int gs, int m) { qmv8x<T, B, R, M, S>(w0, s0, rows0, w1, s1, rows1, w2, s2, rows2, act, y, cols, gs, m); }
+#define QMV8S(T, TN, B, R, M, S, SN) extern "C" __global__ void QMV_BOUNDS_##B lmx_qmv8_##TN##_##B##_##R##_##M##_##SN(const uint4* w, const unsigned int* sb, const int* act, T* y, int rows, int cols, int gs, int m) { PDL_ENTRY(); qmv8<T, B, R, M, S>(w, sb, act, y, rows, cols, gs, m); }
+#define QMV8XS(T, TN, B, R, M, S, SN) extern "C" __global__ void QMV_BOUNDS_##B lmx_qmv8x_##TN##_##B##_##R##_##M##_##SN(const uint4* w0, const unsigned int* s0, int rows0, const uint4* w1, const unsigned int* s1, int rows1, const uint4* w2, const unsigned int* s2, int rows2, const int* act, T* y, int cols, int gs, int m) { PDL_ENTRY(); qmv8x<T, B, R, M, S>(w0, s0, rows0, w1, s1, rows1, w2, s2, rows2, act, y, cols, gs, m); }
 #define QMV8(T, TN, B, R, M) QMV8S(T, TN, B, R, M, 0, f32) QMV8S(T, TN, B, R, M, 1, s16)
 #define QMV8X(T, TN, B, R, M) QMV8XS(T, TN, B, R, M, 0, f32) QMV8XS(T, TN, B, R, M, 1, s16)
 #define QMV8_ROWS(T, TN, B, M) QMV8(T, TN, B, 1, M) QMV8(T, TN, B, 2, M) QMV8(T, TN, B, 4, M) QMV8X(T, TN, B, 1, M) QMV8X(T, TN, B, 2, M) QMV8X(T, TN, B, 4, M)
@@ -353,9 +361,9 @@ fn ptx() -> Result<&'static str> {
     let source = SOURCE.get_or_init(|| {
         let fixed: Option<u32> = std::env::var("LMX_CUDA_QMV_MIN_BLOCKS").ok().and_then(|v| v.parse().ok()).filter(|n| *n <= 16);
         let bounds = |n: u32| if n == 0 { String::new() } else { format!("__launch_bounds__(128, {n})") };
-        format!("#define QMV_BOUNDS_4 {}\n#define QMV_BOUNDS_8 {}\n{CODE_SRC}{SRC}", bounds(fixed.unwrap_or(0)), bounds(fixed.unwrap_or(8)))
+        format!("{}#define QMV_BOUNDS_4 {}\n#define QMV_BOUNDS_8 {}\n{CODE_SRC}{SRC}", crate::cuda_fused::pdl_build().0, bounds(fixed.unwrap_or(0)), bounds(fixed.unwrap_or(8)))
     });
-    crate::cuda_fused::ptx(&PTX, source)
+    crate::cuda_fused::pdl_ptx(&PTX, source)
 }
 
 /// The matrix on one CUDA device: packed words (rows, words) u32 and a (scale, bias) pair per
@@ -650,7 +658,7 @@ impl CustomOp3 for Qmv {
                 let func = dev.get_or_load_custom_func("lmx_qmv_bf16", "lmx_quant", ptx()?)?;
                 // SAFETY: every element is written by the kernel.
                 let y = unsafe { dev.alloc::<half::bf16>(m * spec.rows)? };
-                let mut b = func.builder();
+                let mut b = crate::cuda_fused::launch_args!(dev, func);
                 b.arg(&w).arg(&sb).arg(&sb16).arg(&x).arg(&y).arg(&rows).arg(&cols).arg(&bits).arg(&gs).arg(&mm);
                 // SAFETY: the buffers hold what the kernel reads (shapes checked by the caller).
                 unsafe { b.launch(cfg) }.w()?;
@@ -661,7 +669,7 @@ impl CustomOp3 for Qmv {
                 let func = dev.get_or_load_custom_func("lmx_qmv_f32", "lmx_quant", ptx()?)?;
                 // SAFETY: every element is written by the kernel.
                 let y = unsafe { dev.alloc::<f32>(m * spec.rows)? };
-                let mut b = func.builder();
+                let mut b = crate::cuda_fused::launch_args!(dev, func);
                 b.arg(&w).arg(&sb).arg(&sb16).arg(&x).arg(&y).arg(&rows).arg(&cols).arg(&bits).arg(&gs).arg(&mm);
                 // SAFETY: as above.
                 unsafe { b.launch(cfg) }.w()?;
@@ -700,7 +708,7 @@ impl CustomOp1 for Q8Code {
             other => candle_core::bail!("lmx-cuda-q8code: activations of dtype {other:?}"),
         };
         let func = dev.get_or_load_custom_func(name, "lmx_quant", ptx()?)?;
-        let mut b = func.builder();
+        let mut b = crate::cuda_fused::launch_args!(dev, func);
         let x_bf16;
         let x_f32;
         if xs.dtype() == DType::BF16 {
@@ -745,7 +753,7 @@ impl CustomOp3 for Qmv8 {
                 let func = dev.get_or_load_custom_func(&kernel("bf16"), "lmx_quant", ptx()?)?;
                 // SAFETY: every element is written by the kernel.
                 let y = unsafe { dev.alloc::<half::bf16>(m * spec.rows)? };
-                let mut b = func.builder();
+                let mut b = crate::cuda_fused::launch_args!(dev, func);
                 b.arg(&w).arg(&sb).arg(act).arg(&y).arg(&rows).arg(&cols).arg(&gs).arg(&mm);
                 // SAFETY: the buffers hold what the kernel reads (shapes checked by the caller).
                 unsafe { b.launch(cfg) }.w()?;
@@ -755,7 +763,7 @@ impl CustomOp3 for Qmv8 {
                 let func = dev.get_or_load_custom_func(&kernel("f32"), "lmx_quant", ptx()?)?;
                 // SAFETY: every element is written by the kernel.
                 let y = unsafe { dev.alloc::<f32>(m * spec.rows)? };
-                let mut b = func.builder();
+                let mut b = crate::cuda_fused::launch_args!(dev, func);
                 b.arg(&w).arg(&sb).arg(act).arg(&y).arg(&rows).arg(&cols).arg(&gs).arg(&mm);
                 // SAFETY: as above.
                 unsafe { b.launch(cfg) }.w()?;
@@ -821,7 +829,7 @@ impl CustomOp1 for Qmv8Many {
                 let func = dev.get_or_load_custom_func(&kernel($name), "lmx_quant", ptx()?)?;
                 // SAFETY: every element is written by the kernel.
                 let y = unsafe { dev.alloc::<$t>(m * total)? };
-                let mut b = func.builder();
+                let mut b = crate::cuda_fused::launch_args!(dev, func);
                 for k in 0..3 {
                     b.arg(&w[k]).arg(&sbs[k]).arg(&rows[k]);
                 }
@@ -877,7 +885,7 @@ impl CustomOp2 for Dequant {
             let func = dev.get_or_load_custom_func(&kernel("lmx_dequant_bf16"), "lmx_quant", ptx()?)?;
             // SAFETY: every element is written by the kernel.
             let out = unsafe { dev.alloc::<half::bf16>(rows * self.cols)? };
-            let mut b = func.builder();
+            let mut b = crate::cuda_fused::launch_args!(dev, func);
             b.arg(&w).arg(&sb).arg(&sb16).arg(&out).arg(&r).arg(&c).arg(&bits).arg(&gs);
             // SAFETY: the buffers hold what the kernel reads.
             unsafe { b.launch(cfg) }.w()?;
@@ -886,7 +894,7 @@ impl CustomOp2 for Dequant {
             let func = dev.get_or_load_custom_func(&kernel("lmx_dequant_f32"), "lmx_quant", ptx()?)?;
             // SAFETY: every element is written by the kernel.
             let out = unsafe { dev.alloc::<f32>(rows * self.cols)? };
-            let mut b = func.builder();
+            let mut b = crate::cuda_fused::launch_args!(dev, func);
             b.arg(&w).arg(&sb).arg(&sb16).arg(&out).arg(&r).arg(&c).arg(&bits).arg(&gs);
             // SAFETY: as above.
             unsafe { b.launch(cfg) }.w()?;
