@@ -3,6 +3,7 @@
 # work folder), LMX (the binary) and `log` (prints and appends to RES); `fixture_folder ARCH`
 # copies the fixture model ARCH into $W/ARCH with a 4-word tokenizer; `word_vocab DIR` gives
 # DIR's tokenizer a word per token id (w4, w5, ...), so that generated text shows the ids;
+# `same A B` compares two generated texts word by word;
 # `launch_setup` points lmx at the machine's NCCL and Open MPI libraries for `lmx launch`
 # (NCCL_LIB, MPIRUN; NVLink multicast off).
 cuda_setup() {
@@ -13,6 +14,8 @@ cuda_setup() {
   export LD_LIBRARY_PATH=/usr/local/cuda-13.0/lib64:${LD_LIBRARY_PATH:-}
 }
 log() { echo "$@" | tee -a "$RES"; }
+# `same A B`: whether two texts' words are equal, else the first word that differs.
+same() { python3 -c "import sys; a, b = sys.argv[1].split(), sys.argv[2].split(); n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None); print(f'equal ({len(a)} words)' if n is None and len(a) == len(b) else f'DIFFER at {n}')" "$1" "$2"; }
 fixture_folder() {
   mkdir -p "$W/$1" && cp "tests/fixtures/$1/config.json" "tests/fixtures/$1/model.safetensors" "$W/$1/"
   echo '{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,"model":{"type":"WordLevel","vocab":{"<unk>":0,"a":1,"b":2,"c":3},"unk_token":"<unk>"}}' > "$W/$1/tokenizer.json"

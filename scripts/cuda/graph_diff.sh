@@ -10,7 +10,6 @@ A=${ARCH:-phi3}
 fixture_folder $A; python3 -c "import json; p = '$W/$A/config.json'; c = json.load(open(p)); c['max_position_embeddings'] = 2048; json.dump(c, open(p, 'w'))"; word_vocab "$W/$A"
 $LMX convert --hf-path "$W/$A" --dtype bfloat16 -q --q-bits 4 --q-group-size 64 --mlx-path "$W/$A-4" > /dev/null 2>&1
 gen() { $LMX generate --model "$1" --device cuda --dtype "$2" -p 'a b c a b' -m 120 --temp 0 --ignore-eos --ignore-chat-template 2>&1 | head -1; }
-same() { python3 -c "import sys; a, b = sys.argv[1].split(), sys.argv[2].split(); n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None); print(f'equal ({len(a)} words)' if n is None and len(a) == len(b) else f'DIFFER at {n}')" "$1" "$2"; }
 for m in $A-4 $A; do
   for dt in bfloat16 float32; do
     for env in "" LMX_CUDA_PICK=0 LMX_CUDA_ROPE_KV=0 LMX_CUDA_ADD_NORM=0 LMX_CUDA_OFFERED_CODES=0 LMX_CUDA_DECODE_KEYS=1 "LMX_CUDA_ROPE_KV=0 LMX_CUDA_ADD_NORM=0 LMX_CUDA_OFFERED_CODES=0"; do

@@ -12,7 +12,6 @@ xz -dc target/cuda/release/lmx-core-tests.xz > "$W/tests" && chmod +x "$W/tests"
 "$W/tests" --test-threads 1 pick_greedy bf16_pairs quant:: cuda gpu fused_ skinny 2>&1 | grep -E "FAILED|panicked|left|right|test result" | tee -a "$RES"
 
 gen() { $LMX generate --model "$1" --device cuda --dtype bfloat16 -p 'a b c a b' -m 300 --temp 0 ${2:-} --ignore-chat-template 2>&1 | head -1; }
-same() { python3 -c "import sys; a, b = sys.argv[1].split(), sys.argv[2].split(); n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None); print(f'equal ({len(a)} words)' if n is None and len(a) == len(b) else f'DIFFER at {n}')" "$1" "$2"; }
 for a in llama qwen3; do
   fixture_folder $a; python3 -c "import json; p = '$W/$a/config.json'; c = json.load(open(p)); c['max_position_embeddings'] = 2048; json.dump(c, open(p, 'w'))"; word_vocab "$W/$a"
   $LMX convert --hf-path "$W/$a" --dtype bfloat16 -q --q-bits 4 --q-group-size 64 --mlx-path "$W/$a-4" > /dev/null 2>&1

@@ -15,7 +15,6 @@ xz -dc target/cuda/release/lmx-core-tests.xz > "$W/tests" && chmod +x "$W/tests"
 timeout 200 "$W/tests" --test-threads 1 pick_greedy bf16_pairs quant:: cuda gpu fused_ skinny 2>&1 | grep -E "FAILED|panicked|left|right|test result" | tee -a "$RES"
 
 gen() { $LMX generate --model "$1" --device cuda --dtype bfloat16 -p 'a b c a b' -m 300 --temp 0 --ignore-eos --ignore-chat-template 2>&1 | head -1; }
-same() { python3 -c "import sys; a, b = sys.argv[1].split(), sys.argv[2].split(); n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None); print(f'equal ({len(a)} words)' if n is None and len(a) == len(b) else f'DIFFER at {n}')" "$1" "$2"; }
 fixture_folder llama; python3 -c "import json; p = '$W/llama/config.json'; c = json.load(open(p)); c['max_position_embeddings'] = 2048; json.dump(c, open(p, 'w'))"; word_vocab "$W/llama"
 $LMX convert --hf-path "$W/llama" --dtype bfloat16 -q --q-bits 4 --q-group-size 64 --mlx-path "$W/llama-4" > /dev/null 2>&1
 log "llama-4 greedy, rows fixed at 4 vs default: $(same "$(LMX_CUDA_QMV_ROWS=4 gen "$W/llama-4")" "$(gen "$W/llama-4")"); pick off vs on: $(same "$(LMX_CUDA_PICK=0 gen "$W/llama-4")" "$(gen "$W/llama-4")")"
