@@ -181,6 +181,19 @@ pub fn pick_greedy(logits: &Tensor, masked: &[u32]) -> Result<Tensor> {
     logits.contiguous()?.flatten_all()?.apply_op1_no_bwd(&PickGreedy { masked: masked.to_vec() })
 }
 
+/// The first index of the largest value; NaN never counts as the largest (a NaN first value
+/// does not hide a real maximum after it), and a row with none larger than -inf gives 0. The
+/// GPU's pick agrees.
+pub fn first_argmax(row: &[f32]) -> usize {
+    let (mut best, mut top) = (0, f32::NEG_INFINITY);
+    for (i, &v) in row.iter().enumerate() {
+        if v > top {
+            (best, top) = (i, v);
+        }
+    }
+    best
+}
+
 struct PickGreedy {
     masked: Vec<u32>,
 }
@@ -198,12 +211,7 @@ impl candle_core::CustomOp1 for PickGreedy {
                 *v = f32::NEG_INFINITY;
             }
         }
-        let mut best = 0;
-        for (i, v) in row.iter().enumerate() {
-            if *v > row[best] {
-                best = i;
-            }
-        }
+        let best = first_argmax(&row);
         let logprob = row.get(best).map_or(f32::NEG_INFINITY, |v| v - crate::cpu_fused::log_sum_exp(&row));
         Ok((candle_core::CpuStorage::U32(vec![best as u32, logprob.to_bits()]), candle_core::Shape::from(2)))
     }
@@ -840,6 +848,10 @@ mod tests {
         let mut tie = Tensor::randn(0f32, 3.0, n, &Device::Cpu)?.to_vec1::<f32>()?;
         tie[1000] = 60.0;
         tie[1000 + 2048] = 60.0;
+        // A NaN at index 0 does not hide the largest value.
+        let mut nan_first = Tensor::randn(0f32, 1.0, 5000, &Device::Cpu)?.to_vec1::<f32>()?;
+        nan_first[0] = f32::NAN;
+        nan_first[7] = 30.0;
         let mut near = Tensor::randn(0f32, 3.0, n, &Device::Cpu)?.to_vec1::<f32>()?;
         near[300 + 2048 * 5] = 60.0;
         near[300 + 2048 * 5 + 256] = 60.0;
@@ -851,6 +863,7 @@ mod tests {
             (vec![f32::NEG_INFINITY; 1000], vec![], Some(0)),
             (plain, vec![top_plain, 3], None),
             (tie, vec![], Some(1000)),
+            (nan_first, vec![], Some(7)),
             (near.clone(), vec![], Some(300 + 2048 * 5)),
             (near, vec![300 + 2048 * 5, 300 + 2048 * 5 + 256], Some(n as u32 - 3)),
         ];

@@ -254,13 +254,7 @@ pub fn logprobs(logits: &[f32], token: u32, top: usize) -> (f32, Vec<(u32, f32)>
 
 /// Index of the largest logit (the first one on ties, as MLX's argmax).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, l) in logits.iter().enumerate() {
-        if *l > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
+    lmx_core::ops::first_argmax(logits) as u32
 }
 
 #[cfg(test)]
@@ -287,6 +281,9 @@ mod tests {
     fn greedy_is_argmax() {
         let mut s = Sampler::new(params(0.0));
         assert_eq!(s.sample(&[0.1, 3.0, 2.9, -1.0]), 1);
+        // As the GPU's pick: a NaN never wins, the first of equal largest values does.
+        assert_eq!(argmax(&[f32::NAN, 0.5, 2.0, 2.0]), 2);
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 3]), 0);
     }
 
     #[test]
