@@ -566,11 +566,14 @@ scalar_arg!(i32 => |v| v as u32 as u64, u32 => |v| v as u64, f32 => |v| v.to_bit
 /// (candle's, flash attention, the training kernels) must keep cudarc's launches.
 pub(crate) struct Launch<'a> {
     func: &'a candle_core::cuda_backend::cudarc::driver::CudaFunction,
-    stream: std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
-    /// Without PDL: cudarc's launch.
-    args: Option<candle_core::cuda_backend::cudarc::driver::LaunchArgs<'a>>,
-    /// With PDL: one word per argument.
-    words: Vec<u64>,
+    how: How<'a>,
+}
+
+/// How a [`Launch`] goes: cudarc's launch (PDL off: nothing more per launch than before), or
+/// `cuLaunchKernelEx` with one word per argument.
+enum How<'a> {
+    Cudarc(candle_core::cuda_backend::cudarc::driver::LaunchArgs<'a>),
+    Pdl { stream: std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>, words: Vec<u64> },
 }
 
 /// `launch_args!(dev, func)`: a [`Launch`] of `func` (a kernel of lmx's modules) on `dev`.
@@ -582,23 +585,28 @@ macro_rules! launch_args {
 pub(crate) use launch_args;
 
 impl<'a> Launch<'a> {
+    /// With `args` (cudarc's, made where PDL is off) the launch is cudarc's.
     pub(crate) fn new(
         dev: &candle_core::CudaDevice,
         func: &'a candle_core::cuda_backend::cudarc::driver::CudaFunction,
         args: Option<candle_core::cuda_backend::cudarc::driver::LaunchArgs<'a>>,
     ) -> Self {
-        Launch { func, stream: dev.cuda_stream(), args, words: Vec::with_capacity(32) }
+        let how = match args {
+            Some(b) => How::Cudarc(b),
+            None => How::Pdl { stream: dev.cuda_stream(), words: Vec::with_capacity(32) },
+        };
+        Launch { func, how }
     }
 
     pub(crate) fn arg<A: KernelArg>(&mut self, a: &'a A) -> &mut Self
     where
         candle_core::cuda_backend::cudarc::driver::LaunchArgs<'a>: PushKernelArg<&'a A>,
     {
-        match &mut self.args {
-            Some(b) => {
+        match &mut self.how {
+            How::Cudarc(b) => {
                 b.arg(a);
             }
-            None => self.words.push(a.word(&self.stream)),
+            How::Pdl { stream, words } => words.push(a.word(stream)),
         }
         self
     }
@@ -608,12 +616,13 @@ impl<'a> Launch<'a> {
     /// writes (as for cudarc's `LaunchArgs::launch`).
     pub(crate) unsafe fn launch(&mut self, cfg: LaunchConfig) -> std::result::Result<(), candle_core::cuda_backend::cudarc::driver::DriverError> {
         use candle_core::cuda_backend::cudarc::driver::sys;
-        if let Some(b) = &mut self.args {
+        let (stream, words) = match &mut self.how {
             // SAFETY: the caller's.
-            return unsafe { b.launch(cfg) }.map(|_| ());
-        }
-        self.stream.context().bind_to_thread()?;
-        let mut params: Vec<*mut std::ffi::c_void> = self.words.iter_mut().map(|w| w as *mut u64 as *mut std::ffi::c_void).collect();
+            How::Cudarc(b) => return unsafe { b.launch(cfg) }.map(|_| ()),
+            How::Pdl { stream, words } => (stream, words),
+        };
+        stream.context().bind_to_thread()?;
+        let mut params: Vec<*mut std::ffi::c_void> = words.iter_mut().map(|w| w as *mut u64 as *mut std::ffi::c_void).collect();
         // SAFETY: a plain C struct; zero is a valid value of each field.
         let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
         attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
@@ -626,7 +635,7 @@ impl<'a> Launch<'a> {
             blockDimY: cfg.block_dim.1,
             blockDimZ: cfg.block_dim.2,
             sharedMemBytes: cfg.shared_mem_bytes,
-            hStream: self.stream.cu_stream(),
+            hStream: stream.cu_stream(),
             attrs: &mut attr,
             numAttrs: 1,
         };
