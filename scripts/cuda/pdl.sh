@@ -26,6 +26,8 @@ for round in 1 2; do
 done
 eq llama
 log "8bit: PDL=0 [$(bench 8bit -g 256)] PDL=1 [$(LMX_CUDA_PDL=1 bench 8bit -g 256)]"
+log "8bit rows a block: default (2) [$(bench 8bit -g 256)] ROWS=4 [$(LMX_CUDA_QMV_ROWS=4 bench 8bit -g 256)] ROWS=1 [$(LMX_CUDA_QMV_ROWS=1 bench 8bit -g 256)]"
+log "4bit batch 8 rows: default [$(bench 4bit -b 8 -g 128)] ROWS=4 [$(LMX_CUDA_QMV_ROWS=4 bench 4bit -b 8 -g 128)]"
 log "4bit batch 8: PDL=0 [$(bench 4bit -b 8 -g 128)] PDL=1 [$(LMX_CUDA_PDL=1 bench 4bit -b 8 -g 128)]"
 LMX_CUDA_PDL=1 LMX_TRACE_STEPS=1 $LMX generate --model "$W/l8-4bit" --device cuda -p 'a b c' -m 200 --temp 0 --ignore-eos --ignore-chat-template 2>&1 >/dev/null | grep "lmx-step.*graph" | tail -150 | awk '{i+=$5; w+=$7; n++} END {printf "PDL=1 4bit graph steps: issue %.3f ms, wait %.3f ms (n=%d)\n", i/n, w/n, n}' | tee -a "$RES"
 log "(${SECONDS}s)"
