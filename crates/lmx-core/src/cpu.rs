@@ -123,6 +123,11 @@ impl CustomOp2 for MatVec {
         };
         Ok((storage, Shape::from(out_dims)))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, xs: &candle_core::CudaStorage, xl: &Layout, ws: &candle_core::CudaStorage, wl: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda_fused::matvec_bf16(xs, xl, ws, wl)
+    }
 }
 
 /// Fills `y` (m, n) with `y[i][r] = w[r] . x[i]`, weight rows split over the decode pool:

@@ -457,6 +457,63 @@ extern "C" __global__ void __launch_bounds__(1024) lmx_pick_final(const float4* 
     }
 }
 
+// y (m rows of n) = x (m rows of k) times w (n rows of k) transposed, all bf16, for the few
+// activation rows of a decode step: a block takes R weight rows, each thread 16 bytes (8
+// weights) of every one of them at a time along k, with each activation row. Sums in f32, in
+// an order that depends only on k and the block size (not on m or R): a sequence's outputs in
+// a batch equal its outputs alone. k % 8 == 0, rows 16-byte aligned, blockDim.x <= 256.
+__device__ __forceinline__ void bf16x8(uint4 v, float* f) {
+    const unsigned int u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int j = 0; j < 4; j++) { f[2 * j] = __uint_as_float(u[j] << 16); f[2 * j + 1] = __uint_as_float(u[j] & 0xFFFF0000u); }
+}
+template <int M, int R>
+__device__ void matvec_bf16(const uint4* w, const uint4* x, unsigned short* y, int n, int k8) {
+    __shared__ float red[8][M * R];
+    const int row0 = blockIdx.x * R;
+    float acc[R][M];
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int b = 0; b < M; b++) acc[r][b] = 0.f;
+    for (int i = threadIdx.x; i < k8; i += blockDim.x) {
+        uint4 wv[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) wv[r] = row0 + r < n ? __ldg(w + (size_t)(row0 + r) * k8 + i) : make_uint4(0u, 0u, 0u, 0u);
+        float wf[R][8];
+#pragma unroll
+        for (int r = 0; r < R; r++) bf16x8(wv[r], wf[r]);
+#pragma unroll
+        for (int b = 0; b < M; b++) {
+            float xf[8];
+            bf16x8(__ldg(x + (size_t)b * k8 + i), xf);
+#pragma unroll
+            for (int r = 0; r < R; r++)
+#pragma unroll
+                for (int j = 0; j < 8; j++) acc[r][b] = fmaf(wf[r][j], xf[j], acc[r][b]);
+        }
+    }
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int b = 0; b < M; b++) {
+            float v = acc[r][b];
+            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            if (lane == 0) red[warp][r * M + b] = v;
+        }
+    __syncthreads();
+    for (int t = threadIdx.x; t < R * M; t += blockDim.x) {
+        float s = 0.f;
+        for (int q = 0; q < warps; q++) s += red[q][t];
+        const int r = t / M, b = t % M;
+        if (row0 + r < n) st(y, (size_t)b * n + row0 + r, s);
+    }
+}
+#define MATVEC(M, R) extern "C" __global__ void __launch_bounds__(256) lmx_matvec_bf16_m##M##_r##R(const uint4* w, const uint4* x, unsigned short* y, int n, int k8) { PDL_ENTRY(); matvec_bf16<M, R>(w, x, y, n, k8); }
+#define MATVEC_R(M) MATVEC(M, 1) MATVEC(M, 2) MATVEC(M, 4)
+MATVEC_R(1) MATVEC_R(2) MATVEC_R(3) MATVEC_R(4) MATVEC_R(5) MATVEC_R(6) MATVEC_R(7) MATVEC_R(8)
+
 #define DECODE_ATTENTION(T, name, E, U, suffix) \
 extern "C" __global__ void lmx_decode_attention_##name##_e##E##suffix(const T* q, const T* k, const T* v, T* out, float* part, int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits, long long ks0, long long ks1, long long ks2, long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window) { PDL_ENTRY(); decode_attention<T, E, U>(q, k, v, out, part, n_heads, n_kv, kv_len, d, scale, chunk, splits, ks0, ks1, ks2, vs0, vs1, vs2, upto, window); }
 #define INSTANTIATE(T, name) \
@@ -878,6 +935,67 @@ pub(crate) fn silu_mul(gs: &CudaStorage, gl: &Layout, us: &CudaStorage, ul: &Lay
         unsafe { b.launch(cfg) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(o, dev))
     })
+}
+
+/// Most activation rows [`matvec_bf16`] takes (a batch's decode step); more go to cuBLAS.
+pub(crate) const MATVEC_MAX_ROWS: usize = 8;
+
+/// Whether `x @ weight^T` can take [`matvec_bf16`]: bf16 operands on a GPU, 1 to
+/// [`MATVEC_MAX_ROWS`] rows of a multiple of 8 values, both contiguous from 16-byte aligned
+/// offsets (`LMX_CUDA_MATVEC=0`: cuBLAS for every product, as before).
+pub(crate) fn matvec_fits(x: &candle_core::Tensor, weight: &candle_core::Tensor) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let k = weight.dims().last().copied().unwrap_or(0);
+    let rows = x.elem_count() / k.max(1);
+    x.device().is_cuda()
+        && *ON.get_or_init(|| !std::env::var("LMX_CUDA_MATVEC").is_ok_and(|v| v == "0"))
+        && x.dtype() == DType::BF16
+        && weight.dtype() == DType::BF16
+        && weight.rank() == 2
+        && x.dims().last() == Some(&k)
+        && k % 8 == 0
+        && (1..=MATVEC_MAX_ROWS).contains(&rows)
+        && weight.is_contiguous()
+        && weight.layout().start_offset() % 8 == 0
+        && x.layout().start_offset() % 8 == 0
+}
+
+/// Weight rows a block of [`matvec_bf16`] takes: 2 (`LMX_CUDA_MATVEC_ROWS=1|2|4` fixes it, for
+/// measurements).
+fn matvec_rows_per_block() -> usize {
+    static FIXED: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *FIXED.get_or_init(|| std::env::var("LMX_CUDA_MATVEC_ROWS").ok().and_then(|v| v.parse().ok()).filter(|r| matches!(r, 1 | 2 | 4)).unwrap_or(2))
+}
+
+/// `x @ w^T` for the few bf16 rows of `x` (.., k) and a bf16 weight (n, k), contiguous (see
+/// [`matvec_fits`]): the weight is read once for all rows, 16 bytes a thread at a time.
+pub(crate) fn matvec_bf16(xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: &Layout) -> Result<(CudaStorage, candle_core::Shape)> {
+    let (n, k) = wl.shape().dims2()?;
+    let m = xl.shape().elem_count() / k.max(1);
+    let aligned = xl.start_offset() % 8 == 0 && wl.start_offset() % 8 == 0 && k % 8 == 0;
+    let bf16 = xs.dtype() == DType::BF16 && ws.dtype() == DType::BF16;
+    if xl.dims().last() != Some(&k) || !(1..=MATVEC_MAX_ROWS).contains(&m) || !xl.is_contiguous() || !wl.is_contiguous() || !aligned || !bf16 {
+        candle_core::bail!("lmx-matvec on CUDA: x {:?} {:?} and weight {:?} {:?}: 1 to {MATVEC_MAX_ROWS} contiguous bf16 rows of a multiple of 8 values", xl.dims(), xs.dtype(), wl.dims(), ws.dtype());
+    }
+    let dev = xs.device().clone();
+    let r = matvec_rows_per_block();
+    let func = dev.get_or_load_custom_func(&format!("lmx_matvec_bf16_m{m}_r{r}"), "lmx_fused", fused_ptx()?)?;
+    // A thread per 16 bytes of a row at a time: a 4096-wide row is two rounds of 256 threads.
+    let threads = (k / 8).next_multiple_of(32).clamp(32, 256) as u32;
+    let cfg = LaunchConfig { grid_dim: (n.div_ceil(r) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+    let x = xs.as_cuda_slice::<half::bf16>()?.slice(xl.start_offset()..);
+    let w = ws.as_cuda_slice::<half::bf16>()?.slice(wl.start_offset()..);
+    let o = out::<half::bf16>(&dev, m * n)?;
+    let (ni, k8) = (n as i32, (k / 8) as i32);
+    let mut b = launch_args!(dev, func);
+    b.arg(&w).arg(&x).arg(&o).arg(&ni).arg(&k8);
+    // SAFETY: w holds n rows of k values, x m rows of k, o m rows of n; all 16-byte aligned.
+    unsafe { b.launch(cfg) }.w()?;
+    let mut dims = xl.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Ok((CudaStorage::wrap_cuda_slice(o, dev), candle_core::Shape::from(dims)))
 }
 
 /// Warps per block of [`decode_attention`].

@@ -362,6 +362,10 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
         // Fine-tuning around a frozen weight: only the input's gradient is computed.
         _ if x.track_op() && !weight.track_op() => crate::frozen::frozen_linear(x, weight)?,
         _ if fast => x.contiguous()?.apply_op2_no_bwd(weight, &crate::cpu::MatVec)?,
+        // A decode step's few bf16 rows on a GPU: lmx's kernel reads the weight once at the
+        // card's bandwidth (cuBLAS's GEMM for one row reads an 8B model's at ~2.4 TB/s of 4.2).
+        #[cfg(feature = "cuda")]
+        _ if !on_tape(&[x, weight]) && crate::cuda_fused::matvec_fits(x, weight) => x.contiguous()?.apply_op2_no_bwd(weight, &crate::cpu::MatVec)?,
         // Several bf16 rows (prefill): the AVX512-BF16 kernel where the CPU has it.
         _ if bf16_prefill(x, weight) => x.contiguous()?.apply_op2_no_bwd(weight, &crate::bf16_gemm::Bf16Linear)?,
         // Several f32 rows: gemm on the decode pool.
@@ -1037,6 +1041,42 @@ mod tests {
         for (n, off, w) in [(2, 1, None), (2, 2, Some(2)), (5, 7, Some(3)), (4, 0, None), (6, 3, Some(1))] {
             let host = causal_mask(n, off, w, &Device::Cpu)?.to_vec2::<f32>()?;
             assert_eq!(causal_mask_from_ops(n, off, w, &Device::Cpu)?.to_vec2::<f32>()?, host, "{n} queries after {off}, window {w:?}");
+        }
+        Ok(())
+    }
+
+    /// lmx's bf16 products for a decode step's few rows on the GPU equal f32 products of the
+    /// same bf16 values within the output's rounding, and a row's outputs among m rows equal its
+    /// outputs alone, bit for bit: rows of 8 to 14336 values, 1 to 8 activation rows, weights
+    /// whose row count no block size divides, a weight that starts inside its buffer. Skipped
+    /// without a GPU.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn bf16_matvec_on_the_gpu_equals_f32_products() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("no GPU: skipped");
+            return Ok(());
+        };
+        let bf = |t: Tensor| t.to_dtype(DType::BF16);
+        // (weight rows, row length, activation rows)
+        for (n, k, m) in [(1000, 4096, 1), (37, 576, 3), (301, 14336, 8), (5, 8, 2), (129, 64, 5), (4099, 256, 1)] {
+            let wbuf = bf(Tensor::randn(0f32, 1.0, (n + 3, k), &Device::Cpu)?)?;
+            let w = wbuf.narrow(0, 3, n)?;
+            let x = bf(Tensor::randn(0f32, 1.0, (m, 1, k), &Device::Cpu)?)?;
+            let want = x.to_dtype(DType::F32)?.reshape((m, k))?.matmul(&w.to_dtype(DType::F32)?.t()?)?;
+            let (xg, wg) = (x.to_device(&gpu)?, wbuf.to_device(&gpu)?.narrow(0, 3, n)?);
+            assert!(crate::cuda_fused::matvec_fits(&xg, &wg), "({n}, {k}) x {m} rows not taken by the kernel");
+            let got = linear(&xg, &wg, None)?;
+            assert_eq!(got.dims(), &[m, 1, n]);
+            let got = got.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.reshape((m, n))?;
+            let bound = (want.abs()? * 4e-3)? + 1e-3;
+            let over = (got.sub(&want)?.abs()? - bound)?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            eprintln!("({n}, {k}) x {m} rows: max error {}", max_abs_diff(&got, &want));
+            assert!(over <= 0.0, "({n}, {k}) x {m} rows: an output off by {over} more than bf16 rounding allows");
+            for i in 0..m {
+                let alone = linear(&xg.narrow(0, i, 1)?, &wg, None)?.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?;
+                assert_eq!(max_abs_diff(&alone, &got.get(i)?), 0.0, "({n}, {k}): row {i} of {m} differs from the row alone");
+            }
         }
         Ok(())
     }
