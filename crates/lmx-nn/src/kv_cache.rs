@@ -19,6 +19,14 @@ use lmx_core::{Device, Result, Tensor};
 /// Growing buffers gain this many positions at a time.
 const STEP: usize = 256;
 
+/// Positions a buffer gains when steps at a device position (recorded CUDA graphs) need more:
+/// each growth costs a normal step and a new recording. `LMX_KV_GRAPH_STEP=N` (a multiple of
+/// 256) sets it, for measurements.
+fn device_step() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| std::env::var("LMX_KV_GRAPH_STEP").ok().and_then(|v| v.parse().ok()).filter(|n: &usize| *n > 0 && n % STEP == 0).unwrap_or(STEP))
+}
+
 /// Tokens a rotating cache never drops (the first ones: attention sinks).
 pub const ROTATING_KEEP: usize = 4;
 
@@ -315,7 +323,7 @@ impl LayerKv {
         if needed <= kb.dim(2)? {
             return Ok(false);
         }
-        let cap = needed.div_ceil(STEP) * STEP;
+        let cap = needed.div_ceil(device_step()) * device_step();
         *kb = buffer_with(&kb.narrow(2, 0, offset)?, cap)?;
         *vb = buffer_with(&vb.narrow(2, 0, offset)?, cap)?;
         Ok(true)
