@@ -998,15 +998,26 @@ pub(crate) fn matvec_bf16(xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: &
     Ok((CudaStorage::wrap_cuda_slice(o, dev), candle_core::Shape::from(dims)))
 }
 
-/// Warps per block of [`decode_attention`].
-const ATTENTION_WARPS: usize = 8;
+/// Warps per block of [`decode_attention`]: 8 (`LMX_CUDA_ATTENTION_WARPS=4|16` for
+/// measurements).
+fn attention_warps() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| std::env::var("LMX_CUDA_ATTENTION_WARPS").ok().and_then(|v| v.parse().ok()).filter(|n| matches!(n, 4 | 8 | 16)).unwrap_or(8))
+}
+
+/// Keys beyond which [`decode_attention`] splits: 512 (`LMX_CUDA_ATTENTION_SPLIT=N` for
+/// measurements).
+fn attention_split_above() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| std::env::var("LMX_CUDA_ATTENTION_SPLIT").ok().and_then(|v| v.parse().ok()).unwrap_or(512))
+}
 
 /// How [`decode_attention`] splits `kv_len` keys for `heads` (sequence, head) pairs: (keys per
 /// split, splits). Short caches take one split (one launch: decode is launch-bound); longer
 /// ones enough splits of at least 64 keys to give every multiprocessor two blocks.
 fn attention_splits(heads: usize, kv_len: usize) -> (usize, usize) {
     const BLOCKS: usize = 2 * 132;
-    if kv_len <= 512 {
+    if kv_len <= attention_split_above() {
         return (kv_len.max(1), 1);
     }
     let splits = BLOCKS.div_ceil(heads).clamp(1, kv_len.div_ceil(64));
@@ -1052,7 +1063,7 @@ pub(crate) fn decode_attention(
     // Partials only when split (a one-element placeholder otherwise).
     // SAFETY: every partial is written by its block before the combining kernel reads it.
     let part = unsafe { dev.alloc::<f32>(if splits > 1 { b * n_heads * splits * (d + 2) } else { 1 }) }?;
-    let cfg = LaunchConfig { grid_dim: ((b * n_heads) as u32, splits as u32, 1), block_dim: ((32 * ATTENTION_WARPS) as u32, 1, 1), shared_mem_bytes: (ATTENTION_WARPS * d * 4) as u32 };
+    let cfg = LaunchConfig { grid_dim: ((b * n_heads) as u32, splits as u32, 1), block_dim: ((32 * attention_warps()) as u32, 1, 1), shared_mem_bytes: (attention_warps() * d * 4) as u32 };
     typed!(qs.dtype(), T => {
         let q = qs.as_cuda_slice::<T>()?.slice(ql.start_offset()..);
         let k = ks.as_cuda_slice::<T>()?.slice(kl.start_offset()..);

@@ -1081,6 +1081,47 @@ mod tests {
         Ok(())
     }
 
+    /// Decode attention on the GPU (one bf16 query a head) equals f32 attention on the CPU
+    /// over the same bf16 values: grouped heads, head sizes 64 to 128, caches of 1 to 2,000
+    /// positions (one split and several), keys and values read from a longer buffer, and at a
+    /// device position (a recorded step: the buffer's later positions unwritten), with and
+    /// without a window. Skipped without a GPU.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn decode_attention_on_the_gpu_equals_f32_attention() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("no GPU: skipped");
+            return Ok(());
+        };
+        let bf = |t: Tensor| t.to_dtype(DType::BF16);
+        let f32s = |t: &Tensor| t.to_dtype(DType::F32);
+        // (heads, kv heads, cached positions, head size, window)
+        for (h, kvh, len, d, window) in
+            [(32, 8, 1, 128, None), (32, 8, 100, 128, None), (8, 2, 300, 64, None), (32, 8, 700, 128, None), (4, 4, 2000, 128, Some(500)), (6, 2, 513, 96, None), (32, 8, 200, 128, Some(64))]
+        {
+            let cap = len + 37;
+            let q = bf(Tensor::randn(0f32, 1.0, (1, h, 1, d), &Device::Cpu)?)?;
+            let kbuf = bf(Tensor::randn(0f32, 1.0, (1, kvh, cap, d), &Device::Cpu)?)?;
+            let vbuf = bf(Tensor::randn(0f32, 1.0, (1, kvh, cap, d), &Device::Cpu)?)?;
+            let scale = 1.0 / (d as f64).sqrt();
+            let lo = window.map_or(0, |w: usize| len.saturating_sub(w));
+            let seen = |t: &Tensor| -> Result<Tensor> { f32s(&t.narrow(2, lo, len - lo)?.contiguous()?) };
+            let want = attention(&f32s(&q)?, &seen(&kbuf)?, &seen(&vbuf)?, Mask::None, scale, None, None)?;
+            let (qg, kg, vg) = (q.to_device(&gpu)?, kbuf.to_device(&gpu)?, vbuf.to_device(&gpu)?);
+            let pos = Tensor::new(&[len as u32 - 1], &gpu)?;
+            let mut got = vec![("at a device position", attention(&qg, &kg, &vg, Mask::Upto { pos: &pos, window }, scale, None, None)?)];
+            if window.is_none() {
+                got.push(("over a view", attention(&qg, &kg.narrow(2, 0, len)?, &vg.narrow(2, 0, len)?, Mask::None, scale, None, None)?));
+            }
+            for (how, y) in got {
+                let err = max_abs_diff(&f32s(&y.to_device(&Device::Cpu)?)?, &want);
+                eprintln!("heads {h}/{kvh} positions {len} d {d} window {window:?} {how}: max error {err}");
+                assert!(err < 2e-2, "heads {h}/{kvh} positions {len} d {d} window {window:?} {how}: off by {err}");
+            }
+        }
+        Ok(())
+    }
+
     /// Flash attention on the GPU (bf16) equals attention in f32 on the CPU over the same
     /// bf16 values, within bf16 rounding: head sizes 16 to 128, grouped heads, a chunk
     /// after cached positions, a sliding window, soft-capping, two sequences, keys and values
