@@ -1005,24 +1005,28 @@ fn attention_warps() -> usize {
     *N.get_or_init(|| std::env::var("LMX_CUDA_ATTENTION_WARPS").ok().and_then(|v| v.parse().ok()).filter(|n| matches!(n, 4 | 8 | 16)).unwrap_or(8))
 }
 
-/// Keys beyond which [`decode_attention`] splits: 512 (`LMX_CUDA_ATTENTION_SPLIT=N` for
-/// measurements).
+/// Positions beyond which [`decode_attention`] splits: 128 (`LMX_CUDA_ATTENTION_SPLIT=N` for
+/// measurements). With one split up to 512, Llama-3-8B's 32 blocks a layer walked their keys
+/// 64 at a time and a 4-bit token took ~0.1 ms longer every 100 positions; splitting past 128
+/// made its decode 4-5% faster at 256 and 1,024 generated tokens on an H200
+/// (docs/cuda/2026-12-03-attention-splits.txt).
 fn attention_split_above() -> usize {
     static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *N.get_or_init(|| std::env::var("LMX_CUDA_ATTENTION_SPLIT").ok().and_then(|v| v.parse().ok()).unwrap_or(512))
+    *N.get_or_init(|| std::env::var("LMX_CUDA_ATTENTION_SPLIT").ok().and_then(|v| v.parse().ok()).unwrap_or(128))
 }
 
-/// How [`decode_attention`] splits `kv_len` keys for `heads` (sequence, head) pairs: (keys per
-/// split, splits). Short caches take one split (one launch: decode is launch-bound); longer
-/// ones enough splits of at least 64 keys to give every multiprocessor two blocks.
-fn attention_splits(heads: usize, kv_len: usize) -> (usize, usize) {
+/// How [`decode_attention`] splits a buffer of `span` positions for `heads` (sequence, head)
+/// pairs: (positions per split, splits). Short buffers take one split (one launch: decode is
+/// launch-bound); longer ones enough splits of at least 64 positions to give every
+/// multiprocessor two blocks.
+fn attention_splits(heads: usize, span: usize) -> (usize, usize) {
     const BLOCKS: usize = 2 * 132;
-    if kv_len <= attention_split_above() {
-        return (kv_len.max(1), 1);
+    if span <= attention_split_above() {
+        return (span.max(1), 1);
     }
-    let splits = BLOCKS.div_ceil(heads).clamp(1, kv_len.div_ceil(64));
-    let chunk = kv_len.div_ceil(splits);
-    (chunk, kv_len.div_ceil(chunk))
+    let splits = BLOCKS.div_ceil(heads).clamp(1, span.div_ceil(64));
+    let chunk = span.div_ceil(splits);
+    (chunk, span.div_ceil(chunk))
 }
 
 /// One query per (sequence, head) over the cache: `q` (b, n_heads, 1, d) contiguous, `k`/`v`
@@ -1059,7 +1063,11 @@ pub(crate) fn decode_attention(
     // LMX_CUDA_DECODE_KEYS=1: a key at a time per warp (the kernel before 8 at a time).
     let one = if std::env::var("LMX_CUDA_DECODE_KEYS").is_ok_and(|v| v == "1") { "_u1" } else { "" };
     let func = dev.get_or_load_custom_func(&format!("{}_e{e}{one}", name("decode_attention", qs.dtype())?), "lmx_fused", fused_ptx()?)?;
-    let (chunk, splits) = attention_splits(b * n_heads, kv_len);
+    // Splits follow the cache buffer's positions, not the keys in use: a step at a device
+    // position (its view the whole buffer) and a normal step (a view of the keys written so
+    // far) split alike and round alike, the positions not yet written left to empty splits.
+    let span = if kst[2] == d && kst[1] % d == 0 { kv_len.max(kst[1] / d) } else { kv_len };
+    let (chunk, splits) = attention_splits(b * n_heads, span);
     // Partials only when split (a one-element placeholder otherwise).
     // SAFETY: every partial is written by its block before the combining kernel reads it.
     let part = unsafe { dev.alloc::<f32>(if splits > 1 { b * n_heads * splits * (d + 2) } else { 1 }) }?;

@@ -1113,6 +1113,11 @@ mod tests {
             if window.is_none() {
                 got.push(("over a view", attention(&qg, &kg.narrow(2, 0, len)?, &vg.narrow(2, 0, len)?, Mask::None, scale, None, None)?));
             }
+            if let [(_, a), (_, b)] = &got[..] {
+                // A recorded step (the whole buffer, a device position) and a normal one (the
+                // written positions) split alike: the same bits.
+                assert_eq!(max_abs_diff(&f32s(&a.to_device(&Device::Cpu)?)?, &f32s(&b.to_device(&Device::Cpu)?)?), 0.0, "heads {h}/{kvh} positions {len}: a device position and a view differ");
+            }
             for (how, y) in got {
                 let err = max_abs_diff(&f32s(&y.to_device(&Device::Cpu)?)?, &want);
                 eprintln!("heads {h}/{kvh} positions {len} d {d} window {window:?} {how}: max error {err}");

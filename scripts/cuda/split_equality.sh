@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# A short GPU check (issue 11): decode attention splits past 128 positions, the splits
+# following the cache buffer's positions, so that a recorded step and a normal step round
+# alike. lmx-core's GPU test of decode attention (f32 reference; a device position and a view
+# bit-equal), then greedy tokens of the llama fixtures (bf16, 4-bit and dense, 300 tokens past
+# the buffer's growth at 256): graphs against normal steps.
+# Usage there: scripts/cuda/split_equality.sh   (results in $OUT/split-equality.txt)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+source scripts/cuda/common.sh
+cuda_setup spliteq split-equality.txt
+log "# split equality, $(date -u +%F), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1), binary sha256 $(sha256sum "$LMX" | cut -c1-12)"
+xz -dc target/cuda/release/lmx-core-tests.xz > "$W/tests" && chmod +x "$W/tests"
+timeout 60 "$W/tests" --test-threads 1 decode_attention_on_the_gpu bf16_matvec 2>&1 | grep -E "FAILED|panicked|left|right|test result|max error" | tee -a "$RES"
+gen() { $LMX generate --model "$1" --device cuda --dtype bfloat16 -p 'a b c a b' -m 300 --temp 0 --ignore-eos --ignore-chat-template 2>&1 | head -1; }
+fixture_folder llama; python3 -c "import json; p = '$W/llama/config.json'; c = json.load(open(p)); c['max_position_embeddings'] = 2048; json.dump(c, open(p, 'w'))"; word_vocab "$W/llama"
+$LMX convert --hf-path "$W/llama" --dtype bfloat16 -q --q-bits 4 --q-group-size 64 --mlx-path "$W/llama-4" > /dev/null 2>&1
+for m in llama-4 llama; do
+  log "$m greedy, graphs vs normal steps: $(same "$(gen "$W/$m")" "$(LMX_CUDA_GRAPH=0 gen "$W/$m")"); split past 128 vs 512: $(same "$(gen "$W/$m")" "$(LMX_CUDA_ATTENTION_SPLIT=512 gen "$W/$m")")"
+done
+log "(${SECONDS}s)"
