@@ -19,12 +19,14 @@ use lmx_core::{Device, Result, Tensor};
 /// Growing buffers gain this many positions at a time.
 const STEP: usize = 256;
 
-/// Positions a buffer gains when steps at a device position (recorded CUDA graphs) need more:
-/// each growth costs a normal step and a new recording. `LMX_KV_GRAPH_STEP=N` (a multiple of
+/// Positions a buffer grows to a multiple of when steps at a device position (recorded CUDA
+/// graphs) need more: 1,024. Each growth costs a copy of the cache, a normal step and a new
+/// recording (~15 ms for Llama-3-8B on an H200); 256 at a time cost 2-4% of a 256-token
+/// decode's rate (docs/cuda/2026-12-03-fixed-costs.txt). `LMX_KV_GRAPH_STEP=N` (a multiple of
 /// 256) sets it, for measurements.
 fn device_step() -> usize {
     static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *N.get_or_init(|| std::env::var("LMX_KV_GRAPH_STEP").ok().and_then(|v| v.parse().ok()).filter(|n: &usize| *n > 0 && n % STEP == 0).unwrap_or(STEP))
+    *N.get_or_init(|| std::env::var("LMX_KV_GRAPH_STEP").ok().and_then(|v| v.parse().ok()).filter(|n: &usize| *n > 0 && n % STEP == 0).unwrap_or(4 * STEP))
 }
 
 /// Tokens a rotating cache never drops (the first ones: attention sinks).
@@ -229,8 +231,8 @@ impl LayerKv {
                 _ => Store::Growing { k: k.narrow(2, 0, 0)?.contiguous()?, v: v.narrow(2, 0, 0)?.contiguous()? },
             };
         }
-        // A growing buffer first makes room (the same growth steps at a device position).
-        self.reserve(n)?;
+        // A growing buffer first makes room.
+        self.reserve(n, STEP)?;
         let offset = self.offset;
         let out = match &mut self.store {
             Store::Empty => unreachable!("filled above"),
@@ -306,7 +308,7 @@ impl LayerKv {
             self.store = Store::Growing { k: k.narrow(2, 0, 0)?.contiguous()?, v: v.narrow(2, 0, 0)?.contiguous()? };
         }
         let n = k.dim(2)?;
-        self.reserve(n)?;
+        self.reserve(n, STEP)?;
         let Store::Growing { k: kb, v: vb } = &self.store else { lmx_core::bail!("kv cache: rotating rows into a cache that is not a plain growing one") };
         let offset = self.offset;
         let q = lmx_core::ops::rope_kv_write_rows(q, k, v, cos, sin, kb, vb, offset)?;
@@ -315,15 +317,16 @@ impl LayerKv {
         Ok((q, view))
     }
 
-    /// Makes room for `extra` more positions in a growing buffer; true when it was reallocated.
-    fn reserve(&mut self, extra: usize) -> Result<bool> {
+    /// Makes room for `extra` more positions in a growing buffer, its capacity a multiple of
+    /// `step`; true when it was reallocated.
+    fn reserve(&mut self, extra: usize, step: usize) -> Result<bool> {
         let offset = self.offset;
         let Store::Growing { k: kb, v: vb } = &mut self.store else { return Ok(false) };
         let needed = offset + extra;
         if needed <= kb.dim(2)? {
             return Ok(false);
         }
-        let cap = needed.div_ceil(device_step()) * device_step();
+        let cap = needed.div_ceil(step) * step;
         *kb = buffer_with(&kb.narrow(2, 0, offset)?, cap)?;
         *vb = buffer_with(&vb.narrow(2, 0, offset)?, cap)?;
         Ok(true)
@@ -659,10 +662,10 @@ impl KvCache {
         self.position.as_ref()
     }
 
-    /// Makes room for `extra` more positions, for steps at a device position. None when this
-    /// cache cannot take such steps (more than one sequence, or a rotating or quantized cache,
-    /// or nothing stored yet); else whether a buffer was reallocated (a recorded step that
-    /// wrote to the old one is stale).
+    /// Makes room for `extra` more positions (to a multiple of 1,024: see `device_step`), for
+    /// steps at a device position. None when this cache cannot take such steps (more than one
+    /// sequence, or a rotating or quantized cache, or nothing stored yet); else whether a
+    /// buffer was reallocated (a recorded step that wrote to the old one is stale).
     pub fn reserve(&mut self, extra: usize) -> Result<Option<bool>> {
         let [row] = &mut self.rows[..] else { return Ok(None) };
         if !self.store || row.opts.kv_bits.is_some() || row.opts.max_kv_size.is_some() || !row.layers.iter().all(|l| matches!(l.store, Store::Growing { .. })) {
@@ -670,7 +673,7 @@ impl KvCache {
         }
         let mut grew = false;
         for l in &mut row.layers {
-            grew |= l.reserve(extra)?;
+            grew |= l.reserve(extra, device_step())?;
         }
         Ok(Some(grew))
     }
