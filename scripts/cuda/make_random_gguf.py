@@ -1,0 +1,79 @@
+"""A random-weight Llama-3-8B-shaped GGUF in BF16, for llama.cpp's speed on the GPU machine (the
+peer of issue 11; speed does not depend on the weight values): the shape of
+`make_random_llama.py` (hidden 4096, 32 layers, 32 heads, 8 KV heads, MLP 14336, vocab 128256;
+SHAPE=1b for Llama-3.2-1B), weights N(0, 0.02) drawn with torch, norms 1, no tokenizer
+(`tokenizer.ggml.model` "none": llama-bench draws token ids from the vocabulary size).
+`llama-quantize` makes the Q4_0 and Q8_0 files from it. Needs llama.cpp's gguf-py on PYTHONPATH
+(and numpy; torch, on the GPU where there is one, draws faster). SHAPE=tiny: a 2-layer toy, to
+check the script anywhere.
+Usage: python3 scripts/cuda/make_random_gguf.py OUT.gguf
+"""
+import os
+import sys
+
+import gguf
+import numpy as np
+
+try:
+    import torch
+except ImportError:
+    torch = None
+
+out = sys.argv[1]
+if os.environ.get("SHAPE") == "1b":
+    H, I, L, NH, NKV, V, TIE = 2048, 8192, 16, 32, 8, 128256, True
+elif os.environ.get("SHAPE") == "tiny":
+    H, I, L, NH, NKV, V, TIE = 256, 512, 2, 4, 2, 1000, False
+else:
+    H, I, L, NH, NKV, V, TIE = 4096, 14336, 32, 32, 8, 128256, False
+HD = H // NH
+rng = np.random.default_rng(0)
+if torch is not None:
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+
+def bf16(*shape):
+    """N(0, 0.02) values as bf16 bits (uint16), rounded to nearest even."""
+    if torch is not None:
+        t = (torch.randn(*shape, generator=gen, device=dev) * 0.02).to(torch.bfloat16)
+        return t.view(torch.int16).cpu().numpy().view(np.uint16)
+    u = (rng.standard_normal(shape, dtype=np.float32) * 0.02).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+w = gguf.GGUFWriter(out, "llama")
+w.add_context_length(8192)
+w.add_embedding_length(H)
+w.add_block_count(L)
+w.add_feed_forward_length(I)
+w.add_head_count(NH)
+w.add_head_count_kv(NKV)
+w.add_rope_dimension_count(HD)
+w.add_rope_freq_base(500000.0)
+w.add_layer_norm_rms_eps(1e-5)
+w.add_vocab_size(V)
+w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)
+w.add_tokenizer_model("none")
+BF16 = gguf.GGMLQuantizationType.BF16
+ones = lambda n: np.ones(n, dtype=np.float32)
+w.add_tensor("token_embd.weight", bf16(V, H), raw_dtype=BF16)
+for i in range(L):
+    p = f"blk.{i}."
+    w.add_tensor(p + "attn_norm.weight", ones(H))
+    w.add_tensor(p + "attn_q.weight", bf16(NH * HD, H), raw_dtype=BF16)
+    w.add_tensor(p + "attn_k.weight", bf16(NKV * HD, H), raw_dtype=BF16)
+    w.add_tensor(p + "attn_v.weight", bf16(NKV * HD, H), raw_dtype=BF16)
+    w.add_tensor(p + "attn_output.weight", bf16(H, NH * HD), raw_dtype=BF16)
+    w.add_tensor(p + "ffn_norm.weight", ones(H))
+    w.add_tensor(p + "ffn_gate.weight", bf16(I, H), raw_dtype=BF16)
+    w.add_tensor(p + "ffn_up.weight", bf16(I, H), raw_dtype=BF16)
+    w.add_tensor(p + "ffn_down.weight", bf16(H, I), raw_dtype=BF16)
+w.add_tensor("output_norm.weight", ones(H))
+if not TIE:
+    w.add_tensor("output.weight", bf16(V, H), raw_dtype=BF16)
+w.write_header_to_file()
+w.write_kv_data_to_file()
+w.write_tensors_to_file()
+w.close()
+print(f"wrote {out}")
