@@ -1,18 +1,17 @@
 """A random-weight Llama-3-8B-shaped GGUF in BF16, for llama.cpp's speed on the GPU machine (the
 peer of issue 11; speed does not depend on the weight values): the shape of
-`make_random_llama.py` (hidden 4096, 32 layers, 32 heads, 8 KV heads, MLP 14336, vocab 128256;
-SHAPE=1b for Llama-3.2-1B), weights N(0, 0.02) drawn with torch, norms 1, no tokenizer
+`make_random_llama.py` (`llama_shapes.py`: SHAPE=1b, 70b or tiny, LAYERS=N), weights N(0, 0.02) drawn with torch, norms 1, no tokenizer
 (`tokenizer.ggml.model` "none": llama-bench draws token ids from the vocabulary size).
 `llama-quantize` makes the Q4_0 and Q8_0 files from it. Needs llama.cpp's gguf-py on PYTHONPATH
 (and numpy; torch, on the GPU where there is one, draws faster). SHAPE=tiny: a 2-layer toy, to
 check the script anywhere.
 Usage: python3 scripts/cuda/make_random_gguf.py OUT.gguf
 """
-import os
 import sys
 
 import gguf
 import numpy as np
+from llama_shapes import llama_shape
 
 try:
     import torch
@@ -20,12 +19,7 @@ except ImportError:
     torch = None
 
 out = sys.argv[1]
-if os.environ.get("SHAPE") == "1b":
-    H, I, L, NH, NKV, V, TIE = 2048, 8192, 16, 32, 8, 128256, True
-elif os.environ.get("SHAPE") == "tiny":
-    H, I, L, NH, NKV, V, TIE = 256, 512, 2, 4, 2, 1000, False
-else:
-    H, I, L, NH, NKV, V, TIE = 4096, 14336, 32, 32, 8, 128256, False
+H, I, L, NH, NKV, V, TIE = llama_shape()
 HD = H // NH
 rng = np.random.default_rng(0)
 if torch is not None:

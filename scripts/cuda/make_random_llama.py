@@ -13,16 +13,11 @@ import os
 import sys
 
 import torch
+from llama_shapes import llama_shape
 from safetensors.torch import save_file
 
 out = sys.argv[1]
-if os.environ.get("SHAPE") == "1b":
-    H, I, L, NH, NKV, V, TIE = 2048, 8192, 16, 32, 8, 128256, True
-elif os.environ.get("SHAPE") == "70b":
-    H, I, L, NH, NKV, V, TIE = 8192, 28672, 80, 64, 8, 128256, False
-else:
-    H, I, L, NH, NKV, V, TIE = 4096, 14336, 32, 32, 8, 128256, False
-L = int(os.environ.get("LAYERS", L))
+H, I, L, NH, NKV, V, TIE = llama_shape()
 HD = H // NH
 config = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": H, "intermediate_size": I,
