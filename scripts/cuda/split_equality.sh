@@ -3,7 +3,9 @@
 # following the cache buffer's positions, so that a recorded step and a normal step round
 # alike. lmx-core's GPU test of decode attention (f32 reference; a device position and a view
 # bit-equal), then greedy tokens of the llama fixtures (bf16, 4-bit and dense, 300 tokens past
-# the buffer's growth at 256): graphs against normal steps.
+# the buffer's growth at 256) and of the random Llama-3-8B shape in 4 bits (32 heads: 9 splits
+# of a head at most): graphs against normal steps, whose buffers grow 1,024 and 256 positions
+# at a time.
 # Usage there: scripts/cuda/split_equality.sh   (results in $OUT/split-equality.txt)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -18,4 +20,7 @@ $LMX convert --hf-path "$W/llama" --dtype bfloat16 -q --q-bits 4 --q-group-size 
 for m in llama-4 llama; do
   log "$m greedy, graphs vs normal steps: $(same "$(gen "$W/$m")" "$(LMX_CUDA_GRAPH=0 gen "$W/$m")"); split past 128 vs 512: $(same "$(gen "$W/$m")" "$(LMX_CUDA_ATTENTION_SPLIT=512 gen "$W/$m")")"
 done
+BF16=0 BITS=4 python3 scripts/cuda/make_random_llama.py "$W/l8" 2>&1 | tail -1
+gen8() { $LMX generate --model "$W/l8-4bit" --device cuda -p 'a b c' -m 600 --temp 0 --ignore-eos --ignore-chat-template 2>&1 | head -1; }
+log "8B 4-bit greedy (600 tokens), graphs vs normal steps: $(same "$(gen8)" "$(LMX_CUDA_GRAPH=0 gen8)")"
 log "(${SECONDS}s)"

@@ -190,8 +190,13 @@ __device__ void silu_mul(const T* g, const T* u, T* out, long long n, int vec) {
     ((uint4*)out)[i] = ow;
 }
 
-// Split-K decode attention (flash-decoding): block (sequence * head, split) takes keys
-// [split * chunk, min(kv_len, split * chunk + chunk)); each warp U keys at a time (their key and
+// Split-K decode attention (flash-decoding): with one split a block per (sequence * head)
+// takes every key; with several (`splits` blocks a head, `most` of them used at most) the keys
+// in use split into min(most, ceil(kv_len / 64)) parts of `per` keys and block (sequence *
+// head, split) takes [split * per, min(kv_len, split * per + per)), later blocks none. The parts
+// depend only on the keys in use, not on the buffer or the grid, so every step over the same
+// keys rounds alike (a recorded step over a whole buffer, a normal one over a view of it, a
+// sequence alone or in a batch). Each warp U keys at a time (their key and
 // value loads all issued before any is used: one key at a time left a warp waiting a memory
 // latency per key), each lane E consecutive dimensions (coalesced loads), an online softmax per
 // warp, merged per block. One split writes the output; several write (max, sum, acc[d]) partials
@@ -223,7 +228,13 @@ __device__ void decode_attention(const T* q, const T* k, const T* v, T* out, flo
     const T* kb = k + bi * ks0 + kv * ks1;
     const T* vb = v + bi * vs0 + kv * vs1;
     float m = NEG, l = 0.f;
-    int t0 = max(split * chunk, first), t1 = min(kv_len, split * chunk + chunk);
+    // `chunk`: the keys of the one split, or with several the most splits used.
+    int per = kv_len;
+    if (splits > 1) {
+        int parts = max(1, min(chunk, (kv_len + 63) / 64));
+        per = (kv_len + parts - 1) / parts;
+    }
+    int t0 = max(split * per, first), t1 = min(kv_len, split * per + per);
     for (int base = t0 + warp * U; base < t1; base += nw * U) {
         float kx[U][E], vx[U][E], s[U];
 #pragma unroll
@@ -1016,17 +1027,17 @@ fn attention_split_above() -> usize {
 }
 
 /// How [`decode_attention`] splits a buffer of `span` positions for `heads` (sequence, head)
-/// pairs: (positions per split, splits). Short buffers take one split (one launch: decode is
-/// launch-bound); longer ones enough splits of at least 64 positions to give every
-/// multiprocessor two blocks.
+/// pairs: (the most splits a head uses, blocks a head). Short buffers take one split (one
+/// launch: decode is launch-bound); longer ones up to enough splits of at least 64 keys to give
+/// every multiprocessor two blocks. The kernel splits the keys in use into that many parts at
+/// most (fewer for fewer keys), whatever the buffer's size; a head's blocks past them do nothing.
 fn attention_splits(heads: usize, span: usize) -> (usize, usize) {
     const BLOCKS: usize = 2 * 132;
     if span <= attention_split_above() {
         return (span.max(1), 1);
     }
-    let splits = BLOCKS.div_ceil(heads).clamp(1, span.div_ceil(64));
-    let chunk = span.div_ceil(splits);
-    (chunk, span.div_ceil(chunk))
+    let most = BLOCKS.div_ceil(heads).max(1);
+    (most, most.min(span.div_ceil(64)))
 }
 
 /// One query per (sequence, head) over the cache: `q` (b, n_heads, 1, d) contiguous, `k`/`v`
@@ -1063,9 +1074,9 @@ pub(crate) fn decode_attention(
     // LMX_CUDA_DECODE_KEYS=1: a key at a time per warp (the kernel before 8 at a time).
     let one = if std::env::var("LMX_CUDA_DECODE_KEYS").is_ok_and(|v| v == "1") { "_u1" } else { "" };
     let func = dev.get_or_load_custom_func(&format!("{}_e{e}{one}", name("decode_attention", qs.dtype())?), "lmx_fused", fused_ptx()?)?;
-    // Splits follow the cache buffer's positions, not the keys in use: a step at a device
-    // position (its view the whole buffer) and a normal step (a view of the keys written so
-    // far) split alike and round alike, the positions not yet written left to empty splits.
+    // Whether to split, and the blocks a head, follow the cache buffer's positions (a step at a
+    // device position sees the whole buffer; a normal step a view of its written keys): the
+    // kernel then splits the keys in use alike in both.
     let span = if kst[2] == d && kst[1] % d == 0 { kv_len.max(kst[1] / d) } else { kv_len };
     let (chunk, splits) = attention_splits(b * n_heads, span);
     // Partials only when split (a one-element placeholder otherwise).
