@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's CUDA tools here (no GPU needed), the peer of issue 11: the llama.cpp that
-# llama-cpp-python 0.3.36 vendors (its sdist from PyPI), for compute capability 9.0 (H100/H200),
-# with the pinned CUDA 13.0 compiler wheels of shared/gpu/README.md plus cuBLAS 13.0's, cmake
-# and ninja from PyPI in their own venv. cudart and cuBLAS stay shared libraries (the GPU
-# machine's /usr/local/cuda-13.0/lib64 has them), libstdc++ is linked in. One departure from
-# llama.cpp's defaults: GGML_CUDA_NO_VMM (its memory pool without the driver's virtual memory
-# calls), since the wheels carry no libcuda.so to link against. Packs llama-bench,
-# llama-quantize and llama.cpp's gguf-py (to write GGUFs there) into
-# target/llama-cpp/llama-cuda.tar.xz, to carry; `scripts/cuda/peer_llama_cpp.sh` runs them there.
+# Builds llama.cpp's CUDA llama-bench here (no GPU needed), the peer of issue 11: the llama.cpp
+# that llama-cpp-python 0.3.36 vendors (its sdist from PyPI), for compute capability 9.0
+# (H100/H200), with the pinned CUDA 13.0 compiler wheels of shared/gpu/README.md plus cuBLAS
+# 13.0's, cmake and ninja from PyPI in their own venv. cudart and cuBLAS stay shared libraries
+# (the GPU machine's /usr/local/cuda-13.0/lib64 has them), libstdc++ is linked in; it needs
+# GLIBC 2.36 where it runs (arc4random, from the static libstdc++) and OpenSSL 3 (cpp-httplib).
+# One departure from llama.cpp's defaults: GGML_CUDA_NO_VMM (its memory pool without the
+# driver's virtual memory calls), since the wheels carry no libcuda.so to link against.
+# Packs llama-bench (80 MB, its CUDA kernels; ~41 MB packed, within a carry's 64 MiB beside lmx)
+# and llama.cpp's gguf-py (to write GGUFs there) into target/llama-cpp/llama-cuda.tar.xz, to
+# carry; `scripts/cuda/peer_llama_cpp.sh` runs them there.
 # Usage: scripts/cuda/build_llama_cpp.sh   (about 40 minutes on 2 cores, cold)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -39,9 +41,9 @@ cmake -S "$OUT/src" -B "$OUT/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_COMPILER="$CU/bin/nvcc" -DCUDAToolkit_ROOT="$CU" \
   -DGGML_CUDA_NO_VMM=ON -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
   -DLLAMA_BUILD_SERVER=OFF -DCMAKE_EXE_LINKER_FLAGS="-static-libstdc++ -static-libgcc" > "$OUT/configure.log"
-cmake --build "$OUT/build" --target llama-bench llama-quantize -j "${JOBS:-2}"
+cmake --build "$OUT/build" --target llama-bench -j "${JOBS:-2}"
 rm -rf "$OUT/pack" && mkdir -p "$OUT/pack/bin"
-cp "$OUT/build/bin/llama-bench" "$OUT/build/bin/llama-quantize" "$OUT/pack/bin/"
+cp "$OUT/build/bin/llama-bench" "$OUT/pack/bin/"
 cp -r "$OUT/src/gguf-py" "$OUT/pack/"
 tar cJf "$OUT/llama-cuda.tar.xz" -C "$OUT/pack" .
 ls -la "$OUT/llama-cuda.tar.xz"

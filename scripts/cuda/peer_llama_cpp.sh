@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One GPU round (issue 11): llama.cpp's CUDA build beside lmx on the same card, Llama-3-8B
-# shape with random weights. llama.cpp: built here by `scripts/cuda/build_llama_cpp.sh` and
-# carried (target/llama-cpp/llama-cuda.tar.xz); a BF16 GGUF written there by
-# `scripts/cuda/make_random_gguf.py`, Q4_0 and Q8_0 by llama-quantize; `llama-bench -ngl 99 -fa 1
-# -p 4096 -n 256 -r 3` (prompt of 4096 tokens; 256 generated from an empty context). lmx:
-# its MLX 4-/8-bit and bf16 folders (`make_random_llama.py`), `lmx benchmark -p 128 -g 256`
-# (decode) and `-p 4096 -g 1` (prefill).
-# Usage there: scripts/cuda/peer_llama_cpp.sh   (results in $OUT/llama-cpp.txt)
+# shape with random weights. llama.cpp: llama-bench built here by
+# `scripts/cuda/build_llama_cpp.sh` and carried (target/llama-cpp/llama-cuda.tar.xz); GGUFs in
+# Q4_0, Q8_0 and BF16 written there by `scripts/cuda/make_random_gguf.py`, one at a time (each
+# benchmarked, then deleted); `llama-bench -ngl 99 -fa 1 -p 4096 -n 256 -r 3` (a 4096-token
+# prompt; 256 tokens generated from an empty context). lmx: its MLX 4-/8-bit and bf16 folders
+# (`make_random_llama.py`), `lmx benchmark -p 128 -g 256` (decode) and `-p 4096 -g 1` (prefill).
+# Usage there: scripts/cuda/peer_llama_cpp.sh   (results in $OUT/llama-cpp.txt; carry
+# target/cuda/release/lmx.xz and target/llama-cpp/llama-cuda.tar.xz)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/cuda/common.sh
@@ -15,13 +16,13 @@ log "# llama.cpp (CUDA) beside lmx, $(date -u +%F), $(nvidia-smi --query-gpu=nam
 mkdir -p "$W/lc" && tar xJf target/llama-cpp/llama-cuda.tar.xz -C "$W/lc"
 LB="$W/lc/bin/llama-bench"
 ldd "$LB" | grep -E "not found|cuda|cublas" | tee -a "$RES"
-PYTHONPATH="$W/lc/gguf-py" python3 scripts/cuda/make_random_gguf.py "$W/l8-BF16.gguf" 2>&1 | tail -1 | tee -a "$RES"
-for q in Q4_0 Q8_0; do "$W/lc/bin/llama-quantize" "$W/l8-BF16.gguf" "$W/l8-$q.gguf" $q 16 > "$W/quantize-$q.log" 2>&1 || tail -5 "$W/quantize-$q.log" | tee -a "$RES"; done
-log "(${SECONDS}s: GGUFs written)"
 for q in Q4_0 Q8_0 BF16; do
-  [ $SECONDS -lt 420 ] && timeout 150 "$LB" -m "$W/l8-$q.gguf" -ngl 99 -fa 1 -p 4096 -n 256 -r 3 -o md 2>&1 | grep -E "^\||error|failed" | tee -a "$RES"
+  [ $SECONDS -lt 360 ] || break
+  PYTHONPATH="$W/lc/gguf-py" python3 scripts/cuda/make_random_gguf.py "$W/l8-$q.gguf" "${q,,}" 2>&1 | tail -1
+  log "(${SECONDS}s: $q written)"
+  timeout 150 "$LB" -m "$W/l8-$q.gguf" -ngl 99 -fa 1 -p 4096 -n 256 -r 3 -o md 2>&1 | grep -E "^\||error|failed" | tee -a "$RES"
+  rm -f "$W/l8-$q.gguf"
 done
-rm -f "$W"/l8-*.gguf
 log "(${SECONDS}s)"
 BITS="4 8" python3 scripts/cuda/make_random_llama.py "$W/l8" 2>&1 | tail -1
 bench() { $LMX benchmark --model "$W/l8-$1" --device cuda -n 2 "${@:2}" 2>&1 | tail -1 | grep -oE "(prompt|generation)_tps=[0-9.]*" | tr '\n' ' '; }
