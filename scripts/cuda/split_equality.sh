@@ -5,7 +5,8 @@
 # bit-equal), then greedy tokens of the llama fixtures (bf16, 4-bit and dense, 300 tokens past
 # the buffer's growth at 256) and of the random Llama-3-8B shape in 4 bits (32 heads: 9 splits
 # of a head at most): graphs against normal steps, whose buffers grow 1,024 and 256 positions
-# at a time.
+# at a time. Also a batch's rows rotated in one op against row by row (`LMX_CUDA_BATCH_ROPE=0`):
+# the same text, and 8B 4-bit batch-8 decode both ways.
 # Usage there: scripts/cuda/split_equality.sh   (results in $OUT/split-equality.txt)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -20,7 +21,16 @@ $LMX convert --hf-path "$W/llama" --dtype bfloat16 -q --q-bits 4 --q-group-size 
 for m in llama-4 llama; do
   log "$m greedy, graphs vs normal steps: $(same "$(gen "$W/$m")" "$(LMX_CUDA_GRAPH=0 gen "$W/$m")"); split past 128 vs 512: $(same "$(gen "$W/$m")" "$(LMX_CUDA_ATTENTION_SPLIT=512 gen "$W/$m")")"
 done
+# A batch's rows rotated in one op (the default since session 21) or row by row: the same text.
+printf 'a b c\nb c a b\nc a\na a b c b c a\n' > "$W/prompts.txt"
+batch() { $LMX generate --model "$W/$1" --device cuda --dtype bfloat16 --prompts-file "$W/prompts.txt" -m 200 --temp 0 --ignore-eos --ignore-chat-template 2>/dev/null | md5sum | cut -c1-12; }
+for m in llama-4 llama; do
+  a=$(batch $m); b=$(LMX_CUDA_BATCH_ROPE=0 batch $m)
+  log "$m, 4 prompts decoded together: rows rotated together $a, row by row $b: $([ "$a" = "$b" ] && echo equal || echo DIFFER)"
+done
 BF16=0 BITS=4 python3 scripts/cuda/make_random_llama.py "$W/l8" 2>&1 | tail -1
+bench8() { $LMX benchmark --model "$W/l8-4bit" --device cuda -p 128 -g 128 -n 2 -b 8 2>&1 | tail -1 | grep -oE "generation_tps=[0-9.]*" | cut -d= -f2; }
+log "8B 4-bit batch 8: rows rotated together [$(bench8)] row by row [$(LMX_CUDA_BATCH_ROPE=0 bench8)] together [$(bench8)] row by row [$(LMX_CUDA_BATCH_ROPE=0 bench8)]"
 gen8() { $LMX generate --model "$W/l8-4bit" --device cuda -p 'a b c' -m 600 --temp 0 --ignore-eos --ignore-chat-template 2>&1 | head -1; }
 log "8B 4-bit greedy (600 tokens), graphs vs normal steps: $(same "$(gen8)" "$(LMX_CUDA_GRAPH=0 gen8)")"
 log "(${SECONDS}s)"

@@ -142,6 +142,14 @@ impl AttentionInput {
     }
 }
 
+/// Whether a batch's rows rotate in one op on a GPU too (the rows' angles stacked, once a step),
+/// as on the CPU: two launches a layer instead of two a row. `LMX_CUDA_BATCH_ROPE=0`: row by row,
+/// as before, for comparisons (the same kernel and values either way).
+fn gpu_rows_rotate_together() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| !std::env::var("LMX_CUDA_BATCH_ROPE").is_ok_and(|v| v == "0"))
+}
+
 impl Angles {
     /// Angles for rotating every row of a batch in one op: the shared (seq_len, head_dim / 2)
     /// pair, or the rows' pairs stacked to (b, seq_len, head_dim / 2).
@@ -320,7 +328,7 @@ impl Attention {
         let cpu = q.device().is_cpu();
         let angles = input.table(self.rope_table)?;
         let rotated = match angles.per_row_angles()? {
-            Some((cos, sin)) if cpu => Some((self.rotate(q, cos, sin)?, self.rotate(k, cos, sin)?)),
+            Some((cos, sin)) if cpu || gpu_rows_rotate_together() => Some((self.rotate(q, cos, sin)?, self.rotate(k, cos, sin)?)),
             _ => None,
         };
         let mut qs = Vec::with_capacity(b);
