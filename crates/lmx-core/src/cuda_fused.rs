@@ -956,19 +956,24 @@ pub(crate) const MATVEC_MAX_ROWS: usize = 8;
 /// offsets (`LMX_CUDA_MATVEC=0`: cuBLAS for every product, as before).
 pub(crate) fn matvec_fits(x: &candle_core::Tensor, weight: &candle_core::Tensor) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let k = weight.dims().last().copied().unwrap_or(0);
-    let rows = x.elem_count() / k.max(1);
-    x.device().is_cuda()
-        && *ON.get_or_init(|| !std::env::var("LMX_CUDA_MATVEC").is_ok_and(|v| v == "0"))
-        && x.dtype() == DType::BF16
-        && weight.dtype() == DType::BF16
-        && weight.rank() == 2
-        && x.dims().last() == Some(&k)
+    x.device().is_cuda() && *ON.get_or_init(|| !std::env::var("LMX_CUDA_MATVEC").is_ok_and(|v| v == "0")) && matvec_takes((x.layout(), x.dtype()), (weight.layout(), weight.dtype()))
+}
+
+/// [`matvec_bf16`]'s terms (x's contiguity aside: the caller makes x contiguous, which keeps or
+/// zeroes its offset): bf16 operands, a contiguous (n, k) weight, 1 to [`MATVEC_MAX_ROWS`]
+/// rows of k values, k a multiple of 8, both starting 16-byte aligned.
+fn matvec_takes((xl, xd): (&Layout, DType), (wl, wd): (&Layout, DType)) -> bool {
+    let k = wl.dims().last().copied().unwrap_or(0);
+    let rows = xl.shape().elem_count() / k.max(1);
+    xd == DType::BF16
+        && wd == DType::BF16
+        && wl.dims().len() == 2
+        && xl.dims().last() == Some(&k)
         && k % 8 == 0
         && (1..=MATVEC_MAX_ROWS).contains(&rows)
-        && weight.is_contiguous()
-        && weight.layout().start_offset() % 8 == 0
-        && x.layout().start_offset() % 8 == 0
+        && wl.is_contiguous()
+        && wl.start_offset() % 8 == 0
+        && xl.start_offset() % 8 == 0
 }
 
 /// Weight rows a block of [`matvec_bf16`] takes: 2 (`LMX_CUDA_MATVEC_ROWS=1|2|4` fixes it, for
@@ -981,13 +986,11 @@ fn matvec_rows_per_block() -> usize {
 /// `x @ w^T` for the few bf16 rows of `x` (.., k) and a bf16 weight (n, k), contiguous (see
 /// [`matvec_fits`]): the weight is read once for all rows, 16 bytes a thread at a time.
 pub(crate) fn matvec_bf16(xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: &Layout) -> Result<(CudaStorage, candle_core::Shape)> {
-    let (n, k) = wl.shape().dims2()?;
-    let m = xl.shape().elem_count() / k.max(1);
-    let aligned = xl.start_offset() % 8 == 0 && wl.start_offset() % 8 == 0 && k % 8 == 0;
-    let bf16 = xs.dtype() == DType::BF16 && ws.dtype() == DType::BF16;
-    if xl.dims().last() != Some(&k) || !(1..=MATVEC_MAX_ROWS).contains(&m) || !xl.is_contiguous() || !wl.is_contiguous() || !aligned || !bf16 {
+    if !xl.is_contiguous() || !matvec_takes((xl, xs.dtype()), (wl, ws.dtype())) {
         candle_core::bail!("lmx-matvec on CUDA: x {:?} {:?} and weight {:?} {:?}: 1 to {MATVEC_MAX_ROWS} contiguous bf16 rows of a multiple of 8 values", xl.dims(), xs.dtype(), wl.dims(), ws.dtype());
     }
+    let (n, k) = wl.shape().dims2()?;
+    let m = xl.shape().elem_count() / k;
     let dev = xs.device().clone();
     let r = matvec_rows_per_block();
     let func = dev.get_or_load_custom_func(&format!("lmx_matvec_bf16_m{m}_r{r}"), "lmx_fused", fused_ptx()?)?;

@@ -1045,6 +1045,19 @@ mod tests {
         Ok(())
     }
 
+    /// Whether every value of `t` is finite (candle's max skips a NaN after the first value).
+    #[cfg(feature = "cuda")]
+    fn all_finite(t: &Tensor) -> Result<bool> {
+        Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?.iter().all(|v| v.is_finite()))
+    }
+
+    /// How far |got - want| goes past `rel * |want| + abs` at most (0 or less: within bounds).
+    #[cfg(feature = "cuda")]
+    fn excess(got: &Tensor, want: &Tensor, rel: f64, abs: f64) -> Result<f32> {
+        let bound = ((want.abs()? * rel)? + abs)?;
+        (got.sub(want)?.abs()? - bound)?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
     /// lmx's bf16 products for a decode step's few rows on the GPU equal f32 products of the
     /// same bf16 values within the output's rounding, and a row's outputs among m rows equal its
     /// outputs alone, bit for bit: rows of 8 to 14336 values, 1 to 8 activation rows, weights
@@ -1069,9 +1082,8 @@ mod tests {
             let got = linear(&xg, &wg, None)?;
             assert_eq!(got.dims(), &[m, 1, n]);
             let got = got.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.reshape((m, n))?;
-            assert!(got.flatten_all()?.to_vec1::<f32>()?.iter().all(|v| v.is_finite()), "({n}, {k}) x {m} rows: not finite");
-            let bound = (want.abs()? * 4e-3)? + 1e-3;
-            let over = (got.sub(&want)?.abs()? - bound)?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(all_finite(&got)?, "({n}, {k}) x {m} rows: not finite");
+            let over = excess(&got, &want, 4e-3, 1e-3)?;
             eprintln!("({n}, {k}) x {m} rows: max error {}", max_abs_diff(&got, &want));
             assert!(over <= 0.0, "({n}, {k}) x {m} rows: an output off by {over} more than bf16 rounding allows");
             for i in 0..m {
@@ -1125,11 +1137,10 @@ mod tests {
             let first = host(&got[0].1)?;
             for (how, y) in &got {
                 let y = host(y)?;
-                assert!(y.flatten_all()?.to_vec1::<f32>()?.iter().all(|v| v.is_finite()), "heads {h}/{kvh} positions {len} {how}: not finite");
+                assert!(all_finite(&y)?, "heads {h}/{kvh} positions {len} {how}: not finite");
                 assert_eq!(max_abs_diff(&y, &first), 0.0, "heads {h}/{kvh} positions {len}: {how} and at a device position differ");
                 // The GPU's f32 result rounded to bf16: half a unit in the last place, 2^-9 of it.
-                let bound = (want.abs()? * 4e-3)? + 1e-4;
-                let over = (y.sub(&want)?.abs()? - bound)?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                let over = excess(&y, &want, 4e-3, 1e-4)?;
                 eprintln!("heads {h}/{kvh} positions {len} d {d} window {window:?} {how}: max error {}", max_abs_diff(&y, &want));
                 assert!(over <= 0.0, "heads {h}/{kvh} positions {len} d {d} window {window:?} {how}: an output off by {over} more than bf16 rounding allows");
             }
