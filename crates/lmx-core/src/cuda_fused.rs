@@ -290,6 +290,32 @@ __device__ void decode_attention(const T* q, const T* k, const T* v, T* out, flo
     if (splits > 1 && threadIdx.x == 0) { pp[0] = M; pp[1] = L; }
 }
 
+// A batched decode step (one new position in each of up to KV_ROWS sequences, each with its own
+// cache): row r's key and value buffers ((heads, cap[r], d), contiguous) and the position its
+// new key and value go to, len[r] (the keys it held before). Passed by value as a kernel
+// argument: no table to upload, so the launch is all a step pays.
+#define KV_ROWS 32
+struct KvRows { unsigned long long k[KV_ROWS], v[KV_ROWS]; int len[KV_ROWS], cap[KV_ROWS]; };
+// Row r's entries, read at constant offsets of the parameter (a dynamic index would copy the
+// struct to local memory first).
+__device__ __forceinline__ void kv_row(const KvRows& rows, int r, unsigned long long& k, unsigned long long& v, int& len, int& cap) {
+#pragma unroll
+    for (int i = 0; i < KV_ROWS; i++)
+        if (i == r) { k = rows.k[i]; v = rows.v[i]; len = rows.len[i]; cap = rows.cap[i]; }
+}
+// decode_attention for a batched step: block (r * n_heads + h, split) attends row r's query
+// head h (q and out (rows, n_heads, d) contiguous) over the len[r] + 1 keys of the row's own
+// buffers.
+template <typename T, int E, int U>
+__device__ void decode_attention_rows(const T* q, const KvRows& rows, T* out, float* part, int n_heads, int n_kv, int d, float scale, int chunk, int splits) {
+    unsigned long long kb = 0, vb = 0;
+    int len = 0, cap = 0;
+    kv_row(rows, blockIdx.x / n_heads, kb, vb, len, cap);
+    long long hs = (long long)cap * d;
+    // Strides: no sequence stride (the row's own buffer), heads `cap` positions apart.
+    decode_attention<T, E, U>(q, (const T*)kb, (const T*)vb, out, part, n_heads, n_kv, len + 1, d, scale, chunk, splits, 0, hs, d, 0, hs, d, nullptr, 0);
+}
+
 // Writes one position of keys or values, (heads, d) with head stride `sh`, into a (heads,
 // cap, d) buffer at position pos[0] (read on the device, so a captured step can replay).
 // Elements are copied as raw 2- or 4-byte words.
@@ -312,10 +338,9 @@ extern "C" __global__ void lmx_kv_write_4(unsigned int* buf, const unsigned int*
 // differed in the last bit). Heads of q, k and v are `qs`, `ks`, `vs` elements apart, their
 // positions `qr`, `kr`, `vr`; cos and sin hold a row of d / 2 a position.
 template <typename T>
-__device__ void rope_kv(const T* q, long long qs, long long qr, const T* k, long long ks, long long kr, const T* v, long long vs, long long vr,
-                        const T* cos, const T* sin, T* qo, T* kb, T* vb, const unsigned int* pos, int offset, int nq, int nkv, int cap, int d) {
-    int h = blockIdx.x, i = blockIdx.y, half = d / 2;
-    unsigned int p = pos ? pos[0] : (unsigned int)(offset + i);
+__device__ void rope_kv_at(const T* q, long long qs, long long qr, const T* k, long long ks, long long kr, const T* v, long long vs, long long vr,
+                           const T* cos, const T* sin, T* qo, T* kb, T* vb, int i, unsigned int p, int nq, int nkv, int cap, int d) {
+    int h = blockIdx.x, half = d / 2;
     q += i * qr; k += i * kr; v += i * vr;
     cos += (size_t)i * half; sin += (size_t)i * half;
     if (h >= nq + nkv) {
@@ -338,6 +363,24 @@ __device__ void rope_kv(const T* q, long long qs, long long qr, const T* k, long
         st(o, j, __fmaf_rn(x1, c, -rnd(__fmul_rn(x2, s), o)));
         st(o, j + half, __fmaf_rn(x1, s, rnd(__fmul_rn(x2, c), o)));
     }
+}
+template <typename T>
+__device__ void rope_kv(const T* q, long long qs, long long qr, const T* k, long long ks, long long kr, const T* v, long long vs, long long vr,
+                        const T* cos, const T* sin, T* qo, T* kb, T* vb, const unsigned int* pos, int offset, int nq, int nkv, int cap, int d) {
+    int i = blockIdx.y;
+    rope_kv_at(q, qs, qr, k, ks, kr, v, vs, vr, cos, sin, qo, kb, vb, i, pos ? pos[0] : (unsigned int)(offset + i), nq, nkv, cap, d);
+}
+
+// rope_kv for such a batch: block (h, r) rotates query head h of row r into qo (rows, nq, d), or
+// writes key / value head h - nq (- nkv) of row r at len[r] into the row's buffers; q, k and v's
+// rows are qr, kr and vr elements apart, cos and sin hold d / 2 values a row.
+template <typename T>
+__device__ void rope_kv_rows(const T* q, long long qs, long long qr, const T* k, long long ks, long long kr, const T* v, long long vs, long long vr,
+                             const T* cos, const T* sin, T* qo, const KvRows& rows, int nq, int nkv, int d) {
+    unsigned long long kb = 0, vb = 0;
+    int len = 0, cap = 0, r = blockIdx.y;
+    kv_row(rows, r, kb, vb, len, cap);
+    rope_kv_at(q, qs, qr, k, ks, kr, v, vs, vr, cos, sin, qo, (T*)kb, (T*)vb, r, (unsigned int)len, nq, nkv, cap, d);
 }
 
 // Merges the splits of one (sequence, head) block: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M).
@@ -526,6 +569,7 @@ __device__ void matvec_bf16(const uint4* w, const uint4* x, unsigned short* y, i
 MATVEC_R(1) MATVEC_R(2) MATVEC_R(3) MATVEC_R(4) MATVEC_R(5) MATVEC_R(6) MATVEC_R(7) MATVEC_R(8)
 
 #define DECODE_ATTENTION(T, name, E, U, suffix) \
+extern "C" __global__ void lmx_decode_attention_rows_##name##_e##E##suffix(const T* q, const KvRows rows, T* out, float* part, int n_heads, int n_kv, int d, float scale, int chunk, int splits) { PDL_ENTRY(); decode_attention_rows<T, E, U>(q, rows, out, part, n_heads, n_kv, d, scale, chunk, splits); } \
 extern "C" __global__ void lmx_decode_attention_##name##_e##E##suffix(const T* q, const T* k, const T* v, T* out, float* part, int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits, long long ks0, long long ks1, long long ks2, long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window) { PDL_ENTRY(); decode_attention<T, E, U>(q, k, v, out, part, n_heads, n_kv, kv_len, d, scale, chunk, splits, ks0, ks1, ks2, vs0, vs1, vs2, upto, window); }
 #define INSTANTIATE(T, name) \
 extern "C" __global__ void lmx_causal_softmax_##name(const T* s, T* out, int cols, int q_len, int offset, int window, float scale, float softcap) { PDL_ENTRY(); causal_softmax(s, out, cols, q_len, offset, window, scale, softcap); } \
@@ -537,6 +581,10 @@ DECODE_ATTENTION(T, name, 1, 8, ) DECODE_ATTENTION(T, name, 2, 8, ) DECODE_ATTEN
 DECODE_ATTENTION(T, name, 1, 1, _u1) DECODE_ATTENTION(T, name, 2, 1, _u1) DECODE_ATTENTION(T, name, 4, 1, _u1) DECODE_ATTENTION(T, name, 8, 1, _u1) \
 extern "C" __global__ void lmx_combine_splits_##name(const float* part, T* out, int splits, int d) { PDL_ENTRY(); combine_splits(part, out, splits, d); } \
 extern "C" __global__ void lmx_rope_kv_##name(const T* q, long long qs, long long qr, const T* k, long long ks, long long kr, const T* v, long long vs, long long vr, const T* cos, const T* sin, T* qo, T* kb, T* vb, const unsigned int* pos, int offset, int nq, int nkv, int cap, int d) { PDL_ENTRY(); rope_kv(q, qs, qr, k, ks, kr, v, vs, vr, cos, sin, qo, kb, vb, pos, offset, nq, nkv, cap, d); }
+#define ROPE_KV_ROWS(T, name) \
+extern "C" __global__ void lmx_rope_kv_rows_##name(const T* q, long long qs, long long qr, const T* k, long long ks, long long kr, const T* v, long long vs, long long vr, const T* cos, const T* sin, T* qo, const KvRows rows, int nq, int nkv, int d) { PDL_ENTRY(); rope_kv_rows(q, qs, qr, k, ks, kr, v, vs, vr, cos, sin, qo, rows, nq, nkv, d); }
+ROPE_KV_ROWS(float, f32)
+ROPE_KV_ROWS(unsigned short, bf16)
 INSTANTIATE(float, f32)
 INSTANTIATE(unsigned short, bf16)
 "#;
@@ -1279,6 +1327,165 @@ impl candle_core::CustomOp3 for RopeKvWrite {
         // Checked 4-D by rope_kv_write.
         let (nq, l, d) = (ql.dims()[1], ql.dims()[2], ql.dims()[3]);
         Ok((o, candle_core::Shape::from((1, l, nq, d))))
+    }
+}
+
+/// `s`'s values from `l`'s start.
+fn view<'a, T: candle_core::cuda_backend::CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+    Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
+}
+
+/// Rows one launch of the batched decode kernels takes (`KV_ROWS` in their source).
+const KV_ROWS: usize = 32;
+
+/// The kernels' `KvRows`: each row's key and value buffers, the position its new key goes to,
+/// and the buffers' positions.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct KvRows {
+    k: [u64; KV_ROWS],
+    v: [u64; KV_ROWS],
+    len: [i32; KV_ROWS],
+    cap: [i32; KV_ROWS],
+}
+
+// SAFETY: a plain C struct of integers, laid out as the kernels' `KvRows`.
+unsafe impl DeviceRepr for KvRows {}
+
+/// A decode step of a batch of sequences, each over its own cache, as one op of (q, k, v):
+/// `q` (b, nq, 1, d) and `k`/`v` (b, nkv, 1, d) before rotation, with contiguous heads; row r's
+/// query and key rotate by row r of `cos`/`sin` (b, 1, d / 2), its key and value land in
+/// `kbufs[r]`/`vbufs[r]` ((1, nkv, cap_r, d), contiguous) at position `lens[r]`, and its query
+/// attends to the `lens[r] + 1` keys there. Returns (b, nq, 1, d). Three launches for up to 32
+/// rows (rotation and writes, attention, the splits' merge) where the row-by-row step launched
+/// five a row, each an op of its own from the host: a batch's decode was bound by the host.
+/// Each row's values are those of the same step alone (the same kernels' arithmetic, the keys
+/// split alike).
+pub(crate) struct DecodeRows {
+    pub cos: candle_core::Tensor,
+    pub sin: candle_core::Tensor,
+    pub kbufs: Vec<candle_core::Tensor>,
+    pub vbufs: Vec<candle_core::Tensor>,
+    pub lens: Vec<usize>,
+    pub scale: f32,
+}
+
+impl candle_core::CustomOp3 for DecodeRows {
+    fn name(&self) -> &'static str {
+        "lmx-decode-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("lmx-decode-rows runs on CUDA only")
+    }
+
+    fn cuda_fwd(&self, qs: &CudaStorage, ql: &Layout, ks: &CudaStorage, kl: &Layout, vs: &CudaStorage, vl: &Layout) -> Result<(CudaStorage, candle_core::Shape)> {
+        let (&[b, nq, 1, d], &[bk, nkv, 1, dk]) = (ql.dims(), kl.dims()) else {
+            candle_core::bail!("decode rows: q {:?} / k {:?}: one new position a row", ql.dims(), kl.dims());
+        };
+        let half = d / 2;
+        if (bk, dk) != (b, d)
+            || vl.dims() != kl.dims()
+            || [ql, kl, vl].iter().any(|l| l.stride()[3] != 1)
+            || d % 2 != 0
+            || d > 256
+            || nkv == 0
+            || nq % nkv != 0
+            || self.kbufs.len() != b
+            || self.vbufs.len() != b
+            || self.lens.len() != b
+            || [&self.cos, &self.sin].iter().any(|t| !t.is_contiguous() || t.elem_count() != b * half)
+        {
+            candle_core::bail!("decode rows: q {:?} / k {:?} / v {:?} / cos {:?} for {} rows of buffers do not fit", ql.dims(), kl.dims(), vl.dims(), self.cos.dims(), self.kbufs.len());
+        }
+        let tensors: Vec<&candle_core::Tensor> = [&self.cos, &self.sin].into_iter().chain(&self.kbufs).chain(&self.vbufs).collect();
+        let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+        let mut parts = Vec::with_capacity(guards.len());
+        for (t, (storage, layout)) in tensors.iter().zip(&guards) {
+            let candle_core::Storage::Cuda(c) = &**storage else {
+                candle_core::bail!("decode rows: the angles and the cache's buffers must be on the GPU (one is on {:?})", storage.device().location())
+            };
+            if c.dtype() != qs.dtype() {
+                candle_core::bail!("decode rows: a buffer or the angles in {:?}, the queries in {:?}", c.dtype(), qs.dtype());
+            }
+            parts.push((c, *layout, t.dims()));
+        }
+        let (angles, bufs) = parts.split_at(2);
+        let (kbufs, vbufs) = bufs.split_at(b);
+        let mut caps = Vec::with_capacity(b);
+        for (r, ((_, kbl, kd), (_, vbl, vd))) in kbufs.iter().zip(vbufs).enumerate() {
+            let (&[1, h, cap, bd], true, true) = (*kd, kbl.is_contiguous(), vbl.is_contiguous()) else {
+                candle_core::bail!("decode rows: row {r}'s key buffer {kd:?} must be one contiguous sequence");
+            };
+            if (h, bd) != (nkv, d) || vd != kd || self.lens[r] >= cap || cap > i32::MAX as usize {
+                candle_core::bail!("decode rows: row {r}'s buffers {kd:?} / {vd:?} with {} keys held do not take a position of {nkv} heads of {d}", self.lens[r]);
+            }
+            caps.push(cap);
+        }
+        let dev = qs.device().clone();
+        let rope = dev.get_or_load_custom_func(&name("rope_kv_rows", qs.dtype())?, "lmx_fused", fused_ptx()?)?;
+        let e = d.div_ceil(32).next_power_of_two();
+        let attend = dev.get_or_load_custom_func(&format!("{}_e{e}", name("decode_attention_rows", qs.dtype())?), "lmx_fused", fused_ptx()?)?;
+        let combine = dev.get_or_load_custom_func(&name("combine_splits", qs.dtype())?, "lmx_fused", fused_ptx()?)?;
+        // Split as a row alone is split (its buffer's positions, its own heads): the same
+        // parts of its keys, so the same sums.
+        let (chunk, splits) = attention_splits(nq, caps.iter().copied().max().unwrap_or(0));
+        let [q_head, q_row, k_head, k_row, v_head, v_row] = [ql.stride()[1], ql.stride()[0], kl.stride()[1], kl.stride()[0], vl.stride()[1], vl.stride()[0]].map(|s| s as i64);
+        let (nqi, nkvi, di, ch, sp, scale) = (nq as i32, nkv as i32, d as i32, chunk as i32, splits as i32, self.scale);
+        typed!(qs.dtype(), T => {
+            let qo = out::<T>(&dev, b * nq * d)?;
+            let o = out::<T>(&dev, b * nq * d)?;
+            let rows_max = KV_ROWS.min(b);
+            // SAFETY: every partial is written by its block before the merge reads it.
+            let part = unsafe { dev.alloc::<f32>(if splits > 1 { rows_max * nq * splits * (d + 2) } else { 1 }) }?;
+            let (q, k, v) = (view::<T>(qs, ql)?, view::<T>(ks, kl)?, view::<T>(vs, vl)?);
+            let (cos, sin) = (view::<T>(angles[0].0, &angles[0].1)?, view::<T>(angles[1].0, &angles[1].1)?);
+            let stream = dev.cuda_stream();
+            for r0 in (0..b).step_by(KV_ROWS) {
+                let n = KV_ROWS.min(b - r0);
+                let mut rows = KvRows { k: [0; KV_ROWS], v: [0; KV_ROWS], len: [0; KV_ROWS], cap: [0; KV_ROWS] };
+                for i in 0..n {
+                    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+                    let r = r0 + i;
+                    rows.k[i] = view::<T>(kbufs[r].0, &kbufs[r].1)?.device_ptr(&stream).0;
+                    rows.v[i] = view::<T>(vbufs[r].0, &vbufs[r].1)?.device_ptr(&stream).0;
+                    rows.len[i] = self.lens[r] as i32;
+                    rows.cap[i] = caps[r] as i32;
+                }
+                let (q, k, v) = (q.slice(r0 * q_row as usize..), k.slice(r0 * k_row as usize..), v.slice(r0 * v_row as usize..));
+                let (cos, sin) = (cos.slice(r0 * half..), sin.slice(r0 * half..));
+                let (qo, o) = (qo.slice(r0 * nq * d..), o.slice(r0 * nq * d..));
+                let cfg = LaunchConfig { grid_dim: ((nq + 2 * nkv) as u32, n as u32, 1), block_dim: (half.next_multiple_of(32).min(256) as u32, 1, 1), shared_mem_bytes: 0 };
+                let mut bld = rope.builder();
+                bld.arg(&q).arg(&q_head).arg(&q_row).arg(&k).arg(&k_head).arg(&k_row).arg(&v).arg(&v_head).arg(&v_row).arg(&cos).arg(&sin);
+                bld.arg(&qo).arg(&rows).arg(&nqi).arg(&nkvi).arg(&di);
+                // SAFETY: q/k/v hold n rows at their strides, cos/sin n * d / 2 values, qo n * nq
+                // * d; each row's buffers hold nkv * cap * d values and len < cap (checked).
+                unsafe { bld.launch(cfg) }.w()?;
+                let cfg = LaunchConfig { grid_dim: ((n * nq) as u32, splits as u32, 1), block_dim: ((32 * attention_warps()) as u32, 1, 1), shared_mem_bytes: (attention_warps() * d * 4) as u32 };
+                let mut bld = attend.builder();
+                bld.arg(&qo).arg(&rows).arg(&o).arg(&part).arg(&nqi).arg(&nkvi).arg(&di).arg(&scale).arg(&ch).arg(&sp);
+                // SAFETY: qo and o hold n * nq heads of d, `part` their splits' partials; each
+                // row's buffers its len + 1 keys.
+                unsafe { bld.launch(cfg) }.w()?;
+                if splits > 1 {
+                    let cfg = LaunchConfig { grid_dim: ((n * nq) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+                    let mut bld = combine.builder();
+                    bld.arg(&part).arg(&o).arg(&sp).arg(&di);
+                    // SAFETY: part holds every (head, split)'s partial; o n * nq * d values.
+                    unsafe { bld.launch(cfg) }.w()?;
+                }
+            }
+            Ok((CudaStorage::wrap_cuda_slice(o, dev), candle_core::Shape::from((b, nq, 1, d))))
+        })
     }
 }
 

@@ -516,6 +516,43 @@ pub fn rope_kv_write_rows(q: &Tensor, k: &Tensor, v: &Tensor, cos: &Tensor, sin:
     Ok(q)
 }
 
+/// Whether [`decode_rows`] takes a decode step of `rows` sequences with queries `q` (b, heads,
+/// 1, head_dim): on a GPU, in f32 or bf16, heads of at most 256 (`LMX_CUDA_DECODE_ROWS=0`: row
+/// by row, for comparisons).
+pub fn decode_rows_fit(q: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let on = *ON.get_or_init(|| !std::env::var("LMX_CUDA_DECODE_ROWS").is_ok_and(|v| v == "0"));
+        on && fused_cuda(q) && q.rank() == 4 && q.dim(2).is_ok_and(|l| l == 1) && q.dim(3).is_ok_and(|d| d <= 256 && d % 2 == 0) && !on_tape(&[q])
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = q;
+        false
+    }
+}
+
+/// A decode step of a batch of sequences, one cache each, in one op on a GPU (see
+/// [`decode_rows_fit`]): `q` (b, heads, 1, d) and `k`/`v` (b, kv_heads, 1, d) before rotation;
+/// row r rotates by row r of `cos`/`sin` (b, 1, d / 2) ("rotate half", as [`rope`]), writes
+/// its key and value into `kbufs[r]`/`vbufs[r]` (1, kv_heads, cap, d) at position `lens[r]`,
+/// and attends to the `lens[r] + 1` keys there. Returns (b, heads, 1, d), each row as the same
+/// step alone computes it.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_rows(q: &Tensor, k: &Tensor, v: &Tensor, cos: &Tensor, sin: &Tensor, kbufs: Vec<Tensor>, vbufs: Vec<Tensor>, lens: Vec<usize>, scale: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        let op = crate::cuda_fused::DecodeRows { cos: cos.contiguous()?, sin: sin.contiguous()?, kbufs, vbufs, lens, scale: scale as f32 };
+        contiguous_heads(q)?.apply_op3_no_bwd(&contiguous_heads(k)?, &contiguous_heads(v)?, &op)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (q, k, v, cos, sin, kbufs, vbufs, lens, scale);
+        crate::bail!("a batch's decode step in one op runs on a GPU only")
+    }
+}
+
 /// Whether [`rope_kv_write`] takes its one CUDA kernel (`LMX_CUDA_ROPE_KV=0`: four launches).
 #[cfg(feature = "cuda")]
 fn cuda_rope_kv() -> bool {
@@ -1143,6 +1180,52 @@ mod tests {
                 let over = excess(&y, &want, 4e-3, 1e-4)?;
                 eprintln!("heads {h}/{kvh} positions {len} d {d} window {window:?} {how}: max error {}", max_abs_diff(&y, &want));
                 assert!(over <= 0.0, "heads {h}/{kvh} positions {len} d {d} window {window:?} {how}: an output off by {over} more than bf16 rounding allows");
+            }
+        }
+        Ok(())
+    }
+
+    /// A batch's decode step in one op on the GPU (`decode_rows`) equals each row's step alone
+    /// (rotation and cache write in one kernel, then decode attention over a view of its
+    /// buffer) bit for bit: outputs and written buffers, bf16 and f32, grouped heads, rows of
+    /// 0 to 1,500 held keys in buffers of 256- and 1,024-multiples, more rows than one launch
+    /// takes (32). Skipped without a GPU.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn decode_rows_on_the_gpu_equal_each_row_alone() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("no GPU: skipped");
+            return Ok(());
+        };
+        let host = |t: &Tensor| -> Result<Tensor> { t.to_device(&Device::Cpu)?.to_dtype(DType::F32) };
+        // (rows, heads, kv heads, head size)
+        for (dtype, b, h, kvh, d) in [(DType::BF16, 3, 32, 8, 128), (DType::BF16, 35, 8, 2, 64), (DType::F32, 5, 6, 2, 96)] {
+            let lens: Vec<usize> = (0..b).map(|r| [0, 5, 63, 64, 130, 700, 1500][r % 7] + r).collect();
+            let caps: Vec<usize> = lens.iter().enumerate().map(|(r, l)| (l + 1).next_multiple_of(if r % 2 == 0 { 256 } else { 1024 })).collect();
+            let rand = |dims: &[usize]| -> Result<Tensor> { Tensor::randn(0f32, 1.0, dims, &Device::Cpu)?.to_dtype(dtype) };
+            // As the projections give them: (b, 1, heads, d) seen as (b, heads, 1, d).
+            let q = rand(&[b, 1, h, d])?.to_device(&gpu)?.transpose(1, 2)?;
+            let k = rand(&[b, 1, kvh, d])?.to_device(&gpu)?.transpose(1, 2)?;
+            let v = rand(&[b, 1, kvh, d])?.to_device(&gpu)?.transpose(1, 2)?;
+            let (cos, sin) = (rand(&[b, 1, d / 2])?.to_device(&gpu)?, rand(&[b, 1, d / 2])?.to_device(&gpu)?);
+            let bufs: Vec<(Tensor, Tensor)> = caps.iter().map(|&c| Ok((rand(&[1, kvh, c, d])?, rand(&[1, kvh, c, d])?))).collect::<Result<_>>()?;
+            let on_gpu = || -> Result<(Vec<Tensor>, Vec<Tensor>)> { bufs.iter().map(|(k, v)| Ok((k.to_device(&gpu)?, v.to_device(&gpu)?))).collect() };
+            let (kb, vb) = on_gpu()?;
+            let scale = 1.0 / (d as f64).sqrt();
+            let got = decode_rows(&q, &k, &v, &cos, &sin, kb.clone(), vb.clone(), lens.clone(), scale)?;
+            assert_eq!(got.dims(), &[b, h, 1, d]);
+            let (kb1, vb1) = on_gpu()?;
+            for r in 0..b {
+                let row = |t: &Tensor| t.narrow(0, r, 1);
+                let (len, name) = (lens[r], format!("{dtype:?} rows {b}, heads {h}/{kvh}, d {d}, row {r} ({} keys, buffer {})", lens[r], caps[r]));
+                let q1 = rope_kv_write_rows(&row(&q)?, &row(&k)?, &row(&v)?, &row(&cos)?.squeeze(0)?, &row(&sin)?.squeeze(0)?, &kb1[r], &vb1[r], len)?;
+                let want = attention(&q1.contiguous()?, &kb1[r].narrow(2, 0, len + 1)?, &vb1[r].narrow(2, 0, len + 1)?, Mask::None, scale, None, None)?;
+                let y = host(&row(&got)?)?;
+                assert!(all_finite(&y)?, "{name}: not finite");
+                assert_eq!(max_abs_diff(&y, &host(&want)?), 0.0, "{name}: the batched step and the row alone differ");
+                for (batched, alone, what) in [(&kb[r], &kb1[r], "keys"), (&vb[r], &vb1[r], "values")] {
+                    assert_eq!(max_abs_diff(&host(batched)?, &host(alone)?), 0.0, "{name}: the {what} written differ");
+                }
             }
         }
         Ok(())

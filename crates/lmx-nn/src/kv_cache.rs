@@ -719,6 +719,33 @@ impl KvCache {
         }
     }
 
+    /// For a batch's step of one new position in every row over plain growing caches (no
+    /// quantization, no rotation, host positions): makes room for it in each row's layer
+    /// `layer_idx` and returns the rows' key buffers, value buffers and the positions the new
+    /// keys and values go to, counting them as held (the caller writes them:
+    /// `ops::decode_rows`). None, changing nothing, when a row's cache is not such a one or
+    /// would hold more than `window` positions.
+    #[allow(clippy::type_complexity)]
+    pub fn step_rows(&mut self, layer_idx: usize, window: Option<usize>) -> Result<Option<(Vec<Tensor>, Vec<Tensor>, Vec<usize>)>> {
+        let fits = |l: &LayerKv| matches!(l.store, Store::Growing { .. }) && window.is_none_or(|w| l.offset < w);
+        let plain = |seq: &Sequence| seq.opts.kv_bits.is_none() && seq.opts.max_kv_size.is_none() && seq.layers.get(layer_idx).is_some_and(fits);
+        if !self.store || self.position.is_some() || !self.rows.iter().all(plain) {
+            return Ok(None);
+        }
+        let n = self.rows.len();
+        let (mut ks, mut vs, mut lens) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        for seq in &mut self.rows {
+            let layer = &mut seq.layers[layer_idx];
+            layer.reserve(1, STEP)?;
+            let Store::Growing { k, v } = &layer.store else { unreachable!("checked above") };
+            ks.push(k.clone());
+            vs.push(v.clone());
+            lens.push(layer.offset);
+            layer.offset += 1;
+        }
+        Ok(Some((ks, vs, lens)))
+    }
+
     /// Row `row`'s layer `layer_idx`, with the row's options.
     fn layer_mut(&mut self, row: usize, layer_idx: usize) -> Result<(&mut LayerKv, &KvOptions)> {
         let n_rows = self.rows.len();
