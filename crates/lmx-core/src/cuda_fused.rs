@@ -190,6 +190,21 @@ __device__ void silu_mul(const T* g, const T* u, T* out, long long n, int vec) {
     ((uint4*)out)[i] = ow;
 }
 
+// Merges the splits' partials `p` of one (sequence, head) into its d outputs:
+// out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M). Reads past L1 (`__ldcg`): other blocks
+// wrote them.
+template <typename T>
+__device__ void merge_splits(const float* p, T* out, int splits, int d) {
+    float M = -__int_as_float(0x7f800000), L = 0.f;
+    for (int s = 0; s < splits; s++) M = fmaxf(M, __ldcg(p + s * (d + 2)));
+    for (int s = 0; s < splits; s++) L += __ldcg(p + s * (d + 2) + 1) * __expf(__ldcg(p + s * (d + 2)) - M);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float a = 0.f;
+        for (int s = 0; s < splits; s++) a += __ldcg(p + s * (d + 2) + 2 + i) * __expf(__ldcg(p + s * (d + 2)) - M);
+        st(out, i, a / L);
+    }
+}
+
 // Split-K decode attention (flash-decoding): with one split a block per (sequence * head)
 // takes every key; with several (`splits` blocks a head, `most` of them used at most) the keys
 // in use split into min(most, ceil(kv_len / 64)) parts of `per` keys and block (sequence *
@@ -200,13 +215,16 @@ __device__ void silu_mul(const T* g, const T* u, T* out, long long n, int vec) {
 // value loads all issued before any is used: one key at a time left a warp waiting a memory
 // latency per key), each lane E consecutive dimensions (coalesced loads), an online softmax per
 // warp, merged per block. One split writes the output; several write (max, sum, acc[d]) partials
-// per split that `combine_splits` merges. k/v strides (sequence, head, position) in elements.
+// per split: with `count` (a zeroed counter per (sequence, head)) the last of a head's blocks to
+// finish merges them and zeroes its counter again, else `combine_splits` merges them in a
+// second launch. k/v strides (sequence, head, position) in elements.
 template <typename T, int E, int U>
 __device__ void decode_attention(const T* q, const T* k, const T* v, T* out, float* part,
                                  int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits,
                                  long long ks0, long long ks1, long long ks2,
-                                 long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window) {
+                                 long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window, unsigned int* count) {
     __shared__ float wm[32], wl[32];
+    __shared__ bool last;
     // A cache whose length lives on the device (a captured decode step): keys after position
     // upto[0] are not yet written, and with a window those `window` or more behind it unseen.
     int first = 0;
@@ -288,6 +306,17 @@ __device__ void decode_attention(const T* q, const T* k, const T* v, T* out, flo
         if (splits == 1) st(out, (size_t)bh * d + i, a / L); else pp[2 + i] = a;
     }
     if (splits > 1 && threadIdx.x == 0) { pp[0] = M; pp[1] = L; }
+    if (splits == 1 || !count) return;
+    // Every partial of this block written and visible to the GPU before its count.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        last = atomicAdd(count + bh, 1u) == (unsigned int)splits - 1;
+        // Stream order puts the next launch after this one: zeroed for it.
+        if (last) count[bh] = 0;
+    }
+    __syncthreads();
+    if (last) merge_splits(part + (size_t)bh * splits * (d + 2), out + (size_t)bh * d, splits, d);
 }
 
 // A batched decode step (one new position in each of up to KV_ROWS sequences, each with its own
@@ -307,13 +336,13 @@ __device__ __forceinline__ void kv_row(const KvRows& rows, int r, unsigned long 
 // head h (q and out (rows, n_heads, d) contiguous) over the len[r] + 1 keys of the row's own
 // buffers.
 template <typename T, int E, int U>
-__device__ void decode_attention_rows(const T* q, const KvRows& rows, T* out, float* part, int n_heads, int n_kv, int d, float scale, int chunk, int splits) {
+__device__ void decode_attention_rows(const T* q, const KvRows& rows, T* out, float* part, int n_heads, int n_kv, int d, float scale, int chunk, int splits, unsigned int* count) {
     unsigned long long kb = 0, vb = 0;
     int len = 0, cap = 0;
     kv_row(rows, blockIdx.x / n_heads, kb, vb, len, cap);
     long long hs = (long long)cap * d;
     // Strides: no sequence stride (the row's own buffer), heads `cap` positions apart.
-    decode_attention<T, E, U>(q, (const T*)kb, (const T*)vb, out, part, n_heads, n_kv, len + 1, d, scale, chunk, splits, 0, hs, d, 0, hs, d, nullptr, 0);
+    decode_attention<T, E, U>(q, (const T*)kb, (const T*)vb, out, part, n_heads, n_kv, len + 1, d, scale, chunk, splits, 0, hs, d, 0, hs, d, nullptr, 0, count);
 }
 
 // Writes one position of keys or values, (heads, d) with head stride `sh`, into a (heads,
@@ -386,15 +415,7 @@ __device__ void rope_kv_rows(const T* q, long long qs, long long qr, const T* k,
 // Merges the splits of one (sequence, head) block: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M).
 template <typename T>
 __device__ void combine_splits(const float* part, T* out, int splits, int d) {
-    const float* p = part + (size_t)blockIdx.x * splits * (d + 2);
-    float M = -__int_as_float(0x7f800000), L = 0.f;
-    for (int s = 0; s < splits; s++) M = fmaxf(M, p[s * (d + 2)]);
-    for (int s = 0; s < splits; s++) L += p[s * (d + 2) + 1] * __expf(p[s * (d + 2)] - M);
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float a = 0.f;
-        for (int s = 0; s < splits; s++) a += p[s * (d + 2) + 2 + i] * __expf(p[s * (d + 2)] - M);
-        st(out, (size_t)blockIdx.x * d + i, a / L);
-    }
+    merge_splits(part + (size_t)blockIdx.x * splits * (d + 2), out + (size_t)blockIdx.x * d, splits, d);
 }
 
 // Causal softmax of attention scores, one block per row: `s` (rows, cols) with rows = (.., r)
@@ -569,8 +590,8 @@ __device__ void matvec_bf16(const uint4* w, const uint4* x, unsigned short* y, i
 MATVEC_R(1) MATVEC_R(2) MATVEC_R(3) MATVEC_R(4) MATVEC_R(5) MATVEC_R(6) MATVEC_R(7) MATVEC_R(8)
 
 #define DECODE_ATTENTION(T, name, E, U, suffix) \
-extern "C" __global__ void lmx_decode_attention_rows_##name##_e##E##suffix(const T* q, const KvRows rows, T* out, float* part, int n_heads, int n_kv, int d, float scale, int chunk, int splits) { PDL_ENTRY(); decode_attention_rows<T, E, U>(q, rows, out, part, n_heads, n_kv, d, scale, chunk, splits); } \
-extern "C" __global__ void lmx_decode_attention_##name##_e##E##suffix(const T* q, const T* k, const T* v, T* out, float* part, int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits, long long ks0, long long ks1, long long ks2, long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window) { PDL_ENTRY(); decode_attention<T, E, U>(q, k, v, out, part, n_heads, n_kv, kv_len, d, scale, chunk, splits, ks0, ks1, ks2, vs0, vs1, vs2, upto, window); }
+extern "C" __global__ void lmx_decode_attention_rows_##name##_e##E##suffix(const T* q, const KvRows rows, T* out, float* part, int n_heads, int n_kv, int d, float scale, int chunk, int splits, unsigned int* count) { PDL_ENTRY(); decode_attention_rows<T, E, U>(q, rows, out, part, n_heads, n_kv, d, scale, chunk, splits, count); } \
+extern "C" __global__ void lmx_decode_attention_##name##_e##E##suffix(const T* q, const T* k, const T* v, T* out, float* part, int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits, long long ks0, long long ks1, long long ks2, long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window, unsigned int* count) { PDL_ENTRY(); decode_attention<T, E, U>(q, k, v, out, part, n_heads, n_kv, kv_len, d, scale, chunk, splits, ks0, ks1, ks2, vs0, vs1, vs2, upto, window, count); }
 #define INSTANTIATE(T, name) \
 extern "C" __global__ void lmx_causal_softmax_##name(const T* s, T* out, int cols, int q_len, int offset, int window, float scale, float softcap) { PDL_ENTRY(); causal_softmax(s, out, cols, q_len, offset, window, scale, softcap); } \
 extern "C" __global__ void lmx_rms_norm_##name(const T* x, const T* w, T* out, int d, float eps, int vec) { PDL_ENTRY(); rms_norm(x, w, out, d, eps, vec); } \
@@ -1091,6 +1112,29 @@ fn attention_splits(heads: usize, span: usize) -> (usize, usize) {
     (most, most.min(span.div_ceil(64)))
 }
 
+/// Counters of decode attention's last-block merge, one per (sequence, head) of a launch
+/// (zeroed, and zeroed again by each launch's last blocks).
+const SPLIT_COUNTERS: usize = 1 << 16;
+
+/// The address of `dev`'s split counters for `heads` (sequence, head) pairs, allocated once
+/// and kept for the process (recorded steps hold the address); None where the last-block merge
+/// is off (`LMX_CUDA_ATTENTION_MERGE=0`: a second launch merges, as before session 22) or the
+/// launch has more heads than counters.
+fn split_counters(dev: &candle_core::CudaDevice, heads: usize) -> Result<Option<u64>> {
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr};
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    static COUNTERS: std::sync::Mutex<Vec<(candle_core::cuda_backend::DeviceId, CudaSlice<u32>)>> = std::sync::Mutex::new(Vec::new());
+    if heads > SPLIT_COUNTERS || !*ON.get_or_init(|| !std::env::var("LMX_CUDA_ATTENTION_MERGE").is_ok_and(|v| v == "0")) {
+        return Ok(None);
+    }
+    let mut all = COUNTERS.lock().unwrap_or_else(|p| p.into_inner());
+    if !all.iter().any(|(id, _)| *id == dev.id()) {
+        all.push((dev.id(), dev.alloc_zeros::<u32>(SPLIT_COUNTERS)?));
+    }
+    let stream = dev.cuda_stream();
+    Ok(all.iter().find(|(id, _)| *id == dev.id()).map(|(_, c)| c.device_ptr(&stream).0))
+}
+
 /// One query per (sequence, head) over the cache: `q` (b, n_heads, 1, d) contiguous, `k`/`v`
 /// (b, n_kv, kv_len, d) with a contiguous last dimension; `d` at most 256. Split over the keys
 /// for long caches (flash-decoding), merged by a second kernel. With `upto` (a u32 position
@@ -1156,10 +1200,13 @@ pub(crate) fn decode_attention(
         };
         let win = window.unwrap_or(0) as i32;
         bld.arg(&win);
+        let count = if splits > 1 { split_counters(&dev, b * n_heads)? } else { None };
+        let count_arg = count.unwrap_or(0);
+        bld.arg(&count_arg);
         // SAFETY: the views' strides keep every read inside k and v; q and o are sized for
-        // b * n_heads heads, `part` for their splits.
+        // b * n_heads heads, `part` for their splits, the counters (if any) for the heads.
         unsafe { bld.launch(cfg) }.w()?;
-        if splits > 1 {
+        if splits > 1 && count.is_none() {
             let combine = dev.get_or_load_custom_func(&name("combine_splits", qs.dtype())?, "lmx_fused", fused_ptx()?)?;
             let cfg = LaunchConfig { grid_dim: ((b * n_heads) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
             let mut bld = launch_args!(dev, combine);
@@ -1471,12 +1518,14 @@ impl candle_core::CustomOp3 for DecodeRows {
                 // * d; each row's buffers hold nkv * cap * d values and len < cap (checked).
                 unsafe { bld.launch(cfg) }.w()?;
                 let cfg = LaunchConfig { grid_dim: ((n * nq) as u32, splits as u32, 1), block_dim: ((32 * attention_warps()) as u32, 1, 1), shared_mem_bytes: (attention_warps() * d * 4) as u32 };
+                let count = if splits > 1 { split_counters(&dev, n * nq)? } else { None };
+                let count_arg = count.unwrap_or(0);
                 let mut bld = attend.builder();
-                bld.arg(&qo).arg(&rows).arg(&o).arg(&part).arg(&nqi).arg(&nkvi).arg(&di).arg(&scale).arg(&ch).arg(&sp);
-                // SAFETY: qo and o hold n * nq heads of d, `part` their splits' partials; each
-                // row's buffers its len + 1 keys.
+                bld.arg(&qo).arg(&rows).arg(&o).arg(&part).arg(&nqi).arg(&nkvi).arg(&di).arg(&scale).arg(&ch).arg(&sp).arg(&count_arg);
+                // SAFETY: qo and o hold n * nq heads of d, `part` their splits' partials, the
+                // counters (if any) the heads; each row's buffers its len + 1 keys.
                 unsafe { bld.launch(cfg) }.w()?;
-                if splits > 1 {
+                if splits > 1 && count.is_none() {
                     let cfg = LaunchConfig { grid_dim: ((n * nq) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
                     let mut bld = combine.builder();
                     bld.arg(&part).arg(&o).arg(&sp).arg(&di);
