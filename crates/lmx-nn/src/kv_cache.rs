@@ -882,6 +882,38 @@ mod tests {
         Ok(())
     }
 
+    /// `step_rows` hands out each row's buffers with room for one more position and the
+    /// positions it goes to, and counts it; a row it cannot serve (rotating, or past the
+    /// window) leaves every row as it was.
+    #[test]
+    fn step_rows_makes_room_and_counts_one_position() -> Result<()> {
+        let a = Tensor::randn(0f32, 1.0, (1, 2, 256, 4), &Device::Cpu)?;
+        let (mut x, mut y) = (KvCache::new(2), KvCache::new(2));
+        for layer in 0..2 {
+            x.append(0, layer, &a, &a)?;
+            y.append(0, layer, &a.narrow(2, 0, 5)?, &a.narrow(2, 0, 5)?)?;
+        }
+        let mut both = KvCache::batch(vec![x, y]);
+        assert!(both.step_rows(1, Some(256))?.is_none(), "a row of 256 keys past a window of 256");
+        assert_eq!((both.row_offset(0), both.row_offset(1)), (256, 5));
+        let Some((ks, vs, lens)) = both.step_rows(1, None)? else { panic!("plain growing caches") };
+        assert_eq!(lens, [256, 5]);
+        // The full row grew (256 more positions), the other had room.
+        assert_eq!(ks.iter().chain(&vs).map(|t| t.dim(2)).collect::<Result<Vec<_>>>()?, [512, 256, 512, 256]);
+        // Layer 1 counts its new position; layer 0 has not run this step.
+        let parts = both.unbatch();
+        assert_eq!(parts.iter().map(|c| (c.rows[0].layers[0].offset, c.rows[0].layers[1].offset)).collect::<Vec<_>>(), [(256, 257), (5, 6)]);
+        let rotating = KvCache::new(1).with_options(KvOptions { max_kv_size: Some(8), ..Default::default() });
+        let mut mixed = vec![rotating, KvCache::new(1)];
+        for c in &mut mixed {
+            c.append(0, 0, &a.narrow(2, 0, 3)?, &a.narrow(2, 0, 3)?)?;
+        }
+        let mut mixed = KvCache::batch(mixed);
+        assert!(mixed.step_rows(0, None)?.is_none(), "a rotating row");
+        assert_eq!((mixed.row_offset(0), mixed.row_offset(1)), (3, 3));
+        Ok(())
+    }
+
     #[test]
     fn batch_and_unbatch_keep_each_sequence() -> Result<()> {
         let a = Tensor::randn(0f32, 1.0, (1, 1, 3, 2), &Device::Cpu)?;
