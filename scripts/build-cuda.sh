@@ -40,7 +40,13 @@ xz -T2 -kf target/cuda/release/lmx
 if [ "${1:-}" = --tests ]; then
   bin=$(RUSTFLAGS="-L native=$PWD/target/cuda-link" cargo test --release -p lmx-core --features cuda --no-run \
     --config "patch.crates-io.candle-core.path=\"$PATCH\"" --message-format=json 2>/dev/null |
-    python3 -c "import json, sys; print([m['executable'] for m in map(json.loads, sys.stdin) if m.get('executable') and m['target']['kind'] == ['lib']][0])")
+    python3 -c "
+import json, sys
+msgs = [json.loads(l) for l in sys.stdin if l.startswith('{')]
+exe = [m['executable'] for m in msgs if m.get('executable') and m['target']['kind'] == ['lib']]
+if not exe:
+    sys.exit(''.join(m['message']['rendered'] for m in msgs if m.get('reason') == 'compiler-message' and m['message']['level'] == 'error') or 'the tests did not build')
+print(exe[0])")
   xz -T2 -c "$bin" > target/cuda/release/lmx-core-tests.xz
   ls -la target/cuda/release/lmx-core-tests.xz
 fi

@@ -465,6 +465,9 @@ pub struct DecodeAttention {
     pub upto: Option<candle_core::Tensor>,
     /// With `upto`: keys this many or more positions behind it are not seen either.
     pub window: Option<usize>,
+    /// On a GPU, one sequence: a buffer the outputs are also written to coded for the next
+    /// integer product, with the codes' (bits, group size) ([`crate::quant::CodeTarget`]).
+    pub codes: Option<(candle_core::Tensor, (usize, usize))>,
 }
 
 /// The keys `upto` (a u32 position) and `window` leave of `kv_len`, on the CPU: (first, count).
@@ -928,7 +931,15 @@ impl CustomOp3 for DecodeAttention {
             },
             None => None,
         };
-        Ok((crate::cuda_fused::decode_attention(qs, ql, ks, kl, vs, vl, self.scale, upto, self.window)?, ql.shape().clone()))
+        let codes = self.codes.as_ref().map(|(t, spec)| (t.storage_and_layout(), *spec));
+        let codes = match &codes {
+            Some(((storage, layout), spec)) => match &**storage {
+                candle_core::Storage::Cuda(cs) => Some((cs, *layout, *spec)),
+                _ => candle_core::bail!("decode attention: the codes' buffer must be on the keys' GPU"),
+            },
+            None => None,
+        };
+        Ok((crate::cuda_fused::decode_attention(qs, ql, ks, kl, vs, vl, self.scale, upto, self.window, codes)?, ql.shape().clone()))
     }
 }
 
@@ -966,7 +977,7 @@ mod tests {
                     let k = Tensor::randn(0f32, 1.0, (1, 3, len, d), &dev)?.to_dtype(dtype)?;
                     let v = Tensor::randn(0f32, 1.0, (1, 3, len, d), &dev)?.to_dtype(dtype)?;
                     let scale = 1.0 / (d as f32).sqrt();
-                    let got = q.apply_op3(&k, &v, super::DecodeAttention { scale, upto: None, window: None })?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                    let got = q.apply_op3(&k, &v, super::DecodeAttention { scale, upto: None, window: None, codes: None })?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                     let (qf, kf, vf) =
                         (q.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, k.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, v.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
                     for h in 0..9 {
@@ -984,7 +995,7 @@ mod tests {
                     // Head 4 alone (its key/value head shared with no other query).
                     let alone = q
                         .narrow(1, 4, 1)?
-                        .apply_op3(&k.narrow(1, 1, 1)?, &v.narrow(1, 1, 1)?, super::DecodeAttention { scale, upto: None, window: None })?
+                        .apply_op3(&k.narrow(1, 1, 1)?, &v.narrow(1, 1, 1)?, super::DecodeAttention { scale, upto: None, window: None, codes: None })?
                         .to_dtype(DType::F32)?
                         .flatten_all()?
                         .to_vec1::<f32>()?;

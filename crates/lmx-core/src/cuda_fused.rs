@@ -190,6 +190,19 @@ __device__ void silu_mul(const T* g, const T* u, T* out, long long n, int vec) {
     ((uint4*)out)[i] = ow;
 }
 
+// Codes head bh's d outputs, as `out` holds them, for the next integer product (`code8`):
+// elements [bh * d, bh * d + d) of one row of `cols` (one sequence's heads side by side); d a
+// multiple of the group size `gs`, at most 256. The whole block calls it after writing them.
+template <typename T>
+__device__ void code_head(const T* out, int bh, int d, int cols, int* codes, int gs, int bits) {
+    __syncthreads();
+    if (threadIdx.x >= 32) return;
+    bool live = (int)threadIdx.x < d / 8;
+    float v[8];
+    for (int k = 0; k < 8; k++) v[k] = live ? ld(out, (size_t)bh * d + threadIdx.x * 8 + k) : 0.f;
+    code8(v, codes, cols, gs, bits, live ? bh * d + threadIdx.x * 8 : 0, live);
+}
+
 // Merges the splits' partials `p` of one (sequence, head) into its d outputs:
 // out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M). Reads past L1 (`__ldcg`): other blocks
 // wrote them.
@@ -222,7 +235,8 @@ template <typename T, int E, int U>
 __device__ void decode_attention(const T* q, const T* k, const T* v, T* out, float* part,
                                  int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits,
                                  long long ks0, long long ks1, long long ks2,
-                                 long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window, unsigned int* count) {
+                                 long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window, unsigned int* count,
+                                 int* codes, int gs, int bits) {
     __shared__ float wm[32], wl[32];
     __shared__ bool last;
     // A cache whose length lives on the device (a captured decode step): keys after position
@@ -306,6 +320,7 @@ __device__ void decode_attention(const T* q, const T* k, const T* v, T* out, flo
         if (splits == 1) st(out, (size_t)bh * d + i, a / L); else pp[2 + i] = a;
     }
     if (splits > 1 && threadIdx.x == 0) { pp[0] = M; pp[1] = L; }
+    if (splits == 1 && codes) code_head(out, bh, d, n_heads * d, codes, gs, bits);
     if (splits == 1 || !count) return;
     // Every partial of this block written and visible to the GPU before its count.
     __threadfence();
@@ -316,7 +331,9 @@ __device__ void decode_attention(const T* q, const T* k, const T* v, T* out, flo
         if (last) count[bh] = 0;
     }
     __syncthreads();
-    if (last) merge_splits(part + (size_t)bh * splits * (d + 2), out + (size_t)bh * d, splits, d);
+    if (!last) return;
+    merge_splits(part + (size_t)bh * splits * (d + 2), out + (size_t)bh * d, splits, d);
+    if (codes) code_head(out, bh, d, n_heads * d, codes, gs, bits);
 }
 
 // A batched decode step (one new position in each of up to KV_ROWS sequences, each with its own
@@ -342,7 +359,7 @@ __device__ void decode_attention_rows(const T* q, const KvRows& rows, T* out, fl
     kv_row(rows, blockIdx.x / n_heads, kb, vb, len, cap);
     long long hs = (long long)cap * d;
     // Strides: no sequence stride (the row's own buffer), heads `cap` positions apart.
-    decode_attention<T, E, U>(q, (const T*)kb, (const T*)vb, out, part, n_heads, n_kv, len + 1, d, scale, chunk, splits, 0, hs, d, 0, hs, d, nullptr, 0, count);
+    decode_attention<T, E, U>(q, (const T*)kb, (const T*)vb, out, part, n_heads, n_kv, len + 1, d, scale, chunk, splits, 0, hs, d, 0, hs, d, nullptr, 0, count, nullptr, 0, 0);
 }
 
 // Writes one position of keys or values, (heads, d) with head stride `sh`, into a (heads,
@@ -414,8 +431,9 @@ __device__ void rope_kv_rows(const T* q, long long qs, long long qr, const T* k,
 
 // Merges the splits of one (sequence, head) block: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M).
 template <typename T>
-__device__ void combine_splits(const float* part, T* out, int splits, int d) {
+__device__ void combine_splits(const float* part, T* out, int splits, int d, int* codes, int cols, int gs, int bits) {
     merge_splits(part + (size_t)blockIdx.x * splits * (d + 2), out + (size_t)blockIdx.x * d, splits, d);
+    if (codes) code_head(out, blockIdx.x, d, cols, codes, gs, bits);
 }
 
 // Causal softmax of attention scores, one block per row: `s` (rows, cols) with rows = (.., r)
@@ -591,7 +609,7 @@ MATVEC_R(1) MATVEC_R(2) MATVEC_R(3) MATVEC_R(4) MATVEC_R(5) MATVEC_R(6) MATVEC_R
 
 #define DECODE_ATTENTION(T, name, E, U, suffix) \
 extern "C" __global__ void lmx_decode_attention_rows_##name##_e##E##suffix(const T* q, const KvRows rows, T* out, float* part, int n_heads, int n_kv, int d, float scale, int chunk, int splits, unsigned int* count) { PDL_ENTRY(); decode_attention_rows<T, E, U>(q, rows, out, part, n_heads, n_kv, d, scale, chunk, splits, count); } \
-extern "C" __global__ void lmx_decode_attention_##name##_e##E##suffix(const T* q, const T* k, const T* v, T* out, float* part, int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits, long long ks0, long long ks1, long long ks2, long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window, unsigned int* count) { PDL_ENTRY(); decode_attention<T, E, U>(q, k, v, out, part, n_heads, n_kv, kv_len, d, scale, chunk, splits, ks0, ks1, ks2, vs0, vs1, vs2, upto, window, count); }
+extern "C" __global__ void lmx_decode_attention_##name##_e##E##suffix(const T* q, const T* k, const T* v, T* out, float* part, int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits, long long ks0, long long ks1, long long ks2, long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window, unsigned int* count, int* codes, int gs, int bits) { PDL_ENTRY(); decode_attention<T, E, U>(q, k, v, out, part, n_heads, n_kv, kv_len, d, scale, chunk, splits, ks0, ks1, ks2, vs0, vs1, vs2, upto, window, count, codes, gs, bits); }
 #define INSTANTIATE(T, name) \
 extern "C" __global__ void lmx_causal_softmax_##name(const T* s, T* out, int cols, int q_len, int offset, int window, float scale, float softcap) { PDL_ENTRY(); causal_softmax(s, out, cols, q_len, offset, window, scale, softcap); } \
 extern "C" __global__ void lmx_rms_norm_##name(const T* x, const T* w, T* out, int d, float eps, int vec) { PDL_ENTRY(); rms_norm(x, w, out, d, eps, vec); } \
@@ -600,7 +618,7 @@ extern "C" __global__ void lmx_silu_mul_coded_##name(const T* g, const T* u, T* 
 extern "C" __global__ void lmx_silu_mul_##name(const T* g, const T* u, T* out, long long n, int vec) { PDL_ENTRY(); silu_mul(g, u, out, n, vec); } \
 DECODE_ATTENTION(T, name, 1, 8, ) DECODE_ATTENTION(T, name, 2, 8, ) DECODE_ATTENTION(T, name, 4, 8, ) DECODE_ATTENTION(T, name, 8, 4, ) \
 DECODE_ATTENTION(T, name, 1, 1, _u1) DECODE_ATTENTION(T, name, 2, 1, _u1) DECODE_ATTENTION(T, name, 4, 1, _u1) DECODE_ATTENTION(T, name, 8, 1, _u1) \
-extern "C" __global__ void lmx_combine_splits_##name(const float* part, T* out, int splits, int d) { PDL_ENTRY(); combine_splits(part, out, splits, d); } \
+extern "C" __global__ void lmx_combine_splits_##name(const float* part, T* out, int splits, int d, int* codes, int cols, int gs, int bits) { PDL_ENTRY(); combine_splits(part, out, splits, d, codes, cols, gs, bits); } \
 extern "C" __global__ void lmx_rope_kv_##name(const T* q, long long qs, long long qr, const T* k, long long ks, long long kr, const T* v, long long vs, long long vr, const T* cos, const T* sin, T* qo, T* kb, T* vb, const unsigned int* pos, int offset, int nq, int nkv, int cap, int d) { PDL_ENTRY(); rope_kv(q, qs, qr, k, ks, kr, v, vs, vr, cos, sin, qo, kb, vb, pos, offset, nq, nkv, cap, d); }
 #define ROPE_KV_ROWS(T, name) \
 extern "C" __global__ void lmx_rope_kv_rows_##name(const T* q, long long qs, long long qr, const T* k, long long ks, long long kr, const T* v, long long vs, long long vr, const T* cos, const T* sin, T* qo, const KvRows rows, int nq, int nkv, int d) { PDL_ENTRY(); rope_kv_rows(q, qs, qr, k, ks, kr, v, vs, vr, cos, sin, qo, rows, nq, nkv, d); }
@@ -1140,7 +1158,9 @@ fn split_counters(dev: &candle_core::CudaDevice, heads: usize) -> Result<Option<
 /// for long caches (flash-decoding), merged by a second kernel. With `upto` (a u32 position
 /// on the device) only keys up to that position count: the cache's length is read by the
 /// kernel, so a captured decode step replays at every length its buffer holds; with a
-/// `window` too, keys that many or more positions behind it are skipped.
+/// `window` too, keys that many or more positions behind it are skipped. With `codes` (one
+/// sequence; a buffer and its (bits, group size)) the outputs are also written coded for the
+/// next integer product, by whichever block writes a head's outputs.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn decode_attention(
     qs: &CudaStorage,
@@ -1152,10 +1172,17 @@ pub(crate) fn decode_attention(
     scale: f32,
     upto: Option<(&CudaStorage, &Layout)>,
     window: Option<usize>,
+    codes: Option<(&CudaStorage, &Layout, (usize, usize))>,
 ) -> Result<CudaStorage> {
     let (&[b, n_heads, _, d], &[_, n_kv, kv_len, _]) = (ql.dims(), kl.dims()) else {
         candle_core::bail!("decode attention: q {:?} / k {:?} must be 4-D", ql.dims(), kl.dims());
     };
+    if let Some((_, cl, (bits, gs))) = codes {
+        let fits = b == 1 && matches!(bits, 4 | 8) && gs % 8 == 0 && gs <= 256 && d % gs == 0 && cl.shape().elem_count() >= crate::quant::cuda::act_stride(n_heads * d, gs);
+        if !fits {
+            candle_core::bail!("decode attention: outputs of {b} x {n_heads} heads of {d} cannot be coded in groups of {gs} ({bits} bits) into {} ints", cl.shape().elem_count());
+        }
+    }
     let (kst, vst) = (kl.stride(), vl.stride());
     if kst[3] != 1 || vst[3] != 1 {
         candle_core::bail!("decode attention: keys/values need a contiguous last dimension");
@@ -1203,6 +1230,15 @@ pub(crate) fn decode_attention(
         let count = if splits > 1 { split_counters(&dev, b * n_heads)? } else { None };
         let count_arg = count.unwrap_or(0);
         bld.arg(&count_arg);
+        let codes_at = match codes {
+            Some((cs, cl, _)) => {
+                use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+                view::<u32>(cs, cl)?.device_ptr(&dev.cuda_stream()).0
+            }
+            None => 0,
+        };
+        let (cols, gs, bits) = (nh * dd, codes.map_or(0, |c| c.2 .1 as i32), codes.map_or(0, |c| c.2 .0 as i32));
+        bld.arg(&codes_at).arg(&gs).arg(&bits);
         // SAFETY: the views' strides keep every read inside k and v; q and o are sized for
         // b * n_heads heads, `part` for their splits, the counters (if any) for the heads.
         unsafe { bld.launch(cfg) }.w()?;
@@ -1210,8 +1246,9 @@ pub(crate) fn decode_attention(
             let combine = dev.get_or_load_custom_func(&name("combine_splits", qs.dtype())?, "lmx_fused", fused_ptx()?)?;
             let cfg = LaunchConfig { grid_dim: ((b * n_heads) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
             let mut bld = launch_args!(dev, combine);
-            bld.arg(&part).arg(&o).arg(&sp).arg(&dd);
-            // SAFETY: part holds every (head, split)'s partial; o b * n_heads * d values.
+            bld.arg(&part).arg(&o).arg(&sp).arg(&dd).arg(&codes_at).arg(&cols).arg(&gs).arg(&bits);
+            // SAFETY: part holds every (head, split)'s partial; o b * n_heads * d values; the
+            // codes (if any) one row of n_heads * d.
             unsafe { bld.launch(cfg) }.w()?;
         }
         Ok(CudaStorage::wrap_cuda_slice(o, dev))
@@ -1528,7 +1565,8 @@ impl candle_core::CustomOp3 for DecodeRows {
                 if splits > 1 && count.is_none() {
                     let cfg = LaunchConfig { grid_dim: ((n * nq) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
                     let mut bld = combine.builder();
-                    bld.arg(&part).arg(&o).arg(&sp).arg(&di);
+                    let (null, zero) = (0u64, 0i32);
+                    bld.arg(&part).arg(&o).arg(&sp).arg(&di).arg(&null).arg(&zero).arg(&zero).arg(&zero);
                     // SAFETY: part holds every (head, split)'s partial; o n * nq * d values.
                     unsafe { bld.launch(cfg) }.w()?;
                 }

@@ -113,6 +113,29 @@ pub fn add_rms_norm_coded(x: &Tensor, h: &Tensor, weight: &Tensor, eps: f32, tar
     Ok((sum, normed))
 }
 
+/// `target`'s buffer for the outputs of decode attention's queries `q` (1, heads, 1, d) on a
+/// GPU, one row of heads * d, where the kernel can code them: groups within a head, at most 256
+/// values (a group's threads in one warp).
+fn head_codes(target: Option<&crate::quant::CodeTarget>, q: &Tensor) -> Result<Option<(Tensor, (usize, usize))>> {
+    #[cfg(feature = "cuda")]
+    if let (Some(t), &[1, heads, 1, d]) = (target.filter(|_| crate::quant::cuda::offered_codes() && head_codes_on()), q.dims()) {
+        let (bits, gs) = t.spec();
+        if q.device().is_cuda() && matches!(bits, 4 | 8) && gs % 8 == 0 && gs <= 256 && d % gs == 0 && d <= 256 {
+            return Ok(t.buffer(heads * d, q.device())?.map(|b| (b.clone(), (bits, gs))));
+        }
+    }
+    let _ = (target, q);
+    Ok(None)
+}
+
+/// Whether decode attention codes its outputs for the output projection
+/// (`LMX_CUDA_ATTENTION_CODES=0`: the projection codes them, for comparisons).
+#[cfg(feature = "cuda")]
+fn head_codes_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| !std::env::var("LMX_CUDA_ATTENTION_CODES").is_ok_and(|v| v == "0"))
+}
+
 /// `target`'s buffer for one row of `x` (a GPU decode step), with its (bits, group size).
 fn code_buffer(target: Option<&crate::quant::CodeTarget>, x: &Tensor) -> Result<Option<(Tensor, (usize, usize))>> {
     #[cfg(feature = "cuda")]
@@ -573,6 +596,15 @@ fn cuda_rope_kv() -> bool {
 /// Query heads that share a key/value head are folded into the query-length axis, so keys
 /// and values are never copied per head.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Mask<'_>, scale: f64, softcap: Option<f64>, sinks: Option<&Tensor>) -> Result<Tensor> {
+    attention_coded(q, k, v, mask, scale, softcap, sinks, None)
+}
+
+/// [`attention`] whose outputs, where a GPU decode step of one sequence computes them, are
+/// also written coded for `target`'s integer product (the output projection) and offered to it
+/// ([`crate::quant::CodeTarget`]; [`crate::quant::follow_codes`] passes the offer on to the
+/// heads' reshaped view): the product then codes nothing itself.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_coded(q: &Tensor, k: &Tensor, v: &Tensor, mask: Mask<'_>, scale: f64, softcap: Option<f64>, sinks: Option<&Tensor>, target: Option<&crate::quant::CodeTarget>) -> Result<Tensor> {
     if on_tape(&[q, k, v]) && sinks.is_none() && !matches!(mask, Mask::Upto { .. }) && taped_ops() {
         // Training: the inference kernels off the tape, the scores recomputed in the backward.
         let y = attention(&q.detach(), &k.detach(), &v.detach(), mask, scale, softcap, None)?.transpose(1, 2)?;
@@ -587,8 +619,14 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Mask<'_>, scale: f64,
         match mask {
             Mask::None | Mask::Upto { .. } if q_len == 1 => {
                 let (upto, window) = if let Mask::Upto { pos, window } = mask { (Some(pos.clone()), window) } else { (None, None) };
-                let op = crate::cpu_fused::DecodeAttention { scale: scale as f32, upto, window };
-                return q.contiguous()?.apply_op3_no_bwd(k, v, &op);
+                let codes = head_codes(target, q)?;
+                let op = crate::cpu_fused::DecodeAttention { scale: scale as f32, upto, window, codes: codes.clone() };
+                let y = q.contiguous()?.apply_op3_no_bwd(k, v, &op)?;
+                #[cfg(feature = "cuda")]
+                if let Some((buf, spec)) = &codes {
+                    crate::quant::cuda::offer_codes(&y, *spec, buf);
+                }
+                return Ok(y);
             }
             Mask::Causal { window, .. } if q.device().is_cpu() => {
                 let op = crate::cpu_fused::PrefillAttention { scale: scale as f32, window };
@@ -1226,6 +1264,52 @@ mod tests {
                 for (batched, alone, what) in [(&kb[r], &kb1[r], "keys"), (&vb[r], &vb1[r], "values")] {
                     assert_eq!(max_abs_diff(&host(batched)?, &host(alone)?), 0.0, "{name}: the {what} written differ");
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Decode attention that codes its outputs for the output projection (`attention_coded`)
+    /// writes the very codes the product would make of them (one split, 100 keys; split and
+    /// merged, 700 keys of a 1,024-position buffer, by the last block or, under
+    /// `LMX_CUDA_ATTENTION_MERGE=0`, a second launch), and the product reading them gives the
+    /// values it gives coding anew. Skipped without a GPU.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn decode_attention_codes_its_outputs_as_the_product_would() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("no GPU: skipped");
+            return Ok(());
+        };
+        let (h, kvh, d) = (32, 8, 128);
+        let rand = |dims: &[usize]| -> Result<Tensor> { Tensor::randn(0f32, 1.0, dims, &Device::Cpu)?.to_dtype(DType::BF16) };
+        for (bits, gs) in [(4, 64), (8, 32), (4, 128)] {
+            for len in [100usize, 700] {
+                let q = rand(&[1, h, 1, d])?.to_device(&gpu)?;
+                let (kb, vb) = (rand(&[1, kvh, len.next_multiple_of(1024), d])?.to_device(&gpu)?, rand(&[1, kvh, len.next_multiple_of(1024), d])?.to_device(&gpu)?);
+                // 100 keys as their own tensor (one split); 700 as a view of the buffer.
+                let (k, v) = if len < 128 { (kb.narrow(2, 0, len)?.contiguous()?, vb.narrow(2, 0, len)?.contiguous()?) } else { (kb.narrow(2, 0, len)?, vb.narrow(2, 0, len)?) };
+                let w = std::sync::Arc::new(crate::quant::QuantizedMatrix::quantize(&rand(&[64, h * d])?, bits, gs)?);
+                let target = crate::quant::CodeTarget::new((bits, gs));
+                // The buffer exists from the first coded step on: run one to make it.
+                attention_coded(&q, &k, &v, Mask::None, 0.1, None, None, Some(&target))?;
+                let y = attention_coded(&q, &k, &v, Mask::None, 0.1, None, None, Some(&target))?;
+                let heads = y.transpose(1, 2)?.reshape((1, 1, h * d))?;
+                crate::quant::follow_codes(&y, &heads);
+                let name = format!("{bits} bits, groups of {gs}, {len} keys");
+                let Some(buf) = target.buffer(h * d, &gpu)? else { panic!("{name}: no codes buffer") };
+                let used = h * d / 2 + 2 * h * d / gs;
+                let got = buf.flatten_all()?.narrow(0, 0, used)?.to_vec1::<u32>()?;
+                let want = crate::quant::cuda::code_rows(&heads.reshape((1, h * d))?, bits, gs)?.flatten_all()?.narrow(0, 0, used)?.to_vec1::<u32>()?;
+                let first = got.iter().zip(&want).position(|(a, b)| a != b);
+                assert_eq!(first, None, "{name}: the attention's codes differ from the product's own at int {first:?}");
+                let read = w.matmul(&heads)?;
+                let fresh = w.matmul(&heads.copy()?)?;
+                assert_eq!(
+                    max_abs_diff(&read.to_dtype(DType::F32)?.to_device(&Device::Cpu)?, &fresh.to_dtype(DType::F32)?.to_device(&Device::Cpu)?),
+                    0.0,
+                    "{name}: the product of the offered codes differs"
+                );
             }
         }
         Ok(())

@@ -10,6 +10,7 @@
 //! heads 0-1, rank 1 query heads 5-8 and key/value heads 1-2). `o_proj` is row-parallel over
 //! the same query heads, so one all-sum per attention block restores the full output.
 
+use lmx_core::quant::CodeTarget;
 use lmx_core::{ops, Module, Result, Tensor};
 
 use crate::builder::{Builder, Shard};
@@ -212,6 +213,9 @@ pub struct Attention {
     scale: f64,
     rope_table: usize,
     rotary_dim: usize,
+    /// Where a GPU decode step's attention also writes its outputs coded for a quantized
+    /// `o_proj` (see [`lmx_core::quant::CodeTarget`]).
+    o_codes: Option<CodeTarget>,
 }
 
 impl Attention {
@@ -265,7 +269,15 @@ impl Attention {
             scale: cfg.scale.unwrap_or(1.0 / (hd as f64).sqrt()),
             rope_table: cfg.rope_table,
             rotary_dim: cfg.rotary_dim.unwrap_or(hd),
-        })
+            o_codes: None,
+        }
+        .coded())
+    }
+
+    /// An output projection that reads int8 codes gets a target for them.
+    fn coded(mut self) -> Self {
+        self.o_codes = self.o_proj.code_spec().map(CodeTarget::new);
+        self
     }
 
     /// The (bits, group size) of the codes q, k and v's products read, if they agree.
@@ -314,9 +326,11 @@ impl Attention {
                 Some(done) => done,
                 None => (self.rotate(&q, cos, sin)?, cache.append(0, layer_idx, &self.rotate(&k, cos, sin)?, &v)?),
             };
-            self.attend(&q, view, input, cache.row_window(0))?
+            self.attend(&q, view, input, cache.row_window(0), self.o_codes.as_ref())?
         };
-        self.o_proj.forward(&y.transpose(1, 2)?.reshape((b, l, self.n_heads * self.head_dim))?)
+        let heads = y.transpose(1, 2)?.reshape((b, l, self.n_heads * self.head_dim))?;
+        lmx_core::quant::follow_codes(&y, &heads);
+        self.o_proj.forward(&heads)
     }
 
     /// A batch of sequences, one cache row each, at their own positions: q (b, heads, l, d),
@@ -364,13 +378,13 @@ impl Attention {
             };
             return ops::decode_attention_rows(&q, keys, values, self.scale);
         }
-        let ys = qs.iter().zip(views).enumerate().map(|(i, (q, view))| self.attend(q, view, input, cache.row_window(i))).collect::<Result<Vec<_>>>()?;
+        let ys = qs.iter().zip(views).enumerate().map(|(i, (q, view))| self.attend(q, view, input, cache.row_window(i), None)).collect::<Result<Vec<_>>>()?;
         Tensor::cat(&ys, 0)
     }
 
     /// Attention of rotated queries q (b, heads, l, d) over a cache row's keys and values
     /// (`rotating`: the row's rotating size) -> (b, heads, l, d).
-    fn attend(&self, q: &Tensor, view: KvView, input: &AttentionInput, rotating: Option<usize>) -> Result<Tensor> {
+    fn attend(&self, q: &Tensor, view: KvView, input: &AttentionInput, rotating: Option<usize>, codes: Option<&CodeTarget>) -> Result<Tensor> {
         let l = q.dim(2)?;
         if let KvView::Upto { k, v, pos } = &view {
             // The buffer's unwritten positions (and those behind a sliding window) are masked
@@ -379,7 +393,7 @@ impl Attention {
                 Some(ids) => (k.index_select(ids, 1)?, v.index_select(ids, 1)?),
                 None => (k.clone(), v.clone()),
             };
-            return ops::attention(&q.contiguous()?, &k, &v, ops::Mask::Upto { pos, window: self.window }, self.scale, self.softcap, self.sinks.as_ref());
+            return ops::attention_coded(&q.contiguous()?, &k, &v, ops::Mask::Upto { pos, window: self.window }, self.scale, self.softcap, self.sinks.as_ref(), codes);
         }
         if let KvView::Quantized { k, v, bits, group_size } = &view {
             // One query over a quantized cache: read the codes as stored.
@@ -412,7 +426,7 @@ impl Attention {
             ops::Mask::None
         };
         // Queries as they come (the flash kernel reads a view; the other paths copy if needed).
-        ops::attention(q, &k, &v, mask, self.scale, self.softcap, self.sinks.as_ref())
+        ops::attention_coded(q, &k, &v, mask, self.scale, self.softcap, self.sinks.as_ref(), codes)
     }
 }
 

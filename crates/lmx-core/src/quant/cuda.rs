@@ -533,6 +533,15 @@ pub(crate) fn offer_codes(x: &Tensor, (bits, group_size): (usize, usize), codes:
     OFFERED.with(|o| *o.borrow_mut() = Some((x.id(), bits, group_size, codes.clone())));
 }
 
+/// Moves the last offer from `from` to `to` (the same values seen through another shape).
+pub(super) fn follow_codes(from: &Tensor, to: &Tensor) {
+    OFFERED.with(|o| {
+        if let Some(offer) = o.borrow_mut().as_mut().filter(|offer| offer.0 == from.id() && to.elem_count() == from.elem_count()) {
+            offer.0 = to.id();
+        }
+    });
+}
+
 /// Forgets the last offer on this thread.
 pub(super) fn clear_offered_codes() {
     OFFERED.with(|o| *o.borrow_mut() = None);
@@ -552,6 +561,13 @@ fn codes_of(q: &QuantizedMatrix, x: &Tensor, xw: &Tensor) -> Result<Tensor> {
 pub(crate) fn offered_codes() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| !std::env::var("LMX_CUDA_OFFERED_CODES").is_ok_and(|v| v == "0"))
+}
+
+/// x (m, cols) as the integer kernels' codes for `bits` and `group_size` (for tests of the
+/// producers that code their outputs).
+#[cfg(test)]
+pub(crate) fn code_rows(x: &Tensor, bits: usize, group_size: usize) -> Result<Tensor> {
+    x.apply_op1_no_bwd(&Q8Code { cols: x.dims().last().copied().unwrap_or(0), bits, group_size })
 }
 
 /// x (m, cols) as the integer kernels' int8 codes for `q`'s bit width and group size.

@@ -479,6 +479,14 @@ impl QuantizedMatrix {
     }
 }
 
+/// Passes the codes a producer offered for `from` on to `to`, a view of the same values
+/// (attention's heads reshaped into the output projection's row), if they are the last offer.
+pub fn follow_codes(from: &Tensor, to: &Tensor) {
+    #[cfg(feature = "cuda")]
+    cuda::follow_codes(from, to);
+    let _ = (from, to);
+}
+
 /// Forgets the codes a producer last offered on this thread (the end of a forward: the
 /// buffer, and with it the device, are not kept alive by the offer).
 pub fn clear_offered_codes() {
