@@ -3,7 +3,7 @@
 # work folder), LMX (the binary) and `log` (prints and appends to RES); `fixture_folder ARCH`
 # copies the fixture model ARCH into $W/ARCH with a 4-word tokenizer; `word_vocab DIR` gives
 # DIR's tokenizer a word per token id (w4, w5, ...), so that generated text shows the ids;
-# `same A B` compares two generated texts word by word;
+# `same A B` compares two generated texts word by word; `tps OUTPUT` reads a benchmark's rate;
 # `launch_setup` points lmx at the machine's NCCL and Open MPI libraries for `lmx launch`
 # (NCCL_LIB, MPIRUN; NVLink multicast off).
 cuda_setup() {
@@ -15,7 +15,9 @@ cuda_setup() {
 }
 log() { echo "$@" | tee -a "$RES"; }
 # `same A B`: whether two texts' words are equal, else the first word that differs.
-same() { python3 -c "import sys; a, b = sys.argv[1].split(), sys.argv[2].split(); n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None); print(f'equal ({len(a)} words)' if n is None and len(a) == len(b) else f'DIFFER at {n}')" "$1" "$2"; }
+same() { python3 -c "import sys; a, b = sys.argv[1].split(), sys.argv[2].split(); n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None); print('BOTH EMPTY (failed?)' if not a and not b else f'equal ({len(a)} words)' if n is None and len(a) == len(b) else f'DIFFER at {n}')" "$1" "$2"; }
+# `tps OUTPUT`: the generation rate in an `lmx benchmark` output, else its last line (an error).
+tps() { echo "$1" | grep -oE "generation_tps=[0-9.]*" | tail -1 | cut -d= -f2 | grep . || echo "$1" | tail -1 | cut -c1-160; }
 fixture_folder() {
   mkdir -p "$W/$1" && cp "tests/fixtures/$1/config.json" "tests/fixtures/$1/model.safetensors" "$W/$1/"
   echo '{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,"model":{"type":"WordLevel","vocab":{"<unk>":0,"a":1,"b":2,"c":3},"unk_token":"<unk>"}}' > "$W/$1/tokenizer.json"

@@ -3,23 +3,20 @@
 # (the default since session 22) or by a second launch (`LMX_CUDA_ATTENTION_MERGE=0`), and its
 # outputs coded for a 4-bit o_proj by the attention (default) or by the product
 # (`LMX_CUDA_ATTENTION_CODES=0`): Llama-3-8B-shaped decode in 4 bits (64 and 256 generated
-# tokens) and bf16 (256), alternating, then a 300-token trace of the 4-bit recorded steps'
-# device time with both and with neither.
+# tokens), alternating, then a 300-token trace of the recorded steps' device time with both and
+# with neither.
 # Usage there: scripts/cuda/merge_timing.sh   (results in $OUT/merge-timing.txt)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/cuda/common.sh
 cuda_setup mtiming merge-timing.txt
 log "# last-block merge, $(date -u +%F), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1), binary sha256 $(sha256sum "$LMX" | cut -c1-12)"
-BF16=1 BITS=4 python3 scripts/cuda/make_random_llama.py "$W/l8" 2>&1 | tail -1
-bench() { env $1 $LMX benchmark --model "$W/l8-$2" --device cuda -p 128 -n 2 "${@:3}" 2>&1 | tail -1 | grep -oE "generation_tps=[0-9.]*" | cut -d= -f2; }
+BF16=0 BITS=4 python3 scripts/cuda/make_random_llama.py "$W/l8" 2>&1 | tail -1
+bench() { tps "$(env $1 $LMX benchmark --model "$W/l8-$2" --device cuda -p 128 -n 2 "${@:3}" 2>&1)"; }
 VARIANTS=("" "LMX_CUDA_ATTENTION_CODES=0" "LMX_CUDA_ATTENTION_MERGE=0 LMX_CUDA_ATTENTION_CODES=0")
 for round in 1 2; do
   for v in "${VARIANTS[@]}"; do
     [ $SECONDS -lt 420 ] && log "round $round [${v:-merged and coded by attention}] 4bit -g 64 [$(bench "$v" 4bit -g 64)] -g 256 [$(bench "$v" 4bit -g 256)]"
-  done
-  for v in "" "LMX_CUDA_ATTENTION_MERGE=0"; do
-    [ $SECONDS -lt 420 ] && log "round $round [${v:-merged by the last block}] bf16 -g 256 [$(bench "$v" bf16 -g 256)]"
   done
 done
 for v in "" "LMX_CUDA_ATTENTION_MERGE=0 LMX_CUDA_ATTENTION_CODES=0"; do

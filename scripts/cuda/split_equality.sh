@@ -15,9 +15,15 @@ source scripts/cuda/common.sh
 cuda_setup spliteq split-equality.txt
 log "# split equality, $(date -u +%F), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1), binary sha256 $(sha256sum "$LMX" | cut -c1-12)"
 xz -dc target/cuda/release/lmx-core-tests.xz > "$W/tests" && chmod +x "$W/tests"
-timeout 60 "$W/tests" --test-threads 1 decode_attention_on_the_gpu bf16_matvec decode_rows_on_the_gpu decode_attention_codes 2>&1 | grep -E "FAILED|panicked|left|right|test result|max error" | tee -a "$RES"
-log "the same tests with a second launch merging the splits (LMX_CUDA_ATTENTION_MERGE=0):"
-LMX_CUDA_ATTENTION_MERGE=0 timeout 60 "$W/tests" --test-threads 1 decode_attention_on_the_gpu decode_rows_on_the_gpu decode_attention_codes 2>&1 | grep -E "FAILED|panicked|test result" | tee -a "$RES"
+# Each GPU test alone (its time shown), with the last block merging a head's splits (default) and
+# with a second launch merging them.
+for merge in 1 0; do
+  for t in decode_attention_on_the_gpu bf16_matvec decode_rows_on_the_gpu decode_attention_codes; do
+    s=$SECONDS; r=$(LMX_CUDA_ATTENTION_MERGE=$merge timeout 120 "$W/tests" --test-threads 1 $t 2>&1); rc=$?
+    log "[merge in the last block: $merge] $t: rc $rc, $((SECONDS - s)) s: $(echo "$r" | grep -E "test result|panicked" | head -2 | tr '\n' ' ')"
+    [ $rc -ne 0 ] && echo "$r" | grep -E "panicked|left|right|max error" | tail -5 | tee -a "$RES"
+  done
+done
 gen() { $LMX generate --model "$1" --device cuda --dtype bfloat16 -p 'a b c a b' -m 300 --temp 0 --ignore-eos --ignore-chat-template 2>&1 | head -1; }
 fixture_folder llama; python3 -c "import json; p = '$W/llama/config.json'; c = json.load(open(p)); c['max_position_embeddings'] = 2048; json.dump(c, open(p, 'w'))"; word_vocab "$W/llama"
 $LMX convert --hf-path "$W/llama" --dtype bfloat16 -q --q-bits 4 --q-group-size 64 --mlx-path "$W/llama-4" > /dev/null 2>&1
@@ -33,10 +39,10 @@ for m in llama-4 llama; do
   log "$m, 4 prompts decoded together, 300 tokens: one op a step $a, rows attended apart $b, rows rotated apart too $c: $([ "$a" = "$b" ] && [ "$b" = "$c" ] && echo equal || echo DIFFER)"
 done
 BF16=0 BITS=4 python3 scripts/cuda/make_random_llama.py "$W/l8" 2>&1 | tail -1
-benchb() { $LMX benchmark --model "$W/l8-4bit" --device cuda -p 128 -g 128 -n 2 -b $1 2>&1 | tail -1 | grep -oE "generation_tps=[0-9.]*" | cut -d= -f2; }
+benchb() { tps "$($LMX benchmark --model "$W/l8-4bit" --device cuda -p 128 -g 128 -n 2 -b $1 2>&1)"; }
 for bs in 8 32; do
   log "8B 4-bit batch $bs: one op [$(benchb $bs)] rows apart [$(LMX_CUDA_DECODE_ROWS=0 benchb $bs)] one op [$(benchb $bs)] rows apart [$(LMX_CUDA_DECODE_ROWS=0 benchb $bs)]"
 done
-gen8() { $LMX generate --model "$W/l8-4bit" --device cuda -p 'a b c' -m 600 --temp 0 --ignore-eos --ignore-chat-template 2>&1 | head -1; }
+gen8() { $LMX generate --model "$W/l8-4bit" --device cuda -p 'a b c' -m 600 --temp 0 --ignore-eos --ignore-chat-template 2>/dev/null | tr '\n' ' '; }
 log "8B 4-bit greedy (600 tokens), graphs vs normal steps: $(same "$(gen8)" "$(LMX_CUDA_GRAPH=0 gen8)"); last-block merge vs a merging launch: $(same "$(gen8)" "$(LMX_CUDA_ATTENTION_MERGE=0 gen8)"); attention coding its outputs vs o_proj coding them: $(same "$(gen8)" "$(LMX_CUDA_ATTENTION_CODES=0 gen8)")"
 log "(${SECONDS}s)"

@@ -385,10 +385,10 @@ extern "C" __global__ void lmx_kv_write_4(unsigned int* buf, const unsigned int*
 // positions `qr`, `kr`, `vr`; cos and sin hold a row of d / 2 a position.
 template <typename T>
 __device__ void rope_kv_at(const T* q, long long qs, long long qr, const T* k, long long ks, long long kr, const T* v, long long vs, long long vr,
-                           const T* cos, const T* sin, T* qo, T* kb, T* vb, int i, unsigned int p, int nq, int nkv, int cap, int d) {
+                           const T* cos, const T* sin, long long cr, T* qo, T* kb, T* vb, int i, unsigned int p, int nq, int nkv, int cap, int d) {
     int h = blockIdx.x, half = d / 2;
     q += i * qr; k += i * kr; v += i * vr;
-    cos += (size_t)i * half; sin += (size_t)i * half;
+    cos += i * cr; sin += i * cr;
     if (h >= nq + nkv) {
         if (p >= (unsigned int)cap) return;
         int hv = h - nq - nkv;
@@ -414,19 +414,20 @@ template <typename T>
 __device__ void rope_kv(const T* q, long long qs, long long qr, const T* k, long long ks, long long kr, const T* v, long long vs, long long vr,
                         const T* cos, const T* sin, T* qo, T* kb, T* vb, const unsigned int* pos, int offset, int nq, int nkv, int cap, int d) {
     int i = blockIdx.y;
-    rope_kv_at(q, qs, qr, k, ks, kr, v, vs, vr, cos, sin, qo, kb, vb, i, pos ? pos[0] : (unsigned int)(offset + i), nq, nkv, cap, d);
+    rope_kv_at(q, qs, qr, k, ks, kr, v, vs, vr, cos, sin, d / 2, qo, kb, vb, i, pos ? pos[0] : (unsigned int)(offset + i), nq, nkv, cap, d);
 }
 
 // rope_kv for such a batch: block (h, r) rotates query head h of row r into qo (rows, nq, d), or
 // writes key / value head h - nq (- nkv) of row r at len[r] into the row's buffers; q, k and v's
-// rows are qr, kr and vr elements apart, cos and sin hold d / 2 values a row.
+// rows are qr, kr and vr elements apart, cos and sin's rows of d / 2 values cr apart (0: rows at
+// one position share them).
 template <typename T>
 __device__ void rope_kv_rows(const T* q, long long qs, long long qr, const T* k, long long ks, long long kr, const T* v, long long vs, long long vr,
-                             const T* cos, const T* sin, T* qo, const KvRows& rows, int nq, int nkv, int d) {
+                             const T* cos, const T* sin, long long cr, T* qo, const KvRows& rows, int nq, int nkv, int d) {
     unsigned long long kb = 0, vb = 0;
     int len = 0, cap = 0, r = blockIdx.y;
     kv_row(rows, r, kb, vb, len, cap);
-    rope_kv_at(q, qs, qr, k, ks, kr, v, vs, vr, cos, sin, qo, (T*)kb, (T*)vb, r, (unsigned int)len, nq, nkv, cap, d);
+    rope_kv_at(q, qs, qr, k, ks, kr, v, vs, vr, cos, sin, cr, qo, (T*)kb, (T*)vb, r, (unsigned int)len, nq, nkv, cap, d);
 }
 
 // Merges the splits of one (sequence, head) block: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M).
@@ -621,7 +622,7 @@ DECODE_ATTENTION(T, name, 1, 1, _u1) DECODE_ATTENTION(T, name, 2, 1, _u1) DECODE
 extern "C" __global__ void lmx_combine_splits_##name(const float* part, T* out, int splits, int d, int* codes, int cols, int gs, int bits) { PDL_ENTRY(); combine_splits(part, out, splits, d, codes, cols, gs, bits); } \
 extern "C" __global__ void lmx_rope_kv_##name(const T* q, long long qs, long long qr, const T* k, long long ks, long long kr, const T* v, long long vs, long long vr, const T* cos, const T* sin, T* qo, T* kb, T* vb, const unsigned int* pos, int offset, int nq, int nkv, int cap, int d) { PDL_ENTRY(); rope_kv(q, qs, qr, k, ks, kr, v, vs, vr, cos, sin, qo, kb, vb, pos, offset, nq, nkv, cap, d); }
 #define ROPE_KV_ROWS(T, name) \
-extern "C" __global__ void lmx_rope_kv_rows_##name(const T* q, long long qs, long long qr, const T* k, long long ks, long long kr, const T* v, long long vs, long long vr, const T* cos, const T* sin, T* qo, const KvRows rows, int nq, int nkv, int d) { PDL_ENTRY(); rope_kv_rows(q, qs, qr, k, ks, kr, v, vs, vr, cos, sin, qo, rows, nq, nkv, d); }
+extern "C" __global__ void lmx_rope_kv_rows_##name(const T* q, long long qs, long long qr, const T* k, long long ks, long long kr, const T* v, long long vs, long long vr, const T* cos, const T* sin, long long cr, T* qo, const KvRows rows, int nq, int nkv, int d) { PDL_ENTRY(); rope_kv_rows(q, qs, qr, k, ks, kr, v, vs, vr, cos, sin, cr, qo, rows, nq, nkv, d); }
 ROPE_KV_ROWS(float, f32)
 ROPE_KV_ROWS(unsigned short, bf16)
 INSTANTIATE(float, f32)
@@ -1438,7 +1439,7 @@ unsafe impl DeviceRepr for KvRows {}
 
 /// A decode step of a batch of sequences, each over its own cache, as one op of (q, k, v):
 /// `q` (b, nq, 1, d) and `k`/`v` (b, nkv, 1, d) before rotation, with contiguous heads; row r's
-/// query and key rotate by row r of `cos`/`sin` (b, 1, d / 2), its key and value land in
+/// query and key rotate by row r of `cos`/`sin` (b, 1, d / 2; or one row (1, d / 2) for rows at one position), its key and value land in
 /// `kbufs[r]`/`vbufs[r]` ((1, nkv, cap_r, d), contiguous) at position `lens[r]`, and its query
 /// attends to the `lens[r] + 1` keys there. Returns (b, nq, 1, d). Three launches for up to 32
 /// rows (rotation and writes, attention, the splits' merge) where the row-by-row step launched
@@ -1486,7 +1487,7 @@ impl candle_core::CustomOp3 for DecodeRows {
             || self.kbufs.len() != b
             || self.vbufs.len() != b
             || self.lens.len() != b
-            || [&self.cos, &self.sin].iter().any(|t| !t.is_contiguous() || t.elem_count() != b * half)
+            || [&self.cos, &self.sin].iter().any(|t| !t.is_contiguous() || (t.elem_count() != b * half && t.elem_count() != half))
         {
             candle_core::bail!("decode rows: q {:?} / k {:?} / v {:?} / cos {:?} for {} rows of buffers do not fit", ql.dims(), kl.dims(), vl.dims(), self.cos.dims(), self.kbufs.len());
         }
@@ -1524,6 +1525,8 @@ impl candle_core::CustomOp3 for DecodeRows {
         let (chunk, splits) = attention_splits(nq, caps.iter().copied().max().unwrap_or(0));
         let [q_head, q_row, k_head, k_row, v_head, v_row] = [ql.stride()[1], ql.stride()[0], kl.stride()[1], kl.stride()[0], vl.stride()[1], vl.stride()[0]].map(|s| s as i64);
         let (nqi, nkvi, di, ch, sp, scale) = (nq as i32, nkv as i32, d as i32, chunk as i32, splits as i32, self.scale);
+        // Rows at one position share one row of angles.
+        let cos_row = if self.cos.elem_count() == half && b > 1 { 0i64 } else { half as i64 };
         typed!(qs.dtype(), T => {
             let qo = out::<T>(&dev, b * nq * d)?;
             let o = out::<T>(&dev, b * nq * d)?;
@@ -1545,11 +1548,11 @@ impl candle_core::CustomOp3 for DecodeRows {
                     rows.cap[i] = caps[r] as i32;
                 }
                 let (q, k, v) = (q.slice(r0 * q_row as usize..), k.slice(r0 * k_row as usize..), v.slice(r0 * v_row as usize..));
-                let (cos, sin) = (cos.slice(r0 * half..), sin.slice(r0 * half..));
+                let (cos, sin) = (cos.slice(r0 * cos_row as usize..), sin.slice(r0 * cos_row as usize..));
                 let (qo, o) = (qo.slice(r0 * nq * d..), o.slice(r0 * nq * d..));
                 let cfg = LaunchConfig { grid_dim: ((nq + 2 * nkv) as u32, n as u32, 1), block_dim: (half.next_multiple_of(32).min(256) as u32, 1, 1), shared_mem_bytes: 0 };
                 let mut bld = rope.builder();
-                bld.arg(&q).arg(&q_head).arg(&q_row).arg(&k).arg(&k_head).arg(&k_row).arg(&v).arg(&v_head).arg(&v_row).arg(&cos).arg(&sin);
+                bld.arg(&q).arg(&q_head).arg(&q_row).arg(&k).arg(&k_head).arg(&k_row).arg(&v).arg(&v_head).arg(&v_row).arg(&cos).arg(&sin).arg(&cos_row);
                 bld.arg(&qo).arg(&rows).arg(&nqi).arg(&nkvi).arg(&di);
                 // SAFETY: q/k/v hold n rows at their strides, cos/sin n * d / 2 values, qo n * nq
                 // * d; each row's buffers hold nkv * cap * d values and len < cap (checked).

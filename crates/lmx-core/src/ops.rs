@@ -558,7 +558,7 @@ pub fn decode_rows_fit(q: &Tensor) -> bool {
 
 /// A decode step of a batch of sequences, one cache each, in one op on a GPU (see
 /// [`decode_rows_fit`]): `q` (b, heads, 1, d) and `k`/`v` (b, kv_heads, 1, d) before rotation;
-/// row r rotates by row r of `cos`/`sin` (b, 1, d / 2) ("rotate half", as [`rope`]), writes
+/// row r rotates by row r of `cos`/`sin` (b, 1, d / 2, or (1, d / 2) shared by rows at one position) ("rotate half", as [`rope`]), writes
 /// its key and value into `kbufs[r]`/`vbufs[r]` (1, kv_heads, cap, d) at position `lens[r]`,
 /// and attends to the `lens[r] + 1` keys there. Returns (b, heads, 1, d), each row as the same
 /// step alone computes it.
@@ -1237,7 +1237,8 @@ mod tests {
         };
         let host = |t: &Tensor| -> Result<Tensor> { t.to_device(&Device::Cpu)?.to_dtype(DType::F32) };
         // (rows, heads, kv heads, head size)
-        for (dtype, b, h, kvh, d) in [(DType::BF16, 3, 32, 8, 128), (DType::BF16, 35, 8, 2, 64), (DType::F32, 5, 6, 2, 96)] {
+        // (dtype, rows, heads, kv heads, head size, rows sharing one row of angles)
+        for (dtype, b, h, kvh, d, shared) in [(DType::BF16, 3, 32, 8, 128, false), (DType::BF16, 35, 8, 2, 64, false), (DType::F32, 5, 6, 2, 96, false), (DType::BF16, 4, 32, 8, 128, true)] {
             let lens: Vec<usize> = (0..b).map(|r| [0, 5, 63, 64, 130, 700, 1500][r % 7] + r).collect();
             let caps: Vec<usize> = lens.iter().enumerate().map(|(r, l)| (l + 1).next_multiple_of(if r % 2 == 0 { 256 } else { 1024 })).collect();
             let rand = |dims: &[usize]| -> Result<Tensor> { Tensor::randn(0f32, 1.0, dims, &Device::Cpu)?.to_dtype(dtype) };
@@ -1245,7 +1246,9 @@ mod tests {
             let q = rand(&[b, 1, h, d])?.to_device(&gpu)?.transpose(1, 2)?;
             let k = rand(&[b, 1, kvh, d])?.to_device(&gpu)?.transpose(1, 2)?;
             let v = rand(&[b, 1, kvh, d])?.to_device(&gpu)?.transpose(1, 2)?;
-            let (cos, sin) = (rand(&[b, 1, d / 2])?.to_device(&gpu)?, rand(&[b, 1, d / 2])?.to_device(&gpu)?);
+            // Rows at one position share one row of angles (1, d / 2).
+            let angles: &[usize] = if shared { &[1, d / 2] } else { &[b, 1, d / 2] };
+            let (cos, sin) = (rand(angles)?.to_device(&gpu)?, rand(angles)?.to_device(&gpu)?);
             let bufs: Vec<(Tensor, Tensor)> = caps.iter().map(|&c| Ok((rand(&[1, kvh, c, d])?, rand(&[1, kvh, c, d])?))).collect::<Result<_>>()?;
             let on_gpu = || -> Result<(Vec<Tensor>, Vec<Tensor>)> { bufs.iter().map(|(k, v)| Ok((k.to_device(&gpu)?, v.to_device(&gpu)?))).collect() };
             let (kb, vb) = on_gpu()?;
@@ -1255,8 +1258,9 @@ mod tests {
             let (kb1, vb1) = on_gpu()?;
             for r in 0..b {
                 let row = |t: &Tensor| t.narrow(0, r, 1);
-                let (len, name) = (lens[r], format!("{dtype:?} rows {b}, heads {h}/{kvh}, d {d}, row {r} ({} keys, buffer {})", lens[r], caps[r]));
-                let q1 = rope_kv_write_rows(&row(&q)?, &row(&k)?, &row(&v)?, &row(&cos)?.squeeze(0)?, &row(&sin)?.squeeze(0)?, &kb1[r], &vb1[r], len)?;
+                let (len, name) = (lens[r], format!("{dtype:?} rows {b}, heads {h}/{kvh}, d {d}, shared angles {shared}, row {r} ({} keys, buffer {})", lens[r], caps[r]));
+                let angle = |t: &Tensor| if shared { Ok(t.clone()) } else { row(t)?.squeeze(0) };
+                let q1 = rope_kv_write_rows(&row(&q)?, &row(&k)?, &row(&v)?, &angle(&cos)?, &angle(&sin)?, &kb1[r], &vb1[r], len)?;
                 let want = attention(&q1.contiguous()?, &kb1[r].narrow(2, 0, len + 1)?, &vb1[r].narrow(2, 0, len + 1)?, Mask::None, scale, None, None)?;
                 let y = host(&row(&got)?)?;
                 assert!(all_finite(&y)?, "{name}: not finite");
