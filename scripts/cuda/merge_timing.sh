@@ -13,6 +13,10 @@ cuda_setup mtiming merge-timing.txt
 log "# last-block merge, $(date -u +%F), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1), binary sha256 $(sha256sum "$LMX" | cut -c1-12)"
 BF16=0 BITS=4 python3 scripts/cuda/make_random_llama.py "$W/l8" 2>&1 | tail -1
 bench() { tps "$(env $1 $LMX benchmark --model "$W/l8-$2" --device cuda -p 128 -n 2 "${@:3}" 2>&1)"; }
+word_vocab "$W/l8-4bit"
+gen8() { env $1 $LMX generate --model "$W/l8-4bit" --device cuda -p 'w5 w6 w7' -m 600 --temp 0 --ignore-eos --ignore-chat-template 2>/dev/null | tr '\n' ' '; }
+ref=$(gen8 "")
+log "8B 4-bit greedy (600 tokens) against the default: normal steps $(same "$ref" "$(gen8 LMX_CUDA_GRAPH=0)"); a merging launch $(same "$ref" "$(gen8 LMX_CUDA_ATTENTION_MERGE=0)"); o_proj coding its input $(same "$ref" "$(gen8 LMX_CUDA_ATTENTION_CODES=0)")"
 VARIANTS=("" "LMX_CUDA_ATTENTION_CODES=0" "LMX_CUDA_ATTENTION_MERGE=0 LMX_CUDA_ATTENTION_CODES=0")
 for round in 1 2; do
   for v in "${VARIANTS[@]}"; do

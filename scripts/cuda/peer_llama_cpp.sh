@@ -16,7 +16,7 @@ log "# llama.cpp (CUDA) beside lmx, $(date -u +%F), $(nvidia-smi --query-gpu=nam
 mkdir -p "$W/lc" && tar xJf target/llama-cpp/llama-cuda.tar.xz -C "$W/lc"
 LB="$W/lc/bin/llama-bench"
 ldd "$LB" | grep -E "not found|cuda|cublas" | tee -a "$RES"
-for q in Q4_0 Q8_0 BF16; do
+for q in ${KINDS:-Q4_0 Q8_0 BF16}; do
   [ $SECONDS -lt 360 ] || break
   PYTHONPATH="$W/lc/gguf-py" python3 scripts/cuda/make_random_gguf.py "$W/l8-$q.gguf" "${q,,}" 2>&1 | tail -1
   log "(${SECONDS}s: $q written)"
@@ -24,9 +24,9 @@ for q in Q4_0 Q8_0 BF16; do
   rm -f "$W/l8-$q.gguf"
 done
 log "(${SECONDS}s)"
-BITS="4 8" python3 scripts/cuda/make_random_llama.py "$W/l8" 2>&1 | tail -1
+BF16=${BF16:-1} BITS=${BITS:-"4 8"} python3 scripts/cuda/make_random_llama.py "$W/l8" 2>&1 | tail -1
 bench() { $LMX benchmark --model "$W/l8-$1" --device cuda -n 2 "${@:2}" 2>&1 | tail -1 | grep -oE "(prompt|generation)_tps=[0-9.]*" | tr '\n' ' '; }
-for m in 4bit 8bit bf16; do
+for m in ${LMX_KINDS:-4bit 8bit bf16}; do
   [ $SECONDS -lt 540 ] && log "lmx $m: decode [$(bench $m -p 128 -g 256)] prefill 4096 [$(bench $m -p 4096 -g 1)]"
 done
 log "(${SECONDS}s)"
