@@ -506,12 +506,11 @@ __device__ __forceinline__ void pick_block_merge(float& best, int& bi, float& m,
             pick_merge(best, bi, m, s, __shfl_xor_sync(0xffffffffu, best, o), __shfl_xor_sync(0xffffffffu, bi, o), __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
     }
 }
-extern "C" __global__ void __launch_bounds__(256) lmx_pick_partial(const float* logits, int n, unsigned int m0, unsigned int m1, unsigned int m2, unsigned int m3,
-                                            unsigned int m4, unsigned int m5, unsigned int m6, unsigned int m7, float4* part) {
-    PDL_ENTRY();
+// A block's partial of the pick over PICK_CHUNK logits from block `blk` of a row of n, ids mk[]
+// counting as -inf: (best, its index, max, sum of exp) into *part.
+__device__ __forceinline__ void pick_partial(const float* logits, int n, const unsigned int* mk, int blk, float4* part) {
     const float NEG_INF = -__int_as_float(0x7f800000);
-    const unsigned int mk[8] = {m0, m1, m2, m3, m4, m5, m6, m7};
-    const int start = blockIdx.x * PICK_CHUNK;
+    const int start = blk * PICK_CHUNK;
     float v[PICK_CHUNK / 256];
 #pragma unroll
     for (int k = 0; k < PICK_CHUNK / 256; k++) {
@@ -530,10 +529,10 @@ extern "C" __global__ void __launch_bounds__(256) lmx_pick_partial(const float* 
         if (x > m) { s = s * __expf(m - x) + 1.f; m = x; } else { s += __expf(x - m); }
     }
     pick_block_merge(best, bi, m, s);
-    if (threadIdx.x == 0) part[blockIdx.x] = make_float4(best, __int_as_float(bi), m, s);
+    if (threadIdx.x == 0) *part = make_float4(best, __int_as_float(bi), m, s);
 }
-extern "C" __global__ void __launch_bounds__(1024) lmx_pick_final(const float4* part, int blocks, unsigned int* out) {
-    PDL_ENTRY();
+// Merges a row's `blocks` partials into out[0] (the token) and out[1] (its log probability's bits).
+__device__ __forceinline__ void pick_final(const float4* part, int blocks, unsigned int* out) {
     const float NEG_INF = -__int_as_float(0x7f800000);
     float best = NEG_INF, m = NEG_INF, s = 0.f;
     int bi = 0x7fffffff;
@@ -549,6 +548,28 @@ extern "C" __global__ void __launch_bounds__(1024) lmx_pick_final(const float4* 
         out[0] = (unsigned int)token;
         out[1] = __float_as_uint(best - lse);
     }
+}
+extern "C" __global__ void __launch_bounds__(256) lmx_pick_partial(const float* logits, int n, unsigned int m0, unsigned int m1, unsigned int m2, unsigned int m3,
+                                            unsigned int m4, unsigned int m5, unsigned int m6, unsigned int m7, float4* part) {
+    PDL_ENTRY();
+    const unsigned int mk[8] = {m0, m1, m2, m3, m4, m5, m6, m7};
+    pick_partial(logits, n, mk, blockIdx.x, part + blockIdx.x);
+}
+extern "C" __global__ void __launch_bounds__(1024) lmx_pick_final(const float4* part, int blocks, unsigned int* out) {
+    PDL_ENTRY();
+    pick_final(part, blocks, out);
+}
+// The pick of every row of (rows, n) logits: block (x, r) takes chunk x of row r, with row r's 8
+// masked ids at masks[8 r]; then a block per row merges its partials into out[2 r], out[2 r + 1].
+extern "C" __global__ void __launch_bounds__(256) lmx_pick_partial_rows(const float* logits, int n, const unsigned int* masks, float4* part) {
+    PDL_ENTRY();
+    unsigned int mk[8];
+    for (int q = 0; q < 8; q++) mk[q] = masks[blockIdx.y * 8 + q];
+    pick_partial(logits + (size_t)blockIdx.y * n, n, mk, blockIdx.x, part + (size_t)blockIdx.y * gridDim.x + blockIdx.x);
+}
+extern "C" __global__ void __launch_bounds__(1024) lmx_pick_final_rows(const float4* part, int blocks, unsigned int* out) {
+    PDL_ENTRY();
+    pick_final(part + (size_t)blockIdx.x * blocks, blocks, out + 2 * blockIdx.x);
 }
 
 // y (m rows of n) = x (m rows of k) times w (n rows of k) transposed, all bf16, for the few
@@ -925,6 +946,39 @@ pub(crate) fn add_rms_norm(
 
 /// The greedy pick of one row of f32 logits on the device (`crate::ops::pick_greedy`): u32 (2,),
 /// the token and its log probability's bits.
+/// [`pick_greedy`] of every row of contiguous f32 logits, row r with its own masked ids
+/// (`masked[r]`, at most 8): two launches for all the rows; (rows * 2) u32 out.
+pub(crate) fn pick_greedy_rows(ls: &CudaStorage, ll: &Layout, masked: &[Vec<u32>]) -> Result<CudaStorage> {
+    let rows = masked.len();
+    let total = ll.shape().elem_count();
+    let n = total / rows.max(1);
+    if ls.dtype() != DType::F32 || !ll.is_contiguous() || rows == 0 || n * rows != total || masked.iter().any(|m| m.len() > 8) || n > i32::MAX as usize || rows > 65535 {
+        candle_core::bail!("lmx pick_greedy_rows: contiguous f32 rows and at most 8 masked ids a row (given {:?}, {:?} for {rows} rows)", ls.dtype(), ll.dims());
+    }
+    let dev = ls.device().clone();
+    const CHUNK: usize = 2048; // PICK_CHUNK
+    let blocks = n.div_ceil(CHUNK).max(1);
+    let l = ls.as_cuda_slice::<f32>()?.slice(ll.start_offset()..);
+    let ids: Vec<u32> = masked.iter().flat_map(|m| m.iter().copied().chain(std::iter::repeat(u32::MAX)).take(8)).collect();
+    let ids = dev.cuda_stream().clone_htod(&ids).w()?;
+    let part = out::<f32>(&dev, 4 * blocks * rows)?;
+    let o = out::<u32>(&dev, 2 * rows)?;
+    let (ni, nb) = (n as i32, blocks as i32);
+    let func = dev.get_or_load_custom_func("lmx_pick_partial_rows", "lmx_fused", fused_ptx()?)?;
+    let mut b = launch_args!(dev, func);
+    b.arg(&l).arg(&ni).arg(&ids).arg(&part);
+    let cfg = LaunchConfig { grid_dim: (blocks as u32, rows as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: l holds rows * n floats, ids 8 a row, part 4 a block and row.
+    unsafe { b.launch(cfg) }.w()?;
+    let func = dev.get_or_load_custom_func("lmx_pick_final_rows", "lmx_fused", fused_ptx()?)?;
+    let mut b = launch_args!(dev, func);
+    b.arg(&part).arg(&nb).arg(&o);
+    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: part holds `blocks` partials a row, o 2 u32 a row.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(o, dev))
+}
+
 pub(crate) fn pick_greedy(ls: &CudaStorage, ll: &Layout, masked: &[u32]) -> Result<CudaStorage> {
     let n = ll.shape().elem_count();
     if ls.dtype() != DType::F32 || !ll.is_contiguous() || masked.len() > 8 || n > i32::MAX as usize {

@@ -201,7 +201,18 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 /// logit minus the row's log-sum-exp), with the `masked` ids (at most 8) counted as -inf. On a
 /// GPU one small kernel, so that a decode step hands the host 8 bytes instead of the logits.
 pub fn pick_greedy(logits: &Tensor, masked: &[u32]) -> Result<Tensor> {
-    logits.contiguous()?.flatten_all()?.apply_op1_no_bwd(&PickGreedy { masked: masked.to_vec() })
+    logits.contiguous()?.flatten_all()?.apply_op1_no_bwd(&PickGreedy { masked: vec![masked.to_vec()] })
+}
+
+/// [`pick_greedy`] of every row of `logits` (rows, vocab), row r leaving out `masked[r]`: u32
+/// (rows * 2,), each row's token and log probability's bits. On a GPU two launches for all the
+/// rows (a batch's decode step), not two a row.
+pub fn pick_greedy_rows(logits: &Tensor, masked: &[Vec<u32>]) -> Result<Tensor> {
+    let (rows, _) = logits.dims2()?;
+    if rows != masked.len() {
+        crate::bail!("pick_greedy_rows: {rows} rows of logits and {} lists of masked ids", masked.len());
+    }
+    logits.contiguous()?.apply_op1_no_bwd(&PickGreedy { masked: masked.to_vec() })
 }
 
 /// The first index of the largest value; NaN never counts as the largest (a NaN first value
@@ -217,8 +228,10 @@ pub fn first_argmax(row: &[f32]) -> usize {
     best
 }
 
+/// The greedy pick of each of `masked.len()` rows (the input split evenly), each with its own
+/// masked ids.
 struct PickGreedy {
-    masked: Vec<u32>,
+    masked: Vec<Vec<u32>>,
 }
 
 impl candle_core::CustomOp1 for PickGreedy {
@@ -228,20 +241,31 @@ impl candle_core::CustomOp1 for PickGreedy {
 
     fn cpu_fwd(&self, s: &candle_core::CpuStorage, l: &candle_core::Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let candle_core::CpuStorage::F32(all) = s else { candle_core::bail!("lmx-pick-greedy takes f32 logits") };
-        let mut row = all[l.start_offset()..l.start_offset() + l.shape().elem_count()].to_vec();
-        for &id in &self.masked {
-            if let Some(v) = row.get_mut(id as usize) {
-                *v = f32::NEG_INFINITY;
+        let all = &all[l.start_offset()..l.start_offset() + l.shape().elem_count()];
+        let n = all.len() / self.masked.len().max(1);
+        let mut out = Vec::with_capacity(2 * self.masked.len());
+        for (row, masked) in all.chunks(n.max(1)).zip(&self.masked) {
+            let mut row = row.to_vec();
+            for &id in masked {
+                if let Some(v) = row.get_mut(id as usize) {
+                    *v = f32::NEG_INFINITY;
+                }
             }
+            let best = first_argmax(&row);
+            let logprob = row.get(best).map_or(f32::NEG_INFINITY, |v| v - crate::cpu_fused::log_sum_exp(&row));
+            out.extend([best as u32, logprob.to_bits()]);
         }
-        let best = first_argmax(&row);
-        let logprob = row.get(best).map_or(f32::NEG_INFINITY, |v| v - crate::cpu_fused::log_sum_exp(&row));
-        Ok((candle_core::CpuStorage::U32(vec![best as u32, logprob.to_bits()]), candle_core::Shape::from(2)))
+        let len = out.len();
+        Ok((candle_core::CpuStorage::U32(out), candle_core::Shape::from(len)))
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &candle_core::Layout) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        Ok((crate::cuda_fused::pick_greedy(s, l, &self.masked)?, candle_core::Shape::from(2)))
+        let out = match &self.masked[..] {
+            [one] => crate::cuda_fused::pick_greedy(s, l, one)?,
+            rows => crate::cuda_fused::pick_greedy_rows(s, l, rows)?,
+        };
+        Ok((out, candle_core::Shape::from(2 * self.masked.len())))
     }
 }
 
@@ -907,7 +931,8 @@ mod tests {
     /// The greedy pick (CPU, and the GPU's kernel when there is one) is the first index of the
     /// largest logit, masked ids left out, with the log probability log_softmax gives: a row of
     /// 128256 logits with the maximum twice (the first wins) and masked once, a row whose
-    /// largest logit is masked, and a row of -inf.
+    /// largest logit is masked, and a row of -inf; the rows of one length picked in one op
+    /// (`pick_greedy_rows`) as each alone.
     #[test]
     fn pick_greedy_is_the_first_argmax_and_its_log_probability() -> Result<()> {
         #[allow(unused_mut)]
@@ -964,6 +989,14 @@ mod tests {
                 // All -inf: no probability (NaN) either way.
                 assert!((lp.is_nan() && got_lp.is_nan()) || (got_lp - lp).abs() < 1e-4, "{dev:?}: log probability {got_lp} vs {lp}");
             }
+            // The rows of full length in one op (a batch's step), each with its own masked ids:
+            // the same words as each row alone.
+            let full: Vec<&(Vec<f32>, Vec<u32>, Option<u32>)> = cases.iter().filter(|c| c.0.len() == n).collect();
+            let t = Tensor::from_slice(&full.iter().flat_map(|c| c.0.clone()).collect::<Vec<f32>>(), (full.len(), n), dev)?;
+            let masks: Vec<Vec<u32>> = full.iter().map(|c| c.1.clone()).collect();
+            let together = pick_greedy_rows(&t, &masks)?.to_vec1::<u32>()?;
+            let alone: Vec<u32> = (0..full.len()).map(|i| Ok(pick_greedy(&t.get(i)?, &masks[i])?.to_vec1::<u32>()?)).collect::<Result<Vec<_>>>()?.concat();
+            assert_eq!(together, alone, "{dev:?}: {} rows picked together and alone", full.len());
         }
         Ok(())
     }

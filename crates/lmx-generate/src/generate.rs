@@ -413,13 +413,18 @@ pub(crate) fn run_drawn(model: &dyn CausalLm, kv: &mut KvCache, rows: &[&[u32]],
         if !logits.device().is_cuda() || !device_pick_on() || picks.iter().all(Option::is_none) {
             return Ok(logits.to_vec2::<f32>()?.into_iter().map(Drawn::Logits).collect());
         }
-        let mut parts = Vec::with_capacity(picks.len());
-        for (i, masked) in picks.iter().enumerate() {
-            if let Some(masked) = masked {
-                parts.push(lmx_core::ops::pick_greedy(&logits.get(i)?, masked)?);
+        let picked = if let Some(all) = picks.iter().cloned().collect::<Option<Vec<_>>>().filter(|_| pick_rows_on()) {
+            // Every row picks: one op for the batch.
+            lmx_core::ops::pick_greedy_rows(logits, &all)?.to_vec1::<u32>()?
+        } else {
+            let mut parts = Vec::with_capacity(picks.len());
+            for (i, masked) in picks.iter().enumerate() {
+                if let Some(masked) = masked {
+                    parts.push(lmx_core::ops::pick_greedy(&logits.get(i)?, masked)?);
+                }
             }
-        }
-        let picked = Tensor::cat(&parts, 0)?.to_vec1::<u32>()?;
+            Tensor::cat(&parts, 0)?.to_vec1::<u32>()?
+        };
         drawn_rows(picks, &picked, |i| logits.get(i)?.to_vec1::<f32>())
     })
 }
@@ -460,6 +465,13 @@ fn run_with<T>(model: &dyn CausalLm, kv: &mut KvCache, rows: &[&[u32]], read: im
 pub(crate) fn device_pick_on() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| !std::env::var("LMX_CUDA_PICK").is_ok_and(|v| v == "0"))
+}
+
+/// Whether a batch whose rows all pick greedily picks in one op (`LMX_CUDA_PICK_ROWS=0`: one op
+/// a row, for comparisons).
+fn pick_rows_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| !std::env::var("LMX_CUDA_PICK_ROWS").is_ok_and(|v| v == "0"))
 }
 
 /// `LMX_TRACE_STEPS=1`: each step of [`run`] prints its timing on stderr.
