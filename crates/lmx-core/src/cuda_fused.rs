@@ -1423,6 +1423,27 @@ pub(crate) fn rope_kv_write(
     })
 }
 
+/// A `CustomOp3`'s `name` and a `cpu_fwd` that refuses: the op runs on CUDA only.
+macro_rules! cuda_only_op3 {
+    ($name:literal) => {
+        fn name(&self) -> &'static str {
+            $name
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+        ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            candle_core::bail!(concat!($name, " runs on CUDA only"))
+        }
+    };
+}
+
 /// [`rope_kv_write`] as an op of (q, k, v): the rotated queries (1, l, nq, d); the angles, the
 /// cache's buffers and the position (device `pos`, else `offset`) ride along.
 pub(crate) struct RopeKvWrite {
@@ -1435,21 +1456,7 @@ pub(crate) struct RopeKvWrite {
 }
 
 impl candle_core::CustomOp3 for RopeKvWrite {
-    fn name(&self) -> &'static str {
-        "lmx-rope-kv-write"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        candle_core::bail!("lmx-rope-kv-write runs on CUDA only")
-    }
+    cuda_only_op3!("lmx-rope-kv-write");
 
     fn cuda_fwd(&self, qs: &CudaStorage, ql: &Layout, ks: &CudaStorage, kl: &Layout, vs: &CudaStorage, vl: &Layout) -> Result<(CudaStorage, candle_core::Shape)> {
         let mut tensors = vec![&self.cos, &self.sin, &self.kbuf, &self.vbuf];
@@ -1510,21 +1517,7 @@ pub(crate) struct DecodeRows {
 }
 
 impl candle_core::CustomOp3 for DecodeRows {
-    fn name(&self) -> &'static str {
-        "lmx-decode-rows"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        candle_core::bail!("lmx-decode-rows runs on CUDA only")
-    }
+    cuda_only_op3!("lmx-decode-rows");
 
     fn cuda_fwd(&self, qs: &CudaStorage, ql: &Layout, ks: &CudaStorage, kl: &Layout, vs: &CudaStorage, vl: &Layout) -> Result<(CudaStorage, candle_core::Shape)> {
         let (&[b, nq, 1, d], &[bk, nkv, 1, dk]) = (ql.dims(), kl.dims()) else {
@@ -1588,7 +1581,7 @@ impl candle_core::CustomOp3 for DecodeRows {
             // SAFETY: every partial is written by its block before the merge reads it.
             let part = unsafe { dev.alloc::<f32>(if splits > 1 { rows_max * nq * splits * (d + 2) } else { 1 }) }?;
             let (q, k, v) = (view::<T>(qs, ql)?, view::<T>(ks, kl)?, view::<T>(vs, vl)?);
-            let (cos, sin) = (view::<T>(angles[0].0, &angles[0].1)?, view::<T>(angles[1].0, &angles[1].1)?);
+            let (cos, sin) = (view::<T>(angles[0].0, angles[0].1)?, view::<T>(angles[1].0, angles[1].1)?);
             let stream = dev.cuda_stream();
             for r0 in (0..b).step_by(KV_ROWS) {
                 let n = KV_ROWS.min(b - r0);
@@ -1596,8 +1589,8 @@ impl candle_core::CustomOp3 for DecodeRows {
                 for i in 0..n {
                     use candle_core::cuda_backend::cudarc::driver::DevicePtr;
                     let r = r0 + i;
-                    rows.k[i] = view::<T>(kbufs[r].0, &kbufs[r].1)?.device_ptr(&stream).0;
-                    rows.v[i] = view::<T>(vbufs[r].0, &vbufs[r].1)?.device_ptr(&stream).0;
+                    rows.k[i] = view::<T>(kbufs[r].0, kbufs[r].1)?.device_ptr(&stream).0;
+                    rows.v[i] = view::<T>(vbufs[r].0, vbufs[r].1)?.device_ptr(&stream).0;
                     rows.len[i] = self.lens[r] as i32;
                     rows.cap[i] = caps[r] as i32;
                 }
@@ -1924,21 +1917,7 @@ pub struct FlashAttention {
 }
 
 impl candle_core::CustomOp3 for FlashAttention {
-    fn name(&self) -> &'static str {
-        "lmx-flash-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        candle_core::bail!("lmx-flash-attention runs on CUDA only")
-    }
+    cuda_only_op3!("lmx-flash-attention");
 
     fn cuda_fwd(&self, qs: &CudaStorage, ql: &Layout, ks: &CudaStorage, kl: &Layout, vs: &CudaStorage, vl: &Layout) -> Result<(CudaStorage, candle_core::Shape)> {
         let (&[b, n_heads, q_len, d], &[_, n_kv, kv_len, _]) = (ql.dims(), kl.dims()) else {
