@@ -24,6 +24,10 @@ for merge in 1 0; do
     [ $rc -ne 0 ] && echo "$r" | grep -E "panicked|left|right|max error" | tail -5 | tee -a "$RES"
   done
 done
+# Rows whose buffers straddle the split threshold (256 and 1,024 positions, threshold 300): each
+# row still splits as it would alone.
+r=$(LMX_CUDA_ATTENTION_SPLIT=300 timeout 120 "$W/tests" --test-threads 1 decode_rows_on_the_gpu 2>&1)
+log "[LMX_CUDA_ATTENTION_SPLIT=300] decode_rows_on_the_gpu: $(echo "$r" | grep -E "test result|panicked" | head -2 | tr '\n' ' ')"
 gen() { $LMX generate --model "$1" --device cuda --dtype bfloat16 -p 'a b c a b' -m 300 --temp 0 --ignore-eos --ignore-chat-template 2>&1 | head -1; }
 fixture_folder llama; python3 -c "import json; p = '$W/llama/config.json'; c = json.load(open(p)); c['max_position_embeddings'] = 2048; json.dump(c, open(p, 'w'))"; word_vocab "$W/llama"
 $LMX convert --hf-path "$W/llama" --dtype bfloat16 -q --q-bits 4 --q-group-size 64 --mlx-path "$W/llama-4" > /dev/null 2>&1

@@ -332,34 +332,38 @@ __device__ void decode_attention(const T* q, const T* k, const T* v, T* out, flo
     }
     __syncthreads();
     if (!last) return;
+    // Acquire: the other blocks' partials, released before their counts, are seen after ours.
+    __threadfence();
     merge_splits(part + (size_t)bh * splits * (d + 2), out + (size_t)bh * d, splits, d);
     if (codes) code_head(out, bh, d, n_heads * d, codes, gs, bits);
 }
 
 // A batched decode step (one new position in each of up to KV_ROWS sequences, each with its own
 // cache): row r's key and value buffers ((heads, cap[r], d), contiguous) and the position its
-// new key and value go to, len[r] (the keys it held before). Passed by value as a kernel
+// new key and value go to, offset[r] (the keys it held before). Passed by value as a kernel
 // argument: no table to upload, so the launch is all a step pays.
 #define KV_ROWS 32
-struct KvRows { unsigned long long k[KV_ROWS], v[KV_ROWS]; int len[KV_ROWS], cap[KV_ROWS]; };
+struct KvRows { unsigned long long k[KV_ROWS], v[KV_ROWS]; int offset[KV_ROWS], cap[KV_ROWS]; };
 // Row r's entries, read at constant offsets of the parameter (a dynamic index would copy the
 // struct to local memory first).
-__device__ __forceinline__ void kv_row(const KvRows& rows, int r, unsigned long long& k, unsigned long long& v, int& len, int& cap) {
+__device__ __forceinline__ void kv_row(const KvRows& rows, int r, unsigned long long& k, unsigned long long& v, int& offset, int& cap) {
 #pragma unroll
     for (int i = 0; i < KV_ROWS; i++)
-        if (i == r) { k = rows.k[i]; v = rows.v[i]; len = rows.len[i]; cap = rows.cap[i]; }
+        if (i == r) { k = rows.k[i]; v = rows.v[i]; offset = rows.offset[i]; cap = rows.cap[i]; }
 }
 // decode_attention for a batched step: block (r * n_heads + h, split) attends row r's query
-// head h (q and out (rows, n_heads, d) contiguous) over the len[r] + 1 keys of the row's own
-// buffers.
+// head h (q and out (rows, n_heads, d) contiguous) over the offset[r] + 1 keys of the row's own
+// buffers, its keys split as a step over that buffer alone splits them: a buffer of at most
+// `split_above` positions in one part.
 template <typename T, int E, int U>
-__device__ void decode_attention_rows(const T* q, const KvRows& rows, T* out, float* part, int n_heads, int n_kv, int d, float scale, int chunk, int splits, unsigned int* count) {
+__device__ void decode_attention_rows(const T* q, const KvRows& rows, T* out, float* part, int n_heads, int n_kv, int d, float scale, int chunk, int splits, int split_above, unsigned int* count) {
     unsigned long long kb = 0, vb = 0;
-    int len = 0, cap = 0;
-    kv_row(rows, blockIdx.x / n_heads, kb, vb, len, cap);
+    int offset = 0, cap = 0;
+    kv_row(rows, blockIdx.x / n_heads, kb, vb, offset, cap);
+    if (cap <= split_above) chunk = 1;
     long long hs = (long long)cap * d;
     // Strides: no sequence stride (the row's own buffer), heads `cap` positions apart.
-    decode_attention<T, E, U>(q, (const T*)kb, (const T*)vb, out, part, n_heads, n_kv, len + 1, d, scale, chunk, splits, 0, hs, d, 0, hs, d, nullptr, 0, count, nullptr, 0, 0);
+    decode_attention<T, E, U>(q, (const T*)kb, (const T*)vb, out, part, n_heads, n_kv, offset + 1, d, scale, chunk, splits, 0, hs, d, 0, hs, d, nullptr, 0, count, nullptr, 0, 0);
 }
 
 // Writes one position of keys or values, (heads, d) with head stride `sh`, into a (heads,
@@ -418,16 +422,16 @@ __device__ void rope_kv(const T* q, long long qs, long long qr, const T* k, long
 }
 
 // rope_kv for such a batch: block (h, r) rotates query head h of row r into qo (rows, nq, d), or
-// writes key / value head h - nq (- nkv) of row r at len[r] into the row's buffers; q, k and v's
+// writes key / value head h - nq (- nkv) of row r at offset[r] into the row's buffers; q, k and v's
 // rows are qr, kr and vr elements apart, cos and sin's rows of d / 2 values cr apart (0: rows at
 // one position share them).
 template <typename T>
 __device__ void rope_kv_rows(const T* q, long long qs, long long qr, const T* k, long long ks, long long kr, const T* v, long long vs, long long vr,
                              const T* cos, const T* sin, long long cr, T* qo, const KvRows& rows, int nq, int nkv, int d) {
     unsigned long long kb = 0, vb = 0;
-    int len = 0, cap = 0, r = blockIdx.y;
-    kv_row(rows, r, kb, vb, len, cap);
-    rope_kv_at(q, qs, qr, k, ks, kr, v, vs, vr, cos, sin, cr, qo, (T*)kb, (T*)vb, r, (unsigned int)len, nq, nkv, cap, d);
+    int offset = 0, cap = 0, r = blockIdx.y;
+    kv_row(rows, r, kb, vb, offset, cap);
+    rope_kv_at(q, qs, qr, k, ks, kr, v, vs, vr, cos, sin, cr, qo, (T*)kb, (T*)vb, r, (unsigned int)offset, nq, nkv, cap, d);
 }
 
 // Merges the splits of one (sequence, head) block: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M).
@@ -630,7 +634,7 @@ __device__ void matvec_bf16(const uint4* w, const uint4* x, unsigned short* y, i
 MATVEC_R(1) MATVEC_R(2) MATVEC_R(3) MATVEC_R(4) MATVEC_R(5) MATVEC_R(6) MATVEC_R(7) MATVEC_R(8)
 
 #define DECODE_ATTENTION(T, name, E, U, suffix) \
-extern "C" __global__ void lmx_decode_attention_rows_##name##_e##E##suffix(const T* q, const KvRows rows, T* out, float* part, int n_heads, int n_kv, int d, float scale, int chunk, int splits, unsigned int* count) { PDL_ENTRY(); decode_attention_rows<T, E, U>(q, rows, out, part, n_heads, n_kv, d, scale, chunk, splits, count); } \
+extern "C" __global__ void lmx_decode_attention_rows_##name##_e##E##suffix(const T* q, const KvRows rows, T* out, float* part, int n_heads, int n_kv, int d, float scale, int chunk, int splits, int split_above, unsigned int* count) { PDL_ENTRY(); decode_attention_rows<T, E, U>(q, rows, out, part, n_heads, n_kv, d, scale, chunk, splits, split_above, count); } \
 extern "C" __global__ void lmx_decode_attention_##name##_e##E##suffix(const T* q, const T* k, const T* v, T* out, float* part, int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits, long long ks0, long long ks1, long long ks2, long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window, unsigned int* count, int* codes, int gs, int bits) { PDL_ENTRY(); decode_attention<T, E, U>(q, k, v, out, part, n_heads, n_kv, kv_len, d, scale, chunk, splits, ks0, ks1, ks2, vs0, vs1, vs2, upto, window, count, codes, gs, bits); }
 #define INSTANTIATE(T, name) \
 extern "C" __global__ void lmx_causal_softmax_##name(const T* s, T* out, int cols, int q_len, int offset, int window, float scale, float softcap) { PDL_ENTRY(); causal_softmax(s, out, cols, q_len, offset, window, scale, softcap); } \
@@ -944,8 +948,6 @@ pub(crate) fn add_rms_norm(
     })
 }
 
-/// The greedy pick of one row of f32 logits on the device (`crate::ops::pick_greedy`): u32 (2,),
-/// the token and its log probability's bits.
 /// [`pick_greedy`] of every row of contiguous f32 logits, row r with its own masked ids
 /// (`masked[r]`, at most 8): two launches for all the rows; (rows * 2) u32 out.
 pub(crate) fn pick_greedy_rows(ls: &CudaStorage, ll: &Layout, masked: &[Vec<u32>]) -> Result<CudaStorage> {
@@ -979,6 +981,8 @@ pub(crate) fn pick_greedy_rows(ls: &CudaStorage, ll: &Layout, masked: &[Vec<u32>
     Ok(CudaStorage::wrap_cuda_slice(o, dev))
 }
 
+/// The greedy pick of one row of f32 logits on the device (`crate::ops::pick_greedy`): u32 (2,),
+/// the token and its log probability's bits.
 pub(crate) fn pick_greedy(ls: &CudaStorage, ll: &Layout, masked: &[u32]) -> Result<CudaStorage> {
     let n = ll.shape().elem_count();
     if ls.dtype() != DType::F32 || !ll.is_contiguous() || masked.len() > 8 || n > i32::MAX as usize {
@@ -1190,18 +1194,25 @@ fn attention_splits(heads: usize, span: usize) -> (usize, usize) {
 const SPLIT_COUNTERS: usize = 1 << 16;
 
 /// The address of `dev`'s split counters for `heads` (sequence, head) pairs, allocated once
-/// and kept for the process (recorded steps hold the address); None where the last-block merge
-/// is off (`LMX_CUDA_ATTENTION_MERGE=0`: a second launch merges, as before session 22) or the
-/// launch has more heads than counters.
+/// and kept for the process (recorded steps hold the address; 256 KiB a device, never freed);
+/// None where the last-block merge is off (`LMX_CUDA_ATTENTION_MERGE=0`: a second launch
+/// merges, as before session 22), the launch has more heads than counters, the device tracks
+/// several streams, or a step is being recorded before any counters exist.
 fn split_counters(dev: &candle_core::CudaDevice, heads: usize) -> Result<Option<u64>> {
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr};
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     static COUNTERS: std::sync::Mutex<Vec<(candle_core::cuda_backend::DeviceId, CudaSlice<u32>)>> = std::sync::Mutex::new(Vec::new());
-    if heads > SPLIT_COUNTERS || !*ON.get_or_init(|| !std::env::var("LMX_CUDA_ATTENTION_MERGE").is_ok_and(|v| v == "0")) {
+    // Counters serve launches on one stream, one after another: not a device whose threads
+    // each have a stream of their own (event tracking on, `LMX_CUDA_STREAM=per-thread`).
+    if heads > SPLIT_COUNTERS || dev.is_event_tracking() || !*ON.get_or_init(|| !std::env::var("LMX_CUDA_ATTENTION_MERGE").is_ok_and(|v| v == "0")) {
         return Ok(None);
     }
     let mut all = COUNTERS.lock().unwrap_or_else(|p| p.into_inner());
     if !all.iter().any(|(id, _)| *id == dev.id()) {
+        // Not while a step is recorded: the allocation would belong to the graph.
+        if crate::graph::capturing(&candle_core::Device::Cuda(dev.clone())) {
+            return Ok(None);
+        }
         all.push((dev.id(), dev.alloc_zeros::<u32>(SPLIT_COUNTERS)?));
     }
     let stream = dev.cuda_stream();
@@ -1210,7 +1221,8 @@ fn split_counters(dev: &candle_core::CudaDevice, heads: usize) -> Result<Option<
 
 /// One query per (sequence, head) over the cache: `q` (b, n_heads, 1, d) contiguous, `k`/`v`
 /// (b, n_kv, kv_len, d) with a contiguous last dimension; `d` at most 256. Split over the keys
-/// for long caches (flash-decoding), merged by a second kernel. With `upto` (a u32 position
+/// for long caches (flash-decoding), merged by the last block of each head (or a second kernel,
+/// see [`split_counters`]). With `upto` (a u32 position
 /// on the device) only keys up to that position count: the cache's length is read by the
 /// kernel, so a captured decode step replays at every length its buffer holds; with a
 /// `window` too, keys that many or more positions behind it are skipped. With `codes` (one
@@ -1491,7 +1503,7 @@ const KV_ROWS: usize = 32;
 struct KvRows {
     k: [u64; KV_ROWS],
     v: [u64; KV_ROWS],
-    len: [i32; KV_ROWS],
+    offset: [i32; KV_ROWS],
     cap: [i32; KV_ROWS],
 }
 
@@ -1501,18 +1513,23 @@ unsafe impl DeviceRepr for KvRows {}
 /// A decode step of a batch of sequences, each over its own cache, as one op of (q, k, v):
 /// `q` (b, nq, 1, d) and `k`/`v` (b, nkv, 1, d) before rotation, with contiguous heads; row r's
 /// query and key rotate by row r of `cos`/`sin` (b, 1, d / 2; or one row (1, d / 2) for rows at one position), its key and value land in
-/// `kbufs[r]`/`vbufs[r]` ((1, nkv, cap_r, d), contiguous) at position `lens[r]`, and its query
-/// attends to the `lens[r] + 1` keys there. Returns (b, nq, 1, d). Three launches for up to 32
-/// rows (rotation and writes, attention, the splits' merge) where the row-by-row step launched
-/// five a row, each an op of its own from the host: a batch's decode was bound by the host.
-/// Each row's values are those of the same step alone (the same kernels' arithmetic, the keys
-/// split alike).
+/// `kbufs[r]`/`vbufs[r]` ((1, nkv, cap_r, d), contiguous) at position `offsets[r]`, and its query
+/// attends to the `offsets[r] + 1` keys there. Returns (b, nq, 1, d). Two launches for up to
+/// 32 rows (rotation and writes, then attention; a third merges the splits where the last
+/// block does not) where the row-by-row step launched five a row, each an op of its own from
+/// the host: a batch's decode was bound by the host. Each row's values are those of the same
+/// step alone (the same kernels' arithmetic, the keys split as the row's own buffer splits
+/// them).
 pub(crate) struct DecodeRows {
+    /// The rows' rotary angles, (b, 1, d / 2) or one row shared.
     pub cos: candle_core::Tensor,
     pub sin: candle_core::Tensor,
+    /// Each row's key and value buffers, (1, nkv, cap_r, d).
     pub kbufs: Vec<candle_core::Tensor>,
     pub vbufs: Vec<candle_core::Tensor>,
-    pub lens: Vec<usize>,
+    /// Row r's keys held before this step: where its new key and value go.
+    pub offsets: Vec<usize>,
+    /// Multiplies the scores (1 / sqrt(d) unless the model says otherwise).
     pub scale: f32,
 }
 
@@ -1533,7 +1550,7 @@ impl candle_core::CustomOp3 for DecodeRows {
             || nq % nkv != 0
             || self.kbufs.len() != b
             || self.vbufs.len() != b
-            || self.lens.len() != b
+            || self.offsets.len() != b
             || [&self.cos, &self.sin].iter().any(|t| !t.is_contiguous() || (t.elem_count() != b * half && t.elem_count() != half))
         {
             candle_core::bail!("decode rows: q {:?} / k {:?} / v {:?} / cos {:?} for {} rows of buffers do not fit", ql.dims(), kl.dims(), vl.dims(), self.cos.dims(), self.kbufs.len());
@@ -1557,8 +1574,8 @@ impl candle_core::CustomOp3 for DecodeRows {
             let (&[1, h, cap, bd], true, true) = (*kd, kbl.is_contiguous(), vbl.is_contiguous()) else {
                 candle_core::bail!("decode rows: row {r}'s key buffer {kd:?} must be one contiguous sequence");
             };
-            if (h, bd) != (nkv, d) || vd != kd || self.lens[r] >= cap || cap > i32::MAX as usize {
-                candle_core::bail!("decode rows: row {r}'s buffers {kd:?} / {vd:?} with {} keys held do not take a position of {nkv} heads of {d}", self.lens[r]);
+            if (h, bd) != (nkv, d) || vd != kd || self.offsets[r] >= cap || cap > i32::MAX as usize {
+                candle_core::bail!("decode rows: row {r}'s buffers {kd:?} / {vd:?} with {} keys held do not take a position of {nkv} heads of {d}", self.offsets[r]);
             }
             caps.push(cap);
         }
@@ -1568,10 +1585,12 @@ impl candle_core::CustomOp3 for DecodeRows {
         let attend = dev.get_or_load_custom_func(&format!("{}_e{e}", name("decode_attention_rows", qs.dtype())?), "lmx_fused", fused_ptx()?)?;
         let combine = dev.get_or_load_custom_func(&name("combine_splits", qs.dtype())?, "lmx_fused", fused_ptx()?)?;
         // Split as a row alone is split (its buffer's positions, its own heads): the same
-        // parts of its keys, so the same sums.
+        // parts of its keys, so the same sums (the kernel keeps short buffers whole).
         let (chunk, splits) = attention_splits(nq, caps.iter().copied().max().unwrap_or(0));
         let [q_head, q_row, k_head, k_row, v_head, v_row] = [ql.stride()[1], ql.stride()[0], kl.stride()[1], kl.stride()[0], vl.stride()[1], vl.stride()[0]].map(|s| s as i64);
         let (nqi, nkvi, di, ch, sp, scale) = (nq as i32, nkv as i32, d as i32, chunk as i32, splits as i32, self.scale);
+        // A row whose buffer is short enough to take one split alone takes one here too.
+        let split_above = attention_split_above().min(i32::MAX as usize) as i32;
         // Rows at one position share one row of angles.
         let cos_row = if self.cos.elem_count() == half && b > 1 { 0i64 } else { half as i64 };
         typed!(qs.dtype(), T => {
@@ -1585,13 +1604,13 @@ impl candle_core::CustomOp3 for DecodeRows {
             let stream = dev.cuda_stream();
             for r0 in (0..b).step_by(KV_ROWS) {
                 let n = KV_ROWS.min(b - r0);
-                let mut rows = KvRows { k: [0; KV_ROWS], v: [0; KV_ROWS], len: [0; KV_ROWS], cap: [0; KV_ROWS] };
+                let mut rows = KvRows { k: [0; KV_ROWS], v: [0; KV_ROWS], offset: [0; KV_ROWS], cap: [0; KV_ROWS] };
                 for i in 0..n {
                     use candle_core::cuda_backend::cudarc::driver::DevicePtr;
                     let r = r0 + i;
                     rows.k[i] = view::<T>(kbufs[r].0, kbufs[r].1)?.device_ptr(&stream).0;
                     rows.v[i] = view::<T>(vbufs[r].0, vbufs[r].1)?.device_ptr(&stream).0;
-                    rows.len[i] = self.lens[r] as i32;
+                    rows.offset[i] = self.offsets[r] as i32;
                     rows.cap[i] = caps[r] as i32;
                 }
                 let (q, k, v) = (q.slice(r0 * q_row as usize..), k.slice(r0 * k_row as usize..), v.slice(r0 * v_row as usize..));
@@ -1602,15 +1621,15 @@ impl candle_core::CustomOp3 for DecodeRows {
                 bld.arg(&q).arg(&q_head).arg(&q_row).arg(&k).arg(&k_head).arg(&k_row).arg(&v).arg(&v_head).arg(&v_row).arg(&cos).arg(&sin).arg(&cos_row);
                 bld.arg(&qo).arg(&rows).arg(&nqi).arg(&nkvi).arg(&di);
                 // SAFETY: q/k/v hold n rows at their strides, cos/sin n * d / 2 values, qo n * nq
-                // * d; each row's buffers hold nkv * cap * d values and len < cap (checked).
+                // * d; each row's buffers hold nkv * cap * d values and offset < cap (checked).
                 unsafe { bld.launch(cfg) }.w()?;
                 let cfg = LaunchConfig { grid_dim: ((n * nq) as u32, splits as u32, 1), block_dim: ((32 * attention_warps()) as u32, 1, 1), shared_mem_bytes: (attention_warps() * d * 4) as u32 };
                 let count = if splits > 1 { split_counters(&dev, n * nq)? } else { None };
                 let count_arg = count.unwrap_or(0);
                 let mut bld = attend.builder();
-                bld.arg(&qo).arg(&rows).arg(&o).arg(&part).arg(&nqi).arg(&nkvi).arg(&di).arg(&scale).arg(&ch).arg(&sp).arg(&count_arg);
+                bld.arg(&qo).arg(&rows).arg(&o).arg(&part).arg(&nqi).arg(&nkvi).arg(&di).arg(&scale).arg(&ch).arg(&sp).arg(&split_above).arg(&count_arg);
                 // SAFETY: qo and o hold n * nq heads of d, `part` their splits' partials, the
-                // counters (if any) the heads; each row's buffers its len + 1 keys.
+                // counters (if any) the heads; each row's buffers its offset + 1 keys.
                 unsafe { bld.launch(cfg) }.w()?;
                 if splits > 1 && count.is_none() {
                     let cfg = LaunchConfig { grid_dim: ((n * nq) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };

@@ -583,19 +583,19 @@ pub fn decode_rows_fit(q: &Tensor) -> bool {
 /// A decode step of a batch of sequences, one cache each, in one op on a GPU (see
 /// [`decode_rows_fit`]): `q` (b, heads, 1, d) and `k`/`v` (b, kv_heads, 1, d) before rotation;
 /// row r rotates by row r of `cos`/`sin` (b, 1, d / 2, or (1, d / 2) shared by rows at one position) ("rotate half", as [`rope`]), writes
-/// its key and value into `kbufs[r]`/`vbufs[r]` (1, kv_heads, cap, d) at position `lens[r]`,
-/// and attends to the `lens[r] + 1` keys there. Returns (b, heads, 1, d), each row as the same
+/// its key and value into `kbufs[r]`/`vbufs[r]` (1, kv_heads, cap, d) at position `offsets[r]`,
+/// and attends to the `offsets[r] + 1` keys there. Returns (b, heads, 1, d), each row as the same
 /// step alone computes it.
 #[allow(clippy::too_many_arguments)]
-pub fn decode_rows(q: &Tensor, k: &Tensor, v: &Tensor, cos: &Tensor, sin: &Tensor, kbufs: Vec<Tensor>, vbufs: Vec<Tensor>, lens: Vec<usize>, scale: f64) -> Result<Tensor> {
+pub fn decode_rows(q: &Tensor, k: &Tensor, v: &Tensor, cos: &Tensor, sin: &Tensor, kbufs: Vec<Tensor>, vbufs: Vec<Tensor>, offsets: Vec<usize>, scale: f64) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     {
-        let op = crate::cuda_fused::DecodeRows { cos: cos.contiguous()?, sin: sin.contiguous()?, kbufs, vbufs, lens, scale: scale as f32 };
+        let op = crate::cuda_fused::DecodeRows { cos: cos.contiguous()?, sin: sin.contiguous()?, kbufs, vbufs, offsets, scale: scale as f32 };
         contiguous_heads(q)?.apply_op3_no_bwd(&contiguous_heads(k)?, &contiguous_heads(v)?, &op)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (q, k, v, cos, sin, kbufs, vbufs, lens, scale);
+        let _ = (q, k, v, cos, sin, kbufs, vbufs, offsets, scale);
         crate::bail!("a batch's decode step in one op runs on a GPU only")
     }
 }
@@ -1269,7 +1269,6 @@ mod tests {
             return Ok(());
         };
         let host = |t: &Tensor| -> Result<Tensor> { t.to_device(&Device::Cpu)?.to_dtype(DType::F32) };
-        // (rows, heads, kv heads, head size)
         // (dtype, rows, heads, kv heads, head size, rows sharing one row of angles)
         for (dtype, b, h, kvh, d, shared) in [(DType::BF16, 3, 32, 8, 128, false), (DType::BF16, 35, 8, 2, 64, false), (DType::F32, 5, 6, 2, 96, false), (DType::BF16, 4, 32, 8, 128, true)] {
             let lens: Vec<usize> = (0..b).map(|r| [0, 5, 63, 64, 130, 700, 1500][r % 7] + r).collect();

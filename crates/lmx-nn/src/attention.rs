@@ -341,13 +341,15 @@ impl Attention {
         let (b, l) = (q.dim(0)?, q.dim(2)?);
         let cpu = q.device().is_cpu();
         let angles = input.table(self.rope_table)?;
-        // On a GPU, one token a row over plain caches: the whole step in one op (three launches
-        // a layer for the batch instead of several a row).
+        // On a GPU, one token a row over plain caches: the whole step in one op (two launches a
+        // layer for the batch instead of several a row).
         let plain = self.kv_of_head.is_none() && self.softcap.is_none() && self.sinks.is_none() && self.rotary_dim == self.head_dim;
         if plain && !cpu && ops::decode_rows_fit(q) {
             if let Some((cos, sin)) = angles.per_row_angles()? {
-                if let Some((kbufs, vbufs, lens)) = cache.step_rows(layer_idx, self.window)? {
-                    return ops::decode_rows(q, k, v, cos, sin, kbufs, vbufs, lens, self.scale);
+                if let Some(rows) = cache.step_rows(layer_idx, self.window)? {
+                    let y = ops::decode_rows(q, k, v, cos, sin, rows.keys, rows.values, rows.offsets, self.scale)?;
+                    cache.commit_rows(layer_idx);
+                    return Ok(y);
                 }
             }
         }

@@ -177,6 +177,14 @@ struct Sequence {
     opts: KvOptions,
 }
 
+/// Each row's key and value buffers and offset (keys held) for a batch's one-position step
+/// ([`KvCache::step_rows`]).
+pub struct StepRows {
+    pub keys: Vec<Tensor>,
+    pub values: Vec<Tensor>,
+    pub offsets: Vec<usize>,
+}
+
 /// Keys and values of every layer for the tokens processed so far, one cache per sequence
 /// (row) of the batch.
 #[derive(Debug, Clone)]
@@ -721,29 +729,34 @@ impl KvCache {
 
     /// For a batch's step of one new position in every row over plain growing caches (no
     /// quantization, no rotation, host positions): makes room for it in each row's layer
-    /// `layer_idx` and returns the rows' key buffers, value buffers and the positions the new
-    /// keys and values go to, counting them as held (the caller writes them:
-    /// `ops::decode_rows`). None, changing nothing, when a row's cache is not such a one or
-    /// would hold more than `window` positions.
-    #[allow(clippy::type_complexity)]
-    pub fn step_rows(&mut self, layer_idx: usize, window: Option<usize>) -> Result<Option<(Vec<Tensor>, Vec<Tensor>, Vec<usize>)>> {
+    /// `layer_idx` and returns the rows' buffers and the offsets the new keys and values go to
+    /// (the caller writes them: `ops::decode_rows`, then [`Self::commit_rows`]). None when a
+    /// row's cache is not such a one or would hold more than `window` positions. Offsets do not
+    /// move here: a step that fails leaves every row as it was (at most with a larger buffer).
+    pub fn step_rows(&mut self, layer_idx: usize, window: Option<usize>) -> Result<Option<StepRows>> {
         let fits = |l: &LayerKv| matches!(l.store, Store::Growing { .. }) && window.is_none_or(|w| l.offset < w);
         let plain = |seq: &Sequence| seq.opts.kv_bits.is_none() && seq.opts.max_kv_size.is_none() && seq.layers.get(layer_idx).is_some_and(fits);
         if !self.store || self.position.is_some() || !self.rows.iter().all(plain) {
             return Ok(None);
         }
         let n = self.rows.len();
-        let (mut ks, mut vs, mut lens) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let mut rows = StepRows { keys: Vec::with_capacity(n), values: Vec::with_capacity(n), offsets: Vec::with_capacity(n) };
         for seq in &mut self.rows {
             let layer = &mut seq.layers[layer_idx];
             layer.reserve(1, STEP)?;
-            let Store::Growing { k, v } = &layer.store else { unreachable!("checked above") };
-            ks.push(k.clone());
-            vs.push(v.clone());
-            lens.push(layer.offset);
+            let Store::Growing { k, v } = &layer.store else { lmx_core::bail!("kv cache: a growing buffer stopped growing") };
+            rows.keys.push(k.clone());
+            rows.values.push(v.clone());
+            rows.offsets.push(layer.offset);
+        }
+        Ok(Some(rows))
+    }
+
+    /// Counts the position a [`Self::step_rows`] step wrote in each row's layer `layer_idx`.
+    pub fn commit_rows(&mut self, layer_idx: usize) {
+        for layer in self.rows.iter_mut().filter_map(|seq| seq.layers.get_mut(layer_idx)) {
             layer.offset += 1;
         }
-        Ok(Some((ks, vs, lens)))
     }
 
     /// Row `row`'s layer `layer_idx`, with the row's options.
@@ -883,8 +896,8 @@ mod tests {
     }
 
     /// `step_rows` hands out each row's buffers with room for one more position and the
-    /// positions it goes to, and counts it; a row it cannot serve (rotating, or past the
-    /// window) leaves every row as it was.
+    /// offsets it goes to, and `commit_rows` counts it; a row it cannot serve (rotating, or
+    /// past the window) leaves every row as it was.
     #[test]
     fn step_rows_makes_room_and_counts_one_position() -> Result<()> {
         let a = Tensor::randn(0f32, 1.0, (1, 2, 256, 4), &Device::Cpu)?;
@@ -896,10 +909,12 @@ mod tests {
         let mut both = KvCache::batch(vec![x, y]);
         assert!(both.step_rows(1, Some(256))?.is_none(), "a row of 256 keys past a window of 256");
         assert_eq!((both.row_offset(0), both.row_offset(1)), (256, 5));
-        let Some((ks, vs, lens)) = both.step_rows(1, None)? else { panic!("plain growing caches") };
-        assert_eq!(lens, [256, 5]);
+        let Some(rows) = both.step_rows(1, None)? else { panic!("plain growing caches") };
+        assert_eq!(rows.offsets, [256, 5]);
         // The full row grew (256 more positions), the other had room.
-        assert_eq!(ks.iter().chain(&vs).map(|t| t.dim(2)).collect::<Result<Vec<_>>>()?, [512, 256, 512, 256]);
+        assert_eq!(rows.keys.iter().chain(&rows.values).map(|t| t.dim(2)).collect::<Result<Vec<_>>>()?, [512, 256, 512, 256]);
+        assert_eq!((both.row_offset(0), both.row_offset(1)), (256, 5), "counted before the step wrote anything");
+        both.commit_rows(1);
         // Layer 1 counts its new position; layer 0 has not run this step.
         let parts = both.unbatch();
         assert_eq!(parts.iter().map(|c| (c.rows[0].layers[0].offset, c.rows[0].layers[1].offset)).collect::<Vec<_>>(), [(256, 257), (5, 6)]);

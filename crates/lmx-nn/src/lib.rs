@@ -26,7 +26,7 @@ pub use attention::{Attention, AttentionConfig, AttentionInput};
 pub use builder::{Builder, Shard};
 pub use decoder::{sliding_layers, CausalLm, Decoder, DecoderConfig, DecoderLayer, DecoderStyle, FeedForward, Layer, Logits, SandwichLayer, SelfAttention};
 pub use error::BuildError;
-pub use kv_cache::{KvCache, KvOptions, KvView, LayerState};
+pub use kv_cache::{KvCache, KvOptions, KvView, LayerState, StepRows};
 pub use linear::{Bias, Embedding, Linear, RmsNorm};
 pub use mla::{Mla, MlaConfig};
 pub use mlp::{Activation, Mlp};
