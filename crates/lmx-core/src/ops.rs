@@ -995,7 +995,7 @@ mod tests {
             let t = Tensor::from_slice(&full.iter().flat_map(|c| c.0.clone()).collect::<Vec<f32>>(), (full.len(), n), dev)?;
             let masks: Vec<Vec<u32>> = full.iter().map(|c| c.1.clone()).collect();
             let together = pick_greedy_rows(&t, &masks)?.to_vec1::<u32>()?;
-            let alone: Vec<u32> = (0..full.len()).map(|i| Ok(pick_greedy(&t.get(i)?, &masks[i])?.to_vec1::<u32>()?)).collect::<Result<Vec<_>>>()?.concat();
+            let alone: Vec<u32> = (0..full.len()).map(|i| pick_greedy(&t.get(i)?, &masks[i])?.to_vec1::<u32>()).collect::<Result<Vec<_>>>()?.concat();
             assert_eq!(together, alone, "{dev:?}: {} rows picked together and alone", full.len());
         }
         Ok(())
