@@ -344,16 +344,15 @@ impl Attention {
         // On a GPU, one token a row over plain caches: the whole step in one op (two launches a
         // layer for the batch instead of several a row).
         let plain = self.kv_of_head.is_none() && self.softcap.is_none() && self.sinks.is_none() && self.rotary_dim == self.head_dim;
-        if plain && !cpu && ops::decode_rows_fit(q) {
-            if let Some((cos, sin)) = angles.per_row_angles()? {
-                if let Some(rows) = cache.step_rows(layer_idx, self.window)? {
-                    let y = ops::decode_rows(q, k, v, cos, sin, rows.keys, rows.values, rows.offsets, self.scale)?;
-                    cache.commit_rows(layer_idx);
-                    return Ok(y);
-                }
+        let per_row = angles.per_row_angles()?;
+        if let (true, Some((cos, sin))) = (plain && ops::decode_rows_fit(q), per_row) {
+            if let Some(rows) = cache.step_rows(layer_idx, self.window)? {
+                let y = ops::decode_rows(q, k, v, cos, sin, rows.keys, rows.values, rows.offsets, self.scale)?;
+                cache.commit_rows(layer_idx);
+                return Ok(y);
             }
         }
-        let rotated = match angles.per_row_angles()? {
+        let rotated = match per_row {
             Some((cos, sin)) if cpu || gpu_rows_rotate_together() => Some((self.rotate(q, cos, sin)?, self.rotate(k, cos, sin)?)),
             _ => None,
         };
