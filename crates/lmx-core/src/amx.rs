@@ -2,13 +2,22 @@
 //! bytes and `tdpbf16ps`, a 16 x 16 x 32 bf16 product into f32 in one instruction (16 times the
 //! work of an AVX-512 `vdpbf16ps`). Linux hands the tile state to a process only on request
 //! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`); [`usable`] asks once. The operands' layouts are those
-//! of `bf16_gemm`: x as rows of bf16 pairs, W's blocks as pair rows of 32 columns.
+//! of `bf16_gemm`: x as rows of bf16 pairs, W's blocks as pair rows of 32 columns. AMX-INT8's
+//! `tdpbusd` (16 x 16 x 64 unsigned-by-signed bytes into i32) serves the quantized prefill
+//! product ([`int8_group`]).
 
 /// True when this CPU has AMX-BF16, Linux granted this process the tile state, and
 /// `LMX_AMX=0` is not set.
 pub fn usable() -> bool {
     static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *OK.get_or_init(|| !std::env::var("LMX_AMX").is_ok_and(|v| v == "0") && imp::request())
+}
+
+/// True when [`usable`] and the CPU also has AMX-INT8 (`tdpbusd`), and `LMX_AMX_INT8=0` is
+/// not set.
+pub fn int8_usable() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| usable() && !std::env::var("LMX_AMX_INT8").is_ok_and(|v| v == "0") && imp::has_int8())
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -33,6 +42,11 @@ mod imp {
                  lateout("rcx") _, lateout("r11") _, options(nostack));
         }
         ret == 0
+    }
+
+    /// CPUID leaf 7, EDX bit 25: AMX-INT8 (leaf 7 was checked by [`request`]).
+    pub(super) fn has_int8() -> bool {
+        (std::arch::x86_64::__cpuid_count(7, 0).edx >> 25) & 1 == 1
     }
 
     /// The tile configuration every kernel here uses: palette 1, tiles 0-7 of 16 rows x 64 bytes.
@@ -107,12 +121,60 @@ mod imp {
             );
         }
     }
+
+    /// One quantization group of the int8 product for 32 matrix rows (two A tiles, `a` and
+    /// `a + 16 * a_stride`) and 16 activation rows: c[0..256] (16 x 16 i32, row-major) = A0 @
+    /// Bc, c[256..512] = A0 @ Bf, c[512..768] = A1 @ Bc, c[768..1024] = A1 @ Bf, over `steps`
+    /// steps of 64 bytes along k. A is unsigned bytes (weights); Bc and Bf hold `steps` tiles
+    /// of 1,024 signed bytes (activations: tile row t holds bytes 4t..4t + 4 of each of 16
+    /// rows). Two A tiles against both B tiles make four products per four tile loads: a
+    /// tile load costs about three `tdpbusd`s on the Xeon measured (docs/BENCHMARKS.md, session 23).
+    ///
+    /// # Safety
+    /// [`configure`] ran on this thread and [`super::int8_usable`] is true; a holds 32 rows of
+    /// `64 * steps` bytes at `a_stride`; bc and bf hold `1024 * steps` bytes; c 1,024 i32.
+    #[inline]
+    pub(crate) unsafe fn int8_group(a: *const u8, a_stride: usize, bc: *const u8, bf: *const u8, steps: usize, c: *mut i32) {
+        // SAFETY: the caller's guarantees; tiles 0-3 accumulate, 4-5 hold A, 6-7 hold B.
+        unsafe {
+            asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+            for s in 0..steps {
+                asm!(
+                    "tileloadd tmm4, [{a0} + {stride} * 1]",
+                    "tileloadd tmm6, [{bc} + {sixty_four} * 1]",
+                    "tileloadd tmm7, [{bf} + {sixty_four} * 1]",
+                    "tdpbusd tmm0, tmm4, tmm6",
+                    "tdpbusd tmm1, tmm4, tmm7",
+                    "tileloadd tmm5, [{a1} + {stride} * 1]",
+                    "tdpbusd tmm2, tmm5, tmm6",
+                    "tdpbusd tmm3, tmm5, tmm7",
+                    a0 = in(reg) a.add(64 * s), a1 = in(reg) a.add(16 * a_stride + 64 * s), stride = in(reg) a_stride,
+                    bc = in(reg) bc.add(1024 * s), bf = in(reg) bf.add(1024 * s), sixty_four = in(reg) 64usize,
+                    options(nostack, readonly),
+                );
+            }
+            asm!(
+                "tilestored [{c0} + {sixty_four} * 1], tmm0",
+                "tilestored [{c1} + {sixty_four} * 1], tmm1",
+                "tilestored [{c2} + {sixty_four} * 1], tmm2",
+                "tilestored [{c3} + {sixty_four} * 1], tmm3",
+                c0 = in(reg) c, c1 = in(reg) c.add(256), c2 = in(reg) c.add(512), c3 = in(reg) c.add(768), sixty_four = in(reg) 64usize,
+                options(nostack),
+            );
+        }
+    }
 }
 
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
 mod imp {
     pub(super) fn request() -> bool {
         false
+    }
+    pub(super) fn has_int8() -> bool {
+        false
+    }
+    pub(crate) unsafe fn int8_group(_: *const u8, _: usize, _: *const u8, _: *const u8, _: usize, _: *mut i32) {
+        unreachable!("AMX is not usable off x86-64 Linux")
     }
     pub(crate) unsafe fn configure() {}
     pub(crate) unsafe fn release() {}
@@ -121,4 +183,4 @@ mod imp {
     }
 }
 
-pub(crate) use imp::{block_32x32, configure, release};
+pub(crate) use imp::{block_32x32, configure, int8_group, release};

@@ -191,6 +191,167 @@ fn q8_rows(q: &QuantizedMatrix, x: &[f32], m: usize) -> Vec<Q8Act> {
 /// codes copied, not dequantized) and run past all rows of x, 8 at a time. Blocks split over
 /// threads on the decode pool. Callers check [`q8_gemm_applies`].
 pub fn qmatmul_many_q8(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<f32> {
+    if amx_applies(qs) {
+        return qmatmul_many_amx(qs, x, m);
+    }
+    qmatmul_many_vnni(qs, x, m)
+}
+
+/// True when [`qmatmul_many_q8`] takes the AMX tiles for these matrices: AMX-INT8 granted,
+/// AVX-512 VNNI not capped by `LMX_KERNELS`, groups of 64 or 128 (a tile's row is 64 bytes).
+fn amx_applies(qs: &[&QuantizedMatrix]) -> bool {
+    level() == Level::Vnni512 && crate::amx::int8_usable() && qs.iter().all(|q| q.group_size % 64 == 0)
+}
+
+/// [`qmatmul_many_q8`] with AVX-512 VNNI alone (`amx`: false) or on the AMX tiles where
+/// they apply, to compare the two.
+#[cfg(test)]
+pub(super) fn qmatmul_many_q8_with(amx: bool, qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Option<Vec<f32>> {
+    match amx {
+        true => amx_applies(qs).then(|| qmatmul_many_amx(qs, x, m)),
+        false => Some(qmatmul_many_vnni(qs, x, m)),
+    }
+}
+
+/// One activation format's rows for the AMX product, 16 rows a chunk (the last padded with
+/// zero rows): each level's codes as `tdpbusd` B tiles, tile t of a chunk holding, in its row
+/// k, bytes 4k..4k + 4 of elements 64t.. of each of the 16 rows; `dx` and `xsums` per chunk as
+/// [groups][16].
+struct AmxActs {
+    chunks: usize,
+    cols: usize,
+    groups: usize,
+    codes: Vec<u32>,
+    fine: Vec<u32>,
+    dx: Vec<f32>,
+    xsums: Vec<f32>,
+}
+
+impl AmxActs {
+    fn new(acts: &[Q8Act], cols: usize, groups: usize) -> Self {
+        let chunks = acts.len().div_ceil(16);
+        let words = cols / 4;
+        let mut t =
+            AmxActs { chunks, cols, groups, codes: vec![0; chunks * 16 * words], fine: vec![0; chunks * 16 * words], dx: vec![0.0; chunks * 16 * groups], xsums: vec![0.0; chunks * 16 * groups] };
+        let mut src = vec![0u32; 16 * words];
+        for ch in 0..chunks {
+            let rows = &acts[ch * 16..(ch * 16 + 16).min(acts.len())];
+            for level in 0..2 {
+                src.fill(0);
+                for (r, a) in rows.iter().enumerate() {
+                    let codes = if level == 0 { &a.codes } else { &a.fine };
+                    for (w, c) in src[r * words..(r + 1) * words].iter_mut().zip(codes.chunks_exact(4)) {
+                        *w = u32::from_le_bytes([c[0] as u8, c[1] as u8, c[2] as u8, c[3] as u8]);
+                    }
+                }
+                let dst = if level == 0 { &mut t.codes } else { &mut t.fine };
+                // SAFETY: amx_applies checked AVX-512; src and the chunk's slice hold 16 x words.
+                unsafe { crate::bf16_gemm::transpose_u32(&src, &mut dst[ch * 16 * words..(ch + 1) * 16 * words], 16, words) };
+            }
+            for (r, a) in rows.iter().enumerate() {
+                for g in 0..groups {
+                    t.dx[(ch * groups + g) * 16 + r] = a.dx[g];
+                    t.xsums[(ch * groups + g) * 16 + r] = a.xsums[g];
+                }
+            }
+        }
+        t
+    }
+
+    /// Chunk `ch`'s (codes, fine, dx, xsums).
+    fn chunk(&self, ch: usize) -> (*const u8, *const u8, &[f32], &[f32]) {
+        // A chunk is 16 rows of cols / 4 words.
+        let (words, g) = (4 * self.cols, 16 * self.groups);
+        (self.codes[ch * words..].as_ptr() as *const u8, self.fine[ch * words..].as_ptr() as *const u8, &self.dx[ch * g..(ch + 1) * g], &self.xsums[ch * g..(ch + 1) * g])
+    }
+}
+
+/// [`qmatmul_many_q8`] on AMX tiles: activations coded and laid out as tiles once
+/// ([`AmxActs`]); each block of 32 matrix rows as one byte per element (4-bit rows unpacked
+/// into a scratch buffer, 8-bit rows read in place), scales and biases as f32, then run past
+/// every chunk of 16 activation rows ([`x86::amx_block_q8`](super::x86::amx_block_q8)).
+/// Blocks split over threads on the decode pool.
+fn qmatmul_many_amx(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<f32> {
+    let total: usize = qs.iter().map(|q| q.rows).sum();
+    let owner: Vec<usize> = (0..qs.len()).map(|i| (0..i).find(|&j| same_act(qs[j], qs[i])).unwrap_or(i)).collect();
+    let acts: Vec<Option<AmxActs>> = qs.iter().enumerate().map(|(i, q)| (owner[i] == i).then(|| AmxActs::new(&q8_rows(q, x, m), q.cols, q.cols / q.group_size))).collect();
+    let mut blocks = Vec::new();
+    let mut col = 0;
+    for (i, q) in qs.iter().enumerate() {
+        blocks.extend((0..q.rows).step_by(AMX_ROWS).map(|r0| (i, r0, col + r0)));
+        col += q.rows;
+    }
+    let mut y = vec![0f32; m * total];
+    let y_ptr = SendPtr(y.as_mut_ptr());
+    parallel_ranges(blocks.len(), 1, |range| {
+        let (mut bytes, mut s, mut b) = (Vec::new(), Vec::new(), Vec::new());
+        let mut out = [[0f32; 16]; AMX_ROWS];
+        // SAFETY: amx_applies checked AMX; the tiles are this thread's until released below.
+        unsafe { crate::amx::configure() };
+        for &(i, r0, c0) in &blocks[range] {
+            let q = qs[i];
+            let (nr, groups) = (AMX_ROWS.min(q.rows - r0), q.cols / q.group_size);
+            let a = amx_rows(q, r0, nr, &mut bytes);
+            for (params, out) in [(&q.scales, &mut s), (&q.biases, &mut b)] {
+                out.clear();
+                out.resize(AMX_ROWS * groups, 0.0);
+                for j in 0..nr {
+                    params.fill((r0 + j) * groups, &mut out[j * groups..(j + 1) * groups]);
+                }
+            }
+            let t = acts[owner[i]].as_ref().expect("the owner codes the activations");
+            for ch in 0..t.chunks {
+                let (codes, fine, dx, xsums) = t.chunk(ch);
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: amx_applies checked AVX-512 and AMX-INT8, configured above; `a`
+                // holds 32 rows of q.cols bytes q.cols apart; the chunk's tiles cover q.cols.
+                unsafe {
+                    super::x86::amx_block_q8(a, q.cols, codes, fine, q.group_size, &s, &b, dx, xsums, &mut out)
+                };
+                for (j, o) in out.iter().enumerate().take(nr) {
+                    for (r, v) in o.iter().enumerate().take(m - ch * 16) {
+                        // SAFETY: row ch * 16 + r < m, column c0 + j < total; this block alone
+                        // writes column c0 + j.
+                        unsafe { *y_ptr.get().add((ch * 16 + r) * total + c0 + j) = *v };
+                    }
+                }
+            }
+        }
+        // SAFETY: as for configure.
+        unsafe { crate::amx::release() };
+    });
+    y
+}
+
+/// Matrix rows per block of the AMX product: two A tiles.
+const AMX_ROWS: usize = 32;
+
+/// Rows r0..r0 + nr of `q` as one byte per element ([`AMX_ROWS`] rows, q.cols apart; rows
+/// past nr zero): 8-bit rows in place where the block is whole, else through `buf`.
+fn amx_rows(q: &QuantizedMatrix, r0: usize, nr: usize, buf: &mut Vec<u8>) -> *const u8 {
+    let words = q.cols * q.bits / 32;
+    let packed = &q.packed[r0 * words..(r0 + nr) * words];
+    // SAFETY: u32 words viewed as their bytes.
+    let packed = unsafe { std::slice::from_raw_parts(packed.as_ptr() as *const u8, packed.len() * 4) };
+    if q.bits == 8 && nr == AMX_ROWS {
+        return packed.as_ptr();
+    }
+    buf.clear();
+    buf.resize(AMX_ROWS * q.cols, 0);
+    if q.bits == 8 {
+        buf[..packed.len()].copy_from_slice(packed);
+    } else {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: amx_applies checked AVX-512 (so AVX2); 4-bit rows are whole runs of 64.
+        unsafe {
+            super::x86::unpack_nibbles(packed, buf)
+        };
+    }
+    buf.as_ptr()
+}
+
+/// [`qmatmul_many_q8`] on AVX-512 VNNI.
+fn qmatmul_many_vnni(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<f32> {
     let total: usize = qs.iter().map(|q| q.rows).sum();
     let owner: Vec<usize> = (0..qs.len()).map(|i| (0..i).find(|&j| same_act(qs[j], qs[i])).unwrap_or(i)).collect();
     let acts: Vec<Option<Vec<Q8Act>>> = qs.iter().enumerate().map(|(i, q)| (owner[i] == i).then(|| q8_rows(q, x, m))).collect();

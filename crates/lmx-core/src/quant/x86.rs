@@ -716,6 +716,84 @@ pub(super) unsafe fn gemm_q8_vnni<const BITS: usize, const GS: usize>(w: &[u32],
     }
 }
 
+/// One block of the int8 product on AMX tiles: 32 matrix rows (A: unsigned bytes, one per
+/// element, `a_stride` apart, in the activations' element order) against 16 activation rows
+/// (their two levels of codes as tiles, `AmxActs` in kernels.rs). Per group, `tdpbusd` gives
+/// both levels' integer sums for all 512 pairs ([`crate::amx::int8_group`]), which are then
+/// scaled as the VNNI kernel scales its sums: `out[j][r] = sum_g s_j dx_r (codes + fine /
+/// FINE) + b_j xsum_r` (j a matrix row, r an activation row). `s` and `b` are [32][groups]
+/// f32 (row j's groups together); `dx` and `xsums` [groups][16] (a group's 16 rows together).
+///
+/// # Safety
+/// AVX-512F must be available and [`crate::amx::configure`] must have run on this thread;
+/// `a` holds 32 rows of `groups * gs` bytes at `a_stride`; `codes` and `fine` hold
+/// `groups * gs / 64` tiles of 1,024 bytes; gs is 64 or 128.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn amx_block_q8(a: *const u8, a_stride: usize, codes: *const u8, fine: *const u8, gs: usize, s: &[f32], b: &[f32], dx: &[f32], xsums: &[f32], out: &mut [[f32; 16]; 32]) {
+    /// Groups in flight: a group's sums are read `LAG` groups after its tiles were stored, so
+    /// the tile unit works on the next groups while the vector units scale this one (a
+    /// vector load cannot take its bytes from a pending tile store).
+    const LAG: usize = 2;
+    #[repr(C, align(64))]
+    struct Sums([[i32; 1024]; LAG + 1]);
+    let groups = dx.len() / 16;
+    debug_assert!(s.len() >= 32 * groups && b.len() >= 32 * groups && xsums.len() >= 16 * groups && gs % 64 == 0);
+    let steps = gs / 64;
+    let inv_fine = _mm512_set1_ps(1.0 / super::kernels::FINE);
+    // Every slot is written by its group's tile stores before it is read.
+    let mut c = std::mem::MaybeUninit::<Sums>::uninit();
+    let c = c.as_mut_ptr() as *mut [i32; 1024];
+    let mut acc = [_mm512_setzero_ps(); 32];
+    // SAFETY (whole body): the caller's guarantees; group g's tiles start at byte 64 * steps * g
+    // of each A row and at tile steps * g of the activations; s/b/dx/xsums hold `groups`.
+    unsafe {
+        for g in 0..groups + LAG {
+            if g < groups {
+                crate::amx::int8_group(a.add(g * gs), a_stride, codes.add(g * steps * 1024), fine.add(g * steps * 1024), steps, (*c.add(g % (LAG + 1))).as_mut_ptr());
+            }
+            let Some(g) = g.checked_sub(LAG) else { continue };
+            let sums = &*c.add(g % (LAG + 1));
+            let dxv = _mm512_loadu_ps(dx.as_ptr().add(g * 16));
+            let xsv = _mm512_loadu_ps(xsums.as_ptr().add(g * 16));
+            for (j, acc) in acc.iter_mut().enumerate() {
+                // Rows 0-15 are tiles 0 (codes) and 1 (fine); rows 16-31 tiles 2 and 3.
+                let at = (j / 16) * 512 + (j % 16) * 16;
+                let c0 = _mm512_cvtepi32_ps(_mm512_load_si512(sums.as_ptr().add(at) as *const _));
+                let c1 = _mm512_cvtepi32_ps(_mm512_load_si512(sums.as_ptr().add(at + 256) as *const _));
+                let isum = _mm512_fmadd_ps(c1, inv_fine, c0);
+                let scaled = _mm512_mul_ps(isum, dxv);
+                *acc = _mm512_fmadd_ps(scaled, _mm512_set1_ps(*s.get_unchecked(j * groups + g)), *acc);
+                *acc = _mm512_fmadd_ps(xsv, _mm512_set1_ps(*b.get_unchecked(j * groups + g)), *acc);
+            }
+        }
+        for (o, acc) in out.iter_mut().zip(acc) {
+            _mm512_storeu_ps(o.as_mut_ptr(), acc);
+        }
+    }
+}
+
+/// Packed 4-bit rows as one byte per element for [`amx_block_q8`], in
+/// [`Q8Act`](super::kernels::Q8Act)'s order: each 64-element run's 32 packed bytes give their
+/// low nibbles (the even elements) then their high nibbles (the odd ones).
+///
+/// # Safety
+/// AVX2 must be available; `packed` holds whole runs of 32 bytes; `out` twice as many bytes.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn unpack_nibbles(packed: &[u8], out: &mut [u8]) {
+    debug_assert!(packed.len() % 32 == 0 && out.len() >= 2 * packed.len());
+    let mask = _mm256_set1_epi8(0x0F);
+    for (i, run) in packed.chunks_exact(32).enumerate() {
+        // SAFETY: 32 bytes read from the run; 64 written at 64 * i, inside out.
+        unsafe {
+            let v = _mm256_loadu_si256(run.as_ptr() as *const __m256i);
+            let dst = out.as_mut_ptr().add(64 * i);
+            _mm256_storeu_si256(dst as *mut __m256i, _mm256_and_si256(v, mask));
+            _mm256_storeu_si256(dst.add(32) as *mut __m256i, _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
+        }
+    }
+}
+
 /// [`Q8Act::new`](super::kernels::Q8Act::new)'s two levels of int8 codes for one row of
 /// activations, 16 elements per step (rounding half to even, as the scalar version).
 ///
