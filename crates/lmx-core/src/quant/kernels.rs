@@ -163,6 +163,32 @@ pub fn qmatvec_many(qs: &[&QuantizedMatrix], x: &[f32]) -> Vec<f32> {
 /// i32 lanes of a 512-bit register.
 const QB: usize = 16;
 
+/// An element the several-row products store: f32, or the model's bf16 or f16 rounded as
+/// each value is stored (on every thread of the product, where a conversion of the whole
+/// result afterwards ran on one while the others waited).
+pub trait Out: Copy + Send + Sync + 'static {
+    /// `v` rounded to this type.
+    fn of(v: f32) -> Self;
+}
+
+impl Out for f32 {
+    fn of(v: f32) -> Self {
+        v
+    }
+}
+
+impl Out for half::bf16 {
+    fn of(v: f32) -> Self {
+        half::bf16::from_f32(v)
+    }
+}
+
+impl Out for half::f16 {
+    fn of(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+}
+
 /// Rows of x per call of the int8 product's kernel (with 16 matrix rows per register: 8
 /// i32 and 8 f32 accumulators).
 pub(super) const GEMM_MR: usize = 8;
@@ -190,7 +216,7 @@ fn q8_rows(q: &QuantizedMatrix, x: &[f32], m: usize) -> Vec<Q8Act> {
 /// decode ([`Q8Act`]), and each block of 16 matrix rows interleaved word by word (packed
 /// codes copied, not dequantized) and run past all rows of x, 8 at a time. Blocks split over
 /// threads on the decode pool. Callers check [`q8_gemm_applies`].
-pub fn qmatmul_many_q8(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<f32> {
+pub fn qmatmul_many_q8<T: Out>(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<T> {
     if amx_applies(qs) {
         return qmatmul_many_amx(qs, x, m);
     }
@@ -271,7 +297,7 @@ impl AmxActs {
 /// into a scratch buffer, 8-bit rows read in place), scales and biases as f32, then run past
 /// every chunk of 16 activation rows ([`x86::amx_block_q8`](super::x86::amx_block_q8)).
 /// Blocks split over threads on the decode pool.
-fn qmatmul_many_amx(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<f32> {
+fn qmatmul_many_amx<T: Out>(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<T> {
     let total: usize = qs.iter().map(|q| q.rows).sum();
     let owner: Vec<usize> = (0..qs.len()).map(|i| (0..i).find(|&j| same_act(qs[j], qs[i])).unwrap_or(i)).collect();
     let acts: Vec<Option<AmxActs>> = qs.iter().enumerate().map(|(i, q)| (owner[i] == i).then(|| AmxActs::new(&q8_rows(q, x, m), q.cols, q.cols / q.group_size))).collect();
@@ -281,7 +307,8 @@ fn qmatmul_many_amx(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<f32> {
         blocks.extend((0..q.rows).step_by(AMX_ROWS).map(|r0| (i, r0, col + r0)));
         col += q.rows;
     }
-    let mut y = vec![0f32; m * total];
+    // Every element is written below before the length is set.
+    let mut y = Vec::<T>::with_capacity(m * total);
     let y_ptr = SendPtr(y.as_mut_ptr());
     parallel_ranges(blocks.len(), 1, |range| {
         let (mut bytes, mut s, mut b) = (Vec::new(), Vec::new(), Vec::new());
@@ -312,7 +339,7 @@ fn qmatmul_many_amx(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<f32> {
                     for (r, v) in o.iter().enumerate().take(m - ch * 16) {
                         // SAFETY: row ch * 16 + r < m, column c0 + j < total; this block alone
                         // writes column c0 + j.
-                        unsafe { *y_ptr.get().add((ch * 16 + r) * total + c0 + j) = *v };
+                        unsafe { y_ptr.get().add((ch * 16 + r) * total + c0 + j).write(T::of(*v)) };
                     }
                 }
             }
@@ -320,6 +347,9 @@ fn qmatmul_many_amx(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<f32> {
         // SAFETY: as for configure.
         unsafe { crate::amx::release() };
     });
+    // SAFETY: the blocks cover every matrix row and the chunks every row of x, so all
+    // m * total elements were written.
+    unsafe { y.set_len(m * total) };
     y
 }
 
@@ -351,7 +381,7 @@ fn amx_rows(q: &QuantizedMatrix, r0: usize, nr: usize, buf: &mut Vec<u8>) -> *co
 }
 
 /// [`qmatmul_many_q8`] on AVX-512 VNNI.
-fn qmatmul_many_vnni(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<f32> {
+fn qmatmul_many_vnni<T: Out>(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<T> {
     let total: usize = qs.iter().map(|q| q.rows).sum();
     let owner: Vec<usize> = (0..qs.len()).map(|i| (0..i).find(|&j| same_act(qs[j], qs[i])).unwrap_or(i)).collect();
     let acts: Vec<Option<Vec<Q8Act>>> = qs.iter().enumerate().map(|(i, q)| (owner[i] == i).then(|| q8_rows(q, x, m))).collect();
@@ -363,7 +393,8 @@ fn qmatmul_many_vnni(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<f32> {
         blocks.extend((0..q.rows).step_by(QB).map(|r0| (i, r0, col + r0)));
         col += q.rows;
     }
-    let mut y = vec![0f32; m * total];
+    // Every element is written below before the length is set.
+    let mut y = Vec::<T>::with_capacity(m * total);
     let y_ptr = SendPtr(y.as_mut_ptr());
     parallel_ranges(blocks.len(), 1, |range| {
         let (mut w, mut s, mut b) = (Vec::new(), Vec::new(), Vec::new());
@@ -379,12 +410,18 @@ fn qmatmul_many_vnni(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<f32> {
                 for (r, o) in out.iter().enumerate().take(chunk.len()) {
                     // SAFETY: row i0 + r, columns c0..c0 + nr are inside y; this block alone
                     // writes them.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(y_ptr.get().add((i0 + r) * total + c0), nr) };
-                    dst.copy_from_slice(&o[..nr]);
+                    let dst = y_ptr.get();
+                    for (j, v) in o[..nr].iter().enumerate() {
+                        // SAFETY: as above.
+                        unsafe { dst.add((i0 + r) * total + c0 + j).write(T::of(*v)) };
+                    }
                 }
             }
         }
     });
+    // SAFETY: the blocks cover every matrix row and the steps of GEMM_MR every row of x,
+    // so all m * total elements were written.
+    unsafe { y.set_len(m * total) };
     y
 }
 

@@ -47,11 +47,20 @@ impl CustomOp1 for QMatMulMany {
         }
         let m = x.len() / k;
         let qs: Vec<&QuantizedMatrix> = self.qs.iter().map(|q| &**q).collect();
-        let y = if m == 1 { kernels::qmatvec_many(&qs, &x) } else { kernels::qmatmul_many_q8(&qs, &x, m) };
         if let Some(last) = dims.last_mut() {
-            *last = y.len() / m;
+            *last = qs.iter().map(|q| q.rows).sum();
         }
-        Ok((output(y, s.dtype()), Shape::from(dims)))
+        let y = if m == 1 { output(kernels::qmatvec_many(&qs, &x), s.dtype()) } else { q8_output(&qs, &x, m, s.dtype()) };
+        Ok((y, Shape::from(dims)))
+    }
+}
+
+/// The int8 product of several rows, stored in the input's dtype.
+fn q8_output(qs: &[&QuantizedMatrix], x: &[f32], m: usize, dtype: DType) -> CpuStorage {
+    match dtype {
+        DType::BF16 => CpuStorage::BF16(kernels::qmatmul_many_q8(qs, x, m)),
+        DType::F16 => CpuStorage::F16(kernels::qmatmul_many_q8(qs, x, m)),
+        _ => CpuStorage::F32(kernels::qmatmul_many_q8(qs, x, m)),
     }
 }
 
@@ -96,6 +105,12 @@ impl CustomOp1 for QMatMul {
         }
         let m = x.len() / k;
         let training_bf16 = self.exact && m > 1 && q.bf16_training && crate::bf16_gemm::supported();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        if !self.transpose && !self.exact && m > 1 && kernels::q8_gemm_applies(&[q]) {
+            return Ok((q8_output(&[q], &x, m, s.dtype()), Shape::from(dims)));
+        }
         let y = if self.transpose && training_bf16 {
             // QLoRA's backward in bf16 products with f32 sums, as the forward below.
             // W dequantized row by row straight to bf16 (no f32 copy of the whole matrix).
@@ -119,8 +134,6 @@ impl CustomOp1 for QMatMul {
             crate::bf16_gemm::matmul_rows(&x, m, q.rows, q.cols, |r, out| q.dequantize_row(r, out))
         } else if self.exact {
             kernels::qmatmul_exact(q, &x, m)
-        } else if m > 1 && kernels::q8_gemm_applies(&[q]) {
-            kernels::qmatmul_many_q8(&[q], &x, m)
         } else if m > 1 && s.dtype() == DType::BF16 && crate::bf16_gemm::supported() {
             // bf16 prefill: rows dequantized block by block into the AVX512-BF16 kernel (the
             // precision of a bf16 model's matmuls, twice the f32 multiply rate).
@@ -128,9 +141,6 @@ impl CustomOp1 for QMatMul {
         } else {
             kernels::qmatmul(q, &x, m)
         };
-        if let Some(last) = dims.last_mut() {
-            *last = n;
-        }
         Ok((output(y, s.dtype()), Shape::from(dims)))
     }
 
