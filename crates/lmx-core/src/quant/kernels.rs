@@ -254,33 +254,49 @@ struct AmxActs {
 }
 
 impl AmxActs {
-    fn new(acts: &[Q8Act], cols: usize, groups: usize) -> Self {
-        let chunks = acts.len().div_ceil(16);
-        let words = cols / 4;
+    /// The m rows of x (m, q.cols) coded for `q` ([`Q8Act`]) and laid out as tiles, chunks
+    /// split over the decode pool's threads (one pass: each row coded into a reused buffer,
+    /// then its chunk transposed).
+    fn new(q: &QuantizedMatrix, x: &[f32], m: usize) -> Self {
+        let (cols, groups) = (q.cols, q.cols / q.group_size);
+        let (chunks, words) = (m.div_ceil(16), cols / 4);
         let mut t =
             AmxActs { chunks, cols, groups, codes: vec![0; chunks * 16 * words], fine: vec![0; chunks * 16 * words], dx: vec![0.0; chunks * 16 * groups], xsums: vec![0.0; chunks * 16 * groups] };
-        let mut src = vec![0u32; 16 * words];
-        for ch in 0..chunks {
-            let rows = &acts[ch * 16..(ch * 16 + 16).min(acts.len())];
-            for level in 0..2 {
-                src.fill(0);
-                for (r, a) in rows.iter().enumerate() {
-                    let codes = if level == 0 { &a.codes } else { &a.fine };
-                    for (w, c) in src[r * words..(r + 1) * words].iter_mut().zip(codes.chunks_exact(4)) {
-                        *w = u32::from_le_bytes([c[0] as u8, c[1] as u8, c[2] as u8, c[3] as u8]);
+        let ptrs = (SendPtr(t.codes.as_mut_ptr()), SendPtr(t.fine.as_mut_ptr()), SendPtr(t.dx.as_mut_ptr()), SendPtr(t.xsums.as_mut_ptr()));
+        parallel_ranges(chunks, 1, |range| {
+            let (codes, fine, dx, xsums) = ptrs;
+            let mut act = Q8Act::coded(q, &x[..cols], false).expect("amx_applies checked the format");
+            let (mut src_codes, mut src_fine) = (vec![0u32; 16 * words], vec![0u32; 16 * words]);
+            for ch in range {
+                let rows = 16.min(m - ch * 16);
+                src_codes.fill(0);
+                src_fine.fill(0);
+                for r in 0..rows {
+                    let i = ch * 16 + r;
+                    act.quantize(&x[i * cols..(i + 1) * cols], q.group_size, q.bits);
+                    for (level, src) in [(&act.codes, &mut src_codes), (&act.fine, &mut src_fine)] {
+                        for (w, c) in src[r * words..(r + 1) * words].iter_mut().zip(level.chunks_exact(4)) {
+                            *w = u32::from_le_bytes([c[0] as u8, c[1] as u8, c[2] as u8, c[3] as u8]);
+                        }
+                    }
+                    for g in 0..groups {
+                        // SAFETY: chunk ch's per-group values belong to this range alone.
+                        unsafe {
+                            *dx.get().add((ch * groups + g) * 16 + r) = act.dx[g];
+                            *xsums.get().add((ch * groups + g) * 16 + r) = act.xsums[g];
+                        }
                     }
                 }
-                let dst = if level == 0 { &mut t.codes } else { &mut t.fine };
-                // SAFETY: amx_applies checked AVX-512; src and the chunk's slice hold 16 x words.
-                unsafe { crate::bf16_gemm::transpose_u32(&src, &mut dst[ch * 16 * words..(ch + 1) * 16 * words], 16, words) };
-            }
-            for (r, a) in rows.iter().enumerate() {
-                for g in 0..groups {
-                    t.dx[(ch * groups + g) * 16 + r] = a.dx[g];
-                    t.xsums[(ch * groups + g) * 16 + r] = a.xsums[g];
+                for (src, dst) in [(&src_codes, codes), (&src_fine, fine)] {
+                    // SAFETY: chunk ch's 16 x words words belong to this range alone;
+                    // amx_applies checked AVX-512.
+                    unsafe {
+                        let dst = std::slice::from_raw_parts_mut(dst.get().add(ch * 16 * words), 16 * words);
+                        crate::bf16_gemm::transpose_u32(src, dst, 16, words);
+                    }
                 }
             }
-        }
+        });
         t
     }
 
@@ -300,7 +316,7 @@ impl AmxActs {
 fn qmatmul_many_amx<T: Out>(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<T> {
     let total: usize = qs.iter().map(|q| q.rows).sum();
     let owner: Vec<usize> = (0..qs.len()).map(|i| (0..i).find(|&j| same_act(qs[j], qs[i])).unwrap_or(i)).collect();
-    let acts: Vec<Option<AmxActs>> = qs.iter().enumerate().map(|(i, q)| (owner[i] == i).then(|| AmxActs::new(&q8_rows(q, x, m), q.cols, q.cols / q.group_size))).collect();
+    let acts: Vec<Option<AmxActs>> = qs.iter().enumerate().map(|(i, q)| (owner[i] == i).then(|| AmxActs::new(q, x, m))).collect();
     let mut blocks = Vec::new();
     let mut col = 0;
     for (i, q) in qs.iter().enumerate() {
