@@ -230,11 +230,20 @@ struct CrossEntropy {
     backward: bool,
 }
 
-/// log(sum(exp(row))) with the max subtracted, accumulated in f64.
+/// (max, log(sum(exp(row - max)))): the exponentials in 16 interleaved f32 sums through
+/// `cpu_fused::exp` (which vectorizes; libm's scalar `expf` took 8% of a LoRA step over
+/// SmolLM2's 49,152-token vocabulary), combined in f64.
 fn log_sum_exp(row: &[f32]) -> (f32, f64) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = row.iter().map(|&v| f64::from((v - max).exp())).sum();
-    (max, sum.ln())
+    let max = crate::cpu_fused::max(row);
+    let mut acc = [0f32; 16];
+    let chunks = row.chunks_exact(16);
+    let tail: f64 = chunks.remainder().iter().map(|&v| f64::from(crate::cpu_fused::exp(v - max))).sum();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += crate::cpu_fused::exp(v - max);
+        }
+    }
+    (max, (acc.iter().map(|&a| f64::from(a)).sum::<f64>() + tail).ln())
 }
 
 impl CustomOp3 for CrossEntropy {
@@ -261,20 +270,28 @@ impl CustomOp3 for CrossEntropy {
                 .collect();
             return Ok((CpuStorage::F32(losses), Shape::from(n)));
         }
-        let mut grad = vec![0f32; n * vocab];
-        grad.par_chunks_mut(vocab).enumerate().for_each(|(i, out)| {
+        // Every element is written below (rows of weight 0 with zeros), so the gradient is
+        // not zeroed first (51 MB a step for SmolLM2's vocabulary and a batch of 4 x 64).
+        let mut grad = Vec::<f32>::with_capacity(n * vocab);
+        grad.spare_capacity_mut()[..n * vocab].par_chunks_mut(vocab).enumerate().for_each(|(i, out)| {
             let scale = weights[i];
             if scale == 0.0 {
+                out.iter_mut().for_each(|o| {
+                    o.write(0.0);
+                });
                 return;
             }
             let row = &logits[i * vocab..(i + 1) * vocab];
             let (max, lse) = log_sum_exp(row);
             let shift = max + lse as f32;
             for (o, &v) in out.iter_mut().zip(row) {
-                *o = (v - shift).exp() * scale;
+                o.write(crate::cpu_fused::exp(v - shift) * scale);
             }
-            out[targets[i] as usize] -= scale;
+            let t = targets[i] as usize;
+            out[t].write(crate::cpu_fused::exp(row[t] - shift) * scale - scale);
         });
+        // SAFETY: the n rows of vocab elements were all written above.
+        unsafe { grad.set_len(n * vocab) };
         Ok((CpuStorage::F32(grad), l.shape().clone()))
     }
 
