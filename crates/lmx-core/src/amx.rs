@@ -6,6 +6,47 @@
 //! `tdpbusd` (16 x 16 x 64 unsigned-by-signed bytes into i32) serves the quantized prefill
 //! product ([`int8_group`]).
 
+/// A zeroed buffer of 32-bit words that starts on a 64-byte boundary, for the operands of tile
+/// loads: a tile row that straddles two cache lines loads at a third of the speed (a
+/// `block_32x32` step took 110 ns with rows 16 bytes off a line against 35 ns aligned, on
+/// the Xeon measured; docs/BENCHMARKS.md, session 23). Strides must be multiples of 64
+/// bytes too.
+#[derive(Clone, Debug, Default)]
+pub struct Aligned {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug)]
+struct Line([u32; 16]);
+
+impl Aligned {
+    /// `len` zero words.
+    pub fn zeroed(len: usize) -> Self {
+        Self { lines: vec![Line([0; 16]); len.div_ceil(16)], len }
+    }
+
+    /// The words.
+    pub fn words(&self) -> &[u32] {
+        // SAFETY: the lines hold at least len initialized words, contiguous (Line is 16 words
+        // without padding).
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr() as *const u32, self.len) }
+    }
+
+    /// The words, writable.
+    pub fn words_mut(&mut self) -> &mut [u32] {
+        // SAFETY: as in words; borrowed mutably through self.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr() as *mut u32, self.len) }
+    }
+
+    /// The words' bytes, writable.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in words_mut; any byte pattern is a valid u32.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr() as *mut u8, 4 * self.len) }
+    }
+}
+
 /// True when this CPU has AMX-BF16, Linux granted this process the tile state, and
 /// `LMX_AMX=0` is not set.
 pub fn usable() -> bool {
@@ -89,7 +130,7 @@ mod imp {
     /// # Safety
     /// [`configure`] ran on this thread; x holds 32 rows of `steps * 16` words at `x_stride`;
     /// b holds `steps * 16` rows of 32 words at `b_stride`.
-    pub(crate) unsafe fn block_32x32(x: *const u32, x_stride: usize, b: *const u32, b_stride: usize, steps: usize, c: &mut [f32; 1024]) {
+    pub(crate) unsafe fn block_32x32(x: *const u32, x_stride: usize, b: *const u32, b_stride: usize, steps: usize, c: &mut super::Block) {
         let (xs, bs) = (4 * x_stride, 4 * b_stride);
         // SAFETY: the caller's guarantees; tiles 0-3 accumulate, 4-5 hold x, 6-7 hold B.
         unsafe {
@@ -110,7 +151,7 @@ mod imp {
                     options(nostack, readonly),
                 );
             }
-            let cp = c.as_mut_ptr();
+            let cp = c.0.as_mut_ptr();
             asm!(
                 "tilestored [{c0} + {s} * 1], tmm0",
                 "tilestored [{c1} + {s} * 1], tmm1",
@@ -178,9 +219,14 @@ mod imp {
     }
     pub(crate) unsafe fn configure() {}
     pub(crate) unsafe fn release() {}
-    pub(crate) unsafe fn block_32x32(_: *const u32, _: usize, _: *const u32, _: usize, _: usize, _: &mut [f32; 1024]) {
+    pub(crate) unsafe fn block_32x32(_: *const u32, _: usize, _: *const u32, _: usize, _: usize, _: &mut super::Block) {
         unreachable!("AMX is not usable off x86-64 Linux")
     }
 }
 
 pub(crate) use imp::{block_32x32, configure, int8_group, release};
+
+/// A 32 x 32 f32 block of [`block_32x32`]'s results (row-major), on a 64-byte boundary for the
+/// tile stores.
+#[repr(C, align(64))]
+pub(crate) struct Block(pub(crate) [f32; 1024]);

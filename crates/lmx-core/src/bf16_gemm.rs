@@ -33,7 +33,8 @@ pub fn to_bf16_bits(x: &[f32]) -> Vec<u16> {
 /// multiple of 16.
 #[derive(Debug, Clone)]
 pub struct Packed {
-    words: Vec<u32>,
+    /// 64-byte aligned for the tile loads (rows of n_pad words, a multiple of 32).
+    words: crate::amx::Aligned,
     k: usize,
     n: usize,
     n_pad: usize,
@@ -52,7 +53,7 @@ impl Packed {
 
     /// Element B[kk][j] as bf16 bits.
     pub fn get(&self, kk: usize, j: usize) -> u16 {
-        let word = self.words[(kk / 2) * self.n_pad + j];
+        let word = self.words.words()[(kk / 2) * self.n_pad + j];
         if kk % 2 == 0 {
             word as u16
         } else {
@@ -65,8 +66,8 @@ impl Packed {
         let n_pad = n.div_ceil(32) * 32;
         let pairs = k.div_ceil(2);
         // Pair rows padded with zeros to a multiple of 16: whole AMX tiles.
-        let mut words = vec![0u32; pairs.next_multiple_of(16) * n_pad];
-        words.par_chunks_mut(n_pad).take(pairs).enumerate().for_each(|(t, row)| {
+        let mut words = crate::amx::Aligned::zeroed(pairs.next_multiple_of(16) * n_pad);
+        words.words_mut().par_chunks_mut(n_pad).take(pairs).enumerate().for_each(|(t, row)| {
             for (j, word) in row.iter_mut().enumerate().take(n) {
                 let lo = at(2 * t, j);
                 let hi = if 2 * t + 1 < k { at(2 * t + 1, j) } else { 0 };
@@ -205,19 +206,19 @@ fn matmul_words_amx(xp: &[u32], m: usize, n: usize, k: usize, row_words: impl Fn
     let y_ptr = SendPtr(y.as_mut_ptr());
     crate::cpu::parallel_ranges(n.div_ceil(NB), 1, |blocks| {
         // Pair rows past `pairs` stay zero.
-        let mut words = vec![0u32; p16 * NB];
+        let mut words = crate::amx::Aligned::zeroed(p16 * NB);
         let (mut values, mut rows_buf) = (vec![0f32; k], vec![0u32; pairs * NB]);
-        let mut c = [0f32; 1024];
+        let mut c = crate::amx::Block([0f32; 1024]);
         // SAFETY: usable() was checked; the tiles are this thread's until released below.
         unsafe { crate::amx::configure() };
         for blk in blocks {
-            let (r0, nr) = pack_block(blk, n, pairs, &row_words, &mut values, &mut rows_buf, &mut words[..pairs * NB]);
+            let (r0, nr) = pack_block(blk, n, pairs, &row_words, &mut values, &mut rows_buf, &mut words.words_mut()[..pairs * NB]);
             for i in (0..m).step_by(32) {
                 // SAFETY: configured above; rows i..i + 32 of xa hold p16 words each; words
                 // holds p16 pair rows of NB = 32 columns.
-                unsafe { crate::amx::block_32x32(xa.as_ptr().add(i * p16), p16, words.as_ptr(), NB, p16 / 16, &mut c) };
+                unsafe { crate::amx::block_32x32(xa.words().as_ptr().add(i * p16), p16, words.words().as_ptr(), NB, p16 / 16, &mut c) };
                 // SAFETY: this thread alone writes columns r0 .. r0 + nr of y.
-                unsafe { store_block(y_ptr, &c, i, m, n, r0, nr) };
+                unsafe { store_block(y_ptr, &c.0, i, m, n, r0, nr) };
             }
         }
         // SAFETY: as for configure.
@@ -255,10 +256,10 @@ unsafe fn store_block(y: SendPtr, c: &[f32; 1024], i: usize, m: usize, n: usize,
 
 /// x's rows of `pairs` words copied into rows of a multiple of 16 words, and their count to a
 /// multiple of 32, zeros elsewhere: whole AMX tiles.
-fn pad_tiles(xp: &[u32], m: usize, pairs: usize) -> Vec<u32> {
+fn pad_tiles(xp: &[u32], m: usize, pairs: usize) -> crate::amx::Aligned {
     let (p16, m32) = (pairs.next_multiple_of(16), m.next_multiple_of(32));
-    let mut xa = vec![0u32; m32 * p16];
-    for (dst, src) in xa.chunks_mut(p16).zip(xp.chunks(pairs).take(m)) {
+    let mut xa = crate::amx::Aligned::zeroed(m32 * p16);
+    for (dst, src) in xa.words_mut().chunks_mut(p16).zip(xp.chunks(pairs).take(m)) {
         dst[..pairs].copy_from_slice(src);
     }
     xa
@@ -408,7 +409,7 @@ fn matmul_avx512(xp: &[u32], m: usize, b: &Packed) -> Vec<f32> {
                 let rows = (m - i).min(MR);
                 // SAFETY: supported() was checked; rows i..i+rows of xp hold `pairs` words
                 // each, and panel p of B is inside its n_pad columns.
-                unsafe { panel(xp, pairs, t0..t1, i, rows, &b.words, b.n_pad, p * 32, &mut out) };
+                unsafe { panel(xp, pairs, t0..t1, i, rows, b.words.words(), b.n_pad, p * 32, &mut out) };
                 for (r, o) in out.iter().enumerate().take(rows) {
                     // SAFETY: row i + r, columns p*32 .. p*32 + cols are inside y; this task
                     // alone writes panel p.
@@ -435,15 +436,15 @@ fn matmul_amx(xp: &[u32], m: usize, b: &Packed) -> Vec<f32> {
     let y_ptr = SendPtr(y.as_mut_ptr());
     (0..b.n_pad / 32).into_par_iter().for_each(|p| {
         let cols = (n - p * 32).min(32);
-        let mut c = [0f32; 1024];
+        let mut c = crate::amx::Block([0f32; 1024]);
         // SAFETY: usable() was checked; the tiles are this task's until released below.
         unsafe { crate::amx::configure() };
         for i in (0..m).step_by(32) {
             // SAFETY: rows i..i + 32 of xa hold p16 words each; B holds p16 pair rows of n_pad
             // columns, panel p inside them.
-            unsafe { crate::amx::block_32x32(xa.as_ptr().add(i * p16), p16, b.words.as_ptr().add(p * 32), b.n_pad, p16 / 16, &mut c) };
+            unsafe { crate::amx::block_32x32(xa.words().as_ptr().add(i * p16), p16, b.words.words().as_ptr().add(p * 32), b.n_pad, p16 / 16, &mut c) };
             // SAFETY: this task alone writes panel p of y.
-            unsafe { store_block(y_ptr, &c, i, m, n, p * 32, cols) };
+            unsafe { store_block(y_ptr, &c.0, i, m, n, p * 32, cols) };
         }
         // SAFETY: as for configure.
         unsafe { crate::amx::release() };

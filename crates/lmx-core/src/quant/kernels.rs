@@ -6,6 +6,7 @@
 use std::ops::Range;
 
 use super::{get_bits, GroupParams, QuantizedMatrix, Scale};
+use crate::amx::Aligned;
 use crate::cpu::{parallel_ranges, SendPtr, MIN_ROWS_PER_THREAD};
 use rayon::prelude::*;
 
@@ -247,8 +248,9 @@ struct AmxActs {
     chunks: usize,
     cols: usize,
     groups: usize,
-    codes: Vec<u32>,
-    fine: Vec<u32>,
+    /// 64-byte aligned for the tile loads, as `fine`.
+    codes: crate::amx::Aligned,
+    fine: crate::amx::Aligned,
     dx: Vec<f32>,
     xsums: Vec<f32>,
 }
@@ -260,9 +262,16 @@ impl AmxActs {
     fn new(q: &QuantizedMatrix, x: &[f32], m: usize) -> Self {
         let (cols, groups) = (q.cols, q.cols / q.group_size);
         let (chunks, words) = (m.div_ceil(16), cols / 4);
-        let mut t =
-            AmxActs { chunks, cols, groups, codes: vec![0; chunks * 16 * words], fine: vec![0; chunks * 16 * words], dx: vec![0.0; chunks * 16 * groups], xsums: vec![0.0; chunks * 16 * groups] };
-        let ptrs = (SendPtr(t.codes.as_mut_ptr()), SendPtr(t.fine.as_mut_ptr()), SendPtr(t.dx.as_mut_ptr()), SendPtr(t.xsums.as_mut_ptr()));
+        let mut t = AmxActs {
+            chunks,
+            cols,
+            groups,
+            codes: Aligned::zeroed(chunks * 16 * words),
+            fine: Aligned::zeroed(chunks * 16 * words),
+            dx: vec![0.0; chunks * 16 * groups],
+            xsums: vec![0.0; chunks * 16 * groups],
+        };
+        let ptrs = (SendPtr(t.codes.words_mut().as_mut_ptr()), SendPtr(t.fine.words_mut().as_mut_ptr()), SendPtr(t.dx.as_mut_ptr()), SendPtr(t.xsums.as_mut_ptr()));
         parallel_ranges(chunks, 1, |range| {
             let (codes, fine, dx, xsums) = ptrs;
             let mut act = Q8Act::coded(q, &x[..cols], false).expect("amx_applies checked the format");
@@ -304,7 +313,7 @@ impl AmxActs {
     fn chunk(&self, ch: usize) -> (*const u8, *const u8, &[f32], &[f32]) {
         // A chunk is 16 rows of cols / 4 words.
         let (words, g) = (4 * self.cols, 16 * self.groups);
-        (self.codes[ch * words..].as_ptr() as *const u8, self.fine[ch * words..].as_ptr() as *const u8, &self.dx[ch * g..(ch + 1) * g], &self.xsums[ch * g..(ch + 1) * g])
+        (self.codes.words()[ch * words..].as_ptr() as *const u8, self.fine.words()[ch * words..].as_ptr() as *const u8, &self.dx[ch * g..(ch + 1) * g], &self.xsums[ch * g..(ch + 1) * g])
     }
 }
 
@@ -327,7 +336,7 @@ fn qmatmul_many_amx<T: Out>(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec
     let mut y = Vec::<T>::with_capacity(m * total);
     let y_ptr = SendPtr(y.as_mut_ptr());
     parallel_ranges(blocks.len(), 1, |range| {
-        let (mut bytes, mut s, mut b) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut bytes, mut s, mut b) = (Aligned::default(), Vec::new(), Vec::new());
         let mut out = [[0f32; 16]; AMX_ROWS];
         // SAFETY: amx_applies checked AMX; the tiles are this thread's until released below.
         unsafe { crate::amx::configure() };
@@ -372,28 +381,33 @@ fn qmatmul_many_amx<T: Out>(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec
 /// Matrix rows per block of the AMX product: two A tiles.
 const AMX_ROWS: usize = 32;
 
-/// Rows r0..r0 + nr of `q` as one byte per element ([`AMX_ROWS`] rows, q.cols apart; rows
-/// past nr zero): 8-bit rows in place where the block is whole, else through `buf`.
-fn amx_rows(q: &QuantizedMatrix, r0: usize, nr: usize, buf: &mut Vec<u8>) -> *const u8 {
+/// Rows r0..r0 + nr of `q` as one byte per element ([`AMX_ROWS`] rows, q.cols apart, on a
+/// 64-byte boundary; rows past nr zero): 8-bit rows in place where the block is whole and
+/// aligned, else through `buf`.
+fn amx_rows(q: &QuantizedMatrix, r0: usize, nr: usize, buf: &mut Aligned) -> *const u8 {
     let words = q.cols * q.bits / 32;
     let packed = &q.packed[r0 * words..(r0 + nr) * words];
     // SAFETY: u32 words viewed as their bytes.
     let packed = unsafe { std::slice::from_raw_parts(packed.as_ptr() as *const u8, packed.len() * 4) };
-    if q.bits == 8 && nr == AMX_ROWS {
+    if q.bits == 8 && nr == AMX_ROWS && packed.as_ptr().align_offset(64) == 0 {
         return packed.as_ptr();
     }
-    buf.clear();
-    buf.resize(AMX_ROWS * q.cols, 0);
+    if buf.words().len() != AMX_ROWS * q.cols / 4 {
+        *buf = Aligned::zeroed(AMX_ROWS * q.cols / 4);
+    }
+    let bytes = buf.bytes_mut();
     if q.bits == 8 {
-        buf[..packed.len()].copy_from_slice(packed);
+        bytes[..packed.len()].copy_from_slice(packed);
+        bytes[packed.len()..].fill(0);
     } else {
+        bytes[2 * packed.len()..].fill(0);
         #[cfg(target_arch = "x86_64")]
         // SAFETY: amx_applies checked AVX-512 (so AVX2); 4-bit rows are whole runs of 64.
         unsafe {
-            super::x86::unpack_nibbles(packed, buf)
+            super::x86::unpack_nibbles(packed, bytes)
         };
     }
-    buf.as_ptr()
+    bytes.as_ptr()
 }
 
 /// [`qmatmul_many_q8`] on AVX-512 VNNI.
