@@ -30,7 +30,8 @@ pub fn to_bf16_bits(x: &[f32]) -> Vec<u16> {
 /// A bf16 matrix packed for [`matmul`]: the right operand B (k, n) of `x @ B`, stored as
 /// pairs along k (`vdpbf16ps` multiplies adjacent pairs): word `[t][j]` holds
 /// (B[2t][j], B[2t + 1][j]), columns padded with zeros to a multiple of 32 and pair rows to a
-/// multiple of 16.
+/// multiple of 16, panel by panel: the pair rows of columns 32p..32p + 32 are contiguous
+/// (32 words each), so both kernels read a panel front to back.
 #[derive(Debug, Clone)]
 pub struct Packed {
     /// 64-byte aligned for the tile loads (rows of n_pad words, a multiple of 32).
@@ -53,7 +54,8 @@ impl Packed {
 
     /// Element B[kk][j] as bf16 bits.
     pub fn get(&self, kk: usize, j: usize) -> u16 {
-        let word = self.words.words()[(kk / 2) * self.n_pad + j];
+        let p16 = self.k.div_ceil(2).next_multiple_of(16);
+        let word = self.words.words()[(j / 32 * p16 + kk / 2) * 32 + j % 32];
         if kk % 2 == 0 {
             word as u16
         } else {
@@ -66,12 +68,16 @@ impl Packed {
         let n_pad = n.div_ceil(32) * 32;
         let pairs = k.div_ceil(2);
         // Pair rows padded with zeros to a multiple of 16: whole AMX tiles.
-        let mut words = crate::amx::Aligned::zeroed(pairs.next_multiple_of(16) * n_pad);
-        words.words_mut().par_chunks_mut(n_pad).take(pairs).enumerate().for_each(|(t, row)| {
-            for (j, word) in row.iter_mut().enumerate().take(n) {
-                let lo = at(2 * t, j);
-                let hi = if 2 * t + 1 < k { at(2 * t + 1, j) } else { 0 };
-                *word = u32::from(lo) | (u32::from(hi) << 16);
+        let p16 = pairs.next_multiple_of(16);
+        let mut words = crate::amx::Aligned::zeroed(p16 * n_pad);
+        words.words_mut().par_chunks_mut(p16 * 32).enumerate().for_each(|(p, panel)| {
+            for (t, row) in panel.chunks_mut(32).take(pairs).enumerate() {
+                for (jj, word) in row.iter_mut().enumerate().take(n.saturating_sub(32 * p)) {
+                    let j = 32 * p + jj;
+                    let lo = at(2 * t, j);
+                    let hi = if 2 * t + 1 < k { at(2 * t + 1, j) } else { 0 };
+                    *word = u32::from(lo) | (u32::from(hi) << 16);
+                }
             }
         });
         Self { words, k, n, n_pad }
@@ -201,7 +207,7 @@ fn matmul_words_avx512(xp: &[u32], m: usize, n: usize, k: usize, row_words: impl
 fn matmul_words_amx(xp: &[u32], m: usize, n: usize, k: usize, row_words: impl Fn(usize, &mut [f32], &mut [u32]) + Sync) -> Vec<f32> {
     let pairs = k.div_ceil(2);
     let p16 = pairs.next_multiple_of(16);
-    let xa = pad_tiles(xp, m, pairs);
+    let xa = x_tiles(xp, m, pairs);
     let mut y = vec![0f32; m * n];
     let y_ptr = SendPtr(y.as_mut_ptr());
     crate::cpu::parallel_ranges(n.div_ceil(NB), 1, |blocks| {
@@ -214,9 +220,9 @@ fn matmul_words_amx(xp: &[u32], m: usize, n: usize, k: usize, row_words: impl Fn
         for blk in blocks {
             let (r0, nr) = pack_block(blk, n, pairs, &row_words, &mut values, &mut rows_buf, &mut words.words_mut()[..pairs * NB]);
             for i in (0..m).step_by(32) {
-                // SAFETY: configured above; rows i..i + 32 of xa hold p16 words each; words
-                // holds p16 pair rows of NB = 32 columns.
-                unsafe { crate::amx::block_32x32(xa.words().as_ptr().add(i * p16), p16, words.words().as_ptr(), NB, p16 / 16, &mut c) };
+                // SAFETY: configured above; block i / 32 of xa holds p16 / 16 steps of 512
+                // words; words holds p16 pair rows of NB = 32 columns; both aligned.
+                unsafe { crate::amx::block_32x32(xa.words().as_ptr().add(i * p16), words.words().as_ptr(), NB, p16 / 16, &mut c) };
                 // SAFETY: this thread alone writes columns r0 .. r0 + nr of y.
                 unsafe { store_block(y_ptr, &c.0, i, m, n, r0, nr) };
             }
@@ -254,13 +260,20 @@ unsafe fn store_block(y: SendPtr, c: &[f32; 1024], i: usize, m: usize, n: usize,
     }
 }
 
-/// x's rows of `pairs` words copied into rows of a multiple of 16 words, and their count to a
-/// multiple of 32, zeros elsewhere: whole AMX tiles.
-fn pad_tiles(xp: &[u32], m: usize, pairs: usize) -> crate::amx::Aligned {
+/// x's rows of `pairs` words laid out for [`crate::amx::block_32x32`]: blocks of 32 rows (the
+/// count padded to a multiple of 32), each as steps of 16 words, a step's 32 rows of 16
+/// words contiguous (512 words; zeros past x's rows and pairs); block `bi` starts at word
+/// `bi * p16 * 32`. Every tile is whole, and both operands are read front to back.
+fn x_tiles(xp: &[u32], m: usize, pairs: usize) -> crate::amx::Aligned {
     let (p16, m32) = (pairs.next_multiple_of(16), m.next_multiple_of(32));
     let mut xa = crate::amx::Aligned::zeroed(m32 * p16);
-    for (dst, src) in xa.words_mut().chunks_mut(p16).zip(xp.chunks(pairs).take(m)) {
-        dst[..pairs].copy_from_slice(src);
+    let out = xa.words_mut();
+    for (i, src) in xp.chunks(pairs).take(m).enumerate() {
+        let block = &mut out[i / 32 * p16 * 32..];
+        for (s, words) in src.chunks(16).enumerate() {
+            let at = s * 512 + i % 32 * 16;
+            block[at..at + words.len()].copy_from_slice(words);
+        }
     }
     xa
 }
@@ -395,7 +408,7 @@ pub fn matmul(x: &[f32], m: usize, b: &Packed) -> Vec<f32> {
 /// [`matmul`] on AVX512-BF16: 8 x 32 output blocks.
 fn matmul_avx512(xp: &[u32], m: usize, b: &Packed) -> Vec<f32> {
     let (k, n) = (b.k, b.n);
-    let pairs = k.div_ceil(2);
+    let (pairs, p16) = (k.div_ceil(2), k.div_ceil(2).next_multiple_of(16));
     let mut y = vec![0f32; m * n];
     let y_ptr = SendPtr(y.as_mut_ptr());
     // Tasks own 32-column panels of B and walk them in chunks of KC pairs, running every
@@ -409,7 +422,7 @@ fn matmul_avx512(xp: &[u32], m: usize, b: &Packed) -> Vec<f32> {
                 let rows = (m - i).min(MR);
                 // SAFETY: supported() was checked; rows i..i+rows of xp hold `pairs` words
                 // each, and panel p of B is inside its n_pad columns.
-                unsafe { panel(xp, pairs, t0..t1, i, rows, b.words.words(), b.n_pad, p * 32, &mut out) };
+                unsafe { panel(xp, pairs, t0..t1, i, rows, &b.words.words()[p * p16 * 32..], 32, 0, &mut out) };
                 for (r, o) in out.iter().enumerate().take(rows) {
                     // SAFETY: row i + r, columns p*32 .. p*32 + cols are inside y; this task
                     // alone writes panel p.
@@ -431,7 +444,7 @@ fn matmul_amx(xp: &[u32], m: usize, b: &Packed) -> Vec<f32> {
     let (k, n) = (b.k, b.n);
     let pairs = k.div_ceil(2);
     let p16 = pairs.next_multiple_of(16);
-    let xa = pad_tiles(xp, m, pairs);
+    let xa = x_tiles(xp, m, pairs);
     let mut y = vec![0f32; m * n];
     let y_ptr = SendPtr(y.as_mut_ptr());
     (0..b.n_pad / 32).into_par_iter().for_each(|p| {
@@ -440,9 +453,9 @@ fn matmul_amx(xp: &[u32], m: usize, b: &Packed) -> Vec<f32> {
         // SAFETY: usable() was checked; the tiles are this task's until released below.
         unsafe { crate::amx::configure() };
         for i in (0..m).step_by(32) {
-            // SAFETY: rows i..i + 32 of xa hold p16 words each; B holds p16 pair rows of n_pad
-            // columns, panel p inside them.
-            unsafe { crate::amx::block_32x32(xa.words().as_ptr().add(i * p16), p16, b.words.words().as_ptr().add(p * 32), b.n_pad, p16 / 16, &mut c) };
+            // SAFETY: block i / 32 of xa holds p16 / 16 steps of 512 words; panel p of B holds
+            // p16 pair rows of 32 words; both aligned.
+            unsafe { crate::amx::block_32x32(xa.words().as_ptr().add(i * p16), b.words.words().as_ptr().add(p * p16 * 32), 32, p16 / 16, &mut c) };
             // SAFETY: this task alone writes panel p of y.
             unsafe { store_block(y_ptr, &c.0, i, m, n, p * 32, cols) };
         }
