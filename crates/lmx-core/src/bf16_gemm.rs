@@ -93,17 +93,16 @@ impl Packed {
 fn pack_x(x: &[f32], m: usize, k: usize) -> Vec<u32> {
     let pairs = k.div_ceil(2);
     let mut xp = vec![0u32; m * pairs];
-    let pack = |(i, row): (usize, &mut [u32])| {
-        let src = &x[i * k..(i + 1) * k];
-        // SAFETY: the callers checked supported(); `row` holds ceil(k / 2) words for k values.
-        unsafe { pack_row(src, row) };
-    };
+    let out = SendPtr(xp.as_mut_ptr());
     // A prompt's activations convert in microseconds: threads only for training-sized ones.
-    if m * k < 1 << 20 {
-        xp.chunks_mut(pairs).enumerate().for_each(pack);
-    } else {
-        xp.par_chunks_mut(pairs).enumerate().for_each(pack);
-    }
+    let min_rows = if m * k < 1 << 20 { m.max(1) } else { 1 };
+    crate::cpu::parallel_ranges(m, min_rows, |rows| {
+        for i in rows {
+            // SAFETY: row i's `pairs` words belong to this range alone; the callers checked
+            // supported(), and the row holds ceil(k / 2) words for k values.
+            unsafe { pack_row(&x[i * k..(i + 1) * k], std::slice::from_raw_parts_mut(out.get().add(i * pairs), pairs)) };
+        }
+    });
     xp
 }
 
@@ -411,30 +410,32 @@ fn matmul_avx512(xp: &[u32], m: usize, b: &Packed) -> Vec<f32> {
     let (pairs, p16) = (k.div_ceil(2), k.div_ceil(2).next_multiple_of(16));
     let mut y = vec![0f32; m * n];
     let y_ptr = SendPtr(y.as_mut_ptr());
-    // Tasks own 32-column panels of B and walk them in chunks of KC pairs, running every
+    // Ranges own 32-column panels of B and walk them in chunks of KC pairs, running every
     // 8-row block of x past each chunk and accumulating into y.
-    (0..b.n_pad / 32).into_par_iter().for_each(|p| {
-        let cols = (n - p * 32).min(32);
-        let mut out = [[0f32; 32]; MR];
-        for t0 in (0..pairs).step_by(KC) {
-            let t1 = (t0 + KC).min(pairs);
-            for i in (0..m).step_by(MR) {
-                let rows = (m - i).min(MR);
-                // SAFETY: supported() was checked; rows i..i+rows of xp hold `pairs` words
-                // each, and panel p of B is inside its n_pad columns.
-                unsafe { panel(xp, pairs, t0..t1, i, rows, &b.words.words()[p * p16 * 32..], 32, 0, &mut out) };
-                for (r, o) in out.iter().enumerate().take(rows) {
-                    // SAFETY: row i + r, columns p*32 .. p*32 + cols are inside y; this task
-                    // alone writes panel p.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(y_ptr.get().add((i + r) * n + p * 32), cols) };
-                    if t0 == 0 {
-                        dst.copy_from_slice(&o[..cols]);
-                    } else {
-                        dst.iter_mut().zip(o).for_each(|(d, v)| *d += v);
+    crate::cpu::parallel_ranges(b.n_pad / 32, 1, |panels| {
+        panels.for_each(|p| {
+            let cols = (n - p * 32).min(32);
+            let mut out = [[0f32; 32]; MR];
+            for t0 in (0..pairs).step_by(KC) {
+                let t1 = (t0 + KC).min(pairs);
+                for i in (0..m).step_by(MR) {
+                    let rows = (m - i).min(MR);
+                    // SAFETY: supported() was checked; rows i..i+rows of xp hold `pairs` words
+                    // each, and panel p of B is inside its n_pad columns.
+                    unsafe { panel(xp, pairs, t0..t1, i, rows, &b.words.words()[p * p16 * 32..], 32, 0, &mut out) };
+                    for (r, o) in out.iter().enumerate().take(rows) {
+                        // SAFETY: row i + r, columns p*32 .. p*32 + cols are inside y; this task
+                        // alone writes panel p.
+                        let dst = unsafe { std::slice::from_raw_parts_mut(y_ptr.get().add((i + r) * n + p * 32), cols) };
+                        if t0 == 0 {
+                            dst.copy_from_slice(&o[..cols]);
+                        } else {
+                            dst.iter_mut().zip(o).for_each(|(d, v)| *d += v);
+                        }
                     }
                 }
             }
-        }
+        })
     });
     y
 }
@@ -445,23 +446,30 @@ fn matmul_amx(xp: &[u32], m: usize, b: &Packed) -> Vec<f32> {
     let pairs = k.div_ceil(2);
     let p16 = pairs.next_multiple_of(16);
     let xa = x_tiles(xp, m, pairs);
-    let mut y = vec![0f32; m * n];
+    // Every element is written by a panel's blocks before the length is set.
+    let mut y = Vec::with_capacity(m * n);
     let y_ptr = SendPtr(y.as_mut_ptr());
-    (0..b.n_pad / 32).into_par_iter().for_each(|p| {
-        let cols = (n - p * 32).min(32);
+    // On the decode pool, as the other products (rayon's sleeping workers took a tenth of a
+    // training step to wake).
+    crate::cpu::parallel_ranges(b.n_pad / 32, 1, |panels| {
         let mut c = crate::amx::Block([0f32; 1024]);
-        // SAFETY: usable() was checked; the tiles are this task's until released below.
+        // SAFETY: usable() was checked; the tiles are this thread's until released below.
         unsafe { crate::amx::configure() };
-        for i in (0..m).step_by(32) {
-            // SAFETY: block i / 32 of xa holds p16 / 16 steps of 512 words; panel p of B holds
-            // p16 pair rows of 32 words; both aligned.
-            unsafe { crate::amx::block_32x32(xa.words().as_ptr().add(i * p16), b.words.words().as_ptr().add(p * p16 * 32), 32, p16 / 16, &mut c) };
-            // SAFETY: this task alone writes panel p of y.
-            unsafe { store_block(y_ptr, &c.0, i, m, n, p * 32, cols) };
+        for p in panels {
+            let cols = (n - p * 32).min(32);
+            for i in (0..m).step_by(32) {
+                // SAFETY: block i / 32 of xa holds p16 / 16 steps of 512 words; panel p of B
+                // holds p16 pair rows of 32 words; both aligned.
+                unsafe { crate::amx::block_32x32(xa.words().as_ptr().add(i * p16), b.words.words().as_ptr().add(p * p16 * 32), 32, p16 / 16, &mut c) };
+                // SAFETY: this range alone writes panel p of y.
+                unsafe { store_block(y_ptr, &c.0, i, m, n, p * 32, cols) };
+            }
         }
         // SAFETY: as for configure.
         unsafe { crate::amx::release() };
     });
+    // SAFETY: the panels cover the n columns and the blocks the m rows.
+    unsafe { y.set_len(m * n) };
     y
 }
 

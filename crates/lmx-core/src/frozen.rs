@@ -9,7 +9,6 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 /// Row-major f32 matrices described by (rows, cols, row stride, col stride).
 #[derive(Clone, Copy)]
@@ -257,38 +256,44 @@ impl CustomOp3 for CrossEntropy {
         let targets = &ts.as_slice::<u32>()?[tl.start_offset()..][..n];
         let weights = f32_slice(ws, wl, "cross entropy weights")?;
         if !self.backward {
-            let losses: Vec<f32> = (0..n)
-                .into_par_iter()
-                .map(|i| {
-                    if weights[i] == 0.0 {
-                        return 0.0;
-                    }
+            let mut losses = vec![0f32; n];
+            let out = crate::cpu::SendPtr(losses.as_mut_ptr());
+            crate::cpu::parallel_ranges(n, 1, |rows| {
+                for i in rows.filter(|&i| weights[i] != 0.0) {
                     let row = &logits[i * vocab..(i + 1) * vocab];
                     let (max, lse) = log_sum_exp(row);
-                    ((f64::from(max) + lse - f64::from(row[targets[i] as usize])) * f64::from(weights[i])) as f32
-                })
-                .collect();
+                    let loss = ((f64::from(max) + lse - f64::from(row[targets[i] as usize])) * f64::from(weights[i])) as f32;
+                    // SAFETY: row i's loss belongs to this range alone.
+                    unsafe { *out.get().add(i) = loss };
+                }
+            });
             return Ok((CpuStorage::F32(losses), Shape::from(n)));
         }
         // Every element is written below (rows of weight 0 with zeros), so the gradient is
         // not zeroed first (51 MB a step for SmolLM2's vocabulary and a batch of 4 x 64).
         let mut grad = Vec::<f32>::with_capacity(n * vocab);
-        grad.spare_capacity_mut()[..n * vocab].par_chunks_mut(vocab).enumerate().for_each(|(i, out)| {
-            let scale = weights[i];
-            if scale == 0.0 {
-                out.iter_mut().for_each(|o| {
-                    o.write(0.0);
-                });
-                return;
+        let dst = crate::cpu::SendPtr(grad.as_mut_ptr());
+        crate::cpu::parallel_ranges(n, 1, |rows| {
+            for i in rows {
+                // SAFETY: row i's vocab elements belong to this range alone; written below
+                // before they are read.
+                let out = unsafe { std::slice::from_raw_parts_mut(dst.get().add(i * vocab) as *mut std::mem::MaybeUninit<f32>, vocab) };
+                let scale = weights[i];
+                if scale == 0.0 {
+                    out.iter_mut().for_each(|o| {
+                        o.write(0.0);
+                    });
+                    continue;
+                }
+                let row = &logits[i * vocab..(i + 1) * vocab];
+                let (max, lse) = log_sum_exp(row);
+                let shift = max + lse as f32;
+                for (o, &v) in out.iter_mut().zip(row) {
+                    o.write(crate::cpu_fused::exp(v - shift) * scale);
+                }
+                let t = targets[i] as usize;
+                out[t].write(crate::cpu_fused::exp(row[t] - shift) * scale - scale);
             }
-            let row = &logits[i * vocab..(i + 1) * vocab];
-            let (max, lse) = log_sum_exp(row);
-            let shift = max + lse as f32;
-            for (o, &v) in out.iter_mut().zip(row) {
-                o.write(crate::cpu_fused::exp(v - shift) * scale);
-            }
-            let t = targets[i] as usize;
-            out[t].write(crate::cpu_fused::exp(row[t] - shift) * scale - scale);
         });
         // SAFETY: the n rows of vocab elements were all written above.
         unsafe { grad.set_len(n * vocab) };

@@ -157,13 +157,6 @@ fn load_split(dir: &Path, name: &str, tokenizer: &lmx::TokenizerWrapper, mask_pr
 
 /// Runs `lmx lora`.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    // candle's elementwise worker threads spin 25,000 times waiting for the next op; in a
-    // training step, between lmx's own kernels and the long matmuls, that spinning steals a
-    // core from the matmuls. Park them almost at once (docs/BENCHMARKS.md has the numbers).
-    // Set before any tensor op creates the pool, while this is the only thread.
-    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
-        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "200");
-    }
     let device_spec = args.device.clone().unwrap_or_else(|| "auto".into());
     let device = crate::dist::rank_device(lmx::core::parse_device(&device_spec).context("--device")?, &device_spec)?;
     let dtype = args.dtype.as_deref().map(lmx::core::parse_dtype).transpose().context("--dtype")?.unwrap_or(lmx::DType::F32);
