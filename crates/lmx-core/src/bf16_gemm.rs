@@ -83,6 +83,38 @@ impl Packed {
         Self { words, k, n, n_pad }
     }
 
+    /// Packs B = W for a W (k, n) handed over row by row: `row(kk, out)` writes row kk as
+    /// f32 (rounded to bf16 here). Pair rows split over the decode pool, each row computed
+    /// once and written straight into its panels: the backward of a quantized layer (rows
+    /// dequantized), where a bf16 copy of the whole matrix and then an element-by-element
+    /// packing took a third of a QLoRA step.
+    pub fn from_row_fn(k: usize, n: usize, row: impl Fn(usize, &mut [f32]) + Sync) -> Self {
+        let (n_pad, pairs) = (n.div_ceil(32) * 32, k.div_ceil(2));
+        let p16 = pairs.next_multiple_of(16);
+        let mut words = crate::amx::Aligned::zeroed(p16 * n_pad);
+        let out = SendPtr(words.words_mut().as_mut_ptr());
+        crate::cpu::parallel_ranges(pairs, 4, |ts| {
+            let (mut lo, mut hi) = (vec![0f32; n], vec![0f32; n]);
+            for t in ts {
+                row(2 * t, &mut lo);
+                if 2 * t + 1 < k {
+                    row(2 * t + 1, &mut hi);
+                } else {
+                    hi.fill(0.0);
+                }
+                for (p, (lo, hi)) in lo.chunks(32).zip(hi.chunks(32)).enumerate() {
+                    // SAFETY: pair row t of panel p (32 words at (p * p16 + t) * 32) belongs
+                    // to this range alone.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add((p * p16 + t) * 32), lo.len()) };
+                    for ((d, l), h) in dst.iter_mut().zip(lo).zip(hi) {
+                        *d = u32::from(half::bf16::from_f32(*l).to_bits()) | (u32::from(half::bf16::from_f32(*h).to_bits()) << 16);
+                    }
+                }
+            }
+        });
+        Self { words, k, n, n_pad }
+    }
+
     /// (k, n) of B.
     pub fn dims(&self) -> (usize, usize) {
         (self.k, self.n)
@@ -575,6 +607,7 @@ mod tests {
             let y = matmul(&xf, m, &Packed::from_rows_transposed(&w, n, k));
             let w2: Vec<u16> = (0..k * n).map(|e| w[(e % n) * k + e / n]).collect();
             let y2 = matmul(&xf, m, &Packed::from_rows(&w2, k, n));
+            let y8 = matmul(&xf, m, &Packed::from_row_fn(k, n, |kk, out| out.iter_mut().zip(&w2[kk * n..(kk + 1) * n]).for_each(|(o, b)| *o = half::bf16::from_bits(*b).to_f32())));
             let y3 = matmul_rows(&xf, m, n, k, |r, out| out.iter_mut().zip(&w[r * k..(r + 1) * k]).for_each(|(o, b)| *o = half::bf16::from_bits(*b).to_f32()));
             // Both kernels behind matmul_rows, whichever this CPU takes.
             let copy_row = |r: usize, _: &mut [f32], words: &mut [u32]| {
@@ -595,7 +628,7 @@ mod tests {
             for i in 0..m {
                 for j in 0..n {
                     let want: f64 = (0..k).map(|t| f(x[i * k + t]) * f(w[j * k + t])).sum();
-                    for got in [y[i * n + j], y2[i * n + j], y3[i * n + j], y5[i * n + j], y6[i * n + j], y7[i * n + j]] {
+                    for got in [y[i * n + j], y2[i * n + j], y3[i * n + j], y5[i * n + j], y6[i * n + j], y7[i * n + j], y8[i * n + j]] {
                         assert!((f64::from(got) - want).abs() < 1e-4 * (k as f64).sqrt(), "({m},{n},{k}) [{i},{j}]: {got} vs {want}");
                     }
                 }

@@ -112,18 +112,9 @@ impl CustomOp1 for QMatMul {
             return Ok((q8_output(&[q], &x, m, s.dtype()), Shape::from(dims)));
         }
         let y = if self.transpose && training_bf16 {
-            // QLoRA's backward in bf16 products with f32 sums, as the forward below.
-            // W dequantized row by row straight to bf16 (no f32 copy of the whole matrix).
-            use rayon::prelude::*;
-            let mut w = vec![0u16; q.rows * q.cols];
-            w.par_chunks_mut(q.cols).enumerate().for_each_init(
-                || vec![0f32; q.cols],
-                |row, (r, out)| {
-                    q.dequantize_row(r, row);
-                    out.iter_mut().zip(row.iter()).for_each(|(o, v)| *o = bf16::from_f32(*v).to_bits());
-                },
-            );
-            crate::bf16_gemm::matmul(&x, m, &crate::bf16_gemm::Packed::from_rows(&w, q.rows, q.cols))
+            // QLoRA's backward in bf16 products with f32 sums, as the forward below: W
+            // dequantized row by row straight into the packed operand.
+            crate::bf16_gemm::matmul(&x, m, &crate::bf16_gemm::Packed::from_row_fn(q.rows, q.cols, |r, out| q.dequantize_row(r, out)))
         } else if self.transpose {
             kernels::qmatmul_t(q, &x, m)
         } else if training_bf16 {
