@@ -301,9 +301,18 @@ fn x_tiles(xp: &[u32], m: usize, pairs: usize) -> crate::amx::Aligned {
     let out = xa.words_mut();
     for (i, src) in xp.chunks(pairs).take(m).enumerate() {
         let block = &mut out[i / 32 * p16 * 32..];
-        for (s, words) in src.chunks(16).enumerate() {
+        let whole = src.chunks_exact(16);
+        let (tail, steps) = (whole.remainder(), pairs / 16);
+        for (s, words) in whole.enumerate() {
+            // A constant-size copy (inlined moves: a memcpy call per 64 bytes took 4% of a
+            // training step).
             let at = s * 512 + i % 32 * 16;
-            block[at..at + words.len()].copy_from_slice(words);
+            let dst: &mut [u32; 16] = (&mut block[at..at + 16]).try_into().expect("16 words");
+            *dst = words.try_into().expect("16 words");
+        }
+        if !tail.is_empty() {
+            let at = steps * 512 + i % 32 * 16;
+            block[at..at + tail.len()].copy_from_slice(tail);
         }
     }
     xa
