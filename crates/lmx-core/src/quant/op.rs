@@ -73,11 +73,11 @@ fn output(y: Vec<f32>, dtype: DType) -> CpuStorage {
     }
 }
 
-/// Reads a contiguous f32/bf16/f16 input as f32.
-fn input_f32(s: &CpuStorage, l: &Layout, what: &str) -> Result<Vec<f32>> {
+/// Reads a contiguous f32/bf16/f16 input as f32 (an f32 input borrowed, not copied).
+fn input_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<std::borrow::Cow<'a, [f32]>> {
     let (start, end) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what} needs a contiguous input")))?;
     Ok(match s {
-        CpuStorage::F32(v) => v[start..end].to_vec(),
+        CpuStorage::F32(v) => std::borrow::Cow::Borrowed(&v[start..end]),
         CpuStorage::BF16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
         CpuStorage::F16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
         other => candle_core::bail!("{what}: input dtype {:?} is not supported", other.dtype()),
