@@ -239,7 +239,8 @@ fn matmul_words_amx(xp: &[u32], m: usize, n: usize, k: usize, row_words: impl Fn
     let pairs = k.div_ceil(2);
     let p16 = pairs.next_multiple_of(16);
     let xa = x_tiles(xp, m, pairs);
-    let mut y = vec![0f32; m * n];
+    // Every element is written by a block's stores before the length is set.
+    let mut y = Vec::with_capacity(m * n);
     let y_ptr = SendPtr(y.as_mut_ptr());
     crate::cpu::parallel_ranges(n.div_ceil(NB), 1, |blocks| {
         // Pair rows past `pairs` stay zero.
@@ -261,6 +262,8 @@ fn matmul_words_amx(xp: &[u32], m: usize, n: usize, k: usize, row_words: impl Fn
         // SAFETY: as for configure.
         unsafe { crate::amx::release() };
     });
+    // SAFETY: the blocks cover the n columns and the row blocks the m rows.
+    unsafe { y.set_len(m * n) };
     y
 }
 
@@ -282,12 +285,13 @@ fn pack_block(blk: usize, n: usize, pairs: usize, row_words: &(impl Fn(usize, &m
 /// columns col0..col0 + cols.
 ///
 /// # Safety
-/// y holds m * n floats and no other thread writes those columns of these rows meanwhile.
+/// y has room for m * n floats (they may be uninitialized: written, never read) and no other
+/// thread writes those columns of these rows meanwhile.
 unsafe fn store_block(y: SendPtr, c: &[f32; 1024], i: usize, m: usize, n: usize, col0: usize, cols: usize) {
     for r in 0..(m - i).min(32) {
-        // SAFETY: row i + r < m, columns col0 + cols <= n: inside y, this caller's alone.
-        let dst = unsafe { std::slice::from_raw_parts_mut(y.get().add((i + r) * n + col0), cols) };
-        dst.copy_from_slice(&c[r * 32..r * 32 + cols]);
+        // SAFETY: row i + r < m, columns col0 + cols <= n: inside y, this caller's alone;
+        // cols <= 32 values read from row r of c.
+        unsafe { std::ptr::copy_nonoverlapping(c.as_ptr().add(r * 32), y.get().add((i + r) * n + col0), cols) };
     }
 }
 
