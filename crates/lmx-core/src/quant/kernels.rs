@@ -317,21 +317,28 @@ impl AmxActs {
     }
 }
 
+/// The work of a several-row product over matrices sharing their input: the output's width
+/// (the matrices' rows together), for each matrix the first one that takes the same int8
+/// activations (whose codes it shares), and the blocks of `rows` matrix rows as (matrix,
+/// first row, first output column).
+fn plan(qs: &[&QuantizedMatrix], rows: usize) -> (usize, Vec<usize>, Vec<(usize, usize, usize)>) {
+    let owner = (0..qs.len()).map(|i| (0..i).find(|&j| same_act(qs[j], qs[i])).unwrap_or(i)).collect();
+    let (mut blocks, mut col) = (Vec::new(), 0);
+    for (i, q) in qs.iter().enumerate() {
+        blocks.extend((0..q.rows).step_by(rows).map(|r0| (i, r0, col + r0)));
+        col += q.rows;
+    }
+    (col, owner, blocks)
+}
+
 /// [`qmatmul_many_q8`] on AMX tiles: activations coded and laid out as tiles once
 /// ([`AmxActs`]); each block of 32 matrix rows as one byte per element (4-bit rows unpacked
 /// into a scratch buffer, 8-bit rows read in place), scales and biases as f32, then run past
 /// every chunk of 16 activation rows ([`x86::amx_block_q8`](super::x86::amx_block_q8)).
 /// Blocks split over threads on the decode pool.
 fn qmatmul_many_amx<T: Out>(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<T> {
-    let total: usize = qs.iter().map(|q| q.rows).sum();
-    let owner: Vec<usize> = (0..qs.len()).map(|i| (0..i).find(|&j| same_act(qs[j], qs[i])).unwrap_or(i)).collect();
+    let (total, owner, blocks) = plan(qs, AMX_ROWS);
     let acts: Vec<Option<AmxActs>> = qs.iter().enumerate().map(|(i, q)| (owner[i] == i).then(|| AmxActs::new(q, x, m))).collect();
-    let mut blocks = Vec::new();
-    let mut col = 0;
-    for (i, q) in qs.iter().enumerate() {
-        blocks.extend((0..q.rows).step_by(AMX_ROWS).map(|r0| (i, r0, col + r0)));
-        col += q.rows;
-    }
     // Every element is written below before the length is set.
     let mut y = Vec::<T>::with_capacity(m * total);
     let y_ptr = SendPtr(y.as_mut_ptr());
@@ -412,17 +419,9 @@ fn amx_rows(q: &QuantizedMatrix, r0: usize, nr: usize, buf: &mut Aligned) -> *co
 
 /// [`qmatmul_many_q8`] on AVX-512 VNNI.
 fn qmatmul_many_vnni<T: Out>(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<T> {
-    let total: usize = qs.iter().map(|q| q.rows).sum();
-    let owner: Vec<usize> = (0..qs.len()).map(|i| (0..i).find(|&j| same_act(qs[j], qs[i])).unwrap_or(i)).collect();
+    let (total, owner, blocks) = plan(qs, QB);
     let acts: Vec<Option<Vec<Q8Act>>> = qs.iter().enumerate().map(|(i, q)| (owner[i] == i).then(|| q8_rows(q, x, m))).collect();
     let refs: Vec<Vec<&Q8Act>> = acts.iter().map(|a| a.iter().flatten().collect()).collect();
-    // (matrix, first row, first output column) of each block.
-    let mut blocks = Vec::new();
-    let mut col = 0;
-    for (i, q) in qs.iter().enumerate() {
-        blocks.extend((0..q.rows).step_by(QB).map(|r0| (i, r0, col + r0)));
-        col += q.rows;
-    }
     // Every element is written below before the length is set.
     let mut y = Vec::<T>::with_capacity(m * total);
     let y_ptr = SendPtr(y.as_mut_ptr());
