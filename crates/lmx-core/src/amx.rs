@@ -134,6 +134,11 @@ mod imp {
     /// [`configure`] ran on this thread; x holds `steps * 512` words; b holds `steps * 16`
     /// rows of 32 words at `b_stride`; both on 64-byte boundaries, b_stride a multiple of 16.
     pub(crate) unsafe fn block_32x32(x: *const u32, b: *const u32, b_stride: usize, steps: usize, c: &mut super::Block) {
+        if steps == 0 {
+            // An empty k: the first step's loads below would read nothing valid.
+            c.0.fill(0.0);
+            return;
+        }
         let bs = 4 * b_stride;
         // SAFETY: the caller's guarantees; tiles 0-3 accumulate, 4-5 hold x, 6-7 hold B.
         unsafe {

@@ -34,7 +34,8 @@ pub fn to_bf16_bits(x: &[f32]) -> Vec<u16> {
 /// (32 words each), so both kernels read a panel front to back.
 #[derive(Debug, Clone)]
 pub struct Packed {
-    /// 64-byte aligned for the tile loads (rows of n_pad words, a multiple of 32).
+    /// 64-byte aligned for the tile loads: panel p's pair rows of 32 words from word
+    /// p * p16 * 32 (p16: the pair rows rounded up to 16).
     words: crate::amx::Aligned,
     k: usize,
     n: usize,
@@ -232,9 +233,9 @@ fn matmul_words_avx512(xp: &[u32], m: usize, n: usize, k: usize, row_words: impl
     y
 }
 
-/// [`matmul_words`] on AMX tiles: 32 x 32 output blocks, 16 pairs of k a step. x is copied
-/// into rows padded to a multiple of 16 pairs (and 32 rows), each W block's pair rows likewise,
-/// with zeros, so that every tile is whole.
+/// [`matmul_words`] on AMX tiles: 32 x 32 output blocks, 16 pairs of k a step. x is laid out
+/// step by step ([`x_tiles`]) and each W block's pair rows padded to a multiple of 16 with
+/// zeros, so that every tile is whole.
 fn matmul_words_amx(xp: &[u32], m: usize, n: usize, k: usize, row_words: impl Fn(usize, &mut [f32], &mut [u32]) + Sync) -> Vec<f32> {
     let pairs = k.div_ceil(2);
     let p16 = pairs.next_multiple_of(16);

@@ -750,7 +750,7 @@ pub(super) unsafe fn amx_block_q8(a: *const u8, a_stride: usize, codes: *const u
     unsafe {
         for g in 0..groups + LAG {
             if g < groups {
-                crate::amx::int8_group(a.add(g * gs), a_stride, codes.add(g * steps * 1024), fine.add(g * steps * 1024), steps, (*c.add(g % (LAG + 1))).as_mut_ptr());
+                crate::amx::int8_group(a.add(g * gs), a_stride, codes.add(g * steps * 1024), fine.add(g * steps * 1024), steps, c.add(g % (LAG + 1)).cast::<i32>());
             }
             let Some(g) = g.checked_sub(LAG) else { continue };
             let sums = &*c.add(g % (LAG + 1));
