@@ -2,7 +2,7 @@
 //! bytes and `tdpbf16ps`, a 16 x 16 x 32 bf16 product into f32 in one instruction (16 times the
 //! work of an AVX-512 `vdpbf16ps`). Linux hands the tile state to a process only on request
 //! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`); [`usable`] asks once. The operands' layouts are those
-//! of `bf16_gemm`: x as rows of bf16 pairs, W's blocks as pair rows of 32 columns. AMX-INT8's
+//! of `bf16_gemm`: x step by step (its `x_tiles`), W's panels as pair rows of 32 columns. AMX-INT8's
 //! `tdpbusd` (16 x 16 x 64 unsigned-by-signed bytes into i32) serves the quantized prefill
 //! product ([`int8_group`]).
 
@@ -126,7 +126,7 @@ mod imp {
 
     /// c (32 x 32 f32, row-major) = x (32 rows of `steps` * 16 bf16 pairs) @ B (`steps` * 16
     /// pair rows of 32 columns, `b_stride` words apart). x is laid out step by step
-    /// ([`super::x_tiles`]): step s's 32 rows of 16 words are 512 contiguous words, rows 0-15
+    /// (`bf16_gemm`'s `x_tiles`): step s's 32 rows of 16 words are 512 contiguous words, rows 0-15
     /// one tile and rows 16-31 the next. Each tile is loaded as soon as the products before
     /// it have read the one it replaces (8% faster than loading the four first).
     ///

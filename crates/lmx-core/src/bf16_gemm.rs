@@ -8,7 +8,6 @@
 
 use crate::cpu::SendPtr;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape};
-use rayon::prelude::*;
 
 /// True when this CPU runs the bf16 kernel.
 pub fn supported() -> bool {
@@ -64,31 +63,18 @@ impl Packed {
         }
     }
 
-    /// Packs B (k, n) given element by element.
+    /// Packs B (k, n) given element by element (as bf16 bits), through [`Packed::from_row_fn`]
+    /// (bf16 widened to f32 and rounded back is the same value).
     pub fn pack(k: usize, n: usize, at: impl Fn(usize, usize) -> u16 + Sync) -> Self {
-        let n_pad = n.div_ceil(32) * 32;
-        let pairs = k.div_ceil(2);
-        // Pair rows padded with zeros to a multiple of 16: whole AMX tiles.
-        let p16 = pairs.next_multiple_of(16);
-        let mut words = crate::amx::Aligned::zeroed(p16 * n_pad);
-        words.words_mut().par_chunks_mut(p16 * 32).enumerate().for_each(|(p, panel)| {
-            for (t, row) in panel.chunks_mut(32).take(pairs).enumerate() {
-                for (jj, word) in row.iter_mut().enumerate().take(n.saturating_sub(32 * p)) {
-                    let j = 32 * p + jj;
-                    let lo = at(2 * t, j);
-                    let hi = if 2 * t + 1 < k { at(2 * t + 1, j) } else { 0 };
-                    *word = u32::from(lo) | (u32::from(hi) << 16);
-                }
-            }
-        });
-        Self { words, k, n, n_pad }
+        Self::from_row_fn(k, n, |kk, out| out.iter_mut().enumerate().for_each(|(j, o)| *o = half::bf16::from_bits(at(kk, j)).to_f32()))
     }
 
     /// Packs B = W for a W (k, n) handed over row by row: `row(kk, out)` writes row kk as
     /// f32 (rounded to bf16 here). Pair rows split over the decode pool, each row computed
-    /// once and written straight into its panels: the backward of a quantized layer (rows
-    /// dequantized), where a bf16 copy of the whole matrix and then an element-by-element
-    /// packing took a third of a QLoRA step.
+    /// once and written straight into its panels (pair rows padded with zeros to a multiple
+    /// of 16, columns to a multiple of 32: whole AMX tiles). In the backward of a quantized
+    /// layer (rows dequantized), a bf16 copy of the whole matrix then an element-by-element
+    /// packing had taken a third of a QLoRA step.
     pub fn from_row_fn(k: usize, n: usize, row: impl Fn(usize, &mut [f32]) + Sync) -> Self {
         let (n_pad, pairs) = (n.div_ceil(32) * 32, k.div_ceil(2));
         let p16 = pairs.next_multiple_of(16);

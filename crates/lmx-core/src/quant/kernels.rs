@@ -8,6 +8,7 @@ use std::ops::Range;
 use super::{get_bits, GroupParams, QuantizedMatrix, Scale};
 use crate::amx::Aligned;
 use crate::cpu::{parallel_ranges, SendPtr, MIN_ROWS_PER_THREAD};
+use crate::cpu_fused::Elem;
 use rayon::prelude::*;
 
 /// Rows of W dequantized together for a multi-row product (fits in L2 at 4 KiB columns).
@@ -164,32 +165,6 @@ pub fn qmatvec_many(qs: &[&QuantizedMatrix], x: &[f32]) -> Vec<f32> {
 /// i32 lanes of a 512-bit register.
 const QB: usize = 16;
 
-/// An element the several-row products store: f32, or the model's bf16 or f16 rounded as
-/// each value is stored (on every thread of the product, where a conversion of the whole
-/// result afterwards ran on one while the others waited).
-pub trait Out: Copy + Send + Sync + 'static {
-    /// `v` rounded to this type.
-    fn of(v: f32) -> Self;
-}
-
-impl Out for f32 {
-    fn of(v: f32) -> Self {
-        v
-    }
-}
-
-impl Out for half::bf16 {
-    fn of(v: f32) -> Self {
-        half::bf16::from_f32(v)
-    }
-}
-
-impl Out for half::f16 {
-    fn of(v: f32) -> Self {
-        half::f16::from_f32(v)
-    }
-}
-
 /// Rows of x per call of the int8 product's kernel (with 16 matrix rows per register: 8
 /// i32 and 8 f32 accumulators).
 pub(super) const GEMM_MR: usize = 8;
@@ -217,7 +192,7 @@ fn q8_rows(q: &QuantizedMatrix, x: &[f32], m: usize) -> Vec<Q8Act> {
 /// decode ([`Q8Act`]), and each block of 16 matrix rows interleaved word by word (packed
 /// codes copied, not dequantized) and run past all rows of x, 8 at a time. Blocks split over
 /// threads on the decode pool. Callers check [`q8_gemm_applies`].
-pub fn qmatmul_many_q8<T: Out>(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<T> {
+pub fn qmatmul_many_q8<T: Elem>(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<T> {
     if amx_applies(qs) {
         return qmatmul_many_amx(qs, x, m);
     }
@@ -336,7 +311,7 @@ fn plan(qs: &[&QuantizedMatrix], rows: usize) -> (usize, Vec<usize>, Vec<(usize,
 /// into a scratch buffer, 8-bit rows read in place), scales and biases as f32, then run past
 /// every chunk of 16 activation rows ([`x86::amx_block_q8`](super::x86::amx_block_q8)).
 /// Blocks split over threads on the decode pool.
-fn qmatmul_many_amx<T: Out>(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<T> {
+fn qmatmul_many_amx<T: Elem>(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<T> {
     let (total, owner, blocks) = plan(qs, AMX_ROWS);
     let acts: Vec<Option<AmxActs>> = qs.iter().enumerate().map(|(i, q)| (owner[i] == i).then(|| AmxActs::new(q, x, m))).collect();
     // Every element is written below before the length is set.
@@ -418,7 +393,7 @@ fn amx_rows(q: &QuantizedMatrix, r0: usize, nr: usize, buf: &mut Aligned) -> *co
 }
 
 /// [`qmatmul_many_q8`] on AVX-512 VNNI.
-fn qmatmul_many_vnni<T: Out>(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<T> {
+fn qmatmul_many_vnni<T: Elem>(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<T> {
     let (total, owner, blocks) = plan(qs, QB);
     let acts: Vec<Option<Vec<Q8Act>>> = qs.iter().enumerate().map(|(i, q)| (owner[i] == i).then(|| q8_rows(q, x, m))).collect();
     let refs: Vec<Vec<&Q8Act>> = acts.iter().map(|a| a.iter().flatten().collect()).collect();
