@@ -4,8 +4,9 @@ packed words, scales and biases), written with torch on the GPU machine (no netw
 With BITS=8 (or "4 8"), OUT-8bit (MLX 8-bit, group 64) as well or instead of OUT-4bit.
 Shape: Llama-3-8B (hidden 4096, 32 layers, 32 heads, 8 KV heads, MLP 14336, vocab 128256)
 or, with SHAPE=1b, Llama-3.2-1B, or with SHAPE=70b, Llama-3-70B (hidden 8192, 80 layers, 64
-heads, 8 KV heads, MLP 28672); LAYERS=N keeps the first N layers. BF16=0 skips the bf16 folder (141 GB for the 70B shape). The tokenizer is a 4-word WordLevel one (benchmarks draw
-token ids from the model's vocabulary).
+heads, 8 KV heads, MLP 28672); LAYERS=N keeps the first N layers. BF16=0 skips the bf16 folder (141 GB for the 70B shape). The tokenizer is a WordLevel one over the whole vocabulary
+("<unk>", "a", "b", "c", then "t4", "t5", ...), so that every generated id decodes to a word
+(greedy texts compare token for token; benchmarks draw token ids from the vocabulary).
 Usage: python3 scripts/cuda/make_random_llama.py OUT
 """
 import json
@@ -28,7 +29,7 @@ config = {
 }
 tokenizer = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
              "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
-             "model": {"type": "WordLevel", "vocab": {"<unk>": 0, "a": 1, "b": 2, "c": 3}, "unk_token": "<unk>"}}
+             "model": {"type": "WordLevel", "vocab": dict({"<unk>": 0, "a": 1, "b": 2, "c": 3}, **{f"t{i}": i for i in range(4, V)}), "unk_token": "<unk>"}}
 matrices = {"model.embed_tokens.weight": (V, H)}
 if not TIE:
     matrices["lm_head.weight"] = (V, H)
@@ -69,4 +70,4 @@ for bits in os.environ.get("BITS", "4").split():
     quant = {"group_size": 64, "bits": bits}
     write(f"{out}-{bits}bit", dict(q, **ones), {"quantization": quant, "quantization_config": quant})
     del q
-print(f"wrote {out}-bf16 and {out}-{{{os.environ.get('BITS', '4')}}}bit")
+print(f"wrote {out}-{{{','.join((['bf16'] if os.environ.get('BF16', '1') != '0' else []) + [b + 'bit' for b in os.environ.get('BITS', '4').split()])}}}")
