@@ -350,12 +350,19 @@ impl QuantizedMatrix {
         let words = self.cols * self.bits / 32;
         let row = &self.packed[r * words..(r + 1) * words];
         let n_groups = self.cols / self.group_size;
-        let (mut s, mut b) = (vec![0f32; groups.len()], vec![0f32; groups.len()]);
-        self.scales.fill(r * n_groups + groups.start, &mut s);
-        self.biases.fill(r * n_groups + groups.start, &mut b);
-        for (i, o) in out.chunks_mut(self.group_size).enumerate() {
-            let g = groups.start + i;
-            kernels::dequantize_group(row, g * self.group_size, self.bits, s[i], b[i], o);
+        // Scales and biases 64 groups at a time on the stack: two small heap vectors a row had
+        // taken a seventh of a QLoRA step (malloc, free and the arenas' trimming, rows
+        // dequantized on both threads).
+        const CHUNK: usize = 64;
+        let (mut s, mut b) = ([0f32; CHUNK], [0f32; CHUNK]);
+        for (c, outs) in out.chunks_mut(CHUNK * self.group_size).enumerate() {
+            let g0 = groups.start + c * CHUNK;
+            let n = outs.len() / self.group_size;
+            self.scales.fill(r * n_groups + g0, &mut s[..n]);
+            self.biases.fill(r * n_groups + g0, &mut b[..n]);
+            for (i, o) in outs.chunks_mut(self.group_size).enumerate() {
+                kernels::dequantize_group(row, (g0 + i) * self.group_size, self.bits, s[i], b[i], o);
+            }
         }
     }
 
