@@ -76,6 +76,87 @@ impl CustomOp2 for F32Linear {
     }
 }
 
+/// `a @ b` for a (.., m, k) and b (.., k, n) with the same leading dims. f32 tensors on the CPU
+/// and off the gradient tape take [`PoolMatMul`] (the decode pool; any strides of the last two
+/// dims, so transposed views are read as they are); everything else candle's matmul.
+/// Training's small f32 products (a low-rank update and its gradients, attention's backward)
+/// ran on rayon through candle, whose second worker the pool's spinning one kept from its
+/// core: they ran on one thread.
+pub fn matmul(a: &candle_core::Tensor, b: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+    let r = a.rank();
+    let fits = a.device().is_cpu() && a.dtype() == DType::F32 && b.dtype() == DType::F32 && r >= 2 && b.rank() == r && a.dims()[..r - 2] == b.dims()[..r - 2] && a.dim(r - 1)? == b.dim(r - 2)?;
+    if fits && !a.track_op() && !b.track_op() && batch_stride(a.layout()).is_some() && batch_stride(b.layout()).is_some() {
+        return a.apply_op2_no_bwd(b, &PoolMatMul);
+    }
+    a.matmul(b)
+}
+
+/// The stride between the matrices of a (.., rows, cols) layout whose leading dims collapse
+/// into one (0 for a single matrix); None when they do not.
+fn batch_stride(l: &Layout) -> Option<usize> {
+    let (dims, strides) = (l.dims(), l.stride());
+    let r = dims.len();
+    if r <= 2 {
+        return Some(0);
+    }
+    (0..r - 3).all(|i| dims[i] == 1 || strides[i] == strides[i + 1] * dims[i + 1]).then_some(strides[r - 3])
+}
+
+/// The op behind [`matmul`]: the product's matrices and, within each, ranges of its longer
+/// output side, split over the decode pool, each a single-threaded gemm on the operands' own
+/// strides. The result is contiguous.
+pub struct PoolMatMul;
+
+impl CustomOp2 for PoolMatMul {
+    fn name(&self) -> &'static str {
+        "lmx-pool-matmul"
+    }
+
+    fn cpu_fwd(&self, a_s: &CpuStorage, al: &Layout, b_s: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(av), CpuStorage::F32(bv)) = (a_s, b_s) else { candle_core::bail!("pool matmul: expected f32 operands") };
+        let (ad, bd) = (al.dims(), bl.dims());
+        let r = ad.len();
+        let (m, k, n) = (ad[r - 2], ad[r - 1], bd[r - 1]);
+        let (Some(abs), Some(bbs)) = (batch_stride(al), batch_stride(bl)) else { candle_core::bail!("pool matmul: leading dims must collapse") };
+        let batch: usize = ad[..r - 2].iter().product();
+        let (ast, bst) = (al.stride(), bl.stride());
+        let mut dims = ad.to_vec();
+        dims[r - 1] = n;
+        let mut y = vec![0f32; batch * m * n];
+        if k > 0 && m * n > 0 {
+            // Each matrix's longer output side in pieces, so that the threads have work to
+            // balance when there are few matrices.
+            let long = m.max(n);
+            let pieces = 8usize.div_ceil(batch).min(long.div_ceil(16)).max(1);
+            let per = long.div_ceil(pieces);
+            let tasks = batch * pieces;
+            let y_ptr = SendPtr(y.as_mut_ptr());
+            let (a0, b0) = (SendPtr(av[al.start_offset()..].as_ptr() as *mut f32), SendPtr(bv[bl.start_offset()..].as_ptr() as *mut f32));
+            let min_tasks = if batch * m * n * k < 1 << 16 { tasks } else { 1 };
+            parallel_ranges(tasks, min_tasks, |ts| {
+                for t in ts {
+                    let (bi, p) = (t / pieces, t % pieces);
+                    let (lo, hi) = (p * per, ((p + 1) * per).min(long));
+                    if lo >= hi {
+                        continue;
+                    }
+                    // Rows lo..hi of a (m the longer side) or columns lo..hi of b.
+                    let (rows, cols) = if m >= n { (lo..hi, 0..n) } else { (0..m, lo..hi) };
+                    // SAFETY: matrix bi of a starts at bi * abs and holds (m, k) elements at
+                    // strides (ast[r - 2], ast[r - 1]) inside a's storage (candle's layout), as
+                    // for b; this task alone writes rows `rows`, columns `cols` of matrix bi of y.
+                    unsafe {
+                        let lhs = Mat { ptr: a0.get().add(bi * abs + rows.start * ast[r - 2]), rs: ast[r - 2] as isize, cs: ast[r - 1] as isize };
+                        let rhs = Mat { ptr: b0.get().add(bi * bbs + cols.start * bst[r - 1]), rs: bst[r - 2] as isize, cs: bst[r - 1] as isize };
+                        gemm_f32_serial(rows.len(), cols.len(), k, y_ptr.get().add(bi * m * n + rows.start * n + cols.start), n as isize, lhs, rhs);
+                    }
+                }
+            });
+        }
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+}
+
 /// `x @ w^T` for a few rows of activations (decode: one token per sequence of a batch), as a
 /// candle op (no backward: used only when nothing is on the gradient tape). `x`: (.., k) with
 /// at most [`MATVEC_MAX_ROWS`] rows; `w`: (n, k), same dtype. Each weight row is read once for
@@ -597,6 +678,33 @@ unsafe impl<T> Sync for SendPtr<T> {}
 mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
+
+    /// The pool's matmul equals candle's on plain, transposed and batched operands (a
+    /// transposed view read through its strides, leading dims collapsed, a narrowed start),
+    /// products too small to split and large enough to, either side the longer; an operand on
+    /// the tape takes candle's product and keeps its gradient.
+    #[test]
+    fn pool_matmul_matches_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        for (batch, m, k, n) in [(vec![], 3, 5, 4), (vec![], 200, 96, 8), (vec![], 8, 96, 300), (vec![2, 3], 40, 16, 70), (vec![3], 1, 7, 1), (vec![2], 64, 0, 5)] {
+            let shape = |a: usize, b: usize| -> Vec<usize> { batch.iter().copied().chain([a, b]).collect() };
+            let a = Tensor::randn(0f32, 1.0, shape(m, k), &dev)?;
+            let b = Tensor::randn(0f32, 1.0, shape(k, n), &dev)?;
+            let bt = Tensor::randn(0f32, 1.0, shape(n, k), &dev)?;
+            let at = Tensor::randn(0f32, 1.0, shape(k + 1, m), &dev)?.narrow(batch.len(), 1, k)?;
+            for (x, y) in [(a.clone(), b.clone()), (a.clone(), bt.t()?), (at.t()?, b.clone()), (at.t()?, bt.t()?)] {
+                let (got, want) = (matmul(&x, &y)?, x.matmul(&y)?);
+                assert_eq!(got.dims(), want.dims());
+                let d = (got - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>().unwrap_or(0.0);
+                assert!(d < 1e-4, "{batch:?} {m}x{k}x{n}: off by {d}");
+            }
+        }
+        let v = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 3), &dev)?)?;
+        let w = Tensor::randn(0f32, 1.0, (3, 2), &dev)?;
+        let grads = matmul(v.as_tensor(), &w)?.sum_all()?.backward()?;
+        assert!(grads.get(v.as_tensor()).is_some(), "an operand on the tape keeps its gradient");
+        Ok(())
+    }
 
     /// The dispatched (SIMD where available) kernels equal the scalar ones on random data,
     /// including lengths that leave a tail.

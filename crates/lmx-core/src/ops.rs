@@ -327,7 +327,7 @@ pub fn low_rank(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor
         if crate::taped::skinny(x, a, b) && !on_tape(&[x, a, b]) {
             return crate::taped::low_rank_skinny(x, a, b, scale, None);
         }
-        (x.to_dtype(a.dtype())?.matmul(a)?.matmul(b)? * scale)?.to_dtype(dtype)
+        (crate::cpu::matmul(&crate::cpu::matmul(&x.to_dtype(a.dtype())?, a)?, b)? * scale)?.to_dtype(dtype)
     };
     if !(taped_ops() && on_tape(&[x, a, b])) {
         return z(x, a, b);

@@ -186,13 +186,14 @@ pub(crate) fn attention_bwd(q: &Tensor, k: &Tensor, v: &Tensor, grad: &Tensor, m
     let s = k.dim(2)?;
     if let Some(m) = mask.filter(|m| m.dtype() == DType::F32 && m.dims() == [l, s] && fused(&[q, k, v, grad])) {
         // The fused passes over the raw scores (`fused_train::AttentionScores`).
-        let (raw, m) = (q2.matmul(&k.t()?)?, m.contiguous()?);
+        let mm = crate::cpu::matmul;
+        let (raw, m) = (mm(&q2, &k.t()?)?, m.contiguous()?);
         let op = crate::fused_train::AttentionScores { scale: scale as f32, cap: softcap.unwrap_or(0.0) as f32, q_len: l };
         let p = raw.apply_op2_no_bwd(&m, &op)?;
-        let dv = p.t()?.matmul(&go)?;
-        let ds = raw.apply_op3_no_bwd(&go.matmul(&v.t()?)?, &m, &op)?;
-        let dq = ds.matmul(k)?.reshape((b, h, l, d))?;
-        let dk = ds.t()?.matmul(&q2)?;
+        let dv = mm(&p.t()?, &go)?;
+        let ds = raw.apply_op3_no_bwd(&mm(&go, &v.t()?)?, &m, &op)?;
+        let dq = mm(&ds, k)?.reshape((b, h, l, d))?;
+        let dk = mm(&ds.t()?, &q2)?;
         return Ok([dq, dk, dv]);
     }
     attention_bwd_composed(q, k, v, grad, mask, scale, softcap)
@@ -299,10 +300,11 @@ pub(crate) fn low_rank_bwd(x: &Input, a: &Input, b: &Input, grad: &Tensor, scale
 fn low_rank_bwd_composed(x: &Input, a: &Input, b: &Input, grad: &Tensor, scale: f64) -> Result<[Option<Tensor>; 3]> {
     let g = (grad.to_dtype(a.dtype())? * scale)?;
     let xf = x.to_dtype(a.dtype())?;
-    let db = if_taped(b, || xf.matmul(a)?.t()?.matmul(&g))?;
-    let gb = g.matmul(&b.t()?)?;
-    let da = if_taped(a, || xf.t()?.matmul(&gb))?;
-    let dx = if_taped(x, || gb.matmul(&a.t()?)?.to_dtype(x.dtype()))?;
+    let mm = crate::cpu::matmul;
+    let db = if_taped(b, || mm(&mm(&xf, a)?.t()?, &g))?;
+    let gb = mm(&g, &b.t()?)?;
+    let da = if_taped(a, || mm(&xf.t()?, &gb))?;
+    let dx = if_taped(x, || mm(&gb, &a.t()?)?.to_dtype(x.dtype()))?;
     Ok([dx, da, db])
 }
 
