@@ -79,7 +79,7 @@ impl Packed {
         assert!(supported(), "bf16 packing needs AVX512-BF16");
         let (n_pad, pairs) = (n.div_ceil(32) * 32, k.div_ceil(2));
         let p16 = pairs.next_multiple_of(16);
-        let mut words = crate::amx::Aligned::zeroed(p16 * n_pad);
+        let mut words = crate::amx::Aligned::zeroed_on_pool(p16 * n_pad);
         let out = SendPtr(words.words_mut().as_mut_ptr());
         crate::cpu::parallel_ranges(pairs, 4, |ts| {
             let (mut lo, mut hi) = (vec![0f32; n], vec![0f32; n]);
@@ -288,24 +288,31 @@ unsafe fn store_block(y: SendPtr, c: &[f32; 1024], i: usize, m: usize, n: usize,
 /// `bi * p16 * 32`. Every tile is whole, and both operands are read front to back.
 fn x_tiles(xp: &[u32], m: usize, pairs: usize) -> crate::amx::Aligned {
     let (p16, m32) = (pairs.next_multiple_of(16), m.next_multiple_of(32));
-    let mut xa = crate::amx::Aligned::zeroed(m32 * p16);
-    let out = xa.words_mut();
-    for (i, src) in xp.chunks(pairs).take(m).enumerate() {
-        let block = &mut out[i / 32 * p16 * 32..];
-        let whole = src.chunks_exact(16);
-        let (tail, steps) = (whole.remainder(), pairs / 16);
-        for (s, words) in whole.enumerate() {
-            // A constant-size copy (inlined moves: a memcpy call per 64 bytes took 4% of a
-            // training step).
-            let at = s * 512 + i % 32 * 16;
-            let dst: &mut [u32; 16] = (&mut block[at..at + 16]).try_into().expect("16 words");
-            *dst = words.try_into().expect("16 words");
+    let mut xa = crate::amx::Aligned::zeroed_on_pool(m32 * p16);
+    let out = SendPtr(xa.words_mut().as_mut_ptr());
+    // Blocks of 32 rows over the pool (a training step's activations: megabytes).
+    let min_blocks = if m * pairs < 1 << 18 { m32 / 32 } else { 1 };
+    crate::cpu::parallel_ranges(m32 / 32, min_blocks.max(1), |blocks| {
+        for bi in blocks {
+            // SAFETY: block bi's p16 * 32 words belong to this range alone.
+            let block = unsafe { std::slice::from_raw_parts_mut(out.get().add(bi * p16 * 32), p16 * 32) };
+            for (i, src) in xp.chunks(pairs).enumerate().take(m.min(bi * 32 + 32)).skip(bi * 32) {
+                let whole = src.chunks_exact(16);
+                let (tail, steps) = (whole.remainder(), pairs / 16);
+                for (s, words) in whole.enumerate() {
+                    // A constant-size copy (inlined moves: a memcpy call per 64 bytes took 4% of a
+                    // training step).
+                    let at = s * 512 + i % 32 * 16;
+                    let dst: &mut [u32; 16] = (&mut block[at..at + 16]).try_into().expect("16 words");
+                    *dst = words.try_into().expect("16 words");
+                }
+                if !tail.is_empty() {
+                    let at = steps * 512 + i % 32 * 16;
+                    block[at..at + tail.len()].copy_from_slice(tail);
+                }
+            }
         }
-        if !tail.is_empty() {
-            let at = steps * 512 + i % 32 * 16;
-            block[at..at + tail.len()].copy_from_slice(tail);
-        }
-    }
+    });
     xa
 }
 

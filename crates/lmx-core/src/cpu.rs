@@ -122,8 +122,12 @@ impl CustomOp2 for PoolMatMul {
         let (ast, bst) = (al.stride(), bl.stride());
         let mut dims = ad.to_vec();
         dims[r - 1] = n;
-        let mut y = vec![0f32; batch * m * n];
-        if k > 0 && m * n > 0 {
+        if k == 0 || m * n == 0 {
+            return Ok((CpuStorage::F32(vec![0f32; batch * m * n]), Shape::from(dims)));
+        }
+        // Every element is written by one gemm below (which does not read its destination).
+        let mut y = Vec::<f32>::with_capacity(batch * m * n);
+        {
             // Each matrix's longer output side in pieces, so that the threads have work to
             // balance when there are few matrices.
             let long = m.max(n);
@@ -153,6 +157,8 @@ impl CustomOp2 for PoolMatMul {
                 }
             });
         }
+        // SAFETY: the tasks' rows and columns cover each of the batch's (m, n) matrices.
+        unsafe { y.set_len(batch * m * n) };
         Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 }
