@@ -47,6 +47,8 @@ cmake -S "$OUT/src" -B "$OUT/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
 cmake --build "$OUT/build" --target llama-bench -j "${JOBS:-2}"
 rm -rf "$OUT/pack" && mkdir -p "$OUT/pack/bin"
 cp "$OUT/build/bin/llama-bench" "$OUT/pack/bin/" && strip "$OUT/pack/bin/llama-bench"
+# OpenMP's runtime (ggml's CPU backend links it) travels along: the GPU machine may lack it.
+mkdir -p "$OUT/pack/lib" && cp "$(gcc -print-file-name=libgomp.so.1)" "$OUT/pack/lib/"
 cp -r "$OUT/src/gguf-py" "$OUT/pack/"
 tar cJf "$OUT/llama-cuda.tar.xz" -C "$OUT/pack" .
 ls -la "$OUT/llama-cuda.tar.xz"

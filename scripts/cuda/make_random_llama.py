@@ -5,7 +5,7 @@ With BITS=8 (or "4 8"), OUT-8bit (MLX 8-bit, group 64) as well or instead of OUT
 Shape: Llama-3-8B (hidden 4096, 32 layers, 32 heads, 8 KV heads, MLP 14336, vocab 128256)
 or, with SHAPE=1b, Llama-3.2-1B, or with SHAPE=70b, Llama-3-70B (hidden 8192, 80 layers, 64
 heads, 8 KV heads, MLP 28672); LAYERS=N keeps the first N layers. BF16=0 skips the bf16 folder (141 GB for the 70B shape). The tokenizer is a WordLevel one over the whole vocabulary
-("<unk>", "a", "b", "c", then "t4", "t5", ...), so that every generated id decodes to a word
+("<unk>", "a", "b", "c", then "w4", "w5", ..., as `word_vocab` in common.sh names them), so that every generated id decodes to a word
 (greedy texts compare token for token; benchmarks draw token ids from the vocabulary).
 Usage: python3 scripts/cuda/make_random_llama.py OUT
 """
@@ -29,7 +29,7 @@ config = {
 }
 tokenizer = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
              "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
-             "model": {"type": "WordLevel", "vocab": dict({"<unk>": 0, "a": 1, "b": 2, "c": 3}, **{f"t{i}": i for i in range(4, V)}), "unk_token": "<unk>"}}
+             "model": {"type": "WordLevel", "vocab": dict({"<unk>": 0, "a": 1, "b": 2, "c": 3}, **{f"w{i}": i for i in range(4, V)}), "unk_token": "<unk>"}}
 matrices = {"model.embed_tokens.weight": (V, H)}
 if not TIE:
     matrices["lm_head.weight"] = (V, H)

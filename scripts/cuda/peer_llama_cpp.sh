@@ -15,6 +15,7 @@ cuda_setup lcpp llama-cpp.txt
 log "# llama.cpp (CUDA) beside lmx, $(date -u +%F), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1), lmx sha256 $(sha256sum "$LMX" | cut -c1-12)"
 mkdir -p "$W/lc" && tar xJf target/llama-cpp/llama-cuda.tar.xz -C "$W/lc"
 LB="$W/lc/bin/llama-bench"
+export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$W/lc/lib
 ldd "$LB" | grep -E "not found|cuda|cublas" | tee -a "$RES"
 for q in ${KINDS:-Q4_0 Q8_0 BF16}; do
   [ $SECONDS -lt 360 ] || break

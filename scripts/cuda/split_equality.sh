@@ -8,12 +8,14 @@
 # at a time. Also a batch's decode step in one op (`ops::decode_rows`, lmx-core's GPU test of it
 # against each row alone) against row by row (`LMX_CUDA_DECODE_ROWS=0`, and
 # `LMX_CUDA_BATCH_ROPE=0`): the same text, and 8B 4-bit batch-8 and batch-32 decode both ways.
-# Usage there: scripts/cuda/split_equality.sh   (results in $OUT/split-equality.txt)
+# Usage there: scripts/cuda/split_equality.sh   (results in $OUT/split-equality.txt; ONLY_8B=1:
+# the 8B shape's parts alone, without lmx-core's tests)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/cuda/common.sh
 cuda_setup spliteq split-equality.txt
 log "# split equality, $(date -u +%F), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1), binary sha256 $(sha256sum "$LMX" | cut -c1-12)"
+if [ "${ONLY_8B:-0}" = 0 ]; then
 xz -dc target/cuda/release/lmx-core-tests.xz > "$W/tests" && chmod +x "$W/tests"
 # Each GPU test alone (its time shown), with the last block merging a head's splits (default) and
 # with a second launch merging them.
@@ -42,6 +44,7 @@ for m in llama-4 llama; do
   a=$(batch $m); b=$(LMX_CUDA_DECODE_ROWS=0 batch $m); c=$(LMX_CUDA_DECODE_ROWS=0 LMX_CUDA_BATCH_ROPE=0 batch $m)
   log "$m, 4 prompts decoded together, 300 tokens: one op a step $a, rows attended apart $b, rows rotated apart too $c: $([ "$a" = "$b" ] && [ "$b" = "$c" ] && echo equal || echo DIFFER)"
 done
+fi
 BF16=0 BITS=4 python3 scripts/cuda/make_random_llama.py "$W/l8" 2>&1 | tail -1
 benchb() { tps "$($LMX benchmark --model "$W/l8-4bit" --device cuda -p 128 -g 128 -n 2 -b $1 2>&1)"; }
 for bs in 8 32; do
