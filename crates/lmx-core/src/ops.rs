@@ -327,7 +327,8 @@ pub fn low_rank(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor
         if crate::taped::skinny(x, a, b) && !on_tape(&[x, a, b]) {
             return crate::taped::low_rank_skinny(x, a, b, scale, None);
         }
-        (crate::cpu::matmul(&crate::cpu::matmul(&x.to_dtype(a.dtype())?, a)?, b)? * scale)?.to_dtype(dtype)
+        // Scaled at the rank-wide product (rows x r), not the output (rows x out).
+        crate::cpu::matmul(&(crate::cpu::matmul(&x.to_dtype(a.dtype())?, a)? * scale)?, b)?.to_dtype(dtype)
     };
     if !(taped_ops() && on_tape(&[x, a, b])) {
         return z(x, a, b);

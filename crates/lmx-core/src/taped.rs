@@ -298,11 +298,12 @@ pub(crate) fn low_rank_bwd(x: &Input, a: &Input, b: &Input, grad: &Tensor, scale
 
 /// [`low_rank_bwd`] as candle ops, in the factors' dtype (the skinny products' reference).
 fn low_rank_bwd_composed(x: &Input, a: &Input, b: &Input, grad: &Tensor, scale: f64) -> Result<[Option<Tensor>; 3]> {
-    let g = (grad.to_dtype(a.dtype())? * scale)?;
+    // The scale multiplies the rank-wide products (rows x r), not the gradient (rows x out).
+    let g = grad.to_dtype(a.dtype())?;
     let xf = x.to_dtype(a.dtype())?;
     let mm = crate::cpu::matmul;
-    let db = if_taped(b, || mm(&mm(&xf, a)?.t()?, &g))?;
-    let gb = mm(&g, &b.t()?)?;
+    let db = if_taped(b, || mm(&(mm(&xf, a)? * scale)?.t()?, &g))?;
+    let gb = (mm(&g, &b.t()?)? * scale)?;
     let da = if_taped(a, || mm(&xf.t()?, &gb))?;
     let dx = if_taped(x, || mm(&gb, &a.t()?)?.to_dtype(x.dtype()))?;
     Ok([dx, da, db])
