@@ -39,7 +39,7 @@ for kind in f32 bf16 q4_0 q8_0; do
   up=$(echo $kind | tr a-z A-Z)
   [ -f models/smollm2-$up.gguf ] || python3 scripts/bench/make_gguf.py $SRC models/smollm2-$up.gguf $kind
 done
-if [[ " $MODELS " == *" llama-1b-random "* ]] && [ ! -d models/llama-1b-random ]; then
+if [[ " $MODELS " == *" llama-1b-random "* ]] && [ ! -f models/llama-1b-random-BF16.gguf ]; then
   python3 scripts/bench/make_random_llama.py $SRC models/smollm2-bf16 models/llama-1b-random
 fi
 for m in $MODELS; do
@@ -57,12 +57,13 @@ echo
 echo "| model | threads | lmx prompt / gen tok/s | llama.cpp prompt / gen tok/s | prompt ratio | gen ratio | lmx gen vs roofline |"
 echo "|---|---|---|---|---|---|---|"
 for m in $MODELS; do
-  pairs="4bit:Q4_0 8bit:Q8_0"
-  [ $m = smollm2 ] && pairs="$pairs bf16:BF16 f32:F32"
+  pairs="4bit:Q4_0 8bit:Q8_0 bf16:BF16"
+  [ $m = smollm2 ] && pairs="$pairs f32:F32"
   for pair in $pairs; do
     [[ " $KINDS " == *" ${pair%%:*} "* ]] || continue
     ours=models/$m-${pair%%:*}; theirs=models/$m-${pair##*:}.gguf
-    [ $m = llama-1b-random ] && theirs=models/llama-1b-random-${pair##*:}.gguf
+    # The 1B model's bf16 folder is the one the script writes (the others are converted from it).
+    [ $m = llama-1b-random ] && theirs=models/llama-1b-random-${pair##*:}.gguf && [ ${pair%%:*} = bf16 ] && ours=models/llama-1b-random
     for t in $THREADS; do
       bw=$(target/membw $t)
       : > /tmp/lmx_bench_ours; : > /tmp/lmx_bench_theirs

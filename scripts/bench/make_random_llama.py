@@ -2,8 +2,8 @@
 not depend on weight values): Llama-3.2-1B's shape (hidden 2048, 16 layers, 32 heads, 8 KV
 heads, MLP 8192) with SmolLM2's 49152-token tokenizer and tied embeddings.
 
-Writes OUT_DIR (a bf16 Hugging Face folder) and, for llama.cpp, OUT_DIR-Q4_0.gguf and
-OUT_DIR-Q8_0.gguf holding the same weights.
+Writes OUT_DIR (a bf16 Hugging Face folder) and, for llama.cpp, OUT_DIR-Q4_0.gguf,
+OUT_DIR-Q8_0.gguf and OUT_DIR-BF16.gguf holding the same weights (BF16: the same bits).
 Usage: python scripts/bench/make_random_llama.py TOKENIZER_SOURCE_GGUF TOKENIZER_FOLDER OUT_DIR
 """
 import json
@@ -68,7 +68,8 @@ hf2gguf = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm
            "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
            "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
 for kind, qtype, ftype in [("Q8_0", gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
-                           ("Q4_0", gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0)]:
+                           ("Q4_0", gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+                           ("BF16", gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16)]:
     w = gguf.GGUFWriter(f"{out}-{kind}.gguf", "llama")
     for name, field in reader.fields.items():
         if name.startswith("tokenizer.") and name != "tokenizer.chat_template":
