@@ -122,45 +122,60 @@ impl CustomOp2 for PoolMatMul {
         let (ast, bst) = (al.stride(), bl.stride());
         let mut dims = ad.to_vec();
         dims[r - 1] = n;
-        if k == 0 || m * n == 0 {
-            return Ok((CpuStorage::F32(vec![0f32; batch * m * n]), Shape::from(dims)));
-        }
-        // Every element is written by one gemm below (which does not read its destination).
-        let mut y = Vec::<f32>::with_capacity(batch * m * n);
-        {
-            // Each matrix's longer output side in pieces, so that the threads have work to
-            // balance when there are few matrices.
-            let long = m.max(n);
-            let pieces = 8usize.div_ceil(batch).min(long.div_ceil(16)).max(1);
-            let per = long.div_ceil(pieces);
-            let tasks = batch * pieces;
-            let y_ptr = SendPtr(y.as_mut_ptr());
-            let (a0, b0) = (SendPtr(av[al.start_offset()..].as_ptr() as *mut f32), SendPtr(bv[bl.start_offset()..].as_ptr() as *mut f32));
-            let min_tasks = if batch * m * n * k < 1 << 16 { tasks } else { 1 };
-            parallel_ranges(tasks, min_tasks, |ts| {
-                for t in ts {
-                    let (bi, p) = (t / pieces, t % pieces);
-                    let (lo, hi) = (p * per, ((p + 1) * per).min(long));
-                    if lo >= hi {
-                        continue;
-                    }
-                    // Rows lo..hi of a (m the longer side) or columns lo..hi of b.
-                    let (rows, cols) = if m >= n { (lo..hi, 0..n) } else { (0..m, lo..hi) };
-                    // SAFETY: matrix bi of a starts at bi * abs and holds (m, k) elements at
-                    // strides (ast[r - 2], ast[r - 1]) inside a's storage (candle's layout), as
-                    // for b; this task alone writes rows `rows`, columns `cols` of matrix bi of y.
-                    unsafe {
-                        let lhs = Mat { ptr: a0.get().add(bi * abs + rows.start * ast[r - 2]), rs: ast[r - 2] as isize, cs: ast[r - 1] as isize };
-                        let rhs = Mat { ptr: b0.get().add(bi * bbs + cols.start * bst[r - 1]), rs: bst[r - 2] as isize, cs: bst[r - 1] as isize };
-                        gemm_f32_serial(rows.len(), cols.len(), k, y_ptr.get().add(bi * m * n + rows.start * n + cols.start), n as isize, lhs, rhs);
-                    }
-                }
-            });
-        }
-        // SAFETY: the tasks' rows and columns cover each of the batch's (m, n) matrices.
-        unsafe { y.set_len(batch * m * n) };
+        let (lhs, rhs) = (
+            Mat { ptr: av[al.start_offset()..].as_ptr(), rs: ast[r - 2] as isize, cs: ast[r - 1] as isize },
+            Mat { ptr: bv[bl.start_offset()..].as_ptr(), rs: bst[r - 2] as isize, cs: bst[r - 1] as isize },
+        );
+        // SAFETY: candle's layouts: matrix i of a starts i * abs past a's offset and holds
+        // (m, k) elements at its strides inside a's storage; likewise b's (k, n).
+        let y = unsafe { gemm_on_pool(batch, m, n, k, lhs, abs, rhs, bbs) };
         Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
+}
+
+/// `batch` products `a_i (m, k) @ b_i (k, n)` into a contiguous (batch, m, n) result, on the
+/// decode pool: the matrices and each one's longer output side split into pieces (so that the
+/// threads have work to balance when there are few matrices), each a single-threaded gemm on
+/// the operands' own strides. `lhs` and `rhs` describe matrix 0; matrix i starts `i * a_step`
+/// (`i * b_step`) elements further.
+///
+/// # Safety
+/// Every matrix must lie, at its strides, inside live memory that nothing writes meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_on_pool(batch: usize, m: usize, n: usize, k: usize, lhs: Mat, a_step: usize, rhs: Mat, b_step: usize) -> Vec<f32> {
+    if k == 0 || m * n == 0 {
+        return vec![0f32; batch * m * n];
+    }
+    // Every element is written by one gemm below (which does not read its destination).
+    let mut y = Vec::<f32>::with_capacity(batch * m * n);
+    let long = m.max(n);
+    let pieces = 8usize.div_ceil(batch).min(long.div_ceil(16)).max(1);
+    let per = long.div_ceil(pieces);
+    let tasks = batch * pieces;
+    let y_ptr = SendPtr(y.as_mut_ptr());
+    let (a0, b0) = (SendPtr(lhs.ptr as *mut f32), SendPtr(rhs.ptr as *mut f32));
+    let min_tasks = if batch * m * n * k < 1 << 16 { tasks } else { 1 };
+    parallel_ranges(tasks, min_tasks, |ts| {
+        for t in ts {
+            let (bi, p) = (t / pieces, t % pieces);
+            let (lo, hi) = (p * per, ((p + 1) * per).min(long));
+            if lo >= hi {
+                continue;
+            }
+            // Rows lo..hi of a (m the longer side) or columns lo..hi of b.
+            let (rows, cols) = if m >= n { (lo..hi, 0..n) } else { (0..m, lo..hi) };
+            // SAFETY: the caller's contract for the operands; this task alone writes rows
+            // `rows`, columns `cols` of matrix bi of y.
+            unsafe {
+                let l = Mat { ptr: a0.get().add(bi * a_step).offset(rows.start as isize * lhs.rs), ..lhs };
+                let r = Mat { ptr: b0.get().add(bi * b_step).offset(cols.start as isize * rhs.cs), ..rhs };
+                gemm_f32_serial(rows.len(), cols.len(), k, y_ptr.get().add(bi * m * n + rows.start * n + cols.start), n as isize, l, r);
+            }
+        }
+    });
+    // SAFETY: the tasks' rows and columns cover each of the batch's (m, n) matrices.
+    unsafe { y.set_len(batch * m * n) };
+    y
 }
 
 /// `x @ w^T` for a few rows of activations (decode: one token per sequence of a batch), as a

@@ -18,34 +18,17 @@ pub(crate) struct Mat {
     pub cs: isize,
 }
 
-/// `dst (m, n) (+)= lhs (m, k) @ rhs (k, n)` with the gemm crate, on the current rayon pool.
+/// `dst (m, n) = lhs (m, k) @ rhs (k, n)` with the gemm crate on the calling thread alone (for
+/// work split over the decode pool).
 ///
 /// # Safety
 /// Every pointer must be valid for the strided extent the dimensions describe, and `dst`
 /// must not overlap the inputs.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_f32(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: isize, accumulate: bool, lhs: Mat, rhs: Mat) {
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 && m * n * k > 64 * 64 * 64 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: forwarded to the caller's contract.
-    unsafe { gemm_f32_with(par, m, n, k, dst, dst_rs, accumulate, lhs, rhs) }
-}
-
-/// [`gemm_f32`] on the calling thread alone (for work already split over the decode pool).
-///
-/// # Safety
-/// As [`gemm_f32`].
-#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_f32_serial(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: isize, lhs: Mat, rhs: Mat) {
-    // SAFETY: forwarded to the caller's contract.
-    unsafe { gemm_f32_with(gemm::Parallelism::None, m, n, k, dst, dst_rs, false, lhs, rhs) }
-}
-
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_f32_with(par: gemm::Parallelism, m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: isize, accumulate: bool, lhs: Mat, rhs: Mat) {
-    // SAFETY: forwarded to the caller's contract.
+    // SAFETY: forwarded to the caller's contract; dst is written, not read (read_dst false).
     unsafe {
-        gemm::gemm(m, n, k, dst, 1, dst_rs, accumulate, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs, if accumulate { 1.0 } else { 0.0 }, 1.0, false, false, false, par);
+        gemm::gemm(m, n, k, dst, 1, dst_rs, false, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs, 0.0, 1.0, false, false, false, gemm::Parallelism::None);
     }
 }
 
@@ -100,12 +83,12 @@ impl CustomOp2 for FrozenLinear {
             candle_core::bail!("frozen linear: input {dims:?} does not end in {k} features");
         }
         let m = x.len() / k;
-        let mut y = vec![0f32; m * n];
         let lhs = Mat { ptr: x.as_ptr(), rs: k as isize, cs: 1 };
         // W^T (cols, rows): element (kk, j) = W[j, kk]; W (rows, cols) row-major.
         let rhs = if self.transpose { Mat { ptr: w.as_ptr(), rs: cols as isize, cs: 1 } } else { Mat { ptr: w.as_ptr(), rs: 1, cs: cols as isize } };
-        // SAFETY: x is (m, k), the weight (rows, cols) and y (m, n), all contiguous and live.
-        unsafe { gemm_f32(m, n, k, y.as_mut_ptr(), n as isize, false, lhs, rhs) };
+        // On the decode pool (rayon's second worker would compete with the pool's spinning one).
+        // SAFETY: x is (m, k) and the weight (rows, cols), contiguous and live.
+        let y = unsafe { crate::cpu::gemm_on_pool(1, m, n, k, lhs, 0, rhs, 0) };
         if let Some(last) = dims.last_mut() {
             *last = n;
         }
