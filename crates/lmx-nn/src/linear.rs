@@ -54,7 +54,8 @@ impl Weight {
     /// `g @ W` for the output's gradient g (rows, out): the input's gradient of `matmul`.
     pub(crate) fn transposed(&self) -> lmx_core::ops::FrozenBackward {
         match self.clone() {
-            Weight::Dense(w) => Arc::new(move |g: &Tensor| g.to_dtype(w.dtype())?.matmul(&w)),
+            // f32 on the CPU: on the decode pool (`lmx_core::cpu::matmul`), not candle's rayon.
+            Weight::Dense(w) => Arc::new(move |g: &Tensor| lmx_core::cpu::matmul(&g.to_dtype(w.dtype())?, &w)),
             Weight::Quantized(q) => Arc::new(move |g: &Tensor| q.matmul_t(g)),
             Weight::FrozenBf16(b) => Arc::new(move |g: &Tensor| b.matmul_t(g)),
         }
