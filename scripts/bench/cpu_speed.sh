@@ -42,8 +42,10 @@ done
 if [[ " $MODELS " == *" llama-1b-random "* ]] && [ ! -f models/llama-1b-random-BF16.gguf ]; then
   python3 scripts/bench/make_random_llama.py $SRC models/smollm2-bf16 models/llama-1b-random
 fi
+# A model's bf16 folder: the 1B model's is the one make_random_llama.py writes.
+bf16_dir() { if [ "$1" = llama-1b-random ]; then echo models/llama-1b-random; else echo "models/$1-bf16"; fi; }
 for m in $MODELS; do
-  base=models/$m-bf16; [ $m = llama-1b-random ] && base=models/llama-1b-random
+  base=$(bf16_dir $m)
   [ -d models/$m-4bit ] || $LMX convert --hf-path $base -q --mlx-path models/$m-4bit
   [ -d models/$m-8bit ] || $LMX convert --hf-path $base -q --q-bits 8 --mlx-path models/$m-8bit
 done
@@ -62,8 +64,7 @@ for m in $MODELS; do
   for pair in $pairs; do
     [[ " $KINDS " == *" ${pair%%:*} "* ]] || continue
     ours=models/$m-${pair%%:*}; theirs=models/$m-${pair##*:}.gguf
-    # The 1B model's bf16 folder is the one the script writes (the others are converted from it).
-    [ $m = llama-1b-random ] && theirs=models/llama-1b-random-${pair##*:}.gguf && [ ${pair%%:*} = bf16 ] && ours=models/llama-1b-random
+    [ ${pair%%:*} = bf16 ] && ours=$(bf16_dir $m)
     for t in $THREADS; do
       bw=$(target/membw $t)
       : > /tmp/lmx_bench_ours; : > /tmp/lmx_bench_theirs

@@ -328,7 +328,8 @@ pub fn low_rank(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor
             return crate::taped::low_rank_skinny(x, a, b, scale, None);
         }
         // Scaled at the rank-wide product (rows x r), not the output (rows x out).
-        crate::cpu::matmul(&(crate::cpu::matmul(&x.to_dtype(a.dtype())?, a)? * scale)?, b)?.to_dtype(dtype)
+        let mm = crate::cpu::matmul;
+        mm(&(mm(&x.to_dtype(a.dtype())?, a)? * scale)?, b)?.to_dtype(dtype)
     };
     if !(taped_ops() && on_tape(&[x, a, b])) {
         return z(x, a, b);
