@@ -7,6 +7,9 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape};
 use half::bf16;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::Instant;
 
 use crate::frozen::{gemm_f32_serial, Mat};
 
@@ -14,7 +17,13 @@ use crate::frozen::{gemm_f32_serial, Mat};
 /// hold less than `min_per_thread` items), on candle's persistent barrier pool: its workers
 /// spin between calls, so the many short parallel steps of one decoded token each start in
 /// well under a microsecond, where waking rayon workers from sleep costs several (and at 2
-/// threads made decoding slower than at 1). The calling thread takes the last range.
+/// threads made decoding slower than at 1). The calling thread takes the first range.
+///
+/// A machine with more runnable threads than cores (other work, tests side by side) can
+/// leave a worker off its core for a scheduler slice (milliseconds) while the caller spins at
+/// the barrier for it, a thousand times a token. When a call waits that long for its workers,
+/// calls run their ranges one after another on the calling thread for a while (see
+/// [`Stalls`]): the same ranges, so the same results.
 /// Must not be called from inside such a range (the pool is not re-entrant).
 pub fn parallel_ranges(n: usize, min_per_thread: usize, f: impl Fn(Range<usize>) + Sync) {
     let pool = candle_core::utils::barrier_pool();
@@ -23,13 +32,79 @@ pub fn parallel_ranges(n: usize, min_per_thread: usize, f: impl Fn(Range<usize>)
         return f(0..n);
     }
     let per = n.div_ceil(threads);
+    let range = |i: usize| (i * per).min(n)..((i + 1) * per).min(n);
+    let start = Stalls::now_ns();
+    if STALLS.serial(start) {
+        return (0..threads).for_each(|i| f(range(i)));
+    }
+    let (caller, caller_done) = (pool.n_workers(), AtomicU64::new(0));
     pool.execute(|tid| {
-        // Workers are numbered 0.., the caller last; extra workers get nothing.
-        let start = tid * per;
-        if start < n {
-            f(start..(start + per).min(n));
+        // The caller (numbered last) takes range 0, worker i range i + 1; extra workers none.
+        let i = if tid == caller { 0 } else { tid + 1 };
+        if i < threads {
+            f(range(i));
+        }
+        if tid == caller {
+            caller_done.store(Stalls::now_ns(), Ordering::Relaxed);
         }
     });
+    let (done, end) = (caller_done.into_inner(), Stalls::now_ns());
+    STALLS.record(done - start, end - done, end);
+}
+
+/// When [`parallel_ranges`] runs on the calling thread alone. A call stalls when its caller,
+/// done with its own range, waits for the workers more than [`Stalls::WAIT_NS`] plus half its
+/// own time: balanced ranges finish within microseconds of each other, and a worker kept off
+/// its core waits for a scheduler slice (1-5 ms). Two stalls within [`Stalls::WINDOW_NS`] mean
+/// the cores are oversubscribed (by other work, or by the host of a VM), and calls run on the
+/// caller alone for a back-off: [`Stalls::MIN_BACKOFF_NS`], doubled up to
+/// [`Stalls::MAX_BACKOFF_NS`] while the pool stalls again as soon as it is tried.
+/// Measured on the 2-core VM used for development: idle, stalls come in bursts of 2-5 a few
+/// ms apart, a burst every few hundred ms; beside one busy process, every scheduler slice.
+struct Stalls {
+    last_ns: AtomicU64,
+    serial_until_ns: AtomicU64,
+    backoff_ns: AtomicU64,
+}
+
+static STALLS: Stalls = Stalls::new();
+
+impl Stalls {
+    const WAIT_NS: u64 = 500_000;
+    const WINDOW_NS: u64 = 20_000_000;
+    const MIN_BACKOFF_NS: u64 = 10_000_000;
+    const MAX_BACKOFF_NS: u64 = 400_000_000;
+
+    const fn new() -> Self {
+        Stalls { last_ns: AtomicU64::new(0), serial_until_ns: AtomicU64::new(0), backoff_ns: AtomicU64::new(Self::MIN_BACKOFF_NS) }
+    }
+
+    /// Nanoseconds since the first call, from 1 (a monotonic clock).
+    fn now_ns() -> u64 {
+        static START: OnceLock<Instant> = OnceLock::new();
+        START.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
+    }
+
+    fn serial(&self, now_ns: u64) -> bool {
+        now_ns < self.serial_until_ns.load(Ordering::Relaxed)
+    }
+
+    /// A call that ended at `now` (on [`Stalls::now_ns`]'s clock): its caller took `own_ns` for
+    /// its range, then waited `wait_ns` for the workers.
+    fn record(&self, own_ns: u64, wait_ns: u64, now: u64) {
+        if wait_ns <= Self::WAIT_NS + own_ns / 2 {
+            return;
+        }
+        let previous = self.last_ns.swap(now, Ordering::Relaxed);
+        if previous == 0 || now - previous >= Self::WINDOW_NS {
+            return;
+        }
+        // Stalling again right after a back-off: back off longer.
+        let ended = self.serial_until_ns.load(Ordering::Relaxed);
+        let backoff = if now < ended + 2 * Self::WINDOW_NS { (2 * self.backoff_ns.load(Ordering::Relaxed)).min(Self::MAX_BACKOFF_NS) } else { Self::MIN_BACKOFF_NS };
+        self.backoff_ns.store(backoff, Ordering::Relaxed);
+        self.serial_until_ns.store(now + backoff, Ordering::Relaxed);
+    }
 }
 
 /// Rows per thread below which a decode product (matrix-vector, dense or quantized) stays on
@@ -727,6 +802,45 @@ mod tests {
         Ok(())
     }
 
+    /// A stall alone changes nothing; a second within the window runs calls on the caller for
+    /// the shortest back-off, a stall right after it doubles it (up to the longest), and a
+    /// stall pair long after starts again from the shortest. Calls whose caller waited less
+    /// than the threshold (or less than half its own time more) are no stalls.
+    #[test]
+    fn stalls_back_off_as_described() {
+        const MS: u64 = 1_000_000;
+        let st = Stalls::new();
+        let stall = |at_ms: u64| st.record(10_000, 4 * MS, at_ms * MS);
+        st.record(10_000, Stalls::WAIT_NS, MS);
+        st.record(100 * MS, 40 * MS, 2 * MS);
+        stall(100);
+        assert!(!st.serial(101 * MS), "one stall backs off");
+        stall(103);
+        assert!(st.serial(104 * MS) && !st.serial(113 * MS), "two stalls back off for 10 ms");
+        stall(114);
+        assert!(st.serial(133 * MS) && !st.serial(134 * MS), "a stall right after a back-off doubles it");
+        for t in (140..2000).step_by(4) {
+            stall(t);
+        }
+        assert_eq!(st.backoff_ns.load(Ordering::Relaxed), Stalls::MAX_BACKOFF_NS);
+        stall(5000);
+        stall(5003);
+        assert!(st.serial(5012 * MS) && !st.serial(5013 * MS), "a stall pair long after backs off for 10 ms again");
+    }
+
+    /// Ranges run on the caller alone (as after stalls) give exactly what the pool gives.
+    #[test]
+    fn ranges_on_the_caller_equal_the_pool() -> Result<()> {
+        let dev = Device::Cpu;
+        let (a, b) = (Tensor::randn(0f32, 1.0, (300, 96), &dev)?, Tensor::randn(0f32, 1.0, (96, 70), &dev)?);
+        let pooled = matmul(&a, &b)?.flatten_all()?.to_vec1::<f32>()?;
+        STALLS.serial_until_ns.store(u64::MAX, Ordering::Relaxed);
+        let alone = matmul(&a, &b);
+        STALLS.serial_until_ns.store(0, Ordering::Relaxed);
+        assert_eq!(alone?.flatten_all()?.to_vec1::<f32>()?, pooled);
+        Ok(())
+    }
+
     /// The dispatched (SIMD where available) kernels equal the scalar ones on random data,
     /// including lengths that leave a tail.
     #[test]
@@ -779,7 +893,7 @@ mod tests {
             for m in [1usize, 2, 4, 8, 16, 64] {
                 let x = Tensor::randn(0f32, 1.0, (m, 1, k), &Device::Cpu)?.to_dtype(dtype)?;
                 x.apply_op2_no_bwd(&w, &MatVec)?;
-                let t = std::time::Instant::now();
+                let t = Instant::now();
                 for _ in 0..50 {
                     x.apply_op2_no_bwd(&w, &MatVec)?;
                 }
@@ -795,7 +909,7 @@ mod tests {
                 let wv: Vec<half::bf16> = w.flatten_all()?.to_vec1()?;
                 let xv: Vec<f32> = Tensor::randn(0f32, 1.0, 576, &Device::Cpu)?.to_vec1()?;
                 let mut y = vec![0f32; 49152];
-                let t = std::time::Instant::now();
+                let t = Instant::now();
                 for _ in 0..50 {
                     let out = SendPtr(y.as_mut_ptr());
                     parallel_ranges(49152, MIN_ROWS_PER_THREAD, |rows| {
