@@ -3,7 +3,8 @@
 # NVIDIA GPU machine (shared/gpu/README.md is the recipe this follows):
 # - nvcc and the CUDA runtime from pinned pip wheels (CUDA 13.0: driver 580 rejects newer PTX);
 # - candle-core patched to load libcuda/cuBLAS/cuRAND/NVRTC at run time (cudarc
-#   `dynamic-loading` instead of `dynamic-linking`), from a copy made in target/;
+#   `dynamic-loading` instead of `dynamic-linking`), from a copy made in target/, and its
+#   backward to store a gradient's first contribution (scripts/cuda/patch_candle_backprop.py);
 # - cudart linked statically (the wheels ship no libcudart.so).
 # Output: target/cuda/release/lmx (and lmx.xz to carry). Usage: scripts/build-cuda.sh [--tests]
 # --tests also builds lmx-core's unit tests with the CUDA backend (the GPU kernels' checks against
@@ -27,6 +28,8 @@ if [ ! -f "$PATCH/Cargo.toml" ]; then
   mkdir -p target/cuda-patch && cp -r "$SRC" "$PATCH"
   sed -i 's/"dynamic-linking"/"dynamic-loading"/' "$PATCH/Cargo.toml"
 fi
+# A'. candle's backward stores a gradient's first contribution instead of adding it to zeros.
+python3 scripts/cuda/patch_candle_backprop.py "$PATCH"
 # B. cudart statically.
 mkdir -p target/cuda-link && ln -sf "$CU/lib/libcudart_static.a" target/cuda-link/libcudart.a
 

@@ -21,9 +21,9 @@ use crate::frozen::{gemm_f32_serial, Mat};
 ///
 /// A machine with more runnable threads than cores (other work, tests side by side) can
 /// leave a worker off its core for a scheduler slice (milliseconds) while the caller spins at
-/// the barrier for it, a thousand times a token. When a call waits that long for its workers,
-/// calls run their ranges one after another on the calling thread for a while (see
-/// [`Stalls`]): the same ranges, so the same results.
+/// the barrier for it, at any of the hundreds of barriers of a token. When calls wait that
+/// long for their workers, calls run their ranges one after another on the calling thread
+/// for a while (see [`Stalls`]): the same ranges, so the same results.
 /// Must not be called from inside such a range (the pool is not re-entrant).
 pub fn parallel_ranges(n: usize, min_per_thread: usize, f: impl Fn(Range<usize>) + Sync) {
     let pool = candle_core::utils::barrier_pool();
@@ -32,17 +32,23 @@ pub fn parallel_ranges(n: usize, min_per_thread: usize, f: impl Fn(Range<usize>)
         return f(0..n);
     }
     let per = n.div_ceil(threads);
-    let range = |i: usize| (i * per).min(n)..((i + 1) * per).min(n);
+    // Range i of the split; the last ones may be empty (n = 4 over 3 threads: 2, 2, 0).
+    let run = |i: usize| {
+        let r = (i * per).min(n)..((i + 1) * per).min(n);
+        if !r.is_empty() {
+            f(r);
+        }
+    };
     let start = Stalls::now_ns();
     if STALLS.serial(start) {
-        return (0..threads).for_each(|i| f(range(i)));
+        return (0..threads).for_each(run);
     }
     let (caller, caller_done) = (pool.n_workers(), AtomicU64::new(0));
     pool.execute(|tid| {
         // The caller (numbered last) takes range 0, worker i range i + 1; extra workers none.
         let i = if tid == caller { 0 } else { tid + 1 };
         if i < threads {
-            f(range(i));
+            run(i);
         }
         if tid == caller {
             caller_done.store(Stalls::now_ns(), Ordering::Relaxed);
