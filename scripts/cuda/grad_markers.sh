@@ -10,6 +10,11 @@ cd "$(dirname "$0")/../.."
 source scripts/cuda/common.sh
 cuda_setup grad-markers grad-markers.txt
 log "# Gradient markers, $(date -u +%F), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1), binary sha256 $(sha256sum "$LMX" | cut -c1-12)"
+# lmx-core's tests that train through candle's backward (gradient checks, fused passes), CPU and GPU.
+if [ -f target/cuda/release/lmx-core-tests.xz ]; then
+  xz -dc target/cuda/release/lmx-core-tests.xz > "$W/core-tests" && chmod +x "$W/core-tests"
+  log "lmx-core tests (grad, fused, skinny, lora, cross_entropy): $("$W/core-tests" --test-threads 1 grad fused skinny lora cross_entropy 2>&1 | grep -E '^test result|FAILED|panicked' | head -5)"
+fi
 mkdir -p "$W/data"
 python3 -c "
 import json, random
@@ -17,9 +22,11 @@ random.seed(0)
 for split, n in [('train', 64), ('valid', 4)]:
     open('$W/data/' + split + '.jsonl', 'w').write('\n'.join(json.dumps({'text': ' '.join(random.choice('abc') for _ in range(510))}) for _ in range(n)))
 "
+# ROUNDS_1B / ROUNDS_8B: alternating rounds a shape (2 and 1: an 8B round takes minutes).
 for shape in 1b 8b; do
+  rounds=$([ $shape = 1b ] && echo "${ROUNDS_1B:-2}" || echo "${ROUNDS_8B:-1}")
   SHAPE=$shape BITS=4 python3 scripts/cuda/make_random_llama.py "$W/m$shape" 2>&1 | tail -1 | tee -a "$RES"
-  for round in 1 2; do
+  for round in $(seq "$rounds"); do
     for base in bf16 4bit; do
       for markers in 1 0; do
         out=$(LMX_GRAD_MARKERS=$markers $LMX lora --model "$W/m$shape-$base" --train --data "$W/data" --iters 12 --batch-size 4 --max-seq-length 512 --num-layers -1 --learning-rate 1e-5 --steps-per-report 6 --steps-per-eval 1000 --val-batches 1 --dtype bfloat16 --adapter-path "$W/ad" 2>&1)
