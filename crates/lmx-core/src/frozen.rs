@@ -386,7 +386,11 @@ mod tests {
                 let (el, eg) = (max_abs_diff(&lc, &lg)?, max_abs_diff(&gc.to_dtype(dtype)?.to_dtype(DType::F32)?, &gg)?);
                 eprintln!("vocab {vocab} {dtype:?}: loss off by {el}, gradient by {eg}");
                 assert!(el < 2e-4, "vocab {vocab} {dtype:?}: loss off by {el}");
-                assert!(eg < if dtype == DType::F32 { 1e-6 } else { 1.6e-2 }, "vocab {vocab} {dtype:?}: gradient off by {eg}");
+                // The GPU sums a row's exponentials in f32, the CPU in f64: over 49,152 terms
+                // the f32 sum is off by ~sqrt(n) * 2^-24 ~ 1.3e-5 relative, on gradients up to
+                // |r| = 3 (measured: 2.2e-6 to 4.4e-6; the bound was 1e-6, which random draws
+                // passed or failed).
+                assert!(eg < if dtype == DType::F32 { 2e-5 } else { 1.6e-2 }, "vocab {vocab} {dtype:?}: gradient off by {eg}");
             }
         }
         Ok(())
