@@ -190,14 +190,13 @@ __device__ void attn_dscores(const T* s, const T* dp, const float* mask, T* ds, 
     }
 }
 
-__device__ void skinny_in_sum(float (&acc)[8][8], float* y, int n, int r, long long row0, int j0, float scale);
-
 // LoRA's products with its small f32 factors (`fused_train::Skinny`), reading the wide
 // operand X (T) as it is. M(i, j) = m[i * m0 + j * m1] is the (k, r) factor.
 // Y (n, r) = scale X (n, k) M: a block per 8 rows of X and 8 columns of Y (blockIdx.y); each
 // thread takes every 256th column of X, keeping the 8 x 8 sums, which the block then adds up.
 template <typename T>
 __device__ void skinny_in(const T* x, const float* m, float* y, int n, int k, int r, int m0, int m1, float scale) {
+    __shared__ float red[8][64];
     int j0 = blockIdx.y * 8;
     long long row0 = (long long)blockIdx.x * 8;
     float acc[8][8];
@@ -216,12 +215,6 @@ __device__ void skinny_in(const T* x, const float* m, float* y, int n, int k, in
             for (int j = 0; j < 8; j++) acc[a][j] += v * mi[j];
         }
     }
-    skinny_in_sum(acc, y, n, r, row0, j0, scale);
-}
-
-// The block's 8 x 8 sums of skinny_in (each thread's in `acc`) added up and written, scaled.
-__device__ void skinny_in_sum(float (&acc)[8][8], float* y, int n, int r, long long row0, int j0, float scale) {
-    __shared__ float red[32][64];
     int w = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
     for (int a = 0; a < 8; a++)
@@ -238,40 +231,6 @@ __device__ void skinny_in_sum(float (&acc)[8][8], float* y, int n, int r, long l
         for (int q = 0; q < (int)(blockDim.x / 32); q++) v += red[q][threadIdx.x];
         if (row0 + a < n && j0 + j < r) y[(row0 + a) * r + j0 + j] = v * scale;
     }
-}
-
-// skinny_in for bf16 X with rows of a multiple of 8 values, 16-byte aligned: each thread loads
-// 8 values of each of the block's 8 rows at once (one 16-byte load a row, 8 in flight) where
-// skinny_in loads one value (2 bytes) at a time. Under ncu on the 8B LoRA step, skinny_in
-// moved ~0.6 TB/s (896 launches, 34 ms a step).
-extern "C" __global__ void lmx_skinny_in8_bf16(const unsigned short* x, const float* m, float* y, int n, int k, int r, int m0, int m1, float scale) {
-    int j0 = blockIdx.y * 8;
-    long long row0 = (long long)blockIdx.x * 8;
-    float acc[8][8];
-#pragma unroll
-    for (int a = 0; a < 8; a++)
-#pragma unroll
-        for (int j = 0; j < 8; j++) acc[a][j] = 0.f;
-    for (int c = threadIdx.x; c < k / 8; c += blockDim.x) {
-        uint4 w[8];
-#pragma unroll
-        for (int a = 0; a < 8; a++) w[a] = row0 + a < n ? *(const uint4*)(x + (row0 + a) * k + c * 8) : make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-        for (int e = 0; e < 8; e++) {
-            long long i = (long long)c * 8 + e;
-            float mi[8];
-#pragma unroll
-            for (int j = 0; j < 8; j++) mi[j] = j0 + j < r ? m[i * m0 + (long long)(j0 + j) * m1] : 0.f;
-#pragma unroll
-            for (int a = 0; a < 8; a++) {
-                unsigned u = e < 2 ? w[a].x : e < 4 ? w[a].y : e < 6 ? w[a].z : w[a].w;
-                float v = __uint_as_float(e % 2 == 0 ? u << 16 : u & 0xFFFF0000u);
-#pragma unroll
-                for (int j = 0; j < 8; j++) acc[a][j] += v * mi[j];
-            }
-        }
-    }
-    skinny_in_sum(acc, y, n, r, row0, j0, scale);
 }
 
 // X^T Y over rows [blockIdx.y * chunk, + chunk) of X (n, k) and Y (n, r) f32: a thread per
@@ -324,52 +283,6 @@ __device__ void skinny_out(const float* y, const float* m, const T* add, T* o, i
         if (a >= rows) break;
         size_t e = (size_t)(row0 + a) * k + i;
         st(o, e, has_add ? ld(add, e) + rnd(acc[a] * scale, o) : acc[a] * scale);
-    }
-}
-
-// skinny_out for bf16 O (and addend) with rows of a multiple of 8 values, 16-byte aligned: a
-// thread per 8 consecutive columns of 8 rows (blockIdx.y), the addend loaded and O stored 16
-// bytes at a time where skinny_out takes 2; each value's arithmetic and order as skinny_out's,
-// so the two give the same bits. (skinny_out moved ~0.55 TB/s on the 8B LoRA step.)
-extern "C" __global__ void lmx_skinny_out8_bf16(const float* y, const float* m, const unsigned short* add, unsigned short* o, int n, int k, int r, int m0, int m1, float scale, int has_add) {
-    extern __shared__ float ys8[];
-    long long row0 = (long long)blockIdx.y * 8;
-    int rows = (int)min(8LL, n - row0);
-    for (int e = threadIdx.x; e < rows * r; e += blockDim.x) ys8[e] = y[row0 * r + e];
-    __syncthreads();
-    long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= k / 8) return;
-    float acc[8][8];
-#pragma unroll
-    for (int a = 0; a < 8; a++)
-#pragma unroll
-        for (int q = 0; q < 8; q++) acc[a][q] = 0.f;
-    for (int j0 = 0; j0 < r; j0 += 8) {
-#pragma unroll
-        for (int q = 0; q < 8; q++) {
-            long long i = c * 8 + q;
-            float mi[8];
-#pragma unroll
-            for (int j = 0; j < 8; j++) mi[j] = j0 + j < r ? m[i * m0 + (long long)(j0 + j) * m1] : 0.f;
-#pragma unroll
-            for (int a = 0; a < 8; a++)
-#pragma unroll
-                for (int j = 0; j < 8; j++) if (j0 + j < r) acc[a][q] += ys8[a * r + j0 + j] * mi[j];
-        }
-    }
-#pragma unroll
-    for (int a = 0; a < 8; a++) {
-        if (a >= rows) break;
-        size_t e = (size_t)(row0 + a) * k + c * 8;
-        uint4 in = has_add ? *(const uint4*)(add + e) : make_uint4(0u, 0u, 0u, 0u);
-        unsigned iw[4] = {in.x, in.y, in.z, in.w};
-        unsigned short h[8];
-#pragma unroll
-        for (int q = 0; q < 8; q++) {
-            float av = __uint_as_float(q % 2 == 0 ? iw[q / 2] << 16 : iw[q / 2] & 0xFFFF0000u);
-            st(h, q, has_add ? av + rnd(acc[a][q] * scale, o) : acc[a][q] * scale);
-        }
-        *(uint4*)(o + e) = make_uint4(h[0] | ((unsigned)h[1] << 16), h[2] | ((unsigned)h[3] << 16), h[4] | ((unsigned)h[5] << 16), h[6] | ((unsigned)h[7] << 16));
     }
 }
 
@@ -572,14 +485,6 @@ pub(crate) fn attention_scores(ss: &CudaStorage, sl: &Layout, dp: Option<(&CudaS
 
 /// [`crate::fused_train::Skinny`]'s products (inputs contiguous, checked by the op).
 /// `add`: [`Skinny::Out`]'s addend (n, k), if any.
-/// Whether the low-rank products take their 16-byte kernels (`lmx_skinny_in8_bf16`,
-/// `lmx_skinny_out8_bf16`): bf16 rows of a multiple of 8 values whose tensors start on a
-/// multiple of 8 values (16 bytes), unless `LMX_SKINNY_WIDE=0`.
-fn vectors(dtype: DType, k: usize, layouts: &[&Layout]) -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("LMX_SKINNY_WIDE").map_or(true, |v| v != "0")) && dtype == DType::BF16 && k % 8 == 0 && layouts.iter().all(|l| l.start_offset() % 8 == 0)
-}
-
 pub(crate) fn skinny(op: &crate::fused_train::Skinny, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, add: Option<(&CudaStorage, &Layout)>) -> Result<CudaStorage> {
     use crate::fused_train::Skinny;
     contiguous("low-rank product", &[l1, l2])?;
@@ -600,12 +505,7 @@ pub(crate) fn skinny(op: &crate::fused_train::Skinny, s1: &CudaStorage, l1: &Lay
         Skinny::In { scale, m_t } => {
             let (k, r) = (w, l2.shape().elem_count() / w.max(1));
             let (m0, m1) = strides(k, r, m_t);
-            let wide = vectors(s1.dtype(), k, &[l1]);
-            let f = if wide {
-                dev.get_or_load_custom_func("lmx_skinny_in8_bf16", "lmx_train", train_ptx()?)?
-            } else {
-                dev.get_or_load_custom_func(&name("skinny_in", s1.dtype())?, "lmx_train", train_ptx()?)?
-            };
+            let f = dev.get_or_load_custom_func(&name("skinny_in", s1.dtype())?, "lmx_train", train_ptx()?)?;
             let m = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
             let y = out::<f32>(&dev, n * r)?;
             let (ni, ki, ri) = (n as i32, k as i32, r as i32);
@@ -654,22 +554,11 @@ pub(crate) fn skinny(op: &crate::fused_train::Skinny, s1: &CudaStorage, l1: &Lay
             let r = w;
             let k = l2.shape().elem_count() / r.max(1);
             let (m0, m1) = strides(k, r, m_t);
-            let wide = vectors(dtype, k, &add.iter().map(|(_, l)| *l).collect::<Vec<_>>());
-            let f = if wide {
-                dev.get_or_load_custom_func("lmx_skinny_out8_bf16", "lmx_train", train_ptx()?)?
-            } else {
-                dev.get_or_load_custom_func(&name("skinny_out", dtype)?, "lmx_train", train_ptx()?)?
-            };
+            let f = dev.get_or_load_custom_func(&name("skinny_out", dtype)?, "lmx_train", train_ptx()?)?;
             let y = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
             let m = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
             let (ni, ki, ri) = (n as i32, k as i32, r as i32);
-            // skinny_out8: a thread per 8 columns of 8 rows, 128 threads a block; skinny_out: a
-            // thread per column of 16 rows, 256 threads.
-            let cfg = if wide {
-                LaunchConfig { grid_dim: ((k / 8).div_ceil(128) as u32, n.div_ceil(8) as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: (8 * r * 4) as u32 }
-            } else {
-                LaunchConfig { grid_dim: (k.div_ceil(256) as u32, n.div_ceil(16) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: (16 * r * 4) as u32 }
-            };
+            let cfg = LaunchConfig { grid_dim: (k.div_ceil(256) as u32, n.div_ceil(16) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: (16 * r * 4) as u32 };
             let has_add = add.is_some() as i32;
             typed!(dtype, T => {
                 let o = out::<T>(&dev, n * k)?;

@@ -434,8 +434,8 @@ mod tests {
     fn skinny_low_rank_equals_the_composition() -> Result<()> {
         let devices = devices();
         let r = |shape: (usize, usize), s: f64| -> Result<Tensor> { Tensor::randn(0f32, 1.0, shape, &Device::Cpu)? * s };
-        // The last two take the GPU's 16-byte kernels in bf16 (rows of a multiple of 8 values):
-        // rows not a multiple of 8, ranks of one and two tiles.
+        // The last two: rows of a multiple of 8 values (as a model's), batches not a multiple
+        // of 8 rows, ranks of one and two tiles.
         for (n, k, rank, o) in [(37, 70, 3, 45), (64, 96, 12, 33), (37, 64, 8, 48), (20, 256, 16, 1032)] {
             let (x, a, b, g) = (r((n, k), 2.0)?, r((k, rank), 0.3)?, r((rank, o), 0.3)?, r((n, o), 1.0)?);
             for dev in &devices {
