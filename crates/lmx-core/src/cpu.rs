@@ -55,22 +55,40 @@ pub fn parallel_ranges(n: usize, min_per_thread: usize, f: impl Fn(Range<usize>)
         }
     });
     let (done, end) = (caller_done.into_inner(), Stalls::now_ns());
-    STALLS.record(done - start, end - done, end);
+    STALLS.record(threads, done - start, end - done, end);
 }
 
-/// When [`parallel_ranges`] runs on the calling thread alone. A call stalls when its caller,
-/// done with its own range, waits for the workers more than [`Stalls::WAIT_NS`] plus half its
-/// own time: balanced ranges finish within microseconds of each other, and a worker kept off
-/// its core waits for a scheduler slice (1-5 ms). Two stalls within [`Stalls::WINDOW_NS`] mean
-/// the cores are oversubscribed (by other work, or by the host of a VM), and calls run on the
-/// caller alone for a back-off: [`Stalls::MIN_BACKOFF_NS`], doubled up to
-/// [`Stalls::MAX_BACKOFF_NS`] while the pool stalls again as soon as it is tried.
-/// Measured on the 2-core VM used for development: idle, stalls come in bursts of 2-5 a few
-/// ms apart, a burst every few hundred ms; beside one busy process, every scheduler slice.
+/// When [`parallel_ranges`] runs on the calling thread alone: while the pool is slower than
+/// the caller alone would be. A call stalls when its caller, done with its own range, waits
+/// for the workers more than [`Stalls::WAIT_NS`] plus half its own time (balanced ranges
+/// finish within microseconds of each other; a worker kept off its core waits for a scheduler
+/// slice, 1-5 ms). At each stall the recent calls are weighed: their time on the pool (the
+/// caller's own time plus its waits) against their work done alone (the caller's own time
+/// times the ranges, which were balanced), both decaying by half every [`Stalls::WINDOW_NS`].
+/// When the pool took longer, calls run on the caller alone for a back-off:
+/// [`Stalls::MIN_BACKOFF_NS`], doubled up to [`Stalls::MAX_BACKOFF_NS`] while the pool is
+/// slower again as soon as it is tried. The first call after a back-off is not weighed (its
+/// workers slept and take a while to wake).
+///
+/// Measured on the 2-core VM used for development: idle, stalls come in bursts of 2-5 a few ms
+/// apart, a burst every few hundred ms, and the pool stays ahead; beside one busy process a
+/// stall comes every scheduler slice and the caller alone is faster. With many threads, one
+/// of them off its core costs less than running everything on one, and the pool is kept.
 struct Stalls {
-    last_ns: AtomicU64,
-    serial_until_ns: AtomicU64,
-    backoff_ns: AtomicU64,
+    state: std::sync::Mutex<StallState>,
+}
+
+#[derive(Default)]
+struct StallState {
+    /// Start of the current decay window.
+    since_ns: u64,
+    /// Recent calls' time on the pool, and the same work's estimated time on the caller alone.
+    pool_ns: u64,
+    alone_ns: u64,
+    serial_until_ns: u64,
+    backoff_ns: u64,
+    /// The next pool call follows a back-off (its workers parked).
+    waking: bool,
 }
 
 static STALLS: Stalls = Stalls::new();
@@ -82,7 +100,7 @@ impl Stalls {
     const MAX_BACKOFF_NS: u64 = 400_000_000;
 
     const fn new() -> Self {
-        Stalls { last_ns: AtomicU64::new(0), serial_until_ns: AtomicU64::new(0), backoff_ns: AtomicU64::new(Self::MIN_BACKOFF_NS) }
+        Stalls { state: std::sync::Mutex::new(StallState { since_ns: 0, pool_ns: 0, alone_ns: 0, serial_until_ns: 0, backoff_ns: Self::MIN_BACKOFF_NS, waking: false }) }
     }
 
     /// Nanoseconds since the first call, from 1 (a monotonic clock).
@@ -92,24 +110,29 @@ impl Stalls {
     }
 
     fn serial(&self, now_ns: u64) -> bool {
-        now_ns < self.serial_until_ns.load(Ordering::Relaxed)
+        self.state.lock().is_ok_and(|s| now_ns < s.serial_until_ns)
     }
 
-    /// A call that ended at `now` (on [`Stalls::now_ns`]'s clock): its caller took `own_ns` for
-    /// its range, then waited `wait_ns` for the workers.
-    fn record(&self, own_ns: u64, wait_ns: u64, now: u64) {
-        if wait_ns <= Self::WAIT_NS + own_ns / 2 {
+    /// A call over `ranges` ranges that ended at `now` (on [`Stalls::now_ns`]'s clock): its
+    /// caller took `own_ns` for its range, then waited `wait_ns` for the workers.
+    fn record(&self, ranges: usize, own_ns: u64, wait_ns: u64, now: u64) {
+        let Ok(mut s) = self.state.lock() else { return };
+        if std::mem::take(&mut s.waking) {
             return;
         }
-        let previous = self.last_ns.swap(now, Ordering::Relaxed);
-        if previous == 0 || now - previous >= Self::WINDOW_NS {
+        while now >= s.since_ns + Self::WINDOW_NS {
+            (s.pool_ns, s.alone_ns) = (s.pool_ns / 2, s.alone_ns / 2);
+            s.since_ns = if s.pool_ns == 0 && s.alone_ns == 0 { now } else { s.since_ns + Self::WINDOW_NS };
+        }
+        s.pool_ns += own_ns + wait_ns;
+        s.alone_ns += own_ns * ranges as u64;
+        if wait_ns <= Self::WAIT_NS + own_ns / 2 || s.pool_ns <= s.alone_ns {
             return;
         }
-        // Stalling again right after a back-off: back off longer.
-        let ended = self.serial_until_ns.load(Ordering::Relaxed);
-        let backoff = if now < ended + 2 * Self::WINDOW_NS { (2 * self.backoff_ns.load(Ordering::Relaxed)).min(Self::MAX_BACKOFF_NS) } else { Self::MIN_BACKOFF_NS };
-        self.backoff_ns.store(backoff, Ordering::Relaxed);
-        self.serial_until_ns.store(now + backoff, Ordering::Relaxed);
+        // Slower again right after a back-off: back off longer.
+        s.backoff_ns = if s.serial_until_ns > 0 && now < s.serial_until_ns + 2 * Self::WINDOW_NS { (2 * s.backoff_ns).min(Self::MAX_BACKOFF_NS) } else { Self::MIN_BACKOFF_NS };
+        s.serial_until_ns = now + s.backoff_ns;
+        (s.pool_ns, s.alone_ns, s.waking) = (0, 0, true);
     }
 }
 
@@ -808,30 +831,65 @@ mod tests {
         Ok(())
     }
 
-    /// A stall alone changes nothing; a second within the window runs calls on the caller for
-    /// the shortest back-off, a stall right after it doubles it (up to the longest), and a
-    /// stall pair long after starts again from the shortest. Calls whose caller waited less
-    /// than the threshold (or less than half its own time more) are no stalls.
+    /// Stalls that leave the pool ahead of the caller alone change nothing (an idle machine's
+    /// bursts; many threads with one of them late); stalls that put it behind run calls on the
+    /// caller for the shortest back-off, and again right after it for twice as long (up to the
+    /// longest), not counting the first call after a back-off; much later, the shortest again.
     #[test]
-    fn stalls_back_off_as_described() {
+    fn stalls_back_off_when_the_pool_falls_behind() {
         const MS: u64 = 1_000_000;
+        const US: u64 = 1_000;
         let st = Stalls::new();
-        let stall = |at_ms: u64| st.record(10_000, 4 * MS, at_ms * MS);
-        st.record(10_000, Stalls::WAIT_NS, MS);
-        st.record(100 * MS, 40 * MS, 2 * MS);
-        stall(100);
-        assert!(!st.serial(101 * MS), "one stall backs off");
-        stall(103);
-        assert!(st.serial(104 * MS) && !st.serial(113 * MS), "two stalls back off for 10 ms");
-        stall(114);
-        assert!(st.serial(133 * MS) && !st.serial(134 * MS), "a stall right after a back-off doubles it");
-        for t in (140..2000).step_by(4) {
-            stall(t);
+        let serial = |t: u64| st.serial(t);
+        // Calls of 20 us on 2 ranges every 25 us, and a burst of two 3 ms stalls: still ahead.
+        let mut t = MS;
+        let calls = |st: &Stalls, n: usize, ranges: usize, t: &mut u64| {
+            for _ in 0..n {
+                *t += 25 * US;
+                st.record(ranges, 20 * US, US, *t);
+            }
+        };
+        calls(&st, 800, 2, &mut t);
+        for _ in 0..2 {
+            t += 3 * MS;
+            st.record(2, 20 * US, 3 * MS, t);
         }
-        assert_eq!(st.backoff_ns.load(Ordering::Relaxed), Stalls::MAX_BACKOFF_NS);
-        stall(5000);
-        stall(5003);
-        assert!(st.serial(5012 * MS) && !st.serial(5013 * MS), "a stall pair long after backs off for 10 ms again");
+        assert!(!serial(t + US), "an idle machine's burst keeps the pool");
+        // Many ranges: a 4 ms stall every 4 ms still leaves 16 ranges ahead of one.
+        let many = Stalls::new();
+        let mut u = MS;
+        for _ in 0..20 {
+            calls(&many, 100, 16, &mut u);
+            u += 4 * MS;
+            many.record(16, 20 * US, 4 * MS, u);
+        }
+        assert!(!many.serial(u + US), "16 ranges with one late keep the pool");
+        // 2 ranges, a 4 ms stall after every 2.5 ms of calls: behind within a few stalls, so
+        // 10 ms alone from the stall that tipped it.
+        let behind = |st: &Stalls, t: &mut u64| {
+            for _ in 0..5 {
+                calls(st, 100, 2, t);
+                *t += 4 * MS;
+                st.record(2, 20 * US, 4 * MS, *t);
+                if st.serial(*t + US) {
+                    return;
+                }
+            }
+            panic!("the pool stayed in use though it fell behind");
+        };
+        behind(&st, &mut t);
+        assert!(serial(t + 10 * MS - US) && !serial(t + 10 * MS), "the pool behind backs off for 10 ms");
+        // Right after: the first call (waking workers) is not weighed; behind again, twice as long.
+        t += 10 * MS;
+        st.record(2, 20 * US, 3 * MS, t);
+        assert!(!serial(t + US), "the waking call is not weighed");
+        behind(&st, &mut t);
+        assert!(serial(t + 20 * MS - US) && !serial(t + 20 * MS), "behind again right after: 20 ms");
+        // Much later, behind again: the shortest back-off.
+        t += 5000 * MS;
+        st.record(2, 20 * US, US, t);
+        behind(&st, &mut t);
+        assert!(serial(t + 10 * MS - US) && !serial(t + 10 * MS), "much later the back-off starts again at 10 ms");
     }
 
     /// Ranges run on the caller alone (as after stalls) give exactly what the pool gives.
@@ -840,9 +898,10 @@ mod tests {
         let dev = Device::Cpu;
         let (a, b) = (Tensor::randn(0f32, 1.0, (300, 96), &dev)?, Tensor::randn(0f32, 1.0, (96, 70), &dev)?);
         let pooled = matmul(&a, &b)?.flatten_all()?.to_vec1::<f32>()?;
-        STALLS.serial_until_ns.store(u64::MAX, Ordering::Relaxed);
+        let set = |until: u64| STALLS.state.lock().map(|mut s| s.serial_until_ns = until).expect("stall state");
+        set(u64::MAX);
         let alone = matmul(&a, &b);
-        STALLS.serial_until_ns.store(0, Ordering::Relaxed);
+        set(0);
         assert_eq!(alone?.flatten_all()?.to_vec1::<f32>()?, pooled);
         Ok(())
     }
