@@ -329,6 +329,56 @@ fn mxfp4_to_mlx(raw: &[u8], dims: &[usize]) -> lmx_core::Result<(Tensor, Tensor)
     Ok((Tensor::from_vec(words, shape(8), &Device::Cpu)?, Tensor::from_vec(scales, shape(32), &Device::Cpu)?))
 }
 
+/// GGML type ids of the legacy block formats that are MLX affine groups of 32 as they are.
+const GGML_Q4_0: u32 = 2;
+const GGML_Q4_1: u32 = 3;
+const GGML_Q8_0: u32 = 8;
+
+/// A matrix stored as GGML Q4_0, Q4_1 or Q8_0 (`ggml_type`; `raw` its blocks, `dims` its
+/// shape, rows first) in MLX's affine format without loss: packed words (4 or 8 bits, the
+/// first element in the low bits), f32 scales and biases, groups of 32 (one GGML block each),
+/// and the bits. Each block is `d * q (+ m)` with an f16 `d` (and `m`), so the affine form is
+/// exact: Q4_0 `d (q - 8)` is scale `d`, bias `-8 d`; Q4_1 `d q + m` is scale `d`, bias `m`;
+/// Q8_0 `d q` (q signed) is code `q + 128`, scale `d`, bias `-128 d`; every product of an f16
+/// by a code is exact in f32, so dequantizing gives llama.cpp's values exactly (a zero of Q4_0
+/// with a negative `d` comes out +0 where llama.cpp's `0 * d` gives -0). This is
+/// what MLX's own GGUF reader does with these three types. None for any other type.
+pub fn legacy_to_affine(ggml_type: u32, raw: &[u8], dims: &[usize]) -> Option<lmx_core::Result<(Tensor, Tensor, Tensor, usize)>> {
+    let (block_bytes, bits) = match ggml_type {
+        GGML_Q4_0 => (18, 4),
+        GGML_Q4_1 => (20, 4),
+        GGML_Q8_0 => (34, 8),
+        _ => return None,
+    };
+    let f16_at = |b: &[u8], i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+    let blocks = raw.len() / block_bytes;
+    let (mut words, mut scales, mut biases) = (Vec::with_capacity(blocks * bits), Vec::with_capacity(blocks), Vec::with_capacity(blocks));
+    for b in raw.chunks_exact(block_bytes) {
+        let d = f16_at(b, 0);
+        scales.push(d);
+        // The 32 codes of the block, in element order.
+        let codes: [u32; 32] = match ggml_type {
+            GGML_Q8_0 => {
+                biases.push(-128.0 * d);
+                std::array::from_fn(|k| u32::from((b[2 + k] as i8 as i16 + 128) as u8))
+            }
+            _ => {
+                let (bias, qs) = if ggml_type == GGML_Q4_1 { (f16_at(b, 2), &b[4..20]) } else { (-8.0 * d, &b[2..18]) };
+                biases.push(bias);
+                // Byte j holds element j in its low nibble and element j + 16 in its high one.
+                std::array::from_fn(|k| u32::from(if k < 16 { qs[k] & 15 } else { qs[k - 16] >> 4 }))
+            }
+        };
+        let per = 32 / bits;
+        words.extend(codes.chunks_exact(per).map(|c| c.iter().enumerate().fold(0u32, |w, (n, &q)| w | q << (bits * n))));
+    }
+    let (lead, cols) = dims.split_at(dims.len().saturating_sub(1));
+    let cols = cols.first().copied().unwrap_or(0);
+    let shape = |per: usize| lead.iter().copied().chain(std::iter::once(cols / per)).collect::<Vec<_>>();
+    let made = (|| Ok((Tensor::from_vec(words, shape(32 / bits), &Device::Cpu)?, Tensor::from_vec(scales, shape(32), &Device::Cpu)?, Tensor::from_vec(biases, shape(32), &Device::Cpu)?, bits)))();
+    Some(made)
+}
+
 /// Reads and converts a GGUF file.
 pub fn load(path: &Path) -> Result<GgufModel> {
     let file = File::open(path).map_err(|e| IoError::io(path, e))?;
@@ -798,6 +848,27 @@ mod tests {
         assert_eq!(hf_name("blk.11.ffn_down.weight").as_deref(), Some("model.layers.11.mlp.down_proj.weight"));
         assert_eq!(hf_name("output.weight").as_deref(), Some("lm_head.weight"));
         assert_eq!(hf_name("blk.1.unknown.weight"), None);
+    }
+
+    /// Q4_0, Q4_1 and Q8_0 blocks in MLX's affine format dequantize to exactly what llama.cpp's
+    /// (candle's) dequantization gives, element for element (as values: -0 equals +0); other
+    /// types are not taken.
+    #[test]
+    fn legacy_blocks_are_affine_groups_without_loss() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let w = (Tensor::randn(0f32, 1.0, (24, 256), &Device::Cpu).expect("randn") * 3.0).expect("scale");
+        for (dtype, id) in [(GgmlDType::Q4_0, GGML_Q4_0), (GgmlDType::Q4_1, GGML_Q4_1), (GgmlDType::Q8_0, GGML_Q8_0)] {
+            let q = QTensor::quantize(&w, dtype).expect("quantize");
+            let raw = q.data().expect("blocks");
+            let (packed, scales, biases, bits) = legacy_to_affine(id, &raw, &[24, 256]).expect("a legacy type").expect("converts");
+            let m = lmx_core::quant::QuantizedMatrix::from_tensors(&packed, &scales, &biases, bits, 32).expect("an MLX matrix");
+            let (got, want) = (m.dequantize().expect("dequantize"), q.dequantize(&Device::Cpu).expect("ggml dequantize"));
+            let (got, want) = (got.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("values"), want.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("values"));
+            let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+            let examples: Vec<_> = got.iter().zip(&want).filter(|(a, b)| a != b).take(4).collect();
+            assert_eq!(differ, 0, "{dtype:?}: {differ} of {} values differ from llama.cpp's: {examples:?}", want.len());
+        }
+        assert!(legacy_to_affine(12, &[0u8; 144], &[256]).is_none(), "Q4_K is not an affine group of 32");
     }
 
     /// Writes a GGUF the way llama.cpp's converter does (GGUF names, q/k rows permuted, weights
