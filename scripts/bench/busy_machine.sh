@@ -16,8 +16,7 @@ LMX=${LMX:-target/release/lmx}
 ours=models/$MODEL-${KIND%%:*}; theirs=models/$MODEL-${KIND##*:}.gguf
 [ -e "$ours" ] && [ -e "$theirs" ] || { echo "error: $ours or $theirs is missing: run scripts/bench/cpu_speed.sh first" >&2; exit 1; }
 
-median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
-field() { sed -n "s/.*$1=\([0-9.]*\).*/\1/p"; }
+source scripts/bench/common.sh
 busy=()
 start_busy() { for _ in $(seq "$1"); do sh -c 'while :; do :; done' & busy+=($!); done; }
 stop_busy() { for p in "${busy[@]}"; do kill "$p" 2>/dev/null || true; done; wait "${busy[@]}" 2>/dev/null || true; busy=(); }

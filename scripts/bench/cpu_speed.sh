@@ -50,8 +50,7 @@ for m in $MODELS; do
   [ -d models/$m-8bit ] || $LMX convert --hf-path $base -q --q-bits 8 --mlx-path models/$m-8bit
 done
 
-median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
-field() { sed -n "s/.*$1=\([0-9.]*\).*/\1/p"; }
+source scripts/bench/common.sh
 bytes() { du -cb "$@" | tail -1 | cut -f1; }
 
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; lmx $(git rev-parse --short HEAD); llama-cpp-python $(python3 -c 'import llama_cpp; print(llama_cpp.__version__)')"

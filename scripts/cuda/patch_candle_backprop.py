@@ -68,26 +68,19 @@ fn lmx_real(sum: &Tensor) -> Result<Tensor> {
     Ok(sum.clone())
 }
 
-/// sum + g: g itself (contiguous) when sum is a marker of g's shape and dtype.
-fn lmx_acc(sum: &Tensor, g: &Tensor) -> Result<Tensor> {
-    if lmx_take_marker(sum) {
-        if g.shape() == sum.shape() && g.dtype() == sum.dtype() {
-            return g.contiguous();
-        }
-        return sum.zeros_like()?.add(g);
+/// sum + g, or sum - g with `sub`: g itself (contiguous), or -g, when sum is a marker of g's
+/// shape and dtype; real zeros first for a marker of another.
+fn lmx_acc(sum: &Tensor, g: &Tensor, sub: bool) -> Result<Tensor> {
+    let marker = lmx_take_marker(sum);
+    if marker && g.shape() == sum.shape() && g.dtype() == sum.dtype() {
+        return if sub { g.neg() } else { g.contiguous() };
     }
-    sum.add(g)
-}
-
-/// sum - g: -g when sum is a marker of g's shape and dtype.
-fn lmx_sub(sum: &Tensor, g: &Tensor) -> Result<Tensor> {
-    if lmx_take_marker(sum) {
-        if g.shape() == sum.shape() && g.dtype() == sum.dtype() {
-            return g.neg();
-        }
-        return sum.zeros_like()?.sub(g);
+    let sum = if marker { sum.zeros_like()? } else { sum.clone() };
+    if sub {
+        sum.sub(g)
+    } else {
+        sum.add(g)
     }
-    sum.sub(g)
 }
 '''
 
@@ -95,8 +88,8 @@ rules = [
     # The slot's seed.
     (r"let grad = tensor\.zeros_like\(\)\?;", "let grad = lmx_empty(tensor)?;", 1),
     # `*s = s.add(x)?` and `*s = s.sub(x)?` (x possibly nested calls, up to the statement's end).
-    (r"\*(\w+) = \1\.add\((.*)\)\?", r"*\1 = lmx_acc(\1, \2)?", None),
-    (r"\*(\w+) = \1\.sub\((.*)\)\?", r"*\1 = lmx_sub(\1, \2)?", None),
+    (r"\*(\w+) = \1\.add\((.*)\)\?", r"*\1 = lmx_acc(\1, \2, false)?", None),
+    (r"\*(\w+) = \1\.sub\((.*)\)\?", r"*\1 = lmx_acc(\1, \2, true)?", None),
     # Scatter and index adds read the slot: real zeros first.
     (r"\*(\w+) = \1\.(scatter_add|index_add)\(", r"*\1 = lmx_real(\1)?.\2(", None),
 ]

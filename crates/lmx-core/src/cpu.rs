@@ -103,10 +103,10 @@ impl Stalls {
         Stalls { state: std::sync::Mutex::new(StallState { since_ns: 0, pool_ns: 0, alone_ns: 0, serial_until_ns: 0, backoff_ns: Self::MIN_BACKOFF_NS, waking: false }) }
     }
 
-    /// Nanoseconds since the first call, from 1 (a monotonic clock).
+    /// Nanoseconds since the first call (a monotonic clock).
     fn now_ns() -> u64 {
         static START: OnceLock<Instant> = OnceLock::new();
-        START.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
+        START.get_or_init(Instant::now).elapsed().as_nanos() as u64
     }
 
     fn serial(&self, now_ns: u64) -> bool {
