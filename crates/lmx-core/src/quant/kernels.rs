@@ -14,14 +14,6 @@ use rayon::prelude::*;
 /// Rows of W dequantized together for a multi-row product (fits in L2 at 4 KiB columns).
 const BLOCK_ROWS: usize = 64;
 
-/// y (m, rows) = x (m, cols) @ W^T (one row: the integer kernels where they apply).
-pub fn qmatmul(q: &QuantizedMatrix, x: &[f32], m: usize) -> Vec<f32> {
-    if m == 1 {
-        return qmatvec(q, x);
-    }
-    qmatmul_exact(q, x, m)
-}
-
 /// y (m, rows) = x (m, cols) @ W^T with float activations.
 pub fn qmatmul_exact(q: &QuantizedMatrix, x: &[f32], m: usize) -> Vec<f32> {
     if m == 1 {
@@ -123,39 +115,52 @@ pub fn qmatmul_t(q: &QuantizedMatrix, g: &[f32], m: usize) -> Vec<f32> {
     gx
 }
 
-/// y = W x for one token (decode): rows split over threads; 4- and 8-bit weights use the
-/// integer kernels on int8 activations ([`Q8Act`]), other widths the float ones.
-fn qmatvec(q: &QuantizedMatrix, x: &[f32]) -> Vec<f32> {
-    qmatvec_many(&[q], x)
-}
+/// Bytes of matrix rows that every row of x meets before the next rows ([`qmatvec_many`]
+/// with several rows of x): they stay in L1/L2 while read again, so the weights come from
+/// memory once for all rows.
+const DECODE_BLOCK_BYTES: usize = 32 * 1024;
 
-/// [W_0 x, W_1 x, ...] concatenated, for matrices that share x (a layer's q/k/v or gate/up
-/// projections) and the same shape of rows: x is rounded to int8 once and all rows form one
-/// parallel step.
-pub fn qmatvec_many(qs: &[&QuantizedMatrix], x: &[f32]) -> Vec<f32> {
+/// Decode: [W_0 x_i, W_1 x_i, ...] concatenated for each of the m rows x_i of x, for
+/// matrices that share x (a layer's q/k/v or gate/up projections), rows split over threads;
+/// 4- and 8-bit weights use the integer kernels on int8 activations ([`Q8Act`]), other widths
+/// the float ones. Each row's outputs are computed exactly
+/// as for that row alone (the decode kernels), so a sequence decoded in a batch gives the
+/// tokens it gives alone. A row is rounded to int8 once for all the matrices of one format;
+/// all matrix rows form one parallel step, and with several rows of x each block of
+/// matrix rows meets every row of x while it is in cache.
+pub fn qmatvec_many(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<f32> {
     let total: usize = qs.iter().map(|q| q.rows).sum();
-    let mut y = vec![0f32; total];
+    let cols = qs[0].cols;
+    let mut y = vec![0f32; m * total];
     let out = SendPtr(y.as_mut_ptr());
     // x is rounded once per distinct (cols, bits, group size, scale dtype): matrix i uses the
     // activations of the first matrix like it, `owner[i]`.
     let owner: Vec<usize> = (0..qs.len()).map(|i| (0..i).find(|&j| same_act(qs[j], qs[i])).unwrap_or(i)).collect();
-    let acts: Vec<Option<Q8Act>> = qs.iter().enumerate().map(|(i, q)| if owner[i] == i { Q8Act::new(q, x) } else { None }).collect();
+    let acts: Vec<Vec<Option<Q8Act>>> = x.chunks_exact(cols).map(|x| qs.iter().enumerate().map(|(i, q)| if owner[i] == i { Q8Act::new(q, x) } else { None }).collect()).collect();
+    let row_bytes = qs.iter().map(|q| q.packed.len() * 4 / q.rows.max(1)).max().unwrap_or(1).max(1);
+    let block = if m == 1 { usize::MAX } else { (DECODE_BLOCK_BYTES / row_bytes).max(4) };
     parallel_ranges(total, MIN_ROWS_PER_THREAD, |range| {
-        let mut first = 0;
-        for (i, q) in qs.iter().enumerate() {
-            let (lo, hi) = (range.start.max(first), range.end.min(first + q.rows));
-            if lo < hi {
-                // SAFETY: ranges are disjoint and inside y, which outlives the call.
-                let ys = unsafe { std::slice::from_raw_parts_mut(out.get().add(lo), hi - lo) };
-                let rows = lo - first..hi - first;
-                match (acts[owner[i]].as_ref(), &q.scales, &q.biases) {
-                    (Some(a), GroupParams::Bf16(s), GroupParams::Bf16(b)) => int8_rows(q, s, b, a, rows, ys),
-                    (Some(a), GroupParams::F16(s), GroupParams::F16(b)) => int8_rows(q, s, b, a, rows, ys),
-                    (Some(a), GroupParams::F32(s), GroupParams::F32(b)) => int8_rows(q, s, b, a, rows, ys),
-                    _ => float_rows(q, x, rows, ys),
+        for start in range.clone().step_by(block) {
+            let range = start..range.end.min(start.saturating_add(block));
+            for (r, (acts, x)) in acts.iter().zip(x.chunks_exact(cols)).enumerate() {
+                let mut first = 0;
+                for (i, q) in qs.iter().enumerate() {
+                    let (lo, hi) = (range.start.max(first), range.end.min(first + q.rows));
+                    if lo < hi {
+                        // SAFETY: ranges are disjoint and inside y's row r, which outlives
+                        // the call.
+                        let ys = unsafe { std::slice::from_raw_parts_mut(out.get().add(r * total + lo), hi - lo) };
+                        let rows = lo - first..hi - first;
+                        match (acts[owner[i]].as_ref(), &q.scales, &q.biases) {
+                            (Some(a), GroupParams::Bf16(s), GroupParams::Bf16(b)) => int8_rows(q, s, b, a, rows, ys),
+                            (Some(a), GroupParams::F16(s), GroupParams::F16(b)) => int8_rows(q, s, b, a, rows, ys),
+                            (Some(a), GroupParams::F32(s), GroupParams::F32(b)) => int8_rows(q, s, b, a, rows, ys),
+                            _ => float_rows(q, x, rows, ys),
+                        }
+                    }
+                    first += q.rows;
                 }
             }
-            first += q.rows;
         }
     });
     y

@@ -502,11 +502,10 @@ pub fn clear_offered_codes() {
 }
 
 /// `[x @ W_0^T, x @ W_1^T, ...]` for matrices sharing the input x (a layer's q/k/v or
-/// gate/up projections). On the CPU, one decoded token, or a prompt where the int8 product
-/// applies, takes them in one step (x rounded to int8 once, one parallel round); on CUDA, a
+/// gate/up projections). On the CPU, decoded tokens ([`op::decode_rows`]), or a prompt where
+/// the int8 product applies, take them in one step (x rounded to int8 once, one parallel round); on CUDA, a
 /// decode step codes x once for all of them; anything else, one product each.
 pub fn matmul_many(qs: &[Arc<QuantizedMatrix>], x: &Tensor) -> Result<Vec<Tensor>> {
-    let one_row = x.dims().last().is_some_and(|&k| k == x.elem_count());
     let refs: Vec<&QuantizedMatrix> = qs.iter().map(|q| &**q).collect();
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() && !qs.is_empty() {
@@ -514,7 +513,7 @@ pub fn matmul_many(qs: &[Arc<QuantizedMatrix>], x: &Tensor) -> Result<Vec<Tensor
             return Ok(ys);
         }
     }
-    let shared = one_row || kernels::q8_gemm_applies(&refs);
+    let shared = op::decode_rows(x.dims()) || kernels::q8_gemm_applies(&refs);
     if qs.len() < 2 || !shared || qs.iter().any(|q| q.exact) || !x.device().is_cpu() || x.track_op() || qs.iter().any(|q| q.cols != qs[0].cols) {
         return qs.iter().map(|q| q.matmul(x)).collect();
     }

@@ -20,9 +20,22 @@ pub(super) struct QMatMul {
     pub(super) exact: bool,
 }
 
+/// Most tokens of one sequence in a product that go one at a time through the decode
+/// kernels ([`decode_rows`]): a speculative step's draft, a short prompt.
+const DECODE_TOKENS: usize = 8;
+
+/// True when the rows of an input of these dims each take the decode kernels, as a token
+/// alone does: a batch of sequences one token each (dims (batch, 1, features)), or a few
+/// tokens of one sequence. The product of each row then does not depend on the others, so a
+/// sequence decoded in a batch, or checked in a speculative step, gives the tokens it gives
+/// alone; longer prompts take the int8 product (whose sums run in another order).
+pub(super) fn decode_rows(dims: &[usize]) -> bool {
+    dims.len() < 2 || dims[dims.len() - 2] <= DECODE_TOKENS
+}
+
 /// `x @ [W_0; W_1; ...]^T` for matrices sharing their input, as one candle op without
-/// backward: x rounded to int8 once and all products in one parallel step (one token:
-/// the decode kernels; several: the int8 product, where [`kernels::q8_gemm_applies`]).
+/// backward: x rounded to int8 once and all products in one parallel step (the decode
+/// kernels for [`decode_rows`], else the int8 product, where [`kernels::q8_gemm_applies`]).
 pub(super) struct QMatMulMany {
     pub(super) qs: Vec<Arc<QuantizedMatrix>>,
 }
@@ -47,10 +60,11 @@ impl CustomOp1 for QMatMulMany {
         }
         let m = x.len() / k;
         let qs: Vec<&QuantizedMatrix> = self.qs.iter().map(|q| &**q).collect();
+        let decode = decode_rows(&dims);
         if let Some(last) = dims.last_mut() {
             *last = qs.iter().map(|q| q.rows).sum();
         }
-        let y = if m == 1 { output(kernels::qmatvec_many(&qs, &x), s.dtype()) } else { q8_output(&qs, &x, m, s.dtype()) };
+        let y = if decode { output(kernels::qmatvec_many(&qs, &x, m), s.dtype()) } else { q8_output(&qs, &x, m, s.dtype()) };
         Ok((y, Shape::from(dims)))
     }
 }
@@ -105,10 +119,14 @@ impl CustomOp1 for QMatMul {
         }
         let m = x.len() / k;
         let training_bf16 = self.exact && m > 1 && q.bf16_training && crate::bf16_gemm::supported();
+        let decode = decode_rows(&dims);
         if let Some(last) = dims.last_mut() {
             *last = n;
         }
-        if !self.transpose && !self.exact && m > 1 && kernels::q8_gemm_applies(&[q]) {
+        if !self.transpose && !self.exact && decode {
+            return Ok((output(kernels::qmatvec_many(&[q], &x, m), s.dtype()), Shape::from(dims)));
+        }
+        if !self.transpose && !self.exact && kernels::q8_gemm_applies(&[q]) {
             return Ok((q8_output(&[q], &x, m, s.dtype()), Shape::from(dims)));
         }
         let y = if self.transpose && training_bf16 {
@@ -130,7 +148,7 @@ impl CustomOp1 for QMatMul {
             // precision of a bf16 model's matmuls, twice the f32 multiply rate).
             crate::bf16_gemm::matmul_rows(&x, m, q.rows, q.cols, |r, out| q.dequantize_row(r, out))
         } else {
-            kernels::qmatmul(q, &x, m)
+            kernels::qmatmul_exact(q, &x, m)
         };
         Ok((output(y, s.dtype()), Shape::from(dims)))
     }
