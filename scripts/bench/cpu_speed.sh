@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # lmx beside llama.cpp on the CPU, in one run from a fresh clone (issue 10, docs/BENCHMARKS.md):
 # SmolLM2-135M and a Llama-3.2-1B-shaped model with random weights, MLX 4-bit / 8-bit vs
-# llama.cpp Q4_0 / Q8_0 of the same weights, bf16 vs BF16, f32 vs F32, at 1 and 2 threads.
+# llama.cpp Q4_0 / Q8_0 of the same weights, lmx on those same Q4_0 / Q8_0 GGUF files (kept
+# packed), bf16 vs BF16, f32 vs F32, at 1 and 2 threads.
 # 128-token prompt, 64 generated tokens; every figure is the median over ROUNDS rounds of 3
 # trials, lmx and llama.cpp alternating first. The roofline column is weights read per token
 # over the measured read bandwidth (scripts/bench/membw.rs) at that thread count.
@@ -15,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROUNDS=${1:-2}
 MODELS=${MODELS:-"smollm2 llama-1b-random"}
-KINDS=${KINDS:-"4bit 8bit bf16 f32"}
+KINDS=${KINDS:-"4bit Q4_0.gguf 8bit Q8_0.gguf bf16 f32"}
 THREADS=${THREADS:-"1 2"}
 P=128; G=64; N=3
 
@@ -58,12 +59,14 @@ echo
 echo "| model | threads | lmx prompt / gen tok/s | llama.cpp prompt / gen tok/s | prompt ratio | gen ratio | lmx gen vs roofline |"
 echo "|---|---|---|---|---|---|---|"
 for m in $MODELS; do
-  pairs="4bit:Q4_0 8bit:Q8_0 bf16:BF16"
+  pairs="4bit:Q4_0 Q4_0.gguf:Q4_0 8bit:Q8_0 Q8_0.gguf:Q8_0 bf16:BF16"
   [ $m = smollm2 ] && pairs="$pairs f32:F32"
   for pair in $pairs; do
     [[ " $KINDS " == *" ${pair%%:*} "* ]] || continue
     ours=models/$m-${pair%%:*}; theirs=models/$m-${pair##*:}.gguf
     [ ${pair%%:*} = bf16 ] && ours=$(bf16_dir $m)
+    # The weights a token reads: a folder's safetensors, or the GGUF file itself.
+    if [[ $ours == *.gguf ]]; then weights=$ours; else weights=$(echo $ours/*.safetensors); fi
     for t in $THREADS; do
       bw=$(target/membw $t)
       : > /tmp/lmx_bench_ours; : > /tmp/lmx_bench_theirs
@@ -74,8 +77,8 @@ for m in $MODELS; do
       done
       op=$(field prompt_tps < /tmp/lmx_bench_ours | median); og=$(field generation_tps < /tmp/lmx_bench_ours | median)
       tp=$(field prompt_tps < /tmp/lmx_bench_theirs | median); tg=$(field generation_tps < /tmp/lmx_bench_theirs | median)
-      # Roofline: every weight byte once per token (the folder's safetensors) at the measured bandwidth.
-      roof=$(python3 -c "print(f'{$bw * 1e9 / $(bytes $ours/*.safetensors) :.0f}')")
+      # Roofline: every weight byte once per token (the folder's safetensors or the GGUF) at the measured bandwidth.
+      roof=$(python3 -c "print(f'{$bw * 1e9 / $(bytes $weights) :.0f}')")
       python3 -c "print(f'| $m ${pair%%:*} vs ${pair##*:} | $t | {$op:.0f} / {$og:.1f} | {$tp:.0f} / {$tg:.1f} | {$op/$tp:.2f}x | {$og/$tg:.2f}x | {$og/$roof*100:.0f}% of {$roof} ($bw GB/s) |')"
     done
   done

@@ -98,7 +98,7 @@ pub fn read(source: &ModelSource, dtype: Option<DType>) -> Result<Folder, Conver
 /// does, to config.json's `torch_dtype` (or `dtype`), else to the dtype the weights are stored
 /// in (float32 for GGUF).
 fn load(source: &ModelSource, dtype: Option<DType>) -> Result<lmx_io::ModelFiles, ConvertError> {
-    let mut files = lmx_io::ModelFiles::load(source.clone(), dtype)?;
+    let mut files = lmx_io::ModelFiles::load(source.clone(), dtype, false)?;
     if dtype.is_none() {
         let declared = files.config.get("torch_dtype").or_else(|| files.config.get("dtype")).and_then(Value::as_str).and_then(|n| lmx_core::parse_dtype(n).ok());
         let dtype = declared.unwrap_or_else(|| files.weights.compute_dtype());

@@ -15,7 +15,7 @@ pub const TARGETS: &[(&str, Target)] = &[("gguf", gguf), ("safetensors", safeten
 
 /// A GGUF file: header, metadata, tensor table, tensors, tokenizer rebuilt from metadata.
 pub fn gguf(data: &[u8]) {
-    let _ = lmx_io::gguf::load_from(std::io::Cursor::new(data), data.len() as u64, Path::new("fuzz.gguf"));
+    let _ = lmx_io::gguf::load_from(std::io::Cursor::new(data), data.len() as u64, Path::new("fuzz.gguf"), true);
 }
 
 /// A safetensors file: header and every tensor read (through a file: lmx memory-maps them).

@@ -1,6 +1,9 @@
 //! GGUF files (llama.cpp): metadata turned into a Hugging Face `config.json`, tensors renamed
-//! to Hugging Face keys (q/k rows un-permuted for the Llama family) and dequantized, and the
-//! tokenizer and chat template rebuilt from the `tokenizer.ggml.*` metadata.
+//! to Hugging Face keys (q/k rows un-permuted for the Llama family), and the tokenizer and chat
+//! template rebuilt from the `tokenizer.ggml.*` metadata. Tensors are dequantized to f32,
+//! except, when asked ([`load_with`]), projection and embedding matrices in Q4_0, Q4_1 or Q8_0,
+//! which stay packed as MLX affine groups of 32 ([`legacy_to_affine`], no loss), and MXFP4
+//! experts, which always stay packed; config.json then has a `quantization` block for them.
 //!
 //! The result is the same in-memory model folder a safetensors checkpoint gives, so model
 //! files never see GGUF names, and `lmx convert --gguf` only has to write it out.
@@ -21,7 +24,8 @@ use crate::error::{IoError, Result};
 pub struct GgufModel {
     /// `config.json`.
     pub config: Value,
-    /// Tensors under Hugging Face names, dequantized to f32.
+    /// Tensors under Hugging Face names: f32, or MLX's packed layout (`weight` words,
+    /// `scales`, `biases`) for the modules config.json's `quantization` block names.
     pub tensors: HashMap<String, Tensor>,
     /// `tokenizer.json`.
     pub tokenizer: Value,
@@ -336,8 +340,8 @@ const GGML_Q8_0: u32 = 8;
 
 /// A matrix stored as GGML Q4_0, Q4_1 or Q8_0 (`ggml_type`; `raw` its blocks, `dims` its
 /// shape, rows first) in MLX's affine format without loss: packed words (4 or 8 bits, the
-/// first element in the low bits), f32 scales and biases, groups of 32 (one GGML block each),
-/// and the bits. Each block is `d * q (+ m)` with an f16 `d` (and `m`), so the affine form is
+/// first element in the low bits), f16 scales and biases (f32 where a bias would overflow
+/// f16), groups of 32 (one GGML block each), and the bits. Each block is `d * q (+ m)` with an f16 `d` (and `m`), so the affine form is
 /// exact: Q4_0 `d (q - 8)` is scale `d`, bias `-8 d`; Q4_1 `d q + m` is scale `d`, bias `m`;
 /// Q8_0 `d q` (q signed) is code `q + 128`, scale `d`, bias `-128 d`; every product of an f16
 /// by a code is exact in f32, so dequantizing gives llama.cpp's values exactly (a zero of Q4_0
@@ -375,20 +379,44 @@ pub fn legacy_to_affine(ggml_type: u32, raw: &[u8], dims: &[usize]) -> Option<lm
     let (lead, cols) = dims.split_at(dims.len().saturating_sub(1));
     let cols = cols.first().copied().unwrap_or(0);
     let shape = |per: usize| lead.iter().copied().chain(std::iter::once(cols / per)).collect::<Vec<_>>();
-    let made = (|| Ok((Tensor::from_vec(words, shape(32 / bits), &Device::Cpu)?, Tensor::from_vec(scales, shape(32), &Device::Cpu)?, Tensor::from_vec(biases, shape(32), &Device::Cpu)?, bits)))();
+    // f16 holds every scale and bias exactly (each block's `d` and `m` are f16, and -8 d or
+    // -128 d only moves the exponent) unless a bias overflows it: then f32.
+    let params = |v: Vec<f32>, small: bool| {
+        if small {
+            Tensor::from_vec(v.into_iter().map(half::f16::from_f32).collect::<Vec<_>>(), shape(32), &Device::Cpu)
+        } else {
+            Tensor::from_vec(v, shape(32), &Device::Cpu)
+        }
+    };
+    let half = biases.iter().all(|b| b.abs() <= f32::from(half::f16::MAX));
+    let made = (|| Ok((Tensor::from_vec(words, shape(32 / bits), &Device::Cpu)?, params(scales, half)?, params(biases, half)?, bits)))();
     Some(made)
 }
 
-/// Reads and converts a GGUF file.
+/// Reads and converts a GGUF file, every tensor but MXFP4 experts dequantized to f32 (what
+/// `lmx convert --gguf` writes).
 pub fn load(path: &Path) -> Result<GgufModel> {
-    let file = File::open(path).map_err(|e| IoError::io(path, e))?;
-    let file_len = file.metadata().map_err(|e| IoError::io(path, e))?.len();
-    load_from(BufReader::new(file), file_len, path)
+    load_with(path, false)
 }
 
+/// Reads and converts a GGUF file; `pack` keeps the [`PACKABLE`] matrices stored in Q4_0, Q4_1
+/// or Q8_0 packed (as a model runs them: a quarter or half of f32's bytes, and the quantized
+/// products), the rest dequantized to f32.
+pub fn load_with(path: &Path, pack: bool) -> Result<GgufModel> {
+    let file = File::open(path).map_err(|e| IoError::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| IoError::io(path, e))?.len();
+    load_from(BufReader::new(file), file_len, path, pack)
+}
+
+/// The modules (last segment of the Hugging Face path) whose legacy-quantized weights
+/// [`load_with`] keeps packed: the plain projections and the embeddings, which the layer
+/// builder reads quantized as it reads MLX's quantized folders. Fused projections (Phi-3's
+/// `qkv_proj`), routers and MLA's latent projections are dequantized.
+pub const PACKABLE: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"];
+
 /// Reads and converts GGUF bytes of length `file_len` from `reader` (`path` names them in
-/// errors).
-pub fn load_from(mut reader: impl Read + Seek, file_len: u64, path: &Path) -> Result<GgufModel> {
+/// errors; `pack` as for [`load_with`]).
+pub fn load_from(mut reader: impl Read + Seek, file_len: u64, path: &Path, pack: bool) -> Result<GgufModel> {
     let header = read_header(&mut reader, file_len).map_err(|e| gguf_err(path, format!("not a valid GGUF file ({e}); the file may be truncated: download it again")))?;
     if !header.alignment.is_power_of_two() {
         return Err(gguf_err(path, format!("`general.alignment` is {}; it must be a positive power of two (llama.cpp writes 32)", header.alignment)));
@@ -428,6 +456,17 @@ pub fn load_from(mut reader: impl Read + Seek, file_len: u64, path: &Path) -> Re
     let mut rope_freqs = None;
     let mut rope_factors: HashMap<String, Vec<f32>> = HashMap::new();
     let mut mxfp4 = false;
+    // Modules kept packed from legacy blocks, and their bits.
+    let mut packed: Vec<(String, usize)> = Vec::new();
+    let unpermute_qk = |hf: &str, t: Tensor| -> lmx_core::Result<Tensor> {
+        if PERMUTED_QK.contains(&arch.as_str()) && hf.contains("self_attn.q_proj") {
+            unpermute(&t, n_heads)
+        } else if PERMUTED_QK.contains(&arch.as_str()) && hf.contains("self_attn.k_proj") {
+            unpermute(&t, n_kv_heads)
+        } else {
+            Ok(t)
+        }
+    };
     for (name, info) in &header.tensors {
         let tensor_err = |e: &dyn std::fmt::Display| gguf_err(path, format!("tensor `{name}`: {e}"));
         let (block, block_bytes) = info.block().unwrap_or((1, 1));
@@ -444,6 +483,21 @@ pub fn load_from(mut reader: impl Read + Seek, file_len: u64, path: &Path) -> Re
             tensors.insert(format!("{module}.scales"), scales);
             mxfp4 = true;
             continue;
+        }
+        let module = hf_name_in(&arch, name).and_then(|hf| hf.strip_suffix(".weight").map(str::to_string));
+        if let Some(module) = module.filter(|m| pack && PACKABLE.iter().any(|p| m.rsplit('.').next() == Some(*p))) {
+            if let Some(made) = legacy_to_affine(info.ggml_type, &raw, &info.dims) {
+                let (words, scales, biases, bits) = made.map_err(|e| tensor_err(&e))?;
+                if !lmx_core::ops::all_finite(&scales)? || !lmx_core::ops::all_finite(&biases)? {
+                    return Err(IoError::NonFinite { path: path.to_path_buf(), key: name.clone() });
+                }
+                // Un-permuting moves whole rows: the packed words, scales and biases alike.
+                tensors.insert(format!("{module}.weight"), unpermute_qk(&module, words)?);
+                tensors.insert(format!("{module}.scales"), unpermute_qk(&module, scales)?);
+                tensors.insert(format!("{module}.biases"), unpermute_qk(&module, biases)?);
+                packed.push((module, bits));
+                continue;
+            }
         }
         let dtype = ggml_dtype(info.ggml_type).ok_or_else(|| tensor_err(&"unreadable type"))?;
         let q = candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &raw, info.dims.clone(), &Device::Cpu).map_err(|e| tensor_err(&e))?;
@@ -463,22 +517,17 @@ pub fn load_from(mut reader: impl Read + Seek, file_len: u64, path: &Path) -> Re
         }
         let hf = hf_name_in(&arch, name).ok_or_else(|| gguf_err(path, format!("tensor `{name}` has no Hugging Face equivalent that lmx knows (architecture `{arch}`)")))?;
         let t = if ONE_PLUS_NORMS.contains(&arch.as_str()) && name.ends_with("norm.weight") { (t - 1.0)? } else { t };
-        let t = if PERMUTED_QK.contains(&arch.as_str()) && hf.contains("self_attn.q_proj") {
-            unpermute(&t, n_heads)?
-        } else if PERMUTED_QK.contains(&arch.as_str()) && hf.contains("self_attn.k_proj") {
-            unpermute(&t, n_kv_heads)?
-        } else {
-            t
-        };
+        let t = unpermute_qk(&hf, t)?;
         tensors.insert(hf, t);
     }
     let embed_rows = tensors.get("model.embed_tokens.weight").map(|t| t.dims()[0]);
     let n_layers = meta.uint(&arch_key("block_count"))?;
     let expert_count = meta.uint_opt(&arch_key("expert_count")).unwrap_or(0);
     let model_type = model_type(&arch, expert_count > 0);
+    // Mixtral's block is `block_sparse_moe` (router `gate`, experts in `switch_mlp`).
+    let rename = |k: String| if model_type == "mixtral" { k.replace(".mlp.gate.", ".block_sparse_moe.gate.").replace(".mlp.switch_mlp.", ".block_sparse_moe.switch_mlp.") } else { k };
     if model_type == "mixtral" {
-        // Mixtral's block is `block_sparse_moe` (router `gate`, experts in `switch_mlp`).
-        tensors = tensors.into_iter().map(|(k, t)| (k.replace(".mlp.gate.", ".block_sparse_moe.gate.").replace(".mlp.switch_mlp.", ".block_sparse_moe.switch_mlp."), t)).collect();
+        tensors = tensors.into_iter().map(|(k, t)| (rename(k), t)).collect();
     }
 
     let (tokenizer, tokenizer_config, bos, eos) = tokenizer_from_meta(&meta)?;
@@ -546,9 +595,14 @@ pub fn load_from(mut reader: impl Read + Seek, file_len: u64, path: &Path) -> Re
         );
     }
     arch_config(&meta, &arch, n_layers, n_heads, &rope_factors, &mut config)?;
-    if mxfp4 {
-        // The experts kept in MXFP4 (the modules with `scales`); everything else is float.
-        config.insert("quantization".into(), json!({"group_size": 32, "bits": 4, "mode": "mxfp4"}));
+    if mxfp4 || !packed.is_empty() {
+        // The modules with `scales`: MXFP4 experts (the default mode when there are any), and
+        // the legacy blocks kept packed, each named with its bits; everything else is float.
+        let mut block = json!({"group_size": 32, "bits": 4, "mode": if mxfp4 { "mxfp4" } else { "affine" }});
+        for (module, bits) in packed {
+            block[rename(module)] = json!({"group_size": 32, "bits": bits, "mode": "affine"});
+        }
+        config.insert("quantization".into(), block);
     }
     let generation_config = json!({"bos_token_id": bos, "eos_token_id": eos_ids});
     Ok(GgufModel { config: Value::Object(config), tensors, tokenizer, tokenizer_config, generation_config })
@@ -861,9 +915,12 @@ mod tests {
             let q = QTensor::quantize(&w, dtype).expect("quantize");
             let raw = q.data().expect("blocks");
             let (packed, scales, biases, bits) = legacy_to_affine(id, &raw, &[24, 256]).expect("a legacy type").expect("converts");
-            let m = lmx_core::quant::QuantizedMatrix::from_tensors(&packed, &scales, &biases, bits, 32).expect("an MLX matrix");
+            // As the layer builder places them for an f32 model.
+            let f32 = |t: &Tensor| t.to_dtype(lmx_core::DType::F32).expect("f32");
+            let m = lmx_core::quant::QuantizedMatrix::from_tensors(&packed, &f32(&scales), &f32(&biases), bits, 32).expect("an MLX matrix");
             let (got, want) = (m.dequantize().expect("dequantize"), q.dequantize(&Device::Cpu).expect("ggml dequantize"));
-            let (got, want) = (got.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("values"), want.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("values"));
+            let values = |t: Tensor| t.to_dtype(lmx_core::DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).expect("values");
+            let (got, want) = (values(got), values(want));
             let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
             let examples: Vec<_> = got.iter().zip(&want).filter(|(a, b)| a != b).take(4).collect();
             assert_eq!(differ, 0, "{dtype:?}: {differ} of {} values differ from llama.cpp's: {examples:?}", want.len());

@@ -82,16 +82,21 @@ pub struct ModelFiles {
 
 impl ModelFiles {
     /// Reads `source`. `cast` converts every floating tensor to that dtype as it is read
-    /// (conversion); None keeps the stored dtypes (GGUF tensors are dequantized to float32).
-    pub fn load(source: ModelSource, cast: Option<DType>) -> Result<Self> {
+    /// (conversion); None keeps the stored dtypes. GGUF tensors are dequantized to float32,
+    /// except Q4_0, Q4_1 and Q8_0 projections when `pack_gguf` ([`gguf::load_with`]: as a model
+    /// runs them) and MXFP4 experts.
+    pub fn load(source: ModelSource, cast: Option<DType>, pack_gguf: bool) -> Result<Self> {
         match &source {
             ModelSource::Folder(dir) => Self::load_folder(dir.clone(), source.clone(), cast),
             ModelSource::Gguf(path) => {
-                let g = gguf::load(path)?;
+                let g = gguf::load_with(path, pack_gguf)?;
                 let tokenizer = Tokenizer::from_json(&g.tokenizer)?;
-                let weights = Weights::from_tensors(g.tensors, &path.display().to_string()).with_cast(cast);
+                // Handed over as the model reads them: packed matrices are copied into the model, and
+                // the file's copy goes as each is read.
+                let weights = Weights::from_tensors(g.tensors, &path.display().to_string()).with_cast(cast).handed_over();
                 let chat_template = chat_template_source(&g.tokenizer_config, false);
-                // MXFP4 tensors stay packed: the config then has a `quantization` block for them.
+                // Packed tensors (MXFP4, or legacy blocks kept): the config has a `quantization`
+                // block for them.
                 let quantization = QuantConfig::from_config(&g.config).map_err(|msg| IoError::Gguf { path: path.clone(), msg })?;
                 Ok(Self {
                     source: source.clone(),
@@ -121,6 +126,16 @@ impl ModelFiles {
         let jinja = dir.join("chat_template.jinja");
         let chat_template = if jinja.exists() { Some(std::fs::read_to_string(&jinja).map_err(|e| IoError::io(&jinja, e))?) } else { chat_template_source(&tokenizer_config, false) };
         Ok(Self { source, config, weights, quantization, tokenizer, tokenizer_config, generation_config, chat_template })
+    }
+
+    /// The dtype the model computes in unless told otherwise: the checkpoint's
+    /// ([`Weights::compute_dtype`]), but float32 for a GGUF file, as llama.cpp computes (the
+    /// scales of its packed blocks are f16; the cast, when one is set, wins).
+    pub fn compute_dtype(&self) -> DType {
+        match self.source {
+            ModelSource::Gguf(_) if self.weights.cast().is_none() => DType::F32,
+            _ => self.weights.compute_dtype(),
+        }
     }
 
     /// Every id that ends generation: config.json, generation_config.json and the tokenizer's

@@ -3,7 +3,7 @@
 //!
 //! Safetensors files are memory-mapped and each tensor (or the slice of it one rank of a
 //! sharded model holds) is read from the map once, on the CPU, in its stored dtype unless the
-//! source was opened with a cast. GGUF tensors arrive already renamed and dequantized (see
+//! source was opened with a cast. GGUF tensors arrive already renamed, dequantized or packed (see
 //! [`crate::gguf`]). Where tensors go and in which dtype they compute is decided by the layer
 //! builder (`lmx_nn::Builder`), not here.
 
@@ -21,7 +21,7 @@ enum Source {
     /// One memory-mapped safetensors file per shard.
     Safetensors(Vec<(PathBuf, MmapedSafetensors)>),
     /// Tensors already in memory (a GGUF file after renaming and dequantization).
-    Memory(HashMap<String, Tensor>),
+    Memory(Mutex<HashMap<String, Tensor>>),
 }
 
 /// Where a key lives and what it holds.
@@ -43,6 +43,8 @@ struct Inner {
     name: String,
     /// Reads return placeholders of the right shape and dtype without touching any data.
     shapes_only: bool,
+    /// In-memory tensors are handed over on their first whole read ([`Weights::handed_over`]).
+    hand_over: bool,
 }
 
 /// The tensors of one checkpoint, shared by every layer while a model is built.
@@ -87,11 +89,11 @@ impl Weights {
     /// Wraps tensors already in memory (renamed GGUF tensors, or tensors built by a test).
     pub fn from_tensors(tensors: HashMap<String, Tensor>, name: &str) -> Self {
         let index = tensors.iter().map(|(k, t)| (k.clone(), Entry { shard: 0, shape: t.dims().to_vec(), dtype: Some(t.dtype()) })).collect();
-        Self::new(Source::Memory(tensors), index, name.to_string())
+        Self::new(Source::Memory(Mutex::new(tensors)), index, name.to_string())
     }
 
     fn new(source: Source, index: HashMap<String, Entry>, name: String) -> Self {
-        Self { inner: Arc::new(Inner { source, index, used: Mutex::new(BTreeSet::new()), cast: None, name, shapes_only: false }) }
+        Self { inner: Arc::new(Inner { source, index, used: Mutex::new(BTreeSet::new()), cast: None, name, shapes_only: false, hand_over: false }) }
     }
 
     /// Floating tensors are read as `dtype` (None: as stored). Conversion uses this; a model
@@ -103,13 +105,38 @@ impl Weights {
         self
     }
 
+    /// In-memory tensors leave this source on their first whole read (a second one is an
+    /// error), so a model that copies what it reads (packed matrices) does not hold a GGUF
+    /// model twice while it loads.
+    pub fn handed_over(mut self) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.hand_over = true;
+        }
+        self
+    }
+
+    /// The dtype floating tensors are read as, if [`with_cast`](Self::with_cast) set one.
+    pub fn cast(&self) -> Option<DType> {
+        self.inner.cast
+    }
+
     /// The same checkpoint for a shape check: every read checks the key and shape as usual
     /// but returns a zero-stride placeholder (a broadcast scalar) instead of the data, so a
     /// whole model can be built to validate a checkpoint without reading or allocating it.
     /// Its used-key record is its own.
     pub fn shapes_only(&self) -> Self {
         let index = self.inner.index.clone();
-        Self { inner: Arc::new(Inner { source: Source::Memory(HashMap::new()), index, used: Mutex::new(BTreeSet::new()), cast: None, name: self.inner.name.clone(), shapes_only: true }) }
+        Self {
+            inner: Arc::new(Inner {
+                source: Source::Memory(Mutex::new(HashMap::new())),
+                index,
+                used: Mutex::new(BTreeSet::new()),
+                cast: None,
+                name: self.inner.name.clone(),
+                shapes_only: true,
+                hand_over: false,
+            }),
+        }
     }
 
     /// True for a [`Weights::shapes_only`] checkpoint.
@@ -254,10 +281,16 @@ impl Weights {
                 release_pages(touched);
                 tensor
             }
-            Source::Memory(map) => match &slice {
-                None => map[key].clone(),
-                Some((dim, range)) => map[key].narrow(*dim, range.start, range.len())?.contiguous()?,
-            },
+            Source::Memory(map) => {
+                // A panic while another thread held the lock cannot corrupt the map: keep it.
+                let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+                let taken = || IoError::MissingTensor { key: key.to_string(), source_name: format!("{} (it was read whole once already, which hands an in-memory tensor over)", inner.name) };
+                match &slice {
+                    None if inner.hand_over => map.remove(key).ok_or_else(taken)?,
+                    None => map.get(key).ok_or_else(taken)?.clone(),
+                    Some((dim, range)) => map.get(key).ok_or_else(taken)?.narrow(*dim, range.start, range.len())?.contiguous()?,
+                }
+            }
         };
         inner.used.lock().unwrap_or_else(|e| e.into_inner()).insert(key.to_string());
         Ok(match inner.cast {

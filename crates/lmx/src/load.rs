@@ -33,11 +33,16 @@ pub struct LoadOptions {
     /// With `group` (tensor parallel): mixture-of-experts blocks split whole experts over the
     /// ranks (expert parallel) instead of each expert's features.
     pub expert_parallel: bool,
+    /// A GGUF file's Q4_0, Q4_1 and Q8_0 matrices dequantized to float32 (the weights `lmx
+    /// convert --gguf` writes, multiplied with float activations) instead of kept packed and
+    /// multiplied as llama.cpp does, with activations rounded to int8 (the default: a quarter
+    /// of the memory, several times the decode speed).
+    pub dequantize_gguf: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: None, device: Device::Cpu, adapters: None, group: None, pipeline: false, expert_parallel: false }
+        Self { dtype: None, device: Device::Cpu, adapters: None, group: None, pipeline: false, expert_parallel: false, dequantize_gguf: false }
     }
 }
 
@@ -201,9 +206,10 @@ pub fn load(model: &str) -> Result<(Model, TokenizerWrapper)> {
 /// Loads with explicit dtype, device, adapters and tensor-parallel group.
 pub fn load_with(model: &str, options: &LoadOptions) -> Result<(Model, TokenizerWrapper)> {
     let source = ModelSource::resolve(model)?;
-    let files = ModelFiles::load(source, None)?;
+    // GGUF projections in Q4_0, Q4_1 and Q8_0 stay packed, as llama.cpp runs them.
+    let files = ModelFiles::load(source, None, !options.dequantize_gguf)?;
     let model_type = files.model_type()?;
-    let dtype = options.dtype.unwrap_or_else(|| files.weights.compute_dtype());
+    let dtype = options.dtype.unwrap_or_else(|| files.compute_dtype());
     let mut vb = Builder::new(files.weights.clone(), dtype, &options.device).with_quantization(files.quantization.clone());
     match &options.group {
         Some(group) if options.pipeline => {

@@ -58,7 +58,8 @@ impl ModelArgs {
             Some(dir) => Some(lmx::AdapterOptions::from_dir(dir).with_context(|| format!("--adapter-path {}", dir.display()))?),
             None => None,
         };
-        let loaded = load_model(&self.model, &lmx::LoadOptions { dtype, device, adapters, group: crate::dist::group(), pipeline: self.pipeline, expert_parallel: self.expert_parallel })?;
+        let loaded =
+            load_model(&self.model, &lmx::LoadOptions { dtype, device, adapters, group: crate::dist::group(), pipeline: self.pipeline, expert_parallel: self.expert_parallel, ..Default::default() })?;
         crate::dist::loaded()?;
         Ok(loaded)
     }

@@ -79,7 +79,11 @@ fn perplexity_under_launch_equals_one_process() {
     let out = launch(2, &args, None);
     check(&out, "lmx launch perplexity");
     assert!(text(&alone).starts_with("Perplexity: "), "{}", text(&alone));
-    assert_eq!(text(&out), text(&alone));
+    // The default GGUF runs packed: each rank rounds its share of a row-parallel layer's input
+    // to int8 on its own, so the two agree within that rounding, not to the last digit.
+    let ppl = |t: &str| t.trim_start_matches("Perplexity: ").split(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or_else(|| panic!("no perplexity in {t:?}"));
+    let (a, b) = (ppl(&text(&alone)), ppl(&text(&out)));
+    assert!((a - b).abs() <= 1e-3 * a, "perplexity {b} under launch, {a} in one process");
 }
 
 #[test]

@@ -81,7 +81,7 @@ fn sequences_join_and_leave_between_steps() {
 /// Greedy tokens with each cache kind equal MLX LM's `generate_step` with the same settings
 /// (tests/fixtures/smollm2/kv_cache_reference.json, written by
 /// scripts/fixtures/kv_cache_reference.py with mlx 0.32.4 / mlx-lm 0.32.2 on the default model
-/// in float32), alone and in one batch. Where MLX's chosen token leads the runner-up by less
+/// dequantized to float32), alone and in one batch. Where MLX's chosen token leads the runner-up by less
 /// than [`NEAR_TIE`] in log-probability, last-bit differences may pick the runner-up (a
 /// quantized cache turns them into rounding flips): a sequence may part from MLX's there, and
 /// only there.
@@ -89,7 +89,9 @@ fn sequences_join_and_leave_between_steps() {
 fn cache_kinds_follow_mlx_lm() {
     let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/smollm2/kv_cache_reference.json");
     let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).expect("fixture")).expect("json");
-    let (model, tok) = lmx::load(&default_model()).expect("load");
+    // MLX ran the float32 weights: the GGUF dequantized.
+    let opts = lmx::LoadOptions { dequantize_gguf: true, ..Default::default() };
+    let (model, tok) = lmx::load_with(&default_model(), &opts).expect("load");
     let prompts: Vec<Vec<u32>> = fixture["prompts"].as_array().expect("prompts").iter().map(|p| serde_json::from_value(p["ids"].clone()).expect("ids")).collect();
     for (p, want) in PROMPTS.iter().zip(&prompts) {
         assert_eq!(&tok.encode(p, true).expect("encode"), want, "MLX LM's token ids for {p:?}");

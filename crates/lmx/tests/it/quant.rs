@@ -206,3 +206,33 @@ fn safetensors_bytes(path: &std::path::Path) -> std::collections::HashMap<String
         })
         .collect()
 }
+
+/// The default GGUF as lmx runs it: its Q4_0 / Q4_1 / Q8_0 projections and embeddings stay
+/// packed as MLX affine groups of 32, each named with its bits in config.json's `quantization`
+/// block, and dequantize to exactly the f32 tensors `lmx convert --gguf` writes; every other
+/// tensor is that same f32 tensor.
+#[test]
+fn gguf_projections_stay_packed_without_loss() {
+    let path = std::path::PathBuf::from(default_model());
+    let packed = lmx::io::gguf::load_with(&path, true).expect("GGUF, packed");
+    let plain = lmx::io::gguf::load(&path).expect("GGUF, dequantized");
+    let values = |t: &Tensor| t.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).expect("f32 values");
+    let block = &packed.config["quantization"];
+    let mut kept = 0;
+    for (key, want) in &plain.tensors {
+        let module = key.strip_suffix(".weight").unwrap_or(key);
+        let Some(spec) = block.get(module) else {
+            assert!(values(&packed.tensors[key]) == values(want), "{key}: not packed, yet not the dequantized tensor");
+            continue;
+        };
+        assert_eq!((spec["group_size"].as_u64(), spec["mode"].as_str()), (Some(32), Some("affine")), "{module}");
+        // As the layer builder places them for the f32 model a GGUF computes in.
+        let part = |p: &str| packed.tensors[&format!("{module}.{p}")].to_dtype(DType::F32).expect("f32");
+        let bits = spec["bits"].as_u64().expect("bits") as usize;
+        let q = lmx::core::quant::QuantizedMatrix::from_tensors(&packed.tensors[&format!("{module}.weight")], &part("scales"), &part("biases"), bits, 32).expect("a quantized matrix");
+        assert!(values(&q.dequantize().expect("dequantize")) == values(want), "{module}: packed values differ from llama.cpp's dequantization");
+        kept += 1;
+    }
+    // SmolLM2-135M: 30 layers of 7 projections, and the embeddings.
+    assert!(kept >= 30 * 7, "only {kept} matrices stayed packed");
+}
