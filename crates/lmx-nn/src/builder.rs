@@ -407,13 +407,16 @@ impl Builder {
             return Ok(q.with_exact_products(training));
         }
         let bf16_checkpoint = scales.dtype() == DType::BF16;
-        let scales = self.place(scales)?;
-        let biases = self.place(self.read(&[rows, groups], "biases", group_part)?)?;
+        let biases = self.read(&[rows, groups], "biases", group_part)?;
         if shapes_only {
             return stand_in();
         }
+        // 16-bit scales of an f32 model on the CPU stay as stored (a GGUF's f16 ones): the
+        // kernels widen them, and a token reads a sixth fewer bytes than with f32 scales.
+        let keep = self.shared.device.is_cpu() && self.shared.dtype == DType::F32 && matches!(scales.dtype(), DType::F16 | DType::BF16) && biases.dtype() == scales.dtype();
+        let (scales, biases) = if keep { (scales, biases) } else { (self.place(scales)?, self.place(biases)?) };
         let q = QuantizedMatrix::from_tensors(&packed, &scales, &biases, spec.bits, spec.group_size).map_err(|e| err(e.to_string()))?;
-        Ok(q.with_exact_products(training).with_bf16_training(training && bf16_checkpoint))
+        Ok(q.with_model_dtype(self.shared.dtype).with_exact_products(training).with_bf16_training(training && bf16_checkpoint))
     }
 
     /// A dense weight read as `w`: frozen bf16 weights of an f32 training model go to the bf16
