@@ -1,9 +1,10 @@
 //! GGUF files (llama.cpp): metadata turned into a Hugging Face `config.json`, tensors renamed
 //! to Hugging Face keys (q/k rows un-permuted for the Llama family), and the tokenizer and chat
 //! template rebuilt from the `tokenizer.ggml.*` metadata. Tensors are dequantized to f32,
-//! except, when asked ([`load_with`]), projection and embedding matrices in Q4_0, Q4_1 or Q8_0,
-//! which stay packed as MLX affine groups of 32 ([`legacy_to_affine`], no loss), and MXFP4
-//! experts, which always stay packed; config.json then has a `quantization` block for them.
+//! except, when asked ([`load_with`]), projection and embedding matrices in Q4_0, Q4_1, Q5_0,
+//! Q5_1, Q8_0, Q4_K or Q5_K, which stay packed as MLX affine groups of 32 ([`block_to_affine`],
+//! no loss), and MXFP4 experts, which always stay packed; config.json then has a
+//! `quantization` block for them. Q6_K (groups of 16), Q2_K and Q3_K are dequantized.
 //!
 //! The result is the same in-memory model folder a safetensors checkpoint gives, so model
 //! files never see GGUF names, and `lmx convert --gguf` only has to write it out.
@@ -333,63 +334,98 @@ fn mxfp4_to_mlx(raw: &[u8], dims: &[usize]) -> lmx_core::Result<(Tensor, Tensor)
     Ok((Tensor::from_vec(words, shape(8), &Device::Cpu)?, Tensor::from_vec(scales, shape(32), &Device::Cpu)?))
 }
 
-/// GGML type ids of the legacy block formats that are MLX affine groups of 32 as they are.
+/// GGML type ids of the block formats whose every group of 32 elements is an MLX affine group.
 const GGML_Q4_0: u32 = 2;
 const GGML_Q4_1: u32 = 3;
+const GGML_Q5_0: u32 = 6;
+const GGML_Q5_1: u32 = 7;
 const GGML_Q8_0: u32 = 8;
+const GGML_Q4_K: u32 = 12;
+const GGML_Q5_K: u32 = 13;
 
-/// A matrix stored as GGML Q4_0, Q4_1 or Q8_0 (`ggml_type`; `raw` its blocks, `dims` its
-/// shape, rows first) in MLX's affine format without loss: packed words (4 or 8 bits, the
-/// first element in the low bits), f16 scales and biases (f32 where a bias would overflow
-/// f16), groups of 32 (one GGML block each), and the bits. Each block is `d * q (+ m)` with an f16 `d` (and `m`), so the affine form is
-/// exact: Q4_0 `d (q - 8)` is scale `d`, bias `-8 d`; Q4_1 `d q + m` is scale `d`, bias `m`;
-/// Q8_0 `d q` (q signed) is code `q + 128`, scale `d`, bias `-128 d`; every product of an f16
-/// by a code is exact in f32, so dequantizing gives llama.cpp's values exactly (a zero of Q4_0
-/// with a negative `d` comes out +0 where llama.cpp's `0 * d` gives -0). This is
-/// what MLX's own GGUF reader does with these three types. None for any other type.
-pub fn legacy_to_affine(ggml_type: u32, raw: &[u8], dims: &[usize]) -> Option<lmx_core::Result<(Tensor, Tensor, Tensor, usize)>> {
-    let (block_bytes, bits) = match ggml_type {
-        GGML_Q4_0 => (18, 4),
-        GGML_Q4_1 => (20, 4),
-        GGML_Q8_0 => (34, 8),
+/// A matrix stored as GGML Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K or Q5_K (`ggml_type`; `raw` its
+/// blocks, `dims` its shape, rows first) in MLX's affine format without loss: packed words
+/// (4, 5 or 8 bits a code, an LSB-first bitstream), scales and biases of groups of 32, and the
+/// bits. Every element of these formats is `scale * q + bias` for its group of 32: Q4_0
+/// `d (q - 8)` is scale `d`, bias `-8 d`; Q4_1 `d q + m`; Q5_0 `d (q - 16)`; Q5_1 `d q + m`;
+/// Q8_0 `d q` (q signed) is code `q + 128`, bias `-128 d`; Q4_K and Q5_K sub-blocks of 32 are
+/// `d sc q - dmin m` with 6-bit `sc` and `m`, scale `d sc` (exact in f32) and bias `-dmin m`.
+/// Each scale times a code is exact in f32 and the bias is added once, so dequantizing gives
+/// llama.cpp's values exactly (a zero of Q4_0 with a negative `d` comes out +0 where llama.cpp's
+/// `0 * d` gives -0). Scales and biases are f16 where f16 holds them all exactly (the legacy
+/// types, each `d` and `m` an f16), else f32 (the K-quants' products `d sc`). MLX's own GGUF
+/// reader keeps Q4_0, Q4_1 and Q8_0 the same way. None for any other type.
+pub fn block_to_affine(ggml_type: u32, raw: &[u8], dims: &[usize]) -> Option<lmx_core::Result<(Tensor, Tensor, Tensor, usize)>> {
+    let (block_bytes, block_len, bits) = match ggml_type {
+        GGML_Q4_0 => (18, 32, 4),
+        GGML_Q4_1 => (20, 32, 4),
+        GGML_Q5_0 => (22, 32, 5),
+        GGML_Q5_1 => (24, 32, 5),
+        GGML_Q8_0 => (34, 32, 8),
+        GGML_Q4_K => (144, 256, 4),
+        GGML_Q5_K => (176, 256, 5),
         _ => return None,
     };
     let f16_at = |b: &[u8], i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
-    let blocks = raw.len() / block_bytes;
-    let (mut words, mut scales, mut biases) = (Vec::with_capacity(blocks * bits), Vec::with_capacity(blocks), Vec::with_capacity(blocks));
+    let groups = raw.len() / block_bytes * block_len / 32;
+    let mut words = vec![0u32; groups * bits];
+    let (mut scales, mut biases) = (Vec::with_capacity(groups), Vec::with_capacity(groups));
+    let mut at = 0;
+    // Appends one group of 32 codes to the bitstream, with its scale and bias.
+    let mut group = |codes: [u32; 32], scale: f32, bias: f32| {
+        for q in codes {
+            let (w, shift) = (at / 32, at % 32);
+            words[w] |= q << shift;
+            if shift + bits > 32 {
+                words[w + 1] |= q >> (32 - shift);
+            }
+            at += bits;
+        }
+        scales.push(scale);
+        biases.push(bias);
+    };
     for b in raw.chunks_exact(block_bytes) {
         let d = f16_at(b, 0);
-        scales.push(d);
-        // The 32 codes of the block, in element order.
-        let codes: [u32; 32] = match ggml_type {
-            GGML_Q8_0 => {
-                biases.push(-128.0 * d);
-                std::array::from_fn(|k| u32::from((b[2 + k] as i8 as i16 + 128) as u8))
-            }
+        // Byte j of 16 holds element j in its low nibble and element j + 16 in its high one.
+        let nibbles = |qs: &[u8]| -> [u32; 32] { std::array::from_fn(|k| u32::from(if k < 16 { qs[k] & 15 } else { qs[k - 16] >> 4 })) };
+        // Q5_0 / Q5_1: the fifth bit of element k is bit k of the 32-bit `qh`.
+        let fifth = |qh: u32, low: [u32; 32]| -> [u32; 32] { std::array::from_fn(|k| low[k] | ((qh >> k) & 1) << 4) };
+        match ggml_type {
+            GGML_Q4_0 => group(nibbles(&b[2..18]), d, -8.0 * d),
+            GGML_Q4_1 => group(nibbles(&b[4..20]), d, f16_at(b, 2)),
+            GGML_Q5_0 => group(fifth(u32::from_le_bytes([b[2], b[3], b[4], b[5]]), nibbles(&b[6..22])), d, -16.0 * d),
+            GGML_Q5_1 => group(fifth(u32::from_le_bytes([b[4], b[5], b[6], b[7]]), nibbles(&b[8..24])), d, f16_at(b, 2)),
+            GGML_Q8_0 => group(std::array::from_fn(|k| u32::from((b[2 + k] as i8 as i16 + 128) as u8)), d, -128.0 * d),
             _ => {
-                let (bias, qs) = if ggml_type == GGML_Q4_1 { (f16_at(b, 2), &b[4..20]) } else { (-8.0 * d, &b[2..18]) };
-                biases.push(bias);
-                // Byte j holds element j in its low nibble and element j + 16 in its high one.
-                std::array::from_fn(|k| u32::from(if k < 16 { qs[k] & 15 } else { qs[k - 16] >> 4 }))
+                // Q4_K / Q5_K: d, dmin, 12 bytes of 6-bit scales and mins, (Q5_K: 32 bytes of
+                // fifth bits,) then 128 bytes of nibbles; four runs of 64 elements, each two
+                // sub-blocks of 32: the low nibbles of 32 bytes, then their high nibbles.
+                let dmin = f16_at(b, 2);
+                let sm = &b[4..16];
+                let scale_min = |j: usize| -> (f32, f32) {
+                    let (sc, m) = if j < 4 { (sm[j] & 63, sm[j + 4] & 63) } else { ((sm[j + 4] & 15) | (sm[j - 4] >> 6) << 4, (sm[j + 4] >> 4) | (sm[j] >> 6) << 4) };
+                    (d * f32::from(sc), dmin * f32::from(m))
+                };
+                let (qh, qs) = if ggml_type == GGML_Q5_K { (Some(&b[16..48]), &b[48..176]) } else { (None, &b[16..144]) };
+                for run in 0..4 {
+                    let q = &qs[32 * run..32 * run + 32];
+                    for half in 0..2 {
+                        let high = |l: usize| qh.map_or(0, |h| u32::from((h[l] >> (2 * run + half)) & 1) << 4);
+                        let codes = std::array::from_fn(|l| u32::from(if half == 0 { q[l] & 15 } else { q[l] >> 4 }) | high(l));
+                        let (scale, min) = scale_min(2 * run + half);
+                        group(codes, scale, -min);
+                    }
+                }
             }
-        };
-        let per = 32 / bits;
-        words.extend(codes.chunks_exact(per).map(|c| c.iter().enumerate().fold(0u32, |w, (n, &q)| w | q << (bits * n))));
+        }
     }
     let (lead, cols) = dims.split_at(dims.len().saturating_sub(1));
     let cols = cols.first().copied().unwrap_or(0);
-    let shape = |per: usize| lead.iter().copied().chain(std::iter::once(cols / per)).collect::<Vec<_>>();
-    // f16 holds every scale and bias exactly (each block's `d` and `m` are f16, and -8 d or
-    // -128 d only moves the exponent) unless a bias overflows it: then f32.
-    let params = |v: Vec<f32>, small: bool| {
-        if small {
-            Tensor::from_vec(v.into_iter().map(half::f16::from_f32).collect::<Vec<_>>(), shape(32), &Device::Cpu)
-        } else {
-            Tensor::from_vec(v, shape(32), &Device::Cpu)
-        }
-    };
-    let half = biases.iter().all(|b| b.abs() <= f32::from(half::f16::MAX));
-    let made = (|| Ok((Tensor::from_vec(words, shape(32 / bits), &Device::Cpu)?, params(scales, half)?, params(biases, half)?, bits)))();
+    let shape = |per_bits: usize| lead.iter().copied().chain(std::iter::once(cols * per_bits / 32)).collect::<Vec<_>>();
+    let exact_f16 = |v: &[f32]| v.iter().all(|x| f32::from(half::f16::from_f32(*x)) == *x);
+    let small = exact_f16(&scales) && exact_f16(&biases);
+    let params = |v: Vec<f32>| if small { Tensor::from_vec(v.into_iter().map(half::f16::from_f32).collect::<Vec<_>>(), shape(1), &Device::Cpu) } else { Tensor::from_vec(v, shape(1), &Device::Cpu) };
+    let made = (|| Ok((Tensor::from_vec(words, shape(bits), &Device::Cpu)?, params(scales)?, params(biases)?, bits)))();
     Some(made)
 }
 
@@ -399,16 +435,16 @@ pub fn load(path: &Path) -> Result<GgufModel> {
     load_with(path, false)
 }
 
-/// Reads and converts a GGUF file; `pack` keeps the [`PACKABLE`] matrices stored in Q4_0, Q4_1
-/// or Q8_0 packed (as a model runs them: a quarter or half of f32's bytes, and the quantized
-/// products), the rest dequantized to f32.
+/// Reads and converts a GGUF file; `pack` keeps the [`PACKABLE`] matrices stored in a
+/// [`block_to_affine`] type packed (as a model runs them: a fifth to a third of f32's bytes,
+/// and the quantized products), the rest dequantized to f32.
 pub fn load_with(path: &Path, pack: bool) -> Result<GgufModel> {
     let file = File::open(path).map_err(|e| IoError::io(path, e))?;
     let file_len = file.metadata().map_err(|e| IoError::io(path, e))?.len();
     load_from(BufReader::new(file), file_len, path, pack)
 }
 
-/// The modules (last segment of the Hugging Face path) whose legacy-quantized weights
+/// The modules (last segment of the Hugging Face path) whose weights in a [`block_to_affine`] type
 /// [`load_with`] keeps packed: the plain projections and the embeddings, which the layer
 /// builder reads quantized as it reads MLX's quantized folders. Fused projections (Phi-3's
 /// `qkv_proj`), routers and MLA's latent projections are dequantized.
@@ -456,7 +492,7 @@ pub fn load_from(mut reader: impl Read + Seek, file_len: u64, path: &Path, pack:
     let mut rope_freqs = None;
     let mut rope_factors: HashMap<String, Vec<f32>> = HashMap::new();
     let mut mxfp4 = false;
-    // Modules kept packed from legacy blocks, and their bits.
+    // Modules kept packed from affine blocks, and their bits.
     let mut packed: Vec<(String, usize)> = Vec::new();
     let unpermute_qk = |hf: &str, t: Tensor| -> lmx_core::Result<Tensor> {
         if PERMUTED_QK.contains(&arch.as_str()) && hf.contains("self_attn.q_proj") {
@@ -486,7 +522,7 @@ pub fn load_from(mut reader: impl Read + Seek, file_len: u64, path: &Path, pack:
         }
         let module = hf_name_in(&arch, name).and_then(|hf| hf.strip_suffix(".weight").map(str::to_string));
         if let Some(module) = module.filter(|m| pack && PACKABLE.iter().any(|p| m.rsplit('.').next() == Some(*p))) {
-            if let Some(made) = legacy_to_affine(info.ggml_type, &raw, &info.dims) {
+            if let Some(made) = block_to_affine(info.ggml_type, &raw, &info.dims) {
                 let (words, scales, biases, bits) = made.map_err(|e| tensor_err(&e))?;
                 if !lmx_core::ops::all_finite(&scales)? || !lmx_core::ops::all_finite(&biases)? {
                     return Err(IoError::NonFinite { path: path.to_path_buf(), key: name.clone() });
@@ -597,7 +633,7 @@ pub fn load_from(mut reader: impl Read + Seek, file_len: u64, path: &Path, pack:
     arch_config(&meta, &arch, n_layers, n_heads, &rope_factors, &mut config)?;
     if mxfp4 || !packed.is_empty() {
         // The modules with `scales`: MXFP4 experts (the default mode when there are any), and
-        // the legacy blocks kept packed, each named with its bits; everything else is float.
+        // the affine blocks kept packed, each named with its bits; everything else is float.
         let mut block = json!({"group_size": 32, "bits": 4, "mode": if mxfp4 { "mxfp4" } else { "affine" }});
         for (module, bits) in packed {
             block[rename(module)] = json!({"group_size": 32, "bits": bits, "mode": "affine"});
@@ -904,17 +940,26 @@ mod tests {
         assert_eq!(hf_name("blk.1.unknown.weight"), None);
     }
 
-    /// Q4_0, Q4_1 and Q8_0 blocks in MLX's affine format dequantize to exactly what llama.cpp's
-    /// (candle's) dequantization gives, element for element (as values: -0 equals +0); other
-    /// types are not taken.
+    /// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q5_K blocks in MLX's affine format dequantize
+    /// to exactly what llama.cpp's (candle's) dequantization gives, element for element (as
+    /// values: -0 equals +0); other types are not taken.
     #[test]
-    fn legacy_blocks_are_affine_groups_without_loss() {
+    fn blocks_are_affine_groups_without_loss() {
         use candle_core::quantized::{GgmlDType, QTensor};
         let w = (Tensor::randn(0f32, 1.0, (24, 256), &Device::Cpu).expect("randn") * 3.0).expect("scale");
-        for (dtype, id) in [(GgmlDType::Q4_0, GGML_Q4_0), (GgmlDType::Q4_1, GGML_Q4_1), (GgmlDType::Q8_0, GGML_Q8_0)] {
+        let types = [
+            (GgmlDType::Q4_0, GGML_Q4_0),
+            (GgmlDType::Q4_1, GGML_Q4_1),
+            (GgmlDType::Q5_0, GGML_Q5_0),
+            (GgmlDType::Q5_1, GGML_Q5_1),
+            (GgmlDType::Q8_0, GGML_Q8_0),
+            (GgmlDType::Q4K, GGML_Q4_K),
+            (GgmlDType::Q5K, GGML_Q5_K),
+        ];
+        for (dtype, id) in types {
             let q = QTensor::quantize(&w, dtype).expect("quantize");
             let raw = q.data().expect("blocks");
-            let (packed, scales, biases, bits) = legacy_to_affine(id, &raw, &[24, 256]).expect("a legacy type").expect("converts");
+            let (packed, scales, biases, bits) = block_to_affine(id, &raw, &[24, 256]).expect("an affine block type").expect("converts");
             // As the layer builder places them for an f32 model.
             let f32 = |t: &Tensor| t.to_dtype(lmx_core::DType::F32).expect("f32");
             let m = lmx_core::quant::QuantizedMatrix::from_tensors(&packed, &f32(&scales), &f32(&biases), bits, 32).expect("an MLX matrix");
@@ -925,7 +970,7 @@ mod tests {
             let examples: Vec<_> = got.iter().zip(&want).filter(|(a, b)| a != b).take(4).collect();
             assert_eq!(differ, 0, "{dtype:?}: {differ} of {} values differ from llama.cpp's: {examples:?}", want.len());
         }
-        assert!(legacy_to_affine(12, &[0u8; 144], &[256]).is_none(), "Q4_K is not an affine group of 32");
+        assert!(block_to_affine(14, &[0u8; 210], &[256]).is_none(), "Q6_K's groups of 16 are not affine groups of 32");
     }
 
     /// Writes a GGUF the way llama.cpp's converter does (GGUF names, q/k rows permuted, weights
@@ -943,7 +988,17 @@ mod tests {
             let (rows, cols) = t.dims2().expect("2-D");
             t.reshape((n, 2, rows / n / 2, cols)).and_then(|x| x.transpose(1, 2)).and_then(|x| x.contiguous()).and_then(|x| x.reshape((rows, cols))).expect("permute")
         };
-        for (dtype, tol) in [(GgmlDType::Q8_0, 0.01f32), (GgmlDType::Q4_0, 0.12), (GgmlDType::Q4_1, 0.15), (GgmlDType::Q4K, 0.15), (GgmlDType::Q6K, 0.03), (GgmlDType::F16, 0.001)] {
+        // (type, rms error bound, whether its matrices stay packed)
+        let types = [
+            (GgmlDType::Q8_0, 0.01f32, true),
+            (GgmlDType::Q4_0, 0.12, true),
+            (GgmlDType::Q4_1, 0.15, true),
+            (GgmlDType::Q4K, 0.15, true),
+            (GgmlDType::Q5K, 0.1, true),
+            (GgmlDType::Q6K, 0.03, false),
+            (GgmlDType::F16, 0.001, false),
+        ];
+        for (dtype, tol, affine) in types {
             let hf: Vec<(&str, &str, Tensor)> = vec![
                 ("token_embd.weight", "model.embed_tokens.weight", rand(&[vocab, hidden])),
                 ("output_norm.weight", "model.norm.weight", rand(&[hidden])),
@@ -992,6 +1047,8 @@ mod tests {
             gguf_file::write(&mut f, &meta_refs, &tensor_refs).expect("write gguf");
             drop(f);
             let model = load(&path).expect("lmx reads the GGUF");
+            // Packed (as a model runs it): the same values, q/k rows un-permuted alike.
+            let packed = load_with(&path, true).expect("lmx reads the GGUF, packed");
             let _ = std::fs::remove_file(&path);
             assert_eq!(model.config["tie_word_embeddings"], true);
             assert_eq!(model.config["num_key_value_heads"], n_kv);
@@ -999,6 +1056,18 @@ mod tests {
                 let got = &model.tensors[*h];
                 let err = (got - want).and_then(|d| d.sqr()).and_then(|d| d.mean_all()).and_then(|d| d.to_scalar::<f32>()).expect("err").sqrt();
                 assert!(err < tol, "{dtype:?} {g} -> {h}: rms error {err} (tolerance {tol})");
+                let module = h.trim_end_matches(".weight");
+                let spec = &packed.config["quantization"][module];
+                if !affine || want.rank() == 1 {
+                    assert!(spec.is_null(), "{dtype:?} {h}: packed, yet not an affine block type");
+                    continue;
+                }
+                let f32 = |t: &Tensor| t.to_dtype(lmx_core::DType::F32).expect("f32");
+                let part = |p: &str| f32(&packed.tensors[&format!("{module}.{p}")]);
+                let bits = spec["bits"].as_u64().expect("bits") as usize;
+                let q = lmx_core::quant::QuantizedMatrix::from_tensors(&packed.tensors[*h], &part("scales"), &part("biases"), bits, 32).expect("a packed matrix");
+                let values = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("values");
+                assert!(values(&q.dequantize().expect("dequantize")) == values(got), "{dtype:?} {h}: packed values differ from the dequantized ones");
             }
         }
     }

@@ -83,7 +83,7 @@ pub struct ModelFiles {
 impl ModelFiles {
     /// Reads `source`. `cast` converts every floating tensor to that dtype as it is read
     /// (conversion); None keeps the stored dtypes. GGUF tensors are dequantized to float32,
-    /// except Q4_0, Q4_1 and Q8_0 projections when `pack_gguf` ([`gguf::load_with`]: as a model
+    /// except projections in 4-, 5- and 8-bit blocks when `pack_gguf` ([`gguf::load_with`]: as a model
     /// runs them) and MXFP4 experts.
     pub fn load(source: ModelSource, cast: Option<DType>, pack_gguf: bool) -> Result<Self> {
         match &source {

@@ -33,7 +33,7 @@ pub struct LoadOptions {
     /// With `group` (tensor parallel): mixture-of-experts blocks split whole experts over the
     /// ranks (expert parallel) instead of each expert's features.
     pub expert_parallel: bool,
-    /// A GGUF file's Q4_0, Q4_1 and Q8_0 matrices dequantized to float32 (the weights `lmx
+    /// A GGUF file's Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q5_K matrices dequantized to float32 (the weights `lmx
     /// convert --gguf` writes, multiplied with float activations) instead of kept packed and
     /// multiplied as llama.cpp does, with activations rounded to int8 (the default: a quarter
     /// of the memory, several times the decode speed).
@@ -206,7 +206,7 @@ pub fn load(model: &str) -> Result<(Model, TokenizerWrapper)> {
 /// Loads with explicit dtype, device, adapters and tensor-parallel group.
 pub fn load_with(model: &str, options: &LoadOptions) -> Result<(Model, TokenizerWrapper)> {
     let source = ModelSource::resolve(model)?;
-    // GGUF projections in Q4_0, Q4_1 and Q8_0 stay packed, as llama.cpp runs them.
+    // GGUF projections in 4-, 5- and 8-bit blocks stay packed, as llama.cpp runs them.
     let files = ModelFiles::load(source, None, !options.dequantize_gguf)?;
     let model_type = files.model_type()?;
     let dtype = options.dtype.unwrap_or_else(|| files.compute_dtype());
