@@ -2,7 +2,7 @@
 # lmx beside llama.cpp on the CPU, in one run from a fresh clone (issue 10, docs/BENCHMARKS.md):
 # SmolLM2-135M and a Llama-3.2-1B-shaped model with random weights, MLX 4-bit / 8-bit vs
 # llama.cpp Q4_0 / Q8_0 of the same weights, lmx on those same Q4_0 / Q8_0 GGUF files (kept
-# packed), bf16 vs BF16, f32 vs F32, at 1 and 2 threads.
+# packed), bf16 vs BF16, f32 vs F32, and both on the default model's own Q4_1 GGUF, at 1 and 2 threads.
 # 128-token prompt, 64 generated tokens; every figure is the median over ROUNDS rounds of 3
 # trials, lmx and llama.cpp alternating first. The roofline column is weights read per token
 # over the measured read bandwidth (scripts/bench/membw.rs) at that thread count.
@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROUNDS=${1:-2}
 MODELS=${MODELS:-"smollm2 llama-1b-random"}
-KINDS=${KINDS:-"4bit Q4_0.gguf 8bit Q8_0.gguf bf16 f32"}
+KINDS=${KINDS:-"4bit Q4_0.gguf 8bit Q8_0.gguf bf16 f32 Q4_1.gguf"}
 THREADS=${THREADS:-"1 2"}
 P=128; G=64; N=3
 
@@ -34,6 +34,8 @@ LMX=target/release/lmx
 # Models (each step skipped when its output exists).
 scripts/fetch-default-model.sh
 SRC=models/SmolLM2-135M-Instruct.Q4_1.gguf
+# The default model itself, the "smollm2 Q4_1.gguf" row: both run this very file.
+[ -e models/smollm2-Q4_1.gguf ] || ln -s SmolLM2-135M-Instruct.Q4_1.gguf models/smollm2-Q4_1.gguf
 [ -d models/smollm2-f32 ] || $LMX convert --gguf $SRC --mlx-path models/smollm2-f32
 [ -d models/smollm2-bf16 ] || $LMX convert --hf-path models/smollm2-f32 --dtype bfloat16 --mlx-path models/smollm2-bf16
 for kind in f32 bf16 q4_0 q8_0; do
@@ -52,7 +54,7 @@ for m in $MODELS; do
 done
 
 source scripts/bench/common.sh
-bytes() { du -cb "$@" | tail -1 | cut -f1; }
+bytes() { du -cbL "$@" | tail -1 | cut -f1; }
 
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; lmx $(git rev-parse --short HEAD); llama-cpp-python $(python3 -c 'import llama_cpp; print(llama_cpp.__version__)')"
 echo
@@ -60,7 +62,7 @@ echo "| model | threads | lmx prompt / gen tok/s | llama.cpp prompt / gen tok/s 
 echo "|---|---|---|---|---|---|---|"
 for m in $MODELS; do
   pairs="4bit:Q4_0 Q4_0.gguf:Q4_0 8bit:Q8_0 Q8_0.gguf:Q8_0 bf16:BF16"
-  [ $m = smollm2 ] && pairs="$pairs f32:F32"
+  [ $m = smollm2 ] && pairs="$pairs f32:F32 Q4_1.gguf:Q4_1"
   for pair in $pairs; do
     [[ " $KINDS " == *" ${pair%%:*} "* ]] || continue
     ours=models/$m-${pair%%:*}; theirs=models/$m-${pair##*:}.gguf
