@@ -33,6 +33,14 @@ pub trait Scale: Copy {
     /// AVX2 and F16C must be available; 8 values must be readable at `p`.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+
+    /// The values of `p`'s first 16 whose bits in `keep` are set, as f32 lanes (the others
+    /// zero, and not read).
+    ///
+    /// # Safety
+    /// AVX-512F/BW/VL must be available; the kept values must be readable.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16_masked(p: *const Self, keep: std::arch::x86_64::__mmask16) -> std::arch::x86_64::__m512;
 }
 
 impl Scale for f32 {
@@ -46,6 +54,13 @@ impl Scale for f32 {
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         // SAFETY: forwarded from the caller.
         unsafe { x86::load8_f32(p) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    unsafe fn load16_masked(p: *const Self, keep: std::arch::x86_64::__mmask16) -> std::arch::x86_64::__m512 {
+        // SAFETY: forwarded from the caller.
+        unsafe { x86::load16_f32(p, keep) }
     }
 }
 
@@ -61,6 +76,13 @@ impl Scale for bf16 {
         // SAFETY: forwarded from the caller.
         unsafe { x86::load8_bf16(p as *const u16) }
     }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    unsafe fn load16_masked(p: *const Self, keep: std::arch::x86_64::__mmask16) -> std::arch::x86_64::__m512 {
+        // SAFETY: forwarded from the caller.
+        unsafe { x86::load16_bf16(p as *const u16, keep) }
+    }
 }
 
 impl Scale for f16 {
@@ -74,6 +96,13 @@ impl Scale for f16 {
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         // SAFETY: forwarded from the caller.
         unsafe { x86::load8_f16(p as *const u16) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    unsafe fn load16_masked(p: *const Self, keep: std::arch::x86_64::__mmask16) -> std::arch::x86_64::__m512 {
+        // SAFETY: forwarded from the caller.
+        unsafe { x86::load16_f16(p as *const u16, keep) }
     }
 }
 
