@@ -151,11 +151,25 @@ pub fn matmul_rows(x: &[f32], m: usize, n: usize, k: usize, row: impl Fn(usize, 
 pub fn matmul_bf16_rows(x: &[u16], m: usize, n: usize, k: usize, w: &[u16]) -> Vec<f32> {
     assert!(supported(), "bf16 matmul needs AVX512-BF16");
     assert!(w.len() >= n * k && x.len() >= m * k && k % 2 == 0, "bf16 matmul: x or W is shorter than ({m} or {n}, {k}), or {k} is odd");
-    let mut xp = vec![0u32; m * k / 2];
-    // SAFETY: xp holds m * k / 2 words, the bytes of x's first m * k values (pairs, low half
-    // first, as pack_row writes them).
-    unsafe { std::ptr::copy_nonoverlapping(x.as_ptr() as *const u8, xp.as_mut_ptr() as *mut u8, 2 * m * k) };
-    matmul_words(&xp, m, n, k, |r, _, words| {
+    // x's bytes are its pairs (low half first, as pack_row writes them): read in place where
+    // they are 4-byte aligned, else copied once.
+    // SAFETY: every bit pattern is a valid u32.
+    let (head, words, _) = unsafe { x[..m * k].align_to::<u32>() };
+    let copied;
+    let xp = if head.is_empty() && words.len() == m * k / 2 {
+        words
+    } else {
+        let mut v: Vec<u32> = Vec::with_capacity(m * k / 2);
+        // SAFETY: v has room for m * k / 2 words, the bytes of x's first m * k values; then
+        // every word is written.
+        unsafe {
+            std::ptr::copy_nonoverlapping(x.as_ptr() as *const u8, v.as_mut_ptr() as *mut u8, 2 * m * k);
+            v.set_len(m * k / 2);
+        }
+        copied = v;
+        &copied[..]
+    };
+    matmul_words(xp, m, n, k, |r, _, words| {
         let row = &w[r * k..(r + 1) * k];
         let whole = k / 2;
         // SAFETY: the row's first 2 * whole values are whole words' bytes (little-endian pairs,
@@ -182,7 +196,12 @@ fn matmul_words(xp: &[u32], m: usize, n: usize, k: usize, row_words: impl Fn(usi
 /// [`matmul_words`] on AVX512-BF16 (`vdpbf16ps`): 8 x 32 output blocks.
 fn matmul_words_avx512(xp: &[u32], m: usize, n: usize, k: usize, row_words: impl Fn(usize, &mut [f32], &mut [u32]) + Sync) -> Vec<f32> {
     let pairs = k.div_ceil(2);
-    let mut y = vec![0f32; m * n];
+    if pairs == 0 {
+        return vec![0f32; m * n];
+    }
+    // Not zeroed (a serial memset while the pool waits): the first pass over k writes every
+    // element, later passes add to it.
+    let mut y: Vec<f32> = Vec::with_capacity(m * n);
     let y_ptr = SendPtr(y.as_mut_ptr());
     // On the decode pool (its workers spin between steps and would otherwise compete with
     // rayon's for the cores): one contiguous run of blocks per thread.
@@ -202,12 +221,16 @@ fn matmul_words_avx512(xp: &[u32], m: usize, n: usize, k: usize, row_words: impl
                         // words each; the block holds NB >= c + 32 columns per pair row.
                         unsafe { panel(xp, pairs, t0..t1, i, rows, &words, NB, c, &mut out) };
                         for (r, o) in out.iter().enumerate().take(rows) {
-                            // SAFETY: row i + r, columns r0 + c .. r0 + c + cols are inside y;
-                            // this thread alone writes columns r0 .. r0 + nr.
-                            let dst = unsafe { std::slice::from_raw_parts_mut(y_ptr.get().add((i + r) * n + r0 + c), cols) };
+                            // SAFETY: row i + r, columns r0 + c .. r0 + c + cols are inside y's
+                            // capacity; this thread alone writes columns r0 .. r0 + nr, first
+                            // (t0 == 0) by copying, so later passes read written values.
+                            let at = unsafe { y_ptr.get().add((i + r) * n + r0 + c) };
                             if t0 == 0 {
-                                dst.copy_from_slice(&o[..cols]);
+                                // SAFETY: as above: `cols` floats at `at` are this thread's.
+                                unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), at, cols) };
                             } else {
+                                // SAFETY: as above, and written by the pass at t0 == 0.
+                                let dst = unsafe { std::slice::from_raw_parts_mut(at, cols) };
                                 dst.iter_mut().zip(o).for_each(|(d, v)| *d += v);
                             }
                         }
@@ -216,6 +239,9 @@ fn matmul_words_avx512(xp: &[u32], m: usize, n: usize, k: usize, row_words: impl
             }
         }
     });
+    // SAFETY: the blocks cover the n columns, the row blocks the m rows, and the first pass
+    // over k wrote each element.
+    unsafe { y.set_len(m * n) };
     y
 }
 
@@ -414,16 +440,24 @@ impl CustomOp2 for Bf16Linear {
     }
 }
 
-/// f32 values rounded to bf16 (to nearest even), split over the decode pool's threads.
+/// f32 values rounded to bf16 (to nearest even), split over the decode pool's threads. The
+/// result is not zeroed first (a serial memset of a prompt's outputs, while the pool's workers
+/// wait): each range converts through a small buffer and copies it in.
 fn to_bf16(y: &[f32]) -> Vec<half::bf16> {
-    let mut out = vec![half::bf16::ZERO; y.len()];
+    let mut out: Vec<half::bf16> = Vec::with_capacity(y.len());
     let out_ptr = SendPtr(out.as_mut_ptr());
     crate::cpu::parallel_ranges(y.len().div_ceil(4096), 4, |chunks| {
         let (a, b) = (chunks.start * 4096, (chunks.end * 4096).min(y.len()));
-        // SAFETY: elements a..b of `out` belong to this range alone.
-        let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(a), b - a) };
-        half::slice::HalfFloatSliceExt::convert_from_f32_slice(dst, &y[a..b]);
+        let mut buf = [half::bf16::ZERO; 256];
+        for at in (a..b).step_by(256) {
+            let len = (b - at).min(256);
+            half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut buf[..len], &y[at..at + len]);
+            // SAFETY: elements a..b of `out` (capacity y.len()) belong to this range alone.
+            unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), out_ptr.get().add(at), len) };
+        }
     });
+    // SAFETY: the ranges wrote every element 0..y.len().
+    unsafe { out.set_len(y.len()) };
     out
 }
 
