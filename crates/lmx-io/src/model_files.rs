@@ -89,8 +89,10 @@ impl ModelFiles {
         match &source {
             ModelSource::Folder(dir) => Self::load_folder(dir.clone(), source.clone(), cast),
             ModelSource::Gguf(path) => {
-                let g = gguf::load_with(path, pack_gguf)?;
+                let mut g = gguf::load_with(path, pack_gguf)?;
                 let tokenizer = Tokenizer::from_json(&g.tokenizer)?;
+                drop(std::mem::take(&mut g.tokenizer));
+                release_freed_memory();
                 // Handed over as the model reads them: packed matrices are copied into the model, and
                 // the file's copy goes as each is read.
                 let weights = Weights::from_tensors(g.tensors, &path.display().to_string()).with_cast(cast).handed_over();
@@ -204,4 +206,16 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         return Err(IoError::NotFound { path: dir.join("model.safetensors"), hint: ": the folder has no safetensors weights (lmx loads safetensors and GGUF, never pickle .bin files)".into() });
     }
     Ok(files)
+}
+
+/// Hands memory the allocator holds free back to the system (glibc's `malloc_trim`, which also
+/// releases whole free pages inside the heap), so that what loading passed through (a GGUF's
+/// tokenizer conversions, tensors copied into the model) does not stay in the process's
+/// resident memory. Elsewhere a no-op.
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory of the allocator to the system.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }

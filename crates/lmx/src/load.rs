@@ -240,6 +240,8 @@ pub fn load_with(model: &str, options: &LoadOptions) -> Result<(Model, Tokenizer
     let inner = lmx_models::load_model(&model_type, &files.config, &vb)?;
     vb.finish(lmx_models::registry::is_ignored_key)?;
     drop(vb);
+    // The file's copies of the weights, handed over to the model, are free now.
+    lmx_io::model_files::release_freed_memory();
     let chat_template = files.compile_chat_template()?;
     let eos_token_ids = files.eos_token_ids();
     let ModelFiles { config, tokenizer, .. } = files;
