@@ -394,7 +394,8 @@ mod tests {
 
     /// The fused backwards of the SiLU product and of RMS norm (the CPU's, and the GPU's when
     /// there is one) equal the compositions they replace, over rows with large values: within
-    /// a few f32 roundings in f32, an ulp of the output's scale in bf16 and f16.
+    /// a few f32 roundings in f32, an ulp of the output's scale in bf16 and f16 (two for RMS
+    /// norm's dx, whose composition rounds twice).
     #[test]
     fn fused_backwards_equal_the_compositions() -> Result<()> {
         let devices = devices();
@@ -419,7 +420,10 @@ mod tests {
                 let composed = rms_norm_bwd_composed(&input(&x), &Input { t: w.clone(), taped: false }, &g, 1e-5)?;
                 let (a, b) = (fused[0].as_ref().expect("grad").to_device(&Device::Cpu)?, composed[0].as_ref().expect("grad"));
                 let e = ulps(&a, b);
-                assert!(e <= if dtype == DType::F32 { 64.0 } else { 1.01 }, "{dev:?} {dtype:?} rms_norm dx: {e} ulps");
+                // The composition rounds grad * w to the dtype before its f32 part and its
+                // result once more, the fused op only its result: up to ~1.5 ulps apart (1.08
+                // seen under qemu-aarch64 on random inputs).
+                assert!(e <= if dtype == DType::F32 { 64.0 } else { 2.0 }, "{dev:?} {dtype:?} rms_norm dx: {e} ulps");
                 assert!(fused[1].is_none());
             }
         }
