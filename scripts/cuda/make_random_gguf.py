@@ -6,8 +6,11 @@ Q8_0 and Q4_0 quantize every matrix, the embeddings and the output too (as `llam
 --pure`; lmx's MLX 4-bit folders quantize those too). Needs llama.cpp's gguf-py on PYTHONPATH
 (and numpy; torch, on the GPU where there is one, draws faster). SHAPE=tiny: a 2-layer toy, to
 check the script anywhere.
+TOKENIZER=gpt2: a byte-level BPE tokenizer over the vocabulary instead of none (lmx loads a GGUF
+only with a tokenizer).
 Usage: python3 scripts/cuda/make_random_gguf.py OUT.gguf [bf16|q8_0|q4_0]
 """
+import os
 import sys
 
 import gguf
@@ -60,7 +63,21 @@ w.add_rope_freq_base(500000.0)
 w.add_layer_norm_rms_eps(1e-5)
 w.add_vocab_size(V)
 w.add_file_type(FTYPE)
-w.add_tokenizer_model("none")
+if os.environ.get("TOKENIZER") == "gpt2":
+    # lmx needs a tokenizer to load a GGUF: a byte-level BPE one over the vocabulary, its 256
+    # byte symbols, one merge, then filler tokens (the text it makes means nothing).
+    byte_syms = [chr(b) for b in range(33, 127)] + [chr(b) for b in range(161, 173)] + [chr(b) for b in range(174, 256)]
+    byte_syms += [chr(256 + n) for n in range(256 - len(byte_syms))]
+    tokens = byte_syms + ["\u0120t"] + [f"<t{i}>" for i in range(V - len(byte_syms) - 1)]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * V)
+    w.add_token_merges(["\u0120 t"])
+    w.add_bos_token_id(V - 2)
+    w.add_eos_token_id(V - 1)
+else:
+    w.add_tokenizer_model("none")
 ones = lambda n: np.ones(n, dtype=np.float32)
 w.add_tensor("token_embd.weight", matrix(V, H), raw_dtype=QTYPE)
 for i in range(L):

@@ -17,7 +17,9 @@ use crate::Result;
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     /// Compute dtype; None computes in the dtype the weights are stored in, as MLX LM does
-    /// (for quantized models, that of the scales; float32 for GGUF files).
+    /// (for quantized models, that of the scales; for GGUF files float32 on the CPU, as
+    /// llama.cpp's CPU path computes, and bfloat16 on a GPU, where f32 prefill ran at a tenth
+    /// of the speed: Llama-3-8B-shaped Q4_0 on an H100, 2.9k against 28.4k tok/s).
     pub dtype: Option<DType>,
     /// Where the weights go.
     pub device: Device,
@@ -209,7 +211,10 @@ pub fn load_with(model: &str, options: &LoadOptions) -> Result<(Model, Tokenizer
     // GGUF projections in 4-, 5- and 8-bit blocks stay packed, as llama.cpp runs them.
     let files = ModelFiles::load(source, None, !options.dequantize_gguf)?;
     let model_type = files.model_type()?;
-    let dtype = options.dtype.unwrap_or_else(|| files.compute_dtype());
+    let dtype = options.dtype.unwrap_or_else(|| match files.compute_dtype() {
+        DType::F32 if matches!(files.source, ModelSource::Gguf(_)) && options.device.is_cuda() => DType::BF16,
+        stored => stored,
+    });
     let mut vb = Builder::new(files.weights.clone(), dtype, &options.device).with_quantization(files.quantization.clone());
     match &options.group {
         Some(group) if options.pipeline => {
