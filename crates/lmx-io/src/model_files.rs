@@ -91,6 +91,8 @@ impl ModelFiles {
             ModelSource::Gguf(path) => {
                 let mut g = gguf::load_with(path, pack_gguf)?;
                 let tokenizer = Tokenizer::from_json(&g.tokenizer)?;
+                // The tokenizer's JSON and what its conversion passed through, returned before
+                // the weights are built (without it the default model peaked at 0.192 GB, not 0.167).
                 drop(std::mem::take(&mut g.tokenizer));
                 release_freed_memory();
                 // Handed over as the model reads them: packed matrices are copied into the model, and
