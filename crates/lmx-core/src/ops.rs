@@ -372,7 +372,32 @@ pub fn all_finite(t: &Tensor) -> Result<bool> {
     if !t.dtype().is_float() {
         return Ok(true);
     }
+    if let Some(finite) = cpu_all_finite(t) {
+        return Ok(finite);
+    }
     Ok(t.affine(0.0, 0.0)?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?.is_finite())
+}
+
+/// [`all_finite`] over a contiguous CPU tensor's values where they lie, by their exponent
+/// bits (all set: NaN or infinity), without a copy; None for other tensors.
+fn cpu_all_finite(t: &Tensor) -> Option<bool> {
+    use candle_core::{CpuStorage, Storage};
+    // No NaN or infinity among `bits` (exponent mask `exp`), a chunk at a time (vectorized).
+    fn clean<T: Copy + Into<u64>>(bits: &[T], exp: u64) -> bool {
+        bits.chunks(1024).all(|c| c.iter().map(|&b| u32::from(b.into() & exp == exp)).sum::<u32>() == 0)
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout.contiguous_offsets()?;
+    let Storage::Cpu(cpu) = &*storage else { return None };
+    // SAFETY (each cast): the float types have the size and alignment of the unsigned integer
+    // of their width, and every bit pattern is a valid integer.
+    Some(match cpu {
+        CpuStorage::BF16(v) => clean(unsafe { std::slice::from_raw_parts(v[start..end].as_ptr() as *const u16, end - start) }, 0x7f80),
+        CpuStorage::F16(v) => clean(unsafe { std::slice::from_raw_parts(v[start..end].as_ptr() as *const u16, end - start) }, 0x7c00),
+        CpuStorage::F32(v) => clean(unsafe { std::slice::from_raw_parts(v[start..end].as_ptr() as *const u32, end - start) }, 0x7f80_0000),
+        CpuStorage::F64(v) => clean(unsafe { std::slice::from_raw_parts(v[start..end].as_ptr() as *const u64, end - start) }, 0x7ff0_0000_0000_0000),
+        _ => return None,
+    })
 }
 
 /// Rows up to which any product is memory-bound and goes through [`crate::cpu::MatVec`].
@@ -734,6 +759,36 @@ pub fn attention_coded(q: &Tensor, k: &Tensor, v: &Tensor, mask: Mask<'_>, scale
 mod tests {
     use super::*;
     use candle_core::Var;
+
+    /// `all_finite` finds a NaN or an infinity anywhere in every float dtype, in contiguous
+    /// tensors (read where they lie), views inside a larger buffer and strided views (the
+    /// one-pass sum), and passes the finite extremes (the largest value, -0, subnormals).
+    #[test]
+    fn all_finite_finds_every_non_finite_value() -> Result<()> {
+        let dev = Device::Cpu;
+        for dtype in [DType::F32, DType::F16, DType::BF16, DType::F64] {
+            let max = match dtype {
+                DType::F16 => 65504.0,
+                DType::BF16 => 3.0e38,
+                _ => 1.0e30,
+            };
+            let finite = Tensor::new(&[0.0f64, -0.0, 1.5, -max, max, 1e-40, -2.5e-5], &dev)?.to_dtype(dtype)?;
+            assert!(super::all_finite(&finite)?, "{dtype:?}");
+            for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+                for at in [0, 777, 2047] {
+                    let mut v = vec![0.25f64; 2048];
+                    v[at] = bad;
+                    let t = Tensor::from_vec(v, (32, 64), &dev)?.to_dtype(dtype)?;
+                    assert!(!super::all_finite(&t)?, "{dtype:?} {bad} at {at}");
+                    let (row, col) = (at / 64, at % 64);
+                    assert!(!super::all_finite(&t.narrow(0, row, 1)?)?, "{dtype:?} {bad}: its row");
+                    assert!(super::all_finite(&t.narrow(0, (row + 1) % 32, 1)?)?, "{dtype:?} {bad}: another row");
+                    assert!(!super::all_finite(&t.t()?.narrow(0, col, 1)?)?, "{dtype:?} {bad}: its column, strided");
+                }
+            }
+        }
+        Ok(())
+    }
 
     /// Attention read from a quantized cache as stored equals attention over the same cache
     /// dequantized, for 4 and 8 bits, grouped heads, in f32 and bf16 queries.

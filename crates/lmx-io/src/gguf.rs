@@ -16,7 +16,7 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file::Value as GValue;
 use candle_core::quantized::GgmlDType;
-use lmx_core::{Device, Tensor};
+use lmx_core::{DType, Device, Tensor};
 use serde_json::{json, Map, Value};
 
 use crate::error::{IoError, Result};
@@ -169,6 +169,16 @@ impl TensorInfo {
 }
 
 /// The candle type of a GGML type number.
+/// The dtype of GGML's float types (F32, F16, BF16).
+fn float_dtype(t: u32) -> Option<DType> {
+    match t {
+        0 => Some(DType::F32),
+        1 => Some(DType::F16),
+        30 => Some(DType::BF16),
+        _ => None,
+    }
+}
+
 fn ggml_dtype(t: u32) -> Option<GgmlDType> {
     Some(match t {
         0 => GgmlDType::F32,
@@ -366,23 +376,102 @@ pub fn block_to_affine(ggml_type: u32, raw: &[u8], dims: &[usize]) -> Option<lmx
         GGML_Q5_K => (176, 256, 5),
         _ => return None,
     };
-    let f16_at = |b: &[u8], i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
-    let groups = raw.len() / block_bytes * block_len / 32;
+    // A group of 32 codes of `bits` bits fills exactly `bits` words of the bitstream, so each
+    // group has its own words and runs of blocks convert apart, on several threads.
+    let per_block = block_len / 32;
+    let blocks = raw.len() / block_bytes;
+    let groups = blocks * per_block;
     let mut words = vec![0u32; groups * bits];
-    let (mut scales, mut biases) = (Vec::with_capacity(groups), Vec::with_capacity(groups));
-    let mut at = 0;
-    // Appends one group of 32 codes to the bitstream, with its scale and bias.
-    let mut group = |codes: [u32; 32], scale: f32, bias: f32| {
-        for q in codes {
-            let (w, shift) = (at / 32, at % 32);
-            words[w] |= q << shift;
-            if shift + bits > 32 {
-                words[w + 1] |= q >> (32 - shift);
+    let (mut scales, mut biases) = (vec![0f32; groups], vec![0f32; groups]);
+    let threads = if raw.len() < (1 << 20) { 1 } else { std::thread::available_parallelism().map_or(1, |n| n.get()).min(8) };
+    let run = blocks.div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        let parts = raw.chunks(run * block_bytes).zip(words.chunks_mut(run * per_block * bits)).zip(scales.chunks_mut(run * per_block).zip(biases.chunks_mut(run * per_block)));
+        for ((raw, words), (scales, biases)) in parts {
+            let mut convert = move || match bits {
+                4 => blocks_to_groups::<4>(ggml_type, block_bytes, raw, words, scales, biases),
+                5 => blocks_to_groups::<5>(ggml_type, block_bytes, raw, words, scales, biases),
+                _ => blocks_to_groups::<8>(ggml_type, block_bytes, raw, words, scales, biases),
+            };
+            if threads == 1 {
+                convert();
+            } else {
+                s.spawn(convert);
             }
-            at += bits;
         }
-        scales.push(scale);
-        biases.push(bias);
+    });
+    let (lead, cols) = dims.split_at(dims.len().saturating_sub(1));
+    let cols = cols.first().copied().unwrap_or(0);
+    let shape = |per_bits: usize| lead.iter().copied().chain(std::iter::once(cols * per_bits / 32)).collect::<Vec<_>>();
+    // f16 where every scale and bias round-trips exactly (slice conversions: vectorized).
+    let to_f16 = |v: &[f32]| -> Option<Vec<half::f16>> {
+        use half::slice::HalfFloatSliceExt;
+        let mut h = vec![half::f16::ZERO; v.len()];
+        h.convert_from_f32_slice(v);
+        let mut back = vec![0f32; v.len()];
+        h.convert_to_f32_slice(&mut back);
+        (back == v).then_some(h)
+    };
+    let small = to_f16(&scales).zip(to_f16(&biases));
+    let made = (|| {
+        let (s, b) = match small {
+            Some((s, b)) => (Tensor::from_vec(s, shape(1), &Device::Cpu)?, Tensor::from_vec(b, shape(1), &Device::Cpu)?),
+            None => (Tensor::from_vec(scales, shape(1), &Device::Cpu)?, Tensor::from_vec(biases, shape(1), &Device::Cpu)?),
+        };
+        Ok((Tensor::from_vec(words, shape(bits), &Device::Cpu)?, s, b, bits))
+    })();
+    Some(made)
+}
+
+/// The low nibbles of the 8 bytes of `bytes` (each byte below 16) as one word, byte k's in
+/// bits 4k to 4k + 3.
+fn nibbles_to_word(bytes: u64) -> u32 {
+    let y = (bytes | bytes >> 4) & 0x00FF_00FF_00FF_00FF;
+    let y = (y | y >> 8) & 0x0000_FFFF_0000_FFFF;
+    ((y | y >> 16) & 0xFFFF_FFFF) as u32
+}
+
+/// Converts whole blocks `raw` of one [`block_to_affine`] type into their groups of 32: each
+/// group's `BITS` words of codes (LSB first) and its scale and bias.
+fn blocks_to_groups<const BITS: usize>(ggml_type: u32, block_bytes: usize, raw: &[u8], words: &mut [u32], scales: &mut [f32], biases: &mut [f32]) {
+    let f16_at = |b: &[u8], i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32_const();
+    // The legacy 4- and 8-bit types, most GGUF files, word by word: a Q4_0 / Q4_1 group's
+    // first 8 bytes hold elements 0-7 (low nibbles) and 16-23 (high), the next 8 elements 8-15
+    // and 24-31; a Q8_0 code is its signed byte plus 128, the byte with its top bit flipped.
+    if matches!(ggml_type, GGML_Q4_0 | GGML_Q4_1 | GGML_Q8_0) {
+        let at = if ggml_type == GGML_Q4_1 { 4 } else { 2 };
+        for (((b, out), scale), bias) in raw.chunks_exact(block_bytes).zip(words.chunks_exact_mut(BITS)).zip(scales.iter_mut()).zip(biases.iter_mut()) {
+            let d = f16_at(b, 0);
+            let qs = &b[at..];
+            if ggml_type == GGML_Q8_0 {
+                for (w, q) in out.iter_mut().zip(qs.chunks_exact(4)) {
+                    *w = u32::from_le_bytes([q[0], q[1], q[2], q[3]]) ^ 0x8080_8080;
+                }
+                (*scale, *bias) = (d, -128.0 * d);
+            } else {
+                let half = |i: usize| u64::from_le_bytes([qs[i], qs[i + 1], qs[i + 2], qs[i + 3], qs[i + 4], qs[i + 5], qs[i + 6], qs[i + 7]]);
+                let (lo, hi) = (half(0), half(8));
+                const LOW: u64 = 0x0F0F_0F0F_0F0F_0F0F;
+                out.copy_from_slice(&[nibbles_to_word(lo & LOW), nibbles_to_word(hi & LOW), nibbles_to_word((lo >> 4) & LOW), nibbles_to_word((hi >> 4) & LOW)]);
+                (*scale, *bias) = if ggml_type == GGML_Q4_1 { (d, f16_at(b, 2)) } else { (d, -8.0 * d) };
+            }
+        }
+        return;
+    }
+    let mut g = 0;
+    // Packs one group's codes into its words, with its scale and bias.
+    let mut group = |codes: [u32; 32], scale: f32, bias: f32| {
+        let out = &mut words[g * BITS..(g + 1) * BITS];
+        for (k, q) in codes.into_iter().enumerate() {
+            let (w, shift) = (k * BITS / 32, k * BITS % 32);
+            out[w] |= q << shift;
+            if shift + BITS > 32 {
+                out[w + 1] |= q >> (32 - shift);
+            }
+        }
+        scales[g] = scale;
+        biases[g] = bias;
+        g += 1;
     };
     for b in raw.chunks_exact(block_bytes) {
         let d = f16_at(b, 0);
@@ -419,14 +508,6 @@ pub fn block_to_affine(ggml_type: u32, raw: &[u8], dims: &[usize]) -> Option<lmx
             }
         }
     }
-    let (lead, cols) = dims.split_at(dims.len().saturating_sub(1));
-    let cols = cols.first().copied().unwrap_or(0);
-    let shape = |per_bits: usize| lead.iter().copied().chain(std::iter::once(cols * per_bits / 32)).collect::<Vec<_>>();
-    let exact_f16 = |v: &[f32]| v.iter().all(|x| f32::from(half::f16::from_f32(*x)) == *x);
-    let small = exact_f16(&scales) && exact_f16(&biases);
-    let params = |v: Vec<f32>| if small { Tensor::from_vec(v.into_iter().map(half::f16::from_f32).collect::<Vec<_>>(), shape(1), &Device::Cpu) } else { Tensor::from_vec(v, shape(1), &Device::Cpu) };
-    let made = (|| Ok((Tensor::from_vec(words, shape(bits), &Device::Cpu)?, params(scales)?, params(biases)?, bits)))();
-    Some(made)
 }
 
 /// Reads and converts a GGUF file, every tensor but MXFP4 experts dequantized to f32 (what
@@ -540,8 +621,17 @@ pub fn load_from(mut reader: impl Read + Seek, file_len: u64, path: &Path, pack:
             }
         }
         let dtype = ggml_dtype(info.ggml_type).ok_or_else(|| tensor_err(&"unreadable type"))?;
-        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &raw, info.dims.clone(), &Device::Cpu).map_err(|e| tensor_err(&e))?;
-        let t = q.dequantize(&Device::Cpu).map_err(|e| tensor_err(&e))?;
+        let t = match float_dtype(info.ggml_type) {
+            // A model's float matrices keep their dtype (a BF16 file computes in bf16, as a
+            // bf16 folder does, at half the memory of f32); vectors (norms, rope factors) and
+            // every tensor of a conversion become f32 as before.
+            Some(stored) if pack && info.dims.len() >= 2 => Tensor::from_raw_buffer(&raw, stored, &info.dims, &Device::Cpu).map_err(|e| tensor_err(&e))?,
+            _ => {
+                let q = candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &raw, info.dims.clone(), &Device::Cpu).map_err(|e| tensor_err(&e))?;
+                q.dequantize(&Device::Cpu).map_err(|e| tensor_err(&e))?
+            }
+        };
+        drop(raw);
         // As safetensors reads do: a NaN or infinity is refused.
         if !lmx_core::ops::all_finite(&t)? {
             return Err(IoError::NonFinite { path: path.to_path_buf(), key: name.clone() });
@@ -949,7 +1039,6 @@ mod tests {
     #[test]
     fn blocks_are_affine_groups_without_loss() {
         use candle_core::quantized::{GgmlDType, QTensor};
-        let w = (Tensor::randn(0f32, 1.0, (24, 256), &Device::Cpu).expect("randn") * 3.0).expect("scale");
         let types = [
             (GgmlDType::Q4_0, GGML_Q4_0),
             (GgmlDType::Q4_1, GGML_Q4_1),
@@ -959,10 +1048,12 @@ mod tests {
             (GgmlDType::Q4K, GGML_Q4_K),
             (GgmlDType::Q5K, GGML_Q5_K),
         ];
-        for (dtype, id) in types {
+        // The second shape's blocks (over 1 MB) convert on several threads.
+        for ((dtype, id), (rows, cols)) in types.into_iter().flat_map(|t| [(t, (24, 256)), (t, (1040, 1024))]) {
+            let w = (Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).expect("randn") * 3.0).expect("scale");
             let q = QTensor::quantize(&w, dtype).expect("quantize");
             let raw = q.data().expect("blocks");
-            let (packed, scales, biases, bits) = block_to_affine(id, &raw, &[24, 256]).expect("an affine block type").expect("converts");
+            let (packed, scales, biases, bits) = block_to_affine(id, &raw, &[rows, cols]).expect("an affine block type").expect("converts");
             // As the layer builder places them for an f32 model.
             let f32 = |t: &Tensor| t.to_dtype(lmx_core::DType::F32).expect("f32");
             let m = lmx_core::quant::QuantizedMatrix::from_tensors(&packed, &f32(&scales), &f32(&biases), bits, 32).expect("an MLX matrix");
@@ -1000,6 +1091,7 @@ mod tests {
             (GgmlDType::Q5K, 0.1, true),
             (GgmlDType::Q6K, 0.03, false),
             (GgmlDType::F16, 0.001, false),
+            (GgmlDType::BF16, 0.005, false),
         ];
         for (dtype, tol, affine) in types {
             let hf: Vec<(&str, &str, Tensor)> = vec![
@@ -1063,6 +1155,16 @@ mod tests {
                 let spec = &packed.config["quantization"][module];
                 if !affine || want.rank() == 1 {
                     assert!(spec.is_null(), "{dtype:?} {h}: packed, yet not an affine block type");
+                    // A model's float matrices keep the file's dtype; its vectors and the rest become f32.
+                    let kept = match dtype {
+                        GgmlDType::F16 if want.rank() == 2 => lmx_core::DType::F16,
+                        GgmlDType::BF16 if want.rank() == 2 => lmx_core::DType::BF16,
+                        _ => lmx_core::DType::F32,
+                    };
+                    let t = &packed.tensors[*h];
+                    assert_eq!(t.dtype(), kept, "{dtype:?} {h}");
+                    let values = |t: &Tensor| t.to_dtype(lmx_core::DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).expect("values");
+                    assert!(values(t) == values(got), "{dtype:?} {h}: the model's values differ from the conversion's");
                     continue;
                 }
                 let f32 = |t: &Tensor| t.to_dtype(lmx_core::DType::F32).expect("f32");

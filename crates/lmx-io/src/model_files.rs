@@ -134,10 +134,16 @@ impl ModelFiles {
 
     /// The dtype the model computes in unless told otherwise: the checkpoint's
     /// ([`Weights::compute_dtype`]), but float32 for a GGUF file, as llama.cpp computes (the
-    /// scales of its packed blocks are f16; the cast, when one is set, wins).
+    /// scales of its packed blocks are f16), or bfloat16 for one whose matrices are BF16 (the
+    /// cast, when one is set, wins).
     pub fn compute_dtype(&self) -> DType {
         match self.source {
-            ModelSource::Gguf(_) if self.weights.cast().is_none() => DType::F32,
+            // A GGUF computes in f32 (its quantized blocks' f16 scales and F16 matrices too),
+            // unless its matrices are BF16: then in bf16, as a bf16 folder does.
+            ModelSource::Gguf(_) if self.weights.cast().is_none() => match self.weights.compute_dtype() {
+                DType::BF16 => DType::BF16,
+                _ => DType::F32,
+            },
             _ => self.weights.compute_dtype(),
         }
     }
