@@ -408,9 +408,12 @@ pub fn block_to_affine(ggml_type: u32, raw: &[u8], dims: &[usize]) -> Option<lmx
         use half::slice::HalfFloatSliceExt;
         let mut h = vec![half::f16::ZERO; v.len()];
         h.convert_from_f32_slice(v);
-        let mut back = vec![0f32; v.len()];
-        h.convert_to_f32_slice(&mut back);
-        (back == v).then_some(h)
+        let mut back = [0f32; 1024];
+        let exact = h.chunks(1024).zip(v.chunks(1024)).all(|(h, v)| {
+            h.convert_to_f32_slice(&mut back[..h.len()]);
+            back[..h.len()] == *v
+        });
+        exact.then_some(h)
     };
     let small = to_f16(&scales).zip(to_f16(&biases));
     let made = (|| {
@@ -609,6 +612,7 @@ pub fn load_from(mut reader: impl Read + Seek, file_len: u64, path: &Path, pack:
         if let Some(module) = module.filter(|m| pack && PACKABLE.iter().any(|p| m.rsplit('.').next() == Some(*p))) {
             if let Some(made) = block_to_affine(info.ggml_type, &raw, &info.dims) {
                 let (words, scales, biases, bits) = made.map_err(|e| tensor_err(&e))?;
+                drop(raw);
                 if !lmx_core::ops::all_finite(&scales)? || !lmx_core::ops::all_finite(&biases)? {
                     return Err(IoError::NonFinite { path: path.to_path_buf(), key: name.clone() });
                 }
