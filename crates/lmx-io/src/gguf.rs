@@ -168,7 +168,6 @@ impl TensorInfo {
     }
 }
 
-/// The candle type of a GGML type number.
 /// The dtype of GGML's float types (F32, F16, BF16).
 fn float_dtype(t: u32) -> Option<DType> {
     match t {
@@ -179,6 +178,7 @@ fn float_dtype(t: u32) -> Option<DType> {
     }
 }
 
+/// The candle type of a GGML type number.
 fn ggml_dtype(t: u32) -> Option<GgmlDType> {
     Some(match t {
         0 => GgmlDType::F32,
@@ -483,11 +483,8 @@ fn blocks_to_groups<const BITS: usize>(ggml_type: u32, block_bytes: usize, raw: 
         // Q5_0 / Q5_1: the fifth bit of element k is bit k of the 32-bit `qh`.
         let fifth = |qh: u32, low: [u32; 32]| -> [u32; 32] { std::array::from_fn(|k| low[k] | ((qh >> k) & 1) << 4) };
         match ggml_type {
-            GGML_Q4_0 => group(nibbles(&b[2..18]), d, -8.0 * d),
-            GGML_Q4_1 => group(nibbles(&b[4..20]), d, f16_at(b, 2)),
             GGML_Q5_0 => group(fifth(u32::from_le_bytes([b[2], b[3], b[4], b[5]]), nibbles(&b[6..22])), d, -16.0 * d),
             GGML_Q5_1 => group(fifth(u32::from_le_bytes([b[4], b[5], b[6], b[7]]), nibbles(&b[8..24])), d, f16_at(b, 2)),
-            GGML_Q8_0 => group(std::array::from_fn(|k| u32::from((b[2 + k] as i8 as i16 + 128) as u8)), d, -128.0 * d),
             _ => {
                 // Q4_K / Q5_K: d, dmin, 12 bytes of 6-bit scales and mins, (Q5_K: 32 bytes of
                 // fifth bits,) then 128 bytes of nibbles; four runs of 64 elements, each two

@@ -304,21 +304,7 @@ impl Weights {
 /// (all exponent bits set): a corrupt or diverged checkpoint is refused when it is read,
 /// instead of turning every output into NaN. Integer tensors are always finite.
 fn raw_all_finite(data: &[u8], dtype: Option<DType>) -> bool {
-    fn none_special<const N: usize>(data: &[u8], mask: u32) -> bool {
-        // One pass, no early exit, so the loop vectorizes; a few GB/s per core.
-        !data.chunks_exact(N).fold(false, |bad, c| {
-            let mut b = [0u8; 4];
-            b[..N].copy_from_slice(c);
-            bad | (u32::from_le_bytes(b) & mask == mask)
-        })
-    }
-    match dtype {
-        Some(DType::F32) => none_special::<4>(data, 0x7f80_0000),
-        Some(DType::BF16) => none_special::<2>(data, 0x7f80),
-        Some(DType::F16) => none_special::<2>(data, 0x7c00),
-        Some(DType::F64) => data.chunks_exact(8).all(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])).is_finite()),
-        _ => true,
-    }
+    dtype.is_none_or(|d| lmx_core::ops::raw_all_finite(data, d))
 }
 
 /// The bytes of a row-major tensor of `shape` (`elem` bytes per value) that the part `range`

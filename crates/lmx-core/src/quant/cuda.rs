@@ -36,7 +36,8 @@ pub(crate) const CODE_SRC: &str = r#"
 // LEAD_BLOCKS blocks, resident while that kernel still runs, start the first
 // LMX_PREFETCH_LEAD bytes of its weights (and their scales and biases) on their way into L2
 // before they wait (`prefetch_lead`), so a decode step reads weights during the small
-// kernels (norms, rope, attention) between its products.
+// kernels (norms, rope, attention) between its products. `LEAD(call)` makes the call only
+// where the lead is on.
 #ifndef LMX_PREFETCH_LEAD
 #define LMX_PREFETCH_LEAD 0
 #endif
@@ -56,13 +57,11 @@ __device__ __forceinline__ void prefetch_span(const void* p, size_t n, int part,
 // The lead of one matrix whose weights take `wbytes` and its pairs `sbytes`: `share` of the
 // launch's lead (the launch's matrices split it by size), scales in proportion.
 __device__ __forceinline__ void prefetch_lead(const void* w, size_t wbytes, const void* sb, size_t sbytes, double share) {
-#if LMX_PREFETCH_LEAD > 0
     if ((int)blockIdx.x >= LEAD_BLOCKS || wbytes == 0) return;
     int parts = min((int)gridDim.x, LEAD_BLOCKS);
     size_t cap = (size_t)(share * (double)LMX_PREFETCH_LEAD), lead = cap < wbytes ? cap : wbytes;
     prefetch_span(w, lead, blockIdx.x, parts);
     if (sb) prefetch_span(sb, (size_t)((double)sbytes * ((double)lead / (double)wbytes)), blockIdx.x, parts);
-#endif
 }
 // Ints per activation row of coded activations: codes (cols / 4), fine codes (cols / 4), then
 // dx and sum(x) per group, padded to a multiple of 4 ints (16-byte loads).
@@ -366,13 +365,11 @@ __device__ void qmv8x(const uint4* w0, const unsigned int* s0, int rows0, const 
 template <int BITS, int SB16>
 __device__ __noinline__ void qmv8_lead(const uint4* w0, const unsigned int* s0, int rows0, const uint4* w1, const unsigned int* s1, int rows1,
                                           const uint4* w2, const unsigned int* s2, int rows2, int cols, int gs) {
-#if LMX_PREFETCH_LEAD > 0
     const size_t wrow = (size_t)cols * BITS / 8, srow = (size_t)(cols / gs) * (SB16 ? 4 : 8);
     const double total = (double)rows0 + rows1 + rows2;
     prefetch_lead(w0, rows0 * wrow, s0, rows0 * srow, rows0 / total);
     prefetch_lead(w1, rows1 * wrow, s1, rows1 * srow, rows1 / total);
     prefetch_lead(w2, rows2 * wrow, s2, rows2 * srow, rows2 / total);
-#endif
 }
 
 extern "C" __global__ void lmx_qmv_f32(const unsigned int* w, const unsigned int* sb, int sb16, const float* x, float* y, int rows, int cols, int bits, int gs, int m) { PDL_ENTRY(); qmv(w, sb, sb16, x, y, rows, cols, bits, gs, m); }
