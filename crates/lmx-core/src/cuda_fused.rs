@@ -629,9 +629,7 @@ __device__ void matvec_bf16(const uint4* w, const uint4* x, unsigned short* y, i
         if (row0 + r < n) st(y, (size_t)b * n + row0 + r, s);
     }
 }
-// The weights' lead prefetch (`prefetch_lead`), out of line so the product keeps its registers.
-__device__ __noinline__ void matvec_lead(const uint4* w, int n, int k8) { prefetch_lead(w, (size_t)n * k8 * 16, nullptr, 0, 1.0); }
-#define MATVEC(M, R) extern "C" __global__ void __launch_bounds__(256) lmx_matvec_bf16_m##M##_r##R(const uint4* w, const uint4* x, unsigned short* y, int n, int k8) { LEAD(matvec_lead(w, n, k8)); PDL_ENTRY(); matvec_bf16<M, R>(w, x, y, n, k8); }
+#define MATVEC(M, R) extern "C" __global__ void __launch_bounds__(256) lmx_matvec_bf16_m##M##_r##R(const uint4* w, const uint4* x, unsigned short* y, int n, int k8) { PDL_ENTRY(); matvec_bf16<M, R>(w, x, y, n, k8); }
 #define MATVEC_R(M) MATVEC(M, 1) MATVEC(M, 2) MATVEC(M, 4)
 MATVEC_R(1) MATVEC_R(2) MATVEC_R(3) MATVEC_R(4) MATVEC_R(5) MATVEC_R(6) MATVEC_R(7) MATVEC_R(8)
 
@@ -674,58 +672,27 @@ fn ptx_for(cell: &'static std::sync::OnceLock<std::result::Result<String, String
 /// fused norms, attention, rope, the pick) are launched by [`Launch`] with
 /// `CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`, so that a kernel's launch and
 /// block scheduling overlap the end of the one before; each waits (`griddepcontrol.wait`) for
-/// it at its start, the products after starting their weights' lead into L2 (`prefetch_lead`
-/// in `quant::cuda::CODE_SRC`, `LMX_CUDA_PREFETCH_MB`). The answer is the same for the whole
-/// process: the modules' PTX is compiled once, with the waits or without.
-///
-/// `LMX_CUDA_PDL=graph` compiles the same waits but launches so only while a step is recorded
-/// ([`crate::graph::capture`]); launches from the host go as without PDL (a wait with no
-/// kernel to wait for returns at once).
+/// it at its start. The answer is the same for the whole process: the modules' PTX is
+/// compiled once, with the waits or without.
 pub(crate) fn pdl_enabled() -> bool {
-    pdl_mode().is_some()
-}
-
-/// `Some(true)`: every launch of a `PDL_ENTRY()` kernel is a PDL launch; `Some(false)`: only
-/// those recorded into a graph; None: PDL off.
-fn pdl_mode() -> Option<bool> {
-    static ON: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| {
         use candle_core::cuda_backend::cudarc::driver::{result, sys};
-        let all = match std::env::var("LMX_CUDA_PDL").as_deref() {
-            Ok("1") => true,
-            Ok("graph") => false,
-            _ => return None,
-        };
+        if std::env::var("LMX_CUDA_PDL").map_or(true, |v| v != "1") {
+            return false;
+        }
         let major = |i| {
             // SAFETY: a device ordinal below the driver's count.
             result::device::get(i).and_then(|d| unsafe { result::device::get_attribute(d, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR) })
         };
-        let capable = result::init().is_ok() && result::device::get_count().is_ok_and(|n| n > 0 && (0..n).all(|i| major(i).is_ok_and(|m| m >= 9)));
-        capable.then_some(all)
+        result::init().is_ok() && result::device::get_count().is_ok_and(|n| n > 0 && (0..n).all(|i| major(i).is_ok_and(|m| m >= 9)))
     })
 }
 
-/// Whether a launch on `dev` now goes with programmatic stream serialization (see [`pdl_mode`]).
-pub(crate) fn pdl_launch(dev: &candle_core::CudaDevice) -> bool {
-    use candle_core::cuda_backend::cudarc::driver::sys::CUstreamCaptureStatus;
-    match pdl_mode() {
-        Some(true) => true,
-        Some(false) => dev.cuda_stream().capture_status().is_ok_and(|s| s == CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE),
-        None => false,
-    }
-}
-
-/// The source prefix and architecture of lmx's modules with `PDL_ENTRY()` kernels. With PDL
-/// on, the products' lead prefetch (`prefetch_lead` in `quant::cuda::CODE_SRC`) takes
-/// `LMX_CUDA_PREFETCH_MB` megabytes a launch (default 16; 0 turns it off).
+/// The source prefix and architecture of lmx's modules with `PDL_ENTRY()` kernels.
 pub(crate) fn pdl_build() -> (&'static str, Option<&'static str>) {
-    static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     if pdl_enabled() {
-        let prefix = PREFIX.get_or_init(|| {
-            let mb = std::env::var("LMX_CUDA_PREFETCH_MB").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(16);
-            format!("#define LMX_PDL\n#define LMX_PREFETCH_LEAD {}ULL\n", mb << 20)
-        });
-        (prefix, Some("compute_90"))
+        ("#define LMX_PDL\n", Some("compute_90"))
     } else {
         ("", None)
     }
@@ -793,7 +760,7 @@ enum How<'a> {
 /// `launch_args!(dev, func)`: a [`Launch`] of `func` (a kernel of lmx's modules) on `dev`.
 macro_rules! launch_args {
     ($dev:expr, $func:expr) => {
-        $crate::cuda_fused::Launch::new(&$dev, &$func, (!$crate::cuda_fused::pdl_launch(&$dev)).then(|| $func.builder()))
+        $crate::cuda_fused::Launch::new(&$dev, &$func, (!$crate::cuda_fused::pdl_enabled()).then(|| $func.builder()))
     };
 }
 pub(crate) use launch_args;

@@ -32,37 +32,6 @@ pub(crate) const CODE_SRC: &str = r#"
 #else
 #define PDL_ENTRY()
 #endif
-// A product kernel's weights do not depend on the kernel before it: where PDL is on, its first
-// LEAD_BLOCKS blocks, resident while that kernel still runs, start the first
-// LMX_PREFETCH_LEAD bytes of its weights (and their scales and biases) on their way into L2
-// before they wait (`prefetch_lead`), so a decode step reads weights during the small
-// kernels (norms, rope, attention) between its products. `LEAD(call)` makes the call only
-// where the lead is on.
-#ifndef LMX_PREFETCH_LEAD
-#define LMX_PREFETCH_LEAD 0
-#endif
-#if LMX_PREFETCH_LEAD > 0
-#define LEAD(...) __VA_ARGS__
-#else
-#define LEAD(...)
-#endif
-#define LEAD_BLOCKS 256
-// Block `part` of `parts` prefetches its share of the lines of bytes [p, p + n) into L2, the
-// lines dealt out over all the parts' threads in turn.
-__device__ __forceinline__ void prefetch_span(const void* p, size_t n, int part, int parts) {
-    size_t a = (size_t)p & ~(size_t)127, lines = ((size_t)p + n - a + 127) / 128;
-    for (size_t l = (size_t)part * blockDim.x + threadIdx.x; l < lines; l += (size_t)parts * blockDim.x)
-        asm volatile("prefetch.L2 [%0];" :: "l"(a + l * 128));
-}
-// The lead of one matrix whose weights take `wbytes` and its pairs `sbytes`: `share` of the
-// launch's lead (the launch's matrices split it by size), scales in proportion.
-__device__ __forceinline__ void prefetch_lead(const void* w, size_t wbytes, const void* sb, size_t sbytes, double share) {
-    if ((int)blockIdx.x >= LEAD_BLOCKS || wbytes == 0) return;
-    int parts = min((int)gridDim.x, LEAD_BLOCKS);
-    size_t cap = (size_t)(share * (double)LMX_PREFETCH_LEAD), lead = cap < wbytes ? cap : wbytes;
-    prefetch_span(w, lead, blockIdx.x, parts);
-    if (sb) prefetch_span(sb, (size_t)((double)sbytes * ((double)lead / (double)wbytes)), blockIdx.x, parts);
-}
 // Ints per activation row of coded activations: codes (cols / 4), fine codes (cols / 4), then
 // dx and sum(x) per group, padded to a multiple of 4 ints (16-byte loads).
 __device__ __forceinline__ int act_stride(int cols, int groups) { return cols / 2 + ((2 * groups + 3) & ~3); }
@@ -359,19 +328,6 @@ __device__ void qmv8x(const uint4* w0, const unsigned int* s0, int rows0, const 
     else qmv8_block<T, BITS, R, M, SB16>(w2, s2, act, y, rows2, cols, gs, m, b - n0 - n1, total, rows0 + rows1);
 }
 
-// The lead prefetch (`prefetch_lead`) of up to three matrices of `cols` columns launched
-// together, the lead split by their sizes (unused ones have 0 rows); out of line, so the
-// product keeps its registers (inlined, 80 became 96).
-template <int BITS, int SB16>
-__device__ __noinline__ void qmv8_lead(const uint4* w0, const unsigned int* s0, int rows0, const uint4* w1, const unsigned int* s1, int rows1,
-                                          const uint4* w2, const unsigned int* s2, int rows2, int cols, int gs) {
-    const size_t wrow = (size_t)cols * BITS / 8, srow = (size_t)(cols / gs) * (SB16 ? 4 : 8);
-    const double total = (double)rows0 + rows1 + rows2;
-    prefetch_lead(w0, rows0 * wrow, s0, rows0 * srow, rows0 / total);
-    prefetch_lead(w1, rows1 * wrow, s1, rows1 * srow, rows1 / total);
-    prefetch_lead(w2, rows2 * wrow, s2, rows2 * srow, rows2 / total);
-}
-
 extern "C" __global__ void lmx_qmv_f32(const unsigned int* w, const unsigned int* sb, int sb16, const float* x, float* y, int rows, int cols, int bits, int gs, int m) { PDL_ENTRY(); qmv(w, sb, sb16, x, y, rows, cols, bits, gs, m); }
 extern "C" __global__ void lmx_qmv_bf16(const unsigned int* w, const unsigned int* sb, int sb16, const unsigned short* x, unsigned short* y, int rows, int cols, int bits, int gs, int m) { PDL_ENTRY(); qmv(w, sb, sb16, x, y, rows, cols, bits, gs, m); }
 extern "C" __global__ void lmx_dequant_f32(const unsigned int* w, const unsigned int* sb, int sb16, float* out, int rows, int cols, int bits, int gs) { PDL_ENTRY(); dequant(w, sb, sb16, out, rows, cols, bits, gs); }
@@ -381,8 +337,8 @@ extern "C" __global__ void lmx_dequant_words_bf16(const unsigned int* w, const u
 extern "C" __global__ void lmx_q8act_f32(const float* x, int* out, int m, int cols, int gs, int bits) { PDL_ENTRY(); q8act(x, out, m, cols, gs, bits); }
 extern "C" __global__ void lmx_q8act_bf16(const unsigned short* x, int* out, int m, int cols, int gs, int bits) { PDL_ENTRY(); q8act(x, out, m, cols, gs, bits); }
 // Kernel names: lmx_qmv8[x]_{f32|bf16}_{bits}_{rows a block}_{1|8 activation rows}_{f32|s16 scales}.
-#define QMV8S(T, TN, B, R, M, S, SN) extern "C" __global__ void QMV_BOUNDS_##B lmx_qmv8_##TN##_##B##_##R##_##M##_##SN(const uint4* w, const unsigned int* sb, const int* act, T* y, int rows, int cols, int gs, int m) { LEAD(qmv8_lead<B, S>(w, sb, rows, 0, 0, 0, 0, 0, 0, cols, gs)); PDL_ENTRY(); qmv8<T, B, R, M, S>(w, sb, act, y, rows, cols, gs, m); }
-#define QMV8XS(T, TN, B, R, M, S, SN) extern "C" __global__ void QMV_BOUNDS_##B lmx_qmv8x_##TN##_##B##_##R##_##M##_##SN(const uint4* w0, const unsigned int* s0, int rows0, const uint4* w1, const unsigned int* s1, int rows1, const uint4* w2, const unsigned int* s2, int rows2, const int* act, T* y, int cols, int gs, int m) { LEAD(qmv8_lead<B, S>(w0, s0, rows0, w1, s1, rows1, w2, s2, rows2, cols, gs)); PDL_ENTRY(); qmv8x<T, B, R, M, S>(w0, s0, rows0, w1, s1, rows1, w2, s2, rows2, act, y, cols, gs, m); }
+#define QMV8S(T, TN, B, R, M, S, SN) extern "C" __global__ void QMV_BOUNDS_##B lmx_qmv8_##TN##_##B##_##R##_##M##_##SN(const uint4* w, const unsigned int* sb, const int* act, T* y, int rows, int cols, int gs, int m) { PDL_ENTRY(); qmv8<T, B, R, M, S>(w, sb, act, y, rows, cols, gs, m); }
+#define QMV8XS(T, TN, B, R, M, S, SN) extern "C" __global__ void QMV_BOUNDS_##B lmx_qmv8x_##TN##_##B##_##R##_##M##_##SN(const uint4* w0, const unsigned int* s0, int rows0, const uint4* w1, const unsigned int* s1, int rows1, const uint4* w2, const unsigned int* s2, int rows2, const int* act, T* y, int cols, int gs, int m) { PDL_ENTRY(); qmv8x<T, B, R, M, S>(w0, s0, rows0, w1, s1, rows1, w2, s2, rows2, act, y, cols, gs, m); }
 #define QMV8(T, TN, B, R, M) QMV8S(T, TN, B, R, M, 0, f32) QMV8S(T, TN, B, R, M, 1, s16)
 #define QMV8X(T, TN, B, R, M) QMV8XS(T, TN, B, R, M, 0, f32) QMV8XS(T, TN, B, R, M, 1, s16)
 #define QMV8_ROWS(T, TN, B, M) QMV8(T, TN, B, 1, M) QMV8(T, TN, B, 2, M) QMV8(T, TN, B, 4, M) QMV8X(T, TN, B, 1, M) QMV8X(T, TN, B, 2, M) QMV8X(T, TN, B, 4, M)
