@@ -192,12 +192,13 @@ fn q8_rows(q: &QuantizedMatrix, x: &[f32], m: usize) -> Vec<Q8Act> {
     acts.into_iter().map(|a| a.expect("q8_gemm_applies checked the shapes")).collect()
 }
 
-/// y (m, sum of rows) = x (m, cols) @ [W_0; W_1; ...]^T for several rows of x (prefill) with
+/// `[x @ W_0^T, x @ W_1^T, ...]`, each (m, rows of W_i), for several rows of x (prefill) with
 /// the integer kernels: x rounded to int8 per group once per distinct matrix format, as in
 /// decode ([`Q8Act`]), and each block of 16 matrix rows interleaved word by word (packed
 /// codes copied, not dequantized) and run past all rows of x, 8 at a time. Blocks split over
-/// threads on the decode pool. Callers check [`q8_gemm_applies`].
-pub fn qmatmul_many_q8<T: Elem>(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<T> {
+/// threads on the decode pool; each writes its columns of its matrix's own output (no joint
+/// output to split and copy afterwards). Callers check [`q8_gemm_applies`].
+pub fn qmatmul_many_q8<T: Elem>(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<Vec<T>> {
     if amx_applies(qs) {
         return qmatmul_many_amx(qs, x, m);
     }
@@ -213,7 +214,7 @@ fn amx_applies(qs: &[&QuantizedMatrix]) -> bool {
 /// [`qmatmul_many_q8`] with AVX-512 VNNI alone (`amx`: false) or on the AMX tiles where
 /// they apply, to compare the two.
 #[cfg(test)]
-pub(super) fn qmatmul_many_q8_with(amx: bool, qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Option<Vec<f32>> {
+pub(super) fn qmatmul_many_q8_with(amx: bool, qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Option<Vec<Vec<f32>>> {
     match amx {
         true => amx_applies(qs).then(|| qmatmul_many_amx(qs, x, m)),
         false => Some(qmatmul_many_vnni(qs, x, m)),
@@ -297,18 +298,47 @@ impl AmxActs {
     }
 }
 
-/// The work of a several-row product over matrices sharing their input: the output's width
-/// (the matrices' rows together), for each matrix the first one that takes the same int8
-/// activations (whose codes it shares), and the blocks of `rows` matrix rows as (matrix,
-/// first row, first output column).
-fn plan(qs: &[&QuantizedMatrix], rows: usize) -> (usize, Vec<usize>, Vec<(usize, usize, usize)>) {
+/// The work of a several-row product over matrices sharing their input: for each matrix the
+/// first one that takes the same int8 activations (whose codes it shares), and the blocks of
+/// `rows` matrix rows as (matrix, first row).
+fn plan(qs: &[&QuantizedMatrix], rows: usize) -> (Vec<usize>, Vec<(usize, usize)>) {
     let owner = (0..qs.len()).map(|i| (0..i).find(|&j| same_act(qs[j], qs[i])).unwrap_or(i)).collect();
-    let (mut blocks, mut col) = (Vec::new(), 0);
-    for (i, q) in qs.iter().enumerate() {
-        blocks.extend((0..q.rows).step_by(rows).map(|r0| (i, r0, col + r0)));
-        col += q.rows;
+    let blocks = qs.iter().enumerate().flat_map(|(i, q)| (0..q.rows).step_by(rows).map(move |r0| (i, r0))).collect();
+    (owner, blocks)
+}
+
+/// One output (m, q.rows) per matrix, to be written in place by the blocks of a product
+/// ([`Outputs::write`]) and then taken whole ([`Outputs::finish`]).
+struct Outputs<T> {
+    ys: Vec<Vec<T>>,
+    ptrs: Vec<SendPtr<T>>,
+    widths: Vec<usize>,
+    m: usize,
+}
+
+impl<T> Outputs<T> {
+    fn new(qs: &[&QuantizedMatrix], m: usize) -> Self {
+        let mut ys: Vec<Vec<T>> = qs.iter().map(|q| Vec::with_capacity(m * q.rows)).collect();
+        let ptrs = ys.iter_mut().map(|y| SendPtr(y.as_mut_ptr())).collect();
+        Outputs { ys, ptrs, widths: qs.iter().map(|q| q.rows).collect(), m }
     }
-    (col, owner, blocks)
+
+    /// Matrix i's output at (row, col).
+    /// SAFETY: row < m and col < the matrix's rows; no other thread writes the same element.
+    unsafe fn write(&self, i: usize, row: usize, col: usize, v: T) {
+        // SAFETY: inside matrix i's output (m, widths[i]), as the caller promised.
+        unsafe { self.ptrs[i].get().add(row * self.widths[i] + col).write(v) };
+    }
+
+    /// The outputs, every element of which the caller has written.
+    /// SAFETY: [`Outputs::write`] was called for every element of every output.
+    unsafe fn finish(mut self) -> Vec<Vec<T>> {
+        for (y, w) in self.ys.iter_mut().zip(&self.widths) {
+            // SAFETY: the capacity is m * w, every element written, as the caller promised.
+            unsafe { y.set_len(self.m * w) };
+        }
+        self.ys
+    }
 }
 
 /// [`qmatmul_many_q8`] on AMX tiles: activations coded and laid out as tiles once
@@ -316,18 +346,17 @@ fn plan(qs: &[&QuantizedMatrix], rows: usize) -> (usize, Vec<usize>, Vec<(usize,
 /// into a scratch buffer, 8-bit rows read in place), scales and biases as f32, then run past
 /// every chunk of 16 activation rows ([`x86::amx_block_q8`](super::x86::amx_block_q8)).
 /// Blocks split over threads on the decode pool.
-fn qmatmul_many_amx<T: Elem>(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<T> {
-    let (total, owner, blocks) = plan(qs, AMX_ROWS);
+fn qmatmul_many_amx<T: Elem>(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<Vec<T>> {
+    let (owner, blocks) = plan(qs, AMX_ROWS);
     let acts: Vec<Option<AmxActs>> = qs.iter().enumerate().map(|(i, q)| (owner[i] == i).then(|| AmxActs::new(q, x, m))).collect();
-    // Every element is written below before the length is set.
-    let mut y = Vec::<T>::with_capacity(m * total);
-    let y_ptr = SendPtr(y.as_mut_ptr());
+    // Every element is written below before the lengths are set.
+    let ys = Outputs::new(qs, m);
     parallel_ranges(blocks.len(), 1, |range| {
         let (mut bytes, mut s, mut b) = (Aligned::default(), Vec::new(), Vec::new());
         let mut out = [[0f32; 16]; AMX_ROWS];
         // SAFETY: amx_applies checked AMX; the tiles are this thread's until released below.
         unsafe { crate::amx::configure() };
-        for &(i, r0, c0) in &blocks[range] {
+        for &(i, r0) in &blocks[range] {
             let q = qs[i];
             let (nr, groups) = (AMX_ROWS.min(q.rows - r0), q.cols / q.group_size);
             let a = amx_rows(q, r0, nr, &mut bytes);
@@ -349,9 +378,9 @@ fn qmatmul_many_amx<T: Elem>(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Ve
                 };
                 for (j, o) in out.iter().enumerate().take(nr) {
                     for (r, v) in o.iter().enumerate().take(m - ch * 16) {
-                        // SAFETY: row ch * 16 + r < m, column c0 + j < total; this block alone
-                        // writes column c0 + j.
-                        unsafe { y_ptr.get().add((ch * 16 + r) * total + c0 + j).write(T::of(*v)) };
+                        // SAFETY: row ch * 16 + r < m, column r0 + j < q.rows; this block
+                        // alone writes column r0 + j of matrix i's output.
+                        unsafe { ys.write(i, ch * 16 + r, r0 + j, T::of(*v)) };
                     }
                 }
             }
@@ -359,10 +388,9 @@ fn qmatmul_many_amx<T: Elem>(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Ve
         // SAFETY: as for configure.
         unsafe { crate::amx::release() };
     });
-    // SAFETY: the blocks cover every matrix row and the chunks every row of x, so all
-    // m * total elements were written.
-    unsafe { y.set_len(m * total) };
-    y
+    // SAFETY: the blocks cover every matrix row and the chunks every row of x, so every
+    // element of every output was written.
+    unsafe { ys.finish() }
 }
 
 /// Matrix rows per block of the AMX product: two A tiles.
@@ -398,17 +426,16 @@ fn amx_rows(q: &QuantizedMatrix, r0: usize, nr: usize, buf: &mut Aligned) -> *co
 }
 
 /// [`qmatmul_many_q8`] on AVX-512 VNNI.
-fn qmatmul_many_vnni<T: Elem>(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<T> {
-    let (total, owner, blocks) = plan(qs, QB);
+fn qmatmul_many_vnni<T: Elem>(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<Vec<T>> {
+    let (owner, blocks) = plan(qs, QB);
     let acts: Vec<Option<Vec<Q8Act>>> = qs.iter().enumerate().map(|(i, q)| (owner[i] == i).then(|| q8_rows(q, x, m))).collect();
     let refs: Vec<Vec<&Q8Act>> = acts.iter().map(|a| a.iter().flatten().collect()).collect();
-    // Every element is written below before the length is set.
-    let mut y = Vec::<T>::with_capacity(m * total);
-    let y_ptr = SendPtr(y.as_mut_ptr());
+    // Every element is written below before the lengths are set.
+    let ys = Outputs::new(qs, m);
     parallel_ranges(blocks.len(), 1, |range| {
         let (mut w, mut s, mut b) = (Vec::new(), Vec::new(), Vec::new());
         let mut out = [[0f32; 16]; GEMM_MR];
-        for &(i, r0, c0) in &blocks[range] {
+        for &(i, r0) in &blocks[range] {
             let q = qs[i];
             let nr = QB.min(q.rows - r0);
             interleave(q, r0, nr, &mut w, &mut s, &mut b);
@@ -417,21 +444,18 @@ fn qmatmul_many_vnni<T: Elem>(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> V
                 let chunk = &rows[i0..(i0 + GEMM_MR).min(m)];
                 gemm_block(q, &w, &s, &b, chunk, &mut out);
                 for (r, o) in out.iter().enumerate().take(chunk.len()) {
-                    // SAFETY: row i0 + r, columns c0..c0 + nr are inside y; this block alone
-                    // writes them.
-                    let dst = y_ptr.get();
                     for (j, v) in o[..nr].iter().enumerate() {
-                        // SAFETY: as above.
-                        unsafe { dst.add((i0 + r) * total + c0 + j).write(T::of(*v)) };
+                        // SAFETY: row i0 + r < m, column r0 + j < q.rows; this block alone
+                        // writes columns r0..r0 + nr of matrix i's output.
+                        unsafe { ys.write(i, i0 + r, r0 + j, T::of(*v)) };
                     }
                 }
             }
         }
     });
     // SAFETY: the blocks cover every matrix row and the steps of GEMM_MR every row of x,
-    // so all m * total elements were written.
-    unsafe { y.set_len(m * total) };
-    y
+    // so every element of every output was written.
+    unsafe { ys.finish() }
 }
 
 /// Rows r0..r0 + nr of `q` interleaved for [`gemm_block`]: `w[t * 16 + j]` = word t of row

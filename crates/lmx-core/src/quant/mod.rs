@@ -560,6 +560,9 @@ pub fn matmul_many(qs: &[Arc<QuantizedMatrix>], x: &Tensor) -> Result<Vec<Tensor
     if qs.len() < 2 || !shared || qs.iter().any(|q| q.exact) || !x.device().is_cpu() || x.track_op() || qs.iter().any(|q| q.cols != qs[0].cols) {
         return qs.iter().map(|q| q.matmul(x)).collect();
     }
+    if !op::decode_rows(x.dims()) {
+        return op::q8_many(&refs, x);
+    }
     let y = x.contiguous()?.apply_op1_no_bwd(&op::QMatMulMany { qs: qs.to_vec() })?;
     let last = y.rank() - 1;
     let mut start = 0;

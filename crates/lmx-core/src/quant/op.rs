@@ -33,9 +33,9 @@ pub(super) fn decode_rows(dims: &[usize]) -> bool {
     dims.len() < 2 || dims[dims.len() - 2] <= DECODE_TOKENS
 }
 
-/// `x @ [W_0; W_1; ...]^T` for matrices sharing their input, as one candle op without
-/// backward: x rounded to int8 once and all products in one parallel step (the decode
-/// kernels for [`decode_rows`], else the int8 product, where [`kernels::q8_gemm_applies`]).
+/// `x @ [W_0; W_1; ...]^T` for decoded rows ([`decode_rows`]) of an input the matrices share,
+/// as one candle op without backward: x rounded to int8 once and all products in one
+/// parallel step. (Prompts take [`q8_many`].)
 pub(super) struct QMatMulMany {
     pub(super) qs: Vec<Arc<QuantizedMatrix>>,
 }
@@ -60,21 +60,54 @@ impl CustomOp1 for QMatMulMany {
         }
         let m = x.len() / k;
         let qs: Vec<&QuantizedMatrix> = self.qs.iter().map(|q| &**q).collect();
-        let decode = decode_rows(&dims);
         if let Some(last) = dims.last_mut() {
             *last = qs.iter().map(|q| q.rows).sum();
         }
-        let y = if decode { output(kernels::qmatvec_many(&qs, &x, m), s.dtype()) } else { q8_output(&qs, &x, m, s.dtype()) };
-        Ok((y, Shape::from(dims)))
+        Ok((output(kernels::qmatvec_many(&qs, &x, m), s.dtype()), Shape::from(dims)))
     }
 }
 
-/// The int8 product of several rows, stored in the input's dtype.
-fn q8_output(qs: &[&QuantizedMatrix], x: &[f32], m: usize, dtype: DType) -> CpuStorage {
+/// `[x @ W_0^T, x @ W_1^T, ...]` for several rows of a CPU input x (..., cols) off the tape,
+/// by the int8 product (callers check [`kernels::q8_gemm_applies`]), in x's dtype: each
+/// matrix's output written where it stays, with no joint output to split and copy.
+pub(super) fn q8_many(qs: &[&QuantizedMatrix], x: &Tensor) -> Result<Vec<Tensor>> {
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let candle_core::Storage::Cpu(s) = &*storage else { candle_core::bail!("the int8 quantized product runs on the CPU") };
+    let xs = input_f32(s, layout, "quantized matmul")?;
+    let k = x.dim(candle_core::D::Minus1)?;
+    let shape = |n: usize| {
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().expect("x has features") = n;
+        dims
+    };
+    if qs.iter().any(|q| q.cols != k) {
+        candle_core::bail!("quantized matmul: input {:?} does not end in {} features", x.dims(), qs[0].cols);
+    }
+    if k == 0 {
+        // Empty shares of row-parallel products (their part of the all-sum is 0).
+        return qs.iter().map(|q| Tensor::zeros(shape(q.rows), x.dtype(), x.device())).collect();
+    }
+    let m = xs.len() / k;
+    fn tensors<T: crate::cpu_fused::Elem>(ys: Vec<Vec<T>>, shape: impl Fn(usize) -> Vec<usize>, qs: &[&QuantizedMatrix], dev: &candle_core::Device) -> Result<Vec<Tensor>> {
+        ys.into_iter().zip(qs).map(|(y, q)| Tensor::from_vec(y, shape(q.rows), dev)).collect()
+    }
+    match x.dtype() {
+        DType::BF16 => tensors(kernels::qmatmul_many_q8::<bf16>(qs, &xs, m), shape, qs, x.device()),
+        DType::F16 => tensors(kernels::qmatmul_many_q8::<f16>(qs, &xs, m), shape, qs, x.device()),
+        _ => tensors(kernels::qmatmul_many_q8::<f32>(qs, &xs, m), shape, qs, x.device()),
+    }
+}
+
+/// The int8 product of several rows of x by one matrix, stored in the input's dtype.
+fn q8_output(q: &QuantizedMatrix, x: &[f32], m: usize, dtype: DType) -> CpuStorage {
+    fn one<T>(mut ys: Vec<Vec<T>>) -> Vec<T> {
+        ys.pop().expect("one output per matrix")
+    }
     match dtype {
-        DType::BF16 => CpuStorage::BF16(kernels::qmatmul_many_q8(qs, x, m)),
-        DType::F16 => CpuStorage::F16(kernels::qmatmul_many_q8(qs, x, m)),
-        _ => CpuStorage::F32(kernels::qmatmul_many_q8(qs, x, m)),
+        DType::BF16 => CpuStorage::BF16(one(kernels::qmatmul_many_q8(&[q], x, m))),
+        DType::F16 => CpuStorage::F16(one(kernels::qmatmul_many_q8(&[q], x, m))),
+        _ => CpuStorage::F32(one(kernels::qmatmul_many_q8(&[q], x, m))),
     }
 }
 
@@ -127,7 +160,7 @@ impl CustomOp1 for QMatMul {
             return Ok((output(kernels::qmatvec_many(&[q], &x, m), s.dtype()), Shape::from(dims)));
         }
         if !self.transpose && !self.exact && kernels::q8_gemm_applies(&[q]) {
-            return Ok((q8_output(&[q], &x, m, s.dtype()), Shape::from(dims)));
+            return Ok((q8_output(q, &x, m, s.dtype()), Shape::from(dims)));
         }
         let y = if self.transpose && training_bf16 {
             // QLoRA's backward in bf16 products with f32 sums, as the forward below: W
