@@ -166,7 +166,7 @@ fn simd_dequantize_matches_scalar() -> Result<()> {
 
 /// The integer decode kernels of every instruction set this CPU has agree with the scalar
 /// reference, for 4 and 8 bits, every group size, every scale dtype, and row lengths whose
-/// group count is not a multiple of 8 (the kernels take 8 groups per step).
+/// group count is not a multiple of 8 or 16 (the kernels take 8 or 16 groups per step).
 #[test]
 fn int8_decode_kernels_match_scalar() -> Result<()> {
     use kernels::Level;
@@ -195,8 +195,9 @@ fn int8_decode_kernels_match_scalar() -> Result<()> {
     for bits in [4usize, 8] {
         for group in [32usize, 64, 128] {
             // 608 = 19 groups of 32: a last 8-bit run of 32 elements; 576 (SmolLM2's width):
-            // a last 4-bit run of 64 outside the 128-element spans of the 512-bit kernel.
-            for cols in [640usize, 1152, 608, 576] {
+            // a last 4-bit run of 64 outside the 128-element spans of the 512-bit kernel;
+            // 4224 = 33 groups of 128: steps of 16 groups and a last one of 1.
+            for cols in [640usize, 1152, 608, 576, 4224] {
                 if (cols == 608 && (bits, group) != (8, 32)) || cols % group != 0 {
                     continue;
                 }

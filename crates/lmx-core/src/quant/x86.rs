@@ -508,10 +508,10 @@ unsafe fn rows_q8_512<S: super::Scale, const BITS: usize, const GS: usize, const
     let mut acc = [_mm512_setzero_ps(); R];
     let mut bacc = [_mm512_setzero_ps(); R];
     assert!(BITS != 4 || (act.pair_codes.len() == cols && act.pair_fine.len() == cols), "4-bit decode activations come paired (Q8Act::new)");
-    // Groups per step: a step's scales and biases fill one 16-lane vector for groups of 32
-    // (the GGUF block types), half of one for larger groups (the lanes of `lane_groups`
-    // reach 16 groups of 32 within 512 elements, 8 of 64 or 128 within 512 and 1024).
-    let per_step = if GS == 32 { 16 } else { 8 };
+    // Groups per step: a step's scales and biases fill one 16-lane vector (`lane_groups`
+    // covers 16 runs: 16 groups of any size for 4 bits, of 32 or 64 for 8 bits), half of one
+    // for 8-bit groups of 128. A row of SmolLM2 (576 elements, 9 groups of 64) is one step.
+    let per_step = if BITS == 8 && GS == 128 { 8 } else { 16 };
     // SAFETY (whole body): every run read lies inside its row and the activation codes
     // (runs stop at `cols`, a last 8-bit run of 32 elements is read as a half); the
     // per-group loads are masked to the step's groups; the caller guarantees `rows` holds R
@@ -583,10 +583,35 @@ unsafe fn rows_q8_512<S: super::Scale, const BITS: usize, const GS: usize, const
             }
         }
     }
-    let inv_fine = 1.0 / super::kernels::FINE;
-    for r in 0..R {
-        out[r] = _mm512_reduce_add_ps(acc[r]) * inv_fine + _mm512_reduce_add_ps(bacc[r]);
-    }
+    // SAFETY: AVX-512F is available (this function's features).
+    let sums = unsafe {
+        let inv_fine = _mm512_set1_ps(1.0 / super::kernels::FINE);
+        let row = |r: usize| _mm512_fmadd_ps(acc[r.min(R - 1)], inv_fine, bacc[r.min(R - 1)]);
+        sum4(row(0), row(1), row(2), row(3))
+    };
+    out.copy_from_slice(&sums[..R]);
+}
+
+/// The horizontal sums of four 16-lane vectors, together (a 4 x 16 transpose-and-add in 11
+/// shuffles and adds, where four `_mm512_reduce_add_ps` take ~32): the quarters of each
+/// vector are added pairwise across the four, then the lanes of each quarter.
+///
+/// # Safety
+/// AVX-512F must be available.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn sum4(a0: __m512, a1: __m512, a2: __m512, a3: __m512) -> [f32; 4] {
+    // [a0 q0+q2, a0 q1+q3, a1 q0+q2, a1 q1+q3] (q: 128-bit quarters), and for a2, a3.
+    let b0 = _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(a0, a1), _mm512_shuffle_f32x4::<0xEE>(a0, a1));
+    let b1 = _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(a2, a3), _mm512_shuffle_f32x4::<0xEE>(a2, a3));
+    // Quarter r: the sum of a_r's four quarters.
+    let c = _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(b0, b1), _mm512_shuffle_f32x4::<0xDD>(b0, b1));
+    let d = _mm512_add_ps(c, _mm512_shuffle_ps::<0b10_11_00_01>(c, c));
+    let e = _mm512_add_ps(d, _mm512_shuffle_ps::<0b01_00_11_10>(d, d));
+    let mut lanes = [0f32; 16];
+    // SAFETY: 16 floats.
+    unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), e) };
+    [lanes[0], lanes[4], lanes[8], lanes[12]]
 }
 
 /// Rows of at most this many bytes go 4 at a time through [`rows_q8_512`]: its prefetches
