@@ -326,7 +326,7 @@ fn shape_mismatch_names_both_shapes() -> Result<()> {
 #[ignore]
 fn kernel_speed() -> Result<()> {
     use kernels::Level;
-    for (rows, cols, bits) in [(1536usize, 576usize, 4usize), (49152, 576, 4), (8192, 2048, 4), (2048, 8192, 4), (8192, 2048, 8), (262144, 576, 4), (16384, 8192, 4)] {
+    for (rows, cols, bits) in [(1536usize, 576usize, 4usize), (49152, 576, 4), (1536, 576, 8), (49152, 576, 8), (8192, 2048, 4), (2048, 8192, 4), (8192, 2048, 8), (262144, 576, 4), (16384, 8192, 4)] {
         let q = QuantizedMatrix::quantize(&rand(rows, cols).to_dtype(DType::BF16)?, bits, 64)?;
         let x: Vec<f32> = rand(1, cols).flatten_all()?.to_vec1()?;
         let act = kernels::Q8Act::new(&q, &x).expect("int8 path");

@@ -488,10 +488,10 @@ const PREFETCH: usize = 16384;
 /// lane (`fine + 254 * coarse`), widened to f32 and multiplied by the lane's `scale * dx`,
 /// and one horizontal sum ends the row. 4-bit rows go 128 elements (one 64-byte load) per
 /// step against the activations' paired codes; 8-bit rows 64. The groups' scales, biases and
-/// activation sums are read 16 groups at a time for groups of 32 (one 16-lane vector: half
-/// the per-group work of 8; GGUF's Q4_0 SmolLM2 decode, 1 thread, Zen 4: 140-143 -> 166-178
-/// tok/s), 8 for larger groups; masked loads take a row's last groups. Rows of `R` share the
-/// activation loads. Prefetches go to L2 (`T1`): into L1 they took the line-fill buffers
+/// activation sums are read 16 groups at a time (one 16-lane vector: half the per-group work
+/// of 8; GGUF's Q4_0 SmolLM2 decode, 1 thread, Zen 4: 140-143 -> 166-178 tok/s; 8 only for
+/// 8-bit groups of 128); masked loads take a row's last groups. Rows of `R` share the
+/// activation loads, and their sums are reduced together at the end ([`sum4`]). Prefetches go to L2 (`T1`): into L1 they took the line-fill buffers
 /// that a single thread's stream needs (16384 x 8192 from memory, Zen 4: 12-13 -> 18-19
 /// GB/s).
 ///
