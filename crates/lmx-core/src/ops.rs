@@ -219,13 +219,14 @@ pub fn pick_greedy_rows(logits: &Tensor, masked: &[Vec<u32>]) -> Result<Tensor> 
 /// does not hide a real maximum after it), and a row with none larger than -inf gives 0. The
 /// GPU's pick agrees.
 pub fn first_argmax(row: &[f32]) -> usize {
-    let (mut best, mut top) = (0, f32::NEG_INFINITY);
-    for (i, &v) in row.iter().enumerate() {
-        if v > top {
-            (best, top) = (i, v);
-        }
+    // Two passes that vectorize, where one running (index, value) pair does not: the largest
+    // value (NaN never taken), then the first block of 64 that holds it, then its place there.
+    let top = crate::cpu_fused::max(row);
+    if top == f32::NEG_INFINITY {
+        return 0;
     }
-    best
+    let block = row.chunks(64).position(|c| c.iter().fold(false, |any, &v| any | (v == top))).unwrap_or(0);
+    64 * block + row[64 * block..].iter().position(|&v| v == top).unwrap_or(0)
 }
 
 /// The greedy pick of each of `masked.len()` rows (the input split evenly), each with its own

@@ -589,7 +589,8 @@ unsafe fn rows_q8_512<S: super::Scale, const BITS: usize, const GS: usize, const
         let row = |r: usize| _mm512_fmadd_ps(acc[r.min(R - 1)], inv_fine, bacc[r.min(R - 1)]);
         sum4(row(0), row(1), row(2), row(3))
     };
-    out.copy_from_slice(&sums[..R]);
+    // A copy of the constant length R, which inlines (one of `out.len()` is a call to memmove).
+    out[..R].copy_from_slice(&sums[..R]);
 }
 
 /// The horizontal sums of four 16-lane vectors, together (a 4 x 16 transpose-and-add in 11
