@@ -179,17 +179,20 @@ pub(super) fn q8_gemm_applies(qs: &[&QuantizedMatrix]) -> bool {
     matches!(level(), Level::Vnni | Level::Vnni512) && qs.iter().all(|q| Q8Act::fits(q) && q.cols == qs[0].cols)
 }
 
-/// Each row of x (m, cols) rounded to int8 for `q`'s kernels, rows split over threads.
+/// Each row of x (m, cols) rounded to int8 for `q`'s kernels, rows split over threads. The
+/// rows' buffers are allocated here, on the thread that frees them: buffers allocated by the
+/// pool's worker and freed by the caller went back through the worker's malloc arena under
+/// its lock, and allocation took ~10% of a 2-thread prompt.
 fn q8_rows(q: &QuantizedMatrix, x: &[f32], m: usize) -> Vec<Q8Act> {
-    let mut acts: Vec<Option<Q8Act>> = (0..m).map(|_| None).collect();
+    let mut acts: Vec<Q8Act> = (0..m).map(|_| Q8Act::zeroed(q)).collect();
     let out = SendPtr(acts.as_mut_ptr());
     parallel_ranges(m, 4, |rows| {
         for i in rows {
             // SAFETY: ranges are disjoint and inside `acts`, which outlives the call.
-            unsafe { *out.get().add(i) = Q8Act::coded(q, &x[i * q.cols..(i + 1) * q.cols], false) };
+            unsafe { (*out.get().add(i)).quantize(&x[i * q.cols..(i + 1) * q.cols], q.group_size, q.bits) };
         }
     });
-    acts.into_iter().map(|a| a.expect("q8_gemm_applies checked the shapes")).collect()
+    acts
 }
 
 /// `[x @ W_0^T, x @ W_1^T, ...]`, each (m, rows of W_i), for several rows of x (prefill) with
@@ -433,12 +436,12 @@ fn qmatmul_many_vnni<T: Elem>(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> V
     // Every element is written below before the lengths are set.
     let ys = Outputs::new(qs, m);
     parallel_ranges(blocks.len(), 1, |range| {
-        let (mut w, mut s, mut b) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut w, mut s, mut b, mut tmp) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut out = [[0f32; 16]; GEMM_MR];
         for &(i, r0) in &blocks[range] {
             let q = qs[i];
             let nr = QB.min(q.rows - r0);
-            interleave(q, r0, nr, &mut w, &mut s, &mut b);
+            interleave(q, r0, nr, &mut w, &mut s, &mut b, &mut tmp);
             let rows = &refs[owner[i]];
             for i0 in (0..m).step_by(GEMM_MR) {
                 let chunk = &rows[i0..(i0 + GEMM_MR).min(m)];
@@ -461,33 +464,47 @@ fn qmatmul_many_vnni<T: Elem>(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> V
 /// Rows r0..r0 + nr of `q` interleaved for [`gemm_block`]: `w[t * 16 + j]` = word t of row
 /// r0 + j, `s`/`b[g * 16 + j]` its group g's scale/bias as f32; rows past nr are zeros. The
 /// rows are transposed in 16 x 16 tiles (a strided store per word took 5% of a 4-bit prompt).
-fn interleave(q: &QuantizedMatrix, r0: usize, nr: usize, w: &mut Vec<u32>, s: &mut Vec<f32>, b: &mut Vec<f32>) {
+/// The outputs and the scratch `tmp` are reused from block to block (no allocation per block).
+fn interleave(q: &QuantizedMatrix, r0: usize, nr: usize, w: &mut Vec<u32>, s: &mut Vec<f32>, b: &mut Vec<f32>, tmp: &mut Vec<u32>) {
     let (words, groups) = (q.cols * q.bits / 32, q.cols / q.group_size);
     w.resize(words * QB, 0);
     s.resize(groups * QB, 0.0);
     b.resize(groups * QB, 0.0);
-    let mut padded = Vec::new();
     let src: &[u32] = if nr == QB {
         &q.packed[r0 * words..(r0 + QB) * words]
     } else {
-        padded.resize(QB * words, 0);
-        padded[..nr * words].copy_from_slice(&q.packed[r0 * words..(r0 + nr) * words]);
-        &padded
+        tmp.clear();
+        tmp.extend_from_slice(&q.packed[r0 * words..(r0 + nr) * words]);
+        tmp.resize(QB * words, 0);
+        tmp
     };
     // SAFETY: q8_gemm_applies checked AVX-512 (VNNI on 512-bit registers); both hold QB x
     // words words.
     unsafe { crate::bf16_gemm::transpose_u32(src, w, QB, words) };
     for (params, out) in [(&q.scales, &mut *s), (&q.biases, &mut *b)] {
-        let mut values = vec![0f32; QB * groups];
+        // The rows' values in row order (rows past nr zero), as bits, then transposed into out.
+        tmp.clear();
+        tmp.resize(QB * groups, 0);
+        let values: &mut [f32] = as_f32s(tmp);
         for j in 0..nr {
             params.fill((r0 + j) * groups, &mut values[j * groups..(j + 1) * groups]);
         }
-        let bits: Vec<u32> = values.iter().map(|v| v.to_bits()).collect();
-        let mut t = vec![0u32; QB * groups];
+        let t: &mut [u32] = as_bits(out);
         // SAFETY: as above; QB x groups words each.
-        unsafe { crate::bf16_gemm::transpose_u32(&bits, &mut t, QB, groups) };
-        out.iter_mut().zip(&t).for_each(|(o, v)| *o = f32::from_bits(*v));
+        unsafe { crate::bf16_gemm::transpose_u32(tmp, t, QB, groups) };
     }
+}
+
+/// The same memory as f32 (every u32 bit pattern is an f32).
+fn as_f32s(v: &mut [u32]) -> &mut [f32] {
+    // SAFETY: u32 and f32 have the same size and alignment, and every bit pattern is valid.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len()) }
+}
+
+/// The same memory as u32 (every f32's bits).
+fn as_bits(v: &mut [f32]) -> &mut [u32] {
+    // SAFETY: u32 and f32 have the same size and alignment, and every bit pattern is valid.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len()) }
 }
 
 /// One block of [`qmatmul_many_q8`] with the kernel for `q`'s bit width and group size.
@@ -677,8 +694,18 @@ impl Q8Act {
         if !Self::fits(q) || x.len() != q.cols {
             return None;
         }
+        let mut a = Self::zeroed(q);
+        a.quantize(x, q.group_size, q.bits);
+        if q.bits == 4 && paired {
+            (a.pair_codes, a.pair_fine) = (Self::paired(&a.codes), Self::paired(&a.fine));
+        }
+        Some(a)
+    }
+
+    /// All zeros, sized for `q` (which [`fits`](Self::fits)), unpaired.
+    fn zeroed(q: &QuantizedMatrix) -> Self {
         let padded = (q.cols / q.group_size).next_multiple_of(8);
-        let mut a = Q8Act {
+        Q8Act {
             codes: vec![0; q.cols],
             fine: vec![0; q.cols],
             pair_codes: Vec::new(),
@@ -687,12 +714,7 @@ impl Q8Act {
             xsums: vec![0.0; padded],
             code_sums: vec![0; padded],
             fine_sums: vec![0; padded],
-        };
-        a.quantize(x, q.group_size, q.bits);
-        if q.bits == 4 && paired {
-            (a.pair_codes, a.pair_fine) = (Self::paired(&a.codes), Self::paired(&a.fine));
         }
-        Some(a)
     }
 
     /// 4-bit codes (in [`position`](Self::position) order) rearranged per 128-element span
