@@ -23,7 +23,7 @@ pub fn supported() -> bool {
 
 /// f32 values rounded to bf16 bits (round to nearest even, as the hardware converts).
 pub fn to_bf16_bits(x: &[f32]) -> Vec<u16> {
-    x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect()
+    x.iter().map(|&v| crate::cpu_fused::bf16_of(v).to_bits()).collect()
 }
 
 /// A bf16 matrix packed for [`matmul`]: the right operand B (k, n) of `x @ B`, stored as
@@ -567,7 +567,7 @@ unsafe fn pack_row(src: &[f32], dst: &mut [u32]) {
     }
     for (j, &v) in src.iter().enumerate().skip(e) {
         // SAFETY: j < k <= 2 * dst.len().
-        unsafe { *out.add(j) = half::bf16::from_f32(v).to_bits() };
+        unsafe { *out.add(j) = crate::cpu_fused::bf16_of(v).to_bits() };
     }
     if k % 2 == 1 {
         // SAFETY: the last word's high half pads an odd row.
@@ -600,7 +600,7 @@ unsafe fn pack_pairs(lo: &[f32], hi: &[f32], dst: &mut [u32]) {
         j += 16;
     }
     for ((d, l), h) in dst[j..n].iter_mut().zip(&lo[j..n]).zip(&hi[j..n]) {
-        *d = u32::from(half::bf16::from_f32(*l).to_bits()) | (u32::from(half::bf16::from_f32(*h).to_bits()) << 16);
+        *d = u32::from(crate::cpu_fused::bf16_of(*l).to_bits()) | (u32::from(crate::cpu_fused::bf16_of(*h).to_bits()) << 16);
     }
 }
 

@@ -58,6 +58,53 @@ pub fn parallel_ranges(n: usize, min_per_thread: usize, f: impl Fn(Range<usize>)
     STALLS.record(threads, done - start, end - done, end);
 }
 
+/// Defines a function whose body is compiled three times, for AVX-512, for AVX2 + FMA and for
+/// baseline x86-64 (4 lanes), and runs the widest this CPU has: elementwise loops (SiLU,
+/// norms, rotary embeddings, bf16 roundings, log-sum-exp) vectorize 16 or 8 lanes wide. The
+/// same operations run in the same order (LLVM neither reorders float sums nor fuses a
+/// multiply and an add on its own), so every variant gives the same bits. The body is an
+/// `#[inline(always)]` function called from `#[target_feature]` ones: a closure handed to such
+/// a function is not inlined into it (it stays baseline code), so it has to be an item.
+macro_rules! widest {
+    ($(#[$m:meta])* $v:vis fn $name:ident<$($g:ident: $bound:path),*>($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
+        $(#[$m])*
+        $v fn $name<$($g: $bound),*>($($a: $t),*) $(-> $r)? {
+            #[inline(always)]
+            fn body<$($g: $bound),*>($($a: $t),*) $(-> $r)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+                unsafe fn avx512<$($g: $bound),*>($($a: $t),*) $(-> $r)? { body($($a),*) }
+                #[target_feature(enable = "avx2,fma,f16c")]
+                unsafe fn avx2<$($g: $bound),*>($($a: $t),*) $(-> $r)? { body($($a),*) }
+                match $crate::cpu::vector_width() {
+                    // SAFETY: vector_width found every feature of the variant.
+                    16 => return unsafe { avx512($($a),*) },
+                    // SAFETY: as above.
+                    8 => return unsafe { avx2($($a),*) },
+                    _ => {}
+                }
+            }
+            body($($a),*)
+        }
+    };
+}
+pub(crate) use widest;
+
+/// f32 lanes of the widest vectors [`widest`] functions run on: 16 (AVX-512 F/BW/VL), 8
+/// (AVX2, FMA, F16C) or 4 (baseline x86-64, and every other architecture).
+#[inline]
+pub fn vector_width() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx2") && has!("fma") && has!("f16c") {
+            return if has!("avx512f") && has!("avx512bw") && has!("avx512vl") { 16 } else { 8 };
+        }
+    }
+    4
+}
+
 /// When [`parallel_ranges`] runs on the calling thread alone: while the pool is slower than
 /// the caller alone would be. A call stalls when its caller, done with its own range, waits
 /// for the workers more than [`Stalls::WAIT_NS`] plus half its own time (balanced ranges
@@ -326,13 +373,13 @@ impl CustomOp2 for MatVec {
                 // SAFETY: `dpbf16()` checked the CPU; w is n rows of k and x m rows of k; each
                 // range's columns are written by its call alone.
                 parallel_ranges(n, MIN_ROWS_PER_THREAD, |rows| unsafe { x86::matvec_rows_dpbf16(w, x, m, k, n, rows, out.get()) });
-                CpuStorage::BF16(y.into_iter().map(bf16::from_f32).collect())
+                CpuStorage::BF16(y.into_iter().map(crate::cpu_fused::bf16_of).collect())
             }
             DType::BF16 => {
                 let x: Vec<f32> = contiguous::<bf16>(xs, xl)?.iter().map(|v| v.to_f32()).collect();
                 let w = contiguous::<bf16>(ws, wl)?;
                 matvec_rows(w, &x, m, k, n, &mut y, |row, i| scalar::dot_bf16(&w[row * k..(row + 1) * k], &x[i * k..(i + 1) * k]));
-                CpuStorage::BF16(y.into_iter().map(bf16::from_f32).collect())
+                CpuStorage::BF16(y.into_iter().map(crate::cpu_fused::bf16_of).collect())
             }
             other => candle_core::bail!("matvec: dtype {other:?} is not supported"),
         };

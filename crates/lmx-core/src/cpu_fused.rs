@@ -6,7 +6,7 @@
 //! weights. Inference only: `ops` routes inputs on the gradient tape to the differentiable
 //! compositions instead.
 
-use crate::cpu::{parallel_ranges, SendPtr};
+use crate::cpu::{parallel_ranges, widest, SendPtr};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape};
 use half::{bf16, f16};
@@ -93,7 +93,7 @@ impl Elem for bf16 {
         self.to_f32()
     }
     fn of(v: f32) -> Self {
-        bf16::from_f32(v)
+        bf16_of(v)
     }
     fn dot(a: &[Self], x: &[f32]) -> f32 {
         crate::cpu::dot_bf16(a, x)
@@ -109,6 +109,17 @@ impl Elem for bf16 {
         // SAFETY: forwarded from the caller (a bf16 is the top half of an f32).
         unsafe { _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i)), 16)) }
     }
+}
+
+/// `v` rounded to bf16 as `bf16::from_f32` rounds it (to nearest even; a NaN stays a NaN,
+/// made quiet), without its branches: loops of these vectorize, where `from_f32`'s NaN test
+/// kept them scalar (a 4-bit SmolLM2 prompt spent ~10% of its time rounding outputs).
+#[inline(always)]
+pub(crate) fn bf16_of(v: f32) -> bf16 {
+    let u = v.to_bits();
+    let rounded = u.wrapping_add(0x7FFF + ((u >> 16) & 1)) >> 16;
+    let nan = (u >> 16) | 0x40;
+    bf16::from_bits(if u & 0x7FFF_FFFF > 0x7F80_0000 { nan } else { rounded } as u16)
 }
 
 impl Elem for f16 {
@@ -152,24 +163,39 @@ fn rms_norm_rows<T: Elem>(xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &La
 fn norm_rows<T: Elem>(x: &[T], w: &[T], eps: f32) -> Vec<T> {
     let d = w.len();
     let mut out = vec![T::of(0.0); x.len()];
-    let row = |(xr, or): (&[T], &mut [T])| {
-        // The mean square is accumulated in f64: a sequential f32 sum drifts by ~1e-5 relative
-        // on rows with large outliers (SmolLM2 has activations near 25000), enough to move
-        // bf16 outputs by an ulp that the model then amplifies. torch's vectorized sum does not.
-        let ss: f64 = xr.iter().map(|v| f64::from(v.f32()) * f64::from(v.f32())).sum();
-        let variance = (ss / d as f64) as f32;
-        let r = 1.0 / (variance + eps).sqrt();
-        for ((o, xv), wv) in or.iter_mut().zip(xr).zip(w) {
-            *o = T::of(T::of(xv.f32() * r).f32() * wv.f32());
-        }
-    };
     let out_ptr = SendPtr(out.as_mut_ptr());
     parallel_ranges(x.len() / d, 8, |rows| {
         // SAFETY: ranges of rows are disjoint and inside `out`, which outlives the call.
         let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(rows.start * d), rows.len() * d) };
-        x[rows.start * d..rows.end * d].chunks(d).zip(o.chunks_mut(d)).for_each(row);
+        norm_range(&x[rows.start * d..rows.end * d], w, eps, o);
     });
     out
+}
+
+widest! {
+    /// The rows of `x` (each `w.len()` long) RMS-normalized and scaled by `w`, into `out`.
+    fn norm_range<T: Elem>(x: &[T], w: &[T], eps: f32, out: &mut [T]) {
+        let d = w.len();
+        for (xr, or) in x.chunks(d).zip(out.chunks_mut(d)) {
+            // The mean square is accumulated in f64: a sequential f32 sum drifts by ~1e-5
+            // relative on rows with large outliers (SmolLM2 has activations near 25000),
+            // enough to move bf16 outputs by an ulp that the model then amplifies. torch's
+            // vectorized sum does not.
+            let ss: f64 = xr.iter().map(|v| f64::from(v.f32()) * f64::from(v.f32())).sum();
+            let variance = (ss / d as f64) as f32;
+            let r = 1.0 / (variance + eps).sqrt();
+            for ((o, xv), wv) in or.iter_mut().zip(xr).zip(w) {
+                *o = T::of(T::of(xv.f32() * r).f32() * wv.f32());
+            }
+        }
+    }
+}
+
+widest! {
+    /// `x + h`, elementwise, rounded to T.
+    fn add_elems<T: Elem>(x: &[T], h: &[T]) -> Vec<T> {
+        x.iter().zip(h).map(|(a, b)| T::of(a.f32() + b.f32())).collect()
+    }
 }
 
 impl CustomOp2 for RmsNorm {
@@ -205,7 +231,7 @@ pub struct AddRmsNorm {
 
 fn add_rms_norm_rows<T: Elem>(xs: &CpuStorage, xl: &Layout, hs: &CpuStorage, hl: &Layout, ws: &CpuStorage, wl: &Layout, eps: f32) -> Result<Vec<T>> {
     let (x, h) = (slice::<T>(xs, xl)?, slice::<T>(hs, hl)?);
-    let mut out: Vec<T> = x.iter().zip(h).map(|(a, b)| T::of(a.f32() + b.f32())).collect();
+    let mut out: Vec<T> = add_elems(x, h);
     let normed = norm_rows(&out, slice::<T>(ws, wl)?, eps);
     out.extend(normed);
     Ok(out)
@@ -265,18 +291,19 @@ fn silu_mul_elems<T: Elem>(gs: &CpuStorage, gl: &Layout, us: &CpuStorage, ul: &L
     parallel_ranges(g.len(), 4096, |r| {
         // SAFETY: ranges are disjoint and inside `out`, which outlives the call.
         let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(r.start), r.len()) };
-        // In blocks of 16 through f32 buffers, so that the exponential vectorizes.
-        for ((o, g), u) in o.chunks_mut(16).zip(g[r.clone()].chunks(16)).zip(u[r].chunks(16)) {
-            let mut e = [0f32; 16];
-            for (e, g) in e.iter_mut().zip(g) {
-                *e = exp(-g.f32());
-            }
-            for (((o, e), g), u) in o.iter_mut().zip(e).zip(g).zip(u) {
-                *o = T::of(g.f32() / (1.0 + e) * u.f32());
-            }
-        }
+        silu_mul_range(o, &g[r.clone()], &u[r]);
     });
     Ok(out)
+}
+
+widest! {
+    /// `o = silu(g) * u` (the exponential is straight-line code, so the loop vectorizes).
+    fn silu_mul_range<T: Elem>(o: &mut [T], g: &[T], u: &[T]) {
+        for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
+            let g = g.f32();
+            *o = T::of(g / (1.0 + exp(-g)) * u.f32());
+        }
+    }
 }
 
 /// e^x for f32 in straight-line arithmetic that vectorizes (no libm call): x = n ln 2 + r
@@ -301,22 +328,24 @@ pub(crate) fn exp(x: f32) -> f32 {
     p * scale
 }
 
-/// `ln(sum(exp(x)))` in one vectorizable pass (a log-softmax's normalizer over a vocabulary
-/// for every generated token's log-probability): relative error of a few 1e-7.
-pub fn log_sum_exp(x: &[f32]) -> f32 {
-    let max = max(x);
-    if !max.is_finite() {
-        return max;
-    }
-    let mut acc = [0f32; 16];
-    let chunks = x.chunks_exact(16);
-    let tail: f32 = chunks.remainder().iter().map(|v| exp(v - max)).sum();
-    for c in chunks {
-        for (a, v) in acc.iter_mut().zip(c) {
-            *a += exp(v - max);
+widest! {
+    /// `ln(sum(exp(x)))` in one vectorizable pass (a log-softmax's normalizer over a
+    /// vocabulary for every generated token's log-probability): relative error of a few 1e-7.
+    pub fn log_sum_exp<>(x: &[f32]) -> f32 {
+        let max = max(x);
+        if !max.is_finite() {
+            return max;
         }
+        let mut acc = [0f32; 16];
+        let chunks = x.chunks_exact(16);
+        let tail: f32 = chunks.remainder().iter().map(|v| exp(v - max)).sum();
+        for c in chunks {
+            for (a, v) in acc.iter_mut().zip(c) {
+                *a += exp(v - max);
+            }
+        }
+        (acc.iter().sum::<f32>() + tail).ln() + max
     }
-    (acc.iter().sum::<f32>() + tail).ln() + max
 }
 
 /// The sum of `x` in 16 interleaved partial sums (which vectorizes, where one running sum
@@ -403,22 +432,47 @@ fn rope_rows<T: Elem>(xs: &CpuStorage, xl: &Layout, cs: &CpuStorage, cl: &Layout
     let (cos, sin) = (slice::<T>(cs, cl)?, slice::<T>(ss, sl)?);
     let mut out = vec![T::of(0.0); b * h * t * d];
     let out_ptr = SendPtr(out.as_mut_ptr());
-    parallel_ranges(b * h * t, 16, |rows| {
-        for r in rows {
-            let (bi, hi, ti) = (r / (h * t), r / t % h, r % t);
-            let src = &x[x0 + bi * st[0] + hi * st[1] + ti * st[2]..][..d];
-            // SAFETY: row r owns out[r * d..(r + 1) * d]; ranges are disjoint.
-            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(r * d), d) };
-            let at = if per_row { bi * t + ti } else { ti };
-            let (c, s) = (&cos[at * half..(at + 1) * half], &sin[at * half..(at + 1) * half]);
-            for i in 0..half {
-                let (x1, x2, c, s) = (src[i].f32(), src[i + half].f32(), c[i].f32(), s[i].f32());
-                o[i] = T::of(T::of(x1 * c).f32() - T::of(x2 * s).f32());
-                o[i + half] = T::of(T::of(x2 * c).f32() + T::of(x1 * s).f32());
-            }
-        }
+    let rows = RopeRows { x: &x[x0..], dims: [b, h, t, d], st: [st[0], st[1], st[2]], cos, sin, per_row };
+    parallel_ranges(b * h * t, 16, |range| {
+        // SAFETY: the range's rows of `out`, which outlives the call; ranges are disjoint.
+        let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(range.start * d), range.len() * d) };
+        rope_range(rows, range, o);
     });
     Ok(out)
+}
+
+/// Where [`rope_range`] reads: x's rows through their strides, the angles' rows.
+#[derive(Clone, Copy)]
+struct RopeRows<'a, T> {
+    x: &'a [T],
+    dims: [usize; 4],
+    st: [usize; 3],
+    cos: &'a [T],
+    sin: &'a [T],
+    per_row: bool,
+}
+
+widest! {
+    /// Rows `range` rotated into `out`: `[x1 c - x2 s, x2 c + x1 s]` for the halves x1, x2
+    /// of each row, each product rounded to T, then the sum.
+    fn rope_range<T: Elem>(rows: RopeRows<'_, T>, range: std::ops::Range<usize>, out: &mut [T]) {
+        let [_, h, t, d] = rows.dims;
+        let half = d / 2;
+        for (r, o) in range.zip(out.chunks_exact_mut(d)) {
+            let (bi, hi, ti) = (r / (h * t), r / t % h, r % t);
+            let src = &rows.x[bi * rows.st[0] + hi * rows.st[1] + ti * rows.st[2]..][..d];
+            let at = if rows.per_row { bi * t + ti } else { ti };
+            let (c, s) = (&rows.cos[at * half..(at + 1) * half], &rows.sin[at * half..(at + 1) * half]);
+            let (x1, x2) = src.split_at(half);
+            let (o1, o2) = o.split_at_mut(half);
+            // Zipped (no index, so no bounds checks), which vectorizes.
+            for ((((o1, o2), (x1, x2)), c), s) in o1.iter_mut().zip(o2).zip(x1.iter().zip(x2)).zip(c).zip(s) {
+                let (x1, x2, c, s) = (x1.f32(), x2.f32(), c.f32(), s.f32());
+                *o1 = T::of(T::of(x1 * c).f32() - T::of(x2 * s).f32());
+                *o2 = T::of(T::of(x2 * c).f32() + T::of(x1 * s).f32());
+            }
+        }
+    }
 }
 
 impl CustomOp3 for Rope {
@@ -946,6 +1000,20 @@ impl CustomOp3 for DecodeAttention {
 #[cfg(test)]
 mod tests {
     use candle_core::{DType, Device, Tensor};
+
+    /// The branch-free bf16 rounding gives `bf16::from_f32`'s bits: every pattern around
+    /// the rounding boundaries (low halves 0x7FFF, 0x8000, 0x8001 with even and odd kept
+    /// halves), infinities, NaNs of both signs, and a sweep of all f32 patterns in steps of 251.
+    #[test]
+    fn bf16_rounding_matches_half() {
+        let check = |u: u32| assert_eq!(super::bf16_of(f32::from_bits(u)).to_bits(), half::bf16::from_f32(f32::from_bits(u)).to_bits(), "{u:#010x}");
+        for hi in [0u32, 1, 0x3F80, 0x3F81, 0x7F7F, 0x7F80, 0x7F81, 0x7FC0, 0x7FFF, 0x8000, 0xBF80, 0xFF7F, 0xFF80, 0xFF81, 0xFFFF] {
+            for lo in [0u32, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF] {
+                check(hi << 16 | lo);
+            }
+        }
+        (0..=u32::MAX).step_by(251).for_each(check);
+    }
 
     /// The vectorizable exponential against libm's over the range SiLU and softmax use.
     #[test]

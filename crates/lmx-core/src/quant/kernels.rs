@@ -333,6 +333,18 @@ impl<T> Outputs<T> {
         unsafe { self.ptrs[i].get().add(row * self.widths[i] + col).write(v) };
     }
 
+    /// Matrix i's outputs at (row, col..col + v.len()), rounded to T (one loop, which
+    /// vectorizes).
+    /// SAFETY: row < m and col + v.len() <= the matrix's rows; no other thread writes these.
+    unsafe fn write_row(&self, i: usize, row: usize, col: usize, v: &[f32])
+    where
+        T: Elem,
+    {
+        // SAFETY: inside matrix i's output (m, widths[i]), as the caller promised.
+        let out = unsafe { std::slice::from_raw_parts_mut(self.ptrs[i].get().add(row * self.widths[i] + col), v.len()) };
+        out.iter_mut().zip(v).for_each(|(o, v)| *o = T::of(*v));
+    }
+
     /// The outputs, every element of which the caller has written.
     /// SAFETY: [`Outputs::write`] was called for every element of every output.
     unsafe fn finish(mut self) -> Vec<Vec<T>> {
@@ -447,11 +459,9 @@ fn qmatmul_many_vnni<T: Elem>(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> V
                 let chunk = &rows[i0..(i0 + GEMM_MR).min(m)];
                 gemm_block(q, &w, &s, &b, chunk, &mut out);
                 for (r, o) in out.iter().enumerate().take(chunk.len()) {
-                    for (j, v) in o[..nr].iter().enumerate() {
-                        // SAFETY: row i0 + r < m, column r0 + j < q.rows; this block alone
-                        // writes columns r0..r0 + nr of matrix i's output.
-                        unsafe { ys.write(i, i0 + r, r0 + j, T::of(*v)) };
-                    }
+                    // SAFETY: row i0 + r < m, columns r0..r0 + nr < q.rows; this block alone
+                    // writes them in matrix i's output.
+                    unsafe { ys.write_row(i, i0 + r, r0, &o[..nr]) };
                 }
             }
         }

@@ -114,7 +114,7 @@ fn q8_output(q: &QuantizedMatrix, x: &[f32], m: usize, dtype: DType) -> CpuStora
 /// The result in the input's dtype.
 fn output(y: Vec<f32>, dtype: DType) -> CpuStorage {
     match dtype {
-        DType::BF16 => CpuStorage::BF16(y.into_iter().map(bf16::from_f32).collect()),
+        DType::BF16 => CpuStorage::BF16(y.into_iter().map(crate::cpu_fused::bf16_of).collect()),
         DType::F16 => CpuStorage::F16(y.into_iter().map(f16::from_f32).collect()),
         _ => CpuStorage::F32(y),
     }
