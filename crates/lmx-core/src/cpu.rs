@@ -373,13 +373,13 @@ impl CustomOp2 for MatVec {
                 // SAFETY: `dpbf16()` checked the CPU; w is n rows of k and x m rows of k; each
                 // range's columns are written by its call alone.
                 parallel_ranges(n, MIN_ROWS_PER_THREAD, |rows| unsafe { x86::matvec_rows_dpbf16(w, x, m, k, n, rows, out.get()) });
-                CpuStorage::BF16(y.into_iter().map(crate::cpu_fused::bf16_of).collect())
+                CpuStorage::BF16(crate::cpu_fused::round_bf16(&y))
             }
             DType::BF16 => {
-                let x: Vec<f32> = contiguous::<bf16>(xs, xl)?.iter().map(|v| v.to_f32()).collect();
+                let x: Vec<f32> = crate::cpu_fused::widen_bf16(contiguous::<bf16>(xs, xl)?);
                 let w = contiguous::<bf16>(ws, wl)?;
                 matvec_rows(w, &x, m, k, n, &mut y, |row, i| scalar::dot_bf16(&w[row * k..(row + 1) * k], &x[i * k..(i + 1) * k]));
-                CpuStorage::BF16(y.into_iter().map(crate::cpu_fused::bf16_of).collect())
+                CpuStorage::BF16(crate::cpu_fused::round_bf16(&y))
             }
             other => candle_core::bail!("matvec: dtype {other:?} is not supported"),
         };

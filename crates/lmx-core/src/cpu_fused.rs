@@ -122,6 +122,20 @@ pub(crate) fn bf16_of(v: f32) -> bf16 {
     bf16::from_bits(if u & 0x7FFF_FFFF > 0x7F80_0000 { nan } else { rounded } as u16)
 }
 
+widest! {
+    /// `y` rounded to bf16 ([`bf16_of`]), on the widest vectors.
+    pub(crate) fn round_bf16<>(y: &[f32]) -> Vec<bf16> {
+        y.iter().map(|v| bf16_of(*v)).collect()
+    }
+}
+
+widest! {
+    /// `x` widened to f32, on the widest vectors.
+    pub(crate) fn widen_bf16<>(x: &[bf16]) -> Vec<f32> {
+        x.iter().map(|v| v.to_f32()).collect()
+    }
+}
+
 impl Elem for f16 {
     fn f32(self) -> f32 {
         self.to_f32()
