@@ -327,7 +327,20 @@ fn shape_mismatch_names_both_shapes() -> Result<()> {
 fn kernel_speed() -> Result<()> {
     use kernels::Level;
     // Groups of 32: GGUF's Q4_0/Q4_1/Q8_0 blocks (the default model's file), kept as affine groups.
-    for (rows, cols, bits, gs) in [(1536usize, 576usize, 4usize, 64usize), (1536, 576, 4, 32), (49152, 576, 4, 64), (49152, 576, 4, 32), (1536, 576, 8, 64), (1536, 576, 8, 32), (49152, 576, 8, 64), (8192, 2048, 4, 64), (2048, 8192, 4, 64), (8192, 2048, 8, 64), (262144, 576, 4, 64), (16384, 8192, 4, 64)] {
+    for (rows, cols, bits, gs) in [
+        (1536usize, 576usize, 4usize, 64usize),
+        (1536, 576, 4, 32),
+        (49152, 576, 4, 64),
+        (49152, 576, 4, 32),
+        (1536, 576, 8, 64),
+        (1536, 576, 8, 32),
+        (49152, 576, 8, 64),
+        (8192, 2048, 4, 64),
+        (2048, 8192, 4, 64),
+        (8192, 2048, 8, 64),
+        (262144, 576, 4, 64),
+        (16384, 8192, 4, 64),
+    ] {
         let q = QuantizedMatrix::quantize(&rand(rows, cols).to_dtype(DType::BF16)?, bits, gs)?;
         let x: Vec<f32> = rand(1, cols).flatten_all()?.to_vec1()?;
         let act = kernels::Q8Act::new(&q, &x).expect("int8 path");
