@@ -66,17 +66,17 @@ pub fn parallel_ranges(n: usize, min_per_thread: usize, f: impl Fn(Range<usize>)
 /// `#[inline(always)]` function called from `#[target_feature]` ones: a closure handed to such
 /// a function is not inlined into it (it stays baseline code), so it has to be an item.
 macro_rules! widest {
-    ($(#[$m:meta])* $v:vis fn $name:ident<$($g:ident: $bound:path),*>($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
+    ($(#[$m:meta])* $v:vis fn $name:ident $(<$($g:ident: $bound:path),*>)? ($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
         $(#[$m])*
-        $v fn $name<$($g: $bound),*>($($a: $t),*) $(-> $r)? {
+        $v fn $name $(<$($g: $bound),*>)? ($($a: $t),*) $(-> $r)? {
             #[inline(always)]
-            fn body<$($g: $bound),*>($($a: $t),*) $(-> $r)? $body
+            fn body $(<$($g: $bound),*>)? ($($a: $t),*) $(-> $r)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
-                unsafe fn avx512<$($g: $bound),*>($($a: $t),*) $(-> $r)? { body($($a),*) }
+                unsafe fn avx512 $(<$($g: $bound),*>)? ($($a: $t),*) $(-> $r)? { body($($a),*) }
                 #[target_feature(enable = "avx2,fma,f16c")]
-                unsafe fn avx2<$($g: $bound),*>($($a: $t),*) $(-> $r)? { body($($a),*) }
+                unsafe fn avx2 $(<$($g: $bound),*>)? ($($a: $t),*) $(-> $r)? { body($($a),*) }
                 match $crate::cpu::vector_width() {
                     // SAFETY: vector_width found every feature of the variant.
                     16 => return unsafe { avx512($($a),*) },
@@ -94,7 +94,7 @@ pub(crate) use widest;
 /// f32 lanes of the widest vectors [`widest`] functions run on: 16 (AVX-512 F/BW/VL), 8
 /// (AVX2, FMA, F16C) or 4 (baseline x86-64, and every other architecture).
 #[inline]
-pub fn vector_width() -> usize {
+pub(crate) fn vector_width() -> usize {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;

@@ -124,14 +124,14 @@ pub(crate) fn bf16_of(v: f32) -> bf16 {
 
 widest! {
     /// `y` rounded to bf16 ([`bf16_of`]), on the widest vectors.
-    pub(crate) fn round_bf16<>(y: &[f32]) -> Vec<bf16> {
+    pub(crate) fn round_bf16(y: &[f32]) -> Vec<bf16> {
         y.iter().map(|v| bf16_of(*v)).collect()
     }
 }
 
 widest! {
     /// `x` widened to f32, on the widest vectors.
-    pub(crate) fn widen_bf16<>(x: &[bf16]) -> Vec<f32> {
+    pub(crate) fn widen_bf16(x: &[bf16]) -> Vec<f32> {
         x.iter().map(|v| v.to_f32()).collect()
     }
 }
@@ -345,7 +345,7 @@ pub(crate) fn exp(x: f32) -> f32 {
 widest! {
     /// `ln(sum(exp(x)))` in one vectorizable pass (a log-softmax's normalizer over a
     /// vocabulary for every generated token's log-probability): relative error of a few 1e-7.
-    pub fn log_sum_exp<>(x: &[f32]) -> f32 {
+    pub fn log_sum_exp(x: &[f32]) -> f32 {
         let max = max(x);
         if !max.is_finite() {
             return max;
