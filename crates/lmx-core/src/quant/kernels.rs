@@ -163,6 +163,13 @@ pub fn qmatvec_many(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<f32> {
             }
         }
     });
+    for row in acts {
+        for (act, q) in row.into_iter().zip(qs) {
+            if let Some(act) = act {
+                act.recycle(q);
+            }
+        }
+    }
     y
 }
 
@@ -686,6 +693,17 @@ pub struct Q8Act {
     pub(super) fine_sums: Vec<i32>,
 }
 
+/// Decode activations kept per thread between products, with the (columns, group size,
+/// bits) they were sized for ([`Q8Act::recycle`]).
+type SpareActs = Vec<((usize, usize, usize), Q8Act)>;
+
+thread_local! {
+    static SPARE_ACTS: std::cell::RefCell<SpareActs> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Activations kept per thread: a layer's products code at most a few distinct shapes.
+const MAX_SPARE_ACTS: usize = 8;
+
 /// The second level's step: `dx / FINE` (the first level's rounding error is within
 /// `dx / 2`, which the fine codes span with 127 steps).
 pub(super) const FINE: f32 = 254.0;
@@ -704,12 +722,37 @@ impl Q8Act {
         if !Self::fits(q) || x.len() != q.cols {
             return None;
         }
-        let mut a = Self::zeroed(q);
+        let mut a = Self::spare(q).unwrap_or_else(|| Self::zeroed(q));
         a.quantize(x, q.group_size, q.bits);
         if q.bits == 4 && paired {
-            (a.pair_codes, a.pair_fine) = (Self::paired(&a.codes), Self::paired(&a.fine));
+            Self::paired(&a.codes, &mut a.pair_codes);
+            Self::paired(&a.fine, &mut a.pair_fine);
+        } else {
+            a.pair_codes.clear();
+            a.pair_fine.clear();
         }
         Some(a)
+    }
+
+    /// Activations put back by [`recycle`](Self::recycle) on this thread for a matrix of
+    /// `q`'s shape (columns, group size, bits): every code is rewritten by `quantize`, and the
+    /// per-group padding, never written, is still zero.
+    fn spare(q: &QuantizedMatrix) -> Option<Self> {
+        let key = (q.cols, q.group_size, q.bits);
+        SPARE_ACTS.with_borrow_mut(|spare| {
+            let i = spare.iter().position(|(k, _)| *k == key)?;
+            Some(spare.swap_remove(i).1)
+        })
+    }
+
+    /// Keeps these activations of a matrix of `q`'s shape for the next product on this thread
+    /// (a decode step's products would otherwise allocate and free eight vectors each).
+    pub(super) fn recycle(self, q: &QuantizedMatrix) {
+        SPARE_ACTS.with_borrow_mut(|spare| {
+            if spare.len() < MAX_SPARE_ACTS {
+                spare.push(((q.cols, q.group_size, q.bits), self));
+            }
+        });
     }
 
     /// All zeros, sized for `q` (which [`fits`](Self::fits)), unpaired.
@@ -731,13 +774,13 @@ impl Q8Act {
     /// for a 64-byte load of packed weights, whose low nibbles are the even elements of two
     /// 64-element runs A and B and whose high nibbles their odd ones: [A even | B even | A odd
     /// | B odd], 32 codes each (the middle two swapped). A last run of 64 stays as it is.
-    fn paired(codes: &[i8]) -> Vec<i8> {
-        let mut out = codes.to_vec();
+    fn paired(codes: &[i8], out: &mut Vec<i8>) {
+        out.clear();
+        out.extend_from_slice(codes);
         for span in out.chunks_exact_mut(128) {
             let (a, b) = span.split_at_mut(64);
             a[32..].swap_with_slice(&mut b[..32]);
         }
-        out
     }
 
     /// Both levels of codes for x: AVX-512 where the CPU has it, else portable.

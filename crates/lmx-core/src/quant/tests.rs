@@ -390,6 +390,28 @@ fn shared_input_products_equal_separate_ones() -> Result<()> {
     Ok(())
 }
 
+/// Decode activations kept between products ([`kernels::Q8Act::recycle`]) give the same
+/// products as fresh ones: each matrix's decoded token is computed first with nothing kept,
+/// then again after products of other shapes whose padding differs (512 columns in groups of
+/// 64 and of 128 pad to the same 8 groups; 4-bit activations come paired, 8-bit ones not) and
+/// of other inputs have left their activations on this thread.
+#[test]
+fn reused_decode_activations_equal_fresh_ones() -> Result<()> {
+    let shapes = [(48usize, 512usize, 4usize, 64usize), (32, 512, 4, 128), (40, 512, 8, 64), (24, 576, 4, 64), (16, 512, 8, 128)];
+    let qs: Vec<QuantizedMatrix> = shapes.iter().map(|&(rows, cols, bits, g)| QuantizedMatrix::quantize(&rand(rows, cols), bits, g)).collect::<Result<_>>()?;
+    let inputs: Vec<Vec<f32>> = qs.iter().map(|q| rand(1, q.cols).flatten_all()?.to_vec1::<f32>()).collect::<Result<_>>()?;
+    let first: Vec<Vec<f32>> = qs.iter().zip(&inputs).map(|(q, x)| kernels::qmatvec_many(&[q], x, 1)).collect();
+    for round in 0..3 {
+        for (i, (q, x)) in qs.iter().zip(&inputs).enumerate().rev() {
+            // A different input of the same shape in between: its codes must not linger.
+            let other: Vec<f32> = x.iter().map(|v| -2.0 * v + 0.5).collect();
+            kernels::qmatvec_many(&[q], &other, 1);
+            assert_eq!(kernels::qmatvec_many(&[q], x, 1), first[i], "round {round}, shape {:?}", shapes[i]);
+        }
+    }
+    Ok(())
+}
+
 /// MXFP4 words and scales as `mx.quantize(w, group_size=32, bits=4, mode="mxfp4")` (MLX 0.32)
 /// writes them give back MLX's values exactly, through the 8-bit affine form they are held in.
 #[test]
