@@ -39,7 +39,11 @@ impl ModelSource {
             };
         }
         if hub::looks_like_repo_id(arg) {
-            let snapshot = hub::Hub::from_env().snapshot(arg)?;
+            let snapshot = hub::Hub::from_env().snapshot(arg).map_err(|e| match path.parent().filter(|p| p.is_dir()) {
+                // `models/smolm2` beside a local `models` folder is most likely a mistyped path.
+                Some(folder) => IoError::NotFound { path: path.to_path_buf(), hint: format!(" (the folder `{}` has no such entry); as a Hugging Face id: {e}", folder.display()) },
+                None => e,
+            })?;
             // A repository of one GGUF file (and no config.json) is that file.
             if !snapshot.join("config.json").exists() {
                 let ggufs: Vec<PathBuf> = std::fs::read_dir(&snapshot).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "gguf")).collect();

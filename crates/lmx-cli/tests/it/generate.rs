@@ -102,4 +102,16 @@ fn hub_ids_resolve_in_the_local_cache() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let missing = run("org/absent");
     crate::assert_clear_error(&missing, &["org/absent", "huggingface-cli download org/absent"]);
+    // `folder/name` beside a local `folder` that lacks `name` is most likely a mistyped path:
+    // the error says so before the Hub's answer.
+    let folder = temp_dir("typo");
+    let (parent, name) = (folder.parent().expect("a parent"), folder.file_name().expect("a name").to_string_lossy().into_owned());
+    let typo = std::process::Command::new(env!("CARGO_BIN_EXE_lmx"))
+        .args(["generate", "--model", &format!("{name}/smolm2"), "-p", "a b", "-m", "3"])
+        .current_dir(parent)
+        .env("HF_HUB_CACHE", &cache)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("runs");
+    crate::assert_clear_error(&typo, &[&format!("the folder `{name}` has no such entry"), "huggingface-cli download"]);
 }
