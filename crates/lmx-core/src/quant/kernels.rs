@@ -163,11 +163,9 @@ pub fn qmatvec_many(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<f32> {
             }
         }
     });
-    for row in acts {
-        for (act, q) in row.into_iter().zip(qs) {
-            if let Some(act) = act {
-                act.recycle(q);
-            }
+    for (act, q) in acts.into_iter().flat_map(|row| row.into_iter().zip(qs)) {
+        if let Some(act) = act {
+            act.recycle(q);
         }
     }
     y
@@ -738,9 +736,8 @@ impl Q8Act {
     /// `q`'s shape (columns, group size, bits): every code is rewritten by `quantize`, and the
     /// per-group padding, never written, is still zero.
     fn spare(q: &QuantizedMatrix) -> Option<Self> {
-        let key = (q.cols, q.group_size, q.bits);
         SPARE_ACTS.with_borrow_mut(|spare| {
-            let i = spare.iter().position(|(k, _)| *k == key)?;
+            let i = spare.iter().position(|(k, _)| *k == Self::shape(q))?;
             Some(spare.swap_remove(i).1)
         })
     }
@@ -750,9 +747,14 @@ impl Q8Act {
     pub(super) fn recycle(self, q: &QuantizedMatrix) {
         SPARE_ACTS.with_borrow_mut(|spare| {
             if spare.len() < MAX_SPARE_ACTS {
-                spare.push(((q.cols, q.group_size, q.bits), self));
+                spare.push((Self::shape(q), self));
             }
         });
+    }
+
+    /// What sizes and lays out `q`'s activations: (columns, group size, bits).
+    fn shape(q: &QuantizedMatrix) -> (usize, usize, usize) {
+        (q.cols, q.group_size, q.bits)
     }
 
     /// All zeros, sized for `q` (which [`fits`](Self::fits)), unpaired.

@@ -392,9 +392,9 @@ fn shared_input_products_equal_separate_ones() -> Result<()> {
 
 /// Decode activations kept between products ([`kernels::Q8Act::recycle`]) give the same
 /// products as fresh ones: each matrix's decoded token is computed first with nothing kept,
-/// then again after products of other shapes whose padding differs (512 columns in groups of
-/// 64 and of 128 pad to the same 8 groups; 4-bit activations come paired, 8-bit ones not) and
-/// of other inputs have left their activations on this thread.
+/// then again after products of other shapes with the same column count (other group sizes,
+/// 4-bit activations paired and 8-bit ones not) and of other inputs have left their
+/// activations on this thread.
 #[test]
 fn reused_decode_activations_equal_fresh_ones() -> Result<()> {
     let shapes = [(48usize, 512usize, 4usize, 64usize), (32, 512, 4, 128), (40, 512, 8, 64), (24, 576, 4, 64), (16, 512, 8, 128)];
