@@ -15,6 +15,8 @@ use half::{bf16, f16};
 pub(crate) trait Elem: Copy + Send + Sync + candle_core::WithDType {
     fn f32(self) -> f32;
     fn of(v: f32) -> Self;
+    /// The values of a storage of this type, to write in place.
+    fn slice_mut(s: &mut CpuStorage) -> Result<&mut [Self]>;
     /// `a . x`, accumulated in f32.
     fn dot(a: &[Self], x: &[f32]) -> f32 {
         a.iter().zip(x).map(|(a, b)| a.f32() * b).sum()
@@ -67,6 +69,12 @@ pub(crate) trait Elem: Copy + Send + Sync + candle_core::WithDType {
 }
 
 impl Elem for f32 {
+    fn slice_mut(s: &mut CpuStorage) -> Result<&mut [Self]> {
+        match s {
+            CpuStorage::F32(v) => Ok(v),
+            other => candle_core::bail!("expected F32 values, got {:?}", other.dtype()),
+        }
+    }
     fn f32(self) -> f32 {
         self
     }
@@ -89,6 +97,12 @@ impl Elem for f32 {
 }
 
 impl Elem for bf16 {
+    fn slice_mut(s: &mut CpuStorage) -> Result<&mut [Self]> {
+        match s {
+            CpuStorage::BF16(v) => Ok(v),
+            other => candle_core::bail!("expected BF16 values, got {:?}", other.dtype()),
+        }
+    }
     fn f32(self) -> f32 {
         self.to_f32()
     }
@@ -137,6 +151,12 @@ widest! {
 }
 
 impl Elem for f16 {
+    fn slice_mut(s: &mut CpuStorage) -> Result<&mut [Self]> {
+        match s {
+            CpuStorage::F16(v) => Ok(v),
+            other => candle_core::bail!("expected F16 values, got {:?}", other.dtype()),
+        }
+    }
     fn f32(self) -> f32 {
         self.to_f32()
     }
@@ -188,7 +208,7 @@ fn norm_rows<T: Elem>(x: &[T], w: &[T], eps: f32) -> Vec<T> {
 
 widest! {
     /// The rows of `x` (each `w.len()` long) RMS-normalized and scaled by `w`, into `out`.
-    fn norm_range<T: Elem>(x: &[T], w: &[T], eps: f32, out: &mut [T]) {
+    pub(crate) fn norm_range<T: Elem>(x: &[T], w: &[T], eps: f32, out: &mut [T]) {
         let d = w.len();
         for (xr, or) in x.chunks(d).zip(out.chunks_mut(d)) {
             // The mean square is accumulated in f64: a sequential f32 sum drifts by ~1e-5
@@ -207,7 +227,7 @@ widest! {
 
 widest! {
     /// `x + h`, elementwise, rounded to T.
-    fn add_elems<T: Elem>(x: &[T], h: &[T]) -> Vec<T> {
+    pub(crate) fn add_elems<T: Elem>(x: &[T], h: &[T]) -> Vec<T> {
         x.iter().zip(h).map(|(a, b)| T::of(a.f32() + b.f32())).collect()
     }
 }
@@ -312,7 +332,7 @@ fn silu_mul_elems<T: Elem>(gs: &CpuStorage, gl: &Layout, us: &CpuStorage, ul: &L
 
 widest! {
     /// `o = silu(g) * u` (the exponential is straight-line code, so the loop vectorizes).
-    fn silu_mul_range<T: Elem>(o: &mut [T], g: &[T], u: &[T]) {
+    pub(crate) fn silu_mul_range<T: Elem>(o: &mut [T], g: &[T], u: &[T]) {
         for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
             let g = g.f32();
             *o = T::of(g / (1.0 + exp(-g)) * u.f32());
@@ -457,19 +477,19 @@ fn rope_rows<T: Elem>(xs: &CpuStorage, xl: &Layout, cs: &CpuStorage, cl: &Layout
 
 /// Where [`rope_range`] reads: x's rows through their strides, the angles' rows.
 #[derive(Clone, Copy)]
-struct RopeRows<'a, T> {
-    x: &'a [T],
-    dims: [usize; 4],
-    st: [usize; 3],
-    cos: &'a [T],
-    sin: &'a [T],
-    per_row: bool,
+pub(crate) struct RopeRows<'a, T> {
+    pub(crate) x: &'a [T],
+    pub(crate) dims: [usize; 4],
+    pub(crate) st: [usize; 3],
+    pub(crate) cos: &'a [T],
+    pub(crate) sin: &'a [T],
+    pub(crate) per_row: bool,
 }
 
 widest! {
     /// Rows `range` rotated into `out`: `[x1 c - x2 s, x2 c + x1 s]` for the halves x1, x2
     /// of each row, each product rounded to T, then the sum.
-    fn rope_range<T: Elem>(rows: RopeRows<'_, T>, range: std::ops::Range<usize>, out: &mut [T]) {
+    pub(crate) fn rope_range<T: Elem>(rows: RopeRows<'_, T>, range: std::ops::Range<usize>, out: &mut [T]) {
         let [_, h, t, d] = rows.dims;
         let half = d / 2;
         for (r, o) in range.zip(out.chunks_exact_mut(d)) {
@@ -606,10 +626,10 @@ fn strided<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Resu
 /// Keys or values of one sequence as the decode kernels read them: the storage slice, the
 /// strides of (batch, head, position), the start offset, and the positions.
 pub(crate) struct KvRows<'a, T> {
-    data: &'a [T],
-    stride: [usize; 3],
-    start: usize,
-    len: usize,
+    pub(crate) data: &'a [T],
+    pub(crate) stride: [usize; 3],
+    pub(crate) start: usize,
+    pub(crate) len: usize,
 }
 
 impl<T: Copy> KvRows<'_, T> {
@@ -684,9 +704,17 @@ fn decode_attention<T: Elem>(qs: &CpuStorage, ql: &Layout, ks: &CpuStorage, kl: 
     let (v, vs_, v0) = strided::<T>(vs, vl)?;
     let (k, v) = (KvRows { data: k, stride: ks_, start: k0, len: kv_len }, KvRows { data: v, stride: vs_, start: v0, len: kv_len });
     let mut out = vec![T::of(0.0); b * n_heads * d];
+    attend_all(q, &k, &v, n_heads, n_rep, d, scale, &mut out);
+    Ok(out)
+}
+
+/// Every query head of `q` (batch rows of `n_heads` heads of `d`), head h over key/value head
+/// h / n_rep of its row, into `out`: heads split over threads, each range reusing its
+/// buffers for all of its heads.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend_all<T: Elem>(q: &[T], k: &KvRows<'_, T>, v: &KvRows<'_, T>, n_heads: usize, n_rep: usize, d: usize, scale: f32, out: &mut [T]) {
     let out_ptr = SendPtr(out.as_mut_ptr());
-    // Heads split over threads; each range reuses its buffers for all of its heads.
-    crate::cpu::parallel_ranges(b * n_heads, 1, |heads| {
+    crate::cpu::parallel_ranges(q.len() / d.max(1), 1, |heads| {
         let mut buf = AttentionScratch::default();
         attend_runs::<T>(
             heads,
@@ -695,11 +723,10 @@ fn decode_attention<T: Elem>(qs: &CpuStorage, ql: &Layout, ks: &CpuStorage, kl: 
             |hs, bi, kv| {
                 // SAFETY: heads hs own out[hs.start * d..hs.end * d]; ranges are disjoint.
                 let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(hs.start * d), hs.len() * d) };
-                attend_heads(&q[hs.start * d..hs.end * d], &k, &v, bi, kv, scale, d, &mut buf, o);
+                attend_heads(&q[hs.start * d..hs.end * d], k, v, bi, kv, scale, d, &mut buf, o);
             },
         );
     });
-    Ok(out)
 }
 
 /// [`DecodeAttention`] for a batch of sequences at different positions, each with its own

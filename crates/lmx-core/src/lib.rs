@@ -8,6 +8,7 @@ pub mod amx;
 pub mod bf16_gemm;
 pub mod cpu;
 pub mod cpu_fused;
+pub mod cpu_step;
 #[cfg(feature = "cuda")]
 mod cuda_fused;
 #[cfg(feature = "cuda")]

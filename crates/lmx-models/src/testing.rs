@@ -264,19 +264,20 @@ fn every_architecture_as_a_pipeline_equals_the_whole_model() {
 /// equals the whole quantized model (within the int8 activations' rounding) (o_proj and down_proj are split on group boundaries);
 /// over 3 ranks o_proj's split (2 + 1 + 1 heads of 16 columns) would cut a group, which is a
 /// clear error naming the layer.
-#[test]
-fn a_quantized_model_shards_on_group_boundaries() {
+/// The llama fixture with every matrix quantized to `bits` in groups of 32, as MLX stores it:
+/// (config, tensors).
+fn quantized_llama(bits: usize) -> (serde_json::Value, std::collections::HashMap<String, Tensor>) {
     use lmx_core::quant::QuantizedMatrix;
     let dir = fixture_dir("llama");
     let mut config = lmx_io::config::read_json(&dir.join("config.json")).expect("config");
-    config["quantization"] = serde_json::json!({"group_size": 32, "bits": 4});
+    config["quantization"] = serde_json::json!({"group_size": 32, "bits": bits});
     let whole = Weights::from_safetensors(&[dir.join("model.safetensors")]).expect("weights");
     let mut tensors = std::collections::HashMap::new();
     for key in whole.keys() {
         let t = whole.tensor(&key).expect("tensor");
         match key.strip_suffix(".weight").filter(|_| t.rank() == 2) {
             Some(module) => {
-                let (p, s, b) = QuantizedMatrix::quantize(&t, 4, 32).and_then(|q| q.to_tensors()).expect("quantize");
+                let (p, s, b) = QuantizedMatrix::quantize(&t, bits, 32).and_then(|q| q.to_tensors()).expect("quantize");
                 tensors.insert(key.clone(), p);
                 tensors.insert(format!("{module}.scales"), s);
                 tensors.insert(format!("{module}.biases"), b);
@@ -286,6 +287,45 @@ fn a_quantized_model_shards_on_group_boundaries() {
             }
         }
     }
+    (config, tensors)
+}
+
+/// A decode token through the layers on plain buffers (`lmx_core::cpu_step`) gives the
+/// logits of the layers op by op, bit for bit: 4- and 8-bit (int8 products where the rows fit
+/// them, float ones where they do not: the MLP's 96 columns at 4 bits), f32 and bf16.
+#[test]
+fn the_cpu_decode_step_equals_the_layers_op_by_op() {
+    let Golden { input_ids, .. } = golden("llama");
+    let row = input_ids.narrow(0, 0, 1).expect("row");
+    let seq_len = row.dim(1).expect("len");
+    for bits in [4, 8] {
+        let (config, tensors) = quantized_llama(bits);
+        let q = lmx_io::QuantConfig::from_config(&config).expect("block");
+        for dtype in [DType::F32, DType::BF16] {
+            let vb = Builder::new(Weights::from_tensors(tensors.clone(), "quantized"), dtype, &Device::Cpu).with_quantization(q.clone());
+            let model = load_model("llama", &config, &vb).expect("quantized model");
+            let decode = |on: bool| {
+                lmx_core::cpu_step::set_enabled(on);
+                let taken = lmx_core::cpu_step::steps_taken();
+                let mut cache = model.new_cache();
+                let mut parts = vec![model.forward(&row.narrow(1, 0, 4).expect("n"), &mut cache, Logits::Last).expect("prefill")];
+                for i in 4..seq_len {
+                    parts.push(model.forward(&row.narrow(1, i, 1).expect("n"), &mut cache, Logits::Last).expect("decode"));
+                }
+                (Tensor::cat(&parts, 1).expect("cat").to_dtype(DType::F32).expect("f32"), lmx_core::cpu_step::steps_taken() - taken)
+            };
+            let ((plain, steps), (op_by_op, none)) = (decode(true), decode(false));
+            lmx_core::cpu_step::set_enabled(true);
+            assert_eq!((steps, none), (seq_len - 4, 0), "{bits}-bit {dtype:?}: decode steps on plain buffers");
+            let (d, at) = max_diff(&plain, &op_by_op);
+            assert_eq!(d, 0.0, "{bits}-bit {dtype:?}: the decode step on plain buffers differs from the layers op by op at {at}");
+        }
+    }
+}
+
+#[test]
+fn a_quantized_model_shards_on_group_boundaries() {
+    let (config, tensors) = quantized_llama(4);
     let q = lmx_io::QuantConfig::from_config(&config).expect("block");
     let build = |group: Option<Arc<dyn Group>>| {
         let mut vb = Builder::new(Weights::from_tensors(tensors.clone(), "quantized"), DType::F32, &Device::Cpu).with_quantization(q.clone());

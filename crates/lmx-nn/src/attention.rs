@@ -10,7 +10,7 @@
 //! heads 0-1, rank 1 query heads 5-8 and key/value heads 1-2). `o_proj` is row-parallel over
 //! the same query heads, so one all-sum per attention block restores the full output.
 
-use lmx_core::quant::CodeTarget;
+use lmx_core::quant::{CodeTarget, QuantizedMatrix};
 use lmx_core::{ops, Module, Result, Tensor};
 
 use crate::builder::{Builder, Shard};
@@ -283,6 +283,18 @@ impl Attention {
     /// The (bits, group size) of the codes q, k and v's products read, if they agree.
     pub fn input_code_spec(&self) -> Option<(usize, usize)> {
         Linear::shared_code_spec(&[&self.q_proj, &self.k_proj, &self.v_proj])
+    }
+
+    /// (q, k, v, o, heads, kv heads, head size, scale) for a decode step on plain buffers
+    /// (`lmx_core::cpu_step`): plain quantized projections, every feature rotated by the
+    /// model's table, and nothing else (no q/k norms, window, soft-cap, sinks or uneven heads).
+    pub(crate) fn step_parts(&self) -> Option<([&QuantizedMatrix; 4], usize, usize, usize, f32)> {
+        let plain = self.q_norm.is_none() && self.k_norm.is_none() && self.kv_of_head.is_none() && self.window.is_none() && self.softcap.is_none() && self.sinks.is_none();
+        if !plain || self.rope_table != 0 || self.rotary_dim != self.head_dim {
+            return None;
+        }
+        let qkvo = [self.q_proj.plain_quantized()?, self.k_proj.plain_quantized()?, self.v_proj.plain_quantized()?, self.o_proj.plain_quantized()?];
+        Some((qkvo, self.n_heads, self.n_kv_heads, self.head_dim, self.scale as f32))
     }
 
     /// Rotates the first `rotary_dim` features of each head (all of them unless the model

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use lmx_core::cpu_step::{StepLayer, StepWeights};
 use lmx_core::{DType, Device, Module, Result, Tensor};
 
 use crate::attention::{Attention, AttentionConfig, AttentionInput};
@@ -94,6 +95,12 @@ pub trait Layer: Send + Sync + 'static {
             None => x.clone(),
         };
         Ok((self.forward(&x, input, cache, layer_idx)?, None))
+    }
+
+    /// The layer's weights as a decode step on plain buffers reads them
+    /// ([`lmx_core::cpu_step`]), where the layer is one it runs; None: op by op.
+    fn step_weights(&self) -> Option<StepWeights<'_>> {
+        None
     }
 }
 
@@ -221,6 +228,13 @@ impl Layer for DecoderLayer {
         let (x, normed) = self.post_attention_layernorm.forward_add(&x, &h)?;
         let h = self.mlp.forward(&normed)?;
         Ok((x, Some(h)))
+    }
+
+    fn step_weights(&self) -> Option<StepWeights<'_>> {
+        let (SelfAttention::Standard(attn), FeedForward::Dense(mlp)) = (&self.self_attn, &self.mlp) else { return None };
+        let ([q, k, v, o], heads, kv_heads, head_dim, scale) = attn.step_parts()?;
+        let [gate, up, down] = mlp.step_parts()?;
+        Some(StepWeights { attn_norm: self.input_layernorm.parts(), mlp_norm: self.post_attention_layernorm.parts(), qkv: [q, k, v], o, gate_up: [gate, up], down, heads, kv_heads, head_dim, scale })
     }
 }
 
@@ -413,6 +427,9 @@ impl<L: Layer> Decoder<L> {
     /// This process's layers over hidden states `x` (b, l, hidden), after the positions
     /// `cache` holds: (x, h) whose sum is the last layer's output.
     fn run_layers(&self, mut x: Tensor, cache: &mut KvCache) -> Result<(Tensor, Option<Tensor>)> {
+        if let Some(done) = self.cpu_step(&x, cache)? {
+            return Ok(done);
+        }
         let l = x.dim(1)?;
         // Rows at different positions (a batch of sequences of different lengths) each get
         // their own rotary angles.
@@ -448,6 +465,35 @@ impl<L: Layer> Decoder<L> {
             };
         }
         Ok((x, pending))
+    }
+
+    /// One token of one sequence on the CPU through [`lmx_core::cpu_step`], when every layer
+    /// is one it runs ([`Layer::step_weights`]) over a plain growing cache: the same numbers
+    /// as the layers op by op, without a candle tensor per op. None: the layers run op by op.
+    fn cpu_step(&self, x: &Tensor, cache: &mut KvCache) -> Result<Option<(Tensor, Option<Tensor>)>> {
+        let one = x.dims() == [1, 1, self.cfg.hidden_size] && cache.rows() == 1 && cache.device_position().is_none();
+        if !one || !x.device().is_cpu() || self.ropes.len() != 1 || self.training.is_some() || !lmx_core::cpu_step::enabled() {
+            return Ok(None);
+        }
+        let Some(weights) = self.layers.iter().map(|l| l.step_weights()).collect::<Option<Vec<_>>>() else { return Ok(None) };
+        let mut buffers = Vec::with_capacity(weights.len());
+        for layer_idx in 0..weights.len() {
+            // Room for the new position in a plain growing cache (None: quantized, rotating,
+            // not yet started by a prompt).
+            let Some(rows) = cache.step_rows(layer_idx, None)? else { return Ok(None) };
+            buffers.push((rows.keys[0].clone(), rows.values[0].clone(), rows.offsets[0]));
+        }
+        let pos = buffers[0].2;
+        if buffers.iter().any(|b| b.2 != pos) {
+            return Ok(None);
+        }
+        let (cos, sin) = self.ropes[0].cos_sin(pos, 1)?;
+        let layers: Vec<StepLayer<'_>> = weights.into_iter().zip(&buffers).map(|(weights, (keys, values, _))| StepLayer { weights, keys, values }).collect();
+        let Some((x, h)) = lmx_core::cpu_step::decode_layers(x, &layers, pos, &cos, &sin)? else { return Ok(None) };
+        for layer_idx in 0..layers.len() {
+            cache.commit_rows(layer_idx);
+        }
+        Ok(Some((x, Some(h))))
     }
 
     /// The final norm (of x + pending), the positions asked for, the output projection and

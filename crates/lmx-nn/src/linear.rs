@@ -145,6 +145,15 @@ impl Linear {
 }
 
 impl Linear {
+    /// The packed matrix of a quantized layer that only multiplies: no bias, adapter or
+    /// tensor-parallel sum (a decode step on plain buffers, `lmx_core::cpu_step`).
+    pub(crate) fn plain_quantized(&self) -> Option<&QuantizedMatrix> {
+        match (&self.weight, &self.bias, &self.adapter, &self.reduce) {
+            (Weight::Quantized(q), None, None, None) => Some(q),
+            _ => None,
+        }
+    }
+
     /// The (bits, group size) of the int8 codes this layer's one-row products read on a GPU
     /// ([`QuantizedMatrix::code_spec`]); None for other weights, or with an adapter.
     pub fn code_spec(&self) -> Option<(usize, usize)> {
@@ -232,6 +241,11 @@ impl Module for RmsNorm {
 }
 
 impl RmsNorm {
+    /// The weight and epsilon, as `ops::rms_norm` takes them.
+    pub(crate) fn parts(&self) -> (&Tensor, f32) {
+        (&self.weight, self.eps as f32)
+    }
+
     /// `x + h` and the norm of it, in one op ([`ops::add_rms_norm`]): (sum, normalised sum).
     pub fn forward_add(&self, x: &Tensor, h: &Tensor) -> Result<(Tensor, Tensor)> {
         ops::add_rms_norm_coded(x, h, &self.weight, self.eps as f32, self.codes.as_ref())

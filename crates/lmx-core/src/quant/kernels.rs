@@ -130,8 +130,16 @@ const DECODE_BLOCK_BYTES: usize = 32 * 1024;
 /// matrix rows meets every row of x while it is in cache.
 pub fn qmatvec_many(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<f32> {
     let total: usize = qs.iter().map(|q| q.rows).sum();
-    let cols = qs[0].cols;
     let mut y = vec![0f32; m * total];
+    qmatvec_many_into(qs, x, m, &mut y);
+    y
+}
+
+/// [`qmatvec_many`] into `y` (m rows of the matrices' rows together), which it overwrites.
+pub(crate) fn qmatvec_many_into(qs: &[&QuantizedMatrix], x: &[f32], m: usize, y: &mut [f32]) {
+    let total: usize = qs.iter().map(|q| q.rows).sum();
+    let cols = qs[0].cols;
+    assert_eq!(y.len(), m * total, "qmatvec_many_into: output length");
     let out = SendPtr(y.as_mut_ptr());
     // x is rounded once per distinct (cols, bits, group size, scale dtype): matrix i uses the
     // activations of the first matrix like it, `owner[i]`.
@@ -168,7 +176,6 @@ pub fn qmatvec_many(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<f32> {
             act.recycle(q);
         }
     }
-    y
 }
 
 /// Matrix rows per block of the int8 product of several rows ([`qmatmul_many_q8`]): the 16

@@ -182,7 +182,7 @@ pub struct QuantizedMatrix {
     biases: GroupParams,
     /// Products always take float activations (set for models built for training, whose
     /// forward must be the one MLX computes; see [`QuantizedMatrix::matmul`]).
-    exact: bool,
+    pub(crate) exact: bool,
     /// Training products in bf16 (set for training on a checkpoint whose scales are bf16;
     /// see [`QuantizedMatrix::with_bf16_training`]).
     bf16_training: bool,

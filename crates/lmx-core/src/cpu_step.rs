@@ -1,0 +1,265 @@
+//! One decode token through a stack of Llama-style layers on the CPU in one call, on plain
+//! buffers: no candle tensor per op.
+//!
+//! Op by op, a token of a small model spends a large share of its time on candle's
+//! bookkeeping rather than on arithmetic: every op allocates its output, its shape and
+//! strides, and views (reshape, transpose, narrow) allocate theirs; a SmolLM2 token made about
+//! 9,500 `malloc` calls. Here a token's hidden state, norms, products, rotation, cache write,
+//! attention and SiLU product run on a few vectors allocated once per token, through the same
+//! kernels (`cpu_fused`, `quant::kernels`) in the same order, so the numbers are those of the
+//! op-by-op forward, bit for bit. The layers and the cache decide when it applies
+//! (`lmx_nn`'s decoder); it computes.
+
+use std::cell::Cell;
+use std::sync::OnceLock;
+
+use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
+use half::{bf16, f16};
+
+use crate::cpu::parallel_ranges;
+use crate::cpu_fused::{add_elems, attend_all, norm_range, rope_range, silu_mul_range, Elem, KvRows, RopeRows};
+use crate::quant::kernels::qmatvec_many_into;
+use crate::quant::QuantizedMatrix;
+
+/// Whether decode steps on this thread take this path: `LMX_CPU_STEP=0` turns it off for the
+/// process (for comparisons), [`set_enabled`] for the calling thread.
+pub fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    OVERRIDE.get().unwrap_or_else(|| *ON.get_or_init(|| !std::env::var("LMX_CPU_STEP").is_ok_and(|v| v == "0")))
+}
+
+/// Turns the path on or off for the decode steps the calling thread runs (tests and
+/// benchmarks comparing both; other threads keep theirs).
+pub fn set_enabled(on: bool) {
+    OVERRIDE.set(Some(on));
+}
+
+/// Tokens this path has run on the calling thread.
+pub fn steps_taken() -> usize {
+    STEPS.get()
+}
+
+thread_local! {
+    static OVERRIDE: Cell<Option<bool>> = const { Cell::new(None) };
+    static STEPS: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The weights of one decoder layer as a decode step reads them: `x + attn(norm(x))`, then
+/// `x + down(silu(gate(n)) * up(n))` with `n = norm(x)`.
+pub struct StepWeights<'a> {
+    /// The attention block's input norm's weight (hidden,) and epsilon.
+    pub attn_norm: (&'a Tensor, f32),
+    /// The feed-forward block's input norm's weight (hidden,) and epsilon.
+    pub mlp_norm: (&'a Tensor, f32),
+    /// The query, key and value projections.
+    pub qkv: [&'a QuantizedMatrix; 3],
+    /// The output projection.
+    pub o: &'a QuantizedMatrix,
+    /// The gate and up projections.
+    pub gate_up: [&'a QuantizedMatrix; 2],
+    /// The down projection.
+    pub down: &'a QuantizedMatrix,
+    /// Query heads, key/value heads (a divisor of the query heads) and their size.
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Multiplies the attention scores.
+    pub scale: f32,
+}
+
+/// A layer with its cache: `keys` and `values` (1, kv_heads, capacity, head_dim), contiguous,
+/// with room at the step's position.
+pub struct StepLayer<'a> {
+    pub weights: StepWeights<'a>,
+    pub keys: &'a Tensor,
+    pub values: &'a Tensor,
+}
+
+/// One token x (1, 1, hidden) at position `pos` through `layers`, rotated by `cos` and `sin`
+/// (1, head_dim / 2): writes each layer's key and value at `pos` and attends to the `pos + 1`
+/// positions there. Returns (x, h) whose sum is the last layer's output (the final norm adds
+/// them, as after the op-by-op layers). None where the step does not apply: a matrix whose
+/// products take float activations (training), a dtype other than f32/bf16/f16, or inputs
+/// not of one dtype.
+pub fn decode_layers(x: &Tensor, layers: &[StepLayer<'_>], pos: usize, cos: &Tensor, sin: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+    let dtype = x.dtype();
+    let same = |t: &Tensor| t.dtype() == dtype && t.device().is_cpu();
+    let plain = |q: &QuantizedMatrix| !q.exact;
+    let fits = layers.iter().all(|l| {
+        let w = &l.weights;
+        same(w.attn_norm.0) && same(w.mlp_norm.0) && same(l.keys) && same(l.values) && w.qkv.iter().chain(&w.gate_up).chain([&w.o, &w.down]).all(|q| plain(q))
+    });
+    if layers.is_empty() || !x.device().is_cpu() || !same(cos) || !same(sin) || !fits {
+        return Ok(None);
+    }
+    let (hidden, h) = match dtype {
+        DType::F32 => run::<f32>(x, layers, pos, cos, sin)?,
+        DType::BF16 => run::<bf16>(x, layers, pos, cos, sin)?,
+        DType::F16 => run::<f16>(x, layers, pos, cos, sin)?,
+        _ => return Ok(None),
+    };
+    STEPS.set(STEPS.get() + 1);
+    Ok(Some((hidden, h)))
+}
+
+/// A contiguous CPU tensor's values.
+fn values<T: Elem>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<()>) -> Result<()> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(s) = &*storage else { candle_core::bail!("decode step: a tensor is not on the CPU") };
+    f(crate::cpu_fused::slice::<T>(s, layout)?)
+}
+
+/// The buffers of one token, reused from layer to layer.
+struct Scratch<T> {
+    /// The residual stream and the pending block output (added before the next norm).
+    x: Vec<T>,
+    h: Option<Vec<T>>,
+    normed: Vec<T>,
+    /// A product's input widened to f32, and its outputs.
+    xf: Vec<f32>,
+    yf: Vec<f32>,
+}
+
+impl<T: Elem> Scratch<T> {
+    /// `x += h` (rounded to T) where a block's output is pending, then the norm of x into
+    /// `normed`: the op-by-op forward's `add_rms_norm` (or `rms_norm` before the first layer).
+    fn add_norm(&mut self, (w, eps): (&Tensor, f32)) -> Result<()> {
+        if let Some(h) = self.h.take() {
+            self.x = add_elems(&self.x, &h);
+        }
+        let (x, normed) = (&self.x, &mut self.normed);
+        values::<T>(w, |w| {
+            if w.len() != x.len() {
+                candle_core::bail!("decode step: a norm of {} features over a hidden state of {}", w.len(), x.len());
+            }
+            norm_range(x, w, eps, normed);
+            Ok(())
+        })
+    }
+
+    /// The products of `qs` with `input`, as the op-by-op forward computes them
+    /// (`quant::matmul_many` on one row): all rows of all matrices in one parallel step, then
+    /// rounded to T.
+    fn products(&mut self, qs: &[&QuantizedMatrix], input: &[T]) -> Result<Vec<T>> {
+        if qs.iter().any(|q| q.cols != input.len()) {
+            candle_core::bail!("decode step: a product of {} features over an input of {}", qs[0].cols, input.len());
+        }
+        self.xf.clear();
+        self.xf.extend(input.iter().map(|v| v.f32()));
+        self.yf.resize(qs.iter().map(|q| q.rows).sum(), 0.0);
+        qmatvec_many_into(qs, &self.xf, 1, &mut self.yf);
+        Ok(self.yf.iter().map(|&v| T::of(v)).collect())
+    }
+}
+
+/// Rotates `heads` heads of `d` ("rotate half", as `cpu_fused::Rope` on one position).
+fn rotate<T: Elem>(x: &[T], heads: usize, d: usize, cos: &[T], sin: &[T]) -> Vec<T> {
+    let mut out = vec![T::of(0.0); x.len()];
+    let rows = RopeRows { x, dims: [1, heads, 1, d], st: [heads * d, d, heads * d], cos, sin, per_row: false };
+    let out_ptr = crate::cpu::SendPtr(out.as_mut_ptr());
+    parallel_ranges(heads, 16, |range| {
+        // SAFETY: the range's heads of `out`, which outlives the call; ranges are disjoint.
+        let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(range.start * d), range.len() * d) };
+        rope_range(rows, range, o);
+    });
+    out
+}
+
+/// Writes one position's rows (heads of `d`) into a (1, heads, capacity, d) buffer in place.
+struct WriteRows<'a, T> {
+    rows: &'a [T],
+    pos: usize,
+}
+
+impl<T: Elem> candle_core::InplaceOp1 for WriteRows<'_, T> {
+    fn name(&self) -> &'static str {
+        "lmx-step-kv-write"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let (&[1, heads, cap, d], true) = (layout.dims(), layout.is_contiguous()) else {
+            candle_core::bail!("decode step: a cache buffer {:?} that is not one contiguous sequence", layout.dims());
+        };
+        if self.pos >= cap || self.rows.len() != heads * d {
+            candle_core::bail!("decode step: {} values at position {} of a cache buffer {:?}", self.rows.len(), self.pos, layout.dims());
+        }
+        let buf = T::slice_mut(storage)?;
+        let start = layout.start_offset();
+        for (h, row) in self.rows.chunks_exact(d.max(1)).enumerate() {
+            let at = start + (h * cap + self.pos) * d;
+            buf[at..at + d].copy_from_slice(row);
+        }
+        Ok(())
+    }
+}
+
+/// The first `len` positions of a (1, heads, capacity, d) cache buffer, as attention reads them.
+fn cache_rows<'a, T: Elem>(s: &'a CpuStorage, layout: &Layout, len: usize) -> Result<KvRows<'a, T>> {
+    let &[1, heads, cap, d] = layout.dims() else { candle_core::bail!("decode step: a cache buffer {:?} that is not 4-D", layout.dims()) };
+    Ok(KvRows { data: s.as_slice::<T>()?, stride: [heads * cap * d, cap * d, d], start: layout.start_offset(), len })
+}
+
+fn run<T: Elem>(x: &Tensor, layers: &[StepLayer<'_>], pos: usize, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor)> {
+    let hidden = x.elem_count();
+    let mut s = Scratch::<T> { x: Vec::new(), h: None, normed: vec![T::of(0.0); hidden], xf: Vec::new(), yf: Vec::new() };
+    values::<T>(&x.contiguous()?, |v| {
+        s.x = v.to_vec();
+        Ok(())
+    })?;
+    let (mut cs, mut sn) = (Vec::new(), Vec::new());
+    values::<T>(cos, |v| {
+        cs = v.to_vec();
+        Ok(())
+    })?;
+    values::<T>(sin, |v| {
+        sn = v.to_vec();
+        Ok(())
+    })?;
+    for layer in layers {
+        let w = &layer.weights;
+        let (d, nq, nkv) = (w.head_dim, w.heads * w.head_dim, w.kv_heads * w.head_dim);
+        if cs.len() * 2 != d || w.kv_heads == 0 || w.heads % w.kv_heads != 0 {
+            candle_core::bail!("decode step: {} query and {} key/value heads of {d} rotated by {} angles", w.heads, w.kv_heads, cs.len());
+        }
+        s.add_norm(w.attn_norm)?;
+        let normed = std::mem::take(&mut s.normed);
+        let qkv = s.products(&w.qkv, &normed)?;
+        if qkv.len() != nq + 2 * nkv {
+            candle_core::bail!("decode step: q, k and v of {} values for {} and {} heads of {d}", qkv.len(), w.heads, w.kv_heads);
+        }
+        let q = rotate(&qkv[..nq], w.heads, d, &cs, &sn);
+        let k = rotate(&qkv[nq..nq + nkv], w.kv_heads, d, &cs, &sn);
+        layer.keys.inplace_op1(&WriteRows { rows: &k, pos })?;
+        layer.values.inplace_op1(&WriteRows { rows: &qkv[nq + nkv..], pos })?;
+        let mut attended = vec![T::of(0.0); nq];
+        {
+            let (ks, kl) = layer.keys.storage_and_layout();
+            let (vs, vl) = layer.values.storage_and_layout();
+            let (Storage::Cpu(ks), Storage::Cpu(vs)) = (&*ks, &*vs) else { candle_core::bail!("decode step: the cache is not on the CPU") };
+            let (kr, vr) = (cache_rows::<T>(ks, kl, pos + 1)?, cache_rows::<T>(vs, vl, pos + 1)?);
+            attend_all(&q, &kr, &vr, w.heads, w.heads / w.kv_heads, d, w.scale, &mut attended);
+        }
+        s.h = Some(s.products(&[w.o], &attended)?);
+        s.normed = normed;
+        s.add_norm(w.mlp_norm)?;
+        let normed = std::mem::take(&mut s.normed);
+        let gate_up = s.products(&w.gate_up, &normed)?;
+        s.normed = normed;
+        let inter = w.gate_up[0].rows;
+        let (gate, up) = gate_up.split_at(inter);
+        if up.len() != inter {
+            candle_core::bail!("decode step: a gate of {inter} features and an up projection of {}", up.len());
+        }
+        let mut act = vec![T::of(0.0); inter];
+        let act_ptr = crate::cpu::SendPtr(act.as_mut_ptr());
+        parallel_ranges(inter, 4096, |r| {
+            // SAFETY: ranges are disjoint and inside `act`, which outlives the call.
+            let o = unsafe { std::slice::from_raw_parts_mut(act_ptr.get().add(r.start), r.len()) };
+            silu_mul_range(o, &gate[r.clone()], &up[r]);
+        });
+        s.h = Some(s.products(&[w.down], &act)?);
+    }
+    let shape = x.shape().clone();
+    let h = s.h.take().expect("at least one layer");
+    Ok((Tensor::from_vec(s.x, shape.clone(), x.device())?, Tensor::from_vec(h, shape, x.device())?))
+}
