@@ -336,6 +336,28 @@ pub(crate) unsafe fn gemm_on_pool(batch: usize, m: usize, n: usize, k: usize, lh
 /// sequence's logits in a batch are bit for bit its logits alone.
 pub struct MatVec;
 
+/// [`MatVec`]'s f32 products: `y` (m, n) = `x` (m, k) times `w` (n, k) transposed.
+pub(crate) fn matvec_f32(w: &[f32], x: &[f32], m: usize, k: usize, y: &mut [f32]) {
+    let n = w.len() / k.max(1);
+    matvec_rows(w, x, m, k, n, y, |row, i| scalar::dot_f32(&w[row * k..(row + 1) * k], &x[i * k..(i + 1) * k]));
+}
+
+/// [`MatVec`]'s bf16 products, before rounding: `vdpbf16ps` on the bf16 activations where the
+/// CPU has AVX512-BF16, else widened to f32.
+pub(crate) fn matvec_bf16(w: &[bf16], x: &[bf16], m: usize, k: usize, y: &mut [f32]) {
+    let n = w.len() / k.max(1);
+    #[cfg(target_arch = "x86_64")]
+    if dpbf16() {
+        let out = SendPtr(y.as_mut_ptr());
+        // SAFETY: `dpbf16()` checked the CPU; w is n rows of k and x m rows of k; each range's
+        // columns are written by its call alone.
+        parallel_ranges(n, MIN_ROWS_PER_THREAD, |rows| unsafe { x86::matvec_rows_dpbf16(w, x, m, k, n, rows, out.get()) });
+        return;
+    }
+    let x: Vec<f32> = crate::cpu_fused::widen_bf16(x);
+    matvec_rows(w, &x, m, k, n, y, |row, i| scalar::dot_bf16(&w[row * k..(row + 1) * k], &x[i * k..(i + 1) * k]));
+}
+
 /// Most activation rows [`MatVec`] takes (beyond, a GEMM's blocking wins).
 pub const MATVEC_MAX_ROWS: usize = 64;
 
@@ -362,23 +384,11 @@ impl CustomOp2 for MatVec {
         let mut y = vec![0f32; m * n];
         let storage = match ws.dtype() {
             DType::F32 => {
-                let (x, w) = (contiguous::<f32>(xs, xl)?, contiguous::<f32>(ws, wl)?);
-                matvec_rows(w, x, m, k, n, &mut y, |row, i| scalar::dot_f32(&w[row * k..(row + 1) * k], &x[i * k..(i + 1) * k]));
+                matvec_f32(contiguous::<f32>(ws, wl)?, contiguous::<f32>(xs, xl)?, m, k, &mut y);
                 CpuStorage::F32(y)
             }
-            #[cfg(target_arch = "x86_64")]
-            DType::BF16 if dpbf16() => {
-                let (x, w) = (contiguous::<bf16>(xs, xl)?, contiguous::<bf16>(ws, wl)?);
-                let out = SendPtr(y.as_mut_ptr());
-                // SAFETY: `dpbf16()` checked the CPU; w is n rows of k and x m rows of k; each
-                // range's columns are written by its call alone.
-                parallel_ranges(n, MIN_ROWS_PER_THREAD, |rows| unsafe { x86::matvec_rows_dpbf16(w, x, m, k, n, rows, out.get()) });
-                CpuStorage::BF16(crate::cpu_fused::round_bf16(&y))
-            }
             DType::BF16 => {
-                let x: Vec<f32> = crate::cpu_fused::widen_bf16(contiguous::<bf16>(xs, xl)?);
-                let w = contiguous::<bf16>(ws, wl)?;
-                matvec_rows(w, &x, m, k, n, &mut y, |row, i| scalar::dot_bf16(&w[row * k..(row + 1) * k], &x[i * k..(i + 1) * k]));
+                matvec_bf16(contiguous::<bf16>(ws, wl)?, contiguous::<bf16>(xs, xl)?, m, k, &mut y);
                 CpuStorage::BF16(crate::cpu_fused::round_bf16(&y))
             }
             other => candle_core::bail!("matvec: dtype {other:?} is not supported"),

@@ -17,6 +17,12 @@ pub(crate) trait Elem: Copy + Send + Sync + candle_core::WithDType {
     fn of(v: f32) -> Self;
     /// The values of a storage of this type, to write in place.
     fn slice_mut(s: &mut CpuStorage) -> Result<&mut [Self]>;
+    /// `y` (m, n) = `x` (m, k) times a dense `w` (n, k) transposed, as `cpu::MatVec` computes
+    /// it before rounding; None for a type it does not take.
+    fn matvec(w: &[Self], x: &[Self], m: usize, k: usize, y: &mut [f32]) -> Option<()> {
+        let _ = (w, x, m, k, y);
+        None
+    }
     /// `a . x`, accumulated in f32.
     fn dot(a: &[Self], x: &[f32]) -> f32 {
         a.iter().zip(x).map(|(a, b)| a.f32() * b).sum()
@@ -69,6 +75,10 @@ pub(crate) trait Elem: Copy + Send + Sync + candle_core::WithDType {
 }
 
 impl Elem for f32 {
+    fn matvec(w: &[Self], x: &[Self], m: usize, k: usize, y: &mut [f32]) -> Option<()> {
+        crate::cpu::matvec_f32(w, x, m, k, y);
+        Some(())
+    }
     fn slice_mut(s: &mut CpuStorage) -> Result<&mut [Self]> {
         match s {
             CpuStorage::F32(v) => Ok(v),
@@ -97,6 +107,10 @@ impl Elem for f32 {
 }
 
 impl Elem for bf16 {
+    fn matvec(w: &[Self], x: &[Self], m: usize, k: usize, y: &mut [f32]) -> Option<()> {
+        crate::cpu::matvec_bf16(w, x, m, k, y);
+        Some(())
+    }
     fn slice_mut(s: &mut CpuStorage) -> Result<&mut [Self]> {
         match s {
             CpuStorage::BF16(v) => Ok(v),

@@ -44,6 +44,34 @@ thread_local! {
     static STEPS: Cell<usize> = const { Cell::new(0) };
 }
 
+/// A projection's matrix (out, in): packed in MLX's affine format, or a dense tensor of the
+/// model's dtype (f32 or bf16).
+#[derive(Clone, Copy)]
+pub enum StepMatrix<'a> {
+    Quantized(&'a QuantizedMatrix),
+    Dense(&'a Tensor),
+}
+
+impl StepMatrix<'_> {
+    /// (rows, columns).
+    fn dims(&self) -> Result<(usize, usize)> {
+        match self {
+            StepMatrix::Quantized(q) => Ok((q.rows, q.cols)),
+            StepMatrix::Dense(w) => w.dims2(),
+        }
+    }
+
+    /// Whether a step of `dtype` takes it as the op-by-op products do: a quantized matrix
+    /// whose products may take int8 activations (not one built for training), a contiguous
+    /// dense matrix of the step's dtype.
+    fn fits(&self, dtype: DType) -> bool {
+        match self {
+            StepMatrix::Quantized(q) => !q.exact,
+            StepMatrix::Dense(w) => w.dtype() == dtype && w.is_contiguous() && w.rank() == 2 && w.device().is_cpu() && matches!(dtype, DType::F32 | DType::BF16),
+        }
+    }
+}
+
 /// The weights of one decoder layer as a decode step reads them: `x + attn(norm(x))`, then
 /// `x + down(silu(gate(n)) * up(n))` with `n = norm(x)`.
 pub struct StepWeights<'a> {
@@ -52,13 +80,13 @@ pub struct StepWeights<'a> {
     /// The feed-forward block's input norm's weight (hidden,) and epsilon.
     pub mlp_norm: (&'a Tensor, f32),
     /// The query, key and value projections.
-    pub qkv: [&'a QuantizedMatrix; 3],
+    pub qkv: [StepMatrix<'a>; 3],
     /// The output projection.
-    pub o: &'a QuantizedMatrix,
+    pub o: StepMatrix<'a>,
     /// The gate and up projections.
-    pub gate_up: [&'a QuantizedMatrix; 2],
+    pub gate_up: [StepMatrix<'a>; 2],
     /// The down projection.
-    pub down: &'a QuantizedMatrix,
+    pub down: StepMatrix<'a>,
     /// Query heads, key/value heads (a divisor of the query heads) and their size.
     pub heads: usize,
     pub kv_heads: usize,
@@ -84,10 +112,9 @@ pub struct StepLayer<'a> {
 pub fn decode_layers(x: &Tensor, layers: &[StepLayer<'_>], pos: usize, cos: &Tensor, sin: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
     let dtype = x.dtype();
     let same = |t: &Tensor| t.dtype() == dtype && t.device().is_cpu();
-    let plain = |q: &QuantizedMatrix| !q.exact;
     let fits = layers.iter().all(|l| {
         let w = &l.weights;
-        same(w.attn_norm.0) && same(w.mlp_norm.0) && same(l.keys) && same(l.values) && w.qkv.iter().chain(&w.gate_up).chain([&w.o, &w.down]).all(|q| plain(q))
+        same(w.attn_norm.0) && same(w.mlp_norm.0) && same(l.keys) && same(l.values) && w.qkv.iter().chain(&w.gate_up).chain([&w.o, &w.down]).all(|m| m.fits(dtype))
     });
     if layers.is_empty() || !x.device().is_cpu() || !same(cos) || !same(sin) || !fits {
         return Ok(None);
@@ -137,17 +164,39 @@ impl<T: Elem> Scratch<T> {
         })
     }
 
-    /// The products of `qs` with `input`, as the op-by-op forward computes them
-    /// (`quant::matmul_many` on one row): all rows of all matrices in one parallel step, then
-    /// rounded to T.
-    fn products(&mut self, qs: &[&QuantizedMatrix], input: &[T]) -> Result<Vec<T>> {
-        if qs.iter().any(|q| q.cols != input.len()) {
-            candle_core::bail!("decode step: a product of {} features over an input of {}", qs[0].cols, input.len());
+    /// The products of `ms` with `input`, as the op-by-op forward computes them: quantized
+    /// matrices that share the input in one parallel step (`quant::matmul_many` on one row),
+    /// otherwise one product each (dense ones as `cpu::MatVec`); each rounded to T.
+    fn products(&mut self, ms: &[StepMatrix<'_>], input: &[T]) -> Result<Vec<T>> {
+        let mut rows = 0;
+        for m in ms {
+            let (r, c) = m.dims()?;
+            if c != input.len() {
+                candle_core::bail!("decode step: a product of {c} features over an input of {}", input.len());
+            }
+            rows += r;
         }
         self.xf.clear();
         self.xf.extend(input.iter().map(|v| v.f32()));
-        self.yf.resize(qs.iter().map(|q| q.rows).sum(), 0.0);
-        qmatvec_many_into(qs, &self.xf, 1, &mut self.yf);
+        self.yf.resize(rows, 0.0);
+        let quantized: Option<Vec<&QuantizedMatrix>> = ms.iter().map(|m| if let StepMatrix::Quantized(q) = m { Some(*q) } else { None }).collect();
+        match quantized {
+            Some(qs) => qmatvec_many_into(&qs, &self.xf, 1, &mut self.yf),
+            None => {
+                let mut start = 0;
+                for m in ms {
+                    let (r, c) = m.dims()?;
+                    let y = &mut self.yf[start..start + r];
+                    match m {
+                        StepMatrix::Quantized(q) => qmatvec_many_into(&[q], &self.xf, 1, y),
+                        StepMatrix::Dense(w) => {
+                            values::<T>(w, |w| T::matvec(w, input, 1, c, y).ok_or_else(|| candle_core::Error::Msg("decode step: a dense matrix of a dtype without products".into())))?
+                        }
+                    }
+                    start += r;
+                }
+            }
+        }
         Ok(self.yf.iter().map(|&v| T::of(v)).collect())
     }
 }
@@ -245,7 +294,7 @@ fn run<T: Elem>(x: &Tensor, layers: &[StepLayer<'_>], pos: usize, cos: &Tensor, 
         let normed = std::mem::take(&mut s.normed);
         let gate_up = s.products(&w.gate_up, &normed)?;
         s.normed = normed;
-        let inter = w.gate_up[0].rows;
+        let inter = w.gate_up[0].dims()?.0;
         let (gate, up) = gate_up.split_at(inter);
         if up.len() != inter {
             candle_core::bail!("decode step: a gate of {inter} features and an up projection of {}", up.len());

@@ -291,19 +291,25 @@ fn quantized_llama(bits: usize) -> (serde_json::Value, std::collections::HashMap
 }
 
 /// A decode token through the layers on plain buffers (`lmx_core::cpu_step`) gives the
-/// logits of the layers op by op, bit for bit: 4- and 8-bit (int8 products where the rows fit
-/// them, float ones where they do not: the MLP's 96 columns at 4 bits), f32 and bf16.
+/// logits of the layers op by op, bit for bit: dense, 4- and 8-bit weights (int8 products
+/// where the rows fit them, float ones where they do not: the MLP's 96 columns at 4 bits), f32
+/// and bf16.
 #[test]
 fn the_cpu_decode_step_equals_the_layers_op_by_op() {
     let Golden { input_ids, .. } = golden("llama");
     let row = input_ids.narrow(0, 0, 1).expect("row");
     let seq_len = row.dim(1).expect("len");
-    for bits in [4, 8] {
-        let (config, tensors) = quantized_llama(bits);
-        let q = lmx_io::QuantConfig::from_config(&config).expect("block");
+    for bits in [None, Some(4), Some(8)] {
         for dtype in [DType::F32, DType::BF16] {
-            let vb = Builder::new(Weights::from_tensors(tensors.clone(), "quantized"), dtype, &Device::Cpu).with_quantization(q.clone());
-            let model = load_model("llama", &config, &vb).expect("quantized model");
+            let model = match bits {
+                None => load("llama", dtype, None),
+                Some(bits) => {
+                    let (config, tensors) = quantized_llama(bits);
+                    let q = lmx_io::QuantConfig::from_config(&config).expect("block");
+                    let vb = Builder::new(Weights::from_tensors(tensors, "quantized"), dtype, &Device::Cpu).with_quantization(q);
+                    load_model("llama", &config, &vb).expect("quantized model")
+                }
+            };
             let decode = |on: bool| {
                 lmx_core::cpu_step::set_enabled(on);
                 let taken = lmx_core::cpu_step::steps_taken();
@@ -316,9 +322,9 @@ fn the_cpu_decode_step_equals_the_layers_op_by_op() {
             };
             let ((plain, steps), (op_by_op, none)) = (decode(true), decode(false));
             lmx_core::cpu_step::set_enabled(true);
-            assert_eq!((steps, none), (seq_len - 4, 0), "{bits}-bit {dtype:?}: decode steps on plain buffers");
+            assert_eq!((steps, none), (seq_len - 4, 0), "{bits:?} bits, {dtype:?}: decode steps on plain buffers");
             let (d, at) = max_diff(&plain, &op_by_op);
-            assert_eq!(d, 0.0, "{bits}-bit {dtype:?}: the decode step on plain buffers differs from the layers op by op at {at}");
+            assert_eq!(d, 0.0, "{bits:?} bits, {dtype:?}: the decode step on plain buffers differs from the layers op by op at {at}");
         }
     }
 }

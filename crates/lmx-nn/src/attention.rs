@@ -10,7 +10,8 @@
 //! heads 0-1, rank 1 query heads 5-8 and key/value heads 1-2). `o_proj` is row-parallel over
 //! the same query heads, so one all-sum per attention block restores the full output.
 
-use lmx_core::quant::{CodeTarget, QuantizedMatrix};
+use lmx_core::cpu_step::StepMatrix;
+use lmx_core::quant::CodeTarget;
 use lmx_core::{ops, Module, Result, Tensor};
 
 use crate::builder::{Builder, Shard};
@@ -286,14 +287,14 @@ impl Attention {
     }
 
     /// (q, k, v, o, heads, kv heads, head size, scale) for a decode step on plain buffers
-    /// (`lmx_core::cpu_step`): plain quantized projections, every feature rotated by the
+    /// (`lmx_core::cpu_step`): projections that only multiply, every feature rotated by the
     /// model's table, and nothing else (no q/k norms, window, soft-cap, sinks or uneven heads).
-    pub(crate) fn step_parts(&self) -> Option<([&QuantizedMatrix; 4], usize, usize, usize, f32)> {
+    pub(crate) fn step_parts(&self) -> Option<([StepMatrix<'_>; 4], usize, usize, usize, f32)> {
         let plain = self.q_norm.is_none() && self.k_norm.is_none() && self.kv_of_head.is_none() && self.window.is_none() && self.softcap.is_none() && self.sinks.is_none();
         if !plain || self.rope_table != 0 || self.rotary_dim != self.head_dim {
             return None;
         }
-        let qkvo = [self.q_proj.plain_quantized()?, self.k_proj.plain_quantized()?, self.v_proj.plain_quantized()?, self.o_proj.plain_quantized()?];
+        let qkvo = [self.q_proj.step_matrix()?, self.k_proj.step_matrix()?, self.v_proj.step_matrix()?, self.o_proj.step_matrix()?];
         Some((qkvo, self.n_heads, self.n_kv_heads, self.head_dim, self.scale as f32))
     }
 

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use lmx_core::cpu_step::StepMatrix;
 use lmx_core::frozen::Bf16Weight;
 use lmx_core::quant::{CodeTarget, QuantizedMatrix};
 use lmx_core::{ops, Device, Module, Result, Tensor};
@@ -145,11 +146,12 @@ impl Linear {
 }
 
 impl Linear {
-    /// The packed matrix of a quantized layer that only multiplies: no bias, adapter or
-    /// tensor-parallel sum (a decode step on plain buffers, `lmx_core::cpu_step`).
-    pub(crate) fn plain_quantized(&self) -> Option<&QuantizedMatrix> {
+    /// The matrix of a layer that only multiplies (no bias, adapter or tensor-parallel sum),
+    /// as a decode step on plain buffers reads it (`lmx_core::cpu_step`).
+    pub(crate) fn step_matrix(&self) -> Option<StepMatrix<'_>> {
         match (&self.weight, &self.bias, &self.adapter, &self.reduce) {
-            (Weight::Quantized(q), None, None, None) => Some(q),
+            (Weight::Quantized(q), None, None, None) => Some(StepMatrix::Quantized(q)),
+            (Weight::Dense(w), None, None, None) => Some(StepMatrix::Dense(w)),
             _ => None,
         }
     }
