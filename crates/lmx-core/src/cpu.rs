@@ -339,6 +339,7 @@ pub struct MatVec;
 /// [`MatVec`]'s f32 products: `y` (m, n) = `x` (m, k) times `w` (n, k) transposed.
 pub(crate) fn matvec_f32(w: &[f32], x: &[f32], m: usize, k: usize, y: &mut [f32]) {
     let n = w.len() / k.max(1);
+    assert!(k > 0 && w.len() == n * k && x.len() == m * k && y.len() == m * n, "matvec: w {} / x {} / y {} values for rows of {k}", w.len(), x.len(), y.len());
     matvec_rows(w, x, m, k, n, y, |row, i| scalar::dot_f32(&w[row * k..(row + 1) * k], &x[i * k..(i + 1) * k]));
 }
 
@@ -346,6 +347,7 @@ pub(crate) fn matvec_f32(w: &[f32], x: &[f32], m: usize, k: usize, y: &mut [f32]
 /// CPU has AVX512-BF16, else widened to f32.
 pub(crate) fn matvec_bf16(w: &[bf16], x: &[bf16], m: usize, k: usize, y: &mut [f32]) {
     let n = w.len() / k.max(1);
+    assert!(k > 0 && w.len() == n * k && x.len() == m * k && y.len() == m * n, "matvec: w {} / x {} / y {} values for rows of {k}", w.len(), x.len(), y.len());
     #[cfg(target_arch = "x86_64")]
     if dpbf16() {
         let out = SendPtr(y.as_mut_ptr());

@@ -114,7 +114,8 @@ pub fn decode_layers(x: &Tensor, layers: &[StepLayer<'_>], pos: usize, cos: &Ten
     let same = |t: &Tensor| t.dtype() == dtype && t.device().is_cpu();
     let fits = layers.iter().all(|l| {
         let w = &l.weights;
-        same(w.attn_norm.0) && same(w.mlp_norm.0) && same(l.keys) && same(l.values) && w.qkv.iter().chain(&w.gate_up).chain([&w.o, &w.down]).all(|m| m.fits(dtype))
+        let norm = |t: &Tensor| same(t) && t.is_contiguous();
+        norm(w.attn_norm.0) && norm(w.mlp_norm.0) && same(l.keys) && same(l.values) && w.qkv.iter().chain(&w.gate_up).chain([&w.o, &w.down]).all(|m| m.fits(dtype))
     });
     if layers.is_empty() || !x.device().is_cpu() || !same(cos) || !same(sin) || !fits {
         return Ok(None);
@@ -214,9 +215,11 @@ fn rotate<T: Elem>(x: &[T], heads: usize, d: usize, cos: &[T], sin: &[T]) -> Vec
     out
 }
 
-/// Writes one position's rows (heads of `d`) into a (1, heads, capacity, d) buffer in place.
+/// Writes one position's rows (`heads` of `d`) into a (1, heads, capacity, d) buffer in place.
 struct WriteRows<'a, T> {
     rows: &'a [T],
+    heads: usize,
+    d: usize,
     pos: usize,
 }
 
@@ -226,9 +229,8 @@ impl<T: Elem> candle_core::InplaceOp1 for WriteRows<'_, T> {
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
-        let (&[1, heads, cap, d], true) = (layout.dims(), layout.is_contiguous()) else {
-            candle_core::bail!("decode step: a cache buffer {:?} that is not one contiguous sequence", layout.dims());
-        };
+        let (heads, d) = (self.heads, self.d);
+        let cap = cache_capacity(layout, heads, d)?;
         if self.pos >= cap || self.rows.len() != heads * d {
             candle_core::bail!("decode step: {} values at position {} of a cache buffer {:?}", self.rows.len(), self.pos, layout.dims());
         }
@@ -242,9 +244,21 @@ impl<T: Elem> candle_core::InplaceOp1 for WriteRows<'_, T> {
     }
 }
 
+/// The capacity of a cache buffer for `heads` heads of `d`: it must be (1, heads, capacity, d)
+/// and contiguous.
+fn cache_capacity(layout: &Layout, heads: usize, d: usize) -> Result<usize> {
+    match layout.dims() {
+        &[1, h, cap, hd] if h == heads && hd == d && layout.is_contiguous() => Ok(cap),
+        dims => candle_core::bail!("decode step: a cache buffer {dims:?} for {heads} key/value heads of {d}: not (1, {heads}, capacity, {d}) and contiguous"),
+    }
+}
+
 /// The first `len` positions of a (1, heads, capacity, d) cache buffer, as attention reads them.
-fn cache_rows<'a, T: Elem>(s: &'a CpuStorage, layout: &Layout, len: usize) -> Result<KvRows<'a, T>> {
-    let &[1, heads, cap, d] = layout.dims() else { candle_core::bail!("decode step: a cache buffer {:?} that is not 4-D", layout.dims()) };
+fn cache_rows<'a, T: Elem>(s: &'a CpuStorage, layout: &Layout, heads: usize, d: usize, len: usize) -> Result<KvRows<'a, T>> {
+    let cap = cache_capacity(layout, heads, d)?;
+    if len > cap {
+        candle_core::bail!("decode step: {len} positions of a cache buffer of {cap}");
+    }
     Ok(KvRows { data: s.as_slice::<T>()?, stride: [heads * cap * d, cap * d, d], start: layout.start_offset(), len })
 }
 
@@ -278,14 +292,14 @@ fn run<T: Elem>(x: &Tensor, layers: &[StepLayer<'_>], pos: usize, cos: &Tensor, 
         }
         let q = rotate(&qkv[..nq], w.heads, d, &cs, &sn);
         let k = rotate(&qkv[nq..nq + nkv], w.kv_heads, d, &cs, &sn);
-        layer.keys.inplace_op1(&WriteRows { rows: &k, pos })?;
-        layer.values.inplace_op1(&WriteRows { rows: &qkv[nq + nkv..], pos })?;
+        layer.keys.inplace_op1(&WriteRows { rows: &k, heads: w.kv_heads, d, pos })?;
+        layer.values.inplace_op1(&WriteRows { rows: &qkv[nq + nkv..], heads: w.kv_heads, d, pos })?;
         let mut attended = vec![T::of(0.0); nq];
         {
             let (ks, kl) = layer.keys.storage_and_layout();
             let (vs, vl) = layer.values.storage_and_layout();
             let (Storage::Cpu(ks), Storage::Cpu(vs)) = (&*ks, &*vs) else { candle_core::bail!("decode step: the cache is not on the CPU") };
-            let (kr, vr) = (cache_rows::<T>(ks, kl, pos + 1)?, cache_rows::<T>(vs, vl, pos + 1)?);
+            let (kr, vr) = (cache_rows::<T>(ks, kl, w.kv_heads, d, pos + 1)?, cache_rows::<T>(vs, vl, w.kv_heads, d, pos + 1)?);
             attend_all(&q, &kr, &vr, w.heads, w.heads / w.kv_heads, d, w.scale, &mut attended);
         }
         s.h = Some(s.products(&[w.o], &attended)?);

@@ -292,15 +292,18 @@ fn quantized_llama(bits: usize) -> (serde_json::Value, std::collections::HashMap
 
 /// A decode token through the layers on plain buffers (`lmx_core::cpu_step`) gives the
 /// logits of the layers op by op, bit for bit: dense, 4- and 8-bit weights (int8 products
-/// where the rows fit them, float ones where they do not: the MLP's 96 columns at 4 bits), f32
-/// and bf16.
+/// where the rows fit them, float ones where they do not: the MLP's 96 columns at 4 bits), f32,
+/// bf16 and (quantized) f16, over 300 positions (the cache's buffer grows at 256).
 #[test]
 fn the_cpu_decode_step_equals_the_layers_op_by_op() {
     let Golden { input_ids, .. } = golden("llama");
-    let row = input_ids.narrow(0, 0, 1).expect("row");
-    let seq_len = row.dim(1).expect("len");
+    let prompt: Vec<u32> = input_ids.get(0).and_then(|r| r.to_vec1()).expect("row");
+    let ids: Vec<u32> = prompt.iter().copied().chain((0..300u32).map(|i| (i * 37 + 11) % 160)).collect();
+    let row = Tensor::new(ids.as_slice(), &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("ids");
+    let seq_len = ids.len();
     for bits in [None, Some(4), Some(8)] {
-        for dtype in [DType::F32, DType::BF16] {
+        let dtypes = if bits.is_some() { &[DType::F32, DType::BF16, DType::F16][..] } else { &[DType::F32, DType::BF16][..] };
+        for &dtype in dtypes {
             let model = match bits {
                 None => load("llama", dtype, None),
                 Some(bits) => {

@@ -139,7 +139,7 @@ pub fn qmatvec_many(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<f32> {
 pub(crate) fn qmatvec_many_into(qs: &[&QuantizedMatrix], x: &[f32], m: usize, y: &mut [f32]) {
     let total: usize = qs.iter().map(|q| q.rows).sum();
     let cols = qs[0].cols;
-    assert_eq!(y.len(), m * total, "qmatvec_many_into: output length");
+    assert!(y.len() == m * total && x.len() == m * cols, "qmatvec_many_into: {} inputs / {} outputs for {m} rows", x.len(), y.len());
     let out = SendPtr(y.as_mut_ptr());
     // x is rounded once per distinct (cols, bits, group size, scale dtype): matrix i uses the
     // activations of the first matrix like it, `owner[i]`.
