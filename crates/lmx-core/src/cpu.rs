@@ -360,6 +360,35 @@ pub(crate) fn matvec_bf16(w: &[bf16], x: &[bf16], m: usize, k: usize, y: &mut [f
     matvec_rows(w, &x, m, k, n, y, |row, i| scalar::dot_bf16(&w[row * k..(row + 1) * k], &x[i * k..(i + 1) * k]));
 }
 
+/// [`matvec_bf16`] of one row `x` by several matrices (each rows of `k`) in one parallel
+/// step, their outputs one after another in `y`: the same products (each row's dot product
+/// does not depend on the split), one barrier instead of one per matrix. None (nothing
+/// written) where the CPU lacks AVX512-BF16.
+pub(crate) fn matvec_many_bf16(ws: &[&[bf16]], x: &[bf16], k: usize, y: &mut [f32]) -> Option<()> {
+    #[cfg(target_arch = "x86_64")]
+    if dpbf16() {
+        let ns: Vec<usize> = ws.iter().map(|w| w.len() / k.max(1)).collect();
+        let total: usize = ns.iter().sum();
+        assert!(k > 0 && ws.iter().zip(&ns).all(|(w, n)| w.len() == n * k) && x.len() == k && y.len() == total, "matvec_many_bf16: shapes");
+        let out = SendPtr(y.as_mut_ptr());
+        parallel_ranges(total, MIN_ROWS_PER_THREAD, |range| {
+            let mut first = 0;
+            for (w, &n) in ws.iter().zip(&ns) {
+                let (lo, hi) = (range.start.max(first), range.end.min(first + n));
+                if lo < hi {
+                    // SAFETY: `dpbf16()` checked the CPU; w is n rows of k, x one row of k;
+                    // matrix rows lo - first..hi - first write y[lo..hi], this range's alone.
+                    unsafe { x86::matvec_rows_dpbf16(w, x, 1, k, n, lo - first..hi - first, out.get().add(first)) };
+                }
+                first += n;
+            }
+        });
+        return Some(());
+    }
+    let _ = (ws, x, k, y);
+    None
+}
+
 /// Most activation rows [`MatVec`] takes (beyond, a GEMM's blocking wins).
 pub const MATVEC_MAX_ROWS: usize = 64;
 

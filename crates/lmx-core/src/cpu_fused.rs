@@ -23,6 +23,13 @@ pub(crate) trait Elem: Copy + Send + Sync + candle_core::WithDType {
         let _ = (w, x, m, k, y);
         None
     }
+    /// One row `x` by several dense matrices in one parallel step, their outputs one after
+    /// another in `y`, each as [`Elem::matvec`] computes it; None (nothing written) where the
+    /// type or the CPU has no such step.
+    fn matvec_many(ws: &[&[Self]], x: &[Self], k: usize, y: &mut [f32]) -> Option<()> {
+        let _ = (ws, x, k, y);
+        None
+    }
     /// `a . x`, accumulated in f32.
     fn dot(a: &[Self], x: &[f32]) -> f32 {
         a.iter().zip(x).map(|(a, b)| a.f32() * b).sum()
@@ -110,6 +117,9 @@ impl Elem for bf16 {
     fn matvec(w: &[Self], x: &[Self], m: usize, k: usize, y: &mut [f32]) -> Option<()> {
         crate::cpu::matvec_bf16(w, x, m, k, y);
         Some(())
+    }
+    fn matvec_many(ws: &[&[Self]], x: &[Self], k: usize, y: &mut [f32]) -> Option<()> {
+        crate::cpu::matvec_many_bf16(ws, x, k, y)
     }
     fn slice_mut(s: &mut CpuStorage) -> Result<&mut [Self]> {
         match s {

@@ -181,9 +181,11 @@ impl<T: Elem> Scratch<T> {
         self.xf.extend(input.iter().map(|v| v.f32()));
         self.yf.resize(rows, 0.0);
         let quantized: Option<Vec<&QuantizedMatrix>> = ms.iter().map(|m| if let StepMatrix::Quantized(q) = m { Some(*q) } else { None }).collect();
-        match quantized {
-            Some(qs) => qmatvec_many_into(&qs, &self.xf, 1, &mut self.yf),
-            None => {
+        let dense: Option<Vec<&Tensor>> = ms.iter().map(|m| if let StepMatrix::Dense(w) = m { Some(*w) } else { None }).collect();
+        match (quantized, dense) {
+            (Some(qs), _) => qmatvec_many_into(&qs, &self.xf, 1, &mut self.yf),
+            (_, Some(ws)) if ws.len() > 1 && dense_many(&ws, input, &mut self.yf)?.is_some() => {}
+            _ => {
                 let mut start = 0;
                 for m in ms {
                     let (r, c) = m.dims()?;
@@ -200,6 +202,20 @@ impl<T: Elem> Scratch<T> {
         }
         Ok(self.yf.iter().map(|&v| T::of(v)).collect())
     }
+}
+
+/// [`Elem::matvec_many`] over dense matrices `ws` (rows of `input.len()`), where the type and
+/// the CPU have it.
+fn dense_many<T: Elem>(ws: &[&Tensor], input: &[T], y: &mut [f32]) -> Result<Option<()>> {
+    let guards: Vec<_> = ws.iter().map(|w| w.storage_and_layout()).collect();
+    let slices = guards
+        .iter()
+        .map(|(s, l)| match &**s {
+            Storage::Cpu(c) => crate::cpu_fused::slice::<T>(c, l),
+            _ => candle_core::bail!("decode step: a matrix is not on the CPU"),
+        })
+        .collect::<Result<Vec<&[T]>>>()?;
+    Ok(T::matvec_many(&slices, input, input.len(), y))
 }
 
 /// Rotates `heads` heads of `d` ("rotate half", as `cpu_fused::Rope` on one position).
