@@ -72,6 +72,33 @@ impl StepMatrix<'_> {
     }
 }
 
+/// A projection: its matrix and, where it has one, its bias (out,) of the step's dtype.
+#[derive(Clone, Copy)]
+pub struct StepLinear<'a> {
+    pub matrix: StepMatrix<'a>,
+    pub bias: Option<&'a Tensor>,
+}
+
+/// An attention block as a decode step reads it: `o(attn(rope(norm_q(q)), rope(norm_k(k)), v))`
+/// over all cached positions (grouped-query heads; "rotate half" on every feature).
+pub struct StepAttention<'a> {
+    /// The query, key and value projections.
+    pub qkv: [StepLinear<'a>; 3],
+    /// The output projection.
+    pub o: StepLinear<'a>,
+    /// RMS norms over each query / key head before rotation (Qwen3): weight (head_dim,), epsilon.
+    pub q_norm: Option<(&'a Tensor, f32)>,
+    pub k_norm: Option<(&'a Tensor, f32)>,
+    /// Query heads, key/value heads (a divisor of the query heads) and their size.
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Multiplies the attention scores.
+    pub scale: f32,
+    /// A sliding window: the step applies only while the cache holds no more positions.
+    pub window: Option<usize>,
+}
+
 /// The weights of one decoder layer as a decode step reads them: `x + attn(norm(x))`, then
 /// `x + down(silu(gate(n)) * up(n))` with `n = norm(x)`.
 pub struct StepWeights<'a> {
@@ -79,20 +106,11 @@ pub struct StepWeights<'a> {
     pub attn_norm: (&'a Tensor, f32),
     /// The feed-forward block's input norm's weight (hidden,) and epsilon.
     pub mlp_norm: (&'a Tensor, f32),
-    /// The query, key and value projections.
-    pub qkv: [StepMatrix<'a>; 3],
-    /// The output projection.
-    pub o: StepMatrix<'a>,
+    pub attn: StepAttention<'a>,
     /// The gate and up projections.
-    pub gate_up: [StepMatrix<'a>; 2],
+    pub gate_up: [StepLinear<'a>; 2],
     /// The down projection.
-    pub down: StepMatrix<'a>,
-    /// Query heads, key/value heads (a divisor of the query heads) and their size.
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    /// Multiplies the attention scores.
-    pub scale: f32,
+    pub down: StepLinear<'a>,
 }
 
 /// A layer with its cache: `keys` and `values` (1, kv_heads, capacity, head_dim), contiguous,
@@ -112,10 +130,14 @@ pub struct StepLayer<'a> {
 pub fn decode_layers(x: &Tensor, layers: &[StepLayer<'_>], pos: usize, cos: &Tensor, sin: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
     let dtype = x.dtype();
     let same = |t: &Tensor| t.dtype() == dtype && t.device().is_cpu();
+    let vector = |t: &Tensor| same(t) && t.is_contiguous();
+    let linear = |l: &StepLinear<'_>| l.matrix.fits(dtype) && l.bias.is_none_or(vector);
     let fits = layers.iter().all(|l| {
-        let w = &l.weights;
-        let norm = |t: &Tensor| same(t) && t.is_contiguous();
-        norm(w.attn_norm.0) && norm(w.mlp_norm.0) && same(l.keys) && same(l.values) && w.qkv.iter().chain(&w.gate_up).chain([&w.o, &w.down]).all(|m| m.fits(dtype))
+        let (w, a) = (&l.weights, &l.weights.attn);
+        let norms = [Some(w.attn_norm), Some(w.mlp_norm), a.q_norm, a.k_norm].into_iter().flatten().all(|(t, _)| vector(t));
+        // Beyond its window a layer masks the oldest positions: op by op.
+        let seen = a.window.is_none_or(|win| pos < win);
+        norms && seen && same(l.keys) && same(l.values) && a.qkv.iter().chain(&w.gate_up).chain([&a.o, &w.down]).all(linear)
     });
     if layers.is_empty() || !x.device().is_cpu() || !same(cos) || !same(sin) || !fits {
         return Ok(None);
@@ -165,13 +187,14 @@ impl<T: Elem> Scratch<T> {
         })
     }
 
-    /// The products of `ms` with `input`, as the op-by-op forward computes them: quantized
+    /// The products of `ls` with `input`, as the op-by-op forward computes them: quantized
     /// matrices that share the input in one parallel step (`quant::matmul_many` on one row),
-    /// otherwise one product each (dense ones as `cpu::MatVec`); each rounded to T.
-    fn products(&mut self, ms: &[StepMatrix<'_>], input: &[T]) -> Result<Vec<T>> {
+    /// dense ones likewise where the type has it, otherwise one product each (dense as
+    /// `cpu::MatVec`); each rounded to T, then its bias added (rounded again).
+    fn products(&mut self, ls: &[StepLinear<'_>], input: &[T]) -> Result<Vec<T>> {
         let mut rows = 0;
-        for m in ms {
-            let (r, c) = m.dims()?;
+        for l in ls {
+            let (r, c) = l.matrix.dims()?;
             if c != input.len() {
                 candle_core::bail!("decode step: a product of {c} features over an input of {}", input.len());
             }
@@ -180,17 +203,17 @@ impl<T: Elem> Scratch<T> {
         self.xf.clear();
         self.xf.extend(input.iter().map(|v| v.f32()));
         self.yf.resize(rows, 0.0);
-        let quantized: Option<Vec<&QuantizedMatrix>> = ms.iter().map(|m| if let StepMatrix::Quantized(q) = m { Some(*q) } else { None }).collect();
-        let dense: Option<Vec<&Tensor>> = ms.iter().map(|m| if let StepMatrix::Dense(w) = m { Some(*w) } else { None }).collect();
+        let quantized: Option<Vec<&QuantizedMatrix>> = ls.iter().map(|l| if let StepMatrix::Quantized(q) = l.matrix { Some(q) } else { None }).collect();
+        let dense: Option<Vec<&Tensor>> = ls.iter().map(|l| if let StepMatrix::Dense(w) = l.matrix { Some(w) } else { None }).collect();
         match (quantized, dense) {
             (Some(qs), _) => qmatvec_many_into(&qs, &self.xf, 1, &mut self.yf),
             (_, Some(ws)) if ws.len() > 1 && dense_many(&ws, input, &mut self.yf)?.is_some() => {}
             _ => {
                 let mut start = 0;
-                for m in ms {
-                    let (r, c) = m.dims()?;
+                for l in ls {
+                    let (r, c) = l.matrix.dims()?;
                     let y = &mut self.yf[start..start + r];
-                    match m {
+                    match l.matrix {
                         StepMatrix::Quantized(q) => qmatvec_many_into(&[q], &self.xf, 1, y),
                         StepMatrix::Dense(w) => {
                             values::<T>(w, |w| T::matvec(w, input, 1, c, y).ok_or_else(|| candle_core::Error::Msg("decode step: a dense matrix of a dtype without products".into())))?
@@ -200,8 +223,38 @@ impl<T: Elem> Scratch<T> {
                 }
             }
         }
-        Ok(self.yf.iter().map(|&v| T::of(v)).collect())
+        let mut out: Vec<T> = self.yf.iter().map(|&v| T::of(v)).collect();
+        let mut start = 0;
+        for l in ls {
+            let r = l.matrix.dims()?.0;
+            if let Some(b) = l.bias {
+                values::<T>(b, |b| {
+                    if b.len() != r {
+                        candle_core::bail!("decode step: a bias of {} values for {r} outputs", b.len());
+                    }
+                    for (o, b) in out[start..start + r].iter_mut().zip(b) {
+                        *o = T::of(o.f32() + b.f32());
+                    }
+                    Ok(())
+                })?;
+            }
+            start += r;
+        }
+        Ok(out)
     }
+}
+
+/// Each head (`w.len()` values) of `x` RMS-normalized and scaled by `w`, in place (as
+/// `ops::rms_norm` over the heads).
+fn norm_heads<T: Elem>(x: &mut [T], (w, eps): (&Tensor, f32)) -> Result<()> {
+    let src = x.to_vec();
+    values::<T>(w, |w| {
+        if w.is_empty() || x.len() % w.len() != 0 {
+            candle_core::bail!("decode step: a head norm of {} features over {} values", w.len(), x.len());
+        }
+        norm_range(&src, w, eps, x);
+        Ok(())
+    })
 }
 
 /// [`Elem::matvec_many`] over dense matrices `ws` (rows of `input.len()`), where the type and
@@ -295,36 +348,42 @@ fn run<T: Elem>(x: &Tensor, layers: &[StepLayer<'_>], pos: usize, cos: &Tensor, 
         Ok(())
     })?;
     for layer in layers {
-        let w = &layer.weights;
-        let (d, nq, nkv) = (w.head_dim, w.heads * w.head_dim, w.kv_heads * w.head_dim);
-        if cs.len() * 2 != d || w.kv_heads == 0 || w.heads % w.kv_heads != 0 {
-            candle_core::bail!("decode step: {} query and {} key/value heads of {d} rotated by {} angles", w.heads, w.kv_heads, cs.len());
+        let (w, a) = (&layer.weights, &layer.weights.attn);
+        let (d, nq, nkv) = (a.head_dim, a.heads * a.head_dim, a.kv_heads * a.head_dim);
+        if cs.len() * 2 != d || a.kv_heads == 0 || a.heads % a.kv_heads != 0 {
+            candle_core::bail!("decode step: {} query and {} key/value heads of {d} rotated by {} angles", a.heads, a.kv_heads, cs.len());
         }
         s.add_norm(w.attn_norm)?;
         let normed = std::mem::take(&mut s.normed);
-        let qkv = s.products(&w.qkv, &normed)?;
+        let mut qkv = s.products(&a.qkv, &normed)?;
         if qkv.len() != nq + 2 * nkv {
-            candle_core::bail!("decode step: q, k and v of {} values for {} and {} heads of {d}", qkv.len(), w.heads, w.kv_heads);
+            candle_core::bail!("decode step: q, k and v of {} values for {} and {} heads of {d}", qkv.len(), a.heads, a.kv_heads);
         }
-        let q = rotate(&qkv[..nq], w.heads, d, &cs, &sn);
-        let k = rotate(&qkv[nq..nq + nkv], w.kv_heads, d, &cs, &sn);
-        layer.keys.inplace_op1(&WriteRows { rows: &k, heads: w.kv_heads, d, pos })?;
-        layer.values.inplace_op1(&WriteRows { rows: &qkv[nq + nkv..], heads: w.kv_heads, d, pos })?;
+        if let Some(norm) = a.q_norm {
+            norm_heads(&mut qkv[..nq], norm)?;
+        }
+        if let Some(norm) = a.k_norm {
+            norm_heads(&mut qkv[nq..nq + nkv], norm)?;
+        }
+        let q = rotate(&qkv[..nq], a.heads, d, &cs, &sn);
+        let k = rotate(&qkv[nq..nq + nkv], a.kv_heads, d, &cs, &sn);
+        layer.keys.inplace_op1(&WriteRows { rows: &k, heads: a.kv_heads, d, pos })?;
+        layer.values.inplace_op1(&WriteRows { rows: &qkv[nq + nkv..], heads: a.kv_heads, d, pos })?;
         let mut attended = vec![T::of(0.0); nq];
         {
             let (ks, kl) = layer.keys.storage_and_layout();
             let (vs, vl) = layer.values.storage_and_layout();
             let (Storage::Cpu(ks), Storage::Cpu(vs)) = (&*ks, &*vs) else { candle_core::bail!("decode step: the cache is not on the CPU") };
-            let (kr, vr) = (cache_rows::<T>(ks, kl, w.kv_heads, d, pos + 1)?, cache_rows::<T>(vs, vl, w.kv_heads, d, pos + 1)?);
-            attend_all(&q, &kr, &vr, w.heads, w.heads / w.kv_heads, d, w.scale, &mut attended);
+            let (kr, vr) = (cache_rows::<T>(ks, kl, a.kv_heads, d, pos + 1)?, cache_rows::<T>(vs, vl, a.kv_heads, d, pos + 1)?);
+            attend_all(&q, &kr, &vr, a.heads, a.heads / a.kv_heads, d, a.scale, &mut attended);
         }
-        s.h = Some(s.products(&[w.o], &attended)?);
+        s.h = Some(s.products(&[a.o], &attended)?);
         s.normed = normed;
         s.add_norm(w.mlp_norm)?;
         let normed = std::mem::take(&mut s.normed);
         let gate_up = s.products(&w.gate_up, &normed)?;
         s.normed = normed;
-        let inter = w.gate_up[0].dims()?.0;
+        let inter = w.gate_up[0].matrix.dims()?.0;
         let (gate, up) = gate_up.split_at(inter);
         if up.len() != inter {
             candle_core::bail!("decode step: a gate of {inter} features and an up projection of {}", up.len());

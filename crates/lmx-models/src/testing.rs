@@ -291,21 +291,28 @@ fn quantized_llama(bits: usize) -> (serde_json::Value, std::collections::HashMap
 }
 
 /// A decode token through the layers on plain buffers (`lmx_core::cpu_step`) gives the
-/// logits of the layers op by op, bit for bit: dense, 4- and 8-bit weights (int8 products
-/// where the rows fit them, float ones where they do not: the MLP's 96 columns at 4 bits), f32,
-/// bf16 and (quantized) f16, over 300 positions (the cache's buffer grows at 256).
+/// logits of the layers op by op, bit for bit, over 300 positions (a cache buffer grows at
+/// 256): the dense fixtures it takes (llama; qwen2's biases; qwen3's q/k norms and heads of 24;
+/// mistral while its window of 4 holds the cache, op by op after) in f32 and bf16, and llama
+/// quantized to 4 and 8 bits (int8 products where the rows fit them, float ones where they do
+/// not: the MLP's 96 columns at 4 bits) in f32, bf16 and f16.
 #[test]
 fn the_cpu_decode_step_equals_the_layers_op_by_op() {
-    let Golden { input_ids, .. } = golden("llama");
-    let prompt: Vec<u32> = input_ids.get(0).and_then(|r| r.to_vec1()).expect("row");
-    let ids: Vec<u32> = prompt.iter().copied().chain((0..300u32).map(|i| (i * 37 + 11) % 160)).collect();
-    let row = Tensor::new(ids.as_slice(), &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("ids");
-    let seq_len = ids.len();
-    for bits in [None, Some(4), Some(8)] {
+    let dense = ["llama", "qwen2", "qwen3", "mistral"].map(|m| (m, None));
+    for (model_type, bits) in dense.into_iter().chain([("llama", Some(4)), ("llama", Some(8))]) {
+        let config = lmx_io::config::read_json(&fixture_dir(model_type).join("config.json")).expect("config");
+        let vocab = config["vocab_size"].as_u64().expect("vocab") as u32;
+        let window = config["sliding_window"].as_u64().map(|w| w as usize);
+        let Golden { input_ids, .. } = golden(model_type);
+        let prompt: Vec<u32> = input_ids.get(0).and_then(|r| r.to_vec1()).expect("row");
+        let ids: Vec<u32> = prompt.iter().copied().chain((0..300u32).map(|i| (i * 37 + 11) % vocab)).collect();
+        let row = Tensor::new(ids.as_slice(), &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("ids");
+        let prefill = 2;
+        let expected = (prefill..ids.len()).filter(|&pos| window.is_none_or(|w| pos < w)).count();
         let dtypes = if bits.is_some() { &[DType::F32, DType::BF16, DType::F16][..] } else { &[DType::F32, DType::BF16][..] };
         for &dtype in dtypes {
             let model = match bits {
-                None => load("llama", dtype, None),
+                None => load(model_type, dtype, None),
                 Some(bits) => {
                     let (config, tensors) = quantized_llama(bits);
                     let q = lmx_io::QuantConfig::from_config(&config).expect("block");
@@ -317,17 +324,18 @@ fn the_cpu_decode_step_equals_the_layers_op_by_op() {
                 lmx_core::cpu_step::set_enabled(on);
                 let taken = lmx_core::cpu_step::steps_taken();
                 let mut cache = model.new_cache();
-                let mut parts = vec![model.forward(&row.narrow(1, 0, 4).expect("n"), &mut cache, Logits::Last).expect("prefill")];
-                for i in 4..seq_len {
+                let mut parts = vec![model.forward(&row.narrow(1, 0, prefill).expect("n"), &mut cache, Logits::Last).expect("prefill")];
+                for i in prefill..ids.len() {
                     parts.push(model.forward(&row.narrow(1, i, 1).expect("n"), &mut cache, Logits::Last).expect("decode"));
                 }
                 (Tensor::cat(&parts, 1).expect("cat").to_dtype(DType::F32).expect("f32"), lmx_core::cpu_step::steps_taken() - taken)
             };
             let ((plain, steps), (op_by_op, none)) = (decode(true), decode(false));
             lmx_core::cpu_step::set_enabled(true);
-            assert_eq!((steps, none), (seq_len - 4, 0), "{bits:?} bits, {dtype:?}: decode steps on plain buffers");
+            let what = format!("{model_type} {bits:?} bits {dtype:?}");
+            assert_eq!((steps, none), (expected, 0), "{what}: decode steps on plain buffers");
             let (d, at) = max_diff(&plain, &op_by_op);
-            assert_eq!(d, 0.0, "{bits:?} bits, {dtype:?}: the decode step on plain buffers differs from the layers op by op at {at}");
+            assert_eq!(d, 0.0, "{what}: the decode step on plain buffers differs from the layers op by op at {at}");
         }
     }
 }

@@ -10,7 +10,7 @@
 //! heads 0-1, rank 1 query heads 5-8 and key/value heads 1-2). `o_proj` is row-parallel over
 //! the same query heads, so one all-sum per attention block restores the full output.
 
-use lmx_core::cpu_step::StepMatrix;
+use lmx_core::cpu_step::StepAttention;
 use lmx_core::quant::CodeTarget;
 use lmx_core::{ops, Module, Result, Tensor};
 
@@ -286,16 +286,23 @@ impl Attention {
         Linear::shared_code_spec(&[&self.q_proj, &self.k_proj, &self.v_proj])
     }
 
-    /// (q, k, v, o, heads, kv heads, head size, scale) for a decode step on plain buffers
-    /// (`lmx_core::cpu_step`): projections that only multiply, every feature rotated by the
-    /// model's table, and nothing else (no q/k norms, window, soft-cap, sinks or uneven heads).
-    pub(crate) fn step_parts(&self) -> Option<([StepMatrix<'_>; 4], usize, usize, usize, f32)> {
-        let plain = self.q_norm.is_none() && self.k_norm.is_none() && self.kv_of_head.is_none() && self.window.is_none() && self.softcap.is_none() && self.sinks.is_none();
-        if !plain || self.rope_table != 0 || self.rotary_dim != self.head_dim {
+    /// The block as a decode step on plain buffers reads it (`lmx_core::cpu_step`): every
+    /// feature rotated by the model's table, heads in whole groups, no soft-cap or sinks.
+    pub(crate) fn step_parts(&self) -> Option<StepAttention<'_>> {
+        if self.kv_of_head.is_some() || self.softcap.is_some() || self.sinks.is_some() || self.rope_table != 0 || self.rotary_dim != self.head_dim {
             return None;
         }
-        let qkvo = [self.q_proj.step_matrix()?, self.k_proj.step_matrix()?, self.v_proj.step_matrix()?, self.o_proj.step_matrix()?];
-        Some((qkvo, self.n_heads, self.n_kv_heads, self.head_dim, self.scale as f32))
+        Some(StepAttention {
+            qkv: [self.q_proj.step_linear()?, self.k_proj.step_linear()?, self.v_proj.step_linear()?],
+            o: self.o_proj.step_linear()?,
+            q_norm: self.q_norm.as_ref().map(RmsNorm::parts),
+            k_norm: self.k_norm.as_ref().map(RmsNorm::parts),
+            heads: self.n_heads,
+            kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            scale: self.scale as f32,
+            window: self.window,
+        })
     }
 
     /// Rotates the first `rotary_dim` features of each head (all of them unless the model

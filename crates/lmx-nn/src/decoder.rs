@@ -232,9 +232,8 @@ impl Layer for DecoderLayer {
 
     fn step_weights(&self) -> Option<StepWeights<'_>> {
         let (SelfAttention::Standard(attn), FeedForward::Dense(mlp)) = (&self.self_attn, &self.mlp) else { return None };
-        let ([q, k, v, o], heads, kv_heads, head_dim, scale) = attn.step_parts()?;
         let [gate, up, down] = mlp.step_parts()?;
-        Some(StepWeights { attn_norm: self.input_layernorm.parts(), mlp_norm: self.post_attention_layernorm.parts(), qkv: [q, k, v], o, gate_up: [gate, up], down, heads, kv_heads, head_dim, scale })
+        Some(StepWeights { attn_norm: self.input_layernorm.parts(), mlp_norm: self.post_attention_layernorm.parts(), attn: attn.step_parts()?, gate_up: [gate, up], down })
     }
 }
 

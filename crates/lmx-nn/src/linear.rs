@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use lmx_core::cpu_step::StepMatrix;
+use lmx_core::cpu_step::{StepLinear, StepMatrix};
 use lmx_core::frozen::Bf16Weight;
 use lmx_core::quant::{CodeTarget, QuantizedMatrix};
 use lmx_core::{ops, Device, Module, Result, Tensor};
@@ -146,14 +146,15 @@ impl Linear {
 }
 
 impl Linear {
-    /// The matrix of a layer that only multiplies (no bias, adapter or tensor-parallel sum),
-    /// as a decode step on plain buffers reads it (`lmx_core::cpu_step`).
-    pub(crate) fn step_matrix(&self) -> Option<StepMatrix<'_>> {
-        match (&self.weight, &self.bias, &self.adapter, &self.reduce) {
-            (Weight::Quantized(q), None, None, None) => Some(StepMatrix::Quantized(q)),
-            (Weight::Dense(w), None, None, None) => Some(StepMatrix::Dense(w)),
-            _ => None,
-        }
+    /// The layer as a decode step on plain buffers reads it (`lmx_core::cpu_step`): a
+    /// quantized or dense matrix and its bias, without an adapter or a tensor-parallel sum.
+    pub(crate) fn step_linear(&self) -> Option<StepLinear<'_>> {
+        let matrix = match (&self.weight, &self.adapter, &self.reduce) {
+            (Weight::Quantized(q), None, None) => StepMatrix::Quantized(q),
+            (Weight::Dense(w), None, None) => StepMatrix::Dense(w),
+            _ => return None,
+        };
+        Some(StepLinear { matrix, bias: self.bias.as_ref() })
     }
 
     /// The (bits, group size) of the int8 codes this layer's one-row products read on a GPU

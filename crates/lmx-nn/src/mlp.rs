@@ -2,7 +2,7 @@
 //! Mistral, Qwen) or GeGLU (Gemma). Tensor parallelism splits the intermediate features:
 //! gate/up column-parallel, down row-parallel (on quantization group boundaries), one all-sum.
 
-use lmx_core::cpu_step::StepMatrix;
+use lmx_core::cpu_step::StepLinear;
 use lmx_core::quant::CodeTarget;
 use lmx_core::{ops, Module, Result, Tensor};
 
@@ -89,13 +89,13 @@ impl Mlp {
         Linear::shared_code_spec(&[&self.gate_proj, &self.up_proj])
     }
 
-    /// (gate, up, down) of a SwiGLU block of projections that only multiply, for a decode step
+    /// (gate, up, down) of a SwiGLU block (projections without adapters or tensor-parallel sums), for a decode step
     /// on plain buffers (`lmx_core::cpu_step`).
-    pub(crate) fn step_parts(&self) -> Option<[StepMatrix<'_>; 3]> {
+    pub(crate) fn step_parts(&self) -> Option<[StepLinear<'_>; 3]> {
         if self.activation != Activation::Silu {
             return None;
         }
-        Some([self.gate_proj.step_matrix()?, self.up_proj.step_matrix()?, self.down_proj.step_matrix()?])
+        Some([self.gate_proj.step_linear()?, self.up_proj.step_linear()?, self.down_proj.step_linear()?])
     }
 
     fn activate(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
