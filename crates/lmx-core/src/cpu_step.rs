@@ -159,13 +159,28 @@ fn values<T: Elem>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<()>) -> Result<()>
     f(crate::cpu_fused::slice::<T>(s, layout)?)
 }
 
+/// A contiguous CPU tensor's values, copied.
+fn vec_of<T: Elem>(t: &Tensor) -> Result<Vec<T>> {
+    let mut out = Vec::new();
+    values::<T>(t, |v| {
+        out = v.to_vec();
+        Ok(())
+    })?;
+    Ok(out)
+}
+
 /// The buffers of one token, reused from layer to layer.
 struct Scratch<T> {
     /// The residual stream and the pending block output (added before the next norm).
     x: Vec<T>,
     h: Option<Vec<T>>,
     normed: Vec<T>,
-    /// A product's input widened to f32, and its outputs.
+    products: Products,
+}
+
+/// A product's input widened to f32, and its outputs.
+#[derive(Default)]
+struct Products {
     xf: Vec<f32>,
     yf: Vec<f32>,
 }
@@ -186,12 +201,14 @@ impl<T: Elem> Scratch<T> {
             Ok(())
         })
     }
+}
 
+impl Products {
     /// The products of `ls` with `input`, as the op-by-op forward computes them: quantized
     /// matrices that share the input in one parallel step (`quant::matmul_many` on one row),
     /// dense ones likewise where the type has it, otherwise one product each (dense as
     /// `cpu::MatVec`); each rounded to T, then its bias added (rounded again).
-    fn products(&mut self, ls: &[StepLinear<'_>], input: &[T]) -> Result<Vec<T>> {
+    fn run<T: Elem>(&mut self, ls: &[StepLinear<'_>], input: &[T]) -> Result<Vec<T>> {
         let mut rows = 0;
         for l in ls {
             let (r, c) = l.matrix.dims()?;
@@ -333,20 +350,8 @@ fn cache_rows<'a, T: Elem>(s: &'a CpuStorage, layout: &Layout, heads: usize, d: 
 
 fn run<T: Elem>(x: &Tensor, layers: &[StepLayer<'_>], pos: usize, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor)> {
     let hidden = x.elem_count();
-    let mut s = Scratch::<T> { x: Vec::new(), h: None, normed: vec![T::of(0.0); hidden], xf: Vec::new(), yf: Vec::new() };
-    values::<T>(&x.contiguous()?, |v| {
-        s.x = v.to_vec();
-        Ok(())
-    })?;
-    let (mut cs, mut sn) = (Vec::new(), Vec::new());
-    values::<T>(cos, |v| {
-        cs = v.to_vec();
-        Ok(())
-    })?;
-    values::<T>(sin, |v| {
-        sn = v.to_vec();
-        Ok(())
-    })?;
+    let mut s = Scratch::<T> { x: vec_of(&x.contiguous()?)?, h: None, normed: vec![T::of(0.0); hidden], products: Products::default() };
+    let (cs, sn) = (vec_of::<T>(cos)?, vec_of::<T>(sin)?);
     for layer in layers {
         let (w, a) = (&layer.weights, &layer.weights.attn);
         let (d, nq, nkv) = (a.head_dim, a.heads * a.head_dim, a.kv_heads * a.head_dim);
@@ -354,8 +359,7 @@ fn run<T: Elem>(x: &Tensor, layers: &[StepLayer<'_>], pos: usize, cos: &Tensor, 
             candle_core::bail!("decode step: {} query and {} key/value heads of {d} rotated by {} angles", a.heads, a.kv_heads, cs.len());
         }
         s.add_norm(w.attn_norm)?;
-        let normed = std::mem::take(&mut s.normed);
-        let mut qkv = s.products(&a.qkv, &normed)?;
+        let mut qkv = s.products.run(&a.qkv, &s.normed)?;
         if qkv.len() != nq + 2 * nkv {
             candle_core::bail!("decode step: q, k and v of {} values for {} and {} heads of {d}", qkv.len(), a.heads, a.kv_heads);
         }
@@ -377,12 +381,9 @@ fn run<T: Elem>(x: &Tensor, layers: &[StepLayer<'_>], pos: usize, cos: &Tensor, 
             let (kr, vr) = (cache_rows::<T>(ks, kl, a.kv_heads, d, pos + 1)?, cache_rows::<T>(vs, vl, a.kv_heads, d, pos + 1)?);
             attend_all(&q, &kr, &vr, a.heads, a.heads / a.kv_heads, d, a.scale, &mut attended);
         }
-        s.h = Some(s.products(&[a.o], &attended)?);
-        s.normed = normed;
+        s.h = Some(s.products.run(&[a.o], &attended)?);
         s.add_norm(w.mlp_norm)?;
-        let normed = std::mem::take(&mut s.normed);
-        let gate_up = s.products(&w.gate_up, &normed)?;
-        s.normed = normed;
+        let gate_up = s.products.run(&w.gate_up, &s.normed)?;
         let inter = w.gate_up[0].matrix.dims()?.0;
         let (gate, up) = gate_up.split_at(inter);
         if up.len() != inter {
@@ -395,7 +396,7 @@ fn run<T: Elem>(x: &Tensor, layers: &[StepLayer<'_>], pos: usize, cos: &Tensor, 
             let o = unsafe { std::slice::from_raw_parts_mut(act_ptr.get().add(r.start), r.len()) };
             silu_mul_range(o, &gate[r.clone()], &up[r]);
         });
-        s.h = Some(s.products(&[w.down], &act)?);
+        s.h = Some(s.products.run(&[w.down], &act)?);
     }
     let shape = x.shape().clone();
     let h = s.h.take().expect("at least one layer");
