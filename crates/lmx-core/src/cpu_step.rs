@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 use half::{bf16, f16};
 
-use crate::cpu::parallel_ranges;
+use crate::cpu::{parallel_ranges, widest};
 use crate::cpu_fused::{add_elems, attend_all, norm_range, rope_range, silu_mul_range, Elem, KvRows, RopeRows};
 use crate::quant::kernels::qmatvec_many_into;
 use crate::quant::QuantizedMatrix;
@@ -218,7 +218,7 @@ impl Products {
             rows += r;
         }
         self.xf.clear();
-        self.xf.extend(input.iter().map(|v| v.f32()));
+        widen_into(input, &mut self.xf);
         self.yf.resize(rows, 0.0);
         let quantized: Option<Vec<&QuantizedMatrix>> = ls.iter().map(|l| if let StepMatrix::Quantized(q) = l.matrix { Some(q) } else { None }).collect();
         let dense: Option<Vec<&Tensor>> = ls.iter().map(|l| if let StepMatrix::Dense(w) = l.matrix { Some(w) } else { None }).collect();
@@ -240,7 +240,7 @@ impl Products {
                 }
             }
         }
-        let mut out: Vec<T> = self.yf.iter().map(|&v| T::of(v)).collect();
+        let mut out: Vec<T> = rounded(&self.yf);
         let mut start = 0;
         for l in ls {
             let r = l.matrix.dims()?.0;
@@ -258,6 +258,20 @@ impl Products {
             start += r;
         }
         Ok(out)
+    }
+}
+
+widest! {
+    /// `x` widened to f32, appended to `out`, on the widest vectors.
+    fn widen_into<T: Elem>(x: &[T], out: &mut Vec<f32>) {
+        out.extend(x.iter().map(|v| v.f32()));
+    }
+}
+
+widest! {
+    /// `y` rounded to T, on the widest vectors.
+    fn rounded<T: Elem>(y: &[f32]) -> Vec<T> {
+        y.iter().map(|&v| T::of(v)).collect()
     }
 }
 
