@@ -356,7 +356,7 @@ pub(crate) fn matvec_bf16(w: &[bf16], x: &[bf16], m: usize, k: usize, y: &mut [f
         parallel_ranges(n, MIN_ROWS_PER_THREAD, |rows| unsafe { x86::matvec_rows_dpbf16(w, x, m, k, n, rows, out.get()) });
         return;
     }
-    let x: Vec<f32> = crate::cpu_fused::widen_bf16(x);
+    let x: Vec<f32> = crate::cpu_fused::widened(x);
     matvec_rows(w, &x, m, k, n, y, |row, i| scalar::dot_bf16(&w[row * k..(row + 1) * k], &x[i * k..(i + 1) * k]));
 }
 
@@ -420,7 +420,7 @@ impl CustomOp2 for MatVec {
             }
             DType::BF16 => {
                 matvec_bf16(contiguous::<bf16>(ws, wl)?, contiguous::<bf16>(xs, xl)?, m, k, &mut y);
-                CpuStorage::BF16(crate::cpu_fused::round_bf16(&y))
+                CpuStorage::BF16(crate::cpu_fused::rounded::<bf16>(&y))
             }
             other => candle_core::bail!("matvec: dtype {other:?} is not supported"),
         };

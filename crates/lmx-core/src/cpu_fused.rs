@@ -161,17 +161,24 @@ pub(crate) fn bf16_of(v: f32) -> bf16 {
 }
 
 widest! {
-    /// `y` rounded to bf16 ([`bf16_of`]), on the widest vectors.
-    pub(crate) fn round_bf16(y: &[f32]) -> Vec<bf16> {
-        y.iter().map(|v| bf16_of(*v)).collect()
+    /// `y` rounded to T (bf16 by [`bf16_of`]), on the widest vectors.
+    pub(crate) fn rounded<T: Elem>(y: &[f32]) -> Vec<T> {
+        y.iter().map(|&v| T::of(v)).collect()
     }
 }
 
 widest! {
-    /// `x` widened to f32, on the widest vectors.
-    pub(crate) fn widen_bf16(x: &[bf16]) -> Vec<f32> {
-        x.iter().map(|v| v.to_f32()).collect()
+    /// `x` widened to f32, appended to `out`, on the widest vectors.
+    pub(crate) fn widen_into<T: Elem>(x: &[T], out: &mut Vec<f32>) {
+        out.extend(x.iter().map(|v| v.f32()));
     }
+}
+
+/// `x` widened to f32 ([`widen_into`]).
+pub(crate) fn widened<T: Elem>(x: &[T]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    widen_into(x, &mut out);
+    out
 }
 
 impl Elem for f16 {

@@ -16,8 +16,8 @@ use std::sync::OnceLock;
 use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 use half::{bf16, f16};
 
-use crate::cpu::{parallel_ranges, widest};
-use crate::cpu_fused::{add_elems, attend_all, norm_range, rope_range, silu_mul_range, Elem, KvRows, RopeRows};
+use crate::cpu::parallel_ranges;
+use crate::cpu_fused::{add_elems, attend_all, norm_range, rope_range, rounded, silu_mul_range, widen_into, Elem, KvRows, RopeRows};
 use crate::quant::kernels::qmatvec_many_into;
 use crate::quant::QuantizedMatrix;
 
@@ -209,69 +209,51 @@ impl Products {
     /// dense ones likewise where the type has it, otherwise one product each (dense as
     /// `cpu::MatVec`); each rounded to T, then its bias added (rounded again).
     fn run<T: Elem>(&mut self, ls: &[StepLinear<'_>], input: &[T]) -> Result<Vec<T>> {
-        let mut rows = 0;
+        // Each matrix's outputs: rows start..start + rows of the joint output.
+        let mut spans = Vec::with_capacity(ls.len());
+        let mut start = 0;
         for l in ls {
             let (r, c) = l.matrix.dims()?;
             if c != input.len() {
                 candle_core::bail!("decode step: a product of {c} features over an input of {}", input.len());
             }
-            rows += r;
+            spans.push(start..start + r);
+            start += r;
         }
         self.xf.clear();
         widen_into(input, &mut self.xf);
-        self.yf.resize(rows, 0.0);
+        self.yf.resize(start, 0.0);
         let quantized: Option<Vec<&QuantizedMatrix>> = ls.iter().map(|l| if let StepMatrix::Quantized(q) = l.matrix { Some(q) } else { None }).collect();
         let dense: Option<Vec<&Tensor>> = ls.iter().map(|l| if let StepMatrix::Dense(w) = l.matrix { Some(w) } else { None }).collect();
         match (quantized, dense) {
             (Some(qs), _) => qmatvec_many_into(&qs, &self.xf, 1, &mut self.yf),
             (_, Some(ws)) if ws.len() > 1 && dense_many(&ws, input, &mut self.yf)?.is_some() => {}
             _ => {
-                let mut start = 0;
-                for l in ls {
-                    let (r, c) = l.matrix.dims()?;
-                    let y = &mut self.yf[start..start + r];
+                for (l, span) in ls.iter().zip(&spans) {
+                    let y = &mut self.yf[span.clone()];
                     match l.matrix {
                         StepMatrix::Quantized(q) => qmatvec_many_into(&[q], &self.xf, 1, y),
                         StepMatrix::Dense(w) => {
-                            values::<T>(w, |w| T::matvec(w, input, 1, c, y).ok_or_else(|| candle_core::Error::Msg("decode step: a dense matrix of a dtype without products".into())))?
+                            values::<T>(w, |w| T::matvec(w, input, 1, input.len(), y).ok_or_else(|| candle_core::Error::Msg("decode step: a dense matrix of a dtype without products".into())))?
                         }
                     }
-                    start += r;
                 }
             }
         }
         let mut out: Vec<T> = rounded(&self.yf);
-        let mut start = 0;
-        for l in ls {
-            let r = l.matrix.dims()?.0;
-            if let Some(b) = l.bias {
-                values::<T>(b, |b| {
-                    if b.len() != r {
-                        candle_core::bail!("decode step: a bias of {} values for {r} outputs", b.len());
-                    }
-                    for (o, b) in out[start..start + r].iter_mut().zip(b) {
-                        *o = T::of(o.f32() + b.f32());
-                    }
-                    Ok(())
-                })?;
-            }
-            start += r;
+        for (l, span) in ls.iter().zip(spans) {
+            let Some(b) = l.bias else { continue };
+            values::<T>(b, |b| {
+                if b.len() != span.len() {
+                    candle_core::bail!("decode step: a bias of {} values for {} outputs", b.len(), span.len());
+                }
+                for (o, b) in out[span].iter_mut().zip(b) {
+                    *o = T::of(o.f32() + b.f32());
+                }
+                Ok(())
+            })?;
         }
         Ok(out)
-    }
-}
-
-widest! {
-    /// `x` widened to f32, appended to `out`, on the widest vectors.
-    fn widen_into<T: Elem>(x: &[T], out: &mut Vec<f32>) {
-        out.extend(x.iter().map(|v| v.f32()));
-    }
-}
-
-widest! {
-    /// `y` rounded to T, on the widest vectors.
-    fn rounded<T: Elem>(y: &[f32]) -> Vec<T> {
-        y.iter().map(|&v| T::of(v)).collect()
     }
 }
 

@@ -89,8 +89,8 @@ impl Mlp {
         Linear::shared_code_spec(&[&self.gate_proj, &self.up_proj])
     }
 
-    /// (gate, up, down) of a SwiGLU block (projections without adapters or tensor-parallel sums), for a decode step
-    /// on plain buffers (`lmx_core::cpu_step`).
+    /// (gate, up, down) of a SwiGLU block (projections without adapters or tensor-parallel
+    /// sums), for a decode step on plain buffers (`lmx_core::cpu_step`).
     pub(crate) fn step_parts(&self) -> Option<[StepLinear<'_>; 3]> {
         if self.activation != Activation::Silu {
             return None;

@@ -114,7 +114,7 @@ fn q8_output(q: &QuantizedMatrix, x: &[f32], m: usize, dtype: DType) -> CpuStora
 /// The result in the input's dtype.
 fn output(y: Vec<f32>, dtype: DType) -> CpuStorage {
     match dtype {
-        DType::BF16 => CpuStorage::BF16(crate::cpu_fused::round_bf16(&y)),
+        DType::BF16 => CpuStorage::BF16(crate::cpu_fused::rounded::<bf16>(&y)),
         DType::F16 => CpuStorage::F16(y.into_iter().map(f16::from_f32).collect()),
         _ => CpuStorage::F32(y),
     }
@@ -125,7 +125,7 @@ fn input_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<std::borro
     let (start, end) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what} needs a contiguous input")))?;
     Ok(match s {
         CpuStorage::F32(v) => std::borrow::Cow::Borrowed(&v[start..end]),
-        CpuStorage::BF16(v) => std::borrow::Cow::Owned(crate::cpu_fused::widen_bf16(&v[start..end])),
+        CpuStorage::BF16(v) => std::borrow::Cow::Owned(crate::cpu_fused::widened(&v[start..end])),
         CpuStorage::F16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
         other => candle_core::bail!("{what}: input dtype {:?} is not supported", other.dtype()),
     })
