@@ -340,6 +340,8 @@ fn kernel_speed() -> Result<()> {
         (8192, 2048, 8, 64),
         (262144, 576, 4, 64),
         (16384, 8192, 4, 64),
+        (2048, 8192, 8, 64),
+        (16384, 8192, 8, 64),
     ] {
         let q = QuantizedMatrix::quantize(&rand(rows, cols).to_dtype(DType::BF16)?, bits, gs)?;
         let x: Vec<f32> = rand(1, cols).flatten_all()?.to_vec1()?;
