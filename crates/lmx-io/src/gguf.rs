@@ -3,7 +3,7 @@
 //! template rebuilt from the `tokenizer.ggml.*` metadata. Tensors are dequantized to f32,
 //! except, when asked ([`load_with`]), projection and embedding matrices in Q4_0, Q4_1, Q5_0,
 //! Q5_1, Q8_0, Q4_K or Q5_K, which stay packed as MLX affine groups of 32 ([`block_to_affine`],
-//! no loss), and MXFP4 experts, which always stay packed; config.json then has a
+//! no loss; the 5-bit types' codes held as 8-bit ones), and MXFP4 experts, which always stay packed; config.json then has a
 //! `quantization` block for them. Q6_K (groups of 16), Q2_K and Q3_K are dequantized.
 //!
 //! The result is the same in-memory model folder a safetensors checkpoint gives, so model
@@ -355,8 +355,8 @@ const GGML_Q5_K: u32 = 13;
 
 /// A matrix stored as GGML Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K or Q5_K (`ggml_type`; `raw` its
 /// blocks, `dims` its shape, rows first) in MLX's affine format without loss: packed words
-/// (4, 5 or 8 bits a code, an LSB-first bitstream), scales and biases of groups of 32, and the
-/// bits. Every element of these formats is `scale * q + bias` for its group of 32: Q4_0
+/// (an LSB-first bitstream of 4- or 8-bit codes: 5-bit codes are widened to 8 bits, below),
+/// scales and biases of groups of 32, and the bits. Every element of these formats is `scale * q + bias` for its group of 32: Q4_0
 /// `d (q - 8)` is scale `d`, bias `-8 d`; Q4_1 `d q + m`; Q5_0 `d (q - 16)`; Q5_1 `d q + m`;
 /// Q8_0 `d q` (q signed) is code `q + 128`, bias `-128 d`; Q4_K and Q5_K sub-blocks of 32 are
 /// `d sc q - dmin m` with 6-bit `sc` and `m`, scale `d sc` (exact in f32) and bias `-dmin m`.
@@ -366,14 +366,19 @@ const GGML_Q5_K: u32 = 13;
 /// types, each `d` and `m` an f16), else f32 (the K-quants' products `d sc`). MLX's own GGUF
 /// reader keeps Q4_0, Q4_1 and Q8_0 the same way. None for any other type.
 pub fn block_to_affine(ggml_type: u32, raw: &[u8], dims: &[usize]) -> Option<lmx_core::Result<(Tensor, Tensor, Tensor, usize)>> {
+    // The packed width: 5-bit codes are held one to a byte, as 8-bit codes, so that the integer
+    // kernels (4 and 8 bits) multiply them; a 5-bit bitstream went through the float kernels,
+    // ~10x slower a byte (SmolLM2 Q4_K_M, whose matrices are mostly Q5_0, decoded at 10.6
+    // tok/s on 1 thread against llama.cpp's 97). The cost is memory: 1.125 bytes a weight
+    // with f16 scales and biases instead of 0.69.
     let (block_bytes, block_len, bits) = match ggml_type {
         GGML_Q4_0 => (18, 32, 4),
         GGML_Q4_1 => (20, 32, 4),
-        GGML_Q5_0 => (22, 32, 5),
-        GGML_Q5_1 => (24, 32, 5),
+        GGML_Q5_0 => (22, 32, 8),
+        GGML_Q5_1 => (24, 32, 8),
         GGML_Q8_0 => (34, 32, 8),
         GGML_Q4_K => (144, 256, 4),
-        GGML_Q5_K => (176, 256, 5),
+        GGML_Q5_K => (176, 256, 8),
         _ => return None,
     };
     // A group of 32 codes of `bits` bits fills exactly `bits` words of the bitstream, so each
@@ -390,7 +395,6 @@ pub fn block_to_affine(ggml_type: u32, raw: &[u8], dims: &[usize]) -> Option<lmx
         for ((raw, words), (scales, biases)) in parts {
             let mut convert = move || match bits {
                 4 => blocks_to_groups::<4>(ggml_type, block_bytes, raw, words, scales, biases),
-                5 => blocks_to_groups::<5>(ggml_type, block_bytes, raw, words, scales, biases),
                 _ => blocks_to_groups::<8>(ggml_type, block_bytes, raw, words, scales, biases),
             };
             if threads == 1 {
@@ -1055,6 +1059,8 @@ mod tests {
             let q = QTensor::quantize(&w, dtype).expect("quantize");
             let raw = q.data().expect("blocks");
             let (packed, scales, biases, bits) = block_to_affine(id, &raw, &[rows, cols]).expect("an affine block type").expect("converts");
+            // 5-bit codes are held as bytes, for the integer kernels.
+            assert_eq!(bits, if matches!(id, GGML_Q4_0 | GGML_Q4_1 | GGML_Q4_K) { 4 } else { 8 }, "{dtype:?}");
             // As the layer builder places them for an f32 model.
             let f32 = |t: &Tensor| t.to_dtype(lmx_core::DType::F32).expect("f32");
             let m = lmx_core::quant::QuantizedMatrix::from_tensors(&packed, &f32(&scales), &f32(&biases), bits, 32).expect("an MLX matrix");
