@@ -4,7 +4,8 @@
 //! except, when asked ([`load_with`]), projection and embedding matrices in Q4_0, Q4_1, Q5_0,
 //! Q5_1, Q8_0, Q4_K or Q5_K, which stay packed as MLX affine groups of 32 ([`block_to_affine`],
 //! no loss; the 5-bit types' codes held as 8-bit ones), and MXFP4 experts, which always stay packed; config.json then has a
-//! `quantization` block for them. Q6_K (groups of 16), Q2_K and Q3_K are dequantized.
+//! `quantization` block for them. Q6_K, Q3_K and Q2_K (groups of 16) are dequantized, or
+//! when packing, requantized to 8-bit groups of 32 ([`requantize8`]).
 //!
 //! The result is the same in-memory model folder a safetensors checkpoint gives, so model
 //! files never see GGUF names, and `lmx convert --gguf` only has to write it out.
@@ -353,6 +354,31 @@ const GGML_Q8_0: u32 = 8;
 const GGML_Q4_K: u32 = 12;
 const GGML_Q5_K: u32 = 13;
 
+/// GGML types whose scales go by groups of 16 (Q2_K, Q3_K, Q6_K): [`load_with`] requantizes
+/// their packable matrices to 8-bit groups of 32.
+const SIXTEENS: [u32; 3] = [10, 11, 14];
+
+/// A (rows, cols) f32 matrix as 8-bit affine groups of 32 with f32 scales and biases, each
+/// group's codes spanning its minimum to its maximum (`scale = (max - min) / 255`, `bias =
+/// min`), so every value is within half a step (`(max - min) / 510`) of its original; MLX's
+/// quantizer, which makes 0 exact, can be a whole step off. Returns words, scales, biases.
+fn requantize8(t: &Tensor) -> lmx_core::Result<(Tensor, Tensor, Tensor)> {
+    let (rows, cols) = t.dims2()?;
+    let values = t.flatten_all()?.to_vec1::<f32>()?;
+    let groups = values.len() / 32;
+    let (mut words, mut scales, mut biases) = (vec![0u32; groups * 8], vec![0f32; groups], vec![0f32; groups]);
+    for (((v, w), s), b) in values.chunks_exact(32).zip(words.chunks_exact_mut(8)).zip(&mut scales).zip(&mut biases) {
+        let (lo, hi) = v.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        let scale = (hi - lo) / 255.0;
+        for (k, x) in v.iter().enumerate() {
+            let q = if scale > 0.0 { ((x - lo) / scale).round().clamp(0.0, 255.0) as u32 } else { 0 };
+            w[k / 4] |= q << (8 * (k % 4));
+        }
+        (*s, *b) = (scale, lo);
+    }
+    Ok((Tensor::from_vec(words, (rows, cols / 4), &Device::Cpu)?, Tensor::from_vec(scales, (rows, cols / 32), &Device::Cpu)?, Tensor::from_vec(biases, (rows, cols / 32), &Device::Cpu)?))
+}
+
 /// A matrix stored as GGML Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K or Q5_K (`ggml_type`; `raw` its
 /// blocks, `dims` its shape, rows first) in MLX's affine format without loss: packed words
 /// (an LSB-first bitstream of 4- or 8-bit codes: 5-bit codes are widened to 8 bits, below),
@@ -622,6 +648,24 @@ pub fn load_from(mut reader: impl Read + Seek, file_len: u64, path: &Path, pack:
                 tensors.insert(format!("{module}.scales"), unpermute_qk(&module, scales)?);
                 tensors.insert(format!("{module}.biases"), unpermute_qk(&module, biases)?);
                 packed.push((module, bits));
+                continue;
+            }
+            if SIXTEENS.contains(&info.ggml_type) && info.dims.len() == 2 && info.dims[1] % 32 == 0 {
+                // Groups of 16 (Q6_K, Q3_K, Q2_K), which no MLX affine group holds exactly:
+                // requantized to 8 bits in groups of 32 (1.25 bytes a weight with f32 scales
+                // and biases, where f32 took 4 and the dense products).
+                let dtype = ggml_dtype(info.ggml_type).ok_or_else(|| tensor_err(&"unreadable type"))?;
+                let q = candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &raw, info.dims.clone(), &Device::Cpu).map_err(|e| tensor_err(&e))?;
+                drop(raw);
+                let t = q.dequantize(&Device::Cpu).map_err(|e| tensor_err(&e))?;
+                if !lmx_core::ops::all_finite(&t)? {
+                    return Err(IoError::NonFinite { path: path.to_path_buf(), key: name.clone() });
+                }
+                let (words, scales, biases) = requantize8(&t)?;
+                tensors.insert(format!("{module}.weight"), unpermute_qk(&module, words)?);
+                tensors.insert(format!("{module}.scales"), unpermute_qk(&module, scales)?);
+                tensors.insert(format!("{module}.biases"), unpermute_qk(&module, biases)?);
+                packed.push((module, 8));
                 continue;
             }
         }
@@ -1096,7 +1140,7 @@ mod tests {
             (GgmlDType::Q4_1, 0.15, true),
             (GgmlDType::Q4K, 0.15, true),
             (GgmlDType::Q5K, 0.1, true),
-            (GgmlDType::Q6K, 0.03, false),
+            (GgmlDType::Q6K, 0.03, true),
             (GgmlDType::F16, 0.001, false),
             (GgmlDType::BF16, 0.005, false),
         ];
@@ -1179,7 +1223,16 @@ mod tests {
                 let bits = spec["bits"].as_u64().expect("bits") as usize;
                 let q = lmx_core::quant::QuantizedMatrix::from_tensors(&packed.tensors[*h], &part("scales"), &part("biases"), bits, 32).expect("a packed matrix");
                 let values = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("values");
-                assert!(values(&q.dequantize().expect("dequantize")) == values(got), "{dtype:?} {h}: packed values differ from the dequantized ones");
+                let (q, got) = (values(&q.dequantize().expect("dequantize")), values(got));
+                if dtype == GgmlDType::Q6K {
+                    // Requantized to 8 bits: within half a step of a group, (max - min) / 510.
+                    assert_eq!(bits, 8, "{h}");
+                    let bound = got.iter().fold(0f32, |m, v| m.max(v.abs())) / 255.0 * 1.001;
+                    let worst = q.iter().zip(&got).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(worst <= bound, "{h}: requantized values {worst} from the dequantized ones (bound {bound})");
+                } else {
+                    assert!(q == got, "{dtype:?} {h}: packed values differ from the dequantized ones");
+                }
             }
         }
     }

@@ -35,10 +35,11 @@ pub struct LoadOptions {
     /// With `group` (tensor parallel): mixture-of-experts blocks split whole experts over the
     /// ranks (expert parallel) instead of each expert's features.
     pub expert_parallel: bool,
-    /// A GGUF file's Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q5_K matrices dequantized to float32 (the weights `lmx
-    /// convert --gguf` writes, multiplied with float activations) instead of kept packed and
+    /// A GGUF file's quantized matrices dequantized to float32 (the weights `lmx convert
+    /// --gguf` writes, multiplied with float activations) instead of kept packed and
     /// multiplied as llama.cpp does, with activations rounded to int8 (the default: a quarter
-    /// of the memory, several times the decode speed).
+    /// of the memory, several times the decode speed; Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and
+    /// Q5_K exactly, Q6_K, Q3_K and Q2_K requantized to 8 bits, within half a step).
     pub dequantize_gguf: bool,
 }
 
