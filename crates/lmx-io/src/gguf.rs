@@ -356,7 +356,10 @@ const GGML_Q5_K: u32 = 13;
 
 /// GGML types whose scales go by groups of 16 (Q2_K, Q3_K, Q6_K): [`load_with`] requantizes
 /// their packable matrices to 8-bit groups of 32.
-const SIXTEENS: [u32; 3] = [10, 11, 14];
+const SIXTEENS: [u32; 3] = [GGML_Q2_K, GGML_Q3_K, GGML_Q6_K];
+const GGML_Q2_K: u32 = 10;
+const GGML_Q3_K: u32 = 11;
+const GGML_Q6_K: u32 = 14;
 
 /// A (rows, cols) f32 matrix as 8-bit affine groups of 32 with f32 scales and biases, each
 /// group's codes spanning its minimum to its maximum (`scale = (max - min) / 255`, `bias =
@@ -1115,7 +1118,7 @@ mod tests {
             let examples: Vec<_> = got.iter().zip(&want).filter(|(a, b)| a != b).take(4).collect();
             assert_eq!(differ, 0, "{dtype:?}: {differ} of {} values differ from llama.cpp's: {examples:?}", want.len());
         }
-        assert!(block_to_affine(14, &[0u8; 210], &[256]).is_none(), "Q6_K's groups of 16 are not affine groups of 32");
+        assert!(block_to_affine(GGML_Q6_K, &[0u8; 210], &[256]).is_none(), "Q6_K's groups of 16 are not affine groups of 32");
     }
 
     /// Writes a GGUF the way llama.cpp's converter does (GGUF names, q/k rows permuted, weights
