@@ -640,35 +640,37 @@ pub fn load_from(mut reader: impl Read + Seek, file_len: u64, path: &Path, pack:
         }
         let module = hf_name_in(&arch, name).and_then(|hf| hf.strip_suffix(".weight").map(str::to_string));
         if let Some(module) = module.filter(|m| pack && PACKABLE.iter().any(|p| m.rsplit('.').next() == Some(*p))) {
-            if let Some(made) = block_to_affine(info.ggml_type, &raw, &info.dims) {
-                let (words, scales, biases, bits) = made.map_err(|e| tensor_err(&e))?;
-                drop(raw);
-                if !lmx_core::ops::all_finite(&scales)? || !lmx_core::ops::all_finite(&biases)? {
-                    return Err(IoError::NonFinite { path: path.to_path_buf(), key: name.clone() });
+            let non_finite = || IoError::NonFinite { path: path.to_path_buf(), key: name.clone() };
+            let made = match block_to_affine(info.ggml_type, &raw, &info.dims) {
+                Some(made) => {
+                    let (words, scales, biases, bits) = made.map_err(|e| tensor_err(&e))?;
+                    if !lmx_core::ops::all_finite(&scales)? || !lmx_core::ops::all_finite(&biases)? {
+                        return Err(non_finite());
+                    }
+                    Some((words, scales, biases, bits))
                 }
+                // Groups of 16 (Q6_K, Q3_K, Q2_K), which no MLX affine group holds exactly:
+                // requantized to 8 bits in groups of 32 (1.25 bytes a weight with f32 scales
+                // and biases, where f32 took 4 and the dense products).
+                None if SIXTEENS.contains(&info.ggml_type) && info.dims.len() == 2 && info.dims[1] % 32 == 0 => {
+                    let dtype = ggml_dtype(info.ggml_type).ok_or_else(|| tensor_err(&"unreadable type"))?;
+                    let q = candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &raw, info.dims.clone(), &Device::Cpu).map_err(|e| tensor_err(&e))?;
+                    let t = q.dequantize(&Device::Cpu).map_err(|e| tensor_err(&e))?;
+                    if !lmx_core::ops::all_finite(&t)? {
+                        return Err(non_finite());
+                    }
+                    let (words, scales, biases) = requantize8(&t)?;
+                    Some((words, scales, biases, 8))
+                }
+                None => None,
+            };
+            if let Some((words, scales, biases, bits)) = made {
+                drop(raw);
                 // Un-permuting moves whole rows: the packed words, scales and biases alike.
                 tensors.insert(format!("{module}.weight"), unpermute_qk(&module, words)?);
                 tensors.insert(format!("{module}.scales"), unpermute_qk(&module, scales)?);
                 tensors.insert(format!("{module}.biases"), unpermute_qk(&module, biases)?);
                 packed.push((module, bits));
-                continue;
-            }
-            if SIXTEENS.contains(&info.ggml_type) && info.dims.len() == 2 && info.dims[1] % 32 == 0 {
-                // Groups of 16 (Q6_K, Q3_K, Q2_K), which no MLX affine group holds exactly:
-                // requantized to 8 bits in groups of 32 (1.25 bytes a weight with f32 scales
-                // and biases, where f32 took 4 and the dense products).
-                let dtype = ggml_dtype(info.ggml_type).ok_or_else(|| tensor_err(&"unreadable type"))?;
-                let q = candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &raw, info.dims.clone(), &Device::Cpu).map_err(|e| tensor_err(&e))?;
-                drop(raw);
-                let t = q.dequantize(&Device::Cpu).map_err(|e| tensor_err(&e))?;
-                if !lmx_core::ops::all_finite(&t)? {
-                    return Err(IoError::NonFinite { path: path.to_path_buf(), key: name.clone() });
-                }
-                let (words, scales, biases) = requantize8(&t)?;
-                tensors.insert(format!("{module}.weight"), unpermute_qk(&module, words)?);
-                tensors.insert(format!("{module}.scales"), unpermute_qk(&module, scales)?);
-                tensors.insert(format!("{module}.biases"), unpermute_qk(&module, biases)?);
-                packed.push((module, 8));
                 continue;
             }
         }
