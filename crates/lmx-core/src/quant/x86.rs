@@ -484,7 +484,7 @@ unsafe fn act_bytes(x: *const u8, e: usize, half: bool) -> __m512i {
 /// a whole number of its blocks of rows (`ahead`), so that each row's prefetches land in a
 /// later block, never in a row being read beside it. (A fixed 16 KiB ahead of rows of 8 KiB,
 /// 4 at a time, fell on the block's own third and fourth rows for the first two: 8-bit
-/// 16384 x 8192 from memory, 1 thread, Zen 4: 19.5 GB/s against 4-bit's 25.)
+/// 16384 x 8192 from memory, 1 thread, Zen 4: 14.5-18.9 GB/s, now 21.4-23.6.)
 const PREFETCH: usize = 16384;
 
 /// The prefetch distance of [`rows_q8_512`] for blocks of `block` bytes (R rows).
