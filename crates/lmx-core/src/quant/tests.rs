@@ -87,6 +87,11 @@ fn quantize_dequantize_and_matmul_all_bits() -> Result<()> {
             let (p, s, b) = q.to_tensors()?;
             let back = QuantizedMatrix::from_tensors(&p, &s, &b, bits, group)?;
             assert_eq!(back.packed, q.packed);
+            // Widened for the integer kernels: 4 or 8 bits, every value the same.
+            let wide = back.widened();
+            assert_eq!(wide.bits, if bits <= 4 { 4 } else { 8 }, "bits {bits}");
+            let same = wide.dequantize()?.flatten_all()?.to_vec1::<f32>()? == dq.flatten_all()?.to_vec1::<f32>()?;
+            assert!(same, "bits {bits} group {group}: widened codes dequantize to other values");
         }
     }
     Ok(())
