@@ -5,7 +5,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape};
-use half::bf16;
+use half::{bf16, f16};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -343,6 +343,33 @@ pub(crate) fn matvec_f32(w: &[f32], x: &[f32], m: usize, k: usize, y: &mut [f32]
     matvec_rows(w, x, m, k, n, y, |row, i| scalar::dot_f32(&w[row * k..(row + 1) * k], &x[i * k..(i + 1) * k]));
 }
 
+/// [`MatVec`]'s products of f16 weights (an f16 checkpoint's, kept as stored in an f32
+/// model on the CPU, which has no f16 arithmetic) and f32 activations: `y` (m, n) = `x` (m, k)
+/// times `w` (n, k) transposed, the weights widened as they are read (F16C).
+pub(crate) fn matvec_f16(w: &[f16], x: &[f32], m: usize, k: usize, y: &mut [f32]) {
+    let n = w.len() / k.max(1);
+    assert!(k > 0 && w.len() == n * k && x.len() == m * k && y.len() == m * n, "matvec: w {} / x {} / y {} values for rows of {k}", w.len(), x.len(), y.len());
+    matvec_rows(w, x, m, k, n, y, |row, i| scalar::dot_f16(&w[row * k..(row + 1) * k], &x[i * k..(i + 1) * k]));
+}
+
+/// An f16 CPU matrix as f32, converted on the decode pool (F16C where the CPU has it).
+pub(crate) fn widen_f16(w: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+    use half::slice::HalfFloatSliceExt;
+    let (storage, layout) = w.storage_and_layout();
+    let candle_core::Storage::Cpu(s) = &*storage else { candle_core::bail!("widen_f16: the matrix is not on the CPU") };
+    let src = contiguous::<f16>(s, layout)?;
+    let mut out = vec![0f32; src.len()];
+    let dst = SendPtr(out.as_mut_ptr());
+    const CHUNK: usize = 1 << 16;
+    parallel_ranges(src.len().div_ceil(CHUNK), 1, |chunks| {
+        let (lo, hi) = (chunks.start * CHUNK, (chunks.end * CHUNK).min(src.len()));
+        // SAFETY: elements lo..hi of `out` (which outlives the call) are this range's alone.
+        let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add(lo), hi - lo) };
+        src[lo..hi].convert_to_f32_slice(o);
+    });
+    candle_core::Tensor::from_vec(out, w.dims(), &candle_core::Device::Cpu)
+}
+
 /// [`MatVec`]'s bf16 products, before rounding: `vdpbf16ps` on the bf16 activations where the
 /// CPU has AVX512-BF16, else widened to f32.
 pub(crate) fn matvec_bf16(w: &[bf16], x: &[bf16], m: usize, k: usize, y: &mut [f32]) {
@@ -414,6 +441,10 @@ impl CustomOp2 for MatVec {
         }
         let mut y = vec![0f32; m * n];
         let storage = match ws.dtype() {
+            DType::F16 if xs.dtype() == DType::F32 => {
+                matvec_f16(contiguous::<f16>(ws, wl)?, contiguous::<f32>(xs, xl)?, m, k, &mut y);
+                CpuStorage::F32(y)
+            }
             DType::F32 => {
                 matvec_f32(contiguous::<f32>(ws, wl)?, contiguous::<f32>(xs, xl)?, m, k, &mut y);
                 CpuStorage::F32(y)
@@ -494,7 +525,7 @@ fn dpbf16() -> bool {
 /// True where the AVX2 + FMA kernels run.
 #[cfg(target_arch = "x86_64")]
 fn avx2() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("f16c")
 }
 
 /// `w . x` (f32 weights).
@@ -555,6 +586,11 @@ pub mod scalar {
 
     /// Dot product of a bf16 weight row and f32 x, accumulated in f32.
     pub fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
+        w.iter().zip(x).map(|(a, b)| a.to_f32() * b).sum()
+    }
+
+    /// Dot product of an f16 weight row and f32 x, accumulated in f32.
+    pub fn dot_f16(w: &[half::f16], x: &[f32]) -> f32 {
         w.iter().zip(x).map(|(a, b)| a.to_f32() * b).sum()
     }
 }
@@ -623,13 +659,31 @@ mod x86 {
         }
     }
 
+    impl Lanes for half::f16 {
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn load8(p: *const Self) -> __m256 {
+            // SAFETY: the caller guarantees 8 readable f16 values at p.
+            _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p as *const __m128i) })
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load16(p: *const Self) -> __m512 {
+            // SAFETY: the caller guarantees 16 readable f16 values at p.
+            _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(p as *const __m256i) })
+        }
+        fn f32(self) -> f32 {
+            self.to_f32()
+        }
+    }
+
     /// Dot products of weight row `r` with activation rows `i0..i0 + C` (rows of `k`), each
     /// computed exactly as [`dot_f32`] computes one (four 8-lane FMA chains over blocks of 32,
     /// then blocks of 8 into the first, the chains summed pairwise, the tail in order), so
     /// every result is the same whatever tile computed it. The weight row is read once for
     /// the C activation rows.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn tile<W: Lanes, const C: usize>(w: &[W], x: &[f32], k: usize, r: usize, i0: usize) -> [f32; C] {
         let mut acc = [[_mm256_setzero_ps(); 4]; C];
         let (wp, xp) = (w.as_ptr().wrapping_add(r * k), x.as_ptr());
@@ -667,7 +721,7 @@ mod x86 {
     /// lane sees the same FMAs in the same order and each result is bit for bit [`tile`]'s;
     /// each activation vector is loaded once for both rows.
     #[inline]
-    #[target_feature(enable = "avx2,fma,avx512f")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f")]
     #[allow(clippy::needless_range_loop)] // acc[a][b][h] pairs three index spaces
     unsafe fn tile512<W: Lanes, const A: usize, const C: usize>(w: &[W], x: &[f32], k: usize, r: usize, i0: usize) -> [[f32; C]; A] {
         let mut acc = [[[_mm512_setzero_ps(); 2]; C]; A];
@@ -714,7 +768,7 @@ mod x86 {
     ///
     /// # Safety
     /// As [`matvec_rows`], and the CPU supports AVX-512F.
-    #[target_feature(enable = "avx2,fma,avx512f")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f")]
     pub(super) unsafe fn matvec_rows_wide<W: Lanes>(w: &[W], x: &[f32], m: usize, k: usize, n: usize, rows: std::ops::Range<usize>, y: *mut f32) {
         let mut r = rows.start;
         // Three weight rows per tile (24 accumulators: 14 loads per 24 FMAs, where pairs take
@@ -768,7 +822,7 @@ mod x86 {
     /// The CPU must support AVX2 and FMA; `w` holds the rows of `k`, `x` holds `m` rows of
     /// `k`, and `y` points at `m * n` writable floats of which this call alone writes the
     /// columns `rows`.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn matvec_rows<W: Lanes>(w: &[W], x: &[f32], m: usize, k: usize, n: usize, rows: std::ops::Range<usize>, y: *mut f32) {
         // Rows ~16 KiB ahead on their way from memory while this one is computed: left to the
         // hardware's prefetcher, one thread read SmolLM2's f32 weights at ~8 GB/s where
@@ -1157,6 +1211,29 @@ mod tests {
         let got = xb.apply_op2_no_bwd(&wb, &MatVec)?.to_dtype(DType::F32)?;
         let d = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(d < 0.25, "bf16 diff {d} (bf16 output rounding)");
+        Ok(())
+    }
+
+    /// f16 weights by f32 activations (an f16 checkpoint in an f32 model): decode rows and a
+    /// prompt's give bit for bit what the same values as f32 weights give, and the scalar
+    /// reference agrees within rounding.
+    #[test]
+    fn f16_weights_equal_their_values_in_f32() -> Result<()> {
+        let w = Tensor::randn(0f32, 1.0, (130, 300), &Device::Cpu)?.to_dtype(DType::F16)?;
+        let w32 = w.to_dtype(DType::F32)?;
+        for rows in [1usize, 3, 9, 100] {
+            let x = Tensor::randn(0f32, 1.0, (1, rows, 300), &Device::Cpu)?;
+            let (got, want) = (crate::ops::linear(&x, &w, None)?, crate::ops::linear(&x, &w32, None)?);
+            assert_eq!(got.dtype(), DType::F32);
+            assert_eq!(got.flatten_all()?.to_vec1::<f32>()?, want.flatten_all()?.to_vec1::<f32>()?, "{rows} rows");
+        }
+        let (wv, xv) = (w.flatten_all()?.to_vec1::<f16>()?, Tensor::randn(0f32, 1.0, 300, &Device::Cpu)?.to_vec1::<f32>()?);
+        let mut y = vec![0f32; 130];
+        matvec_f16(&wv, &xv, 1, 300, &mut y);
+        for (r, got) in y.iter().enumerate() {
+            let want = scalar::dot_f16(&wv[r * 300..(r + 1) * 300], &xv);
+            assert!((got - want).abs() < 1e-3, "row {r}: {got} against {want}");
+        }
         Ok(())
     }
 

@@ -45,7 +45,7 @@ thread_local! {
 }
 
 /// A projection's matrix (out, in): packed in MLX's affine format, or a dense tensor of the
-/// model's dtype (f32 or bf16).
+/// model's dtype (f32 or bf16), or f16 in an f32 model (an f16 checkpoint kept as stored).
 #[derive(Clone, Copy)]
 pub enum StepMatrix<'a> {
     Quantized(&'a QuantizedMatrix),
@@ -67,7 +67,11 @@ impl StepMatrix<'_> {
     fn fits(&self, dtype: DType) -> bool {
         match self {
             StepMatrix::Quantized(q) => !q.exact,
-            StepMatrix::Dense(w) => w.dtype() == dtype && w.is_contiguous() && w.rank() == 2 && w.device().is_cpu() && matches!(dtype, DType::F32 | DType::BF16),
+            StepMatrix::Dense(w) => {
+                // f16 weights in an f32 step: an f16 checkpoint kept as stored (`MatVec`'s f16 products).
+                let stored = w.dtype() == dtype || (w.dtype() == DType::F16 && dtype == DType::F32);
+                stored && w.is_contiguous() && w.rank() == 2 && w.device().is_cpu() && matches!(dtype, DType::F32 | DType::BF16)
+            }
         }
     }
 }
@@ -227,12 +231,16 @@ impl Products {
         let dense: Option<Vec<&Tensor>> = ls.iter().map(|l| if let StepMatrix::Dense(w) = l.matrix { Some(w) } else { None }).collect();
         match (quantized, dense) {
             (Some(qs), _) => qmatvec_many_into(&qs, &self.xf, 1, &mut self.yf),
-            (_, Some(ws)) if ws.len() > 1 && dense_many(&ws, input, &mut self.yf)?.is_some() => {}
+            (_, Some(ws)) if ws.len() > 1 && ws.iter().all(|w| w.dtype() != DType::F16) && dense_many(&ws, input, &mut self.yf)?.is_some() => {}
             _ => {
                 for (l, span) in ls.iter().zip(&spans) {
                     let y = &mut self.yf[span.clone()];
                     match l.matrix {
                         StepMatrix::Quantized(q) => qmatvec_many_into(&[q], &self.xf, 1, y),
+                        StepMatrix::Dense(w) if w.dtype() == DType::F16 => values::<f16>(w, |w| {
+                            crate::cpu::matvec_f16(w, &self.xf, 1, self.xf.len(), y);
+                            Ok(())
+                        })?,
                         StepMatrix::Dense(w) => {
                             values::<T>(w, |w| T::matvec(w, input, 1, input.len(), y).ok_or_else(|| candle_core::Error::Msg("decode step: a dense matrix of a dtype without products".into())))?
                         }

@@ -451,7 +451,8 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     // A few rows of any kind (speculative decoding's verification of a few draft tokens) are
     // memory-bound too.
     let decode = rows <= MATVEC_SMALL || (x.rank() == 3 && x.dim(1)? == 1 && rows <= crate::cpu::MATVEC_MAX_ROWS);
-    let fast = decode && x.device().is_cpu() && !on_tape(&[x, weight]) && x.dtype() == weight.dtype() && matches!(x.dtype(), DType::F32 | DType::BF16) && weight.is_contiguous();
+    let half_weight = half_weight(x, weight);
+    let fast = decode && x.device().is_cpu() && !on_tape(&[x, weight]) && (half_weight || x.dtype() == weight.dtype() && matches!(x.dtype(), DType::F32 | DType::BF16)) && weight.is_contiguous();
     let y = match x.dims() {
         // Fine-tuning around a frozen weight: only the input's gradient is computed.
         _ if x.track_op() && !weight.track_op() => crate::frozen::frozen_linear(x, weight)?,
@@ -462,6 +463,9 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
         _ if !on_tape(&[x, weight]) && crate::cuda_fused::matvec_fits(x, weight) => x.contiguous()?.apply_op2_no_bwd(weight, &crate::cpu::MatVec)?,
         // Several bf16 rows (prefill): the AVX512-BF16 kernel where the CPU has it.
         _ if bf16_prefill(x, weight) => x.contiguous()?.apply_op2_no_bwd(weight, &crate::bf16_gemm::Bf16Linear)?,
+        // Several f32 rows by f16 weights: the weights widened (a prompt's products do
+        // `rows` multiply-adds per weight; widening costs one pass), then as f32.
+        _ if half_weight => x.contiguous()?.apply_op2_no_bwd(&crate::cpu::widen_f16(weight)?, &crate::cpu::F32Linear)?,
         // Several f32 rows: gemm on the decode pool.
         _ if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 && weight.is_contiguous() && weight.rank() == 2 && !on_tape(&[x, weight]) => {
             x.contiguous()?.apply_op2_no_bwd(weight, &crate::cpu::F32Linear)?
@@ -476,6 +480,13 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
     }
+}
+
+/// True when `x @ weight^T` multiplies f32 activations by f16 weights on the CPU (an f16
+/// checkpoint's, kept as stored in an f32 model: the CPU has no f16 arithmetic), nothing on
+/// the gradient tape.
+fn half_weight(x: &Tensor, weight: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F16 && weight.is_contiguous() && weight.rank() == 2 && !on_tape(&[x, weight])
 }
 
 /// True when `x @ weight^T` can take [`crate::bf16_gemm::Bf16Linear`]: bf16 operands on the

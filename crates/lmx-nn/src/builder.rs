@@ -422,6 +422,20 @@ impl Builder {
         Ok(q.with_model_dtype(self.shared.dtype).with_exact_products(training).with_bf16_training(training && bf16_checkpoint))
     }
 
+    /// Whether the matrix `name` here stays f16 as stored ([`Weight::Half`]): an f16
+    /// checkpoint's, in an f32 model on the CPU, for inference (training reads every weight
+    /// in the compute dtype).
+    fn keeps_half(&self, name: &str) -> bool {
+        let key = self.key(name);
+        let s = &self.shared;
+        s.device.is_cpu()
+            && s.dtype == DType::F32
+            && s.training.is_none()
+            && !s.weights.is_shapes_only()
+            && s.weights.stored_dtype(&key) == Some(DType::F16)
+            && !s.adapters.as_ref().is_some_and(|a| a.full_trains(&key))
+    }
+
     /// A dense weight read as `w`: frozen bf16 weights of an f32 training model go to the bf16
     /// kernel when the CPU has one.
     fn dense(&self, w: Tensor) -> Result<Weight> {
@@ -455,6 +469,7 @@ impl Builder {
         };
         let weight = match self.quantization()? {
             Some(spec) => Weight::Quantized(Arc::new(self.read_quantized(spec, out_features, in_features, &shard)?)),
+            None if self.keeps_half("weight") => Weight::Half(self.read(&shape, "weight", weight_part)?.contiguous()?),
             None => self.dense(self.get_part(&shape, "weight", weight_part)?)?,
         };
         let bias = match bias {
@@ -493,6 +508,7 @@ impl Builder {
         let shape = [vocab_size, hidden_size];
         let (weight, head) = match self.quantization()? {
             Some(spec) => (Weight::Quantized(Arc::new(self.read_quantized(spec, vocab_size, hidden_size, &Shard::Replicated)?)), None),
+            None if self.keeps_half("weight") => (Weight::Half(self.read(&shape, "weight", None)?.contiguous()?), None),
             None => {
                 // Rows are looked up in the compute dtype; a tied output projection may use the
                 // bf16 kernel.

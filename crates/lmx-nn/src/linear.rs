@@ -40,6 +40,9 @@ pub(crate) enum Weight {
     /// and multiplied with the AVX512-BF16 kernel (activations rounded to bf16 at the product,
     /// f32 accumulation), as PyTorch's bf16 training does.
     FrozenBf16(Arc<Bf16Weight>),
+    /// An f16 checkpoint weight in an f32 model on the CPU (which has no f16 arithmetic), kept
+    /// as stored: half the bytes of f32 to read a token; products widen it as they read it.
+    Half(Tensor),
 }
 
 impl Weight {
@@ -49,6 +52,7 @@ impl Weight {
             Weight::Dense(w) => ops::linear(&x.to_dtype(w.dtype())?, w, None),
             Weight::Quantized(q) => q.matmul(x),
             Weight::FrozenBf16(b) => b.matmul(x),
+            Weight::Half(w) => ops::linear(&x.to_dtype(lmx_core::DType::F32)?, w, None),
         }
     }
 
@@ -59,6 +63,7 @@ impl Weight {
             Weight::Dense(w) => Arc::new(move |g: &Tensor| lmx_core::cpu::matmul(&g.to_dtype(w.dtype())?, &w)),
             Weight::Quantized(q) => Arc::new(move |g: &Tensor| q.matmul_t(g)),
             Weight::FrozenBf16(b) => Arc::new(move |g: &Tensor| b.matmul_t(g)),
+            Weight::Half(w) => Arc::new(move |g: &Tensor| lmx_core::cpu::matmul(&g.to_dtype(lmx_core::DType::F32)?, &w.to_dtype(lmx_core::DType::F32)?)),
         }
     }
 
@@ -68,6 +73,7 @@ impl Weight {
             Weight::Dense(w) => Ok(w.clone()),
             Weight::Quantized(q) => q.dequantize(),
             Weight::FrozenBf16(b) => b.to_tensor(),
+            Weight::Half(w) => w.to_dtype(lmx_core::DType::F32),
         }
     }
 
@@ -76,6 +82,7 @@ impl Weight {
         match self {
             Weight::Dense(w) => w.to_dtype(lmx_core::DType::F32)?.sqr()?.sum(1),
             Weight::FrozenBf16(b) => b.to_tensor()?.sqr()?.sum(1),
+            Weight::Half(w) => w.to_dtype(lmx_core::DType::F32)?.sqr()?.sum(1),
             Weight::Quantized(q) => {
                 let mut parts = Vec::new();
                 for start in (0..q.rows).step_by(256) {
@@ -151,7 +158,7 @@ impl Linear {
     pub(crate) fn step_linear(&self) -> Option<StepLinear<'_>> {
         let matrix = match (&self.weight, &self.adapter, &self.reduce) {
             (Weight::Quantized(q), None, None) => StepMatrix::Quantized(q),
-            (Weight::Dense(w), None, None) => StepMatrix::Dense(w),
+            (Weight::Dense(w) | Weight::Half(w), None, None) => StepMatrix::Dense(w),
             _ => return None,
         };
         Some(StepLinear { matrix, bias: self.bias.as_ref() })
@@ -221,6 +228,7 @@ impl Module for Embedding {
             Weight::Dense(w) => w.index_select(&input_ids.flatten_all()?, 0)?,
             Weight::Quantized(q) => q.rows_of(&input_ids.flatten_all()?)?.to_device(&self.device)?,
             Weight::FrozenBf16(b) => b.to_tensor()?.index_select(&input_ids.flatten_all()?, 0)?,
+            Weight::Half(w) => w.index_select(&input_ids.flatten_all()?, 0)?.to_dtype(lmx_core::DType::F32)?,
         };
         flat.reshape((b, l, self.hidden_size))
     }

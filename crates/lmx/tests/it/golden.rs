@@ -83,3 +83,36 @@ fn bf16_tracks_f32_along_the_reference_answer() {
     assert!(agree * 100 >= total * 90, "bf16 agrees with f32 on only {agree}/{total} positions");
     assert!(kl < 2e-2, "bf16 next-token distributions drift from f32: mean KL {kl}");
 }
+
+/// An f16 checkpoint on the CPU computes in f32 with its matrices read as stored (f16, half
+/// the bytes of f32): its logits for a prompt, and for tokens decoded one at a time after it,
+/// equal bit for bit those of the same values written as an f32 folder.
+#[test]
+fn f16_folder_computes_as_its_values_in_f32() {
+    let base = std::env::temp_dir().join(format!("lmx-golden-f16-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let (f16_dir, f32_dir) = (base.join("f16"), base.join("f32"));
+    let f16 = lmx::convert::read(&lmx::ModelSource::Gguf(default_model().into()), Some(lmx::DType::F16)).expect("read gguf as f16");
+    lmx::convert::write(&f16, &f16_dir).expect("write f16");
+    let f32 = lmx::convert::read(&lmx::ModelSource::resolve(&f16_dir.to_string_lossy()).expect("folder"), Some(lmx::DType::F32)).expect("read f16 as f32");
+    lmx::convert::write(&f32, &f32_dir).expect("write f32");
+    let case = &reference()["cases"][0];
+    let prompt = ids(&case["prompt_ids"]);
+    let run = |dir: &std::path::Path| {
+        let (model, _) = lmx::load(&dir.to_string_lossy()).expect("load");
+        assert_eq!(model.dtype(), lmx::DType::F32, "{dir:?} computes in f32 on the CPU");
+        let mut cache = model.new_cache();
+        let input = lmx::core::Tensor::new(prompt.as_slice(), &lmx::Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("ids");
+        let mut rows = vec![model.forward(&input, &mut cache, lmx::Logits::Last).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).expect("prompt logits")];
+        for &token in &ids(&case["ignore_eos_ids"])[..4] {
+            let input = lmx::core::Tensor::new(&[[token]], &lmx::Device::Cpu).expect("id");
+            rows.push(model.forward(&input, &mut cache, lmx::Logits::Last).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).expect("step logits"));
+        }
+        rows
+    };
+    let (got, want) = (run(&f16_dir), run(&f32_dir));
+    let _ = std::fs::remove_dir_all(&base);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(g == w, "position {i}: the f16 folder's logits differ from its values' in f32");
+    }
+}
