@@ -361,31 +361,49 @@ const GGML_Q2_K: u32 = 10;
 const GGML_Q3_K: u32 = 11;
 const GGML_Q6_K: u32 = 14;
 
-/// A (rows, cols) f32 matrix as 8-bit affine groups of 32 with f16 scales and biases, each
-/// group's codes spanning its minimum to its maximum: the bias is the minimum rounded down to an
-/// f16, the scale `(max - bias) / 255` rounded up to one, so every value is within half a step
-/// (about `(max - min) / 510`) of its original; MLX's quantizer, which makes 0 exact, can be a
-/// whole step off. f16 rather than f32 scales: 1.125 bytes a weight instead of 1.25, a tenth
-/// less to read a token. Where a group's range does not fit an f16 (beyond 65504), the
-/// matrix keeps f32 scales and biases. Returns words, scales, biases.
-fn requantize8(t: &Tensor) -> lmx_core::Result<(Tensor, Tensor, Tensor)> {
+/// A (rows, cols) matrix, whose row `r` `row(r, out)` writes as f32, as 8-bit affine groups of
+/// 32 with f16 scales and biases, each group's codes spanning its minimum to its maximum: the
+/// bias is the minimum rounded down to an f16, the scale `(max - bias) / 255` rounded up to
+/// one, so every value is within half a step (about `(max - min) / 510`) of its original;
+/// MLX's quantizer, which makes 0 exact, can be a whole step off. f16 rather than f32 scales:
+/// 1.125 bytes a weight instead of 1.25, a tenth less to read a token. Where a group's range
+/// does not fit an f16 (beyond 65504), the matrix keeps f32 scales and biases. Rows go by
+/// runs on several threads, one row's values at a time (no f32 copy of the matrix). Returns
+/// words, scales, biases.
+fn requantize8(rows: usize, cols: usize, row: impl Fn(usize, &mut [f32]) + Sync) -> lmx_core::Result<(Tensor, Tensor, Tensor)> {
     use half::f16;
-    let (rows, cols) = t.dims2()?;
-    let values = t.flatten_all()?.to_vec1::<f32>()?;
-    let groups = values.len() / 32;
+    let groups = cols / 32;
     // `narrow` gives the grid scales and biases are held on: (down, up) roundings of a value.
     let quantize = |narrow: fn(f32) -> (f32, f32)| {
-        let (mut words, mut scales, mut biases) = (vec![0u32; groups * 8], vec![0f32; groups], vec![0f32; groups]);
-        for (((v, w), s), b) in values.chunks_exact(32).zip(words.chunks_exact_mut(8)).zip(&mut scales).zip(&mut biases) {
-            let (lo, hi) = v.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| (lo.min(x), hi.max(x)));
-            let bias = narrow(lo).0;
-            let scale = narrow((hi - bias) / 255.0).1;
-            for (k, x) in v.iter().enumerate() {
-                let q = if scale > 0.0 { ((x - bias) / scale).round().clamp(0.0, 255.0) as u32 } else { 0 };
-                w[k / 4] |= q << (8 * (k % 4));
+        let (mut words, mut scales, mut biases) = (vec![0u32; rows * cols / 4], vec![0f32; rows * groups], vec![0f32; rows * groups]);
+        let threads = if rows * cols < (1 << 20) { 1 } else { std::thread::available_parallelism().map_or(1, |n| n.get()).min(8) };
+        let per = rows.div_ceil(threads).max(1);
+        std::thread::scope(|scope| {
+            let parts = words.chunks_mut(per * cols / 4).zip(scales.chunks_mut(per * groups)).zip(biases.chunks_mut(per * groups));
+            for (i, ((words, scales), biases)) in parts.enumerate() {
+                let row = &row;
+                scope.spawn(move || {
+                    let mut values = vec![0f32; cols];
+                    let (words, scales, biases) = (words.chunks_exact_mut(cols / 4), scales.chunks_exact_mut(groups), biases.chunks_exact_mut(groups));
+                    for (r, ((words, scales), biases)) in words.zip(scales).zip(biases).enumerate() {
+                        row(i * per + r, &mut values);
+                        for (((v, w), s), b) in values.chunks_exact(32).zip(words.chunks_exact_mut(8)).zip(scales.iter_mut()).zip(biases.iter_mut()) {
+                            let (lo, hi) = v.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+                            let bias = narrow(lo).0;
+                            let scale = narrow((hi - bias) / 255.0).1;
+                            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                            // Rounded to nearest by the magic number (1.5 * 2^23): codes 0..=255.
+                            const MAGIC: f32 = 12_582_912.0;
+                            let code = |x: f32| (((x - bias) * inv).clamp(0.0, 255.0) + MAGIC).to_bits() - MAGIC.to_bits();
+                            for (o, x) in w.iter_mut().zip(v.chunks_exact(4)) {
+                                *o = code(x[0]) | code(x[1]) << 8 | code(x[2]) << 16 | code(x[3]) << 24;
+                            }
+                            (*s, *b) = (scale, bias);
+                        }
+                    }
+                });
             }
-            (*s, *b) = (scale, bias);
-        }
+        });
         (words, scales, biases)
     };
     // The f16 next to `v` on each side (`v` itself when it is one).
@@ -409,7 +427,7 @@ fn requantize8(t: &Tensor) -> lmx_core::Result<(Tensor, Tensor, Tensor)> {
             _ => (x, x),
         }
     }
-    let shape = (rows, cols / 32);
+    let shape = (rows, groups);
     let (words, scales, biases) = quantize(f16_around);
     let words = Tensor::from_vec(words, (rows, cols / 4), &Device::Cpu)?;
     if scales.iter().chain(&biases).all(|v| v.is_finite()) {
@@ -418,6 +436,26 @@ fn requantize8(t: &Tensor) -> lmx_core::Result<(Tensor, Tensor, Tensor)> {
     }
     let (words, scales, biases) = quantize(|v| (v, v));
     Ok((Tensor::from_vec(words, (rows, cols / 4), &Device::Cpu)?, Tensor::from_vec(scales, shape, &Device::Cpu)?, Tensor::from_vec(biases, shape, &Device::Cpu)?))
+}
+
+/// The 256 values of one Q6_K block (210 bytes: 128 of low nibbles, 64 of high bit pairs, 16
+/// signed scales, an f16 `d`), as llama.cpp's `dequantize_row_q6_K` computes them.
+fn q6k_values(b: &[u8], out: &mut [f32]) {
+    let (ql, qh, sc) = (&b[..128], &b[128..192], &b[192..208]);
+    let d = half::f16::from_le_bytes([b[208], b[209]]).to_f32();
+    // `d * scale` once per 16 values (llama.cpp's `d * sc * q` multiplies in that order).
+    let ds: [f32; 16] = std::array::from_fn(|i| d * f32::from(sc[i] as i8));
+    let value = |s: f32, q: u8| s * f32::from(q as i8 - 32);
+    for (n, y) in out[..256].chunks_exact_mut(128).enumerate() {
+        let (ql, qh, ds) = (&ql[64 * n..64 * n + 64], &qh[32 * n..32 * n + 32], &ds[8 * n..8 * n + 8]);
+        for l in 0..32 {
+            let (a, c, h, i) = (ql[l], ql[l + 32], qh[l], l / 16);
+            y[l] = value(ds[i], (a & 15) | (h & 3) << 4);
+            y[l + 32] = value(ds[i + 2], (c & 15) | ((h >> 2) & 3) << 4);
+            y[l + 64] = value(ds[i + 4], a >> 4 | ((h >> 4) & 3) << 4);
+            y[l + 96] = value(ds[i + 6], c >> 4 | ((h >> 6) & 3) << 4);
+        }
+    }
 }
 
 /// A packed matrix's f32 scales and biases (the K-quants' products `d sc` and `dmin m`, which
@@ -551,29 +589,31 @@ fn blocks_to_groups<const BITS: usize>(ggml_type: u32, block_bytes: usize, raw: 
         return;
     }
     let mut g = 0;
-    // Packs one group's codes into its words, with its scale and bias.
-    let mut group = |codes: [u32; 32], scale: f32, bias: f32| {
-        let out = &mut words[g * BITS..(g + 1) * BITS];
-        for (k, q) in codes.into_iter().enumerate() {
-            let (w, shift) = (k * BITS / 32, k * BITS % 32);
-            out[w] |= q << shift;
-            if shift + BITS > 32 {
-                out[w + 1] |= q >> (32 - shift);
-            }
+    // `put` stores group g's words, scale and bias; `pack` makes the words of 32 codes (each
+    // below 2^BITS): 8 bits are the bytes themselves; 4 bits, eight codes a word, code k in
+    // bits 4k.
+    let mut put = |g: &mut usize, out: [u32; BITS], scale: f32, bias: f32| {
+        words[*g * BITS..(*g + 1) * BITS].copy_from_slice(&out);
+        scales[*g] = scale;
+        biases[*g] = bias;
+        *g += 1;
+    };
+    let pack = |codes: [u8; 32]| -> [u32; BITS] {
+        let mut out = [0u32; BITS];
+        for (w, c) in out.iter_mut().zip(codes.chunks_exact(32 / BITS)) {
+            *w = if BITS == 8 { u32::from_le_bytes([c[0], c[1], c[2], c[3]]) } else { nibbles_to_word(u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])) };
         }
-        scales[g] = scale;
-        biases[g] = bias;
-        g += 1;
+        out
     };
     for b in raw.chunks_exact(block_bytes) {
         let d = f16_at(b, 0);
         // Byte j of 16 holds element j in its low nibble and element j + 16 in its high one.
-        let nibbles = |qs: &[u8]| -> [u32; 32] { std::array::from_fn(|k| u32::from(if k < 16 { qs[k] & 15 } else { qs[k - 16] >> 4 })) };
+        let nibbles = |qs: &[u8]| -> [u8; 32] { std::array::from_fn(|k| if k < 16 { qs[k] & 15 } else { qs[k - 16] >> 4 }) };
         // Q5_0 / Q5_1: the fifth bit of element k is bit k of the 32-bit `qh`.
-        let fifth = |qh: u32, low: [u32; 32]| -> [u32; 32] { std::array::from_fn(|k| low[k] | ((qh >> k) & 1) << 4) };
+        let fifth = |qh: u32, low: [u8; 32]| -> [u8; 32] { std::array::from_fn(|k| low[k] | (((qh >> k) & 1) as u8) << 4) };
         match ggml_type {
-            GGML_Q5_0 => group(fifth(u32::from_le_bytes([b[2], b[3], b[4], b[5]]), nibbles(&b[6..22])), d, -16.0 * d),
-            GGML_Q5_1 => group(fifth(u32::from_le_bytes([b[4], b[5], b[6], b[7]]), nibbles(&b[8..24])), d, f16_at(b, 2)),
+            GGML_Q5_0 => put(&mut g, pack(fifth(u32::from_le_bytes([b[2], b[3], b[4], b[5]]), nibbles(&b[6..22]))), d, -16.0 * d),
+            GGML_Q5_1 => put(&mut g, pack(fifth(u32::from_le_bytes([b[4], b[5], b[6], b[7]]), nibbles(&b[8..24]))), d, f16_at(b, 2)),
             _ => {
                 // Q4_K / Q5_K: d, dmin, 12 bytes of 6-bit scales and mins, (Q5_K: 32 bytes of
                 // fifth bits,) then 128 bytes of nibbles; four runs of 64 elements, each two
@@ -585,13 +625,25 @@ fn blocks_to_groups<const BITS: usize>(ggml_type: u32, block_bytes: usize, raw: 
                     (d * f32::from(sc), dmin * f32::from(m))
                 };
                 let (qh, qs) = if ggml_type == GGML_Q5_K { (Some(&b[16..48]), &b[48..176]) } else { (None, &b[16..144]) };
+                // Eight bytes at a time: a sub-block's codes are a nibble of each byte of its
+                // run (and for Q5_K one bit of each byte of `qh`).
+                let eight = |v: &[u8], i: usize| u64::from_le_bytes([v[i], v[i + 1], v[i + 2], v[i + 3], v[i + 4], v[i + 5], v[i + 6], v[i + 7]]);
+                const LOW: u64 = 0x0F0F_0F0F_0F0F_0F0F;
                 for run in 0..4 {
-                    let q = &qs[32 * run..32 * run + 32];
                     for half in 0..2 {
-                        let high = |l: usize| qh.map_or(0, |h| u32::from((h[l] >> (2 * run + half)) & 1) << 4);
-                        let codes = std::array::from_fn(|l| u32::from(if half == 0 { q[l] & 15 } else { q[l] >> 4 }) | high(l));
                         let (scale, min) = scale_min(2 * run + half);
-                        group(codes, scale, -min);
+                        let mut out = [0u32; BITS];
+                        for i in 0..4 {
+                            let low = (eight(qs, 32 * run + 8 * i) >> (4 * half)) & LOW;
+                            match qh {
+                                None => out[i] = nibbles_to_word(low),
+                                Some(h) => {
+                                    let codes = low | ((eight(h, 8 * i) >> (2 * run + half)) & 0x0101_0101_0101_0101) << 4;
+                                    (out[2 * i], out[2 * i + 1]) = (codes as u32, (codes >> 32) as u32);
+                                }
+                            }
+                        }
+                        put(&mut g, out, scale, -min);
                     }
                 }
             }
@@ -710,13 +762,33 @@ pub fn load_from(mut reader: impl Read + Seek, file_len: u64, path: &Path, pack:
                 // requantized to 8 bits in groups of 32 (1.125 bytes a weight with f16 scales
                 // and biases, where f32 took 4 and the dense products).
                 None if SIXTEENS.contains(&info.ggml_type) && info.dims.len() == 2 && info.dims[1] % 32 == 0 => {
-                    let dtype = ggml_dtype(info.ggml_type).ok_or_else(|| tensor_err(&"unreadable type"))?;
-                    let q = candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &raw, info.dims.clone(), &Device::Cpu).map_err(|e| tensor_err(&e))?;
-                    let t = q.dequantize(&Device::Cpu).map_err(|e| tensor_err(&e))?;
-                    if !lmx_core::ops::all_finite(&t)? {
-                        return Err(non_finite());
-                    }
-                    let (words, scales, biases) = requantize8(&t)?;
+                    let (rows, cols) = (info.dims[0], info.dims[1]);
+                    let (words, scales, biases) = if info.ggml_type == GGML_Q6_K && cols % 256 == 0 {
+                        // Row by row from the blocks (210 bytes per 256 values).
+                        let row_bytes = cols / 256 * 210;
+                        if raw.len() < rows * row_bytes {
+                            return Err(tensor_err(&"fewer Q6_K blocks than its shape needs"));
+                        }
+                        let made = requantize8(rows, cols, |r, out| {
+                            for (b, y) in raw[r * row_bytes..(r + 1) * row_bytes].chunks_exact(210).zip(out.chunks_exact_mut(256)) {
+                                q6k_values(b, y);
+                            }
+                        })?;
+                        if !lmx_core::ops::all_finite(&made.1)? || !lmx_core::ops::all_finite(&made.2)? {
+                            return Err(non_finite());
+                        }
+                        made
+                    } else {
+                        // Q3_K, Q2_K: dequantized whole by candle, then requantized.
+                        let dtype = ggml_dtype(info.ggml_type).ok_or_else(|| tensor_err(&"unreadable type"))?;
+                        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &raw, info.dims.clone(), &Device::Cpu).map_err(|e| tensor_err(&e))?;
+                        let t = q.dequantize(&Device::Cpu).map_err(|e| tensor_err(&e))?;
+                        if !lmx_core::ops::all_finite(&t)? {
+                            return Err(non_finite());
+                        }
+                        let values = t.flatten_all()?.to_vec1::<f32>()?;
+                        requantize8(rows, cols, |r, out| out.copy_from_slice(&values[r * cols..(r + 1) * cols]))?
+                    };
                     Some((words, scales, biases, 8))
                 }
                 None => None,
@@ -1178,6 +1250,22 @@ mod tests {
             assert_eq!(differ, 0, "{dtype:?}: {differ} of {} values differ from llama.cpp's: {examples:?}", want.len());
         }
         assert!(block_to_affine(GGML_Q6_K, &[0u8; 210], &[256]).is_none(), "Q6_K's groups of 16 are not affine groups of 32");
+    }
+
+    /// lmx's own Q6_K block reader (the requantizer's source, row by row) gives llama.cpp's
+    /// (candle's) values exactly.
+    #[test]
+    fn q6k_blocks_read_as_llama_cpp_does() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let w = (Tensor::randn(0f32, 1.0, (8, 512), &Device::Cpu).expect("randn") * 3.0).expect("scale");
+        let q = QTensor::quantize(&w, GgmlDType::Q6K).expect("quantize");
+        let raw = q.data().expect("blocks");
+        let mut got = vec![0f32; 8 * 512];
+        for (b, y) in raw.chunks_exact(210).zip(got.chunks_exact_mut(256)) {
+            q6k_values(b, y);
+        }
+        let want = q.dequantize(&Device::Cpu).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).expect("values");
+        assert!(got == want, "Q6_K values differ from llama.cpp's");
     }
 
     /// Writes a GGUF the way llama.cpp's converter does (GGUF names, q/k rows permuted, weights
