@@ -2,7 +2,8 @@
 # lmx beside llama.cpp on the CPU, in one run from a fresh clone (issue 10, docs/BENCHMARKS.md):
 # SmolLM2-135M and a Llama-3.2-1B-shaped model with random weights, MLX 4-bit / 8-bit vs
 # llama.cpp Q4_0 / Q8_0 of the same weights, lmx on those same Q4_0 / Q8_0 GGUF files (kept
-# packed), bf16 vs BF16, f32 vs F32, and both on the default model's own Q4_1 GGUF, at 1 and 2 threads.
+# packed), bf16 vs BF16, f32 vs F32, both on the default model's own Q4_1 GGUF, both on the
+# same Q4_K_M and F16 GGUFs (llama.cpp's own quantizer), and MLX 6-bit vs Q6_K, at 1 and 2 threads.
 # 128-token prompt, 64 generated tokens; every figure is the median over ROUNDS rounds of 3
 # trials, lmx and llama.cpp alternating first. The roofline column is weights read per token
 # over the measured read bandwidth (scripts/bench/membw.rs) at that thread count.
@@ -16,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROUNDS=${1:-2}
 MODELS=${MODELS:-"smollm2 llama-1b-random"}
-KINDS=${KINDS:-"4bit Q4_0.gguf 8bit Q8_0.gguf bf16 f32 Q4_1.gguf"}
+KINDS=${KINDS:-"4bit Q4_0.gguf 8bit Q8_0.gguf bf16 f32 Q4_1.gguf Q4_K_M.gguf F16.gguf 6bit"}
 THREADS=${THREADS:-"1 2"}
 P=128; G=64; N=3
 
@@ -51,6 +52,12 @@ for m in $MODELS; do
   base=$(bf16_dir $m)
   [ -d models/$m-4bit ] || $LMX convert --hf-path $base -q --mlx-path models/$m-4bit
   [ -d models/$m-8bit ] || $LMX convert --hf-path $base -q --q-bits 8 --mlx-path models/$m-8bit
+  [ -d models/$m-6bit ] || $LMX convert --hf-path $base -q --q-bits 6 --mlx-path models/$m-6bit
+  # K-quants and F16 by llama.cpp's own quantizer, from the model's F32 / BF16 GGUF.
+  full=models/$m-F32.gguf; [ -f $full ] || full=models/$m-BF16.gguf
+  for kind in Q4_K_M Q6_K F16; do
+    [ -f models/$m-$kind.gguf ] || python3 scripts/bench/make_kquant_gguf.py $full models/$m-$kind.gguf $(echo $kind | tr A-Z a-z)
+  done
 done
 
 source scripts/bench/common.sh
@@ -61,7 +68,7 @@ echo
 echo "| model | threads | lmx prompt / gen tok/s | llama.cpp prompt / gen tok/s | prompt ratio | gen ratio | lmx gen vs roofline |"
 echo "|---|---|---|---|---|---|---|"
 for m in $MODELS; do
-  pairs="4bit:Q4_0 Q4_0.gguf:Q4_0 8bit:Q8_0 Q8_0.gguf:Q8_0 bf16:BF16"
+  pairs="4bit:Q4_0 Q4_0.gguf:Q4_0 8bit:Q8_0 Q8_0.gguf:Q8_0 bf16:BF16 Q4_K_M.gguf:Q4_K_M F16.gguf:F16 6bit:Q6_K"
   [ $m = smollm2 ] && pairs="$pairs f32:F32 Q4_1.gguf:Q4_1"
   for pair in $pairs; do
     [[ " $KINDS " == *" ${pair%%:*} "* ]] || continue
