@@ -28,46 +28,13 @@ flash = re.search(r'const FLASH_SRC: &str = r#"(.*?)"#;', text, re.S).group(1)
 cand = (ROOT / "scripts/cuda/flash_candidates.cu").read_text()
 
 
-def lazy_variant(src):
-    """lmx's kernel with the running sums rescaled only in tiles where some row of the warp saw
-    its maximum rise (a warp vote; a factor of exactly 1 skipped, so the same bits), as
-    `cand_flash_lazy_{d}[_b3]`: derived from FLASH_SRC by replacing its rescaling loop."""
-    body = src[src.index("template <int D>\n__device__ void flash_attention("):src.index("#define FLASH(D)")]
-    body = body.replace("void flash_attention(", "void flash_lazy(")
-    swaps = [
-        ("""#pragma unroll
-        for (int i = 0; i < 2; i++) {
-            float mx = NEG;""", """        float al[2];
-#pragma unroll
-        for (int i = 0; i < 2; i++) {
-            float mx = NEG;"""),
-        ("""            l[i] = l[i] * alpha + sum;
-#pragma unroll
-            for (int n = 0; n < D / 8; n++) { acc[n][2 * i] *= alpha; acc[n][2 * i + 1] *= alpha; }
-        }""", """            l[i] = l[i] * alpha + sum;
-            al[i] = alpha;
-        }
-        if (__any_sync(0xffffffffu, al[0] != 1.f || al[1] != 1.f)) {
-#pragma unroll
-            for (int n = 0; n < D / 8; n++) { acc[n][0] *= al[0]; acc[n][1] *= al[0]; acc[n][2] *= al[1]; acc[n][3] *= al[1]; }
-        }"""),
-    ]
-    for old, new in swaps:
-        assert body.count(old) == 1, "FLASH_SRC changed: update lazy_variant"
-        body = body.replace(old, new)
-    entry = src[src.index("#define FLASH(D)"):src.index("FLASH(16)")]
-    entry = entry.replace("FLASH(D)", "FLASH_LAZY(D)").replace("lmx_flash_attention_bf16_##D", "cand_flash_lazy_##D").replace("flash_attention<D>", "flash_lazy<D>")
-    return body + entry + "FLASH_LAZY(64)\nFLASH_LAZY(128)\n"
-
-
-mod = cp.RawModule(code=flash + "\n" + cand + "\n" + lazy_variant(flash), options=("--std=c++17",))
+mod = cp.RawModule(code=flash + "\n" + cand, options=("--std=c++17",))
 # name -> (kernel, queries a block)
 KERNELS = {
     "lmx": ("lmx_flash_attention_bf16_{d}", 64),
     "r32": ("cand_flash_r32_{d}", 128),
     "r32_b2": ("cand_flash_r32_{d}_b2", 128),
-    "lazy": ("cand_flash_lazy_{d}", 64),
-    "lazy_b3": ("cand_flash_lazy_{d}_b3", 64),
+    "lmx_b3": ("lmx_flash_attention_bf16_{d}_b3", 64),
 }
 
 

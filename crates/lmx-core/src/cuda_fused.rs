@@ -692,7 +692,13 @@ pub(crate) fn pdl_enabled() -> bool {
 /// The source prefix and architecture of lmx's modules with `PDL_ENTRY()` kernels.
 pub(crate) fn pdl_build() -> (&'static str, Option<&'static str>) {
     if pdl_enabled() {
-        ("#define LMX_PDL\n", Some("compute_90"))
+        // LMX_CUDA_PDL_EARLY=1 (with PDL): the quantized products load their first weights
+        // before waiting for their input (weights do not depend on the kernel before).
+        if std::env::var("LMX_CUDA_PDL_EARLY").is_ok_and(|v| v == "1") {
+            ("#define LMX_PDL\n#define LMX_PDL_EARLY\n", Some("compute_90"))
+        } else {
+            ("#define LMX_PDL\n", Some("compute_90"))
+        }
     } else {
         ("", None)
     }
@@ -1822,6 +1828,7 @@ __device__ void flash_attention(const unsigned short* q, const unsigned short* k
                     if (key > pos || key >= kv_len || (window > 0 && key <= pos - window)) s[n][e] = NEG;
                 }
         }
+        float al[2];
 #pragma unroll
         for (int i = 0; i < 2; i++) {
             float mx = NEG;
@@ -1845,8 +1852,14 @@ __device__ void flash_attention(const unsigned short* q, const unsigned short* k
                 }
             }
             l[i] = l[i] * alpha + sum;
+            al[i] = alpha;
+        }
+        // The running sums are rescaled only where a row of the warp saw its maximum rise (a
+        // factor of exactly 1 changes nothing): after the first tiles, most tiles of a trained
+        // model, whose first key sets each row's maximum early. Fewer instructions a score.
+        if (__any_sync(0xffffffffu, al[0] != 1.f || al[1] != 1.f)) {
 #pragma unroll
-            for (int n = 0; n < D / 8; n++) { acc[n][2 * i] *= alpha; acc[n][2 * i + 1] *= alpha; }
+            for (int n = 0; n < D / 8; n++) { acc[n][0] *= al[0]; acc[n][1] *= al[0]; acc[n][2] *= al[1]; acc[n][3] *= al[1]; }
         }
         asm volatile("cp.async.wait_group 1;\n" ::: "memory");
         __syncthreads();
@@ -1946,8 +1959,16 @@ impl candle_core::CustomOp3 for FlashAttention {
             candle_core::bail!("flash attention: q {:?}, k {:?}, v {:?} at offset {}", ql.dims(), kl.dims(), vl.dims(), self.offset);
         }
         let dev = qs.device().clone();
-        // LMX_CUDA_FLASH_BLOCKS=3: compiled for 3 blocks a multiprocessor (168 registers).
-        let variant = if std::env::var("LMX_CUDA_FLASH_BLOCKS").is_ok_and(|v| v == "3") { "_b3" } else { "" };
+        // Heads of 128 take the kernel compiled for 3 blocks a multiprocessor (at most 168
+        // registers): 9% faster on an H100 at the 8B shape's 4096-token prompt, with the lazy
+        // rescaling (docs/BENCHMARKS.md, session 39); smaller heads gained nothing.
+        // LMX_CUDA_FLASH_BLOCKS=1 or 3 chooses for every size.
+        let b3 = match std::env::var("LMX_CUDA_FLASH_BLOCKS").as_deref() {
+            Ok("3") => true,
+            Ok("1") => false,
+            _ => d == 128,
+        };
+        let variant = if b3 { "_b3" } else { "" };
         let func = dev.get_or_load_custom_func(&format!("lmx_flash_attention_bf16_{d}{variant}"), "lmx_flash", flash_ptx()?)?;
         let cfg = LaunchConfig { grid_dim: (q_len.div_ceil(64) as u32, n_heads as u32, b as u32), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         let q = qs.as_cuda_slice::<half::bf16>()?.slice(ql.start_offset()..);
