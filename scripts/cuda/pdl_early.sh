@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU round (issue 11): the integer products loading their first weights before waiting
-# for their input (`LMX_CUDA_PDL=1 LMX_CUDA_PDL_EARLY=1`), beside PDL as it was and PDL off;
+# for their input (`LMX_CUDA_PDL=1 LMX_CUDA_PDL_EARLY=1`; the bf16 matrix-vector kernel too), beside PDL as it was and PDL off;
 # and flash attention's lazy rescaling at 3 blocks a multiprocessor for heads of 128 (the
 # default now) beside 1 block (`LMX_CUDA_FLASH_BLOCKS=1`). lmx-core's GPU tests with the early
 # loads, greedy tokens equal across the switches, then Llama-3-8B-shaped 4-bit decode (rates
@@ -37,6 +37,7 @@ for round in 1 2; do
   trace 4bit "PDL=0"; LMX_CUDA_PDL=1 trace 4bit "PDL=1"; LMX_CUDA_PDL=1 LMX_CUDA_PDL_EARLY=1 trace 4bit "EARLY"
 done
 log "(${SECONDS}s)"
+log "bf16 -g 256: PDL=0 [$(bench bf16 -p 128 -g 256)] PDL=1 [$(LMX_CUDA_PDL=1 bench bf16 -p 128 -g 256)] EARLY [$(LMX_CUDA_PDL=1 LMX_CUDA_PDL_EARLY=1 bench bf16 -p 128 -g 256)]"
 for round in 1 2; do
   [ $SECONDS -lt 520 ] && log "round $round bf16 prefill 4096: b3 (default) [$(bench bf16 -p 4096 -g 1)] 1 block [$(LMX_CUDA_FLASH_BLOCKS=1 bench bf16 -p 4096 -g 1)]"
 done
