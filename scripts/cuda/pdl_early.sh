@@ -14,7 +14,7 @@ log "# early weights + flash b3, $(date -u +%F), $(nvidia-smi --query-gpu=name,d
 xz -dc target/cuda/release/lmx-core-tests.xz > "$W/tests" && chmod +x "$W/tests"
 tests() { timeout 150 "$W/tests" --test-threads 1 "$@" 2>&1 | grep -E "FAILED|panicked|left|right|test result|max error" | head -30; }
 tests flash_attention prefill_attention | sed 's/^/flash: /' | tee -a "$RES"
-LMX_CUDA_PDL=1 LMX_CUDA_PDL_EARLY=1 tests quant:: decode_attention_codes | sed 's/^/EARLY: /' | tee -a "$RES"
+LMX_CUDA_PDL=1 LMX_CUDA_PDL_EARLY=1 tests quant:: decode_attention_codes matvec | sed 's/^/EARLY: /' | tee -a "$RES"
 log "(${SECONDS}s)"
 
 gen() { $LMX generate --model "$1" --device cuda --dtype bfloat16 -p 'a b c a b' -m 300 --temp 0 --ignore-eos --ignore-chat-template 2>&1 | head -1; }
