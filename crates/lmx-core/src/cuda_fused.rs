@@ -595,21 +595,8 @@ __device__ void matvec_bf16(const uint4* w, const uint4* x, unsigned short* y, i
     for (int r = 0; r < R; r++)
 #pragma unroll
         for (int b = 0; b < M; b++) acc[r][b] = 0.f;
-#ifdef LMX_PDL_EARLY
-    // The first weights load before the wait for x (see QMV_ENTRY).
-    uint4 w0[R];
-#pragma unroll
-    for (int r = 0; r < R; r++) w0[r] = row0 + r < n && (int)threadIdx.x < k8 ? __ldg(w + (size_t)(row0 + r) * k8 + threadIdx.x) : make_uint4(0u, 0u, 0u, 0u);
-    PDL_ENTRY();
-#endif
     for (int i = threadIdx.x; i < k8; i += blockDim.x) {
         uint4 wv[R];
-#ifdef LMX_PDL_EARLY
-        if (i == (int)threadIdx.x)
-#pragma unroll
-            for (int r = 0; r < R; r++) wv[r] = w0[r];
-        else
-#endif
 #pragma unroll
         for (int r = 0; r < R; r++) wv[r] = row0 + r < n ? __ldg(w + (size_t)(row0 + r) * k8 + i) : make_uint4(0u, 0u, 0u, 0u);
         float wf[R][8];
@@ -642,7 +629,7 @@ __device__ void matvec_bf16(const uint4* w, const uint4* x, unsigned short* y, i
         if (row0 + r < n) st(y, (size_t)b * n + row0 + r, s);
     }
 }
-#define MATVEC(M, R) extern "C" __global__ void __launch_bounds__(256) lmx_matvec_bf16_m##M##_r##R(const uint4* w, const uint4* x, unsigned short* y, int n, int k8) { QMV_ENTRY(); matvec_bf16<M, R>(w, x, y, n, k8); }
+#define MATVEC(M, R) extern "C" __global__ void __launch_bounds__(256) lmx_matvec_bf16_m##M##_r##R(const uint4* w, const uint4* x, unsigned short* y, int n, int k8) { PDL_ENTRY(); matvec_bf16<M, R>(w, x, y, n, k8); }
 #define MATVEC_R(M) MATVEC(M, 1) MATVEC(M, 2) MATVEC(M, 4)
 MATVEC_R(1) MATVEC_R(2) MATVEC_R(3) MATVEC_R(4) MATVEC_R(5) MATVEC_R(6) MATVEC_R(7) MATVEC_R(8)
 
@@ -705,13 +692,7 @@ pub(crate) fn pdl_enabled() -> bool {
 /// The source prefix and architecture of lmx's modules with `PDL_ENTRY()` kernels.
 pub(crate) fn pdl_build() -> (&'static str, Option<&'static str>) {
     if pdl_enabled() {
-        // LMX_CUDA_PDL_EARLY=1 (with PDL): the quantized products load their first weights
-        // before waiting for their input (weights do not depend on the kernel before).
-        if std::env::var("LMX_CUDA_PDL_EARLY").is_ok_and(|v| v == "1") {
-            ("#define LMX_PDL\n#define LMX_PDL_EARLY\n", Some("compute_90"))
-        } else {
-            ("#define LMX_PDL\n", Some("compute_90"))
-        }
+        ("#define LMX_PDL\n", Some("compute_90"))
     } else {
         ("", None)
     }

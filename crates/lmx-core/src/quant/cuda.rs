@@ -32,13 +32,6 @@ pub(crate) const CODE_SRC: &str = r#"
 #else
 #define PDL_ENTRY()
 #endif
-// LMX_PDL_EARLY: the integer products wait after loading their first weights (QMV_ENTRY is
-// then empty and qmv8_block waits), so that reading them overlaps the kernel before.
-#ifdef LMX_PDL_EARLY
-#define QMV_ENTRY()
-#else
-#define QMV_ENTRY() PDL_ENTRY()
-#endif
 // Ints per activation row of coded activations: codes (cols / 4), fine codes (cols / 4), then
 // dx and sum(x) per group, padded to a multiple of 4 ints (16-byte loads).
 __device__ __forceinline__ int act_stride(int cols, int groups) { return cols / 2 + ((2 * groups + 3) & ~3); }
@@ -270,24 +263,12 @@ __device__ void qmv8_block(const uint4* __restrict__ w, const unsigned int* __re
     float acc[M][R];
     for (int i = 0; i < M; i++)
         for (int j = 0; j < R; j++) acc[i][j] = 0.f;
-#ifdef LMX_PDL_EARLY
-    uint4 w0[R];
-    float2 p0[R];
-    if (tid < units)
-        for (int j = 0; j < R; j++) { w0[j] = __ldg(wr[j] + tid); p0[j] = scale_bias(sb, sr[j] + tid * per / gs, SB16); }
-    PDL_ENTRY();
-#endif
 #pragma unroll 2
     for (int u = tid; u < units; u += 128) {
         int e0 = u * per, g = e0 / gs;
         bool first = e0 % gs == 0;
         uint4 wv[R];
         float2 p[R];
-#ifdef LMX_PDL_EARLY
-        if (u == tid)
-            for (int j = 0; j < R; j++) { wv[j] = w0[j]; p[j] = p0[j]; }
-        else
-#endif
         for (int j = 0; j < R; j++) { wv[j] = __ldg(wr[j] + u); p[j] = scale_bias(sb, sr[j] + g, SB16); }
 #pragma unroll
         for (int i = 0; i < M; i++) {
@@ -356,8 +337,8 @@ extern "C" __global__ void lmx_dequant_words_bf16(const unsigned int* w, const u
 extern "C" __global__ void lmx_q8act_f32(const float* x, int* out, int m, int cols, int gs, int bits) { PDL_ENTRY(); q8act(x, out, m, cols, gs, bits); }
 extern "C" __global__ void lmx_q8act_bf16(const unsigned short* x, int* out, int m, int cols, int gs, int bits) { PDL_ENTRY(); q8act(x, out, m, cols, gs, bits); }
 // Kernel names: lmx_qmv8[x]_{f32|bf16}_{bits}_{rows a block}_{1|8 activation rows}_{f32|s16 scales}.
-#define QMV8S(T, TN, B, R, M, S, SN) extern "C" __global__ void QMV_BOUNDS_##B lmx_qmv8_##TN##_##B##_##R##_##M##_##SN(const uint4* w, const unsigned int* sb, const int* act, T* y, int rows, int cols, int gs, int m) { QMV_ENTRY(); qmv8<T, B, R, M, S>(w, sb, act, y, rows, cols, gs, m); }
-#define QMV8XS(T, TN, B, R, M, S, SN) extern "C" __global__ void QMV_BOUNDS_##B lmx_qmv8x_##TN##_##B##_##R##_##M##_##SN(const uint4* w0, const unsigned int* s0, int rows0, const uint4* w1, const unsigned int* s1, int rows1, const uint4* w2, const unsigned int* s2, int rows2, const int* act, T* y, int cols, int gs, int m) { QMV_ENTRY(); qmv8x<T, B, R, M, S>(w0, s0, rows0, w1, s1, rows1, w2, s2, rows2, act, y, cols, gs, m); }
+#define QMV8S(T, TN, B, R, M, S, SN) extern "C" __global__ void QMV_BOUNDS_##B lmx_qmv8_##TN##_##B##_##R##_##M##_##SN(const uint4* w, const unsigned int* sb, const int* act, T* y, int rows, int cols, int gs, int m) { PDL_ENTRY(); qmv8<T, B, R, M, S>(w, sb, act, y, rows, cols, gs, m); }
+#define QMV8XS(T, TN, B, R, M, S, SN) extern "C" __global__ void QMV_BOUNDS_##B lmx_qmv8x_##TN##_##B##_##R##_##M##_##SN(const uint4* w0, const unsigned int* s0, int rows0, const uint4* w1, const unsigned int* s1, int rows1, const uint4* w2, const unsigned int* s2, int rows2, const int* act, T* y, int cols, int gs, int m) { PDL_ENTRY(); qmv8x<T, B, R, M, S>(w0, s0, rows0, w1, s1, rows1, w2, s2, rows2, act, y, cols, gs, m); }
 #define QMV8(T, TN, B, R, M) QMV8S(T, TN, B, R, M, 0, f32) QMV8S(T, TN, B, R, M, 1, s16)
 #define QMV8X(T, TN, B, R, M) QMV8XS(T, TN, B, R, M, 0, f32) QMV8XS(T, TN, B, R, M, 1, s16)
 #define QMV8_ROWS(T, TN, B, M) QMV8(T, TN, B, 1, M) QMV8(T, TN, B, 2, M) QMV8(T, TN, B, 4, M) QMV8X(T, TN, B, 1, M) QMV8X(T, TN, B, 2, M) QMV8X(T, TN, B, 4, M)

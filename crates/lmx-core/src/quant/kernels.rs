@@ -213,11 +213,28 @@ fn q8_rows(q: &QuantizedMatrix, x: &[f32], m: usize) -> Vec<Q8Act> {
 /// codes copied, not dequantized) and run past all rows of x, 8 at a time. Blocks split over
 /// threads on the decode pool; each writes its columns of its matrix's own output (no joint
 /// output to split and copy afterwards). Callers check [`q8_gemm_applies`].
+///
+/// Each matrix takes the path it takes alone (the AMX tiles where its groups allow them, else
+/// VNNI), whatever shares its input: the two round their float sums differently, and a
+/// matrix's product must not depend on its neighbours (a layer's q/k/v together equal each
+/// alone).
 pub fn qmatmul_many_q8<T: Elem>(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> Vec<Vec<T>> {
-    if amx_applies(qs) {
-        return qmatmul_many_amx(qs, x, m);
+    let (tiles, rest): (Vec<usize>, Vec<usize>) = (0..qs.len()).partition(|&i| amx_applies(&[qs[i]]));
+    match (tiles.is_empty(), rest.is_empty()) {
+        (true, _) => qmatmul_many_vnni(qs, x, m),
+        (false, true) => qmatmul_many_amx(qs, x, m),
+        (false, false) => {
+            let pick = |ix: &[usize]| ix.iter().map(|&i| qs[i]).collect::<Vec<_>>();
+            let mut out: Vec<Vec<T>> = (0..qs.len()).map(|_| Vec::new()).collect();
+            for (i, y) in tiles.iter().zip(qmatmul_many_amx(&pick(&tiles), x, m)) {
+                out[*i] = y;
+            }
+            for (i, y) in rest.iter().zip(qmatmul_many_vnni(&pick(&rest), x, m)) {
+                out[*i] = y;
+            }
+            out
+        }
     }
-    qmatmul_many_vnni(qs, x, m)
 }
 
 /// True when [`qmatmul_many_q8`] takes the AMX tiles for these matrices: AMX-INT8 granted,
