@@ -689,6 +689,15 @@ pub(crate) fn pdl_enabled() -> bool {
     })
 }
 
+/// `LMX_CUDA_ABLATE=norm,silu,attention,rope` skips those fused kernels' launches, for timing
+/// only (every output after them is wrong): a decode step's time without them is what they
+/// cost inside a recorded step, launch gaps included, which Nsight Compute's serialized,
+/// cold-cache kernel times do not show.
+fn ablated(what: &str) -> bool {
+    static SET: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    SET.get_or_init(|| std::env::var("LMX_CUDA_ABLATE").map(|v| v.split(',').map(str::to_owned).collect()).unwrap_or_default()).iter().any(|s| s == what)
+}
+
 /// The source prefix and architecture of lmx's modules with `PDL_ENTRY()` kernels.
 pub(crate) fn pdl_build() -> (&'static str, Option<&'static str>) {
     if pdl_enabled() {
@@ -942,7 +951,9 @@ pub(crate) fn add_rms_norm(
         b.arg(&vec);
         // SAFETY: x and h hold rows * d values, w d, each half of o rows * d; the codes'
         // buffer (one row) act_stride(d) ints, or the pointer is null and not read.
-        unsafe { b.launch(cfg) }.w()?;
+        if !ablated("norm") {
+            unsafe { b.launch(cfg) }.w()?;
+        }
         drop((sum, normed));
         Ok(CudaStorage::wrap_cuda_slice(o, dev))
     })
@@ -1064,7 +1075,9 @@ impl candle_core::CustomOp2 for SiluMulCoded {
             let mut b = launch_args!(dev, func);
             b.arg(&g).arg(&u).arg(&o).arg(&rows).arg(&ci).arg(&codes).arg(&gsi).arg(&bi);
             // SAFETY: g, u and o hold one row of cols values, codes act_stride(cols) ints.
-            unsafe { b.launch(cfg) }.w()?;
+            if !ablated("silu") {
+                unsafe { b.launch(cfg) }.w()?;
+            }
             CudaStorage::wrap_cuda_slice(o, dev)
         });
         Ok((storage, gl.shape().clone()))
@@ -1306,6 +1319,9 @@ pub(crate) fn decode_attention(
         };
         let (cols, gs, bits) = (nh * dd, codes.map_or(0, |c| c.2 .1 as i32), codes.map_or(0, |c| c.2 .0 as i32));
         bld.arg(&codes_at).arg(&gs).arg(&bits);
+        if ablated("attention") {
+            return Ok(CudaStorage::wrap_cuda_slice(o, dev));
+        }
         // SAFETY: the views' strides keep every read inside k and v; q and o are sized for
         // b * n_heads heads, `part` for their splits, the counters (if any) for the heads.
         unsafe { bld.launch(cfg) }.w()?;
@@ -1430,7 +1446,9 @@ pub(crate) fn rope_kv_write(
         // SAFETY: q/k/v hold their heads and positions at their strides (d values each),
         // cos/sin l * d / 2, the buffers nkv * cap * d (a device position past `cap` is skipped;
         // host positions were checked to fit), o l * nq * d.
-        unsafe { b.launch(cfg) }.w()?;
+        if !ablated("rope") {
+            unsafe { b.launch(cfg) }.w()?;
+        }
         Ok(CudaStorage::wrap_cuda_slice(o, dev))
     })
 }
