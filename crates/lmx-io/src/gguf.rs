@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::Value as GValue;
@@ -660,10 +660,33 @@ pub fn load(path: &Path) -> Result<GgufModel> {
 /// Reads and converts a GGUF file; `pack` keeps the [`PACKABLE`] matrices stored in a
 /// [`block_to_affine`] type packed (as a model runs them: a fifth to a third of f32's bytes,
 /// and the quantized products), the rest dequantized to f32.
+///
+/// The file is mapped, not read: each tensor is converted from the file's pages as they lie,
+/// with no copy of its bytes in between (a Llama-1B-shaped BF16 file, 2.5 GB: the copies and
+/// the fresh pages they filled were most of its load time).
 pub fn load_with(path: &Path, pack: bool) -> Result<GgufModel> {
     let file = File::open(path).map_err(|e| IoError::io(path, e))?;
-    let file_len = file.metadata().map_err(|e| IoError::io(path, e))?.len();
-    load_from(BufReader::new(file), file_len, path, pack)
+    let meta = file.metadata().map_err(|e| IoError::io(path, e))?;
+    if !meta.is_file() || meta.len() == 0 {
+        // Nothing to map (a pipe, an empty file): read, for the same checks and messages.
+        let mut bytes = Vec::new();
+        (&file).read_to_end(&mut bytes).map_err(|e| IoError::io(path, e))?;
+        return load_bytes(&bytes, path, pack, &|_, _| ());
+    }
+    // SAFETY: the file is mapped read-only; lmx never writes to a checkpoint it is reading,
+    // and a concurrent writer outside lmx is the user's responsibility (as for safetensors
+    // files, weights.rs).
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| IoError::io(path, e))?;
+    // Each tensor's pages leave the process once converted (they stay in the page cache), so
+    // that the mapped file does not add to the peak resident memory.
+    let done = |start: usize, len: usize| {
+        let page = 4096;
+        let (from, to) = (start / page * page, (start + len).next_multiple_of(page).min(map.len()));
+        // SAFETY: a read-only shared mapping of a file: dropping its pages loses nothing (a
+        // later read faults them in again from the file).
+        let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, from, to - from) };
+    };
+    load_bytes(&map, path, pack, &done)
 }
 
 /// The modules (last segment of the Hugging Face path) whose weights in a [`block_to_affine`] type
@@ -675,7 +698,26 @@ pub const PACKABLE: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_pr
 /// Reads and converts GGUF bytes of length `file_len` from `reader` (`path` names them in
 /// errors; `pack` as for [`load_with`]).
 pub fn load_from(mut reader: impl Read + Seek, file_len: u64, path: &Path, pack: bool) -> Result<GgufModel> {
-    let header = read_header(&mut reader, file_len).map_err(|e| gguf_err(path, format!("not a valid GGUF file ({e}); the file may be truncated: download it again")))?;
+    let mut bytes = Vec::new();
+    reader.seek(SeekFrom::Start(0)).map_err(|e| IoError::io(path, e))?;
+    reader.take(file_len).read_to_end(&mut bytes).map_err(|e| IoError::io(path, e))?;
+    load_bytes(&bytes, path, pack, &|_, _| ())
+}
+
+/// Calls `self.0(start, len)` when dropped: the end of a tensor's turn in [`load_bytes`].
+struct Done<'a>(&'a dyn Fn(usize, usize), usize, usize);
+
+impl Drop for Done<'_> {
+    fn drop(&mut self) {
+        (self.0)(self.1, self.2)
+    }
+}
+
+/// [`load_from`] on the file's bytes, in memory or mapped; `done(start, len)` after each
+/// tensor's bytes have been converted.
+fn load_bytes(bytes: &[u8], path: &Path, pack: bool, done: &dyn Fn(usize, usize)) -> Result<GgufModel> {
+    let file_len = bytes.len() as u64;
+    let header = read_header(&mut std::io::Cursor::new(bytes), file_len).map_err(|e| gguf_err(path, format!("not a valid GGUF file ({e}); the file may be truncated: download it again")))?;
     if !header.alignment.is_power_of_two() {
         return Err(gguf_err(path, format!("`general.alignment` is {}; it must be a positive power of two (llama.cpp writes 32)", header.alignment)));
     }
@@ -732,15 +774,18 @@ pub fn load_from(mut reader: impl Read + Seek, file_len: u64, path: &Path, pack:
     for (name, info) in &header.tensors {
         let tensor_err = |e: &dyn std::fmt::Display| gguf_err(path, format!("tensor `{name}`: {e}"));
         let (block, block_bytes) = info.block().unwrap_or((1, 1));
-        let mut raw = vec![0u8; info.dims.iter().product::<usize>() / block * block_bytes];
-        reader.seek(SeekFrom::Start(header.data_offset + info.offset)).map_err(|e| IoError::io(path, e))?;
-        reader.read_exact(&mut raw).map_err(|e| IoError::io(path, e))?;
+        // Inside the file: checked for every tensor above.
+        let start = (header.data_offset + info.offset) as usize;
+        let raw = &bytes[start..start + info.dims.iter().product::<usize>() / block * block_bytes];
+        // Whichever way this tensor's turn ends, its bytes are done with (every conversion
+        // below copies them).
+        let _done = Done(done, start, raw.len());
         if info.ggml_type == GGML_MXFP4 {
             // Kept packed, in MLX's MXFP4 layout (`weight` words and `scales`), which the
             // layer builder reads as it reads an MLX `mxfp4` folder.
             let hf = hf_name_in(&arch, name).ok_or_else(|| gguf_err(path, format!("tensor `{name}` has no Hugging Face equivalent that lmx knows (architecture `{arch}`)")))?;
             let Some(module) = hf.strip_suffix(".weight") else { return Err(tensor_err(&"MXFP4 is only read for weight matrices")) };
-            let (words, scales) = mxfp4_to_mlx(&raw, &info.dims).map_err(|e| tensor_err(&e))?;
+            let (words, scales) = mxfp4_to_mlx(raw, &info.dims).map_err(|e| tensor_err(&e))?;
             tensors.insert(hf.clone(), words);
             tensors.insert(format!("{module}.scales"), scales);
             mxfp4 = true;
@@ -749,7 +794,7 @@ pub fn load_from(mut reader: impl Read + Seek, file_len: u64, path: &Path, pack:
         let module = hf_name_in(&arch, name).and_then(|hf| hf.strip_suffix(".weight").map(str::to_string));
         if let Some(module) = module.filter(|m| pack && PACKABLE.iter().any(|p| m.rsplit('.').next() == Some(*p))) {
             let non_finite = || IoError::NonFinite { path: path.to_path_buf(), key: name.clone() };
-            let made = match block_to_affine(info.ggml_type, &raw, &info.dims) {
+            let made = match block_to_affine(info.ggml_type, raw, &info.dims) {
                 Some(made) => {
                     let (words, scales, biases, bits) = made.map_err(|e| tensor_err(&e))?;
                     if !lmx_core::ops::all_finite(&scales)? || !lmx_core::ops::all_finite(&biases)? {
@@ -781,7 +826,7 @@ pub fn load_from(mut reader: impl Read + Seek, file_len: u64, path: &Path, pack:
                     } else {
                         // Q3_K, Q2_K: dequantized whole by candle, then requantized.
                         let dtype = ggml_dtype(info.ggml_type).ok_or_else(|| tensor_err(&"unreadable type"))?;
-                        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &raw, info.dims.clone(), &Device::Cpu).map_err(|e| tensor_err(&e))?;
+                        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, raw, info.dims.clone(), &Device::Cpu).map_err(|e| tensor_err(&e))?;
                         let t = q.dequantize(&Device::Cpu).map_err(|e| tensor_err(&e))?;
                         if !lmx_core::ops::all_finite(&t)? {
                             return Err(non_finite());
@@ -794,7 +839,6 @@ pub fn load_from(mut reader: impl Read + Seek, file_len: u64, path: &Path, pack:
                 None => None,
             };
             if let Some((words, scales, biases, bits)) = made {
-                drop(raw);
                 // Un-permuting moves whole rows: the packed words, scales and biases alike.
                 tensors.insert(format!("{module}.weight"), unpermute_qk(&module, words)?);
                 tensors.insert(format!("{module}.scales"), unpermute_qk(&module, scales)?);
@@ -808,13 +852,12 @@ pub fn load_from(mut reader: impl Read + Seek, file_len: u64, path: &Path, pack:
             // A model's float matrices keep their dtype (a BF16 file computes in bf16, as a
             // bf16 folder does, at half the memory of f32); vectors (norms, rope factors) and
             // every tensor of a conversion become f32 as before.
-            Some(stored) if pack && info.dims.len() >= 2 => Tensor::from_raw_buffer(&raw, stored, &info.dims, &Device::Cpu).map_err(|e| tensor_err(&e))?,
+            Some(stored) if pack && info.dims.len() >= 2 => Tensor::from_raw_buffer(raw, stored, &info.dims, &Device::Cpu).map_err(|e| tensor_err(&e))?,
             _ => {
-                let q = candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &raw, info.dims.clone(), &Device::Cpu).map_err(|e| tensor_err(&e))?;
+                let q = candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, raw, info.dims.clone(), &Device::Cpu).map_err(|e| tensor_err(&e))?;
                 q.dequantize(&Device::Cpu).map_err(|e| tensor_err(&e))?
             }
         };
-        drop(raw);
         // As safetensors reads do: a NaN or infinity is refused.
         if !lmx_core::ops::all_finite(&t)? {
             return Err(IoError::NonFinite { path: path.to_path_buf(), key: name.clone() });
