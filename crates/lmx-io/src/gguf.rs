@@ -679,8 +679,10 @@ pub fn load_with(path: &Path, pack: bool) -> Result<GgufModel> {
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| IoError::io(path, e))?;
     // Each tensor's pages leave the process once converted (they stay in the page cache), so
     // that the mapped file does not add to the peak resident memory.
+    // SAFETY: sysconf only reads a constant of the system (4 KiB, or 16 or 64 KiB on some
+    // ARM kernels, where a 4 KiB-aligned range would be refused).
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok().filter(|p| p.is_power_of_two()).unwrap_or(4096);
     let done = |start: usize, len: usize| {
-        let page = 4096;
         let (from, to) = (start / page * page, (start + len).next_multiple_of(page).min(map.len()));
         // SAFETY: a read-only shared mapping of a file: dropping its pages loses nothing (a
         // later read faults them in again from the file).
