@@ -11,11 +11,10 @@ cuda_setup ablate ablate.txt
 log "# ablation of the fused kernels, $(date -u +%F), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1), binary sha256 $(sha256sum "$LMX" | cut -c1-12)"
 SH=${SHAPE:-8b}
 SHAPE=$SH BF16=0 BITS="${BITS:-4}" python3 scripts/cuda/make_random_llama.py "$W/l" 2>&1 | tail -1
-trace() { LMX_TRACE_STEPS=1 $LMX generate --model "$W/l-${BITS:-4}bit" --device cuda -p 'a b c' -m 300 --temp 0 --ignore-eos --ignore-chat-template 2>&1 >/dev/null | grep "lmx-step.*graph" | tail -200 | awk -v n="$1" '{w+=$7; k++} END {printf "%-28s device %.3f ms a step (n=%d)\n", n, w/k, k}' | tee -a "$RES"; }
 for round in 1 2; do
-  trace "all kernels"
+  step_ms "$W/l-${BITS:-4}bit" "all kernels"
   for a in norm silu attention rope norm,silu,attention,rope; do
-    LMX_CUDA_ABLATE=$a trace "without $a"
+    LMX_CUDA_ABLATE=$a step_ms "$W/l-${BITS:-4}bit" "without $a"
   done
 done
 log "(${SECONDS}s)"

@@ -5,7 +5,8 @@
 # DIR's tokenizer a word per token id (w4, w5, ...), so that generated text shows the ids;
 # `same A B` compares two generated texts word by word; `tps OUTPUT` reads a benchmark's rate;
 # `launch_setup` points lmx at the machine's NCCL and Open MPI libraries for `lmx launch`
-# (NCCL_LIB, MPIRUN; NVLink multicast off).
+# (NCCL_LIB, MPIRUN; NVLink multicast off); `step_ms MODEL LABEL` logs the mean device time of
+# the last 200 recorded steps of a 300-token greedy decode (`LMX_TRACE_STEPS=1`; N=tokens).
 cuda_setup() {
   RES=${OUT:-.}/$2
   W=${TMPDIR:-/tmp}/lmx-cuda-$1; rm -rf "$W"; mkdir -p "$W"
@@ -38,4 +39,7 @@ launch_setup() {
   if ! ldconfig -p | grep -q 'libmpi.so.40 '; then
     export LMX_MPI_LIBRARY=$(dirname "$(readlink -f "$MPIRUN")")/../lib/libmpi.so.40
   fi
+}
+step_ms() {
+  LMX_TRACE_STEPS=1 $LMX generate --model "$1" --device cuda -p 'a b c' -m "${N:-300}" --temp 0 --ignore-eos --ignore-chat-template 2>&1 >/dev/null | grep "lmx-step.*graph" | tail -200 | awk -v n="$2" '{w+=$7; k++} END {printf "%-34s device %.3f ms a step (n=%d)\n", n, w/k, k}' | tee -a "$RES"
 }
