@@ -224,8 +224,10 @@ impl Layer for DecoderLayer {
     /// layer's last addition is left to the next layer's (or the final) norm.
     fn forward_pending(&self, x: &Tensor, pending: Option<&Tensor>, input: &AttentionInput, cache: &mut KvCache, layer_idx: usize) -> Result<(Tensor, Option<Tensor>)> {
         let (x, normed) = self.input_layernorm.forward_pending(x, pending)?;
-        let h = self.self_attn.forward(&normed, input, cache, layer_idx)?;
-        let (x, normed) = self.post_attention_layernorm.forward_add(&x, &h)?;
+        let (x, normed) = match &self.self_attn {
+            SelfAttention::Standard(a) => a.forward_add_norm(&normed, input, cache, layer_idx, &x, &self.post_attention_layernorm)?,
+            latent => self.post_attention_layernorm.forward_add(&x, &latent.forward(&normed, input, cache, layer_idx)?)?,
+        };
         let h = self.mlp.forward(&normed)?;
         Ok((x, Some(h)))
     }

@@ -337,11 +337,74 @@ extern "C" __global__ void lmx_dequant_words_bf16(const unsigned int* w, const u
 extern "C" __global__ void lmx_q8act_f32(const float* x, int* out, int m, int cols, int gs, int bits) { PDL_ENTRY(); q8act(x, out, m, cols, gs, bits); }
 extern "C" __global__ void lmx_q8act_bf16(const unsigned short* x, int* out, int m, int cols, int gs, int bits) { PDL_ENTRY(); q8act(x, out, m, cols, gs, bits); }
 // Kernel names: lmx_qmv8[x]_{f32|bf16}_{bits}_{rows a block}_{1|8 activation rows}_{f32|s16 scales}.
+// f32 as T holds it (bf16: rounded to nearest even), and loads that skip L1 (values other
+// blocks of this launch wrote).
+__device__ __forceinline__ float as_t(float v, const float*) { return v; }
+__device__ __forceinline__ float as_t(float v, const unsigned short*) {
+    unsigned int u = __float_as_uint(v);
+    return __uint_as_float(((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16) << 16);
+}
+__device__ __forceinline__ float load_cg(const float* p, size_t i) { return __ldcg(p + i); }
+__device__ __forceinline__ float load_cg(const unsigned short* p, size_t i) { return __uint_as_float(((unsigned int)__ldcg(p + i)) << 16); }
+
+// qmv8 of one row of activations whose last block to finish then adds the product `y` to the
+// residual `x` and RMS-normalises the sum with weight `nw` (add_rms_norm's arithmetic: the sum
+// rounded to T into `sum`, then rnd(sum * r) * w rounded into `out`; the sum of squares in
+// another order), coding the normalised row for the next integer product (`codes`, groups of
+// `cgs`, `cbits`-bit weights): the add + norm's launch folded into the product's tail.
+// `count`: a zeroed counter, zeroed again by the last block for the next launch.
+template <typename T, int BITS, int R, int SB16>
+__device__ void qmv8_add_norm(const uint4* __restrict__ w, const unsigned int* __restrict__ sb, const int* __restrict__ act, T* y,
+                              int rows, int cols, int gs, const T* x, const T* nw, T* sum, T* out, float eps,
+                              int* codes, int cgs, int cbits, unsigned int* count) {
+    __shared__ bool last;
+    __shared__ float part[4];
+    qmv8_block<T, BITS, R, 1, SB16>(w, sb, act, y, rows, cols, gs, 1, blockIdx.x, rows, 0);
+    // This block's outputs visible to the GPU before its count.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        last = atomicAdd(count, 1u) == gridDim.x - 1;
+        if (last) *count = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const int tid = threadIdx.x, lane = tid % 32, chunks = rows / 8;
+    float ss = 0.f;
+    for (int c = tid; c < chunks; c += 128) {
+        for (int k = 0; k < 8; k++) {
+            size_t e = (size_t)c * 8 + k;
+            float v = as_t(load(x, e) + load_cg(y, e), out);
+            store(sum, e, v);
+            ss += v * v;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if (lane == 0) part[tid / 32] = ss;
+    __syncthreads();
+    float r = rsqrtf((part[0] + part[1] + part[2] + part[3]) / rows + eps);
+    for (int base = 0; base < chunks; base += 128) {
+        int c = base + tid;
+        bool live = c < chunks;
+        float v[8];
+        for (int k = 0; k < 8; k++) {
+            size_t e = (size_t)(live ? c : 0) * 8 + k;
+            v[k] = live ? as_t(as_t(load(sum, e) * r, out) * load(nw, e), out) : 0.f;
+            if (live) store(out, e, v[k]);
+        }
+        if (codes) code8(v, codes, rows, cgs, cbits, live ? c * 8 : 0, live);
+    }
+}
+
 #define QMV8S(T, TN, B, R, M, S, SN) extern "C" __global__ void QMV_BOUNDS_##B lmx_qmv8_##TN##_##B##_##R##_##M##_##SN(const uint4* w, const unsigned int* sb, const int* act, T* y, int rows, int cols, int gs, int m) { PDL_ENTRY(); qmv8<T, B, R, M, S>(w, sb, act, y, rows, cols, gs, m); }
 #define QMV8XS(T, TN, B, R, M, S, SN) extern "C" __global__ void QMV_BOUNDS_##B lmx_qmv8x_##TN##_##B##_##R##_##M##_##SN(const uint4* w0, const unsigned int* s0, int rows0, const uint4* w1, const unsigned int* s1, int rows1, const uint4* w2, const unsigned int* s2, int rows2, const int* act, T* y, int cols, int gs, int m) { PDL_ENTRY(); qmv8x<T, B, R, M, S>(w0, s0, rows0, w1, s1, rows1, w2, s2, rows2, act, y, cols, gs, m); }
 #define QMV8(T, TN, B, R, M) QMV8S(T, TN, B, R, M, 0, f32) QMV8S(T, TN, B, R, M, 1, s16)
 #define QMV8X(T, TN, B, R, M) QMV8XS(T, TN, B, R, M, 0, f32) QMV8XS(T, TN, B, R, M, 1, s16)
 #define QMV8_ROWS(T, TN, B, M) QMV8(T, TN, B, 1, M) QMV8(T, TN, B, 2, M) QMV8(T, TN, B, 4, M) QMV8X(T, TN, B, 1, M) QMV8X(T, TN, B, 2, M) QMV8X(T, TN, B, 4, M)
+#define QMV8NS(T, TN, B, R, S, SN) extern "C" __global__ void QMV_BOUNDS_##B lmx_qmv8n_##TN##_##B##_##R##_##SN(const uint4* w, const unsigned int* sb, const int* act, T* y, int rows, int cols, int gs, const T* x, const T* nw, T* sum, T* out, float eps, int* codes, int cgs, int cbits, unsigned int* count) { PDL_ENTRY(); qmv8_add_norm<T, B, R, S>(w, sb, act, y, rows, cols, gs, x, nw, sum, out, eps, codes, cgs, cbits, count); }
+#define QMV8N(T, TN, B) QMV8NS(T, TN, B, 1, 0, f32) QMV8NS(T, TN, B, 2, 0, f32) QMV8NS(T, TN, B, 4, 0, f32) QMV8NS(T, TN, B, 1, 1, s16) QMV8NS(T, TN, B, 2, 1, s16) QMV8NS(T, TN, B, 4, 1, s16)
+QMV8N(float, f32, 4) QMV8N(float, f32, 8) QMV8N(unsigned short, bf16, 4) QMV8N(unsigned short, bf16, 8)
 QMV8_ROWS(float, f32, 4, 1) QMV8_ROWS(float, f32, 4, 8) QMV8_ROWS(float, f32, 8, 1) QMV8_ROWS(float, f32, 8, 8)
 QMV8_ROWS(unsigned short, bf16, 4, 1) QMV8_ROWS(unsigned short, bf16, 4, 8) QMV8_ROWS(unsigned short, bf16, 8, 1) QMV8_ROWS(unsigned short, bf16, 8, 8)
 "#;
@@ -861,6 +924,150 @@ impl CustomOp1 for Qmv8Many {
             _ => launch!(f32, "f32"),
         };
         Ok((storage, Shape::from((m, total))))
+    }
+}
+
+/// `x + a @ W^T` and its RMS norm with `weight` for one row `a` on the device, in one launch:
+/// the product's last block adds and normalises (`qmv8_add_norm`), and with `codes` (a buffer
+/// of the next products' (bits, group size)) codes the normalised row for them. (sum, normed)
+/// shaped as `x`; None where the fused kernel does not apply (several rows, a tape, other
+/// widths, dtypes that differ, no counter on this device, or `LMX_CUDA_PRODUCT_NORM=0`), and
+/// the caller takes the product, then the add + norm.
+pub(super) fn matmul_add_rms_norm(
+    q: &QuantizedMatrix,
+    copy: &DeviceCopy,
+    a: &Tensor,
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+    codes: Option<(Tensor, (usize, usize))>,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let dtype = x.dtype();
+    let fits = product_norm_on()
+        && integer_products(q)
+        && a.elem_count() == q.cols
+        && x.elem_count() == q.rows
+        && weight.elem_count() == q.rows
+        && q.rows % 8 == 0
+        && matches!(dtype, DType::BF16 | DType::F32)
+        && a.dtype() == dtype
+        && weight.dtype() == dtype
+        && !a.track_op()
+        && !x.track_op()
+        && !weight.track_op()
+        && codes.as_ref().is_none_or(|(_, (bits, gs))| matches!(bits, 4 | 8) && gs % 16 == 0 && *gs <= 256 && q.rows % gs == 0);
+    let candle_core::Device::Cuda(dev) = a.device() else { return Ok(None) };
+    if !fits {
+        return Ok(None);
+    }
+    let Some(count) = crate::cuda_fused::tail_counter(dev)? else { return Ok(None) };
+    let aw = a.contiguous()?.reshape((1, q.cols))?;
+    let acts = codes_of(q, a, &aw)?;
+    let op = Qmv8AddNorm {
+        spec: Spec { rows: q.rows, cols: q.cols, bits: q.bits, group_size: q.group_size, sb16: copy.sb16 },
+        packed: copy.packed.clone(),
+        sb: copy.sb.clone(),
+        eps,
+        codes: codes.clone(),
+        count,
+    };
+    let both = acts.apply_op3_no_bwd(&x.contiguous()?, &weight.contiguous()?, &op)?;
+    let (sum, normed) = (both.get(1)?.reshape(x.dims())?, both.get(2)?.reshape(x.dims())?);
+    if let Some((buf, spec)) = &codes {
+        offer_codes(&normed, *spec, buf);
+    }
+    Ok(Some((sum, normed)))
+}
+
+/// Whether one-row products fold the add + norm after them into their last block
+/// (`LMX_CUDA_PRODUCT_NORM=0`: a product, then the add + norm's launch, for comparisons).
+fn product_norm_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| !std::env::var("LMX_CUDA_PRODUCT_NORM").is_ok_and(|v| v == "0"))
+}
+
+/// Codes of one row of activations @ W^T, added to the residual and normalised
+/// ([`matmul_add_rms_norm`]): inputs (codes, residual x, norm weight), output (3, rows) in
+/// x's dtype: the product, the sum, the normalised sum.
+struct Qmv8AddNorm {
+    spec: Spec,
+    packed: Tensor,
+    sb: Tensor,
+    eps: f32,
+    codes: Option<(Tensor, (usize, usize))>,
+    count: u64,
+}
+
+impl CustomOp3 for Qmv8AddNorm {
+    fn name(&self) -> &'static str {
+        "lmx-cuda-qmv8-add-norm"
+    }
+
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout, _: &candle_core::CpuStorage, _: &Layout, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("lmx-cuda-qmv8-add-norm runs on CUDA only")
+    }
+
+    fn cuda_fwd(&self, acts: &CudaStorage, al: &Layout, xs: &CudaStorage, xl: &Layout, ns: &CudaStorage, nl: &Layout) -> Result<(CudaStorage, Shape)> {
+        use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+        let spec = &self.spec;
+        let (wg, sg) = (self.packed.storage_and_layout(), self.sb.storage_and_layout());
+        let ((candle_core::Storage::Cuda(ws), wl), (candle_core::Storage::Cuda(ss), sl)) = ((&*wg.0, wg.1), (&*sg.0, sg.1)) else {
+            candle_core::bail!("lmx-cuda-qmv8-add-norm: the matrix is not on the GPU")
+        };
+        if !al.is_contiguous()
+            || al.start_offset() != 0
+            || !wl.is_contiguous()
+            || !sl.is_contiguous()
+            || wl.start_offset() % 4 != 0
+            || sl.start_offset() % 2 != 0
+            || !xl.is_contiguous()
+            || !nl.is_contiguous()
+        {
+            candle_core::bail!("lmx-cuda-qmv8-add-norm needs contiguous, aligned inputs");
+        }
+        let dev = acts.device().clone();
+        let act = acts.as_cuda_slice::<u32>()?;
+        let w = ws.as_cuda_slice::<u32>()?.slice(wl.start_offset()..);
+        let sb = ss.as_cuda_slice::<u32>()?.slice(sl.start_offset()..);
+        let (rows, cols, gs) = (spec.rows as i32, spec.cols as i32, spec.group_size as i32);
+        let per_block = rows_per_block(spec.rows, spec.cols, spec.bits);
+        let cfg = LaunchConfig { grid_dim: (spec.rows.div_ceil(per_block) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let guard = self.codes.as_ref().map(|(c, _)| c.storage_and_layout());
+        let codes_at = match &guard {
+            Some((st, cl)) => {
+                let candle_core::Storage::Cuda(cs) = &**st else { candle_core::bail!("lmx-cuda-qmv8-add-norm: the codes' buffer is not on the GPU") };
+                cs.as_cuda_slice::<u32>()?.slice(cl.start_offset()..).device_ptr(&dev.cuda_stream()).0
+            }
+            None => 0,
+        };
+        let (cbits, cgs) = self.codes.as_ref().map_or((0, 0), |(_, (b, g))| (*b as i32, *g as i32));
+        let n = spec.rows;
+        macro_rules! launch {
+            ($t:ty, $name:expr) => {{
+                let func = dev.get_or_load_custom_func(&format!("lmx_qmv8n_{}_{}_{per_block}_{}", $name, spec.bits, pairs_suffix(spec.sb16)), "lmx_quant", ptx()?)?;
+                let x = xs.as_cuda_slice::<$t>()?.slice(xl.start_offset()..);
+                let nw = ns.as_cuda_slice::<$t>()?.slice(nl.start_offset()..);
+                // SAFETY: every element is written by the kernel.
+                let o = unsafe { dev.alloc::<$t>(3 * n)? };
+                let (y, rest) = o.split_at(n);
+                let (sum, normed) = rest.split_at(n);
+                let mut b = crate::cuda_fused::launch_args!(dev, func);
+                b.arg(&w).arg(&sb).arg(act).arg(&y).arg(&rows).arg(&cols).arg(&gs);
+                b.arg(&x).arg(&nw).arg(&sum).arg(&normed).arg(&self.eps).arg(&codes_at).arg(&cgs).arg(&cbits).arg(&self.count);
+                // SAFETY: the matrix holds `rows` rows of `cols` columns and their pairs, the codes
+                // one row of `cols`, x and the weight `rows` values, o three rows of them; the
+                // codes' buffer (if any) act_stride(rows) ints; the counter one zeroed word.
+                unsafe { b.launch(cfg) }.w()?;
+                drop((y, sum, normed));
+                CudaStorage::wrap_cuda_slice(o, dev)
+            }};
+        }
+        let storage = match xs.dtype() {
+            DType::BF16 => launch!(half::bf16, "bf16"),
+            DType::F32 => launch!(f32, "f32"),
+            other => candle_core::bail!("lmx-cuda-qmv8-add-norm: dtype {other:?}"),
+        };
+        Ok((storage, Shape::from((3, n))))
     }
 }
 
