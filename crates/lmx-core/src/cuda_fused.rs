@@ -236,7 +236,7 @@ __device__ void decode_attention(const T* q, const T* k, const T* v, T* out, flo
                                  int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits,
                                  long long ks0, long long ks1, long long ks2,
                                  long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window, unsigned int* count,
-                                 int* codes, int gs, int bits, int one_pass) {
+                                 int* codes, int gs, int bits) {
     __shared__ float wm[32], wl[32];
     __shared__ bool last;
     // A cache whose length lives on the device (a captured decode step): keys after position
@@ -262,11 +262,7 @@ __device__ void decode_attention(const T* q, const T* k, const T* v, T* out, flo
     float m = NEG, l = 0.f;
     // `chunk`: the keys of the one split, or with several the most splits used.
     int per = kv_len;
-    // `alone`: one block takes every key of its head and writes its outputs (one split, or
-    // at most `one_pass` keys in use: the head's other blocks have nothing to do).
-    bool alone = splits == 1 || kv_len - first <= one_pass;
-    if (alone && split > 0) return;
-    if (!alone) {
+    if (splits > 1) {
         int parts = max(1, min(chunk, (kv_len + 63) / 64));
         per = (kv_len + parts - 1) / parts;
     }
@@ -321,11 +317,11 @@ __device__ void decode_attention(const T* q, const T* k, const T* v, T* out, flo
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
         float a = 0.f;
         for (int w = 0; w < nw; w++) a += wm[w] == NEG ? 0.f : wacc[w * d + i] * __expf(wm[w] - M);
-        if (alone) st(out, (size_t)bh * d + i, a / L); else pp[2 + i] = a;
+        if (splits == 1) st(out, (size_t)bh * d + i, a / L); else pp[2 + i] = a;
     }
-    if (!alone && threadIdx.x == 0) { pp[0] = M; pp[1] = L; }
-    if (alone && codes) code_head(out, bh, d, n_heads * d, codes, gs, bits);
-    if (alone || !count) return;
+    if (splits > 1 && threadIdx.x == 0) { pp[0] = M; pp[1] = L; }
+    if (splits == 1 && codes) code_head(out, bh, d, n_heads * d, codes, gs, bits);
+    if (splits == 1 || !count) return;
     // Every partial of this block written and visible to the GPU before its count.
     __threadfence();
     __syncthreads();
@@ -367,7 +363,7 @@ __device__ void decode_attention_rows(const T* q, const KvRows& rows, T* out, fl
     if (cap <= split_above) chunk = 1;
     long long hs = (long long)cap * d;
     // Strides: no sequence stride (the row's own buffer), heads `cap` positions apart.
-    decode_attention<T, E, U>(q, (const T*)kb, (const T*)vb, out, part, n_heads, n_kv, offset + 1, d, scale, chunk, splits, 0, hs, d, 0, hs, d, nullptr, 0, count, nullptr, 0, 0, 0);
+    decode_attention<T, E, U>(q, (const T*)kb, (const T*)vb, out, part, n_heads, n_kv, offset + 1, d, scale, chunk, splits, 0, hs, d, 0, hs, d, nullptr, 0, count, nullptr, 0, 0);
 }
 
 // Writes one position of keys or values, (heads, d) with head stride `sh`, into a (heads,
@@ -639,7 +635,7 @@ MATVEC_R(1) MATVEC_R(2) MATVEC_R(3) MATVEC_R(4) MATVEC_R(5) MATVEC_R(6) MATVEC_R
 
 #define DECODE_ATTENTION(T, name, E, U, suffix) \
 extern "C" __global__ void lmx_decode_attention_rows_##name##_e##E##suffix(const T* q, const KvRows rows, T* out, float* part, int n_heads, int n_kv, int d, float scale, int chunk, int splits, int split_above, unsigned int* count) { PDL_ENTRY(); decode_attention_rows<T, E, U>(q, rows, out, part, n_heads, n_kv, d, scale, chunk, splits, split_above, count); } \
-extern "C" __global__ void lmx_decode_attention_##name##_e##E##suffix(const T* q, const T* k, const T* v, T* out, float* part, int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits, long long ks0, long long ks1, long long ks2, long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window, unsigned int* count, int* codes, int gs, int bits, int one_pass) { PDL_ENTRY(); decode_attention<T, E, U>(q, k, v, out, part, n_heads, n_kv, kv_len, d, scale, chunk, splits, ks0, ks1, ks2, vs0, vs1, vs2, upto, window, count, codes, gs, bits, one_pass); }
+extern "C" __global__ void lmx_decode_attention_##name##_e##E##suffix(const T* q, const T* k, const T* v, T* out, float* part, int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits, long long ks0, long long ks1, long long ks2, long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window, unsigned int* count, int* codes, int gs, int bits) { PDL_ENTRY(); decode_attention<T, E, U>(q, k, v, out, part, n_heads, n_kv, kv_len, d, scale, chunk, splits, ks0, ks1, ks2, vs0, vs1, vs2, upto, window, count, codes, gs, bits); }
 #define INSTANTIATE(T, name) \
 extern "C" __global__ void lmx_causal_softmax_##name(const T* s, T* out, int cols, int q_len, int offset, int window, float scale, float softcap) { PDL_ENTRY(); causal_softmax(s, out, cols, q_len, offset, window, scale, softcap); } \
 extern "C" __global__ void lmx_rms_norm_##name(const T* x, const T* w, T* out, int d, float eps, int vec) { PDL_ENTRY(); rms_norm(x, w, out, d, eps, vec); } \
@@ -1175,21 +1171,11 @@ pub(crate) fn matvec_bf16(xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: &
     Ok((CudaStorage::wrap_cuda_slice(o, dev), candle_core::Shape::from(dims)))
 }
 
-/// Warps per block of [`decode_attention`]: 8 (`LMX_CUDA_ATTENTION_WARPS=4|16|32` for
+/// Warps per block of [`decode_attention`]: 8 (`LMX_CUDA_ATTENTION_WARPS=4|16` for
 /// measurements).
 fn attention_warps() -> usize {
     static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *N.get_or_init(|| std::env::var("LMX_CUDA_ATTENTION_WARPS").ok().and_then(|v| v.parse().ok()).filter(|n| matches!(n, 4 | 8 | 16 | 32)).unwrap_or(8))
-}
-
-/// Keys in use up to which a split launch of [`decode_attention`] still takes one pass: the
-/// first block of each head attends to all of them and writes the outputs, the others return
-/// at once (no partials, no merge). Decided by the kernel from the cache's length, so a
-/// recorded step splits or not as its keys grow. 0 (`LMX_CUDA_ATTENTION_ONE_PASS=N` for
-/// measurements).
-fn attention_one_pass() -> usize {
-    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *N.get_or_init(|| std::env::var("LMX_CUDA_ATTENTION_ONE_PASS").ok().and_then(|v| v.parse().ok()).unwrap_or(0))
+    *N.get_or_init(|| std::env::var("LMX_CUDA_ATTENTION_WARPS").ok().and_then(|v| v.parse().ok()).filter(|n| matches!(n, 4 | 8 | 16)).unwrap_or(8))
 }
 
 /// Positions beyond which [`decode_attention`] splits: 128 (`LMX_CUDA_ATTENTION_SPLIT=N` for
@@ -1226,28 +1212,12 @@ const SPLIT_COUNTERS: usize = 1 << 16;
 /// merges, as before session 22), the launch has more heads than counters, the device tracks
 /// several streams, or a step is being recorded before any counters exist.
 fn split_counters(dev: &candle_core::CudaDevice, heads: usize) -> Result<Option<u64>> {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if heads > SPLIT_COUNTERS || !*ON.get_or_init(|| !std::env::var("LMX_CUDA_ATTENTION_MERGE").is_ok_and(|v| v == "0")) {
-        return Ok(None);
-    }
-    counters(dev)
-}
-
-/// The counter of a product's last block (`quant::cuda`'s product + add + norm): the word
-/// after the split counters, zeroed, and zeroed again by each launch's last block. None where
-/// [`split_counters`] would have none for want of a buffer or a single stream.
-pub(crate) fn tail_counter(dev: &candle_core::CudaDevice) -> Result<Option<u64>> {
-    Ok(counters(dev)?.map(|base| base + 4 * SPLIT_COUNTERS as u64))
-}
-
-/// `dev`'s zeroed counters (SPLIT_COUNTERS for decode attention, then one for a product's
-/// tail), allocated at the first use outside a recorded step and kept for the process.
-fn counters(dev: &candle_core::CudaDevice) -> Result<Option<u64>> {
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr};
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     static COUNTERS: std::sync::Mutex<Vec<(candle_core::cuda_backend::DeviceId, CudaSlice<u32>)>> = std::sync::Mutex::new(Vec::new());
     // Counters serve launches on one stream, one after another: not a device whose threads
     // each have a stream of their own (event tracking on, `LMX_CUDA_STREAM=per-thread`).
-    if dev.is_event_tracking() {
+    if heads > SPLIT_COUNTERS || dev.is_event_tracking() || !*ON.get_or_init(|| !std::env::var("LMX_CUDA_ATTENTION_MERGE").is_ok_and(|v| v == "0")) {
         return Ok(None);
     }
     let mut all = COUNTERS.lock().unwrap_or_else(|p| p.into_inner());
@@ -1256,7 +1226,7 @@ fn counters(dev: &candle_core::CudaDevice) -> Result<Option<u64>> {
         if crate::graph::capturing(&candle_core::Device::Cuda(dev.clone())) {
             return Ok(None);
         }
-        all.push((dev.id(), dev.alloc_zeros::<u32>(SPLIT_COUNTERS + 1)?));
+        all.push((dev.id(), dev.alloc_zeros::<u32>(SPLIT_COUNTERS)?));
     }
     let stream = dev.cuda_stream();
     Ok(all.iter().find(|(id, _)| *id == dev.id()).map(|(_, c)| c.device_ptr(&stream).0))
@@ -1349,10 +1319,6 @@ pub(crate) fn decode_attention(
         };
         let (cols, gs, bits) = (nh * dd, codes.map_or(0, |c| c.2 .1 as i32), codes.map_or(0, |c| c.2 .0 as i32));
         bld.arg(&codes_at).arg(&gs).arg(&bits);
-        // One pass needs the last-block merge's path (a merging launch would read partials
-        // no block wrote).
-        let one_pass = if count.is_some() { attention_one_pass() as i32 } else { 0 };
-        bld.arg(&one_pass);
         if ablated("attention") {
             return Ok(CudaStorage::wrap_cuda_slice(o, dev));
         }

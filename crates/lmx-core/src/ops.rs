@@ -113,28 +113,6 @@ pub fn add_rms_norm_coded(x: &Tensor, h: &Tensor, weight: &Tensor, eps: f32, tar
     Ok((sum, normed))
 }
 
-/// `x + a @ W^T` for a quantized `q` (no bias), and [`rms_norm`] of it with `weight`: (sum,
-/// normalised sum), as the product then [`add_rms_norm_coded`]. For one row on a GPU the
-/// product's last block adds and normalises (one launch instead of two; the sum of squares
-/// in another order than the separate norm's, so the f32 statistics may differ in the last
-/// bit); elsewhere the two ops.
-pub fn matmul_add_rms_norm(
-    q: &std::sync::Arc<crate::quant::QuantizedMatrix>,
-    a: &Tensor,
-    x: &Tensor,
-    weight: &Tensor,
-    eps: f32,
-    target: Option<&crate::quant::CodeTarget>,
-) -> Result<(Tensor, Tensor)> {
-    #[cfg(feature = "cuda")]
-    if fused_cuda(x) && cuda_fused_norm() && cuda_add_norm() && a.device().is_cuda() {
-        if let Some(done) = q.matmul_add_rms_norm(a, x, weight, eps, code_buffer(target, x)?)? {
-            return Ok(done);
-        }
-    }
-    add_rms_norm_coded(x, &q.matmul(a)?, weight, eps, target)
-}
-
 /// `target`'s buffer for the outputs of decode attention's queries `q` (1, heads, 1, d) on a
 /// GPU, one row of heads * d, where the kernel can code them: groups within a head, at most 256
 /// values (a group's threads in one warp).
@@ -1461,52 +1439,6 @@ mod tests {
                     0.0,
                     "{name}: the product of the offered codes differs"
                 );
-            }
-        }
-        Ok(())
-    }
-
-    /// A one-row quantized product whose last block adds the residual and normalises
-    /// (`matmul_add_rms_norm`) gives the product-then-`add_rms_norm` result: the sum bit for
-    /// bit, the normalised sum within a rounding of the statistics (its sum of squares runs in
-    /// another order), and codes for the next product equal to those the product would make
-    /// of the normalised row. Three launches in a row (the counter zeroed by each), bf16 and
-    /// f32, 4 and 8 bits, rows of 4096 and 576 (not a multiple of the 1,024 values the last
-    /// block takes a pass). Skipped without a GPU.
-    #[cfg(feature = "cuda")]
-    #[test]
-    fn product_add_norm_equals_the_product_then_the_add_norm() -> Result<()> {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("no GPU: skipped");
-            return Ok(());
-        };
-        let host = |t: &Tensor| -> Result<Vec<f32>> { t.to_dtype(DType::F32)?.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>() };
-        for dtype in [DType::BF16, DType::F32] {
-            for (bits, gs, rows, cols) in [(4, 64, 4096, 2048), (8, 32, 576, 576), (4, 32, 2048, 4096)] {
-                let rand = |dims: &[usize]| -> Result<Tensor> { Tensor::randn(0f32, 1.0, dims, &Device::Cpu)?.to_dtype(dtype)?.to_device(&gpu) };
-                let w = std::sync::Arc::new(crate::quant::QuantizedMatrix::quantize(&Tensor::randn(0f32, 0.05, (rows, cols), &Device::Cpu)?.to_dtype(DType::BF16)?, bits, gs)?);
-                let (a, x, nw) = (rand(&[1, 1, cols])?, rand(&[1, 1, rows])?, rand(&[rows])?);
-                let (want_sum, want_norm) = add_rms_norm(&x, &w.matmul(&a)?, &nw, 1e-5)?;
-                let (want_sum, want_norm) = (host(&want_sum)?, host(&want_norm)?);
-                let target = crate::quant::CodeTarget::new((4, 64));
-                let name = format!("{dtype:?}, {bits} bits, groups of {gs}, {rows} x {cols}");
-                for round in 0..3 {
-                    let (sum, normed) = matmul_add_rms_norm(&w, &a, &x, &nw, 1e-5, Some(&target))?;
-                    assert_eq!(sum.dims(), x.dims(), "{name}: the sum's shape");
-                    assert_eq!(max_abs_diff(&Tensor::new(host(&sum)?, &Device::Cpu)?, &Tensor::new(want_sum.clone(), &Device::Cpu)?), 0.0, "{name}, launch {round}: the sums differ");
-                    let got = host(&normed)?;
-                    // bf16: the outputs are rounded to 8 bits of mantissa; a statistic one f32 bit
-                    // apart may move a value by one bf16 step.
-                    let tol = if dtype == DType::BF16 { 1.0 / 128.0 } else { 1e-5 };
-                    let worst = got.iter().zip(&want_norm).map(|(g, e)| (g - e).abs() / e.abs().max(1e-3)).fold(0f32, f32::max);
-                    assert!(worst <= tol, "{name}, launch {round}: the normalised sums differ by {worst} (relative)");
-                    let Some(buf) = target.buffer(rows, &gpu)? else { panic!("{name}: no codes buffer") };
-                    let used = rows / 2 + 2 * rows / 64;
-                    let codes = buf.flatten_all()?.narrow(0, 0, used)?.to_vec1::<u32>()?;
-                    let fresh = crate::quant::cuda::code_rows(&normed.reshape((1, rows))?, 4, 64)?.flatten_all()?.narrow(0, 0, used)?.to_vec1::<u32>()?;
-                    let first = codes.iter().zip(&fresh).position(|(a, b)| a != b);
-                    assert_eq!(first, None, "{name}, launch {round}: the codes differ from the product's own at int {first:?}");
-                }
             }
         }
         Ok(())

@@ -319,18 +319,6 @@ impl Attention {
     /// (b, l, hidden) -> (b, l, hidden), appending this layer's keys and values to `cache`
     /// (a cache of several rows: row i takes batch row i, at its own position).
     pub fn forward(&self, x: &Tensor, input: &AttentionInput, cache: &mut KvCache, layer_idx: usize) -> Result<Tensor> {
-        self.o_proj.forward(&self.heads(x, input, cache, layer_idx)?)
-    }
-
-    /// `residual + self.forward(x)` and `norm` of it, (sum, normalised sum): the output
-    /// projection, the residual add and the next norm in one op where they can be
-    /// ([`Linear::forward_add_norm`]).
-    pub fn forward_add_norm(&self, x: &Tensor, input: &AttentionInput, cache: &mut KvCache, layer_idx: usize, residual: &Tensor, norm: &RmsNorm) -> Result<(Tensor, Tensor)> {
-        self.o_proj.forward_add_norm(&self.heads(x, input, cache, layer_idx)?, residual, norm)
-    }
-
-    /// The attended heads side by side, (b, l, n_heads * head_dim): the output projection's input.
-    fn heads(&self, x: &Tensor, input: &AttentionInput, cache: &mut KvCache, layer_idx: usize) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let [q, k, v] = Linear::forward_shared([&self.q_proj, &self.k_proj, &self.v_proj], x)?;
         let heads = |t: Tensor, norm: &Option<RmsNorm>, n: usize| -> Result<Tensor> {
@@ -362,7 +350,7 @@ impl Attention {
         };
         let heads = y.transpose(1, 2)?.reshape((b, l, self.n_heads * self.head_dim))?;
         lmx_core::quant::follow_codes(&y, &heads);
-        Ok(heads)
+        self.o_proj.forward(&heads)
     }
 
     /// A batch of sequences, one cache row each, at their own positions: q (b, heads, l, d),

@@ -86,20 +86,15 @@ pub trait Layer: Send + Sync + 'static {
     /// `layer_idx`.
     fn forward(&self, x: &Tensor, input: &AttentionInput, cache: &mut KvCache, layer_idx: usize) -> Result<Tensor>;
 
-    /// The layer on what the layer before left (`x` and `carry`: its last residual addition
-    /// pending, for this layer's first norm to fuse, or that norm already applied), returning
-    /// its own output the same way. With `next` (the next layer's [`Layer::input_norm`]) the
-    /// layer may apply it too. Layers that fuse nothing settle first and leave nothing.
-    fn forward_carry(&self, x: &Tensor, carry: &Carry, input: &AttentionInput, cache: &mut KvCache, layer_idx: usize, next: Option<&RmsNorm>) -> Result<(Tensor, Carry)> {
-        let _ = next;
-        Ok((self.forward(&carry.settle(x)?, input, cache, layer_idx)?, Carry::Pending(None)))
-    }
-
-    /// The norm this layer applies first to its input, which the layer before may apply for it
-    /// (folded into its last product: [`Layer::forward_carry`]); None: the layer settles its
-    /// input itself.
-    fn input_norm(&self) -> Option<&RmsNorm> {
-        None
+    /// The layer on `x + pending` (the previous layer's last residual addition, left for this
+    /// layer's first norm to fuse), returning (x, h) whose sum is its output, its own last
+    /// addition left pending in turn. Layers that fuse nothing add first and leave nothing.
+    fn forward_pending(&self, x: &Tensor, pending: Option<&Tensor>, input: &AttentionInput, cache: &mut KvCache, layer_idx: usize) -> Result<(Tensor, Option<Tensor>)> {
+        let x = match pending {
+            Some(h) => (x + h)?,
+            None => x.clone(),
+        };
+        Ok((self.forward(&x, input, cache, layer_idx)?, None))
     }
 
     /// The layer's weights as a decode step on plain buffers reads them
@@ -109,41 +104,11 @@ pub trait Layer: Send + Sync + 'static {
     }
 }
 
-/// What a layer leaves the next one besides `x`: its last residual addition pending (the
-/// addend, for the next norm to fuse; None: `x` is the output), or, where it applied the next
-/// layer's input norm too (in its last product's launch), `x` whole and that norm of it.
-#[derive(Debug, Clone)]
-pub enum Carry {
-    /// `x + h` is the output (`x` alone without `h`).
-    Pending(Option<Tensor>),
-    /// `x` is the output, this its next input norm.
-    Normed(Tensor),
-}
-
-impl Carry {
-    /// The output whole: `x + h`, or `x`.
-    pub fn settle(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Carry::Pending(Some(h)) => x + h,
-            Carry::Pending(None) | Carry::Normed(_) => Ok(x.clone()),
-        }
-    }
-
-    /// The pending addend, if any (a `Normed` carry's `x` is the whole output).
-    fn pending(&self) -> Option<&Tensor> {
-        match self {
-            Carry::Pending(h) => h.as_ref(),
-            Carry::Normed(_) => None,
-        }
-    }
-
-    /// (the output, `norm` of it), adding a pending addend in the norm's op; `norm` must be
-    /// the one a `Normed` carry applied.
-    fn norm(&self, x: &Tensor, norm: &RmsNorm) -> Result<(Tensor, Tensor)> {
-        match self {
-            Carry::Pending(h) => norm.forward_pending(x, h.as_ref()),
-            Carry::Normed(n) => Ok((x.clone(), n.clone())),
-        }
+/// `x + pending` (x with nothing pending).
+fn settled(x: Tensor, pending: Option<Tensor>) -> Result<Tensor> {
+    match pending {
+        Some(h) => x + h,
+        None => Ok(x),
     }
 }
 
@@ -251,31 +216,18 @@ impl DecoderLayer {
 
 impl Layer for DecoderLayer {
     fn forward(&self, x: &Tensor, input: &AttentionInput, cache: &mut KvCache, layer_idx: usize) -> Result<Tensor> {
-        let (x, carry) = self.forward_carry(x, &Carry::Pending(None), input, cache, layer_idx, None)?;
-        carry.settle(&x)
+        let (x, h) = self.forward_pending(x, None, input, cache, layer_idx)?;
+        settled(x, h)
     }
 
-    /// Each residual addition fused with the norm after it (one op instead of two; with the
-    /// products before them too where they can: [`Linear::forward_add_norm`]); the layer's
-    /// last addition is left to the next layer's (or the final) norm, or with `next` done
-    /// with it.
-    fn forward_carry(&self, x: &Tensor, carry: &Carry, input: &AttentionInput, cache: &mut KvCache, layer_idx: usize, next: Option<&RmsNorm>) -> Result<(Tensor, Carry)> {
-        let (x, normed) = carry.norm(x, &self.input_layernorm)?;
-        let (x, normed) = match &self.self_attn {
-            SelfAttention::Standard(a) => a.forward_add_norm(&normed, input, cache, layer_idx, &x, &self.post_attention_layernorm)?,
-            latent => self.post_attention_layernorm.forward_add(&x, &latent.forward(&normed, input, cache, layer_idx)?)?,
-        };
-        match (next, &self.mlp) {
-            (Some(next), FeedForward::Dense(mlp)) => {
-                let (x, normed) = mlp.forward_add_norm(&normed, &x, next)?;
-                Ok((x, Carry::Normed(normed)))
-            }
-            _ => Ok((x, Carry::Pending(Some(self.mlp.forward(&normed)?)))),
-        }
-    }
-
-    fn input_norm(&self) -> Option<&RmsNorm> {
-        Some(&self.input_layernorm)
+    /// Each residual addition fused with the norm after it (one op instead of two); the
+    /// layer's last addition is left to the next layer's (or the final) norm.
+    fn forward_pending(&self, x: &Tensor, pending: Option<&Tensor>, input: &AttentionInput, cache: &mut KvCache, layer_idx: usize) -> Result<(Tensor, Option<Tensor>)> {
+        let (x, normed) = self.input_layernorm.forward_pending(x, pending)?;
+        let h = self.self_attn.forward(&normed, input, cache, layer_idx)?;
+        let (x, normed) = self.post_attention_layernorm.forward_add(&x, &h)?;
+        let h = self.mlp.forward(&normed)?;
+        Ok((x, Some(h)))
     }
 
     fn step_weights(&self) -> Option<StepWeights<'_>> {
@@ -473,7 +425,7 @@ impl<L: Layer> Decoder<L> {
 
     /// This process's layers over hidden states `x` (b, l, hidden), after the positions
     /// `cache` holds: (x, h) whose sum is the last layer's output.
-    fn run_layers(&self, mut x: Tensor, cache: &mut KvCache) -> Result<(Tensor, Carry)> {
+    fn run_layers(&self, mut x: Tensor, cache: &mut KvCache) -> Result<(Tensor, Option<Tensor>)> {
         if let Some(done) = self.cpu_step(&x, cache)? {
             return Ok(done);
         }
@@ -500,28 +452,24 @@ impl<L: Layer> Decoder<L> {
         // The cache holds this process's layers only (a pipeline stage's range), so the
         // positions it counts are those of its own first layer.
         // Each layer's last residual addition is left pending for the next norm to fuse.
-        // A layer may also apply the next one's input norm (not where the next is checkpointed:
-        // it runs whole from its settled input).
-        let mut carry = Carry::Pending(None);
+        let mut pending = None;
         for (layer_idx, layer) in self.layers.iter().enumerate() {
-            let checkpointed = |i: usize| checkpointing.as_ref().is_some_and(|ck| self.first_layer + i >= ck.first_layer);
-            (x, carry) = if checkpointed(layer_idx) {
-                let ck = checkpointing.as_ref().expect("checkpointed");
-                let (layer, input) = (layer.clone(), input.clone());
-                let x = carry.settle(&x)?;
-                (crate::checkpoint::layer(ck, &x, move |x| layer.forward(x, &input, &mut KvCache::uncached(), 0))?, Carry::Pending(None))
-            } else {
-                let next = self.layers.get(layer_idx + 1).filter(|_| !checkpointed(layer_idx + 1)).and_then(|l| l.input_norm());
-                layer.forward_carry(&x, &carry, &input, cache, layer_idx, next)?
+            (x, pending) = match &checkpointing {
+                Some(ck) if self.first_layer + layer_idx >= ck.first_layer => {
+                    let (layer, input) = (layer.clone(), input.clone());
+                    let x = settled(x, pending)?;
+                    (crate::checkpoint::layer(ck, &x, move |x| layer.forward(x, &input, &mut KvCache::uncached(), 0))?, None)
+                }
+                _ => layer.forward_pending(&x, pending.as_ref(), &input, cache, layer_idx)?,
             };
         }
-        Ok((x, carry))
+        Ok((x, pending))
     }
 
     /// One token of one sequence on the CPU through [`lmx_core::cpu_step`], when every layer
     /// is one it runs ([`Layer::step_weights`]) over a plain growing cache: the same numbers
     /// as the layers op by op, without a candle tensor per op. None: the layers run op by op.
-    fn cpu_step(&self, x: &Tensor, cache: &mut KvCache) -> Result<Option<(Tensor, Carry)>> {
+    fn cpu_step(&self, x: &Tensor, cache: &mut KvCache) -> Result<Option<(Tensor, Option<Tensor>)>> {
         let one = x.dims() == [1, 1, self.cfg.hidden_size] && cache.rows() == 1 && cache.device_position().is_none();
         if !one || !x.device().is_cpu() || self.ropes.len() != 1 || self.training.is_some() || !lmx_core::cpu_step::enabled() {
             return Ok(None);
@@ -544,15 +492,15 @@ impl<L: Layer> Decoder<L> {
         for layer_idx in 0..layers.len() {
             cache.commit_rows(layer_idx);
         }
-        Ok(Some((x, Carry::Pending(Some(h)))))
+        Ok(Some((x, Some(h))))
     }
 
     /// The final norm (of x + pending), the positions asked for, the output projection and
     /// capping: f32 logits, except training's rows without a cap, which stay in the compute
     /// dtype: the loss reads them as they are (exactly the f32 values), so a batch's logits
     /// over the vocabulary are not copied to f32 and back in the backward.
-    fn head(&self, (x, carry): &(Tensor, Carry), logits: &Logits) -> Result<Tensor> {
-        let x = logits.select(&self.norm.forward_pending(x, carry.pending())?.1)?;
+    fn head(&self, (x, pending): &(Tensor, Option<Tensor>), logits: &Logits) -> Result<Tensor> {
+        let x = logits.select(&self.norm.forward_pending(x, pending.as_ref())?.1)?;
         let logits = match (logits, self.style.logit_softcap) {
             (Logits::Rows(_), None) => return self.lm_head.forward(&x),
             _ => self.lm_head.forward(&x)?.to_dtype(DType::F32)?,
@@ -599,7 +547,7 @@ impl<L: Layer> Decoder<L> {
                 self.run_layers(x, cache)?
             };
             if rank < last {
-                g.send(&x.1.settle(&x.0)?, rank + 1, PIPELINE_WAIT)?;
+                g.send(&settled(x.0, x.1)?, rank + 1, PIPELINE_WAIT)?;
             } else if by_rows || matches!(logits, Logits::All) || piece == pieces - 1 {
                 outputs.push(self.head(&x, &logits)?);
             }

@@ -24,7 +24,7 @@ pub mod training;
 pub use adapter::{Adapter, AdapterPlan};
 pub use attention::{Attention, AttentionConfig, AttentionInput};
 pub use builder::{Builder, Shard};
-pub use decoder::{sliding_layers, Carry, CausalLm, Decoder, DecoderConfig, DecoderLayer, DecoderStyle, FeedForward, Layer, Logits, SandwichLayer, SelfAttention};
+pub use decoder::{sliding_layers, CausalLm, Decoder, DecoderConfig, DecoderLayer, DecoderStyle, FeedForward, Layer, Logits, SandwichLayer, SelfAttention};
 pub use error::BuildError;
 pub use kv_cache::{KvCache, KvOptions, KvView, LayerState, StepRows};
 pub use linear::{Bias, Embedding, Linear, RmsNorm};

@@ -164,16 +164,6 @@ impl Linear {
         Some(StepLinear { matrix, bias: self.bias.as_ref() })
     }
 
-    /// `x + self(a)` and `norm` of it: (sum, normalised sum), as `norm.forward_add(x,
-    /// &self.forward(a)?)`. A quantized layer without bias, adapter or tensor-parallel sum
-    /// does both in one op (one launch for a GPU decode step: [`ops::matmul_add_rms_norm`]).
-    pub fn forward_add_norm(&self, a: &Tensor, x: &Tensor, norm: &RmsNorm) -> Result<(Tensor, Tensor)> {
-        match (&self.weight, &self.bias, &self.adapter, &self.reduce) {
-            (Weight::Quantized(q), None, None, None) => ops::matmul_add_rms_norm(q, a, x, &norm.weight, norm.eps as f32, norm.codes.as_ref()),
-            _ => norm.forward_add(x, &self.forward(a)?),
-        }
-    }
-
     /// The (bits, group size) of the int8 codes this layer's one-row products read on a GPU
     /// ([`QuantizedMatrix::code_spec`]); None for other weights, or with an adapter.
     pub fn code_spec(&self) -> Option<(usize, usize)> {

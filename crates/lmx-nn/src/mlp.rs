@@ -8,7 +8,7 @@ use lmx_core::{ops, Module, Result, Tensor};
 
 use crate::builder::{Builder, Shard};
 use crate::error::BuildError;
-use crate::linear::{Bias, Linear, RmsNorm};
+use crate::linear::{Bias, Linear};
 
 /// The gate's activation.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -118,15 +118,6 @@ impl Mlp {
         let layers: Vec<&Linear> = mlps.iter().flat_map(|m| [&m.gate_proj, &m.up_proj]).collect();
         let gate_up = Linear::forward_many(&layers, x)?;
         mlps.iter().zip(gate_up.chunks_exact(2)).map(|(m, gu)| m.down_proj.forward(&m.activate(&gu[0], &gu[1])?)).collect()
-    }
-}
-
-impl Mlp {
-    /// `x + self.forward(a)` and `norm` of it, (sum, normalised sum): the down projection, the
-    /// residual add and the norm in one op where they can be ([`Linear::forward_add_norm`]).
-    pub fn forward_add_norm(&self, a: &Tensor, x: &Tensor, norm: &RmsNorm) -> Result<(Tensor, Tensor)> {
-        let [gate, up] = Linear::forward_shared([&self.gate_proj, &self.up_proj], a)?;
-        self.down_proj.forward_add_norm(&self.activate(&gate, &up)?, x, norm)
     }
 }
 

@@ -492,15 +492,6 @@ impl QuantizedMatrix {
 
 #[cfg(feature = "cuda")]
 impl QuantizedMatrix {
-    /// [`crate::ops::matmul_add_rms_norm`]'s one launch, for one row `a` on a GPU: None where
-    /// it does not apply.
-    pub(crate) fn matmul_add_rms_norm(&self, a: &Tensor, x: &Tensor, weight: &Tensor, eps: f32, codes: Option<(Tensor, (usize, usize))>) -> Result<Option<(Tensor, Tensor)>> {
-        if !a.device().is_cuda() {
-            return Ok(None);
-        }
-        cuda::matmul_add_rms_norm(self, self.device_copy(a.device())?, a, x, weight, eps, codes)
-    }
-
     /// The matrix's copy on `device` (a CUDA device), made at its first product there.
     fn device_copy(&self, device: &candle_core::Device) -> Result<&cuda::DeviceCopy> {
         Ok(match self.on_device.get() {
