@@ -144,6 +144,37 @@ __device__ void add_rms_norm(const T* x, const T* h, const T* w, T* sum, T* out,
     }
 }
 
+// add_rms_norm for rows of d = 8 * blockDim.x values (d a multiple of 256, at most 4096), a
+// thread per 8 values held in registers from the first load to the codes: one round of loads
+// (the sums and the normalised row are not read back). The same bits as add_rms_norm: its
+// threads take 4 values each, so thread t here is its threads 2t and 2t + 1, their sums of
+// squares kept apart and reduced in the same pairs (`block_sum`'s butterfly over its warps of
+// 32 is here over half-warps, offsets halved; its last step adds a thread's own two).
+template <typename T>
+__device__ void add_rms_norm8(const T* __restrict__ x, const T* __restrict__ h, const T* __restrict__ w, T* __restrict__ sum, T* __restrict__ out, int d, float eps, int* codes, int gs, int bits) {
+    __shared__ float red[32];
+    size_t row = blockIdx.x, at = row * d + 8 * threadIdx.x;
+    float v[8], hv[8], wv[8];
+    ld4(x, at, v); ld4(x, at + 4, v + 4);
+    ld4(h, at, hv); ld4(h, at + 4, hv + 4);
+    ld4(w, 8 * threadIdx.x, wv); ld4(w, 8 * threadIdx.x + 4, wv + 4);
+    float s0 = 0.f, s1 = 0.f;
+    for (int k = 0; k < 4; k++) { v[k] = rnd(v[k] + hv[k], out); s0 += v[k] * v[k]; }
+    for (int k = 4; k < 8; k++) { v[k] = rnd(v[k] + hv[k], out); s1 += v[k] * v[k]; }
+    st4(sum, at, v); st4(sum, at + 4, v + 4);
+    for (int o = 8; o > 0; o >>= 1) { s0 += __shfl_xor_sync(0xffffffffu, s0, o); s1 += __shfl_xor_sync(0xffffffffu, s1, o); }
+    float ss = s0 + s1;
+    int l = threadIdx.x % 32, n = blockDim.x / 16;
+    if (threadIdx.x % 16 == 0) red[threadIdx.x / 16] = ss;
+    __syncthreads();
+    ss = l < n ? red[l] : 0.f;
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    float r = rsqrtf(ss / d + eps);
+    for (int k = 0; k < 8; k++) v[k] = rnd(rnd(v[k] * r, out) * wv[k], out);
+    st4(out, at, v); st4(out, at + 4, v + 4);
+    if (codes) code8(v, codes + row * act_stride(d, d / gs), d, gs, bits, 8 * threadIdx.x, true);
+}
+
 // silu(g) * u as silu_mul, a thread per 8 values of rows of `cols`, each row's values coded
 // for the next integer product as they are written (`code8`).
 template <typename T>
@@ -640,6 +671,7 @@ extern "C" __global__ void lmx_decode_attention_##name##_e##E##suffix(const T* q
 extern "C" __global__ void lmx_causal_softmax_##name(const T* s, T* out, int cols, int q_len, int offset, int window, float scale, float softcap) { PDL_ENTRY(); causal_softmax(s, out, cols, q_len, offset, window, scale, softcap); } \
 extern "C" __global__ void lmx_rms_norm_##name(const T* x, const T* w, T* out, int d, float eps, int vec) { PDL_ENTRY(); rms_norm(x, w, out, d, eps, vec); } \
 extern "C" __global__ void lmx_add_rms_norm_##name(const T* x, const T* h, const T* w, T* sum, T* out, int d, float eps, int* codes, int gs, int bits, int vec) { PDL_ENTRY(); add_rms_norm(x, h, w, sum, out, d, eps, codes, gs, bits, vec); } \
+extern "C" __global__ void lmx_add_rms_norm8_##name(const T* x, const T* h, const T* w, T* sum, T* out, int d, float eps, int* codes, int gs, int bits) { PDL_ENTRY(); add_rms_norm8(x, h, w, sum, out, d, eps, codes, gs, bits); } \
 extern "C" __global__ void lmx_silu_mul_coded_##name(const T* g, const T* u, T* out, int rows, int cols, int* codes, int gs, int bits) { PDL_ENTRY(); silu_mul_coded(g, u, out, rows, cols, codes, gs, bits); } \
 extern "C" __global__ void lmx_silu_mul_##name(const T* g, const T* u, T* out, long long n, int vec) { PDL_ENTRY(); silu_mul(g, u, out, n, vec); } \
 DECODE_ATTENTION(T, name, 1, 8, ) DECODE_ATTENTION(T, name, 2, 8, ) DECODE_ATTENTION(T, name, 4, 8, ) DECODE_ATTENTION(T, name, 8, 4, ) \
@@ -930,8 +962,12 @@ pub(crate) fn add_rms_norm(
         None => None,
     };
     let dev = xs.device().clone();
-    let func = dev.get_or_load_custom_func(&name("add_rms_norm", xs.dtype())?, "lmx_fused", fused_ptx()?)?;
-    let threads = d.div_ceil(4).next_multiple_of(32).clamp(32, 1024) as u32;
+    let vec = vec4(d, &[xl, hl, wl]);
+    // Rows of a multiple of 256 values up to 4096 (a thread per 4 values, every thread's
+    // values one load): a thread per 8, held in registers (the same bits, one round of loads).
+    let eight = vec == 1 && d % 256 == 0 && d <= 4096 && norm8();
+    let func = dev.get_or_load_custom_func(&name(if eight { "add_rms_norm8" } else { "add_rms_norm" }, xs.dtype())?, "lmx_fused", fused_ptx()?)?;
+    let threads = if eight { d as u32 / 8 } else { d.div_ceil(4).next_multiple_of(32).clamp(32, 1024) as u32 };
     let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
     typed!(xs.dtype(), T => {
         let x = xs.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
@@ -947,8 +983,9 @@ pub(crate) fn add_rms_norm(
             Some((c, bits, gs)) => b.arg(c).arg(gs).arg(bits),
             None => b.arg(&none).arg(&0i32).arg(&0i32),
         };
-        let vec = vec4(d, &[xl, hl, wl]);
-        b.arg(&vec);
+        if !eight {
+            b.arg(&vec);
+        }
         // SAFETY: x and h hold rows * d values, w d, each half of o rows * d; the codes'
         // buffer (one row) act_stride(d) ints, or the pointer is null and not read.
         if !ablated("norm") {
@@ -957,6 +994,13 @@ pub(crate) fn add_rms_norm(
         drop((sum, normed));
         Ok(CudaStorage::wrap_cuda_slice(o, dev))
     })
+}
+
+/// Whether [`add_rms_norm`] takes its register-resident kernel where it fits
+/// (`LMX_CUDA_NORM8=0`: the kernel before it, for comparisons).
+fn norm8() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| !std::env::var("LMX_CUDA_NORM8").is_ok_and(|v| v == "0"))
 }
 
 /// [`pick_greedy`] of every row of contiguous f32 logits, row r with its own masked ids

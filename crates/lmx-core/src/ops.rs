@@ -912,6 +912,46 @@ mod tests {
         Ok(())
     }
 
+    /// On the GPU too, the fused add + norm equals the add, then the norm, bit for bit (rows of
+    /// 4096 and 2048 values, which take the kernel keeping a thread's 8 values in registers,
+    /// and 576, which does not; 1 and 3 rows; f32 and bf16), and the codes it writes for a
+    /// one-row product are those the product would make of the normalised row. Skipped
+    /// without a GPU.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn add_rms_norm_on_the_gpu_equals_the_add_then_the_norm() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("no GPU: skipped");
+            return Ok(());
+        };
+        let host = |t: &Tensor| -> Result<Tensor> { t.to_dtype(DType::F32)?.to_device(&Device::Cpu) };
+        for dtype in [DType::F32, DType::BF16] {
+            for d in [4096usize, 2048, 576] {
+                for rows in [1usize, 3] {
+                    let x = Tensor::randn(0f32, 30.0, (1, rows, d), &Device::Cpu)?.to_dtype(dtype)?.to_device(&gpu)?;
+                    let h = Tensor::randn(0f32, 1.0, (1, rows, d), &Device::Cpu)?.to_dtype(dtype)?.to_device(&gpu)?;
+                    let w = Tensor::randn(1f32, 0.1, d, &Device::Cpu)?.to_dtype(dtype)?.to_device(&gpu)?;
+                    let target = crate::quant::CodeTarget::new((4, 64));
+                    let (sum, normed) = add_rms_norm_coded(&x, &h, &w, 1e-5, Some(&target))?;
+                    let want_sum = (x.to_dtype(DType::F32)? + h.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
+                    let want = rms_norm(&want_sum, &w, 1e-5)?;
+                    let name = format!("{dtype:?}, {rows} rows of {d}");
+                    assert_eq!(max_abs_diff(&host(&sum)?, &host(&want_sum)?), 0.0, "{name}: the sums differ");
+                    assert_eq!(max_abs_diff(&host(&normed)?, &host(&want)?), 0.0, "{name}: the norms differ");
+                    if rows == 1 {
+                        let Some(buf) = target.buffer(d, &gpu)? else { panic!("{name}: no codes buffer") };
+                        let used = d / 2 + 2 * d / 64;
+                        let got = buf.flatten_all()?.narrow(0, 0, used)?.to_vec1::<u32>()?;
+                        let fresh = crate::quant::cuda::code_rows(&normed.reshape((1, d))?, 4, 64)?.flatten_all()?.narrow(0, 0, used)?.to_vec1::<u32>()?;
+                        let first = got.iter().zip(&fresh).position(|(a, b)| a != b);
+                        assert_eq!(first, None, "{name}: the codes differ from the product's own at int {first:?}");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Attention and linear layers pass gradients to their inputs and weights on the tape
     /// (the training path avoids the fused kernels, which have no backward), and the tape
     /// gradient of a linear layer matches the analytic one.
