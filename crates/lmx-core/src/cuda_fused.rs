@@ -234,18 +234,58 @@ __device__ void code_head(const T* out, int bh, int d, int cols, int* codes, int
     code8(v, codes, cols, gs, bits, live ? bh * d + threadIdx.x * 8 : 0, live);
 }
 
+// code_head of the outputs as the block kept them in shared memory (`keep`, as T rounds them):
+// no read back of what it just wrote.
+__device__ void code_kept(const float* keep, int bh, int d, int cols, int* codes, int gs, int bits) {
+    __syncthreads();
+    if (threadIdx.x >= 32) return;
+    bool live = (int)threadIdx.x < d / 8;
+    float v[8];
+    for (int k = 0; k < 8; k++) v[k] = live ? keep[threadIdx.x * 8 + k] : 0.f;
+    code8(v, codes, cols, gs, bits, live ? bh * d + threadIdx.x * 8 : 0, live);
+}
+
 // Merges the splits' partials `p` of one (sequence, head) into its d outputs:
 // out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M). Reads past L1 (`__ldcg`): other blocks
-// wrote them.
+// wrote them. With `keep` (shared memory for d values, or null), the outputs go there too, as
+// T rounds them, and where a thread takes one output and there are at most 16 splits every
+// load is issued before any is used (one round trip instead of three; the same sums).
 template <typename T>
-__device__ void merge_splits(const float* p, T* out, int splits, int d) {
+__device__ void merge_splits(const float* p, T* out, int splits, int d, float* keep) {
     float M = -__int_as_float(0x7f800000), L = 0.f;
+    if (keep && splits <= 16 && d <= (int)blockDim.x) {
+        // Each split's (m, l) through shared memory (loaded by a thread each), the thread's
+        // column of each split's sums in registers.
+        __shared__ float ms[16], ls[16];
+        int i = threadIdx.x;
+        bool has = i < d;
+        float av[16];
+        if (i < splits) {
+            ms[i] = __ldcg(p + i * (d + 2));
+            ls[i] = __ldcg(p + i * (d + 2) + 1);
+        }
+#pragma unroll
+        for (int s = 0; s < 16; s++) if (s < splits) av[s] = has ? __ldcg(p + s * (d + 2) + 2 + i) : 0.f;
+        __syncthreads();
+        for (int s = 0; s < splits; s++) M = fmaxf(M, ms[s]);
+        for (int s = 0; s < splits; s++) L += ls[s] * __expf(ms[s] - M);
+        if (!has) return;
+        float a = 0.f;
+#pragma unroll
+        for (int s = 0; s < 16; s++) if (s < splits) a += av[s] * __expf(ms[s] - M);
+        float o = rnd(a / L, out);
+        st(out, i, o);
+        keep[i] = o;
+        return;
+    }
     for (int s = 0; s < splits; s++) M = fmaxf(M, __ldcg(p + s * (d + 2)));
     for (int s = 0; s < splits; s++) L += __ldcg(p + s * (d + 2) + 1) * __expf(__ldcg(p + s * (d + 2)) - M);
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
         float a = 0.f;
         for (int s = 0; s < splits; s++) a += __ldcg(p + s * (d + 2) + 2 + i) * __expf(__ldcg(p + s * (d + 2)) - M);
-        st(out, i, a / L);
+        float o = rnd(a / L, out);
+        st(out, i, o);
+        if (keep) keep[i] = o;
     }
 }
 
@@ -267,7 +307,7 @@ __device__ void decode_attention(const T* q, const T* k, const T* v, T* out, flo
                                  int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits,
                                  long long ks0, long long ks1, long long ks2,
                                  long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window, unsigned int* count,
-                                 int* codes, int gs, int bits) {
+                                 int* codes, int gs, int bits, int keep) {
     __shared__ float wm[32], wl[32];
     __shared__ bool last;
     // A cache whose length lives on the device (a captured decode step): keys after position
@@ -348,10 +388,19 @@ __device__ void decode_attention(const T* q, const T* k, const T* v, T* out, flo
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
         float a = 0.f;
         for (int w = 0; w < nw; w++) a += wm[w] == NEG ? 0.f : wacc[w * d + i] * __expf(wm[w] - M);
-        if (splits == 1) st(out, (size_t)bh * d + i, a / L); else pp[2 + i] = a;
+        if (splits == 1) {
+            float o = rnd(a / L, out);
+            st(out, (size_t)bh * d + i, o);
+            // Each thread's own column of wacc (read above by this thread alone).
+            if (keep) wacc[i] = o;
+        } else {
+            pp[2 + i] = a;
+        }
     }
     if (splits > 1 && threadIdx.x == 0) { pp[0] = M; pp[1] = L; }
-    if (splits == 1 && codes) code_head(out, bh, d, n_heads * d, codes, gs, bits);
+    if (splits == 1 && codes) {
+        if (keep) code_kept(wacc, bh, d, n_heads * d, codes, gs, bits); else code_head(out, bh, d, n_heads * d, codes, gs, bits);
+    }
     if (splits == 1 || !count) return;
     // Every partial of this block written and visible to the GPU before its count.
     __threadfence();
@@ -365,8 +414,10 @@ __device__ void decode_attention(const T* q, const T* k, const T* v, T* out, flo
     if (!last) return;
     // Acquire: the other blocks' partials, released before their counts, are seen after ours.
     __threadfence();
-    merge_splits(part + (size_t)bh * splits * (d + 2), out + (size_t)bh * d, splits, d);
-    if (codes) code_head(out, bh, d, n_heads * d, codes, gs, bits);
+    merge_splits(part + (size_t)bh * splits * (d + 2), out + (size_t)bh * d, splits, d, keep ? wacc : (float*)nullptr);
+    if (codes) {
+        if (keep) code_kept(wacc, bh, d, n_heads * d, codes, gs, bits); else code_head(out, bh, d, n_heads * d, codes, gs, bits);
+    }
 }
 
 // A batched decode step (one new position in each of up to KV_ROWS sequences, each with its own
@@ -394,7 +445,7 @@ __device__ void decode_attention_rows(const T* q, const KvRows& rows, T* out, fl
     if (cap <= split_above) chunk = 1;
     long long hs = (long long)cap * d;
     // Strides: no sequence stride (the row's own buffer), heads `cap` positions apart.
-    decode_attention<T, E, U>(q, (const T*)kb, (const T*)vb, out, part, n_heads, n_kv, offset + 1, d, scale, chunk, splits, 0, hs, d, 0, hs, d, nullptr, 0, count, nullptr, 0, 0);
+    decode_attention<T, E, U>(q, (const T*)kb, (const T*)vb, out, part, n_heads, n_kv, offset + 1, d, scale, chunk, splits, 0, hs, d, 0, hs, d, nullptr, 0, count, nullptr, 0, 0, 0);
 }
 
 // Writes one position of keys or values, (heads, d) with head stride `sh`, into a (heads,
@@ -468,7 +519,7 @@ __device__ void rope_kv_rows(const T* q, long long qs, long long qr, const T* k,
 // Merges the splits of one (sequence, head) block: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M).
 template <typename T>
 __device__ void combine_splits(const float* part, T* out, int splits, int d, int* codes, int cols, int gs, int bits) {
-    merge_splits(part + (size_t)blockIdx.x * splits * (d + 2), out + (size_t)blockIdx.x * d, splits, d);
+    merge_splits(part + (size_t)blockIdx.x * splits * (d + 2), out + (size_t)blockIdx.x * d, splits, d, (float*)nullptr);
     if (codes) code_head(out, blockIdx.x, d, cols, codes, gs, bits);
 }
 
@@ -666,7 +717,7 @@ MATVEC_R(1) MATVEC_R(2) MATVEC_R(3) MATVEC_R(4) MATVEC_R(5) MATVEC_R(6) MATVEC_R
 
 #define DECODE_ATTENTION(T, name, E, U, suffix) \
 extern "C" __global__ void lmx_decode_attention_rows_##name##_e##E##suffix(const T* q, const KvRows rows, T* out, float* part, int n_heads, int n_kv, int d, float scale, int chunk, int splits, int split_above, unsigned int* count) { PDL_ENTRY(); decode_attention_rows<T, E, U>(q, rows, out, part, n_heads, n_kv, d, scale, chunk, splits, split_above, count); } \
-extern "C" __global__ void lmx_decode_attention_##name##_e##E##suffix(const T* q, const T* k, const T* v, T* out, float* part, int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits, long long ks0, long long ks1, long long ks2, long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window, unsigned int* count, int* codes, int gs, int bits) { PDL_ENTRY(); decode_attention<T, E, U>(q, k, v, out, part, n_heads, n_kv, kv_len, d, scale, chunk, splits, ks0, ks1, ks2, vs0, vs1, vs2, upto, window, count, codes, gs, bits); }
+extern "C" __global__ void lmx_decode_attention_##name##_e##E##suffix(const T* q, const T* k, const T* v, T* out, float* part, int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits, long long ks0, long long ks1, long long ks2, long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window, unsigned int* count, int* codes, int gs, int bits, int keep) { PDL_ENTRY(); decode_attention<T, E, U>(q, k, v, out, part, n_heads, n_kv, kv_len, d, scale, chunk, splits, ks0, ks1, ks2, vs0, vs1, vs2, upto, window, count, codes, gs, bits, keep); }
 #define INSTANTIATE(T, name) \
 extern "C" __global__ void lmx_causal_softmax_##name(const T* s, T* out, int cols, int q_len, int offset, int window, float scale, float softcap) { PDL_ENTRY(); causal_softmax(s, out, cols, q_len, offset, window, scale, softcap); } \
 extern "C" __global__ void lmx_rms_norm_##name(const T* x, const T* w, T* out, int d, float eps, int vec) { PDL_ENTRY(); rms_norm(x, w, out, d, eps, vec); } \
@@ -1222,6 +1273,14 @@ fn attention_warps() -> usize {
     *N.get_or_init(|| std::env::var("LMX_CUDA_ATTENTION_WARPS").ok().and_then(|v| v.parse().ok()).filter(|n| matches!(n, 4 | 8 | 16)).unwrap_or(8))
 }
 
+/// Whether [`decode_attention`]'s block writing a head's outputs keeps them in shared memory
+/// for their codes (no read back) and merges the splits with every load issued at once (the
+/// same bits; `LMX_CUDA_ATTENTION_KEEP=0`: reads back and merges split by split, as before).
+fn attention_keep() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| !std::env::var("LMX_CUDA_ATTENTION_KEEP").is_ok_and(|v| v == "0"))
+}
+
 /// Positions beyond which [`decode_attention`] splits: 128 (`LMX_CUDA_ATTENTION_SPLIT=N` for
 /// measurements). With one split up to 512, Llama-3-8B's 32 blocks a layer walked their keys
 /// 64 at a time and a 4-bit token took ~0.1 ms longer every 100 positions; splitting past 128
@@ -1363,6 +1422,8 @@ pub(crate) fn decode_attention(
         };
         let (cols, gs, bits) = (nh * dd, codes.map_or(0, |c| c.2 .1 as i32), codes.map_or(0, |c| c.2 .0 as i32));
         bld.arg(&codes_at).arg(&gs).arg(&bits);
+        let keep = attention_keep() as i32;
+        bld.arg(&keep);
         if ablated("attention") {
             return Ok(CudaStorage::wrap_cuda_slice(o, dev));
         }
