@@ -58,6 +58,263 @@ __device__ __forceinline__ void st4(unsigned short* p, size_t i, const float* v)
 }
 "#;
 
+const ATTN_SRC: &str = r#"
+// Thread block clusters (compute capability 9.0; the cluster module alone defines LMX_CLUSTER):
+// a barrier over the cluster's threads (release/acquire: shared-memory writes before it are
+// seen after it across the cluster), a float at `p` in the shared memory of block `rank` of
+// the cluster (p an address in this block's, the same layout in each).
+#ifdef LMX_CLUSTER
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+__device__ __forceinline__ float ld_cluster(const float* p, int rank) {
+    unsigned int a = (unsigned int)__cvta_generic_to_shared(p), r;
+    float v;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(r) : "memory");
+    return v;
+}
+#endif
+
+// Codes head bh's d outputs, as `out` holds them, for the next integer product (`code8`):
+// elements [bh * d, bh * d + d) of one row of `cols` (one sequence's heads side by side); d a
+// multiple of the group size `gs`, at most 256. The whole block calls it after writing them.
+template <typename T>
+__device__ void code_head(const T* out, int bh, int d, int cols, int* codes, int gs, int bits) {
+    __syncthreads();
+    if (threadIdx.x >= 32) return;
+    bool live = (int)threadIdx.x < d / 8;
+    float v[8];
+    for (int k = 0; k < 8; k++) v[k] = live ? ld(out, (size_t)bh * d + threadIdx.x * 8 + k) : 0.f;
+    code8(v, codes, cols, gs, bits, live ? bh * d + threadIdx.x * 8 : 0, live);
+}
+
+// code_head of the outputs as the block kept them in shared memory (`keep`, as T rounds them):
+// no read back of what it just wrote.
+__device__ void code_kept(const float* keep, int bh, int d, int cols, int* codes, int gs, int bits) {
+    __syncthreads();
+    if (threadIdx.x >= 32) return;
+    bool live = (int)threadIdx.x < d / 8;
+    float v[8];
+    for (int k = 0; k < 8; k++) v[k] = live ? keep[threadIdx.x * 8 + k] : 0.f;
+    code8(v, codes, cols, gs, bits, live ? bh * d + threadIdx.x * 8 : 0, live);
+}
+
+// Merges the splits' partials `p` of one (sequence, head) into its d outputs:
+// out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M). Reads past L1 (`__ldcg`): other blocks
+// wrote them. With `keep` (shared memory for d values, or null), the outputs go there too, as
+// T rounds them, and where a thread takes one output and there are at most 16 splits every
+// load is issued before any is used (one round trip instead of three; the same sums).
+template <typename T>
+__device__ void merge_splits(const float* p, T* out, int splits, int d, float* keep) {
+    float M = -__int_as_float(0x7f800000), L = 0.f;
+    if (keep && splits <= 16 && d <= (int)blockDim.x) {
+        // Each split's (m, l) through shared memory (loaded by a thread each), the thread's
+        // column of each split's sums in registers.
+        __shared__ float ms[16], ls[16];
+        int i = threadIdx.x;
+        bool has = i < d;
+        float av[16];
+        if (i < splits) {
+            ms[i] = __ldcg(p + i * (d + 2));
+            ls[i] = __ldcg(p + i * (d + 2) + 1);
+        }
+#pragma unroll
+        for (int s = 0; s < 16; s++) if (s < splits) av[s] = has ? __ldcg(p + s * (d + 2) + 2 + i) : 0.f;
+        __syncthreads();
+        for (int s = 0; s < splits; s++) M = fmaxf(M, ms[s]);
+        for (int s = 0; s < splits; s++) L += ls[s] * __expf(ms[s] - M);
+        if (!has) return;
+        float a = 0.f;
+#pragma unroll
+        for (int s = 0; s < 16; s++) if (s < splits) a += av[s] * __expf(ms[s] - M);
+        float o = rnd(a / L, out);
+        st(out, i, o);
+        keep[i] = o;
+        return;
+    }
+    for (int s = 0; s < splits; s++) M = fmaxf(M, __ldcg(p + s * (d + 2)));
+    for (int s = 0; s < splits; s++) L += __ldcg(p + s * (d + 2) + 1) * __expf(__ldcg(p + s * (d + 2)) - M);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float a = 0.f;
+        for (int s = 0; s < splits; s++) a += __ldcg(p + s * (d + 2) + 2 + i) * __expf(__ldcg(p + s * (d + 2)) - M);
+        float o = rnd(a / L, out);
+        st(out, i, o);
+        if (keep) keep[i] = o;
+    }
+}
+
+// Split-K decode attention (flash-decoding): with one split a block per (sequence * head)
+// takes every key; with several (`splits` blocks a head, `most` of them used at most) the keys
+// in use split into min(most, ceil(kv_len / 64)) parts of `per` keys and block (sequence *
+// head, split) takes [split * per, min(kv_len, split * per + per)), later blocks none. The parts
+// depend only on the keys in use, not on the buffer or the grid, so every step over the same
+// keys rounds alike (a recorded step over a whole buffer, a normal one over a view of it, a
+// sequence alone or in a batch). Each warp U keys at a time (their key and
+// value loads all issued before any is used: one key at a time left a warp waiting a memory
+// latency per key), each lane E consecutive dimensions (coalesced loads), an online softmax per
+// warp, merged per block. One split writes the output; several write (max, sum, acc[d]) partials
+// per split: with `count` (a zeroed counter per (sequence, head)) the last of a head's blocks to
+// finish merges them and zeroes its counter again, else `combine_splits` merges them in a
+// second launch. k/v strides (sequence, head, position) in elements.
+template <typename T, int E, int U, bool CL>
+__device__ void decode_attention(const T* q, const T* k, const T* v, T* out, float* part,
+                                 int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits,
+                                 long long ks0, long long ks1, long long ks2,
+                                 long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window, unsigned int* count,
+                                 int* codes, int gs, int bits, int keep) {
+    __shared__ float wm[32], wl[32];
+    __shared__ bool last;
+    // A cache whose length lives on the device (a captured decode step): keys after position
+    // upto[0] are not yet written, and with a window those `window` or more behind it unseen.
+    int first = 0;
+    if (upto) {
+        kv_len = min(kv_len, (int)upto[0] + 1);
+        if (window > 0) first = max(0, (int)upto[0] + 1 - window);
+    }
+    extern __shared__ float wacc[];
+    const float NEG = -__int_as_float(0x7f800000);
+    int bh = blockIdx.x, split = blockIdx.y, bi = bh / n_heads, h = bh % n_heads, kv = h / (n_heads / n_kv);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
+    float qr[E], acc[E];
+#pragma unroll
+    for (int j = 0; j < E; j++) {
+        int i = lane * E + j;
+        qr[j] = i < d ? ld(q, (size_t)bh * d + i) * scale : 0.f;
+        acc[j] = 0.f;
+    }
+    const T* kb = k + bi * ks0 + kv * ks1;
+    const T* vb = v + bi * vs0 + kv * vs1;
+    float m = NEG, l = 0.f;
+    // `chunk`: the keys of the one split, or with several the most splits used.
+    int per = kv_len;
+    if (splits > 1) {
+        int parts = max(1, min(chunk, (kv_len + 63) / 64));
+        per = (kv_len + parts - 1) / parts;
+    }
+    int t0 = max(split * per, first), t1 = min(kv_len, split * per + per);
+    for (int base = t0 + warp * U; base < t1; base += nw * U) {
+        float kx[U][E], vx[U][E], s[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            bool in = base + u < t1;
+            long long kt = (long long)(in ? base + u : base) * ks2, vt = (long long)(in ? base + u : base) * vs2;
+#pragma unroll
+            for (int j = 0; j < E; j++) {
+                int i = lane * E + j;
+                kx[u][j] = i < d ? ld(kb, kt + i) : 0.f;
+                vx[u][j] = i < d ? ld(vb, vt + i) : 0.f;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            s[u] = 0.f;
+#pragma unroll
+            for (int j = 0; j < E; j++) s[u] += qr[j] * kx[u][j];
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+            for (int u = 0; u < U; u++) s[u] += __shfl_xor_sync(0xffffffffu, s[u], o);
+        float mx = NEG;
+#pragma unroll
+        for (int u = 0; u < U; u++) if (base + u < t1) mx = fmaxf(mx, s[u]);
+        float mn = fmaxf(m, mx), c = __expf(m - mn);
+        l *= c;
+#pragma unroll
+        for (int j = 0; j < E; j++) acc[j] *= c;
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            float p = base + u < t1 ? __expf(s[u] - mn) : 0.f;
+            l += p;
+#pragma unroll
+            for (int j = 0; j < E; j++) acc[j] += p * vx[u][j];
+        }
+        m = mn;
+    }
+    if (lane == 0) { wm[warp] = m; wl[warp] = l; }
+#pragma unroll
+    for (int j = 0; j < E; j++) { int i = lane * E + j; if (i < d) wacc[warp * d + i] = acc[j]; }
+    __syncthreads();
+    float M = NEG, L = 0.f;
+    for (int w = 0; w < nw; w++) M = fmaxf(M, wm[w]);
+    for (int w = 0; w < nw; w++) L += wm[w] == NEG ? 0.f : wl[w] * __expf(wm[w] - M);
+    // The block's partial: in global memory for the last block's merge, or with a cluster of
+    // the head's splits (CL) in shared memory after the warps' sums, for the cluster's first.
+    float* pp = CL ? wacc + nw * d : part + ((size_t)bh * splits + split) * (d + 2);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float a = 0.f;
+        for (int w = 0; w < nw; w++) a += wm[w] == NEG ? 0.f : wacc[w * d + i] * __expf(wm[w] - M);
+        if (splits == 1) {
+            float o = rnd(a / L, out);
+            st(out, (size_t)bh * d + i, o);
+            // Each thread's own column of wacc (read above by this thread alone).
+            if (keep) wacc[i] = o;
+        } else {
+            pp[2 + i] = a;
+        }
+    }
+    if (splits > 1 && threadIdx.x == 0) { pp[0] = M; pp[1] = L; }
+    if (splits == 1 && codes) {
+        if (keep) code_kept(wacc, bh, d, n_heads * d, codes, gs, bits); else code_head(out, bh, d, n_heads * d, codes, gs, bits);
+    }
+#ifdef LMX_CLUSTER
+    if (CL && splits > 1) {
+        // The head's splits are one cluster (block y = its rank): the first block merges the
+        // others' partials from their shared memory, as merge_splits would from global memory
+        // (the same sums in the same order), while they wait to keep them alive.
+        cluster_sync();
+        if (split == 0) {
+            float ms[8], ls[8], av[8], M = NEG, L = 0.f;
+            int i = threadIdx.x;
+            bool has = i < d;
+#pragma unroll
+            for (int s = 0; s < 8; s++) {
+                if (s < splits) {
+                    ms[s] = ld_cluster(pp, s);
+                    ls[s] = ld_cluster(pp + 1, s);
+                    av[s] = has ? ld_cluster(pp + 2 + i, s) : 0.f;
+                }
+            }
+#pragma unroll
+            for (int s = 0; s < 8; s++) if (s < splits) M = fmaxf(M, ms[s]);
+#pragma unroll
+            for (int s = 0; s < 8; s++) if (s < splits) L += ls[s] * __expf(ms[s] - M);
+            if (has) {
+                float a = 0.f;
+#pragma unroll
+                for (int s = 0; s < 8; s++) if (s < splits) a += av[s] * __expf(ms[s] - M);
+                float o = rnd(a / L, out);
+                st(out, (size_t)bh * d + i, o);
+                wacc[i] = o;
+            }
+        }
+        cluster_sync();
+        if (split == 0 && codes) code_kept(wacc, bh, d, n_heads * d, codes, gs, bits);
+        return;
+    }
+#endif
+    if (splits == 1 || !count) return;
+    // Every partial of this block written and visible to the GPU before its count.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        last = atomicAdd(count + bh, 1u) == (unsigned int)splits - 1;
+        // Stream order puts the next launch after this one: zeroed for it.
+        if (last) count[bh] = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    // Acquire: the other blocks' partials, released before their counts, are seen after ours.
+    __threadfence();
+    merge_splits(part + (size_t)bh * splits * (d + 2), out + (size_t)bh * d, splits, d, keep ? wacc : (float*)nullptr);
+    if (codes) {
+        if (keep) code_kept(wacc, bh, d, n_heads * d, codes, gs, bits); else code_head(out, bh, d, n_heads * d, codes, gs, bits);
+    }
+}
+
+"#;
+
 const SRC: &str = r#"
 // One block per row: statistics in f32, x * r rounded to T, times the weight, rounded again.
 // A thread takes 4 consecutive values at a time (one vector load a tensor; rows of a multiple
@@ -221,205 +478,6 @@ __device__ void silu_mul(const T* g, const T* u, T* out, long long n, int vec) {
     ((uint4*)out)[i] = ow;
 }
 
-// Codes head bh's d outputs, as `out` holds them, for the next integer product (`code8`):
-// elements [bh * d, bh * d + d) of one row of `cols` (one sequence's heads side by side); d a
-// multiple of the group size `gs`, at most 256. The whole block calls it after writing them.
-template <typename T>
-__device__ void code_head(const T* out, int bh, int d, int cols, int* codes, int gs, int bits) {
-    __syncthreads();
-    if (threadIdx.x >= 32) return;
-    bool live = (int)threadIdx.x < d / 8;
-    float v[8];
-    for (int k = 0; k < 8; k++) v[k] = live ? ld(out, (size_t)bh * d + threadIdx.x * 8 + k) : 0.f;
-    code8(v, codes, cols, gs, bits, live ? bh * d + threadIdx.x * 8 : 0, live);
-}
-
-// code_head of the outputs as the block kept them in shared memory (`keep`, as T rounds them):
-// no read back of what it just wrote.
-__device__ void code_kept(const float* keep, int bh, int d, int cols, int* codes, int gs, int bits) {
-    __syncthreads();
-    if (threadIdx.x >= 32) return;
-    bool live = (int)threadIdx.x < d / 8;
-    float v[8];
-    for (int k = 0; k < 8; k++) v[k] = live ? keep[threadIdx.x * 8 + k] : 0.f;
-    code8(v, codes, cols, gs, bits, live ? bh * d + threadIdx.x * 8 : 0, live);
-}
-
-// Merges the splits' partials `p` of one (sequence, head) into its d outputs:
-// out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M). Reads past L1 (`__ldcg`): other blocks
-// wrote them. With `keep` (shared memory for d values, or null), the outputs go there too, as
-// T rounds them, and where a thread takes one output and there are at most 16 splits every
-// load is issued before any is used (one round trip instead of three; the same sums).
-template <typename T>
-__device__ void merge_splits(const float* p, T* out, int splits, int d, float* keep) {
-    float M = -__int_as_float(0x7f800000), L = 0.f;
-    if (keep && splits <= 16 && d <= (int)blockDim.x) {
-        // Each split's (m, l) through shared memory (loaded by a thread each), the thread's
-        // column of each split's sums in registers.
-        __shared__ float ms[16], ls[16];
-        int i = threadIdx.x;
-        bool has = i < d;
-        float av[16];
-        if (i < splits) {
-            ms[i] = __ldcg(p + i * (d + 2));
-            ls[i] = __ldcg(p + i * (d + 2) + 1);
-        }
-#pragma unroll
-        for (int s = 0; s < 16; s++) if (s < splits) av[s] = has ? __ldcg(p + s * (d + 2) + 2 + i) : 0.f;
-        __syncthreads();
-        for (int s = 0; s < splits; s++) M = fmaxf(M, ms[s]);
-        for (int s = 0; s < splits; s++) L += ls[s] * __expf(ms[s] - M);
-        if (!has) return;
-        float a = 0.f;
-#pragma unroll
-        for (int s = 0; s < 16; s++) if (s < splits) a += av[s] * __expf(ms[s] - M);
-        float o = rnd(a / L, out);
-        st(out, i, o);
-        keep[i] = o;
-        return;
-    }
-    for (int s = 0; s < splits; s++) M = fmaxf(M, __ldcg(p + s * (d + 2)));
-    for (int s = 0; s < splits; s++) L += __ldcg(p + s * (d + 2) + 1) * __expf(__ldcg(p + s * (d + 2)) - M);
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float a = 0.f;
-        for (int s = 0; s < splits; s++) a += __ldcg(p + s * (d + 2) + 2 + i) * __expf(__ldcg(p + s * (d + 2)) - M);
-        float o = rnd(a / L, out);
-        st(out, i, o);
-        if (keep) keep[i] = o;
-    }
-}
-
-// Split-K decode attention (flash-decoding): with one split a block per (sequence * head)
-// takes every key; with several (`splits` blocks a head, `most` of them used at most) the keys
-// in use split into min(most, ceil(kv_len / 64)) parts of `per` keys and block (sequence *
-// head, split) takes [split * per, min(kv_len, split * per + per)), later blocks none. The parts
-// depend only on the keys in use, not on the buffer or the grid, so every step over the same
-// keys rounds alike (a recorded step over a whole buffer, a normal one over a view of it, a
-// sequence alone or in a batch). Each warp U keys at a time (their key and
-// value loads all issued before any is used: one key at a time left a warp waiting a memory
-// latency per key), each lane E consecutive dimensions (coalesced loads), an online softmax per
-// warp, merged per block. One split writes the output; several write (max, sum, acc[d]) partials
-// per split: with `count` (a zeroed counter per (sequence, head)) the last of a head's blocks to
-// finish merges them and zeroes its counter again, else `combine_splits` merges them in a
-// second launch. k/v strides (sequence, head, position) in elements.
-template <typename T, int E, int U>
-__device__ void decode_attention(const T* q, const T* k, const T* v, T* out, float* part,
-                                 int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits,
-                                 long long ks0, long long ks1, long long ks2,
-                                 long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window, unsigned int* count,
-                                 int* codes, int gs, int bits, int keep) {
-    __shared__ float wm[32], wl[32];
-    __shared__ bool last;
-    // A cache whose length lives on the device (a captured decode step): keys after position
-    // upto[0] are not yet written, and with a window those `window` or more behind it unseen.
-    int first = 0;
-    if (upto) {
-        kv_len = min(kv_len, (int)upto[0] + 1);
-        if (window > 0) first = max(0, (int)upto[0] + 1 - window);
-    }
-    extern __shared__ float wacc[];
-    const float NEG = -__int_as_float(0x7f800000);
-    int bh = blockIdx.x, split = blockIdx.y, bi = bh / n_heads, h = bh % n_heads, kv = h / (n_heads / n_kv);
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
-    float qr[E], acc[E];
-#pragma unroll
-    for (int j = 0; j < E; j++) {
-        int i = lane * E + j;
-        qr[j] = i < d ? ld(q, (size_t)bh * d + i) * scale : 0.f;
-        acc[j] = 0.f;
-    }
-    const T* kb = k + bi * ks0 + kv * ks1;
-    const T* vb = v + bi * vs0 + kv * vs1;
-    float m = NEG, l = 0.f;
-    // `chunk`: the keys of the one split, or with several the most splits used.
-    int per = kv_len;
-    if (splits > 1) {
-        int parts = max(1, min(chunk, (kv_len + 63) / 64));
-        per = (kv_len + parts - 1) / parts;
-    }
-    int t0 = max(split * per, first), t1 = min(kv_len, split * per + per);
-    for (int base = t0 + warp * U; base < t1; base += nw * U) {
-        float kx[U][E], vx[U][E], s[U];
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            bool in = base + u < t1;
-            long long kt = (long long)(in ? base + u : base) * ks2, vt = (long long)(in ? base + u : base) * vs2;
-#pragma unroll
-            for (int j = 0; j < E; j++) {
-                int i = lane * E + j;
-                kx[u][j] = i < d ? ld(kb, kt + i) : 0.f;
-                vx[u][j] = i < d ? ld(vb, vt + i) : 0.f;
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            s[u] = 0.f;
-#pragma unroll
-            for (int j = 0; j < E; j++) s[u] += qr[j] * kx[u][j];
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1)
-#pragma unroll
-            for (int u = 0; u < U; u++) s[u] += __shfl_xor_sync(0xffffffffu, s[u], o);
-        float mx = NEG;
-#pragma unroll
-        for (int u = 0; u < U; u++) if (base + u < t1) mx = fmaxf(mx, s[u]);
-        float mn = fmaxf(m, mx), c = __expf(m - mn);
-        l *= c;
-#pragma unroll
-        for (int j = 0; j < E; j++) acc[j] *= c;
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            float p = base + u < t1 ? __expf(s[u] - mn) : 0.f;
-            l += p;
-#pragma unroll
-            for (int j = 0; j < E; j++) acc[j] += p * vx[u][j];
-        }
-        m = mn;
-    }
-    if (lane == 0) { wm[warp] = m; wl[warp] = l; }
-#pragma unroll
-    for (int j = 0; j < E; j++) { int i = lane * E + j; if (i < d) wacc[warp * d + i] = acc[j]; }
-    __syncthreads();
-    float M = NEG, L = 0.f;
-    for (int w = 0; w < nw; w++) M = fmaxf(M, wm[w]);
-    for (int w = 0; w < nw; w++) L += wm[w] == NEG ? 0.f : wl[w] * __expf(wm[w] - M);
-    float* pp = part + ((size_t)bh * splits + split) * (d + 2);
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float a = 0.f;
-        for (int w = 0; w < nw; w++) a += wm[w] == NEG ? 0.f : wacc[w * d + i] * __expf(wm[w] - M);
-        if (splits == 1) {
-            float o = rnd(a / L, out);
-            st(out, (size_t)bh * d + i, o);
-            // Each thread's own column of wacc (read above by this thread alone).
-            if (keep) wacc[i] = o;
-        } else {
-            pp[2 + i] = a;
-        }
-    }
-    if (splits > 1 && threadIdx.x == 0) { pp[0] = M; pp[1] = L; }
-    if (splits == 1 && codes) {
-        if (keep) code_kept(wacc, bh, d, n_heads * d, codes, gs, bits); else code_head(out, bh, d, n_heads * d, codes, gs, bits);
-    }
-    if (splits == 1 || !count) return;
-    // Every partial of this block written and visible to the GPU before its count.
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        last = atomicAdd(count + bh, 1u) == (unsigned int)splits - 1;
-        // Stream order puts the next launch after this one: zeroed for it.
-        if (last) count[bh] = 0;
-    }
-    __syncthreads();
-    if (!last) return;
-    // Acquire: the other blocks' partials, released before their counts, are seen after ours.
-    __threadfence();
-    merge_splits(part + (size_t)bh * splits * (d + 2), out + (size_t)bh * d, splits, d, keep ? wacc : (float*)nullptr);
-    if (codes) {
-        if (keep) code_kept(wacc, bh, d, n_heads * d, codes, gs, bits); else code_head(out, bh, d, n_heads * d, codes, gs, bits);
-    }
-}
-
 // A batched decode step (one new position in each of up to KV_ROWS sequences, each with its own
 // cache): row r's key and value buffers ((heads, cap[r], d), contiguous) and the position its
 // new key and value go to, offset[r] (the keys it held before). Passed by value as a kernel
@@ -445,7 +503,7 @@ __device__ void decode_attention_rows(const T* q, const KvRows& rows, T* out, fl
     if (cap <= split_above) chunk = 1;
     long long hs = (long long)cap * d;
     // Strides: no sequence stride (the row's own buffer), heads `cap` positions apart.
-    decode_attention<T, E, U>(q, (const T*)kb, (const T*)vb, out, part, n_heads, n_kv, offset + 1, d, scale, chunk, splits, 0, hs, d, 0, hs, d, nullptr, 0, count, nullptr, 0, 0, 0);
+    decode_attention<T, E, U, false>(q, (const T*)kb, (const T*)vb, out, part, n_heads, n_kv, offset + 1, d, scale, chunk, splits, 0, hs, d, 0, hs, d, nullptr, 0, count, nullptr, 0, 0, 0);
 }
 
 // Writes one position of keys or values, (heads, d) with head stride `sh`, into a (heads,
@@ -717,7 +775,7 @@ MATVEC_R(1) MATVEC_R(2) MATVEC_R(3) MATVEC_R(4) MATVEC_R(5) MATVEC_R(6) MATVEC_R
 
 #define DECODE_ATTENTION(T, name, E, U, suffix) \
 extern "C" __global__ void lmx_decode_attention_rows_##name##_e##E##suffix(const T* q, const KvRows rows, T* out, float* part, int n_heads, int n_kv, int d, float scale, int chunk, int splits, int split_above, unsigned int* count) { PDL_ENTRY(); decode_attention_rows<T, E, U>(q, rows, out, part, n_heads, n_kv, d, scale, chunk, splits, split_above, count); } \
-extern "C" __global__ void lmx_decode_attention_##name##_e##E##suffix(const T* q, const T* k, const T* v, T* out, float* part, int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits, long long ks0, long long ks1, long long ks2, long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window, unsigned int* count, int* codes, int gs, int bits, int keep) { PDL_ENTRY(); decode_attention<T, E, U>(q, k, v, out, part, n_heads, n_kv, kv_len, d, scale, chunk, splits, ks0, ks1, ks2, vs0, vs1, vs2, upto, window, count, codes, gs, bits, keep); }
+extern "C" __global__ void lmx_decode_attention_##name##_e##E##suffix(const T* q, const T* k, const T* v, T* out, float* part, int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits, long long ks0, long long ks1, long long ks2, long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window, unsigned int* count, int* codes, int gs, int bits, int keep) { PDL_ENTRY(); decode_attention<T, E, U, false>(q, k, v, out, part, n_heads, n_kv, kv_len, d, scale, chunk, splits, ks0, ks1, ks2, vs0, vs1, vs2, upto, window, count, codes, gs, bits, keep); }
 #define INSTANTIATE(T, name) \
 extern "C" __global__ void lmx_causal_softmax_##name(const T* s, T* out, int cols, int q_len, int offset, int window, float scale, float softcap) { PDL_ENTRY(); causal_softmax(s, out, cols, q_len, offset, window, scale, softcap); } \
 extern "C" __global__ void lmx_rms_norm_##name(const T* x, const T* w, T* out, int d, float eps, int vec) { PDL_ENTRY(); rms_norm(x, w, out, d, eps, vec); } \
@@ -759,17 +817,7 @@ fn ptx_for(cell: &'static std::sync::OnceLock<std::result::Result<String, String
 /// compiled once, with the waits or without.
 pub(crate) fn pdl_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        use candle_core::cuda_backend::cudarc::driver::{result, sys};
-        if std::env::var("LMX_CUDA_PDL").map_or(true, |v| v != "1") {
-            return false;
-        }
-        let major = |i| {
-            // SAFETY: a device ordinal below the driver's count.
-            result::device::get(i).and_then(|d| unsafe { result::device::get_attribute(d, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR) })
-        };
-        result::init().is_ok() && result::device::get_count().is_ok_and(|n| n > 0 && (0..n).all(|i| major(i).is_ok_and(|m| m >= 9)))
-    })
+    *ON.get_or_init(|| std::env::var("LMX_CUDA_PDL").is_ok_and(|v| v == "1") && all_compute_9())
 }
 
 /// `LMX_CUDA_ABLATE=norm,silu,attention,rope` skips those fused kernels' launches, for timing
@@ -798,7 +846,41 @@ pub(crate) fn pdl_ptx(cell: &'static std::sync::OnceLock<std::result::Result<Str
 fn fused_ptx() -> Result<&'static str> {
     static PTX: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
     static SOURCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    pdl_ptx(&PTX, SOURCE.get_or_init(|| format!("{}{}{COMMON}{SRC}", pdl_build().0, crate::quant::cuda::CODE_SRC)))
+    pdl_ptx(&PTX, SOURCE.get_or_init(|| format!("{}{}{COMMON}{ATTN_SRC}{SRC}", pdl_build().0, crate::quant::cuda::CODE_SRC)))
+}
+
+/// The decode attention kernels whose splits of a head form one thread block cluster
+/// (`lmx_decode_attention_cluster_{f32|bf16}_e{1,2,4,8}`), in a module of their own compiled
+/// for compute capability 9.0.
+const CLUSTER_INST: &str = r#"
+#define DECODE_ATTENTION_CLUSTER(T, name, E, U) \
+extern "C" __global__ void lmx_decode_attention_cluster_##name##_e##E(const T* q, const T* k, const T* v, T* out, float* part, int n_heads, int n_kv, int kv_len, int d, float scale, int chunk, int splits, long long ks0, long long ks1, long long ks2, long long vs0, long long vs1, long long vs2, const unsigned int* upto, int window, unsigned int* count, int* codes, int gs, int bits, int keep) { PDL_ENTRY(); decode_attention<T, E, U, true>(q, k, v, out, part, n_heads, n_kv, kv_len, d, scale, chunk, splits, ks0, ks1, ks2, vs0, vs1, vs2, upto, window, count, codes, gs, bits, keep); }
+DECODE_ATTENTION_CLUSTER(float, f32, 1, 8) DECODE_ATTENTION_CLUSTER(float, f32, 2, 8) DECODE_ATTENTION_CLUSTER(float, f32, 4, 8) DECODE_ATTENTION_CLUSTER(float, f32, 8, 4)
+DECODE_ATTENTION_CLUSTER(unsigned short, bf16, 1, 8) DECODE_ATTENTION_CLUSTER(unsigned short, bf16, 2, 8) DECODE_ATTENTION_CLUSTER(unsigned short, bf16, 4, 8) DECODE_ATTENTION_CLUSTER(unsigned short, bf16, 8, 4)
+"#;
+
+fn cluster_ptx() -> Result<&'static str> {
+    static PTX: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
+    static SOURCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ptx_for(&PTX, SOURCE.get_or_init(|| format!("{}#define LMX_CLUSTER\n{}{COMMON}{ATTN_SRC}{CLUSTER_INST}", pdl_build().0, crate::quant::cuda::CODE_SRC)), Some("compute_90"))
+}
+
+/// Whether decode attention's splits of a head merge through a thread block cluster's shared
+/// memory (`LMX_CUDA_ATTENTION_CLUSTER=1`, every GPU of compute capability 9.0 or newer) rather
+/// than through global memory, a fence and a counter (the last block's merge). Off by default.
+fn attention_cluster() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LMX_CUDA_ATTENTION_CLUSTER").is_ok_and(|v| v == "1") && all_compute_9())
+}
+
+/// Whether every GPU the driver sees has compute capability 9.0 or newer.
+fn all_compute_9() -> bool {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    let major = |i| {
+        // SAFETY: a device ordinal below the driver's count.
+        result::device::get(i).and_then(|d| unsafe { result::device::get_attribute(d, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR) })
+    };
+    result::init().is_ok() && result::device::get_count().is_ok_and(|n| n > 0 && (0..n).all(|i| major(i).is_ok_and(|m| m >= 9)))
 }
 
 /// A value passed to a kernel by [`Launch`]: a device pointer, or a scalar in the low bytes
@@ -840,6 +922,8 @@ scalar_arg!(i32 => |v| v as u32 as u64, u32 => |v| v as u64, f32 => |v| v.to_bit
 pub(crate) struct Launch<'a> {
     func: &'a candle_core::cuda_backend::cudarc::driver::CudaFunction,
     how: How<'a>,
+    /// Blocks a cluster along y (`cuLaunchKernelEx`'s cluster dimension), if any.
+    cluster_y: Option<u32>,
 }
 
 /// How a [`Launch`] goes: cudarc's launch (PDL off: nothing more per launch than before), or
@@ -868,7 +952,13 @@ impl<'a> Launch<'a> {
             Some(b) => How::Cudarc(b),
             None => How::Pdl { stream: dev.cuda_stream(), words: Vec::with_capacity(32) },
         };
-        Launch { func, how }
+        Launch { func, how, cluster_y: None }
+    }
+
+    /// A launch whose blocks go `y` at a time along y into thread block clusters (made with
+    /// `args` None: through `cuLaunchKernelEx`).
+    pub(crate) fn cluster(dev: &candle_core::CudaDevice, func: &'a candle_core::cuda_backend::cudarc::driver::CudaFunction, y: u32) -> Self {
+        Launch { cluster_y: Some(y), ..Self::new(dev, func, None) }
     }
 
     pub(crate) fn arg<A: KernelArg>(&mut self, a: &'a A) -> &mut Self
@@ -896,10 +986,23 @@ impl<'a> Launch<'a> {
         };
         stream.context().bind_to_thread()?;
         let mut params: Vec<*mut std::ffi::c_void> = words.iter_mut().map(|w| w as *mut u64 as *mut std::ffi::c_void).collect();
-        // SAFETY: a plain C struct; zero is a valid value of each field.
-        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
+        let mut attrs = Vec::with_capacity(2);
+        if pdl_enabled() {
+            // SAFETY: a plain C struct; zero is a valid value of each field.
+            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attr.value.programmaticStreamSerializationAllowed = 1;
+            attrs.push(attr);
+        }
+        if let Some(y) = self.cluster_y {
+            // SAFETY: as above.
+            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+            attr.value.clusterDim.x = 1;
+            attr.value.clusterDim.y = y;
+            attr.value.clusterDim.z = 1;
+            attrs.push(attr);
+        }
         let config = sys::CUlaunchConfig {
             gridDimX: cfg.grid_dim.0,
             gridDimY: cfg.grid_dim.1,
@@ -909,8 +1012,8 @@ impl<'a> Launch<'a> {
             blockDimZ: cfg.block_dim.2,
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: stream.cu_stream(),
-            attrs: &mut attr,
-            numAttrs: 1,
+            attrs: attrs.as_mut_ptr(),
+            numAttrs: attrs.len() as u32,
         };
         // SAFETY: params point at one word per argument, alive until the call returns (the
         // driver copies them); the caller vouches for the arguments.
@@ -1384,10 +1487,16 @@ pub(crate) fn decode_attention(
     // kernel then splits the keys in use alike in both.
     let span = if kst[2] == d && kst[1] % d == 0 { kv_len.max(kst[1] / d) } else { kv_len };
     let (chunk, splits) = attention_splits(b * n_heads, span);
+    // With clusters, a head's splits are one cluster of at most 8 blocks, merged through their
+    // shared memory (no partials in global memory, no counter).
+    let cluster = splits > 1 && one.is_empty() && attention_cluster();
+    let (chunk, splits) = if cluster { (chunk.min(8), splits.min(8)) } else { (chunk, splits) };
+    let func = if cluster { dev.get_or_load_custom_func(&format!("{}_e{e}", name("decode_attention_cluster", qs.dtype())?), "lmx_cluster", cluster_ptx()?)? } else { func };
     // Partials only when split (a one-element placeholder otherwise).
     // SAFETY: every partial is written by its block before the combining kernel reads it.
-    let part = unsafe { dev.alloc::<f32>(if splits > 1 { b * n_heads * splits * (d + 2) } else { 1 }) }?;
-    let cfg = LaunchConfig { grid_dim: ((b * n_heads) as u32, splits as u32, 1), block_dim: ((32 * attention_warps()) as u32, 1, 1), shared_mem_bytes: (attention_warps() * d * 4) as u32 };
+    let part = unsafe { dev.alloc::<f32>(if splits > 1 && !cluster { b * n_heads * splits * (d + 2) } else { 1 }) }?;
+    let smem = attention_warps() * d * 4 + if cluster { (d + 2) * 4 } else { 0 };
+    let cfg = LaunchConfig { grid_dim: ((b * n_heads) as u32, splits as u32, 1), block_dim: ((32 * attention_warps()) as u32, 1, 1), shared_mem_bytes: smem as u32 };
     typed!(qs.dtype(), T => {
         let q = qs.as_cuda_slice::<T>()?.slice(ql.start_offset()..);
         let k = ks.as_cuda_slice::<T>()?.slice(kl.start_offset()..);
@@ -1401,7 +1510,7 @@ pub(crate) fn decode_attention(
         };
         // A null pointer when the whole view counts.
         let null = 0u64;
-        let mut bld = launch_args!(dev, func);
+        let mut bld = if cluster { Launch::cluster(&dev, &func, splits as u32) } else { launch_args!(dev, func) };
         bld.arg(&q).arg(&k).arg(&v).arg(&o).arg(&part).arg(&nh).arg(&nk).arg(&kvl).arg(&dd).arg(&scale).arg(&ch).arg(&sp);
         bld.arg(&k0).arg(&k1).arg(&k2).arg(&v0).arg(&v1).arg(&v2);
         match &upto {
@@ -1410,7 +1519,7 @@ pub(crate) fn decode_attention(
         };
         let win = window.unwrap_or(0) as i32;
         bld.arg(&win);
-        let count = if splits > 1 { split_counters(&dev, b * n_heads)? } else { None };
+        let count = if splits > 1 && !cluster { split_counters(&dev, b * n_heads)? } else { None };
         let count_arg = count.unwrap_or(0);
         bld.arg(&count_arg);
         let codes_at = match codes {
@@ -1430,7 +1539,7 @@ pub(crate) fn decode_attention(
         // SAFETY: the views' strides keep every read inside k and v; q and o are sized for
         // b * n_heads heads, `part` for their splits, the counters (if any) for the heads.
         unsafe { bld.launch(cfg) }.w()?;
-        if splits > 1 && count.is_none() {
+        if splits > 1 && count.is_none() && !cluster {
             let combine = dev.get_or_load_custom_func(&name("combine_splits", qs.dtype())?, "lmx_fused", fused_ptx()?)?;
             let cfg = LaunchConfig { grid_dim: ((b * n_heads) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
             let mut bld = launch_args!(dev, combine);
