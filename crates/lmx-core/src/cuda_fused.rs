@@ -1145,7 +1145,6 @@ pub(crate) fn add_rms_norm(
         if !ablated("norm") {
             unsafe { b.launch(cfg) }.w()?;
         }
-        drop((sum, normed));
         Ok(CudaStorage::wrap_cuda_slice(o, dev))
     })
 }
@@ -1489,7 +1488,8 @@ pub(crate) fn decode_attention(
     let (chunk, splits) = attention_splits(b * n_heads, span);
     // With clusters, a head's splits are one cluster of at most 8 blocks, merged through their
     // shared memory (no partials in global memory, no counter).
-    let cluster = splits > 1 && one.is_empty() && attention_cluster();
+    // (The first block merges a column a thread: heads of at most a block's threads.)
+    let cluster = splits > 1 && one.is_empty() && d <= 32 * attention_warps() && attention_cluster();
     let (chunk, splits) = if cluster { (chunk.min(8), splits.min(8)) } else { (chunk, splits) };
     let func = if cluster { dev.get_or_load_custom_func(&format!("{}_e{e}", name("decode_attention_cluster", qs.dtype())?), "lmx_cluster", cluster_ptx()?)? } else { func };
     // Partials only when split (a one-element placeholder otherwise).

@@ -399,7 +399,6 @@ pub(crate) fn silu_mul_bwd(gs: &CudaStorage, gl: &Layout, us: &CudaStorage, ul: 
         b.arg(&g).arg(&u).arg(&d).arg(&dg).arg(&du).arg(&nn).arg(&v);
         // SAFETY: g, u and dy hold n values, each half of o n.
         unsafe { b.launch(strided(if vec { n / 4 } else { n })) }.w()?;
-        drop((dg, du));
         Ok(CudaStorage::wrap_cuda_slice(o, dev))
     })
 }
