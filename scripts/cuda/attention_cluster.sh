@@ -22,7 +22,7 @@ gen() { $LMX generate --model "$1" --device cuda -p 'a b c a b' -m 300 --temp 0 
 fixture_folder llama; python3 -c "import json; p = '$W/llama/config.json'; c = json.load(open(p)); c['max_position_embeddings'] = 2048; json.dump(c, open(p, 'w'))"; word_vocab "$W/llama"
 $LMX convert --hf-path "$W/llama" --dtype bfloat16 -q --q-bits 4 --q-group-size 64 --mlx-path "$W/llama-4" > /dev/null 2>&1
 for m in llama llama-4; do
-  log "$m greedy with clusters: graphs vs normal steps $(LMX_CUDA_ATTENTION_CLUSTER=1 same "$(LMX_CUDA_ATTENTION_CLUSTER=1 gen "$W/$m")" "$(LMX_CUDA_ATTENTION_CLUSTER=1 LMX_CUDA_GRAPH=0 gen "$W/$m")"); clusters vs not $(same "$(LMX_CUDA_ATTENTION_CLUSTER=1 gen "$W/$m")" "$(gen "$W/$m")")"
+  log "$m greedy with clusters: graphs vs normal steps $(same "$(LMX_CUDA_ATTENTION_CLUSTER=1 gen "$W/$m")" "$(LMX_CUDA_ATTENTION_CLUSTER=1 LMX_CUDA_GRAPH=0 gen "$W/$m")"); clusters vs not $(same "$(LMX_CUDA_ATTENTION_CLUSTER=1 gen "$W/$m")" "$(gen "$W/$m")")"
 done
 SHAPE=8b BF16=0 BITS=4 python3 scripts/cuda/make_random_llama.py "$W/l8" 2>&1 | tail -1
 SHAPE=1b BF16=0 BITS=4 python3 scripts/cuda/make_random_llama.py "$W/l1" 2>&1 | tail -1

@@ -100,6 +100,19 @@ __device__ void code_kept(const float* keep, int bh, int d, int cols, int* codes
     code8(v, codes, cols, gs, bits, live ? bh * d + threadIdx.x * 8 : 0, live);
 }
 
+// Output i of a head from its splits' maxima `ms`, their maximum M, the sum L of their sums
+// rescaled to it, and the column's sums `av` (at most S splits): merge_splits's arithmetic, in
+// its order. Written to out[i] and keep[i] (as T rounds it).
+template <int S, typename T>
+__device__ __forceinline__ void merge_column(const float* ms, float M, float L, const float* av, int splits, int i, T* out, float* keep) {
+    float a = 0.f;
+#pragma unroll
+    for (int s = 0; s < S; s++) if (s < splits) a += av[s] * __expf(ms[s] - M);
+    float o = rnd(a / L, out);
+    st(out, i, o);
+    keep[i] = o;
+}
+
 // Merges the splits' partials `p` of one (sequence, head) into its d outputs:
 // out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M). Reads past L1 (`__ldcg`): other blocks
 // wrote them. With `keep` (shared memory for d values, or null), the outputs go there too, as
@@ -124,13 +137,7 @@ __device__ void merge_splits(const float* p, T* out, int splits, int d, float* k
         __syncthreads();
         for (int s = 0; s < splits; s++) M = fmaxf(M, ms[s]);
         for (int s = 0; s < splits; s++) L += ls[s] * __expf(ms[s] - M);
-        if (!has) return;
-        float a = 0.f;
-#pragma unroll
-        for (int s = 0; s < 16; s++) if (s < splits) a += av[s] * __expf(ms[s] - M);
-        float o = rnd(a / L, out);
-        st(out, i, o);
-        keep[i] = o;
+        if (has) merge_column<16>(ms, M, L, av, splits, i, out, keep);
         return;
     }
     for (int s = 0; s < splits; s++) M = fmaxf(M, __ldcg(p + s * (d + 2)));
@@ -280,14 +287,7 @@ __device__ void decode_attention(const T* q, const T* k, const T* v, T* out, flo
             for (int s = 0; s < 8; s++) if (s < splits) M = fmaxf(M, ms[s]);
 #pragma unroll
             for (int s = 0; s < 8; s++) if (s < splits) L += ls[s] * __expf(ms[s] - M);
-            if (has) {
-                float a = 0.f;
-#pragma unroll
-                for (int s = 0; s < 8; s++) if (s < splits) a += av[s] * __expf(ms[s] - M);
-                float o = rnd(a / L, out);
-                st(out, (size_t)bh * d + i, o);
-                wacc[i] = o;
-            }
+            if (has) merge_column<8>(ms, M, L, av, splits, i, out + (size_t)bh * d, wacc);
         }
         cluster_sync();
         if (split == 0 && codes) code_kept(wacc, bh, d, n_heads * d, codes, gs, bits);
