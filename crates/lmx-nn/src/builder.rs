@@ -416,11 +416,18 @@ impl Builder {
         let keep = self.shared.device.is_cpu() && self.shared.dtype == DType::F32 && matches!(scales.dtype(), DType::F16 | DType::BF16) && biases.dtype() == scales.dtype();
         let (scales, biases) = if keep { (scales, biases) } else { (self.place(scales)?, self.place(biases)?) };
         let q = QuantizedMatrix::from_tensors(&packed, &scales, &biases, spec.bits, spec.group_size).map_err(|e| err(e.to_string()))?;
-        // 2-, 3-, 5- and 6-bit codes are held 4 or 8 bits wide: the integer kernels read only
-        // those widths, ~20x faster than the float ones on the CPU. `LMX_CUDA_WIDEN=0` keeps
-        // them as stored on a GPU (its float kernels read every width).
-        let widen = self.shared.device.is_cpu() || std::env::var("LMX_CUDA_WIDEN").map_or(true, |v| v != "0");
-        let q = if widen { q.widened() } else { q };
+        // 2-, 3-, 5- and 6-bit codes are held 4 or 8 bits wide where the integer kernels do
+        // not read them as stored (~20x faster than the float ones on the CPU): 2 and 3 bits,
+        // 5 and 6 on CPUs without AVX-512 VBMI, in training (whose exact products dequantize 4- and 8-bit
+        // groups fastest), and on a GPU unless `LMX_CUDA_WIDEN=0` (its float kernels read
+        // every width).
+        let q = if self.shared.device.is_cpu() && !training {
+            q.for_integer_kernels()
+        } else if self.shared.device.is_cpu() || std::env::var("LMX_CUDA_WIDEN").map_or(true, |v| v != "0") {
+            q.widened()
+        } else {
+            q
+        };
         Ok(q.with_model_dtype(self.shared.dtype).with_exact_products(training).with_bf16_training(training && bf16_checkpoint))
     }
 

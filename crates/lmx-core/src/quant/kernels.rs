@@ -458,6 +458,11 @@ fn amx_rows(q: &QuantizedMatrix, r0: usize, nr: usize, buf: &mut Aligned) -> *co
     if q.bits == 8 {
         bytes[..packed.len()].copy_from_slice(packed);
         bytes[packed.len()..].fill(0);
+    } else if q.bits != 4 {
+        bytes[nr * q.cols..].fill(0);
+        for (j, row) in bytes.chunks_exact_mut(q.cols).take(nr).enumerate() {
+            unpack_row(q, r0 + j, row);
+        }
     } else {
         bytes[2 * packed.len()..].fill(0);
         #[cfg(target_arch = "x86_64")]
@@ -505,11 +510,22 @@ fn qmatmul_many_vnni<T: Elem>(qs: &[&QuantizedMatrix], x: &[f32], m: usize) -> V
 /// rows are transposed in 16 x 16 tiles (a strided store per word took 5% of a 4-bit prompt).
 /// The outputs and the scratch `tmp` are reused from block to block (no allocation per block).
 fn interleave(q: &QuantizedMatrix, r0: usize, nr: usize, w: &mut Vec<u32>, s: &mut Vec<f32>, b: &mut Vec<f32>, tmp: &mut Vec<u32>) {
-    let (words, groups) = (q.cols * q.bits / 32, q.cols / q.group_size);
+    let groups = q.cols / q.group_size;
+    // 5- and 6-bit rows as 8-bit ones, one byte a code.
+    let words = q.cols * gemm_bits(q) / 32;
     w.resize(words * QB, 0);
     s.resize(groups * QB, 0.0);
     b.resize(groups * QB, 0.0);
-    let src: &[u32] = if nr == QB {
+    let src: &[u32] = if gemm_bits(q) != q.bits {
+        tmp.clear();
+        tmp.resize(QB * words, 0);
+        for (j, row) in tmp.chunks_exact_mut(words).take(nr).enumerate() {
+            // SAFETY: u32 words viewed as their bytes (cols of them).
+            let bytes = unsafe { std::slice::from_raw_parts_mut(row.as_mut_ptr() as *mut u8, q.cols) };
+            unpack_row(q, r0 + j, bytes);
+        }
+        tmp
+    } else if nr == QB {
         &q.packed[r0 * words..(r0 + QB) * words]
     } else {
         tmp.clear();
@@ -546,6 +562,16 @@ fn as_bits(v: &mut [f32]) -> &mut [u32] {
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len()) }
 }
 
+/// The bit width of `q`'s rows as the prefill products read them: 5 and 6 bits
+/// unpacked to bytes ([`unpack_row`]).
+fn gemm_bits(q: &QuantizedMatrix) -> usize {
+    if q.bits == 4 {
+        4
+    } else {
+        8
+    }
+}
+
 /// One block of [`qmatmul_many_q8`] with the kernel for `q`'s bit width and group size.
 fn gemm_block(q: &QuantizedMatrix, w: &[u32], s: &[f32], b: &[f32], acts: &[&Q8Act], out: &mut [[f32; 16]; GEMM_MR]) {
     let groups = q.cols / q.group_size;
@@ -554,7 +580,7 @@ fn gemm_block(q: &QuantizedMatrix, w: &[u32], s: &[f32], b: &[f32], acts: &[&Q8A
     // every act has q.cols codes.
     unsafe {
         use super::x86::gemm_q8_vnni as k;
-        match (q.bits, q.group_size) {
+        match (gemm_bits(q), q.group_size) {
             (4, 32) => k::<4, 32>(w, s, b, groups, acts, out),
             (4, 64) => k::<4, 64>(w, s, b, groups, acts, out),
             (4, 128) => k::<4, 128>(w, s, b, groups, acts, out),
@@ -629,6 +655,45 @@ pub(super) fn level() -> Level {
     })
 }
 
+/// Whether this CPU's integer kernels read `bits`-bit codes as stored where they are neither 4
+/// nor 8 bits: 5 and 6 bits with AVX-512 VNNI on 512-bit registers and VBMI, which spreads
+/// them to bytes as they load (`x86::narrow_bytes`). Elsewhere, and for 2 and 3 bits, a model
+/// holds them 4 or 8 bits wide ([`QuantizedMatrix::widened`]). Llama-1B-shaped decode, Zen 4,
+/// tok/s as stored / widened: 6 bits 25.2-25.6 / 18.5-19.6 (1 thread), 32.3-44.0 /
+/// 24.9-33.1 (2); 5 bits 27.8-27.9 / 19.9-20.3, 42.8-48.6 / 34.7-36.4; 3 bits 24.4-27.8 /
+/// 38.0-41.1, 44.2-49.8 / 43.9-47.7: three bits as stored are bound by the instructions that
+/// spread them (64 codes a step, where 4-bit slots go 128), and gain only memory.
+/// `LMX_NARROW=0` widens every width.
+pub fn runs_narrow(bits: usize) -> bool {
+    static VBMI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let vbmi = *VBMI.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            level() == Level::Vnni512 && std::arch::is_x86_feature_detected!("avx512vbmi") && std::env::var("LMX_NARROW").map_or(true, |v| v != "0")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    });
+    matches!(bits, 5 | 6) && vbmi
+}
+
+/// `q`'s row `r` as one byte a code (5- or 6-bit rows, for the prefill products,
+/// which read them as 8-bit rows) into `out` (q.cols bytes).
+fn unpack_row(q: &QuantizedMatrix, r: usize, out: &mut [u8]) {
+    let words = q.cols * q.bits / 32;
+    let row = &q.packed[r * words..(r + 1) * words];
+    #[cfg(target_arch = "x86_64")]
+    if runs_narrow(q.bits) {
+        // SAFETY: runs_narrow checked AVX-512 VBMI; the row holds q.cols codes (a multiple
+        // of 32: whole groups) and out at least q.cols bytes.
+        unsafe { super::x86::unpack_narrow(q.bits, row.as_ptr() as *const u8, q.cols, out) };
+        return;
+    }
+    for (e, o) in out[..q.cols].iter_mut().enumerate() {
+        *o = get_bits(row, e * q.bits, q.bits) as u8;
+    }
+}
+
 /// Outputs `rows` of a 4- or 8-bit matrix against int8 activations.
 fn int8_rows<S: Scale>(q: &QuantizedMatrix, s: &[S], b: &[S], act: &Q8Act, rows: Range<usize>, ys: &mut [f32]) {
     let groups = q.cols / q.group_size;
@@ -641,6 +706,9 @@ fn int8_rows<S: Scale>(q: &QuantizedMatrix, s: &[S], b: &[S], act: &Q8Act, rows:
 /// row's first group and may run on to the end of the matrix's.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn rows_q8<S: Scale>(level: Level, rows: &[u32], bits: usize, group_size: usize, s: &[S], b: &[S], act: &Q8Act, out: &mut [f32]) {
+    // Other widths than 4 and 8 bits: the 512-bit kernels where the CPU reads them as stored
+    // (runs_narrow), else the portable ones.
+    let level = if matches!(bits, 4 | 8) || (level == Level::Vnni512 && runs_narrow(bits)) { level } else { Level::Scalar };
     match level {
         // SAFETY: `level` says the CPU has these features; Q8Act::new checked the shapes.
         #[cfg(target_arch = "x86_64")]
@@ -842,13 +910,14 @@ impl Q8Act {
         }
     }
 
-    /// Whether `q` takes int8 activations: 4 bits in rows of whole 64-element runs, or 8 bits,
-    /// with scales and biases of one dtype.
+    /// Whether `q` takes int8 activations: 4 bits in rows of whole 64-element runs, 8 bits,
+    /// or 5 and 6 bits where this CPU reads them as stored ([`runs_narrow`]), with
+    /// scales and biases of one dtype.
     fn fits(q: &QuantizedMatrix) -> bool {
         let bits = match q.bits {
             4 => q.cols % 64 == 0,
             8 => true,
-            _ => false,
+            b => runs_narrow(b),
         };
         bits && q.scales.dtype() == q.biases.dtype()
     }

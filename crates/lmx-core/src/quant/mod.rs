@@ -411,7 +411,8 @@ impl QuantizedMatrix {
 
     /// The same values with 2- and 3-bit codes held in 4-bit slots and 5- and 6-bit codes in
     /// 8-bit ones (scales, biases and every dequantized value unchanged), so that the integer
-    /// kernels, which read 4 and 8 bits, multiply them: the float kernels that read the other
+    /// kernels, which read 4 and 8 bits everywhere (5 and 6 only with AVX-512 VBMI:
+    /// [`for_integer_kernels`](Self::for_integer_kernels)), multiply them: the float kernels that read the other
     /// widths decoded 6-bit SmolLM2 at 6.4 tok/s on 1 Zen 4 thread, where 8 bits ran at 139.
     /// The cost is memory, and bytes to read a token: 1.33x for 3 and 6 bits, 1.6x for 5, 2x
     /// for 2. For models that run on the CPU; checkpoints are written from their own tensors,
@@ -438,6 +439,17 @@ impl QuantizedMatrix {
             }
         });
         Self { bits: to, packed, ..self }
+    }
+
+    /// The matrix as this CPU's integer kernels read it: as stored where they read its width
+    /// ([`kernels::runs_narrow`]: 5 and 6 bits with AVX-512 VBMI, 4 and 8 bits
+    /// everywhere), else [`widened`](Self::widened).
+    pub fn for_integer_kernels(self) -> Self {
+        if matches!(self.bits, 4 | 8) || kernels::runs_narrow(self.bits) {
+            self
+        } else {
+            self.widened()
+        }
     }
 
     /// Products of this matrix always take float activations when `yes` (models built for

@@ -79,7 +79,7 @@ fn quantize_dequantize_and_matmul_all_bits() -> Result<()> {
                 // 4- and 8-bit products off the tape round activations to int8 (see Q8Act),
                 // decoded rows always, more with the int8 product: error bounded by half a
                 // step of x times sum |w|.
-                let int8 = (bits == 4 || bits == 8) && (m <= 8 || kernels::q8_gemm_applies(&[&q]));
+                let int8 = (bits == 4 || bits == 8 || kernels::runs_narrow(bits)) && (m <= 8 || kernels::q8_gemm_applies(&[&q]));
                 let tol = if int8 { 0.5 * (4.5 / 127.0) * dq.abs()?.sum(1)?.max_all()?.to_scalar::<f32>()? } else { 1e-3 };
                 assert!(d < tol, "bits {bits} group {group} m {m}: matmul differs by {d} (tolerance {tol})");
             }
@@ -197,19 +197,23 @@ fn int8_decode_kernels_match_scalar() -> Result<()> {
         }
     }
     eprintln!("kernel levels compared with the scalar reference: {levels:?}");
-    for bits in [4usize, 8] {
+    // 5 and 6 bits where this CPU reads them as stored (AVX-512 VBMI): the 512-bit
+    // kernel against the scalar one (the other levels fall back to the scalar one).
+    let narrow: Vec<usize> = [2usize, 3, 5, 6].into_iter().filter(|&b| kernels::runs_narrow(b)).collect();
+    eprintln!("widths read as stored beside 4 and 8 bits: {narrow:?}");
+    for bits in [4usize, 8].into_iter().chain(narrow) {
         for group in [32usize, 64, 128] {
-            // 608 = 19 groups of 32: a last 8-bit run of 32 elements; 576 (SmolLM2's width):
-            // a last 4-bit run of 64 outside the 128-element spans of the 512-bit kernel;
-            // 4224 = 33 groups of 128: steps of 16 groups and a last one of 1.
+            // 608 = 19 groups of 32: a last 8-bit (or narrower) run of 32 elements; 576
+            // (SmolLM2's width): a last 4-bit run of 64 outside the 128-element spans of the
+            // 512-bit kernel; 4224 = 33 groups of 128: steps of 16 groups and a last one of 1.
             for cols in [640usize, 1152, 608, 576, 4224] {
-                if (cols == 608 && (bits, group) != (8, 32)) || cols % group != 0 {
+                if (cols == 608 && (bits == 4 || group != 32)) || cols % group != 0 {
                     continue;
                 }
                 for dtype in [DType::BF16, DType::F16, DType::F32] {
                     let q = QuantizedMatrix::quantize(&rand(7, cols).to_dtype(dtype)?, bits, group)?;
                     let x: Vec<f32> = rand(1, cols).flatten_all()?.to_vec1()?;
-                    let act = kernels::Q8Act::new(&q, &x).expect("4- and 8-bit rows of multiples of 64 take the integer kernels");
+                    let act = kernels::Q8Act::new(&q, &x).expect("these rows take the integer kernels");
                     // 7 rows: the 4-row kernels, then one at a time.
                     let rows = 7;
                     let got: Vec<Vec<f32>> = levels
@@ -277,7 +281,8 @@ fn two_level_activations_reconstruct_x() -> Result<()> {
 /// partial block of 8 or 16, and two matrices sharing their activations.
 #[test]
 fn int8_prefill_product_matches_scalar() -> Result<()> {
-    for bits in [4usize, 8] {
+    let narrow = [2usize, 3, 5, 6].into_iter().filter(|&b| kernels::runs_narrow(b));
+    for bits in [4usize, 8].into_iter().chain(narrow) {
         for group in [32usize, 64, 128] {
             for dtype in [DType::BF16, DType::F16, DType::F32] {
                 let cols = 640;
@@ -350,8 +355,31 @@ fn kernel_speed() -> Result<()> {
         (16384, 8192, 4, 32),
         (2048, 8192, 8, 64),
         (16384, 8192, 8, 64),
+        (8192, 2048, 6, 64),
+        (2048, 8192, 6, 64),
+        (16384, 8192, 6, 64),
+        (16384, 8192, 5, 64),
+        (49152, 576, 6, 64),
     ] {
+        if !matches!(bits, 4 | 8) && !kernels::runs_narrow(bits) {
+            continue;
+        }
         let q = QuantizedMatrix::quantize(&rand(rows, cols).to_dtype(DType::BF16)?, bits, gs)?;
+        if !matches!(bits, 4 | 8) {
+            // The same matrix widened to 4 or 8 bits (what CPUs without VBMI run), beside.
+            let wide = q.clone().widened();
+            let act = kernels::Q8Act::new(&wide, &rand(1, cols).flatten_all()?.to_vec1::<f32>()?).expect("int8 path");
+            let (GroupParams::Bf16(s), GroupParams::Bf16(b)) = (&wide.scales, &wide.biases) else { unreachable!() };
+            let bytes = (wide.packed.len() * 4 + s.len() * 4) as f64;
+            let reps = (2e9 / bytes) as usize + 1;
+            let mut out = vec![0f32; rows];
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                kernels::rows_q8(kernels::Level::Vnni512, &wide.packed, wide.bits, gs, s, b, &act, &mut out);
+            }
+            let dt = t.elapsed().as_secs_f64();
+            println!("{rows}x{cols} {bits}-bit g{gs} widened to {}: {:.1} GB/s, {:.0} us", wide.bits, bytes * reps as f64 / dt / 1e9, dt / reps as f64 * 1e6);
+        }
         let x: Vec<f32> = rand(1, cols).flatten_all()?.to_vec1()?;
         let act = kernels::Q8Act::new(&q, &x).expect("int8 path");
         let (GroupParams::Bf16(s), GroupParams::Bf16(b)) = (&q.scales, &q.biases) else { unreachable!() };

@@ -480,6 +480,78 @@ unsafe fn act_bytes(x: *const u8, e: usize, half: bool) -> __m512i {
     }
 }
 
+/// For [`narrow_bytes`] of `BITS`-bit codes: the byte of the load each byte of the result
+/// takes (qword j gets bytes BITS * j.., which hold elements 8j..8j + 8), and the bit within
+/// its qword where each element starts.
+const fn narrow_tables<const BITS: usize>() -> [[u8; 64]; 2] {
+    let mut t = [[0u8; 64]; 2];
+    let mut k = 0;
+    while k < 64 {
+        let (j, p) = (k / 8, k % 8);
+        let from = BITS * j + p;
+        t[0][k] = if from < 64 { from as u8 } else { 63 };
+        t[1][k] = (p * BITS) as u8;
+        k += 1;
+    }
+    t
+}
+
+/// 64 codes of `BITS` bits (fewer than 8) at element `e` (a multiple of 32) of a row's
+/// bitstream `w`, one a byte (`half`: 32, the rest zero): a masked load of the 8 * BITS bytes
+/// (never past them), `vpermb` spreading each 8 elements' BITS bytes to a qword, and
+/// `vpmultishiftqb` taking each element's bits to its byte.
+///
+/// # Safety
+/// AVX-512F/BW and VBMI must be available; the codes lie inside the row.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+unsafe fn narrow_bytes<const BITS: usize>(w: *const u8, e: usize, half: bool) -> __m512i {
+    let [from, shifts] = const { narrow_tables::<BITS>() };
+    let n = if half { 4 * BITS } else { 8 * BITS };
+    // SAFETY: the mask keeps the load to the n bytes of these codes, inside the row.
+    unsafe {
+        let raw = _mm512_maskz_loadu_epi8((1u64 << n) - 1, w.add(e * BITS / 8) as *const i8);
+        let spread = _mm512_permutexvar_epi8(_mm512_loadu_si512(from.as_ptr() as *const _), raw);
+        let fields = _mm512_multishift_epi64_epi8(_mm512_loadu_si512(shifts.as_ptr() as *const _), spread);
+        _mm512_and_si512(fields, _mm512_set1_epi8(((1u32 << BITS) - 1) as i8))
+    }
+}
+
+/// `n` codes (a multiple of 32) of a `bits`-bit row bitstream (5 or 6 bits), one a byte
+/// into `out` ([`narrow_bytes`]; the prefill products read them as 8-bit rows).
+///
+/// # Safety
+/// AVX-512F/BW and VBMI must be available; `w` holds the n codes' n * bits / 8 bytes and
+/// `out` at least n bytes.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+pub(super) unsafe fn unpack_narrow(bits: usize, w: *const u8, n: usize, out: &mut [u8]) {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    unsafe fn run<const BITS: usize>(w: *const u8, n: usize, out: &mut [u8]) {
+        // SAFETY: as the caller's; each store writes at most the 64 bytes of its run, inside
+        // out (a last run of 32 with a 32-byte store).
+        unsafe {
+            for e in (0..n).step_by(64) {
+                let half = n - e < 64;
+                let v = narrow_bytes::<BITS>(w, e, half);
+                if half {
+                    _mm256_storeu_si256(out.as_mut_ptr().add(e) as *mut __m256i, _mm512_castsi512_si256(v));
+                } else {
+                    _mm512_storeu_si512(out.as_mut_ptr().add(e) as *mut _, v);
+                }
+            }
+        }
+    }
+    assert!(out.len() >= n && n % 32 == 0, "unpack_narrow: {n} codes into {} bytes", out.len());
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match bits {
+            5 => run::<5>(w, n, out),
+            6 => run::<6>(w, n, out),
+            _ => unreachable!("unpack_narrow: {bits}-bit codes"),
+        }
+    }
+}
+
 /// How far ahead of its reads [`rows_q8_512`] asks for a row's bytes, at least: the distance is
 /// a whole number of its blocks of rows (`ahead`), so that each row's prefetches land in a
 /// later block, never in a row being read beside it. (A fixed 16 KiB ahead of rows of 8 KiB,
@@ -509,6 +581,29 @@ const fn ahead(block: usize) -> usize {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn rows_q8_512<S: super::Scale, const BITS: usize, const GS: usize, const R: usize>(rows: &[u32], s: &[S], b: &[S], act: &super::kernels::Q8Act, out: &mut [f32]) {
+    // SAFETY: forwarded from the caller; the features of the body's 4- and 8-bit paths.
+    unsafe { rows_q8_512_body::<S, BITS, GS, R>(rows, s, b, act, out) }
+}
+
+/// [`rows_q8_512`] for 5- and 6-bit codes, read as stored and spread to bytes as they
+/// load ([`narrow_bytes`]: AVX-512 VBMI).
+///
+/// # Safety
+/// As [`rows_q8_512`], with AVX-512 VBMI available.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+unsafe fn rows_q8_512_narrow<S: super::Scale, const BITS: usize, const GS: usize, const R: usize>(rows: &[u32], s: &[S], b: &[S], act: &super::kernels::Q8Act, out: &mut [f32]) {
+    // SAFETY: forwarded from the caller.
+    unsafe { rows_q8_512_body::<S, BITS, GS, R>(rows, s, b, act, out) }
+}
+
+/// The body of [`rows_q8_512`] and [`rows_q8_512_narrow`], which take its features by
+/// inlining it (compiled alone it would call the intrinsics instead of inlining them).
+///
+/// # Safety
+/// As [`rows_q8_512`] (and [`rows_q8_512_narrow`] for widths other than 4 and 8).
+#[inline(always)]
+unsafe fn rows_q8_512_body<S: super::Scale, const BITS: usize, const GS: usize, const R: usize>(rows: &[u32], s: &[S], b: &[S], act: &super::kernels::Q8Act, out: &mut [f32]) {
     let cols = act.codes.len();
     let (xc, xf) = (act.codes.as_ptr() as *const u8, act.fine.as_ptr() as *const u8);
     let groups = cols / GS;
@@ -520,14 +615,16 @@ unsafe fn rows_q8_512<S: super::Scale, const BITS: usize, const GS: usize, const
     // 4: 16.1-16.8 -> 21.8-22.7 GB/s). Shorter ones share lines with the next rows' (SmolLM2's
     // 576 columns: 18-36 bytes a row), where a prefetch per row cost more than it saved.
     let fetch_params = groups * std::mem::size_of::<S>() >= 64;
-    let (fine, finef) = (_mm512_set1_epi32(super::kernels::FINE as i32), _mm512_set1_ps(super::kernels::FINE));
-    let mut acc = [_mm512_setzero_ps(); R];
-    let mut bacc = [_mm512_setzero_ps(); R];
+    // SAFETY: the caller's features (AVX-512F among them) are this body's.
+    let (fine, finef) = unsafe { (_mm512_set1_epi32(super::kernels::FINE as i32), _mm512_set1_ps(super::kernels::FINE)) };
+    // SAFETY: as above.
+    let mut acc = [unsafe { _mm512_setzero_ps() }; R];
+    let mut bacc = acc;
     assert!(BITS != 4 || (act.pair_codes.len() == cols && act.pair_fine.len() == cols), "4-bit decode activations come paired (Q8Act::new)");
     // Groups per step: a step's scales and biases fill one 16-lane vector (`lane_groups`
     // covers 16 runs: 16 groups of any size for 4 bits, of 32 or 64 for 8 bits), half of one
     // for 8-bit groups of 128. A row of SmolLM2 (576 elements, 9 groups of 64) is one step.
-    let per_step = if BITS == 8 && GS == 128 { 8 } else { 16 };
+    let per_step = if BITS != 4 && GS == 128 { 8 } else { 16 };
     // SAFETY (whole body): every run read lies inside its row and the activation codes
     // (runs stop at `cols`, a last 8-bit run of 32 elements is read as a half); the
     // per-group loads are masked to the step's groups; the caller guarantees `rows` holds R
@@ -584,7 +681,8 @@ unsafe fn rows_q8_512<S: super::Scale, const BITS: usize, const GS: usize, const
                 }
                 continue;
             }
-            // 8 bits: 64 elements per step, the bytes as they are.
+            // 8 bits: 64 elements per step, the bytes as they are; 5 and 6 bits: the
+            // same, their 8 * BITS bytes spread to one a code as they load.
             let runs = const { lane_groups::<BITS, GS>() };
             for (k, lanes) in runs.iter().enumerate().take((end - first).div_ceil(64)) {
                 let e = first + 64 * k;
@@ -593,12 +691,18 @@ unsafe fn rows_q8_512<S: super::Scale, const BITS: usize, const GS: usize, const
                 let lanes = _mm512_loadu_si512(lanes.as_ptr() as *const _);
                 for r in 0..R {
                     let w = (rows.as_ptr() as *const u8).add(r * row_bytes);
-                    _mm_prefetch::<_MM_HINT_T1>(w.wrapping_add(e + ahead) as *const i8);
-                    let v = run_bytes(w, e, half);
+                    _mm_prefetch::<_MM_HINT_T1>(w.wrapping_add(e * BITS / 8 + ahead) as *const i8);
+                    let v = if BITS == 8 { run_bytes(w, e, half) } else { narrow_bytes::<BITS>(w, e, half) };
                     let (ci, fi) = (_mm512_dpbusd_epi32(_mm512_setzero_si512(), v, c), _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, f));
-                    // An 8-bit lane's coarse sum may not fit an i16: join the levels in f32
-                    // (exact below 2^24, within 2^-24 relative above).
-                    let joined = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ci), finef, _mm512_cvtepi32_ps(fi));
+                    let joined = if BITS <= 6 {
+                        // A lane's coarse sum (4 codes <= 63 times int8) fits an i16: as for
+                        // 4 bits, `vpdpwssd` adds 254 times it.
+                        _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(fi, ci, fine))
+                    } else {
+                        // An 8-bit lane's coarse sum may not fit an i16: join the levels in
+                        // f32 (exact below 2^24, within 2^-24 relative above).
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(ci), finef, _mm512_cvtepi32_ps(fi))
+                    };
                     acc[r] = _mm512_fmadd_ps(joined, _mm512_permutexvar_ps(lanes, sx[r]), acc[r]);
                 }
             }
@@ -646,8 +750,8 @@ const SHORT_ROW_BYTES_512: usize = 8192;
 /// rows of up to [`SHORT_ROW_BYTES_512`] 4 at a time.
 ///
 /// # Safety
-/// AVX2, FMA, F16C, AVX-512F/BW/VL and AVX-512 VNNI must be available; `rows` holds
-/// `out.len()` rows; otherwise as [`rows_q8`].
+/// AVX2, FMA, F16C, AVX-512F/BW/VL and AVX-512 VNNI must be available, and AVX-512 VBMI for
+/// 5- and 6-bit codes; `rows` holds `out.len()` rows; otherwise as [`rows_q8`].
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn rows_q8_vnni512<S: super::Scale>(rows: &[u32], bits: usize, group_size: usize, s: &[S], b: &[S], act: &super::kernels::Q8Act, out: &mut [f32]) {
     let words = act.codes.len() * bits / 32;
@@ -672,10 +776,34 @@ pub unsafe fn rows_q8_vnni512<S: super::Scale>(rows: &[u32], bits: usize, group_
                 (8, 32, _) => rows_q8_512::<S, 8, 32, 1>(rows, s, b, act, out),
                 (8, 64, _) => rows_q8_512::<S, 8, 64, 1>(rows, s, b, act, out),
                 (8, 128, _) => rows_q8_512::<S, 8, 128, 1>(rows, s, b, act, out),
-                _ => unreachable!("Q8Act::new admits 4 and 8 bits, groups of 32, 64 and 128"),
+                (5, ..) => narrow_512::<S, 5>(group_size, n, rows, s, b, act, out),
+                (6, ..) => narrow_512::<S, 6>(group_size, n, rows, s, b, act, out),
+                _ => unreachable!("Q8Act::new admits 4, 5, 6 and 8 bits, groups of 32, 64 and 128"),
             }
         }
         r += n;
+    }
+}
+
+/// [`rows_q8_512_narrow`] for `n` rows (4 or 1) of `BITS`-bit codes in groups of
+/// `group_size`.
+///
+/// # Safety
+/// As [`rows_q8_512_narrow`]; `out` holds n outputs.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+unsafe fn narrow_512<S: super::Scale, const BITS: usize>(group_size: usize, n: usize, rows: &[u32], s: &[S], b: &[S], act: &super::kernels::Q8Act, out: &mut [f32]) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match (group_size, n) {
+            (32, 4) => rows_q8_512_narrow::<S, BITS, 32, 4>(rows, s, b, act, out),
+            (64, 4) => rows_q8_512_narrow::<S, BITS, 64, 4>(rows, s, b, act, out),
+            (128, 4) => rows_q8_512_narrow::<S, BITS, 128, 4>(rows, s, b, act, out),
+            (32, _) => rows_q8_512_narrow::<S, BITS, 32, 1>(rows, s, b, act, out),
+            (64, _) => rows_q8_512_narrow::<S, BITS, 64, 1>(rows, s, b, act, out),
+            (128, _) => rows_q8_512_narrow::<S, BITS, 128, 1>(rows, s, b, act, out),
+            _ => unreachable!("Q8Act::new admits groups of 32, 64 and 128"),
+        }
     }
 }
 
