@@ -3,7 +3,8 @@
 //! template rebuilt from the `tokenizer.ggml.*` metadata. Tensors are dequantized to f32,
 //! except, when asked ([`load_with`]), projection and embedding matrices in Q4_0, Q4_1, Q5_0,
 //! Q5_1, Q8_0, Q4_K or Q5_K, which stay packed as MLX affine groups of 32 ([`block_to_affine`],
-//! no loss; the 5-bit types' codes held as 8-bit ones), and MXFP4 experts, which always stay packed; config.json then has a
+//! no loss; the model builder widens 5-bit codes to bytes where the CPU does not read them as
+//! stored), and MXFP4 experts, which always stay packed; config.json then has a
 //! `quantization` block for them. Q6_K, Q3_K and Q2_K (groups of 16) are dequantized, or
 //! when packing, requantized to 8-bit groups of 32 ([`requantize8`]).
 //!
@@ -478,8 +479,8 @@ fn narrow_params(scales: Tensor, biases: Tensor) -> lmx_core::Result<(Tensor, Te
 
 /// A matrix stored as GGML Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K or Q5_K (`ggml_type`; `raw` its
 /// blocks, `dims` its shape, rows first) in MLX's affine format without loss: packed words
-/// (an LSB-first bitstream of 4- or 8-bit codes: 5-bit codes are widened to 8 bits, below),
-/// scales and biases of groups of 32, and the bits. Every element of these formats is `scale * q + bias` for its group of 32: Q4_0
+/// (an LSB-first bitstream of 4-, 5- or 8-bit codes), scales and biases of groups of 32, and
+/// the bits. Every element of these formats is `scale * q + bias` for its group of 32: Q4_0
 /// `d (q - 8)` is scale `d`, bias `-8 d`; Q4_1 `d q + m`; Q5_0 `d (q - 16)`; Q5_1 `d q + m`;
 /// Q8_0 `d q` (q signed) is code `q + 128`, bias `-128 d`; Q4_K and Q5_K sub-blocks of 32 are
 /// `d sc q - dmin m` with 6-bit `sc` and `m`, scale `d sc` (exact in f32) and bias `-dmin m`.
@@ -489,19 +490,18 @@ fn narrow_params(scales: Tensor, biases: Tensor) -> lmx_core::Result<(Tensor, Te
 /// types, each `d` and `m` an f16), else f32 (the K-quants' products `d sc`). MLX's own GGUF
 /// reader keeps Q4_0, Q4_1 and Q8_0 the same way. None for any other type.
 pub fn block_to_affine(ggml_type: u32, raw: &[u8], dims: &[usize]) -> Option<lmx_core::Result<(Tensor, Tensor, Tensor, usize)>> {
-    // The packed width: 5-bit codes are held one to a byte, as 8-bit codes, so that the integer
-    // kernels (4 and 8 bits) multiply them; a 5-bit bitstream went through the float kernels,
-    // ~10x slower a byte (SmolLM2 Q4_K_M, whose matrices are mostly Q5_0, decoded at 10.6
-    // tok/s on 1 thread against llama.cpp's 97). The cost is memory: 1.125 bytes a weight
-    // with f16 scales and biases instead of 0.69.
+    // 5-bit codes stay a 5-bit bitstream (0.75 bytes a weight with f16 scales and biases):
+    // the model builder widens them to bytes where the integer kernels do not read 5 bits
+    // (`QuantizedMatrix::for_integer_kernels`; 1.125 bytes a weight), as it widens an MLX
+    // 5-bit folder's.
     let (block_bytes, block_len, bits) = match ggml_type {
         GGML_Q4_0 => (18, 32, 4),
         GGML_Q4_1 => (20, 32, 4),
-        GGML_Q5_0 => (22, 32, 8),
-        GGML_Q5_1 => (24, 32, 8),
+        GGML_Q5_0 => (22, 32, 5),
+        GGML_Q5_1 => (24, 32, 5),
         GGML_Q8_0 => (34, 32, 8),
         GGML_Q4_K => (144, 256, 4),
-        GGML_Q5_K => (176, 256, 8),
+        GGML_Q5_K => (176, 256, 5),
         _ => return None,
     };
     // A group of 32 codes of `bits` bits fills exactly `bits` words of the bitstream, so each
@@ -518,6 +518,7 @@ pub fn block_to_affine(ggml_type: u32, raw: &[u8], dims: &[usize]) -> Option<lmx
         for ((raw, words), (scales, biases)) in parts {
             let mut convert = move || match bits {
                 4 => blocks_to_groups::<4>(ggml_type, block_bytes, raw, words, scales, biases),
+                5 => blocks_to_groups::<5>(ggml_type, block_bytes, raw, words, scales, biases),
                 _ => blocks_to_groups::<8>(ggml_type, block_bytes, raw, words, scales, biases),
             };
             if threads == 1 {
@@ -551,6 +552,13 @@ pub fn block_to_affine(ggml_type: u32, raw: &[u8], dims: &[usize]) -> Option<lmx
         Ok((Tensor::from_vec(words, shape(bits), &Device::Cpu)?, s, b, bits))
     })();
     Some(made)
+}
+
+/// Words viewed as their bytes (little-endian: the bitstream's order).
+fn word_bytes(words: &mut [u32]) -> &mut [u8] {
+    // SAFETY: u32 words are 4 initialized bytes each, any byte pattern is a valid u32, and
+    // the borrow is carried over.
+    unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, words.len() * 4) }
 }
 
 /// The low nibbles of the 8 bytes of `bytes` (each byte below 16) as one word, byte k's in
@@ -591,7 +599,7 @@ fn blocks_to_groups<const BITS: usize>(ggml_type: u32, block_bytes: usize, raw: 
     let mut g = 0;
     // `put` stores group g's words, scale and bias; `pack` makes the words of 32 codes (each
     // below 2^BITS): 8 bits are the bytes themselves; 4 bits, eight codes a word, code k in
-    // bits 4k.
+    // bits 4k; 5 bits, the LSB-first bitstream, code k at bit 5k of the group's 5 words.
     let mut put = |g: &mut usize, out: [u32; BITS], scale: f32, bias: f32| {
         words[*g * BITS..(*g + 1) * BITS].copy_from_slice(&out);
         scales[*g] = scale;
@@ -600,6 +608,15 @@ fn blocks_to_groups<const BITS: usize>(ggml_type: u32, block_bytes: usize, raw: 
     };
     let pack = |codes: [u8; 32]| -> [u32; BITS] {
         let mut out = [0u32; BITS];
+        if BITS == 5 {
+            // Eight codes fill 40 bits: five bytes of the bitstream.
+            let bytes: &mut [u8] = word_bytes(&mut out);
+            for (c, o) in codes.chunks_exact(8).zip(bytes.chunks_exact_mut(5)) {
+                let v = c.iter().enumerate().fold(0u64, |v, (k, &q)| v | u64::from(q) << (5 * k));
+                o.copy_from_slice(&v.to_le_bytes()[..5]);
+            }
+            return out;
+        }
         for (w, c) in out.iter_mut().zip(codes.chunks_exact(32 / BITS)) {
             *w = if BITS == 8 { u32::from_le_bytes([c[0], c[1], c[2], c[3]]) } else { nibbles_to_word(u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])) };
         }
@@ -633,15 +650,19 @@ fn blocks_to_groups<const BITS: usize>(ggml_type: u32, block_bytes: usize, raw: 
                     for half in 0..2 {
                         let (scale, min) = scale_min(2 * run + half);
                         let mut out = [0u32; BITS];
+                        let mut codes = [0u8; 32];
                         for i in 0..4 {
                             let low = (eight(qs, 32 * run + 8 * i) >> (4 * half)) & LOW;
                             match qh {
                                 None => out[i] = nibbles_to_word(low),
                                 Some(h) => {
-                                    let codes = low | ((eight(h, 8 * i) >> (2 * run + half)) & 0x0101_0101_0101_0101) << 4;
-                                    (out[2 * i], out[2 * i + 1]) = (codes as u32, (codes >> 32) as u32);
+                                    let eight_codes = low | ((eight(h, 8 * i) >> (2 * run + half)) & 0x0101_0101_0101_0101) << 4;
+                                    codes[8 * i..8 * i + 8].copy_from_slice(&eight_codes.to_le_bytes());
                                 }
                             }
+                        }
+                        if qh.is_some() {
+                            out = pack(codes);
                         }
                         put(&mut g, out, scale, -min);
                     }
@@ -1282,8 +1303,13 @@ mod tests {
             let q = QTensor::quantize(&w, dtype).expect("quantize");
             let raw = q.data().expect("blocks");
             let (packed, scales, biases, bits) = block_to_affine(id, &raw, &[rows, cols]).expect("an affine block type").expect("converts");
-            // 5-bit codes are held as bytes, for the integer kernels.
-            assert_eq!(bits, if matches!(id, GGML_Q4_0 | GGML_Q4_1 | GGML_Q4_K) { 4 } else { 8 }, "{dtype:?}");
+            // 5-bit codes stay a 5-bit bitstream (the builder widens them where needed).
+            let want_bits = match id {
+                GGML_Q4_0 | GGML_Q4_1 | GGML_Q4_K => 4,
+                GGML_Q5_0 | GGML_Q5_1 | GGML_Q5_K => 5,
+                _ => 8,
+            };
+            assert_eq!(bits, want_bits, "{dtype:?}");
             // As the layer builder places them for an f32 model.
             let f32 = |t: &Tensor| t.to_dtype(lmx_core::DType::F32).expect("f32");
             let m = lmx_core::quant::QuantizedMatrix::from_tensors(&packed, &f32(&scales), &f32(&biases), bits, 32).expect("an MLX matrix");
