@@ -421,10 +421,6 @@ impl Builder {
         // 5 and 6 on CPUs without AVX-512 VBMI, in training (whose exact products dequantize 4- and 8-bit
         // groups fastest), and on a GPU unless `LMX_CUDA_WIDEN=0` (its float kernels read
         // every width).
-        // GGUF's Q6_K in 6-bit groups of 16 (`Q6K_FORM`) runs as stored only where the CPU's
-        // kernels read it; elsewhere (a GPU, no AVX-512 VBMI, training) as 8-bit groups of 32.
-        let runs_sixteens = self.shared.device.is_cpu() && !training && lmx_core::quant::runs_narrow(6);
-        let q = if q.group_size == 16 && !runs_sixteens { q.requantized8().map_err(|e| err(e.to_string()))? } else { q };
         let q = if self.shared.device.is_cpu() && !training {
             q.for_integer_kernels()
         } else if self.shared.device.is_cpu() || std::env::var("LMX_CUDA_WIDEN").map_or(true, |v| v != "0") {

@@ -587,8 +587,6 @@ fn gemm_block(q: &QuantizedMatrix, w: &[u32], s: &[f32], b: &[f32], acts: &[&Q8A
             (8, 32) => k::<8, 32>(w, s, b, groups, acts, out),
             (8, 64) => k::<8, 64>(w, s, b, groups, acts, out),
             (8, 128) => k::<8, 128>(w, s, b, groups, acts, out),
-            // Q6K_FORM's rows, unpacked to bytes.
-            (8, 16) => k::<8, 16>(w, s, b, groups, acts, out),
             _ => unreachable!("Q8Act::fits admits 4 and 8 bits, groups of 32, 64 and 128"),
         }
     }
@@ -921,8 +919,6 @@ impl Q8Act {
             8 => true,
             b => runs_narrow(b),
         };
-        // Groups of 16 ([`super::Q6K_FORM`]) only in the 512-bit 6-bit kernel.
-        let bits = bits && (q.group_size != 16 || (q.bits, q.group_size) == super::Q6K_FORM);
         bits && q.scales.dtype() == q.biases.dtype()
     }
 

@@ -194,13 +194,6 @@ pub struct QuantizedMatrix {
     on_device: std::sync::OnceLock<cuda::DeviceCopy>,
 }
 
-/// lmx's in-memory form beside MLX's affine ones: 6-bit codes in groups of 16, GGUF's Q6_K
-/// without loss (scale `d sc` rounded to f16, bias `-32` times it). Only a model on a CPU
-/// whose kernels read it holds it ([`kernels::runs_narrow`]); elsewhere the model builder
-/// takes [`QuantizedMatrix::requantized8`]. Never written to a checkpoint (MLX has no groups
-/// of 16).
-pub const Q6K_FORM: (usize, usize) = (6, 16);
-
 /// Checks bits and group size against MLX's affine mode.
 /// The error is (what is unsupported, what to use instead).
 pub fn check_spec(bits: usize, group_size: usize) -> std::result::Result<(), (String, &'static str)> {
@@ -274,9 +267,7 @@ impl QuantizedMatrix {
 
     /// Wraps checkpoint tensors (`weight` u32, `scales`, `biases`), checking their shapes.
     pub fn from_tensors(packed: &Tensor, scales: &Tensor, biases: &Tensor, bits: usize, group_size: usize) -> Result<Self> {
-        if (bits, group_size) != Q6K_FORM {
-            check_spec(bits, group_size).map_err(spec_error)?;
-        }
+        check_spec(bits, group_size).map_err(spec_error)?;
         let (rows, words) = packed.dims2()?;
         if packed.dtype() != DType::U32 {
             candle_core::bail!("a quantized weight must be uint32, found {:?}", packed.dtype());
@@ -674,9 +665,6 @@ mod arm;
 pub(crate) mod cuda;
 pub(crate) mod kernels;
 mod op;
-mod regroup;
-pub use kernels::runs_narrow;
-pub use regroup::requantize8;
 #[cfg(test)]
 mod tests;
 #[cfg(target_arch = "x86_64")]

@@ -7,27 +7,6 @@ fn rand(rows: usize, cols: usize) -> Tensor {
     Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).expect("randn")
 }
 
-/// A random rows x cols matrix of `bits`-bit codes in groups of `group`, scales and biases in
-/// `dtype`: quantized by MLX's quantizer, or for [`Q6K_FORM`] (groups of 16, which it does
-/// not make) 6-bit codes with scales and biases of their own for each 16.
-fn random_matrix(rows: usize, cols: usize, bits: usize, group: usize, dtype: DType) -> Result<QuantizedMatrix> {
-    let w = rand(rows, cols).to_dtype(dtype)?;
-    if (bits, group) != Q6K_FORM {
-        return QuantizedMatrix::quantize(&w, bits, group);
-    }
-    let (packed, _, _) = QuantizedMatrix::quantize(&w, 6, 32)?.to_tensors()?;
-    let scales = (rand(rows, cols / 16) * 0.05)?.to_dtype(dtype)?;
-    let biases = (rand(rows, cols / 16) * 0.5)?.to_dtype(dtype)?;
-    QuantizedMatrix::from_tensors(&packed, &scales, &biases, 6, 16)
-}
-
-/// The group sizes the integer kernels take for `bits`: MLX's, and 16 for 6 bits where this
-/// CPU reads [`Q6K_FORM`].
-fn kernel_groups(bits: usize) -> Vec<usize> {
-    let sixteen = (bits, 16) == Q6K_FORM && kernels::runs_narrow(bits);
-    sixteen.then_some(16).into_iter().chain([32, 64, 128]).collect()
-}
-
 #[test]
 fn bitstream_layout_is_lsb_first() {
     // 4-bit: element k of a word sits at bits 4k..4k+3, the first in the lowest nibble.
@@ -223,16 +202,16 @@ fn int8_decode_kernels_match_scalar() -> Result<()> {
     let narrow: Vec<usize> = [2usize, 3, 5, 6].into_iter().filter(|&b| kernels::runs_narrow(b)).collect();
     eprintln!("widths read as stored beside 4 and 8 bits: {narrow:?}");
     for bits in [4usize, 8].into_iter().chain(narrow) {
-        for group in kernel_groups(bits) {
+        for group in [32usize, 64, 128] {
             // 608 = 19 groups of 32: a last 8-bit (or narrower) run of 32 elements; 576
             // (SmolLM2's width): a last 4-bit run of 64 outside the 128-element spans of the
             // 512-bit kernel; 4224 = 33 groups of 128: steps of 16 groups and a last one of 1.
             for cols in [640usize, 1152, 608, 576, 4224] {
-                if (cols == 608 && (bits == 4 || group > 32)) || cols % group != 0 {
+                if (cols == 608 && (bits == 4 || group != 32)) || cols % group != 0 {
                     continue;
                 }
                 for dtype in [DType::BF16, DType::F16, DType::F32] {
-                    let q = random_matrix(7, cols, bits, group, dtype)?;
+                    let q = QuantizedMatrix::quantize(&rand(7, cols).to_dtype(dtype)?, bits, group)?;
                     let x: Vec<f32> = rand(1, cols).flatten_all()?.to_vec1()?;
                     let act = kernels::Q8Act::new(&q, &x).expect("these rows take the integer kernels");
                     // 7 rows: the 4-row kernels, then one at a time.
@@ -304,11 +283,11 @@ fn two_level_activations_reconstruct_x() -> Result<()> {
 fn int8_prefill_product_matches_scalar() -> Result<()> {
     let narrow = [2usize, 3, 5, 6].into_iter().filter(|&b| kernels::runs_narrow(b));
     for bits in [4usize, 8].into_iter().chain(narrow) {
-        for group in kernel_groups(bits) {
+        for group in [32usize, 64, 128] {
             for dtype in [DType::BF16, DType::F16, DType::F32] {
                 let cols = 640;
-                let a = random_matrix(37, cols, bits, group, dtype)?;
-                let b = random_matrix(20, cols, bits, group, dtype)?;
+                let a = QuantizedMatrix::quantize(&rand(37, cols).to_dtype(dtype)?, bits, group)?;
+                let b = QuantizedMatrix::quantize(&rand(20, cols).to_dtype(dtype)?, bits, group)?;
                 if !kernels::q8_gemm_applies(&[&a, &b]) {
                     eprintln!("skipped: no AVX-512 VNNI on this CPU");
                     return Ok(());
@@ -381,16 +360,12 @@ fn kernel_speed() -> Result<()> {
         (16384, 8192, 6, 64),
         (16384, 8192, 5, 64),
         (49152, 576, 6, 64),
-        (16384, 8192, 6, 16),
-        (2048, 8192, 6, 16),
-        (16384, 8192, 8, 32),
-        (2048, 8192, 8, 32),
     ] {
         if !matches!(bits, 4 | 8) && !kernels::runs_narrow(bits) {
             continue;
         }
-        let q = random_matrix(rows, cols, bits, gs, DType::BF16)?;
-        if !matches!(bits, 4 | 8) && gs != 16 {
+        let q = QuantizedMatrix::quantize(&rand(rows, cols).to_dtype(DType::BF16)?, bits, gs)?;
+        if !matches!(bits, 4 | 8) {
             // The same matrix widened to 4 or 8 bits (what CPUs without VBMI run), beside.
             let wide = q.clone().widened();
             let act = kernels::Q8Act::new(&wide, &rand(1, cols).flatten_all()?.to_vec1::<f32>()?).expect("int8 path");

@@ -796,15 +796,13 @@ unsafe fn narrow_512<S: super::Scale, const BITS: usize>(group_size: usize, n: u
     // SAFETY: forwarded from the caller.
     unsafe {
         match (group_size, n) {
-            (16, 4) if BITS == 6 => rows_q8_512_narrow::<S, 6, 16, 4>(rows, s, b, act, out),
-            (16, _) if BITS == 6 => rows_q8_512_narrow::<S, 6, 16, 1>(rows, s, b, act, out),
             (32, 4) => rows_q8_512_narrow::<S, BITS, 32, 4>(rows, s, b, act, out),
             (64, 4) => rows_q8_512_narrow::<S, BITS, 64, 4>(rows, s, b, act, out),
             (128, 4) => rows_q8_512_narrow::<S, BITS, 128, 4>(rows, s, b, act, out),
             (32, _) => rows_q8_512_narrow::<S, BITS, 32, 1>(rows, s, b, act, out),
             (64, _) => rows_q8_512_narrow::<S, BITS, 64, 1>(rows, s, b, act, out),
             (128, _) => rows_q8_512_narrow::<S, BITS, 128, 1>(rows, s, b, act, out),
-            _ => unreachable!("Q8Act::new admits groups of 32, 64 and 128 (and 16 for 6 bits)"),
+            _ => unreachable!("Q8Act::new admits groups of 32, 64 and 128"),
         }
     }
 }
