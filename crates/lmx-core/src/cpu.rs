@@ -190,7 +190,8 @@ pub(crate) const MIN_ROWS_PER_THREAD: usize = 16;
 /// `x @ w^T` for several f32 rows (prefill of f32 models) on the decode pool: blocks of 64
 /// output columns split over its threads, each a single-threaded gemm (candle's matmul
 /// would run on rayon, whose workers fight the pool's spinning ones for the cores).
-/// `x`: (.., k) contiguous; `w`: (n, k) contiguous; no backward.
+/// `x`: (.., k) contiguous; `w`: (n, k) contiguous, f32 or f16 (widened a block at a time);
+/// no backward.
 pub struct F32Linear;
 
 impl CustomOp2 for F32Linear {
@@ -204,18 +205,37 @@ impl CustomOp2 for F32Linear {
         if dims.last() != Some(&k) {
             candle_core::bail!("f32 linear: input {dims:?} does not end in {k} features");
         }
-        let (x, w) = (contiguous::<f32>(xs, xl)?, contiguous::<f32>(ws, wl)?);
+        let x = contiguous::<f32>(xs, xl)?;
+        // f16 weights (an f16 checkpoint's, kept as stored in an f32 model) are widened a
+        // block of rows at a time into a scratch reused by the range's blocks, the same values
+        // the f32 product reads: a whole f32 copy per product had cost fresh pages (a 1B
+        // model's prompt spent 20% of its samples zeroing them).
+        let (w32, w16) = match ws.dtype() {
+            DType::F16 => (None, Some(contiguous::<f16>(ws, wl)?)),
+            _ => (Some(contiguous::<f32>(ws, wl)?), None),
+        };
         let m = x.len() / k;
         let mut y = vec![0f32; m * n];
         let y_ptr = SendPtr(y.as_mut_ptr());
         const BLOCK: usize = 64;
         parallel_ranges(n.div_ceil(BLOCK), 1, |blocks| {
+            let mut scratch = Vec::new();
             for blk in blocks {
                 let (c0, nb) = (blk * BLOCK, BLOCK.min(n - blk * BLOCK));
+                let rows: &[f32] = match (w32, w16) {
+                    (Some(w), _) => &w[c0 * k..(c0 + nb) * k],
+                    (_, Some(w)) => {
+                        use half::slice::HalfFloatSliceExt;
+                        scratch.resize(nb * k, 0f32);
+                        w[c0 * k..(c0 + nb) * k].convert_to_f32_slice(&mut scratch);
+                        &scratch
+                    }
+                    _ => unreachable!("one of the two dtypes"),
+                };
                 // SAFETY: this block alone writes columns c0..c0 + nb of y (m, n); x is (m, k)
-                // and rows c0..c0 + nb of w (n, k) are read as the (k, nb) right operand.
+                // and `rows` (nb, k) are read as the (k, nb) right operand.
                 unsafe {
-                    let (lhs, rhs) = (Mat { ptr: x.as_ptr(), rs: k as isize, cs: 1 }, Mat { ptr: w.as_ptr().add(c0 * k), rs: 1, cs: k as isize });
+                    let (lhs, rhs) = (Mat { ptr: x.as_ptr(), rs: k as isize, cs: 1 }, Mat { ptr: rows.as_ptr(), rs: 1, cs: k as isize });
                     gemm_f32_serial(m, nb, k, y_ptr.get().add(c0), n as isize, lhs, rhs);
                 }
             }
@@ -350,24 +370,6 @@ pub(crate) fn matvec_f16(w: &[f16], x: &[f32], m: usize, k: usize, y: &mut [f32]
     let n = w.len() / k.max(1);
     assert!(k > 0 && w.len() == n * k && x.len() == m * k && y.len() == m * n, "matvec: w {} / x {} / y {} values for rows of {k}", w.len(), x.len(), y.len());
     matvec_rows(w, x, m, k, n, y, |row, i| scalar::dot_f16(&w[row * k..(row + 1) * k], &x[i * k..(i + 1) * k]));
-}
-
-/// An f16 CPU matrix as f32, converted on the decode pool (F16C where the CPU has it).
-pub(crate) fn widen_f16(w: &candle_core::Tensor) -> Result<candle_core::Tensor> {
-    use half::slice::HalfFloatSliceExt;
-    let (storage, layout) = w.storage_and_layout();
-    let candle_core::Storage::Cpu(s) = &*storage else { candle_core::bail!("widen_f16: the matrix is not on the CPU") };
-    let src = contiguous::<f16>(s, layout)?;
-    let mut out = vec![0f32; src.len()];
-    let dst = SendPtr(out.as_mut_ptr());
-    const CHUNK: usize = 1 << 16;
-    parallel_ranges(src.len().div_ceil(CHUNK), 1, |chunks| {
-        let (lo, hi) = (chunks.start * CHUNK, (chunks.end * CHUNK).min(src.len()));
-        // SAFETY: elements lo..hi of `out` (which outlives the call) are this range's alone.
-        let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add(lo), hi - lo) };
-        src[lo..hi].convert_to_f32_slice(o);
-    });
-    candle_core::Tensor::from_vec(out, w.dims(), &candle_core::Device::Cpu)
 }
 
 /// [`MatVec`]'s bf16 products, before rounding: `vdpbf16ps` on the bf16 activations where the

@@ -463,9 +463,9 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
         _ if !on_tape(&[x, weight]) && crate::cuda_fused::matvec_fits(x, weight) => x.contiguous()?.apply_op2_no_bwd(weight, &crate::cpu::MatVec)?,
         // Several bf16 rows (prefill): the AVX512-BF16 kernel where the CPU has it.
         _ if bf16_prefill(x, weight) => x.contiguous()?.apply_op2_no_bwd(weight, &crate::bf16_gemm::Bf16Linear)?,
-        // Several f32 rows by f16 weights: the weights widened (a prompt's products do
-        // `rows` multiply-adds per weight; widening costs one pass), then as f32.
-        _ if half_weight => x.contiguous()?.apply_op2_no_bwd(&crate::cpu::widen_f16(weight)?, &crate::cpu::F32Linear)?,
+        // Several f32 rows by f16 weights: widened a block of rows at a time, then as f32 (a
+        // prompt's products do `rows` multiply-adds per weight; widening costs one pass).
+        _ if half_weight => x.contiguous()?.apply_op2_no_bwd(weight, &crate::cpu::F32Linear)?,
         // Several f32 rows: gemm on the decode pool.
         _ if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 && weight.is_contiguous() && weight.rank() == 2 && !on_tape(&[x, weight]) => {
             x.contiguous()?.apply_op2_no_bwd(weight, &crate::cpu::F32Linear)?
