@@ -524,6 +524,19 @@ fn dpbf16() -> bool {
     })
 }
 
+/// How far ahead (bytes) [`x86::matvec_rows`] asks for weight rows into L2: 16 KiB on Intel
+/// CPUs, where it was measured to help, 0 (the hardware's prefetchers alone) on AMD ones,
+/// where it was measured to cost (see there); `LMX_MATVEC_PREFETCH` sets it, to compare.
+#[cfg(target_arch = "x86_64")]
+fn matvec_prefetch() -> usize {
+    static AHEAD: OnceLock<usize> = OnceLock::new();
+    *AHEAD.get_or_init(|| {
+        let id = std::arch::x86_64::__cpuid(0);
+        let amd = [id.ebx, id.edx, id.ecx] == [0x6874_7541, 0x6974_6e65, 0x444d_4163]; // "AuthenticAMD"
+        std::env::var("LMX_MATVEC_PREFETCH").ok().and_then(|v| v.parse().ok()).unwrap_or(if amd { 0 } else { 16384 })
+    })
+}
+
 /// True where the AVX2 + FMA kernels run.
 #[cfg(target_arch = "x86_64")]
 fn avx2() -> bool {
@@ -826,15 +839,17 @@ mod x86 {
     /// columns `rows`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn matvec_rows<W: Lanes>(w: &[W], x: &[f32], m: usize, k: usize, n: usize, rows: std::ops::Range<usize>, y: *mut f32) {
-        // Rows ~16 KiB ahead on their way from memory while this one is computed: left to the
-        // hardware's prefetcher, one thread read SmolLM2's f32 weights at ~8 GB/s where
-        // llama.cpp read 15 on the same 2-core Xeon (8 KiB ahead gained less; BENCHMARKS.md).
-        // Into L2, not L1: L1's line-fill buffers are what one thread's stream runs on (Zen 4,
-        // 49152 x 576 from memory, 1 thread: f32 12.6-14.9 -> 17.1-17.7 GB/s, bf16 15-18 -> 16-22).
+        // Rows `matvec_prefetch()` bytes ahead asked into L2 while this one is computed (Intel
+        // CPUs only, by default). It had helped one thread read SmolLM2's f32 weights on a 2-core Xeon (~8
+        // -> 15 GB/s) and a 49152 x 576 f32 matrix from memory on Zen 4 (12.6-14.9 -> 17.1-17.7
+        // GB/s), but in whole models on Zen 4 it cost: SmolLM2 F32 decode 35-36 tok/s with it
+        // at 16 KiB, 49 without (1 thread); a Llama-1B-shaped F16 file 6.2-6.4 -> 9.7 (1
+        // thread), 10.0-10.1 -> 13.3-13.7 (2).
         let row_bytes = k * std::mem::size_of::<W>();
-        let ahead = (16384 / row_bytes.max(1)).max(1);
+        let pf = super::matvec_prefetch();
+        let ahead = (pf / row_bytes.max(1)).max(1);
         for r in rows.clone() {
-            if r + ahead < rows.end {
+            if pf > 0 && r + ahead < rows.end {
                 let next = w.as_ptr().wrapping_add((r + ahead) * k) as *const i8;
                 for line in (0..row_bytes).step_by(64) {
                     _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(line));
