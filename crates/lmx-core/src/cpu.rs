@@ -210,9 +210,14 @@ impl CustomOp2 for F32Linear {
         // block of rows at a time into a scratch reused by the range's blocks, the same values
         // the f32 product reads: a whole f32 copy per product had cost fresh pages (a 1B
         // model's prompt spent 20% of its samples zeroing them).
-        let (w32, w16) = match ws.dtype() {
-            DType::F16 => (None, Some(contiguous::<f16>(ws, wl)?)),
-            _ => (Some(contiguous::<f32>(ws, wl)?), None),
+        #[derive(Clone, Copy)]
+        enum Weights<'a> {
+            F32(&'a [f32]),
+            F16(&'a [f16]),
+        }
+        let w = match ws.dtype() {
+            DType::F16 => Weights::F16(contiguous::<f16>(ws, wl)?),
+            _ => Weights::F32(contiguous::<f32>(ws, wl)?),
         };
         let m = x.len() / k;
         let mut y = vec![0f32; m * n];
@@ -222,15 +227,14 @@ impl CustomOp2 for F32Linear {
             let mut scratch = Vec::new();
             for blk in blocks {
                 let (c0, nb) = (blk * BLOCK, BLOCK.min(n - blk * BLOCK));
-                let rows: &[f32] = match (w32, w16) {
-                    (Some(w), _) => &w[c0 * k..(c0 + nb) * k],
-                    (_, Some(w)) => {
+                let rows: &[f32] = match w {
+                    Weights::F32(w) => &w[c0 * k..(c0 + nb) * k],
+                    Weights::F16(w) => {
                         use half::slice::HalfFloatSliceExt;
                         scratch.resize(nb * k, 0f32);
                         w[c0 * k..(c0 + nb) * k].convert_to_f32_slice(&mut scratch);
                         &scratch
                     }
-                    _ => unreachable!("one of the two dtypes"),
                 };
                 // SAFETY: this block alone writes columns c0..c0 + nb of y (m, n); x is (m, k)
                 // and `rows` (nb, k) are read as the (k, nb) right operand.

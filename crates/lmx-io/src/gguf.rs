@@ -554,13 +554,6 @@ pub fn block_to_affine(ggml_type: u32, raw: &[u8], dims: &[usize]) -> Option<lmx
     Some(made)
 }
 
-/// Words viewed as their bytes (little-endian: the bitstream's order).
-fn word_bytes(words: &mut [u32]) -> &mut [u8] {
-    // SAFETY: u32 words are 4 initialized bytes each, any byte pattern is a valid u32, and
-    // the borrow is carried over.
-    unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, words.len() * 4) }
-}
-
 /// The low nibbles of the 8 bytes of `bytes` (each byte below 16) as one word, byte k's in
 /// bits 4k to 4k + 3.
 fn nibbles_to_word(bytes: u64) -> u32 {
@@ -609,11 +602,15 @@ fn blocks_to_groups<const BITS: usize>(ggml_type: u32, block_bytes: usize, raw: 
     let pack = |codes: [u8; 32]| -> [u32; BITS] {
         let mut out = [0u32; BITS];
         if BITS == 5 {
-            // Eight codes fill 40 bits: five bytes of the bitstream.
-            let bytes: &mut [u8] = word_bytes(&mut out);
-            for (c, o) in codes.chunks_exact(8).zip(bytes.chunks_exact_mut(5)) {
-                let v = c.iter().enumerate().fold(0u64, |v, (k, &q)| v | u64::from(q) << (5 * k));
-                o.copy_from_slice(&v.to_le_bytes()[..5]);
+            // The bitstream a word at a time: codes gather in `bits` until a word is full.
+            let (mut bits, mut held, mut words) = (0u64, 0, out.iter_mut());
+            for &q in &codes {
+                bits |= u64::from(q) << held;
+                held += BITS;
+                if held >= 32 {
+                    *words.next().expect("32 codes fill BITS words") = bits as u32;
+                    (bits, held) = (bits >> 32, held - 32);
+                }
             }
             return out;
         }

@@ -368,37 +368,37 @@ fn kernel_speed() -> Result<()> {
         if !matches!(bits, 4 | 8) {
             // The same matrix widened to 4 or 8 bits (what CPUs without VBMI run), beside.
             let wide = q.clone().widened();
-            let act = kernels::Q8Act::new(&wide, &rand(1, cols).flatten_all()?.to_vec1::<f32>()?).expect("int8 path");
-            let (GroupParams::Bf16(s), GroupParams::Bf16(b)) = (&wide.scales, &wide.biases) else { unreachable!() };
-            let bytes = (wide.packed.len() * 4 + s.len() * 4) as f64;
-            let reps = (2e9 / bytes) as usize + 1;
-            let mut out = vec![0f32; rows];
-            let t = std::time::Instant::now();
-            for _ in 0..reps {
-                kernels::rows_q8(kernels::Level::Vnni512, &wide.packed, wide.bits, gs, s, b, &act, &mut out);
-            }
-            let dt = t.elapsed().as_secs_f64();
-            println!("{rows}x{cols} {bits}-bit g{gs} widened to {}: {:.1} GB/s, {:.0} us", wide.bits, bytes * reps as f64 / dt / 1e9, dt / reps as f64 * 1e6);
+            let (gbs, us) = kernel_rate(&wide, Level::Vnni512)?;
+            println!("{rows}x{cols} {bits}-bit g{gs} widened to {}: {gbs:.1} GB/s, {us:.0} us", wide.bits);
         }
-        let x: Vec<f32> = rand(1, cols).flatten_all()?.to_vec1()?;
-        let act = kernels::Q8Act::new(&q, &x).expect("int8 path");
-        let (GroupParams::Bf16(s), GroupParams::Bf16(b)) = (&q.scales, &q.biases) else { unreachable!() };
-        let bytes = (q.packed.len() * 4 + s.len() * 4) as f64;
-        let reps = (2e9 / bytes) as usize + 1;
         for level in [Level::Scalar, Level::Avx2, Level::Vnni, Level::Vnni512] {
-            if level == Level::Scalar && rows > 2000 {
+            // Scalar for large matrices, and levels that run other widths than 4 and 8 bits
+            // through the scalar kernel: too slow to measure.
+            if (level == Level::Scalar && rows > 2000) || (level != Level::Vnni512 && !matches!(bits, 4 | 8)) {
                 continue;
             }
-            let mut out = vec![0f32; rows];
-            let t = std::time::Instant::now();
-            for _ in 0..reps {
-                kernels::rows_q8(level, &q.packed, bits, gs, s, b, &act, &mut out);
-            }
-            let dt = t.elapsed().as_secs_f64();
-            println!("{rows}x{cols} {bits}-bit g{gs} {level:?}: {:.1} GB/s, {:.0} us", bytes * reps as f64 / dt / 1e9, dt / reps as f64 * 1e6);
+            let (gbs, us) = kernel_rate(&q, level)?;
+            println!("{rows}x{cols} {bits}-bit g{gs} {level:?}: {gbs:.1} GB/s, {us:.0} us");
         }
     }
     Ok(())
+}
+
+/// [`kernel_speed`]'s measure of one matrix (bf16 scales) through `level`'s decode kernel,
+/// repeated over ~2 GB of reads: (GB/s of codes and scales, microseconds a pass).
+fn kernel_rate(q: &QuantizedMatrix, level: kernels::Level) -> Result<(f64, f64)> {
+    let x: Vec<f32> = rand(1, q.cols).flatten_all()?.to_vec1()?;
+    let act = kernels::Q8Act::new(q, &x).expect("int8 path");
+    let (GroupParams::Bf16(s), GroupParams::Bf16(b)) = (&q.scales, &q.biases) else { unreachable!("kernel_speed quantizes bf16") };
+    let bytes = (q.packed.len() * 4 + s.len() * 4) as f64;
+    let reps = (2e9 / bytes) as usize + 1;
+    let mut out = vec![0f32; q.rows];
+    let t = std::time::Instant::now();
+    for _ in 0..reps {
+        kernels::rows_q8(level, &q.packed, q.bits, q.group_size, s, b, &act, &mut out);
+    }
+    let dt = t.elapsed().as_secs_f64();
+    Ok((bytes * reps as f64 / dt / 1e9, dt / reps as f64 * 1e6))
 }
 
 /// Matrices sharing one input in one step (`matmul_many`) give each matrix's own product,
