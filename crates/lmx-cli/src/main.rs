@@ -86,9 +86,13 @@ fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator thresholds; called before any other thread exists.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 512 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, alloc::APART as i32);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
         libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+    // LMX_HUGE_PAGES=0 leaves the heap on the kernel's default pages (to compare).
+    if std::env::var_os("LMX_HUGE_PAGES").is_none_or(|v| v != "0") {
+        alloc::init();
     }
 }
 
