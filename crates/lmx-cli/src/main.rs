@@ -73,28 +73,9 @@ enum Command {
     Serve(Box<cmd::serve::Args>),
 }
 
-/// glibc returns large freed blocks to the kernel, so every prefill's multi-megabyte
-/// activations come back as fresh pages the kernel must zero (15% of prefill time). Keeping
-/// them in the heap for reuse costs no extra peak memory. One arena for all threads: tensors
-/// are allocated on one thread and freed on another (rayon workers, candle's pool), and with
-/// per-thread arenas each arena grew and shrank on its own; a training step spent 23% of its
-/// time in page faults and peaked 1 GB higher (docs/BENCHMARKS.md).
+/// glibc's allocator, tuned by `alloc::init` and asking for huge pages (see `alloc`).
 #[global_allocator]
 static ALLOCATOR: alloc::HugePages = alloc::HugePages;
-
-fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator thresholds; called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, alloc::APART as i32);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-    }
-    // LMX_HUGE_PAGES=0 leaves the heap on the kernel's default pages (to compare).
-    if std::env::var_os("LMX_HUGE_PAGES").is_none_or(|v| v != "0") {
-        alloc::init();
-    }
-}
 
 fn main() -> ExitCode {
     dist::prepare();
@@ -106,7 +87,8 @@ fn main() -> ExitCode {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
-    tune_allocator();
+    // LMX_HUGE_PAGES=0 leaves the heap unmarked and glibc's heap padding as it is (to compare).
+    alloc::init(std::env::var_os("LMX_HUGE_PAGES").is_none_or(|v| v != "0"));
     remove_temporaries_on_signals();
     let cli = Cli::parse();
     let Some(command) = cli.command else {
