@@ -230,19 +230,22 @@ impl CustomOp2 for F32Linear {
         let mut y = vec![0f32; m * n];
         let y_ptr = SendPtr(y.as_mut_ptr());
         const BLOCK: usize = 64;
-        // With AVX-512: tiles of dot products straight on the operands (no packing, f16
-        // widened in registers), 2x the gemm below on a Llama-1B-shaped F16 prompt.
+        // Tiles of dot products straight on the operands (no packing, f16 widened in
+        // registers): with AVX-512, 2x the gemm below on a Llama-1B-shaped F16 prompt.
         #[cfg(target_arch = "x86_64")]
-        if avx2() && std::arch::is_x86_feature_detected!("avx512f") {
+        if avx2() {
+            let wide = std::arch::is_x86_feature_detected!("avx512f");
             parallel_ranges(n.div_ceil(BLOCK), 1, |blocks| {
                 for blk in blocks {
                     let cols = blk * BLOCK..(blk * BLOCK + BLOCK).min(n);
-                    // SAFETY: AVX-512F, AVX2, FMA and F16C checked above; w is (n, k) and x
-                    // (m, k); this block alone writes columns `cols` of y (m, n).
+                    // SAFETY: AVX2, FMA and F16C checked above, AVX-512F for `wide`; w is
+                    // (n, k) and x (m, k); this block alone writes columns `cols` of y (m, n).
                     unsafe {
-                        match w {
-                            Weights::F32(w) => x86::gemm_nt_rows(w, x, m, k, n, cols, y_ptr.get()),
-                            Weights::F16(w) => x86::gemm_nt_rows(w, x, m, k, n, cols, y_ptr.get()),
+                        match (w, wide) {
+                            (Weights::F32(w), true) => x86::gemm_nt_rows::<_, true>(w, x, m, k, n, cols, y_ptr.get()),
+                            (Weights::F16(w), true) => x86::gemm_nt_rows::<_, true>(w, x, m, k, n, cols, y_ptr.get()),
+                            (Weights::F32(w), false) => x86::gemm_nt_rows::<_, false>(w, x, m, k, n, cols, y_ptr.get()),
+                            (Weights::F16(w), false) => x86::gemm_nt_rows::<_, false>(w, x, m, k, n, cols, y_ptr.get()),
                         }
                     }
                 }
@@ -845,31 +848,73 @@ mod x86 {
         out
     }
 
-    /// `y (m, n) = x (m, k) . w (n, k)^T` for weight rows `rows` (a prompt's product, compute
-    /// bound), without packing either operand: k in chunks of [`NT_CHUNK`](super::NT_CHUNK) values, and within a chunk
-    /// tiles of 6 activation rows by 4 weight rows ([`dots`]: 10 loads per 24 FMAs). A
-    /// chunk's 6 activation rows stay in L1 while the range's weight rows (the caller's
-    /// block, sized for L2) pass by; each chunk's sums are added to the last's.
+    /// [`dots`] in 256-bit registers (CPUs with AVX2 but not AVX-512): one 8-lane chain
+    /// each, 8 values a step.
     ///
     /// # Safety
-    /// The CPU must support AVX-512F; `w` holds the rows of `k`, `x` holds `m` rows of `k`,
-    /// and `y` points at `m * n` writable floats of which this call alone writes the columns
-    /// `rows`.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f")]
-    pub(super) unsafe fn gemm_nt_rows<W: Lanes>(w: &[W], x: &[f32], m: usize, k: usize, n: usize, rows: std::ops::Range<usize>, y: *mut f32) {
+    /// The CPU must support AVX2, FMA and F16C; shapes as in [`dots`].
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::needless_range_loop)] // acc[a][b] pairs two index spaces
+    unsafe fn dots256<W: Lanes, const A: usize, const C: usize>(w: *const W, x: *const f32, k: usize, len: usize) -> [[f32; C]; A] {
+        let mut acc = [[_mm256_setzero_ps(); C]; A];
+        let mut j = 0;
+        // SAFETY (all loads): the caller's rows hold len >= j + 8 values.
+        while j + 8 <= len {
+            let wv: [__m256; A] = std::array::from_fn(|a| unsafe { W::load8(w.add(a * k + j)) });
+            for b in 0..C {
+                let xv = unsafe { _mm256_loadu_ps(x.add(b * k + j)) };
+                for a in 0..A {
+                    acc[a][b] = _mm256_fmadd_ps(wv[a], xv, acc[a][b]);
+                }
+            }
+            j += 8;
+        }
+        let mut out = [[0f32; C]; A];
+        for a in 0..A {
+            for b in 0..C {
+                // SAFETY: values j..len of the caller's rows.
+                let tail: f32 = (j..len).map(|t| unsafe { (*w.add(a * k + t)).f32() * *x.add(b * k + t) }).sum();
+                out[a][b] = hsum(acc[a][b]) + tail;
+            }
+        }
+        out
+    }
+
+    /// `y (m, n) = x (m, k) . w (n, k)^T` for weight rows `rows` (a prompt's product, compute
+    /// bound), without packing either operand: k in chunks of [`NT_CHUNK`](super::NT_CHUNK) values, and within a chunk
+    /// tiles of 6 activation rows by 4 weight rows ([`dots`]: 10 loads per 24 FMAs; `WIDE`
+    /// false: 4 by 2 in 256-bit registers, [`dots256`], for CPUs without AVX-512). A chunk's
+    /// activation rows stay in L1 while the range's weight rows (the caller's block, sized
+    /// for L2) pass by; each chunk's sums are added to the last's.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C, and AVX-512F when `WIDE`; `w` holds the rows
+    /// of `k`, `x` holds `m` rows of `k`, and `y` points at `m * n` writable floats of which
+    /// this call alone writes the columns `rows`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn gemm_nt_rows<W: Lanes, const WIDE: bool>(w: &[W], x: &[f32], m: usize, k: usize, n: usize, rows: std::ops::Range<usize>, y: *mut f32) {
         /// Tiles of C activation rows from `i` by the range's weight rows, 4 at a time then
         /// the rest, for values k0..k0 + len.
         #[inline]
-        #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         #[allow(clippy::too_many_arguments)]
-        unsafe fn row_tiles<W: Lanes, const C: usize>(w: &[W], x: &[f32], k: usize, n: usize, rows: &std::ops::Range<usize>, y: *mut f32, i: usize, k0: usize, len: usize) {
+        unsafe fn row_tiles<W: Lanes, const C: usize, const WIDE: bool>(w: &[W], x: &[f32], k: usize, n: usize, rows: &std::ops::Range<usize>, y: *mut f32, i: usize, k0: usize, len: usize) {
             let mut r = rows.start;
             while r < rows.end {
                 macro_rules! run {
                     ($A:literal) => {{
                         // SAFETY: weight rows r..r + A and activation rows i..i + C hold
                         // values k0..k0 + len (the caller's shapes).
-                        let t = unsafe { dots::<W, $A, C>(w.as_ptr().add(r * k + k0), x.as_ptr().add(i * k + k0), k, len) };
+                        let (wp, xp) = unsafe { (w.as_ptr().add(r * k + k0), x.as_ptr().add(i * k + k0)) };
+                        // SAFETY: as above; AVX-512F where WIDE (the caller's contract).
+                        let t = unsafe {
+                            if WIDE {
+                                dots::<W, $A, C>(wp, xp, k, len)
+                            } else {
+                                dots256::<W, $A, C>(wp, xp, k, len)
+                            }
+                        };
                         for (a, col) in t.iter().enumerate() {
                             for (b, v) in col.iter().enumerate() {
                                 // SAFETY: column r + a is in `rows`, row i + b < m.
@@ -882,7 +927,7 @@ mod x86 {
                         r += $A;
                     }};
                 }
-                match rows.end - r {
+                match (rows.end - r).min(if WIDE { 4 } else { 2 }) {
                     1 => run!(1),
                     2 => run!(2),
                     3 => run!(3),
@@ -896,17 +941,18 @@ mod x86 {
             let mut i = 0;
             while i < m {
                 // SAFETY: the caller's shapes and columns, for activation rows i..i + C.
+                let c = (m - i).min(if WIDE { 6 } else { 4 });
                 unsafe {
-                    match m - i {
-                        1 => row_tiles::<W, 1>(w, x, k, n, &rows, y, i, k0, len),
-                        2 => row_tiles::<W, 2>(w, x, k, n, &rows, y, i, k0, len),
-                        3 => row_tiles::<W, 3>(w, x, k, n, &rows, y, i, k0, len),
-                        4 => row_tiles::<W, 4>(w, x, k, n, &rows, y, i, k0, len),
-                        5 => row_tiles::<W, 5>(w, x, k, n, &rows, y, i, k0, len),
-                        _ => row_tiles::<W, 6>(w, x, k, n, &rows, y, i, k0, len),
+                    match c {
+                        1 => row_tiles::<W, 1, WIDE>(w, x, k, n, &rows, y, i, k0, len),
+                        2 => row_tiles::<W, 2, WIDE>(w, x, k, n, &rows, y, i, k0, len),
+                        3 => row_tiles::<W, 3, WIDE>(w, x, k, n, &rows, y, i, k0, len),
+                        4 => row_tiles::<W, 4, WIDE>(w, x, k, n, &rows, y, i, k0, len),
+                        5 => row_tiles::<W, 5, WIDE>(w, x, k, n, &rows, y, i, k0, len),
+                        _ => row_tiles::<W, 6, WIDE>(w, x, k, n, &rows, y, i, k0, len),
                     }
                 }
-                i += 6.min(m - i);
+                i += c;
             }
             k0 += len;
         }
@@ -1398,15 +1444,29 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
             let w16 = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?.to_dtype(DType::F16)?;
             let (xv, wv) = (x.flatten_all()?.to_vec1::<f32>()?, w16.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
-            for w in [&w16, &w16.to_dtype(DType::F32)?] {
-                let y = x.apply_op2_no_bwd(w, &F32Linear)?.flatten_all()?.to_vec1::<f32>()?;
+            let w32 = w16.to_dtype(DType::F32)?;
+            let mut outs =
+                vec![(DType::F16, x.apply_op2_no_bwd(&w16, &F32Linear)?.flatten_all()?.to_vec1::<f32>()?), (DType::F32, x.apply_op2_no_bwd(&w32, &F32Linear)?.flatten_all()?.to_vec1::<f32>()?)];
+            // The 256-bit tiles (CPUs without AVX-512) where this CPU can run them.
+            #[cfg(target_arch = "x86_64")]
+            if avx2() {
+                let (mut y16, mut y32) = (vec![0f32; m * n], vec![0f32; m * n]);
+                let f16s = w16.flatten_all()?.to_vec1::<f16>()?;
+                // SAFETY: AVX2, FMA and F16C checked; w (n, k), x (m, k), y (m, n), all rows.
+                unsafe {
+                    x86::gemm_nt_rows::<_, false>(&f16s, &xv, m, k, n, 0..n, y16.as_mut_ptr());
+                    x86::gemm_nt_rows::<_, false>(&wv, &xv, m, k, n, 0..n, y32.as_mut_ptr());
+                }
+                outs.extend([(DType::F16, y16), (DType::F32, y32)]);
+            }
+            for (dtype, y) in outs {
                 for (o, got) in y.iter().enumerate() {
                     let (i, r) = (o / n, o % n);
                     let row = |v: &[f32], at: usize| v[at * k..(at + 1) * k].iter().map(|&t| t as f64).collect::<Vec<_>>();
                     let (a, b) = (row(&xv, i), row(&wv, r));
                     let want: f64 = a.iter().zip(&b).map(|(p, q)| p * q).sum();
                     let scale: f64 = a.iter().zip(&b).map(|(p, q)| (p * q).abs()).sum();
-                    assert!((*got as f64 - want).abs() <= 1e-5 * scale.max(1.0), "{m}x{n}x{k} {:?}: y[{i}][{r}] = {got}, want {want}", w.dtype());
+                    assert!((*got as f64 - want).abs() <= 1e-5 * scale.max(1.0), "{m}x{n}x{k} {dtype:?}: y[{i}][{r}] = {got}, want {want}");
                 }
             }
         }
