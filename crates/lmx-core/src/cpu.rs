@@ -196,9 +196,9 @@ const NT_CHUNK: usize = 1024;
 /// `x @ w^T` for several f32 rows (prefill of f32 models) on the decode pool: blocks of 64
 /// output columns split over its threads (candle's matmul would run on rayon, whose workers
 /// fight the pool's spinning ones for the cores), each block tiles of dot products
-/// ([`x86::gemm_nt_rows`]) where the CPU has AVX-512, else a single-threaded gemm.
-/// `x`: (.., k) contiguous; `w`: (n, k) contiguous, f32 or f16 (widened as loaded, or a
-/// block at a time for the gemm); no backward.
+/// ([`x86::gemm_nt_rows`]) where the CPU has AVX2 (512-bit ones with AVX-512), else a
+/// single-threaded gemm. `x`: (.., k) contiguous; `w`: (n, k) contiguous, f32 or f16
+/// (widened as loaded, or a block at a time for the gemm); no backward.
 pub struct F32Linear;
 
 impl CustomOp2 for F32Linear {
@@ -213,10 +213,10 @@ impl CustomOp2 for F32Linear {
             candle_core::bail!("f32 linear: input {dims:?} does not end in {k} features");
         }
         let x = contiguous::<f32>(xs, xl)?;
-        // f16 weights (an f16 checkpoint's, kept as stored in an f32 model) are widened a
-        // block of rows at a time into a scratch reused by the range's blocks, the same values
-        // the f32 product reads: a whole f32 copy per product had cost fresh pages (a 1B
-        // model's prompt spent 20% of its samples zeroing them).
+        // f16 weights (an f16 checkpoint's, kept as stored in an f32 model): the tiles widen
+        // them as they load; the gemm below widens a block of rows at a time into a scratch
+        // reused by the range's blocks (a whole f32 copy per product had cost fresh pages: a
+        // 1B model's prompt spent 20% of its samples zeroing them).
         #[derive(Clone, Copy)]
         enum Weights<'a> {
             F32(&'a [f32]),
@@ -231,7 +231,7 @@ impl CustomOp2 for F32Linear {
         let y_ptr = SendPtr(y.as_mut_ptr());
         const BLOCK: usize = 64;
         // Tiles of dot products straight on the operands (no packing, f16 widened in
-        // registers): with AVX-512, 2x the gemm below on a Llama-1B-shaped F16 prompt.
+        // registers): 2x the gemm below on a Llama-1B-shaped F16 prompt (AVX-512; AVX2 1.9x).
         #[cfg(target_arch = "x86_64")]
         if avx2() {
             let wide = std::arch::is_x86_feature_detected!("avx512f");
@@ -894,8 +894,8 @@ mod x86 {
     /// this call alone writes the columns `rows`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn gemm_nt_rows<W: Lanes, const WIDE: bool>(w: &[W], x: &[f32], m: usize, k: usize, n: usize, rows: std::ops::Range<usize>, y: *mut f32) {
-        /// Tiles of C activation rows from `i` by the range's weight rows, 4 at a time then
-        /// the rest, for values k0..k0 + len.
+        /// Tiles of C activation rows from `i` by the range's weight rows, 4 (`WIDE`) or 2 at
+        /// a time then the rest, for values k0..k0 + len.
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
         #[allow(clippy::too_many_arguments)]
@@ -940,8 +940,8 @@ mod x86 {
             let len = super::NT_CHUNK.min(k - k0);
             let mut i = 0;
             while i < m {
-                // SAFETY: the caller's shapes and columns, for activation rows i..i + C.
                 let c = (m - i).min(if WIDE { 6 } else { 4 });
+                // SAFETY: the caller's shapes, CPU and columns, for activation rows i..i + c.
                 unsafe {
                     match c {
                         1 => row_tiles::<W, 1, WIDE>(w, x, k, n, &rows, y, i, k0, len),
