@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU round (issue 11): decode attention whose splits of a head form one thread block
-# cluster and merge through the cluster's shared memory (`LMX_CUDA_ATTENTION_CLUSTER=1`, compute
+# cluster and merge through the cluster's shared memory (the default since session 43; `LMX_CUDA_ATTENTION_CLUSTER=0` for the merge before; compute
 # capability 9.0) instead of global memory, a fence and a counter. lmx-core's GPU tests of decode
 # attention with it (f32 reference; codes the product's own), the llama fixture's greedy tokens
 # (graphs against normal steps with it; with it against without: at most 8 splits a head rather
@@ -22,17 +22,17 @@ gen() { $LMX generate --model "$1" --device cuda -p 'a b c a b' -m 300 --temp 0 
 fixture_folder llama; python3 -c "import json; p = '$W/llama/config.json'; c = json.load(open(p)); c['max_position_embeddings'] = 2048; json.dump(c, open(p, 'w'))"; word_vocab "$W/llama"
 $LMX convert --hf-path "$W/llama" --dtype bfloat16 -q --q-bits 4 --q-group-size 64 --mlx-path "$W/llama-4" > /dev/null 2>&1
 for m in llama llama-4; do
-  log "$m greedy with clusters: graphs vs normal steps $(same "$(LMX_CUDA_ATTENTION_CLUSTER=1 gen "$W/$m")" "$(LMX_CUDA_ATTENTION_CLUSTER=1 LMX_CUDA_GRAPH=0 gen "$W/$m")"); clusters vs not $(same "$(LMX_CUDA_ATTENTION_CLUSTER=1 gen "$W/$m")" "$(gen "$W/$m")")"
+  log "$m greedy with clusters: graphs vs normal steps $(same "$(LMX_CUDA_ATTENTION_CLUSTER=1 gen "$W/$m")" "$(LMX_CUDA_ATTENTION_CLUSTER=1 LMX_CUDA_GRAPH=0 gen "$W/$m")"); clusters vs not $(same "$(LMX_CUDA_ATTENTION_CLUSTER=1 gen "$W/$m")" "$(LMX_CUDA_ATTENTION_CLUSTER=0 gen "$W/$m")")"
 done
 SHAPE=8b BF16=0 BITS=4 python3 scripts/cuda/make_random_llama.py "$W/l8" 2>&1 | tail -1
 SHAPE=1b BF16=0 BITS=4 python3 scripts/cuda/make_random_llama.py "$W/l1" 2>&1 | tail -1
 for round in 1 2; do
   for m in l8-4bit l1-4bit; do
-    step_ms "$W/$m" "$m last-block merge"
+    LMX_CUDA_ATTENTION_CLUSTER=0 step_ms "$W/$m" "$m last-block merge"
     LMX_CUDA_ATTENTION_CLUSTER=1 step_ms "$W/$m" "$m clusters"
   done
 done
-N=1000 step_ms "$W/l8-4bit" "l8-4bit 1000 tokens: last-block merge"
+N=1000 LMX_CUDA_ATTENTION_CLUSTER=0 step_ms "$W/l8-4bit" "l8-4bit 1000 tokens: last-block merge"
 N=1000 LMX_CUDA_ATTENTION_CLUSTER=1 step_ms "$W/l8-4bit" "l8-4bit 1000 tokens: clusters"
 for c in 0 1; do
   log "l8-4bit benchmark, clusters $c: $(LMX_CUDA_ATTENTION_CLUSTER=$c $LMX benchmark --model "$W/l8-4bit" --device cuda -p 128 -g 256 -n 2 2>&1 | grep -o 'generation_tps=[0-9.]*' | tail -1)"

@@ -866,11 +866,13 @@ fn cluster_ptx() -> Result<&'static str> {
 }
 
 /// Whether decode attention's splits of a head merge through a thread block cluster's shared
-/// memory (`LMX_CUDA_ATTENTION_CLUSTER=1`, every GPU of compute capability 9.0 or newer) rather
-/// than through global memory, a fence and a counter (the last block's merge). Off by default.
+/// memory (every GPU of compute capability 9.0 or newer, unless `LMX_CUDA_ATTENTION_CLUSTER=0`)
+/// rather than through global memory, a fence and a counter (the last block's merge). On an
+/// H100 it took 1.1-1.5% off a 4-bit decode step (8B: 2.325 -> 2.300 ms; 1B: 0.733 -> 0.722),
+/// with the same greedy tokens (docs/BENCHMARKS.md, session 43).
 fn attention_cluster() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("LMX_CUDA_ATTENTION_CLUSTER").is_ok_and(|v| v == "1") && all_compute_9())
+    *ON.get_or_init(|| !std::env::var("LMX_CUDA_ATTENTION_CLUSTER").is_ok_and(|v| v == "0") && all_compute_9())
 }
 
 /// Whether every GPU the driver sees has compute capability 9.0 or newer.
