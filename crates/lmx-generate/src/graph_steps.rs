@@ -9,7 +9,8 @@
 //! sequence's next token is greedy and nothing else reads the logits
 //! ([`crate::generate::Sequence::device_pick`]), the recorded step ends with the pick on the
 //! device and only the token and its log probability cross to the host (`LMX_CUDA_PICK=0`:
-//! logits always).
+//! logits always). Such a step also leaves its pick and the next position in the input
+//! buffer, so the next step, whose token is that pick, uploads nothing.
 //!
 //! If a model's step cannot be recorded (a layer that reads the cache on the host, such as a
 //! sliding window shorter than the buffer or latent attention), the step runs normally and
@@ -30,6 +31,8 @@ pub(crate) struct GraphSteps {
     pick: Option<Vec<u32>>,
     /// The last pick: u32 (2,), the token and its log probability's bits.
     picked: Option<Tensor>,
+    /// (token, position) the last replay left in `io`: its pick at the next position.
+    left: Option<(u32, u32)>,
     /// When the last step returned (`LMX_TRACE_STEPS=1`: the host's time between steps).
     returned: Option<std::time::Instant>,
     graph: Option<graph::Graph>,
@@ -50,7 +53,7 @@ impl GraphSteps {
             return None;
         }
         let io = Tensor::zeros(2, DType::U32, model.device()).ok()?;
-        Some(Self { io, logits: None, pick: None, picked: None, returned: None, graph: None, warm: false, buffers: Vec::new(), off: false })
+        Some(Self { io, logits: None, pick: None, picked: None, left: None, returned: None, graph: None, warm: false, buffers: Vec::new(), off: false })
     }
 
     /// Runs `token` at the cache's next position; the logits of the step, or with `pick`
@@ -74,7 +77,12 @@ impl GraphSteps {
         }
         let offset = kv.offset();
         let upload = std::time::Instant::now();
-        self.io.slice_set(&Tensor::new(&[token, offset as u32], model.device())?, 0, 0)?;
+        // A replay's input is already there when the token is its own pick (a greedy sequence's
+        // every step): the upload, a synchronous copy, was 2% of an 8B 4-bit token.
+        let left = self.left.take();
+        if self.graph.is_none() || left != Some((token, offset as u32)) {
+            self.io.slice_set(&Tensor::new(&[token, offset as u32], model.device())?, 0, 0)?;
+        }
         let start = std::time::Instant::now();
         // On this thread, not the compute pool's: candle keeps the uploads a warm step made
         // per thread, and the step recorded next must find them.
@@ -96,6 +104,9 @@ impl GraphSteps {
                 // Tensor-parallel ranks: wait for the replay (its NCCL sums) within the group's timeout.
                 model.settle(picked)?;
                 let v = picked.to_vec1::<u32>()?;
+                if self.graph.is_some() {
+                    self.left = Some((v[0], offset as u32 + 1));
+                }
                 Drawn::Picked { token: v[0], logprob: f32::from_bits(v[1]) }
             }
             (None, _, Some(logits)) => {
@@ -128,7 +139,7 @@ impl GraphSteps {
         kv.set_device_position(Some(self.io.narrow(0, 1, 1)?));
         let ran = if self.warm {
             // Recorded, not run: the launch below runs it.
-            let (logits, picked, pick) = (self.logits.clone(), self.picked.clone(), self.pick.clone());
+            let (logits, picked, pick, io) = (self.logits.clone(), self.picked.clone(), self.pick.clone(), self.io.clone());
             let recorded = graph::capture(&dev, || {
                 let out = model.forward(&token, kv, Logits::Last)?;
                 match &logits {
@@ -136,7 +147,12 @@ impl GraphSteps {
                     None => lmx_core::bail!("a recorded step without an output buffer"),
                 }
                 match (&pick, &picked, &logits) {
-                    (Some(masked), Some(p), Some(l)) => p.slice_set(&lmx_core::ops::pick_greedy(l, masked)?, 0, 0),
+                    (Some(masked), Some(p), Some(l)) => {
+                        p.slice_set(&lmx_core::ops::pick_greedy(l, masked)?, 0, 0)?;
+                        // The next step's input: this pick at the next position.
+                        let next = Tensor::cat(&[p.narrow(0, 0, 1)?, io.narrow(0, 1, 1)?.affine(1.0, 1.0)?], 0)?;
+                        io.slice_set(&next, 0, 0)
+                    }
                     (None, _, _) => Ok(()),
                     _ => lmx_core::bail!("a recorded step without a pick buffer"),
                 }
