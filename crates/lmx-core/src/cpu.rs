@@ -1530,6 +1530,7 @@ mod tests {
                 bf16::from_f32((seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5)
             };
             let ws: Vec<Vec<bf16>> = (0..count).map(|_| (0..n * k).map(|_| next()).collect()).collect();
+            let ws16: Vec<Vec<f16>> = ws.iter().map(|w| w.iter().map(|v| f16::from_f32(v.to_f32())).collect()).collect();
             for m in [1usize, 4] {
                 let xb: Vec<bf16> = (0..m * k).map(|_| next()).collect();
                 let xf: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
@@ -1552,7 +1553,14 @@ mod tests {
                     };
                     let widened = time(false, &mut y);
                     let dot = if dp { time(true, &mut z) } else { 0.0 };
-                    println!("{n}x{k} m={m} round {round}: widened {widened:.1} GB/s, vdpbf16ps {dot:.1} GB/s");
+                    let mut y16 = vec![0f32; m * n];
+                    let t = Instant::now();
+                    for w in ws16.iter().cycle().take(3 * count) {
+                        let out = SendPtr(y16.as_mut_ptr());
+                        parallel_ranges(n, MIN_ROWS_PER_THREAD, |rows| unsafe { x86::matvec_rows(w, &xf, m, k, n, rows, out.get()) });
+                    }
+                    let f16 = (3 * count * 2 * n * k) as f64 / t.elapsed().as_secs_f64() / 1e9;
+                    println!("{n}x{k} m={m} round {round}: widened {widened:.1} GB/s, vdpbf16ps {dot:.1} GB/s, f16 {f16:.1} GB/s");
                 }
                 if dp {
                     let d = y.iter().zip(&z).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);

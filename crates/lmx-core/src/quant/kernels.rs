@@ -877,13 +877,19 @@ impl Q8Act {
         }
     }
 
-    /// Both levels of codes for x: AVX-512 where the CPU has it, else portable.
+    /// Both levels of codes for x: AVX-512 or AVX2 where the CPU has them, else portable.
     fn quantize(&mut self, x: &[f32], group_size: usize, bits: usize) {
         #[cfg(target_arch = "x86_64")]
         if level() != Level::Scalar && std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") {
             // SAFETY: the features were just checked; groups are 32, 64 or 128 elements and
             // the arrays are sized for x.
             unsafe { super::x86::quantize_act(x, group_size, bits, self) };
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if level() != Level::Scalar {
+            // SAFETY: every level but Scalar has AVX2 and FMA; shapes as above.
+            unsafe { super::x86::quantize_act256(x, group_size, bits, self) };
             return;
         }
         self.quantize_scalar(x, group_size, bits);

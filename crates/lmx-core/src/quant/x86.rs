@@ -369,6 +369,73 @@ unsafe fn rows_q8<S: super::Scale, D: Dot, const BITS: usize, const GS: usize, c
     }
 }
 
+/// [`rows_q8`] for AVX2 without VNNI, one row at a time: each group's two integer sums (8
+/// lanes each, or for 4-bit groups of 32 one group a 128-bit half) go to float and into the
+/// row's f32 lanes at once, scaled by the group's `scale * dx`, instead of being gathered 8
+/// groups to a vector by horizontal adds. Without VNNI a group's integer work is twice the
+/// multiply-adds, and the gathering's chain of dependent `vphaddd`s, conversions and FMAs
+/// per 8 groups measured slower on a Zen 3 core (no AVX-512): 1536 x 576 4-bit g64 from L2
+/// ran at 11.1 GB/s that way, about 80 cycles per 512 weights where its ~130 instructions
+/// issue in ~35 (two multiply pipes). This way `kernel_speed`'s shapes average ~15% more
+/// (noisy: 6-16 GB/s either way) and SmolLM2 4-bit decodes ~19% faster on one thread
+/// (docs/BENCHMARKS.md, session 43); `LMX_AVX2_FLAT=0` runs the gathered kernel. The same
+/// sums and terms as [`rows_q8`], added in another order.
+///
+/// # Safety
+/// As [`rows_q8`], with AVX2, FMA and F16C.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_q8_flat<S: super::Scale, const BITS: usize, const GS: usize>(rows: &[u32], s: &[S], b: &[S], act: &super::kernels::Q8Act, out: &mut [f32]) {
+    let cols = act.codes.len();
+    let x = [act.codes.as_ptr() as *const u8, act.fine.as_ptr() as *const u8];
+    let groups = cols / GS;
+    let row_bytes = cols * BITS / 8;
+    let inv_fine = _mm256_set1_ps(1.0 / super::kernels::FINE);
+    // SAFETY (whole body): every run read lies inside its row and the activation codes (group
+    // g covers elements g * GS.. of both); the per-group arrays of `act` are padded to a
+    // multiple of 8 groups; the caller guarantees `rows` holds out.len() rows.
+    unsafe {
+        for (r, o) in out.iter_mut().enumerate() {
+            let w = (rows.as_ptr() as *const u8).add(r * row_bytes);
+            let mut acc = [_mm256_setzero_ps(); 2];
+            let mut terms = _mm256_setzero_ps();
+            for g0 in (0..groups).step_by(8) {
+                let (n, keep, dx, xsums) = step(act, groups, g0);
+                let (sc, bc) = step_params(s, b, r * groups + g0, n, keep);
+                let sd = _mm256_mul_ps(sc, dx);
+                // bias * sum(x); for 8 bits also the 128 * sum(codes) the kernel left out (it
+                // multiplies codes minus 128).
+                terms = _mm256_fmadd_ps(bc, xsums, terms);
+                if BITS == 8 {
+                    let sums = |v: &[i32]| _mm256_cvtepi32_ps(load(v.as_ptr().add(g0) as *const u8));
+                    let codes = _mm256_fmadd_ps(sums(&act.fine_sums), inv_fine, sums(&act.code_sums));
+                    terms = _mm256_fmadd_ps(_mm256_mul_ps(sd, _mm256_set1_ps(128.0)), codes, terms);
+                }
+                // A group's scale in all 8 lanes (4-bit g32: a pair's, one in each half), by
+                // an index vector that steps along the groups.
+                if BITS == 4 && GS == 32 {
+                    let mut at = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+                    for k in 0..n / 2 {
+                        let [c, f] = run4::<Avx2>([_mm256_setzero_si256(); 2], w, x, (g0 + 2 * k) * 32);
+                        let v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(f), inv_fine, _mm256_cvtepi32_ps(c));
+                        acc[k & 1] = _mm256_fmadd_ps(v, _mm256_permutevar8x32_ps(sd, at), acc[k & 1]);
+                        at = _mm256_add_epi32(at, _mm256_set1_epi32(2));
+                    }
+                } else {
+                    let mut at = _mm256_setzero_si256();
+                    for j in 0..n {
+                        let [c, f] = group::<Avx2, BITS, GS>(w, x, g0 + j);
+                        let v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(f), inv_fine, _mm256_cvtepi32_ps(c));
+                        acc[j & 1] = _mm256_fmadd_ps(v, _mm256_permutevar8x32_ps(sd, at), acc[j & 1]);
+                        at = _mm256_add_epi32(at, _mm256_set1_epi32(1));
+                    }
+                }
+            }
+            *o = hsum(_mm256_add_ps(acc[0], acc[1])) + hsum(terms);
+        }
+    }
+}
+
 /// Rows of at most this many bytes go 4 at a time through [`rows_q8`]: 4 short rows are
 /// one short contiguous run, while 4 long rows are 4 streams a row apart, which measured
 /// half the bandwidth of one (16384 x 8192 4-bit: 13 vs 27 GB/s from memory, Zen 5).
@@ -405,15 +472,37 @@ macro_rules! specialized {
     }};
 }
 
-/// `out.len()` consecutive outputs with AVX2 byte multiply-adds ([`rows_q8`]).
+/// `LMX_AVX2_FLAT=0`: the AVX2 decode kernel gathers 8 groups' sums per step ([`rows_q8`])
+/// rather than adding each group's ([`rows_q8_flat`]), to compare them.
+fn avx2_gathered() -> bool {
+    static GATHERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *GATHERED.get_or_init(|| std::env::var("LMX_AVX2_FLAT").is_ok_and(|v| v == "0"))
+}
+
+/// `out.len()` consecutive outputs with AVX2 byte multiply-adds ([`rows_q8_flat`]).
 ///
 /// # Safety
 /// AVX2, FMA and F16C must be available; `rows` holds `out.len()` rows; otherwise as
 /// [`rows_q8`].
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn rows_q8_avx2<S: super::Scale>(rows: &[u32], bits: usize, group_size: usize, s: &[S], b: &[S], act: &super::kernels::Q8Act, out: &mut [f32]) {
+    if avx2_gathered() {
+        // SAFETY: forwarded from the caller.
+        unsafe { specialized!(Avx2, rows, bits, group_size, s, b, act, out) };
+        return;
+    }
     // SAFETY: forwarded from the caller.
-    unsafe { specialized!(Avx2, rows, bits, group_size, s, b, act, out) }
+    unsafe {
+        match (bits, group_size) {
+            (4, 32) => rows_q8_flat::<S, 4, 32>(rows, s, b, act, out),
+            (4, 64) => rows_q8_flat::<S, 4, 64>(rows, s, b, act, out),
+            (4, 128) => rows_q8_flat::<S, 4, 128>(rows, s, b, act, out),
+            (8, 32) => rows_q8_flat::<S, 8, 32>(rows, s, b, act, out),
+            (8, 64) => rows_q8_flat::<S, 8, 64>(rows, s, b, act, out),
+            (8, 128) => rows_q8_flat::<S, 8, 128>(rows, s, b, act, out),
+            _ => unreachable!("Q8Act::new admits 4 and 8 bits, groups of 32, 64 and 128"),
+        }
+    }
 }
 
 /// `out.len()` consecutive outputs with AVX-512 VNNI (`vpdpbusd` on 256-bit registers).
@@ -1013,6 +1102,91 @@ pub(super) unsafe fn unpack_nibbles(packed: &[u8], out: &mut [u8]) {
     }
 }
 
+/// Stores the codes `cb` and fine codes `fb` of elements `e..e + 16` where [`Q8Act::position`]
+/// puts them: for 4 bits, evens to their 64-element run's first half and odds to its second.
+///
+/// # Safety
+/// SSSE3 must be available; elements `e..e + 16` lie inside `a`'s codes.
+///
+/// [`Q8Act::position`]: super::kernels::Q8Act::position
+#[inline]
+#[target_feature(enable = "ssse3")]
+unsafe fn store_codes(a: &mut super::kernels::Q8Act, e: usize, bits: usize, cb: __m128i, fb: __m128i) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        if bits == 4 {
+            let evens_odds = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+            let (run, j) = (e / 64 * 64, e % 64);
+            let (cb, fb) = (_mm_shuffle_epi8(cb, evens_odds), _mm_shuffle_epi8(fb, evens_odds));
+            for (codes, v) in [(a.codes.as_mut_ptr(), cb), (a.fine.as_mut_ptr(), fb)] {
+                _mm_storel_epi64(codes.add(run + j / 2) as *mut __m128i, v);
+                _mm_storel_epi64(codes.add(run + 32 + j / 2) as *mut __m128i, _mm_unpackhi_epi64(v, v));
+            }
+        } else {
+            _mm_storeu_si128(a.codes.as_mut_ptr().add(e) as *mut __m128i, cb);
+            _mm_storeu_si128(a.fine.as_mut_ptr().add(e) as *mut __m128i, fb);
+        }
+    }
+}
+
+/// [`quantize_act`] for CPUs with AVX2 but not AVX-512: the same codes and integer sums, 16
+/// elements per step in two 8-lane halves (the float sums in 8 lanes).
+///
+/// # Safety
+/// AVX2 must be available; `x` holds whole groups of `gs` (a multiple of 32) elements; `a`'s
+/// arrays are sized for them.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn quantize_act256(x: &[f32], gs: usize, bits: usize, a: &mut super::kernels::Q8Act) {
+    let fine_scale = super::kernels::FINE;
+    let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+    let sign = _mm256_set1_ps(-0.0);
+    let hsum_i32 = |v: __m256i| -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01)))
+    };
+    // SAFETY (whole body): chunks of 16 inside x (groups are multiples of 32); code stores
+    // inside a.codes / a.fine (x.len() bytes each), per-group values inside their arrays.
+    unsafe {
+        for (g, xg) in x.chunks_exact(gs).enumerate() {
+            let mut m = _mm256_setzero_ps();
+            for c in xg.chunks_exact(8) {
+                m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(c.as_ptr())));
+            }
+            let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            let dx = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps(m2, m2, 1))) / 127.0;
+            let inv = if dx > 0.0 { 1.0 / dx } else { 0.0 };
+            let (vinv, vdx, vfine) = (_mm256_set1_ps(inv), _mm256_set1_ps(dx), _mm256_set1_ps(inv * fine_scale));
+            let (mut sum, mut csum, mut fsum) = (_mm256_setzero_ps(), _mm256_setzero_si256(), _mm256_setzero_si256());
+            for (k, c) in xg.chunks_exact(16).enumerate() {
+                let mut ci = [_mm256_setzero_si256(); 2];
+                let mut fi = [_mm256_setzero_si256(); 2];
+                for h in 0..2 {
+                    let v = _mm256_loadu_ps(c.as_ptr().add(8 * h));
+                    ci[h] = _mm256_cvtps_epi32(_mm256_mul_ps(v, vinv));
+                    let r = _mm256_sub_ps(v, _mm256_mul_ps(_mm256_cvtepi32_ps(ci[h]), vdx));
+                    fi[h] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(r, vfine), lo), hi));
+                    sum = _mm256_add_ps(sum, v);
+                    csum = _mm256_add_epi32(csum, ci[h]);
+                    fsum = _mm256_add_epi32(fsum, fi[h]);
+                }
+                // 16 i32 within +-127 to 16 bytes in order: packs interleave the 128-bit halves.
+                let bytes = |v: [__m256i; 2]| {
+                    let w = _mm256_permute4x64_epi64(_mm256_packs_epi32(v[0], v[1]), 0b11_01_10_00);
+                    _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1))
+                };
+                let (cb, fb) = (bytes(ci), bytes(fi));
+                store_codes(a, g * gs + 16 * k, bits, cb, fb);
+            }
+            a.dx[g] = dx;
+            a.xsums[g] = hsum(sum);
+            a.code_sums[g] = hsum_i32(csum);
+            a.fine_sums[g] = hsum_i32(fsum);
+        }
+    }
+}
+
 /// [`Q8Act::new`](super::kernels::Q8Act::new)'s two levels of int8 codes for one row of
 /// activations, 16 elements per step (rounding half to even, as the scalar version).
 ///
@@ -1022,7 +1196,6 @@ pub(super) unsafe fn unpack_nibbles(packed: &[u8], out: &mut [u8]) {
 #[target_feature(enable = "avx512f,avx512bw")]
 pub(super) unsafe fn quantize_act(x: &[f32], gs: usize, bits: usize, a: &mut super::kernels::Q8Act) {
     let fine_scale = super::kernels::FINE;
-    let evens_odds = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
     let (lo, hi) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
     // SAFETY (whole body): chunks of 16 inside x (groups are multiples of 32); code stores
     // inside a.codes / a.fine (x.len() bytes each), per-group values inside their arrays.
@@ -1045,20 +1218,7 @@ pub(super) unsafe fn quantize_act(x: &[f32], gs: usize, bits: usize, a: &mut sup
                 csum = _mm512_add_epi32(csum, ci);
                 fsum = _mm512_add_epi32(fsum, fi);
                 let (cb, fb) = (_mm512_cvtepi32_epi8(ci), _mm512_cvtepi32_epi8(fi));
-                let e = g * gs + 16 * k;
-                if bits == 4 {
-                    // Elements e..e + 16 of their 64-element run: evens to the run's first
-                    // half, odds to its second.
-                    let (run, j) = (e / 64 * 64, e % 64);
-                    let (cb, fb) = (_mm_shuffle_epi8(cb, evens_odds), _mm_shuffle_epi8(fb, evens_odds));
-                    for (codes, v) in [(a.codes.as_mut_ptr(), cb), (a.fine.as_mut_ptr(), fb)] {
-                        _mm_storel_epi64(codes.add(run + j / 2) as *mut __m128i, v);
-                        _mm_storel_epi64(codes.add(run + 32 + j / 2) as *mut __m128i, _mm_unpackhi_epi64(v, v));
-                    }
-                } else {
-                    _mm_storeu_si128(a.codes.as_mut_ptr().add(e) as *mut __m128i, cb);
-                    _mm_storeu_si128(a.fine.as_mut_ptr().add(e) as *mut __m128i, fb);
-                }
+                store_codes(a, g * gs + 16 * k, bits, cb, fb);
             }
             a.dx[g] = dx;
             a.xsums[g] = _mm512_reduce_add_ps(sum);
