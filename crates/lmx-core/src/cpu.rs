@@ -1559,8 +1559,8 @@ mod tests {
                         let out = SendPtr(y16.as_mut_ptr());
                         parallel_ranges(n, MIN_ROWS_PER_THREAD, |rows| unsafe { x86::matvec_rows(w, &xf, m, k, n, rows, out.get()) });
                     }
-                    let f16 = (3 * count * 2 * n * k) as f64 / t.elapsed().as_secs_f64() / 1e9;
-                    println!("{n}x{k} m={m} round {round}: widened {widened:.1} GB/s, vdpbf16ps {dot:.1} GB/s, f16 {f16:.1} GB/s");
+                    let from_f16 = (3 * count * 2 * n * k) as f64 / t.elapsed().as_secs_f64() / 1e9;
+                    println!("{n}x{k} m={m} round {round}: widened {widened:.1} GB/s, vdpbf16ps {dot:.1} GB/s, f16 {from_f16:.1} GB/s");
                 }
                 if dp {
                     let d = y.iter().zip(&z).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);

@@ -42,40 +42,35 @@ pub fn qmatmul_exact(q: &QuantizedMatrix, x: &[f32], m: usize) -> Vec<f32> {
             for (i, row) in scratch.chunks_mut(q.cols).enumerate() {
                 q.dequantize_row(r0 + i, row);
             }
-            exact_block(&scratch, x, m, q, r0, nr, y_ptr);
+            // SAFETY: each block writes only columns r0..r0 + nr of y (disjoint across
+            // ranges); strides describe x (m, cols) row-major, scratch^T (cols, nr) and y
+            // (m, rows).
+            unsafe {
+                gemm::gemm(
+                    m,
+                    nr,
+                    q.cols,
+                    y_ptr.get().add(r0),
+                    1,
+                    q.rows as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    q.cols as isize,
+                    scratch.as_ptr(),
+                    q.cols as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
         }
     });
     y
-}
-
-/// [`qmatmul_exact`]'s product of one dequantized block of rows `r0..r0 + nr` (`scratch`)
-/// into columns `r0..r0 + nr` of `y` (m, q.rows).
-fn exact_block(scratch: &[f32], x: &[f32], m: usize, q: &QuantizedMatrix, r0: usize, nr: usize, y_ptr: SendPtr<f32>) {
-    // SAFETY: each block writes only columns r0..r0 + nr of y (disjoint across tasks);
-    // strides describe x (m, cols) row-major, scratch^T (cols, nr) and y (m, rows).
-    unsafe {
-        gemm::gemm(
-            m,
-            nr,
-            q.cols,
-            y_ptr.get().add(r0),
-            1,
-            q.rows as isize,
-            false,
-            x.as_ptr(),
-            1,
-            q.cols as isize,
-            scratch.as_ptr(),
-            q.cols as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
 }
 
 /// gx (m, cols) = g (m, rows) @ W. Tasks own disjoint column ranges (whole groups) of gx
